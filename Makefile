@@ -1,0 +1,40 @@
+# Two entry points for a fresh machine (see README.md):
+#   make demo   set up .venv and run the whole pipeline on the embedded demo
+#   make test   set up .venv and run the test suite
+# On a cluster, install into your own environment instead (pip install -e '.[workflow]')
+# so that pip picks the CUDA build of torch that your site provides.
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# CPU wheel of torch for machines without a GPU; timm needs torchvision, whose release must match torch.
+TORCH_SPEC ?= torch==2.13.0 torchvision==0.28.0
+CORES  ?= 2
+
+.PHONY: setup demo test lint format clean-demo
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q $(TORCH_SPEC)
+	$(BIN)/pip install -q -e ".[workflow,test,dev]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/snakemake --profile profiles/demo --cores $(CORES)
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/snakemake --profile profiles/demo --report results/demo/report.html
+	@echo "Demo finished: figures in results/demo/figures/, report in results/demo/report.html"
+	@echo "NOTE: the demo's models are untrained, randomly initialised stand-ins; its numbers say nothing about real models."
+
+test: setup
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -q
+
+lint: setup
+	$(BIN)/ruff check src scripts tests benchmarks
+	$(BIN)/ruff format --check src scripts tests benchmarks
+	$(BIN)/snakefmt --check Snakefile workflow/rules
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/snakemake --lint
