@@ -1,0 +1,34 @@
+# Single-stimulus intra-modal dispersion and cross-modal convergence.
+# Reproduces and extends Hosseini, Cheung, Fedorenko & Williams (see README.md).
+#
+#   snakemake --cores N                      the paper setup (config.yaml), on one machine
+#   snakemake --profile slurm                the same on a SLURM cluster (docs/cluster.md)
+#   snakemake --profile profiles/demo        the embedded demo (config/demo.yaml)
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+# config.yaml is the default; a --configfile given on the command line replaces it
+# (Snakemake would otherwise deep-merge the two model registries).
+if not workflow.config_settings.configfiles:
+
+    configfile: "config.yaml"
+
+
+report: "workflow/report/workflow.rst"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/stimuli.smk"
+include: "workflow/rules/models.smk"
+include: "workflow/rules/extract.smk"
+include: "workflow/rules/dispersion.smk"
+include: "workflow/rules/alignment.smk"
+include: "workflow/rules/figures.smk"
+
+
+rule all:
+    default_target: True
+    input:
+        get_final_output(),

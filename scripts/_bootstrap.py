@@ -1,0 +1,13 @@
+"""Put the workflow's own library (src/xmodal) first on sys.path for the step scripts.
+
+Snakemake adds this directory to the path of every script it runs; importing this module
+makes the library importable whether or not it is installed in the job's environment
+(conda environments from envs/ hold its dependencies only).
+"""
+
+import sys
+from pathlib import Path
+
+_SRC = str(Path(__file__).resolve().parents[1] / "src")
+if _SRC not in sys.path:
+    sys.path.insert(0, _SRC)

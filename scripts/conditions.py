@@ -1,0 +1,25 @@
+"""Rule conditions: CKNNA on the stimulus sets at the chosen LLM layer."""
+
+import _bootstrap  # noqa: F401
+from snakemake.script import snakemake
+
+from xmodal.logs import log_to
+
+log_to(snakemake.log[0])
+
+from xmodal.pipeline import run_conditions  # noqa: E402
+
+run_conditions(
+    snakemake.input.vision,
+    snakemake.input.llm,
+    snakemake.input.layers,
+    snakemake.input.sets,
+    snakemake.wildcards.vision,
+    snakemake.wildcards.llm,
+    vision_layer=int(snakemake.params.vision_layer),
+    k=int(snakemake.params.k),
+    n_boot=int(snakemake.params.n_boot),
+    seed=int(snakemake.params.seed),
+    out_conditions=snakemake.output.conditions,
+    out_contrasts=snakemake.output.contrasts,
+)

@@ -1,0 +1,16 @@
+"""Rule demo_model: build one tiny, untrained stand-in model for the demo."""
+
+import _bootstrap  # noqa: F401
+from snakemake.script import snakemake
+
+from xmodal.logs import log_to
+
+log_to(snakemake.log[0])
+
+from xmodal.demo.build import build_demo_model  # noqa: E402
+
+build_demo_model(
+    snakemake.params.entry,
+    snakemake.output[0],
+    tokenizer_dir=snakemake.input.tokenizer or None,
+)

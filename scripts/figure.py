@@ -1,0 +1,17 @@
+"""Rules figure_*: draw one figure from the aggregate tables."""
+
+import _bootstrap  # noqa: F401
+from snakemake.script import snakemake
+
+from xmodal.logs import log_to
+
+log_to(snakemake.log[0])
+
+from xmodal.figures import make_figure  # noqa: E402
+
+make_figure(
+    snakemake.params.name,
+    {key: snakemake.input[key] for key in snakemake.input.keys()},
+    snakemake.output.png,
+    snakemake.output.pdf,
+)

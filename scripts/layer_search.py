@@ -1,0 +1,20 @@
+"""Rule layer_search: CKNNA of a vision model against every LLM layer (full set)."""
+
+import _bootstrap  # noqa: F401
+from snakemake.script import snakemake
+
+from xmodal.logs import log_to
+
+log_to(snakemake.log[0])
+
+from xmodal.pipeline import run_layer_search  # noqa: E402
+
+run_layer_search(
+    snakemake.input.vision,
+    snakemake.input.llm,
+    snakemake.wildcards.vision,
+    snakemake.wildcards.llm,
+    vision_layer=int(snakemake.params.vision_layer),
+    k=int(snakemake.params.k),
+    out_table=snakemake.output[0],
+)

@@ -1,0 +1,20 @@
+"""Rule leave_one_model_out: partial dispersion vs held-out deviation."""
+
+import _bootstrap  # noqa: F401
+from snakemake.script import snakemake
+
+from xmodal.logs import log_to
+
+log_to(snakemake.log[0])
+
+from xmodal.pipeline import run_leave_one_model_out  # noqa: E402
+
+run_leave_one_model_out(
+    snakemake.input.features,
+    snakemake.params.models,
+    vision_layer=int(snakemake.params.vision_layer),
+    tol=float(snakemake.params.tol),
+    max_iter=int(snakemake.params.max_iter),
+    out_table=snakemake.output.table,
+    out_stimuli=snakemake.output.stimuli,
+)

@@ -1,0 +1,82 @@
+"""Checks on a pipeline config beyond its JSON schema, with errors that name the key at fault."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+
+#: Model keys become path components and wildcard values: lower-case, no separators.
+MODEL_KEY = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+#: The dataset name is a path component too.
+DATASET_KEY = MODEL_KEY
+
+
+class ConfigError(ValueError):
+    """A config value that the pipeline cannot run with; the message names the key."""
+
+
+def models_of(config: Mapping[str, Any], modality: str) -> list[str]:
+    """Model keys of one modality (``vision`` or ``language``), in config order."""
+    return [k for k, m in config["models"].items() if m["modality"] == modality]
+
+
+def check_config(config: Mapping[str, Any]) -> None:
+    """Raise :class:`ConfigError` for values the schema cannot express.
+
+    Checks: dataset and model keys are filesystem-safe; at least 3 vision models (GPA and
+    leave-one-model-out need 3) and 1 language model; the vision layer index, set size K,
+    neighbour count k and drop fraction are consistent with each other. K against the number
+    of stimuli is checked when the manifest is read (it is not known before).
+    """
+    dataset = str(config.get("dataset", ""))
+    if not DATASET_KEY.match(dataset):
+        raise ConfigError(
+            f"config key 'dataset': {dataset!r} is not a safe name "
+            f"(use lower-case letters, digits, '.', '_' or '-'; pattern {DATASET_KEY.pattern})"
+        )
+    models = config.get("models") or {}
+    for key in models:
+        if not MODEL_KEY.match(str(key)):
+            raise ConfigError(
+                f"config key 'models.{key}': model keys become file names and must match "
+                f"{MODEL_KEY.pattern} (e.g. 'llama-65b', 'dinov2-g')"
+            )
+    vision = models_of(config, "vision")
+    language = models_of(config, "language")
+    if len(vision) < 3:
+        raise ConfigError(
+            f"config key 'models': GPA and leave-one-model-out need at least 3 vision models, "
+            f"found {len(vision)} ({', '.join(vision) or 'none'})"
+        )
+    if not language:
+        raise ConfigError(
+            "config key 'models': no language model (modality: language) is configured"
+        )
+    ana = config["analysis"]
+    k, set_size = int(ana["knn_k"]), int(ana["set_size"])
+    if k >= set_size:
+        raise ConfigError(
+            f"config key 'analysis.knn_k' ({k}) must be smaller than 'analysis.set_size' ({set_size}): "
+            "CKNNA needs k < number of stimuli in every set"
+        )
+    if not 0 < float(ana["drop_fraction"]) < 1:
+        raise ConfigError(
+            f"config key 'analysis.drop_fraction' must be in (0, 1), got {ana['drop_fraction']}"
+        )
+
+
+def check_against_stimuli(config: Mapping[str, Any], n_stimuli: int) -> None:
+    """Raise :class:`ConfigError` if the set sizes do not fit ``n_stimuli`` stimuli."""
+    ana = config["analysis"]
+    set_size, k = int(ana["set_size"]), int(ana["knn_k"])
+    if set_size > n_stimuli // 2:
+        raise ConfigError(
+            f"config key 'analysis.set_size' ({set_size}) is larger than half the {n_stimuli} stimuli: "
+            "the low and high sets would overlap"
+        )
+    n_keep = n_stimuli - int(round(float(ana["drop_fraction"]) * n_stimuli))
+    if k >= min(set_size, n_keep):
+        raise ConfigError(
+            f"config key 'analysis.knn_k' ({k}) must be smaller than every stimulus set"
+        )

@@ -1,0 +1,1 @@
+"""The embedded demo: synthetic stimuli and tiny, untrained stand-in models."""

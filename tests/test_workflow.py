@@ -1,0 +1,275 @@
+"""The Snakemake workflow end to end: the embedded demo, incremental reruns, lint, DAG, report.
+
+The demo runs once per session in a copy of the project (``workflow_dir``); the dry-run tests
+then edit a copy of its config and check which jobs Snakemake would schedule.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+SNAKEMAKE = str(BIN / "snakemake")
+PROJECT_PARTS = [
+    "Snakefile",
+    "config.yaml",
+    "workflow",
+    "scripts",
+    "src",
+    "config",
+    "profiles",
+    "envs",
+]
+
+pytestmark = pytest.mark.slow
+
+
+def copy_project(dest: Path) -> Path:
+    """Copy what a user clones (workflow, library, configs) into ``dest``; no results."""
+    dest.mkdir(parents=True, exist_ok=True)
+    ignore = shutil.ignore_patterns("__pycache__", "*.egg-info", ".snakemake")
+    for part in PROJECT_PARTS:
+        src = ROOT / part
+        if src.is_dir():
+            shutil.copytree(src, dest / part, ignore=ignore)
+        else:
+            shutil.copy2(src, dest / part)
+    return dest
+
+
+def snakemake(cwd: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    env = {"PATH": f"{BIN}:/usr/bin:/bin", "HOME": str(cwd), "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run(
+        [SNAKEMAKE, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=1500
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"snakemake {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-5000:]}\n{proc.stderr[-8000:]}"
+        )
+    return proc
+
+
+def job_counts(output: str) -> dict[str, int]:
+    """Parse Snakemake's 'Job stats' table (rule name, count) from a dry run."""
+    counts: dict[str, int] = {}
+    lines = output.splitlines()
+    try:
+        start = next(i for i, line in enumerate(lines) if line.strip().startswith("Job stats"))
+    except StopIteration:
+        return counts
+    for line in lines[start + 1 :]:
+        m = re.match(r"^(\S+)\s+(\d+)\s*$", line.strip())
+        if m and m.group(1) != "total":
+            counts[m.group(1)] = int(m.group(2))
+        elif line.strip().startswith("total"):
+            break
+    return counts
+
+
+def dry_run(cwd: Path, configfile: str) -> dict[str, int]:
+    proc = snakemake(cwd, "-n", "--configfile", configfile, "--cores", "2")
+    return job_counts(proc.stdout + proc.stderr)
+
+
+@pytest.fixture(scope="session")
+def workflow_dir(tmp_path_factory) -> Path:
+    """A copy of the project in which the demo has run to completion."""
+    wd = copy_project(tmp_path_factory.mktemp("demo") / "project")
+    snakemake(wd, "--profile", "profiles/demo", "--cores", "2")
+    return wd
+
+
+@pytest.fixture
+def demo_config(workflow_dir) -> dict:
+    return yaml.safe_load((workflow_dir / "config" / "demo.yaml").read_text())
+
+
+def write_config(workflow_dir: Path, cfg: dict, name: str) -> str:
+    path = workflow_dir / "config" / name
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return f"config/{name}"
+
+
+# ---------------------------------------------------------------- the demo, end to end
+
+
+def test_demo_outputs_exist_and_are_valid(workflow_dir, demo_config):
+    cfg = demo_config
+    vision = [k for k, m in cfg["models"].items() if m["modality"] == "vision"]
+    language = [k for k, m in cfg["models"].items() if m["modality"] == "language"]
+    m = cfg["stimuli"]["n"]
+    manifest = pd.read_csv(workflow_dir / "resources/stimuli/demo/stimuli.tsv", sep="\t")
+    assert len(manifest) == m
+
+    for key in vision + language:
+        with h5py.File(workflow_dir / f"results/features/demo/{key}.h5", "r") as f:
+            feats = f["features"]
+            assert feats.dtype == np.float32
+            assert feats.shape[1] == m
+            assert f["layer_names"].shape == (feats.shape[0],)
+            ids = [s.decode() if isinstance(s, bytes) else s for s in f["stimulus_ids"][:]]
+            assert ids == manifest["stimulus_id"].tolist()
+            assert f.attrs["model_key"] == key
+            assert f.attrs["modality"] == cfg["models"][key]["modality"]
+            assert np.isfinite(feats[-1]).all()
+
+    disp = pd.read_csv(workflow_dir / "results/dispersion/demo/dispersion.tsv", sep="\t")
+    assert len(disp) == m and (disp["mean_dispersion"] > 0).all()
+    residuals = pd.read_csv(workflow_dir / "results/dispersion/demo/residuals.tsv", sep="\t")
+    assert len(residuals) == m * len(vision)
+    mean_from_residuals = residuals.groupby("stimulus_id")["residual"].mean()
+    np.testing.assert_allclose(
+        disp.set_index("stimulus_id")["mean_dispersion"].loc[mean_from_residuals.index],
+        mean_from_residuals.to_numpy(),
+        rtol=1e-9,
+    )
+
+    loo = pd.read_csv(workflow_dir / "results/dispersion/demo/loo.tsv", sep="\t")
+    assert sorted(loo["held_out"]) == sorted(vision)
+
+    n_pairs = len(vision) * len(language)
+    grid = pd.read_csv(workflow_dir / "results/alignment/demo/grid.tsv", sep="\t")
+    assert grid.groupby(["vision", "llm"]).ngroups == n_pairs
+    n_random = cfg["analysis"]["n_random"]
+    per_pair = grid.groupby(["vision", "llm"]).size()
+    # full + (low, high) x (mean, pc1) + n_random random + drop_high + drop_low
+    assert (per_pair == 1 + 4 + n_random + 2).all()
+    assert grid["value"].between(-1, 1).all()
+
+    layers = pd.read_csv(workflow_dir / "results/alignment/demo/layers.tsv", sep="\t")
+    assert layers.groupby(["vision", "llm"])["chosen"].sum().eq(1).all()
+    full = grid[grid["condition"] == "full"].set_index(["vision", "llm"])["value"]
+    best = layers[layers["chosen"]].set_index(["vision", "llm"])["value"]
+    np.testing.assert_allclose(full.sort_index(), best.sort_index(), atol=1e-6)
+
+    contrasts = pd.read_csv(workflow_dir / "results/alignment/demo/contrasts.tsv", sep="\t")
+    assert len(contrasts) == 2 * n_pairs
+    assert (workflow_dir / "results/summary/demo.tsv").exists()
+
+    from xmodal.figures import FIGURES
+
+    for name in FIGURES:
+        for ext in ("png", "pdf"):
+            out = workflow_dir / f"results/figures/demo/{name}.{ext}"
+            assert out.stat().st_size > 1000, out
+
+
+def test_rerun_is_a_no_op(workflow_dir):
+    proc = snakemake(workflow_dir, "-n", "--configfile", "config/demo.yaml", "--cores", "2")
+    assert "Nothing to be done" in proc.stdout + proc.stderr
+
+
+# ---------------------------------------------------------------- incremental reruns
+
+
+def test_adding_a_language_model_schedules_only_its_work(workflow_dir, demo_config):
+    cfg = copy.deepcopy(demo_config)
+    cfg["models"]["tiny-llama-m"] = {
+        "modality": "language",
+        "id": "resources/demo/models/tiny-llama-m",
+        "size_b": 0.0002,
+        "label": "tiny LLaMA m (untrained)",
+        "family": "LLaMA",
+        "build": {"arch": "llama", "hidden_size": 80, "n_layers": 4, "seed": 11},
+    }
+    counts = dry_run(workflow_dir, write_config(workflow_dir, cfg, "plus_llm.yaml"))
+    n_vision = sum(m["modality"] == "vision" for m in cfg["models"].values())
+    assert counts.get("extract") == 1
+    assert counts.get("demo_model") == 1
+    assert counts.get("layer_search") == n_vision
+    assert counts.get("conditions") == n_vision
+    for rule in ("gpa", "stimulus_sets", "leave_one_model_out", "demo_stimuli", "demo_tokenizer"):
+        assert rule not in counts, (rule, counts)
+    assert counts.get("aggregate") == 1
+
+
+def test_adding_a_vision_model_reruns_gpa_and_downstream(workflow_dir, demo_config):
+    cfg = copy.deepcopy(demo_config)
+    cfg["models"]["tiny-mae-b"] = {
+        "modality": "vision",
+        "id": "resources/demo/models/tiny-mae-b",
+        "size_b": 0.0001,
+        "label": "tiny MAE b (untrained)",
+        "family": "ViT",
+        "build": {"family": "mae", "seed": 12},
+    }
+    counts = dry_run(workflow_dir, write_config(workflow_dir, cfg, "plus_vit.yaml"))
+    n_vision = sum(m["modality"] == "vision" for m in cfg["models"].values())
+    n_llm = sum(m["modality"] == "language" for m in cfg["models"].values())
+    assert counts.get("extract") == 1
+    assert counts.get("gpa") == 1
+    assert counts.get("stimulus_sets") == 1
+    assert counts.get("leave_one_model_out") == 1
+    assert counts.get("layer_search") == n_llm  # only the new vision model's pairs
+    assert counts.get("conditions") == n_vision * n_llm  # the sets changed for every pair
+
+
+def test_changing_set_size_does_not_reextract(workflow_dir, demo_config):
+    cfg = copy.deepcopy(demo_config)
+    cfg["analysis"]["set_size"] = cfg["analysis"]["set_size"] - 10
+    counts = dry_run(workflow_dir, write_config(workflow_dir, cfg, "smaller_k.yaml"))
+    n_pairs = sum(m["modality"] == "vision" for m in cfg["models"].values()) * sum(
+        m["modality"] == "language" for m in cfg["models"].values()
+    )
+    for rule in ("extract", "gpa", "leave_one_model_out", "layer_search", "demo_model"):
+        assert rule not in counts, (rule, counts)
+    assert counts.get("stimulus_sets") == 1
+    assert counts.get("conditions") == n_pairs
+
+
+def test_paper_config_builds_the_full_dag_without_data(tmp_path):
+    wd = copy_project(tmp_path / "paper")
+    proc = snakemake(wd, "-n", "--cores", "4")
+    counts = job_counts(proc.stdout + proc.stderr)
+    assert counts.get("extract") == 16
+    assert counts.get("prefetch_model") == 16
+    assert counts.get("prefetch_stimuli") == 1
+    assert counts.get("layer_search") == 48
+    assert counts.get("conditions") == 48
+    assert counts.get("gpa") == 1
+    assert counts.get("leave_one_model_out") == 1
+
+
+# ---------------------------------------------------------------- lint, graphs, report
+
+
+def test_lint_is_clean(tmp_path):
+    wd = copy_project(tmp_path / "lint")
+    proc = snakemake(wd, "--lint", check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    assert "Congratulations" in out, out
+
+
+@pytest.mark.parametrize("flag", ["--rulegraph", "--dag"])
+def test_graphs_render(tmp_path, flag):
+    wd = copy_project(tmp_path / "graph")
+    proc = snakemake(wd, flag, "--configfile", "config/demo.yaml")
+    dot_src = proc.stdout
+    assert dot_src.lstrip().startswith("digraph")
+    for rule in ("extract", "gpa", "layer_search", "conditions", "aggregate"):
+        assert rule in dot_src
+    dot = shutil.which("dot")
+    if dot is None:
+        pytest.skip("graphviz 'dot' is not installed (make test installs it when run as root)")
+    svg = subprocess.run([dot, "-Tsvg"], input=dot_src, capture_output=True, text=True, check=True)
+    assert "<svg" in svg.stdout
+
+
+def test_report_builds(workflow_dir):
+    out = workflow_dir / "results/report/demo.html"
+    snakemake(workflow_dir, "--configfile", "config/demo.yaml", "--report", str(out))
+    html = out.read_text(errors="replace")
+    assert "gallery" in html and "grid_heatmap" in html

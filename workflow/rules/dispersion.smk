@@ -1,0 +1,64 @@
+# Intra-modal dispersion: GPA across the vision models, per-stimulus dispersion, stimulus
+# sets, and the leave-one-model-out check.
+
+
+rule gpa:
+    input:
+        features=lambda wildcards: [feature_file(v) for v in VISION],
+    output:
+        residuals=f"{DISP}/residuals.tsv",
+        dispersion=f"{DISP}/dispersion.tsv",
+        summary=f"{DISP}/gpa.json",
+    log:
+        "logs/dispersion/{dataset}/gpa.log",
+    benchmark:
+        "results/benchmarks/{dataset}/gpa.tsv"
+    conda:
+        "../../envs/analysis.yaml"
+    params:
+        models=VISION,
+        vision_layer=ANALYSIS["vision_layer"],
+        tol=ANALYSIS["gpa"].get("tol", 1e-10),
+        max_iter=ANALYSIS["gpa"].get("max_iter", 1000),
+    script:
+        "../../scripts/gpa.py"
+
+
+rule stimulus_sets:
+    input:
+        dispersion=f"{DISP}/dispersion.tsv",
+    output:
+        sets=f"{DISP}/sets.tsv",
+    log:
+        "logs/dispersion/{dataset}/sets.log",
+    conda:
+        "../../envs/analysis.yaml"
+    params:
+        set_size=ANALYSIS["set_size"],
+        n_random=ANALYSIS["n_random"],
+        drop_fraction=ANALYSIS["drop_fraction"],
+        knn_k=ANALYSIS["knn_k"],
+        seed=ANALYSIS["seed"],
+    script:
+        "../../scripts/stimulus_sets.py"
+
+
+rule leave_one_model_out:
+    input:
+        features=lambda wildcards: [feature_file(v) for v in VISION],
+    output:
+        table=f"{DISP}/loo.tsv",
+        stimuli=f"{DISP}/loo_stimuli.tsv",
+    log:
+        "logs/dispersion/{dataset}/loo.log",
+    benchmark:
+        "results/benchmarks/{dataset}/loo.tsv"
+    conda:
+        "../../envs/analysis.yaml"
+    params:
+        models=VISION,
+        vision_layer=ANALYSIS["vision_layer"],
+        tol=ANALYSIS["gpa"].get("tol", 1e-10),
+        max_iter=ANALYSIS["gpa"].get("max_iter", 1000),
+    script:
+        "../../scripts/leave_one_model_out.py"
