@@ -1,13 +1,12 @@
 """Rule aggregate: gather the per-pair tables into layers.tsv, grid.tsv, contrasts.tsv."""
 
 import _bootstrap  # noqa: F401
-from snakemake.script import snakemake
 
 from xmodal.logs import log_to
+from xmodal.pipeline import concatenate_tables
 
+snakemake = globals()["snakemake"]  # injected by the preamble Snakemake prepends
 log_to(snakemake.log[0])
-
-from xmodal.pipeline import concatenate_tables  # noqa: E402
 
 for kind in ("layers", "conditions", "contrasts"):
     out = snakemake.output.grid if kind == "conditions" else snakemake.output[kind]

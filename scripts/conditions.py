@@ -1,13 +1,12 @@
 """Rule conditions: CKNNA on the stimulus sets at the chosen LLM layer."""
 
 import _bootstrap  # noqa: F401
-from snakemake.script import snakemake
 
 from xmodal.logs import log_to
+from xmodal.pipeline import run_conditions
 
+snakemake = globals()["snakemake"]  # injected by the preamble Snakemake prepends
 log_to(snakemake.log[0])
-
-from xmodal.pipeline import run_conditions  # noqa: E402
 
 run_conditions(
     snakemake.input.vision,

@@ -1,13 +1,12 @@
 """Rule demo_model: build one tiny, untrained stand-in model for the demo."""
 
 import _bootstrap  # noqa: F401
-from snakemake.script import snakemake
 
+from xmodal.demo.build import build_demo_model
 from xmodal.logs import log_to
 
+snakemake = globals()["snakemake"]  # injected by the preamble Snakemake prepends
 log_to(snakemake.log[0])
-
-from xmodal.demo.build import build_demo_model  # noqa: E402
 
 build_demo_model(
     snakemake.params.entry,

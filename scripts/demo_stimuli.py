@@ -1,15 +1,14 @@
 """Rule demo_stimuli: synthetic scene stimuli for the embedded demo."""
 
-import _bootstrap  # noqa: F401
-from snakemake.script import snakemake
+from pathlib import Path
 
+import _bootstrap  # noqa: F401
+
+from xmodal.demo.stimuli import generate_stimuli
 from xmodal.logs import log_to
 
+snakemake = globals()["snakemake"]  # injected by the preamble Snakemake prepends
 log_to(snakemake.log[0])
-
-from pathlib import Path  # noqa: E402
-
-from xmodal.demo.stimuli import generate_stimuli  # noqa: E402
 
 generate_stimuli(
     Path(snakemake.output.manifest).parent,

@@ -1,13 +1,12 @@
 """Rule extract: features of every layer of one model, written to HDF5."""
 
 import _bootstrap  # noqa: F401
-from snakemake.script import snakemake
 
+from xmodal.extract import extract_features
 from xmodal.logs import log_to
 
+snakemake = globals()["snakemake"]  # injected by the preamble Snakemake prepends
 log_to(snakemake.log[0])
-
-from xmodal.extract import extract_features  # noqa: E402
 
 entry = dict(snakemake.params.entry)
 if "build" in entry:  # demo: the tiny model built by rule demo_model

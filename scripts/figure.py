@@ -1,13 +1,12 @@
 """Rules figure_*: draw one figure from the aggregate tables."""
 
 import _bootstrap  # noqa: F401
-from snakemake.script import snakemake
 
+from xmodal.figures import make_figure
 from xmodal.logs import log_to
 
+snakemake = globals()["snakemake"]  # injected by the preamble Snakemake prepends
 log_to(snakemake.log[0])
-
-from xmodal.figures import make_figure  # noqa: E402
 
 make_figure(
     snakemake.params.name,

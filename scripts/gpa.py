@@ -1,13 +1,12 @@
 """Rule gpa: Generalized Procrustes Analysis across the vision models."""
 
 import _bootstrap  # noqa: F401
-from snakemake.script import snakemake
 
 from xmodal.logs import log_to
+from xmodal.pipeline import run_gpa
 
+snakemake = globals()["snakemake"]  # injected by the preamble Snakemake prepends
 log_to(snakemake.log[0])
-
-from xmodal.pipeline import run_gpa  # noqa: E402
 
 run_gpa(
     snakemake.input.features,

@@ -1,13 +1,12 @@
 """Rule layer_search: CKNNA of a vision model against every LLM layer (full set)."""
 
 import _bootstrap  # noqa: F401
-from snakemake.script import snakemake
 
 from xmodal.logs import log_to
+from xmodal.pipeline import run_layer_search
 
+snakemake = globals()["snakemake"]  # injected by the preamble Snakemake prepends
 log_to(snakemake.log[0])
-
-from xmodal.pipeline import run_layer_search  # noqa: E402
 
 run_layer_search(
     snakemake.input.vision,

@@ -1,13 +1,12 @@
 """Rule leave_one_model_out: partial dispersion vs held-out deviation."""
 
 import _bootstrap  # noqa: F401
-from snakemake.script import snakemake
 
 from xmodal.logs import log_to
+from xmodal.pipeline import run_leave_one_model_out
 
+snakemake = globals()["snakemake"]  # injected by the preamble Snakemake prepends
 log_to(snakemake.log[0])
-
-from xmodal.pipeline import run_leave_one_model_out  # noqa: E402
 
 run_leave_one_model_out(
     snakemake.input.features,

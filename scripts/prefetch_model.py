@@ -1,16 +1,15 @@
 """Rule prefetch_model: download one model's weights into the hub cache."""
 
+import json
+
 import _bootstrap  # noqa: F401
-from snakemake.script import snakemake
 
+from xmodal.io import atomic_path
 from xmodal.logs import log_to
+from xmodal.prefetch import prefetch_model
 
+snakemake = globals()["snakemake"]  # injected by the preamble Snakemake prepends
 log_to(snakemake.log[0])
-
-import json  # noqa: E402
-
-from xmodal.io import atomic_path  # noqa: E402
-from xmodal.prefetch import prefetch_model  # noqa: E402
 
 entry = snakemake.params.entry
 record = prefetch_model(

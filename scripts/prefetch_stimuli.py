@@ -1,15 +1,14 @@
 """Rule prefetch_stimuli: download the stimulus set on the submit host."""
 
+from pathlib import Path
+
 import _bootstrap  # noqa: F401
-from snakemake.script import snakemake
 
 from xmodal.logs import log_to
+from xmodal.prefetch import prefetch_stimuli
 
+snakemake = globals()["snakemake"]  # injected by the preamble Snakemake prepends
 log_to(snakemake.log[0])
-
-from pathlib import Path  # noqa: E402
-
-from xmodal.prefetch import prefetch_stimuli  # noqa: E402
 
 prefetch_stimuli(
     repo=snakemake.params.repo,

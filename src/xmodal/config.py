@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Mapping
 from typing import Any
+
+import yaml
 
 #: Model keys become path components and wildcard values: lower-case, no separators.
 MODEL_KEY = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
@@ -80,3 +83,35 @@ def check_against_stimuli(config: Mapping[str, Any], n_stimuli: int) -> None:
         raise ConfigError(
             f"config key 'analysis.knn_k' ({k}) must be smaller than every stimulus set"
         )
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """A YAML loader that refuses duplicate keys (PyYAML silently keeps the last one)."""
+
+
+def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise ConfigError(
+                f"{loader.name}: duplicate key {key!r} at line {key_node.start_mark.line + 1} "
+                f"(first defined at line {seen[key] + 1}); each key, model keys included, "
+                "may appear only once"
+            )
+        seen[key] = key_node.start_mark.line
+    return loader.construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def load_config_file(path: str | os.PathLike) -> dict:
+    """Read a YAML config file, refusing duplicate keys with an error naming file and line."""
+    with open(path, encoding="utf-8") as fh:
+        loader = _StrictLoader(fh)
+        loader.name = str(path)
+        try:
+            return loader.get_single_data() or {}
+        finally:
+            loader.dispose()

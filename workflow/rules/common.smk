@@ -14,11 +14,13 @@ _SRC = str(Path(workflow.basedir) / "src")
 if _SRC not in sys.path:
     sys.path.insert(0, _SRC)
 
-from xmodal.config import ConfigError, check_config, models_of
+from xmodal.config import ConfigError, check_config, load_config_file, models_of
 from xmodal.figures import FIGURES
 
 validate(config, schema="../schemas/config.schema.yaml")
 try:
+    for _path in workflow.config_settings.configfiles or ["config.yaml"]:
+        load_config_file(_path)  # refuses duplicate keys, which YAML would silently merge
     check_config(config)
 except ConfigError as err:
     raise WorkflowError(f"Invalid configuration: {err}") from None

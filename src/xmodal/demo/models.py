@@ -1,0 +1,222 @@
+"""Tiny, untrained stand-ins for the paper's models, built locally in well under a second.
+
+They use the real architecture classes (timm ``VisionTransformer`` through the real model
+names, transformers ``BloomModel`` / ``LlamaModel``) configured very small, and are saved in the
+same formats the hubs serve (a timm directory with ``config.json`` + ``model.safetensors``; a
+transformers directory from ``save_pretrained``), so they load through the same code paths as the
+real models. :func:`make_hub_cache` lays a saved model out as a local Hugging Face hub cache entry
+(``models--org--name/snapshots/<hash>/``, ``refs/main``) for offline hub-id loading.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from xmodal._compat import ensure_torchvision_importable
+
+log = logging.getLogger(__name__)
+
+# transformers and timm import torchvision; make that work first (see xmodal._compat)
+ensure_torchvision_importable()
+
+# family -> (timm model name with pretrained tag, tiny architecture arguments).
+# The names keep each family's quirks: MAE (plain ViT, class token, no pre-norm), DINOv2
+# (layer scale, SwiGLU MLP, 14 px patches at a larger input, ImageNet mean/std), CLIP (pre-norm
+# before the blocks, OpenAI mean/std, projection head), CLIP fine-tuned (same trunk, class head).
+VIT_FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
+    "mae": (
+        "vit_huge_patch14_224.mae",
+        dict(img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2),
+    ),
+    "dinov2": (
+        "vit_giant_patch14_dinov2.lvd142m",
+        dict(img_size=56, patch_size=14, embed_dim=48, depth=5, num_heads=2),
+    ),
+    "clip": (
+        "vit_huge_patch14_clip_224.laion2b",
+        dict(img_size=32, patch_size=8, embed_dim=40, depth=3, num_heads=2, num_classes=16),
+    ),
+    "clip_ft": (
+        "vit_huge_patch14_clip_224.laion2b_ft_in12k",
+        dict(img_size=32, patch_size=8, embed_dim=40, depth=3, num_heads=2, num_classes=24),
+    ),
+}
+
+__all__ = ["VIT_FAMILIES", "build_tiny_lm", "build_tiny_vit", "make_hub_cache", "train_tokenizer"]
+
+
+def build_tiny_vit(out_dir: str | os.PathLike, family: str, seed: int, **overrides: Any) -> Path:
+    """Build a tiny randomly initialised ViT of ``family`` and save it as a timm local directory.
+
+    ``family`` is one of ``mae``, ``dinov2``, ``clip``, ``clip_ft``; ``overrides`` replace the tiny
+    architecture arguments (e.g. ``depth=2``). Returns ``out_dir`` (``config.json`` +
+    ``model.safetensors``), loadable with ``load_vision_model(out_dir)``.
+    """
+    ensure_torchvision_importable()
+    import timm
+    from timm.models._hub import save_for_hf
+
+    if family not in VIT_FAMILIES:
+        raise ValueError(f"unknown ViT family {family!r}; choose from {sorted(VIT_FAMILIES)}")
+    name, args = VIT_FAMILIES[family]
+    args = {**args, **overrides}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = timm.create_model(name, pretrained=False, **args)
+        if family == "dinov2":
+            # real DINOv2 layer scales are far from their 1e-5 init; make blocks matter
+            for blk in model.blocks:
+                for ls in (blk.ls1, blk.ls2):
+                    torch.nn.init.uniform_(ls.gamma, 0.05, 0.2)
+    out = Path(out_dir)
+    save_for_hf(model, out, safe_serialization=True)
+    log.info("built tiny %s ViT (%s, %s) in %s", family, name, args, out)
+    return out
+
+
+def train_tokenizer(
+    texts: Iterable[str],
+    out_dir: str | os.PathLike,
+    vocab_size: int = 320,
+    *,
+    add_bos: bool = True,
+    pad_token: str | None = None,
+) -> Path:
+    """Train a byte-level BPE tokenizer on ``texts``; save it as a transformers fast tokenizer.
+
+    Special tokens ``<unk>``, ``<s>``, ``</s>`` (and ``pad_token`` if given; by default there is
+    none, as with LLaMA). With ``add_bos`` every encoding starts with ``<s>``.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<unk>", "<s>", "</s>"] + ([pad_token] if pad_token else [])
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator([str(t) for t in texts], trainer=trainer)
+    if add_bos:
+        bos = tok.token_to_id("<s>")
+        tok.post_processor = processors.TemplateProcessing(
+            single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)]
+        )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token=pad_token,
+        model_max_length=1 << 30,
+    )
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    fast.save_pretrained(out)
+    return out
+
+
+def build_tiny_lm(
+    out_dir: str | os.PathLike,
+    arch: str,
+    tokenizer_dir: str | os.PathLike,
+    seed: int,
+    hidden_size: int = 32,
+    n_layers: int = 2,
+    *,
+    max_position_embeddings: int = 128,
+) -> Path:
+    """Build a tiny random BLOOM or LLaMA (``arch``) with ``tokenizer_dir``'s tokenizer.
+
+    Saved with ``save_pretrained`` (safetensors) together with the tokenizer, so ``out_dir``
+    loads with ``AutoModel`` / ``AutoTokenizer``. LLaMA's context is ``max_position_embeddings``
+    tokens (BLOOM, with ALiBi, has no fixed context).
+    """
+    from transformers import AutoModel, AutoTokenizer, BloomConfig, LlamaConfig
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    vocab = len(tok)
+    n_heads = 2 if hidden_size % 4 else 4
+    common = dict(
+        vocab_size=vocab,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    if arch == "bloom":
+        cfg = BloomConfig(hidden_size=hidden_size, n_layer=n_layers, n_head=n_heads, **common)
+    elif arch == "llama":
+        cfg = LlamaConfig(
+            hidden_size=hidden_size,
+            intermediate_size=2 * hidden_size + 8,
+            num_hidden_layers=n_layers,
+            num_attention_heads=n_heads,
+            num_key_value_heads=n_heads,
+            max_position_embeddings=max_position_embeddings,
+            **common,
+        )
+    else:
+        raise ValueError(f"unknown language architecture {arch!r}; choose 'bloom' or 'llama'")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModel.from_config(cfg)
+        # transformers initialises with std 0.02; a larger spread gives less degenerate features
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.ndim >= 2:
+                    p.normal_(0.0, 0.2)
+    out = Path(out_dir)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    log.info(
+        "built tiny %s (hidden %d, %d layers, vocab %d) in %s",
+        arch,
+        hidden_size,
+        n_layers,
+        vocab,
+        out,
+    )
+    return out
+
+
+def make_hub_cache(
+    model_dir: str | os.PathLike,
+    cache_dir: str | os.PathLike,
+    repo_id: str,
+    commit: str | None = None,
+) -> Path:
+    """Lay out ``model_dir``'s files as the hub cache entry of ``repo_id`` (``org/name``).
+
+    Creates ``cache_dir/models--org--name/snapshots/<commit>/`` (copies of the files) and
+    ``refs/main`` pointing at it, as ``huggingface_hub`` does, so that hub-id loading works with
+    ``HF_HUB_OFFLINE=1``. ``commit`` defaults to a hash of the files. Returns the snapshot folder.
+    """
+    src = Path(model_dir)
+    files = sorted(p for p in src.rglob("*") if p.is_file())
+    if commit is None:
+        h = hashlib.sha1()
+        for p in files:
+            h.update(str(p.relative_to(src)).encode())
+            h.update(p.read_bytes())
+        commit = h.hexdigest()
+    repo_dir = Path(cache_dir) / ("models--" + repo_id.replace("/", "--"))
+    snap = repo_dir / "snapshots" / commit
+    for p in files:
+        dest = snap / p.relative_to(src)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(p, dest)
+    (repo_dir / "refs").mkdir(parents=True, exist_ok=True)
+    (repo_dir / "refs" / "main").write_text(commit)
+    return snap

@@ -1,0 +1,183 @@
+"""Feature extraction: vision (timm) and language (transformers) models to HDF5 feature files.
+
+:func:`extract_features` is the one call the workflow makes: it reads the stimulus manifest,
+loads one model from its config.yaml registry entry, extracts every layer's features and writes
+the feature file atomically with its provenance. Loaders (``vision.load_vision_model``,
+``language.load_language_model``) are separate from the extractors, which take a model and
+batches and know nothing about hubs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from xmodal.extract._common import (
+    ExtractionError,
+    ExtractionResult,
+    NonFiniteFeatureError,
+    UnsafeCheckpointError,
+    resolve_device,
+    resolve_dtype,
+)
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BATCH = {
+    ("vision", "cuda"): 64,
+    ("vision", "cpu"): 16,
+    ("language", "cuda"): 32,
+    ("language", "cpu"): 8,
+}
+
+__all__ = [
+    "ExtractionError",
+    "ExtractionResult",
+    "NonFiniteFeatureError",
+    "UnsafeCheckpointError",
+    "extract_features",
+]
+
+
+def _batch_size(batch_size: Any, modality: str, device: torch.device) -> int:
+    if isinstance(batch_size, Mapping):
+        batch_size = batch_size.get(modality)
+    if batch_size is None:
+        return DEFAULT_BATCH[(modality, "cuda" if device.type == "cuda" else "cpu")]
+    return int(batch_size)
+
+
+def extract_features(
+    model_key: str,
+    model_cfg: Mapping[str, Any],
+    manifest_path: str | os.PathLike,
+    out_path: str | os.PathLike,
+    *,
+    cache_dir: str | os.PathLike | None = None,
+    device: str | torch.device = "auto",
+    dtype: str | torch.dtype = "auto",
+    batch_size: int | Mapping[str, int] | None = None,
+    num_workers: int = 0,
+    allow_pickle: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Extract every layer's features of one model for every stimulus; write ``out_path``.
+
+    ``model_cfg`` is the model's config.yaml entry (``modality``, ``id``, ``revision``, and
+    optionally ``label``, ``family``, ``size_b``). ``device="auto"`` = CUDA when visible, else
+    CPU; ``dtype="auto"`` = bfloat16 on CUDA, float32 on CPU. Vision images are decoded by
+    ``num_workers`` DataLoader workers. Returns the path of the written feature file.
+    """
+    from torch.utils.data import DataLoader
+
+    from xmodal.features import write_features
+    from xmodal.stimuli import ImageDataset, read_manifest
+
+    t0 = time.perf_counter()
+    modality = model_cfg.get("modality")
+    if modality not in ("vision", "language"):
+        raise ExtractionError(
+            f"model {model_key}: modality must be 'vision' or 'language', got {modality!r}"
+        )
+    if not model_cfg.get("id"):
+        raise ExtractionError(f"model {model_key}: registry entry has no 'id'")
+    model_id = str(model_cfg["id"])
+    revision = model_cfg.get("revision")
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    bs = _batch_size(batch_size, modality, dev)
+    manifest_path = Path(manifest_path)
+    df = read_manifest(manifest_path)
+    ids = df["stimulus_id"].tolist()
+    log.info(
+        "extracting %s (%s, %s) for %d stimuli of %s on %s, %s, batch %d",
+        model_key, modality, model_id, len(ids), manifest_path, dev, dt, bs,
+    )  # fmt: skip
+
+    if modality == "vision":
+        from xmodal.extract.vision import extract_vision_features, load_vision_model
+
+        model, transform, info = load_vision_model(
+            model_id,
+            revision=revision,
+            cache_dir=cache_dir,
+            device=dev,
+            dtype=dt,
+            allow_pickle=allow_pickle,
+        )
+        dataset = ImageDataset(df, manifest_path.parent, transform)
+        loader = DataLoader(
+            dataset,
+            batch_size=bs,
+            shuffle=False,
+            num_workers=num_workers,
+            pin_memory=dev.type == "cuda",
+            prefetch_factor=4 if num_workers > 0 else None,
+            persistent_workers=False,
+        )
+        res = extract_vision_features(
+            model, loader, stimulus_ids=ids, batch_size=bs, model_name=model_key, progress=progress
+        )
+        preprocessing = {"image": info["preprocessing"], "num_workers": num_workers}
+    else:
+        from xmodal.extract.language import extract_language_features, load_language_model
+
+        model, tokenizer, info = load_language_model(
+            model_id,
+            revision=revision,
+            cache_dir=cache_dir,
+            device=dev,
+            dtype=dt,
+            allow_pickle=allow_pickle,
+        )
+        res = extract_language_features(
+            model,
+            tokenizer,
+            df["caption"].tolist(),
+            stimulus_ids=ids,
+            batch_size=bs,
+            model_name=model_key,
+            progress=progress,
+        )
+        preprocessing = {
+            "tokenizer": {
+                **info["tokenizer"],
+                "max_length": res.info["max_length"],
+                "n_truncated": res.info["n_truncated"],
+            }
+        }
+
+    attrs = {
+        "model_id": model_id,
+        "model_key": model_key,
+        "modality": modality,
+        "source": info["source"],
+        "revision": info["revision"],
+        "requested_revision": revision or "",
+        "pooling": res.info["pooling"],
+        "compute_dtype": info["dtype"],
+        "preprocessing": preprocessing,
+        "architecture": info["architecture"],
+        "weights": info["weights"],
+        "device": str(dev),
+        "batch_size": int(res.info["batch_size"]),
+        "label": model_cfg.get("label") or "",
+        "family": model_cfg.get("family") or "",
+        "size_b": float(model_cfg.get("size_b") or 0.0),
+    }
+    # the extractor checked finiteness batch by batch on the device; a float16 cast is not used here
+    out = write_features(
+        out_path, res.features, ids, res.layer_names, attrs, abs_q95=res.abs_q95, check_finite=False
+    )
+    dt_s = time.perf_counter() - t0
+    log.info(
+        "%s: %d layers x %d stimuli x %d dims in %.1f s (%.1f stimuli/s) -> %s",
+        model_key, res.features.shape[0], len(ids), res.features.shape[2], dt_s, len(ids) / dt_s, out,
+    )  # fmt: skip
+    return out

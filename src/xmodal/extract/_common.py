@@ -1,0 +1,310 @@
+"""Pieces shared by the vision and language extractors: devices, dtypes, hub cache, safety checks,
+the per-batch feature accumulator and out-of-memory back-off."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from xmodal._compat import ensure_torchvision_importable
+from xmodal.features import abs_quantile_rows
+
+# transformers and timm import torchvision; make that work first (see xmodal._compat)
+ensure_torchvision_importable()
+
+log = logging.getLogger("xmodal.extract")
+
+SAFE_SUFFIXES = (".safetensors",)
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".tar")
+
+
+class ExtractionError(RuntimeError):
+    """Feature extraction failed for a model (bad model, bad input, non-finite output)."""
+
+
+class NonFiniteFeatureError(ExtractionError):
+    """A model produced NaN or Inf features; names the model, layers and stimuli."""
+
+
+class UnsafeCheckpointError(ExtractionError):
+    """Only pickle checkpoints (which run code when loaded) are available and pickle is not allowed."""
+
+
+def _preview(items: Sequence[Any], n: int = 5) -> str:
+    items = list(items)
+    head = ", ".join(repr(s) for s in items[:n])
+    return f"[{head}{', ...' if len(items) > n else ''}] ({len(items)} in all)"
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``"auto"`` = the first CUDA device if one is visible, else the CPU."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ExtractionError(f"device {device!r} requested but no CUDA device is visible")
+    return dev
+
+
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """``"auto"``/None = bfloat16 on CUDA, float32 on the CPU; names like ``"bfloat16"`` accepted."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype is None or dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    try:
+        return _DTYPES[str(dtype).lower()]
+    except KeyError:
+        raise ExtractionError(
+            f"unknown dtype {dtype!r}; use one of auto, {', '.join(_DTYPES)}"
+        ) from None
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def is_offline() -> bool:
+    """True when ``HF_HUB_OFFLINE``/``TRANSFORMERS_OFFLINE`` is set (read now, not at import)."""
+    import huggingface_hub.constants as hc
+
+    env = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
+    return bool(hc.HF_HUB_OFFLINE) or env.strip().upper() in {"1", "ON", "YES", "TRUE"}
+
+
+def resolve_hub_snapshot(
+    repo_id: str,
+    *,
+    revision: str | None,
+    cache_dir: str | os.PathLike | None,
+    allow_patterns: Sequence[str] | None = None,
+    what: str = "model",
+) -> Path:
+    """The local snapshot folder of ``repo_id`` at ``revision`` (None = main) in the hub cache.
+
+    Uses the cache only when it holds the revision; otherwise downloads (``allow_patterns``),
+    unless offline, which is an error telling the user to prefetch. The folder's name is the
+    resolved commit hash.
+    """
+    from huggingface_hub import snapshot_download
+
+    kwargs = dict(revision=revision, cache_dir=str(cache_dir) if cache_dir is not None else None)
+    try:
+        return Path(snapshot_download(repo_id, local_files_only=True, **kwargs))
+    except Exception as err:  # LocalEntryNotFoundError and friends
+        if is_offline():
+            where = cache_dir if cache_dir is not None else "the default Hugging Face cache"
+            raise ExtractionError(
+                f"{what} {repo_id!r} (revision {revision or 'main'}) is not in the hub cache "
+                f"{where} and HF_HUB_OFFLINE is set; prefetch it first ({err})"
+            ) from err
+    log.info("downloading %s %r (revision %s)", what, repo_id, revision or "main")
+    return Path(
+        snapshot_download(repo_id, allow_patterns=list(allow_patterns or []) or None, **kwargs)
+    )
+
+
+def check_weight_files(directory: Path, model_id: str, *, allow_pickle: bool) -> list[str]:
+    """Weight files in ``directory``; refuse pickle-only checkpoints unless ``allow_pickle``.
+
+    Returns the names of the files that will be loaded (safetensors when present).
+    """
+    files = [p for p in directory.iterdir() if p.is_file()]
+    safe = sorted(p.name for p in files if p.name.endswith(SAFE_SUFFIXES))
+    pickles = sorted(p.name for p in files if p.name.endswith(PICKLE_SUFFIXES))
+    pickles = [n for n in pickles if "training_args" not in n and "optimizer" not in n]
+    if safe:
+        return safe
+    if pickles:
+        if not allow_pickle:
+            raise UnsafeCheckpointError(
+                f"{model_id}: only pickle checkpoint(s) {pickles} in {directory}; loading a pickle "
+                "can run arbitrary code. Convert the weights to safetensors, or opt in with "
+                "allow_pickle=True (config.yaml: extraction.allow_pickle: true)."
+            )
+        log.warning("%s: loading pickle checkpoint(s) %s (allow_pickle=True)", model_id, pickles)
+        return pickles
+    raise ExtractionError(
+        f"{model_id}: no weight files (*.safetensors"
+        f"{', pickle files' if allow_pickle else ''}) in {directory}"
+        + ("" if allow_pickle else "; if the model ships only pickle files, set allow_pickle")
+    )
+
+
+def progress_bar(total: int, desc: str, unit: str, enabled: bool = True):
+    """A tqdm bar; updates often on a terminal, every 30 s in a log file."""
+    from tqdm.auto import tqdm
+
+    tty = sys.stderr.isatty()
+    return tqdm(
+        total=total,
+        desc=desc,
+        unit=unit,
+        disable=not enabled,
+        mininterval=0.5 if tty else 30.0,
+        dynamic_ncols=tty,
+    )
+
+
+@dataclass
+class ExtractionResult:
+    """Features of one model for every stimulus: ``features`` ``(n_layers, m, dim)`` float32."""
+
+    features: np.ndarray
+    abs_q95: np.ndarray
+    layer_names: list[str]
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+class FeatureAccumulator:
+    """Collects ``(B, n_layers, dim)`` batches into an ``(n_layers, m, dim)`` float32 array.
+
+    Per batch, on the compute device: finiteness flags and ``abs_q95`` (all layers of the batch
+    are in memory). The device-to-host copy of batch k happens when batch k+1 has been queued
+    (``add`` then ``flush`` lag by one), so the GPU is not idle while the host copies.
+    """
+
+    def __init__(
+        self,
+        n_layers: int,
+        m: int,
+        dim: int,
+        *,
+        model_name: str,
+        layer_names: Sequence[str],
+        stimulus_ids: Sequence[str],
+    ):
+        self.features = np.empty((n_layers, m, dim), dtype=np.float32)
+        self.abs_q95 = np.full(m, np.nan, dtype=np.float32)
+        self.filled = np.zeros(m, dtype=bool)
+        self.model_name = model_name
+        self.layer_names = list(layer_names)
+        self.stimulus_ids = list(stimulus_ids)
+        self._pending: tuple | None = None
+
+    def add(self, feats: torch.Tensor, idx: np.ndarray) -> None:
+        """Queue one batch of features (rows = stimuli ``idx``); stores the previous batch."""
+        feats = feats.detach().float()
+        finite = torch.isfinite(feats).all(dim=-1)  # (B, n_layers)
+        q = abs_quantile_rows(feats)
+        if feats.is_cuda:
+            # asynchronous copies into pinned memory; the event marks when they are done, so
+            # waiting for this batch never waits for the forward pass queued after it
+            host = [
+                torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in (feats, finite, q)
+            ]
+            for h, t in zip(host, (feats, finite, q), strict=True):
+                h.copy_(t, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record()
+            pending = (*host, np.asarray(idx), done)
+        else:
+            pending = (feats, finite, q, np.asarray(idx), None)
+        prev, self._pending = self._pending, pending
+        if prev is not None:
+            self._store(*prev)
+
+    def flush(self) -> None:
+        """Store the queued batch."""
+        if self._pending is not None:
+            prev, self._pending = self._pending, None
+            self._store(*prev)
+
+    def _store(
+        self,
+        feats: torch.Tensor,
+        finite: torch.Tensor,
+        q: torch.Tensor,
+        idx: np.ndarray,
+        done: torch.cuda.Event | None,
+    ) -> None:
+        if done is not None:
+            done.synchronize()
+        finite_np = finite.numpy()
+        if not finite_np.all():
+            bad_rows, bad_layers = np.nonzero(~finite_np)
+            layers = sorted({self.layer_names[j] for j in bad_layers})
+            stimuli = sorted({self.stimulus_ids[idx[i]] for i in bad_rows})
+            raise NonFiniteFeatureError(
+                f"model {self.model_name}: NaN/Inf features in layer(s) {_preview(layers)} for "
+                f"stimuli {_preview(stimuli)}; no feature file was written"
+            )
+        self.features[:, idx, :] = feats.numpy().transpose(1, 0, 2)
+        self.abs_q95[idx] = q.numpy()
+        self.filled[idx] = True
+
+    def result(self, info: dict[str, Any] | None = None) -> ExtractionResult:
+        self.flush()
+        if not self.filled.all():
+            missing = [self.stimulus_ids[i] for i in np.flatnonzero(~self.filled)]
+            raise ExtractionError(
+                f"model {self.model_name}: no features for stimuli {_preview(missing)}"
+            )
+        return ExtractionResult(self.features, self.abs_q95, self.layer_names, dict(info or {}))
+
+
+def is_oom(err: BaseException) -> bool:
+    """True for a CUDA (or other accelerator) out-of-memory error."""
+    if isinstance(err, torch.OutOfMemoryError):
+        return True
+    return isinstance(err, RuntimeError) and "out of memory" in str(err).lower()
+
+
+class BatchSizer:
+    """Runs work in chunks of the current batch size; on out-of-memory halves it and retries.
+
+    The reduced size is kept for the rest of the run (a smaller batch that fits once will fit again).
+    """
+
+    def __init__(self, batch_size: int, model_name: str):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.batch_size = int(batch_size)
+        self.model_name = model_name
+        self.n_halvings = 0
+
+    def run(self, n: int, fn: Callable[[int, int], None]) -> None:
+        """Call ``fn(start, stop)`` over ``range(n)`` in chunks, halving the chunk on OOM."""
+        start = 0
+        while start < n:
+            stop = min(n, start + self.batch_size)
+            try:
+                fn(start, stop)
+            except Exception as err:
+                if not is_oom(err) or self.batch_size == 1:
+                    raise
+                oom = True
+            else:
+                oom = False
+            if not oom:
+                start = stop
+                continue
+            # outside the except block, so the traceback's references to tensors are gone
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            self.batch_size = max(1, self.batch_size // 2)
+            self.n_halvings += 1
+            log.warning(
+                "model %s: out of memory on a batch of %d; continuing with batch size %d",
+                self.model_name,
+                stop - start,
+                self.batch_size,
+            )

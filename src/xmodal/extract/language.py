@@ -1,0 +1,349 @@
+"""Language features (transformers): every hidden state, mean-pooled over the caption's real tokens.
+
+Hidden states are those of ``output_hidden_states=True``: the embedding output, then each block's
+output (for BLOOM and LLaMA the last one is after the final norm, as the model returns it).
+Padding never counts: the mean is over positions with ``attention_mask == 1``, accumulated in
+float32. Captions are batched by sorted token length (right padding), so padding is small and
+each caption's features equal those of running it alone.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from xmodal.extract._common import (
+    BatchSizer,
+    ExtractionError,
+    ExtractionResult,
+    FeatureAccumulator,
+    check_weight_files,
+    dtype_name,
+    progress_bar,
+    resolve_dtype,
+    resolve_hub_snapshot,
+)
+
+log = logging.getLogger(__name__)
+
+_HUGE = 1_000_000  # tokenizers report "no limit" as a huge model_max_length
+
+__all__ = [
+    "context_length",
+    "extract_language_features",
+    "language_layer_names",
+    "load_language_model",
+    "mean_pool",
+]
+
+
+def _weight_bytes(folder: Path, weights: Sequence[str], target: torch.dtype) -> int:
+    """Rough size of the weights once loaded in ``target`` dtype (from file sizes and config dtype)."""
+    raw = sum((folder / w).stat().st_size for w in weights if (folder / w).is_file())
+    try:
+        cfg = json.loads((folder / "config.json").read_text())
+        stored = str(cfg.get("torch_dtype") or cfg.get("dtype") or "float32")
+    except (OSError, ValueError):
+        stored = "float32"
+    stored_size = 2 if ("16" in stored) else 4
+    return int(raw * torch.finfo(target).bits / 8 / stored_size)
+
+
+def _choose_device_map(
+    device: torch.device, folder: Path, weights: Sequence[str], dtype: torch.dtype
+) -> str | dict[str, Any] | None:
+    """None on CPU; ``"auto"`` over several GPUs or when one GPU is too small; else one GPU."""
+    if device.type != "cuda":
+        return None
+    n_gpu = torch.cuda.device_count()
+    if n_gpu > 1:
+        return "auto"
+    need = _weight_bytes(folder, weights, dtype)
+    free, _ = torch.cuda.mem_get_info(device)
+    if need > 0.85 * free:
+        log.warning(
+            "weights need ~%.1f GiB, GPU has %.1f GiB free: sharding with device_map='auto' "
+            "(layers that do not fit are offloaded to the CPU and run slowly)",
+            need / 2**30,
+            free / 2**30,
+        )
+        return "auto"
+    return {"": device.index if device.index is not None else 0}
+
+
+def load_language_model(
+    model_id: str,
+    *,
+    revision: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    device: str | torch.device = "cpu",
+    dtype: str | torch.dtype | None = None,
+    allow_pickle: bool = False,
+    max_memory: dict[Any, str | int] | None = None,
+) -> tuple[torch.nn.Module, Any, dict[str, Any]]:
+    """Load ``AutoTokenizer`` + ``AutoModel`` (no LM head); returns ``(model, tokenizer, info)``.
+
+    ``model_id`` is a hub repo id (read from the hub cache at ``revision``; downloaded only when
+    not cached and not offline) or a local ``save_pretrained`` directory. ``dtype`` None/"auto"
+    = bfloat16 on CUDA, float32 on the CPU. On CUDA the model is sharded with
+    ``device_map="auto"`` (``max_memory`` per device) when several GPUs are visible or it does
+    not fit one. ``trust_remote_code`` is always False; pickle checkpoints are refused unless
+    ``allow_pickle``. A tokenizer without a pad token gets one (eos, unk, bos or token 0; pooling
+    masks padding anyway). ``info`` holds the resolved ``revision`` (commit hash or ``"local"``).
+    """
+    from transformers import AutoModel, AutoTokenizer
+
+    device = torch.device(device)
+    torch_dtype = resolve_dtype(dtype, device)
+    if Path(model_id).is_dir():
+        folder, revision_used = Path(model_id), "local"
+        if revision:
+            log.warning("%s is a local directory; ignoring revision %r", model_id, revision)
+    else:
+        patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken"]
+        patterns += ["*.bin"] if allow_pickle else []
+        folder = resolve_hub_snapshot(
+            model_id,
+            revision=revision,
+            cache_dir=cache_dir,
+            allow_patterns=patterns,
+            what="language model",
+        )
+        revision_used = folder.name
+    if not (folder / "config.json").is_file():
+        raise ExtractionError(f"{model_id}: no config.json in {folder}")
+    weights = check_weight_files(folder, model_id, allow_pickle=allow_pickle)
+    device_map = _choose_device_map(device, folder, weights, torch_dtype)
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+        model = AutoModel.from_pretrained(
+            folder,
+            trust_remote_code=False,
+            use_safetensors=None if allow_pickle else True,
+            dtype=torch_dtype,
+            device_map=device_map,
+            max_memory=max_memory if device_map == "auto" else None,
+        )
+    except (OSError, ValueError, KeyError) as err:
+        raise ExtractionError(
+            f"{model_id}: could not load tokenizer/model from {folder} ({err})"
+        ) from err
+    if device_map is None:
+        model.to(device)
+    model.eval().requires_grad_(False)
+
+    pad_note = _ensure_pad_token(tokenizer, model_id)
+    tokenizer.padding_side = "right"
+    n_layers = int(
+        getattr(model.config, "num_hidden_layers", 0) or getattr(model.config, "n_layer", 0)
+    )
+    info = dict(
+        model_id=str(model_id),
+        source="transformers",
+        revision=revision_used,
+        requested_revision=revision,
+        weights=weights,
+        architecture=type(model).__name__,
+        n_layers=n_layers + 1,
+        dim=int(model.config.hidden_size),
+        device=str(device),
+        device_map=device_map if isinstance(device_map, str) else None,
+        dtype=dtype_name(torch_dtype),
+        tokenizer=dict(
+            tokenizer_class=type(tokenizer).__name__,
+            pad_token=tokenizer.pad_token,
+            pad_token_note=pad_note,
+            padding_side="right",
+            add_special_tokens=True,
+            max_length=context_length(model, tokenizer),
+        ),
+    )
+    log.info(
+        "loaded language model %s (revision %s): %d hidden states, dim %d, %s on %s%s",
+        model_id,
+        revision_used,
+        info["n_layers"],
+        info["dim"],
+        info["dtype"],
+        device,
+        " (device_map=auto)" if device_map == "auto" else "",
+    )
+    return model, tokenizer, info
+
+
+def _ensure_pad_token(tokenizer: Any, model_id: str) -> str | None:
+    """Give the tokenizer a pad token from its own vocabulary when it has none."""
+    if tokenizer.pad_token is not None:
+        return None
+    for name in ("eos_token", "unk_token", "bos_token"):
+        tok = getattr(tokenizer, name)
+        if tok is not None:
+            tokenizer.pad_token = tok
+            note = f"no pad token; using {name} {tok!r} (padding is masked out of the pooling)"
+            break
+    else:
+        tokenizer.pad_token = tokenizer.convert_ids_to_tokens(0)
+        note = f"no pad token; using token id 0 {tokenizer.pad_token!r} (padding is masked out)"
+    log.info("%s: %s", model_id, note)
+    return note
+
+
+def context_length(model: torch.nn.Module, tokenizer: Any) -> int | None:
+    """The longest input the model takes: min of the config's position limit and the tokenizer's."""
+    limits = []
+    for key in ("max_position_embeddings", "n_positions", "seq_length"):
+        v = getattr(model.config, key, None)
+        if isinstance(v, int) and 0 < v < _HUGE:
+            limits.append(v)
+            break
+    tl = getattr(tokenizer, "model_max_length", None)
+    if isinstance(tl, int) and 0 < tl < _HUGE:
+        limits.append(tl)
+    return min(limits) if limits else None
+
+
+def language_layer_names(n_hidden_states: int) -> list[str]:
+    """``embeddings``, ``layers.0`` … ``layers.{L-1}`` for L+1 hidden states."""
+    return ["embeddings"] + [f"layers.{i}" for i in range(n_hidden_states - 1)]
+
+
+def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over positions where ``mask`` is 1, in float32: ``(B, T, D), (B, T) -> (B, D)``.
+
+    Padding positions are zeroed (not multiplied), so even non-finite values there never leak in.
+    """
+    m = mask.to(device=hidden.device, dtype=torch.bool)
+    summed = hidden.float().masked_fill(~m[..., None], 0.0).sum(dim=1)
+    return summed / m.sum(dim=1, keepdim=True).clamp_min(1).float()
+
+
+def tokenize_captions(
+    tokenizer: Any, captions: Sequence[str], max_length: int | None, stimulus_ids: Sequence[str]
+) -> tuple[list[list[int]], list[int]]:
+    """Token ids per caption (special tokens included), truncated to ``max_length``.
+
+    Returns the ids and the row indices of truncated captions (logged).
+    """
+    ids = tokenizer(list(captions), add_special_tokens=True, truncation=False)["input_ids"]
+    truncated = [i for i, t in enumerate(ids) if max_length is not None and len(t) > max_length]
+    if truncated:
+        redo = tokenizer(
+            [captions[i] for i in truncated],
+            add_special_tokens=True,
+            truncation=True,
+            max_length=max_length,
+        )["input_ids"]
+        for i, t in zip(truncated, redo, strict=True):
+            ids[i] = t
+        log.warning(
+            "%d caption(s) longer than the model's %d-token context were truncated: %s%s",
+            len(truncated),
+            max_length,
+            [stimulus_ids[i] for i in truncated[:5]],
+            " ..." if len(truncated) > 5 else "",
+        )
+    empty = [stimulus_ids[i] for i, t in enumerate(ids) if len(t) == 0]
+    if empty:
+        raise ExtractionError(f"captions of stimuli {empty[:5]} tokenize to zero tokens")
+    return ids, truncated
+
+
+def extract_language_features(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    captions: Sequence[str],
+    *,
+    stimulus_ids: Sequence[str],
+    batch_size: int = 32,
+    max_length: int | None = None,
+    model_name: str = "language model",
+    progress: bool = True,
+) -> ExtractionResult:
+    """Mean-pooled hidden states of every layer for every caption: ``(L+1, m, dim)`` float32.
+
+    Captions run longest first (out-of-memory shows up at once, and halves the batch) in
+    batches of similar length, right-padded; ``max_length`` defaults to the model's context.
+    """
+    if len(captions) != len(stimulus_ids):
+        raise ExtractionError(f"{len(captions)} captions for {len(stimulus_ids)} stimulus ids")
+    if max_length is None:
+        max_length = context_length(model, tokenizer)
+    token_ids, truncated = tokenize_captions(tokenizer, captions, max_length, stimulus_ids)
+    lengths = np.array([len(t) for t in token_ids])
+    order = np.argsort(-lengths, kind="stable")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    input_device = model.get_input_embeddings().weight.device
+    n_hidden = (
+        int(getattr(model.config, "num_hidden_layers", 0) or getattr(model.config, "n_layer", 0))
+        + 1
+    )
+    names = language_layer_names(n_hidden)
+    m = len(captions)
+    acc = FeatureAccumulator(
+        n_hidden,
+        m,
+        int(model.config.hidden_size),
+        model_name=model_name,
+        layer_names=names,
+        stimulus_ids=stimulus_ids,
+    )
+    sizer = BatchSizer(batch_size, model_name)
+    n_tokens = int(lengths.sum())
+    n_padded = 0
+
+    with progress_bar(m, model_name, "caption", progress) as bar:
+
+        @torch.inference_mode()
+        def run(start: int, stop: int) -> None:
+            nonlocal n_padded
+            rows = order[start:stop]
+            width = int(lengths[rows].max())
+            ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+            mask = torch.zeros((len(rows), width), dtype=torch.long)
+            for j, r in enumerate(rows):
+                ids[j, : lengths[r]] = torch.as_tensor(token_ids[r])
+                mask[j, : lengths[r]] = 1
+            out = model(
+                input_ids=ids.to(input_device),
+                attention_mask=mask.to(input_device),
+                output_hidden_states=True,
+                use_cache=False,
+                return_dict=True,
+            )
+            hidden = out.hidden_states
+            if len(hidden) != n_hidden:
+                raise ExtractionError(
+                    f"model {model_name}: {len(hidden)} hidden states, expected {n_hidden}"
+                )
+            pooled = torch.stack([mean_pool(h, mask).to(input_device) for h in hidden], dim=1)
+            acc.add(pooled, rows)
+            n_padded += len(rows) * width
+            bar.update(len(rows))
+
+        sizer.run(m, run)
+    res = acc.result()
+    res.info.update(
+        pooling="mean",
+        batch_size=sizer.batch_size,
+        oom_halvings=sizer.n_halvings,
+        max_length=max_length,
+        n_truncated=len(truncated),
+        padding_fraction=round(1 - n_tokens / max(n_padded, 1), 4),
+    )
+    log.info(
+        "%s: %d captions, %d tokens, %.1f%% padding, %d truncated",
+        model_name,
+        m,
+        n_tokens,
+        100 * res.info["padding_fraction"],
+        len(truncated),
+    )
+    return res

@@ -1,0 +1,241 @@
+"""Vision features (timm): the CLS token of every transformer block's output.
+
+"Block output" is after the block's second residual add and before the model's final norm,
+captured with forward hooks on ``model.blocks[i]``. Images go through timm's own eval transform
+for the model (``resolve_data_config`` + ``create_transform``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from xmodal._compat import ensure_torchvision_importable
+from xmodal.extract._common import (
+    PICKLE_SUFFIXES,
+    SAFE_SUFFIXES,
+    BatchSizer,
+    ExtractionError,
+    ExtractionResult,
+    FeatureAccumulator,
+    UnsafeCheckpointError,
+    check_weight_files,
+    dtype_name,
+    progress_bar,
+    resolve_hub_snapshot,
+)
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "extract_vision_features",
+    "load_vision_model",
+    "vision_layer_names",
+]
+
+
+def _hub_repo(model_id: str) -> str:
+    """Hub repo of a timm id: ``vit_x.tag`` -> ``timm/vit_x.tag``; ``hf-hub:org/name`` -> ``org/name``."""
+    if model_id.startswith(("hf-hub:", "hf_hub:")):
+        return model_id.split(":", 1)[1].split("@", 1)[0]
+    return model_id if "/" in model_id else f"timm/{model_id}"
+
+
+def load_vision_model(
+    model_id: str,
+    *,
+    revision: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    weights_file: str | os.PathLike | None = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    allow_pickle: bool = False,
+) -> tuple[torch.nn.Module, Any, dict[str, Any]]:
+    """Load a timm ViT in eval mode with its eval transform; returns ``(model, transform, info)``.
+
+    ``model_id`` is a timm id with pretrained tag (``vit_huge_patch14_224.mae``; weights from the
+    hub cache repo ``timm/<id>`` at ``revision``, downloaded only when not cached and not
+    offline) or a local directory with a timm ``config.json`` + ``model.safetensors``. With
+    ``weights_file``, the architecture comes from the timm id and the weights from that file.
+    Pickle checkpoints are refused unless ``allow_pickle``. ``info`` holds ``revision`` (the hub
+    commit hash, or ``"local"``), ``preprocessing`` (timm data config), ``n_layers``, ``dim``.
+    """
+    ensure_torchvision_importable()
+    import timm
+    from timm.data import create_transform, resolve_data_config
+
+    device = torch.device(device)
+    weights: list[str]
+    if weights_file is not None:
+        wf = Path(weights_file)
+        if not wf.is_file():
+            raise ExtractionError(f"{model_id}: weights file {wf} not found")
+        if not wf.name.endswith(SAFE_SUFFIXES):
+            if not wf.name.endswith(PICKLE_SUFFIXES) or not allow_pickle:
+                raise UnsafeCheckpointError(
+                    f"{model_id}: weights file {wf} is not safetensors; loading a pickle can run "
+                    "arbitrary code. Convert it, or opt in with allow_pickle=True."
+                )
+            log.warning("%s: loading pickle weights %s (allow_pickle=True)", model_id, wf)
+        name, revision_used, weights = model_id, "local", [wf.name]
+        create = dict(
+            model_name=model_id, pretrained=True, pretrained_cfg_overlay=dict(file=str(wf))
+        )
+    else:
+        if Path(model_id).is_dir():
+            folder, revision_used = Path(model_id), "local"
+            if revision:
+                log.warning("%s is a local directory; ignoring revision %r", model_id, revision)
+        else:
+            patterns = ["*.json", "*.safetensors"] + (["*.bin", "*.pth"] if allow_pickle else [])
+            folder = resolve_hub_snapshot(
+                _hub_repo(model_id),
+                revision=revision,
+                cache_dir=cache_dir,
+                allow_patterns=patterns,
+                what="vision model",
+            )
+            revision_used = folder.name
+        if not (folder / "config.json").is_file():
+            raise ExtractionError(f"{model_id}: no timm config.json in {folder}")
+        weights = check_weight_files(folder, model_id, allow_pickle=allow_pickle)
+        name = model_id
+        # timm's local-dir loader prefers model.safetensors over pickle files when both exist
+        create = dict(model_name=f"local-dir:{folder}", pretrained=True)
+
+    try:
+        model = timm.create_model(**create)
+    except (RuntimeError, ValueError, KeyError, OSError) as err:
+        msg = str(err) if len(str(err)) < 600 else str(err)[:600] + " ..."
+        raise ExtractionError(f"{model_id}: timm could not build/load the model ({msg})") from err
+    model.eval().requires_grad_(False).to(device=device, dtype=dtype)
+    _check_vit(model, model_id)
+
+    data_cfg = resolve_data_config({}, model=model)
+    transform = create_transform(**data_cfg, is_training=False)
+    info = dict(
+        model_id=str(name),
+        source="timm",
+        revision=revision_used,
+        requested_revision=revision,
+        weights=weights,
+        architecture=type(model).__name__,
+        pretrained_tag=model.pretrained_cfg.get("tag"),
+        preprocessing={k: (list(v) if isinstance(v, tuple) else v) for k, v in data_cfg.items()},
+        n_layers=len(model.blocks),
+        dim=int(model.embed_dim if hasattr(model, "embed_dim") else model.num_features),
+        device=str(device),
+        dtype=dtype_name(dtype),
+    )
+    log.info(
+        "loaded vision model %s (revision %s): %d blocks, dim %d, input %s, %s on %s",
+        model_id,
+        revision_used,
+        info["n_layers"],
+        info["dim"],
+        data_cfg.get("input_size"),
+        info["dtype"],
+        device,
+    )
+    return model, transform, info
+
+
+def _check_vit(model: torch.nn.Module, model_id: str) -> None:
+    if not hasattr(model, "blocks") or len(model.blocks) == 0:
+        raise ExtractionError(
+            f"{model_id}: model has no transformer 'blocks' to read features from"
+        )
+    if getattr(model, "cls_token", None) is None or getattr(model, "num_prefix_tokens", 1) < 1:
+        raise ExtractionError(f"{model_id}: model has no class token (CLS) to extract")
+
+
+def vision_layer_names(model: torch.nn.Module) -> list[str]:
+    """``blocks.0`` … ``blocks.{L-1}``."""
+    return [f"blocks.{i}" for i in range(len(model.blocks))]
+
+
+class _ClsHooks:
+    """Forward hooks that keep token 0 of every block's output during one forward pass."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+        self.tokens: list[torch.Tensor] = []
+        self.handles = [blk.register_forward_hook(self._hook) for blk in model.blocks]
+
+    def _hook(self, module: torch.nn.Module, args: Any, output: torch.Tensor) -> None:
+        self.tokens.append(output[:, 0])
+
+    @torch.inference_mode()
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, n_layers, dim)`` CLS tokens for a batch of preprocessed images."""
+        self.tokens = []
+        try:
+            self.model.forward_features(x)
+            if len(self.tokens) != len(self.model.blocks):
+                raise ExtractionError(
+                    f"captured {len(self.tokens)} block outputs for {len(self.model.blocks)} blocks"
+                )
+            return torch.stack(self.tokens, dim=1)
+        finally:
+            self.tokens = []
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def extract_vision_features(
+    model: torch.nn.Module,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor | np.ndarray | Sequence[int]]],
+    *,
+    stimulus_ids: Sequence[str],
+    batch_size: int | None = None,
+    model_name: str = "vision model",
+    progress: bool = True,
+) -> ExtractionResult:
+    """CLS token of every block for every stimulus, from ``(images, indices)`` batches.
+
+    ``batches`` (e.g. a DataLoader over :class:`xmodal.stimuli.ImageDataset`) yields preprocessed
+    images and their row indices into ``stimulus_ids``. Each batch runs in chunks of at most
+    ``batch_size`` (default: the batch as given); a chunk that runs out of memory is halved.
+    Returns float32 features ``(n_layers, m, dim)`` and per-stimulus ``abs_q95``.
+    """
+    param = next(model.parameters())
+    device, dtype = param.device, param.dtype
+    names = vision_layer_names(model)
+    dim = int(getattr(model, "embed_dim", 0) or model.num_features)
+    m = len(stimulus_ids)
+    acc = FeatureAccumulator(
+        len(names), m, dim, model_name=model_name, layer_names=names, stimulus_ids=stimulus_ids
+    )
+    hooks = _ClsHooks(model)
+    sizer: BatchSizer | None = BatchSizer(batch_size, model_name) if batch_size else None
+    nonblocking = device.type == "cuda"
+    try:
+        with progress_bar(m, model_name, "img", progress) as bar:
+            for images, idx in batches:
+                idx = np.asarray(idx, dtype=np.int64)
+                if sizer is None:
+                    sizer = BatchSizer(len(idx), model_name)
+                x_all = images.to(device=device, dtype=dtype, non_blocking=nonblocking)
+
+                def run(start: int, stop: int, x_all=x_all, idx=idx) -> None:
+                    acc.add(hooks(x_all[start:stop]), idx[start:stop])
+
+                sizer.run(len(idx), run)
+                bar.update(len(idx))
+        res = acc.result()
+    finally:
+        hooks.remove()
+    res.info.update(
+        pooling="cls",
+        batch_size=sizer.batch_size if sizer else batch_size,
+        oom_halvings=sizer.n_halvings if sizer else 0,
+    )
+    return res

@@ -1,0 +1,418 @@
+"""The HDF5 feature store: one file per model, layers × stimuli × dims.
+
+Layout (``schema_version`` 1, see docs/contracts.md "Feature file"):
+
+- ``features``: ``(n_layers, m, dim)`` float32 (float16 optional), one layer per chunk;
+- ``stimulus_ids``: ``(m,)`` utf-8; ``layer_names``: ``(n_layers,)`` utf-8;
+- ``abs_q95``: ``(m,)`` float32, per stimulus the 95th percentile (linear interpolation, as
+  ``torch.quantile``) of ``|x|`` over all its layers and dims — the input of the alignment
+  preprocessing's clamp threshold;
+- provenance attributes (model id and key, modality, source, resolved revision, pooling, compute
+  dtype, preprocessing, library versions, creation time).
+
+Files are written under a temporary name and renamed into place, so a killed job never leaves a
+plausible-looking file. Readers load one layer at a time and check ids, shapes and finiteness.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+import os
+import re
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import torch
+
+from xmodal.io import atomic_path
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+Q = 0.95
+_MAX_CHUNK_BYTES = 1 << 30  # HDF5 chunks must stay below 4 GiB; keep them at most 1 GiB
+_QUANTILE_BLOCK = 1 << 24  # elements per block when computing abs_q95 from a file
+_TOKEN_RE = re.compile(r"\bhf_[A-Za-z0-9]{30,}")  # never write a Hugging Face token
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "FeatureFile",
+    "FeatureFileError",
+    "abs_quantile_rows",
+    "write_features",
+]
+
+
+class FeatureFileError(ValueError):
+    """A feature file is missing, malformed, non-finite or does not match the stimuli."""
+
+
+def _preview(ids: Sequence[str], n: int = 5) -> str:
+    """First few ids and the count, for error messages."""
+    ids = list(ids)
+    head = ", ".join(repr(s) for s in ids[:n])
+    more = f", ... ({len(ids)} in all)" if len(ids) > n else f" ({len(ids)})"
+    return f"[{head}{more}]"
+
+
+def abs_quantile_rows(x: torch.Tensor | np.ndarray, q: float = Q) -> torch.Tensor:
+    """Per row of ``x`` (rows = stimuli), the ``q``-quantile of ``|x|`` over everything else.
+
+    Linear interpolation between order statistics, exactly as ``torch.quantile`` (default
+    ``interpolation='linear'``), computed in float32 by sorting, so it has no input-size limit.
+    Returns a float32 tensor of shape ``(rows,)`` on ``x``'s device.
+    """
+    t = torch.as_tensor(x)
+    t = t.reshape(t.shape[0], -1).abs().float()
+    n = t.shape[1]
+    if n == 0:
+        raise ValueError("abs_quantile_rows: rows have no elements")
+    s = torch.sort(t, dim=1).values
+    pos = q * (n - 1)
+    lo = int(np.floor(pos))
+    hi = min(lo + 1, n - 1)
+    frac = torch.tensor(pos - lo, dtype=torch.float32, device=s.device)
+    return torch.lerp(s[:, lo], s[:, hi], frac)
+
+
+def _library_versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {}
+    for name in ("xmodal", "torch", "timm", "transformers", "h5py", "numpy"):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def _attr_value(value: Any) -> Any:
+    """HDF5 attributes take scalars and strings; dicts/lists go in as JSON strings."""
+    if value is None:
+        return ""
+    if isinstance(value, Mapping | list | tuple):
+        return json.dumps(value, sort_keys=True, default=str)
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def write_features(
+    path: str | os.PathLike,
+    features: np.ndarray | torch.Tensor | Iterable[np.ndarray | torch.Tensor],
+    stimulus_ids: Sequence[str],
+    layer_names: Sequence[str],
+    attrs: Mapping[str, Any],
+    *,
+    abs_q95: np.ndarray | torch.Tensor | None = None,
+    dtype: str | np.dtype = "float32",
+    check_finite: bool = True,
+) -> Path:
+    """Write one model's features to ``path`` atomically (temporary name, then rename).
+
+    ``features`` is an ``(n_layers, m, dim)`` array or an iterable of per-layer ``(m, dim)``
+    arrays (so a caller never needs all layers at once). ``abs_q95`` is computed here when not
+    given (from the array, or block-wise from the written file). Non-finite values, duplicate
+    ids or inconsistent shapes raise :class:`FeatureFileError` and leave no file at ``path``.
+    ``schema_version``, ``created`` and ``library_versions`` are filled in unless given.
+    ``check_finite=False`` skips the finiteness scan (for callers that already checked).
+    """
+    path = Path(path)
+    dtype = np.dtype(dtype)
+    if dtype not in (np.float32, np.float16):
+        raise FeatureFileError(f"{path}: features dtype must be float32 or float16, not {dtype}")
+    ids = [str(s) for s in stimulus_ids]
+    names = [str(s) for s in layer_names]
+    m, n_layers = len(ids), len(names)
+    if len(set(ids)) != m:
+        dup = sorted({s for s in ids if ids.count(s) > 1})
+        raise FeatureFileError(f"{path}: duplicate stimulus ids {_preview(dup)}")
+    if n_layers == 0 or m == 0:
+        raise FeatureFileError(f"{path}: need at least one layer and one stimulus")
+
+    if isinstance(features, np.ndarray | torch.Tensor):
+        if tuple(features.shape[:2]) != (n_layers, m) or features.ndim != 3:
+            raise FeatureFileError(
+                f"{path}: features have shape {tuple(features.shape)}, expected "
+                f"({n_layers}, {m}, dim) for {n_layers} layer names and {m} stimulus ids"
+            )
+        if abs_q95 is None:
+            t = torch.as_tensor(features)
+            abs_q95 = torch.cat(
+                [
+                    abs_quantile_rows(t[:, i : i + 256].to(torch.float32).transpose(0, 1))
+                    for i in range(0, m, 256)
+                ]
+            )
+        layer_iter: Iterable = (features[i] for i in range(n_layers))
+    else:
+        layer_iter = features
+
+    full_attrs = {
+        "schema_version": SCHEMA_VERSION,
+        "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        "library_versions": _library_versions(),
+        **dict(attrs),
+    }
+    for key, value in full_attrs.items():
+        if _TOKEN_RE.search(str(_attr_value(value))):
+            raise FeatureFileError(f"{path}: attribute {key!r} looks like it holds an access token")
+
+    with atomic_path(path) as tmp:
+        with h5py.File(tmp, "w") as f:
+            dset = None
+            count = 0
+            for i, layer in enumerate(layer_iter):
+                arr = _as_numpy(layer)
+                if i >= n_layers:
+                    raise FeatureFileError(f"{path}: more layers than the {n_layers} layer names")
+                if arr.ndim != 2 or arr.shape[0] != m:
+                    raise FeatureFileError(
+                        f"{path}: layer {i} ({names[i]!r}) has shape {arr.shape}, expected ({m}, dim)"
+                    )
+                if dset is None:
+                    dim = arr.shape[1]
+                    rows = max(1, min(m, _MAX_CHUNK_BYTES // max(1, dim * dtype.itemsize)))
+                    dset = f.create_dataset(
+                        "features", shape=(n_layers, m, dim), dtype=dtype, chunks=(1, rows, dim)
+                    )
+                elif arr.shape[1] != dset.shape[2]:
+                    raise FeatureFileError(
+                        f"{path}: layer {i} ({names[i]!r}) has dim {arr.shape[1]}, "
+                        f"layer 0 has {dset.shape[2]}"
+                    )
+                stored = arr.astype(dtype, copy=False)
+                bad = ~np.isfinite(stored).all(axis=1) if check_finite else None
+                if bad is not None and bad.any():
+                    raise FeatureFileError(
+                        f"{path}: non-finite features in layer {i} ({names[i]!r}) for stimuli "
+                        f"{_preview([ids[j] for j in np.flatnonzero(bad)])}"
+                    )
+                dset[i] = stored
+                dim = dset.shape[2]
+                count += 1
+            if count != n_layers:
+                raise FeatureFileError(f"{path}: got {count} layers for {n_layers} layer names")
+            str_dt = h5py.string_dtype("utf-8")
+            f.create_dataset("stimulus_ids", data=np.array(ids, dtype=object), dtype=str_dt)
+            f.create_dataset("layer_names", data=np.array(names, dtype=object), dtype=str_dt)
+            if abs_q95 is None:
+                abs_q95 = _abs_q95_from_dataset(dset)
+            q = _as_numpy(abs_q95).astype(np.float32).reshape(-1)
+            if q.shape != (m,) or not np.isfinite(q).all():
+                raise FeatureFileError(f"{path}: abs_q95 must be {m} finite values")
+            f.create_dataset("abs_q95", data=q)
+            for key, value in full_attrs.items():
+                f.attrs[key] = _attr_value(value)
+    log.info("wrote %s: %d layers x %d stimuli x %d dims", path, n_layers, m, dim)
+    return path
+
+
+def _as_numpy(x: np.ndarray | torch.Tensor) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        return x.detach().to("cpu", torch.float32).numpy()
+    return np.asarray(x)
+
+
+def _abs_q95_from_dataset(dset: h5py.Dataset) -> np.ndarray:
+    """abs_q95 from an on-disk ``(n_layers, m, dim)`` dataset, a block of stimuli at a time."""
+    n_layers, m, dim = dset.shape
+    block = max(1, _QUANTILE_BLOCK // max(1, n_layers * dim))
+    out = np.empty(m, dtype=np.float32)
+    for start in range(0, m, block):
+        stop = min(m, start + block)
+        x = torch.from_numpy(np.asarray(dset[:, start:stop, :], dtype=np.float32))
+        out[start:stop] = abs_quantile_rows(x.transpose(0, 1)).numpy()
+    return out
+
+
+class FeatureFile:
+    """Read access to one feature file without loading it: ``with FeatureFile(p) as ff: ff.layer(-2)``.
+
+    With ``expected_ids`` (or after ``validate(expected_ids)``), a file holding the same stimuli
+    in another order returns rows re-ordered to ``expected_ids``; a different set of stimuli is
+    an error naming the missing and extra ids.
+    """
+
+    def __init__(self, path: str | os.PathLike, expected_ids: Sequence[str] | None = None):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FeatureFileError(f"{self.path}: feature file not found")
+        try:
+            self._f = h5py.File(self.path, "r")
+        except OSError as err:
+            raise FeatureFileError(f"{self.path}: not a readable HDF5 file ({err})") from err
+        try:
+            self._check_structure()
+        except BaseException:
+            self._f.close()
+            raise
+        self._ids = [
+            s.decode() if isinstance(s, bytes) else str(s) for s in self._f["stimulus_ids"][()]
+        ]
+        self._order: np.ndarray | None = None
+        if expected_ids is not None:
+            self._match_ids(expected_ids)
+
+    # -- structure -------------------------------------------------------------------------
+    def _check_structure(self) -> None:
+        f, p = self._f, self.path
+        version = f.attrs.get("schema_version")
+        if version is None or int(version) != SCHEMA_VERSION:
+            raise FeatureFileError(
+                f"{p}: feature file schema_version is {version!r}, this version of xmodal reads "
+                f"{SCHEMA_VERSION}; re-extract the features (delete the file and rerun extraction)"
+            )
+        for name in ("features", "stimulus_ids", "layer_names"):
+            if name not in f:
+                raise FeatureFileError(f"{p}: dataset {name!r} is missing")
+        feats = f["features"]
+        if feats.ndim != 3:
+            raise FeatureFileError(f"{p}: 'features' has shape {feats.shape}, expected 3-D")
+        n_layers, m, _ = feats.shape
+        if f["stimulus_ids"].shape != (m,):
+            raise FeatureFileError(
+                f"{p}: {f['stimulus_ids'].shape[0]} stimulus ids for {m} feature rows"
+            )
+        if f["layer_names"].shape != (n_layers,):
+            raise FeatureFileError(
+                f"{p}: {f['layer_names'].shape[0]} layer names for {n_layers} layers"
+            )
+        if "abs_q95" in f and f["abs_q95"].shape != (m,):
+            raise FeatureFileError(
+                f"{p}: 'abs_q95' has shape {f['abs_q95'].shape}, expected ({m},)"
+            )
+
+    def _match_ids(self, expected_ids: Sequence[str]) -> None:
+        expected = [str(s) for s in expected_ids]
+        if expected == self._ids:
+            self._order = None
+            return
+        have, want = set(self._ids), set(expected)
+        if have != want or len(expected) != len(want):
+            missing = [s for s in expected if s not in have]
+            extra = [s for s in self._ids if s not in want]
+            parts = []
+            if missing:
+                parts.append(f"missing {_preview(missing)}")
+            if extra:
+                parts.append(f"extra {_preview(extra)}")
+            if len(expected) != len(want):
+                parts.append("expected ids contain duplicates")
+            raise FeatureFileError(
+                f"{self.path}: stimulus ids do not match the expected stimuli: " + "; ".join(parts)
+            )
+        pos = {s: i for i, s in enumerate(self._ids)}
+        self._order = np.array([pos[s] for s in expected], dtype=np.int64)
+        log.info(
+            "%s: same stimuli in another order; rows are re-ordered to the expected ids", self.path
+        )
+
+    # -- metadata --------------------------------------------------------------------------
+    @property
+    def stimulus_ids(self) -> list[str]:
+        """Stimulus ids, in the order rows are returned."""
+        if self._order is None:
+            return list(self._ids)
+        return [self._ids[i] for i in self._order]
+
+    @property
+    def layer_names(self) -> list[str]:
+        return [s.decode() if isinstance(s, bytes) else str(s) for s in self._f["layer_names"][()]]
+
+    @property
+    def n_layers(self) -> int:
+        return int(self._f["features"].shape[0])
+
+    @property
+    def m(self) -> int:
+        return int(self._f["features"].shape[1])
+
+    @property
+    def dim(self) -> int:
+        return int(self._f["features"].shape[2])
+
+    @property
+    def attrs(self) -> dict[str, Any]:
+        """Provenance attributes as stored (``preprocessing`` and ``library_versions`` are JSON strings)."""
+        out = {}
+        for k, v in self._f.attrs.items():
+            if isinstance(v, bytes):
+                v = v.decode()
+            elif isinstance(v, np.generic):
+                v = v.item()
+            out[k] = v
+        return out
+
+    # -- data ------------------------------------------------------------------------------
+    def layer(self, i: int) -> np.ndarray:
+        """Features of layer ``i`` (negative counts from the end) as ``(m, dim)`` float32."""
+        n = self.n_layers
+        if not -n <= i < n:
+            raise IndexError(f"{self.path}: layer {i} out of range for {n} layers")
+        x = np.asarray(self._f["features"][i % n], dtype=np.float32)
+        return x if self._order is None else x[self._order]
+
+    def layers(self) -> Iterator[np.ndarray]:
+        """Every layer in order, one at a time."""
+        for i in range(self.n_layers):
+            yield self.layer(i)
+
+    def abs_q95(self) -> np.ndarray:
+        """Per stimulus 95th percentile of |x| over all layers and dims, ``(m,)`` float32."""
+        if "abs_q95" in self._f:
+            q = np.asarray(self._f["abs_q95"][()], dtype=np.float32)
+        else:
+            log.info("%s has no abs_q95; computing it from the features", self.path)
+            q = _abs_q95_from_dataset(self._f["features"])
+        return q if self._order is None else q[self._order]
+
+    def validate(self, expected_ids: Sequence[str] | None = None) -> FeatureFile:
+        """Check ids (unique; equal to ``expected_ids`` up to order), shapes and finiteness.
+
+        Reads one layer at a time. Raises :class:`FeatureFileError` naming the file and the
+        offending stimulus ids / layers. Returns ``self``.
+        """
+        if len(set(self._ids)) != len(self._ids):
+            dup = sorted({s for s in self._ids if self._ids.count(s) > 1})
+            raise FeatureFileError(f"{self.path}: duplicate stimulus ids {_preview(dup)}")
+        if expected_ids is not None:
+            self._match_ids(expected_ids)
+        ids = self.stimulus_ids
+        for i, name in enumerate(self.layer_names):
+            bad = ~np.isfinite(self.layer(i)).all(axis=1)
+            if bad.any():
+                raise FeatureFileError(
+                    f"{self.path}: non-finite features in layer {i} ({name!r}) for stimuli "
+                    f"{_preview([ids[j] for j in np.flatnonzero(bad)])}"
+                )
+        if "abs_q95" in self._f:
+            q = self.abs_q95()
+            bad = ~np.isfinite(q)
+            if bad.any():
+                raise FeatureFileError(
+                    f"{self.path}: non-finite abs_q95 for stimuli "
+                    f"{_preview([ids[j] for j in np.flatnonzero(bad)])}"
+                )
+        return self
+
+    # -- context manager -------------------------------------------------------------------
+    def close(self) -> None:
+        self._f.close()
+
+    def __enter__(self) -> FeatureFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (
+            f"FeatureFile({str(self.path)!r}, n_layers={self.n_layers}, m={self.m}, dim={self.dim})"
+        )

@@ -1,0 +1,195 @@
+"""Every figure of the report, drawn from the aggregate tables only (re-renders in seconds).
+
+``FIGURES`` is the registry the workflow iterates over; ``make_figure(name, inputs, png, pdf)``
+reads the tables a figure needs, draws it in the single report style and writes PNG and PDF
+atomically. ``render_figure`` returns the matplotlib ``Figure`` instead (tests, notebooks).
+
+Input names (keys of ``inputs``): ``dispersion``, ``residuals``, ``sets``, ``loo_stimuli``,
+``loo``, ``layers``, ``grid``, ``contrasts``, ``models``, ``manifest`` (see docs/contracts.md).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from matplotlib.figure import Figure
+
+from xmodal.io import atomic_path
+
+from ._common import FigureData, Models, _style, read_tsv
+from .alignment import (
+    draw_contrasts,
+    draw_drop25,
+    draw_grid_heatmap,
+    draw_layerwise,
+    draw_sets_pc1,
+    draw_sets_rank,
+)
+from .dispersion import draw_dispersion_sets, draw_gallery, draw_loo, draw_residuals
+
+log = logging.getLogger(__name__)
+
+INPUT_NAMES = frozenset(
+    {"dispersion", "residuals", "sets", "loo_stimuli", "loo", "layers", "grid", "contrasts", "models", "manifest"}
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class FigureSpec:
+    """One figure: what it shows, the tables it reads and the function that draws it.
+
+    ``inputs`` are all the tables the workflow should pass; those in ``optional`` may be left
+    out (``models`` missing: raw model keys are shown instead of labels).
+    """
+
+    name: str
+    title: str
+    inputs: tuple[str, ...]
+    draw: Callable[[FigureData], Figure]
+    optional: tuple[str, ...] = ("models",)
+
+    @property
+    def required(self) -> tuple[str, ...]:
+        """Inputs that must be given."""
+        return tuple(i for i in self.inputs if i not in self.optional)
+
+    @property
+    def caption(self) -> str:
+        """Caption file for the Snakemake report, relative to the repository root."""
+        return f"workflow/report/{self.name}.rst"
+
+
+def _spec(name: str, title: str, inputs: tuple[str, ...], draw, optional=("models",)) -> FigureSpec:
+    return FigureSpec(name, title, inputs, draw, optional)
+
+
+FIGURES: dict[str, FigureSpec] = {
+    s.name: s
+    for s in (
+        _spec(
+            "dispersion_sets",
+            "Fig. 2A/F: stimulus selection by mean dispersion and by PC1",
+            ("dispersion", "sets", "residuals", "models"),
+            draw_dispersion_sets,
+            ("models", "residuals"),
+        ),
+        _spec(
+            "sets_rank",
+            "Fig. 2B–E: alignment of low / random / high sets (rank by mean dispersion)",
+            ("grid", "models"),
+            draw_sets_rank,
+        ),
+        _spec(
+            "sets_pc1",
+            "Fig. 2G–J: alignment of low / random / high sets (PC1 of dispersion)",
+            ("grid", "models"),
+            draw_sets_pc1,
+        ),
+        _spec(
+            "drop25",
+            "Supp. Fig. 1: dropping the most / least dispersed 25%",
+            ("grid", "models"),
+            draw_drop25,
+        ),
+        _spec(
+            "loo",
+            "Supp. Fig. 2: leave-one-model-out dispersion vs held-out deviation",
+            ("loo_stimuli", "loo", "models"),
+            draw_loo,
+            ("models", "loo"),
+        ),
+        _spec(
+            "grid_heatmap",
+            "Full-set CKNNA grid and low − high difference grids",
+            ("grid", "contrasts", "models"),
+            draw_grid_heatmap,
+            ("models", "contrasts"),
+        ),
+        _spec(
+            "layerwise",
+            "Layer-wise alignment of each vision model with every LLM layer",
+            ("layers", "models"),
+            draw_layerwise,
+        ),
+        _spec(
+            "gallery",
+            "Lowest- and highest-dispersion stimuli",
+            ("dispersion", "manifest"),
+            draw_gallery,
+            (),
+        ),
+        _spec(
+            "residuals",
+            "Residual matrix: per-model distributions and correlations",
+            ("residuals", "models"),
+            draw_residuals,
+        ),
+        _spec(
+            "contrasts",
+            "Low − high difference per pair with bootstrap 95% CI; fraction of random ≥ low",
+            ("contrasts", "models"),
+            draw_contrasts,
+        ),
+    )
+}
+
+
+def load_inputs(name: str, inputs: Mapping[str, str | os.PathLike]) -> FigureData:
+    """Read the tables figure ``name`` needs from ``inputs`` (name → path)."""
+    try:
+        spec = FIGURES[name]
+    except KeyError:
+        raise KeyError(f"unknown figure {name!r}; known: {sorted(FIGURES)}") from None
+    unknown = set(inputs) - INPUT_NAMES
+    if unknown:
+        raise KeyError(f"figure {name!r}: unknown input name(s) {sorted(unknown)}")
+    missing = [i for i in spec.required if i not in inputs]
+    if missing:
+        raise KeyError(f"figure {name!r} needs input(s) {missing}; got {sorted(inputs)}")
+    paths = {k: Path(inputs[k]) for k in spec.inputs if k in inputs}
+    tables = {k: read_tsv(p) for k, p in paths.items()}
+    return FigureData(tables=tables, paths=paths, models=Models.from_table(tables.get("models")))
+
+
+def render_figure(name: str, inputs: Mapping[str, str | os.PathLike]) -> Figure:
+    """Draw figure ``name`` from its tables and return it (nothing is written)."""
+    data = load_inputs(name, inputs)
+    with _style():
+        return FIGURES[name].draw(data)
+
+
+def save_figure(fig: Figure, out_png: str | os.PathLike, out_pdf: str | os.PathLike) -> None:
+    """Write ``fig`` as PNG and PDF, each atomically (no partial file on failure)."""
+    with _style():
+        for out, fmt in ((out_png, "png"), (out_pdf, "pdf")):
+            meta = {"Software": None} if fmt == "png" else {"CreationDate": None, "Producer": None}
+            with atomic_path(out) as tmp:
+                fig.savefig(tmp, format=fmt, metadata=meta)
+
+
+def make_figure(
+    name: str,
+    inputs: Mapping[str, str | os.PathLike],
+    out_png: str | os.PathLike,
+    out_pdf: str | os.PathLike,
+) -> None:
+    """Read the tables figure ``name`` needs, draw it and write ``out_png`` and ``out_pdf``."""
+    fig = render_figure(name, inputs)
+    save_figure(fig, out_png, out_pdf)
+    log.info("figure %s written to %s and %s", name, out_png, out_pdf)
+
+
+__all__ = [
+    "FIGURES",
+    "FigureData",
+    "FigureSpec",
+    "Models",
+    "load_inputs",
+    "make_figure",
+    "render_figure",
+    "save_figure",
+]

@@ -1,0 +1,260 @@
+"""Shared pieces of every figure: the style, the palette, model labels/order, table helpers."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import matplotlib as mpl
+import numpy as np
+import pandas as pd
+import seaborn as sns
+from matplotlib.axes import Axes
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.transforms import blended_transform_factory
+
+# One palette for the whole report. Low-dispersion stimuli (and "drop high", which keeps them)
+# are blue; high-dispersion stimuli (and "drop low") warm; the random baseline and the full set
+# grey. Colour-blind safe (seaborn "colorblind").
+COLORS: dict[str, str] = {
+    "low": "#0173b2",
+    "high": "#d55e00",
+    "random": "#8c8c8c",
+    "full": "#555555",
+    "drop_high": "#0173b2",
+    "drop_low": "#de8f05",
+    "fit": "#c0392b",
+    "point": "#4a4a4a",
+}
+
+CONDITION_LABELS: dict[str, str] = {
+    "low": "Low dispersion",
+    "high": "High dispersion",
+    "random": "Random",
+    "full": "Full set",
+    "drop_high": "Drop high-dispersion",
+    "drop_low": "Drop low-dispersion",
+}
+
+SUMMARY_LABELS: dict[str, str] = {
+    "mean": "rank of mean dispersion",
+    "pc1": "PC1 of dispersion",
+}
+
+ALIGNMENT_LABEL = "Vision–language alignment (CKNNA)"
+LLM_AXIS_LABEL = "Language model"
+FAMILY_PALETTES = ["Blues", "Oranges", "Greens", "Purples", "Reds", "Greys", "YlOrBr", "BuGn"]
+
+
+def _rc() -> dict:
+    """The rcParams of the single figure style (seaborn 'ticks' + 'paper', embedded fonts)."""
+    rc: dict = {}
+    rc.update(sns.axes_style("ticks"))
+    rc.update(sns.plotting_context("paper", font_scale=1.0))
+    rc.update(
+        {
+            "font.family": "sans-serif",
+            "font.sans-serif": ["DejaVu Sans", "Arial", "Helvetica"],
+            "axes.titlesize": 9,
+            "axes.titleweight": "bold",
+            "axes.labelsize": 8.5,
+            "xtick.labelsize": 7.5,
+            "ytick.labelsize": 7.5,
+            "legend.fontsize": 7.5,
+            "legend.frameon": False,
+            "figure.titlesize": 11,
+            "figure.titleweight": "bold",
+            "axes.spines.right": False,
+            "axes.spines.top": False,
+            "savefig.dpi": 200,
+            "savefig.bbox": "tight",
+            "pdf.fonttype": 42,
+            "ps.fonttype": 42,
+            "svg.fonttype": "none",
+            "image.interpolation": "antialiased",
+        }
+    )
+    return rc
+
+
+@contextlib.contextmanager
+def _style() -> Iterator[None]:
+    """Context in which every figure is drawn: one style for the whole report."""
+    with mpl.rc_context(_rc()):
+        yield
+
+
+def new_figure(width: float, height: float) -> Figure:
+    """A pyplot-free figure with an Agg canvas (no global state, safe in workers)."""
+    fig = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def panel_grid(fig: Figure, n: int, ncols: int, **kwargs) -> list[Axes]:
+    """``n`` axes on a grid of ``ncols`` columns; unused cells are removed."""
+    ncols = max(1, min(ncols, n))
+    nrows = math.ceil(n / ncols)
+    axes = fig.subplots(nrows, ncols, squeeze=False, **kwargs).ravel()
+    for ax in axes[n:]:
+        ax.remove()
+    return list(axes[:n])
+
+
+def panel_letter(i: int, start: str = "A") -> str:
+    """Panel letter ``start``, ``start+1``, ... (wraps to AA etc. past Z)."""
+    k = ord(start) - ord("A") + i
+    return chr(ord("A") + k) if k < 26 else f"{chr(ord('A') + k // 26 - 1)}{chr(ord('A') + k % 26)}"
+
+
+@dataclass(frozen=True)
+class Models:
+    """Model metadata from ``models.tsv``: labels, families, sizes and the display order.
+
+    Keys absent from the table keep their raw key as label and sort after the known ones.
+    """
+
+    table: pd.DataFrame = field(default_factory=pd.DataFrame)
+
+    @classmethod
+    def from_table(cls, df: pd.DataFrame | None) -> Models:
+        """Index the table by ``model``; a missing table gives raw keys everywhere."""
+        if df is None or df.empty or "model" not in df.columns:
+            return cls(pd.DataFrame(columns=["modality", "label", "family", "size_b", "order"]))
+        t = df.copy()
+        t["model"] = t["model"].astype(str)
+        return cls(t.drop_duplicates("model").set_index("model"))
+
+    def _get(self, key: str, col: str):
+        if key in self.table.index and col in self.table.columns:
+            v = self.table.at[key, col]
+            if not (isinstance(v, float) and math.isnan(v)):
+                return v
+        return None
+
+    def label(self, key: str) -> str:
+        """Readable label (the raw key only when models.tsv has none)."""
+        v = self._get(str(key), "label")
+        return str(v) if v is not None and str(v) != "" else str(key)
+
+    def labels(self, keys: Iterable[str]) -> list[str]:
+        """Labels of several keys."""
+        return [self.label(k) for k in keys]
+
+    def family(self, key: str) -> str:
+        """Model family ('' when unknown)."""
+        v = self._get(str(key), "family")
+        return str(v) if v is not None else ""
+
+    def size(self, key: str) -> float:
+        """Parameters in billions (NaN when unknown)."""
+        v = self._get(str(key), "size_b")
+        return float(v) if v is not None else float("nan")
+
+    def order(self, keys: Iterable[str]) -> list[str]:
+        """``keys`` (deduplicated) in display order: the ``order`` column, else family then size."""
+        keys = list(dict.fromkeys(str(k) for k in keys))
+        fam_rank: dict[str, int] = {}
+        if "family" in self.table.columns:
+            for f in self.table["family"].astype(str):
+                fam_rank.setdefault(f, len(fam_rank))
+
+        def sort_key(k: str) -> tuple:
+            known = k in self.table.index
+            o = self._get(k, "order")
+            o = float(o) if o is not None else math.inf
+            fam = fam_rank.get(self.family(k), len(fam_rank))
+            size = self.size(k)
+            return (not known, o, fam, math.inf if math.isnan(size) else size, k)
+
+        return sorted(keys, key=sort_key)
+
+    def colors(self, keys: Sequence[str]) -> dict[str, tuple]:
+        """One colour per model: a sequential palette per family, darker = larger."""
+        out: dict[str, tuple] = {}
+        by_family: dict[str, list[str]] = {}
+        for k in keys:
+            by_family.setdefault(self.family(k), []).append(k)
+        for i, (_, members) in enumerate(by_family.items()):
+            pal = sns.color_palette(FAMILY_PALETTES[i % len(FAMILY_PALETTES)], len(members) + 2)
+            for j, k in enumerate(members):
+                out[k] = pal[j + 2]
+        return out
+
+
+def only_metric(df: pd.DataFrame, metric: str = "cknna") -> pd.DataFrame:
+    """Rows of ``metric`` when the table has several metrics (all rows otherwise)."""
+    if "metric" in df.columns and (df["metric"] == metric).any():
+        return df[df["metric"] == metric]
+    return df
+
+
+def interval(values: Iterable[float], level: float = 0.95) -> tuple[float, float, float]:
+    """Mean and central ``level`` percentile interval of draws (degenerate for one draw)."""
+    v = np.asarray(list(values), dtype=float)
+    v = v[np.isfinite(v)]
+    if v.size == 0:
+        return (math.nan, math.nan, math.nan)
+    a = (1 - level) / 2 * 100
+    lo, hi = np.percentile(v, [a, 100 - a])
+    return (float(v.mean()), float(lo), float(hi))
+
+
+def family_axis(ax: Axes, keys: Sequence[str], models: Models, rotate: float = 55) -> None:
+    """LLM x axis: readable labels, thin separators between families, family names on top."""
+    ax.set_xticks(range(len(keys)))
+    ax.set_xticklabels(models.labels(keys), rotation=rotate, ha="right" if rotate else "center")
+    ax.set_xlim(-0.6, len(keys) - 0.4)
+    fams = [models.family(k) for k in keys]
+    if len(set(fams)) <= 1:
+        return
+    trans = blended_transform_factory(ax.transData, ax.transAxes)
+    start = 0
+    for i in range(1, len(keys) + 1):
+        if i == len(keys) or fams[i] != fams[start]:
+            if i < len(keys):
+                ax.axvline(i - 0.5, color="#cccccc", lw=0.6, zorder=0)
+            ax.text(
+                (start + i - 1) / 2,
+                1.0,
+                fams[start],
+                transform=trans,
+                ha="center",
+                va="bottom",
+                fontsize=6.5,
+                color="#555555",
+                style="italic",
+            )
+            start = i
+
+
+def format_p(p: float) -> str:
+    """'p < 0.001' or 'p = 0.012' (the paper's reporting)."""
+    if p is None or not np.isfinite(p):
+        return "p = n/a"
+    return "p < 0.001" if p < 0.001 else f"p = {p:.3f}"
+
+
+def read_tsv(path: str | Path) -> pd.DataFrame:
+    """Read one contract table (tab-separated, header row)."""
+    return pd.read_csv(path, sep="\t")
+
+
+@dataclass(frozen=True)
+class FigureData:
+    """What a drawing function gets: the tables it asked for, their paths and model metadata."""
+
+    tables: dict[str, pd.DataFrame]
+    paths: dict[str, Path]
+    models: Models
+
+    def __getitem__(self, name: str) -> pd.DataFrame:
+        return self.tables[name]
+
+    def get(self, name: str) -> pd.DataFrame | None:
+        """A table, or None when it was not given."""
+        return self.tables.get(name)

@@ -1,0 +1,292 @@
+"""Dispersion figures: stimulus sets (Fig. 2A/F), leave-one-model-out (Supp. Fig. 2), the
+stimulus gallery and the residual matrix."""
+
+from __future__ import annotations
+
+import math
+import textwrap
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import seaborn as sns
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from scipy import stats
+
+from ._common import COLORS, FigureData, format_p, new_figure, panel_grid, panel_letter
+
+RESIDUAL_LABEL = "GPA residual (distance to consensus)"
+
+
+# --------------------------------------------------------------------------- Fig. 2A / F
+def _set_members(sets: pd.DataFrame | None, name: str, summary: str | None) -> set[str]:
+    """Stimulus ids of one set (random: draw 0 only)."""
+    if sets is None or sets.empty:
+        return set()
+    s = sets[sets["set"] == name]
+    if summary is not None and "summary" in s.columns and summary in set(s["summary"]):
+        s = s[s["summary"] == summary]
+    elif summary is not None and name in ("low", "high"):
+        return set()
+    if "draw" in s.columns and len(s):
+        s = s[s["draw"] == s["draw"].min()]
+    return set(s["stimulus_id"].astype(str))
+
+
+def _n_draws(sets: pd.DataFrame | None) -> int:
+    if sets is None or sets.empty:
+        return 0
+    r = sets[sets["set"] == "random"]
+    return int(r["draw"].nunique()) if len(r) and "draw" in r.columns else 0
+
+
+def _ranked_panel(
+    ax: Axes, disp: pd.DataFrame, sets: pd.DataFrame | None, score: str, rank: str, summary: str
+) -> None:
+    """Stimuli ordered by their dispersion score, with the low / high / random sets marked."""
+    d = disp.sort_values(rank)
+    ids = d["stimulus_id"].astype(str).to_numpy()
+    x, yv = d[rank].to_numpy(float), d[score].to_numpy(float)
+    ax.plot(x, yv, color=COLORS["point"], lw=1.0, zorder=1)
+    for name in ("low", "high", "random"):
+        members = _set_members(sets, name, None if name == "random" else summary)
+        m = np.isin(ids, list(members))
+        if not m.any():
+            continue
+        if name == "random":  # a rug along the bottom: where one random draw falls
+            ax.vlines(
+                x[m], 0, 0.05, transform=ax.get_xaxis_transform(), color=COLORS["random"], lw=0.6
+            )
+        else:
+            ax.axvspan(x[m].min() - 0.5, x[m].max() + 0.5, color=COLORS[name], alpha=0.15, lw=0)
+            ax.scatter(x[m], yv[m], s=7, color=COLORS[name], zorder=3, linewidth=0)
+    ax.set_xlim(-0.5, len(x) - 0.5)
+
+
+def _residual_pcs(res: pd.DataFrame, disp: pd.DataFrame) -> tuple[pd.DataFrame, np.ndarray] | None:
+    """PC1/PC2 scores of the residual matrix (PC1 signed like ``pc1_score``) and explained var."""
+    wide = res.pivot_table(index="stimulus_id", columns="model", values="residual")
+    wide.index = wide.index.astype(str)
+    wide = wide.dropna()
+    if wide.shape[0] < 3 or wide.shape[1] < 2:
+        return None
+    rc = wide.to_numpy(float) - wide.to_numpy(float).mean(axis=0)
+    u, s, vt = np.linalg.svd(rc, full_matrices=False)
+    scores = rc @ vt[:2].T
+    ref = disp.set_index(disp["stimulus_id"].astype(str)).reindex(wide.index)["pc1_score"]
+    if np.nansum(scores[:, 0] * ref.to_numpy(float)) < 0:
+        scores[:, 0] *= -1
+    ev = s**2 / max(float((s**2).sum()), 1e-300)
+    return pd.DataFrame(scores, index=wide.index, columns=["pc1", "pc2"]), ev[:2]
+
+
+def draw_dispersion_sets(data: FigureData) -> Figure:
+    """Fig. 2A/F: stimuli by mean dispersion and by PC1 score; the residual (PC1, PC2) space."""
+    disp, sets = data["dispersion"], data.get("sets")
+    fig = new_figure(11.0, 3.3)
+    axes = panel_grid(fig, 3, 3)
+    k_low = len(_set_members(sets, "low", "mean"))
+    _ranked_panel(axes[0], disp, sets, "mean_dispersion", "rank_mean", "mean")
+    axes[0].set_title("A   Rank-based selection", loc="left")
+    axes[0].set_xlabel("Stimulus rank (least → most dispersed)")
+    axes[0].set_ylabel("Mean dispersion (mean GPA residual)")
+    _ranked_panel(axes[1], disp, sets, "pc1_score", "rank_pc1", "pc1")
+    axes[1].set_title("F   PCA-based selection", loc="left")
+    axes[1].set_xlabel("Stimulus rank along PC1")
+    axes[1].set_ylabel("PC1 score of dispersion")
+
+    ax = axes[2]
+    pcs = _residual_pcs(data["residuals"], disp) if data.get("residuals") is not None else None
+    if pcs is None:
+        ax.text(0.5, 0.5, "residual space needs ≥ 2 models", ha="center", va="center",
+                transform=ax.transAxes)  # fmt: skip
+    else:
+        sc, ev = pcs
+        ax.scatter(sc["pc1"], sc["pc2"], s=5, color="#d9d9d9", linewidth=0)
+        for name in ("random", "low", "high"):
+            m = sc.index.isin(list(_set_members(sets, name, None if name == "random" else "pc1")))
+            ax.scatter(sc.loc[m, "pc1"], sc.loc[m, "pc2"], s=8, color=COLORS[name], linewidth=0)
+        ax.axhline(0, color="#bbbbbb", lw=0.5, zorder=0)
+        ax.axvline(0, color="#bbbbbb", lw=0.5, zorder=0)
+        ax.set_xlabel(f"PC1 of residual space ({100 * ev[0]:.0f}% var.)")
+        ax.set_ylabel(f"PC2 ({100 * ev[1]:.0f}% var.)" if len(ev) > 1 else "PC2")
+    ax.set_title("F   Residual space (PC1-based sets)", loc="left")
+
+    n_draws = _n_draws(sets)
+    handles = [
+        Line2D([], [], marker="o", ls="", color=COLORS["low"], label=f"Low dispersion (K = {k_low})"),
+        Line2D([], [], marker="o", ls="", color=COLORS["high"], label="High dispersion"),
+        Line2D(
+            [], [], marker="o", ls="", color=COLORS["random"],
+            label=f"Random (draw 1 of {n_draws})" if n_draws else "Random",
+        ),
+    ]  # fmt: skip
+    fig.legend(handles=handles, loc="outside lower center", ncols=3)
+    return fig
+
+
+# --------------------------------------------------------------------------- Supp. Fig. 2
+def draw_loo(data: FigureData) -> Figure:
+    """Supp. Fig. 2: partial dispersion vs held-out deviation, per held-out vision model."""
+    pts = data["loo_stimuli"]
+    summ = data.get("loo")
+    summ = summ.set_index(summ["held_out"].astype(str)) if summ is not None and len(summ) else None
+    models = data.models
+    held = models.order(pts["held_out"].astype(str).unique())
+    ncols = min(len(held), 4)
+    nrows = math.ceil(len(held) / ncols)
+    fig = new_figure(3.0 * ncols, 2.9 * nrows + 0.3)
+    axes = panel_grid(fig, len(held), ncols)
+    for i, (ax, h) in enumerate(zip(axes, held, strict=True)):
+        g = pts[pts["held_out"].astype(str) == h]
+        x, y = g["partial_dispersion"].to_numpy(float), g["deviation"].to_numpy(float)
+        ok = np.isfinite(x) & np.isfinite(y)
+        x, y = x[ok], y[ok]
+        ax.scatter(
+            x, y, s=6, color=COLORS["point"], alpha=0.5 if len(x) > 200 else 0.8, linewidth=0
+        )
+        if len(x) >= 2 and np.ptp(x) > 0:
+            slope, icpt = np.polyfit(x, y, 1)
+            xs = np.array([x.min(), x.max()])
+            ax.plot(xs, icpt + slope * xs, color=COLORS["fit"], lw=1.5)
+        if summ is not None and h in summ.index:
+            r = summ.loc[h]
+            pr, pp, sr, sp, n = r.pearson_r, r.pearson_p, r.spearman_rho, r.spearman_p, int(r.n)
+        elif len(x) >= 3:
+            pr, pp = stats.pearsonr(x, y)
+            sr, sp = stats.spearmanr(x, y)
+            n = len(x)
+        else:
+            pr = pp = sr = sp = float("nan")
+            n = len(x)
+        ax.text(
+            0.03, 0.97,
+            f"r = {pr:.2f}, {format_p(pp)}\nρ = {sr:.2f}, {format_p(sp)}\nn = {n}",
+            transform=ax.transAxes, ha="left", va="top", fontsize=7,
+            bbox={"boxstyle": "round,pad=0.3", "fc": "white", "ec": "#cccccc", "alpha": 0.9},
+        )  # fmt: skip
+        ax.set_title(f"{panel_letter(i)}   Held out: {models.label(h)}", loc="left")
+        ax.set_xlabel("Partial dispersion (GPA on the other models)")
+        ax.set_ylabel("Held-out model deviation from consensus")
+    fig.suptitle(
+        "Dispersion from a subset of vision models predicts the held-out model's deviation"
+    )
+    return fig
+
+
+# --------------------------------------------------------------------------- gallery
+def _placeholder(size: int = 64) -> np.ndarray:
+    img = np.full((size, size, 3), 0.85)
+    img[::8, :, :] = 0.78
+    return img
+
+
+def _load_thumb(path: Path, size: int = 160) -> np.ndarray | None:
+    """An RGB thumbnail, or None when the image is missing or unreadable."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            im.thumbnail((size, size))
+            return np.asarray(im)
+    except (OSError, UnidentifiedImageError, ValueError):
+        return None
+
+
+def draw_gallery(data: FigureData, n: int = 12, ncols: int = 6) -> Figure:
+    """The ``n`` lowest and ``n`` highest mean-dispersion stimuli: thumbnail, caption, scores."""
+    disp = data["dispersion"].sort_values("rank_mean")
+    man = data["manifest"].copy()
+    man["stimulus_id"] = man["stimulus_id"].astype(str)
+    man = man.set_index("stimulus_id")
+    root = data.paths["manifest"].parent if "manifest" in data.paths else Path(".")
+    n = max(1, min(n, len(disp) // 2 if len(disp) >= 2 else len(disp)))
+    ncols = min(ncols, n)
+    rows_per = math.ceil(n / ncols)
+    groups = [("Lowest", disp.head(n)), ("Highest", disp.tail(n).iloc[::-1])]
+    fig = new_figure(1.75 * ncols, 2.25 * rows_per * 2 + 0.7)
+    gs = fig.add_gridspec(2 * rows_per, ncols)
+    missing: list[str] = []
+    m_total = len(disp)
+    for gi, (word, sub) in enumerate(groups):
+        for j, r in enumerate(sub.itertuples(index=False)):
+            sid = str(r.stimulus_id)
+            ax = fig.add_subplot(gs[gi * rows_per + j // ncols, j % ncols])
+            img = None
+            caption = ""
+            if sid in man.index:
+                caption = str(man.at[sid, "caption"]) if "caption" in man.columns else ""
+                if "image" in man.columns and isinstance(man.at[sid, "image"], str):
+                    img = _load_thumb(root / man.at[sid, "image"])
+            if img is None:
+                missing.append(sid)
+                ax.imshow(_placeholder())
+                ax.text(0.5, 0.5, "image\nmissing", ha="center", va="center",
+                        transform=ax.transAxes, fontsize=7, color="#555555")  # fmt: skip
+            else:
+                ax.imshow(img)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            for sp in ax.spines.values():
+                sp.set_visible(True)
+                sp.set_color(COLORS["low" if gi == 0 else "high"])
+                sp.set_linewidth(1.5)
+            rank = int(r.rank_mean) + 1
+            ax.set_title(
+                f"#{rank}/{m_total}  d = {r.mean_dispersion:.3g}\nPC1 = {r.pc1_score:.3g}",
+                fontsize=6.5, fontweight="normal", loc="center",
+            )  # fmt: skip
+            short = textwrap.shorten(caption, width=90, placeholder=" …")
+            ax.set_xlabel(textwrap.fill(short, width=30), fontsize=6)
+            ax.set_gid(f"{word.lower()}:{sid}")
+    fig.suptitle(
+        f"{n} lowest (blue frames, top) and {n} highest (orange frames, bottom) mean-dispersion stimuli"
+    )
+    if missing:
+        warnings.warn(
+            f"gallery: {len(missing)} image(s) missing or unreadable (placeholder drawn): "
+            + ", ".join(missing[:10])
+            + (" …" if len(missing) > 10 else ""),
+            stacklevel=2,
+        )
+    return fig
+
+
+# --------------------------------------------------------------------------- residuals
+def draw_residuals(data: FigureData) -> Figure:
+    """Per-model residual distributions and the model × model correlation of residual columns."""
+    res = data["residuals"].copy()
+    res["model"] = res["model"].astype(str)
+    models = data.models
+    order = models.order(res["model"].unique())
+    labels = models.labels(order)
+    res["Model"] = res["model"].map(dict(zip(order, labels, strict=True)))
+    fig = new_figure(max(7.5, 1.6 * len(order) + 3.5), 3.4)
+    ax1, ax2 = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1.2, 1]})
+    sns.violinplot(
+        data=res, x="Model", y="residual", order=labels, ax=ax1, color="#a6c8e0",
+        inner="quart", cut=0, linewidth=0.8, density_norm="width",
+    )  # fmt: skip
+    ax1.set_title("A   Residual distribution per model", loc="left")
+    ax1.set_xlabel("Vision model")
+    ax1.set_ylabel(RESIDUAL_LABEL)
+    ax1.tick_params(axis="x", rotation=30)
+
+    wide = res.pivot_table(index="stimulus_id", columns="model", values="residual")[order]
+    corr = wide.corr(method="pearson")
+    corr.index, corr.columns = labels, labels
+    sns.heatmap(
+        corr, ax=ax2, annot=True, fmt=".2f", cmap="vlag", vmin=-1, vmax=1,
+        square=True, annot_kws={"fontsize": 7}, cbar_kws={"label": "Pearson r"},
+    )  # fmt: skip
+    ax2.set_title("B   Correlation of residual columns", loc="left")
+    ax2.set_xlabel("Vision model")
+    ax2.set_ylabel("Vision model")
+    ax2.tick_params(axis="x", rotation=30)
+    ax2.tick_params(axis="y", rotation=0)
+    fig.suptitle(f"Residual matrix R ({wide.shape[0]} stimuli × {wide.shape[1]} models)")
+    return fig

@@ -1,0 +1,167 @@
+"""Language extraction with tiny BLOOM and LLaMA models (CPU, no network)."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from xmodal.demo.models import make_hub_cache
+from xmodal.extract import (
+    ExtractionError,
+    NonFiniteFeatureError,
+    UnsafeCheckpointError,
+    extract_features,
+)
+from xmodal.extract.language import extract_language_features, load_language_model, mean_pool
+from xmodal.features import FeatureFile
+from xmodal.stimuli import read_manifest
+
+IDS = [f"stim-{i:02d}" for i in range(12)]
+
+
+def _alone(model, tokenizer, caption):
+    """Reference: one caption, no padding, plain mean of every hidden state."""
+    enc = tokenizer(caption, return_tensors="pt")
+    with torch.no_grad():
+        hs = model(**enc, output_hidden_states=True).hidden_states
+    return np.stack([h[0].float().mean(0).numpy() for h in hs])
+
+
+@pytest.mark.parametrize("arch, n_layers", [("bloom", 2), ("llama", 3)])
+def test_batched_equals_one_at_a_time(arch, n_layers, tiny_lms, captions):
+    model, tok, info = load_language_model(str(tiny_lms[arch]))
+    assert info["revision"] == "local" and info["source"] == "transformers"
+    assert info["n_layers"] == n_layers + 1 and info["dtype"] == "float32" and not model.training
+    res = extract_language_features(
+        model, tok, captions, stimulus_ids=IDS, batch_size=5, progress=False
+    )
+    assert res.features.shape == (n_layers + 1, 12, 32) and res.features.dtype == np.float32
+    assert res.layer_names == ["embeddings"] + [f"layers.{i}" for i in range(n_layers)]
+    assert res.info["pooling"] == "mean" and 0 < res.info["padding_fraction"] < 0.5
+    one = extract_language_features(
+        model, tok, captions, stimulus_ids=IDS, batch_size=1, progress=False
+    )
+    assert one.info["padding_fraction"] == 0
+    np.testing.assert_allclose(res.features, one.features, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(res.abs_q95, one.abs_q95, rtol=1e-5, atol=1e-6)
+    for j in (0, 3, 4):  # and equal to the model run alone without our machinery
+        np.testing.assert_allclose(
+            res.features[:, j], _alone(model, tok, captions[j]), rtol=1e-5, atol=1e-5
+        )
+
+
+def test_mean_pool_ignores_padding_even_if_nonfinite():
+    h = torch.randn(2, 4, 3, dtype=torch.bfloat16)
+    mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]])
+    h[0, 2:] = float("nan")
+    out = mean_pool(h, mask)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out[0], h[0, :2].float().mean(0))
+    torch.testing.assert_close(out[1], h[1].float().mean(0))
+
+
+def test_pad_token_fallback_and_truncation(tiny_lms, captions, caplog):
+    model, tok, info = load_language_model(str(tiny_lms["llama"]))
+    assert tok.pad_token == "</s>" and "eos_token" in info["tokenizer"]["pad_token_note"]
+    assert info["tokenizer"]["max_length"] == 48
+    long = " ".join(captions)  # far beyond the tiny LLaMA's 48-token context
+    with caplog.at_level("WARNING"):
+        res = extract_language_features(
+            model, tok, [long, "cat", long + " again"], stimulus_ids=["a", "b", "c"], progress=False
+        )
+    assert res.info["n_truncated"] == 2 and res.info["max_length"] == 48
+    assert (
+        "2 caption(s) longer than the model's 48-token context were truncated: ['a', 'c']"
+        in caplog.text
+    )
+    assert np.isfinite(res.features).all()
+
+
+def test_hub_cache_offline(tmp_path, tiny_lms, captions, hf_offline):
+    snap = make_hub_cache(tiny_lms["bloom"], tmp_path / "hub", "bigscience/bloom-tiny")
+    model, tok, info = load_language_model("bigscience/bloom-tiny", cache_dir=tmp_path / "hub")
+    assert info["revision"] == snap.name
+    ref, _, _ = load_language_model(str(tiny_lms["bloom"]))
+    a = extract_language_features(model, tok, captions[:4], stimulus_ids=IDS[:4], progress=False)
+    b = extract_language_features(ref, tok, captions[:4], stimulus_ids=IDS[:4], progress=False)
+    np.testing.assert_array_equal(a.features, b.features)
+    with pytest.raises(ExtractionError, match="bigscience/bloom-560m.*not in the hub cache"):
+        load_language_model("bigscience/bloom-560m", cache_dir=tmp_path / "hub")
+
+
+def test_pickle_only_checkpoint_refused(tmp_path, tiny_lms):
+    from safetensors.torch import load_file
+
+    d = tmp_path / "pickled"
+    shutil.copytree(tiny_lms["llama"], d)
+    sd = load_file(d / "model.safetensors")
+    (d / "model.safetensors").unlink()
+    torch.save(sd, d / "pytorch_model.bin")
+    with pytest.raises(UnsafeCheckpointError, match=r"pytorch_model.bin.*allow_pickle"):
+        load_language_model(str(d))
+    model, _, info = load_language_model(str(d), allow_pickle=True)
+    assert info["weights"] == ["pytorch_model.bin"]
+    key = next(k for k in sd if k.endswith("embed_tokens.weight"))
+    torch.testing.assert_close(model.get_input_embeddings().weight, sd[key])
+
+
+def test_oom_halving_and_nan(tiny_lms, captions, monkeypatch, caplog):
+    model, tok, _ = load_language_model(str(tiny_lms["bloom"]))
+    ref = extract_language_features(
+        model, tok, captions, stimulus_ids=IDS, batch_size=12, progress=False
+    )
+    forward = model.forward
+
+    def flaky(*args, **kwargs):
+        if kwargs["input_ids"].shape[0] > 3:
+            raise torch.OutOfMemoryError("CUDA out of memory.")
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(model, "forward", flaky)
+    with caplog.at_level("WARNING"):
+        res = extract_language_features(
+            model, tok, captions, stimulus_ids=IDS, batch_size=12, progress=False
+        )
+    np.testing.assert_allclose(res.features, ref.features, rtol=1e-5, atol=1e-5)
+    assert res.info["batch_size"] == 3 and "continuing with batch size 6" in caplog.text
+
+    def poisoned(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        out.hidden_states[-1][0, 0, 0] = float("inf")
+        return out
+
+    monkeypatch.setattr(model, "forward", poisoned)
+    with pytest.raises(NonFiniteFeatureError, match=r"bloom-7b1.*'layers.1'.*'stim-04'"):
+        # longest caption first: stim-04 is in the first batch, row 0
+        extract_language_features(
+            model,
+            tok,
+            captions,
+            stimulus_ids=IDS,
+            batch_size=12,
+            model_name="bloom-7b1",
+            progress=False,
+        )
+
+
+def test_extract_features_end_to_end(tmp_path, tiny_lms, tiny_manifest):
+    cfg = {"modality": "language", "id": str(tiny_lms["llama"]), "revision": None, "size_b": 0.0}
+    out = extract_features(
+        "llama-tiny", cfg, tiny_manifest, tmp_path / "llama-tiny.h5", progress=False
+    )
+    ids = read_manifest(tiny_manifest)["stimulus_id"].tolist()
+    with FeatureFile(out) as ff:
+        ff.validate(ids)
+        a = ff.attrs
+        assert (ff.n_layers, ff.m, ff.dim) == (4, 12, 32) and ff.layer_names[0] == "embeddings"
+        assert a["pooling"] == "mean" and a["source"] == "transformers" and a["revision"] == "local"
+        assert a["compute_dtype"] == "float32" and a["model_key"] == "llama-tiny"
+        assert (
+            '"padding_side": "right"' in a["preprocessing"]
+            and '"max_length": 48' in a["preprocessing"]
+        )
+    with pytest.raises(ExtractionError, match="modality"):
+        extract_features("x", {"modality": "audio", "id": "x"}, tiny_manifest, tmp_path / "x.h5")

@@ -1,0 +1,224 @@
+"""Vision extraction with tiny timm ViTs of the paper's four families (CPU, no network)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from xmodal._compat import ensure_torchvision_importable
+from xmodal.demo.models import VIT_FAMILIES, make_hub_cache
+from xmodal.extract import (
+    ExtractionError,
+    NonFiniteFeatureError,
+    UnsafeCheckpointError,
+    extract_features,
+)
+from xmodal.extract.vision import extract_vision_features, load_vision_model
+from xmodal.features import FeatureFile
+from xmodal.stimuli import ImageDataset, read_manifest
+
+ensure_torchvision_importable()
+import timm  # noqa: E402
+
+
+def _batches(ds, bs):
+    items = [ds[i] for i in range(len(ds))]
+    for s in range(0, len(items), bs):
+        chunk = items[s : s + bs]
+        yield torch.stack([x for x, _ in chunk]), [i for _, i in chunk]
+
+
+def _images(tiny_manifest, transform):
+    df = read_manifest(tiny_manifest)
+    return df, ImageDataset(df, tiny_manifest.parent, transform)
+
+
+@pytest.mark.parametrize("family", list(VIT_FAMILIES))
+def test_cls_of_every_block(family, tiny_vits, tiny_manifest):
+    model, transform, info = load_vision_model(str(tiny_vits[family]))
+    depth = VIT_FAMILIES[family][1]["depth"]
+    assert info["revision"] == "local" and info["source"] == "timm" and info["n_layers"] == depth
+    assert not model.training
+    # timm's own eval transform for the model
+    data_cfg = timm.data.resolve_data_config({}, model=model)
+    assert info["preprocessing"]["input_size"] == list(data_cfg["input_size"])
+    df, ds = _images(tiny_manifest, transform)
+    res = extract_vision_features(
+        model, _batches(ds, 5), stimulus_ids=df["stimulus_id"].tolist(), progress=False
+    )
+    dim = info["dim"]
+    assert res.features.shape == (depth, 12, dim) and res.features.dtype == np.float32
+    assert res.layer_names == [f"blocks.{i}" for i in range(depth)]
+    # independent reference: forward_intermediates without the final norm, token 0
+    x = torch.stack([ds[i][0] for i in range(12)])
+    with torch.no_grad():
+        inter = model.forward_intermediates(
+            x, norm=False, output_fmt="NLC", intermediates_only=True, return_prefix_tokens=True
+        )
+        final = model.forward_features(x)[:, 0]  # after the final norm
+    assert len(inter) == depth
+    for i, (_, prefix) in enumerate(inter):
+        np.testing.assert_allclose(res.features[i], prefix[:, 0].numpy(), rtol=1e-5, atol=1e-5)
+    if not isinstance(model.norm, torch.nn.Identity):
+        assert not np.allclose(res.features[-1], final.numpy(), atol=1e-3)
+    # and equal to the output of blocks[i] captured by a hook
+    seen = []
+    h = model.blocks[1].register_forward_hook(lambda m, a, o: seen.append(o[:, 0].clone()))
+    with torch.no_grad():
+        model.forward_features(x)
+    h.remove()
+    np.testing.assert_allclose(res.features[1], seen[0].numpy(), rtol=1e-5, atol=1e-5)
+    assert not model.blocks[0]._forward_hooks  # extraction removed its hooks
+
+
+def test_family_quirks(tiny_vits):
+    dino, _, _ = load_vision_model(str(tiny_vits["dinov2"]))
+    clip, _, clip_info = load_vision_model(str(tiny_vits["clip"]))
+    assert not isinstance(dino.blocks[0].ls1, torch.nn.Identity)  # layer scale
+    assert isinstance(clip.norm_pre, torch.nn.LayerNorm)  # CLIP pre-norm
+    assert clip_info["preprocessing"]["mean"][0] == pytest.approx(0.48145466)
+
+
+def test_hub_cache_offline_matches_local_dir(tmp_path, tiny_vits, hf_offline):
+    snap = make_hub_cache(tiny_vits["mae"], tmp_path / "hub", "timm/vit_huge_patch14_224.mae")
+    model, _, info = load_vision_model("vit_huge_patch14_224.mae", cache_dir=tmp_path / "hub")
+    assert info["revision"] == snap.name and len(snap.name) == 40
+    ref, _, _ = load_vision_model(str(tiny_vits["mae"]))
+    for a, b in zip(model.state_dict().values(), ref.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b)
+    # pinned revision = the commit hash; an unknown model is an error naming the cache
+    load_vision_model("vit_huge_patch14_224.mae", cache_dir=tmp_path / "hub", revision=snap.name)
+    with pytest.raises(ExtractionError, match="not in the hub cache .*HF_HUB_OFFLINE"):
+        load_vision_model("vit_huge_patch14_clip_224.laion2b", cache_dir=tmp_path / "hub")
+
+
+def test_pickle_only_checkpoint_refused(tmp_path, tiny_vits):
+    from safetensors.torch import load_file
+
+    d = tmp_path / "pickled"
+    d.mkdir()
+    (d / "config.json").write_text((tiny_vits["clip"] / "config.json").read_text())
+    sd = load_file(tiny_vits["clip"] / "model.safetensors")
+    torch.save(sd, d / "pytorch_model.bin")
+    with pytest.raises(UnsafeCheckpointError, match=r"pytorch_model.bin.*allow_pickle"):
+        load_vision_model(str(d))
+    model, _, info = load_vision_model(str(d), allow_pickle=True)
+    assert info["weights"] == ["pytorch_model.bin"]
+    torch.testing.assert_close(
+        model.state_dict()["blocks.0.mlp.fc1.weight"], sd["blocks.0.mlp.fc1.weight"]
+    )
+
+
+def test_weights_file(tmp_path):
+    from safetensors.torch import save_file
+
+    src = timm.create_model("vit_tiny_patch16_224", pretrained=False)
+    save_file(src.state_dict(), tmp_path / "w.safetensors")
+    model, _, info = load_vision_model(
+        "vit_tiny_patch16_224", weights_file=tmp_path / "w.safetensors"
+    )
+    assert info["revision"] == "local" and info["n_layers"] == 12  # architecture from the timm id
+    torch.save(src.state_dict(), tmp_path / "w.pth")
+    with pytest.raises(UnsafeCheckpointError, match="not safetensors"):
+        load_vision_model("vit_tiny_patch16_224", weights_file=tmp_path / "w.pth")
+
+
+def test_bfloat16_and_oom_halving(tiny_vits, tiny_manifest, caplog, monkeypatch):
+    model, transform, _ = load_vision_model(str(tiny_vits["dinov2"]))
+    df, ds = _images(tiny_manifest, transform)
+    ids = df["stimulus_id"].tolist()
+    ref = extract_vision_features(model, _batches(ds, 12), stimulus_ids=ids, progress=False)
+
+    forward = model.forward_features
+
+    def flaky(x):
+        if len(x) > 3:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return forward(x)
+
+    monkeypatch.setattr(model, "forward_features", flaky)
+    with caplog.at_level("WARNING"):
+        res = extract_vision_features(
+            model,
+            _batches(ds, 12),
+            stimulus_ids=ids,
+            batch_size=8,
+            model_name="dino",
+            progress=False,
+        )
+    np.testing.assert_allclose(res.features, ref.features, rtol=1e-5, atol=1e-5)
+    assert res.info["batch_size"] == 2 and res.info["oom_halvings"] == 2
+    assert "out of memory on a batch of 8; continuing with batch size 4" in caplog.text
+    monkeypatch.undo()
+
+    bf, _, info = load_vision_model(str(tiny_vits["dinov2"]), dtype=torch.bfloat16)
+    assert info["dtype"] == "bfloat16" and next(bf.parameters()).dtype == torch.bfloat16
+    res16 = extract_vision_features(bf, _batches(ds, 6), stimulus_ids=ids, progress=False)
+    assert res16.features.dtype == np.float32
+    np.testing.assert_allclose(res16.features, ref.features, rtol=0.1, atol=0.1)
+
+
+def test_nan_is_an_error_naming_model_layer_stimuli(
+    tmp_path, tiny_vits, tiny_manifest, monkeypatch
+):
+    model, transform, _ = load_vision_model(str(tiny_vits["mae"]))
+    df, ds = _images(tiny_manifest, transform)
+
+    def poison(module, args, out):
+        out = out.clone()
+        out[1, 0, 0] = float("nan")
+        return out
+
+    model.blocks[2].register_forward_hook(poison)
+    with pytest.raises(NonFiniteFeatureError) as err:
+        extract_vision_features(
+            model,
+            _batches(ds, 4),
+            stimulus_ids=df["stimulus_id"].tolist(),
+            model_name="mae-h",
+            progress=False,
+        )
+    msg = str(err.value)
+    assert "mae-h" in msg and "'blocks.2'" in msg and "'blocks.3'" in msg and "'stim-01'" in msg
+    # through the workflow entry point: the error propagates and no file is written
+    monkeypatch.setattr(
+        "xmodal.extract.vision.load_vision_model", lambda *a, **k: (model, transform, {})
+    )
+    out = tmp_path / "mae-h.h5"
+    with pytest.raises(NonFiniteFeatureError):
+        extract_features(
+            "mae-h", {"modality": "vision", "id": "x"}, tiny_manifest, out, progress=False
+        )
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_extract_features_end_to_end(tmp_path, tiny_vits, tiny_manifest, hf_offline):
+    make_hub_cache(
+        tiny_vits["clip_ft"], tmp_path / "hub", "timm/vit_huge_patch14_clip_224.laion2b_ft_in12k"
+    )
+    cfg = {
+        "modality": "vision",
+        "id": "vit_huge_patch14_clip_224.laion2b_ft_in12k",
+        "revision": None,
+        "size_b": 0.63,
+        "label": "CLIP+FT",
+        "family": "ViT",
+    }
+    out = extract_features(
+        "clip-h-ft", cfg, tiny_manifest, tmp_path / "f" / "clip-h-ft.h5",
+        cache_dir=tmp_path / "hub", batch_size=5, num_workers=1, progress=False,
+    )  # fmt: skip
+    ids = read_manifest(tiny_manifest)["stimulus_id"].tolist()
+    with FeatureFile(out) as ff:
+        ff.validate(ids)
+        a = ff.attrs
+        assert (ff.n_layers, ff.m, ff.dim) == (3, 12, 40)
+        assert a["model_key"] == "clip-h-ft" and a["pooling"] == "cls" and a["source"] == "timm"
+        assert (
+            len(a["revision"]) == 40
+            and a["compute_dtype"] == "float32"
+            and a["modality"] == "vision"
+        )
+        assert '"input_size": [3, 32, 32]' in a["preprocessing"]
+        assert np.all(ff.abs_q95() > 0)

@@ -1,0 +1,282 @@
+"""Figures render from small synthetic aggregate tables and contain the panels and labels they should.
+
+Checks look at the matplotlib objects (axes, titles, tick labels, artists), never at pixels.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from matplotlib.collections import LineCollection
+from matplotlib.figure import Figure
+
+from xmodal.figures import FIGURES, INPUT_NAMES, make_figure, render_figure
+from xmodal.figures.synthetic import synthetic_inputs
+
+ROOT = Path(__file__).resolve().parents[1]
+EXPECTED = {
+    "dispersion_sets", "sets_rank", "sets_pc1", "drop25", "loo",
+    "grid_heatmap", "layerwise", "gallery", "residuals", "contrasts",
+}  # fmt: skip
+VISION = ["Vision A", "Vision B", "Vision C"]
+LLMS = ["Alpha 0.5b", "Alpha 3b", "Beta 1b", "Beta 7b"]  # family, then size (models.tsv `order`)
+RAW_KEYS = ["vis-0", "vis-1", "vis-2", "alpha-0.5b", "alpha-3b", "beta-1b", "beta-7b"]
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory) -> dict[str, Path]:
+    """3 vision × 4 LLMs in 2 families, 40 stimuli, K = 10, 10 random draws, tiny PNG images."""
+    return synthetic_inputs(tmp_path_factory.mktemp("tables"))
+
+
+@pytest.fixture(scope="module")
+def figs(inputs) -> dict[str, Figure]:
+    """Every figure, rendered once."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # complete inputs: no warning of ours
+        return {name: render_figure(name, inputs) for name in FIGURES}
+
+
+def table(inputs, name: str) -> pd.DataFrame:
+    return pd.read_csv(inputs[name], sep="\t")
+
+
+def panels(fig: Figure) -> list:
+    """Data axes (colour bars excluded), in creation order."""
+    return [ax for ax in fig.axes if ax.get_label() != "<colorbar>"]
+
+
+def ticks(labels) -> list[str]:
+    return [t.get_text() for t in labels]
+
+
+def all_text(fig: Figure) -> str:
+    return "\n".join(t.get_text() for t in fig.findobj(lambda a: hasattr(a, "get_text")))
+
+
+# --------------------------------------------------------------------------- registry & captions
+def test_registry_names_inputs_and_captions():
+    assert set(FIGURES) == EXPECTED
+    for name, spec in FIGURES.items():
+        assert spec.name == name
+        assert set(spec.inputs) <= INPUT_NAMES
+        assert set(spec.optional) <= set(spec.inputs)
+        caption = ROOT / spec.caption
+        assert caption.is_file(), f"missing caption {caption}"
+        assert len(caption.read_text().split()) > 30
+    assert (ROOT / "workflow/report/workflow.rst").is_file()
+
+
+def test_make_figure_writes_png_and_pdf_atomically(inputs, tmp_path):
+    for name in ("sets_rank", "gallery"):
+        png, pdf = tmp_path / "figs" / f"{name}.png", tmp_path / "figs" / f"{name}.pdf"
+        make_figure(name, inputs, png, pdf)
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert pdf.read_bytes()[:5] == b"%PDF-"
+    assert sorted(p.name for p in (tmp_path / "figs").iterdir()) == [
+        "gallery.pdf", "gallery.png", "sets_rank.pdf", "sets_rank.png",
+    ]  # fmt: skip
+
+
+def test_bad_names_and_missing_inputs(inputs):
+    with pytest.raises(KeyError, match="unknown figure"):
+        render_figure("nope", inputs)
+    with pytest.raises(KeyError, match="needs input"):
+        render_figure("sets_rank", {"models": inputs["models"]})
+    with pytest.raises(KeyError, match="unknown input"):
+        render_figure("sets_rank", {**inputs, "gridd": inputs["grid"]})
+
+
+def test_labels_never_raw_keys(figs):
+    for name, fig in figs.items():
+        text = all_text(fig)
+        for key in RAW_KEYS:
+            assert not re.search(rf"(?<![\w.-]){re.escape(key)}(?![\w.-])", text), (name, key)
+
+
+# --------------------------------------------------------------------------- per figure
+@pytest.mark.parametrize(("name", "letters"), [("sets_rank", "BCD"), ("sets_pc1", "GHI")])
+def test_sets_figures(figs, inputs, name, letters):
+    fig = figs[name]
+    axes = panels(fig)
+    assert [ax.get_title(loc="left") for ax in axes] == [
+        f"{c}   {v}" for c, v in zip(letters, VISION, strict=True)
+    ]
+    grid = table(inputs, "grid")
+    summary = "mean" if name == "sets_rank" else "pc1"
+    for ax, vkey in zip(axes, ["vis-0", "vis-1", "vis-2"], strict=True):
+        assert ticks(ax.get_xticklabels()) == LLMS
+        assert "CKNNA" in ax.get_ylabel() and ax.get_xlabel() == "Language model"
+        bars = ax.patches
+        assert len(bars) == 3 * len(LLMS)  # low, random, high per LLM
+        pair = grid[grid["vision"] == vkey]
+        low = pair[
+            (pair["llm"] == "alpha-0.5b")
+            & (pair["condition"] == "low")
+            & (pair["summary"] == summary)
+        ]
+        assert bars[0].get_height() == pytest.approx(low["value"].item())
+        rnd = pair[(pair["llm"] == "beta-7b") & (pair["condition"] == "random")]["value"]
+        assert bars[len(LLMS) + 3].get_height() == pytest.approx(rnd.mean())
+        assert any(isinstance(c, LineCollection) for c in ax.collections)  # the random 95% interval
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert legend[0].startswith("Low dispersion") and legend[2] == "High dispersion"
+    assert "95% interval of 10 draws" in legend[1]
+
+
+def test_drop25(figs):
+    axes = panels(figs["drop25"])
+    assert len(axes) == 3
+    assert all(ticks(ax.get_xticklabels()) == LLMS for ax in axes)
+    assert all(len(ax.patches) == 3 * len(LLMS) for ax in axes)
+    legend = [t.get_text() for t in figs["drop25"].legends[0].get_texts()]
+    assert [s.split(" (")[0] for s in legend] == [
+        "Full set",
+        "Drop high-dispersion",
+        "Drop low-dispersion",
+    ]
+    assert "(n = 30)" in legend[1]
+
+
+def test_dispersion_sets(figs):
+    axes = panels(figs["dispersion_sets"])
+    assert [ax.get_title(loc="left")[0] for ax in axes] == ["A", "F", "F"]
+    assert "Mean dispersion" in axes[0].get_ylabel()
+    assert "PC1" in axes[1].get_ylabel() and "PC1" in axes[2].get_xlabel()
+    legend = [t.get_text() for t in figs["dispersion_sets"].legends[0].get_texts()]
+    assert legend == ["Low dispersion (K = 10)", "High dispersion", "Random (draw 1 of 10)"]
+
+
+def test_loo(figs, inputs):
+    axes = panels(figs["loo"])
+    assert [ax.get_title(loc="left") for ax in axes] == [
+        f"{c}   Held out: {v}" for c, v in zip("ABC", VISION, strict=True)
+    ]
+    loo = table(inputs, "loo").set_index("held_out")
+    for ax, key in zip(axes, ["vis-0", "vis-1", "vis-2"], strict=True):
+        txt = "\n".join(t.get_text() for t in ax.texts)
+        assert f"r = {loo.at[key, 'pearson_r']:.2f}" in txt and "ρ = " in txt and "p " in txt
+        assert len(ax.collections[0].get_offsets()) == 40  # one point per stimulus
+        assert len(ax.lines) == 1  # the linear fit
+        assert "Partial dispersion" in ax.get_xlabel() and "deviation" in ax.get_ylabel()
+
+
+def test_grid_heatmap(figs, inputs):
+    axes = panels(figs["grid_heatmap"])
+    assert len(axes) == 3  # full set, low − high (mean), low − high (PC1)
+    grid = table(inputs, "grid")
+    full = grid.query("vision == 'vis-0' and llm == 'alpha-0.5b' and condition == 'full'")[
+        "value"
+    ].item()
+    for ax in axes:
+        assert ticks(ax.get_yticklabels()) == VISION
+        assert ticks(ax.get_xticklabels()) == LLMS
+        assert len(ax.texts) == len(VISION) * len(LLMS)
+    assert axes[0].texts[0].get_text() == f"{full:.3f}"
+    assert "Low − high" in axes[1].get_title(loc="left") and "PC1" in axes[2].get_title(loc="left")
+    assert all(t.get_text().startswith(("+", "-")) for t in axes[1].texts)
+
+
+def test_layerwise(figs, inputs):
+    fig = figs["layerwise"]
+    axes = panels(fig)
+    assert [ax.get_title(loc="left") for ax in axes] == [
+        f"{c}   {v}" for c, v in zip("ABC", VISION, strict=True)
+    ]
+    for ax in axes:
+        assert [ln.get_label() for ln in ax.lines] == LLMS
+        assert len(ax.lines[0].get_xdata()) == 6  # every LLM layer
+        assert "relative depth" in ax.get_xlabel() and "CKNNA" in ax.get_ylabel()
+        assert len(ax.collections) == len(LLMS)  # chosen layer marked per LLM
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == [*LLMS, "chosen layer"]
+
+
+def test_gallery(figs, inputs):
+    axes = panels(figs["gallery"])
+    assert len(axes) == 24
+    disp = table(inputs, "dispersion").sort_values("rank_mean")
+    man = table(inputs, "manifest").set_index("stimulus_id")
+    first, last = disp.iloc[0], disp.iloc[-1]
+    assert axes[0].get_gid() == f"lowest:{first.stimulus_id}"
+    assert (
+        axes[0].get_title().startswith("#1/40")
+        and f"{first.mean_dispersion:.3g}" in axes[0].get_title()
+    )
+    assert axes[12].get_gid() == f"highest:{last.stimulus_id}" and axes[12].get_title().startswith(
+        "#40/40"
+    )
+    assert axes[0].get_xlabel().replace("\n", " ") == man.at[first.stimulus_id, "caption"]
+    assert all(len(ax.images) == 1 and not ax.texts for ax in axes)  # no placeholder needed
+
+
+def test_gallery_missing_images_placeholder_and_warning(inputs, tmp_path):
+    man_dir = tmp_path / "stimuli"
+    shutil.copytree(Path(inputs["manifest"]).parent, man_dir)
+    disp = table(inputs, "dispersion").sort_values("rank_mean")
+    lost = disp.iloc[0].stimulus_id
+    (man_dir / "images" / f"{lost}.png").unlink()
+    (man_dir / "images" / f"{disp.iloc[-1].stimulus_id}.png").write_bytes(b"not an image")
+    with pytest.warns(UserWarning, match=r"2 image\(s\) missing or unreadable"):
+        fig = render_figure("gallery", {**inputs, "manifest": man_dir / "stimuli.tsv"})
+    axes = panels(fig)
+    assert axes[0].texts[0].get_text() == "image\nmissing"
+    assert axes[12].texts[0].get_text() == "image\nmissing"
+    assert not axes[1].texts
+
+
+def test_residuals(figs):
+    ax1, ax2 = panels(figs["residuals"])
+    assert ticks(ax1.get_xticklabels()) == VISION
+    assert "residual" in ax1.get_ylabel()
+    assert ticks(ax2.get_xticklabels()) == VISION and ticks(ax2.get_yticklabels()) == VISION
+    diag = [t.get_text() for t in ax2.texts][:: len(VISION) + 1]
+    assert diag == ["1.00"] * len(VISION)
+
+
+def test_contrasts(figs, inputs):
+    axes = panels(figs["contrasts"])
+    assert len(axes) == 4  # (forest, fraction of random ≥ low) for mean and PC1
+    labels = ticks(axes[0].get_yticklabels())
+    assert len(labels) == len(VISION) * len(LLMS)
+    assert labels[0] == "Vision A × Alpha 0.5b" and labels[-1] == "Vision C × Beta 7b"
+    assert "bootstrap 95% CI" in axes[0].get_xlabel()
+    assert "random" in axes[1].get_xlabel() and "low" in axes[1].get_xlabel()
+    assert re.search(r"low > random > high in \d+/12 pairs", axes[0].get_title(loc="left"))
+    con = table(inputs, "contrasts").query("summary == 'mean'").set_index(["vision", "llm"])
+    fr = con.loc[("vis-0", "alpha-0.5b"), "frac_random_ge_low"]
+    assert axes[1].patches[0].get_width() == pytest.approx(fr)
+
+
+# --------------------------------------------------------------------------- robustness
+def test_few_draws_one_family_no_models_table(tmp_path):
+    """Demo shape (4 vision × 3 LLMs), one family, a single random draw, no models.tsv."""
+    inp = synthetic_inputs(
+        tmp_path, n_vision=4, llm_families={"Solo": [0.1, 0.2, 0.4]}, n_stimuli=12, set_size=3,
+        n_random=1, n_llm_layers=3, images=False,
+    )  # fmt: skip
+    del inp["models"]
+    with pytest.warns(UserWarning, match="missing or unreadable"):
+        figs = {name: render_figure(name, inp) for name in FIGURES}
+    axes = panels(figs["sets_rank"])
+    assert len(axes) == 4
+    assert ticks(axes[0].get_xticklabels()) == ["solo-0.1b", "solo-0.2b", "solo-0.4b"]  # raw keys
+    assert not any(isinstance(c, LineCollection) for c in axes[0].collections)  # no interval
+    assert "1 draw" in figs["sets_rank"].legends[0].get_texts()[1].get_text()
+    assert len(panels(figs["gallery"])) == 12
+
+
+def test_missing_conditions_leave_gaps(inputs, tmp_path):
+    grid = table(inputs, "grid")
+    grid = grid[~((grid["condition"] == "high") & (grid["llm"] == "beta-7b"))]
+    grid = grid[grid["condition"] != "random"]
+    grid.to_csv(tmp_path / "grid.tsv", sep="\t", index=False)
+    fig = render_figure("sets_rank", {"grid": tmp_path / "grid.tsv", "models": inputs["models"]})
+    ax = panels(fig)[0]
+    assert np.isclose(ax.patches[-1].get_height(), 0.0)  # missing high bar: drawn as nothing
+    assert "no draws" in fig.legends[0].get_texts()[1].get_text()
