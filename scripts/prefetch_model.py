@@ -1,23 +1,29 @@
 """Rule prefetch_model: download one model's weights into the hub cache."""
 
 import json
+import logging
+import sys
 
 import _bootstrap  # noqa: F401
 
 from xmodal.io import atomic_path
 from xmodal.logs import log_to
-from xmodal.prefetch import prefetch_model
+from xmodal.prefetch import PrefetchError, prefetch_model
 
 snakemake = globals()["snakemake"]  # injected by the preamble Snakemake prepends
 log_to(snakemake.log[0])
 
 entry = snakemake.params.entry
-record = prefetch_model(
-    entry["id"],
-    entry["modality"],
-    entry.get("revision"),
-    snakemake.params.cache_dir,
-    allow_pickle=bool(snakemake.params.allow_pickle),
-)
+try:
+    record = prefetch_model(
+        entry["id"],
+        entry["modality"],
+        entry.get("revision"),
+        snakemake.params.cache_dir,
+        allow_pickle=bool(snakemake.params.allow_pickle),
+    )
+except PrefetchError as err:  # no network, pickle-only repo: say what to do, no traceback
+    logging.getLogger("prefetch").error("%s", err)
+    sys.exit(1)
 with atomic_path(snakemake.output.record) as tmp:
     tmp.write_text(json.dumps(record, indent=2) + "\n")

@@ -1,18 +1,25 @@
 """Rule prefetch_stimuli: download the stimulus set on the submit host."""
 
+import logging
+import sys
 from pathlib import Path
 
 import _bootstrap  # noqa: F401
 
 from xmodal.logs import log_to
-from xmodal.prefetch import prefetch_stimuli
+from xmodal.prefetch import PrefetchError, prefetch_stimuli
 
 snakemake = globals()["snakemake"]  # injected by the preamble Snakemake prepends
 log_to(snakemake.log[0])
 
-prefetch_stimuli(
-    repo=snakemake.params.repo,
-    revision=snakemake.params.revision,
-    split=snakemake.params.split,
-    out_dir=Path(snakemake.output.manifest).parent,
-)
+try:
+    prefetch_stimuli(
+        repo=snakemake.params.repo,
+        revision=snakemake.params.revision,
+        split=snakemake.params.split,
+        out_dir=Path(snakemake.output.manifest).parent,
+        cache_dir=snakemake.params.cache_dir,
+    )
+except PrefetchError as err:  # no network, missing revision: say what to download, where
+    logging.getLogger("prefetch").error("%s", err)
+    sys.exit(1)

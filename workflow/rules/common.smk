@@ -61,6 +61,13 @@ def built_model_dir(model):
     return f"resources/demo/models/{model}"
 
 
+def feature_spec(wildcards):
+    """The registry fields that determine a model's features (labels and sizes do not):
+    editing a label must not re-extract anything."""
+    entry = MODELS[wildcards.model]
+    return {k: entry[k] for k in ("modality", "id", "revision", "build") if k in entry}
+
+
 def model_input(wildcards):
     """What the extraction of one model needs besides the stimuli: its weights."""
     entry = MODELS[wildcards.model]

@@ -19,7 +19,7 @@ rule extract:
         runtime=extraction_resource("runtime"),
         cpus_per_task=extraction_resource("cpus_per_task"),
     params:
-        entry=lambda wildcards: MODELS[wildcards.model],
+        entry=feature_spec,
         cache_dir=HUB_CACHE,
         dtype=EXTRACTION.get("dtype", "auto"),
         batch_size=lambda wildcards: MODELS[wildcards.model].get(

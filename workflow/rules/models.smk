@@ -11,7 +11,7 @@ rule prefetch_model:
     conda:
         "../../envs/extract.yaml"
     params:
-        entry=lambda wildcards: MODELS[wildcards.model],
+        entry=feature_spec,
         cache_dir=lambda wildcards, output: str(Path(output.record).parent.parent),
         allow_pickle=lambda wildcards: MODELS[wildcards.model].get(
             "allow_pickle", EXTRACTION.get("allow_pickle", False)
@@ -49,6 +49,6 @@ rule demo_model:
     conda:
         "../../envs/extract.yaml"
     params:
-        entry=lambda wildcards: MODELS[wildcards.model],
+        entry=feature_spec,
     script:
         "../../scripts/demo_model.py"

@@ -31,5 +31,6 @@ elif config["stimuli"]["source"] == "hub":
             repo=config["stimuli"].get("repo", "minhuh/prh"),
             revision=config["stimuli"].get("revision"),
             split=config["stimuli"].get("split", "train"),
+            cache_dir=HUB_CACHE,
         script:
             "../../scripts/prefetch_stimuli.py"

@@ -154,7 +154,8 @@ def _sets_figure(data: FigureData, summary: str, first_letter: str) -> Figure:
         )
         family_axis(ax, llms, data.models)
         ax.set_xlabel(LLM_AXIS_LABEL)
-        ax.set_ylabel(ALIGNMENT_LABEL)
+        if i % ncols == 0:  # one y label per row: a second would run into the left panel
+            ax.set_ylabel(ALIGNMENT_LABEL)
         ax.tick_params(labelleft=True)
 
     if n_draws > 1:
@@ -403,8 +404,8 @@ def draw_contrasts(data: FigureData) -> Figure:
         if s in stats.index:
             r = stats.loc[s]
             title += (
-                f"\nlow > random > high in {int(r.n_low_gt_random_gt_high)}/{int(r.n_pairs)} pairs;"
-                f" median low/high = {r.median_ratio_low_high:.2f}×"
+                f"\nlow > random > high in {int(r.n_low_gt_random_gt_high)}/{int(r.n_pairs)} pairs"
+                f"\nmedian low/high = {r.median_ratio_low_high:.2f}×"
             )
         ax.set_title(title, loc="left")
         frac = cc.get("frac_random_ge_low", pd.Series(np.nan, index=cc.index)).to_numpy(float)

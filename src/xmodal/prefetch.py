@@ -1,0 +1,482 @@
+"""Download stimuli and model weights on the submit host, before any GPU job runs.
+
+Compute nodes of many clusters have no internet. The workflow therefore runs these functions in
+local rules (on the login node) and the GPU jobs run with ``HF_HUB_OFFLINE=1`` against the
+project-local hub cache that they fill (``hub_cache`` in config.yaml, standard Hugging Face
+hub-cache layout, so ``HF_HUB_CACHE=<hub_cache>`` is all a job needs).
+
+- :func:`prefetch_stimuli` writes a stimulus manifest (``stimuli.tsv`` + ``images/``) from a hub
+  dataset's parquet files (WIT-1024: ``minhuh/prh`` at revision ``wit_1024``).
+- :func:`prefetch_model` downloads a model's configs, tokenizer and ``*.safetensors`` weights
+  and returns a record with the resolved commit.
+
+When the hub cannot be reached, files already in the cache are used; if they are not there,
+:class:`PrefetchError` says what to download, from where and into which directory. Tokens come
+only from the ``HF_TOKEN`` environment variable and are never logged or recorded.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import re
+import sys
+from collections.abc import Iterable, Iterator
+from datetime import UTC, datetime
+from fnmatch import fnmatch
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from xmodal.io import atomic_path, write_table
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "PICKLE_PATTERNS",
+    "PrefetchError",
+    "hub_repo_id",
+    "prefetch_model",
+    "prefetch_stimuli",
+]
+
+# transformers: everything a config / tokenizer / safetensors load needs, nothing else
+TRANSFORMERS_PATTERNS = (
+    "*.json",  # config, generation config, tokenizer config, safetensors index
+    "*.safetensors",
+    "tokenizer*",
+    "*.model",  # sentencepiece (LLaMA)
+    "*.tiktoken",
+    "vocab*",
+    "merges.txt",
+)
+# timm hub repos (timm/<id>): the pretrained config and the weights timm loads
+TIMM_PATTERNS = ("config.json", "model.safetensors")
+# Loading these runs code from the file (pickle); only with extraction.allow_pickle
+PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
+TIMM_PICKLE = ("pytorch_model.bin",)
+
+
+class PrefetchError(RuntimeError):
+    """A download failed; the message says what to fetch, from where, into which directory."""
+
+
+# ----------------------------------------------------------------------------- helpers
+def _token() -> str | bool:
+    """The token from ``HF_TOKEN`` only (never a stored login); False = send none."""
+    return os.environ.get("HF_TOKEN") or False
+
+
+def _endpoint() -> str:
+    return os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+
+
+def _reason(err: BaseException) -> str:
+    """One line about ``err``, with any token redacted."""
+    text = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    token = os.environ.get("HF_TOKEN")
+    if token:
+        text = text.replace(token, "***")
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
+def _api() -> Any:
+    from huggingface_hub import HfApi
+
+    return HfApi(endpoint=_endpoint(), token=_token())
+
+
+def _cache_folder(cache_dir: Path, repo_id: str, repo_type: str) -> Path:
+    return cache_dir / f"{repo_type}s--{repo_id.replace('/', '--')}"
+
+
+def _web_url(repo_id: str, repo_type: str, revision: str) -> str:
+    prefix = "datasets/" if repo_type == "dataset" else ""
+    return f"{_endpoint()}/{prefix}{repo_id}/tree/{revision}"
+
+
+def _download_help(
+    what: str,
+    repo_id: str,
+    repo_type: str,
+    revision: str,
+    cache_dir: Path,
+    patterns: Iterable[str],
+    reason: str,
+) -> str:
+    include = " ".join(f"'{p}'" for p in patterns)
+    type_arg = " --repo-type dataset" if repo_type == "dataset" else ""
+    folder = _cache_folder(cache_dir, repo_id, repo_type)
+    return (
+        f"Cannot download {what} ({reason}).\n"
+        f"Compute nodes run offline, so these files must be on disk first.\n"
+        f"  what : {repo_id} at revision {revision}, files matching {include}\n"
+        f"  from : {_web_url(repo_id, repo_type, revision)}\n"
+        f"  into : {cache_dir} (Hugging Face hub-cache layout: {folder.name}/)\n"
+        f"Fix: run this workflow's prefetch rules on a machine with internet access (the login "
+        f"node), or there run\n"
+        f"  hf download {repo_id}{type_arg} --revision {revision} --include {include} "
+        f"--cache-dir <dir>\n"
+        f"and copy <dir>/{folder.name} to {folder}. Behind a mirror or proxy set HF_ENDPOINT; "
+        f"for gated or private repos set HF_TOKEN."
+    )
+
+
+def _snapshot(
+    repo_id: str,
+    repo_type: str,
+    revision: str,
+    cache_dir: Path,
+    select: Any,
+    what: str,
+    help_patterns: Iterable[str],
+) -> tuple[Path, list[str], bool]:
+    """Download the files ``select(all_files)`` picks; fall back to the cache when offline.
+
+    Returns (snapshot folder, selected relative paths, used_cache_only).
+    """
+    from huggingface_hub import snapshot_download
+
+    reason = "HF_HUB_OFFLINE=1 is set"
+    if not _offline():
+        try:
+            # repo_info: one request, no retry loop (list_repo_files retries for ~25 s)
+            info = _api().repo_info(repo_id, repo_type=repo_type, revision=revision)
+            files = [s.rfilename for s in (info.siblings or [])]
+        except Exception as err:  # network, auth, missing repo: all end in the same advice
+            reason = _reason(err)
+        else:
+            wanted = select(files)
+            try:
+                path = snapshot_download(
+                    repo_id,
+                    repo_type=repo_type,
+                    revision=revision,
+                    cache_dir=cache_dir,
+                    allow_patterns=wanted,
+                    token=_token(),
+                    endpoint=_endpoint(),
+                )
+            except Exception as err:
+                raise PrefetchError(
+                    _download_help(
+                        what, repo_id, repo_type, revision, cache_dir, help_patterns, _reason(err)
+                    )
+                ) from None
+            return Path(path), sorted(wanted), False
+    # offline or the hub is unreachable: what is in the cache already?
+    try:
+        path = Path(
+            snapshot_download(
+                repo_id,
+                repo_type=repo_type,
+                revision=revision,
+                cache_dir=cache_dir,
+                local_files_only=True,
+            )
+        )
+    except Exception:
+        raise PrefetchError(
+            _download_help(what, repo_id, repo_type, revision, cache_dir, help_patterns, reason)
+        ) from None
+    files = sorted(p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file())
+    log.warning("hub not reachable (%s); using cached snapshot %s", reason, path)
+    return path, select(files), True
+
+
+def _match(files: Iterable[str], patterns: Iterable[str]) -> list[str]:
+    pats = tuple(patterns)
+    return sorted(f for f in files if any(fnmatch(f, p) or fnmatch(Path(f).name, p) for p in pats))
+
+
+# ----------------------------------------------------------------------------- models
+def hub_repo_id(model_id: str, modality: str) -> str:
+    """The hub repository of a registry id: timm ids live under ``timm/<id>``."""
+    if modality == "vision" and "/" not in model_id:
+        return f"timm/{model_id}"
+    return model_id
+
+
+def _select_weights(
+    files: list[str], repo_id: str, revision: str, modality: str, allow_pickle: bool
+) -> list[str]:
+    if modality == "vision":
+        wanted = _match(files, TIMM_PATTERNS)
+        weights = [f for f in wanted if f.endswith(".safetensors")]
+        pickles = _match(files, TIMM_PICKLE)
+    else:
+        wanted = _match(files, TRANSFORMERS_PATTERNS)
+        weights = [f for f in wanted if f.endswith(".safetensors")]
+        pickles = _match(files, PICKLE_PATTERNS)
+        # the index of pickle shards is useless without them
+        if not allow_pickle:
+            wanted = [f for f in wanted if not f.endswith(".bin.index.json")]
+    if weights:
+        return wanted
+    if not pickles:
+        raise PrefetchError(
+            f"{repo_id} at revision {revision} has no weights that xmodal can load "
+            f"(no *.safetensors, no pickle checkpoint); files: {', '.join(files[:20]) or 'none'}"
+        )
+    if not allow_pickle:
+        raise PrefetchError(
+            f"{repo_id} at revision {revision} has only pickle checkpoints "
+            f"({', '.join(pickles[:5])}); loading a pickle runs code from the file, so xmodal "
+            f"refuses it by default. Either pin `revision` in config.yaml to a commit that has "
+            f"*.safetensors (the hub's safetensors-conversion pull request, e.g. refs/pr/N), or "
+            f"opt in with `extraction.allow_pickle: true` in config.yaml."
+        )
+    log.warning("%s: no safetensors, downloading pickle checkpoints (allow_pickle)", repo_id)
+    return sorted(set(wanted) | set(pickles))
+
+
+def prefetch_model(
+    model_id: str,
+    modality: str,
+    revision: str | None,
+    cache_dir: str | os.PathLike,
+    allow_pickle: bool = False,
+) -> dict[str, Any]:
+    """Download one model's configs, tokenizer and weights into the hub cache ``cache_dir``.
+
+    ``model_id`` is the registry id (a timm id, a hub repo id, or a local directory, which is
+    used as is). Returns a JSON-ready record: ``model_id``, ``repo_id``, ``modality``,
+    ``source`` (timm / transformers / local), ``revision_requested``, ``revision`` (the resolved
+    commit), ``files``, ``cache_dir``, ``snapshot``, ``from_cache_only``, ``created``.
+    Raises :class:`PrefetchError` (with what/where/into) when the files cannot be obtained.
+    """
+    if modality not in ("vision", "language"):
+        raise ValueError(f"modality must be 'vision' or 'language', got {modality!r}")
+    source = "timm" if modality == "vision" else "transformers"
+    record: dict[str, Any] = {
+        "model_id": model_id,
+        "modality": modality,
+        "source": source,
+        "revision_requested": revision,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    if Path(model_id).is_dir():
+        local = Path(model_id).resolve()
+        files = sorted(p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file())
+        return record | {
+            "repo_id": None,
+            "source": "local",
+            "revision": "local",
+            "files": files,
+            "cache_dir": None,
+            "snapshot": str(local),
+            "from_cache_only": False,
+        }
+    repo_id = hub_repo_id(model_id, modality)
+    rev = revision or "main"
+    cache = Path(cache_dir).resolve()
+    patterns = TIMM_PATTERNS if modality == "vision" else TRANSFORMERS_PATTERNS
+    if allow_pickle:
+        patterns = patterns + (TIMM_PICKLE if modality == "vision" else PICKLE_PATTERNS)
+    path, files, cached = _snapshot(
+        repo_id,
+        "model",
+        rev,
+        cache,
+        lambda fs: _select_weights(list(fs), repo_id, rev, modality, allow_pickle),
+        f"the weights of model {model_id!r}",
+        patterns,
+    )
+    missing = [f for f in files if not (path / f).is_file()]
+    if missing:
+        raise PrefetchError(
+            f"the cached snapshot {path} of {repo_id} lacks {', '.join(missing[:5])}; "
+            + _download_help(
+                f"the weights of model {model_id!r}",
+                repo_id,
+                "model",
+                rev,
+                cache,
+                patterns,
+                "incomplete cache",
+            )
+        )
+    return record | {
+        "repo_id": repo_id,
+        "revision": path.name,  # snapshot folders are named by commit hash
+        "files": files,
+        "cache_dir": str(cache),
+        "snapshot": str(path),
+        "from_cache_only": cached,
+    }
+
+
+# ----------------------------------------------------------------------------- stimuli
+def _split_files(files: Iterable[str], split: str) -> list[str]:
+    """Parquet files of ``split``: a folder named after it, or a ``<split>-*`` file name."""
+    parquet = [f for f in files if f.endswith(".parquet")]
+    pat = re.compile(rf"^{re.escape(split)}([-_.]|$)")
+    return sorted(f for f in parquet if split in f.split("/")[:-1] or pat.match(Path(f).name))
+
+
+def _image_suffix(data: bytes) -> str:
+    """File suffix of encoded image bytes (checks that they decode)."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as im:
+        fmt = (im.format or "").upper()
+        im.verify()
+    return {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "GIF": ".gif", "BMP": ".bmp"}.get(
+        fmt, ".img"
+    )
+
+
+def _rows(paths: list[Path]) -> Iterator[tuple[bytes, str]]:
+    """(image bytes, caption) for every row of the parquet files, in order."""
+    import pyarrow.parquet as pq
+
+    for path in paths:
+        pf = pq.ParquetFile(path)
+        missing = {"image", "text"} - set(pf.schema_arrow.names)
+        if missing:
+            raise PrefetchError(
+                f"{path.name} has no column(s) {sorted(missing)} (columns: {pf.schema_arrow.names}); "
+                "expected a dataset with `image` and `text` columns"
+            )
+        for batch in pf.iter_batches(batch_size=64, columns=["image", "text"]):
+            for image, text in zip(
+                batch.column("image").to_pylist(), batch.column("text").to_pylist(), strict=True
+            ):
+                data = image.get("bytes") if isinstance(image, dict) else image
+                if not data:
+                    raise PrefetchError(f"{path.name}: a row has no embedded image bytes")
+                caption = text[0] if isinstance(text, list | tuple) and text else text
+                yield data, "" if caption is None else str(caption)
+
+
+def prefetch_stimuli(
+    repo: str,
+    revision: str | None,
+    split: str,
+    out_dir: str | os.PathLike,
+    cache_dir: str | os.PathLike | None = None,
+) -> Path:
+    """Write the stimulus manifest ``out_dir/stimuli.tsv`` and ``out_dir/images/`` from a hub dataset.
+
+    The dataset's parquet files for ``split`` at ``revision`` are downloaded into the hub cache
+    ``cache_dir`` (default: the Hugging Face default cache); columns ``image`` (embedded bytes)
+    and ``text`` (``text[0]`` is the caption). Images are written unchanged (no re-encoding),
+    named ``<stimulus_id>.<format>``; ids are ``s0000``, ``s0001``, ... in dataset order.
+    ``out_dir/source.json`` records the repo, requested and resolved revision and files.
+    Returns the manifest path (written last, atomically).
+    """
+    from huggingface_hub import constants
+
+    out = Path(out_dir)
+    cache = Path(cache_dir).resolve() if cache_dir is not None else Path(constants.HF_HUB_CACHE)
+    rev = revision or "main"
+    split_pattern = [f"*{split}*.parquet"]
+
+    def select(files: Iterable[str]) -> list[str]:
+        chosen = _split_files(files, split)
+        if not chosen:
+            raise PrefetchError(
+                f"dataset {repo} at revision {rev} has no parquet files for split {split!r} "
+                f"(files: {', '.join(sorted(files)[:20]) or 'none'})"
+            )
+        return chosen
+
+    path, files, cached = _snapshot(
+        repo, "dataset", rev, cache, select, f"the stimuli {repo!r} (split {split})", split_pattern
+    )
+    rows = list(_rows([path / f for f in files]))
+    if not rows:
+        raise PrefetchError(f"dataset {repo} split {split!r} at revision {rev} has no rows")
+    width = max(4, len(str(len(rows) - 1)))
+    images = out / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    records = []
+    for i, (data, caption) in enumerate(rows):
+        sid = f"s{i:0{width}d}"
+        if not caption.strip():
+            raise PrefetchError(f"dataset {repo}: row {i} has an empty caption")
+        try:
+            suffix = _image_suffix(data)
+        except Exception as err:
+            raise PrefetchError(
+                f"dataset {repo}: row {i}: image does not decode ({_reason(err)})"
+            ) from None
+        target = images / f"{sid}{suffix}"
+        with atomic_path(target) as tmp:
+            tmp.write_bytes(data)
+        records.append(
+            {"stimulus_id": sid, "image": target.relative_to(out).as_posix(), "caption": caption}
+        )
+    provenance = {
+        "repo": repo,
+        "repo_type": "dataset",
+        "split": split,
+        "revision_requested": revision,
+        "revision": path.name,
+        "files": files,
+        "n_stimuli": len(records),
+        "from_cache_only": cached,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    with atomic_path(out / "source.json") as tmp:
+        tmp.write_text(json.dumps(provenance, indent=2) + "\n")
+    manifest = out / "stimuli.tsv"
+    write_table(pd.DataFrame.from_records(records), manifest)
+    log.info("wrote %d stimuli to %s (revision %s)", len(records), manifest, path.name)
+    return manifest
+
+
+# ----------------------------------------------------------------------------- command line
+def main(argv: list[str] | None = None) -> int:
+    """``python -m xmodal.prefetch {stimuli,model} ...``: errors as one message, no traceback."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m xmodal.prefetch", description=__doc__.split("\n")[0]
+    )
+    sub = parser.add_subparsers(dest="what", required=True)
+    s = sub.add_parser("stimuli", help="write a stimulus manifest from a hub dataset")
+    s.add_argument("--repo", required=True)
+    s.add_argument("--revision", default=None)
+    s.add_argument("--split", default="train")
+    s.add_argument("--out-dir", required=True)
+    s.add_argument("--cache-dir", default=None)
+    m = sub.add_parser("model", help="download a model into the hub cache; write its record")
+    m.add_argument("--id", required=True)
+    m.add_argument("--modality", required=True, choices=["vision", "language"])
+    m.add_argument("--revision", default=None)
+    m.add_argument("--cache-dir", required=True)
+    m.add_argument("--allow-pickle", action="store_true")
+    m.add_argument("--record", default=None, help="JSON file for the record (default: stdout)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    try:
+        if args.what == "stimuli":
+            print(
+                prefetch_stimuli(args.repo, args.revision, args.split, args.out_dir, args.cache_dir)
+            )
+        else:
+            rec = prefetch_model(
+                args.id, args.modality, args.revision, args.cache_dir, args.allow_pickle
+            )
+            text = json.dumps(rec, indent=2) + "\n"
+            if args.record:
+                with atomic_path(args.record) as tmp:
+                    tmp.write_text(text)
+            else:
+                print(text, end="")
+    except PrefetchError as err:
+        print(f"ERROR: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,121 @@
+"""Cluster resources per job: GPUs, memory, CPUs and runtime from a model's size.
+
+Pure functions of the model registry's values (``modality``, ``size_b``) and Snakemake's
+``attempt`` counter, so that the workflow can write ``resources: mem_mb=lambda wc, attempt: ...``.
+Memory and runtime grow linearly with ``attempt`` (a retried job asks for more); the GPU count
+does not (it is what the weights need, which a retry does not change).
+
+The GPU model (bf16 weights, sharded with accelerate ``device_map="auto"``):
+
+    weights_gb = 2 * size_b                          (2 bytes per parameter)
+    need_gb    = weights_gb + max(2, 0.05 * weights_gb)   (activations, hidden states, buffers)
+    usable_gb  = 0.9 * gpu_mem_gb                    (accelerate keeps ~10% of each GPU free)
+    gpu        = ceil(need_gb / usable_gb)
+
+On 80 GB GPUs: everything up to 13B -> 1 GPU, LLaMA-30B (32.5B) -> 1, LLaMA-65B -> 2;
+on 40 GB GPUs: 13B -> 1, 30B -> 2, 65B -> 4.
+"""
+
+from __future__ import annotations
+
+import math
+
+__all__ = [
+    "ANALYSIS_KINDS",
+    "analysis_resources",
+    "extraction_resources",
+    "gpus_needed",
+]
+
+BYTES_PER_PARAM_BF16 = 2
+GPU_USABLE_FRACTION = 0.9
+MAX_GPUS = 8
+
+
+def _check(size_b: float, attempt: int) -> None:
+    if not (isinstance(size_b, int | float) and math.isfinite(size_b) and size_b > 0):
+        raise ValueError(
+            f"size_b must be a positive number of billions of parameters, got {size_b!r}"
+        )
+    if not isinstance(attempt, int) or attempt < 1:
+        raise ValueError(f"attempt must be an integer >= 1 (Snakemake's attempt), got {attempt!r}")
+
+
+def gpus_needed(size_b: float, gpu_mem_gb: float = 80) -> int:
+    """GPUs of ``gpu_mem_gb`` each that hold a ``size_b``-billion-parameter model in bf16."""
+    _check(size_b, 1)
+    if gpu_mem_gb <= 0:
+        raise ValueError(f"gpu_mem_gb must be positive, got {gpu_mem_gb!r}")
+    weights_gb = BYTES_PER_PARAM_BF16 * size_b
+    need_gb = weights_gb + max(2.0, 0.05 * weights_gb)
+    n = max(1, math.ceil(need_gb / (GPU_USABLE_FRACTION * gpu_mem_gb)))
+    if n > MAX_GPUS:
+        raise ValueError(
+            f"a {size_b}B model needs {n} GPUs of {gpu_mem_gb} GB, more than one node usually has "
+            f"({MAX_GPUS}); set a larger gpu_mem_gb if your GPUs are bigger"
+        )
+    return n
+
+
+def extraction_resources(
+    modality: str,
+    size_b: float,
+    attempt: int = 1,
+    gpu_mem_gb: float = 80,
+    num_workers: int = 8,
+) -> dict[str, int]:
+    """Resources of one model's feature-extraction job (a GPU job).
+
+    Returns ``{"gpu", "mem_mb", "runtime", "cpus_per_task"}`` (runtime in minutes), the names
+    snakemake-executor-plugin-slurm turns into ``--gpus``, ``--mem``, ``-t`` and
+    ``--cpus-per-task``.
+
+    - vision (timm): ``num_workers`` CPUs decode images (0 = in the main process, 1 CPU); host memory holds the fp32 checkpoint
+      twice while loading (8 bytes/param) plus 0.5 GB per decoding worker, on top of 8 GB.
+    - language (transformers): tokenising captions is cheap (4 CPUs at most); host memory is
+      8 GB plus the bf16 weights (the worst case of a loader materialising one full copy).
+    - runtime: 30 min plus 1 min per 2 GB of weights (reading them dominates), per attempt.
+    """
+    _check(size_b, attempt)
+    if modality not in ("vision", "language"):
+        raise ValueError(f"modality must be 'vision' or 'language', got {modality!r}")
+    if num_workers < 0:
+        raise ValueError(f"num_workers must be >= 0, got {num_workers!r}")
+    weights_gb = BYTES_PER_PARAM_BF16 * size_b
+    if modality == "vision":
+        cpus = max(1, num_workers)
+        mem_gb = 8 + 4 * 2 * size_b + 0.5 * num_workers
+    else:
+        cpus = min(max(1, num_workers), 4)
+        mem_gb = 8 + weights_gb
+    runtime = 30 + math.ceil(weights_gb / 2)
+    return {
+        "gpu": gpus_needed(size_b, gpu_mem_gb),
+        "mem_mb": 1024 * math.ceil(mem_gb) * attempt,
+        "runtime": runtime * attempt,
+        "cpus_per_task": cpus,
+    }
+
+
+# CPU-only analysis jobs: (mem_mb, runtime in minutes, cpus) on the first attempt.
+ANALYSIS_KINDS: dict[str, tuple[int, int, int]] = {
+    "light": (2000, 15, 1),  # aggregation, tables, summaries
+    "gpa": (8000, 60, 2),  # GPA, dispersion, leave-one-model-out (float64 SVDs)
+    "pair": (4000, 30, 1),  # one (vision, LLM) pair: layer search or subset conditions
+    "figures": (4000, 20, 1),
+}
+
+
+def analysis_resources(kind: str = "light", attempt: int = 1) -> dict[str, int]:
+    """Resources of a CPU-only analysis job: ``{"mem_mb", "runtime", "cpus_per_task"}``, no GPU.
+
+    ``kind`` is one of :data:`ANALYSIS_KINDS`; memory and runtime grow with ``attempt``.
+    """
+    _check(1, attempt)
+    try:
+        mem_mb, runtime, cpus = ANALYSIS_KINDS[kind]
+    except KeyError:
+        raise ValueError(
+            f"unknown analysis kind {kind!r}; choose one of {sorted(ANALYSIS_KINDS)}"
+        ) from None
+    return {"mem_mb": mem_mb * attempt, "runtime": runtime * attempt, "cpus_per_task": cpus}

@@ -1,0 +1,261 @@
+"""Prefetch of stimuli and weights (xmodal.prefetch), against local fakes only, never the network.
+
+A "fake hub" here is a directory in the Hugging Face hub-cache layout
+(``<type>s--org--name/refs/<rev>`` + ``snapshots/<sha>/...``); "no network" is HF_ENDPOINT
+pointing at a closed local port.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from xmodal.prefetch import PrefetchError, hub_repo_id, prefetch_model, prefetch_stimuli
+
+SECRET = "hf_notARealTokenButSecret123"
+
+
+@pytest.fixture(autouse=True)
+def no_network(monkeypatch: pytest.MonkeyPatch) -> str:
+    """Point the hub at a closed local port; drop any offline flag; set a token to check leaks."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    endpoint = f"http://127.0.0.1:{port}"
+    monkeypatch.setenv("HF_ENDPOINT", endpoint)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_TOKEN", SECRET)
+    return endpoint
+
+
+def fake_repo(cache: Path, repo_type: str, repo_id: str, ref: str, files: dict[str, bytes]) -> str:
+    """Write a hub-cache snapshot of ``files`` at ``ref``; return its (fake) commit hash."""
+    sha = hashlib.sha1(repr(sorted(files)).encode() + ref.encode()).hexdigest()
+    root = cache / f"{repo_type}s--{repo_id.replace('/', '--')}"
+    (root / "refs" / ref).parent.mkdir(parents=True, exist_ok=True)
+    (root / "refs" / ref).write_text(sha)
+    for name, data in files.items():
+        path = root / "snapshots" / sha / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    return sha
+
+
+def image_bytes(fmt: str, color: tuple[int, int, int]) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 6), color).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def parquet_bytes(rows: list[tuple[bytes, list[str]]]) -> bytes:
+    """A parquet file as `datasets` writes it: image = struct<bytes, path>, text = list<string>."""
+    image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    table = pa.table(
+        {
+            "image": pa.array([{"bytes": b, "path": None} for b, _ in rows], type=image_type),
+            "text": pa.array([t for _, t in rows], type=pa.list_(pa.string())),
+        }
+    )
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    return buf.getvalue()
+
+
+LM_FILES = {
+    "config.json": b"{}",
+    "generation_config.json": b"{}",
+    "tokenizer.json": b"{}",
+    "tokenizer_config.json": b"{}",
+    "tokenizer.model": b"sp",
+    "special_tokens_map.json": b"{}",
+    "model-00001-of-00002.safetensors": b"w1",
+    "model-00002-of-00002.safetensors": b"w2",
+    "model.safetensors.index.json": b"{}",
+    "pytorch_model.bin": b"pickle",
+    "pytorch_model.bin.index.json": b"{}",
+    "README.md": b"# card",
+    "flax_model.msgpack": b"flax",
+}
+
+
+# ----------------------------------------------------------------------------- models
+def test_timm_ids_live_under_timm() -> None:
+    assert hub_repo_id("vit_huge_patch14_224.mae", "vision") == "timm/vit_huge_patch14_224.mae"
+    assert hub_repo_id("org/vit", "vision") == "org/vit"
+    assert hub_repo_id("huggyllama/llama-7b", "language") == "huggyllama/llama-7b"
+
+
+def test_cached_model_offline_records_resolved_revision(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sha = fake_repo(tmp_path, "model", "org/tiny-lm", "main", LM_FILES)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    rec = prefetch_model("org/tiny-lm", "language", None, tmp_path)
+    assert rec["revision"] == sha and rec["revision_requested"] is None
+    assert rec["source"] == "transformers" and rec["repo_id"] == "org/tiny-lm"
+    assert rec["from_cache_only"] is True
+    assert rec["files"] == sorted(
+        [
+            "config.json",
+            "generation_config.json",
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "tokenizer.model",
+            "special_tokens_map.json",
+            "model-00001-of-00002.safetensors",
+            "model-00002-of-00002.safetensors",
+            "model.safetensors.index.json",
+        ]
+    )
+    assert SECRET not in json.dumps(rec)
+
+
+def test_cached_model_is_used_when_hub_unreachable(tmp_path: Path) -> None:
+    """No HF_HUB_OFFLINE, but the endpoint refuses connections: the cache still serves."""
+    sha = fake_repo(tmp_path, "model", "org/tiny-lm", "v1.0", LM_FILES)
+    rec = prefetch_model("org/tiny-lm", "language", "v1.0", tmp_path)
+    assert rec["revision"] == sha and rec["revision_requested"] == "v1.0"
+    assert rec["from_cache_only"] is True
+
+
+def test_timm_model_gets_config_and_safetensors_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    files = {
+        "config.json": b"{}",
+        "model.safetensors": b"w",
+        "pytorch_model.bin": b"p",
+        "open_clip_model.safetensors": b"big",
+    }
+    fake_repo(tmp_path, "model", "timm/vit_tiny.fake", "main", files)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    rec = prefetch_model("vit_tiny.fake", "vision", None, tmp_path)
+    assert rec["source"] == "timm" and rec["repo_id"] == "timm/vit_tiny.fake"
+    assert rec["files"] == ["config.json", "model.safetensors"]
+
+
+def test_pickle_only_repo_is_refused_unless_opted_in(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    files = {"config.json": b"{}", "tokenizer.json": b"{}", "pytorch_model.bin": b"p"}
+    fake_repo(tmp_path, "model", "org/old-lm", "main", files)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(PrefetchError, match=r"extraction\.allow_pickle") as err:
+        prefetch_model("org/old-lm", "language", None, tmp_path)
+    assert "pytorch_model.bin" in str(err.value)
+    rec = prefetch_model("org/old-lm", "language", None, tmp_path, allow_pickle=True)
+    assert "pytorch_model.bin" in rec["files"]
+
+
+def test_local_directory_is_used_as_is(tmp_path: Path) -> None:
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text("{}")
+    rec = prefetch_model(str(tmp_path / "m"), "language", None, tmp_path / "hub")
+    assert rec["source"] == "local" and rec["revision"] == "local"
+    assert rec["files"] == ["config.json"]
+
+
+def test_no_network_no_cache_says_what_where_and_into(tmp_path: Path, no_network: str) -> None:
+    cache = tmp_path / "hub"
+    with pytest.raises(PrefetchError) as err:
+        prefetch_model("huggyllama/llama-65b", "language", None, cache)
+    msg = str(err.value)
+    assert "huggyllama/llama-65b" in msg and "*.safetensors" in msg  # what
+    assert f"{no_network}/huggyllama/llama-65b/tree/main" in msg  # from where
+    assert str(cache.resolve()) in msg and "models--huggyllama--llama-65b" in msg  # into
+    assert "hf download huggyllama/llama-65b --revision main" in msg
+    # the reason (the hub client may remember an unreachable endpoint and say "offline")
+    assert any(k in msg for k in ("Connection refused", "ConnectError", "OfflineModeIsEnabled"))
+    assert SECRET not in msg
+
+
+def test_cli_prints_the_message_without_a_traceback(tmp_path: Path) -> None:
+    env = os.environ.copy()
+    cmd = [sys.executable, "-m", "xmodal.prefetch", "model", "--id", "vit_huge_patch14_224.mae"]
+    cmd += ["--modality", "vision", "--cache-dir", str(tmp_path / "hub")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert "ERROR: Cannot download the weights of model 'vit_huge_patch14_224.mae'" in proc.stderr
+    assert "timm/vit_huge_patch14_224.mae" in proc.stderr
+    assert SECRET not in proc.stderr + proc.stdout
+
+
+def test_cli_writes_the_record(tmp_path: Path) -> None:
+    sha = fake_repo(tmp_path / "hub", "model", "org/tiny-lm", "main", LM_FILES)
+    env = os.environ | {"HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "xmodal.prefetch", "model", "--id", "org/tiny-lm"]
+    cmd += ["--modality", "language", "--cache-dir", str(tmp_path / "hub")]
+    cmd += ["--record", str(tmp_path / "rec.json")]
+    subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=120)
+    assert json.loads((tmp_path / "rec.json").read_text())["revision"] == sha
+
+
+# ----------------------------------------------------------------------------- stimuli
+def stimuli_repo(cache: Path) -> tuple[str, list[tuple[bytes, list[str]]]]:
+    train = [
+        (image_bytes("JPEG", (255, 0, 0)), ["a red square", "another caption"]),
+        (image_bytes("PNG", (0, 255, 0)), ["a green square, with\ta tab"]),
+        (image_bytes("JPEG", (0, 0, 255)), ["a blue square"]),
+    ]
+    other = [(image_bytes("JPEG", (9, 9, 9)), ["not in train"])]
+    sha = fake_repo(
+        cache,
+        "dataset",
+        "fake/prh",
+        "wit_1024",
+        {
+            "data/train-00000-of-00002.parquet": parquet_bytes(train[:2]),
+            "data/train-00001-of-00002.parquet": parquet_bytes(train[2:]),
+            "data/validation-00000-of-00001.parquet": parquet_bytes(other),
+            "README.md": b"# dataset card",
+        },
+    )
+    return sha, train
+
+
+def test_stimuli_manifest_from_cached_dataset(tmp_path: Path) -> None:
+    sha, train = stimuli_repo(tmp_path / "hub")
+    out = tmp_path / "resources" / "stimuli" / "wit1024"
+    manifest = prefetch_stimuli("fake/prh", "wit_1024", "train", out, cache_dir=tmp_path / "hub")
+    assert manifest == out / "stimuli.tsv"
+    df = pd.read_csv(manifest, sep="\t", dtype=str, keep_default_na=False)
+    assert list(df.columns) == ["stimulus_id", "image", "caption"]
+    assert list(df.stimulus_id) == ["s0000", "s0001", "s0002"]
+    assert list(df.caption) == [text[0] for _, text in train]  # text[0], in dataset order
+    assert list(df.image) == ["images/s0000.jpg", "images/s0001.png", "images/s0002.jpg"]
+    for rel, (data, _) in zip(df.image, train, strict=True):
+        assert (out / rel).read_bytes() == data  # written unchanged, no re-encoding
+    src = json.loads((out / "source.json").read_text())
+    assert src["revision"] == sha and src["revision_requested"] == "wit_1024"
+    assert src["n_stimuli"] == 3 and all("train-" in f for f in src["files"])
+
+
+def test_stimuli_split_missing_names_the_files(tmp_path: Path) -> None:
+    stimuli_repo(tmp_path / "hub")
+    with pytest.raises(PrefetchError, match="split 'test'") as err:
+        prefetch_stimuli("fake/prh", "wit_1024", "test", tmp_path / "out", tmp_path / "hub")
+    assert "data/train-00000-of-00002.parquet" in str(err.value)
+
+
+def test_stimuli_without_network_say_what_to_download(tmp_path: Path) -> None:
+    cache = tmp_path / "hub"
+    with pytest.raises(PrefetchError) as err:
+        prefetch_stimuli("minhuh/prh", "wit_1024", "train", tmp_path / "out", cache)
+    msg = str(err.value)
+    assert "/datasets/minhuh/prh/tree/wit_1024" in msg
+    assert "--repo-type dataset --revision wit_1024" in msg
+    assert str(cache.resolve()) in msg and "datasets--minhuh--prh" in msg
+    assert not (tmp_path / "out" / "stimuli.tsv").exists()

@@ -1,0 +1,90 @@
+"""Per-model cluster resources (xmodal.resources)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from xmodal.resources import (
+    ANALYSIS_KINDS,
+    analysis_resources,
+    extraction_resources,
+    gpus_needed,
+)
+
+REGISTRY = yaml.safe_load((Path(__file__).parents[1] / "config.yaml").read_text())["models"]
+
+
+@pytest.mark.parametrize("key", sorted(REGISTRY))
+def test_registry_models_get_complete_integer_resources(key: str) -> None:
+    m = REGISTRY[key]
+    r = extraction_resources(m["modality"], m["size_b"])
+    assert set(r) == {"gpu", "mem_mb", "runtime", "cpus_per_task"}
+    assert all(isinstance(v, int) and v >= 1 for v in r.values())
+
+
+def test_up_to_13b_one_gpu() -> None:
+    for m in REGISTRY.values():
+        if m["size_b"] <= 13:
+            assert extraction_resources(m["modality"], m["size_b"])["gpu"] == 1
+
+
+def test_big_llamas_get_enough_gpu_memory_for_bf16() -> None:
+    for key, n80, n40 in (("llama-30b", 1, 2), ("llama-65b", 2, 4)):
+        size_b = REGISTRY[key]["size_b"]
+        assert gpus_needed(size_b, 80) == n80
+        assert gpus_needed(size_b, 40) == n40
+        # enough: the bf16 weights fit in 90% of the GPUs with room to spare
+        for mem in (40, 80):
+            assert gpus_needed(size_b, mem) * 0.9 * mem > 2 * size_b * 1.05
+    assert extraction_resources("language", REGISTRY["llama-65b"]["size_b"])["gpu"] >= 2
+
+
+def test_host_memory_and_runtime_grow_with_size() -> None:
+    small = extraction_resources("language", 0.56)
+    big = extraction_resources("language", 65.2)
+    assert big["mem_mb"] > small["mem_mb"]
+    assert big["runtime"] > small["runtime"]
+    assert big["mem_mb"] >= 2 * 65.2 * 1000  # a full bf16 copy fits in host memory
+
+
+def test_memory_and_runtime_scale_with_attempt_gpus_do_not() -> None:
+    for modality, size in (("vision", 1.14), ("language", 65.2)):
+        r1 = extraction_resources(modality, size, attempt=1)
+        r3 = extraction_resources(modality, size, attempt=3)
+        assert r3["mem_mb"] == 3 * r1["mem_mb"]
+        assert r3["runtime"] == 3 * r1["runtime"]
+        assert r3["gpu"] == r1["gpu"] and r3["cpus_per_task"] == r1["cpus_per_task"]
+
+
+def test_vision_cpus_follow_decoding_workers() -> None:
+    assert extraction_resources("vision", 0.63, num_workers=8)["cpus_per_task"] == 8
+    assert extraction_resources("vision", 0.63, num_workers=2)["cpus_per_task"] == 2
+    assert extraction_resources("vision", 0.63, num_workers=0)["cpus_per_task"] == 1
+    assert extraction_resources("language", 7, num_workers=8)["cpus_per_task"] <= 4
+
+
+def test_analysis_resources_request_no_gpu() -> None:
+    for kind in ANALYSIS_KINDS:
+        r1, r2 = analysis_resources(kind), analysis_resources(kind, attempt=2)
+        assert "gpu" not in r1 and "gpu" not in r2
+        assert r2["mem_mb"] == 2 * r1["mem_mb"] and r2["runtime"] == 2 * r1["runtime"]
+
+
+@pytest.mark.parametrize(
+    ("args", "match"),
+    [
+        (("audio", 1.0), "modality"),
+        (("vision", 0), "size_b"),
+        (("vision", float("nan")), "size_b"),
+        (("vision", 1.0, 0), "attempt"),
+        (("language", 2000.0), "GPUs"),
+    ],
+)
+def test_bad_arguments_name_the_problem(args: tuple, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        extraction_resources(*args)
+    with pytest.raises(ValueError, match="analysis kind"):
+        analysis_resources("nope")
