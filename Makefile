@@ -26,6 +26,7 @@ setup: $(VENV)/.installed
 
 demo: setup
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/snakemake --profile profiles/demo --cores $(CORES)
+	mkdir -p results/report
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/snakemake --profile profiles/demo --report results/report/demo.html
 	@echo "Demo finished: figures in results/figures/demo/, report in results/report/demo.html"
 	@echo "NOTE: the demo's models are untrained, randomly initialised stand-ins; its numbers say nothing about real models."

@@ -107,3 +107,17 @@ def hf_offline(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)
+
+
+# ---------------------------------------------------------------- the demo, run once per session
+
+
+@pytest.fixture(scope="session")
+def demo_project(tmp_path_factory):
+    """A copy of the project in which the embedded demo has run to completion locally
+    (`snakemake --profile profiles/demo`); shared by the workflow and SLURM tests."""
+    from _project import copy_project, run_snakemake
+
+    wd = copy_project(tmp_path_factory.mktemp("demo") / "project")
+    run_snakemake(wd, "--profile", "profiles/demo", "--cores", "2")
+    return wd

@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from _project import copy_project
 
 pytestmark = pytest.mark.slurm
 
@@ -247,24 +248,9 @@ def test_failed_job_is_retried_with_more_memory(slurm_cluster: Cluster, tmp_path
     assert first["Partition"] == second["Partition"] == PARTITION
 
 
-def _copy_project(dest: Path) -> None:
-    """The project as a user has it: tracked and untracked-but-not-ignored files."""
-    files = subprocess.run(
-        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-        cwd=ROOT,
-        capture_output=True,
-        check=True,
-    ).stdout.split(b"\0")
-    for name in filter(None, (f.decode() for f in files)):
-        src = ROOT / name
-        if src.is_file():
-            (dest / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dest / name)
-
-
 @pytest.mark.slow
 def test_demo_under_profile_slurm_matches_local_run(
-    slurm_cluster: Cluster, tmp_path_factory: pytest.TempPathFactory
+    slurm_cluster: Cluster, tmp_path_factory: pytest.TempPathFactory, demo_project: Path
 ) -> None:
     missing = [p for p in ("Snakefile", "config/demo.yaml") if not (ROOT / p).exists()]
     if missing:
@@ -273,13 +259,12 @@ def test_demo_under_profile_slurm_matches_local_run(
     demo = yaml.safe_load((ROOT / "config" / "demo.yaml").read_text())
     dataset, models = demo["dataset"], demo["models"]
 
-    local = tmp_path_factory.mktemp("local")
-    _copy_project(local)
-    proc = snakemake(c, "--cores", "2", "--configfile", "config/demo.yaml", cwd=local, timeout=1800)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    local = (
+        demo_project  # the demo run locally (--profile profiles/demo), shared with test_workflow
+    )
 
     cluster = tmp_path_factory.mktemp("cluster")
-    _copy_project(cluster)
+    copy_project(cluster)
     place_slurm_profile(cluster, c.partition)
     since = _since()
     proc = snakemake(

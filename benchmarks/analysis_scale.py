@@ -1,0 +1,260 @@
+"""Time the whole analysis at the paper's real shapes on synthetic features.
+
+m = 1024 stimuli; 4 vision models (one layer, widths 1280/1536/1280/1280); 12 LLMs with their
+real numbers of hidden states and widths. LLM layers are generated one at a time from a seed
+(never all models at once), prepared, used and dropped. Stages: GPA, leave-one-model-out,
+selection, the 4×12 layer-search grid on the full set, every subset condition (low/high by rank
+and by PC1, random draws, drop-25%) with the bootstrap of low − high; then the straightforward
+way (kernels and kNN recomputed for every layer pair, HSIC as in the reference code) on a slice.
+
+Run: .venv/bin/python benchmarks/analysis_scale.py [--n-boot 1000] [--llms bloom-560m,...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import resource
+import sys
+import time
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+
+from xmodal import alignment, metrics
+from xmodal.dispersion import dispersion_table, leave_one_model_out
+from xmodal.gpa import gpa
+from xmodal.selection import make_sets
+
+M = 1024
+VISION = {"mae-h": 1280, "dinov2-g": 1536, "clip-h": 1280, "clip-h-ft": 1280}
+LLMS = {  # key: (width, number of hidden states = layers + 1)
+    "bloom-560m": (1024, 25),
+    "bloom-1b1": (1536, 25),
+    "bloom-1b7": (2048, 25),
+    "bloom-3b": (2560, 31),
+    "bloom-7b1": (4096, 31),
+    "open-llama-3b": (3200, 27),
+    "open-llama-7b": (4096, 33),
+    "open-llama-13b": (5120, 41),
+    "llama-7b": (4096, 33),
+    "llama-13b": (5120, 41),
+    "llama-30b": (6656, 61),
+    "llama-65b": (8192, 81),
+}
+D_SHARED, D_NOISE, D_LAYER = 48, 48, 64
+
+
+class Synthetic:
+    """Planted structure: a shared latent S, per-stimulus dispersion σ_j, per-model noise."""
+
+    def __init__(self, seed: int = 0) -> None:
+        rng = np.random.default_rng(seed)
+        self.seed = seed
+        self.shared = rng.standard_normal((M, D_SHARED)).astype(np.float32)
+        self.sigma = rng.uniform(0.1, 1.0, M).astype(np.float32)
+
+    def vision(self, index: int, width: int) -> np.ndarray:
+        """Full-rank (m × width) features: S A + σ_j · noise."""
+        rng = np.random.default_rng([self.seed, 1, index])
+        a = rng.standard_normal((D_SHARED, width)).astype(np.float32) / np.sqrt(D_SHARED)
+        noise = rng.standard_normal((M, width)).astype(np.float32)
+        return self.shared @ a + 0.6 * self.sigma[:, None] * noise
+
+    def llm_layers(self, index: int, width: int, n_layers: int) -> Iterator[np.ndarray]:
+        """Layers one at a time; alignment with S peaks at 2/3 depth; σ-scaled model noise."""
+        rng = np.random.default_rng([self.seed, 2, index])
+        model_noise = rng.standard_normal((M, D_NOISE)).astype(np.float32) * self.sigma[:, None]
+        for layer in range(n_layers):
+            lr = np.random.default_rng([self.seed, 3, index, layer])
+            depth = layer / max(n_layers - 1, 1)
+            a = 0.3 + np.exp(-((depth - 0.66) ** 2) / 0.05)
+            latent = np.concatenate(
+                [
+                    a * self.shared,
+                    model_noise,
+                    0.5 * lr.standard_normal((M, D_LAYER)).astype(np.float32),
+                ],
+                axis=1,
+            )
+            w = lr.standard_normal((latent.shape[1], width)).astype(np.float32)
+            yield latent @ w
+
+
+def reference_cknna(x: torch.Tensor, y: torch.Tensor, k: int) -> float:
+    """The straightforward way, as in the Platonic Representation code (without its 1e-6)."""
+
+    def hsic(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        n = a.shape[0]
+        at, bt = a.clone().fill_diagonal_(0), b.clone().fill_diagonal_(0)
+        return (
+            torch.sum(at * bt.T)
+            + torch.sum(at) * torch.sum(bt) / ((n - 1) * (n - 2))
+            - 2 * torch.sum(torch.mm(at, bt)) / (n - 2)
+        ) / (n * (n - 3))
+
+    def sim(kk: torch.Tensor, ll: torch.Tensor) -> torch.Tensor:
+        n = kk.shape[0]
+        _, ik = torch.topk(kk.clone().fill_diagonal_(float("-inf")), k, dim=1)
+        _, il = torch.topk(ll.clone().fill_diagonal_(float("-inf")), k, dim=1)
+        mk = torch.zeros(n, n).scatter_(1, ik, 1)
+        ml = torch.zeros(n, n).scatter_(1, il, 1)
+        mask = mk * ml
+        return hsic(mask * kk, mask * ll)
+
+    kk, ll = x @ x.T, y @ y.T
+    return float(sim(kk, ll) / torch.sqrt(sim(kk, kk) * sim(ll, ll)))
+
+
+def peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n-boot", type=int, default=1000)
+    parser.add_argument("--n-random", type=int, default=100)
+    parser.add_argument("--set-size", type=int, default=256)
+    parser.add_argument("--k", type=int, default=10)
+    parser.add_argument("--llms", default=",".join(LLMS), help="comma-separated subset of LLM keys")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    device = alignment.default_device()
+    print(f"device: {device}; torch threads: {torch.get_num_threads()}; m={M}; k={args.k}")
+    times: dict[str, float] = {}
+    t_all = time.perf_counter()
+    data = Synthetic(0)
+    ids = [f"s{j:04d}" for j in range(M)]
+
+    t0 = time.perf_counter()
+    raw_vision = [data.vision(i, w) for i, w in enumerate(VISION.values())]
+    vision_x = [metrics.prepare(x) for x in raw_vision]
+    times["generate+prepare vision"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    fit = gpa(raw_vision)
+    times["gpa"] = time.perf_counter() - t0
+    print(f"gpa: n_iter={fit.n_iter} converged={fit.converged} slow_regime={fit.slow_regime}")
+
+    t0 = time.perf_counter()
+    loo = leave_one_model_out(raw_vision, names=list(VISION), stimulus_ids=ids)
+    times["leave-one-model-out (4 fits)"] = time.perf_counter() - t0
+    print("loo pearson r:", " ".join(f"{r:.3f}" for r in loo.models["pearson_r"]))
+    del raw_vision
+
+    t0 = time.perf_counter()
+    table, explained = dispersion_table(ids, fit.residuals)
+    sets = make_sets(
+        ids, table["mean_dispersion"], table["pc1_score"], args.set_size, args.n_random, 0.25, 0
+    )
+    times["selection (rank, pc1, sets)"] = time.perf_counter() - t0
+    rho = np.corrcoef(
+        np.argsort(np.argsort(table["mean_dispersion"])), np.argsort(np.argsort(data.sigma))
+    )[0, 1]
+    print(
+        f"pc1 explained variance {explained:.3f}; Spearman(mean dispersion, planted sigma) {rho:.3f}"
+    )
+
+    t0 = time.perf_counter()
+    plan = alignment.ConditionPlan(sets, ids, k=args.k, n_boot=args.n_boot, seed=0)
+    vsides = [plan.side(x) for x in vision_x]
+    vknn = [s.full for s in vsides]
+    times["conditions"] = time.perf_counter() - t0
+    times["grid layer search"] = 0.0
+    times["generate+prepare LLM layers"] = 0.0
+    n_pairs = n_layers_total = 0
+    contrasts = []
+    llm_keys = [key for key in args.llms.split(",") if key]
+    for li, key in enumerate(llm_keys):
+        width, n_layers = LLMS[key]
+        layers = data.llm_layers(li, width, n_layers)
+        # synthetic stand-in for the file's stored abs_q95 (computed at extraction time)
+        t0 = time.perf_counter()
+        first = next(data.llm_layers(li, width, n_layers))
+        threshold = metrics.threshold_from_quantiles(metrics.abs_quantiles(first))
+        del first
+        times["generate+prepare LLM layers"] += time.perf_counter() - t0
+        best = [(-np.inf, -1, None)] * len(vision_x)
+        for layer in range(n_layers):
+            t0 = time.perf_counter()
+            y = metrics.prepare_layer(next(layers), threshold)
+            t1 = time.perf_counter()
+            times["generate+prepare LLM layers"] += t1 - t0
+            lk = alignment.kernel(y, device)
+            del y
+            lside = metrics.KernelKNN.build(lk, args.k)
+            for vi, vs in enumerate(vknn):
+                value = float(metrics.cknna_sides(vs, lside)[0])
+                if value > best[vi][0]:
+                    best[vi] = (value, layer, lk)
+            times["grid layer search"] += time.perf_counter() - t1
+            n_layers_total += 1
+        t0 = time.perf_counter()
+        cache: dict[int, alignment.ConditionSide] = {}
+        for vi, (_value, layer, lk) in enumerate(best):
+            if layer not in cache:
+                cache[layer] = plan.side(lk.cpu(), is_kernel=True)
+            _, contrast = plan.evaluate(list(VISION)[vi], key, layer, vsides[vi], cache[layer])
+            contrasts.append(contrast)
+            n_pairs += 1
+        del cache, best
+        times["conditions"] += time.perf_counter() - t0
+    total = time.perf_counter() - t_all
+
+    # straightforward way on a slice: 2 layers each of a small, a mid and the largest LLM
+    # (mean width 4779, close to the grid's mean layer width 4775), against every vision model
+    slice_layers = []
+    slice_keys = ["bloom-560m", "llama-13b", "llama-65b"]
+    for key in slice_keys:
+        li = list(LLMS).index(key)
+        width, n_layers = LLMS[key]
+        first = next(data.llm_layers(li, width, n_layers))
+        threshold = metrics.threshold_from_quantiles(metrics.abs_quantiles(first))
+        gen = data.llm_layers(li, width, n_layers)
+        slice_layers += [metrics.prepare_layer(next(gen), threshold) for _ in range(2)]
+    n_slice = len(slice_layers)
+    key = "+".join(slice_keys)
+    t0 = time.perf_counter()
+    ref = [
+        [reference_cknna(torch.from_numpy(v), torch.from_numpy(y), args.k) for y in slice_layers]
+        for v in vision_x
+    ]
+    t_ref = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    fast = alignment.layer_search_many(vision_x, iter(slice_layers), args.k, device)
+    t_fast = time.perf_counter() - t0
+    max_diff = float(np.max(np.abs(np.asarray(ref) - fast)))
+
+    print("\nstage                                   seconds")
+    for name, sec in times.items():
+        print(f"  {name:<38}{sec:8.2f}")
+    print(f"  {'total':<38}{total:8.2f}")
+    synth = times["generate+prepare vision"] + times["generate+prepare LLM layers"]
+    print(f"  {'total without synthetic generation':<38}{total - synth:8.2f}")
+    print(
+        f"pairs: {n_pairs}; LLM layers scanned: {n_layers_total}; grid CKNNA evaluations: {n_layers_total * len(vision_x)}"
+    )
+    print(f"peak RSS: {peak_rss_gb():.2f} GB")
+    print(
+        f"straightforward slice ({len(vision_x)} vision x {n_slice} layers, 2 of each of {key}): "
+        f"{t_ref:.2f} s vs fast {t_fast:.2f} s -> {t_ref / t_fast:.1f}x (max |diff| {max_diff:.1e})"
+    )
+    per_pair = t_ref / (len(vision_x) * n_slice)
+    print(
+        f"straightforward grid extrapolated: {per_pair * n_layers_total * len(vision_x):.0f} s "
+        f"vs measured fast grid {times['grid layer search']:.1f} s"
+    )
+    import pandas as pd
+
+    c = pd.concat(contrasts, ignore_index=True)
+    for summary, g in c.groupby("summary"):
+        print(
+            f"contrast {summary}: low>random_mean>high in {int(((g.low > g.random_mean) & (g.random_mean > g.high)).sum())}/{len(g)} pairs; "
+            f"median low-high {g.diff_low_high.median():.3f}; CI excludes 0 in {int((g.diff_ci_low > 0).sum())}/{len(g)}"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,177 @@
+"""Per-stimulus dispersion summaries and leave-one-model-out validation (DESIGN §2.2, §2.4)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import scipy.stats
+from threadpoolctl import threadpool_limits
+
+from xmodal.gpa import GPAResult, available_cores, gpa, project
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "LOOResult",
+    "dispersion_table",
+    "leave_one_model_out",
+    "mean_dispersion",
+    "pc1_dispersion",
+    "stable_rank",
+]
+
+
+def _residual_matrix(residuals: np.ndarray) -> np.ndarray:
+    r = np.asarray(residuals, dtype=np.float64)
+    if r.ndim != 2 or r.shape[0] < 2 or r.shape[1] < 1:
+        raise ValueError(f"residuals must be an m×M matrix (m ≥ 2), got shape {r.shape}")
+    if not np.all(np.isfinite(r)):
+        raise ValueError("residuals contain non-finite values")
+    return r
+
+
+def mean_dispersion(residuals: np.ndarray) -> np.ndarray:
+    """d_j = mean_i r_ij (row means of the m×M residual matrix)."""
+    return _residual_matrix(residuals).mean(axis=1)
+
+
+def pc1_dispersion(residuals: np.ndarray) -> tuple[np.ndarray, float]:
+    """PC1 score Rc v₁ (Rc = R − column means, v₁ top right singular vector), sign: corr(score, d) ≥ 0.
+
+    Returns (scores, explained variance ratio σ₁² / Σσ²). With one model the score is Rc itself.
+    """
+    r = _residual_matrix(residuals)
+    rc = r - r.mean(axis=0, keepdims=True)
+    _, s, vt = np.linalg.svd(rc, full_matrices=False)
+    total = float(np.sum(s**2))
+    scores = rc @ vt[0]
+    d = r.mean(axis=1)
+    dc = d - d.mean()
+    # corr(score, d) has the sign of the centred inner product (both are centred).
+    if float(scores @ dc) < 0:
+        scores = -scores
+    explained = float(s[0] ** 2 / total) if total > 0 else float("nan")
+    return scores, explained
+
+
+def stable_rank(values: np.ndarray) -> np.ndarray:
+    """Rank 0..m−1 in a stable ascending sort (ties keep their stimulus order)."""
+    order = np.argsort(np.asarray(values), kind="stable")
+    ranks = np.empty(order.size, dtype=np.int64)
+    ranks[order] = np.arange(order.size)
+    return ranks
+
+
+def dispersion_table(
+    stimulus_ids: Sequence[str], residuals: np.ndarray
+) -> tuple[pd.DataFrame, float]:
+    """Table stimulus_id, position, mean_dispersion, pc1_score, rank_mean, rank_pc1; and PC1 explained variance."""
+    r = _residual_matrix(residuals)
+    ids = [str(s) for s in stimulus_ids]
+    if len(ids) != r.shape[0]:
+        raise ValueError(f"{len(ids)} stimulus ids for {r.shape[0]} residual rows")
+    d = mean_dispersion(r)
+    pc1, explained = pc1_dispersion(r)
+    table = pd.DataFrame(
+        {
+            "stimulus_id": ids,
+            "position": np.arange(len(ids), dtype=np.int64),
+            "mean_dispersion": d,
+            "pc1_score": pc1,
+            "rank_mean": stable_rank(d),
+            "rank_pc1": stable_rank(pc1),
+        }
+    )
+    return table, explained
+
+
+@dataclass
+class LOOResult:
+    """Leave-one-model-out results: per-model correlations, per-stimulus values, and the GPA fits."""
+
+    models: pd.DataFrame
+    stimuli: pd.DataFrame
+    fits: dict[str, GPAResult]
+
+    def __iter__(self):  # allows ``models, stimuli = leave_one_model_out(...)``
+        return iter((self.models, self.stimuli))
+
+
+def leave_one_model_out(
+    reps: Sequence[np.ndarray],
+    names: Sequence[str] | None = None,
+    stimulus_ids: Sequence[str] | None = None,
+    tol: float = 1e-10,
+    max_iter: int = 1000,
+    n_jobs: int | None = None,
+) -> LOOResult:
+    """For each k: GPA on the others → C₋ₖ, p = mean residual; dev_kj = ‖(N_k T_k)_j − C₋ₖ,j‖₂; correlate p, dev.
+
+    ``models``: held_out, pearson_r, pearson_p, spearman_rho, spearman_p, n.
+    ``stimuli`` (long): held_out, stimulus_index, stimulus_id, partial_dispersion, deviation.
+    The M fits run on ``n_jobs`` threads (default: one per core, at most M), single-threaded BLAS.
+    """
+    n_models = len(reps)
+    if n_models < 3:
+        raise ValueError(f"leave-one-model-out needs at least 3 models, got {n_models}")
+    names = [f"model{i}" for i in range(n_models)] if names is None else [str(n) for n in names]
+    if len(names) != n_models:
+        raise ValueError(f"{len(names)} names for {n_models} models")
+    m = int(np.shape(reps[0])[0])
+    ids = [str(i) for i in range(m)] if stimulus_ids is None else [str(s) for s in stimulus_ids]
+    if len(ids) != m:
+        raise ValueError(f"{len(ids)} stimulus ids for {m} stimuli")
+
+    def fit_one(k: int) -> tuple[GPAResult, np.ndarray]:
+        others = [reps[i] for i in range(n_models) if i != k]
+        fit = gpa(others, tol=tol, max_iter=max_iter, n_jobs=1)
+        return fit, project(reps[k], fit.consensus)[1]
+
+    jobs = min(n_models, available_cores()) if n_jobs is None else max(1, int(n_jobs))
+    with threadpool_limits(limits=1, user_api="blas"):
+        if jobs == 1:
+            results = [fit_one(k) for k in range(n_models)]
+        else:
+            with ThreadPoolExecutor(jobs) as pool:
+                results = list(pool.map(fit_one, range(n_models)))
+    rows, long, fits = [], [], {}
+    for k, (fit, deviation) in enumerate(results):
+        fits[names[k]] = fit
+        partial = fit.residuals.mean(axis=1)
+        pr = scipy.stats.pearsonr(partial, deviation)
+        sr = scipy.stats.spearmanr(partial, deviation)
+        rows.append(
+            {
+                "held_out": names[k],
+                "pearson_r": float(pr.statistic),
+                "pearson_p": float(pr.pvalue),
+                "spearman_rho": float(sr.statistic),
+                "spearman_p": float(sr.pvalue),
+                "n": m,
+            }
+        )
+        long.append(
+            pd.DataFrame(
+                {
+                    "held_out": names[k],
+                    "stimulus_index": np.arange(m, dtype=np.int64),
+                    "stimulus_id": ids,
+                    "partial_dispersion": partial,
+                    "deviation": deviation,
+                }
+            )
+        )
+        log.info(
+            "leave-one-model-out %s: pearson r=%.3f, spearman rho=%.3f",
+            names[k],
+            pr.statistic,
+            sr.statistic,
+        )
+    return LOOResult(
+        models=pd.DataFrame(rows), stimuli=pd.concat(long, ignore_index=True), fits=fits
+    )

@@ -1,0 +1,46 @@
+"""Helpers for tests that run the workflow: copy the project as a user clones it, run Snakemake."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+SNAKEMAKE = str(BIN / "snakemake")
+
+
+def copy_project(dest: Path) -> Path:
+    """Copy the project as a user has it (tracked and untracked-but-not-ignored files): no
+    results, no downloaded or generated resources."""
+    dest.mkdir(parents=True, exist_ok=True)
+    files = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT,
+        capture_output=True,
+        check=True,
+    ).stdout.split(b"\0")
+    for name in filter(None, (f.decode() for f in files)):
+        src = ROOT / name
+        if src.is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / name)
+    return dest
+
+
+def run_snakemake(
+    cwd: Path, *args: str, check: bool = True, timeout: float = 1500
+) -> subprocess.CompletedProcess:
+    """Run ``snakemake ARGS`` in ``cwd`` with a clean environment; fail loudly with its output."""
+    env = {"PATH": f"{BIN}:/usr/bin:/bin", "HOME": str(cwd), "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run(
+        [SNAKEMAKE, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"snakemake {' '.join(args)} failed ({proc.returncode}):\n"
+            f"{proc.stdout[-5000:]}\n{proc.stderr[-8000:]}"
+        )
+    return proc

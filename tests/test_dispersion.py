@@ -1,0 +1,90 @@
+"""Dispersion summaries (DESIGN §2.2) and leave-one-model-out (§2.4)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scipy.stats import ortho_group, spearmanr
+
+from xmodal.dispersion import (
+    dispersion_table,
+    leave_one_model_out,
+    mean_dispersion,
+    pc1_dispersion,
+    stable_rank,
+)
+
+
+@settings(max_examples=10, deadline=None)
+@given(seed=st.integers(0, 2**16))
+def test_pc1_sign_convention(seed):
+    r = np.abs(np.random.default_rng(seed).standard_normal((50, 4))) + 0.1
+    scores, ev = pc1_dispersion(r)
+    assert np.corrcoef(scores, mean_dispersion(r))[0, 1] >= 0
+    assert 0 < ev <= 1
+    flipped, _ = pc1_dispersion(r[:, ::-1])
+    np.testing.assert_allclose(flipped, scores, atol=1e-12)
+
+
+def test_pc1_rank_one_orders_like_mean():
+    rng = np.random.default_rng(0)
+    a = rng.uniform(0, 1, 80)
+    b = np.array([0.5, 1.0, 2.0, 1.5])
+    r = 0.3 + np.outer(a, b)  # rank-1 residual structure around a constant
+    scores, ev = pc1_dispersion(r)
+    assert ev == pytest.approx(1.0)
+    np.testing.assert_array_equal(np.argsort(scores), np.argsort(mean_dispersion(r)))
+    assert spearmanr(scores, a).statistic == pytest.approx(1.0)
+
+
+def test_dispersion_table():
+    r = np.array([[1.0, 1.0], [0.5, 0.5], [0.5, 0.5], [2.0, 3.0]])
+    table, ev = dispersion_table(["a", "b", "c", "d"], r)
+    assert list(table.columns) == [
+        "stimulus_id",
+        "position",
+        "mean_dispersion",
+        "pc1_score",
+        "rank_mean",
+        "rank_pc1",
+    ]
+    assert table["rank_mean"].tolist() == [2, 0, 1, 3]  # ties by position
+    assert table["rank_pc1"].tolist() == [2, 0, 1, 3]
+    assert 0 < ev <= 1
+    with pytest.raises(ValueError, match="stimulus ids"):
+        dispersion_table(["a"], r)
+
+
+def test_stable_rank():
+    assert stable_rank(np.array([3.0, 1.0, 1.0, 0.0])).tolist() == [3, 1, 2, 0]
+
+
+def test_leave_one_model_out_planted():
+    rng = np.random.default_rng(0)
+    m, d = 200, 24
+    x = rng.standard_normal((m, d))
+    sigma = rng.uniform(0.0, 0.4, m)
+    reps = []
+    for w in (24, 28, 32, 32):
+        q = ortho_group.rvs(w, random_state=rng)[:d]
+        e = rng.standard_normal((m, w))
+        e /= np.linalg.norm(e, axis=1, keepdims=True)
+        reps.append(x @ q + sigma[:, None] * np.linalg.norm(x, axis=1, keepdims=True) * e)
+    res = leave_one_model_out(reps, names=["a", "b", "c", "d"], tol=1e-8)
+    models, stimuli = res
+    assert list(models.columns) == [
+        "held_out",
+        "pearson_r",
+        "pearson_p",
+        "spearman_rho",
+        "spearman_p",
+        "n",
+    ]
+    assert (models["pearson_r"] > 0.5).all() and (models["spearman_rho"] > 0.5).all()
+    assert (models["pearson_p"] < 1e-6).all() and (models["n"] == m).all()
+    assert len(stimuli) == 4 * m
+    assert {"held_out", "stimulus_id", "partial_dispersion", "deviation"} <= set(stimuli.columns)
+    sub = stimuli[stimuli.held_out == "a"]
+    np.testing.assert_allclose(sub.partial_dispersion, res.fits["a"].residuals.mean(axis=1))

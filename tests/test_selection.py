@@ -1,0 +1,78 @@
+"""Stimulus sets (DESIGN §2.3)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from xmodal import selection as sel
+
+IDS = [f"s{i:03d}" for i in range(40)]
+
+
+def scores(seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal(40), rng.standard_normal(40)
+
+
+def test_low_high_sizes_disjoint_and_ordered():
+    s, _ = scores()
+    low, high = sel.low_set(s, 10), sel.high_set(s, 10)
+    assert len(low) == len(high) == 10
+    assert not set(low) & set(high)
+    assert s[low].max() <= s[high].min()
+    ties = np.zeros(6)
+    assert sel.low_set(ties, 2).tolist() == [0, 1] and sel.high_set(ties, 2).tolist() == [4, 5]
+
+
+def test_random_sets_deterministic():
+    a = sel.random_sets(40, 10, 5, seed=3)
+    b = sel.random_sets(40, 10, 5, seed=3)
+    np.testing.assert_array_equal(a, b)
+    assert a.shape == (5, 10)
+    assert all(len(set(row)) == 10 for row in a)
+    assert not np.array_equal(a, sel.random_sets(40, 10, 5, seed=4))
+
+
+def test_drop_fractions():
+    s, _ = scores()
+    drop_high, drop_low = sel.drop_fraction_sets(s, 0.25)
+    assert len(drop_high) == len(drop_low) == 30
+    assert s[drop_high].max() <= np.sort(s)[29]
+    assert s[drop_low].min() >= np.sort(s)[10]
+
+
+def test_make_sets_long_format():
+    s, p = scores()
+    sets = sel.make_sets(IDS, s, p, set_size=10, n_random=7, drop_fraction=0.25, seed=1)
+    assert list(sets.columns) == ["set", "summary", "draw", "stimulus_id"]
+    counts = sets.groupby(["set", "summary", "draw"]).size()
+    assert counts[("low", "mean", 0)] == 10 and counts[("high", "pc1", 0)] == 10
+    assert counts[("drop_high", "mean", 0)] == 30
+    assert sorted(sets.query("set == 'random'").draw.unique()) == list(range(7))
+    assert set(sets.query("set == 'random'").summary) == {"none"}
+    again = sel.make_sets(IDS, s, p, set_size=10, n_random=7, drop_fraction=0.25, seed=1)
+    pd.testing.assert_frame_equal(sets, again)
+    low = set(sets.query("set == 'low' and summary == 'mean'").stimulus_id)
+    high = set(sets.query("set == 'high' and summary == 'mean'").stimulus_id)
+    assert not low & high
+
+
+def test_validation_errors():
+    s, p = scores()
+    with pytest.raises(ValueError, match="set_size"):
+        sel.make_sets(IDS, s, p, set_size=41, n_random=1, drop_fraction=0.25, seed=0)
+    with pytest.raises(ValueError, match="drop_fraction"):
+        sel.make_sets(IDS, s, p, set_size=10, n_random=1, drop_fraction=1.0, seed=0)
+    with pytest.raises(ValueError, match="drop_fraction"):
+        sel.make_sets(IDS, s, p, set_size=10, n_random=1, drop_fraction=0.0, seed=0)
+
+
+def test_sets_to_indices_unknown_ids():
+    s, p = scores()
+    sets = sel.make_sets(IDS, s, p, set_size=10, n_random=2, drop_fraction=0.25, seed=0)
+    idx = sel.sets_to_indices(sets, IDS)
+    assert len(idx[("low", "mean", 0)]) == 10
+    with pytest.raises(ValueError, match="s000|s039"):
+        sel.sets_to_indices(sets, IDS[1:-1])

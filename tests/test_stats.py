@@ -1,0 +1,97 @@
+"""Random baseline and the stimulus bootstrap (multiset CKNNA)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from xmodal import metrics as mt
+from xmodal import stats
+
+
+def pair(seed, m=30):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((m, 7))
+    y = x @ rng.standard_normal((7, 5)) + rng.standard_normal((m, 5))
+    return x, y
+
+
+def brute_multiset_cknna(kk, ll, w, k):
+    """Copies of a stimulus are one point: never neighbours, excluded from the U-statistic."""
+    copies = [i for i in range(len(w)) for _ in range(int(w[i]))]
+    n = len(copies)
+    kc, lc = kk[np.ix_(copies, copies)], ll[np.ix_(copies, copies)]
+    same = np.equal.outer(copies, copies)
+
+    def knn(g):
+        mask = np.zeros((n, n))
+        for a in range(n):
+            cand = sorted((b for b in range(n) if not same[a, b]), key=lambda b: (-g[a, b], b))
+            mask[a, cand[:k]] = 1
+        return mask
+
+    def hsic(a, b):
+        a, b = a * ~same, b * ~same
+        return (
+            np.sum(a * b.T)
+            + a.sum() * b.sum() / ((n - 1) * (n - 2))
+            - 2 * (a.sum(0) @ b.sum(1)) / (n - 2)
+        ) / (n * (n - 3))
+
+    mk, ml = knn(kc), knn(lc)
+    mm = mk * ml
+    return hsic(mm * kc, mm * lc) / np.sqrt(hsic(mk * kc, mk * kc) * hsic(ml * lc, ml * lc))
+
+
+def test_unit_weights_equal_cknna():
+    x, y = pair(0)
+    got = stats.weighted_cknna(x @ x.T, y @ y.T, np.ones((1, 30)), k=4)
+    assert got[0] == pytest.approx(mt.cknna(x, y, 4), abs=1e-12)
+
+
+@settings(max_examples=5, deadline=None)
+@given(seed=st.integers(0, 2**16), k=st.integers(2, 6))
+def test_multiset_cknna_matches_brute_force(seed, k):
+    x, y = pair(seed)
+    w = np.bincount(np.random.default_rng(seed).integers(0, 30, 30), minlength=30).astype(float)
+    got = stats.weighted_cknna(x @ x.T, y @ y.T, w[None], k=k)
+    assert got[0] == pytest.approx(brute_multiset_cknna(x @ x.T, y @ y.T, w, k), abs=1e-10)
+
+
+def test_truncated_lists_equal_full_lists():
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((300, 20)).astype(np.float32)
+    y = (x @ rng.standard_normal((20, 12)) + rng.standard_normal((300, 12))).astype(np.float32)
+    kk, ll = mt.gram(x), mt.gram(y)
+    plan = stats.BootstrapPlan(np.arange(300), 3, np.random.default_rng(0), k=10)
+    side_k = plan.side(kk)
+    assert side_k.depth < 299  # the truncated lists are in use
+    vals = plan.cknna(side_k, plan.side(ll))
+    k64, l64 = kk.astype(np.float64), ll.astype(np.float64)
+    exact = [brute_multiset_cknna(k64, l64, w, 10) for w in plan.weights.numpy()]
+    np.testing.assert_allclose(vals, exact, atol=2e-5)
+
+
+def test_bootstrap_deterministic_and_sensible():
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((120, 10))
+    y = x + 0.5 * rng.standard_normal((120, 10))
+    kk, ll = mt.gram(x), mt.gram(y)
+    a = stats.bootstrap_difference(kk, ll, np.arange(60), np.arange(60, 120), n_boot=50, seed=3)
+    b = stats.bootstrap_difference(kk, ll, np.arange(60), np.arange(60, 120), n_boot=50, seed=3)
+    assert a == b
+    assert a["diff_ci_low"] <= a["diff_ci_high"] and a["n_boot"] == 50
+    vals = stats.bootstrap_cknna(kk, ll, np.arange(60), 50, np.random.default_rng(0), k=10)
+    point = mt.cknna(x[:60], y[:60], 10)
+    assert abs(np.median(vals) - point) < 0.15
+
+
+def test_random_baseline():
+    out = stats.random_baseline(np.arange(100, dtype=float), 90.0)
+    assert out["random_mean"] == pytest.approx(49.5)
+    assert out["frac_random_ge_low"] == pytest.approx(0.10)
+    assert out["random_ci_low"] == pytest.approx(2.475) and out["random_ci_high"] == pytest.approx(
+        96.525
+    )
