@@ -2,11 +2,12 @@
 
 import _bootstrap  # noqa: F401
 
-from xmodal.demo.build import build_demo_model
 from xmodal.logs import log_to
 
 snakemake = globals()["snakemake"]  # injected by the preamble Snakemake prepends
-log_to(snakemake.log[0])
+log_to(snakemake.log[0])  # first, so that even an import error reaches the job's log
+
+from xmodal.demo.build import build_demo_model  # noqa: E402
 
 build_demo_model(
     snakemake.params.entry,

@@ -4,11 +4,12 @@ from pathlib import Path
 
 import _bootstrap  # noqa: F401
 
-from xmodal.demo.stimuli import generate_stimuli
 from xmodal.logs import log_to
 
 snakemake = globals()["snakemake"]  # injected by the preamble Snakemake prepends
-log_to(snakemake.log[0])
+log_to(snakemake.log[0])  # first, so that even an import error reaches the job's log
+
+from xmodal.demo.stimuli import generate_stimuli  # noqa: E402
 
 generate_stimuli(
     Path(snakemake.output.manifest).parent,

@@ -3,10 +3,11 @@
 import _bootstrap  # noqa: F401
 
 from xmodal.logs import log_to
-from xmodal.pipeline import run_leave_one_model_out
 
 snakemake = globals()["snakemake"]  # injected by the preamble Snakemake prepends
-log_to(snakemake.log[0])
+log_to(snakemake.log[0])  # first, so that even an import error reaches the job's log
+
+from xmodal.pipeline import run_leave_one_model_out  # noqa: E402
 
 run_leave_one_model_out(
     snakemake.input.features,

@@ -6,12 +6,13 @@ import sys
 
 import _bootstrap  # noqa: F401
 
-from xmodal.io import atomic_path
 from xmodal.logs import log_to
-from xmodal.prefetch import PrefetchError, prefetch_model
 
 snakemake = globals()["snakemake"]  # injected by the preamble Snakemake prepends
-log_to(snakemake.log[0])
+log_to(snakemake.log[0])  # first, so that even an import error reaches the job's log
+
+from xmodal.io import atomic_path  # noqa: E402
+from xmodal.prefetch import PrefetchError, prefetch_model  # noqa: E402
 
 entry = snakemake.params.entry
 try:

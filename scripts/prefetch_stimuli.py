@@ -7,10 +7,11 @@ from pathlib import Path
 import _bootstrap  # noqa: F401
 
 from xmodal.logs import log_to
-from xmodal.prefetch import PrefetchError, prefetch_stimuli
 
 snakemake = globals()["snakemake"]  # injected by the preamble Snakemake prepends
-log_to(snakemake.log[0])
+log_to(snakemake.log[0])  # first, so that even an import error reaches the job's log
+
+from xmodal.prefetch import PrefetchError, prefetch_stimuli  # noqa: E402
 
 try:
     prefetch_stimuli(

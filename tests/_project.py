@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -44,3 +45,19 @@ def run_snakemake(
             f"{proc.stdout[-5000:]}\n{proc.stderr[-8000:]}"
         )
     return proc
+
+
+def job_counts(output: str) -> dict[str, int]:
+    """Parse Snakemake's 'Job stats' table (rule name, count) from a dry run's output."""
+    counts: dict[str, int] = {}
+    lines = output.splitlines()
+    start = next((i for i, ln in enumerate(lines) if ln.strip().startswith("Job stats")), None)
+    if start is None:
+        return counts
+    for line in lines[start + 1 :]:
+        m = re.match(r"^(\S+)\s+(\d+)\s*$", line.strip())
+        if m and m.group(1) != "total":
+            counts[m.group(1)] = int(m.group(2))
+        elif line.strip().startswith("total"):
+            break
+    return counts

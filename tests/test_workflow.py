@@ -7,7 +7,6 @@ then edit a copy of its config and check which jobs Snakemake would schedule.
 from __future__ import annotations
 
 import copy
-import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -17,27 +16,10 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from _project import copy_project
+from _project import copy_project, job_counts
 from _project import run_snakemake as snakemake
 
 pytestmark = pytest.mark.slow
-
-
-def job_counts(output: str) -> dict[str, int]:
-    """Parse Snakemake's 'Job stats' table (rule name, count) from a dry run."""
-    counts: dict[str, int] = {}
-    lines = output.splitlines()
-    try:
-        start = next(i for i, line in enumerate(lines) if line.strip().startswith("Job stats"))
-    except StopIteration:
-        return counts
-    for line in lines[start + 1 :]:
-        m = re.match(r"^(\S+)\s+(\d+)\s*$", line.strip())
-        if m and m.group(1) != "total":
-            counts[m.group(1)] = int(m.group(2))
-        elif line.strip().startswith("total"):
-            break
-    return counts
 
 
 def dry_run(cwd: Path, configfile: str) -> dict[str, int]:

@@ -50,7 +50,8 @@ def check_config(config: Mapping[str, Any]) -> None:
     if len(vision) < 3:
         raise ConfigError(
             f"config key 'models': GPA and leave-one-model-out need at least 3 vision models, "
-            f"found {len(vision)} ({', '.join(vision) or 'none'})"
+            f"found {len(vision)} ({', '.join(vision) or 'none'}); add vision models under "
+            "'models' (modality: vision)"
         )
     if not language:
         raise ConfigError(
@@ -75,13 +76,16 @@ def check_against_stimuli(config: Mapping[str, Any], n_stimuli: int) -> None:
     set_size, k = int(ana["set_size"]), int(ana["knn_k"])
     if set_size > n_stimuli // 2:
         raise ConfigError(
-            f"config key 'analysis.set_size' ({set_size}) is larger than half the {n_stimuli} stimuli: "
-            "the low and high sets would overlap"
+            f"config key 'analysis.set_size' ({set_size}) is larger than half the {n_stimuli} "
+            f"stimuli: the low and high sets would overlap; set it to at most {n_stimuli // 2} "
+            "or use more stimuli"
         )
     n_keep = n_stimuli - int(round(float(ana["drop_fraction"]) * n_stimuli))
     if k >= min(set_size, n_keep):
         raise ConfigError(
-            f"config key 'analysis.knn_k' ({k}) must be smaller than every stimulus set"
+            f"config key 'analysis.knn_k' ({k}) must be smaller than every stimulus set "
+            f"(smallest: {min(set_size, n_keep)} stimuli); lower 'analysis.knn_k' or raise "
+            "'analysis.set_size'"
         )
 
 
@@ -115,3 +119,18 @@ def load_config_file(path: str | os.PathLike) -> dict:
             return loader.get_single_data() or {}
         finally:
             loader.dispose()
+
+
+def schema_errors(
+    config: Mapping[str, Any], schema_path: str | os.PathLike, source: str = "the config"
+) -> list[str]:
+    """One line per JSON-schema violation: the config file, the dotted key and what is wrong."""
+    import jsonschema
+
+    schema = load_config_file(schema_path)
+    validator = jsonschema.validators.validator_for(schema)(schema)
+    lines = []
+    for err in sorted(validator.iter_errors(config), key=lambda e: list(map(str, e.path))):
+        key = ".".join(str(p) for p in err.path) or "(top level)"
+        lines.append(f"Invalid configuration in {source}: key '{key}': {err.message}")
+    return lines

@@ -16,6 +16,7 @@ plausible-looking file. Readers load one layer at a time and check ids, shapes a
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import logging
@@ -29,7 +30,7 @@ import h5py
 import numpy as np
 import torch
 
-from xmodal.io import atomic_path
+from xmodal.io import atomic_path, remove_stale_temporaries
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,13 @@ SCHEMA_VERSION = 1
 Q = 0.95
 _MAX_CHUNK_BYTES = 1 << 30  # HDF5 chunks must stay below 4 GiB; keep them at most 1 GiB
 _QUANTILE_BLOCK = 1 << 24  # elements per block when computing abs_q95 from a file
-_TOKEN_RE = re.compile(r"\bhf_[A-Za-z0-9]{30,}")  # never write a Hugging Face token
+_TOKEN_RE = re.compile(r"\bhf_[A-Za-z0-9]{20,}")  # never write a Hugging Face token
+_TOKEN_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HUGGINGFACE_HUB_TOKEN")
+#: What to do about a feature file that cannot be used as it is.
+REEXTRACT = (
+    "delete it and rerun the workflow (Snakemake then re-extracts only this model), or, for a "
+    "file you supplied, rewrite it following docs/contracts.md"
+)
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -50,6 +57,15 @@ __all__ = [
 
 class FeatureFileError(ValueError):
     """A feature file is missing, malformed, non-finite or does not match the stimuli."""
+
+
+def _holds_token(text: str) -> bool:
+    """True when ``text`` contains a Hugging Face token (``hf_...`` or the one in the environment)."""
+    if _TOKEN_RE.search(text):
+        return True
+    return any(
+        (tok := os.environ.get(name)) and len(tok) >= 8 and tok in text for name in _TOKEN_ENV
+    )
 
 
 def _preview(ids: Sequence[str], n: int = 5) -> str:
@@ -161,9 +177,13 @@ def write_features(
         **dict(attrs),
     }
     for key, value in full_attrs.items():
-        if _TOKEN_RE.search(str(_attr_value(value))):
-            raise FeatureFileError(f"{path}: attribute {key!r} looks like it holds an access token")
+        if _holds_token(f"{key} {_attr_value(value)}"):
+            raise FeatureFileError(
+                f"{path}: attribute {key!r} looks like it holds an access token; tokens are "
+                "read from the environment (HF_TOKEN) and never written to feature files"
+            )
 
+    remove_stale_temporaries(path)  # left by a killed earlier write of this file
     with atomic_path(path) as tmp:
         with h5py.File(tmp, "w") as f:
             dset = None
@@ -247,18 +267,35 @@ class FeatureFile:
         try:
             self._f = h5py.File(self.path, "r")
         except OSError as err:
-            raise FeatureFileError(f"{self.path}: not a readable HDF5 file ({err})") from err
+            raise FeatureFileError(
+                f"{self.path}: not a readable HDF5 file, truncated or corrupt ({err}); {REEXTRACT}"
+            ) from err
         try:
-            self._check_structure()
+            with self._reading("its structure"):
+                self._check_structure()
+                self._ids = [
+                    s.decode() if isinstance(s, bytes) else str(s)
+                    for s in self._f["stimulus_ids"][()]
+                ]
         except BaseException:
             self._f.close()
             raise
-        self._ids = [
-            s.decode() if isinstance(s, bytes) else str(s) for s in self._f["stimulus_ids"][()]
-        ]
         self._order: np.ndarray | None = None
         if expected_ids is not None:
             self._match_ids(expected_ids)
+
+    @contextlib.contextmanager
+    def _reading(self, what: str) -> Iterator[None]:
+        """Turn low-level HDF5 read errors (a corrupt or truncated file) into FeatureFileError."""
+        try:
+            yield
+        except FeatureFileError:
+            raise
+        except (OSError, KeyError, RuntimeError, ValueError, TypeError) as err:
+            raise FeatureFileError(
+                f"{self.path}: cannot read {what}: the file is corrupt or truncated "
+                f"({type(err).__name__}: {err}); {REEXTRACT}"
+            ) from err
 
     # -- structure -------------------------------------------------------------------------
     def _check_structure(self) -> None:
@@ -267,7 +304,8 @@ class FeatureFile:
         if version is None or int(version) != SCHEMA_VERSION:
             raise FeatureFileError(
                 f"{p}: feature file schema_version is {version!r}, this version of xmodal reads "
-                f"{SCHEMA_VERSION}; re-extract the features (delete the file and rerun extraction)"
+                f"{SCHEMA_VERSION} (the file was written by another version of xmodal); "
+                "re-extract the features (delete the file and rerun extraction)"
             )
         for name in ("features", "stimulus_ids", "layer_names"):
             if name not in f:
@@ -306,7 +344,10 @@ class FeatureFile:
             if len(expected) != len(want):
                 parts.append("expected ids contain duplicates")
             raise FeatureFileError(
-                f"{self.path}: stimulus ids do not match the expected stimuli: " + "; ".join(parts)
+                f"{self.path}: stimulus ids do not match the expected stimuli: "
+                + "; ".join(parts)
+                + ". The file was extracted for another stimulus manifest: "
+                + REEXTRACT
             )
         pos = {s: i for i, s in enumerate(self._ids)}
         self._order = np.array([pos[s] for s in expected], dtype=np.int64)
@@ -324,7 +365,9 @@ class FeatureFile:
 
     @property
     def layer_names(self) -> list[str]:
-        return [s.decode() if isinstance(s, bytes) else str(s) for s in self._f["layer_names"][()]]
+        with self._reading("'layer_names'"):
+            names = self._f["layer_names"][()]
+        return [s.decode() if isinstance(s, bytes) else str(s) for s in names]
 
     @property
     def n_layers(self) -> int:
@@ -342,7 +385,9 @@ class FeatureFile:
     def attrs(self) -> dict[str, Any]:
         """Provenance attributes as stored (``preprocessing`` and ``library_versions`` are JSON strings)."""
         out = {}
-        for k, v in self._f.attrs.items():
+        with self._reading("its attributes"):
+            items = list(self._f.attrs.items())
+        for k, v in items:
             if isinstance(v, bytes):
                 v = v.decode()
             elif isinstance(v, np.generic):
@@ -356,7 +401,8 @@ class FeatureFile:
         n = self.n_layers
         if not -n <= i < n:
             raise IndexError(f"{self.path}: layer {i} out of range for {n} layers")
-        x = np.asarray(self._f["features"][i % n], dtype=np.float32)
+        with self._reading(f"layer {i}"):
+            x = np.asarray(self._f["features"][i % n], dtype=np.float32)
         return x if self._order is None else x[self._order]
 
     def layers(self) -> Iterator[np.ndarray]:
@@ -366,11 +412,12 @@ class FeatureFile:
 
     def abs_q95(self) -> np.ndarray:
         """Per stimulus 95th percentile of |x| over all layers and dims, ``(m,)`` float32."""
-        if "abs_q95" in self._f:
-            q = np.asarray(self._f["abs_q95"][()], dtype=np.float32)
-        else:
-            log.info("%s has no abs_q95; computing it from the features", self.path)
-            q = _abs_q95_from_dataset(self._f["features"])
+        with self._reading("'abs_q95'"):
+            if "abs_q95" in self._f:
+                q = np.asarray(self._f["abs_q95"][()], dtype=np.float32)
+            else:
+                log.info("%s has no abs_q95; computing it from the features", self.path)
+                q = _abs_q95_from_dataset(self._f["features"])
         return q if self._order is None else q[self._order]
 
     def validate(self, expected_ids: Sequence[str] | None = None) -> FeatureFile:
@@ -390,7 +437,7 @@ class FeatureFile:
             if bad.any():
                 raise FeatureFileError(
                     f"{self.path}: non-finite features in layer {i} ({name!r}) for stimuli "
-                    f"{_preview([ids[j] for j in np.flatnonzero(bad)])}"
+                    f"{_preview([ids[j] for j in np.flatnonzero(bad)])}; {REEXTRACT}"
                 )
         if "abs_q95" in self._f:
             q = self.abs_q95()

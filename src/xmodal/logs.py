@@ -1,15 +1,63 @@
-"""Logging set-up for pipeline steps: everything, tracebacks included, goes to the step's log."""
+"""Logging set-up for pipeline steps: everything goes to the step's log, with secrets redacted.
+
+An uncaught error raised by xmodal itself (a bad config value, manifest, image, feature file or
+model: :class:`ValueError`/:class:`RuntimeError` subclasses defined in ``xmodal``) is logged as
+one line that names what is at fault and what to do; any other error is logged with its full
+traceback. ``XMODAL_TRACEBACK=1`` keeps the traceback for xmodal errors too.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 from types import TracebackType
 
+#: Environment variables that may hold a Hugging Face access token.
+TOKEN_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HUGGINGFACE_HUB_TOKEN")
+_TOKEN_RE = re.compile(r"\bhf_[A-Za-z0-9]{20,}")
+REDACTED = "***"
+
+__all__ = ["REDACTED", "TOKEN_ENV", "RedactTokens", "log_to", "redact"]
+
+
+def redact(text: str) -> str:
+    """``text`` with every Hugging Face token (from the environment, or ``hf_...``) replaced."""
+    for name in TOKEN_ENV:
+        token = os.environ.get(name)
+        if token and len(token) >= 8:
+            text = text.replace(token, REDACTED)
+    return _TOKEN_RE.sub(REDACTED, text)
+
+
+class RedactTokens(logging.Filter):
+    """A handler filter that removes access tokens from messages and tracebacks."""
+
+    _fmt = logging.Formatter()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        clean = redact(msg)
+        if clean != msg:
+            record.msg, record.args = clean, None
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self._fmt.formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = redact(record.exc_text)
+        return True
+
+
+def _is_xmodal_error(err: BaseException) -> bool:
+    return type(err).__module__.startswith("xmodal") and isinstance(err, ValueError | RuntimeError)
+
 
 def log_to(path: str | os.PathLike | None, level: int = logging.INFO) -> logging.Logger:
-    """Send log records (and uncaught exceptions) to ``path`` and to stderr; return the root logger."""
+    """Send log records (and uncaught exceptions) to ``path`` and to stderr; return the root logger.
+
+    Tokens are redacted from every record. An uncaught xmodal error is logged as one line
+    (``ERROR <Type>: <message>``), any other exception with its traceback.
+    """
     root = logging.getLogger()
     root.setLevel(level)
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%Y-%m-%d %H:%M:%S")
@@ -19,10 +67,14 @@ def log_to(path: str | os.PathLike | None, level: int = logging.INFO) -> logging
         handlers.append(logging.FileHandler(path, mode="w", encoding="utf-8"))
     for h in handlers:
         h.setFormatter(fmt)
+        h.addFilter(RedactTokens())
         root.addHandler(h)
 
     def _hook(kind: type[BaseException], err: BaseException, tb: TracebackType | None) -> None:
-        root.error("%s: %s", kind.__name__, err, exc_info=(kind, err, tb))
+        if _is_xmodal_error(err) and not os.environ.get("XMODAL_TRACEBACK"):
+            root.error("%s: %s", kind.__name__, err)
+        else:
+            root.error("%s: %s", kind.__name__, err, exc_info=(kind, err, tb))
 
     sys.excepthook = _hook
     return root

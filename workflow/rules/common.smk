@@ -14,16 +14,36 @@ _SRC = str(Path(workflow.basedir) / "src")
 if _SRC not in sys.path:
     sys.path.insert(0, _SRC)
 
-from xmodal.config import ConfigError, check_config, load_config_file, models_of
+from xmodal.config import (
+    ConfigError,
+    check_config,
+    load_config_file,
+    models_of,
+    schema_errors,
+)
 from xmodal.figures import FIGURES
 
-validate(config, schema="../schemas/config.schema.yaml")
+_CONFIG_FILES = [str(p) for p in workflow.config_settings.configfiles] or [
+    "config.yaml"
+]
 try:
-    for _path in workflow.config_settings.configfiles or ["config.yaml"]:
-        load_config_file(_path)  # refuses duplicate keys, which YAML would silently merge
+    validate(config, schema="../schemas/config.schema.yaml")
+except WorkflowError:
+    # one line per problem, naming the file and the key (jsonschema's report is long)
+    _schema = Path(workflow.basedir) / "workflow" / "schemas" / "config.schema.yaml"
+    raise WorkflowError(
+        "\n".join(schema_errors(config, _schema, ", ".join(_CONFIG_FILES)))
+    ) from None
+try:
+    for _path in _CONFIG_FILES:
+        load_config_file(
+            _path
+        )  # refuses duplicate keys, which YAML would silently merge
     check_config(config)
 except ConfigError as err:
-    raise WorkflowError(f"Invalid configuration: {err}") from None
+    raise WorkflowError(
+        f"Invalid configuration in {', '.join(_CONFIG_FILES)}: {err}"
+    ) from None
 
 DATASET = config["dataset"]
 MODELS = config["models"]

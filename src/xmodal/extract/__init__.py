@@ -22,6 +22,7 @@ from xmodal.extract._common import (
     ExtractionError,
     ExtractionResult,
     NonFiniteFeatureError,
+    RemoteCodeError,
     UnsafeCheckpointError,
     resolve_device,
     resolve_dtype,
@@ -40,6 +41,7 @@ __all__ = [
     "ExtractionError",
     "ExtractionResult",
     "NonFiniteFeatureError",
+    "RemoteCodeError",
     "UnsafeCheckpointError",
     "extract_features",
 ]

@@ -38,6 +38,10 @@ class UnsafeCheckpointError(ExtractionError):
     """Only pickle checkpoints (which run code when loaded) are available and pickle is not allowed."""
 
 
+class RemoteCodeError(ExtractionError):
+    """A model needs custom Python code from its repository (``trust_remote_code``); never run."""
+
+
 def _preview(items: Sequence[Any], n: int = 5) -> str:
     items = list(items)
     head = ", ".join(repr(s) for s in items[:n])
@@ -146,6 +150,51 @@ def check_weight_files(directory: Path, model_id: str, *, allow_pickle: bool) ->
         f"{model_id}: no weight files (*.safetensors"
         f"{', pickle files' if allow_pickle else ''}) in {directory}"
         + ("" if allow_pickle else "; if the model ships only pickle files, set allow_pickle")
+    )
+
+
+def check_no_remote_code(directory: Path, model_id: str) -> str | None:
+    """Refuse a transformers model whose config needs code from its repository.
+
+    ``trust_remote_code`` is never enabled: a repository's ``*.py`` files would run with the
+    job's permissions. A config with an ``auto_map`` whose ``model_type`` transformers
+    implements itself is loaded with that built-in class (the repository's code is ignored, as
+    the returned note, logged, says); one whose ``model_type`` is unknown is a
+    :class:`RemoteCodeError`.
+    """
+    import json
+
+    auto_maps = {}
+    for name in ("config.json", "tokenizer_config.json"):
+        try:
+            cfg = json.loads((directory / name).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(cfg, dict) and cfg.get("auto_map"):
+            auto_maps[name] = cfg["auto_map"]
+            if name == "config.json":
+                model_type = cfg.get("model_type")
+    if not auto_maps:
+        return None
+    if "config.json" not in auto_maps:
+        note = f"{model_id}: ignoring the custom tokenizer code in tokenizer_config.json auto_map"
+        log.warning("%s", note)
+        return note
+    from transformers import CONFIG_MAPPING
+
+    code = sorted({str(v) for m in auto_maps.values() for v in dict(m).values()})
+    if model_type in CONFIG_MAPPING:
+        note = (
+            f"{model_id}: config.json asks for custom code {code}; ignoring it and using "
+            f"transformers' own implementation of model_type {model_type!r}"
+        )
+        log.warning("%s", note)
+        return note
+    raise RemoteCodeError(
+        f"{model_id}: the model needs custom code from its repository ({code}, model_type "
+        f"{model_type!r} is not built into transformers); xmodal never runs repository code "
+        "(trust_remote_code is always off). Use a model that transformers supports natively, "
+        "or a newer transformers that implements this architecture."
     )
 
 

@@ -24,6 +24,7 @@ from xmodal.extract._common import (
     ExtractionError,
     ExtractionResult,
     FeatureAccumulator,
+    check_no_remote_code,
     check_weight_files,
     dtype_name,
     progress_bar,
@@ -118,7 +119,11 @@ def load_language_model(
         )
         revision_used = folder.name
     if not (folder / "config.json").is_file():
-        raise ExtractionError(f"{model_id}: no config.json in {folder}")
+        raise ExtractionError(
+            f"{model_id}: no config.json in {folder}; the model's 'id' in the config must be a "
+            "hub repo id or a directory written by save_pretrained"
+        )
+    remote_code_note = check_no_remote_code(folder, model_id)
     weights = check_weight_files(folder, model_id, allow_pickle=allow_pickle)
     device_map = _choose_device_map(device, folder, weights, torch_dtype)
 
@@ -152,6 +157,7 @@ def load_language_model(
         requested_revision=revision,
         weights=weights,
         architecture=type(model).__name__,
+        remote_code_note=remote_code_note,
         n_layers=n_layers + 1,
         dim=int(model.config.hidden_size),
         device=str(device),

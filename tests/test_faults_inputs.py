@@ -1,0 +1,493 @@
+"""Bad input and faults at the library level: each ends in one clear message, no partial output.
+
+Covers what the other test files do not (see docs/troubleshooting.md for the full table):
+config errors as a user sees them from ``snakemake -n``, truncated / non-image / huge images,
+non-UTF-8 manifests, corrupt and truncated HDF5, models that need repository code, access
+tokens never logged or stored, a full disk, and a writer killed with SIGKILL mid-write.
+"""
+
+from __future__ import annotations
+
+import copy
+import errno
+import json
+import logging
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from xmodal.config import ConfigError, check_against_stimuli, check_config
+from xmodal.features import FeatureFile, FeatureFileError, write_features
+from xmodal.io import DiskFullError, write_table
+from xmodal.stimuli import ImageDataset, StimulusError, load_rgb, read_manifest
+
+ROOT = Path(__file__).resolve().parents[1]
+ATTRS = {"model_id": "org/tiny", "model_key": "tiny", "modality": "language", "source": "test"}
+FAKE_TOKEN = "hf_" + "Zq7" * 12  # shaped like a Hugging Face token; never a real one
+
+
+def _features(
+    n_layers: int = 3, m: int = 7, dim: int = 5
+) -> tuple[np.ndarray, list[str], list[str]]:
+    x = np.random.default_rng(0).standard_normal((n_layers, m, dim)).astype(np.float32)
+    return x, [f"s{i}" for i in range(m)], [f"layers.{i}" for i in range(n_layers)]
+
+
+# ======================================================================= config, as the user sees it
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of the project (no results) for dry runs with bad configs."""
+    from _project import copy_project
+
+    return copy_project(tmp_path_factory.mktemp("cfg") / "project")
+
+
+def _demo_cfg() -> dict:
+    return yaml.safe_load((ROOT / "config" / "demo.yaml").read_text())
+
+
+def _unknown_key(cfg: dict) -> None:
+    cfg["analysis"]["sett_size"] = 3
+
+
+def _wrong_type(cfg: dict) -> None:
+    cfg["analysis"]["set_size"] = "sixteen"
+
+
+def _unsafe_key(cfg: dict) -> None:
+    cfg["models"]["../../etc"] = cfg["models"].pop("tiny-mae")
+
+
+def _two_vision(cfg: dict) -> None:
+    for key in ("tiny-mae", "tiny-dinov2"):
+        del cfg["models"][key]
+
+
+def _k_ge_set_size(cfg: dict) -> None:
+    cfg["analysis"]["knn_k"] = cfg["analysis"]["set_size"]
+
+
+CONFIG_CASES: dict[str, tuple[Callable[[dict], None], str]] = {
+    # schema errors: Snakemake prints jsonschema's report (no Python traceback) naming the key
+    "unknown_key": (_unknown_key, r"Additional properties are not allowed \('sett_size'"),
+    "wrong_type": (_wrong_type, r"'sixteen' is not of type 'integer'[\s\S]*\['set_size'\]"),
+    "unsafe_model_key": (_unsafe_key, r"'\.\./\.\./etc' does not match"),
+    # xmodal.config.check_config, through a WorkflowError: one message
+    "fewer_than_3_vision": (_two_vision, r"'models': GPA .* at least 3 vision models, found 2"),
+    "k_ge_set_size": (_k_ge_set_size, r"'analysis.knn_k' \(60\) must be smaller than"),
+}
+
+
+def _dry_run(project: Path, config_text: str, name: str) -> subprocess.CompletedProcess:
+    from tests.test_faults_workflow import snakemake
+
+    (project / "config" / name).write_text(config_text)
+    return snakemake(project, "-n", "--configfile", f"config/{name}", "--cores", "1", check=False)
+
+
+@pytest.mark.parametrize("case", sorted(CONFIG_CASES))
+def test_bad_config_is_one_message_naming_the_key(project: Path, case: str) -> None:
+    edit, pattern = CONFIG_CASES[case]
+    cfg = copy.deepcopy(_demo_cfg())
+    edit(cfg)
+    proc = _dry_run(project, yaml.safe_dump(cfg, sort_keys=False), f"{case}.yaml")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0, out
+    assert re.search(pattern, out), out
+    assert "Traceback" not in out, out
+    assert not (project / "results").exists()
+
+
+def test_duplicate_model_key_names_file_and_lines(project: Path) -> None:
+    text = (ROOT / "config" / "demo.yaml").read_text()
+    block = text[text.index("  tiny-mae:") : text.index("  tiny-dinov2:")]
+    dup = text.replace(block, block + block.replace("seed: 1}", "seed: 9}"), 1)
+    proc = _dry_run(project, dup, "dup.yaml")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert re.search(r"config/dup\.yaml: duplicate key 'tiny-mae' at line \d+", out), out
+    assert "Traceback" not in out, out
+
+
+def test_unsafe_model_key_refused_by_check_config_too() -> None:
+    """A config that bypasses the schema (e.g. a notebook) is still refused, naming the key."""
+    cfg = _demo_cfg()
+    _unsafe_key(cfg)
+    with pytest.raises(ConfigError, match=r"'models\.\.\./\.\./etc'.*must match"):
+        check_config(cfg)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(min_size=1, max_size=20))
+def test_accepted_model_keys_stay_inside_results(key: str) -> None:
+    cfg = _demo_cfg()
+    cfg["models"][key] = cfg["models"].pop("tiny-mae")
+    try:
+        check_config(cfg)
+    except ConfigError:
+        return
+    root = Path("/r/results/features/demo")
+    assert (root / f"{key}.h5").resolve().parent == root
+    assert "/" not in key and "\\" not in key and not key.startswith(".")
+
+
+def test_set_size_larger_than_stimuli_says_what_to_do() -> None:
+    cfg = _demo_cfg()
+    with pytest.raises(ConfigError, match=r"'analysis.set_size' \(60\).*100 stimuli.*at most 50"):
+        check_against_stimuli(cfg, 100)
+    check_against_stimuli(cfg, 120)
+
+
+# ======================================================================= stimulus manifest / images
+@pytest.fixture
+def manifest_copy(tmp_path: Path, tiny_manifest: Path) -> Path:
+    shutil.copytree(tiny_manifest.parent, tmp_path / "m")
+    return tmp_path / "m" / "stimuli.tsv"
+
+
+def _image_of(manifest: Path, row: int) -> Path:
+    return manifest.parent / read_manifest(manifest)["image"][row]
+
+
+def test_truncated_jpeg_names_stimulus(manifest_copy: Path) -> None:
+    img = _image_of(manifest_copy, 0)  # stim-00, an RGB JPEG
+    assert img.suffix == ".jpg"
+    data = img.read_bytes()
+    img.write_bytes(data[: len(data) // 2])
+    with pytest.raises(
+        StimulusError, match=r"stimulus 'stim-00': cannot decode.*truncated.*replace"
+    ):
+        load_rgb(img, "stim-00")
+    # the up-front check decodes fully (PIL's header-only verify() passes a truncated JPEG)
+    with pytest.raises(StimulusError, match=r"1 image\(s\).*'stim-00'.*line 2"):
+        read_manifest(manifest_copy, verify_images=True)
+
+
+def test_text_file_named_jpg_through_a_dataloader_worker(manifest_copy: Path) -> None:
+    """The error crosses the DataLoader worker boundary with the stimulus id intact."""
+    from torch.utils.data import DataLoader
+
+    img = _image_of(manifest_copy, 6)  # stim-06
+    img.write_text("this is not an image\n")
+    df = read_manifest(manifest_copy)
+    loader = DataLoader(
+        ImageDataset(df, manifest_copy.parent, transform=lambda im: np.asarray(im).shape[2]),
+        batch_size=4,
+        num_workers=1,
+    )
+    with pytest.raises(StimulusError, match=r"stimulus 'stim-06': cannot decode image .*s06"):
+        list(loader)
+
+
+def test_non_utf8_manifest_names_line_and_stimulus(manifest_copy: Path) -> None:
+    lines = manifest_copy.read_bytes().split(b"\n")
+    lines[3] = lines[3] + " caf\xe9".encode("latin-1")
+    manifest_copy.write_bytes(b"\n".join(lines))
+    with pytest.raises(StimulusError) as err:
+        read_manifest(manifest_copy)
+    msg = str(err.value)
+    assert str(manifest_copy) in msg and "line 4 (stimulus 'stim-02')" in msg
+    assert "not valid UTF-8" in msg and "save the manifest as UTF-8" in msg
+
+
+@pytest.mark.parametrize("fmt, mode", [("JPEG", "CMYK"), ("PNG", "RGBA")])
+def test_huge_image_is_reduced_and_logged(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    fmt: str,
+    mode: str,
+) -> None:
+    import xmodal.stimuli as stimuli
+
+    monkeypatch.setattr(stimuli, "MAX_SIDE", 40)  # stands in for 4096: the code path is the same
+    path = tmp_path / f"big.{fmt.lower()}"
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (90, 130, 3), dtype=np.uint8)).convert(mode).save(
+        path, fmt
+    )
+    with caplog.at_level("INFO", logger="xmodal.stimuli"):
+        im = load_rgb(path, "stim-big")
+    assert im.mode == "RGB" and max(im.size) <= 40
+    assert (
+        "stimulus 'stim-big': huge image" in caplog.text and "(130 x 90) reduced to" in caplog.text
+    )
+    assert f"converting {mode} image" in caplog.text
+
+
+def test_decompression_bomb_sized_image_is_decoded_not_rejected(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 60 x 50 = 3000 > 2 x limit: PIL refuses
+    path = tmp_path / "bomb.png"
+    Image.new("L", (60, 50), 7).save(path)
+    with pytest.raises(Image.DecompressionBombError):
+        Image.open(path)
+    with caplog.at_level("INFO", logger="xmodal.stimuli"):
+        im = load_rgb(path, "stim-bomb")
+    assert im.size == (60, 50) and im.mode == "RGB"
+    assert "decompression-bomb limit; decoding it anyway" in caplog.text
+    assert Image.MAX_IMAGE_PIXELS == 1000  # the limit is restored
+
+
+# ======================================================================= feature files
+def test_truncated_hdf5_asks_to_delete_and_rerun(tmp_path: Path) -> None:
+    x, ids, names = _features(4, 50, 64)
+    path = write_features(tmp_path / "m.h5", x, ids, names, ATTRS)
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * 0.6)])
+    with pytest.raises(FeatureFileError, match=r"truncated or corrupt.*delete it and rerun") as err:
+        with FeatureFile(path) as ff:
+            ff.validate(ids)
+    assert str(path) in str(err.value)
+
+
+def test_corrupt_hdf5_never_escapes_as_a_raw_error(tmp_path: Path) -> None:
+    """Garbage written over any part of a file: FeatureFileError (naming it) or valid data."""
+    x, ids, names = _features(3, 20, 16)
+    good = write_features(tmp_path / "good.h5", x, ids, names, ATTRS).read_bytes()
+    n_error = 0
+    for offset in range(0, len(good) - 32, max(1, len(good) // 48)):
+        bad = bytearray(good)
+        bad[offset : offset + 32] = b"\xa5" * 32
+        path = tmp_path / f"bad{offset}.h5"
+        path.write_bytes(bytes(bad))
+        try:
+            with FeatureFile(path) as ff:
+                ff.validate(ids)
+                _ = ff.attrs, ff.abs_q95()
+        except FeatureFileError as err:
+            assert str(path) in str(err)
+            n_error += 1
+        path.unlink()
+    assert n_error > 0
+
+
+def test_file_without_schema_version_is_an_older_schema(tmp_path: Path) -> None:
+    x, ids, names = _features()
+    path = write_features(tmp_path / "old.h5", x, ids, names, ATTRS)
+    with h5py.File(path, "r+") as f:
+        del f.attrs["schema_version"]
+    with pytest.raises(FeatureFileError, match=r"schema_version is None.*re-extract"):
+        FeatureFile(path)
+
+
+# ======================================================================= models and secrets
+def _with_remote_code(src: Path, dest: Path, model_type: str) -> Path:
+    shutil.copytree(src, dest)
+    cfg = json.loads((dest / "config.json").read_text())
+    cfg["auto_map"] = {"AutoConfig": "evil.EvilConfig", "AutoModel": "evil.EvilModel"}
+    cfg["model_type"] = model_type
+    (dest / "config.json").write_text(json.dumps(cfg))
+    sentinel = dest / "REMOTE_CODE_RAN"
+    (dest / "evil.py").write_text(f"open({str(sentinel)!r}, 'w').write('ran')\n")
+    return sentinel
+
+
+def test_model_that_needs_remote_code_is_refused(tmp_path: Path, tiny_lms: dict[str, Path]) -> None:
+    from xmodal.extract import RemoteCodeError
+    from xmodal.extract.language import load_language_model
+
+    sentinel = _with_remote_code(tiny_lms["llama"], tmp_path / "custom", "xmodal-evil")
+    with pytest.raises(
+        RemoteCodeError, match=r"custom.*evil\.EvilModel.*trust_remote_code is always off"
+    ):
+        load_language_model(str(tmp_path / "custom"))
+    assert not sentinel.exists()
+
+
+def test_auto_map_on_a_builtin_architecture_is_ignored_and_logged(
+    tmp_path: Path, tiny_lms: dict[str, Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    from xmodal.extract.language import load_language_model
+
+    sentinel = _with_remote_code(tiny_lms["llama"], tmp_path / "native", "llama")
+    with caplog.at_level("WARNING"):
+        model, _, info = load_language_model(str(tmp_path / "native"))
+    assert type(model).__name__ == "LlamaModel" and not sentinel.exists()
+    assert "ignoring it and using transformers' own implementation" in info["remote_code_note"]
+    assert "model_type 'llama'" in caplog.text
+
+
+@pytest.fixture
+def fresh_root_logging() -> Iterator[None]:
+    """Undo what xmodal.logs.log_to does to the root logger and sys.excepthook."""
+    root = logging.getLogger()
+    handlers, level, hook = list(root.handlers), root.level, sys.excepthook
+    yield
+    for h in root.handlers[:]:
+        if h not in handlers:
+            root.removeHandler(h)
+            h.close()
+    root.setLevel(level)
+    sys.excepthook = hook
+
+
+def test_hub_token_never_in_logs_or_feature_attrs(
+    tmp_path: Path,
+    tiny_lms: dict[str, Path],
+    tiny_manifest: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    fresh_root_logging: None,
+) -> None:
+    from xmodal.extract import extract_features
+    from xmodal.logs import log_to
+
+    monkeypatch.setenv("HF_TOKEN", FAKE_TOKEN)
+    log_path = tmp_path / "extract.log"
+    log_to(log_path)
+    entry = {"modality": "language", "id": str(tiny_lms["bloom"]), "size_b": 0.0001}
+    out = extract_features("tiny-bloom", entry, tiny_manifest, tmp_path / "f.h5", progress=False)
+    # anything that does mention it (an exception message, a URL) is redacted on the way out
+    logging.getLogger("xmodal.test").warning("request with token %s failed", FAKE_TOKEN)
+    try:
+        raise RuntimeError(f"401 for Authorization: Bearer {FAKE_TOKEN}")
+    except RuntimeError:
+        logging.getLogger("xmodal.test").exception("download failed")
+    for h in logging.getLogger().handlers:
+        h.flush()
+    text = log_path.read_text()
+    assert "wrote" in text and "request with token *** failed" in text and "Bearer ***" in text
+    assert FAKE_TOKEN not in text
+    with h5py.File(out) as f:
+        assert not any(FAKE_TOKEN in str(v) for v in f.attrs.values())
+    # a token that is not hf_-shaped is refused as an attribute too
+    monkeypatch.setenv("HF_TOKEN", "s3cr3t-value-42")
+    x, ids, names = _features()
+    with pytest.raises(FeatureFileError, match="'note' looks like it holds an access token"):
+        write_features(tmp_path / "g.h5", x, ids, names, {**ATTRS, "note": "s3cr3t-value-42"})
+    assert not (tmp_path / "g.h5").exists()
+
+
+_HOOK_SCRIPT = """
+import sys
+sys.path.insert(0, {src!r})
+from xmodal.logs import log_to
+log_to({log!r})
+from xmodal.{module} import {error}
+raise {error}({message!r})
+"""
+
+
+@pytest.mark.parametrize(
+    "module, error, one_line",
+    [
+        ("config", "ConfigError", True),
+        ("features", "FeatureFileError", True),
+        ("io", "DiskFullError", False),
+    ],
+)
+def test_uncaught_xmodal_error_is_one_line_without_traceback(
+    tmp_path: Path, module: str, error: str, one_line: bool
+) -> None:
+    log = tmp_path / "step.log"
+    message = "config key 'analysis.set_size' (60) is too large; set it to at most 32"
+    code = _HOOK_SCRIPT.format(
+        src=str(ROOT / "src"), log=str(log), module=module, error=error, message=message
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    text = log.read_text()
+    assert f"ERROR root: {error}: {message}" in text and f"{error}: {message}" in proc.stderr
+    # xmodal's own ValueError/RuntimeError subclasses: no traceback; anything else keeps it
+    assert ("Traceback" not in text) is one_line, text
+
+
+# ======================================================================= faults while writing
+def test_disk_full_during_hdf5_write(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    x, ids, names = _features()
+    path = write_features(tmp_path / "m.h5", x, ids, names, ATTRS)  # a finished earlier result
+    before = path.read_bytes()
+    real_setitem = h5py.Dataset.__setitem__
+    calls = {"n": 0}
+
+    def full(self: h5py.Dataset, key: object, value: object) -> None:
+        calls["n"] += 1
+        if calls["n"] == 2:  # the second layer does not fit
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_setitem(self, key, value)
+
+    monkeypatch.setattr(h5py.Dataset, "__setitem__", full)
+    with pytest.raises(DiskFullError) as err:
+        write_features(path, x * 2, ids, names, ATTRS)
+    msg = str(err.value)
+    assert f"disk full while writing {path}" in msg and "Free space there" in msg
+    assert err.value.errno == errno.ENOSPC
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.h5"]  # no temp file left
+    assert path.read_bytes() == before  # the earlier result is untouched
+
+
+def test_disk_full_during_table_write(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import pandas as pd
+
+    def full(self: pd.DataFrame, target: object, **kwargs: object) -> None:
+        Path(str(target)).write_text("stimulus_id\tval")  # a partial write, then the error
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(pd.DataFrame, "to_csv", full)
+    with pytest.raises(DiskFullError, match=r"disk full while writing .*t\.tsv"):
+        write_table(pd.DataFrame({"a": [1]}), tmp_path / "t.tsv")
+    assert list(tmp_path.iterdir()) == []
+
+
+_WRITER = """
+import sys, time
+from pathlib import Path
+sys.path.insert(0, {src!r})
+import numpy as np
+from xmodal.features import write_features
+
+m, dim, n_layers = 256, 1024, 40
+ids = [f"s{{i}}" for i in range(m)]
+def layers():
+    rng = np.random.default_rng(0)
+    for i in range(n_layers):
+        if i == 3:
+            Path({marker!r}).write_text("mid-write")
+            time.sleep(120)  # killed here, with 3 layers (3 MiB) in the temporary file
+        yield rng.standard_normal((m, dim)).astype(np.float32)
+write_features({out!r}, layers(), ids, [f"layers.{{i}}" for i in range(n_layers)],
+               {{"model_id": "x", "model_key": "x", "modality": "language"}}, abs_q95=np.ones(m))
+"""
+
+
+def test_sigkill_mid_write_leaves_no_file_and_the_rerun_cleans_up(tmp_path: Path) -> None:
+    out, marker = tmp_path / "x.h5", tmp_path / "marker"
+    code = _WRITER.format(src=str(ROOT / "src"), out=str(out), marker=str(marker))
+    child = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not marker.exists():
+            assert child.poll() is None, child.stderr.read() if child.stderr else ""
+            assert time.monotonic() < deadline, "the writer never reached the middle of its write"
+            time.sleep(0.1)
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait(timeout=30)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    assert child.returncode == -signal.SIGKILL
+    assert not out.exists()
+    leftovers = list(tmp_path.glob(".x.h5.*.tmp.h5"))
+    assert len(leftovers) == 1 and leftovers[0].stat().st_size > 0
+    # the rerun writes the file and removes what the killed write left behind
+    x, ids, names = _features(2, 4, 3)
+    write_features(out, x, ids, names, ATTRS)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["marker", "x.h5"]
+    with FeatureFile(out) as ff:
+        ff.validate(ids)
