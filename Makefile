@@ -43,5 +43,5 @@ test: setup system-deps
 lint: setup
 	$(BIN)/ruff check src scripts tests benchmarks
 	$(BIN)/ruff format --check src scripts tests benchmarks
-	$(BIN)/snakefmt --check Snakefile workflow/rules tests/slurm/retry.smk
+	$(BIN)/snakefmt --check Snakefile workflow/rules
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/snakemake --lint
