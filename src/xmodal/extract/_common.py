@@ -94,6 +94,27 @@ def is_offline() -> bool:
     return bool(hc.HF_HUB_OFFLINE) or env.strip().upper() in {"1", "ON", "YES", "TRUE"}
 
 
+def resolve_model_folder(
+    model_id: str,
+    hub_repo: str,
+    *,
+    revision: str | None,
+    cache_dir: str | os.PathLike | None,
+    allow_patterns: Sequence[str],
+    what: str,
+) -> tuple[Path, str]:
+    """The folder to load a model from, and its revision: a local directory as it is
+    (``"local"``), else the hub-cache snapshot of ``hub_repo`` (its commit hash)."""
+    if Path(model_id).is_dir():
+        if revision:
+            log.warning("%s is a local directory; ignoring revision %r", model_id, revision)
+        return Path(model_id), "local"
+    folder = resolve_hub_snapshot(
+        hub_repo, revision=revision, cache_dir=cache_dir, allow_patterns=allow_patterns, what=what
+    )
+    return folder, folder.name
+
+
 def resolve_hub_snapshot(
     repo_id: str,
     *,

@@ -29,7 +29,7 @@ from xmodal.extract._common import (
     dtype_name,
     progress_bar,
     resolve_dtype,
-    resolve_hub_snapshot,
+    resolve_model_folder,
 )
 
 log = logging.getLogger(__name__)
@@ -103,21 +103,16 @@ def load_language_model(
 
     device = torch.device(device)
     torch_dtype = resolve_dtype(dtype, device)
-    if Path(model_id).is_dir():
-        folder, revision_used = Path(model_id), "local"
-        if revision:
-            log.warning("%s is a local directory; ignoring revision %r", model_id, revision)
-    else:
-        patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken"]
-        patterns += ["*.bin"] if allow_pickle else []
-        folder = resolve_hub_snapshot(
-            model_id,
-            revision=revision,
-            cache_dir=cache_dir,
-            allow_patterns=patterns,
-            what="language model",
-        )
-        revision_used = folder.name
+    patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken"]
+    patterns += ["*.bin"] if allow_pickle else []
+    folder, revision_used = resolve_model_folder(
+        model_id,
+        model_id,
+        revision=revision,
+        cache_dir=cache_dir,
+        allow_patterns=patterns,
+        what="language model",
+    )
     if not (folder / "config.json").is_file():
         raise ExtractionError(
             f"{model_id}: no config.json in {folder}; the model's 'id' in the config must be a "

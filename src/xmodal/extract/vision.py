@@ -28,7 +28,7 @@ from xmodal.extract._common import (
     check_weight_files,
     dtype_name,
     progress_bar,
-    resolve_hub_snapshot,
+    resolve_model_folder,
 )
 
 log = logging.getLogger(__name__)
@@ -88,20 +88,15 @@ def load_vision_model(
             model_name=model_id, pretrained=True, pretrained_cfg_overlay=dict(file=str(wf))
         )
     else:
-        if Path(model_id).is_dir():
-            folder, revision_used = Path(model_id), "local"
-            if revision:
-                log.warning("%s is a local directory; ignoring revision %r", model_id, revision)
-        else:
-            patterns = ["*.json", "*.safetensors"] + (["*.bin", "*.pth"] if allow_pickle else [])
-            folder = resolve_hub_snapshot(
-                _hub_repo(model_id),
-                revision=revision,
-                cache_dir=cache_dir,
-                allow_patterns=patterns,
-                what="vision model",
-            )
-            revision_used = folder.name
+        patterns = ["*.json", "*.safetensors"] + (["*.bin", "*.pth"] if allow_pickle else [])
+        folder, revision_used = resolve_model_folder(
+            model_id,
+            _hub_repo(model_id),
+            revision=revision,
+            cache_dir=cache_dir,
+            allow_patterns=patterns,
+            what="vision model",
+        )
         if not (folder / "config.json").is_file():
             raise ExtractionError(f"{model_id}: no timm config.json in {folder}")
         weights = check_weight_files(folder, model_id, allow_pickle=allow_pickle)
