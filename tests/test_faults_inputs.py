@@ -82,10 +82,22 @@ def _k_ge_set_size(cfg: dict) -> None:
 
 
 CONFIG_CASES: dict[str, tuple[Callable[[dict], None], str]] = {
-    # schema errors: Snakemake prints jsonschema's report (no Python traceback) naming the key
-    "unknown_key": (_unknown_key, r"Additional properties are not allowed \('sett_size'"),
-    "wrong_type": (_wrong_type, r"'sixteen' is not of type 'integer'[\s\S]*\['set_size'\]"),
-    "unsafe_model_key": (_unsafe_key, r"'\.\./\.\./etc' does not match"),
+    # schema errors: one line per problem naming the config file and the dotted key
+    "unknown_key": (
+        _unknown_key,
+        r"Invalid configuration in \S*unknown_key\.yaml: key 'analysis': "
+        r"Additional properties are not allowed \('sett_size'",
+    ),
+    "wrong_type": (
+        _wrong_type,
+        r"Invalid configuration in \S*wrong_type\.yaml: key 'analysis\.set_size': "
+        r"'sixteen' is not of type 'integer'",
+    ),
+    "unsafe_model_key": (
+        _unsafe_key,
+        r"Invalid configuration in \S*unsafe_model_key\.yaml: key 'models': "
+        r"'\.\./\.\./etc' does not match",
+    ),
     # xmodal.config.check_config, through a WorkflowError: one message
     "fewer_than_3_vision": (_two_vision, r"'models': GPA .* at least 3 vision models, found 2"),
     "k_ge_set_size": (_k_ge_set_size, r"'analysis.knn_k' \(60\) must be smaller than"),
@@ -93,7 +105,7 @@ CONFIG_CASES: dict[str, tuple[Callable[[dict], None], str]] = {
 
 
 def _dry_run(project: Path, config_text: str, name: str) -> subprocess.CompletedProcess:
-    from tests.test_faults_workflow import snakemake
+    from _project import run_snakemake as snakemake
 
     (project / "config" / name).write_text(config_text)
     return snakemake(project, "-n", "--configfile", f"config/{name}", "--cores", "1", check=False)
