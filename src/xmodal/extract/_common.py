@@ -9,7 +9,7 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -19,6 +19,9 @@ from xmodal.features import abs_quantile_rows
 
 # transformers and timm import torchvision; make that work first (see xmodal._compat)
 ensure_torchvision_importable()
+
+if TYPE_CHECKING:
+    from tqdm import tqdm
 
 log = logging.getLogger("xmodal.extract")
 
@@ -219,7 +222,7 @@ def check_no_remote_code(directory: Path, model_id: str) -> str | None:
     )
 
 
-def progress_bar(total: int, desc: str, unit: str, enabled: bool = True):
+def progress_bar(total: int, desc: str, unit: str, enabled: bool = True) -> tqdm:
     """A tqdm bar; updates often on a terminal, every 30 s in a log file."""
     from tqdm.auto import tqdm
 
