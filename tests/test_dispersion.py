@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from _planted import planted_reps
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from scipy.stats import ortho_group, spearmanr
+from scipy.stats import spearmanr
 
 from xmodal.dispersion import (
     dispersion_table,
@@ -63,15 +64,8 @@ def test_stable_rank():
 
 def test_leave_one_model_out_planted():
     rng = np.random.default_rng(0)
-    m, d = 200, 24
-    x = rng.standard_normal((m, d))
-    sigma = rng.uniform(0.0, 0.4, m)
-    reps = []
-    for w in (24, 28, 32, 32):
-        q = ortho_group.rvs(w, random_state=rng)[:d]
-        e = rng.standard_normal((m, w))
-        e /= np.linalg.norm(e, axis=1, keepdims=True)
-        reps.append(x @ q + sigma[:, None] * np.linalg.norm(x, axis=1, keepdims=True) * e)
+    m = 200
+    reps, sigma = planted_reps(rng, m, 24, (24, 28, 32, 32), max_noise=0.4)
     res = leave_one_model_out(reps, names=["a", "b", "c", "d"], tol=1e-8)
     models, stimuli = res
     assert list(models.columns) == [

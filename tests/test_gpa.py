@@ -7,6 +7,7 @@ import logging
 import numpy as np
 import pytest
 import scipy.stats
+from _planted import planted_reps
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy.stats import ortho_group
@@ -74,15 +75,7 @@ def test_objective_never_increases():
 def test_planted_noise_recovery():
     # DESIGN §2.1: m=1024, M=4, noise ≤ 0.3 of signal (widths of the prototype, 64/64/80/80)
     rng = np.random.default_rng(0)
-    m, d = 1024, 64
-    x = rng.standard_normal((m, d))
-    sigma = rng.uniform(0, 0.3, m)
-    reps = []
-    for w in (64, 64, 80, 80):
-        q = ortho_group.rvs(w, random_state=rng)[:d]
-        e = rng.standard_normal((m, w))
-        e /= np.linalg.norm(e, axis=1, keepdims=True)
-        reps.append(x @ q + sigma[:, None] * np.linalg.norm(x, axis=1, keepdims=True) * e)
+    reps, sigma = planted_reps(rng, 1024, 64, (64, 64, 80, 80), max_noise=0.3)
     res = gpa(reps)
     assert res.converged and res.slow_regime
     assert scipy.stats.spearmanr(res.residuals.mean(axis=1), sigma).statistic > 0.98
