@@ -124,6 +124,20 @@ def test_validate_names_file_layer_and_stimuli(tmp_path):
     assert str(path) in msg and "'layers.2'" in msg and "'s4'" in msg
 
 
+def test_finite_layer_checks_only_the_layer_read(tmp_path):
+    x, ids, names = _data()
+    path = write_features(tmp_path / "f.h5", x, ids, names, ATTRS)
+    with h5py.File(path, "r+") as f:
+        f["features"][2, 4, 1] = np.nan
+    with FeatureFile(path) as ff:
+        ff.validate(layers=False)  # ids and abs_q95 only: layer 2 is not scanned
+        np.testing.assert_array_equal(ff.finite_layer(0), x[0])
+        with pytest.raises(FeatureFileError) as err:
+            ff.finite_layer(-1)  # negative index: named as layer 2
+    msg = str(err.value)
+    assert str(path) in msg and "'layers.2'" in msg and "'s4'" in msg
+
+
 def test_schema_version_mismatch_asks_to_reextract(tmp_path):
     x, ids, names = _data()
     path = write_features(tmp_path / "f.h5", x, ids, names, ATTRS)

@@ -405,6 +405,19 @@ class FeatureFile:
             x = np.asarray(self._f["features"][i % n], dtype=np.float32)
         return x if self._order is None else x[self._order]
 
+    def finite_layer(self, i: int) -> np.ndarray:
+        """:meth:`layer`, checked: non-finite values raise an error naming layer and stimuli."""
+        x = self.layer(i)
+        bad = ~np.isfinite(x).all(axis=1)
+        if bad.any():
+            ids = self.stimulus_ids
+            raise FeatureFileError(
+                f"{self.path}: non-finite features in layer {i % self.n_layers} "
+                f"({self.layer_names[i]!r}) for stimuli "
+                f"{_preview([ids[j] for j in np.flatnonzero(bad)])}; {REEXTRACT}"
+            )
+        return x
+
     def layers(self) -> Iterator[np.ndarray]:
         """Every layer in order, one at a time."""
         for i in range(self.n_layers):
@@ -420,11 +433,14 @@ class FeatureFile:
                 q = _abs_q95_from_dataset(self._f["features"])
         return q if self._order is None else q[self._order]
 
-    def validate(self, expected_ids: Sequence[str] | None = None) -> FeatureFile:
+    def validate(
+        self, expected_ids: Sequence[str] | None = None, layers: bool = True
+    ) -> FeatureFile:
         """Check ids (unique; equal to ``expected_ids`` up to order), shapes and finiteness.
 
-        Reads one layer at a time. Raises :class:`FeatureFileError` naming the file and the
-        offending stimulus ids / layers. Returns ``self``.
+        Reads one layer at a time; ``layers=False`` skips that scan, for callers that read only
+        some layers and check them with :meth:`finite_layer`. Raises :class:`FeatureFileError`
+        naming the file and the offending stimulus ids / layers. Returns ``self``.
         """
         if len(set(self._ids)) != len(self._ids):
             dup = sorted({s for s in self._ids if self._ids.count(s) > 1})
@@ -432,13 +448,8 @@ class FeatureFile:
         if expected_ids is not None:
             self._match_ids(expected_ids)
         ids = self.stimulus_ids
-        for i, name in enumerate(self.layer_names):
-            bad = ~np.isfinite(self.layer(i)).all(axis=1)
-            if bad.any():
-                raise FeatureFileError(
-                    f"{self.path}: non-finite features in layer {i} ({name!r}) for stimuli "
-                    f"{_preview([ids[j] for j in np.flatnonzero(bad)])}; {REEXTRACT}"
-                )
+        for i in range(self.n_layers if layers else 0):
+            self.finite_layer(i)
         if "abs_q95" in self._f:
             q = self.abs_q95()
             bad = ~np.isfinite(q)

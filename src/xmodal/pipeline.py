@@ -41,9 +41,9 @@ def read_layer(
     Returns the stimulus ids, the resolved layer index and the (m, dim) float32 matrix.
     """
     with FeatureFile(path, expected_ids=expected_ids) as f:
-        f.validate(expected_ids=expected_ids)
+        f.validate(expected_ids=expected_ids, layers=False)
         idx = resolve_layer(layer, f.n_layers, path)
-        return list(f.stimulus_ids), idx, f.layer(idx)
+        return list(f.stimulus_ids), idx, f.finite_layer(idx)
 
 
 def read_vision_layers(paths: Sequence[PathLike], layer: int) -> tuple[list[str], list[np.ndarray]]:
@@ -160,15 +160,15 @@ def run_leave_one_model_out(
 def _prepared_layers(f: FeatureFile) -> Iterator[tuple[int, str, np.ndarray]]:
     t = metrics.threshold_from_quantiles(f.abs_q95())
     for i, name in enumerate(f.layer_names):
-        yield i, str(name), metrics.prepare_layer(f.layer(i), t)
+        yield i, str(name), metrics.prepare_layer(f.finite_layer(i), t)
 
 
 def _prepared_vision(path: PathLike, layer: int, ids: Sequence[str] | None = None):
     with FeatureFile(path, expected_ids=ids) as f:
-        f.validate(expected_ids=ids)
+        f.validate(expected_ids=ids, layers=False)
         idx = resolve_layer(layer, f.n_layers, path)
         t = metrics.threshold_from_quantiles(f.abs_q95())
-        return list(f.stimulus_ids), idx, metrics.prepare_layer(f.layer(idx), t)
+        return list(f.stimulus_ids), idx, metrics.prepare_layer(f.finite_layer(idx), t)
 
 
 def run_layer_search(
@@ -183,7 +183,8 @@ def run_layer_search(
     """CKNNA of one vision layer against every layer of an LLM on the full stimulus set."""
     ids, idx, vx = _prepared_vision(vision_path, vision_layer)
     with FeatureFile(llm_path, expected_ids=ids) as f:
-        f.validate(expected_ids=ids)
+        # ids checked here; every layer is checked for finiteness as it is read, once
+        f.validate(expected_ids=ids, layers=False)
         table = alignment.layer_profile_table(vision, llm, idx, vx, _prepared_layers(f), k=k)
     best = table.loc[table["chosen"]].iloc[0]
     log.info(
@@ -211,9 +212,9 @@ def run_conditions(
     chosen = int(layers.loc[layers["chosen"].astype(bool), "llm_layer"].iloc[0])
     ids, _, vx = _prepared_vision(vision_path, vision_layer)
     with FeatureFile(llm_path, expected_ids=ids) as f:
-        f.validate(expected_ids=ids)
+        f.validate(expected_ids=ids, layers=False)  # only the chosen layer is read
         t = metrics.threshold_from_quantiles(f.abs_q95())
-        lx = metrics.prepare_layer(f.layer(chosen), t)
+        lx = metrics.prepare_layer(f.finite_layer(chosen), t)
     sets = read_table(sets_path)
     sets["stimulus_id"] = sets["stimulus_id"].astype(str)
     conditions, contrasts = alignment.condition_table(
