@@ -11,3 +11,7 @@ from pathlib import Path
 _SRC = str(Path(__file__).resolve().parents[1] / "src")
 if _SRC not in sys.path:
     sys.path.insert(0, _SRC)
+
+import xmodal  # noqa: E402  (light: imports no numerical library)
+
+xmodal.configure_cpu_threads()  # before numpy/torch load their thread pools

@@ -16,6 +16,7 @@ from xmodal.dispersion import (
     pc1_dispersion,
     stable_rank,
 )
+from xmodal.gpa import gpa, project
 
 
 @settings(max_examples=10, deadline=None)
@@ -82,3 +83,26 @@ def test_leave_one_model_out_planted():
     assert {"held_out", "stimulus_id", "partial_dispersion", "deviation"} <= set(stimuli.columns)
     sub = stimuli[stimuli.held_out == "a"]
     np.testing.assert_allclose(sub.partial_dispersion, res.fits["a"].residuals.mean(axis=1))
+
+
+@pytest.mark.parametrize("m", [18, 26, 60])
+def test_leave_one_model_out_equals_separate_fits(m):
+    """Shared preprocessing gives what separate gpa(others) + project(held-out) give.
+
+    Widths 24/30/22/20: with m = 18 every subset is reduced, with m = 26 some subsets are
+    reduced and some only padded, with m = 60 none is reduced (padding to each subset's width).
+    """
+    rng = np.random.default_rng(m)
+    x = rng.standard_normal((m, 6))
+    reps = [
+        x @ rng.standard_normal((6, w)) + 0.5 * rng.standard_normal((m, w)) + 3.0
+        for w in (24, 30, 22, 20)
+    ]
+    res = leave_one_model_out(reps, names=list("abcd"))
+    for k, name in enumerate("abcd"):
+        fit = gpa([r for i, r in enumerate(reps) if i != k])
+        deviation = project(reps[k], fit.consensus)[1]
+        sub = res.stimuli[res.stimuli.held_out == name]
+        np.testing.assert_allclose(sub.partial_dispersion, fit.residuals.mean(axis=1), atol=1e-12)
+        np.testing.assert_allclose(sub.deviation, deviation, atol=1e-12)
+        assert res.fits[name].n_iter == fit.n_iter

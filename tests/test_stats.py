@@ -95,3 +95,20 @@ def test_random_baseline():
     assert out["random_ci_low"] == pytest.approx(2.475) and out["random_ci_high"] == pytest.approx(
         96.525
     )
+
+
+def test_resample_blocks_do_not_change_values(monkeypatch):
+    """Resamples are evaluated in blocks (cache-sized temporaries); the split never matters."""
+    x, y = pair(4, m=40)
+    kk, ll = x @ x.T, y @ y.T
+    plan = stats.BootstrapPlan(np.arange(40), 300, np.random.default_rng(0), k=5)
+
+    def values(block):
+        monkeypatch.setattr(stats, "BLOCK", block)
+        return plan.cknna(plan.side(kk), plan.side(ll))
+
+    one = values(1000)
+    for block in (7, 128):
+        np.testing.assert_allclose(values(block), one, rtol=1e-12, atol=0)
+    w = plan.weights.numpy()
+    np.testing.assert_allclose(one[:3], stats.weighted_cknna(kk, ll, w[:3], k=5), rtol=1e-12)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -12,7 +11,14 @@ import pandas as pd
 import scipy.stats
 from threadpoolctl import threadpool_limits
 
-from xmodal.gpa import GPAResult, available_cores, gpa, project
+from xmodal.gpa import (
+    GPAResult,
+    Preprocessed,
+    available_cores,
+    fit_preprocessed,
+    mapper,
+    project_preprocessed,
+)
 
 log = logging.getLogger(__name__)
 
@@ -127,18 +133,20 @@ def leave_one_model_out(
     if len(ids) != m:
         raise ValueError(f"{len(ids)} stimulus ids for {m} stimuli")
 
-    def fit_one(k: int) -> tuple[GPAResult, np.ndarray]:
-        others = [reps[i] for i in range(n_models) if i != k]
-        fit = gpa(others, tol=tol, max_iter=max_iter, n_jobs=1)
-        return fit, project(reps[k], fit.consensus)[1]
-
     jobs = min(n_models, available_cores()) if n_jobs is None else max(1, int(n_jobs))
-    with threadpool_limits(limits=1, user_api="blas"):
-        if jobs == 1:
-            results = [fit_one(k) for k in range(n_models)]
-        else:
-            with ThreadPoolExecutor(jobs) as pool:
-                results = list(pool.map(fit_one, range(n_models)))
+    with threadpool_limits(limits=1, user_api="blas"), mapper(jobs) as pmap:
+        # One preprocessing (and one SVD) per model, shared by the M fits and projections.
+        prep = Preprocessed(reps, pmap)
+        prep.mats(reduce=True, pmap=pmap)
+
+        def fit_one(k: int) -> tuple[GPAResult, np.ndarray]:
+            others = [i for i in range(n_models) if i != k]
+            fit = fit_preprocessed(
+                prep.mats(others), tol, max_iter, widths=[prep.widths[i] for i in others]
+            )
+            return fit, project_preprocessed(prep.held_out(k), fit.consensus)[1]
+
+        results = list(pmap(fit_one, range(n_models)))
     rows, long, fits = [], [], {}
     for k, (fit, deviation) in enumerate(results):
         fits[names[k]] = fit

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import scipy.linalg
@@ -27,7 +29,10 @@ log = logging.getLogger(__name__)
 #: nothing from threads, and oversubscribed threads slowed them 100-fold on a shared 2-core host.
 SMALL_WIDTH = 2048
 
-__all__ = ["GPAResult", "gpa", "preprocess", "procrustes", "project"]
+__all__ = ["GPAResult", "Preprocessed", "gpa", "preprocess", "procrustes", "project"]
+
+#: ``map`` or a thread pool's ``map``: how the per-model steps are run.
+Mapper = Callable[..., Iterable[Any]]
 
 
 @dataclass
@@ -56,37 +61,91 @@ def _as_2d_float64(x: np.ndarray, name: str) -> np.ndarray:
     return a
 
 
+def _centre_scale(x: np.ndarray, name: str) -> np.ndarray:
+    """N − 1μᵀ (column means over stimuli), divided by its Frobenius norm; float64."""
+    a = _as_2d_float64(x, name)
+    c = a - a.mean(axis=0, keepdims=True)
+    norm = np.linalg.norm(c)
+    if norm == 0.0:
+        raise ValueError(f"{name} is constant across stimuli (zero norm after centring)")
+    return c / norm
+
+
+def _svd(a: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Thin SVD by LAPACK gesdd (numpy's, which releases the GIL), gesvd if gesdd fails."""
+    try:
+        return np.linalg.svd(a, full_matrices=False)
+    except np.linalg.LinAlgError:  # gesdd can fail to converge on pathological input
+        return scipy.linalg.svd(a, full_matrices=False, lapack_driver="gesvd")
+
+
+def _thin_us(c: np.ndarray) -> np.ndarray:
+    """U S from the thin SVD of c (m × min(m, n)): c up to a right orthogonal factor."""
+    u, s, _ = _svd(c)
+    return u * s
+
+
+def _to_width(a: np.ndarray, width: int) -> np.ndarray:
+    """First ``width`` columns of a, zero-padded when a is narrower."""
+    a = a[:, :width]
+    return np.pad(a, ((0, 0), (0, width - a.shape[1]))) if a.shape[1] < width else a
+
+
+class Preprocessed:
+    """Every model's centred, unit-norm matrix, and its thin-SVD U·S computed at most once.
+
+    :meth:`mats` assembles GPA's inputs for any subset of the models exactly as
+    :func:`preprocess` would for that subset, so leave-one-model-out fits share one
+    preprocessing (and one SVD per model) instead of repeating it per fit.
+    """
+
+    def __init__(self, reps: Sequence[np.ndarray], pmap: Mapper = map) -> None:
+        if len(reps) < 1:
+            raise ValueError("no models given")
+        self.centred = list(pmap(lambda i: _centre_scale(reps[i], f"reps[{i}]"), range(len(reps))))
+        m = self.centred[0].shape[0]
+        for i, c in enumerate(self.centred):
+            if c.shape[0] != m:
+                raise ValueError(f"reps[{i}] has {c.shape[0]} stimuli, reps[0] has {m}")
+        if m < 2:
+            raise ValueError("GPA needs at least 2 stimuli")
+        self.m = m
+        self.widths = [int(c.shape[1]) for c in self.centred]
+        self._us: dict[int, np.ndarray] = {}
+
+    def _reduced(self, indices: Sequence[int], pmap: Mapper) -> list[np.ndarray]:
+        missing = [i for i in dict.fromkeys(indices) if i not in self._us]
+        for i, us in zip(missing, pmap(lambda i: _thin_us(self.centred[i]), missing), strict=True):
+            self._us[i] = us
+        return [self._us[i] for i in indices]
+
+    def mats(
+        self, indices: Sequence[int] | None = None, reduce: bool = True, pmap: Mapper = map
+    ) -> list[np.ndarray]:
+        """GPA inputs for models ``indices``: padded to their widest width n, or reduced to min(m−1, n)."""
+        indices = list(range(len(self.centred))) if indices is None else list(indices)
+        if len(indices) < 2:
+            raise ValueError(f"GPA needs at least 2 models, got {len(indices)}")
+        n = max(self.widths[i] for i in indices)
+        r = min(self.m - 1, n)  # centred columns: rank ≤ m − 1, so U S keeps everything in m − 1
+        if reduce and r < n:
+            # Exact reduction: N = U S Vᵀ → N V = U S (m × r). Padding columns are zero, so the
+            # SVD of the unpadded block gives the same U S; s_j = 0 beyond r = m − 1.
+            return [_to_width(us, r) for us in self._reduced(indices, pmap)]
+        return [_to_width(self.centred[i], n) for i in indices]
+
+    def held_out(self, index: int) -> np.ndarray:
+        """Model ``index`` as :func:`project` prepares it: reduced to m − 1 columns when wider."""
+        if self.widths[index] > self.m - 1:
+            return _to_width(self._reduced([index], map)[0], self.m - 1)
+        return self.centred[index]
+
+
 def preprocess(reps: Sequence[np.ndarray], reduce: bool = True) -> list[np.ndarray]:
     """N_i ← (N_i − 1μ_iᵀ), zero-padded to max n_i, / ‖·‖_F; optionally exactly reduced to U_i S_i."""
-    arrays = [_as_2d_float64(r, f"reps[{i}]") for i, r in enumerate(reps)]
-    if len(arrays) < 2:
-        raise ValueError(f"GPA needs at least 2 models, got {len(arrays)}")
-    m = arrays[0].shape[0]
-    for i, a in enumerate(arrays):
-        if a.shape[0] != m:
-            raise ValueError(f"reps[{i}] has {a.shape[0]} stimuli, reps[0] has {m}")
-    if m < 2:
-        raise ValueError("GPA needs at least 2 stimuli")
-    n = max(a.shape[1] for a in arrays)
-    r = min(m - 1, n)  # centred columns: rank ≤ m − 1, so U S keeps everything in m − 1 columns
-    out = []
-    for i, a in enumerate(arrays):
-        c = a - a.mean(axis=0, keepdims=True)
-        norm = np.linalg.norm(c)
-        if norm == 0.0:
-            raise ValueError(f"reps[{i}] is constant across stimuli (zero norm after centring)")
-        c = c / norm
-        if reduce and r < n:
-            # Exact reduction: N = U S Vᵀ  →  N V = U S (m × r). Padding columns are zero, so the
-            # SVD of the unpadded block gives the same U S; s_j = 0 beyond r = m − 1.
-            u, s, _ = scipy.linalg.svd(c, full_matrices=False, lapack_driver="gesdd")
-            red = u[:, :r] * s[:r]
-            if red.shape[1] < r:
-                red = np.pad(red, ((0, 0), (0, r - red.shape[1])))
-            out.append(red)
-        else:
-            out.append(np.pad(c, ((0, 0), (0, n - c.shape[1]))))
-    return out
+    if len(reps) < 2:
+        raise ValueError(f"GPA needs at least 2 models, got {len(reps)}")
+    return Preprocessed(reps).mats(reduce=reduce)
 
 
 #: polar factor via eigh(AᵀA) when λ_min(AᵀA) ≥ EIGH_MIN_RATIO · λ_max, else SVD. The polar
@@ -97,17 +156,16 @@ EIGH_MIN_RATIO = 1e-12
 
 
 def _polar(a: np.ndarray, try_eigh: bool = True) -> tuple[np.ndarray, bool]:
-    """Orthogonal polar factor U Vᵀ of a = U Σ Vᵀ; also whether the eigh route was usable."""
+    """Orthogonal polar factor U Vᵀ of a = U Σ Vᵀ; also whether the eigh route was usable.
+
+    numpy's LAPACK calls release the GIL (scipy.linalg's hold it), so the fits of one GPA
+    iteration run truly in parallel on threads.
+    """
     if try_eigh and a.shape[0] == a.shape[1]:
-        lam, vec = scipy.linalg.eigh(a.T @ a, driver="evd", check_finite=False)
+        lam, vec = np.linalg.eigh(a.T @ a)
         if lam[-1] > 0 and lam[0] >= EIGH_MIN_RATIO * lam[-1]:
             return (a @ (vec / np.sqrt(lam))) @ vec.T, True
-    try:
-        u, _, vt = scipy.linalg.svd(
-            a, full_matrices=False, lapack_driver="gesdd", check_finite=False
-        )
-    except np.linalg.LinAlgError:  # gesdd can fail to converge on pathological input
-        u, _, vt = scipy.linalg.svd(a, full_matrices=False, lapack_driver="gesvd")
+    u, _, vt = _svd(a)
     return u @ vt, False
 
 
@@ -140,18 +198,31 @@ def gpa(
     of an iteration run on ``n_jobs`` threads (default: one per available core, at most M), each
     with single-threaded BLAS; results do not depend on ``n_jobs``.
     """
-    if tol <= 0 or max_iter < 1:
-        raise ValueError(f"need tol > 0 and max_iter ≥ 1, got tol={tol}, max_iter={max_iter}")
+    _check_stopping(tol, max_iter)
+    if len(reps) < 2:
+        raise ValueError(f"GPA needs at least 2 models, got {len(reps)}")
     widths = [int(np.shape(r)[1]) for r in reps]
     width = min(int(np.shape(reps[0])[0]) - 1, max(widths)) if reduce else max(widths)
     jobs = min(len(reps), available_cores()) if n_jobs is None else max(1, int(n_jobs))
     single = width < SMALL_WIDTH or jobs > 1
-    with threadpool_limits(limits=1 if single else None, user_api="blas"):
-        mats = preprocess(reps, reduce=reduce)
-        if jobs == 1:
-            return _iterate(mats, widths, tol, max_iter, map)
-        with ThreadPoolExecutor(jobs) as pool:
-            return _iterate(mats, widths, tol, max_iter, pool.map)
+    with threadpool_limits(limits=1 if single else None, user_api="blas"), mapper(jobs) as pmap:
+        mats = Preprocessed(reps, pmap).mats(reduce=reduce, pmap=pmap)
+        return fit_preprocessed(mats, tol, max_iter, pmap, widths)
+
+
+def _check_stopping(tol: float, max_iter: int) -> None:
+    if not tol > 0 or max_iter < 1:
+        raise ValueError(f"need tol > 0 and max_iter ≥ 1, got tol={tol}, max_iter={max_iter}")
+
+
+@contextmanager
+def mapper(jobs: int) -> Iterator[Mapper]:
+    """``map`` for one job, else the ``map`` of a pool of ``jobs`` threads (closed on exit)."""
+    if jobs <= 1:
+        yield map
+        return
+    with ThreadPoolExecutor(jobs) as pool:
+        yield pool.map
 
 
 def available_cores() -> int:
@@ -162,9 +233,19 @@ def available_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def _iterate(
-    mats: list[np.ndarray], widths: list[int], tol: float, max_iter: int, pmap
+def fit_preprocessed(
+    mats: list[np.ndarray],
+    tol: float,
+    max_iter: int,
+    pmap: Mapper = map,
+    widths: Sequence[int] | None = None,
 ) -> GPAResult:
+    """GPA iterations (DESIGN §2.1 steps 2–4) on matrices from :meth:`Preprocessed.mats`.
+
+    ``widths`` are the models' original widths (default: the matrices' widths).
+    """
+    _check_stopping(tol, max_iter)
+    widths = [int(a.shape[1]) for a in mats] if widths is None else [int(w) for w in widths]
     m = mats[0].shape[0]
     n_pad = max(widths)
     n_models = len(mats)
@@ -178,9 +259,15 @@ def _iterate(
             n_pad,
         )
 
+    def first(mat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        t = procrustes(mat, mats[0])
+        return t, mat @ t
+
     transforms = [np.eye(mats[0].shape[1])]
-    transforms += list(pmap(lambda mat: procrustes(mat, mats[0]), mats[1:]))
-    aligned = [mat @ t for mat, t in zip(mats, transforms, strict=True)]
+    aligned = [mats[0]]
+    for t, y in pmap(first, mats[1:]):
+        transforms.append(t)
+        aligned.append(y)
     consensus = sum(aligned) / n_models
     objective = [_objective(aligned, consensus)]
     converged = False
@@ -189,12 +276,13 @@ def _iterate(
     for n_iter in range(1, max_iter + 1):  # noqa: B007 (n_iter is used after the loop)
 
         def fit(i: int, c: np.ndarray = consensus, flags: list[bool] = use_eigh):
-            return _polar(mats[i].T @ c, flags[i])
+            t, ok = _polar(mats[i].T @ c, flags[i])
+            return t, ok, mats[i] @ t
 
         fits = list(pmap(fit, range(n_models)))
-        transforms = [t for t, _ in fits]
-        use_eigh = [ok for _, ok in fits]
-        aligned = [mat @ t for mat, t in zip(mats, transforms, strict=True)]
+        transforms = [t for t, _, _ in fits]
+        use_eigh = [ok for _, ok, _ in fits]
+        aligned = [y for _, _, y in fits]
         new = sum(aligned) / n_models
         change = np.linalg.norm(new - consensus) / np.linalg.norm(new)
         consensus = new
@@ -233,24 +321,22 @@ def project(rep: np.ndarray, consensus: np.ndarray) -> tuple[np.ndarray, np.ndar
     exactly reduced to the consensus width; the consensus is used as given (not rescaled).
     """
     consensus = _as_2d_float64(consensus, "consensus")
-    x = _as_2d_float64(rep, "rep")
+    x = np.asarray(rep)
+    if x.ndim == 2 and x.shape[0] != consensus.shape[0]:
+        raise ValueError(f"rep has {x.shape[0]} stimuli, consensus has {consensus.shape[0]}")
+    return project_preprocessed(Preprocessed([rep]).held_out(0), consensus)
+
+
+def project_preprocessed(x: np.ndarray, consensus: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`project` for a model already prepared by :meth:`Preprocessed.held_out`."""
     m, width = consensus.shape
     if x.shape[0] != m:
         raise ValueError(f"rep has {x.shape[0]} stimuli, consensus has {m}")
-    x = x - x.mean(axis=0, keepdims=True)
-    norm = np.linalg.norm(x)
-    if norm == 0.0:
-        raise ValueError("rep is constant across stimuli (zero norm after centring)")
-    x = x / norm
-    if x.shape[1] > m - 1:
-        # Exact reduction x = U S Vᵀ → U S (m − 1 columns, rank ≤ m − 1 after centring).
-        u, s, _ = scipy.linalg.svd(x, full_matrices=False, lapack_driver="gesdd")
-        x = u[:, : m - 1] * s[: m - 1]
     target = consensus
     if x.shape[1] < width:
-        x = np.pad(x, ((0, 0), (0, width - x.shape[1])))
+        x = _to_width(x, width)
     elif x.shape[1] > width:
-        target = np.pad(consensus, ((0, 0), (0, x.shape[1] - width)))
+        target = _to_width(consensus, x.shape[1])
     aligned = x @ procrustes(x, target)
     deviation = np.linalg.norm(aligned - target, axis=1)
     return aligned, deviation

@@ -93,8 +93,9 @@ def prepare_layer(x: np.ndarray, threshold: float) -> np.ndarray:
         raise ValueError(f"a layer must be (m, dim), got {tuple(a.shape)}")
     if not threshold > 0:
         raise ValueError(f"threshold must be > 0, got {threshold}")
-    a = a.clamp(-threshold, threshold)
-    a = torch.nn.functional.normalize(a, p=2.0, dim=-1)
+    a = a.clamp(-threshold, threshold)  # a new tensor: the caller's array is never modified
+    # in place, bit-identical to torch.nn.functional.normalize (x / max(‖x‖₂, 1e-12)):
+    a.div_(torch.linalg.vector_norm(a, dim=-1, keepdim=True).clamp_min_(1e-12))
     return a.numpy()
 
 

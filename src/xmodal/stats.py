@@ -103,6 +103,15 @@ def _counts(order: torch.Tensor, weights: torch.Tensor, k: int) -> tuple[torch.T
     return cnt, enough
 
 
+#: Resamples evaluated together: each (block, n, T) temporary then stays cache-sized. At n = 256,
+#: T ≈ 31 a CKNNA of 1000 resamples took 34 ms in blocks of 128 and 91 ms in one block.
+BLOCK = 128
+
+
+def _blocks(n_boot: int) -> list[slice]:
+    return [slice(s, min(s + BLOCK, n_boot)) for s in range(0, n_boot, BLOCK)]
+
+
 def _pad_last(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([x, torch.zeros(x.shape[:-1] + (1,), dtype=x.dtype)], dim=-1)
 
@@ -193,19 +202,29 @@ class BootstrapPlan:
         position = position.clamp(max=t)
         cnt = cnt[:, :, :t].to(weights.dtype).contiguous()
         values = sub.gather(1, order)
-        self_h = _weighted_hsic(weights, order, cnt, position, values, values)
+        self_h = torch.cat(
+            [
+                _weighted_hsic(weights[b], order, cnt[b], position, values, values)
+                for b in _blocks(self.n_boot)
+            ]
+        )
         return BootstrapSide(sub, order, values, position, cnt, self_h)
 
     def cknna(self, kside: BootstrapSide, lside: BootstrapSide) -> np.ndarray:
         """Resampled CKNNA values (n_boot,) for two prepared sides of the same plan."""
         bsz, n, t = lside.counts.shape
-        k_pos = kside.position.gather(1, lside.order).view(1, n, t).expand(bsz, n, t)
-        ck_on_l = _pad_last(kside.counts).gather(2, k_pos)
-        n_m = torch.minimum(lside.counts, ck_on_l)
+        k_pos = kside.position.gather(1, lside.order).view(1, n, t)
         k_on_l = kside.kernel.gather(1, lside.order).to(lside.values.dtype)
         weights = self.weights.to(lside.values.dtype)
-        cross = _weighted_hsic(weights, lside.order, n_m, lside.position, k_on_l, lside.values)
-        return (cross / torch.sqrt(kside.self_hsic * lside.self_hsic)).numpy()
+        out = np.empty(bsz, dtype=np.float64)
+        for b in _blocks(bsz):
+            ck_on_l = _pad_last(kside.counts[b]).gather(2, k_pos.expand(b.stop - b.start, n, t))
+            n_m = torch.minimum(lside.counts[b], ck_on_l)
+            cross = _weighted_hsic(
+                weights[b], lside.order, n_m, lside.position, k_on_l, lside.values
+            )
+            out[b] = (cross / torch.sqrt(kside.self_hsic[b] * lside.self_hsic[b])).numpy()
+        return out
 
 
 def weighted_cknna(
