@@ -130,6 +130,18 @@ def test_procrustes_matches_svd_formula():
     np.testing.assert_allclose(t.T @ t, np.eye(8), atol=1e-12)
 
 
+def test_procrustes_falls_back_to_svd_when_eigh_fails(monkeypatch):
+    rng = np.random.default_rng(1)
+    a, b = rng.standard_normal((30, 8)), rng.standard_normal((30, 8))
+    u, _, vt = np.linalg.svd(a.T @ b)
+
+    def failing_eigh(_):
+        raise np.linalg.LinAlgError("Eigenvalues did not converge")
+
+    monkeypatch.setattr(np.linalg, "eigh", failing_eigh)
+    np.testing.assert_allclose(procrustes(a, b), u @ vt, atol=1e-12)
+
+
 def test_project_is_one_procrustes_step():
     reps = models(4)
     res = gpa(reps[:2])

@@ -162,8 +162,11 @@ def _polar(a: np.ndarray, try_eigh: bool = True) -> tuple[np.ndarray, bool]:
     iteration run truly in parallel on threads.
     """
     if try_eigh and a.shape[0] == a.shape[1]:
-        lam, vec = np.linalg.eigh(a.T @ a)
-        if lam[-1] > 0 and lam[0] >= EIGH_MIN_RATIO * lam[-1]:
+        try:
+            lam, vec = np.linalg.eigh(a.T @ a)
+        except np.linalg.LinAlgError:  # syevd did not converge: the SVD below decides
+            lam = None
+        if lam is not None and lam[-1] > 0 and lam[0] >= EIGH_MIN_RATIO * lam[-1]:
             return (a @ (vec / np.sqrt(lam))) @ vec.T, True
     u, _, vt = _svd(a)
     return u @ vt, False
