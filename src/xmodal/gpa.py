@@ -99,14 +99,20 @@ class Preprocessed:
     preprocessing (and one SVD per model) instead of repeating it per fit.
     """
 
-    def __init__(self, reps: Sequence[np.ndarray], pmap: Mapper = map) -> None:
+    def __init__(
+        self,
+        reps: Sequence[np.ndarray],
+        pmap: Mapper = map,
+        names: Sequence[str] | None = None,
+    ) -> None:
         if len(reps) < 1:
             raise ValueError("no models given")
-        self.centred = list(pmap(lambda i: _centre_scale(reps[i], f"reps[{i}]"), range(len(reps))))
+        names = [f"reps[{i}]" for i in range(len(reps))] if names is None else list(names)
+        self.centred = list(pmap(lambda i: _centre_scale(reps[i], names[i]), range(len(reps))))
         m = self.centred[0].shape[0]
         for i, c in enumerate(self.centred):
             if c.shape[0] != m:
-                raise ValueError(f"reps[{i}] has {c.shape[0]} stimuli, reps[0] has {m}")
+                raise ValueError(f"{names[i]} has {c.shape[0]} stimuli, {names[0]} has {m}")
         if m < 2:
             raise ValueError("GPA needs at least 2 stimuli")
         self.m = m
@@ -204,8 +210,9 @@ def gpa(
     _check_stopping(tol, max_iter)
     if len(reps) < 2:
         raise ValueError(f"GPA needs at least 2 models, got {len(reps)}")
-    widths = [int(np.shape(r)[1]) for r in reps]
-    width = min(int(np.shape(reps[0])[0]) - 1, max(widths)) if reduce else max(widths)
+    widths = [int(np.shape(r)[1]) if np.ndim(r) == 2 else 0 for r in reps]  # checked below
+    m = int(np.shape(reps[0])[0]) if np.ndim(reps[0]) >= 1 else 0
+    width = min(m - 1, max(widths)) if reduce else max(widths)
     jobs = min(len(reps), available_cores()) if n_jobs is None else max(1, int(n_jobs))
     single = width < SMALL_WIDTH or jobs > 1
     with threadpool_limits(limits=1 if single else None, user_api="blas"), mapper(jobs) as pmap:
@@ -327,7 +334,7 @@ def project(rep: np.ndarray, consensus: np.ndarray) -> tuple[np.ndarray, np.ndar
     x = np.asarray(rep)
     if x.ndim == 2 and x.shape[0] != consensus.shape[0]:
         raise ValueError(f"rep has {x.shape[0]} stimuli, consensus has {consensus.shape[0]}")
-    return project_preprocessed(Preprocessed([rep]).held_out(0), consensus)
+    return project_preprocessed(Preprocessed([rep], names=["rep"]).held_out(0), consensus)
 
 
 def project_preprocessed(x: np.ndarray, consensus: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
