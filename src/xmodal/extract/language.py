@@ -142,9 +142,6 @@ def load_language_model(
 
     pad_note = _ensure_pad_token(tokenizer, model_id)
     tokenizer.padding_side = "right"
-    n_layers = int(
-        getattr(model.config, "num_hidden_layers", 0) or getattr(model.config, "n_layer", 0)
-    )
     info = dict(
         model_id=str(model_id),
         source="transformers",
@@ -153,7 +150,7 @@ def load_language_model(
         weights=weights,
         architecture=type(model).__name__,
         remote_code_note=remote_code_note,
-        n_layers=n_layers + 1,
+        n_layers=hidden_state_count(model),
         dim=int(model.config.hidden_size),
         device=str(device),
         device_map=device_map if isinstance(device_map, str) else None,
@@ -209,6 +206,12 @@ def context_length(model: torch.nn.Module, tokenizer: Any) -> int | None:
     if isinstance(tl, int) and 0 < tl < _HUGE:
         limits.append(tl)
     return min(limits) if limits else None
+
+
+def hidden_state_count(model: torch.nn.Module) -> int:
+    """Hidden states the model returns: the embedding output plus one per block (L + 1)."""
+    cfg = model.config
+    return int(getattr(cfg, "num_hidden_layers", 0) or getattr(cfg, "n_layer", 0)) + 1
 
 
 def language_layer_names(n_hidden_states: int) -> list[str]:
@@ -282,10 +285,7 @@ def extract_language_features(
     order = np.argsort(-lengths, kind="stable")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     input_device = model.get_input_embeddings().weight.device
-    n_hidden = (
-        int(getattr(model.config, "num_hidden_layers", 0) or getattr(model.config, "n_layer", 0))
-        + 1
-    )
+    n_hidden = hidden_state_count(model)
     names = language_layer_names(n_hidden)
     m = len(captions)
     acc = FeatureAccumulator(
