@@ -135,7 +135,8 @@ def leave_one_model_out(
 
     jobs = min(n_models, available_cores()) if n_jobs is None else max(1, int(n_jobs))
     with threadpool_limits(limits=1, user_api="blas"), mapper(jobs) as pmap:
-        # One preprocessing (and one SVD) per model, shared by the M fits and projections.
+        # One preprocessing (and one SVD) per model, shared by the M fits and projections:
+        # assembling the full set computes, in parallel, every SVD any subset will need.
         prep = Preprocessed(reps, pmap)
         prep.mats(reduce=True, pmap=pmap)
 

@@ -210,14 +210,16 @@ def gpa(
     _check_stopping(tol, max_iter)
     if len(reps) < 2:
         raise ValueError(f"GPA needs at least 2 models, got {len(reps)}")
-    widths = [int(np.shape(r)[1]) if np.ndim(r) == 2 else 0 for r in reps]  # checked below
+    # width GPA will work at, to choose BLAS threads (shapes are checked by Preprocessed)
+    n = max(int(np.shape(r)[1]) if np.ndim(r) == 2 else 0 for r in reps)
     m = int(np.shape(reps[0])[0]) if np.ndim(reps[0]) >= 1 else 0
-    width = min(m - 1, max(widths)) if reduce else max(widths)
+    width = min(m - 1, n) if reduce else n
     jobs = min(len(reps), available_cores()) if n_jobs is None else max(1, int(n_jobs))
     single = width < SMALL_WIDTH or jobs > 1
     with threadpool_limits(limits=1 if single else None, user_api="blas"), mapper(jobs) as pmap:
-        mats = Preprocessed(reps, pmap).mats(reduce=reduce, pmap=pmap)
-        return fit_preprocessed(mats, tol, max_iter, pmap, widths)
+        prep = Preprocessed(reps, pmap)
+        mats = prep.mats(reduce=reduce, pmap=pmap)
+        return fit_preprocessed(mats, tol, max_iter, pmap, prep.widths)
 
 
 def _check_stopping(tol: float, max_iter: int) -> None:
