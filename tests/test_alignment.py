@@ -136,3 +136,126 @@ def test_condition_table_unknown_ids(data):
     bad.loc[0, "stimulus_id"] = "nope"
     with pytest.raises(ValueError, match="nope"):
         al.condition_table("v", "l", 0, vision, layers[0], bad, IDS, n_boot=0)
+
+
+# ----------------------------------------------------------------------------- per-LLM API
+
+
+def vision_map(data):
+    vision, layers, _ = data
+    return {"va": (7, vision), "vb": (3, layers[0] + 0.0)}
+
+
+METRIC_FN = {
+    "cknna": lambda x, y: mt.cknna(x, y, 10),
+    "mutual_knn": lambda x, y: mt.mutual_knn(x, y, 10),
+    "unbiased_cka": mt.unbiased_cka,
+    "cka": mt.cka,
+}
+
+
+def test_layer_search_table_values_and_choice(data):
+    _, layers, _ = data
+    vis = vision_map(data)
+    table = al.layer_search_table(
+        vis, "l", ((i, f"layers.{i}", y) for i, y in enumerate(layers)), k=10, metrics=al.METRICS
+    )
+    assert list(table.columns) == al.LAYER_COLUMNS
+    assert len(table) == 2 * len(layers) * len(al.METRICS)
+    for (v, metric), group in table.groupby(["vision", "metric"]):
+        x = vis[v][1]
+        expected = [METRIC_FN[metric](x, y) for y in layers]
+        np.testing.assert_allclose(group["value"], expected, atol=1e-9)
+        assert (group["vision_layer"] == vis[v][0]).all()
+        assert group["chosen"].sum() == 1
+        assert group.loc[group["chosen"], "llm_layer"].item() == int(np.argmax(expected))
+    assert table["valid"].all() and (table["reason"] == "").all()
+    # the cknna rows equal today's per-pair layer profile
+    old = al.layer_profile_table(
+        "va", "l", 7, vis["va"][1], ((i, f"layers.{i}", y) for i, y in enumerate(layers)), k=10
+    )
+    new = table.query("vision == 'va' and metric == 'cknna'").reset_index(drop=True)
+    np.testing.assert_array_equal(new["value"], old["value"])
+    np.testing.assert_array_equal(new["chosen"], old["chosen"])
+
+
+def test_condition_tables_equal_condition_table(data):
+    vision, layers, sets = data
+    vis = vision_map(data)
+    chosen = {("va", "cknna"): 2, ("vb", "cknna"): 1, ("va", "mutual_knn"): 2}
+    calls = []
+
+    def llm_layer(i):
+        calls.append(i)
+        return layers[i]
+
+    conds, contrasts = al.condition_tables(
+        {"va": vis["va"]},
+        "l",
+        chosen,
+        llm_layer,
+        sets,
+        IDS,
+        k=10,
+        n_boot=30,
+        seed=0,
+        metrics=("cknna", "mutual_knn"),
+    )
+    assert calls == [2]  # one read per distinct chosen layer
+    assert list(conds.columns) == al.CONDITION_COLUMNS
+    assert list(contrasts.columns) == al.CONTRAST_COLUMNS
+    old_c, old_d = al.condition_table("va", "l", 2, vision, layers[2], sets, IDS, k=10, n_boot=30)
+    new_c = conds.query("metric == 'cknna'").reset_index(drop=True)
+    new_d = contrasts.query("metric == 'cknna'").reset_index(drop=True)
+    pd.testing.assert_frame_equal(new_c[old_c.columns], old_c)
+    pd.testing.assert_frame_equal(new_d[old_d.columns], old_d)
+    mk = conds.query("metric == 'mutual_knn'")
+    pos = {s: i for i, s in enumerate(IDS)}
+    for (name, summary, draw), group in sets.groupby(["set", "summary", "draw"]):
+        idx = [pos[s] for s in group.stimulus_id]
+        row = mk[(mk.condition == name) & (mk.summary == summary) & (mk.draw == draw)]
+        assert row.value.item() == pytest.approx(mt.mutual_knn(vision[idx], layers[2][idx], 10))
+    mk_d = contrasts.query("metric == 'mutual_knn'")
+    assert (mk_d["n_boot"] == 0).all() and mk_d["diff_ci_low"].isna().all()
+
+
+def test_condition_tables_other_metrics_on_subsets(data):
+    vision, layers, sets = data
+    names = ("unbiased_cka", "cka")
+    chosen = {("va", n): 1 for n in names}
+    conds, contrasts = al.condition_tables(
+        {"va": (7, vision)},
+        "l",
+        chosen,
+        lambda i: layers[i],
+        sets,
+        IDS,
+        k=10,
+        n_boot=0,
+        metrics=names,
+    )
+    pos = {s: i for i, s in enumerate(IDS)}
+    assert conds.query("condition == 'full'").set_index("metric").value.to_dict() == pytest.approx(
+        {n: METRIC_FN[n](vision, layers[1]) for n in names}, abs=1e-9
+    )
+    for (name, summary, draw), group in sets.groupby(["set", "summary", "draw"]):
+        idx = [pos[s] for s in group.stimulus_id]
+        for metric in names:
+            row = conds[
+                (conds.metric == metric)
+                & (conds.condition == name)
+                & (conds.summary == summary)
+                & (conds.draw == draw)
+            ]
+            expected = METRIC_FN[metric](vision[idx], layers[1][idx])
+            assert row.value.item() == pytest.approx(expected, abs=1e-9)
+    assert len(contrasts) == 4
+
+
+def test_layer_search_table_rejects(data):
+    vision, layers, _ = data
+    with pytest.raises(ValueError, match="metrics"):
+        al.layer_search_table({"v": (0, vision)}, "l", [(0, "a", layers[0])], metrics=("nope",))
+    bad = np.full_like(layers[0], np.nan)
+    with pytest.raises(al.AlignmentError, match="'l'.*'v'"):
+        al.layer_search_table({"v": (0, vision)}, "l", [(0, "a", bad)])

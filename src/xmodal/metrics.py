@@ -31,9 +31,13 @@ __all__ = [
     "cka",
     "cknna",
     "cknna_from_kernels",
+    "cknna_sides",
+    "kernel_cka",
+    "kernel_unbiased_cka",
     "gram",
     "hsic_unbiased",
     "mutual_knn",
+    "mutual_knn_sides",
     "outlier_threshold",
     "prepare",
     "prepare_layer",
@@ -249,6 +253,56 @@ def cknna_sides(kside: KernelKNN, lside: KernelKNN) -> torch.Tensor:
     l_val = lside.kernel.reshape(bsz, -1).gather(1, flat).view_as(idx)
     cross = _hsic_lists(idx, kside.val, l_val, keep, mask, s)
     return cross / torch.sqrt(kside.self_hsic * lside.self_hsic)
+
+
+def mutual_knn_sides(kside: KernelKNN, lside: KernelKNN) -> torch.Tensor:
+    """mean_i |knn_K(i) ∩ knn_L(i)| / k for matched batches of kNN structures: (B,)."""
+    s = kside.size
+    bsz, _, k = kside.idx.shape
+    rows = torch.arange(s, device=kside.idx.device).view(1, s, 1)
+    keep = lside.mask_flat.gather(1, (rows * s + kside.idx).view(bsz, -1))
+    return keep.to(torch.float64).sum(dim=1) / (s * k)
+
+
+def _batch_f64(kernel: torch.Tensor) -> torch.Tensor:
+    a = kernel.unsqueeze(0) if kernel.ndim == 2 else kernel
+    return a.to(torch.float64)
+
+
+def _hsic_full(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """HSIC_u of symmetric (B,s,s) float64 kernels (diagonals ignored): (B,)."""
+    s = a.shape[-1]
+    da = torch.diagonal(a, dim1=1, dim2=2)
+    db = torch.diagonal(b, dim1=1, dim2=2)
+    ra = a.sum(dim=2) - da  # row sums of Ã
+    rb = b.sum(dim=2) - db
+    term1 = (a * b).sum(dim=(1, 2)) - (da * db).sum(dim=1)  # Σ Ã_ij B̃_ji, both symmetric
+    sa, sb = ra.sum(dim=1), rb.sum(dim=1)
+    ab = (ra * rb).sum(dim=1)  # 1ᵀÃB̃1 = Σ_j (Σ_i Ã_ij)(Σ_l B̃_jl)
+    return (term1 + sa * sb / ((s - 1) * (s - 2)) - 2.0 * ab / (s - 2)) / (s * (s - 3))
+
+
+def kernel_unbiased_cka(kernel_x: torch.Tensor, kernel_y: torch.Tensor) -> torch.Tensor:
+    """HSIC_u(K,L)/sqrt(HSIC_u(K,K)·HSIC_u(L,L)) for (B,s,s) or (s,s) symmetric kernels: (B,)."""
+    a, b = _batch_f64(kernel_x), _batch_f64(kernel_y)
+    return _hsic_full(a, b) / torch.sqrt(_hsic_full(a, a) * _hsic_full(b, b))
+
+
+def kernel_cka(kernel_x: torch.Tensor, kernel_y: torch.Tensor) -> torch.Tensor:
+    """Biased linear CKA tr(KHLH)/sqrt(tr(KHKH)·tr(LHLH)) for (B,s,s) or (s,s) kernels: (B,)."""
+
+    def centre(g: torch.Tensor) -> torch.Tensor:  # HgH, computed before any product (stable)
+        return (
+            g
+            - g.mean(dim=1, keepdim=True)
+            - g.mean(dim=2, keepdim=True)
+            + g.mean(dim=(1, 2), keepdim=True)
+        )
+
+    kc, lc = centre(_batch_f64(kernel_x)), centre(_batch_f64(kernel_y))
+    return (kc * lc).sum(dim=(1, 2)) / torch.sqrt(
+        (kc * kc).sum(dim=(1, 2)) * (lc * lc).sum(dim=(1, 2))
+    )
 
 
 def cknna_from_kernels(kernel_x: np.ndarray, kernel_y: np.ndarray, k: int = 10) -> float:
