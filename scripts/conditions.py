@@ -1,4 +1,5 @@
-"""Rule conditions: CKNNA on the stimulus sets at the chosen LLM layer."""
+"""Rule conditions: every stimulus set, for every vision model against one LLM, at the chosen
+LLM layers."""
 
 import _bootstrap  # noqa: F401
 
@@ -14,7 +15,7 @@ run_conditions(
     snakemake.input.llm,
     snakemake.input.layers,
     snakemake.input.sets,
-    snakemake.wildcards.vision,
+    snakemake.params.vision,
     snakemake.wildcards.llm,
     vision_layer=int(snakemake.params.vision_layer),
     k=int(snakemake.params.k),

@@ -2,6 +2,8 @@
 
 Compute nodes are often offline: weights come from the project's hub cache, filled by the
 prefetch rules on the submit host, and the hub libraries are told not to try the network.
+Speed settings (batch size, decoding workers) and pickle permission are read here from the
+model registry, not tracked as params, so changing them never re-extracts (docs/cluster.md).
 """
 
 import os
@@ -14,25 +16,28 @@ snakemake = globals()["snakemake"]  # injected by the preamble Snakemake prepend
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_CACHE", str(Path(snakemake.params.cache_dir).resolve()))
 
-from xmodal.extract import extract_features  # noqa: E402
 from xmodal.logs import log_to  # noqa: E402
 
 log_to(snakemake.log[0])
 
-# params.entry holds only what determines the features (it is the rerun trigger); labels and
-# sizes come along for the provenance attributes.
-model = snakemake.wildcards.model
-entry = {**snakemake.config["models"][model], **snakemake.params.entry}
-if "build" in entry:  # demo: the tiny model built by rule demo_model
-    entry["id"] = snakemake.input.model
+from xmodal.extract import extract_features  # noqa: E402
+from xmodal.registry import Registry  # noqa: E402
+
+entry = Registry.from_config(snakemake.config)[snakemake.wildcards.model]
 extract_features(
-    model,
-    entry,
+    entry.key,
+    {
+        **snakemake.params.features,
+        "label": entry.label,
+        "family": entry.family,
+        "size_b": entry.size_b,
+    },
     snakemake.input.manifest,
     snakemake.output.features,
     cache_dir=snakemake.params.cache_dir,
-    dtype=snakemake.params.dtype,
-    batch_size=snakemake.params.batch_size,
-    num_workers=int(snakemake.params.num_workers),
-    allow_pickle=bool(snakemake.params.allow_pickle),
+    dtype=entry.site.dtype,
+    batch_size=entry.batch_size,
+    num_workers=entry.site.num_workers,
+    allow_pickle=entry.allow_pickle,
+    vision_layer=int(snakemake.config["analysis"]["vision_layer"]),
 )

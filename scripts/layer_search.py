@@ -1,4 +1,4 @@
-"""Rule layer_search: CKNNA of a vision model against every LLM layer (full set)."""
+"""Rule layer_search: every vision model against every layer of one LLM (full set)."""
 
 import _bootstrap  # noqa: F401
 
@@ -12,7 +12,7 @@ from xmodal.pipeline import run_layer_search  # noqa: E402
 run_layer_search(
     snakemake.input.vision,
     snakemake.input.llm,
-    snakemake.wildcards.vision,
+    snakemake.params.vision,
     snakemake.wildcards.llm,
     vision_layer=int(snakemake.params.vision_layer),
     k=int(snakemake.params.k),

@@ -1,7 +1,5 @@
 """Rule prefetch_stimuli: download the stimulus set on the submit host."""
 
-import logging
-import sys
 from pathlib import Path
 
 import _bootstrap  # noqa: F401
@@ -11,16 +9,13 @@ from xmodal.logs import log_to
 snakemake = globals()["snakemake"]  # injected by the preamble Snakemake prepends
 log_to(snakemake.log[0])  # first, so that even an import error reaches the job's log
 
-from xmodal.prefetch import PrefetchError, prefetch_stimuli  # noqa: E402
+from xmodal.prefetch import prefetch_stimuli  # noqa: E402
 
-try:
-    prefetch_stimuli(
-        repo=snakemake.params.repo,
-        revision=snakemake.params.revision,
-        split=snakemake.params.split,
-        out_dir=Path(snakemake.output.manifest).parent,
-        cache_dir=snakemake.params.cache_dir,
-    )
-except PrefetchError as err:  # no network, missing revision: say what to download, where
-    logging.getLogger("prefetch").error("%s", err)
-    sys.exit(1)
+# no network or a missing revision end in one logged line saying what to do (xmodal.logs)
+prefetch_stimuli(
+    repo=snakemake.params.repo,
+    revision=snakemake.params.revision,
+    split=snakemake.params.split,
+    out_dir=Path(snakemake.output.manifest).parent,
+    cache_dir=snakemake.params.cache_dir,
+)

@@ -13,6 +13,8 @@ import yaml
 MODEL_KEY = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 #: The dataset name is a path component too.
 DATASET_KEY = MODEL_KEY
+#: The unbiased HSIC (docs/method.md, "Alignment") divides by m(m − 3): sets need m ≥ 4.
+MIN_SET_SIZE = 4
 
 
 class ConfigError(ValueError):
@@ -59,6 +61,12 @@ def check_config(config: Mapping[str, Any]) -> None:
         )
     ana = config["analysis"]
     k, set_size = int(ana["knn_k"]), int(ana["set_size"])
+    if set_size < MIN_SET_SIZE:
+        raise ConfigError(
+            f"config key 'analysis.set_size' ({set_size}) is too small: the unbiased HSIC inside "
+            f"CKNNA needs at least {MIN_SET_SIZE} stimuli per set; use a set size of at least "
+            f"{max(MIN_SET_SIZE, k + 1)}"
+        )
     if k >= set_size:
         raise ConfigError(
             f"config key 'analysis.knn_k' ({k}) must be smaller than 'analysis.set_size' ({set_size}): "
@@ -80,13 +88,39 @@ def check_against_stimuli(config: Mapping[str, Any], n_stimuli: int) -> None:
             f"stimuli: the low and high sets would overlap; set it to at most {n_stimuli // 2} "
             "or use more stimuli"
         )
-    n_keep = n_stimuli - int(round(float(ana["drop_fraction"]) * n_stimuli))
-    if k >= min(set_size, n_keep):
+    fraction = float(ana["drop_fraction"])
+    n_drop = int(round(fraction * n_stimuli))
+    n_keep = n_stimuli - n_drop
+    if n_drop < 1 or n_keep <= max(k, MIN_SET_SIZE - 1):
         raise ConfigError(
-            f"config key 'analysis.knn_k' ({k}) must be smaller than every stimulus set "
-            f"(smallest: {min(set_size, n_keep)} stimuli); lower 'analysis.knn_k' or raise "
-            "'analysis.set_size'"
+            f"config key 'analysis.drop_fraction' ({fraction}) drops {n_drop} of the "
+            f"{n_stimuli} stimuli and keeps {n_keep}; the drop sets need at least one dropped "
+            f"stimulus and more than max(knn_k, {MIN_SET_SIZE - 1}) = {max(k, MIN_SET_SIZE - 1)} "
+            "kept ones; choose a fraction between "
+            f"{1 / n_stimuli:.3g} and {(n_stimuli - max(k, MIN_SET_SIZE - 1) - 1) / n_stimuli:.3g}"
         )
+    if k >= set_size:
+        raise ConfigError(
+            f"config key 'analysis.knn_k' ({k}) must be smaller than 'analysis.set_size' "
+            f"({set_size}); lower 'analysis.knn_k' or raise 'analysis.set_size'"
+        )
+
+
+def resolve_layer(
+    index: int, n_layers: int, where: str | os.PathLike, key: str = "analysis.vision_layer"
+) -> int:
+    """Turn a possibly negative layer index (-2 = penultimate block) into 0..n_layers-1.
+
+    An index the model does not have is a :class:`ConfigError` naming ``where`` (the feature
+    file or model) and the config ``key`` to change.
+    """
+    resolved = index + n_layers if index < 0 else index
+    if not 0 <= resolved < n_layers:
+        raise ConfigError(
+            f"config key '{key}': layer {index} does not exist in {where}, which has {n_layers} "
+            f"layers (valid: {-n_layers}..{n_layers - 1}); change '{key}'"
+        )
+    return resolved
 
 
 class _StrictLoader(yaml.SafeLoader):

@@ -21,7 +21,7 @@ import datetime as _dt
 import json
 import logging
 import os
-import re
+from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from xmodal.io import atomic_path, remove_stale_temporaries
+from xmodal.logs import redact
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +39,6 @@ SCHEMA_VERSION = 1
 Q = 0.95
 _MAX_CHUNK_BYTES = 1 << 30  # HDF5 chunks must stay below 4 GiB; keep them at most 1 GiB
 _QUANTILE_BLOCK = 1 << 24  # elements per block when computing abs_q95 from a file
-_TOKEN_RE = re.compile(r"\bhf_[A-Za-z0-9]{20,}")  # never write a Hugging Face token
-_TOKEN_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HUGGINGFACE_HUB_TOKEN")
 #: What to do about a feature file that cannot be used as it is.
 REEXTRACT = (
     "delete it and rerun the workflow (Snakemake then re-extracts only this model), or, for a "
@@ -60,12 +59,8 @@ class FeatureFileError(ValueError):
 
 
 def _holds_token(text: str) -> bool:
-    """True when ``text`` contains a Hugging Face token (``hf_...`` or the one in the environment)."""
-    if _TOKEN_RE.search(text):
-        return True
-    return any(
-        (tok := os.environ.get(name)) and len(tok) >= 8 and tok in text for name in _TOKEN_ENV
-    )
+    """True when ``text`` contains a Hugging Face access token (xmodal.logs.redact finds them)."""
+    return redact(text) != text
 
 
 def _preview(ids: Sequence[str], n: int = 5) -> str:
@@ -281,8 +276,13 @@ class FeatureFile:
             self._f.close()
             raise
         self._order: np.ndarray | None = None
-        if expected_ids is not None:
-            self._match_ids(expected_ids)
+        try:
+            self._check_unique_ids()
+            if expected_ids is not None:
+                self._match_ids(expected_ids)
+        except BaseException:
+            self._f.close()
+            raise
 
     @contextlib.contextmanager
     def _reading(self, what: str) -> Iterator[None]:
@@ -442,23 +442,35 @@ class FeatureFile:
         some layers and check them with :meth:`finite_layer`. Raises :class:`FeatureFileError`
         naming the file and the offending stimulus ids / layers. Returns ``self``.
         """
-        if len(set(self._ids)) != len(self._ids):
-            dup = sorted({s for s in self._ids if self._ids.count(s) > 1})
-            raise FeatureFileError(f"{self.path}: duplicate stimulus ids {_preview(dup)}")
         if expected_ids is not None:
             self._match_ids(expected_ids)
-        ids = self.stimulus_ids
         for i in range(self.n_layers if layers else 0):
             self.finite_layer(i)
-        if "abs_q95" in self._f:
-            q = self.abs_q95()
-            bad = ~np.isfinite(q)
-            if bad.any():
-                raise FeatureFileError(
-                    f"{self.path}: non-finite abs_q95 for stimuli "
-                    f"{_preview([ids[j] for j in np.flatnonzero(bad)])}"
-                )
+        self.check_abs_q95()
         return self
+
+    def _check_unique_ids(self) -> None:
+        """A stimulus id stored twice is an error naming it (before any matching by id)."""
+        counts = Counter(self._ids)
+        dup = sorted(s for s, n in counts.items() if n > 1)
+        if dup:
+            raise FeatureFileError(
+                f"{self.path}: stimulus ids stored more than once: {_preview(dup)}; each row "
+                f"must be one stimulus. {REEXTRACT}"
+            )
+
+    def check_abs_q95(self) -> None:
+        """A stored ``abs_q95`` must be finite (it sets the alignment's clamp threshold)."""
+        if "abs_q95" not in self._f:
+            return
+        q = self.abs_q95()
+        bad = ~np.isfinite(q)
+        if bad.any():
+            ids = self.stimulus_ids
+            raise FeatureFileError(
+                f"{self.path}: non-finite abs_q95 for stimuli "
+                f"{_preview([ids[j] for j in np.flatnonzero(bad)])}; {REEXTRACT}"
+            )
 
     # -- context manager -------------------------------------------------------------------
     def close(self) -> None:

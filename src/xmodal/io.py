@@ -1,8 +1,15 @@
-"""Small shared I/O helpers: atomic writes and tidy tables."""
+"""Small shared I/O helpers: atomic writes and the one reader/writer of the pipeline's tables.
+
+Every table the pipeline writes is a tab-separated file with a header row, no quoting, written by
+:func:`write_table` and read back by :func:`read_table`. Identifiers (stimulus ids, model keys,
+layer names, condition names) are text in every file and every reader: ``007``, ``7``, ``1.50``
+and ``NA`` are four different stimulus ids (docs/contracts.md, "Tables").
+"""
 
 from __future__ import annotations
 
 import contextlib
+import csv
 import errno
 import logging
 import os
@@ -16,7 +23,10 @@ import pandas as pd
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "TEXT_COLUMNS",
     "DiskFullError",
+    "TableError",
+    "UnwritableOutputError",
     "atomic_path",
     "is_disk_full",
     "read_table",
@@ -24,9 +34,30 @@ __all__ = [
     "write_table",
 ]
 
+#: Columns that hold identifiers or labels: always read as text, never as numbers or missing
+#: values. Any column whose name ends in ``_id`` is text too.
+TEXT_COLUMNS = frozenset(
+    {
+        "stimulus_id", "image", "caption", "model", "vision", "llm", "held_out", "layer_name",
+        "condition", "summary", "set", "metric", "label", "family", "modality", "reason",
+        "kind", "group", "side", "property", "split", "source",
+    }
+)  # fmt: skip
+#: How a missing number is written (and read back).
+NA_REP = "NaN"
+_NA_TEXT = frozenset({"", "NaN", "nan"})
+
+
+class TableError(ValueError):
+    """A pipeline table that cannot be written or read as its contract says."""
+
 
 class DiskFullError(OSError):
     """The file system ran out of space (or quota) while an output was written."""
+
+
+class UnwritableOutputError(PermissionError):
+    """An output cannot be written: its folder is not writable by this user."""
 
 
 def is_disk_full(err: BaseException) -> bool:
@@ -59,15 +90,24 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
     out of disk space is re-raised as :class:`DiskFullError` naming ``path`` and what to do.
     """
     final = Path(path)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    suffix = final.suffix if suffix is None else suffix
-    fd, tmp_name = tempfile.mkstemp(
-        prefix=f".{final.name}.", suffix=f".tmp{suffix}", dir=final.parent
-    )
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(
+            prefix=f".{final.name}.",
+            suffix=f".tmp{final.suffix if suffix is None else suffix}",
+            dir=final.parent,
+        )
+    except PermissionError as err:
+        raise UnwritableOutputError(
+            err.errno,
+            f"cannot write {final}: no permission to create files in {final.parent} "
+            f"({err.strerror}); make that folder writable (chmod u+w) or run where you can write",
+        ) from None
     os.close(fd)
     tmp = Path(tmp_name)
     try:
         yield tmp
+        _chmod_like_new_file(tmp)
         os.replace(tmp, final)
     except BaseException as err:
         with contextlib.suppress(FileNotFoundError):
@@ -81,6 +121,33 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
                 f"outputs are kept. Original error: {err}",
             ) from err
         raise
+
+
+def _umask() -> int:
+    """The process umask (read without changing it where Linux allows)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # POSIX has no read-only query; restore at once
+    os.umask(mask)
+    return mask
+
+
+def _chmod_like_new_file(path: Path) -> None:
+    """Give ``path`` the mode a normally created file gets (0666 & ~umask).
+
+    ``mkstemp`` creates files 0600 whatever the umask, so without this every result would be
+    unreadable by the user's group on a shared cluster. A directory (``atomic_path`` used for a
+    folder) gets 0777 & ~umask.
+    """
+    if not path.exists():
+        return
+    base = 0o777 if path.is_dir() else 0o666
+    os.chmod(path, base & ~_umask())
 
 
 def remove_stale_temporaries(path: str | os.PathLike, suffix: str | None = None) -> list[Path]:
@@ -109,12 +176,66 @@ def remove_stale_temporaries(path: str | os.PathLike, suffix: str | None = None)
     return removed
 
 
+def _is_text(column: str) -> bool:
+    return column in TEXT_COLUMNS or column.endswith("_id")
+
+
 def write_table(df: pd.DataFrame, path: str | os.PathLike) -> None:
-    """Write a tidy table as TSV (header, no index), atomically."""
+    """Write a tidy table as TSV (header, no index, no quoting), atomically.
+
+    Text is written exactly as it is; a value holding a tab or a line break cannot be stored in a
+    TSV line and is refused (:class:`TableError` naming the column and row). Missing numbers are
+    written as ``NaN``; floats keep every digit (``repr``), so reading back is exact.
+    """
+    for col in df.columns:
+        if df[col].dtype == object or pd.api.types.is_string_dtype(df[col]):
+            text = df[col].astype(str)
+            bad = text.str.contains("[\t\r\n]", regex=True)
+            if bad.any():
+                row = int(bad.to_numpy().nonzero()[0][0])
+                raise TableError(
+                    f"{path}: column {col!r}, row {row + 1} holds a tab or line break "
+                    f"({text.iloc[row][:60]!r}); a TSV field cannot contain one"
+                )
     with atomic_path(path) as tmp:
-        df.to_csv(tmp, sep="\t", index=False)
+        df.to_csv(tmp, sep="\t", index=False, quoting=csv.QUOTE_NONE, na_rep=NA_REP)
+
+
+def _parse_column(name: str, values: pd.Series) -> pd.Series:
+    """A column of a table read as text, turned into numbers or booleans where it holds them."""
+    if _is_text(name):
+        return values
+    present = values[~values.isin(_NA_TEXT)]
+    if len(present) and present.isin(("True", "False")).all() and len(present) == len(values):
+        return values == "True"
+    try:
+        return pd.to_numeric(values.mask(values.isin(_NA_TEXT)), errors="raise")
+    except (ValueError, TypeError):
+        return values  # a text column the contract does not list: keep it as text
 
 
 def read_table(path: str | os.PathLike) -> pd.DataFrame:
-    """Read a TSV table written by :func:`write_table`."""
-    return pd.read_csv(path, sep="\t")
+    """Read a table written by :func:`write_table`: identifiers as text, numbers as numbers.
+
+    Columns in :data:`TEXT_COLUMNS` (and ``*_id``) stay exactly as written (no ``NA`` parsing, no
+    number parsing: ``0180`` stays ``0180``); other columns become numbers (``NaN`` or empty =
+    missing) or booleans (``True``/``False``) when every value is one.
+    """
+    path = Path(path)
+    try:
+        raw = pd.read_csv(
+            path,
+            sep="\t",
+            dtype=str,
+            keep_default_na=False,
+            na_filter=False,
+            quoting=csv.QUOTE_NONE,
+            encoding="utf-8",
+        )
+    except FileNotFoundError:
+        raise TableError(f"{path}: table not found") from None
+    except (pd.errors.ParserError, UnicodeDecodeError) as err:
+        raise TableError(f"{path}: not a tab-separated table with a header row ({err})") from err
+    except pd.errors.EmptyDataError:
+        raise TableError(f"{path}: the table is empty (not even a header row)") from None
+    return pd.DataFrame({c: _parse_column(str(c), raw[c]) for c in raw.columns}, index=raw.index)

@@ -49,7 +49,9 @@ class RedactTokens(logging.Filter):
 
 
 def _is_xmodal_error(err: BaseException) -> bool:
-    return type(err).__module__.startswith("xmodal") and isinstance(err, ValueError | RuntimeError)
+    return type(err).__module__.startswith("xmodal") and isinstance(
+        err, ValueError | RuntimeError | OSError
+    )
 
 
 def log_to(path: str | os.PathLike | None, level: int = logging.INFO) -> logging.Logger:

@@ -1,8 +1,10 @@
-"""Pipeline steps as plain functions: files in, files out.
+"""Pipeline steps as plain functions: files in, files out. The one seam between rules and library.
 
-Each function is one step of the workflow (one Snakemake rule calls one of these through a
-thin script), written so that it can be called from a notebook or a test without Snakemake.
-Outputs are written atomically: a failed step leaves nothing at its output paths.
+Each ``run_*`` function is one step of the workflow (one Snakemake rule calls one of these
+through a thin script), written so that it can be called from a notebook or a test without
+Snakemake. Feature files are opened through :func:`open_features` (ids matched once, provenance
+checked against the registry) and alignment layers prepared by :func:`prepared_layer`, nowhere
+else. Outputs are written atomically: a failed step leaves nothing at its output paths.
 """
 
 from __future__ import annotations
@@ -17,45 +19,129 @@ import numpy as np
 import pandas as pd
 
 from xmodal import alignment, dispersion, gpa, metrics, selection
-from xmodal.features import FeatureFile
+from xmodal.config import resolve_layer
+from xmodal.features import FeatureFile, FeatureFileError
 from xmodal.io import atomic_path, read_table, write_table
 
 log = logging.getLogger(__name__)
 
 PathLike = str | os.PathLike
 
-
-def resolve_layer(index: int, n_layers: int, path: PathLike) -> int:
-    """Turn a possibly negative layer index (-2 = penultimate block) into 0..n_layers-1."""
-    resolved = index + n_layers if index < 0 else index
-    if not 0 <= resolved < n_layers:
-        raise IndexError(f"{path}: layer {index} does not exist (the file has {n_layers} layers)")
-    return resolved
+#: What to do when a feature file's provenance contradicts the config.
+_FIX_REGISTRY = (
+    "the file belongs to another model or modality: fix config.yaml, or delete the file and "
+    "rerun so that it is extracted for this entry"
+)
 
 
-def read_layer(
-    path: PathLike, layer: int, expected_ids: Sequence[str] | None = None
-) -> tuple[list[str], int, np.ndarray]:
-    """Read one layer of a feature file, validated (and re-ordered) against ``expected_ids``.
+# ---------------------------------------------------------------- feature files
 
-    Returns the stimulus ids, the resolved layer index and the (m, dim) float32 matrix.
+
+def open_features(
+    path: PathLike,
+    expected_ids: Sequence[str] | None = None,
+    *,
+    model: str | None = None,
+    modality: str | None = None,
+) -> FeatureFile:
+    """Open a feature file for a pipeline step: ids matched to ``expected_ids`` (once), and its
+    ``model_key`` / ``modality`` attributes checked against the registry entry it is used as.
+
+    A mismatch (a language model's file registered as vision, another model's file under this
+    key) is a :class:`FeatureFileError` naming the file, the attribute and the config key.
     """
-    with FeatureFile(path, expected_ids=expected_ids) as f:
-        f.validate(expected_ids=expected_ids, layers=False)
-        idx = resolve_layer(layer, f.n_layers, path)
-        return list(f.stimulus_ids), idx, f.finite_layer(idx)
+    f = FeatureFile(path, expected_ids=expected_ids)
+    try:
+        attrs = f.attrs
+        checks = (("modality", modality, f"models.{model}.modality"), ("model_key", model, None))
+        for attr, want, key in checks:
+            if want is None:
+                continue
+            have = attrs.get(attr)
+            if have in (None, ""):
+                raise FeatureFileError(
+                    f"{f.path}: attribute {attr!r} is missing; feature files must record it "
+                    f"(docs/contracts.md, 'Feature file'); expected {want!r}"
+                )
+            if str(have) != str(want):
+                where = f" (config key '{key}')" if key else ""
+                raise FeatureFileError(
+                    f"{f.path}: the file says {attr}={have!r}, but it is used as model "
+                    f"{model!r} with {attr}={want!r}{where}; {_FIX_REGISTRY}"
+                )
+        f.check_abs_q95()
+    except BaseException:
+        f.close()
+        raise
+    return f
 
 
-def read_vision_layers(paths: Sequence[PathLike], layer: int) -> tuple[list[str], list[np.ndarray]]:
-    """Read the same layer of several vision models, rows in the first file's stimulus order."""
+def prepared_layer(f: FeatureFile, layer: int, threshold: float | None = None) -> np.ndarray:
+    """One layer as the alignment metrics take it (docs/method.md, "Alignment"): float32,
+    clamped at the file's threshold t (mean per-stimulus 95th percentile of |x|), rows l2-normalised.
+
+    ``threshold`` (from :func:`layer_threshold`) saves recomputing t when several layers are read.
+    """
+    t = layer_threshold(f) if threshold is None else threshold
+    return metrics.prepare_layer(f.finite_layer(layer), t)
+
+
+def layer_threshold(f: FeatureFile) -> float:
+    """The clamp threshold t of a feature file (docs/method.md, "Alignment")."""
+    return metrics.threshold_from_quantiles(f.abs_q95())
+
+
+def read_vision_layers(
+    paths: Sequence[PathLike], models: Sequence[str], layer: int
+) -> tuple[list[str], list[np.ndarray]]:
+    """The same layer of several vision models as float64 (GPA's input), rows in the first file's
+    stimulus order; warns when two models' features are identical (they would count twice)."""
     ids: list[str] | None = None
     reps = []
-    for p in paths:
-        file_ids, _, x = read_layer(p, layer, expected_ids=ids)
-        ids = ids or file_ids
-        reps.append(x.astype(np.float64))
+    for p, key in zip(paths, models, strict=True):
+        with open_features(p, ids, model=key, modality="vision") as f:
+            ids = ids or f.stimulus_ids
+            idx = resolve_layer(layer, f.n_layers, p)
+            x = f.finite_layer(idx).astype(np.float64)
+        if not np.any(x != x[0]):
+            raise FeatureFileError(
+                f"{p}: vision model {key!r} has the same features for every stimulus in layer "
+                f"{idx} (config key 'analysis.vision_layer'); GPA needs features that vary "
+                "across stimuli. Check the model's weights, or choose another layer"
+            )
+        reps.append(x)
     assert ids is not None
+    _warn_identical(models, reps)
     return ids, reps
+
+
+def _warn_identical(models: Sequence[str], reps: Sequence[np.ndarray]) -> None:
+    for i in range(len(reps)):
+        for j in range(i):
+            if reps[i].shape == reps[j].shape and np.array_equal(reps[i], reps[j]):
+                log.warning(
+                    "models %r and %r have identical features: they count twice in GPA and "
+                    "leave-one-model-out (inflating its correlations); remove one of them from "
+                    "config.yaml",
+                    models[j],
+                    models[i],
+                )
+
+
+def read_prepared_vision(
+    paths: Sequence[PathLike], models: Sequence[str], layer: int
+) -> tuple[list[str], dict[str, tuple[int, np.ndarray]]]:
+    """Every vision model's prepared layer for the alignment: ``{key: (layer index, x)}``."""
+    ids: list[str] | None = None
+    out: dict[str, tuple[int, np.ndarray]] = {}
+    for p, key in zip(paths, models, strict=True):
+        with open_features(p, ids, model=key, modality="vision") as f:
+            ids = ids or f.stimulus_ids
+            idx = resolve_layer(layer, f.n_layers, p)
+            out[key] = (idx, prepared_layer(f, idx))
+    assert ids is not None
+    _warn_identical(list(out), [x for _, x in out.values()])
+    return ids, out
 
 
 def _write_json(obj: Any, path: PathLike) -> None:
@@ -77,7 +163,7 @@ def run_gpa(
     out_summary: PathLike,
 ) -> None:
     """GPA across the vision models; write residuals, per-stimulus dispersion and a summary."""
-    ids, reps = read_vision_layers(feature_paths, vision_layer)
+    ids, reps = read_vision_layers(feature_paths, models, vision_layer)
     log.info(
         "GPA over %d models, %d stimuli, widths %s", len(reps), len(ids), [r.shape[1] for r in reps]
     )
@@ -125,7 +211,7 @@ def run_stimulus_sets(
     table = read_table(dispersion_path)
     check_against_stimuli({"analysis": analysis}, len(table))
     sets = selection.make_sets(
-        table["stimulus_id"].astype(str).tolist(),
+        table["stimulus_id"].tolist(),
         table["mean_dispersion"].to_numpy(),
         table["pc1_score"].to_numpy(),
         set_size=int(analysis["set_size"]),
@@ -146,7 +232,7 @@ def run_leave_one_model_out(
     out_stimuli: PathLike,
 ) -> None:
     """GPA without each vision model in turn; correlate partial dispersion with its deviation."""
-    ids, reps = read_vision_layers(feature_paths, vision_layer)
+    ids, reps = read_vision_layers(feature_paths, models, vision_layer)
     table, per_stimulus = dispersion.leave_one_model_out(
         reps, names=list(models), stimulus_ids=ids, tol=tol, max_iter=max_iter
     )
@@ -157,48 +243,78 @@ def run_leave_one_model_out(
 # ---------------------------------------------------------------- alignment
 
 
-def _prepared_layers(f: FeatureFile) -> Iterator[tuple[int, str, np.ndarray]]:
-    t = metrics.threshold_from_quantiles(f.abs_q95())
+def _llm_layers(f: FeatureFile) -> Iterator[tuple[int, str, np.ndarray]]:
+    """Every layer of an LLM's file, prepared, one at a time (each read once)."""
+    t = layer_threshold(f)
     for i, name in enumerate(f.layer_names):
-        yield i, str(name), metrics.prepare_layer(f.finite_layer(i), t)
+        yield i, str(name), prepared_layer(f, i, t)
 
 
-def _prepared_vision(path: PathLike, layer: int, ids: Sequence[str] | None = None):
-    with FeatureFile(path, expected_ids=ids) as f:
-        f.validate(expected_ids=ids, layers=False)
-        idx = resolve_layer(layer, f.n_layers, path)
-        t = metrics.threshold_from_quantiles(f.abs_q95())
-        return list(f.stimulus_ids), idx, metrics.prepare_layer(f.finite_layer(idx), t)
+def _log_invalid(table: pd.DataFrame, llm: str) -> None:
+    """One warning per degenerate LLM layer (model, layer, why); they are never chosen."""
+    if "valid" not in table.columns:
+        return
+    bad = table.loc[~table["valid"].astype(bool)].drop_duplicates(["llm_layer", "reason"])
+    for row in bad.itertuples():
+        log.warning(
+            "%s layer %d (%s) is skipped for layer choice: %s",
+            llm,
+            row.llm_layer,
+            row.layer_name,
+            row.reason,
+        )
 
 
 def run_layer_search(
-    vision_path: PathLike,
+    vision_paths: Sequence[PathLike],
     llm_path: PathLike,
-    vision: str,
+    vision: Sequence[str],
     llm: str,
     vision_layer: int,
     k: int,
     out_table: PathLike,
+    metric_names: Sequence[str] = ("cknna",),
 ) -> None:
-    """CKNNA of one vision layer against every layer of an LLM on the full stimulus set."""
-    ids, idx, vx = _prepared_vision(vision_path, vision_layer)
-    with FeatureFile(llm_path, expected_ids=ids) as f:
-        # ids checked here; every layer is checked for finiteness as it is read, once
-        f.validate(expected_ids=ids, layers=False)
-        table = alignment.layer_profile_table(vision, llm, idx, vx, _prepared_layers(f), k=k)
-    best = table.loc[table["chosen"]].iloc[0]
-    log.info(
-        "%s x %s: best LLM layer %s (CKNNA %.4f)", vision, llm, best["layer_name"], best["value"]
-    )
+    """Each vision model against every layer of one LLM on the full stimulus set: the layer
+    profile and the chosen layer per (vision model, metric) (docs/method.md, "Layer choice")."""
+    ids, prepared = read_prepared_vision(vision_paths, vision, vision_layer)
+    with open_features(llm_path, ids, model=llm, modality="language") as f:
+        table = alignment.layer_search_table(
+            prepared, llm, _llm_layers(f), k=k, metrics=tuple(metric_names)
+        )
+    _log_invalid(table, llm)
+    for row in table.loc[table["chosen"].astype(bool)].itertuples():
+        log.info(
+            "%s x %s: best LLM layer %s by %s (%.4f)",
+            row.vision,
+            llm,
+            row.layer_name,
+            row.metric,
+            row.value,
+        )
     write_table(table, out_table)
 
 
+def chosen_layers(
+    layers: pd.DataFrame, path: PathLike = "layers table"
+) -> dict[tuple[str, str], int]:
+    """``(vision, metric) -> chosen LLM layer`` from a layer-search table (one per pair)."""
+    chosen = layers.loc[layers["chosen"].astype(bool)]
+    out: dict[tuple[str, str], int] = {}
+    for row in chosen.itertuples():
+        key = (str(row.vision), str(row.metric))
+        if key in out:
+            raise ValueError(f"{path}: more than one chosen layer for {key}")
+        out[key] = int(row.llm_layer)
+    return out
+
+
 def run_conditions(
-    vision_path: PathLike,
+    vision_paths: Sequence[PathLike],
     llm_path: PathLike,
     layers_path: PathLike,
     sets_path: PathLike,
-    vision: str,
+    vision: Sequence[str],
     llm: str,
     vision_layer: int,
     k: int,
@@ -206,59 +322,57 @@ def run_conditions(
     seed: int,
     out_conditions: PathLike,
     out_contrasts: PathLike,
+    metric_names: Sequence[str] = ("cknna",),
 ) -> None:
-    """CKNNA on every stimulus subset at the LLM layer chosen on the full set."""
-    layers = read_table(layers_path)
-    chosen = int(layers.loc[layers["chosen"].astype(bool), "llm_layer"].iloc[0])
-    ids, _, vx = _prepared_vision(vision_path, vision_layer)
-    with FeatureFile(llm_path, expected_ids=ids) as f:
-        f.validate(expected_ids=ids, layers=False)  # only the chosen layer is read
-        t = metrics.threshold_from_quantiles(f.abs_q95())
-        lx = metrics.prepare_layer(f.finite_layer(chosen), t)
+    """Every stimulus set of every vision model against one LLM, at the layers chosen on the
+    full set (each chosen LLM layer read and prepared once)."""
+    chosen = chosen_layers(read_table(layers_path), layers_path)
+    missing = [(v, m) for v in vision for m in metric_names if (v, m) not in chosen]
+    if missing:
+        raise ValueError(
+            f"{layers_path}: no chosen layer for {missing}; the layer search is older than the "
+            "config (rerun it)"
+        )
+    ids, prepared = read_prepared_vision(vision_paths, vision, vision_layer)
     sets = read_table(sets_path)
-    sets["stimulus_id"] = sets["stimulus_id"].astype(str)
-    conditions, contrasts = alignment.condition_table(
-        vision, llm, chosen, vx, lx, sets, ids, k=k, n_boot=n_boot, seed=seed
-    )
+    with open_features(llm_path, ids, model=llm, modality="language") as f:
+        t = layer_threshold(f)
+        conditions, contrasts = alignment.condition_tables(
+            prepared,
+            llm,
+            chosen,
+            lambda i: prepared_layer(f, i, t),
+            sets,
+            ids,
+            k=k,
+            n_boot=n_boot,
+            seed=seed,
+            metrics=tuple(metric_names),
+        )
     write_table(conditions, out_conditions)
     write_table(contrasts, out_contrasts)
 
 
 def concatenate_tables(paths: Sequence[PathLike], out: PathLike) -> None:
-    """Row-wise concatenation of per-pair tables (same columns) into one aggregate table."""
+    """Row-wise concatenation of per-LLM tables (same columns) into one aggregate table."""
     frames = [read_table(p) for p in paths]
+    columns = list(frames[0].columns) if frames else []
+    for p, df in zip(paths, frames, strict=True):
+        if list(df.columns) != columns:
+            raise ValueError(
+                f"{p} has columns {list(df.columns)}, {paths[0]} has {columns}: the per-LLM "
+                "tables come from different versions; rerun the older ones"
+            )
     write_table(pd.concat(frames, ignore_index=True), out)
 
 
-def write_models_table(models: Mapping[str, Mapping[str, Any]], out: PathLike) -> None:
-    """Model labels, families and sizes for the figures, in plotting order.
-
-    Vision models keep config order; language models are grouped by family (in order of
-    first appearance) and ordered by size within a family.
-    """
-    rows = [
-        {
-            "model": key,
-            "modality": m["modality"],
-            "label": m.get("label", key),
-            "family": m.get("family", ""),
-            "size_b": float(m["size_b"]),
-            "config_order": i,
-        }
-        for i, (key, m) in enumerate(models.items())
-    ]
-    df = pd.DataFrame(rows)
-    family_rank = {f: i for i, f in enumerate(dict.fromkeys(df["family"]))}
-    df["_mod"] = (df["modality"] != "vision").astype(int)
-    df["_fam"] = df["family"].map(family_rank)
-    df["_size"] = np.where(df["modality"] == "vision", 0.0, df["size_b"])
-    df = df.sort_values(["_mod", "_fam", "_size", "config_order"], kind="stable")
-    df["order"] = np.arange(len(df))
-    write_table(df[["model", "modality", "label", "family", "size_b", "order"]], out)
+def write_models_table(records: Sequence[Mapping[str, Any]], out: PathLike) -> None:
+    """``models.tsv`` from the registry's table (xmodal.registry.Registry.table)."""
+    write_table(pd.DataFrame(list(records)), out)
 
 
 def write_summary(contrasts_path: PathLike, grid_path: PathLike, out: PathLike) -> None:
-    """The one-line summary of how consistently low > random > high across pairs."""
+    """The summary of how consistently low > random > high across pairs (xmodal.summary)."""
     from xmodal.summary import summary_table
 
     write_table(summary_table(read_table(contrasts_path), read_table(grid_path)), out)

@@ -32,32 +32,24 @@ from typing import Any
 import pandas as pd
 
 from xmodal.io import atomic_path, write_table
+from xmodal.logs import redact
+from xmodal.registry import (
+    LIBRARY,
+    SAFE_SUFFIXES,
+    download_patterns,
+    hub_repo_of,
+    pickle_patterns,
+)
 
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "PICKLE_PATTERNS",
     "PrefetchError",
+    "is_offline",
     "hub_repo_id",
     "prefetch_model",
     "prefetch_stimuli",
 ]
-
-# transformers: everything a config / tokenizer / safetensors load needs, nothing else
-TRANSFORMERS_PATTERNS = (
-    "*.json",  # config, generation config, tokenizer config, safetensors index
-    "*.safetensors",
-    "tokenizer*",
-    "*.model",  # sentencepiece (LLaMA)
-    "*.tiktoken",
-    "vocab*",
-    "merges.txt",
-)
-# timm hub repos (timm/<id>): the pretrained config and the weights timm loads
-TIMM_PATTERNS = ("config.json", "model.safetensors")
-# Loading these runs code from the file (pickle); only with extraction.allow_pickle
-PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
-TIMM_PICKLE = ("pytorch_model.bin",)
 
 
 class PrefetchError(RuntimeError):
@@ -74,16 +66,19 @@ def _endpoint() -> str:
     return os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
 
 
-def _offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+def is_offline() -> bool:
+    """True when the hub must not be contacted: ``HF_HUB_OFFLINE`` or ``TRANSFORMERS_OFFLINE``
+    is set (read now, not at import), or huggingface_hub was imported in offline mode."""
+    import huggingface_hub.constants as hc
+
+    env = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
+    return bool(hc.HF_HUB_OFFLINE) or env.strip().upper() in {"1", "ON", "YES", "TRUE"}
 
 
 def _reason(err: BaseException) -> str:
     """One line about ``err``, with any token redacted."""
     text = str(err).strip().splitlines()[0] if str(err).strip() else ""
-    token = os.environ.get("HF_TOKEN")
-    if token:
-        text = text.replace(token, "***")
+    text = redact(text)
     return f"{type(err).__name__}: {text}" if text else type(err).__name__
 
 
@@ -145,7 +140,7 @@ def _snapshot(
     from huggingface_hub import snapshot_download
 
     reason = "HF_HUB_OFFLINE=1 is set"
-    if not _offline():
+    if not is_offline():
         try:
             # repo_info: one request, no retry loop (list_repo_files retries for ~25 s)
             info = _api().repo_info(repo_id, repo_type=repo_type, revision=revision)
@@ -198,26 +193,20 @@ def _match(files: Iterable[str], patterns: Iterable[str]) -> list[str]:
 
 # ----------------------------------------------------------------------------- models
 def hub_repo_id(model_id: str, modality: str) -> str:
-    """The hub repository of a registry id: timm ids live under ``timm/<id>``."""
-    if modality == "vision" and "/" not in model_id:
-        return f"timm/{model_id}"
-    return model_id
+    """The hub repository of a registry id (xmodal.registry.hub_repo_of, without the revision)."""
+    return hub_repo_of(model_id, modality)[0]
 
 
 def _select_weights(
     files: list[str], repo_id: str, revision: str, modality: str, allow_pickle: bool
 ) -> list[str]:
-    if modality == "vision":
-        wanted = _match(files, TIMM_PATTERNS)
-        weights = [f for f in wanted if f.endswith(".safetensors")]
-        pickles = _match(files, TIMM_PICKLE)
-    else:
-        wanted = _match(files, TRANSFORMERS_PATTERNS)
-        weights = [f for f in wanted if f.endswith(".safetensors")]
-        pickles = _match(files, PICKLE_PATTERNS)
-        # the index of pickle shards is useless without them
-        if not allow_pickle:
-            wanted = [f for f in wanted if not f.endswith(".bin.index.json")]
+    library = LIBRARY[modality]
+    wanted = _match(files, download_patterns(library, allow_pickle=False))
+    weights = [f for f in wanted if f.endswith(SAFE_SUFFIXES)]
+    pickles = _match(files, pickle_patterns(library))
+    # the index of pickle shards is useless without them
+    if not allow_pickle:
+        wanted = [f for f in wanted if not f.endswith(".bin.index.json")]
     if weights:
         return wanted
     if not pickles:
@@ -231,7 +220,7 @@ def _select_weights(
             f"({', '.join(pickles[:5])}); loading a pickle runs code from the file, so xmodal "
             f"refuses it by default. Either pin `revision` in config.yaml to a commit that has "
             f"*.safetensors (the hub's safetensors-conversion pull request, e.g. refs/pr/N), or "
-            f"opt in with `extraction.allow_pickle: true` in config.yaml."
+            f"opt in with `allow_pickle: true` on the model (or under `extraction:`) in config.yaml."
         )
     log.warning("%s: no safetensors, downloading pickle checkpoints (allow_pickle)", repo_id)
     return sorted(set(wanted) | set(pickles))
@@ -274,12 +263,10 @@ def prefetch_model(
             "snapshot": str(local),
             "from_cache_only": False,
         }
-    repo_id = hub_repo_id(model_id, modality)
-    rev = revision or "main"
+    repo_id, pinned = hub_repo_of(model_id, modality)
+    rev = revision or pinned or "main"
     cache = Path(cache_dir).resolve()
-    patterns = TIMM_PATTERNS if modality == "vision" else TRANSFORMERS_PATTERNS
-    if allow_pickle:
-        patterns = patterns + (TIMM_PICKLE if modality == "vision" else PICKLE_PATTERNS)
+    patterns = download_patterns(LIBRARY[modality], allow_pickle)
     path, files, cached = _snapshot(
         repo_id,
         "model",

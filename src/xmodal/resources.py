@@ -41,18 +41,23 @@ def _check(size_b: float, attempt: int) -> None:
         raise ValueError(f"attempt must be an integer >= 1 (Snakemake's attempt), got {attempt!r}")
 
 
-def gpus_needed(size_b: float, gpu_mem_gb: float = 80) -> int:
-    """GPUs of ``gpu_mem_gb`` each that hold a ``size_b``-billion-parameter model in bf16."""
+def gpus_needed(size_b: float, gpu_mem_gb: float, max_gpus: int = MAX_GPUS) -> int:
+    """GPUs of ``gpu_mem_gb`` each that hold a ``size_b``-billion-parameter model in bf16.
+
+    Raises ValueError when more than ``max_gpus`` (the GPUs of one node) would be needed.
+    """
     _check(size_b, 1)
-    if gpu_mem_gb <= 0:
-        raise ValueError(f"gpu_mem_gb must be positive, got {gpu_mem_gb!r}")
+    if not (isinstance(gpu_mem_gb, int | float) and math.isfinite(gpu_mem_gb) and gpu_mem_gb > 0):
+        raise ValueError(f"gpu_mem_gb must be a positive number of GB, got {gpu_mem_gb!r}")
+    if not (isinstance(max_gpus, int) and max_gpus >= 1):
+        raise ValueError(f"max_gpus must be an integer >= 1, got {max_gpus!r}")
     weights_gb = BYTES_PER_PARAM_BF16 * size_b
     need_gb = weights_gb + max(2.0, 0.05 * weights_gb)
     n = max(1, math.ceil(need_gb / (GPU_USABLE_FRACTION * gpu_mem_gb)))
-    if n > MAX_GPUS:
+    if n > max_gpus:
         raise ValueError(
-            f"a {size_b}B model needs {n} GPUs of {gpu_mem_gb} GB, more than one node usually has "
-            f"({MAX_GPUS}); set a larger gpu_mem_gb if your GPUs are bigger"
+            f"a {size_b}B model needs {n} GPUs of {gpu_mem_gb} GB, more than the {max_gpus} "
+            "GPUs of one node"
         )
     return n
 
@@ -61,8 +66,10 @@ def extraction_resources(
     modality: str,
     size_b: float,
     attempt: int = 1,
-    gpu_mem_gb: float = 80,
-    num_workers: int = 8,
+    *,
+    gpu_mem_gb: float,
+    num_workers: int,
+    max_gpus: int = MAX_GPUS,
 ) -> dict[str, int]:
     """Resources of one model's feature-extraction job (a GPU job).
 
@@ -90,7 +97,7 @@ def extraction_resources(
         mem_gb = 8 + weights_gb
     runtime = 30 + math.ceil(weights_gb / 2)
     return {
-        "gpu": gpus_needed(size_b, gpu_mem_gb),
+        "gpu": gpus_needed(size_b, gpu_mem_gb, max_gpus),
         "mem_mb": 1024 * math.ceil(mem_gb) * attempt,
         "runtime": runtime * attempt,
         "cpus_per_task": cpus,

@@ -1,20 +1,22 @@
-# Cross-modal alignment (CKNNA) per (vision, LLM) pair: the full-set layer search, which does
-# not depend on GPA, and the subset/ablation conditions at the chosen layer, which do.
+# Cross-modal alignment, one job per LLM and stage: each job reads its LLM's feature file once
+# and computes each LLM layer's kernel once for every vision model. The full-set layer search
+# does not depend on GPA; the subset/ablation conditions at the chosen layers do.
 
 
 rule layer_search:
     input:
-        vision="results/features/{dataset}/{vision}.h5",
+        vision=vision_features,
         llm="results/features/{dataset}/{llm}.h5",
     output:
-        f"{ALIGN}/layers/{{vision}}/{{llm}}.tsv",
+        f"{ALIGN}/layers/{{llm}}.tsv",
     log:
-        "logs/alignment/{dataset}/layers/{vision}/{llm}.log",
+        "logs/alignment/{dataset}/layers/{llm}.log",
     benchmark:
-        "results/benchmarks/{dataset}/layers/{vision}/{llm}.tsv"
+        "results/benchmarks/{dataset}/layers/{llm}.tsv"
     conda:
         "../../envs/analysis.yaml"
     params:
+        vision=VISION,
         vision_layer=ANALYSIS["vision_layer"],
         k=ANALYSIS["knn_k"],
     script:
@@ -23,20 +25,21 @@ rule layer_search:
 
 rule conditions:
     input:
-        vision="results/features/{dataset}/{vision}.h5",
+        vision=vision_features,
         llm="results/features/{dataset}/{llm}.h5",
-        layers=f"{ALIGN}/layers/{{vision}}/{{llm}}.tsv",
+        layers=f"{ALIGN}/layers/{{llm}}.tsv",
         sets=f"{DISP}/sets.tsv",
     output:
-        conditions=f"{ALIGN}/conditions/{{vision}}/{{llm}}.tsv",
-        contrasts=f"{ALIGN}/contrasts/{{vision}}/{{llm}}.tsv",
+        conditions=f"{ALIGN}/conditions/{{llm}}.tsv",
+        contrasts=f"{ALIGN}/contrasts/{{llm}}.tsv",
     log:
-        "logs/alignment/{dataset}/conditions/{vision}/{llm}.log",
+        "logs/alignment/{dataset}/conditions/{llm}.log",
     benchmark:
-        "results/benchmarks/{dataset}/conditions/{vision}/{llm}.tsv"
+        "results/benchmarks/{dataset}/conditions/{llm}.tsv"
     conda:
         "../../envs/analysis.yaml"
     params:
+        vision=VISION,
         vision_layer=ANALYSIS["vision_layer"],
         k=ANALYSIS["knn_k"],
         n_boot=ANALYSIS["n_boot"],
@@ -47,9 +50,9 @@ rule conditions:
 
 rule aggregate:
     input:
-        layers=pair_tables("layers"),
-        conditions=pair_tables("conditions"),
-        contrasts=pair_tables("contrasts"),
+        layers=llm_tables("layers"),
+        conditions=llm_tables("conditions"),
+        contrasts=llm_tables("contrasts"),
     output:
         layers=f"{ALIGN}/layers.tsv",
         grid=f"{ALIGN}/grid.tsv",
@@ -72,7 +75,7 @@ rule models_table:
     conda:
         "../../envs/analysis.yaml"
     params:
-        models=MODELS,
+        models=REGISTRY.table().to_dict("records"),
     script:
         "../../scripts/models_table.py"
 

@@ -6,6 +6,7 @@ from functools import partial
 from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
+from snakemake.logging import logger
 from snakemake.utils import validate
 
 # The library lives in src/: importable here whether or not it is installed (the step
@@ -18,14 +19,22 @@ from xmodal.config import (
     ConfigError,
     check_config,
     load_config_file,
-    models_of,
     schema_errors,
 )
 from xmodal.figures import FIGURES
+from xmodal.registry import Registry
 
 _CONFIG_FILES = [str(p) for p in workflow.config_settings.configfiles] or [
     "config.yaml"
 ]
+for _path in _CONFIG_FILES:
+    if not Path(_path).is_file():
+        raise WorkflowError(
+            f"Config file {_path} not found (looked in {Path.cwd()}). With "
+            "--directory/-d, give --configfile as a path that exists from where you run "
+            "snakemake, or run snakemake from the project folder."
+        )
+
 try:
     validate(config, schema="../schemas/config.schema.yaml")
 except WorkflowError:
@@ -34,24 +43,30 @@ except WorkflowError:
     raise WorkflowError(
         "\n".join(schema_errors(config, _schema, ", ".join(_CONFIG_FILES)))
     ) from None
+
 try:
     for _path in _CONFIG_FILES:
-        load_config_file(
-            _path
-        )  # refuses duplicate keys, which YAML would silently merge
+        # refuses duplicate keys, which YAML would silently merge
+        load_config_file(_path)
     check_config(config)
+    # the one source of truth about every model (xmodal.registry)
+    REGISTRY = Registry.from_config(config)
 except ConfigError as err:
     raise WorkflowError(
         f"Invalid configuration in {', '.join(_CONFIG_FILES)}: {err}"
     ) from None
 
+for _first, _second, _what in REGISTRY.duplicate_ids():
+    logger.warning(
+        f"models '{_first}' and '{_second}' are the same model ({_what}): their features "
+        "will be identical and count twice in GPA and leave-one-model-out; remove one of them"
+    )
+
 DATASET = config["dataset"]
-MODELS = config["models"]
-VISION = models_of(config, "vision")
-LANGUAGE = models_of(config, "language")
+VISION = REGISTRY.vision
+LANGUAGE = REGISTRY.language
 HUB_CACHE = config.get("hub_cache", "resources/hub")
 ANALYSIS = config["analysis"]
-EXTRACTION = config["extraction"]
 
 
 def _alternatives(keys):
@@ -60,7 +75,7 @@ def _alternatives(keys):
 
 wildcard_constraints:
     dataset=re.escape(DATASET),
-    model=_alternatives(MODELS),
+    model=_alternatives(REGISTRY),
     vision=_alternatives(VISION),
     llm=_alternatives(LANGUAGE),
 
@@ -76,39 +91,55 @@ def feature_file(model):
     return f"results/features/{DATASET}/{model}.h5"
 
 
+def vision_features(wildcards):
+    """The feature files of every vision model (GPA, and each LLM's alignment jobs)."""
+    return [feature_file(v) for v in VISION]
+
+
 def built_model_dir(model):
     """Where the demo's build rule writes a tiny locally built model."""
     return f"resources/demo/models/{model}"
 
 
 def feature_spec(wildcards):
-    """The registry fields that determine a model's features (labels and sizes do not):
-    editing a label must not re-extract anything."""
-    entry = MODELS[wildcards.model]
-    return {k: entry[k] for k in ("modality", "id", "revision", "build") if k in entry}
+    """The registry fields that define a model's features (the extraction's rerun trigger):
+    labels, sizes, batch sizes, workers and GPUs are not among them (docs/cluster.md).
+    """
+    return REGISTRY[wildcards.model].feature_spec()
+
+
+def prefetch_spec(wildcards):
+    """What a model's download depends on: its repository and revision."""
+    return REGISTRY[wildcards.model].prefetch_spec()
 
 
 def model_input(wildcards):
     """What the extraction of one model needs besides the stimuli: its weights."""
-    entry = MODELS[wildcards.model]
-    if "build" in entry:
+    entry = REGISTRY[wildcards.model]
+    if entry.source == "built":
         return built_model_dir(wildcards.model)
-    if Path(entry["id"]).is_dir():
+    if entry.source == "local":
         return []
     return f"{HUB_CACHE}/.prefetched/{wildcards.model}.json"
 
 
 def extraction_resource(name):
-    """Per-model job resources from its size; memory and runtime grow with each retry."""
-    from xmodal.resources import extraction_resources
+    """One resource of a model's extraction job (xmodal.registry: size and site settings);
+    memory and runtime grow with each retry."""
 
     def get(wildcards, attempt):
-        entry = MODELS[wildcards.model]
-        return extraction_resources(entry["modality"], float(entry["size_b"]), attempt)[
-            name
-        ]
+        return REGISTRY[wildcards.model].resources(attempt)[name]
 
     return get
+
+
+def gpu_model_resource():
+    """``gpu_model`` (sbatch --gpus=<model>:<n>) when extraction.gpu_model is set."""
+    return (
+        {"gpu_model": extraction_resource("gpu_model")}
+        if config.get("extraction", {}).get("gpu_model")
+        else {}
+    )
 
 
 # ---------------------------------------------------------------- tables read by figures
@@ -123,6 +154,7 @@ def table_paths(dataset):
         "grid": f"results/alignment/{dataset}/grid.tsv",
         "contrasts": f"results/alignment/{dataset}/contrasts.tsv",
         "models": f"results/alignment/{dataset}/models.tsv",
+        "summary": f"results/summary/{dataset}.tsv",
         "manifest": f"resources/stimuli/{dataset}/stimuli.tsv",
     }
 
@@ -132,14 +164,12 @@ def figure_inputs(wildcards, name):
     return {key: paths[key] for key in FIGURES[name].inputs}
 
 
-def pair_tables(kind):
-    """Per-(vision, LLM) tables of one kind, for the aggregation rules."""
+def llm_tables(kind):
+    """Per-LLM tables of one kind, for the aggregation rules."""
 
     def get(wildcards):
         return expand(
-            f"results/alignment/{wildcards.dataset}/{kind}/{{vision}}/{{llm}}.tsv",
-            vision=VISION,
-            llm=LANGUAGE,
+            f"results/alignment/{wildcards.dataset}/{kind}/{{llm}}.tsv", llm=LANGUAGE
         )
 
     return get
@@ -147,8 +177,7 @@ def pair_tables(kind):
 
 def get_final_output():
     paths = table_paths(DATASET)
-    out = [paths[k] for k in ("loo", "grid", "layers", "contrasts")]
-    out.append(f"results/summary/{DATASET}.tsv")
+    out = [paths[k] for k in ("loo", "grid", "layers", "contrasts", "summary")]
     for name in FIGURES:
         out += [
             f"results/figures/{DATASET}/{name}.png",

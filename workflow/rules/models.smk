@@ -11,11 +11,8 @@ rule prefetch_model:
     conda:
         "../../envs/extract.yaml"
     params:
-        entry=feature_spec,
+        spec=prefetch_spec,
         cache_dir=lambda wildcards, output: str(Path(output.record).parent.parent),
-        allow_pickle=lambda wildcards: MODELS[wildcards.model].get(
-            "allow_pickle", EXTRACTION.get("allow_pickle", False)
-        ),
     script:
         "../../scripts/prefetch_model.py"
 
@@ -38,7 +35,7 @@ rule demo_model:
     input:
         tokenizer=lambda wildcards: (
             f"resources/demo/tokenizer/{DATASET}"
-            if MODELS[wildcards.model]["modality"] == "language"
+            if REGISTRY[wildcards.model].modality == "language"
             else []
         ),
     output:
@@ -49,6 +46,10 @@ rule demo_model:
     conda:
         "../../envs/extract.yaml"
     params:
-        entry=feature_spec,
+        entry=lambda wildcards: {
+            k: v
+            for k, v in feature_spec(wildcards).items()
+            if k in ("modality", "id", "build")
+        },
     script:
         "../../scripts/demo_model.py"

@@ -65,16 +65,20 @@ def extract_features(
     device: str | torch.device = "auto",
     dtype: str | torch.dtype = "auto",
     batch_size: int | Mapping[str, int] | None = None,
-    num_workers: int = 0,
+    num_workers: int | None = None,
     allow_pickle: bool = False,
     progress: bool = True,
+    vision_layer: int | None = None,
 ) -> Path:
     """Extract every layer's features of one model for every stimulus; write ``out_path``.
 
     ``model_cfg`` is the model's config.yaml entry (``modality``, ``id``, ``revision``, and
     optionally ``label``, ``family``, ``size_b``). ``device="auto"`` = CUDA when visible, else
     CPU; ``dtype="auto"`` = bfloat16 on CUDA, float32 on CPU. Vision images are decoded by
-    ``num_workers`` DataLoader workers. Returns the path of the written feature file.
+    ``num_workers`` DataLoader workers (None: the site default, xmodal.registry.SITE_DEFAULTS).
+    With ``vision_layer`` (config key ``analysis.vision_layer``), a vision model whose blocks do
+    not include that layer fails right after loading, before any image is processed.
+    Returns the path of the written feature file.
     """
     from torch.utils.data import DataLoader
 
@@ -113,6 +117,14 @@ def extract_features(
             dtype=dt,
             allow_pickle=allow_pickle,
         )
+        if vision_layer is not None:  # fail before hours of extraction, naming the config key
+            from xmodal.config import resolve_layer
+
+            resolve_layer(vision_layer, int(info["n_layers"]), f"model {model_key} ({model_id})")
+        if num_workers is None:
+            from xmodal.registry import SITE_DEFAULTS
+
+            num_workers = int(SITE_DEFAULTS["num_workers"])
         dataset = ImageDataset(df, manifest_path.parent, transform)
         loader = DataLoader(
             dataset,

@@ -16,6 +16,8 @@ import torch
 
 from xmodal._compat import ensure_torchvision_importable
 from xmodal.features import abs_quantile_rows
+from xmodal.prefetch import is_offline
+from xmodal.registry import PICKLE_SUFFIXES, SAFE_SUFFIXES
 
 # transformers and timm import torchvision; make that work first (see xmodal._compat)
 ensure_torchvision_importable()
@@ -24,9 +26,6 @@ if TYPE_CHECKING:
     from tqdm import tqdm
 
 log = logging.getLogger("xmodal.extract")
-
-SAFE_SUFFIXES = (".safetensors",)
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".tar")
 
 
 class ExtractionError(RuntimeError):
@@ -87,14 +86,6 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
 
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
-
-
-def is_offline() -> bool:
-    """True when ``HF_HUB_OFFLINE``/``TRANSFORMERS_OFFLINE`` is set (read now, not at import)."""
-    import huggingface_hub.constants as hc
-
-    env = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
-    return bool(hc.HF_HUB_OFFLINE) or env.strip().upper() in {"1", "ON", "YES", "TRUE"}
 
 
 def resolve_model_folder(

@@ -31,6 +31,7 @@ from xmodal.extract._common import (
     resolve_dtype,
     resolve_model_folder,
 )
+from xmodal.registry import download_patterns, hub_repo_of
 
 log = logging.getLogger(__name__)
 
@@ -103,14 +104,13 @@ def load_language_model(
 
     device = torch.device(device)
     torch_dtype = resolve_dtype(dtype, device)
-    patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken"]
-    patterns += ["*.bin"] if allow_pickle else []
+    hub_repo, pinned = hub_repo_of(model_id, "language")
     folder, revision_used = resolve_model_folder(
         model_id,
-        model_id,
-        revision=revision,
+        hub_repo,
+        revision=revision or pinned,
         cache_dir=cache_dir,
-        allow_patterns=patterns,
+        allow_patterns=download_patterns("transformers", allow_pickle),
         what="language model",
     )
     if not (folder / "config.json").is_file():

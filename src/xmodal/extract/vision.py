@@ -18,8 +18,6 @@ import torch
 
 from xmodal._compat import ensure_torchvision_importable
 from xmodal.extract._common import (
-    PICKLE_SUFFIXES,
-    SAFE_SUFFIXES,
     BatchSizer,
     ExtractionError,
     ExtractionResult,
@@ -30,6 +28,7 @@ from xmodal.extract._common import (
     progress_bar,
     resolve_model_folder,
 )
+from xmodal.registry import PICKLE_SUFFIXES, SAFE_SUFFIXES, download_patterns, hub_repo_of
 
 log = logging.getLogger(__name__)
 
@@ -38,13 +37,6 @@ __all__ = [
     "load_vision_model",
     "vision_layer_names",
 ]
-
-
-def _hub_repo(model_id: str) -> str:
-    """Hub repo of a timm id: ``vit_x.tag`` -> ``timm/vit_x.tag``; ``hf-hub:org/name`` -> ``org/name``."""
-    if model_id.startswith(("hf-hub:", "hf_hub:")):
-        return model_id.split(":", 1)[1].split("@", 1)[0]
-    return model_id if "/" in model_id else f"timm/{model_id}"
 
 
 def load_vision_model(
@@ -88,13 +80,13 @@ def load_vision_model(
             model_name=model_id, pretrained=True, pretrained_cfg_overlay=dict(file=str(wf))
         )
     else:
-        patterns = ["*.json", "*.safetensors"] + (["*.bin", "*.pth"] if allow_pickle else [])
+        hub_repo, pinned = hub_repo_of(model_id, "vision")
         folder, revision_used = resolve_model_folder(
             model_id,
-            _hub_repo(model_id),
-            revision=revision,
+            hub_repo,
+            revision=revision or pinned,
             cache_dir=cache_dir,
-            allow_patterns=patterns,
+            allow_patterns=download_patterns("timm", allow_pickle),
             what="vision model",
         )
         if not (folder / "config.json").is_file():

@@ -5,7 +5,8 @@ reads the tables a figure needs, draws it in the single report style and writes 
 atomically. ``render_figure`` returns the matplotlib ``Figure`` instead (tests, notebooks).
 
 Input names (keys of ``inputs``): ``dispersion``, ``residuals``, ``sets``, ``loo_stimuli``,
-``loo``, ``layers``, ``grid``, ``contrasts``, ``models``, ``manifest`` (see docs/contracts.md).
+``loo``, ``layers``, ``grid``, ``contrasts``, ``models``, ``summary``, ``manifest`` (see
+docs/contracts.md).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from .dispersion import draw_dispersion_sets, draw_gallery, draw_loo, draw_resid
 log = logging.getLogger(__name__)
 
 INPUT_NAMES = frozenset(
-    {"dispersion", "residuals", "sets", "loo_stimuli", "loo", "layers", "grid", "contrasts", "models", "manifest"}
+    {"dispersion", "residuals", "sets", "loo_stimuli", "loo", "layers", "grid", "contrasts", "models", "manifest", "summary"}
 )  # fmt: skip
 
 
@@ -131,8 +132,9 @@ FIGURES: dict[str, FigureSpec] = {
         _spec(
             "contrasts",
             "Low − high difference per pair with bootstrap 95% CI; fraction of random ≥ low",
-            ("contrasts", "models"),
+            ("contrasts", "summary", "models"),
             draw_contrasts,
+            ("models", "summary"),
         ),
     )
 }
@@ -151,7 +153,7 @@ def load_inputs(name: str, inputs: Mapping[str, str | os.PathLike]) -> FigureDat
     if missing:
         raise KeyError(f"figure {name!r} needs input(s) {missing}; got {sorted(inputs)}")
     paths = {k: Path(inputs[k]) for k in spec.inputs if k in inputs}
-    tables = {k: read_tsv(p) for k, p in paths.items()}
+    tables = {k: read_tsv(p, k) for k, p in paths.items()}
     return FigureData(tables=tables, paths=paths, models=Models.from_table(tables.get("models")))
 
 

@@ -17,6 +17,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.transforms import blended_transform_factory
 
+from xmodal.io import read_table
+
 # One palette for the whole report. Low-dispersion stimuli (and "drop high", which keeps them)
 # are blue; high-dispersion stimuli (and "drop low") warm; the random baseline and the full set
 # grey. Colour-blind safe (seaborn "colorblind").
@@ -239,9 +241,14 @@ def format_p(p: float) -> str:
     return "p < 0.001" if p < 0.001 else f"p = {p:.3f}"
 
 
-def read_tsv(path: str | Path) -> pd.DataFrame:
-    """Read one contract table (tab-separated, header row)."""
-    return pd.read_csv(path, sep="\t")
+def read_tsv(path: str | Path, name: str = "") -> pd.DataFrame:
+    """Read one contract table: the stimulus manifest with its own reader, every other table
+    with the pipeline's table reader (identifiers stay text: xmodal.io.read_table)."""
+    if name == "manifest":
+        from xmodal.stimuli import read_manifest
+
+        return read_manifest(path)
+    return read_table(path)
 
 
 @dataclass(frozen=True)

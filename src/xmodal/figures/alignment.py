@@ -14,8 +14,6 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
-from xmodal.summary import summary_table
-
 from ._common import (
     ALIGNMENT_LABEL,
     COLORS,
@@ -361,8 +359,7 @@ def draw_layerwise(data: FigureData) -> Figure:
 # --------------------------------------------------------------------------- contrasts
 def draw_contrasts(data: FigureData) -> Figure:
     """Forest plot of low − high per pair (bootstrap 95% CI) and the fraction of random ≥ low."""
-    con = data["contrasts"].copy()
-    con["vision"], con["llm"] = con["vision"].astype(str), con["llm"].astype(str)
+    con = only_metric(data["contrasts"]).copy()
     models = data.models
     visions = models.order(con["vision"].unique())
     llms = models.order(con["llm"].unique())
@@ -378,7 +375,8 @@ def draw_contrasts(data: FigureData) -> Figure:
             y += 0.8
         ypos[(v, ll)] = y
         y += 1.0
-    stats = summary_table(con).set_index("summary") if not con.empty else pd.DataFrame()
+    summ = data.get("summary")
+    stats = only_metric(summ).set_index("summary") if summ is not None else pd.DataFrame()
 
     ratios = [3.2, 1.2] * len(summaries)
     fig = new_figure(2.0 + 4.6 * len(summaries), 0.17 * (y + 2) + 1.6)
@@ -404,7 +402,7 @@ def draw_contrasts(data: FigureData) -> Figure:
         if s in stats.index:
             r = stats.loc[s]
             title += (
-                f"\nlow > random > high in {int(r.n_low_gt_random_gt_high)}/{int(r.n_pairs)} pairs"
+                f"\nlow > random > high in {int(r.n_low_gt_random_gt_high)}/{int(r.n_valid)} pairs"
                 f"\nmedian low/high = {r.median_ratio_low_high:.2f}×"
             )
         ax.set_title(title, loc="left")

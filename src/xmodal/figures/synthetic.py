@@ -13,6 +13,7 @@ import pandas as pd
 from scipy import stats
 
 from xmodal.io import write_table
+from xmodal.summary import summary_table
 
 
 def synthetic_inputs(
@@ -168,7 +169,7 @@ def synthetic_inputs(
                 row("high", summ, 0, k, high)
                 diff = low - high
                 con_rows.append(
-                    {"vision": v, "llm": ll, "summary": summ, "low": low, "high": high,
+                    {"vision": v, "llm": ll, "metric": "cknna", "summary": summ, "low": low, "high": high,
                      "random_mean": rnd.mean(), "random_ci_low": np.percentile(rnd, 2.5),
                      "random_ci_high": np.percentile(rnd, 97.5),
                      "frac_random_ge_low": float(np.mean(rnd >= low)), "diff_low_high": diff,
@@ -203,6 +204,7 @@ def synthetic_inputs(
         "grid": d / "grid.tsv",
         "contrasts": d / "contrasts.tsv",
         "models": d / "models.tsv",
+        "summary": d / "summary.tsv",
         "manifest": manifest_dir / "stimuli.tsv",
     }
     tables = {
@@ -215,6 +217,7 @@ def synthetic_inputs(
         "grid": pd.DataFrame(grid_rows),
         "contrasts": pd.DataFrame(con_rows),
         "models": models,
+        "summary": summary_table(pd.DataFrame(con_rows), pd.DataFrame(grid_rows)),
         "manifest": manifest,
     }
     for name, df in tables.items():

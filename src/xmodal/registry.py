@@ -1,0 +1,394 @@
+"""The model registry: one frozen entry per model, built once from the validated config.
+
+Everything the pipeline knows about a model is answered here and nowhere else: where its weights
+come from (built for the demo / a local directory / a hub repository at a revision), which files
+may be downloaded and loaded, which config fields define its features (the extraction's rerun
+trigger), what its extraction job needs on the cluster, and how figures name and order it.
+``workflow/rules/common.smk``, the prefetch and extraction steps, the loaders, ``models.tsv`` and
+the figures all read it.
+
+Site settings (``extraction:`` in config.yaml) have their one default here, in :data:`SITE_DEFAULTS`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import pandas as pd
+
+from xmodal.config import ConfigError
+from xmodal.resources import extraction_resources, gpus_needed
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "LIBRARY",
+    "PICKLE_SUFFIXES",
+    "SAFE_SUFFIXES",
+    "SITE_DEFAULTS",
+    "ModelEntry",
+    "Registry",
+    "Site",
+    "download_patterns",
+    "hub_repo_of",
+    "pickle_patterns",
+]
+
+#: The library that loads each modality.
+LIBRARY = {"vision": "timm", "language": "transformers"}
+
+#: Weight files that are plain tensors (safe to load) and pickle files (loading runs code).
+SAFE_SUFFIXES = (".safetensors",)
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".tar")
+
+# What a loader needs from a hub repository besides its weights, and the weight files each library
+# loads. timm hub repos (timm/<id>) hold a pretrained config and model.safetensors (or the pickle
+# pytorch_model.bin); transformers needs configs, tokenizer files and (sharded) weights.
+_SUPPORT = {
+    "timm": ("config.json",),
+    "transformers": ("*.json", "tokenizer*", "*.model", "*.tiktoken", "vocab*", "merges.txt"),
+}
+_WEIGHTS = {"timm": ("model.safetensors",), "transformers": ("*.safetensors",)}
+_PICKLE_WEIGHTS = {"timm": ("pytorch_model.bin",), "transformers": ("*.bin",)}
+
+#: Site settings under ``extraction:`` and their defaults (the only place they are defaulted).
+SITE_DEFAULTS: Mapping[str, Any] = MappingProxyType(
+    {
+        "dtype": "auto",
+        "batch_size": MappingProxyType({"vision": None, "language": None}),
+        "num_workers": 4,
+        "gpu_mem_gb": 80,
+        "gpus_per_node": 8,
+        "gpu_model": None,
+        "allow_pickle": False,
+        "max_tokens": None,
+    }
+)
+
+
+def download_patterns(library: str, allow_pickle: bool = False) -> tuple[str, ...]:
+    """File patterns to fetch from a model's hub repository (and accept from the cache)."""
+    try:
+        patterns = _SUPPORT[library] + _WEIGHTS[library]
+    except KeyError:
+        raise ValueError(
+            f"unknown model library {library!r}; expected one of {sorted(_SUPPORT)}"
+        ) from None
+    return patterns + (_PICKLE_WEIGHTS[library] if allow_pickle else ())
+
+
+def pickle_patterns(library: str) -> tuple[str, ...]:
+    """The pickle weight files a library would load (refused unless ``allow_pickle``)."""
+    return _PICKLE_WEIGHTS[library]
+
+
+def hub_repo_of(model_id: str, modality: str) -> tuple[str, str | None]:
+    """The hub repository of a registry id, and a revision the id pins (``@rev``), if any.
+
+    timm ids with a pretrained tag live under ``timm/<id>`` (``vit_huge_patch14_224.mae`` →
+    ``timm/vit_huge_patch14_224.mae``); ``hf-hub:org/name[@rev]`` names a repository directly (as in
+    ``timm.create_model``); anything else with a ``/`` is a repository id as it is.
+    """
+    rid = str(model_id).strip()
+    revision = None
+    for prefix in ("hf-hub:", "hf_hub:"):
+        if rid.startswith(prefix):
+            rid = rid[len(prefix) :]
+            if "@" in rid:
+                rid, revision = rid.split("@", 1)
+            break
+    if modality == "vision" and "/" not in rid:
+        rid = f"timm/{rid}"
+    return rid, revision
+
+
+def _looks_like_path(model_id: str) -> bool:
+    return model_id.startswith(("/", "./", "../", "~"))
+
+
+@dataclass(frozen=True)
+class Site:
+    """The cluster and extraction settings of config.yaml's ``extraction:`` block, defaults resolved."""
+
+    dtype: str = SITE_DEFAULTS["dtype"]
+    batch_size: Mapping[str, int | None] = field(
+        default_factory=lambda: dict(SITE_DEFAULTS["batch_size"])
+    )
+    num_workers: int = SITE_DEFAULTS["num_workers"]
+    gpu_mem_gb: float = SITE_DEFAULTS["gpu_mem_gb"]
+    gpus_per_node: int = SITE_DEFAULTS["gpus_per_node"]
+    gpu_model: str | None = SITE_DEFAULTS["gpu_model"]
+    allow_pickle: bool = SITE_DEFAULTS["allow_pickle"]
+    max_tokens: int | None = SITE_DEFAULTS["max_tokens"]
+
+    @classmethod
+    def from_config(cls, extraction: Mapping[str, Any] | None) -> Site:
+        """Site settings from ``config['extraction']`` (missing keys take :data:`SITE_DEFAULTS`)."""
+        ext = dict(extraction or {})
+        unknown = set(ext) - set(SITE_DEFAULTS)
+        if unknown:
+            raise ConfigError(f"config key 'extraction': unknown setting(s) {sorted(unknown)}")
+        values = {k: ext.get(k, SITE_DEFAULTS[k]) for k in SITE_DEFAULTS}
+        values["batch_size"] = MappingProxyType(
+            {**SITE_DEFAULTS["batch_size"], **dict(values["batch_size"] or {})}
+        )
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """Everything about one model, resolved: identity, source, files, features, resources, display."""
+
+    key: str
+    modality: str
+    id: str
+    revision: str | None
+    size_b: float
+    label: str
+    family: str
+    config_order: int
+    source: str  # "built" (demo), "local" (a directory) or "hub"
+    hub_repo: str | None
+    build: Mapping[str, Any] | None
+    batch_size: int | None
+    allow_pickle: bool
+    site: Site
+    order: int = 0
+
+    @property
+    def library(self) -> str:
+        """``timm`` for vision models, ``transformers`` for language models."""
+        return LIBRARY[self.modality]
+
+    @property
+    def download_patterns(self) -> tuple[str, ...]:
+        """Files fetched from the hub repository (and accepted from the cache)."""
+        return download_patterns(self.library, self.allow_pickle)
+
+    @property
+    def max_tokens(self) -> int | None:
+        """Token limit for captions (language models; None = the model's own limit)."""
+        return self.site.max_tokens if self.modality == "language" else None
+
+    def feature_spec(self) -> dict[str, Any]:
+        """The fields that define this model's features: the extraction's rerun trigger.
+
+        Labels, sizes, batch sizes, workers, GPUs and pickle permission change no feature, so
+        editing them re-extracts nothing (docs/cluster.md, "What reruns").
+        """
+        spec: dict[str, Any] = {
+            "modality": self.modality,
+            "id": self.id,
+            "revision": self.revision,
+            "dtype": self.site.dtype,
+        }
+        if self.build is not None:
+            spec["build"] = _plain(self.build)
+        if self.modality == "language":
+            spec["max_tokens"] = self.site.max_tokens
+        return spec
+
+    def prefetch_spec(self) -> dict[str, Any]:
+        """What the download of this model depends on (repository and revision)."""
+        return {"modality": self.modality, "id": self.id, "revision": self.revision}
+
+    def gpus(self) -> int:
+        """GPUs of ``site.gpu_mem_gb`` that hold the bf16 weights (see :mod:`xmodal.resources`)."""
+        return gpus_needed(self.size_b, self.site.gpu_mem_gb, max_gpus=self.site.gpus_per_node)
+
+    def resources(self, attempt: int = 1) -> dict[str, Any]:
+        """The extraction job's resources: gpu, mem_mb, runtime, cpus_per_task (+ gpu_model)."""
+        res: dict[str, Any] = extraction_resources(
+            self.modality,
+            self.size_b,
+            attempt,
+            gpu_mem_gb=self.site.gpu_mem_gb,
+            num_workers=self.site.num_workers,
+            max_gpus=self.site.gpus_per_node,
+        )
+        if self.site.gpu_model:
+            res["gpu_model"] = str(self.site.gpu_model)
+        return res
+
+
+def _plain(value: Any) -> Any:
+    """Mappings (also read-only ones) as plain dicts, recursively: for params and JSON."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _freeze(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return MappingProxyType({str(k): _freeze(v) for k, v in value.items()})
+    if isinstance(value, list):
+        return tuple(_freeze(v) for v in value)
+    return value
+
+
+class Registry(Mapping[str, ModelEntry]):
+    """The models of a config, by key, in config order; built once with :meth:`from_config`."""
+
+    def __init__(self, entries: Mapping[str, ModelEntry]) -> None:
+        self._entries = dict(entries)
+
+    def __getitem__(self, key: str) -> ModelEntry:
+        try:
+            return self._entries[key]
+        except KeyError:
+            raise KeyError(f"model {key!r} is not in the config's 'models'") from None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    @property
+    def vision(self) -> list[str]:
+        """Vision model keys in config order."""
+        return [k for k, e in self._entries.items() if e.modality == "vision"]
+
+    @property
+    def language(self) -> list[str]:
+        """Language model keys in config order."""
+        return [k for k, e in self._entries.items() if e.modality == "language"]
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any], base_dir: str | Path = ".") -> Registry:
+        """Resolve every model of a (schema-validated) config.
+
+        ``base_dir`` is where relative local directories are looked up (the working directory of
+        the workflow). Raises :class:`ConfigError` naming the key for a model that cannot run: an
+        ``hf-hub:…@rev`` id that contradicts its ``revision``, a path-like id that does not exist,
+        or a model too large for the site's GPUs.
+        """
+        site = Site.from_config(config.get("extraction"))
+        base = Path(base_dir)
+        entries: dict[str, ModelEntry] = {}
+        for i, (key, raw) in enumerate((config.get("models") or {}).items()):
+            m = dict(raw)
+            modality = str(m["modality"])
+            model_id = str(m["id"])
+            revision = m.get("revision")
+            build = m.get("build")
+            hub_repo = None
+            if build is not None:
+                source = "built"
+            elif (base / model_id).expanduser().is_dir():
+                source = "local"
+            elif _looks_like_path(model_id):
+                raise ConfigError(
+                    f"config key 'models.{key}.id': {model_id!r} looks like a local directory but "
+                    f"does not exist (relative to {base.resolve()}); fix the path, or give a hub id"
+                )
+            else:
+                source = "hub"
+                hub_repo, pinned = hub_repo_of(model_id, modality)
+                if pinned is not None:
+                    if revision not in (None, pinned):
+                        raise ConfigError(
+                            f"config key 'models.{key}.revision': {revision!r} contradicts the "
+                            f"revision {pinned!r} pinned in its id {model_id!r}; keep one"
+                        )
+                    revision = pinned
+            batch_size = m.get("batch_size", site.batch_size.get(modality))
+            entries[key] = ModelEntry(
+                key=str(key),
+                modality=modality,
+                id=model_id,
+                revision=revision,
+                size_b=float(m["size_b"]),
+                label=str(m.get("label") or key),
+                family=str(m.get("family") or ""),
+                config_order=i,
+                source=source,
+                hub_repo=hub_repo,
+                build=_freeze(build) if build is not None else None,
+                batch_size=int(batch_size) if batch_size is not None else None,
+                allow_pickle=bool(m.get("allow_pickle", site.allow_pickle)),
+                site=site,
+            )
+        registry = cls(_with_plot_order(entries))
+        registry.check_fits()
+        return registry
+
+    def check_fits(self) -> None:
+        """Raise :class:`ConfigError` for a model that no node's GPUs can hold."""
+        for e in self.values():
+            try:
+                e.gpus()
+            except ValueError as err:
+                site = e.site
+                need = 2 * e.size_b * 1.05
+                raise ConfigError(
+                    f"config key 'models.{e.key}': {err}. The model needs about {need:.0f} GB of "
+                    f"GPU memory in bf16; with 'extraction.gpu_mem_gb: {site.gpu_mem_gb}' that is "
+                    f"more than 'extraction.gpus_per_node: {site.gpus_per_node}' GPUs. Set "
+                    "extraction.gpu_mem_gb to your GPUs' memory and extraction.gpus_per_node to "
+                    "the GPUs of your largest node, or remove the model"
+                ) from None
+
+    def duplicate_ids(self) -> list[tuple[str, str, str]]:
+        """Pairs of keys that name the same weights (same hub repository and revision, or the
+        same local directory): ``(first key, second key, what they share)``."""
+        seen: dict[tuple, str] = {}
+        out = []
+        for e in self.values():
+            if e.source == "hub":
+                ident: tuple = ("hub", e.hub_repo, e.revision or "main")
+                what = f"hub repository {e.hub_repo} at revision {e.revision or 'main'}"
+            elif e.source == "local":
+                ident = ("local", str(Path(e.id).expanduser().resolve()))
+                what = f"local directory {e.id}"
+            else:
+                ident = ("built", repr(_plain(e.build)), e.modality)
+                what = "the same demo build settings"
+            if ident in seen:
+                out.append((seen[ident], e.key, what))
+            else:
+                seen[ident] = e.key
+        return out
+
+    def table(self) -> pd.DataFrame:
+        """``models.tsv``: model, modality, label, family, size_b, order (figures read it)."""
+        rows = [
+            {
+                "model": e.key,
+                "modality": e.modality,
+                "label": e.label,
+                "family": e.family,
+                "size_b": e.size_b,
+                "order": e.order,
+            }
+            for e in sorted(self.values(), key=lambda e: e.order)
+        ]
+        return pd.DataFrame(
+            rows, columns=["model", "modality", "label", "family", "size_b", "order"]
+        )
+
+
+def _with_plot_order(entries: Mapping[str, ModelEntry]) -> dict[str, ModelEntry]:
+    """Plotting order: vision models in config order, then language models grouped by family
+    (families in order of first appearance) and by size within a family."""
+    family_rank: dict[str, int] = {}
+    for e in entries.values():
+        family_rank.setdefault(e.family, len(family_rank))
+
+    def sort_key(e: ModelEntry) -> tuple:
+        if e.modality == "vision":
+            return (0, 0, 0.0, e.config_order)
+        size = e.size_b if math.isfinite(e.size_b) else math.inf
+        return (1, family_rank[e.family], size, e.config_order)
+
+    ranked = sorted(entries.values(), key=sort_key)
+    order = {e.key: i for i, e in enumerate(ranked)}
+    return {k: replace(e, order=order[k]) for k, e in entries.items()}
