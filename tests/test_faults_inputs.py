@@ -390,7 +390,7 @@ import sys
 sys.path.insert(0, {src!r})
 from xmodal.logs import log_to
 log_to({log!r})
-from xmodal.{module} import {error}
+from {package}{module} import {error}
 raise {error}({message!r})
 """
 
@@ -400,7 +400,9 @@ raise {error}({message!r})
     [
         ("config", "ConfigError", True),
         ("features", "FeatureFileError", True),
-        ("io", "DiskFullError", False),
+        ("io", "DiskFullError", True),
+        ("io", "UnwritableOutputError", True),
+        ("builtins", "KeyError", False),
     ],
 )
 def test_uncaught_xmodal_error_is_one_line_without_traceback(
@@ -408,14 +410,18 @@ def test_uncaught_xmodal_error_is_one_line_without_traceback(
 ) -> None:
     log = tmp_path / "step.log"
     message = "config key 'analysis.set_size' (60) is too large; set it to at most 32"
+    package = "" if module == "builtins" else "xmodal."
     code = _HOOK_SCRIPT.format(
-        src=str(ROOT / "src"), log=str(log), module=module, error=error, message=message
-    )
+        src=str(ROOT / "src"), log=str(log), package=package, module=module, error=error,
+        message=message,
+    )  # fmt: skip
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1
     text = log.read_text()
-    assert f"ERROR root: {error}: {message}" in text and f"{error}: {message}" in proc.stderr
-    # xmodal's own ValueError/RuntimeError subclasses: no traceback; anything else keeps it
+    shown = repr(message) if error == "KeyError" else message  # KeyError quotes its argument
+    assert f"ERROR root: {error}: {shown}" in text and f"{error}: {shown}" in proc.stderr
+    # xmodal's own errors (ValueError/RuntimeError/OSError subclasses): no traceback;
+    # anything else keeps it
     assert ("Traceback" not in text) is one_line, text
 
 

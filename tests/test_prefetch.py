@@ -11,11 +11,13 @@ import hashlib
 import io
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
+import huggingface_hub.constants
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -36,6 +38,9 @@ def no_network(monkeypatch: pytest.MonkeyPatch) -> str:
     endpoint = f"http://127.0.0.1:{port}"
     monkeypatch.setenv("HF_ENDPOINT", endpoint)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    # huggingface_hub reads the flag once, at import (an earlier test may have set it)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setenv("HF_TOKEN", SECRET)
     return endpoint
 
@@ -152,7 +157,7 @@ def test_pickle_only_repo_is_refused_unless_opted_in(
     files = {"config.json": b"{}", "tokenizer.json": b"{}", "pytorch_model.bin": b"p"}
     fake_repo(tmp_path, "model", "org/old-lm", "main", files)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(PrefetchError, match=r"extraction\.allow_pickle") as err:
+    with pytest.raises(PrefetchError, match="allow_pickle: true") as err:
         prefetch_model("org/old-lm", "language", None, tmp_path)
     assert "pytorch_model.bin" in str(err.value)
     rec = prefetch_model("org/old-lm", "language", None, tmp_path, allow_pickle=True)
@@ -234,13 +239,17 @@ def test_stimuli_manifest_from_cached_dataset(tmp_path: Path) -> None:
     df = pd.read_csv(manifest, sep="\t", dtype=str, keep_default_na=False)
     assert list(df.columns) == ["stimulus_id", "image", "caption"]
     assert list(df.stimulus_id) == ["s0000", "s0001", "s0002"]
-    assert list(df.caption) == [text[0] for _, text in train]  # text[0], in dataset order
+    # text[0], in dataset order; a tab or line break becomes a space (one stimulus per line)
+    assert list(df.caption) == [re.sub(r"[\t\n]+", " ", text[0]) for _, text in train]
     assert list(df.image) == ["images/s0000.jpg", "images/s0001.png", "images/s0002.jpg"]
     for rel, (data, _) in zip(df.image, train, strict=True):
         assert (out / rel).read_bytes() == data  # written unchanged, no re-encoding
     src = json.loads((out / "source.json").read_text())
     assert src["revision"] == sha and src["revision_requested"] == "wit_1024"
     assert src["n_stimuli"] == 3 and all("train-" in f for f in src["files"])
+    assert src["captions_with_tabs_or_line_breaks"] == [
+        sid for sid, (_, text) in zip(df.stimulus_id, train, strict=True) if "\t" in text[0]
+    ]
 
 
 def test_stimuli_split_missing_names_the_files(tmp_path: Path) -> None:

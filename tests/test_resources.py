@@ -15,12 +15,13 @@ from xmodal.resources import (
 )
 
 REGISTRY = yaml.safe_load((Path(__file__).parents[1] / "config.yaml").read_text())["models"]
+SITE = {"gpu_mem_gb": 80, "num_workers": 8}  # the paper config's site settings
 
 
 @pytest.mark.parametrize("key", sorted(REGISTRY))
 def test_registry_models_get_complete_integer_resources(key: str) -> None:
     m = REGISTRY[key]
-    r = extraction_resources(m["modality"], m["size_b"])
+    r = extraction_resources(m["modality"], m["size_b"], **SITE)
     assert set(r) == {"gpu", "mem_mb", "runtime", "cpus_per_task"}
     assert all(isinstance(v, int) and v >= 1 for v in r.values())
 
@@ -28,7 +29,7 @@ def test_registry_models_get_complete_integer_resources(key: str) -> None:
 def test_up_to_13b_one_gpu() -> None:
     for m in REGISTRY.values():
         if m["size_b"] <= 13:
-            assert extraction_resources(m["modality"], m["size_b"])["gpu"] == 1
+            assert extraction_resources(m["modality"], m["size_b"], **SITE)["gpu"] == 1
 
 
 def test_big_llamas_get_enough_gpu_memory_for_bf16() -> None:
@@ -39,12 +40,12 @@ def test_big_llamas_get_enough_gpu_memory_for_bf16() -> None:
         # enough: the bf16 weights fit in 90% of the GPUs with room to spare
         for mem in (40, 80):
             assert gpus_needed(size_b, mem) * 0.9 * mem > 2 * size_b * 1.05
-    assert extraction_resources("language", REGISTRY["llama-65b"]["size_b"])["gpu"] >= 2
+    assert extraction_resources("language", REGISTRY["llama-65b"]["size_b"], **SITE)["gpu"] >= 2
 
 
 def test_host_memory_and_runtime_grow_with_size() -> None:
-    small = extraction_resources("language", 0.56)
-    big = extraction_resources("language", 65.2)
+    small = extraction_resources("language", 0.56, **SITE)
+    big = extraction_resources("language", 65.2, **SITE)
     assert big["mem_mb"] > small["mem_mb"]
     assert big["runtime"] > small["runtime"]
     assert big["mem_mb"] >= 2 * 65.2 * 1000  # a full bf16 copy fits in host memory
@@ -52,18 +53,18 @@ def test_host_memory_and_runtime_grow_with_size() -> None:
 
 def test_memory_and_runtime_scale_with_attempt_gpus_do_not() -> None:
     for modality, size in (("vision", 1.14), ("language", 65.2)):
-        r1 = extraction_resources(modality, size, attempt=1)
-        r3 = extraction_resources(modality, size, attempt=3)
+        r1 = extraction_resources(modality, size, attempt=1, **SITE)
+        r3 = extraction_resources(modality, size, attempt=3, **SITE)
         assert r3["mem_mb"] == 3 * r1["mem_mb"]
         assert r3["runtime"] == 3 * r1["runtime"]
         assert r3["gpu"] == r1["gpu"] and r3["cpus_per_task"] == r1["cpus_per_task"]
 
 
 def test_vision_cpus_follow_decoding_workers() -> None:
-    assert extraction_resources("vision", 0.63, num_workers=8)["cpus_per_task"] == 8
-    assert extraction_resources("vision", 0.63, num_workers=2)["cpus_per_task"] == 2
-    assert extraction_resources("vision", 0.63, num_workers=0)["cpus_per_task"] == 1
-    assert extraction_resources("language", 7, num_workers=8)["cpus_per_task"] <= 4
+    for workers, cpus in ((8, 8), (2, 2), (0, 1)):
+        r = extraction_resources("vision", 0.63, gpu_mem_gb=80, num_workers=workers)
+        assert r["cpus_per_task"] == cpus
+    assert extraction_resources("language", 7, **SITE)["cpus_per_task"] <= 4
 
 
 def test_analysis_resources_request_no_gpu() -> None:
@@ -85,6 +86,6 @@ def test_analysis_resources_request_no_gpu() -> None:
 )
 def test_bad_arguments_name_the_problem(args: tuple, match: str) -> None:
     with pytest.raises(ValueError, match=match):
-        extraction_resources(*args)
+        extraction_resources(*args, **SITE)
     with pytest.raises(ValueError, match="analysis kind"):
         analysis_resources("nope")

@@ -19,6 +19,8 @@ import yaml
 from _project import copy_project, job_counts
 from _project import run_snakemake as snakemake
 
+from xmodal.io import read_table
+
 pytestmark = pytest.mark.slow
 
 
@@ -67,9 +69,9 @@ def test_demo_outputs_exist_and_are_valid(workflow_dir, demo_config):
             assert f.attrs["modality"] == cfg["models"][key]["modality"]
             assert np.isfinite(feats[-1]).all()
 
-    disp = pd.read_csv(workflow_dir / "results/dispersion/demo/dispersion.tsv", sep="\t")
+    disp = read_table(workflow_dir / "results/dispersion/demo/dispersion.tsv")
     assert len(disp) == m and (disp["mean_dispersion"] > 0).all()
-    residuals = pd.read_csv(workflow_dir / "results/dispersion/demo/residuals.tsv", sep="\t")
+    residuals = read_table(workflow_dir / "results/dispersion/demo/residuals.tsv")
     assert len(residuals) == m * len(vision)
     mean_from_residuals = residuals.groupby("stimulus_id")["residual"].mean()
     np.testing.assert_allclose(
@@ -85,11 +87,11 @@ def test_demo_outputs_exist_and_are_valid(workflow_dir, demo_config):
     rho = planted["clutter"].corr(planted["mean_dispersion"], method="spearman")
     assert rho > 0.25, rho
 
-    loo = pd.read_csv(workflow_dir / "results/dispersion/demo/loo.tsv", sep="\t")
+    loo = read_table(workflow_dir / "results/dispersion/demo/loo.tsv")
     assert sorted(loo["held_out"]) == sorted(vision)
 
     n_pairs = len(vision) * len(language)
-    grid = pd.read_csv(workflow_dir / "results/alignment/demo/grid.tsv", sep="\t")
+    grid = read_table(workflow_dir / "results/alignment/demo/grid.tsv")
     assert grid.groupby(["vision", "llm"]).ngroups == n_pairs
     n_random = cfg["analysis"]["n_random"]
     per_pair = grid.groupby(["vision", "llm"]).size()
@@ -97,13 +99,14 @@ def test_demo_outputs_exist_and_are_valid(workflow_dir, demo_config):
     assert (per_pair == 1 + 8 + n_random).all()
     assert grid["value"].between(-1, 1).all()
 
-    layers = pd.read_csv(workflow_dir / "results/alignment/demo/layers.tsv", sep="\t")
-    assert layers.groupby(["vision", "llm"])["chosen"].sum().eq(1).all()
-    full = grid[grid["condition"] == "full"].set_index(["vision", "llm"])["value"]
-    best = layers[layers["chosen"]].set_index(["vision", "llm"])["value"]
+    layers = read_table(workflow_dir / "results/alignment/demo/layers.tsv")
+    assert layers.groupby(["vision", "llm", "metric"])["chosen"].sum().eq(1).all()
+    assert (layers.loc[layers["chosen"], "valid"]).all()
+    full = grid[grid["condition"] == "full"].set_index(["vision", "llm", "metric"])["value"]
+    best = layers[layers["chosen"]].set_index(["vision", "llm", "metric"])["value"]
     np.testing.assert_allclose(full.sort_index(), best.sort_index(), atol=1e-6)
 
-    contrasts = pd.read_csv(workflow_dir / "results/alignment/demo/contrasts.tsv", sep="\t")
+    contrasts = read_table(workflow_dir / "results/alignment/demo/contrasts.tsv")
     assert len(contrasts) == 2 * n_pairs
     assert (workflow_dir / "results/summary/demo.tsv").exists()
 
@@ -134,11 +137,11 @@ def test_adding_a_language_model_schedules_only_its_work(workflow_dir, demo_conf
         "build": {"arch": "llama", "hidden_size": 80, "n_layers": 4, "seed": 11},
     }
     counts = dry_run(workflow_dir, write_config(workflow_dir, cfg, "plus_llm.yaml"))
-    n_vision = sum(m["modality"] == "vision" for m in cfg["models"].values())
     assert counts.get("extract") == 1
     assert counts.get("demo_model") == 1
-    assert counts.get("layer_search") == n_vision
-    assert counts.get("conditions") == n_vision
+    # one job per LLM and stage: 1 + 1 alignment jobs for the new LLM, nothing for the others
+    assert counts.get("layer_search") == 1
+    assert counts.get("conditions") == 1
     for rule in ("gpa", "stimulus_sets", "leave_one_model_out", "demo_stimuli", "demo_tokenizer"):
         assert rule not in counts, (rule, counts)
     assert counts.get("aggregate") == 1
@@ -155,27 +158,24 @@ def test_adding_a_vision_model_reruns_gpa_and_downstream(workflow_dir, demo_conf
         "build": {"family": "mae", "seed": 12},
     }
     counts = dry_run(workflow_dir, write_config(workflow_dir, cfg, "plus_vit.yaml"))
-    n_vision = sum(m["modality"] == "vision" for m in cfg["models"].values())
     n_llm = sum(m["modality"] == "language" for m in cfg["models"].values())
     assert counts.get("extract") == 1
     assert counts.get("gpa") == 1
     assert counts.get("stimulus_sets") == 1
     assert counts.get("leave_one_model_out") == 1
-    assert counts.get("layer_search") == n_llm  # only the new vision model's pairs
-    assert counts.get("conditions") == n_vision * n_llm  # the sets changed for every pair
+    assert counts.get("layer_search") == n_llm  # every LLM's job now has one more vision model
+    assert counts.get("conditions") == n_llm  # and the sets changed for every pair
 
 
 def test_changing_set_size_does_not_reextract(workflow_dir, demo_config):
     cfg = copy.deepcopy(demo_config)
     cfg["analysis"]["set_size"] = cfg["analysis"]["set_size"] - 10
     counts = dry_run(workflow_dir, write_config(workflow_dir, cfg, "smaller_k.yaml"))
-    n_pairs = sum(m["modality"] == "vision" for m in cfg["models"].values()) * sum(
-        m["modality"] == "language" for m in cfg["models"].values()
-    )
+    n_llm = sum(m["modality"] == "language" for m in cfg["models"].values())
     for rule in ("extract", "gpa", "leave_one_model_out", "layer_search", "demo_model"):
         assert rule not in counts, (rule, counts)
     assert counts.get("stimulus_sets") == 1
-    assert counts.get("conditions") == n_pairs
+    assert counts.get("conditions") == n_llm
 
 
 def test_paper_config_builds_the_full_dag_without_data(tmp_path):
@@ -185,8 +185,8 @@ def test_paper_config_builds_the_full_dag_without_data(tmp_path):
     assert counts.get("extract") == 16
     assert counts.get("prefetch_model") == 16
     assert counts.get("prefetch_stimuli") == 1
-    assert counts.get("layer_search") == 48
-    assert counts.get("conditions") == 48
+    assert counts.get("layer_search") == 12  # one per LLM
+    assert counts.get("conditions") == 12
     assert counts.get("gpa") == 1
     assert counts.get("leave_one_model_out") == 1
 
@@ -223,3 +223,71 @@ def test_report_builds(workflow_dir):
     snakemake(workflow_dir, "--configfile", "config/demo.yaml", "--report", str(out))
     html = out.read_text(errors="replace")
     assert "gallery" in html and "grid_heatmap" in html
+
+
+# ---------------------------------------------------------------- what reruns (DESIGN "Granularity")
+
+SPEED_SETTINGS = {
+    "num_workers": 3,
+    "batch_size": {"vision": 7, "language": 5},
+    "gpu_mem_gb": 40,
+    "gpus_per_node": 4,
+    "gpu_model": "a100",
+    "allow_pickle": True,
+}
+
+
+def test_speed_settings_schedule_no_job(workflow_dir, demo_config):
+    """Workers, batch sizes, GPU sizes and pickle permission change no feature: nothing reruns
+    (each of them alone would schedule a subset of what all of them together schedule)."""
+    cfg = copy.deepcopy(demo_config)
+    cfg["extraction"].update(SPEED_SETTINGS)
+    first = next(iter(cfg["models"]))
+    cfg["models"][first]["batch_size"] = 3
+    cfg["models"][first]["label"] = "renamed"  # labels only re-render tables and figures
+    proc = snakemake(
+        workflow_dir, "-n", "--configfile", write_config(workflow_dir, cfg, "speed.yaml"),
+        "--cores", "2", *[f"results/alignment/demo/{t}.tsv" for t in ("grid", "layers")],
+    )  # fmt: skip
+    assert "Nothing to be done" in proc.stdout + proc.stderr, proc.stdout + proc.stderr
+
+
+def _extracted(out: str) -> set[str]:
+    """Model keys whose extraction a dry run schedules."""
+    models, in_extract = set(), False
+    for line in out.splitlines():
+        if line.startswith("rule "):
+            in_extract = line.startswith("rule extract:")
+        elif in_extract and "wildcards:" in line:
+            models.add(line.split("model=")[1].split(",")[0].strip())
+    return models
+
+
+@pytest.mark.parametrize("change", ["build", "dtype", "max_tokens"])
+def test_feature_fields_rerun_exactly_their_models(workflow_dir, demo_config, change):
+    cfg = copy.deepcopy(demo_config)
+    models = cfg["models"]
+    language = {k for k, m in models.items() if m["modality"] == "language"}
+    if change == "build":
+        key = next(k for k in models if k in language)
+        models[key]["build"]["seed"] = int(models[key]["build"].get("seed", 0)) + 100
+        want = {key}
+    elif change == "dtype":
+        cfg["extraction"]["dtype"] = "bfloat16"
+        want = set(models)
+    else:
+        cfg["extraction"]["max_tokens"] = 40
+        want = language
+    proc = snakemake(
+        workflow_dir, "-n", "--configfile", write_config(workflow_dir, cfg, f"{change}.yaml"),
+        "--cores", "2",
+    )  # fmt: skip
+    out = proc.stdout + proc.stderr
+    assert _extracted(out) == want, out[-3000:]
+    counts = job_counts(out)
+    n_llm = len(language)
+    if want <= language and len(want) == 1:  # one LLM: its two alignment jobs, no GPA
+        assert counts.get("layer_search") == 1 and counts.get("conditions") == 1, counts
+        assert "gpa" not in counts, counts
+    else:
+        assert counts.get("layer_search") == n_llm, counts

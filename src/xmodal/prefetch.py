@@ -301,6 +301,7 @@ def prefetch_model(
 
 
 # ----------------------------------------------------------------------------- stimuli
+_LINE_BREAKS = re.compile(r"[\t\r\n\v\f\x1c-\x1e\x85\u2028\u2029]+")
 def _split_files(files: Iterable[str], split: str) -> list[str]:
     """Parquet files of ``split``: a folder named after it, or a ``<split>-*`` file name."""
     parquet = [f for f in files if f.endswith(".parquet")]
@@ -355,7 +356,9 @@ def prefetch_stimuli(
     The dataset's parquet files for ``split`` at ``revision`` are downloaded into the hub cache
     ``cache_dir`` (default: the Hugging Face default cache); columns ``image`` (embedded bytes)
     and ``text`` (``text[0]`` is the caption). Images are written unchanged (no re-encoding),
-    named ``<stimulus_id>.<format>``; ids are ``s0000``, ``s0001``, ... in dataset order.
+    named ``<stimulus_id>.<format>``; ids are ``s0000``, ``s0001``, ... in dataset order. A
+    caption's tabs and line breaks (which a one-line-per-stimulus manifest cannot hold) are
+    replaced by a space per run, and those stimuli listed in ``source.json``.
     ``out_dir/source.json`` records the repo, requested and resolved revision and files.
     Returns the manifest path (written last, atomically).
     """
@@ -385,8 +388,14 @@ def prefetch_stimuli(
     images = out / "images"
     images.mkdir(parents=True, exist_ok=True)
     records = []
-    for i, (data, caption) in enumerate(rows):
+    flattened = []
+    for i, (data, raw_caption) in enumerate(rows):
         sid = f"s{i:0{width}d}"
+        # a manifest line holds one stimulus: tabs and line breaks inside a caption become one
+        # space each run (counted, logged and recorded in source.json)
+        caption = _LINE_BREAKS.sub(" ", raw_caption)
+        if caption != raw_caption:
+            flattened.append(sid)
         if not caption.strip():
             raise PrefetchError(f"dataset {repo}: row {i} has an empty caption")
         try:
@@ -409,11 +418,21 @@ def prefetch_stimuli(
         "revision": path.name,
         "files": files,
         "n_stimuli": len(records),
+        "captions_with_tabs_or_line_breaks": flattened,
         "from_cache_only": cached,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     with atomic_path(out / "source.json") as tmp:
         tmp.write_text(json.dumps(provenance, indent=2) + "\n")
+    if flattened:
+        log.warning(
+            "%d caption(s) held tabs or line breaks, each run replaced by one space so that the "
+            "manifest keeps one stimulus per line: %s%s (listed in %s)",
+            len(flattened),
+            flattened[:5],
+            " ..." if len(flattened) > 5 else "",
+            out / "source.json",
+        )
     manifest = out / "stimuli.tsv"
     write_table(pd.DataFrame.from_records(records), manifest)
     log.info("wrote %d stimuli to %s (revision %s)", len(records), manifest, path.name)

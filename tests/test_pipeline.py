@@ -1,0 +1,114 @@
+"""The seam between rules and library (xmodal.pipeline): feature files checked against the
+registry, prepared layers, and messages that name the model, file and config key at fault."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from xmodal import metrics, pipeline
+from xmodal.config import ConfigError
+from xmodal.features import FeatureFile, FeatureFileError, write_features
+
+IDS = [f"s{i:02d}" for i in range(16)]
+
+
+def _write(path: Path, key: str, modality: str, x: np.ndarray | None = None, ids=IDS) -> Path:
+    rng = np.random.default_rng(abs(hash(key)) % 2**32)
+    if x is None:
+        x = rng.standard_normal((3, len(ids), 6)).astype(np.float32)
+    names = [f"layer{i}" for i in range(x.shape[0])]
+    return write_features(
+        path, x, ids, names, {"model_id": key, "model_key": key, "modality": modality}
+    )
+
+
+def test_language_file_registered_as_vision_is_refused(tmp_path: Path) -> None:
+    p = _write(tmp_path / "llm.h5", "llm", "language")
+    with pytest.raises(FeatureFileError) as err:
+        pipeline.open_features(p, IDS, model="llm", modality="vision")
+    msg = str(err.value)
+    assert "modality='language'" in msg and "config key 'models.llm.modality'" in msg
+
+
+def test_another_models_file_under_this_key_is_refused(tmp_path: Path) -> None:
+    p = _write(tmp_path / "a.h5", "model-b", "vision")
+    with pytest.raises(FeatureFileError, match="model_key='model-b'.*used as model 'model-a'"):
+        pipeline.open_features(p, IDS, model="model-a", modality="vision")
+
+
+def test_file_without_provenance_attributes_is_refused(tmp_path: Path) -> None:
+    p = _write(tmp_path / "a.h5", "a", "vision")
+    with h5py.File(p, "a") as f:
+        del f.attrs["modality"]
+    with pytest.raises(FeatureFileError, match="attribute 'modality' is missing"):
+        pipeline.open_features(p, IDS, model="a", modality="vision")
+
+
+def test_duplicated_id_in_a_file_is_reported_as_duplicated_not_missing(tmp_path: Path) -> None:
+    p = _write(tmp_path / "a.h5", "a", "vision")
+    with h5py.File(p, "a") as f:
+        ids = f["stimulus_ids"].asstr()[()].tolist()
+        ids[3] = ids[2]
+        del f["stimulus_ids"]
+        f.create_dataset(
+            "stimulus_ids", data=np.array(ids, dtype=object), dtype=h5py.string_dtype()
+        )
+    with pytest.raises(FeatureFileError) as err:
+        FeatureFile(p, expected_ids=IDS)
+    assert "more than once: ['s02'" in str(err.value) and "missing" not in str(err.value)
+
+
+def test_constant_vision_layer_names_model_file_and_config_key(tmp_path: Path) -> None:
+    paths = [_write(tmp_path / f"v{i}.h5", f"v{i}", "vision") for i in range(3)]
+    x = np.random.default_rng(0).standard_normal((3, 16, 6)).astype(np.float32)
+    x[1] = 2.5  # layer 1 (= -2) is the same vector for every stimulus
+    paths[2] = _write(tmp_path / "v2.h5", "v2", "vision", x)
+    with pytest.raises(FeatureFileError) as err:
+        pipeline.read_vision_layers(paths, ["v0", "v1", "v2"], -2)
+    msg = str(err.value)
+    assert "v2.h5" in msg and "'v2'" in msg and "analysis.vision_layer" in msg
+    assert "reps[" not in msg
+
+
+def test_vision_layer_out_of_range_names_the_config_key(tmp_path: Path) -> None:
+    paths = [_write(tmp_path / f"v{i}.h5", f"v{i}", "vision") for i in range(3)]
+    with pytest.raises(
+        ConfigError, match=r"'analysis.vision_layer': layer 7 does not exist .* 3 layers"
+    ):
+        pipeline.read_vision_layers(paths, ["v0", "v1", "v2"], 7)
+
+
+def test_identical_vision_features_are_warned_about(tmp_path: Path, caplog) -> None:
+    x = np.random.default_rng(1).standard_normal((3, 16, 6)).astype(np.float32)
+    paths = [
+        _write(tmp_path / "a.h5", "a", "vision", x),
+        _write(tmp_path / "b.h5", "b", "vision", x),
+    ]
+    paths.append(_write(tmp_path / "c.h5", "c", "vision"))
+    with caplog.at_level(logging.WARNING, logger="xmodal.pipeline"):
+        pipeline.read_vision_layers(paths, ["a", "b", "c"], -2)
+    assert "models 'a' and 'b' have identical features" in caplog.text
+
+
+def test_prepared_layer_is_the_reference_preprocessing(tmp_path: Path) -> None:
+    x = np.random.default_rng(2).standard_normal((3, 16, 6)).astype(np.float32) * 3
+    p = _write(tmp_path / "a.h5", "a", "language", x)
+    with pipeline.open_features(p, IDS, model="a", modality="language") as f:
+        got = [pipeline.prepared_layer(f, i) for i in range(3)]
+    want = metrics.prepare(x)  # threshold over all layers, clamp, row l2 per layer
+    np.testing.assert_array_equal(np.stack(got), want)
+
+
+def test_rows_are_matched_to_the_expected_order_once(tmp_path: Path, caplog) -> None:
+    x = np.random.default_rng(3).standard_normal((2, 16, 6)).astype(np.float32)
+    order = np.random.default_rng(4).permutation(16)
+    p = _write(tmp_path / "a.h5", "a", "vision", x[:, order], ids=[IDS[i] for i in order])
+    with caplog.at_level(logging.INFO, logger="xmodal.features"):
+        with pipeline.open_features(p, IDS, model="a", modality="vision") as f:
+            np.testing.assert_array_equal(f.layer(1), x[1])
+    assert caplog.text.count("another order") == 1

@@ -1,0 +1,216 @@
+"""The model registry (xmodal.registry): one entry per model, read by every part of the pipeline."""
+
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+
+import pytest
+import yaml
+
+from xmodal.config import ConfigError
+from xmodal.registry import (
+    SITE_DEFAULTS,
+    Registry,
+    Site,
+    download_patterns,
+    hub_repo_of,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+PAPER = yaml.safe_load((ROOT / "config.yaml").read_text())
+GPU_SIZES = (24, 40, 48, 80, 141)
+
+
+def paper(**extraction) -> dict:
+    cfg = copy.deepcopy(PAPER)
+    cfg["extraction"].update(extraction)
+    return cfg
+
+
+def expected_gpus(size_b: float, gpu_mem_gb: float) -> int:
+    """The sizing rule of docs/cluster.md, written out independently: bf16 weights (2 bytes per
+    parameter) plus 5% (at least 2 GB) must fit in 90% of the GPUs' memory."""
+    weights = 2 * size_b
+    return max(1, math.ceil((weights + max(2.0, 0.05 * weights)) / (0.9 * gpu_mem_gb)))
+
+
+@pytest.mark.parametrize("gpu_mem_gb", GPU_SIZES)
+def test_paper_models_get_gpus_for_the_site_gpu_size(gpu_mem_gb: float) -> None:
+    reg = Registry.from_config(paper(gpu_mem_gb=gpu_mem_gb, gpus_per_node=8))
+    assert len(reg) == 16
+    for key, e in reg.items():
+        r = e.resources(1)
+        n = expected_gpus(PAPER["models"][key]["size_b"], gpu_mem_gb)
+        assert r["gpu"] == n, (key, gpu_mem_gb, r)
+        # the bf16 weights fit in the GPUs requested
+        assert n * 0.9 * gpu_mem_gb >= 2 * e.size_b
+        assert all(isinstance(v, int) and v >= 1 for v in r.values()), r
+    if gpu_mem_gb == 40:  # the case the issue reported: 65B needs 4 × 40 GB, 30B needs 2
+        assert reg["llama-65b"].resources()["gpu"] == 4
+        assert reg["llama-30b"].resources()["gpu"] == 2
+
+
+@pytest.mark.parametrize("workers", [0, 2, 8])
+def test_num_workers_sets_the_vision_cpu_request(workers: int) -> None:
+    reg = Registry.from_config(paper(num_workers=workers))
+    for key in reg.vision:
+        assert reg[key].resources()["cpus_per_task"] == max(1, workers)
+    for key in reg.language:
+        assert reg[key].resources()["cpus_per_task"] == min(max(1, workers), 4)
+
+
+def test_memory_and_runtime_grow_with_attempt_gpus_do_not() -> None:
+    e = Registry.from_config(paper(gpu_mem_gb=40))["llama-65b"]
+    r1, r3 = e.resources(1), e.resources(3)
+    assert r3["mem_mb"] == 3 * r1["mem_mb"] and r3["runtime"] == 3 * r1["runtime"]
+    assert r3["gpu"] == r1["gpu"] == 4
+
+
+def test_gpu_model_reaches_the_resources_only_when_set() -> None:
+    assert "gpu_model" not in Registry.from_config(paper())["mae-h"].resources()
+    assert Registry.from_config(paper(gpu_model="a100"))["mae-h"].resources()["gpu_model"] == "a100"
+
+
+def test_model_too_big_for_the_node_fails_at_start_up_naming_model_and_settings() -> None:
+    with pytest.raises(ConfigError) as err:
+        Registry.from_config(paper(gpu_mem_gb=24, gpus_per_node=4))
+    msg = str(err.value)
+    assert "models.llama-30b" in msg or "models.llama-65b" in msg
+    assert "extraction.gpu_mem_gb" in msg and "extraction.gpus_per_node" in msg
+
+
+def test_site_defaults_are_the_only_defaults() -> None:
+    site = Site.from_config({})
+    for key, value in SITE_DEFAULTS.items():
+        got = getattr(site, key)
+        assert (dict(got) if key == "batch_size" else got) == (
+            dict(value) if key == "batch_size" else value
+        )
+    # the schema declares no default of its own for any site setting
+    schema = yaml.safe_load((ROOT / "workflow/schemas/config.schema.yaml").read_text())
+    props = schema["properties"]["extraction"]["properties"]
+    assert set(props) == set(SITE_DEFAULTS)
+    assert not [k for k, v in props.items() if "default" in v]
+
+
+SPEED = {
+    "num_workers": 1,
+    "batch_size": {"vision": 3, "language": 5},
+    "gpu_mem_gb": 40,
+    "gpus_per_node": 4,
+    "gpu_model": "a100",
+    "allow_pickle": True,
+}
+
+
+def test_speed_settings_leave_every_feature_spec_unchanged() -> None:
+    before = Registry.from_config(paper())
+    after = Registry.from_config(paper(**SPEED))
+    for key in before:
+        assert before[key].feature_spec() == after[key].feature_spec(), key
+        assert before[key].prefetch_spec() == after[key].prefetch_spec(), key
+    cfg = paper()
+    cfg["models"]["llama-7b"]["batch_size"] = 2
+    cfg["models"]["llama-7b"]["label"] = "renamed"
+    assert Registry.from_config(cfg)["llama-7b"].feature_spec() == before["llama-7b"].feature_spec()
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "changed"),
+    [
+        ("revision", "abc123", {"llama-7b"}),
+        ("id", "huggyllama/llama-7b-other", {"llama-7b"}),
+        ("dtype", "float32", "all"),
+        ("max_tokens", 64, "language"),
+    ],
+)
+def test_feature_fields_change_exactly_the_models_they_define(field, value, changed) -> None:
+    before = Registry.from_config(paper())
+    cfg = paper()
+    if field in ("dtype", "max_tokens"):
+        cfg["extraction"][field] = value
+    else:
+        cfg["models"]["llama-7b"][field] = value
+    after = Registry.from_config(cfg)
+    diff = {k for k in before if before[k].feature_spec() != after[k].feature_spec()}
+    want = (
+        {"all": set(before), "language": set(before.language)}[changed]
+        if isinstance(changed, str)
+        else changed
+    )
+    assert diff == want
+
+
+def test_hub_ids_resolve_one_way() -> None:
+    tag = "vit_huge_patch14_224.mae"
+    assert hub_repo_of(tag, "vision") == (f"timm/{tag}", None)
+    assert hub_repo_of(f"hf-hub:timm/{tag}", "vision") == (f"timm/{tag}", None)
+    assert hub_repo_of(f"hf-hub:timm/{tag}@v1", "vision") == (f"timm/{tag}", "v1")
+    assert hub_repo_of("org/vit", "vision") == ("org/vit", None)
+    assert hub_repo_of("huggyllama/llama-7b", "language") == ("huggyllama/llama-7b", None)
+    assert hub_repo_of("hf-hub:huggyllama/llama-7b", "language") == ("huggyllama/llama-7b", None)
+
+
+def test_registry_sources_and_repos(tmp_path: Path) -> None:
+    local = tmp_path / "weights"
+    local.mkdir()
+    cfg = paper()
+    cfg["models"]["clip-h"]["id"] = f"hf-hub:timm/{PAPER['models']['clip-h']['id']}"
+    cfg["models"]["bloom-560m"]["id"] = str(local)
+    reg = Registry.from_config(cfg)
+    assert reg["mae-h"].source == "hub" and reg["mae-h"].hub_repo == "timm/vit_huge_patch14_224.mae"
+    assert reg["clip-h"].hub_repo == "timm/vit_huge_patch14_clip_224.laion2b"
+    assert reg["bloom-560m"].source == "local" and reg["bloom-560m"].hub_repo is None
+    assert reg["llama-65b"].hub_repo == "huggyllama/llama-65b"
+    assert reg.vision == ["mae-h", "dinov2-g", "clip-h", "clip-h-ft"]
+    assert len(reg.language) == 12
+
+
+def test_pinned_revision_in_the_id_must_agree(tmp_path: Path) -> None:
+    cfg = paper()
+    cfg["models"]["mae-h"]["id"] = "hf-hub:timm/vit_huge_patch14_224.mae@v2"
+    assert Registry.from_config(cfg)["mae-h"].revision == "v2"
+    cfg["models"]["mae-h"]["revision"] = "v3"
+    with pytest.raises(ConfigError, match="models.mae-h.revision"):
+        Registry.from_config(cfg)
+
+
+def test_missing_local_directory_is_a_config_error() -> None:
+    cfg = paper()
+    cfg["models"]["mae-h"]["id"] = "./resources/models/does-not-exist"
+    with pytest.raises(ConfigError, match="models.mae-h.id"):
+        Registry.from_config(cfg)
+
+
+def test_same_weights_under_two_keys_are_reported() -> None:
+    cfg = paper()
+    cfg["models"]["mae-h-copy"] = {
+        **cfg["models"]["mae-h"],
+        "id": "hf-hub:timm/vit_huge_patch14_224.mae",
+    }
+    dups = Registry.from_config(cfg).duplicate_ids()
+    assert dups == [
+        ("mae-h", "mae-h-copy", "hub repository timm/vit_huge_patch14_224.mae at revision main")
+    ]
+    assert Registry.from_config(paper()).duplicate_ids() == []
+
+
+def test_download_patterns_cover_what_each_library_loads() -> None:
+    assert download_patterns("timm") == ("config.json", "model.safetensors")
+    assert "pytorch_model.bin" in download_patterns("timm", allow_pickle=True)
+    tf = download_patterns("transformers")
+    assert "*.safetensors" in tf and "tokenizer*" in tf and "*.bin" not in tf
+    assert "*.bin" in download_patterns("transformers", allow_pickle=True)
+
+
+def test_models_table_plot_order() -> None:
+    table = Registry.from_config(paper()).table()
+    assert list(table.columns) == ["model", "modality", "label", "family", "size_b", "order"]
+    assert list(table["order"]) == list(range(16))
+    assert list(table["model"][:4]) == ["mae-h", "dinov2-g", "clip-h", "clip-h-ft"]
+    llms = table[table["modality"] == "language"]
+    for _, fam in llms.groupby("family", sort=False):
+        assert list(fam["size_b"]) == sorted(fam["size_b"])  # by size within a family
+    assert list(dict.fromkeys(llms["family"])) == ["BLOOM", "OpenLLaMA", "LLaMA"]

@@ -1,0 +1,234 @@
+"""The one table reader/writer (xmodal.io): identifiers stay text, numbers stay exact, files are
+readable by the user's group; and stimulus ids survive every pipeline table unchanged."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pandas as pd
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from xmodal import pipeline
+from xmodal.features import write_features
+from xmodal.io import TableError, UnwritableOutputError, atomic_path, read_table, write_table
+
+#: ids researchers really have: leading zeros, floats, missing-value words, unicode, spaces
+TRICKY_IDS = ["0180", "180", "1.50", "1.5", "NA", "nan", "NaN", "null", "None", "", "True",
+              "1e3", "-0", "007", "7", " 7", "7 ", "a b", "Ünïcødé", "日本", '"q"', "'s'", "#1"]  # fmt: skip
+ids_strategy = st.one_of(
+    st.sampled_from([i for i in TRICKY_IDS if i.strip()]),
+    st.text(
+        alphabet=st.characters(blacklist_categories=("Cs", "Cc"), blacklist_characters="\t\r\n"),
+        min_size=1,
+        max_size=12,
+    ).filter(lambda s: s.strip() != ""),
+)
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    ids=st.lists(ids_strategy, min_size=1, max_size=20, unique=True),
+    values=st.lists(
+        st.floats(allow_nan=True, allow_infinity=False, width=64), min_size=20, max_size=20
+    ),
+)
+def test_round_trip_keeps_ids_as_text_and_numbers_exact(tmp_path: Path, ids, values) -> None:
+    n = len(ids)
+    df = pd.DataFrame(
+        {
+            "stimulus_id": ids,
+            "model": [f"{i:03d}" for i in range(n)],  # numeric-looking model keys stay text too
+            "value": values[:n],
+            "draw": np.arange(n, dtype=np.int64),
+            "chosen": [i % 2 == 0 for i in range(n)],
+        }
+    )
+    path = tmp_path / "t.tsv"
+    write_table(df, path)
+    back = read_table(path)
+    assert back["stimulus_id"].tolist() == ids
+    assert back["model"].tolist() == df["model"].tolist()
+    np.testing.assert_array_equal(back["value"].to_numpy(float), df["value"].to_numpy(float))
+    assert (
+        back["draw"].tolist() == list(range(n)) and back["chosen"].tolist() == df["chosen"].tolist()
+    )
+
+
+def test_pandas_default_reading_would_have_changed_these_ids(tmp_path: Path) -> None:
+    """The failure this reader prevents: pandas' defaults turn 0180 into 180 and NA into NaN."""
+    ids = ["0180", "1.50", "NA", "007"]
+    write_table(
+        pd.DataFrame({"stimulus_id": ids, "value": [1.0, 2.0, 3.0, 4.0]}), tmp_path / "t.tsv"
+    )
+    naive = pd.read_csv(tmp_path / "t.tsv", sep="\t")["stimulus_id"].tolist()
+    assert naive != ids
+    assert read_table(tmp_path / "t.tsv")["stimulus_id"].tolist() == ids
+
+
+@pytest.mark.parametrize("bad", ["a\tb", "two\nlines", "cr\r"])
+def test_text_with_tab_or_line_break_is_refused_naming_column_and_row(
+    tmp_path: Path, bad: str
+) -> None:
+    df = pd.DataFrame({"stimulus_id": ["ok", bad], "value": [1.0, 2.0]})
+    with pytest.raises(TableError, match=r"column 'stimulus_id', row 2"):
+        write_table(df, tmp_path / "t.tsv")
+    assert not (tmp_path / "t.tsv").exists()
+
+
+@pytest.mark.parametrize(("umask", "mode"), [(0o022, 0o644), (0o002, 0o664), (0o077, 0o600)])
+def test_outputs_get_the_mode_the_umask_gives_new_files(
+    tmp_path: Path, umask: int, mode: int
+) -> None:
+    old = os.umask(umask)
+    try:
+        write_table(pd.DataFrame({"a": [1]}), tmp_path / "t.tsv")
+        with atomic_path(tmp_path / "f.h5") as tmp:
+            with h5py.File(tmp, "w") as f:
+                f["x"] = [1]
+    finally:
+        os.umask(old)
+    for name in ("t.tsv", "f.h5"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == mode, name
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can write into read-only folders")
+def test_read_only_results_folder_is_one_clear_error(tmp_path: Path) -> None:
+    out = tmp_path / "results"
+    out.mkdir()
+    out.chmod(0o555)
+    try:
+        with pytest.raises(UnwritableOutputError, match=r"cannot write .*t\.tsv: no permission"):
+            write_table(pd.DataFrame({"a": [1]}), out / "t.tsv")
+    finally:
+        out.chmod(0o755)
+
+
+def test_read_only_folder_message_as_root_too(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Root ignores folder permissions; simulate the refusal mkstemp gets as a normal user."""
+    import tempfile
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", kwargs.get("dir"))
+
+    monkeypatch.setattr(tempfile, "mkstemp", refuse)
+    with pytest.raises(UnwritableOutputError) as err:
+        write_table(pd.DataFrame({"a": [1]}), tmp_path / "sub" / "t.tsv")
+    msg = str(err.value)
+    assert "t.tsv" in msg and "make that folder writable" in msg and ".tmp" not in msg
+
+
+# ---------------------------------------------------------------- ids through every pipeline table
+
+
+def _feature_files(root: Path, ids: list[str], rng: np.random.Generator) -> dict[str, Path]:
+    """Three vision models (2 layers) and one language model (3 layers) with shared structure."""
+    m = len(ids)
+    shared = rng.standard_normal((m, 6))
+    paths = {}
+    for key, modality, width, n_layers in (
+        ("v0", "vision", 7, 2), ("v1", "vision", 8, 2), ("v2", "vision", 9, 2),
+        ("l0", "language", 10, 3),
+    ):  # fmt: skip
+        layers = [
+            shared @ rng.standard_normal((6, width)) + 0.3 * rng.standard_normal((m, width))
+            for _ in range(n_layers)
+        ]
+        paths[key] = write_features(
+            root / f"{key}.h5",
+            np.stack(layers).astype(np.float32),
+            ids,
+            [f"layer{i}" for i in range(n_layers)],
+            {"model_id": key, "model_key": key, "modality": modality},
+        )
+    return paths
+
+
+@settings(
+    max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(ids=st.lists(ids_strategy, min_size=24, max_size=24, unique=True), seed=st.integers(0, 99))
+def test_ids_survive_every_pipeline_table(tmp_path_factory, ids: list[str], seed: int) -> None:
+    root = tmp_path_factory.mktemp("ids")
+    rng = np.random.default_rng(seed)
+    files = _feature_files(root, ids, rng)
+    vision = [files[k] for k in ("v0", "v1", "v2")]
+    analysis = dict(set_size=8, n_random=3, drop_fraction=0.25, knn_k=3, seed=seed)
+    out = {
+        n: root / f"{n}.tsv"
+        for n in ("res", "disp", "sets", "loo", "loo_st", "layers", "cond", "con")
+    }
+    pipeline.run_gpa(
+        vision, ["v0", "v1", "v2"], -1, 1e-10, 1000, out["res"], out["disp"], root / "gpa.json"
+    )
+    pipeline.run_stimulus_sets(out["disp"], analysis, out["sets"])
+    pipeline.run_leave_one_model_out(
+        vision, ["v0", "v1", "v2"], -1, 1e-10, 1000, out["loo"], out["loo_st"]
+    )
+    pipeline.run_layer_search(vision, files["l0"], ["v0", "v1", "v2"], "l0", -1, 3, out["layers"])
+    pipeline.run_conditions(
+        vision, files["l0"], out["layers"], out["sets"], ["v0", "v1", "v2"], "l0", -1, 3, 20, seed,
+        out["cond"], out["con"],
+    )  # fmt: skip
+    assert read_table(out["disp"])["stimulus_id"].tolist() == ids
+    residuals = read_table(out["res"])
+    assert residuals["stimulus_id"].tolist() == [s for s in ids for _ in range(3)]
+    sets = read_table(out["sets"])
+    assert set(sets["stimulus_id"]) <= set(ids)
+    assert len(sets[sets["set"] == "low"]) == 2 * 8  # by mean and by pc1: no id lost or merged
+    loo = read_table(out["loo_st"])
+    assert loo["stimulus_id"].tolist() == ids * 3
+    cond = read_table(out["cond"])
+    assert np.isfinite(cond["value"]).all()
+    n_random = cond[cond["condition"] == "random"]
+    assert len(n_random) == 3 * 3  # 3 vision models × 3 draws, every id of every draw found
+
+
+def test_numeric_looking_ids_give_the_same_numbers_as_prefixed_ids(tmp_path: Path) -> None:
+    """The same stimuli under ids "0001", "1.50", "NA"... and under "stim-…": equal results."""
+    m = 24
+    tricky = [i for i in TRICKY_IDS if i.strip()][:m]
+    tricky += [f"{i:04d}" for i in range(m - len(tricky))]
+    plain = [f"stim-{i}" for i in range(m)]
+    results = []
+    for name, ids in (("tricky", tricky), ("plain", plain)):
+        root = tmp_path / name
+        root.mkdir()
+        files = _feature_files(root, ids, np.random.default_rng(5))
+        vision = [files[k] for k in ("v0", "v1", "v2")]
+        analysis = dict(set_size=8, n_random=3, drop_fraction=0.25, knn_k=3, seed=1)
+        pipeline.run_gpa(
+            vision,
+            ["v0", "v1", "v2"],
+            -1,
+            1e-10,
+            1000,
+            root / "r.tsv",
+            root / "d.tsv",
+            root / "g.json",
+        )
+        pipeline.run_stimulus_sets(root / "d.tsv", analysis, root / "s.tsv")
+        pipeline.run_layer_search(
+            vision, files["l0"], ["v0", "v1", "v2"], "l0", -1, 3, root / "l.tsv"
+        )
+        pipeline.run_conditions(
+            vision, files["l0"], root / "l.tsv", root / "s.tsv", ["v0", "v1", "v2"], "l0", -1, 3,
+            50, 1, root / "c.tsv", root / "k.tsv",
+        )  # fmt: skip
+        results.append(
+            (read_table(root / "d.tsv"), read_table(root / "c.tsv"), read_table(root / "k.tsv"))
+        )
+    (d1, c1, k1), (d2, c2, k2) = results
+    np.testing.assert_array_equal(d1["mean_dispersion"], d2["mean_dispersion"])
+    np.testing.assert_array_equal(c1["value"], c2["value"])
+    num = k1.select_dtypes("number").columns
+    np.testing.assert_array_equal(k1[num].to_numpy(), k2[num].to_numpy())

@@ -1,0 +1,90 @@
+"""Dry runs of the paper config on common GPU sizes: every extraction job is sized by the rule
+of docs/cluster.md from the model's size and the site settings (extraction.gpu_mem_gb,
+extraction.num_workers), and a model no node can hold fails at start-up naming the settings."""
+
+from __future__ import annotations
+
+import copy
+import math
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+from _project import copy_project
+from _project import run_snakemake as snakemake
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+PAPER = yaml.safe_load((ROOT / "config.yaml").read_text())
+
+
+@pytest.fixture(scope="module")
+def paper_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return copy_project(tmp_path_factory.mktemp("paper") / "project")
+
+
+def extraction_jobs(wd: Path, extraction: dict) -> dict[str, dict[str, int]]:
+    """{model: {gpu, mem_mb, cpus_per_task, runtime}} of a forced dry run of every extraction."""
+    cfg = copy.deepcopy(PAPER)
+    cfg["extraction"].update(extraction)
+    name = "config/site_" + "_".join(f"{k}{v}" for k, v in extraction.items()) + ".yaml"
+    (wd / name).write_text(yaml.safe_dump(cfg, sort_keys=False))
+    targets = [f"results/features/wit1024/{k}.h5" for k in PAPER["models"]]
+    proc = snakemake(wd, "-n", "--forceall", "--cores", "4", "--configfile", name, "--", *targets)
+    jobs: dict[str, dict[str, int]] = {}
+    model = None
+    for line in (proc.stdout + proc.stderr).splitlines():
+        if line.startswith("rule "):
+            model = None if not line.startswith("rule extract:") else ""
+        elif model == "" and "wildcards:" in line:
+            model = line.split("model=")[1].split(",")[0].strip()
+        elif model and "resources:" in line:
+            res = dict(re.findall(r"(\w+)=(\d+)(?:,|$)", line))
+            jobs[model] = {k: int(res[k]) for k in ("gpu", "mem_mb", "cpus_per_task", "runtime")}
+            model = None
+    return jobs
+
+
+def expected(modality: str, size_b: float, gpu_mem_gb: float, workers: int) -> dict[str, int]:
+    """docs/cluster.md's sizing rule, written out independently of xmodal.resources."""
+    w = 2 * size_b  # bf16 weights, GB
+    gpu = max(1, math.ceil((w + max(2, 0.05 * w)) / (0.9 * gpu_mem_gb)))
+    if modality == "vision":
+        mem_gb, cpus = 8 + 8 * size_b + 0.5 * workers, max(1, workers)
+    else:
+        mem_gb, cpus = 8 + w, min(max(1, workers), 4)
+    return {
+        "gpu": gpu,
+        "mem_mb": 1024 * math.ceil(mem_gb),
+        "cpus_per_task": cpus,
+        "runtime": 30 + math.ceil(w / 2),
+    }
+
+
+@pytest.mark.parametrize("gpu_mem_gb", [24, 40, 48, 80, 141])
+def test_extraction_jobs_follow_the_site_gpu_size(paper_project: Path, gpu_mem_gb: int) -> None:
+    workers = 2 if gpu_mem_gb == 40 else 8
+    jobs = extraction_jobs(paper_project, {"gpu_mem_gb": gpu_mem_gb, "num_workers": workers})
+    assert set(jobs) == set(PAPER["models"])
+    for key, m in PAPER["models"].items():
+        want = expected(m["modality"], m["size_b"], gpu_mem_gb, workers)
+        assert jobs[key] == want, (key, gpu_mem_gb, jobs[key], want)
+    if gpu_mem_gb == 40:  # the A100-40GB case of the issue
+        assert jobs["llama-65b"]["gpu"] == 4 and jobs["llama-30b"]["gpu"] == 2
+        assert all(jobs[k]["cpus_per_task"] == 2 for k in ("mae-h", "dinov2-g"))
+
+
+def test_model_no_node_can_hold_fails_at_start_up(paper_project: Path) -> None:
+    cfg = copy.deepcopy(PAPER)
+    cfg["extraction"].update(gpu_mem_gb=24, gpus_per_node=4)
+    (paper_project / "config/small_node.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    proc = snakemake(
+        paper_project, "-n", "--cores", "1", "--configfile", "config/small_node.yaml", check=False
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "models.llama-30b" in out or "models.llama-65b" in out, out
+    assert "extraction.gpu_mem_gb" in out and "extraction.gpus_per_node" in out, out
+    assert "Traceback" not in out, out
