@@ -222,3 +222,45 @@ def test_extract_features_end_to_end(tmp_path, tiny_vits, tiny_manifest, hf_offl
         )
         assert '"input_size": [3, 32, 32]' in a["preprocessing"]
         assert np.all(ff.abs_q95() > 0)
+
+
+@pytest.mark.parametrize(
+    "model_id",
+    [
+        "vit_huge_patch14_224.mae",
+        "hf-hub:timm/vit_huge_patch14_224.mae",
+        "hf_hub:timm/vit_huge_patch14_224.mae",
+    ],
+)
+def test_hub_id_forms_resolve_to_the_same_repo_and_files_in_prefetch_and_extraction(
+    tmp_path, tiny_vits, hf_offline, model_id
+):
+    from xmodal.prefetch import prefetch_model
+
+    snap = make_hub_cache(tiny_vits["mae"], tmp_path / "hub", "timm/vit_huge_patch14_224.mae")
+    record = prefetch_model(model_id, "vision", None, tmp_path / "hub")
+    assert record["repo_id"] == "timm/vit_huge_patch14_224.mae"
+    assert record["snapshot"] == str(snap.resolve()) and record["revision"] == snap.name
+    assert record["files"] == ["config.json", "model.safetensors"]
+    _, _, info = load_vision_model(model_id, cache_dir=tmp_path / "hub")
+    assert info["revision"] == snap.name and info["weights"] == ["model.safetensors"]
+
+
+def test_local_directory_id_is_the_same_in_prefetch_and_extraction(tiny_vits, tmp_path):
+    from xmodal.prefetch import prefetch_model
+
+    record = prefetch_model(str(tiny_vits["mae"]), "vision", None, tmp_path / "hub")
+    _, _, info = load_vision_model(str(tiny_vits["mae"]))
+    assert record["source"] == "local" and record["snapshot"] == str(tiny_vits["mae"].resolve())
+    assert info["revision"] == "local" and set(info["weights"]) <= set(record["files"])
+
+
+def test_vision_layer_the_model_lacks_fails_before_extraction(tmp_path, tiny_vits, tiny_manifest):
+    from xmodal.config import ConfigError
+
+    entry = {"modality": "vision", "id": str(tiny_vits["mae"])}
+    with pytest.raises(ConfigError, match=r"'analysis.vision_layer': layer -9 does not exist"):
+        extract_features(
+            "tiny-mae", entry, tiny_manifest, tmp_path / "f.h5", vision_layer=-9, progress=False
+        )
+    assert not (tmp_path / "f.h5").exists()

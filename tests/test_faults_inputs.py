@@ -81,6 +81,20 @@ def _k_ge_set_size(cfg: dict) -> None:
     cfg["analysis"]["knn_k"] = cfg["analysis"]["set_size"]
 
 
+def _tiny_set_size(cfg: dict) -> None:
+    cfg["analysis"].update(set_size=3, knn_k=2)
+
+
+def _model_too_big(cfg: dict) -> None:
+    cfg["extraction"].update(gpu_mem_gb=16, gpus_per_node=1)
+    cfg["models"]["tiny-bloom-s"]["size_b"] = 70
+
+
+def _missing_local_dir(cfg: dict) -> None:
+    cfg["models"]["tiny-mae"].pop("build")
+    cfg["models"]["tiny-mae"]["id"] = "./models/not-there"
+
+
 CONFIG_CASES: dict[str, tuple[Callable[[dict], None], str]] = {
     # schema errors: one line per problem naming the config file and the dotted key
     "unknown_key": (
@@ -101,6 +115,14 @@ CONFIG_CASES: dict[str, tuple[Callable[[dict], None], str]] = {
     # xmodal.config.check_config, through a WorkflowError: one message
     "fewer_than_3_vision": (_two_vision, r"'models': GPA .* at least 3 vision models, found 2"),
     "k_ge_set_size": (_k_ge_set_size, r"'analysis.knn_k' \(60\) must be smaller than"),
+    # at start-up, not after extraction (the unbiased HSIC needs 4 stimuli per set)
+    "set_size_3": (_tiny_set_size, r"'analysis.set_size' \(3\) is too small: .* at least 4"),
+    # xmodal.registry: the model no node's GPUs can hold, and a local directory that is not there
+    "model_too_big": (
+        _model_too_big,
+        r"'models.tiny-bloom-s': .*extraction.gpu_mem_gb.*extraction.gpus_per_node",
+    ),
+    "missing_local_dir": (_missing_local_dir, r"'models.tiny-mae.id': './models/not-there' looks"),
 }
 
 
@@ -162,6 +184,18 @@ def test_set_size_larger_than_stimuli_says_what_to_do() -> None:
     with pytest.raises(ConfigError, match=r"'analysis.set_size' \(60\).*100 stimuli.*at most 50"):
         check_against_stimuli(cfg, 100)
     check_against_stimuli(cfg, 120)
+
+
+def test_drop_fraction_that_keeps_too_few_names_drop_fraction() -> None:
+    cfg = _demo_cfg()
+    cfg["analysis"]["drop_fraction"] = 0.96
+    with pytest.raises(ConfigError) as err:
+        check_against_stimuli(cfg, 240)
+    msg = str(err.value)
+    assert "'analysis.drop_fraction' (0.96) drops 230 of the 240 stimuli and keeps 10" in msg
+    assert "knn_k'" not in msg.split(";")[0]  # the fraction is at fault, not the neighbour count
+    cfg["analysis"]["drop_fraction"] = 0.25
+    check_against_stimuli(cfg, 240)
 
 
 # ======================================================================= stimulus manifest / images
