@@ -67,6 +67,7 @@ def extract_features(
     batch_size: int | Mapping[str, int] | None = None,
     num_workers: int = 0,
     allow_pickle: bool = False,
+    max_tokens: int | None = None,
     progress: bool = True,
 ) -> Path:
     """Extract every layer's features of one model for every stimulus; write ``out_path``.
@@ -74,7 +75,10 @@ def extract_features(
     ``model_cfg`` is the model's config.yaml entry (``modality``, ``id``, ``revision``, and
     optionally ``label``, ``family``, ``size_b``). ``device="auto"`` = CUDA when visible, else
     CPU; ``dtype="auto"`` = bfloat16 on CUDA, float32 on CPU. Vision images are decoded by
-    ``num_workers`` DataLoader workers. Returns the path of the written feature file.
+    ``num_workers`` DataLoader workers. Captions are cut to ``max_tokens`` tokens (None: the
+    model's context, or ``language.DEFAULT_MAX_TOKENS`` when it declares none); the limit and the
+    number of truncated captions go into the ``preprocessing`` attribute. Returns the path of the
+    written feature file.
     """
     from torch.utils.data import DataLoader
 
@@ -144,6 +148,7 @@ def extract_features(
             df["caption"].tolist(),
             stimulus_ids=ids,
             batch_size=bs,
+            max_tokens=max_tokens,
             model_name=model_key,
             progress=progress,
         )
@@ -151,7 +156,9 @@ def extract_features(
             "tokenizer": {
                 **info["tokenizer"],
                 "max_length": res.info["max_length"],
+                "max_length_source": res.info["max_length_source"],
                 "n_truncated": res.info["n_truncated"],
+                "truncated_ids": res.info["truncated_ids"],
             }
         }
 
