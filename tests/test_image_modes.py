@@ -300,7 +300,7 @@ def test_exif_orientation_is_ignored_and_counted(tmp_path, caplog):
     np.testing.assert_array_equal(got, pixels)  # not rotated: 6 x 10 as stored
     assert (
         "stimulus 'rot': image" in caplog.text
-        and "EXIF orientation 6 (rotated 90° CW)" in caplog.text
+        and "EXIF orientation 6 (viewers rotate 90° CW to display it)" in caplog.text
     )
     cols = {"stimulus_id": ["rot", "p"], "image": ["r.png", "plain.png"], "caption": ["a", "b"]}
     path = write_manifest(pd.DataFrame(cols), tmp_path / "stimuli.tsv")

@@ -56,14 +56,15 @@ _DARK_16BIT = 1 << 12
 _FIX_IMAGE = "replace the image file, or remove the stimulus from the manifest"
 _OPEN_LOCK = threading.Lock()  # Image.open changes process-wide warning filters and PIL limits
 _EXIF_ORIENTATION = 0x0112
+#: What a viewer does to display an image with each EXIF orientation (1 = nothing).
 _ORIENTATION_NAMES = {
-    2: "mirrored",
-    3: "rotated 180°",
-    4: "mirrored vertically",
-    5: "mirrored and rotated 90° CCW",
-    6: "rotated 90° CW",
-    7: "mirrored and rotated 90° CW",
-    8: "rotated 90° CCW",
+    2: "mirror horizontally",
+    3: "rotate 180°",
+    4: "mirror vertically",
+    5: "mirror horizontally, rotate 270° CW",
+    6: "rotate 90° CW",
+    7: "mirror horizontally, rotate 90° CW",
+    8: "rotate 270° CW",
 }
 
 __all__ = [
@@ -549,8 +550,8 @@ def _decode(
         info("stimulus %r: image %s has %d frames; using the first", stimulus_id, path, n_frames)
     if orientation > 1:
         info(
-            "stimulus %r: image %s has EXIF orientation %d (%s); ignored, as timm does: the "
-            "pixels are used as stored",
+            "stimulus %r: image %s has EXIF orientation %d (viewers %s to display it); ignored, "
+            "as timm does: the pixels are used as stored",
             stimulus_id, path, orientation, _ORIENTATION_NAMES[orientation],
         )  # fmt: skip
     return _Decoded(rgb, fmt, mode, (w, h), n_frames, orientation, "; ".join(notes))
