@@ -1,12 +1,16 @@
-"""The stimulus manifest: validation errors and image decoding to RGB."""
+"""The stimulus manifest: its one format (read, write, round trip), validation errors, decoding."""
 
 from __future__ import annotations
 
 import shutil
 
+import pandas as pd
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
 
-from xmodal.stimuli import ImageDataset, StimulusError, read_manifest
+from xmodal.stimuli import ImageDataset, StimulusError, read_manifest, write_manifest
 
 
 @pytest.fixture
@@ -76,3 +80,179 @@ def test_images_converted_to_rgb_and_logged(tiny_manifest, caplog):
     for sid, mode in [("stim-01", "L"), ("stim-02", "CMYK"), ("stim-03", "RGBA"), ("stim-04", "P")]:
         assert f"stimulus '{sid}': converting {mode} image" in caplog.text
     assert "stim-00" not in caplog.text
+
+
+# ======================================================================= the manifest format
+# One reader, one rule: one stimulus per line, fields split on tabs, no quoting, text kept as is.
+HEADER = "stimulus_id\timage\tcaption"
+
+
+def _manifest(tmp_path, body: str, header: str = HEADER, newline: str = "\n", bom: bool = False):
+    """Write a manifest whose rows all point at one image; ``body`` lines use ``\\n``."""
+    Image.new("RGB", (4, 4), (10, 20, 30)).save(tmp_path / "a.png")
+    text = (header + "\n" + body).replace("\n", newline)
+    path = tmp_path / "stimuli.tsv"
+    path.write_bytes((b"\xef\xbb\xbf" if bom else b"") + text.encode("utf-8"))
+    return path
+
+
+def test_caption_starting_with_a_quote_keeps_its_quotes(tmp_path):
+    # before: CSV quoting read '"The Scream" by Munch' as 'The Scream by Munch'
+    body = 's1\ta.png\t"The Scream" by Munch\ns2\ta.png\t""\ns3\ta.png\t\'single\' "double"\n'
+    df = read_manifest(_manifest(tmp_path, body))
+    assert df["caption"].tolist() == ['"The Scream" by Munch', '""', "'single' \"double\""]
+
+
+def test_unbalanced_quote_does_not_swallow_the_following_rows(tmp_path):
+    # before: s2 and s3 vanished into the caption of s1, which ran on to the closing quote in s3
+    body = 's1\ta.png\t"open quote\ns2\ta.png\tplain\ns3\ta.png\tclose" quote\ns4\ta.png\tlast\n'
+    df = read_manifest(_manifest(tmp_path, body))
+    assert df["stimulus_id"].tolist() == ["s1", "s2", "s3", "s4"]
+    assert df["caption"].tolist() == ['"open quote', "plain", 'close" quote', "last"]
+
+
+@pytest.mark.parametrize(
+    "body, match",
+    [
+        # before: a pandas ParserError (one line) or TypeError (every line), naming nothing
+        ("s1\ta.png\tone\ns2\ta.png\ttwo\t\n", r"line 3, stimulus_id 's2' has 4 .* header has 3"),
+        ("s1\ta.png\tone\t\ns2\ta.png\ttwo\t\n", r"line 2, stimulus_id 's1' has 4.*lines: \[2, 3\]"),
+        ("s1\ta.png\tone\ttab\n", r"line 2, stimulus_id 's1' has 4 .*a tab inside a field"),
+        ("s1\ta.png\tbroken\ncaption\ns2\ta.png\tok\n", r"line 3, stimulus_id 'caption' has 1 "),
+        ("s1\ta.png\tone\n\ns2\ta.png\ttwo\n", r"empty line\(s\) \[3\] between stimuli"),
+        ("s1\ta.png\tone\rtwo\n", r"line\(s\) \[2\] contain a carriage return"),
+    ],
+    ids=["trailing_tab", "trailing_tab_everywhere", "tab_in_caption", "newline_in_caption",
+         "empty_line_inside", "bare_cr"],
+)  # fmt: skip
+def test_malformed_lines_are_errors_naming_the_line(tmp_path, body, match):
+    path = _manifest(tmp_path, body)
+    with pytest.raises(StimulusError, match=match) as err:
+        read_manifest(path)
+    assert str(err.value).startswith(f"{path}: ")
+
+
+@pytest.mark.parametrize(
+    "header, match",
+    [
+        (HEADER + "\t", r"empty column name at position\(s\) \[4\] \(a trailing tab\?\)"),
+        (HEADER + "\tcaption", r"names column\(s\) \['caption'\] more than once"),
+        ("stimulus_id\timage\tCaption ", r"missing column\(s\) \['caption'\].*differ in case"),
+    ],
+)
+def test_bad_header_is_an_error(tmp_path, header, match):
+    with pytest.raises(StimulusError, match=match):
+        read_manifest(_manifest(tmp_path, "s1\ta.png\tone\n", header=header))
+
+
+def test_ids_are_text(tmp_path):
+    """``007``, ``7``, ``7.0``, ``1.50``, ``NA``, ``null`` and `` 7`` are seven ids, kept as written."""
+    ids = ["007", "7", "7.0", "1.50", "NA", "null", " 7"]
+    body = "".join(f"{s}\ta.png\tcaption {k}\n" for k, s in enumerate(ids))
+    df = read_manifest(_manifest(tmp_path, body))
+    assert df["stimulus_id"].tolist() == ids
+    assert all(isinstance(s, str) for s in df["stimulus_id"])
+
+
+def test_crlf_bom_trailing_empty_lines_and_extra_columns(tmp_path):
+    body = "s1\ta.png\tone\t0.10\ns2\ta.png\ttwo \t1e3\n\n\n"
+    path = _manifest(tmp_path, body, header=HEADER + "\tclutter", newline="\r\n", bom=True)
+    df = read_manifest(path)
+    assert list(df.columns) == ["stimulus_id", "image", "caption", "clutter"]
+    assert df["caption"].tolist() == ["one", "two "] and df["clutter"].tolist() == ["0.10", "1e3"]
+
+
+def test_columns_in_any_order(tmp_path):
+    df = read_manifest(
+        _manifest(tmp_path, "one\ta.png\ts1\n", header="caption\timage\tstimulus_id")
+    )
+    assert df.loc[0, "stimulus_id"] == "s1" and df.loc[0, "caption"] == "one"
+
+
+# ---------------------------------------------------------------- write -> read, byte-identical
+# adversarial text: quotes (balanced or not), CSV/NA spellings, spaces, unicode (combining marks,
+# RTL, emoji, a BOM) and the characters that str.splitlines() would treat as line breaks
+_NASTY = ['"', "'", '""', ",", ";", "#", "\\", "NA", "null", "nan", " ", "\u00a0", "\ufeff",
+          "\x0b", "\x0c", "\x1c", "\x1d", "\x1e", "\x85", "\u2028", "\u2029", "\x00", "é", "e\u0301",
+          "\u05d0", "👩‍🔬", "\u200b"]  # fmt: skip
+_TEXT = st.lists(
+    st.one_of(
+        st.sampled_from(_NASTY),
+        st.characters(blacklist_categories=("Cs",), blacklist_characters="\t\r\n"),
+    ),
+    min_size=1,
+    max_size=20,
+).map("".join)
+_IDS = st.one_of(
+    st.from_regex(r"0{0,3}[0-9]{1,4}", fullmatch=True),  # 007, 7, 0007
+    st.floats(allow_nan=True, allow_infinity=True).map(str),  # 1.5, nan, inf, -0.0
+    st.decimals(allow_nan=False, allow_infinity=False, places=2).map(str),  # 1.50
+    st.sampled_from(["NA", "N/A", "null", "None", "NaN", "TRUE", "false", "#N/A", "-", '"7"']),
+    _TEXT,
+).filter(lambda s: s.strip() != "")
+_CAPTIONS = st.one_of(
+    _TEXT,
+    st.sampled_from(['"The Scream" by Munch', '"unbalanced', 'ends with "', '"', "it's"]),
+    st.tuples(_TEXT, st.integers(100, 3000)).map(lambda t: t[0] * t[1]),  # very long
+).filter(lambda s: s.strip() != "")
+
+
+@st.composite
+def _manifests(draw):
+    ids = draw(st.lists(_IDS, min_size=1, max_size=12, unique=True))
+    m = len(ids)
+    columns = {
+        "stimulus_id": ids,
+        "image": ["a.png"] * m,
+        "caption": draw(st.lists(_CAPTIONS, min_size=m, max_size=m)),
+        "extra": draw(st.lists(st.one_of(st.just(""), _TEXT), min_size=m, max_size=m)),
+    }
+    order = draw(st.permutations(list(columns)))
+    return pd.DataFrame({c: columns[c] for c in order})
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(df=_manifests())
+def test_write_then_read_is_byte_identical(tmp_path_factory, df):
+    folder = tmp_path_factory.mktemp("rt")
+    Image.new("RGB", (2, 2)).save(folder / "a.png")
+    path = write_manifest(df, folder / "stimuli.tsv")
+    back = read_manifest(path)
+    assert list(back.columns) == list(df.columns)
+    for col in df.columns:
+        assert [v.encode("utf-8") for v in back[col]] == [v.encode("utf-8") for v in df[col]], col
+
+
+@pytest.mark.parametrize(
+    "col, value, match",
+    [
+        ("caption", "a\tb", r"row 1 \(line 3, stimulus_id 's2'\), column 'caption' contains a tab"),
+        ("caption", "a\nb", r"row 1 .* column 'caption' contains a LF"),
+        ("stimulus_id", "s\r2", r"row 1 .*, column 'stimulus_id' contains a CR"),
+        ("extra", None, r"row 1 .* column 'extra' is a missing value"),
+        ("stimulus_id", "s1", r"duplicate stimulus ids \['s1'\]"),
+        ("caption", " ", r"empty caption on line\(s\) \[3\]"),
+    ],
+)
+def test_write_manifest_refuses_what_cannot_be_read_back(tmp_path, col, value, match):
+    df = pd.DataFrame(
+        {"stimulus_id": ["s1", "s2"], "image": ["a.png"] * 2, "caption": ["c1", "c2"],
+         "extra": ["x", "y"]}
+    )  # fmt: skip
+    df[col] = df[col].astype(object)
+    df.loc[1, col] = value
+    with pytest.raises(StimulusError, match=match):
+        write_manifest(df, tmp_path / "stimuli.tsv")
+    assert list(tmp_path.iterdir()) == []  # nothing written, no temporary left
+
+
+def test_write_manifest_numbers_as_text(tmp_path):
+    """The demo writes its planted ``clutter`` as floats: written with ``str``, read back as text."""
+    Image.new("RGB", (2, 2)).save(tmp_path / "a.png")
+    df = pd.DataFrame(
+        {"stimulus_id": ["d0", "d1"], "image": ["a.png"] * 2, "caption": ["x", "y"],
+         "clutter": [0.1234, 1.0]}
+    )  # fmt: skip
+    back = read_manifest(write_manifest(df, tmp_path / "stimuli.tsv"))
+    assert back["clutter"].tolist() == ["0.1234", "1.0"]
+    assert back["clutter"].astype(float).tolist() == [0.1234, 1.0]

@@ -1,154 +1,483 @@
-"""The stimulus manifest (``stimulus_id``, ``image``, ``caption``) and image decoding.
+"""The stimulus manifest (``stimulus_id``, ``image``, ``caption``), image decoding and duplicates.
 
-The manifest is a TSV next to its images: ``image`` paths are relative to the manifest's folder.
-:func:`read_manifest` validates it; :class:`ImageDataset` decodes images for a DataLoader
-(workers keep the GPU fed), converting any non-RGB mode to RGB and reducing huge images (both
-logged, never rejected).
+The manifest is a TSV next to its images (``image`` paths are relative to the manifest's folder),
+read by one rule: one stimulus per line, fields split on tabs, no quoting, no escapes, every
+value kept as text exactly as written (``007``, ``7``, ``1.50`` and ``NA`` are four ids;
+``"The Scream" by Munch`` keeps its quotes). :func:`read_manifest` reads and validates it,
+:func:`write_manifest` writes one that reads back byte-identical.
+
+Images: :func:`load_rgb` decodes one image to 8-bit RGB. Every PIL mode is converted by a stated
+rule (16-bit: ``v >> 8``; float: ``round(255 v)`` on [0, 1]; alpha discarded, as timm's
+``.convert("RGB")``; EXIF orientation ignored, as timm); what was done is logged per stimulus,
+and an image no rule maps to 8 bits is refused naming the stimulus, the mode and the value range
+(docs/contracts.md, "Image decoding"). :class:`ImageDataset` decodes for a DataLoader.
+
+Duplicates: :func:`scan_images` decodes every image once (hashes of the file and of the decoded
+pixels, mode, EXIF orientation); :func:`find_duplicates` groups identical image files, identical
+decoded pixels and identical captions; :func:`drop_duplicates` keeps the first of each group.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import logging
 import os
 import threading
 import warnings
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 from PIL import Image
+
+from xmodal.io import atomic_path
 
 log = logging.getLogger(__name__)
 
 COLUMNS = ("stimulus_id", "image", "caption")
-#: Images with a longer side are reduced (by an integer factor, box filter) before the model's
-#: own preprocessing, which resizes to a few hundred pixels anyway; logged per stimulus.
+#: Images with a longer side are reduced (by an integer factor, box filter) after conversion to
+#: RGB and before the model's own preprocessing, which resizes to a few hundred pixels anyway.
 MAX_SIDE = 4096
 #: Images up to this many pixels are decoded even though PIL would call them a decompression bomb.
 MAX_PIXELS = 1 << 30
+#: The kinds of duplicate :func:`find_duplicates` reports.
+DUPLICATE_KINDS = ("image_bytes", "pixels", "caption")
+#: What :func:`drop_duplicates` drops by default: same decoded image *and* same caption.
+DEFAULT_DROP_KINDS = ("pixels", "caption")
+#: 16-bit data whose maximum is below this uses at most 12 of its 16 bits: it is converted by the
+#: same rule (``v >> 8``) but comes out dark, which is logged as a warning.
+_DARK_16BIT = 1 << 12
 _FIX_IMAGE = "replace the image file, or remove the stimulus from the manifest"
-_PIL_LIMIT = threading.Lock()
+_OPEN_LOCK = threading.Lock()  # Image.open changes process-wide warning filters and PIL limits
+_EXIF_ORIENTATION = 0x0112
+#: What a viewer does to display an image with each EXIF orientation (1 = nothing).
+_ORIENTATION_NAMES = {
+    2: "mirror horizontally",
+    3: "rotate 180°",
+    4: "mirror vertically",
+    5: "mirror horizontally, rotate 270° CW",
+    6: "rotate 90° CW",
+    7: "mirror horizontally, rotate 90° CW",
+    8: "rotate 270° CW",
+}
 
-__all__ = ["COLUMNS", "MAX_SIDE", "ImageDataset", "StimulusError", "load_rgb", "read_manifest"]
+__all__ = [
+    "COLUMNS",
+    "DEFAULT_DROP_KINDS",
+    "DUPLICATE_KINDS",
+    "MAX_SIDE",
+    "ImageDataset",
+    "StimulusError",
+    "convert_to_rgb",
+    "drop_duplicates",
+    "find_duplicates",
+    "load_rgb",
+    "read_manifest",
+    "scan_images",
+    "write_manifest",
+]
 
 
 class StimulusError(ValueError):
     """A stimulus manifest or one of its images is invalid."""
 
 
-def _preview(items: list[str], n: int = 5) -> str:
+def _preview(items: Sequence[Any], n: int = 5) -> str:
     head = ", ".join(repr(s) for s in items[:n])
     return f"[{head}{', ...' if len(items) > n else ''}] ({len(items)} in all)"
 
 
-def read_manifest(path: str | os.PathLike, *, verify_images: bool = False) -> pd.DataFrame:
-    """Read and validate a stimulus manifest; returns its rows in file order.
+def _short(text: str, n: int = 40) -> str:
+    return text if len(text) <= n else text[: n - 1] + "…"
 
-    Checks: the three columns exist; ids are unique and non-empty; captions are non-empty (after
-    stripping whitespace); every image file exists. With ``verify_images`` each image header is
-    also opened with PIL (a quick decodability check). Errors name the file, the rows (1-based
-    line numbers, header = line 1) and the stimulus ids.
+
+# ============================================================================== the manifest
+def read_manifest(path: str | os.PathLike, *, verify_images: bool = False) -> pd.DataFrame:
+    """Read and validate a stimulus manifest; returns its rows in file order, every column text.
+
+    Format: UTF-8 (an optional byte-order mark is skipped), lines end in LF or CRLF; line 1 is
+    the header naming the columns (``stimulus_id``, ``image``, ``caption`` required, in any
+    order; extra columns are kept); then one stimulus per line with exactly one tab-separated
+    field per column. No quoting and no escapes: every field is kept exactly as written, so a
+    field cannot contain a tab or a line break. Empty lines at the end are ignored; an empty
+    line anywhere else is an error. Checks: ids unique and non-empty, captions non-empty (after
+    stripping whitespace), every image file exists. With ``verify_images`` every image is also
+    decoded and converted (:func:`scan_images`), so that an image no rule converts fails here
+    rather than mid-extraction. Errors name the file, the lines (header = line 1) and the ids.
     """
     path = Path(path)
     if not path.is_file():
         raise StimulusError(f"{path}: stimulus manifest not found")
-    _check_utf8(path)
-    try:
-        df = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False, na_filter=False)
-    except (pd.errors.ParserError, UnicodeDecodeError) as err:
-        raise StimulusError(
-            f"{path}: cannot parse as a tab-separated manifest ({err}); it needs a header line "
-            f"{'<TAB>'.join(COLUMNS)} and one tab-separated line per stimulus"
-        ) from err
-    missing = [c for c in COLUMNS if c not in df.columns]
+    text = _decode_utf8(path, path.read_bytes())
+    header, rows, lines = _parse_tsv(path, text)
+    columns = {name: [r[j] for r in rows] for j, name in enumerate(header)}
+    _check_stimuli(str(path), columns["stimulus_id"], columns["caption"], lines)
+    root = path.parent
+    missing = [
+        k for k, img in enumerate(columns["image"]) if not (img.strip() and (root / img).is_file())
+    ]
     if missing:
         raise StimulusError(
-            f"{path}: missing column(s) {missing}; a manifest needs {list(COLUMNS)}, "
-            f"found {list(df.columns)}"
-        )
-    if len(df) == 0:
-        raise StimulusError(f"{path}: the manifest has no stimuli")
-    df = df.copy()
-    for col in COLUMNS:
-        df[col] = df[col].astype(str)
-    lines = df.index + 2  # header is line 1
-
-    empty_id = df["stimulus_id"].str.strip() == ""
-    if empty_id.any():
-        raise StimulusError(f"{path}: empty stimulus_id on line(s) {list(lines[empty_id])[:10]}")
-    dup = df["stimulus_id"].duplicated(keep=False)
-    if dup.any():
-        ids = sorted(set(df.loc[dup, "stimulus_id"]))
-        raise StimulusError(
-            f"{path}: duplicate stimulus ids {_preview(ids)} on lines {list(lines[dup])[:10]}"
-        )
-    empty_cap = df["caption"].str.strip() == ""
-    if empty_cap.any():
-        raise StimulusError(
-            f"{path}: empty caption on line(s) {list(lines[empty_cap])[:10]} "
-            f"(stimulus ids {_preview(list(df.loc[empty_cap, 'stimulus_id']))})"
-        )
-    root = path.parent
-    exists = df["image"].map(lambda p: p.strip() != "" and (root / p).is_file())
-    if not exists.all():
-        bad = ~exists
-        raise StimulusError(
             f"{path}: image file(s) not found (relative to {root}) on line(s) "
-            f"{list(lines[bad])[:10]}: stimulus ids {_preview(list(df.loc[bad, 'stimulus_id']))}, "
-            f"images {_preview(list(df.loc[bad, 'image']))}"
+            f"{[lines[k] for k in missing][:10]}: stimulus ids "
+            f"{_preview([columns['stimulus_id'][k] for k in missing])}, "
+            f"images {_preview([columns['image'][k] for k in missing])}"
         )
+    df = pd.DataFrame(columns, dtype=str)
     if verify_images:
-        # a full decode: a truncated JPEG passes PIL's header-only verify()
-        bad_images = []
-        for line, sid, img in zip(lines, df["stimulus_id"], df["image"], strict=True):
-            try:
-                load_rgb(root / img, sid, log_conversions=False)
-            except StimulusError as err:
-                bad_images.append((line, sid, root / img, err.__cause__ or err))
-        if bad_images:
-            line, sid, img, err = bad_images[0]
-            raise StimulusError(
-                f"{path}: {len(bad_images)} image(s) cannot be decoded, stimulus ids "
-                f"{_preview([b[1] for b in bad_images])}; first: line {line}, stimulus {sid!r}: "
-                f"image {img} ({err}); {_FIX_IMAGE}"
-            )
-    return df.reset_index(drop=True)
+        _scan(df, root, where=str(path), lines=lines, workers=1)
+    return df
 
 
-def _check_utf8(path: Path) -> None:
-    """Raise a StimulusError naming the line (and stimulus id) of the first non-UTF-8 byte."""
-    data = path.read_bytes()
+def _decode_utf8(path: Path, data: bytes) -> str:
+    """The manifest's text; a StimulusError names the line (and stimulus) of a non-UTF-8 byte."""
     try:
-        data.decode("utf-8")
+        text = data.decode("utf-8")
     except UnicodeDecodeError as err:
         line_no = data.count(b"\n", 0, err.start) + 1
         start = data.rfind(b"\n", 0, err.start) + 1
         end = data.find(b"\n", err.start)
-        text = data[start : end if end >= 0 else len(data)].decode("utf-8", errors="replace")
-        sid = text.split("\t", 1)[0] if line_no > 1 else None
+        line = data[start : end if end >= 0 else len(data)].decode("utf-8", errors="replace")
+        sid = line.split("\t", 1)[0] if line_no > 1 else None
         raise StimulusError(
             f"{path}: line {line_no}"
             + (f" (stimulus {sid!r})" if sid else "")
             + f" is not valid UTF-8 (byte {data[err.start]:#04x} at offset {err.start}); "
             "save the manifest as UTF-8 (e.g. iconv -f latin1 -t utf-8)"
         ) from err
+    return text[1:] if text.startswith("\ufeff") else text
 
 
-def _open_image(path: str | os.PathLike, stimulus_id: str) -> Image.Image:
+def _parse_tsv(path: Path, text: str) -> tuple[list[str], list[list[str]], list[int]]:
+    """Header, rows (one list of fields per stimulus) and each row's 1-based line number."""
+    lines = text.split("\n")  # not splitlines(): \x0b, \x1c, \x85, \u2028 are caption text
+    if lines[-1] == "":
+        lines.pop()  # the newline that ends the last line
+    lines = [ln[:-1] if ln.endswith("\r") else ln for ln in lines]
+    while lines and lines[-1] == "":
+        lines.pop()
+    cr = [k for k, ln in enumerate(lines, start=1) if "\r" in ln]
+    if cr:
+        raise StimulusError(
+            f"{path}: line(s) {cr[:10]} contain a carriage return (CR) that does not end the "
+            "line; lines end in LF or CRLF, and a field cannot contain a line break"
+        )
+    if not lines:
+        raise StimulusError(
+            f"{path}: the manifest is empty; it needs a header line "
+            f"{'<TAB>'.join(COLUMNS)} and one tab-separated line per stimulus"
+        )
+    header = lines[0].split("\t")
+    _check_header(path, header)
+    n = len(header)
+    id_col = header.index("stimulus_id")
+    rows: list[list[str]] = []
+    row_lines: list[int] = []
+    empty: list[int] = []
+    bad: list[tuple[int, list[str]]] = []
+    for k, line in enumerate(lines[1:], start=2):
+        if line == "":
+            empty.append(k)
+            continue
+        fields = line.split("\t")
+        if len(fields) != n:
+            bad.append((k, fields))
+        rows.append(fields)
+        row_lines.append(k)
+    if empty:
+        raise StimulusError(
+            f"{path}: empty line(s) {empty[:10]} between stimuli; every line after the header "
+            "is one stimulus: remove the empty lines"
+        )
+    if bad:
+        k, fields = bad[0]
+        sid = f", stimulus_id {_short(fields[id_col])!r}" if id_col < len(fields) else ""
+        hint = (
+            "a tab inside a field, or a trailing tab? Fields are split on every tab (no quoting)"
+            if len(fields) > n
+            else "a line break inside a caption, or a missing field? Each stimulus is one line"
+        )
+        more = f"; {len(bad)} such lines: {[b[0] for b in bad][:10]}" if len(bad) > 1 else ""
+        raise StimulusError(
+            f"{path}: line {k}{sid} has {len(fields)} tab-separated fields, the header has {n} "
+            f"({', '.join(header)}): {hint}{more}"
+        )
+    if not rows:
+        raise StimulusError(f"{path}: the manifest has no stimuli")
+    return header, rows, row_lines
+
+
+def _check_header(path: Path, header: list[str]) -> None:
+    empty = [j + 1 for j, name in enumerate(header) if name == ""]
+    if empty:
+        raise StimulusError(
+            f"{path}: the header (line 1) has an empty column name at position(s) {empty} "
+            f"(a trailing tab?); found {header}"
+        )
+    dup = sorted({name for name in header if header.count(name) > 1})
+    if dup:
+        raise StimulusError(f"{path}: the header (line 1) names column(s) {dup} more than once")
+    missing = [c for c in COLUMNS if c not in header]
+    if missing:
+        near = [name for name in header if name.strip().lower() in missing]
+        raise StimulusError(
+            f"{path}: missing column(s) {missing}; a manifest needs {list(COLUMNS)}, "
+            f"found {header}"
+            + (f" (names are exact: {near} differ in case or spaces)" if near else "")
+        )
+
+
+def _check_stimuli(where: str, ids: list[str], captions: list[str], lines: list[int]) -> None:
+    """Ids unique and non-empty, captions non-empty; errors name ``where``, lines and ids."""
+    empty_id = [k for k, s in enumerate(ids) if not s.strip()]
+    if empty_id:
+        raise StimulusError(
+            f"{where}: empty stimulus_id on line(s) {[lines[k] for k in empty_id][:10]}"
+        )
+    counts = Counter(ids)
+    dup_rows = [k for k, s in enumerate(ids) if counts[s] > 1]
+    if dup_rows:
+        raise StimulusError(
+            f"{where}: duplicate stimulus ids {_preview(sorted({ids[k] for k in dup_rows}))} on "
+            f"lines {[lines[k] for k in dup_rows][:10]}"
+        )
+    empty_cap = [k for k, c in enumerate(captions) if not c.strip()]
+    if empty_cap:
+        raise StimulusError(
+            f"{where}: empty caption on line(s) {[lines[k] for k in empty_cap][:10]} "
+            f"(stimulus ids {_preview([ids[k] for k in empty_cap])})"
+        )
+
+
+def _field_text(value: Any, where: str) -> str:
+    """A table value as manifest text: str as is, numbers by ``str``; missing values refused."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (bool, int, float, np.bool_, np.integer, np.floating)) and not pd.isna(
+        value
+    ):
+        return str(value)
+    what = "a missing value" if value is None or pd.isna(value) else f"a {type(value).__name__}"
+    raise StimulusError(f"{where} is {what}; a manifest field is text (or a number)")
+
+
+def write_manifest(df: pd.DataFrame, path: str | os.PathLike) -> Path:
+    """Write ``df`` as a stimulus manifest that :func:`read_manifest` reads back byte-identical.
+
+    UTF-8 without byte-order mark, LF line ends, the header from ``df``'s columns (which must
+    include ``stimulus_id``, ``image``, ``caption``), one line per row, fields joined by tabs.
+    Strings are written as they are, numbers with ``str``. Refused, naming the row (its line in
+    the file and its stimulus id) and the column: a field containing a tab, CR or LF (the format
+    has no quoting), a missing value, an empty or duplicate id, an empty caption. Written to a
+    temporary file and renamed into place: nothing is left at ``path`` on error. Image files are
+    not checked here (read_manifest does that).
+    """
+    path = Path(path)
+    cols = [str(c) for c in df.columns]
+    missing = [c for c in COLUMNS if c not in cols]
+    if missing:
+        raise StimulusError(f"{path}: cannot write a manifest without column(s) {missing}")
+    for c in cols:
+        if not c or any(ch in c for ch in "\t\r\n") or c.startswith("\ufeff"):
+            raise StimulusError(
+                f"{path}: column name {c!r} cannot be written (empty, or contains a tab, CR, LF "
+                "or a leading byte-order mark)"
+            )
+    if len(set(cols)) != len(cols):
+        raise StimulusError(f"{path}: duplicate column names {cols}")
+    id_pos = cols.index("stimulus_id")
+    out = ["\t".join(cols)]
+    rows: list[list[str]] = []
+    for i, values in enumerate(df.itertuples(index=False, name=None)):
+        sid = values[id_pos]
+        row = []
+        for col, value in zip(cols, values, strict=True):
+            where = f"{path}: row {i} (line {i + 2}, stimulus_id {sid!r}), column {col!r}"
+            text = _field_text(value, where)
+            bad = [name for ch, name in (("\t", "tab"), ("\r", "CR"), ("\n", "LF")) if ch in text]
+            if bad:
+                raise StimulusError(
+                    f"{where} contains a {'/'.join(bad)}: a manifest field cannot (one stimulus "
+                    "per line, fields split on tabs, no quoting); replace it, e.g. by a space"
+                )
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as err:
+                raise StimulusError(f"{where} is not encodable as UTF-8 ({err})") from err
+            row.append(text)
+        rows.append(row)
+        out.append("\t".join(row))
+    if not rows:
+        raise StimulusError(f"{path}: cannot write a manifest with no stimuli")
+    cap_pos = cols.index("caption")
+    _check_stimuli(
+        f"{path} (not written)",
+        [r[id_pos] for r in rows],
+        [r[cap_pos] for r in rows],
+        list(range(2, len(rows) + 2)),
+    )
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(("\n".join(out) + "\n").encode("utf-8"))
+    return path
+
+
+# ============================================================================== images
+def _image_label(stimulus_id: str, path: str | os.PathLike | None) -> str:
+    return f"stimulus {stimulus_id!r}" + (f": image {path}" if path is not None else "")
+
+
+def _alpha_note(alpha: Image.Image) -> str:
+    a = np.asarray(alpha)
+    frac = float(np.mean(a < 255)) if a.size else 0.0
+    if frac == 0:
+        return "alpha discarded (every pixel opaque)"
+    return (
+        f"alpha discarded ({100 * frac:.1f}% of pixels not fully opaque; their stored colour is "
+        "used, as timm does)"
+    )
+
+
+def _sixteen_bit_to_rgb(
+    image: Image.Image, stimulus_id: str, path: str | os.PathLike | None
+) -> tuple[Image.Image, str]:
+    """I;16* and I (0..65535): ``v >> 8`` to 8 bits, replicated to RGB."""
+    mode = image.mode
+    a = np.asarray(image)
+    lo, hi = (int(a.min()), int(a.max())) if a.size else (0, 0)
+    label = _image_label(stimulus_id, path)
+    kind = "16-bit grayscale" if mode != "I" else "32-bit integer grayscale"
+    if mode == "I" and (lo < 0 or hi > 0xFFFF):
+        raise StimulusError(
+            f"{label}: {kind} image (mode I) with values {lo}..{hi}: outside 0..65535, so no rule "
+            f"maps it to 8 bits; save it as an 8- or 16-bit image; {_FIX_IMAGE}"
+        )
+    if hi < 256:
+        raise StimulusError(
+            f"{label}: {kind} image (mode {mode}) with values {lo}..{hi}, all below 256: "
+            "scaled from 16 to 8 bits (v >> 8) it would be black. If it holds 8-bit values, save "
+            f"it as an 8-bit image; if it is dark 16-bit data, rescale it; {_FIX_IMAGE}"
+        )
+    if hi < _DARK_16BIT:
+        log.warning(
+            "%s: %s image (mode %s) uses only values %d..%d of 0..65535 (at most 12 bits): "
+            "scaled by the 16-bit rule (v >> 8) it comes out dark (max %d of 255); rescale it "
+            "if that is not intended",
+            label, kind, mode, lo, hi, hi >> 8,
+        )  # fmt: skip
+    out = Image.fromarray((a.astype(np.int64) >> 8).astype(np.uint8)).convert("RGB")
+    return out, f"{kind} (values {lo}..{hi}) scaled to 8 bits (v >> 8) and replicated to RGB"
+
+
+def _float_to_rgb(
+    image: Image.Image, stimulus_id: str, path: str | os.PathLike | None
+) -> tuple[Image.Image, str]:
+    """F on [0, 1]: ``round(255 v)`` (half an 8-bit level of overshoot is clipped)."""
+    a = np.asarray(image, dtype=np.float64)
+    label = _image_label(stimulus_id, path)
+    finite = np.isfinite(a)
+    if not finite.all():
+        raise StimulusError(
+            f"{label}: float image (mode F) with {int((~finite).sum())} NaN or infinite pixel(s): "
+            f"no 8-bit value is defined for them; {_FIX_IMAGE}"
+        )
+    lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
+    tol = 0.5 / 255
+    if lo < -tol or hi > 1 + tol:
+        raise StimulusError(
+            f"{label}: float image (mode F) with values {lo:.6g}..{hi:.6g}: only values in "
+            "[0, 1] have a defined 8-bit scaling (round(255 v)); rescale it to [0, 1] or save it "
+            f"as an 8-bit image; {_FIX_IMAGE}"
+        )
+    out = Image.fromarray(np.clip(np.rint(a * 255), 0, 255).astype(np.uint8)).convert("RGB")
+    return out, f"float grayscale (values {lo:.4g}..{hi:.4g}) scaled to 8 bits as round(255 v)"
+
+
+#: Modes Pillow converts to RGB by a rule we accept as is: mode -> what the conversion does.
+_PILLOW_RULES = {
+    "1": "bilevel (1) mapped to black and white",
+    "L": "grayscale (L) replicated to RGB",
+    "P": "palette (P) mapped through its palette",
+    "PA": "palette with alpha (PA) mapped through its palette",
+    "LA": "grayscale with alpha (LA) replicated to RGB",
+    "RGBA": "RGBA to RGB",
+    "RGBX": "padding band of RGBX dropped",
+    "CMYK": "CMYK to RGB as R = (255 - C)(255 - K)/255 (no colour management)",
+    "YCbCr": "YCbCr (JPEG, full range) to RGB",
+    "LAB": "CIELAB to sRGB (Pillow's conversion)",
+    "HSV": "HSV to RGB",
+}
+_SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def convert_to_rgb(
+    image: Image.Image, stimulus_id: str = "?", *, path: str | os.PathLike | None = None
+) -> tuple[Image.Image, str | None]:
+    """Convert a decoded image to 8-bit RGB; returns it and what was done (None if already RGB).
+
+    Rules (docs/contracts.md, "Image decoding"): 16-bit (I;16, I;16L, I;16B, I;16N, and I with
+    values in 0..65535) -> ``v >> 8``; float (F) on [0, 1] -> ``round(255 v)``; alpha (LA, PA,
+    RGBA, and P with a transparent colour) discarded, keeping the stored colour as timm's
+    ``.convert("RGB")`` does; premultiplied La / RGBa un-premultiplied first; 1, L, P, CMYK,
+    YCbCr, LAB, HSV, RGBX by Pillow's conversion. Refused (:class:`StimulusError` naming the
+    stimulus, the mode and the value range): integers outside 0..65535, 16-bit data all below 256
+    (black after scaling), floats outside [0, 1] or non-finite, any other mode.
+    """
+    mode = image.mode
+    if mode == "RGB":
+        return image, None
+    if mode in _SIXTEEN_BIT:
+        return _sixteen_bit_to_rgb(image, stimulus_id, path)
+    if mode == "F":
+        return _float_to_rgb(image, stimulus_id, path)
+    if mode in ("La", "RGBa"):
+        straight = image.convert(mode.upper())
+        rgb, what = convert_to_rgb(straight, stimulus_id, path=path)
+        return rgb, f"premultiplied {mode} un-premultiplied; {what}"
+    if mode not in _PILLOW_RULES:
+        raise StimulusError(
+            f"{_image_label(stimulus_id, path)}: image mode {mode!r} is not supported (supported: "
+            f"RGB, {', '.join([*_PILLOW_RULES, *_SIXTEEN_BIT, 'F', 'La', 'RGBa'])}); save it as an "
+            f"8-bit RGB or grayscale image; {_FIX_IMAGE}"
+        )
+    what = _PILLOW_RULES[mode]
+    if mode in ("LA", "PA", "RGBA"):
+        what += "; " + _alpha_note(image.getchannel("A"))
+    elif mode == "P" and "transparency" in image.info:
+        what += "; transparent colour " + _alpha_note(image.convert("RGBA").getchannel("A"))
+    return image.convert("RGB"), what
+
+
+@dataclass(frozen=True)
+class _Decoded:
+    image: Image.Image
+    format: str
+    mode: str
+    size: tuple[int, int]
+    n_frames: int
+    orientation: int  # EXIF orientation tag, 0 when absent
+    conversion: str  # what was done to reach RGB at MAX_SIDE ("" when nothing)
+
+
+def _open_image(source: Any, stimulus_id: str, path: str | os.PathLike) -> Image.Image:
     """``Image.open`` that accepts huge images (up to MAX_PIXELS) instead of calling them bombs."""
-    with warnings.catch_warnings():
+    with _OPEN_LOCK, warnings.catch_warnings():  # open reads the header only: the lock is cheap
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
-            return Image.open(path)
+            return Image.open(source)
         except Image.DecompressionBombError:
-            pass
-        with _PIL_LIMIT:
-            old, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, MAX_PIXELS
-            try:
-                im = Image.open(path)
-            finally:
-                Image.MAX_IMAGE_PIXELS = old
+            if hasattr(source, "seek"):
+                source.seek(0)
+        old, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, MAX_PIXELS
+        try:
+            im = Image.open(source)
+        finally:
+            Image.MAX_IMAGE_PIXELS = old
     log.info(
         "stimulus %r: image %s has %d x %d pixels, more than PIL's decompression-bomb limit; "
         "decoding it anyway",
@@ -159,40 +488,334 @@ def _open_image(path: str | os.PathLike, stimulus_id: str) -> Image.Image:
     return im
 
 
-def load_rgb(
-    path: str | os.PathLike, stimulus_id: str = "?", *, log_conversions: bool = True
-) -> Image.Image:
-    """Decode one image as RGB, logging any conversion (CMYK, grayscale, palette, RGBA, ...).
+def _exif_orientation(im: Image.Image) -> int:
+    """The EXIF orientation tag (1..8), 0 when there is none or the EXIF block is unreadable."""
+    try:
+        value = im.getexif().get(_EXIF_ORIENTATION, 0)
+    except Exception:  # a malformed EXIF block must not make a decodable image fail (timm: ignored)
+        return 0
+    return value if isinstance(value, int) and 1 <= value <= 8 else 0
 
-    Images with a side longer than :data:`MAX_SIDE` are reduced by an integer factor (JPEGs are
-    decoded at reduced scale) so that the longer side is at most ``MAX_SIDE``; that is logged.
-    An image that cannot be decoded (missing, truncated, not an image) is a
-    :class:`StimulusError` naming the stimulus and the file.
-    """
+
+def _sample_bits(im: Image.Image) -> int:
+    """16 when the decoder reads 16-bit samples (its raw mode, e.g. ``RGB;16B``), else 8."""
+    for tile in getattr(im, "tile", None) or []:
+        args = tile.args if isinstance(tile.args, tuple) else (tile.args,)
+        if any(isinstance(a, str) and ";16" in a for a in args):
+            return 16
+    return 8
+
+
+def _decode(
+    source: Any, stimulus_id: str, path: str | os.PathLike, *, log_conversions: bool = True
+) -> _Decoded:
     info = log.info if log_conversions else log.debug
     try:
-        with _open_image(path, stimulus_id) as im:
-            w, h = im.size
+        with _open_image(source, stimulus_id, path) as im:
+            fmt, mode, (w, h) = str(im.format or ""), im.mode, im.size
+            n_frames = int(getattr(im, "n_frames", 1) or 1)
+            bits = _sample_bits(im)  # before load(), which clears the decoder's tiles
             factor = -(-max(w, h) // MAX_SIDE)  # ceil
             if factor > 1:
                 im.draft("RGB", (w // factor, h // factor))  # JPEG: decode at reduced scale
             im.load()
-            out: Image.Image = im
-            if max(out.size) > MAX_SIDE:
-                out = out.reduce(-(-max(out.size) // MAX_SIDE))
-            if out.size != (w, h):
-                info(
-                    "stimulus %r: huge image %s (%d x %d) reduced to %d x %d before preprocessing",
-                    stimulus_id, path, w, h, *out.size,
-                )  # fmt: skip
-            if out.mode != "RGB":
-                info("stimulus %r: converting %s image %s to RGB", stimulus_id, out.mode, path)
-                return out.convert("RGB")
-            return out.copy() if out is im else out
+            orientation = _exif_orientation(im)  # after load(): PNG keeps EXIF after the pixels
+            rgb, what = convert_to_rgb(im, stimulus_id, path=path)
+            if bits == 16 and mode in ("RGB", "RGBA", "LA"):
+                _check_pillow_16bit(rgb, stimulus_id, path, mode)
+                what = f"16-bit samples reduced to 8 bits by Pillow (v >> 8); {what or 'RGB'}"
+            if rgb is im:
+                rgb = im.copy()
+    except StimulusError:
+        raise
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         raise StimulusError(
             f"stimulus {stimulus_id!r}: cannot decode image {path} ({err}); {_FIX_IMAGE}"
         ) from err
+    notes = []
+    if n_frames > 1:
+        notes.append(f"first of {n_frames} frames used")
+    if what:
+        info("stimulus %r: converting %s image %s to RGB: %s", stimulus_id, mode, path, what)
+        notes.append(what)
+    if max(rgb.size) > MAX_SIDE:
+        rgb = rgb.reduce(-(-max(rgb.size) // MAX_SIDE))
+    if rgb.size != (w, h):
+        info(
+            "stimulus %r: huge image %s (%d x %d) reduced to %d x %d before preprocessing",
+            stimulus_id, path, w, h, *rgb.size,
+        )  # fmt: skip
+        notes.append(f"reduced from {w} x {h} to {rgb.size[0]} x {rgb.size[1]}")
+    if n_frames > 1:
+        info("stimulus %r: image %s has %d frames; using the first", stimulus_id, path, n_frames)
+    if orientation > 1:
+        info(
+            "stimulus %r: image %s has EXIF orientation %d (viewers %s to display it); ignored, "
+            "as timm does: the pixels are used as stored",
+            stimulus_id, path, orientation, _ORIENTATION_NAMES[orientation],
+        )  # fmt: skip
+    return _Decoded(rgb, fmt, mode, (w, h), n_frames, orientation, "; ".join(notes))
+
+
+def _check_pillow_16bit(
+    rgb: Image.Image, stimulus_id: str, path: str | os.PathLike, mode: str
+) -> None:
+    """A 16-bit colour image Pillow reduced to 8 bits: refuse black, warn dark (as 16-bit gray)."""
+    hi = max(band_hi for _, band_hi in rgb.getextrema())
+    label = _image_label(stimulus_id, path)
+    if hi == 0:
+        raise StimulusError(
+            f"{label}: 16-bit {mode} image whose values are all below 256: scaled from 16 to 8 "
+            "bits (v >> 8) it is black. If it holds 8-bit values, save it as an 8-bit image; if "
+            f"it is dark 16-bit data, rescale it; {_FIX_IMAGE}"
+        )
+    if hi < _DARK_16BIT >> 8:
+        log.warning(
+            "%s: 16-bit %s image uses at most 12 of its 16 bits: scaled by the 16-bit rule "
+            "(v >> 8) it comes out dark (max %d of 255); rescale it if that is not intended",
+            label, mode, hi,
+        )  # fmt: skip
+
+
+def load_rgb(
+    path: str | os.PathLike, stimulus_id: str = "?", *, log_conversions: bool = True
+) -> Image.Image:
+    """Decode one image as 8-bit RGB by the rules of :func:`convert_to_rgb`, logging what was done.
+
+    Only the first frame of a multi-frame file is used; EXIF orientation and embedded ICC
+    profiles are ignored (as timm does). Images with a side longer than :data:`MAX_SIDE` are
+    reduced by an integer factor after the conversion (JPEGs are decoded at reduced scale); that
+    is logged. An image that cannot be decoded (missing, truncated, not an image) or converted
+    is a :class:`StimulusError` naming the stimulus and the file.
+    """
+    return _decode(path, stimulus_id, path, log_conversions=log_conversions).image
+
+
+def _pixels_digest(image: Image.Image) -> str:
+    h = hashlib.sha256(f"{image.mode} {image.size[0]} {image.size[1]};".encode())
+    h.update(image.tobytes())
+    return h.hexdigest()
+
+
+def _scan_one(path: Path, stimulus_id: str) -> dict[str, Any]:
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise StimulusError(
+            f"stimulus {stimulus_id!r}: cannot read image {path} ({err}); {_FIX_IMAGE}"
+        ) from err
+    d = _decode(io.BytesIO(data), stimulus_id, path, log_conversions=False)
+    return {
+        "format": d.format,
+        "mode": d.mode,
+        "width": d.size[0],
+        "height": d.size[1],
+        "n_frames": d.n_frames,
+        "exif_orientation": d.orientation,
+        "conversion": d.conversion,
+        "bytes_sha256": hashlib.sha256(data).hexdigest(),
+        "pixels_sha256": _pixels_digest(d.image),
+    }
+
+
+def _scan(
+    manifest: pd.DataFrame,
+    root: Path,
+    *,
+    where: str,
+    lines: Sequence[int] | None,
+    workers: int,
+) -> pd.DataFrame:
+    ids = [str(s) for s in manifest["stimulus_id"]]
+    paths = [root / str(p) for p in manifest["image"]]
+
+    def one(k: int) -> dict[str, Any] | StimulusError:
+        try:
+            return _scan_one(paths[k], ids[k])
+        except StimulusError as err:
+            return err
+
+    if workers > 1:
+        with ThreadPoolExecutor(max_workers=workers) as pool:  # PIL and hashlib release the GIL
+            results = list(pool.map(one, range(len(ids))))
+    else:
+        results = [one(k) for k in range(len(ids))]
+    bad = [k for k, r in enumerate(results) if isinstance(r, StimulusError)]
+    if bad:
+        k = bad[0]
+        at = f"line {lines[k]}, " if lines is not None else ""
+        raise StimulusError(
+            f"{where}: {len(bad)} image(s) cannot be decoded or converted, stimulus ids "
+            f"{_preview([ids[j] for j in bad])}; first: {at}{results[k]}"
+        )
+    table = pd.DataFrame.from_records(results)
+    table.insert(0, "image", [str(p) for p in manifest["image"]])
+    table.insert(0, "stimulus_id", ids)
+    _log_scan(table, where)
+    return table
+
+
+def _log_scan(table: pd.DataFrame, where: str) -> None:
+    modes = Counter(table["mode"])
+    converted = int((table["conversion"] != "").sum())
+    log.info(
+        "%s: %d images decoded; modes %s; %d converted or reduced (rules: docs/contracts.md)",
+        where,
+        len(table),
+        dict(modes.most_common()),
+        converted,
+    )
+    rotated = table.loc[table["exif_orientation"] > 1, "stimulus_id"].tolist()
+    if rotated:
+        log.info(
+            "%s: %d stimuli carry a non-default EXIF orientation %s; ignored, as timm does "
+            "(the pixels are used as stored)",
+            where,
+            len(rotated),
+            _preview(rotated),
+        )
+
+
+def scan_images(
+    manifest: pd.DataFrame, root: str | os.PathLike, *, workers: int = 1
+) -> pd.DataFrame:
+    """Decode every image of a manifest once; one row per stimulus, in manifest order.
+
+    Columns: ``stimulus_id``, ``image``, ``format``, ``mode`` (as stored), ``width``,
+    ``height`` (as stored), ``n_frames``, ``exif_orientation`` (1..8; 0 = no tag), ``conversion``
+    (what :func:`load_rgb` does, "" for none), ``bytes_sha256`` (of the file),
+    ``pixels_sha256`` (of the decoded RGB pixels and their size). ``root`` is the manifest's
+    folder. Any image that cannot be decoded or converted: one :class:`StimulusError` naming them
+    all (count, first ids, the first error). Logs counts of modes, conversions and EXIF
+    orientations. ``workers`` threads decode in parallel (decoding and hashing release the GIL).
+    """
+    return _scan(manifest, Path(root), where=str(root), lines=None, workers=max(1, int(workers)))
+
+
+# ============================================================================== duplicates
+def _groups(ids: Sequence[str], keys: Iterable[Any]) -> list[list[str]]:
+    """Ids that share a key, in order of first occurrence; only groups of two or more."""
+    by_key: dict[Any, list[str]] = {}
+    for sid, key in zip(ids, keys, strict=True):
+        by_key.setdefault(key, []).append(sid)
+    return [g for g in by_key.values() if len(g) > 1]
+
+
+def find_duplicates(
+    manifest: pd.DataFrame,
+    root: str | os.PathLike,
+    *,
+    images: pd.DataFrame | None = None,
+    workers: int = 1,
+) -> pd.DataFrame:
+    """Groups of stimuli with identical image files, identical decoded pixels or identical captions.
+
+    Returns a tidy table ``kind`` (``image_bytes``: same file content; ``pixels``: same RGB
+    pixels after :func:`load_rgb`, which includes same bytes; ``caption``: byte-identical
+    caption), ``group`` (0, 1, ... per kind, by first member's manifest position),
+    ``stimulus_id`` (manifest order within a group); stimuli without a twin are not listed.
+    Found by hashing (O(m)), never by comparing pairs. ``images`` is a :func:`scan_images`
+    table of the same manifest (decoded here when None, with ``workers`` threads). Each kind
+    found is logged as a warning with its ids.
+    """
+    ids = [str(s) for s in manifest["stimulus_id"]]
+    if images is None:
+        images = scan_images(manifest, root, workers=workers)
+    elif [str(s) for s in images["stimulus_id"]] != ids:
+        raise StimulusError(
+            f"{root}: the image scan table does not list the manifest's stimuli in manifest "
+            "order; pass scan_images(manifest, root) of this manifest"
+        )
+    found = {
+        "image_bytes": _groups(ids, images["bytes_sha256"]),
+        "pixels": _groups(ids, images["pixels_sha256"]),
+        "caption": _groups(ids, (str(c) for c in manifest["caption"])),
+    }
+    records = [
+        (kind, g, sid)
+        for kind in DUPLICATE_KINDS
+        for g, grp in enumerate(found[kind])
+        for sid in grp
+    ]
+    table = pd.DataFrame.from_records(records, columns=["kind", "group", "stimulus_id"])
+    table = table.astype({"kind": str, "group": "int64", "stimulus_id": str})
+    what = {
+        "image_bytes": "identical image files",
+        "pixels": "identical decoded images",
+        "caption": "identical captions",
+    }
+    for kind in DUPLICATE_KINDS:
+        groups = found[kind]
+        if groups:
+            log.warning(
+                "%s: %d stimuli in %d group(s) of %s: %s%s",
+                root,
+                sum(len(g) for g in groups),
+                len(groups),
+                what[kind],
+                "; ".join(_preview(g) for g in groups[:5]),
+                f"; ... ({len(groups)} groups in all)" if len(groups) > 5 else "",
+            )
+    return table
+
+
+def drop_duplicates(
+    manifest: pd.DataFrame,
+    duplicates: pd.DataFrame,
+    kinds: Sequence[str] = DEFAULT_DROP_KINDS,
+) -> pd.DataFrame:
+    """The manifest without duplicate stimuli: those in the same group for *every* kind in ``kinds``.
+
+    The first stimulus (manifest order) of each set of duplicates is kept. The default
+    (``pixels`` and ``caption``): same decoded image and same caption is one stimulus listed
+    twice; a shared caption with different images (or the same image with different captions)
+    is reported by :func:`find_duplicates` but kept. Dropped ids are logged with the id kept.
+    """
+    kinds = tuple(kinds)
+    if not kinds or any(k not in DUPLICATE_KINDS for k in kinds):
+        raise StimulusError(
+            f"drop_duplicates: kinds must be a non-empty subset of {list(DUPLICATE_KINDS)}, "
+            f"got {list(kinds)}"
+        )
+    ids = [str(s) for s in manifest["stimulus_id"]]
+    unknown = sorted(set(map(str, duplicates["stimulus_id"])) - set(ids))
+    if unknown:
+        raise StimulusError(
+            f"drop_duplicates: the duplicates table names stimuli not in the manifest "
+            f"{_preview(unknown)}; it belongs to another manifest"
+        )
+    group_of = {
+        kind: dict(
+            zip(
+                map(str, duplicates.loc[duplicates["kind"] == kind, "stimulus_id"]),
+                duplicates.loc[duplicates["kind"] == kind, "group"],
+                strict=True,
+            )
+        )
+        for kind in kinds
+    }
+    first_of: dict[tuple[int, ...], str] = {}
+    keep = []
+    dropped: list[tuple[str, str]] = []
+    for sid in ids:
+        key = tuple(group_of[k].get(sid, -1) for k in kinds)
+        if -1 in key:
+            keep.append(True)
+        elif key in first_of:
+            keep.append(False)
+            dropped.append((sid, first_of[key]))
+        else:
+            first_of[key] = sid
+            keep.append(True)
+    if dropped:
+        log.warning(
+            "dropped %d duplicate stimuli (same %s as an earlier stimulus): %s",
+            len(dropped),
+            " and ".join(kinds),
+            ", ".join(f"{d!r} (kept {k!r})" for d, k in dropped[:10])
+            + (f", ... ({len(dropped)} in all)" if len(dropped) > 10 else ""),
+        )
+    return manifest.loc[np.array(keep, dtype=bool)].reset_index(drop=True)
 
 
 class ImageDataset:

@@ -67,6 +67,7 @@ def extract_features(
     batch_size: int | Mapping[str, int] | None = None,
     num_workers: int | None = None,
     allow_pickle: bool = False,
+    max_tokens: int | None = None,
     progress: bool = True,
     vision_layer: int | None = None,
 ) -> Path:
@@ -76,9 +77,11 @@ def extract_features(
     optionally ``label``, ``family``, ``size_b``). ``device="auto"`` = CUDA when visible, else
     CPU; ``dtype="auto"`` = bfloat16 on CUDA, float32 on CPU. Vision images are decoded by
     ``num_workers`` DataLoader workers (None: the site default, xmodal.registry.SITE_DEFAULTS).
-    With ``vision_layer`` (config key ``analysis.vision_layer``), a vision model whose blocks do
-    not include that layer fails right after loading, before any image is processed.
-    Returns the path of the written feature file.
+    Captions are cut to ``max_tokens`` tokens (None: the model's context, or
+    ``language.DEFAULT_MAX_TOKENS`` when it declares none); the limit and the number of truncated
+    captions go into the ``preprocessing`` attribute. With ``vision_layer`` (config key
+    ``analysis.vision_layer``), a vision model whose blocks do not include that layer fails right
+    after loading, before any image is processed. Returns the path of the written feature file.
     """
     from torch.utils.data import DataLoader
 
@@ -156,6 +159,7 @@ def extract_features(
             df["caption"].tolist(),
             stimulus_ids=ids,
             batch_size=bs,
+            max_tokens=max_tokens,
             model_name=model_key,
             progress=progress,
         )
@@ -163,7 +167,9 @@ def extract_features(
             "tokenizer": {
                 **info["tokenizer"],
                 "max_length": res.info["max_length"],
+                "max_length_source": res.info["max_length_source"],
                 "n_truncated": res.info["n_truncated"],
+                "truncated_ids": res.info["truncated_ids"],
             }
         }
 

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,11 +39,15 @@ log = logging.getLogger(__name__)
 _HUGE = 1_000_000  # tokenizers report "no limit" as a huge model_max_length
 
 __all__ = [
+    "DEFAULT_MAX_TOKENS",
+    "TokenizedCaptions",
+    "caption_token_limit",
     "context_length",
     "extract_language_features",
     "language_layer_names",
     "load_language_model",
     "mean_pool",
+    "tokenize_captions",
 ]
 
 
@@ -229,35 +234,98 @@ def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return summed / m.sum(dim=1, keepdim=True).clamp_min(1).float()
 
 
-def tokenize_captions(
-    tokenizer: Any, captions: Sequence[str], max_length: int | None, stimulus_ids: Sequence[str]
-) -> tuple[list[list[int]], list[int]]:
-    """Token ids per caption (special tokens included), truncated to ``max_length``.
+#: Caption token limit for a model that declares no context length (BLOOM's ALiBi has no
+#: position limit). Captions are image descriptions, typically tens of tokens; 512 leaves room
+#: for paragraph-long ones while bounding the memory of one batch: eager attention holds
+#: batch x heads x T^2 scores per layer (32 x 16 x 512^2 x 4 bytes = 0.5 GiB at T = 512, but
+#: about 30 GiB at the ~4,000 tokens of a 20,000-character caption).
+DEFAULT_MAX_TOKENS = 512
 
-    Returns the ids and the row indices of truncated captions (logged).
+
+@dataclass(frozen=True)
+class TokenizedCaptions:
+    """Token ids per caption (special tokens included) and how they were truncated."""
+
+    ids: list[list[int]]
+    truncated: list[int]  # rows whose caption was cut to max_tokens
+    max_tokens: int
+    limit_source: str  # "model context", "max_tokens" or "default bound"
+
+
+def caption_token_limit(max_tokens: int | None, context: int | None) -> tuple[int, str]:
+    """The token limit for captions and where it comes from.
+
+    ``max_tokens`` None: the model's ``context`` (from :func:`context_length`), else
+    :data:`DEFAULT_MAX_TOKENS`. A ``max_tokens`` above the model's context is lowered to it
+    (positions beyond the context have no trained embedding).
     """
+    if max_tokens is not None and (
+        isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1
+    ):
+        raise ExtractionError(f"max_tokens must be a positive integer or None, got {max_tokens!r}")
+    if max_tokens is None:
+        if context is None:
+            return DEFAULT_MAX_TOKENS, "default bound"
+        return context, "model context"
+    if context is not None and max_tokens > context:
+        log.warning(
+            "max_tokens=%d is more than the model's %d-token context; using %d",
+            max_tokens,
+            context,
+            context,
+        )
+        return context, "model context"
+    return max_tokens, "max_tokens"
+
+
+def tokenize_captions(
+    tokenizer: Any,
+    captions: Sequence[str],
+    *,
+    stimulus_ids: Sequence[str],
+    max_tokens: int | None = None,
+    context: int | None = None,
+) -> TokenizedCaptions:
+    """Token ids per caption (special tokens included), each cut to the caption token limit.
+
+    The limit is :func:`caption_token_limit` of ``max_tokens`` and the model's ``context``.
+    Truncation is the tokenizer's own (``truncation=True``: special tokens are kept). Truncated
+    captions are logged as a warning: their count, the limit and the first stimulus ids.
+    """
+    limit, source = caption_token_limit(max_tokens, context)
     ids = tokenizer(list(captions), add_special_tokens=True, truncation=False)["input_ids"]
-    truncated = [i for i, t in enumerate(ids) if max_length is not None and len(t) > max_length]
+    truncated = [i for i, t in enumerate(ids) if len(t) > limit]
     if truncated:
         redo = tokenizer(
             [captions[i] for i in truncated],
             add_special_tokens=True,
             truncation=True,
-            max_length=max_length,
+            max_length=limit,
         )["input_ids"]
+        longest = max(len(ids[i]) for i in truncated)
         for i, t in zip(truncated, redo, strict=True):
             ids[i] = t
+        why = {
+            "model context": f"longer than the model's {limit}-token context",
+            "max_tokens": f"longer than max_tokens={limit}",
+            "default bound": (
+                f"longer than {limit} tokens (the model declares no context length; "
+                f"{limit} is the default bound; set max_tokens, config key extraction.max_tokens, "
+                "to change it)"
+            ),
+        }[source]
         log.warning(
-            "%d caption(s) longer than the model's %d-token context were truncated: %s%s",
+            "%d caption(s) %s were truncated: %s%s (the longest had %d tokens)",
             len(truncated),
-            max_length,
+            why,
             [stimulus_ids[i] for i in truncated[:5]],
-            " ..." if len(truncated) > 5 else "",
+            f" ... ({len(truncated)} in all)" if len(truncated) > 5 else "",
+            longest,
         )
     empty = [stimulus_ids[i] for i, t in enumerate(ids) if len(t) == 0]
     if empty:
         raise ExtractionError(f"captions of stimuli {empty[:5]} tokenize to zero tokens")
-    return ids, truncated
+    return TokenizedCaptions(ids, truncated, limit, source)
 
 
 def extract_language_features(
@@ -267,20 +335,28 @@ def extract_language_features(
     *,
     stimulus_ids: Sequence[str],
     batch_size: int = 32,
-    max_length: int | None = None,
+    max_tokens: int | None = None,
     model_name: str = "language model",
     progress: bool = True,
 ) -> ExtractionResult:
     """Mean-pooled hidden states of every layer for every caption: ``(L+1, m, dim)`` float32.
 
     Captions run longest first (out-of-memory shows up at once, and halves the batch) in
-    batches of similar length, right-padded; ``max_length`` defaults to the model's context.
+    batches of similar length, right-padded. Each caption is first cut to ``max_tokens`` tokens
+    (None: the model's context, or :data:`DEFAULT_MAX_TOKENS` when it declares none), before any
+    batch is built; ``info`` records the limit (``max_length``), its source, and the number and
+    first ids of truncated captions.
     """
     if len(captions) != len(stimulus_ids):
         raise ExtractionError(f"{len(captions)} captions for {len(stimulus_ids)} stimulus ids")
-    if max_length is None:
-        max_length = context_length(model, tokenizer)
-    token_ids, truncated = tokenize_captions(tokenizer, captions, max_length, stimulus_ids)
+    tok = tokenize_captions(
+        tokenizer,
+        captions,
+        stimulus_ids=stimulus_ids,
+        max_tokens=max_tokens,
+        context=context_length(model, tokenizer),
+    )
+    token_ids, truncated = tok.ids, tok.truncated
     lengths = np.array([len(t) for t in token_ids])
     order = np.argsort(-lengths, kind="stable")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -335,8 +411,10 @@ def extract_language_features(
         pooling="mean",
         batch_size=sizer.batch_size,
         oom_halvings=sizer.n_halvings,
-        max_length=max_length,
+        max_length=tok.max_tokens,
+        max_length_source=tok.limit_source,
         n_truncated=len(truncated),
+        truncated_ids=[str(stimulus_ids[i]) for i in truncated[:20]],
         padding_fraction=round(1 - n_tokens / max(n_padded, 1), 4),
     )
     log.info(

@@ -1,0 +1,122 @@
+"""Caption truncation: every caption is cut to a token limit before any batch is built.
+
+The tiny BLOOM declares no context length (ALiBi, like the real BLOOMs): before, it got no
+truncation, and one 20,000-character caption ran at full length (the demo went out of memory).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from xmodal.extract import ExtractionError, extract_features
+from xmodal.extract.language import (
+    DEFAULT_MAX_TOKENS,
+    caption_token_limit,
+    context_length,
+    extract_language_features,
+    load_language_model,
+    tokenize_captions,
+)
+from xmodal.features import FeatureFile
+
+IDS = [f"stim-{i:02d}" for i in range(12)]
+
+
+@pytest.fixture(scope="module")
+def bloom(tiny_lms):
+    model, tok, _ = load_language_model(str(tiny_lms["bloom"]))
+    return model, tok
+
+
+def _long_caption(captions: list[str]) -> str:
+    text = " ".join(captions)
+    return (text + " ") * (20_000 // len(text) + 1)
+
+
+def test_bloom_long_caption_is_cut_to_the_default_bound(bloom, captions, caplog, monkeypatch):
+    model, tok = bloom
+    assert context_length(model, tok) is None  # no declared limit, as the real BLOOMs
+    long = _long_caption(captions)[:20_000]
+    full = tok(long)["input_ids"]
+    assert len(full) > 4 * DEFAULT_MAX_TOKENS
+    texts = captions[:6] + [long] + captions[6:]
+    ids = IDS[:6] + ["stim-long"] + IDS[6:]
+
+    forward = model.forward
+    widths = []
+
+    def guarded(*args, **kwargs):  # no batch is ever built wider than the bound
+        widths.append(kwargs["input_ids"].shape[1])
+        assert widths[-1] <= DEFAULT_MAX_TOKENS, f"a batch of {widths[-1]} tokens was built"
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(model, "forward", guarded)
+    with caplog.at_level("WARNING"):
+        res = extract_language_features(
+            model, tok, texts, stimulus_ids=ids, batch_size=4, progress=False
+        )
+    assert max(widths) == DEFAULT_MAX_TOKENS
+    assert res.info["max_length"] == DEFAULT_MAX_TOKENS == 512
+    assert res.info["max_length_source"] == "default bound"
+    assert res.info["n_truncated"] == 1 and res.info["truncated_ids"] == ["stim-long"]
+    assert (
+        "1 caption(s) longer than 512 tokens (the model declares no context length" in caplog.text
+    )
+    assert f"['stim-long'] (the longest had {len(full)} tokens)" in caplog.text
+
+    # the other captions' features are those they get without the long caption
+    monkeypatch.setattr(model, "forward", forward)
+    ref = extract_language_features(
+        model, tok, captions, stimulus_ids=IDS, batch_size=4, progress=False
+    )
+    others = [k for k in range(13) if k != 6]
+    np.testing.assert_allclose(res.features[:, others], ref.features, rtol=1e-5, atol=1e-5)
+    # and the long one's are those of its first 512 tokens, run alone
+    with torch.no_grad():
+        hs = model(
+            input_ids=torch.tensor([full[:DEFAULT_MAX_TOKENS]]), output_hidden_states=True
+        ).hidden_states
+    alone = np.stack([h[0].float().mean(0).numpy() for h in hs])
+    np.testing.assert_allclose(res.features[:, 6], alone, rtol=1e-5, atol=1e-5)
+
+
+def test_limit_rules(tiny_lms, captions, caplog):
+    assert caption_token_limit(None, None) == (DEFAULT_MAX_TOKENS, "default bound")
+    assert caption_token_limit(None, 48) == (48, "model context")
+    assert caption_token_limit(10, 48) == (10, "max_tokens")
+    assert caption_token_limit(10, None) == (10, "max_tokens")
+    with caplog.at_level("WARNING"):
+        assert caption_token_limit(100, 48) == (48, "model context")
+    assert "max_tokens=100 is more than the model's 48-token context; using 48" in caplog.text
+    for bad in (0, -3, 2.5, True, "64"):
+        with pytest.raises(ExtractionError, match="max_tokens must be a positive integer"):
+            caption_token_limit(bad, 48)  # type: ignore[arg-type]
+
+
+def test_explicit_max_tokens_counts_against_a_brute_force_count(bloom, captions, caplog):
+    _, tok = bloom
+    with caplog.at_level("WARNING"):
+        out = tokenize_captions(tok, captions, stimulus_ids=IDS, max_tokens=8)
+    lengths = [len(tok(c)["input_ids"]) for c in captions]
+    over = [k for k, n in enumerate(lengths) if n > 8]
+    assert out.truncated == over and out.max_tokens == 8 and out.limit_source == "max_tokens"
+    assert [len(t) for t in out.ids] == [min(n, 8) for n in lengths]
+    assert all(t == tok(c)["input_ids"][:8] for t, c in zip(out.ids, captions, strict=True))
+    assert f"{len(over)} caption(s) longer than max_tokens=8 were truncated" in caplog.text
+
+
+def test_extract_features_passes_max_tokens_into_the_feature_file(
+    tmp_path, tiny_lms, tiny_manifest
+):
+    cfg = {"modality": "language", "id": str(tiny_lms["bloom"]), "revision": None}
+    out = extract_features(
+        "bloom-tiny", cfg, tiny_manifest, tmp_path / "b.h5", max_tokens=6, progress=False
+    )
+    import json
+
+    with FeatureFile(out) as ff:
+        tok = json.loads(ff.attrs["preprocessing"])["tokenizer"]
+    assert tok["max_length"] == 6 and tok["max_length_source"] == "max_tokens"
+    assert tok["n_truncated"] > 0 and len(tok["truncated_ids"]) == min(tok["n_truncated"], 20)
