@@ -39,5 +39,7 @@ extract_features(
     batch_size=entry.batch_size,
     num_workers=entry.site.num_workers,
     allow_pickle=entry.allow_pickle,
+    max_tokens=entry.max_tokens,
+    drop_duplicates=bool(snakemake.params.drop_duplicates),
     vision_layer=int(snakemake.config["analysis"]["vision_layer"]),
 )

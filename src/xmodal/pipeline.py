@@ -149,6 +149,32 @@ def _write_json(obj: Any, path: PathLike) -> None:
         tmp.write_text(json.dumps(obj, indent=2, default=float) + "\n")
 
 
+# ---------------------------------------------------------------- stimuli
+
+
+def run_stimuli_report(
+    manifest: PathLike, out_images: PathLike, out_duplicates: PathLike, workers: int = 1
+) -> None:
+    """Decode every image once (format, mode, size, EXIF orientation, conversion) and list the
+    duplicate stimuli (same file, same pixels, same caption) with their ids; both logged."""
+    from pathlib import Path
+
+    from xmodal.stimuli import find_duplicates, read_manifest, scan_images
+
+    df = read_manifest(manifest)
+    root = Path(manifest).parent
+    images = scan_images(df, root, workers=workers)
+    duplicates = find_duplicates(df, root, images=images)
+    log.info(
+        "%d stimuli; %d in duplicate groups (%s)",
+        len(df),
+        duplicates["stimulus_id"].nunique(),
+        ", ".join(f"{k}: {n}" for k, n in duplicates.groupby("kind").size().items()) or "none",
+    )
+    write_table(images, out_images)
+    write_table(duplicates, out_duplicates)
+
+
 # ---------------------------------------------------------------- dispersion
 
 

@@ -31,7 +31,7 @@ from typing import Any
 
 import pandas as pd
 
-from xmodal.io import atomic_path, write_table
+from xmodal.io import atomic_path
 from xmodal.logs import redact
 from xmodal.registry import (
     LIBRARY,
@@ -40,6 +40,7 @@ from xmodal.registry import (
     hub_repo_of,
     pickle_patterns,
 )
+from xmodal.stimuli import write_manifest
 
 log = logging.getLogger(__name__)
 
@@ -302,6 +303,8 @@ def prefetch_model(
 
 # ----------------------------------------------------------------------------- stimuli
 _LINE_BREAKS = re.compile(r"[\t\r\n\v\f\x1c-\x1e\x85\u2028\u2029]+")
+
+
 def _split_files(files: Iterable[str], split: str) -> list[str]:
     """Parquet files of ``split``: a folder named after it, or a ``<split>-*`` file name."""
     parquet = [f for f in files if f.endswith(".parquet")]
@@ -434,7 +437,7 @@ def prefetch_stimuli(
             out / "source.json",
         )
     manifest = out / "stimuli.tsv"
-    write_table(pd.DataFrame.from_records(records), manifest)
+    write_manifest(pd.DataFrame.from_records(records), manifest)
     log.info("wrote %d stimuli to %s (revision %s)", len(records), manifest, path.name)
     return manifest
 

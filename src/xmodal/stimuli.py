@@ -98,7 +98,9 @@ def _short(text: str, n: int = 40) -> str:
 
 
 # ============================================================================== the manifest
-def read_manifest(path: str | os.PathLike, *, verify_images: bool = False) -> pd.DataFrame:
+def read_manifest(
+    path: str | os.PathLike, *, verify_images: bool = False, check_images: bool = True
+) -> pd.DataFrame:
     """Read and validate a stimulus manifest; returns its rows in file order, every column text.
 
     Format: UTF-8 (an optional byte-order mark is skipped), lines end in LF or CRLF; line 1 is
@@ -109,7 +111,9 @@ def read_manifest(path: str | os.PathLike, *, verify_images: bool = False) -> pd
     line anywhere else is an error. Checks: ids unique and non-empty, captions non-empty (after
     stripping whitespace), every image file exists. With ``verify_images`` every image is also
     decoded and converted (:func:`scan_images`), so that an image no rule converts fails here
-    rather than mid-extraction. Errors name the file, the lines (header = line 1) and the ids.
+    rather than mid-extraction. ``check_images=False`` skips the image checks (for readers that
+    only need the table, such as the gallery figure, which shows a placeholder for a missing
+    image). Errors name the file, the lines (header = line 1) and the ids.
     """
     path = Path(path)
     if not path.is_file():
@@ -120,7 +124,9 @@ def read_manifest(path: str | os.PathLike, *, verify_images: bool = False) -> pd
     _check_stimuli(str(path), columns["stimulus_id"], columns["caption"], lines)
     root = path.parent
     missing = [
-        k for k, img in enumerate(columns["image"]) if not (img.strip() and (root / img).is_file())
+        k
+        for k, img in enumerate(columns["image"])
+        if check_images and not (img.strip() and (root / img).is_file())
     ]
     if missing:
         raise StimulusError(
@@ -130,7 +136,7 @@ def read_manifest(path: str | os.PathLike, *, verify_images: bool = False) -> pd
             f"images {_preview([columns['image'][k] for k in missing])}"
         )
     df = pd.DataFrame(columns, dtype=str)
-    if verify_images:
+    if verify_images and check_images:
         _scan(df, root, where=str(path), lines=lines, workers=1)
     return df
 

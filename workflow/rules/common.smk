@@ -67,6 +67,8 @@ VISION = REGISTRY.vision
 LANGUAGE = REGISTRY.language
 HUB_CACHE = config.get("hub_cache", "resources/hub")
 ANALYSIS = config["analysis"]
+# changes which stimuli every model's features hold: a feature-defining setting
+DROP_DUPLICATES = bool(config["stimuli"].get("drop_duplicates", False))
 
 
 def _alternatives(keys):
@@ -82,6 +84,7 @@ wildcard_constraints:
 
 # ---------------------------------------------------------------- paths
 MANIFEST = f"resources/stimuli/{DATASET}/stimuli.tsv"
+STIMULI = "results/stimuli/{dataset}"
 DISP = "results/dispersion/{dataset}"
 ALIGN = "results/alignment/{dataset}"
 FIG = "results/figures/{dataset}"
@@ -155,6 +158,8 @@ def table_paths(dataset):
         "contrasts": f"results/alignment/{dataset}/contrasts.tsv",
         "models": f"results/alignment/{dataset}/models.tsv",
         "summary": f"results/summary/{dataset}.tsv",
+        "images": f"results/stimuli/{dataset}/images.tsv",
+        "duplicates": f"results/stimuli/{dataset}/duplicates.tsv",
         "manifest": f"resources/stimuli/{dataset}/stimuli.tsv",
     }
 
@@ -177,7 +182,8 @@ def llm_tables(kind):
 
 def get_final_output():
     paths = table_paths(DATASET)
-    out = [paths[k] for k in ("loo", "grid", "layers", "contrasts", "summary")]
+    keys = ("loo", "grid", "layers", "contrasts", "summary", "images", "duplicates")
+    out = [paths[k] for k in keys]
     for name in FIGURES:
         out += [
             f"results/figures/{DATASET}/{name}.png",

@@ -23,6 +23,7 @@ rule extract:
         cpus_per_task=extraction_resource("cpus_per_task"),
     params:
         features=feature_spec,
+        drop_duplicates=DROP_DUPLICATES,
         cache_dir=HUB_CACHE,
     script:
         "../../scripts/extract.py"

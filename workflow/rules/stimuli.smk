@@ -34,3 +34,21 @@ elif config["stimuli"]["source"] == "hub":
             cache_dir=HUB_CACHE,
         script:
             "../../scripts/prefetch_stimuli.py"
+
+
+# Every image decoded once: format, mode, size, EXIF orientation, the conversion applied, and
+# groups of duplicate stimuli (same file, same pixels, same caption), reported with their ids.
+# A leaf of the DAG: nothing upstream of the extractions depends on it.
+rule stimuli_report:
+    input:
+        manifest=MANIFEST,
+    output:
+        images=f"{STIMULI}/images.tsv",
+        duplicates=f"{STIMULI}/duplicates.tsv",
+    log:
+        "logs/stimuli/{dataset}/report.log",
+    conda:
+        "../../envs/analysis.yaml"
+    threads: 2
+    script:
+        "../../scripts/stimuli_report.py"

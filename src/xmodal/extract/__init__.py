@@ -68,6 +68,7 @@ def extract_features(
     num_workers: int | None = None,
     allow_pickle: bool = False,
     max_tokens: int | None = None,
+    drop_duplicates: bool = False,
     progress: bool = True,
     vision_layer: int | None = None,
 ) -> Path:
@@ -81,7 +82,9 @@ def extract_features(
     ``language.DEFAULT_MAX_TOKENS`` when it declares none); the limit and the number of truncated
     captions go into the ``preprocessing`` attribute. With ``vision_layer`` (config key
     ``analysis.vision_layer``), a vision model whose blocks do not include that layer fails right
-    after loading, before any image is processed. Returns the path of the written feature file.
+    after loading, before any image is processed. With ``drop_duplicates``, stimuli with the same
+    decoded image and the same caption as an earlier one are left out
+    (xmodal.stimuli.drop_duplicates). Returns the path of the written feature file.
     """
     from torch.utils.data import DataLoader
 
@@ -103,6 +106,11 @@ def extract_features(
     bs = _batch_size(batch_size, modality, dev)
     manifest_path = Path(manifest_path)
     df = read_manifest(manifest_path)
+    if drop_duplicates:  # the same rule in every model's job: every file gets the same stimuli
+        from xmodal.stimuli import drop_duplicates as drop
+        from xmodal.stimuli import find_duplicates
+
+        df = drop(df, find_duplicates(df, manifest_path.parent))
     ids = df["stimulus_id"].tolist()
     log.info(
         "extracting %s (%s, %s) for %d stimuli of %s on %s, %s, batch %d",

@@ -153,7 +153,7 @@ def load_inputs(name: str, inputs: Mapping[str, str | os.PathLike]) -> FigureDat
     if missing:
         raise KeyError(f"figure {name!r} needs input(s) {missing}; got {sorted(inputs)}")
     paths = {k: Path(inputs[k]) for k in spec.inputs if k in inputs}
-    tables = {k: read_tsv(p) for k, p in paths.items()}
+    tables = {k: read_tsv(p, k) for k, p in paths.items()}
     return FigureData(tables=tables, paths=paths, models=Models.from_table(tables.get("models")))
 
 

@@ -241,9 +241,14 @@ def format_p(p: float) -> str:
     return "p < 0.001" if p < 0.001 else f"p = {p:.3f}"
 
 
-def read_tsv(path: str | Path) -> pd.DataFrame:
-    """Read one contract table with the pipeline's table reader (identifiers stay text:
-    xmodal.io.read_table)."""
+def read_tsv(path: str | Path, name: str = "") -> pd.DataFrame:
+    """Read one contract table: the stimulus manifest with its own reader (every column text, no
+    image check: the gallery shows a placeholder for a missing image), every other table with
+    the pipeline's table reader (identifiers stay text: xmodal.io.read_table)."""
+    if name == "manifest":
+        from xmodal.stimuli import read_manifest
+
+        return read_manifest(path, check_images=False)
     return read_table(path)
 
 
