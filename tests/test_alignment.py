@@ -259,3 +259,43 @@ def test_layer_search_table_rejects(data):
     bad = np.full_like(layers[0], np.nan)
     with pytest.raises(al.AlignmentError, match="'l'.*'v'"):
         al.layer_search_table({"v": (0, vision)}, "l", [(0, "a", bad)])
+
+
+def test_blocked_conditions_equal_dense(data, monkeypatch):
+    """ConditionPlan without an m×m kernel (subsets from features, blocked bootstrap lists)."""
+    vision, layers, sets = data
+    y = layers[2]
+    out = {}
+    for dense in (True, False):
+        plan = al.ConditionPlan(sets, IDS, k=10, n_boot=30, seed=0, dense=dense)
+        if not dense:
+            monkeypatch.setattr(mt, "BLOCK_ELEMS", 17 * M)
+        xs, ys = plan.side(vision), plan.side(y)
+        assert (xs.full.kernel is None) == (not dense)
+        out[dense] = plan.evaluate_metrics("v", "l", 2, xs, ys, al.METRICS)
+    (cd, dd), (cb, db) = out[True], out[False]
+    np.testing.assert_allclose(cb["value"], cd["value"], atol=1e-6, rtol=0)
+    np.testing.assert_allclose(cb["stability"], cd["stability"], atol=1e-6, rtol=0)
+    for col in ("low", "high", "random_mean", "diff_ci_low", "diff_ci_high"):
+        np.testing.assert_allclose(db[col], dd[col], atol=1e-6, rtol=0)
+
+
+def test_stability_columns(data):
+    vision, layers, sets = data
+    tied = layers[1].copy()
+    tied[5:16] = tied[4]  # 12 copies: each copy's 11 nearest are exact ties, k = 10 splits them
+    table = al.layer_search_table(
+        {"v": (0, vision)}, "l", [(0, "a", layers[0]), (1, "b", tied)], metrics=al.METRICS
+    )
+    knn = table["metric"].isin(al.KNN_METRICS)
+    assert (table.loc[~knn, "stability"] == 0).all()
+    assert (table.loc[knn & (table.llm_layer == 1), "stability"] > 0).all()
+    assert not mt.KernelKNN.from_features(layers[0], 10).unresolved.any()
+    assert not mt.KernelKNN.from_features(vision, 10).unresolved.any()
+    assert (table.loc[knn & (table.llm_layer == 0), "stability"] == 0).all()
+    conds, contrasts = al.condition_tables(
+        {"v": (0, vision)}, "l", {("v", "cknna"): 1}, lambda i: tied, sets, IDS, n_boot=0
+    )
+    assert conds["stability"].notna().all() and (conds["stability"] >= 0).all()
+    low = conds.query("condition == 'low' and summary == 'mean'")
+    assert contrasts.set_index("summary").loc["mean", "low_stability"] == low.stability.item()
