@@ -216,7 +216,7 @@ def test_condition_tables_equal_condition_table(data):
         row = mk[(mk.condition == name) & (mk.summary == summary) & (mk.draw == draw)]
         assert row.value.item() == pytest.approx(mt.mutual_knn(vision[idx], layers[2][idx], 10))
     mk_d = contrasts.query("metric == 'mutual_knn'")
-    assert (mk_d["n_boot"] == 0).all() and mk_d["diff_ci_low"].isna().all()
+    assert (mk_d["n_boot"] == 30).all() and (mk_d["diff_ci_low"] <= mk_d["diff_ci_high"]).all()
 
 
 def test_condition_tables_other_metrics_on_subsets(data):
@@ -299,3 +299,44 @@ def test_stability_columns(data):
     assert conds["stability"].notna().all() and (conds["stability"] >= 0).all()
     low = conds.query("condition == 'low' and summary == 'mean'")
     assert contrasts.set_index("summary").loc["mean", "low_stability"] == low.stability.item()
+
+
+# ----------------------------------------------------------------------------- degenerate layers
+
+
+def test_degenerate_llm_layers_are_never_chosen(data):
+    vision, layers, _ = data
+    const = np.tile(layers[0][:1], (M, 1))
+    nan = layers[0].copy()
+    nan[3, 2] = np.nan
+    huge = mt.prepare_layer(layers[1] * 1e19, threshold=1e30)  # prepared without overflow
+    bad = [
+        (0, "zero", np.zeros_like(layers[0])),
+        (1, "const", const),
+        (2, "nan", nan),
+        (3, "good", layers[2]),
+        (4, "huge", huge),
+    ]
+    table = al.layer_search_table({"v": (5, vision)}, "l", bad, metrics=al.METRICS)
+    reasons = table.groupby("llm_layer")["reason"].first().to_dict()
+    assert reasons == {
+        0: "zero rows",
+        1: "constant rows",
+        2: "non-finite features",
+        3: "",
+        4: "",
+    }
+    assert not table.loc[table.llm_layer.isin([0, 1, 2]), "valid"].any()
+    assert table.loc[table.llm_layer.isin([0, 1, 2]), "value"].isna().all()
+    assert not table.loc[table.chosen, "llm_layer"].isin([0, 1, 2]).any()
+    assert table.chosen.sum() == len(al.METRICS)
+    huge_rows = table.query("llm_layer == 4 and metric == 'cknna'")
+    assert huge_rows.value.item() == pytest.approx(mt.cknna(vision, layers[1], 10), abs=1e-6)
+    with pytest.raises(al.AlignmentError, match=r"LLM 'l'.*vision model 'v'.*zero rows"):
+        al.layer_search_table({"v": (5, vision)}, "l", bad[:1])
+
+
+def test_degenerate_vision_layer_is_an_error(data):
+    _, layers, _ = data
+    with pytest.raises(al.AlignmentError, match=r"'vz', layer 7: zero rows.*analysis.vision_layer"):
+        al.layer_search_table({"vz": (7, np.zeros_like(layers[0]))}, "l", [(0, "a", layers[0])])

@@ -414,3 +414,21 @@ def test_list_membership_equals_dense_masks():
     bare = [mt.Neighbours.from_lists(s.idx, s.val) for s in (xs, ys)]
     assert torch.equal(bare[0].self_hsic, xs.self_hsic)
     assert torch.equal(mt.cknna_sides(xs, ys), mt._cknna_lists(*bare))
+
+
+def test_prepare_layer_without_overflow_or_underflow():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((6, 16)).astype(np.float32)
+    x[1] *= 1e19  # the float32 norm overflows
+    x[2] *= 1e-30  # the squares underflow
+    x[3] = 0.0  # a zero row stays zero
+    x[4, :] = 0.0
+    x[4, 3] = 3e-39  # subnormal entry
+    got = mt.prepare_layer(x, threshold=1e30)
+    np.testing.assert_allclose(np.linalg.norm(got[[0, 1, 2, 4, 5]], axis=1), 1.0, rtol=1e-6)
+    assert not got[3].any()
+    ref = torch.nn.functional.normalize(torch.from_numpy(x).clamp(-1e30, 1e30), dim=-1).numpy()
+    assert np.array_equal(got[[0, 5]], ref[[0, 5]])  # ordinary rows: bit-identical
+    np.testing.assert_allclose(got[1], x[1] / np.linalg.norm(x[1].astype(float)), rtol=1e-6)
+    np.testing.assert_allclose(got[2], x[2] / np.linalg.norm(x[2].astype(float)), rtol=1e-6)
+    assert np.array_equal(mt.prepare_layer(x[[0, 5]], 1e30), ref[[0, 5]])

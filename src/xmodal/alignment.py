@@ -76,8 +76,8 @@ METRICS = ("cknna", "mutual_knn", "unbiased_cka", "cka")
 #: Metrics defined by kNN sets: they carry a stability; the CKA metrics have stability 0.
 KNN_METRICS = ("cknna", "mutual_knn")
 #: Metrics whose low − high difference is bootstrapped (the multiset machinery of xmodal.stats);
-#: the others get n_boot = 0 and NaN intervals in the contrasts table.
-BOOTSTRAP_METRICS = ("cknna",)
+#: the CKA metrics get n_boot = 0 and NaN intervals in the contrasts table.
+BOOTSTRAP_METRICS = ("cknna", "mutual_knn")
 
 LAYER_COLUMNS = [
     "vision",
@@ -586,11 +586,11 @@ class ConditionPlan:
             return None
         if ("low", summary) not in xs.boot or ("low", summary) not in ys.boot:
             raise ValueError("a side was prepared with boot=False; the bootstrap needs it")
-        lo = self.plans[("low", summary)].cknna(
-            xs.boot[("low", summary)], ys.boot[("low", summary)]
+        lo = self.plans[("low", summary)].values(
+            xs.boot[("low", summary)], ys.boot[("low", summary)], metric
         )
-        hi = self.plans[("high", summary)].cknna(
-            xs.boot[("high", summary)], ys.boot[("high", summary)]
+        hi = self.plans[("high", summary)].values(
+            xs.boot[("high", summary)], ys.boot[("high", summary)], metric
         )
         return difference_summary(lo - hi)
 
@@ -642,7 +642,18 @@ class ConditionPlan:
                     "high_stability": high_st,
                 }
                 if random_vals.size:
-                    row.update(random_baseline(random_vals, low))
+                    base = random_baseline(random_vals, low)
+                    if base["n_nonfinite"]:
+                        log.warning(
+                            "%s x %s %s: %d of %d random draws are not finite; the random "
+                            "baseline is NaN",
+                            vision,
+                            llm,
+                            metric,
+                            base["n_nonfinite"],
+                            random_vals.size,
+                        )
+                    row.update(base)
                 else:
                     row.update(
                         random_mean=nan, random_ci_low=nan, random_ci_high=nan,
@@ -650,6 +661,16 @@ class ConditionPlan:
                     )  # fmt: skip
                 row["diff_low_high"] = low - high
                 summ = self._boot_diff(metric, summary, xs, ys)
+                if summ is not None and summ["n_nonfinite"]:
+                    log.warning(
+                        "%s x %s %s (%s): %d bootstrap differences are not finite; "
+                        "the interval is NaN",
+                        vision,
+                        llm,
+                        metric,
+                        summary,
+                        summ["n_nonfinite"],
+                    )
                 if summ is None:
                     row.update(diff_ci_low=nan, diff_ci_high=nan, n_boot=0)
                 else:

@@ -105,15 +105,31 @@ def outlier_threshold(features: np.ndarray) -> float:
 
 
 def prepare_layer(x: np.ndarray, threshold: float) -> np.ndarray:
-    """One (m, dim) layer: float32, clamp to [−t, t], then l2-normalise each row."""
+    """One (m, dim) layer: float32, clamp to [−t, t], then l2-normalise each row.
+
+    Rows are divided by max(‖x‖₂, 1e-12), bit-identical to torch.nn.functional.normalize,
+    except rows on which that fails to give a unit vector: a norm that overflows float32
+    (|x| ≳ 1e19) or a nonzero row whose norm is below 1e-12 (squares underflow). Those are
+    scaled by their max |x| first and normalised in float64. Zero rows stay zero.
+    """
     a = torch.as_tensor(np.asarray(x), dtype=torch.float32)
     if a.ndim != 2:
         raise ValueError(f"a layer must be (m, dim), got {tuple(a.shape)}")
     if not threshold > 0:
         raise ValueError(f"threshold must be > 0, got {threshold}")
     a = a.clamp(-threshold, threshold)  # a new tensor: the caller's array is never modified
+    norm = torch.linalg.vector_norm(a, dim=-1, keepdim=True)
+    odd = (torch.isinf(norm) | (norm < 1e-12)).squeeze(1) & (a != 0).any(dim=1)
+    rows = torch.nonzero(odd).squeeze(1)
+    scaled = None
+    if rows.numel():
+        big = a[rows].to(torch.float64)
+        big = big / big.abs().amax(dim=1, keepdim=True)
+        scaled = (big / torch.linalg.vector_norm(big, dim=1, keepdim=True)).to(torch.float32)
     # in place, bit-identical to torch.nn.functional.normalize (x / max(‖x‖₂, 1e-12)):
-    a.div_(torch.linalg.vector_norm(a, dim=-1, keepdim=True).clamp_min_(1e-12))
+    a.div_(norm.clamp_min_(1e-12))
+    if scaled is not None:
+        a[rows] = scaled
     return a.numpy()
 
 

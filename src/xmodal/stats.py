@@ -43,10 +43,13 @@ __all__ = [
 
 
 def percentile_interval(values: np.ndarray, level: float = 0.95) -> tuple[float, float]:
-    """Equal-tailed percentile interval ((1−level)/2, (1+level)/2) with linear interpolation."""
+    """Equal-tailed percentile interval ((1−level)/2, (1+level)/2) with linear interpolation.
+
+    NaN when any value is not finite (or there are none): a distribution with undefined draws
+    has no interval (docs/method.md, "Degenerate layers").
+    """
     v = np.asarray(values, dtype=np.float64)
-    v = v[np.isfinite(v)]
-    if v.size == 0:
+    if v.size == 0 or not np.all(np.isfinite(v)):
         return float("nan"), float("nan")
     lo, hi = np.quantile(v, [(1 - level) / 2, (1 + level) / 2])
     return float(lo), float(hi)
@@ -55,16 +58,26 @@ def percentile_interval(values: np.ndarray, level: float = 0.95) -> tuple[float,
 def random_baseline(
     random_values: np.ndarray, low_value: float, level: float = 0.95
 ) -> dict[str, float]:
-    """Random-draw distribution: mean, percentile interval, fraction of draws ≥ the low set's score."""
+    """Random-draw distribution: mean, percentile interval, fraction of draws ≥ the low set's score.
+
+    Refuses undefined inputs rather than ignoring them: mean, interval and fraction are NaN
+    when any draw is not finite (``n_nonfinite`` says how many), and the fraction is NaN when
+    the low set's score is not finite.
+    """
     v = np.asarray(random_values, dtype=np.float64)
     if v.ndim != 1 or v.size == 0:
         raise ValueError("random_values must be a non-empty 1-D array")
+    n_bad = int(np.sum(~np.isfinite(v)))
     lo, hi = percentile_interval(v, level)
+    nan = float("nan")
     return {
-        "random_mean": float(v.mean()),
+        "random_mean": float(v.mean()) if n_bad == 0 else nan,
         "random_ci_low": lo,
         "random_ci_high": hi,
-        "frac_random_ge_low": float(np.mean(v >= low_value)),
+        "frac_random_ge_low": (
+            float(np.mean(v >= low_value)) if n_bad == 0 and np.isfinite(low_value) else nan
+        ),
+        "n_nonfinite": n_bad,
     }
 
 
@@ -279,6 +292,16 @@ class BootstrapPlan:
 
     def cknna(self, kside: BootstrapSide, lside: BootstrapSide) -> np.ndarray:
         """Resampled CKNNA values (n_boot,) for two prepared sides of the same plan."""
+        return self.values(kside, lside, "cknna")
+
+    def values(self, kside: BootstrapSide, lside: BootstrapSide, metric: str) -> np.ndarray:
+        """Resampled ``cknna`` or ``mutual_knn`` values (n_boot,) for two sides of this plan.
+
+        Multiset mutual kNN = Σ_i w_i Σ_j nM_ij / (k·Σ_i w_i) with the counts nM of the module
+        docstring (copies of a stimulus are one point, as for CKNNA).
+        """
+        if metric not in ("cknna", "mutual_knn"):
+            raise ValueError(f"the bootstrap covers cknna and mutual_knn, not {metric!r}")
         n, t = lside.order.shape
         dtype = lside.values.dtype
         rows = torch.arange(n).view(-1, 1).expand(n, t).reshape(-1)
@@ -291,7 +314,12 @@ class BootstrapPlan:
             ck = _pad_last(self._side_counts(kside, b, dtype))
             ck_on_l = ck.gather(2, k_pos.expand(b.stop - b.start, n, t))
             n_m = torch.minimum(self._side_counts(lside, b, dtype), ck_on_l)
-            cross = _weighted_hsic(weights[b], lside.order, n_m, lside.rec, k_on_l, lside.values)
+            w = weights[b]
+            if metric == "mutual_knn":
+                hits = (w.to(torch.float64) * n_m.sum(dim=2).to(torch.float64)).sum(dim=1)
+                out[b] = (hits / (self.k * w.to(torch.float64).sum(dim=1))).numpy()
+                continue
+            cross = _weighted_hsic(w, lside.order, n_m, lside.rec, k_on_l, lside.values)
             out[b] = (cross / torch.sqrt(kside.self_hsic[b] * lside.self_hsic[b])).numpy()
         return out
 
@@ -337,8 +365,18 @@ def bootstrap_difference(
 
 
 def difference_summary(diffs: np.ndarray, level: float = 0.95) -> dict[str, float]:
-    """diff_ci_low, diff_ci_high (percentile interval), n_boot and the bootstrap SD of low − high."""
+    """diff_ci_low, diff_ci_high (percentile interval), n_boot, bootstrap SD and n_nonfinite.
+
+    Interval and SD are NaN when any resampled difference is not finite.
+    """
     d = np.asarray(diffs, dtype=np.float64)
     lo, hi = percentile_interval(d, level)
-    sd = float(np.std(d, ddof=1)) if d.size > 1 else float("nan")
-    return {"diff_ci_low": lo, "diff_ci_high": hi, "n_boot": int(d.size), "boot_sd": sd}
+    n_bad = int(np.sum(~np.isfinite(d)))
+    sd = float(np.std(d, ddof=1)) if d.size > 1 and n_bad == 0 else float("nan")
+    return {
+        "diff_ci_low": lo,
+        "diff_ci_high": hi,
+        "n_boot": int(d.size),
+        "boot_sd": sd,
+        "n_nonfinite": n_bad,
+    }
