@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from xmodal import alignment as al
 from xmodal import metrics as mt
@@ -340,3 +341,33 @@ def test_degenerate_vision_layer_is_an_error(data):
     _, layers, _ = data
     with pytest.raises(al.AlignmentError, match=r"'vz', layer 7: zero rows.*analysis.vision_layer"):
         al.layer_search_table({"vz": (7, np.zeros_like(layers[0]))}, "l", [(0, "a", layers[0])])
+
+
+def test_layer_search_blocked_equals_dense(data, monkeypatch):
+    vision, layers, _ = data
+    vis = {"v": (0, vision)}
+    lay = [(i, f"layers.{i}", y) for i, y in enumerate(layers)]
+    dense = al.layer_search_table(vis, "l", lay, metrics=al.METRICS, dense=True)
+    monkeypatch.setattr(mt, "BLOCK_ELEMS", 23 * M)
+    blocked = al.layer_search_table(vis, "l", lay, metrics=al.METRICS, dense=False)
+    np.testing.assert_allclose(blocked["value"], dense["value"], atol=1e-6, rtol=0)
+    np.testing.assert_allclose(blocked["stability"], dense["stability"], atol=1e-6, rtol=0)
+    assert blocked["chosen"].tolist() == dense["chosen"].tolist()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_equals_cpu(data):
+    vision, layers, sets = data
+    vis = {"v": (0, vision)}
+    lay = [(i, f"layers.{i}", y) for i, y in enumerate(layers)]
+    cpu = al.layer_search_table(vis, "l", lay, metrics=al.METRICS, device=torch.device("cpu"))
+    gpu = al.layer_search_table(vis, "l", lay, metrics=al.METRICS, device=torch.device("cuda"))
+    np.testing.assert_allclose(gpu["value"], cpu["value"], atol=1e-6, rtol=0)
+    assert gpu["chosen"].tolist() == cpu["chosen"].tolist()
+    chosen = {("v", m): 2 for m in al.METRICS}
+    args = (vis, "l", chosen, lambda i: layers[i], sets, IDS)
+    kw = {"n_boot": 20, "metrics": al.METRICS}
+    c_cpu, d_cpu = al.condition_tables(*args, **kw, device=torch.device("cpu"))
+    c_gpu, d_gpu = al.condition_tables(*args, **kw, device=torch.device("cuda"))
+    np.testing.assert_allclose(c_gpu["value"], c_cpu["value"], atol=1e-6, rtol=0)
+    np.testing.assert_allclose(d_gpu["diff_ci_low"], d_cpu["diff_ci_low"], atol=1e-6, rtol=0)

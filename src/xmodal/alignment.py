@@ -324,6 +324,7 @@ def _vision_sides(
     k: int,
     names: Sequence[str],
     device: torch.device | None,
+    dense: bool | None = None,
 ) -> dict[str, KernelKNN]:
     """kNN structures of the vision layers; a degenerate vision layer is an AlignmentError."""
     if not vision:
@@ -331,7 +332,7 @@ def _vision_sides(
     sides: dict[str, KernelKNN] = {}
     for key, (layer, x) in vision.items():
         reason = layer_problem(x)
-        side = None if reason else _prepared_side(x, k, device)
+        side = None if reason else _prepared_side(x, k, device, dense)
         if side is not None:
             bad = [n for n in names if not bool((self_term(n, side) > 0).all())]
             reason = f"degenerate kernel ({', '.join(bad)} self-similarity ≤ 0)" if bad else ""
@@ -365,6 +366,7 @@ def layer_search_table(
     k: int = 10,
     metrics: Sequence[str] = ("cknna",),
     device: torch.device | None = None,
+    dense: bool | None = None,
 ) -> pd.DataFrame:
     """Full-set layer search of one LLM against several vision models, for several metrics.
 
@@ -375,11 +377,12 @@ def layer_search_table(
     value, stability, valid, reason, chosen (per (vision, metric) the argmax of value among
     valid rows). A layer with degenerate features or kernel is ``valid=False`` with a
     ``reason``; no valid layer for a (vision, metric), or a degenerate vision layer, is an
-    :class:`AlignmentError`.
+    :class:`AlignmentError`. ``dense`` overrides the automatic choice of the dense or the
+    blocked path (metrics.DENSE_MAX_M).
     """
     names = _check_metrics(metrics)
     device = device or default_device()
-    vsides = _vision_sides(vision, k, names, device)
+    vsides = _vision_sides(vision, k, names, device, dense)
     m = next(iter(vsides.values())).size
     rows = []
     for index, name, y in llm_layers:
@@ -388,7 +391,7 @@ def layer_search_table(
                 f"LLM {llm!r} layer {name} has {np.shape(y)[0]} stimuli, vision has {m}"
             )
         reason = layer_problem(y)
-        lside = None if reason else _prepared_side(y, k, device)
+        lside = None if reason else _prepared_side(y, k, device, dense)
         for key, vs in vsides.items():
             for metric in names:
                 value = stability = self_y = float("nan")
@@ -728,6 +731,7 @@ def condition_tables(
     seed: int = 0,
     metrics: Sequence[str] = ("cknna",),
     device: torch.device | None = None,
+    dense: bool | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Every stimulus condition of sets.tsv for one LLM, each vision model and metric at its layer.
 
@@ -738,6 +742,7 @@ def condition_tables(
     same as ``condition_table``'s). Returns (conditions, contrasts) with
     :data:`CONDITION_COLUMNS` and :data:`CONTRAST_COLUMNS`, ordered by vision, then metric.
     The bootstrap runs on the CPU; ``device`` (default CPU) holds the kernels and subsets.
+    ``dense`` overrides the automatic dense/blocked choice (:class:`ConditionPlan`).
     """
     names = _check_metrics(metrics)
     m = len(stimulus_ids)
@@ -749,7 +754,7 @@ def condition_tables(
             raise ValueError(
                 f"vision model {key!r} has {np.shape(x)[0]} stimuli, {m} stimulus ids given"
             )
-    plan = ConditionPlan(sets, stimulus_ids, k=k, n_boot=n_boot, seed=seed)
+    plan = ConditionPlan(sets, stimulus_ids, k=k, n_boot=n_boot, seed=seed, dense=dense)
     boot = any(metric in BOOTSTRAP_METRICS for metric in names)
     xsides = {key: plan.side(x, boot=boot, device=device) for key, (_, x) in vision.items()}
     parts: dict[tuple[str, str], tuple[pd.DataFrame, pd.DataFrame]] = {}

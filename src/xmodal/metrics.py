@@ -587,11 +587,10 @@ def knn_metric(metric: str, xs: KernelKNN, ys: KernelKNN) -> tuple[torch.Tensor,
     stability = torch.zeros_like(value)
     if xs.alt is None and ys.alt is None:
         return value, stability
-    xa = xs.alt if xs.alt is not None else xs.knn
-    ya = ys.alt if ys.alt is not None else ys.knn
-    for a, b in ((xa, ys.knn), (xs.knn, ya), (xa, ya)):
-        if a is xs.knn and b is ys.knn:
-            continue
+    pairs = [(xs.alt, ys.knn), (xs.knn, ys.alt), (xs.alt, ys.alt)]  # X side, Y side, both
+    if xs.alt is None or ys.alt is None:  # "both" is then one of the single-side pairs
+        pairs = [(a, b) for a, b in pairs[:2] if a is not None and b is not None]
+    for a, b in pairs:
         stability = torch.maximum(stability, (f(a, b) - value).abs())
     touched = xs.unresolved.any(dim=1) | ys.unresolved.any(dim=1)
     stability = torch.where(touched, stability, 0.0)
