@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from xmodal import alignment as al
 from xmodal import metrics as mt
@@ -216,7 +217,7 @@ def test_condition_tables_equal_condition_table(data):
         row = mk[(mk.condition == name) & (mk.summary == summary) & (mk.draw == draw)]
         assert row.value.item() == pytest.approx(mt.mutual_knn(vision[idx], layers[2][idx], 10))
     mk_d = contrasts.query("metric == 'mutual_knn'")
-    assert (mk_d["n_boot"] == 0).all() and mk_d["diff_ci_low"].isna().all()
+    assert (mk_d["n_boot"] == 30).all() and (mk_d["diff_ci_low"] <= mk_d["diff_ci_high"]).all()
 
 
 def test_condition_tables_other_metrics_on_subsets(data):
@@ -259,3 +260,114 @@ def test_layer_search_table_rejects(data):
     bad = np.full_like(layers[0], np.nan)
     with pytest.raises(al.AlignmentError, match="'l'.*'v'"):
         al.layer_search_table({"v": (0, vision)}, "l", [(0, "a", bad)])
+
+
+def test_blocked_conditions_equal_dense(data, monkeypatch):
+    """ConditionPlan without an m×m kernel (subsets from features, blocked bootstrap lists)."""
+    vision, layers, sets = data
+    y = layers[2]
+    out = {}
+    for dense in (True, False):
+        plan = al.ConditionPlan(sets, IDS, k=10, n_boot=30, seed=0, dense=dense)
+        if not dense:
+            monkeypatch.setattr(mt, "BLOCK_ELEMS", 17 * M)
+        xs, ys = plan.side(vision), plan.side(y)
+        assert (xs.full.kernel is None) == (not dense)
+        out[dense] = plan.evaluate_metrics("v", "l", 2, xs, ys, al.METRICS)
+    (cd, dd), (cb, db) = out[True], out[False]
+    np.testing.assert_allclose(cb["value"], cd["value"], atol=1e-6, rtol=0)
+    np.testing.assert_allclose(cb["stability"], cd["stability"], atol=1e-6, rtol=0)
+    for col in ("low", "high", "random_mean", "diff_ci_low", "diff_ci_high"):
+        np.testing.assert_allclose(db[col], dd[col], atol=1e-6, rtol=0)
+
+
+def test_stability_columns(data):
+    vision, layers, sets = data
+    tied = layers[1].copy()
+    tied[5:16] = tied[4]  # 12 copies: each copy's 11 nearest are exact ties, k = 10 splits them
+    table = al.layer_search_table(
+        {"v": (0, vision)}, "l", [(0, "a", layers[0]), (1, "b", tied)], metrics=al.METRICS
+    )
+    knn = table["metric"].isin(al.KNN_METRICS)
+    assert (table.loc[~knn, "stability"] == 0).all()
+    assert (table.loc[knn & (table.llm_layer == 1), "stability"] > 0).all()
+    assert not mt.KernelKNN.from_features(layers[0], 10).unresolved.any()
+    assert not mt.KernelKNN.from_features(vision, 10).unresolved.any()
+    assert (table.loc[knn & (table.llm_layer == 0), "stability"] == 0).all()
+    conds, contrasts = al.condition_tables(
+        {"v": (0, vision)}, "l", {("v", "cknna"): 1}, lambda i: tied, sets, IDS, n_boot=0
+    )
+    assert conds["stability"].notna().all() and (conds["stability"] >= 0).all()
+    low = conds.query("condition == 'low' and summary == 'mean'")
+    assert contrasts.set_index("summary").loc["mean", "low_stability"] == low.stability.item()
+
+
+# ----------------------------------------------------------------------------- degenerate layers
+
+
+def test_degenerate_llm_layers_are_never_chosen(data):
+    vision, layers, _ = data
+    const = np.tile(layers[0][:1], (M, 1))
+    nan = layers[0].copy()
+    nan[3, 2] = np.nan
+    huge = mt.prepare_layer(layers[1] * 1e19, threshold=1e30)  # prepared without overflow
+    bad = [
+        (0, "zero", np.zeros_like(layers[0])),
+        (1, "const", const),
+        (2, "nan", nan),
+        (3, "good", layers[2]),
+        (4, "huge", huge),
+    ]
+    table = al.layer_search_table({"v": (5, vision)}, "l", bad, metrics=al.METRICS)
+    reasons = table.groupby("llm_layer")["reason"].first().to_dict()
+    assert reasons == {
+        0: "zero rows",
+        1: "constant rows",
+        2: "non-finite features",
+        3: "",
+        4: "",
+    }
+    assert not table.loc[table.llm_layer.isin([0, 1, 2]), "valid"].any()
+    assert table.loc[table.llm_layer.isin([0, 1, 2]), "value"].isna().all()
+    assert not table.loc[table.chosen, "llm_layer"].isin([0, 1, 2]).any()
+    assert table.chosen.sum() == len(al.METRICS)
+    huge_rows = table.query("llm_layer == 4 and metric == 'cknna'")
+    assert huge_rows.value.item() == pytest.approx(mt.cknna(vision, layers[1], 10), abs=1e-6)
+    with pytest.raises(al.AlignmentError, match=r"LLM 'l'.*vision model 'v'.*zero rows"):
+        al.layer_search_table({"v": (5, vision)}, "l", bad[:1])
+
+
+def test_degenerate_vision_layer_is_an_error(data):
+    _, layers, _ = data
+    with pytest.raises(al.AlignmentError, match=r"'vz', layer 7: zero rows.*analysis.vision_layer"):
+        al.layer_search_table({"vz": (7, np.zeros_like(layers[0]))}, "l", [(0, "a", layers[0])])
+
+
+def test_layer_search_blocked_equals_dense(data, monkeypatch):
+    vision, layers, _ = data
+    vis = {"v": (0, vision)}
+    lay = [(i, f"layers.{i}", y) for i, y in enumerate(layers)]
+    dense = al.layer_search_table(vis, "l", lay, metrics=al.METRICS, dense=True)
+    monkeypatch.setattr(mt, "BLOCK_ELEMS", 23 * M)
+    blocked = al.layer_search_table(vis, "l", lay, metrics=al.METRICS, dense=False)
+    np.testing.assert_allclose(blocked["value"], dense["value"], atol=1e-6, rtol=0)
+    np.testing.assert_allclose(blocked["stability"], dense["stability"], atol=1e-6, rtol=0)
+    assert blocked["chosen"].tolist() == dense["chosen"].tolist()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_equals_cpu(data):
+    vision, layers, sets = data
+    vis = {"v": (0, vision)}
+    lay = [(i, f"layers.{i}", y) for i, y in enumerate(layers)]
+    cpu = al.layer_search_table(vis, "l", lay, metrics=al.METRICS, device=torch.device("cpu"))
+    gpu = al.layer_search_table(vis, "l", lay, metrics=al.METRICS, device=torch.device("cuda"))
+    np.testing.assert_allclose(gpu["value"], cpu["value"], atol=1e-6, rtol=0)
+    assert gpu["chosen"].tolist() == cpu["chosen"].tolist()
+    chosen = {("v", m): 2 for m in al.METRICS}
+    args = (vis, "l", chosen, lambda i: layers[i], sets, IDS)
+    kw = {"n_boot": 20, "metrics": al.METRICS}
+    c_cpu, d_cpu = al.condition_tables(*args, **kw, device=torch.device("cpu"))
+    c_gpu, d_gpu = al.condition_tables(*args, **kw, device=torch.device("cuda"))
+    np.testing.assert_allclose(c_gpu["value"], c_cpu["value"], atol=1e-6, rtol=0)
+    np.testing.assert_allclose(d_gpu["diff_ci_low"], d_cpu["diff_ci_low"], atol=1e-6, rtol=0)

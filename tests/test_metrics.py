@@ -176,3 +176,259 @@ def test_prepare_matches_reference():
     assert mt.threshold_from_quantiles(qs) == pytest.approx(q, rel=1e-6)
     np.testing.assert_allclose(mt.prepare_layer(feats[1], q), expected[1], atol=1e-6)
     assert mt.prepare(feats[0]).shape == (50, 16)
+
+
+# ----------------------------------------------------------------------------- ties and stability
+#
+# The rule (docs/method.md, "Ties"): knn(i) = the k largest off-diagonal entries of row i, exactly
+# equal values taken in stimulus order (lower index first). Integer-valued features make every
+# dot product exact, so duplicate rows give exactly equal kernel entries on every path.
+
+CUDA = torch.cuda.is_available()
+
+
+def bf_knn_sets(g, k):
+    """The rule, by sorting each row on (−value, index)."""
+    m = len(g)
+    return [
+        set(sorted((j for j in range(m) if j != i), key=lambda j: (-g[i][j], j))[:k])
+        for i in range(m)
+    ]
+
+
+def bf_gaps(g, k):
+    out = []
+    for i in range(len(g)):
+        v = sorted((g[i][j] for j in range(len(g)) if j != i), reverse=True)
+        out.append(v[k - 1] - v[k] if k < len(v) else np.inf)
+    return np.array(out)
+
+
+def bf_alt_sets(g, k, tau):
+    """Reverse-order fill of the near-tie band of unresolved rows (docs/method.md, "Stability")."""
+    m = len(g)
+    sets = bf_knn_sets(g, k)
+    gaps = bf_gaps(g, k)
+    out = []
+    for i in range(m):
+        if gaps[i] > tau:
+            out.append(sets[i])
+            continue
+        vk = sorted((g[i][j] for j in range(m) if j != i), reverse=True)[k - 1]
+        above = {j for j in range(m) if j != i and g[i][j] > vk + tau}
+        band = sorted((j for j in range(m) if j != i and abs(g[i][j] - vk) <= tau), reverse=True)
+        out.append(above | set(band[: k - len(above)]))
+    return out
+
+
+def bf_cknna_sets(kk, ll, sk, sl):
+    m = len(kk)
+    mk, ml = np.zeros((m, m)), np.zeros((m, m))
+    for i in range(m):
+        mk[i, list(sk[i])] = 1
+        ml[i, list(sl[i])] = 1
+    mm = mk * ml
+    return bf_hsic(mm * kk, mm * ll) / np.sqrt(
+        bf_hsic(mk * kk, mk * kk) * bf_hsic(ml * ll, ml * ll)
+    )
+
+
+def sets_of(side, b=0):
+    return [set(row.tolist()) for row in side.idx[b].cpu()]
+
+
+def tied_features(seed, m=40, p=4, n_dup=6):
+    """Small integer features with several exact duplicates (exact dot products, exact ties)."""
+    rng = np.random.default_rng(seed)
+    x = rng.integers(-2, 3, (m, p)).astype(np.float64)
+    src = rng.integers(0, m, n_dup)
+    dst = rng.choice(m, n_dup, replace=False)
+    x[dst] = x[src]
+    return x
+
+
+@SETTINGS
+@given(seed=st.integers(0, 2**16), k=st.integers(1, 8))
+def test_ties_follow_stimulus_order_on_every_path(seed, k):
+    x = tied_features(seed)
+    g = x @ x.T
+    expected = bf_knn_sets(g, k)
+    assert sets_of(mt.KernelKNN.build(torch.from_numpy(g), k)) == expected
+    assert sets_of(mt.KernelKNN.from_features(x, k, dense=True)) == expected
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(mt, "BLOCK_ELEMS", 7 * len(x))  # 7-row blocks
+        assert sets_of(mt.KernelKNN.from_features(x, k, dense=False)) == expected
+        x32 = x.astype(np.float32)
+        assert sets_of(mt.KernelKNN.from_features(x32, k, dense=False)) == expected
+        if CUDA:
+            dev = torch.device("cuda")
+            assert sets_of(mt.KernelKNN.from_features(x, k, dense=True, device=dev)) == expected
+            assert sets_of(mt.KernelKNN.from_features(x, k, dense=False, device=dev)) == expected
+    # ordered lists (the bootstrap's): sorted by (−value, index), every row
+    masked = torch.from_numpy(g.copy())
+    masked.fill_diagonal_(float("-inf"))
+    val, idx, _ = mt.top_lists(masked, 12)
+    for i in range(len(g)):
+        order = sorted((j for j in range(len(g)) if j != i), key=lambda j: (-g[i][j], j))[:12]
+        assert idx[i].tolist() == order
+
+
+def test_ties_in_batches_follow_subset_order():
+    from xmodal.alignment import subset_sides
+
+    x = tied_features(3, m=50)
+    g = x @ x.T
+    rng = np.random.default_rng(0)
+    subsets = np.sort(np.stack([rng.choice(50, 20, replace=False) for _ in range(5)]), axis=1)
+    sides = subset_sides(torch.from_numpy(g), subsets, 4)
+    got = [sets_of(part, b) for part in sides for b in range(part.idx.shape[0])]
+    assert got == [bf_knn_sets(g[np.ix_(s, s)], 4) for s in subsets]
+
+
+def plant_gaps(gaps, k=5, m=60, p=16, seed=0):
+    """float64 features where rows 0, 1, 2, ... get a kNN boundary gap of exactly gaps[r]:
+    a new row j' is put at x_i·x_j' = v_k − gap (v_k: row i's k-th value), off x_i's direction."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((m, p))
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    for r, gap in enumerate(gaps):
+        g = x @ x.T
+        order = sorted((j for j in range(m) if j != r), key=lambda j: -g[r, j])
+        jk, jnew = order[k - 1], m - 1 - r
+        u = rng.standard_normal(p)
+        u -= (u @ x[r]) * x[r]
+        x[jnew] = x[jk] + 0.05 * u / np.linalg.norm(u) - gap * x[r]
+    return x
+
+
+def test_unresolved_rows_counted_exactly():
+    tau = mt.kernel_resolution(16, np.float32)
+    assert 1e-7 < tau < 1e-4
+    gaps = [1e-9, 1e-7, 1e-4]
+    x = plant_gaps(gaps)
+    bf = bf_gaps(x @ x.T, 5)
+    np.testing.assert_allclose(bf[:3], gaps, rtol=1e-5)  # the planted gaps hold
+    side = mt.KernelKNN.from_features(x, 5, tau=tau)
+    assert side.unresolved[0].tolist() == (bf <= tau).tolist()
+    assert side.unresolved[0, :3].tolist() == [True, True, False]
+    np.testing.assert_allclose(side.gap[0].numpy(), bf, atol=1e-12)
+    blocked = mt.KernelKNN.from_features(x, 5, tau=tau, dense=False)
+    assert blocked.unresolved[0].tolist() == side.unresolved[0].tolist()
+
+
+def test_kernel_resolution_covers_float32_kernel_error():
+    """τ bounds twice the float32 kernel error of unit-norm rows (what makes a gap trustworthy)."""
+    rng = np.random.default_rng(0)
+    for p in (16, 256, 2048):
+        a = rng.standard_normal((300, p))
+        a[:, :2] += 200.0  # a few massive dimensions
+        x = torch.nn.functional.normalize(torch.from_numpy(a).float(), dim=1).numpy()
+        err = np.abs(mt.gram(x).astype(np.float64) - mt.gram(x.astype(np.float64))).max()
+        assert 2 * err < mt.kernel_resolution(p, np.float32)
+    assert mt.kernel_resolution(16, np.float64) < 1e-14
+
+
+@SETTINGS
+@given(seed=st.integers(0, 2**16), k=st.integers(2, 6))
+def test_stability_matches_brute_force(seed, k):
+    x = tied_features(seed, m=24)
+    y = tied_features(seed + 1, m=24, p=3)
+    kk, ll = x @ x.T, y @ y.T
+    xs, ys = mt.KernelKNN.from_features(x, k, tau=0.0), mt.KernelKNN.from_features(y, k, tau=0.0)
+    for side, g in ((xs, kk), (ys, ll)):
+        assert side.unresolved[0].tolist() == (bf_gaps(g, k) <= 0).tolist()
+        if side.alt is not None:
+            assert [set(r.tolist()) for r in side.alt.idx[0]] == bf_alt_sets(g, k, 0.0)
+    sk, sl = bf_knn_sets(kk, k), bf_knn_sets(ll, k)
+    ak, al_ = bf_alt_sets(kk, k, 0.0), bf_alt_sets(ll, k, 0.0)
+    base = bf_cknna_sets(kk, ll, sk, sl)
+    expected = max(
+        abs(bf_cknna_sets(kk, ll, a, b) - base) for a, b in ((ak, sl), (sk, al_), (ak, al_))
+    )
+    value, stability = mt.knn_metric("cknna", xs, ys)
+    assert float(value[0]) == pytest.approx(base, abs=1e-12)
+    assert float(stability[0]) == pytest.approx(expected, abs=1e-12)
+    mutual = [len(sk[i] & sl[i]) / k for i in range(24)]
+    alt_mutual = [
+        np.mean([len(a[i] & b[i]) / k for i in range(24)])
+        for a, b in ((ak, sl), (sk, al_), (ak, al_))
+    ]
+    v, s = mt.knn_metric("mutual_knn", xs, ys)
+    assert float(v[0]) == pytest.approx(np.mean(mutual))
+    assert float(s[0]) == pytest.approx(max(abs(a - np.mean(mutual)) for a in alt_mutual))
+
+
+def test_stability_zero_when_separated_positive_when_tied():
+    x, y = pair(7, m=40)
+    xs, ys = mt.KernelKNN.from_features(x, 5), mt.KernelKNN.from_features(y, 5)
+    assert not xs.unresolved.any() and xs.alt is None
+    value, stability = mt.knn_metric("cknna", xs, ys)
+    assert float(stability[0]) == 0.0
+    xt = x / np.linalg.norm(x, axis=1, keepdims=True)
+    xt[[3, 9, 17]] = xt[0]  # 4 copies: each one's 3 nearest are exact ties, so k = 2 splits them
+    tied, ys2 = mt.KernelKNN.from_features(xt, 2), mt.KernelKNN.from_features(y, 2)
+    assert tied.unresolved[0, [0, 3, 9, 17]].all()
+    assert float(mt.knn_metric("cknna", tied, ys2)[1][0]) > 0
+    assert float(mt.knn_metric("mutual_knn", tied, ys2)[1][0]) > 0
+
+
+def test_collapsed_representation_is_unresolved():
+    rng = np.random.default_rng(0)
+    base = rng.standard_normal(64)
+    x = (base + 1e-7 * rng.standard_normal((200, 64))).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    side = mt.KernelKNN.from_features(x, 10)
+    assert side.unresolved.float().mean() > 0.95
+
+
+# ----------------------------------------------------------------------------- blocked == dense
+
+
+@pytest.mark.parametrize("dtype,tol", [(np.float64, 1e-9), (np.float32, 1e-6)])
+def test_blocked_equals_dense(dtype, tol, monkeypatch):
+    monkeypatch.setattr(mt, "BLOCK_ELEMS", 37 * 300)  # 37-row blocks
+    x, y = pair(11, m=300, p=20, q=12)
+    x, y = x.astype(dtype), y.astype(dtype)
+    dense = [mt.KernelKNN.from_features(a, 10, dense=True) for a in (x, y)]
+    blocked = [mt.KernelKNN.from_features(a, 10, dense=False) for a in (x, y)]
+    assert blocked[0].kernel is None
+    for metric in ("cknna", "mutual_knn"):
+        vd, sd = mt.knn_metric(metric, *dense)
+        vb, sb = mt.knn_metric(metric, *blocked)
+        assert float(vb[0]) == pytest.approx(float(vd[0]), abs=tol)
+    for d, b in zip(dense, blocked, strict=True):
+        same = ~(d.unresolved[0] | b.unresolved[0])
+        assert [set(r) for r in d.idx[0][same].tolist()] == [
+            set(r) for r in b.idx[0][same].tolist()
+        ]
+    assert mt.cknna(x, y, 10) == float(mt.knn_metric("cknna", *dense)[0][0])
+    u, c = mt.feature_cka(torch.from_numpy(x), torch.from_numpy(y))
+    assert u == pytest.approx(mt.unbiased_cka(x.astype(np.float64), y.astype(np.float64)), abs=tol)
+    assert c == pytest.approx(mt.cka(x.astype(np.float64), y.astype(np.float64)), abs=tol)
+
+
+def test_list_membership_equals_dense_masks():
+    """The two membership routes of Neighbours (dense mask, short lists) give identical HSICs."""
+    x, y = pair(12, m=80)
+    xs, ys = mt.KernelKNN.from_features(x, 6), mt.KernelKNN.from_features(y, 6)
+    bare = [mt.Neighbours.from_lists(s.idx, s.val) for s in (xs, ys)]
+    assert torch.equal(bare[0].self_hsic, xs.self_hsic)
+    assert torch.equal(mt.cknna_sides(xs, ys), mt._cknna_lists(*bare))
+
+
+def test_prepare_layer_without_overflow_or_underflow():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((6, 16)).astype(np.float32)
+    x[1] *= 1e19  # the float32 norm overflows
+    x[2] *= 1e-30  # the squares underflow
+    x[3] = 0.0  # a zero row stays zero
+    x[4, :] = 0.0
+    x[4, 3] = 3e-39  # subnormal entry
+    got = mt.prepare_layer(x, threshold=1e30)
+    np.testing.assert_allclose(np.linalg.norm(got[[0, 1, 2, 4, 5]], axis=1), 1.0, rtol=1e-6)
+    assert not got[3].any()
+    ref = torch.nn.functional.normalize(torch.from_numpy(x).clamp(-1e30, 1e30), dim=-1).numpy()
+    assert np.array_equal(got[[0, 5]], ref[[0, 5]])  # ordinary rows: bit-identical
+    np.testing.assert_allclose(got[1], x[1] / np.linalg.norm(x[1].astype(float)), rtol=1e-6)
+    np.testing.assert_allclose(got[2], x[2] / np.linalg.norm(x[2].astype(float)), rtol=1e-6)
+    assert np.array_equal(mt.prepare_layer(x[[0, 5]], 1e30), ref[[0, 5]])

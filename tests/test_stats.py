@@ -18,6 +18,22 @@ def pair(seed, m=30):
     return x, y
 
 
+def brute_multiset_knn(kk, ll, w, k):
+    """Copy-level kNN masks of a multiset (copies never neighbours, ties by copy order)."""
+    copies = [i for i in range(len(w)) for _ in range(int(w[i]))]
+    n = len(copies)
+    same = np.equal.outer(copies, copies)
+
+    def knn(g):
+        mask = np.zeros((n, n))
+        for a in range(n):
+            cand = sorted((b for b in range(n) if not same[a, b]), key=lambda b: (-g[a, b], b))
+            mask[a, cand[:k]] = 1
+        return mask
+
+    return knn(kk[np.ix_(copies, copies)]), knn(ll[np.ix_(copies, copies)])
+
+
 def brute_multiset_cknna(kk, ll, w, k):
     """Copies of a stimulus are one point: never neighbours, excluded from the U-statistic."""
     copies = [i for i in range(len(w)) for _ in range(int(w[i]))]
@@ -58,6 +74,30 @@ def test_multiset_cknna_matches_brute_force(seed, k):
     w = np.bincount(np.random.default_rng(seed).integers(0, 30, 30), minlength=30).astype(float)
     got = stats.weighted_cknna(x @ x.T, y @ y.T, w[None], k=k)
     assert got[0] == pytest.approx(brute_multiset_cknna(x @ x.T, y @ y.T, w, k), abs=1e-10)
+
+
+def test_multiset_mutual_knn_matches_brute_force():
+    x, y = pair(8)
+    w = np.bincount(np.random.default_rng(8).integers(0, 30, 30), minlength=30).astype(float)
+    mk, ml = brute_multiset_knn(x @ x.T, y @ y.T, w, 4)
+    expected = (mk * ml).sum() / (4 * len(mk))
+    plan = stats.BootstrapPlan.from_weights(np.arange(30), w[None], k=4)
+    got = plan.values(plan.side(x @ x.T), plan.side(y @ y.T), "mutual_knn")
+    assert got[0] == pytest.approx(expected, abs=1e-12)
+    unit = stats.BootstrapPlan.from_weights(np.arange(30), np.ones((1, 30)), k=4)
+    assert unit.values(unit.side(x @ x.T), unit.side(y @ y.T), "mutual_knn")[0] == pytest.approx(
+        mt.mutual_knn(x, y, 4)
+    )
+
+
+def test_undefined_draws_are_refused():
+    out = stats.random_baseline(np.array([0.1, np.nan, 0.3]), 0.2)
+    assert np.isnan(out["random_mean"]) and np.isnan(out["random_ci_low"])
+    assert np.isnan(out["frac_random_ge_low"]) and out["n_nonfinite"] == 1
+    out = stats.random_baseline(np.array([0.1, 0.2, 0.3]), np.nan)
+    assert np.isnan(out["frac_random_ge_low"]) and out["random_mean"] == pytest.approx(0.2)
+    summ = stats.difference_summary(np.array([0.1, np.inf, 0.2]))
+    assert np.isnan(summ["diff_ci_low"]) and summ["n_nonfinite"] == 1
 
 
 def test_truncated_lists_equal_full_lists():
@@ -112,3 +152,46 @@ def test_resample_blocks_do_not_change_values(monkeypatch):
         np.testing.assert_allclose(values(block), one, rtol=1e-12, atol=0)
     w = plan.weights.numpy()
     np.testing.assert_allclose(one[:3], stats.weighted_cknna(kk, ll, w[:3], k=5), rtol=1e-12)
+
+
+@pytest.mark.parametrize("dtype,tol", [(np.float64, 1e-9), (np.float32, 1e-6)])
+def test_bootstrap_from_features_equals_kernel(dtype, tol, monkeypatch):
+    """The blocked route (lists from features by row blocks, counts recomputed per block) gives
+    the dense route's resampled values."""
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((200, 9)).astype(dtype)
+    y = (x @ rng.standard_normal((9, 6)) + rng.standard_normal((200, 6))).astype(dtype)
+    pos = rng.choice(200, 90, replace=False)
+    plan = stats.BootstrapPlan(pos, 60, np.random.default_rng(1), k=5)
+    dense = plan.cknna(plan.side(mt.gram(x)), plan.side(mt.gram(y)))
+    monkeypatch.setattr(mt, "BLOCK_ELEMS", 13 * 90)  # 13-row blocks
+    monkeypatch.setattr(stats, "KEEP_COUNTS", 0)  # counts recomputed per block
+    side_x = plan.side(features=x)
+    assert side_x.counts is None
+    blocked = plan.cknna(side_x, plan.side(features=y))
+    np.testing.assert_allclose(blocked, dense, atol=tol, rtol=0)
+
+
+def test_bootstrap_set_order_does_not_matter():
+    """A set listed in any order gives the same resamples (weights follow their stimuli)."""
+    x, y = pair(6, m=40)
+    kk, ll = x @ x.T, y @ y.T
+    pos = np.random.default_rng(0).choice(40, 25, replace=False)
+    w = np.random.default_rng(1).integers(0, 3, (4, 25)).astype(float)
+    perm = np.random.default_rng(2).permutation(25)
+    a = stats.BootstrapPlan.from_weights(pos, w, k=4)
+    b = stats.BootstrapPlan.from_weights(pos[perm], w[:, perm], k=4)
+    np.testing.assert_allclose(
+        a.cknna(a.side(kk), a.side(ll)), b.cknna(b.side(kk), b.side(ll)), rtol=1e-12
+    )
+
+
+def test_bootstrap_ties_by_stimulus_order():
+    """Duplicated stimuli inside a set: exact ties, broken by stimulus order (brute force)."""
+    rng = np.random.default_rng(3)
+    x = rng.integers(-2, 3, (30, 4)).astype(float)
+    x[[5, 11, 20]] = x[2]
+    y = rng.integers(-2, 3, (30, 3)).astype(float)
+    w = np.bincount(rng.integers(0, 30, 30), minlength=30).astype(float)
+    got = stats.weighted_cknna(x @ x.T, y @ y.T, w[None], k=4)
+    assert got[0] == pytest.approx(brute_multiset_cknna(x @ x.T, y @ y.T, w, 4), abs=1e-10)

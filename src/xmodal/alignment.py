@@ -4,14 +4,17 @@ The per-LLM entry points are :func:`layer_search_table` (full-set values of ever
 every vision model and metric, and the chosen layer per (vision, metric)) and
 :func:`condition_tables` (every stimulus condition at the chosen layers, with contrasts).
 
-Each kernel (K = XXᵀ, computed once per layer with BLAS syrk) and its directed kNN lists are
-built once and reused: on the full set for every pairing, and for subsets by slicing the kernel
-(K_S = K[S][:, S]) — the kNN lists and centring are recomputed inside each subset, as CKNNA on
-the subset requires, but no feature matrix is multiplied again. Subsets of equal size are
-evaluated as one batch. Nothing here writes files.
+Each kernel (K = XXᵀ) and its kNN lists are built once and reused: on the full set for every
+pairing, and for subsets by slicing the kernel (K_S = K[S][:, S]) — the kNN lists and centring
+are recomputed inside each subset, as the metrics on the subset require, but no feature matrix
+is multiplied again. Subsets of equal size are evaluated as one batch. Above
+``metrics.DENSE_MAX_M`` stimuli no m×m kernel is formed (the blocked path, docs/method.md
+"Large m"). Every kNN value comes with its stability (docs/method.md "Stability"); a layer
+whose features or kernel are degenerate is never chosen ("Degenerate layers"). Nothing here
+writes files.
 
-The chosen LLM layer is the argmax of full-set CKNNA and stays fixed for every subset
-(DESIGN §2.5). Kernels are float32 for prepared (float32) features; HSIC sums are float64.
+The chosen LLM layer is the argmax of the metric on the full set and stays fixed for every
+subset. Kernels are float32 for prepared (float32) features; HSIC sums are float64.
 """
 
 from __future__ import annotations
@@ -25,12 +28,18 @@ import pandas as pd
 import torch
 
 from xmodal.metrics import (
+    DENSE_MAX_M,
     KernelKNN,
     cknna_sides,
+    cross_moment,
+    feature_moments,
+    feature_tensor,
     gram,
-    kernel_cka,
-    kernel_unbiased_cka,
-    mutual_knn_sides,
+    hsic_from_moments,
+    kernel_centred_product,
+    kernel_hsic,
+    kernel_resolution,
+    knn_metric,
 )
 from xmodal.selection import sets_to_indices
 from xmodal.stats import BootstrapPlan, BootstrapSide, difference_summary, random_baseline
@@ -41,6 +50,7 @@ __all__ = [
     "BOOTSTRAP_METRICS",
     "CONDITION_COLUMNS",
     "CONTRAST_COLUMNS",
+    "KNN_METRICS",
     "LAYER_COLUMNS",
     "METRICS",
     "AlignmentError",
@@ -50,10 +60,11 @@ __all__ = [
     "condition_tables",
     "default_device",
     "kernel",
+    "layer_problem",
     "layer_profile_table",
     "layer_search",
-    "layer_search_table",
     "layer_search_many",
+    "layer_search_table",
     "side_values",
     "subset_sides",
 ]
@@ -62,6 +73,11 @@ _MAX_BATCH_ELEMS = 1 << 23  # subset kernels gathered per batch (B·s² elements
 
 #: Metrics of the fast path (docs/method.md, Alignment): each gets its own rows and its own layer.
 METRICS = ("cknna", "mutual_knn", "unbiased_cka", "cka")
+#: Metrics defined by kNN sets: they carry a stability; the CKA metrics have stability 0.
+KNN_METRICS = ("cknna", "mutual_knn")
+#: Metrics whose low − high difference is bootstrapped (the multiset machinery of xmodal.stats);
+#: the CKA metrics get n_boot = 0 and NaN intervals in the contrasts table.
+BOOTSTRAP_METRICS = ("cknna", "mutual_knn")
 
 LAYER_COLUMNS = [
     "vision",
@@ -106,8 +122,6 @@ CONTRAST_COLUMNS = [
     "diff_ci_high",
     "n_boot",
 ]
-#: Metrics whose low − high difference is bootstrapped (the multiset machinery of xmodal.stats).
-BOOTSTRAP_METRICS = ("cknna",)
 
 
 class AlignmentError(ValueError):
@@ -115,6 +129,8 @@ class AlignmentError(ValueError):
 
 
 def _check_metrics(metrics: Sequence[str]) -> tuple[str, ...]:
+    if isinstance(metrics, str):
+        metrics = (metrics,)
     names = tuple(dict.fromkeys(str(m) for m in metrics))
     unknown = [m for m in names if m not in METRICS]
     if not names or unknown:
@@ -122,17 +138,7 @@ def _check_metrics(metrics: Sequence[str]) -> tuple[str, ...]:
     return names
 
 
-def side_values(metric: str, xs: KernelKNN, ys: KernelKNN) -> torch.Tensor:
-    """One metric for matched batches of kNN structures (same stimuli, same k): (B,) float64."""
-    if metric == "cknna":
-        return cknna_sides(xs, ys)
-    if metric == "mutual_knn":
-        return mutual_knn_sides(xs, ys)
-    if metric == "unbiased_cka":
-        return kernel_unbiased_cka(xs.kernel, ys.kernel)
-    if metric == "cka":
-        return kernel_cka(xs.kernel, ys.kernel)
-    raise ValueError(f"unknown metric {metric!r}; known: {METRICS}")
+# ----------------------------------------------------------------------------- kernels and sides
 
 
 def default_device() -> torch.device:
@@ -149,6 +155,86 @@ def kernel(x: np.ndarray, device: torch.device | None = None) -> torch.Tensor:
     return xt @ xt.T
 
 
+def layer_problem(x: np.ndarray | torch.Tensor) -> str:
+    """Why prepared features (m, p) cannot be aligned, in a few words; "" when they can.
+
+    "non-finite features" (NaN or ±inf anywhere), "zero rows" (every row is 0), "constant rows"
+    (every row equals the first: a constant kernel). Kernels that are degenerate in a subtler
+    way are caught by their self-HSIC (:func:`side_values`' callers).
+    """
+    t = feature_tensor(x)
+    if not bool(torch.isfinite(t).all()):
+        return "non-finite features"
+    if not bool(t.any()):
+        return "zero rows"
+    if t.shape[0] > 1 and bool((t == t[0]).all()):
+        return "constant rows"
+    return ""
+
+
+def _moments(side: KernelKNN):
+    if "moments" not in side.cache:
+        if side.features is None:
+            raise ValueError("a blocked kNN structure without features cannot give CKA")
+        side.cache["moments"] = feature_moments(side.features)
+    return side.cache["moments"]
+
+
+def self_term(metric: str, side: KernelKNN) -> torch.Tensor:
+    """The self-similarity a metric divides by, (B,) on the CPU: > 0 for a usable kernel.
+
+    cknna: HSIC_u(M^K∘K, M^K∘K); unbiased_cka: HSIC_u(K, K); cka: tr(KHKH); mutual_knn: 1.
+    """
+    if metric == "mutual_knn":
+        return torch.ones(side.idx.shape[0], dtype=torch.float64)
+    if metric == "cknna":
+        return side.self_hsic.cpu()
+    key = "self_" + metric
+    if key not in side.cache:
+        if side.kernel is not None:
+            f = kernel_hsic if metric == "unbiased_cka" else kernel_centred_product
+            side.cache[key] = f(side.kernel, side.kernel).cpu()
+        else:
+            mom = _moments(side)
+            value = mom.self_unbiased if metric == "unbiased_cka" else mom.self_biased
+            side.cache[key] = torch.tensor([value], dtype=torch.float64)
+    return side.cache[key]
+
+
+def side_values(metric: str, xs: KernelKNN, ys: KernelKNN) -> tuple[torch.Tensor, torch.Tensor]:
+    """(value, stability) of one metric for matched batches (same stimuli, same k): (B,) on the CPU.
+
+    kNN metrics: :func:`xmodal.metrics.knn_metric`. CKA metrics: from the kernels (dense path)
+    or from feature moments (blocked path); their stability is 0 (no kNN sets).
+    """
+    if metric in KNN_METRICS:
+        value, stability = knn_metric(metric, xs, ys)
+        return value.cpu(), stability.cpu()
+    if metric not in METRICS:
+        raise ValueError(f"unknown metric {metric!r}; known: {METRICS}")
+    if xs.kernel is not None and ys.kernel is not None:
+        f = kernel_hsic if metric == "unbiased_cka" else kernel_centred_product
+        cross = f(xs.kernel, ys.kernel).cpu()
+    else:
+        if xs.features is None or ys.features is None:
+            raise ValueError("CKA on the blocked path needs both sides built from features")
+        unbiased, biased = hsic_from_moments(
+            cross_moment(xs.features, ys.features), _moments(xs), _moments(ys)
+        )
+        cross = torch.tensor([unbiased if metric == "unbiased_cka" else biased])
+    value = cross / torch.sqrt(self_term(metric, xs) * self_term(metric, ys))
+    return value, torch.where(torch.isfinite(value), 0.0, torch.nan).to(torch.float64)
+
+
+def _prepared_side(
+    x: np.ndarray, k: int, device: torch.device | None, dense: bool | None = None
+) -> KernelKNN:
+    return KernelKNN.from_features(x, k, dense=dense, device=device)
+
+
+# ----------------------------------------------------------------------------- layer search
+
+
 def layer_search_many(
     vision_xs: Sequence[np.ndarray],
     llm_layers: Iterable[np.ndarray],
@@ -157,13 +243,13 @@ def layer_search_many(
 ) -> np.ndarray:
     """CKNNA of each vision model against each LLM layer: (n_vision, n_layers); every L built once."""
     device = device or default_device()
-    vsides = [KernelKNN.build(kernel(x, device), k) for x in vision_xs]
+    vsides = [_prepared_side(x, k, device) for x in vision_xs]
     m = vsides[0].size
     cols = []
     for i, y in enumerate(llm_layers):
         if np.shape(y)[0] != m:
             raise ValueError(f"LLM layer {i} has {np.shape(y)[0]} stimuli, vision has {m}")
-        lside = KernelKNN.build(kernel(y, device), k)
+        lside = _prepared_side(y, k, device)
         cols.append([float(cknna_sides(v, lside)[0]) for v in vsides])
         del lside
     return np.asarray(cols, dtype=np.float64).T.reshape(len(vsides), len(cols))
@@ -223,15 +309,54 @@ def _choose(table: pd.DataFrame, llm: str) -> pd.Series:
     for (vision, metric), group in table.groupby(["vision", "metric"], sort=False):
         ok = group[group["valid"]]
         if ok.empty:
-            reasons = "; ".join(
-                f"{r.layer_name}: {r.reason}" for r in group.itertuples() if r.reason
-            )
+            reasons = sorted({f"{r.reason}" for r in group.itertuples() if r.reason})
             raise AlignmentError(
-                f"no LLM layer of {llm!r} gives a valid {metric} with vision model {vision!r} "
-                f"({reasons or 'no layers'}); check the LLM's feature file"
+                f"no layer of LLM {llm!r} gives a valid {metric} with vision model {vision!r}: "
+                f"every one of its {len(group)} layers is invalid ({'; '.join(reasons)}); "
+                "check that LLM's feature file (docs/method.md, 'Degenerate layers')"
             )
         chosen[ok["value"].idxmax()] = True
     return chosen
+
+
+def _vision_sides(
+    vision: Mapping[str, tuple[int, np.ndarray]],
+    k: int,
+    names: Sequence[str],
+    device: torch.device | None,
+    dense: bool | None = None,
+) -> dict[str, KernelKNN]:
+    """kNN structures of the vision layers; a degenerate vision layer is an AlignmentError."""
+    if not vision:
+        raise ValueError("vision is empty: give at least one vision model")
+    sides: dict[str, KernelKNN] = {}
+    for key, (layer, x) in vision.items():
+        reason = layer_problem(x)
+        side = None if reason else _prepared_side(x, k, device, dense)
+        if side is not None:
+            bad = [n for n in names if not bool((self_term(n, side) > 0).all())]
+            reason = f"degenerate kernel ({', '.join(bad)} self-similarity ≤ 0)" if bad else ""
+        if reason:
+            raise AlignmentError(
+                f"vision model {key!r}, layer {layer}: {reason}; no alignment can be computed "
+                "with it. Check its feature file or choose another vision layer "
+                "(config key analysis.vision_layer)"
+            )
+        sides[key] = side
+    sizes = {key: s.size for key, s in sides.items()}
+    if len(set(sizes.values())) != 1:
+        raise ValueError(f"vision models have different numbers of stimuli: {sizes}")
+    return sides
+
+
+def _validity(value: float, self_y: float, layer_reason: str) -> tuple[bool, str]:
+    if layer_reason:
+        return False, layer_reason
+    if not (np.isfinite(self_y) and self_y > 0):
+        return False, "degenerate kernel"
+    if not np.isfinite(value):
+        return False, "non-finite value"
+    return True, ""
 
 
 def layer_search_table(
@@ -241,35 +366,50 @@ def layer_search_table(
     k: int = 10,
     metrics: Sequence[str] = ("cknna",),
     device: torch.device | None = None,
+    dense: bool | None = None,
 ) -> pd.DataFrame:
     """Full-set layer search of one LLM against several vision models, for several metrics.
 
     ``vision``: vision key → (vision layer index, prepared features m×p); ``llm_layers``:
     (layer index, layer name, prepared features m×q), consumed one at a time. Each LLM layer's
     kernel and kNN lists are built once and used for every vision model and metric.
-    Columns: vision, llm, vision_layer, llm_layer, layer_name, metric, value, stability, valid,
-    reason, chosen (per (vision, metric) the argmax of value among valid rows).
+    Columns :data:`LAYER_COLUMNS`: vision, llm, vision_layer, llm_layer, layer_name, metric,
+    value, stability, valid, reason, chosen (per (vision, metric) the argmax of value among
+    valid rows). A layer with degenerate features or kernel is ``valid=False`` with a
+    ``reason``; no valid layer for a (vision, metric), or a degenerate vision layer, is an
+    :class:`AlignmentError`. ``dense`` overrides the automatic choice of the dense or the
+    blocked path (metrics.DENSE_MAX_M).
     """
     names = _check_metrics(metrics)
-    if not vision:
-        raise ValueError("vision is empty: give at least one vision model")
     device = device or default_device()
-    vsides = {key: KernelKNN.build(kernel(x, device), k) for key, (_, x) in vision.items()}
+    vsides = _vision_sides(vision, k, names, device, dense)
     m = next(iter(vsides.values())).size
-    for key, side in vsides.items():
-        if side.size != m:
-            raise ValueError(f"vision model {key!r} has {side.size} stimuli, others have {m}")
     rows = []
     for index, name, y in llm_layers:
         if np.shape(y)[0] != m:
             raise ValueError(
                 f"LLM {llm!r} layer {name} has {np.shape(y)[0]} stimuli, vision has {m}"
             )
-        lside = KernelKNN.build(kernel(y, device), k)
+        reason = layer_problem(y)
+        lside = None if reason else _prepared_side(y, k, device, dense)
         for key, vs in vsides.items():
             for metric in names:
-                value = float(side_values(metric, vs, lside)[0])
-                valid = bool(np.isfinite(value))
+                value = stability = self_y = float("nan")
+                if lside is not None:
+                    v, st = side_values(metric, vs, lside)
+                    value, stability = float(v[0]), float(st[0])
+                    self_y = float(self_term(metric, lside)[0])
+                valid, why = _validity(value, self_y, reason)
+                if not valid:
+                    log.warning(
+                        "LLM %s layer %s (%s) is invalid for %s with %s: %s",
+                        llm,
+                        index,
+                        name,
+                        metric,
+                        key,
+                        why,
+                    )
                 rows.append(
                     (
                         key,
@@ -279,9 +419,9 @@ def layer_search_table(
                         str(name),
                         metric,
                         value,
-                        np.nan,
+                        stability,
                         valid,
-                        "" if valid else "non-finite value",
+                        why,
                     )
                 )
         del lside
@@ -296,7 +436,12 @@ def layer_search_table(
     return table
 
 
-def subset_sides(full: torch.Tensor, subsets: np.ndarray, k: int) -> list[KernelKNN]:
+# ----------------------------------------------------------------------------- conditions
+
+
+def subset_sides(
+    full: torch.Tensor, subsets: np.ndarray, k: int, tau: float = 0.0
+) -> list[KernelKNN]:
     """KernelKNN batches for equal-size subsets (B, s) of a full kernel: kernel slices, kNN inside each."""
     idx = torch.as_tensor(np.asarray(subsets, dtype=np.int64), device=full.device)
     if idx.ndim == 1:
@@ -307,7 +452,7 @@ def subset_sides(full: torch.Tensor, subsets: np.ndarray, k: int) -> list[Kernel
     for start in range(0, idx.shape[0], step):
         part = idx[start : start + step]
         sub = full[part[:, :, None], part[:, None, :]]
-        out.append(KernelKNN.build(sub, k))
+        out.append(KernelKNN.build(sub, k, tau))
     return out
 
 
@@ -324,7 +469,10 @@ class ConditionPlan:
     """The stimulus conditions of sets.tsv with shared bootstrap resamples; evaluates kernel pairs.
 
     Build one plan, call :meth:`side` once per kernel (e.g. once per vision model and once per
-    chosen LLM layer) and :meth:`evaluate` per pair. Random draws are evaluated as one batch.
+    chosen LLM layer) and :meth:`evaluate_metrics` per pair. Random draws are evaluated as one
+    batch. Every set's positions are sorted, so ties inside a set break by stimulus order.
+    ``dense``: keep the m×m kernel and slice it (default for m ≤ metrics.DENSE_MAX_M), else
+    build each subset's kNN lists from its features (blocked when large).
     """
 
     def __init__(
@@ -334,20 +482,24 @@ class ConditionPlan:
         k: int = 10,
         n_boot: int = 1000,
         seed: int = 0,
+        dense: bool | None = None,
     ) -> None:
         self.m = len(stimulus_ids)
         self.k = k
         self.n_boot = int(n_boot)
-        self.positions = sets_to_indices(sets, stimulus_ids)
+        self.dense = self.m <= DENSE_MAX_M if dense is None else bool(dense)
+        given = sets_to_indices(sets, stimulus_ids)
+        self.positions = {key: np.sort(pos) for key, pos in given.items()}
         self.fixed = sorted(key for key in self.positions if key[0] != "random")
         self.random_draws = sorted(key[2] for key in self.positions if key[0] == "random")
+        sizes = {len(self.positions[("random", "none", d)]) for d in self.random_draws}
+        if len(sizes) > 1:
+            raise ValueError("random draws in the sets table have different sizes")
         self.random = (
             np.stack([self.positions[("random", "none", d)] for d in self.random_draws])
             if self.random_draws
             else None
         )
-        if self.random is not None and len({len(r) for r in self.random}) != 1:
-            raise ValueError("random draws in the sets table have different sizes")
         self.summaries = sorted(
             {s for (name, s, _) in self.positions if name in ("low", "high") and s != "none"}
         )
@@ -357,46 +509,76 @@ class ConditionPlan:
                 rng = np.random.default_rng([seed, si])
                 for name in ("low", "high"):
                     key = (name, summary, 0)
-                    if key in self.positions:
-                        self.plans[(name, summary)] = BootstrapPlan(
-                            self.positions[key], self.n_boot, rng, k
-                        )
+                    if key in given:  # the draws index the set as listed in sets.tsv
+                        self.plans[(name, summary)] = BootstrapPlan(given[key], self.n_boot, rng, k)
 
     def side(
-        self, x_or_kernel: np.ndarray | torch.Tensor, is_kernel: bool = False, boot: bool = True
+        self,
+        x_or_kernel: np.ndarray | torch.Tensor,
+        is_kernel: bool = False,
+        boot: bool = True,
+        device: torch.device | None = None,
     ) -> ConditionSide:
-        """Kernel of prepared features (or a given kernel) with kNN structures for every condition.
+        """Prepared features (or a given m×m kernel) with kNN structures for every condition.
 
-        ``boot=False`` skips the bootstrap resamples (for metrics that have none).
+        ``boot=False`` skips the bootstrap resamples (for metrics that have none). The
+        resolution τ comes from the features' width and dtype; a given kernel gets τ = 0
+        (only exact ties count as unresolved).
         """
-        full = torch.as_tensor(x_or_kernel) if is_kernel else kernel(x_or_kernel)
-        if full.shape != (self.m, self.m):
-            raise ValueError(f"kernel shape {tuple(full.shape)} does not match m={self.m}")
-        subsets: dict = {key: subset_sides(full, self.positions[key], self.k) for key in self.fixed}
+        if is_kernel or self.dense:
+            if is_kernel:
+                full = torch.as_tensor(x_or_kernel)
+                full = full.to(device) if device is not None else full
+                tau = 0.0
+            else:
+                full = kernel(x_or_kernel, device)
+                tau = kernel_resolution(np.shape(x_or_kernel)[1], full.dtype)
+            if full.shape != (self.m, self.m):
+                raise ValueError(f"kernel shape {tuple(full.shape)} does not match m={self.m}")
+            subsets: dict = {
+                key: subset_sides(full, self.positions[key], self.k, tau) for key in self.fixed
+            }
+            if self.random is not None:
+                subsets[("random", 0)] = subset_sides(full, self.random, self.k, tau)
+            host = full.cpu()
+            resamples = {key: plan.side(host) for key, plan in self.plans.items()} if boot else {}
+            return ConditionSide(KernelKNN.build(full, self.k, tau), subsets, resamples)
+        xt = feature_tensor(x_or_kernel, device)
+        if xt.shape[0] != self.m:
+            raise ValueError(f"features have {xt.shape[0]} rows, m={self.m}")
+        subsets = {
+            key: [KernelKNN.from_features(xt[self.positions[key]], self.k)] for key in self.fixed
+        }
         if self.random is not None:
-            subsets[("random", 0)] = subset_sides(full, self.random, self.k)
-        resamples = {key: plan.side(full) for key, plan in self.plans.items()} if boot else {}
-        return ConditionSide(KernelKNN.build(full, self.k), subsets, resamples)
+            subsets[("random", 0)] = [KernelKNN.from_features(xt[r], self.k) for r in self.random]
+        resamples = (
+            {key: plan.side(features=xt.cpu()) for key, plan in self.plans.items()} if boot else {}
+        )
+        full_side = KernelKNN.from_features(xt, self.k, dense=False)
+        return ConditionSide(full_side, subsets, resamples)
 
     def _metric_rows(
         self, metric: str, xs: ConditionSide, ys: ConditionSide
-    ) -> tuple[list[tuple], dict[tuple[str, str, int], float], np.ndarray]:
+    ) -> tuple[list[tuple], dict[tuple[str, str, int], tuple[float, float]], np.ndarray]:
         """Condition rows (condition, summary, draw, n_stimuli, value, stability) of one metric."""
-        rows = [
-            ("full", "none", 0, self.m, float(side_values(metric, xs.full, ys.full)[0]), np.nan)
-        ]
-        values: dict[tuple[str, str, int], float] = {}
+        v, st = side_values(metric, xs.full, ys.full)
+        rows = [("full", "none", 0, self.m, float(v[0]), float(st[0]))]
+        values: dict[tuple[str, str, int], tuple[float, float]] = {}
         for key in self.fixed:
-            parts = zip(xs.subsets[key], ys.subsets[key], strict=True)
-            v = torch.cat([side_values(metric, a, b) for a, b in parts])
-            values[key] = float(v[0])
-            rows.append((key[0], key[1], key[2], len(self.positions[key]), values[key], np.nan))
+            parts = [
+                side_values(metric, a, b)
+                for a, b in zip(xs.subsets[key], ys.subsets[key], strict=True)
+            ]
+            values[key] = (float(parts[0][0][0]), float(parts[0][1][0]))
+            rows.append((key[0], key[1], key[2], len(self.positions[key]), *values[key]))
         random_vals = np.array([])
         if self.random is not None:
-            parts = zip(xs.subsets[("random", 0)], ys.subsets[("random", 0)], strict=True)
-            random_vals = torch.cat([side_values(metric, a, b) for a, b in parts]).cpu().numpy()
-            for d, v in zip(self.random_draws, random_vals, strict=True):
-                rows.append(("random", "none", d, self.random.shape[1], float(v), np.nan))
+            pairs = zip(xs.subsets[("random", 0)], ys.subsets[("random", 0)], strict=True)
+            parts = [side_values(metric, a, b) for a, b in pairs]
+            random_vals = torch.cat([p[0] for p in parts]).numpy()
+            random_stab = torch.cat([p[1] for p in parts]).numpy()
+            for d, v_, s_ in zip(self.random_draws, random_vals, random_stab, strict=True):
+                rows.append(("random", "none", d, self.random.shape[1], float(v_), float(s_)))
         return rows, values, random_vals
 
     def _boot_diff(self, metric: str, summary: str, xs: ConditionSide, ys: ConditionSide):
@@ -405,11 +587,13 @@ class ConditionPlan:
             return None
         if ("low", summary) not in self.plans or ("high", summary) not in self.plans:
             return None
-        lo = self.plans[("low", summary)].cknna(
-            xs.boot[("low", summary)], ys.boot[("low", summary)]
+        if ("low", summary) not in xs.boot or ("low", summary) not in ys.boot:
+            raise ValueError("a side was prepared with boot=False; the bootstrap needs it")
+        lo = self.plans[("low", summary)].values(
+            xs.boot[("low", summary)], ys.boot[("low", summary)], metric
         )
-        hi = self.plans[("high", summary)].cknna(
-            xs.boot[("high", summary)], ys.boot[("high", summary)]
+        hi = self.plans[("high", summary)].values(
+            xs.boot[("high", summary)], ys.boot[("high", summary)], metric
         )
         return difference_summary(lo - hi)
 
@@ -427,6 +611,7 @@ class ConditionPlan:
         conditions: :data:`CONDITION_COLUMNS`; contrasts: :data:`CONTRAST_COLUMNS`.
         """
         cond_frames, contrast_rows = [], []
+        nan = float("nan")
         for metric in _check_metrics(metrics):
             rows, values, random_vals = self._metric_rows(metric, xs, ys)
             frame = pd.DataFrame(rows, columns=CONDITION_COLUMNS[3:7] + CONDITION_COLUMNS[8:])
@@ -435,10 +620,20 @@ class ConditionPlan:
             frame.insert(2, "llm_layer", int(llm_layer))
             frame.insert(7, "metric", metric)
             cond_frames.append(frame)
-            stab = {(r[0], r[1], r[2]): r[5] for r in rows}
+            bad = frame[~np.isfinite(frame["value"])]
+            if len(bad):
+                log.warning(
+                    "%s x %s layer %s: %s is not finite on %d condition(s) (%s)",
+                    vision,
+                    llm,
+                    llm_layer,
+                    metric,
+                    len(bad),
+                    ", ".join(sorted(set(bad["condition"]))),
+                )
             for summary in self.summaries:
-                low = values.get(("low", summary, 0), float("nan"))
-                high = values.get(("high", summary, 0), float("nan"))
+                low, low_st = values.get(("low", summary, 0), (nan, nan))
+                high, high_st = values.get(("high", summary, 0), (nan, nan))
                 row = {
                     "vision": vision,
                     "llm": llm,
@@ -446,22 +641,41 @@ class ConditionPlan:
                     "summary": summary,
                     "low": low,
                     "high": high,
-                    "low_stability": stab.get(("low", summary, 0), np.nan),
-                    "high_stability": stab.get(("high", summary, 0), np.nan),
+                    "low_stability": low_st,
+                    "high_stability": high_st,
                 }
                 if random_vals.size:
-                    row.update(random_baseline(random_vals, low))
+                    base = random_baseline(random_vals, low)
+                    if base["n_nonfinite"]:
+                        log.warning(
+                            "%s x %s %s: %d of %d random draws are not finite; the random "
+                            "baseline is NaN",
+                            vision,
+                            llm,
+                            metric,
+                            base["n_nonfinite"],
+                            random_vals.size,
+                        )
+                    row.update(base)
                 else:
                     row.update(
-                        random_mean=np.nan,
-                        random_ci_low=np.nan,
-                        random_ci_high=np.nan,
-                        frac_random_ge_low=np.nan,
-                    )
+                        random_mean=nan, random_ci_low=nan, random_ci_high=nan,
+                        frac_random_ge_low=nan,
+                    )  # fmt: skip
                 row["diff_low_high"] = low - high
                 summ = self._boot_diff(metric, summary, xs, ys)
+                if summ is not None and summ["n_nonfinite"]:
+                    log.warning(
+                        "%s x %s %s (%s): %d bootstrap differences are not finite; "
+                        "the interval is NaN",
+                        vision,
+                        llm,
+                        metric,
+                        summary,
+                        summ["n_nonfinite"],
+                    )
                 if summ is None:
-                    row.update(diff_ci_low=np.nan, diff_ci_high=np.nan, n_boot=0)
+                    row.update(diff_ci_low=nan, diff_ci_high=nan, n_boot=0)
                 else:
                     row.update(
                         diff_ci_low=summ["diff_ci_low"],
@@ -476,7 +690,7 @@ class ConditionPlan:
     def evaluate(
         self, vision: str, llm: str, llm_layer: int, xs: ConditionSide, ys: ConditionSide
     ) -> tuple[pd.DataFrame, pd.DataFrame]:
-        """CKNNA (conditions, contrasts) tables of one pair in the per-pair layout of docs/contracts.md."""
+        """CKNNA (conditions, contrasts) of one pair in the per-pair layout of docs/contracts.md."""
         conditions, contrasts = self.evaluate_metrics(vision, llm, llm_layer, xs, ys, ("cknna",))
         conditions = conditions.drop(columns=["stability"])
         contrasts = contrasts.drop(columns=["metric", "low_stability", "high_stability"])
@@ -517,14 +731,18 @@ def condition_tables(
     seed: int = 0,
     metrics: Sequence[str] = ("cknna",),
     device: torch.device | None = None,
+    dense: bool | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Every stimulus condition of sets.tsv for one LLM, each vision model and metric at its layer.
 
     ``chosen[(vision, metric)]`` is the LLM layer chosen on the full set for that metric;
     ``llm_layer(index)`` returns a prepared layer and is called once per distinct index. Kernels
-    and kNN structures are built once per vision model and once per distinct LLM layer; the
-    bootstrap draws are those of :class:`ConditionPlan` (the same for a seed as ``condition_table``).
-    Returns (conditions, contrasts) with :data:`CONDITION_COLUMNS` and :data:`CONTRAST_COLUMNS`.
+    and kNN structures are built once per vision model and once per distinct LLM layer (held
+    one at a time); the bootstrap draws are those of :class:`ConditionPlan` (for a seed, the
+    same as ``condition_table``'s). Returns (conditions, contrasts) with
+    :data:`CONDITION_COLUMNS` and :data:`CONTRAST_COLUMNS`, ordered by vision, then metric.
+    The bootstrap runs on the CPU; ``device`` (default CPU) holds the kernels and subsets.
+    ``dense`` overrides the automatic dense/blocked choice (:class:`ConditionPlan`).
     """
     names = _check_metrics(metrics)
     m = len(stimulus_ids)
@@ -536,10 +754,9 @@ def condition_tables(
             raise ValueError(
                 f"vision model {key!r} has {np.shape(x)[0]} stimuli, {m} stimulus ids given"
             )
-    del device  # the subset and bootstrap machinery runs on the CPU
-    plan = ConditionPlan(sets, stimulus_ids, k=k, n_boot=n_boot, seed=seed)
+    plan = ConditionPlan(sets, stimulus_ids, k=k, n_boot=n_boot, seed=seed, dense=dense)
     boot = any(metric in BOOTSTRAP_METRICS for metric in names)
-    xsides = {key: plan.side(x, boot=boot) for key, (_, x) in vision.items()}
+    xsides = {key: plan.side(x, boot=boot, device=device) for key, (_, x) in vision.items()}
     parts: dict[tuple[str, str], tuple[pd.DataFrame, pd.DataFrame]] = {}
     for index in sorted({int(chosen[(v, mt)]) for v in vision for mt in names}):
         y = llm_layer(index)
@@ -548,7 +765,13 @@ def condition_tables(
                 f"LLM {llm!r} layer {index} has {np.shape(y)[0]} stimuli, expected {m}"
             )
         pairs = [(v, mt) for v in vision for mt in names if int(chosen[(v, mt)]) == index]
-        ys = plan.side(y, boot=any(mt in BOOTSTRAP_METRICS for _, mt in pairs))
+        reason = layer_problem(y)
+        if reason:
+            raise AlignmentError(
+                f"LLM {llm!r} layer {index}, chosen for {pairs}, has {reason}; "
+                "a chosen layer must be valid (was the layer table made from other features?)"
+            )
+        ys = plan.side(y, boot=any(mt in BOOTSTRAP_METRICS for _, mt in pairs), device=device)
         del y
         for key, metric in pairs:
             parts[(key, metric)] = plan.evaluate_metrics(

@@ -20,19 +20,33 @@ Ties inside a kernel row are broken by ``torch.topk``; with real-valued features
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 __all__ = [
+    "Neighbours",
     "KernelKNN",
     "abs_quantiles",
     "cka",
     "cknna",
     "cknna_from_kernels",
     "cknna_sides",
+    "kernel_resolution",
+    "FeatureMoments",
+    "cross_moment",
+    "feature_cka",
+    "hsic_from_moments",
+    "feature_moments",
+    "feature_tensor",
+    "kernel_row_blocks",
+    "knn_metric",
+    "top_lists",
+    "kernel_centred_product",
     "kernel_cka",
+    "kernel_hsic",
     "kernel_unbiased_cka",
     "gram",
     "hsic_unbiased",
@@ -91,15 +105,31 @@ def outlier_threshold(features: np.ndarray) -> float:
 
 
 def prepare_layer(x: np.ndarray, threshold: float) -> np.ndarray:
-    """One (m, dim) layer: float32, clamp to [−t, t], then l2-normalise each row."""
+    """One (m, dim) layer: float32, clamp to [−t, t], then l2-normalise each row.
+
+    Rows are divided by max(‖x‖₂, 1e-12), bit-identical to torch.nn.functional.normalize,
+    except rows on which that fails to give a unit vector: a norm that overflows float32
+    (|x| ≳ 1e19) or a nonzero row whose norm is below 1e-12 (squares underflow). Those are
+    scaled by their max |x| first and normalised in float64. Zero rows stay zero.
+    """
     a = torch.as_tensor(np.asarray(x), dtype=torch.float32)
     if a.ndim != 2:
         raise ValueError(f"a layer must be (m, dim), got {tuple(a.shape)}")
     if not threshold > 0:
         raise ValueError(f"threshold must be > 0, got {threshold}")
     a = a.clamp(-threshold, threshold)  # a new tensor: the caller's array is never modified
+    norm = torch.linalg.vector_norm(a, dim=-1, keepdim=True)
+    odd = (torch.isinf(norm) | (norm < 1e-12)).squeeze(1) & (a != 0).any(dim=1)
+    rows = torch.nonzero(odd).squeeze(1)
+    scaled = None
+    if rows.numel():
+        big = a[rows].to(torch.float64)
+        big = big / big.abs().amax(dim=1, keepdim=True)
+        scaled = (big / torch.linalg.vector_norm(big, dim=1, keepdim=True)).to(torch.float32)
     # in place, bit-identical to torch.nn.functional.normalize (x / max(‖x‖₂, 1e-12)):
-    a.div_(torch.linalg.vector_norm(a, dim=-1, keepdim=True).clamp_min_(1e-12))
+    a.div_(norm.clamp_min_(1e-12))
+    if scaled is not None:
+        a[rows] = scaled
     return a.numpy()
 
 
@@ -176,92 +206,406 @@ def cka(x: np.ndarray, y: np.ndarray) -> float:
 
 # ----------------------------------------------------------------------------- kNN structures
 
+#: τ = RESOLUTION_FACTOR·√dim·eps(dtype) (docs/method.md, "Resolution"). Measured on unit-norm
+#: float32 rows (Gaussian, a few massive dimensions, collapsed cos ≈ 1, heavy-tailed; dim 8–8192,
+#: syrk and blocked gemm): max |K₃₂ − K₆₄| ≤ 0.71·√dim·eps₃₂. A gap between two kernel entries
+#: can be off by twice that, so 4 leaves a margin of about 2.8.
+RESOLUTION_FACTOR = 4.0
 
-@dataclass
-class KernelKNN:
-    """A (batch of) kernel(s) with its directed kNN lists: K (B,s,s), idx/val (B,s,k), self-HSIC (B,)."""
-
-    kernel: torch.Tensor
-    idx: torch.Tensor
-    val: torch.Tensor
-    mask_flat: torch.Tensor
-    self_hsic: torch.Tensor
-
-    @property
-    def size(self) -> int:
-        """Number of stimuli s."""
-        return int(self.kernel.shape[-1])
-
-    @classmethod
-    def build(cls, kernel: torch.Tensor, k: int) -> KernelKNN:
-        """kNN lists of each row (self excluded) and HSIC_u(M^K∘K, M^K∘K) for a (B,s,s) kernel batch."""
-        if kernel.ndim == 2:
-            kernel = kernel.unsqueeze(0)
-        b, s, _ = kernel.shape
-        _check_k(s, k)
-        masked = kernel.clone()
-        masked.diagonal(dim1=1, dim2=2).fill_(float("-inf"))
-        val, idx = torch.topk(masked, k, dim=2, largest=True, sorted=False)
-        mask = torch.zeros((b, s * s), dtype=torch.bool, device=kernel.device)
-        rows = torch.arange(s, device=kernel.device).view(1, s, 1)
-        mask.scatter_(1, (rows * s + idx).view(b, -1), True)
-        ones = torch.ones_like(val, dtype=torch.bool)
-        self_h = _hsic_lists(idx, val, val, ones, mask, s)
-        return cls(kernel=kernel, idx=idx, val=val, mask_flat=mask, self_hsic=self_h)
+#: Rows of one kernel block ``x[rows] @ xᵀ`` in the blocked path (block·m elements ≤ this).
+BLOCK_ELEMS = 1 << 25
+#: Largest m for which a full m×m kernel is kept (dense path); above it the blocked path is used.
+DENSE_MAX_M = 12288
+_CHUNK_ELEMS = 1 << 24  # rows re-ranked together when ties or near-ties are resolved
 
 
-def _hsic_lists(
-    idx: torch.Tensor,
-    a_val: torch.Tensor,
-    b_val: torch.Tensor,
-    keep: torch.Tensor,
-    mask_flat: torch.Tensor,
-    s: int,
-) -> torch.Tensor:
-    """HSIC_u(A, B) for A_ij = a_val, B_ij = b_val on the list entries j = idx[i, t] where ``keep``.
+def kernel_resolution(dim: int, dtype: np.dtype | torch.dtype | type | str) -> float:
+    """τ = 4·√dim·eps(dtype): kernel entries of unit-norm rows closer than τ are not ordered by the data.
 
-    ``mask_flat`` (B, s·s) is the dense mask of kept entries (for the reciprocal term B_ji ≠ 0).
-    Both masked matrices share the support ``keep``; their diagonals are zero by construction.
+    A kNN boundary gap (k-th minus (k+1)-th largest entry of a kernel row) ≤ τ marks the row as
+    unresolved (docs/method.md, "Resolution").
     """
-    bsz = idx.shape[0]
-    rows = torch.arange(s, device=idx.device).view(1, s, 1)
-    keep_f = keep.to(torch.float64)
-    a = a_val.to(torch.float64) * keep_f
-    bm = b_val.to(torch.float64) * keep_f
-    recip = mask_flat.gather(1, (idx * s + rows).view(bsz, -1)).view_as(idx)
-    term1 = (a * bm * recip).sum(dim=(1, 2))  # Σ_ij A_ij B_ji, B symmetric on its support
-    sum_a = a.sum(dim=(1, 2))
-    sum_b = bm.sum(dim=(1, 2))
-    col_a = torch.zeros((bsz, s), dtype=torch.float64, device=idx.device)
-    col_a.scatter_add_(1, idx.view(bsz, -1), a.view(bsz, -1))
-    row_b = bm.sum(dim=2)
+    if isinstance(dtype, torch.dtype):
+        eps = float(torch.finfo(dtype).eps)
+    else:
+        eps = float(np.finfo(np.dtype(dtype)).eps)
+    if dim < 1:
+        raise ValueError(f"dim must be ≥ 1, got {dim}")
+    return RESOLUTION_FACTOR * float(np.sqrt(dim)) * eps
+
+
+def _canonical(val: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's list sorted by (value descending, index ascending)."""
+    order = torch.argsort(idx, dim=-1)
+    idx, val = idx.gather(-1, order), val.gather(-1, order)
+    order = torch.sort(val, dim=-1, descending=True, stable=True).indices
+    return val.gather(-1, order), idx.gather(-1, order)
+
+
+def _chunks(rows: torch.Tensor, n: int) -> list[torch.Tensor]:
+    step = max(1, _CHUNK_ELEMS // max(n, 1))
+    return [rows[i : i + step] for i in range(0, rows.numel(), step)]
+
+
+def top_lists(
+    rows: torch.Tensor, t: int, ordered: bool = True
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The t largest entries of each row of ``rows`` (N, n): values, columns, and the (t+1)-th value.
+
+    Exactly equal values are taken in column order (lower column first), so the set is defined
+    for every input; with ``ordered`` the lists are sorted by (value descending, column
+    ascending). The (t+1)-th largest value is −inf when t = n. Exclude a row's own entry by
+    setting it to −inf first.
+    """
+    n = rows.shape[-1]
+    depth = min(t + 1, n)
+    val, idx = torch.topk(rows, depth, dim=-1, largest=True, sorted=True)
+    if depth > t:
+        nxt = val[:, t].clone()
+        val, idx = val[:, :t].contiguous(), idx[:, :t].contiguous()
+        tie = torch.nonzero(val[:, t - 1] == nxt).squeeze(1)
+    else:
+        nxt = torch.full((rows.shape[0],), float("-inf"), dtype=rows.dtype, device=rows.device)
+        tie = torch.zeros(0, dtype=torch.long, device=rows.device)
+    if tie.numel():  # topk's order among equal values is unspecified: re-rank those rows
+        cols = torch.arange(n, device=rows.device)
+        for r in _chunks(tie, n):
+            sub = rows[r]
+            thr = val[r, t - 1 : t]
+            score = torch.where(sub > thr, 2 * n, torch.where(sub == thr, n - cols, -1))
+            pick = torch.topk(score, t, dim=-1).indices
+            idx[r] = pick
+            val[r] = sub.gather(1, pick)
+    if ordered:
+        val, idx = _canonical(val, idx)
+    return val, idx, nxt
+
+
+def _knn_block(
+    rows: torch.Tensor, k: int, tau: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """kNN lists of rows (N, n) whose own entries are −inf, with the near-tie alternative lists.
+
+    Returns val, idx (N, k), gap (N,) float64 = k-th − (k+1)-th value (inf when k = n − 1),
+    unresolved = gap ≤ τ, and alt_val, alt_idx: the lists with the band of entries within τ of
+    the k-th value filled in reverse column order (higher column first); equal to val, idx on
+    resolved rows. Lists are sets here (not sorted).
+    """
+    n = rows.shape[-1]
+    val, idx, nxt = top_lists(rows, k, ordered=False)
+    gap = val[:, k - 1].to(torch.float64) - nxt.to(torch.float64)
+    gap = torch.where(torch.isneginf(nxt), torch.inf, gap)
+    unresolved = gap <= tau
+    alt_val, alt_idx = val.clone(), idx.clone()
+    bad = torch.nonzero(unresolved).squeeze(1)
+    if bad.numel():
+        cols = torch.arange(n, device=rows.device)
+        for r in _chunks(bad, n):
+            sub = rows[r].to(torch.float64)
+            thr = val[r, k - 1 : k].to(torch.float64)
+            band = (sub - thr).abs() <= tau
+            score = torch.where(sub > thr + tau, 2 * n, torch.where(band, cols + 1, 0))
+            pick = torch.topk(score, k, dim=-1).indices
+            alt_val[r], alt_idx[r] = rows[r].gather(1, pick), pick
+    return val, idx, gap, unresolved, alt_val, alt_idx
+
+
+def _hsic_terms(
+    a: torch.Tensor, b: torch.Tensor, b_t: torch.Tensor, idx: torch.Tensor, s: int
+) -> torch.Tensor:
+    """HSIC_u(A, B) from list entries: A_ij = a, B_ij = b, B_ji = b_t at j = idx (all (B, s·k)).
+
+    Entries that are not in the masked matrices carry zeros; the diagonals are zero by
+    construction. HSIC_u = [Σ A_ij B_ji + 1ᵀA1·1ᵀB1/((s−1)(s−2)) − 2·1ᵀAB1/(s−2)] / (s(s−3)).
+    """
+    bsz = a.shape[0]
+    term1 = (a * b_t).sum(dim=1)
+    sum_a, sum_b = a.sum(dim=1), b.sum(dim=1)
+    col_a = torch.zeros((bsz, s), dtype=a.dtype, device=a.device)
+    col_a.scatter_add_(1, idx.reshape(bsz, -1), a)
+    row_b = b.view(bsz, s, -1).sum(dim=2)
     ab = (col_a * row_b).sum(dim=1)
     return (term1 + sum_a * sum_b / ((s - 1) * (s - 2)) - 2.0 * ab / (s - 2)) / (s * (s - 3))
 
 
+def _member(
+    lists: torch.Tensor, values: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Is ``cols[e]`` in list ``lists[rows[e]]`` (lists (R, k)), and its value there (0 if not).
+
+    Lists hold distinct columns, so at most one entry matches and the masked sum is exact.
+    Evaluated in chunks of entries: O(chunk·k) memory, never an s×s mask.
+    """
+    k = lists.shape[1]
+    found = torch.empty(rows.shape, dtype=torch.bool, device=rows.device)
+    value = torch.empty(rows.shape, dtype=torch.float64, device=rows.device)
+    step = max(1, _CHUNK_ELEMS // k)
+    for start in range(0, rows.numel(), step):
+        r, c = rows[start : start + step], cols[start : start + step]
+        eq = lists.index_select(0, r) == c.unsqueeze(1)
+        found[start : start + step] = eq.any(dim=1)
+        vals = values.index_select(0, r).to(torch.float64)
+        value[start : start + step] = torch.where(eq, vals, 0.0).sum(dim=1)
+    return found, value
+
+
+@dataclass
+class Neighbours:
+    """Directed kNN lists of a batch of kernels: idx, val (B, s, k) and HSIC_u(M^K∘K, M^K∘K) (B,).
+
+    Membership ("is j among i's neighbours, with which kernel value") is answered from a dense
+    (B, s·s) mask and the kernel on the dense path, and from the lists themselves on the
+    blocked path (no s×s array; docs/method.md, "Large m"). Both give identical numbers.
+    """
+
+    idx: torch.Tensor
+    val: torch.Tensor
+    self_hsic: torch.Tensor
+    mask: torch.Tensor | None = None
+    kernel: torch.Tensor | None = None
+
+    @property
+    def size(self) -> int:
+        """Number of stimuli s."""
+        return int(self.idx.shape[1])
+
+    @classmethod
+    def from_lists(
+        cls, idx: torch.Tensor, val: torch.Tensor, kernel: torch.Tensor | None = None
+    ) -> Neighbours:
+        """Lists idx, val (B, s, k) of a kernel (B, s, s) if kept, with HSIC_u(M^K∘K, M^K∘K)."""
+        bsz, s, k = idx.shape
+        _check_k(s, k)
+        out = cls(idx, val, torch.empty(0), kernel=kernel)
+        if kernel is not None:
+            rows = torch.arange(s, device=idx.device).view(1, s, 1)
+            out.mask = torch.zeros((bsz, s * s), dtype=torch.bool, device=idx.device)
+            out.mask.scatter_(1, (rows * s + idx).view(bsz, -1), True)
+        _, _, t_flat = _pair_index(idx)
+        _, a_t = out.lookup(t_flat)  # K_ji where i ∈ knn_K(j)
+        a = val.reshape(bsz, -1).to(torch.float64)
+        out.self_hsic = _hsic_terms(a, a, a_t, idx, s)
+        return out
+
+    def lookup(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """For entries flat = i·s + j (B, Q): j ∈ knn(i)?, and K_ij (float64, 0 where not)."""
+        bsz, s, k = self.idx.shape
+        if self.mask is not None and self.kernel is not None:
+            found = self.mask.gather(1, flat)
+            value = self.kernel.reshape(bsz, -1).gather(1, flat).to(torch.float64)
+            return found, torch.where(found, value, 0.0)
+        base = (torch.arange(bsz, device=flat.device) * s).view(bsz, 1)
+        rows = (base + torch.div(flat, s, rounding_mode="floor")).reshape(-1)
+        found, value = _member(
+            self.idx.reshape(bsz * s, k), self.val.reshape(bsz * s, k), rows, (flat % s).reshape(-1)
+        )
+        return found.view(bsz, -1), value.view(bsz, -1)
+
+
+def _pair_index(idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Flat indices of list entries (i, j = idx[b, i, t]): i·s + j and of their transposes j·s + i."""
+    bsz, s, _ = idx.shape
+    rows = torch.arange(s, device=idx.device).view(1, s, 1)
+    return rows, (rows * s + idx).view(bsz, -1), (idx * s + rows).view(bsz, -1)
+
+
+def _cross_hsic(kn: Neighbours, ln: Neighbours) -> torch.Tensor:
+    """HSIC_u(M∘K, M∘L) with M = M^K ∘ M^L, enumerated on K's lists: (B,)."""
+    bsz, s, _ = kn.idx.shape
+    _, flat, t_flat = _pair_index(kn.idx)
+    keep, b = ln.lookup(flat)  # j ∈ knn_L(i): L_ij
+    in_k, _ = kn.lookup(t_flat)
+    in_l, b_t = ln.lookup(t_flat)  # i ∈ knn_L(j): L_ji
+    a = torch.where(keep, kn.val.reshape(bsz, -1).to(torch.float64), 0.0)
+    b_t = torch.where(keep & in_k & in_l, b_t, 0.0)  # (j, i) ∈ M as well
+    return _hsic_terms(a, b, b_t, kn.idx, s)
+
+
+def _cknna_lists(kn: Neighbours, ln: Neighbours) -> torch.Tensor:
+    return _cross_hsic(kn, ln) / torch.sqrt(kn.self_hsic * ln.self_hsic)
+
+
+def _mutual_lists(kn: Neighbours, ln: Neighbours) -> torch.Tensor:
+    bsz, s, k = kn.idx.shape
+    _, flat, _ = _pair_index(kn.idx)
+    keep, _ = ln.lookup(flat)
+    return keep.to(torch.float64).sum(dim=1) / (s * k)
+
+
+_LIST_METRICS = {"cknna": _cknna_lists, "mutual_knn": _mutual_lists}
+
+
+@dataclass
+class KernelKNN:
+    """One kernel (or a batch) with deterministic kNN lists, boundary gaps and near-tie alternative.
+
+    ``knn``: the kNN lists (ties by lower stimulus index); ``alt``: the same lists with each
+    unresolved row's near-tie band filled in reverse stimulus order (None when no row of the
+    batch is unresolved); ``gap`` (B, s): k-th − (k+1)-th largest off-diagonal entry;
+    ``unresolved`` = gap ≤ ``tau``. ``kernel`` (B, s, s) is kept on the dense path;
+    ``features`` (s, p) when built from features (the CKA metrics use them on the blocked path).
+    """
+
+    knn: Neighbours
+    alt: Neighbours | None
+    gap: torch.Tensor
+    unresolved: torch.Tensor
+    k: int
+    tau: float
+    kernel: torch.Tensor | None = None
+    features: torch.Tensor | None = None
+    cache: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def size(self) -> int:
+        """Number of stimuli s."""
+        return self.knn.size
+
+    @property
+    def idx(self) -> torch.Tensor:
+        """Neighbour indices (B, s, k): a set per row (the order within a row carries no meaning)."""
+        return self.knn.idx
+
+    @property
+    def val(self) -> torch.Tensor:
+        """Kernel values of the neighbours (B, s, k)."""
+        return self.knn.val
+
+    @property
+    def self_hsic(self) -> torch.Tensor:
+        """HSIC_u(M^K∘K, M^K∘K) (B,)."""
+        return self.knn.self_hsic
+
+    @classmethod
+    def _from_block(
+        cls,
+        parts: list[tuple[torch.Tensor, ...]],
+        shape: tuple[int, int],
+        k: int,
+        tau: float,
+        **kept: torch.Tensor | None,
+    ) -> KernelKNN:
+        bsz, s = shape
+        val, idx, gap, unresolved, alt_val, alt_idx = (
+            torch.cat([p[i] for p in parts]) for i in range(6)
+        )
+        kernel = kept.get("kernel")
+        knn = Neighbours.from_lists(idx.view(bsz, s, k), val.view(bsz, s, k), kernel)
+        unresolved = unresolved.view(bsz, s)
+        alt = None
+        if bool(unresolved.any()):
+            alt = Neighbours.from_lists(alt_idx.view(bsz, s, k), alt_val.view(bsz, s, k), kernel)
+        return cls(knn, alt, gap.view(bsz, s), unresolved, k, float(tau), **kept)
+
+    @classmethod
+    def build(cls, kernel: torch.Tensor, k: int, tau: float = 0.0) -> KernelKNN:
+        """kNN structure of a (B, s, s) or (s, s) kernel batch, kept in memory (dense path).
+
+        ``tau``: the kernel's resolution (:func:`kernel_resolution`); 0 marks only exact ties.
+        """
+        if kernel.ndim == 2:
+            kernel = kernel.unsqueeze(0)
+        bsz, s, _ = kernel.shape
+        _check_k(s, k)
+        masked = kernel.clone()
+        masked.diagonal(dim1=1, dim2=2).fill_(float("-inf"))
+        part = _knn_block(masked.view(bsz * s, s), k, tau)
+        del masked
+        return cls._from_block([part], (bsz, s), k, tau, kernel=kernel)
+
+    @classmethod
+    def from_features(
+        cls,
+        x: np.ndarray | torch.Tensor,
+        k: int,
+        tau: float | None = None,
+        dense: bool | None = None,
+        device: torch.device | None = None,
+    ) -> KernelKNN:
+        """kNN structure of K = XXᵀ for prepared features X (m, p).
+
+        dense (default for m ≤ :data:`DENSE_MAX_M`): the m×m kernel is computed and kept.
+        Blocked: K is computed by row blocks X[b]Xᵀ and only the lists are kept, in
+        O(m·k + block·m) memory. ``tau`` defaults to ``kernel_resolution(p, X.dtype)``.
+        """
+        xt = feature_tensor(x, device)
+        m, p = xt.shape
+        _check_k(m, k)
+        tau = kernel_resolution(p, xt.dtype) if tau is None else float(tau)
+        if (m <= DENSE_MAX_M) if dense is None else dense:
+            if xt.device.type == "cpu":
+                g = torch.from_numpy(gram(xt.numpy()))
+            else:
+                g = xt @ xt.T
+            out = cls.build(g, k, tau)
+            out.features = xt
+            return out
+        parts = [_knn_block(rows, k, tau) for _, rows in kernel_row_blocks(xt)]
+        return cls._from_block(parts, (1, m), k, tau, features=xt)
+
+
+def kernel_row_blocks(x: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
+    """(start, X[start:stop]·Xᵀ with each row's own entry set to −inf), block·m ≤ BLOCK_ELEMS."""
+    m = x.shape[0]
+    step = max(1, BLOCK_ELEMS // m)
+    for start in range(0, m, step):
+        rows = x[start : start + step] @ x.T
+        r = torch.arange(rows.shape[0], device=x.device)
+        rows[r, start + r] = float("-inf")
+        yield start, rows
+        del rows
+
+
+def feature_tensor(
+    x: np.ndarray | torch.Tensor, device: torch.device | None = None
+) -> torch.Tensor:
+    """Features (m, p) as a float32/float64 tensor on ``device`` (other dtypes become float64)."""
+    t = x if isinstance(x, torch.Tensor) else torch.from_numpy(_as_features(x, "features"))
+    if t.ndim != 2:
+        raise ValueError(f"features must be 2-D (stimuli × features), got shape {tuple(t.shape)}")
+    if t.dtype not in (torch.float32, torch.float64):
+        t = t.to(torch.float64)
+    return t.to(device) if device is not None else t
+
+
+def knn_metric(metric: str, xs: KernelKNN, ys: KernelKNN) -> tuple[torch.Tensor, torch.Tensor]:
+    """(value, stability) of ``cknna`` or ``mutual_knn`` for matched batches of kNN structures.
+
+    stability = max |Δvalue| over recomputing with the near-tie bands of X's unresolved rows,
+    of Y's, and of both filled in reverse stimulus order; exactly 0 (no recomputation) for a
+    batch element where neither side has an unresolved row (docs/method.md, "Stability").
+    """
+    if metric not in _LIST_METRICS:
+        raise ValueError(f"{metric!r} is not a kNN metric; kNN metrics: {tuple(_LIST_METRICS)}")
+    if xs.size != ys.size or xs.k != ys.k or xs.idx.shape[0] != ys.idx.shape[0]:
+        raise ValueError(
+            f"kNN structures do not match: s={xs.size}/{ys.size}, k={xs.k}/{ys.k}, "
+            f"batch={xs.idx.shape[0]}/{ys.idx.shape[0]}"
+        )
+    f = _LIST_METRICS[metric]
+    value = f(xs.knn, ys.knn)
+    stability = torch.zeros_like(value)
+    if xs.alt is None and ys.alt is None:
+        return value, stability
+    pairs = [(xs.alt, ys.knn), (xs.knn, ys.alt), (xs.alt, ys.alt)]  # X side, Y side, both
+    if xs.alt is None or ys.alt is None:  # "both" is then one of the single-side pairs
+        pairs = [(a, b) for a, b in pairs[:2] if a is not None and b is not None]
+    for a, b in pairs:
+        stability = torch.maximum(stability, (f(a, b) - value).abs())
+    touched = xs.unresolved.any(dim=1) | ys.unresolved.any(dim=1)
+    stability = torch.where(touched, stability, 0.0)
+    stability = torch.where(torch.isfinite(value), stability, torch.nan)
+    return value, stability
+
+
 def cknna_sides(kside: KernelKNN, lside: KernelKNN) -> torch.Tensor:
     """CKNNA for matched batches of prepared kNN structures (same stimuli, same k): (B,)."""
-    s = kside.size
-    bsz = kside.idx.shape[0]
-    idx = kside.idx
-    # M = M^K ∘ M^L, enumerated on K's lists: keep j ∈ knn_K(i) iff also j ∈ knn_L(i).
-    rows = torch.arange(s, device=idx.device).view(1, s, 1)
-    flat = (rows * s + idx).view(bsz, -1)
-    keep = lside.mask_flat.gather(1, flat).view_as(idx)
-    mask = torch.zeros_like(kside.mask_flat)
-    mask.scatter_(1, flat, keep.view(bsz, -1))
-    l_val = lside.kernel.reshape(bsz, -1).gather(1, flat).view_as(idx)
-    cross = _hsic_lists(idx, kside.val, l_val, keep, mask, s)
-    return cross / torch.sqrt(kside.self_hsic * lside.self_hsic)
+    return _cknna_lists(kside.knn, lside.knn)
 
 
 def mutual_knn_sides(kside: KernelKNN, lside: KernelKNN) -> torch.Tensor:
     """mean_i |knn_K(i) ∩ knn_L(i)| / k for matched batches of kNN structures: (B,)."""
-    s = kside.size
-    bsz, _, k = kside.idx.shape
-    rows = torch.arange(s, device=kside.idx.device).view(1, s, 1)
-    keep = lside.mask_flat.gather(1, (rows * s + kside.idx).view(bsz, -1))
-    return keep.to(torch.float64).sum(dim=1) / (s * k)
+    return _mutual_lists(kside.knn, lside.knn)
 
 
 def _batch_f64(kernel: torch.Tensor) -> torch.Tensor:
@@ -269,29 +613,27 @@ def _batch_f64(kernel: torch.Tensor) -> torch.Tensor:
     return a.to(torch.float64)
 
 
-def _hsic_full(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """HSIC_u of symmetric (B,s,s) float64 kernels (diagonals ignored): (B,)."""
+def kernel_hsic(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """HSIC_u of symmetric (B,s,s) or (s,s) kernels, accumulated in float64 (diagonals ignored): (B,).
+
+    Σ_ij Ã_ij B̃_ji = Σ A∘B − Σ_i A_ii B_ii and 1ᵀÃB̃1 = Σ_j (Ã1)_j (B̃1)_j for symmetric A, B.
+    """
+    a, b = _batch_f64(a), _batch_f64(b)
     s = a.shape[-1]
     da = torch.diagonal(a, dim1=1, dim2=2)
     db = torch.diagonal(b, dim1=1, dim2=2)
     ra = a.sum(dim=2) - da  # row sums of Ã
     rb = b.sum(dim=2) - db
-    term1 = (a * b).sum(dim=(1, 2)) - (da * db).sum(dim=1)  # Σ Ã_ij B̃_ji, both symmetric
+    term1 = (a * b).sum(dim=(1, 2)) - (da * db).sum(dim=1)
     sa, sb = ra.sum(dim=1), rb.sum(dim=1)
-    ab = (ra * rb).sum(dim=1)  # 1ᵀÃB̃1 = Σ_j (Σ_i Ã_ij)(Σ_l B̃_jl)
+    ab = (ra * rb).sum(dim=1)
     return (term1 + sa * sb / ((s - 1) * (s - 2)) - 2.0 * ab / (s - 2)) / (s * (s - 3))
 
 
-def kernel_unbiased_cka(kernel_x: torch.Tensor, kernel_y: torch.Tensor) -> torch.Tensor:
-    """HSIC_u(K,L)/sqrt(HSIC_u(K,K)·HSIC_u(L,L)) for (B,s,s) or (s,s) symmetric kernels: (B,)."""
-    a, b = _batch_f64(kernel_x), _batch_f64(kernel_y)
-    return _hsic_full(a, b) / torch.sqrt(_hsic_full(a, a) * _hsic_full(b, b))
+def kernel_centred_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """tr(KHLH) of (B,s,s) or (s,s) kernels in float64, centring each first (stable): (B,)."""
 
-
-def kernel_cka(kernel_x: torch.Tensor, kernel_y: torch.Tensor) -> torch.Tensor:
-    """Biased linear CKA tr(KHLH)/sqrt(tr(KHKH)·tr(LHLH)) for (B,s,s) or (s,s) kernels: (B,)."""
-
-    def centre(g: torch.Tensor) -> torch.Tensor:  # HgH, computed before any product (stable)
+    def centre(g: torch.Tensor) -> torch.Tensor:
         return (
             g
             - g.mean(dim=1, keepdim=True)
@@ -299,9 +641,99 @@ def kernel_cka(kernel_x: torch.Tensor, kernel_y: torch.Tensor) -> torch.Tensor:
             + g.mean(dim=(1, 2), keepdim=True)
         )
 
-    kc, lc = centre(_batch_f64(kernel_x)), centre(_batch_f64(kernel_y))
-    return (kc * lc).sum(dim=(1, 2)) / torch.sqrt(
-        (kc * kc).sum(dim=(1, 2)) * (lc * lc).sum(dim=(1, 2))
+    return (centre(_batch_f64(a)) * centre(_batch_f64(b))).sum(dim=(1, 2))
+
+
+def kernel_unbiased_cka(kernel_x: torch.Tensor, kernel_y: torch.Tensor) -> torch.Tensor:
+    """HSIC_u(K,L)/sqrt(HSIC_u(K,K)·HSIC_u(L,L)) for (B,s,s) or (s,s) symmetric kernels: (B,)."""
+    return kernel_hsic(kernel_x, kernel_y) / torch.sqrt(
+        kernel_hsic(kernel_x, kernel_x) * kernel_hsic(kernel_y, kernel_y)
+    )
+
+
+def kernel_cka(kernel_x: torch.Tensor, kernel_y: torch.Tensor) -> torch.Tensor:
+    """Biased linear CKA tr(KHLH)/sqrt(tr(KHKH)·tr(LHLH)) for (B,s,s) or (s,s) kernels: (B,)."""
+    return kernel_centred_product(kernel_x, kernel_y) / torch.sqrt(
+        kernel_centred_product(kernel_x, kernel_x) * kernel_centred_product(kernel_y, kernel_y)
+    )
+
+
+@dataclass
+class FeatureMoments:
+    """What the CKA metrics need of K = XXᵀ without forming it: m, column sums, diag, row sums.
+
+    ``self_unbiased`` = HSIC_u(K, K); ``self_biased`` = tr(KHKH). All float64.
+    """
+
+    m: int
+    col_sum: torch.Tensor
+    diag: torch.Tensor
+    row_sum: torch.Tensor
+    self_unbiased: float
+    self_biased: float
+
+
+def cross_moment(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """XᵀY in float64, accumulated over row blocks (no float64 copy of X or Y)."""
+    m = x.shape[0]
+    step = max(1, BLOCK_ELEMS // max(x.shape[1] + y.shape[1], 1))
+    acc = torch.zeros((x.shape[1], y.shape[1]), dtype=torch.float64, device=x.device)
+    for start in range(0, m, step):
+        acc += x[start : start + step].to(torch.float64).T @ y[start : start + step].to(
+            torch.float64
+        )
+    return acc
+
+
+def hsic_from_moments(
+    cross: torch.Tensor, a: FeatureMoments, b: FeatureMoments
+) -> tuple[float, float]:
+    """(HSIC_u(K, L), tr(KHLH)) from XᵀY and the two sides' moments.
+
+    Σ_ij K_ij L_ij = ‖XᵀY‖²_F; with zeroed diagonals Σ K̃∘L̃ = ‖XᵀY‖²_F − Σ_i K_ii L_ii, and
+    tr(KHLH) = ‖XᵀY − (Xᵀ1)(Yᵀ1)ᵀ/m‖²_F.
+    """
+    m = a.m
+    ra, rb = a.row_sum - a.diag, b.row_sum - b.diag  # row sums of K̃, L̃
+    term1 = float((cross * cross).sum()) - float((a.diag * b.diag).sum())
+    sa, sb = float(ra.sum()), float(rb.sum())
+    ab = float((ra * rb).sum())
+    unbiased = (term1 + sa * sb / ((m - 1) * (m - 2)) - 2.0 * ab / (m - 2)) / (m * (m - 3))
+    centred = cross - torch.outer(a.col_sum, b.col_sum) / m
+    return unbiased, float((centred * centred).sum())
+
+
+def feature_moments(x: torch.Tensor) -> FeatureMoments:
+    """:class:`FeatureMoments` of prepared features (m, p), in O(m·p² ) float64 work, O(p²) memory."""
+    m = x.shape[0]
+    col_sum = torch.zeros(x.shape[1], dtype=torch.float64, device=x.device)
+    diag = torch.empty(m, dtype=torch.float64, device=x.device)
+    step = max(1, BLOCK_ELEMS // max(x.shape[1], 1))
+    for start in range(0, m, step):
+        xb = x[start : start + step].to(torch.float64)
+        col_sum += xb.sum(dim=0)
+        diag[start : start + step] = (xb * xb).sum(dim=1)
+    row_sum = torch.cat([x[s : s + step].to(torch.float64) @ col_sum for s in range(0, m, step)])
+    out = FeatureMoments(m, col_sum, diag, row_sum, float("nan"), float("nan"))
+    out.self_unbiased, out.self_biased = hsic_from_moments(cross_moment(x, x), out, out)
+    return out
+
+
+def feature_cka(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    mx: FeatureMoments | None = None,
+    my: FeatureMoments | None = None,
+) -> tuple[float, float]:
+    """(unbiased CKA, biased CKA) of prepared features without an m×m kernel (float64 moments)."""
+    mx = feature_moments(x) if mx is None else mx
+    my = feature_moments(y) if my is None else my
+    if mx.m != my.m:
+        raise ValueError(f"X has {mx.m} stimuli, Y has {my.m}")
+    unbiased, biased = hsic_from_moments(cross_moment(x, y), mx, my)
+    return (
+        unbiased / float(np.sqrt(mx.self_unbiased * my.self_unbiased)),
+        biased / float(np.sqrt(mx.self_biased * my.self_biased)),
     )
 
 
@@ -317,22 +749,21 @@ def cknna_from_kernels(kernel_x: np.ndarray, kernel_y: np.ndarray, k: int = 10) 
     return float(value[0])
 
 
-def cknna(x: np.ndarray, y: np.ndarray, k: int = 10) -> float:
-    """CKNNA(X,Y;k) = HSIC_u(M∘K, M∘L)/sqrt(HSIC_u(M^K∘K, M^K∘K)·HSIC_u(M^L∘L, M^L∘L))."""
+def _pair(x: np.ndarray, y: np.ndarray, k: int) -> tuple[KernelKNN, KernelKNN]:
     a, b = _as_features(x, "X"), _as_features(y, "Y")
     if a.shape[0] != b.shape[0]:
         raise ValueError(f"X has {a.shape[0]} stimuli, Y has {b.shape[0]}")
-    return cknna_from_kernels(gram(a), gram(b), k)
+    return KernelKNN.from_features(a, k), KernelKNN.from_features(b, k)
+
+
+def cknna(x: np.ndarray, y: np.ndarray, k: int = 10) -> float:
+    """CKNNA(X,Y;k) = HSIC_u(M∘K, M∘L)/sqrt(HSIC_u(M^K∘K, M^K∘K)·HSIC_u(M^L∘L, M^L∘L)).
+
+    Kernels in the features' dtype; the blocked path (no m×m matrix) above DENSE_MAX_M stimuli.
+    """
+    return float(cknna_sides(*_pair(x, y, k))[0])
 
 
 def mutual_knn(x: np.ndarray, y: np.ndarray, k: int = 10) -> float:
     """mean_i |knn_K(i) ∩ knn_L(i)| / k."""
-    a, b = _as_features(x, "X"), _as_features(y, "Y")
-    if a.shape[0] != b.shape[0]:
-        raise ValueError(f"X has {a.shape[0]} stimuli, Y has {b.shape[0]}")
-    kside = KernelKNN.build(torch.from_numpy(gram(a)), k)
-    lside = KernelKNN.build(torch.from_numpy(gram(b)), k)
-    s = kside.size
-    rows = torch.arange(s).view(1, s, 1)
-    keep = lside.mask_flat.gather(1, (rows * s + kside.idx).view(1, -1))
-    return float(keep.to(torch.float64).sum() / (s * k))
+    return float(mutual_knn_sides(*_pair(x, y, k))[0])

@@ -14,8 +14,11 @@ among the k nearest copies of i, and with nM_ij = min(nK_ij, nL_ij):
   1ᵀAB1 = Σ_j (Σ_i w_i nM_ij K_ij)(Σ_l nM_jl L_jl),  m = Σ_i w_i.
 
 With all w_i = 1 this is exactly CKNNA on the set. Only the first T entries of each row's sorted
-neighbour list are needed (T grows to m − 1 if a resample ever needs more), so a resample costs
-O(n·T) instead of O(n²) and no resampled kernel is ever materialised.
+neighbour list are needed (T doubles, up to n − 1, if a resample ever needs more), so a resample
+costs O(n·T) instead of O(n²) and no resampled kernel is ever materialised. Lists are sorted by
+(value descending, stimulus order ascending), the tie rule of docs/method.md; reciprocal entries
+are found by comparing against the short lists, so no n×n array is needed either (the lists of
+a large set can be computed from its features by row blocks).
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from xmodal.metrics import feature_tensor, kernel_row_blocks, top_lists
 
 __all__ = [
     "BootstrapPlan",
@@ -38,10 +43,13 @@ __all__ = [
 
 
 def percentile_interval(values: np.ndarray, level: float = 0.95) -> tuple[float, float]:
-    """Equal-tailed percentile interval ((1−level)/2, (1+level)/2) with linear interpolation."""
+    """Equal-tailed percentile interval ((1−level)/2, (1+level)/2) with linear interpolation.
+
+    NaN when any value is not finite (or there are none): a distribution with undefined draws
+    has no interval (docs/method.md, "Degenerate layers").
+    """
     v = np.asarray(values, dtype=np.float64)
-    v = v[np.isfinite(v)]
-    if v.size == 0:
+    if v.size == 0 or not np.all(np.isfinite(v)):
         return float("nan"), float("nan")
     lo, hi = np.quantile(v, [(1 - level) / 2, (1 + level) / 2])
     return float(lo), float(hi)
@@ -50,29 +58,45 @@ def percentile_interval(values: np.ndarray, level: float = 0.95) -> tuple[float,
 def random_baseline(
     random_values: np.ndarray, low_value: float, level: float = 0.95
 ) -> dict[str, float]:
-    """Random-draw distribution: mean, percentile interval, fraction of draws ≥ the low set's score."""
+    """Random-draw distribution: mean, percentile interval, fraction of draws ≥ the low set's score.
+
+    Refuses undefined inputs rather than ignoring them: mean, interval and fraction are NaN
+    when any draw is not finite (``n_nonfinite`` says how many), and the fraction is NaN when
+    the low set's score is not finite.
+    """
     v = np.asarray(random_values, dtype=np.float64)
     if v.ndim != 1 or v.size == 0:
         raise ValueError("random_values must be a non-empty 1-D array")
+    n_bad = int(np.sum(~np.isfinite(v)))
     lo, hi = percentile_interval(v, level)
+    nan = float("nan")
     return {
-        "random_mean": float(v.mean()),
+        "random_mean": float(v.mean()) if n_bad == 0 else nan,
         "random_ci_low": lo,
         "random_ci_high": hi,
-        "frac_random_ge_low": float(np.mean(v >= low_value)),
+        "frac_random_ge_low": (
+            float(np.mean(v >= low_value)) if n_bad == 0 and np.isfinite(low_value) else nan
+        ),
+        "n_nonfinite": n_bad,
     }
 
 
 @dataclass
 class BootstrapSide:
-    """One kernel on a set under a batch of resamples: neighbour lists (n×T), counts (B,n,T), self-HSIC (B,)."""
+    """One kernel on a set, for a plan's resamples: sorted neighbour lists (n, T) and self-HSIC (B,).
 
-    kernel: torch.Tensor
+    ``order``/``values``: each row's T nearest other stimuli of the set (local positions) and
+    their kernel values, sorted by (value descending, position ascending); ``rec``: for entry
+    (i, t) with j = order[i, t], the flat index j·(T+1) + t' of (j, i) in a (n, T+1) padded
+    layout (t' = T when i is not in j's list); ``counts`` (B, n, T) are kept when small,
+    else recomputed per block of resamples.
+    """
+
     order: torch.Tensor
     values: torch.Tensor
-    position: torch.Tensor
-    counts: torch.Tensor
+    rec: torch.Tensor
     self_hsic: torch.Tensor
+    counts: torch.Tensor | None = None
 
     @property
     def depth(self) -> int:
@@ -80,15 +104,19 @@ class BootstrapSide:
         return int(self.order.shape[1])
 
 
-def _sorted_lists(kernel: torch.Tensor, depth: int) -> tuple[torch.Tensor, torch.Tensor]:
-    n = kernel.shape[0]
-    masked = kernel.clone()
-    masked.fill_diagonal_(float("-inf"))
-    _, order = torch.sort(masked, dim=1, descending=True, stable=True)
-    order = order[:, :depth].contiguous()
-    position = torch.full((n, n), depth, dtype=torch.long)
-    position.scatter_(1, order, torch.arange(depth).expand(n, depth).contiguous())
-    return order, position
+def _list_positions(lists: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """Position t with lists[rows[q], t] == cols[q], or T (the list length) where cols[q] is absent.
+
+    Chunked comparisons against the (short) lists: O(chunk·T) memory, no n×n position matrix.
+    """
+    t = lists.shape[1]
+    out = torch.empty(rows.shape, dtype=torch.long)
+    step = max(1, _CHUNK // max(t, 1))
+    for start in range(0, rows.numel(), step):
+        eq = lists.index_select(0, rows[start : start + step]) == cols[start : start + step, None]
+        pos = eq.to(torch.uint8).argmax(dim=1)
+        out[start : start + step] = torch.where(eq.any(dim=1), pos, t)
+    return out
 
 
 def _counts(order: torch.Tensor, weights: torch.Tensor, k: int) -> tuple[torch.Tensor, bool]:
@@ -106,6 +134,9 @@ def _counts(order: torch.Tensor, weights: torch.Tensor, k: int) -> tuple[torch.T
 #: Resamples evaluated together: each (block, n, T) temporary then stays cache-sized. At n = 256,
 #: T ≈ 31 a CKNNA of 1000 resamples took 34 ms in blocks of 128 and 91 ms in one block.
 BLOCK = 128
+#: Counts (n_boot·n·T elements) kept with a side when at most this many, else recomputed per block.
+KEEP_COUNTS = 1 << 25
+_CHUNK = 1 << 24
 
 
 def _blocks(n_boot: int) -> list[slice]:
@@ -120,16 +151,15 @@ def _weighted_hsic(
     weights: torch.Tensor,
     order: torch.Tensor,
     n_m: torch.Tensor,
-    position: torch.Tensor,
+    rec: torch.Tensor,
     a_val: torch.Tensor,
     b_val: torch.Tensor,
 ) -> torch.Tensor:
     """Weighted HSIC_u for counts n_m (B,n,T) on lists ``order`` (see module docstring)."""
     bsz, n, t = n_m.shape
-    rows = torch.arange(n).view(n, 1)
-    # reciprocal count nM_ji: entry (i, j=order[i,t]) sits at (j, position[j, i]) in the same layout.
-    rec_index = (order * (t + 1) + position[order, rows]).view(1, -1).expand(bsz, -1)
-    n_rec = _pad_last(n_m).reshape(bsz, -1).gather(1, rec_index).view(bsz, n, t)
+    # reciprocal count nM_ji: entry (i, j=order[i,t]) sits at flat index rec[i, t] of (n, T+1).
+    n_rec = _pad_last(n_m).reshape(bsz, -1).gather(1, rec.view(1, -1).expand(bsz, -1))
+    n_rec = n_rec.view(bsz, n, t)
     f64 = torch.float64
     w = weights.to(f64)
     a = n_m * a_val  # (B,n,T)
@@ -151,15 +181,18 @@ def _weighted_hsic(
 class BootstrapPlan:
     """Resamples (with replacement) of one stimulus set, shared by every kernel evaluated on it.
 
-    ``weights`` (n_boot, n) are multiplicities; ``side(kernel)`` prepares a kernel restricted to
-    the set, ``cknna(side_x, side_y)`` gives the n_boot resampled CKNNA values.
+    ``weights`` (n_boot, n) are multiplicities of the set's stimuli in ascending stimulus order
+    (``positions`` is kept sorted, so that ties break by stimulus order as everywhere else;
+    the draws are those of ``rng.integers(0, n, (n_boot, n))`` on the positions as given).
+    ``side(kernel)`` or ``side(features=x)`` prepares one kernel restricted to the set,
+    ``cknna(side_x, side_y)`` gives the n_boot resampled CKNNA values.
     """
 
     def __init__(
         self, positions: np.ndarray, n_boot: int, rng: np.random.Generator, k: int = 10
     ) -> None:
-        self.positions = torch.as_tensor(np.asarray(positions, dtype=np.int64))
-        n = int(self.positions.numel())
+        given = np.asarray(positions, dtype=np.int64)
+        n = int(given.size)
         if n < 4 or not 1 <= k <= n - 1:
             raise ValueError(f"need a set of n ≥ 4 stimuli and 1 ≤ k ≤ n−1, got n={n}, k={k}")
         if n_boot < 1:
@@ -168,61 +201,125 @@ class BootstrapPlan:
         draws = rng.integers(0, n, size=(n_boot, n))
         weights = np.zeros((n_boot, n), dtype=np.float32)
         np.add.at(weights, (np.arange(n_boot)[:, None], draws), 1.0)
-        self.weights = torch.from_numpy(weights)
+        order = np.argsort(given, kind="stable")
+        self.positions = torch.from_numpy(given[order])
+        self.weights = torch.from_numpy(np.ascontiguousarray(weights[:, order]))
 
     @classmethod
     def from_weights(cls, positions: np.ndarray, weights: np.ndarray, k: int = 10) -> BootstrapPlan:
         """A plan with given integer multiplicities (n_boot, n) instead of random draws."""
         plan = cls.__new__(cls)
-        plan.positions = torch.as_tensor(np.asarray(positions, dtype=np.int64))
-        plan.n = int(plan.positions.numel())
+        given = np.asarray(positions, dtype=np.int64)
+        plan.n = int(given.size)
         plan.k = k
-        w = torch.as_tensor(np.asarray(weights, dtype=np.float32))
+        w = np.asarray(weights, dtype=np.float32)
         if w.ndim != 2 or w.shape[1] != plan.n:
-            raise ValueError(f"weights must be (n_boot, {plan.n}), got {tuple(w.shape)}")
-        plan.weights, plan.n_boot = w, int(w.shape[0])
+            raise ValueError(f"weights must be (n_boot, {plan.n}), got {w.shape}")
+        order = np.argsort(given, kind="stable")
+        plan.positions = torch.from_numpy(given[order])
+        plan.weights = torch.from_numpy(np.ascontiguousarray(w[:, order]))
+        plan.n_boot = int(w.shape[0])
         return plan
 
-    def side(self, kernel: np.ndarray | torch.Tensor, full_kernel: bool = True) -> BootstrapSide:
-        """Neighbour lists, counts and self-HSIC of ``kernel`` (full m×m, or already the set's n×n)."""
-        kt = torch.as_tensor(kernel).cpu()
-        sub = kt[self.positions][:, self.positions] if full_kernel else kt
-        sub = sub.to(torch.float32) if sub.dtype != torch.float64 else sub
+    def _lists(
+        self, sub: torch.Tensor | None, x: torch.Tensor | None, depth: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sorted top-``depth`` lists within the set, from its kernel or, blocked, its features."""
+        if sub is not None:
+            masked = sub.clone()
+            masked.fill_diagonal_(float("-inf"))
+            val, idx, _ = top_lists(masked, depth)
+            return idx, val
+        parts = [top_lists(rows, depth)[:2] for _, rows in kernel_row_blocks(x)]
+        return torch.cat([p[1] for p in parts]), torch.cat([p[0] for p in parts])
+
+    def side(
+        self,
+        kernel: np.ndarray | torch.Tensor | None = None,
+        full_kernel: bool = True,
+        features: np.ndarray | torch.Tensor | None = None,
+    ) -> BootstrapSide:
+        """Neighbour lists and self-HSIC of a kernel on the set.
+
+        ``kernel``: the full m×m kernel (or, with ``full_kernel=False``, the set's n×n one);
+        ``features``: the full (m, p) features instead, for the blocked path (no n×n kernel).
+        """
+        if (kernel is None) == (features is None):
+            raise ValueError("give exactly one of kernel and features")
+        sub = x = None
+        if kernel is not None:
+            kt = torch.as_tensor(kernel).cpu()
+            sub = kt[self.positions][:, self.positions] if full_kernel else kt
+            sub = sub.to(torch.float32) if sub.dtype != torch.float64 else sub
+            dtype = sub.dtype
+        else:
+            x = feature_tensor(features).cpu()[self.positions]
+            dtype = x.dtype
+        weights = self.weights.to(dtype)
         depth = min(self.n - 1, 4 * self.k + 8)
-        order, position = _sorted_lists(sub, depth)
-        weights = self.weights.to(sub.dtype)
-        cnt, enough = _counts(order, weights, self.k)
-        if not enough:  # some resample needs deeper lists: use complete ones (exact)
-            order, position = _sorted_lists(sub, self.n - 1)
-            cnt, _ = _counts(order, weights, self.k)
+        while True:  # deepen until every resample finds k copies in every row's list
+            order, values = self._lists(sub, x, depth)
+            enough, used = True, 0
+            for b in _blocks(self.n_boot):
+                cnt, ok = _counts(order, weights[b], self.k)
+                enough &= ok
+                hit = torch.nonzero((cnt > 0).any(dim=0).any(dim=0))
+                used = max(used, int(hit.max()) + 1 if hit.numel() else 1)
+            if enough or depth == self.n - 1:
+                break
+            depth = min(self.n - 1, 2 * depth)
         # keep only the list prefix that carries any count
-        used = torch.nonzero((cnt > 0).any(dim=0).any(dim=0))
-        t = int(used.max()) + 1 if used.numel() else 1
-        order = order[:, :t].contiguous()
-        position = position.clamp(max=t)
-        cnt = cnt[:, :, :t].to(weights.dtype).contiguous()
-        values = sub.gather(1, order)
-        self_h = torch.cat(
-            [
-                _weighted_hsic(weights[b], order, cnt[b], position, values, values)
-                for b in _blocks(self.n_boot)
-            ]
+        order, values = order[:, :used].contiguous(), values[:, :used].contiguous()
+        t = used
+        rows = torch.arange(self.n).view(-1, 1).expand(self.n, t).reshape(-1)
+        pos = _list_positions(order, order.reshape(-1), rows)
+        rec = (order.reshape(-1) * (t + 1) + pos).view(self.n, t)
+        keep = self.n_boot * self.n * t <= KEEP_COUNTS
+        counts, self_h = [], []
+        for b in _blocks(self.n_boot):
+            cnt = _counts(order, weights[b], self.k)[0].to(dtype)
+            self_h.append(_weighted_hsic(weights[b], order, cnt, rec, values, values))
+            if keep:
+                counts.append(cnt)
+        return BootstrapSide(
+            order, values, rec, torch.cat(self_h), torch.cat(counts) if keep else None
         )
-        return BootstrapSide(sub, order, values, position, cnt, self_h)
+
+    def _side_counts(self, side: BootstrapSide, b: slice, dtype: torch.dtype) -> torch.Tensor:
+        if side.counts is not None:
+            return side.counts[b]
+        return _counts(side.order, self.weights[b].to(dtype), self.k)[0].to(dtype)
 
     def cknna(self, kside: BootstrapSide, lside: BootstrapSide) -> np.ndarray:
         """Resampled CKNNA values (n_boot,) for two prepared sides of the same plan."""
-        bsz, n, t = lside.counts.shape
-        k_pos = kside.position.gather(1, lside.order).view(1, n, t)
-        k_on_l = kside.kernel.gather(1, lside.order).to(lside.values.dtype)
-        weights = self.weights.to(lside.values.dtype)
-        out = np.empty(bsz, dtype=np.float64)
-        for b in _blocks(bsz):
-            ck_on_l = _pad_last(kside.counts[b]).gather(2, k_pos.expand(b.stop - b.start, n, t))
-            n_m = torch.minimum(lside.counts[b], ck_on_l)
-            cross = _weighted_hsic(
-                weights[b], lside.order, n_m, lside.position, k_on_l, lside.values
-            )
+        return self.values(kside, lside, "cknna")
+
+    def values(self, kside: BootstrapSide, lside: BootstrapSide, metric: str) -> np.ndarray:
+        """Resampled ``cknna`` or ``mutual_knn`` values (n_boot,) for two sides of this plan.
+
+        Multiset mutual kNN = Σ_i w_i Σ_j nM_ij / (k·Σ_i w_i) with the counts nM of the module
+        docstring (copies of a stimulus are one point, as for CKNNA).
+        """
+        if metric not in ("cknna", "mutual_knn"):
+            raise ValueError(f"the bootstrap covers cknna and mutual_knn, not {metric!r}")
+        n, t = lside.order.shape
+        dtype = lside.values.dtype
+        rows = torch.arange(n).view(-1, 1).expand(n, t).reshape(-1)
+        # where L's neighbour j of i sits in K's list of i (T_K when absent, count 0 there)
+        k_pos = _list_positions(kside.order, rows, lside.order.reshape(-1)).view(1, n, t)
+        k_on_l = _pad_last(kside.values.to(dtype)).gather(1, k_pos[0])
+        weights = self.weights.to(dtype)
+        out = np.empty(self.n_boot, dtype=np.float64)
+        for b in _blocks(self.n_boot):
+            ck = _pad_last(self._side_counts(kside, b, dtype))
+            ck_on_l = ck.gather(2, k_pos.expand(b.stop - b.start, n, t))
+            n_m = torch.minimum(self._side_counts(lside, b, dtype), ck_on_l)
+            w = weights[b]
+            if metric == "mutual_knn":
+                hits = (w.to(torch.float64) * n_m.sum(dim=2).to(torch.float64)).sum(dim=1)
+                out[b] = (hits / (self.k * w.to(torch.float64).sum(dim=1))).numpy()
+                continue
+            cross = _weighted_hsic(w, lside.order, n_m, lside.rec, k_on_l, lside.values)
             out[b] = (cross / torch.sqrt(kside.self_hsic[b] * lside.self_hsic[b])).numpy()
         return out
 
@@ -268,8 +365,18 @@ def bootstrap_difference(
 
 
 def difference_summary(diffs: np.ndarray, level: float = 0.95) -> dict[str, float]:
-    """diff_ci_low, diff_ci_high (percentile interval), n_boot and the bootstrap SD of low − high."""
+    """diff_ci_low, diff_ci_high (percentile interval), n_boot, bootstrap SD and n_nonfinite.
+
+    Interval and SD are NaN when any resampled difference is not finite.
+    """
     d = np.asarray(diffs, dtype=np.float64)
     lo, hi = percentile_interval(d, level)
-    sd = float(np.std(d, ddof=1)) if d.size > 1 else float("nan")
-    return {"diff_ci_low": lo, "diff_ci_high": hi, "n_boot": int(d.size), "boot_sd": sd}
+    n_bad = int(np.sum(~np.isfinite(d)))
+    sd = float(np.std(d, ddof=1)) if d.size > 1 and n_bad == 0 else float("nan")
+    return {
+        "diff_ci_low": lo,
+        "diff_ci_high": hi,
+        "n_boot": int(d.size),
+        "boot_sd": sd,
+        "n_nonfinite": n_bad,
+    }

@@ -1,0 +1,89 @@
+"""Representation diagnostics against brute-force computations and planted structure."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from xmodal import diagnostics as dg
+from xmodal import metrics as mt
+
+
+def unit_rows(a):
+    return (a / np.linalg.norm(a, axis=1, keepdims=True)).astype(np.float32)
+
+
+def brute(x, k, tau):
+    x64 = x.astype(np.float64)
+    g = x64 @ x64.T
+    m = len(g)
+    off = g[~np.eye(m, dtype=bool)]
+    gaps = []
+    for i in range(m):
+        v = sorted((g[i, j] for j in range(m) if j != i), reverse=True)
+        gaps.append(v[k - 1] - v[k])
+    lam = np.linalg.eigvalsh(np.cov(x64, rowvar=False, bias=True))
+    return {
+        "cos_mean": off.mean(),
+        "cos_sd": off.std(ddof=1),
+        "eff_dim": lam.sum() ** 2 / (lam**2).sum(),
+        "unresolved": [i for i in range(m) if gaps[i] <= tau],
+    }
+
+
+@settings(max_examples=5, deadline=None)
+@given(seed=st.integers(0, 2**16), d=st.sampled_from([3, 8, 70]))
+def test_diagnose_matches_brute_force(seed, d):
+    rng = np.random.default_rng(seed)
+    x = unit_rows(rng.standard_normal((50, d)) + rng.uniform(0, 2) * rng.standard_normal(d))
+    x[[7, 30]] = x[4]  # one duplicate group of three
+    x[[11]] = x[40]  # and one of two
+    got = dg.diagnose(x, k=4, tau=1e-6)
+    want = brute(x, 4, 1e-6)
+    assert got.cos_mean == pytest.approx(want["cos_mean"], abs=1e-6)
+    assert got.cos_sd == pytest.approx(want["cos_sd"], rel=1e-4, abs=1e-6)
+    assert got.eff_dim == pytest.approx(want["eff_dim"], rel=1e-5)  # d > m or d < m
+    assert got.unresolved.tolist() == want["unresolved"]
+    assert [g.tolist() for g in got.duplicate_groups] == [[4, 7, 30], [11, 40]]
+    assert got.n_duplicate_groups == 2 and got.n_in_duplicate_groups == 5
+
+
+def test_blocked_equals_one_block(monkeypatch):
+    rng = np.random.default_rng(1)
+    x = unit_rows(rng.standard_normal((90, 12)))
+    x[5] = x[6]
+    one = dg.diagnose(x, k=5)
+    monkeypatch.setattr(mt, "BLOCK_ELEMS", 11 * 90)  # 11-row blocks
+    blocked = dg.diagnose(x, k=5)
+    assert blocked.unresolved.tolist() == one.unresolved.tolist()
+    assert blocked.cos_mean == pytest.approx(one.cos_mean, abs=1e-12)
+    assert blocked.cos_sd == pytest.approx(one.cos_sd, rel=1e-9)
+
+
+def test_collapsed_and_warn_flags():
+    rng = np.random.default_rng(2)
+    base = rng.standard_normal(64)
+    collapsed = dg.diagnose(unit_rows(base + 1e-7 * rng.standard_normal((200, 64))))
+    assert collapsed.cos_mean > 0.999 and collapsed.frac_unresolved > 0.9
+    assert collapsed.collapsed and collapsed.warn
+    healthy = dg.diagnose(unit_rows(rng.standard_normal((200, 64))))
+    assert not healthy.collapsed and not healthy.warn
+    assert healthy.frac_unresolved <= dg.WARN_UNRESOLVED
+
+
+def test_table_and_ids():
+    rng = np.random.default_rng(3)
+    x = unit_rows(rng.standard_normal((30, 5)))
+    x[[1, 2]] = x[0]  # copies: row 0's 2 nearest tie at k = 1
+    diag = dg.diagnose(x, k=1)
+    assert {0, 1, 2} <= set(diag.unresolved.tolist())
+    ids = [f"s{i}" for i in range(30)]
+    assert diag.unresolved_ids(ids)[:3] == ["s0", "s1", "s2"]
+    table = dg.diagnostics_table([("clip", 3, "blocks.3", diag), ("mae", 1, "blocks.1", diag)])
+    assert list(table.columns) == dg.DIAGNOSTIC_COLUMNS
+    assert table["n_duplicate_groups"].tolist() == [1, 1]
+    assert table.loc[0, "frac_unresolved"] == pytest.approx(diag.n_unresolved / 30)
+    with pytest.raises(ValueError, match="k"):
+        dg.diagnose(x, k=29)
