@@ -25,6 +25,7 @@ include: "workflow/rules/models.smk"
 include: "workflow/rules/extract.smk"
 include: "workflow/rules/dispersion.smk"
 include: "workflow/rules/alignment.smk"
+include: "workflow/rules/diagnostics.smk"
 include: "workflow/rules/figures.smk"
 
 

@@ -19,6 +19,7 @@ run_conditions(
     snakemake.wildcards.llm,
     vision_layer=int(snakemake.params.vision_layer),
     k=int(snakemake.params.k),
+    metric_names=list(snakemake.params.metrics),
     n_boot=int(snakemake.params.n_boot),
     seed=int(snakemake.params.seed),
     out_conditions=snakemake.output.conditions,

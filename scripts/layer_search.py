@@ -16,5 +16,7 @@ run_layer_search(
     snakemake.wildcards.llm,
     vision_layer=int(snakemake.params.vision_layer),
     k=int(snakemake.params.k),
-    out_table=snakemake.output[0],
+    metric_names=list(snakemake.params.metrics),
+    out_table=snakemake.output.layers,
+    out_diagnostics=snakemake.output.diagnostics,
 )

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from xmodal import alignment, dispersion, gpa, metrics, selection
+from xmodal import alignment, diagnostics, dispersion, gpa, metrics, selection
 from xmodal.config import resolve_layer
 from xmodal.features import FeatureFile, FeatureFileError
 from xmodal.io import atomic_path, read_table, write_table
@@ -300,15 +300,30 @@ def run_layer_search(
     k: int,
     out_table: PathLike,
     metric_names: Sequence[str] = ("cknna",),
+    out_diagnostics: PathLike | None = None,
 ) -> None:
     """Each vision model against every layer of one LLM on the full stimulus set: the layer
-    profile and the chosen layer per (vision model, metric) (docs/method.md, "Layer choice")."""
+    profile and the chosen layer per (vision model, metric) (docs/method.md, "Layer choice");
+    with ``out_diagnostics``, the representation diagnostics of every LLM layer too
+    (docs/method.md, "Diagnostics")."""
     ids, prepared = read_prepared_vision(vision_paths, vision, vision_layer)
+    diags: list[tuple[str, int, str, diagnostics.LayerDiagnostics]] = []
+
+    def layers(f: FeatureFile) -> Iterator[tuple[int, str, np.ndarray]]:
+        for i, name, x in _llm_layers(f):
+            if out_diagnostics is not None:
+                diags.append((llm, i, name, diagnostics.diagnose(x, k)))
+            yield i, name, x
+
     with open_features(llm_path, ids, model=llm, modality="language") as f:
         table = alignment.layer_search_table(
-            prepared, llm, _llm_layers(f), k=k, metrics=tuple(metric_names)
+            prepared, llm, layers(f), k=k, metrics=tuple(metric_names)
         )
     _log_invalid(table, llm)
+    if out_diagnostics is not None:
+        diag_table = diagnostics.diagnostics_table(diags)
+        _log_diagnostics(diag_table)
+        write_table(diag_table, out_diagnostics)
     for row in table.loc[table["chosen"].astype(bool)].itertuples():
         log.info(
             "%s x %s: best LLM layer %s by %s (%.4f)",
@@ -319,6 +334,84 @@ def run_layer_search(
             row.value,
         )
     write_table(table, out_table)
+
+
+def _log_diagnostics(table: pd.DataFrame) -> None:
+    """One line per model: the range of its layers' diagnostics."""
+    for model, d in table.groupby("model", sort=False):
+        log.info(
+            "%s: %d layer(s); mean pairwise cosine %.3f–%.3f; effective dimensionality "
+            "%.1f–%.1f; stimuli with unresolved neighbours %d–%d of %d; %d collapsed layer(s)",
+            model,
+            len(d),
+            d["cos_mean"].min(),
+            d["cos_mean"].max(),
+            d["eff_dim"].min(),
+            d["eff_dim"].max(),
+            d["n_unresolved"].min(),
+            d["n_unresolved"].max(),
+            int(d["m"].iloc[0]),
+            int(d["collapsed"].sum()),
+        )
+
+
+def run_vision_diagnostics(
+    vision_paths: Sequence[PathLike],
+    vision: Sequence[str],
+    vision_layer: int,
+    k: int,
+    out_table: PathLike,
+) -> None:
+    """Representation diagnostics of every vision model's analysed layer (docs/method.md,
+    "Diagnostics")."""
+    _, prepared = read_prepared_vision(vision_paths, vision, vision_layer)
+    rows = []
+    for key, (idx, x) in prepared.items():
+        with FeatureFile(vision_paths[list(vision).index(key)]) as f:
+            name = f.layer_names[idx]
+        rows.append((key, idx, name, diagnostics.diagnose(x, k)))
+    table = diagnostics.diagnostics_table(rows)
+    _log_diagnostics(table)
+    write_table(table, out_table)
+
+
+def gather_diagnostics(
+    vision_table: PathLike, llm_tables: Sequence[PathLike], layers_table: PathLike, out: PathLike
+) -> None:
+    """Every model's diagnostics in one table, with ``modality`` and ``used`` (the vision layer,
+    and every LLM layer chosen for some vision model and metric); a warning names each used
+    layer that is collapsed or has many stimuli with unresolved neighbours."""
+    vision = read_table(vision_table)
+    vision.insert(1, "modality", "vision")
+    vision["used"] = True
+    chosen = read_table(layers_table)
+    chosen = chosen.loc[chosen["chosen"].astype(bool), ["llm", "llm_layer"]].drop_duplicates()
+    used = set(zip(chosen["llm"], chosen["llm_layer"].astype(int), strict=True))
+    frames = [vision]
+    for p in llm_tables:
+        t = read_table(p)
+        t.insert(1, "modality", "language")
+        t["used"] = [(m, int(i)) in used for m, i in zip(t["model"], t["layer"], strict=True)]
+        frames.append(t)
+    table = pd.concat(frames, ignore_index=True)
+    for row in table.loc[table["used"] & table["warn"]].itertuples():
+        what = (
+            "is collapsed (nearly all stimuli alike)"
+            if row.collapsed
+            else f"has {row.n_unresolved} of {row.m} stimuli with unresolved neighbours"
+        )
+        log.warning(
+            "%s layer %d (%s) %s: mean pairwise cosine %.4f, %d of %d stimuli's kNN sets are "
+            "decided by rounding; values using it are flagged by their stability",
+            row.model,
+            row.layer,
+            row.layer_name,
+            what,
+            row.cos_mean,
+            row.n_unresolved,
+            row.m,
+        )
+    write_table(table, out)
 
 
 def chosen_layers(

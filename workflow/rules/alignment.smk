@@ -8,17 +8,21 @@ rule layer_search:
         vision=vision_features,
         llm="results/features/{dataset}/{llm}.h5",
     output:
-        f"{ALIGN}/layers/{{llm}}.tsv",
+        layers=f"{ALIGN}/layers/{{llm}}.tsv",
+        diagnostics=f"{DIAG}/layers/{{llm}}.tsv",
     log:
         "logs/alignment/{dataset}/layers/{llm}.log",
     benchmark:
         "results/benchmarks/{dataset}/layers/{llm}.tsv"
     conda:
         "../../envs/analysis.yaml"
+    resources:
+        **ALIGNMENT_GPU,
     params:
         vision=VISION,
         vision_layer=ANALYSIS["vision_layer"],
         k=ANALYSIS["knn_k"],
+        metrics=METRICS,
     script:
         "../../scripts/layer_search.py"
 
@@ -38,12 +42,15 @@ rule conditions:
         "results/benchmarks/{dataset}/conditions/{llm}.tsv"
     conda:
         "../../envs/analysis.yaml"
+    resources:
+        **ALIGNMENT_GPU,
     params:
         vision=VISION,
         vision_layer=ANALYSIS["vision_layer"],
         k=ANALYSIS["knn_k"],
         n_boot=ANALYSIS["n_boot"],
         seed=ANALYSIS["seed"],
+        metrics=METRICS,
     script:
         "../../scripts/conditions.py"
 

@@ -67,6 +67,9 @@ VISION = REGISTRY.vision
 LANGUAGE = REGISTRY.language
 HUB_CACHE = config.get("hub_cache", "resources/hub")
 ANALYSIS = config["analysis"]
+METRICS = list(ANALYSIS.get("metrics", ["cknna"]))
+# the alignment jobs ask for a GPU only when the config says so (analysis.gpu)
+ALIGNMENT_GPU = {"gpu": 1} if ANALYSIS.get("gpu", False) else {}
 # changes which stimuli every model's features hold: a feature-defining setting
 DROP_DUPLICATES = bool(config["stimuli"].get("drop_duplicates", False))
 
@@ -87,6 +90,7 @@ MANIFEST = f"resources/stimuli/{DATASET}/stimuli.tsv"
 STIMULI = "results/stimuli/{dataset}"
 DISP = "results/dispersion/{dataset}"
 ALIGN = "results/alignment/{dataset}"
+DIAG = "results/diagnostics/{dataset}"
 FIG = "results/figures/{dataset}"
 
 
@@ -160,6 +164,7 @@ def table_paths(dataset):
         "summary": f"results/summary/{dataset}.tsv",
         "images": f"results/stimuli/{dataset}/images.tsv",
         "duplicates": f"results/stimuli/{dataset}/duplicates.tsv",
+        "diagnostics": f"results/diagnostics/{dataset}/diagnostics.tsv",
         "manifest": f"resources/stimuli/{dataset}/stimuli.tsv",
     }
 
@@ -183,6 +188,7 @@ def llm_tables(kind):
 def get_final_output():
     paths = table_paths(DATASET)
     keys = ("loo", "grid", "layers", "contrasts", "summary", "images", "duplicates")
+    keys += ("diagnostics",)
     out = [paths[k] for k in keys]
     for name in FIGURES:
         out += [
