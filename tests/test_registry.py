@@ -214,3 +214,9 @@ def test_models_table_plot_order() -> None:
     for _, fam in llms.groupby("family", sort=False):
         assert list(fam["size_b"]) == sorted(fam["size_b"])  # by size within a family
     assert list(dict.fromkeys(llms["family"])) == ["BLOOM", "OpenLLaMA", "LLaMA"]
+
+
+def test_float32_extraction_asks_for_twice_the_gpu_memory() -> None:
+    bf16 = Registry.from_config(paper(gpu_mem_gb=80))["llama-65b"].resources()["gpu"]
+    fp32 = Registry.from_config(paper(gpu_mem_gb=80, dtype="float32"))["llama-65b"].resources()
+    assert (bf16, fp32["gpu"]) == (2, 4)  # 130 GB -> 2 × 80 GB; 261 GB -> 4 × 80 GB

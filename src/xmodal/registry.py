@@ -198,9 +198,16 @@ class ModelEntry:
         """What the download of this model depends on (repository and revision)."""
         return {"modality": self.modality, "id": self.id, "revision": self.revision}
 
+    @property
+    def bytes_per_param(self) -> int:
+        """Bytes per weight in GPU memory: 4 for ``dtype: float32``, else 2 (bf16/fp16)."""
+        return 4 if self.site.dtype == "float32" else 2
+
     def gpus(self) -> int:
-        """GPUs of ``site.gpu_mem_gb`` that hold the bf16 weights (see :mod:`xmodal.resources`)."""
-        return gpus_needed(self.size_b, self.site.gpu_mem_gb, max_gpus=self.site.gpus_per_node)
+        """GPUs of ``site.gpu_mem_gb`` that hold the weights (see :mod:`xmodal.resources`)."""
+        return gpus_needed(
+            self.size_b, self.site.gpu_mem_gb, self.site.gpus_per_node, self.bytes_per_param
+        )
 
     def resources(self, attempt: int = 1) -> dict[str, Any]:
         """The extraction job's resources: gpu, mem_mb, runtime, cpus_per_task (+ gpu_model)."""
@@ -211,6 +218,7 @@ class ModelEntry:
             gpu_mem_gb=self.site.gpu_mem_gb,
             num_workers=self.site.num_workers,
             max_gpus=self.site.gpus_per_node,
+            bytes_per_param=self.bytes_per_param,
         )
         if self.site.gpu_model:
             res["gpu_model"] = str(self.site.gpu_model)
@@ -328,10 +336,10 @@ class Registry(Mapping[str, ModelEntry]):
                 e.gpus()
             except ValueError as err:
                 site = e.site
-                need = 2 * e.size_b * 1.05
+                need = e.bytes_per_param * e.size_b * 1.05
                 raise ConfigError(
                     f"config key 'models.{e.key}': {err}. The model needs about {need:.0f} GB of "
-                    f"GPU memory in bf16; with 'extraction.gpu_mem_gb: {site.gpu_mem_gb}' that is "
+                    f"GPU memory (dtype {site.dtype}); with 'extraction.gpu_mem_gb: {site.gpu_mem_gb}' that is "
                     f"more than 'extraction.gpus_per_node: {site.gpus_per_node}' GPUs. Set "
                     "extraction.gpu_mem_gb to your GPUs' memory and extraction.gpus_per_node to "
                     "the GPUs of your largest node, or remove the model"

@@ -7,7 +7,7 @@ does not (it is what the weights need, which a retry does not change).
 
 The GPU model (bf16 weights, sharded with accelerate ``device_map="auto"``):
 
-    weights_gb = 2 * size_b                          (2 bytes per parameter)
+    weights_gb = bytes_per_param * size_b            (2 in bf16/fp16, the default; 4 in fp32)
     need_gb    = weights_gb + max(2, 0.05 * weights_gb)   (activations, hidden states, buffers)
     usable_gb  = 0.9 * gpu_mem_gb                    (accelerate keeps ~10% of each GPU free)
     gpu        = ceil(need_gb / usable_gb)
@@ -41,8 +41,14 @@ def _check(size_b: float, attempt: int) -> None:
         raise ValueError(f"attempt must be an integer >= 1 (Snakemake's attempt), got {attempt!r}")
 
 
-def gpus_needed(size_b: float, gpu_mem_gb: float, max_gpus: int = MAX_GPUS) -> int:
-    """GPUs of ``gpu_mem_gb`` each that hold a ``size_b``-billion-parameter model in bf16.
+def gpus_needed(
+    size_b: float,
+    gpu_mem_gb: float,
+    max_gpus: int = MAX_GPUS,
+    bytes_per_param: int = BYTES_PER_PARAM_BF16,
+) -> int:
+    """GPUs of ``gpu_mem_gb`` each that hold a ``size_b``-billion-parameter model
+    (``bytes_per_param``: 2 in bf16/fp16, 4 in fp32).
 
     Raises ValueError when more than ``max_gpus`` (the GPUs of one node) would be needed.
     """
@@ -51,7 +57,7 @@ def gpus_needed(size_b: float, gpu_mem_gb: float, max_gpus: int = MAX_GPUS) -> i
         raise ValueError(f"gpu_mem_gb must be a positive number of GB, got {gpu_mem_gb!r}")
     if not (isinstance(max_gpus, int) and max_gpus >= 1):
         raise ValueError(f"max_gpus must be an integer >= 1, got {max_gpus!r}")
-    weights_gb = BYTES_PER_PARAM_BF16 * size_b
+    weights_gb = bytes_per_param * size_b
     need_gb = weights_gb + max(2.0, 0.05 * weights_gb)
     n = max(1, math.ceil(need_gb / (GPU_USABLE_FRACTION * gpu_mem_gb)))
     if n > max_gpus:
@@ -70,6 +76,7 @@ def extraction_resources(
     gpu_mem_gb: float,
     num_workers: int,
     max_gpus: int = MAX_GPUS,
+    bytes_per_param: int = BYTES_PER_PARAM_BF16,
 ) -> dict[str, int]:
     """Resources of one model's feature-extraction job (a GPU job).
 
@@ -88,7 +95,7 @@ def extraction_resources(
         raise ValueError(f"modality must be 'vision' or 'language', got {modality!r}")
     if num_workers < 0:
         raise ValueError(f"num_workers must be >= 0, got {num_workers!r}")
-    weights_gb = BYTES_PER_PARAM_BF16 * size_b
+    weights_gb = bytes_per_param * size_b
     if modality == "vision":
         cpus = max(1, num_workers)
         mem_gb = 8 + 4 * 2 * size_b + 0.5 * num_workers
@@ -97,7 +104,7 @@ def extraction_resources(
         mem_gb = 8 + weights_gb
     runtime = 30 + math.ceil(weights_gb / 2)
     return {
-        "gpu": gpus_needed(size_b, gpu_mem_gb, max_gpus),
+        "gpu": gpus_needed(size_b, gpu_mem_gb, max_gpus, bytes_per_param),
         "mem_mb": 1024 * math.ceil(mem_gb) * attempt,
         "runtime": runtime * attempt,
         "cpus_per_task": cpus,
