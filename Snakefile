@@ -26,6 +26,7 @@ include: "workflow/rules/extract.smk"
 include: "workflow/rules/dispersion.smk"
 include: "workflow/rules/alignment.smk"
 include: "workflow/rules/figures.smk"
+include: "workflow/rules/extensions.smk"
 
 
 rule all:
