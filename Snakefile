@@ -27,6 +27,7 @@ include: "workflow/rules/dispersion.smk"
 include: "workflow/rules/alignment.smk"
 include: "workflow/rules/diagnostics.smk"
 include: "workflow/rules/figures.smk"
+include: "workflow/rules/extensions.smk"
 
 
 rule all:

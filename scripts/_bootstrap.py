@@ -9,8 +9,11 @@ import sys
 from pathlib import Path
 
 _SRC = str(Path(__file__).resolve().parents[1] / "src")
-if _SRC not in sys.path:
-    sys.path.insert(0, _SRC)
+# First, even when already on the path: Snakemake's script preamble appends this folder after
+# the interpreter's own entries, where an editable install of another checkout would win.
+while _SRC in sys.path:
+    sys.path.remove(_SRC)
+sys.path.insert(0, _SRC)
 
 import xmodal  # noqa: E402  (light: imports no numerical library)
 

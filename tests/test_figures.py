@@ -23,6 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 EXPECTED = {
     "dispersion_sets", "sets_rank", "sets_pc1", "drop25", "loo",
     "grid_heatmap", "layerwise", "gallery", "residuals", "contrasts",
+    "language_dispersion", "properties",
 }  # fmt: skip
 VISION = ["Vision A", "Vision B", "Vision C"]
 LLMS = ["Alpha 0.5b", "Alpha 3b", "Beta 1b", "Beta 7b"]  # family, then size (models.tsv `order`)
@@ -54,6 +55,11 @@ def panels(fig: Figure) -> list:
 
 def ticks(labels) -> list[str]:
     return [t.get_text() for t in labels]
+
+
+def placeholders(ax) -> list:
+    """Texts drawn on a gallery image other than its properties annotation."""
+    return [t for t in ax.texts if not str(t.get_gid()).startswith("properties:")]
 
 
 def all_text(fig: Figure) -> str:
@@ -214,7 +220,24 @@ def test_gallery(figs, inputs):
         "#40/40"
     )
     assert axes[0].get_xlabel().replace("\n", " ") == man.at[first.stimulus_id, "caption"]
-    assert all(len(ax.images) == 1 and not ax.texts for ax in axes)  # no placeholder needed
+    assert all(len(ax.images) == 1 and not placeholders(ax) for ax in axes)  # none needed
+    # each stimulus's properties under its caption
+    props = table(inputs, "properties")
+    mine = props[props["stimulus_id"] == first.stimulus_id].fillna({"model": ""})
+    value = mine.set_index(["property", "model"])["value"]
+    tokens = mine[mine["property"] == "caption_tokens"]["value"]
+    notes = [c for c in axes[0].get_children() if c.get_gid() == f"properties:{first.stimulus_id}"]
+    assert len(notes) == 1
+    lines = notes[0].get_text().split("\n")
+    span = f"{tokens.min():.0f}" + (f"–{tokens.max():.0f}" if tokens.max() > tokens.min() else "")
+    assert lines[0] == f"{value[('caption_words', '')]:.0f} words, {span} tokens"
+    assert lines[1] == (
+        f"colour {value[('colourfulness', '')]:.0f}, edges {value[('edge_density', '')]:.2f}"
+    )
+    assert lines[2] == (
+        f"entropy {value[('entropy', '')]:.1f} bits, {value[('bytes_per_pixel', '')]:.2f} B/px"
+    )
+    assert lines[3] == "24×24 px"  # the synthetic images: 576 pixels, aspect 1
 
 
 def test_gallery_missing_images_placeholder_and_warning(inputs, tmp_path):
@@ -229,7 +252,7 @@ def test_gallery_missing_images_placeholder_and_warning(inputs, tmp_path):
     axes = panels(fig)
     assert axes[0].texts[0].get_text() == "image\nmissing"
     assert axes[12].texts[0].get_text() == "image\nmissing"
-    assert not axes[1].texts
+    assert not placeholders(axes[1])
 
 
 def test_residuals(figs):

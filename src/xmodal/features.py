@@ -7,6 +7,8 @@ Layout (``schema_version`` 1, see docs/contracts.md "Feature file"):
 - ``abs_q95``: ``(m,)`` float32, per stimulus the 95th percentile (linear interpolation, as
   ``torch.quantile``) of ``|x|`` over all its layers and dims — the input of the alignment
   preprocessing's clamp threshold;
+- ``n_tokens`` (optional, language models): ``(m,)`` int32, the tokens each caption's features are
+  the mean over (special tokens included, after truncation); files without it stay valid;
 - provenance attributes (model id and key, modality, source, resolved revision, pooling, compute
   dtype, preprocessing, library versions, creation time).
 
@@ -122,6 +124,7 @@ def write_features(
     attrs: Mapping[str, Any],
     *,
     abs_q95: np.ndarray | torch.Tensor | None = None,
+    n_tokens: np.ndarray | Sequence[int] | None = None,
     dtype: str | np.dtype = "float32",
     check_finite: bool = True,
 ) -> Path:
@@ -129,8 +132,10 @@ def write_features(
 
     ``features`` is an ``(n_layers, m, dim)`` array or an iterable of per-layer ``(m, dim)``
     arrays (so a caller never needs all layers at once). ``abs_q95`` is computed here when not
-    given (from the array, or block-wise from the written file). Non-finite values, duplicate
-    ids or inconsistent shapes raise :class:`FeatureFileError` and leave no file at ``path``.
+    given (from the array, or block-wise from the written file). ``n_tokens`` (language models:
+    tokens per caption) is stored as the optional dataset ``n_tokens`` when given. Non-finite
+    values, duplicate ids or inconsistent shapes raise :class:`FeatureFileError` and leave no
+    file at ``path``.
     ``schema_version``, ``created`` and ``library_versions`` are filled in unless given.
     ``check_finite=False`` skips the finiteness scan (for callers that already checked).
     """
@@ -146,6 +151,7 @@ def write_features(
         raise FeatureFileError(f"{path}: duplicate stimulus ids {_preview(dup)}")
     if n_layers == 0 or m == 0:
         raise FeatureFileError(f"{path}: need at least one layer and one stimulus")
+    tokens = None if n_tokens is None else _token_counts(path, n_tokens, m)
 
     if isinstance(features, np.ndarray | torch.Tensor):
         if tuple(features.shape[:2]) != (n_layers, m) or features.ndim != 3:
@@ -223,10 +229,22 @@ def write_features(
             if q.shape != (m,) or not np.isfinite(q).all():
                 raise FeatureFileError(f"{path}: abs_q95 must be {m} finite values")
             f.create_dataset("abs_q95", data=q)
+            if tokens is not None:
+                f.create_dataset("n_tokens", data=tokens)
             for key, value in full_attrs.items():
                 f.attrs[key] = _attr_value(value)
     log.info("wrote %s: %d layers x %d stimuli x %d dims", path, n_layers, m, dim)
     return path
+
+
+def _token_counts(path: Path, n_tokens: np.ndarray | Sequence[int], m: int) -> np.ndarray:
+    """``n_tokens`` as ``(m,)`` int32, checked: whole numbers ≥ 0."""
+    t = np.asarray(n_tokens.cpu() if isinstance(n_tokens, torch.Tensor) else n_tokens)
+    if t.shape != (m,) or not np.issubdtype(t.dtype, np.number):
+        raise FeatureFileError(f"{path}: n_tokens must be {m} counts, got shape {t.shape}")
+    if not (np.isfinite(t).all() and (t >= 0).all() and (t == np.round(t)).all()):
+        raise FeatureFileError(f"{path}: n_tokens must be whole numbers ≥ 0")
+    return t.astype(np.int32)
 
 
 def _as_numpy(x: np.ndarray | torch.Tensor) -> np.ndarray:
@@ -322,10 +340,9 @@ class FeatureFile:
             raise FeatureFileError(
                 f"{p}: {f['layer_names'].shape[0]} layer names for {n_layers} layers"
             )
-        if "abs_q95" in f and f["abs_q95"].shape != (m,):
-            raise FeatureFileError(
-                f"{p}: 'abs_q95' has shape {f['abs_q95'].shape}, expected ({m},)"
-            )
+        for name in ("abs_q95", "n_tokens"):
+            if name in f and f[name].shape != (m,):
+                raise FeatureFileError(f"{p}: {name!r} has shape {f[name].shape}, expected ({m},)")
 
     def _match_ids(self, expected_ids: Sequence[str]) -> None:
         expected = [str(s) for s in expected_ids]
@@ -432,6 +449,15 @@ class FeatureFile:
                 log.info("%s has no abs_q95; computing it from the features", self.path)
                 q = _abs_q95_from_dataset(self._f["features"])
         return q if self._order is None else q[self._order]
+
+    def n_tokens(self) -> np.ndarray | None:
+        """Tokens per caption (language models), ``(m,)`` int64; None when the file has no
+        ``n_tokens`` dataset (vision models, files written before it existed, user files)."""
+        with self._reading("'n_tokens'"):
+            if "n_tokens" not in self._f:
+                return None
+            t = np.asarray(self._f["n_tokens"][()], dtype=np.int64)
+        return t if self._order is None else t[self._order]
 
     def validate(
         self, expected_ids: Sequence[str] | None = None, layers: bool = True

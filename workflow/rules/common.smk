@@ -22,6 +22,7 @@ from xmodal.config import (
     schema_errors,
 )
 from xmodal.figures import FIGURES
+from xmodal.language_dispersion import LanguageDispersionSettings
 from xmodal.registry import Registry
 
 _CONFIG_FILES = [str(p) for p in workflow.config_settings.configfiles] or [
@@ -51,6 +52,7 @@ try:
     check_config(config)
     # the one source of truth about every model (xmodal.registry)
     REGISTRY = Registry.from_config(config)
+    LANGUAGE_DISPERSION = LanguageDispersionSettings.from_config(config)
 except ConfigError as err:
     raise WorkflowError(
         f"Invalid configuration in {', '.join(_CONFIG_FILES)}: {err}"
@@ -92,6 +94,8 @@ DISP = "results/dispersion/{dataset}"
 ALIGN = "results/alignment/{dataset}"
 DIAG = "results/diagnostics/{dataset}"
 FIG = "results/figures/{dataset}"
+LANG = "results/language/{dataset}"
+PROPS = "results/properties/{dataset}"
 
 
 def feature_file(model):
@@ -166,6 +170,11 @@ def table_paths(dataset):
         "duplicates": f"results/stimuli/{dataset}/duplicates.tsv",
         "diagnostics": f"results/diagnostics/{dataset}/diagnostics.tsv",
         "manifest": f"resources/stimuli/{dataset}/stimuli.tsv",
+        "language_dispersion": f"results/language/{dataset}/dispersion.tsv",
+        "language_correlation": f"results/language/{dataset}/correlation.tsv",
+        "joint_cells": f"results/language/{dataset}/joint_cells.tsv",
+        "properties": f"results/properties/{dataset}/properties.tsv",
+        "property_correlations": f"results/properties/{dataset}/correlations.tsv",
     }
 
 
@@ -188,9 +197,13 @@ def llm_tables(kind):
 def get_final_output():
     paths = table_paths(DATASET)
     keys = ("loo", "grid", "layers", "contrasts", "summary", "images", "duplicates")
-    keys += ("diagnostics",)
+    keys += ("diagnostics", "properties", "property_correlations")
+    if LANGUAGE_DISPERSION.enabled:
+        keys += ("language_correlation", "joint_cells")
     out = [paths[k] for k in keys]
     for name in FIGURES:
+        if name == "language_dispersion" and not LANGUAGE_DISPERSION.enabled:
+            continue
         out += [
             f"results/figures/{DATASET}/{name}.png",
             f"results/figures/{DATASET}/{name}.pdf",

@@ -201,7 +201,14 @@ def extract_features(
     }
     # the extractor checked finiteness batch by batch on the device; a float16 cast is not used here
     out = write_features(
-        out_path, res.features, ids, res.layer_names, attrs, abs_q95=res.abs_q95, check_finite=False
+        out_path,
+        res.features,
+        ids,
+        res.layer_names,
+        attrs,
+        abs_q95=res.abs_q95,
+        n_tokens=res.n_tokens,
+        check_finite=False,
     )
     dt_s = time.perf_counter() - t0
     log.info(

@@ -236,6 +236,9 @@ class ExtractionResult:
     abs_q95: np.ndarray
     layer_names: list[str]
     info: dict[str, Any] = field(default_factory=dict)
+    #: language models: tokens each caption was pooled over (special tokens included, after
+    #: truncation), ``(m,)`` int; None for vision models
+    n_tokens: np.ndarray | None = None
 
 
 class FeatureAccumulator:

@@ -345,7 +345,8 @@ def extract_language_features(
     batches of similar length, right-padded. Each caption is first cut to ``max_tokens`` tokens
     (None: the model's context, or :data:`DEFAULT_MAX_TOKENS` when it declares none), before any
     batch is built; ``info`` records the limit (``max_length``), its source, and the number and
-    first ids of truncated captions.
+    first ids of truncated captions. ``n_tokens`` holds, per caption, the number of tokens its
+    features are the mean over (special tokens included, after truncation).
     """
     if len(captions) != len(stimulus_ids):
         raise ExtractionError(f"{len(captions)} captions for {len(stimulus_ids)} stimulus ids")
@@ -407,6 +408,7 @@ def extract_language_features(
 
         sizer.run(m, run)
     res = acc.result()
+    res.n_tokens = lengths.astype(np.int64)
     res.info.update(
         pooling="mean",
         batch_size=sizer.batch_size,

@@ -5,8 +5,9 @@ reads the tables a figure needs, draws it in the single report style and writes 
 atomically. ``render_figure`` returns the matplotlib ``Figure`` instead (tests, notebooks).
 
 Input names (keys of ``inputs``): ``dispersion``, ``residuals``, ``sets``, ``loo_stimuli``,
-``loo``, ``layers``, ``grid``, ``contrasts``, ``models``, ``summary``, ``manifest`` (see
-docs/contracts.md).
+``loo``, ``layers``, ``grid``, ``contrasts``, ``models``, ``summary``, ``manifest``, and for the
+extensions ``language_dispersion``, ``language_correlation``, ``joint_cells``, ``properties``,
+``property_correlations`` (see docs/contracts.md).
 """
 
 from __future__ import annotations
@@ -31,11 +32,13 @@ from .alignment import (
     draw_sets_rank,
 )
 from .dispersion import draw_dispersion_sets, draw_gallery, draw_loo, draw_residuals
+from .extensions import draw_language_dispersion, draw_properties
 
 log = logging.getLogger(__name__)
 
 INPUT_NAMES = frozenset(
-    {"dispersion", "residuals", "sets", "loo_stimuli", "loo", "layers", "grid", "contrasts", "models", "manifest", "summary"}
+    {"dispersion", "residuals", "sets", "loo_stimuli", "loo", "layers", "grid", "contrasts", "models", "manifest", "summary",
+     "language_dispersion", "language_correlation", "joint_cells", "properties", "property_correlations"}
 )  # fmt: skip
 
 
@@ -118,10 +121,10 @@ FIGURES: dict[str, FigureSpec] = {
         ),
         _spec(
             "gallery",
-            "Lowest- and highest-dispersion stimuli",
-            ("dispersion", "manifest"),
+            "Lowest- and highest-dispersion stimuli, with their properties",
+            ("dispersion", "manifest", "properties"),
             draw_gallery,
-            (),
+            ("properties",),
         ),
         _spec(
             "residuals",
@@ -135,6 +138,19 @@ FIGURES: dict[str, FigureSpec] = {
             ("contrasts", "summary", "models"),
             draw_contrasts,
             ("models", "summary"),
+        ),
+        _spec(
+            "language_dispersion",
+            "Language-side dispersion: correlation with vision dispersion, 2 × 2 sets",
+            ("dispersion", "language_dispersion", "language_correlation", "joint_cells", "models"),
+            draw_language_dispersion,
+            ("models", "language_correlation", "joint_cells"),
+        ),
+        _spec(
+            "properties",
+            "Stimulus properties vs dispersion (Spearman ρ, bootstrap 95% CI)",
+            ("property_correlations", "properties", "dispersion", "models"),
+            draw_properties,
         ),
     )
 }

@@ -197,9 +197,57 @@ def _load_thumb(path: Path, size: int = 160) -> np.ndarray | None:
         return None
 
 
+def _property_lines(props: pd.DataFrame | None) -> dict[str, str]:
+    """Per stimulus, its properties in a few short lines (the gallery's annotation)."""
+    if props is None or props.empty:
+        return {}
+    p = props.assign(
+        stimulus_id=props["stimulus_id"].astype(str),
+        model=props["model"].fillna("").astype(str) if "model" in props.columns else "",
+    )
+    tokens = p[p["property"] == "caption_tokens"].groupby("stimulus_id")["value"]
+    t_lo, t_hi = tokens.min(), tokens.max()
+    wide = p[p["model"] == ""].pivot_table(
+        index="stimulus_id", columns="property", values="value", aggfunc="first"
+    )
+
+    def get(sid: str, prop: str) -> float:
+        if sid in wide.index and prop in wide.columns:
+            return float(wide.at[sid, prop])
+        return float("nan")
+
+    def num(v: float, fmt: str) -> str:
+        return format(v, fmt) if np.isfinite(v) else "n/a"
+
+    out = {}
+    for sid in set(wide.index) | set(t_lo.index):
+        lo, hi = float(t_lo.get(sid, np.nan)), float(t_hi.get(sid, np.nan))
+        tok = num(lo, ".0f") if lo == hi or not np.isfinite(hi) else f"{lo:.0f}–{hi:.0f}"
+        out[sid] = "\n".join(
+            [
+                f"{num(get(sid, 'caption_words'), '.0f')} words, {tok} tokens",
+                f"colour {num(get(sid, 'colourfulness'), '.0f')}, "
+                f"edges {num(get(sid, 'edge_density'), '.2f')}",
+                f"entropy {num(get(sid, 'entropy'), '.1f')} bits, "
+                f"{num(get(sid, 'bytes_per_pixel'), '.2f')} B/px",
+                _image_size(get(sid, "image_pixels"), get(sid, "aspect_ratio")),
+            ]
+        )
+    return out
+
+
+def _image_size(pixels: float, aspect: float) -> str:
+    """'W×H px' from width·height and width/height (both as stored)."""
+    if not (np.isfinite(pixels) and np.isfinite(aspect) and pixels > 0 and aspect > 0):
+        return "size n/a"
+    return f"{round(np.sqrt(pixels * aspect))}×{round(np.sqrt(pixels / aspect))} px"
+
+
 def draw_gallery(data: FigureData, n: int = 12, ncols: int = 6) -> Figure:
-    """The ``n`` lowest and ``n`` highest mean-dispersion stimuli: thumbnail, caption, scores."""
+    """The ``n`` lowest and ``n`` highest mean-dispersion stimuli: thumbnail, caption, scores,
+    and (with the ``properties`` table) each stimulus's properties under its caption."""
     disp = data["dispersion"].sort_values("rank_mean")
+    props = _property_lines(data.get("properties"))
     man = data["manifest"].copy()
     man["stimulus_id"] = man["stimulus_id"].astype(str)
     man = man.set_index("stimulus_id")
@@ -208,7 +256,7 @@ def draw_gallery(data: FigureData, n: int = 12, ncols: int = 6) -> Figure:
     ncols = min(ncols, n)
     rows_per = math.ceil(n / ncols)
     groups = [("Lowest", disp.head(n)), ("Highest", disp.tail(n).iloc[::-1])]
-    fig = new_figure(1.75 * ncols, 2.25 * rows_per * 2 + 0.7)
+    fig = new_figure(1.75 * ncols, (2.85 if props else 2.25) * rows_per * 2 + 0.7)
     gs = fig.add_gridspec(2 * rows_per, ncols)
     missing: list[str] = []
     m_total = len(disp)
@@ -243,6 +291,13 @@ def draw_gallery(data: FigureData, n: int = 12, ncols: int = 6) -> Figure:
             short = textwrap.shorten(caption, width=90, placeholder=" …")
             ax.set_xlabel(textwrap.fill(short, width=30), fontsize=6)
             ax.set_gid(f"{word.lower()}:{sid}")
+            if sid in props:  # under the caption, in grey
+                note = ax.annotate(
+                    props[sid], xy=(0.5, 0), xycoords=ax.xaxis.label, xytext=(0, -1.5),
+                    textcoords="offset points", ha="center", va="top", fontsize=5.2,
+                    color="#555555", annotation_clip=False,
+                )  # fmt: skip
+                note.set_gid(f"properties:{sid}")
     fig.suptitle(
         f"{n} lowest (blue frames, top) and {n} highest (orange frames, bottom) mean-dispersion stimuli"
     )

@@ -194,6 +194,7 @@ def synthetic_inputs(
             arr[6:18, 6:18] = (255 * (j / max(n_stimuli - 1, 1)), 80, 160)
             Image.fromarray(arr).save(manifest_dir / "images" / f"{s}.png")
 
+    extension = _extension_tables(rng, dispersion, manifest, vision, llms, n_random, seed)
     out = {
         "dispersion": d / "dispersion.tsv",
         "residuals": d / "residuals.tsv",
@@ -206,6 +207,7 @@ def synthetic_inputs(
         "models": d / "models.tsv",
         "summary": d / "summary.tsv",
         "manifest": manifest_dir / "stimuli.tsv",
+        **{name: d / f"{name}.tsv" for name in extension},
     }
     tables = {
         "dispersion": dispersion,
@@ -219,7 +221,93 @@ def synthetic_inputs(
         "models": models,
         "summary": summary_table(pd.DataFrame(con_rows), pd.DataFrame(grid_rows)),
         "manifest": manifest,
+        **extension,
     }
     for name, df in tables.items():
         write_table(df, out[name])
     return out
+
+
+def _extension_tables(
+    rng: np.random.Generator,
+    dispersion: pd.DataFrame,
+    manifest: pd.DataFrame,
+    vision: list[str],
+    llms: list[str],
+    n_random: int,
+    seed: int,
+) -> dict[str, pd.DataFrame]:
+    """Language-side dispersion, its correlation, the 2 × 2 cells and stimulus properties.
+
+    Language dispersion is made to correlate with vision dispersion; image size and aspect are
+    constant (as for equal-size images), so their correlations are undefined (reported n/a).
+    The correlation tables are computed from the made-up values by the library's own functions.
+    """
+    from xmodal.language_dispersion import CELLS, correlation_table
+    from xmodal.properties import caption_words, property_correlations
+
+    ids = dispersion["stimulus_id"].tolist()
+    m = len(ids)
+    mean_l = 0.5 * dispersion["mean_dispersion"].to_numpy() + rng.uniform(0.05, 0.2, m)
+    pc1_l = 0.5 * dispersion["pc1_score"].to_numpy() + rng.normal(0, 0.05, m)
+    language = pd.DataFrame(
+        {
+            "stimulus_id": ids,
+            "position": range(m),
+            "mean_dispersion": mean_l,
+            "pc1_score": pc1_l,
+            "rank_mean": np.argsort(np.argsort(mean_l, kind="stable"), kind="stable"),
+            "rank_pc1": np.argsort(np.argsort(pc1_l, kind="stable"), kind="stable"),
+        }
+    )
+    correlation = correlation_table(dispersion, language, n_boot=50, seed=seed)
+    cell_rows = []
+    n = max(4, m // 8)
+    for v in vision:
+        for ll in llms:
+            base = rng.uniform(0.1, 0.3)
+            rnd = base + rng.normal(0, 0.02, max(n_random, 1))
+            for summary in ("mean", "pc1"):
+                for name, v_level, l_level in CELLS:
+                    lift = (0.06 if v_level == "low" else -0.04) + (
+                        0.02 if l_level == "low" else -0.01
+                    )
+                    value = base + lift + rng.normal(0, 0.01)
+                    cell_rows.append(
+                        {"vision": v, "llm": ll, "llm_layer": 2, "metric": "cknna",
+                         "summary": summary, "cell": name, "vision_level": v_level,
+                         "language_level": l_level, "n_stimuli": n, "value": value,
+                         "random_mean": rnd.mean(), "random_ci_low": np.percentile(rnd, 2.5),
+                         "random_ci_high": np.percentile(rnd, 97.5),
+                         "frac_random_ge": float(np.mean(rnd >= value)), "n_random": rnd.size}
+                    )  # fmt: skip
+    words = np.array([caption_words(c) for c in manifest["caption"]], dtype=float)
+    noise = dispersion["mean_dispersion"].to_numpy()
+    values = {
+        "caption_words": words,
+        "image_pixels": np.full(m, 576.0),
+        "aspect_ratio": np.ones(m),
+        "bytes_per_pixel": rng.uniform(0.2, 1.5, m),
+        "colourfulness": rng.uniform(0, 80, m),
+        "edge_density": np.clip(0.3 * noise + rng.normal(0, 0.03, m), 0, 1),
+        "entropy": rng.uniform(2, 7, m),
+    }
+    parts = [
+        pd.DataFrame({"stimulus_id": ids, "property": p, "model": "", "value": v})
+        for p, v in values.items()
+    ]
+    for i, ll in enumerate(llms):
+        parts.append(
+            pd.DataFrame(
+                {"stimulus_id": ids, "property": "caption_tokens", "model": ll,
+                 "value": words + 1 + (rng.integers(0, 3, m) if i else 0)}
+            )
+        )  # fmt: skip
+    properties = pd.concat(parts, ignore_index=True)
+    return {
+        "language_dispersion": language,
+        "language_correlation": correlation,
+        "joint_cells": pd.DataFrame(cell_rows),
+        "properties": properties,
+        "property_correlations": property_correlations(properties, dispersion, 50, seed),
+    }

@@ -1,0 +1,231 @@
+"""Figures beyond the paper: language-side dispersion (with the 2 × 2 sets) and the stimulus
+properties that go with dispersion (docs/method.md, "Language-side dispersion", "Stimulus
+properties"). Drawn from the tables only."""
+
+from __future__ import annotations
+
+import textwrap
+
+import numpy as np
+import pandas as pd
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+from matplotlib.patches import Patch
+
+from xmodal.properties import PROPERTIES
+
+from ._common import ALIGNMENT_LABEL, COLORS, FigureData, Models, new_figure, panel_grid
+
+#: Property labels, in display order (one place: xmodal.properties).
+PROPERTY_LABELS = PROPERTIES
+SUMMARY_TITLES = {"mean": "mean dispersion", "pc1": "PC1 score of dispersion"}
+
+
+def _fmt_ci(row: pd.Series | None, estimate: str = "estimate") -> str:
+    if row is None or not np.isfinite(row[estimate]):
+        reason = "" if row is None else str(row.get("reason", "") or "")
+        return f"n/a ({reason})" if reason else "n/a"
+    text = f"{row[estimate]:.2f}"
+    if np.isfinite(row["ci_low"]) and np.isfinite(row["ci_high"]):
+        text += f" [{row['ci_low']:.2f}, {row['ci_high']:.2f}]"
+    return text
+
+
+def _corr_row(corr: pd.DataFrame | None, summary: str, method: str) -> pd.Series | None:
+    if corr is None or corr.empty:
+        return None
+    sel = corr[(corr["summary"] == summary) & (corr["method"] == method)]
+    return sel.iloc[0] if len(sel) else None
+
+
+# --------------------------------------------------------------------------- language dispersion
+def _scatter_panel(
+    ax: Axes,
+    vision: pd.DataFrame,
+    language: pd.DataFrame,
+    col: str,
+    corr: pd.DataFrame | None,
+    summary: str,
+) -> None:
+    both = vision.assign(stimulus_id=vision["stimulus_id"].astype(str)).merge(
+        language.assign(stimulus_id=language["stimulus_id"].astype(str)),
+        on="stimulus_id",
+        suffixes=("_vision", "_language"),
+    )
+    x = both[f"{col}_vision"].to_numpy(float)
+    y = both[f"{col}_language"].to_numpy(float)
+    ax.scatter(x, y, s=6, color=COLORS["point"], alpha=0.5 if len(x) > 200 else 0.8, linewidth=0)
+    ax.set_xlabel(f"Vision {SUMMARY_TITLES[summary]}")
+    ax.set_ylabel(f"Language {SUMMARY_TITLES[summary]}")
+    sp, pe = _corr_row(corr, summary, "spearman"), _corr_row(corr, summary, "pearson")
+    n = int(sp["n"]) if sp is not None else len(x)
+    ax.text(
+        0.03, 0.97,
+        f"Spearman ρ = {_fmt_ci(sp)}\nPearson r = {_fmt_ci(pe)}\nn = {n} (95% bootstrap CI)",
+        transform=ax.transAxes, ha="left", va="top", fontsize=7,
+        bbox={"boxstyle": "round,pad=0.3", "fc": "white", "ec": "#cccccc", "alpha": 0.9},
+    )  # fmt: skip
+
+
+def _cells_panel(ax: Axes, cells: pd.DataFrame, summary: str) -> int | None:
+    """Bars: mean alignment over (vision, LLM) pairs per 2 × 2 set; dots: pairs; band: the
+    size-matched random sets. Returns the set size (None without data)."""
+    sub = cells[cells["summary"] == summary] if cells is not None and len(cells) else None
+    if sub is None or sub.empty:
+        ax.text(0.5, 0.5, "no 2 × 2 sets", ha="center", va="center", transform=ax.transAxes)
+        return None
+    rng = np.random.default_rng(0)
+    width = 0.38
+    for vi, v_level in enumerate(("low", "high")):
+        for li, l_level in enumerate(("low", "high")):
+            g = sub[(sub["vision_level"] == v_level) & (sub["language_level"] == l_level)]
+            vals = g["value"].to_numpy(float)
+            vals = vals[np.isfinite(vals)]
+            x = vi + (li - 0.5) * width
+            height = float(vals.mean()) if vals.size else 0.0
+            ax.bar(
+                x, height, width * 0.92, color=COLORS[v_level], alpha=1.0 if li == 0 else 0.45,
+                hatch="" if li == 0 else "///", edgecolor="white", linewidth=0.5,
+                label=f"vision {v_level}, language {l_level}",
+            )  # fmt: skip
+            if vals.size:
+                ax.scatter(
+                    x + rng.uniform(-0.08, 0.08, vals.size), vals, s=7, color="black",
+                    linewidth=0, zorder=3, alpha=0.7,
+                )  # fmt: skip
+    rmean = float(np.nanmean(sub["random_mean"])) if sub["random_mean"].notna().any() else np.nan
+    if np.isfinite(rmean):
+        lo = float(np.nanmean(sub["random_ci_low"]))
+        hi = float(np.nanmean(sub["random_ci_high"]))
+        ax.axhspan(lo, hi, color=COLORS["random"], alpha=0.18, lw=0, zorder=0)
+        ax.axhline(rmean, color=COLORS["random"], ls="--", lw=1.0, zorder=1)
+    ax.set_xticks([0, 1])
+    ax.set_xticklabels(["Low vision dispersion", "High vision dispersion"])
+    ax.set_xlim(-0.6, 1.6)
+    ax.set_ylabel(ALIGNMENT_LABEL)
+    n = sub["n_stimuli"].dropna()
+    return int(n.iloc[0]) if len(n) else None
+
+
+def draw_language_dispersion(data: FigureData) -> Figure:
+    """Language vs vision dispersion (mean, PC1) and alignment on the 2 × 2 sets."""
+    vision, language = data["dispersion"], data["language_dispersion"]
+    corr, cells = data.get("language_correlation"), data.get("joint_cells")
+    fig = new_figure(8.6, 6.6)
+    axes = panel_grid(fig, 4, 2)
+    for ax, (letter, summary, col) in zip(
+        axes[:2], (("A", "mean", "mean_dispersion"), ("B", "pc1", "pc1_score")), strict=True
+    ):
+        _scatter_panel(ax, vision, language, col, corr, summary)
+        what = "mean" if summary == "mean" else "PC1"
+        ax.set_title(f"{letter}   Language vs vision dispersion ({what})", loc="left")
+    n_pairs = 0
+    for ax, (letter, summary) in zip(axes[2:], (("C", "mean"), ("D", "pc1")), strict=True):
+        n = _cells_panel(ax, cells, summary)
+        if cells is not None and len(cells):
+            n_pairs = cells.groupby(["vision", "llm"]).ngroups
+        size = f", n = {n} each" if n is not None else ""
+        what = "mean dispersion" if summary == "mean" else "PC1 score"
+        ax.set_title(f"{letter}   2 × 2 sets by {what}{size}", loc="left")
+    handles = [
+        Patch(facecolor="#777777", label="language dispersion low"),
+        Patch(facecolor="#777777", alpha=0.45, hatch="///", edgecolor="white",
+              label="language dispersion high"),
+        Patch(facecolor=COLORS["random"], alpha=0.3, label="size-matched random sets (mean, 95%)"),
+    ]  # fmt: skip
+    fig.legend(handles=handles, loc="outside lower center", ncols=3)
+    fig.suptitle(
+        "Language-side dispersion (GPA across language models)"
+        + (f"; dots: {n_pairs} vision × language pairs" if n_pairs else "")
+    )
+    return fig
+
+
+# --------------------------------------------------------------------------- properties
+def property_label(prop: str, model: str, models: Models) -> str:
+    """Readable label of a property (token counts name their LLM by its label)."""
+    base = PROPERTY_LABELS.get(prop, prop)
+    if model:
+        return base.replace("(tokens)", f"(tokens, {models.label(model)})")
+    return base
+
+
+def _property_rows(corr: pd.DataFrame, models: Models) -> list[tuple[str, str]]:
+    """(property, model) in display order: PROPERTY_LABELS order, token rows by model order."""
+    keys = corr[["property", "model"]].fillna("").astype(str).drop_duplicates()
+    rank = {p: i for i, p in enumerate(PROPERTY_LABELS)}
+    order = {m: i for i, m in enumerate(models.order([m for m in keys["model"] if m]))}
+    return sorted(
+        map(tuple, keys.to_numpy()),
+        key=lambda pm: (rank.get(pm[0], len(rank)), order.get(pm[1], -1), pm[0]),
+    )
+
+
+def _forest(ax: Axes, corr: pd.DataFrame, rows: list[tuple[str, str]], summary: str, models):
+    sub = corr[corr["summary"] == summary].copy()
+    sub["model"] = sub["model"].fillna("").astype(str)
+    sub = sub.set_index(["property", "model"])
+    for i, key in enumerate(rows):
+        if key not in sub.index:
+            continue
+        r = sub.loc[key]
+        if np.isfinite(r["spearman_rho"]):
+            ok = np.isfinite(r["ci_low"]) and np.isfinite(r["ci_high"])
+            err = [[r["spearman_rho"] - r["ci_low"]], [r["ci_high"] - r["spearman_rho"]]]
+            ax.errorbar(
+                r["spearman_rho"], i, xerr=err if ok else None, fmt="o", ms=4,
+                color=COLORS["point"], ecolor=COLORS["point"], capsize=2, lw=1,
+            )  # fmt: skip
+        else:
+            ax.text(0, i, f"n/a: {r['reason'] or 'undefined'}", ha="center", va="center",
+                    fontsize=6.5, color="#777777")  # fmt: skip
+    ax.axvline(0, color="#bbbbbb", lw=0.8, zorder=0)
+    ax.set_yticks(range(len(rows)))
+    ax.set_yticklabels([property_label(p, m, models) for p, m in rows])
+    ax.set_ylim(len(rows) - 0.5, -0.5)
+    ax.set_xlim(-1, 1)
+    ax.set_xlabel(f"Spearman ρ with {SUMMARY_TITLES[summary]} (95% bootstrap CI)")
+
+
+def draw_properties(data: FigureData) -> Figure:
+    """Spearman correlation of each property with vision dispersion, and each property against
+    mean dispersion stimulus by stimulus."""
+    corr, props, disp = data["property_correlations"], data["properties"], data["dispersion"]
+    models = data.models
+    rows = _property_rows(corr, models)
+    fig = new_figure(10.5, 3.0 + 0.22 * len(rows) + 2.4)
+    top, bottom = fig.subfigures(2, 1, height_ratios=[0.6 + 0.22 * len(rows), 2.4])
+    ax1, ax2 = top.subplots(1, 2, sharey=True)
+    _forest(ax1, corr, rows, "mean", models)
+    _forest(ax2, corr, rows, "pc1", models)
+    ax1.set_title("A   Properties vs mean dispersion", loc="left")
+    ax2.set_title("B   Properties vs PC1 score", loc="left")
+
+    singles = [p for p in PROPERTY_LABELS if p != "caption_tokens" and p in set(props["property"])]
+    axes = panel_grid(bottom, len(singles), max(1, len(singles)), sharey=True)
+    d = disp.assign(stimulus_id=disp["stimulus_id"].astype(str)).set_index("stimulus_id")
+    mean_rows = corr[(corr["summary"] == "mean")].copy()
+    mean_rows["model"] = mean_rows["model"].fillna("").astype(str)
+    mean_rows = mean_rows.set_index(["property", "model"])
+    for i, (ax, prop) in enumerate(zip(axes, singles, strict=True)):
+        g = props[props["property"] == prop]
+        g = g[g["stimulus_id"].astype(str).isin(d.index)]
+        x = g["value"].to_numpy(float)
+        y = d.loc[g["stimulus_id"].astype(str), "mean_dispersion"].to_numpy(float)
+        ax.scatter(x, y, s=4, color=COLORS["point"], alpha=0.5 if len(x) > 200 else 0.8,
+                   linewidth=0)  # fmt: skip
+        r = mean_rows.loc[(prop, "")] if (prop, "") in mean_rows.index else None
+        text = f"ρ = {r['spearman_rho']:.2f}" if r is not None and np.isfinite(r["spearman_rho"]) else (
+            f"n/a: {r['reason']}" if r is not None and r["reason"] else "ρ n/a"
+        )  # fmt: skip
+        ax.text(
+            0.03, 0.97, text, transform=ax.transAxes, ha="left", va="top", fontsize=6.5,
+            bbox={"boxstyle": "round,pad=0.2", "fc": "white", "ec": "none", "alpha": 0.85},
+        )  # fmt: skip
+        ax.set_xlabel(textwrap.fill(PROPERTY_LABELS[prop], 18), fontsize=7)
+        ax.tick_params(labelsize=6)
+        if i == 0:
+            ax.set_ylabel("Mean dispersion")
+        ax.set_title(f"{chr(ord('C') + i)}", loc="left")
+    fig.suptitle("What goes with dispersion: stimulus properties (no extra model)")
+    return fig

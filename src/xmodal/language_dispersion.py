@@ -1,0 +1,614 @@
+"""Language-side dispersion: GPA across the language models, per caption (docs/method.md,
+"Language-side dispersion").
+
+The same GPA and dispersion summaries as on the vision side (:func:`xmodal.gpa.gpa`,
+:func:`xmodal.dispersion.dispersion_table`), run on one layer per LLM: the layer chosen by the
+full-set layer search (the most frequent choice by CKNNA across vision models, ties to the lower
+index) or the layer at a configured relative depth. Then: its correlation with vision dispersion
+(bootstrap interval, :mod:`xmodal.correlate`), and the 2 × 2 stimulus sets (low/high vision ×
+low/high language dispersion, equal sizes) on which each (vision, LLM) pair's alignment is
+compared with size-matched random sets.
+
+``run_*`` functions are pipeline steps (files in, files out, written atomically), called by the
+workflow's thin scripts; everything else takes arrays and tables.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from xmodal.config import MIN_SET_SIZE, ConfigError
+from xmodal.io import atomic_path, read_table, write_table
+
+log = logging.getLogger(__name__)
+
+PathLike = str | os.PathLike
+
+__all__ = [
+    "CELLS",
+    "CELL_COLUMNS",
+    "CORRELATION_COLUMNS",
+    "LAYER_COLUMNS",
+    "SUMMARIES",
+    "LanguageDispersionSettings",
+    "cell_table",
+    "chosen_llm_layer",
+    "correlation_table",
+    "joint_sets",
+    "language_layers",
+    "relative_depth_layer",
+    "run_joint_conditions",
+    "run_joint_sets",
+    "run_language_correlation",
+    "run_language_gpa",
+]
+
+#: Dispersion summaries (columns of dispersion.tsv) paired across the two modalities.
+SUMMARIES = {"mean": "mean_dispersion", "pc1": "pc1_score"}
+#: The 2 × 2 sets: (set name, vision level, language level).
+CELLS = (
+    ("vlow_llow", "low", "low"),
+    ("vlow_lhigh", "low", "high"),
+    ("vhigh_llow", "high", "low"),
+    ("vhigh_lhigh", "high", "high"),
+)
+LAYER_COLUMNS = [
+    "llm",
+    "llm_layer",
+    "layer_name",
+    "n_layers",
+    "relative_depth",
+    "rule",
+    "votes",
+    "n_vision",
+]
+CORRELATION_COLUMNS = [
+    "summary",
+    "method",
+    "estimate",
+    "ci_low",
+    "ci_high",
+    "p_value",
+    "n",
+    "n_boot",
+    "reason",
+]
+CELL_COLUMNS = [
+    "vision",
+    "llm",
+    "llm_layer",
+    "metric",
+    "summary",
+    "cell",
+    "vision_level",
+    "language_level",
+    "n_stimuli",
+    "value",
+    "random_mean",
+    "random_ci_low",
+    "random_ci_high",
+    "frac_random_ge",
+    "n_random",
+]
+
+
+# ---------------------------------------------------------------- settings
+
+
+@dataclass(frozen=True)
+class LanguageDispersionSettings:
+    """``analysis.language_dispersion`` with its defaults (the one place they are defaulted).
+
+    ``layer`` is ``"chosen"`` (the layer search's choice) or a relative depth in [0, 1].
+    """
+
+    enabled: bool = True
+    layer: str | float = "chosen"
+
+    @property
+    def uses_chosen(self) -> bool:
+        """True when the layer comes from the layer-search tables (they become inputs)."""
+        return self.layer == "chosen"
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> LanguageDispersionSettings:
+        """Read and check ``analysis.language_dispersion`` (absent: the defaults)."""
+        raw = dict((config.get("analysis") or {}).get("language_dispersion") or {})
+        enabled = bool(raw.get("enabled", cls.enabled))
+        layer = raw.get("layer", cls.layer)
+        key = "analysis.language_dispersion.layer"
+        if isinstance(layer, bool) or not (
+            layer == "chosen" or (isinstance(layer, int | float) and 0 <= layer <= 1)
+        ):
+            raise ConfigError(
+                f"config key '{key}': {layer!r} is neither 'chosen' nor a relative depth in "
+                "[0, 1] (0 = embeddings, 1 = last hidden state)"
+            )
+        layer = "chosen" if layer == "chosen" else float(layer)
+        n_llm = sum(
+            1 for m in (config.get("models") or {}).values() if m.get("modality") == "language"
+        )
+        if enabled and n_llm < 2:
+            raise ConfigError(
+                f"config key 'analysis.language_dispersion.enabled': GPA across language models "
+                f"needs at least 2 of them, found {n_llm}; add language models or set it to false"
+            )
+        return cls(enabled=enabled, layer=layer)
+
+
+# ---------------------------------------------------------------- layers
+
+
+def relative_depth_layer(depth: float, n_layers: int) -> int:
+    """Hidden state at relative depth d of L + 1 states: index ⌊d·L + 1/2⌋ (0 = embeddings)."""
+    if not 0 <= depth <= 1:
+        raise ValueError(f"relative depth must be in [0, 1], got {depth}")
+    if n_layers < 1:
+        raise ValueError(f"n_layers must be ≥ 1, got {n_layers}")
+    return int(math.floor(depth * (n_layers - 1) + 0.5))
+
+
+def chosen_llm_layer(
+    layers: pd.DataFrame, llm: str, metric: str = "cknna", path: PathLike = "layers table"
+) -> tuple[int, int, int]:
+    """One layer per LLM from its layer search: the layer chosen for the most vision models by
+    ``metric``, ties to the lower index. Returns (layer, votes, number of vision models)."""
+    rows = layers.loc[
+        layers["chosen"].astype(bool)
+        & (layers["metric"].astype(str) == metric)
+        & (layers["llm"].astype(str) == str(llm))
+    ]
+    if rows.empty:
+        raise ValueError(
+            f"{path}: no layer of LLM {llm!r} is marked chosen for metric {metric!r}; rerun its "
+            "layer search (rule layer_search)"
+        )
+    votes = Counter(int(v) for v in rows["llm_layer"])
+    best = max(votes.values())
+    layer = min(v for v, c in votes.items() if c == best)
+    return layer, best, int(rows["vision"].nunique())
+
+
+def language_layers(
+    llms: Sequence[str],
+    layer_names: Mapping[str, Sequence[str]],
+    setting: str | float,
+    layer_tables: Mapping[str, PathLike] | None = None,
+) -> pd.DataFrame:
+    """The layer each LLM contributes to the language GPA (:data:`LAYER_COLUMNS`).
+
+    ``layer_names[llm]``: the file's layer names; ``setting``: ``"chosen"`` (then
+    ``layer_tables[llm]`` is that LLM's layer-search table) or a relative depth.
+    """
+    rows = []
+    for llm in llms:
+        names = list(layer_names[llm])
+        n = len(names)
+        if setting == "chosen":
+            if not layer_tables or llm not in layer_tables:
+                raise ValueError(f"no layer-search table given for LLM {llm!r}")
+            path = layer_tables[llm]
+            index, votes, n_vision = chosen_llm_layer(read_table(path), llm, path=path)
+            if not 0 <= index < n:
+                raise ValueError(
+                    f"{path}: chosen layer {index} of {llm!r} is not among its {n} layers; the "
+                    "layer search is older than the feature file (rerun it)"
+                )
+            rule = "chosen"
+        else:
+            index, votes, n_vision = relative_depth_layer(float(setting), n), np.nan, np.nan
+            rule = f"depth {float(setting):g}"
+        rows.append(
+            {
+                "llm": llm,
+                "llm_layer": index,
+                "layer_name": names[index],
+                "n_layers": n,
+                "relative_depth": index / (n - 1) if n > 1 else 0.0,
+                "rule": rule,
+                "votes": votes,
+                "n_vision": n_vision,
+            }
+        )
+    return pd.DataFrame(rows, columns=LAYER_COLUMNS)
+
+
+def _read_language_layers(
+    paths: Sequence[PathLike],
+    llms: Sequence[str],
+    setting: str | float,
+    layer_tables: Mapping[str, PathLike] | None,
+) -> tuple[list[str], list[np.ndarray], pd.DataFrame]:
+    """Stimulus ids (first file's order), one float64 layer per LLM, and the layer table."""
+    from xmodal.features import FeatureFileError
+    from xmodal.pipeline import open_features
+
+    names: dict[str, list[str]] = {}
+    for p, llm in zip(paths, llms, strict=True):
+        with open_features(p, model=llm, modality="language") as f:
+            names[llm] = f.layer_names
+    table = language_layers(llms, names, setting, layer_tables)
+    ids: list[str] | None = None
+    reps = []
+    for p, row in zip(paths, table.itertuples(), strict=True):
+        with open_features(p, ids, model=row.llm, modality="language") as f:
+            ids = ids or f.stimulus_ids
+            x = f.finite_layer(int(row.llm_layer)).astype(np.float64)
+        if not np.any(x != x[0]):
+            raise FeatureFileError(
+                f"{p}: language model {row.llm!r} has the same features for every caption in "
+                f"layer {row.llm_layer} ({row.layer_name}); GPA needs features that vary across "
+                "stimuli. Choose another layer (config key 'analysis.language_dispersion.layer')"
+            )
+        reps.append(x)
+    assert ids is not None
+    return ids, reps, table
+
+
+def _write_json(obj: Any, path: PathLike) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, default=float) + "\n")
+
+
+def run_language_gpa(
+    feature_paths: Sequence[PathLike],
+    llms: Sequence[str],
+    layer: str | float,
+    tol: float,
+    max_iter: int,
+    out_residuals: PathLike,
+    out_dispersion: PathLike,
+    out_layers: PathLike,
+    out_summary: PathLike,
+    layer_tables: Sequence[PathLike] = (),
+) -> None:
+    """GPA across the LLMs, one layer each; per-caption residuals, dispersion and the layers used.
+
+    ``layer``: ``"chosen"`` (``layer_tables``: each LLM's layer-search table, in ``llms``
+    order) or a relative depth in [0, 1]. Tables as the vision GPA's (docs/contracts.md).
+    """
+    from xmodal import dispersion, gpa
+
+    if layer == "chosen" and len(layer_tables) != len(llms):
+        raise ValueError(
+            f"layer 'chosen' needs one layer-search table per LLM: {len(layer_tables)} given for "
+            f"{len(llms)} LLMs"
+        )
+    tables = dict(zip(llms, layer_tables, strict=True)) if layer == "chosen" else None
+    ids, reps, used = _read_language_layers(feature_paths, llms, layer, tables)
+    for row in used.itertuples():
+        log.info(
+            "language GPA: %s layer %d (%s, relative depth %.2f; %s%s)",
+            row.llm,
+            row.llm_layer,
+            row.layer_name,
+            row.relative_depth,
+            row.rule,
+            f", chosen for {row.votes:g} of {row.n_vision:g} vision models"
+            if row.rule == "chosen"
+            else "",
+        )
+    res = gpa.gpa(reps, tol=tol, max_iter=max_iter)
+    log.info(
+        "language GPA over %d models, %d captions: %d iterations, converged=%s",
+        len(reps),
+        len(ids),
+        res.n_iter,
+        res.converged,
+    )
+    R = np.asarray(res.residuals)
+    residuals = pd.DataFrame(
+        {
+            "stimulus_id": np.repeat(ids, len(llms)),
+            "model": np.tile(list(llms), len(ids)),
+            "residual": R.reshape(-1),
+        }
+    )
+    table, explained = dispersion.dispersion_table(ids, R)
+    write_table(residuals, out_residuals)
+    write_table(table, out_dispersion)
+    write_table(used, out_layers)
+    _write_json(
+        {
+            "models": list(llms),
+            "layers": [int(v) for v in used["llm_layer"]],
+            "layer_setting": layer,
+            "widths": [int(r.shape[1]) for r in reps],
+            "m": len(ids),
+            "n_iter": int(res.n_iter),
+            "converged": bool(res.converged),
+            "objective": [float(v) for v in res.objective],
+            "tol": tol,
+            "max_iter": max_iter,
+            "pc1_explained_variance": float(explained),
+            "slow_regime": bool(getattr(res, "slow_regime", False)),
+        },
+        out_summary,
+    )
+
+
+# ---------------------------------------------------------------- correlation with vision
+
+
+def _paired(vision: pd.DataFrame, language: pd.DataFrame) -> pd.DataFrame:
+    """Both dispersion tables on the same stimuli, in the vision table's order."""
+    v_ids = vision["stimulus_id"].astype(str)
+    l_ids = language["stimulus_id"].astype(str)
+    if set(v_ids) != set(l_ids) or len(v_ids) != len(l_ids):
+        missing = sorted(set(v_ids) ^ set(l_ids))
+        raise ValueError(
+            f"vision and language dispersion cover different stimuli ({len(v_ids)} vs "
+            f"{len(l_ids)}; differing ids: {missing[:5]}); rerun both GPA steps on one manifest"
+        )
+    lang = language.assign(stimulus_id=l_ids).set_index("stimulus_id")
+    out = vision.assign(stimulus_id=v_ids).reset_index(drop=True)
+    for col in SUMMARIES.values():
+        out[f"language_{col}"] = lang.loc[out["stimulus_id"], col].to_numpy()
+    return out
+
+
+def correlation_table(
+    vision: pd.DataFrame, language: pd.DataFrame, n_boot: int, seed: int
+) -> pd.DataFrame:
+    """Spearman and Pearson correlation of language with vision dispersion, per summary (mean
+    with mean, PC1 with PC1), each with its bootstrap interval (:data:`CORRELATION_COLUMNS`)."""
+    from xmodal.correlate import correlation_ci
+
+    both = _paired(vision, language)
+    rows = []
+    for summary, col in SUMMARIES.items():
+        for method in ("spearman", "pearson"):
+            res = correlation_ci(
+                both[col].to_numpy(),
+                both[f"language_{col}"].to_numpy(),
+                method=method,
+                n_boot=n_boot,
+                seed=seed,  # the same resamples for every coefficient
+            )
+            rows.append({"summary": summary, "method": method, **res})
+    return pd.DataFrame(rows, columns=CORRELATION_COLUMNS)
+
+
+def run_language_correlation(
+    vision_dispersion: PathLike,
+    language_dispersion: PathLike,
+    n_boot: int,
+    seed: int,
+    out_table: PathLike,
+) -> None:
+    """Correlation of per-caption language dispersion with per-image vision dispersion."""
+    table = correlation_table(
+        read_table(vision_dispersion), read_table(language_dispersion), n_boot, seed
+    )
+    for row in table.itertuples():
+        log.info(
+            "%s %s: %.3f [%.3f, %.3f] (n = %d)%s",
+            row.summary,
+            row.method,
+            row.estimate,
+            row.ci_low,
+            row.ci_high,
+            row.n,
+            f" ({row.reason})" if row.reason else "",
+        )
+    write_table(table, out_table)
+
+
+# ---------------------------------------------------------------- the 2 × 2 sets
+
+
+def joint_sets(
+    vision: pd.DataFrame,
+    language: pd.DataFrame,
+    set_size: int,
+    n_random: int,
+    knn_k: int,
+    seed: int,
+) -> pd.DataFrame:
+    """The 2 × 2 sets and size-matched random sets (columns set, summary, draw, stimulus_id).
+
+    For each summary (mean, PC1), each modality's stimuli are split at the median of a stable
+    ascending sort (low = the first ⌊m/2⌋, high = the rest); the four cells are the
+    intersections. Every cell set has the same size n = min(``set_size``, smallest cell over
+    both summaries) and holds the n members deepest in its corner: the largest
+    e = d_v + d_l, with d = rank (high half) or m − 1 − rank (low half), ties by manifest order.
+    ``n_random`` random sets of n stimuli (``xmodal.selection.random_sets`` with ``seed``) are
+    the size-matched baseline.
+    """
+    from xmodal.dispersion import stable_rank
+    from xmodal.selection import random_sets
+
+    both = _paired(vision, language)
+    ids = both["stimulus_id"].to_numpy(dtype=object)
+    m = len(ids)
+    half = m // 2
+    cells: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = {}
+    for summary, col in SUMMARIES.items():
+        rv = stable_rank(both[col].to_numpy(dtype=np.float64))
+        rl = stable_rank(both[f"language_{col}"].to_numpy(dtype=np.float64))
+        for name, v_level, l_level in CELLS:
+            in_v = rv < half if v_level == "low" else rv >= half
+            in_l = rl < half if l_level == "low" else rl >= half
+            members = np.flatnonzero(in_v & in_l)
+            depth_v = rv if v_level == "high" else m - 1 - rv
+            depth_l = rl if l_level == "high" else m - 1 - rl
+            cells[(summary, name)] = (members, (depth_v + depth_l)[members])
+    sizes = {key: len(mem) for key, (mem, _) in cells.items()}
+    n = min(int(set_size), *sizes.values())
+    log.info(
+        "2 x 2 sets: cell sizes %s; every set holds n = %d stimuli",
+        ", ".join(f"{s}/{c}: {k}" for (s, c), k in sizes.items()),
+        n,
+    )
+    if n < max(MIN_SET_SIZE, int(knn_k) + 1):
+        small = min(sizes, key=sizes.get)
+        raise ConfigError(
+            f"the 2 x 2 sets hold only n = {n} stimuli each (cell {small[1]} by {small[0]} "
+            f"dispersion has {sizes[small]} of {m}: vision and language dispersion are strongly "
+            f"related), too few for CKNNA with k = {knn_k} (config key 'analysis.knn_k'); lower "
+            "knn_k, use more stimuli, or set analysis.language_dispersion.enabled to false"
+        )
+    if n < set_size:
+        log.info("2 x 2 sets are smaller than analysis.set_size = %d: n = %d", set_size, n)
+    parts = []
+    for (summary, name), (members, depth) in cells.items():
+        order = np.lexsort((members, -depth))[:n]  # deepest first, ties by manifest position
+        parts.append(
+            pd.DataFrame(
+                {"set": name, "summary": summary, "draw": 0, "stimulus_id": ids[members[order]]}
+            )
+        )
+    for draw, pos in enumerate(random_sets(m, n, int(n_random), int(seed))):
+        parts.append(
+            pd.DataFrame(
+                {"set": "random", "summary": "none", "draw": draw, "stimulus_id": ids[pos]}
+            )
+        )
+    out = pd.concat(parts, ignore_index=True)
+    out["draw"] = out["draw"].astype(np.int64)
+    return out
+
+
+def run_joint_sets(
+    vision_dispersion: PathLike,
+    language_dispersion: PathLike,
+    set_size: int,
+    n_random: int,
+    knn_k: int,
+    seed: int,
+    out_sets: PathLike,
+) -> None:
+    """The 2 × 2 sets table from both dispersion tables (:func:`joint_sets`)."""
+    sets = joint_sets(
+        read_table(vision_dispersion),
+        read_table(language_dispersion),
+        set_size=set_size,
+        n_random=n_random,
+        knn_k=knn_k,
+        seed=seed,
+    )
+    write_table(sets, out_sets)
+
+
+# ---------------------------------------------------------------- alignment on the 2 × 2 sets
+
+
+def cell_table(conditions: pd.DataFrame) -> pd.DataFrame:
+    """Each 2 × 2 set's alignment against the size-matched random draws (:data:`CELL_COLUMNS`).
+
+    ``conditions``: :func:`xmodal.alignment.condition_tables` of the joint sets. Per (vision,
+    LLM, metric): the random draws' mean, 95% percentile interval and the fraction of draws at or
+    above the cell's value (``xmodal.stats.random_baseline``).
+    """
+    from xmodal.stats import random_baseline
+
+    levels = {name: (v, lang) for name, v, lang in CELLS}
+    rows = []
+    for (vision, llm, metric), group in conditions.groupby(["vision", "llm", "metric"], sort=False):
+        rand = group.loc[group["condition"] == "random", "value"].to_numpy(dtype=np.float64)
+        cells = group[group["condition"].isin(list(levels))]
+        for r in cells.itertuples():
+            base = (
+                random_baseline(rand, float(r.value))
+                if rand.size
+                else {
+                    "random_mean": np.nan,
+                    "random_ci_low": np.nan,
+                    "random_ci_high": np.nan,
+                    "frac_random_ge_low": np.nan,
+                }
+            )
+            rows.append(
+                {
+                    "vision": vision,
+                    "llm": llm,
+                    "llm_layer": int(r.llm_layer),
+                    "metric": metric,
+                    "summary": r.summary,
+                    "cell": r.condition,
+                    "vision_level": levels[r.condition][0],
+                    "language_level": levels[r.condition][1],
+                    "n_stimuli": int(r.n_stimuli),
+                    "value": float(r.value),
+                    "random_mean": base["random_mean"],
+                    "random_ci_low": base["random_ci_low"],
+                    "random_ci_high": base["random_ci_high"],
+                    "frac_random_ge": base["frac_random_ge_low"],
+                    "n_random": int(rand.size),
+                }
+            )
+    return pd.DataFrame(rows, columns=CELL_COLUMNS)
+
+
+def run_joint_conditions(
+    vision_paths: Sequence[PathLike],
+    llm_path: PathLike,
+    layers_path: PathLike,
+    sets_path: PathLike,
+    vision: Sequence[str],
+    llm: str,
+    vision_layer: int,
+    k: int,
+    seed: int,
+    out_conditions: PathLike,
+    out_cells: PathLike,
+) -> None:
+    """CKNNA of every vision model with one LLM (at its chosen layers) on the 2 × 2 sets and the
+    size-matched random draws; the conditions table and each cell against the random draws."""
+    from xmodal import alignment
+    from xmodal.pipeline import (
+        chosen_layers,
+        layer_threshold,
+        open_features,
+        prepared_layer,
+        read_prepared_vision,
+    )
+
+    chosen = chosen_layers(read_table(layers_path), layers_path)
+    missing = [v for v in vision if (v, "cknna") not in chosen]
+    if missing:
+        raise ValueError(
+            f"{layers_path}: no chosen layer for vision models {missing}; the layer search is "
+            "older than the config (rerun it)"
+        )
+    ids, prepared = read_prepared_vision(vision_paths, vision, vision_layer)
+    sets = read_table(sets_path)
+    with open_features(llm_path, ids, model=llm, modality="language") as f:
+        t = layer_threshold(f)
+        conditions, _ = alignment.condition_tables(
+            prepared,
+            llm,
+            chosen,
+            lambda i: prepared_layer(f, i, t),
+            sets,
+            ids,
+            k=k,
+            n_boot=0,
+            seed=seed,
+            metrics=("cknna",),
+        )
+    cells = cell_table(conditions)
+    for r in cells.itertuples():
+        log.info(
+            "%s x %s, %s %s: %.4f (random %.4f [%.4f, %.4f])",
+            r.vision,
+            llm,
+            r.summary,
+            r.cell,
+            r.value,
+            r.random_mean,
+            r.random_ci_low,
+            r.random_ci_high,
+        )
+    write_table(conditions, out_conditions)
+    write_table(cells, out_cells)

@@ -1,0 +1,393 @@
+"""What makes a stimulus dispersed: per-stimulus properties that need no extra model.
+
+Exact definitions (docs/method.md, "Stimulus properties"), each on the image as
+:func:`xmodal.stimuli.load_rgb` decodes it (8-bit RGB) unless said otherwise:
+
+- ``caption_words``: words in the caption, a word being a maximal run of letters, digits or
+  underscores, with apostrophes inside it (``don't``) joined: regex :data:`WORD`;
+- ``caption_tokens`` (one value per LLM, column ``model``): the tokens the LLM's features are
+  the mean over (its tokenizer, special tokens included, after truncation), as recorded in its
+  feature file (``n_tokens``);
+- ``image_pixels``: width · height as stored; ``aspect_ratio``: width / height as stored;
+- ``bytes_per_pixel``: file size in bytes / (width · height);
+- ``colourfulness`` (Hasler & Süsstrunk 2003): rg = R − G, yb = (R + G)/2 − B over all pixels,
+  M = sqrt(σ_rg² + σ_yb²) + 0.3 · sqrt(μ_rg² + μ_yb²) (population SDs; 0..255 scale);
+- ``edge_density``: the grey image (Pillow "L": ITU-R 601-2 luma, 0..1) resized (bilinear, with
+  antialiasing) so that its shorter side is :data:`EDGE_SIDE` px; Sobel gradients (scipy.ndimage,
+  mirrored border) g = sqrt(Sx² + Sy²) / 4 (1 at a step from black to white); the fraction of
+  pixels with g > :data:`EDGE_THRESHOLD`;
+- ``entropy``: Shannon entropy in bits of the 256-bin histogram of the grey image (full size).
+
+``run_*`` functions are pipeline steps (files in, files out, written atomically).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from xmodal.io import read_table, write_table
+
+log = logging.getLogger(__name__)
+
+PathLike = str | os.PathLike
+
+__all__ = [
+    "CORRELATION_COLUMNS",
+    "EDGE_SIDE",
+    "EDGE_THRESHOLD",
+    "IMAGE_PROPERTIES",
+    "PROPERTIES",
+    "PROPERTY_COLUMNS",
+    "WORD",
+    "caption_words",
+    "colourfulness",
+    "edge_density",
+    "grey_entropy",
+    "image_properties",
+    "property_correlations",
+    "run_image_properties",
+    "run_property_correlations",
+    "run_stimulus_properties",
+    "stimulus_properties",
+]
+
+#: A word: letters, digits or underscores, with inner apostrophes (straight or typographic).
+WORD = re.compile(r"\w+(?:['’]\w+)*")
+#: Shorter side of the grey image on which edges are counted (as the ViTs' 224 px input).
+EDGE_SIDE = 224
+#: Normalised Sobel magnitude above which a pixel is an edge (a step of 10% of the grey range).
+EDGE_THRESHOLD = 0.1
+
+#: Every property, in display order, with its label.
+PROPERTIES: dict[str, str] = {
+    "caption_words": "caption length (words)",
+    "caption_tokens": "caption length (tokens)",
+    "image_pixels": "image size (pixels)",
+    "aspect_ratio": "aspect ratio (width / height)",
+    "bytes_per_pixel": "compressed bytes per pixel",
+    "colourfulness": "colourfulness (Hasler & Süsstrunk)",
+    "edge_density": "edge density",
+    "entropy": "grey-level entropy (bits)",
+}
+#: Properties computed from the image file.
+IMAGE_PROPERTIES = (
+    "image_pixels",
+    "aspect_ratio",
+    "bytes_per_pixel",
+    "colourfulness",
+    "edge_density",
+    "entropy",
+)
+PROPERTY_COLUMNS = ["stimulus_id", "property", "model", "value"]
+CORRELATION_COLUMNS = [
+    "property",
+    "model",
+    "summary",
+    "spearman_rho",
+    "ci_low",
+    "ci_high",
+    "p_value",
+    "n",
+    "n_boot",
+    "reason",
+]
+
+
+# ---------------------------------------------------------------- one stimulus
+
+
+def caption_words(caption: str) -> int:
+    """Number of words (:data:`WORD` matches) in a caption."""
+    return len(WORD.findall(caption))
+
+
+def _rgb_array(image: Image.Image | np.ndarray) -> np.ndarray:
+    a = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image)
+    if a.ndim != 3 or a.shape[2] != 3:
+        raise ValueError(f"expected an RGB image (h, w, 3), got shape {a.shape}")
+    return a
+
+
+def colourfulness(image: Image.Image | np.ndarray) -> float:
+    """Hasler & Süsstrunk (2003): sqrt(σ_rg² + σ_yb²) + 0.3·sqrt(μ_rg² + μ_yb²), 0..255 scale."""
+    a = _rgb_array(image).astype(np.float64)
+    r, g, b = a[..., 0], a[..., 1], a[..., 2]
+    rg = r - g
+    yb = 0.5 * (r + g) - b
+    return float(np.hypot(rg.std(), yb.std()) + 0.3 * np.hypot(rg.mean(), yb.mean()))
+
+
+def _grey(image: Image.Image | np.ndarray) -> Image.Image:
+    """Pillow's "L" conversion (L = R·299/1000 + G·587/1000 + B·114/1000)."""
+    if isinstance(image, np.ndarray):
+        image = Image.fromarray(_rgb_array(image).astype(np.uint8), "RGB")
+    return image.convert("RGB").convert("L")
+
+
+def edge_density(image: Image.Image | np.ndarray) -> float:
+    """Fraction of pixels whose normalised Sobel magnitude exceeds :data:`EDGE_THRESHOLD`,
+    on the grey image resized to a shorter side of :data:`EDGE_SIDE` px."""
+    from scipy import ndimage
+
+    grey = _grey(image)
+    w, h = grey.size
+    scale = EDGE_SIDE / min(w, h)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    if size != (w, h):
+        grey = grey.resize(size, Image.Resampling.BILINEAR)
+    x = np.asarray(grey, dtype=np.float64) / 255.0
+    sx = ndimage.sobel(x, axis=1, mode="reflect")
+    sy = ndimage.sobel(x, axis=0, mode="reflect")
+    return float(np.mean(np.hypot(sx, sy) / 4.0 > EDGE_THRESHOLD))
+
+
+def grey_entropy(image: Image.Image | np.ndarray) -> float:
+    """Shannon entropy (bits) of the 256-bin histogram of the grey image: −Σ p log₂ p."""
+    counts = np.bincount(np.asarray(_grey(image)).reshape(-1), minlength=256)
+    p = counts[counts > 0] / counts.sum()
+    return float(max(0.0, -(p * np.log2(p)).sum()))
+
+
+# ---------------------------------------------------------------- tables
+
+
+def _one_image(path: Path, stimulus_id: str, width: int, height: int) -> dict[str, float]:
+    from xmodal.stimuli import load_rgb
+
+    rgb = load_rgb(path, stimulus_id, log_conversions=False)
+    pixels = int(width) * int(height)
+    return {
+        "image_pixels": float(pixels),
+        "aspect_ratio": int(width) / int(height),
+        "bytes_per_pixel": path.stat().st_size / pixels,
+        "colourfulness": colourfulness(rgb),
+        "edge_density": edge_density(rgb),
+        "entropy": grey_entropy(rgb),
+    }
+
+
+def image_properties(
+    manifest: pd.DataFrame,
+    root: PathLike,
+    images: pd.DataFrame | None = None,
+    workers: int = 1,
+) -> pd.DataFrame:
+    """The image properties of every stimulus, long (:data:`PROPERTY_COLUMNS`, ``model`` empty).
+
+    ``images``: the :func:`xmodal.stimuli.scan_images` table of the manifest (its ``width`` and
+    ``height`` are the sizes as stored); scanned here when None. ``workers`` threads decode.
+    """
+    from xmodal.stimuli import scan_images
+
+    root = Path(root)
+    ids = [str(s) for s in manifest["stimulus_id"]]
+    if images is None:
+        images = scan_images(manifest, root, workers=workers)
+    sizes = images.assign(stimulus_id=images["stimulus_id"].astype(str)).set_index("stimulus_id")
+    missing = [s for s in ids if s not in sizes.index]
+    if missing:
+        raise ValueError(
+            f"the image table lacks stimuli {missing[:5]} ({len(missing)} in all); it was made "
+            "from another manifest: rerun the stimuli report (rule stimuli_report)"
+        )
+    jobs = [
+        (root / str(img), sid, int(sizes.at[sid, "width"]), int(sizes.at[sid, "height"]))
+        for sid, img in zip(ids, manifest["image"], strict=True)
+    ]
+    with ThreadPoolExecutor(max(1, int(workers))) as pool:
+        values = list(pool.map(lambda job: _one_image(*job), jobs))
+    rows = [
+        (sid, prop, "", v[prop])
+        for sid, v in zip(ids, values, strict=True)
+        for prop in IMAGE_PROPERTIES
+    ]
+    return pd.DataFrame(rows, columns=PROPERTY_COLUMNS)
+
+
+def stimulus_properties(
+    manifest: pd.DataFrame,
+    image_table: pd.DataFrame,
+    token_counts: Mapping[str, np.ndarray | None],
+) -> pd.DataFrame:
+    """Every property of every stimulus, long (:data:`PROPERTY_COLUMNS`), properties in
+    :data:`PROPERTIES` order, stimuli in manifest order.
+
+    ``token_counts[llm]``: tokens per caption in manifest order, or None when the LLM's feature
+    file does not record them (its rows are NaN and a warning says to re-extract).
+    """
+    ids = [str(s) for s in manifest["stimulus_id"]]
+    parts = [
+        pd.DataFrame(
+            {
+                "stimulus_id": ids,
+                "property": "caption_words",
+                "model": "",
+                "value": [float(caption_words(str(c))) for c in manifest["caption"]],
+            }
+        )
+    ]
+    for llm, counts in token_counts.items():
+        if counts is None:
+            log.warning(
+                "%s: the feature file records no token counts (n_tokens; written by extraction "
+                "since this version): caption_tokens is NaN for it. Delete the file and rerun to "
+                "re-extract",
+                llm,
+            )
+            values = np.full(len(ids), np.nan)
+        else:
+            values = np.asarray(counts, dtype=np.float64)
+            if values.shape != (len(ids),):
+                raise ValueError(f"{llm}: {values.size} token counts for {len(ids)} stimuli")
+        parts.append(
+            pd.DataFrame(
+                {"stimulus_id": ids, "property": "caption_tokens", "model": llm, "value": values}
+            )
+        )
+    img = image_table.assign(stimulus_id=image_table["stimulus_id"].astype(str))
+    if set(img["stimulus_id"]) != set(ids):
+        raise ValueError(
+            "the image property table and the manifest list different stimuli; rerun the image "
+            "properties (rule image_properties)"
+        )
+    position = {s: i for i, s in enumerate(ids)}
+    for prop in IMAGE_PROPERTIES:
+        sub = img[img["property"] == prop]
+        parts.append(sub.iloc[np.argsort(sub["stimulus_id"].map(position).to_numpy())])
+    out = pd.concat(parts, ignore_index=True)[PROPERTY_COLUMNS]
+    out["model"] = out["model"].fillna("").astype(str)
+    return out
+
+
+def property_correlations(
+    properties: pd.DataFrame, dispersion: pd.DataFrame, n_boot: int, seed: int
+) -> pd.DataFrame:
+    """Spearman ρ of each property (per LLM for tokens) with mean dispersion and with the PC1
+    score, with bootstrap percentile intervals (:data:`CORRELATION_COLUMNS`; ``reason`` says why
+    a ρ is NaN, e.g. a property constant across stimuli)."""
+    from xmodal.correlate import correlation_ci
+
+    disp = dispersion.assign(stimulus_id=dispersion["stimulus_id"].astype(str)).set_index(
+        "stimulus_id"
+    )
+    props = properties.assign(
+        stimulus_id=properties["stimulus_id"].astype(str),
+        model=properties["model"].fillna("").astype(str),
+    )
+    lacking = sorted(set(disp.index) - set(props["stimulus_id"]))
+    if lacking:
+        raise ValueError(
+            f"stimuli with a dispersion value but no properties: {lacking[:5]} ({len(lacking)} "
+            "in all); the tables come from different manifests (rerun the properties)"
+        )
+    extra = sorted(set(props["stimulus_id"]) - set(disp.index))
+    if extra:  # e.g. duplicates dropped before extraction (stimuli.drop_duplicates)
+        log.info(
+            "%d stimuli have properties but no dispersion value (not in the feature files, e.g. "
+            "dropped duplicates); they are left out: %s",
+            len(extra),
+            extra[:5],
+        )
+        props = props[props["stimulus_id"].isin(disp.index)]
+    rows = []
+    for (prop, model), group in props.groupby(["property", "model"], sort=False):
+        x = group["value"].to_numpy(dtype=np.float64)
+        for summary, col in (("mean", "mean_dispersion"), ("pc1", "pc1_score")):
+            y = disp.loc[group["stimulus_id"], col].to_numpy(dtype=np.float64)
+            res = correlation_ci(x, y, method="spearman", n_boot=n_boot, seed=seed)
+            reason = str(res["reason"]).replace("constant x", "constant property")
+            if model and np.isnan(x).all():
+                reason = "no token counts in the feature file (re-extract it)"
+            rows.append(
+                {
+                    "property": prop,
+                    "model": model,
+                    "summary": summary,
+                    "spearman_rho": res["estimate"],
+                    "ci_low": res["ci_low"],
+                    "ci_high": res["ci_high"],
+                    "p_value": res["p_value"],
+                    "n": res["n"],
+                    "n_boot": res["n_boot"],
+                    "reason": reason.replace("constant y", "constant dispersion"),
+                }
+            )
+    return pd.DataFrame(rows, columns=CORRELATION_COLUMNS)
+
+
+# ---------------------------------------------------------------- pipeline steps
+
+
+def run_image_properties(
+    manifest: PathLike, images: PathLike, out_table: PathLike, workers: int = 1
+) -> None:
+    """Image properties of every stimulus (sizes from the stimuli report's ``images.tsv``)."""
+    from xmodal.stimuli import read_manifest
+
+    df = read_manifest(manifest)
+    table = image_properties(df, Path(manifest).parent, read_table(images), workers=workers)
+    log.info("image properties of %d stimuli", len(df))
+    write_table(table, out_table)
+
+
+def run_stimulus_properties(
+    manifest: PathLike,
+    image_table: PathLike,
+    llm_paths: Sequence[PathLike],
+    llms: Sequence[str],
+    out_table: PathLike,
+) -> None:
+    """Every property: caption words, each LLM's token counts (from its feature file), and the
+    image properties."""
+    from xmodal.pipeline import open_features
+    from xmodal.stimuli import read_manifest
+
+    df = read_manifest(manifest)
+    ids = [str(s) for s in df["stimulus_id"]]
+    counts: dict[str, np.ndarray | None] = {}
+    for path, llm in zip(llm_paths, llms, strict=True):
+        with open_features(path, model=llm, modality="language") as f:
+            have = f.stimulus_ids
+            tokens = f.n_tokens()
+        if tokens is not None:
+            lookup = dict(zip(have, tokens.astype(np.float64), strict=True))
+            lost = [s for s in ids if s not in lookup]
+            if lost:  # stimuli left out of extraction (stimuli.drop_duplicates): no count
+                log.info(
+                    "%s: %d stimuli of the manifest are not in the feature file (dropped "
+                    "duplicates?); their token counts are NaN: %s",
+                    path,
+                    len(lost),
+                    lost[:5],
+                )
+            tokens = np.array([lookup.get(s, np.nan) for s in ids])
+        counts[llm] = tokens
+    write_table(stimulus_properties(df, read_table(image_table), counts), out_table)
+
+
+def run_property_correlations(
+    properties: PathLike, dispersion: PathLike, n_boot: int, seed: int, out_table: PathLike
+) -> None:
+    """Spearman correlation of every property with vision dispersion (mean and PC1)."""
+    table = property_correlations(read_table(properties), read_table(dispersion), n_boot, seed)
+    for r in table.itertuples():
+        log.info(
+            "%s%s vs %s dispersion: rho = %.3f [%.3f, %.3f]%s",
+            r.property,
+            f" ({r.model})" if r.model else "",
+            r.summary,
+            r.spearman_rho,
+            r.ci_low,
+            r.ci_high,
+            f" ({r.reason})" if r.reason else "",
+        )
+    write_table(table, out_table)

@@ -1,0 +1,127 @@
+"""The extension figures (language-side dispersion, stimulus properties) draw what their tables
+hold. Checks look at the matplotlib objects, never at pixels."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from matplotlib.container import BarContainer, ErrorbarContainer
+
+from xmodal.figures import render_figure
+from xmodal.figures.synthetic import synthetic_inputs
+from xmodal.io import read_table
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    return synthetic_inputs(tmp_path_factory.mktemp("ext"), images=False)
+
+
+def _texts(ax) -> list[str]:
+    return [t.get_text() for t in ax.texts]
+
+
+def test_language_dispersion_figure(inputs):
+    fig = render_figure("language_dispersion", inputs)
+    axes = [ax for ax in fig.axes if ax.get_label() != "<colorbar>"]
+    assert [ax.get_title(loc="left")[:1] for ax in axes] == ["A", "B", "C", "D"]
+    corr = read_table(inputs["language_correlation"]).set_index(["summary", "method"])
+    sp = corr.loc[("mean", "spearman")]
+    text = _texts(axes[0])[0]
+    assert f"Spearman ρ = {sp.estimate:.2f} [{sp.ci_low:.2f}, {sp.ci_high:.2f}]" in text
+    assert f"n = {int(sp.n)}" in text
+    assert len(axes[0].collections[0].get_offsets()) == int(sp.n)  # one point per stimulus
+    cells = read_table(inputs["joint_cells"])
+    for ax, summary in zip(axes[2:], ("mean", "pc1"), strict=True):
+        bars = [c.patches[0] for c in ax.containers if isinstance(c, BarContainer)]
+        assert [c.get_label() for c in ax.containers] == [
+            f"vision {v}, language {lang}" for v in ("low", "high") for lang in ("low", "high")
+        ]
+        sub = cells[cells["summary"] == summary]
+        order = [("low", "low"), ("low", "high"), ("high", "low"), ("high", "high")]
+        for bar, (v, lang) in zip(bars, order, strict=True):
+            g = sub[(sub["vision_level"] == v) & (sub["language_level"] == lang)]
+            assert bar.get_height() == pytest.approx(g["value"].mean())
+        assert f"n = {int(sub['n_stimuli'].iloc[0])} each" in ax.get_title(loc="left")
+        band = [line for line in ax.lines if line.get_linestyle() == "--"]
+        assert band and band[0].get_ydata()[0] == pytest.approx(sub["random_mean"].mean())
+
+
+def test_language_dispersion_without_cells_or_correlation(inputs):
+    fig = render_figure(
+        "language_dispersion",
+        {k: inputs[k] for k in ("dispersion", "language_dispersion", "models")},
+    )
+    axes = fig.axes
+    assert "Spearman ρ = n/a" in _texts(axes[0])[0]
+    assert _texts(axes[2]) == ["no 2 × 2 sets"]
+
+
+def test_properties_figure(inputs):
+    fig = render_figure("properties", inputs)
+    ax_mean, ax_pc1, *scatters = fig.axes
+    labels = [t.get_text() for t in ax_mean.get_yticklabels()]
+    # token counts name their LLM by its label, in the models table's order
+    assert labels[:6] == [
+        "caption length (words)",
+        "caption length (tokens, Alpha 0.5b)",
+        "caption length (tokens, Alpha 3b)",
+        "caption length (tokens, Beta 1b)",
+        "caption length (tokens, Beta 7b)",
+        "image size (pixels)",
+    ]
+    corr = read_table(inputs["property_correlations"])
+    corr["model"] = corr["model"].fillna("")
+    edge = corr[(corr["property"] == "edge_density") & (corr["summary"] == "mean")].iloc[0]
+    row = labels.index("edge density")
+    bars = [c for c in ax_mean.containers if isinstance(c, ErrorbarContainer)]
+    points = {int(round(b.lines[0].get_ydata()[0])): b.lines[0].get_xdata()[0] for b in bars}
+    assert points[row] == pytest.approx(edge.spearman_rho)
+    # undefined correlations (constant size and aspect) are stated, not drawn as numbers
+    assert "n/a: constant property" in _texts(ax_mean)
+    assert row not in {
+        int(round(t.get_position()[1])) for t in ax_mean.texts if t.get_text().startswith("n/a")
+    }
+    assert len(scatters) == 7 and "edge density" in scatters[5].get_xlabel()
+    assert scatters[5].texts[0].get_text() == f"ρ = {edge.spearman_rho:.2f}"
+    assert "Spearman ρ with mean dispersion" in ax_mean.get_xlabel()
+    assert "PC1" in ax_pc1.get_xlabel()
+
+
+def test_properties_figure_without_models_table(inputs, tmp_path):
+    fig = render_figure("properties", {k: v for k, v in inputs.items() if k != "models"})
+    labels = [t.get_text() for t in fig.axes[0].get_yticklabels()]
+    assert "caption length (tokens, alpha-0.5b)" in labels  # raw keys when nothing better
+
+
+@pytest.mark.filterwarnings("ignore:gallery")  # no images in these inputs
+def test_gallery_without_properties_has_no_annotation(inputs):
+    fig = render_figure("gallery", {k: inputs[k] for k in ("dispersion", "manifest")})
+    assert not [
+        c
+        for ax in fig.axes
+        for c in ax.get_children()
+        if str(c.get_gid()).startswith("properties:")
+    ]
+
+
+@pytest.mark.filterwarnings("ignore:gallery")
+def test_gallery_properties_with_missing_values(inputs, tmp_path):
+    props = read_table(inputs["properties"])
+    props = props[props["property"] != "caption_tokens"]
+    props.loc[props["property"] == "entropy", "value"] = np.nan
+    path = tmp_path / "p.tsv"
+    pd.DataFrame(props).to_csv(path, sep="\t", index=False, na_rep="NaN")
+    fig = render_figure(
+        "gallery", {**{k: inputs[k] for k in ("dispersion", "manifest")}, "properties": path}
+    )
+    notes = [
+        c
+        for ax in fig.axes
+        for c in ax.get_children()
+        if str(c.get_gid()).startswith("properties:")
+    ]
+    assert len(notes) == 24
+    lines = notes[0].get_text().split("\n")
+    assert lines[0].endswith("n/a tokens") and lines[2].startswith("entropy n/a bits")

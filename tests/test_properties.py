@@ -1,0 +1,296 @@
+"""Stimulus properties on images and captions whose answer is known, token counts against the
+tokenizer, and their correlation with dispersion against scipy."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.stats
+from hypothesis import given
+from hypothesis import strategies as st
+from PIL import Image
+
+from xmodal.features import FeatureFile, FeatureFileError, write_features
+from xmodal.io import read_table, write_table
+from xmodal.properties import (
+    EDGE_SIDE,
+    EDGE_THRESHOLD,
+    IMAGE_PROPERTIES,
+    caption_words,
+    colourfulness,
+    edge_density,
+    grey_entropy,
+    image_properties,
+    property_correlations,
+    run_image_properties,
+    run_property_correlations,
+    run_stimulus_properties,
+    stimulus_properties,
+)
+from xmodal.stimuli import load_rgb, read_manifest, scan_images
+
+
+# ---------------------------------------------------------------- one image
+def _brute_sobel_density(grey: np.ndarray) -> float:
+    """Sobel magnitude with mirrored borders ('reflect': the edge pixel repeated), by loops."""
+    h, w = grey.shape
+    x = grey.astype(float) / 255.0
+
+    def at(i, j):
+        i = -i - 1 if i < 0 else (2 * h - i - 1 if i >= h else i)
+        j = -j - 1 if j < 0 else (2 * w - j - 1 if j >= w else j)
+        return x[i, j]
+
+    edges = 0
+    for i in range(h):
+        for j in range(w):
+            gx = sum(
+                wt * (at(i + di, j + 1) - at(i + di, j - 1)) for di, wt in ((-1, 1), (0, 2), (1, 1))
+            )
+            gy = sum(
+                wt * (at(i + 1, j + dj) - at(i - 1, j + dj)) for dj, wt in ((-1, 1), (0, 2), (1, 1))
+            )
+            edges += np.hypot(gx, gy) / 4 > EDGE_THRESHOLD
+    return edges / (h * w)
+
+
+def test_flat_grey_image_has_no_colour_edges_or_entropy():
+    flat = Image.new("RGB", (300, 200), (128, 128, 128))
+    assert colourfulness(flat) == 0.0
+    assert edge_density(flat) == 0.0
+    assert grey_entropy(flat) == 0.0
+
+
+def test_pure_colour_and_known_colourfulness():
+    red = np.zeros((10, 12, 3), dtype=np.uint8)
+    red[..., 0] = 255
+    # rg = 255, yb = 127.5 everywhere: no spread, mean term only
+    assert colourfulness(red) == pytest.approx(0.3 * np.hypot(255, 127.5))
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 256, (9, 7, 3), dtype=np.uint8)
+    rg = [int(p[0]) - int(p[1]) for row in img for p in row]
+    yb = [(int(p[0]) + int(p[1])) / 2 - int(p[2]) for row in img for p in row]
+    want = np.sqrt(np.var(rg) + np.var(yb)) + 0.3 * np.sqrt(np.mean(rg) ** 2 + np.mean(yb) ** 2)
+    assert colourfulness(img) == pytest.approx(want, rel=1e-12)
+
+
+def test_checkerboard_edges_against_brute_force():
+    side = EDGE_SIDE  # no resize at this size: the detector sees the pixels as drawn
+    ii, jj = np.indices((side, side))
+    board = np.where((ii // 8 + jj // 8) % 2 == 0, 255, 0).astype(np.uint8)
+    img = Image.fromarray(np.stack([board] * 3, axis=-1), "RGB")
+    density = edge_density(img)
+    assert density > 0.3  # 2 edge pixels at every 8-pixel boundary, in both directions
+    assert density == pytest.approx(_brute_sobel_density(board), abs=1e-12)
+    # one vertical step: exactly the two columns either side of it
+    step = np.zeros((side, side), dtype=np.uint8)
+    step[:, side // 2 :] = 255
+    assert edge_density(Image.fromarray(step).convert("RGB")) == pytest.approx(2 / side)
+
+
+def test_edge_density_resizes_to_the_stated_side():
+    ii, jj = np.indices((2 * EDGE_SIDE, 3 * EDGE_SIDE))
+    board = np.where((ii // 32 + jj // 32) % 2 == 0, 255, 0).astype(np.uint8)
+    big = Image.fromarray(board).convert("RGB")
+    small = big.convert("L").resize((3 * EDGE_SIDE // 2, EDGE_SIDE), Image.Resampling.BILINEAR)
+    assert edge_density(big) == pytest.approx(_brute_sobel_density(np.asarray(small)), abs=1e-12)
+
+
+def test_entropy_of_known_histograms():
+    half = np.zeros((8, 8, 3), dtype=np.uint8)
+    half[:4] = 255
+    assert grey_entropy(half) == pytest.approx(1.0)
+    ramp = np.repeat(np.arange(256, dtype=np.uint8), 3).reshape(16, 16, 3)
+    assert grey_entropy(ramp) == pytest.approx(8.0)
+
+
+@pytest.mark.parametrize(
+    ("caption", "n"),
+    [
+        ("a red cube on a wooden table", 7),
+        ("cat", 1),
+        ("", 0),
+        ("  Two dogs,   running!  ", 3),
+        ("don't stop", 2),
+        ("l’enfant d’à côté", 3),  # typographic apostrophes join, accented letters count
+        ("state-of-the-art 3D model", 6),
+        ('"The Scream" by Munch (1893)', 5),
+        ("— … !!", 0),
+        ("北京 is big", 3),
+    ],
+)
+def test_caption_words_exact(caption, n):
+    assert caption_words(caption) == n
+
+
+@given(st.lists(st.from_regex(r"[A-Za-z0-9]{1,8}", fullmatch=True), max_size=20), st.data())
+def test_caption_words_counts_words_between_any_separators(words, data):
+    seps = [data.draw(st.sampled_from([" ", "  ", ", ", " - ", "\u00a0", ". "])) for _ in words]
+    text = "".join(w + s for w, s in zip(words, seps, strict=True))
+    assert caption_words(text) == len(words)
+
+
+# ---------------------------------------------------------------- tables
+
+
+def test_image_properties_of_a_manifest(tiny_manifest):
+    df = read_manifest(tiny_manifest)
+    root = tiny_manifest.parent
+    scan = scan_images(df, root)
+    table = image_properties(df, root, scan, workers=2)
+    assert list(table.columns) == ["stimulus_id", "property", "model", "value"]
+    assert len(table) == len(df) * len(IMAGE_PROPERTIES)
+    wide = table.pivot(index="stimulus_id", columns="property", values="value")
+    for sid, img in zip(df["stimulus_id"], df["image"], strict=True):
+        path = root / img
+        with Image.open(path) as im:
+            w, h = im.size
+        rgb = load_rgb(path, sid)
+        row = wide.loc[sid]
+        assert row["image_pixels"] == w * h and row["aspect_ratio"] == pytest.approx(w / h)
+        assert row["bytes_per_pixel"] == pytest.approx(path.stat().st_size / (w * h))
+        assert row["colourfulness"] == pytest.approx(colourfulness(rgb))
+        assert row["edge_density"] == pytest.approx(edge_density(rgb))
+        assert row["entropy"] == pytest.approx(grey_entropy(rgb))
+    # the pipeline step reads sizes from the stimuli report's table
+    write_table(scan, tiny_manifest.parent / "images.tsv")
+    out = tiny_manifest.parent / "props.tsv"
+    run_image_properties(tiny_manifest, tiny_manifest.parent / "images.tsv", out)
+    pd.testing.assert_frame_equal(read_table(out), table, check_dtype=False)
+
+
+def test_token_counts_equal_the_tokenizer_and_reach_the_table(
+    tiny_lms, tiny_manifest, captions, tmp_path
+):
+    from transformers import AutoTokenizer
+
+    from xmodal.extract import extract_features
+
+    paths = []
+    for arch in ("bloom", "llama"):
+        out = tmp_path / f"{arch}.h5"
+        cfg = {"modality": "language", "id": str(tiny_lms[arch])}
+        extract_features(arch, cfg, tiny_manifest, out, progress=False)
+        tok = AutoTokenizer.from_pretrained(tiny_lms[arch])
+        want = [len(tok(c)["input_ids"]) for c in captions]
+        with FeatureFile(out) as f:
+            np.testing.assert_array_equal(f.n_tokens(), want)
+        paths.append(out)
+    df = read_manifest(tiny_manifest)
+    scan = scan_images(df, tiny_manifest.parent)
+    write_table(image_properties(df, tiny_manifest.parent, scan), tmp_path / "images.tsv")
+    run_stimulus_properties(
+        tiny_manifest, tmp_path / "images.tsv", paths, ["bloom", "llama"], tmp_path / "p.tsv"
+    )
+    table = read_table(tmp_path / "p.tsv")
+    tokens = table[table["property"] == "caption_tokens"]
+    assert tokens["model"].tolist() == ["bloom"] * 12 + ["llama"] * 12
+    with FeatureFile(paths[1]) as f:
+        np.testing.assert_array_equal(tokens["value"].to_numpy()[12:], f.n_tokens())
+    words = table[table["property"] == "caption_words"]
+    assert words["value"].tolist() == [caption_words(c) for c in captions]
+    assert (words["model"] == "").all()
+    assert table["stimulus_id"].tolist()[:12] == df["stimulus_id"].tolist()
+
+
+def test_token_counts_after_truncation(tiny_lms):
+    from xmodal.extract.language import extract_language_features, load_language_model
+
+    model, tok, _ = load_language_model(str(tiny_lms["llama"]))  # 48-token context
+    long = " ".join(["a red cube on a wooden table"] * 20)
+    res = extract_language_features(
+        model, tok, [long, "cat"], stimulus_ids=["a", "b"], progress=False
+    )
+    assert res.n_tokens.tolist() == [48, len(tok("cat")["input_ids"])]
+
+
+def test_feature_file_token_counts_are_optional_and_follow_the_ids(tmp_path):
+    feats = np.random.default_rng(0).normal(size=(2, 3, 4)).astype(np.float32)
+    attrs = {"model_key": "m", "modality": "language"}
+    p = write_features(
+        tmp_path / "t.h5", feats, ["x", "y", "z"], ["e", "l0"], attrs, n_tokens=[5, 7, 9]
+    )
+    with FeatureFile(p, expected_ids=["z", "x", "y"]) as f:
+        assert f.n_tokens().tolist() == [9, 5, 7]
+    q = write_features(tmp_path / "u.h5", feats, ["x", "y", "z"], ["e", "l0"], attrs)
+    with FeatureFile(q) as f:
+        assert f.n_tokens() is None
+    for bad in ([1, 2], [1, -2, 3], [1.5, 2, 3]):
+        with pytest.raises(FeatureFileError, match="n_tokens"):
+            write_features(
+                tmp_path / "b.h5", feats, ["x", "y", "z"], ["e", "l0"], attrs, n_tokens=bad
+            )
+        assert not (tmp_path / "b.h5").exists()
+
+
+def test_missing_token_counts_are_nan_with_a_warning(caplog):
+    man = pd.DataFrame({"stimulus_id": ["1", "01"], "image": ["a", "b"], "caption": ["a b", "c"]})
+    img = pd.DataFrame(
+        [(s, p, "", 1.0) for s in ("01", "1") for p in IMAGE_PROPERTIES],
+        columns=["stimulus_id", "property", "model", "value"],
+    )
+    with caplog.at_level(logging.WARNING):
+        table = stimulus_properties(man, img, {"lm": None, "lm2": np.array([3, 2])})
+    assert "lm: the feature file records no token counts" in caplog.text
+    tok = table[table["property"] == "caption_tokens"]
+    assert np.isnan(tok[tok["model"] == "lm"]["value"]).all()
+    assert tok[tok["model"] == "lm2"]["value"].tolist() == [3, 2]
+    # image properties follow the manifest order, whatever the image table's order
+    assert table[table["property"] == "entropy"]["stimulus_id"].tolist() == ["1", "01"]
+
+
+def _dispersion(ids, mean, pc1) -> pd.DataFrame:
+    return pd.DataFrame(
+        {"stimulus_id": ids, "position": range(len(ids)), "mean_dispersion": mean,
+         "pc1_score": pc1, "rank_mean": 0, "rank_pc1": 0}
+    )  # fmt: skip
+
+
+def test_property_correlations_against_scipy(tmp_path):
+    rng = np.random.default_rng(5)
+    m, n_boot, seed = 50, 200, 3
+    ids = [f"{j:02d}" for j in range(m)]
+    mean, pc1 = rng.gamma(2, 1, m), rng.normal(size=m)
+    edges = mean + rng.normal(0, 1, m)
+    tokens = np.round(3 * mean + rng.normal(0, 2, m)) + 10  # ties, as counts have
+    props = pd.concat(
+        [
+            pd.DataFrame({"stimulus_id": ids, "property": "edge_density", "model": "", "value": edges}),
+            pd.DataFrame({"stimulus_id": ids, "property": "aspect_ratio", "model": "", "value": 1.0}),
+            pd.DataFrame({"stimulus_id": ids, "property": "caption_tokens", "model": "lm", "value": tokens}),
+            pd.DataFrame({"stimulus_id": ids, "property": "caption_tokens", "model": "old", "value": np.nan}),
+            # a stimulus without dispersion (a dropped duplicate) is left out
+            pd.DataFrame({"stimulus_id": ["zz"], "property": "edge_density", "model": "", "value": [9.0]}),
+        ]
+    )  # fmt: skip
+    write_table(props, tmp_path / "p.tsv")
+    write_table(_dispersion(ids, mean, pc1), tmp_path / "d.tsv")
+    run_property_correlations(
+        tmp_path / "p.tsv", tmp_path / "d.tsv", n_boot, seed, tmp_path / "c.tsv"
+    )
+    corr = read_table(tmp_path / "c.tsv").set_index(["property", "model", "summary"])
+    assert len(corr) == 8
+    idx = np.random.default_rng(seed).integers(0, m, size=(n_boot, m))
+    for prop, model, x in (("edge_density", "", edges), ("caption_tokens", "lm", tokens)):
+        for summary, y in (("mean", mean), ("pc1", pc1)):
+            row = corr.loc[(prop, model, summary)]
+            ref = scipy.stats.spearmanr(x, y)
+            assert row["spearman_rho"] == pytest.approx(ref.statistic, abs=1e-12)
+            assert row["p_value"] == pytest.approx(ref.pvalue, rel=1e-9)
+            boot = [scipy.stats.spearmanr(x[i], y[i]).statistic for i in idx]
+            lo, hi = np.nanquantile(boot, [0.025, 0.975])
+            assert (row["ci_low"], row["ci_high"]) == pytest.approx((lo, hi), abs=1e-10)
+            assert row["n"] == m and row["reason"] == ""
+    flat = corr.loc[("aspect_ratio", "", "mean")]
+    assert np.isnan(flat["spearman_rho"]) and flat["reason"] == "constant property"
+    old = corr.loc[("caption_tokens", "old", "pc1")]
+    assert np.isnan(old["spearman_rho"]) and "re-extract" in old["reason"]
+
+
+def test_properties_must_cover_every_dispersed_stimulus():
+    props = pd.DataFrame({"stimulus_id": ["a"], "property": "entropy", "model": "", "value": [1.0]})
+    with pytest.raises(ValueError, match="no properties"):
+        property_correlations(props, _dispersion(["a", "b"], [1, 2], [1, 2]), 10, 0)
