@@ -7,7 +7,7 @@ from xmodal.logs import log_to
 snakemake = globals()["snakemake"]  # injected by the preamble Snakemake prepends
 log_to(snakemake.log[0])  # first, so that even an import error reaches the job's log
 
-from xmodal.language_dispersion import run_language_correlation  # noqa: E402
+from xmodal.pipeline import run_language_correlation  # noqa: E402
 
 run_language_correlation(
     snakemake.input.vision,

@@ -7,7 +7,7 @@ from xmodal.logs import log_to
 snakemake = globals()["snakemake"]  # injected by the preamble Snakemake prepends
 log_to(snakemake.log[0])  # first, so that even an import error reaches the job's log
 
-from xmodal.properties import run_stimulus_properties  # noqa: E402
+from xmodal.pipeline import run_stimulus_properties  # noqa: E402
 
 run_stimulus_properties(
     snakemake.input.manifest,

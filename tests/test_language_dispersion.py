@@ -28,12 +28,14 @@ from xmodal.language_dispersion import (
     correlation_table,
     joint_sets,
     relative_depth_layer,
+)
+from xmodal.metrics import cknna, prepare_layer, threshold_from_quantiles
+from xmodal.pipeline import (
     run_joint_conditions,
     run_joint_sets,
     run_language_correlation,
     run_language_gpa,
 )
-from xmodal.metrics import cknna, prepare_layer, threshold_from_quantiles
 
 LLMS = ["lm-a", "lm-b", "lm-c"]
 

@@ -15,6 +15,11 @@ from PIL import Image
 
 from xmodal.features import FeatureFile, FeatureFileError, write_features
 from xmodal.io import read_table, write_table
+from xmodal.pipeline import (
+    run_image_properties,
+    run_property_correlations,
+    run_stimulus_properties,
+)
 from xmodal.properties import (
     EDGE_SIDE,
     EDGE_THRESHOLD,
@@ -25,9 +30,6 @@ from xmodal.properties import (
     grey_entropy,
     image_properties,
     property_correlations,
-    run_image_properties,
-    run_property_correlations,
-    run_stimulus_properties,
     stimulus_properties,
 )
 from xmodal.stimuli import load_rgb, read_manifest, scan_images

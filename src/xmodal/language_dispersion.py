@@ -15,7 +15,6 @@ workflow's thin scripts; everything else takes arrays and tables.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -28,7 +27,7 @@ import numpy as np
 import pandas as pd
 
 from xmodal.config import MIN_SET_SIZE, ConfigError
-from xmodal.io import atomic_path, read_table, write_table
+from xmodal.io import read_table
 
 log = logging.getLogger(__name__)
 
@@ -47,10 +46,6 @@ __all__ = [
     "joint_sets",
     "language_layers",
     "relative_depth_layer",
-    "run_joint_conditions",
-    "run_joint_sets",
-    "run_language_correlation",
-    "run_language_gpa",
 ]
 
 #: Dispersion summaries (columns of dispersion.tsv) paired across the two modalities.
@@ -223,120 +218,6 @@ def language_layers(
     return pd.DataFrame(rows, columns=LAYER_COLUMNS)
 
 
-def _read_language_layers(
-    paths: Sequence[PathLike],
-    llms: Sequence[str],
-    setting: str | float,
-    layer_tables: Mapping[str, PathLike] | None,
-) -> tuple[list[str], list[np.ndarray], pd.DataFrame]:
-    """Stimulus ids (first file's order), one float64 layer per LLM, and the layer table."""
-    from xmodal.features import FeatureFileError
-    from xmodal.pipeline import open_features
-
-    names: dict[str, list[str]] = {}
-    for p, llm in zip(paths, llms, strict=True):
-        with open_features(p, model=llm, modality="language") as f:
-            names[llm] = f.layer_names
-    table = language_layers(llms, names, setting, layer_tables)
-    ids: list[str] | None = None
-    reps = []
-    for p, row in zip(paths, table.itertuples(), strict=True):
-        with open_features(p, ids, model=row.llm, modality="language") as f:
-            ids = ids or f.stimulus_ids
-            x = f.finite_layer(int(row.llm_layer)).astype(np.float64)
-        if not np.any(x != x[0]):
-            raise FeatureFileError(
-                f"{p}: language model {row.llm!r} has the same features for every caption in "
-                f"layer {row.llm_layer} ({row.layer_name}); GPA needs features that vary across "
-                "stimuli. Choose another layer (config key 'analysis.language_dispersion.layer')"
-            )
-        reps.append(x)
-    assert ids is not None
-    return ids, reps, table
-
-
-def _write_json(obj: Any, path: PathLike) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, default=float) + "\n")
-
-
-def run_language_gpa(
-    feature_paths: Sequence[PathLike],
-    llms: Sequence[str],
-    layer: str | float,
-    tol: float,
-    max_iter: int,
-    out_residuals: PathLike,
-    out_dispersion: PathLike,
-    out_layers: PathLike,
-    out_summary: PathLike,
-    layer_tables: Sequence[PathLike] = (),
-) -> None:
-    """GPA across the LLMs, one layer each; per-caption residuals, dispersion and the layers used.
-
-    ``layer``: ``"chosen"`` (``layer_tables``: each LLM's layer-search table, in ``llms``
-    order) or a relative depth in [0, 1]. Tables as the vision GPA's (docs/contracts.md).
-    """
-    from xmodal import dispersion, gpa
-
-    if layer == "chosen" and len(layer_tables) != len(llms):
-        raise ValueError(
-            f"layer 'chosen' needs one layer-search table per LLM: {len(layer_tables)} given for "
-            f"{len(llms)} LLMs"
-        )
-    tables = dict(zip(llms, layer_tables, strict=True)) if layer == "chosen" else None
-    ids, reps, used = _read_language_layers(feature_paths, llms, layer, tables)
-    for row in used.itertuples():
-        log.info(
-            "language GPA: %s layer %d (%s, relative depth %.2f; %s%s)",
-            row.llm,
-            row.llm_layer,
-            row.layer_name,
-            row.relative_depth,
-            row.rule,
-            f", chosen for {row.votes:g} of {row.n_vision:g} vision models"
-            if row.rule == "chosen"
-            else "",
-        )
-    res = gpa.gpa(reps, tol=tol, max_iter=max_iter)
-    log.info(
-        "language GPA over %d models, %d captions: %d iterations, converged=%s",
-        len(reps),
-        len(ids),
-        res.n_iter,
-        res.converged,
-    )
-    R = np.asarray(res.residuals)
-    residuals = pd.DataFrame(
-        {
-            "stimulus_id": np.repeat(ids, len(llms)),
-            "model": np.tile(list(llms), len(ids)),
-            "residual": R.reshape(-1),
-        }
-    )
-    table, explained = dispersion.dispersion_table(ids, R)
-    write_table(residuals, out_residuals)
-    write_table(table, out_dispersion)
-    write_table(used, out_layers)
-    _write_json(
-        {
-            "models": list(llms),
-            "layers": [int(v) for v in used["llm_layer"]],
-            "layer_setting": layer,
-            "widths": [int(r.shape[1]) for r in reps],
-            "m": len(ids),
-            "n_iter": int(res.n_iter),
-            "converged": bool(res.converged),
-            "objective": [float(v) for v in res.objective],
-            "tol": tol,
-            "max_iter": max_iter,
-            "pc1_explained_variance": float(explained),
-            "slow_regime": bool(getattr(res, "slow_regime", False)),
-        },
-        out_summary,
-    )
-
-
 # ---------------------------------------------------------------- correlation with vision
 
 
@@ -377,31 +258,6 @@ def correlation_table(
             )
             rows.append({"summary": summary, "method": method, **res})
     return pd.DataFrame(rows, columns=CORRELATION_COLUMNS)
-
-
-def run_language_correlation(
-    vision_dispersion: PathLike,
-    language_dispersion: PathLike,
-    n_boot: int,
-    seed: int,
-    out_table: PathLike,
-) -> None:
-    """Correlation of per-caption language dispersion with per-image vision dispersion."""
-    table = correlation_table(
-        read_table(vision_dispersion), read_table(language_dispersion), n_boot, seed
-    )
-    for row in table.itertuples():
-        log.info(
-            "%s %s: %.3f [%.3f, %.3f] (n = %d)%s",
-            row.summary,
-            row.method,
-            row.estimate,
-            row.ci_low,
-            row.ci_high,
-            row.n,
-            f" ({row.reason})" if row.reason else "",
-        )
-    write_table(table, out_table)
 
 
 # ---------------------------------------------------------------- the 2 × 2 sets
@@ -479,27 +335,6 @@ def joint_sets(
     return out
 
 
-def run_joint_sets(
-    vision_dispersion: PathLike,
-    language_dispersion: PathLike,
-    set_size: int,
-    n_random: int,
-    knn_k: int,
-    seed: int,
-    out_sets: PathLike,
-) -> None:
-    """The 2 × 2 sets table from both dispersion tables (:func:`joint_sets`)."""
-    sets = joint_sets(
-        read_table(vision_dispersion),
-        read_table(language_dispersion),
-        set_size=set_size,
-        n_random=n_random,
-        knn_k=knn_k,
-        seed=seed,
-    )
-    write_table(sets, out_sets)
-
-
 # ---------------------------------------------------------------- alignment on the 2 × 2 sets
 
 
@@ -548,67 +383,3 @@ def cell_table(conditions: pd.DataFrame) -> pd.DataFrame:
                 }
             )
     return pd.DataFrame(rows, columns=CELL_COLUMNS)
-
-
-def run_joint_conditions(
-    vision_paths: Sequence[PathLike],
-    llm_path: PathLike,
-    layers_path: PathLike,
-    sets_path: PathLike,
-    vision: Sequence[str],
-    llm: str,
-    vision_layer: int,
-    k: int,
-    seed: int,
-    out_conditions: PathLike,
-    out_cells: PathLike,
-) -> None:
-    """CKNNA of every vision model with one LLM (at its chosen layers) on the 2 × 2 sets and the
-    size-matched random draws; the conditions table and each cell against the random draws."""
-    from xmodal import alignment
-    from xmodal.pipeline import (
-        chosen_layers,
-        layer_threshold,
-        open_features,
-        prepared_layer,
-        read_prepared_vision,
-    )
-
-    chosen = chosen_layers(read_table(layers_path), layers_path)
-    missing = [v for v in vision if (v, "cknna") not in chosen]
-    if missing:
-        raise ValueError(
-            f"{layers_path}: no chosen layer for vision models {missing}; the layer search is "
-            "older than the config (rerun it)"
-        )
-    ids, prepared = read_prepared_vision(vision_paths, vision, vision_layer)
-    sets = read_table(sets_path)
-    with open_features(llm_path, ids, model=llm, modality="language") as f:
-        t = layer_threshold(f)
-        conditions, _ = alignment.condition_tables(
-            prepared,
-            llm,
-            chosen,
-            lambda i: prepared_layer(f, i, t),
-            sets,
-            ids,
-            k=k,
-            n_boot=0,
-            seed=seed,
-            metrics=("cknna",),
-        )
-    cells = cell_table(conditions)
-    for r in cells.itertuples():
-        log.info(
-            "%s x %s, %s %s: %.4f (random %.4f [%.4f, %.4f])",
-            r.vision,
-            llm,
-            r.summary,
-            r.cell,
-            r.value,
-            r.random_mean,
-            r.random_ci_low,
-            r.random_ci_high,
-        )
-    write_table(conditions, out_conditions)
-    write_table(cells, out_cells)

@@ -13,12 +13,22 @@ import json
 import logging
 import os
 from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from xmodal import alignment, diagnostics, dispersion, gpa, metrics, selection
+from xmodal import (
+    alignment,
+    diagnostics,
+    dispersion,
+    gpa,
+    language_dispersion,
+    metrics,
+    properties,
+    selection,
+)
 from xmodal.config import resolve_layer
 from xmodal.features import FeatureFile, FeatureFileError
 from xmodal.io import atomic_path, read_table, write_table
@@ -91,28 +101,42 @@ def layer_threshold(f: FeatureFile) -> float:
     return metrics.threshold_from_quantiles(f.abs_q95())
 
 
-def read_vision_layers(
-    paths: Sequence[PathLike], models: Sequence[str], layer: int
+def read_gpa_layers(
+    paths: Sequence[PathLike],
+    models: Sequence[str],
+    layers: Sequence[int],
+    modality: str,
+    key: str,
 ) -> tuple[list[str], list[np.ndarray]]:
-    """The same layer of several vision models as float64 (GPA's input), rows in the first file's
-    stimulus order; warns when two models' features are identical (they would count twice)."""
+    """One layer per model as float64 (GPA's input), rows in the first file's stimulus order.
+
+    A layer that is the same for every stimulus is an error naming the model, file, layer and
+    the config ``key`` that chose it; two models with identical features are warned about (they
+    would count twice)."""
     ids: list[str] | None = None
     reps = []
-    for p, key in zip(paths, models, strict=True):
-        with open_features(p, ids, model=key, modality="vision") as f:
+    for p, model, layer in zip(paths, models, layers, strict=True):
+        with open_features(p, ids, model=model, modality=modality) as f:
             ids = ids or f.stimulus_ids
-            idx = resolve_layer(layer, f.n_layers, p)
+            idx = resolve_layer(layer, f.n_layers, p, key)
             x = f.finite_layer(idx).astype(np.float64)
         if not np.any(x != x[0]):
             raise FeatureFileError(
-                f"{p}: vision model {key!r} has the same features for every stimulus in layer "
-                f"{idx} (config key 'analysis.vision_layer'); GPA needs features that vary "
-                "across stimuli. Check the model's weights, or choose another layer"
+                f"{p}: {modality} model {model!r} has the same features for every stimulus in "
+                f"layer {idx} (config key '{key}'); GPA needs features that vary across stimuli. "
+                "Check the model's weights, or choose another layer"
             )
         reps.append(x)
     assert ids is not None
     _warn_identical(models, reps)
     return ids, reps
+
+
+def read_vision_layers(
+    paths: Sequence[PathLike], models: Sequence[str], layer: int
+) -> tuple[list[str], list[np.ndarray]]:
+    """The same layer (config key ``analysis.vision_layer``) of every vision model: GPA's input."""
+    return read_gpa_layers(paths, models, [layer] * len(models), "vision", "analysis.vision_layer")
 
 
 def _warn_identical(models: Sequence[str], reps: Sequence[np.ndarray]) -> None:
@@ -157,8 +181,6 @@ def run_stimuli_report(
 ) -> None:
     """Decode every image once (format, mode, size, EXIF orientation, conversion) and list the
     duplicate stimuli (same file, same pixels, same caption) with their ids; both logged."""
-    from pathlib import Path
-
     from xmodal.stimuli import find_duplicates, read_manifest, scan_images
 
     df = read_manifest(manifest)
@@ -190,12 +212,36 @@ def run_gpa(
 ) -> None:
     """GPA across the vision models; write residuals, per-stimulus dispersion and a summary."""
     ids, reps = read_vision_layers(feature_paths, models, vision_layer)
+    _gpa_and_dispersion(
+        ids, models, reps, tol, max_iter, out_residuals, out_dispersion, out_summary, "vision"
+    )
+
+
+def _gpa_and_dispersion(
+    ids: Sequence[str],
+    models: Sequence[str],
+    reps: Sequence[np.ndarray],
+    tol: float,
+    max_iter: int,
+    out_residuals: PathLike,
+    out_dispersion: PathLike,
+    out_summary: PathLike,
+    what: str,
+    extra: Mapping[str, Any] | None = None,
+) -> None:
+    """GPA over ``reps`` (docs/method.md, "Generalized Procrustes Analysis") and the dispersion
+    tables: residuals (long), per-stimulus mean and PC1 dispersion, and the fit's summary JSON."""
     log.info(
-        "GPA over %d models, %d stimuli, widths %s", len(reps), len(ids), [r.shape[1] for r in reps]
+        "%s GPA over %d models, %d stimuli, widths %s",
+        what,
+        len(reps),
+        len(ids),
+        [r.shape[1] for r in reps],
     )
     res = gpa.gpa(reps, tol=tol, max_iter=max_iter)
     log.info(
-        "GPA: %d iterations, converged=%s, final objective %.6g",
+        "%s GPA: %d iterations, converged=%s, final objective %.6g",
+        what,
         res.n_iter,
         res.converged,
         res.objective[-1],
@@ -214,6 +260,7 @@ def run_gpa(
     _write_json(
         {
             "models": list(models),
+            **dict(extra or {}),
             "widths": [int(r.shape[1]) for r in reps],
             "m": len(ids),
             "n_iter": int(res.n_iter),
@@ -445,6 +492,29 @@ def run_conditions(
 ) -> None:
     """Every stimulus set of every vision model against one LLM, at the layers chosen on the
     full set (each chosen LLM layer read and prepared once)."""
+    conditions, contrasts = _set_alignment(
+        vision_paths, llm_path, layers_path, sets_path, vision, llm, vision_layer, k, n_boot, seed,
+        metric_names,
+    )  # fmt: skip
+    write_table(conditions, out_conditions)
+    write_table(contrasts, out_contrasts)
+
+
+def _set_alignment(
+    vision_paths: Sequence[PathLike],
+    llm_path: PathLike,
+    layers_path: PathLike,
+    sets_path: PathLike,
+    vision: Sequence[str],
+    llm: str,
+    vision_layer: int,
+    k: int,
+    n_boot: int,
+    seed: int,
+    metric_names: Sequence[str],
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """xmodal.alignment.condition_tables for every set of a sets table, at the LLM layers the
+    layer search chose per (vision model, metric)."""
     chosen = chosen_layers(read_table(layers_path), layers_path)
     missing = [(v, m) for v in vision for m in metric_names if (v, m) not in chosen]
     if missing:
@@ -456,7 +526,7 @@ def run_conditions(
     sets = read_table(sets_path)
     with open_features(llm_path, ids, model=llm, modality="language") as f:
         t = layer_threshold(f)
-        conditions, contrasts = alignment.condition_tables(
+        return alignment.condition_tables(
             prepared,
             llm,
             chosen,
@@ -468,8 +538,6 @@ def run_conditions(
             seed=seed,
             metrics=tuple(metric_names),
         )
-    write_table(conditions, out_conditions)
-    write_table(contrasts, out_contrasts)
 
 
 def concatenate_tables(paths: Sequence[PathLike], out: PathLike) -> None:
@@ -495,3 +563,220 @@ def write_summary(contrasts_path: PathLike, grid_path: PathLike, out: PathLike) 
     from xmodal.summary import summary_table
 
     write_table(summary_table(read_table(contrasts_path), read_table(grid_path)), out)
+
+
+# ---------------------------------------------------------------- language-side dispersion
+
+
+def run_language_gpa(
+    feature_paths: Sequence[PathLike],
+    llms: Sequence[str],
+    layer: str | float,
+    tol: float,
+    max_iter: int,
+    out_residuals: PathLike,
+    out_dispersion: PathLike,
+    out_layers: PathLike,
+    out_summary: PathLike,
+    layer_tables: Sequence[PathLike] = (),
+) -> None:
+    """GPA across the LLMs, one layer each (docs/method.md, "Language-side dispersion"):
+    per-caption residuals, dispersion and the layers used.
+
+    ``layer``: ``"chosen"`` (``layer_tables``: each LLM's layer-search table, in ``llms``
+    order) or a relative depth in [0, 1]. Tables as the vision GPA's (docs/contracts.md).
+    """
+    if layer == "chosen" and len(layer_tables) != len(llms):
+        raise ValueError(
+            f"layer 'chosen' needs one layer-search table per LLM: {len(layer_tables)} given for "
+            f"{len(llms)} LLMs"
+        )
+    tables = dict(zip(llms, layer_tables, strict=True)) if layer == "chosen" else None
+    names: dict[str, list[str]] = {}
+    for p, llm in zip(feature_paths, llms, strict=True):
+        with open_features(p, model=llm, modality="language") as f:
+            names[llm] = f.layer_names
+    used = language_dispersion.language_layers(llms, names, layer, tables)
+    for row in used.itertuples():
+        log.info(
+            "language GPA: %s layer %d (%s, relative depth %.2f; %s%s)",
+            row.llm,
+            row.llm_layer,
+            row.layer_name,
+            row.relative_depth,
+            row.rule,
+            f", chosen for {row.votes:g} of {row.n_vision:g} vision models"
+            if row.rule == "chosen"
+            else "",
+        )
+    ids, reps = read_gpa_layers(
+        feature_paths,
+        llms,
+        [int(v) for v in used["llm_layer"]],
+        "language",
+        "analysis.language_dispersion.layer",
+    )
+    write_table(used, out_layers)
+    _gpa_and_dispersion(
+        ids, llms, reps, tol, max_iter, out_residuals, out_dispersion, out_summary, "language",
+        extra={"layers": [int(v) for v in used["llm_layer"]], "layer_setting": layer},
+    )  # fmt: skip
+
+
+def run_language_correlation(
+    vision_dispersion: PathLike,
+    language_dispersion_path: PathLike,
+    n_boot: int,
+    seed: int,
+    out_table: PathLike,
+) -> None:
+    """Correlation of per-caption language dispersion with per-image vision dispersion."""
+    table = language_dispersion.correlation_table(
+        read_table(vision_dispersion), read_table(language_dispersion_path), n_boot, seed
+    )
+    for row in table.itertuples():
+        log.info(
+            "%s %s: %.3f [%.3f, %.3f] (n = %d)%s",
+            row.summary,
+            row.method,
+            row.estimate,
+            row.ci_low,
+            row.ci_high,
+            row.n,
+            f" ({row.reason})" if row.reason else "",
+        )
+    write_table(table, out_table)
+
+
+def run_joint_sets(
+    vision_dispersion: PathLike,
+    language_dispersion_path: PathLike,
+    set_size: int,
+    n_random: int,
+    knn_k: int,
+    seed: int,
+    out_sets: PathLike,
+) -> None:
+    """The 2 × 2 sets (low/high vision × low/high language dispersion) and their random sets."""
+    sets = language_dispersion.joint_sets(
+        read_table(vision_dispersion),
+        read_table(language_dispersion_path),
+        set_size=set_size,
+        n_random=n_random,
+        knn_k=knn_k,
+        seed=seed,
+    )
+    write_table(sets, out_sets)
+
+
+def run_joint_conditions(
+    vision_paths: Sequence[PathLike],
+    llm_path: PathLike,
+    layers_path: PathLike,
+    sets_path: PathLike,
+    vision: Sequence[str],
+    llm: str,
+    vision_layer: int,
+    k: int,
+    seed: int,
+    out_conditions: PathLike,
+    out_cells: PathLike,
+) -> None:
+    """CKNNA of every vision model with one LLM (at its chosen layers) on the 2 × 2 sets and the
+    size-matched random draws; the conditions table and each cell against the random draws."""
+    conditions, _ = _set_alignment(
+        vision_paths, llm_path, layers_path, sets_path, vision, llm, vision_layer, k, 0, seed,
+        ("cknna",),
+    )  # fmt: skip
+    cells = language_dispersion.cell_table(conditions)
+    for r in cells.itertuples():
+        log.info(
+            "%s x %s, %s %s: %.4f (random %.4f [%.4f, %.4f])",
+            r.vision,
+            llm,
+            r.summary,
+            r.cell,
+            r.value,
+            r.random_mean,
+            r.random_ci_low,
+            r.random_ci_high,
+        )
+    write_table(conditions, out_conditions)
+    write_table(cells, out_cells)
+
+
+# ---------------------------------------------------------------- stimulus properties
+
+
+def run_image_properties(
+    manifest: PathLike, images: PathLike, out_table: PathLike, workers: int = 1
+) -> None:
+    """Image properties of every stimulus (docs/method.md, "Stimulus properties"; sizes from
+    the stimuli report's ``images.tsv``)."""
+    from xmodal.stimuli import read_manifest
+
+    df = read_manifest(manifest)
+    table = properties.image_properties(
+        df, Path(manifest).parent, read_table(images), workers=workers
+    )
+    log.info("image properties of %d stimuli", len(df))
+    write_table(table, out_table)
+
+
+def run_stimulus_properties(
+    manifest: PathLike,
+    image_table: PathLike,
+    llm_paths: Sequence[PathLike],
+    llms: Sequence[str],
+    out_table: PathLike,
+) -> None:
+    """Every property: caption words, each LLM's token counts (from its feature file), and the
+    image properties."""
+    from xmodal.stimuli import read_manifest
+
+    df = read_manifest(manifest)
+    ids = [str(s) for s in df["stimulus_id"]]
+    counts: dict[str, np.ndarray | None] = {}
+    for path, llm in zip(llm_paths, llms, strict=True):
+        with open_features(path, model=llm, modality="language") as f:
+            have = f.stimulus_ids
+            tokens = f.n_tokens()
+        if tokens is not None:
+            lookup = dict(zip(have, tokens.astype(np.float64), strict=True))
+            lost = [s for s in ids if s not in lookup]
+            if lost:  # stimuli left out of extraction (stimuli.drop_duplicates): no count
+                log.info(
+                    "%s: %d stimuli of the manifest are not in the feature file (dropped "
+                    "duplicates?); their token counts are NaN: %s",
+                    path,
+                    len(lost),
+                    lost[:5],
+                )
+            tokens = np.array([lookup.get(s, np.nan) for s in ids])
+        counts[llm] = tokens
+    write_table(properties.stimulus_properties(df, read_table(image_table), counts), out_table)
+
+
+def run_property_correlations(
+    properties_path: PathLike,
+    dispersion_path: PathLike,
+    n_boot: int,
+    seed: int,
+    out_table: PathLike,
+) -> None:
+    """Spearman correlation of every property with vision dispersion (mean and PC1)."""
+    table = properties.property_correlations(
+        read_table(properties_path), read_table(dispersion_path), n_boot, seed
+    )
+    for r in table.itertuples():
+        log.info(
+            "%s%s vs %s dispersion: rho = %.3f [%.3f, %.3f]%s",
+            r.property,
+            f" ({r.model})" if r.model else "",
+            r.summary,
+            r.spearman_rho,
+            r.ci_low,
+            r.ci_high,
+            f" ({r.reason})" if r.reason else "",
+        )
+    write_table(table, out_table)

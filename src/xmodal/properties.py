@@ -26,15 +26,13 @@ from __future__ import annotations
 import logging
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from PIL import Image
-
-from xmodal.io import read_table, write_table
 
 log = logging.getLogger(__name__)
 
@@ -54,9 +52,6 @@ __all__ = [
     "grey_entropy",
     "image_properties",
     "property_correlations",
-    "run_image_properties",
-    "run_property_correlations",
-    "run_stimulus_properties",
     "stimulus_properties",
 ]
 
@@ -322,72 +317,3 @@ def property_correlations(
                 }
             )
     return pd.DataFrame(rows, columns=CORRELATION_COLUMNS)
-
-
-# ---------------------------------------------------------------- pipeline steps
-
-
-def run_image_properties(
-    manifest: PathLike, images: PathLike, out_table: PathLike, workers: int = 1
-) -> None:
-    """Image properties of every stimulus (sizes from the stimuli report's ``images.tsv``)."""
-    from xmodal.stimuli import read_manifest
-
-    df = read_manifest(manifest)
-    table = image_properties(df, Path(manifest).parent, read_table(images), workers=workers)
-    log.info("image properties of %d stimuli", len(df))
-    write_table(table, out_table)
-
-
-def run_stimulus_properties(
-    manifest: PathLike,
-    image_table: PathLike,
-    llm_paths: Sequence[PathLike],
-    llms: Sequence[str],
-    out_table: PathLike,
-) -> None:
-    """Every property: caption words, each LLM's token counts (from its feature file), and the
-    image properties."""
-    from xmodal.pipeline import open_features
-    from xmodal.stimuli import read_manifest
-
-    df = read_manifest(manifest)
-    ids = [str(s) for s in df["stimulus_id"]]
-    counts: dict[str, np.ndarray | None] = {}
-    for path, llm in zip(llm_paths, llms, strict=True):
-        with open_features(path, model=llm, modality="language") as f:
-            have = f.stimulus_ids
-            tokens = f.n_tokens()
-        if tokens is not None:
-            lookup = dict(zip(have, tokens.astype(np.float64), strict=True))
-            lost = [s for s in ids if s not in lookup]
-            if lost:  # stimuli left out of extraction (stimuli.drop_duplicates): no count
-                log.info(
-                    "%s: %d stimuli of the manifest are not in the feature file (dropped "
-                    "duplicates?); their token counts are NaN: %s",
-                    path,
-                    len(lost),
-                    lost[:5],
-                )
-            tokens = np.array([lookup.get(s, np.nan) for s in ids])
-        counts[llm] = tokens
-    write_table(stimulus_properties(df, read_table(image_table), counts), out_table)
-
-
-def run_property_correlations(
-    properties: PathLike, dispersion: PathLike, n_boot: int, seed: int, out_table: PathLike
-) -> None:
-    """Spearman correlation of every property with vision dispersion (mean and PC1)."""
-    table = property_correlations(read_table(properties), read_table(dispersion), n_boot, seed)
-    for r in table.itertuples():
-        log.info(
-            "%s%s vs %s dispersion: rho = %.3f [%.3f, %.3f]%s",
-            r.property,
-            f" ({r.model})" if r.model else "",
-            r.summary,
-            r.spearman_rho,
-            r.ci_low,
-            r.ci_high,
-            f" ({r.reason})" if r.reason else "",
-        )
-    write_table(table, out_table)
