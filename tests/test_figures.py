@@ -10,7 +10,6 @@ import shutil
 import warnings
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pytest
 from matplotlib.collections import LineCollection
@@ -22,7 +21,7 @@ from xmodal.figures.synthetic import synthetic_inputs
 ROOT = Path(__file__).resolve().parents[1]
 EXPECTED = {
     "dispersion_sets", "sets_rank", "sets_pc1", "drop25", "loo",
-    "grid_heatmap", "layerwise", "gallery", "residuals", "contrasts",
+    "grid_heatmap", "layerwise", "gallery", "residuals", "contrasts", "diagnostics",
     "language_dispersion", "properties",
 }  # fmt: skip
 VISION = ["Vision A", "Vision B", "Vision C"]
@@ -303,5 +302,8 @@ def test_missing_conditions_leave_gaps(inputs, tmp_path):
     grid.to_csv(tmp_path / "grid.tsv", sep="\t", index=False)
     fig = render_figure("sets_rank", {"grid": tmp_path / "grid.tsv", "models": inputs["models"]})
     ax = panels(fig)[0]
-    assert np.isclose(ax.patches[-1].get_height(), 0.0)  # missing high bar: drawn as nothing
+    bars = [p.get_gid() for p in ax.patches]
+    assert len(bars) == 2 * len(LLMS) - 1  # low and high; no random; no high for Beta 7b
+    assert "bar|high|vis-0|beta-7b" not in bars and "bar|high|vis-0|beta-1b" in bars
+    assert not any(ln.get_gid() for ln in ax.lines)  # a missing row is a gap, not "undefined"
     assert "no draws" in fig.legends[0].get_texts()[1].get_text()

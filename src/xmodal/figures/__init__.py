@@ -1,20 +1,26 @@
 """Every figure of the report, drawn from the aggregate tables only (re-renders in seconds).
 
-``FIGURES`` is the registry the workflow iterates over; ``make_figure(name, inputs, png, pdf)``
-reads the tables a figure needs, draws it in the single report style and writes PNG and PDF
-atomically. ``render_figure`` returns the matplotlib ``Figure`` instead (tests, notebooks).
+``FIGURES`` is the registry the workflow iterates over; ``make_figure(name, inputs, png, pdf,
+metric=...)`` reads the tables a figure needs, draws it in the single report style and writes
+PNG and PDF atomically. ``render_figure`` returns the matplotlib ``Figure`` instead (tests,
+notebooks).
+
+A figure with ``per_metric`` shows alignment values and is drawn once per metric of
+``analysis.metrics``: ``{name}.png`` for CKNNA (the default), ``{name}.{metric}.png`` for the
+others (:func:`figure_stem`). The others are drawn once.
 
 Input names (keys of ``inputs``): ``dispersion``, ``residuals``, ``sets``, ``loo_stimuli``,
-``loo``, ``layers``, ``grid``, ``contrasts``, ``models``, ``summary``, ``manifest``, and for the
-extensions ``language_dispersion``, ``language_correlation``, ``joint_cells``, ``properties``,
-``property_correlations`` (see docs/contracts.md).
+``loo``, ``layers``, ``grid``, ``contrasts``, ``models``, ``summary``, ``manifest``,
+``diagnostics``, ``duplicates``, and for the extensions ``language_dispersion``,
+``language_correlation``, ``joint_cells``, ``properties``, ``property_correlations`` (see
+docs/contracts.md).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +28,18 @@ from matplotlib.figure import Figure
 
 from xmodal.io import atomic_path
 
-from ._common import FigureData, Models, _style, read_tsv
+from ._common import (
+    DEFAULT_METRIC,
+    METRIC_LABELS,
+    FigureData,
+    Models,
+    _style,
+    metric_from_tag,
+    metric_label,
+    metric_tag,
+    metric_tag_pattern,
+    read_tsv,
+)
 from .alignment import (
     draw_contrasts,
     draw_drop25,
@@ -31,6 +48,7 @@ from .alignment import (
     draw_sets_pc1,
     draw_sets_rank,
 )
+from .diagnostics import draw_diagnostics
 from .dispersion import draw_dispersion_sets, draw_gallery, draw_loo, draw_residuals
 from .extensions import draw_language_dispersion, draw_properties
 
@@ -38,6 +56,7 @@ log = logging.getLogger(__name__)
 
 INPUT_NAMES = frozenset(
     {"dispersion", "residuals", "sets", "loo_stimuli", "loo", "layers", "grid", "contrasts", "models", "manifest", "summary",
+     "diagnostics", "duplicates",
      "language_dispersion", "language_correlation", "joint_cells", "properties", "property_correlations"}
 )  # fmt: skip
 
@@ -47,7 +66,8 @@ class FigureSpec:
     """One figure: what it shows, the tables it reads and the function that draws it.
 
     ``inputs`` are all the tables the workflow should pass; those in ``optional`` may be left
-    out (``models`` missing: raw model keys are shown instead of labels).
+    out (``models`` missing: raw model keys are shown instead of labels). ``per_metric``: the
+    figure shows alignment values and is drawn once per configured metric.
     """
 
     name: str
@@ -55,6 +75,7 @@ class FigureSpec:
     inputs: tuple[str, ...]
     draw: Callable[[FigureData], Figure]
     optional: tuple[str, ...] = ("models",)
+    per_metric: bool = False
 
     @property
     def required(self) -> tuple[str, ...]:
@@ -67,8 +88,10 @@ class FigureSpec:
         return f"workflow/report/{self.name}.rst"
 
 
-def _spec(name: str, title: str, inputs: tuple[str, ...], draw, optional=("models",)) -> FigureSpec:
-    return FigureSpec(name, title, inputs, draw, optional)
+def _spec(
+    name: str, title: str, inputs: tuple[str, ...], draw, optional=("models",), per_metric=False
+) -> FigureSpec:
+    return FigureSpec(name, title, inputs, draw, optional, per_metric)
 
 
 FIGURES: dict[str, FigureSpec] = {
@@ -86,18 +109,21 @@ FIGURES: dict[str, FigureSpec] = {
             "Fig. 2B–E: alignment of low / random / high sets (rank by mean dispersion)",
             ("grid", "models"),
             draw_sets_rank,
+            per_metric=True,
         ),
         _spec(
             "sets_pc1",
             "Fig. 2G–J: alignment of low / random / high sets (PC1 of dispersion)",
             ("grid", "models"),
             draw_sets_pc1,
+            per_metric=True,
         ),
         _spec(
             "drop25",
             "Supp. Fig. 1: dropping the most / least dispersed 25%",
             ("grid", "models"),
             draw_drop25,
+            per_metric=True,
         ),
         _spec(
             "loo",
@@ -108,16 +134,18 @@ FIGURES: dict[str, FigureSpec] = {
         ),
         _spec(
             "grid_heatmap",
-            "Full-set CKNNA grid and low − high difference grids",
+            "Full-set alignment grid and low − high difference grids",
             ("grid", "contrasts", "models"),
             draw_grid_heatmap,
             ("models", "contrasts"),
+            per_metric=True,
         ),
         _spec(
             "layerwise",
             "Layer-wise alignment of each vision model with every LLM layer",
             ("layers", "models"),
             draw_layerwise,
+            per_metric=True,
         ),
         _spec(
             "gallery",
@@ -138,6 +166,14 @@ FIGURES: dict[str, FigureSpec] = {
             ("contrasts", "summary", "models"),
             draw_contrasts,
             ("models", "summary"),
+            per_metric=True,
+        ),
+        _spec(
+            "diagnostics",
+            "Representation diagnostics: which alignment values the data decide",
+            ("diagnostics", "duplicates", "models"),
+            draw_diagnostics,
+            ("models", "duplicates"),
         ),
         _spec(
             "language_dispersion",
@@ -156,12 +192,53 @@ FIGURES: dict[str, FigureSpec] = {
 }
 
 
-def load_inputs(name: str, inputs: Mapping[str, str | os.PathLike]) -> FigureData:
-    """Read the tables figure ``name`` needs from ``inputs`` (name → path)."""
+def figure_metrics(name: str, metrics: Sequence[str]) -> list[str | None]:
+    """The metrics figure ``name`` is drawn for: each of ``metrics`` for a per-metric figure,
+    ``[None]`` (drawn once) for the others."""
+    return list(dict.fromkeys(metrics)) if FIGURES[name].per_metric else [None]
+
+
+def figure_stem(name: str, metric: str | None = None) -> str:
+    """File name of figure ``name`` for ``metric`` without extension: ``sets_rank`` (CKNNA, or a
+    figure drawn once), ``sets_rank.mutual_knn`` (another metric)."""
+    return name + metric_tag(metric)
+
+
+def report_subcategory(name: str, tag: str = "") -> str:
+    """Where figure ``name`` (file-name metric tag ``tag``) sits in the Snakemake report."""
+    if FIGURES[name].per_metric:
+        return f"Alignment: {metric_label(metric_from_tag(tag))}"
+    return "Diagnostics" if name == "diagnostics" else "Stimuli and dispersion"
+
+
+def figure_files(directory: str, metrics: Sequence[str]) -> list[str]:
+    """Every figure file (PNG and PDF) under ``directory`` for the configured ``metrics``."""
+    return [
+        f"{directory}/{figure_stem(name, metric)}.{ext}"
+        for name in FIGURES
+        for metric in figure_metrics(name, metrics)
+        for ext in ("png", "pdf")
+    ]
+
+
+def load_inputs(
+    name: str, inputs: Mapping[str, str | os.PathLike], metric: str | None = None
+) -> FigureData:
+    """Read the tables figure ``name`` needs from ``inputs`` (name → path), for ``metric``
+    (None: the default metric; only per-metric figures take another)."""
     try:
         spec = FIGURES[name]
     except KeyError:
         raise KeyError(f"unknown figure {name!r}; known: {sorted(FIGURES)}") from None
+    metric = metric or DEFAULT_METRIC
+    if metric not in METRIC_LABELS:
+        raise ValueError(
+            f"figure {name!r}: unknown metric {metric!r}; known: {list(METRIC_LABELS)}"
+        )
+    if metric != DEFAULT_METRIC and not spec.per_metric:
+        raise ValueError(
+            f"figure {name!r} shows no alignment values: it is drawn once, not per metric"
+        )
     unknown = set(inputs) - INPUT_NAMES
     if unknown:
         raise KeyError(f"figure {name!r}: unknown input name(s) {sorted(unknown)}")
@@ -170,12 +247,15 @@ def load_inputs(name: str, inputs: Mapping[str, str | os.PathLike]) -> FigureDat
         raise KeyError(f"figure {name!r} needs input(s) {missing}; got {sorted(inputs)}")
     paths = {k: Path(inputs[k]) for k in spec.inputs if k in inputs}
     tables = {k: read_tsv(p, k) for k, p in paths.items()}
-    return FigureData(tables=tables, paths=paths, models=Models.from_table(tables.get("models")))
+    models = Models.from_table(tables.get("models"))
+    return FigureData(tables=tables, paths=paths, models=models, metric=metric)
 
 
-def render_figure(name: str, inputs: Mapping[str, str | os.PathLike]) -> Figure:
-    """Draw figure ``name`` from its tables and return it (nothing is written)."""
-    data = load_inputs(name, inputs)
+def render_figure(
+    name: str, inputs: Mapping[str, str | os.PathLike], metric: str | None = None
+) -> Figure:
+    """Draw figure ``name`` for ``metric`` from its tables and return it (nothing is written)."""
+    data = load_inputs(name, inputs, metric)
     with _style():
         return FIGURES[name].draw(data)
 
@@ -194,20 +274,35 @@ def make_figure(
     inputs: Mapping[str, str | os.PathLike],
     out_png: str | os.PathLike,
     out_pdf: str | os.PathLike,
+    metric: str | None = None,
 ) -> None:
-    """Read the tables figure ``name`` needs, draw it and write ``out_png`` and ``out_pdf``."""
-    fig = render_figure(name, inputs)
+    """Read the tables figure ``name`` needs, draw it for ``metric`` and write ``out_png`` and
+    ``out_pdf``."""
+    fig = render_figure(name, inputs, metric)
     save_figure(fig, out_png, out_pdf)
-    log.info("figure %s written to %s and %s", name, out_png, out_pdf)
+    log.info(
+        "figure %s (%s) written to %s and %s", name, metric or DEFAULT_METRIC, out_png, out_pdf
+    )
 
 
 __all__ = [
+    "DEFAULT_METRIC",
     "FIGURES",
+    "INPUT_NAMES",
+    "METRIC_LABELS",
     "FigureData",
     "FigureSpec",
     "Models",
+    "figure_files",
+    "figure_metrics",
+    "figure_stem",
     "load_inputs",
     "make_figure",
+    "metric_from_tag",
+    "metric_label",
+    "metric_tag",
+    "metric_tag_pattern",
     "render_figure",
+    "report_subcategory",
     "save_figure",
 ]

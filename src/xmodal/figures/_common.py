@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import re
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,7 @@ from matplotlib.figure import Figure
 from matplotlib.transforms import blended_transform_factory
 
 from xmodal.io import read_table
+from xmodal.summary import STABILITY_THRESHOLD
 
 # One palette for the whole report. Low-dispersion stimuli (and "drop high", which keeps them)
 # are blue; high-dispersion stimuli (and "drop low") warm; the random baseline and the full set
@@ -47,7 +49,55 @@ SUMMARY_LABELS: dict[str, str] = {
     "pc1": "PC1 of dispersion",
 }
 
-ALIGNMENT_LABEL = "Vision–language alignment (CKNNA)"
+#: How each alignment metric (xmodal.alignment.METRICS, config ``analysis.metrics``) is named in
+#: axis labels, titles and legends.
+METRIC_LABELS: dict[str, str] = {
+    "cknna": "CKNNA",
+    "mutual_knn": "mutual kNN",
+    "unbiased_cka": "unbiased CKA",
+    "cka": "CKA",
+}
+#: The metric whose figures carry no metric in their file name (the config's default).
+DEFAULT_METRIC = "cknna"
+
+# Marks of the values the data do not decide (docs/method.md, "Stability"): hatched bars, a
+# dagger in heatmap cells, open markers on lines and forest plots. Values that are not numbers
+# (degenerate layers, undefined draws) are never drawn as numbers: a cross, or "n/a" in a cell.
+UNSTABLE_HATCH = "////"
+DAGGER = "†"
+UNDEFINED_TEXT = "n/a"
+UNSTABLE_NOTE = f"stability > {STABILITY_THRESHOLD:g}: nearest-neighbour sets decided by rounding"
+UNDEFINED_NOTE = "undefined value (not a number): not drawn"
+
+
+def metric_label(metric: str) -> str:
+    """How ``metric`` is named in figures ('CKNNA', 'mutual kNN', ...)."""
+    return METRIC_LABELS.get(metric, metric)
+
+
+def alignment_label(metric: str) -> str:
+    """The y-axis label of an alignment value: 'Vision–language alignment (CKNNA)'."""
+    return f"Vision–language alignment ({metric_label(metric)})"
+
+
+def metric_tag(metric: str | None) -> str:
+    """What a figure file name carries for ``metric``: nothing for the default metric (or a
+    figure drawn once), ``.<metric>`` for the others (``sets_rank.mutual_knn.png``)."""
+    return "" if metric is None or metric == DEFAULT_METRIC else f".{metric}"
+
+
+def metric_from_tag(tag: str) -> str:
+    """The metric of a file-name tag made by :func:`metric_tag` ('' → the default metric)."""
+    return tag[1:] if tag.startswith(".") else (tag or DEFAULT_METRIC)
+
+
+def metric_tag_pattern(metrics: Iterable[str]) -> str:
+    """Regular expression of the tags of ``metrics`` (the workflow's wildcard constraint): the
+    empty tag when the default metric is among them, ``.<metric>`` for each other one."""
+    alts = [re.escape(metric_tag(m)) for m in dict.fromkeys(metrics)]
+    return "(?:" + "|".join(alts) + ")"
+
+
 LLM_AXIS_LABEL = "Language model"
 FAMILY_PALETTES = ["Blues", "Oranges", "Greens", "Purples", "Reds", "Greys", "YlOrBr", "BuGn"]
 
@@ -188,18 +238,38 @@ class Models:
         return out
 
 
-def only_metric(df: pd.DataFrame, metric: str = "cknna") -> pd.DataFrame:
-    """Rows of ``metric`` when the table has several metrics (all rows otherwise)."""
-    if "metric" in df.columns and (df["metric"] == metric).any():
-        return df[df["metric"] == metric]
-    return df
+def metric_rows(df: pd.DataFrame, metric: str, table: str) -> pd.DataFrame:
+    """Rows of one alignment metric (docs/contracts.md: every alignment table has ``metric``).
+
+    A table without the column predates the other metrics and holds CKNNA. A metric the table
+    does not hold is an error naming the table and the metrics it has (never another metric's
+    rows drawn under this one's name).
+    """
+    if "metric" not in df.columns:
+        if metric == DEFAULT_METRIC:
+            return df
+        raise ValueError(
+            f"{table} table has no 'metric' column (CKNNA only): cannot draw metric {metric!r}; "
+            "rerun the alignment rules"
+        )
+    rows = df[df["metric"].astype(str) == metric]
+    if rows.empty:
+        held = sorted(set(df["metric"].astype(str)))
+        raise ValueError(
+            f"{table} table holds no rows of metric {metric!r} (it has {held}); the figure's "
+            "metric must be one of analysis.metrics in the config the tables were made with"
+        )
+    return rows
 
 
 def interval(values: Iterable[float], level: float = 0.95) -> tuple[float, float, float]:
-    """Mean and central ``level`` percentile interval of draws (degenerate for one draw)."""
+    """Mean and central ``level`` percentile interval of draws (degenerate for one draw).
+
+    Any non-finite draw makes all three NaN: an undefined draw is never dropped as if the
+    others were the whole baseline (docs/method.md, "Degenerate layers").
+    """
     v = np.asarray(list(values), dtype=float)
-    v = v[np.isfinite(v)]
-    if v.size == 0:
+    if v.size == 0 or not np.isfinite(v).all():
         return (math.nan, math.nan, math.nan)
     a = (1 - level) / 2 * 100
     lo, hi = np.percentile(v, [a, 100 - a])
@@ -259,9 +329,15 @@ class FigureData:
     tables: dict[str, pd.DataFrame]
     paths: dict[str, Path]
     models: Models
+    metric: str = DEFAULT_METRIC
 
     def __getitem__(self, name: str) -> pd.DataFrame:
         return self.tables[name]
+
+    def alignment(self, name: str) -> pd.DataFrame:
+        """The rows of alignment table ``name`` (layers, grid, contrasts, summary) that hold
+        this figure's metric; an error names the file when it has none."""
+        return metric_rows(self.tables[name], self.metric, str(self.paths.get(name, name)))
 
     def get(self, name: str) -> pd.DataFrame | None:
         """A table, or None when it was not given."""

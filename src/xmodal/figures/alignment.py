@@ -1,5 +1,10 @@
 """Cross-modal alignment figures: dispersion sets (Fig. 2B–E, G–J), drop-25% (Supp. Fig. 1),
-the CKNNA grid, the layer-wise profiles (he2025 Fig. 2) and the low − high contrasts."""
+the alignment grid, the layer-wise profiles (he2025 Fig. 2) and the low − high contrasts.
+
+Each is drawn for one alignment metric (``FigureData.metric``). Values whose stability exceeds
+the threshold of :func:`xmodal.summary.unstable` are marked (hatched bars, a dagger in heatmap
+cells, open markers); values that are not numbers are never drawn as numbers (a cross, "n/a").
+"""
 
 from __future__ import annotations
 
@@ -13,18 +18,26 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
+from matplotlib.transforms import blended_transform_factory
+
+from xmodal.summary import unstable
 
 from ._common import (
-    ALIGNMENT_LABEL,
     COLORS,
     CONDITION_LABELS,
+    DAGGER,
     LLM_AXIS_LABEL,
     SUMMARY_LABELS,
+    UNDEFINED_NOTE,
+    UNDEFINED_TEXT,
+    UNSTABLE_HATCH,
+    UNSTABLE_NOTE,
     FigureData,
+    alignment_label,
     family_axis,
     interval,
+    metric_label,
     new_figure,
-    only_metric,
     panel_grid,
     panel_letter,
 )
@@ -32,6 +45,8 @@ from ._common import (
 log = logging.getLogger(__name__)
 
 PAIR = ["vision", "llm"]
+CELL_COLUMNS = ["value", "lo", "hi", "stability", "n", "unstable"]
+UNDEFINED_COLOR = "#555555"
 
 
 # --------------------------------------------------------------------------- grid selection
@@ -57,20 +72,28 @@ def condition_rows(grid: pd.DataFrame, condition: str, summary: str | None = Non
     return rows
 
 
-def pair_values(rows: pd.DataFrame) -> dict[tuple[str, str], float]:
-    """Mean value per (vision, llm) pair (deterministic conditions have one row per pair)."""
-    if rows.empty:
-        return {}
-    s = rows.groupby(PAIR)["value"].mean()
-    return {(str(v), str(ll)): float(x) for (v, ll), x in s.items()}
+def pair_cells(rows: pd.DataFrame) -> pd.DataFrame:
+    """What each (vision, llm) pair shows for one condition, indexed by the pair.
+
+    ``value``: the mean over the pair's rows (one row for a deterministic set, the draws for the
+    random baseline; NaN when any row is not a number); ``lo``, ``hi``: the central 95% interval
+    of the rows; ``stability``: the mean of the rows' stabilities, which bounds how far the mean
+    can move (|Δ mean| ≤ mean |Δ_i|; docs/method.md, "Stability"); ``n``: the number of rows;
+    ``unstable``: flagged by :func:`xmodal.summary.unstable`.
+    """
+    records = []
+    for (v, ll), g in rows.groupby(PAIR, sort=False):
+        mean, lo, hi = interval(g["value"])
+        stab = g["stability"].to_numpy(float).mean() if "stability" in g.columns else math.nan
+        records.append((str(v), str(ll), mean, lo, hi, stab, len(g)))
+    cells = pd.DataFrame(records, columns=[*PAIR, *CELL_COLUMNS[:-1]])
+    cells["unstable"] = unstable(cells)
+    return cells.set_index(PAIR)
 
 
-def random_intervals(rows: pd.DataFrame) -> tuple[dict[tuple[str, str], tuple[float, ...]], int]:
-    """(mean, 2.5 %, 97.5 %) of the random draws per pair, and the largest number of draws."""
-    if rows.empty:
-        return {}, 0
-    out = {(str(v), str(ll)): interval(g["value"]) for (v, ll), g in rows.groupby(PAIR)}
-    return out, int(rows.groupby(PAIR).size().max())
+def _n_draws(rows: pd.DataFrame) -> int:
+    """The largest number of rows (draws) of any pair."""
+    return int(rows.groupby(PAIR).size().max()) if len(rows) else 0
 
 
 def _set_size(rows: pd.DataFrame) -> str:
@@ -81,80 +104,135 @@ def _set_size(rows: pd.DataFrame) -> str:
     return f" (n = {int(n[0])})" if len(n) == 1 else ""
 
 
-def _pairs_layout(data: FigureData, grid: pd.DataFrame) -> tuple[list[str], list[str]]:
-    """Vision models and LLMs present in ``grid``, in display order."""
+def _pairs_layout(data: FigureData, table: pd.DataFrame) -> tuple[list[str], list[str]]:
+    """Vision models and LLMs present in ``table``, in display order."""
     m = data.models
-    return m.order(grid["vision"].astype(str).unique()), m.order(grid["llm"].astype(str).unique())
+    return m.order(table["vision"].astype(str).unique()), m.order(table["llm"].astype(str).unique())
 
 
+# --------------------------------------------------------------------------- marks
+def _hatch(patch, color: str = "white") -> None:
+    """Mark one bar as unstable: hatched in ``color`` over its own fill."""
+    patch.set_hatch(UNSTABLE_HATCH)
+    patch.set_hatchcolor(color)
+    patch.set_hatch_linewidth(0.8)
+
+
+def _flag_handles(n_unstable: int, n_undefined: int, kind: str) -> list:
+    """Legend entries for the marks a figure drew (``kind``: 'bar', 'marker' or 'cell')."""
+    handles: list = []
+    if n_unstable:
+        label = f"{UNSTABLE_NOTE} ({n_unstable})"
+        if kind == "bar":
+            h = Patch(facecolor="#9e9e9e", hatch=UNSTABLE_HATCH, edgecolor="none", label=label)
+            _hatch(h)
+        elif kind == "marker":
+            h = Line2D([], [], marker="o", ls="", mfc="white", mec="#9e9e9e", mew=1.2, label=label)
+        else:
+            h = Line2D([], [], marker=f"${DAGGER}$", ls="", color="black", label=label)
+        handles.append(h)
+    if n_undefined:
+        label = f"{UNDEFINED_NOTE} ({n_undefined})"
+        if kind == "cell":
+            h = Line2D(
+                [], [], marker="s", ls="", mfc="#eeeeee", mec="#bbbbbb", label=f"n/a: {label}"
+            )
+        else:
+            h = Line2D([], [], marker="x", ls="", mew=1.6, color="black", label=label)
+        handles.append(h)
+    return handles
+
+
+# --------------------------------------------------------------------------- bars
 def _grouped_bars(
-    ax: Axes,
-    llms: list[str],
-    series: list[tuple[str, dict[str, float], dict[str, tuple[float, float]] | None]],
-) -> None:
-    """Bars per LLM, one per series (name, values by llm, optional (lo, hi) interval by llm)."""
+    ax: Axes, vision: str, llms: list[str], series: list[tuple[str, pd.DataFrame, bool]]
+) -> tuple[int, int]:
+    """Bars per LLM, one per series (condition name, its :func:`pair_cells`, whether to draw
+    the 95% interval of its draws). An unstable value is hatched; a value that is not a number
+    is a cross on the zero line; a pair absent from the table leaves a gap. Every mark has the
+    gid ``<what>|<condition>|<vision>|<llm>`` (what: bar, undefined). Returns (hatched,
+    undefined) counts."""
     n = len(series)
     width = 0.8 / max(n, 1)
-    x = np.arange(len(llms))
-    for i, (name, vals, ivals) in enumerate(series):
-        pos = x + (i - (n - 1) / 2) * width
-        h = np.array([vals.get(ll, np.nan) for ll in llms], dtype=float)
-        ax.bar(pos, np.nan_to_num(h), width * 0.92, color=COLORS[name], label=name, linewidth=0)
-        if ivals:
-            lo = np.array([ivals.get(ll, (np.nan, np.nan))[0] for ll in llms])
-            hi = np.array([ivals.get(ll, (np.nan, np.nan))[1] for ll in llms])
-            ok = np.isfinite(lo) & np.isfinite(hi) & np.isfinite(h)
-            if ok.any():
+    n_unstable = n_undefined = 0
+    for i, (name, cells, whiskers) in enumerate(series):
+        for j, ll in enumerate(llms):
+            if (vision, ll) not in cells.index:
+                continue
+            c = cells.loc[(vision, ll)]
+            pos = j + (i - (n - 1) / 2) * width
+            gid = f"{name}|{vision}|{ll}"
+            if not np.isfinite(c["value"]):
+                ax.plot(pos, 0.0, marker="x", ms=6, mew=1.6, color="black", zorder=3,
+                        clip_on=False, gid=f"undefined|{gid}")  # fmt: skip
+                n_undefined += 1
+                continue
+            (bar,) = ax.bar(pos, c["value"], width * 0.92, color=COLORS[name], linewidth=0)
+            bar.set_gid(f"bar|{gid}")
+            if c["unstable"]:
+                _hatch(bar)
+                n_unstable += 1
+            if whiskers and c["n"] > 1 and np.isfinite(c["lo"]) and np.isfinite(c["hi"]):
                 ax.errorbar(
-                    pos[ok],
-                    h[ok],
-                    yerr=[h[ok] - lo[ok], hi[ok] - h[ok]],
+                    pos,
+                    c["value"],
+                    yerr=[[c["value"] - c["lo"]], [c["hi"] - c["value"]]],
                     fmt="none",
                     ecolor="black",
                     elinewidth=0.8,
                     capsize=1.5,
                 )
     ax.axhline(0, color="black", lw=0.6)
+    return n_unstable, n_undefined
 
 
 def _panel_width(n_llm: int) -> float:
     return max(3.0, 0.42 * n_llm + 1.3)
 
 
-# --------------------------------------------------------------------------- Fig. 2B–E / G–J
-def _sets_figure(data: FigureData, summary: str, first_letter: str) -> Figure:
-    grid = only_metric(data["grid"])
-    visions, llms = _pairs_layout(data, grid)
-    low = pair_values(condition_rows(grid, "low", summary))
-    high = pair_values(condition_rows(grid, "high", summary))
-    rnd_rows = condition_rows(grid, "random", summary)
-    rnd, n_draws = random_intervals(rnd_rows)
-    if 0 < n_draws < 20:
-        log.info("random baseline has only %d draw(s): its interval is coarse", n_draws)
-
+def _bar_panels(
+    data: FigureData,
+    visions: list[str],
+    llms: list[str],
+    series: list[tuple[str, pd.DataFrame, bool]],
+    first_letter: str,
+    ylabel_every_panel: bool,
+) -> tuple[Figure, int, int]:
+    """One bar panel per vision model (two columns); returns the figure and the mark counts."""
     ncols = 2 if len(visions) > 1 else 1
     nrows = math.ceil(len(visions) / ncols)
     fig = new_figure(_panel_width(len(llms)) * ncols, 2.7 * nrows + 0.9)
     axes = panel_grid(fig, len(visions), ncols, sharey=True)
+    n_unstable = n_undefined = 0
     for i, (ax, v) in enumerate(zip(axes, visions, strict=True)):
-        series = [
-            ("low", {ll: low.get((v, ll), np.nan) for ll in llms}, None),
-            (
-                "random",
-                {ll: rnd.get((v, ll), (np.nan,) * 3)[0] for ll in llms},
-                {ll: rnd.get((v, ll), (np.nan,) * 3)[1:] for ll in llms} if n_draws > 1 else None,
-            ),
-            ("high", {ll: high.get((v, ll), np.nan) for ll in llms}, None),
-        ]
-        _grouped_bars(ax, llms, series)
+        a, b = _grouped_bars(ax, v, llms, series)
+        n_unstable, n_undefined = n_unstable + a, n_undefined + b
         ax.set_title(
             f"{panel_letter(i, first_letter)}   {data.models.label(v)}", loc="left", pad=12
         )
         family_axis(ax, llms, data.models)
         ax.set_xlabel(LLM_AXIS_LABEL)
-        if i % ncols == 0:  # one y label per row: a second would run into the left panel
-            ax.set_ylabel(ALIGNMENT_LABEL)
+        if ylabel_every_panel or i % ncols == 0:  # else one per row: it would hit the left panel
+            ax.set_ylabel(alignment_label(data.metric))
         ax.tick_params(labelleft=True)
+    return fig, n_unstable, n_undefined
+
+
+# --------------------------------------------------------------------------- Fig. 2B–E / G–J
+def _sets_figure(data: FigureData, summary: str, first_letter: str) -> Figure:
+    grid = data.alignment("grid")
+    visions, llms = _pairs_layout(data, grid)
+    low_rows = condition_rows(grid, "low", summary)
+    rnd_rows = condition_rows(grid, "random", summary)
+    n_draws = _n_draws(rnd_rows)
+    if 0 < n_draws < 20:
+        log.info("random baseline has only %d draw(s): its interval is coarse", n_draws)
+    series = [
+        ("low", pair_cells(low_rows), False),
+        ("random", pair_cells(rnd_rows), n_draws > 1),
+        ("high", pair_cells(condition_rows(grid, "high", summary)), False),
+    ]
+    fig, n_unstable, n_undefined = _bar_panels(data, visions, llms, series, first_letter, False)
 
     if n_draws > 1:
         rnd_label = f"Random: mean and 95% interval of {n_draws} draws"
@@ -163,23 +241,21 @@ def _sets_figure(data: FigureData, summary: str, first_letter: str) -> Figure:
     else:
         rnd_label = "Random: no draws"
     handles = [
-        Patch(
-            color=COLORS["low"],
-            label="Low dispersion" + _set_size(condition_rows(grid, "low", summary)),
-        ),
+        Patch(color=COLORS["low"], label="Low dispersion" + _set_size(low_rows)),
         Patch(color=COLORS["random"], label=rnd_label),
         Patch(color=COLORS["high"], label="High dispersion"),
+        *_flag_handles(n_unstable, n_undefined, "bar"),
     ]
     fig.legend(handles=handles, loc="outside lower center", ncols=3)
     fig.suptitle(
         "Stimulus-specific dispersion modulates vision–language alignment\n"
-        f"(sets selected by {SUMMARY_LABELS[summary]})"
+        f"({metric_label(data.metric)}; sets selected by {SUMMARY_LABELS[summary]})"
     )
     return fig
 
 
 def draw_sets_rank(data: FigureData) -> Figure:
-    """Fig. 2B–E: CKNNA of low / random / high mean-dispersion sets, per vision model and LLM."""
+    """Fig. 2B–E: alignment of low / random / high mean-dispersion sets per vision model, LLM."""
     return _sets_figure(data, "mean", "B")
 
 
@@ -190,61 +266,62 @@ def draw_sets_pc1(data: FigureData) -> Figure:
 
 # --------------------------------------------------------------------------- Supp. Fig. 1
 def draw_drop25(data: FigureData) -> Figure:
-    """Supp. Fig. 1: CKNNA on the full set, after dropping the most and the least dispersed."""
-    grid = only_metric(data["grid"])
+    """Supp. Fig. 1: alignment on the full set, after dropping the most and the least dispersed."""
+    grid = data.alignment("grid")
     visions, llms = _pairs_layout(data, grid)
     conds = ["full", "drop_high", "drop_low"]
     rows = {c: condition_rows(grid, c) for c in conds}
-    vals = {c: pair_values(rows[c]) for c in conds}
-
-    ncols = 2 if len(visions) > 1 else 1
-    nrows = math.ceil(len(visions) / ncols)
-    fig = new_figure(_panel_width(len(llms)) * ncols, 2.7 * nrows + 0.9)
-    axes = panel_grid(fig, len(visions), ncols, sharey=True)
-    for i, (ax, v) in enumerate(zip(axes, visions, strict=True)):
-        series = [(c, {ll: vals[c].get((v, ll), np.nan) for ll in llms}, None) for c in conds]
-        _grouped_bars(ax, llms, series)
-        ax.set_title(f"{panel_letter(i)}   {data.models.label(v)}", loc="left", pad=12)
-        family_axis(ax, llms, data.models)
-        ax.set_xlabel(LLM_AXIS_LABEL)
-        ax.set_ylabel("Local alignment (CKNNA)")
-        ax.tick_params(labelleft=True)
+    series = [(c, pair_cells(rows[c]), False) for c in conds]
+    fig, n_unstable, n_undefined = _bar_panels(data, visions, llms, series, "A", True)
     handles = [
         Patch(color=COLORS[c], label=CONDITION_LABELS[c] + _set_size(rows[c])) for c in conds
     ]
+    handles += _flag_handles(n_unstable, n_undefined, "bar")
     fig.legend(handles=handles, loc="outside lower center", ncols=3)
-    fig.suptitle("Dropping the highest- vs lowest-dispersion stimuli")
+    fig.suptitle(
+        f"Dropping the highest- vs lowest-dispersion stimuli ({metric_label(data.metric)})"
+    )
     return fig
 
 
 # --------------------------------------------------------------------------- grid heatmaps
 def _diff_matrix(
     data: FigureData, grid: pd.DataFrame, summary: str, visions: list[str], llms: list[str]
-) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Low − high per pair (from contrasts, else from the grid) and a significance mask."""
+) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """Low − high per pair (from contrasts, else from the grid), a significance mask (bootstrap
+    95% interval excludes 0) and an unstable mask (the low or the high value is flagged)."""
     diff = pd.DataFrame(np.nan, index=visions, columns=llms)
     sig = pd.DataFrame(False, index=visions, columns=llms)
-    con = data.get("contrasts")
-    if con is not None and not con.empty and summary in set(con["summary"].astype(str)):
-        for r in con[con["summary"] == summary].itertuples(index=False):
+    flag = pd.DataFrame(False, index=visions, columns=llms)
+    con = data.alignment("contrasts") if data.get("contrasts") is not None else None
+    if con is not None and summary in set(con["summary"].astype(str)):
+        c = con[con["summary"] == summary]
+        c = c.assign(flagged=unstable(c, ("low_stability", "high_stability")))
+        for r in c.itertuples(index=False):
             if r.vision in diff.index and r.llm in diff.columns:
                 diff.loc[r.vision, r.llm] = r.diff_low_high
                 lo, hi = getattr(r, "diff_ci_low", np.nan), getattr(r, "diff_ci_high", np.nan)
                 sig.loc[r.vision, r.llm] = bool(lo > 0 or hi < 0)
-        return diff, sig
-    low = pair_values(condition_rows(grid, "low", summary))
-    high = pair_values(condition_rows(grid, "high", summary))
-    for (v, ll), x in low.items():
-        if (v, ll) in high and v in diff.index and ll in diff.columns:
-            diff.loc[v, ll] = x - high[(v, ll)]
-    return diff, sig
+                flag.loc[r.vision, r.llm] = bool(r.flagged)
+        return diff, sig, flag
+    low = pair_cells(condition_rows(grid, "low", summary))
+    high = pair_cells(condition_rows(grid, "high", summary))
+    for key in low.index.intersection(high.index):
+        v, ll = key
+        if v in diff.index and ll in diff.columns:
+            diff.loc[v, ll] = low.at[key, "value"] - high.at[key, "value"]
+            flag.loc[v, ll] = bool(low.at[key, "unstable"] or high.at[key, "unstable"])
+    return diff, sig, flag
 
 
-def _heatmap(ax: Axes, mat: pd.DataFrame, annot: np.ndarray, data: FigureData, **kw) -> None:
+def _heatmap(ax: Axes, mat: pd.DataFrame, text: pd.DataFrame, data: FigureData, **kw) -> int:
+    """A vision × LLM heatmap annotated with ``text``; a cell that is not a number is left
+    grey with "n/a" (gid ``undefined|<vision>|<llm>``). Returns the number of such cells."""
+    values = mat.astype(float)
     sns.heatmap(
-        mat.astype(float),
+        values,
         ax=ax,
-        annot=annot,
+        annot=text.to_numpy(object),
         fmt="",
         annot_kws={"fontsize": 6.5},
         linewidths=0.5,
@@ -252,66 +329,118 @@ def _heatmap(ax: Axes, mat: pd.DataFrame, annot: np.ndarray, data: FigureData, *
         square=False,
         **kw,
     )
+    ax.set_facecolor("#eeeeee")
+    n_undefined = 0
+    for a, v in enumerate(mat.index):
+        for b, ll in enumerate(mat.columns):
+            if not np.isfinite(values.iat[a, b]):
+                ax.text(b + 0.5, a + 0.5, UNDEFINED_TEXT, ha="center", va="center",
+                        fontsize=6.5, color=UNDEFINED_COLOR, gid=f"undefined|{v}|{ll}")  # fmt: skip
+                n_undefined += 1
     ax.set_yticklabels(data.models.labels(mat.index), rotation=0)
     ax.set_xticklabels(data.models.labels(mat.columns), rotation=55, ha="right")
     ax.set_ylabel("Vision model")
     ax.set_xlabel(LLM_AXIS_LABEL)
+    return n_undefined
+
+
+def _cell_text(mat: pd.DataFrame, flag: pd.DataFrame, fmt: str, sig=None) -> pd.DataFrame:
+    """Cell annotations: the value, '*' when significant, the dagger when flagged unstable."""
+    out = pd.DataFrame("", index=mat.index, columns=mat.columns, dtype=object)
+    for a in range(mat.shape[0]):
+        for b in range(mat.shape[1]):
+            x = float(mat.iat[a, b])
+            if np.isfinite(x):
+                star = "*" if sig is not None and sig.iat[a, b] else ""
+                out.iat[a, b] = format(x, fmt) + star + (DAGGER if flag.iat[a, b] else "")
+    return out
 
 
 def draw_grid_heatmap(data: FigureData) -> Figure:
-    """Full-set CKNNA grid (vision × LLM) and the low − high difference grids, annotated."""
-    grid = only_metric(data["grid"])
+    """Full-set alignment grid (vision × LLM) and the low − high difference grids, annotated."""
+    grid = data.alignment("grid")
+    label = metric_label(data.metric)
     visions, llms = _pairs_layout(data, grid)
+    cells = pair_cells(condition_rows(grid, "full"))
     full = pd.DataFrame(np.nan, index=visions, columns=llms)
-    for (v, ll), x in pair_values(condition_rows(grid, "full")).items():
-        full.loc[v, ll] = x
+    full_flag = pd.DataFrame(False, index=visions, columns=llms)
+    for (v, ll), c in cells.iterrows():
+        full.loc[v, ll], full_flag.loc[v, ll] = c["value"], bool(c["unstable"])
+    con = data.get("contrasts")
     summaries = [
         s
         for s in ("mean", "pc1")
         if not condition_rows(grid, "low", s).empty
-        or (
-            data.get("contrasts") is not None and s in set(data["contrasts"]["summary"].astype(str))
-        )
+        or (con is not None and s in set(con["summary"].astype(str)))
     ]
     n = 1 + len(summaries)
     width = max(5.0, 0.62 * len(llms) + 2.8)
-    fig = new_figure(width, n * (0.42 * len(visions) + 1.6) + 0.3)
+    fig = new_figure(width, n * (0.42 * len(visions) + 1.6) + 0.6)
     axes = panel_grid(fig, n, 1)
-    annot = np.vectorize(lambda x: "" if not np.isfinite(x) else f"{x:.3f}")(full.to_numpy(float))
-    _heatmap(axes[0], full, annot, data, cmap="viridis", cbar_kws={"label": "CKNNA"})
-    axes[0].set_title(f"{panel_letter(0)}   Full stimulus set: CKNNA", loc="left")
+    n_undefined = _heatmap(
+        axes[0], full, _cell_text(full, full_flag, ".3f"), data, cmap="viridis",
+        cbar_kws={"label": label},
+    )  # fmt: skip
+    axes[0].set_title(f"{panel_letter(0)}   Full stimulus set: {label}", loc="left")
+    n_unstable = int(full_flag.to_numpy().sum())
     diffs = [_diff_matrix(data, grid, s, visions, llms) for s in summaries]
-    vmax = max(
-        [np.nanmax(np.abs(d.to_numpy(float))) for d, _ in diffs if d.notna().any().any()] or [1.0]
-    )
-    for i, (s, (diff, sig)) in enumerate(zip(summaries, diffs, strict=True), start=1):
-        txt = np.empty(diff.shape, dtype=object)
-        for a in range(diff.shape[0]):
-            for b in range(diff.shape[1]):
-                x = diff.iat[a, b]
-                txt[a, b] = (
-                    "" if not np.isfinite(x) else f"{x:+.3f}" + ("*" if sig.iat[a, b] else "")
-                )
-        _heatmap(
-            axes[i],
-            diff,
-            txt,
-            data,
-            cmap="vlag",
-            vmin=-vmax,
-            vmax=vmax,
-            cbar_kws={"label": "Δ CKNNA (low − high)"},
-        )
+    finite = [np.abs(d.to_numpy(float)) for d, _, _ in diffs]
+    vmax = max([float(np.nanmax(f)) for f in finite if np.isfinite(f).any()] or [1.0])
+    any_sig = False
+    for i, (s, (diff, sig, flag)) in enumerate(zip(summaries, diffs, strict=True), start=1):
+        shown = diff.notna()
+        n_unstable += int((flag & shown).to_numpy().sum())
+        any_sig |= bool((sig & shown).to_numpy().any())
+        n_undefined += _heatmap(
+            axes[i], diff, _cell_text(diff, flag, "+.3f", sig), data, cmap="vlag",
+            vmin=-vmax, vmax=vmax, cbar_kws={"label": f"Δ {label} (low − high)"},
+        )  # fmt: skip
         axes[i].set_title(
             f"{panel_letter(i)}   Low − high dispersion, {SUMMARY_LABELS[s]}", loc="left"
         )
+    handles = []
+    if any_sig:
+        handles.append(
+            Line2D(
+                [],
+                [],
+                marker="$*$",
+                ls="",
+                color="black",
+                label="bootstrap 95% interval of low − high excludes 0",
+            )  # fmt: skip
+        )
+    handles += _flag_handles(n_unstable, n_undefined, "cell")
+    if handles:
+        fig.legend(handles=handles, loc="outside lower center", ncols=1)
     return fig
 
 
 # --------------------------------------------------------------------------- layer-wise
+def _chosen(g: pd.DataFrame) -> np.ndarray:
+    """The ``chosen`` column as booleans (False when absent)."""
+    if "chosen" not in g.columns:
+        return np.zeros(len(g), dtype=bool)
+    return g["chosen"].astype(str).str.lower().isin(["true", "1"]).to_numpy()
+
+
+def _defined(g: pd.DataFrame) -> np.ndarray:
+    """Layers whose value is a number and, when the table says, valid (docs/method.md,
+    "Degenerate layers"): the others are never drawn as a value."""
+    ok = np.isfinite(g["value"].to_numpy(float))
+    if "valid" in g.columns:
+        ok &= g["valid"].astype(str).str.lower().isin(["true", "1"]).to_numpy()
+    return ok
+
+
 def draw_layerwise(data: FigureData) -> Figure:
-    """he2025 Fig. 2 analogue: CKNNA of each vision model against every layer of each LLM."""
-    layers = only_metric(data["layers"]).copy()
+    """he2025 Fig. 2 analogue: alignment of each vision model with every layer of each LLM.
+
+    A degenerate layer (``valid`` false or no value) is a gap in the line and a cross on the
+    bottom edge; an unstable value an open marker; the chosen layer a black-edged marker (open
+    when unstable). Marks have gids ``chosen|``, ``unstable|``, ``undefined|<vision>|<llm>``.
+    """
+    layers = data.alignment("layers")
     models = data.models
     visions = models.order(layers["vision"].astype(str).unique())
     llms = models.order(layers["llm"].astype(str).unique())
@@ -320,49 +449,90 @@ def draw_layerwise(data: FigureData) -> Figure:
     nrows = math.ceil(len(visions) / ncols)
     fig = new_figure(3.0 * ncols + 1.6, 2.6 * nrows + 0.5)
     axes = panel_grid(fig, len(visions), ncols, sharey=True)
+    n_unstable = n_undefined = 0
     for i, (ax, v) in enumerate(zip(axes, visions, strict=True)):
+        bottom = blended_transform_factory(ax.transData, ax.transAxes)
         for ll in llms:
             g = layers[(layers["vision"] == v) & (layers["llm"] == ll)]
             if g.empty:
                 continue
             if "vision_layer" in g.columns and g["vision_layer"].nunique() > 1:
-                chosen_vl = g.loc[g["chosen"].astype(bool), "vision_layer"] if "chosen" in g else []
+                chosen_vl = g.loc[_chosen(g), "vision_layer"]
                 vl = chosen_vl.iloc[0] if len(chosen_vl) else g["vision_layer"].max()
                 g = g[g["vision_layer"] == vl]
             g = g.sort_values("llm_layer")
             depth = g["llm_layer"].to_numpy(float)
             depth = depth / depth.max() if depth.max() > 0 else depth
-            ax.plot(depth, g["value"], color=colors[ll], lw=1.3, label=models.label(ll))
-            if "chosen" in g.columns:
-                ch = g["chosen"].astype(str).str.lower().isin(["true", "1"]).to_numpy()
-                if ch.any():
-                    ax.scatter(
-                        depth[ch], g["value"].to_numpy()[ch], s=18, color=colors[ll],
-                        edgecolor="black", linewidth=0.6, zorder=3,
-                    )  # fmt: skip
+            ok = _defined(g)
+            y = np.where(ok, g["value"].to_numpy(float), np.nan)
+            ch, flag = _chosen(g) & ok, unstable(g) & ok
+            ax.plot(depth, y, color=colors[ll], lw=1.3, label=models.label(ll))
+            if (flag & ~ch).any():
+                ax.scatter(depth[flag & ~ch], y[flag & ~ch], s=14, facecolors="white",
+                           edgecolors=[colors[ll]], linewidths=1.0, zorder=3,
+                           gid=f"unstable|{v}|{ll}")  # fmt: skip
+            if ch.any():
+                face = [("white" if f else colors[ll]) for f in flag[ch]]
+                ax.scatter(depth[ch], y[ch], s=20, c=face, edgecolors="black", linewidths=0.7,
+                           zorder=4, gid=f"chosen|{v}|{ll}")  # fmt: skip
+            if (~ok).any():
+                ax.scatter(depth[~ok], np.full((~ok).sum(), 0.04), transform=bottom, marker="x",
+                           s=16, color=colors[ll], linewidths=1.2, zorder=4, clip_on=False,
+                           gid=f"undefined|{v}|{ll}")  # fmt: skip
+            n_unstable += int(flag.sum())
+            n_undefined += int((~ok).sum())
         ax.set_title(f"{panel_letter(i)}   {models.label(v)}", loc="left")
         ax.set_xlabel("LLM layer (relative depth)")
-        ax.set_ylabel(ALIGNMENT_LABEL)
+        ax.set_ylabel(alignment_label(data.metric))
         ax.set_xlim(-0.02, 1.02)
         ax.tick_params(labelleft=True)
     handles = [Line2D([], [], color=colors[ll], lw=1.5, label=models.label(ll)) for ll in llms]
     handles.append(
-        Line2D(
-            [], [], marker="o", ls="", color="white", markeredgecolor="black", label="chosen layer"
-        )
+        Line2D([], [], marker="o", ls="", mfc="#9e9e9e", mec="black", label="chosen layer")
     )
+    handles += _flag_handles(n_unstable, n_undefined, "marker")
+    if n_undefined:
+        handles[-1].set_label(f"degenerate layer: no value ({n_undefined})")
     fig.legend(handles=handles, loc="outside right center", title="Language model")
-    fig.suptitle("Layer-wise vision–language alignment (full stimulus set)")
+    fig.suptitle(
+        f"Layer-wise vision–language alignment ({metric_label(data.metric)}, full stimulus set)"
+    )
     return fig
 
 
 # --------------------------------------------------------------------------- contrasts
+def _summary_line(stats: pd.DataFrame, summary: str) -> str:
+    """The panel title's counts from the summary table (never recomputed here)."""
+    if summary not in stats.index:
+        return ""
+    r = stats.loc[summary]
+    n_valid, n_pairs = int(r.n_valid), int(r.n_pairs)
+    line = f"\nlow > random > high in {int(r.n_low_gt_random_gt_high)}/{n_valid} pairs"
+    notes = []
+    if n_pairs > n_valid:
+        notes.append(f"{n_pairs - n_valid} undefined")
+    if "n_unstable" in stats.columns and int(r.n_unstable):
+        notes.append(f"{int(r.n_unstable)} unstable")
+    if notes:
+        line += f" ({', '.join(notes)})"
+    ratio = r.median_ratio_low_high
+    line += f"\nmedian low/high = {ratio:.2f}×" if np.isfinite(ratio) else "\nmedian low/high: n/a"
+    return line
+
+
 def draw_contrasts(data: FigureData) -> Figure:
-    """Forest plot of low − high per pair (bootstrap 95% CI) and the fraction of random ≥ low."""
-    con = only_metric(data["contrasts"]).copy()
+    """Forest plot of low − high per pair (bootstrap 95% CI) and the fraction of random ≥ low.
+
+    A pair whose low or high value is flagged unstable has an open marker; a difference or a
+    fraction that is not a number is written "n/a". Marks have gids ``<what>|<vision>|<llm>|
+    <summary>`` (what: diff, unstable, undefined, frac, frac_undefined).
+    """
+    con = data.alignment("contrasts").copy()
+    label = metric_label(data.metric)
+    con["_flag"] = unstable(con, ("low_stability", "high_stability"))
     models = data.models
-    visions = models.order(con["vision"].unique())
-    llms = models.order(con["llm"].unique())
+    visions = models.order(con["vision"].astype(str).unique())
+    llms = models.order(con["llm"].astype(str).unique())
     summaries = [s for s in ("mean", "pc1") if s in set(con["summary"])] + sorted(
         set(con["summary"]) - {"mean", "pc1"}
     )
@@ -375,40 +545,57 @@ def draw_contrasts(data: FigureData) -> Figure:
             y += 0.8
         ypos[(v, ll)] = y
         y += 1.0
-    summ = data.get("summary")
-    stats = only_metric(summ).set_index("summary") if summ is not None else pd.DataFrame()
+    stats = (
+        data.alignment("summary").set_index("summary")
+        if data.get("summary") is not None
+        else pd.DataFrame()
+    )
+    has_ci = con.get("diff_ci_low", pd.Series(np.nan, index=con.index)).notna().any()
 
     ratios = [3.2, 1.2] * len(summaries)
-    fig = new_figure(2.0 + 4.6 * len(summaries), 0.17 * (y + 2) + 1.6)
+    fig = new_figure(2.0 + 4.6 * len(summaries), 0.17 * (y + 2) + 1.9)
     axes = fig.subplots(1, 2 * len(summaries), sharey=True, gridspec_kw={"width_ratios": ratios})
     axes = np.atleast_1d(axes)
+    n_unstable = n_undefined = 0
     for i, s in enumerate(summaries):
         ax, axf = axes[2 * i], axes[2 * i + 1]
+        across = blended_transform_factory(ax.transAxes, ax.transData)
         c = con[con["summary"] == s].set_index(["vision", "llm"])
-        yy = np.array([ypos[p] for p in pairs if p in c.index])
-        cc = c.loc[[p for p in pairs if p in c.index]]
-        d = cc["diff_low_high"].to_numpy(float)
-        lo = cc.get("diff_ci_low", pd.Series(np.nan, index=cc.index)).to_numpy(float)
-        hi = cc.get("diff_ci_high", pd.Series(np.nan, index=cc.index)).to_numpy(float)
-        col = np.where(lo > 0, COLORS["low"], np.where(hi < 0, COLORS["high"], COLORS["random"]))
-        has_ci = np.isfinite(lo) & np.isfinite(hi)
-        for colr in np.unique(col):
-            m = col == colr
-            ax.hlines(yy[m & has_ci], lo[m & has_ci], hi[m & has_ci], color=colr, lw=1.2)
-            ax.plot(d[m], yy[m], "o", ms=3.5, color=colr)
+        for p in pairs:
+            if p not in c.index:
+                continue
+            r, yy, tag = c.loc[p], ypos[p], f"{p[0]}|{p[1]}|{s}"
+            d = float(r["diff_low_high"])
+            lo, hi = float(r.get("diff_ci_low", np.nan)), float(r.get("diff_ci_high", np.nan))
+            colr = COLORS["low"] if lo > 0 else COLORS["high"] if hi < 0 else COLORS["random"]
+            if not np.isfinite(d):
+                ax.text(0.5, yy, f"{UNDEFINED_TEXT} (undefined)", transform=across, ha="center",
+                        va="center", fontsize=6.5, color=UNDEFINED_COLOR,
+                        gid=f"undefined|{tag}")  # fmt: skip
+                n_undefined += 1
+            else:
+                if np.isfinite(lo) and np.isfinite(hi):
+                    ax.hlines(yy, lo, hi, color=colr, lw=1.2)
+                flag = bool(r["_flag"])
+                ax.plot(d, yy, "o", ms=3.5, mec=colr, mfc="white" if flag else colr,
+                        mew=1.0, gid=f"{'unstable' if flag else 'diff'}|{tag}")  # fmt: skip
+                n_unstable += flag
+            frac = float(r.get("frac_random_ge_low", np.nan))
+            if np.isfinite(frac):
+                axf.barh(yy, frac, height=0.7, color=COLORS["random"], gid=f"frac|{tag}")
+                axf.plot(frac, yy, "o", ms=2.5, color="black")  # visible even at 0
+            else:
+                axf.text(0.02, yy, UNDEFINED_TEXT, ha="left", va="center", fontsize=6.5,
+                         color=UNDEFINED_COLOR, gid=f"frac_undefined|{tag}")  # fmt: skip
+                n_undefined += 1
         ax.axvline(0, color="black", lw=0.7)
-        ax.set_xlabel("Δ CKNNA, low − high (bootstrap 95% CI)")
+        ax.set_xlabel(
+            f"Δ {label}, low − high (bootstrap 95% CI)"
+            if has_ci
+            else f"Δ {label}, low − high (no bootstrap interval)"
+        )
         title = f"{panel_letter(i)}   Low − high, {SUMMARY_LABELS.get(s, s)}"
-        if s in stats.index:
-            r = stats.loc[s]
-            title += (
-                f"\nlow > random > high in {int(r.n_low_gt_random_gt_high)}/{int(r.n_valid)} pairs"
-                f"\nmedian low/high = {r.median_ratio_low_high:.2f}×"
-            )
-        ax.set_title(title, loc="left")
-        frac = cc.get("frac_random_ge_low", pd.Series(np.nan, index=cc.index)).to_numpy(float)
-        axf.barh(yy, np.nan_to_num(frac), height=0.7, color=COLORS["random"])
-        axf.plot(frac, yy, "o", ms=2.5, color="black")  # visible even at 0
+        ax.set_title(title + _summary_line(stats, s), loc="left")
         axf.axvline(0.05, color="black", lw=0.7, ls="--")
         axf.set_xlim(0, 1)
         axf.set_xlabel("Fraction of random\ndraws ≥ low")
@@ -419,8 +606,15 @@ def draw_contrasts(data: FigureData) -> Figure:
     axes[0].set_ylabel("Vision × language model")
     handles = [
         Line2D([], [], marker="o", color=COLORS["low"], label="CI above 0 (low > high)"),
-        Line2D([], [], marker="o", color=COLORS["random"], label="CI includes 0"),
+        Line2D([], [], marker="o", color=COLORS["random"], label="CI includes 0 (or none)"),
         Line2D([], [], marker="o", color=COLORS["high"], label="CI below 0 (high > low)"),
     ]
-    fig.legend(handles=handles, loc="outside lower center", ncols=3)
+    flags = _flag_handles(n_unstable, n_undefined, "marker")
+    if n_unstable:
+        flags[0].set_label(f"low or high value: {UNSTABLE_NOTE} ({n_unstable})")
+    if n_undefined:
+        flags[-1] = Line2D([], [], ls="", marker=r"$\mathrm{n/a}$", ms=12, color=UNDEFINED_COLOR,
+                           label=f"{UNDEFINED_NOTE} ({n_undefined})")  # fmt: skip
+    fig.legend(handles=handles + flags, loc="outside lower center", ncols=3)
+    fig.suptitle(f"Low − high dispersion contrast per pair ({label})")
     return fig

@@ -6,6 +6,7 @@ columns and keys follow docs/contracts.md.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,116 @@ from scipy import stats
 
 from xmodal.io import write_table
 from xmodal.summary import summary_table
+
+#: What ``synthetic_inputs(plant=True)`` plants, for every metric with kNN sets (stability above
+#: the 1e-3 threshold = unstable; 5e-4 = just stable) and for the vision model ``vis-2``.
+PLANTED = {
+    "unstable": [
+        ("grid", "vis-1", "alpha-3b", "low", "mean", 2e-3),
+        ("grid", "vis-2", "beta-1b", "full", "none", 1e-2),
+        ("grid", "vis-0", "alpha-0.5b", "drop_low", "mean", 1.5e-3),
+        ("grid", "vis-0", "beta-7b", "random", "none", 3e-3),  # every draw
+        ("layers", "vis-1", "beta-1b", 4, 2e-3),
+        ("layers", "vis-0", "beta-1b", "chosen", 4e-3),  # and its full-set value in the grid
+    ],
+    "stable": [
+        ("grid", "vis-1", "alpha-3b", "high", "pc1", 5e-4),
+        ("grid", "vis-2", "alpha-0.5b", "random", "none", 5e-3),  # draw 0 only: mean 5e-4
+    ],
+    "undefined": [
+        ("grid", "vis-2", "beta-7b", "high", "mean"),
+        ("layers", "vis-1", "beta-1b", 0, "constant rows"),
+        ("layers", "vis-0", "alpha-3b", 5, "degenerate kernel"),  # its value stays finite
+    ],
+    "collapsed": "vis-2",
+    "warn": ("beta-7b", 1),
+}
+
+
+def _stab(rng: np.random.Generator, knn: bool) -> float:
+    """A stability far below the threshold (0 for most values, as on healthy data)."""
+    return float(rng.choice([0.0, 1e-7])) if knn else 0.0
+
+
+def _plant_alignment(layers: pd.DataFrame, grid: pd.DataFrame) -> None:
+    """Set the stabilities and undefined values of :data:`PLANTED` (kNN metrics only)."""
+    knn_l = layers["metric"].isin(["cknna", "mutual_knn"])
+    knn_g = grid["metric"].isin(["cknna", "mutual_knn"])
+    for kind in ("unstable", "stable"):
+        for item in PLANTED[kind]:
+            if item[0] == "layers":
+                _, v, ll, li, st = item
+                m = knn_l & (layers["vision"] == v) & (layers["llm"] == ll)
+                m &= layers["chosen"] if li == "chosen" else layers["llm_layer"] == li
+                layers.loc[m, "stability"] = st
+                if li == "chosen":
+                    full = knn_g & (grid["vision"] == v) & (grid["llm"] == ll)
+                    grid.loc[full & (grid["condition"] == "full"), "stability"] = st
+                continue
+            _, v, ll, cond, summ, st = item
+            m = knn_g & (grid["vision"] == v) & (grid["llm"] == ll) & (grid["condition"] == cond)
+            m &= grid["summary"] == summ
+            if cond == "random" and kind == "stable":
+                m &= grid["draw"] == 0
+            grid.loc[m, "stability"] = st
+    for item in PLANTED["undefined"]:
+        if item[0] == "layers":
+            _, v, ll, li, reason = item
+            m = (layers["vision"] == v) & (layers["llm"] == ll) & (layers["llm_layer"] == li)
+            if layers.loc[m, "chosen"].any():
+                raise ValueError(f"planted degenerate layer {item} is a chosen layer")
+            layers.loc[m, ["valid", "reason"]] = [False, reason]
+            if reason == "constant rows":
+                layers.loc[m, ["value", "stability"]] = np.nan
+            continue
+        _, v, ll, cond, summ = item
+        m = (grid["vision"] == v) & (grid["llm"] == ll) & (grid["condition"] == cond)
+        grid.loc[m & (grid["summary"] == summ), ["value", "stability"]] = np.nan
+
+
+def _diagnostics(
+    vision: list[str],
+    llms: list[str],
+    layers: pd.DataFrame,
+    ids: list[str],
+    n_llm_layers: int,
+    rng: np.random.Generator,
+    plant: bool,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """A diagnostics table (every vision model's layer, every LLM layer) and a duplicates table."""
+    m, k = len(ids), 10
+    picked = layers[layers["chosen"]]
+    chosen = set(zip(picked["llm"], picked["llm_layer"], strict=True))
+    rows = []
+
+    def add(model, modality, layer, name, cos, unres, used):
+        collapsed = cos >= 0.999 or unres >= 0.5
+        rows.append(
+            {"model": model, "modality": modality, "layer": layer, "layer_name": name, "m": m,
+             "dim": 64, "k": k, "tau": 3.8e-6, "cos_mean": cos, "cos_sd": (1 - cos) / 3,
+             "eff_dim": 1 + 40 * (1 - cos), "n_unresolved": round(unres * m),
+             "frac_unresolved": round(unres * m) / m, "n_duplicate_groups": 0,
+             "n_in_duplicate_groups": 0, "collapsed": collapsed,
+             "warn": collapsed or round(unres * m) / m > 0.05, "used": used}
+        )  # fmt: skip
+
+    for v in vision:
+        bad = plant and v == PLANTED["collapsed"]
+        add(v, "vision", 30, "blocks.30", 0.9995 if bad else rng.uniform(0.3, 0.7),
+            0.9 if bad else 0.025, True)  # fmt: skip
+    for ll in llms:
+        for li in range(n_llm_layers):
+            warn = plant and (ll, li) == PLANTED["warn"]
+            add(ll, "language", li, "embeddings" if li == 0 else f"layers.{li - 1}",
+                rng.uniform(0.4, 0.9), 0.08 if warn else 0.0125, (ll, li) in chosen)  # fmt: skip
+    dup = pd.DataFrame(columns=["kind", "group", "stimulus_id"])
+    if plant:
+        dup = pd.DataFrame(
+            [("pixels", 0, ids[1]), ("pixels", 0, ids[7]), ("caption", 0, ids[2]),
+             ("caption", 0, ids[5]), ("caption", 0, ids[9])],
+            columns=["kind", "group", "stimulus_id"],
+        )  # fmt: skip
+    return pd.DataFrame(rows), dup
 
 
 def synthetic_inputs(
@@ -26,8 +137,18 @@ def synthetic_inputs(
     n_llm_layers: int = 6,
     images: bool = True,
     seed: int = 0,
+    metrics: Sequence[str] = ("cknna",),
+    plant: bool = False,
 ) -> dict[str, Path]:
-    """Write every table a figure reads under ``directory``; return the ``inputs`` mapping."""
+    """Write every table a figure reads under ``directory``; return the ``inputs`` mapping.
+
+    Every alignment table holds each of ``metrics``. Stabilities are 0 or far below the
+    threshold, except with ``plant``: then, for every metric, the values listed in
+    :data:`PLANTED` are unstable, just stable or not numbers, one vision model is collapsed and
+    the manifest has duplicate stimuli (the figures' marks are tested against these).
+    """
+    if plant and n_llm_layers < 6:
+        raise ValueError("synthetic_inputs(plant=True) plants values in LLM layers 0..5")
     rng = np.random.default_rng(seed)
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
@@ -131,50 +252,68 @@ def synthetic_inputs(
     loo_stimuli, loo = pd.DataFrame(loo_pts), pd.DataFrame(loo_rows)
 
     layer_rows, grid_rows, con_rows = [], [], []
-    for v in vision:
-        for ll in llms:
-            base = rng.uniform(0.1, 0.3)
-            depth = np.linspace(0, 1, n_llm_layers)
-            prof = base * (
-                0.3 + 0.7 * np.sin(np.pi * np.clip(depth * 0.8 + 0.1, 0, 1))
-            ) + rng.normal(0, 0.005, n_llm_layers)
-            best = int(np.argmax(prof))
-            for li in range(n_llm_layers):
-                layer_rows.append(
-                    {"vision": v, "llm": ll, "vision_layer": 30, "llm_layer": li,
-                     "layer_name": "embeddings" if li == 0 else f"layers.{li - 1}", "metric": "cknna",
-                     "value": prof[li], "chosen": li == best}
-                )  # fmt: skip
+    for mi, metric in enumerate(metrics):
+        knn = metric in ("cknna", "mutual_knn")
+        for v in vision:
+            for ll in llms:
+                base = rng.uniform(0.1, 0.3) * (1 + 0.4 * mi)
+                depth = np.linspace(0, 1, n_llm_layers)
+                prof = base * (
+                    0.3 + 0.7 * np.sin(np.pi * np.clip(depth * 0.8 + 0.1, 0, 1))
+                ) + rng.normal(0, 0.005, n_llm_layers)
+                best = int(np.argmax(prof))
+                for li in range(n_llm_layers):
+                    layer_rows.append(
+                        {"vision": v, "llm": ll, "vision_layer": 30, "llm_layer": li,
+                         "layer_name": "embeddings" if li == 0 else f"layers.{li - 1}",
+                         "metric": metric, "value": prof[li], "stability": _stab(rng, knn),
+                         "valid": True, "reason": "", "chosen": li == best}
+                    )  # fmt: skip
 
-            def row(cond, summ, draw, n, value, v=v, ll=ll, best=best):
-                grid_rows.append(
-                    {"vision": v, "llm": ll, "llm_layer": best, "condition": cond, "summary": summ,
-                     "draw": draw, "n_stimuli": n, "metric": "cknna", "value": value}
-                )  # fmt: skip
+                def row(cond, summ, draw, n, value, v=v, ll=ll, best=best, metric=metric, knn=knn):
+                    grid_rows.append(
+                        {"vision": v, "llm": ll, "llm_layer": best, "condition": cond,
+                         "summary": summ, "draw": draw, "n_stimuli": n, "metric": metric,
+                         "value": value, "stability": _stab(rng, knn)}
+                    )  # fmt: skip
 
-            full = prof[best]
-            row("full", "none", 0, n_stimuli, full)
-            row("drop_high", "mean", 0, n_stimuli - n_drop, full * 1.1)
-            row("drop_low", "mean", 0, n_stimuli - n_drop, full * 0.9)
-            rnd = full + rng.normal(0, 0.02, n_random)
-            for r, x in enumerate(rnd):
-                row("random", "none", r, k, x)
-            lift0 = rng.uniform(0.95, 1.9)  # some pairs barely modulated
-            for summ, lift in (("mean", lift0), ("pc1", 0.9 * lift0 + 0.1)):
-                low, high = (
-                    full * lift + rng.normal(0, 0.01),
-                    full * min(0.8, lift - 0.1) + rng.normal(0, 0.01),
-                )
-                row("low", summ, 0, k, low)
-                row("high", summ, 0, k, high)
-                diff = low - high
-                con_rows.append(
-                    {"vision": v, "llm": ll, "metric": "cknna", "summary": summ, "low": low, "high": high,
-                     "random_mean": rnd.mean(), "random_ci_low": np.percentile(rnd, 2.5),
-                     "random_ci_high": np.percentile(rnd, 97.5),
-                     "frac_random_ge_low": float(np.mean(rnd >= low)), "diff_low_high": diff,
-                     "diff_ci_low": diff - 0.04, "diff_ci_high": diff + 0.04, "n_boot": 200}
-                )  # fmt: skip
+                full = prof[best]
+                row("full", "none", 0, n_stimuli, full)
+                row("drop_high", "mean", 0, n_stimuli - n_drop, full * 1.1)
+                row("drop_low", "mean", 0, n_stimuli - n_drop, full * 0.9)
+                rnd = full + rng.normal(0, 0.02, n_random)
+                for r, x in enumerate(rnd):
+                    row("random", "none", r, k, x)
+                lift0 = rng.uniform(0.95, 1.9)  # some pairs barely modulated
+                for summ, lift in (("mean", lift0), ("pc1", 0.9 * lift0 + 0.1)):
+                    row("low", summ, 0, k, full * lift + rng.normal(0, 0.01))
+                    row("high", summ, 0, k, full * min(0.8, lift - 0.1) + rng.normal(0, 0.01))
+    layers, grid = pd.DataFrame(layer_rows), pd.DataFrame(grid_rows)
+    if plant:
+        _plant_alignment(layers, grid)
+    for (v, ll, metric), g in grid.groupby(["vision", "llm", "metric"], sort=False):
+        knn = metric in ("cknna", "mutual_knn")
+        rnd = g.loc[g["condition"] == "random", "value"].to_numpy(float)
+        rdefined = bool(np.isfinite(rnd).all())
+        for summ in ("mean", "pc1"):
+            lo_r = g[(g["condition"] == "low") & (g["summary"] == summ)].iloc[0]
+            hi_r = g[(g["condition"] == "high") & (g["summary"] == summ)].iloc[0]
+            low, high = lo_r["value"], hi_r["value"]
+            diff = low - high
+            ci = 0.04 if knn and np.isfinite(diff) else np.nan
+            con_rows.append(
+                {"vision": v, "llm": ll, "metric": metric, "summary": summ, "low": low,
+                 "high": high, "low_stability": lo_r["stability"],
+                 "high_stability": hi_r["stability"],
+                 "random_mean": rnd.mean() if rdefined else np.nan,
+                 "random_ci_low": np.percentile(rnd, 2.5) if rdefined else np.nan,
+                 "random_ci_high": np.percentile(rnd, 97.5) if rdefined else np.nan,
+                 "frac_random_ge_low": float(np.mean(rnd >= low))
+                 if rdefined and np.isfinite(low) else np.nan,
+                 "diff_low_high": diff, "diff_ci_low": diff - ci, "diff_ci_high": diff + ci,
+                 "n_boot": 200 if knn else 0}
+            )  # fmt: skip
+    diagnostics, duplicates = _diagnostics(vision, llms, layers, ids, n_llm_layers, rng, plant)
 
     manifest_dir = d / "stimuli"
     (manifest_dir / "images").mkdir(parents=True, exist_ok=True)
@@ -206,6 +345,8 @@ def synthetic_inputs(
         "contrasts": d / "contrasts.tsv",
         "models": d / "models.tsv",
         "summary": d / "summary.tsv",
+        "diagnostics": d / "diagnostics.tsv",
+        "duplicates": d / "duplicates.tsv",
         "manifest": manifest_dir / "stimuli.tsv",
         **{name: d / f"{name}.tsv" for name in extension},
     }
@@ -215,11 +356,13 @@ def synthetic_inputs(
         "sets": sets,
         "loo_stimuli": loo_stimuli,
         "loo": loo,
-        "layers": pd.DataFrame(layer_rows),
-        "grid": pd.DataFrame(grid_rows),
+        "layers": layers,
+        "grid": grid,
         "contrasts": pd.DataFrame(con_rows),
         "models": models,
-        "summary": summary_table(pd.DataFrame(con_rows), pd.DataFrame(grid_rows)),
+        "summary": summary_table(pd.DataFrame(con_rows), grid),
+        "diagnostics": diagnostics,
+        "duplicates": duplicates,
         "manifest": manifest,
         **extension,
     }
