@@ -21,7 +21,15 @@ from xmodal.config import (
     load_config_file,
     schema_errors,
 )
-from xmodal.figures import FIGURES
+from xmodal.figures import (
+    DEFAULT_METRIC,
+    FIGURES,
+    figure_files,
+    metric_from_tag,
+    metric_label,
+    metric_tag_pattern,
+    report_subcategory,
+)
 from xmodal.language_dispersion import LanguageDispersionSettings
 from xmodal.registry import Registry
 
@@ -201,11 +209,7 @@ def get_final_output():
     if LANGUAGE_DISPERSION.enabled:
         keys += ("language_correlation", "joint_cells")
     out = [paths[k] for k in keys]
-    for name in FIGURES:
-        if name == "language_dispersion" and not LANGUAGE_DISPERSION.enabled:
-            continue
-        out += [
-            f"results/figures/{DATASET}/{name}.png",
-            f"results/figures/{DATASET}/{name}.pdf",
-        ]
-    return out
+    # a figure of alignment values once per metric ({name}.png, {name}.{metric}.png), the
+    # others once (xmodal.figures.figure_files)
+    skip = () if LANGUAGE_DISPERSION.enabled else ("language_dispersion",)
+    return out + figure_files(f"results/figures/{DATASET}", METRICS, skip=skip)

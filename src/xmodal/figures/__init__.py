@@ -211,11 +211,13 @@ def report_subcategory(name: str, tag: str = "") -> str:
     return "Diagnostics" if name == "diagnostics" else "Stimuli and dispersion"
 
 
-def figure_files(directory: str, metrics: Sequence[str]) -> list[str]:
-    """Every figure file (PNG and PDF) under ``directory`` for the configured ``metrics``."""
+def figure_files(directory: str, metrics: Sequence[str], skip: Sequence[str] = ()) -> list[str]:
+    """Every figure file (PNG and PDF) under ``directory`` for the configured ``metrics``, but
+    for the figures named in ``skip`` (those whose step the config turns off)."""
     return [
         f"{directory}/{figure_stem(name, metric)}.{ext}"
         for name in FIGURES
+        if name not in skip
         for metric in figure_metrics(name, metrics)
         for ext in ("png", "pdf")
     ]
