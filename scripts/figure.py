@@ -1,4 +1,4 @@
-"""Rules figure_*: draw one figure from the aggregate tables."""
+"""Rules figure_*: draw one figure (for one alignment metric) from the aggregate tables."""
 
 import _bootstrap  # noqa: F401
 
@@ -14,4 +14,5 @@ make_figure(
     {key: snakemake.input[key] for key in snakemake.input.keys()},
     snakemake.output.png,
     snakemake.output.pdf,
+    metric=snakemake.params.metric if snakemake.params.per_metric else None,
 )
