@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
+from _project import copy_project, job_counts, run_snakemake
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from matplotlib.figure import Figure
@@ -460,3 +462,21 @@ def test_pair_cells_against_loops(rows):
         mean_stab = sum(stabs) / len(stabs)
         assert bool(c["unstable"]) == (not math.isnan(mean_stab) and mean_stab > THRESHOLD)
     assert len(cells) == len({(r[0], r[1]) for r in rows})
+
+
+# --------------------------------------------------------------------------- the workflow
+@pytest.mark.slow
+def test_workflow_draws_each_alignment_figure_per_metric(tmp_path):
+    """A dry run of the demo with two metrics: one job per metric for each per-metric figure
+    (``{name}.png``, ``{name}.mutual_knn.png``), one for the others."""
+    project = copy_project(tmp_path / "project")
+    cfg = yaml.safe_load((project / "config" / "demo.yaml").read_text())
+    cfg["analysis"]["metrics"] = ["cknna", "mutual_knn"]
+    (project / "config" / "two.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    proc = run_snakemake(project, "-n", "--configfile", "config/two.yaml", "--cores", "1")
+    out = proc.stdout + proc.stderr
+    counts = job_counts(out)
+    for name, spec in FIGURES.items():
+        assert counts.get(f"figure_{name}") == (2 if spec.per_metric else 1), name
+        assert f"results/figures/demo/{name}.png" in out
+        assert (f"results/figures/demo/{name}.mutual_knn.png" in out) == spec.per_metric

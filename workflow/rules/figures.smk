@@ -24,14 +24,18 @@ for _name, _spec in FIGURES.items():
         log:
             f"logs/figures/{{dataset}}/{_name}{{metric_tag}}.log",
         wildcard_constraints:
-            metric_tag=metric_tag_pattern(METRICS if _spec.per_metric else [DEFAULT_METRIC]),
+            metric_tag=metric_tag_pattern(
+                METRICS if _spec.per_metric else [DEFAULT_METRIC]
+            ),
         localrule: True
         conda:
             "../../envs/analysis.yaml"
         params:
             name=_name,
             metric=lambda wildcards: metric_from_tag(wildcards.metric_tag),
-            metric_label=lambda wildcards: metric_label(metric_from_tag(wildcards.metric_tag)),
+            metric_label=lambda wildcards: metric_label(
+                metric_from_tag(wildcards.metric_tag)
+            ),
             per_metric=_spec.per_metric,
         script:
             "../../scripts/figure.py"

@@ -111,11 +111,13 @@ def _pairs_layout(data: FigureData, table: pd.DataFrame) -> tuple[list[str], lis
 
 
 # --------------------------------------------------------------------------- marks
-def _hatch(patch, color: str = "white") -> None:
-    """Mark one bar as unstable: hatched in ``color`` over its own fill."""
+def _hatch(patch) -> None:
+    """Mark one bar as unstable: white hatching over its own fill. The hatch takes the edge
+    colour (matplotlib < 3.10 always; later with the default ``hatch.color`` 'edge'), and the
+    edge itself is not drawn (width 0)."""
     patch.set_hatch(UNSTABLE_HATCH)
-    patch.set_hatchcolor(color)
-    patch.set_hatch_linewidth(0.8)
+    patch.set_edgecolor("white")
+    patch.set_linewidth(0)
 
 
 def _flag_handles(n_unstable: int, n_undefined: int, kind: str) -> list:
@@ -124,7 +126,7 @@ def _flag_handles(n_unstable: int, n_undefined: int, kind: str) -> list:
     if n_unstable:
         label = f"{UNSTABLE_NOTE} ({n_unstable})"
         if kind == "bar":
-            h = Patch(facecolor="#9e9e9e", hatch=UNSTABLE_HATCH, edgecolor="none", label=label)
+            h = Patch(facecolor="#9e9e9e", label=label)
             _hatch(h)
         elif kind == "marker":
             h = Line2D([], [], marker="o", ls="", mfc="white", mec="#9e9e9e", mew=1.2, label=label)
