@@ -80,6 +80,10 @@ def alignment_label(metric: str) -> str:
     return f"Vision–language alignment ({metric_label(metric)})"
 
 
+#: The CKNNA axis label (figures drawn for CKNNA only: figures/extensions.py).
+ALIGNMENT_LABEL = alignment_label(DEFAULT_METRIC)
+
+
 def metric_tag(metric: str | None) -> str:
     """What a figure file name carries for ``metric``: nothing for the default metric (or a
     figure drawn once), ``.<metric>`` for the others (``sets_rank.mutual_knn.png``)."""
