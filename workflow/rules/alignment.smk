@@ -92,7 +92,11 @@ rule summary:
         contrasts=f"{ALIGN}/contrasts.tsv",
         grid=f"{ALIGN}/grid.tsv",
     output:
-        "results/summary/{dataset}.tsv",
+        report(
+            "results/summary/{dataset}.tsv",
+            caption="../report/summary_table.rst",
+            category="Tables",
+        ),
     log:
         "logs/summary/{dataset}.log",
     localrule: True

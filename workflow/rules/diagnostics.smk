@@ -29,7 +29,11 @@ rule diagnostics:
         ),
         layers=f"{ALIGN}/layers.tsv",
     output:
-        f"{DIAG}/diagnostics.tsv",
+        report(
+            f"{DIAG}/diagnostics.tsv",
+            caption="../report/diagnostics_table.rst",
+            category="Tables",
+        ),
     log:
         "logs/diagnostics/{dataset}/diagnostics.log",
     localrule: True
