@@ -420,6 +420,7 @@ def layer_search_table(
                 f"LLM {llm!r} layer {name} has {np.shape(y)[0]} stimuli, vision has {m}"
             )
         lside, reason = _checked_side(y, k, device, dense)
+        invalid: dict[str, list[str]] = {}
         for key, vs in vsides.items():
             for metric in names:
                 value = stability = self_y = float("nan")
@@ -429,15 +430,7 @@ def layer_search_table(
                     self_y = float(self_term(metric, lside)[0])
                 valid, why = _validity(value, self_y, reason)
                 if not valid:
-                    log.warning(
-                        "LLM %s layer %s (%s) is invalid for %s with %s: %s",
-                        llm,
-                        index,
-                        name,
-                        metric,
-                        key,
-                        why,
-                    )
+                    invalid.setdefault(why, []).append(f"{metric} with {key}")
                 rows.append(
                     (
                         key,
@@ -452,6 +445,15 @@ def layer_search_table(
                         why,
                     )
                 )
+        for why, pairs in invalid.items():
+            log.warning(
+                "LLM %s layer %s (%s) is invalid (%s) for %s; it is never chosen",
+                llm,
+                index,
+                name,
+                why,
+                ", ".join(pairs),
+            )
         del lside
     if not rows:
         raise ValueError(f"LLM {llm!r}: llm_layers is empty")
