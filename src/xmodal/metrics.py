@@ -220,7 +220,12 @@ RESOLUTION_FACTOR = 4.0
 #: Rows of one kernel block ``x[rows] @ xᵀ`` in the blocked path (block·m elements ≤ this).
 BLOCK_ELEMS = 1 << 25
 #: Largest m for which a full m×m kernel is kept (dense path); above it the blocked path is used.
-DENSE_MAX_M = 12288
+#: Measured (benchmarks/cknna_scale.py, one CKNNA 1280-d vs 4096-d, 2 busy cores): m = 8192
+#: dense 9.0 s / 1.19 GB peak RSS, blocked 8.1 s / 0.71 GB; m = 12288 dense 22.2 s / 2.23 GB,
+#: blocked 24.2 s / 0.80 GB. Time is a wash; memory is not: a per-LLM job holds five sides
+#: (four vision models, one LLM layer), each with its kernel and two masks (≈ 6·m² bytes ≈
+#: 0.4 GB at 8192, 0.9 GB at 12288). The dense path stays where subsets can slice it cheaply.
+DENSE_MAX_M = 8192
 _CHUNK_ELEMS = 1 << 24  # rows re-ranked together when ties or near-ties are resolved
 
 
