@@ -29,6 +29,7 @@ import torch
 
 from xmodal.metrics import (
     DENSE_MAX_M,
+    FeatureMoments,
     KernelKNN,
     cknna_sides,
     cross_moment,
@@ -65,6 +66,7 @@ __all__ = [
     "layer_search",
     "layer_search_many",
     "layer_search_table",
+    "self_term",
     "side_values",
     "subset_sides",
 ]
@@ -156,7 +158,7 @@ def kernel(x: np.ndarray, device: torch.device | None = None) -> torch.Tensor:
 
 
 def _feature_problem(t: torch.Tensor) -> str:
-    """ "non-finite features" / "zero rows" / "" from one pass (the row norms)."""
+    """Reason from one pass over the row norms: "non-finite features", "zero rows" or ""."""
     norms = torch.linalg.vector_norm(t, dim=1)
     if not bool(torch.isfinite(norms).all()):
         return "non-finite features"
@@ -202,7 +204,7 @@ def _checked_side(
     return side, ""
 
 
-def _moments(side: KernelKNN):
+def _moments(side: KernelKNN) -> FeatureMoments:
     if "moments" not in side.cache:
         if side.features is None:
             raise ValueError("a blocked kNN structure without features cannot give CKA")
