@@ -305,7 +305,7 @@ def test_stability_columns(data):
 # ----------------------------------------------------------------------------- degenerate layers
 
 
-def test_degenerate_llm_layers_are_never_chosen(data):
+def test_degenerate_llm_layers_are_never_chosen(data, caplog):
     vision, layers, _ = data
     const = np.tile(layers[0][:1], (M, 1))
     nan = layers[0].copy()
@@ -318,7 +318,10 @@ def test_degenerate_llm_layers_are_never_chosen(data):
         (3, "good", layers[2]),
         (4, "huge", huge),
     ]
-    table = al.layer_search_table({"v": (5, vision)}, "l", bad, metrics=al.METRICS)
+    with caplog.at_level("WARNING", logger="xmodal.alignment"):
+        table = al.layer_search_table({"v": (5, vision)}, "l", bad, metrics=al.METRICS)
+    warned = [r.getMessage() for r in caplog.records]
+    assert len(warned) == 3 and "layer 1 (const) is invalid (constant rows)" in warned[1]
     reasons = table.groupby("llm_layer")["reason"].first().to_dict()
     assert reasons == {
         0: "zero rows",

@@ -234,6 +234,7 @@ def bf_cknna_sets(kk, ll, sk, sl):
 
 
 def sets_of(side, b=0):
+    """kNN sets of a KernelKNN (or a Neighbours) batch element."""
     return [set(row.tolist()) for row in side.idx[b].cpu()]
 
 
@@ -314,6 +315,9 @@ def test_unresolved_rows_counted_exactly():
     np.testing.assert_allclose(side.gap[0].numpy(), bf, atol=1e-12)
     blocked = mt.KernelKNN.from_features(x, 5, tau=tau, dense=False)
     assert blocked.unresolved[0].tolist() == side.unresolved[0].tolist()
+    alt = bf_alt_sets(x @ x.T, 5, tau)  # the near-tie band within τ, filled in reverse order
+    assert sets_of(side.alt) == alt and sets_of(blocked.alt) == alt
+    assert alt[0] != bf_knn_sets(x @ x.T, 5)[0]
 
 
 def test_kernel_resolution_covers_float32_kernel_error():

@@ -29,6 +29,7 @@ import torch
 
 from xmodal.metrics import (
     DENSE_MAX_M,
+    FeatureMoments,
     KernelKNN,
     cknna_sides,
     cross_moment,
@@ -65,6 +66,7 @@ __all__ = [
     "layer_search",
     "layer_search_many",
     "layer_search_table",
+    "self_term",
     "side_values",
     "subset_sides",
 ]
@@ -155,24 +157,54 @@ def kernel(x: np.ndarray, device: torch.device | None = None) -> torch.Tensor:
     return xt @ xt.T
 
 
-def layer_problem(x: np.ndarray | torch.Tensor) -> str:
-    """Why prepared features (m, p) cannot be aligned, in a few words; "" when they can.
-
-    "non-finite features" (NaN or ±inf anywhere), "zero rows" (every row is 0), "constant rows"
-    (every row equals the first: a constant kernel). Kernels that are degenerate in a subtler
-    way are caught by their self-HSIC (:func:`side_values`' callers).
-    """
-    t = feature_tensor(x)
-    if not bool(torch.isfinite(t).all()):
+def _feature_problem(t: torch.Tensor) -> str:
+    """Reason from one pass over the row norms: "non-finite features", "zero rows" or ""."""
+    norms = torch.linalg.vector_norm(t, dim=1)
+    if not bool(torch.isfinite(norms).all()):
         return "non-finite features"
-    if not bool(t.any()):
+    if not bool(norms.any()):
         return "zero rows"
-    if t.shape[0] > 1 and bool((t == t[0]).all()):
-        return "constant rows"
     return ""
 
 
-def _moments(side: KernelKNN):
+def _constant_rows(t: torch.Tensor, side: KernelKNN | None) -> bool:
+    """Every row equals the first. A constant kernel has only zero kNN gaps, so with the layer's
+    kNN structure at hand the rows are compared only when every row is unresolved."""
+    if side is not None and side.k < side.size - 1 and not bool(side.unresolved.all()):
+        return False
+    return t.shape[0] > 1 and bool((t == t[0]).all())
+
+
+def layer_problem(x: np.ndarray | torch.Tensor, side: KernelKNN | None = None) -> str:
+    """Why prepared features (m, p) cannot be aligned, in a few words; "" when they can.
+
+    "non-finite features" (NaN or ±inf anywhere: the row norms are then not finite), "zero
+    rows" (every row is 0), "constant rows" (every row equals the first: a constant kernel).
+    ``side``, the layer's kNN structure if built, spares the row comparison for usable layers.
+    Kernels degenerate in a subtler way are caught by their self-similarity (:func:`self_term`).
+    """
+    t = feature_tensor(x)
+    reason = _feature_problem(t)
+    if not reason and _constant_rows(t, side):
+        reason = "constant rows"
+    return reason
+
+
+def _checked_side(
+    x: np.ndarray, k: int, device: torch.device | None, dense: bool | None
+) -> tuple[KernelKNN | None, str]:
+    """(kNN structure, "") of usable prepared features, or (None, reason)."""
+    t = feature_tensor(x)
+    reason = _feature_problem(t)
+    if reason:
+        return None, reason
+    side = _prepared_side(t, k, device, dense)
+    if _constant_rows(t, side):
+        return None, "constant rows"
+    return side, ""
+
+
+def _moments(side: KernelKNN) -> FeatureMoments:
     if "moments" not in side.cache:
         if side.features is None:
             raise ValueError("a blocked kNN structure without features cannot give CKA")
@@ -227,7 +259,7 @@ def side_values(metric: str, xs: KernelKNN, ys: KernelKNN) -> tuple[torch.Tensor
 
 
 def _prepared_side(
-    x: np.ndarray, k: int, device: torch.device | None, dense: bool | None = None
+    x: np.ndarray | torch.Tensor, k: int, device: torch.device | None, dense: bool | None = None
 ) -> KernelKNN:
     return KernelKNN.from_features(x, k, dense=dense, device=device)
 
@@ -331,9 +363,8 @@ def _vision_sides(
         raise ValueError("vision is empty: give at least one vision model")
     sides: dict[str, KernelKNN] = {}
     for key, (layer, x) in vision.items():
-        reason = layer_problem(x)
-        side = None if reason else _prepared_side(x, k, device, dense)
-        if side is not None:
+        side, reason = _checked_side(x, k, device, dense)
+        if not reason:
             bad = [n for n in names if not bool((self_term(n, side) > 0).all())]
             reason = f"degenerate kernel ({', '.join(bad)} self-similarity ≤ 0)" if bad else ""
         if reason:
@@ -390,8 +421,8 @@ def layer_search_table(
             raise ValueError(
                 f"LLM {llm!r} layer {name} has {np.shape(y)[0]} stimuli, vision has {m}"
             )
-        reason = layer_problem(y)
-        lside = None if reason else _prepared_side(y, k, device, dense)
+        lside, reason = _checked_side(y, k, device, dense)
+        invalid: dict[str, list[str]] = {}
         for key, vs in vsides.items():
             for metric in names:
                 value = stability = self_y = float("nan")
@@ -401,15 +432,7 @@ def layer_search_table(
                     self_y = float(self_term(metric, lside)[0])
                 valid, why = _validity(value, self_y, reason)
                 if not valid:
-                    log.warning(
-                        "LLM %s layer %s (%s) is invalid for %s with %s: %s",
-                        llm,
-                        index,
-                        name,
-                        metric,
-                        key,
-                        why,
-                    )
+                    invalid.setdefault(why, []).append(f"{metric} with {key}")
                 rows.append(
                     (
                         key,
@@ -424,6 +447,15 @@ def layer_search_table(
                         why,
                     )
                 )
+        for why, pairs in invalid.items():
+            log.warning(
+                "LLM %s layer %s (%s) is invalid (%s) for %s; it is never chosen",
+                llm,
+                index,
+                name,
+                why,
+                ", ".join(pairs),
+            )
         del lside
     if not rows:
         raise ValueError(f"LLM {llm!r}: llm_layers is empty")
@@ -527,7 +559,7 @@ class ConditionPlan:
         """
         if is_kernel or self.dense:
             if is_kernel:
-                full = torch.as_tensor(x_or_kernel)
+                full = torch.as_tensor(x_or_kernel).clone()  # build() ranks in place
                 full = full.to(device) if device is not None else full
                 tau = 0.0
             else:
@@ -546,11 +578,15 @@ class ConditionPlan:
         xt = feature_tensor(x_or_kernel, device)
         if xt.shape[0] != self.m:
             raise ValueError(f"features have {xt.shape[0]} rows, m={self.m}")
+
+        def rows(pos: np.ndarray) -> torch.Tensor:
+            return xt.index_select(0, torch.as_tensor(pos, device=xt.device))
+
         subsets = {
-            key: [KernelKNN.from_features(xt[self.positions[key]], self.k)] for key in self.fixed
+            key: [KernelKNN.from_features(rows(self.positions[key]), self.k)] for key in self.fixed
         }
         if self.random is not None:
-            subsets[("random", 0)] = [KernelKNN.from_features(xt[r], self.k) for r in self.random]
+            subsets[("random", 0)] = [KernelKNN.from_features(rows(r), self.k) for r in self.random]
         resamples = (
             {key: plan.side(features=xt.cpu()) for key, plan in self.plans.items()} if boot else {}
         )

@@ -13,9 +13,14 @@ The metric functions take features as given; :func:`prepare` is the reference pr
 
 Precision: kernels are computed in the features' dtype (float32 for prepared features, as in the
 reference code; float64 inputs stay float64) and every HSIC sum is accumulated in float64.
-The masked HSIC terms are evaluated on the k-neighbour lists (O(m·k) per pair, plus one dense
-m×m boolean mask for reciprocity), never with an m×m×m product.
-Ties inside a kernel row are broken by ``torch.topk``; with real-valued features they do not occur.
+The masked HSIC terms are evaluated on the k-neighbour lists (O(m·k) per pair), never with an
+m×m×m product; reciprocity comes from a dense m×m boolean mask up to :data:`DENSE_MAX_M`
+stimuli and from the lists themselves above (docs/method.md, "Large m").
+
+Ties (docs/method.md, "Ties"): exactly equal kernel values are taken in stimulus order (lower
+index first) on every path. Rows whose kNN boundary gap is within the kernel's resolution
+(:func:`kernel_resolution`) are unresolved; :func:`knn_metric` reports how much a value moves
+when their near-tie bands are filled the other way round (its stability).
 """
 
 from __future__ import annotations
@@ -27,35 +32,35 @@ import numpy as np
 import torch
 
 __all__ = [
-    "Neighbours",
+    "FeatureMoments",
     "KernelKNN",
+    "Neighbours",
     "abs_quantiles",
     "cka",
     "cknna",
     "cknna_from_kernels",
     "cknna_sides",
-    "kernel_resolution",
-    "FeatureMoments",
     "cross_moment",
     "feature_cka",
-    "hsic_from_moments",
     "feature_moments",
     "feature_tensor",
-    "kernel_row_blocks",
-    "knn_metric",
-    "top_lists",
+    "gram",
+    "hsic_from_moments",
+    "hsic_unbiased",
     "kernel_centred_product",
     "kernel_cka",
     "kernel_hsic",
+    "kernel_resolution",
+    "kernel_row_blocks",
     "kernel_unbiased_cka",
-    "gram",
-    "hsic_unbiased",
+    "knn_metric",
     "mutual_knn",
     "mutual_knn_sides",
     "outlier_threshold",
     "prepare",
     "prepare_layer",
     "threshold_from_quantiles",
+    "top_lists",
     "unbiased_cka",
 ]
 
@@ -123,13 +128,13 @@ def prepare_layer(x: np.ndarray, threshold: float) -> np.ndarray:
     rows = torch.nonzero(odd).squeeze(1)
     scaled = None
     if rows.numel():
-        big = a[rows].to(torch.float64)
+        big = a.index_select(0, rows).to(torch.float64)
         big = big / big.abs().amax(dim=1, keepdim=True)
         scaled = (big / torch.linalg.vector_norm(big, dim=1, keepdim=True)).to(torch.float32)
     # in place, bit-identical to torch.nn.functional.normalize (x / max(‖x‖₂, 1e-12)):
     a.div_(norm.clamp_min_(1e-12))
     if scaled is not None:
-        a[rows] = scaled
+        a.index_copy_(0, rows, scaled)
     return a.numpy()
 
 
@@ -215,7 +220,12 @@ RESOLUTION_FACTOR = 4.0
 #: Rows of one kernel block ``x[rows] @ xᵀ`` in the blocked path (block·m elements ≤ this).
 BLOCK_ELEMS = 1 << 25
 #: Largest m for which a full m×m kernel is kept (dense path); above it the blocked path is used.
-DENSE_MAX_M = 12288
+#: Measured (benchmarks/cknna_scale.py, one CKNNA 1280-d vs 4096-d, 2 busy cores): m = 8192
+#: dense 9.0 s / 1.19 GB peak RSS, blocked 8.1 s / 0.71 GB; m = 12288 dense 22.2 s / 2.23 GB,
+#: blocked 24.2 s / 0.80 GB. Time is a wash; memory is not: a per-LLM job holds five sides
+#: (four vision models, one LLM layer), each with its kernel and two masks (≈ 6·m² bytes ≈
+#: 0.4 GB at 8192, 0.9 GB at 12288). The dense path stays where subsets can slice it cheaply.
+DENSE_MAX_M = 8192
 _CHUNK_ELEMS = 1 << 24  # rows re-ranked together when ties or near-ties are resolved
 
 
@@ -269,13 +279,13 @@ def top_lists(
         tie = torch.zeros(0, dtype=torch.long, device=rows.device)
     if tie.numel():  # topk's order among equal values is unspecified: re-rank those rows
         cols = torch.arange(n, device=rows.device)
-        for r in _chunks(tie, n):
-            sub = rows[r]
-            thr = val[r, t - 1 : t]
+        for r in _chunks(tie, n):  # index_select/index_copy_: advanced indexing is slow here
+            sub = rows.index_select(0, r)
+            thr = val.index_select(0, r)[:, t - 1 : t]
             score = torch.where(sub > thr, 2 * n, torch.where(sub == thr, n - cols, -1))
             pick = torch.topk(score, t, dim=-1).indices
-            idx[r] = pick
-            val[r] = sub.gather(1, pick)
+            idx.index_copy_(0, r, pick)
+            val.index_copy_(0, r, sub.gather(1, pick))
     if ordered:
         val, idx = _canonical(val, idx)
     return val, idx, nxt
@@ -301,12 +311,14 @@ def _knn_block(
     if bad.numel():
         cols = torch.arange(n, device=rows.device)
         for r in _chunks(bad, n):
-            sub = rows[r].to(torch.float64)
-            thr = val[r, k - 1 : k].to(torch.float64)
-            band = (sub - thr).abs() <= tau
-            score = torch.where(sub > thr + tau, 2 * n, torch.where(band, cols + 1, 0))
+            sub = rows.index_select(0, r)
+            sub64 = sub.to(torch.float64)
+            thr = val.index_select(0, r)[:, k - 1 : k].to(torch.float64)
+            band = (sub64 - thr).abs() <= tau
+            score = torch.where(sub64 > thr + tau, 2 * n, torch.where(band, cols + 1, 0))
             pick = torch.topk(score, k, dim=-1).indices
-            alt_val[r], alt_idx[r] = rows[r].gather(1, pick), pick
+            alt_val.index_copy_(0, r, sub.gather(1, pick))
+            alt_idx.index_copy_(0, r, pick)
     return val, idx, gap, unresolved, alt_val, alt_idx
 
 
@@ -356,11 +368,18 @@ class Neighbours:
     Membership ("is j among i's neighbours, with which kernel value") is answered from a dense
     (B, s·s) mask and the kernel on the dense path, and from the lists themselves on the
     blocked path (no s×s array; docs/method.md, "Large m"). Both give identical numbers.
+    What depends on one side only is kept for every pairing: the flat indices i·s + j of the
+    entries and j·s + i of their transposes, whether (j, i) is in the lists too, and the values
+    in float64 (all (B, s·k)).
     """
 
     idx: torch.Tensor
     val: torch.Tensor
     self_hsic: torch.Tensor
+    flat: torch.Tensor
+    t_flat: torch.Tensor
+    recip: torch.Tensor
+    val64: torch.Tensor
     mask: torch.Tensor | None = None
     kernel: torch.Tensor | None = None
 
@@ -376,15 +395,17 @@ class Neighbours:
         """Lists idx, val (B, s, k) of a kernel (B, s, s) if kept, with HSIC_u(M^K∘K, M^K∘K)."""
         bsz, s, k = idx.shape
         _check_k(s, k)
-        out = cls(idx, val, torch.empty(0), kernel=kernel)
+        rows = torch.arange(s, device=idx.device).view(1, s, 1)
+        flat = (rows * s + idx).view(bsz, -1)
+        t_flat = (idx * s + rows).view(bsz, -1)
+        val64 = val.reshape(bsz, -1).to(torch.float64)
+        empty = torch.empty(0)
+        out = cls(idx, val, empty, flat, t_flat, empty, val64, kernel=kernel)
         if kernel is not None:
-            rows = torch.arange(s, device=idx.device).view(1, s, 1)
             out.mask = torch.zeros((bsz, s * s), dtype=torch.bool, device=idx.device)
-            out.mask.scatter_(1, (rows * s + idx).view(bsz, -1), True)
-        _, _, t_flat = _pair_index(idx)
-        _, a_t = out.lookup(t_flat)  # K_ji where i ∈ knn_K(j)
-        a = val.reshape(bsz, -1).to(torch.float64)
-        out.self_hsic = _hsic_terms(a, a, a_t, idx, s)
+            out.mask.scatter_(1, flat, True)
+        out.recip, a_t = out.lookup(t_flat)  # i ∈ knn_K(j), and K_ji there
+        out.self_hsic = _hsic_terms(val64, val64, a_t, idx, s)
         return out
 
     def lookup(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -402,22 +423,15 @@ class Neighbours:
         return found.view(bsz, -1), value.view(bsz, -1)
 
 
-def _pair_index(idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Flat indices of list entries (i, j = idx[b, i, t]): i·s + j and of their transposes j·s + i."""
-    bsz, s, _ = idx.shape
-    rows = torch.arange(s, device=idx.device).view(1, s, 1)
-    return rows, (rows * s + idx).view(bsz, -1), (idx * s + rows).view(bsz, -1)
-
-
 def _cross_hsic(kn: Neighbours, ln: Neighbours) -> torch.Tensor:
     """HSIC_u(M∘K, M∘L) with M = M^K ∘ M^L, enumerated on K's lists: (B,)."""
-    bsz, s, _ = kn.idx.shape
-    _, flat, t_flat = _pair_index(kn.idx)
-    keep, b = ln.lookup(flat)  # j ∈ knn_L(i): L_ij
-    in_k, _ = kn.lookup(t_flat)
-    in_l, b_t = ln.lookup(t_flat)  # i ∈ knn_L(j): L_ji
-    a = torch.where(keep, kn.val.reshape(bsz, -1).to(torch.float64), 0.0)
-    b_t = torch.where(keep & in_k & in_l, b_t, 0.0)  # (j, i) ∈ M as well
+    s = kn.size
+    q = kn.flat.shape[1]
+    found, value = ln.lookup(torch.cat([kn.flat, kn.t_flat], dim=1))
+    keep, in_l = found[:, :q], found[:, q:]  # j ∈ knn_L(i); i ∈ knn_L(j)
+    b, b_t = value[:, :q], value[:, q:]  # L_ij, L_ji
+    a = torch.where(keep, kn.val64, 0.0)
+    b_t = torch.where(keep & kn.recip & in_l, b_t, 0.0)  # (j, i) ∈ M as well
     return _hsic_terms(a, b, b_t, kn.idx, s)
 
 
@@ -427,8 +441,7 @@ def _cknna_lists(kn: Neighbours, ln: Neighbours) -> torch.Tensor:
 
 def _mutual_lists(kn: Neighbours, ln: Neighbours) -> torch.Tensor:
     bsz, s, k = kn.idx.shape
-    _, flat, _ = _pair_index(kn.idx)
-    keep, _ = ln.lookup(flat)
+    keep, _ = ln.lookup(kn.flat)
     return keep.to(torch.float64).sum(dim=1) / (s * k)
 
 
@@ -487,7 +500,7 @@ class KernelKNN:
     ) -> KernelKNN:
         bsz, s = shape
         val, idx, gap, unresolved, alt_val, alt_idx = (
-            torch.cat([p[i] for p in parts]) for i in range(6)
+            parts[0][i] if len(parts) == 1 else torch.cat([p[i] for p in parts]) for i in range(6)
         )
         kernel = kept.get("kernel")
         knn = Neighbours.from_lists(idx.view(bsz, s, k), val.view(bsz, s, k), kernel)
@@ -502,15 +515,20 @@ class KernelKNN:
         """kNN structure of a (B, s, s) or (s, s) kernel batch, kept in memory (dense path).
 
         ``tau``: the kernel's resolution (:func:`kernel_resolution`); 0 marks only exact ties.
+        The kernel is kept, not copied; its diagonal is set to −inf while ranking and restored.
         """
         if kernel.ndim == 2:
             kernel = kernel.unsqueeze(0)
         bsz, s, _ = kernel.shape
         _check_k(s, k)
-        masked = kernel.clone()
-        masked.diagonal(dim1=1, dim2=2).fill_(float("-inf"))
-        part = _knn_block(masked.view(bsz * s, s), k, tau)
-        del masked
+        # rank with the diagonal at −inf, then put it back (no copy of the kernel)
+        diag = kernel.diagonal(dim1=1, dim2=2)
+        saved = diag.clone()
+        diag.fill_(float("-inf"))
+        try:
+            part = _knn_block(kernel.reshape(bsz * s, s), k, tau)
+        finally:
+            diag.copy_(saved)
         return cls._from_block([part], (bsz, s), k, tau, kernel=kernel)
 
     @classmethod
@@ -550,8 +568,7 @@ def kernel_row_blocks(x: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
     step = max(1, BLOCK_ELEMS // m)
     for start in range(0, m, step):
         rows = x[start : start + step] @ x.T
-        r = torch.arange(rows.shape[0], device=x.device)
-        rows[r, start + r] = float("-inf")
+        rows[:, start : start + rows.shape[0]].diagonal().fill_(float("-inf"))
         yield start, rows
         del rows
 
@@ -739,8 +756,8 @@ def feature_cka(
 
 def cknna_from_kernels(kernel_x: np.ndarray, kernel_y: np.ndarray, k: int = 10) -> float:
     """CKNNA of two precomputed m×m kernels (DESIGN §2.5)."""
-    kx = torch.as_tensor(np.asarray(kernel_x))
-    ky = torch.as_tensor(np.asarray(kernel_y))
+    kx = torch.tensor(np.asarray(kernel_x))  # copies: build() ranks in place
+    ky = torch.tensor(np.asarray(kernel_y))
     if kx.shape != ky.shape or kx.ndim != 2 or kx.shape[0] != kx.shape[1]:
         raise ValueError(
             f"need two m×m kernels of equal shape, got {tuple(kx.shape)}, {tuple(ky.shape)}"

@@ -249,38 +249,43 @@ class BootstrapPlan:
         sub = x = None
         if kernel is not None:
             kt = torch.as_tensor(kernel).cpu()
-            sub = kt[self.positions][:, self.positions] if full_kernel else kt
+            pos = self.positions
+            sub = kt.index_select(0, pos).index_select(1, pos) if full_kernel else kt
             sub = sub.to(torch.float32) if sub.dtype != torch.float64 else sub
             dtype = sub.dtype
         else:
-            x = feature_tensor(features).cpu()[self.positions]
+            x = feature_tensor(features).cpu().index_select(0, self.positions)
             dtype = x.dtype
         weights = self.weights.to(dtype)
         depth = min(self.n - 1, 4 * self.k + 8)
         while True:  # deepen until every resample finds k copies in every row's list
             order, values = self._lists(sub, x, depth)
-            enough, used = True, 0
+            keep = self.n_boot * self.n * depth <= KEEP_COUNTS
+            enough, used, counts = True, 0, []
             for b in _blocks(self.n_boot):
                 cnt, ok = _counts(order, weights[b], self.k)
                 enough &= ok
                 hit = torch.nonzero((cnt > 0).any(dim=0).any(dim=0))
                 used = max(used, int(hit.max()) + 1 if hit.numel() else 1)
+                if keep:
+                    counts.append(cnt)
             if enough or depth == self.n - 1:
                 break
             depth = min(self.n - 1, 2 * depth)
         # keep only the list prefix that carries any count
-        order, values = order[:, :used].contiguous(), values[:, :used].contiguous()
         t = used
+        order, values = order[:, :t].contiguous(), values[:, :t].contiguous()
         rows = torch.arange(self.n).view(-1, 1).expand(self.n, t).reshape(-1)
         pos = _list_positions(order, order.reshape(-1), rows)
         rec = (order.reshape(-1) * (t + 1) + pos).view(self.n, t)
-        keep = self.n_boot * self.n * t <= KEEP_COUNTS
-        counts, self_h = [], []
-        for b in _blocks(self.n_boot):
-            cnt = _counts(order, weights[b], self.k)[0].to(dtype)
-            self_h.append(_weighted_hsic(weights[b], order, cnt, rec, values, values))
+        self_h = []
+        for i, b in enumerate(_blocks(self.n_boot)):
             if keep:
-                counts.append(cnt)
+                counts[i] = counts[i][:, :, :t].to(dtype).contiguous()
+                cnt = counts[i]
+            else:
+                cnt = _counts(order, weights[b], self.k)[0].to(dtype)
+            self_h.append(_weighted_hsic(weights[b], order, cnt, rec, values, values))
         return BootstrapSide(
             order, values, rec, torch.cat(self_h), torch.cat(counts) if keep else None
         )
