@@ -323,21 +323,6 @@ def _llm_layers(f: FeatureFile) -> Iterator[tuple[int, str, np.ndarray]]:
         yield i, str(name), prepared_layer(f, i, t)
 
 
-def _log_invalid(table: pd.DataFrame, llm: str) -> None:
-    """One warning per degenerate LLM layer (model, layer, why); they are never chosen."""
-    if "valid" not in table.columns:
-        return
-    bad = table.loc[~table["valid"].astype(bool)].drop_duplicates(["llm_layer", "reason"])
-    for row in bad.itertuples():
-        log.warning(
-            "%s layer %d (%s) is skipped for layer choice: %s",
-            llm,
-            row.llm_layer,
-            row.layer_name,
-            row.reason,
-        )
-
-
 def run_layer_search(
     vision_paths: Sequence[PathLike],
     llm_path: PathLike,
@@ -366,7 +351,7 @@ def run_layer_search(
         table = alignment.layer_search_table(
             prepared, llm, layers(f), k=k, metrics=tuple(metric_names)
         )
-    _log_invalid(table, llm)
+    # each degenerate layer was logged once by the layer search (model, layer, why)
     if out_diagnostics is not None:
         diag_table = diagnostics.diagnostics_table(diags)
         _log_diagnostics(diag_table)
