@@ -1,4 +1,4 @@
-"""Alignment metrics against brute-force implementations written straight from DESIGN §2.5."""
+"""Alignment metrics against brute-force implementations written straight from docs/method.md, "Alignment"."""
 
 from __future__ import annotations
 
@@ -110,7 +110,7 @@ def test_cknna_symmetry(seed, k):
     """CKNNA(X,Y) = CKNNA(Y,X) holds up to the one asymmetric HSIC_u term.
 
     With masked (non-symmetric) Ã = M∘K, B̃ = M∘L, HSIC_u's Σ Ã_ij B̃_ji and 1ᵀÃ1·1ᵀB̃1 are
-    symmetric in (Ã, B̃) but 1ᵀÃB̃1 ≠ 1ᵀB̃Ã1, so the reference definition (DESIGN §2.5, the
+    symmetric in (Ã, B̃) but 1ᵀÃB̃1 ≠ 1ᵀB̃Ã1, so the reference definition (docs/method.md "Alignment", the
     Platonic Representation code) is symmetric only when that term agrees (e.g. k = m−1).
     """
     x, y = pair(seed)

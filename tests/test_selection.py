@@ -1,4 +1,4 @@
-"""Stimulus sets (DESIGN §2.3)."""
+"""Stimulus sets (docs/method.md, "Stimulus sets")."""
 
 from __future__ import annotations
 

@@ -225,7 +225,7 @@ def test_report_builds(workflow_dir):
     assert "gallery" in html and "grid_heatmap" in html
 
 
-# ---------------------------------------------------------------- what reruns (DESIGN "Granularity")
+# ---------------------------------------------------------------- what reruns (docs/cluster.md, "What reruns")
 
 SPEED_SETTINGS = {
     "num_workers": 3,

@@ -1,4 +1,4 @@
-"""Representational alignment metrics (DESIGN §2.5): CKNNA, mutual kNN, CKA, unbiased CKA.
+"""Representational alignment metrics (docs/method.md, "Alignment"): CKNNA, mutual kNN, CKA, unbiased CKA.
 
 Definitions (X: m×p, Y: m×q, K = XXᵀ, L = YYᵀ):
 
@@ -755,7 +755,7 @@ def feature_cka(
 
 
 def cknna_from_kernels(kernel_x: np.ndarray, kernel_y: np.ndarray, k: int = 10) -> float:
-    """CKNNA of two precomputed m×m kernels (DESIGN §2.5)."""
+    """CKNNA of two precomputed m×m kernels (docs/method.md, "Alignment")."""
     kx = torch.tensor(np.asarray(kernel_x))  # copies: build() ranks in place
     ky = torch.tensor(np.asarray(kernel_y))
     if kx.shape != ky.shape or kx.ndim != 2 or kx.shape[0] != kx.shape[1]:

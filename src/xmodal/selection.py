@@ -1,4 +1,4 @@
-"""Stimulus sets by a dispersion summary (DESIGN §2.3): low / high / random / drop fractions."""
+"""Stimulus sets by a dispersion summary (docs/method.md, "Stimulus sets"): low / high / random / drop fractions."""
 
 from __future__ import annotations
 
