@@ -1,13 +1,18 @@
-"""Time the whole analysis at the paper's real shapes on synthetic features.
+"""Time the whole analysis at the paper's real shapes (or any m) on synthetic features.
 
-m = 1024 stimuli; 4 vision models (one layer, widths 1280/1536/1280/1280); 12 LLMs with their
-real numbers of hidden states and widths. LLM layers are generated one at a time from a seed
-(never all models at once), prepared, used and dropped. Stages: GPA, leave-one-model-out,
-selection, the 4×12 layer-search grid on the full set, every subset condition (low/high by rank
-and by PC1, random draws, drop-25%) with the bootstrap of low − high; then the straightforward
-way (kernels and kNN recomputed for every layer pair, HSIC as in the reference code) on a slice.
+m = 1024 stimuli by default (``--m`` for any other); 4 vision models (one layer, widths
+1280/1536/1280/1280); 12 LLMs with their real numbers of hidden states and widths. LLM layers are
+generated one at a time from a seed (never all models at once), prepared, used and dropped.
+Stages, through the same library calls as the workflow's per-LLM jobs: GPA, leave-one-model-out,
+selection, the layer search of each LLM against all 4 vision models
+(``alignment.layer_search_table``, with stability) and the representation diagnostics of every
+LLM layer (``diagnostics.diagnose``), every subset condition (low/high by rank and by PC1, random
+draws, drop-25%) with the bootstrap of low − high (``alignment.condition_tables``); the bytes of
+LLM features the per-LLM jobs read, against what one job per (vision, LLM) pair would read; then
+the straightforward way (kernels and kNN recomputed for every layer pair, HSIC as in the
+reference code) on a slice.
 
-Run: .venv/bin/python benchmarks/analysis_scale.py [--n-boot 1000] [--llms bloom-560m,...]
+Run: .venv/bin/python benchmarks/analysis_scale.py [--m 1024] [--n-boot 1000] [--llms bloom-560m,...]
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ xmodal.configure_cpu_threads()  # before numpy and torch start their thread pool
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from xmodal import alignment, metrics  # noqa: E402
+from xmodal import alignment, diagnostics, metrics  # noqa: E402
 from xmodal.dispersion import dispersion_table, leave_one_model_out  # noqa: E402
 from xmodal.gpa import gpa  # noqa: E402
 from xmodal.selection import make_sets  # noqa: E402
@@ -57,23 +62,24 @@ GEN_LLM = "generate LLM layers + abs_q95 (synthetic)"
 class Synthetic:
     """Planted structure: a shared latent S, per-stimulus dispersion σ_j, per-model noise."""
 
-    def __init__(self, seed: int = 0) -> None:
+    def __init__(self, seed: int = 0, m: int = M) -> None:
         rng = np.random.default_rng(seed)
         self.seed = seed
-        self.shared = rng.standard_normal((M, D_SHARED), dtype=np.float32)
-        self.sigma = rng.uniform(0.1, 1.0, M).astype(np.float32)
+        self.m = m
+        self.shared = rng.standard_normal((m, D_SHARED), dtype=np.float32)
+        self.sigma = rng.uniform(0.1, 1.0, m).astype(np.float32)
 
     def vision(self, index: int, width: int) -> np.ndarray:
         """Full-rank (m × width) features: S A + σ_j · noise."""
         rng = np.random.default_rng([self.seed, 1, index])
         a = rng.standard_normal((D_SHARED, width), dtype=np.float32) / np.sqrt(D_SHARED)
-        noise = rng.standard_normal((M, width), dtype=np.float32)
+        noise = rng.standard_normal((self.m, width), dtype=np.float32)
         return self.shared @ a + 0.6 * self.sigma[:, None] * noise
 
     def llm_layers(self, index: int, width: int, n_layers: int) -> Iterator[np.ndarray]:
         """Layers one at a time; alignment with S peaks at 2/3 depth; σ-scaled model noise."""
         rng = np.random.default_rng([self.seed, 2, index])
-        model_noise = rng.standard_normal((M, D_NOISE), dtype=np.float32) * self.sigma[:, None]
+        model_noise = rng.standard_normal((self.m, D_NOISE), dtype=np.float32) * self.sigma[:, None]
         for layer in range(n_layers):
             lr = np.random.default_rng([self.seed, 3, index, layer])
             depth = layer / max(n_layers - 1, 1)
@@ -82,7 +88,7 @@ class Synthetic:
                 [
                     a * self.shared,
                     model_noise,
-                    0.5 * lr.standard_normal((M, D_LAYER), dtype=np.float32),
+                    0.5 * lr.standard_normal((self.m, D_LAYER), dtype=np.float32),
                 ],
                 axis=1,
             )
@@ -115,34 +121,79 @@ def reference_cknna(x: torch.Tensor, y: torch.Tensor, k: int) -> float:
     return float(sim(kk, ll) / torch.sqrt(sim(kk, kk) * sim(ll, ll)))
 
 
+def _report(
+    times: dict[str, float],
+    total: float,
+    n_pairs: int,
+    n_layers: int,
+    n_vision: int,
+    read_per_llm: int,
+    read_per_pair: int,
+) -> None:
+    print(f"\n{'stage':<46}{'seconds':>8}")
+    for name, sec in times.items():
+        print(f"  {name:<44}{sec:8.2f}")
+    print(f"  {'total':<44}{total:8.2f}")
+    synth = times[GEN_VISION] + times[GEN_LLM]
+    print(f"  {'analysis (total without generation)':<44}{total - synth:8.2f}")
+    print(
+        f"pairs: {n_pairs}; LLM layers scanned: {n_layers}; "
+        f"layer-search CKNNA evaluations: {n_layers * n_vision}"
+    )
+    print(
+        f"LLM features read: one job per LLM {read_per_llm / 2**30:.2f} GiB; one job per pair "
+        f"would read {read_per_pair / 2**30:.2f} GiB ({read_per_pair / max(read_per_llm, 1):.1f}x)"
+    )
+    print(f"peak RSS: {peak_rss_gb():.2f} GB")
+
+
+def _contrast_lines(contrasts: list) -> None:
+    import pandas as pd
+
+    c = pd.concat(contrasts, ignore_index=True)
+    for summary, g in c.groupby("summary"):
+        print(
+            f"contrast {summary}: low>random_mean>high in "
+            f"{int(((g.low > g.random_mean) & (g.random_mean > g.high)).sum())}/{len(g)} pairs; "
+            f"median low-high {g.diff_low_high.median():.3f}; "
+            f"CI excludes 0 in {int((g.diff_ci_low > 0).sum())}/{len(g)}"
+        )
+
+
 def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--m", type=int, default=M, help="number of stimuli")
     parser.add_argument("--n-boot", type=int, default=1000)
     parser.add_argument("--n-random", type=int, default=100)
-    parser.add_argument("--set-size", type=int, default=256)
+    parser.add_argument("--set-size", type=int, default=None, help="default: m / 4")
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--llms", default=",".join(LLMS), help="comma-separated subset of LLM keys")
     parser.add_argument(
         "--repeats", type=int, default=3, help="timings of the slice comparison (best is kept)"
     )
+    parser.add_argument("--no-slice", action="store_true", help="skip the straightforward slice")
     args = parser.parse_args()
+    m = args.m
+    set_size = args.set_size or m // 4
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("xmodal.alignment").setLevel(logging.ERROR)
     device = alignment.default_device()
-    print(f"device: {device}; torch threads: {torch.get_num_threads()}; m={M}; k={args.k}")
+    print(f"device: {device}; torch threads: {torch.get_num_threads()}; m={m}; k={args.k}")
     times: dict[str, float] = {}
     t_all = time.perf_counter()
-    data = Synthetic(0)
-    ids = [f"s{j:04d}" for j in range(M)]
+    data = Synthetic(0, m)
+    ids = [f"s{j:05d}" for j in range(m)]
 
     t0 = time.perf_counter()
     raw_vision = [data.vision(i, w) for i, w in enumerate(VISION.values())]
     times[GEN_VISION] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    vision_x = [metrics.prepare(x) for x in raw_vision]
+    vision = {key: (30, metrics.prepare(x)) for key, x in zip(VISION, raw_vision, strict=True)}
+    vision_x = [x for _, x in vision.values()]
     times["prepare vision (clamp, l2)"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -159,7 +210,7 @@ def main() -> int:
     t0 = time.perf_counter()
     table, explained = dispersion_table(ids, fit.residuals)
     sets = make_sets(
-        ids, table["mean_dispersion"], table["pc1_score"], args.set_size, args.n_random, 0.25, 0
+        ids, table["mean_dispersion"], table["pc1_score"], set_size, args.n_random, 0.25, 0
     )
     times["selection (rank, pc1, sets)"] = time.perf_counter() - t0
     rho = np.corrcoef(
@@ -169,56 +220,88 @@ def main() -> int:
         f"pc1 explained variance {explained:.3f}; Spearman(mean dispersion, planted sigma) {rho:.3f}"
     )
 
-    t0 = time.perf_counter()
-    plan = alignment.ConditionPlan(sets, ids, k=args.k, n_boot=args.n_boot, seed=0)
-    vsides = [plan.side(x) for x in vision_x]
-    vknn = [s.full for s in vsides]
-    times["conditions"] = time.perf_counter() - t0
-    times["grid layer search"] = 0.0
+    times["layer search (per LLM, stability)"] = 0.0
+    times["diagnostics of every LLM layer"] = 0.0
+    times["conditions (per LLM, bootstrap)"] = 0.0
     times[GEN_LLM] = 0.0
     times["prepare LLM layers (clamp, l2)"] = 0.0
     n_pairs = n_layers_total = 0
+    read_per_llm = read_per_pair = 0  # bytes of LLM features (float32, as in the files)
     contrasts = []
     llm_keys = [key for key in args.llms.split(",") if key]
     for li, key in enumerate(llm_keys):
         width, n_layers = LLMS[key]
-        layers = data.llm_layers(li, width, n_layers)
+        layer_bytes = m * width * 4
         # synthetic stand-in for the file's stored abs_q95 (computed at extraction time)
         t0 = time.perf_counter()
         first = next(data.llm_layers(li, width, n_layers))
         threshold = metrics.threshold_from_quantiles(metrics.abs_quantiles(first))
         del first
         times[GEN_LLM] += time.perf_counter() - t0
-        best = [(-np.inf, -1, None)] * len(vision_x)
-        for layer in range(n_layers):
+        pulled = [0]
+
+        def layers(li=li, width=width, n_layers=n_layers, threshold=threshold, pulled=pulled):
+            gen = data.llm_layers(li, width, n_layers)
+            for layer in range(n_layers):
+                t0 = time.perf_counter()
+                raw = next(gen)
+                tg = time.perf_counter()
+                y = metrics.prepare_layer(raw, threshold)
+                del raw
+                t1 = time.perf_counter()
+                times[GEN_LLM] += tg - t0
+                times["prepare LLM layers (clamp, l2)"] += t1 - tg
+                times["layer search (per LLM, stability)"] -= t1 - t0  # not layer-search time
+                pulled[0] += 1
+                yield layer, f"layers.{layer}", y
+
+        def diagnose(index, name, y, side):  # as the pipeline does: from the search's kernel
             t0 = time.perf_counter()
-            raw = next(layers)
-            tg = time.perf_counter()
-            y = metrics.prepare_layer(raw, threshold)
-            del raw
-            t1 = time.perf_counter()
-            times[GEN_LLM] += tg - t0
-            times["prepare LLM layers (clamp, l2)"] += t1 - tg
-            lk = alignment.kernel(y, device)
-            del y
-            lside = metrics.KernelKNN.build(lk, args.k)
-            for vi, vs in enumerate(vknn):
-                value = float(metrics.cknna_sides(vs, lside)[0])
-                if value > best[vi][0]:
-                    best[vi] = (value, layer, lk)
-            times["grid layer search"] += time.perf_counter() - t1
-            n_layers_total += 1
+            diagnostics.diagnose(y, args.k, side=side)
+            dt = time.perf_counter() - t0
+            times["diagnostics of every LLM layer"] += dt
+            times["layer search (per LLM, stability)"] -= dt
+
         t0 = time.perf_counter()
-        cache: dict[int, alignment.ConditionSide] = {}
-        for vi, (_value, layer, lk) in enumerate(best):
-            if layer not in cache:
-                cache[layer] = plan.side(lk.cpu(), is_kernel=True)
-            _, contrast = plan.evaluate(list(VISION)[vi], key, layer, vsides[vi], cache[layer])
-            contrasts.append(contrast)
-            n_pairs += 1
-        del cache, best
-        times["conditions"] += time.perf_counter() - t0
+        search = alignment.layer_search_table(
+            vision, key, layers(), k=args.k, device=device, on_layer=diagnose
+        )
+        times["layer search (per LLM, stability)"] += time.perf_counter() - t0
+        n_layers_total += pulled[0]
+        chosen = {
+            (r.vision, r.metric): int(r.llm_layer) for r in search[search["chosen"]].itertuples()
+        }
+        requested: list[int] = []
+
+        def llm_layer(
+            index, li=li, width=width, n_layers=n_layers, threshold=threshold, requested=requested
+        ):
+            t0 = time.perf_counter()
+            gen = data.llm_layers(li, width, n_layers)
+            for _ in range(index):
+                next(gen)
+            raw = next(gen)
+            times[GEN_LLM] += time.perf_counter() - t0
+            times["conditions (per LLM, bootstrap)"] -= time.perf_counter() - t0
+            requested.append(index)
+            return metrics.prepare_layer(raw, threshold)
+
+        t0 = time.perf_counter()
+        _, contrast = alignment.condition_tables(
+            vision, key, chosen, llm_layer, sets, ids, k=args.k, n_boot=args.n_boot, seed=0
+        )
+        times["conditions (per LLM, bootstrap)"] += time.perf_counter() - t0
+        contrasts.append(contrast)
+        n_pairs += len(vision)
+        # one job per LLM and stage: every layer once, then each distinct chosen layer once;
+        # one job per (vision, LLM) pair: every layer and the pair's chosen layer, per vision model
+        read_per_llm += (pulled[0] + len(set(requested))) * layer_bytes
+        read_per_pair += len(vision) * (n_layers + 1) * layer_bytes
     total = time.perf_counter() - t_all
+    if args.no_slice:
+        _report(times, total, n_pairs, n_layers_total, len(vision_x), read_per_llm, read_per_pair)
+        _contrast_lines(contrasts)
+        return 0
 
     # straightforward way on a slice: 2 layers each of a small, a mid and the largest LLM
     # (mean width 4779, close to the grid's mean layer width 4775), against every vision model
@@ -249,16 +332,7 @@ def main() -> int:
         t_fast = min(t_fast, time.perf_counter() - t0)
     max_diff = float(np.max(np.abs(np.asarray(ref) - fast)))
 
-    print(f"\n{'stage':<46}{'seconds':>8}")
-    for name, sec in times.items():
-        print(f"  {name:<44}{sec:8.2f}")
-    print(f"  {'total':<44}{total:8.2f}")
-    synth = times[GEN_VISION] + times[GEN_LLM]
-    print(f"  {'analysis (total without generation)':<44}{total - synth:8.2f}")
-    print(
-        f"pairs: {n_pairs}; LLM layers scanned: {n_layers_total}; grid CKNNA evaluations: {n_layers_total * len(vision_x)}"
-    )
-    print(f"peak RSS: {peak_rss_gb():.2f} GB")
+    _report(times, total, n_pairs, n_layers_total, len(vision_x), read_per_llm, read_per_pair)
     print(
         f"straightforward slice ({len(vision_x)} vision x {n_slice} layers, 2 of each of {key}; "
         f"best of {args.repeats}): "
@@ -267,16 +341,9 @@ def main() -> int:
     per_pair = t_ref / (len(vision_x) * n_slice)
     print(
         f"straightforward grid extrapolated: {per_pair * n_layers_total * len(vision_x):.0f} s "
-        f"vs measured fast grid {times['grid layer search']:.1f} s"
+        f"vs measured fast layer search {times['layer search (per LLM, stability)']:.1f} s"
     )
-    import pandas as pd
-
-    c = pd.concat(contrasts, ignore_index=True)
-    for summary, g in c.groupby("summary"):
-        print(
-            f"contrast {summary}: low>random_mean>high in {int(((g.low > g.random_mean) & (g.random_mean > g.high)).sum())}/{len(g)} pairs; "
-            f"median low-high {g.diff_low_high.median():.3f}; CI excludes 0 in {int((g.diff_ci_low > 0).sum())}/{len(g)}"
-        )
+    _contrast_lines(contrasts)
     return 0
 
 

@@ -87,3 +87,28 @@ def test_table_and_ids():
     assert table.loc[0, "frac_unresolved"] == pytest.approx(diag.n_unresolved / 30)
     with pytest.raises(ValueError, match="k"):
         dg.diagnose(x, k=29)
+
+
+@pytest.mark.parametrize("case", ["random", "collapsed", "duplicates"])
+def test_diagnostics_from_the_layer_search_kernel_equal_the_direct_ones(case: str) -> None:
+    """The layer search hands its kNN structure over (no second kernel): same diagnostics."""
+    from xmodal.metrics import KernelKNN, prepare_layer
+
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((120, 24))
+    if case == "collapsed":
+        x = 50.0 + 1e-4 * x
+    elif case == "duplicates":
+        x[10], x[11], x[40] = x[3], x[3], x[7]
+    x = prepare_layer(x.astype(np.float32), 1e9)
+    direct = dg.diagnose(x, k=10)
+    shared = dg.diagnose(x, k=10, side=KernelKNN.from_features(x, 10, dense=True))
+    assert shared.cos_mean == direct.cos_mean
+    assert shared.cos_sd == pytest.approx(direct.cos_sd, rel=1e-6, abs=1e-9)
+    # from the kernel (healthy layers) or, where centring it would cancel, from the features
+    assert shared.eff_dim == pytest.approx(direct.eff_dim, rel=1e-5)
+    np.testing.assert_array_equal(shared.unresolved, direct.unresolved)
+    assert [g.tolist() for g in shared.duplicate_groups] == [
+        g.tolist() for g in direct.duplicate_groups
+    ]
+    assert shared.collapsed == direct.collapsed

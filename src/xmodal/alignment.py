@@ -398,6 +398,7 @@ def layer_search_table(
     metrics: Sequence[str] = ("cknna",),
     device: torch.device | None = None,
     dense: bool | None = None,
+    on_layer: Callable[[int, str, np.ndarray, KernelKNN | None], None] | None = None,
 ) -> pd.DataFrame:
     """Full-set layer search of one LLM against several vision models, for several metrics.
 
@@ -409,7 +410,8 @@ def layer_search_table(
     valid rows). A layer with degenerate features or kernel is ``valid=False`` with a
     ``reason``; no valid layer for a (vision, metric), or a degenerate vision layer, is an
     :class:`AlignmentError`. ``dense`` overrides the automatic choice of the dense or the
-    blocked path (metrics.DENSE_MAX_M).
+    blocked path (metrics.DENSE_MAX_M). ``on_layer(index, name, x, side)`` is called for every
+    LLM layer with its kNN structure (None for a degenerate layer), e.g. for its diagnostics.
     """
     names = _check_metrics(metrics)
     device = device or default_device()
@@ -422,6 +424,8 @@ def layer_search_table(
                 f"LLM {llm!r} layer {name} has {np.shape(y)[0]} stimuli, vision has {m}"
             )
         lside, reason = _checked_side(y, k, device, dense)
+        if on_layer is not None:
+            on_layer(int(index), str(name), y, lside)
         invalid: dict[str, list[str]] = {}
         for key, vs in vsides.items():
             for metric in names:

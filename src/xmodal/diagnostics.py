@@ -19,6 +19,7 @@ formed when m is large; the work is one kernel's worth (m²·d), as for the laye
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -26,7 +27,13 @@ import numpy as np
 import pandas as pd
 import torch
 
-from xmodal.metrics import feature_tensor, kernel_resolution, kernel_row_blocks, top_lists
+from xmodal.metrics import (
+    KernelKNN,
+    feature_tensor,
+    kernel_resolution,
+    kernel_row_blocks,
+    top_lists,
+)
 
 __all__ = [
     "COLLAPSED_COS",
@@ -139,10 +146,12 @@ class LayerDiagnostics:
 
 
 def participation_ratio(x: np.ndarray | torch.Tensor) -> float:
-    """(Σλ)²/Σλ² of the spectrum of C = X_cᵀX_c (column-centred X), in float64.
+    """(Σλ)²/Σλ² of the spectrum of C = X_cᵀX_c (column-centred X).
 
-    = tr(C)²/‖C‖²_F, computed from the smaller Gram matrix (d×d by row blocks, or m×m); NaN
-    when X_c = 0.
+    = tr(C)²/‖C‖²_F, from the smaller Gram matrix (d×d by row blocks, or m×m). X is centred in
+    float64 first (so that a collapsed layer, all rows nearly equal, loses nothing to
+    cancellation), the Gram product runs in the features' dtype (BLAS) and the sums in float64.
+    NaN when X_c = 0.
     """
     t = feature_tensor(x)
     m, d = t.shape
@@ -151,22 +160,51 @@ def participation_ratio(x: np.ndarray | torch.Tensor) -> float:
         g = torch.zeros((d, d), dtype=torch.float64, device=t.device)
         step = max(1, (1 << 24) // max(d, 1))
         for start in range(0, m, step):
-            xb = t[start : start + step].to(torch.float64) - mean
-            g += xb.T @ xb
+            xb = (t[start : start + step].to(torch.float64) - mean).to(t.dtype)
+            g += (xb.T @ xb).to(torch.float64)
     else:
-        xc = t.to(torch.float64) - mean
-        g = xc @ xc.T
+        xc = (t.to(torch.float64) - mean).to(t.dtype)
+        g = (xc @ xc.T).to(torch.float64)
     trace = float(torch.diagonal(g).sum())
     frob2 = float((g * g).sum())
     return trace * trace / frob2 if frob2 > 0 else float("nan")
 
 
+#: The double-centred kernel HKH gives the participation ratio (same nonzero spectrum as
+#: X_cᵀX_c) when ‖HKH‖_F is at least this fraction r of ‖K‖_F. A float32 kernel's rounding
+#: (~6e-8 of its entries) then moves the ratio by at most about 6e-8 / r ≈ 1e-5 relative; below
+#: (collapsed or near-collapsed layers, where centring the kernel cancels) the ratio is computed
+#: from the features centred in float64 instead.
+KERNEL_CENTRING_MIN = 0.005
+
+
+def _eff_dim_from_kernel(kern: torch.Tensor) -> float | None:
+    """tr(HKH)²/‖HKH‖²_F from a float64 copy of the kernel, or None when that would cancel."""
+    row = kern.mean(dim=1, keepdim=True)
+    centred = kern - row - row.T + kern.mean()
+    frob2 = float((centred * centred).sum())
+    if frob2 < (KERNEL_CENTRING_MIN**2) * float((kern * kern).sum()):
+        return None
+    trace = float(torch.diagonal(centred).sum())
+    return trace * trace / frob2
+
+
 def duplicate_groups(x: np.ndarray | torch.Tensor) -> tuple[np.ndarray, ...]:
-    """Groups (positions, ascending, ≥ 2 each) of rows that are exactly equal, in order of first row."""
-    a = feature_tensor(x).cpu().numpy()
-    _, inverse, counts = np.unique(a, axis=0, return_inverse=True, return_counts=True)
-    inverse = inverse.reshape(-1)
-    groups = [np.flatnonzero(inverse == g) for g in np.flatnonzero(counts > 1)]
+    """Groups (positions, ascending, ≥ 2 each) of rows that are exactly equal, in order of first row.
+
+    Rows are grouped by a 128-bit digest of their bytes (O(m·d)), then compared exactly.
+    """
+    a = np.ascontiguousarray(feature_tensor(x).cpu().numpy())
+    by_digest: dict[bytes, list[int]] = {}
+    for i, row in enumerate(a):
+        by_digest.setdefault(hashlib.blake2b(row.tobytes(), digest_size=16).digest(), []).append(i)
+    groups = []
+    for members in by_digest.values():
+        while len(members) > 1:  # exact check: a digest collision never merges different rows
+            same = [j for j in members if np.array_equal(a[j], a[members[0]])]
+            if len(same) > 1:
+                groups.append(np.asarray(same, dtype=np.int64))
+            members = [j for j in members if j not in same]
     return tuple(sorted(groups, key=lambda g: int(g[0])))
 
 
@@ -175,20 +213,52 @@ def diagnose(
     k: int = 10,
     tau: float | None = None,
     device: torch.device | None = None,
+    side: KernelKNN | None = None,
 ) -> LayerDiagnostics:
     """Diagnostics of one prepared layer (m, d) with l2-normalised rows (see the module docstring).
 
     ``tau`` defaults to ``kernel_resolution(d, dtype)``; the kernel is visited by row blocks.
+    ``side``: the layer's kNN structure as the layer search built it (same k and τ); when it kept
+    its kernel (the dense path), the pairwise cosines and kNN boundary gaps come from it instead
+    of a second pass over the kernel (same values).
     """
     t = feature_tensor(x, device)
     m, d = t.shape
     if m < 3 or not 1 <= k <= m - 2:
         raise ValueError(f"need m ≥ 3 and 1 ≤ k ≤ m − 2 (a (k+1)-th neighbour), got m={m}, k={k}")
     tau = kernel_resolution(d, t.dtype) if tau is None else float(tau)
-    col = t.to(torch.float64).sum(dim=0)
-    norms2 = (t.to(torch.float64) ** 2).sum(dim=1)
+    t64 = t.to(torch.float64)
+    col = t64.sum(dim=0)
+    norms2 = (t64 * t64).sum(dim=1)
+    del t64
     n_off = m * (m - 1)
     mean = (float(col @ col) - float(norms2.sum())) / n_off  # Σ_{i≠j} K_ij = ‖1ᵀX‖² − Σ‖x_i‖²
+    if side is not None and side.kernel is not None:
+        if side.k != k or side.tau != tau or side.size != m:
+            raise ValueError(
+                f"the kNN structure has k={side.k}, τ={side.tau}, m={side.size}; "
+                f"diagnostics asked for k={k}, τ={tau}, m={m}"
+            )
+        kern = side.kernel[0].to(torch.float64)
+        dev = kern - mean
+        # Σ over i ≠ j: all entries minus the diagonal (K_ii = ‖x_i‖²)
+        sq_dev = float((dev * dev).sum()) - float(((norms2 - mean) ** 2).sum())
+        cos_sd = float(np.sqrt(max(sq_dev, 0.0) / (n_off - 1)))
+        del dev
+        eff_dim = _eff_dim_from_kernel(kern)
+        if eff_dim is None:  # centring the rounded kernel would cancel: from the features
+            eff_dim = participation_ratio(t)
+        return LayerDiagnostics(
+            m=m,
+            dim=d,
+            k=k,
+            tau=tau,
+            cos_mean=mean,
+            cos_sd=cos_sd,
+            eff_dim=eff_dim,
+            unresolved=torch.nonzero(side.unresolved[0]).squeeze(1).cpu().numpy().astype(np.int64),
+            duplicate_groups=duplicate_groups(t),
+        )
     sq_dev = 0.0
     unresolved = []
     for start, rows in kernel_row_blocks(t):

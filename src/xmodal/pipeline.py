@@ -32,6 +32,7 @@ from xmodal import (
 from xmodal.config import resolve_layer
 from xmodal.features import FeatureFile, FeatureFileError
 from xmodal.io import atomic_path, read_table, write_table
+from xmodal.metrics import KernelKNN
 
 log = logging.getLogger(__name__)
 
@@ -341,15 +342,19 @@ def run_layer_search(
     ids, prepared = read_prepared_vision(vision_paths, vision, vision_layer)
     diags: list[tuple[str, int, str, diagnostics.LayerDiagnostics]] = []
 
-    def layers(f: FeatureFile) -> Iterator[tuple[int, str, np.ndarray]]:
-        for i, name, x in _llm_layers(f):
-            if out_diagnostics is not None:
-                diags.append((llm, i, name, diagnostics.diagnose(x, k)))
-            yield i, name, x
+    def diagnose(index: int, name: str, x: np.ndarray, side: KernelKNN | None) -> None:
+        # from the layer search's own kernel and kNN gaps when it has them (no second kernel)
+        usable = side if side is not None and side.k == k else None
+        diags.append((llm, index, name, diagnostics.diagnose(x, k, side=usable)))
 
     with open_features(llm_path, ids, model=llm, modality="language") as f:
         table = alignment.layer_search_table(
-            prepared, llm, layers(f), k=k, metrics=tuple(metric_names)
+            prepared,
+            llm,
+            _llm_layers(f),
+            k=k,
+            metrics=tuple(metric_names),
+            on_layer=diagnose if out_diagnostics is not None else None,
         )
     # each degenerate layer was logged once by the layer search (model, layer, why)
     if out_diagnostics is not None:
