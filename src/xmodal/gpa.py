@@ -415,7 +415,7 @@ class _Problem:
         self.pool = pool
         self.pmap: Mapper = pool.map if pool is not None else map
         # Σ_i ‖N_i T_i‖² = Σ_i tr(G_ii) for transforms with orthonormal rows
-        self.total = float(sum(np.sum(a * a) for a in mats))
+        self.total = float(sum(np.einsum("ij,ij->", a, a) for a in mats))
         self.use_eigh = [True] * self.n  # once a model's A is ill-conditioned, SVD from then on
 
     def apply(self, t: np.ndarray) -> np.ndarray:
