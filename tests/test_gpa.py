@@ -328,7 +328,7 @@ def test_safeguard_rejects_bad_accelerated_steps(monkeypatch):
     """Accelerated points that raise the objective are replaced by plain steps."""
     good = gpa(SLOW)
 
-    def overshoot(self, x, fx, fs):  # 30 steps further along the last one (S = G T still holds)
+    def overshoot(self, g, fx, fs):  # 30 steps further along the last one (S = G T still holds)
         last, self.last = self.last, (fx, fs)
         return None if last is None else (fx + 30 * (fx - last[0]), fs + 30 * (fs - last[1]))
 

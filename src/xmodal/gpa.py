@@ -500,8 +500,8 @@ class _Problem:
                 pending = self.pool.submit(_add_except, d, g, b, nxt, delta)
             else:
                 _add_except(d, g, b, nxt, delta)
-        s_new = s + d
-        return tn, s_new
+        d += s  # S_new = S + D, in place
+        return tn, d
 
     def finish(self, t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Consensus C = (1/M) Σ N_i T_i (m × r) and residuals ‖(N_i T_i)_j − C_j‖₂ (m × M)."""
@@ -551,12 +551,12 @@ class _Anderson:
         self.last = None
 
     def propose(
-        self, x: np.ndarray, fx: np.ndarray, fs: np.ndarray
+        self, g: np.ndarray, fx: np.ndarray, fs: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray] | None:
-        """Next point after F(x) = (fx, fs); None when there is no history to mix yet."""
+        """Next point after F(x) = (fx, fs) with residual g = F(x) − x; None when there is no
+        history to mix yet."""
         if self.depth == 0:
             return None
-        g = fx - x
         if self.last is not None:
             g0, f0, s0 = self.last
             if len(self.hist) == self.depth:
@@ -716,7 +716,9 @@ def _iterate(
         if change <= tol:
             converged = True
             break
-        proposal = accel.propose(x_t, ft, fs)
+        g = ft - x_t
+        del x_t, x_s  # freed before the proposal is made: two fewer arrays held at once
+        proposal = accel.propose(g, ft, fs)
         extrapolated = proposal is not None
         x_t, x_s = proposal if proposal is not None else (ft, fs)
     if n_rejected:
