@@ -9,9 +9,11 @@ narrower model's transform ``T_i`` be k_i × r with orthonormal rows, which is h
 GPA maximises ``Σ_ij tr(T_iᵀ G_ij T_j)`` with ``G_ij = N_iᵀ N_j``: the objective
 ``Σ_i ‖N_i T_i − C‖²_F = Σ_i ‖N_i‖²_F − (1/M) Σ_ij tr(T_iᵀ G_ij T_j)`` with
 ``C = (1/M) Σ_i N_i T_i``. Every quantity of an iteration is a product ``S = G T`` (the M
-blocks ``S_i = N_iᵀ (M C)``), computed from the r × r cross-products (cost independent of m) or
-from the data, whichever is cheaper. Iterations are Procrustes steps ``T_i = polar(·)``
-accelerated by Anderson mixing with a safeguard that keeps the objective non-increasing.
+blocks ``S_i = N_iᵀ (M C)``), computed from the cross-products G (Σk × Σk, computed once; a
+step then costs the same whatever m) or from the data, whichever is cheaper. Iterations are
+Procrustes steps ``T_i = polar(·)``, for all models at once (plain) or one model after the
+other (Gauss–Seidel, when m exceeds the narrowest width), accelerated by Anderson mixing with
+a safeguard that keeps the objective non-increasing.
 """
 
 from __future__ import annotations
@@ -38,8 +40,9 @@ log = logging.getLogger(__name__)
 #: nothing from threads, and oversubscribed threads slowed them 100-fold on a shared 2-core host.
 SMALL_WIDTH = 2048
 
-#: Anderson acceleration keeps this many past steps (3, 6 and 12 converged in the same number
-#: of iterations on planted data; each step kept costs 3 arrays of Σk_i × r floats).
+#: Anderson acceleration keeps this many past steps (on planted data with m = 5000 and widths
+#: 160–192, 2 took 56 iterations and 3, 5 and 8 took 39; each step kept costs 3 arrays of
+#: Σk_i × r floats).
 ANDERSON_DEPTH = 3
 
 #: An accelerated step that moves the consensus more than GROWTH times the previous step is
@@ -263,6 +266,7 @@ def _polar(
     try_eigh: bool = True,
     near: np.ndarray | None = None,
     min_ratio: float = EIGH_MIN_RATIO,
+    polish: bool = True,
 ) -> tuple[np.ndarray, bool]:
     """Orthogonal polar factor U Vᵀ of a = U Σ Vᵀ (orthonormal rows or columns, a's shape); also
     whether the eigh route was usable.
@@ -271,7 +275,8 @@ def _polar(
     calls release the GIL (scipy.linalg's hold it), so polar factors run in parallel on threads.
     When a wide a is rank-deficient every completion of U Vᵀ on its null space maximises
     tr(Qᵀ a); with ``near`` (same shape) the completion closest to ``near`` is taken, so that
-    iterations do not wander between equally good answers.
+    iterations do not wander between equally good answers. ``polish`` makes the eigh route's
+    rows (columns) orthonormal to rounding instead of to ε·κ(a)².
     """
     wide = a.shape[0] <= a.shape[1]
     if try_eigh:
@@ -283,9 +288,8 @@ def _polar(
             half = vec / np.sqrt(np.sqrt(lam))
             w = half @ half.T  # V Λ^{-1/2} Vᵀ
             q = w @ a if wide else a @ w
-            # One Newton–Schulz step, q ← q (3I − qᵀq) / 2: rows (columns) orthonormal to
-            # rounding instead of ε·κ(A)², so that ‖N_i T_i‖ = ‖N_i‖ holds in the objective.
-            q = 1.5 * q - 0.5 * ((q @ q.T) @ q if wide else q @ (q.T @ q))
+            if polish:  # one Newton–Schulz step, q ← q (3I − qᵀq) / 2
+                q = 1.5 * q - 0.5 * ((q @ q.T) @ q if wide else q @ (q.T @ q))
             return q, True
     u, sv, vt = _svd(a)
     rank = int(np.sum(sv > sv[0] * max(a.shape) * np.finfo(float).eps)) if sv[0] > 0 else 0
@@ -418,27 +422,34 @@ class _Problem:
         self.total = float(sum(np.einsum("ij,ij->", a, a) for a in mats))
         self.use_eigh = [True] * self.n  # once a model's A is ill-conditioned, SVD from then on
 
-    def apply(self, t: np.ndarray) -> np.ndarray:
-        """S = G T: from the cross-products, or S_i = N_iᵀ Σ_j N_j T_j from the data."""
+    def apply(self, t: np.ndarray) -> tuple[np.ndarray, float | None]:
+        """S = G T, from the cross-products or as S_i = N_iᵀ Σ_j N_j T_j from the data; from
+        the data also the objective Σ_i ‖N_i T_i − C‖²_F, summed from the aligned rows."""
+        blocks = self.blocks
         if self.g is not None:
             g = self.g
-            return np.concatenate(list(self.pmap(lambda b: g[b] @ t, self.blocks)))
-        ys = list(self.pmap(lambda i: self.mats[i] @ t[self.blocks[i]], range(self.n)))
-        total = ys[0]
+            return np.concatenate(list(self.pmap(lambda b: g[b] @ t, blocks))), None
+        ys = list(self.pmap(lambda i: self.mats[i] @ t[blocks[i]], range(self.n)))
+        total = ys[0].copy()
         for y in ys[1:]:
             total += y
-        return np.concatenate(list(self.pmap(lambda a: a.T @ total, self.mats)))
+        consensus = total / self.n
+        direct = sum(float(np.sum((y - consensus) ** 2)) for y in ys)
+        return np.concatenate(list(self.pmap(lambda a: a.T @ total, self.mats))), direct
 
-    def objective(self, t: np.ndarray, s: np.ndarray) -> tuple[float, float]:
-        """Σ_i ‖N_i T_i − C‖²_F = Σ_i ‖N_i‖² − ⟨T, S⟩ / M (transforms with orthonormal rows),
-        and a bound on its rounding error, 4ε (Σ_i ‖N_i‖² + Σ |T ∘ S| / M)."""
+    def objective(
+        self, t: np.ndarray, s: np.ndarray, direct: float | None = None
+    ) -> tuple[float, float]:
+        """Σ_i ‖N_i T_i − C‖²_F (``direct`` when given, else Σ_i ‖N_i‖² − ⟨T, S⟩ / M, which
+        holds for transforms with orthonormal rows), and a bound on its rounding error,
+        4ε (Σ_i ‖N_i‖² + Σ |T ∘ S| / M)."""
         dot = magnitude = 0.0
         for b in self.blocks:
             ts = t[b] * s[b]
             dot += float(np.sum(ts))
             magnitude += float(np.sum(np.abs(ts)))
         err = 4 * np.finfo(float).eps * (self.total + magnitude / self.n)
-        return self.total - dot / self.n, err
+        return (self.total - dot / self.n if direct is None else direct), err
 
     def change(self, t: np.ndarray, s: np.ndarray, t_new: np.ndarray, s_new: np.ndarray) -> float:
         """‖C(T') − C(T)‖_F / ‖C(T')‖_F with ‖C(T') − C(T)‖² = ⟨T' − T, S' − S⟩ / M²."""
@@ -463,21 +474,32 @@ class _Problem:
             t[self.blocks[i]] = ti
         return t
 
-    def sweep_plain(self, t: np.ndarray, s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The plain GPA step: T_i ← polar(N_iᵀ C) = polar(S_i) for every model at once."""
-        flags = self.use_eigh
-        fits = list(self.pmap(lambda i: _polar(s[self.blocks[i]], flags[i]), range(self.n)))
+    def sweep_plain(
+        self, t: np.ndarray, s: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, float | None]:
+        """The plain GPA step: T_i ← polar(N_iᵀ C) = polar(S_i) for every model at once.
+
+        From the data the objective is summed from the aligned rows, so the polar factors need
+        no Newton–Schulz step (from the cross-products they do: see :meth:`objective`)."""
+        flags, polish = self.use_eigh, self.g is not None
+        fits = list(
+            self.pmap(lambda i: _polar(s[self.blocks[i]], flags[i], polish=polish), range(self.n))
+        )
         self.use_eigh = [ok for _, ok in fits]
         tn = np.concatenate([q for q, _ in fits])
-        return tn, self.apply(tn)
+        return (tn, *self.apply(tn))
 
-    def sweep_gauss_seidel(self, t: np.ndarray, s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def sweep_gauss_seidel(
+        self, t: np.ndarray, s: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, None]:
         """One Gauss–Seidel sweep: for i = 1..M in turn, T_i ← polar(Σ_{j≠i} G_ij T_j).
 
         Each step maximises the objective over T_i with the others fixed (tr(T_iᵀ G_ii T_i) is
         constant), so the objective never increases. With a pool, updating S for model i's
         change overlaps the next model's polar factor: only the next model's rows are updated
-        first. The split of the products is the same with or without a pool.
+        first. The split of the products is the same with or without a pool. Polar factors get
+        a Newton–Schulz step, so that Σ_i ‖N_i T_i‖² = Σ_i ‖N_i‖² holds to rounding (see
+        :meth:`objective`).
         """
         g, blocks = self.g, self.blocks
         assert g is not None
@@ -501,7 +523,7 @@ class _Problem:
             else:
                 _add_except(d, g, b, nxt, delta)
         d += s  # S_new = S + D, in place
-        return tn, d
+        return tn, d, None
 
     def finish(self, t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Consensus C = (1/M) Σ N_i T_i (m × r) and residuals ‖(N_i T_i)_j − C_j‖₂ (m × M)."""
@@ -533,6 +555,13 @@ def _add_except(d: np.ndarray, g: np.ndarray, cols: slice, skip: slice, delta: n
             d[sl] += g[sl, cols] @ delta
 
 
+def _axpy(a: float, x: np.ndarray, y: np.ndarray) -> None:
+    """y += a x in place, a block of rows at a time (temporaries of ROW_CHUNK rows only)."""
+    for start in range(0, y.shape[0], ROW_CHUNK):
+        sl = slice(start, start + ROW_CHUNK)
+        y[sl] += a * x[sl]
+
+
 class _Anderson:
     """Anderson mixing (type II) of a fixed-point map x ↦ F(x) on stacked transforms T.
 
@@ -561,9 +590,7 @@ class _Anderson:
             g0, f0, s0 = self.last
             if len(self.hist) == self.depth:
                 self.hist.popleft()  # before the new differences are made: less memory
-            g0 -= g
-            g0 *= -1.0
-            self.hist.append((g0, fx - f0, fs - s0))
+            self.hist.append((np.subtract(g, g0, out=g0), fx - f0, fs - s0))
         self.last = (g, fx, fs)
         if not self.hist:
             return None
@@ -576,8 +603,8 @@ class _Anderson:
             return None
         xt, xs = fx.copy(), fs.copy()
         for c, (_, df, ds) in zip(gamma, self.hist, strict=True):
-            xt -= c * df
-            xs -= c * ds
+            _axpy(-c, df, xt)
+            _axpy(-c, ds, xs)
         return xt, xs
 
 
@@ -621,8 +648,8 @@ def fit_preprocessed(
             problem.r,
         )
     log.info(
-        "GPA: %d models, m=%d, widths %s -> %s; %s iteration with Anderson acceleration "
-        "(depth %d), products from the %s",
+        "GPA: %d models, m=%d, widths %s -> %s; %s iteration, Anderson acceleration depth %d "
+        "(0: none), products from the %s",
         problem.n,
         m,
         widths,
@@ -665,7 +692,7 @@ def fit_preprocessed(
 
 def _iterate(
     problem: _Problem,
-    sweep: Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]],
+    sweep: Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray, float | None]],
     tol: float,
     max_iter: int,
     depth: int,
@@ -683,22 +710,22 @@ def _iterate(
     """
     accel = _Anderson(depth)
     t = problem.initial()
-    s = problem.apply(t)
-    f, _ = problem.objective(t, s)
+    s, direct = problem.apply(t)
+    f, _ = problem.objective(t, s, direct)
     objective = [f]
     x_t, x_s, extrapolated, last_change = t, s, False, math.inf
     converged, n_rejected, n_iter = False, 0, 0
     started = last_log = time.perf_counter()
     for n_iter in range(1, max_iter + 1):  # noqa: B007 (n_iter is used after the loop)
-        ft, fs = sweep(x_t, x_s)
-        fo, err = problem.objective(ft, fs)
+        ft, fs, direct = sweep(x_t, x_s)
+        fo, err = problem.objective(ft, fs, direct)
         change = problem.change(x_t, x_s, ft, fs)
         if extrapolated and (fo > f + err or change > GROWTH * last_change):
             n_rejected += 1
             accel.reset()
             x_t, x_s = t, s
-            ft, fs = sweep(x_t, x_s)
-            fo, _ = problem.objective(ft, fs)
+            ft, fs, direct = sweep(x_t, x_s)
+            fo, _ = problem.objective(ft, fs, direct)
             change = problem.change(x_t, x_s, ft, fs)
         last_change = change
         t, s, f = ft, fs, fo
