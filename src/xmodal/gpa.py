@@ -256,9 +256,9 @@ EIGH_MIN_RATIO = 1e-12
 
 #: The same bound for Gauss–Seidel steps, T_i = polar(Σ_{j≠i} G_ij T_j): without the model's own
 #: term the matrix can be far worse conditioned, and the eigh route's error (ε·κ² in its weak
-#: directions) then moved the consensus by more than tol = 1e-10 at every step (κ² ≈ 1e11 on a
-#: 14-stimulus example); on planted data at m = 1024 (κ² ≈ 1e6–1e7) it converged as usual.
-EIGH_MIN_RATIO_GS = 1e-8
+#: directions) then moved the consensus by more than tol = 1e-10 at every step (κ² ≈ 8e10 on a
+#: 14-stimulus example), while on planted data at m = 4096 (κ² up to 4e8) it converged as usual.
+EIGH_MIN_RATIO_GS = 1e-10
 
 
 def _polar(
@@ -485,6 +485,11 @@ class _Problem:
         fits = list(
             self.pmap(lambda i: _polar(s[self.blocks[i]], flags[i], polish=polish), range(self.n))
         )
+        for i, (_, ok) in enumerate(fits):
+            if flags[i] and not ok:
+                log.info(
+                    "GPA: model %d's polar factors from the SVD from now on (ill-conditioned)", i
+                )
         self.use_eigh = [ok for _, ok in fits]
         tn = np.concatenate([q for q, _ in fits])
         return (tn, *self.apply(tn))
@@ -508,7 +513,12 @@ class _Problem:
         pending: Future | None = None
         for i, b in enumerate(blocks):
             a = s[b] + d[b] - g[b, b] @ tn[b]
-            q, self.use_eigh[i] = _polar(a, self.use_eigh[i], tn[b], EIGH_MIN_RATIO_GS)
+            q, ok = _polar(a, self.use_eigh[i], tn[b], EIGH_MIN_RATIO_GS)
+            if self.use_eigh[i] and not ok:
+                log.info(
+                    "GPA: model %d's polar factors from the SVD from now on (ill-conditioned)", i
+                )
+            self.use_eigh[i] = ok
             delta = q - tn[b]
             tn[b] = q
             if pending is not None:
