@@ -269,7 +269,8 @@ def _polar(
     polish: bool = True,
 ) -> tuple[np.ndarray, bool]:
     """Orthogonal polar factor U Vᵀ of a = U Σ Vᵀ (orthonormal rows or columns, a's shape); also
-    whether the eigh route was usable.
+    whether the eigh route is worth trying next time (it was usable, or the SVD found a well
+    enough conditioned after all).
 
     Wide a (k ≤ r): (a aᵀ)^{-1/2} a from eigh(a aᵀ); tall a: a (aᵀ a)^{-1/2}. numpy's LAPACK
     calls release the GIL (scipy.linalg's hold it), so polar factors run in parallel on threads.
@@ -292,15 +293,16 @@ def _polar(
                 q = 1.5 * q - 0.5 * ((q @ q.T) @ q if wide else q @ (q.T @ q))
             return q, True
     u, sv, vt = _svd(a)
+    conditioned = bool(sv[0] > 0 and sv[-1] ** 2 >= min_ratio * sv[0] ** 2)
     rank = int(np.sum(sv > sv[0] * max(a.shape) * np.finfo(float).eps)) if sv[0] > 0 else 0
     if near is None or not wide or rank == a.shape[0]:
-        return u @ vt, False
+        return u @ vt, conditioned
     # Rank-deficient: U₁V₁ᵀ on a's range, and from its null space U₂ the partial isometry into
     # the complement Z of V₁ that is closest to ``near``: polar(U₂ᵀ near Z) Zᵀ.
     u1, v1, u2 = u[:, :rank], vt[:rank], u[:, rank:]
     z = scipy.linalg.null_space(v1) if rank > 0 else np.eye(a.shape[1])
     w, _ = _polar((u2.T @ near) @ z, try_eigh=False)
-    return u1 @ v1 + (u2 @ w) @ z.T, False
+    return u1 @ v1 + (u2 @ w) @ z.T, conditioned
 
 
 def procrustes(source: np.ndarray, target: np.ndarray) -> np.ndarray:
@@ -420,7 +422,8 @@ class _Problem:
         self.pmap: Mapper = pool.map if pool is not None else map
         # Σ_i ‖N_i T_i‖² = Σ_i tr(G_ii) for transforms with orthonormal rows
         self.total = float(sum(np.einsum("ij,ij->", a, a) for a in mats))
-        self.use_eigh = [True] * self.n  # once a model's A is ill-conditioned, SVD from then on
+        # eigh route, or the SVD while a model's A is ill-conditioned (see _polar)
+        self.use_eigh = [True] * self.n
 
     def apply(self, t: np.ndarray) -> tuple[np.ndarray, float | None]:
         """S = G T, from the cross-products or as S_i = N_iᵀ Σ_j N_j T_j from the data; from
@@ -486,10 +489,8 @@ class _Problem:
             self.pmap(lambda i: _polar(s[self.blocks[i]], flags[i], polish=polish), range(self.n))
         )
         for i, (_, ok) in enumerate(fits):
-            if flags[i] and not ok:
-                log.info(
-                    "GPA: model %d's polar factors from the SVD from now on (ill-conditioned)", i
-                )
+            if flags[i] != ok:
+                log.info("GPA: model %d's polar factors from the %s", i, "eigh" if ok else "SVD")
         self.use_eigh = [ok for _, ok in fits]
         tn = np.concatenate([q for q, _ in fits])
         return (tn, *self.apply(tn))
@@ -514,10 +515,8 @@ class _Problem:
         for i, b in enumerate(blocks):
             a = s[b] + d[b] - g[b, b] @ tn[b]
             q, ok = _polar(a, self.use_eigh[i], tn[b], EIGH_MIN_RATIO_GS)
-            if self.use_eigh[i] and not ok:
-                log.info(
-                    "GPA: model %d's polar factors from the SVD from now on (ill-conditioned)", i
-                )
+            if self.use_eigh[i] != ok:
+                log.info("GPA: model %d's polar factors from the %s", i, "eigh" if ok else "SVD")
             self.use_eigh[i] = ok
             delta = q - tn[b]
             tn[b] = q
