@@ -148,7 +148,7 @@ def _offsets(sizes: Sequence[int]) -> list[int]:
 
 
 def cross_products(mats: Sequence[np.ndarray], pmap: Mapper = map) -> np.ndarray:
-    """G = [N_iᵀ N_j]: the (Σ k_i) × (Σ k_i) cross-products of the models, block (i, j) = N_iᵀ N_j."""
+    """G = [N_iᵀ N_j]: the models' (Σ k_i) × (Σ k_i) cross-products, block (i, j) = N_iᵀ N_j."""
     sizes = [a.shape[1] for a in mats]
     off = _offsets(sizes)
     g = np.empty((off[-1], off[-1]))
@@ -213,7 +213,7 @@ class Preprocessed:
     def mats(
         self, indices: Sequence[int] | None = None, reduce: bool = True, pmap: Mapper = map
     ) -> list[np.ndarray]:
-        """GPA inputs for models ``indices``: each at width k_i = min(n_i, m − 1) (``reduce``) or n_i."""
+        """GPA inputs for models ``indices``, each at width min(n_i, m − 1) (``reduce``) or n_i."""
         indices = list(range(len(self.centred))) if indices is None else list(indices)
         if len(indices) < 2:
             raise ValueError(f"GPA needs at least 2 models, got {len(indices)}")
@@ -224,7 +224,7 @@ class Preprocessed:
     def cross_products(
         self, indices: Sequence[int] | None = None, pmap: Mapper = map
     ) -> np.ndarray:
-        """:func:`cross_products` of ``mats(indices)``: sub-blocks of the full set's, computed once."""
+        """:func:`cross_products` of ``mats(indices)``: sub-blocks of the full set's, made once."""
         every = list(range(len(self.centred)))
         if self._gram is None:
             self._gram = cross_products(self.mats(every, pmap=pmap), pmap)
@@ -711,11 +711,11 @@ def _iterate(
     An accelerated point is accepted only if the step from it does not raise the objective
     above the last recorded value by more than the objective's rounding error, nor move the
     consensus GROWTH times more than the last step did (near convergence objective changes
-    drown in rounding, and a poor extrapolation shows in the step's size only); otherwise the step is taken from the last
-    accepted transforms instead and the history is dropped. The recorded objective is that of
-    orthogonal transforms, after initialisation and after every iteration. Convergence: the
-    step's consensus change ‖C(T_new) − C(T)‖_F / ‖C(T_new)‖_F ≤ tol, where
-    ‖C(T') − C(T)‖² = ⟨T' − T, S' − S⟩ / M².
+    drown in rounding, and a poor extrapolation shows in the step's size only); otherwise the
+    step is taken from the last accepted transforms instead and the history is dropped. The
+    recorded objective is that of orthogonal transforms, after initialisation and after every
+    iteration. Convergence: the step's consensus change ‖C(T') − C(T)‖_F / ‖C(T')‖_F ≤ tol,
+    where ‖C(T') − C(T)‖² = ⟨T' − T, S' − S⟩ / M².
     """
     accel = _Anderson(depth)
     t = problem.initial()
