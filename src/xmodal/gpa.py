@@ -511,9 +511,23 @@ class _Problem:
         assert g is not None
         tn = t.copy()
         d = np.zeros_like(s)  # S_new − S, accumulated exactly from the changes
-        pending: Future | None = None
+        # G_ii T_i with T_i as it was before its step: computed ahead, off the critical path
+        own: dict[int, np.ndarray] = {}
+
+        def ahead(i: int) -> None:
+            if i < self.n:
+                own[i] = g[blocks[i], blocks[i]] @ tn[blocks[i]]
+
+        def update(i: int, skip: slice, delta: np.ndarray) -> None:
+            _add_except(d, g, blocks[i], skip, delta)
+            ahead(i + 2)
+
+        ahead(0)
+        pending: Future | None = self.pool.submit(ahead, 1) if self.pool is not None else None
+        if pending is None:
+            ahead(1)
         for i, b in enumerate(blocks):
-            a = s[b] + d[b] - g[b, b] @ tn[b]
+            a = s[b] + d[b] - own.pop(i)
             q, ok = _polar(a, self.use_eigh[i], tn[b], EIGH_MIN_RATIO_GS)
             if self.use_eigh[i] != ok:
                 log.info("GPA: model %d's polar factors from the %s", i, "eigh" if ok else "SVD")
@@ -523,14 +537,14 @@ class _Problem:
             if pending is not None:
                 pending.result()
             if i + 1 == self.n:
-                _add_except(d, g, b, slice(0, 0), delta)
+                update(i, slice(0, 0), delta)
                 break
             nxt = blocks[i + 1]
             d[nxt] += g[nxt, b] @ delta
             if self.pool is not None:
-                pending = self.pool.submit(_add_except, d, g, b, nxt, delta)
+                pending = self.pool.submit(update, i, nxt, delta)
             else:
-                _add_except(d, g, b, nxt, delta)
+                update(i, nxt, delta)
         d += s  # S_new = S + D, in place
         return tn, d, None
 
