@@ -327,7 +327,7 @@ def gpa(
     ``reps`` are M arrays of shape (m, n_i). Stops when a step moves the consensus by
     ‖C_t − C_{t−1}‖_F / ‖C_t‖_F ≤ ``tol`` or after ``max_iter`` iterations. Work runs on
     ``n_jobs`` threads (default: one per available core, at most M), each with single-threaded
-    BLAS; results do not depend on ``n_jobs``.
+    BLAS (a Gauss–Seidel sweep uses two of them); results do not depend on ``n_jobs``.
     """
     _check_stopping(tol, max_iter)
     if len(reps) < 2:
