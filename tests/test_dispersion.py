@@ -106,3 +106,22 @@ def test_leave_one_model_out_equals_separate_fits(m):
         np.testing.assert_allclose(sub.partial_dispersion, fit.residuals.mean(axis=1), atol=1e-12)
         np.testing.assert_allclose(sub.deviation, deviation, atol=1e-12)
         assert res.fits[name].n_iter == fit.n_iter
+
+
+def test_leave_one_model_out_shares_cross_products(monkeypatch):
+    """Slow regime (Gauss–Seidel on the cross-products): computed once for the M fits."""
+    import xmodal.gpa
+
+    calls = []
+    original = xmodal.gpa.cross_products
+
+    def counting(mats, pmap=map):
+        calls.append([a.shape[1] for a in mats])
+        return original(mats, pmap)
+
+    monkeypatch.setattr(xmodal.gpa, "cross_products", counting)
+    rng = np.random.default_rng(1)
+    reps, _ = planted_reps(rng, 80, 12, (16, 20, 16, 18), max_noise=0.4)
+    res = leave_one_model_out(reps, names=list("abcd"))
+    assert calls == [[16, 20, 16, 18]]  # the full set's, once; fits take sub-blocks
+    assert all(f.method == "gauss-seidel" and f.converged for f in res.fits.values())

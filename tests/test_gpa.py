@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import numpy as np
@@ -12,12 +13,22 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy.stats import ortho_group
 
-from xmodal.gpa import gpa, preprocess, procrustes, project
+import xmodal.gpa as gpa_module
+from xmodal.gpa import (
+    Preprocessed,
+    cross_products,
+    fit_preprocessed,
+    gpa,
+    preprocess,
+    procrustes,
+    project,
+)
 
 SETTINGS = settings(max_examples=5, deadline=None)
 
 
 def models(seed: int, m: int = 20, widths=(24, 30, 28), d: int = 12, noise: float = 0.3):
+    """Rotated views of one m × d configuration with noise and offsets (widths ≥ d)."""
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((m, d))
     out = []
@@ -110,14 +121,24 @@ def test_slow_regime_flag_and_log(caplog):
 
 
 def test_result_fields_consistent():
-    reps = models(2)
-    res = gpa(reps)
-    mats = preprocess(reps)
-    for mat, t, y in zip(mats, res.transforms, res.aligned, strict=True):
-        np.testing.assert_allclose(t.T @ t, np.eye(t.shape[0]), atol=1e-10)
-        np.testing.assert_allclose(mat @ t, y, atol=1e-12)
-    np.testing.assert_allclose(res.consensus, sum(res.aligned) / 3, atol=1e-12)
-    assert res.residuals.shape == (20, 3)
+    reps = models(2, widths=(24, 30, 28, 26))
+    for res in (gpa(reps), gpa(reps, reduce=False)):
+        mats = preprocess(reps, reduce=res.reduced_width < res.padded_width)
+        aligned = []
+        for mat, t in zip(mats, res.transforms, strict=True):
+            assert t.shape == (mat.shape[1], res.reduced_width)
+            np.testing.assert_allclose(t @ t.T, np.eye(t.shape[0]), atol=1e-12)
+            aligned.append(mat @ t)
+        consensus = sum(aligned) / len(aligned)
+        np.testing.assert_allclose(res.consensus, consensus, atol=1e-12)
+        for j in range(consensus.shape[0]):
+            for i, y in enumerate(aligned):
+                assert res.residuals[j, i] == pytest.approx(
+                    np.sqrt(np.sum((y[j] - consensus[j]) ** 2)), abs=1e-12
+                )
+        objective = sum(np.sum((y - consensus) ** 2) for y in aligned)
+        assert res.objective[-1] == pytest.approx(objective, abs=1e-12)
+        assert res.residuals.shape == (20, 4)
 
 
 def test_procrustes_matches_svd_formula():
@@ -164,8 +185,183 @@ def test_input_validation():
         gpa([np.ones((5, 3)), np.random.rand(5, 3)])
 
 
-def test_threads_do_not_change_results():
-    reps = models(9, m=30, widths=(24, 30, 28, 26))
+@pytest.mark.parametrize("m", [20, 30])  # plain steps in parallel; pipelined Gauss–Seidel
+def test_threads_do_not_change_results(m):
+    reps = models(9, m=m, widths=(24, 30, 28, 26))
     one, many = gpa(reps, n_jobs=1), gpa(reps, n_jobs=3)
     np.testing.assert_array_equal(one.residuals, many.residuals)
     assert one.objective == many.objective
+
+
+# ----------------------------------------------------------------- the same GPA as the plain one
+
+
+def plain_gpa(reps, tol=1e-10, max_iter=1000):
+    """The plain algorithm as it was before the cross-product route, written out: zero-pad,
+    scale, reduce to U S when wider than m − 1, align every model to model 0, then plain steps
+    T_i = polar(N_iᵀ C) with SVD polar factors. Returns (residuals, objective trace, converged)."""
+    m = reps[0].shape[0]
+    n = max(r.shape[1] for r in reps)
+    mats = []
+    for r in reps:
+        c = np.pad(r - r.mean(axis=0), ((0, 0), (0, n - r.shape[1])))
+        c = c / np.linalg.norm(c)
+        if m - 1 < n:
+            u, s, _ = np.linalg.svd(c, full_matrices=False)
+            c = (u * s)[:, : m - 1]
+        mats.append(c)
+
+    def polar(a):
+        u, _, vt = np.linalg.svd(a)
+        return u @ vt
+
+    def objective(aligned, c):
+        return sum(np.sum((y - c) ** 2) for y in aligned)
+
+    aligned = [mats[0]] + [x @ polar(x.T @ mats[0]) for x in mats[1:]]
+    c = sum(aligned) / len(mats)
+    trace, converged = [objective(aligned, c)], False
+    for _ in range(max_iter):
+        aligned = [x @ polar(x.T @ c) for x in mats]
+        new = sum(aligned) / len(mats)
+        change = np.linalg.norm(new - c) / np.linalg.norm(new)
+        c = new
+        trace.append(objective(aligned, c))
+        if change <= tol:
+            converged = True
+            break
+    return np.stack([np.linalg.norm(y - c, axis=1) for y in aligned], axis=1), trace, converged
+
+
+VARIANTS = [  # iteration, products from the cross-products, Anderson depth
+    (method, cross, depth)
+    for method in ("plain", "gauss-seidel")
+    for cross in (False, True)
+    for depth in (0, 3)
+    if cross or method == "plain"  # Gauss–Seidel always uses the cross-products
+]
+
+
+@functools.cache
+def variant(name: str, method: str, cross: bool, depth: int):
+    """fit_preprocessed on PAPER or SLOW with one iteration, route and acceleration."""
+    reps = {"paper": PAPER, "slow": SLOW}[name]
+    prep = Preprocessed(reps)
+    mats = prep.mats()
+    gram = cross_products(mats) if cross else None
+    return fit_preprocessed(mats, 1e-10, 5000, prep.widths, cross=gram, method=method, depth=depth)
+
+
+PAPER = models(21, m=40, widths=(48, 56, 48, 52), d=10)  # every model keeps m − 1 = 39 columns
+
+
+def test_paper_regime_equals_plain_algorithm():
+    ref, ref_objective, ref_converged = plain_gpa(PAPER)
+    assert ref_converged
+    res = gpa(PAPER)
+    assert (res.method, res.route, res.slow_regime) == ("plain", "data", False)
+    assert res.converged and res.n_iter < len(ref_objective) - 1
+    assert np.max(np.abs(res.residuals - ref)) <= 1e-8
+    assert res.objective[-1] <= ref_objective[-1] + 1e-12
+    assert res.objective[0] == pytest.approx(ref_objective[0], abs=1e-12)  # same initialisation
+    for v in VARIANTS:
+        fit = variant("paper", *v)
+        assert fit.converged, v
+        assert np.max(np.abs(fit.residuals - ref)) <= 1e-8, v
+        assert fit.objective[-1] <= ref_objective[-1] + 1e-12, v
+        assert (fit.route == "cross-products") == v[1]
+
+
+SLOW = models(5, m=60, widths=(20, 24, 24, 30))  # slow regime where the plain algorithm converges
+
+
+def test_slow_regime_equals_plain_algorithm_where_it_converges():
+    ref, ref_objective, ref_converged = plain_gpa(SLOW)
+    assert ref_converged
+    res = gpa(SLOW)
+    assert (res.method, res.route, res.slow_regime) == ("gauss-seidel", "cross-products", True)
+    assert res.converged and 3 * res.n_iter < len(ref_objective) - 1
+    assert np.max(np.abs(res.residuals - ref)) <= 1e-6
+    assert res.objective[-1] <= ref_objective[-1] + 1e-12
+    for v in VARIANTS:
+        fit = variant("slow", *v)
+        assert fit.converged, v
+        assert np.max(np.abs(fit.residuals - ref)) <= 1e-6, v
+        assert fit.objective[-1] <= ref_objective[-1] + 1e-12, v
+
+
+@settings(max_examples=8, deadline=None)
+@given(
+    seed=st.integers(0, 2**16),
+    m=st.integers(6, 90),
+    widths=st.lists(st.integers(3, 40), min_size=2, max_size=5),
+)
+def test_objective_no_higher_than_plain_algorithm(seed, m, widths):
+    """In either regime: converged, and no worse than the plain algorithm after its max_iter."""
+    reps = models(seed, m=m, widths=widths, d=min(widths), noise=0.5)
+    _, ref_objective, _ = plain_gpa(reps, max_iter=300)
+    res = gpa(reps)
+    assert res.converged
+    assert res.objective[-1] <= ref_objective[-1] + 1e-12
+    assert np.all(np.diff(res.objective) <= 1e-14)
+
+
+def test_crawling_plain_algorithm_is_beaten():
+    """Many more stimuli than dimensions: the plain algorithm crawls, the new one converges."""
+    rng = np.random.default_rng(3)
+    reps, sigma = planted_reps(rng, 400, 6, (12, 16, 12, 12), max_noise=1.0)
+    _, ref_objective, ref_converged = plain_gpa(reps, max_iter=200)
+    assert not ref_converged
+    res = gpa(reps)
+    assert res.converged and res.n_iter < 100
+    assert res.objective[-1] <= ref_objective[-1]
+    assert np.all(np.diff(res.objective) <= 1e-14)
+
+
+@pytest.mark.parametrize("v", VARIANTS)
+def test_objective_never_increases_in_any_variant(v):
+    assert np.all(np.diff(variant("paper", *v).objective) <= 1e-14)
+    # The plain step from the data skips the Newton–Schulz step (its objective is summed from
+    # the aligned rows); out of its regime its trace wobbles at 1e-14 near convergence.
+    bound = 1e-13 if v[:2] == ("plain", False) else 1e-14
+    assert np.all(np.diff(variant("slow", *v).objective) <= bound)
+
+
+def test_safeguard_rejects_bad_accelerated_steps(monkeypatch):
+    """Accelerated points that raise the objective are replaced by plain steps."""
+    good = gpa(SLOW)
+
+    def overshoot(self, g, fx, fs):  # 30 steps further along the last one (S = G T still holds)
+        last, self.last = self.last, (fx, fs)
+        return None if last is None else (fx + 30 * (fx - last[0]), fs + 30 * (fs - last[1]))
+
+    monkeypatch.setattr(gpa_module._Anderson, "propose", overshoot)
+    res = gpa(SLOW)
+    assert res.converged and res.n_rejected > 0
+    assert np.all(np.diff(res.objective) <= 1e-14)
+    assert np.max(np.abs(res.residuals - good.residuals)) <= 1e-6
+
+
+def test_cross_products_and_subsets():
+    reps = models(6, m=26, widths=(24, 30, 22, 20))
+    prep = Preprocessed(reps)
+    mats = prep.mats()
+    assert [a.shape[1] for a in mats] == [24, 25, 22, 20]  # min(n_i, m − 1)
+    g = prep.cross_products()
+    off = np.cumsum([0] + [a.shape[1] for a in mats])
+    for i, a in enumerate(mats):
+        for j, b in enumerate(mats):
+            np.testing.assert_allclose(g[off[i] : off[i + 1], off[j] : off[j + 1]], a.T @ b)
+    for subset in ([0, 2, 3], [3, 1], [1, 2, 3]):
+        np.testing.assert_array_equal(
+            prep.cross_products(subset), cross_products(prep.mats(subset))
+        )
+
+
+def test_logs_route_and_progress(caplog, monkeypatch):
+    monkeypatch.setattr(gpa_module, "LOG_EVERY_S", 0.0)
+    with caplog.at_level(logging.INFO, logger="xmodal.gpa"):
+        gpa(SLOW)
+    assert "gauss-seidel iteration, Anderson acceleration depth 3" in caplog.text
+    assert "products from the cross-products" in caplog.text
+    assert "GPA iteration 2: objective" in caplog.text

@@ -12,11 +12,13 @@ import scipy.stats
 from threadpoolctl import threadpool_limits
 
 from xmodal.gpa import (
+    CROSS,
     GPAResult,
     Preprocessed,
     available_cores,
     fit_preprocessed,
     mapper,
+    plan,
     project_preprocessed,
 )
 
@@ -120,7 +122,8 @@ def leave_one_model_out(
 
     ``models``: held_out, pearson_r, pearson_p, spearman_rho, spearman_p, n.
     ``stimuli`` (long): held_out, stimulus_index, stimulus_id, partial_dispersion, deviation.
-    The M fits run on ``n_jobs`` threads (default: one per core, at most M), single-threaded BLAS.
+    The M fits run on ``n_jobs`` threads (default: one per core, at most M), single-threaded BLAS,
+    and share one preprocessing and one set of cross-products.
     """
     n_models = len(reps)
     if n_models < 3:
@@ -135,15 +138,25 @@ def leave_one_model_out(
 
     jobs = min(n_models, available_cores()) if n_jobs is None else max(1, int(n_jobs))
     with threadpool_limits(limits=1, user_api="blas"), mapper(jobs) as pmap:
-        # One preprocessing (and one SVD) per model, shared by the M fits and projections:
-        # assembling the full set computes, in parallel, every SVD any subset will need.
+        # One preprocessing (one SVD per model) and, where a fit uses them, one set of
+        # cross-products, shared by the M fits and projections: a subset's cross-products are
+        # sub-blocks of the full set's (docs/method.md, leave-one-model-out).
         prep = Preprocessed(reps, pmap)
-        prep.mats(reduce=True, pmap=pmap)
+        sizes = [a.shape[1] for a in prep.mats(reduce=True, pmap=pmap)]
+        subsets = [[i for i in range(n_models) if i != k] for k in range(n_models)]
+        plans = [plan(prep.m, [sizes[i] for i in o], [prep.widths[i] for i in o]) for o in subsets]
+        if any(route == CROSS for _, route in plans):
+            prep.cross_products(pmap=pmap)
 
         def fit_one(k: int) -> tuple[GPAResult, np.ndarray]:
-            others = [i for i in range(n_models) if i != k]
+            others, (method, route) = subsets[k], plans[k]
             fit = fit_preprocessed(
-                prep.mats(others), tol, max_iter, widths=[prep.widths[i] for i in others]
+                prep.mats(others),
+                tol,
+                max_iter,
+                [prep.widths[i] for i in others],
+                cross=prep.cross_products(others) if route == CROSS else None,
+                method=method,
             )
             return fit, project_preprocessed(prep.held_out(k), fit.consensus)[1]
 

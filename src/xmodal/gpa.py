@@ -1,19 +1,30 @@
-"""Generalized Procrustes analysis (GPA) and per-stimulus Procrustes residuals (DESIGN §2.1).
+"""Generalized Procrustes analysis (GPA) and per-stimulus Procrustes residuals (docs/method.md).
 
 All arithmetic is float64. Each model's representation ``N_i`` (m stimuli × n_i features) is
-column-centred, zero-padded to the widest width n, scaled to unit Frobenius norm and (by default)
-reduced exactly to r = min(m, n) columns (``N_i ← U_i S_i`` from its thin SVD; residuals are
-unchanged because every later step is invariant to a right orthogonal factor). GPA then
-alternates orthogonal Procrustes fits ``T_i = U Vᵀ`` with ``svd(N_iᵀ C) = U Σ Vᵀ`` and the
-consensus update ``C = (1/M) Σ_i N_i T_i`` until ``‖C_t − C_{t−1}‖_F / ‖C_t‖_F ≤ tol``.
+column-centred and scaled to unit Frobenius norm; a model wider than m − 1 is reduced exactly to
+``U_i S_i`` (m × (m − 1), from its thin SVD), so model i has width k_i = min(n_i, m − 1) and the
+consensus has width r = max k_i. Zero-padding every model to width r is the same as letting a
+narrower model's transform ``T_i`` be k_i × r with orthonormal rows, which is how it is stored.
+
+GPA maximises ``Σ_ij tr(T_iᵀ G_ij T_j)`` with ``G_ij = N_iᵀ N_j``: the objective
+``Σ_i ‖N_i T_i − C‖²_F = Σ_i ‖N_i‖²_F − (1/M) Σ_ij tr(T_iᵀ G_ij T_j)`` with
+``C = (1/M) Σ_i N_i T_i``. Every quantity of an iteration is a product ``S = G T`` (the M
+blocks ``S_i = N_iᵀ (M C)``), computed from the cross-products G (Σk × Σk, computed once; a
+step then costs the same whatever m) or from the data, whichever is cheaper. Iterations are
+Procrustes steps ``T_i = polar(·)``, for all models at once (plain) or one model after the
+other (Gauss–Seidel, when m exceeds the narrowest width), accelerated by Anderson mixing with
+a safeguard that keeps the objective non-increasing.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
+import time
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,19 +40,55 @@ log = logging.getLogger(__name__)
 #: nothing from threads, and oversubscribed threads slowed them 100-fold on a shared 2-core host.
 SMALL_WIDTH = 2048
 
-__all__ = ["GPAResult", "Preprocessed", "gpa", "preprocess", "procrustes", "project"]
+#: Anderson acceleration keeps this many past steps (on planted data with m = 5000 and widths
+#: 160–192, 2 took 56 iterations and 3, 5 and 8 took 39; each step kept costs 3 arrays of
+#: Σk_i × r floats).
+ANDERSON_DEPTH = 3
 
-#: ``map`` or a thread pool's ``map``: how the per-model steps are run.
+#: An accelerated step that moves the consensus more than GROWTH times the previous step is
+#: rejected (the safeguard in :func:`_iterate`).
+GROWTH = 2.0
+
+#: Rows per block when the m-row consensus and residuals are assembled at the end of a fit.
+ROW_CHUNK = 2048
+
+#: A progress line is logged at most this often (seconds) during a fit.
+LOG_EVERY_S = 30.0
+
+__all__ = [
+    "GPAResult",
+    "Preprocessed",
+    "cross_products",
+    "gpa",
+    "preprocess",
+    "procrustes",
+    "project",
+]
+
+#: ``map`` or a thread pool's ``map``: how independent per-model steps are run.
 Mapper = Callable[..., Iterable[Any]]
+
+PLAIN = "plain"
+GAUSS_SEIDEL = "gauss-seidel"
+DATA = "data"
+CROSS = "cross-products"
 
 
 @dataclass
 class GPAResult:
-    """Outcome of :func:`gpa`; ``residuals[j, i] = ‖(N_i T_i)_j − C_j‖₂`` (m × M)."""
+    """Outcome of :func:`gpa`; ``residuals[j, i] = ‖(N_i T_i)_j − C_j‖₂`` (m × M).
+
+    ``transforms[i]`` is k_i × r with orthonormal rows and acts on the model's preprocessed
+    matrix (:func:`preprocess`), so that ``N_i T_i`` is model i aligned to the consensus
+    (m × r). ``objective`` holds Σ_i ‖N_i T_i − C‖²_F after initialisation and after every
+    iteration. ``method`` is the iteration used (``plain`` or ``gauss-seidel``), ``route`` how
+    its products were computed (``data`` or ``cross-products``); ``n_rejected`` counts
+    accelerated steps the safeguard replaced by a plain step; ``seconds`` the wall time of
+    each stage.
+    """
 
     consensus: np.ndarray
     transforms: list[np.ndarray]
-    aligned: list[np.ndarray]
     residuals: np.ndarray
     objective: list[float] = field(default_factory=list)
     n_iter: int = 0
@@ -50,6 +97,10 @@ class GPAResult:
     widths: list[int] = field(default_factory=list)
     padded_width: int = 0
     reduced_width: int = 0
+    method: str = PLAIN
+    route: str = DATA
+    n_rejected: int = 0
+    seconds: dict[str, float] = field(default_factory=dict)
 
 
 def _as_2d_float64(x: np.ndarray, name: str) -> np.ndarray:
@@ -62,13 +113,14 @@ def _as_2d_float64(x: np.ndarray, name: str) -> np.ndarray:
 
 
 def _centre_scale(x: np.ndarray, name: str) -> np.ndarray:
-    """N − 1μᵀ (column means over stimuli), divided by its Frobenius norm; float64."""
-    a = _as_2d_float64(x, name)
-    c = a - a.mean(axis=0, keepdims=True)
+    """N − 1μᵀ (column means over stimuli), divided by its Frobenius norm; float64, one copy."""
+    c = np.array(_as_2d_float64(x, name), dtype=np.float64, copy=True)
+    c -= c.mean(axis=0, keepdims=True)
     norm = np.linalg.norm(c)
     if norm == 0.0:
         raise ValueError(f"{name} is constant across stimuli (zero norm after centring)")
-    return c / norm
+    c /= norm
+    return c
 
 
 def _svd(a: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -91,12 +143,36 @@ def _to_width(a: np.ndarray, width: int) -> np.ndarray:
     return np.pad(a, ((0, 0), (0, width - a.shape[1]))) if a.shape[1] < width else a
 
 
-class Preprocessed:
-    """Every model's centred, unit-norm matrix, and its thin-SVD U·S computed at most once.
+def _offsets(sizes: Sequence[int]) -> list[int]:
+    return [0, *np.cumsum(sizes).tolist()]
 
-    :meth:`mats` assembles GPA's inputs for any subset of the models exactly as
-    :func:`preprocess` would for that subset, so leave-one-model-out fits share one
-    preprocessing (and one SVD per model) instead of repeating it per fit.
+
+def cross_products(mats: Sequence[np.ndarray], pmap: Mapper = map) -> np.ndarray:
+    """G = [N_iᵀ N_j]: the models' (Σ k_i) × (Σ k_i) cross-products, block (i, j) = N_iᵀ N_j."""
+    sizes = [a.shape[1] for a in mats]
+    off = _offsets(sizes)
+    g = np.empty((off[-1], off[-1]))
+    pairs = [(i, j) for i in range(len(mats)) for j in range(i, len(mats))]
+
+    def block(pair: tuple[int, int]) -> None:
+        i, j = pair
+        b = mats[i].T @ mats[j]
+        g[off[i] : off[i + 1], off[j] : off[j + 1]] = b
+        if i != j:
+            g[off[j] : off[j + 1], off[i] : off[i + 1]] = b.T
+
+    for _ in pmap(block, pairs):
+        pass
+    return g
+
+
+class Preprocessed:
+    """Every model's centred, unit-norm matrix, its thin-SVD U·S and the cross-products, each
+    computed at most once.
+
+    :meth:`mats` gives GPA's inputs for any subset of the models exactly as :func:`preprocess`
+    would for that subset, and :meth:`cross_products` their cross-products (sub-blocks of the
+    full set's), so leave-one-model-out fits share one preprocessing instead of repeating it.
     """
 
     def __init__(
@@ -108,16 +184,18 @@ class Preprocessed:
         if len(reps) < 1:
             raise ValueError("no models given")
         names = [f"reps[{i}]" for i in range(len(reps))] if names is None else list(names)
+        shapes = [np.shape(r) for r in reps]
+        for i, s in enumerate(shapes):  # before any copy is made
+            if len(s) == 2 and s[0] != shapes[0][0]:
+                raise ValueError(f"{names[i]} has {s[0]} stimuli, {names[0]} has {shapes[0][0]}")
         self.centred = list(pmap(lambda i: _centre_scale(reps[i], names[i]), range(len(reps))))
         m = self.centred[0].shape[0]
-        for i, c in enumerate(self.centred):
-            if c.shape[0] != m:
-                raise ValueError(f"{names[i]} has {c.shape[0]} stimuli, {names[0]} has {m}")
         if m < 2:
             raise ValueError("GPA needs at least 2 stimuli")
         self.m = m
         self.widths = [int(c.shape[1]) for c in self.centred]
         self._us: dict[int, np.ndarray] = {}
+        self._gram: np.ndarray | None = None
 
     def _reduced(self, indices: Sequence[int], pmap: Mapper) -> list[np.ndarray]:
         missing = [i for i in dict.fromkeys(indices) if i not in self._us]
@@ -125,71 +203,116 @@ class Preprocessed:
             self._us[i] = us
         return [self._us[i] for i in indices]
 
+    def _mat(self, i: int, reduce: bool, pmap: Mapper = map) -> np.ndarray:
+        if reduce and self.widths[i] > self.m - 1:
+            # Exact reduction: N = U S Vᵀ → N V = U S; centred columns have rank ≤ m − 1, so
+            # s_m = 0 and U S keeps everything in its first m − 1 columns.
+            return self._reduced([i], pmap)[0][:, : self.m - 1]
+        return self.centred[i]
+
     def mats(
         self, indices: Sequence[int] | None = None, reduce: bool = True, pmap: Mapper = map
     ) -> list[np.ndarray]:
-        """GPA inputs for models ``indices``: padded to their widest width n, or reduced to min(m−1, n)."""
+        """GPA inputs for models ``indices``, each at width min(n_i, m − 1) (``reduce``) or n_i."""
         indices = list(range(len(self.centred))) if indices is None else list(indices)
         if len(indices) < 2:
             raise ValueError(f"GPA needs at least 2 models, got {len(indices)}")
-        n = max(self.widths[i] for i in indices)
-        r = min(self.m - 1, n)  # centred columns: rank ≤ m − 1, so U S keeps everything in m − 1
-        if reduce and r < n:
-            # Exact reduction: N = U S Vᵀ → N V = U S (m × r). Padding columns are zero, so the
-            # SVD of the unpadded block gives the same U S; s_j = 0 beyond r = m − 1.
-            return [_to_width(us, r) for us in self._reduced(indices, pmap)]
-        return [_to_width(self.centred[i], n) for i in indices]
+        if reduce:
+            self._reduced([i for i in indices if self.widths[i] > self.m - 1], pmap)
+        return [self._mat(i, reduce) for i in indices]
+
+    def cross_products(
+        self, indices: Sequence[int] | None = None, pmap: Mapper = map
+    ) -> np.ndarray:
+        """:func:`cross_products` of ``mats(indices)``: sub-blocks of the full set's, made once."""
+        every = list(range(len(self.centred)))
+        if self._gram is None:
+            self._gram = cross_products(self.mats(every, pmap=pmap), pmap)
+        indices = every if indices is None else list(indices)
+        if indices == every:
+            return self._gram
+        sizes = [self._mat(i, True).shape[1] for i in every]
+        off = _offsets(sizes)
+        rows = np.concatenate([np.arange(off[i], off[i + 1]) for i in indices])
+        return self._gram[np.ix_(rows, rows)]
 
     def held_out(self, index: int) -> np.ndarray:
         """Model ``index`` as :func:`project` prepares it: reduced to m − 1 columns when wider."""
-        if self.widths[index] > self.m - 1:
-            return _to_width(self._reduced([index], map)[0], self.m - 1)
-        return self.centred[index]
+        return self._mat(index, True)
 
 
 def preprocess(reps: Sequence[np.ndarray], reduce: bool = True) -> list[np.ndarray]:
-    """N_i ← (N_i − 1μ_iᵀ), zero-padded to max n_i, / ‖·‖_F; optionally exactly reduced to U_i S_i."""
+    """N_i ← (N_i − 1μ_iᵀ) / ‖·‖_F; with ``reduce``, exactly reduced to U_i S_i when n_i > m − 1."""
     if len(reps) < 2:
         raise ValueError(f"GPA needs at least 2 models, got {len(reps)}")
     return Preprocessed(reps).mats(reduce=reduce)
 
 
-#: polar factor via eigh(AᵀA) when λ_min(AᵀA) ≥ EIGH_MIN_RATIO · λ_max, else SVD. The polar
-#: factor's error grows like ε·κ(A)², but residuals are insensitive to it in the ill-conditioned
-#: directions: at κ(A)² ≈ 1e9 (1023-wide synthetic ViT-shaped features) GPA residuals from the
-#: eigh route and from the SVD route agreed to 2e-14.
+#: polar factor via eigh of the smaller Gram matrix of A when λ_min ≥ EIGH_MIN_RATIO · λ_max,
+#: else SVD. The polar factor's error grows like ε·κ(A)², but residuals are insensitive to it in
+#: the ill-conditioned directions: at κ(A)² ≈ 1e9 (1023-wide synthetic ViT-shaped features) GPA
+#: residuals from the eigh route and from the SVD route agreed to 2e-14.
 EIGH_MIN_RATIO = 1e-12
 
+#: The same bound for Gauss–Seidel steps, T_i = polar(Σ_{j≠i} G_ij T_j): without the model's own
+#: term the matrix can be far worse conditioned, and the eigh route's error (ε·κ² in its weak
+#: directions) then moved the consensus by more than tol = 1e-10 at every step (κ² ≈ 8e10 on a
+#: 14-stimulus example), while on planted data at m = 4096 (κ² up to 4e8) it converged as usual.
+EIGH_MIN_RATIO_GS = 1e-10
 
-def _polar(a: np.ndarray, try_eigh: bool = True) -> tuple[np.ndarray, bool]:
-    """Orthogonal polar factor U Vᵀ of a = U Σ Vᵀ; also whether the eigh route was usable.
 
-    numpy's LAPACK calls release the GIL (scipy.linalg's hold it), so the fits of one GPA
-    iteration run truly in parallel on threads.
+def _polar(
+    a: np.ndarray,
+    try_eigh: bool = True,
+    near: np.ndarray | None = None,
+    min_ratio: float = EIGH_MIN_RATIO,
+    polish: bool = True,
+) -> tuple[np.ndarray, bool]:
+    """Orthogonal polar factor U Vᵀ of a = U Σ Vᵀ (orthonormal rows or columns, a's shape); also
+    whether the eigh route is worth trying next time (it was usable, or the SVD found a well
+    enough conditioned after all).
+
+    Wide a (k ≤ r): (a aᵀ)^{-1/2} a from eigh(a aᵀ); tall a: a (aᵀ a)^{-1/2}. numpy's LAPACK
+    calls release the GIL (scipy.linalg's hold it), so polar factors run in parallel on threads.
+    When a wide a is rank-deficient every completion of U Vᵀ on its null space maximises
+    tr(Qᵀ a); with ``near`` (same shape) the completion closest to ``near`` is taken, so that
+    iterations do not wander between equally good answers. ``polish`` makes the eigh route's
+    rows (columns) orthonormal to rounding instead of to ε·κ(a)².
     """
-    if try_eigh and a.shape[0] == a.shape[1]:
+    wide = a.shape[0] <= a.shape[1]
+    if try_eigh:
         try:
-            lam, vec = np.linalg.eigh(a.T @ a)
+            lam, vec = np.linalg.eigh(a @ a.T if wide else a.T @ a)
         except np.linalg.LinAlgError:  # syevd did not converge: the SVD below decides
             lam = None
-        if lam is not None and lam[-1] > 0 and lam[0] >= EIGH_MIN_RATIO * lam[-1]:
-            return (a @ (vec / np.sqrt(lam))) @ vec.T, True
-    u, _, vt = _svd(a)
-    return u @ vt, False
+        if lam is not None and lam[-1] > 0 and lam[0] >= min_ratio * lam[-1]:
+            half = vec / np.sqrt(np.sqrt(lam))
+            w = half @ half.T  # V Λ^{-1/2} Vᵀ
+            q = w @ a if wide else a @ w
+            if polish:  # one Newton–Schulz step, q ← q (3I − qᵀq) / 2
+                q = 1.5 * q - 0.5 * ((q @ q.T) @ q if wide else q @ (q.T @ q))
+            return q, True
+    u, sv, vt = _svd(a)
+    conditioned = bool(sv[0] > 0 and sv[-1] ** 2 >= min_ratio * sv[0] ** 2)
+    rank = int(np.sum(sv > sv[0] * max(a.shape) * np.finfo(float).eps)) if sv[0] > 0 else 0
+    if near is None or not wide or rank == a.shape[0]:
+        return u @ vt, conditioned
+    # Rank-deficient: U₁V₁ᵀ on a's range, and from its null space U₂ the partial isometry into
+    # the complement Z of V₁ that is closest to ``near``: polar(U₂ᵀ near Z) Zᵀ.
+    u1, v1, u2 = u[:, :rank], vt[:rank], u[:, rank:]
+    z = scipy.linalg.null_space(v1) if rank > 0 else np.eye(a.shape[1])
+    w, _ = _polar((u2.T @ near) @ z, try_eigh=False)
+    return u1 @ v1 + (u2 @ w) @ z.T, conditioned
 
 
 def procrustes(source: np.ndarray, target: np.ndarray) -> np.ndarray:
     """Orthogonal T minimising ‖source·T − target‖_F: svd(sourceᵀ target) = U Σ Vᵀ, T = U Vᵀ.
 
     T is the polar factor of A = sourceᵀ target. When A is not too ill-conditioned (κ(A)² ≤ 1e12)
-    it is computed as A V Λ^{-1/2} Vᵀ from eigh(AᵀA) (about twice as fast as an SVD), otherwise
-    (and for rank-deficient A, e.g. with padding) from the SVD.
+    it is computed from eigh of A's smaller Gram matrix (about twice as fast as an SVD),
+    otherwise (and for rank-deficient A) from the SVD.
     """
     return _polar(source.T @ target)[0]
-
-
-def _objective(aligned: Sequence[np.ndarray], consensus: np.ndarray) -> float:
-    return float(sum(np.sum((y - consensus) ** 2) for y in aligned))
 
 
 def gpa(
@@ -199,13 +322,12 @@ def gpa(
     reduce: bool = True,
     n_jobs: int | None = None,
 ) -> GPAResult:
-    """GPA: min over orthogonal T_i of Σ_i ‖N_i T_i − C‖²_F with C = (1/M) Σ_i N_i T_i (DESIGN §2.1).
+    """GPA: min over orthogonal T_i of Σ_i ‖N_i T_i − C‖²_F with C = (1/M) Σ_i N_i T_i (docs/method.md).
 
-    ``reps`` are M arrays of shape (m, n_i). ``transforms`` act on the preprocessed (and, with
-    ``reduce``, reduced) matrices in ``aligned[i] = N_i T_i``. ``objective`` holds
-    Σ_i ‖N_i T_i − C‖²_F after initialisation and after every iteration. The M Procrustes fits
-    of an iteration run on ``n_jobs`` threads (default: one per available core, at most M), each
-    with single-threaded BLAS; results do not depend on ``n_jobs``.
+    ``reps`` are M arrays of shape (m, n_i). Stops when a step moves the consensus by
+    ‖C_t − C_{t−1}‖_F / ‖C_t‖_F ≤ ``tol`` or after ``max_iter`` iterations. Work runs on
+    ``n_jobs`` threads (default: one per available core, at most M), each with single-threaded
+    BLAS (a Gauss–Seidel sweep uses two of them); results do not depend on ``n_jobs``.
     """
     _check_stopping(tol, max_iter)
     if len(reps) < 2:
@@ -216,10 +338,22 @@ def gpa(
     width = min(m - 1, n) if reduce else n
     jobs = min(len(reps), available_cores()) if n_jobs is None else max(1, int(n_jobs))
     single = width < SMALL_WIDTH or jobs > 1
-    with threadpool_limits(limits=1 if single else None, user_api="blas"), mapper(jobs) as pmap:
+    with threadpool_limits(limits=1 if single else None, user_api="blas"), executor(jobs) as pool:
+        pmap = pool.map if pool is not None else map
+        t0 = time.perf_counter()
         prep = Preprocessed(reps, pmap)
         mats = prep.mats(reduce=reduce, pmap=pmap)
-        return fit_preprocessed(mats, tol, max_iter, pmap, prep.widths)
+        t1 = time.perf_counter()
+        method, route = plan(prep.m, [a.shape[1] for a in mats], prep.widths)
+        gram = None
+        if route == CROSS:
+            gram = prep.cross_products(pmap=pmap) if reduce else cross_products(mats, pmap)
+        t2 = time.perf_counter()
+        res = fit_preprocessed(
+            mats, tol, max_iter, prep.widths, cross=gram, pool=pool, method=method
+        )
+    res.seconds = {"preprocess": t1 - t0, "cross-products": t2 - t1, **res.seconds}
+    return res
 
 
 def _check_stopping(tol: float, max_iter: int) -> None:
@@ -228,13 +362,20 @@ def _check_stopping(tol: float, max_iter: int) -> None:
 
 
 @contextmanager
-def mapper(jobs: int) -> Iterator[Mapper]:
-    """``map`` for one job, else the ``map`` of a pool of ``jobs`` threads (closed on exit)."""
+def executor(jobs: int) -> Iterator[ThreadPoolExecutor | None]:
+    """A pool of ``jobs`` threads (closed on exit), or None for one job."""
     if jobs <= 1:
-        yield map
+        yield None
         return
     with ThreadPoolExecutor(jobs) as pool:
-        yield pool.map
+        yield pool
+
+
+@contextmanager
+def mapper(jobs: int) -> Iterator[Mapper]:
+    """``map`` for one job, else the ``map`` of a pool of ``jobs`` threads (closed on exit)."""
+    with executor(jobs) as pool:
+        yield map if pool is None else pool.map
 
 
 def available_cores() -> int:
@@ -245,63 +386,305 @@ def available_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def plan(m: int, sizes: Sequence[int], widths: Sequence[int]) -> tuple[str, str]:
+    """Iteration and route for m stimuli, model widths k_i (``sizes``) and original widths.
+
+    When every model keeps m − 1 columns (m ≤ the narrowest width: the paper's regime) the plain
+    GPA step converges fast and its M Procrustes fits run in parallel. With more stimuli than
+    the narrowest width the plain step crawls (each model's own term N_iᵀ N_i T_i dominates
+    N_iᵀ C and damps its step) and Gauss–Seidel sweeps over the models are used instead.
+    Products S = G T cost 2 (Σk)² r from the cross-products and 4 m r Σk from the data; Gauss–
+    Seidel's per-model updates always use the cross-products (2 Σk k_i r against 2 m r (k_i + Σk)).
+    """
+    method = GAUSS_SEIDEL if m > min(widths) else PLAIN
+    route = CROSS if method == GAUSS_SEIDEL or sum(sizes) < 2 * m else DATA
+    return method, route
+
+
+class _Problem:
+    """The products of one GPA fit: S = G T for stacked transforms T (Σk × r)."""
+
+    def __init__(
+        self,
+        mats: Sequence[np.ndarray],
+        cross: np.ndarray | None,
+        pool: ThreadPoolExecutor | None,
+    ) -> None:
+        self.mats = list(mats)
+        self.sizes = [a.shape[1] for a in mats]
+        self.off = _offsets(self.sizes)
+        self.blocks = [slice(self.off[i], self.off[i + 1]) for i in range(len(mats))]
+        self.n = len(mats)
+        self.r = max(self.sizes)
+        self.m = mats[0].shape[0]
+        self.g = cross
+        self.pool = pool
+        self.pmap: Mapper = pool.map if pool is not None else map
+        # Σ_i ‖N_i T_i‖² = Σ_i tr(G_ii) for transforms with orthonormal rows
+        self.total = float(sum(np.einsum("ij,ij->", a, a) for a in mats))
+        # eigh route, or the SVD while a model's A is ill-conditioned (see _polar)
+        self.use_eigh = [True] * self.n
+
+    def apply(self, t: np.ndarray) -> tuple[np.ndarray, float | None]:
+        """S = G T, from the cross-products or as S_i = N_iᵀ Σ_j N_j T_j from the data; from
+        the data also the objective Σ_i ‖N_i T_i − C‖²_F, summed from the aligned rows."""
+        blocks = self.blocks
+        if self.g is not None:
+            g = self.g
+            return np.concatenate(list(self.pmap(lambda b: g[b] @ t, blocks))), None
+        ys = list(self.pmap(lambda i: self.mats[i] @ t[blocks[i]], range(self.n)))
+        total = ys[0].copy()
+        for y in ys[1:]:
+            total += y
+        consensus = total / self.n
+        direct = sum(float(np.sum((y - consensus) ** 2)) for y in ys)
+        return np.concatenate(list(self.pmap(lambda a: a.T @ total, self.mats))), direct
+
+    def objective(
+        self, t: np.ndarray, s: np.ndarray, direct: float | None = None
+    ) -> tuple[float, float]:
+        """Σ_i ‖N_i T_i − C‖²_F (``direct`` when given, else Σ_i ‖N_i‖² − ⟨T, S⟩ / M, which
+        holds for transforms with orthonormal rows), and a bound on its rounding error,
+        4ε (Σ_i ‖N_i‖² + Σ |T ∘ S| / M)."""
+        dot = magnitude = 0.0
+        for b in self.blocks:
+            ts = t[b] * s[b]
+            dot += float(np.sum(ts))
+            magnitude += float(np.sum(np.abs(ts)))
+        err = 4 * np.finfo(float).eps * (self.total + magnitude / self.n)
+        return (self.total - dot / self.n if direct is None else direct), err
+
+    def change(self, t: np.ndarray, s: np.ndarray, t_new: np.ndarray, s_new: np.ndarray) -> float:
+        """‖C(T') − C(T)‖_F / ‖C(T')‖_F with ‖C(T') − C(T)‖² = ⟨T' − T, S' − S⟩ / M²."""
+        diff = norm = 0.0
+        for b in self.blocks:
+            diff += float(np.vdot(t_new[b] - t[b], s_new[b] - s[b]))
+            norm += float(np.vdot(t_new[b], s_new[b]))
+        return math.sqrt(max(diff, 0.0) / norm) if norm > 0 else math.inf
+
+    def initial(self) -> np.ndarray:
+        """Every model aligned to model 0: T_0 = [I 0], T_i = polar(N_iᵀ N_0 T_0)."""
+        t = np.zeros((self.off[-1], self.r))
+        k0 = self.sizes[0]
+        t[self.blocks[0], :k0] = np.eye(k0)
+
+        def align(i: int) -> np.ndarray:
+            b, b0 = self.blocks[i], self.blocks[0]
+            a = self.g[b, b0] if self.g is not None else self.mats[i].T @ self.mats[0]
+            return _polar(_to_width(a, self.r))[0]
+
+        for i, ti in zip(range(1, self.n), self.pmap(align, range(1, self.n)), strict=True):
+            t[self.blocks[i]] = ti
+        return t
+
+    def sweep_plain(
+        self, t: np.ndarray, s: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, float | None]:
+        """The plain GPA step: T_i ← polar(N_iᵀ C) = polar(S_i) for every model at once.
+
+        From the data the objective is summed from the aligned rows, so the polar factors need
+        no Newton–Schulz step (from the cross-products they do: see :meth:`objective`)."""
+        flags, polish = self.use_eigh, self.g is not None
+        fits = list(
+            self.pmap(lambda i: _polar(s[self.blocks[i]], flags[i], polish=polish), range(self.n))
+        )
+        for i, (_, ok) in enumerate(fits):
+            if flags[i] != ok:
+                log.info("GPA: model %d's polar factors from the %s", i, "eigh" if ok else "SVD")
+        self.use_eigh = [ok for _, ok in fits]
+        tn = np.concatenate([q for q, _ in fits])
+        return (tn, *self.apply(tn))
+
+    def sweep_gauss_seidel(
+        self, t: np.ndarray, s: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, None]:
+        """One Gauss–Seidel sweep: for i = 1..M in turn, T_i ← polar(Σ_{j≠i} G_ij T_j).
+
+        Each step maximises the objective over T_i with the others fixed (tr(T_iᵀ G_ii T_i) is
+        constant), so the objective never increases. With a pool, updating S for model i's
+        change overlaps the next model's polar factor: only the next model's rows are updated
+        first. The split of the products is the same with or without a pool. Polar factors get
+        a Newton–Schulz step, so that Σ_i ‖N_i T_i‖² = Σ_i ‖N_i‖² holds to rounding (see
+        :meth:`objective`).
+        """
+        g, blocks = self.g, self.blocks
+        assert g is not None
+        tn = t.copy()
+        d = np.zeros_like(s)  # S_new − S, accumulated exactly from the changes
+        # G_ii T_i with T_i as it was before its step: computed ahead, off the critical path
+        own: dict[int, np.ndarray] = {}
+
+        def ahead(i: int) -> None:
+            if i < self.n:
+                own[i] = g[blocks[i], blocks[i]] @ tn[blocks[i]]
+
+        def update(i: int, skip: slice, delta: np.ndarray) -> None:
+            _add_except(d, g, blocks[i], skip, delta)
+            ahead(i + 2)
+
+        ahead(0)
+        pending: Future | None = self.pool.submit(ahead, 1) if self.pool is not None else None
+        if pending is None:
+            ahead(1)
+        for i, b in enumerate(blocks):
+            a = s[b] + d[b] - own.pop(i)
+            q, ok = _polar(a, self.use_eigh[i], tn[b], EIGH_MIN_RATIO_GS)
+            if self.use_eigh[i] != ok:
+                log.info("GPA: model %d's polar factors from the %s", i, "eigh" if ok else "SVD")
+            self.use_eigh[i] = ok
+            delta = q - tn[b]
+            tn[b] = q
+            if pending is not None:
+                pending.result()
+            if i + 1 == self.n:
+                update(i, slice(0, 0), delta)
+                break
+            nxt = blocks[i + 1]
+            d[nxt] += g[nxt, b] @ delta
+            if self.pool is not None:
+                pending = self.pool.submit(update, i, nxt, delta)
+            else:
+                update(i, nxt, delta)
+        d += s  # S_new = S + D, in place
+        return tn, d, None
+
+    def finish(self, t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Consensus C = (1/M) Σ N_i T_i (m × r) and residuals ‖(N_i T_i)_j − C_j‖₂ (m × M)."""
+        consensus = np.empty((self.m, self.r))
+        residuals = np.empty((self.m, self.n))
+        ts = [t[b] for b in self.blocks]
+
+        def rows(start: int) -> None:
+            sl = slice(start, min(start + ROW_CHUNK, self.m))
+            ys = [a[sl] @ ti for a, ti in zip(self.mats, ts, strict=True)]
+            c = ys[0].copy()
+            for y in ys[1:]:
+                c += y
+            c /= self.n
+            consensus[sl] = c
+            for i, y in enumerate(ys):
+                residuals[sl, i] = np.linalg.norm(y - c, axis=1)
+
+        for _ in self.pmap(rows, range(0, self.m, ROW_CHUNK)):
+            pass
+        return consensus, residuals
+
+
+def _add_except(d: np.ndarray, g: np.ndarray, cols: slice, skip: slice, delta: np.ndarray) -> None:
+    """d += G[:, cols] Δ on every row outside ``skip``, ROW_CHUNK rows at a time."""
+    for lo, hi in ((0, skip.start), (skip.stop, d.shape[0])):
+        for start in range(lo, hi, ROW_CHUNK):
+            sl = slice(start, min(start + ROW_CHUNK, hi))
+            d[sl] += g[sl, cols] @ delta
+
+
+def _axpy(a: float, x: np.ndarray, y: np.ndarray) -> None:
+    """y += a x in place, a block of rows at a time (temporaries of ROW_CHUNK rows only)."""
+    for start in range(0, y.shape[0], ROW_CHUNK):
+        sl = slice(start, start + ROW_CHUNK)
+        y[sl] += a * x[sl]
+
+
+class _Anderson:
+    """Anderson mixing (type II) of a fixed-point map x ↦ F(x) on stacked transforms T.
+
+    Keeps the last ``depth`` differences of residuals g = F(x) − x and of F(x) (with their
+    S = G T), and proposes x = F(x_n) − Σ_j γ_j ΔF_j with γ minimising ‖g_n − Σ_j γ_j Δg_j‖_F.
+    S is linear in T, so the proposal's S is mixed alongside and needs no product.
+    """
+
+    def __init__(self, depth: int) -> None:
+        self.depth = depth
+        self.hist: deque[tuple[np.ndarray, np.ndarray, np.ndarray]] = deque(maxlen=depth)
+        self.last: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+
+    def reset(self) -> None:
+        self.hist.clear()
+        self.last = None
+
+    def propose(
+        self, g: np.ndarray, fx: np.ndarray, fs: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray] | None:
+        """Next point after F(x) = (fx, fs) with residual g = F(x) − x; None when there is no
+        history to mix yet."""
+        if self.depth == 0:
+            return None
+        if self.last is not None:
+            g0, f0, s0 = self.last
+            if len(self.hist) == self.depth:
+                self.hist.popleft()  # before the new differences are made: less memory
+            self.hist.append((np.subtract(g, g0, out=g0), fx - f0, fs - s0))
+        self.last = (g, fx, fs)
+        if not self.hist:
+            return None
+        dg = [h[0] for h in self.hist]
+        a = np.array([[np.vdot(u, v) for v in dg] for u in dg])
+        rhs = np.array([np.vdot(u, g) for u in dg])
+        gamma = np.linalg.lstsq(a, rhs, rcond=1e-12)[0]
+        if not np.all(np.isfinite(gamma)):
+            self.reset()
+            return None
+        xt, xs = fx.copy(), fs.copy()
+        for c, (_, df, ds) in zip(gamma, self.hist, strict=True):
+            _axpy(-c, df, xt)
+            _axpy(-c, ds, xs)
+        return xt, xs
+
+
 def fit_preprocessed(
     mats: list[np.ndarray],
     tol: float,
     max_iter: int,
-    pmap: Mapper = map,
     widths: Sequence[int] | None = None,
+    *,
+    cross: np.ndarray | None = None,
+    pool: ThreadPoolExecutor | None = None,
+    method: str | None = None,
+    depth: int = ANDERSON_DEPTH,
 ) -> GPAResult:
-    """GPA iterations (DESIGN §2.1 steps 2–4) on matrices from :meth:`Preprocessed.mats`.
+    """GPA iterations (docs/method.md, GPA steps 2–4) on matrices from :meth:`Preprocessed.mats`.
 
-    ``widths`` are the models' original widths (default: the matrices' widths).
+    ``widths`` are the models' original widths (default: the matrices' widths). ``cross`` are
+    the matrices' :func:`cross_products`; given, every product uses them, else the data.
+    ``method`` (default: :func:`plan`'s) is ``plain`` or ``gauss-seidel``; Gauss–Seidel computes
+    the cross-products when not given. ``depth`` 0 turns Anderson acceleration off. ``pool``
+    runs independent steps in parallel.
     """
     _check_stopping(tol, max_iter)
     widths = [int(a.shape[1]) for a in mats] if widths is None else [int(w) for w in widths]
+    sizes = [int(a.shape[1]) for a in mats]
     m = mats[0].shape[0]
-    n_pad = max(widths)
-    n_models = len(mats)
     slow = m > min(widths)
+    method = plan(m, sizes, widths)[0] if method is None else method
+    if method not in (PLAIN, GAUSS_SEIDEL):
+        raise ValueError(f"method must be {PLAIN!r} or {GAUSS_SEIDEL!r}, got {method!r}")
+    if method == GAUSS_SEIDEL and cross is None:
+        cross = cross_products(mats, pool.map if pool is not None else map)
+    problem = _Problem(mats, cross, pool)
+    route = CROSS if cross is not None else DATA
     if slow:
         log.info(
-            "GPA in the slow regime: m=%d stimuli exceed the narrowest width %d (padded to %d); "
-            "reduction cannot remove the padding and convergence may be slow and non-unique",
+            "GPA in the slow regime: m=%d stimuli exceed the narrowest width %d (consensus width "
+            "%d); the fixed point may be non-unique",
             m,
             min(widths),
-            n_pad,
+            problem.r,
         )
-
-    def first(mat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        t = procrustes(mat, mats[0])
-        return t, mat @ t
-
-    transforms = [np.eye(mats[0].shape[1])]
-    aligned = [mats[0]]
-    for t, y in pmap(first, mats[1:]):
-        transforms.append(t)
-        aligned.append(y)
-    consensus = sum(aligned) / n_models
-    objective = [_objective(aligned, consensus)]
-    converged = False
-    n_iter = 0
-    use_eigh = [True] * n_models  # once a model's A is ill-conditioned, go straight to the SVD
-    for n_iter in range(1, max_iter + 1):  # noqa: B007 (n_iter is used after the loop)
-
-        def fit(i: int, c: np.ndarray = consensus, flags: list[bool] = use_eigh):
-            t, ok = _polar(mats[i].T @ c, flags[i])
-            return t, ok, mats[i] @ t
-
-        fits = list(pmap(fit, range(n_models)))
-        transforms = [t for t, _, _ in fits]
-        use_eigh = [ok for _, ok, _ in fits]
-        aligned = [y for _, _, y in fits]
-        new = sum(aligned) / n_models
-        change = np.linalg.norm(new - consensus) / np.linalg.norm(new)
-        consensus = new
-        objective.append(_objective(aligned, consensus))
-        if change <= tol:
-            converged = True
-            break
+    log.info(
+        "GPA: %d models, m=%d, widths %s -> %s; %s iteration, Anderson acceleration depth %d "
+        "(0: none), products from the %s",
+        problem.n,
+        m,
+        widths,
+        sizes,
+        method,
+        depth,
+        route,
+    )
+    sweep = problem.sweep_gauss_seidel if method == GAUSS_SEIDEL else problem.sweep_plain
+    t0 = time.perf_counter()
+    t, objective, n_iter, converged, n_rejected = _iterate(problem, sweep, tol, max_iter, depth)
+    t1 = time.perf_counter()
     if not converged:
         log.warning(
             "GPA did not converge: relative consensus change still above tol=%g after %d iterations",
@@ -309,28 +692,96 @@ def fit_preprocessed(
             max_iter,
         )
     else:
-        log.debug("GPA converged in %d iterations", n_iter)
-    residuals = np.stack([np.linalg.norm(y - consensus, axis=1) for y in aligned], axis=1)
+        log.info("GPA converged in %d iterations, objective %.12g", n_iter, objective[-1])
+    consensus, residuals = problem.finish(t)
+    seconds = {"iterations": t1 - t0, "residuals": time.perf_counter() - t1}
     return GPAResult(
         consensus=consensus,
-        transforms=transforms,
-        aligned=aligned,
+        transforms=[t[b].copy() for b in problem.blocks],
         residuals=residuals,
         objective=objective,
         n_iter=n_iter,
         converged=converged,
         slow_regime=slow,
         widths=widths,
-        padded_width=n_pad,
-        reduced_width=mats[0].shape[1],
+        padded_width=max(widths),
+        reduced_width=problem.r,
+        method=method,
+        route=route,
+        n_rejected=n_rejected,
+        seconds=seconds,
     )
+
+
+def _iterate(
+    problem: _Problem,
+    sweep: Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray, float | None]],
+    tol: float,
+    max_iter: int,
+    depth: int,
+) -> tuple[np.ndarray, list[float], int, bool, int]:
+    """Anderson-accelerated iterations with a safeguard on the objective.
+
+    An accelerated point is accepted only if the step from it does not raise the objective
+    above the last recorded value by more than the objective's rounding error, nor move the
+    consensus GROWTH times more than the last step did (near convergence objective changes
+    drown in rounding, and a poor extrapolation shows in the step's size only); otherwise the
+    step is taken from the last accepted transforms instead and the history is dropped. The
+    recorded objective is that of orthogonal transforms, after initialisation and after every
+    iteration. Convergence: the step's consensus change ‖C(T') − C(T)‖_F / ‖C(T')‖_F ≤ tol,
+    where ‖C(T') − C(T)‖² = ⟨T' − T, S' − S⟩ / M².
+    """
+    accel = _Anderson(depth)
+    t = problem.initial()
+    s, direct = problem.apply(t)
+    f, _ = problem.objective(t, s, direct)
+    objective = [f]
+    x_t, x_s, extrapolated, last_change = t, s, False, math.inf
+    converged, n_rejected, n_iter = False, 0, 0
+    started = last_log = time.perf_counter()
+    for n_iter in range(1, max_iter + 1):  # noqa: B007 (n_iter is used after the loop)
+        ft, fs, direct = sweep(x_t, x_s)
+        fo, err = problem.objective(ft, fs, direct)
+        change = problem.change(x_t, x_s, ft, fs)
+        if extrapolated and (fo > f + err or change > GROWTH * last_change):
+            n_rejected += 1
+            accel.reset()
+            x_t, x_s = t, s
+            ft, fs, direct = sweep(x_t, x_s)
+            fo, _ = problem.objective(ft, fs, direct)
+            change = problem.change(x_t, x_s, ft, fs)
+        last_change = change
+        t, s, f = ft, fs, fo
+        objective.append(f)
+        now = time.perf_counter()
+        if now - last_log >= LOG_EVERY_S:
+            log.info(
+                "GPA iteration %d: objective %.12g, consensus change %.2e (%.0f s)",
+                n_iter,
+                f,
+                change,
+                now - started,
+            )
+            last_log = now
+        if change <= tol:
+            converged = True
+            break
+        g = ft - x_t
+        del x_t, x_s  # freed before the proposal is made: two fewer arrays held at once
+        proposal = accel.propose(g, ft, fs)
+        extrapolated = proposal is not None
+        x_t, x_s = proposal if proposal is not None else (ft, fs)
+    if n_rejected:
+        log.info("GPA: %d accelerated steps rejected by the safeguard", n_rejected)
+    return t, objective, n_iter, converged, n_rejected
 
 
 def project(rep: np.ndarray, consensus: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """One Procrustes step of a held-out model onto C: N T with T = polar(Nᵀ C); dev_j = ‖(N T)_j − C_j‖₂.
 
-    ``rep`` is preprocessed like GPA's inputs (centred, unit Frobenius norm) and zero-padded or
-    exactly reduced to the consensus width; the consensus is used as given (not rescaled).
+    ``rep`` is preprocessed like GPA's inputs (centred, unit Frobenius norm, exactly reduced to
+    m − 1 columns when wider) and it and the consensus are zero-padded to their common width;
+    the consensus is used as given (not rescaled).
     """
     consensus = _as_2d_float64(consensus, "consensus")
     x = np.asarray(rep)
