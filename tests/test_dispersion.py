@@ -1,4 +1,4 @@
-"""Dispersion summaries (DESIGN §2.2) and leave-one-model-out (§2.4)."""
+"""Dispersion summaries and leave-one-model-out (docs/method.md, "Dispersion")."""
 
 from __future__ import annotations
 

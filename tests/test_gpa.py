@@ -1,4 +1,4 @@
-"""GPA properties (DESIGN §2.1): invariances, M=2 identities, monotone objective, planted noise."""
+"""GPA properties (docs/method.md, "Generalized Procrustes Analysis"): invariances, M=2 identities, monotone objective, planted noise."""
 
 from __future__ import annotations
 
@@ -84,7 +84,7 @@ def test_objective_never_increases():
 
 
 def test_planted_noise_recovery():
-    # DESIGN §2.1: m=1024, M=4, noise ≤ 0.3 of signal (widths of the prototype, 64/64/80/80)
+    # the reference design: m=1024, M=4, noise ≤ 0.3 of signal (widths of the prototype, 64/64/80/80)
     rng = np.random.default_rng(0)
     reps, sigma = planted_reps(rng, 1024, 64, (64, 64, 80, 80), max_noise=0.3)
     res = gpa(reps)

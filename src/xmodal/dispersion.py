@@ -1,4 +1,4 @@
-"""Per-stimulus dispersion summaries and leave-one-model-out validation (DESIGN §2.2, §2.4)."""
+"""Per-stimulus dispersion summaries and leave-one-model-out validation (docs/method.md, "Dispersion")."""
 
 from __future__ import annotations
 
