@@ -1,4 +1,5 @@
-"""Rule aggregate: gather the per-pair tables into layers.tsv, grid.tsv, contrasts.tsv."""
+"""Rule aggregate: gather the per-LLM tables into layers.tsv, grid.tsv, contrasts.tsv and the
+controls' tables (drop.tsv, heldout_layers.tsv, heldout.tsv) when the config asks for them."""
 
 import _bootstrap  # noqa: F401
 
@@ -9,6 +10,6 @@ log_to(snakemake.log[0])  # first, so that even an import error reaches the job'
 
 from xmodal.pipeline import concatenate_tables  # noqa: E402
 
-for kind in ("layers", "conditions", "contrasts"):
+for kind in snakemake.input.keys():
     out = snakemake.output.grid if kind == "conditions" else snakemake.output[kind]
     concatenate_tables(snakemake.input[kind], out)

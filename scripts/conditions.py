@@ -1,5 +1,6 @@
 """Rule conditions: every stimulus set, for every vision model against one LLM, at the chosen
-LLM layers."""
+LLM layers; the drop sets against their size-matched random sets and the held-out halves when
+the config asks for them."""
 
 import _bootstrap  # noqa: F401
 
@@ -24,4 +25,8 @@ run_conditions(
     seed=int(snakemake.params.seed),
     out_conditions=snakemake.output.conditions,
     out_contrasts=snakemake.output.contrasts,
+    out_drop=snakemake.output.get("drop"),
+    heldout_layers_path=snakemake.input.get("heldout_layers"),
+    heldout_sets_path=snakemake.input.get("heldout_sets"),
+    out_heldout=snakemake.output.get("heldout"),
 )

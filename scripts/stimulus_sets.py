@@ -9,4 +9,6 @@ log_to(snakemake.log[0])  # first, so that even an import error reaches the job'
 
 from xmodal.pipeline import run_stimulus_sets  # noqa: E402
 
-run_stimulus_sets(snakemake.input.dispersion, dict(snakemake.params), snakemake.output.sets)
+params = dict(snakemake.params)
+n_drop_random = int(params.pop("drop_control")["n_random"])
+run_stimulus_sets(snakemake.input.dispersion, params, snakemake.output.sets, n_drop_random)

@@ -44,7 +44,9 @@ THRESHOLD = 1e-3
 METRICS = ("cknna", "mutual_knn", "cka")
 VISION = ["vis-0", "vis-1", "vis-2"]
 LLMS = ["alpha-0.5b", "alpha-3b", "beta-1b", "beta-7b"]
-PER_METRIC = {"sets_rank", "sets_pc1", "drop25", "grid_heatmap", "layerwise", "contrasts"}
+PER_METRIC = {
+    "sets_rank", "sets_pc1", "drop25", "grid_heatmap", "layerwise", "contrasts", "heldout_layer"
+}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +119,10 @@ def test_threshold_is_the_summary_modules():
     [
         ("sets_rank", {"low": "mean", "random": "none", "high": "mean"}),
         ("sets_pc1", {"low": "pc1", "random": "none", "high": "pc1"}),
-        ("drop25", {"full": "none", "drop_high": "mean", "drop_low": "mean"}),
+        (
+            "drop25",
+            {"full": "none", "random_drop": "none", "drop_high": "mean", "drop_low": "mean"},
+        ),
     ],
 )
 def test_bars_hatched_exactly_where_unstable(figs, tables, name, conditions, metric):
@@ -480,3 +485,115 @@ def test_workflow_draws_each_alignment_figure_per_metric(tmp_path):
         assert counts.get(f"figure_{name}") == (2 if spec.per_metric else 1), name
         assert f"results/figures/demo/{name}.png" in out
         assert (f"results/figures/demo/{name}.mutual_knn.png" in out) == spec.per_metric
+
+
+# --------------------------------------------------------------------------- the controls
+@pytest.mark.parametrize("metric", METRICS)
+def test_contrasts_fraction_hatched_where_low_or_random_unstable(figs, tables, metric):
+    """A fraction of random draws ≥ low is flagged when the low value or the draws (the mean of
+    their stabilities, ``random_stability``) are unstable."""
+    fig = figs[("contrasts", metric)]
+    want, shown = set(), set()
+    for r in tables["contrasts"].itertuples():
+        if r.metric != metric or math.isnan(r.frac_random_ge_low):
+            continue
+        tag = f"{r.vision}|{r.llm}|{r.summary}"
+        shown.add(tag)
+        if r.low_stability > THRESHOLD or r.random_stability > THRESHOLD:
+            want.add(tag)
+    bars = {
+        p.get_gid()[5:]: p
+        for ax in fig.axes
+        for p in ax.patches
+        if (p.get_gid() or "").startswith("frac|")
+    }
+    assert set(bars) == shown
+    assert {g for g, b in bars.items() if b.get_hatch() == UNSTABLE_HATCH} == want
+    legend = " ".join(t.get_text() for t in fig.legends[0].get_texts())
+    assert ("fraction, low value or random draws: stability > 0.001" in legend) == bool(want)
+    if (
+        metric != "cka"
+    ):  # planted: every random draw of vis-0 × beta-7b, the low of vis-1 × alpha-3b
+        assert want == {"vis-0|beta-7b|mean", "vis-0|beta-7b|pc1", "vis-1|alpha-3b|mean"}
+    else:
+        assert not want
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_heldout_marks(figs, tables, metric):
+    """The mean over splits is an open marker when the mean low or high stability exceeds the
+    threshold, "n/a" when any split is undefined (computed here with loops)."""
+    fig = figs[("heldout_layer", metric)]
+    groups: dict[str, list] = {}
+    for r in tables["heldout"].itertuples():
+        if r.metric == metric:
+            groups.setdefault(f"{r.layer_rule}|{r.vision}|{r.llm}|{r.summary}", []).append(r)
+    filled, open_, undefined = set(), set(), set()
+    for tag, rows in groups.items():
+        if any(math.isnan(r.diff_low_high) for r in rows):
+            undefined.add(tag)
+        elif (
+            sum(r.low_stability for r in rows) / len(rows) > THRESHOLD
+            or sum(r.high_stability for r in rows) / len(rows) > THRESHOLD
+        ):
+            open_.add(tag)
+        else:
+            filled.add(tag)
+    found = {ln.get_gid() for ax in fig.axes for ln in ax.lines if ln.get_gid()}
+    assert {g for g in found if g.split("|")[0] in ("heldout", "full")} == filled
+    assert gids(fig, "unstable") == open_
+    assert gids(fig, "undefined") == undefined
+    for ln in fig.findobj(lambda a: (a.get_gid() or "").startswith("unstable|")):
+        assert ln.get_markerfacecolor() == "white"
+    if metric != "cka":
+        assert open_ == {"heldout|vis-1|alpha-3b|mean"}  # planted; vis-0 × alpha-0.5b: 4e-4
+        assert undefined == {"full|vis-2|beta-7b|pc1"}
+    else:
+        assert not open_ and not undefined
+    assert not re.search(r"\bnan\b", all_text(fig), re.IGNORECASE)
+
+
+def test_language_dispersion_marks(planted, tables):
+    """Language dispersion high is a lighter fill (hatching means unstable, as everywhere);
+    a bar is hatched when the mean of its pairs' stabilities exceeds the threshold, a pair's
+    dot is open when its own does, a bar with an undefined pair is a cross."""
+    from matplotlib.colors import to_rgb
+
+    from xmodal.figures._common import COLORS
+    from xmodal.figures.extensions import LIGHTEN
+
+    fig = render_figure("language_dispersion", planted)
+    cells = tables["joint_cells"]
+    hatched, undefined, n_open = set(), set(), 0
+    for (summary, cell), g in cells.groupby(["summary", "cell"]):
+        values, stabs = list(g["value"]), list(g["stability"])
+        if any(math.isnan(v) for v in values):
+            undefined.add(f"{summary}|{cell}")
+        elif sum(stabs) / len(stabs) > THRESHOLD:
+            hatched.add(f"{summary}|{cell}")
+        n_open += sum(1 for v, s in zip(values, stabs, strict=True) if s > THRESHOLD and v == v)
+    bars = {p.get_gid()[4:]: p for ax in fig.axes for p in ax.patches if p.get_gid() and p.get_gid().startswith("bar|")}  # fmt: skip
+    assert {g for g, b in bars.items() if b.get_hatch()} == hatched == {"pc1|vhigh_llow"}
+    assert gids(fig, "undefined") == undefined == {"mean|vhigh_lhigh"}
+    opened = fig.findobj(lambda a: (a.get_gid() or "").startswith("unstable|"))
+    assert sum(len(c.get_offsets()) for c in opened) == n_open == 13
+    for gid, bar in bars.items():
+        level = "low" if gid.split("|")[1].startswith("vlow") else "high"
+        base = np.array(to_rgb(COLORS[level]))
+        want = base if gid.endswith("llow") else base + (1 - base) * LIGHTEN
+        np.testing.assert_allclose(bar.get_facecolor()[:3], want, atol=1e-9)
+    bands = {
+        a.get_gid()[7:]: a for a in fig.findobj(lambda a: (a.get_gid() or "").startswith("random|"))
+    }
+    band_stab = cells.groupby("summary")["random_stability"].mean()
+    assert (
+        {s for s, b in bands.items() if b.get_hatch()}
+        == {s for s in band_stab.index if band_stab[s] > THRESHOLD}
+        == {"pc1"}
+    )
+    for patch in [*bars.values(), *bands.values()]:
+        if patch.get_hatch() and hasattr(patch, "get_hatchcolor"):  # matplotlib ≥ 3.10
+            assert tuple(patch.get_hatchcolor()[:3]) == (1.0, 1.0, 1.0)  # drawn white
+    legend = " ".join(t.get_text() for t in fig.legends[0].get_texts())
+    assert "stability > 0.001" in legend and "(13)" in legend and "not a number" in legend
+    assert "nearest-neighbour sets decided by rounding (2)" in legend  # a bar and a band

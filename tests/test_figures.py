@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 EXPECTED = {
     "dispersion_sets", "sets_rank", "sets_pc1", "drop25", "loo",
     "grid_heatmap", "layerwise", "gallery", "residuals", "contrasts", "diagnostics",
-    "language_dispersion", "properties",
+    "language_dispersion", "properties", "heldout_layer",
 }  # fmt: skip
 VISION = ["Vision A", "Vision B", "Vision C"]
 LLMS = ["Alpha 0.5b", "Alpha 3b", "Beta 1b", "Beta 7b"]  # family, then size (models.tsv `order`)
@@ -137,18 +137,64 @@ def test_sets_figures(figs, inputs, name, letters):
     assert "95% interval of 10 draws" in legend[1]
 
 
-def test_drop25(figs):
+def test_drop25(figs, inputs):
     axes = panels(figs["drop25"])
     assert len(axes) == 3
     assert all(ticks(ax.get_xticklabels()) == LLMS for ax in axes)
-    assert all(len(ax.patches) == 3 * len(LLMS) for ax in axes)
+    assert all(len(ax.patches) == 4 * len(LLMS) for ax in axes)  # full, random, drop ×2
     legend = [t.get_text() for t in figs["drop25"].legends[0].get_texts()]
-    assert [s.split(" (")[0] for s in legend] == [
+    assert [s.split(":")[0].split(" (")[0] for s in legend] == [
         "Full set",
+        "Random sets of the drop size",
         "Drop high-dispersion",
         "Drop low-dispersion",
     ]
-    assert "(n = 30)" in legend[1]
+    assert "95% interval of 10 draws (n = 30)" in legend[1] and "(n = 30)" in legend[2]
+    grid = table(inputs, "grid")
+    rnd = grid.query("vision == 'vis-0' and llm == 'alpha-0.5b' and condition == 'random_drop'")
+    bar = next(p for p in axes[0].patches if p.get_gid() == "bar|random_drop|vis-0|alpha-0.5b")
+    assert bar.get_height() == pytest.approx(rnd["value"].mean())
+    # the summary's counts, read from the drop summary table
+    summ = table(inputs, "drop_summary").query("summary == 'mean'").iloc[0]
+    title = figs["drop25"].get_suptitle()
+    assert (
+        f"drop high > random of the same size > drop low in "
+        f"{summ.n_drop_high_gt_random_gt_drop_low}/{summ.n_valid} pairs" in title
+    )
+
+
+def test_drop25_without_the_control(inputs, tmp_path):
+    grid = table(inputs, "grid")
+    grid[grid["condition"] != "random_drop"].to_csv(tmp_path / "grid.tsv", sep="\t", index=False)
+    fig = render_figure("drop25", {"grid": tmp_path / "grid.tsv", "models": inputs["models"]})
+    assert all(len(ax.patches) == 3 * len(LLMS) for ax in panels(fig))
+    assert "no size-matched random sets" in fig.get_suptitle()
+
+
+def test_heldout_layer(figs, inputs):
+    fig = figs["heldout_layer"]
+    axes = panels(fig)
+    assert len(axes) == 6  # (contrast, fraction low > high, fraction same layer) × mean, PC1
+    labels = ticks(axes[0].get_yticklabels())
+    assert labels[0] == "Vision A × Alpha 0.5b" and len(labels) == len(VISION) * len(LLMS)
+    held = table(inputs, "heldout").query(
+        "vision == 'vis-0' and llm == 'beta-1b' and summary == 'mean' and layer_rule == 'heldout'"
+    )
+    point = next(ln for ln in axes[0].lines if ln.get_gid() == "heldout|vis-0|beta-1b|mean")
+    assert point.get_xdata()[0] == pytest.approx(held["diff_low_high"].mean())
+    frac = next(p for p in axes[1].patches if p.get_gid() == "frac|heldout|vis-0|beta-1b|mean")
+    assert frac.get_width() == pytest.approx((held["low"] > held["high"]).mean())
+    choice = table(inputs, "heldout_layers").query("vision == 'vis-0' and llm == 'beta-1b'")
+    same = next(p for p in axes[2].patches if p.get_gid() == "same|vis-0|beta-1b|mean")
+    assert same.get_width() == pytest.approx(
+        choice.query("metric == 'cknna'")["same_as_full"].mean()
+    )
+    summ = table(inputs, "heldout_summary").set_index(["summary", "layer_rule"])
+    r = summ.loc[("mean", "heldout")]
+    assert f"held-out layer: low > high in {r.n_low_gt_high}/{r.n_valid} pairs" in axes[
+        0
+    ].get_title(loc="left")
+    assert "5 random splits" in fig.get_suptitle() and "sets of 5" in fig.get_suptitle()
 
 
 def test_dispersion_sets(figs):

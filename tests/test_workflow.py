@@ -94,9 +94,11 @@ def test_demo_outputs_exist_and_are_valid(workflow_dir, demo_config):
     grid = read_table(workflow_dir / "results/alignment/demo/grid.tsv")
     assert grid.groupby(["vision", "llm"]).ngroups == n_pairs
     n_random = cfg["analysis"]["n_random"]
+    n_drop = cfg["analysis"]["drop_control"]["n_random"] or n_random
     per_pair = grid.groupby(["vision", "llm"]).size()
     # full + (low, high, drop_high, drop_low) x (mean, pc1) + n_random random draws
-    assert (per_pair == 1 + 8 + n_random).all()
+    # + the size-matched random sets of the drop ablation (analysis.drop_control)
+    assert (per_pair == 1 + 8 + n_random + n_drop).all()
     assert grid["value"].between(-1, 1).all()
 
     layers = read_table(workflow_dir / "results/alignment/demo/layers.tsv")

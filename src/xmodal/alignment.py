@@ -42,8 +42,9 @@ from xmodal.metrics import (
     kernel_resolution,
     knn_metric,
 )
-from xmodal.selection import sets_to_indices
+from xmodal.selection import RANDOM_SETS, sets_to_indices
 from xmodal.stats import BootstrapPlan, BootstrapSide, difference_summary, random_baseline
+from xmodal.summary import mean_stability
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,9 @@ __all__ = [
     "BOOTSTRAP_METRICS",
     "CONDITION_COLUMNS",
     "CONTRAST_COLUMNS",
+    "DROP_COLUMNS",
+    "HELDOUT_COLUMNS",
+    "HELDOUT_LAYER_COLUMNS",
     "KNN_METRICS",
     "LAYER_COLUMNS",
     "METRICS",
@@ -60,12 +64,15 @@ __all__ = [
     "condition_table",
     "condition_tables",
     "default_device",
+    "drop_table",
+    "heldout_condition_table",
     "kernel",
     "layer_problem",
     "layer_profile_table",
     "layer_search",
     "layer_search_many",
     "layer_search_table",
+    "layer_search_tables",
     "self_term",
     "side_values",
     "subset_sides",
@@ -118,12 +125,83 @@ CONTRAST_COLUMNS = [
     "random_mean",
     "random_ci_low",
     "random_ci_high",
+    "random_stability",
     "frac_random_ge_low",
     "diff_low_high",
     "diff_ci_low",
     "diff_ci_high",
     "n_boot",
 ]
+#: The drop sets against the size-matched random draws (docs/method.md, "Size-matched drop
+#: control"): one row per (vision, LLM, metric, summary) of the drop sets.
+DROP_COLUMNS = [
+    "vision",
+    "llm",
+    "llm_layer",
+    "metric",
+    "summary",
+    "n_stimuli",
+    "full",
+    "full_stability",
+    "drop_high",
+    "drop_high_stability",
+    "drop_low",
+    "drop_low_stability",
+    "random_mean",
+    "random_ci_low",
+    "random_ci_high",
+    "random_stability",
+    "n_random",
+    "frac_random_ge_drop_high",
+    "frac_random_ge_drop_low",
+]
+#: The layer chosen on half A of each split (docs/method.md, "Held-out layer choice"): one row
+#: per (vision, metric, split), written by the layer search.
+HELDOUT_LAYER_COLUMNS = [
+    "vision",
+    "llm",
+    "metric",
+    "split",
+    "n_stimuli",
+    "llm_layer",
+    "layer_name",
+    "value",
+    "stability",
+    "full_layer",
+    "same_as_full",
+]
+#: The sets inside half B of each split at the held-out and at the full-set layer: one row per
+#: (vision, metric, summary, split, layer_rule).
+HELDOUT_COLUMNS = [
+    "vision",
+    "llm",
+    "metric",
+    "summary",
+    "split",
+    "layer_rule",
+    "llm_layer",
+    "n_stimuli",
+    "low",
+    "high",
+    "low_stability",
+    "high_stability",
+    "random_mean",
+    "random_ci_low",
+    "random_ci_high",
+    "random_stability",
+    "n_random",
+    "frac_random_ge_low",
+    "diff_low_high",
+]
+#: Bytes of half-set kernels the layer search keeps for the vision models across LLM layers;
+#: above it they are rebuilt for each LLM layer (same values, more time).
+HALF_CACHE_BYTES = 1 << 31
+#: A family of random draws whose subset structures (about n_draws · s² · 6 bytes: kernel
+#: slices and neighbour masks) would exceed this per side is not kept with each side: its
+#: subsets are built from the full kernels in chunks at evaluation time (same values; the
+#: vision side's are then rebuilt for each LLM layer). 100 draws of 768 of 1024 stimuli (the
+#: size-matched drop control) took the conditions job from 1.4 to 3.4 GiB kept.
+EAGER_FAMILY_BYTES = 1 << 27
 
 
 class AlignmentError(ValueError):
@@ -413,10 +491,108 @@ def layer_search_table(
     blocked path (metrics.DENSE_MAX_M). ``on_layer(index, name, x, side)`` is called for every
     LLM layer with its kNN structure (None for a degenerate layer), e.g. for its diagnostics.
     """
+    return layer_search_tables(
+        vision, llm, llm_layers, None, k, metrics, device, dense, on_layer=on_layer
+    )[0]
+
+
+def _subsets_of(side: KernelKNN, positions: np.ndarray) -> list[KernelKNN]:
+    """kNN batches of equal-size subsets (B, s) of a full-set side: slices of its kernel (dense),
+    or built from its features' rows (blocked); τ is the full side's, as for every subset."""
+    pos = np.atleast_2d(np.asarray(positions, dtype=np.int64))
+    if side.kernel is not None:
+        return subset_sides(side.kernel[0], pos, side.k, side.tau)
+    if side.features is None:
+        raise ValueError("a kNN structure without kernel or features cannot give subsets")
+    feats = side.features
+    return [
+        KernelKNN.from_features(
+            feats.index_select(0, torch.as_tensor(p, device=feats.device)), side.k, side.tau
+        )
+        for p in pos
+    ]
+
+
+def _batched_values(
+    metric: str, xs: Sequence[KernelKNN], ys: Sequence[KernelKNN]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(values, stabilities, Y's self-terms) over matched lists of batches, concatenated."""
+    parts = [side_values(metric, a, b) for a, b in zip(xs, ys, strict=True)]
+    selfs = [self_term(metric, b).expand(b.idx.shape[0]) for b in ys]
+    return (
+        torch.cat([p[0] for p in parts]).numpy(),
+        torch.cat([p[1] for p in parts]).numpy(),
+        torch.cat(selfs).numpy(),
+    )
+
+
+def _heldout_choice(
+    llm: str,
+    key: str,
+    metric: str,
+    values: np.ndarray,
+    ok: np.ndarray,
+    indices: Sequence[int],
+) -> np.ndarray:
+    """Per split, the row (layer position) of the largest value among valid ones (first on equal
+    values, as the full-set choice); no valid layer on a half is an AlignmentError."""
+    masked = np.where(ok, values, -np.inf)
+    bad = np.flatnonzero(~ok.any(axis=0))
+    if bad.size:
+        raise AlignmentError(
+            f"no layer of LLM {llm!r} gives a valid {metric} with vision model {key!r} on half A "
+            f"of split(s) {bad.tolist()} (layers: {list(indices)}); check that LLM's feature file "
+            "(docs/method.md, 'Degenerate layers') or turn off analysis.heldout_layer"
+        )
+    return np.argmax(masked, axis=0)
+
+
+def layer_search_tables(
+    vision: Mapping[str, tuple[int, np.ndarray]],
+    llm: str,
+    llm_layers: Iterable[tuple[int, str, np.ndarray]],
+    halves: np.ndarray | None = None,
+    k: int = 10,
+    metrics: Sequence[str] = ("cknna",),
+    device: torch.device | None = None,
+    dense: bool | None = None,
+    on_layer: Callable[[int, str, np.ndarray, KernelKNN | None], None] | None = None,
+) -> tuple[pd.DataFrame, pd.DataFrame | None]:
+    """The full-set layer search (:func:`layer_search_table`) and, with ``halves``, the layer
+    chosen on each half (docs/method.md, "Held-out layer choice"), in one pass over the layers.
+
+    ``halves`` (n_splits, h): sorted positions of half A of each split
+    (``xmodal.selection.split_halves``). Each LLM layer's half-A kNN structures are slices of
+    its full-set kernel (built once); the vision models' are built once when they fit in
+    :data:`HALF_CACHE_BYTES`, else once per LLM layer. On each half, a layer is valid when it is
+    valid on the full set and its value and self-similarity on the half are finite and > 0
+    (self); the choice is the argmax among valid layers. Returns (layers table, held-out table
+    with :data:`HELDOUT_LAYER_COLUMNS`, or None without ``halves``). ``on_layer``: as in
+    :func:`layer_search_table`.
+    """
     names = _check_metrics(metrics)
     device = device or default_device()
     vsides = _vision_sides(vision, k, names, device, dense)
     m = next(iter(vsides.values())).size
+    if halves is not None:
+        halves = np.atleast_2d(np.asarray(halves, dtype=np.int64))
+        h = halves.shape[1]
+        if halves.size and (halves.min() < 0 or halves.max() >= m):
+            raise ValueError(f"halves hold positions outside 0..{m - 1}")
+        if h <= k or h < 4:
+            raise ValueError(
+                f"half A holds {h} stimuli: CKNNA needs more than k = {k} (and at least 4)"
+            )
+        cache = len(vsides) * halves.shape[0] * h * h * 4 <= HALF_CACHE_BYTES
+        vhalf = {key: _subsets_of(vs, halves) for key, vs in vsides.items()} if cache else {}
+        if not cache:
+            log.info(
+                "LLM %s: the vision models' half-set kernels exceed %d bytes; they are rebuilt "
+                "for each LLM layer",
+                llm,
+                HALF_CACHE_BYTES,
+            )
+    on_half: dict[tuple[str, str], list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = {}
     rows = []
     for index, name, y in llm_layers:
         if np.shape(y)[0] != m:
@@ -426,8 +602,12 @@ def layer_search_table(
         lside, reason = _checked_side(y, k, device, dense)
         if on_layer is not None:
             on_layer(int(index), str(name), y, lside)
+        lhalf = _subsets_of(lside, halves) if halves is not None and lside is not None else None
         invalid: dict[str, list[str]] = {}
         for key, vs in vsides.items():
+            vh = None
+            if lhalf is not None:
+                vh = vhalf[key] if cache else _subsets_of(vs, halves)
             for metric in names:
                 value = stability = self_y = float("nan")
                 if lside is not None:
@@ -451,6 +631,13 @@ def layer_search_table(
                         why,
                     )
                 )
+                if halves is None:
+                    continue
+                if vh is None or lhalf is None or not valid:
+                    nan = np.full(halves.shape[0], np.nan)
+                    on_half.setdefault((key, metric), []).append((nan, nan, nan))
+                else:
+                    on_half.setdefault((key, metric), []).append(_batched_values(metric, vh, lhalf))
         for why, pairs in invalid.items():
             log.warning(
                 "LLM %s layer %s (%s) is invalid (%s) for %s; it is never chosen",
@@ -460,7 +647,7 @@ def layer_search_table(
                 why,
                 ", ".join(pairs),
             )
-        del lside
+        del lside, lhalf
     if not rows:
         raise ValueError(f"LLM {llm!r}: llm_layers is empty")
     table = pd.DataFrame(rows, columns=LAYER_COLUMNS[:-1])
@@ -469,7 +656,49 @@ def layer_search_table(
     ].map({metric: i for i, metric in enumerate(names)})
     table = table.iloc[np.argsort(rank.to_numpy(), kind="stable")].reset_index(drop=True)
     table["chosen"] = _choose(table, llm)
-    return table
+    if halves is None:
+        return table, None
+    return table, _heldout_layer_table(table, llm, on_half, halves.shape[1])
+
+
+def _heldout_layer_table(
+    table: pd.DataFrame,
+    llm: str,
+    on_half: Mapping[tuple[str, str], list[tuple[np.ndarray, np.ndarray, np.ndarray]]],
+    n_half: int,
+) -> pd.DataFrame:
+    """One row per (vision, metric, split): the layer chosen on half A (HELDOUT_LAYER_COLUMNS)."""
+    out = []
+    for (key, metric), per_layer in on_half.items():
+        rows = table[(table["vision"] == key) & (table["metric"] == metric)]
+        indices = rows["llm_layer"].to_numpy()
+        layer_names = rows["layer_name"].to_numpy()
+        values = np.stack([p[0] for p in per_layer])  # (n_layers, n_splits), layer order
+        stabs = np.stack([p[1] for p in per_layer])
+        selfs = np.stack([p[2] for p in per_layer])
+        ok = rows["valid"].to_numpy(bool)[:, None] & np.isfinite(values)
+        ok &= np.isfinite(selfs) & (selfs > 0)
+        best = _heldout_choice(llm, key, metric, values, ok, indices.tolist())
+        full_layer = int(rows.loc[rows["chosen"], "llm_layer"].item())
+        splits = np.arange(values.shape[1])
+        out.append(
+            pd.DataFrame(
+                {
+                    "vision": key,
+                    "llm": llm,
+                    "metric": metric,
+                    "split": splits,
+                    "n_stimuli": n_half,
+                    "llm_layer": indices[best].astype(np.int64),
+                    "layer_name": layer_names[best],
+                    "value": values[best, splits],
+                    "stability": stabs[best, splits],
+                    "full_layer": full_layer,
+                    "same_as_full": indices[best] == full_layer,
+                }
+            )
+        )
+    return pd.concat(out, ignore_index=True)[HELDOUT_LAYER_COLUMNS]
 
 
 # ----------------------------------------------------------------------------- conditions
@@ -505,8 +734,10 @@ class ConditionPlan:
     """The stimulus conditions of sets.tsv with shared bootstrap resamples; evaluates kernel pairs.
 
     Build one plan, call :meth:`side` once per kernel (e.g. once per vision model and once per
-    chosen LLM layer) and :meth:`evaluate_metrics` per pair. Random draws are evaluated as one
-    batch. Every set's positions are sorted, so ties inside a set break by stimulus order.
+    chosen LLM layer) and :meth:`evaluate_metrics` per pair. Each family of random draws
+    (``xmodal.selection.RANDOM_SETS``: the random baseline ``random`` and the size-matched
+    ``random_drop``) is evaluated as one batch; every other set is a fixed set. Every set's
+    positions are sorted, so ties inside a set break by stimulus order.
     ``dense``: keep the m×m kernel and slice it (default for m ≤ metrics.DENSE_MAX_M), else
     build each subset's kNN lists from its features (blocked when large).
     """
@@ -526,16 +757,27 @@ class ConditionPlan:
         self.dense = self.m <= DENSE_MAX_M if dense is None else bool(dense)
         given = sets_to_indices(sets, stimulus_ids)
         self.positions = {key: np.sort(pos) for key, pos in given.items()}
-        self.fixed = sorted(key for key in self.positions if key[0] != "random")
-        self.random_draws = sorted(key[2] for key in self.positions if key[0] == "random")
-        sizes = {len(self.positions[("random", "none", d)]) for d in self.random_draws}
-        if len(sizes) > 1:
-            raise ValueError("random draws in the sets table have different sizes")
-        self.random = (
-            np.stack([self.positions[("random", "none", d)] for d in self.random_draws])
-            if self.random_draws
-            else None
-        )
+        self.fixed = sorted(key for key in self.positions if key[0] not in RANDOM_SETS)
+        #: family name → (draw numbers, positions (n_draws, size)), in RANDOM_SETS order
+        self.families: dict[str, tuple[list[int], np.ndarray]] = {}
+        for name in RANDOM_SETS:
+            keys = sorted(key for key in self.positions if key[0] == name)
+            if not keys:
+                continue
+            if {key[1] for key in keys} != {"none"}:
+                raise ValueError(f"{name} draws in the sets table must have summary 'none'")
+            sizes = {len(self.positions[key]) for key in keys}
+            if len(sizes) > 1:
+                raise ValueError(f"{name} draws in the sets table have different sizes {sizes}")
+            stack = np.stack([self.positions[key] for key in keys])
+            self.families[name] = ([key[2] for key in keys], stack)
+        self.random_draws, self.random = self.families.get("random", ([], None))
+        #: families whose subsets are built at evaluation time, in chunks (EAGER_FAMILY_BYTES)
+        self.lazy = {
+            name
+            for name, (_, stack) in self.families.items()
+            if stack.shape[0] * stack.shape[1] ** 2 * 6 > EAGER_FAMILY_BYTES
+        }
         self.summaries = sorted(
             {s for (name, s, _) in self.positions if name in ("low", "high") and s != "none"}
         )
@@ -574,8 +816,9 @@ class ConditionPlan:
             subsets: dict = {
                 key: subset_sides(full, self.positions[key], self.k, tau) for key in self.fixed
             }
-            if self.random is not None:
-                subsets[("random", 0)] = subset_sides(full, self.random, self.k, tau)
+            for name, (_, stack) in self.families.items():
+                if name not in self.lazy:
+                    subsets[(name, 0)] = subset_sides(full, stack, self.k, tau)
             host = full.cpu()
             resamples = {key: plan.side(host) for key, plan in self.plans.items()} if boot else {}
             return ConditionSide(KernelKNN.build(full, self.k, tau), subsets, resamples)
@@ -589,8 +832,9 @@ class ConditionPlan:
         subsets = {
             key: [KernelKNN.from_features(rows(self.positions[key]), self.k)] for key in self.fixed
         }
-        if self.random is not None:
-            subsets[("random", 0)] = [KernelKNN.from_features(rows(r), self.k) for r in self.random]
+        for name, (_, stack) in self.families.items():
+            if name not in self.lazy:
+                subsets[(name, 0)] = [KernelKNN.from_features(rows(r), self.k) for r in stack]
         resamples = (
             {key: plan.side(features=xt.cpu()) for key, plan in self.plans.items()} if boot else {}
         )
@@ -599,8 +843,13 @@ class ConditionPlan:
 
     def _metric_rows(
         self, metric: str, xs: ConditionSide, ys: ConditionSide
-    ) -> tuple[list[tuple], dict[tuple[str, str, int], tuple[float, float]], np.ndarray]:
-        """Condition rows (condition, summary, draw, n_stimuli, value, stability) of one metric."""
+    ) -> tuple[
+        list[tuple],
+        dict[tuple[str, str, int], tuple[float, float]],
+        dict[str, tuple[np.ndarray, np.ndarray]],
+    ]:
+        """Condition rows (condition, summary, draw, n_stimuli, value, stability) of one metric,
+        the fixed sets' (value, stability) and each random family's (values, stabilities)."""
         v, st = side_values(metric, xs.full, ys.full)
         rows = [("full", "none", 0, self.m, float(v[0]), float(st[0]))]
         values: dict[tuple[str, str, int], tuple[float, float]] = {}
@@ -611,15 +860,25 @@ class ConditionPlan:
             ]
             values[key] = (float(parts[0][0][0]), float(parts[0][1][0]))
             rows.append((key[0], key[1], key[2], len(self.positions[key]), *values[key]))
-        random_vals = np.array([])
-        if self.random is not None:
-            pairs = zip(xs.subsets[("random", 0)], ys.subsets[("random", 0)], strict=True)
-            parts = [side_values(metric, a, b) for a, b in pairs]
-            random_vals = torch.cat([p[0] for p in parts]).numpy()
-            random_stab = torch.cat([p[1] for p in parts]).numpy()
-            for d, v_, s_ in zip(self.random_draws, random_vals, random_stab, strict=True):
-                rows.append(("random", "none", d, self.random.shape[1], float(v_), float(s_)))
-        return rows, values, random_vals
+        families: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        for name, (draws, stack) in self.families.items():
+            if name in self.lazy:  # chunks of draws, built from the full kernels and dropped
+                step = max(1, _MAX_BATCH_ELEMS // stack.shape[1] ** 2)
+                parts = []
+                for start in range(0, stack.shape[0], step):
+                    chunk = stack[start : start + step]
+                    a, b = _subsets_of(xs.full, chunk), _subsets_of(ys.full, chunk)
+                    parts += [side_values(metric, p, q) for p, q in zip(a, b, strict=True)]
+                    del a, b
+            else:
+                pairs = zip(xs.subsets[(name, 0)], ys.subsets[(name, 0)], strict=True)
+                parts = [side_values(metric, a, b) for a, b in pairs]
+            vals = torch.cat([p[0] for p in parts]).numpy()
+            stabs = torch.cat([p[1] for p in parts]).numpy()
+            families[name] = (vals, stabs)
+            for d, v_, s_ in zip(draws, vals, stabs, strict=True):
+                rows.append((name, "none", d, stack.shape[1], float(v_), float(s_)))
+        return rows, values, families
 
     def _boot_diff(self, metric: str, summary: str, xs: ConditionSide, ys: ConditionSide):
         """Bootstrap summary of low* − high* (None when this metric or summary has none)."""
@@ -653,7 +912,8 @@ class ConditionPlan:
         cond_frames, contrast_rows = [], []
         nan = float("nan")
         for metric in _check_metrics(metrics):
-            rows, values, random_vals = self._metric_rows(metric, xs, ys)
+            rows, values, families = self._metric_rows(metric, xs, ys)
+            random_vals, random_stabs = families.get("random", (np.array([]), np.array([])))
             frame = pd.DataFrame(rows, columns=CONDITION_COLUMNS[3:7] + CONDITION_COLUMNS[8:])
             frame.insert(0, "vision", vision)
             frame.insert(1, "llm", llm)
@@ -683,6 +943,7 @@ class ConditionPlan:
                     "high": high,
                     "low_stability": low_st,
                     "high_stability": high_st,
+                    "random_stability": mean_stability(random_stabs),
                 }
                 if random_vals.size:
                     base = random_baseline(random_vals, low)
@@ -733,7 +994,9 @@ class ConditionPlan:
         """CKNNA (conditions, contrasts) of one pair in the per-pair layout of docs/contracts.md."""
         conditions, contrasts = self.evaluate_metrics(vision, llm, llm_layer, xs, ys, ("cknna",))
         conditions = conditions.drop(columns=["stability"])
-        contrasts = contrasts.drop(columns=["metric", "low_stability", "high_stability"])
+        contrasts = contrasts.drop(
+            columns=["metric", "low_stability", "high_stability", "random_stability"]
+        )
         return conditions, contrasts
 
 
@@ -823,3 +1086,253 @@ def condition_tables(
         pd.concat([parts[p][0] for p in order], ignore_index=True)[CONDITION_COLUMNS],
         pd.concat([parts[p][1] for p in order], ignore_index=True)[CONTRAST_COLUMNS],
     )
+
+
+# ----------------------------------------------------------------------------- controls
+
+_SUMMARY_ORDER = {"mean": 0, "pc1": 1}
+
+
+def _ordered_summaries(values: Iterable[str]) -> list[str]:
+    return sorted(set(values), key=lambda s: (_SUMMARY_ORDER.get(s, 2), s))
+
+
+def drop_table(conditions: pd.DataFrame) -> pd.DataFrame:
+    """The drop sets against the size-matched random draws (docs/method.md, "Size-matched drop
+    control"): one row per (vision, LLM, metric, summary of the drop sets), :data:`DROP_COLUMNS`.
+
+    ``conditions``: :func:`condition_tables` of a sets table with ``random_drop`` draws. The
+    random columns are ``xmodal.stats.random_baseline`` of the ``random_drop`` values (mean,
+    95% percentile interval; NaN when a draw is), ``random_stability`` their mean stability,
+    ``frac_random_ge_drop_high`` / ``_low`` the fraction of draws at or above each drop set.
+    The draws must have the drop sets' size (else the sets table is inconsistent: an error).
+    """
+    required = {"vision", "llm", "llm_layer", "metric", "condition", "summary", "value"}
+    missing = required - set(conditions.columns)
+    if missing:
+        raise ValueError(f"conditions table lacks columns {sorted(missing)}")
+    if not (conditions["condition"] == "random_drop").any():
+        raise ValueError(
+            "the conditions hold no random_drop draws: the sets table was made without the "
+            "size-matched control (analysis.drop_control); rerun stimulus_sets"
+        )
+    nan = float("nan")
+    rows = []
+    keys = ["vision", "llm", "metric"]
+    for (vision, llm, metric), g in conditions.groupby(keys, sort=False):
+        rand = g[g["condition"] == "random_drop"]
+        values = rand["value"].to_numpy(np.float64)
+        stab = rand["stability"].to_numpy(np.float64) if "stability" in g else np.zeros(len(rand))
+        size = set(rand["n_stimuli"].astype(int)) if "n_stimuli" in g else set()
+        full = g[g["condition"] == "full"]
+        full_v = float(full["value"].iloc[0]) if len(full) else nan
+        full_s = float(full["stability"].iloc[0]) if len(full) and "stability" in g else nan
+        drops = g[g["condition"].isin(["drop_high", "drop_low"])]
+        for summary in _ordered_summaries(drops["summary"]):
+            got: dict[str, tuple[float, float, int]] = {}
+            for name in ("drop_high", "drop_low"):
+                r = drops[(drops["condition"] == name) & (drops["summary"] == summary)]
+                if len(r) != 1:
+                    raise ValueError(
+                        f"{vision} x {llm} {metric}: expected one {name} row for summary "
+                        f"{summary!r}, found {len(r)}"
+                    )
+                st = float(r["stability"].item()) if "stability" in r else nan
+                got[name] = (float(r["value"].item()), st, int(r["n_stimuli"].item()))
+            n_drop = got["drop_high"][2]
+            if size and size != {n_drop}:
+                raise ValueError(
+                    f"{vision} x {llm}: the random_drop draws hold {sorted(size)} stimuli but the "
+                    f"drop sets {n_drop}; the sets table is inconsistent (rerun stimulus_sets)"
+                )
+            if rand.empty:
+                base_hi = base_lo = {
+                    "random_mean": nan, "random_ci_low": nan, "random_ci_high": nan,
+                    "frac_random_ge_low": nan, "n_nonfinite": 0,
+                }  # fmt: skip
+            else:
+                base_hi = random_baseline(values, got["drop_high"][0])
+                base_lo = random_baseline(values, got["drop_low"][0])
+            rows.append(
+                {
+                    "vision": vision,
+                    "llm": llm,
+                    "llm_layer": int(g["llm_layer"].iloc[0]),
+                    "metric": metric,
+                    "summary": summary,
+                    "n_stimuli": n_drop,
+                    "full": full_v,
+                    "full_stability": full_s,
+                    "drop_high": got["drop_high"][0],
+                    "drop_high_stability": got["drop_high"][1],
+                    "drop_low": got["drop_low"][0],
+                    "drop_low_stability": got["drop_low"][1],
+                    "random_mean": base_hi["random_mean"],
+                    "random_ci_low": base_hi["random_ci_low"],
+                    "random_ci_high": base_hi["random_ci_high"],
+                    "random_stability": mean_stability(stab),
+                    "n_random": int(values.size),
+                    "frac_random_ge_drop_high": base_hi["frac_random_ge_low"],
+                    "frac_random_ge_drop_low": base_lo["frac_random_ge_low"],
+                }
+            )
+    return pd.DataFrame(rows, columns=DROP_COLUMNS)
+
+
+def heldout_condition_table(
+    vision: Mapping[str, tuple[int, np.ndarray]],
+    llm: str,
+    chosen: Mapping[tuple[str, str], int],
+    heldout_chosen: Mapping[tuple[str, str, int], int],
+    llm_layer: Callable[[int], np.ndarray],
+    sets: pd.DataFrame,
+    stimulus_ids: Sequence[str],
+    k: int = 10,
+    metrics: Sequence[str] = ("cknna",),
+    device: torch.device | None = None,
+    dense: bool | None = None,
+) -> pd.DataFrame:
+    """The sets inside half B of each split at two LLM layers (docs/method.md, "Held-out layer
+    choice"): ``layer_rule`` ``heldout``, the layer chosen on half A of that split
+    (``heldout_chosen[(vision, metric, split)]``), and ``full``, the layer chosen on the full
+    set (``chosen[(vision, metric)]``, which saw half B).
+
+    ``sets``: split, set (low, high, random), summary, draw, stimulus_id
+    (``xmodal.selection.heldout_sets``). Kernels are built once per vision model and once per
+    distinct LLM layer (each read once through ``llm_layer``, all held: memory ≈ (vision models +
+    distinct layers) · m² · 4 bytes); subsets slice them (kNN lists and centring recomputed
+    inside each set, τ of the full kernel) on ``device`` (default CPU, as
+    :func:`condition_tables`). Per (vision, metric, summary, split, layer_rule):
+    low, high, their stabilities, the random sets' baseline (``random_baseline``) and mean
+    stability, low − high. Columns :data:`HELDOUT_COLUMNS`.
+    """
+    names = _check_metrics(metrics)
+    m = len(stimulus_ids)
+    if "split" not in sets.columns:
+        raise ValueError("the held-out sets table has no 'split' column")
+    splits = sorted(int(s) for s in set(sets["split"].astype(int)))
+    missing = [(v, mt) for v in vision for mt in names if (v, mt) not in chosen]
+    missing += [
+        (v, mt, s) for v in vision for mt in names for s in splits
+        if (v, mt, s) not in heldout_chosen
+    ]  # fmt: skip
+    if missing:
+        raise ValueError(f"LLM {llm!r}: no chosen layer for {missing[:5]}")
+    vsides = _vision_sides(vision, k, names, device, dense)
+    if next(iter(vsides.values())).size != m:
+        raise ValueError(f"vision features have {next(iter(vsides.values())).size} rows, m={m}")
+    layers: dict[int, KernelKNN] = {}
+
+    def llm_side(index: int) -> KernelKNN:
+        if index not in layers:
+            y = llm_layer(index)
+            if np.shape(y)[0] != m:
+                raise ValueError(f"LLM {llm!r} layer {index} has {np.shape(y)[0]} stimuli, m={m}")
+            side, reason = _checked_side(y, k, device, dense)
+            if reason:
+                raise AlignmentError(
+                    f"LLM {llm!r} layer {index}, chosen for the held-out layer choice, has "
+                    f"{reason}; a chosen layer must be valid"
+                )
+            layers[index] = side
+        return layers[index]
+
+    split_col = sets["split"].astype(int)
+    rows = []
+    for split in splits:
+        given = sets_to_indices(sets[split_col == split].drop(columns="split"), stimulus_ids)
+        pos = {key: np.sort(p) for key, p in given.items()}
+        fixed = sorted(key for key in pos if key[0] != "random")
+        rkeys = sorted(key for key in pos if key[0] == "random")
+        stack = np.stack([pos[key] for key in rkeys]) if rkeys else None
+        summaries = _ordered_summaries(s for name, s, _ in fixed if name in ("low", "high"))
+        vsub = {key: _split_subsets(vs, pos, fixed, stack) for key, vs in vsides.items()}
+        lsub: dict[int, dict] = {}
+        done: dict[tuple[str, str, int], dict] = {}
+        for key in vision:
+            for metric in names:
+                for rule in ("heldout", "full"):
+                    index = int(
+                        heldout_chosen[(key, metric, split)] if rule == "heldout"
+                        else chosen[(key, metric)]
+                    )  # fmt: skip
+                    if (key, metric, index) not in done:
+                        if index not in lsub:
+                            lsub[index] = _split_subsets(llm_side(index), pos, fixed, stack)
+                        done[(key, metric, index)] = _set_values(
+                            metric, vsub[key], lsub[index], fixed
+                        )
+                    res = done[(key, metric, index)]
+                    for summary in summaries:
+                        rows.append(
+                            _heldout_row(key, llm, metric, summary, split, rule, index, pos, res)
+                        )
+        del vsub, lsub
+    return pd.DataFrame(rows, columns=HELDOUT_COLUMNS)
+
+
+def _split_subsets(
+    side: KernelKNN, pos: Mapping, fixed: Sequence, stack: np.ndarray | None
+) -> dict:
+    """kNN batches of one split's fixed sets and of its random sets (key ``random``)."""
+    out = {key: _subsets_of(side, pos[key]) for key in fixed}
+    if stack is not None:
+        out["random"] = _subsets_of(side, stack)
+    return out
+
+
+def _set_values(metric: str, xsub: dict, ysub: dict, fixed: Sequence) -> dict:
+    """(value, stability) of every fixed set and (values, stabilities) of the random batch."""
+    out: dict = {}
+    for key in fixed:
+        v, st, _ = _batched_values(metric, xsub[key], ysub[key])
+        out[key] = (float(v[0]), float(st[0]))
+    if "random" in xsub:
+        v, st, _ = _batched_values(metric, xsub["random"], ysub["random"])
+        out["random"] = (v, st)
+    return out
+
+
+def _heldout_row(
+    vision: str,
+    llm: str,
+    metric: str,
+    summary: str,
+    split: int,
+    rule: str,
+    index: int,
+    pos: Mapping,
+    res: Mapping,
+) -> dict:
+    nan = float("nan")
+    low, low_st = res.get(("low", summary, 0), (nan, nan))
+    high, high_st = res.get(("high", summary, 0), (nan, nan))
+    rand, rand_st = res.get("random", (np.array([]), np.array([])))
+    base = (
+        random_baseline(rand, low)
+        if rand.size
+        else {"random_mean": nan, "random_ci_low": nan, "random_ci_high": nan,
+              "frac_random_ge_low": nan}
+    )  # fmt: skip
+    key = ("low", summary, 0)
+    return {
+        "vision": vision,
+        "llm": llm,
+        "metric": metric,
+        "summary": summary,
+        "split": int(split),
+        "layer_rule": rule,
+        "llm_layer": int(index),
+        "n_stimuli": len(pos[key]) if key in pos else 0,
+        "low": low,
+        "high": high,
+        "low_stability": low_st,
+        "high_stability": high_st,
+        "random_mean": base["random_mean"],
+        "random_ci_low": base["random_ci_low"],
+        "random_ci_high": base["random_ci_high"],
+        "random_stability": mean_stability(rand_st),
+        "n_random": int(rand.size),
+        "frac_random_ge_low": base["frac_random_ge_low"],
+        "diff_low_high": low - high,
+    }

@@ -89,9 +89,11 @@ CELL_COLUMNS = [
     "language_level",
     "n_stimuli",
     "value",
+    "stability",
     "random_mean",
     "random_ci_low",
     "random_ci_high",
+    "random_stability",
     "frac_random_ge",
     "n_random",
 ]
@@ -343,14 +345,23 @@ def cell_table(conditions: pd.DataFrame) -> pd.DataFrame:
 
     ``conditions``: :func:`xmodal.alignment.condition_tables` of the joint sets. Per (vision,
     LLM, metric): the random draws' mean, 95% percentile interval and the fraction of draws at or
-    above the cell's value (``xmodal.stats.random_baseline``).
+    above the cell's value (``xmodal.stats.random_baseline``). ``stability`` is the cell's own
+    (docs/method.md, "Stability"), ``random_stability`` the mean of the draws' stabilities
+    (``xmodal.summary.mean_stability``); NaN where the conditions table has no stability.
     """
     from xmodal.stats import random_baseline
+    from xmodal.summary import mean_stability
 
     levels = {name: (v, lang) for name, v, lang in CELLS}
     rows = []
     for (vision, llm, metric), group in conditions.groupby(["vision", "llm", "metric"], sort=False):
         rand = group.loc[group["condition"] == "random", "value"].to_numpy(dtype=np.float64)
+        has_stability = "stability" in group.columns
+        rand_stab = (
+            group.loc[group["condition"] == "random", "stability"].to_numpy(dtype=np.float64)
+            if has_stability
+            else np.full(rand.size, np.nan)
+        )
         cells = group[group["condition"].isin(list(levels))]
         for r in cells.itertuples():
             base = (
@@ -375,9 +386,11 @@ def cell_table(conditions: pd.DataFrame) -> pd.DataFrame:
                     "language_level": levels[r.condition][1],
                     "n_stimuli": int(r.n_stimuli),
                     "value": float(r.value),
+                    "stability": float(r.stability) if has_stability else np.nan,
                     "random_mean": base["random_mean"],
                     "random_ci_low": base["random_ci_low"],
                     "random_ci_high": base["random_ci_high"],
+                    "random_stability": mean_stability(rand_stab),
                     "frac_random_ge": base["frac_random_ge_low"],
                     "n_random": int(rand.size),
                 }

@@ -9,6 +9,7 @@ else. Outputs are written atomically: a failed step leaves nothing at its output
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -277,9 +278,14 @@ def _gpa_and_dispersion(
 
 
 def run_stimulus_sets(
-    dispersion_path: PathLike, analysis: Mapping[str, Any], out_sets: PathLike
+    dispersion_path: PathLike,
+    analysis: Mapping[str, Any],
+    out_sets: PathLike,
+    n_drop_random: int = 0,
 ) -> None:
-    """Low / high / random sets and the drop-fraction ablations, from the dispersion table."""
+    """Low / high / random sets and the drop-fraction ablations, from the dispersion table;
+    with ``n_drop_random`` > 0 also that many size-matched random sets of the drop sets
+    (docs/method.md, "Size-matched drop control")."""
     from xmodal.config import check_against_stimuli
 
     table = read_table(dispersion_path)
@@ -292,6 +298,41 @@ def run_stimulus_sets(
         n_random=int(analysis["n_random"]),
         drop_fraction=float(analysis["drop_fraction"]),
         seed=int(analysis["seed"]),
+        n_drop_random=n_drop_random,
+    )
+    if n_drop_random:
+        log.info(
+            "size-matched control of the drop sets: %d random sets of %d stimuli",
+            n_drop_random,
+            selection.drop_set_size(len(table), float(analysis["drop_fraction"])),
+        )
+    write_table(sets, out_sets)
+
+
+def run_heldout_sets(
+    dispersion_path: PathLike, analysis: Mapping[str, Any], n_splits: int, out_sets: PathLike
+) -> None:
+    """The sets of the held-out layer choice: low / high / random inside half B of each split
+    (docs/method.md, "Held-out layer choice"; xmodal.selection.heldout_sets)."""
+    table = read_table(dispersion_path)
+    sets = selection.heldout_sets(
+        table["stimulus_id"].tolist(),
+        table["mean_dispersion"].to_numpy(),
+        table["pc1_score"].to_numpy(),
+        set_size=int(analysis["set_size"]),
+        n_random=int(analysis["n_random"]),
+        n_splits=int(n_splits),
+        seed=int(analysis["seed"]),
+        knn_k=int(analysis["knn_k"]),
+    )
+    log.info(
+        "held-out layer choice: %d splits of %d stimuli into halves of %d and %d; sets of %d "
+        "inside each half B",
+        n_splits,
+        len(table),
+        len(table) // 2,
+        len(table) - len(table) // 2,
+        selection.heldout_set_size(int(analysis["set_size"]), len(table)),
     )
     write_table(sets, out_sets)
 
@@ -334,11 +375,16 @@ def run_layer_search(
     out_table: PathLike,
     metric_names: Sequence[str] = ("cknna",),
     out_diagnostics: PathLike | None = None,
+    out_heldout: PathLike | None = None,
+    n_splits: int = 0,
+    seed: int = 0,
 ) -> None:
     """Each vision model against every layer of one LLM on the full stimulus set: the layer
     profile and the chosen layer per (vision model, metric) (docs/method.md, "Layer choice");
     with ``out_diagnostics``, the representation diagnostics of every LLM layer too
-    (docs/method.md, "Diagnostics")."""
+    (docs/method.md, "Diagnostics"); with ``out_heldout``, the layer chosen on half A of each of
+    ``n_splits`` random splits (seed ``seed``; docs/method.md, "Held-out layer choice"), in the
+    same pass over the layers."""
     ids, prepared = read_prepared_vision(vision_paths, vision, vision_layer)
     diags: list[tuple[str, int, str, diagnostics.LayerDiagnostics]] = []
 
@@ -347,11 +393,17 @@ def run_layer_search(
         usable = side if side is not None and side.k == k else None
         diags.append((llm, index, name, diagnostics.diagnose(x, k, side=usable)))
 
+    halves = None
+    if out_heldout is not None:
+        if n_splits < 1:
+            raise ValueError(f"the held-out layer choice needs n_splits ≥ 1, got {n_splits}")
+        halves = selection.split_halves(len(ids), n_splits, seed)[0]
     with open_features(llm_path, ids, model=llm, modality="language") as f:
-        table = alignment.layer_search_table(
+        table, heldout = alignment.layer_search_tables(
             prepared,
             llm,
             _llm_layers(f),
+            halves,
             k=k,
             metrics=tuple(metric_names),
             on_layer=diagnose if out_diagnostics is not None else None,
@@ -370,6 +422,21 @@ def run_layer_search(
             row.metric,
             row.value,
         )
+    if heldout is not None and out_heldout is not None:
+        for (vision_key, metric), g in heldout.groupby(["vision", "metric"], sort=False):
+            log.info(
+                "%s x %s (%s): the layer chosen on half A equals the full-set layer in %d of %d "
+                "splits (layers chosen: %s)",
+                vision_key,
+                llm,
+                metric,
+                int(g["same_as_full"].sum()),
+                len(g),
+                ", ".join(
+                    f"{i}: {n}" for i, n in g["llm_layer"].value_counts().sort_index().items()
+                ),
+            )
+        write_table(heldout, out_heldout)
     write_table(table, out_table)
 
 
@@ -479,15 +546,75 @@ def run_conditions(
     out_conditions: PathLike,
     out_contrasts: PathLike,
     metric_names: Sequence[str] = ("cknna",),
+    out_drop: PathLike | None = None,
+    heldout_layers_path: PathLike | None = None,
+    heldout_sets_path: PathLike | None = None,
+    out_heldout: PathLike | None = None,
 ) -> None:
     """Every stimulus set of every vision model against one LLM, at the layers chosen on the
-    full set (each chosen LLM layer read and prepared once)."""
-    conditions, contrasts = _set_alignment(
+    full set (each chosen LLM layer read and prepared once).
+
+    ``out_drop``: the drop sets against their size-matched random draws (docs/method.md,
+    "Size-matched drop control"; the sets table must hold them). ``out_heldout`` (with the layer
+    search's ``heldout_layers_path`` and ``heldout_sets_path``): the sets inside half B of each
+    split at the held-out and at the full-set layer (docs/method.md, "Held-out layer choice").
+    """
+    heldout = None
+    if out_heldout is not None:
+        if heldout_layers_path is None or heldout_sets_path is None:
+            raise ValueError("out_heldout needs heldout_layers_path and heldout_sets_path")
+        heldout = (heldout_layers_path, heldout_sets_path, seed)
+    conditions, contrasts, held = _set_alignment(
         vision_paths, llm_path, layers_path, sets_path, vision, llm, vision_layer, k, n_boot, seed,
-        metric_names,
+        metric_names, heldout,
     )  # fmt: skip
+    if out_drop is not None:
+        drop = alignment.drop_table(conditions)
+        for r in drop.itertuples():
+            log.info(
+                "%s x %s %s (%s): drop high %.4f, drop low %.4f; random sets of %d: %.4f "
+                "[%.4f, %.4f]; fraction of draws >= drop high %.2f, >= drop low %.2f",
+                r.vision, llm, r.metric, r.summary, r.drop_high, r.drop_low, r.n_stimuli,
+                r.random_mean, r.random_ci_low, r.random_ci_high, r.frac_random_ge_drop_high,
+                r.frac_random_ge_drop_low,
+            )  # fmt: skip
+        write_table(drop, out_drop)
+    if held is not None and out_heldout is not None:
+        write_table(held, out_heldout)
     write_table(conditions, out_conditions)
     write_table(contrasts, out_contrasts)
+
+
+def heldout_choices(
+    table: pd.DataFrame, path: PathLike = "held-out layers table"
+) -> dict[tuple[str, str, int], int]:
+    """``(vision, metric, split) -> LLM layer chosen on half A`` from the layer search's
+    held-out table (one per key)."""
+    out: dict[tuple[str, str, int], int] = {}
+    for row in table.itertuples():
+        key = (str(row.vision), str(row.metric), int(row.split))
+        if key in out:
+            raise ValueError(f"{path}: more than one held-out layer for {key}")
+        out[key] = int(row.llm_layer)
+    return out
+
+
+def _check_halves(
+    sets: pd.DataFrame, ids: Sequence[str], n_splits: int, seed: int, path: PathLike
+) -> None:
+    """Every set of split s lies in half B of split s as the layer search drew it (no stimulus
+    of half A, on which that split's layer was chosen)."""
+    halves_a, _ = selection.split_halves(len(ids), n_splits, seed)
+    pos = {str(s): i for i, s in enumerate(ids)}
+    for split, g in sets.groupby("split"):
+        inside = set(g["stimulus_id"].astype(str).map(pos))
+        overlap = inside & set(halves_a[int(split)].tolist())
+        if overlap:
+            raise ValueError(
+                f"{path}: split {split} has {len(overlap)} stimuli in half A, on which its layer "
+                "was chosen; the held-out sets and the layer search disagree (different seed or "
+                "stimuli): rerun both"
+            )
 
 
 def _set_alignment(
@@ -502,9 +629,12 @@ def _set_alignment(
     n_boot: int,
     seed: int,
     metric_names: Sequence[str],
-) -> tuple[pd.DataFrame, pd.DataFrame]:
+    heldout: tuple[PathLike, PathLike, int] | None = None,
+) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame | None]:
     """xmodal.alignment.condition_tables for every set of a sets table, at the LLM layers the
-    layer search chose per (vision model, metric)."""
+    layer search chose per (vision model, metric); with ``heldout`` (held-out layers table,
+    held-out sets table, seed of the splits) also xmodal.alignment.heldout_condition_table
+    (each LLM layer read once for both)."""
     chosen = chosen_layers(read_table(layers_path), layers_path)
     missing = [(v, m) for v in vision for m in metric_names if (v, m) not in chosen]
     if missing:
@@ -514,13 +644,30 @@ def _set_alignment(
         )
     ids, prepared = read_prepared_vision(vision_paths, vision, vision_layer)
     sets = read_table(sets_path)
+    held_sets = held_choice = None
+    if heldout is not None:
+        held_path, held_sets_path, split_seed = heldout
+        held_choice = heldout_choices(read_table(held_path), held_path)
+        held_sets = read_table(held_sets_path)
+        splits = sorted(set(held_sets["split"].astype(int)))
+        chosen_splits = sorted({s for _, _, s in held_choice})
+        if splits != chosen_splits or splits != list(range(len(splits))):
+            raise ValueError(
+                f"{held_sets_path} has {len(splits)} splits, {held_path} "
+                f"{len(chosen_splits)}: made with different analysis.heldout_layer.n_splits; "
+                "rerun both (rules heldout_sets and layer_search)"
+            )
+        _check_halves(held_sets, ids, len(splits), split_seed, held_sets_path)
     with open_features(llm_path, ids, model=llm, modality="language") as f:
         t = layer_threshold(f)
-        return alignment.condition_tables(
+        read = functools.partial(prepared_layer, f, threshold=t)
+        # with the held-out evaluation, each layer is read once for both (held in memory)
+        read = functools.cache(read) if heldout is not None else read
+        conditions, contrasts = alignment.condition_tables(
             prepared,
             llm,
             chosen,
-            lambda i: prepared_layer(f, i, t),
+            read,
             sets,
             ids,
             k=k,
@@ -528,6 +675,13 @@ def _set_alignment(
             seed=seed,
             metrics=tuple(metric_names),
         )
+        held = None
+        if held_sets is not None and held_choice is not None:
+            held = alignment.heldout_condition_table(
+                prepared, llm, chosen, held_choice, read, held_sets, ids, k=k,
+                metrics=tuple(metric_names),
+            )  # fmt: skip
+    return conditions, contrasts, held
 
 
 def concatenate_tables(paths: Sequence[PathLike], out: PathLike) -> None:
@@ -553,6 +707,37 @@ def write_summary(contrasts_path: PathLike, grid_path: PathLike, out: PathLike) 
     from xmodal.summary import summary_table
 
     write_table(summary_table(read_table(contrasts_path), read_table(grid_path)), out)
+
+
+def write_drop_summary(drop_path: PathLike, out: PathLike) -> None:
+    """Where the drop sets fall among their size-matched random draws, over pairs."""
+    from xmodal.summary import drop_summary_table
+
+    table = drop_summary_table(read_table(drop_path))
+    for r in table.itertuples():
+        log.info(
+            "%s (%s): drop high > random > drop low in %d of %d valid pairs (%d unstable); "
+            "random sets of the drop size minus full set: median %+.4f",
+            r.metric, r.summary, r.n_drop_high_gt_random_gt_drop_low, r.n_valid, r.n_unstable,
+            r.median_random_minus_full,
+        )  # fmt: skip
+    write_table(table, out)
+
+
+def write_heldout_summary(heldout_path: PathLike, out: PathLike) -> None:
+    """The low − high contrast inside the held-out halves, at the held-out and the full-set
+    layer, over pairs."""
+    from xmodal.summary import heldout_summary_table
+
+    table = heldout_summary_table(read_table(heldout_path))
+    for r in table.itertuples():
+        log.info(
+            "%s (%s), %s layer: low > high (mean over %d splits) in %d of %d valid pairs; "
+            "median low - high %+.4f; held-out layer = full-set layer in a median %.2f of splits",
+            r.metric, r.summary, r.layer_rule, r.n_splits, r.n_low_gt_high, r.n_valid,
+            r.median_diff, r.median_frac_same_layer,
+        )  # fmt: skip
+    write_table(table, out)
 
 
 # ---------------------------------------------------------------- language-side dispersion
@@ -674,7 +859,7 @@ def run_joint_conditions(
 ) -> None:
     """CKNNA of every vision model with one LLM (at its chosen layers) on the 2 × 2 sets and the
     size-matched random draws; the conditions table and each cell against the random draws."""
-    conditions, _ = _set_alignment(
+    conditions, _, _ = _set_alignment(
         vision_paths, llm_path, layers_path, sets_path, vision, llm, vision_layer, k, 0, seed,
         ("cknna",),
     )  # fmt: skip

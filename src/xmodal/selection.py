@@ -1,23 +1,46 @@
-"""Stimulus sets by a dispersion summary (docs/method.md, "Stimulus sets"): low / high / random / drop fractions."""
+"""Stimulus sets by a dispersion summary (docs/method.md, "Stimulus sets"): low / high / random /
+drop fractions, the size-matched random sets of the drop ablation and the random halves of the
+held-out layer choice (docs/method.md, "Controls")."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from xmodal.config import ConfigError
+
 __all__ = [
+    "RANDOM_SETS",
+    "SEED_STREAMS",
     "SET_NAMES",
+    "DropControl",
+    "HeldOutLayer",
     "drop_fraction_sets",
+    "drop_set_size",
+    "heldout_set_size",
+    "heldout_sets",
     "high_set",
     "low_set",
     "make_sets",
     "random_sets",
     "sets_to_indices",
+    "split_halves",
 ]
 
-SET_NAMES = ("low", "high", "random", "drop_high", "drop_low")
+SET_NAMES = ("low", "high", "random", "drop_high", "drop_low", "random_drop")
+#: Sets that are families of random draws (several ``draw`` values of one size): each family is
+#: evaluated as one batch and summarised as a distribution; any other set is a fixed set.
+RANDOM_SETS = ("random", "random_drop")
+#: numpy seeds of the random draws: ``default_rng(seed)`` for the random baseline (as before the
+#: controls existed), ``default_rng([seed, stream])`` for the others, and
+#: ``default_rng([seed, 13, split])`` for the random sets inside half B of one split. The
+#: streams are distinct from the bootstrap's ``[seed, i]`` (i = 0, 1: the summary's index).
+SEED_STREAMS = {"random_drop": 11, "splits": 12, "heldout_random": 13}
 
 
 def _scores(scores: np.ndarray) -> np.ndarray:
@@ -54,8 +77,12 @@ def high_set(scores: np.ndarray, set_size: int) -> np.ndarray:
     return np.argsort(s, kind="stable")[s.size - k :]
 
 
-def random_sets(m: int, set_size: int, n_draws: int, seed: int) -> np.ndarray:
-    """n_draws × K positions, each row drawn without replacement (numpy default_rng(seed))."""
+def random_sets(m: int, set_size: int, n_draws: int, seed: int | Sequence[int]) -> np.ndarray:
+    """n_draws × K positions, each row drawn without replacement (numpy default_rng(seed)).
+
+    Row r is the r-th ``rng.choice(m, K, replace=False)`` of one generator (positions in draw
+    order, not sorted).
+    """
     k = _check_size(set_size, m)
     if n_draws < 0:
         raise ValueError(f"n_random must be ≥ 0, got {n_draws}")
@@ -63,6 +90,11 @@ def random_sets(m: int, set_size: int, n_draws: int, seed: int) -> np.ndarray:
     return np.stack([rng.choice(m, size=k, replace=False) for _ in range(n_draws)]).reshape(
         n_draws, k
     )
+
+
+def drop_set_size(m: int, fraction: float) -> int:
+    """Stimuli a drop set keeps: m − round(f·m) (Python's round, as :func:`drop_fraction_sets`)."""
+    return int(m) - int(round(_check_fraction(fraction) * m))
 
 
 def drop_fraction_sets(scores: np.ndarray, fraction: float) -> tuple[np.ndarray, np.ndarray]:
@@ -84,10 +116,14 @@ def make_sets(
     n_random: int = 100,
     drop_fraction: float = 0.25,
     seed: int = 0,
+    n_drop_random: int = 0,
 ) -> pd.DataFrame:
     """Long table set, summary, draw, stimulus_id: low/high by mean and pc1, random draws, drop sets.
 
     Drop sets follow the mean summary (the paper's Supp. Fig. 1) and also the pc1 summary.
+    ``n_drop_random`` > 0 adds the size-matched control of the drop sets: set ``random_drop``
+    (summary ``none``), that many random sets of the drop sets' size m − round(f·m), drawn by
+    :func:`random_sets` with seed ``[seed, 11]`` (docs/method.md, "Size-matched drop control").
     """
     ids = np.asarray([str(s) for s in stimulus_ids], dtype=object)
     m = ids.size
@@ -114,6 +150,13 @@ def make_sets(
         drop_high, drop_low = drop_fraction_sets(scores, drop_fraction)
         add("drop_high", summary, 0, drop_high)
         add("drop_low", summary, 0, drop_low)
+    if n_drop_random < 0:
+        raise ValueError(f"n_drop_random must be ≥ 0, got {n_drop_random}")
+    if n_drop_random:
+        size = drop_set_size(m, drop_fraction)
+        stream = [int(seed), SEED_STREAMS["random_drop"]]
+        for draw, pos in enumerate(random_sets(m, size, n_drop_random, stream)):
+            add("random_drop", "none", draw, pos)
     out = pd.concat(parts, ignore_index=True)
     out["draw"] = out["draw"].astype(np.int64)
     return out
@@ -154,3 +197,155 @@ def sets_to_indices(
             raise ValueError(f"set {key} lists a stimulus more than once")
         out[key] = arr
     return out
+
+
+# ---------------------------------------------------------------- held-out layer choice
+
+
+def split_halves(m: int, n_splits: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Random halves of the m stimuli: (A, B), arrays (n_splits, ⌊m/2⌋) and (n_splits, m − ⌊m/2⌋).
+
+    Split s is the s-th ``rng.permutation(m)`` of ``numpy.random.default_rng([seed, 12])``:
+    A = its first ⌊m/2⌋ positions, B = the rest, each sorted (manifest order). Not stratified:
+    the halves depend on m and the seed only, not on dispersion, so that the layer search that
+    chooses a layer on A does not wait for GPA (docs/method.md, "Held-out layer choice").
+    """
+    if isinstance(m, bool) or int(m) != m or m < 2:
+        raise ValueError(f"need at least 2 stimuli to split into halves, got m={m!r}")
+    if isinstance(n_splits, bool) or int(n_splits) != n_splits or n_splits < 1:
+        raise ValueError(f"n_splits must be an integer ≥ 1, got {n_splits!r}")
+    rng = np.random.default_rng([int(seed), SEED_STREAMS["splits"]])
+    half = int(m) // 2
+    a, b = [], []
+    for _ in range(int(n_splits)):
+        perm = rng.permutation(int(m))
+        a.append(np.sort(perm[:half]))
+        b.append(np.sort(perm[half:]))
+    return np.stack(a), np.stack(b)
+
+
+def heldout_set_size(set_size: int, m: int) -> int:
+    """Size K_B of the low / high / random sets inside half B: ⌊K·|B|/m + ½⌋, |B| = m − ⌊m/2⌋.
+
+    The sets keep the fraction K/m of their pool (128 of 512 for K = 256 of m = 1024).
+    """
+    n_b = int(m) - int(m) // 2
+    return int(math.floor(int(set_size) * n_b / int(m) + 0.5))
+
+
+def heldout_sets(
+    stimulus_ids: Sequence[str],
+    mean_scores: np.ndarray,
+    pc1_scores: np.ndarray,
+    set_size: int,
+    n_random: int,
+    n_splits: int,
+    seed: int = 0,
+    knn_k: int = 10,
+) -> pd.DataFrame:
+    """The sets of the held-out layer choice: for each split, low / high / random inside half B.
+
+    Long table ``split``, ``set`` (``low``, ``high``, ``random``), ``summary`` (``mean``,
+    ``pc1``, ``none``), ``draw``, ``stimulus_id``. Within half B of split s
+    (:func:`split_halves`): low / high = the first / last K_B of a stable ascending sort of the
+    summary restricted to B (ties by manifest order), K_B = :func:`heldout_set_size`; random =
+    ``n_random`` sets of K_B drawn from B by :func:`random_sets` with seed ``[seed, 13, s]``
+    (indices into B's sorted positions). K_B < max(4, knn_k + 1) is an error naming the keys.
+    """
+    ids = np.asarray([str(s) for s in stimulus_ids], dtype=object)
+    m = ids.size
+    if len(set(ids.tolist())) != m:
+        raise ValueError("stimulus_ids must be unique")
+    mean_s, pc1_s = _scores(mean_scores), _scores(pc1_scores)
+    if mean_s.size != m or pc1_s.size != m:
+        raise ValueError(f"{m} stimulus ids but {mean_s.size} mean and {pc1_s.size} pc1 scores")
+    k_b = heldout_set_size(set_size, m)
+    need = max(4, int(knn_k) + 1)
+    if k_b < need:
+        raise ValueError(
+            f"held-out layer choice: the sets inside half B would hold {k_b} stimuli "
+            f"(analysis.set_size {set_size} × {m - m // 2}/{m}), fewer than max(4, knn_k + 1) = "
+            f"{need}; raise analysis.set_size or turn off analysis.heldout_layer"
+        )
+    if n_random < 0:
+        raise ValueError(f"n_random must be ≥ 0, got {n_random}")
+    _, halves_b = split_halves(m, n_splits, seed)
+    parts = []
+
+    def add(split: int, name: str, summary: str, draw: int, pos: np.ndarray) -> None:
+        parts.append(
+            pd.DataFrame(
+                {"split": split, "set": name, "summary": summary, "draw": draw,
+                 "stimulus_id": ids[pos]}
+            )
+        )  # fmt: skip
+
+    for split, b in enumerate(halves_b):
+        for summary, scores in (("mean", mean_s), ("pc1", pc1_s)):
+            add(split, "low", summary, 0, b[low_set(scores[b], k_b)])
+            add(split, "high", summary, 0, b[high_set(scores[b], k_b)])
+        stream = [int(seed), SEED_STREAMS["heldout_random"], split]
+        for draw, idx in enumerate(random_sets(b.size, k_b, n_random, stream)):
+            add(split, "random", "none", draw, b[idx])
+    out = pd.concat(parts, ignore_index=True)
+    out[["split", "draw"]] = out[["split", "draw"]].astype(np.int64)
+    return out
+
+
+# ---------------------------------------------------------------- config of the controls
+
+
+def _section(config: Mapping[str, Any], key: str) -> dict:
+    raw = (config.get("analysis") or {}).get(key)
+    if raw is not None and not isinstance(raw, Mapping):
+        raise ConfigError(f"config key 'analysis.{key}' must be a mapping, got {raw!r}")
+    return dict(raw or {})
+
+
+def _count(value: Any, key: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"config key '{key}' must be an integer ≥ {minimum}, got {value!r}")
+    return int(value)
+
+
+@dataclass(frozen=True)
+class DropControl:
+    """``analysis.drop_control`` with its defaults (the one place they are defaulted): the
+    size-matched random sets of the drop ablation (docs/method.md, "Size-matched drop control").
+
+    ``n_random`` None means ``analysis.n_random``.
+    """
+
+    enabled: bool = True
+    n_random: int | None = None
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> DropControl:
+        """Read and check ``analysis.drop_control`` (absent: the defaults)."""
+        raw = _section(config, "drop_control")
+        n = raw.get("n_random")
+        n = None if n is None else _count(n, "analysis.drop_control.n_random", 1)
+        return cls(enabled=bool(raw.get("enabled", cls.enabled)), n_random=n)
+
+    def draws(self, analysis: Mapping[str, Any]) -> int:
+        """Number of size-matched draws for the ``analysis`` config section (0 when disabled)."""
+        if not self.enabled:
+            return 0
+        return int(self.n_random if self.n_random is not None else analysis["n_random"])
+
+
+@dataclass(frozen=True)
+class HeldOutLayer:
+    """``analysis.heldout_layer`` with its defaults: the layer chosen on one random half and
+    evaluated on sets drawn from the other (docs/method.md, "Held-out layer choice"). Off by
+    default: it adds work to every layer search and every conditions job."""
+
+    enabled: bool = False
+    n_splits: int = 20
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> HeldOutLayer:
+        """Read and check ``analysis.heldout_layer`` (absent: the defaults)."""
+        raw = _section(config, "heldout_layer")
+        n = _count(raw.get("n_splits", cls.n_splits), "analysis.heldout_layer.n_splits", 1)
+        return cls(enabled=bool(raw.get("enabled", cls.enabled)), n_splits=n)

@@ -32,7 +32,15 @@ SUMMARY_COLUMNS = [
     "median_frac_random_ge_low",
 ]
 
-__all__ = ["STABILITY_THRESHOLD", "SUMMARY_COLUMNS", "summary_table", "unstable"]
+__all__ = ["STABILITY_THRESHOLD", "SUMMARY_COLUMNS", "mean_stability", "summary_table", "unstable"]
+
+
+def mean_stability(stabilities: np.ndarray) -> float:
+    """Stability of a mean of draws: the mean of the draws' stabilities, the most the mean can
+    move when each draw moves by its own stability (|Δ mean| ≤ mean |Δ_i|; docs/method.md,
+    "Stability"). NaN when there are no draws or any draw's stability is NaN (its value is)."""
+    s = np.asarray(stabilities, dtype=np.float64)
+    return float(s.mean()) if s.size else float("nan")
 
 
 def unstable(table: pd.DataFrame, columns: tuple[str, ...] = ("stability",)) -> np.ndarray:
@@ -125,3 +133,230 @@ def _summary_row(metric: str, summary: str, c: pd.DataFrame) -> dict:
         "max_ratio_low_high": float(np.max(finite)) if finite.size else np.nan,
         "median_frac_random_ge_low": float(np.median(frac)) if frac.size else np.nan,
     }
+
+
+# ---------------------------------------------------------------- the controls
+
+DROP_SUMMARY_COLUMNS = [
+    "metric",
+    "summary",
+    "n_pairs",
+    "n_valid",
+    "n_unstable",
+    "n_drop_high_gt_random_gt_drop_low",
+    "n_drop_high_above_random_ci",
+    "n_drop_low_below_random_ci",
+    "n_drop_high_gt_full",
+    "n_drop_low_gt_full",
+    "median_frac_random_ge_drop_high",
+    "median_frac_random_ge_drop_low",
+    "median_random_minus_full",
+]
+
+HELDOUT_PAIR_COLUMNS = [
+    "vision",
+    "llm",
+    "metric",
+    "summary",
+    "layer_rule",
+    "n_splits",
+    "low_mean",
+    "high_mean",
+    "random_mean",
+    "diff_mean",
+    "diff_lo",
+    "diff_hi",
+    "low_stability",
+    "high_stability",
+    "frac_splits_low_gt_high",
+    "frac_same_layer",
+]
+
+HELDOUT_SUMMARY_COLUMNS = [
+    "metric",
+    "summary",
+    "layer_rule",
+    "n_pairs",
+    "n_splits",
+    "n_valid",
+    "n_unstable",
+    "n_low_gt_high",
+    "n_low_gt_random_gt_high",
+    "median_diff",
+    "median_frac_splits_low_gt_high",
+    "median_frac_same_layer",
+]
+
+__all__ += [
+    "DROP_SUMMARY_COLUMNS",
+    "HELDOUT_PAIR_COLUMNS",
+    "HELDOUT_SUMMARY_COLUMNS",
+    "drop_summary_table",
+    "heldout_pairs",
+    "heldout_summary_table",
+]
+
+
+def _median(x: np.ndarray) -> float:
+    x = x[np.isfinite(x)]
+    return float(np.median(x)) if x.size else np.nan
+
+
+def _groups(table: pd.DataFrame, extra: tuple[str, ...] = ()) -> list[tuple[tuple, pd.DataFrame]]:
+    """(metric, summary, *extra) groups: CKNNA first, then the others; mean before pc1."""
+    t = table.copy()
+    if "metric" not in t.columns:
+        t["metric"] = "cknna"
+    metrics = list(dict.fromkeys(["cknna", *sorted(set(t["metric"]))]))
+    out = []
+    for metric in metrics:
+        tm = t[t["metric"] == metric]
+        order = [s for s in ("mean", "pc1") if s in set(tm["summary"])]
+        order += sorted(set(tm["summary"]) - set(order))
+        for s in order:
+            ts = tm[tm["summary"] == s]
+            if not extra:
+                out.append(((metric, s), ts))
+                continue
+            for key, g in ts.groupby(list(extra), sort=False):
+                key = key if isinstance(key, tuple) else (key,)
+                out.append(((metric, s, *key), g))
+    return out
+
+
+def drop_summary_table(drop: pd.DataFrame) -> pd.DataFrame:
+    """One row per (metric, summary) of the drop sets against the size-matched random draws
+    (docs/method.md, "Size-matched drop control"): :data:`DROP_SUMMARY_COLUMNS`.
+
+    ``drop``: ``xmodal.alignment.drop_table`` rows of every pair. ``n_valid`` counts pairs whose
+    drop_high, drop_low and random mean are finite; every count and median is over these.
+    ``n_unstable``: valid pairs whose drop_high, drop_low or random stability (the mean of the
+    draws') exceeds :data:`STABILITY_THRESHOLD`. ``n_drop_high_above_random_ci`` /
+    ``n_drop_low_below_random_ci``: the drop set outside the draws' 95% interval on its side;
+    ``n_drop_*_gt_full``: the comparison the control replaces (different set sizes);
+    ``median_random_minus_full``: how much the set size alone moves the value.
+    """
+    rows = []
+    for (metric, summary), c in _groups(drop):
+        hi, lo, rnd = (c[k].to_numpy(float) for k in ("drop_high", "drop_low", "random_mean"))
+        valid = np.isfinite(hi) & np.isfinite(lo) & np.isfinite(rnd)
+        cols = ("drop_high_stability", "drop_low_stability", "random_stability")
+        flagged = unstable(c, cols) & valid
+        v = c[valid]
+        hi, lo, rnd = hi[valid], lo[valid], rnd[valid]
+        full = v["full"].to_numpy(float)
+        rows.append(
+            {
+                "metric": metric,
+                "summary": summary,
+                "n_pairs": int(len(c)),
+                "n_valid": int(valid.sum()),
+                "n_unstable": int(flagged.sum()),
+                "n_drop_high_gt_random_gt_drop_low": int(np.sum((hi > rnd) & (rnd > lo))),
+                "n_drop_high_above_random_ci": int(
+                    np.sum(hi > v["random_ci_high"].to_numpy(float))
+                ),
+                "n_drop_low_below_random_ci": int(np.sum(lo < v["random_ci_low"].to_numpy(float))),
+                "n_drop_high_gt_full": int(np.sum(hi > full)),
+                "n_drop_low_gt_full": int(np.sum(lo > full)),
+                "median_frac_random_ge_drop_high": _median(
+                    v["frac_random_ge_drop_high"].to_numpy(float)
+                ),
+                "median_frac_random_ge_drop_low": _median(
+                    v["frac_random_ge_drop_low"].to_numpy(float)
+                ),
+                "median_random_minus_full": _median(rnd - full),
+            }
+        )
+    return pd.DataFrame(rows, columns=DROP_SUMMARY_COLUMNS)
+
+
+def _mean_or_nan(x: np.ndarray) -> float:
+    """The mean of all values, NaN when any is not finite (an undefined split is never dropped)."""
+    return float(x.mean()) if x.size and np.isfinite(x).all() else np.nan
+
+
+def heldout_pairs(heldout: pd.DataFrame, level: float = 0.95) -> pd.DataFrame:
+    """Per (vision, LLM, metric, summary, layer_rule), the held-out splits summarised
+    (docs/method.md, "Held-out layer choice"): :data:`HELDOUT_PAIR_COLUMNS`.
+
+    Means over splits of low, high, the random mean and low − high (NaN when any split's is);
+    ``diff_lo``/``diff_hi``: the central ``level`` percentile interval of low − high over splits
+    (linear interpolation; NaN when any split's is); ``low_stability``/``high_stability``: the
+    mean of the splits' stabilities (the most each mean can move); ``frac_splits_low_gt_high``
+    over splits where both are finite (NaN when none); ``frac_same_layer``: splits whose
+    held-out layer is the full-set layer (the same for both rules).
+    """
+    from xmodal.stats import percentile_interval
+
+    t = heldout.copy()
+    keys = ["vision", "llm", "metric", "summary", "split"]
+    layer = t.pivot_table(index=keys, columns="layer_rule", values="llm_layer", aggfunc="first")
+    same = (
+        (layer["heldout"] == layer["full"]).groupby(level=[0, 1, 2, 3]).mean()
+        if {"heldout", "full"} <= set(layer.columns)
+        else None
+    )
+    rows = []
+    group_keys = ["vision", "llm", "metric", "summary", "layer_rule"]
+    for key, g in t.groupby(group_keys, sort=False):
+        low, high = g["low"].to_numpy(float), g["high"].to_numpy(float)
+        diff = g["diff_low_high"].to_numpy(float)
+        lo, hi = percentile_interval(diff, level)
+        both = np.isfinite(low) & np.isfinite(high)
+        rows.append(
+            {
+                **dict(zip(group_keys, key, strict=True)),
+                "n_splits": int(g["split"].nunique()),
+                "low_mean": _mean_or_nan(low),
+                "high_mean": _mean_or_nan(high),
+                "random_mean": _mean_or_nan(g["random_mean"].to_numpy(float)),
+                "diff_mean": _mean_or_nan(diff),
+                "diff_lo": lo,
+                "diff_hi": hi,
+                "low_stability": float(g["low_stability"].to_numpy(float).mean()),
+                "high_stability": float(g["high_stability"].to_numpy(float).mean()),
+                "frac_splits_low_gt_high": float(np.mean(low[both] > high[both]))
+                if both.any()
+                else np.nan,
+                "frac_same_layer": float(same.loc[tuple(key[:4])]) if same is not None else np.nan,
+            }
+        )
+    return pd.DataFrame(rows, columns=HELDOUT_PAIR_COLUMNS)
+
+
+def heldout_summary_table(heldout: pd.DataFrame) -> pd.DataFrame:
+    """One row per (metric, summary, layer_rule) over pairs (:data:`HELDOUT_SUMMARY_COLUMNS`),
+    from :func:`heldout_pairs`: ``n_valid`` counts pairs whose mean low, high and random over
+    splits are finite (the counts and medians are over these); ``n_unstable`` valid pairs whose
+    mean low or high stability exceeds :data:`STABILITY_THRESHOLD`; ``n_low_gt_high`` pairs
+    whose mean low − high over splits is > 0; ``n_low_gt_random_gt_high`` on the means over
+    splits; medians over pairs of the mean difference, of the fraction of splits with low > high
+    and of the fraction of splits whose held-out layer is the full-set layer."""
+    pairs = heldout_pairs(heldout)
+    rows = []
+    for (metric, summary, rule), c in _groups(pairs, ("layer_rule",)):
+        low, high, rnd = (c[k].to_numpy(float) for k in ("low_mean", "high_mean", "random_mean"))
+        valid = np.isfinite(low) & np.isfinite(high) & np.isfinite(rnd)
+        flagged = unstable(c, ("low_stability", "high_stability")) & valid
+        v = c[valid]
+        low, high, rnd = low[valid], high[valid], rnd[valid]
+        rows.append(
+            {
+                "metric": metric,
+                "summary": summary,
+                "layer_rule": rule,
+                "n_pairs": int(len(c)),
+                "n_splits": int(c["n_splits"].max()) if len(c) else 0,
+                "n_valid": int(valid.sum()),
+                "n_unstable": int(flagged.sum()),
+                "n_low_gt_high": int(np.sum(low > high)),
+                "n_low_gt_random_gt_high": int(np.sum((low > rnd) & (rnd > high))),
+                "median_diff": _median(v["diff_mean"].to_numpy(float)),
+                "median_frac_splits_low_gt_high": _median(
+                    v["frac_splits_low_gt_high"].to_numpy(float)
+                ),
+                "median_frac_same_layer": _median(v["frac_same_layer"].to_numpy(float)),
+            }
+        )
+    return pd.DataFrame(rows, columns=HELDOUT_SUMMARY_COLUMNS)

@@ -1,6 +1,12 @@
 # Cross-modal alignment, one job per LLM and stage: each job reads its LLM's feature file once
 # and computes each LLM layer's kernel once for every vision model. The full-set layer search
 # does not depend on GPA; the subset/ablation conditions at the chosen layers do.
+#
+# The controls (docs/method.md, "Controls") live in the same per-LLM jobs: the size-matched
+# random sets of the drop ablation are sets of sets.tsv (the conditions job evaluates them,
+# analysis.drop_control); the held-out layer choice picks a layer on half A of each random split
+# in the layer search (which reads every layer once) and evaluates the sets inside half B in the
+# conditions job (analysis.heldout_layer). No job per pair or per split.
 
 
 rule layer_search:
@@ -8,6 +14,7 @@ rule layer_search:
         vision=vision_features,
         llm="results/features/{dataset}/{llm}.h5",
     output:
+        **control_outputs("search"),
         layers=f"{ALIGN}/layers/{{llm}}.tsv",
         diagnostics=f"{DIAG}/layers/{{llm}}.tsv",
     log:
@@ -23,17 +30,20 @@ rule layer_search:
         vision_layer=ANALYSIS["vision_layer"],
         k=ANALYSIS["knn_k"],
         metrics=METRICS,
+        heldout=HELDOUT_PARAMS,
     script:
         "../../scripts/layer_search.py"
 
 
 rule conditions:
     input:
+        **heldout_inputs(),
         vision=vision_features,
         llm="results/features/{dataset}/{llm}.h5",
         layers=f"{ALIGN}/layers/{{llm}}.tsv",
         sets=f"{DISP}/sets.tsv",
     output:
+        **control_outputs("conditions"),
         conditions=f"{ALIGN}/conditions/{{llm}}.tsv",
         contrasts=f"{ALIGN}/contrasts/{{llm}}.tsv",
     log:
@@ -57,10 +67,13 @@ rule conditions:
 
 rule aggregate:
     input:
+        **control_tables(),
         layers=llm_tables("layers"),
         conditions=llm_tables("conditions"),
         contrasts=llm_tables("contrasts"),
     output:
+        **control_outputs("search", per_llm=False),
+        **control_outputs("conditions", per_llm=False),
         layers=f"{ALIGN}/layers.tsv",
         grid=f"{ALIGN}/grid.tsv",
         contrasts=f"{ALIGN}/contrasts.tsv",
@@ -104,3 +117,39 @@ rule summary:
         "../../envs/analysis.yaml"
     script:
         "../../scripts/summary.py"
+
+
+rule drop_summary:
+    input:
+        f"{ALIGN}/drop.tsv",
+    output:
+        report(
+            "results/summary/{dataset}_drop.tsv",
+            caption="../report/drop_summary_table.rst",
+            category="Tables",
+        ),
+    log:
+        "logs/summary/{dataset}_drop.log",
+    localrule: True
+    conda:
+        "../../envs/analysis.yaml"
+    script:
+        "../../scripts/drop_summary.py"
+
+
+rule heldout_summary:
+    input:
+        f"{ALIGN}/heldout.tsv",
+    output:
+        report(
+            "results/summary/{dataset}_heldout.tsv",
+            caption="../report/heldout_summary_table.rst",
+            category="Tables",
+        ),
+    log:
+        "logs/summary/{dataset}_heldout.log",
+    localrule: True
+    conda:
+        "../../envs/analysis.yaml"
+    script:
+        "../../scripts/heldout_summary.py"

@@ -32,6 +32,7 @@ from xmodal.figures import (
 )
 from xmodal.language_dispersion import LanguageDispersionSettings
 from xmodal.registry import Registry
+from xmodal.selection import DropControl, HeldOutLayer
 
 _CONFIG_FILES = [str(p) for p in workflow.config_settings.configfiles] or [
     "config.yaml"
@@ -61,6 +62,9 @@ try:
     # the one source of truth about every model (xmodal.registry)
     REGISTRY = Registry.from_config(config)
     LANGUAGE_DISPERSION = LanguageDispersionSettings.from_config(config)
+    # the controls (docs/method.md, "Controls"): size-matched drop sets, held-out layer choice
+    DROP_CONTROL = DropControl.from_config(config)
+    HELDOUT = HeldOutLayer.from_config(config)
 except ConfigError as err:
     raise WorkflowError(
         f"Invalid configuration in {', '.join(_CONFIG_FILES)}: {err}"
@@ -82,6 +86,11 @@ METRICS = list(ANALYSIS.get("metrics", ["cknna"]))
 ALIGNMENT_GPU = {"gpu": 1} if ANALYSIS.get("gpu", False) else {}
 # changes which stimuli every model's features hold: a feature-defining setting
 DROP_DUPLICATES = bool(config["stimuli"].get("drop_duplicates", False))
+# what the held-out layer choice adds to each layer-search job (nothing when it is off, so
+# that the seed does not rerun the layer searches then)
+HELDOUT_PARAMS = (
+    {"n_splits": HELDOUT.n_splits, "seed": ANALYSIS["seed"]} if HELDOUT.enabled else {}
+)
 
 
 def _alternatives(keys):
@@ -183,12 +192,54 @@ def table_paths(dataset):
         "joint_cells": f"results/language/{dataset}/joint_cells.tsv",
         "properties": f"results/properties/{dataset}/properties.tsv",
         "property_correlations": f"results/properties/{dataset}/correlations.tsv",
+        "drop": f"results/alignment/{dataset}/drop.tsv",
+        "drop_summary": f"results/summary/{dataset}_drop.tsv",
+        "heldout_layers": f"results/alignment/{dataset}/heldout_layers.tsv",
+        "heldout": f"results/alignment/{dataset}/heldout.tsv",
+        "heldout_summary": f"results/summary/{dataset}_heldout.tsv",
     }
+
+
+def disabled_tables():
+    """Tables that the config's switches turn off (never asked for, never a figure input)."""
+    off = set()
+    if not DROP_CONTROL.enabled:
+        off |= {"drop", "drop_summary"}
+    if not HELDOUT.enabled:
+        off |= {"heldout_layers", "heldout", "heldout_summary"}
+    if not LANGUAGE_DISPERSION.enabled:
+        off |= {"language_dispersion", "language_correlation", "joint_cells"}
+    return off
 
 
 def figure_inputs(wildcards, name):
     paths = table_paths(wildcards.dataset)
-    return {key: paths[key] for key in FIGURES[name].inputs}
+    off = disabled_tables()
+    return {key: paths[key] for key in FIGURES[name].inputs if key not in off}
+
+
+def control_outputs(kind, per_llm=True):
+    """The outputs (name: path) that the controls add to a per-LLM alignment job (``per_llm``)
+    or to the aggregation: ``kind`` "search" (the layer search) or "conditions"."""
+    names = []
+    if kind == "search" and HELDOUT.enabled:
+        names.append("heldout_layers")
+    if kind == "conditions":
+        names += ["drop"] if DROP_CONTROL.enabled else []
+        names += ["heldout"] if HELDOUT.enabled else []
+    if per_llm:
+        return {name: f"{ALIGN}/{name}/{{llm}}.tsv" for name in names}
+    return {name: f"{ALIGN}/{name}.tsv" for name in names}
+
+
+def heldout_inputs():
+    """What a conditions job reads for the held-out layer choice (nothing when it is off)."""
+    if not HELDOUT.enabled:
+        return {}
+    return {
+        "heldout_layers": f"{ALIGN}/heldout_layers/{{llm}}.tsv",
+        "heldout_sets": f"{DISP}/heldout_sets.tsv",
+    }
 
 
 def llm_tables(kind):
@@ -202,14 +253,21 @@ def llm_tables(kind):
     return get
 
 
+def control_tables():
+    """The per-LLM tables of the controls that the aggregation concatenates (name: function)."""
+    names = [*control_outputs("search"), *control_outputs("conditions")]
+    return {name: llm_tables(name) for name in names}
+
+
 def get_final_output():
     paths = table_paths(DATASET)
     keys = ("loo", "grid", "layers", "contrasts", "summary", "images", "duplicates")
     keys += ("diagnostics", "properties", "property_correlations")
-    if LANGUAGE_DISPERSION.enabled:
-        keys += ("language_correlation", "joint_cells")
-    out = [paths[k] for k in keys]
+    keys += ("language_correlation", "joint_cells")
+    keys += ("drop", "drop_summary", "heldout_layers", "heldout", "heldout_summary")
+    off = disabled_tables()
+    out = [paths[k] for k in keys if k not in off]
     # a figure of alignment values once per metric ({name}.png, {name}.{metric}.png), the
-    # others once (xmodal.figures.figure_files)
-    skip = () if LANGUAGE_DISPERSION.enabled else ("language_dispersion",)
+    # others once (xmodal.figures.figure_files); none of a step the config turns off
+    skip = [name for name, spec in FIGURES.items() if set(spec.required) & off]
     return out + figure_files(f"results/figures/{DATASET}", METRICS, skip=skip)

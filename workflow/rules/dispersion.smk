@@ -39,8 +39,32 @@ rule stimulus_sets:
         drop_fraction=ANALYSIS["drop_fraction"],
         knn_k=ANALYSIS["knn_k"],
         seed=ANALYSIS["seed"],
+        # the size-matched control of the drop sets (0 draws: off; docs/method.md, "Controls").
+        # A dict: Snakemake records params as a set of values, so a bare count equal to another
+        # param's value (n_random) would not rerun this job when it changes.
+        drop_control={"n_random": DROP_CONTROL.draws(ANALYSIS)},
     script:
         "../../scripts/stimulus_sets.py"
+
+
+rule heldout_sets:
+    input:
+        dispersion=f"{DISP}/dispersion.tsv",
+    output:
+        f"{DISP}/heldout_sets.tsv",
+    log:
+        "logs/dispersion/{dataset}/heldout_sets.log",
+    localrule: True
+    conda:
+        "../../envs/analysis.yaml"
+    params:
+        set_size=ANALYSIS["set_size"],
+        n_random=ANALYSIS["n_random"],
+        knn_k=ANALYSIS["knn_k"],
+        seed=ANALYSIS["seed"],
+        heldout={"n_splits": HELDOUT.n_splits},
+    script:
+        "../../scripts/heldout_sets.py"
 
 
 rule leave_one_model_out:

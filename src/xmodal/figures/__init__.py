@@ -12,8 +12,9 @@ others (:func:`figure_stem`). The others are drawn once.
 Input names (keys of ``inputs``): ``dispersion``, ``residuals``, ``sets``, ``loo_stimuli``,
 ``loo``, ``layers``, ``grid``, ``contrasts``, ``models``, ``summary``, ``manifest``,
 ``diagnostics``, ``duplicates``, and for the extensions ``language_dispersion``,
-``language_correlation``, ``joint_cells``, ``properties``, ``property_correlations`` (see
-docs/contracts.md).
+``language_correlation``, ``joint_cells``, ``properties``, ``property_correlations``, and for
+the controls ``drop``, ``drop_summary``, ``heldout_layers``, ``heldout``, ``heldout_summary``
+(see docs/contracts.md).
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from .alignment import (
     draw_contrasts,
     draw_drop25,
     draw_grid_heatmap,
+    draw_heldout,
     draw_layerwise,
     draw_sets_pc1,
     draw_sets_rank,
@@ -57,7 +59,8 @@ log = logging.getLogger(__name__)
 INPUT_NAMES = frozenset(
     {"dispersion", "residuals", "sets", "loo_stimuli", "loo", "layers", "grid", "contrasts", "models", "manifest", "summary",
      "diagnostics", "duplicates",
-     "language_dispersion", "language_correlation", "joint_cells", "properties", "property_correlations"}
+     "language_dispersion", "language_correlation", "joint_cells", "properties", "property_correlations",
+     "drop", "drop_summary", "heldout_layers", "heldout", "heldout_summary"}
 )  # fmt: skip
 
 
@@ -120,9 +123,11 @@ FIGURES: dict[str, FigureSpec] = {
         ),
         _spec(
             "drop25",
-            "Supp. Fig. 1: dropping the most / least dispersed 25%",
-            ("grid", "models"),
+            "Supp. Fig. 1: dropping the most / least dispersed 25%, against random sets of "
+            "the same size",
+            ("grid", "drop_summary", "models"),
             draw_drop25,
+            ("models", "drop_summary"),
             per_metric=True,
         ),
         _spec(
@@ -166,6 +171,14 @@ FIGURES: dict[str, FigureSpec] = {
             ("contrasts", "summary", "models"),
             draw_contrasts,
             ("models", "summary"),
+            per_metric=True,
+        ),
+        _spec(
+            "heldout_layer",
+            "Layer choice without selection bias: the low − high contrast inside held-out halves",
+            ("heldout", "heldout_summary", "models"),
+            draw_heldout,
+            ("models", "heldout_summary"),
             per_metric=True,
         ),
         _spec(

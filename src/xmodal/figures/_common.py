@@ -31,6 +31,8 @@ COLORS: dict[str, str] = {
     "full": "#555555",
     "drop_high": "#0173b2",
     "drop_low": "#de8f05",
+    "random_drop": "#b0b0b0",
+    "heldout": "#029e73",
     "fit": "#c0392b",
     "point": "#4a4a4a",
 }
@@ -42,6 +44,7 @@ CONDITION_LABELS: dict[str, str] = {
     "full": "Full set",
     "drop_high": "Drop high-dispersion",
     "drop_low": "Drop low-dispersion",
+    "random_drop": "Random, drop-set size",
 }
 
 SUMMARY_LABELS: dict[str, str] = {

@@ -1,5 +1,6 @@
-"""Cross-modal alignment figures: dispersion sets (Fig. 2B–E, G–J), drop-25% (Supp. Fig. 1),
-the alignment grid, the layer-wise profiles (he2025 Fig. 2) and the low − high contrasts.
+"""Cross-modal alignment figures: dispersion sets (Fig. 2B–E, G–J), drop-25% with its
+size-matched random sets (Supp. Fig. 1), the alignment grid, the layer-wise profiles (he2025
+Fig. 2), the low − high contrasts and the held-out layer choice (docs/method.md, "Controls").
 
 Each is drawn for one alignment metric (``FigureData.metric``). Values whose stability exceeds
 the threshold of :func:`xmodal.summary.unstable` are marked (hatched bars, a dagger in heatmap
@@ -267,21 +268,64 @@ def draw_sets_pc1(data: FigureData) -> Figure:
 
 
 # --------------------------------------------------------------------------- Supp. Fig. 1
+def _drop_line(data: FigureData) -> str:
+    """The subtitle's counts from the drop summary table (read, never recomputed)."""
+    table = data.get("drop_summary")
+    if table is None:
+        return ""
+    rows = data.alignment("drop_summary")
+    rows = rows[rows["summary"] == "mean"]
+    if rows.empty:
+        return ""
+    r = rows.iloc[0]
+    line = (
+        f"\ndrop high > random of the same size > drop low in "
+        f"{int(r.n_drop_high_gt_random_gt_drop_low)}/{int(r.n_valid)} pairs"
+        f"\noutside the random 95% interval: drop high above in "
+        f"{int(r.n_drop_high_above_random_ci)}, drop low below in "
+        f"{int(r.n_drop_low_below_random_ci)}"
+    )
+    notes = []
+    if int(r.n_pairs) > int(r.n_valid):
+        notes.append(f"{int(r.n_pairs) - int(r.n_valid)} undefined")
+    if int(r.n_unstable):
+        notes.append(f"{int(r.n_unstable)} unstable")
+    return line + (f" ({', '.join(notes)})" if notes else "")
+
+
 def draw_drop25(data: FigureData) -> Figure:
-    """Supp. Fig. 1: alignment on the full set, after dropping the most and the least dispersed."""
+    """Supp. Fig. 1: alignment on the full set, on random sets of the drop sets' size (the
+    size-matched control: mean and 95% interval of the draws) and after dropping the most and
+    the least dispersed stimuli."""
     grid = data.alignment("grid")
     visions, llms = _pairs_layout(data, grid)
-    conds = ["full", "drop_high", "drop_low"]
+    conds = ["full", "random_drop", "drop_high", "drop_low"]
     rows = {c: condition_rows(grid, c) for c in conds}
-    series = [(c, pair_cells(rows[c]), False) for c in conds]
+    if rows["random_drop"].empty:  # sets made without analysis.drop_control
+        conds.remove("random_drop")
+    n_draws = _n_draws(rows["random_drop"])
+    series = [(c, pair_cells(rows[c]), c == "random_drop" and n_draws > 1) for c in conds]
     fig, n_unstable, n_undefined = _bar_panels(data, visions, llms, series, "A", True)
-    handles = [
-        Patch(color=COLORS[c], label=CONDITION_LABELS[c] + _set_size(rows[c])) for c in conds
-    ]
+    # taller panels: every panel's axis label must stay below the three-line title
+    fig.set_figheight(fig.get_figheight() + 0.7 * math.ceil(len(visions) / 2))
+    labels = dict(CONDITION_LABELS)
+    labels["random_drop"] = (
+        f"Random sets of the drop size: mean and 95% interval of {n_draws} draws"
+        if n_draws > 1
+        else "Random set of the drop size (1 draw)"
+    )
+    handles = [Patch(color=COLORS[c], label=labels[c] + _set_size(rows[c])) for c in conds]
     handles += _flag_handles(n_unstable, n_undefined, "bar")
-    fig.legend(handles=handles, loc="outside lower center", ncols=3)
+    fig.legend(handles=handles, loc="outside lower center", ncols=2)
+    note = (
+        ""
+        if "random_drop" in conds
+        else "\n(no size-matched random sets: analysis.drop_control off)"
+    )
     fig.suptitle(
         f"Dropping the highest- vs lowest-dispersion stimuli ({metric_label(data.metric)})"
+        + _drop_line(data)
+        + note
     )
     return fig
 
@@ -525,13 +569,16 @@ def _summary_line(stats: pd.DataFrame, summary: str) -> str:
 def draw_contrasts(data: FigureData) -> Figure:
     """Forest plot of low − high per pair (bootstrap 95% CI) and the fraction of random ≥ low.
 
-    A pair whose low or high value is flagged unstable has an open marker; a difference or a
-    fraction that is not a number is written "n/a". Marks have gids ``<what>|<vision>|<llm>|
-    <summary>`` (what: diff, unstable, undefined, frac, frac_undefined).
+    A pair whose low or high value is flagged unstable has an open marker; a fraction whose low
+    value or random draws (``random_stability``, the mean of the draws' stabilities) are
+    flagged unstable is a hatched bar; a difference or a fraction that is not a number is
+    written "n/a". Marks have gids ``<what>|<vision>|<llm>|<summary>`` (what: diff, unstable,
+    undefined, frac, frac_undefined).
     """
     con = data.alignment("contrasts").copy()
     label = metric_label(data.metric)
     con["_flag"] = unstable(con, ("low_stability", "high_stability"))
+    con["_frac_flag"] = unstable(con, ("low_stability", "random_stability"))
     models = data.models
     visions = models.order(con["vision"].astype(str).unique())
     llms = models.order(con["llm"].astype(str).unique())
@@ -558,7 +605,7 @@ def draw_contrasts(data: FigureData) -> Figure:
     fig = new_figure(2.0 + 4.6 * len(summaries), 0.17 * (y + 2) + 1.9)
     axes = fig.subplots(1, 2 * len(summaries), sharey=True, gridspec_kw={"width_ratios": ratios})
     axes = np.atleast_1d(axes)
-    n_unstable = n_undefined = 0
+    n_unstable = n_undefined = n_frac_unstable = 0
     for i, s in enumerate(summaries):
         ax, axf = axes[2 * i], axes[2 * i + 1]
         across = blended_transform_factory(ax.transAxes, ax.transData)
@@ -584,7 +631,10 @@ def draw_contrasts(data: FigureData) -> Figure:
                 n_unstable += flag
             frac = float(r.get("frac_random_ge_low", np.nan))
             if np.isfinite(frac):
-                axf.barh(yy, frac, height=0.7, color=COLORS["random"], gid=f"frac|{tag}")
+                (bar,) = axf.barh(yy, frac, height=0.7, color=COLORS["random"], gid=f"frac|{tag}")
+                if bool(r["_frac_flag"]):
+                    _hatch(bar)
+                    n_frac_unstable += 1
                 axf.plot(frac, yy, "o", ms=2.5, color="black")  # visible even at 0
             else:
                 axf.text(0.02, yy, UNDEFINED_TEXT, ha="left", va="center", fontsize=6.5,
@@ -617,6 +667,156 @@ def draw_contrasts(data: FigureData) -> Figure:
     if n_undefined:
         flags[-1] = Line2D([], [], ls="", marker=r"$\mathrm{n/a}$", ms=12, color=UNDEFINED_COLOR,
                            label=f"{UNDEFINED_NOTE} ({n_undefined})")  # fmt: skip
+    if n_frac_unstable:
+        h = Patch(
+            facecolor=COLORS["random"],
+            label=f"fraction, low value or random draws: {UNSTABLE_NOTE} ({n_frac_unstable})",
+        )
+        _hatch(h)
+        flags.append(h)
     fig.legend(handles=handles + flags, loc="outside lower center", ncols=3)
     fig.suptitle(f"Low − high dispersion contrast per pair ({label})")
+    return fig
+
+
+# --------------------------------------------------------------------------- held-out layer
+RULES = ("heldout", "full")
+RULE_LABELS = {
+    "heldout": "layer chosen on the other half (held out)",
+    "full": "layer chosen on the full set (saw these stimuli)",
+}
+
+
+def _heldout_line(stats: pd.DataFrame, summary: str) -> str:
+    """The panel title's counts from the held-out summary table (read, never recomputed)."""
+    lines = []
+    for rule in RULES:
+        key = (summary, rule)
+        if key not in stats.index:
+            continue
+        r = stats.loc[key]
+        diff = f"{r.median_diff:+.3f}" if np.isfinite(r.median_diff) else "n/a"
+        lines.append(
+            f"\n{'held-out' if rule == 'heldout' else 'full-set'} layer: low > high in "
+            f"{int(r.n_low_gt_high)}/{int(r.n_valid)} pairs, median Δ {diff}"
+        )
+    return "".join(lines)
+
+
+def draw_heldout(data: FigureData) -> Figure:
+    """Does the low − high contrast survive a layer chosen without the evaluated stimuli?
+
+    Per pair, the low − high difference on the sets inside half B of each split, at the layer
+    chosen on half A (held out) and at the layer chosen on the full set: the mean over splits
+    and the 95% interval over splits (``xmodal.summary.heldout_pairs``); right: the fraction of
+    splits with low > high (bars: held out; ticks: full-set layer) and of splits whose
+    half-A layer is the full-set layer. A mean whose low or high stability (the mean over
+    splits) exceeds the threshold is an open marker; one that is not a number "n/a". Marks
+    have gids ``<rule>|<vision>|<llm>|<summary>``, ``unstable|<rule>|…``, ``undefined|<rule>|…``.
+    """
+    from xmodal.summary import heldout_pairs
+
+    table = data.alignment("heldout")
+    pairs_t = heldout_pairs(table)
+    pairs_t["_flag"] = unstable(pairs_t, ("low_stability", "high_stability"))
+    label = metric_label(data.metric)
+    models = data.models
+    visions = models.order(pairs_t["vision"].astype(str).unique())
+    llms = models.order(pairs_t["llm"].astype(str).unique())
+    summaries = [s for s in ("mean", "pc1") if s in set(pairs_t["summary"])] + sorted(
+        set(pairs_t["summary"]) - {"mean", "pc1"}
+    )
+    pairs = [
+        (v, ll)
+        for v in visions
+        for ll in llms
+        if ((pairs_t["vision"] == v) & (pairs_t["llm"] == ll)).any()
+    ]
+    ypos, y = {}, 0.0
+    for i, (v, ll) in enumerate(pairs):
+        if i and v != pairs[i - 1][0]:
+            y += 0.8
+        ypos[(v, ll)] = y
+        y += 1.0
+    stats = (
+        data.alignment("heldout_summary").set_index(["summary", "layer_rule"])
+        if data.get("heldout_summary") is not None
+        else pd.DataFrame()
+    )
+    n_splits = int(pairs_t["n_splits"].max()) if len(pairs_t) else 0
+    ratios = [3.2, 1.1, 1.1] * len(summaries)
+    fig = new_figure(2.0 + 5.6 * len(summaries), 0.19 * (y + 2) + 2.4)
+    axes = fig.subplots(1, 3 * len(summaries), sharey=True, gridspec_kw={"width_ratios": ratios})
+    axes = np.atleast_1d(axes)
+    offsets = {"heldout": -0.17, "full": 0.17}
+    colors = {"heldout": COLORS["heldout"], "full": COLORS["full"]}
+    n_unstable = n_undefined = 0
+    for i, s in enumerate(summaries):
+        ax, axf, axs = axes[3 * i], axes[3 * i + 1], axes[3 * i + 2]
+        across = blended_transform_factory(ax.transAxes, ax.transData)
+        c = pairs_t[pairs_t["summary"] == s].set_index(["vision", "llm", "layer_rule"])
+        for p in pairs:
+            for rule in RULES:
+                key = (*p, rule)
+                if key not in c.index:
+                    continue
+                r, yy = c.loc[key], ypos[p] + offsets[rule]
+                tag = f"{rule}|{p[0]}|{p[1]}|{s}"
+                d = float(r["diff_mean"])
+                if not np.isfinite(d):
+                    ax.text(0.5, yy, f"{UNDEFINED_TEXT} (undefined)", transform=across,
+                            ha="center", va="center", fontsize=6, color=UNDEFINED_COLOR,
+                            gid=f"undefined|{tag}")  # fmt: skip
+                    n_undefined += 1
+                else:
+                    lo, hi = float(r["diff_lo"]), float(r["diff_hi"])
+                    if np.isfinite(lo) and np.isfinite(hi):
+                        ax.hlines(yy, lo, hi, color=colors[rule], lw=1.1)
+                    flag = bool(r["_flag"])
+                    ax.plot(d, yy, "o" if rule == "heldout" else "s", ms=3.5, mec=colors[rule],
+                            mfc="white" if flag else colors[rule], mew=1.0,
+                            gid=f"unstable|{tag}" if flag else tag)  # fmt: skip
+                    n_unstable += flag
+                frac = float(r["frac_splits_low_gt_high"])
+                if rule == "heldout" and np.isfinite(frac):
+                    axf.barh(ypos[p], frac, height=0.7, color=colors[rule], gid=f"frac|{tag}")
+                elif np.isfinite(frac):
+                    axf.plot(frac, ypos[p], "|", ms=7, mew=1.6, color=colors[rule],
+                             gid=f"frac|{tag}")  # fmt: skip
+                if rule == "heldout" and np.isfinite(float(r["frac_same_layer"])):
+                    axs.barh(ypos[p], float(r["frac_same_layer"]), height=0.7,
+                             color=COLORS["random"], gid=f"same|{p[0]}|{p[1]}|{s}")  # fmt: skip
+        ax.axvline(0, color="black", lw=0.7)
+        ax.set_xlabel(f"Δ {label}, low − high inside half B\n(mean and 95% interval over splits)")
+        title = f"{panel_letter(i)}   Low − high, {SUMMARY_LABELS.get(s, s)}"
+        ax.set_title(title + _heldout_line(stats, s), loc="left")
+        for a, xlabel in (
+            (axf, "Splits with\nlow > high"),
+            (axs, "Splits: half-A layer\n= full-set layer"),
+        ):
+            a.set_xlim(0, 1)
+            a.set_xlabel(xlabel)
+            a.tick_params(labelleft=False)
+        axf.axvline(0.5, color="black", lw=0.6, ls="--")
+    axes[0].set_yticks([ypos[p] for p in pairs])
+    axes[0].set_yticklabels([f"{models.label(v)} × {models.label(ll)}" for v, ll in pairs])
+    axes[0].set_ylim(y - 0.2, -0.8)
+    axes[0].set_ylabel("Vision × language model")
+    handles = [
+        Line2D([], [], marker="o", color=colors["heldout"], label=RULE_LABELS["heldout"]),
+        Line2D([], [], marker="s", color=colors["full"], label=RULE_LABELS["full"]),
+    ]
+    flags = _flag_handles(n_unstable, n_undefined, "marker")
+    if n_unstable:
+        flags[0].set_label(f"low or high value: {UNSTABLE_NOTE} ({n_unstable})")
+    if n_undefined:
+        flags[-1] = Line2D([], [], ls="", marker=r"$\mathrm{n/a}$", ms=12, color=UNDEFINED_COLOR,
+                           label=f"{UNDEFINED_NOTE} ({n_undefined})")  # fmt: skip
+    fig.legend(handles=handles + flags, loc="outside lower center", ncols=2)
+    sizes = table["n_stimuli"].dropna().unique() if "n_stimuli" in table.columns else []
+    size = f", sets of {int(sizes[0])}" if len(sizes) == 1 else ""
+    fig.suptitle(
+        f"Layer choice without selection bias ({label}): the layer is chosen on half A of each of "
+        f"{n_splits} random splits, the sets are drawn inside half B{size}"
+    )
     return fig

@@ -9,12 +9,24 @@ import textwrap
 import numpy as np
 import pandas as pd
 from matplotlib.axes import Axes
+from matplotlib.colors import to_rgb
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
 from xmodal.properties import PROPERTIES
+from xmodal.summary import mean_stability, unstable
 
-from ._common import ALIGNMENT_LABEL, COLORS, FigureData, Models, new_figure, panel_grid
+from ._common import (
+    ALIGNMENT_LABEL,
+    COLORS,
+    UNSTABLE_NOTE,
+    FigureData,
+    Models,
+    new_figure,
+    panel_grid,
+)
+from .alignment import _flag_handles, _hatch
 
 #: Property labels, in display order (one place: xmodal.properties).
 PROPERTY_LABELS = PROPERTIES
@@ -67,51 +79,90 @@ def _scatter_panel(
     )  # fmt: skip
 
 
-def _cells_panel(ax: Axes, cells: pd.DataFrame, summary: str) -> int | None:
-    """Bars: mean alignment over (vision, LLM) pairs per 2 × 2 set; dots: pairs; band: the
-    size-matched random sets. Returns the set size (None without data)."""
+#: How much a "language dispersion high" bar is lightened towards white (its fill is
+#: (1 − w)·colour + w·white): a lighter fill, not hatching, which marks unstable values.
+LIGHTEN = 0.55
+RANDOM_BAND = "#cfcfcf"
+
+
+def _lighter(color: str, w: float = LIGHTEN) -> tuple[float, float, float]:
+    r, g, b = to_rgb(color)
+    return (r + (1 - r) * w, g + (1 - g) * w, b + (1 - b) * w)
+
+
+def _cells_panel(ax: Axes, cells: pd.DataFrame, summary: str) -> tuple[int | None, int, int, int]:
+    """Bars: mean alignment over (vision, LLM) pairs per 2 × 2 set (language dispersion high:
+    a lighter fill); dots: pairs; band: the size-matched random sets (mean, 95% interval,
+    averaged over pairs). A bar, band or dot whose stability (a bar's and the band's: the mean
+    of the pairs' stabilities) exceeds the threshold is marked as in every figure (hatched bar
+    or band, open dot); a bar whose pairs are not all numbers is a cross on the zero line.
+    Marks have gids ``bar|``, ``undefined|``, ``point|``, ``unstable|<summary>|<cell>`` and
+    ``random|<summary>``. Returns (set size or None, hatched bars and bands, open dots,
+    undefined bars)."""
     sub = cells[cells["summary"] == summary] if cells is not None and len(cells) else None
     if sub is None or sub.empty:
         ax.text(0.5, 0.5, "no 2 × 2 sets", ha="center", va="center", transform=ax.transAxes)
-        return None
+        return None, 0, 0, 0
     rng = np.random.default_rng(0)
     width = 0.38
+    n_hatched = n_open = n_undefined = 0
     for vi, v_level in enumerate(("low", "high")):
         for li, l_level in enumerate(("low", "high")):
             g = sub[(sub["vision_level"] == v_level) & (sub["language_level"] == l_level)]
+            if g.empty:
+                continue
+            gid = f"{summary}|{g['cell'].iloc[0]}"
             vals = g["value"].to_numpy(float)
-            vals = vals[np.isfinite(vals)]
             x = vi + (li - 0.5) * width
-            height = float(vals.mean()) if vals.size else 0.0
-            ax.bar(
-                x, height, width * 0.92, color=COLORS[v_level], alpha=1.0 if li == 0 else 0.45,
-                hatch="" if li == 0 else "///", edgecolor="white", linewidth=0.5,
-                label=f"vision {v_level}, language {l_level}",
-            )  # fmt: skip
-            if vals.size:
-                ax.scatter(
-                    x + rng.uniform(-0.08, 0.08, vals.size), vals, s=7, color="black",
-                    linewidth=0, zorder=3, alpha=0.7,
+            color = COLORS[v_level] if li == 0 else _lighter(COLORS[v_level])
+            if not np.isfinite(vals).all():
+                ax.plot(x, 0.0, marker="x", ms=6, mew=1.6, color="black", zorder=3,
+                        clip_on=False, gid=f"undefined|{gid}")  # fmt: skip
+                n_undefined += 1
+            else:
+                (bar,) = ax.bar(
+                    x, float(vals.mean()), width * 0.92, color=color, linewidth=0,
+                    label=f"vision {v_level}, language {l_level}",
                 )  # fmt: skip
-    rmean = float(np.nanmean(sub["random_mean"])) if sub["random_mean"].notna().any() else np.nan
-    if np.isfinite(rmean):
-        lo = float(np.nanmean(sub["random_ci_low"]))
-        hi = float(np.nanmean(sub["random_ci_high"]))
-        ax.axhspan(lo, hi, color=COLORS["random"], alpha=0.18, lw=0, zorder=0)
-        ax.axhline(rmean, color=COLORS["random"], ls="--", lw=1.0, zorder=1)
+                bar.set_gid(f"bar|{gid}")
+                stab = mean_stability(g["stability"]) if "stability" in g.columns else np.nan
+                if unstable(pd.DataFrame({"stability": [stab]}))[0]:
+                    _hatch(bar)
+                    n_hatched += 1
+            flags = unstable(g)
+            jitter = x + rng.uniform(-0.08, 0.08, vals.size)
+            for sel, face, what in ((~flags, "black", "point"), (flags, "white", "unstable")):
+                sel = sel & np.isfinite(vals)
+                if sel.any():
+                    ax.scatter(jitter[sel], vals[sel], s=9 if what == "point" else 12,
+                               facecolors=face, edgecolors="black", linewidths=0.6, zorder=3,
+                               alpha=0.8, gid=f"{what}|{gid}")  # fmt: skip
+            n_open += int((flags & np.isfinite(vals)).sum())
+    rmean, lo, hi = (
+        sub[c].to_numpy(float) for c in ("random_mean", "random_ci_low", "random_ci_high")
+    )
+    if rmean.size and np.isfinite(rmean).all() and np.isfinite(lo).all() and np.isfinite(hi).all():
+        band = ax.axhspan(lo.mean(), hi.mean(), facecolor=RANDOM_BAND, lw=0, zorder=0)
+        band.set_gid(f"random|{summary}")
+        if "random_stability" in sub.columns:
+            band_stab = pd.DataFrame({"stability": [mean_stability(sub["random_stability"])]})
+            if unstable(band_stab)[0]:
+                _hatch(band)
+                n_hatched += 1
+        ax.axhline(rmean.mean(), color=COLORS["random"], ls="--", lw=1.0, zorder=1)
     ax.set_xticks([0, 1])
     ax.set_xticklabels(["Low vision dispersion", "High vision dispersion"])
     ax.set_xlim(-0.6, 1.6)
     ax.set_ylabel(ALIGNMENT_LABEL)
     n = sub["n_stimuli"].dropna()
-    return int(n.iloc[0]) if len(n) else None
+    return (int(n.iloc[0]) if len(n) else None), n_hatched, n_open, n_undefined
 
 
 def draw_language_dispersion(data: FigureData) -> Figure:
     """Language vs vision dispersion (mean, PC1) and alignment on the 2 × 2 sets."""
     vision, language = data["dispersion"], data["language_dispersion"]
     corr, cells = data.get("language_correlation"), data.get("joint_cells")
-    fig = new_figure(8.6, 6.6)
+    fig = new_figure(8.6, 6.8)
     axes = panel_grid(fig, 4, 2)
     for ax, (letter, summary, col) in zip(
         axes[:2], (("A", "mean", "mean_dispersion"), ("B", "pc1", "pc1_score")), strict=True
@@ -119,9 +170,10 @@ def draw_language_dispersion(data: FigureData) -> Figure:
         _scatter_panel(ax, vision, language, col, corr, summary)
         what = "mean" if summary == "mean" else "PC1"
         ax.set_title(f"{letter}   Language vs vision dispersion ({what})", loc="left")
-    n_pairs = 0
+    n_pairs = n_hatched = n_open = n_undefined = 0
     for ax, (letter, summary) in zip(axes[2:], (("C", "mean"), ("D", "pc1")), strict=True):
-        n = _cells_panel(ax, cells, summary)
+        n, a, b, c = _cells_panel(ax, cells, summary)
+        n_hatched, n_open, n_undefined = n_hatched + a, n_open + b, n_undefined + c
         if cells is not None and len(cells):
             n_pairs = cells.groupby(["vision", "llm"]).ngroups
         size = f", n = {n} each" if n is not None else ""
@@ -129,10 +181,15 @@ def draw_language_dispersion(data: FigureData) -> Figure:
         ax.set_title(f"{letter}   2 × 2 sets by {what}{size}", loc="left")
     handles = [
         Patch(facecolor="#777777", label="language dispersion low"),
-        Patch(facecolor="#777777", alpha=0.45, hatch="///", edgecolor="white",
-              label="language dispersion high"),
-        Patch(facecolor=COLORS["random"], alpha=0.3, label="size-matched random sets (mean, 95%)"),
-    ]  # fmt: skip
+        Patch(facecolor=_lighter("#777777"), label="language dispersion high (lighter)"),
+        Patch(facecolor=RANDOM_BAND, label="size-matched random sets (mean, 95%)"),
+        *_flag_handles(n_hatched, n_undefined, "bar"),
+    ]
+    if n_open:
+        handles.append(
+            Line2D([], [], marker="o", ls="", mfc="white", mec="black",
+                   label=f"pair: {UNSTABLE_NOTE} ({n_open})")
+        )  # fmt: skip
     fig.legend(handles=handles, loc="outside lower center", ncols=3)
     fig.suptitle(
         "Language-side dispersion (GPA across language models)"

@@ -13,8 +13,13 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from xmodal.alignment import drop_table
 from xmodal.io import write_table
-from xmodal.summary import summary_table
+from xmodal.summary import (
+    drop_summary_table,
+    heldout_summary_table,
+    summary_table,
+)
 
 #: What ``synthetic_inputs(plant=True)`` plants, for every metric with kNN sets (stability above
 #: the 1e-3 threshold = unstable; 5e-4 = just stable) and for the vision model ``vis-2``.
@@ -38,7 +43,25 @@ PLANTED = {
     ],
     "collapsed": "vis-2",
     "warn": ("beta-7b", 1),
+    # the held-out layer choice: (vision, llm, summary, layer_rule, column, stability or None
+    # for NaN, splits); a mean over splits is unstable when the mean stability exceeds 1e-3
+    "heldout": [
+        ("vis-1", "alpha-3b", "mean", "heldout", "low_stability", 2e-3, "all"),  # unstable
+        ("vis-0", "alpha-0.5b", "mean", "heldout", "high_stability", 2e-3, [0]),  # mean 4e-4
+        ("vis-2", "beta-7b", "pc1", "full", "low", None, [0]),  # undefined
+    ],
+    # the 2 × 2 cells: (vision or "all", llm or "all", summary, cell or "random" for the random
+    # sets' stability, stability or None for NaN)
+    "joint_cells": [
+        ("vis-1", "alpha-3b", "mean", "vlow_lhigh", 2e-3),  # one unstable pair: an open dot
+        ("all", "all", "pc1", "vhigh_llow", 2e-3),  # every pair: the bar is hatched too
+        ("vis-2", "beta-7b", "mean", "vhigh_lhigh", None),  # undefined pair: a crossed bar
+        ("all", "all", "pc1", "random", 2e-3),  # the random band of the PC1 panel
+    ],
 }
+
+#: Splits of the synthetic held-out tables.
+N_SPLITS = 5
 
 
 def _stab(rng: np.random.Generator, knn: bool) -> float:
@@ -222,6 +245,9 @@ def synthetic_inputs(
     order = np.argsort(mean_d, kind="stable")
     set_rows += [("drop_high", "mean", 0, ids[j]) for j in order[: n_stimuli - n_drop]]
     set_rows += [("drop_low", "mean", 0, ids[j]) for j in order[n_drop:]]
+    for r in range(n_random):
+        pick = rng.choice(n_stimuli, n_stimuli - n_drop, replace=False)
+        set_rows += [("random_drop", "none", r, ids[j]) for j in pick]
     sets = pd.DataFrame(set_rows, columns=["set", "summary", "draw", "stimulus_id"])
 
     loo_pts, loo_rows = [], []
@@ -281,6 +307,8 @@ def synthetic_inputs(
                 row("full", "none", 0, n_stimuli, full)
                 row("drop_high", "mean", 0, n_stimuli - n_drop, full * 1.1)
                 row("drop_low", "mean", 0, n_stimuli - n_drop, full * 0.9)
+                for r, x in enumerate(full * 1.02 + rng.normal(0, 0.01, n_random)):
+                    row("random_drop", "none", r, n_stimuli - n_drop, x)
                 rnd = full + rng.normal(0, 0.02, n_random)
                 for r, x in enumerate(rnd):
                     row("random", "none", r, k, x)
@@ -294,6 +322,7 @@ def synthetic_inputs(
     for (v, ll, metric), g in grid.groupby(["vision", "llm", "metric"], sort=False):
         knn = metric in ("cknna", "mutual_knn")
         rnd = g.loc[g["condition"] == "random", "value"].to_numpy(float)
+        rstab = float(g.loc[g["condition"] == "random", "stability"].to_numpy(float).mean())
         rdefined = bool(np.isfinite(rnd).all())
         for summ in ("mean", "pc1"):
             lo_r = g[(g["condition"] == "low") & (g["summary"] == summ)].iloc[0]
@@ -308,12 +337,15 @@ def synthetic_inputs(
                  "random_mean": rnd.mean() if rdefined else np.nan,
                  "random_ci_low": np.percentile(rnd, 2.5) if rdefined else np.nan,
                  "random_ci_high": np.percentile(rnd, 97.5) if rdefined else np.nan,
+                 "random_stability": rstab,
                  "frac_random_ge_low": float(np.mean(rnd >= low))
                  if rdefined and np.isfinite(low) else np.nan,
                  "diff_low_high": diff, "diff_ci_low": diff - ci, "diff_ci_high": diff + ci,
                  "n_boot": 200 if knn else 0}
             )  # fmt: skip
     diagnostics, duplicates = _diagnostics(vision, llms, layers, ids, n_llm_layers, rng, plant)
+    drop = drop_table(grid)
+    heldout_layers, heldout = _heldout_tables(layers, grid, n_stimuli, set_size, rng, plant)
 
     manifest_dir = d / "stimuli"
     (manifest_dir / "images").mkdir(parents=True, exist_ok=True)
@@ -333,7 +365,7 @@ def synthetic_inputs(
             arr[6:18, 6:18] = (255 * (j / max(n_stimuli - 1, 1)), 80, 160)
             Image.fromarray(arr).save(manifest_dir / "images" / f"{s}.png")
 
-    extension = _extension_tables(rng, dispersion, manifest, vision, llms, n_random, seed)
+    extension = _extension_tables(rng, dispersion, manifest, vision, llms, n_random, seed, plant)
     out = {
         "dispersion": d / "dispersion.tsv",
         "residuals": d / "residuals.tsv",
@@ -347,6 +379,11 @@ def synthetic_inputs(
         "summary": d / "summary.tsv",
         "diagnostics": d / "diagnostics.tsv",
         "duplicates": d / "duplicates.tsv",
+        "drop": d / "drop.tsv",
+        "drop_summary": d / "drop_summary.tsv",
+        "heldout_layers": d / "heldout_layers.tsv",
+        "heldout": d / "heldout.tsv",
+        "heldout_summary": d / "heldout_summary.tsv",
         "manifest": manifest_dir / "stimuli.tsv",
         **{name: d / f"{name}.tsv" for name in extension},
     }
@@ -363,12 +400,79 @@ def synthetic_inputs(
         "summary": summary_table(pd.DataFrame(con_rows), grid),
         "diagnostics": diagnostics,
         "duplicates": duplicates,
+        "drop": drop,
+        "drop_summary": drop_summary_table(drop),
+        "heldout_layers": heldout_layers,
+        "heldout": heldout,
+        "heldout_summary": heldout_summary_table(heldout),
         "manifest": manifest,
         **extension,
     }
     for name, df in tables.items():
         write_table(df, out[name])
     return out
+
+
+def _heldout_tables(
+    layers: pd.DataFrame,
+    grid: pd.DataFrame,
+    n_stimuli: int,
+    set_size: int,
+    rng: np.random.Generator,
+    plant: bool,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The held-out layer choice over :data:`N_SPLITS` splits: the layer chosen on half A (the
+    full-set layer in most splits, its neighbour in some) and the sets inside half B at that
+    layer and at the full-set layer (a smaller contrast at the held-out layer, by construction).
+    With ``plant``, the values of :data:`PLANTED` ``["heldout"]``."""
+    half = n_stimuli // 2
+    k_b = int(np.floor(set_size * (n_stimuli - half) / n_stimuli + 0.5))
+    choice_rows, rows = [], []
+    chosen = layers[layers["chosen"]]
+    n_layers = int(layers["llm_layer"].max()) + 1
+    for r in chosen.itertuples():
+        knn = r.metric in ("cknna", "mutual_knn")
+        full = grid[(grid["vision"] == r.vision) & (grid["llm"] == r.llm)]
+        full = full[(full["metric"] == r.metric) & (full["condition"] == "full")]["value"].item()
+        for split in range(N_SPLITS):
+            moved = rng.random() < 0.3
+            layer = min(n_layers - 1, int(r.llm_layer) + 1) if moved else int(r.llm_layer)
+            choice_rows.append(
+                {"vision": r.vision, "llm": r.llm, "metric": r.metric, "split": split,
+                 "n_stimuli": half, "llm_layer": layer, "layer_name": f"layers.{layer - 1}",
+                 "value": full * rng.uniform(0.95, 1.05), "stability": _stab(rng, knn),
+                 "full_layer": int(r.llm_layer), "same_as_full": layer == int(r.llm_layer)}
+            )  # fmt: skip
+            lift = rng.uniform(1.0, 1.6)
+            for summary in ("mean", "pc1"):
+                for rule, index, shrink in (("heldout", layer, 0.6), ("full", r.llm_layer, 1.0)):
+                    low = full * (1 + shrink * (lift - 1)) + rng.normal(0, 0.01)
+                    high = full * (1 - shrink * 0.2) + rng.normal(0, 0.01)
+                    rnd = full + rng.normal(0, 0.02, 10)
+                    rows.append(
+                        {"vision": r.vision, "llm": r.llm, "metric": r.metric,
+                         "summary": summary, "split": split, "layer_rule": rule,
+                         "llm_layer": int(index), "n_stimuli": k_b, "low": low, "high": high,
+                         "low_stability": _stab(rng, knn), "high_stability": _stab(rng, knn),
+                         "random_mean": rnd.mean(), "random_ci_low": np.percentile(rnd, 2.5),
+                         "random_ci_high": np.percentile(rnd, 97.5),
+                         "random_stability": _stab(rng, knn), "n_random": rnd.size,
+                         "frac_random_ge_low": float(np.mean(rnd >= low)),
+                         "diff_low_high": low - high}
+                    )  # fmt: skip
+    heldout = pd.DataFrame(rows)
+    if plant:
+        knn = heldout["metric"].isin(["cknna", "mutual_knn"])
+        for v, ll, summary, rule, col, value, splits in PLANTED["heldout"]:
+            m = (heldout["vision"] == v) & (heldout["llm"] == ll) & (heldout["summary"] == summary)
+            m &= (heldout["layer_rule"] == rule) & knn
+            if splits != "all":
+                m &= heldout["split"].isin(splits)
+            if value is None:
+                heldout.loc[m, [col, "diff_low_high"]] = np.nan
+            else:
+                heldout.loc[m, col] = value
+    return pd.DataFrame(choice_rows), heldout
 
 
 def _extension_tables(
@@ -379,6 +483,7 @@ def _extension_tables(
     llms: list[str],
     n_random: int,
     seed: int,
+    plant: bool = False,
 ) -> dict[str, pd.DataFrame]:
     """Language-side dispersion, its correlation, the 2 × 2 cells and stimulus properties.
 
@@ -420,10 +525,24 @@ def _extension_tables(
                         {"vision": v, "llm": ll, "llm_layer": 2, "metric": "cknna",
                          "summary": summary, "cell": name, "vision_level": v_level,
                          "language_level": l_level, "n_stimuli": n, "value": value,
-                         "random_mean": rnd.mean(), "random_ci_low": np.percentile(rnd, 2.5),
-                         "random_ci_high": np.percentile(rnd, 97.5),
+                         "stability": 0.0, "random_mean": rnd.mean(),
+                         "random_ci_low": np.percentile(rnd, 2.5),
+                         "random_ci_high": np.percentile(rnd, 97.5), "random_stability": 0.0,
                          "frac_random_ge": float(np.mean(rnd >= value)), "n_random": rnd.size}
                     )  # fmt: skip
+    cells = pd.DataFrame(cell_rows)
+    if plant:
+        for v, ll, summary, cell, value in PLANTED["joint_cells"]:
+            hit = cells["summary"] == summary
+            hit &= (cells["cell"] == cell) if cell != "random" else True
+            hit &= (cells["vision"] == v) if v != "all" else True
+            hit &= (cells["llm"] == ll) if ll != "all" else True
+            if cell == "random":
+                cells.loc[hit, "random_stability"] = value
+            elif value is None:
+                cells.loc[hit, ["value", "stability", "frac_random_ge"]] = np.nan
+            else:
+                cells.loc[hit, "stability"] = value
     words = np.array([caption_words(c) for c in manifest["caption"]], dtype=float)
     noise = dispersion["mean_dispersion"].to_numpy()
     values = {
@@ -450,7 +569,7 @@ def _extension_tables(
     return {
         "language_dispersion": language,
         "language_correlation": correlation,
-        "joint_cells": pd.DataFrame(cell_rows),
+        "joint_cells": cells,
         "properties": properties,
         "property_correlations": property_correlations(properties, dispersion, 50, seed),
     }

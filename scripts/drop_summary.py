@@ -1,0 +1,12 @@
+"""Rule drop_summary: where the drop sets fall among their size-matched random draws."""
+
+import _bootstrap  # noqa: F401
+
+from xmodal.logs import log_to
+
+snakemake = globals()["snakemake"]  # injected by the preamble Snakemake prepends
+log_to(snakemake.log[0])  # first, so that even an import error reaches the job's log
+
+from xmodal.pipeline import write_drop_summary  # noqa: E402
+
+write_drop_summary(snakemake.input[0], snakemake.output[0])
