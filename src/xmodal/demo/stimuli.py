@@ -12,9 +12,9 @@ Nuisances are drawn from the world's own shapes and colours, so that they look l
 caption does not mention (as clutter in a photograph does), not like noise. ν ~ Beta(1.3, 1.7)
 and each component is c_k = min(1, ν·u_k) with u_k ~ U(0.8, 1.2) drawn per scene, so the
 components move together with ν but not in lockstep. The caption is written from the
-description alone, so
-images and captions share the content (what the vision and language models can agree on) while
-the nuisances are a planted, caption-independent source of disagreement between vision models.
+description alone, so images and captions share the content (what the vision and language
+models can agree on) while the nuisances are a planted, caption-independent source of
+disagreement between vision models (docs/method.md, "The embedded demo").
 
 Two disjoint random streams draw scenes from this world: ``split="eval"`` for the stimuli the
 pipeline analyses and ``split="train"`` for the scenes the demo's models are trained on

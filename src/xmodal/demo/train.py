@@ -3,16 +3,22 @@
 Each objective mirrors its paper family (docs/method.md, "The embedded demo"):
 
 - ``mae``: masked-patch reconstruction. The encoder sees a random quarter of the patches (and
-  the class token); a one-block decoder reconstructs the others (per-patch normalised pixels).
+  the class token); a one-block decoder predicts the pixels of the others (as the transform
+  normalises them; MAE's optional per-patch normalisation is off, so that colour and brightness
+  stay in the targets). L = mean over hidden patches j of ‖x̂_j − x_j‖² / (p²·3).
 - ``dinov2``: self-distillation between two augmented views (a DINO stand-in). The teacher is
   an exponential moving average of the student; its centred, sharpened prototype distribution
-  on one view is the target of the student's on the other. The teacher is the saved model.
+  on one view is the target of the student's on the other:
+  L = −½ Σ_{a≠b} Σ_k P_t^a(k) log P_s^b(k), P_t = softmax((t − c)/τ_t), P_s = softmax(s/τ_s).
+  The teacher is the saved model.
 - ``clip``: symmetric InfoNCE between image embeddings (the ViT's projection head) and caption
-  embeddings from a tiny text tower (token embeddings, one transformer layer, mean pooling).
+  embeddings from a tiny text tower (token embeddings, one transformer layer, mean pooling):
+  with unit rows I, T and scale s, L = ½[CE(s·ITᵀ, diag) + CE(s·TIᵀ, diag)].
 - ``clip_ft``: the trained CLIP image tower, fine-tuned on scene-label classification
   (multi-label: which colour–shape combinations of :data:`xmodal.demo.stimuli.LABELS` the
-  scene contains).
-- language models: next-token prediction on the training captions.
+  scene contains; binary cross-entropy per label).
+- language models: next-token prediction on the training captions (cross-entropy of every real
+  next token, BOS … EOS).
 
 Images pass through exactly the transform extraction uses (the saved model is loaded with
 :func:`xmodal.extract.vision.load_vision_model`); the trained model is saved back in the same
@@ -52,7 +58,6 @@ __all__ = [
 
 #: MAE: fraction of patches hidden from the encoder
 MASK_RATIO = 0.75
-MAE_NORM_PIX = False
 #: DINO: prototypes, student / teacher temperatures, centre and teacher momentum
 DINO_PROTOTYPES = 64
 DINO_TEMPS = (0.1, 0.04)
@@ -100,11 +105,12 @@ def _optimise(
     gen: torch.Generator,
     step: Callable[[torch.Tensor], torch.Tensor],
     after_step: Callable[[int, int], None] | None = None,
+    name: str = "model",
 ) -> list[float]:
     """AdamW with linear warm-up (5% of steps) and cosine decay; returns the mean loss per epoch.
 
     ``step(indices)`` computes the loss of one batch; ``after_step(step, total)`` runs after
-    each update (e.g. a teacher's moving average).
+    each update (e.g. a teacher's moving average); ``name`` labels errors and the log.
     """
     params = [p for p in params if p.requires_grad]
     decay = [p for p in params if p.ndim >= 2]
@@ -118,7 +124,10 @@ def _optimise(
     )
     per_epoch = n // settings.batch_size
     if per_epoch < 1:
-        raise ValueError(f"{n} training examples are fewer than one batch of {settings.batch_size}")
+        raise ValueError(
+            f"{name}: {n} training scenes are fewer than one batch of {settings.batch_size}; "
+            "lower train.batch_size or raise stimuli.train.n"
+        )
     total = per_epoch * settings.epochs
     warmup = max(1, total // 20)
 
@@ -135,7 +144,10 @@ def _optimise(
                 group["lr"] = lr_at(i)
             loss = step(idx)
             if not torch.isfinite(loss):
-                raise FloatingPointError(f"training loss became {loss.item()} at step {i}")
+                raise FloatingPointError(
+                    f"{name}: training loss became {loss.item()} at step {i}; "
+                    "lower train.lr in its build block"
+                )
             opt.zero_grad(set_to_none=True)
             loss.backward()
             nn.utils.clip_grad_norm_(params, 1.0)
@@ -146,7 +158,8 @@ def _optimise(
             i += 1
         losses.append(float(np.mean(running)))
         log.info(
-            "epoch %d/%d: loss %.4f (%.1f s)",
+            "%s epoch %d/%d: loss %.4f (%.1f s)",
+            name,
             epoch + 1,
             settings.epochs,
             losses[-1],
@@ -214,10 +227,6 @@ def _train_mae(model: nn.Module, images: torch.Tensor, s: TrainSettings, gen: to
     n_keep = max(1, round(n_patches * (1 - MASK_RATIO)))
     decoder = _MaeDecoder(model.embed_dim, n_patches, p * p * 3)
     target = _patchify(images, p)
-    if MAE_NORM_PIX:
-        target = (target - target.mean(-1, keepdim=True)) / (
-            target.var(-1, keepdim=True) + 1e-6
-        ).sqrt()
 
     def step(idx: torch.Tensor) -> torch.Tensor:
         x = model._pos_embed(model.patch_embed(images[idx]))  # class token + patches, positions
@@ -235,7 +244,8 @@ def _train_mae(model: nn.Module, images: torch.Tensor, s: TrainSettings, gen: to
         err = ((pred - target[idx]) ** 2).mean(-1)
         return (err * masked).sum() / masked.sum()
 
-    return _optimise([*model.parameters(), *decoder.parameters()], len(images), s, gen, step)
+    params = [*model.parameters(), *decoder.parameters()]
+    return _optimise(params, len(images), s, gen, step, name="MAE")
 
 
 def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -316,7 +326,8 @@ def _train_dino(model: nn.Module, images: torch.Tensor, s: TrainSettings, gen: t
                 for ps, pt in zip(src.parameters(), dst.parameters(), strict=True):
                     pt.mul_(mom).add_(ps.detach(), alpha=1 - mom)
 
-    losses = _optimise([*model.parameters(), *head.parameters()], len(images), s, gen, step, ema)
+    params = [*model.parameters(), *head.parameters()]
+    losses = _optimise(params, len(images), s, gen, step, ema, name="DINO")
     return losses, teacher
 
 
@@ -378,7 +389,7 @@ def _train_clip(
         return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
 
     params = [*model.parameters(), *text.parameters(), logit_scale]
-    return _optimise(params, len(images), s, gen, step)
+    return _optimise(params, len(images), s, gen, step, name="CLIP")
 
 
 def _train_classifier(
@@ -389,7 +400,7 @@ def _train_classifier(
     def step(idx: torch.Tensor) -> torch.Tensor:
         return F.binary_cross_entropy_with_logits(model(images[idx]), labels[idx])
 
-    return _optimise(list(model.parameters()), len(images), s, gen, step)
+    return _optimise(list(model.parameters()), len(images), s, gen, step, name="CLIP+FT")
 
 
 def _load_trunk(model: nn.Module, init_dir: str | os.PathLike) -> None:
@@ -511,7 +522,7 @@ def train_language_model(
             labels = x.masked_fill(~m, -100)
             return model(input_ids=x, attention_mask=m.long(), labels=labels).loss
 
-        losses = _optimise(list(model.parameters()), len(captions), settings, gen, step)
+        losses = _optimise(list(model.parameters()), len(captions), settings, gen, step, name=arch)
     model.eval()
     out = Path(out_dir)
     model.base_model.save_pretrained(out)
