@@ -1,7 +1,8 @@
 """The embedded demo: its synthetic world, the training of its models, the measured targets.
 
 The end-to-end scientific test (``test_trained_demo_shows_the_effect``) reads the trained demo
-run shared with test_workflow.py (``demo_project``) and the untrained one (``demo_untrained_project``).
+run shared with test_workflow.py (``demo_project``) and the untrained one
+(``demo_untrained_project``).
 """
 
 from __future__ import annotations
@@ -327,14 +328,15 @@ def test_training_is_deterministic_for_a_seed(name, small_world, tmp_path):
 #   CLIP pairs above untrained     3/3    3/3    3/3    3/3    3/3
 #
 # Untrained stand-ins (config/demo_untrained.yaml): CLIP and CLIP+FT collapsed (mean cosine
-# 0.9998 and 0.9999, 79% and 85% of stimuli with unresolved neighbours), ρ = 0.56. The run here uses offset 0, so the
-# thresholds sit below its values by a margin for platform differences (other torch builds
-# train to other weights); offset 300 would fail the ρ and low > high thresholds, offset 400
-# the mean-cosine one (its MAE at 0.977). Targets of the issue that are not reached, asserted
-# only as regression guards at the measured level: ρ ≥ 0.5 (reached 0.23–0.46); the interval
-# of low − high excluding 0 in most pairs (0–4 of 12); trained above untrained in every pair
-# (the CLIP pairs double, CLIP+FT is above in 14 of 15 pair-seed cases, but the MAE and DINO
-# pairs stay at or below the collapsed stand-ins' 0.04–0.05 in 28 of 30).
+# 0.9998 and 0.9999, 79% and 85% of stimuli with unresolved neighbours), ρ = 0.56.
+# The run here uses offset 0, so the thresholds sit below its values by a margin for platform
+# differences (other torch builds train to other weights); offset 300 would fail the ρ and
+# low > high thresholds, offset 400 the mean-cosine one (its MAE at 0.977). Targets of the
+# issue that are not reached, asserted only as regression guards at the measured level:
+# ρ ≥ 0.5 (reached 0.23–0.46); the interval of low − high excluding 0 in most pairs (0–4 of
+# 12); trained above untrained in every pair (the CLIP pairs double, CLIP+FT is above in 14 of
+# 15 pair-seed cases, but the MAE and DINO pairs stay at or below the collapsed stand-ins'
+# 0.04–0.05 in 28 of 30).
 MAX_MEAN_COSINE = 0.97
 MAX_UNRESOLVED = 0.25
 MIN_NUISANCE_RHO = 0.35

@@ -70,8 +70,8 @@ def build_demo_model(
 ) -> Path:
     """Build the model ``entry['build']`` describes into ``out_dir``; train it if it says so.
 
-    ``scenes_path`` is the training-scene file (:func:`xmodal.demo.stimuli.generate_training_scenes`),
-    needed with ``train``; ``init_dir`` the built model that ``init`` names.
+    ``scenes_path`` is the file of :func:`xmodal.demo.stimuli.generate_training_scenes`, needed
+    with ``train``; ``init_dir`` the built model that ``init`` names.
     """
     from xmodal.demo import models
 

@@ -156,7 +156,7 @@ def train_tokenizer(
 def tiny_lm_config(
     arch: str, tokenizer: Any, hidden_size: int = 32, n_layers: int = 2, max_positions: int = 128
 ) -> Any:
-    """The transformers config of a tiny BLOOM or LLaMA (``arch``) for ``tokenizer``'s vocabulary."""
+    """Transformers config of a tiny BLOOM or LLaMA (``arch``) for ``tokenizer``'s vocabulary."""
     from transformers import BloomConfig, LlamaConfig
 
     n_heads = 2 if hidden_size % 4 else 4

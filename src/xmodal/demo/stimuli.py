@@ -277,7 +277,8 @@ def generate_training_scenes(path: str | Path, n: int, seed: int, size: int = IM
 
     Arrays: ``images`` (n, size, size, 3) uint8 (JPEG round trip at the evaluation stimuli's
     quality, so that training and evaluation images have the same statistics), ``captions``,
-    ``labels`` (n, len(LABELS)) multi-hot (:attr:`Scene.labels`), ``nuisance`` and one array per component.
+    ``labels`` (n, len(LABELS)) multi-hot (:attr:`Scene.labels`), ``nuisance`` and one array
+    per component.
     """
     scenes = sample_scenes(n, seed, "train")
     images = np.stack([np.asarray(_jpeg_round_trip(render_scene(s, size))) for s in scenes])

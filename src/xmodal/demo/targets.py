@@ -1,7 +1,7 @@
 """What the demo should show, measured from a finished run's tables and feature files.
 
-The demo's scientific checks (docs/method.md, "The embedded demo"), each computed from the aggregate
-tables by column name:
+The demo's scientific checks (docs/method.md, "The embedded demo"), each computed from the
+aggregate tables by column name:
 
 - **collapse**: per model, at the layer the analysis uses (the vision layer of GPA; every LLM
   layer chosen by the layer search), the mean pairwise cosine of the prepared features
@@ -166,6 +166,8 @@ def demo_targets(
     rho = float(nuisance.corr(planted["mean_dispersion"], method="spearman"))
     rho_pc1 = float(nuisance.corr(planted["pc1_score"], method="spearman"))
     contrasts = _read(root / f"results/alignment/{dataset}/contrasts.tsv")
+    if "metric" in contrasts:
+        contrasts = contrasts[contrasts["metric"] == "cknna"]
     grid = _read(root / f"results/alignment/{dataset}/grid.tsv")
     full = grid[grid["condition"] == "full"]
     if "metric" in full:

@@ -432,8 +432,9 @@ def train_vision_model(
 
     ``scenes`` holds the arrays of :func:`xmodal.demo.stimuli.load_training_scenes`. ``clip``
     needs ``tokenizer_dir`` (its text tower's tokens); ``clip_ft`` starts from the trunk of the
-    trained CLIP at ``init_dir`` (from scratch without it). Returns the training record (also written to
-    ``model_dir/training.json``): family, settings, seed, scenes, loss per epoch, seconds.
+    trained CLIP at ``init_dir`` (from scratch without it). Returns the training record (also
+    written to ``model_dir/training.json``): family, settings, seed, scenes, loss per epoch,
+    seconds.
     """
     from xmodal.demo.models import save_vit
     from xmodal.extract.vision import load_vision_model
