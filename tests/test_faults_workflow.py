@@ -42,6 +42,8 @@ def _small_config() -> dict:
     cfg["stimuli"]["n"] = 64
     for key in ("tiny-clip-ft", "tiny-bloom-m"):
         del cfg["models"][key]
+    for entry in cfg["models"].values():  # untrained stand-ins: training adds nothing here
+        entry["build"] = {k: v for k, v in entry["build"].items() if k not in ("train", "init")}
     cfg["analysis"].update(set_size=16, n_random=3, n_boot=10)
     return cfg
 
