@@ -29,7 +29,7 @@ demo: setup
 	mkdir -p results/report
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/snakemake --profile profiles/demo --report results/report/demo.html
 	@echo "Demo finished: figures in results/figures/demo/, report in results/report/demo.html"
-	@echo "NOTE: the demo's models are untrained, randomly initialised stand-ins; its numbers say nothing about real models."
+	@echo "NOTE: the demo's models are tiny and trained for a few minutes on synthetic scenes (README, 'The two commands'); its numbers say nothing about real models."
 
 # graphviz renders --dag/--rulegraph in the tests; installed when we are root and it is missing.
 system-deps:

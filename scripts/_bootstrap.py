@@ -9,11 +9,10 @@ import sys
 from pathlib import Path
 
 _SRC = str(Path(__file__).resolve().parents[1] / "src")
-# First, even when already on the path: Snakemake's script preamble appends this folder after
-# the interpreter's own entries, where an editable install of another checkout would win.
-while _SRC in sys.path:
-    sys.path.remove(_SRC)
-sys.path.insert(0, _SRC)
+# First, even when already present further down: Snakemake appends its own process's sys.path
+# to a script's, after site-packages, where an editable install of another checkout would win.
+if sys.path[:1] != [_SRC]:
+    sys.path[:] = [_SRC] + [p for p in sys.path if p != _SRC]
 
 import xmodal  # noqa: E402  (light: imports no numerical library)
 

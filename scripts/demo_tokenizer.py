@@ -1,4 +1,4 @@
-"""Rule demo_tokenizer: a BPE tokenizer trained on the demo captions."""
+"""Rule demo_tokenizer: a BPE tokenizer trained on the captions of the training scenes."""
 
 import _bootstrap  # noqa: F401
 
@@ -8,7 +8,7 @@ snakemake = globals()["snakemake"]  # injected by the preamble Snakemake prepend
 log_to(snakemake.log[0])  # first, so that even an import error reaches the job's log
 
 from xmodal.demo.models import train_tokenizer  # noqa: E402
-from xmodal.stimuli import read_manifest  # noqa: E402
+from xmodal.demo.stimuli import sample_scenes  # noqa: E402
 
-captions = read_manifest(snakemake.input.manifest)["caption"].tolist()
-train_tokenizer(captions, snakemake.output[0])
+scenes = sample_scenes(int(snakemake.params.n), int(snakemake.params.seed), split="train")
+train_tokenizer([s.caption for s in scenes], snakemake.output[0])

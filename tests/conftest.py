@@ -115,9 +115,32 @@ def hf_offline(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture(scope="session")
 def demo_project(tmp_path_factory):
     """A copy of the project in which the embedded demo has run to completion locally
-    (`snakemake --profile profiles/demo`); shared by the workflow and SLURM tests."""
+    (`snakemake --profile profiles/demo`, config/demo.yaml: its tiny models are trained inside
+    the demo); shared by the workflow tests and the demo's end-to-end scientific test. The one
+    trained demo run of the suite."""
     from _project import copy_project, run_snakemake
 
     wd = copy_project(tmp_path_factory.mktemp("demo") / "project")
     run_snakemake(wd, "--profile", "profiles/demo", "--cores", "2")
+    return wd
+
+
+@pytest.fixture(scope="session")
+def demo_untrained_project(tmp_path_factory):
+    """A copy of the project in which the demo with untrained stand-ins
+    (config/demo_untrained.yaml, dataset ``demo-untrained``) has run to completion locally: the
+    fastest full run, for tests where training adds nothing and for the trained-vs-untrained
+    comparison."""
+    from _project import copy_project, run_snakemake
+
+    wd = copy_project(tmp_path_factory.mktemp("demo_untrained") / "project")
+    run_snakemake(
+        wd,
+        "--profile",
+        "profiles/demo",
+        "--configfile",
+        "config/demo_untrained.yaml",
+        "--cores",
+        "2",
+    )
     return wd

@@ -42,6 +42,8 @@ def _small_config() -> dict:
     cfg["stimuli"]["n"] = 64
     for key in ("tiny-clip-ft", "tiny-bloom-m"):
         del cfg["models"][key]
+    for entry in cfg["models"].values():  # untrained stand-ins: training adds nothing here
+        entry["build"] = {k: v for k, v in entry["build"].items() if k not in ("train", "init")}
     cfg["analysis"].update(set_size=16, n_random=3, n_boot=10)
     # sets of 16 of 64 leave 8 per half: too few for the held-out layer choice with k = 10
     cfg["analysis"]["heldout_layer"] = {"enabled": False}

@@ -1,25 +1,123 @@
-"""Build one demo model from its config registry entry (its ``build`` block)."""
+"""Build (and, with a ``train`` block, train) one demo model from its config registry entry.
+
+The ``build`` block of a model is its recipe: the architecture (``family`` for ViTs, ``arch``,
+``hidden_size``, ``n_layers`` for language models), the ``seed``, and optionally ``train``
+(:class:`xmodal.demo.train.TrainSettings`) and, for CLIP+FT, ``init`` (the key of the trained
+CLIP model it is fine-tuned from). Without ``train`` the model is a randomly initialised
+stand-in (``config/demo_untrained.yaml``).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+__all__ = ["DemoNeeds", "build_demo_model", "demo_needs"]
+
+
+@dataclass(frozen=True)
+class DemoNeeds:
+    """What building one demo model reads besides its recipe."""
+
+    tokenizer: bool
+    scenes: bool
+    init: str | None
+
+
+def demo_needs(models: Mapping[str, Mapping[str, Any]], key: str) -> DemoNeeds:
+    """The inputs of model ``key``'s build: the tokenizer, the training scenes, an init model.
+
+    Language models need the tokenizer; a trained CLIP needs it for its text tower; a trained
+    model needs the training scenes; ``init`` must name another trained ViT of the same family
+    (``clip`` for ``clip_ft``). Errors name the config key at fault.
+    """
+    entry = models[key]
+    spec = dict(entry.get("build") or {})
+    where = f"models.{key}.build"
+    trained = "train" in spec
+    init = spec.get("init")
+    if init is not None:
+        if not trained:
+            raise ValueError(f"{where}.init: only a trained model starts from another (add train)")
+        other = models.get(init)
+        if other is None or "build" not in other:
+            raise ValueError(
+                f"{where}.init: {init!r} is not a demo model of this config "
+                f"(demo models: {sorted(k for k, m in models.items() if 'build' in m)})"
+            )
+        base = {"clip_ft": "clip"}.get(spec.get("family"), spec.get("family"))
+        if other["build"].get("family") != base or "train" not in other["build"]:
+            raise ValueError(
+                f"{where}.init: {init!r} must be a trained ViT of family {base!r} "
+                f"(it has family {other['build'].get('family')!r})"
+            )
+    if entry["modality"] == "vision":
+        tokenizer = trained and spec.get("family") == "clip"
+    else:
+        tokenizer = True
+    return DemoNeeds(tokenizer=tokenizer, scenes=trained, init=init)
+
 
 def build_demo_model(
-    entry: Mapping[str, Any], out_dir: str | Path, tokenizer_dir: str | Path | None = None
+    entry: Mapping[str, Any],
+    out_dir: str | Path,
+    tokenizer_dir: str | Path | None = None,
+    *,
+    scenes_path: str | Path | None = None,
+    init_dir: str | Path | None = None,
 ) -> Path:
-    """Build the tiny, untrained stand-in described by ``entry['build']`` into ``out_dir``."""
+    """Build the model ``entry['build']`` describes into ``out_dir``; train it if it says so.
+
+    ``scenes_path`` is the file of :func:`xmodal.demo.stimuli.generate_training_scenes`, needed
+    with ``train``; ``init_dir`` the built model that ``init`` names.
+    """
     from xmodal.demo import models
 
     spec = dict(entry.get("build") or {})
     seed = int(spec.get("seed", 0))
+    train = spec.get("train")
+    where = f"model {entry.get('id', out_dir)!r}, build.train"
+    if train is not None and scenes_path is None:
+        raise ValueError(f"{where}: training needs the training scenes file")
     if entry["modality"] == "vision":
-        return models.build_tiny_vit(out_dir, family=spec.get("family", "mae"), seed=seed)
+        family = spec.get("family", "mae")
+        arch = {k: int(spec[k]) for k in ("embed_dim", "depth") if k in spec}
+        out = models.build_tiny_vit(out_dir, family=family, seed=seed, **arch)
+        if train is not None:
+            from xmodal.demo.stimuli import load_training_scenes
+            from xmodal.demo.train import TrainSettings, train_vision_model
+
+            train_vision_model(
+                out,
+                family,
+                load_training_scenes(scenes_path),
+                TrainSettings.from_mapping(train, where),
+                seed,
+                tokenizer_dir=tokenizer_dir,
+                init_dir=init_dir,
+            )
+        return out
     if tokenizer_dir is None:
         raise ValueError(f"demo language model {entry['id']!r} needs a tokenizer directory")
     kwargs = {k: int(spec[k]) for k in ("hidden_size", "n_layers") if k in spec}
-    return models.build_tiny_lm(
-        out_dir, arch=spec.get("arch", "bloom"), tokenizer_dir=tokenizer_dir, seed=seed, **kwargs
+    arch = spec.get("arch", "bloom")
+    if train is None:
+        return models.build_tiny_lm(
+            out_dir, arch=arch, tokenizer_dir=tokenizer_dir, seed=seed, **kwargs
+        )
+    from xmodal.demo.stimuli import load_training_scenes
+    from xmodal.demo.train import TrainSettings, train_language_model
+
+    captions = [str(c) for c in load_training_scenes(scenes_path, ("captions",))["captions"]]
+    train_language_model(
+        out_dir,
+        arch,
+        tokenizer_dir,
+        captions,
+        TrainSettings.from_mapping(train, where),
+        seed,
+        **kwargs,
     )
+    return Path(out_dir)

@@ -1,10 +1,11 @@
-"""Tiny, untrained stand-ins for the paper's models, built locally in well under a second.
+"""Tiny stand-ins for the paper's models, built locally in well under a second.
 
 They use the real architecture classes (timm ``VisionTransformer`` through the real model
 names, transformers ``BloomModel`` / ``LlamaModel``) configured very small, and are saved in the
 same formats the hubs serve (a timm directory with ``config.json`` + ``model.safetensors``; a
 transformers directory from ``save_pretrained``), so they load through the same code paths as the
-real models. :func:`make_hub_cache` lays a saved model out as a local Hugging Face hub cache entry
+real models. Built here they are randomly initialised; :mod:`xmodal.demo.train` trains them.
+:func:`make_hub_cache` lays a saved model out as a local Hugging Face hub cache entry
 (``models--org--name/snapshots/<hash>/``, ``refs/main``) for offline hub-id loading.
 """
 
@@ -21,6 +22,7 @@ from typing import Any
 import torch
 
 from xmodal._compat import ensure_torchvision_importable
+from xmodal.demo.stimuli import LABELS
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +32,8 @@ ensure_torchvision_importable()
 # family -> (timm model name with pretrained tag, tiny architecture arguments).
 # The names keep each family's quirks: MAE (plain ViT, class token, no pre-norm), DINOv2
 # (layer scale, SwiGLU MLP, 14 px patches at a larger input, ImageNet mean/std), CLIP (pre-norm
-# before the blocks, OpenAI mean/std, projection head), CLIP fine-tuned (same trunk, class head).
+# before the blocks, OpenAI mean/std, projection head), CLIP fine-tuned (same trunk, class head
+# over the demo's scene labels).
 VIT_FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
     "mae": (
         "vit_huge_patch14_224.mae",
@@ -46,23 +49,28 @@ VIT_FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
     ),
     "clip_ft": (
         "vit_huge_patch14_clip_224.laion2b_ft_in12k",
-        dict(img_size=32, patch_size=8, embed_dim=40, depth=3, num_heads=2, num_classes=24),
+        dict(
+            img_size=32, patch_size=8, embed_dim=40, depth=3, num_heads=2, num_classes=len(LABELS)
+        ),
     ),
 }
 
-__all__ = ["VIT_FAMILIES", "build_tiny_lm", "build_tiny_vit", "make_hub_cache", "train_tokenizer"]
+__all__ = [
+    "VIT_FAMILIES",
+    "build_tiny_lm",
+    "build_tiny_vit",
+    "make_hub_cache",
+    "save_vit",
+    "tiny_lm_config",
+    "tiny_vit",
+    "train_tokenizer",
+]
 
 
-def build_tiny_vit(out_dir: str | os.PathLike, family: str, seed: int, **overrides: Any) -> Path:
-    """Build a tiny randomly initialised ViT of ``family`` and save it as a timm local directory.
-
-    ``family`` is one of ``mae``, ``dinov2``, ``clip``, ``clip_ft``; ``overrides`` replace the tiny
-    architecture arguments (e.g. ``depth=2``). Returns ``out_dir`` (``config.json`` +
-    ``model.safetensors``), loadable with ``load_vision_model(out_dir)``.
-    """
+def tiny_vit(family: str, seed: int, **overrides: Any) -> torch.nn.Module:
+    """A tiny randomly initialised timm ViT of ``family`` (see :func:`build_tiny_vit`)."""
     ensure_torchvision_importable()
     import timm
-    from timm.models._hub import save_for_hf
 
     if family not in VIT_FAMILIES:
         raise ValueError(f"unknown ViT family {family!r}; choose from {sorted(VIT_FAMILIES)}")
@@ -76,10 +84,27 @@ def build_tiny_vit(out_dir: str | os.PathLike, family: str, seed: int, **overrid
             for blk in model.blocks:
                 for ls in (blk.ls1, blk.ls2):
                     torch.nn.init.uniform_(ls.gamma, 0.05, 0.2)
+    log.info("built tiny %s ViT (%s, %s)", family, name, args)
+    return model
+
+
+def save_vit(model: torch.nn.Module, out_dir: str | os.PathLike) -> Path:
+    """Save a timm ViT as a local directory (``config.json`` + ``model.safetensors``)."""
+    from timm.models._hub import save_for_hf
+
     out = Path(out_dir)
     save_for_hf(model, out, safe_serialization=True)
-    log.info("built tiny %s ViT (%s, %s) in %s", family, name, args, out)
     return out
+
+
+def build_tiny_vit(out_dir: str | os.PathLike, family: str, seed: int, **overrides: Any) -> Path:
+    """Build a tiny randomly initialised ViT of ``family`` and save it as a timm local directory.
+
+    ``family`` is one of ``mae``, ``dinov2``, ``clip``, ``clip_ft``; ``overrides`` replace the tiny
+    architecture arguments (e.g. ``depth=2``). Returns ``out_dir`` (``config.json`` +
+    ``model.safetensors``), loadable with ``load_vision_model(out_dir)``.
+    """
+    return save_vit(tiny_vit(family, seed, **overrides), out_dir)
 
 
 def train_tokenizer(
@@ -128,6 +153,34 @@ def train_tokenizer(
     return out
 
 
+def tiny_lm_config(
+    arch: str, tokenizer: Any, hidden_size: int = 32, n_layers: int = 2, max_positions: int = 128
+) -> Any:
+    """Transformers config of a tiny BLOOM or LLaMA (``arch``) for ``tokenizer``'s vocabulary."""
+    from transformers import BloomConfig, LlamaConfig
+
+    n_heads = 2 if hidden_size % 4 else 4
+    common = dict(
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    if arch == "bloom":
+        return BloomConfig(hidden_size=hidden_size, n_layer=n_layers, n_head=n_heads, **common)
+    if arch == "llama":
+        return LlamaConfig(
+            hidden_size=hidden_size,
+            intermediate_size=2 * hidden_size + 8,
+            num_hidden_layers=n_layers,
+            num_attention_heads=n_heads,
+            num_key_value_heads=n_heads,
+            max_position_embeddings=max_positions,
+            **common,
+        )
+    raise ValueError(f"unknown language architecture {arch!r}; choose 'bloom' or 'llama'")
+
+
 def build_tiny_lm(
     out_dir: str | os.PathLike,
     arch: str,
@@ -142,37 +195,16 @@ def build_tiny_lm(
 
     Saved with ``save_pretrained`` (safetensors) together with the tokenizer, so ``out_dir``
     loads with ``AutoModel`` / ``AutoTokenizer``. LLaMA's context is ``max_position_embeddings``
-    tokens (BLOOM, with ALiBi, has no fixed context).
+    tokens (BLOOM, with ALiBi, has no fixed context). Weights are drawn from N(0, 0.2²), wider
+    than transformers' 0.02, which gives less degenerate features without training.
     """
-    from transformers import AutoModel, AutoTokenizer, BloomConfig, LlamaConfig
+    from transformers import AutoModel, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    vocab = len(tok)
-    n_heads = 2 if hidden_size % 4 else 4
-    common = dict(
-        vocab_size=vocab,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
-    if arch == "bloom":
-        cfg = BloomConfig(hidden_size=hidden_size, n_layer=n_layers, n_head=n_heads, **common)
-    elif arch == "llama":
-        cfg = LlamaConfig(
-            hidden_size=hidden_size,
-            intermediate_size=2 * hidden_size + 8,
-            num_hidden_layers=n_layers,
-            num_attention_heads=n_heads,
-            num_key_value_heads=n_heads,
-            max_position_embeddings=max_position_embeddings,
-            **common,
-        )
-    else:
-        raise ValueError(f"unknown language architecture {arch!r}; choose 'bloom' or 'llama'")
+    cfg = tiny_lm_config(arch, tok, hidden_size, n_layers, max_position_embeddings)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = AutoModel.from_config(cfg)
-        # transformers initialises with std 0.02; a larger spread gives less degenerate features
         with torch.no_grad():
             for p in model.parameters():
                 if p.ndim >= 2:
@@ -185,7 +217,7 @@ def build_tiny_lm(
         arch,
         hidden_size,
         n_layers,
-        vocab,
+        len(tok),
         out,
     )
     return out

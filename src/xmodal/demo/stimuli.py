@@ -1,14 +1,29 @@
-"""Synthetic paired stimuli for the embedded demo: rendered scenes of coloured shapes.
+"""The demo's synthetic world: rendered scenes of coloured shapes, captions, planted nuisances.
 
-Each stimulus is drawn from one scene description (objects with shape, colour, size and
-position, plus a background), and its caption is generated from the same description, so
-images and captions share structure the way WIT's image/caption pairs do. A per-stimulus
-``clutter`` level (random specks and blur, never mentioned in the caption) degrades some
-images: a planted source of disagreement between vision models.
+A scene is a description (1–3 objects, each with a shape, colour, size and position) plus a
+**nuisance level** ν ∈ [0, 1] and its four components, none of which the caption mentions:
+
+- ``clutter``: up to 8 small distractor shapes anywhere in the image;
+- ``occlusion``: a shape over part of every described object;
+- ``background``: a striped texture blended into the plain background;
+- ``blur``: a Gaussian blur of the whole image.
+
+Nuisances are drawn from the world's own shapes and colours, so that they look like content the
+caption does not mention (as clutter in a photograph does), not like noise. ν ~ Beta(1.3, 1.7)
+and each component is c_k = min(1, ν·u_k) with u_k ~ U(0.8, 1.2) drawn per scene, so the
+components move together with ν but not in lockstep. The caption is written from the
+description alone, so images and captions share the content (what the vision and language
+models can agree on) while the nuisances are a planted, caption-independent source of
+disagreement between vision models (docs/method.md, "The embedded demo").
+
+Two disjoint random streams draw scenes from this world: ``split="eval"`` for the stimuli the
+pipeline analyses and ``split="train"`` for the scenes the demo's models are trained on
+(:mod:`xmodal.demo.train`); the same seed never yields the same scenes in both.
 """
 
 from __future__ import annotations
 
+import io
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +32,8 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw, ImageFilter
 
-from xmodal.io import write_table
+from xmodal.io import atomic_path
+from xmodal.stimuli import write_manifest
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +46,8 @@ COLOURS = {
     "purple": (140, 60, 180),
     "orange": (245, 140, 30),
 }
-BACKGROUNDS = {"white": (245, 245, 245), "grey": (150, 150, 150), "black": (20, 20, 20)}
+#: the plain background of a scene without nuisance
+BACKGROUND = (200, 200, 200)
 POSITIONS = {
     "on the left": (0.27, 0.5),
     "on the right": (0.73, 0.5),
@@ -39,6 +56,31 @@ POSITIONS = {
     "in the centre": (0.5, 0.5),
 }
 SIZES = {"small": 0.14, "large": 0.26}
+#: the nuisance components, in the order of the manifest's columns
+NUISANCES = ("clutter", "occlusion", "background", "blur")
+#: scene labels (the CLIP+FT fine-tuning task, multi-label): the colour–shape combinations present
+LABELS = tuple(f"{c} {s}" for c in COLOURS for s in SHAPES)
+#: size of the rendered images (pixels, square)
+IMAGE_SIZE = 96
+#: nuisance level ν ~ Beta(a, b)
+NUISANCE_BETA = (1.3, 1.7)
+#: spread of the components around the level: c_k = min(1, ν·u_k), u_k ~ U(low, high)
+COMPONENT_SPREAD = (0.8, 1.2)
+_SPLITS = {"eval": 0, "train": 1}
+
+__all__ = [
+    "IMAGE_SIZE",
+    "LABELS",
+    "NUISANCES",
+    "Scene",
+    "SceneObject",
+    "caption_for",
+    "generate_stimuli",
+    "generate_training_scenes",
+    "load_training_scenes",
+    "render_scene",
+    "sample_scenes",
+]
 
 
 @dataclass(frozen=True)
@@ -51,94 +93,213 @@ class SceneObject:
     position: str
 
 
-def random_scene(rng: np.random.Generator) -> tuple[list[SceneObject], str, float]:
-    """Draw a scene: 1-3 objects at distinct positions, a background and a clutter level."""
-    n_obj = int(rng.integers(1, 4))
-    positions = rng.choice(list(POSITIONS), size=n_obj, replace=False)
-    objects = [
-        SceneObject(
-            shape=str(rng.choice(SHAPES)),
-            colour=str(rng.choice(list(COLOURS))),
-            size=str(rng.choice(list(SIZES))),
-            position=str(pos),
+@dataclass(frozen=True)
+class Scene:
+    """A scene description, its nuisance level and components, and its rendering seed."""
+
+    objects: tuple[SceneObject, ...]
+    nuisance: float
+    clutter: float
+    occlusion: float
+    background: float
+    blur: float
+    render_seed: int
+
+    @property
+    def caption(self) -> str:
+        """The caption: the objects only, never the nuisances."""
+        return caption_for(self.objects)
+
+    @property
+    def labels(self) -> np.ndarray:
+        """Multi-hot over :data:`LABELS`: which colour–shape combinations the scene contains."""
+        out = np.zeros(len(LABELS), dtype=np.uint8)
+        for o in self.objects:
+            out[LABELS.index(f"{o.colour} {o.shape}")] = 1
+        return out
+
+    def nuisances(self) -> dict[str, float]:
+        """``nuisance`` and its components, rounded as the manifest records them."""
+        keys = ("nuisance", *NUISANCES)
+        return {k: round(float(getattr(self, k)), 4) for k in keys}
+
+
+def _split_rng(seed: int, split: str) -> np.random.Generator:
+    if split not in _SPLITS:
+        raise ValueError(f"unknown scene split {split!r}; choose from {sorted(_SPLITS)}")
+    return np.random.default_rng([int(seed), _SPLITS[split]])
+
+
+def sample_scenes(n: int, seed: int, split: str = "eval") -> list[Scene]:
+    """Draw ``n`` scene descriptions from the world (``split`` picks a disjoint random stream).
+
+    Objects: 1–3 at distinct positions, shape, colour and size uniform. ν ~ Beta(1.3, 1.7);
+    component c_k = min(1, ν·u_k), u_k ~ U(0.8, 1.2).
+    """
+    rng = _split_rng(seed, split)
+    scenes = []
+    for _ in range(int(n)):
+        n_obj = int(rng.integers(1, 4))
+        positions = rng.choice(list(POSITIONS), size=n_obj, replace=False)
+        objects = tuple(
+            SceneObject(
+                shape=str(rng.choice(SHAPES)),
+                colour=str(rng.choice(list(COLOURS))),
+                size=str(rng.choice(list(SIZES))),
+                position=str(pos),
+            )
+            for pos in positions
         )
-        for pos in positions
-    ]
-    background = str(rng.choice(list(BACKGROUNDS)))
-    clutter = float(rng.beta(1.2, 3.0))
-    return objects, background, clutter
+        level = float(rng.beta(*NUISANCE_BETA))
+        parts = np.minimum(1.0, level * rng.uniform(*COMPONENT_SPREAD, len(NUISANCES)))
+        scenes.append(
+            Scene(
+                objects=objects,
+                nuisance=level,
+                **{k: float(v) for k, v in zip(NUISANCES, parts, strict=True)},
+                render_seed=int(rng.integers(1 << 62)),
+            )
+        )
+    return scenes
 
 
-def caption_for(objects: list[SceneObject], background: str) -> str:
-    """Describe a scene in one sentence, from the same description that rendered it."""
+def caption_for(objects: tuple[SceneObject, ...] | list[SceneObject]) -> str:
+    """Describe a scene's objects in one sentence, from the description that rendered them."""
     parts = [f"a {o.size} {o.colour} {o.shape} {o.position}" for o in objects]
-    if len(parts) == 1:
-        body = parts[0]
+    body = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+    return f"{body[0].upper()}{body[1:]}."
+
+
+def _palette(rng: np.random.Generator, n: int) -> list[tuple[int, int, int]]:
+    """``n`` colours drawn from the world's object colours."""
+    names = list(COLOURS)
+    return [COLOURS[names[i]] for i in rng.integers(0, len(names), n)]
+
+
+def _draw_shape(
+    draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, colour: tuple
+) -> None:
+    if shape == "circle":
+        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=colour)
+    elif shape == "square":
+        draw.rectangle((cx - r, cy - r, cx + r, cy + r), fill=colour)
     else:
-        body = ", ".join(parts[:-1]) + " and " + parts[-1]
-    return f"{body[0].upper()}{body[1:]}, on a {background} background."
+        draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=colour)
 
 
-def render_scene(
-    objects: list[SceneObject],
-    background: str,
-    clutter: float,
-    rng: np.random.Generator,
-    size: int = 96,
-) -> Image.Image:
-    """Render a scene to an RGB image; ``clutter`` in [0, 1] adds specks and blur."""
-    img = Image.new("RGB", (size, size), BACKGROUNDS[background])
+def _background(scene: Scene, rng: np.random.Generator, size: int) -> np.ndarray:
+    """Plain background blended with a striped texture of weight ``scene.background``."""
+    theta, freq, phase = rng.uniform(0, np.pi), rng.uniform(2, 6), rng.uniform(0, 2 * np.pi)
+    colours = np.array(_palette(rng, 2), dtype=np.float32)
+    grid = np.arange(size, dtype=np.float32) / size
+    proj = grid[None, :] * np.cos(theta) + grid[:, None] * np.sin(theta)
+    wave = (0.5 + 0.5 * np.sin(2 * np.pi * freq * proj + phase))[..., None]
+    w = np.float32(scene.background)
+    plain = np.array(BACKGROUND, np.float32)
+    out = (1 - w) * plain + w * (colours[1] + wave * (colours[0] - colours[1]))
+    return (out + 0.5).astype(np.uint8)
+
+
+def render_scene(scene: Scene, size: int = IMAGE_SIZE) -> Image.Image:
+    """Render a scene to an RGB image: background, objects, occluders, clutter, then blur.
+
+    Every nuisance is drawn from the world's own vocabulary (its shapes and colours), so a
+    nuisance looks like content that the caption does not mention. All randomness of the
+    rendering comes from ``scene.render_seed``.
+    """
+    rng = np.random.default_rng(scene.render_seed)
+    img = Image.fromarray(_background(scene, rng, size), "RGB")
     draw = ImageDraw.Draw(img)
-    for o in objects:
+    boxes = []
+    for o in scene.objects:
         cx, cy = (c * size for c in POSITIONS[o.position])
         r = SIZES[o.size] * size
-        box = (cx - r, cy - r, cx + r, cy + r)
-        colour = COLOURS[o.colour]
-        if o.shape == "circle":
-            draw.ellipse(box, fill=colour)
-        elif o.shape == "square":
-            draw.rectangle(box, fill=colour)
-        else:
-            draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=colour)
-    n_specks = int(clutter * 60)
-    for _ in range(n_specks):
-        x, y = rng.uniform(0, size, 2)
-        s = rng.uniform(1, 4 + 8 * clutter)
-        col = tuple(int(c) for c in rng.integers(0, 256, 3))
-        draw.ellipse((x - s, y - s, x + s, y + s), fill=col)
-    if clutter > 0.3:
-        img = img.filter(ImageFilter.GaussianBlur(radius=2.5 * clutter))
+        boxes.append((cx, cy, r))
+        _draw_shape(draw, o.shape, cx, cy, r, COLOURS[o.colour])
+    # occlusion: a shape over every object, its area a fraction ~ occlusion of the object's box
+    offsets = rng.uniform(-0.5, 0.5, (len(boxes), 2))
+    shapes = rng.integers(0, len(SHAPES), len(boxes))
+    for (cx, cy, r), (ox, oy), shape, col in zip(
+        boxes, offsets, shapes, _palette(rng, len(boxes)), strict=True
+    ):
+        _draw_shape(
+            draw, SHAPES[shape], cx + ox * r, cy + oy * r, r * np.sqrt(scene.occlusion), col
+        )
+    # clutter: small distractor shapes anywhere, up to 8 of them
+    n_clutter = int(round(8 * scene.clutter))
+    centres = rng.uniform(0, size, (n_clutter, 2))
+    radii = rng.uniform(0.04, 0.09, n_clutter) * size
+    shapes = rng.integers(0, len(SHAPES), n_clutter)
+    for (x, y), r, shape, col in zip(centres, radii, shapes, _palette(rng, n_clutter), strict=True):
+        _draw_shape(draw, SHAPES[shape], x, y, r, col)
+    radius = 3.0 * scene.blur * size / IMAGE_SIZE
+    if radius > 0.05:
+        img = img.filter(ImageFilter.GaussianBlur(radius=radius))
     return img
 
 
-def generate_stimuli(out_dir: str | Path, n: int = 240, seed: int = 0, size: int = 96) -> Path:
-    """Write ``n`` synthetic image/caption pairs and their manifest; return the manifest path.
+def _jpeg_round_trip(img: Image.Image, quality: int = 92) -> Image.Image:
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=quality)
+    buf.seek(0)
+    return Image.open(buf).convert("RGB")
 
-    Layout (the stimulus manifest contract): ``out_dir/stimuli.tsv`` with columns
-    ``stimulus_id``, ``image`` (relative path), ``caption``, plus ``clutter`` (the planted,
-    caption-independent image degradation), and ``out_dir/images/<id>.jpg``.
+
+def generate_stimuli(
+    out_dir: str | Path, n: int = 240, seed: int = 0, size: int = IMAGE_SIZE
+) -> Path:
+    """Write ``n`` evaluation stimuli (the ``eval`` stream) and their manifest; return its path.
+
+    Layout (the stimulus manifest contract): ``out_dir/stimuli.tsv`` with ``stimulus_id``,
+    ``image`` (relative path), ``caption``, plus the planted ``nuisance`` level and its
+    components ``clutter``, ``occlusion``, ``background``, ``blur``; ``out_dir/images/<id>.jpg``.
     """
     if n < 8:
         raise ValueError(f"demo stimuli: n={n} is too small (need at least 8)")
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
     rows = []
     width = len(str(n - 1))
-    for i in range(n):
-        objects, background, clutter = random_scene(rng)
+    for i, scene in enumerate(sample_scenes(n, seed, "eval")):
         sid = f"demo{i:0{width}d}"
         rel = f"images/{sid}.jpg"
-        render_scene(objects, background, clutter, rng, size=size).save(out / rel, quality=92)
+        render_scene(scene, size=size).save(out / rel, quality=92)
         rows.append(
-            {
-                "stimulus_id": sid,
-                "image": rel,
-                "caption": caption_for(objects, background),
-                "clutter": round(clutter, 4),
-            }
+            {"stimulus_id": sid, "image": rel, "caption": scene.caption, **scene.nuisances()}
         )
     manifest = out / "stimuli.tsv"
-    write_table(pd.DataFrame(rows), manifest)
+    write_manifest(pd.DataFrame(rows), manifest)
     log.info("wrote %d synthetic stimuli to %s", n, out)
     return manifest
+
+
+def generate_training_scenes(path: str | Path, n: int, seed: int, size: int = IMAGE_SIZE) -> Path:
+    """Render ``n`` training scenes (the ``train`` stream) into one ``.npz`` file at ``path``.
+
+    Arrays: ``images`` (n, size, size, 3) uint8 (JPEG round trip at the evaluation stimuli's
+    quality, so that training and evaluation images have the same statistics), ``captions``,
+    ``labels`` (n, len(LABELS)) multi-hot (:attr:`Scene.labels`), ``nuisance`` and one array
+    per component.
+    """
+    scenes = sample_scenes(n, seed, "train")
+    images = np.stack([np.asarray(_jpeg_round_trip(render_scene(s, size))) for s in scenes])
+    arrays = {
+        "images": images,
+        "captions": np.array([s.caption for s in scenes]),
+        "labels": np.stack([s.labels for s in scenes]),
+        **{k: np.array([getattr(s, k) for s in scenes]) for k in ("nuisance", *NUISANCES)},
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path, suffix=".npz") as tmp, open(tmp, "wb") as fh:
+        np.savez(fh, **arrays)
+    log.info("wrote %d training scenes (%d px) to %s", n, size, path)
+    return path
+
+
+def load_training_scenes(
+    path: str | Path, keys: tuple[str, ...] | None = None
+) -> dict[str, np.ndarray]:
+    """The arrays written by :func:`generate_training_scenes` (only ``keys`` if given)."""
+    with np.load(path, allow_pickle=False) as data:
+        return {k: data[k] for k in (data.files if keys is None else keys)}

@@ -1,0 +1,145 @@
+"""The embedded demo over several training seeds: time per stage and the scientific targets.
+
+For each seed offset s, a fresh copy of the project (as a user clones it) runs
+`snakemake --profile profiles/demo` with every model's ``build.seed`` and the training scenes'
+seed shifted by s (the evaluation stimuli stay the same), in three timed phases:
+
+- training: evaluation stimuli, training scenes, tokenizer and every ``demo_model`` job;
+- extraction: every ``extract`` job;
+- analysis: GPA, sets, alignment, aggregates and figures (everything else).
+
+The untrained config (config/demo_untrained.yaml) runs once, for the trained-vs-untrained
+comparison of full-set CKNNA. Prints one table row per run and the spread over seeds; the
+machine's load (`os.getloadavg`) is printed with every row, since other work on the same cores
+slows every phase.
+
+    python benchmarks/demo_seeds.py --seeds 0 1 2 [--cores 2] [--keep DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "tests"))
+
+from _project import copy_project  # noqa: E402
+
+from xmodal.demo.targets import demo_targets  # noqa: E402
+
+SNAKEMAKE = str(Path(sys.executable).parent / "snakemake")
+
+
+def _run(cwd: Path, configfile: str, cores: int, *targets: str) -> float:
+    args = [SNAKEMAKE, "--profile", "profiles/demo", "--configfile", configfile]
+    args += ["--cores", str(cores), *targets]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    t0 = time.perf_counter()
+    proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
+    if proc.returncode:
+        raise SystemExit(f"snakemake failed in {cwd}:\n{proc.stderr[-4000:]}")
+    return time.perf_counter() - t0
+
+
+def run_demo(workdir: Path, cfg: dict, configfile: str, cores: int) -> dict[str, float]:
+    """Run one demo in ``workdir``; return wall seconds per phase."""
+    dataset, models = cfg["dataset"], list(cfg["models"])
+    built = [f"resources/demo/models/{m}" for m in models]
+    manifest = f"resources/stimuli/{dataset}/stimuli.tsv"
+    features = [f"results/features/{dataset}/{m}.h5" for m in models]
+    times = {"training": _run(workdir, configfile, cores, manifest, *built)}
+    times["extraction"] = _run(workdir, configfile, cores, *features)
+    times["analysis"] = _run(workdir, configfile, cores)
+    times["total"] = sum(times.values())
+    return times
+
+
+def shifted_config(cfg: dict, offset: int) -> dict:
+    """``cfg`` with every model's build seed and the training scenes' seed shifted."""
+    cfg = json.loads(json.dumps(cfg))
+    for entry in cfg["models"].values():
+        entry["build"]["seed"] = int(entry["build"].get("seed", 0)) + offset
+    train = cfg["stimuli"].setdefault("train", {})
+    train["seed"] = int(train.get("seed", 0)) + offset
+    return cfg
+
+
+def _by_family(full):
+    """Full-set CKNNA indexed by model names without their config prefix (tiny-, untrained-)."""
+    return full.rename(index=lambda key: key.split("-", 1)[1]).sort_index()
+
+
+def measure(workdir: Path, cfg: dict, configfile: str) -> dict[str, float]:
+    vision = [k for k, m in cfg["models"].items() if m["modality"] == "vision"]
+    a = cfg["analysis"]
+    targets = demo_targets(workdir, cfg["dataset"], vision, a["vision_layer"], a["knn_k"])
+    return targets, targets.summary()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--cores", type=int, default=2)
+    parser.add_argument("--keep", type=Path, help="keep the project copies in this folder")
+    parser.add_argument("--no-untrained", action="store_true")
+    args = parser.parse_args()
+
+    base = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="demo_seeds_"))
+    trained_cfg = yaml.safe_load((ROOT / "config" / "demo.yaml").read_text())
+    rows, fulls = [], {}
+    runs = [("trained", s) for s in args.seeds]
+    if not args.no_untrained:
+        runs.append(("untrained", 0))
+    for kind, seed in runs:
+        wd = copy_project(base / f"{kind}-{seed}")
+        if kind == "trained":
+            cfg = shifted_config(trained_cfg, 100 * seed)
+            configfile = f"config/demo_seed{seed}.yaml"
+            (wd / configfile).write_text(yaml.safe_dump(cfg, sort_keys=False))
+        else:
+            configfile = "config/demo_untrained.yaml"
+            cfg = yaml.safe_load((wd / configfile).read_text())
+        times = run_demo(wd, cfg, configfile, args.cores)
+        targets, summary = measure(wd, cfg, configfile)
+        fulls[(kind, seed)] = targets.full
+        row = {"run": kind, "seed_offset": 100 * seed, **times, **summary}
+        row["load1"] = round(os.getloadavg()[0], 2)
+        rows.append(row)
+        print(
+            "\t".join(
+                f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()
+            )
+        )
+        sys.stdout.flush()
+    if ("untrained", 0) in fulls:
+        untrained = _by_family(fulls[("untrained", 0)])
+        for (kind, seed), full in fulls.items():
+            if kind == "trained":
+                diff = _by_family(full) - untrained
+                print(
+                    f"seed offset {100 * seed}: full-set CKNNA trained − untrained > 0 in "
+                    f"{int((diff > 0).sum())} of {len(diff)} pairs (min {diff.min():.3f})"
+                )
+    import pandas as pd
+
+    table = pd.DataFrame([r for r in rows if r["run"] == "trained"])
+    if len(table) > 1:
+        print("spread over seeds (min / mean / max):")
+        print(table.drop(columns=["run"]).agg(["min", "mean", "max"]).T.to_string())
+    if not args.keep:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,182 @@
+"""What the demo should show, measured from a finished run's tables and feature files.
+
+The demo's scientific checks (docs/method.md, "The embedded demo"), each computed from the
+aggregate tables by column name:
+
+- **collapse**: per model, at the layer the analysis uses (the vision layer of GPA; every LLM
+  layer chosen by the layer search), the mean pairwise cosine of the prepared features
+  (docs/method.md, Alignment: clamp + row l2) and the fraction of stimuli whose kNN set is not
+  determined by the data (unresolved: the k-th and (k+1)-th largest off-diagonal cosines of the
+  row differ by less than ``tol``);
+- **planted nuisance**: Spearman ρ between each stimulus's mean dispersion and its planted
+  nuisance level (manifest column ``nuisance``);
+- **low vs high**: per (vision, LLM) pair and summary (mean rank, PC1), whether the low-dispersion
+  set aligns better than the high one, and whether the bootstrap interval of low − high
+  excludes 0;
+- **leave-one-model-out**: Pearson r per held-out model;
+- **full-set alignment**: CKNNA per pair on the full stimulus set (trained vs untrained).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+__all__ = [
+    "DemoTargets",
+    "collapse_table",
+    "demo_targets",
+    "low_high_table",
+    "neighbour_statistics",
+]
+
+PathLike = str | os.PathLike
+
+
+def neighbour_statistics(x: np.ndarray, k: int = 10, tol: float = 1e-6) -> tuple[float, float]:
+    """(mean pairwise cosine, fraction of rows with unresolved k-neighbours) of prepared rows.
+
+    ``x`` (m × d) has unit rows. Cosines K = XXᵀ (float64); mean over i ≠ j. Row i is
+    unresolved when its k-th and (k+1)-th largest off-diagonal entries differ by less than
+    ``tol``: its kNN set is then decided by rounding, not by the data.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    m = x.shape[0]
+    if m < k + 2:
+        raise ValueError(f"need more than k + 1 = {k + 1} stimuli, got {m}")
+    kern = x @ x.T
+    off = ~np.eye(m, dtype=bool)
+    mean_cos = float(kern[off].mean())
+    rows = np.sort(kern[off].reshape(m, m - 1), axis=1)[:, ::-1]
+    gaps = rows[:, k - 1] - rows[:, k]
+    return mean_cos, float(np.mean(gaps < tol))
+
+
+def _read(path: PathLike) -> pd.DataFrame:
+    return pd.read_csv(path, sep="\t", dtype={"stimulus_id": str}, keep_default_na=False)
+
+
+def collapse_table(
+    root: PathLike,
+    dataset: str,
+    vision: Sequence[str],
+    vision_layer: int,
+    k: int = 10,
+    tol: float = 1e-6,
+) -> pd.DataFrame:
+    """Per (model, layer) the analysis uses: ``model``, ``modality``, ``layer``, ``layer_name``,
+    ``mean_cosine``, ``frac_unresolved`` (see :func:`neighbour_statistics`)."""
+    from xmodal.features import FeatureFile
+    from xmodal.metrics import prepare_layer, threshold_from_quantiles
+
+    root = Path(root)
+    layers = _read(root / f"results/alignment/{dataset}/layers.tsv")
+    chosen = layers[layers["chosen"].astype(str).str.lower() == "true"]
+    wanted: dict[str, set[int]] = {v: set() for v in vision}
+    for llm, idx in zip(chosen["llm"], chosen["llm_layer"], strict=True):
+        wanted.setdefault(str(llm), set()).add(int(idx))
+    rows = []
+    for model, idxs in wanted.items():
+        with FeatureFile(root / f"results/features/{dataset}/{model}.h5") as f:
+            t = threshold_from_quantiles(f.abs_q95())
+            if model in vision:
+                idxs = {vision_layer % f.n_layers}
+            for i in sorted(idxs):
+                mean_cos, frac = neighbour_statistics(prepare_layer(f.layer(i), t), k, tol)
+                rows.append(
+                    dict(
+                        model=model,
+                        modality="vision" if model in vision else "language",
+                        layer=i,
+                        layer_name=f.layer_names[i],
+                        mean_cosine=mean_cos,
+                        frac_unresolved=frac,
+                    )
+                )
+    return pd.DataFrame(rows)
+
+
+def low_high_table(contrasts: pd.DataFrame) -> pd.DataFrame:
+    """Per pair and summary: ``low``, ``high``, ``low_gt_high``, ``ci_excludes_0`` (the bootstrap
+    interval of low − high lies entirely above or below 0) from the contrasts table."""
+    keys = ["vision", "llm", "summary"] + (["metric"] if "metric" in contrasts else [])
+    out = contrasts[keys + ["low", "high", "diff_ci_low", "diff_ci_high"]].copy()
+    out["low_gt_high"] = out["low"] > out["high"]
+    out["ci_excludes_0"] = (out["diff_ci_low"] > 0) | (out["diff_ci_high"] < 0)
+    return out.reset_index(drop=True)
+
+
+@dataclass(frozen=True)
+class DemoTargets:
+    """The demo's measured targets (see the module docstring)."""
+
+    collapse: pd.DataFrame
+    nuisance_rho: float
+    nuisance_rho_pc1: float
+    low_high: pd.DataFrame
+    loo: pd.DataFrame
+    full: pd.Series
+
+    def n_low_gt_high(self, summary: str) -> int:
+        """Pairs whose low set aligns better than the high set, for ``summary`` (mean / pc1)."""
+        return int(self.low_high.loc[self.low_high["summary"] == summary, "low_gt_high"].sum())
+
+    def n_ci_excludes_0(self, summary: str) -> int:
+        """Pairs whose bootstrap interval of low − high excludes 0, for ``summary``."""
+        sel = self.low_high["summary"] == summary
+        return int(self.low_high.loc[sel, "ci_excludes_0"].sum())
+
+    def summary(self) -> dict[str, float]:
+        """One line of numbers for logs and benchmark tables."""
+        vis = self.collapse[self.collapse["modality"] == "vision"]
+        n_pairs = int((self.low_high["summary"] == "mean").sum())
+        return {
+            "max_mean_cosine_vision": float(vis["mean_cosine"].max()),
+            "max_mean_cosine": float(self.collapse["mean_cosine"].max()),
+            "max_frac_unresolved": float(self.collapse["frac_unresolved"].max()),
+            "nuisance_rho": self.nuisance_rho,
+            "nuisance_rho_pc1": self.nuisance_rho_pc1,
+            "n_pairs": n_pairs,
+            "low_gt_high_mean": self.n_low_gt_high("mean"),
+            "low_gt_high_pc1": self.n_low_gt_high("pc1"),
+            "ci_excl0_mean": self.n_ci_excludes_0("mean"),
+            "ci_excl0_pc1": self.n_ci_excludes_0("pc1"),
+            "min_loo_r": float(self.loo["pearson_r"].min()),
+            "min_full_cknna": float(self.full.min()),
+            "median_full_cknna": float(self.full.median()),
+        }
+
+
+def demo_targets(
+    root: PathLike, dataset: str, vision: Sequence[str], vision_layer: int, k: int = 10
+) -> DemoTargets:
+    """Measure the targets of the run in project folder ``root`` for ``dataset``."""
+    root = Path(root)
+    manifest = _read(root / f"resources/stimuli/{dataset}/stimuli.tsv")
+    disp = _read(root / f"results/dispersion/{dataset}/dispersion.tsv")
+    planted = manifest.merge(disp, on="stimulus_id", validate="one_to_one")
+    if len(planted) != len(manifest):
+        raise ValueError(f"{dataset}: dispersion.tsv and the manifest hold different stimuli")
+    nuisance = planted["nuisance"].astype(float)
+    rho = float(nuisance.corr(planted["mean_dispersion"], method="spearman"))
+    rho_pc1 = float(nuisance.corr(planted["pc1_score"], method="spearman"))
+    contrasts = _read(root / f"results/alignment/{dataset}/contrasts.tsv")
+    if "metric" in contrasts:
+        contrasts = contrasts[contrasts["metric"] == "cknna"]
+    grid = _read(root / f"results/alignment/{dataset}/grid.tsv")
+    full = grid[grid["condition"] == "full"]
+    if "metric" in full:
+        full = full[full["metric"] == "cknna"]
+    return DemoTargets(
+        collapse=collapse_table(root, dataset, vision, vision_layer, k),
+        nuisance_rho=rho,
+        nuisance_rho_pc1=rho_pc1,
+        low_high=low_high_table(contrasts),
+        loo=_read(root / f"results/dispersion/{dataset}/loo.tsv"),
+        full=full.set_index(["vision", "llm"])["value"].astype(float).sort_index(),
+    )

@@ -1,0 +1,94 @@
+# The embedded demo (config/demo.yaml): evaluation stimuli and a larger, disjoint set of
+# training scenes drawn from one synthetic world, a tokenizer, and tiny models of the paper's
+# families built locally and, with a `train` block, trained briefly on the training scenes.
+from xmodal.demo.build import demo_needs
+
+DEMO_SCENES = f"resources/demo/training/{DATASET}/scenes.npz"
+DEMO_TOKENIZER = f"resources/demo/tokenizer/{DATASET}"
+DEMO_TRAIN = config["stimuli"].get("train", {})
+
+
+if config["stimuli"]["source"] == "demo":
+
+    rule demo_stimuli:
+        output:
+            manifest=MANIFEST,
+        log:
+            f"logs/stimuli/{DATASET}.log",
+        localrule: True
+        conda:
+            "../../envs/analysis.yaml"
+        params:
+            n=config["stimuli"].get("n", 240),
+            seed=config["stimuli"].get("seed", 0),
+        script:
+            "../../scripts/demo_stimuli.py"
+
+
+rule demo_training_scenes:
+    output:
+        scenes=DEMO_SCENES,
+    log:
+        f"logs/demo/{DATASET}/training_scenes.log",
+    benchmark:
+        f"results/benchmarks/{DATASET}/demo/training_scenes.tsv"
+    localrule: True
+    conda:
+        "../../envs/analysis.yaml"
+    params:
+        n=DEMO_TRAIN.get("n", 3000),
+        seed=DEMO_TRAIN.get("seed", 0),
+    script:
+        "../../scripts/demo_training_scenes.py"
+
+
+rule demo_tokenizer:
+    output:
+        directory(DEMO_TOKENIZER),
+    log:
+        f"logs/demo/{DATASET}/tokenizer.log",
+    localrule: True
+    conda:
+        "../../envs/extract.yaml"
+    params:
+        n=DEMO_TRAIN.get("n", 3000),
+        seed=DEMO_TRAIN.get("seed", 0),
+    script:
+        "../../scripts/demo_tokenizer.py"
+
+
+rule demo_model:
+    input:
+        tokenizer=lambda wildcards: (
+            DEMO_TOKENIZER
+            if demo_needs(config["models"], wildcards.model).tokenizer
+            else []
+        ),
+        scenes=lambda wildcards: (
+            DEMO_SCENES if demo_needs(config["models"], wildcards.model).scenes else []
+        ),
+        init=lambda wildcards: (
+            built_model_dir(demo_needs(config["models"], wildcards.model).init)
+            if demo_needs(config["models"], wildcards.model).init
+            else []
+        ),
+    output:
+        directory(built_model_dir("{model}")),
+    log:
+        "logs/demo/models/{model}.log",
+    benchmark:
+        f"results/benchmarks/{DATASET}/demo/{{model}}.tsv"
+    localrule: True
+    conda:
+        "../../envs/extract.yaml"
+    threads: 1
+    params:
+        # what the build and training depend on (not dtype or max_tokens, which only the
+        # extraction uses)
+        entry=lambda wildcards: {
+            k: v
+            for k, v in feature_spec(wildcards).items()
+            if k in ("modality", "id", "build")
+        },
+    script:
+        "../../scripts/demo_model.py"
