@@ -13,13 +13,13 @@ from pathlib import Path
 
 import h5py
 import numpy as np
-import pandas as pd
 import pytest
 import yaml
 from _project import copy_project, job_counts
 from _project import run_snakemake as snakemake
 
 from xmodal.io import read_table
+from xmodal.stimuli import read_manifest
 
 pytestmark = pytest.mark.slow
 
@@ -54,7 +54,7 @@ def test_demo_outputs_exist_and_are_valid(workflow_dir, demo_config):
     vision = [k for k, m in cfg["models"].items() if m["modality"] == "vision"]
     language = [k for k, m in cfg["models"].items() if m["modality"] == "language"]
     m = cfg["stimuli"]["n"]
-    manifest = pd.read_csv(workflow_dir / "resources/stimuli/demo/stimuli.tsv", sep="\t")
+    manifest = read_manifest(workflow_dir / "resources/stimuli/demo/stimuli.tsv")
     assert len(manifest) == m
 
     for key in vision + language:
@@ -80,11 +80,12 @@ def test_demo_outputs_exist_and_are_valid(workflow_dir, demo_config):
         rtol=1e-9,
     )
 
-    # planted ground truth: the demo's images carry a caption-independent clutter level
-    # (specks, blur); the vision models should disagree most on the most cluttered images
-    # (measured Spearman 0.48 on the default demo)
+    # planted ground truth: the demo's images carry a caption-independent nuisance level
+    # (clutter, occlusion, background, blur); the vision models should disagree most on the
+    # most disturbed images (0.46 with the default seeds; the seed spread and the demo's other
+    # targets are in tests/test_demo_training.py)
     planted = manifest.merge(disp, on="stimulus_id")
-    rho = planted["clutter"].corr(planted["mean_dispersion"], method="spearman")
+    rho = planted["nuisance"].astype(float).corr(planted["mean_dispersion"], method="spearman")
     assert rho > 0.25, rho
 
     loo = read_table(workflow_dir / "results/dispersion/demo/loo.tsv")
