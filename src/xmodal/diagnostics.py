@@ -192,15 +192,16 @@ def _eff_dim_from_kernel(kern: torch.Tensor) -> float | None:
 def duplicate_groups(x: np.ndarray | torch.Tensor) -> tuple[np.ndarray, ...]:
     """Groups (positions, ascending, ≥ 2 each) of rows that are exactly equal, in order of first row.
 
-    Rows are grouped by a 128-bit digest of their bytes (O(m·d)), then compared exactly.
+    Rows are grouped by a digest of their bytes (O(m·d)), then compared exactly, so a digest
+    collision never merges different rows.
     """
     a = np.ascontiguousarray(feature_tensor(x).cpu().numpy())
     by_digest: dict[bytes, list[int]] = {}
     for i, row in enumerate(a):
-        by_digest.setdefault(hashlib.blake2b(row.tobytes(), digest_size=16).digest(), []).append(i)
+        by_digest.setdefault(hashlib.sha1(memoryview(row)).digest(), []).append(i)
     groups = []
     for members in by_digest.values():
-        while len(members) > 1:  # exact check: a digest collision never merges different rows
+        while len(members) > 1:
             same = [j for j in members if np.array_equal(a[j], a[members[0]])]
             if len(same) > 1:
                 groups.append(np.asarray(same, dtype=np.int64))
@@ -227,10 +228,13 @@ def diagnose(
     if m < 3 or not 1 <= k <= m - 2:
         raise ValueError(f"need m ≥ 3 and 1 ≤ k ≤ m − 2 (a (k+1)-th neighbour), got m={m}, k={k}")
     tau = kernel_resolution(d, t.dtype) if tau is None else float(tau)
-    t64 = t.to(torch.float64)
-    col = t64.sum(dim=0)
-    norms2 = (t64 * t64).sum(dim=1)
-    del t64
+    if t.device.type == "cpu":  # numpy's float64-accumulating reductions are much faster here
+        a = t.numpy()
+        col = torch.from_numpy(a.sum(axis=0, dtype=np.float64))
+        norms2 = torch.from_numpy(np.einsum("ij,ij->i", a, a, dtype=np.float64))
+    else:
+        col = t.sum(dim=0, dtype=torch.float64)
+        norms2 = (t * t).sum(dim=1, dtype=torch.float64)
     n_off = m * (m - 1)
     mean = (float(col @ col) - float(norms2.sum())) / n_off  # Σ_{i≠j} K_ij = ‖1ᵀX‖² − Σ‖x_i‖²
     if side is not None and side.kernel is not None:
