@@ -108,6 +108,20 @@ def drop_fraction_sets(scores: np.ndarray, fraction: float) -> tuple[np.ndarray,
     return np.sort(order[: s.size - n_drop]), np.sort(order[n_drop:])
 
 
+def _ids_and_scores(
+    stimulus_ids: Sequence[str], mean_scores: np.ndarray, pc1_scores: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Unique ids (as text) and the two dispersion summaries, checked to match them."""
+    ids = np.asarray([str(s) for s in stimulus_ids], dtype=object)
+    m = ids.size
+    if len(set(ids.tolist())) != m:
+        raise ValueError("stimulus_ids must be unique")
+    mean_s, pc1_s = _scores(mean_scores), _scores(pc1_scores)
+    if mean_s.size != m or pc1_s.size != m:
+        raise ValueError(f"{m} stimulus ids but {mean_s.size} mean and {pc1_s.size} pc1 scores")
+    return ids, mean_s, pc1_s
+
+
 def make_sets(
     stimulus_ids: Sequence[str],
     mean_scores: np.ndarray,
@@ -125,13 +139,8 @@ def make_sets(
     (summary ``none``), that many random sets of the drop sets' size m − round(f·m), drawn by
     :func:`random_sets` with seed ``[seed, 11]`` (docs/method.md, "Size-matched drop control").
     """
-    ids = np.asarray([str(s) for s in stimulus_ids], dtype=object)
+    ids, mean_s, pc1_s = _ids_and_scores(stimulus_ids, mean_scores, pc1_scores)
     m = ids.size
-    if len(set(ids.tolist())) != m:
-        raise ValueError("stimulus_ids must be unique")
-    mean_s, pc1_s = _scores(mean_scores), _scores(pc1_scores)
-    if mean_s.size != m or pc1_s.size != m:
-        raise ValueError(f"{m} stimulus ids but {mean_s.size} mean and {pc1_s.size} pc1 scores")
     _check_size(set_size, m)
     _check_fraction(drop_fraction)
     parts = []
@@ -252,13 +261,8 @@ def heldout_sets(
     ``n_random`` sets of K_B drawn from B by :func:`random_sets` with seed ``[seed, 13, s]``
     (indices into B's sorted positions). K_B < max(4, knn_k + 1) is an error naming the keys.
     """
-    ids = np.asarray([str(s) for s in stimulus_ids], dtype=object)
+    ids, mean_s, pc1_s = _ids_and_scores(stimulus_ids, mean_scores, pc1_scores)
     m = ids.size
-    if len(set(ids.tolist())) != m:
-        raise ValueError("stimulus_ids must be unique")
-    mean_s, pc1_s = _scores(mean_scores), _scores(pc1_scores)
-    if mean_s.size != m or pc1_s.size != m:
-        raise ValueError(f"{m} stimulus ids but {mean_s.size} mean and {pc1_s.size} pc1 scores")
     k_b = heldout_set_size(set_size, m)
     need = max(4, int(knn_k) + 1)
     if k_b < need:
