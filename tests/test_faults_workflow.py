@@ -14,6 +14,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 from _project import SNAKEMAKE, copy_project, job_counts
@@ -215,3 +216,33 @@ def test_analysis_memory_grows_with_each_retry() -> None:
         assert "attempt" in str(res["mem_mb"]), rule
     slurm = yaml.safe_load((root / "profiles/slurm/config.yaml").read_text())
     assert int(slurm["retries"]) >= 1 and slurm.get("rerun-incomplete") is True
+
+
+def test_numeric_looking_ids_give_the_same_numbers_as_prefixed_ids(project: Path) -> None:
+    """The whole workflow on the same stimuli under ids pandas would have turned into numbers
+    or missing values: every table keeps the ids as written, every number is unchanged."""
+    from xmodal.io import read_table
+    from xmodal.stimuli import read_manifest, write_manifest
+
+    manifest = project / f"resources/stimuli/{DATASET}/stimuli.tsv"
+    df = read_manifest(manifest)
+    tricky = ["0180", "180", "1.50", "1.5", "NA", "nan", "null", "None", "True", "1e3", "-0",
+              "007", "7", " 7", "a b", "#1"]  # fmt: skip
+    new_ids = tricky + [f"{i:04d}" for i in range(len(df) - len(tricky))]
+    rename = dict(zip(df["stimulus_id"], new_ids, strict=True))
+    before = {t: read_table(project / t) for t in TARGETS}
+    disp_path = f"results/dispersion/{DATASET}/dispersion.tsv"
+    before_disp = read_table(project / disp_path)
+    write_manifest(df.assign(stimulus_id=new_ids), manifest)
+    snakemake(project, "--configfile", CONFIG, "--cores", "2", *TARGETS, disp_path)
+
+    after_disp = read_table(project / disp_path)
+    assert after_disp["stimulus_id"].tolist() == [rename[s] for s in before_disp["stimulus_id"]]
+    np.testing.assert_array_equal(after_disp["mean_dispersion"], before_disp["mean_dispersion"])
+    sets = read_table(project / f"results/dispersion/{DATASET}/sets.tsv")
+    assert set(sets["stimulus_id"]) <= set(new_ids)
+    for target in TARGETS:
+        a, b = before[target], read_table(project / target)
+        assert list(a.columns) == list(b.columns), target
+        for col in a.select_dtypes("number").columns:
+            np.testing.assert_array_equal(b[col].to_numpy(), a[col].to_numpy(), err_msg=target)

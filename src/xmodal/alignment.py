@@ -42,6 +42,7 @@ from xmodal.metrics import (
     kernel_resolution,
     knn_metric,
 )
+from xmodal.parallel import available_cores, mapper
 from xmodal.selection import RANDOM_SETS, sets_to_indices
 from xmodal.stats import BootstrapPlan, BootstrapSide, difference_summary, random_baseline
 from xmodal.summary import mean_stability
@@ -1059,7 +1060,12 @@ def condition_tables(
             )
     plan = ConditionPlan(sets, stimulus_ids, k=k, n_boot=n_boot, seed=seed, dense=dense)
     boot = any(metric in BOOTSTRAP_METRICS for metric in names)
-    xsides = {key: plan.side(x, boot=boot, device=device) for key, (_, x) in vision.items()}
+    # the vision models' structures are independent: built on threads (torch releases the GIL)
+    with mapper(min(len(vision), available_cores())) as pmap:
+        built = list(
+            pmap(lambda item: plan.side(item[1], boot=boot, device=device), vision.values())
+        )
+    xsides = dict(zip(vision, built, strict=True))
     parts: dict[tuple[str, str], tuple[pd.DataFrame, pd.DataFrame]] = {}
     for index in sorted({int(chosen[(v, mt)]) for v in vision for mt in names}):
         y = llm_layer(index)

@@ -15,12 +15,11 @@ from xmodal.gpa import (
     CROSS,
     GPAResult,
     Preprocessed,
-    available_cores,
     fit_preprocessed,
-    mapper,
     plan,
     project_preprocessed,
 )
+from xmodal.parallel import available_cores, mapper
 
 log = logging.getLogger(__name__)
 

@@ -20,18 +20,17 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import scipy.linalg
 from threadpoolctl import threadpool_limits
+
+from xmodal.parallel import Mapper, available_cores, executor
 
 log = logging.getLogger(__name__)
 
@@ -64,9 +63,6 @@ __all__ = [
     "procrustes",
     "project",
 ]
-
-#: ``map`` or a thread pool's ``map``: how independent per-model steps are run.
-Mapper = Callable[..., Iterable[Any]]
 
 PLAIN = "plain"
 GAUSS_SEIDEL = "gauss-seidel"
@@ -359,31 +355,6 @@ def gpa(
 def _check_stopping(tol: float, max_iter: int) -> None:
     if not tol > 0 or max_iter < 1:
         raise ValueError(f"need tol > 0 and max_iter ≥ 1, got tol={tol}, max_iter={max_iter}")
-
-
-@contextmanager
-def executor(jobs: int) -> Iterator[ThreadPoolExecutor | None]:
-    """A pool of ``jobs`` threads (closed on exit), or None for one job."""
-    if jobs <= 1:
-        yield None
-        return
-    with ThreadPoolExecutor(jobs) as pool:
-        yield pool
-
-
-@contextmanager
-def mapper(jobs: int) -> Iterator[Mapper]:
-    """``map`` for one job, else the ``map`` of a pool of ``jobs`` threads (closed on exit)."""
-    with executor(jobs) as pool:
-        yield map if pool is None else pool.map
-
-
-def available_cores() -> int:
-    """CPU cores this process may run on."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not on Linux
-        return max(1, os.cpu_count() or 1)
 
 
 def plan(m: int, sizes: Sequence[int], widths: Sequence[int]) -> tuple[str, str]:
