@@ -126,6 +126,14 @@ def test_rerun_is_a_no_op(workflow_dir):
     assert "Nothing to be done" in proc.stdout + proc.stderr
 
 
+def test_demo_profile_works_from_another_directory(workflow_dir, tmp_path):
+    """`snakemake -d DIR --profile DIR/profiles/demo` from elsewhere: the profile's Snakefile
+    and config resolve against the profile folder (once a FileNotFoundError on the config)."""
+    proc = snakemake(tmp_path, "-n", "-d", str(workflow_dir), "--profile",
+                     str(workflow_dir / "profiles/demo"))  # fmt: skip
+    assert "Nothing to be done" in proc.stdout + proc.stderr
+
+
 # ---------------------------------------------------------------- incremental reruns
 
 
