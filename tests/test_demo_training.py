@@ -383,3 +383,46 @@ def test_trained_demo_shows_the_effect(demo_project, demo_untrained_project):
     gain = by_family(t.full) - by_family(u.full)
     assert len(gain) == 12
     assert (gain.loc["clip"] > MIN_CLIP_GAIN).all(), gain
+
+
+@pytest.mark.slow
+def test_untrained_demo_names_collapsed_models_and_flags_their_values(demo_untrained_project):
+    """The numerical-trust checks on a run where they matter: the untrained stand-ins' CLIP and
+    CLIP+FT are collapsed. The diagnostics name exactly those two, every alignment value that
+    uses them is flagged (stability above the threshold) and counted in the summary, and the
+    duplicated captions of the manifest are reported with their ids."""
+    import yaml
+
+    from xmodal.io import read_table
+    from xmodal.stimuli import read_manifest
+    from xmodal.summary import STABILITY_THRESHOLD
+
+    root = demo_untrained_project
+    cfg = yaml.safe_load((root / "config" / "demo_untrained.yaml").read_text())
+    ds = cfg["dataset"]
+    collapsed = {k for k in cfg["models"] if k.endswith(("-clip", "-clip-ft"))}
+    assert len(collapsed) == 2
+
+    vision = read_table(root / f"results/diagnostics/{ds}/vision.tsv")
+    assert set(vision.loc[vision["collapsed"], "model"]) == collapsed, vision
+    assert vision.loc[vision["model"].isin(collapsed), "warn"].all()
+
+    grid = read_table(root / f"results/alignment/{ds}/grid.tsv")
+    full = grid[(grid["condition"] == "full") & grid["vision"].isin(collapsed)]
+    assert len(full) == 2 * 3
+    assert (full["stability"] > STABILITY_THRESHOLD).all(), full
+    contrasts = read_table(root / f"results/alignment/{ds}/contrasts.tsv")
+    hit = contrasts[contrasts["vision"].isin(collapsed)]
+    worst = hit[["low_stability", "high_stability"]].max(axis=1)
+    assert (worst > STABILITY_THRESHOLD).all(), hit
+    summary = read_table(root / f"results/summary/{ds}.tsv")
+    assert (summary["n_unstable"] >= len(hit) // 2).all(), summary
+
+    # duplicated captions, from the manifest independently of the pipeline's scan
+    manifest = read_manifest(root / f"resources/stimuli/{ds}/stimuli.tsv")
+    groups = manifest.groupby("caption")["stimulus_id"].apply(frozenset)
+    expected = {g for g in groups if len(g) > 1}
+    assert expected, "the demo manifest has repeated captions"
+    dups = read_table(root / f"results/stimuli/{ds}/duplicates.tsv")
+    captions = dups[dups["kind"] == "caption"]
+    assert {frozenset(g) for _, g in captions.groupby("group")["stimulus_id"]} == expected

@@ -27,6 +27,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from xmodal.io import read_table
+from xmodal.stimuli import read_manifest
+
 __all__ = [
     "DemoTargets",
     "collapse_table",
@@ -57,10 +60,6 @@ def neighbour_statistics(x: np.ndarray, k: int = 10, tol: float = 1e-6) -> tuple
     return mean_cos, float(np.mean(gaps < tol))
 
 
-def _read(path: PathLike) -> pd.DataFrame:
-    return pd.read_csv(path, sep="\t", dtype={"stimulus_id": str}, keep_default_na=False)
-
-
 def collapse_table(
     root: PathLike,
     dataset: str,
@@ -75,7 +74,7 @@ def collapse_table(
     from xmodal.metrics import prepare_layer, threshold_from_quantiles
 
     root = Path(root)
-    layers = _read(root / f"results/alignment/{dataset}/layers.tsv")
+    layers = read_table(root / f"results/alignment/{dataset}/layers.tsv")
     chosen = layers[layers["chosen"].astype(str).str.lower() == "true"]
     wanted: dict[str, set[int]] = {v: set() for v in vision}
     for llm, idx in zip(chosen["llm"], chosen["llm_layer"], strict=True):
@@ -157,18 +156,18 @@ def demo_targets(
 ) -> DemoTargets:
     """Measure the targets of the run in project folder ``root`` for ``dataset``."""
     root = Path(root)
-    manifest = _read(root / f"resources/stimuli/{dataset}/stimuli.tsv")
-    disp = _read(root / f"results/dispersion/{dataset}/dispersion.tsv")
+    manifest = read_manifest(root / f"resources/stimuli/{dataset}/stimuli.tsv")
+    disp = read_table(root / f"results/dispersion/{dataset}/dispersion.tsv")
     planted = manifest.merge(disp, on="stimulus_id", validate="one_to_one")
     if len(planted) != len(manifest):
         raise ValueError(f"{dataset}: dispersion.tsv and the manifest hold different stimuli")
     nuisance = planted["nuisance"].astype(float)
     rho = float(nuisance.corr(planted["mean_dispersion"], method="spearman"))
     rho_pc1 = float(nuisance.corr(planted["pc1_score"], method="spearman"))
-    contrasts = _read(root / f"results/alignment/{dataset}/contrasts.tsv")
+    contrasts = read_table(root / f"results/alignment/{dataset}/contrasts.tsv")
     if "metric" in contrasts:
         contrasts = contrasts[contrasts["metric"] == "cknna"]
-    grid = _read(root / f"results/alignment/{dataset}/grid.tsv")
+    grid = read_table(root / f"results/alignment/{dataset}/grid.tsv")
     full = grid[grid["condition"] == "full"]
     if "metric" in full:
         full = full[full["metric"] == "cknna"]
@@ -177,6 +176,6 @@ def demo_targets(
         nuisance_rho=rho,
         nuisance_rho_pc1=rho_pc1,
         low_high=low_high_table(contrasts),
-        loo=_read(root / f"results/dispersion/{dataset}/loo.tsv"),
+        loo=read_table(root / f"results/dispersion/{dataset}/loo.tsv"),
         full=full.set_index(["vision", "llm"])["value"].astype(float).sort_index(),
     )
