@@ -19,7 +19,6 @@ formed when m is large; the work is one kernel's worth (m²·d), as for the laye
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -192,20 +191,23 @@ def _eff_dim_from_kernel(kern: torch.Tensor) -> float | None:
 def duplicate_groups(x: np.ndarray | torch.Tensor) -> tuple[np.ndarray, ...]:
     """Groups (positions, ascending, ≥ 2 each) of rows that are exactly equal, in order of first row.
 
-    Rows are grouped by a digest of their bytes (O(m·d)), then compared exactly, so a digest
-    collision never merges different rows.
+    Rows are compared as byte strings (sorted with ``np.unique``, O(m log m) comparisons that
+    stop at the first differing byte), so equal means bit-identical, as in the feature file.
     """
     a = np.ascontiguousarray(feature_tensor(x).cpu().numpy())
-    by_digest: dict[bytes, list[int]] = {}
-    for i, row in enumerate(a):
-        by_digest.setdefault(hashlib.sha1(memoryview(row)).digest(), []).append(i)
-    groups = []
-    for members in by_digest.values():
-        while len(members) > 1:
-            same = [j for j in members if np.array_equal(a[j], a[members[0]])]
-            if len(same) > 1:
-                groups.append(np.asarray(same, dtype=np.int64))
-            members = [j for j in members if j not in same]
+    m = a.shape[0]
+    if m < 2:
+        return ()
+    if a.shape[1] == 0:  # zero-width rows are all equal
+        return (np.arange(m, dtype=np.int64),)
+    rows = a.view(np.dtype((np.void, a.dtype.itemsize * a.shape[1]))).ravel()
+    _, inverse, counts = np.unique(rows, return_inverse=True, return_counts=True)
+    order = np.argsort(inverse.ravel(), kind="stable")  # positions grouped, ascending inside
+    groups = [
+        g.astype(np.int64)
+        for g, n in zip(np.split(order, np.cumsum(counts)[:-1]), counts, strict=True)
+        if n > 1
+    ]
     return tuple(sorted(groups, key=lambda g: int(g[0])))
 
 
