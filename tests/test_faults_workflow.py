@@ -1,4 +1,5 @@
-"""Faults at the workflow level: killed jobs, a held lock, a job that fails for good.
+"""Faults at the workflow level: killed jobs, a held lock, a job that fails for good; and the
+small demo's analysis rerun under ids and settings that must not change its numbers.
 
 A smaller demo (64 stimuli) runs once per module in a copy of the project with ``--keep-going``;
 every test then works on its own copy of that finished directory (metadata and mtimes kept), so
@@ -15,6 +16,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import yaml
 from _project import SNAKEMAKE, copy_project, job_counts
@@ -246,3 +248,52 @@ def test_numeric_looking_ids_give_the_same_numbers_as_prefixed_ids(project: Path
         assert list(a.columns) == list(b.columns), target
         for col in a.select_dtypes("number").columns:
             np.testing.assert_array_equal(b[col].to_numpy(), a[col].to_numpy(), err_msg=target)
+
+
+def test_all_metrics_in_the_grid_leave_cknna_unchanged(project: Path) -> None:
+    """analysis.metrics with all four metrics: every table carries the metric, CKNNA's numbers
+    are those of the CKNNA-only run, the CKA values are the library's reference functions on
+    the prepared layers, and only the kNN metrics get a bootstrap (docs/method.md, metrics)."""
+    from xmodal import metrics as mt
+    from xmodal.features import FeatureFile
+    from xmodal.io import read_table
+    from xmodal.pipeline import prepared_layer
+
+    names = ["cknna", "mutual_knn", "unbiased_cka", "cka"]
+    before = {t: read_table(project / t) for t in TARGETS}
+    cfg = _small_config()
+    cfg["analysis"]["metrics"] = names
+    (project / "config/metrics.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    snakemake(project, "--configfile", "config/metrics.yaml", "--cores", "2", *TARGETS)
+    grid, layers, contrasts, summary = (
+        read_table(project / f"results/{t}")
+        for t in (
+            f"alignment/{DATASET}/grid.tsv",
+            f"alignment/{DATASET}/layers.tsv",
+            f"alignment/{DATASET}/contrasts.tsv",
+            f"summary/{DATASET}.tsv",
+        )
+    )
+    for table in (grid, layers, contrasts, summary):
+        assert set(table["metric"]) == set(names)
+    for target, table in zip(TARGETS[1:], (grid, layers, contrasts, summary), strict=True):
+        old = before[target].reset_index(drop=True)
+        new = table[table["metric"] == "cknna"].reset_index(drop=True)
+        pd.testing.assert_frame_equal(
+            new[old.columns], old, check_exact=True, check_dtype=False, obj=target
+        )
+    chosen = layers[layers["chosen"]]
+    assert len(chosen) == len(_keys("vision")) * len(_keys("language")) * len(names)
+    for row in chosen[chosen["metric"].isin(["unbiased_cka", "cka"])].itertuples():
+        with (
+            FeatureFile(project / _feature(row.vision)) as fv,
+            FeatureFile(project / _feature(row.llm)) as fl,
+        ):
+            x, y = prepared_layer(fv, int(row.vision_layer)), prepared_layer(fl, int(row.llm_layer))
+        ref = (mt.unbiased_cka if row.metric == "unbiased_cka" else mt.cka)(x, y)
+        assert abs(row.value - ref) < 1e-5, (row.vision, row.llm, row.metric, row.value, ref)
+    boot = contrasts.groupby("metric")["n_boot"].max()
+    assert (boot[["cknna", "mutual_knn"]] > 0).all() and (boot[["unbiased_cka", "cka"]] == 0).all()
+    cka_rows = summary[summary["metric"].isin(["unbiased_cka", "cka"])]
+    assert cka_rows["n_diff_ci_above_zero"].isna().all()
+    assert summary.loc[summary["metric"] == "cknna", "n_diff_ci_above_zero"].notna().all()

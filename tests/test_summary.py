@@ -85,3 +85,28 @@ def test_synthetic_tables_agree_with_and_without_grid(tmp_path):
     assert a.set_index("summary").loc["mean", "max_ratio_low_high"] == pytest.approx(
         ratio[con["summary"] == "mean"].max()
     )
+
+
+def test_metric_without_bootstrap_has_no_ci_count(tmp_path):
+    """CKA metrics have no bootstrap (diff_ci_low missing): their CI count is missing, not 0,
+    and survives the table's write and read; a bootstrapped metric's count stays an integer."""
+    from xmodal.io import read_table, write_table
+
+    rows = [("v1", "l1", "mean", 0.40, 0.20, 0.30, 0.10, 0.00)]
+    con = pd.concat(
+        [
+            contrasts_rows(rows).assign(metric="cknna"),
+            contrasts_rows(rows).assign(metric="cka", diff_ci_low=np.nan),
+        ],
+        ignore_index=True,
+    )
+    out = summary_table(con).set_index("metric")
+    assert out.loc["cknna", "n_diff_ci_above_zero"] == 1
+    assert pd.isna(out.loc["cka", "n_diff_ci_above_zero"])
+    write_table(out.reset_index(), tmp_path / "s.tsv")
+    text = (tmp_path / "s.tsv").read_text().splitlines()
+    col = text[0].split("\t").index("n_diff_ci_above_zero")
+    assert [line.split("\t")[col] for line in text[1:]] == ["1", "NaN"]
+    back = read_table(tmp_path / "s.tsv").set_index("metric")
+    assert back.loc["cknna", "n_diff_ci_above_zero"] == 1
+    assert np.isnan(back.loc["cka", "n_diff_ci_above_zero"])

@@ -81,7 +81,7 @@ def summary_table(contrasts: pd.DataFrame, grid: pd.DataFrame | None = None) -> 
     whose low, high and random mean are finite; the counts below are over these);
     ``n_unstable`` (valid pairs whose low or high value is flagged unstable);
     ``n_low_gt_random_gt_high``; ``n_low_gt_high``; ``n_diff_ci_above_zero`` (bootstrap 95% CI
-    of low − high entirely above 0); ``median_ratio_low_high`` and ``max_ratio_low_high`` (low /
+    of low − high entirely above 0; missing for a metric without a bootstrap); ``median_ratio_low_high`` and ``max_ratio_low_high`` (low /
     high over valid pairs with high > 0; the paper reports up to 2×);
     ``median_frac_random_ge_low``.
 
@@ -107,7 +107,8 @@ def summary_table(contrasts: pd.DataFrame, grid: pd.DataFrame | None = None) -> 
         order += sorted(set(cm["summary"].dropna()) - set(order))
         for s in order:
             rows.append(_summary_row(metric, s, cm[cm["summary"] == s]))
-    return pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
+    table = pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
+    return table.astype({"n_diff_ci_above_zero": "Int64"})
 
 
 def _summary_row(metric: str, summary: str, c: pd.DataFrame) -> dict:
@@ -128,7 +129,8 @@ def _summary_row(metric: str, summary: str, c: pd.DataFrame) -> dict:
         "n_unstable": int(flagged.sum()),
         "n_low_gt_random_gt_high": int(np.sum((low > rnd) & (rnd > high))),
         "n_low_gt_high": int(np.sum(low > high)),
-        "n_diff_ci_above_zero": int(np.sum(ci_low > 0)),
+        # missing (not 0) for a metric without a bootstrap (the CKA metrics: n_boot = 0)
+        "n_diff_ci_above_zero": int(np.sum(ci_low > 0)) if np.isfinite(ci_low).any() else pd.NA,
         "median_ratio_low_high": float(np.median(finite)) if finite.size else np.nan,
         "max_ratio_low_high": float(np.max(finite)) if finite.size else np.nan,
         "median_frac_random_ge_low": float(np.median(frac)) if frac.size else np.nan,
