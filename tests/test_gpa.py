@@ -400,3 +400,47 @@ def test_logs_route_and_progress(caplog, monkeypatch):
     assert "gauss-seidel iteration, Anderson acceleration depth 3" in caplog.text
     assert "products from the cross-products" in caplog.text
     assert "GPA iteration 2: objective" in caplog.text
+
+
+class _ScriptedChanges:
+    """A stand-in for GPA's problem whose consensus change follows a given sequence and whose
+    objective is flat: exercises the stopping rules of ``gpa_module._iterate`` alone."""
+
+    def __init__(self, changes):
+        self.changes = iter(changes)
+
+    def initial(self):
+        return np.zeros((2, 2))
+
+    def apply(self, t):
+        return np.zeros((2, 2)), None
+
+    def objective(self, t, s, direct):
+        return 1.0, 1e-15
+
+    def change(self, *_):
+        return next(self.changes)
+
+
+@pytest.mark.parametrize(
+    ("changes", "stops_at"),
+    [
+        # falling by 1% per step below the floor: a new minimum every step, never a stall
+        ([1e-8 * 0.99**i for i in range(200)], None),
+        # a noisy plateau at 5e-9: the last new minimum at step 2, a stall 20 steps later
+        ([1e-8, 5e-9, 4e-9] + [5e-9 + 1e-10 * (i % 3) for i in range(197)], 23),
+        # a plateau above the floor is not rounding: never a stall
+        ([1e-5] * 200, None),
+    ],
+)
+def test_rounding_floor_stop_only_on_a_plateau(changes, stops_at):
+    def sweep(t, s):
+        return t, s, None
+
+    _, _, n_iter, converged, _ = gpa_module._iterate(
+        _ScriptedChanges(changes), sweep, tol=1e-30, max_iter=len(changes), depth=0
+    )
+    if stops_at is None:
+        assert not converged and n_iter == len(changes)
+    else:
+        assert converged and n_iter == stops_at
