@@ -81,8 +81,9 @@ def summary_table(contrasts: pd.DataFrame, grid: pd.DataFrame | None = None) -> 
     whose low, high and random mean are finite; the counts below are over these);
     ``n_unstable`` (valid pairs whose low or high value is flagged unstable);
     ``n_low_gt_random_gt_high``; ``n_low_gt_high``; ``n_diff_ci_above_zero`` (bootstrap 95% CI
-    of low − high entirely above 0; missing for a metric without a bootstrap); ``median_ratio_low_high`` and ``max_ratio_low_high`` (low /
-    high over valid pairs with high > 0; the paper reports up to 2×);
+    of low − high entirely above 0; missing for a metric without a bootstrap);
+    ``median_ratio_low_high`` and ``max_ratio_low_high`` (low / high over valid pairs with
+    high > 0; the paper reports up to 2×);
     ``median_frac_random_ge_low``.
 
     ``low``, ``high`` and ``random_mean`` come from ``contrasts``; pairs or values missing there

@@ -75,7 +75,7 @@ def collapse_table(
 
     root = Path(root)
     layers = read_table(root / f"results/alignment/{dataset}/layers.tsv")
-    chosen = layers[layers["chosen"].astype(str).str.lower() == "true"]
+    chosen = layers[layers["chosen"]]  # read_table: a column of True/False is boolean
     wanted: dict[str, set[int]] = {v: set() for v in vision}
     for llm, idx in zip(chosen["llm"], chosen["llm_layer"], strict=True):
         wanted.setdefault(str(llm), set()).add(int(idx))
