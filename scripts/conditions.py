@@ -29,4 +29,5 @@ run_conditions(
     heldout_layers_path=snakemake.input.get("heldout_layers"),
     heldout_sets_path=snakemake.input.get("heldout_sets"),
     out_heldout=snakemake.output.get("heldout"),
+    vision_bootstrap_path=snakemake.input.vision_bootstrap,
 )

@@ -10,6 +10,7 @@ import torch
 from xmodal import alignment as al
 from xmodal import metrics as mt
 from xmodal import selection as sel
+from xmodal import stats as st
 
 M = 120
 IDS = [f"s{i:03d}" for i in range(M)]
@@ -218,6 +219,39 @@ def test_condition_tables_equal_condition_table(data):
         assert row.value.item() == pytest.approx(mt.mutual_knn(vision[idx], layers[2][idx], 10))
     mk_d = contrasts.query("metric == 'mutual_knn'")
     assert (mk_d["n_boot"] == 30).all() and (mk_d["diff_ci_low"] <= mk_d["diff_ci_high"]).all()
+
+
+@pytest.mark.parametrize("dense", [True, False])
+def test_vision_bootstrap_structures_prepared_once_give_the_same_tables(data, tmp_path, dense):
+    """The vision models' bootstrap sides prepared once (rule vision_bootstrap), stored and
+    reused by a conditions job, give the tables of a job that builds its own; sides stored
+    from other vision features are not taken (rebuilt, same tables)."""
+    vision, layers, sets = data
+    vis = vision_map(data)
+    chosen = {(v, "cknna"): 1 for v in vis}
+    kw = dict(k=10, n_boot=40, seed=3, dense=dense)
+    expected = al.condition_tables(vis, "l", chosen, lambda i: layers[i], sets, IDS, **kw)
+    plan = al.ConditionPlan(sets, IDS, k=10, n_boot=40, seed=3, dense=dense)
+    cache: dict = {}
+    for _, x in vis.values():
+        plan.bootstrap_sides(x, cache=cache)
+    assert len(cache) == len(vis) * len(plan.plans) == 2 * 4
+    st.save_sides(cache, tmp_path / "vision_bootstrap.pt")
+    stored = st.load_sides(tmp_path / "vision_bootstrap.pt")
+    got = al.condition_tables(
+        vis, "l", chosen, lambda i: layers[i], sets, IDS, boot_cache=stored, **kw
+    )
+    assert len(stored) == 8  # every vision side taken from the file
+    for a, b in zip(got, expected, strict=True):
+        pd.testing.assert_frame_equal(a, b)
+    other = {key: (i, mt.prepare(x + 0.01)) for key, (i, x) in vis.items()}
+    plan.bootstrap_sides(other["va"][1], cache=(stale := {}))
+    got = al.condition_tables(
+        vis, "l", chosen, lambda i: layers[i], sets, IDS, boot_cache=stale, **kw
+    )
+    assert len(stale) == 4 + 8  # the stale ones stay unused; every side was rebuilt
+    for a, b in zip(got, expected, strict=True):
+        pd.testing.assert_frame_equal(a, b)
 
 
 def test_condition_tables_other_metrics_on_subsets(data):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -195,3 +196,50 @@ def test_bootstrap_ties_by_stimulus_order():
     w = np.bincount(rng.integers(0, 30, 30), minlength=30).astype(float)
     got = stats.weighted_cknna(x @ x.T, y @ y.T, w[None], k=4)
     assert got[0] == pytest.approx(brute_multiset_cknna(x @ x.T, y @ y.T, w, 4), abs=1e-10)
+
+
+def test_stored_sides_are_taken_only_for_the_same_input(tmp_path):
+    """A stored side is taken exactly when the set's kernel bytes, the resamples and k are
+    those it was made from; anything else is rebuilt (and gives the uncached values)."""
+    x, y = pair(8, m=60)
+    kk, ll = x @ x.T, y @ y.T
+    pos = np.random.default_rng(0).choice(60, 30, replace=False)
+    plan = stats.BootstrapPlan(pos, 200, np.random.default_rng(4), k=5)
+    cache: dict = {}
+    built = plan.side(kk, cache=cache)
+    expected = plan.cknna(built, plan.side(ll))
+    assert len(cache) == 1
+    stats.save_sides(cache, tmp_path / "sides.pt")
+    loaded = stats.load_sides(tmp_path / "sides.pt")
+    (stored,) = loaded.values()
+    assert stored.counts is None  # counts are not stored: recomputed from the lists
+
+    same = stats.BootstrapPlan(pos, 200, np.random.default_rng(4), k=5)
+    taken = same.side(kk, cache=loaded)
+    assert taken.order is stored.order and len(loaded) == 1  # from the file, nothing added
+    np.testing.assert_array_equal(same.cknna(taken, same.side(ll)), expected)
+
+    nudged = kk.copy()
+    nudged[pos[0], pos[1]] = nudged[pos[1], pos[0]] = kk[pos[0], pos[1]] + 1e-9
+    others = [
+        (same, nudged),  # one kernel entry of the set differs in its last bits
+        (stats.BootstrapPlan(pos, 200, np.random.default_rng(5), k=5), kk),  # other draws
+        (stats.BootstrapPlan(pos, 200, np.random.default_rng(4), k=6), kk),  # other k
+        (stats.BootstrapPlan(pos[:-1], 200, np.random.default_rng(4), k=5), kk),  # other set
+    ]
+    for i, (p, kern) in enumerate(others, start=2):
+        side = p.side(kern, cache=loaded)
+        assert len(loaded) == i and side.order is not stored.order
+        np.testing.assert_array_equal(p.cknna(side, p.side(ll)), p.cknna(p.side(kern), p.side(ll)))
+    # stimuli outside the set do not enter the key: another kernel off the set is the same side
+    outside = kk.copy()
+    rest = np.setdiff1d(np.arange(60), pos)
+    outside[rest[0], rest[1]] += 1.0
+    assert same.key(torch.from_numpy(outside[np.ix_(same.positions, same.positions)])) in loaded
+
+
+def test_a_file_of_other_sides_is_refused_naming_it(tmp_path):
+    path = tmp_path / "vision_bootstrap.pt"
+    torch.save({"format": "bootstrap-side-0", "sides": {}}, path)
+    with pytest.raises(ValueError, match=r"vision_bootstrap\.pt.*rerun"):
+        stats.load_sides(path)

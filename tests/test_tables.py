@@ -220,9 +220,14 @@ def test_numeric_looking_ids_give_the_same_numbers_as_prefixed_ids(tmp_path: Pat
         pipeline.run_layer_search(
             vision, files["l0"], ["v0", "v1", "v2"], "l0", -1, 3, root / "l.tsv"
         )
+        # the tricky ids also go through the stored vision bootstrap structures
+        stored = root / "vb.pt" if name == "tricky" else None
+        if stored is not None:
+            pipeline.run_vision_bootstrap(vision, root / "s.tsv", ["v0", "v1", "v2"], -1, 3, 50, 1,
+                                          stored)  # fmt: skip
         pipeline.run_conditions(
             vision, files["l0"], root / "l.tsv", root / "s.tsv", ["v0", "v1", "v2"], "l0", -1, 3,
-            50, 1, root / "c.tsv", root / "k.tsv",
+            50, 1, root / "c.tsv", root / "k.tsv", vision_bootstrap_path=stored,
         )  # fmt: skip
         results.append(
             (read_table(root / "d.tsv"), read_table(root / "c.tsv"), read_table(root / "k.tsv"))

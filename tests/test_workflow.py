@@ -111,6 +111,10 @@ def test_demo_outputs_exist_and_are_valid(workflow_dir, demo_config):
 
     contrasts = read_table(workflow_dir / "results/alignment/demo/contrasts.tsv")
     assert len(contrasts) == 2 * n_pairs
+    # every conditions job took the vision models' bootstrap structures from vision_bootstrap
+    for key in language:
+        log = (workflow_dir / f"logs/alignment/demo/conditions/{key}.log").read_text()
+        assert "bootstrap structures reused from" in log and "did not match" not in log, log
     assert (workflow_dir / "results/summary/demo.tsv").exists()
 
     from xmodal.figures import FIGURES
@@ -153,7 +157,11 @@ def test_adding_a_language_model_schedules_only_its_work(workflow_dir, demo_conf
     # one job per LLM and stage: 1 + 1 alignment jobs for the new LLM, nothing for the others
     assert counts.get("layer_search") == 1
     assert counts.get("conditions") == 1
-    for rule in ("gpa", "stimulus_sets", "leave_one_model_out", "demo_stimuli", "demo_tokenizer"):
+    # the vision models' bootstrap structures are the same for every LLM: not rebuilt
+    for rule in (
+        "gpa", "stimulus_sets", "leave_one_model_out", "demo_stimuli", "demo_tokenizer",
+        "vision_bootstrap",
+    ):  # fmt: skip
         assert rule not in counts, (rule, counts)
     assert counts.get("aggregate") == 1
 
@@ -176,6 +184,7 @@ def test_adding_a_vision_model_reruns_gpa_and_downstream(workflow_dir, demo_conf
     assert counts.get("leave_one_model_out") == 1
     assert counts.get("layer_search") == n_llm  # every LLM's job now has one more vision model
     assert counts.get("conditions") == n_llm  # and the sets changed for every pair
+    assert counts.get("vision_bootstrap") == 1
 
 
 def test_changing_set_size_does_not_reextract(workflow_dir, demo_config):
@@ -186,6 +195,7 @@ def test_changing_set_size_does_not_reextract(workflow_dir, demo_config):
     for rule in ("extract", "gpa", "leave_one_model_out", "layer_search", "demo_model"):
         assert rule not in counts, (rule, counts)
     assert counts.get("stimulus_sets") == 1
+    assert counts.get("vision_bootstrap") == 1
     assert counts.get("conditions") == n_llm
 
 
@@ -198,6 +208,7 @@ def test_paper_config_builds_the_full_dag_without_data(tmp_path):
     assert counts.get("prefetch_stimuli") == 1
     assert counts.get("layer_search") == 12  # one per LLM
     assert counts.get("conditions") == 12
+    assert counts.get("vision_bootstrap") == 1  # once for the 12 conditions jobs
     assert counts.get("gpa") == 1
     assert counts.get("leave_one_model_out") == 1
 

@@ -20,7 +20,7 @@ subset. Kernels are float32 for prepared (float32) features; HSIC sums are float
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -797,12 +797,14 @@ class ConditionPlan:
         is_kernel: bool = False,
         boot: bool = True,
         device: torch.device | None = None,
+        boot_cache: MutableMapping[str, BootstrapSide] | None = None,
     ) -> ConditionSide:
         """Prepared features (or a given m×m kernel) with kNN structures for every condition.
 
         ``boot=False`` skips the bootstrap resamples (for metrics that have none). The
         resolution τ comes from the features' width and dtype; a given kernel gets τ = 0
-        (only exact ties count as unresolved).
+        (only exact ties count as unresolved). ``boot_cache``: bootstrap sides by content key
+        (:meth:`BootstrapPlan.key`), taken when the key matches and added to otherwise.
         """
         if is_kernel or self.dense:
             if is_kernel:
@@ -820,8 +822,7 @@ class ConditionPlan:
             for name, (_, stack) in self.families.items():
                 if name not in self.lazy:
                     subsets[(name, 0)] = subset_sides(full, stack, self.k, tau)
-            host = full.cpu()
-            resamples = {key: plan.side(host) for key, plan in self.plans.items()} if boot else {}
+            resamples = self._resamples(kernel=full.cpu(), cache=boot_cache) if boot else {}
             return ConditionSide(KernelKNN.build(full, self.k, tau), subsets, resamples)
         xt = feature_tensor(x_or_kernel, device)
         if xt.shape[0] != self.m:
@@ -836,11 +837,32 @@ class ConditionPlan:
         for name, (_, stack) in self.families.items():
             if name not in self.lazy:
                 subsets[(name, 0)] = [KernelKNN.from_features(rows(r), self.k) for r in stack]
-        resamples = (
-            {key: plan.side(features=xt.cpu()) for key, plan in self.plans.items()} if boot else {}
-        )
+        resamples = self._resamples(features=xt.cpu(), cache=boot_cache) if boot else {}
         full_side = KernelKNN.from_features(xt, self.k, dense=False)
         return ConditionSide(full_side, subsets, resamples)
+
+    def _resamples(
+        self,
+        kernel: torch.Tensor | None = None,
+        features: torch.Tensor | None = None,
+        cache: MutableMapping[str, BootstrapSide] | None = None,
+    ) -> dict[tuple[str, str], BootstrapSide]:
+        return {
+            key: plan.side(kernel=kernel, features=features, cache=cache)
+            for key, plan in self.plans.items()
+        }
+
+    def bootstrap_sides(
+        self,
+        x: np.ndarray | torch.Tensor,
+        device: torch.device | None = None,
+        cache: MutableMapping[str, BootstrapSide] | None = None,
+    ) -> dict[tuple[str, str], BootstrapSide]:
+        """Only the bootstrap sides of prepared features ``x``, built as :meth:`side` builds
+        them (so that ``cache`` filled here serves :meth:`side` on the same features)."""
+        if self.dense:
+            return self._resamples(kernel=kernel(x, device).cpu(), cache=cache)
+        return self._resamples(features=feature_tensor(x, device).cpu(), cache=cache)
 
     def _metric_rows(
         self, metric: str, xs: ConditionSide, ys: ConditionSide
@@ -1036,6 +1058,7 @@ def condition_tables(
     metrics: Sequence[str] = ("cknna",),
     device: torch.device | None = None,
     dense: bool | None = None,
+    boot_cache: MutableMapping[str, BootstrapSide] | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Every stimulus condition of sets.tsv for one LLM, each vision model and metric at its layer.
 
@@ -1047,6 +1070,8 @@ def condition_tables(
     :data:`CONDITION_COLUMNS` and :data:`CONTRAST_COLUMNS`, ordered by vision, then metric.
     The bootstrap runs on the CPU; ``device`` (default CPU) holds the kernels and subsets.
     ``dense`` overrides the automatic dense/blocked choice (:class:`ConditionPlan`).
+    ``boot_cache``: the vision models' bootstrap sides prepared before (the same for every
+    LLM; see :meth:`ConditionPlan.bootstrap_sides`), used where their content keys match.
     """
     names = _check_metrics(metrics)
     m = len(stimulus_ids)
@@ -1063,7 +1088,10 @@ def condition_tables(
     # the vision models' structures are independent: built on threads (torch releases the GIL)
     with mapper(min(len(vision), available_cores())) as pmap:
         built = list(
-            pmap(lambda item: plan.side(item[1], boot=boot, device=device), vision.values())
+            pmap(
+                lambda item: plan.side(item[1], boot=boot, device=device, boot_cache=boot_cache),
+                vision.values(),
+            )
         )
     xsides = dict(zip(vision, built, strict=True))
     parts: dict[tuple[str, str], tuple[pd.DataFrame, pd.DataFrame]] = {}

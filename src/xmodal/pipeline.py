@@ -29,6 +29,7 @@ from xmodal import (
     metrics,
     properties,
     selection,
+    stats,
 )
 from xmodal.config import resolve_layer
 from xmodal.features import FeatureFile, FeatureFileError
@@ -532,6 +533,28 @@ def chosen_layers(
     return out
 
 
+def run_vision_bootstrap(
+    vision_paths: Sequence[PathLike],
+    sets_path: PathLike,
+    vision: Sequence[str],
+    vision_layer: int,
+    k: int,
+    n_boot: int,
+    seed: int,
+    out: PathLike,
+) -> None:
+    """The vision models' bootstrap structures for the low/high sets, prepared once for every
+    LLM's conditions job (each reuses them where their content keys match: same features,
+    sets, resamples and k; docs/method.md, "Bootstrap of low − high")."""
+    ids, prepared = read_prepared_vision(vision_paths, vision, vision_layer)
+    plan = alignment.ConditionPlan(read_table(sets_path), ids, k=k, n_boot=n_boot, seed=seed)
+    cache: dict[str, stats.BootstrapSide] = {}
+    for key, (_, x) in prepared.items():
+        plan.bootstrap_sides(x, cache=cache)
+        log.info("%s: bootstrap structures of %d sets prepared", key, len(plan.plans))
+    stats.save_sides(cache, out)
+
+
 def run_conditions(
     vision_paths: Sequence[PathLike],
     llm_path: PathLike,
@@ -550,9 +573,13 @@ def run_conditions(
     heldout_layers_path: PathLike | None = None,
     heldout_sets_path: PathLike | None = None,
     out_heldout: PathLike | None = None,
+    vision_bootstrap_path: PathLike | None = None,
 ) -> None:
     """Every stimulus set of every vision model against one LLM, at the layers chosen on the
     full set (each chosen LLM layer read and prepared once).
+
+    ``vision_bootstrap_path``: the vision models' bootstrap structures from
+    :func:`run_vision_bootstrap`, used where they match (else rebuilt, with a warning).
 
     ``out_drop``: the drop sets against their size-matched random draws (docs/method.md,
     "Size-matched drop control"; the sets table must hold them). ``out_heldout`` (with the layer
@@ -566,7 +593,7 @@ def run_conditions(
         heldout = (heldout_layers_path, heldout_sets_path, seed)
     conditions, contrasts, held = _set_alignment(
         vision_paths, llm_path, layers_path, sets_path, vision, llm, vision_layer, k, n_boot, seed,
-        metric_names, heldout,
+        metric_names, heldout, vision_bootstrap_path,
     )  # fmt: skip
     if out_drop is not None:
         drop = alignment.drop_table(conditions)
@@ -630,6 +657,7 @@ def _set_alignment(
     seed: int,
     metric_names: Sequence[str],
     heldout: tuple[PathLike, PathLike, int] | None = None,
+    vision_bootstrap_path: PathLike | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame | None]:
     """xmodal.alignment.condition_tables for every set of a sets table, at the LLM layers the
     layer search chose per (vision model, metric); with ``heldout`` (held-out layers table,
@@ -658,6 +686,10 @@ def _set_alignment(
                 "rerun both (rules heldout_sets and layer_search)"
             )
         _check_halves(held_sets, ids, len(splits), split_seed, held_sets_path)
+    cache = None
+    if vision_bootstrap_path is not None:
+        cache = stats.load_sides(vision_bootstrap_path)
+        stored = len(cache)
     with open_features(llm_path, ids, model=llm, modality="language") as f:
         t = layer_threshold(f)
         read = functools.partial(prepared_layer, f, threshold=t)
@@ -674,7 +706,18 @@ def _set_alignment(
             n_boot=n_boot,
             seed=seed,
             metrics=tuple(metric_names),
+            boot_cache=cache,
         )
+        if cache is not None and len(cache) > stored:
+            log.warning(
+                "%s: %d of the vision models' bootstrap structures did not match the stored "
+                "ones and were rebuilt (same numbers; the file was made from other vision "
+                "features, sets or settings, or on another device)",
+                vision_bootstrap_path,
+                len(cache) - stored,
+            )
+        elif cache is not None:
+            log.info("vision models' bootstrap structures reused from %s", vision_bootstrap_path)
         held = None
         if held_sets is not None and held_choice is not None:
             held = alignment.heldout_condition_table(

@@ -23,11 +23,16 @@ a large set can be computed from its features by row blocks).
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import os
+from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from xmodal.io import atomic_path
 from xmodal.metrics import feature_tensor, kernel_row_blocks, top_lists
 
 __all__ = [
@@ -38,6 +43,8 @@ __all__ = [
     "bootstrap_difference",
     "percentile_interval",
     "random_baseline",
+    "load_sides",
+    "save_sides",
     "weighted_cknna",
 ]
 
@@ -123,8 +130,11 @@ def _counts(order: torch.Tensor, weights: torch.Tensor, k: int) -> tuple[torch.T
     """n_ij on sorted lists: copies of j among the k nearest copies of i; and whether T sufficed."""
     bsz = weights.shape[0]
     n, t = order.shape
-    wi = weights.to(torch.int16 if n < 32000 else torch.int32)
-    wo = wi.index_select(1, order.reshape(-1)).view(bsz, n, t)  # (B, n, T)
+    small = torch.int16 if n < 32000 else torch.int32
+    # gathered as float32 (exact for counts < 2²⁴), then narrowed: torch's index_select along
+    # dim 1 is several times slower on int16 than on float32
+    wi = weights.to(small)
+    wo = weights.to(torch.float32).index_select(1, order.reshape(-1)).to(small).view(bsz, n, t)
     cum = wo.cumsum(dim=2, dtype=wi.dtype)
     cnt = (k - (cum - wo)).clamp_(min=0).minimum(wo)
     enough = bool(((cum[:, :, -1] >= k) | (wi == 0)).all())
@@ -204,6 +214,7 @@ class BootstrapPlan:
         order = np.argsort(given, kind="stable")
         self.positions = torch.from_numpy(given[order])
         self.weights = torch.from_numpy(np.ascontiguousarray(weights[:, order]))
+        self._digest: bytes | None = None
 
     @classmethod
     def from_weights(cls, positions: np.ndarray, weights: np.ndarray, k: int = 10) -> BootstrapPlan:
@@ -219,6 +230,7 @@ class BootstrapPlan:
         plan.positions = torch.from_numpy(given[order])
         plan.weights = torch.from_numpy(np.ascontiguousarray(w[:, order]))
         plan.n_boot = int(w.shape[0])
+        plan._digest = None
         return plan
 
     def _lists(
@@ -233,16 +245,32 @@ class BootstrapPlan:
         parts = [top_lists(rows, depth)[:2] for _, rows in kernel_row_blocks(x)]
         return torch.cat([p[1] for p in parts]), torch.cat([p[0] for p in parts])
 
+    def key(self, source: torch.Tensor) -> str:
+        """Content key of the side this plan prepares from ``source`` (the set's kernel or
+        feature rows): equal keys mean equal sides (same resamples, k and input bytes)."""
+        if self._digest is None:
+            h = hashlib.sha256(f"{_SIDE_FORMAT}|k={self.k}|B={self.n_boot}|n={self.n}".encode())
+            h.update(self.positions.numpy().tobytes())
+            h.update(self.weights.numpy().tobytes())
+            self._digest = h.digest()
+        h = hashlib.sha256(self._digest)
+        h.update(f"{source.dtype}|{tuple(source.shape)}".encode())
+        h.update(source.contiguous().numpy().tobytes())
+        return h.hexdigest()
+
     def side(
         self,
         kernel: np.ndarray | torch.Tensor | None = None,
         full_kernel: bool = True,
         features: np.ndarray | torch.Tensor | None = None,
+        cache: MutableMapping[str, BootstrapSide] | None = None,
     ) -> BootstrapSide:
         """Neighbour lists and self-HSIC of a kernel on the set.
 
         ``kernel``: the full m×m kernel (or, with ``full_kernel=False``, the set's n×n one);
         ``features``: the full (m, p) features instead, for the blocked path (no n×n kernel).
+        ``cache`` (by :meth:`key`, e.g. from :func:`load_sides`): a side prepared before from
+        the same input bytes and resamples is taken from it, a new one is added to it.
         """
         if (kernel is None) == (features is None):
             raise ValueError("give exactly one of kernel and features")
@@ -256,6 +284,31 @@ class BootstrapPlan:
         else:
             x = feature_tensor(features).cpu().index_select(0, self.positions)
             dtype = x.dtype
+        key = self.key(sub if sub is not None else x) if cache is not None else ""
+        if cache is not None and key in cache:
+            return self._with_counts(cache[key])
+        side = self._build(sub, x, dtype)
+        if cache is not None:
+            cache[key] = side
+        return side
+
+    def _with_counts(self, side: BootstrapSide) -> BootstrapSide:
+        """``side`` with its counts, recomputed from its lists when small enough to keep."""
+        n, t = side.order.shape
+        if side.counts is not None or self.n_boot * n * t > KEEP_COUNTS:
+            return side
+        dtype = side.values.dtype
+        weights = self.weights.to(dtype)
+        counts = [
+            _counts(side.order, weights[b], self.k)[0].to(dtype) for b in _blocks(self.n_boot)
+        ]
+        return dataclasses.replace(side, counts=torch.cat(counts))
+
+    def _build(
+        self, sub: torch.Tensor | None, x: torch.Tensor | None, dtype: torch.dtype
+    ) -> BootstrapSide:
+        """Lists, reciprocal positions, self-HSIC and (when small) counts of the set's kernel
+        ``sub`` or feature rows ``x``."""
         weights = self.weights.to(dtype)
         depth = min(self.n - 1, 4 * self.k + 8)
         while True:  # deepen until every resample finds k copies in every row's list
@@ -327,6 +380,33 @@ class BootstrapPlan:
             cross = _weighted_hsic(w, lside.order, n_m, lside.rec, k_on_l, lside.values)
             out[b] = (cross / torch.sqrt(kside.self_hsic[b] * lside.self_hsic[b])).numpy()
         return out
+
+
+#: version of the stored sides (:func:`save_sides`); part of every key, so that sides stored by
+#: another version of the preparation are never taken
+_SIDE_FORMAT = "bootstrap-side-1"
+_SIDE_FIELDS = ("order", "values", "rec", "self_hsic")
+
+
+def save_sides(sides: Mapping[str, BootstrapSide], path: str | os.PathLike) -> None:
+    """Write prepared sides (by :meth:`BootstrapPlan.key`), without their counts, atomically."""
+    payload = {
+        "format": _SIDE_FORMAT,
+        "sides": {key: {f: getattr(side, f) for f in _SIDE_FIELDS} for key, side in sides.items()},
+    }
+    with atomic_path(path, suffix=".pt") as tmp:
+        torch.save(payload, tmp)
+
+
+def load_sides(path: str | os.PathLike) -> dict[str, BootstrapSide]:
+    """The sides written by :func:`save_sides` (tensors only: nothing in the file is executed)."""
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(payload, dict) or payload.get("format") != _SIDE_FORMAT:
+        raise ValueError(
+            f"{path}: not a file of prepared bootstrap sides of format {_SIDE_FORMAT!r} "
+            "(written by another version: rerun the rule that made it)"
+        )
+    return {key: BootstrapSide(**parts) for key, parts in payload["sides"].items()}
 
 
 def weighted_cknna(

@@ -7,6 +7,9 @@
 # analysis.drop_control); the held-out layer choice picks a layer on half A of each random split
 # in the layer search (which reads every layer once) and evaluates the sets inside half B in the
 # conditions job (analysis.heldout_layer). No job per pair or per split.
+#
+# The vision models' bootstrap structures (the same for every LLM) are prepared once by
+# vision_bootstrap; each conditions job checks them by content key and rebuilds any that differ.
 
 
 rule layer_search:
@@ -35,10 +38,35 @@ rule layer_search:
         "../../scripts/layer_search.py"
 
 
+rule vision_bootstrap:
+    input:
+        vision=vision_features,
+        sets=f"{DISP}/sets.tsv",
+    output:
+        f"{ALIGN}/vision_bootstrap.pt",
+    log:
+        "logs/alignment/{dataset}/vision_bootstrap.log",
+    benchmark:
+        "results/benchmarks/{dataset}/vision_bootstrap.tsv"
+    conda:
+        "../../envs/analysis.yaml"
+    resources:
+        **ALIGNMENT_GPU,
+    params:
+        vision=VISION,
+        vision_layer=ANALYSIS["vision_layer"],
+        k=ANALYSIS["knn_k"],
+        n_boot=ANALYSIS["n_boot"],
+        seed=ANALYSIS["seed"],
+    script:
+        "../../scripts/vision_bootstrap.py"
+
+
 rule conditions:
     input:
         **heldout_inputs(),
         vision=vision_features,
+        vision_bootstrap=f"{ALIGN}/vision_bootstrap.pt",
         llm="results/features/{dataset}/{llm}.h5",
         layers=f"{ALIGN}/layers/{{llm}}.tsv",
         sets=f"{DISP}/sets.tsv",
