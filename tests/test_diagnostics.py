@@ -114,20 +114,24 @@ def test_diagnostics_from_the_layer_search_kernel_equal_the_direct_ones(case: st
     assert shared.collapsed == direct.collapsed
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=80, deadline=None)
 @given(
     m=st.integers(0, 40),
     d=st.integers(0, 5),
     n_values=st.integers(1, 3),
     seed=st.integers(0, 2**16),
     dtype=st.sampled_from([np.float32, np.float64]),
+    shared=st.integers(0, 20),
 )
-def test_duplicate_groups_are_the_bitwise_equal_rows(m, d, n_values, seed, dtype):
+def test_duplicate_groups_are_the_bitwise_equal_rows(m, d, n_values, seed, dtype, shared):
     """Against grouping by each row's bytes: few distinct values make many repeated rows;
-    0.0 and -0.0 are different bytes, so they are different rows."""
+    0.0 and -0.0 are different bytes, so they are different rows. ``shared`` leading columns
+    equal in every row make rows that agree in their first bytes (up to 160 of them) and differ
+    only after them."""
     rng = np.random.default_rng(seed)
     values = np.array([0.0, -0.0, 1.5, np.nan][: n_values + 1], dtype=dtype)
-    x = rng.choice(values, size=(m, d)).astype(dtype)
+    lead = np.tile(rng.standard_normal(shared), (m, 1))
+    x = np.hstack([lead, rng.choice(values, size=(m, d))]).astype(dtype)
     by_bytes: dict[bytes, list[int]] = {}
     for i, row in enumerate(x):
         by_bytes.setdefault(row.tobytes(), []).append(i)
