@@ -15,10 +15,12 @@ among the k nearest copies of i, and with nM_ij = min(nK_ij, nL_ij):
 
 With all w_i = 1 this is exactly CKNNA on the set. Only the first T entries of each row's sorted
 neighbour list are needed (T doubles, up to n − 1, if a resample ever needs more), so a resample
-costs O(n·T) instead of O(n²) and no resampled kernel is ever materialised. Lists are sorted by
-(value descending, stimulus order ascending), the tie rule of docs/method.md; reciprocal entries
-are found by comparing against the short lists, so no n×n array is needed either (the lists of
-a large set can be computed from its features by row blocks).
+costs O(n·T) instead of O(n²) and no resampled kernel is ever materialised; the cross term of
+two kernels visits only the entries (i, j) of L's lists with j also in K's list of i (nM_ij = 0
+elsewhere). Lists are sorted by (value descending, stimulus order ascending), the tie rule of
+docs/method.md; reciprocal entries are found by comparing against the short lists, so no n×n
+array is needed either (the lists of a large set can be computed from its features by row
+blocks).
 """
 
 from __future__ import annotations
@@ -153,38 +155,51 @@ def _blocks(n_boot: int) -> list[slice]:
     return [slice(s, min(s + BLOCK, n_boot)) for s in range(0, n_boot, BLOCK)]
 
 
-def _pad_last(x: torch.Tensor) -> torch.Tensor:
-    return torch.cat([x, torch.zeros(x.shape[:-1] + (1,), dtype=x.dtype)], dim=-1)
+def _entry_index(
+    order: torch.Tensor, rec: torch.Tensor, e: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Row i, column j and the reciprocal entry (j, i)'s position among ``e`` (len(e) when it is
+    not among them) of the entries ``e`` (flat indices into the (n, T) lists ``order``; ``rec``
+    as in :class:`BootstrapSide`)."""
+    n, t = order.shape
+    p = int(e.numel())
+    e_row = torch.div(e, t, rounding_mode="floor")
+    e_col = order.reshape(-1).index_select(0, e)
+    r = rec.reshape(-1).index_select(0, e)
+    back = r % (t + 1)
+    flat = torch.div(r, t + 1, rounding_mode="floor") * t + back.clamp(max=t - 1)
+    where = torch.full((n * t,), p, dtype=torch.long)
+    where[e] = torch.arange(p)
+    return e_row, e_col, torch.where(back < t, where.index_select(0, flat), p)
 
 
-def _weighted_hsic(
-    weights: torch.Tensor,
-    order: torch.Tensor,
+def _entry_hsic(
+    w: torch.Tensor,
     n_m: torch.Tensor,
-    rec: torch.Tensor,
-    a_val: torch.Tensor,
-    b_val: torch.Tensor,
+    e_row: torch.Tensor,
+    e_col: torch.Tensor,
+    e_rec: torch.Tensor,
+    a_e: torch.Tensor,
+    b_e: torch.Tensor,
+    n: int,
 ) -> torch.Tensor:
-    """Weighted HSIC_u for counts n_m (B,n,T) on lists ``order`` (see module docstring)."""
-    bsz, n, t = n_m.shape
-    # reciprocal count nM_ji: entry (i, j=order[i,t]) sits at flat index rec[i, t] of (n, T+1).
-    n_rec = _pad_last(n_m).reshape(bsz, -1).gather(1, rec.view(1, -1).expand(bsz, -1))
-    n_rec = n_rec.view(bsz, n, t)
+    """Weighted HSIC_u (B,) of the module docstring over list entries (i, j) = (e_row, e_col)
+    with counts n_m (B, P), kernel values a_e, b_e (P,) and the reciprocal entry's position
+    e_rec (P: none); entries not given have count 0."""
+    bsz = n_m.shape[0]
     f64 = torch.float64
-    w = weights.to(f64)
-    a = n_m * a_val  # (B,n,T)
-    bm = n_m * b_val
-    # short sums over the list in the working dtype, then float64 over stimuli.
-    term1 = (n_rec * a * b_val).sum(dim=2).to(f64).sum(dim=1)
-    row_a = a.sum(dim=2).to(f64)
-    row_b = bm.sum(dim=2).to(f64)
-    sum_a = (w * row_a).sum(dim=1)
-    sum_b = (w * row_b).sum(dim=1)
-    wa = weights.view(bsz, n, 1).to(a.dtype) * a
-    col_a = torch.zeros((bsz, n), dtype=wa.dtype)
-    col_a.scatter_add_(1, order.reshape(1, -1).expand(bsz, -1), wa.reshape(bsz, -1))
+    n_rec = torch.cat([n_m, n_m.new_zeros(bsz, 1)], dim=1).index_select(1, e_rec)
+    term1 = (n_rec * n_m * (a_e * b_e)).to(f64).sum(dim=1)
+    na = n_m * a_e
+    # short sums per stimulus in the working dtype, then float64 over stimuli
+    row_a = n_m.new_zeros(bsz, n).index_add_(1, e_row, na).to(f64)
+    row_b = n_m.new_zeros(bsz, n).index_add_(1, e_row, n_m * b_e).to(f64)
+    w64 = w.to(f64)
+    sum_a = (w64 * row_a).sum(dim=1)
+    sum_b = (w64 * row_b).sum(dim=1)
+    col_a = n_m.new_zeros(bsz, n).index_add_(1, e_col, na * w.index_select(1, e_row))
     ab = (col_a.to(f64) * row_b).sum(dim=1)
-    m = w.sum(dim=1)
+    m = w64.sum(dim=1)
     return (term1 + sum_a * sum_b / ((m - 1) * (m - 2)) - 2.0 * ab / (m - 2)) / (m * (m - 3))
 
 
@@ -331,6 +346,8 @@ class BootstrapPlan:
         rows = torch.arange(self.n).view(-1, 1).expand(self.n, t).reshape(-1)
         pos = _list_positions(order, order.reshape(-1), rows)
         rec = (order.reshape(-1) * (t + 1) + pos).view(self.n, t)
+        e_row, e_col, e_rec = _entry_index(order, rec, torch.arange(self.n * t))
+        v = values.reshape(-1)
         self_h = []
         for i, b in enumerate(_blocks(self.n_boot)):
             if keep:
@@ -338,7 +355,8 @@ class BootstrapPlan:
                 cnt = counts[i]
             else:
                 cnt = _counts(order, weights[b], self.k)[0].to(dtype)
-            self_h.append(_weighted_hsic(weights[b], order, cnt, rec, values, values))
+            n_m = cnt.reshape(cnt.shape[0], self.n * t)
+            self_h.append(_entry_hsic(weights[b], n_m, e_row, e_col, e_rec, v, v, self.n))
         return BootstrapSide(
             order, values, rec, torch.cat(self_h), torch.cat(counts) if keep else None
         )
@@ -361,23 +379,31 @@ class BootstrapPlan:
         if metric not in ("cknna", "mutual_knn"):
             raise ValueError(f"the bootstrap covers cknna and mutual_knn, not {metric!r}")
         n, t = lside.order.shape
+        t_k = kside.depth
         dtype = lside.values.dtype
+        f64 = torch.float64
         rows = torch.arange(n).view(-1, 1).expand(n, t).reshape(-1)
         # where L's neighbour j of i sits in K's list of i (T_K when absent, count 0 there)
-        k_pos = _list_positions(kside.order, rows, lside.order.reshape(-1)).view(1, n, t)
-        k_on_l = _pad_last(kside.values.to(dtype)).gather(1, k_pos[0])
+        k_pos = _list_positions(kside.order, rows, lside.order.reshape(-1))
+        # nM_ij > 0 needs j in both lists of i: only those entries e of L's lists are visited
+        e = torch.nonzero(k_pos < t_k).squeeze(1)
+        e_row, e_col, e_rec = _entry_index(lside.order, lside.rec, e)
+        k_flat = e_row * t_k + k_pos.index_select(0, e)
+        a_e = kside.values.to(dtype).reshape(-1).index_select(0, k_flat)
+        b_e = lside.values.reshape(-1).index_select(0, e)
         weights = self.weights.to(dtype)
         out = np.empty(self.n_boot, dtype=np.float64)
         for b in _blocks(self.n_boot):
-            ck = _pad_last(self._side_counts(kside, b, dtype))
-            ck_on_l = ck.gather(2, k_pos.expand(b.stop - b.start, n, t))
-            n_m = torch.minimum(self._side_counts(lside, b, dtype), ck_on_l)
+            bsz = b.stop - b.start
+            c_l = self._side_counts(lside, b, dtype).reshape(bsz, n * t).index_select(1, e)
+            c_k = self._side_counts(kside, b, dtype).reshape(bsz, n * t_k).index_select(1, k_flat)
+            n_m = torch.minimum(c_l, c_k)  # (B, visited entries)
             w = weights[b]
             if metric == "mutual_knn":
-                hits = (w.to(torch.float64) * n_m.sum(dim=2).to(torch.float64)).sum(dim=1)
-                out[b] = (hits / (self.k * w.to(torch.float64).sum(dim=1))).numpy()
+                hits = (w.index_select(1, e_row) * n_m).to(f64).sum(dim=1)
+                out[b] = (hits / (self.k * w.to(f64).sum(dim=1))).numpy()
                 continue
-            cross = _weighted_hsic(w, lside.order, n_m, lside.rec, k_on_l, lside.values)
+            cross = _entry_hsic(w, n_m, e_row, e_col, e_rec, a_e, b_e, n)
             out[b] = (cross / torch.sqrt(kside.self_hsic[b] * lside.self_hsic[b])).numpy()
         return out
 
