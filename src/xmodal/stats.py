@@ -224,8 +224,9 @@ class BootstrapPlan:
             raise ValueError(f"n_boot must be ≥ 1, got {n_boot}")
         self.n, self.k, self.n_boot = n, k, int(n_boot)
         draws = rng.integers(0, n, size=(n_boot, n))
-        weights = np.zeros((n_boot, n), dtype=np.float32)
-        np.add.at(weights, (np.arange(n_boot)[:, None], draws), 1.0)
+        # multiplicities per resample: counts of (resample, stimulus) over the flat draws
+        flat = (draws + n * np.arange(n_boot)[:, None]).ravel()
+        weights = np.bincount(flat, minlength=n_boot * n).reshape(n_boot, n).astype(np.float32)
         order = np.argsort(given, kind="stable")
         self.positions = torch.from_numpy(given[order])
         self.weights = torch.from_numpy(np.ascontiguousarray(weights[:, order]))
