@@ -237,3 +237,33 @@ def test_numeric_looking_ids_give_the_same_numbers_as_prefixed_ids(tmp_path: Pat
     np.testing.assert_array_equal(c1["value"], c2["value"])
     num = k1.select_dtypes("number").columns
     np.testing.assert_array_equal(k1[num].to_numpy(), k2[num].to_numpy())
+
+
+def test_vision_bootstrap_from_other_features_is_rebuilt_with_a_warning(
+    tmp_path: Path, caplog
+) -> None:
+    """A stored vision bootstrap made from another vision layer is not taken: the conditions
+    job rebuilds those sides, says so, and writes the numbers of a job without the file."""
+    ids = [f"s{i}" for i in range(24)]
+    files = _feature_files(tmp_path, ids, np.random.default_rng(9))
+    vision, keys = [files[k] for k in ("v0", "v1", "v2")], ["v0", "v1", "v2"]
+    analysis = dict(set_size=8, n_random=3, drop_fraction=0.25, knn_k=3, seed=1)
+    pipeline.run_gpa(vision, keys, -1, 1e-10, 1000, tmp_path / "r.tsv", tmp_path / "d.tsv",
+                     tmp_path / "g.json")  # fmt: skip
+    pipeline.run_stimulus_sets(tmp_path / "d.tsv", analysis, tmp_path / "s.tsv")
+    pipeline.run_layer_search(vision, files["l0"], keys, "l0", -1, 3, tmp_path / "l.tsv")
+    stale = tmp_path / "vb.pt"
+    pipeline.run_vision_bootstrap(vision, tmp_path / "s.tsv", keys, 0, 3, 50, 1, stale)
+    out = {}
+    for name, stored in (("plain", None), ("stale", stale)):
+        caplog.clear()
+        with caplog.at_level("INFO", logger="xmodal.pipeline"):
+            pipeline.run_conditions(
+                vision, files["l0"], tmp_path / "l.tsv", tmp_path / "s.tsv", keys, "l0", -1, 3,
+                50, 1, tmp_path / f"c_{name}.tsv", tmp_path / f"k_{name}.tsv",
+                vision_bootstrap_path=stored,
+            )  # fmt: skip
+        out[name] = read_table(tmp_path / f"k_{name}.tsv")
+    assert "12 of the vision models' bootstrap structures did not match" in caplog.text
+    assert "vb.pt" in caplog.text
+    pd.testing.assert_frame_equal(out["stale"], out["plain"])
