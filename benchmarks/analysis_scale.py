@@ -177,6 +177,12 @@ def main() -> int:
         "--repeats", type=int, default=3, help="timings of the slice comparison (best is kept)"
     )
     parser.add_argument("--no-slice", action="store_true", help="skip the straightforward slice")
+    parser.add_argument(
+        "--timed-resamples",
+        type=int,
+        default=20,
+        help="bootstrap resamples per set timed for the straightforward conditions",
+    )
     args = parser.parse_args()
     m = args.m
     set_size = args.set_size or m // 4
@@ -350,12 +356,63 @@ def main() -> int:
         f"{t_ref:.2f} s vs fast {t_fast:.2f} s -> {t_ref / t_fast:.1f}x (max |diff| {max_diff:.1e})"
     )
     per_pair = t_ref / (len(vision_x) * n_slice)
+    search_ref = per_pair * n_layers_total * len(vision_x)
     print(
-        f"straightforward grid extrapolated: {per_pair * n_layers_total * len(vision_x):.0f} s "
+        f"straightforward grid extrapolated: {search_ref:.0f} s "
         f"vs measured fast layer search {times['layer search (per LLM, stability)']:.1f} s"
+    )
+    cond_ref = straightforward_conditions(
+        vision_x[0], slice_layers[-1], sets, ids, args.k, args.n_boot, args.timed_resamples
+    )
+    rest = sum(
+        times[s] for s in ("gpa", "leave-one-model-out (4 fits)", "selection (rank, pc1, sets)")
+    )
+    whole_ref = search_ref + cond_ref * n_pairs + rest
+    analysis = total - times[GEN_VISION] - times[GEN_LLM]
+    print(
+        f"straightforward conditions, one pair: {cond_ref:.1f} s (every set's CKNNA from its rows, "
+        f"the bootstrap from each resample's rows; {args.timed_resamples} resamples per set timed)"
+    )
+    print(
+        f"straightforward whole analysis extrapolated: {whole_ref:.0f} s (layer search "
+        f"{search_ref:.0f} + conditions {cond_ref * n_pairs:.0f} over {n_pairs} pairs + GPA, "
+        f"leave-one-model-out and selection as measured {rest:.0f}) vs measured analysis "
+        f"{analysis:.0f} s -> {whole_ref / analysis:.1f}x"
     )
     _contrast_lines(contrasts)
     return 0
+
+
+def straightforward_conditions(
+    x: np.ndarray,
+    y: np.ndarray,
+    sets,
+    ids: list[str],
+    k: int,
+    n_boot: int,
+    n_timed: int,
+) -> float:
+    """Seconds of one pair's conditions the per-pair way: the reference CKNNA of every set of
+    sets.tsv from its rows, and of each bootstrap resample (rows drawn with replacement) of the
+    low and high sets, timed on ``n_timed`` resamples per set and scaled to ``n_boot``."""
+    from xmodal.selection import sets_to_indices
+
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    given = sets_to_indices(sets, ids)
+    t0 = time.perf_counter()
+    for pos in given.values():
+        idx = torch.as_tensor(pos)
+        reference_cknna(xt[idx], yt[idx], k)
+    fixed = time.perf_counter() - t0
+    boot_sets = [pos for (name, summary, _), pos in given.items() if name in ("low", "high")]
+    rng = np.random.default_rng(0)
+    t0 = time.perf_counter()
+    for pos in boot_sets:
+        for _ in range(n_timed):
+            idx = torch.as_tensor(pos[rng.integers(0, len(pos), len(pos))])
+            reference_cknna(xt[idx], yt[idx], k)
+    boot = (time.perf_counter() - t0) * n_boot / max(n_timed, 1)
+    return fixed + boot
 
 
 if __name__ == "__main__":
