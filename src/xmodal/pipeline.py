@@ -545,7 +545,7 @@ def run_vision_bootstrap(
 ) -> None:
     """The vision models' bootstrap structures for the low/high sets, prepared once for every
     LLM's conditions job (each reuses them where their content keys match: same features,
-    sets, resamples and k; docs/method.md, "Bootstrap of low − high")."""
+    sets, resamples and k; docs/method.md, "Layer choice and statistics")."""
     ids, prepared = read_prepared_vision(vision_paths, vision, vision_layer)
     plan = alignment.ConditionPlan(read_table(sets_path), ids, k=k, n_boot=n_boot, seed=seed)
     cache: dict[str, stats.BootstrapSide] = {}
