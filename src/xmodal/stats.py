@@ -97,8 +97,9 @@ class BootstrapSide:
     ``order``/``values``: each row's T nearest other stimuli of the set (local positions) and
     their kernel values, sorted by (value descending, position ascending); ``rec``: for entry
     (i, t) with j = order[i, t], the flat index j·(T+1) + t' of (j, i) in a (n, T+1) padded
-    layout (t' = T when i is not in j's list); ``counts`` (B, n, T) are kept when small,
-    else recomputed per block of resamples.
+    layout (t' = T when i is not in j's list); ``counts`` (n, T, B), stimulus-major so that
+    gathers and sums over list entries move rows of resamples, are kept when small, else
+    recomputed per block of resamples.
     """
 
     order: torch.Tensor
@@ -129,17 +130,15 @@ def _list_positions(lists: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor)
 
 
 def _counts(order: torch.Tensor, weights: torch.Tensor, k: int) -> tuple[torch.Tensor, bool]:
-    """n_ij on sorted lists: copies of j among the k nearest copies of i; and whether T sufficed."""
-    bsz = weights.shape[0]
+    """n_ij on sorted lists, (n, T, B): copies of j among the k nearest copies of i; and whether
+    T sufficed. ``weights`` (n, B): the multiplicities of a block of resamples, stimulus-major."""
     n, t = order.shape
-    small = torch.int16 if n < 32000 else torch.int32
-    # gathered as float32 (exact for counts < 2²⁴), then narrowed: torch's index_select along
-    # dim 1 is several times slower on int16 than on float32
-    wi = weights.to(small)
-    wo = weights.to(torch.float32).index_select(1, order.reshape(-1)).to(small).view(bsz, n, t)
-    cum = wo.cumsum(dim=2, dtype=wi.dtype)
+    bsz = weights.shape[1]
+    wi = weights.to(torch.int16 if n < 32000 else torch.int32)
+    wo = wi.index_select(0, order.reshape(-1)).view(n, t, bsz)  # rows of B: a fast gather
+    cum = wo.cumsum(dim=1, dtype=wi.dtype)
     cnt = (k - (cum - wo)).clamp_(min=0).minimum(wo)
-    enough = bool(((cum[:, :, -1] >= k) | (wi == 0)).all())
+    enough = bool(((cum[:, -1, :] >= k) | (wi == 0)).all())
     return cnt, enough
 
 
@@ -181,25 +180,24 @@ def _entry_hsic(
     e_rec: torch.Tensor,
     a_e: torch.Tensor,
     b_e: torch.Tensor,
-    n: int,
 ) -> torch.Tensor:
     """Weighted HSIC_u (B,) of the module docstring over list entries (i, j) = (e_row, e_col)
-    with counts n_m (B, P), kernel values a_e, b_e (P,) and the reciprocal entry's position
-    e_rec (P: none); entries not given have count 0."""
-    bsz = n_m.shape[0]
+    with counts n_m (P, B), kernel values a_e, b_e (P,) and the reciprocal entry's position
+    e_rec (P: none); entries not given have count 0. ``w`` (n, B): multiplicities."""
+    n, bsz = w.shape
     f64 = torch.float64
-    n_rec = torch.cat([n_m, n_m.new_zeros(bsz, 1)], dim=1).index_select(1, e_rec)
-    term1 = (n_rec * n_m * (a_e * b_e)).to(f64).sum(dim=1)
-    na = n_m * a_e
+    n_rec = torch.cat([n_m, n_m.new_zeros(1, bsz)]).index_select(0, e_rec)
+    term1 = (n_rec * n_m * (a_e * b_e)[:, None]).to(f64).sum(dim=0)
+    na = n_m * a_e[:, None]
     # short sums per stimulus in the working dtype, then float64 over stimuli
-    row_a = n_m.new_zeros(bsz, n).index_add_(1, e_row, na).to(f64)
-    row_b = n_m.new_zeros(bsz, n).index_add_(1, e_row, n_m * b_e).to(f64)
+    row_a = n_m.new_zeros(n, bsz).index_add_(0, e_row, na).to(f64)
+    row_b = n_m.new_zeros(n, bsz).index_add_(0, e_row, n_m * b_e[:, None]).to(f64)
     w64 = w.to(f64)
-    sum_a = (w64 * row_a).sum(dim=1)
-    sum_b = (w64 * row_b).sum(dim=1)
-    col_a = n_m.new_zeros(bsz, n).index_add_(1, e_col, na * w.index_select(1, e_row))
-    ab = (col_a.to(f64) * row_b).sum(dim=1)
-    m = w64.sum(dim=1)
+    sum_a = (w64 * row_a).sum(dim=0)
+    sum_b = (w64 * row_b).sum(dim=0)
+    col_a = n_m.new_zeros(n, bsz).index_add_(0, e_col, na * w.index_select(0, e_row))
+    ab = (col_a.to(f64) * row_b).sum(dim=0)
+    m = w64.sum(dim=0)
     return (term1 + sum_a * sum_b / ((m - 1) * (m - 2)) - 2.0 * ab / (m - 2)) / (m * (m - 3))
 
 
@@ -231,6 +229,7 @@ class BootstrapPlan:
         self.positions = torch.from_numpy(given[order])
         self.weights = torch.from_numpy(np.ascontiguousarray(weights[:, order]))
         self._digest: bytes | None = None
+        self._by_stimulus: torch.Tensor | None = None
 
     @classmethod
     def from_weights(cls, positions: np.ndarray, weights: np.ndarray, k: int = 10) -> BootstrapPlan:
@@ -247,7 +246,14 @@ class BootstrapPlan:
         plan.weights = torch.from_numpy(np.ascontiguousarray(w[:, order]))
         plan.n_boot = int(w.shape[0])
         plan._digest = None
+        plan._by_stimulus = None
         return plan
+
+    def _weights(self, dtype: torch.dtype) -> torch.Tensor:
+        """The multiplicities stimulus-major, (n, n_boot), in ``dtype``."""
+        if self._by_stimulus is None:
+            self._by_stimulus = self.weights.T.contiguous()
+        return self._by_stimulus.to(dtype)
 
     def _lists(
         self, sub: torch.Tensor | None, x: torch.Tensor | None, depth: int
@@ -314,27 +320,27 @@ class BootstrapPlan:
         if side.counts is not None or self.n_boot * n * t > KEEP_COUNTS:
             return side
         dtype = side.values.dtype
-        weights = self.weights.to(dtype)
+        weights = self._weights(dtype)
         counts = [
-            _counts(side.order, weights[b], self.k)[0].to(dtype) for b in _blocks(self.n_boot)
+            _counts(side.order, weights[:, b], self.k)[0].to(dtype) for b in _blocks(self.n_boot)
         ]
-        return dataclasses.replace(side, counts=torch.cat(counts))
+        return dataclasses.replace(side, counts=torch.cat(counts, dim=2))
 
     def _build(
         self, sub: torch.Tensor | None, x: torch.Tensor | None, dtype: torch.dtype
     ) -> BootstrapSide:
         """Lists, reciprocal positions, self-HSIC and (when small) counts of the set's kernel
         ``sub`` or feature rows ``x``."""
-        weights = self.weights.to(dtype)
+        weights = self._weights(dtype)
         depth = min(self.n - 1, 4 * self.k + 8)
         while True:  # deepen until every resample finds k copies in every row's list
             order, values = self._lists(sub, x, depth)
             keep = self.n_boot * self.n * depth <= KEEP_COUNTS
             enough, used, counts = True, 0, []
             for b in _blocks(self.n_boot):
-                cnt, ok = _counts(order, weights[b], self.k)
+                cnt, ok = _counts(order, weights[:, b], self.k)
                 enough &= ok
-                hit = torch.nonzero((cnt > 0).any(dim=0).any(dim=0))
+                hit = torch.nonzero((cnt > 0).any(dim=2).any(dim=0))
                 used = max(used, int(hit.max()) + 1 if hit.numel() else 1)
                 if keep:
                     counts.append(cnt)
@@ -352,20 +358,22 @@ class BootstrapPlan:
         self_h = []
         for i, b in enumerate(_blocks(self.n_boot)):
             if keep:
-                counts[i] = counts[i][:, :, :t].to(dtype).contiguous()
+                counts[i] = counts[i][:, :t].to(dtype).contiguous()
                 cnt = counts[i]
             else:
-                cnt = _counts(order, weights[b], self.k)[0].to(dtype)
-            n_m = cnt.reshape(cnt.shape[0], self.n * t)
-            self_h.append(_entry_hsic(weights[b], n_m, e_row, e_col, e_rec, v, v, self.n))
+                cnt = _counts(order, weights[:, b], self.k)[0].to(dtype)
+            n_m = cnt.reshape(self.n * t, -1)
+            self_h.append(_entry_hsic(weights[:, b], n_m, e_row, e_col, e_rec, v, v))
         return BootstrapSide(
-            order, values, rec, torch.cat(self_h), torch.cat(counts) if keep else None
+            order, values, rec, torch.cat(self_h), torch.cat(counts, dim=2) if keep else None
         )
 
     def _side_counts(self, side: BootstrapSide, b: slice, dtype: torch.dtype) -> torch.Tensor:
+        """Counts of the resamples ``b``, (n·T, len(b))."""
+        n, t = side.order.shape
         if side.counts is not None:
-            return side.counts[b]
-        return _counts(side.order, self.weights[b].to(dtype), self.k)[0].to(dtype)
+            return side.counts[:, :, b].reshape(n * t, -1)
+        return _counts(side.order, self._weights(dtype)[:, b], self.k)[0].to(dtype).view(n * t, -1)
 
     def cknna(self, kside: BootstrapSide, lside: BootstrapSide) -> np.ndarray:
         """Resampled CKNNA values (n_boot,) for two prepared sides of the same plan."""
@@ -392,19 +400,18 @@ class BootstrapPlan:
         k_flat = e_row * t_k + k_pos.index_select(0, e)
         a_e = kside.values.to(dtype).reshape(-1).index_select(0, k_flat)
         b_e = lside.values.reshape(-1).index_select(0, e)
-        weights = self.weights.to(dtype)
+        weights = self._weights(dtype)
         out = np.empty(self.n_boot, dtype=np.float64)
         for b in _blocks(self.n_boot):
-            bsz = b.stop - b.start
-            c_l = self._side_counts(lside, b, dtype).reshape(bsz, n * t).index_select(1, e)
-            c_k = self._side_counts(kside, b, dtype).reshape(bsz, n * t_k).index_select(1, k_flat)
-            n_m = torch.minimum(c_l, c_k)  # (B, visited entries)
-            w = weights[b]
+            c_l = self._side_counts(lside, b, dtype).index_select(0, e)
+            c_k = self._side_counts(kside, b, dtype).index_select(0, k_flat)
+            n_m = torch.minimum(c_l, c_k)  # (visited entries, B)
+            w = weights[:, b]
             if metric == "mutual_knn":
-                hits = (w.index_select(1, e_row) * n_m).to(f64).sum(dim=1)
-                out[b] = (hits / (self.k * w.to(f64).sum(dim=1))).numpy()
+                hits = (w.index_select(0, e_row) * n_m).to(f64).sum(dim=0)
+                out[b] = (hits / (self.k * w.to(f64).sum(dim=0))).numpy()
                 continue
-            cross = _entry_hsic(w, n_m, e_row, e_col, e_rec, a_e, b_e, n)
+            cross = _entry_hsic(w, n_m, e_row, e_col, e_rec, a_e, b_e)
             out[b] = (cross / torch.sqrt(kside.self_hsic[b] * lside.self_hsic[b])).numpy()
         return out
 
