@@ -124,8 +124,9 @@ def prepare_layer(x: np.ndarray, threshold: float) -> np.ndarray:
         raise ValueError(f"threshold must be > 0, got {threshold}")
     a = a.clamp(-threshold, threshold)  # a new tensor: the caller's array is never modified
     norm = torch.linalg.vector_norm(a, dim=-1, keepdim=True)
-    odd = (torch.isinf(norm) | (norm < 1e-12)).squeeze(1) & (a != 0).any(dim=1)
-    rows = torch.nonzero(odd).squeeze(1)
+    rows = torch.nonzero((torch.isinf(norm) | (norm < 1e-12)).squeeze(1)).squeeze(1)
+    if rows.numel():  # of those, the nonzero rows (zero rows stay zero)
+        rows = rows[(a.index_select(0, rows) != 0).any(dim=1)]
     scaled = None
     if rows.numel():
         big = a.index_select(0, rows).to(torch.float64)
