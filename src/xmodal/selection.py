@@ -188,20 +188,18 @@ def sets_to_indices(
             f"{len(unknown)} stimulus ids in the sets table are not in the features: {shown}"
         )
     pos = sid.map(lookup).to_numpy(dtype=np.int64)
-    out: dict[tuple[str, str, int], np.ndarray] = {}
-    keys = list(
-        zip(
-            sets["set"].astype(str),
-            sets["summary"].astype(str),
-            sets["draw"].astype(int),
-            strict=True,
-        )
+    keys = pd.DataFrame(
+        {
+            "set": sets["set"].astype(str).to_numpy(dtype=object),
+            "summary": sets["summary"].astype(str).to_numpy(dtype=object),
+            "draw": sets["draw"].astype(int).to_numpy(dtype=np.int64),
+        }
     )
-    groups: dict[tuple[str, str, int], list[int]] = {}
-    for key, p in zip(keys, pos, strict=True):
-        groups.setdefault(key, []).append(int(p))
-    for key, plist in groups.items():
-        arr = np.asarray(plist, dtype=np.int64)
+    out: dict[tuple[str, str, int], np.ndarray] = {}
+    # rows of each (set, summary, draw) in table order
+    for (name, summary, draw), rows in keys.groupby(["set", "summary", "draw"]).indices.items():
+        key = (str(name), str(summary), int(draw))
+        arr = pos[rows]
         if np.unique(arr).size != arr.size:
             raise ValueError(f"set {key} lists a stimulus more than once")
         out[key] = arr
