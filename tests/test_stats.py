@@ -243,3 +243,17 @@ def test_a_file_of_other_sides_is_refused_naming_it(tmp_path):
     torch.save({"format": "bootstrap-side-0", "sides": {}}, path)
     with pytest.raises(ValueError, match=r"vision_bootstrap\.pt.*rerun"):
         stats.load_sides(path)
+
+
+@pytest.mark.parametrize("k", [1, 2, 4])
+def test_multiset_cknna_of_unrelated_kernels_matches_brute_force(k):
+    """Lists that share few or no entries (the cross term visits only shared ones): independent
+    features, and a kernel against its negation (no shared neighbour at all: CKNNA 0)."""
+    rng = np.random.default_rng(k)
+    x, y = rng.standard_normal((25, 3)), rng.standard_normal((25, 3))
+    kk, ll = x @ x.T, y @ y.T
+    w = np.stack([np.bincount(rng.integers(0, 25, 25), minlength=25) for _ in range(6)])
+    got = stats.weighted_cknna(kk, ll, w.astype(float), k=k)
+    want = [brute_multiset_cknna(kk, ll, wi, k) for wi in w]
+    np.testing.assert_allclose(got, want, atol=1e-12, rtol=0)
+    np.testing.assert_array_equal(stats.weighted_cknna(kk, -kk, w.astype(float), k=k), 0.0)
