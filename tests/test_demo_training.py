@@ -318,30 +318,32 @@ def test_training_is_deterministic_for_a_seed(name, small_world, tmp_path):
 # Measured with benchmarks/demo_seeds.py, every model's build seed and the training scenes'
 # seed shifted by the offset (config/demo.yaml is offset 0; the stimuli stay the same):
 #
-#   offset                         0      100    200    300    400
-#   max mean cosine (prepared)     0.943  0.927  0.930  0.927  0.977
-#   max fraction unresolved        0.146  0.138  0.131  0.131  0.113
-#   Spearman(dispersion, ν)        0.464  0.373  0.347  0.228  0.425
-#   pairs low > high (rank, PC1)   12,12  12,12  12,12  9,8    12,12
-#   pairs with CI of low−high ∌ 0  3,3    1,0    4,4    0,0    1,1
-#   min leave-one-model-out r      0.257  0.292  0.189  0.215  0.348
-#   CLIP pairs above untrained     3/3    3/3    3/3    3/3    3/3
+#   offset                         0      100    200
+#   max mean cosine (prepared)     0.933  0.929  0.930
+#   max fraction unresolved        0.146  0.138  0.131
+#   Spearman(dispersion, ν)        0.417  0.294  0.352
+#   pairs low > high (rank, PC1)   12,12  12,12  12,12
+#   pairs with CI of low−high ∌ 0  10,4   9,9    6,3
+#   min leave-one-model-out r      0.206  0.233  0.199
+#   CLIP pairs above untrained     3/3    3/3    3/3   (gain ≥ 0.034)
+#   CLIP+FT pairs above untrained  3/3    3/3    3/3   (gain ≥ 0.038)
+#   MAE, DINO pairs above untr.    0/6    1/6    0/6   (gain −0.016 … +0.001)
 #
 # Untrained stand-ins (config/demo_untrained.yaml): CLIP and CLIP+FT collapsed (mean cosine
-# 0.9998 and 0.9999, 79% and 85% of stimuli with unresolved neighbours), ρ = 0.56.
+# 0.9998 and 0.9999, 79% and 85% of stimuli with unresolved neighbours), ρ = 0.56, full-set
+# CKNNA 0.038–0.049.
 # The run here uses offset 0, so the thresholds sit below its values by a margin for platform
-# differences (other torch builds train to other weights); offset 300 would fail the ρ and
-# low > high thresholds, offset 400 the mean-cosine one (its MAE at 0.977). Targets of the
-# issue that are not reached, asserted only as regression guards at the measured level:
-# ρ ≥ 0.5 (reached 0.23–0.46); the interval of low − high excluding 0 in most pairs (0–4 of
-# 12); trained above untrained in every pair (the CLIP pairs double, CLIP+FT is above in 14 of
-# 15 pair-seed cases, but the MAE and DINO pairs stay at or below the collapsed stand-ins'
-# 0.04–0.05 in 28 of 30).
+# differences (other torch builds train to other weights). Targets of the issue that are not
+# reached over seeds, asserted only as regression guards below the offset-0 level:
+# ρ ≥ 0.5 (reached 0.29–0.42); the interval of low − high excluding 0 in at least 7 of 12
+# pairs (by rank 6–10, by PC1 3–9; at offset 0 several intervals end within 0.01 of 0);
+# trained above untrained in every pair (the CLIP and CLIP+FT pairs double, but the MAE and
+# DINO pairs stay at or below the collapsed stand-ins' 0.04–0.05 in 17 of 18 pair-seed cases).
 MAX_MEAN_COSINE = 0.97
 MAX_UNRESOLVED = 0.25
 MIN_NUISANCE_RHO = 0.35
 MIN_LOW_GT_HIGH = 10
-MIN_CI_EXCLUDES_0 = 2
+MIN_CI_EXCLUDES_0 = 6
 MIN_CLIP_GAIN = 0.02
 
 
@@ -383,6 +385,7 @@ def test_trained_demo_shows_the_effect(demo_project, demo_untrained_project):
     gain = by_family(t.full) - by_family(u.full)
     assert len(gain) == 12
     assert (gain.loc["clip"] > MIN_CLIP_GAIN).all(), gain
+    assert (gain.loc["clip-ft"] > MIN_CLIP_GAIN).all(), gain
 
 
 @pytest.mark.slow
