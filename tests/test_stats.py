@@ -243,6 +243,11 @@ def test_a_file_of_other_sides_is_refused_naming_it(tmp_path):
     torch.save({"format": "bootstrap-side-0", "sides": {}}, path)
     with pytest.raises(ValueError, match=r"vision_bootstrap\.pt.*rerun"):
         stats.load_sides(path)
+    good = tmp_path / "good.pt"
+    stats.save_sides({}, good)
+    path.write_bytes(good.read_bytes()[:20])  # truncated
+    with pytest.raises(ValueError, match=r"vision_bootstrap\.pt: cannot read .*delete it"):
+        stats.load_sides(path)
 
 
 @pytest.mark.parametrize("k", [1, 2, 4])

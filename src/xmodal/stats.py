@@ -434,7 +434,13 @@ def save_sides(sides: Mapping[str, BootstrapSide], path: str | os.PathLike) -> N
 
 def load_sides(path: str | os.PathLike) -> dict[str, BootstrapSide]:
     """The sides written by :func:`save_sides` (tensors only: nothing in the file is executed)."""
-    payload = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated, corrupt or not a torch file: torch says which
+        raise ValueError(
+            f"{path}: cannot read the prepared bootstrap sides ({type(err).__name__}: {err}); "
+            "delete it and rerun (rule vision_bootstrap remakes it)"
+        ) from None
     if not isinstance(payload, dict) or payload.get("format") != _SIDE_FORMAT:
         raise ValueError(
             f"{path}: not a file of prepared bootstrap sides of format {_SIDE_FORMAT!r} "
