@@ -16,7 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from xmodal.demo.build import DemoNeeds, build_demo_model, demo_needs
+from xmodal.demo.build import DemoNeeds, build_demo_model, build_priority, demo_needs
 from xmodal.demo.stimuli import (
     BACKGROUND,
     COLOURS,
@@ -136,6 +136,22 @@ def _models(**builds):
         k: {"modality": "language" if "arch" in b else "vision", "id": k, "size_b": 1, "build": b}
         for k, b in builds.items()
     }
+
+
+def test_builds_that_others_start_from_go_first():
+    """The build priority counts the models started, in turn, from a model: a chain of builds
+    (CLIP, then CLIP+FT, then a model started from that) is scheduled from its start."""
+    trained = {"epochs": 1}
+    models = {
+        "clip": {"build": {"family": "clip", "train": trained}},
+        "ft": {"build": {"family": "clip_ft", "init": "clip", "train": trained}},
+        "ft2": {"build": {"family": "clip_ft", "init": "ft", "train": trained}},
+        "mae": {"build": {"family": "mae"}},
+        "hub": {"id": "org/model"},
+    }
+    assert {k: build_priority(models, k) for k in models} == {
+        "clip": 2, "ft": 1, "ft2": 0, "mae": 0, "hub": 0,
+    }  # fmt: skip
 
 
 def test_demo_needs_follow_the_recipe():

@@ -1,7 +1,7 @@
 # The embedded demo (config/demo.yaml): evaluation stimuli and a larger, disjoint set of
 # training scenes drawn from one synthetic world, a tokenizer, and tiny models of the paper's
 # families built locally and, with a `train` block, trained briefly on the training scenes.
-from xmodal.demo.build import demo_needs
+from xmodal.demo.build import build_priority, demo_needs
 
 DEMO_SCENES = f"resources/demo/training/{DATASET}/scenes.npz"
 DEMO_TOKENIZER = f"resources/demo/tokenizer/{DATASET}"
@@ -78,6 +78,9 @@ rule demo_model:
         "logs/demo/models/{model}.log",
     benchmark:
         f"results/benchmarks/{DATASET}/demo/{{model}}.tsv"
+    # a model that others start from (CLIP for CLIP+FT) is built first: the chain is the
+    # longest path through the demo's training
+    priority: lambda wildcards: build_priority(config["models"], wildcards.model)
     localrule: True
     conda:
         "../../envs/extract.yaml"

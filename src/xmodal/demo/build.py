@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["DemoNeeds", "build_demo_model", "demo_needs"]
+__all__ = ["DemoNeeds", "build_demo_model", "build_priority", "demo_needs"]
 
 
 @dataclass(frozen=True)
@@ -58,6 +58,19 @@ def demo_needs(models: Mapping[str, Mapping[str, Any]], key: str) -> DemoNeeds:
     else:
         tokenizer = True
     return DemoNeeds(tokenizer=tokenizer, scenes=trained, init=init)
+
+
+def build_priority(models: Mapping[str, Mapping[str, Any]], key: str) -> int:
+    """How many demo models start, directly or in turn, from model ``key`` (``build.init``):
+    the scheduling priority of its build, so that a chain of builds (CLIP, then CLIP+FT)
+    starts first instead of after every independent build."""
+    starts = {k: (m.get("build") or {}).get("init") for k, m in models.items() if m.get("build")}
+
+    def depth(k: str, seen: frozenset[str] = frozenset()) -> int:
+        children = [c for c, init in starts.items() if init == k and c not in seen]
+        return sum(1 + depth(c, seen | {k}) for c in children)
+
+    return depth(key)
 
 
 def build_demo_model(
