@@ -314,16 +314,17 @@ class BootstrapPlan:
             cache[key] = side
         return side
 
+    def _block_counts(self, order: torch.Tensor, b: slice, dtype: torch.dtype) -> torch.Tensor:
+        """Counts (n, T, len(b)) of the resamples ``b`` on the lists ``order``, in ``dtype``."""
+        return _counts(order, self._weights(dtype)[:, b], self.k)[0].to(dtype)
+
     def _with_counts(self, side: BootstrapSide) -> BootstrapSide:
         """``side`` with its counts, recomputed from its lists when small enough to keep."""
         n, t = side.order.shape
         if side.counts is not None or self.n_boot * n * t > KEEP_COUNTS:
             return side
         dtype = side.values.dtype
-        weights = self._weights(dtype)
-        counts = [
-            _counts(side.order, weights[:, b], self.k)[0].to(dtype) for b in _blocks(self.n_boot)
-        ]
+        counts = [self._block_counts(side.order, b, dtype) for b in _blocks(self.n_boot)]
         return dataclasses.replace(side, counts=torch.cat(counts, dim=2))
 
     def _build(
@@ -361,7 +362,7 @@ class BootstrapPlan:
                 counts[i] = counts[i][:, :t].to(dtype).contiguous()
                 cnt = counts[i]
             else:
-                cnt = _counts(order, weights[:, b], self.k)[0].to(dtype)
+                cnt = self._block_counts(order, b, dtype)
             n_m = cnt.reshape(self.n * t, -1)
             self_h.append(_entry_hsic(weights[:, b], n_m, e_row, e_col, e_rec, v, v))
         return BootstrapSide(
@@ -373,7 +374,7 @@ class BootstrapPlan:
         n, t = side.order.shape
         if side.counts is not None:
             return side.counts[:, :, b].reshape(n * t, -1)
-        return _counts(side.order, self._weights(dtype)[:, b], self.k)[0].to(dtype).view(n * t, -1)
+        return self._block_counts(side.order, b, dtype).view(n * t, -1)
 
     def cknna(self, kside: BootstrapSide, lside: BootstrapSide) -> np.ndarray:
         """Resampled CKNNA values (n_boot,) for two prepared sides of the same plan."""
