@@ -377,6 +377,29 @@ def test_safeguard_rejects_bad_accelerated_steps(monkeypatch):
     assert np.max(np.abs(res.residuals - good.residuals)) <= 1e-6
 
 
+@SETTINGS
+@given(
+    seed=st.integers(0, 2**16),
+    m=st.integers(4, 30),
+    extra=st.integers(0, 12),
+    n_dup=st.integers(0, 3),
+)
+def test_reduction_keeps_the_stimulus_gram(seed, m, extra, n_dup):
+    """A model wider than m − 1 becomes m × (m − 1) with the same N Nᵀ (docs/method.md, GPA
+    step 1), also at width exactly m and with duplicated stimuli (a rank below m − 1)."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((m, m + extra)) * rng.uniform(0.1, 10, m + extra)
+    for j in range(min(n_dup, m - 2)):
+        x[j + 1] = x[0]  # stimuli 0..n_dup share one feature vector
+    prep = Preprocessed([x, x[:, : m - 1]])
+    reduced = prep.mats()[0]
+    centred = (x - x.mean(axis=0)) / np.linalg.norm(x - x.mean(axis=0))
+    assert reduced.shape == (m, m - 1)
+    np.testing.assert_allclose(reduced @ reduced.T, centred @ centred.T, atol=1e-13)
+    assert prep.mats()[1].shape == (m, m - 1)  # narrow enough: kept as it is
+    np.testing.assert_array_equal(prep.held_out(0), reduced)
+
+
 def test_cross_products_and_subsets():
     reps = models(6, m=26, widths=(24, 30, 22, 20))
     prep = Preprocessed(reps)

@@ -137,9 +137,9 @@ def leave_one_model_out(
 
     jobs = min(n_models, available_cores()) if n_jobs is None else max(1, int(n_jobs))
     with threadpool_limits(limits=1, user_api="blas"), mapper(jobs) as pmap:
-        # One preprocessing (one SVD per model) and, where a fit uses them, one set of
-        # cross-products, shared by the M fits and projections: a subset's cross-products are
-        # sub-blocks of the full set's (docs/method.md, leave-one-model-out).
+        # One preprocessing (one QR decomposition per model) and, where a fit uses them, one
+        # set of cross-products, shared by the M fits and projections: a subset's
+        # cross-products are sub-blocks of the full set's (docs/method.md, leave-one-model-out).
         prep = Preprocessed(reps, pmap)
         sizes = [a.shape[1] for a in prep.mats(reduce=True, pmap=pmap)]
         subsets = [[i for i in range(n_models) if i != k] for k in range(n_models)]

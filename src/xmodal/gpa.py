@@ -2,8 +2,8 @@
 
 All arithmetic is float64. Each model's representation ``N_i`` (m stimuli × n_i features) is
 column-centred and scaled to unit Frobenius norm; a model wider than m − 1 is reduced exactly to
-``U_i S_i`` (m × (m − 1), from its thin SVD), so model i has width k_i = min(n_i, m − 1) and the
-consensus has width r = max k_i. Zero-padding every model to width r is the same as letting a
+an m × (m − 1) matrix ``L_i`` with ``L_i L_iᵀ = N_i N_iᵀ`` (from the QR decomposition of
+``N_iᵀ``), so model i has width k_i = min(n_i, m − 1) and the consensus has width r = max k_i. Zero-padding every model to width r is the same as letting a
 narrower model's transform ``T_i`` be k_i × r with orthonormal rows, which is how it is stored.
 
 GPA maximises ``Σ_ij tr(T_iᵀ G_ij T_j)`` with ``G_ij = N_iᵀ N_j``: the objective
@@ -137,10 +137,10 @@ def _svd(a: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         return scipy.linalg.svd(a, full_matrices=False, lapack_driver="gesvd")
 
 
-def _thin_us(c: np.ndarray) -> np.ndarray:
-    """U S from the thin SVD of c (m × min(m, n)): c up to a right orthogonal factor."""
-    u, s, _ = _svd(c)
-    return u * s
+def _row_factor(c: np.ndarray) -> np.ndarray:
+    """Rᵀ (m × m, lower triangular) from the QR decomposition cᵀ = Q R of a wide c (n ≥ m):
+    c = Rᵀ Qᵀ, so Rᵀ is c up to a right orthogonal factor (Rᵀ R = c cᵀ)."""
+    return np.ascontiguousarray(np.linalg.qr(c.T, mode="r").T)
 
 
 def _to_width(a: np.ndarray, width: int) -> np.ndarray:
@@ -173,8 +173,8 @@ def cross_products(mats: Sequence[np.ndarray], pmap: Mapper = map) -> np.ndarray
 
 
 class Preprocessed:
-    """Every model's centred, unit-norm matrix, its thin-SVD U·S and the cross-products, each
-    computed at most once.
+    """Every model's centred, unit-norm matrix, its reduction to m − 1 columns and the
+    cross-products, each computed at most once.
 
     :meth:`mats` gives GPA's inputs for any subset of the models exactly as :func:`preprocess`
     would for that subset, and :meth:`cross_products` their cross-products (sub-blocks of the
@@ -200,19 +200,22 @@ class Preprocessed:
             raise ValueError("GPA needs at least 2 stimuli")
         self.m = m
         self.widths = [int(c.shape[1]) for c in self.centred]
-        self._us: dict[int, np.ndarray] = {}
+        self._factor: dict[int, np.ndarray] = {}
         self._gram: np.ndarray | None = None
 
     def _reduced(self, indices: Sequence[int], pmap: Mapper) -> list[np.ndarray]:
-        missing = [i for i in dict.fromkeys(indices) if i not in self._us]
-        for i, us in zip(missing, pmap(lambda i: _thin_us(self.centred[i]), missing), strict=True):
-            self._us[i] = us
-        return [self._us[i] for i in indices]
+        missing = [i for i in dict.fromkeys(indices) if i not in self._factor]
+        for i, f in zip(
+            missing, pmap(lambda i: _row_factor(self.centred[i]), missing), strict=True
+        ):
+            self._factor[i] = f
+        return [self._factor[i] for i in indices]
 
     def _mat(self, i: int, reduce: bool, pmap: Mapper = map) -> np.ndarray:
         if reduce and self.widths[i] > self.m - 1:
-            # Exact reduction: N = U S Vᵀ → N V = U S; centred columns have rank ≤ m − 1, so
-            # s_m = 0 and U S keeps everything in its first m − 1 columns.
+            # Exact reduction (docs/method.md, GPA step 1): Nᵀ = Q R → N Q = Rᵀ. Centred rows
+            # sum to 0, so Nᵀ's last column is minus the sum of the others, R_mm = 0 and row m
+            # of R is zero: Rᵀ keeps everything in its first m − 1 columns.
             return self._reduced([i], pmap)[0][:, : self.m - 1]
         return self.centred[i]
 
@@ -248,7 +251,7 @@ class Preprocessed:
 
 
 def preprocess(reps: Sequence[np.ndarray], reduce: bool = True) -> list[np.ndarray]:
-    """N_i ← (N_i − 1μ_iᵀ) / ‖·‖_F; with ``reduce``, exactly reduced to U_i S_i when n_i > m − 1."""
+    """N_i ← (N_i − 1μ_iᵀ) / ‖·‖_F; with ``reduce``, exactly reduced to m − 1 columns when wider."""
     if len(reps) < 2:
         raise ValueError(f"GPA needs at least 2 models, got {len(reps)}")
     return Preprocessed(reps).mats(reduce=reduce)

@@ -136,10 +136,11 @@ def _counts(order: torch.Tensor, weights: torch.Tensor, k: int) -> tuple[torch.T
     bsz = weights.shape[1]
     wi = weights.to(torch.int16 if n < 32000 else torch.int32)
     wo = wi.index_select(0, order.reshape(-1)).view(n, t, bsz)  # rows of B: a fast gather
-    cum = wo.cumsum(dim=1, dtype=wi.dtype)
-    cnt = (k - (cum - wo)).clamp_(min=0).minimum(wo)
-    enough = bool(((cum[:, -1, :] >= k) | (wi == 0)).all())
-    return cnt, enough
+    # j's copies fill places (c_{t−1}, c_t] of the multiset list (c: cumulative copies), so
+    # min(c_t, k) − min(c_{t−1}, k) of them are among the first k
+    cum = wo.cumsum(dim=1, dtype=wi.dtype).clamp_(max=k)
+    enough = bool(((cum[:, -1, :] == k) | (wi == 0)).all())
+    return torch.diff(cum, dim=1, prepend=cum.new_zeros(n, 1, bsz)), enough
 
 
 #: Resamples evaluated together: each (block, n, T) temporary then stays cache-sized. At n = 256,
@@ -197,8 +198,39 @@ def _entry_hsic(
     sum_b = (w64 * row_b).sum(dim=0)
     col_a = n_m.new_zeros(n, bsz).index_add_(0, e_col, na * w.index_select(0, e_row))
     ab = (col_a.to(f64) * row_b).sum(dim=0)
+    return _combine(term1, sum_a, sum_b, ab, w64)
+
+
+def _combine(
+    term1: torch.Tensor,
+    sum_a: torch.Tensor,
+    sum_b: torch.Tensor,
+    ab: torch.Tensor,
+    w64: torch.Tensor,
+) -> torch.Tensor:
+    """HSIC_u (B,) from its three terms' sums (module docstring), m = Σ_i w_i per resample."""
     m = w64.sum(dim=0)
     return (term1 + sum_a * sum_b / ((m - 1) * (m - 2)) - 2.0 * ab / (m - 2)) / (m * (m - 3))
+
+
+def _self_hsic(
+    w: torch.Tensor, counts: torch.Tensor, e_col: torch.Tensor, e_rec: torch.Tensor, v: torch.Tensor
+) -> torch.Tensor:
+    """:func:`_entry_hsic` of a side with itself over every list entry: ``counts`` (n, T, B)
+    and kernel values ``v`` (n·T,) row-major, so per-stimulus sums are sums over T and the
+    two kernels' row sums are one."""
+    n, t, bsz = counts.shape
+    f64 = torch.float64
+    n_m = counts.reshape(n * t, bsz)
+    n_rec = torch.cat([n_m, n_m.new_zeros(1, bsz)]).index_select(0, e_rec)
+    term1 = (n_rec * n_m * (v * v)[:, None]).to(f64).sum(dim=0)
+    na = (n_m * v[:, None]).view(n, t, bsz)
+    row = na.sum(dim=1).to(f64)  # short sums per stimulus in the working dtype
+    w64 = w.to(f64)
+    sum_a = (w64 * row).sum(dim=0)
+    col = n_m.new_zeros(n, bsz).index_add_(0, e_col, (na * w[:, None, :]).view(n * t, bsz))
+    ab = (col.to(f64) * row).sum(dim=0)
+    return _combine(term1, sum_a, sum_a, ab, w64)
 
 
 class BootstrapPlan:
@@ -341,7 +373,7 @@ class BootstrapPlan:
             for b in _blocks(self.n_boot):
                 cnt, ok = _counts(order, weights[:, b], self.k)
                 enough &= ok
-                hit = torch.nonzero((cnt > 0).any(dim=2).any(dim=0))
+                hit = torch.nonzero(cnt.amax(dim=2).amax(dim=0))
                 used = max(used, int(hit.max()) + 1 if hit.numel() else 1)
                 if keep:
                     counts.append(cnt)
@@ -354,20 +386,20 @@ class BootstrapPlan:
         rows = torch.arange(self.n).view(-1, 1).expand(self.n, t).reshape(-1)
         pos = _list_positions(order, order.reshape(-1), rows)
         rec = (order.reshape(-1) * (t + 1) + pos).view(self.n, t)
-        e_row, e_col, e_rec = _entry_index(order, rec, torch.arange(self.n * t))
+        _, e_col, e_rec = _entry_index(order, rec, torch.arange(self.n * t))
         v = values.reshape(-1)
+        # kept counts: each block's list prefix converted straight into one (n, T, n_boot) array
+        kept = torch.empty((self.n, t, self.n_boot), dtype=dtype) if keep else None
         self_h = []
         for i, b in enumerate(_blocks(self.n_boot)):
-            if keep:
-                counts[i] = counts[i][:, :t].to(dtype).contiguous()
-                cnt = counts[i]
+            if kept is not None:
+                cnt = kept[:, :, b]
+                cnt.copy_(counts[i][:, :t])
+                counts[i] = None  # the block's int16 counts are no longer needed
             else:
                 cnt = self._block_counts(order, b, dtype)
-            n_m = cnt.reshape(self.n * t, -1)
-            self_h.append(_entry_hsic(weights[:, b], n_m, e_row, e_col, e_rec, v, v))
-        return BootstrapSide(
-            order, values, rec, torch.cat(self_h), torch.cat(counts, dim=2) if keep else None
-        )
+            self_h.append(_self_hsic(weights[:, b], cnt, e_col, e_rec, v))
+        return BootstrapSide(order, values, rec, torch.cat(self_h), kept)
 
     def _side_counts(self, side: BootstrapSide, b: slice, dtype: torch.dtype) -> torch.Tensor:
         """Counts of the resamples ``b``, (n·T, len(b))."""
