@@ -3,8 +3,9 @@
 All arithmetic is float64. Each model's representation ``N_i`` (m stimuli × n_i features) is
 column-centred and scaled to unit Frobenius norm; a model wider than m − 1 is reduced exactly to
 an m × (m − 1) matrix ``L_i`` with ``L_i L_iᵀ = N_i N_iᵀ`` (from the QR decomposition of
-``N_iᵀ``), so model i has width k_i = min(n_i, m − 1) and the consensus has width r = max k_i. Zero-padding every model to width r is the same as letting a
-narrower model's transform ``T_i`` be k_i × r with orthonormal rows, which is how it is stored.
+``N_iᵀ``), so model i has width k_i = min(n_i, m − 1) and the consensus has width r = max k_i.
+Zero-padding every model to width r is the same as letting a narrower model's transform ``T_i``
+be k_i × r with orthonormal rows, which is how it is stored.
 
 GPA maximises ``Σ_ij tr(T_iᵀ G_ij T_j)`` with ``G_ij = N_iᵀ N_j``: the objective
 ``Σ_i ‖N_i T_i − C‖²_F = Σ_i ‖N_i‖²_F − (1/M) Σ_ij tr(T_iᵀ G_ij T_j)`` with
@@ -213,9 +214,9 @@ class Preprocessed:
 
     def _mat(self, i: int, reduce: bool, pmap: Mapper = map) -> np.ndarray:
         if reduce and self.widths[i] > self.m - 1:
-            # Exact reduction (docs/method.md, GPA step 1): Nᵀ = Q R → N Q = Rᵀ. Centred rows
-            # sum to 0, so Nᵀ's last column is minus the sum of the others, R_mm = 0 and row m
-            # of R is zero: Rᵀ keeps everything in its first m − 1 columns.
+            # Exact reduction (docs/method.md, GPA step 1): Nᵀ = Q R → N Q = Rᵀ. The rows of a
+            # centred N sum to zero, so Nᵀ's last column is minus the sum of the others,
+            # R_mm = 0 and row m of R is zero: Rᵀ keeps everything in its first m − 1 columns.
             return self._reduced([i], pmap)[0][:, : self.m - 1]
         return self.centred[i]
 
