@@ -15,6 +15,7 @@ from scipy.stats import ortho_group
 
 import xmodal.gpa as gpa_module
 from xmodal.gpa import (
+    PLAIN,
     Preprocessed,
     cross_products,
     fit_preprocessed,
@@ -220,12 +221,16 @@ def test_input_validation():
         gpa([np.ones((5, 3)), np.random.rand(5, 3)])
 
 
-@pytest.mark.parametrize("m", [20, 30])  # plain steps in parallel; pipelined Gauss–Seidel
+@pytest.mark.parametrize("m", [20, 30])  # plain steps in parallel; Gauss–Seidel on BLAS threads
 def test_threads_do_not_change_results(m):
     reps = models(9, m=m, widths=(24, 30, 28, 26))
     one, many = gpa(reps, n_jobs=1), gpa(reps, n_jobs=3)
-    np.testing.assert_array_equal(one.residuals, many.residuals)
-    assert one.objective == many.objective
+    if one.method == PLAIN:  # every fit single-threaded: bit for bit
+        np.testing.assert_array_equal(one.residuals, many.residuals)
+        assert one.objective == many.objective
+    else:  # multi-threaded BLAS rounds differently (docs/method.md)
+        np.testing.assert_allclose(one.residuals, many.residuals, rtol=0, atol=1e-12)
+        np.testing.assert_allclose(one.objective[-1], many.objective[-1], rtol=1e-12)
 
 
 # ----------------------------------------------------------------- the same GPA as the plain one

@@ -24,7 +24,7 @@ import math
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -336,8 +336,8 @@ def gpa(
 
     ``reps`` are M arrays of shape (m, n_i). Stops when a step moves the consensus by
     ‖C_t − C_{t−1}‖_F / ‖C_t‖_F ≤ ``tol`` or after ``max_iter`` iterations. Work runs on
-    ``n_jobs`` threads (default: one per available core, at most M), each with single-threaded
-    BLAS (a Gauss–Seidel sweep uses two of them); results do not depend on ``n_jobs``.
+    ``n_jobs`` threads (default: one per available core), each with single-threaded BLAS, at
+    most M at once; Gauss–Seidel sweeps run one model at a time with ``n_jobs`` BLAS threads.
     """
     _check_stopping(tol, max_iter)
     if len(reps) < 2:
@@ -346,7 +346,8 @@ def gpa(
     n = max(int(np.shape(r)[1]) if np.ndim(r) == 2 else 0 for r in reps)
     m = int(np.shape(reps[0])[0]) if np.ndim(reps[0]) >= 1 else 0
     width = min(m - 1, n) if reduce else n
-    jobs = min(len(reps), available_cores()) if n_jobs is None else max(1, int(n_jobs))
+    threads = available_cores() if n_jobs is None else max(1, int(n_jobs))
+    jobs = min(len(reps), threads)
     single = width < SMALL_WIDTH or jobs > 1
     with threadpool_limits(limits=1 if single else None, user_api="blas"), executor(jobs) as pool:
         pmap = pool.map if pool is not None else map
@@ -359,9 +360,15 @@ def gpa(
         if route == CROSS:
             gram = prep.cross_products(pmap=pmap) if reduce else cross_products(mats, pmap)
         t2 = time.perf_counter()
-        res = fit_preprocessed(
-            mats, tol, max_iter, prep.widths, cross=gram, pool=pool, method=method
-        )
+        if method == GAUSS_SEIDEL:
+            # One model at a time: the sweep's polar factors and products use every thread
+            # through BLAS (faster than two single-threaded workers: docs/method.md, GPA).
+            with threadpool_limits(limits=threads, user_api="blas"):
+                res = fit_preprocessed(mats, tol, max_iter, prep.widths, cross=gram, method=method)
+        else:
+            res = fit_preprocessed(
+                mats, tol, max_iter, prep.widths, cross=gram, pool=pool, method=method
+            )
     res.seconds = {"preprocess": t1 - t0, "cross-products": t2 - t1, **res.seconds}
     return res
 
@@ -403,7 +410,6 @@ class _Problem:
         self.r = max(self.sizes)
         self.m = mats[0].shape[0]
         self.g = cross
-        self.pool = pool
         self.pmap: Mapper = pool.map if pool is not None else map
         # Σ_i ‖N_i T_i‖² = Σ_i tr(G_ii) for transforms with orthonormal rows
         self.total = float(sum(np.einsum("ij,ij->", a, a) for a in mats))
@@ -448,17 +454,21 @@ class _Problem:
         return math.sqrt(max(diff, 0.0) / norm) if norm > 0 else math.inf
 
     def initial(self) -> np.ndarray:
-        """Every model aligned to model 0: T_0 = [I 0], T_i = polar(N_iᵀ N_0 T_0)."""
+        """Every model aligned to the widest one, h (the first of the widest): T_h = [I 0],
+        T_i = polar(N_iᵀ N_h T_h). A narrower reference would leave the wider models' A
+        rank-deficient (k_i × k_h padded to r), which only the SVD route can take."""
         t = np.zeros((self.off[-1], self.r))
-        k0 = self.sizes[0]
-        t[self.blocks[0], :k0] = np.eye(k0)
+        h = int(np.argmax(self.sizes))
+        kh = self.sizes[h]
+        t[self.blocks[h], :kh] = np.eye(kh)
+        others = [i for i in range(self.n) if i != h]
 
         def align(i: int) -> np.ndarray:
-            b, b0 = self.blocks[i], self.blocks[0]
-            a = self.g[b, b0] if self.g is not None else self.mats[i].T @ self.mats[0]
+            b, bh = self.blocks[i], self.blocks[h]
+            a = self.g[b, bh] if self.g is not None else self.mats[i].T @ self.mats[h]
             return _polar(_to_width(a, self.r))[0]
 
-        for i, ti in zip(range(1, self.n), self.pmap(align, range(1, self.n)), strict=True):
+        for i, ti in zip(others, self.pmap(align, others), strict=True):
             t[self.blocks[i]] = ti
         return t
 
@@ -486,52 +496,25 @@ class _Problem:
         """One Gauss–Seidel sweep: for i = 1..M in turn, T_i ← polar(Σ_{j≠i} G_ij T_j).
 
         Each step maximises the objective over T_i with the others fixed (tr(T_iᵀ G_ii T_i) is
-        constant), so the objective never increases. With a pool, updating S for model i's
-        change overlaps the next model's polar factor: only the next model's rows are updated
-        first. The split of the products is the same with or without a pool. Polar factors get
-        a Newton–Schulz step, so that Σ_i ‖N_i T_i‖² = Σ_i ‖N_i‖² holds to rounding (see
-        :meth:`objective`).
+        constant), so the objective never increases. The steps are sequential: each polar
+        factor and product runs on BLAS's threads (:func:`gpa`), not on the pool. Polar
+        factors get a Newton–Schulz step, so that Σ_i ‖N_i T_i‖² = Σ_i ‖N_i‖² holds to
+        rounding (see :meth:`objective`).
         """
         g, blocks = self.g, self.blocks
         assert g is not None
-        tn = t.copy()
-        d = np.zeros_like(s)  # S_new − S, accumulated exactly from the changes
-        # G_ii T_i with T_i as it was before its step: computed ahead, off the critical path
-        own: dict[int, np.ndarray] = {}
-
-        def ahead(i: int) -> None:
-            if i < self.n:
-                own[i] = g[blocks[i], blocks[i]] @ tn[blocks[i]]
-
-        def update(i: int, skip: slice, delta: np.ndarray) -> None:
-            _add_except(d, g, blocks[i], skip, delta)
-            ahead(i + 2)
-
-        ahead(0)
-        pending: Future | None = self.pool.submit(ahead, 1) if self.pool is not None else None
-        if pending is None:
-            ahead(1)
+        tn, sn = t.copy(), s.copy()  # sn = G tn, kept up to date from each model's change
         for i, b in enumerate(blocks):
-            a = s[b] + d[b] - own.pop(i)
+            # (G T)_i − G_ii T_i with T_i as it was before its step: Σ_{j≠i} G_ij T_j
+            a = sn[b] - g[b, b] @ tn[b]
             q, ok = _polar(a, self.use_eigh[i], tn[b], EIGH_MIN_RATIO_GS)
             if self.use_eigh[i] != ok:
                 log.info("GPA: model %d's polar factors from the %s", i, "eigh" if ok else "SVD")
             self.use_eigh[i] = ok
             delta = q - tn[b]
             tn[b] = q
-            if pending is not None:
-                pending.result()
-            if i + 1 == self.n:
-                update(i, slice(0, 0), delta)
-                break
-            nxt = blocks[i + 1]
-            d[nxt] += g[nxt, b] @ delta
-            if self.pool is not None:
-                pending = self.pool.submit(update, i, nxt, delta)
-            else:
-                update(i, nxt, delta)
-        d += s  # S_new = S + D, in place
-        return tn, d, None
+            _add_columns(sn, g, b, delta)
+        return tn, sn, None
 
     def finish(self, t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Consensus C = (1/M) Σ N_i T_i (m × r) and residuals ‖(N_i T_i)_j − C_j‖₂ (m × M)."""
@@ -555,12 +538,11 @@ class _Problem:
         return consensus, residuals
 
 
-def _add_except(d: np.ndarray, g: np.ndarray, cols: slice, skip: slice, delta: np.ndarray) -> None:
-    """d += G[:, cols] Δ on every row outside ``skip``, ROW_CHUNK rows at a time."""
-    for lo, hi in ((0, skip.start), (skip.stop, d.shape[0])):
-        for start in range(lo, hi, ROW_CHUNK):
-            sl = slice(start, min(start + ROW_CHUNK, hi))
-            d[sl] += g[sl, cols] @ delta
+def _add_columns(d: np.ndarray, g: np.ndarray, cols: slice, delta: np.ndarray) -> None:
+    """d += G[:, cols] Δ, ROW_CHUNK rows at a time (temporaries of ROW_CHUNK rows only)."""
+    for start in range(0, d.shape[0], ROW_CHUNK):
+        sl = slice(start, min(start + ROW_CHUNK, d.shape[0]))
+        d[sl] += g[sl, cols] @ delta
 
 
 def _axpy(a: float, x: np.ndarray, y: np.ndarray) -> None:
@@ -582,10 +564,13 @@ class _Anderson:
         self.depth = depth
         self.hist: deque[tuple[np.ndarray, np.ndarray, np.ndarray]] = deque(maxlen=depth)
         self.last: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+        # ⟨Δg_i, Δg_j⟩ of the kept differences, one new row per step instead of all of them
+        self.gram = np.zeros((0, 0))
 
     def reset(self) -> None:
         self.hist.clear()
         self.last = None
+        self.gram = np.zeros((0, 0))
 
     def propose(
         self, g: np.ndarray, fx: np.ndarray, fs: np.ndarray
@@ -598,14 +583,22 @@ class _Anderson:
             g0, f0, s0 = self.last
             if len(self.hist) == self.depth:
                 self.hist.popleft()  # before the new differences are made: less memory
-            self.hist.append((np.subtract(g, g0, out=g0), fx - f0, fs - s0))
+                self.gram = self.gram[1:, 1:]
+            dg = np.subtract(g, g0, out=g0)
+            row = [np.vdot(h[0], dg) for h in self.hist] + [np.vdot(dg, dg)]
+            n = len(row)
+            gram = np.empty((n, n))
+            gram[: n - 1, : n - 1] = self.gram
+            gram[n - 1, :] = gram[:, n - 1] = row
+            self.gram = gram
+            # F(x) of the last step is held only here (the iteration moved on), so its
+            # differences are made in place: no new Σk × r arrays
+            self.hist.append((dg, np.subtract(fx, f0, out=f0), np.subtract(fs, s0, out=s0)))
         self.last = (g, fx, fs)
         if not self.hist:
             return None
-        dg = [h[0] for h in self.hist]
-        a = np.array([[np.vdot(u, v) for v in dg] for u in dg])
-        rhs = np.array([np.vdot(u, g) for u in dg])
-        gamma = np.linalg.lstsq(a, rhs, rcond=1e-12)[0]
+        rhs = np.array([np.vdot(h[0], g) for h in self.hist])
+        gamma = np.linalg.lstsq(self.gram, rhs, rcond=1e-12)[0]
         if not np.all(np.isfinite(gamma)):
             self.reset()
             return None
