@@ -454,21 +454,17 @@ class _Problem:
         return math.sqrt(max(diff, 0.0) / norm) if norm > 0 else math.inf
 
     def initial(self) -> np.ndarray:
-        """Every model aligned to the widest one, h (the first of the widest): T_h = [I 0],
-        T_i = polar(N_iᵀ N_h T_h). A narrower reference would leave the wider models' A
-        rank-deficient (k_i × k_h padded to r), which only the SVD route can take."""
+        """Every model aligned to model 0: T_0 = [I 0], T_i = polar(N_iᵀ N_0 T_0)."""
         t = np.zeros((self.off[-1], self.r))
-        h = int(np.argmax(self.sizes))
-        kh = self.sizes[h]
-        t[self.blocks[h], :kh] = np.eye(kh)
-        others = [i for i in range(self.n) if i != h]
+        k0 = self.sizes[0]
+        t[self.blocks[0], :k0] = np.eye(k0)
 
         def align(i: int) -> np.ndarray:
-            b, bh = self.blocks[i], self.blocks[h]
-            a = self.g[b, bh] if self.g is not None else self.mats[i].T @ self.mats[h]
+            b, b0 = self.blocks[i], self.blocks[0]
+            a = self.g[b, b0] if self.g is not None else self.mats[i].T @ self.mats[0]
             return _polar(_to_width(a, self.r))[0]
 
-        for i, ti in zip(others, self.pmap(align, others), strict=True):
+        for i, ti in zip(range(1, self.n), self.pmap(align, range(1, self.n)), strict=True):
             t[self.blocks[i]] = ti
         return t
 
