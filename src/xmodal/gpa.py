@@ -336,8 +336,8 @@ def gpa(
 
     ``reps`` are M arrays of shape (m, n_i). Stops when a step moves the consensus by
     ‖C_t − C_{t−1}‖_F / ‖C_t‖_F ≤ ``tol`` or after ``max_iter`` iterations. Work runs on
-    ``n_jobs`` threads (default: one per available core), each with single-threaded BLAS, at
-    most M at once; Gauss–Seidel sweeps run one model at a time with ``n_jobs`` BLAS threads.
+    ``n_jobs`` threads (default: one per available core, at most M), each with single-threaded
+    BLAS; Gauss–Seidel sweeps, one model at a time, run BLAS on that many threads instead.
     """
     _check_stopping(tol, max_iter)
     if len(reps) < 2:
@@ -346,8 +346,7 @@ def gpa(
     n = max(int(np.shape(r)[1]) if np.ndim(r) == 2 else 0 for r in reps)
     m = int(np.shape(reps[0])[0]) if np.ndim(reps[0]) >= 1 else 0
     width = min(m - 1, n) if reduce else n
-    threads = available_cores() if n_jobs is None else max(1, int(n_jobs))
-    jobs = min(len(reps), threads)
+    jobs = min(len(reps), available_cores()) if n_jobs is None else max(1, int(n_jobs))
     single = width < SMALL_WIDTH or jobs > 1
     with threadpool_limits(limits=1 if single else None, user_api="blas"), executor(jobs) as pool:
         pmap = pool.map if pool is not None else map
@@ -363,7 +362,7 @@ def gpa(
         if method == GAUSS_SEIDEL:
             # One model at a time: the sweep's polar factors and products use every thread
             # through BLAS (faster than two single-threaded workers: docs/method.md, GPA).
-            with threadpool_limits(limits=threads, user_api="blas"):
+            with threadpool_limits(limits=jobs, user_api="blas"):
                 res = fit_preprocessed(mats, tol, max_iter, prep.widths, cross=gram, method=method)
         else:
             res = fit_preprocessed(
