@@ -382,6 +382,48 @@ def test_safeguard_rejects_bad_accelerated_steps(monkeypatch):
     assert np.max(np.abs(res.residuals - good.residuals)) <= 1e-6
 
 
+def anderson_from_scratch(history, depth):
+    """Anderson type II written out: γ = argmin ‖g_n − Σ_j γ_j Δg_j‖ over the last ``depth``
+    differences, x = F(x_n) − Σ_j γ_j ΔF_j (and the same mix of S)."""
+    if depth == 0 or len(history) < 2:
+        return None
+    window = history[-(depth + 1) :]
+    diffs = [[b[i] - a[i] for a, b in zip(window, window[1:], strict=False)] for i in range(3)]
+    dg, df, ds = diffs
+    gram = np.array([[np.vdot(u, v) for v in dg] for u in dg])
+    rhs = np.array([np.vdot(u, history[-1][0]) for u in dg])
+    gamma = np.linalg.lstsq(gram, rhs, rcond=1e-12)[0]
+    _, fx, fs = history[-1]
+    mix = [sum(c * d for c, d in zip(gamma, part, strict=True)) for part in (df, ds)]
+    return fx - mix[0], fs - mix[1]
+
+
+@SETTINGS
+@given(seed=st.integers(0, 2**16))
+@pytest.mark.parametrize("depth", [0, 1, 2, 3])
+def test_anderson_keeps_its_gram_matrix_up_to_date(depth, seed):
+    """The mixer's stored Gram matrix and in-place differences give the proposals of the
+    formula written out, also once the history is full (and overflows) and after a reset."""
+    rng = np.random.default_rng(seed)
+    mixer, history, steps = gpa_module._Anderson(depth), [], 12
+    for step in range(steps):
+        g, fx, fs = (rng.standard_normal((7, 5)) for _ in range(3))
+        if step == 7:  # a rejected step drops the history
+            mixer.reset()
+            history = []
+        history.append((g.copy(), fx.copy(), fs.copy()))
+        want = anderson_from_scratch(history, depth)
+        got = mixer.propose(g, fx, fs)
+        if want is None:
+            assert got is None
+        else:
+            np.testing.assert_allclose(got[0], want[0], rtol=1e-10, atol=1e-12)
+            np.testing.assert_allclose(got[1], want[1], rtol=1e-10, atol=1e-12)
+        # the newest F(x) is still held by the caller: never changed in place
+        np.testing.assert_array_equal(fx, history[-1][1])
+        np.testing.assert_array_equal(fs, history[-1][2])
+
+
 @SETTINGS
 @given(
     seed=st.integers(0, 2**16),
