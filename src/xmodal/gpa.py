@@ -385,7 +385,8 @@ def plan(m: int, sizes: Sequence[int], widths: Sequence[int]) -> tuple[str, str]
     the narrowest width the plain step crawls (each model's own term N_iᵀ N_i T_i dominates
     N_iᵀ C and damps its step) and Gauss–Seidel sweeps over the models are used instead.
     Products S = G T cost 2 (Σk)² r from the cross-products and 4 m r Σk from the data; Gauss–
-    Seidel's per-model updates always use the cross-products (2 Σk k_i r against 2 m r (k_i + Σk)).
+    Seidel's per-model updates always use the cross-products (2 (Σk − k_i) k_i r against
+    2 m r (k_i + Σk)).
     """
     method = GAUSS_SEIDEL if m > min(widths) else PLAIN
     route = CROSS if method == GAUSS_SEIDEL or sum(sizes) < 2 * m else DATA
@@ -393,13 +394,19 @@ def plan(m: int, sizes: Sequence[int], widths: Sequence[int]) -> tuple[str, str]
 
 
 class _Problem:
-    """The products of one GPA fit: S = G T for stacked transforms T (Σk × r)."""
+    """The products of one GPA fit: S = G T for stacked transforms T (Σk × r).
+
+    With ``exclude_own`` (Gauss–Seidel, from the cross-products) S leaves out every model's
+    own term, S_i = Σ_{j≠i} G_ij T_j: that is the matrix a Gauss–Seidel step needs, and the
+    own terms enter the objective and the consensus change in closed form instead.
+    """
 
     def __init__(
         self,
         mats: Sequence[np.ndarray],
         cross: np.ndarray | None,
         pool: ThreadPoolExecutor | None,
+        exclude_own: bool = False,
     ) -> None:
         self.mats = list(mats)
         self.sizes = [a.shape[1] for a in mats]
@@ -409,6 +416,7 @@ class _Problem:
         self.r = max(self.sizes)
         self.m = mats[0].shape[0]
         self.g = cross
+        self.exclude_own = bool(exclude_own) and cross is not None
         self.pmap: Mapper = pool.map if pool is not None else map
         # Σ_i ‖N_i T_i‖² = Σ_i tr(G_ii) for transforms with orthonormal rows
         self.total = float(sum(np.einsum("ij,ij->", a, a) for a in mats))
@@ -416,12 +424,23 @@ class _Problem:
         self.use_eigh = [True] * self.n
 
     def apply(self, t: np.ndarray) -> tuple[np.ndarray, float | None]:
-        """S = G T, from the cross-products or as S_i = N_iᵀ Σ_j N_j T_j from the data; from
-        the data also the objective Σ_i ‖N_i T_i − C‖²_F, summed from the aligned rows."""
+        """S = G T (without the own terms G_ii T_i with ``exclude_own``), from the
+        cross-products, or as S_i = N_iᵀ Σ_j N_j T_j from the data; from the data also the
+        objective Σ_i ‖N_i T_i − C‖²_F, summed from the aligned rows."""
         blocks = self.blocks
         if self.g is not None:
             g = self.g
-            return np.concatenate(list(self.pmap(lambda b: g[b] @ t, blocks))), None
+
+            def row(i: int) -> np.ndarray:
+                if not self.exclude_own:
+                    return g[blocks[i]] @ t
+                out = np.zeros((self.sizes[i], t.shape[1]))
+                for j, b in enumerate(blocks):
+                    if j != i:
+                        out += g[blocks[i], b] @ t[b]
+                return out
+
+            return np.concatenate(list(self.pmap(row, range(self.n)))), None
         ys = list(self.pmap(lambda i: self.mats[i] @ t[blocks[i]], range(self.n)))
         total = ys[0].copy()
         for y in ys[1:]:
@@ -435,8 +454,9 @@ class _Problem:
     ) -> tuple[float, float]:
         """Σ_i ‖N_i T_i − C‖²_F (``direct`` when given, else Σ_i ‖N_i‖² − ⟨T, S⟩ / M, which
         holds for transforms with orthonormal rows), and a bound on its rounding error,
-        4ε (Σ_i ‖N_i‖² + Σ |T ∘ S| / M)."""
-        dot = magnitude = 0.0
+        4ε (Σ_i ‖N_i‖² + Σ |T ∘ S| / M). Without the own terms in S (``exclude_own``) they
+        add Σ_i tr(T_iᵀ G_ii T_i) = Σ_i tr(G_ii) = Σ_i ‖N_i‖² to ⟨T, S⟩, for the same reason."""
+        dot = magnitude = self.total if self.exclude_own else 0.0
         for b in self.blocks:
             ts = t[b] * s[b]
             dot += float(np.sum(ts))
@@ -445,10 +465,17 @@ class _Problem:
         return (self.total - dot / self.n if direct is None else direct), err
 
     def change(self, t: np.ndarray, s: np.ndarray, t_new: np.ndarray, s_new: np.ndarray) -> float:
-        """‖C(T') − C(T)‖_F / ‖C(T')‖_F with ‖C(T') − C(T)‖² = ⟨T' − T, S' − S⟩ / M²."""
-        diff = norm = 0.0
+        """‖C(T') − C(T)‖_F / ‖C(T')‖_F with ‖C(T') − C(T)‖² = ⟨T' − T, S' − S⟩ / M².
+
+        Without the own terms in S (``exclude_own``), ⟨ΔT, ΔS⟩ gains Σ_i ⟨G_ii, ΔT_i ΔT_iᵀ⟩
+        and ⟨T', S'⟩ gains Σ_i ‖N_i‖² (T' with orthonormal rows, see :meth:`objective`)."""
+        diff = 0.0
+        norm = self.total if self.exclude_own else 0.0
         for b in self.blocks:
-            diff += float(np.vdot(t_new[b] - t[b], s_new[b] - s[b]))
+            dt = t_new[b] - t[b]
+            diff += float(np.vdot(dt, s_new[b] - s[b]))
+            if self.exclude_own:
+                diff += float(np.einsum("ij,ij->", self.g[b, b], dt @ dt.T))
             norm += float(np.vdot(t_new[b], s_new[b]))
         return math.sqrt(max(diff, 0.0) / norm) if norm > 0 else math.inf
 
@@ -497,18 +524,17 @@ class _Problem:
         rounding (see :meth:`objective`).
         """
         g, blocks = self.g, self.blocks
-        assert g is not None
-        tn, sn = t.copy(), s.copy()  # sn = G tn, kept up to date from each model's change
+        assert g is not None and self.exclude_own
+        # sn_i = Σ_{j≠i} G_ij tn_j (S without the own terms), kept up to date after each step
+        tn, sn = t.copy(), s.copy()
         for i, b in enumerate(blocks):
-            # (G T)_i − G_ii T_i with T_i as it was before its step: Σ_{j≠i} G_ij T_j
-            a = sn[b] - g[b, b] @ tn[b]
-            q, ok = _polar(a, self.use_eigh[i], tn[b], EIGH_MIN_RATIO_GS)
+            q, ok = _polar(sn[b], self.use_eigh[i], tn[b], EIGH_MIN_RATIO_GS)
             if self.use_eigh[i] != ok:
                 log.info("GPA: model %d's polar factors from the %s", i, "eigh" if ok else "SVD")
             self.use_eigh[i] = ok
             delta = q - tn[b]
             tn[b] = q
-            _add_columns(sn, g, b, delta)
+            _add_columns(sn, g, b, delta, skip=b)
         return tn, sn, None
 
     def finish(self, t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -533,11 +559,13 @@ class _Problem:
         return consensus, residuals
 
 
-def _add_columns(d: np.ndarray, g: np.ndarray, cols: slice, delta: np.ndarray) -> None:
-    """d += G[:, cols] Δ, ROW_CHUNK rows at a time (temporaries of ROW_CHUNK rows only)."""
-    for start in range(0, d.shape[0], ROW_CHUNK):
-        sl = slice(start, min(start + ROW_CHUNK, d.shape[0]))
-        d[sl] += g[sl, cols] @ delta
+def _add_columns(d: np.ndarray, g: np.ndarray, cols: slice, delta: np.ndarray, skip: slice) -> None:
+    """d += G[:, cols] Δ on every row outside ``skip``, ROW_CHUNK rows at a time (temporaries
+    of ROW_CHUNK rows only)."""
+    for lo, hi in ((0, skip.start), (skip.stop, d.shape[0])):
+        for start in range(lo, hi, ROW_CHUNK):
+            sl = slice(start, min(start + ROW_CHUNK, hi))
+            d[sl] += g[sl, cols] @ delta
 
 
 def _axpy(a: float, x: np.ndarray, y: np.ndarray) -> None:
@@ -633,7 +661,7 @@ def fit_preprocessed(
         raise ValueError(f"method must be {PLAIN!r} or {GAUSS_SEIDEL!r}, got {method!r}")
     if method == GAUSS_SEIDEL and cross is None:
         cross = cross_products(mats, pool.map if pool is not None else map)
-    problem = _Problem(mats, cross, pool)
+    problem = _Problem(mats, cross, pool, exclude_own=method == GAUSS_SEIDEL)
     route = CROSS if cross is not None else DATA
     if slow:
         log.info(
