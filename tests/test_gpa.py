@@ -382,6 +382,40 @@ def test_safeguard_rejects_bad_accelerated_steps(monkeypatch):
     assert np.max(np.abs(res.residuals - good.residuals)) <= 1e-6
 
 
+def random_transforms(rng, sizes, r):
+    """Stacked k_i × r blocks with orthonormal rows."""
+    return np.concatenate([ortho_group.rvs(r, random_state=rng)[:k] for k in sizes])
+
+
+@SETTINGS
+@given(seed=st.integers(0, 2**16))
+def test_objective_and_change_without_own_terms_match_the_data(seed):
+    """Gauss–Seidel's S leaves out the own terms G_ii T_i; its objective and consensus change,
+    which add them in closed form, equal Σ‖N_i T_i − C‖² and ‖C' − C‖/‖C'‖ from the data."""
+    rng = np.random.default_rng(seed)
+    mats = Preprocessed(models(seed, m=40, widths=(20, 24, 24, 30))).mats()
+    sizes = [a.shape[1] for a in mats]
+    r, g = max(sizes), cross_products(mats)
+    problem = gpa_module._Problem(mats, g, None, exclude_own=True)
+    t, t_new = random_transforms(rng, sizes, r), random_transforms(rng, sizes, r)
+    s, s_new = problem.apply(t)[0], problem.apply(t_new)[0]
+    off = np.cumsum([0, *sizes])
+
+    def aligned(tt):
+        return [a @ tt[off[i] : off[i + 1]] for i, a in enumerate(mats)]
+
+    ys = aligned(t_new)
+    c_new, c_old = np.mean(ys, axis=0), np.mean(aligned(t), axis=0)
+    direct = sum(float(np.sum((y - c_new) ** 2)) for y in ys)
+    np.testing.assert_allclose(problem.objective(t_new, s_new)[0], direct, rtol=1e-12)
+    want = np.linalg.norm(c_new - c_old) / np.linalg.norm(c_new)
+    np.testing.assert_allclose(problem.change(t, s, t_new, s_new), want, rtol=1e-10)
+    # S itself: every model's A_i = Σ_{j≠i} G_ij T_j = N_iᵀ Σ_{j≠i} N_j T_j
+    for i, a in enumerate(mats):
+        others = sum(y for j, y in enumerate(ys) if j != i)
+        np.testing.assert_allclose(s_new[off[i] : off[i + 1]], a.T @ others, atol=1e-13)
+
+
 def anderson_from_scratch(history, depth):
     """Anderson type II written out: γ = argmin ‖g_n − Σ_j γ_j Δg_j‖ over the last ``depth``
     differences, x = F(x_n) − Σ_j γ_j ΔF_j (and the same mix of S)."""
