@@ -534,7 +534,7 @@ class _Problem:
             self.use_eigh[i] = ok
             delta = q - tn[b]
             tn[b] = q
-            _add_columns(sn, g, b, delta, skip=b)
+            _add_except(sn, g, b, b, delta)
         return tn, sn, None
 
     def finish(self, t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -559,9 +559,8 @@ class _Problem:
         return consensus, residuals
 
 
-def _add_columns(d: np.ndarray, g: np.ndarray, cols: slice, delta: np.ndarray, skip: slice) -> None:
-    """d += G[:, cols] Δ on every row outside ``skip``, ROW_CHUNK rows at a time (temporaries
-    of ROW_CHUNK rows only)."""
+def _add_except(d: np.ndarray, g: np.ndarray, cols: slice, skip: slice, delta: np.ndarray) -> None:
+    """d += G[:, cols] Δ on every row outside ``skip``, ROW_CHUNK rows at a time."""
     for lo, hi in ((0, skip.start), (skip.stop, d.shape[0])):
         for start in range(lo, hi, ROW_CHUNK):
             sl = slice(start, min(start + ROW_CHUNK, hi))
