@@ -9,11 +9,16 @@ seed shifted by s (the evaluation stimuli stay the same), in three timed phases:
 - analysis: GPA, sets, alignment, aggregates and figures (everything else).
 
 The untrained config (config/demo_untrained.yaml) runs once, for the trained-vs-untrained
-comparison of full-set CKNNA. Prints one table row per run and the spread over seeds; the
-machine's load (`os.getloadavg`) is printed with every row, since other work on the same cores
-slows every phase.
+comparison of full-set CKNNA. Prints one table row per run, per run what carries the
+dispersion's correlation with the planted nuisance (per vision model, `nuisance_by_model`), and
+the spread over seeds; the machine's load (`os.getloadavg`) is printed with every row, since
+other work on the same cores slows every phase.
 
-    python benchmarks/demo_seeds.py --seeds 0 1 2 [--cores 2] [--keep DIR]
+With ``--mixed``, each trained run's full-set CKNNA is also computed with its vision models
+against the untrained run's language models and the other way round (best LLM layer, as the
+layer search chooses it): which side of a pair the training helps or hurts.
+
+    python benchmarks/demo_seeds.py --seeds 0 1 2 [--cores 2] [--keep DIR] [--mixed]
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import pandas as pd
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,6 +86,41 @@ def _by_family(full):
     return full.rename(index=lambda key: key.split("-", 1)[1]).sort_index()
 
 
+def _full_cknna(vision_root: Path, vision_cfg: dict, llm_root: Path, llm_cfg: dict) -> pd.Series:
+    """Full-set CKNNA at the chosen LLM layer, vision models of one run against LLMs of another."""
+    from xmodal.alignment import layer_search_table
+    from xmodal.pipeline import layer_threshold, open_features, prepared_layer, read_prepared_vision
+
+    def paths(root: Path, cfg: dict, modality: str) -> dict[str, Path]:
+        folder = root / "results" / "features" / cfg["dataset"]
+        models = cfg["models"].items()
+        return {k: folder / f"{k}.h5" for k, m in models if m["modality"] == modality}
+
+    a = vision_cfg["analysis"]
+    vision = paths(vision_root, vision_cfg, "vision")
+    _, prepared = read_prepared_vision(list(vision.values()), list(vision), a["vision_layer"])
+    values = {}
+    for llm, path in paths(llm_root, llm_cfg, "language").items():
+        with open_features(path, None, model=llm, modality="language") as f:
+            t = layer_threshold(f)
+            layers = ((i, name, prepared_layer(f, i, t)) for i, name in enumerate(f.layer_names))
+            table = layer_search_table(prepared, llm, layers, k=a["knn_k"])
+        for row in table[table["chosen"]].itertuples():
+            values[(row.vision.split("-", 1)[1], llm.split("-", 1)[1])] = row.value
+    return pd.Series(values).rename_axis(["vision", "llm"]).sort_index()
+
+
+def mixed_table(trained: Path, t_cfg: dict, untrained: Path, u_cfg: dict) -> pd.DataFrame:
+    """Full-set CKNNA per pair for every mix of trained and untrained vision and LLMs."""
+    runs = {"trained": (trained, t_cfg), "untrained": (untrained, u_cfg)}
+    cols = {
+        f"vision {v} / LLM {lang}": _full_cknna(*runs[v], *runs[lang])
+        for v in runs
+        for lang in runs
+    }
+    return pd.DataFrame(cols)
+
+
 def measure(workdir: Path, cfg: dict, configfile: str) -> dict[str, float]:
     vision = [k for k, m in cfg["models"].items() if m["modality"] == "vision"]
     a = cfg["analysis"]
@@ -93,11 +134,14 @@ def main() -> None:
     parser.add_argument("--cores", type=int, default=2)
     parser.add_argument("--keep", type=Path, help="keep the project copies in this folder")
     parser.add_argument("--no-untrained", action="store_true")
+    parser.add_argument(
+        "--mixed", action="store_true", help="full-set CKNNA of trained × untrained mixes"
+    )
     args = parser.parse_args()
 
     base = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="demo_seeds_"))
     trained_cfg = yaml.safe_load((ROOT / "config" / "demo.yaml").read_text())
-    rows, fulls = [], {}
+    rows, fulls, runs_done = [], {}, {}
     runs = [("trained", s) for s in args.seeds]
     if not args.no_untrained:
         runs.append(("untrained", 0))
@@ -113,6 +157,7 @@ def main() -> None:
         times = run_demo(wd, cfg, configfile, args.cores)
         targets, summary = measure(wd, cfg, configfile)
         fulls[(kind, seed)] = targets.full
+        runs_done[(kind, seed)] = (wd, cfg)
         row = {"run": kind, "seed_offset": 100 * seed, **times, **summary}
         row["load1"] = round(os.getloadavg()[0], 2)
         rows.append(row)
@@ -121,6 +166,7 @@ def main() -> None:
                 f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()
             )
         )
+        print(targets.by_model.round(3).to_string(index=False))
         sys.stdout.flush()
     if ("untrained", 0) in fulls:
         untrained = _by_family(fulls[("untrained", 0)])
@@ -131,8 +177,12 @@ def main() -> None:
                     f"seed offset {100 * seed}: full-set CKNNA trained − untrained > 0 in "
                     f"{int((diff > 0).sum())} of {len(diff)} pairs (min {diff.min():.3f})"
                 )
-    import pandas as pd
-
+    if args.mixed and ("untrained", 0) in runs_done:
+        for (kind, seed), (wd, cfg) in runs_done.items():
+            if kind == "trained":
+                print(f"seed offset {100 * seed}: full-set CKNNA, trained and untrained mixed")
+                mixed = mixed_table(wd, cfg, *runs_done[("untrained", 0)])
+                print(mixed.round(4).to_string())
     table = pd.DataFrame([r for r in rows if r["run"] == "trained"])
     if len(table) > 1:
         print("spread over seeds (min / mean / max):")

@@ -31,7 +31,7 @@ from xmodal.demo.stimuli import (
     render_scene,
     sample_scenes,
 )
-from xmodal.demo.targets import low_high_table, neighbour_statistics
+from xmodal.demo.targets import low_high_table, neighbour_statistics, nuisance_by_model
 from xmodal.demo.train import TrainSettings
 
 # ---------------------------------------------------------------- the world
@@ -234,6 +234,40 @@ def test_collapsed_features_are_all_unresolved():
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     mean_cos, frac = neighbour_statistics(x)
     assert mean_cos > 0.999999 and frac == 1.0
+
+
+def test_nuisance_by_model_against_planted_residuals(tmp_path):
+    """Rank correlations per model against scipy, rows matched by stimulus id (residuals.tsv in
+    another order than the manifest); a model missing stimuli is an error naming it."""
+    from scipy.stats import spearmanr
+
+    from xmodal.io import write_table
+
+    manifest = generate_stimuli(tmp_path / "resources/stimuli/ds", n=12, seed=5)
+    nu = pd.read_csv(manifest, sep="\t")["nuisance"].to_numpy(float)
+    ids = pd.read_csv(manifest, sep="\t", dtype=str)["stimulus_id"].tolist()
+    rng = np.random.default_rng(0)
+    planted = {
+        "near": (nu**2, 1 + nu),  # residual and distance both rise with ν
+        "far": (rng.random(12), 2 - nu),  # distance falls with ν
+    }
+    rows = [
+        (ids[j], model, res[j], dist[j])
+        for model, (res, dist) in planted.items()
+        for j in rng.permutation(12)
+    ]
+    table = pd.DataFrame(rows, columns=["stimulus_id", "model", "residual", "distance"])
+    path = tmp_path / "results/dispersion/ds/residuals.tsv"
+    write_table(table, path)
+
+    got = nuisance_by_model(tmp_path, "ds", ["near", "far"]).set_index("model")
+    assert got.loc["near"].tolist() == pytest.approx([1.0, 1.0, 1.0])
+    want = spearmanr(planted["far"][0], nu)[0]
+    assert got.loc["far"].tolist() == pytest.approx([want, -1.0, -want], abs=1e-12)
+
+    write_table(table.drop(index=[3]), path)  # one stimulus of "near" missing
+    with pytest.raises(ValueError, match="11 of the manifest's 12 stimuli for model 'near'"):
+        nuisance_by_model(tmp_path, "ds", ["near", "far"])
 
 
 def test_low_high_table_reads_columns_by_name():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 from _planted import planted_reps
 from hypothesis import given, settings
@@ -57,6 +58,12 @@ def test_dispersion_table():
     assert 0 < ev <= 1
     with pytest.raises(ValueError, match="stimulus ids"):
         dispersion_table(["a"], r)
+    dist = np.array([[1.0, 3.0], [0.5, 0.5], [0.2, 0.4], [4.0, 0.0]])
+    with_distance, _ = dispersion_table(["a", "b", "c", "d"], r, dist)
+    pd.testing.assert_frame_equal(with_distance.drop(columns="mean_distance"), table)
+    assert with_distance["mean_distance"].tolist() == [2.0, 0.5, pytest.approx(0.3), 2.0]
+    with pytest.raises(ValueError, match=r"distances of shape \(4, 1\)"):
+        dispersion_table(["a", "b", "c", "d"], r, dist[:, :1])
 
 
 def test_stable_rank():

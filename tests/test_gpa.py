@@ -177,6 +177,21 @@ def test_result_fields_consistent():
         assert res.residuals.shape == (20, 4)
 
 
+@pytest.mark.parametrize("m", [20, 60])  # widths 24–30: the paper's regime, then the slow one
+def test_distances_are_row_norms_of_the_centred_input(m):
+    reps = models(3, m=m, widths=(24, 30, 28))
+    res = gpa(reps)
+    assert res.slow_regime == (m > 24)
+    for i, x in enumerate(reps):
+        c = x - x.mean(axis=0)
+        np.testing.assert_allclose(
+            res.distances[:, i], np.linalg.norm(c, axis=1) / np.linalg.norm(c), rtol=1e-12
+        )
+    # T_i keeps row norms, so a residual is at most the distance plus the consensus row's norm
+    bound = res.distances + np.linalg.norm(res.consensus, axis=1)[:, None]
+    assert np.all(res.residuals <= bound + 1e-12)
+
+
 def test_procrustes_matches_svd_formula():
     rng = np.random.default_rng(0)
     a, b = rng.standard_normal((30, 8)), rng.standard_normal((30, 8))

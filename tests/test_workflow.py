@@ -7,6 +7,7 @@ then edit a copy of its config and check which jobs Snakemake would schedule.
 from __future__ import annotations
 
 import copy
+import json
 import shutil
 import subprocess
 from pathlib import Path
@@ -78,6 +79,25 @@ def test_demo_outputs_exist_and_are_valid(workflow_dir, demo_config):
         disp.set_index("stimulus_id")["mean_dispersion"].loc[mean_from_residuals.index],
         mean_from_residuals.to_numpy(),
         rtol=1e-9,
+    )
+    # distance from the centre: row norms of each model's GPA input, from its feature file
+    layer = cfg["analysis"]["vision_layer"]
+    for key in vision:
+        with h5py.File(workflow_dir / f"results/features/demo/{key}.h5", "r") as f:
+            x = f["features"][layer % f["features"].shape[0]].astype(np.float64)
+        c = x - x.mean(axis=0)
+        got = residuals[residuals["model"] == key].set_index("stimulus_id")["distance"]
+        want = np.linalg.norm(c, axis=1) / np.linalg.norm(c)
+        np.testing.assert_allclose(got.loc[manifest["stimulus_id"]], want, rtol=1e-9)
+    mean_distance = residuals.groupby("stimulus_id")["distance"].mean()
+    np.testing.assert_allclose(
+        disp.set_index("stimulus_id")["mean_distance"].loc[mean_distance.index],
+        mean_distance.to_numpy(),
+        rtol=1e-9,
+    )
+    summary = json.loads((workflow_dir / "results/dispersion/demo/gpa.json").read_text())
+    assert summary["rho_dispersion_distance"] == pytest.approx(
+        disp["mean_dispersion"].corr(disp["mean_distance"], method="spearman"), abs=1e-12
     )
 
     # planted ground truth: the demo's images carry a caption-independent nuisance level

@@ -75,9 +75,11 @@ def stable_rank(values: np.ndarray) -> np.ndarray:
 
 
 def dispersion_table(
-    stimulus_ids: Sequence[str], residuals: np.ndarray
+    stimulus_ids: Sequence[str], residuals: np.ndarray, distances: np.ndarray | None = None
 ) -> tuple[pd.DataFrame, float]:
-    """Table stimulus_id, position, mean_dispersion, pc1_score, rank_mean, rank_pc1; and PC1 explained variance."""
+    """Table stimulus_id, position, mean_dispersion, pc1_score, rank_mean, rank_pc1; and PC1
+    explained variance. With ``distances`` (m × M, :attr:`xmodal.gpa.GPAResult.distances`) also
+    ``mean_distance``, each stimulus's mean distance from the models' centres."""
     r = _residual_matrix(residuals)
     ids = [str(s) for s in stimulus_ids]
     if len(ids) != r.shape[0]:
@@ -94,6 +96,11 @@ def dispersion_table(
             "rank_pc1": stable_rank(pc1),
         }
     )
+    if distances is not None:
+        dist = np.asarray(distances, dtype=np.float64)
+        if dist.shape != r.shape:
+            raise ValueError(f"distances of shape {dist.shape} for residuals of shape {r.shape}")
+        table["mean_distance"] = dist.mean(axis=1)
     return table, explained
 
 

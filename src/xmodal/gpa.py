@@ -91,7 +91,9 @@ class GPAResult:
     iteration. ``method`` is the iteration used (``plain`` or ``gauss-seidel``), ``route`` how
     its products were computed (``data`` or ``cross-products``); ``n_rejected`` counts
     accelerated steps the safeguard replaced by a plain step; ``seconds`` the wall time of
-    each stage.
+    each stage. ``distances[j, i]`` is ‖N_i[j]‖₂, stimulus j's distance from the centre of
+    model i's preprocessed matrix (m × M; set by :func:`gpa`): a residual is a difference of
+    such rows, so it grows with it (docs/method.md, "Dispersion and distance from the centre").
     """
 
     consensus: np.ndarray
@@ -108,6 +110,7 @@ class GPAResult:
     route: str = DATA
     n_rejected: int = 0
     seconds: dict[str, float] = field(default_factory=dict)
+    distances: np.ndarray | None = None
 
 
 def _as_2d_float64(x: np.ndarray, name: str) -> np.ndarray:
@@ -369,6 +372,8 @@ def gpa(
                 mats, tol, max_iter, prep.widths, cross=gram, pool=pool, method=method
             )
     res.seconds = {"preprocess": t1 - t0, "cross-products": t2 - t1, **res.seconds}
+    # the exact reduction keeps N N^T, hence the row norms: take them from the centred input
+    res.distances = np.stack([np.linalg.norm(c, axis=1) for c in prep.centred], axis=1)
     return res
 
 

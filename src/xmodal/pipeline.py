@@ -255,9 +255,19 @@ def _gpa_and_dispersion(
             "stimulus_id": np.repeat(ids, len(models)),
             "model": np.tile(list(models), len(ids)),
             "residual": R.reshape(-1),
+            "distance": np.asarray(res.distances).reshape(-1),
         }
     )
-    table, explained = dispersion.dispersion_table(ids, R)
+    table, explained = dispersion.dispersion_table(ids, R, res.distances)
+    # how much of the dispersion is distance from the centre (docs/method.md, "Dispersion and
+    # distance from the centre"): rank correlation over stimuli
+    rho_distance = float(table["mean_dispersion"].corr(table["mean_distance"], method="spearman"))
+    log.info(
+        "%s dispersion: Spearman rho with the stimuli's mean distance from the models' "
+        "centres %.3f",
+        what,
+        rho_distance,
+    )
     write_table(residuals, out_residuals)
     write_table(table, out_dispersion)
     _write_json(
@@ -272,6 +282,7 @@ def _gpa_and_dispersion(
             "tol": tol,
             "max_iter": max_iter,
             "pc1_explained_variance": float(explained),
+            "rho_dispersion_distance": rho_distance,
             "slow_regime": bool(getattr(res, "slow_regime", False)),
         },
         out_summary,

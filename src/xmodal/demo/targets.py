@@ -9,7 +9,10 @@ aggregate tables by column name:
   determined by the data (unresolved: the k-th and (k+1)-th largest off-diagonal cosines of the
   row differ by less than ``tol``);
 - **planted nuisance**: Spearman ρ between each stimulus's mean dispersion and its planted
-  nuisance level (manifest column ``nuisance``);
+  nuisance level (manifest column ``nuisance``); per vision model, what carries it (ρ of the
+  model's residual with ν, of the stimulus's distance from the centre of the model's GPA input
+  with ν, and of the residual with that distance), and ρ of ν with the relative disagreement
+  (each stimulus's mean over models of residual / distance);
 - **low vs high**: per (vision, LLM) pair and summary (mean rank, PC1), whether the low-dispersion
   set aligns better than the high one, and whether the bootstrap interval of low − high
   excludes 0;
@@ -19,6 +22,7 @@ aggregate tables by column name:
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -36,6 +40,7 @@ __all__ = [
     "demo_targets",
     "low_high_table",
     "neighbour_statistics",
+    "nuisance_by_model",
 ]
 
 PathLike = str | os.PathLike
@@ -100,6 +105,42 @@ def collapse_table(
     return pd.DataFrame(rows)
 
 
+def nuisance_by_model(root: PathLike, dataset: str, vision: Sequence[str]) -> pd.DataFrame:
+    """Per vision model, Spearman ρ between ``residual`` (its GPA residual), ``distance`` (the
+    stimulus's distance from the centre of the model's GPA input, both from ``residuals.tsv``)
+    and the planted level ``nuisance``: columns ``model``, ``rho_residual_nuisance``,
+    ``rho_distance_nuisance``, ``rho_residual_distance``.
+
+    A residual is a difference of two rows, so it grows with their distance from the centre
+    (docs/method.md, "Dispersion and distance from the centre"): a model that moves high-ν
+    stimuli towards its centre (ρ of distance with ν below 0) pulls the mean dispersion's ρ
+    with ν down, whatever the models disagree on.
+    """
+    root = Path(root)
+    manifest = read_manifest(root / f"resources/stimuli/{dataset}/stimuli.tsv")
+    nuisance = manifest.set_index("stimulus_id")["nuisance"].astype(float)
+    residuals = read_table(root / f"results/dispersion/{dataset}/residuals.tsv")
+    rows = []
+    for model in vision:
+        frame = residuals.loc[residuals["model"] == model, ["stimulus_id", "residual", "distance"]]
+        frame = frame.set_index("stimulus_id").join(nuisance, how="inner")
+        if len(frame) != len(manifest):
+            raise ValueError(
+                f"{dataset}: residuals.tsv holds {len(frame)} of the manifest's {len(manifest)} "
+                f"stimuli for model {model!r}"
+            )
+        rho = frame.corr(method="spearman")
+        rows.append(
+            dict(
+                model=model,
+                rho_residual_nuisance=float(rho.loc["residual", "nuisance"]),
+                rho_distance_nuisance=float(rho.loc["distance", "nuisance"]),
+                rho_residual_distance=float(rho.loc["residual", "distance"]),
+            )
+        )
+    return pd.DataFrame(rows)
+
+
 def low_high_table(contrasts: pd.DataFrame) -> pd.DataFrame:
     """Per pair and summary: ``low``, ``high``, ``low_gt_high``, ``ci_excludes_0`` (the bootstrap
     interval of low − high lies entirely above or below 0) from the contrasts table."""
@@ -117,9 +158,14 @@ class DemoTargets:
     collapse: pd.DataFrame
     nuisance_rho: float
     nuisance_rho_pc1: float
+    #: ρ of ν with each stimulus's mean over models of residual / distance (relative disagreement)
+    nuisance_rho_relative: float
+    #: ρ of the mean dispersion with the mean distance from the centres (``gpa.json``)
+    rho_dispersion_distance: float
     low_high: pd.DataFrame
     loo: pd.DataFrame
     full: pd.Series
+    by_model: pd.DataFrame
 
     def n_low_gt_high(self, summary: str) -> int:
         """Pairs whose low set aligns better than the high set, for ``summary`` (mean / pc1)."""
@@ -140,6 +186,8 @@ class DemoTargets:
             "max_frac_unresolved": float(self.collapse["frac_unresolved"].max()),
             "nuisance_rho": self.nuisance_rho,
             "nuisance_rho_pc1": self.nuisance_rho_pc1,
+            "nuisance_rho_relative": self.nuisance_rho_relative,
+            "rho_dispersion_distance": self.rho_dispersion_distance,
             "n_pairs": n_pairs,
             "low_gt_high_mean": self.n_low_gt_high("mean"),
             "low_gt_high_pc1": self.n_low_gt_high("pc1"),
@@ -164,6 +212,11 @@ def demo_targets(
     nuisance = planted["nuisance"].astype(float)
     rho = float(nuisance.corr(planted["mean_dispersion"], method="spearman"))
     rho_pc1 = float(nuisance.corr(planted["pc1_score"], method="spearman"))
+    residuals = read_table(root / f"results/dispersion/{dataset}/residuals.tsv")
+    relative = (residuals["residual"] / residuals["distance"]).groupby(residuals["stimulus_id"])
+    relative = planted["stimulus_id"].map(relative.mean())
+    rho_relative = float(nuisance.corr(relative, method="spearman"))
+    gpa_summary = json.loads((root / f"results/dispersion/{dataset}/gpa.json").read_text())
     contrasts = read_table(root / f"results/alignment/{dataset}/contrasts.tsv")
     if "metric" in contrasts:
         contrasts = contrasts[contrasts["metric"] == "cknna"]
@@ -175,7 +228,10 @@ def demo_targets(
         collapse=collapse_table(root, dataset, vision, vision_layer, k),
         nuisance_rho=rho,
         nuisance_rho_pc1=rho_pc1,
+        nuisance_rho_relative=rho_relative,
+        rho_dispersion_distance=float(gpa_summary["rho_dispersion_distance"]),
         low_high=low_high_table(contrasts),
         loo=read_table(root / f"results/dispersion/{dataset}/loo.tsv"),
         full=full.set_index(["vision", "llm"])["value"].astype(float).sort_index(),
+        by_model=nuisance_by_model(root, dataset, vision),
     )
