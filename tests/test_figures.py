@@ -10,6 +10,7 @@ import shutil
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 from matplotlib.collections import LineCollection
@@ -300,13 +301,30 @@ def test_gallery_missing_images_placeholder_and_warning(inputs, tmp_path):
     assert not placeholders(axes[1])
 
 
-def test_residuals(figs):
-    ax1, ax2 = panels(figs["residuals"])
+def test_residuals(figs, inputs):
+    ax1, ax2, ax3 = panels(figs["residuals"])
     assert ticks(ax1.get_xticklabels()) == VISION
     assert "residual" in ax1.get_ylabel()
     assert ticks(ax2.get_xticklabels()) == VISION and ticks(ax2.get_yticklabels()) == VISION
     diag = [t.get_text() for t in ax2.texts][:: len(VISION) + 1]
     assert diag == ["1.00"] * len(VISION)
+    # C: one point per stimulus at (mean distance, mean dispersion), with their Spearman ρ
+    assert ax3.get_title(loc="left").startswith("C   Dispersion and distance")
+    disp = table(inputs, "dispersion").set_index("stimulus_id").sort_index()
+    xy = ax3.collections[0].get_offsets()
+    np.testing.assert_allclose(np.sort(xy[:, 0]), np.sort(disp["mean_distance"]), rtol=1e-6)
+    np.testing.assert_allclose(np.sort(xy[:, 1]), np.sort(disp["mean_dispersion"]), rtol=1e-6)
+    rho = disp["mean_dispersion"].corr(disp["mean_distance"], method="spearman")
+    assert [t.get_text() for t in ax3.texts] == [f"Spearman ρ = {rho:.2f}"]
+
+
+def test_residuals_from_a_run_without_distances(inputs, tmp_path):
+    """Residual tables written before distances were recorded still draw, and say so."""
+    old = tmp_path / "residuals.tsv"
+    table(inputs, "residuals").drop(columns="distance").to_csv(old, sep="\t", index=False)
+    ax3 = panels(render_figure("residuals", {**inputs, "residuals": old}))[2]
+    assert "no distances" in ax3.texts[0].get_text()
+    assert not ax3.collections
 
 
 def test_contrasts(figs, inputs):

@@ -312,16 +312,33 @@ def draw_gallery(data: FigureData, n: int = 12, ncols: int = 6) -> Figure:
 
 
 # --------------------------------------------------------------------------- residuals
+def _distance_panel(ax: Axes, res: pd.DataFrame) -> None:
+    """Each stimulus's mean residual against its mean distance from the models' centres, with
+    their Spearman ρ (docs/method.md, "Dispersion and distance from the centre")."""
+    ax.set_title("C   Dispersion and distance from the centre", loc="left")
+    if "distance" not in res:
+        ax.text(0.5, 0.5, "residuals.tsv has no distances\n(a run before they were recorded)",
+                ha="center", va="center", transform=ax.transAxes)  # fmt: skip
+        return
+    per = res.groupby("stimulus_id")[["residual", "distance"]].mean()
+    ax.scatter(per["distance"], per["residual"], s=6, color="#4d4d4d", linewidth=0)
+    rho = per["residual"].corr(per["distance"], method="spearman")
+    ax.text(0.03, 0.97, f"Spearman ρ = {rho:.2f}", ha="left", va="top", transform=ax.transAxes)
+    ax.set_xlabel("Mean distance from the models' centres")
+    ax.set_ylabel("Mean dispersion (mean GPA residual)")
+
+
 def draw_residuals(data: FigureData) -> Figure:
-    """Per-model residual distributions and the model × model correlation of residual columns."""
+    """Per-model residual distributions, the model × model correlation of residual columns, and
+    each stimulus's mean residual against its mean distance from the models' centres."""
     res = data["residuals"].copy()
     res["model"] = res["model"].astype(str)
     models = data.models
     order = models.order(res["model"].unique())
     labels = models.labels(order)
     res["Model"] = res["model"].map(dict(zip(order, labels, strict=True)))
-    fig = new_figure(max(7.5, 1.6 * len(order) + 3.5), 3.4)
-    ax1, ax2 = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1.2, 1]})
+    fig = new_figure(max(10.5, 1.6 * len(order) + 6.5), 3.4)
+    ax1, ax2, ax3 = fig.subplots(1, 3, gridspec_kw={"width_ratios": [1.2, 1, 1]})
     sns.violinplot(
         data=res, x="Model", y="residual", order=labels, ax=ax1, color="#a6c8e0",
         inner="quart", cut=0, linewidth=0.8, density_norm="width",
@@ -343,5 +360,6 @@ def draw_residuals(data: FigureData) -> Figure:
     ax2.set_ylabel("Vision model")
     ax2.tick_params(axis="x", rotation=30)
     ax2.tick_params(axis="y", rotation=0)
+    _distance_panel(ax3, res)
     fig.suptitle(f"Residual matrix R ({wide.shape[0]} stimuli × {wide.shape[1]} models)")
     return fig

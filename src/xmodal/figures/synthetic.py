@@ -213,8 +213,10 @@ def synthetic_inputs(
         noise[:, None] + rng.normal(0, 0.04, (n_stimuli, n_vision)) + np.linspace(0, 0.1, n_vision)
     )
     resid = np.abs(resid)
+    # distance from each model's centre: at least the residual, varying over stimuli
+    dist = resid * (1.5 + 0.5 * np.cos(np.arange(n_stimuli)))[:, None]
     residuals = pd.DataFrame(
-        [{"stimulus_id": ids[j], "model": vision[i], "residual": resid[j, i]} for j in range(n_stimuli) for i in range(n_vision)]
+        [{"stimulus_id": ids[j], "model": vision[i], "residual": resid[j, i], "distance": dist[j, i]} for j in range(n_stimuli) for i in range(n_vision)]
     )  # fmt: skip
     mean_d = resid.mean(axis=1)
     rc = resid - resid.mean(axis=0)
@@ -230,6 +232,7 @@ def synthetic_inputs(
             "pc1_score": pc1,
             "rank_mean": np.argsort(np.argsort(mean_d, kind="stable"), kind="stable"),
             "rank_pc1": np.argsort(np.argsort(pc1, kind="stable"), kind="stable"),
+            "mean_distance": dist.mean(axis=1),
         }
     )
 
