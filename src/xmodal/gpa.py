@@ -539,7 +539,7 @@ class _Problem:
             self.use_eigh[i] = ok
             delta = q - tn[b]
             tn[b] = q
-            _add_except(sn, g, b, b, delta)
+            _add_except(sn, g, b, delta)
         return tn, sn, None
 
     def finish(self, t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -564,12 +564,12 @@ class _Problem:
         return consensus, residuals
 
 
-def _add_except(d: np.ndarray, g: np.ndarray, cols: slice, skip: slice, delta: np.ndarray) -> None:
-    """d += G[:, cols] Δ on every row outside ``skip``, ROW_CHUNK rows at a time."""
-    for lo, hi in ((0, skip.start), (skip.stop, d.shape[0])):
+def _add_except(d: np.ndarray, g: np.ndarray, block: slice, delta: np.ndarray) -> None:
+    """d += G[:, block] Δ on every row outside ``block``, ROW_CHUNK rows at a time."""
+    for lo, hi in ((0, block.start), (block.stop, d.shape[0])):
         for start in range(lo, hi, ROW_CHUNK):
             sl = slice(start, min(start + ROW_CHUNK, hi))
-            d[sl] += g[sl, cols] @ delta
+            d[sl] += g[sl, block] @ delta
 
 
 def _axpy(a: float, x: np.ndarray, y: np.ndarray) -> None:
