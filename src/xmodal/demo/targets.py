@@ -118,8 +118,15 @@ def nuisance_by_model(root: PathLike, dataset: str, vision: Sequence[str]) -> pd
     """
     root = Path(root)
     manifest = read_manifest(root / f"resources/stimuli/{dataset}/stimuli.tsv")
-    nuisance = manifest.set_index("stimulus_id")["nuisance"].astype(float)
     residuals = read_table(root / f"results/dispersion/{dataset}/residuals.tsv")
+    return _by_model(dataset, manifest, residuals, vision)
+
+
+def _by_model(
+    dataset: str, manifest: pd.DataFrame, residuals: pd.DataFrame, vision: Sequence[str]
+) -> pd.DataFrame:
+    """:func:`nuisance_by_model` from the tables already read."""
+    nuisance = manifest.set_index("stimulus_id")["nuisance"].astype(float)
     rows = []
     for model in vision:
         frame = residuals.loc[residuals["model"] == model, ["stimulus_id", "residual", "distance"]]
@@ -233,5 +240,5 @@ def demo_targets(
         low_high=low_high_table(contrasts),
         loo=read_table(root / f"results/dispersion/{dataset}/loo.tsv"),
         full=full.set_index(["vision", "llm"])["value"].astype(float).sort_index(),
-        by_model=nuisance_by_model(root, dataset, vision),
+        by_model=_by_model(dataset, manifest, residuals, vision),
     )
