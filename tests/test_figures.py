@@ -200,7 +200,8 @@ def test_heldout_layer(figs, inputs):
 
 def test_dispersion_sets(figs):
     axes = panels(figs["dispersion_sets"])
-    assert [ax.get_title(loc="left")[0] for ax in axes] == ["A", "F", "F"]
+    # the paper's Fig. 2A and 2F; F′ is the residual space 2F's PC1 comes from
+    assert [ax.get_title(loc="left").split()[0] for ax in axes] == ["A", "F", "F′"]
     assert "Mean dispersion" in axes[0].get_ylabel()
     assert "PC1" in axes[1].get_ylabel() and "PC1" in axes[2].get_xlabel()
     legend = [t.get_text() for t in figs["dispersion_sets"].legends[0].get_texts()]

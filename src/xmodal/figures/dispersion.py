@@ -84,7 +84,7 @@ def _residual_pcs(res: pd.DataFrame, disp: pd.DataFrame) -> tuple[pd.DataFrame, 
 
 
 def draw_dispersion_sets(data: FigureData) -> Figure:
-    """Fig. 2A/F: stimuli by mean dispersion and by PC1 score; the residual (PC1, PC2) space."""
+    """Fig. 2A/F: stimuli by mean dispersion and by PC1 score; F′, the residual (PC1, PC2) space."""
     disp, sets = data["dispersion"], data.get("sets")
     fig = new_figure(11.0, 3.3)
     axes = panel_grid(fig, 3, 3)
@@ -113,7 +113,7 @@ def draw_dispersion_sets(data: FigureData) -> Figure:
         ax.axvline(0, color="#bbbbbb", lw=0.5, zorder=0)
         ax.set_xlabel(f"PC1 of residual space ({100 * ev[0]:.0f}% var.)")
         ax.set_ylabel(f"PC2 ({100 * ev[1]:.0f}% var.)" if len(ev) > 1 else "PC2")
-    ax.set_title("F   Residual space (PC1-based sets)", loc="left")
+    ax.set_title("F′   Residual space (PC1-based sets)", loc="left")
 
     n_draws = _n_draws(sets)
     handles = [
