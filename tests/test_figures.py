@@ -302,6 +302,24 @@ def test_gallery_missing_images_placeholder_and_warning(inputs, tmp_path):
     assert not placeholders(axes[1])
 
 
+def test_gallery_thumbnails_are_the_pixels_the_models_saw(inputs, tmp_path):
+    """A 16-bit greyscale image: the thumbnail is scaled as for extraction (v >> 8), not
+    clipped to white as a plain 8-bit conversion would."""
+    from PIL import Image
+
+    man_dir = tmp_path / "stimuli"
+    shutil.copytree(Path(inputs["manifest"]).parent, man_dir)
+    sid = table(inputs, "dispersion").sort_values("rank_mean").iloc[0].stimulus_id
+    grey = (np.arange(24 * 24, dtype=np.int64).reshape(24, 24) * 113) % 65536
+    image = Image.fromarray(grey.astype(np.uint16))
+    assert image.mode == "I;16"
+    image.save(man_dir / "images" / f"{sid}.png")
+    fig = render_figure("gallery", {**inputs, "manifest": man_dir / "stimuli.tsv"})
+    shown = np.asarray(panels(fig)[0].images[0].get_array())
+    want = np.repeat((grey >> 8).astype(np.uint8)[..., None], 3, axis=2)
+    np.testing.assert_array_equal(shown, want)
+
+
 def test_residuals(figs, inputs):
     ax1, ax2, ax3 = panels(figs["residuals"])
     assert ticks(ax1.get_xticklabels()) == VISION

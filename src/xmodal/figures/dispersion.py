@@ -184,17 +184,18 @@ def _placeholder(size: int = 64) -> np.ndarray:
     return img
 
 
-def _load_thumb(path: Path, size: int = 160) -> np.ndarray | None:
-    """An RGB thumbnail, or None when the image is missing or unreadable."""
-    from PIL import Image, UnidentifiedImageError
+def _load_thumb(path: Path, stimulus_id: str, size: int = 160) -> np.ndarray | None:
+    """An RGB thumbnail of the pixels the models saw (decoded and converted by
+    :func:`xmodal.stimuli.load_rgb`, so 16-bit and float images are scaled as for extraction),
+    or None when the image is missing or unreadable."""
+    from xmodal.stimuli import StimulusError, load_rgb
 
     try:
-        with Image.open(path) as im:
-            im = im.convert("RGB")
-            im.thumbnail((size, size))
-            return np.asarray(im)
-    except (OSError, UnidentifiedImageError, ValueError):
+        im = load_rgb(path, stimulus_id, log_conversions=False)
+    except StimulusError:
         return None
+    im.thumbnail((size, size))
+    return np.asarray(im)
 
 
 def _property_lines(props: pd.DataFrame | None) -> dict[str, str]:
@@ -269,7 +270,7 @@ def draw_gallery(data: FigureData, n: int = 12, ncols: int = 6) -> Figure:
             if sid in man.index:
                 caption = str(man.at[sid, "caption"]) if "caption" in man.columns else ""
                 if "image" in man.columns and isinstance(man.at[sid, "image"], str):
-                    img = _load_thumb(root / man.at[sid, "image"])
+                    img = _load_thumb(root / man.at[sid, "image"], sid)
             if img is None:
                 missing.append(sid)
                 ax.imshow(_placeholder())
