@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import csv
 import shutil
+import unicodedata
 
 import pandas as pd
 import pytest
@@ -121,9 +123,16 @@ def test_unbalanced_quote_does_not_swallow_the_following_rows(tmp_path):
         ("s1\ta.png\tbroken\ncaption\ns2\ta.png\tok\n", r"line 3, stimulus_id 'caption' has 1 "),
         ("s1\ta.png\tone\n\ns2\ta.png\ttwo\n", r"empty line\(s\) \[3\] between stimuli"),
         ("s1\ta.png\tone\rtwo\n", r"line\(s\) \[2\] contain a carriage return"),
+        ("s1\ta.png\tone\n   \ns2\ta.png\ttwo\n", r"empty line\(s\) \[3\] between stimuli"),
+        # before: accepted here, then h5py's "VLEN strings do not support embedded NULLs" once
+        # the model had run, naming nothing
+        ("s1\ta.png\tone\ns\x002\ta.png\ttwo\n", r"id\(s\) \['s\\x002'\].*line\(s\) \[3\].*NUL"),
+        ("s1\ta.png\t\u200b \u2060\n", r"empty caption on line\(s\) \[2\]"),
+        ("\u200b\ta.png\tone\n", r"empty stimulus_id on line\(s\) \[2\]"),
     ],
     ids=["trailing_tab", "trailing_tab_everywhere", "tab_in_caption", "newline_in_caption",
-         "empty_line_inside", "bare_cr"],
+         "empty_line_inside", "bare_cr", "spaces_line_inside", "nul_in_id", "invisible_caption",
+         "invisible_id"],
 )  # fmt: skip
 def test_malformed_lines_are_errors_naming_the_line(tmp_path, body, match):
     path = _manifest(tmp_path, body)
@@ -162,6 +171,50 @@ def test_crlf_bom_trailing_empty_lines_and_extra_columns(tmp_path):
     assert df["caption"].tolist() == ["one", "two "] and df["clutter"].tolist() == ["0.10", "1e3"]
 
 
+def test_doubled_bom_and_trailing_lines_of_spaces_are_ignored(tmp_path):
+    path = _manifest(tmp_path, "s1\ta.png\tone\n  \n \n", bom=True)
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())  # a BOM added twice
+    df = read_manifest(path)
+    assert df["stimulus_id"].tolist() == ["s1"] and df["caption"].tolist() == ["one"]
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-le", "utf-16-be"])
+def test_utf16_manifest_is_named(tmp_path, encoding):
+    """Excel's "Unicode Text" is UTF-16 (with or without a byte-order mark)."""
+    path = _manifest(tmp_path, "s1\ta.png\tone\n")
+    path.write_bytes(path.read_text(encoding="utf-8").encode(encoding))
+    with pytest.raises(
+        StimulusError, match=r"stimuli.tsv: the manifest is UTF-16.*iconv -f utf-16"
+    ):
+        read_manifest(path)
+
+
+def test_csv_quoted_captions_are_refused(tmp_path):
+    """pandas' ``to_csv(sep="\t")`` quotes a caption with a quote in it; read verbatim, the
+    language models would see ``\"\"\"The Scream\"\" by Munch\"``. The same table written by
+    ``write_manifest`` reads back as it was."""
+    Image.new("RGB", (4, 4)).save(tmp_path / "a.png")
+    captions = ["plain", '"The Scream" by Munch', 'a "quoted" word', '"', '""']
+    df = pd.DataFrame({"stimulus_id": [f"s{k}" for k in range(5)], "image": "a.png",
+                       "caption": captions})  # fmt: skip
+    df.to_csv(tmp_path / "stimuli.tsv", sep="\t", index=False)
+    raw = (tmp_path / "stimuli.tsv").read_text().splitlines()
+    assert raw[2].endswith('\t"""The Scream"" by Munch"')  # what pandas wrote
+    with pytest.raises(StimulusError, match=r"stimulus 's1' on line 3 is CSV-quoted") as err:
+        read_manifest(tmp_path / "stimuli.tsv")
+    # '"' and '""' are quoted too ('""""' and '""""""'), and named
+    assert "4 caption(s) in all, on line(s) [3, 4, 5, 6]" in str(err.value)
+    back = read_manifest(write_manifest(df, tmp_path / "stimuli.tsv"))
+    assert back["caption"].tolist() == captions
+    # quoting everything (csv.QUOTE_ALL or QUOTE_NONNUMERIC) quotes the header and the paths
+    df.to_csv(tmp_path / "stimuli.tsv", sep="\t", index=False, quoting=csv.QUOTE_ALL)
+    with pytest.raises(StimulusError, match=r"wrapped in quotes: the file was written with CSV"):
+        read_manifest(tmp_path / "stimuli.tsv")
+    body = "\n".join(['s1\t"a.png"\tone', "s2\ta.png\ttwo"])
+    with pytest.raises(StimulusError, match=r"line\(s\) \[2\].*paths wrapped in quotes"):
+        read_manifest(_manifest(tmp_path, body))
+
+
 def test_columns_in_any_order(tmp_path):
     df = read_manifest(
         _manifest(tmp_path, "one\ta.png\ts1\n", header="caption\timage\tstimulus_id")
@@ -175,6 +228,20 @@ def test_columns_in_any_order(tmp_path):
 _NASTY = ['"', "'", '""', ",", ";", "#", "\\", "NA", "null", "nan", " ", "\u00a0", "\ufeff",
           "\x0b", "\x0c", "\x1c", "\x1d", "\x1e", "\x85", "\u2028", "\u2029", "\x00", "é", "e\u0301",
           "\u05d0", "👩‍🔬", "\u200b"]  # fmt: skip
+
+
+def _visible(text: str) -> bool:
+    """Shows something: a character that is neither whitespace nor a control or format one."""
+    return any(not ch.isspace() and unicodedata.category(ch) not in ("Cc", "Cf") for ch in text)
+
+
+def _csv_quoted(text: str) -> bool:
+    """As csv.writer quotes a field with a quote in it (read_manifest refuses such captions)."""
+    inner = text[1:-1]
+    doubled = inner.replace('""', '"').replace('"', '""')
+    return len(text) >= 4 and text[0] == text[-1] == '"' and '""' in inner and inner == doubled
+
+
 _TEXT = st.lists(
     st.one_of(
         st.sampled_from(_NASTY),
@@ -189,12 +256,12 @@ _IDS = st.one_of(
     st.decimals(allow_nan=False, allow_infinity=False, places=2).map(str),  # 1.50
     st.sampled_from(["NA", "N/A", "null", "None", "NaN", "TRUE", "false", "#N/A", "-", '"7"']),
     _TEXT,
-).filter(lambda s: s.strip() != "")
+).filter(lambda s: _visible(s) and "\x00" not in s)
 _CAPTIONS = st.one_of(
     _TEXT,
     st.sampled_from(['"The Scream" by Munch', '"unbalanced', 'ends with "', '"', "it's"]),
     st.tuples(_TEXT, st.integers(100, 3000)).map(lambda t: t[0] * t[1]),  # very long
-).filter(lambda s: s.strip() != "")
+).filter(lambda s: _visible(s) and not _csv_quoted(s))
 
 
 @st.composite

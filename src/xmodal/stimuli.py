@@ -24,6 +24,7 @@ import io
 import logging
 import os
 import threading
+import unicodedata
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
@@ -88,6 +89,13 @@ class StimulusError(ValueError):
     """A stimulus manifest or one of its images is invalid."""
 
 
+#: the remedy named when a manifest was written with CSV quoting
+_NO_QUOTING = (
+    "the file was written with CSV quoting, and a manifest has none; write it with "
+    "xmodal.stimuli.write_manifest"
+)
+
+
 def _preview(items: Sequence[Any], n: int = 5) -> str:
     head = ", ".join(repr(s) for s in items[:n])
     return f"[{head}{', ...' if len(items) > n else ''}] ({len(items)} in all)"
@@ -103,13 +111,16 @@ def read_manifest(
 ) -> pd.DataFrame:
     """Read and validate a stimulus manifest; returns its rows in file order, every column text.
 
-    Format: UTF-8 (an optional byte-order mark is skipped), lines end in LF or CRLF; line 1 is
-    the header naming the columns (``stimulus_id``, ``image``, ``caption`` required, in any
-    order; extra columns are kept); then one stimulus per line with exactly one tab-separated
-    field per column. No quoting and no escapes: every field is kept exactly as written, so a
-    field cannot contain a tab or a line break. Empty lines at the end are ignored; an empty
-    line anywhere else is an error. Checks: ids unique and non-empty, captions non-empty (after
-    stripping whitespace), every image file exists. With ``verify_images`` every image is also
+    Format: UTF-8 (leading byte-order marks are skipped; UTF-16 is refused), lines end in LF or
+    CRLF; line 1 is the header naming the columns (``stimulus_id``, ``image``, ``caption``
+    required, in any order; extra columns are kept); then one stimulus per line with exactly one
+    tab-separated field per column. No quoting and no escapes: every field is kept exactly as
+    written, so a field cannot contain a tab or a line break. Empty lines (or lines of spaces)
+    at the end are ignored; anywhere else they are an error. Checks: ids unique, non-empty and
+    without NUL (which HDF5 cannot store); captions neither empty (only whitespace or invisible
+    characters such as a zero-width space) nor CSV-quoted (a caption as a CSV writer quotes it,
+    ``"a ""quoted"" word"``, would reach the language models with its quotes); every image file
+    exists. With ``verify_images`` every image is also
     decoded and converted (:func:`scan_images`), so that an image no rule converts fails here
     rather than mid-extraction. ``check_images=False`` skips the image checks (for readers that
     only need the table, such as the gallery figure, which shows a placeholder for a missing
@@ -129,11 +140,14 @@ def read_manifest(
         if check_images and not (img.strip() and (root / img).is_file())
     ]
     if missing:
+        images = [columns["image"][k] for k in missing]
+        quoted = any(len(p) >= 2 and p[0] == p[-1] == '"' for p in images)
         raise StimulusError(
             f"{path}: image file(s) not found (relative to {root}) on line(s) "
             f"{[lines[k] for k in missing][:10]}: stimulus ids "
             f"{_preview([columns['stimulus_id'][k] for k in missing])}, "
-            f"images {_preview([columns['image'][k] for k in missing])}"
+            f"images {_preview(images)}"
+            + (f" (paths wrapped in quotes: {_NO_QUOTING})" if quoted else "")
         )
     df = pd.DataFrame(columns, dtype=str)
     if verify_images and check_images:
@@ -143,6 +157,11 @@ def read_manifest(
 
 def _decode_utf8(path: Path, data: bytes) -> str:
     """The manifest's text; a StimulusError names the line (and stimulus) of a non-UTF-8 byte."""
+    if data[:2] in (b"\xff\xfe", b"\xfe\xff") or (len(data) >= 2 and b"\x00" in data[:2]):
+        raise StimulusError(
+            f"{path}: the manifest is UTF-16 (as Excel's 'Unicode Text' saves it), not UTF-8; "
+            "save it as UTF-8 (e.g. iconv -f utf-16 -t utf-8)"
+        )
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as err:
@@ -157,7 +176,7 @@ def _decode_utf8(path: Path, data: bytes) -> str:
             + f" is not valid UTF-8 (byte {data[err.start]:#04x} at offset {err.start}); "
             "save the manifest as UTF-8 (e.g. iconv -f latin1 -t utf-8)"
         ) from err
-    return text[1:] if text.startswith("\ufeff") else text
+    return text.lstrip("\ufeff")  # a byte-order mark, or several from a doubled conversion
 
 
 def _parse_tsv(path: Path, text: str) -> tuple[list[str], list[list[str]], list[int]]:
@@ -166,6 +185,8 @@ def _parse_tsv(path: Path, text: str) -> tuple[list[str], list[list[str]], list[
     if lines[-1] == "":
         lines.pop()  # the newline that ends the last line
     lines = [ln[:-1] if ln.endswith("\r") else ln for ln in lines]
+    # a line of spaces is empty too (never a stimulus: a manifest has at least three fields)
+    lines = [ln if ln.strip(" ") else "" for ln in lines]
     while lines and lines[-1] == "":
         lines.pop()
     cr = [k for k, ln in enumerate(lines, start=1) if "\r" in ln]
@@ -232,19 +253,49 @@ def _check_header(path: Path, header: list[str]) -> None:
     missing = [c for c in COLUMNS if c not in header]
     if missing:
         near = [name for name in header if name.strip().lower() in missing]
+        quoted = [name for name in header if len(name) >= 2 and name[0] == name[-1] == '"']
         raise StimulusError(
             f"{path}: missing column(s) {missing}; a manifest needs {list(COLUMNS)}, "
             f"found {header}"
             + (f" (names are exact: {near} differ in case or spaces)" if near else "")
+            + (f" ({quoted} are wrapped in quotes: {_NO_QUOTING})" if quoted else "")
         )
 
 
+def _blank(text: str) -> bool:
+    """True when ``text`` shows nothing: only whitespace, control and format characters (such
+    as a zero-width space or a byte-order mark)."""
+    return all(ch.isspace() or unicodedata.category(ch) in ("Cc", "Cf") for ch in text)
+
+
+def _csv_quoted(text: str) -> bool:
+    """True when ``text`` is a field as a CSV writer quotes it: wrapped in double quotes, every
+    quote inside doubled, at least one of them (pandas' ``to_csv`` writes a caption with a
+    quote in it so, even with ``sep="\t"``)."""
+    inner = text[1:-1]
+    return (
+        len(text) >= 4
+        and text[0] == text[-1] == '"'
+        and '""' in inner
+        and '"' not in inner.replace('""', "")
+    )
+
+
 def _check_stimuli(where: str, ids: list[str], captions: list[str], lines: list[int]) -> None:
-    """Ids unique and non-empty, captions non-empty; errors name ``where``, lines and ids."""
-    empty_id = [k for k, s in enumerate(ids) if not s.strip()]
+    """Ids unique, visible and without NUL; captions visible and not CSV-quoted; errors name
+    ``where``, lines and ids."""
+    empty_id = [k for k, s in enumerate(ids) if _blank(s)]
     if empty_id:
         raise StimulusError(
-            f"{where}: empty stimulus_id on line(s) {[lines[k] for k in empty_id][:10]}"
+            f"{where}: empty stimulus_id on line(s) {[lines[k] for k in empty_id][:10]} "
+            "(only spaces or invisible characters)"
+        )
+    nul = [k for k, s in enumerate(ids) if "\x00" in s]
+    if nul:
+        raise StimulusError(
+            f"{where}: stimulus id(s) {_preview([ids[k] for k in nul])} on line(s) "
+            f"{[lines[k] for k in nul][:10]} contain a NUL character, which the HDF5 feature "
+            "files cannot store: remove it"
         )
     counts = Counter(ids)
     dup_rows = [k for k, s in enumerate(ids) if counts[s] > 1]
@@ -253,11 +304,22 @@ def _check_stimuli(where: str, ids: list[str], captions: list[str], lines: list[
             f"{where}: duplicate stimulus ids {_preview(sorted({ids[k] for k in dup_rows}))} on "
             f"lines {[lines[k] for k in dup_rows][:10]}"
         )
-    empty_cap = [k for k, c in enumerate(captions) if not c.strip()]
+    empty_cap = [k for k, c in enumerate(captions) if _blank(c)]
     if empty_cap:
         raise StimulusError(
             f"{where}: empty caption on line(s) {[lines[k] for k in empty_cap][:10]} "
-            f"(stimulus ids {_preview([ids[k] for k in empty_cap])})"
+            f"(only spaces or invisible characters; stimulus ids "
+            f"{_preview([ids[k] for k in empty_cap])})"
+        )
+    quoted = [k for k, c in enumerate(captions) if _csv_quoted(c)]
+    if quoted:
+        k = quoted[0]
+        raise StimulusError(
+            f"{where}: the caption of stimulus {ids[k]!r} on line {lines[k]} is CSV-quoted "
+            f"({_short(captions[k], 60)!r}: wrapped in quotes, the quotes inside doubled); "
+            f"{len(quoted)} caption(s) in all, on line(s) {[lines[j] for j in quoted][:10]}. "
+            "Read as written, the quotes would reach the language models: "
+            f"{_NO_QUOTING}, or unquote those fields"
         )
 
 
