@@ -203,3 +203,23 @@ def test_not_a_feature_file(tmp_path):
         FeatureFile(tmp_path / "x.h5")
     with pytest.raises(FeatureFileError, match="not found"):
         FeatureFile(tmp_path / "missing.h5")
+
+
+def test_abs_q95_of_non_finite_features_names_layer_and_stimuli(tmp_path):
+    """A file without abs_q95 (user-written) and a NaN in a layer that is not analysed: once a
+    bare "abs_q95 must be a finite non-empty 1-D array" from the layer search, naming nothing."""
+    x, ids, names = _data()
+    path = write_features(tmp_path / "f.h5", x, ids, names, ATTRS)
+    with h5py.File(path, "r+") as f:
+        del f["abs_q95"]
+        f["features"][1, 4, 1] = np.nan
+    with FeatureFile(path) as ff, pytest.raises(FeatureFileError) as err:
+        ff.abs_q95()
+    msg = str(err.value)
+    assert str(path) in msg and "layer(s) 1 ('layers.1')" in msg and "['s4' (1)]" in msg
+    # a stored abs_q95 that is not finite, over finite features
+    path = write_features(tmp_path / "g.h5", x, ids, names, ATTRS)
+    with h5py.File(path, "r+") as f:
+        f["abs_q95"][0] = np.inf
+    with FeatureFile(path) as ff, pytest.raises(FeatureFileError, match=r"abs_q95 dataset.*'s0'"):
+        ff.abs_q95()

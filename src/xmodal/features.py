@@ -441,14 +441,32 @@ class FeatureFile:
             yield self.layer(i)
 
     def abs_q95(self) -> np.ndarray:
-        """Per stimulus 95th percentile of |x| over all layers and dims, ``(m,)`` float32."""
+        """Per stimulus 95th percentile of |x| over all layers and dims, ``(m,)`` float32.
+
+        Non-finite values (stored, or computed from non-finite features) raise an error naming
+        the stimuli and the layers whose features are not finite.
+        """
         with self._reading("'abs_q95'"):
             if "abs_q95" in self._f:
                 q = np.asarray(self._f["abs_q95"][()], dtype=np.float32)
             else:
                 log.info("%s has no abs_q95; computing it from the features", self.path)
                 q = _abs_q95_from_dataset(self._f["features"])
-        return q if self._order is None else q[self._order]
+        q = q if self._order is None else q[self._order]
+        bad = ~np.isfinite(q)
+        if bad.any():
+            ids = self.stimulus_ids
+            layers = [
+                f"{i} ({name!r})"
+                for i, name in enumerate(self.layer_names)
+                if not np.isfinite(self.layer(i)).all()
+            ]
+            where = f"in layer(s) {', '.join(layers)}" if layers else "in its abs_q95 dataset"
+            raise FeatureFileError(
+                f"{self.path}: non-finite values {where} for stimuli "
+                f"{_preview([ids[j] for j in np.flatnonzero(bad)])}; {REEXTRACT}"
+            )
+        return q
 
     def n_tokens(self) -> np.ndarray | None:
         """Tokens per caption (language models), ``(m,)`` int64; None when the file has no
