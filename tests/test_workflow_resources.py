@@ -88,3 +88,18 @@ def test_model_no_node_can_hold_fails_at_start_up(paper_project: Path) -> None:
     assert "models.llama-30b" in out or "models.llama-65b" in out, out
     assert "extraction.gpu_mem_gb" in out and "extraction.gpus_per_node" in out, out
     assert "Traceback" not in out, out
+
+
+def test_threaded_rules_ask_for_their_threads_as_cpus(paper_project: Path) -> None:
+    """The rules that decode images on 2 threads ask SLURM for 2 CPUs (before: the profile's
+    default of 1 CPU, so their second thread shared the first one's core)."""
+    targets = ["results/stimuli/wit1024/images.tsv", "results/properties/wit1024/images.tsv"]
+    proc = snakemake(paper_project, "-n", "--forceall", "--cores", "4", "--", *targets)
+    cpus, rule = {}, None
+    for line in (proc.stdout + proc.stderr).splitlines():
+        if line.startswith("rule "):
+            rule = line.split()[1].rstrip(":")
+        elif rule and "resources:" in line:
+            cpus[rule] = dict(re.findall(r"(\w+)=(\d+)(?:,|$)", line)).get("cpus_per_task")
+            rule = None
+    assert cpus["stimuli_report"] == cpus["image_properties"] == "2", cpus

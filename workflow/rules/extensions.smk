@@ -132,6 +132,9 @@ rule image_properties:
     conda:
         "../../envs/analysis.yaml"
     threads: 2
+    resources:
+        # what SLURM gives the job (the profile's default would be 1 CPU)
+        cpus_per_task=lambda wildcards, threads: threads,
     script:
         "../../scripts/image_properties.py"
 

@@ -34,5 +34,8 @@ rule stimuli_report:
     conda:
         "../../envs/analysis.yaml"
     threads: 2
+    resources:
+        # what SLURM gives the job (the profile's default would be 1 CPU)
+        cpus_per_task=lambda wildcards, threads: threads,
     script:
         "../../scripts/stimuli_report.py"
