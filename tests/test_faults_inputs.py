@@ -30,7 +30,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from xmodal.config import ConfigError, check_against_stimuli, check_config
+from xmodal.config import (
+    ConfigError,
+    check_against_stimuli,
+    check_config,
+    load_config_file,
+    normalise_integers,
+)
 from xmodal.features import FeatureFile, FeatureFileError, write_features
 from xmodal.io import DiskFullError, write_table
 from xmodal.stimuli import ImageDataset, StimulusError, load_rgb, read_manifest
@@ -95,6 +101,18 @@ def _missing_local_dir(cfg: dict) -> None:
     cfg["models"]["tiny-mae"]["id"] = "./models/not-there"
 
 
+def _demo_key_with_local_source(cfg: dict) -> None:
+    cfg["stimuli"]["source"] = "local"  # keeps n, seed and train, which only the demo reads
+
+
+def _gpu_model_with_hyphen(cfg: dict) -> None:
+    cfg["extraction"]["gpu_model"] = "a100-80gb"
+
+
+def _metrics_without_cknna(cfg: dict) -> None:
+    cfg["analysis"]["metrics"] = ["mutual_knn"]
+
+
 CONFIG_CASES: dict[str, tuple[Callable[[dict], None], str]] = {
     # schema errors: one line per problem naming the config file and the dotted key
     "unknown_key": (
@@ -123,6 +141,21 @@ CONFIG_CASES: dict[str, tuple[Callable[[dict], None], str]] = {
         r"'models.tiny-bloom-s': .*extraction.gpu_mem_gb.*extraction.gpus_per_node",
     ),
     "missing_local_dir": (_missing_local_dir, r"'models.tiny-mae.id': './models/not-there' looks"),
+    # before: silently ignored (all the manifest's stimuli analysed)
+    "demo_key_with_local_source": (
+        _demo_key_with_local_source,
+        r"'stimuli.n' is read only with 'stimuli.source: demo'.*source 'local'",
+    ),
+    # before: accepted, then refused by the SLURM plugin at the first submission, naming no key
+    "gpu_model_with_hyphen": (
+        _gpu_model_with_hyphen,
+        r"key 'extraction\.gpu_model': 'a100-80gb' does not match",
+    ),
+    # before: accepted, then language_gpa failed after the layer searches ("rerun its layer search")
+    "metrics_without_cknna": (
+        _metrics_without_cknna,
+        r"'analysis.language_dispersion.layer': 'chosen'.*CKNNA.*\(\['mutual_knn'\]\) has no cknna",
+    ),
 }
 
 
@@ -177,6 +210,33 @@ def test_accepted_model_keys_stay_inside_results(key: str) -> None:
     root = Path("/r/results/features/demo")
     assert (root / f"{key}.h5").resolve().parent == root
     assert "/" not in key and "\\" not in key and not key.startswith(".")
+
+
+def test_whole_number_floats_become_integers_where_the_schema_says_integer() -> None:
+    """``10.0`` for ``10`` (JSON Schema calls it an integer) is read as 10, so that the job
+    parameters, and so the rerun triggers, are the same; numbers stay numbers."""
+    schema = load_config_file(ROOT / "workflow" / "schemas" / "config.schema.yaml")
+    cfg = _demo_cfg()
+    want = copy.deepcopy(cfg)
+    cfg["analysis"].update(knn_k=10.0, vision_layer=-2.0, drop_fraction=0.25)
+    cfg["analysis"]["drop_control"] = {"n_random": 20.0}
+    cfg["models"]["tiny-mae"]["build"]["seed"] = 1.0
+    cfg["models"]["tiny-mae"]["build"]["train"]["lr"] = 2.0  # a number: stays a float
+    cfg["extraction"] = {"gpu_mem_gb": 40.0, "max_tokens": 64.0}
+    changed = normalise_integers(cfg, schema)
+    assert sorted(changed) == sorted(
+        ["analysis.knn_k", "analysis.vision_layer", "analysis.drop_control.n_random",
+         "models.tiny-mae.build.seed", "extraction.max_tokens"]
+    )  # fmt: skip
+    assert cfg["analysis"]["knn_k"] == 10 and type(cfg["analysis"]["knn_k"]) is int
+    assert cfg["analysis"]["vision_layer"] == want["analysis"]["vision_layer"] == -2
+    assert type(cfg["models"]["tiny-mae"]["build"]["seed"]) is int
+    assert type(cfg["models"]["tiny-mae"]["build"]["train"]["lr"]) is float
+    assert (
+        type(cfg["extraction"]["gpu_mem_gb"]) is float and cfg["analysis"]["drop_fraction"] == 0.25
+    )
+    cfg["analysis"]["knn_k"] = 10.5  # not a whole number: left for the schema to refuse
+    assert normalise_integers(cfg, schema) == [] and cfg["analysis"]["knn_k"] == 10.5
 
 
 def test_set_size_larger_than_stimuli_says_what_to_do() -> None:

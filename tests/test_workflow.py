@@ -150,6 +150,22 @@ def test_rerun_is_a_no_op(workflow_dir):
     assert "Nothing to be done" in proc.stdout + proc.stderr
 
 
+def test_whole_numbers_written_as_floats_rerun_nothing(workflow_dir, tmp_path):
+    """``knn_k: 10.0`` is the setting ``knn_k: 10``: the same job parameters, so nothing reruns
+    (before: 30 jobs for knn_k alone, GPA for vision_layer, a model rebuild for its seed)."""
+    cfg = yaml.safe_load((workflow_dir / "config" / "demo.yaml").read_text())
+    a = cfg["analysis"]
+    a.update(knn_k=float(a["knn_k"]), vision_layer=float(a["vision_layer"]))
+    a["set_size"] = float(a["set_size"])
+    build = cfg["models"]["tiny-bloom-s"]["build"]
+    build["seed"] = float(build["seed"])
+    (tmp_path / "floats.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    assert "knn_k: 10.0" in (tmp_path / "floats.yaml").read_text()
+    proc = snakemake(workflow_dir, "-n", "--configfile", str(tmp_path / "floats.yaml"),
+                     "--cores", "2")  # fmt: skip
+    assert "Nothing to be done" in proc.stdout + proc.stderr, proc.stdout + proc.stderr
+
+
 def test_demo_profile_works_from_another_directory(workflow_dir, tmp_path):
     """`snakemake -d DIR --profile DIR/profiles/demo` from elsewhere: the profile's Snakefile
     and config resolve against the profile folder (once a FileNotFoundError on the config)."""

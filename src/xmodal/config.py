@@ -26,14 +26,77 @@ def models_of(config: Mapping[str, Any], modality: str) -> list[str]:
     return [k for k, m in config["models"].items() if m["modality"] == modality]
 
 
+#: ``stimuli`` keys that only one source reads (any other source would silently ignore them)
+SOURCE_KEYS = {
+    "n": "demo",
+    "seed": "demo",
+    "train": "demo",
+    "repo": "hub",
+    "revision": "hub",
+    "split": "hub",
+}
+
+
+def _is_integer_type(node: Mapping[str, Any]) -> bool:
+    kind = node.get("type")
+    kinds = kind if isinstance(kind, list) else [kind]
+    return "integer" in kinds and "number" not in kinds
+
+
+def normalise_integers(config: dict, schema: Mapping[str, Any]) -> list[str]:
+    """Turn whole-number floats (``10.0``) into ints where the schema asks for an integer, in
+    place; returns the dotted keys changed.
+
+    JSON Schema counts 10.0 as an integer, so the config would pass; but ``10.0`` and ``10`` are
+    different job parameters to Snakemake, and writing one for the other would rerun every job
+    that takes it (and a check that wants an int would refuse it).
+    """
+    changed: list[str] = []
+    defs = schema.get("$defs", {})
+
+    def resolve(node: Mapping[str, Any]) -> Mapping[str, Any]:
+        ref = node.get("$ref", "")
+        return defs.get(ref.rsplit("/", 1)[-1], node) if ref.startswith("#/$defs/") else node
+
+    def walk(value: Any, node: Mapping[str, Any], key: str) -> Any:
+        node = resolve(node)
+        if isinstance(value, float) and value.is_integer() and _is_integer_type(node):
+            changed.append(key)
+            return int(value)
+        if isinstance(value, dict):
+            props = node.get("properties", {})
+            extra = node.get("additionalProperties")
+            for k in list(value):
+                sub = props.get(k, extra if isinstance(extra, Mapping) else None)
+                if sub is not None:
+                    value[k] = walk(value[k], sub, f"{key}.{k}" if key else str(k))
+        elif isinstance(value, list) and isinstance(node.get("items"), Mapping):
+            for i, item in enumerate(value):
+                value[i] = walk(item, node["items"], f"{key}[{i}]")
+        return value
+
+    walk(config, schema, "")
+    return changed
+
+
 def check_config(config: Mapping[str, Any]) -> None:
     """Raise :class:`ConfigError` for values the schema cannot express.
 
-    Checks: dataset and model keys are filesystem-safe; at least 3 vision models (GPA and
-    leave-one-model-out need 3) and 1 language model; the vision layer index, set size K,
-    neighbour count k and drop fraction are consistent with each other. K against the number
-    of stimuli is checked when the manifest is read (it is not known before).
+    Checks: dataset and model keys are filesystem-safe; ``stimuli`` keys of another source
+    (:data:`SOURCE_KEYS`) are absent; at least 3 vision models (GPA and leave-one-model-out
+    need 3) and 1 language model; the vision layer index, set size K, neighbour count k and
+    drop fraction are consistent with each other. K against the number of stimuli is checked
+    when the manifest is read (it is not known before).
     """
+    stimuli = config.get("stimuli") or {}
+    source = stimuli.get("source")
+    for key, only in SOURCE_KEYS.items():
+        if key in stimuli and source != only:
+            raise ConfigError(
+                f"config key 'stimuli.{key}' is read only with 'stimuli.source: {only}', and "
+                f"this config has source {source!r}, which would ignore it; remove it"
+                + (" (to analyse fewer stimuli, list fewer in the manifest)" if key == "n" else "")
+            )
     dataset = str(config.get("dataset", ""))
     if not DATASET_KEY.match(dataset):
         raise ConfigError(

@@ -132,6 +132,13 @@ class LanguageDispersionSettings:
                 "[0, 1] (0 = embeddings, 1 = last hidden state)"
             )
         layer = "chosen" if layer == "chosen" else float(layer)
+        metrics = list((config.get("analysis") or {}).get("metrics") or ["cknna"])
+        if enabled and layer == "chosen" and "cknna" not in metrics:
+            raise ConfigError(
+                f"config key '{key}': 'chosen' takes each LLM's layer as the layer search chose "
+                f"it by CKNNA, but 'analysis.metrics' ({metrics}) has no cknna; add cknna to "
+                f"'analysis.metrics', or set '{key}' to a relative depth in [0, 1]"
+            )
         n_llm = sum(
             1 for m in (config.get("models") or {}).values() if m.get("modality") == "language"
         )

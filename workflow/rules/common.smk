@@ -19,6 +19,7 @@ from xmodal.config import (
     ConfigError,
     check_config,
     load_config_file,
+    normalise_integers,
     schema_errors,
 )
 from xmodal.figures import (
@@ -45,13 +46,19 @@ for _path in _CONFIG_FILES:
             "snakemake, or run snakemake from the project folder."
         )
 
+_SCHEMA = Path(workflow.basedir) / "workflow" / "schemas" / "config.schema.yaml"
+# 10.0 where the schema wants an integer: the same setting as 10, so the same job parameter
+for _key in normalise_integers(config, load_config_file(_SCHEMA)):
+    logger.info(
+        f"config key '{_key}': whole number written as a float, read as an integer"
+    )
+
 try:
     validate(config, schema="../schemas/config.schema.yaml")
 except WorkflowError:
     # one line per problem, naming the file and the key (jsonschema's report is long)
-    _schema = Path(workflow.basedir) / "workflow" / "schemas" / "config.schema.yaml"
     raise WorkflowError(
-        "\n".join(schema_errors(config, _schema, ", ".join(_CONFIG_FILES)))
+        "\n".join(schema_errors(config, _SCHEMA, ", ".join(_CONFIG_FILES)))
     ) from None
 
 try:
@@ -73,7 +80,8 @@ except ConfigError as err:
 for _first, _second, _what in REGISTRY.duplicate_ids():
     logger.warning(
         f"models '{_first}' and '{_second}' are the same model ({_what}): their features "
-        "will be identical and count twice in GPA and leave-one-model-out; remove one of them"
+        "will be identical and count twice in their modality's GPA (and, for vision models, "
+        "in leave-one-model-out); remove one of them"
     )
 
 DATASET = config["dataset"]
