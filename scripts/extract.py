@@ -11,19 +11,26 @@ from pathlib import Path
 
 import _bootstrap  # noqa: F401
 
+from xmodal.config import hub_cache_dir  # noqa: E402
+
 snakemake = globals()["snakemake"]  # injected by the preamble Snakemake prepends
-# Before any hub library is imported: offline, against the project-local cache.
+# Before any hub library is imported: offline, against the project-local cache (read from the
+# config, not a param: moving the cache re-extracts nothing)
+CACHE_DIR = hub_cache_dir(snakemake.config)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_HUB_CACHE", str(Path(snakemake.params.cache_dir).resolve()))
+os.environ.setdefault("HF_HUB_CACHE", str(Path(CACHE_DIR).resolve()))
 
 from xmodal.logs import log_to  # noqa: E402
 
 log_to(snakemake.log[0])
 
 from xmodal.extract import extract_features  # noqa: E402
+from xmodal.prefetch import check_prefetched  # noqa: E402
 from xmodal.registry import Registry  # noqa: E402
 
 entry = Registry.from_config(snakemake.config)[snakemake.wildcards.model]
+if entry.source == "hub":  # the weights are where the record says, or it says what to do
+    check_prefetched(snakemake.input.model, CACHE_DIR)
 extract_features(
     entry.key,
     {
@@ -34,7 +41,7 @@ extract_features(
     },
     snakemake.input.manifest,
     snakemake.output.features,
-    cache_dir=snakemake.params.cache_dir,
+    cache_dir=CACHE_DIR,
     dtype=entry.site.dtype,
     batch_size=entry.batch_size,
     num_workers=entry.site.num_workers,

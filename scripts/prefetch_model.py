@@ -9,6 +9,7 @@ from xmodal.logs import log_to
 snakemake = globals()["snakemake"]  # injected by the preamble Snakemake prepends
 log_to(snakemake.log[0])  # first, so that even an import error reaches the job's log
 
+from xmodal.config import hub_cache_dir  # noqa: E402
 from xmodal.io import atomic_path  # noqa: E402
 from xmodal.prefetch import prefetch_model  # noqa: E402
 from xmodal.registry import Registry  # noqa: E402
@@ -19,7 +20,7 @@ record = prefetch_model(
     entry.id,
     entry.modality,
     entry.revision,
-    snakemake.params.cache_dir,
+    hub_cache_dir(snakemake.config),
     allow_pickle=entry.allow_pickle,
 )
 with atomic_path(snakemake.output.record) as tmp:

@@ -32,10 +32,11 @@ def copy_project(dest: Path) -> Path:
 
 
 def run_snakemake(
-    cwd: Path, *args: str, check: bool = True, timeout: float = 1500
+    cwd: Path, *args: str, check: bool = True, timeout: float = 1500, env: dict | None = None
 ) -> subprocess.CompletedProcess:
-    """Run ``snakemake ARGS`` in ``cwd`` with a clean environment; fail loudly with its output."""
-    env = {"PATH": f"{BIN}:/usr/bin:/bin", "HOME": str(cwd), "PYTHONUNBUFFERED": "1"}
+    """Run ``snakemake ARGS`` in ``cwd`` with a clean environment (plus ``env``); fail loudly
+    with its output."""
+    env = {"PATH": f"{BIN}:/usr/bin:/bin", "HOME": str(cwd), "PYTHONUNBUFFERED": "1"} | (env or {})
     proc = subprocess.run(
         [SNAKEMAKE, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
     )

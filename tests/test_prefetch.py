@@ -24,7 +24,13 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from xmodal.prefetch import PrefetchError, hub_repo_id, prefetch_model, prefetch_stimuli
+from xmodal.prefetch import (
+    PrefetchError,
+    check_prefetched,
+    hub_repo_id,
+    prefetch_model,
+    prefetch_stimuli,
+)
 
 SECRET = "hf_notARealTokenButSecret123"
 
@@ -133,6 +139,33 @@ def test_cached_model_is_used_when_hub_unreachable(tmp_path: Path) -> None:
     rec = prefetch_model("org/tiny-lm", "language", "v1.0", tmp_path)
     assert rec["revision"] == sha and rec["revision_requested"] == "v1.0"
     assert rec["from_cache_only"] is True
+
+
+def test_check_prefetched_follows_the_cache_it_is_given(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The record keeps the cache it was downloaded into; a moved copy of that cache passes,
+    a cache without the snapshot or with a file missing fails naming both caches."""
+    import shutil
+
+    fake_repo(tmp_path / "old", "model", "org/tiny-lm", "main", LM_FILES)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    record = tmp_path / "mae.json"
+    record.write_text(json.dumps(prefetch_model("org/tiny-lm", "language", None, tmp_path / "old")))
+    check_prefetched(record, tmp_path / "old")
+    shutil.copytree(tmp_path / "old", tmp_path / "moved")  # the user moved the cache
+    check_prefetched(record, tmp_path / "moved")
+    with pytest.raises(PrefetchError) as err:
+        check_prefetched(record, tmp_path / "empty")
+    msg = str(err.value)
+    assert f"downloaded into {tmp_path / 'old'}" in msg and f"now {tmp_path / 'empty'}" in msg
+    assert "'hub_cache'" in msg and str(record) in msg
+    snapshot = next((tmp_path / "moved").glob("models--org--tiny-lm/snapshots/*"))
+    (snapshot / "config.json").unlink()
+    with pytest.raises(PrefetchError, match=r"lacks config\.json"):
+        check_prefetched(record, tmp_path / "moved")
+    record.write_text(json.dumps(prefetch_model(str(tmp_path / "old"), "language", None, "x")))
+    check_prefetched(record, tmp_path / "empty")  # a local directory is used where it is
 
 
 def test_timm_model_gets_config_and_safetensors_only(

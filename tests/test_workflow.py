@@ -249,6 +249,40 @@ def test_paper_config_builds_the_full_dag_without_data(tmp_path):
     assert counts.get("leave_one_model_out") == 1
 
 
+def test_moving_the_hub_cache_reextracts_nothing(tmp_path, tiny_vits):
+    """A hub model (the paper's MAE id, a tiny stand-in in a local hub cache) downloaded and
+    extracted for real, so that Snakemake holds its provenance. With ``hub_cache`` pointing
+    elsewhere nothing is scheduled (before: the cache was a param of the extraction and the
+    prefetch record's folder, so every model was downloaded again and re-extracted). An
+    extraction forced then says where the weights are (xmodal.prefetch.check_prefetched)."""
+    from xmodal.demo.models import make_hub_cache
+    from xmodal.demo.stimuli import generate_stimuli
+
+    wd = copy_project(tmp_path / "hub")
+    make_hub_cache(tiny_vits["mae"], wd / "resources/hub", "timm/vit_huge_patch14_224.mae")
+    generate_stimuli(wd / "resources/stimuli/hubtest", n=12, seed=0)
+    paper = yaml.safe_load((wd / "config.yaml").read_text())
+    keep = ("mae-h", "dinov2-g", "clip-h", "bloom-560m", "bloom-1b1")  # only mae-h is extracted
+    cfg = {**paper, "dataset": "hubtest", "stimuli": {"source": "local"},
+           "models": {k: paper["models"][k] for k in keep}}  # fmt: skip
+    target = "results/features/hubtest/mae-h.h5"
+    offline = {"HF_HUB_OFFLINE": "1"}
+    snakemake(wd, "--configfile", write_config(wd, cfg, "here.yaml"), "--cores", "1", target,
+              env=offline)  # fmt: skip
+    moved = write_config(wd, {**cfg, "hub_cache": str(tmp_path / "scratch/hub")}, "moved.yaml")
+    for configfile in ("config/here.yaml", moved):
+        proc = snakemake(wd, "-n", "--configfile", configfile, "--cores", "1", target)
+        assert "Nothing to be done" in proc.stdout + proc.stderr, proc.stdout[-3000:]
+    proc = snakemake(wd, "--configfile", moved, "--cores", "1", "--forcerun", "extract", target,
+                     env=offline, check=False)  # fmt: skip
+    log = (wd / "logs/extract/hubtest/mae-h.log").read_text()
+    assert proc.returncode != 0
+    record = wd / "resources/hub/.prefetched/mae-h.json"
+    for text in ("were downloaded into", str((wd / "resources/hub").resolve()), str(record),
+                 str(tmp_path / "scratch/hub"), "config key 'hub_cache'"):  # fmt: skip
+        assert text in log, (text, log[-2000:])
+
+
 # ---------------------------------------------------------------- lint, graphs, report
 
 
@@ -296,10 +330,12 @@ SPEED_SETTINGS = {
 
 
 def test_speed_settings_schedule_no_job(workflow_dir, demo_config):
-    """Workers, batch sizes, GPU sizes and pickle permission change no feature: nothing reruns
+    """Workers, batch sizes, GPU sizes, pickle permission and the hub cache's location change no
+    feature: nothing reruns
     (each of them alone would schedule a subset of what all of them together schedule)."""
     cfg = copy.deepcopy(demo_config)
     cfg["extraction"].update(SPEED_SETTINGS)
+    cfg["hub_cache"] = "elsewhere/hub"  # was a param of every extraction: all re-extracted
     first = next(iter(cfg["models"]))
     cfg["models"][first]["batch_size"] = 3
     cfg["models"][first]["label"] = "renamed"  # labels only re-render tables and figures

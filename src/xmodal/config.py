@@ -17,6 +17,20 @@ DATASET_KEY = MODEL_KEY
 MIN_SET_SIZE = 4
 
 
+#: The hub cache when the config names none (config key ``hub_cache``).
+DEFAULT_HUB_CACHE = "resources/hub"
+#: Where the prefetch records (``<model>.json``) live, whatever ``hub_cache`` says: the
+#: extraction jobs take them as input, so a path that followed ``hub_cache`` would re-extract
+#: every hub model when the cache moves (docs/cluster.md, "What reruns"). It is the default
+#: cache's record folder, so that projects from before this rule keep their records.
+PREFETCH_RECORDS = "resources/hub/.prefetched"
+
+
+def hub_cache_dir(config: Mapping[str, Any]) -> str:
+    """The configured hub cache (``hub_cache``), or :data:`DEFAULT_HUB_CACHE`."""
+    return str(config.get("hub_cache") or DEFAULT_HUB_CACHE)
+
+
 class ConfigError(ValueError):
     """A config value that the pipeline cannot run with; the message names the key."""
 

@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "PrefetchError",
+    "check_prefetched",
     "is_offline",
     "hub_repo_id",
     "prefetch_model",
@@ -225,6 +226,31 @@ def _select_weights(
         )
     log.warning("%s: no safetensors, downloading pickle checkpoints (allow_pickle)", repo_id)
     return sorted(set(wanted) | set(pickles))
+
+
+def check_prefetched(record_path: str | os.PathLike, cache_dir: str | os.PathLike) -> None:
+    """Check that the files a prefetch record lists are in the hub cache ``cache_dir``.
+
+    The record keeps the cache it was downloaded into; ``hub_cache`` may have moved since
+    (which reruns nothing, docs/cluster.md). When the snapshot is not in ``cache_dir`` either,
+    a :class:`PrefetchError` names the model, both caches and the three ways out.
+    """
+    record_path = Path(record_path).resolve()
+    record = json.loads(record_path.read_text())
+    if record.get("cache_dir") is None:  # a local directory, used where it is
+        return
+    cache, old = Path(cache_dir).resolve(), Path(record["cache_dir"])
+    snapshot = cache / Path(record["snapshot"]).relative_to(old)
+    missing = [f for f in record.get("files", []) if not (snapshot / f).is_file()]
+    if snapshot.is_dir() and not missing:
+        return
+    raise PrefetchError(
+        f"model {record['model_id']!r}: its weights were downloaded into {old} (record "
+        f"{record_path}), but the hub cache is now {cache} (config key 'hub_cache'), which lacks "
+        f"{snapshot if not snapshot.is_dir() else ', '.join(missing[:3])}; move the cache's "
+        f"contents to {cache}, set 'hub_cache' back to {old}, or delete {record_path} so that "
+        f"the next run downloads the weights into {cache}"
+    )
 
 
 def prefetch_model(

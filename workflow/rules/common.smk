@@ -16,6 +16,7 @@ if _SRC not in sys.path:
     sys.path.insert(0, _SRC)
 
 from xmodal.config import (
+    PREFETCH_RECORDS,
     ConfigError,
     check_config,
     load_config_file,
@@ -87,7 +88,6 @@ for _first, _second, _what in REGISTRY.duplicate_ids():
 DATASET = config["dataset"]
 VISION = REGISTRY.vision
 LANGUAGE = REGISTRY.language
-HUB_CACHE = config.get("hub_cache", "resources/hub")
 ANALYSIS = config["analysis"]
 METRICS = list(ANALYSIS.get("metrics", ["cknna"]))
 # the alignment jobs ask for a GPU only when the config says so (analysis.gpu)
@@ -156,7 +156,7 @@ def model_input(wildcards):
         return built_model_dir(wildcards.model)
     if entry.source == "local":
         return []
-    return f"{HUB_CACHE}/.prefetched/{wildcards.model}.json"
+    return f"{PREFETCH_RECORDS}/{wildcards.model}.json"
 
 
 def extraction_resource(name):

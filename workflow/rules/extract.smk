@@ -24,6 +24,5 @@ rule extract:
     params:
         features=feature_spec,
         drop_duplicates=DROP_DUPLICATES,
-        cache_dir=HUB_CACHE,
     script:
         "../../scripts/extract.py"

@@ -2,9 +2,11 @@
 # nodes are often offline); the demo builds its tiny models locally (demo.smk).
 
 
+# The hub cache (config key hub_cache) is read by the scripts, not passed as a param, and the
+# record's path does not follow it: moving the cache reruns nothing (docs/cluster.md).
 rule prefetch_model:
     output:
-        record=f"{HUB_CACHE}/.prefetched/{{model}}.json",
+        record=f"{PREFETCH_RECORDS}/{{model}}.json",
     log:
         "logs/prefetch/{model}.log",
     localrule: True
@@ -12,6 +14,5 @@ rule prefetch_model:
         "../../envs/extract.yaml"
     params:
         spec=prefetch_spec,
-        cache_dir=lambda wildcards, output: str(Path(output.record).parent.parent),
     script:
         "../../scripts/prefetch_model.py"

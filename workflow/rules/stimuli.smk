@@ -15,7 +15,6 @@ if config["stimuli"]["source"] == "hub":
             repo=config["stimuli"].get("repo", "minhuh/prh"),
             revision=config["stimuli"].get("revision"),
             split=config["stimuli"].get("split", "train"),
-            cache_dir=HUB_CACHE,
         script:
             "../../scripts/prefetch_stimuli.py"
 
