@@ -79,8 +79,9 @@ def dispersion_table(
 ) -> tuple[pd.DataFrame, float]:
     """Table stimulus_id, position, mean_dispersion, pc1_score, rank_mean, rank_pc1; and PC1
     explained variance. ``position`` is the row in ``stimulus_ids`` (the feature files' order,
-    which skips stimuli dropped as duplicates, so it is not always the manifest line). With ``distances`` (m × M, :attr:`xmodal.gpa.GPAResult.distances`) also
-    ``mean_distance``, each stimulus's mean distance from the models' centres."""
+    which skips stimuli dropped as duplicates, so it is not always the manifest line). With
+    ``distances`` (m × M, :attr:`xmodal.gpa.GPAResult.distances`) also ``mean_distance``, each
+    stimulus's mean distance from the models' centres."""
     r = _residual_matrix(residuals)
     ids = [str(s) for s in stimulus_ids]
     if len(ids) != r.shape[0]:

@@ -120,9 +120,9 @@ def read_manifest(
     without NUL (which HDF5 cannot store); captions neither empty (only whitespace or invisible
     characters such as a zero-width space) nor CSV-quoted (a caption as a CSV writer quotes it,
     ``"a ""quoted"" word"``, would reach the language models with its quotes); every image file
-    exists. With ``verify_images`` every image is also
-    decoded and converted (:func:`scan_images`), so that an image no rule converts fails here
-    rather than mid-extraction. ``check_images=False`` skips the image checks (for readers that
+    exists. With ``verify_images`` every image is also decoded and converted
+    (:func:`scan_images`), so that an image no rule converts fails here rather than
+    mid-extraction. ``check_images=False`` skips the image checks (for readers that
     only need the table, such as the gallery figure, which shows a placeholder for a missing
     image). Errors name the file, the lines (header = line 1) and the ids.
     """
@@ -271,7 +271,7 @@ def _blank(text: str) -> bool:
 def _csv_quoted(text: str) -> bool:
     """True when ``text`` is a field as a CSV writer quotes it: wrapped in double quotes, every
     quote inside doubled, at least one of them (pandas' ``to_csv`` writes a caption with a
-    quote in it so, even with ``sep="\t"``)."""
+    quote in it so, whatever the separator)."""
     inner = text[1:-1]
     return (
         len(text) >= 4

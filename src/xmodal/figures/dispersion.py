@@ -84,7 +84,8 @@ def _residual_pcs(res: pd.DataFrame, disp: pd.DataFrame) -> tuple[pd.DataFrame, 
 
 
 def draw_dispersion_sets(data: FigureData) -> Figure:
-    """Fig. 2A/F: stimuli by mean dispersion and by PC1 score; F′, the residual (PC1, PC2) space."""
+    """Fig. 2A/F: stimuli by mean dispersion and by PC1 score; F′: the residual (PC1, PC2)
+    space that PC1 comes from."""
     disp, sets = data["dispersion"], data.get("sets")
     fig = new_figure(11.0, 3.3)
     axes = panel_grid(fig, 3, 3)
