@@ -273,7 +273,7 @@ def test_moving_the_hub_cache_reextracts_nothing(tmp_path, tiny_vits):
     for configfile in ("config/here.yaml", moved):
         proc = snakemake(wd, "-n", "--configfile", configfile, "--cores", "1", target)
         assert "Nothing to be done" in proc.stdout + proc.stderr, proc.stdout[-3000:]
-    proc = snakemake(wd, "--configfile", moved, "--cores", "1", "--forcerun", "extract", target,
+    proc = snakemake(wd, "--configfile", moved, "--cores", "1", "--force", target,
                      env=offline, check=False)  # fmt: skip
     log = (wd / "logs/extract/hubtest/mae-h.log").read_text()
     assert proc.returncode != 0
