@@ -152,7 +152,7 @@ def test_rerun_is_a_no_op(workflow_dir):
 
 def test_whole_numbers_written_as_floats_rerun_nothing(workflow_dir, tmp_path):
     """``knn_k: 10.0`` is the setting ``knn_k: 10``: the same job parameters, so nothing reruns
-    (before: 30 jobs for knn_k alone, GPA for vision_layer, a model rebuild for its seed)."""
+    (before: 30 jobs reran for knn_k alone, and GPA for vision_layer)."""
     cfg = yaml.safe_load((workflow_dir / "config" / "demo.yaml").read_text())
     a = cfg["analysis"]
     a.update(knn_k=float(a["knn_k"]), vision_layer=float(a["vision_layer"]))
@@ -331,8 +331,8 @@ SPEED_SETTINGS = {
 
 def test_speed_settings_schedule_no_job(workflow_dir, demo_config):
     """Workers, batch sizes, GPU sizes, pickle permission and the hub cache's location change no
-    feature: nothing reruns
-    (each of them alone would schedule a subset of what all of them together schedule)."""
+    feature: nothing reruns (each of them alone would schedule a subset of what all of them
+    together schedule)."""
     cfg = copy.deepcopy(demo_config)
     cfg["extraction"].update(SPEED_SETTINGS)
     cfg["hub_cache"] = "elsewhere/hub"  # was a param of every extraction: all re-extracted
