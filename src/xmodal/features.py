@@ -443,8 +443,8 @@ class FeatureFile:
     def abs_q95(self) -> np.ndarray:
         """Per stimulus 95th percentile of |x| over all layers and dims, ``(m,)`` float32.
 
-        Non-finite values (stored, or computed from non-finite features) raise an error naming
-        the stimuli and the layers whose features are not finite.
+        Non-finite values raise an error naming the stimuli, and the first layer with
+        non-finite features when there is one (:meth:`finite_layer`).
         """
         with self._reading("'abs_q95'"):
             if "abs_q95" in self._f:
@@ -455,15 +455,11 @@ class FeatureFile:
         q = q if self._order is None else q[self._order]
         bad = ~np.isfinite(q)
         if bad.any():
+            for i in range(self.n_layers):
+                self.finite_layer(i)  # names the layer and stimuli of non-finite features
             ids = self.stimulus_ids
-            layers = [
-                f"{i} ({name!r})"
-                for i, name in enumerate(self.layer_names)
-                if not np.isfinite(self.layer(i)).all()
-            ]
-            where = f"in layer(s) {', '.join(layers)}" if layers else "in its abs_q95 dataset"
             raise FeatureFileError(
-                f"{self.path}: non-finite values {where} for stimuli "
+                f"{self.path}: non-finite abs_q95 for stimuli "
                 f"{_preview([ids[j] for j in np.flatnonzero(bad)])}; {REEXTRACT}"
             )
         return q
@@ -504,17 +500,10 @@ class FeatureFile:
             )
 
     def check_abs_q95(self) -> None:
-        """A stored ``abs_q95`` must be finite (it sets the alignment's clamp threshold)."""
-        if "abs_q95" not in self._f:
-            return
-        q = self.abs_q95()
-        bad = ~np.isfinite(q)
-        if bad.any():
-            ids = self.stimulus_ids
-            raise FeatureFileError(
-                f"{self.path}: non-finite abs_q95 for stimuli "
-                f"{_preview([ids[j] for j in np.flatnonzero(bad)])}; {REEXTRACT}"
-            )
+        """A stored ``abs_q95`` must be finite (it sets the alignment's clamp threshold);
+        :meth:`abs_q95` raises otherwise."""
+        if "abs_q95" in self._f:
+            self.abs_q95()
 
     # -- context manager -------------------------------------------------------------------
     def close(self) -> None:
