@@ -141,7 +141,7 @@ def read_manifest(
     ]
     if missing:
         images = [columns["image"][k] for k in missing]
-        quoted = any(len(p) >= 2 and p[0] == p[-1] == '"' for p in images)
+        quoted = any(map(_wrapped_in_quotes, images))
         raise StimulusError(
             f"{path}: image file(s) not found (relative to {root}) on line(s) "
             f"{[lines[k] for k in missing][:10]}: stimulus ids "
@@ -253,7 +253,7 @@ def _check_header(path: Path, header: list[str]) -> None:
     missing = [c for c in COLUMNS if c not in header]
     if missing:
         near = [name for name in header if name.strip().lower() in missing]
-        quoted = [name for name in header if len(name) >= 2 and name[0] == name[-1] == '"']
+        quoted = [name for name in header if _wrapped_in_quotes(name)]
         raise StimulusError(
             f"{path}: missing column(s) {missing}; a manifest needs {list(COLUMNS)}, "
             f"found {header}"
@@ -268,17 +268,17 @@ def _blank(text: str) -> bool:
     return all(ch.isspace() or unicodedata.category(ch) in ("Cc", "Cf") for ch in text)
 
 
+def _wrapped_in_quotes(text: str) -> bool:
+    """True when ``text`` starts and ends with a double quote (two of them at least)."""
+    return len(text) >= 2 and text[0] == text[-1] == '"'
+
+
 def _csv_quoted(text: str) -> bool:
     """True when ``text`` is a field as a CSV writer quotes it: wrapped in double quotes, every
     quote inside doubled, at least one of them (pandas' ``to_csv`` writes a caption with a
     quote in it so, whatever the separator)."""
     inner = text[1:-1]
-    return (
-        len(text) >= 4
-        and text[0] == text[-1] == '"'
-        and '""' in inner
-        and '"' not in inner.replace('""', "")
-    )
+    return _wrapped_in_quotes(text) and '""' in inner and '"' not in inner.replace('""', "")
 
 
 def _check_stimuli(where: str, ids: list[str], captions: list[str], lines: list[int]) -> None:
