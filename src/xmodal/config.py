@@ -23,7 +23,7 @@ DEFAULT_HUB_CACHE = "resources/hub"
 #: extraction jobs take them as input, so a path that followed ``hub_cache`` would re-extract
 #: every hub model when the cache moves (docs/cluster.md, "What reruns"). It is the default
 #: cache's record folder, so that projects from before this rule keep their records.
-PREFETCH_RECORDS = "resources/hub/.prefetched"
+PREFETCH_RECORDS = f"{DEFAULT_HUB_CACHE}/.prefetched"
 
 
 def hub_cache_dir(config: Mapping[str, Any]) -> str:
