@@ -50,6 +50,8 @@ __all__ = [
 
 #: Dispersion summaries (columns of dispersion.tsv) paired across the two modalities.
 SUMMARIES = {"mean": "mean_dispersion", "pc1": "pc1_score"}
+#: the metric by which ``layer: chosen`` takes each LLM's layer from its layer search
+CHOSEN_METRIC = "cknna"
 #: The 2 × 2 sets: (set name, vision level, language level).
 CELLS = (
     ("vlow_llow", "low", "low"),
@@ -133,7 +135,7 @@ class LanguageDispersionSettings:
             )
         layer = "chosen" if layer == "chosen" else float(layer)
         metrics = list((config.get("analysis") or {}).get("metrics") or ["cknna"])
-        if enabled and layer == "chosen" and "cknna" not in metrics:
+        if enabled and layer == "chosen" and CHOSEN_METRIC not in metrics:
             raise ConfigError(
                 f"config key '{key}': 'chosen' takes each LLM's layer as the layer search chose "
                 f"it by CKNNA, but 'analysis.metrics' ({metrics}) has no cknna; add cknna to "
@@ -163,7 +165,7 @@ def relative_depth_layer(depth: float, n_layers: int) -> int:
 
 
 def chosen_llm_layer(
-    layers: pd.DataFrame, llm: str, metric: str = "cknna", path: PathLike = "layers table"
+    layers: pd.DataFrame, llm: str, metric: str = CHOSEN_METRIC, path: PathLike = "layers table"
 ) -> tuple[int, int, int]:
     """One layer per LLM from its layer search: the layer chosen for the most vision models by
     ``metric``, ties to the lower index. Returns (layer, votes, number of vision models)."""
