@@ -55,7 +55,7 @@ for _key in normalise_integers(config, load_config_file(_SCHEMA)):
     )
 
 try:
-    validate(config, schema="../schemas/config.schema.yaml")
+    validate(config, schema=str(_SCHEMA))
 except WorkflowError:
     # one line per problem, naming the file and the key (jsonschema's report is long)
     raise WorkflowError(
