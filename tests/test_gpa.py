@@ -345,20 +345,74 @@ def test_slow_regime_equals_plain_algorithm_where_it_converges():
         assert fit.objective[-1] <= ref_objective[-1] + 1e-12, v
 
 
-@settings(max_examples=8, deadline=None)
+def stationarity(reps, res) -> float:
+    """Largest change of a residual when one plain step, or one Gauss–Seidel sweep (SVD polar
+    factors, written out), is taken from the fit's transforms: ~1e-11 at a stationary point
+    of the objective, 3e-10 for the fit of CROSSED_OPTIMA stopped after 8 of its 11 iterations."""
+    mats = preprocess(reps)
+
+    def polar(a):
+        u, _, vt = np.linalg.svd(a, full_matrices=False)
+        return u @ vt
+
+    def residuals(aligned):
+        c = sum(aligned) / len(aligned)
+        return np.stack([np.linalg.norm(y - c, axis=1) for y in aligned], axis=1)
+
+    aligned = [x @ t for x, t in zip(mats, res.transforms, strict=True)]
+    c = sum(aligned) / len(aligned)
+    plain = [x @ polar(x.T @ c) for x in mats]
+    sweep = list(aligned)
+    for i, x in enumerate(mats):
+        sweep[i] = x @ polar(x.T @ sum(y for j, y in enumerate(sweep) if j != i))
+    before = residuals(aligned)
+    return max(np.max(np.abs(residuals(f) - before)) for f in (plain, sweep))
+
+
+#: (seed, m, widths) where GPA's Gauss–Seidel sweeps and the plain algorithm, from the same
+#: start, end at different stationary points, GPA's higher by 2.7e-5, 9.4e-6 and 2.8e-5
+#: (relative 1.6e-5 to 2e-5): the objective is not convex, and either iteration can end above
+#: the other (docs/method.md, GPA step 3). Found by the hypothesis test below (one example in
+#: about 400); random starts reach a third, lower point for the second.
+CROSSED_OPTIMA = [
+    (0, 72, [3, 7, 35, 35]),
+    (41103, 54, [37, 38, 38, 35, 37]),
+    (0, 62, [34, 35, 31, 18, 3]),
+]
+
+
+@pytest.mark.parametrize(("seed", "m", "widths"), CROSSED_OPTIMA)
+def test_iterations_can_end_at_different_stationary_points(seed, m, widths):
+    reps = models(seed, m=m, widths=widths, d=min(widths), noise=0.5)
+    ref_residuals, ref_objective, ref_converged = plain_gpa(reps, max_iter=3000)
+    res = gpa(reps)
+    assert res.converged and ref_converged
+    assert res.objective[-1] > ref_objective[-1] + 1e-6  # not rounding: another optimum
+    assert stationarity(reps, res) <= 1e-9  # GPA stopped at one, not on the way to the other
+    early = gpa(reps, max_iter=res.n_iter - 3)
+    assert stationarity(reps, early) > 1e-10  # (the check sees a fit stopped early)
+    # the two optima rank the stimuli alike
+    rho = scipy.stats.spearmanr(res.residuals.mean(axis=1), ref_residuals.mean(axis=1))[0]
+    assert rho > 0.99
+
+
+@settings(max_examples=50, deadline=None)
 @given(
     seed=st.integers(0, 2**16),
     m=st.integers(6, 90),
     widths=st.lists(st.integers(3, 40), min_size=2, max_size=5),
 )
-def test_objective_no_higher_than_plain_algorithm(seed, m, widths):
-    """In either regime: converged, and no worse than the plain algorithm after its max_iter."""
+def test_fit_ends_at_a_stationary_point(seed, m, widths):
+    """In either regime: converged, to a point where neither a plain step nor a Gauss–Seidel
+    sweep moves the residuals. Its objective may be above the plain algorithm's (another
+    stationary point: CROSSED_OPTIMA), so that comparison is made only where the optimum is
+    shared (test_slow_regime_equals_plain_algorithm_where_it_converges and
+    test_crawling_plain_algorithm_is_beaten)."""
     reps = models(seed, m=m, widths=widths, d=min(widths), noise=0.5)
-    _, ref_objective, _ = plain_gpa(reps, max_iter=300)
     res = gpa(reps)
     assert res.converged
-    assert res.objective[-1] <= ref_objective[-1] + 1e-12
     assert np.all(np.diff(res.objective) <= 1e-14)
+    assert stationarity(reps, res) <= 1e-9
 
 
 def test_crawling_plain_algorithm_is_beaten():
