@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import csv
+import json
+import os
 import shutil
 import unicodedata
 
@@ -12,7 +14,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from xmodal.stimuli import ImageDataset, StimulusError, read_manifest, write_manifest
+from xmodal.stimuli import (
+    ImageDataset,
+    StimulusError,
+    manifest_stamp,
+    read_manifest,
+    write_manifest,
+    write_manifest_stamp,
+)
 
 
 @pytest.fixture
@@ -323,3 +332,60 @@ def test_write_manifest_numbers_as_text(tmp_path):
     back = read_manifest(write_manifest(df, tmp_path / "stimuli.tsv"))
     assert back["clutter"].tolist() == ["0.1234", "1.0"]
     assert back["clutter"].astype(float).tolist() == [0.1234, 1.0]
+
+
+# ---------------------------------------------------------------- what an extraction reads
+
+
+@settings(max_examples=100, deadline=None)
+@given(df=_manifests(), data=st.data())
+def test_manifest_stamp_sees_exactly_the_columns_a_modality_reads(df, data):
+    """Column order and annotation columns never change a stamp; a caption changes the
+    language stamp only, or both with drop_duplicates (a duplicate is same image and caption);
+    an image path the vision stamp only; the order of the stimuli both."""
+    stamps = {
+        (mod, drop): manifest_stamp(df, mod, drop)
+        for mod in ("vision", "language")
+        for drop in (False, True)
+    }
+    shuffled = df[data.draw(st.permutations(list(df.columns)))].assign(extra="edited", new="x")
+    assert {k: manifest_stamp(shuffled, *k) for k in stamps} == stamps
+
+    i = data.draw(st.integers(0, len(df) - 1))
+    caption = df.assign(
+        caption=[c + " (fixed)" if j == i else c for j, c in enumerate(df["caption"])]
+    )
+    image = df.assign(image=["b.png" if j == i else p for j, p in enumerate(df["image"])])
+    for edited, changes in (
+        (caption, {("language", False), ("language", True), ("vision", True)}),
+        (image, {("vision", False), ("vision", True), ("language", True)}),
+    ):
+        changed = {k for k in stamps if manifest_stamp(edited, *k) != stamps[k]}
+        assert changed == changes
+    if len(df) > 1:
+        reversed_rows = df.iloc[::-1].reset_index(drop=True)
+        assert all(manifest_stamp(reversed_rows, *k) != stamps[k] for k in stamps)
+
+
+def test_manifest_stamp_is_rewritten_only_when_it_changes(tmp_path):
+    folder = tmp_path / "stim"
+    folder.mkdir()
+    Image.new("RGB", (2, 2)).save(folder / "a.png")
+    df = pd.DataFrame({"stimulus_id": ["s0", "s1"], "image": ["a.png"] * 2,
+                       "caption": ["A cat.", "A dog."]})  # fmt: skip
+    manifest = write_manifest(df, folder / "stimuli.tsv")
+    stamp = tmp_path / "results" / "extract_language.json"
+    assert write_manifest_stamp(manifest, stamp, "language")
+    record = json.loads(stamp.read_text())
+    assert record["columns"] == ["stimulus_id", "caption"] and record["n_stimuli"] == 2
+    os.utime(stamp, (1, 1))
+    write_manifest(df.assign(rater=["ab", "cd"]), manifest)
+    assert not write_manifest_stamp(manifest, stamp, "language")
+    assert stamp.stat().st_mtime == 1  # untouched: the extraction is up to date
+    write_manifest(df.assign(caption=["A cat.", "A fox."]), manifest)
+    assert write_manifest_stamp(manifest, stamp, "language")
+    assert json.loads(stamp.read_text())["sha256"] != record["sha256"]
+    stamp.write_text("{not json")  # a damaged stamp is rewritten
+    assert write_manifest_stamp(manifest, stamp, "language")
+    with pytest.raises(ValueError, match="modality"):
+        manifest_stamp(df, "audio")

@@ -357,6 +357,37 @@ def _extracted(out: str) -> set[str]:
     return models
 
 
+def test_manifest_edits_rerun_only_the_extractions_they_change(workflow_dir, demo_config):
+    """An annotation column re-extracts nothing, a fixed caption only the language models
+    (before: any edit of the manifest re-extracted every model); undone, nothing reruns."""
+    from xmodal.stimuli import read_manifest, write_manifest
+
+    manifest = workflow_dir / "resources/stimuli/demo/stimuli.tsv"
+    original = manifest.read_bytes()
+    models = demo_config["models"]
+    language = {k for k, m in models.items() if m["modality"] == "language"}
+    df = read_manifest(manifest)
+    fixed = df.copy()
+    fixed.loc[0, "caption"] = fixed.loc[0, "caption"] + " Fixed."
+
+    def dry_run() -> str:
+        proc = snakemake(workflow_dir, "-n", "--configfile", "config/demo.yaml", "--cores", "2")
+        return proc.stdout + proc.stderr
+
+    try:
+        write_manifest(df.assign(rater="ab"), manifest)
+        out = dry_run()
+        assert _extracted(out) == set(), out[-3000:]
+        assert "stimuli_report" in job_counts(out), out[-3000:]  # the manifest's readers rerun
+        write_manifest(fixed, manifest)
+        out = dry_run()
+        assert _extracted(out) == language, out[-3000:]
+        assert "what the language extractions read changed" in out, out[-3000:]
+    finally:
+        manifest.write_bytes(original)
+    assert "Nothing to be done" in dry_run()
+
+
 @pytest.mark.parametrize("change", ["build", "dtype", "max_tokens"])
 def test_feature_fields_rerun_exactly_their_models(workflow_dir, demo_config, change):
     cfg = copy.deepcopy(demo_config)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import logging
 import os
 import threading
@@ -72,16 +73,20 @@ __all__ = [
     "COLUMNS",
     "DEFAULT_DROP_KINDS",
     "DUPLICATE_KINDS",
+    "EXTRACTION_COLUMNS",
     "MAX_SIDE",
     "ImageDataset",
     "StimulusError",
     "convert_to_rgb",
     "drop_duplicates",
+    "extraction_columns",
     "find_duplicates",
     "load_rgb",
+    "manifest_stamp",
     "read_manifest",
     "scan_images",
     "write_manifest",
+    "write_manifest_stamp",
 ]
 
 
@@ -393,6 +398,66 @@ def write_manifest(df: pd.DataFrame, path: str | os.PathLike) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_bytes(("\n".join(out) + "\n").encode("utf-8"))
     return path
+
+
+# ============================================================================== what an extraction reads
+#: The manifest columns each modality's extraction reads. With ``stimuli.drop_duplicates`` both
+#: read all three: a duplicate is the same decoded image *and* the same caption.
+EXTRACTION_COLUMNS = {"vision": ("stimulus_id", "image"), "language": ("stimulus_id", "caption")}
+
+
+def extraction_columns(modality: str, drop_duplicates: bool = False) -> tuple[str, ...]:
+    """The manifest columns whose content defines ``modality``'s features (in manifest order)."""
+    if modality not in EXTRACTION_COLUMNS:
+        raise ValueError(f"modality must be one of {sorted(EXTRACTION_COLUMNS)}, got {modality!r}")
+    return COLUMNS if drop_duplicates else EXTRACTION_COLUMNS[modality]
+
+
+def manifest_stamp(
+    manifest: pd.DataFrame, modality: str, drop_duplicates: bool = False
+) -> dict[str, Any]:
+    """What ``modality``'s extraction reads from a manifest, as a small record: the columns,
+    the number of stimuli and the SHA-256 of those columns' fields, row by row in manifest
+    order. Other columns (annotations) and the other modality's column do not enter it."""
+    columns = extraction_columns(modality, drop_duplicates)
+    rows = manifest.loc[:, list(columns)].astype(str).to_numpy().tolist()
+    payload = json.dumps(rows, ensure_ascii=False).encode("utf-8")  # one list per stimulus
+    return {
+        "modality": modality,
+        "columns": list(columns),
+        "n_stimuli": len(manifest),
+        "sha256": hashlib.sha256(payload).hexdigest(),
+    }
+
+
+def write_manifest_stamp(
+    manifest_path: str | os.PathLike,
+    out: str | os.PathLike,
+    modality: str,
+    drop_duplicates: bool = False,
+    manifest: pd.DataFrame | None = None,
+) -> bool:
+    """Write ``modality``'s :func:`manifest_stamp` of a manifest to ``out`` (JSON) unless ``out``
+    already holds exactly that record; returns whether it was written.
+
+    The stamp is what an extraction depends on instead of the manifest's modification time
+    (docs/cluster.md, "What reruns"): left untouched when an edit does not change what the
+    modality reads, so that adding an annotation column re-extracts nothing and fixing a
+    caption re-extracts only the language models. ``manifest`` is the manifest already read
+    (read here, without the image checks, when None).
+    """
+    out = Path(out)
+    if manifest is None:
+        manifest = read_manifest(manifest_path, check_images=False)
+    record = {"manifest": str(manifest_path), **manifest_stamp(manifest, modality, drop_duplicates)}
+    try:
+        if json.loads(out.read_text(encoding="utf-8")) == record:
+            return False
+    except (OSError, ValueError):
+        pass  # missing or unreadable: written below
+    with atomic_path(out) as tmp:
+        tmp.write_text(json.dumps(record, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    return True
 
 
 # ============================================================================== images

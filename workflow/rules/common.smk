@@ -35,6 +35,12 @@ from xmodal.figures import (
 from xmodal.language_dispersion import LanguageDispersionSettings
 from xmodal.registry import Registry
 from xmodal.selection import DropControl, HeldOutLayer
+from xmodal.stimuli import (
+    EXTRACTION_COLUMNS,
+    StimulusError,
+    read_manifest,
+    write_manifest_stamp,
+)
 
 _CONFIG_FILES = [str(p) for p in workflow.config_settings.configfiles] or [
     "config.yaml"
@@ -110,11 +116,14 @@ wildcard_constraints:
     model=_alternatives(REGISTRY),
     vision=_alternatives(VISION),
     llm=_alternatives(LANGUAGE),
+    modality=_alternatives(EXTRACTION_COLUMNS),
 
 
 # ---------------------------------------------------------------- paths
 MANIFEST = f"resources/stimuli/{DATASET}/stimuli.tsv"
 STIMULI = "results/stimuli/{dataset}"
+# what each modality's extraction reads from the manifest (rule manifest_stamp)
+MANIFEST_STAMP = f"{STIMULI}/extract_{{modality}}.json"
 DISP = "results/dispersion/{dataset}"
 ALIGN = "results/alignment/{dataset}"
 DIAG = "results/diagnostics/{dataset}"
@@ -157,6 +166,13 @@ def model_input(wildcards):
     if entry.source == "local":
         return []
     return f"{PREFETCH_RECORDS}/{wildcards.model}.json"
+
+
+def manifest_stamp_input(wildcards):
+    """The stamp of the manifest columns that this model's modality extracts from."""
+    return MANIFEST_STAMP.format(
+        dataset=wildcards.dataset, modality=REGISTRY[wildcards.model].modality
+    )
 
 
 def extraction_resource(name):
@@ -279,3 +295,31 @@ def get_final_output():
     # others once (xmodal.figures.figure_files); none of a step the config turns off
     skip = [name for name, spec in FIGURES.items() if set(spec.required) & off]
     return out + figure_files(f"results/figures/{DATASET}", METRICS, skip=skip)
+
+
+# ---------------------------------------------------------------- manifest stamps
+def update_manifest_stamps():
+    """Rewrite the existing stamps whose manifest content changed (the main process only: the
+    jobs, which parse this file again, leave them alone)."""
+    if not workflow.is_main_process or not Path(MANIFEST).is_file():
+        return
+    stamps = [
+        (m, MANIFEST_STAMP.format(dataset=DATASET, modality=m))
+        for m in EXTRACTION_COLUMNS
+    ]
+    stamps = [(m, path) for m, path in stamps if Path(path).is_file()]
+    if not stamps:
+        return
+    try:
+        manifest = read_manifest(MANIFEST, check_images=False)
+    except StimulusError as err:  # the jobs that read the manifest report it
+        logger.warning(f"manifest stamps left as they are: {err}")
+        return
+    for modality, path in stamps:
+        if write_manifest_stamp(MANIFEST, path, modality, DROP_DUPLICATES, manifest):
+            logger.info(
+                f"{MANIFEST}: what the {modality} extractions read changed; {path} updated"
+            )
+
+
+update_manifest_stamps()

@@ -19,6 +19,28 @@ if config["stimuli"]["source"] == "hub":
             "../../scripts/prefetch_stimuli.py"
 
 
+# What each modality's extraction reads from the manifest (ids and images, or ids and captions;
+# all three with drop_duplicates), as a digest (xmodal.stimuli.manifest_stamp). The extractions
+# depend on it rather than on the manifest's modification time: when the manifest exists, every
+# snakemake invocation (dry runs included) rewrites a stamp whose content changed and leaves the
+# others untouched, so an annotation column reruns no extraction and a caption only the
+# language models' (docs/cluster.md, "What reruns"). The rule makes a missing stamp.
+rule manifest_stamp:
+    input:
+        manifest=ancient(MANIFEST),
+    output:
+        stamp=MANIFEST_STAMP,
+    log:
+        "logs/stimuli/{dataset}/stamp_{modality}.log",
+    localrule: True
+    conda:
+        "../../envs/analysis.yaml"
+    params:
+        drop_duplicates=DROP_DUPLICATES,
+    script:
+        "../../scripts/manifest_stamp.py"
+
+
 # Every image decoded once: format, mode, size, EXIF orientation, the conversion applied, and
 # groups of duplicate stimuli (same file, same pixels, same caption), reported with their ids.
 # A leaf of the DAG: nothing upstream of the extractions depends on it.
