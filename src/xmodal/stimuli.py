@@ -15,6 +15,10 @@ and an image no rule maps to 8 bits is refused naming the stimulus, the mode and
 Duplicates: :func:`scan_images` decodes every image once (hashes of the file and of the decoded
 pixels, mode, EXIF orientation); :func:`find_duplicates` groups identical image files, identical
 decoded pixels and identical captions; :func:`drop_duplicates` keeps the first of each group.
+
+Stamps: :func:`manifest_stamp` digests what one modality's extraction reads (ids and images, or
+ids and captions); :func:`write_manifest_stamp` rewrites a stamp file only when that changed,
+so that the workflow re-extracts only what a manifest edit changes.
 """
 
 from __future__ import annotations
@@ -400,7 +404,7 @@ def write_manifest(df: pd.DataFrame, path: str | os.PathLike) -> Path:
     return path
 
 
-# ============================================================================== what an extraction reads
+# ============================================================== what an extraction reads
 #: The manifest columns each modality's extraction reads. With ``stimuli.drop_duplicates`` both
 #: read all three: a duplicate is the same decoded image *and* the same caption.
 EXTRACTION_COLUMNS = {"vision": ("stimulus_id", "image"), "language": ("stimulus_id", "caption")}
