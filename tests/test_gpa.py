@@ -372,7 +372,7 @@ def stationarity(reps, res) -> float:
 #: (seed, m, widths) where GPA's Gauss–Seidel sweeps and the plain algorithm, from the same
 #: start, end at different stationary points, GPA's higher by 2.7e-5, 9.4e-6 and 2.8e-5
 #: (relative 1.6e-5 to 2e-5): the objective is not convex, and either iteration can end above
-#: the other (docs/method.md, GPA step 3). Found by the hypothesis test below (one example in
+#: the other (docs/method.md, GPA, "Local optima"). Found by the hypothesis test below (one in
 #: about 400); random starts reach a third, lower point for the second.
 CROSSED_OPTIMA = [
     (0, 72, [3, 7, 35, 35]),
