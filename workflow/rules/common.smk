@@ -168,11 +168,14 @@ def model_input(wildcards):
     return f"{PREFETCH_RECORDS}/{wildcards.model}.json"
 
 
+def manifest_stamp_path(modality):
+    """The stamp of the manifest columns that ``modality``'s extractions read."""
+    return MANIFEST_STAMP.format(dataset=DATASET, modality=modality)
+
+
 def manifest_stamp_input(wildcards):
-    """The stamp of the manifest columns that this model's modality extracts from."""
-    return MANIFEST_STAMP.format(
-        dataset=wildcards.dataset, modality=REGISTRY[wildcards.model].modality
-    )
+    """The stamp for this model's modality (the extraction's rerun trigger for the manifest)."""
+    return manifest_stamp_path(REGISTRY[wildcards.model].modality)
 
 
 def extraction_resource(name):
@@ -303,10 +306,7 @@ def update_manifest_stamps():
     jobs, which parse this file again, leave them alone)."""
     if not workflow.is_main_process or not Path(MANIFEST).is_file():
         return
-    stamps = [
-        (m, MANIFEST_STAMP.format(dataset=DATASET, modality=m))
-        for m in EXTRACTION_COLUMNS
-    ]
+    stamps = [(m, manifest_stamp_path(m)) for m in EXTRACTION_COLUMNS]
     stamps = [(m, path) for m, path in stamps if Path(path).is_file()]
     if not stamps:
         return
