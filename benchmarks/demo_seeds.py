@@ -1,8 +1,9 @@
 """The embedded demo over several training seeds: time per stage and the scientific targets.
 
-For each seed offset s, a fresh copy of the project (as a user clones it) runs
+For each seed s of ``--seeds``, a fresh copy of the project (as a user clones it) runs
 `snakemake --profile profiles/demo` with every model's ``build.seed`` and the training scenes'
-seed shifted by s (the evaluation stimuli stay the same), in three timed phases:
+seed shifted by the **offset 100·s** (``--seeds 0 1 2``: offsets 0, 100, 200; the evaluation
+stimuli stay the same), in three timed phases:
 
 - training: evaluation stimuli, training scenes, tokenizer and every ``demo_model`` job;
 - extraction: every ``extract`` job;
@@ -86,28 +87,36 @@ def _by_family(full):
     return full.rename(index=lambda key: key.split("-", 1)[1]).sort_index()
 
 
-def _full_cknna(vision_root: Path, vision_cfg: dict, llm_root: Path, llm_cfg: dict) -> pd.Series:
-    """Full-set CKNNA at the chosen LLM layer, vision models of one run against LLMs of another."""
+def cknna_with_llms(prepared: dict, llm_root: Path, llm_cfg: dict, k: int) -> pd.Series:
+    """Full-set CKNNA of prepared vision layers (``{key: (layer, x)}``) with every language
+    model of the run at ``llm_root``, at the LLM layer the layer search chooses."""
     from xmodal.alignment import layer_search_table
-    from xmodal.pipeline import layer_threshold, open_features, prepared_layer, read_prepared_vision
+    from xmodal.pipeline import layer_threshold, open_features, prepared_layer
 
-    def paths(root: Path, cfg: dict, modality: str) -> dict[str, Path]:
-        folder = root / "results" / "features" / cfg["dataset"]
-        models = cfg["models"].items()
-        return {k: folder / f"{k}.h5" for k, m in models if m["modality"] == modality}
-
-    a = vision_cfg["analysis"]
-    vision = paths(vision_root, vision_cfg, "vision")
-    _, prepared = read_prepared_vision(list(vision.values()), list(vision), a["vision_layer"])
+    folder = llm_root / "results" / "features" / llm_cfg["dataset"]
     values = {}
-    for llm, path in paths(llm_root, llm_cfg, "language").items():
-        with open_features(path, None, model=llm, modality="language") as f:
+    for llm, m in llm_cfg["models"].items():
+        if m["modality"] != "language":
+            continue
+        with open_features(folder / f"{llm}.h5", None, model=llm, modality="language") as f:
             t = layer_threshold(f)
             layers = ((i, name, prepared_layer(f, i, t)) for i, name in enumerate(f.layer_names))
-            table = layer_search_table(prepared, llm, layers, k=a["knn_k"])
+            table = layer_search_table(prepared, llm, layers, k=k)
         for row in table[table["chosen"]].itertuples():
             values[(row.vision.split("-", 1)[1], llm.split("-", 1)[1])] = row.value
     return pd.Series(values).rename_axis(["vision", "llm"]).sort_index()
+
+
+def _full_cknna(vision_root: Path, vision_cfg: dict, llm_root: Path, llm_cfg: dict) -> pd.Series:
+    """Full-set CKNNA at the chosen LLM layer, vision models of one run against LLMs of another."""
+    from xmodal.pipeline import read_prepared_vision
+
+    a = vision_cfg["analysis"]
+    folder = vision_root / "results" / "features" / vision_cfg["dataset"]
+    vision = [k for k, m in vision_cfg["models"].items() if m["modality"] == "vision"]
+    paths = [folder / f"{k}.h5" for k in vision]
+    _, prepared = read_prepared_vision(paths, vision, a["vision_layer"])
+    return cknna_with_llms(prepared, llm_root, llm_cfg, a["knn_k"])
 
 
 def mixed_table(trained: Path, t_cfg: dict, untrained: Path, u_cfg: dict) -> pd.DataFrame:
@@ -130,7 +139,9 @@ def measure(workdir: Path, cfg: dict, configfile: str) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument(
+        "--seeds", type=int, nargs="+", default=[0, 1, 2], help="seed offsets 100·s"
+    )
     parser.add_argument("--cores", type=int, default=2)
     parser.add_argument("--keep", type=Path, help="keep the project copies in this folder")
     parser.add_argument("--no-untrained", action="store_true")
