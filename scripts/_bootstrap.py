@@ -14,6 +14,13 @@ _SRC = str(Path(__file__).resolve().parents[1] / "src")
 if sys.path[:1] != [_SRC]:
     sys.path[:] = [_SRC] + [p for p in sys.path if p != _SRC]
 
+import __main__  # noqa: E402
 import xmodal  # noqa: E402  (light: imports no numerical library)
+from xmodal.parallel import set_thread_budget  # noqa: E402  (light too)
 
 xmodal.configure_cpu_threads()  # before numpy/torch load their thread pools
+# the job's threads (the snakemake object Snakemake's preamble put in the script's globals)
+# cap its thread pools and BLAS: what --cores, or cpus_per_task on SLURM, counted for it
+_job = getattr(__main__, "snakemake", None)
+if _job is not None:
+    set_thread_budget(int(_job.threads))

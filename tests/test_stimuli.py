@@ -389,3 +389,38 @@ def test_manifest_stamp_is_rewritten_only_when_it_changes(tmp_path):
     assert write_manifest_stamp(manifest, stamp, "language")
     with pytest.raises(ValueError, match="modality"):
         manifest_stamp(df, "audio")
+
+
+def test_manifest_stamp_sees_a_replaced_image_but_not_a_copy(tmp_path):
+    """An image file replaced under the same path (another size) changes the stamps that read
+    images, and only those; a touch, a copy of the folder, or the file put back, none."""
+    folder = tmp_path / "stim"
+    folder.mkdir()
+    for name, colour in (("a.png", (255, 0, 0)), ("b.png", (0, 0, 255))):
+        Image.new("RGB", (8, 8), colour).save(folder / name)
+    df = pd.DataFrame({"stimulus_id": ["s0", "s1"], "image": ["a.png", "b.png"],
+                       "caption": ["A cat.", "A dog."]})  # fmt: skip
+    write_manifest(df, folder / "stimuli.tsv")
+    kinds = [(mod, drop) for mod in ("vision", "language") for drop in (False, True)]
+
+    def stamps(root=folder) -> dict:
+        return {k: manifest_stamp(df, *k, root=root) for k in kinds}
+
+    before = stamps()
+    assert before[("vision", False)]["image_file_sizes"]
+    assert "image_file_sizes" not in before[("language", False)]  # as before sizes entered
+    original = (folder / "a.png").read_bytes()
+    noisy = Image.effect_noise((8, 8), 64).convert("RGB")  # another image, another size
+    noisy.save(folder / "a.png")
+    assert (folder / "a.png").stat().st_size != len(original)
+    changed = {k for k, v in stamps().items() if v != before[k]}
+    assert changed == {("vision", False), ("vision", True), ("language", True)}
+
+    (folder / "a.png").write_bytes(original)
+    os.utime(folder / "b.png", (1, 1))
+    assert stamps() == before
+    shutil.copytree(folder, tmp_path / "copy", copy_function=shutil.copy)  # new mtimes
+    assert stamps(tmp_path / "copy") == before
+    (folder / "b.png").unlink()  # a missing image still gives a stamp (the extraction names it)
+    assert stamps()[("vision", False)] != before[("vision", False)]
+    assert stamps()[("language", False)] == before[("language", False)]

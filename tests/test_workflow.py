@@ -18,6 +18,7 @@ import pytest
 import yaml
 from _project import copy_project, job_counts
 from _project import run_snakemake as snakemake
+from PIL import Image
 
 from xmodal.io import read_table
 from xmodal.stimuli import read_manifest
@@ -357,16 +358,29 @@ def _extracted(out: str) -> set[str]:
     return models
 
 
+def test_jobs_use_the_threads_their_rules_declare(workflow_dir):
+    """A job's thread pools follow its rule's ``threads`` (the vision GPA: 2; the language GPA:
+    1, the default), not the machine's cores (before: min(models, cores) for every job, so the
+    language GPA ran 2 threads in a job Snakemake counted as 1 core)."""
+    logs = workflow_dir / "logs"
+    assert "on 2 thread(s)" in (logs / "dispersion/demo/gpa.log").read_text()
+    assert "on 1 thread(s)" in (logs / "language/demo/gpa.log").read_text()
+
+
 def test_manifest_edits_rerun_only_the_extractions_they_change(workflow_dir, demo_config):
     """An annotation column re-extracts nothing, a fixed caption only the language models
-    (before: any edit of the manifest re-extracted every model); undone, nothing reruns."""
+    (before: any edit of the manifest re-extracted every model), an image file replaced under
+    the same path only the vision models (before: nothing); undone, nothing reruns."""
     from xmodal.stimuli import read_manifest, write_manifest
 
     manifest = workflow_dir / "resources/stimuli/demo/stimuli.tsv"
     original = manifest.read_bytes()
     models = demo_config["models"]
     language = {k for k, m in models.items() if m["modality"] == "language"}
+    vision = set(models) - language
     df = read_manifest(manifest)
+    image = manifest.parent / df.loc[0, "image"]
+    image_bytes = image.read_bytes()
     fixed = df.copy()
     fixed.loc[0, "caption"] = fixed.loc[0, "caption"] + " Fixed."
 
@@ -383,8 +397,15 @@ def test_manifest_edits_rerun_only_the_extractions_they_change(workflow_dir, dem
         out = dry_run()
         assert _extracted(out) == language, out[-3000:]
         assert "what the language extractions read changed" in out, out[-3000:]
+        write_manifest(df, manifest)
+        Image.open(image).rotate(90).save(image, quality=50)  # another image, another size
+        assert image.stat().st_size != len(image_bytes)
+        out = dry_run()
+        assert _extracted(out) == vision, out[-3000:]
+        assert "what the vision extractions read changed" in out, out[-3000:]
     finally:
         manifest.write_bytes(original)
+        image.write_bytes(image_bytes)
     assert "Nothing to be done" in dry_run()
 
 

@@ -92,8 +92,12 @@ def test_model_no_node_can_hold_fails_at_start_up(paper_project: Path) -> None:
 
 def test_threaded_rules_ask_for_their_threads_as_cpus(paper_project: Path) -> None:
     """The rules that decode images on 2 threads ask SLURM for 2 CPUs (before: the profile's
-    default of 1 CPU, so their second thread shared the first one's core)."""
+    default of 1 CPU, so their second thread shared the first one's core); so do the GPA and
+    leave-one-model-out fits, from their rules' ``threads`` (before: a profile setting that
+    their scripts never saw); the language GPA keeps the SLURM profile's default of 1."""
     targets = ["results/stimuli/wit1024/images.tsv", "results/properties/wit1024/images.tsv"]
+    targets += ["results/dispersion/wit1024/gpa.json", "results/dispersion/wit1024/loo.tsv"]
+    targets += ["results/language/wit1024/dispersion.tsv"]
     proc = snakemake(paper_project, "-n", "--forceall", "--cores", "4", "--", *targets)
     cpus, rule = {}, None
     for line in (proc.stdout + proc.stderr).splitlines():
@@ -103,3 +107,5 @@ def test_threaded_rules_ask_for_their_threads_as_cpus(paper_project: Path) -> No
             cpus[rule] = dict(re.findall(r"(\w+)=(\d+)(?:,|$)", line)).get("cpus_per_task")
             rule = None
     assert cpus["stimuli_report"] == cpus["image_properties"] == "2", cpus
+    assert cpus["gpa"] == cpus["leave_one_model_out"] == "2", cpus
+    assert "language_gpa" in cpus and cpus["language_gpa"] is None, cpus  # the profile's 1 CPU

@@ -35,6 +35,7 @@ from xmodal.config import resolve_layer
 from xmodal.features import FeatureFile, FeatureFileError
 from xmodal.io import atomic_path, read_table, write_table
 from xmodal.metrics import KernelKNN
+from xmodal.parallel import available_cores
 
 log = logging.getLogger(__name__)
 
@@ -235,11 +236,12 @@ def _gpa_and_dispersion(
     """GPA over ``reps`` (docs/method.md, "Generalized Procrustes Analysis") and the dispersion
     tables: residuals (long), per-stimulus mean and PC1 dispersion, and the fit's summary JSON."""
     log.info(
-        "%s GPA over %d models, %d stimuli, widths %s",
+        "%s GPA over %d models, %d stimuli, widths %s, on %d thread(s)",
         what,
         len(reps),
         len(ids),
         [r.shape[1] for r in reps],
+        min(len(reps), available_cores()),  # as gpa.gpa chooses them (the job's threads cap it)
     )
     res = gpa.gpa(reps, tol=tol, max_iter=max_iter)
     log.info(

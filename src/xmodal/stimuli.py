@@ -417,21 +417,43 @@ def extraction_columns(modality: str, drop_duplicates: bool = False) -> tuple[st
     return COLUMNS if drop_duplicates else EXTRACTION_COLUMNS[modality]
 
 
+def _image_file_sizes(images: Sequence[str], root: Path) -> list[int | None]:
+    """Each image file's size in bytes (None where it cannot be read: the extraction names it)."""
+    sizes: list[int | None] = []
+    for img in images:
+        try:
+            sizes.append(os.stat(root / img).st_size)
+        except OSError:
+            sizes.append(None)
+    return sizes
+
+
 def manifest_stamp(
-    manifest: pd.DataFrame, modality: str, drop_duplicates: bool = False
+    manifest: pd.DataFrame,
+    modality: str,
+    drop_duplicates: bool = False,
+    root: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """What ``modality``'s extraction reads from a manifest, as a small record: the columns,
     the number of stimuli and the SHA-256 of those columns' fields, row by row in manifest
-    order. Other columns (annotations) and the other modality's column do not enter it."""
+    order. Other columns (annotations) and the other modality's column do not enter it.
+
+    With ``root`` (the folder the image paths are relative to) and an ``image`` column among
+    them, each image file's size in bytes enters too: an image replaced under the same path
+    changes the stamp unless the new file has exactly the old size; a copy or a ``touch``,
+    which keep the size, do not (docs/cluster.md, "What reruns").
+    """
     columns = extraction_columns(modality, drop_duplicates)
     rows = manifest.loc[:, list(columns)].astype(str).to_numpy().tolist()
+    sizes = root is not None and "image" in columns
+    if sizes:
+        found = _image_file_sizes(manifest["image"].astype(str).tolist(), Path(root))
+        rows = [[*row, size] for row, size in zip(rows, found, strict=True)]
     payload = json.dumps(rows, ensure_ascii=False).encode("utf-8")  # one list per stimulus
-    return {
-        "modality": modality,
-        "columns": list(columns),
-        "n_stimuli": len(manifest),
-        "sha256": hashlib.sha256(payload).hexdigest(),
-    }
+    record = {"modality": modality, "columns": list(columns)}
+    if sizes:  # only then: a stamp that reads no image keeps the record it had without sizes
+        record["image_file_sizes"] = True
+    return {**record, "n_stimuli": len(manifest), "sha256": hashlib.sha256(payload).hexdigest()}
 
 
 def write_manifest_stamp(
@@ -447,13 +469,15 @@ def write_manifest_stamp(
     The stamp is what an extraction depends on instead of the manifest's modification time
     (docs/cluster.md, "What reruns"): left untouched when an edit does not change what the
     modality reads, so that adding an annotation column re-extracts nothing and fixing a
-    caption re-extracts only the language models. ``manifest`` is the manifest already read
+    caption re-extracts only the language models. Image file sizes enter it (relative to the
+    manifest's folder, as the manifest's paths are). ``manifest`` is the manifest already read
     (read here, without the image checks, when None).
     """
     out = Path(out)
     if manifest is None:
         manifest = read_manifest(manifest_path, check_images=False)
-    record = {"manifest": str(manifest_path), **manifest_stamp(manifest, modality, drop_duplicates)}
+    stamp = manifest_stamp(manifest, modality, drop_duplicates, root=Path(manifest_path).parent)
+    record = {"manifest": str(manifest_path), **stamp}
     try:
         if json.loads(out.read_text(encoding="utf-8")) == record:
             return False

@@ -318,7 +318,8 @@ def update_manifest_stamps():
     for modality, path in stamps:
         if write_manifest_stamp(MANIFEST, path, modality, DROP_DUPLICATES, manifest):
             logger.info(
-                f"{MANIFEST}: what the {modality} extractions read changed; {path} updated"
+                f"{MANIFEST}: what the {modality} extractions read changed (manifest"
+                f" columns or image file sizes); {path} updated"
             )
 
 

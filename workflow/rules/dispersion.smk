@@ -15,6 +15,10 @@ rule gpa:
         "results/benchmarks/{dataset}/gpa.tsv"
     conda:
         "../../envs/analysis.yaml"
+    # the per-model fits run on parallel threads, one per CPU (xmodal.parallel)
+    threads: 2
+    resources:
+        cpus_per_task=lambda wildcards, threads: threads,
     params:
         models=VISION,
         vision_layer=ANALYSIS["vision_layer"],
@@ -79,6 +83,10 @@ rule leave_one_model_out:
         "results/benchmarks/{dataset}/loo.tsv"
     conda:
         "../../envs/analysis.yaml"
+    # the per-model fits run on parallel threads, one per CPU (xmodal.parallel)
+    threads: 2
+    resources:
+        cpus_per_task=lambda wildcards, threads: threads,
     params:
         models=VISION,
         vision_layer=ANALYSIS["vision_layer"],
