@@ -7,7 +7,8 @@ image existence), ``scan_images`` (every image decoded and hashed, with 1 and ``
 threads), ``find_duplicates`` on that scan, and ``drop_duplicates``. Prints each figure, the
 per-stimulus rate, the peak resident memory and the load average at the end. Also times what
 every ``snakemake`` call does at start-up once the manifest stamps exist (``read_manifest``
-without the image checks, then ``write_manifest_stamp`` for both modalities).
+without the image checks, then ``write_manifest_stamp`` for both modalities, which reads the
+size of every image file for the vision stamp).
 
 Run: .venv/bin/python benchmarks/manifest_scale.py [--m 10000] [--images 10000] [--workers 2]
 """
