@@ -35,8 +35,9 @@ from xmodal.extract.vision import extract_vision_features, load_vision_model  # 
 from xmodal.gpa import gpa  # noqa: E402
 
 
-def vision_features(models: dict, scenes: list, layer: int) -> list[np.ndarray]:
-    """Each model's CLS features at ``layer`` for ``scenes`` rendered as the stimuli are."""
+def all_layers(models: dict, scenes: list) -> list[np.ndarray]:
+    """Each model's CLS features, every layer (layers × scenes × dim), for ``scenes`` rendered
+    as the stimuli are."""
     images = [_jpeg_round_trip(render_scene(s)) for s in scenes]
     ids = [str(i) for i in range(len(images))]
     out = []
@@ -45,8 +46,13 @@ def vision_features(models: dict, scenes: list, layer: int) -> list[np.ndarray]:
         res = extract_vision_features(
             model, [(x, np.arange(len(ids)))], stimulus_ids=ids, progress=False
         )
-        out.append(np.asarray(res.features[layer], dtype=np.float64))
+        out.append(np.stack([np.asarray(layer) for layer in res.features]))
     return out
+
+
+def vision_features(models: dict, scenes: list, layer: int) -> list[np.ndarray]:
+    """Each model's CLS features at ``layer`` for ``scenes`` rendered as the stimuli are."""
+    return [x[layer].astype(np.float64) for x in all_layers(models, scenes)]
 
 
 def main() -> None:

@@ -43,6 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from demo_nuisance_probe import all_layers  # noqa: E402
 from demo_seeds import cknna_with_llms, shifted_config  # noqa: E402
 
 
@@ -69,13 +70,14 @@ def build_vision_models(cfg: dict, work: Path, untrained: bool) -> dict[str, Pat
 
     train = cfg["stimuli"]["train"]
     tokenizer, scenes = work / "tokenizer", work / "training.npz"
-    captions = [s.caption for s in sample_scenes(int(train["n"]), int(train["seed"]), "train")]
-    train_tokenizer(captions, tokenizer)
-    generate_training_scenes(scenes, int(train["n"]), int(train["seed"]))
     models = {k: dict(m) for k, m in cfg["models"].items() if m["modality"] == "vision"}
-    if untrained:
+    if untrained:  # the stand-ins need neither the training scenes nor the tokenizer
         for m in models.values():
             m["build"] = {k: v for k, v in m["build"].items() if k not in ("train", "init")}
+    else:
+        captions = [s.caption for s in sample_scenes(int(train["n"]), int(train["seed"]), "train")]
+        train_tokenizer(captions, tokenizer)
+        generate_training_scenes(scenes, int(train["n"]), int(train["seed"]))
     dirs = {k: work / "models" / k for k in models}
     # one task per model that starts from no other, with the models that start from it after it
     # (CLIP, then CLIP+FT), on two processes as the demo profile runs two jobs at a time
@@ -94,25 +96,15 @@ def build_vision_models(cfg: dict, work: Path, untrained: bool) -> dict[str, Pat
     return dirs
 
 
-def vision_layer(cfg: dict, dirs: dict[str, Path]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+def vision_layers(cfg: dict, dirs: dict[str, Path]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """ν of the evaluation stimuli and each model's features of all layers for them."""
-    import torch
-
-    from xmodal.demo.stimuli import _jpeg_round_trip, render_scene, sample_scenes
-    from xmodal.extract.vision import extract_vision_features, load_vision_model
+    from xmodal.demo.stimuli import sample_scenes
+    from xmodal.extract.vision import load_vision_model
 
     scenes = sample_scenes(int(cfg["stimuli"]["n"]), int(cfg["stimuli"]["seed"]), "eval")
-    images = [_jpeg_round_trip(render_scene(s)) for s in scenes]
-    ids = [str(i) for i in range(len(images))]
-    out = {}
-    for key, path in dirs.items():
-        model, transform, _ = load_vision_model(str(path))
-        x = torch.stack([transform(im) for im in images])
-        res = extract_vision_features(
-            model, [(x, np.arange(len(ids)))], stimulus_ids=ids, progress=False
-        )
-        out[key] = np.stack([np.asarray(layer, dtype=np.float32) for layer in res.features])
-    return np.array([s.nuisance for s in scenes]), out
+    models = {key: load_vision_model(str(path)) for key, path in dirs.items()}
+    features = dict(zip(dirs, all_layers(models, scenes), strict=True))
+    return np.array([s.nuisance for s in scenes]), features
 
 
 def full_cknna(features: dict[str, np.ndarray], layer: int, cfg: dict, run: Path) -> dict:
@@ -135,7 +127,7 @@ def probe(cfg: dict, work: Path, untrained: bool, llm_run: Path | None) -> dict:
 
     t0 = time.perf_counter()
     dirs = build_vision_models(cfg, work, untrained)
-    nu, features = vision_layer(cfg, dirs)
+    nu, features = vision_layers(cfg, dirs)
     a = cfg["analysis"]
     layer = int(a["vision_layer"])
     res = gpa([x[layer].astype(np.float64) for x in features.values()], **a["gpa"])
