@@ -42,7 +42,7 @@ from xmodal.metrics import (
     kernel_resolution,
     knn_metric,
 )
-from xmodal.parallel import available_cores, mapper
+from xmodal.parallel import mapper, n_workers
 from xmodal.selection import RANDOM_SETS, sets_to_indices
 from xmodal.stats import BootstrapPlan, BootstrapSide, difference_summary, random_baseline
 from xmodal.summary import mean_stability
@@ -1086,7 +1086,7 @@ def condition_tables(
     plan = ConditionPlan(sets, stimulus_ids, k=k, n_boot=n_boot, seed=seed, dense=dense)
     boot = any(metric in BOOTSTRAP_METRICS for metric in names)
     # the vision models' structures are independent: built on threads (torch releases the GIL)
-    with mapper(min(len(vision), available_cores())) as pmap:
+    with mapper(n_workers(len(vision))) as pmap:
         built = list(
             pmap(
                 lambda item: plan.side(item[1], boot=boot, device=device, boot_cache=boot_cache),

@@ -19,7 +19,7 @@ from xmodal.gpa import (
     plan,
     project_preprocessed,
 )
-from xmodal.parallel import available_cores, mapper
+from xmodal.parallel import mapper, n_workers
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +144,7 @@ def leave_one_model_out(
     if len(ids) != m:
         raise ValueError(f"{len(ids)} stimulus ids for {m} stimuli")
 
-    jobs = min(n_models, available_cores()) if n_jobs is None else max(1, int(n_jobs))
+    jobs = n_workers(n_models, n_jobs)
     with threadpool_limits(limits=1, user_api="blas"), mapper(jobs) as pmap:
         # One preprocessing (one QR decomposition per model) and, where a fit uses them, one
         # set of cross-products, shared by the M fits and projections: a subset's

@@ -31,7 +31,7 @@ import numpy as np
 import scipy.linalg
 from threadpoolctl import threadpool_limits
 
-from xmodal.parallel import Mapper, available_cores, executor
+from xmodal.parallel import Mapper, executor, n_workers
 
 log = logging.getLogger(__name__)
 
@@ -349,7 +349,7 @@ def gpa(
     n = max(int(np.shape(r)[1]) if np.ndim(r) == 2 else 0 for r in reps)
     m = int(np.shape(reps[0])[0]) if np.ndim(reps[0]) >= 1 else 0
     width = min(m - 1, n) if reduce else n
-    jobs = min(len(reps), available_cores()) if n_jobs is None else max(1, int(n_jobs))
+    jobs = n_workers(len(reps), n_jobs)
     single = width < SMALL_WIDTH or jobs > 1
     with threadpool_limits(limits=1 if single else None, user_api="blas"), executor(jobs) as pool:
         pmap = pool.map if pool is not None else map

@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any
 
-__all__ = ["Mapper", "available_cores", "executor", "mapper", "set_thread_budget"]
+__all__ = ["Mapper", "available_cores", "executor", "mapper", "n_workers", "set_thread_budget"]
 
 #: ``map`` or a thread pool's ``map``: how independent per-model steps are run.
 Mapper = Callable[..., Iterable[Any]]
@@ -55,3 +55,9 @@ def available_cores() -> int:
     except AttributeError:  # not on Linux
         cores = max(1, os.cpu_count() or 1)
     return cores if _budget is None else min(cores, _budget)
+
+
+def n_workers(n_tasks: int, n_jobs: int | None = None) -> int:
+    """Threads for ``n_tasks`` independent per-model steps: ``n_jobs`` if given (at least 1),
+    else one per available core (:func:`available_cores`), at most one per task."""
+    return min(n_tasks, available_cores()) if n_jobs is None else max(1, int(n_jobs))

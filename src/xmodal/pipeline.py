@@ -35,7 +35,7 @@ from xmodal.config import resolve_layer
 from xmodal.features import FeatureFile, FeatureFileError
 from xmodal.io import atomic_path, read_table, write_table
 from xmodal.metrics import KernelKNN
-from xmodal.parallel import available_cores
+from xmodal.parallel import n_workers
 
 log = logging.getLogger(__name__)
 
@@ -241,7 +241,7 @@ def _gpa_and_dispersion(
         len(reps),
         len(ids),
         [r.shape[1] for r in reps],
-        min(len(reps), available_cores()),  # as gpa.gpa chooses them (the job's threads cap it)
+        n_workers(len(reps)),  # as gpa.gpa chooses them (the job's threads cap it)
     )
     res = gpa.gpa(reps, tol=tol, max_iter=max_iter)
     log.info(
