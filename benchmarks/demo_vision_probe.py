@@ -1,12 +1,12 @@
 """The demo's vision side alone, over several training seeds: does dispersion follow ν?
 
-A faster loop than `benchmarks/demo_seeds.py` (about 70 s per seed on 2 cores against about
-4 minutes) for trying changes to the demo's world or to its vision models' training (#14). Per
-seed offset s (every vision model's ``build.seed`` and the training scenes' seed shifted by s,
-as `demo_seeds.py` shifts them), it trains the tokenizer and the four vision models of the
-config exactly as the `demo_model` rules do (two processes, one thread each), extracts the
-analysis's vision layer for the evaluation stimuli (rendered as the stimuli are), runs GPA and
-prints one row:
+A faster loop than `benchmarks/demo_seeds.py` (75–140 s per seed on 2 cores, depending on the
+host: about half the pipeline's time) for trying changes to the demo's world or to its vision
+models' training (#14). Per seed offset s (every vision model's ``build.seed`` and the training
+scenes' seed shifted by s, as `demo_seeds.py` shifts them), it trains the tokenizer and the four
+vision models of the config exactly as the `demo_model` rules do (two processes, one thread
+each), extracts the analysis's vision layer for the evaluation stimuli (rendered as the stimuli
+are), runs GPA and prints one row:
 
 - ``rho``: Spearman ρ of the mean dispersion with the planted nuisance level ν (the pipeline's
   ``nuisance_rho`` for the same seeds, to rounding);
@@ -14,6 +14,9 @@ prints one row:
 - ``dist`` and ``res``: per vision model, ρ of its distance from its centre and of its residual
   with ν (docs/method.md, "Dispersion and distance from the centre");
 - ``high/low``: median mean dispersion of the stimuli with ν > 0.5 over those with ν < 0.3;
+- with ``--oracle``: ``rho_caption_clean``, ρ when the models trained against captions or
+  labels (CLIP, CLIP+FT) are given the same scenes without any nuisance, the ceiling if they
+  ignored the nuisances entirely; ``rho_pixel_only``, ρ of the GPA of the other models alone;
 - with ``--llm-run``, the full-set CKNNA of every vision model with every language model of a
   finished demo run (its chosen layer, as the layer search picks it); the language models are
   that run's, whatever the offset.
@@ -33,6 +36,7 @@ import json
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -45,6 +49,9 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from demo_nuisance_probe import all_layers  # noqa: E402
 from demo_seeds import cknna_with_llms, shifted_config  # noqa: E402
+
+#: the ViT families trained against captions or labels (``--oracle``)
+CAPTION = ("clip", "clip_ft")
 
 
 def _build_chain(jobs: list[tuple]) -> list[tuple[str, float]]:
@@ -96,15 +103,21 @@ def build_vision_models(cfg: dict, work: Path, untrained: bool) -> dict[str, Pat
     return dirs
 
 
-def vision_layers(cfg: dict, dirs: dict[str, Path]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """ν of the evaluation stimuli and each model's features of all layers for them."""
-    from xmodal.demo.stimuli import sample_scenes
+def vision_layers(
+    cfg: dict, dirs: dict[str, Path], clean: bool = False
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """ν of the evaluation stimuli and each model's features of all layers for them
+    (``clean``: for the same scenes rendered with every nuisance component at 0)."""
+    from xmodal.demo.stimuli import NUISANCES, sample_scenes
     from xmodal.extract.vision import load_vision_model
 
     scenes = sample_scenes(int(cfg["stimuli"]["n"]), int(cfg["stimuli"]["seed"]), "eval")
+    nu = np.array([s.nuisance for s in scenes])
+    if clean:
+        scenes = [replace(s, **dict.fromkeys(NUISANCES, 0.0)) for s in scenes]
     models = {key: load_vision_model(str(path)) for key, path in dirs.items()}
     features = dict(zip(dirs, all_layers(models, scenes), strict=True))
-    return np.array([s.nuisance for s in scenes]), features
+    return nu, features
 
 
 def full_cknna(features: dict[str, np.ndarray], layer: int, cfg: dict, run: Path) -> dict:
@@ -119,7 +132,9 @@ def full_cknna(features: dict[str, np.ndarray], layer: int, cfg: dict, run: Path
     return {f"{v} / {lang}": round(float(x), 4) for (v, lang), x in values.items()}
 
 
-def probe(cfg: dict, work: Path, untrained: bool, llm_run: Path | None) -> dict:
+def probe(
+    cfg: dict, work: Path, untrained: bool, llm_run: Path | None, oracle: bool = False
+) -> dict:
     """One seed: build, extract, GPA; the row described in the module docstring."""
     from scipy.stats import spearmanr
 
@@ -130,12 +145,16 @@ def probe(cfg: dict, work: Path, untrained: bool, llm_run: Path | None) -> dict:
     nu, features = vision_layers(cfg, dirs)
     a = cfg["analysis"]
     layer = int(a["vision_layer"])
-    res = gpa([x[layer].astype(np.float64) for x in features.values()], **a["gpa"])
-    r, d = np.asarray(res.residuals), np.asarray(res.distances)
-    mean = r.mean(axis=1)
 
     def rho(v: np.ndarray) -> float:
         return round(float(spearmanr(v, nu)[0]), 3)
+
+    def fit(xs: dict[str, np.ndarray]):
+        res = gpa([x[layer].astype(np.float64) for x in xs.values()], **a["gpa"])
+        return np.asarray(res.residuals), np.asarray(res.distances)
+
+    r, d = fit(features)
+    mean = r.mean(axis=1)
 
     row = {
         "rho": rho(mean),
@@ -144,6 +163,14 @@ def probe(cfg: dict, work: Path, untrained: bool, llm_run: Path | None) -> dict:
         "res": {k: rho(r[:, i]) for i, k in enumerate(features)},
         "high/low": round(float(np.median(mean[nu > 0.5]) / np.median(mean[nu < 0.3])), 3),
     }
+    if oracle:
+        # the ceiling if the caption-trained models ignored every nuisance, and the
+        # pixel-trained models alone
+        caption = [k for k in features if cfg["models"][k]["build"].get("family") in CAPTION]
+        _, clean = vision_layers(cfg, {k: dirs[k] for k in caption}, clean=True)
+        row["rho_caption_clean"] = rho(fit({**features, **clean})[0].mean(axis=1))
+        pixel = {k: x for k, x in features.items() if k not in caption}
+        row["rho_pixel_only"] = rho(fit(pixel)[0].mean(axis=1)) if len(pixel) > 1 else None
     if llm_run is not None:
         row["cknna"] = full_cknna(features, layer, cfg, llm_run)
     row["seconds"] = round(time.perf_counter() - t0)
@@ -157,6 +184,11 @@ def main() -> None:
     parser.add_argument("--untrained", action="store_true", help="untrained stand-ins")
     parser.add_argument("--llm-run", type=Path, help="a finished demo run (its LLM features)")
     parser.add_argument("--work", type=Path, help="keep the models here (default: temporary)")
+    parser.add_argument(
+        "--oracle",
+        action="store_true",
+        help="also ρ with the CLIP models fed the clean renders, and the other models alone",
+    )
     args = parser.parse_args()
 
     base = yaml.safe_load(args.config.read_text())
@@ -165,7 +197,8 @@ def main() -> None:
         for offset in args.offsets:
             work = (args.work or Path(tmp)) / f"offset-{offset}"
             work.mkdir(parents=True, exist_ok=True)
-            row = probe(shifted_config(base, offset), work, args.untrained, args.llm_run)
+            cfg = shifted_config(base, offset)
+            row = probe(cfg, work, args.untrained, args.llm_run, args.oracle)
             rhos.append(row["rho"])
             print(json.dumps({"offset": offset, "untrained": args.untrained, **row}), flush=True)
     print(
