@@ -25,8 +25,10 @@ layer search chooses it): which side of a pair the training helps or hurts.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -70,6 +72,34 @@ def run_demo(workdir: Path, cfg: dict, configfile: str, cores: int) -> dict[str,
     times["analysis"] = _run(workdir, configfile, cores)
     times["total"] = sum(times.values())
     return times
+
+
+#: the packages whose versions change what the demo trains to (docs/method.md, "Same seeds,
+#: another machine")
+PACKAGES = ("torch", "timm", "transformers", "tokenizers", "numpy", "pillow")
+
+
+def host_line() -> str:
+    """The CPU model (with its widest vector instructions), the CPU count and the versions of
+    :data:`PACKAGES`: the demo's numbers depend on them, so its benchmarks print this first."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    cpu, flags = platform.processor() or platform.machine(), set()
+    with contextlib.suppress(OSError):  # Linux: the model and its vector instructions
+        info = Path("/proc/cpuinfo").read_text().splitlines()
+        cpu = next((x.split(":", 1)[1].strip() for x in info if x.startswith("model name")), cpu)
+        flags = set(next((x.split(":", 1)[1].split() for x in info if x.startswith("flags")), []))
+    widest = next((f for f in ("avx512f", "avx2", "avx", "neon", "asimd") if f in flags), None)
+    if widest:
+        cpu += f" ({widest})"
+    found = []
+    for name in PACKAGES:
+        try:
+            found.append(f"{name} {version(name)}")
+        except PackageNotFoundError:
+            found.append(f"{name} (not installed)")
+    python = platform.python_version()
+    return f"host: {cpu}, {os.cpu_count()} CPUs; python {python}; " + ", ".join(found)
 
 
 def shifted_config(cfg: dict, offset: int) -> dict:
@@ -149,6 +179,7 @@ def main() -> None:
         "--mixed", action="store_true", help="full-set CKNNA of trained × untrained mixes"
     )
     args = parser.parse_args()
+    print(host_line(), flush=True)
 
     base = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="demo_seeds_"))
     trained_cfg = yaml.safe_load((ROOT / "config" / "demo.yaml").read_text())

@@ -48,7 +48,7 @@ sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from demo_nuisance_probe import all_layers  # noqa: E402
-from demo_seeds import cknna_with_llms, shifted_config  # noqa: E402
+from demo_seeds import cknna_with_llms, host_line, shifted_config  # noqa: E402
 
 #: the ViT families trained against captions or labels (``--oracle``)
 CAPTION = ("clip", "clip_ft")
@@ -190,6 +190,7 @@ def main() -> None:
         help="also ρ with the CLIP models fed the clean renders, and the other models alone",
     )
     args = parser.parse_args()
+    print(host_line(), flush=True)
 
     base = yaml.safe_load(args.config.read_text())
     rhos = []
