@@ -68,11 +68,7 @@ def main() -> None:
     vision = {k: m for k, m in cfg["models"].items() if m["modality"] == "vision"}
     models = {k: load_vision_model(str(args.run / m["id"])) for k, m in vision.items()}
     layer = int(cfg["analysis"]["vision_layer"])
-    zero = {k: 0.0 for k in NUISANCES}
-    clean = [
-        dataclasses.replace(s, nuisance=0.0, **zero)
-        for s in sample_scenes(args.n, args.seed, "eval")
-    ]
+    clean = [s.without_nuisances() for s in sample_scenes(args.n, args.seed, "eval")]
     conditions = {k: {k: args.level} for k in NUISANCES}
     conditions["all"] = {"nuisance": args.level, **{k: args.level for k in NUISANCES}}
     base = vision_features(models, clean, layer)

@@ -36,7 +36,6 @@ import json
 import sys
 import tempfile
 import time
-from dataclasses import replace
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -108,13 +107,13 @@ def vision_layers(
 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """ν of the evaluation stimuli and each model's features of all layers for them
     (``clean``: for the same scenes rendered with every nuisance component at 0)."""
-    from xmodal.demo.stimuli import NUISANCES, sample_scenes
+    from xmodal.demo.stimuli import sample_scenes
     from xmodal.extract.vision import load_vision_model
 
     scenes = sample_scenes(int(cfg["stimuli"]["n"]), int(cfg["stimuli"]["seed"]), "eval")
     nu = np.array([s.nuisance for s in scenes])
     if clean:
-        scenes = [replace(s, **dict.fromkeys(NUISANCES, 0.0)) for s in scenes]
+        scenes = [s.without_nuisances() for s in scenes]
     models = {key: load_vision_model(str(path)) for key, path in dirs.items()}
     features = dict(zip(dirs, all_layers(models, scenes), strict=True))
     return nu, features

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import io
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -117,6 +117,11 @@ class Scene:
         for o in self.objects:
             out[LABELS.index(f"{o.colour} {o.shape}")] = 1
         return out
+
+    def without_nuisances(self) -> Scene:
+        """The same scene (objects, rendering seed) with its nuisance level and every component
+        at 0: rendered, only the objects on the plain background."""
+        return replace(self, nuisance=0.0, **dict.fromkeys(NUISANCES, 0.0))
 
     def nuisances(self) -> dict[str, float]:
         """``nuisance`` and its components, rounded as the manifest records them."""
