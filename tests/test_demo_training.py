@@ -140,17 +140,20 @@ def _models(**builds):
 
 def test_builds_that_others_start_from_go_first():
     """The build priority counts the models started, in turn, from a model: a chain of builds
-    (CLIP, then CLIP+FT, then a model started from that) is scheduled from its start."""
+    (CLIP, then CLIP+FT, then a model started from that) is scheduled from its start; among
+    equals, vision models go before language models."""
     trained = {"epochs": 1}
+    vision = {"modality": "vision"}
     models = {
-        "clip": {"build": {"family": "clip", "train": trained}},
-        "ft": {"build": {"family": "clip_ft", "init": "clip", "train": trained}},
-        "ft2": {"build": {"family": "clip_ft", "init": "ft", "train": trained}},
-        "mae": {"build": {"family": "mae"}},
+        "clip": {**vision, "build": {"family": "clip", "train": trained}},
+        "ft": {**vision, "build": {"family": "clip_ft", "init": "clip", "train": trained}},
+        "ft2": {**vision, "build": {"family": "clip_ft", "init": "ft", "train": trained}},
+        "mae": {**vision, "build": {"family": "mae"}},
+        "lm": {"modality": "language", "build": {"arch": "llama", "train": trained}},
         "hub": {"id": "org/model"},
     }
     assert {k: build_priority(models, k) for k in models} == {
-        "clip": 2, "ft": 1, "ft2": 0, "mae": 0, "hub": 0,
+        "clip": 5, "ft": 3, "ft2": 1, "mae": 1, "lm": 0, "hub": 0,
     }  # fmt: skip
 
 

@@ -31,6 +31,55 @@ def test_importing_xmodal_loads_no_numerical_library():
     assert out.stdout.strip() == "[]"
 
 
+_LIGHT_STEPS = """
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from xmodal import pipeline
+from xmodal.features import FeatureFile, write_features
+
+
+def loaded():
+    return sorted(m for m in ("torch", "scipy.stats") if m in sys.modules)
+
+
+print(loaded())
+root = Path(sys.argv[1])
+rng = np.random.default_rng(0)
+ids = [f"s{i}" for i in range(30)]
+paths = []
+for k in range(3):
+    x = rng.standard_normal((2, 30, 5)).astype(np.float32)
+    attrs = {"model_id": f"v{k}", "model_key": f"v{k}", "modality": "vision"}
+    q = np.abs(x).max(axis=(0, 2))
+    paths.append(write_features(root / f"v{k}.h5", x, ids, ["a", "b"], attrs, abs_q95=q))
+with FeatureFile(paths[0]) as f:
+    f.finite_layer(-1), f.abs_q95()
+keys = ["v0", "v1", "v2"]
+pipeline.run_gpa(paths, keys, -1, 1e-10, 1000, root / "r.tsv", root / "d.tsv", root / "g.json")
+analysis = dict(set_size=8, n_random=3, drop_fraction=0.25, knn_k=3, seed=0)
+pipeline.run_stimulus_sets(root / "d.tsv", analysis, root / "sets.tsv")
+print(loaded())
+pipeline.run_leave_one_model_out(paths, keys, -1, 1e-10, 1000, root / "l.tsv", root / "ls.tsv")
+print(loaded())
+"""
+
+
+def test_steps_that_need_no_torch_do_not_load_it(tmp_path):
+    """Loading torch takes seconds, most of a light step's run time: importing the pipeline,
+    writing and reading feature files, GPA and the set selection load neither torch nor
+    scipy.stats, and leave-one-model-out loads scipy.stats but no torch."""
+    script = tmp_path / "light_steps.py"
+    script.write_text(_LIGHT_STEPS)
+    out = subprocess.run(
+        [sys.executable, str(script), str(tmp_path)], capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split("\n")[:3] == ["[]", "[]", "['scipy.stats']"]
+
+
 def test_thread_budget_caps_the_cores_the_pools_use():
     from xmodal.parallel import available_cores, set_thread_budget
 

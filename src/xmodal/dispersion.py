@@ -8,7 +8,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
-import scipy.stats
 from threadpoolctl import threadpool_limits
 
 from xmodal.gpa import (
@@ -133,6 +132,8 @@ def leave_one_model_out(
     The M fits run on ``n_jobs`` threads (default: one per core, at most M), single-threaded BLAS,
     and share one preprocessing and one set of cross-products.
     """
+    import scipy.stats  # here, not at the top: the GPA jobs that import this module need no scipy.stats
+
     n_models = len(reps)
     if n_models < 3:
         raise ValueError(f"leave-one-model-out needs at least 3 models, got {n_models}")

@@ -23,14 +23,17 @@ import datetime as _dt
 import json
 import logging
 import os
+import sys
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import h5py
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch  # imported where used: reading a feature file needs no torch
 
 from xmodal.io import atomic_path, remove_stale_temporaries
 from xmodal.logs import redact
@@ -80,6 +83,8 @@ def abs_quantile_rows(x: torch.Tensor | np.ndarray, q: float = Q) -> torch.Tenso
     ``interpolation='linear'``), computed in float32 by sorting, so it has no input-size limit.
     Returns a float32 tensor of shape ``(rows,)`` on ``x``'s device.
     """
+    import torch
+
     t = torch.as_tensor(x)
     t = t.reshape(t.shape[0], -1).abs().float()
     n = t.shape[1]
@@ -153,13 +158,15 @@ def write_features(
         raise FeatureFileError(f"{path}: need at least one layer and one stimulus")
     tokens = None if n_tokens is None else _token_counts(path, n_tokens, m)
 
-    if isinstance(features, np.ndarray | torch.Tensor):
+    if isinstance(features, np.ndarray) or _is_tensor(features):
         if tuple(features.shape[:2]) != (n_layers, m) or features.ndim != 3:
             raise FeatureFileError(
                 f"{path}: features have shape {tuple(features.shape)}, expected "
                 f"({n_layers}, {m}, dim) for {n_layers} layer names and {m} stimulus ids"
             )
         if abs_q95 is None:
+            import torch
+
             t = torch.as_tensor(features)
             abs_q95 = torch.cat(
                 [
@@ -239,7 +246,7 @@ def write_features(
 
 def _token_counts(path: Path, n_tokens: np.ndarray | Sequence[int], m: int) -> np.ndarray:
     """``n_tokens`` as ``(m,)`` int32, checked: whole numbers ≥ 0."""
-    t = np.asarray(n_tokens.cpu() if isinstance(n_tokens, torch.Tensor) else n_tokens)
+    t = np.asarray(n_tokens.cpu() if _is_tensor(n_tokens) else n_tokens)
     if t.shape != (m,) or not np.issubdtype(t.dtype, np.number):
         raise FeatureFileError(f"{path}: n_tokens must be {m} counts, got shape {t.shape}")
     if not (np.isfinite(t).all() and (t >= 0).all() and (t == np.round(t)).all()):
@@ -247,9 +254,15 @@ def _token_counts(path: Path, n_tokens: np.ndarray | Sequence[int], m: int) -> n
     return t.astype(np.int32)
 
 
+def _is_tensor(x: Any) -> bool:
+    """True for a torch tensor; without importing torch (a tensor implies torch is loaded)."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(x, torch.Tensor)
+
+
 def _as_numpy(x: np.ndarray | torch.Tensor) -> np.ndarray:
-    if isinstance(x, torch.Tensor):
-        return x.detach().to("cpu", torch.float32).numpy()
+    if _is_tensor(x):
+        return x.detach().cpu().float().numpy()  # float32: widening is exact on either device
     return np.asarray(x)
 
 
@@ -257,6 +270,8 @@ def _abs_q95_from_dataset(dset: h5py.Dataset) -> np.ndarray:
     """abs_q95 from an on-disk ``(n_layers, m, dim)`` dataset, a block of stimuli at a time."""
     n_layers, m, dim = dset.shape
     block = max(1, _QUANTILE_BLOCK // max(1, n_layers * dim))
+    import torch
+
     out = np.empty(m, dtype=np.float32)
     for start in range(0, m, block):
         stop = min(m, start + block)

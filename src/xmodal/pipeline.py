@@ -15,27 +15,21 @@ import logging
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
-from xmodal import (
-    alignment,
-    diagnostics,
-    dispersion,
-    gpa,
-    language_dispersion,
-    metrics,
-    properties,
-    selection,
-    stats,
-)
+# torch (alignment, diagnostics, metrics, stats) and scipy (gpa, dispersion) are imported by the
+# steps that use them: a job then loads only what its step needs (torch alone takes seconds)
+from xmodal import language_dispersion, properties, selection
 from xmodal.config import resolve_layer
 from xmodal.features import FeatureFile, FeatureFileError
 from xmodal.io import atomic_path, read_table, write_table
-from xmodal.metrics import KernelKNN
 from xmodal.parallel import n_workers
+
+if TYPE_CHECKING:
+    from xmodal.metrics import KernelKNN
 
 log = logging.getLogger(__name__)
 
@@ -96,12 +90,16 @@ def prepared_layer(f: FeatureFile, layer: int, threshold: float | None = None) -
 
     ``threshold`` (from :func:`layer_threshold`) saves recomputing t when several layers are read.
     """
+    from xmodal import metrics
+
     t = layer_threshold(f) if threshold is None else threshold
     return metrics.prepare_layer(f.finite_layer(layer), t)
 
 
 def layer_threshold(f: FeatureFile) -> float:
     """The clamp threshold t of a feature file (docs/method.md, "Alignment")."""
+    from xmodal import metrics
+
     return metrics.threshold_from_quantiles(f.abs_q95())
 
 
@@ -235,6 +233,8 @@ def _gpa_and_dispersion(
 ) -> None:
     """GPA over ``reps`` (docs/method.md, "Generalized Procrustes Analysis") and the dispersion
     tables: residuals (long), per-stimulus mean and PC1 dispersion, and the fit's summary JSON."""
+    from xmodal import dispersion, gpa
+
     log.info(
         "%s GPA over %d models, %d stimuli, widths %s, on %d thread(s)",
         what,
@@ -263,7 +263,10 @@ def _gpa_and_dispersion(
     table, explained = dispersion.dispersion_table(ids, R, res.distances)
     # how much of the dispersion is distance from the centre (docs/method.md, "Dispersion and
     # distance from the centre"): rank correlation over stimuli
-    rho_distance = float(table["mean_dispersion"].corr(table["mean_distance"], method="spearman"))
+    # Spearman: Pearson's r of average ranks, as scipy.stats.spearmanr (which pandas' method=
+    # "spearman" would import: seconds for a job that needs nothing else from it)
+    ranks = table[["mean_dispersion", "mean_distance"]].rank()
+    rho_distance = float(ranks["mean_dispersion"].corr(ranks["mean_distance"]))
     log.info(
         "%s dispersion: Spearman rho with the stimuli's mean distance from the models' "
         "centres %.3f",
@@ -361,6 +364,8 @@ def run_leave_one_model_out(
     out_stimuli: PathLike,
 ) -> None:
     """GPA without each vision model in turn; correlate partial dispersion with its deviation."""
+    from xmodal import dispersion
+
     ids, reps = read_vision_layers(feature_paths, models, vision_layer)
     table, per_stimulus = dispersion.leave_one_model_out(
         reps, names=list(models), stimulus_ids=ids, tol=tol, max_iter=max_iter
@@ -399,6 +404,8 @@ def run_layer_search(
     (docs/method.md, "Diagnostics"); with ``out_heldout``, the layer chosen on half A of each of
     ``n_splits`` random splits (seed ``seed``; docs/method.md, "Held-out layer choice"), in the
     same pass over the layers."""
+    from xmodal import alignment, diagnostics
+
     ids, prepared = read_prepared_vision(vision_paths, vision, vision_layer)
     diags: list[tuple[str, int, str, diagnostics.LayerDiagnostics]] = []
 
@@ -482,6 +489,8 @@ def run_vision_diagnostics(
 ) -> None:
     """Representation diagnostics of every vision model's analysed layer (docs/method.md,
     "Diagnostics")."""
+    from xmodal import diagnostics
+
     _, prepared = read_prepared_vision(vision_paths, vision, vision_layer)
     rows = []
     for key, (idx, x) in prepared.items():
@@ -559,6 +568,8 @@ def run_vision_bootstrap(
     """The vision models' bootstrap structures for the low/high sets, prepared once for every
     LLM's conditions job (each reuses them where their content keys match: same features,
     sets, resamples and k; docs/method.md, "Layer choice and statistics")."""
+    from xmodal import alignment, stats
+
     ids, prepared = read_prepared_vision(vision_paths, vision, vision_layer)
     plan = alignment.ConditionPlan(read_table(sets_path), ids, k=k, n_boot=n_boot, seed=seed)
     cache: dict[str, stats.BootstrapSide] = {}
@@ -599,6 +610,8 @@ def run_conditions(
     search's ``heldout_layers_path`` and ``heldout_sets_path``): the sets inside half B of each
     split at the held-out and at the full-set layer (docs/method.md, "Held-out layer choice").
     """
+    from xmodal import alignment
+
     heldout = None
     if out_heldout is not None:
         if heldout_layers_path is None or heldout_sets_path is None:
@@ -676,6 +689,8 @@ def _set_alignment(
     layer search chose per (vision model, metric); with ``heldout`` (held-out layers table,
     held-out sets table, seed of the splits) also xmodal.alignment.heldout_condition_table
     (each LLM layer read once for both)."""
+    from xmodal import alignment, stats
+
     chosen = chosen_layers(read_table(layers_path), layers_path)
     missing = [(v, m) for v in vision for m in metric_names if (v, m) not in chosen]
     if missing:

@@ -61,16 +61,18 @@ def demo_needs(models: Mapping[str, Mapping[str, Any]], key: str) -> DemoNeeds:
 
 
 def build_priority(models: Mapping[str, Mapping[str, Any]], key: str) -> int:
-    """How many demo models start, directly or in turn, from model ``key`` (``build.init``):
-    the scheduling priority of its build, so that a chain of builds (CLIP, then CLIP+FT)
-    starts first instead of after every independent build."""
+    """The scheduling priority of a demo model's build: first the builds that other demo models
+    start from, directly or in turn (``build.init``; twice their count), so that a chain of
+    builds (CLIP, then CLIP+FT) starts first instead of after every independent build; then,
+    among equals, vision before language models (+1), since the analysis waits for every vision
+    model (GPA) but each language model gates only its own column of the grid."""
     starts = {k: (m.get("build") or {}).get("init") for k, m in models.items() if m.get("build")}
 
     def depth(k: str, seen: frozenset[str] = frozenset()) -> int:
         children = [c for c, init in starts.items() if init == k and c not in seen]
         return sum(1 + depth(c, seen | {k}) for c in children)
 
-    return depth(key)
+    return 2 * depth(key) + int(models[key].get("modality") == "vision")
 
 
 def build_demo_model(
