@@ -30,6 +30,25 @@ LLMS = ["Alpha 0.5b", "Alpha 3b", "Beta 1b", "Beta 7b"]  # family, then size (mo
 RAW_KEYS = ["vis-0", "vis-1", "vis-2", "alpha-0.5b", "alpha-3b", "beta-1b", "beta-7b"]
 
 
+def test_the_registry_loads_no_plotting_library():
+    """The workflow reads FIGURES at every start (each dry run, each cluster job): matplotlib
+    and seaborn, seconds to import, load only when a figure is drawn. Every entry names a
+    drawing function that exists."""
+    import importlib
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, xmodal.figures as f; f.figure_files('d', ['cknna', 'cka']); "
+        "print(sorted(m for m in ('matplotlib', 'seaborn', 'scipy') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+    for spec in FIGURES.values():
+        module, function = spec.drawer.rsplit(".", 1)
+        assert callable(getattr(importlib.import_module(f"xmodal.figures.{module}"), function))
+
+
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory) -> dict[str, Path]:
     """3 vision × 4 LLMs in 2 families, 40 stimuli, K = 10, 10 random draws, tiny PNG images."""

@@ -19,40 +19,31 @@ the controls ``drop``, ``drop_summary``, ``heldout_layers``, ``heldout``, ``held
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-
-from matplotlib.figure import Figure
+from typing import TYPE_CHECKING, Any
 
 from xmodal.io import atomic_path
 
-from ._common import (
+from ._names import (
     DEFAULT_METRIC,
     METRIC_LABELS,
-    FigureData,
-    Models,
-    _style,
     metric_from_tag,
     metric_label,
     metric_tag,
     metric_tag_pattern,
-    read_tsv,
 )
-from .alignment import (
-    draw_contrasts,
-    draw_drop25,
-    draw_grid_heatmap,
-    draw_heldout,
-    draw_layerwise,
-    draw_sets_pc1,
-    draw_sets_rank,
-)
-from .diagnostics import draw_diagnostics
-from .dispersion import draw_dispersion_sets, draw_gallery, draw_loo, draw_residuals
-from .extensions import draw_language_dispersion, draw_properties
+
+# The registry below is read by the workflow at every start (and by every cluster job that
+# re-reads the workflow): matplotlib and seaborn, seconds to import, load only to draw.
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+    from ._common import FigureData, Models
 
 log = logging.getLogger(__name__)
 
@@ -76,9 +67,15 @@ class FigureSpec:
     name: str
     title: str
     inputs: tuple[str, ...]
-    draw: Callable[[FigureData], Figure]
+    #: the drawing function, ``module.function`` in this package (imported when drawn)
+    drawer: str
     optional: tuple[str, ...] = ("models",)
     per_metric: bool = False
+
+    def draw(self, data: FigureData) -> Figure:
+        """Draw this figure from its tables."""
+        module, function = self.drawer.rsplit(".", 1)
+        return getattr(importlib.import_module(f"{__name__}.{module}"), function)(data)
 
     @property
     def required(self) -> tuple[str, ...]:
@@ -92,9 +89,14 @@ class FigureSpec:
 
 
 def _spec(
-    name: str, title: str, inputs: tuple[str, ...], draw, optional=("models",), per_metric=False
+    name: str,
+    title: str,
+    inputs: tuple[str, ...],
+    drawer: str,
+    optional=("models",),
+    per_metric=False,
 ) -> FigureSpec:
-    return FigureSpec(name, title, inputs, draw, optional, per_metric)
+    return FigureSpec(name, title, inputs, drawer, optional, per_metric)
 
 
 FIGURES: dict[str, FigureSpec] = {
@@ -104,21 +106,21 @@ FIGURES: dict[str, FigureSpec] = {
             "dispersion_sets",
             "Fig. 2A/F: stimulus selection by mean dispersion and by PC1",
             ("dispersion", "sets", "residuals", "models"),
-            draw_dispersion_sets,
+            "dispersion.draw_dispersion_sets",
             ("models", "residuals"),
         ),
         _spec(
             "sets_rank",
             "Fig. 2B–E: alignment of low / random / high sets (rank by mean dispersion)",
             ("grid", "models"),
-            draw_sets_rank,
+            "alignment.draw_sets_rank",
             per_metric=True,
         ),
         _spec(
             "sets_pc1",
             "Fig. 2G–J: alignment of low / random / high sets (PC1 of dispersion)",
             ("grid", "models"),
-            draw_sets_pc1,
+            "alignment.draw_sets_pc1",
             per_metric=True,
         ),
         _spec(
@@ -126,7 +128,7 @@ FIGURES: dict[str, FigureSpec] = {
             "Supp. Fig. 1: dropping the most / least dispersed 25%, against random sets of "
             "the same size",
             ("grid", "drop_summary", "models"),
-            draw_drop25,
+            "alignment.draw_drop25",
             ("models", "drop_summary"),
             per_metric=True,
         ),
@@ -134,14 +136,14 @@ FIGURES: dict[str, FigureSpec] = {
             "loo",
             "Supp. Fig. 2: leave-one-model-out dispersion vs held-out deviation",
             ("loo_stimuli", "loo", "models"),
-            draw_loo,
+            "dispersion.draw_loo",
             ("models", "loo"),
         ),
         _spec(
             "grid_heatmap",
             "Full-set alignment grid and low − high difference grids",
             ("grid", "contrasts", "models"),
-            draw_grid_heatmap,
+            "alignment.draw_grid_heatmap",
             ("models", "contrasts"),
             per_metric=True,
         ),
@@ -149,27 +151,27 @@ FIGURES: dict[str, FigureSpec] = {
             "layerwise",
             "Layer-wise alignment of each vision model with every LLM layer",
             ("layers", "models"),
-            draw_layerwise,
+            "alignment.draw_layerwise",
             per_metric=True,
         ),
         _spec(
             "gallery",
             "Lowest- and highest-dispersion stimuli, with their properties",
             ("dispersion", "manifest", "properties"),
-            draw_gallery,
+            "dispersion.draw_gallery",
             ("properties",),
         ),
         _spec(
             "residuals",
             "Residual matrix: per-model distributions and correlations",
             ("residuals", "models"),
-            draw_residuals,
+            "dispersion.draw_residuals",
         ),
         _spec(
             "contrasts",
             "Low − high difference per pair with bootstrap 95% CI; fraction of random ≥ low",
             ("contrasts", "summary", "models"),
-            draw_contrasts,
+            "alignment.draw_contrasts",
             ("models", "summary"),
             per_metric=True,
         ),
@@ -177,7 +179,7 @@ FIGURES: dict[str, FigureSpec] = {
             "heldout_layer",
             "Layer choice without selection bias: the low − high contrast inside held-out halves",
             ("heldout", "heldout_summary", "models"),
-            draw_heldout,
+            "alignment.draw_heldout",
             ("models", "heldout_summary"),
             per_metric=True,
         ),
@@ -185,21 +187,21 @@ FIGURES: dict[str, FigureSpec] = {
             "diagnostics",
             "Representation diagnostics: which alignment values the data decide",
             ("diagnostics", "duplicates", "models"),
-            draw_diagnostics,
+            "diagnostics.draw_diagnostics",
             ("models", "duplicates"),
         ),
         _spec(
             "language_dispersion",
             "Language-side dispersion: correlation with vision dispersion, 2 × 2 sets",
             ("dispersion", "language_dispersion", "language_correlation", "joint_cells", "models"),
-            draw_language_dispersion,
+            "extensions.draw_language_dispersion",
             ("models", "language_correlation", "joint_cells"),
         ),
         _spec(
             "properties",
             "Stimulus properties vs dispersion (Spearman ρ, bootstrap 95% CI)",
             ("property_correlations", "properties", "dispersion", "models"),
-            draw_properties,
+            "extensions.draw_properties",
         ),
     )
 }
@@ -260,6 +262,8 @@ def load_inputs(
     missing = [i for i in spec.required if i not in inputs]
     if missing:
         raise KeyError(f"figure {name!r} needs input(s) {missing}; got {sorted(inputs)}")
+    from ._common import FigureData, Models, read_tsv
+
     paths = {k: Path(inputs[k]) for k in spec.inputs if k in inputs}
     tables = {k: read_tsv(p, k) for k, p in paths.items()}
     models = Models.from_table(tables.get("models"))
@@ -270,6 +274,8 @@ def render_figure(
     name: str, inputs: Mapping[str, str | os.PathLike], metric: str | None = None
 ) -> Figure:
     """Draw figure ``name`` for ``metric`` from its tables and return it (nothing is written)."""
+    from ._common import _style
+
     data = load_inputs(name, inputs, metric)
     with _style():
         return FIGURES[name].draw(data)
@@ -277,6 +283,8 @@ def render_figure(
 
 def save_figure(fig: Figure, out_png: str | os.PathLike, out_pdf: str | os.PathLike) -> None:
     """Write ``fig`` as PNG and PDF, each atomically (no partial file on failure)."""
+    from ._common import _style
+
     with _style():
         for out, fmt in ((out_png, "png"), (out_pdf, "pdf")):
             meta = {"Software": None} if fmt == "png" else {"CreationDate": None, "Producer": None}
@@ -298,6 +306,15 @@ def make_figure(
     log.info(
         "figure %s (%s) written to %s and %s", name, metric or DEFAULT_METRIC, out_png, out_pdf
     )
+
+
+def __getattr__(name: str) -> Any:
+    """``FigureData`` and ``Models`` from the drawing side, imported on first use."""
+    if name in ("FigureData", "Models"):
+        from . import _common
+
+        return getattr(_common, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = [

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import re
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +19,15 @@ from matplotlib.transforms import blended_transform_factory
 
 from xmodal.io import read_table
 from xmodal.summary import STABILITY_THRESHOLD
+
+from ._names import (  # noqa: F401 (re-exported to the drawing modules)
+    DEFAULT_METRIC,
+    METRIC_LABELS,
+    metric_from_tag,
+    metric_label,
+    metric_tag,
+    metric_tag_pattern,
+)
 
 # One palette for the whole report. Low-dispersion stimuli (and "drop high", which keeps them)
 # are blue; high-dispersion stimuli (and "drop low") warm; the random baseline and the full set
@@ -52,17 +60,6 @@ SUMMARY_LABELS: dict[str, str] = {
     "pc1": "PC1 of dispersion",
 }
 
-#: How each alignment metric (xmodal.alignment.METRICS, config ``analysis.metrics``) is named in
-#: axis labels, titles and legends.
-METRIC_LABELS: dict[str, str] = {
-    "cknna": "CKNNA",
-    "mutual_knn": "mutual kNN",
-    "unbiased_cka": "unbiased CKA",
-    "cka": "CKA",
-}
-#: The metric whose figures carry no metric in their file name (the config's default).
-DEFAULT_METRIC = "cknna"
-
 # Marks of the values the data do not decide (docs/method.md, "Stability"): hatched bars, a
 # dagger in heatmap cells, open markers on lines and forest plots. Values that are not numbers
 # (degenerate layers, undefined draws) are never drawn as numbers: a cross, or "n/a" in a cell.
@@ -73,11 +70,6 @@ UNSTABLE_NOTE = f"stability > {STABILITY_THRESHOLD:g}: nearest-neighbour sets de
 UNDEFINED_NOTE = "undefined value (not a number): not drawn"
 
 
-def metric_label(metric: str) -> str:
-    """How ``metric`` is named in figures ('CKNNA', 'mutual kNN', ...)."""
-    return METRIC_LABELS.get(metric, metric)
-
-
 def alignment_label(metric: str) -> str:
     """The y-axis label of an alignment value: 'Vision–language alignment (CKNNA)'."""
     return f"Vision–language alignment ({metric_label(metric)})"
@@ -85,24 +77,6 @@ def alignment_label(metric: str) -> str:
 
 #: The CKNNA axis label (figures drawn for CKNNA only: figures/extensions.py).
 ALIGNMENT_LABEL = alignment_label(DEFAULT_METRIC)
-
-
-def metric_tag(metric: str | None) -> str:
-    """What a figure file name carries for ``metric``: nothing for the default metric (or a
-    figure drawn once), ``.<metric>`` for the others (``sets_rank.mutual_knn.png``)."""
-    return "" if metric is None or metric == DEFAULT_METRIC else f".{metric}"
-
-
-def metric_from_tag(tag: str) -> str:
-    """The metric of a file-name tag made by :func:`metric_tag` ('' → the default metric)."""
-    return tag[1:] if tag.startswith(".") else (tag or DEFAULT_METRIC)
-
-
-def metric_tag_pattern(metrics: Iterable[str]) -> str:
-    """Regular expression of the tags of ``metrics`` (the workflow's wildcard constraint): the
-    empty tag when the default metric is among them, ``.<metric>`` for each other one."""
-    alts = [re.escape(metric_tag(m)) for m in dict.fromkeys(metrics)]
-    return "(?:" + "|".join(alts) + ")"
 
 
 LLM_AXIS_LABEL = "Language model"
