@@ -132,7 +132,7 @@ def leave_one_model_out(
     The M fits run on ``n_jobs`` threads (default: one per core, at most M), single-threaded BLAS,
     and share one preprocessing and one set of cross-products.
     """
-    import scipy.stats  # here, not at the top: the GPA jobs that import this module need no scipy.stats
+    import scipy.stats  # here: the GPA jobs, which import this module, need no scipy.stats
 
     n_models = len(reps)
     if n_models < 3:

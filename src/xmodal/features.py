@@ -262,16 +262,16 @@ def _is_tensor(x: Any) -> bool:
 
 def _as_numpy(x: np.ndarray | torch.Tensor) -> np.ndarray:
     if _is_tensor(x):
-        return x.detach().cpu().float().numpy()  # float32: widening is exact on either device
+        return x.detach().cpu().float().numpy()  # float32, as .to('cpu', torch.float32)
     return np.asarray(x)
 
 
 def _abs_q95_from_dataset(dset: h5py.Dataset) -> np.ndarray:
     """abs_q95 from an on-disk ``(n_layers, m, dim)`` dataset, a block of stimuli at a time."""
-    n_layers, m, dim = dset.shape
-    block = max(1, _QUANTILE_BLOCK // max(1, n_layers * dim))
     import torch
 
+    n_layers, m, dim = dset.shape
+    block = max(1, _QUANTILE_BLOCK // max(1, n_layers * dim))
     out = np.empty(m, dtype=np.float32)
     for start in range(0, m, block):
         stop = min(m, start + block)

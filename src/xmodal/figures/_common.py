@@ -20,14 +20,7 @@ from matplotlib.transforms import blended_transform_factory
 from xmodal.io import read_table
 from xmodal.summary import STABILITY_THRESHOLD
 
-from ._names import (  # noqa: F401 (re-exported to the drawing modules)
-    DEFAULT_METRIC,
-    METRIC_LABELS,
-    metric_from_tag,
-    metric_label,
-    metric_tag,
-    metric_tag_pattern,
-)
+from ._names import DEFAULT_METRIC, metric_label
 
 # One palette for the whole report. Low-dispersion stimuli (and "drop high", which keeps them)
 # are blue; high-dispersion stimuli (and "drop low") warm; the random baseline and the full set

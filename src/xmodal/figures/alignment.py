@@ -37,11 +37,11 @@ from ._common import (
     alignment_label,
     family_axis,
     interval,
-    metric_label,
     new_figure,
     panel_grid,
     panel_letter,
 )
+from ._names import metric_label
 
 log = logging.getLogger(__name__)
 
