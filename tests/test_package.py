@@ -1,4 +1,5 @@
-"""Package-level settings: idle-thread configuration and thread budgets for the step scripts."""
+"""Package-level settings: idle-thread configuration, thread budgets for the step scripts, and
+what the light steps import."""
 
 from __future__ import annotations
 
