@@ -65,20 +65,26 @@ pipeline.run_stimulus_sets(root / "d.tsv", analysis, root / "sets.tsv")
 print(loaded())
 pipeline.run_leave_one_model_out(paths, keys, -1, 1e-10, 1000, root / "l.tsv", root / "ls.tsv")
 print(loaded())
+from xmodal import correlate, summary  # correlations with intervals, the summaries
+
+print(correlate.correlation_ci(rng.random(30), rng.random(30), n_boot=20, seed=0), loaded())
 """
 
 
 def test_steps_that_need_no_torch_do_not_load_it(tmp_path):
     """Loading torch takes seconds, most of a light step's run time: importing the pipeline,
     writing and reading feature files, GPA and the set selection load neither torch nor
-    scipy.stats, and leave-one-model-out loads scipy.stats but no torch."""
+    scipy.stats; leave-one-model-out, the correlations with their intervals and the summaries
+    load scipy.stats but no torch."""
     script = tmp_path / "light_steps.py"
     script.write_text(_LIGHT_STEPS)
     out = subprocess.run(
         [sys.executable, str(script), str(tmp_path)], capture_output=True, text=True
     )
     assert out.returncode == 0, out.stderr
-    assert out.stdout.split("\n")[:3] == ["[]", "[]", "['scipy.stats']"]
+    lines = out.stdout.split("\n")
+    assert lines[:3] == ["[]", "[]", "['scipy.stats']"]
+    assert lines[3].endswith(" ['scipy.stats']")  # a correlation with its interval, no torch
 
 
 def test_thread_budget_caps_the_cores_the_pools_use():

@@ -5,7 +5,7 @@ Used for language vs vision dispersion and for stimulus properties vs dispersion
 scipy's (``scipy.stats.spearmanr`` / ``pearsonr``). The interval resamples stimuli (pairs)
 with replacement ``n_boot`` times from ``numpy.random.default_rng(seed)``, recomputes the
 coefficient on each resample (Spearman: average ranks of the resample, as scipy ranks ties)
-and takes the equal-tailed percentile interval (:func:`xmodal.stats.percentile_interval`).
+and takes the equal-tailed percentile interval (:func:`xmodal.intervals.percentile_interval`).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from collections.abc import Iterator
 import numpy as np
 import scipy.stats
 
-from xmodal.stats import percentile_interval
+from xmodal.intervals import percentile_interval
 
 __all__ = ["METHODS", "bootstrap_coefficients", "correlation_ci"]
 

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from xmodal.intervals import percentile_interval
 from xmodal.io import atomic_path
 from xmodal.metrics import feature_tensor, kernel_row_blocks, top_lists
 
@@ -43,25 +44,11 @@ __all__ = [
     "difference_summary",
     "bootstrap_cknna",
     "bootstrap_difference",
-    "percentile_interval",
     "random_baseline",
     "load_sides",
     "save_sides",
     "weighted_cknna",
 ]
-
-
-def percentile_interval(values: np.ndarray, level: float = 0.95) -> tuple[float, float]:
-    """Equal-tailed percentile interval ((1−level)/2, (1+level)/2) with linear interpolation.
-
-    NaN when any value is not finite (or there are none): a distribution with undefined draws
-    has no interval (docs/method.md, "Degenerate layers").
-    """
-    v = np.asarray(values, dtype=np.float64)
-    if v.size == 0 or not np.all(np.isfinite(v)):
-        return float("nan"), float("nan")
-    lo, hi = np.quantile(v, [(1 - level) / 2, (1 + level) / 2])
-    return float(lo), float(hi)
 
 
 def random_baseline(

@@ -290,7 +290,7 @@ def heldout_pairs(heldout: pd.DataFrame, level: float = 0.95) -> pd.DataFrame:
     over splits where both are finite (NaN when none); ``frac_same_layer``: splits whose
     held-out layer is the full-set layer (the same for both rules).
     """
-    from xmodal.stats import percentile_interval
+    from xmodal.intervals import percentile_interval
 
     t = heldout.copy()
     keys = ["vision", "llm", "metric", "summary", "split"]
