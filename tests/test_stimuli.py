@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
+import logging
 import os
 import shutil
+import tempfile
+import time
 import unicodedata
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -14,9 +19,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from xmodal import stimuli
+from xmodal.logs import forward_to
 from xmodal.stimuli import (
     ImageDataset,
     StimulusError,
+    image_file_digests,
     manifest_stamp,
     read_manifest,
     write_manifest,
@@ -392,8 +400,8 @@ def test_manifest_stamp_is_rewritten_only_when_it_changes(tmp_path):
 
 
 def test_manifest_stamp_sees_a_replaced_image_but_not_a_copy(tmp_path):
-    """An image file replaced under the same path (another size) changes the stamps that read
-    images, and only those; a touch, a copy of the folder, or the file put back, none."""
+    """An image file replaced under the same path changes the stamps that read images, and
+    only those; a touch, a copy of the folder, or the file put back, none."""
     folder = tmp_path / "stim"
     folder.mkdir()
     for name, colour in (("a.png", (255, 0, 0)), ("b.png", (0, 0, 255))):
@@ -407,8 +415,8 @@ def test_manifest_stamp_sees_a_replaced_image_but_not_a_copy(tmp_path):
         return {k: manifest_stamp(df, *k, root=root) for k in kinds}
 
     before = stamps()
-    assert before[("vision", False)]["image_file_sizes"]
-    assert "image_file_sizes" not in before[("language", False)]  # as before sizes entered
+    assert before[("vision", False)]["image_file_sha256"]
+    assert "image_file_sha256" not in before[("language", False)]  # as before images entered
     original = (folder / "a.png").read_bytes()
     noisy = Image.effect_noise((8, 8), 64).convert("RGB")  # another image, another size
     noisy.save(folder / "a.png")
@@ -424,3 +432,171 @@ def test_manifest_stamp_sees_a_replaced_image_but_not_a_copy(tmp_path):
     (folder / "b.png").unlink()  # a missing image still gives a stamp (the extraction names it)
     assert stamps()[("vision", False)] != before[("vision", False)]
     assert stamps()[("language", False)] == before[("language", False)]
+
+
+def _wait_for_a_new_change_time(path: Path, before: int) -> None:
+    """File systems stamp changes with a coarse clock (a few ms): wait until it has moved on."""
+    for _ in range(300):
+        if os.stat(path).st_ctime_ns != before:
+            return
+        time.sleep(0.01)
+        os.utime(path, ns=(os.stat(path).st_atime_ns, os.stat(path).st_mtime_ns))
+    raise AssertionError(f"{path}: change time did not move in 3 s")
+
+
+def _replace_keeping_size_and_time(path: Path, data: bytes) -> None:
+    """Overwrite ``path`` in place with ``data`` (same length), its modification time put back
+    (as ``rsync -a`` or ``cp -p`` of a re-rendered file would leave it)."""
+    st = os.stat(path)
+    assert len(data) == st.st_size
+    path.write_bytes(data)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    _wait_for_a_new_change_time(path, st.st_ctime_ns)
+
+
+def test_manifest_stamp_sees_an_image_replaced_by_one_of_the_same_size(tmp_path, monkeypatch):
+    """Uncompressed formats (BMP, TIFF, PPM) give every image of one size the same file size:
+    a re-rendered stimulus replaced under its path changes the vision stamp even with its size
+    and modification time unchanged (before: the stamp held file sizes, and missed it), and
+    with the digests cached."""
+    monkeypatch.setattr(stimuli, "_RACY_NS", 0)  # cache the fresh files' digests too
+    for name in ("a.bmp", "b.bmp"):
+        Image.new("RGB", (8, 8), (255, 0, 0)).save(tmp_path / name)
+    df = pd.DataFrame({"stimulus_id": ["s0", "s1"], "image": ["a.bmp", "b.bmp"],
+                       "caption": ["A cat.", "A dog."]})  # fmt: skip
+    manifest, stamp = tmp_path / "stimuli.tsv", tmp_path / "out" / "extract_vision.json"
+    write_manifest(df, manifest)
+    assert write_manifest_stamp(manifest, stamp, "vision")
+    assert (stamp.parent / "image_digests.json").is_file()  # the cache lies next to the stamp
+    assert not write_manifest_stamp(manifest, stamp, "vision")
+    size = (tmp_path / "a.bmp").stat().st_size
+    Image.new("RGB", (8, 8), (0, 0, 255)).save(buf := tmp_path / "blue.bmp")
+    _replace_keeping_size_and_time(tmp_path / "a.bmp", buf.read_bytes())
+    assert (tmp_path / "a.bmp").stat().st_size == size
+    assert write_manifest_stamp(manifest, stamp, "vision")
+
+
+def test_image_digests_read_only_new_or_changed_files(tmp_path, monkeypatch):
+    """The digests equal SHA-256 of each file's bytes; with the cache, a call reads only files
+    whose size, times or inode changed; a missing file gives None; a damaged cache is rebuilt."""
+    reads: list[str] = []
+    real = stimuli._file_sha256
+    monkeypatch.setattr(stimuli, "_file_sha256", lambda p: reads.append(p) or real(p))
+    monkeypatch.setattr(stimuli, "_RACY_NS", 0)  # the files below are fresh: cache them anyway
+    root, cache = tmp_path / "stim", tmp_path / "cache" / "digests.json"
+    root.mkdir()
+    payload = {f"im{i}.raw": os.urandom(64) for i in range(4)}
+    for name, data in payload.items():
+        (root / name).write_bytes(data)
+    names = [*payload, "im0.raw", "gone.raw"]  # a path twice, and a missing file
+    want = [hashlib.sha256(payload[n]).hexdigest() if n in payload else None for n in names]
+
+    def digests(where=root) -> list[str | None]:
+        reads.clear()
+        return image_file_digests(names, where, cache)
+
+    assert digests() == want and len(reads) == 4  # each file read once
+    assert digests() == want and reads == []
+    os.utime(root / "im1.raw", (1, 1))  # a touch: read again, same digest
+    assert digests() == want and len(reads) == 1
+    new = os.urandom(64)
+    _replace_keeping_size_and_time(root / "im2.raw", new)
+    want[2] = hashlib.sha256(new).hexdigest()
+    assert digests() == want and reads == [str(root / "im2.raw")]
+    shutil.copytree(root, tmp_path / "copy")  # another folder: read, and the cache holds it only
+    assert digests(tmp_path / "copy") == want and len(reads) == 4
+    cached = json.loads(cache.read_text())["files"]
+    assert sorted(cached) == sorted(str(tmp_path / "copy" / n) for n in payload)
+    cache.write_text("{damaged")
+    assert digests(tmp_path / "copy") == want and len(reads) == 4
+
+
+def test_image_digests_of_files_changed_just_now_are_not_cached(tmp_path, monkeypatch):
+    """A file changed less than 2 s before it is read may change again without a new timestamp
+    (file systems that keep whole seconds): it is read again on the next call."""
+    reads: list[str] = []
+    real = stimuli._file_sha256
+    monkeypatch.setattr(stimuli, "_file_sha256", lambda p: reads.append(p) or real(p))
+    (tmp_path / "a.raw").write_bytes(b"fresh")
+    cache = tmp_path / "digests.json"
+    for _ in range(2):
+        assert image_file_digests(["a.raw"], tmp_path, cache) == [
+            hashlib.sha256(b"fresh").hexdigest()
+        ]
+    assert len(reads) == 2
+    assert not cache.exists() or json.loads(cache.read_text())["files"] == {}
+
+
+def _stamp_of_sizes(manifest: pd.DataFrame, path: Path) -> dict:
+    """A vision stamp as the release before image digests wrote it: ids, paths, file sizes."""
+    rows = [[sid, img, (path.parent / img).stat().st_size]
+            for sid, img in zip(manifest["stimulus_id"], manifest["image"], strict=True)]  # fmt: skip
+    payload = json.dumps(rows, ensure_ascii=False).encode("utf-8")
+    return {"manifest": str(path), "modality": "vision", "columns": ["stimulus_id", "image"],
+            "image_file_sizes": True, "n_stimuli": len(manifest),
+            "sha256": hashlib.sha256(payload).hexdigest()}  # fmt: skip
+
+
+def test_a_stamp_of_image_sizes_is_carried_over_without_a_rerun(manifest_copy):
+    """Upgrading re-extracts nothing: a stamp of the earlier form (file sizes) that matches the
+    files gets the digests with its modification time kept; one that no longer matches is
+    rewritten as a change."""
+    df = read_manifest(manifest_copy, check_images=False)
+    stamp = manifest_copy.parent / "extract_vision.json"
+    stamp.write_text(json.dumps(_stamp_of_sizes(df, manifest_copy), indent=1) + "\n")
+    os.utime(stamp, (1, 1))
+    assert not write_manifest_stamp(manifest_copy, stamp, "vision")
+    assert json.loads(stamp.read_text())["image_file_sha256"] and stamp.stat().st_mtime == 1
+    assert not write_manifest_stamp(manifest_copy, stamp, "vision")  # and stays so
+
+    stamp.write_text(json.dumps(_stamp_of_sizes(df, manifest_copy), indent=1) + "\n")
+    os.utime(stamp, (1, 1))
+    image = manifest_copy.parent / df.loc[0, "image"]
+    image.write_bytes(image.read_bytes() + b"\0")  # another size since the stamp was written
+    assert write_manifest_stamp(manifest_copy, stamp, "vision")
+    assert stamp.stat().st_mtime > 1
+
+
+def test_the_stamps_messages_reach_the_workflows_log(manifest_copy, tmp_path):
+    """What the stamps do while the workflow parses (no step log there) reaches the callable
+    given to ``forward_to`` (Snakemake's logger), redacted, and nothing after the block."""
+    seen: list[str] = []
+    df = read_manifest(manifest_copy, check_images=False)
+    stamp = manifest_copy.parent / "extract_vision.json"
+    stamp.write_text(json.dumps(_stamp_of_sizes(df, manifest_copy)))
+    many = [f"{i:04d}.raw" for i in range(1000)]
+    for name in many:
+        (tmp_path / name).write_bytes(name.encode())
+    with forward_to(seen.append):
+        write_manifest_stamp(manifest_copy, stamp, "vision")
+        image_file_digests(many, tmp_path)
+        logging.getLogger("xmodal.test").info("token hf_%s", "a" * 30)
+    logging.getLogger("xmodal.test").warning("after the block")
+    assert any("now holds the image files' digests (was: sizes)" in m for m in seen), seen
+    assert any("reading 1000 image files" in m for m in seen), seen
+    assert seen[-1] == "token ***"
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    st.lists(st.binary(min_size=1, max_size=16), min_size=1, max_size=4),
+    st.data(),
+)
+def test_vision_stamp_changes_exactly_when_an_image_file_does(old, data):
+    """Images rewritten in place with contents of the same length and the old modification
+    time: the vision stamp is unchanged exactly when every file's bytes are."""
+    new = [data.draw(st.binary(min_size=len(b), max_size=len(b))) for b in old]
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        names = [f"{i:03d}.png" for i in range(len(old))]
+        for name, content in zip(names, old, strict=True):
+            (root / name).write_bytes(content)
+        df = pd.DataFrame({"stimulus_id": names, "image": names, "caption": "A cat."})
+        write_manifest(df, root / "stimuli.tsv")
+        stamp = root / "extract_vision.json"
+        write_manifest_stamp(root / "stimuli.tsv", stamp, "vision")
+        for name, content in zip(names, new, strict=True):
+            st_ = os.stat(root / name)
+            (root / name).write_bytes(content)
+            os.utime(root / name, ns=(st_.st_atime_ns, st_.st_mtime_ns))
+        assert write_manifest_stamp(root / "stimuli.tsv", stamp, "vision") == (old != new)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -370,7 +371,8 @@ def test_jobs_use_the_threads_their_rules_declare(workflow_dir):
 def test_manifest_edits_rerun_only_the_extractions_they_change(workflow_dir, demo_config):
     """An annotation column re-extracts nothing, a fixed caption only the language models
     (before: any edit of the manifest re-extracted every model), an image file replaced under
-    the same path only the vision models (before: nothing); undone, nothing reruns."""
+    the same path only the vision models (before: nothing), even with its size and
+    modification time kept; undone, nothing reruns."""
     from xmodal.stimuli import read_manifest, write_manifest
 
     manifest = workflow_dir / "resources/stimuli/demo/stimuli.tsv"
@@ -380,7 +382,7 @@ def test_manifest_edits_rerun_only_the_extractions_they_change(workflow_dir, dem
     vision = set(models) - language
     df = read_manifest(manifest)
     image = manifest.parent / df.loc[0, "image"]
-    image_bytes = image.read_bytes()
+    image_bytes, times = image.read_bytes(), image.stat()
     fixed = df.copy()
     fixed.loc[0, "caption"] = fixed.loc[0, "caption"] + " Fixed."
 
@@ -403,6 +405,16 @@ def test_manifest_edits_rerun_only_the_extractions_they_change(workflow_dir, dem
         out = dry_run()
         assert _extracted(out) == vision, out[-3000:]
         assert "what the vision extractions read changed" in out, out[-3000:]
+        image.write_bytes(image_bytes)
+        os.utime(image, ns=(times.st_atime_ns, times.st_mtime_ns))
+        assert "Nothing to be done" in dry_run()
+        # one byte changed in place, the size and the modification time kept (before: unseen)
+        flipped = bytearray(image_bytes)
+        flipped[len(flipped) // 2] ^= 0xFF
+        image.write_bytes(bytes(flipped))
+        os.utime(image, ns=(times.st_atime_ns, times.st_mtime_ns))
+        out = dry_run()
+        assert _extracted(out) == vision, out[-3000:]
     finally:
         manifest.write_bytes(original)
         image.write_bytes(image_bytes)

@@ -12,6 +12,8 @@ import logging
 import os
 import re
 import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from types import TracebackType
 
 #: Environment variables that may hold a Hugging Face access token.
@@ -19,7 +21,7 @@ TOKEN_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HUGGINGFACE_HUB_TOKEN")
 _TOKEN_RE = re.compile(r"\bhf_[A-Za-z0-9]{20,}")
 REDACTED = "***"
 
-__all__ = ["REDACTED", "TOKEN_ENV", "RedactTokens", "log_to", "redact"]
+__all__ = ["REDACTED", "TOKEN_ENV", "RedactTokens", "forward_to", "log_to", "redact"]
 
 
 def redact(text: str) -> str:
@@ -80,3 +82,29 @@ def log_to(path: str | os.PathLike | None, level: int = logging.INFO) -> logging
 
     sys.excepthook = _hook
     return root
+
+
+class _Forward(logging.Handler):
+    def __init__(self, emit: Callable[[str], object]) -> None:
+        super().__init__(logging.INFO)
+        self._emit = emit
+        self.addFilter(RedactTokens())
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self._emit(record.getMessage())
+
+
+@contextmanager
+def forward_to(emit: Callable[[str], object]) -> Iterator[None]:
+    """Pass xmodal's log messages (INFO and above) to ``emit`` while the block runs: library
+    steps run by the workflow while it parses (no step log there) report through Snakemake's
+    logger."""
+    lib = logging.getLogger("xmodal")
+    handler, level = _Forward(emit), lib.level
+    lib.addHandler(handler)
+    lib.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        lib.removeHandler(handler)
+        lib.setLevel(level)

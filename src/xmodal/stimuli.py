@@ -29,6 +29,7 @@ import json
 import logging
 import os
 import threading
+import time
 import unicodedata
 import warnings
 from collections import Counter
@@ -78,6 +79,7 @@ __all__ = [
     "DEFAULT_DROP_KINDS",
     "DUPLICATE_KINDS",
     "EXTRACTION_COLUMNS",
+    "IMAGE_DIGESTS",
     "MAX_SIDE",
     "ImageDataset",
     "StimulusError",
@@ -85,6 +87,7 @@ __all__ = [
     "drop_duplicates",
     "extraction_columns",
     "find_duplicates",
+    "image_file_digests",
     "load_rgb",
     "manifest_stamp",
     "read_manifest",
@@ -418,7 +421,8 @@ def extraction_columns(modality: str, drop_duplicates: bool = False) -> tuple[st
 
 
 def _image_file_sizes(images: Sequence[str], root: Path) -> list[int | None]:
-    """Each image file's size in bytes (None where it cannot be read: the extraction names it)."""
+    """Each image file's size in bytes (None where it cannot be read): what the stamps held
+    before the files' contents entered them (read only to carry such a stamp over)."""
     sizes: list[int | None] = []
     for img in images:
         try:
@@ -428,32 +432,138 @@ def _image_file_sizes(images: Sequence[str], root: Path) -> list[int | None]:
     return sizes
 
 
+#: the cache of image file digests that :func:`write_manifest_stamp` keeps next to its stamps
+IMAGE_DIGESTS = "image_digests.json"
+#: the format of the image digest cache (:func:`image_file_digests`)
+_DIGEST_CACHE_VERSION = 1
+#: a file changed less than this long before it was read may change again within the same
+#: timestamp (file systems that keep whole seconds): its digest is not cached ("racy" files)
+_RACY_NS = 2_000_000_000
+
+
+def _file_sha256(path: str) -> str | None:
+    try:
+        with open(path, "rb") as fh:
+            return hashlib.file_digest(fh, "sha256").hexdigest()
+    except OSError:
+        return None
+
+
+def _read_digest_cache(path: Path | None) -> dict[str, list]:
+    if path is None:
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if data.get("version") == _DIGEST_CACHE_VERSION and isinstance(data.get("files"), dict):
+            return data["files"]
+    except (OSError, ValueError, AttributeError):
+        pass  # missing or damaged: every file is read
+    return {}
+
+
+def image_file_digests(
+    images: Sequence[str],
+    root: str | os.PathLike,
+    cache: str | os.PathLike | None = None,
+) -> list[str | None]:
+    """Each image file's SHA-256 (None where it cannot be read: the extraction names it), for
+    paths relative to ``root``.
+
+    With ``cache`` (a JSON file, rewritten atomically when it changes), a file whose size,
+    modification time, change time and inode are those recorded with its digest is not read
+    again, so that a dry run reads only new or changed files. Any write to a file changes its
+    change time, which no tool sets back, so a file replaced by one of the same size and the
+    same modification time is still read. A file changed less than 2 s before it was read is
+    not cached: on a file system that keeps whole seconds, its next change could leave every
+    timestamp as it was.
+    """
+    cache = None if cache is None else Path(cache)
+    known = _read_digest_cache(cache)
+    paths = [os.path.abspath(Path(root) / img) for img in images]
+    digests: dict[str, str | None] = {}
+    todo: dict[str, list[int]] = {}  # file -> its stat key, taken before it is read
+    for path in dict.fromkeys(paths):  # each file once, in manifest order
+        try:
+            st = os.stat(path)
+        except OSError:
+            digests[path] = None
+            continue
+        key = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+        entry = known.get(path)
+        if isinstance(entry, list) and entry[:-1] == key:
+            digests[path] = entry[-1]
+        else:
+            todo[path] = key
+    if todo:
+        if len(todo) >= 1000:
+            log.info("reading %d image files under %s for their SHA-256", len(todo), root)
+        with ThreadPoolExecutor(max_workers=min(8, len(todo))) as pool:  # hashlib frees the GIL
+            digests.update(zip(todo, pool.map(_file_sha256, todo), strict=True))
+    if cache is not None:
+        now = time.time_ns()
+        files = {
+            path: known[path] if path not in todo else [*todo[path], digest]
+            for path, digest in digests.items()
+            if digest is not None
+            and (path not in todo or now - max(todo[path][1], todo[path][2]) >= _RACY_NS)
+        }
+        if files != known:
+            with atomic_path(cache) as tmp:
+                record = {"version": _DIGEST_CACHE_VERSION, "files": files}
+                tmp.write_text(json.dumps(record, ensure_ascii=False), encoding="utf-8")
+    return [digests[path] for path in paths]
+
+
+def _stamp(
+    manifest: pd.DataFrame,
+    modality: str,
+    drop_duplicates: bool,
+    per_image: Sequence[Any] | None = None,
+    flag: str | None = None,
+) -> dict[str, Any]:
+    """The stamp record; ``per_image`` (one value per stimulus) enters each row, and ``flag``
+    (set to true) names it in the record."""
+    columns = extraction_columns(modality, drop_duplicates)
+    rows = manifest.loc[:, list(columns)].astype(str).to_numpy().tolist()
+    record: dict[str, Any] = {"modality": modality, "columns": list(columns)}
+    if per_image is not None:
+        rows = [[*row, value] for row, value in zip(rows, per_image, strict=True)]
+        record[flag] = True
+    payload = json.dumps(rows, ensure_ascii=False).encode("utf-8")  # one list per stimulus
+    return {**record, "n_stimuli": len(manifest), "sha256": hashlib.sha256(payload).hexdigest()}
+
+
 def manifest_stamp(
     manifest: pd.DataFrame,
     modality: str,
     drop_duplicates: bool = False,
     root: str | os.PathLike | None = None,
+    digest_cache: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """What ``modality``'s extraction reads from a manifest, as a small record: the columns,
     the number of stimuli and the SHA-256 of those columns' fields, row by row in manifest
     order. Other columns (annotations) and the other modality's column do not enter it.
 
     With ``root`` (the folder the image paths are relative to) and an ``image`` column among
-    them, each image file's size in bytes enters too: an image replaced under the same path
-    changes the stamp unless the new file has exactly the old size; a copy or a ``touch``,
-    which keep the size, do not (docs/cluster.md, "What reruns").
+    them, each image file's SHA-256 enters too (:func:`image_file_digests`, with
+    ``digest_cache``): an image replaced under the same path changes the stamp, whatever its
+    size; a copy or a ``touch``, which keep the contents, do not (docs/cluster.md, "What
+    reruns").
     """
-    columns = extraction_columns(modality, drop_duplicates)
-    rows = manifest.loc[:, list(columns)].astype(str).to_numpy().tolist()
-    sizes = root is not None and "image" in columns
-    if sizes:
-        found = _image_file_sizes(manifest["image"].astype(str).tolist(), Path(root))
-        rows = [[*row, size] for row, size in zip(rows, found, strict=True)]
-    payload = json.dumps(rows, ensure_ascii=False).encode("utf-8")  # one list per stimulus
-    record = {"modality": modality, "columns": list(columns)}
-    if sizes:  # only then: a stamp that reads no image keeps the record it had without sizes
-        record["image_file_sizes"] = True
-    return {**record, "n_stimuli": len(manifest), "sha256": hashlib.sha256(payload).hexdigest()}
+    if root is None or "image" not in extraction_columns(modality, drop_duplicates):
+        # a stamp that reads no image keeps the record it had before images entered
+        return _stamp(manifest, modality, drop_duplicates)
+    images = manifest["image"].astype(str).tolist()
+    digests = image_file_digests(images, root, digest_cache)
+    return _stamp(manifest, modality, drop_duplicates, digests, "image_file_sha256")
+
+
+def _size_stamp(
+    manifest: pd.DataFrame, modality: str, drop_duplicates: bool, root: Path
+) -> dict[str, Any]:
+    """The stamp as written before the images' contents entered it (their sizes did)."""
+    sizes = _image_file_sizes(manifest["image"].astype(str).tolist(), root)
+    return _stamp(manifest, modality, drop_duplicates, sizes, "image_file_sizes")
 
 
 def write_manifest_stamp(
@@ -464,27 +574,42 @@ def write_manifest_stamp(
     manifest: pd.DataFrame | None = None,
 ) -> bool:
     """Write ``modality``'s :func:`manifest_stamp` of a manifest to ``out`` (JSON) unless ``out``
-    already holds exactly that record; returns whether it was written.
+    already holds exactly that record; returns whether a changed stamp was written.
 
     The stamp is what an extraction depends on instead of the manifest's modification time
     (docs/cluster.md, "What reruns"): left untouched when an edit does not change what the
     modality reads, so that adding an annotation column re-extracts nothing and fixing a
-    caption re-extracts only the language models. Image file sizes enter it (relative to the
-    manifest's folder, as the manifest's paths are). ``manifest`` is the manifest already read
-    (read here, without the image checks, when None).
+    caption re-extracts only the language models. Image file contents enter it (paths relative
+    to the manifest's folder, as the manifest's paths are), their digests cached in
+    ``image_digests.json`` next to ``out`` (:func:`image_file_digests`). ``manifest`` is the
+    manifest already read (read here, without the image checks, when None).
+
+    A stamp of the earlier form (image file sizes) that still matches the files is rewritten
+    in the new form with its modification time kept, and False is returned: the upgrade
+    re-extracts nothing.
     """
     out = Path(out)
+    root = Path(manifest_path).parent
     if manifest is None:
         manifest = read_manifest(manifest_path, check_images=False)
-    stamp = manifest_stamp(manifest, modality, drop_duplicates, root=Path(manifest_path).parent)
+    args = (modality, drop_duplicates)
+    stamp = manifest_stamp(manifest, *args, root, out.with_name(IMAGE_DIGESTS))
     record = {"manifest": str(manifest_path), **stamp}
     try:
-        if json.loads(out.read_text(encoding="utf-8")) == record:
-            return False
+        old, st = json.loads(out.read_text(encoding="utf-8")), out.stat()
     except (OSError, ValueError):
-        pass  # missing or unreadable: written below
+        old, st = None, None  # missing or unreadable: written below
+    if old == record:
+        return False
+    carried = isinstance(old, dict) and old.get("image_file_sizes") is True
+    if carried:  # the earlier form of the stamp: its time is kept if the files still match it
+        carried = old == {"manifest": str(manifest_path), **_size_stamp(manifest, *args, root)}
     with atomic_path(out) as tmp:
         tmp.write_text(json.dumps(record, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    if carried:
+        os.utime(out, ns=(st.st_atime_ns, st.st_mtime_ns))
+        log.info("%s: now holds the image files' digests (was: sizes); time kept", out)
+        return False
     return True
 
 

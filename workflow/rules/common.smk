@@ -33,6 +33,7 @@ from xmodal.figures import (
     report_subcategory,
 )
 from xmodal.language_dispersion import LanguageDispersionSettings
+from xmodal.logs import forward_to
 from xmodal.registry import Registry
 from xmodal.selection import DropControl, HeldOutLayer
 from xmodal.stimuli import (
@@ -316,10 +317,15 @@ def update_manifest_stamps():
         logger.warning(f"manifest stamps left as they are: {err}")
         return
     for modality, path in stamps:
-        if write_manifest_stamp(MANIFEST, path, modality, DROP_DUPLICATES, manifest):
+        # the library's messages (images read for their digests, a stamp carried over)
+        with forward_to(logger.info):
+            changed = write_manifest_stamp(
+                MANIFEST, path, modality, DROP_DUPLICATES, manifest
+            )
+        if changed:
             logger.info(
                 f"{MANIFEST}: what the {modality} extractions read changed (manifest"
-                f" columns or image file sizes); {path} updated"
+                f" columns or image file contents); {path} updated"
             )
 
 
