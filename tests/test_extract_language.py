@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import shutil
 
 import numpy as np
@@ -16,7 +18,7 @@ from xmodal.extract import (
     extract_features,
 )
 from xmodal.extract.language import extract_language_features, load_language_model, mean_pool
-from xmodal.features import FeatureFile
+from xmodal.features import STIMULI_DIGEST, FeatureFile
 from xmodal.stimuli import read_manifest
 
 IDS = [f"stim-{i:02d}" for i in range(12)]
@@ -163,5 +165,8 @@ def test_extract_features_end_to_end(tmp_path, tiny_lms, tiny_manifest):
             '"padding_side": "right"' in a["preprocessing"]
             and '"max_length": 48' in a["preprocessing"]
         )
+    rows = read_manifest(tiny_manifest)[["stimulus_id", "caption"]].to_numpy().tolist()
+    want = hashlib.sha256(json.dumps(rows, ensure_ascii=False).encode()).hexdigest()
+    assert a[STIMULI_DIGEST] == want  # what it read: ids and captions, as the language stamp
     with pytest.raises(ExtractionError, match="modality"):
         extract_features("x", {"modality": "audio", "id": "x"}, tiny_manifest, tmp_path / "x.h5")

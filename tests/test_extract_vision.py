@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -15,7 +18,7 @@ from xmodal.extract import (
     extract_features,
 )
 from xmodal.extract.vision import extract_vision_features, load_vision_model
-from xmodal.features import FeatureFile
+from xmodal.features import STIMULI_DIGEST, FeatureFile
 from xmodal.stimuli import ImageDataset, read_manifest
 
 ensure_torchvision_importable()
@@ -222,6 +225,11 @@ def test_extract_features_end_to_end(tmp_path, tiny_vits, tiny_manifest, hf_offl
         )
         assert '"input_size": [3, 32, 32]' in a["preprocessing"]
         assert np.all(ff.abs_q95() > 0)
+    # what it read: the digest of the vision stamp (ids, paths, image contents), from the bytes
+    rows = [[i, img, hashlib.sha256((tiny_manifest.parent / img).read_bytes()).hexdigest()]
+            for i, img in read_manifest(tiny_manifest)[["stimulus_id", "image"]].to_numpy()]  # fmt: skip
+    want = hashlib.sha256(json.dumps(rows, ensure_ascii=False).encode()).hexdigest()
+    assert a[STIMULI_DIGEST] == want
 
 
 @pytest.mark.parametrize(

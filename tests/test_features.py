@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import os
+
 import h5py
 import numpy as np
 import pytest
@@ -9,9 +12,11 @@ import torch
 
 from xmodal.features import (
     SCHEMA_VERSION,
+    STIMULI_DIGEST,
     FeatureFile,
     FeatureFileError,
     abs_quantile_rows,
+    check_against_stamp,
     write_features,
 )
 
@@ -226,3 +231,31 @@ def test_abs_q95_of_non_finite_features_names_layer_and_stimuli(tmp_path):
         pytest.raises(FeatureFileError, match=r"non-finite abs_q95 for stimuli \['s0'"),
     ):
         ff.abs_q95()
+
+
+def test_a_stale_feature_file_newer_than_its_stamp_is_refused(tmp_path):
+    """A feature file records the stamp digest of what it was extracted from; one that differs
+    from the stamp's and is not older than the stamp (touched, copied in) is refused naming
+    the file; older (the workflow re-extracts it), matching, or without the record: accepted."""
+    stamp = tmp_path / "extract_vision.json"
+    stamp.write_text(json.dumps({"modality": "vision", "sha256": "b" * 64}))
+    x = np.ones((1, 3, 2), np.float32)
+
+    def feature(name, digest):
+        attrs = {"model_key": name, "modality": "vision"}
+        if digest is not None:
+            attrs[STIMULI_DIGEST] = digest
+        return write_features(tmp_path / f"{name}.h5", x, ["a", "b", "c"], ["l0"], attrs)
+
+    same, old, bare = feature("same", "b" * 64), feature("old", "a" * 64), feature("bare", None)
+    stale = feature("stale", "a" * 64)
+    os.utime(old, (1, 1))  # older than the stamp: Snakemake re-extracts it
+    check_against_stamp([same, old, bare, tmp_path / "missing.h5"], stamp)
+    with pytest.raises(FeatureFileError, match=r"stale\.h5 holds features of other stimuli"):
+        check_against_stamp([same, stale], stamp)
+    os.utime(stamp)  # a stamp rewritten since: the workflow re-extracts every older file
+    os.utime(stale, ns=(0, stamp.stat().st_mtime_ns - 1))
+    check_against_stamp([stale], stamp)
+    check_against_stamp([stale], tmp_path / "no_stamp.json")
+    stamp.write_text("{damaged")
+    check_against_stamp([stale], stamp)

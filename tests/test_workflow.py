@@ -372,7 +372,8 @@ def test_manifest_edits_rerun_only_the_extractions_they_change(workflow_dir, dem
     """An annotation column re-extracts nothing, a fixed caption only the language models
     (before: any edit of the manifest re-extracted every model), an image file replaced under
     the same path only the vision models (before: nothing), even with its size and
-    modification time kept; undone, nothing reruns."""
+    modification time kept; a stale feature file newer than its stamp is refused; undone,
+    nothing reruns."""
     from xmodal.stimuli import read_manifest, write_manifest
 
     manifest = workflow_dir / "resources/stimuli/demo/stimuli.tsv"
@@ -383,6 +384,8 @@ def test_manifest_edits_rerun_only_the_extractions_they_change(workflow_dir, dem
     df = read_manifest(manifest)
     image = manifest.parent / df.loc[0, "image"]
     image_bytes, times = image.read_bytes(), image.stat()
+    feature = workflow_dir / f"results/features/demo/{min(vision)}.h5"
+    feature_times = feature.stat()
     fixed = df.copy()
     fixed.loc[0, "caption"] = fixed.loc[0, "caption"] + " Fixed."
 
@@ -415,9 +418,18 @@ def test_manifest_edits_rerun_only_the_extractions_they_change(workflow_dir, dem
         os.utime(image, ns=(times.st_atime_ns, times.st_mtime_ns))
         out = dry_run()
         assert _extracted(out) == vision, out[-3000:]
+        # a stale feature file made newer than the stamp (as `snakemake --touch` leaves it)
+        # would be analysed as it is: refused, naming it (before: analysed)
+        os.utime(feature)
+        proc = snakemake(workflow_dir, "-n", "--configfile", "config/demo.yaml", check=False)
+        out = proc.stdout + proc.stderr
+        assert proc.returncode != 0, out[-3000:]
+        assert f"{feature.relative_to(workflow_dir)} holds features of other stimuli" in out
+        assert "delete it and run again" in out, out[-3000:]
     finally:
         manifest.write_bytes(original)
         image.write_bytes(image_bytes)
+        os.utime(feature, ns=(feature_times.st_atime_ns, feature_times.st_mtime_ns))
     assert "Nothing to be done" in dry_run()
 
 

@@ -50,11 +50,17 @@ REEXTRACT = (
     "file you supplied, rewrite it following docs/contracts.md"
 )
 
+#: The attribute that records what an extraction read: the ``sha256`` of the manifest stamp
+#: of its modality (xmodal.stimuli.manifest_stamp), absent from files written before it.
+STIMULI_DIGEST = "stimuli_sha256"
+
 __all__ = [
     "SCHEMA_VERSION",
+    "STIMULI_DIGEST",
     "FeatureFile",
     "FeatureFileError",
     "abs_quantile_rows",
+    "check_against_stamp",
     "write_features",
 ]
 
@@ -242,6 +248,41 @@ def write_features(
                 f.attrs[key] = _attr_value(value)
     log.info("wrote %s: %d layers x %d stimuli x %d dims", path, n_layers, m, dim)
     return path
+
+
+def check_against_stamp(paths: Iterable[str | os.PathLike], stamp: str | os.PathLike) -> None:
+    """Refuse a feature file extracted from other stimuli than ``stamp`` (a manifest stamp,
+    docs/contracts.md) describes now, when the file is not older than the stamp.
+
+    The workflow re-extracts a model when its stamp is newer than its feature file; a stale file
+    that is newer (touched with ``snakemake --touch``, or copied in) would be analysed as it is.
+    Missing files, a missing stamp and files without :data:`STIMULI_DIGEST` (written before it
+    existed) are not checked.
+    """
+    stamp = Path(stamp)
+    try:
+        want, since = json.loads(stamp.read_text(encoding="utf-8"))["sha256"], stamp.stat()
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    for path in map(Path, paths):
+        try:
+            if path.stat().st_mtime_ns < since.st_mtime_ns:
+                continue  # the workflow re-extracts it
+            with h5py.File(path, "r") as f:
+                got = f.attrs.get(STIMULI_DIGEST)
+        except OSError:
+            continue  # missing or unreadable: the steps that read it name it
+        if got is None:
+            continue
+        got = got.decode() if isinstance(got, bytes) else str(got)
+        if got != want:
+            raise FeatureFileError(
+                f"{path} holds features of other stimuli than the manifest now lists: it was "
+                f"extracted from stimuli with digest {got[:12]}…, and {stamp} says "
+                f"{want[:12]}…. The file is not older than that stamp, so Snakemake would "
+                f"not re-extract it (was it touched with `snakemake --touch`, or copied in?); "
+                f"delete it and run again: its extraction reruns"
+            )
 
 
 def _token_counts(path: Path, n_tokens: np.ndarray | Sequence[int], m: int) -> np.ndarray:

@@ -23,6 +23,7 @@ from xmodal.config import (
     normalise_integers,
     schema_errors,
 )
+from xmodal.features import FeatureFileError, check_against_stamp
 from xmodal.figures import (
     DEFAULT_METRIC,
     FIGURES,
@@ -330,3 +331,20 @@ def update_manifest_stamps():
 
 
 update_manifest_stamps()
+
+
+def check_feature_files():
+    """Refuse stale feature files that Snakemake would not re-extract: extracted from other
+    stimuli than the manifest's stamp describes, yet not older than it (touched or copied in).
+    """
+    if not workflow.is_main_process:
+        return
+    for modality, models in (("vision", VISION), ("language", LANGUAGE)):
+        paths = [feature_file(m) for m in models]
+        try:
+            check_against_stamp(paths, manifest_stamp_path(modality))
+        except FeatureFileError as err:
+            raise WorkflowError(str(err)) from None
+
+
+check_feature_files()

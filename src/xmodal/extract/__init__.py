@@ -88,8 +88,8 @@ def extract_features(
     """
     from torch.utils.data import DataLoader
 
-    from xmodal.features import write_features
-    from xmodal.stimuli import ImageDataset, read_manifest
+    from xmodal.features import STIMULI_DIGEST, write_features
+    from xmodal.stimuli import ImageDataset, manifest_stamp, read_manifest
 
     t0 = time.perf_counter()
     modality = model_cfg.get("modality")
@@ -106,6 +106,9 @@ def extract_features(
     bs = _batch_size(batch_size, modality, dev)
     manifest_path = Path(manifest_path)
     df = read_manifest(manifest_path)
+    # what this extraction reads, as its manifest stamp digests it: the workflow refuses the file
+    # later if it is stale yet newer than the stamp (xmodal.features.check_against_stamp)
+    stamp = manifest_stamp(df, modality, drop_duplicates, root=manifest_path.parent)
     if drop_duplicates:  # the same rule in every model's job: every file gets the same stimuli
         from xmodal.stimuli import drop_duplicates as drop
         from xmodal.stimuli import find_duplicates
@@ -198,6 +201,7 @@ def extract_features(
         "label": model_cfg.get("label") or "",
         "family": model_cfg.get("family") or "",
         "size_b": float(model_cfg.get("size_b") or 0.0),
+        STIMULI_DIGEST: stamp["sha256"],
     }
     # the extractor checked finiteness batch by batch on the device; a float16 cast is not used here
     out = write_features(
