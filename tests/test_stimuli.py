@@ -478,7 +478,8 @@ def test_manifest_stamp_sees_an_image_replaced_by_one_of_the_same_size(tmp_path,
 
 def test_image_digests_read_only_new_or_changed_files(tmp_path, monkeypatch):
     """The digests equal SHA-256 of each file's bytes; with the cache, a call reads only files
-    whose size, times or inode changed; a missing file gives None; a damaged cache is rebuilt."""
+    whose size, times or inode changed; a missing file, a folder or a pipe gives None (none is
+    read); a damaged cache is rebuilt."""
     reads: list[str] = []
     real = stimuli._file_sha256
     monkeypatch.setattr(stimuli, "_file_sha256", lambda p: reads.append(p) or real(p))
@@ -488,7 +489,10 @@ def test_image_digests_read_only_new_or_changed_files(tmp_path, monkeypatch):
     payload = {f"im{i}.raw": os.urandom(64) for i in range(4)}
     for name, data in payload.items():
         (root / name).write_bytes(data)
-    names = [*payload, "im0.raw", "gone.raw"]  # a path twice, and a missing file
+    os.mkfifo(root / "pipe.raw")  # would block a reader forever
+    (root / "folder.raw").mkdir()
+    # a path twice, a missing file, and no file at all
+    names = [*payload, "im0.raw", "gone.raw", "pipe.raw", "folder.raw"]
     want = [hashlib.sha256(payload[n]).hexdigest() if n in payload else None for n in names]
 
     def digests(where=root) -> list[str | None]:
@@ -503,7 +507,8 @@ def test_image_digests_read_only_new_or_changed_files(tmp_path, monkeypatch):
     _replace_keeping_size_and_time(root / "im2.raw", new)
     want[2] = hashlib.sha256(new).hexdigest()
     assert digests() == want and reads == [str(root / "im2.raw")]
-    shutil.copytree(root, tmp_path / "copy")  # another folder: read, and the cache holds it only
+    # another folder (the pipe left behind): read, and the cache holds it only
+    shutil.copytree(root, tmp_path / "copy", ignore=shutil.ignore_patterns("pipe.raw"))
     assert digests(tmp_path / "copy") == want and len(reads) == 4
     cached = json.loads(cache.read_text())["files"]
     assert sorted(cached) == sorted(str(tmp_path / "copy" / n) for n in payload)

@@ -28,6 +28,7 @@ import io
 import json
 import logging
 import os
+import stat
 import threading
 import time
 import unicodedata
@@ -486,6 +487,8 @@ def image_file_digests(
         try:
             st = os.stat(path)
         except OSError:
+            st = None
+        if st is None or not stat.S_ISREG(st.st_mode):  # a folder or a pipe is not read
             digests[path] = None
             continue
         key = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
