@@ -18,7 +18,8 @@ from xmodal.extract import (
     extract_features,
 )
 from xmodal.extract.language import extract_language_features, load_language_model, mean_pool
-from xmodal.features import STIMULI_DIGEST, FeatureFile
+from xmodal.features import STIMULI_DIGEST, WEIGHTS_DIGEST, FeatureFile
+from xmodal.io import directory_digest
 from xmodal.stimuli import read_manifest
 
 IDS = [f"stim-{i:02d}" for i in range(12)]
@@ -168,5 +169,6 @@ def test_extract_features_end_to_end(tmp_path, tiny_lms, tiny_manifest):
     rows = read_manifest(tiny_manifest)[["stimulus_id", "caption"]].to_numpy().tolist()
     want = hashlib.sha256(json.dumps(rows, ensure_ascii=False).encode()).hexdigest()
     assert a[STIMULI_DIGEST] == want  # what it read: ids and captions, as the language stamp
+    assert a[WEIGHTS_DIGEST] == directory_digest(tiny_lms["llama"])  # a local model's folder
     with pytest.raises(ExtractionError, match="modality"):
         extract_features("x", {"modality": "audio", "id": "x"}, tiny_manifest, tmp_path / "x.h5")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import h5py
 import numpy as np
@@ -13,12 +14,15 @@ import torch
 from xmodal.features import (
     SCHEMA_VERSION,
     STIMULI_DIGEST,
+    WEIGHTS_DIGEST,
     FeatureFile,
     FeatureFileError,
     abs_quantile_rows,
     check_against_stamp,
+    check_against_weights,
     write_features,
 )
+from xmodal.io import directory_digest
 
 ATTRS = {"model_id": "org/tiny", "model_key": "tiny", "modality": "language", "source": "test"}
 
@@ -259,3 +263,46 @@ def test_a_stale_feature_file_newer_than_its_stamp_is_refused(tmp_path):
     check_against_stamp([stale], tmp_path / "no_stamp.json")
     stamp.write_text("{damaged")
     check_against_stamp([stale], stamp)
+
+
+def test_a_folder_digest_follows_its_files_names_and_contents(tmp_path):
+    """Equal for a copy of the folder; changed by a file rewritten (same size), renamed, added
+    or removed; subfolders (other checkpoints) do not enter it."""
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    (folder / "model.safetensors").write_bytes(b"\x00" * 64)
+    (folder / "checkpoint-1").mkdir()
+    first = directory_digest(folder)
+    shutil.copytree(folder, tmp_path / "copy")
+    assert directory_digest(tmp_path / "copy") == first
+    (folder / "checkpoint-1" / "model.safetensors").write_bytes(b"other")
+    assert directory_digest(folder) == first
+    (folder / "model.safetensors").write_bytes(b"\x01" * 64)
+    second = directory_digest(folder)
+    assert second != first
+    (folder / "model.safetensors").rename(folder / "weights.safetensors")
+    assert directory_digest(folder) not in (first, second)
+    (folder / "weights.safetensors").unlink()
+    assert directory_digest(folder) not in (first, second)
+
+
+def test_features_of_a_local_model_whose_weights_changed_are_refused(tmp_path):
+    """A feature file records the digest of its local model's folder; once the folder's files
+    change (trained again in place), the file is refused, naming it and the folder."""
+    folder = tmp_path / "my-vit"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(b"epoch 1")
+    x = np.ones((1, 2, 2), np.float32)
+    attrs = {"model_key": "my-vit", "modality": "vision", WEIGHTS_DIGEST: directory_digest(folder)}
+    path = write_features(tmp_path / "my-vit.h5", x, ["a", "b"], ["l0"], attrs)
+    bare = write_features(tmp_path / "bare.h5", x, ["a", "b"], ["l0"], {"modality": "vision"})
+    cache = tmp_path / "digests.json"
+    check_against_weights(path, folder, cache)
+    (folder / "model.safetensors").write_bytes(b"epoch 2")
+    with pytest.raises(FeatureFileError, match=r"my-vit\.h5 was extracted from other weights"):
+        check_against_weights(path, folder, cache)
+    check_against_weights(bare, folder, cache)  # no record: not checked
+    check_against_weights(tmp_path / "missing.h5", folder, cache)
+    (folder / "model.safetensors").write_bytes(b"epoch 1")  # put back
+    check_against_weights(path, folder, cache)

@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from xmodal import stimuli
+from xmodal import io as xio
 from xmodal.logs import forward_to
 from xmodal.stimuli import (
     ImageDataset,
@@ -459,7 +459,7 @@ def test_manifest_stamp_sees_an_image_replaced_by_one_of_the_same_size(tmp_path,
     a re-rendered stimulus replaced under its path changes the vision stamp even with its size
     and modification time unchanged (before: the stamp held file sizes, and missed it), and
     with the digests cached."""
-    monkeypatch.setattr(stimuli, "_RACY_NS", 0)  # cache the fresh files' digests too
+    monkeypatch.setattr(xio, "_RACY_NS", 0)  # cache the fresh files' digests too
     for name in ("a.bmp", "b.bmp"):
         Image.new("RGB", (8, 8), (255, 0, 0)).save(tmp_path / name)
     df = pd.DataFrame({"stimulus_id": ["s0", "s1"], "image": ["a.bmp", "b.bmp"],
@@ -481,9 +481,9 @@ def test_image_digests_read_only_new_or_changed_files(tmp_path, monkeypatch):
     whose size, times or inode changed; a missing file, a folder or a pipe gives None (none is
     read); a damaged cache is rebuilt."""
     reads: list[str] = []
-    real = stimuli._file_sha256
-    monkeypatch.setattr(stimuli, "_file_sha256", lambda p: reads.append(p) or real(p))
-    monkeypatch.setattr(stimuli, "_RACY_NS", 0)  # the files below are fresh: cache them anyway
+    real = xio._file_sha256
+    monkeypatch.setattr(xio, "_file_sha256", lambda p: reads.append(p) or real(p))
+    monkeypatch.setattr(xio, "_RACY_NS", 0)  # the files below are fresh: cache them anyway
     root, cache = tmp_path / "stim", tmp_path / "cache" / "digests.json"
     root.mkdir()
     payload = {f"im{i}.raw": os.urandom(64) for i in range(4)}
@@ -520,8 +520,8 @@ def test_image_digests_of_files_changed_just_now_are_not_cached(tmp_path, monkey
     """A file changed less than 2 s before it is read may change again without a new timestamp
     (file systems that keep whole seconds): it is read again on the next call."""
     reads: list[str] = []
-    real = stimuli._file_sha256
-    monkeypatch.setattr(stimuli, "_file_sha256", lambda p: reads.append(p) or real(p))
+    real = xio._file_sha256
+    monkeypatch.setattr(xio, "_file_sha256", lambda p: reads.append(p) or real(p))
     (tmp_path / "a.raw").write_bytes(b"fresh")
     cache = tmp_path / "digests.json"
     for _ in range(2):
@@ -578,7 +578,7 @@ def test_the_stamps_messages_reach_the_workflows_log(manifest_copy, tmp_path):
         logging.getLogger("xmodal.test").info("token hf_%s", "a" * 30)
     logging.getLogger("xmodal.test").warning("after the block")
     assert any("now holds the image files' digests (was: sizes)" in m for m in seen), seen
-    assert any("reading 1000 image files" in m for m in seen), seen
+    assert any("reading 1000 files for their SHA-256" in m for m in seen), seen
     assert seen[-1] == "token ***"
 
 

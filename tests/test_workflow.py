@@ -433,6 +433,39 @@ def test_manifest_edits_rerun_only_the_extractions_they_change(workflow_dir, dem
     assert "Nothing to be done" in dry_run()
 
 
+def test_a_local_model_whose_weights_changed_in_place_is_refused(workflow_dir, demo_config):
+    """A model given as a local folder (the demo's built MAE, named by its path, no build):
+    once a file of that folder is rewritten after extraction (a later training run saved over
+    it, same size and time), every snakemake call stops naming the feature file and the folder
+    (before: its stale features were analysed); put back, it runs."""
+    cfg = copy.deepcopy(demo_config)
+    cfg["models"]["tiny-mae"].pop("build")  # now a local model: its folder is not a DAG output
+    name = write_config(workflow_dir, cfg, "local_model.yaml")
+    weights = workflow_dir / "resources/demo/models/tiny-mae/model.safetensors"
+    data, times = weights.read_bytes(), weights.stat()
+
+    def dry_run() -> subprocess.CompletedProcess:
+        return snakemake(workflow_dir, "-n", "--configfile", name, "--cores", "2", check=False)
+
+    assert dry_run().returncode == 0
+    try:
+        changed = bytearray(data)
+        changed[-1] ^= 0xFF
+        weights.write_bytes(bytes(changed))
+        os.utime(weights, ns=(times.st_atime_ns, times.st_mtime_ns))
+        proc = dry_run()
+        out = proc.stdout + proc.stderr
+        assert proc.returncode != 0, out[-3000:]
+        assert (
+            "results/features/demo/tiny-mae.h5 was extracted from other weights than "
+            "resources/demo/models/tiny-mae holds now" in out
+        ), out[-3000:]
+    finally:
+        weights.write_bytes(data)
+        os.utime(weights, ns=(times.st_atime_ns, times.st_mtime_ns))
+    assert dry_run().returncode == 0
+
+
 @pytest.mark.parametrize("change", ["build", "dtype", "max_tokens"])
 def test_feature_fields_rerun_exactly_their_models(workflow_dir, demo_config, change):
     cfg = copy.deepcopy(demo_config)

@@ -53,14 +53,19 @@ REEXTRACT = (
 #: The attribute that records what an extraction read: the ``sha256`` of the manifest stamp
 #: of its modality (xmodal.stimuli.manifest_stamp), absent from files written before it.
 STIMULI_DIGEST = "stimuli_sha256"
+#: The attribute that records the weights a local model's extraction loaded: the digest of its
+#: folder's files (xmodal.io.directory_digest), absent for hub models and older files.
+WEIGHTS_DIGEST = "weights_sha256"
 
 __all__ = [
     "SCHEMA_VERSION",
     "STIMULI_DIGEST",
+    "WEIGHTS_DIGEST",
     "FeatureFile",
     "FeatureFileError",
     "abs_quantile_rows",
     "check_against_stamp",
+    "check_against_weights",
     "write_features",
 ]
 
@@ -283,6 +288,35 @@ def check_against_stamp(paths: Iterable[str | os.PathLike], stamp: str | os.Path
                 f"not re-extract it (was it touched with `snakemake --touch`, or copied in?); "
                 f"delete it and run again: its extraction reruns"
             )
+
+
+def check_against_weights(
+    path: str | os.PathLike, folder: str | os.PathLike, cache: str | os.PathLike | None = None
+) -> None:
+    """Refuse a feature file extracted from other weights than the local model ``folder`` holds
+    now (its files rewritten in place, as by a later training run): the workflow does not track
+    a local model's files, so it would analyse the file as it is. A missing feature file, or one
+    without :data:`WEIGHTS_DIGEST`, is not checked; ``cache`` as in xmodal.io.file_digests."""
+    from xmodal.io import directory_digest
+
+    path = Path(path)
+    try:
+        with h5py.File(path, "r") as f:
+            got = f.attrs.get(WEIGHTS_DIGEST)
+    except OSError:
+        return  # missing or unreadable: the steps that read it name it
+    folder = Path(folder).expanduser()
+    if got is None or not folder.is_dir():
+        return
+    got = got.decode() if isinstance(got, bytes) else str(got)
+    now = directory_digest(folder, cache)
+    if got != now:
+        raise FeatureFileError(
+            f"{path} was extracted from other weights than {folder} holds now (digest "
+            f"{got[:12]}…, now {now[:12]}…): its files changed since (trained again, or replaced "
+            f"in place?), which Snakemake does not track; delete {path} and run again: its "
+            f"extraction reruns"
+        )
 
 
 def _token_counts(path: Path, n_tokens: np.ndarray | Sequence[int], m: int) -> np.ndarray:

@@ -11,11 +11,16 @@ from __future__ import annotations
 import contextlib
 import csv
 import errno
+import hashlib
+import json
 import logging
 import os
 import shutil
+import stat
 import tempfile
-from collections.abc import Iterator
+import time
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pandas as pd
@@ -28,6 +33,8 @@ __all__ = [
     "TableError",
     "UnwritableOutputError",
     "atomic_path",
+    "directory_digest",
+    "file_digests",
     "is_disk_full",
     "read_table",
     "remove_stale_temporaries",
@@ -239,3 +246,93 @@ def read_table(path: str | os.PathLike) -> pd.DataFrame:
     except pd.errors.EmptyDataError:
         raise TableError(f"{path}: the table is empty (not even a header row)") from None
     return pd.DataFrame({c: _parse_column(str(c), raw[c]) for c in raw.columns}, index=raw.index)
+
+
+# ============================================================================ file digests
+#: the format of a digest cache (:func:`file_digests`)
+_DIGEST_CACHE_VERSION = 1
+#: a file changed less than this long before it was read may change again within the same
+#: timestamp (file systems that keep whole seconds): its digest is not cached ("racy" files)
+_RACY_NS = 2_000_000_000
+
+
+def _file_sha256(path: str) -> str | None:
+    try:
+        with open(path, "rb") as fh:
+            return hashlib.file_digest(fh, "sha256").hexdigest()
+    except OSError:
+        return None
+
+
+def _read_digest_cache(path: Path | None) -> dict[str, list]:
+    if path is None:
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if data.get("version") == _DIGEST_CACHE_VERSION and isinstance(data.get("files"), dict):
+            return data["files"]
+    except (OSError, ValueError, AttributeError):
+        pass  # missing or damaged: every file is read
+    return {}
+
+
+def file_digests(
+    paths: Sequence[str | os.PathLike], cache: str | os.PathLike | None = None
+) -> list[str | None]:
+    """Each file's SHA-256 (None where it is not a readable regular file).
+
+    With ``cache`` (a JSON file, rewritten atomically when it changes), a file whose size,
+    modification time, change time and inode are those recorded with its digest is not read
+    again, so that a dry run reads only new or changed files. Any write to a file changes its
+    change time, which no tool sets back, so a file replaced by one of the same size and the
+    same modification time is still read. A file changed less than 2 s before it was read is
+    not cached: on a file system that keeps whole seconds, its next change could leave every
+    timestamp as it was. A folder or a named pipe is not opened.
+    """
+    cache = None if cache is None else Path(cache)
+    known = _read_digest_cache(cache)
+    files = [os.path.abspath(p) for p in paths]
+    digests: dict[str, str | None] = {}
+    todo: dict[str, list[int]] = {}  # file -> its stat key, taken before it is read
+    for path in dict.fromkeys(files):  # each file once, in order
+        try:
+            st = os.stat(path)
+        except OSError:
+            st = None
+        if st is None or not stat.S_ISREG(st.st_mode):  # a folder or a pipe is not read
+            digests[path] = None
+            continue
+        key = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+        entry = known.get(path)
+        if isinstance(entry, list) and entry[:-1] == key:
+            digests[path] = entry[-1]
+        else:
+            todo[path] = key
+    if todo:
+        if len(todo) >= 1000:
+            log.info("reading %d files for their SHA-256 (%s, …)", len(todo), next(iter(todo)))
+        with ThreadPoolExecutor(max_workers=min(8, len(todo))) as pool:  # hashlib frees the GIL
+            digests.update(zip(todo, pool.map(_file_sha256, todo), strict=True))
+    if cache is not None:
+        now = time.time_ns()
+        entries = {
+            path: known[path] if path not in todo else [*todo[path], digest]
+            for path, digest in digests.items()
+            if digest is not None
+            and (path not in todo or now - max(todo[path][1], todo[path][2]) >= _RACY_NS)
+        }
+        if entries != known:
+            with atomic_path(cache) as tmp:
+                record = {"version": _DIGEST_CACHE_VERSION, "files": entries}
+                tmp.write_text(json.dumps(record, ensure_ascii=False), encoding="utf-8")
+    return [digests[path] for path in files]
+
+
+def directory_digest(folder: str | os.PathLike, cache: str | os.PathLike | None = None) -> str:
+    """SHA-256 of a folder's regular files (its top level, not its subfolders): their names and
+    contents (:func:`file_digests`, with ``cache``), so that a copy of the folder has the same
+    digest and any file added, removed, renamed or rewritten changes it."""
+    folder = Path(folder)
+    names = sorted(p.name for p in folder.iterdir() if p.is_file())
+    pairs = list(zip(names, file_digests([folder / n for n in names], cache), strict=True))
+    return hashlib.sha256(json.dumps(pairs, ensure_ascii=False).encode("utf-8")).hexdigest()

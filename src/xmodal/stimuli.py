@@ -28,9 +28,7 @@ import io
 import json
 import logging
 import os
-import stat
 import threading
-import time
 import unicodedata
 import warnings
 from collections import Counter
@@ -44,7 +42,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from xmodal.io import atomic_path
+from xmodal.io import atomic_path, file_digests
 
 log = logging.getLogger(__name__)
 
@@ -435,31 +433,6 @@ def _image_file_sizes(images: Sequence[str], root: Path) -> list[int | None]:
 
 #: the cache of image file digests that :func:`write_manifest_stamp` keeps next to its stamps
 IMAGE_DIGESTS = "image_digests.json"
-#: the format of the image digest cache (:func:`image_file_digests`)
-_DIGEST_CACHE_VERSION = 1
-#: a file changed less than this long before it was read may change again within the same
-#: timestamp (file systems that keep whole seconds): its digest is not cached ("racy" files)
-_RACY_NS = 2_000_000_000
-
-
-def _file_sha256(path: str) -> str | None:
-    try:
-        with open(path, "rb") as fh:
-            return hashlib.file_digest(fh, "sha256").hexdigest()
-    except OSError:
-        return None
-
-
-def _read_digest_cache(path: Path | None) -> dict[str, list]:
-    if path is None:
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-        if data.get("version") == _DIGEST_CACHE_VERSION and isinstance(data.get("files"), dict):
-            return data["files"]
-    except (OSError, ValueError, AttributeError):
-        pass  # missing or damaged: every file is read
-    return {}
 
 
 def image_file_digests(
@@ -467,54 +440,10 @@ def image_file_digests(
     root: str | os.PathLike,
     cache: str | os.PathLike | None = None,
 ) -> list[str | None]:
-    """Each image file's SHA-256 (None where it cannot be read: the extraction names it), for
-    paths relative to ``root``.
-
-    With ``cache`` (a JSON file, rewritten atomically when it changes), a file whose size,
-    modification time, change time and inode are those recorded with its digest is not read
-    again, so that a dry run reads only new or changed files. Any write to a file changes its
-    change time, which no tool sets back, so a file replaced by one of the same size and the
-    same modification time is still read. A file changed less than 2 s before it was read is
-    not cached: on a file system that keeps whole seconds, its next change could leave every
-    timestamp as it was.
-    """
-    cache = None if cache is None else Path(cache)
-    known = _read_digest_cache(cache)
-    paths = [os.path.abspath(Path(root) / img) for img in images]
-    digests: dict[str, str | None] = {}
-    todo: dict[str, list[int]] = {}  # file -> its stat key, taken before it is read
-    for path in dict.fromkeys(paths):  # each file once, in manifest order
-        try:
-            st = os.stat(path)
-        except OSError:
-            st = None
-        if st is None or not stat.S_ISREG(st.st_mode):  # a folder or a pipe is not read
-            digests[path] = None
-            continue
-        key = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
-        entry = known.get(path)
-        if isinstance(entry, list) and entry[:-1] == key:
-            digests[path] = entry[-1]
-        else:
-            todo[path] = key
-    if todo:
-        if len(todo) >= 1000:
-            log.info("reading %d image files under %s for their SHA-256", len(todo), root)
-        with ThreadPoolExecutor(max_workers=min(8, len(todo))) as pool:  # hashlib frees the GIL
-            digests.update(zip(todo, pool.map(_file_sha256, todo), strict=True))
-    if cache is not None:
-        now = time.time_ns()
-        files = {
-            path: known[path] if path not in todo else [*todo[path], digest]
-            for path, digest in digests.items()
-            if digest is not None
-            and (path not in todo or now - max(todo[path][1], todo[path][2]) >= _RACY_NS)
-        }
-        if files != known:
-            with atomic_path(cache) as tmp:
-                record = {"version": _DIGEST_CACHE_VERSION, "files": files}
-                tmp.write_text(json.dumps(record, ensure_ascii=False), encoding="utf-8")
-    return [digests[path] for path in paths]
+    """Each image file's SHA-256 (None where it is not a readable file: the extraction names
+    it), for paths relative to ``root``; ``cache`` as in :func:`xmodal.io.file_digests`, which
+    reads only new or changed files."""
+    return file_digests([Path(root) / img for img in images], cache)
 
 
 def _stamp(

@@ -23,7 +23,11 @@ from xmodal.config import (
     normalise_integers,
     schema_errors,
 )
-from xmodal.features import FeatureFileError, check_against_stamp
+from xmodal.features import (
+    FeatureFileError,
+    check_against_stamp,
+    check_against_weights,
+)
 from xmodal.figures import (
     DEFAULT_METRIC,
     FIGURES,
@@ -132,6 +136,10 @@ DIAG = "results/diagnostics/{dataset}"
 FIG = "results/figures/{dataset}"
 LANG = "results/language/{dataset}"
 PROPS = "results/properties/{dataset}"
+
+
+# each local model file's SHA-256 with its size, times and inode: read again only when changed
+WEIGHT_DIGESTS = f"results/features/{DATASET}/.weights_digests.json"
 
 
 def feature_file(model):
@@ -335,16 +343,22 @@ update_manifest_stamps()
 
 def check_feature_files():
     """Refuse stale feature files that Snakemake would not re-extract: extracted from other
-    stimuli than the manifest's stamp describes, yet not older than it (touched or copied in).
-    """
+    stimuli than the manifest's stamp describes, yet not older than it (touched or copied in),
+    or from other weights than a local model's folder holds now."""
     if not workflow.is_main_process:
         return
-    for modality, models in (("vision", VISION), ("language", LANGUAGE)):
-        paths = [feature_file(m) for m in models]
-        try:
+    try:
+        for modality, models in (("vision", VISION), ("language", LANGUAGE)):
+            paths = [feature_file(m) for m in models]
             check_against_stamp(paths, manifest_stamp_path(modality))
-        except FeatureFileError as err:
-            raise WorkflowError(str(err)) from None
+        for key in [*VISION, *LANGUAGE]:
+            if REGISTRY[key].source == "local":  # files the DAG does not track
+                with forward_to(logger.info):  # reading new weights for their digests
+                    check_against_weights(
+                        feature_file(key), REGISTRY[key].id, WEIGHT_DIGESTS
+                    )
+    except FeatureFileError as err:
+        raise WorkflowError(str(err)) from None
 
 
 check_feature_files()

@@ -88,7 +88,7 @@ def extract_features(
     """
     from torch.utils.data import DataLoader
 
-    from xmodal.features import STIMULI_DIGEST, write_features
+    from xmodal.features import STIMULI_DIGEST, WEIGHTS_DIGEST, write_features
     from xmodal.stimuli import ImageDataset, manifest_stamp, read_manifest
 
     t0 = time.perf_counter()
@@ -203,6 +203,12 @@ def extract_features(
         "size_b": float(model_cfg.get("size_b") or 0.0),
         STIMULI_DIGEST: stamp["sha256"],
     }
+    folder = Path(model_id).expanduser()
+    if folder.is_dir():  # a local or built model: the weights its folder held (the workflow checks)
+        from xmodal.io import directory_digest
+
+        log.info("%s: digest of the weights in %s", model_key, folder)
+        attrs[WEIGHTS_DIGEST] = directory_digest(folder)
     # the extractor checked finiteness batch by batch on the device; a float16 cast is not used here
     out = write_features(
         out_path,
