@@ -20,6 +20,7 @@ from xmodal.features import (
     abs_quantile_rows,
     check_against_stamp,
     check_against_weights,
+    import_features,
     write_features,
 )
 from xmodal.io import directory_digest
@@ -306,3 +307,26 @@ def test_features_of_a_local_model_whose_weights_changed_are_refused(tmp_path):
     check_against_weights(tmp_path / "missing.h5", folder, cache)
     (folder / "model.safetensors").write_bytes(b"epoch 1")  # put back
     check_against_weights(path, folder, cache)
+
+
+def test_a_supplied_feature_file_is_checked_then_copied_as_it_is(tmp_path):
+    """import_features copies the file byte for byte after checking it; a wrong modality, other
+    stimuli or a non-finite value is refused naming the config key, and nothing is written."""
+    x = np.arange(12, dtype=np.float32).reshape(1, 3, 4)
+    attrs = {"model_key": "mine", "modality": "vision"}
+    src = write_features(tmp_path / "mine.h5", x, ["c", "a", "b"], ["l0"], attrs)
+    dst = tmp_path / "results" / "mine.h5"
+    import_features(src, dst, "mine", "vision", ["a", "b", "c"])
+    assert dst.read_bytes() == src.read_bytes()
+    out = tmp_path / "refused.h5"
+    with pytest.raises(FeatureFileError, match=r"models\.mine\.features'.*'vision' features"):
+        import_features(src, out, "mine", "language")
+    with pytest.raises(FeatureFileError, match=r"models\.mine\.features'.*\bd\b"):
+        import_features(src, out, "mine", "vision", ["a", "b", "d"])
+    bad = tmp_path / "bad.h5"
+    shutil.copyfile(src, bad)
+    with h5py.File(bad, "a") as f:
+        f["features"][0, 1, 2] = np.nan
+    with pytest.raises(FeatureFileError, match=r"models\.mine\.features'"):
+        import_features(bad, out, "mine", "vision")
+    assert not out.exists()

@@ -168,6 +168,21 @@ def test_registry_sources_and_repos(tmp_path: Path) -> None:
     assert len(reg.language) == 12
 
 
+def test_supplied_features_are_their_own_source(tmp_path: Path) -> None:
+    """``features:`` makes a model "supplied" whatever its id (even a path that does not
+    exist); two keys naming one supplied file are reported as duplicates."""
+    cfg = paper()
+    cfg["models"]["mae-h"]["features"] = str(tmp_path / "mine.h5")
+    cfg["models"]["bloom-560m"]["id"] = "./no/such/folder"
+    cfg["models"]["bloom-560m"]["features"] = str(tmp_path / "mine.h5")
+    reg = Registry.from_config(cfg)
+    assert reg["mae-h"].source == "supplied" and reg["mae-h"].features == str(tmp_path / "mine.h5")
+    assert reg["clip-h"].source == "hub" and reg["clip-h"].features is None
+    assert reg.duplicate_ids() == [
+        ("mae-h", "bloom-560m", f"supplied feature file {tmp_path / 'mine.h5'}")
+    ]
+
+
 def test_pinned_revision_in_the_id_must_agree(tmp_path: Path) -> None:
     cfg = paper()
     cfg["models"]["mae-h"]["id"] = "hf-hub:timm/vit_huge_patch14_224.mae@v2"

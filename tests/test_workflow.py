@@ -466,6 +466,51 @@ def test_a_local_model_whose_weights_changed_in_place_is_refused(workflow_dir, d
     assert dry_run().returncode == 0
 
 
+def test_supplied_features_are_imported_and_never_extracted(workflow_dir, demo_config):
+    """A model with ``features:`` (a file the user supplies, README "Bringing your own
+    features") is imported by its own rule: a stamp made or changed later never schedules an
+    extraction of it (before: the extraction deleted the user's file, then failed on a folder
+    without weights). The import copies the file as it is; a path equal to the pipeline's own
+    output is refused naming the config key."""
+    from xmodal.features import write_features
+
+    ids = read_manifest(workflow_dir / "resources/stimuli/demo/stimuli.tsv")["stimulus_id"]
+    supplied = workflow_dir / "resources/features/my-feats.h5"
+    x = np.random.default_rng(0).normal(size=(2, len(ids), 8)).astype(np.float32)
+    attrs = {"model_id": "mine", "model_key": "my-feats", "modality": "vision"}
+    write_features(supplied, x, list(ids)[::-1], ["b0", "b1"], attrs)
+    cfg = copy.deepcopy(demo_config)
+    cfg["models"]["my-feats"] = {"modality": "vision", "id": "my features", "size_b": 0.0001,
+                                 "features": "resources/features/my-feats.h5"}  # fmt: skip
+    name = write_config(workflow_dir, cfg, "supplied.yaml")
+    out = workflow_dir / "results/features/demo/my-feats.h5"
+    stamp = workflow_dir / "results/stimuli/demo/extract_vision.json"
+    stamp_times = stamp.stat()
+
+    def dry_run() -> str:
+        proc = snakemake(workflow_dir, "-n", "--configfile", name, "--cores", "2")
+        return proc.stdout + proc.stderr
+
+    try:
+        text = dry_run()
+        assert job_counts(text).get("import_features") == 1, text[-3000:]
+        assert "my-feats" not in _extracted(text), text[-3000:]
+        snakemake(
+            workflow_dir, "--configfile", name, "--cores", "1", str(out.relative_to(workflow_dir))
+        )
+        assert out.read_bytes() == supplied.read_bytes()
+        os.utime(stamp)  # a stamp newer than the imported file: nothing extracts it
+        assert "my-feats" not in _extracted(dry_run())
+        cfg["models"]["my-feats"]["features"] = "results/features/demo/my-feats.h5"
+        bad = write_config(workflow_dir, cfg, "supplied_bad.yaml")
+        proc = snakemake(workflow_dir, "-n", "--configfile", bad, check=False)
+        assert proc.returncode != 0
+        assert "config key 'models.my-feats.features'" in proc.stdout + proc.stderr
+    finally:
+        out.unlink(missing_ok=True)
+        os.utime(stamp, ns=(stamp_times.st_atime_ns, stamp_times.st_mtime_ns))
+
+
 @pytest.mark.parametrize("change", ["build", "dtype", "max_tokens"])
 def test_feature_fields_rerun_exactly_their_models(workflow_dir, demo_config, change):
     cfg = copy.deepcopy(demo_config)

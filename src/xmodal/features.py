@@ -66,6 +66,7 @@ __all__ = [
     "abs_quantile_rows",
     "check_against_stamp",
     "check_against_weights",
+    "import_features",
     "write_features",
 ]
 
@@ -317,6 +318,38 @@ def check_against_weights(
             f"in place?), which Snakemake does not track; delete {path} and run again: its "
             f"extraction reruns"
         )
+
+
+def import_features(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    model_key: str,
+    modality: str,
+    stimulus_ids: Sequence[str] | None = None,
+) -> Path:
+    """Check a feature file the user supplies (config key ``models.<key>.features``) and copy it
+    to ``dst`` atomically, as it is: its structure, its ids (equal to ``stimulus_ids`` up to
+    order, when given), every layer finite, and its ``modality`` attribute against the config.
+    Raises :class:`FeatureFileError` naming the config key and the file."""
+    import shutil
+
+    src = Path(src)
+    where = f"config key 'models.{model_key}.features'"
+    try:
+        with FeatureFile(src) as ff:
+            ff.validate(stimulus_ids)
+            got = ff.attrs.get("modality")
+    except FeatureFileError as err:
+        raise FeatureFileError(f"{where}: {err}") from None
+    if got != modality:
+        raise FeatureFileError(
+            f"{where}: {src} holds {got!r} features (its 'modality' attribute), but the config "
+            f"says 'models.{model_key}.modality: {modality}'"
+        )
+    with atomic_path(dst) as tmp:
+        shutil.copyfile(src, tmp)
+    log.info("imported %s as %s (model %s)", src, dst, model_key)
+    return Path(dst)
 
 
 def _token_counts(path: Path, n_tokens: np.ndarray | Sequence[int], m: int) -> np.ndarray:

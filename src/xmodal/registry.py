@@ -153,13 +153,15 @@ class ModelEntry:
     label: str
     family: str
     config_order: int
-    source: str  # "built" (demo), "local" (a directory) or "hub"
+    source: str  # "built" (demo), "local" (a directory), "hub", or "supplied" (a feature file)
     hub_repo: str | None
     build: Mapping[str, Any] | None
     batch_size: int | None
     allow_pickle: bool
     site: Site
     order: int = 0
+    #: a feature file the user supplies (source "supplied"): imported, not extracted
+    features: str | None = None
 
     @property
     def library(self) -> str:
@@ -289,7 +291,9 @@ class Registry(Mapping[str, ModelEntry]):
             revision = m.get("revision")
             build = m.get("build")
             hub_repo = None
-            if build is not None:
+            if m.get("features") is not None:
+                source = "supplied"
+            elif build is not None:
                 source = "built"
             elif (base / model_id).expanduser().is_dir():
                 source = "local"
@@ -324,6 +328,7 @@ class Registry(Mapping[str, ModelEntry]):
                 batch_size=int(batch_size) if batch_size is not None else None,
                 allow_pickle=bool(m.get("allow_pickle", site.allow_pickle)),
                 site=site,
+                features=str(m["features"]) if m.get("features") is not None else None,
             )
         registry = cls(_with_plot_order(entries))
         registry.check_fits()
@@ -357,6 +362,9 @@ class Registry(Mapping[str, ModelEntry]):
             elif e.source == "local":
                 ident = ("local", str(Path(e.id).expanduser().resolve()))
                 what = f"local directory {e.id}"
+            elif e.source == "supplied":
+                ident = ("supplied", str(Path(str(e.features)).expanduser().resolve()))
+                what = f"supplied feature file {e.features}"
             else:
                 ident = ("built", repr(_plain(e.build)), e.modality)
                 what = "the same demo build settings"

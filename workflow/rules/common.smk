@@ -146,6 +146,18 @@ def feature_file(model):
     return f"results/features/{DATASET}/{model}.h5"
 
 
+# models whose features the user supplies (imported, rule import_features) and the others
+SUPPLIED = [k for k in REGISTRY if REGISTRY[k].source == "supplied"]
+EXTRACTED = [k for k in REGISTRY if k not in SUPPLIED]
+for _key in SUPPLIED:
+    if Path(REGISTRY[_key].features).resolve() == Path(feature_file(_key)).resolve():
+        raise WorkflowError(
+            f"config key 'models.{_key}.features': {REGISTRY[_key].features} is where the"
+            " pipeline writes this model's features; keep your file elsewhere (for example"
+            f" resources/features/{_key}.h5) and name that path"
+        )
+
+
 def vision_features(wildcards):
     """The feature files of every vision model (GPA, and each LLM's alignment jobs)."""
     return [feature_file(v) for v in VISION]

@@ -16,6 +16,8 @@ rule extract:
         "logs/extract/{dataset}/{model}.log",
     benchmark:
         "results/benchmarks/{dataset}/extract/{model}.tsv"
+    wildcard_constraints:
+        model=_alternatives(EXTRACTED) or "(?!)",
     conda:
         "../../envs/extract.yaml"
     resources:
@@ -29,3 +31,25 @@ rule extract:
         drop_duplicates=DROP_DUPLICATES,
     script:
         "../../scripts/extract.py"
+
+
+# A feature file the user supplies (models.<key>.features): checked and copied into results/,
+# never extracted, so that no stamp schedules an extraction of it; a newer supplied file is
+# imported again (README, "Bringing your own features").
+rule import_features:
+    input:
+        manifest=ancient(MANIFEST),
+        features=lambda wildcards: REGISTRY[wildcards.model].features,
+    output:
+        features="results/features/{dataset}/{model}.h5",
+    log:
+        "logs/extract/{dataset}/{model}.log",
+    wildcard_constraints:
+        model=_alternatives(SUPPLIED) or "(?!)",
+    localrule: True
+    conda:
+        "../../envs/analysis.yaml"
+    params:
+        modality=lambda wildcards: REGISTRY[wildcards.model].modality,
+    script:
+        "../../scripts/import_features.py"
