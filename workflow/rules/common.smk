@@ -361,7 +361,8 @@ def check_feature_files():
         return
     try:
         for modality, models in (("vision", VISION), ("language", LANGUAGE)):
-            paths = [feature_file(m) for m in models]
+            # a supplied file (imported, not extracted) is the user's to vouch for
+            paths = [feature_file(m) for m in models if m not in SUPPLIED]
             check_against_stamp(paths, manifest_stamp_path(modality))
         for key in [*VISION, *LANGUAGE]:
             if REGISTRY[key].source == "local":  # files the DAG does not track
