@@ -35,7 +35,7 @@ import numpy as np
 if TYPE_CHECKING:
     import torch  # imported where used: reading a feature file needs no torch
 
-from xmodal.io import atomic_path, remove_stale_temporaries
+from xmodal.io import atomic_path, directory_digest, remove_stale_temporaries
 from xmodal.logs import redact
 
 log = logging.getLogger(__name__)
@@ -256,6 +256,19 @@ def write_features(
     return path
 
 
+def _stored_text(path: str | os.PathLike, name: str) -> str | None:
+    """A feature file's text attribute ``name``; None if absent, or if the file is missing or
+    unreadable (the steps that read it name it)."""
+    try:
+        with h5py.File(path, "r") as f:
+            value = f.attrs.get(name)
+    except OSError:
+        return None
+    if value is None:
+        return None
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
 def check_against_stamp(paths: Iterable[str | os.PathLike], stamp: str | os.PathLike) -> None:
     """Refuse a feature file extracted from other stimuli than ``stamp`` (a manifest stamp,
     docs/contracts.md) describes now, when the file is not older than the stamp.
@@ -274,14 +287,10 @@ def check_against_stamp(paths: Iterable[str | os.PathLike], stamp: str | os.Path
         try:
             if path.stat().st_mtime_ns < since.st_mtime_ns:
                 continue  # the workflow re-extracts it
-            with h5py.File(path, "r") as f:
-                got = f.attrs.get(STIMULI_DIGEST)
         except OSError:
-            continue  # missing or unreadable: the steps that read it name it
-        if got is None:
-            continue
-        got = got.decode() if isinstance(got, bytes) else str(got)
-        if got != want:
+            continue  # missing: the workflow extracts it
+        got = _stored_text(path, STIMULI_DIGEST)
+        if got is not None and got != want:
             raise FeatureFileError(
                 f"{path} holds features of other stimuli than the manifest now lists: it was "
                 f"extracted from stimuli with digest {got[:12]}…, and {stamp} says "
@@ -298,18 +307,10 @@ def check_against_weights(
     now (its files rewritten in place, as by a later training run): the workflow does not track
     a local model's files, so it would analyse the file as it is. A missing feature file, or one
     without :data:`WEIGHTS_DIGEST`, is not checked; ``cache`` as in xmodal.io.file_digests."""
-    from xmodal.io import directory_digest
-
-    path = Path(path)
-    try:
-        with h5py.File(path, "r") as f:
-            got = f.attrs.get(WEIGHTS_DIGEST)
-    except OSError:
-        return  # missing or unreadable: the steps that read it name it
+    got = _stored_text(path, WEIGHTS_DIGEST)
     folder = Path(folder).expanduser()
     if got is None or not folder.is_dir():
         return
-    got = got.decode() if isinstance(got, bytes) else str(got)
     now = directory_digest(folder, cache)
     if got != now:
         raise FeatureFileError(
