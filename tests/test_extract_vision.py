@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
+import sys
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -19,7 +23,7 @@ from xmodal.extract import (
 )
 from xmodal.extract.vision import extract_vision_features, load_vision_model
 from xmodal.features import STIMULI_DIGEST, FeatureFile
-from xmodal.stimuli import ImageDataset, read_manifest
+from xmodal.stimuli import ImageDataset, manifest_stamp, read_manifest
 
 ensure_torchvision_importable()
 import timm  # noqa: E402
@@ -230,6 +234,59 @@ def test_extract_features_end_to_end(tmp_path, tiny_vits, tiny_manifest, hf_offl
             for i, img in read_manifest(tiny_manifest)[["stimulus_id", "image"]].to_numpy()]  # fmt: skip
     want = hashlib.sha256(json.dumps(rows, ensure_ascii=False).encode()).hexdigest()
     assert a[STIMULI_DIGEST] == want
+
+
+#: paths of the files opened while a test lists them (None: not listening); an audit hook sees
+#: every open, by Python code or C (Pillow, hashlib's callers), and cannot be removed
+_OPENED: list[str] | None = None
+
+
+def _on_audit(event: str, args: tuple) -> None:
+    if event == "open" and _OPENED is not None and isinstance(args[0], str | bytes | os.PathLike):
+        _OPENED.append(os.fsdecode(args[0]))
+
+
+sys.addaudithook(_on_audit)
+
+
+@pytest.mark.parametrize("drop_duplicates", [False, True])
+def test_each_image_file_is_read_once_and_digested_as_decoded(
+    tmp_path, tiny_vits, tiny_manifest, drop_duplicates
+):
+    """The stimuli digest comes from the bytes the loader decoded: no serial pass over every
+    image before the first batch, and no second read. With duplicates dropped, their files
+    (which the duplicate scan reads anyway) are digested too, in manifest order."""
+    global _OPENED
+    root = tmp_path / "m"
+    shutil.copytree(tiny_manifest.parent, root)
+    manifest = root / "stimuli.tsv"
+    if drop_duplicates:  # stim-03 again under another id, in the middle: dropped by the scan
+        lines = manifest.read_text().splitlines()
+        lines.insert(5, "again-03\t" + lines[4].split("\t", 1)[1])
+        manifest.write_text("\n".join(lines) + "\n")
+    cfg = {"modality": "vision", "id": str(tiny_vits["mae"]), "size_b": 0.1}
+    images = {str(root / p) for p in read_manifest(manifest)["image"]}
+    _OPENED = []
+    try:
+        out = extract_features(
+            "mae", cfg, manifest, tmp_path / "mae.h5", batch_size=5, num_workers=0,
+            drop_duplicates=drop_duplicates, progress=False,
+        )  # fmt: skip
+        opened = [p for p in _OPENED if p in images]
+    finally:
+        _OPENED = None
+    reads = Counter(opened)
+    assert set(reads) == images
+    # once each; with drop_duplicates the scan reads each file once more, and stim-03's file,
+    # named by two rows, is read by the scan for each and for the dropped row's digest
+    want = Counter(images) if not drop_duplicates else Counter([*images, *images])
+    if drop_duplicates:
+        want[str(root / read_manifest(manifest)["image"][3])] += 2
+    assert reads == want
+    ref = manifest_stamp(read_manifest(manifest), "vision", drop_duplicates, root)  # from files
+    with FeatureFile(out) as ff:
+        assert ff.attrs[STIMULI_DIGEST] == ref["sha256"]
+        assert ff.m == 12
 
 
 @pytest.mark.parametrize(

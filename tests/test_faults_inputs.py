@@ -300,6 +300,19 @@ def test_text_file_named_jpg_through_a_dataloader_worker(manifest_copy: Path) ->
         list(loader)
 
 
+@pytest.mark.parametrize("kind", ["folder", "named pipe"])
+def test_an_image_path_that_is_no_file_names_the_stimulus(manifest_copy: Path, kind: str) -> None:
+    """Read for its bytes, a named pipe would block the loader forever: refused at once."""
+    df = read_manifest(manifest_copy)
+    img = _image_of(manifest_copy, 2)
+    img.unlink()
+    img.mkdir() if kind == "folder" else os.mkfifo(img)
+    with pytest.raises(
+        StimulusError, match=r"stimulus 'stim-02': cannot read image .*s02.*\(not a regular file\)"
+    ):
+        ImageDataset(df, manifest_copy.parent)[2]
+
+
 def test_non_utf8_manifest_names_line_and_stimulus(manifest_copy: Path) -> None:
     lines = manifest_copy.read_bytes().split(b"\n")
     lines[3] = lines[3] + " caf\xe9".encode("latin-1")

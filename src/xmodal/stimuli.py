@@ -28,6 +28,7 @@ import io
 import json
 import logging
 import os
+import stat
 import threading
 import unicodedata
 import warnings
@@ -471,6 +472,7 @@ def manifest_stamp(
     drop_duplicates: bool = False,
     root: str | os.PathLike | None = None,
     digest_cache: str | os.PathLike | None = None,
+    image_digests: Sequence[str | None] | None = None,
 ) -> dict[str, Any]:
     """What ``modality``'s extraction reads from a manifest, as a small record: the columns,
     the number of stimuli and the SHA-256 of those columns' fields, row by row in manifest
@@ -480,13 +482,21 @@ def manifest_stamp(
     them, each image file's SHA-256 enters too (:func:`image_file_digests`, with
     ``digest_cache``): an image replaced under the same path changes the stamp, whatever its
     size; a copy or a ``touch``, which keep the contents, do not (docs/cluster.md, "What
-    reruns").
+    reruns"). ``image_digests`` (one per row; None: not known) gives digests already computed
+    from the bytes an extraction decoded; only the files without one are read.
     """
     if root is None or "image" not in extraction_columns(modality, drop_duplicates):
         # a stamp that reads no image keeps the record it had before images entered
         return _stamp(manifest, modality, drop_duplicates)
     images = manifest["image"].astype(str).tolist()
-    digests = image_file_digests(images, root, digest_cache)
+    digests = list(image_digests) if image_digests is not None else [None] * len(images)
+    if len(digests) != len(images):
+        raise ValueError(f"{len(digests)} image digests for {len(images)} stimuli")
+    missing = [k for k, d in enumerate(digests) if d is None]
+    if missing:
+        read = image_file_digests([images[k] for k in missing], root, digest_cache)
+        for k, d in zip(missing, read, strict=True):
+            digests[k] = d
     return _stamp(manifest, modality, drop_duplicates, digests, "image_file_sha256")
 
 
@@ -815,13 +825,22 @@ def _pixels_digest(image: Image.Image) -> str:
     return h.hexdigest()
 
 
-def _scan_one(path: Path, stimulus_id: str) -> dict[str, Any]:
+def _read_image_file(path: Path, stimulus_id: str) -> bytes:
+    """An image file's bytes, read once (to digest and to decode); anything but a regular file,
+    such as a folder or a named pipe that would block the read, is a StimulusError."""
     try:
-        data = path.read_bytes()
+        if stat.S_ISREG(os.stat(path).st_mode):
+            return path.read_bytes()
+        problem = "not a regular file"
     except OSError as err:
-        raise StimulusError(
-            f"stimulus {stimulus_id!r}: cannot read image {path} ({err}); {_FIX_IMAGE}"
-        ) from err
+        problem = str(err)
+    raise StimulusError(
+        f"stimulus {stimulus_id!r}: cannot read image {path} ({problem}); {_FIX_IMAGE}"
+    )
+
+
+def _scan_one(path: Path, stimulus_id: str) -> dict[str, Any]:
+    data = _read_image_file(path, stimulus_id)
     d = _decode(io.BytesIO(data), stimulus_id, path, log_conversions=False)
     return {
         "format": d.format,
@@ -1037,10 +1056,13 @@ def drop_duplicates(
 
 
 class ImageDataset:
-    """Map-style dataset over a manifest's images: item ``i`` is ``(transform(rgb_image), i)``.
+    """Map-style dataset over a manifest's images: item ``i`` is ``(transform(rgb_image), i)``,
+    or with ``with_digests`` ``(transform(rgb_image), i, sha256)``, the SHA-256 of the file's
+    bytes that were decoded (each file is read once, for both).
 
     ``root`` is the folder the manifest's ``image`` paths are relative to (the manifest's folder).
-    Use with ``torch.utils.data.DataLoader(..., num_workers=N)`` so decoding runs in workers.
+    Use with ``torch.utils.data.DataLoader(..., num_workers=N)`` so reading and decoding run in
+    the workers.
     """
 
     def __init__(
@@ -1048,15 +1070,21 @@ class ImageDataset:
         manifest_df: pd.DataFrame,
         root: str | os.PathLike,
         transform: Callable[[Image.Image], Any] | None = None,
+        *,
+        with_digests: bool = False,
     ):
         self.root = Path(root)
         self.ids = [str(s) for s in manifest_df["stimulus_id"]]
         self.images = [str(s) for s in manifest_df["image"]]
         self.transform = transform
+        self.with_digests = with_digests
 
     def __len__(self) -> int:
         return len(self.ids)
 
-    def __getitem__(self, i: int) -> tuple[Any, int]:
-        img = load_rgb(self.root / self.images[i], self.ids[i])
-        return (self.transform(img) if self.transform is not None else img), i
+    def __getitem__(self, i: int) -> tuple[Any, ...]:
+        path = self.root / self.images[i]
+        data = _read_image_file(path, self.ids[i])
+        img = _decode(io.BytesIO(data), self.ids[i], path).image
+        out = self.transform(img) if self.transform is not None else img
+        return (out, i, hashlib.sha256(data).hexdigest()) if self.with_digests else (out, i)

@@ -12,10 +12,11 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from xmodal.extract._common import (
@@ -105,10 +106,12 @@ def extract_features(
     dt = resolve_dtype(dtype, dev)
     bs = _batch_size(batch_size, modality, dev)
     manifest_path = Path(manifest_path)
-    df = read_manifest(manifest_path)
+    df = manifest = read_manifest(manifest_path)
     # what this extraction reads, as its manifest stamp digests it: the workflow refuses the file
-    # later if it is stale yet newer than the stamp (xmodal.features.check_against_stamp)
-    stamp = manifest_stamp(df, modality, drop_duplicates, root=manifest_path.parent)
+    # later if it is stale yet newer than the stamp (xmodal.features.check_against_stamp). A
+    # vision extraction digests the image bytes it decodes (each file read once, in the loader's
+    # workers, not in a serial pass before the first batch); the other files are read here.
+    image_digests: list[str | None] = [None] * len(manifest)
     if drop_duplicates:  # the same rule in every model's job: every file gets the same stimuli
         from xmodal.stimuli import drop_duplicates as drop
         from xmodal.stimuli import find_duplicates
@@ -139,7 +142,13 @@ def extract_features(
             from xmodal.registry import SITE_DEFAULTS
 
             num_workers = int(SITE_DEFAULTS["num_workers"])
-        dataset = ImageDataset(df, manifest_path.parent, transform)
+        dataset = ImageDataset(df, manifest_path.parent, transform, with_digests=True)
+        # rows of df are rows of the manifest (duplicates dropped): their manifest positions
+        rows = (
+            np.flatnonzero(manifest["stimulus_id"].isin(ids).to_numpy())
+            if drop_duplicates
+            else None
+        )
         loader = DataLoader(
             dataset,
             batch_size=bs,
@@ -149,8 +158,20 @@ def extract_features(
             prefetch_factor=4 if num_workers > 0 else None,
             persistent_workers=False,
         )
+
+        def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+            for images, idx, digests in loader:
+                for i, digest in zip(idx.tolist(), digests, strict=True):
+                    image_digests[i if rows is None else int(rows[i])] = digest
+                yield images, idx
+
         res = extract_vision_features(
-            model, loader, stimulus_ids=ids, batch_size=bs, model_name=model_key, progress=progress
+            model,
+            batches(),
+            stimulus_ids=ids,
+            batch_size=bs,
+            model_name=model_key,
+            progress=progress,
         )
         preprocessing = {"image": info["preprocessing"], "num_workers": num_workers}
     else:
@@ -201,7 +222,9 @@ def extract_features(
         "label": model_cfg.get("label") or "",
         "family": model_cfg.get("family") or "",
         "size_b": float(model_cfg.get("size_b") or 0.0),
-        STIMULI_DIGEST: stamp["sha256"],
+        STIMULI_DIGEST: manifest_stamp(
+            manifest, modality, drop_duplicates, manifest_path.parent, image_digests=image_digests
+        )["sha256"],
     }
     folder = Path(model_id).expanduser()
     if folder.is_dir():  # a local or built model: the weights its folder held (the workflow checks)
