@@ -120,3 +120,34 @@ def test_extract_features_passes_max_tokens_into_the_feature_file(
         tok = json.loads(ff.attrs["preprocessing"])["tokenizer"]
     assert tok["max_length"] == 6 and tok["max_length_source"] == "max_tokens"
     assert tok["n_truncated"] > 0 and len(tok["truncated_ids"]) == min(tok["n_truncated"], 20)
+
+
+def test_a_special_tokens_spelling_in_a_caption_is_text(bloom, captions):
+    """``</s>`` or ``<s>`` in a caption (HTML-like markup) is tokenized as its characters: before,
+    the tokenizer turned it into the control token (an EOS in mid-caption), silently."""
+    _, tok = bloom
+    specials = set(tok.all_special_ids)
+    for caption in [f"{captions[0]} </s> {captions[1]}", "<s>", "a <unk> and a <s>"]:
+        (ids,) = tokenize_captions(tok, [caption], stimulus_ids=["s"], context=None).ids
+        assert ids[0] == tok.bos_token_id and not specials & set(ids[1:]), caption
+        assert tok.decode(ids[1:]) == caption  # every character kept, as written
+    plain = tokenize_captions(tok, [captions[0]], stimulus_ids=["s"], context=None).ids[0]
+    assert plain == tok(captions[0])["input_ids"]  # captions without such text: as before
+
+
+def test_a_limit_that_leaves_only_special_tokens_is_refused(tiny_lms, captions):
+    """With max_tokens=1 every caption would be BOS alone, and every stimulus the same point;
+    a tokenizer that keeps BOS and EOS beyond the limit would go over it unnoticed."""
+    from tokenizers import processors
+
+    _, tok, _ = load_language_model(str(tiny_lms["llama"]))
+    with pytest.raises(ExtractionError, match=r"stim-00.*special tokens only.*1-token limit"):
+        tokenize_captions(tok, captions[:3], stimulus_ids=IDS[:3], max_tokens=1, context=48)
+    bos, eos = tok.bos_token_id, tok.eos_token_id
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>", special_tokens=[("<s>", bos), ("</s>", eos)]
+    )
+    with pytest.raises(ExtractionError, match=r"more than 1 tokens after truncation"):
+        tokenize_captions(tok, captions[:3], stimulus_ids=IDS[:3], max_tokens=1, context=48)
+    cut = tokenize_captions(tok, captions[:3], stimulus_ids=IDS[:3], max_tokens=3, context=48)
+    assert all(len(t) == 3 and t[0] == bos and t[-1] == eos for t in cut.ids)

@@ -281,7 +281,7 @@ class FeatureAccumulator:
             for h, t in zip(host, (feats, finite, q), strict=True):
                 h.copy_(t, non_blocking=True)
             done = torch.cuda.Event()
-            done.record()
+            done.record(torch.cuda.current_stream(feats.device))  # the copies' device, not cuda:0
             pending = (*host, np.asarray(idx), done)
         else:
             pending = (feats, finite, q, np.asarray(idx), None)

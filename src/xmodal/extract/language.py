@@ -4,7 +4,9 @@ Hidden states are those of ``output_hidden_states=True``: the embedding output, 
 output (for BLOOM and LLaMA the last one is after the final norm, as the model returns it).
 Padding never counts: the mean is over positions with ``attention_mask == 1``, accumulated in
 float32. Captions are batched by sorted token length (right padding), so padding is small and
-each caption's features equal those of running it alone.
+each caption's features equal those of running it alone in float32 (in bfloat16 or float16 the
+batch's matrix products round differently, so batch size and composition move features at that
+precision's rounding, about 1e-3 relative).
 """
 
 from __future__ import annotations
@@ -291,17 +293,21 @@ def tokenize_captions(
     The limit is :func:`caption_token_limit` of ``max_tokens`` and the model's ``context``.
     Truncation is the tokenizer's own (``truncation=True``: special tokens are kept). Truncated
     captions are logged as a warning: their count, the limit and the first stimulus ids.
+
+    Captions are text: a special token's spelling in a caption (``</s>``, ``<s>``, ``<unk>``,
+    ``<pad>``, as in HTML-like markup) is tokenized as the characters it is made of, never as
+    the control token (``split_special_tokens``). A caption left longer than the limit, or with
+    no token but special ones (a limit that keeps only BOS), is an ExtractionError naming it.
     """
     limit, source = caption_token_limit(max_tokens, context)
-    ids = tokenizer(list(captions), add_special_tokens=True, truncation=False)["input_ids"]
+    # the tokenizer's own BOS / EOS are added; the caption's text never becomes one of them
+    kw = {"add_special_tokens": True, "split_special_tokens": True}
+    ids = tokenizer(list(captions), truncation=False, **kw)["input_ids"]
     truncated = [i for i, t in enumerate(ids) if len(t) > limit]
     if truncated:
-        redo = tokenizer(
-            [captions[i] for i in truncated],
-            add_special_tokens=True,
-            truncation=True,
-            max_length=limit,
-        )["input_ids"]
+        redo = tokenizer([captions[i] for i in truncated], truncation=True, max_length=limit, **kw)[
+            "input_ids"
+        ]
         longest = max(len(ids[i]) for i in truncated)
         for i, t in zip(truncated, redo, strict=True):
             ids[i] = t
@@ -325,6 +331,22 @@ def tokenize_captions(
     empty = [stimulus_ids[i] for i, t in enumerate(ids) if len(t) == 0]
     if empty:
         raise ExtractionError(f"captions of stimuli {empty[:5]} tokenize to zero tokens")
+    long = [stimulus_ids[i] for i, t in enumerate(ids) if len(t) > limit]
+    if long:  # a tokenizer that keeps its special tokens beyond max_length
+        raise ExtractionError(
+            f"captions of stimuli {long[:5]} still have more than {limit} tokens after "
+            f"truncation (the tokenizer's special tokens do not fit); raise max_tokens "
+            "(config key extraction.max_tokens)"
+        )
+    special = set(getattr(tokenizer, "all_special_ids", None) or [])
+    bare = [stimulus_ids[i] for i, t in enumerate(ids) if all(x in special for x in t)]
+    if bare:  # every such caption gets the features of its special tokens alone
+        raise ExtractionError(
+            f"captions of stimuli {bare[:5]}{' ...' if len(bare) > 5 else ''} ({len(bare)} in "
+            "all) tokenize to special tokens only (BOS, EOS, unknown): the model cannot tell "
+            f"them apart. If the {limit}-token limit cut their text, raise max_tokens (config "
+            "key extraction.max_tokens); otherwise this tokenizer cannot read their characters"
+        )
     return TokenizedCaptions(ids, truncated, limit, source)
 
 
