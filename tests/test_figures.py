@@ -356,6 +356,25 @@ def test_residuals(figs, inputs):
     assert [t.get_text() for t in ax3.texts] == [f"Spearman ρ = {rho:.2f}"]
 
 
+def test_residual_violins_are_one_per_model_even_under_one_label(inputs, tmp_path):
+    """Two models under one label (a models table from elsewhere: the registry refuses it) are
+    two violins, each the model's own residuals; grouped by label they were pooled into one."""
+    models = table(inputs, "models")
+    vision = models[models["modality"] == "vision"].sort_values("order")
+    first, second = vision["model"].iloc[:2]
+    models.loc[models["model"] == second, "label"] = vision["label"].iloc[0]
+    path = tmp_path / "models.tsv"
+    models.to_csv(path, sep="\t", index=False)
+    ax1 = panels(render_figure("residuals", {**inputs, "models": path}))[0]
+    violins = [c for c in ax1.collections if "PolyCollection" in type(c).__name__]
+    assert len(violins) == len(VISION)
+    res = table(inputs, "residuals")
+    for k, model in enumerate(vision["model"].iloc[:2]):
+        ys = violins[k].get_paths()[0].vertices[:, 1]
+        r = res.loc[res["model"] == model, "residual"]
+        np.testing.assert_allclose([ys.min(), ys.max()], [r.min(), r.max()], rtol=1e-6)
+
+
 def test_residuals_from_a_run_without_distances(inputs, tmp_path):
     """Residual tables written before distances were recorded still draw, and say so."""
     old = tmp_path / "residuals.tsv"

@@ -192,6 +192,24 @@ def test_pinned_revision_in_the_id_must_agree(tmp_path: Path) -> None:
         Registry.from_config(cfg)
 
 
+def test_two_models_of_one_modality_under_one_label_are_refused() -> None:
+    """Figures name models by label: one label for two models would stand for both."""
+    cfg = paper()
+    vision = [k for k, m in cfg["models"].items() if m["modality"] == "vision"]
+    language = [k for k, m in cfg["models"].items() if m["modality"] == "language"]
+    cfg["models"][vision[1]]["label"] = cfg["models"][vision[0]]["label"]
+    with pytest.raises(ConfigError, match=rf"models.{vision[1]}.label.*{vision[0]}"):
+        Registry.from_config(cfg)
+    cfg = paper()  # a label equal to another model's key (its label when it has none)
+    del cfg["models"][vision[0]]["label"]
+    cfg["models"][vision[1]]["label"] = vision[0]
+    with pytest.raises(ConfigError, match=rf"models.{vision[1]}.label"):
+        Registry.from_config(cfg)
+    cfg = paper()  # across modalities a label may repeat: no figure shows both on one axis
+    cfg["models"][language[0]]["label"] = cfg["models"][vision[0]]["label"]
+    Registry.from_config(cfg)
+
+
 def test_missing_local_directory_is_a_config_error() -> None:
     cfg = paper()
     cfg["models"]["mae-h"]["id"] = "./resources/models/does-not-exist"

@@ -330,6 +330,7 @@ class Registry(Mapping[str, ModelEntry]):
                 site=site,
                 features=str(m["features"]) if m.get("features") is not None else None,
             )
+        _check_labels(entries)
         registry = cls(_with_plot_order(entries))
         registry.check_fits()
         return registry
@@ -390,6 +391,19 @@ class Registry(Mapping[str, ModelEntry]):
         return pd.DataFrame(
             rows, columns=["model", "modality", "label", "family", "size_b", "order"]
         )
+
+
+def _check_labels(entries: Mapping[str, ModelEntry]) -> None:
+    """Raise :class:`ConfigError` when two models of one modality share a label (``label``, or
+    the key where none is given): figures name models by label, so one would stand for both."""
+    seen: dict[tuple[str, str], str] = {}
+    for e in entries.values():
+        other = seen.setdefault((e.modality, e.label), e.key)
+        if other != e.key:
+            raise ConfigError(
+                f"config key 'models.{e.key}.label': {e.label!r} is also the label of {e.modality} "
+                f"model {other!r}; figures and tables name models by label, so give each its own"
+            )
 
 
 def _with_plot_order(entries: Mapping[str, ModelEntry]) -> dict[str, ModelEntry]:

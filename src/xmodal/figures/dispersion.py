@@ -338,13 +338,15 @@ def draw_residuals(data: FigureData) -> Figure:
     models = data.models
     order = models.order(res["model"].unique())
     labels = models.labels(order)
-    res["Model"] = res["model"].map(dict(zip(order, labels, strict=True)))
     fig = new_figure(max(10.5, 1.6 * len(order) + 6.5), 3.4)
     ax1, ax2, ax3 = fig.subplots(1, 3, gridspec_kw={"width_ratios": [1.2, 1, 1]})
+    # one violin per model key, labelled afterwards: grouped by label, two models that share one
+    # would be pooled into a distribution of neither
     sns.violinplot(
-        data=res, x="Model", y="residual", order=labels, ax=ax1, color="#a6c8e0",
+        data=res, x="model", y="residual", order=order, ax=ax1, color="#a6c8e0",
         inner="quart", cut=0, linewidth=0.8, density_norm="width",
     )  # fmt: skip
+    ax1.set_xticks(range(len(order)), labels)
     ax1.set_title("A   Residual distribution per model", loc="left")
     ax1.set_xlabel("Vision model")
     ax1.set_ylabel(RESIDUAL_LABEL)
