@@ -110,3 +110,16 @@ def test_metric_without_bootstrap_has_no_ci_count(tmp_path):
     back = read_table(tmp_path / "s.tsv").set_index("metric")
     assert back.loc["cknna", "n_diff_ci_above_zero"] == 1
     assert np.isnan(back.loc["cka", "n_diff_ci_above_zero"])
+
+
+def test_a_pair_missing_from_the_contrasts_is_refused_not_counted(tmp_path):
+    """Before, a pair the grid has but the contrasts lack (a stale or partial table) was filled
+    from the grid and its missing interval counted as one that does not exclude 0."""
+    inp = synthetic_inputs(tmp_path, n_stimuli=20, set_size=5, n_random=4, images=False)
+    con = pd.read_csv(inp["contrasts"], sep="\t")
+    grid = pd.read_csv(inp["grid"], sep="\t")
+    vision, llm = con.iloc[-1][["vision", "llm"]]
+    partial = con[(con["vision"] != vision) | (con["llm"] != llm)]
+    with pytest.raises(ValueError, match=rf"lacks 2 .*\('{vision}', '{llm}', 'cknna', 'mean'\)"):
+        summary_table(partial, grid)
+    assert summary_table(partial)["n_pairs"].tolist() == [11, 11]  # without the grid: as given

@@ -86,8 +86,10 @@ def summary_table(contrasts: pd.DataFrame, grid: pd.DataFrame | None = None) -> 
     high > 0; the paper reports up to 2×);
     ``median_frac_random_ge_low``.
 
-    ``low``, ``high`` and ``random_mean`` come from ``contrasts``; pairs or values missing there
-    are taken from ``grid`` (the concatenated conditions tables) when it is given.
+    ``low``, ``high`` and ``random_mean`` come from ``contrasts``; values missing there, and the
+    pairs of a metric it has no rows for, are taken from ``grid`` (the concatenated conditions
+    tables) when it is given. A pair of a metric it has rows for but not that pair's is a
+    ValueError: the two tables come from the same jobs, so one is stale.
     """
     keys = [*PAIR, "metric", "summary"]
     con = contrasts.copy() if contrasts is not None else pd.DataFrame(columns=keys)
@@ -98,6 +100,16 @@ def summary_table(contrasts: pd.DataFrame, grid: pd.DataFrame | None = None) -> 
             con[c] = np.nan
     if grid is not None and not grid.empty:
         g = _from_grid(grid).set_index(keys)
+        # a pair the conditions measured but whose contrasts row is missing (a stale or partial
+        # table) would count as an interval that does not exclude 0: refused, naming the pairs
+        measured = g.index[g.index.get_level_values("metric").isin(set(con["metric"]))]
+        missing = measured.difference(con.set_index(keys).index)
+        if len(missing):
+            raise ValueError(
+                f"the contrasts table lacks {len(missing)} (vision, llm, metric, summary) row(s) "
+                f"that the conditions table has: {[tuple(m) for m in missing[:5]]}; the two come "
+                "from the same conditions jobs, so one of them is stale: rerun those jobs"
+            )
         con = con.set_index(keys)
         con = con.combine_first(g[["low", "high", "random_mean"]]).reset_index()
     rows = []
