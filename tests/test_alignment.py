@@ -75,6 +75,17 @@ def test_layer_profile_table(data):
     assert (table["metric"] == "cknna").all() and (table["vision_layer"] == 7).all()
 
 
+def test_layer_profile_table_never_chooses_an_undefined_layer(data):
+    """An all-zero LLM layer has no CKNNA (NaN); argmax picked the first NaN as the best layer."""
+    vision, layers, _ = data
+    zero = np.zeros_like(layers[0])
+    table = al.layer_profile_table(
+        "v", "l", 7, vision, ((i, f"layers.{i}", y) for i, y in enumerate([zero, *layers])), k=10
+    )
+    assert np.isnan(table["value"].iloc[0]) and not table["chosen"].iloc[0]
+    assert table.loc[table["chosen"], "llm_layer"].item() == int(np.nanargmax(table["value"]))
+
+
 def test_condition_table_values(data):
     vision, layers, sets = data
     y = layers[2]

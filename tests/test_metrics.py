@@ -436,3 +436,17 @@ def test_prepare_layer_without_overflow_or_underflow():
     np.testing.assert_allclose(got[1], x[1] / np.linalg.norm(x[1].astype(float)), rtol=1e-6)
     np.testing.assert_allclose(got[2], x[2] / np.linalg.norm(x[2].astype(float)), rtol=1e-6)
     assert np.array_equal(mt.prepare_layer(x[[0, 5]], 1e30), ref[[0, 5]])
+
+
+@pytest.mark.parametrize("fn", [mt.cknna, mt.mutual_knn])
+def test_undefined_neighbours_are_refused_not_scored(fn):
+    """A NaN row (top-k ranks NaN first) or identical rows (every neighbour a tie) gave a
+    plausible number (0.17) when called directly; the workflow screens such layers first."""
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(30, 8)), rng.normal(size=(30, 6))
+    bad = x.copy()
+    bad[3, 2] = np.nan
+    with pytest.raises(ValueError, match="X has non-finite"):
+        fn(bad, y, 5)
+    with pytest.raises(ValueError, match="Y has the same features for every stimulus"):
+        fn(x, np.ones_like(y), 5)

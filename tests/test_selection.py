@@ -33,6 +33,7 @@ def test_random_sets_deterministic():
     assert a.shape == (5, 10)
     assert all(len(set(row)) == 10 for row in a)
     assert not np.array_equal(a, sel.random_sets(40, 10, 5, seed=4))
+    assert sel.random_sets(40, 10, 0, seed=3).shape == (0, 10)  # no draws: an empty table
 
 
 def test_drop_fractions():

@@ -399,7 +399,9 @@ def layer_profile_table(
     if values.size == 0:
         raise ValueError("llm_layers is empty")
     chosen = np.zeros(values.size, dtype=bool)
-    chosen[int(np.argmax(values))] = True
+    finite = np.flatnonzero(np.isfinite(values))  # argmax would pick a NaN (a degenerate layer)
+    if finite.size:
+        chosen[int(finite[np.argmax(values[finite])])] = True
     return pd.DataFrame(
         {
             "vision": vision,

@@ -771,6 +771,13 @@ def _pair(x: np.ndarray, y: np.ndarray, k: int) -> tuple[KernelKNN, KernelKNN]:
     a, b = _as_features(x, "X"), _as_features(y, "Y")
     if a.shape[0] != b.shape[0]:
         raise ValueError(f"X has {a.shape[0]} stimuli, Y has {b.shape[0]}")
+    for name, f in (("X", a), ("Y", b)):
+        # the workflow screens layers (xmodal.alignment.layer_problem); a direct call must not
+        # return a number either: top-k ranks NaN first, and identical rows tie everywhere
+        if not np.isfinite(f).all():
+            raise ValueError(f"{name} has non-finite features: its neighbours are undefined")
+        if f.shape[0] and (f == f[:1]).all():
+            raise ValueError(f"{name} has the same features for every stimulus: no neighbours")
     return KernelKNN.from_features(a, k), KernelKNN.from_features(b, k)
 
 

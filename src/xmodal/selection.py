@@ -39,7 +39,9 @@ RANDOM_SETS = ("random", "random_drop")
 #: numpy seeds of the random draws: ``default_rng(seed)`` for the random baseline (as before the
 #: controls existed), ``default_rng([seed, stream])`` for the others, and
 #: ``default_rng([seed, 13, split])`` for the random sets inside half B of one split. The
-#: streams are distinct from the bootstrap's ``[seed, i]`` (i = 0, 1: the summary's index).
+#: bootstrap's ``[seed, i]`` (i: the summary's index) is distinct from these except for i = 0:
+#: numpy pads a seed list with zeros, so ``[seed, 0]`` is ``seed``, the random baseline's stream
+#: (docs/method.md, "Seeds": no reported number uses both, so none is affected).
 SEED_STREAMS = {"random_drop": 11, "splits": 12, "heldout_random": 13}
 
 
@@ -87,9 +89,8 @@ def random_sets(m: int, set_size: int, n_draws: int, seed: int | Sequence[int]) 
     if n_draws < 0:
         raise ValueError(f"n_random must be ≥ 0, got {n_draws}")
     rng = np.random.default_rng(seed)
-    return np.stack([rng.choice(m, size=k, replace=False) for _ in range(n_draws)]).reshape(
-        n_draws, k
-    )
+    rows = [rng.choice(m, size=k, replace=False) for _ in range(n_draws)]
+    return np.stack(rows) if rows else np.empty((0, k), dtype=np.int64)
 
 
 def drop_set_size(m: int, fraction: float) -> int:
