@@ -222,6 +222,7 @@ def test_same_weights_under_two_keys_are_reported() -> None:
     cfg["models"]["mae-h-copy"] = {
         **cfg["models"]["mae-h"],
         "id": "hf-hub:timm/vit_huge_patch14_224.mae",
+        "label": "MAE (copy)",  # its own label (one label for two models is refused)
     }
     dups = Registry.from_config(cfg).duplicate_ids()
     assert dups == [
