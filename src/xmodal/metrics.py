@@ -773,10 +773,15 @@ def _pair(x: np.ndarray, y: np.ndarray, k: int) -> tuple[KernelKNN, KernelKNN]:
         raise ValueError(f"X has {a.shape[0]} stimuli, Y has {b.shape[0]}")
     for name, f in (("X", a), ("Y", b)):
         # the workflow screens layers (xmodal.alignment.layer_problem); a direct call must not
-        # return a number either: top-k ranks NaN first, and identical rows tie everywhere
-        if not np.isfinite(f).all():
-            raise ValueError(f"{name} has non-finite features: its neighbours are undefined")
-        if f.shape[0] and (f == f[:1]).all():
+        # return a number either: top-k ranks NaN first, and identical rows tie everywhere.
+        # In row blocks: no m × p temporary at large m
+        same = True
+        for start in range(0, f.shape[0], 4096):
+            block = f[start : start + 4096]
+            if not np.isfinite(block).all():
+                raise ValueError(f"{name} has non-finite features: its neighbours are undefined")
+            same = same and bool((block == f[:1]).all())
+        if same and f.shape[0] > 1:
             raise ValueError(f"{name} has the same features for every stimulus: no neighbours")
     return KernelKNN.from_features(a, k), KernelKNN.from_features(b, k)
 
