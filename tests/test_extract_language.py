@@ -172,3 +172,24 @@ def test_extract_features_end_to_end(tmp_path, tiny_lms, tiny_manifest):
     assert a[WEIGHTS_DIGEST] == directory_digest(tiny_lms["llama"])  # a local model's folder
     with pytest.raises(ExtractionError, match="modality"):
         extract_features("x", {"modality": "audio", "id": "x"}, tiny_manifest, tmp_path / "x.h5")
+
+
+def test_drop_duplicates_digests_the_images_it_scanned(tmp_path, tiny_lms, tiny_manifest):
+    """With drop_duplicates the language stamp holds every image's digest too (which stimuli are
+    dropped depends on them): the duplicate scan's digests, not a second read of each file."""
+    root = tmp_path / "m"
+    shutil.copytree(tiny_manifest.parent, root)
+    manifest = root / "stimuli.tsv"
+    lines = manifest.read_text().splitlines()
+    lines.insert(5, "again-03\t" + lines[4].split("\t", 1)[1])  # stim-03 again: dropped
+    manifest.write_text("\n".join(lines) + "\n")
+    cfg = {"modality": "language", "id": str(tiny_lms["llama"]), "size_b": 0.0}
+    out = extract_features(
+        "llama", cfg, manifest, tmp_path / "llama.h5", drop_duplicates=True, progress=False
+    )
+    full = read_manifest(manifest)
+    rows = [[*map(str, r), hashlib.sha256((root / r[1]).read_bytes()).hexdigest()]
+            for r in full[["stimulus_id", "image", "caption"]].to_numpy()]  # fmt: skip
+    want = hashlib.sha256(json.dumps(rows, ensure_ascii=False).encode()).hexdigest()
+    with FeatureFile(out) as ff:
+        assert ff.m == 12 and ff.attrs[STIMULI_DIGEST] == want

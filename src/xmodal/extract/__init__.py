@@ -110,13 +110,16 @@ def extract_features(
     # what this extraction reads, as its manifest stamp digests it: the workflow refuses the file
     # later if it is stale yet newer than the stamp (xmodal.features.check_against_stamp). A
     # vision extraction digests the image bytes it decodes (each file read once, in the loader's
-    # workers, not in a serial pass before the first batch); the other files are read here.
+    # workers, not in a serial pass before the first batch); the duplicate scan's digests cover
+    # every file when it runs, and files with no digest yet are read for the stamp.
     image_digests: list[str | None] = [None] * len(manifest)
     if drop_duplicates:  # the same rule in every model's job: every file gets the same stimuli
         from xmodal.stimuli import drop_duplicates as drop
-        from xmodal.stimuli import find_duplicates
+        from xmodal.stimuli import find_duplicates, scan_images
 
-        df = drop(df, find_duplicates(df, manifest_path.parent))
+        scan = scan_images(df, manifest_path.parent)  # reads and decodes every image once
+        image_digests = scan["bytes_sha256"].tolist()
+        df = drop(df, find_duplicates(df, manifest_path.parent, images=scan))
     ids = df["stimulus_id"].tolist()
     log.info(
         "extracting %s (%s, %s) for %d stimuli of %s on %s, %s, batch %d",
