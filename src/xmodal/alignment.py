@@ -31,6 +31,8 @@ from xmodal.metrics import (
     DENSE_MAX_M,
     FeatureMoments,
     KernelKNN,
+    _constant_rows,
+    _feature_problem,
     cknna_sides,
     cross_moment,
     feature_moments,
@@ -41,6 +43,7 @@ from xmodal.metrics import (
     kernel_hsic,
     kernel_resolution,
     knn_metric,
+    layer_problem,
 )
 from xmodal.parallel import mapper, n_workers
 from xmodal.selection import RANDOM_SETS, sets_to_indices
@@ -234,39 +237,6 @@ def kernel(x: np.ndarray, device: torch.device | None = None) -> torch.Tensor:
         return torch.from_numpy(gram(x))
     xt = torch.as_tensor(np.asarray(x), device=device)
     return xt @ xt.T
-
-
-def _feature_problem(t: torch.Tensor) -> str:
-    """Reason from one pass over the row norms: "non-finite features", "zero rows" or ""."""
-    norms = torch.linalg.vector_norm(t, dim=1)
-    if not bool(torch.isfinite(norms).all()):
-        return "non-finite features"
-    if not bool(norms.any()):
-        return "zero rows"
-    return ""
-
-
-def _constant_rows(t: torch.Tensor, side: KernelKNN | None) -> bool:
-    """Every row equals the first. A constant kernel has only zero kNN gaps, so with the layer's
-    kNN structure at hand the rows are compared only when every row is unresolved."""
-    if side is not None and side.k < side.size - 1 and not bool(side.unresolved.all()):
-        return False
-    return t.shape[0] > 1 and bool((t == t[0]).all())
-
-
-def layer_problem(x: np.ndarray | torch.Tensor, side: KernelKNN | None = None) -> str:
-    """Why prepared features (m, p) cannot be aligned, in a few words; "" when they can.
-
-    "non-finite features" (NaN or ±inf anywhere: the row norms are then not finite), "zero
-    rows" (every row is 0), "constant rows" (every row equals the first: a constant kernel).
-    ``side``, the layer's kNN structure if built, spares the row comparison for usable layers.
-    Kernels degenerate in a subtler way are caught by their self-similarity (:func:`self_term`).
-    """
-    t = feature_tensor(x)
-    reason = _feature_problem(t)
-    if not reason and _constant_rows(t, side):
-        reason = "constant rows"
-    return reason
 
 
 def _checked_side(

@@ -54,6 +54,7 @@ __all__ = [
     "kernel_row_blocks",
     "kernel_unbiased_cka",
     "knn_metric",
+    "layer_problem",
     "mutual_knn",
     "mutual_knn_sides",
     "outlier_threshold",
@@ -767,23 +768,62 @@ def cknna_from_kernels(kernel_x: np.ndarray, kernel_y: np.ndarray, k: int = 10) 
     return float(value[0])
 
 
+def _feature_problem(t: torch.Tensor) -> str:
+    """Reason from one pass over the row norms: "non-finite features", "zero rows" or ""."""
+    norms = torch.linalg.vector_norm(t, dim=1)
+    if not bool(torch.isfinite(norms).all()):
+        return "non-finite features"
+    if not bool(norms.any()):
+        return "zero rows"
+    return ""
+
+
+def _constant_rows(t: torch.Tensor, side: KernelKNN | None) -> bool:
+    """Every row equals the first. A constant kernel has only zero kNN gaps, so with the layer's
+    kNN structure at hand the rows are compared only when every row is unresolved."""
+    if side is not None and side.k < side.size - 1 and not bool(side.unresolved.all()):
+        return False
+    return t.shape[0] > 1 and bool((t == t[0]).all())
+
+
+def layer_problem(x: np.ndarray | torch.Tensor, side: KernelKNN | None = None) -> str:
+    """Why prepared features (m, p) cannot be aligned, in a few words; "" when they can.
+
+    "non-finite features" (NaN or ±inf anywhere: the row norms are then not finite), "zero
+    rows" (every row is 0), "constant rows" (every row equals the first: a constant kernel).
+    ``side``, the layer's kNN structure if built, spares the row comparison for usable layers.
+    Kernels degenerate in a subtler way are caught by their self-similarity
+    (:func:`xmodal.alignment.self_term`).
+    """
+    t = feature_tensor(x)
+    reason = _feature_problem(t)
+    if not reason and _constant_rows(t, side):
+        reason = "constant rows"
+    return reason
+
+
+#: what a direct call of cknna / mutual_knn says for each reason of :func:`layer_problem`
+_UNDEFINED = {
+    "non-finite features": "has non-finite features: its neighbours are undefined",
+    "zero rows": "has the same features for every stimulus: no neighbours",
+    "constant rows": "has the same features for every stimulus: no neighbours",
+}
+
+
 def _pair(x: np.ndarray, y: np.ndarray, k: int) -> tuple[KernelKNN, KernelKNN]:
     a, b = _as_features(x, "X"), _as_features(y, "Y")
     if a.shape[0] != b.shape[0]:
         raise ValueError(f"X has {a.shape[0]} stimuli, Y has {b.shape[0]}")
+    sides = []
     for name, f in (("X", a), ("Y", b)):
-        # the workflow screens layers (xmodal.alignment.layer_problem); a direct call must not
-        # return a number either: top-k ranks NaN first, and identical rows tie everywhere.
-        # In row blocks: no m × p temporary at large m
-        same = True
-        for start in range(0, f.shape[0], 4096):
-            block = f[start : start + 4096]
-            if not np.isfinite(block).all():
-                raise ValueError(f"{name} has non-finite features: its neighbours are undefined")
-            same = same and bool((block == f[:1]).all())
-        if same and f.shape[0] > 1:
-            raise ValueError(f"{name} has the same features for every stimulus: no neighbours")
-    return KernelKNN.from_features(a, k), KernelKNN.from_features(b, k)
+        # the workflow screens layers the same way; a direct call must not return a number
+        # either: top-k ranks NaN first, and identical rows tie everywhere
+        side = KernelKNN.from_features(f, k)
+        reason = layer_problem(f, side)
+        if reason:
+            raise ValueError(f"{name} {_UNDEFINED[reason]}")
+        sides.append(side)
+    return sides[0], sides[1]
 
 
 def cknna(x: np.ndarray, y: np.ndarray, k: int = 10) -> float:
