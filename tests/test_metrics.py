@@ -450,3 +450,19 @@ def test_undefined_neighbours_are_refused_not_scored(fn):
         fn(bad, y, 5)
     with pytest.raises(ValueError, match="Y has the same features for every stimulus"):
         fn(x, np.ones_like(y), 5)
+
+
+def test_two_negative_self_similarities_give_nan_not_a_value():
+    """Both self-HSICs < 0 (a degenerate kernel on each side, docs/method.md "Degenerate
+    layers") used to divide into a finite CKNNA; now NaN as when one of them is ≤ 0."""
+    x, y = pair(3, m=40)
+    xs, ys = mt.KernelKNN.from_features(x, 5), mt.KernelKNN.from_features(y, 5)
+    value = float(mt.knn_metric("cknna", xs, ys)[0][0])
+    assert np.isfinite(value)
+    for sx, sy in [(-1.0, -1.0), (-1.0, 1.0), (0.0, 0.0), (1.0, 0.0)]:
+        xs.knn.self_hsic = xs.knn.self_hsic.abs() * sx
+        ys.knn.self_hsic = ys.knn.self_hsic.abs() * sy
+        assert np.isnan(float(mt.knn_metric("cknna", xs, ys)[0][0])), (sx, sy)
+    cross, sx, sy = torch.tensor([0.3, 0.3]), torch.tensor([-0.5, 0.5]), torch.tensor([-2.0, 2.0])
+    got = mt.normalised_hsic(cross, sx, sy)
+    assert np.isnan(float(got[0])) and float(got[1]) == pytest.approx(0.3)

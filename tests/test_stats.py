@@ -262,3 +262,20 @@ def test_multiset_cknna_of_unrelated_kernels_matches_brute_force(k):
     want = [brute_multiset_cknna(kk, ll, wi, k) for wi in w]
     np.testing.assert_allclose(got, want, atol=1e-12, rtol=0)
     np.testing.assert_array_equal(stats.weighted_cknna(kk, -kk, w.astype(float), k=k), 0.0)
+
+
+def test_bootstrap_resample_with_two_negative_self_hsics_is_nan():
+    """A resample whose kernels both have self-HSIC < 0 is undefined (docs/method.md,
+    "Degenerate layers"), not the finite ratio of two negatives."""
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((80, 8)).astype(np.float32)
+    y = (x + rng.standard_normal((80, 8))).astype(np.float32)
+    plan = stats.BootstrapPlan(np.arange(80), 4, np.random.default_rng(0), k=5)
+    sk, sl = plan.side(mt.gram(x)), plan.side(mt.gram(y))
+    good = plan.cknna(sk, sl)
+    assert np.isfinite(good).all()
+    flip = torch.tensor([-1.0, 1.0, -1.0, 1.0], dtype=sk.self_hsic.dtype)
+    sk.self_hsic, sl.self_hsic = sk.self_hsic.abs() * flip, sl.self_hsic.abs() * flip
+    got = plan.cknna(sk, sl)
+    assert np.isnan(got[[0, 2]]).all()
+    np.testing.assert_array_equal(got[[1, 3]], good[[1, 3]])

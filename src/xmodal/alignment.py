@@ -44,6 +44,7 @@ from xmodal.metrics import (
     kernel_resolution,
     knn_metric,
     layer_problem,
+    normalised_hsic,
 )
 from xmodal.parallel import mapper, n_workers
 from xmodal.selection import RANDOM_SETS, sets_to_indices
@@ -303,7 +304,7 @@ def side_values(metric: str, xs: KernelKNN, ys: KernelKNN) -> tuple[torch.Tensor
             cross_moment(xs.features, ys.features), _moments(xs), _moments(ys)
         )
         cross = torch.tensor([unbiased if metric == "unbiased_cka" else biased])
-    value = cross / torch.sqrt(self_term(metric, xs) * self_term(metric, ys))
+    value = normalised_hsic(cross, self_term(metric, xs), self_term(metric, ys))
     return value, torch.where(torch.isfinite(value), 0.0, torch.nan).to(torch.float64)
 
 

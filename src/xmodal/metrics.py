@@ -57,6 +57,7 @@ __all__ = [
     "layer_problem",
     "mutual_knn",
     "mutual_knn_sides",
+    "normalised_hsic",
     "outlier_threshold",
     "prepare",
     "prepare_layer",
@@ -437,8 +438,21 @@ def _cross_hsic(kn: Neighbours, ln: Neighbours) -> torch.Tensor:
     return _hsic_terms(a, b, b_t, kn.idx, s)
 
 
+def normalised_hsic(
+    cross: torch.Tensor, self_x: torch.Tensor, self_y: torch.Tensor
+) -> torch.Tensor:
+    """cross / sqrt(self_x · self_y), NaN unless both self-similarities are > 0.
+
+    A self-similarity ≤ 0 is a degenerate kernel (docs/method.md, "Degenerate layers"); two
+    negative ones would otherwise give a finite value.
+    """
+    ok = (self_x > 0) & (self_y > 0)
+    product = torch.where(ok, self_x * self_y, 1.0)
+    return torch.where(ok, cross / torch.sqrt(product), torch.nan)
+
+
 def _cknna_lists(kn: Neighbours, ln: Neighbours) -> torch.Tensor:
-    return _cross_hsic(kn, ln) / torch.sqrt(kn.self_hsic * ln.self_hsic)
+    return normalised_hsic(_cross_hsic(kn, ln), kn.self_hsic, ln.self_hsic)
 
 
 def _mutual_lists(kn: Neighbours, ln: Neighbours) -> torch.Tensor:

@@ -36,7 +36,7 @@ import torch
 
 from xmodal.intervals import percentile_interval
 from xmodal.io import atomic_path
-from xmodal.metrics import feature_tensor, kernel_row_blocks, top_lists
+from xmodal.metrics import feature_tensor, kernel_row_blocks, normalised_hsic, top_lists
 
 __all__ = [
     "BootstrapPlan",
@@ -432,7 +432,7 @@ class BootstrapPlan:
                 out[b] = (hits / (self.k * w.to(f64).sum(dim=0))).numpy()
                 continue
             cross = _entry_hsic(w, n_m, e_row, e_col, e_rec, a_e, b_e)
-            out[b] = (cross / torch.sqrt(kside.self_hsic[b] * lside.self_hsic[b])).numpy()
+            out[b] = normalised_hsic(cross, kside.self_hsic[b], lside.self_hsic[b]).numpy()
         return out
 
 
