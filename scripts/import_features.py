@@ -7,14 +7,13 @@ from xmodal.logs import log_to
 snakemake = globals()["snakemake"]  # injected by the preamble Snakemake prepends
 log_to(snakemake.log[0])  # first, so that even an import error reaches the job's log
 
-from xmodal.features import import_features  # noqa: E402
-from xmodal.stimuli import read_manifest  # noqa: E402
+from xmodal.pipeline import run_import_features  # noqa: E402
 
-manifest = read_manifest(snakemake.input.manifest, check_images=False)
-import_features(
+run_import_features(
+    snakemake.input.manifest,
     snakemake.input.features,
     snakemake.output.features,
     snakemake.wildcards.model,
     snakemake.params.modality,
-    manifest["stimulus_id"].tolist(),
+    drop_duplicates=bool(snakemake.params.drop_duplicates),
 )

@@ -83,7 +83,10 @@ def test_leave_one_model_out_planted():
         "spearman_rho",
         "spearman_p",
         "n",
+        "converged",
+        "n_iter",
     ]
+    assert models["converged"].all() and (models["n_iter"] > 0).all()
     assert (models["pearson_r"] > 0.5).all() and (models["spearman_rho"] > 0.5).all()
     assert (models["pearson_p"] < 1e-6).all() and (models["n"] == m).all()
     assert len(stimuli) == 4 * m
@@ -132,3 +135,14 @@ def test_leave_one_model_out_shares_cross_products(monkeypatch):
     res = leave_one_model_out(reps, names=list("abcd"))
     assert calls == [[16, 20, 16, 18]]  # the full set's, once; fits take sub-blocks
     assert all(f.method == "gauss-seidel" and f.converged for f in res.fits.values())
+
+
+def test_leave_one_model_out_records_a_fit_that_did_not_converge(caplog):
+    """DESIGN 2.1: warn and record converged = False. Before, loo.tsv had no such column and
+    four identical warnings named no held-out model."""
+    rng = np.random.default_rng(0)
+    reps, _ = planted_reps(rng, 120, 24, (24, 28, 32, 32), max_noise=0.4)
+    with caplog.at_level("WARNING", logger="xmodal.dispersion"):
+        models, _ = leave_one_model_out(reps, names=list("abcd"), max_iter=2)
+    assert not models["converged"].any() and (models["n_iter"] == 2).all()
+    assert "GPA without 'c' did not converge in 2 iterations" in caplog.text

@@ -329,3 +329,23 @@ def test_vision_layer_the_model_lacks_fails_before_extraction(tmp_path, tiny_vit
             "tiny-mae", entry, tiny_manifest, tmp_path / "f.h5", vision_layer=-9, progress=False
         )
     assert not (tmp_path / "f.h5").exists()
+
+
+def test_a_gpu_job_without_cuda_fails_instead_of_running_on_the_cpu(monkeypatch):
+    """A SLURM job given GPUs whose torch sees none (a CPU-only build in the job's environment)
+    used to extract on the CPU for hours, in float32, with exit 0; XMODAL_DEVICE=cpu opts in."""
+    from xmodal.extract import ExtractionError
+    from xmodal.extract._common import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for key in ("SLURM_JOB_GPUS", "SLURM_STEP_GPUS", "SLURM_GPUS_ON_NODE", "XMODAL_DEVICE"):
+        monkeypatch.delenv(key, raising=False)
+    assert resolve_device("auto").type == "cpu"  # a laptop: the CPU
+    monkeypatch.setenv("SLURM_GPUS_ON_NODE", "0")
+    assert resolve_device("auto").type == "cpu"  # a CPU job on a GPU cluster
+    monkeypatch.setenv("SLURM_JOB_GPUS", "0")
+    with pytest.raises(ExtractionError, match=r"given GPUs by SLURM \(SLURM_JOB_GPUS=0\).*XMODAL"):
+        resolve_device("auto")
+    monkeypatch.setenv("XMODAL_DEVICE", "cpu")
+    assert resolve_device("auto").type == "cpu"
+    assert resolve_device("cpu").type == "cpu"

@@ -125,6 +125,15 @@ CONFIG_CASES: dict[str, tuple[Callable[[dict], None], str]] = {
         r"Invalid configuration in \S*wrong_type\.yaml: key 'analysis\.set_size': "
         r"'sixteen' is not of type 'integer'",
     ),
+    "numeric_model_key": (
+        lambda cfg: cfg["models"].update({123: cfg["models"].pop("tiny-mae")}),
+        r"'models\.123': YAML read this model key as a number.*quotes \('123'\)",
+    ),
+    "octal_id": (  # `id: 012` in YAML is the number 10
+        lambda cfg: cfg["models"]["tiny-mae"].update(id=10),
+        r"key 'models\.tiny-mae\.id': 10 is not of type 'string' \(YAML read the value as a "
+        r"number: unquoted 012 is the octal number 10",
+    ),
     "unsafe_model_key": (
         _unsafe_key,
         r"Invalid configuration in \S*unsafe_model_key\.yaml: key 'models': "

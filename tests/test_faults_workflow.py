@@ -196,6 +196,40 @@ def test_set_size_larger_than_the_stimuli_fails_naming_the_key(project: Path) ->
     assert not sets.exists() and not list(sets.parent.glob(".*.tmp*"))
 
 
+def test_a_manifest_to_make_again_from_other_settings_is_made_alone_first(
+    project: Path,
+) -> None:
+    """stimuli.seed changed. Before, one run made the manifest again and extracted nothing
+    (Snakemake skips jobs downstream of a rerunning job through an `ancient` input), so its
+    tables mixed the new stimuli's properties with the old features, exit 0. Now that run
+    stops, naming the keys and the command; the manifest alone is made; the next run
+    re-extracts every model. A dry run warns and changes nothing."""
+    cfg = _small_config()
+    cfg["stimuli"]["seed"] = 1
+    (project / "config/seed1.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    manifest = f"resources/stimuli/{DATASET}/stimuli.tsv"
+    old = (project / manifest).read_bytes()
+    seed1 = ("--configfile", "config/seed1.yaml", "--cores", "2")
+    proc = snakemake(project, "-n", *seed1, *TARGETS)
+    out = proc.stdout + proc.stderr
+    assert "a real run stops here: the manifest" in out and "'seed': 1" in out, out[-3000:]
+    proc = snakemake(project, *seed1, *TARGETS, check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "'seed': 0" in out and "'seed': 1" in out, out[-3000:]
+    assert f"Make it alone first (`snakemake <your options> {manifest}`)" in out, out[-3000:]
+    assert (project / manifest).read_bytes() == old
+    snakemake(project, *seed1, manifest)
+    assert (project / manifest).read_bytes() != old
+    proc = snakemake(project, "-n", *seed1, *TARGETS)
+    out = proc.stdout + proc.stderr
+    extracted, rule = set(), ""
+    for line in out.splitlines():
+        rule = line if line.startswith("rule ") else rule
+        if rule.startswith("rule extract:") and "wildcards:" in line:
+            extracted.add(line.split("model=")[1].split(",")[0].strip())
+    assert extracted == set(cfg["models"]), out[-3000:]
+
+
 def test_unconfigured_model_key_matches_no_rule(finished: Path) -> None:
     """Wildcards are limited to configured keys: a crafted target path is not buildable."""
     for target in (
@@ -213,9 +247,12 @@ def test_unconfigured_model_key_matches_no_rule(finished: Path) -> None:
 def test_analysis_memory_grows_with_each_retry() -> None:
     """A job killed for exceeding its memory is resubmitted (profile `retries`) with more."""
     root = Path(__file__).resolve().parents[1]
-    default = yaml.safe_load((root / "profiles/default/config.yaml").read_text())
-    for rule, res in default["set-resources"].items():
-        assert "attempt" in str(res["mem_mb"]), rule
+    rules = "".join(p.read_text() for p in (root / "workflow/rules").glob("*.smk"))
+    assert "mem_mb * attempt" in rules and "runtime * attempt" in rules
+    for rule in ("gpa", "leave_one_model_out", "stimulus_sets", "layer_search",
+                 "vision_bootstrap", "conditions"):  # fmt: skip
+        body = rules.split(f"\nrule {rule}:\n")[1].split("\nrule ")[0]
+        assert "**retry_resources(" in body, rule
     slurm = yaml.safe_load((root / "profiles/slurm/config.yaml").read_text())
     assert int(slurm["retries"]) >= 1 and slurm.get("rerun-incomplete") is True
 

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
+import subprocess
+import sys
 
 import h5py
 import numpy as np
@@ -309,15 +312,22 @@ def test_features_of_a_local_model_whose_weights_changed_are_refused(tmp_path):
     check_against_weights(path, folder, cache)
 
 
-def test_a_supplied_feature_file_is_checked_then_copied_as_it_is(tmp_path):
-    """import_features copies the file byte for byte after checking it; a wrong modality, other
-    stimuli or a non-finite value is refused naming the config key, and nothing is written."""
+def test_a_supplied_feature_file_is_checked_then_copied_in_manifest_order(tmp_path):
+    """import_features writes the file's rows in the order of the manifest's ids (positions,
+    random sets and tie order follow the manifest, docs/contracts.md), with its attributes; a
+    wrong modality, other stimuli or a non-finite value is refused naming the config key, and
+    nothing is written."""
     x = np.arange(12, dtype=np.float32).reshape(1, 3, 4)
-    attrs = {"model_key": "mine", "modality": "vision"}
+    attrs = {"model_key": "mine", "modality": "vision", "source": "my lab"}
     src = write_features(tmp_path / "mine.h5", x, ["c", "a", "b"], ["l0"], attrs)
     dst = tmp_path / "results" / "mine.h5"
     import_features(src, dst, "mine", "vision", ["a", "b", "c"])
-    assert dst.read_bytes() == src.read_bytes()
+    with FeatureFile(dst) as out, h5py.File(dst, "r") as raw:
+        assert out.stimulus_ids == ["a", "b", "c"] and out._order is None
+        np.testing.assert_array_equal(out.layer(0), x[0][[1, 2, 0]])
+        assert out.attrs["source"] == "my lab" and out.attrs["model_key"] == "mine"
+        assert out.attrs["imported_from"] == str(src.resolve())
+        assert raw["features"].dtype == np.float32
     out = tmp_path / "refused.h5"
     with pytest.raises(FeatureFileError, match=r"models\.mine\.features'.*'vision' features"):
         import_features(src, out, "mine", "language")
@@ -330,3 +340,142 @@ def test_a_supplied_feature_file_is_checked_then_copied_as_it_is(tmp_path):
     with pytest.raises(FeatureFileError, match=r"models\.mine\.features'"):
         import_features(bad, out, "mine", "vision")
     assert not out.exists()
+
+
+def test_an_imported_file_holds_its_own_data_and_a_recomputed_abs_q95(tmp_path, caplog):
+    """A supplied abs_q95 is never trusted (features rescaled with the old value kept gave
+    another CKNNA), and a `features` dataset that is an external link is copied as data: the
+    copy does not change when the linked file does."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 20, 8)).astype(np.float32)
+    attrs = {"model_key": "mine", "modality": "language"}
+    ids = [f"s{i}" for i in range(20)]
+    good = write_features(tmp_path / "good.h5", x, ids, ["l0", "l1"], attrs)
+    stale = tmp_path / "stale.h5"
+    shutil.copyfile(good, stale)
+    with h5py.File(stale, "a") as f:
+        f["features"][...] = 30 * x  # the user rescaled the features, kept abs_q95
+    dst = tmp_path / "results" / "stale.h5"
+    with caplog.at_level(logging.WARNING, logger="xmodal.features"):
+        import_features(stale, dst, "mine", "language", ids)
+    assert "differs from the features' for 20 of 20 stimuli (by a factor up to 30" in caplog.text
+    with FeatureFile(dst) as out, FeatureFile(good) as ref:
+        np.testing.assert_allclose(out.abs_q95(), 30 * ref.abs_q95(), rtol=1e-6)
+
+    target = tmp_path / "big.h5"
+    shutil.copyfile(good, target)
+    linked = tmp_path / "linked.h5"
+    with h5py.File(linked, "w") as f, h5py.File(good, "r") as g:
+        for name in ("stimulus_ids", "layer_names", "abs_q95"):
+            g.copy(name, f)
+        for key, value in g.attrs.items():
+            f.attrs[key] = value
+        f["features"] = h5py.ExternalLink(str(target), "features")
+    dst = tmp_path / "results" / "linked.h5"
+    import_features(linked, dst, "mine", "language", ids)
+    with h5py.File(target, "a") as f:
+        f["features"][...] = 50.0
+    with h5py.File(dst, "r") as f:
+        assert isinstance(f.get("features", getlink=True), h5py.HardLink)
+    with FeatureFile(dst) as out:
+        np.testing.assert_array_equal(out.layer(1), x[1])
+
+
+def test_import_leaves_out_the_duplicates_drop_duplicates_drops(tmp_path):
+    """With stimuli.drop_duplicates a supplied file may hold the dropped stimuli (it then loses
+    them) or not; any other difference is refused, naming the ids."""
+    x = np.arange(24, dtype=np.float32).reshape(1, 4, 6)
+    attrs = {"model_key": "mine", "modality": "vision"}
+    full = write_features(tmp_path / "full.h5", x, ["a", "b", "a2", "c"], ["l0"], attrs)
+    kept = write_features(tmp_path / "kept.h5", x[:, [0, 1, 3]], ["a", "b", "c"], ["l0"], attrs)
+    for src in (full, kept):
+        dst = tmp_path / "results" / src.name
+        import_features(src, dst, "mine", "vision", ["a", "b", "c"], dropped={"a2"})
+        with FeatureFile(dst) as out:
+            assert out.stimulus_ids == ["a", "b", "c"]
+            np.testing.assert_array_equal(out.layer(0), x[0][[0, 1, 3]])
+    with pytest.raises(FeatureFileError, match=r"extra \['a2'"):
+        import_features(full, tmp_path / "no.h5", "mine", "vision", ["a", "b", "c"])
+    with pytest.raises(FeatureFileError, match=r"missing \['d'"):
+        import_features(kept, tmp_path / "no.h5", "mine", "vision", ["a", "b", "c", "d"], {"a2"})
+    assert not (tmp_path / "no.h5").exists()
+
+
+@pytest.mark.parametrize("shape", [(0, 3, 4), (1, 0, 4), (1, 3, 0)])
+def test_a_file_without_features_is_refused_when_opened(tmp_path, shape):
+    path = tmp_path / "empty.h5"
+    with h5py.File(path, "w") as f:
+        f.attrs["schema_version"] = SCHEMA_VERSION
+        f.attrs["modality"] = "vision"
+        f.create_dataset("features", shape=shape, dtype=np.float32)
+        f.create_dataset(
+            "stimulus_ids",
+            data=np.array(["a", "b", "c"][: shape[1]], dtype=object),
+            dtype=h5py.string_dtype(),
+        )
+        f.create_dataset(
+            "layer_names",
+            data=np.array(["l0"][: shape[0]], dtype=object),
+            dtype=h5py.string_dtype(),
+        )
+    with pytest.raises(FeatureFileError, match="no layers, stimuli or dims"):
+        FeatureFile(path)
+    with pytest.raises(FeatureFileError, match=r"models\.mine\.features'.*no layers"):
+        import_features(path, tmp_path / "out.h5", "mine", "vision")
+
+
+@pytest.mark.skipif(
+    os.environ.get("HDF5_USE_FILE_LOCKING", "").upper() in ("FALSE", "0"),
+    reason="HDF5 file locking is turned off in this environment",
+)
+def test_a_locked_file_is_named_as_locked_not_corrupt(tmp_path):
+    """Another process holding the file open for writing is a lock, not corruption (the old
+    message told the user to delete a good file)."""
+    path = write_features(tmp_path / "f.h5", np.ones((1, 2, 2), np.float32), ["a", "b"], ["l0"], {})
+    code = (
+        "import h5py, sys, time; f = h5py.File(sys.argv[1], 'a'); print('open', flush=True); "
+        "time.sleep(60)"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "HDF5_USE_FILE_LOCKING"}
+    holder = subprocess.Popen(
+        [sys.executable, "-c", code, str(path)], stdout=subprocess.PIPE, env=env, text=True
+    )
+    try:
+        assert holder.stdout.readline().strip() == "open"
+        with pytest.raises(
+            FeatureFileError, match="locked by another process.*HDF5_USE_FILE_LOCKING"
+        ):
+            FeatureFile(path)
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_run_import_features_keeps_the_stimuli_every_extraction_keeps(tmp_path, tiny_manifest):
+    """stimuli.drop_duplicates with a supplied file: before, a file without the dropped
+    duplicate was refused at import and a file with it was refused later by GPA."""
+    from xmodal.pipeline import run_import_features
+    from xmodal.stimuli import read_manifest
+
+    root = tmp_path / "m"
+    shutil.copytree(tiny_manifest.parent, root)
+    manifest = root / "stimuli.tsv"
+    lines = manifest.read_text().splitlines()
+    lines.insert(5, "again-03\t" + lines[4].split("\t", 1)[1])  # stim-03 listed twice
+    manifest.write_text("\n".join(lines) + "\n")
+    every = read_manifest(manifest)["stimulus_id"].tolist()
+    kept = [s for s in every if s != "again-03"]
+    rng = np.random.default_rng(1)
+    attrs = {"model_key": "mine", "modality": "language"}
+    for name, ids in (("all", every), ("kept", kept)):
+        src = write_features(
+            tmp_path / f"{name}.h5", rng.normal(size=(1, len(ids), 4)), ids[::-1], ["l0"], attrs
+        )
+        dst = tmp_path / "results" / f"{name}.h5"
+        run_import_features(manifest, src, dst, "mine", "language", drop_duplicates=True)
+        order = kept + ["again-03"] if name == "all" else kept
+        with FeatureFile(dst) as out, FeatureFile(src, order) as ref:
+            assert out.stimulus_ids == kept
+            np.testing.assert_array_equal(out.layer(0), ref.layer(0)[: len(kept)])
+    with pytest.raises(FeatureFileError, match=r"models\.mine\.features'.*missing \['again-03'"):
+        run_import_features(manifest, tmp_path / "kept.h5", tmp_path / "no.h5", "mine", "language")

@@ -617,3 +617,14 @@ def test_rounding_floor_stop_only_on_a_plateau(changes, stops_at):
         assert not converged and n_iter == len(changes)
     else:
         assert converged and n_iter == stops_at
+
+
+@pytest.mark.parametrize("factor", [1e160, 1e-200])
+def test_a_model_at_an_extreme_scale_gives_the_same_residuals(factor):
+    """GPA is scale-invariant per model; the Frobenius norm's squares overflowed at 1e160 (the
+    model became all zeros, silently) and underflowed at 1e-200 ("constant across stimuli")."""
+    rng = np.random.default_rng(0)
+    reps = [rng.normal(size=(30, w)) for w in (8, 10, 12)]
+    ref = gpa(reps).residuals
+    scaled = [reps[0] * factor, *reps[1:]]
+    np.testing.assert_allclose(gpa(scaled).residuals, ref, atol=1e-9)

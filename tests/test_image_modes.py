@@ -70,6 +70,27 @@ def _tiff16_rgb(arr: np.ndarray) -> bytes:
     return head + data + struct.pack("<HHH", 16, 16, 16) + ifd + struct.pack("<I", 0)
 
 
+def _tiff_gray(arr: np.ndarray, photometric: int, deflate: bool = False) -> bytes:
+    """A one-channel little-endian TIFF with the given PhotometricInterpretation (0 white is
+    zero, 1 black is zero); SampleFormat from the dtype (1 unsigned, 2 signed, 3 float)."""
+    h, w = arr.shape
+    data = arr.astype(arr.dtype.newbyteorder("<")).tobytes()
+    data = zlib.compress(data) if deflate else data
+    fmt = {"u": 1, "i": 2, "f": 3}[arr.dtype.kind]
+    short, long_ = 3, 4
+    tags = [(256, short, 1, w), (257, short, 1, h), (258, short, 1, 8 * arr.dtype.itemsize),
+            (259, short, 1, 8 if deflate else 1), (262, short, 1, photometric),
+            (273, long_, 1, 8), (277, short, 1, 1), (278, short, 1, h),
+            (279, long_, 1, len(data)), (284, short, 1, 1), (339, short, 1, fmt)]  # fmt: skip
+    ifd = struct.pack("<H", len(tags))
+    for tag, typ, count, value in tags:
+        inline = typ == short
+        ifd += struct.pack("<HHIHH" if inline else "<HHII", tag, typ, count, value, *[0] * inline)
+    pad = b"\x00" * (len(data) % 2)
+    head = b"II*\x00" + struct.pack("<I", 8 + len(data) + len(pad))
+    return head + data + pad + ifd + struct.pack("<I", 0)
+
+
 # ======================================================================= high bit depth, float
 def test_16bit_grayscale_png_ramp_becomes_the_8bit_ramp(tmp_path, caplog):
     # before: Pillow's convert("RGB") clipped at 255, so the whole image came out white
@@ -308,6 +329,7 @@ def test_exif_orientation_is_ignored_and_counted(tmp_path, caplog):
     with caplog.at_level("INFO", logger="xmodal.stimuli"):
         read_manifest(path, verify_images=True)
     assert "1 stimuli carry a non-default EXIF orientation ['rot']" in caplog.text
+    assert any(r.levelname == "WARNING" and "EXIF" in r.getMessage() for r in caplog.records)
 
 
 def test_first_frame_of_an_animation(tmp_path, caplog):
@@ -381,3 +403,32 @@ def test_io_bytes_source_and_path_give_the_same_pixels(tmp_path):
     Image.fromarray(a).save(tmp_path / "g.png")
     via_bytes = stimuli._decode(io.BytesIO((tmp_path / "g.png").read_bytes()), "s", "g.png")
     np.testing.assert_array_equal(np.asarray(via_bytes.image), _rgb(tmp_path / "g.png"))
+
+
+@pytest.mark.parametrize("deflate", [False, True])
+def test_white_is_zero_tiffs_are_inverted_at_every_depth(tmp_path, caplog, deflate):
+    """TIFF PhotometricInterpretation 0 (scanners, MONOCHROME1 converters): Pillow inverts
+    8-bit samples but not 16-bit or float ones, which reached the model as a negative."""
+    ramp8 = np.tile(np.linspace(0, 255, 64).round().astype(np.uint8), (5, 1))
+    want = _gray3(ramp8)
+    stored = {
+        "w8": 255 - ramp8,
+        "w16": (65535 - ramp8.astype(np.uint16) * 257).astype(np.uint16),
+        "wf": (1 - ramp8 / 255).astype(np.float32),
+        "b16": (ramp8.astype(np.uint16) * 257).astype(np.uint16),  # black is zero, for contrast
+    }
+    for name, a in stored.items():
+        photometric = 1 if name.startswith("b") else 0
+        (tmp_path / f"{name}.tif").write_bytes(_tiff_gray(a, photometric, deflate))
+    with caplog.at_level("INFO", logger="xmodal.stimuli"):
+        for name in stored:
+            np.testing.assert_array_equal(_rgb(tmp_path / f"{name}.tif", name), want, name)
+    assert "white-is-zero (TIFF PhotometricInterpretation 0) inverted" in caplog.text
+
+
+def test_signed_16bit_tiff_is_refused(tmp_path):
+    """int16 samples (SampleFormat 2): a 0..32767 image came out at half brightness, unsaid."""
+    ramp = np.tile(np.linspace(0, 32767, 64).round().astype(np.int16), (4, 1))
+    (tmp_path / "s16.tif").write_bytes(_tiff_gray(ramp, 1))
+    with pytest.raises(StimulusError, match=r"'s16'.*signed 16-bit samples"):
+        load_rgb(tmp_path / "s16.tif", "s16")

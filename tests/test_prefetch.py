@@ -301,3 +301,35 @@ def test_stimuli_without_network_say_what_to_download(tmp_path: Path) -> None:
     assert "--repo-type dataset --revision wit_1024" in msg
     assert str(cache.resolve()) in msg and "datasets--minhuh--prh" in msg
     assert not (tmp_path / "out" / "stimuli.tsv").exists()
+
+
+def test_stimuli_rows_without_a_caption_or_embedded_image_are_named(tmp_path: Path) -> None:
+    """An empty `text` list became the caption "[]" (str of the list), embedded as text by
+    every language model; a row whose image is only a path was "a row" without its number."""
+    good = (image_bytes("PNG", (1, 2, 3)), ["a caption"])
+    sha = fake_repo(
+        tmp_path / "hub", "dataset", "fake/empty", "main",
+        {"data/train-0.parquet": parquet_bytes([good, (image_bytes("PNG", (0, 0, 0)), [])])},
+    )  # fmt: skip
+    assert sha
+    with pytest.raises(PrefetchError, match="row 1 has an empty caption"):
+        prefetch_stimuli("fake/empty", None, "train", tmp_path / "out", tmp_path / "hub")
+    image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    table = pa.table(
+        {
+            "image": pa.array(
+                [{"bytes": good[0], "path": None}, {"bytes": None, "path": "img/1.jpg"}],
+                type=image_type,
+            ),
+            "text": pa.array([["a"], ["b"]], type=pa.list_(pa.string())),
+        }
+    )
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    fake_repo(
+        tmp_path / "hub2", "dataset", "fake/paths", "main", {"data/train-0.parquet": buf.getvalue()}
+    )
+    with pytest.raises(
+        PrefetchError, match=r"row 1 has no embedded image bytes \(only a path, 'img/1\.jpg'"
+    ):
+        prefetch_stimuli("fake/paths", None, "train", tmp_path / "out2", tmp_path / "hub2")

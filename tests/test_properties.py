@@ -296,3 +296,29 @@ def test_properties_must_cover_every_dispersed_stimulus():
     props = pd.DataFrame({"stimulus_id": ["a"], "property": "entropy", "model": "", "value": [1.0]})
     with pytest.raises(ValueError, match="no properties"):
         property_correlations(props, _dispersion(["a", "b"], [1, 2], [1, 2]), 10, 0)
+
+
+def test_a_constant_resample_is_left_out_of_the_interval_not_poisoning_it():
+    """A property that differs for only a few stimuli gives some constant resamples; each
+    gave NaN, and one NaN made the whole interval NaN with no reason (method.md says such
+    resamples are left out). Checked against a scipy loop over the same resamples."""
+    from xmodal.correlate import correlation_ci
+
+    rng = np.random.default_rng(3)
+    x = np.zeros(40)
+    x[:3] = [1.0, 2.0, 3.0]  # 37 stimuli alike: some resamples hold none of the three
+    y = rng.normal(size=40)
+    out = correlation_ci(x, y, method="spearman", n_boot=400, seed=0)
+    draws = np.random.default_rng(0).integers(0, 40, (400, 40))
+    ref = []
+    for d in draws:
+        xs, ys = x[d], y[d]
+        if np.all(xs == xs[0]):
+            continue
+        ref.append(scipy.stats.spearmanr(xs, ys).statistic)
+    assert 0 < 400 - len(ref) < 400 and out["n_boot"] == len(ref)
+    lo, hi = np.percentile(ref, [2.5, 97.5])
+    assert out["ci_low"] == pytest.approx(lo, abs=1e-12) and out["ci_high"] == pytest.approx(
+        hi, abs=1e-12
+    )
+    assert out["reason"] == ""

@@ -128,6 +128,9 @@ def slurm_cluster() -> Iterator[Cluster]:
         "SLURM_CI_DIR": str(base),
         "SLURM_CI_PARTITION": PARTITION,
         "SLURM_CI_GPUS": "2",
+        # the cluster's GPUs are fake: extract on the CPU in jobs SLURM gave GPUs (which an
+        # extraction refuses otherwise, xmodal.extract._common.resolve_device)
+        "XMODAL_DEVICE": "cpu",
         # advertise a node big enough for the per-model requests (8 CPUs, ~13 GB) on a small
         # CI machine; only requests are checked against these numbers, usage stays tiny
         "SLURM_CI_CPUS": "16",

@@ -605,3 +605,55 @@ def test_vision_stamp_changes_exactly_when_an_image_file_does(old, data):
             (root / name).write_bytes(content)
             os.utime(root / name, ns=(st_.st_atime_ns, st_.st_mtime_ns))
         assert write_manifest_stamp(root / "stimuli.tsv", stamp, "vision") == (old != new)
+
+
+def test_missing_image_messages_say_why_when_names_print_alike(tmp_path, caplog):
+    """Two causes of 'not found' whose messages printed paths that looked right: a file named in
+    another Unicode form (macOS writes decomposed accents) and a manifest that is a symbolic
+    link (paths are relative to the link's folder). Ids that differ only in Unicode form are
+    warned about."""
+    data = tmp_path / "data"
+    (data / "img").mkdir(parents=True)
+    Image.new("RGB", (4, 4)).save(data / "img" / "cafe\u0301.png")  # NFD on disk
+    Image.new("RGB", (4, 4)).save(data / "img" / "b.png")
+    (data / "stimuli.tsv").write_text(
+        "stimulus_id\timage\tcaption\nc1\timg/caf\u00e9.png\ta cafe\n", encoding="utf-8"
+    )
+    with pytest.raises(
+        StimulusError, match=r"'img/caf\\xe9\.png' is on disk as 'cafe\\u0301\.png'"
+    ):
+        read_manifest(data / "stimuli.tsv")
+    (data / "stimuli.tsv").write_text("stimulus_id\timage\tcaption\nb\timg/b.png\ta b\n")
+    link = tmp_path / "elsewhere" / "stimuli.tsv"
+    link.parent.mkdir()
+    link.symlink_to(data / "stimuli.tsv")
+    with pytest.raises(StimulusError, match=r"is a symbolic link to .*link the images folder"):
+        read_manifest(link)
+    (data / "stimuli.tsv").write_text(
+        "stimulus_id\timage\tcaption\ncaf\u00e9\timg/b.png\ta\ncafe\u0301\timg/b.png\tb\n",
+        encoding="utf-8",
+    )
+    with caplog.at_level("WARNING", logger="xmodal.stimuli"):
+        assert len(read_manifest(data / "stimuli.tsv")) == 2
+    assert "differ only in Unicode form" in caplog.text and "'caf\\xe9'" in caplog.text
+
+
+def test_manifest_settings_are_compared_with_the_config(tmp_path):
+    """Unknown (no manifest, or no record: a manifest made before records, or by hand) is no
+    change, so an existing project never stops; the same settings in another order are no
+    change; other settings return what the manifest was made from."""
+    from xmodal.stimuli import manifest_settings_changed, write_manifest_settings
+
+    manifest = tmp_path / "stimuli.tsv"
+    assert manifest_settings_changed(manifest, {"n": 480, "seed": 0}) is None
+    manifest.write_text("stimulus_id\timage\tcaption\n")
+    assert manifest_settings_changed(manifest, {"n": 480, "seed": 0}) is None
+    write_manifest_settings(manifest, {"seed": 0, "n": 480})
+    assert json.loads((tmp_path / "settings.json").read_text()) == {"n": 480, "seed": 0}
+    assert manifest_settings_changed(manifest, {"n": 480, "seed": 0}) is None
+    assert manifest_settings_changed(manifest, {"n": 480, "seed": 1}) == {"n": 480, "seed": 0}
+    write_manifest_settings(manifest, {"repo": "r", "revision": None, "split": "train"})
+    assert (
+        manifest_settings_changed(manifest, {"repo": "r", "revision": None, "split": "train"})
+        is None
+    )

@@ -109,3 +109,33 @@ def test_threaded_rules_ask_for_their_threads_as_cpus(paper_project: Path) -> No
     assert cpus["stimuli_report"] == cpus["image_properties"] == "2", cpus
     assert cpus["gpa"] == cpus["leave_one_model_out"] == "2", cpus
     assert "language_gpa" in cpus and cpus["language_gpa"] is None, cpus  # the profile's 1 CPU
+
+
+def test_the_users_set_resources_reach_the_jobs(paper_project: Path) -> None:
+    """A `set-resources` block in the user's profile (the GPU model the SLURM profile tells
+    them to set there, more memory for GPA) reaches the jobs; the rules' own analysis
+    resources stay where it says nothing. Before, the workflow profile's `set-resources`
+    replaced the user's whole block, silently."""
+    prof = paper_project / "myprofile"
+    prof.mkdir(exist_ok=True)
+    settings = {"extract": {"gpu_model": "a100", "runtime": 999}, "gpa": {"mem_mb": 64000}}
+    (prof / "config.yaml").write_text(yaml.safe_dump({"set-resources": settings}))
+    targets = ["results/features/wit1024/llama-65b.h5", "results/dispersion/wit1024/gpa.json"]
+    targets += ["results/dispersion/wit1024/sets.tsv"]
+    proc = snakemake(
+        paper_project, "--profile", "myprofile", "-n", "--forceall", "--cores", "4", "--", *targets
+    )
+    res, rule = {}, None
+    for line in (proc.stdout + proc.stderr).splitlines():
+        if line.startswith("rule "):
+            rule = line.split()[1].rstrip(":")
+        elif rule and "wildcards:" in line and "model=" in line:
+            rule += ":" + line.split("model=")[1].split(",")[0].strip()
+        elif rule and "resources:" in line:
+            res[rule] = dict(re.findall(r"(\w+)=([\w.]+)(?:,|$)", line))
+            rule = None
+    res["extract"] = res["extract:llama-65b"]
+    assert res["extract"]["gpu_model"] == "a100" and res["extract"]["runtime"] == "999", res
+    assert res["extract"]["gpu"] == "2", res  # the registry's sizing, where the profile is silent
+    assert res["gpa"]["mem_mb"] == "64000" and res["gpa"]["runtime"] == "60", res
+    assert res["stimulus_sets"]["mem_mb"] == "2000", res

@@ -119,6 +119,12 @@ def check_config(config: Mapping[str, Any]) -> None:
         )
     models = config.get("models") or {}
     for key in models:
+        if not isinstance(key, str):
+            raise ConfigError(
+                f"config key 'models.{key}': YAML read this model key as a "
+                f"{'boolean' if isinstance(key, bool) else 'number'}, and model keys are names; "
+                f"put it in quotes ('{key}')"
+            )
         if not MODEL_KEY.match(str(key)):
             raise ConfigError(
                 f"config key 'models.{key}': model keys become file names and must match "
@@ -243,5 +249,13 @@ def schema_errors(
     lines = []
     for err in sorted(validator.iter_errors(config), key=lambda e: list(map(str, e.path))):
         key = ".".join(str(p) for p in err.path) or "(top level)"
-        lines.append(f"Invalid configuration in {source}: key '{key}': {err.message}")
+        hint = ""
+        if err.validator == "type" and "string" in str(err.validator_value):
+            if isinstance(err.instance, bool | int | float):
+                kind = "boolean" if isinstance(err.instance, bool) else "number"
+                hint = (
+                    f" (YAML read the value as a {kind}: unquoted 012 is the octal number 10, "
+                    "1.0 a number, true/false booleans; put it in quotes)"
+                )
+        lines.append(f"Invalid configuration in {source}: key '{key}': {err.message}{hint}")
     return lines

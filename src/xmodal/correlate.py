@@ -120,6 +120,11 @@ def correlation_ci(
     out["p_value"] = float(res.pvalue)
     if n_boot:
         boot = bootstrap_coefficients(x, y, method, n_boot, seed)
-        lo, hi = percentile_interval(boot, level)
-        out.update(ci_low=lo, ci_high=hi, n_boot=int(np.isfinite(boot).sum()))
+        used = boot[np.isfinite(boot)]  # a resample with a constant variable gives no number
+        if used.size:
+            lo, hi = percentile_interval(used, level)
+            out.update(ci_low=lo, ci_high=hi)
+        else:
+            out["reason"] = f"none of the {n_boot} resamples gave a number"
+        out["n_boot"] = int(used.size)
     return out

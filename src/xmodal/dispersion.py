@@ -127,7 +127,7 @@ def leave_one_model_out(
 ) -> LOOResult:
     """For each k: GPA on the others → C₋ₖ, p = mean residual; dev_kj = ‖(N_k T_k)_j − C₋ₖ,j‖₂; correlate p, dev.
 
-    ``models``: held_out, pearson_r, pearson_p, spearman_rho, spearman_p, n.
+    ``models``: held_out, pearson_r, pearson_p, spearman_rho, spearman_p, n, converged, n_iter.
     ``stimuli`` (long): held_out, stimulus_index, stimulus_id, partial_dispersion, deviation.
     The M fits run on ``n_jobs`` threads (default: one per core, at most M), single-threaded BLAS,
     and share one preprocessing and one set of cross-products.
@@ -184,8 +184,17 @@ def leave_one_model_out(
                 "spearman_rho": float(sr.statistic),
                 "spearman_p": float(sr.pvalue),
                 "n": m,
+                "converged": bool(fit.converged),
+                "n_iter": int(fit.n_iter),
             }
         )
+        if not fit.converged:  # DESIGN 2.1: warn and record; name the fit it concerns
+            log.warning(
+                "leave-one-model-out: GPA without %r did not converge in %d iterations; its "
+                "row in the table has converged = False",
+                names[k],
+                fit.n_iter,
+            )
         long.append(
             pd.DataFrame(
                 {

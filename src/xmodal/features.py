@@ -25,7 +25,7 @@ import logging
 import os
 import sys
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -327,29 +327,72 @@ def import_features(
     model_key: str,
     modality: str,
     stimulus_ids: Sequence[str] | None = None,
+    dropped: Collection[str] = (),
 ) -> Path:
-    """Check a feature file the user supplies (config key ``models.<key>.features``) and copy it
-    to ``dst`` atomically, as it is: its structure, its ids (equal to ``stimulus_ids`` up to
-    order, when given), every layer finite, and its ``modality`` attribute against the config.
-    Raises :class:`FeatureFileError` naming the config key and the file."""
-    import shutil
+    """Check a feature file the user supplies (config key ``models.<key>.features``) and write a
+    self-contained copy to ``dst`` atomically (docs/contracts.md, "Feature file").
 
+    Checked: its structure, its ids (equal to ``stimulus_ids`` up to order, when given; ids in
+    ``dropped``, the duplicates ``stimuli.drop_duplicates`` leaves out, may be there too and are
+    left out of the copy), every layer finite, and its ``modality`` attribute against the
+    config. The copy holds the rows in the order of ``stimulus_ids``, its own data (not HDF5
+    links to other files, which could change unseen), ``abs_q95`` recomputed from the features
+    (a supplied value is never trusted: it sets the alignment's clamp threshold) and the file's
+    attributes. Raises :class:`FeatureFileError` naming the config key and the file.
+    """
     src = Path(src)
     where = f"config key 'models.{model_key}.features'"
     try:
         with FeatureFile(src) as ff:
-            ff.validate(stimulus_ids)
             got = ff.attrs.get("modality")
+            if got != modality:
+                raise FeatureFileError(
+                    f"{src} holds {got!r} features (its 'modality' attribute), but the config "
+                    f"says 'models.{model_key}.modality: {modality}'"
+                )
+            keep = None if stimulus_ids is None else [str(s) for s in stimulus_ids]
+            if keep is not None:
+                drop = set(map(str, dropped)) - set(keep)
+                ff._match_ids(keep + [s for s in ff.stimulus_ids if s in drop])
+            n = ff.m if keep is None else len(keep)
+            names, attrs, tokens = ff.layer_names, ff.attrs, ff.n_tokens()
+            stored = ff._f["features"].dtype
+            with ff._reading("'abs_q95'"):
+                supplied_q = (
+                    np.asarray(ff._f["abs_q95"][()], np.float32) if "abs_q95" in ff._f else None
+                )
+            if supplied_q is not None and ff._order is not None:
+                supplied_q = supplied_q[ff._order]
+            write_features(
+                dst,
+                (ff.finite_layer(i)[:n] for i in range(ff.n_layers)),
+                keep if keep is not None else ff.stimulus_ids,
+                names,
+                {**attrs, "imported_from": str(src.resolve())},
+                n_tokens=None if tokens is None else tokens[:n],
+                dtype="float16" if stored == np.float16 else "float32",
+                check_finite=False,  # finite_layer checked each layer, naming the stimuli
+            )
     except FeatureFileError as err:
         raise FeatureFileError(f"{where}: {err}") from None
-    if got != modality:
-        raise FeatureFileError(
-            f"{where}: {src} holds {got!r} features (its 'modality' attribute), but the config "
-            f"says 'models.{model_key}.modality: {modality}'"
-        )
-    with atomic_path(dst) as tmp:
-        shutil.copyfile(src, tmp)
-    log.info("imported %s as %s (model %s)", src, dst, model_key)
+    if supplied_q is not None:
+        with FeatureFile(dst) as out:
+            q = out.abs_q95()
+        a = supplied_q[:n].astype(np.float64)
+        off = ~np.isclose(a, q, rtol=1e-3, atol=0.0)
+        if off.any():
+            with np.errstate(divide="ignore", invalid="ignore"):
+                factor = np.nanmax(np.maximum(a[off] / q[off], q[off] / a[off]))
+            log.warning(
+                "%s: its abs_q95 differs from the features' for %d of %d stimuli (by a factor "
+                "up to %.3g); the copy holds the values recomputed from the features, which set "
+                "the alignment's clamp threshold (docs/method.md, 'Alignment')",
+                src,
+                int(off.sum()),
+                n,
+                factor,
+            )
+    log.info("imported %s as %s (model %s, %d stimuli)", src, dst, model_key, n)
     return Path(dst)
 
 
@@ -404,6 +447,12 @@ class FeatureFile:
         try:
             self._f = h5py.File(self.path, "r")
         except OSError as err:
+            if "unable to lock file" in str(err):
+                raise FeatureFileError(
+                    f"{self.path}: locked by another process that has it open for writing (an "
+                    f"h5py session in mode 'a' or 'r+', HDFView?); close it there and rerun. On a "
+                    f"file system without working locks set HDF5_USE_FILE_LOCKING=FALSE ({err})"
+                ) from err
             raise FeatureFileError(
                 f"{self.path}: not a readable HDF5 file, truncated or corrupt ({err}); {REEXTRACT}"
             ) from err
@@ -455,7 +504,11 @@ class FeatureFile:
         feats = f["features"]
         if feats.ndim != 3:
             raise FeatureFileError(f"{p}: 'features' has shape {feats.shape}, expected 3-D")
-        n_layers, m, _ = feats.shape
+        n_layers, m, dim = feats.shape
+        if not (n_layers and m and dim):
+            raise FeatureFileError(
+                f"{p}: 'features' has shape {feats.shape}: no layers, stimuli or dims to analyse"
+            )
         if f["stimulus_ids"].shape != (m,):
             raise FeatureFileError(
                 f"{p}: {f['stimulus_ids'].shape[0]} stimulus ids for {m} feature rows"

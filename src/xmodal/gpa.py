@@ -126,7 +126,11 @@ def _centre_scale(x: np.ndarray, name: str) -> np.ndarray:
     """N − 1μᵀ (column means over stimuli), divided by its Frobenius norm; float64, one copy."""
     c = np.array(_as_2d_float64(x, name), dtype=np.float64, copy=True)
     c -= c.mean(axis=0, keepdims=True)
-    norm = np.linalg.norm(c)
+    with np.errstate(over="ignore", under="ignore"):
+        norm = np.linalg.norm(c)
+    if not np.isfinite(norm) or (norm < 1e-150 and np.any(c)):  # squares over/underflow
+        c /= np.max(np.abs(c))  # exact scaling first (features from files never need it)
+        norm = np.linalg.norm(c)
     if norm == 0.0:
         raise ValueError(f"{name} is constant across stimuli (zero norm after centring)")
     c /= norm

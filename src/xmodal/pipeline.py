@@ -178,6 +178,29 @@ def _write_json(obj: Any, path: PathLike) -> None:
 # ---------------------------------------------------------------- stimuli
 
 
+def run_import_features(
+    manifest: PathLike,
+    src: PathLike,
+    dst: PathLike,
+    model: str,
+    modality: str,
+    drop_duplicates: bool = False,
+) -> None:
+    """Import a feature file the user supplies (config key ``models.<model>.features``): checked
+    against the stimuli every extraction keeps (the manifest, without the duplicates
+    ``stimuli.drop_duplicates`` leaves out) and copied with its rows in manifest order
+    (:func:`xmodal.features.import_features`)."""
+    from xmodal.features import import_features
+    from xmodal.stimuli import analysed_stimuli, read_manifest
+
+    df = kept = read_manifest(manifest, check_images=False)
+    if drop_duplicates:
+        kept, _ = analysed_stimuli(df, Path(manifest).parent)
+    ids = kept["stimulus_id"].tolist()
+    dropped = set(df["stimulus_id"]) - set(ids)
+    import_features(src, dst, model, modality, ids, dropped=dropped)
+
+
 def run_stimuli_report(
     manifest: PathLike, out_images: PathLike, out_duplicates: PathLike, workers: int = 1
 ) -> None:

@@ -40,7 +40,7 @@ from xmodal.registry import (
     hub_repo_of,
     pickle_patterns,
 )
-from xmodal.stimuli import write_manifest
+from xmodal.stimuli import write_manifest, write_manifest_settings
 
 log = logging.getLogger(__name__)
 
@@ -362,15 +362,27 @@ def _rows(paths: list[Path]) -> Iterator[tuple[bytes, str]]:
                 f"{path.name} has no column(s) {sorted(missing)} (columns: {pf.schema_arrow.names}); "
                 "expected a dataset with `image` and `text` columns"
             )
+        row = 0
         for batch in pf.iter_batches(batch_size=64, columns=["image", "text"]):
             for image, text in zip(
                 batch.column("image").to_pylist(), batch.column("text").to_pylist(), strict=True
             ):
                 data = image.get("bytes") if isinstance(image, dict) else image
                 if not data:
-                    raise PrefetchError(f"{path.name}: a row has no embedded image bytes")
-                caption = text[0] if isinstance(text, list | tuple) and text else text
-                yield data, "" if caption is None else str(caption)
+                    stored = image.get("path") if isinstance(image, dict) else None
+                    raise PrefetchError(
+                        f"{path.name}: row {row} has no embedded image bytes"
+                        + (
+                            f" (only a path, {stored!r}, which this dataset does not ship)"
+                            if stored
+                            else ""
+                        )
+                        + "; expected a dataset whose `image` column embeds the images"
+                    )
+                if isinstance(text, list | tuple):  # text[0] is the caption; [] has none
+                    text = text[0] if text else None
+                yield data, "" if text is None else str(text)
+                row += 1
 
 
 def prefetch_stimuli(
@@ -464,6 +476,8 @@ def prefetch_stimuli(
         )
     manifest = out / "stimuli.tsv"
     write_manifest(pd.DataFrame.from_records(records), manifest)
+    # after it: the settings it was made from (the workflow compares them with the config's)
+    write_manifest_settings(manifest, {"repo": repo, "revision": revision, "split": split})
     log.info("wrote %d stimuli to %s (revision %s)", len(records), manifest, path.name)
     return manifest
 

@@ -33,7 +33,7 @@ import threading
 import unicodedata
 import warnings
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,19 +80,23 @@ __all__ = [
     "DUPLICATE_KINDS",
     "EXTRACTION_COLUMNS",
     "IMAGE_DIGESTS",
+    "MANIFEST_SETTINGS",
     "MAX_SIDE",
     "ImageDataset",
     "StimulusError",
+    "analysed_stimuli",
     "convert_to_rgb",
     "drop_duplicates",
     "extraction_columns",
     "find_duplicates",
     "image_file_digests",
     "load_rgb",
+    "manifest_settings_changed",
     "manifest_stamp",
     "read_manifest",
     "scan_images",
     "write_manifest",
+    "write_manifest_settings",
     "write_manifest_stamp",
 ]
 
@@ -160,11 +164,47 @@ def read_manifest(
             f"{_preview([columns['stimulus_id'][k] for k in missing])}, "
             f"images {_preview(images)}"
             + (f" (paths wrapped in quotes: {_NO_QUOTING})" if quoted else "")
+            + _missing_image_hints(path, images)
         )
     df = pd.DataFrame(columns, dtype=str)
     if verify_images and check_images:
         _scan(df, root, where=str(path), lines=lines, workers=1)
     return df
+
+
+def _missing_image_hints(manifest: Path, images: Sequence[str], n: int = 10) -> str:
+    """Why the first ``n`` missing images may be missing, when it is one of two causes that
+    print alike: a file named in another Unicode form (é as one character or as e + accent,
+    as macOS writes names), or a manifest that is a symbolic link (paths are relative to the
+    link's folder, and the images lie next to its target)."""
+    root, hints = manifest.parent, []
+    target = manifest.resolve()
+    if manifest.is_symlink() and target.parent != root.resolve():
+        beside = [img for img in images[:n] if img.strip() and (target.parent / img).is_file()]
+        if beside:
+            hints.append(
+                f"{manifest} is a symbolic link to {target}, and the images are next to the "
+                f"target: paths are read relative to the link's folder {root}; link the images "
+                f"folder there too, or give absolute paths"
+            )
+    listings: dict[Path, dict[str, str]] = {}
+    for img in images[:n]:
+        want = root / img
+        folder = want.parent
+        if folder not in listings:
+            try:
+                names = [e.name for e in os.scandir(folder)]
+            except OSError:
+                names = []
+            listings[folder] = {unicodedata.normalize("NFC", e): e for e in names}
+        found = listings[folder].get(unicodedata.normalize("NFC", want.name))
+        if found is not None and found != want.name:
+            hints.append(
+                f"{ascii(img)} is on disk as {ascii(found)}: the same name in another Unicode "
+                "form (accents as one character or as letter + accent); rename the file or "
+                "write the name as it is on disk"
+            )
+    return "".join(f". {h}" for h in hints)
 
 
 def _decode_utf8(path: Path, data: bytes) -> str:
@@ -315,6 +355,16 @@ def _check_stimuli(where: str, ids: list[str], captions: list[str], lines: list[
         raise StimulusError(
             f"{where}: duplicate stimulus ids {_preview(sorted({ids[k] for k in dup_rows}))} on "
             f"lines {[lines[k] for k in dup_rows][:10]}"
+        )
+    forms = Counter(unicodedata.normalize("NFC", s) for s in ids)
+    alike = [k for k, s in enumerate(ids) if forms[unicodedata.normalize("NFC", s)] > 1]
+    if alike:  # distinct ids that print alike: e.g. 'café' typed and 'café' from a Mac file name
+        log.warning(
+            "%s: stimulus ids on lines %s differ only in Unicode form (they print alike but are "
+            "different ids): %s",
+            where,
+            [lines[k] for k in alike][:10],
+            ", ".join(ascii(ids[k]) for k in alike[:10]),
         )
     empty_cap = [k for k, c in enumerate(captions) if _blank(c)]
     if empty_cap:
@@ -506,6 +556,40 @@ def _size_stamp(
     """The stamp as written before the images' contents entered it (their sizes did)."""
     sizes = _image_file_sizes(manifest["image"].astype(str).tolist(), root)
     return _stamp(manifest, modality, drop_duplicates, sizes, "image_file_sizes")
+
+
+#: The settings a workflow rule made the manifest from, written next to it after it.
+MANIFEST_SETTINGS = "settings.json"
+
+
+def write_manifest_settings(manifest: str | os.PathLike, settings: Mapping[str, Any]) -> None:
+    """Record, next to a manifest a rule just made, the settings it was made from (config
+    ``stimuli.*``: a hub dataset's repo, revision and split; the demo's size and seed)."""
+    record = {key: settings[key] for key in sorted(settings)}
+    with atomic_path(Path(manifest).with_name(MANIFEST_SETTINGS)) as tmp:
+        tmp.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
+
+
+def manifest_settings_changed(
+    manifest: str | os.PathLike, settings: Mapping[str, Any]
+) -> dict[str, Any] | None:
+    """The settings the manifest on disk was made from, when they differ from ``settings``
+    (the config's); None when they are the same or unknown (no manifest, or one made before
+    they were recorded, or by hand).
+
+    Different settings mean the rule that makes the manifest reruns, and Snakemake 9 does not
+    re-extract in that run (docs/cluster.md, "What reruns"): the workflow then stops, saying
+    to make the manifest alone first.
+    """
+    path = Path(manifest).with_name(MANIFEST_SETTINGS)
+    if not Path(manifest).is_file():
+        return None
+    try:
+        recorded = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    want = {key: settings[key] for key in sorted(settings)}
+    return None if recorded == want else recorded
 
 
 def write_manifest_stamp(
@@ -725,13 +809,41 @@ def _exif_orientation(im: Image.Image) -> int:
     return value if isinstance(value, int) and 1 <= value <= 8 else 0
 
 
-def _sample_bits(im: Image.Image) -> int:
-    """16 when the decoder reads 16-bit samples (its raw mode, e.g. ``RGB;16B``), else 8."""
+def _raw_modes(im: Image.Image) -> list[str]:
+    """The decoder's raw modes (e.g. ``RGB;16B``, ``I;16S``), read before ``load()`` clears them."""
+    out = []
     for tile in getattr(im, "tile", None) or []:
         args = tile.args if isinstance(tile.args, tuple) else (tile.args,)
-        if any(isinstance(a, str) and ";16" in a for a in args):
-            return 16
-    return 8
+        out += [a for a in args if isinstance(a, str)]
+    return out
+
+
+def _tiff_samples(im: Image.Image, raw: list[str], stimulus_id: str, path: Any) -> str | None:
+    """Refuse signed 16-bit TIFF samples; return "invert" for a white-is-zero TIFF whose
+    16-bit or float samples Pillow does not invert (it does invert 8-bit ones), else None."""
+    if any(";16" in r and r.endswith("S") for r in raw):
+        raise StimulusError(
+            f"{_image_label(stimulus_id, path)}: signed 16-bit samples (TIFF SampleFormat 2): no "
+            "rule maps signed values to 8 bits (v >> 8 would show a 0..32767 image at half "
+            f"brightness); save it as an unsigned 16-bit or 8-bit image; {_FIX_IMAGE}"
+        )
+    tags = getattr(im, "tag_v2", None)
+    if tags is None or tags.get(262) != 0 or im.mode not in (*_SIXTEEN_BIT, "F"):
+        return None
+    if im.mode == "I":
+        raise StimulusError(
+            f"{_image_label(stimulus_id, path)}: 32-bit integer grayscale stored white-is-zero "
+            "(TIFF PhotometricInterpretation 0): its white level is undefined; save it as a "
+            f"black-is-zero 8- or 16-bit image; {_FIX_IMAGE}"
+        )
+    return "invert"
+
+
+def _white_is_zero(im: Image.Image) -> Image.Image:
+    """The black-is-zero image of a white-is-zero one: 65535 − v (16-bit), 1 − v (float)."""
+    if im.mode == "F":
+        return Image.fromarray(1.0 - np.asarray(im, dtype=np.float32))
+    return Image.fromarray((65535 - np.asarray(im).astype(np.int64)).astype(np.uint16))
 
 
 def _decode(
@@ -742,13 +854,18 @@ def _decode(
         with _open_image(source, stimulus_id, path) as im:
             fmt, mode, (w, h) = str(im.format or ""), im.mode, im.size
             n_frames = int(getattr(im, "n_frames", 1) or 1)
-            bits = _sample_bits(im)  # before load(), which clears the decoder's tiles
+            raw = _raw_modes(im)  # before load(), which clears the decoder's tiles
+            bits = 16 if any(";16" in r for r in raw) else 8
             factor = -(-max(w, h) // MAX_SIDE)  # ceil
             if factor > 1:
                 im.draft("RGB", (w // factor, h // factor))  # JPEG: decode at reduced scale
             im.load()
             orientation = _exif_orientation(im)  # after load(): PNG keeps EXIF after the pixels
-            rgb, what = convert_to_rgb(im, stimulus_id, path=path)
+            if fmt == "TIFF" and _tiff_samples(im, raw, stimulus_id, path) == "invert":
+                rgb, what = convert_to_rgb(_white_is_zero(im), stimulus_id, path=path)
+                what = f"white-is-zero (TIFF PhotometricInterpretation 0) inverted; {what}"
+            else:
+                rgb, what = convert_to_rgb(im, stimulus_id, path=path)
             if bits == 16 and mode in ("RGB", "RGBA", "LA"):
                 _check_pillow_16bit(rgb, stimulus_id, path, mode)
                 what = f"16-bit samples reduced to 8 bits by Pillow (v >> 8); {what or 'RGB'}"
@@ -779,7 +896,7 @@ def _decode(
     if orientation > 1:
         info(
             "stimulus %r: image %s has EXIF orientation %d (viewers %s to display it); ignored, "
-            "as timm does: the pixels are used as stored",
+            "as timm does: the pixels are used as stored (docs/contracts.md, 'Image decoding')",
             stimulus_id, path, orientation, _ORIENTATION_NAMES[orientation],
         )  # fmt: skip
     return _Decoded(rgb, fmt, mode, (w, h), n_frames, orientation, "; ".join(notes))
@@ -904,9 +1021,10 @@ def _log_scan(table: pd.DataFrame, where: str) -> None:
     )
     rotated = table.loc[table["exif_orientation"] > 1, "stimulus_id"].tolist()
     if rotated:
-        log.info(
-            "%s: %d stimuli carry a non-default EXIF orientation %s; ignored, as timm does "
-            "(the pixels are used as stored)",
+        log.warning(
+            "%s: %d stimuli carry a non-default EXIF orientation %s; ignored, as timm does: "
+            "the models see them as stored, not as viewers display them (rotate the files if "
+            "their captions describe them upright; docs/contracts.md, 'Image decoding')",
             where,
             len(rotated),
             _preview(rotated),
@@ -994,6 +1112,18 @@ def find_duplicates(
                 f"; ... ({len(groups)} groups in all)" if len(groups) > 5 else "",
             )
     return table
+
+
+def analysed_stimuli(
+    manifest: pd.DataFrame, root: str | os.PathLike
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The stimuli an analysis with ``stimuli.drop_duplicates`` keeps, and the image scan they
+    came from: :func:`scan_images` (every image read and decoded once), :func:`find_duplicates`
+    on it, :func:`drop_duplicates` with the default kinds. Every model's extraction and every
+    import of a supplied feature file applies this one rule, so all files hold the same stimuli.
+    """
+    scan = scan_images(manifest, root)
+    return drop_duplicates(manifest, find_duplicates(manifest, root, images=scan)), scan
 
 
 def drop_duplicates(

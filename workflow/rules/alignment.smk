@@ -27,6 +27,7 @@ rule layer_search:
     conda:
         "../../envs/analysis.yaml"
     resources:
+        **retry_resources(4000, 30),
         **ALIGNMENT_GPU,
     params:
         vision=VISION,
@@ -51,6 +52,7 @@ rule vision_bootstrap:
     conda:
         "../../envs/analysis.yaml"
     resources:
+        **retry_resources(4000, 30),
         **ALIGNMENT_GPU,
     params:
         vision=VISION,
@@ -81,6 +83,7 @@ rule conditions:
     conda:
         "../../envs/analysis.yaml"
     resources:
+        **retry_resources(4000, 30),
         **ALIGNMENT_GPU,
     params:
         vision=VISION,

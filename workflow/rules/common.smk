@@ -1,5 +1,6 @@
 # Everything that is Python rather than a rule: config validation, the model registry,
 # wildcard constraints and input functions.
+import os
 import re
 import sys
 from functools import partial
@@ -44,6 +45,7 @@ from xmodal.selection import DropControl, HeldOutLayer
 from xmodal.stimuli import (
     EXTRACTION_COLUMNS,
     StimulusError,
+    manifest_settings_changed,
     read_manifest,
     write_manifest_stamp,
 )
@@ -104,6 +106,19 @@ ANALYSIS = config["analysis"]
 METRICS = list(ANALYSIS.get("metrics", ["cknna"]))
 # the alignment jobs ask for a GPU only when the config says so (analysis.gpu)
 ALIGNMENT_GPU = {"gpu": 1} if ANALYSIS.get("gpu", False) else {}
+
+
+def retry_resources(mem_mb, runtime):
+    """Memory (MB) and runtime (minutes) of a CPU analysis job, growing with each retry
+    (`attempt`, the profile's `retries`). Set in the rules, not in a workflow profile: a
+    workflow profile's `set-resources` replaced the whole `set-resources` of the user's
+    profile (docs/cluster.md), which can override these per rule."""
+    return {
+        "mem_mb": lambda wildcards, attempt: mem_mb * attempt,
+        "runtime": lambda wildcards, attempt: runtime * attempt,
+    }
+
+
 # changes which stimuli every model's features hold: a feature-defining setting
 DROP_DUPLICATES = bool(config["stimuli"].get("drop_duplicates", False))
 # what the held-out layer choice adds to each layer-search job (nothing when it is off, so
@@ -130,6 +145,17 @@ MANIFEST = f"resources/stimuli/{DATASET}/stimuli.tsv"
 STIMULI = "results/stimuli/{dataset}"
 # what each modality's extraction reads from the manifest (rule manifest_stamp)
 MANIFEST_STAMP = f"{STIMULI}/extract_{{modality}}.json"
+# the settings a rule of this workflow makes the manifest from (the params of prefetch_stimuli
+# or demo_stimuli, which record them next to it; none for a manifest the user provides)
+_STIMULI = config["stimuli"]
+MANIFEST_SOURCE = {
+    "hub": lambda: {
+        "repo": _STIMULI.get("repo", "minhuh/prh"),
+        "revision": _STIMULI.get("revision"),
+        "split": _STIMULI.get("split", "train"),
+    },
+    "demo": lambda: {"n": _STIMULI.get("n", 240), "seed": _STIMULI.get("seed", 0)},
+}.get(_STIMULI["source"], dict)()
 DISP = "results/dispersion/{dataset}"
 ALIGN = "results/alignment/{dataset}"
 DIAG = "results/diagnostics/{dataset}"
@@ -323,6 +349,46 @@ def get_final_output():
 
 
 # ---------------------------------------------------------------- manifest stamps
+def _only_targets(*paths):
+    """True when the command line asks for exactly these files (targets, as typed)."""
+    from snakemake.cli import get_argument_parser
+
+    try:
+        args, _ = get_argument_parser().parse_known_args(sys.argv[1:])
+    except (Exception, SystemExit):  # not the snakemake command line: say no
+        return False
+    want = {os.path.normpath(p) for p in paths}
+    return bool(args.targets) and {os.path.normpath(t) for t in args.targets} <= want
+
+
+def check_manifest_settings():
+    """Stop a run that would make the manifest again from other settings (config stimuli.*)
+    together with the rest: Snakemake 9 does not rerun a job downstream of a rerunning job
+    through an `ancient` input (the manifest is one for every extraction), so that run would
+    extract nothing and mix the new stimuli with the old features (docs/cluster.md, "What
+    reruns"). The manifest alone is made; a dry run warns."""
+    if not MANIFEST_SOURCE or not workflow.is_main_process:
+        return
+    made_from = manifest_settings_changed(MANIFEST, MANIFEST_SOURCE)
+    if made_from is None or _only_targets(MANIFEST):
+        return
+    what = (
+        f"the manifest {MANIFEST} was made from stimuli settings {made_from}, and the config"
+        f" now says {MANIFEST_SOURCE} (config keys stimuli.*): it must be made again. Make it"
+        f" alone first (`snakemake <your options> {MANIFEST}`), then run as before: in one"
+        " run Snakemake would make it but not re-extract the features from it"
+        " (docs/cluster.md, 'What reruns')"
+    )
+    # workflow.dryrun is not set yet while this file is read; the output settings are
+    if getattr(workflow.output_settings, "dryrun", False):
+        logger.warning(f"a real run stops here: {what}")
+        return
+    raise WorkflowError(what)
+
+
+check_manifest_settings()
+
+
 def update_manifest_stamps():
     """Rewrite the existing stamps whose manifest content changed (the main process only: the
     jobs, which parse this file again, leave them alone)."""

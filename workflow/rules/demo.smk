@@ -19,8 +19,7 @@ if config["stimuli"]["source"] == "demo":
         conda:
             "../../envs/analysis.yaml"
         params:
-            n=config["stimuli"].get("n", 240),
-            seed=config["stimuli"].get("seed", 0),
+            **MANIFEST_SOURCE,
         script:
             "../../scripts/demo_stimuli.py"
 

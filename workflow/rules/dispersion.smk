@@ -18,6 +18,7 @@ rule gpa:
     # the per-model fits run on parallel threads, one per CPU (xmodal.parallel)
     threads: 2
     resources:
+        **retry_resources(8000, 60),
         cpus_per_task=lambda wildcards, threads: threads,
     params:
         models=VISION,
@@ -37,6 +38,8 @@ rule stimulus_sets:
         "logs/dispersion/{dataset}/sets.log",
     conda:
         "../../envs/analysis.yaml"
+    resources:
+        **retry_resources(2000, 15),
     params:
         set_size=ANALYSIS["set_size"],
         n_random=ANALYSIS["n_random"],
@@ -86,6 +89,7 @@ rule leave_one_model_out:
     # the per-model fits run on parallel threads, one per CPU (xmodal.parallel)
     threads: 2
     resources:
+        **retry_resources(8000, 60),
         cpus_per_task=lambda wildcards, threads: threads,
     params:
         models=VISION,

@@ -33,8 +33,9 @@ rule extract:
         "../../scripts/extract.py"
 
 
-# A feature file the user supplies (models.<key>.features): checked and copied into results/,
-# never extracted, so that no stamp schedules an extraction of it; a newer supplied file is
+# A feature file the user supplies (models.<key>.features): checked and copied into results/
+# (rows in manifest order, without the duplicates stimuli.drop_duplicates leaves out), never
+# extracted, so that no stamp schedules an extraction of it; a newer supplied file is
 # imported again (README, "Bringing your own features").
 rule import_features:
     input:
@@ -51,5 +52,6 @@ rule import_features:
         "../../envs/analysis.yaml"
     params:
         modality=lambda wildcards: REGISTRY[wildcards.model].modality,
+        drop_duplicates=DROP_DUPLICATES,
     script:
         "../../scripts/import_features.py"

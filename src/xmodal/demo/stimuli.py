@@ -33,7 +33,7 @@ import pandas as pd
 from PIL import Image, ImageDraw, ImageFilter
 
 from xmodal.io import atomic_path
-from xmodal.stimuli import write_manifest
+from xmodal.stimuli import write_manifest, write_manifest_settings
 
 log = logging.getLogger(__name__)
 
@@ -274,6 +274,7 @@ def generate_stimuli(
         )
     manifest = out / "stimuli.tsv"
     write_manifest(pd.DataFrame(rows), manifest)
+    write_manifest_settings(manifest, {"n": n, "seed": seed})  # after it: what it was made from
     log.info("wrote %d synthetic stimuli to %s", n, out)
     return manifest
 

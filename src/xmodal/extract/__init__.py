@@ -114,12 +114,10 @@ def extract_features(
     # every file when it runs, and files with no digest yet are read for the stamp.
     image_digests: list[str | None] = [None] * len(manifest)
     if drop_duplicates:  # the same rule in every model's job: every file gets the same stimuli
-        from xmodal.stimuli import drop_duplicates as drop
-        from xmodal.stimuli import find_duplicates, scan_images
+        from xmodal.stimuli import analysed_stimuli
 
-        scan = scan_images(df, manifest_path.parent)  # reads and decodes every image once
+        df, scan = analysed_stimuli(df, manifest_path.parent)  # reads every image once
         image_digests = scan["bytes_sha256"].tolist()
-        df = drop(df, find_duplicates(df, manifest_path.parent, images=scan))
     ids = df["stimulus_id"].tolist()
     log.info(
         "extracting %s (%s, %s) for %d stimuli of %s on %s, %s, batch %d",

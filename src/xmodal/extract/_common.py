@@ -50,10 +50,42 @@ def _preview(items: Sequence[Any], n: int = 5) -> str:
     return f"[{head}{', ...' if len(items) > n else ''}] ({len(items)} in all)"
 
 
+#: Environment variable naming the extraction device where the caller says ``"auto"``: ``cpu``
+#: runs on the CPU in a job SLURM gave GPUs (a test cluster whose GPUs are fake).
+DEVICE_ENV = "XMODAL_DEVICE"
+
+
+def _slurm_gpus() -> dict[str, str]:
+    """The GPUs SLURM allocated to this job, as its environment says ({} outside such a job)."""
+    out = {k: os.environ[k] for k in ("SLURM_JOB_GPUS", "SLURM_STEP_GPUS") if os.environ.get(k)}
+    if os.environ.get("SLURM_GPUS_ON_NODE", "0") not in ("", "0"):
+        out["SLURM_GPUS_ON_NODE"] = os.environ["SLURM_GPUS_ON_NODE"]
+    return out
+
+
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``"auto"`` = the first CUDA device if one is visible, else the CPU."""
+    """``"auto"`` (or :data:`DEVICE_ENV` when set) = the first CUDA device if one is visible,
+    else the CPU; but in a job SLURM gave GPUs, no visible CUDA device is an error: the job
+    would hold them idle for hours and extract in float32 where the others use bfloat16."""
     if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = os.environ.get(DEVICE_ENV) or "auto"
+    if str(device) == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        gpus = _slurm_gpus()
+        if gpus:
+            build = (
+                "a CPU-only build"
+                if torch.version.cuda is None
+                else f"built for CUDA {torch.version.cuda}: check the driver and CUDA_VISIBLE_DEVICES"
+            )
+            raise ExtractionError(
+                f"this job was given GPUs by SLURM ({', '.join(f'{k}={v}' for k, v in gpus.items())})"
+                f", but torch {torch.__version__} ({build}) sees no CUDA device. Install a CUDA "
+                f"build of torch in the job's environment (docs/cluster.md), or set "
+                f"{DEVICE_ENV}=cpu to extract on the CPU anyway"
+            )
+        return torch.device("cpu")
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ExtractionError(f"device {device!r} requested but no CUDA device is visible")
