@@ -84,8 +84,10 @@ def correlation_ci(
 
     Pairs where x or y is not finite are left out (``n`` counts those used). Returns
     ``estimate``, ``ci_low``, ``ci_high``, ``p_value``, ``n``, ``n_boot`` (resamples that gave a
-    number) and ``reason``: empty, or why the estimate is NaN (fewer than 3 stimuli, a constant
-    variable). ``n_boot=0`` gives the estimate without an interval.
+    number; the others, with a constant variable, are left out of the interval) and ``reason``:
+    empty, or why the estimate is NaN (fewer than 3 stimuli, a constant variable) or the
+    interval is (no resample gave a number). ``n_boot=0`` gives the estimate without an
+    interval.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")

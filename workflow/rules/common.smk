@@ -349,16 +349,23 @@ def get_final_output():
 
 
 # ---------------------------------------------------------------- manifest stamps
-def _only_targets(*paths):
-    """True when the command line asks for exactly these files (targets, as typed)."""
+#: command-line options under which snakemake runs no job (inspection and maintenance)
+_NO_JOBS = ("dryrun", "touch", "unlock", "lint", "list_rules", "list_target_rules", "summary",
+            "detailed_summary", "report", "cleanup_metadata", "cleanup_shadow", "list_changes",
+            "list_input_changes", "list_params_changes", "list_untracked", "delete_all_output",
+            "delete_temp_output", "dag", "rulegraph", "filegraph", "d3dag", "containerize",
+            "export_cwl", "print_compilation", "archive", "generate_unit_tests",
+            "list_conda_envs", "conda_cleanup_envs", "conda_create_envs_only")  # fmt: skip
+
+
+def _command_line():
+    """snakemake's own reading of this process's command line; None when it is not one."""
     from snakemake.cli import get_argument_parser
 
     try:
-        args, _ = get_argument_parser().parse_known_args(sys.argv[1:])
-    except (Exception, SystemExit):  # not the snakemake command line: say no
-        return False
-    want = {os.path.normpath(p) for p in paths}
-    return bool(args.targets) and {os.path.normpath(t) for t in args.targets} <= want
+        return get_argument_parser().parse_known_args(sys.argv[1:])[0]
+    except (Exception, SystemExit):
+        return None
 
 
 def check_manifest_settings():
@@ -366,22 +373,34 @@ def check_manifest_settings():
     together with the rest: Snakemake 9 does not rerun a job downstream of a rerunning job
     through an `ancient` input (the manifest is one for every extraction), so that run would
     extract nothing and mix the new stimuli with the old features (docs/cluster.md, "What
-    reruns"). The manifest alone is made; a dry run warns."""
+    reruns"). A run whose only target is the manifest passes, and so do the commands that run
+    no job (dry runs warn)."""
     if not MANIFEST_SOURCE or not workflow.is_main_process:
         return
     made_from = manifest_settings_changed(MANIFEST, MANIFEST_SOURCE)
-    if made_from is None or _only_targets(MANIFEST):
+    if made_from is None:
         return
+    maker = (
+        "demo_stimuli" if config["stimuli"]["source"] == "demo" else "prefetch_stimuli"
+    )
     what = (
         f"the manifest {MANIFEST} was made from stimuli settings {made_from}, and the config"
         f" now says {MANIFEST_SOURCE} (config keys stimuli.*): it must be made again. Make it"
-        f" alone first (`snakemake <your options> {MANIFEST}`), then run as before: in one"
-        " run Snakemake would make it but not re-extract the features from it"
+        f" alone first (`snakemake <your options> --forcerun {maker} -- {MANIFEST}`), then run as"
+        " before: in one run Snakemake would make it but not re-extract the features from it"
         " (docs/cluster.md, 'What reruns')"
     )
+    args = _command_line()
+    if args is not None:
+        targets = {os.path.normpath(t) for t in args.targets or ()}
+        if targets == {os.path.normpath(MANIFEST)}:
+            return
+        if any(getattr(args, name, None) for name in _NO_JOBS):
+            logger.warning(f"a run stops here: {what}")
+            return
     # workflow.dryrun is not set yet while this file is read; the output settings are
     if getattr(workflow.output_settings, "dryrun", False):
-        logger.warning(f"a real run stops here: {what}")
+        logger.warning(f"a run stops here: {what}")
         return
     raise WorkflowError(what)
 

@@ -22,9 +22,7 @@ if config["stimuli"]["source"] == "hub":
 # depend on it rather than on the manifest's modification time: when the manifest exists, every
 # snakemake invocation (dry runs included) rewrites a stamp whose content changed and leaves the
 # others untouched, so an annotation column reruns no extraction and a caption only the
-# language models' (docs/cluster.md, "What reruns"). The rule makes a missing stamp, also when
-# a run makes the manifest again from other settings and removed the stamps first
-# (remake_stamps_after_the_manifest: stale stamps would hold back that run's extractions).
+# language models' (docs/cluster.md, "What reruns"). The rule makes a missing stamp.
 rule manifest_stamp:
     input:
         manifest=ancient(MANIFEST),
