@@ -818,9 +818,9 @@ def _raw_modes(im: Image.Image) -> list[str]:
     return out
 
 
-def _tiff_samples(im: Image.Image, raw: list[str], stimulus_id: str, path: Any) -> str | None:
-    """Refuse signed 16-bit TIFF samples; return "invert" for a white-is-zero TIFF whose
-    16-bit or float samples Pillow does not invert (it does invert 8-bit ones), else None."""
+def _tiff_is_white_is_zero(im: Image.Image, raw: list[str], stimulus_id: str, path: Any) -> bool:
+    """Whether a TIFF is white-is-zero with 16-bit or float samples, which Pillow does not
+    invert (it does invert 8-bit ones); signed 16-bit samples are refused."""
     if any(";16" in r and r.endswith("S") for r in raw):
         raise StimulusError(
             f"{_image_label(stimulus_id, path)}: signed 16-bit samples (TIFF SampleFormat 2): no "
@@ -829,14 +829,14 @@ def _tiff_samples(im: Image.Image, raw: list[str], stimulus_id: str, path: Any) 
         )
     tags = getattr(im, "tag_v2", None)
     if tags is None or tags.get(262) != 0 or im.mode not in (*_SIXTEEN_BIT, "F"):
-        return None
+        return False
     if im.mode == "I":
         raise StimulusError(
             f"{_image_label(stimulus_id, path)}: 32-bit integer grayscale stored white-is-zero "
             "(TIFF PhotometricInterpretation 0): its white level is undefined; save it as a "
             f"black-is-zero 8- or 16-bit image; {_FIX_IMAGE}"
         )
-    return "invert"
+    return True
 
 
 def _white_is_zero(im: Image.Image) -> Image.Image:
@@ -861,7 +861,7 @@ def _decode(
                 im.draft("RGB", (w // factor, h // factor))  # JPEG: decode at reduced scale
             im.load()
             orientation = _exif_orientation(im)  # after load(): PNG keeps EXIF after the pixels
-            if fmt == "TIFF" and _tiff_samples(im, raw, stimulus_id, path) == "invert":
+            if fmt == "TIFF" and _tiff_is_white_is_zero(im, raw, stimulus_id, path):
                 rgb, what = convert_to_rgb(_white_is_zero(im), stimulus_id, path=path)
                 what = f"white-is-zero (TIFF PhotometricInterpretation 0) inverted; {what}"
             else:

@@ -145,17 +145,20 @@ MANIFEST = f"resources/stimuli/{DATASET}/stimuli.tsv"
 STIMULI = "results/stimuli/{dataset}"
 # what each modality's extraction reads from the manifest (rule manifest_stamp)
 MANIFEST_STAMP = f"{STIMULI}/extract_{{modality}}.json"
-# the settings a rule of this workflow makes the manifest from (the params of prefetch_stimuli
-# or demo_stimuli, which record them next to it; none for a manifest the user provides)
+# the rule of this workflow that makes the manifest and the settings it makes it from (its
+# params, recorded next to the manifest); none for a manifest the user provides
 _STIMULI = config["stimuli"]
-MANIFEST_SOURCE = {
-    "hub": lambda: {
+MANIFEST_RULE, MANIFEST_SOURCE = None, {}
+if _STIMULI["source"] == "hub":
+    MANIFEST_RULE = "prefetch_stimuli"
+    MANIFEST_SOURCE = {
         "repo": _STIMULI.get("repo", "minhuh/prh"),
         "revision": _STIMULI.get("revision"),
         "split": _STIMULI.get("split", "train"),
-    },
-    "demo": lambda: {"n": _STIMULI.get("n", 240), "seed": _STIMULI.get("seed", 0)},
-}.get(_STIMULI["source"], dict)()
+    }
+elif _STIMULI["source"] == "demo":
+    MANIFEST_RULE = "demo_stimuli"
+    MANIFEST_SOURCE = {"n": _STIMULI.get("n", 240), "seed": _STIMULI.get("seed", 0)}
 DISP = "results/dispersion/{dataset}"
 ALIGN = "results/alignment/{dataset}"
 DIAG = "results/diagnostics/{dataset}"
@@ -349,8 +352,9 @@ def get_final_output():
 
 
 # ---------------------------------------------------------------- manifest stamps
-#: command-line options under which snakemake runs no job (inspection and maintenance)
-_NO_JOBS = ("dryrun", "touch", "unlock", "lint", "list_rules", "list_target_rules", "summary",
+#: command-line options under which snakemake runs no job (inspection and maintenance; a dry
+#: run, also one a profile asks for, is read from the output settings)
+_NO_JOBS = ("touch", "unlock", "lint", "list_rules", "list_target_rules", "summary",
             "detailed_summary", "report", "cleanup_metadata", "cleanup_shadow", "list_changes",
             "list_input_changes", "list_params_changes", "list_untracked", "delete_all_output",
             "delete_temp_output", "dag", "rulegraph", "filegraph", "d3dag", "containerize",
@@ -380,26 +384,22 @@ def check_manifest_settings():
     made_from = manifest_settings_changed(MANIFEST, MANIFEST_SOURCE)
     if made_from is None:
         return
-    maker = (
-        "demo_stimuli" if config["stimuli"]["source"] == "demo" else "prefetch_stimuli"
-    )
     what = (
         f"the manifest {MANIFEST} was made from stimuli settings {made_from}, and the config"
         f" now says {MANIFEST_SOURCE} (config keys stimuli.*): it must be made again. Make it"
-        f" alone first (`snakemake <your options> --forcerun {maker} -- {MANIFEST}`), then run as"
-        " before: in one run Snakemake would make it but not re-extract the features from it"
-        " (docs/cluster.md, 'What reruns')"
+        f" alone first (`snakemake <your options> --forcerun {MANIFEST_RULE} -- {MANIFEST}`),"
+        " then run as before: in one run Snakemake would make it but not re-extract the"
+        " features from it (docs/cluster.md, 'What reruns')"
     )
     args = _command_line()
-    if args is not None:
-        targets = {os.path.normpath(t) for t in args.targets or ()}
-        if targets == {os.path.normpath(MANIFEST)}:
-            return
-        if any(getattr(args, name, None) for name in _NO_JOBS):
-            logger.warning(f"a run stops here: {what}")
-            return
+    if args is not None and {os.path.normpath(t) for t in args.targets or ()} == {
+        os.path.normpath(MANIFEST)
+    }:
+        return
     # workflow.dryrun is not set yet while this file is read; the output settings are
-    if getattr(workflow.output_settings, "dryrun", False):
+    if getattr(workflow.output_settings, "dryrun", False) or (
+        args is not None and any(getattr(args, name, None) for name in _NO_JOBS)
+    ):
         logger.warning(f"a run stops here: {what}")
         return
     raise WorkflowError(what)
