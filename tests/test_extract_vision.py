@@ -349,3 +349,48 @@ def test_a_gpu_job_without_cuda_fails_instead_of_running_on_the_cpu(monkeypatch)
     monkeypatch.setenv("XMODAL_DEVICE", "cpu")
     assert resolve_device("auto").type == "cpu"
     assert resolve_device("cpu").type == "cpu"
+
+
+@pytest.mark.parametrize(
+    ("arch", "kwargs"),
+    [  # the class token joins after the blocks (CaiT, XCiT) or midway (ConViT)
+        ("cait_xxs24_224", dict(depth=2, depth_token_only=1, embed_dim=48, num_heads=2)),
+        ("xcit_nano_12_p16_224", dict(depth=2, embed_dim=48, num_heads=2)),
+        ("convit_tiny", dict(depth=3, local_up_to_layer=2, embed_dim=48, num_heads=2)),
+    ],
+)
+def test_models_whose_blocks_lack_the_class_token_are_refused(arch, kwargs):
+    model = timm.create_model(arch, pretrained=False, img_size=64, **kwargs).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with pytest.raises(ExtractionError, match=f"^{arch}: .* not the CLS token"):
+        extract_vision_features(
+            model, [(x, [0, 1])], stimulus_ids=["a", "b"], model_name=arch, progress=False
+        )
+
+
+def test_block_outputs_are_not_kept_alive_by_their_cls_tokens(tiny_vits):
+    from xmodal.extract.vision import _ClsHooks
+
+    model, _, info = load_vision_model(str(tiny_vits["dinov2"]))
+    size = info["preprocessing"]["input_size"]
+    hooks = _ClsHooks(model)
+    hooks.model.forward_features(torch.randn(3, *size))
+    token = hooks.tokens[0]  # a copy of token 0, not a view of the (3, tokens, dim) output
+    assert token.untyped_storage().nbytes() == token.numel() * token.element_size()
+    hooks.remove()
+
+
+def test_auto_dtype_is_float32_for_vision_and_decided_on_the_device_for_language(monkeypatch):
+    import xmodal.extract as extract
+
+    seen = {}
+
+    def stop(dtype, device):
+        seen["dtype"] = dtype
+        raise RuntimeError("stop")
+
+    monkeypatch.setattr(extract, "resolve_dtype", stop)
+    for modality, want in (("vision", "float32"), ("language", "auto")):
+        with pytest.raises(RuntimeError, match="stop"):
+            extract_features("m", {"modality": modality, "id": "x"}, "m.tsv", "o.h5", device="cpu")
+        assert seen["dtype"] == want

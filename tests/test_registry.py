@@ -29,10 +29,10 @@ def paper(**extraction) -> dict:
     return cfg
 
 
-def expected_gpus(size_b: float, gpu_mem_gb: float) -> int:
-    """The sizing rule of docs/cluster.md, written out independently: bf16 weights (2 bytes per
-    parameter) plus 5% (at least 2 GB) must fit in 90% of the GPUs' memory."""
-    weights = 2 * size_b
+def expected_gpus(size_b: float, gpu_mem_gb: float, bytes_per_param: int = 2) -> int:
+    """The sizing rule of docs/cluster.md, written out independently: the weights (2 bytes per
+    parameter in bf16, 4 in float32) plus 5% (at least 2 GB) must fit in 90% of the GPUs' memory."""
+    weights = bytes_per_param * size_b
     return max(1, math.ceil((weights + max(2.0, 0.05 * weights)) / (0.9 * gpu_mem_gb)))
 
 
@@ -42,10 +42,11 @@ def test_paper_models_get_gpus_for_the_site_gpu_size(gpu_mem_gb: float) -> None:
     assert len(reg) == 16
     for key, e in reg.items():
         r = e.resources(1)
-        n = expected_gpus(PAPER["models"][key]["size_b"], gpu_mem_gb)
+        nbytes = 4 if e.modality == "vision" else 2  # vision models compute in float32
+        n = expected_gpus(PAPER["models"][key]["size_b"], gpu_mem_gb, nbytes)
         assert r["gpu"] == n, (key, gpu_mem_gb, r)
-        # the bf16 weights fit in the GPUs requested
-        assert n * 0.9 * gpu_mem_gb >= 2 * e.size_b
+        # the weights fit in the GPUs requested
+        assert n * 0.9 * gpu_mem_gb >= nbytes * e.size_b
         assert all(isinstance(v, int) and v >= 1 for v in r.values()), r
     if gpu_mem_gb == 40:  # the case the issue reported: 65B needs 4 × 40 GB, 30B needs 2
         assert reg["llama-65b"].resources()["gpu"] == 4
@@ -122,7 +123,8 @@ def test_speed_settings_leave_every_feature_spec_unchanged() -> None:
     [
         ("revision", "abc123", {"llama-7b"}),
         ("id", "huggyllama/llama-7b-other", {"llama-7b"}),
-        ("dtype", "float32", "all"),
+        ("dtype", "float32", "language"),  # vision models compute in float32 under auto
+        ("dtype", "bfloat16", "all"),
         ("max_tokens", 64, "language"),
     ],
 )
@@ -254,3 +256,16 @@ def test_float32_extraction_asks_for_twice_the_gpu_memory() -> None:
     bf16 = Registry.from_config(paper(gpu_mem_gb=80))["llama-65b"].resources()["gpu"]
     fp32 = Registry.from_config(paper(gpu_mem_gb=80, dtype="float32"))["llama-65b"].resources()
     assert (bf16, fp32["gpu"]) == (2, 4)  # 130 GB -> 2 × 80 GB; 261 GB -> 4 × 80 GB
+
+
+def test_auto_dtype_is_float32_for_vision_models_as_in_the_reference_code() -> None:
+    auto = Registry.from_config(paper())
+    for key in auto.vision:  # sized and specified as float32, like an explicit float32
+        assert (auto[key].dtype, auto[key].bytes_per_param) == ("float32", 4)
+        assert auto[key].feature_spec() == (
+            Registry.from_config(paper(dtype="float32"))[key].feature_spec()
+        )
+    for key in auto.language:  # decided in the job: bfloat16 on a GPU, float32 on the CPU
+        assert (auto[key].dtype, auto[key].bytes_per_param) == ("auto", 2)
+    bf16 = Registry.from_config(paper(dtype="bfloat16"))
+    assert {bf16[k].bytes_per_param for k in bf16} == {2}

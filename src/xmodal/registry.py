@@ -35,6 +35,7 @@ __all__ = [
     "ModelEntry",
     "Registry",
     "Site",
+    "compute_dtype",
     "download_patterns",
     "hub_repo_of",
     "pickle_patterns",
@@ -108,6 +109,15 @@ def hub_repo_of(model_id: str, modality: str) -> tuple[str, str | None]:
     return rid, revision
 
 
+def compute_dtype(modality: str, dtype: str) -> str:
+    """The dtype a model computes in for the ``extraction.dtype`` setting: ``auto`` is float32
+    for vision models and ``auto`` (bfloat16 on a GPU, float32 on the CPU) for language models,
+    as in the Platonic Representation reference code (docs/cluster.md, "What reruns")."""
+    if modality == "vision" and str(dtype).lower() == "auto":
+        return "float32"
+    return str(dtype)
+
+
 def _looks_like_path(model_id: str) -> bool:
     return model_id.startswith(("/", "./", "../", "~"))
 
@@ -178,6 +188,11 @@ class ModelEntry:
         """Token limit for captions (language models; None = the model's own limit)."""
         return self.site.max_tokens if self.modality == "language" else None
 
+    @property
+    def dtype(self) -> str:
+        """The compute dtype of this model's extraction (:func:`compute_dtype`)."""
+        return compute_dtype(self.modality, self.site.dtype)
+
     def feature_spec(self) -> dict[str, Any]:
         """The fields that define this model's features: the extraction's rerun trigger.
 
@@ -188,7 +203,7 @@ class ModelEntry:
             "modality": self.modality,
             "id": self.id,
             "revision": self.revision,
-            "dtype": self.site.dtype,
+            "dtype": self.dtype,
         }
         if self.build is not None:
             spec["build"] = _plain(self.build)
@@ -202,8 +217,9 @@ class ModelEntry:
 
     @property
     def bytes_per_param(self) -> int:
-        """Bytes per weight in GPU memory: 4 for ``dtype: float32``, else 2 (bf16/fp16)."""
-        return 4 if self.site.dtype == "float32" else 2
+        """Bytes per weight in GPU memory: 4 in float32 (vision models, or ``dtype: float32``),
+        else 2 (bf16/fp16)."""
+        return 4 if self.dtype in ("float32", "fp32") else 2
 
     def gpus(self) -> int:
         """GPUs of ``site.gpu_mem_gb`` that hold the weights (see :mod:`xmodal.resources`)."""
@@ -345,7 +361,7 @@ class Registry(Mapping[str, ModelEntry]):
                 need = e.bytes_per_param * e.size_b * 1.05
                 raise ConfigError(
                     f"config key 'models.{e.key}': {err}. The model needs about {need:.0f} GB of "
-                    f"GPU memory (dtype {site.dtype}); with 'extraction.gpu_mem_gb: {site.gpu_mem_gb}' that is "
+                    f"GPU memory (dtype {e.dtype}); with 'extraction.gpu_mem_gb: {site.gpu_mem_gb}' that is "
                     f"more than 'extraction.gpus_per_node: {site.gpus_per_node}' GPUs. Set "
                     "extraction.gpu_mem_gb to your GPUs' memory and extraction.gpus_per_node to "
                     "the GPUs of your largest node, or remove the model"

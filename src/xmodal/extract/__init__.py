@@ -77,7 +77,8 @@ def extract_features(
 
     ``model_cfg`` is the model's config.yaml entry (``modality``, ``id``, ``revision``, and
     optionally ``label``, ``family``, ``size_b``). ``device="auto"`` = CUDA when visible, else
-    CPU; ``dtype="auto"`` = bfloat16 on CUDA, float32 on CPU. Vision images are decoded by
+    CPU; ``dtype="auto"`` = float32 for vision models, and for language models bfloat16 on CUDA
+    and float32 on CPU (xmodal.registry.compute_dtype). Vision images are decoded by
     ``num_workers`` DataLoader workers (None: the site default, xmodal.registry.SITE_DEFAULTS).
     Captions are cut to ``max_tokens`` tokens (None: the model's context, or
     ``language.DEFAULT_MAX_TOKENS`` when it declares none); the limit and the number of truncated
@@ -103,6 +104,10 @@ def extract_features(
     model_id = str(model_cfg["id"])
     revision = model_cfg.get("revision")
     dev = resolve_device(device)
+    if isinstance(dtype, str):
+        from xmodal.registry import compute_dtype
+
+        dtype = compute_dtype(modality, dtype)
     dt = resolve_dtype(dtype, dev)
     bs = _batch_size(batch_size, modality, dev)
     manifest_path = Path(manifest_path)

@@ -150,27 +150,40 @@ def vision_layer_names(model: torch.nn.Module) -> list[str]:
 class _ClsHooks:
     """Forward hooks that keep token 0 of every block's output during one forward pass."""
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, model_name: str = "vision model"):
         self.model = model
+        self.model_name = model_name
         self.tokens: list[torch.Tensor] = []
+        self.lengths: list[int] = []
         self.handles = [blk.register_forward_hook(self._hook) for blk in model.blocks]
 
     def _hook(self, module: torch.nn.Module, args: Any, output: torch.Tensor) -> None:
-        self.tokens.append(output[:, 0])
+        # a copy: a view of token 0 would keep the whole (B, tokens, dim) output alive
+        self.tokens.append(output[:, 0].clone())
+        self.lengths.append(int(output.shape[1]))
 
     @torch.inference_mode()
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, n_layers, dim)`` CLS tokens for a batch of preprocessed images."""
-        self.tokens = []
+        self.tokens, self.lengths = [], []
         try:
-            self.model.forward_features(x)
+            out = self.model.forward_features(x)
             if len(self.tokens) != len(self.model.blocks):
                 raise ExtractionError(
                     f"captured {len(self.tokens)} block outputs for {len(self.model.blocks)} blocks"
                 )
+            # token 0 of a block is the CLS token only when the block sees the model's whole
+            # sequence; CaiT and XCiT add the class token after their blocks, ConViT midway
+            if any(n != out.shape[1] for n in self.lengths):
+                raise ExtractionError(
+                    f"{self.model_name}: its blocks see {sorted(set(self.lengths))} tokens but the "
+                    f"model outputs {out.shape[1]}: the class token joins after (some of) the "
+                    "blocks (CaiT, XCiT, ConViT), so token 0 of a block is a patch, not the CLS "
+                    "token; use a ViT whose blocks carry the class token (ViT, DeiT, EVA, BEiT)"
+                )
             return torch.stack(self.tokens, dim=1)
         finally:
-            self.tokens = []
+            self.tokens, self.lengths = [], []
 
     def remove(self) -> None:
         for h in self.handles:
@@ -201,7 +214,7 @@ def extract_vision_features(
     acc = FeatureAccumulator(
         len(names), m, dim, model_name=model_name, layer_names=names, stimulus_ids=stimulus_ids
     )
-    hooks = _ClsHooks(model)
+    hooks = _ClsHooks(model, model_name)
     sizer: BatchSizer | None = BatchSizer(batch_size, model_name) if batch_size else None
     nonblocking = device.type == "cuda"
     try:
