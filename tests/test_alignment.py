@@ -326,6 +326,28 @@ def test_blocked_conditions_equal_dense(data, monkeypatch):
         np.testing.assert_allclose(db[col], dd[col], atol=1e-6, rtol=0)
 
 
+def test_a_collapsed_llm_layer_is_never_chosen_however_high_its_value():
+    rng = np.random.default_rng(2)
+    m = 120
+    z = rng.standard_normal((m, 8))
+    vision = mt.prepare_layer((z @ rng.standard_normal((8, 32))).astype(np.float32), 1e30)
+    weak = z @ rng.standard_normal((8, 24)) + 20 * rng.standard_normal((m, 24))
+    v = rng.standard_normal(24)
+    # rows one direction plus 1e-7 of the vision features: rounding picks every kNN set
+    collapsed = v + 1e-7 * (vision[:, :24] / np.abs(vision[:, :24]).max())
+    layers = [
+        (i, name, mt.prepare_layer(x.astype(np.float32), 1e30))
+        for i, (name, x) in enumerate((("weak", weak), ("collapsed", collapsed)))
+    ]
+    t = al.layer_search_table({"v": (0, vision)}, "l", layers, metrics=("cknna", "mutual_knn"))
+    bad = t[t["layer_name"] == "collapsed"]
+    assert not bad["valid"].any() and bad["reason"].str.startswith("collapsed").all(), bad
+    assert (bad["stability"] == np.inf).all() and not bad["chosen"].any()
+    chosen = t[t["chosen"]]
+    assert chosen["layer_name"].tolist() == ["weak", "weak"]
+    assert (bad["value"].to_numpy() > chosen["value"].to_numpy()).all()  # rounding's luck
+
+
 def test_stability_columns(data):
     vision, layers, sets = data
     tied = layers[1].copy()

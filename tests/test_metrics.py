@@ -349,6 +349,10 @@ def test_stability_matches_brute_force(seed, k):
     expected = max(
         abs(bf_cknna_sets(kk, ll, a, b) - base) for a, b in ((ak, sl), (sk, al_), (ak, al_))
     )
+    # at least half of a side's rows unresolved: rounding decides, the stability is ∞
+    collapsed = any((bf_gaps(g, k) <= 0).mean() >= 0.5 for g in (kk, ll))
+    if collapsed:
+        expected = np.inf
     value, stability = mt.knn_metric("cknna", xs, ys)
     assert float(value[0]) == pytest.approx(base, abs=1e-12)
     assert float(stability[0]) == pytest.approx(expected, abs=1e-12)
@@ -359,7 +363,8 @@ def test_stability_matches_brute_force(seed, k):
     ]
     v, s = mt.knn_metric("mutual_knn", xs, ys)
     assert float(v[0]) == pytest.approx(np.mean(mutual))
-    assert float(s[0]) == pytest.approx(max(abs(a - np.mean(mutual)) for a in alt_mutual))
+    expected = max(abs(a - np.mean(mutual)) for a in alt_mutual)
+    assert float(s[0]) == pytest.approx(np.inf if collapsed else expected)
 
 
 def test_stability_zero_when_separated_positive_when_tied():
@@ -374,6 +379,28 @@ def test_stability_zero_when_separated_positive_when_tied():
     assert tied.unresolved[0, [0, 3, 9, 17]].all()
     assert float(mt.knn_metric("cknna", tied, ys2)[1][0]) > 0
     assert float(mt.knn_metric("mutual_knn", tied, ys2)[1][0]) > 0
+
+
+@pytest.mark.parametrize("dense", [True, False])
+def test_values_of_a_layer_whose_neighbours_rounding_decides_have_infinite_stability(dense):
+    """Rows one direction up to 1e-7 noise: every kNN set is rounding's choice, and one
+    alternative tie-break (a lower bound) can move the value by less than the flag threshold."""
+    rng = np.random.default_rng(0)
+    m, k = 120, 10
+    healthy = rng.standard_normal((m, 32)).astype(np.float32)
+    v = rng.standard_normal(24)
+    collapsed = (v + 1e-7 * rng.standard_normal((m, 24))).astype(np.float32)
+    sides = {
+        name: mt.KernelKNN.from_features(mt.prepare_layer(x, threshold=1e30), k, dense=dense)
+        for name, x in (("healthy", healthy), ("collapsed", collapsed))
+    }
+    assert float(sides["collapsed"].unresolved.float().mean()) >= mt.ROUNDING_DECIDES
+    for metric in ("cknna", "mutual_knn"):
+        for a, b in (("healthy", "collapsed"), ("collapsed", "healthy")):
+            value, stability = mt.knn_metric(metric, sides[a], sides[b])
+            assert np.isfinite(float(value[0])) and float(stability[0]) == np.inf
+        _, ok = mt.knn_metric(metric, sides["healthy"], sides["healthy"])
+        assert np.isfinite(float(ok[0]))
 
 
 def test_collapsed_representation_is_unresolved():

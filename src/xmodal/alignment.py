@@ -45,6 +45,7 @@ from xmodal.metrics import (
     knn_metric,
     layer_problem,
     normalised_hsic,
+    rounding_decides,
 )
 from xmodal.parallel import mapper, n_workers
 from xmodal.selection import RANDOM_SETS, sets_to_indices
@@ -574,6 +575,8 @@ def layer_search_tables(
                 f"LLM {llm!r} layer {name} has {np.shape(y)[0]} stimuli, vision has {m}"
             )
         lside, reason = _checked_side(y, k, device, dense)
+        if lside is not None and bool(rounding_decides(lside)[0]):
+            reason = "collapsed: rounding decides most stimuli's nearest neighbours"
         if on_layer is not None:
             on_layer(int(index), str(name), y, lside)
         lhalf = _subsets_of(lside, halves) if halves is not None and lside is not None else None

@@ -27,6 +27,7 @@ import pandas as pd
 import torch
 
 from xmodal.metrics import (
+    ROUNDING_DECIDES,
     KernelKNN,
     feature_tensor,
     kernel_resolution,
@@ -49,7 +50,7 @@ __all__ = [
 #: A layer whose mean off-diagonal cosine reaches this is collapsed (all stimuli nearly alike).
 COLLAPSED_COS = 0.999
 #: ... as is one where at least this fraction of rows has an unresolved kNN set.
-COLLAPSED_UNRESOLVED = 0.5
+COLLAPSED_UNRESOLVED = ROUNDING_DECIDES
 #: Warn above this fraction of unresolved rows. Healthy synthetic layers at the paper's scale
 #: (m = 1024, d = 1024–8192, benchmarks/analysis_scale.py's generator) have 0.1–2.1 %.
 WARN_UNRESOLVED = 0.05

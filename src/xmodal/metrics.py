@@ -61,6 +61,8 @@ __all__ = [
     "outlier_threshold",
     "prepare",
     "prepare_layer",
+    "ROUNDING_DECIDES",
+    "rounding_decides",
     "threshold_from_quantiles",
     "top_lists",
     "unbiased_cka",
@@ -463,6 +465,11 @@ def _mutual_lists(kn: Neighbours, ln: Neighbours) -> torch.Tensor:
 
 _LIST_METRICS = {"cknna": _cknna_lists, "mutual_knn": _mutual_lists}
 
+#: A kNN structure with at least this fraction of unresolved rows has its neighbourhoods decided
+#: by rounding, not by the data (a collapsed layer, docs/method.md, "Diagnostics"): values that
+#: use it get stability ∞, since one alternative tie-break cannot bound how far they move.
+ROUNDING_DECIDES = 0.5
+
 
 @dataclass
 class KernelKNN:
@@ -606,7 +613,8 @@ def knn_metric(metric: str, xs: KernelKNN, ys: KernelKNN) -> tuple[torch.Tensor,
 
     stability = max |Δvalue| over recomputing with the near-tie bands of X's unresolved rows,
     of Y's, and of both filled in reverse stimulus order; exactly 0 (no recomputation) for a
-    batch element where neither side has an unresolved row (docs/method.md, "Stability").
+    batch element where neither side has an unresolved row; ∞ where at least
+    :data:`ROUNDING_DECIDES` of either side's rows are unresolved (docs/method.md, "Stability").
     """
     if metric not in _LIST_METRICS:
         raise ValueError(f"{metric!r} is not a kNN metric; kNN metrics: {tuple(_LIST_METRICS)}")
@@ -627,8 +635,15 @@ def knn_metric(metric: str, xs: KernelKNN, ys: KernelKNN) -> tuple[torch.Tensor,
         stability = torch.maximum(stability, (f(a, b) - value).abs())
     touched = xs.unresolved.any(dim=1) | ys.unresolved.any(dim=1)
     stability = torch.where(touched, stability, 0.0)
+    stability = torch.where(rounding_decides(xs) | rounding_decides(ys), torch.inf, stability)
     stability = torch.where(torch.isfinite(value), stability, torch.nan)
     return value, stability
+
+
+def rounding_decides(side: KernelKNN) -> torch.Tensor:
+    """(B,) True where at least :data:`ROUNDING_DECIDES` of the batch element's rows are
+    unresolved: a collapsed layer, whose kNN sets the kernel's rounding picks."""
+    return side.unresolved.to(torch.float64).mean(dim=1) >= ROUNDING_DECIDES
 
 
 def cknna_sides(kside: KernelKNN, lside: KernelKNN) -> torch.Tensor:
