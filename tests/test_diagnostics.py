@@ -73,6 +73,14 @@ def test_collapsed_and_warn_flags():
     assert healthy.frac_unresolved <= dg.WARN_UNRESOLVED
 
 
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_non_finite_features_are_refused_not_reported_healthy(bad):
+    x = np.random.default_rng(0).standard_normal((20, 6)).astype(np.float32)
+    x[3, 2] = bad
+    with pytest.raises(ValueError, match="NaN or ±inf"):
+        dg.diagnose(x, 5)
+
+
 def test_table_and_ids():
     rng = np.random.default_rng(3)
     x = unit_rows(rng.standard_normal((30, 5)))

@@ -151,6 +151,25 @@ def test_finite_layer_checks_only_the_layer_read(tmp_path):
     assert str(path) in msg and "'layers.2'" in msg and "'s4'" in msg
 
 
+def test_stimuli_with_all_zero_features_are_named_a_layer_of_zeros_is_left_to_the_analysis(
+    tmp_path,
+):
+    """Rows of zeros among real rows (a failed or padded extraction) moved CKNNA by 0.03 with
+    no flag; a whole layer of zeros is refused or skipped by name in the analysis."""
+    x, ids, names = _data()
+    x[1, [2, 5]] = 0.0
+    x[2] = 0.0
+    path = write_features(tmp_path / "f.h5", x, ids, names, ATTRS)
+    with FeatureFile(path) as ff:
+        np.testing.assert_array_equal(ff.finite_layer(0), x[0])
+        np.testing.assert_array_equal(ff.finite_layer(2), x[2])
+        with pytest.raises(FeatureFileError) as err:
+            ff.finite_layer(1)
+    msg = str(err.value)
+    assert str(path) in msg and "all-zero features in layer 1 ('layers.1')" in msg
+    assert "'s2'" in msg and "'s5'" in msg and "'s4'" not in msg
+
+
 def test_schema_version_mismatch_asks_to_reextract(tmp_path):
     x, ids, names = _data()
     path = write_features(tmp_path / "f.h5", x, ids, names, ATTRS)

@@ -244,6 +244,8 @@ def diagnose(
     m, d = t.shape
     if m < 3 or not 1 <= k <= m - 2:
         raise ValueError(f"need m ≥ 3 and 1 ≤ k ≤ m − 2 (a (k+1)-th neighbour), got m={m}, k={k}")
+    if not bool(torch.isfinite(t).all()):  # NaN compares false: it would pass as healthy
+        raise ValueError("features hold NaN or ±inf: diagnostics need finite prepared features")
     tau = kernel_resolution(d, t.dtype) if tau is None else float(tau)
     if t.device.type == "cpu":  # numpy's float64-accumulating reductions are much faster here
         a = t.numpy()

@@ -600,15 +600,23 @@ class FeatureFile:
         return x if self._order is None else x[self._order]
 
     def finite_layer(self, i: int) -> np.ndarray:
-        """:meth:`layer`, checked: non-finite values raise an error naming layer and stimuli."""
+        """:meth:`layer`, checked: non-finite values, or all-zero rows in a layer whose other
+        rows are not zero (stimuli without features), raise an error naming layer and stimuli.
+        A layer of zeros only is left to the analysis, which refuses or skips it by name."""
         x = self.layer(i)
         bad = ~np.isfinite(x).all(axis=1)
+        what, why = "non-finite features", ""
+        if not bad.any():
+            bad = ~x.any(axis=1)
+            what, why = "all-zero features", " (features never written: a failed or padded file?)"
+            if bad.all():
+                return x
         if bad.any():
             ids = self.stimulus_ids
             raise FeatureFileError(
-                f"{self.path}: non-finite features in layer {i % self.n_layers} "
+                f"{self.path}: {what} in layer {i % self.n_layers} "
                 f"({self.layer_names[i]!r}) for stimuli "
-                f"{_preview([ids[j] for j in np.flatnonzero(bad)])}; {REEXTRACT}"
+                f"{_preview([ids[j] for j in np.flatnonzero(bad)])}{why}; {REEXTRACT}"
             )
         return x
 
