@@ -162,8 +162,7 @@ def mixed_table(trained: Path, t_cfg: dict, untrained: Path, u_cfg: dict) -> pd.
 
 def measure(workdir: Path, cfg: dict, configfile: str) -> dict[str, float]:
     vision = [k for k, m in cfg["models"].items() if m["modality"] == "vision"]
-    a = cfg["analysis"]
-    targets = demo_targets(workdir, cfg["dataset"], vision, a["vision_layer"], a["knn_k"])
+    targets = demo_targets(workdir, cfg["dataset"], vision)
     return targets, targets.summary()
 
 

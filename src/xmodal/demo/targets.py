@@ -4,18 +4,17 @@ The demo's scientific checks (docs/method.md, "The embedded demo"), each compute
 aggregate tables by column name:
 
 - **collapse**: per model, at the layer the analysis uses (the vision layer of GPA; every LLM
-  layer chosen by the layer search), the mean pairwise cosine of the prepared features
-  (docs/method.md, Alignment: clamp + row l2) and the fraction of stimuli whose kNN set is not
-  determined by the data (unresolved: the k-th and (k+1)-th largest off-diagonal cosines of the
-  row differ by less than ``tol``);
+  layer chosen by the layer search), the run's own diagnostics: the mean pairwise cosine of the
+  prepared features and the fraction of stimuli whose kNN set the kernel's rounding decides
+  (docs/method.md, "Diagnostics");
 - **planted nuisance**: Spearman ρ between each stimulus's mean dispersion and its planted
   nuisance level (manifest column ``nuisance``); per vision model, what carries it (ρ of the
   model's residual with ν, of the stimulus's distance from the centre of the model's GPA input
   with ν, and of the residual with that distance), and ρ of ν with the relative disagreement
   (each stimulus's mean over models of residual / distance);
 - **low vs high**: per (vision, LLM) pair and summary (mean rank, PC1), whether the low-dispersion
-  set aligns better than the high one, and whether the bootstrap interval of low − high
-  excludes 0;
+  set aligns better than the high one, and whether the bootstrap interval of low − high lies
+  above 0 (an interval below 0 is a significant reversal, not the effect);
 - **leave-one-model-out**: Pearson r per held-out model;
 - **full-set alignment**: CKNNA per pair on the full stimulus set (trained vs untrained).
 """
@@ -28,7 +27,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from xmodal.io import read_table
@@ -39,70 +37,22 @@ __all__ = [
     "collapse_table",
     "demo_targets",
     "low_high_table",
-    "neighbour_statistics",
     "nuisance_by_model",
 ]
 
 PathLike = str | os.PathLike
 
 
-def neighbour_statistics(x: np.ndarray, k: int = 10, tol: float = 1e-6) -> tuple[float, float]:
-    """(mean pairwise cosine, fraction of rows with unresolved k-neighbours) of prepared rows.
-
-    ``x`` (m × d) has unit rows. Cosines K = XXᵀ (float64); mean over i ≠ j. Row i is
-    unresolved when its k-th and (k+1)-th largest off-diagonal entries differ by less than
-    ``tol``: its kNN set is then decided by rounding, not by the data.
-    """
-    x = np.asarray(x, dtype=np.float64)
-    m = x.shape[0]
-    if m < k + 2:
-        raise ValueError(f"need more than k + 1 = {k + 1} stimuli, got {m}")
-    kern = x @ x.T
-    off = ~np.eye(m, dtype=bool)
-    mean_cos = float(kern[off].mean())
-    rows = np.sort(kern[off].reshape(m, m - 1), axis=1)[:, ::-1]
-    gaps = rows[:, k - 1] - rows[:, k]
-    return mean_cos, float(np.mean(gaps < tol))
-
-
-def collapse_table(
-    root: PathLike,
-    dataset: str,
-    vision: Sequence[str],
-    vision_layer: int,
-    k: int = 10,
-    tol: float = 1e-6,
-) -> pd.DataFrame:
-    """Per (model, layer) the analysis uses: ``model``, ``modality``, ``layer``, ``layer_name``,
-    ``mean_cosine``, ``frac_unresolved`` (see :func:`neighbour_statistics`)."""
-    from xmodal.features import FeatureFile
-    from xmodal.metrics import prepare_layer, threshold_from_quantiles
-
-    root = Path(root)
-    layers = read_table(root / f"results/alignment/{dataset}/layers.tsv")
-    chosen = layers[layers["chosen"]]  # read_table: a column of True/False is boolean
-    wanted: dict[str, set[int]] = {v: set() for v in vision}
-    for llm, idx in zip(chosen["llm"], chosen["llm_layer"], strict=True):
-        wanted.setdefault(str(llm), set()).add(int(idx))
-    rows = []
-    for model, idxs in wanted.items():
-        with FeatureFile(root / f"results/features/{dataset}/{model}.h5") as f:
-            t = threshold_from_quantiles(f.abs_q95())
-            if model in vision:
-                idxs = {vision_layer % f.n_layers}
-            for i in sorted(idxs):
-                mean_cos, frac = neighbour_statistics(prepare_layer(f.layer(i), t), k, tol)
-                rows.append(
-                    dict(
-                        model=model,
-                        modality="vision" if model in vision else "language",
-                        layer=i,
-                        layer_name=f.layer_names[i],
-                        mean_cosine=mean_cos,
-                        frac_unresolved=frac,
-                    )
-                )
-    return pd.DataFrame(rows)
+def collapse_table(root: PathLike, dataset: str) -> pd.DataFrame:
+    """Per (model, layer) the analysis uses, from the run's diagnostics
+    (``results/diagnostics/{dataset}/diagnostics.tsv``, rows marked ``used``: the vision layer
+    of GPA, every LLM layer chosen by the layer search): ``model``, ``modality``, ``layer``,
+    ``layer_name``, ``mean_cosine`` (the diagnostics' ``cos_mean``), ``frac_unresolved``,
+    ``collapsed``, ``warn`` (docs/method.md, "Diagnostics")."""
+    diag = read_table(Path(root) / f"results/diagnostics/{dataset}/diagnostics.tsv")
+    used = diag[diag["used"]].rename(columns={"cos_mean": "mean_cosine"})
+    cols = ["model", "modality", "layer", "layer_name", "mean_cosine", "frac_unresolved"]
+    return used[cols + ["collapsed", "warn"]].reset_index(drop=True)
 
 
 def nuisance_by_model(root: PathLike, dataset: str, vision: Sequence[str]) -> pd.DataFrame:
@@ -149,12 +99,12 @@ def _by_model(
 
 
 def low_high_table(contrasts: pd.DataFrame) -> pd.DataFrame:
-    """Per pair and summary: ``low``, ``high``, ``low_gt_high``, ``ci_excludes_0`` (the bootstrap
-    interval of low − high lies entirely above or below 0) from the contrasts table."""
+    """Per pair and summary: ``low``, ``high``, ``low_gt_high``, ``ci_above_0`` (the bootstrap
+    interval of low − high lies entirely above 0) from the contrasts table."""
     keys = ["vision", "llm", "summary"] + (["metric"] if "metric" in contrasts else [])
     out = contrasts[keys + ["low", "high", "diff_ci_low", "diff_ci_high"]].copy()
     out["low_gt_high"] = out["low"] > out["high"]
-    out["ci_excludes_0"] = (out["diff_ci_low"] > 0) | (out["diff_ci_high"] < 0)
+    out["ci_above_0"] = out["diff_ci_low"] > 0
     return out.reset_index(drop=True)
 
 
@@ -178,10 +128,10 @@ class DemoTargets:
         """Pairs whose low set aligns better than the high set, for ``summary`` (mean / pc1)."""
         return int(self.low_high.loc[self.low_high["summary"] == summary, "low_gt_high"].sum())
 
-    def n_ci_excludes_0(self, summary: str) -> int:
-        """Pairs whose bootstrap interval of low − high excludes 0, for ``summary``."""
+    def n_ci_above_0(self, summary: str) -> int:
+        """Pairs whose bootstrap interval of low − high lies above 0, for ``summary``."""
         sel = self.low_high["summary"] == summary
-        return int(self.low_high.loc[sel, "ci_excludes_0"].sum())
+        return int(self.low_high.loc[sel, "ci_above_0"].sum())
 
     def summary(self) -> dict[str, float]:
         """One line of numbers for logs and benchmark tables."""
@@ -198,17 +148,15 @@ class DemoTargets:
             "n_pairs": n_pairs,
             "low_gt_high_mean": self.n_low_gt_high("mean"),
             "low_gt_high_pc1": self.n_low_gt_high("pc1"),
-            "ci_excl0_mean": self.n_ci_excludes_0("mean"),
-            "ci_excl0_pc1": self.n_ci_excludes_0("pc1"),
+            "ci_above0_mean": self.n_ci_above_0("mean"),
+            "ci_above0_pc1": self.n_ci_above_0("pc1"),
             "min_loo_r": float(self.loo["pearson_r"].min()),
             "min_full_cknna": float(self.full.min()),
             "median_full_cknna": float(self.full.median()),
         }
 
 
-def demo_targets(
-    root: PathLike, dataset: str, vision: Sequence[str], vision_layer: int, k: int = 10
-) -> DemoTargets:
+def demo_targets(root: PathLike, dataset: str, vision: Sequence[str]) -> DemoTargets:
     """Measure the targets of the run in project folder ``root`` for ``dataset``."""
     root = Path(root)
     manifest = read_manifest(root / f"resources/stimuli/{dataset}/stimuli.tsv")
@@ -232,7 +180,7 @@ def demo_targets(
     if "metric" in full:
         full = full[full["metric"] == "cknna"]
     return DemoTargets(
-        collapse=collapse_table(root, dataset, vision, vision_layer, k),
+        collapse=collapse_table(root, dataset),
         nuisance_rho=rho,
         nuisance_rho_pc1=rho_pc1,
         nuisance_rho_relative=rho_relative,
