@@ -118,6 +118,22 @@ def test_heldout_sets_lie_inside_half_b_by_rank_within_b():
         sel.heldout_sets(ids, mean_s, pc1_s, k_set, n_random, n_splits, seed, knn_k=6)
 
 
+@pytest.mark.parametrize("m", [22, 30, 1026])
+def test_heldout_low_and_high_sets_are_disjoint_when_set_size_is_half_of_m(m):
+    """K = m/2 with K odd: rounding K·|B|/m up gave low and high one stimulus in common."""
+    k_set = m // 2
+    assert k_set % 2 == 1
+    rng = np.random.default_rng(0)
+    ids = _ids(m)
+    sets = sel.heldout_sets(ids, rng.random(m), rng.standard_normal(m), k_set, 2, 3, 0, 3)
+    n_b = m - m // 2
+    assert sel.heldout_set_size(k_set, m) == n_b // 2
+    for (_, summary), part in sets[sets["set"] != "random"].groupby(["split", "summary"]):
+        low = set(part.loc[part["set"] == "low", "stimulus_id"])
+        high = set(part.loc[part["set"] == "high", "stimulus_id"])
+        assert len(low) == len(high) == n_b // 2 and not low & high, summary
+
+
 def test_control_settings_defaults_and_errors():
     assert sel.DropControl.from_config({}) == sel.DropControl(True, None)
     assert sel.DropControl.from_config({"analysis": {}}).draws({"n_random": 30}) == 30

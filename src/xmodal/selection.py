@@ -233,12 +233,14 @@ def split_halves(m: int, n_splits: int, seed: int) -> tuple[np.ndarray, np.ndarr
 
 
 def heldout_set_size(set_size: int, m: int) -> int:
-    """Size K_B of the low / high / random sets inside half B: ⌊K·|B|/m + ½⌋, |B| = m − ⌊m/2⌋.
+    """Size K_B of the low / high / random sets inside half B: ⌊K·|B|/m + ½⌋, |B| = m − ⌊m/2⌋,
+    at most ⌊|B|/2⌋ so that low and high stay disjoint.
 
-    The sets keep the fraction K/m of their pool (128 of 512 for K = 256 of m = 1024).
+    The sets keep the fraction K/m of their pool (128 of 512 for K = 256 of m = 1024); the cap
+    acts only for K = m/2 with K odd (rounding up would share a stimulus between low and high).
     """
     n_b = int(m) - int(m) // 2
-    return int(math.floor(int(set_size) * n_b / int(m) + 0.5))
+    return min(int(math.floor(int(set_size) * n_b / int(m) + 0.5)), n_b // 2)
 
 
 def heldout_sets(
