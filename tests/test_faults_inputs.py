@@ -113,6 +113,11 @@ def _metrics_without_cknna(cfg: dict) -> None:
     cfg["analysis"]["metrics"] = ["mutual_knn"]
 
 
+def _metrics_without_cknna_at_a_depth(cfg: dict) -> None:
+    cfg["analysis"]["metrics"] = ["mutual_knn"]
+    cfg["analysis"].setdefault("language_dispersion", {})["layer"] = 0.5
+
+
 CONFIG_CASES: dict[str, tuple[Callable[[dict], None], str]] = {
     # schema errors: one line per problem naming the config file and the dotted key
     "unknown_key": (
@@ -163,7 +168,13 @@ CONFIG_CASES: dict[str, tuple[Callable[[dict], None], str]] = {
     # before: accepted, then language_gpa failed after the layer searches ("rerun its layer search")
     "metrics_without_cknna": (
         _metrics_without_cknna,
-        r"'analysis.language_dispersion.layer': 'chosen'.*CKNNA.*\(\['mutual_knn'\]\) has no cknna",
+        r"'analysis.metrics': .*2 × 2 sets by CKNNA.*\(\['mutual_knn'\]\) has no cknna",
+    ),
+    # before: accepted, then the 2 × 2 job failed with "the layer search is older than the
+    # config (rerun it)", which no rerun could fix
+    "metrics_without_cknna_at_a_depth": (
+        _metrics_without_cknna_at_a_depth,
+        r"'analysis.metrics': .*2 × 2 sets by CKNNA.*\(\['mutual_knn'\]\) has no cknna",
     ),
 }
 

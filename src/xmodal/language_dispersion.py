@@ -135,11 +135,14 @@ class LanguageDispersionSettings:
             )
         layer = "chosen" if layer == "chosen" else float(layer)
         metrics = list((config.get("analysis") or {}).get("metrics") or ["cknna"])
-        if enabled and layer == "chosen" and CHOSEN_METRIC not in metrics:
+        if enabled and CHOSEN_METRIC not in metrics:
+            # the 2 × 2 sets are scored by CKNNA at each LLM's chosen layer, whatever `layer`
             raise ConfigError(
-                f"config key '{key}': 'chosen' takes each LLM's layer as the layer search chose "
-                f"it by CKNNA, but 'analysis.metrics' ({metrics}) has no cknna; add cknna to "
-                f"'analysis.metrics', or set '{key}' to a relative depth in [0, 1]"
+                f"config key 'analysis.metrics': the language-side dispersion scores its 2 × 2 "
+                f"sets by CKNNA at the layer the search chose by CKNNA (and with '{key}: "
+                f"chosen' takes that layer), but 'analysis.metrics' ({metrics}) has no cknna; "
+                "add cknna to 'analysis.metrics', or set "
+                "'analysis.language_dispersion.enabled' to false"
             )
         n_llm = sum(
             1 for m in (config.get("models") or {}).values() if m.get("modality") == "language"
