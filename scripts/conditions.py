@@ -1,6 +1,6 @@
 """Rule conditions: every stimulus set, for every vision model against one LLM, at the chosen
-LLM layers; the drop sets against their size-matched random sets and the held-out halves when
-the config asks for them."""
+LLM layers; the drop sets against their size-matched random sets, the held-out halves and the
+sets chosen without each vision model when the config asks for them."""
 
 import _bootstrap  # noqa: F401
 
@@ -30,4 +30,6 @@ run_conditions(
     heldout_sets_path=snakemake.input.get("heldout_sets"),
     out_heldout=snakemake.output.get("heldout"),
     vision_bootstrap_path=snakemake.input.vision_bootstrap,
+    loo_stimuli_path=snakemake.input.get("loo_stimuli"),
+    out_self_selection=snakemake.output.get("self_selection"),
 )

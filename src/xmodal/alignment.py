@@ -64,6 +64,7 @@ __all__ = [
     "KNN_METRICS",
     "LAYER_COLUMNS",
     "METRICS",
+    "SELF_SELECTION_COLUMNS",
     "AlignmentError",
     "ConditionPlan",
     "ConditionSide",
@@ -79,6 +80,7 @@ __all__ = [
     "layer_search_many",
     "layer_search_table",
     "layer_search_tables",
+    "self_selection_table",
     "self_term",
     "side_values",
     "subset_sides",
@@ -160,6 +162,20 @@ DROP_COLUMNS = [
     "n_random",
     "frac_random_ge_drop_high",
     "frac_random_ge_drop_low",
+]
+#: Each vision model on the low and high sets chosen without it (docs/method.md, "Sets chosen
+#: without the scored model"): the contrast columns, then the same pair's values on the sets of
+#: every model (``_all``) and how many stimuli each pair of sets shares.
+SELF_SELECTION_COLUMNS = [
+    *CONTRAST_COLUMNS[:4],
+    "llm_layer",
+    "n_stimuli",
+    *CONTRAST_COLUMNS[4:],
+    "low_all",
+    "high_all",
+    "diff_ci_low_all",
+    "n_shared_low",
+    "n_shared_high",
 ]
 #: The layer chosen on half A of each split (docs/method.md, "Held-out layer choice"): one row
 #: per (vision, metric, split), written by the layer search.
@@ -1187,6 +1203,71 @@ def drop_table(conditions: pd.DataFrame) -> pd.DataFrame:
                 }
             )
     return pd.DataFrame(rows, columns=DROP_COLUMNS)
+
+
+def self_selection_table(
+    others: pd.DataFrame,
+    others_conditions: pd.DataFrame,
+    conditions: pd.DataFrame,
+    contrasts: pd.DataFrame,
+    n_shared: Mapping[tuple[str, str], int],
+) -> pd.DataFrame:
+    """Each vision model on its sets chosen without it, next to the sets of every model
+    (:data:`SELF_SELECTION_COLUMNS`; docs/method.md, "Sets chosen without the scored model").
+
+    ``others`` / ``others_conditions``: :func:`condition_tables` contrasts and conditions of each
+    vision model on its own ``others_sets``; ``conditions`` / ``contrasts``: those of the sets of
+    every model. The random baseline is the draws of ``conditions`` (random sets do not depend
+    on dispersion, so they are the same draws), against the ``low`` value of ``others``.
+    ``n_shared[(vision, set)]``: stimuli that set shares with the one chosen with every model.
+    """
+    nan = float("nan")
+    rows = []
+    for r in others.itertuples(index=False):
+        key = (r.vision, r.llm, r.metric)
+        own = others_conditions[
+            (others_conditions["vision"] == r.vision)
+            & (others_conditions["metric"] == r.metric)
+            & (others_conditions["condition"] == "low")
+        ]
+        c = conditions[
+            (conditions["vision"] == r.vision)
+            & (conditions["llm"] == r.llm)
+            & (conditions["metric"] == r.metric)
+        ]
+        rand = c[c["condition"] == "random"]
+        base: dict[str, float] = {
+            "random_mean": nan, "random_ci_low": nan, "random_ci_high": nan,
+            "frac_random_ge_low": nan,
+        }  # fmt: skip
+        if len(rand):
+            base = random_baseline(rand["value"].to_numpy(np.float64), float(r.low))
+        main = contrasts[
+            (contrasts["vision"] == r.vision)
+            & (contrasts["llm"] == r.llm)
+            & (contrasts["metric"] == r.metric)
+            & (contrasts["summary"] == r.summary)
+        ]
+        if len(main) != 1 or len(own) != 1:
+            raise ValueError(f"{key}: expected one row of the main contrasts and of the low set")
+        rows.append(
+            {
+                **r._asdict(),
+                "llm_layer": int(own["llm_layer"].item()),
+                "n_stimuli": int(own["n_stimuli"].item()),
+                "random_mean": base["random_mean"],
+                "random_ci_low": base["random_ci_low"],
+                "random_ci_high": base["random_ci_high"],
+                "random_stability": mean_stability(rand["stability"].to_numpy(np.float64)),
+                "frac_random_ge_low": base["frac_random_ge_low"],
+                "low_all": float(main["low"].item()),
+                "high_all": float(main["high"].item()),
+                "diff_ci_low_all": float(main["diff_ci_low"].item()),
+                "n_shared_low": int(n_shared[(r.vision, "low")]),
+                "n_shared_high": int(n_shared[(r.vision, "high")]),
+            }
+        )
+    return pd.DataFrame(rows, columns=SELF_SELECTION_COLUMNS)
 
 
 def heldout_condition_table(

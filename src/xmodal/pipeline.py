@@ -13,7 +13,7 @@ import functools
 import json
 import logging
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -621,6 +621,8 @@ def run_conditions(
     heldout_sets_path: PathLike | None = None,
     out_heldout: PathLike | None = None,
     vision_bootstrap_path: PathLike | None = None,
+    loo_stimuli_path: PathLike | None = None,
+    out_self_selection: PathLike | None = None,
 ) -> None:
     """Every stimulus set of every vision model against one LLM, at the layers chosen on the
     full set (each chosen LLM layer read and prepared once).
@@ -632,17 +634,22 @@ def run_conditions(
     "Size-matched drop control"; the sets table must hold them). ``out_heldout`` (with the layer
     search's ``heldout_layers_path`` and ``heldout_sets_path``): the sets inside half B of each
     split at the held-out and at the full-set layer (docs/method.md, "Held-out layer choice").
+    ``out_self_selection`` (with the leave-one-model-out ``loo_stimuli_path``): each vision
+    model on low and high sets of the main sets' size chosen without it (docs/method.md, "Sets
+    chosen without the scored model").
     """
     from xmodal import alignment
 
+    if (out_self_selection is None) != (loo_stimuli_path is None):
+        raise ValueError("out_self_selection and loo_stimuli_path go together")
     heldout = None
     if out_heldout is not None:
         if heldout_layers_path is None or heldout_sets_path is None:
             raise ValueError("out_heldout needs heldout_layers_path and heldout_sets_path")
         heldout = (heldout_layers_path, heldout_sets_path, seed)
-    conditions, contrasts, held = _set_alignment(
+    conditions, contrasts, held, self_selection = _set_alignment(
         vision_paths, llm_path, layers_path, sets_path, vision, llm, vision_layer, k, n_boot, seed,
-        metric_names, heldout, vision_bootstrap_path,
+        metric_names, heldout, vision_bootstrap_path, loo_stimuli_path,
     )  # fmt: skip
     if out_drop is not None:
         drop = alignment.drop_table(conditions)
@@ -657,6 +664,15 @@ def run_conditions(
         write_table(drop, out_drop)
     if held is not None and out_heldout is not None:
         write_table(held, out_heldout)
+    if self_selection is not None and out_self_selection is not None:
+        for r in self_selection.itertuples():
+            log.info(
+                "%s x %s %s: sets chosen without it: low %.4f, high %.4f [low - high CI %.4f, "
+                "%.4f] (with it: %.4f, %.4f; %d and %d of %d stimuli shared)",
+                r.vision, llm, r.metric, r.low, r.high, r.diff_ci_low, r.diff_ci_high,
+                r.low_all, r.high_all, r.n_shared_low, r.n_shared_high, r.n_stimuli,
+            )  # fmt: skip
+        write_table(self_selection, out_self_selection)
     write_table(conditions, out_conditions)
     write_table(contrasts, out_contrasts)
 
@@ -707,11 +723,13 @@ def _set_alignment(
     metric_names: Sequence[str],
     heldout: tuple[PathLike, PathLike, int] | None = None,
     vision_bootstrap_path: PathLike | None = None,
-) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame | None]:
+    loo_stimuli_path: PathLike | None = None,
+) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame | None, pd.DataFrame | None]:
     """xmodal.alignment.condition_tables for every set of a sets table, at the LLM layers the
     layer search chose per (vision model, metric); with ``heldout`` (held-out layers table,
-    held-out sets table, seed of the splits) also xmodal.alignment.heldout_condition_table
-    (each LLM layer read once for both)."""
+    held-out sets table, seed of the splits) also xmodal.alignment.heldout_condition_table;
+    with ``loo_stimuli_path`` also xmodal.alignment.self_selection_table (each LLM layer read
+    once for all)."""
     from xmodal import alignment, stats
 
     chosen = chosen_layers(read_table(layers_path), layers_path)
@@ -744,8 +762,9 @@ def _set_alignment(
     with open_features(llm_path, ids, model=llm, modality="language") as f:
         t = layer_threshold(f)
         read = functools.partial(prepared_layer, f, threshold=t)
-        # with the held-out evaluation, each layer is read once for both (held in memory)
-        read = functools.cache(read) if heldout is not None else read
+        # with a control that reads the layers again, each is read once (held in memory)
+        again = heldout is not None or loo_stimuli_path is not None
+        read = functools.cache(read) if again else read
         conditions, contrasts = alignment.condition_tables(
             prepared,
             llm,
@@ -775,7 +794,58 @@ def _set_alignment(
                 prepared, llm, chosen, held_choice, read, held_sets, ids, k=k,
                 metrics=tuple(metric_names),
             )  # fmt: skip
-    return conditions, contrasts, held
+        own = None
+        if loo_stimuli_path is not None:
+            own = _self_selection(
+                prepared, llm, chosen, read, sets, ids, loo_stimuli_path, conditions, contrasts,
+                k=k, n_boot=n_boot, seed=seed, metrics=tuple(metric_names),
+            )  # fmt: skip
+    return conditions, contrasts, held, own
+
+
+def _self_selection(
+    prepared: Mapping[str, tuple[int, np.ndarray]],
+    llm: str,
+    chosen: Mapping[tuple[str, str], int],
+    read: Callable[[int], np.ndarray],
+    sets: pd.DataFrame,
+    ids: Sequence[str],
+    loo_stimuli_path: PathLike,
+    conditions: pd.DataFrame,
+    contrasts: pd.DataFrame,
+    **plan: Any,
+) -> pd.DataFrame:
+    """Each vision model on the low and high sets of the GPA without it (the main sets' size;
+    xmodal.selection.others_sets), scored as the main sets are, its random baseline the main
+    draws (xmodal.alignment.self_selection_table)."""
+    from xmodal import alignment
+
+    main = sets[(sets["set"] == "low") & (sets["summary"] == "mean")]
+    others = selection.others_sets(ids, read_table(loo_stimuli_path), len(main))
+    missing = sorted(set(prepared) - set(others["vision"]))
+    if missing:
+        raise ValueError(
+            f"{loo_stimuli_path} holds no fit without {missing}: it was made for other vision "
+            "models (rerun leave_one_model_out)"
+        )
+    parts, shared = [], {}
+    for key in prepared:
+        own = others[others["vision"] == key].drop(columns="vision")
+        for name in ("low", "high"):
+            ref = sets[(sets["set"] == name) & (sets["summary"] == "mean")]["stimulus_id"]
+            got = own.loc[own["set"] == name, "stimulus_id"]
+            shared[(key, name)] = len(set(ref.astype(str)) & set(got.astype(str)))
+        cond, con = alignment.condition_tables(
+            {key: prepared[key]}, llm, chosen, read, own, ids, **plan
+        )
+        parts.append((cond, con))
+    return alignment.self_selection_table(
+        pd.concat([p[1] for p in parts], ignore_index=True),
+        pd.concat([p[0] for p in parts], ignore_index=True),
+        conditions,
+        contrasts,
+        shared,
+    )
 
 
 def concatenate_tables(paths: Sequence[PathLike], out: PathLike) -> None:
@@ -830,6 +900,26 @@ def write_heldout_summary(heldout_path: PathLike, out: PathLike) -> None:
             "median low - high %+.4f; held-out layer = full-set layer in a median %.2f of splits",
             r.metric, r.summary, r.layer_rule, r.n_splits, r.n_low_gt_high, r.n_valid,
             r.median_diff, r.median_frac_same_layer,
+        )  # fmt: skip
+    write_table(table, out)
+
+
+def write_self_selection_summary(
+    self_selection_path: PathLike, contrasts_path: PathLike, out: PathLike
+) -> None:
+    """The low − high contrast on sets chosen with and without the scored vision model, over
+    pairs (xmodal.summary.self_selection_summary_table)."""
+    from xmodal.summary import self_selection_summary_table
+
+    table = self_selection_summary_table(
+        read_table(self_selection_path), read_table(contrasts_path)
+    )
+    for r in table.itertuples():
+        log.info(
+            "%s, sets chosen %s: low > high in %d of %d valid pairs, interval of low - high "
+            "above 0 in %s; median low / high %.2f",
+            r.metric, "with every vision model" if r.sets == "all" else "without the scored one",
+            r.n_low_gt_high, r.n_valid, r.n_diff_ci_above_zero, r.median_ratio_low_high,
         )  # fmt: skip
     write_table(table, out)
 
@@ -953,7 +1043,7 @@ def run_joint_conditions(
 ) -> None:
     """CKNNA of every vision model with one LLM (at its chosen layers) on the 2 × 2 sets and the
     size-matched random draws; the conditions table and each cell against the random draws."""
-    conditions, _, _ = _set_alignment(
+    conditions, _, _, _ = _set_alignment(
         vision_paths, llm_path, layers_path, sets_path, vision, llm, vision_layer, k, 0, seed,
         ("cknna",),
     )  # fmt: skip

@@ -20,6 +20,7 @@ __all__ = [
     "SET_NAMES",
     "DropControl",
     "HeldOutLayer",
+    "SelfSelection",
     "drop_fraction_sets",
     "drop_set_size",
     "heldout_set_size",
@@ -27,6 +28,7 @@ __all__ = [
     "high_set",
     "low_set",
     "make_sets",
+    "others_sets",
     "random_sets",
     "sets_to_indices",
     "split_halves",
@@ -167,6 +169,47 @@ def make_sets(
         stream = [int(seed), SEED_STREAMS["random_drop"]]
         for draw, pos in enumerate(random_sets(m, size, n_drop_random, stream)):
             add("random_drop", "none", draw, pos)
+    out = pd.concat(parts, ignore_index=True)
+    out["draw"] = out["draw"].astype(np.int64)
+    return out
+
+
+def others_sets(
+    stimulus_ids: Sequence[str], partial_dispersion: pd.DataFrame, set_size: int
+) -> pd.DataFrame:
+    """Each vision model's low and high sets chosen without it (docs/method.md, "Sets chosen
+    without the scored model"): the first / last K of a stable ascending sort of the mean
+    dispersion of the GPA over the other vision models (ties by manifest order).
+
+    ``partial_dispersion``: ``loo_stimuli.tsv`` (``held_out``, ``stimulus_id``,
+    ``partial_dispersion``), every stimulus of ``stimulus_ids`` once per held-out model. Long
+    table ``vision``, ``set`` (``low``, ``high``), ``summary`` (``mean``), ``draw`` (0),
+    ``stimulus_id``.
+    """
+    ids = np.asarray([str(s) for s in stimulus_ids], dtype=object)
+    parts = []
+    for model, g in partial_dispersion.groupby("held_out", sort=False):
+        g = g.assign(stimulus_id=g["stimulus_id"].astype(str)).set_index("stimulus_id")
+        if len(g) != ids.size or not g.index.is_unique or set(g.index) != set(ids):
+            raise ValueError(
+                f"the partial dispersion without {model!r} covers {g.index.nunique()} of "
+                f"{ids.size} stimuli (the leave-one-model-out table is from other stimuli)"
+            )
+        scores = g.loc[ids, "partial_dispersion"].to_numpy(np.float64)
+        for name, pos in (("low", low_set(scores, set_size)), ("high", high_set(scores, set_size))):
+            parts.append(
+                pd.DataFrame(
+                    {
+                        "vision": str(model),
+                        "set": name,
+                        "summary": "mean",
+                        "draw": 0,
+                        "stimulus_id": ids[pos],
+                    }
+                )  # fmt: skip
+            )
+    if not parts:
+        raise ValueError("the leave-one-model-out table holds no model")
     out = pd.concat(parts, ignore_index=True)
     out["draw"] = out["draw"].astype(np.int64)
     return out
@@ -354,3 +397,23 @@ class HeldOutLayer:
         raw = _section(config, "heldout_layer")
         n = _count(raw.get("n_splits", cls.n_splits), "analysis.heldout_layer.n_splits", 1)
         return cls(enabled=bool(raw.get("enabled", cls.enabled)), n_splits=n)
+
+
+@dataclass(frozen=True)
+class SelfSelection:
+    """``analysis.self_selection`` with its default: each vision model scored on low and high
+    sets chosen by the GPA of the other vision models (docs/method.md, "Sets chosen without the
+    scored model"). Off by default: it adds two sets per vision model to every conditions job."""
+
+    enabled: bool = False
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> SelfSelection:
+        """Read ``analysis.self_selection`` (absent: the default)."""
+        raw = _section(config, "self_selection")
+        unknown = set(raw) - {"enabled"}
+        if unknown:
+            raise ConfigError(
+                f"config key 'analysis.self_selection': unknown setting(s) {sorted(unknown)}"
+            )
+        return cls(enabled=bool(raw.get("enabled", cls.enabled)))

@@ -32,7 +32,14 @@ SUMMARY_COLUMNS = [
     "median_frac_random_ge_low",
 ]
 
-__all__ = ["STABILITY_THRESHOLD", "SUMMARY_COLUMNS", "mean_stability", "summary_table", "unstable"]
+__all__ = [
+    "STABILITY_THRESHOLD",
+    "SUMMARY_COLUMNS",
+    "mean_stability",
+    "self_selection_summary_table",
+    "summary_table",
+    "unstable",
+]
 
 
 def mean_stability(stabilities: np.ndarray) -> float:
@@ -375,3 +382,22 @@ def heldout_summary_table(heldout: pd.DataFrame) -> pd.DataFrame:
             }
         )
     return pd.DataFrame(rows, columns=HELDOUT_SUMMARY_COLUMNS)
+
+
+def self_selection_summary_table(
+    self_selection: pd.DataFrame, contrasts: pd.DataFrame
+) -> pd.DataFrame:
+    """:func:`summary_table` of the sets chosen with every vision model (``sets`` = ``all``,
+    from the main contrasts) and of the sets chosen without the scored one (``others``, from
+    ``self_selection.tsv``), by mean dispersion, one pair of rows per metric (docs/method.md,
+    "Sets chosen without the scored model"). Columns ``sets`` and :data:`SUMMARY_COLUMNS`."""
+    metrics = list(dict.fromkeys(self_selection["metric"]))
+    main = contrasts[(contrasts["summary"] == "mean") & contrasts["metric"].isin(metrics)]
+    parts = [
+        summary_table(main).assign(sets="all"),
+        summary_table(self_selection).assign(sets="others"),
+    ]
+    out = pd.concat(parts, ignore_index=True)
+    out["_order"] = out["metric"].map({m: i for i, m in enumerate(metrics)})
+    out = out.sort_values(["_order", "sets"], kind="stable").drop(columns="_order")
+    return out[["sets", *SUMMARY_COLUMNS]].reset_index(drop=True)

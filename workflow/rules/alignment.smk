@@ -6,7 +6,9 @@
 # random sets of the drop ablation are sets of sets.tsv (the conditions job evaluates them,
 # analysis.drop_control); the held-out layer choice picks a layer on half A of each random split
 # in the layer search (which reads every layer once) and evaluates the sets inside half B in the
-# conditions job (analysis.heldout_layer). No job per pair or per split.
+# conditions job (analysis.heldout_layer). Each vision model is also scored on low and high
+# sets chosen by the GPA of the other vision models (analysis.self_selection; the fits of
+# leave_one_model_out). No job per pair or per split.
 #
 # The vision models' bootstrap structures (the same for every LLM) are prepared once by
 # vision_bootstrap; each conditions job checks them by content key and rebuilds any that differ.
@@ -66,7 +68,7 @@ rule vision_bootstrap:
 
 rule conditions:
     input:
-        **heldout_inputs(),
+        **condition_control_inputs(),
         vision=vision_features,
         vision_bootstrap=f"{ALIGN}/vision_bootstrap.pt",
         llm="results/features/{dataset}/{llm}.h5",
@@ -184,3 +186,22 @@ rule heldout_summary:
         "../../envs/analysis.yaml"
     script:
         "../../scripts/heldout_summary.py"
+
+
+rule self_selection_summary:
+    input:
+        self_selection=f"{ALIGN}/self_selection.tsv",
+        contrasts=f"{ALIGN}/contrasts.tsv",
+    output:
+        report(
+            "results/summary/{dataset}_self_selection.tsv",
+            caption="../report/self_selection_summary_table.rst",
+            category="Tables",
+        ),
+    log:
+        "logs/summary/{dataset}_self_selection.log",
+    localrule: True
+    conda:
+        "../../envs/analysis.yaml"
+    script:
+        "../../scripts/self_selection_summary.py"

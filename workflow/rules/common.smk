@@ -41,7 +41,7 @@ from xmodal.figures import (
 from xmodal.language_dispersion import LanguageDispersionSettings
 from xmodal.logs import forward_to
 from xmodal.registry import Registry
-from xmodal.selection import DropControl, HeldOutLayer
+from xmodal.selection import DropControl, HeldOutLayer, SelfSelection
 from xmodal.stimuli import (
     EXTRACTION_COLUMNS,
     StimulusError,
@@ -87,6 +87,7 @@ try:
     # the controls (docs/method.md, "Controls"): size-matched drop sets, held-out layer choice
     DROP_CONTROL = DropControl.from_config(config)
     HELDOUT = HeldOutLayer.from_config(config)
+    SELF_SELECTION = SelfSelection.from_config(config)
 except ConfigError as err:
     raise WorkflowError(
         f"Invalid configuration in {', '.join(_CONFIG_FILES)}: {err}"
@@ -275,6 +276,8 @@ def table_paths(dataset):
         "heldout_layers": f"results/alignment/{dataset}/heldout_layers.tsv",
         "heldout": f"results/alignment/{dataset}/heldout.tsv",
         "heldout_summary": f"results/summary/{dataset}_heldout.tsv",
+        "self_selection": f"results/alignment/{dataset}/self_selection.tsv",
+        "self_selection_summary": f"results/summary/{dataset}_self_selection.tsv",
     }
 
 
@@ -285,6 +288,8 @@ def disabled_tables():
         off |= {"drop", "drop_summary"}
     if not HELDOUT.enabled:
         off |= {"heldout_layers", "heldout", "heldout_summary"}
+    if not SELF_SELECTION.enabled:
+        off |= {"self_selection", "self_selection_summary"}
     if not LANGUAGE_DISPERSION.enabled:
         off |= {"language_dispersion", "language_correlation", "joint_cells"}
     return off
@@ -305,19 +310,22 @@ def control_outputs(kind, per_llm=True):
     if kind == "conditions":
         names += ["drop"] if DROP_CONTROL.enabled else []
         names += ["heldout"] if HELDOUT.enabled else []
+        names += ["self_selection"] if SELF_SELECTION.enabled else []
     if per_llm:
         return {name: f"{ALIGN}/{name}/{{llm}}.tsv" for name in names}
     return {name: f"{ALIGN}/{name}.tsv" for name in names}
 
 
-def heldout_inputs():
-    """What a conditions job reads for the held-out layer choice (nothing when it is off)."""
-    if not HELDOUT.enabled:
-        return {}
-    return {
-        "heldout_layers": f"{ALIGN}/heldout_layers/{{llm}}.tsv",
-        "heldout_sets": f"{DISP}/heldout_sets.tsv",
-    }
+def condition_control_inputs():
+    """What a conditions job reads for the held-out layer choice and the sets chosen without
+    the scored model (nothing for a control that is off)."""
+    inputs = {}
+    if HELDOUT.enabled:
+        inputs["heldout_layers"] = f"{ALIGN}/heldout_layers/{{llm}}.tsv"
+        inputs["heldout_sets"] = f"{DISP}/heldout_sets.tsv"
+    if SELF_SELECTION.enabled:
+        inputs["loo_stimuli"] = f"{DISP}/loo_stimuli.tsv"
+    return inputs
 
 
 def llm_tables(kind):
@@ -343,6 +351,7 @@ def get_final_output():
     keys += ("diagnostics", "properties", "property_correlations")
     keys += ("language_correlation", "joint_cells")
     keys += ("drop", "drop_summary", "heldout_layers", "heldout", "heldout_summary")
+    keys += ("self_selection", "self_selection_summary")
     off = disabled_tables()
     out = [paths[k] for k in keys if k not in off]
     # a figure of alignment values once per metric ({name}.png, {name}.{metric}.png), the
