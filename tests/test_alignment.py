@@ -425,6 +425,17 @@ def test_layer_search_blocked_equals_dense(data, monkeypatch):
     assert blocked["chosen"].tolist() == dense["chosen"].tolist()
 
 
+def test_blocked_cka_of_float64_features_is_not_rounded_to_float32(data, monkeypatch):
+    vision, layers, _ = data
+    vis = {"v": (0, vision.astype(np.float64))}
+    lay = [(i, f"layers.{i}", y.astype(np.float64)) for i, y in enumerate(layers)]
+    cka = ("unbiased_cka", "cka")
+    dense = al.layer_search_table(vis, "l", lay, metrics=cka, dense=True)
+    monkeypatch.setattr(mt, "BLOCK_ELEMS", 23 * M)
+    blocked = al.layer_search_table(vis, "l", lay, metrics=cka, dense=False)
+    np.testing.assert_allclose(blocked["value"], dense["value"], atol=1e-12, rtol=0)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_equals_cpu(data):
     vision, layers, sets = data

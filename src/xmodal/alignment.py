@@ -320,7 +320,9 @@ def side_values(metric: str, xs: KernelKNN, ys: KernelKNN) -> tuple[torch.Tensor
         unbiased, biased = hsic_from_moments(
             cross_moment(xs.features, ys.features), _moments(xs), _moments(ys)
         )
-        cross = torch.tensor([unbiased if metric == "unbiased_cka" else biased])
+        cross = torch.tensor(
+            [unbiased if metric == "unbiased_cka" else biased], dtype=torch.float64
+        )
     value = normalised_hsic(cross, self_term(metric, xs), self_term(metric, ys))
     return value, torch.where(torch.isfinite(value), 0.0, torch.nan).to(torch.float64)
 
