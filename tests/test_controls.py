@@ -364,6 +364,33 @@ def unbiased():
     return (vision, layers, scores, *_heldout_run(vision, layers, scores))
 
 
+@pytest.mark.parametrize("cached", [True, False])
+def test_llm_halves_are_built_one_batch_at_a_time_with_the_same_values(
+    unbiased, monkeypatch, cached
+):
+    """The halves of an LLM layer were all held at once (n_splits · (m/2)² kernels: 2.4 GB at
+    m = 9000); now one batch of splits at a time, whether or not the vision halves are cached."""
+    vision, layers, scores, _, held, _, _ = unbiased
+    halves = sel.split_halves(len(scores), 12, 0)[0]
+    sizes: list[int] = []
+    subsets_of = al._subsets_of
+
+    def spy(side, positions):
+        sizes.append(np.atleast_2d(positions).shape[0])
+        return subsets_of(side, positions)
+
+    monkeypatch.setattr(al, "_subsets_of", spy)
+    monkeypatch.setattr(al, "_MAX_BATCH_ELEMS", 2 * 80 * 80)  # two halves of 80 per batch
+    if not cached:
+        monkeypatch.setattr(al, "HALF_CACHE_BYTES", 0)
+    layer_iter = ((i, f"layers.{i}", y) for i, y in enumerate(layers))
+    _, again = al.layer_search_tables(vision, "l", layer_iter, halves, k=5)
+    # 6 batches: the vision halves once (cached) or for each of the 2 LLM layers, the LLM's
+    # for each layer
+    assert max(sizes) == 2 and len(sizes) == (6 if cached else 12) + 12
+    pd.testing.assert_frame_equal(again, held)
+
+
 def test_one_layer_best_everywhere_is_chosen_on_every_half(unbiased):
     _, _, _, table, held, _, out = unbiased
     assert list(held.columns) == al.HELDOUT_LAYER_COLUMNS

@@ -218,6 +218,9 @@ HELDOUT_COLUMNS = [
 #: Bytes of half-set kernels the layer search keeps for the vision models across LLM layers;
 #: above it they are rebuilt for each LLM layer (same values, more time).
 HALF_CACHE_BYTES = 1 << 31
+#: Bytes per entry of a half-set kNN structure on the dense path: the float32 kernel slice and
+#: its neighbour mask (and the near-tie alternative's, when rows are unresolved).
+HALF_BYTES_PER_ENTRY = 6
 #: A family of random draws whose subset structures (about n_draws · s² · 6 bytes: kernel
 #: slices and neighbour masks) would exceed this per side is not kept with each side: its
 #: subsets are built from the full kernels in chunks at evaluation time (same values; the
@@ -519,6 +522,33 @@ def _batched_values(
     )
 
 
+def _half_values(
+    lside: KernelKNN | None,
+    vsides: Mapping[str, KernelKNN],
+    pairs: Sequence[tuple[str, str]],
+    chunks: Sequence[np.ndarray],
+    vhalf: Mapping[str, list[list[KernelKNN]]] | None,
+) -> dict[tuple[str, str], tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """(values, stabilities, self-terms) on every half of ``chunks`` for each (vision, metric)
+    of ``pairs``, one batch of the LLM layer's halves at a time (the vision models' from
+    ``vhalf`` when cached, else built per batch)."""
+    if lside is None or not pairs:
+        return {}
+    parts: dict[tuple[str, str], list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = {}
+    keys = list(dict.fromkeys(key for key, _ in pairs))
+    for i, chunk in enumerate(chunks):
+        lh = _subsets_of(lside, chunk)
+        for key in keys:
+            vh = vhalf[key][i] if vhalf is not None else _subsets_of(vsides[key], chunk)
+            for metric in (mt for k2, mt in pairs if k2 == key):
+                parts.setdefault((key, metric), []).append(_batched_values(metric, vh, lh))
+        del lh
+    return {
+        pair: tuple(np.concatenate([p[j] for p in got]) for j in range(3))  # type: ignore[misc]
+        for pair, got in parts.items()
+    }
+
+
 def _heldout_choice(
     llm: str,
     key: str,
@@ -576,8 +606,15 @@ def layer_search_tables(
             raise ValueError(
                 f"half A holds {h} stimuli: CKNNA needs more than k = {k} (and at least 4)"
             )
-        cache = len(vsides) * halves.shape[0] * h * h * 4 <= HALF_CACHE_BYTES
-        vhalf = {key: _subsets_of(vs, halves) for key, vs in vsides.items()} if cache else {}
+        # the splits in batches of subset kernels; one batch of the LLM's halves held at a time
+        step = max(1, _MAX_BATCH_ELEMS // (h * h))
+        chunks = [halves[a : a + step] for a in range(0, halves.shape[0], step)]
+        cache = len(vsides) * halves.shape[0] * h * h * HALF_BYTES_PER_ENTRY <= HALF_CACHE_BYTES
+        vhalf = (
+            {key: [_subsets_of(vs, c) for c in chunks] for key, vs in vsides.items()}
+            if cache
+            else {}
+        )
         if not cache:
             log.info(
                 "LLM %s: the vision models' half-set kernels exceed %d bytes; they are rebuilt "
@@ -597,12 +634,9 @@ def layer_search_tables(
             reason = "collapsed: rounding decides most stimuli's nearest neighbours"
         if on_layer is not None:
             on_layer(int(index), str(name), y, lside)
-        lhalf = _subsets_of(lside, halves) if halves is not None and lside is not None else None
         invalid: dict[str, list[str]] = {}
+        valid_pairs: list[tuple[str, str]] = []
         for key, vs in vsides.items():
-            vh = None
-            if lhalf is not None:
-                vh = vhalf[key] if cache else _subsets_of(vs, halves)
             for metric in names:
                 value = stability = self_y = float("nan")
                 if lside is not None:
@@ -626,13 +660,16 @@ def layer_search_tables(
                         why,
                     )
                 )
-                if halves is None:
-                    continue
-                if vh is None or lhalf is None or not valid:
-                    nan = np.full(halves.shape[0], np.nan)
-                    on_half.setdefault((key, metric), []).append((nan, nan, nan))
-                else:
-                    on_half.setdefault((key, metric), []).append(_batched_values(metric, vh, lhalf))
+                if valid and lside is not None:
+                    valid_pairs.append((key, metric))
+        if halves is not None:
+            got = _half_values(lside, vsides, valid_pairs, chunks, vhalf if cache else None)
+            nan = np.full(halves.shape[0], np.nan)
+            for key in vsides:
+                for metric in names:
+                    on_half.setdefault((key, metric), []).append(
+                        got.get((key, metric), (nan, nan, nan))
+                    )
         for why, pairs in invalid.items():
             log.warning(
                 "LLM %s layer %s (%s) is invalid (%s) for %s; it is never chosen",
@@ -642,7 +679,7 @@ def layer_search_tables(
                 why,
                 ", ".join(pairs),
             )
-        del lside, lhalf
+        del lside
     if not rows:
         raise ValueError(f"LLM {llm!r}: llm_layers is empty")
     table = pd.DataFrame(rows, columns=LAYER_COLUMNS[:-1])
