@@ -241,9 +241,23 @@ def test_large_families_are_evaluated_in_chunks_with_the_same_values(drop_tables
     monkeypatch.setattr(al, "_MAX_BATCH_ELEMS", 3 * 90 * 90)  # chunks of three draws
     plan = al.ConditionPlan(sets, _ids(120), k=K, n_boot=0)
     assert plan.lazy == {"random", "random_drop"}
-    lazy, _ = al.condition_tables(vision, "l", {("v", "cknna"): 0}, lambda i: layers[i], sets,
-                                  _ids(120), k=K, n_boot=0)  # fmt: skip
-    pd.testing.assert_frame_equal(lazy, cond)
+    assert plan.lazy_fixed == set(plan.fixed)  # the drop, low and high sets too
+    for dense in (True, False):
+        lazy, _ = al.condition_tables(vision, "l", {("v", "cknna"): 0}, lambda i: layers[i],
+                                      sets, _ids(120), k=K, n_boot=0, dense=dense)  # fmt: skip
+        side = al.ConditionPlan(sets, _ids(120), k=K, n_boot=0, dense=dense).side(layers[0])
+        assert not side.subsets  # nothing kept with the side: built at evaluation
+        pd.testing.assert_frame_equal(lazy, cond, check_exact=dense, rtol=0, atol=1e-6)
+
+
+def test_only_the_largest_fixed_sets_are_left_to_evaluation(drop_tables, monkeypatch):
+    sets = drop_tables[True][2]
+    plan = al.ConditionPlan(sets, _ids(120), k=K, n_boot=0)
+    assert not plan.lazy_fixed  # 120 stimuli: everything kept
+    drop = {key for key in plan.fixed if key[0].startswith("drop")}
+    sizes = {key: len(plan.positions[key]) ** 2 * 6 for key in plan.fixed}
+    monkeypatch.setattr(al, "EAGER_FAMILY_BYTES", sum(sizes.values()) - sum(sizes[k] for k in drop))
+    assert al.ConditionPlan(sets, _ids(120), k=K, n_boot=0).lazy_fixed == drop
 
 
 def test_drop_table_refuses_inconsistent_tables(drop_tables):

@@ -790,6 +790,15 @@ class ConditionPlan:
         given = sets_to_indices(sets, stimulus_ids)
         self.positions = {key: np.sort(pos) for key, pos in given.items()}
         self.fixed = sorted(key for key in self.positions if key[0] not in RANDOM_SETS)
+        #: fixed sets built at evaluation time, from the largest down, so that the ones each
+        #: side keeps fit in EAGER_FAMILY_BYTES (the drop sets, 0.75·m each, above m ≈ 2500)
+        self.lazy_fixed: set[tuple[str, str, int]] = set()
+        kept = sum(len(self.positions[key]) ** 2 * 6 for key in self.fixed)
+        for key in sorted(self.fixed, key=lambda key: -len(self.positions[key])):
+            if kept <= EAGER_FAMILY_BYTES:
+                break
+            self.lazy_fixed.add(key)
+            kept -= len(self.positions[key]) ** 2 * 6
         #: family name → (draw numbers, positions (n_draws, size)), in RANDOM_SETS order
         self.families: dict[str, tuple[list[int], np.ndarray]] = {}
         for name in RANDOM_SETS:
@@ -848,7 +857,9 @@ class ConditionPlan:
             if full.shape != (self.m, self.m):
                 raise ValueError(f"kernel shape {tuple(full.shape)} does not match m={self.m}")
             subsets: dict = {
-                key: subset_sides(full, self.positions[key], self.k, tau) for key in self.fixed
+                key: subset_sides(full, self.positions[key], self.k, tau)
+                for key in self.fixed
+                if key not in self.lazy_fixed
             }
             for name, (_, stack) in self.families.items():
                 if name not in self.lazy:
@@ -863,7 +874,9 @@ class ConditionPlan:
             return xt.index_select(0, torch.as_tensor(pos, device=xt.device))
 
         subsets = {
-            key: [KernelKNN.from_features(rows(self.positions[key]), self.k)] for key in self.fixed
+            key: [KernelKNN.from_features(rows(self.positions[key]), self.k)]
+            for key in self.fixed
+            if key not in self.lazy_fixed
         }
         for name, (_, stack) in self.families.items():
             if name not in self.lazy:
@@ -908,10 +921,13 @@ class ConditionPlan:
         rows = [("full", "none", 0, self.m, float(v[0]), float(st[0]))]
         values: dict[tuple[str, str, int], tuple[float, float]] = {}
         for key in self.fixed:
-            parts = [
-                side_values(metric, a, b)
-                for a, b in zip(xs.subsets[key], ys.subsets[key], strict=True)
-            ]
+            if key in self.lazy_fixed:  # built from the full sides (same values) and dropped
+                pos = self.positions[key][None, :]
+                a, b = _subsets_of(xs.full, pos), _subsets_of(ys.full, pos)
+            else:
+                a, b = xs.subsets[key], ys.subsets[key]
+            parts = [side_values(metric, p, q) for p, q in zip(a, b, strict=True)]
+            del a, b
             values[key] = (float(parts[0][0][0]), float(parts[0][1][0]))
             rows.append((key[0], key[1], key[2], len(self.positions[key]), *values[key]))
         families: dict[str, tuple[np.ndarray, np.ndarray]] = {}
