@@ -97,10 +97,17 @@ def test_table_and_ids():
         dg.diagnose(x, k=29)
 
 
+@pytest.mark.parametrize("dense", [True, False])
 @pytest.mark.parametrize("case", ["random", "collapsed", "duplicates"])
-def test_diagnostics_from_the_layer_search_kernel_equal_the_direct_ones(case: str) -> None:
-    """The layer search hands its kNN structure over (no second kernel): same diagnostics."""
+def test_diagnostics_from_the_layer_search_kernel_equal_the_direct_ones(
+    case: str, dense: bool, monkeypatch
+) -> None:
+    """The layer search hands its kNN structure over (no second kernel): same diagnostics.
+    The dense side's kernel is read in float64 row blocks (here of 7 rows, no m × m float64
+    copy); the blocked side's gaps are reused and the cosines' SD comes from XᵀX."""
     from xmodal.metrics import KernelKNN, prepare_layer
+
+    monkeypatch.setattr(dg, "BLOCK_ELEMS", 8 * 7 * 120)
 
     rng = np.random.default_rng(7)
     x = rng.standard_normal((120, 24))
@@ -110,7 +117,12 @@ def test_diagnostics_from_the_layer_search_kernel_equal_the_direct_ones(case: st
         x[10], x[11], x[40] = x[3], x[3], x[7]
     x = prepare_layer(x.astype(np.float32), 1e9)
     direct = dg.diagnose(x, k=10)
-    shared = dg.diagnose(x, k=10, side=KernelKNN.from_features(x, 10, dense=True))
+    side = KernelKNN.from_features(x, 10, dense=dense)
+    passes, real = [], dg.kernel_row_blocks
+    monkeypatch.setattr(dg, "kernel_row_blocks", lambda t: passes.append(1) or real(t))
+    shared = dg.diagnose(x, k=10, side=side)
+    # a second pass over the kernel only where ‖XᵀX‖² − … would cancel (nearly equal cosines)
+    assert len(passes) == (not dense and case == "collapsed")
     assert shared.cos_mean == direct.cos_mean
     assert shared.cos_sd == pytest.approx(direct.cos_sd, rel=1e-6, abs=1e-9)
     # from the kernel (healthy layers) or, where centring it would cancel, from the features

@@ -19,7 +19,7 @@ formed when m is large; the work is one kernel's worth (m²·d), as for the laye
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,6 +27,7 @@ import pandas as pd
 import torch
 
 from xmodal.metrics import (
+    BLOCK_ELEMS,
     ROUNDING_DECIDES,
     KernelKNN,
     feature_tensor,
@@ -178,14 +179,29 @@ def participation_ratio(x: np.ndarray | torch.Tensor) -> float:
 KERNEL_CENTRING_MIN = 0.005
 
 
+def _kernel_blocks(kern: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
+    """(start, rows of the kernel in float64), blocks of at most BLOCK_ELEMS / 8 entries (32 MiB
+    each, and as much for each temporary of the caller's: no m × m float64 copy)."""
+    m = kern.shape[0]
+    step = max(1, BLOCK_ELEMS // 8 // m)
+    for start in range(0, m, step):
+        yield start, kern[start : start + step].to(torch.float64)
+
+
 def _eff_dim_from_kernel(kern: torch.Tensor) -> float | None:
-    """tr(HKH)²/‖HKH‖²_F from a float64 copy of the kernel, or None when that would cancel."""
-    row = kern.mean(dim=1, keepdim=True)
-    centred = kern - row - row.T + kern.mean()
-    frob2 = float((centred * centred).sum())
-    if frob2 < (KERNEL_CENTRING_MIN**2) * float((kern * kern).sum()):
+    """tr(HKH)²/‖HKH‖²_F from the kernel in float64 row blocks, or None when that would
+    cancel. HKH_ij = K_ij − r_i − r_j + g (r: row means, g: their mean; K symmetric)."""
+    r = torch.cat([b.mean(dim=1) for _, b in _kernel_blocks(kern)])
+    g = r.mean()
+    frob2 = total2 = trace = 0.0
+    for start, b in _kernel_blocks(kern):
+        ri = r[start : start + b.shape[0]]
+        centred = b - ri[:, None] - r[None, :] + g
+        frob2 += float((centred * centred).sum())
+        total2 += float((b * b).sum())
+        trace += float(torch.diagonal(centred, offset=start).sum())
+    if frob2 < (KERNEL_CENTRING_MIN**2) * total2:
         return None
-    trace = float(torch.diagonal(centred).sum())
     return trace * trace / frob2
 
 
@@ -262,12 +278,11 @@ def diagnose(
                 f"the kNN structure has k={side.k}, τ={side.tau}, m={side.size}; "
                 f"diagnostics asked for k={k}, τ={tau}, m={m}"
             )
-        kern = side.kernel[0].to(torch.float64)
-        dev = kern - mean
+        kern = side.kernel[0]
         # Σ over i ≠ j: all entries minus the diagonal (K_ii = ‖x_i‖²)
-        sq_dev = float((dev * dev).sum()) - float(((norms2 - mean) ** 2).sum())
+        sq_dev = sum(float(((b - mean) ** 2).sum()) for _, b in _kernel_blocks(kern))
+        sq_dev -= float(((norms2 - mean) ** 2).sum())
         cos_sd = float(np.sqrt(max(sq_dev, 0.0) / (n_off - 1)))
-        del dev
         eff_dim = _eff_dim_from_kernel(kern)
         if eff_dim is None:  # centring the rounded kernel would cancel: from the features
             eff_dim = participation_ratio(t)
@@ -282,6 +297,27 @@ def diagnose(
             unresolved=torch.nonzero(side.unresolved[0]).squeeze(1).cpu().numpy().astype(np.int64),
             duplicate_groups=duplicate_groups(t),
         )
+    if side is not None and side.k == k and side.tau == tau and side.size == m and 2 * d <= m:
+        # the blocked side's gaps are at hand: Σ_{i≠j} (K_ij − mean)² = ‖XᵀX‖²_F − Σ‖x_i‖⁴
+        # − n_off·mean² (m·d² work, not a second m²·d pass over the kernel), unless it cancels
+        gram = t.T.to(torch.float64) @ t.to(torch.float64)
+        sq_dev = float((gram * gram).sum()) - float((norms2**2).sum()) - n_off * mean * mean
+        if sq_dev > 1e-8 * n_off * mean * mean:
+            return LayerDiagnostics(
+                m=m,
+                dim=d,
+                k=k,
+                tau=tau,
+                cos_mean=mean,
+                cos_sd=float(np.sqrt(sq_dev / (n_off - 1))),
+                eff_dim=participation_ratio(t),
+                unresolved=torch.nonzero(side.unresolved[0])
+                .squeeze(1)
+                .cpu()
+                .numpy()
+                .astype(np.int64),
+                duplicate_groups=duplicate_groups(t),
+            )
     sq_dev = 0.0
     unresolved = []
     for start, rows in kernel_row_blocks(t):
