@@ -49,7 +49,7 @@ def extraction_jobs(wd: Path, extraction: dict) -> dict[str, dict[str, int]]:
 
 def expected(modality: str, size_b: float, gpu_mem_gb: float, workers: int) -> dict[str, int]:
     """docs/cluster.md's sizing rule, written out independently of xmodal.resources."""
-    w = 2 * size_b  # bf16 weights, GB
+    w = (4 if modality == "vision" else 2) * size_b  # weights, GB: float32 ViTs, bf16 LLMs
     gpu = max(1, math.ceil((w + max(2, 0.05 * w)) / (0.9 * gpu_mem_gb)))
     if modality == "vision":
         mem_gb, cpus = 8 + 8 * size_b + 0.5 * workers, max(1, workers)
@@ -98,7 +98,9 @@ def test_threaded_rules_ask_for_their_threads_as_cpus(paper_project: Path) -> No
     targets = ["results/stimuli/wit1024/images.tsv", "results/properties/wit1024/images.tsv"]
     targets += ["results/dispersion/wit1024/gpa.json", "results/dispersion/wit1024/loo.tsv"]
     targets += ["results/language/wit1024/dispersion.tsv"]
-    proc = snakemake(paper_project, "-n", "--forceall", "--cores", "4", "--", *targets)
+    targets += ["results/alignment/wit1024/layers/bloom-560m.tsv"]
+    threads = ["--set-threads", "layer_search=3"]  # before: 3 threads on the profile's 1 CPU
+    proc = snakemake(paper_project, "-n", "--forceall", "--cores", "4", *threads, "--", *targets)
     cpus, rule = {}, None
     for line in (proc.stdout + proc.stderr).splitlines():
         if line.startswith("rule "):
@@ -108,6 +110,7 @@ def test_threaded_rules_ask_for_their_threads_as_cpus(paper_project: Path) -> No
             rule = None
     assert cpus["stimuli_report"] == cpus["image_properties"] == "2", cpus
     assert cpus["gpa"] == cpus["leave_one_model_out"] == "2", cpus
+    assert cpus["layer_search"] == "3", cpus
     assert "language_gpa" in cpus and cpus["language_gpa"] is None, cpus  # the profile's 1 CPU
 
 

@@ -111,12 +111,14 @@ ALIGNMENT_GPU = {"gpu": 1} if ANALYSIS.get("gpu", False) else {}
 
 def retry_resources(mem_mb, runtime):
     """Memory (MB) and runtime (minutes) of a CPU analysis job, growing with each retry
-    (`attempt`, the profile's `retries`). Set in the rules, not in a workflow profile: a
-    workflow profile's `set-resources` replaced the whole `set-resources` of the user's
-    profile (docs/cluster.md), which can override these per rule."""
+    (`attempt`, the profile's `retries`), and its threads as CPUs (so `--set-threads` reaches
+    SLURM). Set in the rules, not in a workflow profile: a workflow profile's `set-resources`
+    replaced the whole `set-resources` of the user's profile (docs/cluster.md), which can
+    override these per rule."""
     return {
         "mem_mb": lambda wildcards, attempt: mem_mb * attempt,
         "runtime": lambda wildcards, attempt: runtime * attempt,
+        "cpus_per_task": lambda wildcards, threads: threads,
     }
 
 

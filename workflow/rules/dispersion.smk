@@ -19,7 +19,6 @@ rule gpa:
     threads: 2
     resources:
         **retry_resources(8000, 60),
-        cpus_per_task=lambda wildcards, threads: threads,
     params:
         models=VISION,
         vision_layer=ANALYSIS["vision_layer"],
@@ -90,7 +89,6 @@ rule leave_one_model_out:
     threads: 2
     resources:
         **retry_resources(8000, 60),
-        cpus_per_task=lambda wildcards, threads: threads,
     params:
         models=VISION,
         vision_layer=ANALYSIS["vision_layer"],
