@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -9,6 +11,7 @@ from hypothesis import strategies as st
 
 from xmodal import diagnostics as dg
 from xmodal import metrics as mt
+from xmodal.io import read_table, write_table
 
 
 def unit_rows(a):
@@ -81,16 +84,20 @@ def test_non_finite_features_are_refused_not_reported_healthy(bad):
         dg.diagnose(x, 5)
 
 
-def test_table_and_ids():
+def test_table_and_ids(tmp_path):
     rng = np.random.default_rng(3)
     x = unit_rows(rng.standard_normal((30, 5)))
     x[[1, 2]] = x[0]  # copies: row 0's 2 nearest tie at k = 1
     diag = dg.diagnose(x, k=1)
     assert {0, 1, 2} <= set(diag.unresolved.tolist())
-    ids = [f"s{i}" for i in range(30)]
-    assert diag.unresolved_ids(ids)[:3] == ["s0", "s1", "s2"]
-    table = dg.diagnostics_table([("clip", 3, "blocks.3", diag), ("mae", 1, "blocks.1", diag)])
+    ids = ["007", 'a "quoted", id', "déjà\tvu"] + [f"s{i}" for i in range(3, 30)]
+    assert diag.unresolved_ids(ids)[:3] == ids[:3]
+    table = dg.diagnostics_table([("clip", 3, "blocks.3", diag), ("mae", 1, "blocks.1", diag)], ids)
     assert list(table.columns) == dg.DIAGNOSTIC_COLUMNS
+    # the first N_NAMED unresolved stimuli, named through a round trip of the TSV
+    write_table(table, tmp_path / "d.tsv")
+    named = json.loads(read_table(tmp_path / "d.tsv")["unresolved_ids"].iloc[0])
+    assert named == diag.unresolved_ids(ids)[: dg.N_NAMED] and len(named) <= dg.N_NAMED
     assert table["n_duplicate_groups"].tolist() == [1, 1]
     assert table.loc[0, "frac_unresolved"] == pytest.approx(diag.n_unresolved / 30)
     with pytest.raises(ValueError, match="k"):

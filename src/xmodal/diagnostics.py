@@ -19,6 +19,7 @@ formed when m is large; the work is one kernel's worth (m²·d), as for the laye
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -73,7 +74,10 @@ DIAGNOSTIC_COLUMNS = [
     "n_in_duplicate_groups",
     "collapsed",
     "warn",
+    "unresolved_ids",
 ]
+#: How many unresolved stimuli the diagnostics table names per layer (``n_unresolved`` counts them all).
+N_NAMED = 10
 
 
 @dataclass(frozen=True)
@@ -124,8 +128,15 @@ class LayerDiagnostics:
         """The stimulus ids of the unresolved rows."""
         return [str(stimulus_ids[i]) for i in self.unresolved]
 
-    def row(self, model: str, layer: int, layer_name: str) -> dict[str, object]:
-        """One row of :func:`diagnostics_table`."""
+    def row(
+        self,
+        model: str,
+        layer: int,
+        layer_name: str,
+        stimulus_ids: Sequence[str] | None = None,
+    ) -> dict[str, object]:
+        """One row of :func:`diagnostics_table`; ``unresolved_ids`` names the first
+        :data:`N_NAMED` unresolved stimuli (a JSON list; empty without ``stimulus_ids``)."""
         return {
             "model": model,
             "layer": int(layer),
@@ -143,6 +154,10 @@ class LayerDiagnostics:
             "n_in_duplicate_groups": self.n_in_duplicate_groups,
             "collapsed": self.collapsed,
             "warn": self.warn,
+            "unresolved_ids": json.dumps(
+                self.unresolved_ids(stimulus_ids)[:N_NAMED] if stimulus_ids is not None else [],
+                ensure_ascii=False,
+            ),
         }
 
 
@@ -339,7 +354,11 @@ def diagnose(
     )
 
 
-def diagnostics_table(items: Iterable[tuple[str, int, str, LayerDiagnostics]]) -> pd.DataFrame:
-    """Tidy table of (model, layer index, layer name, diagnostics): :data:`DIAGNOSTIC_COLUMNS`."""
-    rows = [diag.row(model, layer, name) for model, layer, name, diag in items]
+def diagnostics_table(
+    items: Iterable[tuple[str, int, str, LayerDiagnostics]],
+    stimulus_ids: Sequence[str] | None = None,
+) -> pd.DataFrame:
+    """Tidy table of (model, layer index, layer name, diagnostics): :data:`DIAGNOSTIC_COLUMNS`
+    (``stimulus_ids``, in the layers' row order, name the unresolved stimuli)."""
+    rows = [diag.row(model, layer, name, stimulus_ids) for model, layer, name, diag in items]
     return pd.DataFrame(rows, columns=DIAGNOSTIC_COLUMNS)

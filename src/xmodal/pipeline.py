@@ -454,7 +454,7 @@ def run_layer_search(
         )
     # each degenerate layer was logged once by the layer search (model, layer, why)
     if out_diagnostics is not None:
-        diag_table = diagnostics.diagnostics_table(diags)
+        diag_table = diagnostics.diagnostics_table(diags, ids)
         _log_diagnostics(diag_table)
         write_table(diag_table, out_diagnostics)
     for row in table.loc[table["chosen"].astype(bool)].itertuples():
@@ -514,13 +514,13 @@ def run_vision_diagnostics(
     "Diagnostics")."""
     from xmodal import diagnostics
 
-    _, prepared = read_prepared_vision(vision_paths, vision, vision_layer)
+    ids, prepared = read_prepared_vision(vision_paths, vision, vision_layer)
     rows = []
     for key, (idx, x) in prepared.items():
         with FeatureFile(vision_paths[list(vision).index(key)]) as f:
             name = f.layer_names[idx]
         rows.append((key, idx, name, diagnostics.diagnose(x, k)))
-    table = diagnostics.diagnostics_table(rows)
+    table = diagnostics.diagnostics_table(rows, ids)
     _log_diagnostics(table)
     write_table(table, out_table)
 
@@ -550,9 +550,11 @@ def gather_diagnostics(
             if row.collapsed
             else f"has {row.n_unresolved} of {row.m} stimuli with unresolved neighbours"
         )
+        cell = getattr(row, "unresolved_ids", None)  # absent in tables of older runs
+        named = json.loads(cell) if isinstance(cell, str) and cell else []
         log.warning(
             "%s layer %d (%s) %s: mean pairwise cosine %.4f, %d of %d stimuli's kNN sets are "
-            "decided by rounding; values using it are flagged by their stability",
+            "decided by rounding (%s%s); values using it are flagged by their stability",
             row.model,
             row.layer,
             row.layer_name,
@@ -560,6 +562,8 @@ def gather_diagnostics(
             row.cos_mean,
             row.n_unresolved,
             row.m,
+            ", ".join(named),
+            ", ..." if row.n_unresolved > len(named) else "",
         )
     write_table(table, out)
 
