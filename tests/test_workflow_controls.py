@@ -18,7 +18,13 @@ from xmodal.selection import drop_set_size, heldout_set_size, split_halves
 
 pytestmark = pytest.mark.slow
 
-CONTROL_RULES = ("heldout_sets", "drop_summary", "heldout_summary", "figure_heldout_layer")
+CONTROL_RULES = (
+    "heldout_sets",
+    "drop_summary",
+    "heldout_summary",
+    "figure_heldout_layer",
+    "self_selection_summary",
+)
 
 
 @pytest.fixture
@@ -107,12 +113,15 @@ def test_adding_an_llm_schedules_its_control_work_in_its_own_jobs(demo_project, 
     assert "results/alignment/demo/heldout_layers/tiny-llama-m.tsv" in out
     assert "results/alignment/demo/drop/tiny-llama-m.tsv" in out
     assert "results/alignment/demo/heldout/tiny-llama-m.tsv" in out
+    assert "results/alignment/demo/self_selection/tiny-llama-m.tsv" in out
+    assert counts.get("self_selection_summary") == 1
 
 
 def test_switching_the_controls_off(demo_project, demo_config):
     cfg = copy.deepcopy(demo_config)
     cfg["analysis"]["heldout_layer"]["enabled"] = False
     cfg["analysis"]["drop_control"]["enabled"] = False
+    cfg["analysis"]["self_selection"]["enabled"] = False
     counts, out = _dry_run(demo_project, cfg, "no_controls.yaml")
     for rule in CONTROL_RULES:
         assert rule not in counts, (rule, counts)
@@ -120,6 +129,7 @@ def test_switching_the_controls_off(demo_project, demo_config):
         assert rule not in counts
     assert counts.get("stimulus_sets") == 1  # the size-matched draws leave sets.tsv
     assert "heldout_layers/" not in out and "/drop/" not in out
+    assert "self_selection" not in out
 
 
 def test_changing_the_number_of_splits_reruns_the_heldout_work(demo_project, demo_config):
@@ -152,3 +162,4 @@ def test_paper_config_schedules_the_controls_in_the_per_llm_jobs(tmp_path):
         assert f"results/alignment/wit1024/heldout_layers/{llm}.tsv" in out
         assert f"results/alignment/wit1024/drop/{llm}.tsv" in out
         assert f"results/alignment/wit1024/heldout/{llm}.tsv" in out
+        assert f"results/alignment/wit1024/self_selection/{llm}.tsv" in out

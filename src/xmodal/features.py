@@ -608,7 +608,14 @@ class FeatureFile:
         what, why = "non-finite features", ""
         if not bad.any():
             bad = ~x.any(axis=1)
-            what, why = "all-zero features", " (features never written: a failed or padded file?)"
+            what, why = (
+                "all-zero features",
+                (
+                    " (features never written, or a representation in which these stimuli have no "
+                    "features at all, such as a caption with no known word: the alignment needs a "
+                    "nonzero row for every stimulus)"
+                ),
+            )
             if bad.all():
                 return x
         if bad.any():
