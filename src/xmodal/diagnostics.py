@@ -309,38 +309,25 @@ def diagnose(
             cos_mean=mean,
             cos_sd=cos_sd,
             eff_dim=eff_dim,
-            unresolved=torch.nonzero(side.unresolved[0]).squeeze(1).cpu().numpy().astype(np.int64),
+            unresolved=_positions(side.unresolved[0]),
             duplicate_groups=duplicate_groups(t),
         )
+    sq_dev, unresolved = -1.0, np.empty(0, dtype=np.int64)
     if side is not None and side.k == k and side.tau == tau and side.size == m and 2 * d <= m:
         # the blocked side's gaps are at hand: Σ_{i≠j} (K_ij − mean)² = ‖XᵀX‖²_F − Σ‖x_i‖⁴
         # − n_off·mean² (m·d² work, not a second m²·d pass over the kernel), unless it cancels
         gram = t.T.to(torch.float64) @ t.to(torch.float64)
         sq_dev = float((gram * gram).sum()) - float((norms2**2).sum()) - n_off * mean * mean
-        if sq_dev > 1e-8 * n_off * mean * mean:
-            return LayerDiagnostics(
-                m=m,
-                dim=d,
-                k=k,
-                tau=tau,
-                cos_mean=mean,
-                cos_sd=float(np.sqrt(sq_dev / (n_off - 1))),
-                eff_dim=participation_ratio(t),
-                unresolved=torch.nonzero(side.unresolved[0])
-                .squeeze(1)
-                .cpu()
-                .numpy()
-                .astype(np.int64),
-                duplicate_groups=duplicate_groups(t),
-            )
-    sq_dev = 0.0
-    unresolved = []
-    for start, rows in kernel_row_blocks(t):
-        val, _, nxt = top_lists(rows, k, ordered=False)
-        gap = val[:, k - 1].to(torch.float64) - nxt.to(torch.float64)
-        unresolved.append(torch.nonzero(gap <= tau).squeeze(1).cpu() + start)
-        dev = rows.to(torch.float64) - mean
-        sq_dev += float(torch.where(torch.isinf(rows), 0.0, dev * dev).sum())
+        unresolved = _positions(side.unresolved[0])
+    if not sq_dev > 1e-8 * n_off * mean * mean:
+        sq_dev, parts = 0.0, []
+        for start, rows in kernel_row_blocks(t):
+            val, _, nxt = top_lists(rows, k, ordered=False)
+            gap = val[:, k - 1].to(torch.float64) - nxt.to(torch.float64)
+            parts.append(_positions(gap <= tau) + start)
+            dev = rows.to(torch.float64) - mean
+            sq_dev += float(torch.where(torch.isinf(rows), 0.0, dev * dev).sum())
+        unresolved = np.concatenate(parts)
     return LayerDiagnostics(
         m=m,
         dim=d,
@@ -349,9 +336,14 @@ def diagnose(
         cos_mean=mean,
         cos_sd=float(np.sqrt(sq_dev / (n_off - 1))),
         eff_dim=participation_ratio(t),
-        unresolved=torch.cat(unresolved).numpy().astype(np.int64),
+        unresolved=unresolved,
         duplicate_groups=duplicate_groups(t),
     )
+
+
+def _positions(flags: torch.Tensor) -> np.ndarray:
+    """Positions (int64, ascending) of the True entries of a 1-D flag tensor."""
+    return torch.nonzero(flags).squeeze(1).cpu().numpy().astype(np.int64)
 
 
 def diagnostics_table(
