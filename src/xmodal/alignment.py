@@ -218,9 +218,9 @@ HELDOUT_COLUMNS = [
 #: Bytes of half-set kernels the layer search keeps for the vision models across LLM layers;
 #: above it they are rebuilt for each LLM layer (same values, more time).
 HALF_CACHE_BYTES = 1 << 31
-#: Bytes per entry of a half-set kNN structure on the dense path: the float32 kernel slice and
+#: Bytes per entry of a subset's kNN structure on the dense path: the float32 kernel slice and
 #: its neighbour mask (and the near-tie alternative's, when rows are unresolved).
-HALF_BYTES_PER_ENTRY = 6
+SUBSET_BYTES_PER_ENTRY = 6
 #: A family of random draws whose subset structures (about n_draws · s² · 6 bytes: kernel
 #: slices and neighbour masks) would exceed this per side is not kept with each side: its
 #: subsets are built from the full kernels in chunks at evaluation time (same values; the
@@ -609,11 +609,11 @@ def layer_search_tables(
         # the splits in batches of subset kernels; one batch of the LLM's halves held at a time
         step = max(1, _MAX_BATCH_ELEMS // (h * h))
         chunks = [halves[a : a + step] for a in range(0, halves.shape[0], step)]
-        cache = len(vsides) * halves.shape[0] * h * h * HALF_BYTES_PER_ENTRY <= HALF_CACHE_BYTES
+        cache = len(vsides) * halves.shape[0] * h * h * SUBSET_BYTES_PER_ENTRY <= HALF_CACHE_BYTES
         vhalf = (
             {key: [_subsets_of(vs, c) for c in chunks] for key, vs in vsides.items()}
             if cache
-            else {}
+            else None
         )
         if not cache:
             log.info(
@@ -663,7 +663,7 @@ def layer_search_tables(
                 if valid and lside is not None:
                     valid_pairs.append((key, metric))
         if halves is not None:
-            got = _half_values(lside, vsides, valid_pairs, chunks, vhalf if cache else None)
+            got = _half_values(lside, vsides, valid_pairs, chunks, vhalf)
             nan = np.full(halves.shape[0], np.nan)
             for key in vsides:
                 for metric in names:
@@ -793,12 +793,13 @@ class ConditionPlan:
         #: fixed sets built at evaluation time, from the largest down, so that the ones each
         #: side keeps fit in EAGER_FAMILY_BYTES (the drop sets, 0.75·m each, above m ≈ 2500)
         self.lazy_fixed: set[tuple[str, str, int]] = set()
-        kept = sum(len(self.positions[key]) ** 2 * 6 for key in self.fixed)
-        for key in sorted(self.fixed, key=lambda key: -len(self.positions[key])):
+        size = {key: len(self.positions[key]) ** 2 * SUBSET_BYTES_PER_ENTRY for key in self.fixed}
+        kept = sum(size.values())
+        for key in sorted(self.fixed, key=lambda key: -size[key]):
             if kept <= EAGER_FAMILY_BYTES:
                 break
             self.lazy_fixed.add(key)
-            kept -= len(self.positions[key]) ** 2 * 6
+            kept -= size[key]
         #: family name → (draw numbers, positions (n_draws, size)), in RANDOM_SETS order
         self.families: dict[str, tuple[list[int], np.ndarray]] = {}
         for name in RANDOM_SETS:
@@ -817,7 +818,7 @@ class ConditionPlan:
         self.lazy = {
             name
             for name, (_, stack) in self.families.items()
-            if stack.shape[0] * stack.shape[1] ** 2 * 6 > EAGER_FAMILY_BYTES
+            if stack.shape[0] * stack.shape[1] ** 2 * SUBSET_BYTES_PER_ENTRY > EAGER_FAMILY_BYTES
         }
         self.summaries = sorted(
             {s for (name, s, _) in self.positions if name in ("low", "high") and s != "none"}
@@ -1015,24 +1016,18 @@ class ConditionPlan:
                     "high_stability": high_st,
                     "random_stability": mean_stability(random_stabs),
                 }
-                if random_vals.size:
-                    base = random_baseline(random_vals, low)
-                    if base["n_nonfinite"]:
-                        log.warning(
-                            "%s x %s %s: %d of %d random draws are not finite; the random "
-                            "baseline is NaN",
-                            vision,
-                            llm,
-                            metric,
-                            base["n_nonfinite"],
-                            random_vals.size,
-                        )
-                    row.update(base)
-                else:
-                    row.update(
-                        random_mean=nan, random_ci_low=nan, random_ci_high=nan,
-                        frac_random_ge_low=nan,
-                    )  # fmt: skip
+                base = _baseline(random_vals, low)
+                if base["n_nonfinite"]:
+                    log.warning(
+                        "%s x %s %s: %d of %d random draws are not finite; the random "
+                        "baseline is NaN",
+                        vision,
+                        llm,
+                        metric,
+                        base["n_nonfinite"],
+                        random_vals.size,
+                    )
+                row.update(base)
                 row["diff_low_high"] = low - high
                 summ = self._boot_diff(metric, summary, xs, ys)
                 if summ is not None and summ["n_nonfinite"]:
@@ -1178,6 +1173,18 @@ def _ordered_summaries(values: Iterable[str]) -> list[str]:
     return sorted(set(values), key=lambda s: (_SUMMARY_ORDER.get(s, 2), s))
 
 
+def _baseline(values: np.ndarray, low: float) -> dict[str, float]:
+    """:func:`xmodal.stats.random_baseline` of the draws against ``low``; every figure NaN (and
+    no non-finite draw) when there are no draws."""
+    if np.size(values):
+        return random_baseline(np.asarray(values, dtype=np.float64), low)
+    nan = float("nan")
+    return {
+        "random_mean": nan, "random_ci_low": nan, "random_ci_high": nan,
+        "frac_random_ge_low": nan, "n_nonfinite": 0,
+    }  # fmt: skip
+
+
 def drop_table(conditions: pd.DataFrame) -> pd.DataFrame:
     """The drop sets against the size-matched random draws (docs/method.md, "Size-matched drop
     control"): one row per (vision, LLM, metric, summary of the drop sets), :data:`DROP_COLUMNS`.
@@ -1226,14 +1233,8 @@ def drop_table(conditions: pd.DataFrame) -> pd.DataFrame:
                     f"{vision} x {llm}: the random_drop draws hold {sorted(size)} stimuli but the "
                     f"drop sets {n_drop}; the sets table is inconsistent (rerun stimulus_sets)"
                 )
-            if rand.empty:
-                base_hi = base_lo = {
-                    "random_mean": nan, "random_ci_low": nan, "random_ci_high": nan,
-                    "frac_random_ge_low": nan, "n_nonfinite": 0,
-                }  # fmt: skip
-            else:
-                base_hi = random_baseline(values, got["drop_high"][0])
-                base_lo = random_baseline(values, got["drop_low"][0])
+            base_hi = _baseline(values, got["drop_high"][0])
+            base_lo = _baseline(values, got["drop_low"][0])
             rows.append(
                 {
                     "vision": vision,
@@ -1276,7 +1277,6 @@ def self_selection_table(
     on dispersion, so they are the same draws), against the ``low`` value of ``others``.
     ``n_shared[(vision, set)]``: stimuli that set shares with the one chosen with every model.
     """
-    nan = float("nan")
     rows = []
     for r in others.itertuples(index=False):
         key = (r.vision, r.llm, r.metric)
@@ -1291,12 +1291,7 @@ def self_selection_table(
             & (conditions["metric"] == r.metric)
         ]
         rand = c[c["condition"] == "random"]
-        base: dict[str, float] = {
-            "random_mean": nan, "random_ci_low": nan, "random_ci_high": nan,
-            "frac_random_ge_low": nan,
-        }  # fmt: skip
-        if len(rand):
-            base = random_baseline(rand["value"].to_numpy(np.float64), float(r.low))
+        base = _baseline(rand["value"].to_numpy(np.float64), float(r.low))
         main = contrasts[
             (contrasts["vision"] == r.vision)
             & (contrasts["llm"] == r.llm)
@@ -1454,12 +1449,7 @@ def _heldout_row(
     low, low_st = res.get(("low", summary, 0), (nan, nan))
     high, high_st = res.get(("high", summary, 0), (nan, nan))
     rand, rand_st = res.get("random", (np.array([]), np.array([])))
-    base = (
-        random_baseline(rand, low)
-        if rand.size
-        else {"random_mean": nan, "random_ci_low": nan, "random_ci_high": nan,
-              "frac_random_ge_low": nan}
-    )  # fmt: skip
+    base = _baseline(rand, low)
     key = ("low", summary, 0)
     return {
         "vision": vision,

@@ -45,6 +45,12 @@ Q = 0.95
 _MAX_CHUNK_BYTES = 1 << 30  # HDF5 chunks must stay below 4 GiB; keep them at most 1 GiB
 _QUANTILE_BLOCK = 1 << 24  # elements per block when computing abs_q95 from a file
 #: What to do about a feature file that cannot be used as it is.
+#: Why a stimulus's row of zeros is refused (xmodal.features.FeatureFile.finite_layer).
+_ZERO_ROWS = (
+    " (features never written, or a representation in which these stimuli have no features "
+    "at all, such as a caption with no known word: the alignment needs a nonzero row for every "
+    "stimulus)"
+)
 REEXTRACT = (
     "delete it and rerun the workflow (Snakemake then re-extracts only this model), or, for a "
     "file you supplied, rewrite it following docs/contracts.md"
@@ -608,16 +614,9 @@ class FeatureFile:
         what, why = "non-finite features", ""
         if not bad.any():
             bad = ~x.any(axis=1)
-            what, why = (
-                "all-zero features",
-                (
-                    " (features never written, or a representation in which these stimuli have no "
-                    "features at all, such as a caption with no known word: the alignment needs a "
-                    "nonzero row for every stimulus)"
-                ),
-            )
-            if bad.all():
+            if bad.all():  # a layer of zeros only: refused or skipped by the analysis
                 return x
+            what, why = "all-zero features", _ZERO_ROWS
         if bad.any():
             ids = self.stimulus_ids
             raise FeatureFileError(

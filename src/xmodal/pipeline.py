@@ -824,8 +824,11 @@ def _self_selection(
     draws (xmodal.alignment.self_selection_table)."""
     from xmodal import alignment
 
-    main = sets[(sets["set"] == "low") & (sets["summary"] == "mean")]
-    others = selection.others_sets(ids, read_table(loo_stimuli_path), len(main))
+    main = {
+        name: set(sets.loc[(sets["set"] == name) & (sets["summary"] == "mean"), "stimulus_id"])
+        for name in ("low", "high")
+    }
+    others = selection.others_sets(ids, read_table(loo_stimuli_path), len(main["low"]))
     missing = sorted(set(prepared) - set(others["vision"]))
     if missing:
         raise ValueError(
@@ -835,10 +838,8 @@ def _self_selection(
     parts, shared = [], {}
     for key in prepared:
         own = others[others["vision"] == key].drop(columns="vision")
-        for name in ("low", "high"):
-            ref = sets[(sets["set"] == name) & (sets["summary"] == "mean")]["stimulus_id"]
-            got = own.loc[own["set"] == name, "stimulus_id"]
-            shared[(key, name)] = len(set(ref.astype(str)) & set(got.astype(str)))
+        for name, ref in main.items():
+            shared[(key, name)] = len(ref & set(own.loc[own["set"] == name, "stimulus_id"]))
         cond, con = alignment.condition_tables(
             {key: prepared[key]}, llm, chosen, read, own, ids, **plan
         )

@@ -206,7 +206,7 @@ def others_sets(
                         "draw": 0,
                         "stimulus_id": ids[pos],
                     }
-                )  # fmt: skip
+                )
             )
     if not parts:
         raise ValueError("the leave-one-model-out table holds no model")
