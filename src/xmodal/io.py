@@ -38,6 +38,7 @@ __all__ = [
     "is_disk_full",
     "read_table",
     "remove_stale_temporaries",
+    "scratch_path",
     "write_table",
 ]
 
@@ -88,15 +89,8 @@ def _temp_glob(final: Path, suffix: str) -> str:
     return f".{final.name}.*.tmp{suffix}"
 
 
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; rename it onto ``path`` only on success.
-
-    A crash, an exception or a kill inside the block never leaves a file at ``path``: the
-    temporary file (hidden, same directory so the rename is atomic) is removed on error. Running
-    out of disk space is re-raised as :class:`DiskFullError` naming ``path`` and what to do.
-    """
-    final = Path(path)
+def _temporary_next_to(final: Path, suffix: str | None) -> Path:
+    """Create an empty hidden ``.<name>.*.tmp<suffix>`` file next to ``final``."""
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp_name = tempfile.mkstemp(
@@ -111,7 +105,29 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
             f"({err.strerror}); make that folder writable (chmod u+w) or run where you can write",
         ) from None
     os.close(fd)
-    tmp = Path(tmp_name)
+    return Path(tmp_name)
+
+
+def _disk_full(err: BaseException, final: Path, what: str) -> DiskFullError:
+    return DiskFullError(
+        errno.ENOSPC,
+        f"disk full while writing {what}: the partial file was removed and nothing was "
+        f"written at {final} ({_free_space(final.parent)} free now in {final.parent}). "
+        f"Free space there (or move results/ to a bigger disk) and rerun; finished "
+        f"outputs are kept. Original error: {err}",
+    )
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; rename it onto ``path`` only on success.
+
+    A crash, an exception or a kill inside the block never leaves a file at ``path``: the
+    temporary file (hidden, same directory so the rename is atomic) is removed on error. Running
+    out of disk space is re-raised as :class:`DiskFullError` naming ``path`` and what to do.
+    """
+    final = Path(path)
+    tmp = _temporary_next_to(final, suffix)
     try:
         yield tmp
         _chmod_like_new_file(tmp)
@@ -120,14 +136,30 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
         if is_disk_full(err) and not isinstance(err, DiskFullError):
-            raise DiskFullError(
-                errno.ENOSPC,
-                f"disk full while writing {final}: the partial file was removed and nothing was "
-                f"written at {final} ({_free_space(final.parent)} free now in {final.parent}). "
-                f"Free space there (or move results/ to a bigger disk) and rerun; finished "
-                f"outputs are kept. Original error: {err}",
-            ) from err
+            raise _disk_full(err, final, str(final)) from err
         raise
+
+
+@contextlib.contextmanager
+def scratch_path(path: str | os.PathLike, suffix: str) -> Iterator[Path]:
+    """Yield a hidden scratch file next to ``path`` (the output it helps write); always removed.
+
+    For data too large for memory on its way into ``path``. The file is named like
+    :func:`atomic_path`'s temporaries (``suffix`` after ``.tmp``), so that
+    :func:`remove_stale_temporaries` with the same ``suffix`` removes one a killed job left.
+    Running out of disk space is re-raised as :class:`DiskFullError` naming ``path``.
+    """
+    final = Path(path)
+    tmp = _temporary_next_to(final, suffix)
+    try:
+        yield tmp
+    except BaseException as err:
+        if is_disk_full(err) and not isinstance(err, DiskFullError):
+            raise _disk_full(err, final, f"scratch file {tmp} for {final}") from err
+        raise
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
 
 
 def _umask() -> int:

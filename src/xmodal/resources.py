@@ -88,6 +88,9 @@ def extraction_resources(
       twice while loading (8 bytes/param) plus 0.5 GB per decoding worker, on top of 8 GB.
     - language (transformers): tokenising captions is cheap (4 CPUs at most); host memory is
       8 GB plus the bf16 weights (the worst case of a loader materialising one full copy).
+    - the features do not count: beyond ``IN_MEMORY_FEATURE_BYTES`` (2 GiB, inside the 8 GB)
+      they wait in a spill file next to the output (xmodal.extract._common.FeatureAccumulator),
+      so memory does not grow with the number of stimuli.
     - runtime: 30 min plus 1 min per 2 GB of weights (reading them dominates), per attempt.
     """
     _check(size_b, attempt)

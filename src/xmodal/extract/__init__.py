@@ -31,6 +31,9 @@ from xmodal.extract._common import (
 
 log = logging.getLogger(__name__)
 
+#: suffix of the scratch file that holds features too large for memory until they are written
+SPILL_SUFFIX = ".spill"
+
 DEFAULT_BATCH = {
     ("vision", "cuda"): 64,
     ("vision", "cpu"): 16,
@@ -42,6 +45,7 @@ __all__ = [
     "ExtractionError",
     "ExtractionResult",
     "NonFiniteFeatureError",
+    "SPILL_SUFFIX",
     "RemoteCodeError",
     "UnsafeCheckpointError",
     "extract_features",
@@ -91,6 +95,7 @@ def extract_features(
     from torch.utils.data import DataLoader
 
     from xmodal.features import STIMULI_DIGEST, WEIGHTS_DIGEST, write_features
+    from xmodal.io import remove_stale_temporaries, scratch_path
     from xmodal.stimuli import ImageDataset, manifest_stamp, read_manifest
 
     t0 = time.perf_counter()
@@ -129,129 +134,145 @@ def extract_features(
         model_key, modality, model_id, len(ids), manifest_path, dev, dt, bs,
     )  # fmt: skip
 
-    if modality == "vision":
-        from xmodal.extract.vision import extract_vision_features, load_vision_model
+    # features too large for memory wait in a scratch file next to the output (one a killed
+    # job left is removed first)
+    remove_stale_temporaries(out_path, SPILL_SUFFIX)
+    with scratch_path(out_path, SPILL_SUFFIX) as spill:
+        if modality == "vision":
+            from xmodal.extract.vision import extract_vision_features, load_vision_model
 
-        model, transform, info = load_vision_model(
-            model_id,
-            revision=revision,
-            cache_dir=cache_dir,
-            device=dev,
-            dtype=dt,
-            allow_pickle=allow_pickle,
-        )
-        if vision_layer is not None:  # fail before hours of extraction, naming the config key
-            from xmodal.config import resolve_layer
+            model, transform, info = load_vision_model(
+                model_id,
+                revision=revision,
+                cache_dir=cache_dir,
+                device=dev,
+                dtype=dt,
+                allow_pickle=allow_pickle,
+            )
+            if vision_layer is not None:  # fail before hours of extraction, naming the config key
+                from xmodal.config import resolve_layer
 
-            resolve_layer(vision_layer, int(info["n_layers"]), f"model {model_key} ({model_id})")
-        if num_workers is None:
-            from xmodal.registry import SITE_DEFAULTS
+                resolve_layer(
+                    vision_layer, int(info["n_layers"]), f"model {model_key} ({model_id})"
+                )
+            if num_workers is None:
+                from xmodal.registry import SITE_DEFAULTS
 
-            num_workers = int(SITE_DEFAULTS["num_workers"])
-        dataset = ImageDataset(df, manifest_path.parent, transform, with_digests=True)
-        # rows of df are rows of the manifest (duplicates dropped): their manifest positions
-        rows = (
-            np.flatnonzero(manifest["stimulus_id"].isin(ids).to_numpy())
-            if drop_duplicates
-            else None
-        )
-        loader = DataLoader(
-            dataset,
-            batch_size=bs,
-            shuffle=False,
-            num_workers=num_workers,
-            pin_memory=dev.type == "cuda",
-            prefetch_factor=4 if num_workers > 0 else None,
-            persistent_workers=False,
-        )
+                num_workers = int(SITE_DEFAULTS["num_workers"])
+            dataset = ImageDataset(df, manifest_path.parent, transform, with_digests=True)
+            # rows of df are rows of the manifest (duplicates dropped): their manifest positions
+            rows = (
+                np.flatnonzero(manifest["stimulus_id"].isin(ids).to_numpy())
+                if drop_duplicates
+                else None
+            )
+            loader = DataLoader(
+                dataset,
+                batch_size=bs,
+                shuffle=False,
+                num_workers=num_workers,
+                pin_memory=dev.type == "cuda",
+                prefetch_factor=4 if num_workers > 0 else None,
+                persistent_workers=False,
+            )
 
-        def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-            for images, idx, digests in loader:
-                for i, digest in zip(idx.tolist(), digests, strict=True):
-                    image_digests[i if rows is None else int(rows[i])] = digest
-                yield images, idx
+            def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                for images, idx, digests in loader:
+                    for i, digest in zip(idx.tolist(), digests, strict=True):
+                        image_digests[i if rows is None else int(rows[i])] = digest
+                    yield images, idx
 
-        res = extract_vision_features(
-            model,
-            batches(),
-            stimulus_ids=ids,
-            batch_size=bs,
-            model_name=model_key,
-            progress=progress,
-        )
-        preprocessing = {"image": info["preprocessing"], "num_workers": num_workers}
-    else:
-        from xmodal.extract.language import extract_language_features, load_language_model
+            res = extract_vision_features(
+                model,
+                batches(),
+                stimulus_ids=ids,
+                batch_size=bs,
+                model_name=model_key,
+                progress=progress,
+                spill=spill,
+            )
+            preprocessing = {"image": info["preprocessing"], "num_workers": num_workers}
+        else:
+            from xmodal.extract.language import extract_language_features, load_language_model
 
-        model, tokenizer, info = load_language_model(
-            model_id,
-            revision=revision,
-            cache_dir=cache_dir,
-            device=dev,
-            dtype=dt,
-            allow_pickle=allow_pickle,
-        )
-        res = extract_language_features(
-            model,
-            tokenizer,
-            df["caption"].tolist(),
-            stimulus_ids=ids,
-            batch_size=bs,
-            max_tokens=max_tokens,
-            model_name=model_key,
-            progress=progress,
-        )
-        preprocessing = {
-            "tokenizer": {
-                **info["tokenizer"],
-                "max_length": res.info["max_length"],
-                "max_length_source": res.info["max_length_source"],
-                "n_truncated": res.info["n_truncated"],
-                "truncated_ids": res.info["truncated_ids"],
+            model, tokenizer, info = load_language_model(
+                model_id,
+                revision=revision,
+                cache_dir=cache_dir,
+                device=dev,
+                dtype=dt,
+                allow_pickle=allow_pickle,
+            )
+            res = extract_language_features(
+                model,
+                tokenizer,
+                df["caption"].tolist(),
+                stimulus_ids=ids,
+                batch_size=bs,
+                max_tokens=max_tokens,
+                model_name=model_key,
+                progress=progress,
+                spill=spill,
+            )
+            preprocessing = {
+                "tokenizer": {
+                    **info["tokenizer"],
+                    "max_length": res.info["max_length"],
+                    "max_length_source": res.info["max_length_source"],
+                    "n_truncated": res.info["n_truncated"],
+                    "truncated_ids": res.info["truncated_ids"],
+                }
             }
+
+        attrs = {
+            "model_id": model_id,
+            "model_key": model_key,
+            "modality": modality,
+            "source": info["source"],
+            "revision": info["revision"],
+            "requested_revision": revision or "",
+            "pooling": res.info["pooling"],
+            "compute_dtype": info["dtype"],
+            "preprocessing": preprocessing,
+            "architecture": info["architecture"],
+            "weights": info["weights"],
+            "device": str(dev),
+            "batch_size": int(res.info["batch_size"]),
+            "label": model_cfg.get("label") or "",
+            "family": model_cfg.get("family") or "",
+            "size_b": float(model_cfg.get("size_b") or 0.0),
+            STIMULI_DIGEST: manifest_stamp(
+                manifest,
+                modality,
+                drop_duplicates,
+                manifest_path.parent,
+                image_digests=image_digests,
+            )["sha256"],
         }
+        folder = Path(model_id).expanduser()
+        if (
+            folder.is_dir()
+        ):  # a local or built model: the weights its folder held (the workflow checks)
+            from xmodal.io import directory_digest
 
-    attrs = {
-        "model_id": model_id,
-        "model_key": model_key,
-        "modality": modality,
-        "source": info["source"],
-        "revision": info["revision"],
-        "requested_revision": revision or "",
-        "pooling": res.info["pooling"],
-        "compute_dtype": info["dtype"],
-        "preprocessing": preprocessing,
-        "architecture": info["architecture"],
-        "weights": info["weights"],
-        "device": str(dev),
-        "batch_size": int(res.info["batch_size"]),
-        "label": model_cfg.get("label") or "",
-        "family": model_cfg.get("family") or "",
-        "size_b": float(model_cfg.get("size_b") or 0.0),
-        STIMULI_DIGEST: manifest_stamp(
-            manifest, modality, drop_duplicates, manifest_path.parent, image_digests=image_digests
-        )["sha256"],
-    }
-    folder = Path(model_id).expanduser()
-    if folder.is_dir():  # a local or built model: the weights its folder held (the workflow checks)
-        from xmodal.io import directory_digest
-
-        log.info("%s: digest of the weights in %s", model_key, folder)
-        attrs[WEIGHTS_DIGEST] = directory_digest(folder)
-    # the extractor checked finiteness batch by batch on the device; a float16 cast is not used here
-    out = write_features(
-        out_path,
-        res.features,
-        ids,
-        res.layer_names,
-        attrs,
-        abs_q95=res.abs_q95,
-        n_tokens=res.n_tokens,
-        check_finite=False,
-    )
+            log.info("%s: digest of the weights in %s", model_key, folder)
+            attrs[WEIGHTS_DIGEST] = directory_digest(folder)
+        # the extractor checked finiteness batch by batch on the device; a float16 cast is not used here
+        out = write_features(
+            out_path,
+            res.features,
+            ids,
+            res.layer_names,
+            attrs,
+            abs_q95=res.abs_q95,
+            n_tokens=res.n_tokens,
+            check_finite=False,
+        )
+        shape = res.features.shape
+        del res  # a spilled result reads its file; the file goes when the block ends
     dt_s = time.perf_counter() - t0
     log.info(
         "%s: %d layers x %d stimuli x %d dims in %.1f s (%.1f stimuli/s) -> %s",
-        model_key, res.features.shape[0], len(ids), res.features.shape[2], dt_s, len(ids) / dt_s, out,
+        model_key, shape[0], len(ids), shape[2], dt_s, len(ids) / dt_s, out,
     )  # fmt: skip
     return out

@@ -3,10 +3,12 @@ the per-batch feature accumulator and out-of-memory back-off."""
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import shutil
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -16,6 +18,7 @@ import torch
 
 from xmodal._compat import ensure_torchvision_importable
 from xmodal.features import abs_quantile_rows
+from xmodal.io import DiskFullError
 from xmodal.prefetch import is_offline
 from xmodal.registry import PICKLE_SUFFIXES, SAFE_SUFFIXES
 
@@ -260,11 +263,48 @@ def progress_bar(total: int, desc: str, unit: str, enabled: bool = True) -> tqdm
     )
 
 
+#: An extraction's features beyond this many bytes go to a spill file next to the output instead
+#: of host memory, so that a job's memory does not grow with the number of stimuli (the 8 GB base
+#: of xmodal.resources.extraction_resources covers this much).
+IN_MEMORY_FEATURE_BYTES = 2 << 30
+
+
+class SpilledFeatures:
+    """``(n_layers, m, dim)`` float32 features held in a file (layer-major, C order), read one
+    layer at a time: iterating yields each layer's ``(m, dim)`` array; ``np.asarray`` reads all."""
+
+    def __init__(self, path: str | os.PathLike, shape: tuple[int, int, int]):
+        self.path = Path(path)
+        self.shape = tuple(int(n) for n in shape)
+        self.dtype = np.dtype(np.float32)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, layer: int) -> np.ndarray:
+        n_layers, m, dim = self.shape
+        if not 0 <= layer < n_layers:
+            raise IndexError(f"layer {layer} of {n_layers}")
+        count = m * dim
+        arr = np.fromfile(self.path, self.dtype, count=count, offset=layer * count * 4)
+        if arr.size != count:
+            raise ExtractionError(f"{self.path}: spill file ends inside layer {layer}")
+        return arr.reshape(m, dim)
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        return (self[i] for i in range(self.shape[0]))
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        out = np.stack(list(self))
+        return out if dtype is None else out.astype(dtype)
+
+
 @dataclass
 class ExtractionResult:
-    """Features of one model for every stimulus: ``features`` ``(n_layers, m, dim)`` float32."""
+    """Features of one model for every stimulus: ``features`` ``(n_layers, m, dim)`` float32, in
+    memory or (large extractions) in a spill file."""
 
-    features: np.ndarray
+    features: np.ndarray | SpilledFeatures
     abs_q95: np.ndarray
     layer_names: list[str]
     info: dict[str, Any] = field(default_factory=dict)
@@ -273,12 +313,24 @@ class ExtractionResult:
     n_tokens: np.ndarray | None = None
 
 
+def _contiguous_runs(rows: np.ndarray) -> list[tuple[int, int]]:
+    """``(start, stop)`` positions in sorted ``rows`` where the values run up by one."""
+    breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+    edges = [0, *breaks.tolist(), len(rows)]
+    return list(zip(edges[:-1], edges[1:], strict=True))
+
+
 class FeatureAccumulator:
     """Collects ``(B, n_layers, dim)`` batches into an ``(n_layers, m, dim)`` float32 array.
 
     Per batch, on the compute device: finiteness flags and ``abs_q95`` (all layers of the batch
     are in memory). The device-to-host copy of batch k happens when batch k+1 has been queued
     (``add`` then ``flush`` lag by one), so the GPU is not idle while the host copies.
+
+    With ``spill`` (a scratch file, xmodal.io.scratch_path) and more than
+    :data:`IN_MEMORY_FEATURE_BYTES` of features, batches are written into that file instead of
+    memory; the result is then :class:`SpilledFeatures`. Fails before the first batch when the
+    file system lacks room for the spill file and the feature file.
     """
 
     def __init__(
@@ -290,8 +342,23 @@ class FeatureAccumulator:
         model_name: str,
         layer_names: Sequence[str],
         stimulus_ids: Sequence[str],
+        spill: str | os.PathLike | None = None,
     ):
-        self.features = np.empty((n_layers, m, dim), dtype=np.float32)
+        self.shape = (int(n_layers), int(m), int(dim))
+        nbytes = 4 * n_layers * m * dim
+        self.spill = Path(spill) if spill is not None and nbytes > IN_MEMORY_FEATURE_BYTES else None
+        if spill is not None:
+            _check_room(Path(spill).parent, nbytes * (2 if self.spill else 1), model_name)
+        if self.spill is None:
+            self.features = np.empty(self.shape, dtype=np.float32)
+            self._fh = None
+        else:
+            log.info(
+                "model %s: %.1f GiB of features, kept in %s until written",
+                model_name, nbytes / 2**30, self.spill,
+            )  # fmt: skip
+            self._fh = open(self.spill, "r+b")  # noqa: SIM115 (closed in result())
+            self._fh.truncate(nbytes)
         self.abs_q95 = np.full(m, np.nan, dtype=np.float32)
         self.filled = np.zeros(m, dtype=bool)
         self.model_name = model_name
@@ -346,7 +413,10 @@ class FeatureAccumulator:
                 f"model {self.model_name}: NaN/Inf features in layer(s) {_preview(layers)} for "
                 f"stimuli {_preview(stimuli)}; no feature file was written"
             )
-        self.features[:, idx, :] = feats.numpy().transpose(1, 0, 2)
+        if self._fh is None:
+            self.features[:, idx, :] = feats.numpy().transpose(1, 0, 2)
+        else:
+            self._write_rows(feats.numpy(), idx)
         self.abs_q95[idx] = q.numpy()
         self.filled[idx] = True
 
@@ -357,7 +427,44 @@ class FeatureAccumulator:
             raise ExtractionError(
                 f"model {self.model_name}: no features for stimuli {_preview(missing)}"
             )
-        return ExtractionResult(self.features, self.abs_q95, self.layer_names, dict(info or {}))
+        features: np.ndarray | SpilledFeatures
+        if self._fh is None:
+            features = self.features
+        else:
+            self._fh.close()
+            features = SpilledFeatures(self.spill, self.shape)
+        return ExtractionResult(features, self.abs_q95, self.layer_names, dict(info or {}))
+
+    def _write_rows(self, batch: np.ndarray, idx: np.ndarray) -> None:
+        """Write a ``(B, n_layers, dim)`` batch for stimuli ``idx`` into the spill file, one
+        write per layer and run of consecutive stimuli."""
+        n_layers, m, dim = self.shape
+        order = np.argsort(idx, kind="stable")
+        rows, batch = idx[order], batch[order]
+        fd = self._fh.fileno()
+        for a, b in _contiguous_runs(rows):
+            for layer in range(n_layers):
+                buf = memoryview(np.ascontiguousarray(batch[a:b, layer])).cast("B")
+                offset = 4 * dim * (layer * m + int(rows[a]))
+                while buf:  # a write may be short; os.pwrite says how much it wrote
+                    n = os.pwrite(fd, buf, offset)
+                    buf, offset = buf[n:], offset + n
+
+
+def _check_room(directory: Path, needed: int, model_name: str) -> None:
+    """Fail before extraction when ``directory`` has fewer than ``needed`` bytes free."""
+    try:
+        free = shutil.disk_usage(directory).free
+    except OSError:
+        return  # cannot tell; a full disk is still reported when a write fails
+    if free < needed:
+        raise DiskFullError(
+            errno.ENOSPC,
+            f"model {model_name}: writing its features needs {needed / 2**30:.1f} GiB in "
+            f"{directory} (the feature file, and a spill file of the same size above "
+            f"{IN_MEMORY_FEATURE_BYTES / 2**30:.0f} GiB of features), but only "
+            f"{free / 2**30:.1f} GiB are free; free space there or move results/ to a bigger disk",
+        )
 
 
 def is_oom(err: BaseException) -> bool:

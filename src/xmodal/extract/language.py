@@ -360,6 +360,7 @@ def extract_language_features(
     max_tokens: int | None = None,
     model_name: str = "language model",
     progress: bool = True,
+    spill: str | os.PathLike | None = None,
 ) -> ExtractionResult:
     """Mean-pooled hidden states of every layer for every caption: ``(L+1, m, dim)`` float32.
 
@@ -368,7 +369,8 @@ def extract_language_features(
     (None: the model's context, or :data:`DEFAULT_MAX_TOKENS` when it declares none), before any
     batch is built; ``info`` records the limit (``max_length``), its source, and the number and
     first ids of truncated captions. ``n_tokens`` holds, per caption, the number of tokens its
-    features are the mean over (special tokens included, after truncation).
+    features are the mean over (special tokens included, after truncation). ``spill``: a scratch
+    file for features too large for memory (:class:`FeatureAccumulator`).
     """
     if len(captions) != len(stimulus_ids):
         raise ExtractionError(f"{len(captions)} captions for {len(stimulus_ids)} stimulus ids")
@@ -394,6 +396,7 @@ def extract_language_features(
         model_name=model_name,
         layer_names=names,
         stimulus_ids=stimulus_ids,
+        spill=spill,
     )
     sizer = BatchSizer(batch_size, model_name)
     n_tokens = int(lengths.sum())

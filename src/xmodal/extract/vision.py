@@ -198,13 +198,15 @@ def extract_vision_features(
     batch_size: int | None = None,
     model_name: str = "vision model",
     progress: bool = True,
+    spill: str | os.PathLike | None = None,
 ) -> ExtractionResult:
     """CLS token of every block for every stimulus, from ``(images, indices)`` batches.
 
     ``batches`` (e.g. a DataLoader over :class:`xmodal.stimuli.ImageDataset`) yields preprocessed
     images and their row indices into ``stimulus_ids``. Each batch runs in chunks of at most
     ``batch_size`` (default: the batch as given); a chunk that runs out of memory is halved.
-    Returns float32 features ``(n_layers, m, dim)`` and per-stimulus ``abs_q95``.
+    Returns float32 features ``(n_layers, m, dim)`` and per-stimulus ``abs_q95``; ``spill``: a
+    scratch file for features too large for memory (:class:`FeatureAccumulator`).
     """
     param = next(model.parameters())
     device, dtype = param.device, param.dtype
@@ -212,7 +214,13 @@ def extract_vision_features(
     dim = int(getattr(model, "embed_dim", 0) or model.num_features)
     m = len(stimulus_ids)
     acc = FeatureAccumulator(
-        len(names), m, dim, model_name=model_name, layer_names=names, stimulus_ids=stimulus_ids
+        len(names),
+        m,
+        dim,
+        model_name=model_name,
+        layer_names=names,
+        stimulus_ids=stimulus_ids,
+        spill=spill,
     )
     hooks = _ClsHooks(model, model_name)
     sizer: BatchSizer | None = BatchSizer(batch_size, model_name) if batch_size else None
