@@ -417,6 +417,37 @@ def test_one_layer_best_everywhere_is_chosen_on_every_half(unbiased):
     pd.testing.assert_frame_equal(h, f)
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_layer_collapsed_on_half_a_is_not_chosen_there(seed):
+    """A layer whose rows in half A of split 0 are one point (plus 1e-7 of the vision features)
+    is valid on the full set (21% of its rows unresolved) but collapsed on that half (70%): it
+    was chosen there by rounding's luck, with stability ∞; now the other layer is."""
+    rng = np.random.default_rng(seed)
+    m = 120
+    z = rng.standard_normal((m, 8))
+    vision = mt.prepare_layer((z @ rng.standard_normal((8, 32))).astype(np.float32), 1e30)
+    weak = z @ rng.standard_normal((8, 24)) + 20 * rng.standard_normal((m, 24))
+    halves = sel.split_halves(m, 4, 0)[0]
+    one_point = halves[0][: int(0.7 * halves.shape[1])]
+    partial = weak.copy()
+    partial[one_point] = rng.standard_normal(24) + 1e-7 * (
+        vision[one_point, :24] / np.abs(vision[:, :24]).max()
+    )
+    layers = [
+        (i, name, mt.prepare_layer(x.astype(np.float32), 1e30))
+        for i, (name, x) in enumerate((("weak", weak), ("partial", partial)))
+    ]
+    table, held = al.layer_search_tables(
+        {"v": (0, vision)}, "l", iter(layers), halves, k=5, metrics=("cknna",)
+    )
+    assert table["valid"].all() and np.isfinite(table["stability"]).all()
+    split0 = held[held["split"] == 0].iloc[0]
+    assert split0["layer_name"] == "weak" and np.isfinite(split0["stability"])
+    assert np.isfinite(held["stability"]).all()
+    weak_a = mt.cknna(vision[halves[0]], layers[0][2][halves[0]], 5)
+    assert split0["value"] == pytest.approx(weak_a, abs=1e-6)
+
+
 def test_heldout_choice_against_brute_force(unbiased):
     vision, layers, _, _, held, _, _ = unbiased
     x = vision["v"][1]

@@ -528,25 +528,30 @@ def _half_values(
     pairs: Sequence[tuple[str, str]],
     chunks: Sequence[np.ndarray],
     vhalf: Mapping[str, list[list[KernelKNN]]] | None,
-) -> dict[tuple[str, str], tuple[np.ndarray, np.ndarray, np.ndarray]]:
+) -> tuple[dict[tuple[str, str], tuple[np.ndarray, np.ndarray, np.ndarray]], np.ndarray]:
     """(values, stabilities, self-terms) on every half of ``chunks`` for each (vision, metric)
     of ``pairs``, one batch of the LLM layer's halves at a time (the vision models' from
-    ``vhalf`` when cached, else built per batch)."""
+    ``vhalf`` when cached, else built per batch); and, per half, whether rounding decides the
+    LLM layer's kNN sets there (collapsed on that half, as on the full set)."""
+    n = sum(len(c) for c in chunks)
     if lside is None or not pairs:
-        return {}
+        return {}, np.zeros(n, dtype=bool)
     parts: dict[tuple[str, str], list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = {}
+    collapsed = []
     keys = list(dict.fromkeys(key for key, _ in pairs))
     for i, chunk in enumerate(chunks):
         lh = _subsets_of(lside, chunk)
+        collapsed += [rounding_decides(b).cpu().numpy() for b in lh]
         for key in keys:
             vh = vhalf[key][i] if vhalf is not None else _subsets_of(vsides[key], chunk)
             for metric in (mt for k2, mt in pairs if k2 == key):
                 parts.setdefault((key, metric), []).append(_batched_values(metric, vh, lh))
         del lh
-    return {
+    values = {
         pair: tuple(np.concatenate([p[j] for p in got]) for j in range(3))  # type: ignore[misc]
         for pair, got in parts.items()
     }
+    return values, np.concatenate(collapsed)
 
 
 def _heldout_choice(
@@ -588,8 +593,9 @@ def layer_search_tables(
     (``xmodal.selection.split_halves``). Each LLM layer's half-A kNN structures are slices of
     its full-set kernel (built once); the vision models' are built once when they fit in
     :data:`HALF_CACHE_BYTES`, else once per LLM layer. On each half, a layer is valid when it is
-    valid on the full set and its value and self-similarity on the half are finite and > 0
-    (self); the choice is the argmax among valid layers. Returns (layers table, held-out table
+    valid on the full set, not collapsed on the half (rounding decides at least
+    :data:`~xmodal.metrics.ROUNDING_DECIDES` of its kNN sets there), and its value and
+    self-similarity on the half are finite and > 0 (self); the choice is the argmax among valid layers. Returns (layers table, held-out table
     with :data:`HELDOUT_LAYER_COLUMNS`, or None without ``halves``). ``on_layer``: as in
     :func:`layer_search_table`.
     """
@@ -622,7 +628,7 @@ def layer_search_tables(
                 llm,
                 HALF_CACHE_BYTES,
             )
-    on_half: dict[tuple[str, str], list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = {}
+    on_half: dict[tuple[str, str], list[tuple[np.ndarray, ...]]] = {}
     rows = []
     for index, name, y in llm_layers:
         if np.shape(y)[0] != m:
@@ -663,12 +669,12 @@ def layer_search_tables(
                 if valid and lside is not None:
                     valid_pairs.append((key, metric))
         if halves is not None:
-            got = _half_values(lside, vsides, valid_pairs, chunks, vhalf)
+            got, collapsed = _half_values(lside, vsides, valid_pairs, chunks, vhalf)
             nan = np.full(halves.shape[0], np.nan)
             for key in vsides:
                 for metric in names:
                     on_half.setdefault((key, metric), []).append(
-                        got.get((key, metric), (nan, nan, nan))
+                        (*got.get((key, metric), (nan, nan, nan)), collapsed)
                     )
         for why, pairs in invalid.items():
             log.warning(
@@ -696,7 +702,7 @@ def layer_search_tables(
 def _heldout_layer_table(
     table: pd.DataFrame,
     llm: str,
-    on_half: Mapping[tuple[str, str], list[tuple[np.ndarray, np.ndarray, np.ndarray]]],
+    on_half: Mapping[tuple[str, str], list[tuple[np.ndarray, ...]]],
     n_half: int,
 ) -> pd.DataFrame:
     """One row per (vision, metric, split): the layer chosen on half A (HELDOUT_LAYER_COLUMNS)."""
@@ -708,7 +714,9 @@ def _heldout_layer_table(
         values = np.stack([p[0] for p in per_layer])  # (n_layers, n_splits), layer order
         stabs = np.stack([p[1] for p in per_layer])
         selfs = np.stack([p[2] for p in per_layer])
-        ok = rows["valid"].to_numpy(bool)[:, None] & np.isfinite(values)
+        collapsed = np.stack([p[3] for p in per_layer])
+        # valid on the full set, finite on the half, and not collapsed on the half
+        ok = rows["valid"].to_numpy(bool)[:, None] & np.isfinite(values) & ~collapsed
         ok &= np.isfinite(selfs) & (selfs > 0)
         best = _heldout_choice(llm, key, metric, values, ok, indices.tolist())
         full_layer = int(rows.loc[rows["chosen"], "llm_layer"].item())
