@@ -126,3 +126,35 @@ def test_a_step_script_takes_its_jobs_threads_as_its_budget(tmp_path):
         out[name] = proc.stdout.split(maxsplit=1)
     assert out["job"] == ["1", "[]\n"]
     assert int(out["by hand"][0]) == len(os.sched_getaffinity(0))
+
+
+#: rules whose params cannot hide a change (values of different types: a dict and a flag, a
+#: modality and a flag); named_params on them would re-extract every model once
+UNNAMED_PARAMS_OK = {"extract", "import_features"}
+
+
+def test_rules_with_several_params_record_them_by_name():
+    """Snakemake records a job's params as the set of their values, without names: two
+    settings of equal value, or two swapped, hid a change. Every rule with two or more params
+    passes them through named_params (workflow/rules/common.smk)."""
+    import re
+
+    root = Path(__file__).resolve().parents[1] / "workflow"
+    unnamed = []
+    for path in [root.parent / "Snakefile", *sorted((root / "rules").glob("*.smk"))]:
+        rule = None
+        lines = path.read_text().splitlines()
+        for i, line in enumerate(lines):
+            if m := re.match(r"^(?:rule|checkpoint) (\w+):", line):
+                rule = m.group(1)
+            if line != "    params:" or rule in UNNAMED_PARAMS_OK:
+                continue
+            block = []
+            for nxt in lines[i + 1 :]:
+                if nxt and not nxt.startswith("        "):
+                    break
+                block.append(nxt)
+            names = [b for b in block if re.match(r"^        \w+=", b)]
+            if len(names) >= 2:
+                unnamed.append(f"{path.name}: rule {rule}")
+    assert not unnamed, unnamed

@@ -32,11 +32,13 @@ rule layer_search:
         **retry_resources(4000, 30),
         **ALIGNMENT_GPU,
     params:
-        vision=VISION,
-        vision_layer=ANALYSIS["vision_layer"],
-        k=ANALYSIS["knn_k"],
-        metrics=METRICS,
-        heldout=HELDOUT_PARAMS,
+        **named_params(
+            vision=VISION,
+            vision_layer=ANALYSIS["vision_layer"],
+            k=ANALYSIS["knn_k"],
+            metrics=METRICS,
+            heldout=HELDOUT_PARAMS,
+        ),
     script:
         "../../scripts/layer_search.py"
 
@@ -57,11 +59,13 @@ rule vision_bootstrap:
         **retry_resources(4000, 30),
         **ALIGNMENT_GPU,
     params:
-        vision=VISION,
-        vision_layer=ANALYSIS["vision_layer"],
-        k=ANALYSIS["knn_k"],
-        n_boot=ANALYSIS["n_boot"],
-        seed=ANALYSIS["seed"],
+        **named_params(
+            vision=VISION,
+            vision_layer=ANALYSIS["vision_layer"],
+            k=ANALYSIS["knn_k"],
+            n_boot=ANALYSIS["n_boot"],
+            seed=ANALYSIS["seed"],
+        ),
     script:
         "../../scripts/vision_bootstrap.py"
 
@@ -88,12 +92,14 @@ rule conditions:
         **retry_resources(4000, 30),
         **ALIGNMENT_GPU,
     params:
-        vision=VISION,
-        vision_layer=ANALYSIS["vision_layer"],
-        k=ANALYSIS["knn_k"],
-        n_boot=ANALYSIS["n_boot"],
-        seed=ANALYSIS["seed"],
-        metrics=METRICS,
+        **named_params(
+            vision=VISION,
+            vision_layer=ANALYSIS["vision_layer"],
+            k=ANALYSIS["knn_k"],
+            n_boot=ANALYSIS["n_boot"],
+            seed=ANALYSIS["seed"],
+            metrics=METRICS,
+        ),
     script:
         "../../scripts/conditions.py"
 

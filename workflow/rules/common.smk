@@ -122,6 +122,14 @@ def retry_resources(mem_mb, runtime):
     }
 
 
+def named_params(**params):
+    """A rule's params plus `settings`, the same values by name. Snakemake records a job's
+    params as the set of their values, without names: two settings of equal value, or two
+    swapped, hid a change (k = n_random = 10, then n_random 20 -> 10 and k 10 -> 20 reran
+    nothing). The dict's record holds the names, so any change reruns the job."""
+    return {**params, "settings": dict(params)}
+
+
 # changes which stimuli every model's features hold: a feature-defining setting
 DROP_DUPLICATES = bool(config["stimuli"].get("drop_duplicates", False))
 # what the held-out layer choice adds to each layer-search job (nothing when it is off, so

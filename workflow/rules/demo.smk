@@ -35,8 +35,10 @@ rule demo_training_scenes:
     conda:
         "../../envs/analysis.yaml"
     params:
-        n=DEMO_TRAIN.get("n", 3000),
-        seed=DEMO_TRAIN.get("seed", 0),
+        **named_params(
+            n=DEMO_TRAIN.get("n", 3000),
+            seed=DEMO_TRAIN.get("seed", 0),
+        ),
     script:
         "../../scripts/demo_training_scenes.py"
 
@@ -50,8 +52,10 @@ rule demo_tokenizer:
     conda:
         "../../envs/extract.yaml"
     params:
-        n=DEMO_TRAIN.get("n", 3000),
-        seed=DEMO_TRAIN.get("seed", 0),
+        **named_params(
+            n=DEMO_TRAIN.get("n", 3000),
+            seed=DEMO_TRAIN.get("seed", 0),
+        ),
     script:
         "../../scripts/demo_tokenizer.py"
 

@@ -14,9 +14,11 @@ rule vision_diagnostics:
     conda:
         "../../envs/analysis.yaml"
     params:
-        vision=VISION,
-        vision_layer=ANALYSIS["vision_layer"],
-        k=ANALYSIS["knn_k"],
+        **named_params(
+            vision=VISION,
+            vision_layer=ANALYSIS["vision_layer"],
+            k=ANALYSIS["knn_k"],
+        ),
     script:
         "../../scripts/vision_diagnostics.py"
 

@@ -20,10 +20,12 @@ rule gpa:
     resources:
         **retry_resources(8000, 60),
     params:
-        models=VISION,
-        vision_layer=ANALYSIS["vision_layer"],
-        tol=ANALYSIS["gpa"].get("tol", 1e-10),
-        max_iter=ANALYSIS["gpa"].get("max_iter", 1000),
+        **named_params(
+            models=VISION,
+            vision_layer=ANALYSIS["vision_layer"],
+            tol=ANALYSIS["gpa"].get("tol", 1e-10),
+            max_iter=ANALYSIS["gpa"].get("max_iter", 1000),
+        ),
     script:
         "../../scripts/gpa.py"
 
@@ -40,15 +42,15 @@ rule stimulus_sets:
     resources:
         **retry_resources(2000, 15),
     params:
-        set_size=ANALYSIS["set_size"],
-        n_random=ANALYSIS["n_random"],
-        drop_fraction=ANALYSIS["drop_fraction"],
-        knn_k=ANALYSIS["knn_k"],
-        seed=ANALYSIS["seed"],
-        # the size-matched control of the drop sets (0 draws: off; docs/method.md, "Controls").
-        # A dict: Snakemake records params as a set of values, so a bare count equal to another
-        # param's value (n_random) would not rerun this job when it changes.
-        drop_control={"n_random": DROP_CONTROL.draws(ANALYSIS)},
+        **named_params(
+            set_size=ANALYSIS["set_size"],
+            n_random=ANALYSIS["n_random"],
+            drop_fraction=ANALYSIS["drop_fraction"],
+            knn_k=ANALYSIS["knn_k"],
+            seed=ANALYSIS["seed"],
+            # the size-matched control of the drop sets (0 draws: off; docs/method.md, "Controls")
+            drop_control={"n_random": DROP_CONTROL.draws(ANALYSIS)},
+        ),
     script:
         "../../scripts/stimulus_sets.py"
 
@@ -64,11 +66,13 @@ rule heldout_sets:
     conda:
         "../../envs/analysis.yaml"
     params:
-        set_size=ANALYSIS["set_size"],
-        n_random=ANALYSIS["n_random"],
-        knn_k=ANALYSIS["knn_k"],
-        seed=ANALYSIS["seed"],
-        heldout={"n_splits": HELDOUT.n_splits},
+        **named_params(
+            set_size=ANALYSIS["set_size"],
+            n_random=ANALYSIS["n_random"],
+            knn_k=ANALYSIS["knn_k"],
+            seed=ANALYSIS["seed"],
+            heldout={"n_splits": HELDOUT.n_splits},
+        ),
     script:
         "../../scripts/heldout_sets.py"
 
@@ -90,9 +94,11 @@ rule leave_one_model_out:
     resources:
         **retry_resources(8000, 60),
     params:
-        models=VISION,
-        vision_layer=ANALYSIS["vision_layer"],
-        tol=ANALYSIS["gpa"].get("tol", 1e-10),
-        max_iter=ANALYSIS["gpa"].get("max_iter", 1000),
+        **named_params(
+            models=VISION,
+            vision_layer=ANALYSIS["vision_layer"],
+            tol=ANALYSIS["gpa"].get("tol", 1e-10),
+            max_iter=ANALYSIS["gpa"].get("max_iter", 1000),
+        ),
     script:
         "../../scripts/leave_one_model_out.py"

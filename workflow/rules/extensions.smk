@@ -29,10 +29,12 @@ rule language_gpa:
     conda:
         "../../envs/analysis.yaml"
     params:
-        llms=LANGUAGE,
-        layer=LANGUAGE_DISPERSION.layer,
-        tol=ANALYSIS["gpa"].get("tol", 1e-10),
-        max_iter=ANALYSIS["gpa"].get("max_iter", 1000),
+        **named_params(
+            llms=LANGUAGE,
+            layer=LANGUAGE_DISPERSION.layer,
+            tol=ANALYSIS["gpa"].get("tol", 1e-10),
+            max_iter=ANALYSIS["gpa"].get("max_iter", 1000),
+        ),
     script:
         "../../scripts/language_gpa.py"
 
@@ -49,8 +51,10 @@ rule language_correlation:
     conda:
         "../../envs/analysis.yaml"
     params:
-        n_boot=ANALYSIS["n_boot"],
-        seed=ANALYSIS["seed"],
+        **named_params(
+            n_boot=ANALYSIS["n_boot"],
+            seed=ANALYSIS["seed"],
+        ),
     script:
         "../../scripts/language_correlation.py"
 
@@ -67,10 +71,12 @@ rule joint_sets:
     conda:
         "../../envs/analysis.yaml"
     params:
-        set_size=ANALYSIS["set_size"],
-        n_random=ANALYSIS["n_random"],
-        knn_k=ANALYSIS["knn_k"],
-        seed=ANALYSIS["seed"],
+        **named_params(
+            set_size=ANALYSIS["set_size"],
+            n_random=ANALYSIS["n_random"],
+            knn_k=ANALYSIS["knn_k"],
+            seed=ANALYSIS["seed"],
+        ),
     script:
         "../../scripts/joint_sets.py"
 
@@ -91,10 +97,12 @@ rule joint_conditions:
     conda:
         "../../envs/analysis.yaml"
     params:
-        vision=VISION,
-        vision_layer=ANALYSIS["vision_layer"],
-        k=ANALYSIS["knn_k"],
-        seed=ANALYSIS["seed"],
+        **named_params(
+            vision=VISION,
+            vision_layer=ANALYSIS["vision_layer"],
+            k=ANALYSIS["knn_k"],
+            seed=ANALYSIS["seed"],
+        ),
     script:
         "../../scripts/joint_conditions.py"
 
@@ -169,7 +177,9 @@ rule property_correlations:
     conda:
         "../../envs/analysis.yaml"
     params:
-        n_boot=ANALYSIS["n_boot"],
-        seed=ANALYSIS["seed"],
+        **named_params(
+            n_boot=ANALYSIS["n_boot"],
+            seed=ANALYSIS["seed"],
+        ),
     script:
         "../../scripts/property_correlations.py"
