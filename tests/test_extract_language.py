@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -111,6 +112,22 @@ def test_pickle_only_checkpoint_refused(tmp_path, tiny_lms):
     torch.testing.assert_close(model.get_input_embeddings().weight, sd[key])
 
 
+def test_a_checkpoint_missing_weights_is_refused(tmp_path, tiny_lms):
+    """transformers fills weights a checkpoint lacks with random values and only prints a
+    report; the features would then come from a partly random model."""
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "llama"
+    shutil.copytree(tiny_lms["llama"], folder)
+    weights = load_file(folder / "model.safetensors")
+    kept = {k: v for k, v in weights.items() if not k.startswith("layers.1.")}
+    assert 0 < len(kept) < len(weights)
+    save_file(kept, folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ExtractionError, match=r"lacks weights .*missing \['layers\.1\."):
+        load_language_model(str(folder))
+    load_language_model(str(tiny_lms["llama"]))  # its LM head is unused, not missing
+
+
 def test_oom_halving_and_nan(tiny_lms, captions, monkeypatch, caplog):
     model, tok, _ = load_language_model(str(tiny_lms["bloom"]))
     ref = extract_language_features(
@@ -193,3 +210,84 @@ def test_drop_duplicates_digests_the_images_it_scanned(tmp_path, tiny_lms, tiny_
     want = hashlib.sha256(json.dumps(rows, ensure_ascii=False).encode()).hexdigest()
     with FeatureFile(out) as ff:
         assert ff.m == 12 and ff.attrs[STIMULI_DIGEST] == want
+
+
+def test_gpus_too_small_for_the_weights_fail_instead_of_offloading(tmp_path, tiny_lms, monkeypatch):
+    """Several GPUs smaller than the job was sized for: device_map="auto" would put the rest of
+    the model in host memory and run for hours; the job fails at once, naming the settings."""
+    from xmodal.extract import language
+
+    weights = ["model.safetensors"]
+    need = language._weight_bytes(tiny_lms["llama"], weights, torch.float32)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    free = {"each": need // 2}  # two GPUs hold 100% of the weights, not 85%
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda i=None: (free["each"], 10 * need))
+    cuda = torch.device("cuda", 0)
+    with pytest.raises(ExtractionError, match=r"llama: its weights need .*extraction\.gpu_mem_gb"):
+        language._choose_device_map(cuda, tiny_lms["llama"], weights, torch.float32, "llama")
+    free["each"] = need  # 50% of two GPUs: sharded
+    assert language._choose_device_map(cuda, tiny_lms["llama"], weights, torch.float32) == "auto"
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ExtractionError, match="the 1 GPU"):  # one GPU with the same memory
+        language._choose_device_map(cuda, tiny_lms["llama"], weights, torch.float32)
+    free["each"] = 2 * need
+    assert language._choose_device_map(cuda, tiny_lms["llama"], weights, torch.float32) == {"": 0}
+
+    class Sharded(torch.nn.Module):
+        hf_device_map = {"embed_tokens": 0, "layers.0": 1, "layers.1": "cpu", "norm": "disk"}
+
+    with pytest.raises(
+        ExtractionError, match=r"placed \['layers\.1', 'norm'\] .* on the CPU or disk"
+    ):
+        language._check_on_gpus(Sharded(), "llama")
+    language._check_on_gpus(torch.nn.Linear(1, 1), "llama")  # one device: no map
+
+
+@pytest.fixture(scope="module")
+def sentencepiece_llama(tmp_path_factory) -> Path:
+    """A LLaMA tokenizer shipped as tokenizer.model alone (as OpenLLaMA's): SentencePiece BPE
+    with a dummy prefix and spaces kept, as LLaMA's."""
+    import sentencepiece as spm
+
+    root = tmp_path_factory.mktemp("sp")
+    text = root / "captions.txt"
+    text.write_text("\n".join(["a red cube on a blue floor", "two green spheres"] * 50))
+    spm.SentencePieceTrainer.train(
+        input=str(text), model_prefix=str(root / "sp"), vocab_size=300, model_type="bpe",
+        add_dummy_prefix=True, remove_extra_whitespaces=False, byte_fallback=True,
+        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, character_coverage=1.0, minloglevel=2,
+    )  # fmt: skip
+    folder = root / "llama"
+    folder.mkdir()
+    shutil.copy(root / "sp.model", folder / "tokenizer.model")
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps({"tokenizer_class": "LlamaTokenizer", "add_bos_token": True,
+                    "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"})
+    )  # fmt: skip
+    return folder
+
+
+def test_a_caption_starting_with_a_space_gets_the_models_own_tokens(sentencepiece_llama, tiny_lms):
+    """transformers 5 rebuilds a LLaMA tokenizer that drops a caption's leading space, which
+    SentencePiece keeps: such a caption is refused naming it, where it is tokenized otherwise
+    than by the model's own tokenizer file; other captions get SentencePiece's tokens."""
+    import sentencepiece as spm
+    from transformers import AutoTokenizer
+
+    from xmodal.extract.language import tokenize_captions
+
+    tok = AutoTokenizer.from_pretrained(sentencepiece_llama)  # tokenizer.model alone loads
+    sp = spm.SentencePieceProcessor(model_file=str(sentencepiece_llama / "tokenizer.model"))
+    plain = tokenize_captions(tok, ["a red cube", "two green spheres"], stimulus_ids=["a", "b"])
+    assert plain.ids == [[1, *sp.encode("a red cube")], [1, *sp.encode("two green spheres")]]
+    caps, ids = ["a red cube", " a red cube"], ["plain", "lead"]
+    differs = tok(caps[1], add_special_tokens=False)["input_ids"] != sp.encode(caps[1])
+    if differs:  # transformers 5
+        with pytest.raises(ExtractionError, match=r"stimuli \['lead'\] .* start with a space"):
+            tokenize_captions(tok, caps, stimulus_ids=ids)
+    else:
+        assert tokenize_captions(tok, caps, stimulus_ids=ids).ids[1] == [1, *sp.encode(caps[1])]
+    # a byte-level BPE tokenizer keeps the space as its file does: nothing to refuse
+    bpe = AutoTokenizer.from_pretrained(tiny_lms["bloom"])
+    got = tokenize_captions(bpe, caps, stimulus_ids=ids).ids
+    assert got[0] != got[1]

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +27,7 @@ from xmodal.extract._common import (
     ExtractionError,
     ExtractionResult,
     FeatureAccumulator,
+    _preview,
     check_no_remote_code,
     check_weight_files,
     dtype_name,
@@ -65,26 +66,48 @@ def _weight_bytes(folder: Path, weights: Sequence[str], target: torch.dtype) -> 
     return int(raw * torch.finfo(target).bits / 8 / stored_size)
 
 
+#: fraction of the GPUs' free memory the weights may fill (the rest: activations, buffers)
+GPU_HOLDS = 0.85
+
+
 def _choose_device_map(
-    device: torch.device, folder: Path, weights: Sequence[str], dtype: torch.dtype
+    device: torch.device,
+    folder: Path,
+    weights: Sequence[str],
+    dtype: torch.dtype,
+    model_id: str = "language model",
 ) -> str | dict[str, Any] | None:
-    """None on CPU; ``"auto"`` over several GPUs or when one GPU is too small; else one GPU."""
+    """None on CPU; ``"auto"`` (sharded by accelerate) over several GPUs; else the one GPU.
+
+    Weights that the free memory of the visible GPUs cannot hold are an ExtractionError: with
+    ``device_map="auto"`` accelerate would put the rest in host memory and the job would run
+    for hours on the CPU, and be retried (docs/cluster.md, "GPU sizes")."""
     if device.type != "cuda":
         return None
     n_gpu = torch.cuda.device_count()
-    if n_gpu > 1:
-        return "auto"
+    gpus = list(range(n_gpu)) if n_gpu > 1 else [device.index if device.index is not None else 0]
+    free = sum(torch.cuda.mem_get_info(i)[0] for i in gpus)
     need = _weight_bytes(folder, weights, dtype)
-    free, _ = torch.cuda.mem_get_info(device)
-    if need > 0.85 * free:
-        log.warning(
-            "weights need ~%.1f GiB, GPU has %.1f GiB free: sharding with device_map='auto' "
-            "(layers that do not fit are offloaded to the CPU and run slowly)",
-            need / 2**30,
-            free / 2**30,
+    if need > GPU_HOLDS * free:
+        raise ExtractionError(
+            f"{model_id}: its weights need ~{need / 2**30:.1f} GiB of GPU memory ({dtype_name(dtype)}) "
+            f"but the {len(gpus)} GPU(s) this job sees have {free / 2**30:.1f} GiB free; the rest would "
+            "run on the CPU for hours. Set extraction.gpu_mem_gb to the memory of the GPUs the jobs "
+            "get (it sets how many each job asks for), or extraction.gpu_model to GPUs that large"
         )
-        return "auto"
-    return {"": device.index if device.index is not None else 0}
+    return "auto" if n_gpu > 1 else {"": gpus[0]}
+
+
+def _check_on_gpus(model: torch.nn.Module, model_id: str) -> None:
+    """Refuse a sharded model that accelerate placed partly in host memory or on disk."""
+    placed = getattr(model, "hf_device_map", None) or {}
+    off = sorted(name for name, where in placed.items() if str(where) in ("cpu", "disk"))
+    if off:
+        raise ExtractionError(
+            f"{model_id}: accelerate placed {_preview(off)} on the CPU or disk: the GPUs this job "
+            "sees cannot hold the model next to its activations, and it would run for hours on the "
+            "CPU. Ask for more or larger GPUs (extraction.gpu_mem_gb, extraction.gpu_model)"
+        )
 
 
 def load_language_model(
@@ -102,8 +125,9 @@ def load_language_model(
     ``model_id`` is a hub repo id (read from the hub cache at ``revision``; downloaded only when
     not cached and not offline) or a local ``save_pretrained`` directory. ``dtype`` None/"auto"
     = bfloat16 on CUDA, float32 on the CPU. On CUDA the model is sharded with
-    ``device_map="auto"`` (``max_memory`` per device) when several GPUs are visible or it does
-    not fit one. ``trust_remote_code`` is always False; pickle checkpoints are refused unless
+    ``device_map="auto"`` (``max_memory`` per device) when several GPUs are visible; weights the
+    visible GPUs cannot hold are an error, never offloaded to the CPU. A checkpoint lacking
+    weights the model needs is an error. ``trust_remote_code`` is always False; pickle checkpoints are refused unless
     ``allow_pickle``. A tokenizer without a pad token gets one (eos, unk, bos or token 0; pooling
     masks padding anyway). ``info`` holds the resolved ``revision`` (commit hash or ``"local"``).
     """
@@ -127,24 +151,27 @@ def load_language_model(
         )
     remote_code_note = check_no_remote_code(folder, model_id)
     weights = check_weight_files(folder, model_id, allow_pickle=allow_pickle)
-    device_map = _choose_device_map(device, folder, weights, torch_dtype)
+    device_map = _choose_device_map(device, folder, weights, torch_dtype, model_id)
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
-        model = AutoModel.from_pretrained(
+        model, loading = AutoModel.from_pretrained(
             folder,
             trust_remote_code=False,
             use_safetensors=None if allow_pickle else True,
             dtype=torch_dtype,
             device_map=device_map,
             max_memory=max_memory if device_map == "auto" else None,
+            output_loading_info=True,
         )
     except (OSError, ValueError, KeyError) as err:
         raise ExtractionError(
             f"{model_id}: could not load tokenizer/model from {folder} ({err})"
         ) from err
+    _check_all_weights_loaded(loading, model_id, folder)
     if device_map is None:
         model.to(device)
+    _check_on_gpus(model, model_id)
     model.eval().requires_grad_(False)
 
     pad_note = _ensure_pad_token(tokenizer, model_id)
@@ -182,6 +209,26 @@ def load_language_model(
         " (device_map=auto)" if device_map == "auto" else "",
     )
     return model, tokenizer, info
+
+
+def _check_all_weights_loaded(loading: Mapping[str, Any], model_id: str, folder: Path) -> None:
+    """Refuse a model some of whose weights the checkpoint lacks: transformers initialises them
+    at random and only prints a report, so the features would come from random weights.
+
+    Checkpoint tensors the model does not use (an LM head, old rotary buffers) are fine."""
+    missing = sorted(loading.get("missing_keys") or [])
+    mismatched = sorted(str(k[0]) for k in loading.get("mismatched_keys") or [])
+    if missing or mismatched:
+        what = "; ".join(
+            f"{label} {_preview(keys)}"
+            for label, keys in (("missing", missing), ("of another shape", mismatched))
+            if keys
+        )
+        raise ExtractionError(
+            f"{model_id}: the checkpoint in {folder} lacks weights the model needs ({what}); "
+            "they would be random. Prefetch the model again (an interrupted download?) or check "
+            "that its config.json matches its weights"
+        )
 
 
 def _ensure_pad_token(tokenizer: Any, model_id: str) -> str | None:
@@ -338,6 +385,7 @@ def tokenize_captions(
             f"truncation (the tokenizer's special tokens do not fit); raise max_tokens "
             "(config key extraction.max_tokens)"
         )
+    _check_leading_spaces(tokenizer, captions, stimulus_ids)
     special = set(getattr(tokenizer, "all_special_ids", None) or [])
     bare = [stimulus_ids[i] for i, t in enumerate(ids) if all(x in special for x in t)]
     if bare:  # every such caption gets the features of its special tokens alone
@@ -348,6 +396,58 @@ def tokenize_captions(
             "key extraction.max_tokens); otherwise this tokenizer cannot read their characters"
         )
     return TokenizedCaptions(ids, truncated, limit, source)
+
+
+def _own_tokens(tokenizer: Any, texts: Sequence[str]) -> list[list[int]] | None:
+    """Token ids (no special tokens) that the model's own tokenizer file gives ``texts``: its
+    ``tokenizer.json`` (tokenizers) or ``tokenizer.model`` (SentencePiece); None without one."""
+    folder = Path(str(getattr(tokenizer, "name_or_path", "") or ""))
+    if (folder / "tokenizer.json").is_file():
+        from tokenizers import Tokenizer
+
+        own = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        return [own.encode(t, add_special_tokens=False).ids for t in texts]
+    if (folder / "tokenizer.model").is_file():
+        import sentencepiece
+
+        sp = sentencepiece.SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
+        return [list(sp.encode(t)) for t in texts]
+    return None
+
+
+def _check_leading_spaces(
+    tokenizer: Any, captions: Sequence[str], stimulus_ids: Sequence[str]
+) -> None:
+    """Refuse captions that start with a space when the loaded tokenizer gives them other
+    tokens than the model's own tokenizer file does.
+
+    transformers 5 rebuilds LLaMA tokenizers with a pre-tokenizer that drops a caption's
+    leading space, which SentencePiece and the tokenizer.json of the model keep: such captions
+    would get other features than the reference extraction (docs/contracts.md, "Captions: token
+    limit")."""
+    special = [t for t in getattr(tokenizer, "all_special_tokens", None) or [] if t]
+    lead = [
+        i for i, c in enumerate(captions) if c.startswith(" ") and not any(t in c for t in special)
+    ]
+    if not lead:
+        return
+    texts = [captions[i] for i in lead]
+    own = _own_tokens(tokenizer, texts)
+    if own is None:
+        return
+    kw = {"add_special_tokens": False, "split_special_tokens": True}
+    got = tokenizer(texts, **kw)["input_ids"]
+    differ = [stimulus_ids[i] for i, a, b in zip(lead, got, own, strict=True) if list(a) != b]
+    if differ:
+        import transformers
+
+        raise ExtractionError(
+            f"captions of stimuli {_preview(differ)} start with a space, and the loaded tokenizer "
+            f"({type(tokenizer).__name__}, transformers {transformers.__version__}) tokenizes them "
+            f"otherwise than the model's own tokenizer file in {tokenizer.name_or_path}: their "
+            "features would not be the model's. Remove the leading spaces from those captions in "
+            "the manifest, or extract with transformers < 5"
+        )
 
 
 def extract_language_features(
