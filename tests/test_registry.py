@@ -82,6 +82,17 @@ def test_model_too_big_for_the_node_fails_at_start_up_naming_model_and_settings(
     assert "extraction.gpu_mem_gb" in msg and "extraction.gpus_per_node" in msg
 
 
+def test_vision_model_needing_several_gpus_fails_at_start_up() -> None:
+    """Vision extraction runs on one GPU (no sharding): a ViT sized at two GPUs was given two
+    and ran out of memory on the first, retried twice."""
+    cfg = paper(gpu_mem_gb=80, gpus_per_node=8)
+    cfg["models"]["mae-h"]["size_b"] = 20  # 84 GB in float32 > 72 GB usable on one 80 GB GPU
+    with pytest.raises(ConfigError, match=r"'models\.mae-h': a vision model runs on one GPU"):
+        Registry.from_config(cfg)
+    cfg["models"]["mae-h"]["size_b"] = 16  # 67 GB: one GPU
+    assert Registry.from_config(cfg)["mae-h"].resources()["gpu"] == 1
+
+
 def test_site_defaults_are_the_only_defaults() -> None:
     site = Site.from_config({})
     for key, value in SITE_DEFAULTS.items():

@@ -352,7 +352,8 @@ class Registry(Mapping[str, ModelEntry]):
         return registry
 
     def check_fits(self) -> None:
-        """Raise :class:`ConfigError` for a model that no node's GPUs can hold."""
+        """Raise :class:`ConfigError` for a model that no node's GPUs can hold, or a vision
+        model that one GPU cannot hold (vision extraction uses one GPU)."""
         for e in self.values():
             try:
                 e.gpus()
@@ -366,6 +367,15 @@ class Registry(Mapping[str, ModelEntry]):
                     "extraction.gpu_mem_gb to your GPUs' memory and extraction.gpus_per_node to "
                     "the GPUs of your largest node, or remove the model"
                 ) from None
+            if e.modality == "vision" and e.source != "supplied" and e.gpus() > 1:
+                need = e.bytes_per_param * e.size_b * 1.05
+                raise ConfigError(
+                    f"config key 'models.{e.key}': a vision model runs on one GPU (timm models "
+                    f"are not spread over several), but it needs about {need:.0f} GB of GPU "
+                    f"memory (dtype {e.dtype}, size_b {e.size_b}), more than one GPU of "
+                    f"'extraction.gpu_mem_gb: {e.site.gpu_mem_gb}' holds. Check the model's "
+                    "size_b, set extraction.gpu_mem_gb to your GPUs' memory, or remove the model"
+                )
 
     def duplicate_ids(self) -> list[tuple[str, str, str]]:
         """Pairs of keys that name the same weights (same hub repository and revision, or the
