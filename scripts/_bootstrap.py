@@ -5,6 +5,7 @@ makes the library importable whether or not it is installed in the job's environ
 (conda environments from envs/ hold its dependencies only).
 """
 
+import os
 import sys
 from pathlib import Path
 
@@ -24,3 +25,8 @@ xmodal.configure_cpu_threads()  # before numpy/torch load their thread pools
 _job = getattr(__main__, "snakemake", None)
 if _job is not None:
     set_thread_budget(int(_job.threads))
+    # a job that asked for no GPU sees none: on a workstation every job sees every GPU, and an
+    # analysis job would take memory on the GPU an extraction holds (docs/cluster.md, "GPUs on
+    # one machine"); analysis.gpu gives the alignment jobs one
+    if not int(getattr(getattr(_job, "resources", None), "gpu", 0) or 0):
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""

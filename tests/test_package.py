@@ -128,6 +128,28 @@ def test_a_step_script_takes_its_jobs_threads_as_its_budget(tmp_path):
     assert int(out["by hand"][0]) == len(os.sched_getaffinity(0))
 
 
+def test_a_step_script_sees_gpus_only_when_its_job_asked_for_one(tmp_path):
+    """Outside SLURM every job sees every GPU: an analysis job took memory on the GPU an
+    extraction held. _bootstrap hides the GPUs from a job whose resources ask for none."""
+    scripts = Path(__file__).resolve().parents[1] / "scripts"
+    seen = {}
+    for gpu in (0, 1):
+        path = tmp_path / f"gpu{gpu}.py"
+        path.write_text(
+            f"import sys; sys.path.insert(0, {str(scripts)!r})\n"
+            f"class Res: gpu = {gpu}\n"
+            "class Job: threads = 1; resources = Res()\n"
+            "snakemake = Job()\n"
+            "import os, _bootstrap\n"
+            "print(repr(os.environ.get('CUDA_VISIBLE_DEVICES')))\n"
+        )
+        env = {**os.environ, "CUDA_VISIBLE_DEVICES": "0,1"}
+        proc = subprocess.run([sys.executable, str(path)], capture_output=True, text=True, env=env)
+        assert proc.returncode == 0, proc.stderr
+        seen[gpu] = proc.stdout.strip()
+    assert seen == {0: "''", 1: "'0,1'"}
+
+
 #: rules whose params cannot hide a change (values of different types: a dict and a flag, a
 #: modality and a flag); named_params on them would re-extract every model once
 UNNAMED_PARAMS_OK = {"extract", "import_features"}

@@ -280,3 +280,20 @@ def test_auto_dtype_is_float32_for_vision_models_as_in_the_reference_code() -> N
         assert (auto[key].dtype, auto[key].bytes_per_param) == ("auto", 2)
     bf16 = Registry.from_config(paper(dtype="bfloat16"))
     assert {bf16[k].bytes_per_param for k in bf16} == {2}
+
+
+def test_build_settings_in_another_key_order_are_the_same_job_param() -> None:
+    """A demo model's build block rewritten in another key order (same meaning) reran its
+    build, its extraction and all the analysis: the param is now the sorted dict."""
+    demo = yaml.safe_load((ROOT / "config" / "demo.yaml").read_text())
+    flipped = copy.deepcopy(demo)
+    for entry in flipped["models"].values():
+        if "build" in entry:
+            entry["build"] = dict(reversed(list(entry["build"].items())))
+            if isinstance(entry["build"].get("train"), dict):
+                entry["build"]["train"] = dict(reversed(list(entry["build"]["train"].items())))
+    a, b = Registry.from_config(demo), Registry.from_config(flipped)
+    assert any(list(e["build"]) != list(demo["models"][k]["build"])
+               for k, e in flipped["models"].items() if "build" in e)  # fmt: skip
+    for key in a:
+        assert repr(a[key].feature_spec()) == repr(b[key].feature_spec()), key

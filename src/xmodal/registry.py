@@ -244,9 +244,11 @@ class ModelEntry:
 
 
 def _plain(value: Any) -> Any:
-    """Mappings (also read-only ones) as plain dicts, recursively: for params and JSON."""
+    """Mappings (also read-only ones) as plain dicts with sorted keys, recursively: for params
+    and JSON (a job's params are recorded as their repr, so the order the config wrote the keys
+    in would otherwise rerun the job)."""
     if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
+        return {str(k): _plain(value[k]) for k in sorted(value, key=str)}
     if isinstance(value, list | tuple):
         return [_plain(v) for v in value]
     return value

@@ -96,6 +96,9 @@ rule joint_conditions:
         "results/benchmarks/{dataset}/joint/{llm}.tsv"
     conda:
         "../../envs/analysis.yaml"
+    resources:
+        **retry_resources(4000, 30),
+        **ALIGNMENT_GPU,
     params:
         **named_params(
             vision=VISION,
