@@ -595,8 +595,9 @@ def layer_search_tables(
     :data:`HALF_CACHE_BYTES`, else once per LLM layer. On each half, a layer is valid when it is
     valid on the full set, not collapsed on the half (rounding decides at least
     :data:`~xmodal.metrics.ROUNDING_DECIDES` of its kNN sets there), and its value and
-    self-similarity on the half are finite and > 0 (self); the choice is the argmax among valid layers. Returns (layers table, held-out table
-    with :data:`HELDOUT_LAYER_COLUMNS`, or None without ``halves``). ``on_layer``: as in
+    self-similarity on the half are finite and > 0 (self); the choice is the argmax among valid
+    layers. Returns (layers table, held-out table with :data:`HELDOUT_LAYER_COLUMNS`, or None
+    without ``halves``). ``on_layer``: as in
     :func:`layer_search_table`.
     """
     names = _check_metrics(metrics)
