@@ -13,6 +13,10 @@ LLM features the per-LLM jobs read, against what one job per (vision, LLM) pair 
 the straightforward way (kernels and kNN recomputed for every layer pair, HSIC as in the
 reference code) on a slice.
 
+Not included: the controls the default config also runs (held-out layer choice, size-matched
+drop sets, self-selection; benchmarks/controls_scale.py times them per job) and the
+language-side extensions. Its totals are the paper's analysis, not the default pipeline's.
+
 Run: .venv/bin/python benchmarks/analysis_scale.py [--m 1024] [--n-boot 1000] [--llms bloom-560m,...]
 """
 
