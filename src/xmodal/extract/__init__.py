@@ -149,7 +149,7 @@ def extract_features(
                 dtype=dt,
                 allow_pickle=allow_pickle,
             )
-            if vision_layer is not None:  # fail before hours of extraction, naming the config key
+            if vision_layer is not None:  # fail before hours of extraction, naming the key
                 from xmodal.config import resolve_layer
 
                 resolve_layer(
@@ -250,14 +250,13 @@ def extract_features(
             )["sha256"],
         }
         folder = Path(model_id).expanduser()
-        if (
-            folder.is_dir()
-        ):  # a local or built model: the weights its folder held (the workflow checks)
+        # a local or built model: the weights its folder held (the workflow checks)
+        if folder.is_dir():
             from xmodal.io import directory_digest
 
             log.info("%s: digest of the weights in %s", model_key, folder)
             attrs[WEIGHTS_DIGEST] = directory_digest(folder)
-        # the extractor checked finiteness batch by batch on the device; a float16 cast is not used here
+        # the extractor checked finiteness batch by batch on the device (no float16 cast here)
         out = write_features(
             out_path,
             res.features,
