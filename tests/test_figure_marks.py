@@ -597,3 +597,33 @@ def test_language_dispersion_marks(planted, tables):
     legend = " ".join(t.get_text() for t in fig.legends[0].get_texts())
     assert "stability > 0.001" in legend and "(13)" in legend and "not a number" in legend
     assert "nearest-neighbour sets decided by rounding (2)" in legend  # a bar and a band
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_heldout_fraction_na_where_a_split_is_undefined(figs, tables, metric):
+    """The fraction of splits with low > high is "n/a" where any split's low or high is not a
+    number (as the mean difference is), else a bar (held out) or tick (full-set layer) at the
+    fraction computed here with loops. Before, it was drawn over the defined splits."""
+    fig = figs[("heldout_layer", metric)]
+    groups: dict[str, list] = {}
+    for r in tables["heldout"].itertuples():
+        if r.metric == metric:
+            groups.setdefault(f"{r.layer_rule}|{r.vision}|{r.llm}|{r.summary}", []).append(r)
+    fracs, undefined = {}, set()
+    for tag, rows in groups.items():
+        if any(math.isnan(r.low) or math.isnan(r.high) for r in rows):
+            undefined.add(tag)
+        else:
+            fracs[tag] = sum(r.low > r.high for r in rows) / len(rows)
+    marks = {a.get_gid()[5:]: a for a in fig.findobj(lambda a: (a.get_gid() or "").startswith("frac|"))}  # fmt: skip
+    assert set(marks) == set(fracs)
+    for tag, mark in marks.items():
+        x = mark.get_width() if tag.startswith("heldout|") else mark.get_xdata()[0]
+        assert x == pytest.approx(fracs[tag], abs=1e-12), tag
+    assert gids(fig, "frac_undefined") == undefined
+    for t in fig.findobj(lambda a: (a.get_gid() or "").startswith("frac_undefined|")):
+        assert t.get_text() == "n/a"
+    if metric != "cka":
+        assert undefined == {"full|vis-2|beta-7b|pc1"}  # planted: split 0's low undefined
+    else:
+        assert not undefined

@@ -428,3 +428,69 @@ def test_missing_conditions_leave_gaps(inputs, tmp_path):
     assert "bar|high|vis-0|beta-7b" not in bars and "bar|high|vis-0|beta-1b" in bars
     assert not any(ln.get_gid() for ln in ax.lines)  # a missing row is a gap, not "undefined"
     assert "no draws" in fig.legends[0].get_texts()[1].get_text()
+
+
+def test_contrasts_title_gives_the_ratio_and_its_pairs(inputs, tmp_path):
+    """The median low/high in the panel title is the summary's, with the number of pairs it is
+    taken over (low > 0 and high > 0). Two pairs of the mean sets made negative here: 10 of 12."""
+    from xmodal.summary import summary_table
+
+    con = table(inputs, "contrasts")
+    neg = (
+        (con["summary"] == "mean")
+        & con["vision"].eq("vis-0")
+        & con["llm"].isin(["alpha-0.5b", "beta-1b"])
+    )
+    con.loc[neg, "low"] = -0.05
+    con["diff_low_high"] = con["low"] - con["high"]
+    con.to_csv(tmp_path / "contrasts.tsv", sep="\t", index=False)
+    summary_table(con, table(inputs, "grid")).to_csv(
+        tmp_path / "summary.tsv", sep="\t", index=False
+    )
+    fig = render_figure(
+        "contrasts",
+        {"contrasts": tmp_path / "contrasts.tsv", "summary": tmp_path / "summary.tsv",
+         "models": inputs["models"]},
+    )  # fmt: skip
+    ratios = []
+    for r in con[con["summary"] == "mean"].itertuples():
+        if r.low > 0 and r.high > 0:
+            ratios.append(r.low / r.high)
+    assert len(ratios) == 10
+    title = panels(fig)[0].get_title(loc="left")
+    want = f"median low/high = {np.median(ratios):.2f}× (n = 10 pairs with low, high > 0)"
+    assert want in title
+    pc1 = con[con["summary"] == "pc1"]
+    want = f"median low/high = {np.median(pc1['low'] / pc1['high']):.2f}× (n = 12 pairs"
+    assert want in panels(fig)[2].get_title(loc="left")
+
+
+def test_drop25_title_names_the_mean_dispersion(inputs, tmp_path):
+    """The drop sets drawn are those of the mean dispersion (preferred when the grid also holds
+    PC1's, as the pipeline's does): the title says so, and says PC1 for a grid that holds only
+    PC1's drop sets."""
+    grid = table(inputs, "grid")
+    drop = grid["condition"].isin(["drop_high", "drop_low"])
+    assert set(grid.loc[drop, "summary"]) == {"mean"}  # the synthetic grid's drop sets
+    both = pd.concat([grid, grid[drop].assign(summary="pc1", value=grid["value"] + 1)])
+    only_pc1 = grid.assign(summary=grid["summary"].mask(drop, "pc1"))
+    figs = {}
+    for name, g in (("both", both), ("pc1", only_pc1)):
+        g.to_csv(tmp_path / f"{name}.tsv", sep="\t", index=False)
+        figs[name] = render_figure(
+            "drop25", {"grid": tmp_path / f"{name}.tsv", "models": inputs["models"]}
+        )
+    assert (
+        figs["both"]
+        .get_suptitle()
+        .startswith("Dropping the stimuli of highest vs lowest mean dispersion (CKNNA)")
+    )
+    assert (
+        figs["pc1"]
+        .get_suptitle()
+        .startswith("Dropping the stimuli of highest vs lowest PC1 score of dispersion (CKNNA)")
+    )
+    want = grid.query("condition == 'drop_high' and vision == 'vis-0' and llm == 'alpha-0.5b'")
+    bars = panels(figs["both"])[0].patches
+    bar = next(p for p in bars if p.get_gid() == "bar|drop_high|vis-0|alpha-0.5b")
+    assert bar.get_height() == pytest.approx(want["value"].item())  # the mean set's value

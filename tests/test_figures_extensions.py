@@ -125,3 +125,26 @@ def test_gallery_properties_with_missing_values(inputs, tmp_path):
     assert len(notes) == 24
     lines = notes[0].get_text().split("\n")
     assert lines[0].endswith("n/a tokens") and lines[2].startswith("entropy n/a bits")
+
+
+def test_language_dispersion_random_band_is_labelled_as_an_average_of_intervals(inputs):
+    """The grey band spans the mean over pairs of the random sets' lower and upper 95% ends, the
+    dashed line the mean of their means; the legend says so (before: "size-matched random sets
+    (mean, 95%)", as if the band were one 95% interval)."""
+    fig = render_figure("language_dispersion", inputs)
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert "size-matched random sets: mean of the pairs' 95% intervals" in legend
+    assert "size-matched random sets: mean of the pairs' means" in legend
+    assert not any("(mean, 95%)" in t for t in legend)
+    cells = read_table(inputs["joint_cells"])
+    axes = [ax for ax in fig.axes if ax.get_label() != "<colorbar>"]
+    for ax, summary in zip(axes[2:], ("mean", "pc1"), strict=True):
+        sub = cells[cells["summary"] == summary]
+        band = next(p for p in ax.patches if p.get_gid() == f"random|{summary}")
+        # y in data coordinates: a Rectangle (matplotlib ≥ 3.9) or a Polygon
+        if hasattr(band, "get_y"):
+            ys = np.array([band.get_y(), band.get_y() + band.get_height()])
+        else:
+            ys = np.asarray(band.get_xy())[:, 1]
+        lo, hi = sub["random_ci_low"].mean(), sub["random_ci_high"].mean()
+        assert (ys.min(), ys.max()) == (pytest.approx(lo), pytest.approx(hi))

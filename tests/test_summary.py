@@ -7,11 +7,12 @@ import pandas as pd
 import pytest
 
 from xmodal.figures.synthetic import synthetic_inputs
-from xmodal.summary import SUMMARY_COLUMNS, summary_table
+from xmodal.summary import SUMMARY_COLUMNS, heldout_pairs, heldout_summary_table, summary_table
 
 
 def contrasts_rows(rows: list[tuple]) -> pd.DataFrame:
-    """(vision, llm, summary, low, high, random_mean, diff_ci_low, frac) → contrasts table."""
+    """(vision, llm, summary, low, high, random_mean, diff_ci_low, frac) → contrasts table; the
+    interval's upper end is diff_ci_low + 0.1 (NaN with it)."""
     df = pd.DataFrame(
         rows,
         columns=[
@@ -26,6 +27,7 @@ def contrasts_rows(rows: list[tuple]) -> pd.DataFrame:
         ],
     )
     df["diff_low_high"] = df["low"] - df["high"]
+    df["diff_ci_high"] = df["diff_ci_low"] + 0.1
     return df
 
 
@@ -46,7 +48,8 @@ def test_counts_and_ratios_per_summary():
     assert mean.n_pairs == 4
     assert mean.n_low_gt_random_gt_high == 2
     assert mean.n_low_gt_high == 3
-    assert mean.n_diff_ci_above_zero == 2
+    assert mean.n_with_ci == 4 and mean.n_diff_ci_above_zero == 2
+    assert mean.n_ratio == 3
     assert mean.median_ratio_low_high == pytest.approx(1.5)  # of 1.5, 3.0, 0.5
     assert mean.max_ratio_low_high == pytest.approx(3.0)
     assert mean.median_frac_random_ge_low == pytest.approx(0.35)
@@ -123,3 +126,73 @@ def test_a_pair_missing_from_the_contrasts_is_refused_not_counted(tmp_path):
     with pytest.raises(ValueError, match=rf"lacks 2 .*\('{vision}', '{llm}', 'cknna', 'mean'\)"):
         summary_table(partial, grid)
     assert summary_table(partial)["n_pairs"].tolist() == [11, 11]  # without the grid: as given
+
+
+def test_ratio_only_over_pairs_with_low_and_high_positive():
+    """low / high is taken over valid pairs with low > 0 and high > 0 only (``n_ratio``), median
+    and max alike. Before, a negative (or zero) low over a positive high entered as a ratio ≤ 0,
+    and a summary whose pairs all had low < 0 got a negative "fold" as its maximum."""
+    con = contrasts_rows(
+        [
+            ("v1", "l1", "mean", 0.30, 0.20, 0.25, 0.05, 0.0),  # 1.5
+            ("v1", "l2", "mean", 0.40, 0.10, 0.20, 0.05, 0.0),  # 4.0
+            ("v1", "l3", "mean", -0.10, 0.20, 0.00, -0.4, 1.0),  # low < 0: no ratio (was -0.5)
+            ("v2", "l1", "mean", 0.00, 0.20, 0.10, -0.3, 1.0),  # low = 0: no ratio (was 0.0)
+            ("v2", "l2", "mean", 0.30, -0.05, 0.10, 0.05, 0.0),  # high < 0: no ratio
+            ("v2", "l3", "mean", 0.20, 0.00, 0.10, 0.05, 0.0),  # high = 0: no ratio
+            ("v3", "l1", "mean", 0.50, 0.10, np.nan, 0.05, 0.0),  # not valid: 5.0 left out
+            ("v1", "l1", "pc1", -0.10, 0.20, 0.00, -0.4, 1.0),  # every pc1 pair: low < 0
+            ("v1", "l2", "pc1", -0.30, 0.10, 0.00, -0.4, 1.0),
+        ]
+    )
+    out = summary_table(con).set_index("summary")
+    mean, pc1 = out.loc["mean"], out.loc["pc1"]
+    assert mean.median_ratio_low_high == pytest.approx(2.75)  # of 1.5 and 4.0 (was 0.75)
+    assert mean.max_ratio_low_high == pytest.approx(4.0)
+    assert np.isnan(pc1.median_ratio_low_high) and np.isnan(pc1.max_ratio_low_high)  # was -0.5
+    assert (mean.n_valid, mean.n_ratio) == (6, 2)
+    assert (pc1.n_valid, pc1.n_ratio) == (2, 0)
+
+
+def test_ci_count_over_pairs_with_a_finite_interval():
+    """``n_diff_ci_above_zero`` counts among the ``n_with_ci`` valid pairs whose interval has two
+    finite ends; a valid pair without one is in neither count. Before, a lower end alone counted
+    and the count had no stated denominator."""
+    con = contrasts_rows(
+        [
+            ("v1", "l1", "mean", 0.40, 0.20, 0.30, 0.05, 0.0),  # interval above 0
+            ("v1", "l2", "mean", 0.40, 0.30, 0.35, -0.01, 0.2),  # includes 0
+            ("v1", "l3", "mean", 0.40, 0.30, 0.35, np.nan, 0.2),  # no interval
+            ("v2", "l1", "mean", 0.40, 0.20, 0.30, 0.02, 0.0),  # upper end missing below
+            ("v2", "l2", "mean", 0.40, 0.20, np.nan, 0.03, 0.0),  # not valid
+        ]
+    )
+    con.loc[(con["vision"] == "v2") & (con["llm"] == "l1"), "diff_ci_high"] = np.nan
+    r = summary_table(con).iloc[0]
+    assert r.n_diff_ci_above_zero == 1  # was 2: the half interval counted
+    assert (r.n_pairs, r.n_valid, r.n_with_ci) == (5, 4, 2)
+    assert SUMMARY_COLUMNS.index("n_with_ci") == SUMMARY_COLUMNS.index("n_diff_ci_above_zero") - 1
+
+
+def test_heldout_fraction_undefined_when_a_split_is():
+    """The fraction of splits with low > high is NaN when any split's low or high is, as the
+    means are (an undefined split is never left out); before, it was taken over the other
+    splits (1.0 here) and drawn beside an "n/a" difference."""
+    rows = [
+        # pair a: three defined splits, low > high in two
+        *[("a", s, low, 0.40) for s, low in enumerate([0.5, 0.3, 0.6])],
+        # pair b: split 1's low undefined; pair c: split 0's high undefined
+        *[("b", s, low, 0.40) for s, low in enumerate([0.5, np.nan, 0.6])],
+        *[("c", s, 0.5, high) for s, high in enumerate([np.nan, 0.4, 0.4])],
+    ]
+    t = pd.DataFrame(rows, columns=["vision", "split", "low", "high"])
+    t = t.assign(llm="l", metric="cknna", summary="mean", layer_rule="heldout", llm_layer=1,
+                 random_mean=0.45, low_stability=0.0, high_stability=0.0)  # fmt: skip
+    t["diff_low_high"] = t["low"] - t["high"]
+    p = heldout_pairs(t).set_index("vision")
+    assert p.loc["a", "frac_splits_low_gt_high"] == pytest.approx(2 / 3)
+    assert np.isnan(p.loc["b", "frac_splits_low_gt_high"])  # was 1.0
+    assert np.isnan(p.loc["c", "frac_splits_low_gt_high"])  # was 1.0
+    s = heldout_summary_table(t).iloc[0]
+    assert (s.n_pairs, s.n_valid) == (3, 1)
+    assert s.median_frac_splits_low_gt_high == pytest.approx(2 / 3)

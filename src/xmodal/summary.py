@@ -4,10 +4,14 @@ Only pairs whose low, high and random-mean values are all finite numbers are cou
 with a degenerate value is reported as such (``n_pairs`` − ``n_valid``), never as a failure of
 the effect. Pairs whose low or high value can move by more than :data:`STABILITY_THRESHOLD` with
 the tie-breaking of their nearest neighbours are counted in ``n_unstable`` (docs/method.md,
-"Stability").
+"Stability"). Every count states its denominator: ``n_with_ci`` pairs have a bootstrap
+interval, ``n_ratio`` pairs a low / high ratio. Every table read here must hold each key once
+(:func:`require_unique_keys`): a repeated key is an error, never averaged or counted twice.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
@@ -26,7 +30,9 @@ SUMMARY_COLUMNS = [
     "n_unstable",
     "n_low_gt_random_gt_high",
     "n_low_gt_high",
+    "n_with_ci",
     "n_diff_ci_above_zero",
+    "n_ratio",
     "median_ratio_low_high",
     "max_ratio_low_high",
     "median_frac_random_ge_low",
@@ -36,6 +42,7 @@ __all__ = [
     "STABILITY_THRESHOLD",
     "SUMMARY_COLUMNS",
     "mean_stability",
+    "require_unique_keys",
     "self_selection_summary_table",
     "summary_table",
     "unstable",
@@ -48,6 +55,24 @@ def mean_stability(stabilities: np.ndarray) -> float:
     "Stability"). NaN when there are no draws or any draw's stability is NaN (its value is)."""
     s = np.asarray(stabilities, dtype=np.float64)
     return float(s.mean()) if s.size else float("nan")
+
+
+def require_unique_keys(table: pd.DataFrame, keys: Sequence[str], name: str) -> None:
+    """Refuse a table in which a key (the values of ``keys``) appears more than once: a repeated
+    pair, draw or split would be averaged in or counted twice. The ValueError names the table
+    ``name`` and the repeated keys (the first five)."""
+    keys = list(keys)
+    missing = [k for k in keys if k not in table.columns]
+    if missing:
+        raise ValueError(f"the {name} table has no column(s) {missing}: its keys are {keys}")
+    repeated = table.loc[table.duplicated(keys, keep=False), keys].drop_duplicates()
+    if len(repeated):
+        shown = [tuple(r) for r in repeated.itertuples(index=False)][:5]
+        raise ValueError(
+            f"the {name} table holds {len(repeated)} ({', '.join(keys)}) key(s) more than once: "
+            f"{shown}{' …' if len(repeated) > 5 else ''}; each must appear once: the table is "
+            "stale or was concatenated twice, rerun the jobs that write it"
+        )
 
 
 def unstable(table: pd.DataFrame, columns: tuple[str, ...] = ("stability",)) -> np.ndarray:
@@ -64,6 +89,11 @@ def _from_grid(grid: pd.DataFrame) -> pd.DataFrame:
     g = grid.copy()
     if "metric" not in g.columns:
         g["metric"] = "cknna"
+    # without a draw column, the rows of a random family are its draws: only the fixed sets'
+    # keys can be checked
+    draw = ["draw"] if "draw" in g.columns else []
+    checked = g if draw else g[g["condition"].isin(["low", "high"])]
+    require_unique_keys(checked, [*PAIR, "metric", "condition", "summary", *draw], "grid")
     out = []
     summaries = sorted(set(g.loc[g["condition"].isin(["low", "high"]), "summary"]))
     rnd = g[g["condition"] == "random"]
@@ -87,11 +117,16 @@ def summary_table(contrasts: pd.DataFrame, grid: pd.DataFrame | None = None) -> 
     Columns: ``metric``; ``summary`` (``mean``, then ``pc1``); ``n_pairs``; ``n_valid`` (pairs
     whose low, high and random mean are finite; the counts below are over these);
     ``n_unstable`` (valid pairs whose low or high value is flagged unstable);
-    ``n_low_gt_random_gt_high``; ``n_low_gt_high``; ``n_diff_ci_above_zero`` (bootstrap 95% CI
-    of low − high entirely above 0; missing for a metric without a bootstrap);
-    ``median_ratio_low_high`` and ``max_ratio_low_high`` (low / high over valid pairs with
-    high > 0; the paper reports up to 2×);
+    ``n_low_gt_random_gt_high``; ``n_low_gt_high``; ``n_with_ci`` (valid pairs whose bootstrap
+    95% interval of low − high has two finite ends); ``n_diff_ci_above_zero`` (of those, the
+    pairs whose interval lies entirely above 0; missing for a metric without a bootstrap);
+    ``n_ratio`` (valid pairs with low > 0 and high > 0, the only ones whose ratio is defined);
+    ``median_ratio_low_high`` and ``max_ratio_low_high`` (low / high over those ``n_ratio``
+    pairs, NaN when there are none; the paper reports up to 2×);
     ``median_frac_random_ge_low``.
+
+    Each (vision, llm, metric, summary) must appear once in ``contrasts`` and each (vision, llm,
+    metric, condition, summary, draw) once in ``grid`` (ValueError otherwise).
 
     ``low``, ``high`` and ``random_mean`` come from ``contrasts``; values missing there, and the
     pairs of a metric it has no rows for, are taken from ``grid`` (the concatenated conditions
@@ -102,9 +137,10 @@ def summary_table(contrasts: pd.DataFrame, grid: pd.DataFrame | None = None) -> 
     con = contrasts.copy() if contrasts is not None else pd.DataFrame(columns=keys)
     if "metric" not in con.columns:
         con["metric"] = "cknna"
-    for c in ("diff_ci_low", "frac_random_ge_low", "low", "high", "random_mean"):
+    for c in ("diff_ci_low", "diff_ci_high", "frac_random_ge_low", "low", "high", "random_mean"):
         if c not in con.columns:
             con[c] = np.nan
+    require_unique_keys(con, keys, "contrasts")
     if grid is not None and not grid.empty:
         g = _from_grid(grid).set_index(keys)
         # a pair the conditions measured but whose contrasts row is missing (a stale or partial
@@ -137,9 +173,13 @@ def _summary_row(metric: str, summary: str, c: pd.DataFrame) -> dict:
     flagged = unstable(c, ("low_stability", "high_stability")) & valid
     low, high, rnd = low[valid], high[valid], rnd[valid]
     ci_low = c["diff_ci_low"].to_numpy(float)[valid]
+    has_ci = np.isfinite(ci_low) & np.isfinite(c["diff_ci_high"].to_numpy(float)[valid])
     frac = c["frac_random_ge_low"].to_numpy(float)[valid]
-    ratio = np.where(high > 0, low / np.where(high > 0, high, 1.0), np.nan)
-    finite = ratio[np.isfinite(ratio)]
+    # low / high is a ratio of two alignments only when both are positive: a negative low over
+    # a positive high, or anything over high ≤ 0, is no "fold" and is left out (n_ratio says how
+    # many pairs remain)
+    both_positive = (low > 0) & (high > 0)
+    ratio = low[both_positive] / high[both_positive]
     frac = frac[np.isfinite(frac)]
     return {
         "metric": metric,
@@ -149,10 +189,13 @@ def _summary_row(metric: str, summary: str, c: pd.DataFrame) -> dict:
         "n_unstable": int(flagged.sum()),
         "n_low_gt_random_gt_high": int(np.sum((low > rnd) & (rnd > high))),
         "n_low_gt_high": int(np.sum(low > high)),
-        # missing (not 0) for a metric without a bootstrap (the CKA metrics: n_boot = 0)
-        "n_diff_ci_above_zero": int(np.sum(ci_low > 0)) if np.isfinite(ci_low).any() else pd.NA,
-        "median_ratio_low_high": float(np.median(finite)) if finite.size else np.nan,
-        "max_ratio_low_high": float(np.max(finite)) if finite.size else np.nan,
+        "n_with_ci": int(has_ci.sum()),
+        # over the pairs with an interval; missing (not 0) for a metric without a bootstrap
+        # (the CKA metrics: n_boot = 0)
+        "n_diff_ci_above_zero": int(np.sum(ci_low[has_ci] > 0)) if has_ci.any() else pd.NA,
+        "n_ratio": int(both_positive.sum()),
+        "median_ratio_low_high": float(np.median(ratio)) if ratio.size else np.nan,
+        "max_ratio_low_high": float(np.max(ratio)) if ratio.size else np.nan,
         "median_frac_random_ge_low": float(np.median(frac)) if frac.size else np.nan,
     }
 
@@ -256,8 +299,13 @@ def drop_summary_table(drop: pd.DataFrame) -> pd.DataFrame:
     draws') exceeds :data:`STABILITY_THRESHOLD`. ``n_drop_high_above_random_ci`` /
     ``n_drop_low_below_random_ci``: the drop set outside the draws' 95% interval on its side;
     ``n_drop_*_gt_full``: the comparison the control replaces (different set sizes);
-    ``median_random_minus_full``: how much the set size alone moves the value.
+    ``median_random_minus_full``: how much the set size alone moves the value. Each (vision,
+    llm, metric, summary) must appear once (ValueError otherwise; rows without the pair columns
+    are taken as one pair each).
     """
+    if set(PAIR) <= set(drop.columns):
+        d = drop if "metric" in drop.columns else drop.assign(metric="cknna")
+        require_unique_keys(d, [*PAIR, "metric", "summary"], "drop")
     rows = []
     for (metric, summary), c in _groups(drop):
         hi, lo, rnd = (c[k].to_numpy(float) for k in ("drop_high", "drop_low", "random_mean"))
@@ -305,14 +353,17 @@ def heldout_pairs(heldout: pd.DataFrame, level: float = 0.95) -> pd.DataFrame:
     Means over splits of low, high, the random mean and low − high (NaN when any split's is);
     ``diff_lo``/``diff_hi``: the central ``level`` percentile interval of low − high over splits
     (linear interpolation; NaN when any split's is); ``low_stability``/``high_stability``: the
-    mean of the splits' stabilities (the most each mean can move); ``frac_splits_low_gt_high``
-    over splits where both are finite (NaN when none); ``frac_same_layer``: splits whose
-    held-out layer is the full-set layer (the same for both rules).
+    mean of the splits' stabilities (the most each mean can move); ``frac_splits_low_gt_high``:
+    the fraction of splits with low > high, NaN when any split's low or high is not a number (as
+    for the means: an undefined split is never left out); ``frac_same_layer``: splits whose
+    held-out layer is the full-set layer (the same for both rules). Each (vision, llm, metric,
+    summary, split, layer_rule) must appear once (ValueError otherwise).
     """
     from xmodal.intervals import percentile_interval
 
     t = heldout.copy()
     keys = ["vision", "llm", "metric", "summary", "split"]
+    require_unique_keys(t, [*keys, "layer_rule"], "held-out")
     layer = t.pivot_table(index=keys, columns="layer_rule", values="llm_layer", aggfunc="first")
     same = (
         (layer["heldout"] == layer["full"]).groupby(level=[0, 1, 2, 3]).mean()
@@ -325,7 +376,7 @@ def heldout_pairs(heldout: pd.DataFrame, level: float = 0.95) -> pd.DataFrame:
         low, high = g["low"].to_numpy(float), g["high"].to_numpy(float)
         diff = g["diff_low_high"].to_numpy(float)
         lo, hi = percentile_interval(diff, level)
-        both = np.isfinite(low) & np.isfinite(high)
+        defined = bool(low.size) and bool(np.isfinite(low).all() and np.isfinite(high).all())
         rows.append(
             {
                 **dict(zip(group_keys, key, strict=True)),
@@ -338,9 +389,7 @@ def heldout_pairs(heldout: pd.DataFrame, level: float = 0.95) -> pd.DataFrame:
                 "diff_hi": hi,
                 "low_stability": float(g["low_stability"].to_numpy(float).mean()),
                 "high_stability": float(g["high_stability"].to_numpy(float).mean()),
-                "frac_splits_low_gt_high": float(np.mean(low[both] > high[both]))
-                if both.any()
-                else np.nan,
+                "frac_splits_low_gt_high": float(np.mean(low > high)) if defined else np.nan,
                 "frac_same_layer": float(same.loc[tuple(key[:4])]) if same is not None else np.nan,
             }
         )
@@ -390,7 +439,9 @@ def self_selection_summary_table(
     """:func:`summary_table` of the sets chosen with every vision model (``sets`` = ``all``,
     from the main contrasts) and of the sets chosen without the scored one (``others``, from
     ``self_selection.tsv``), by mean dispersion, one pair of rows per metric (docs/method.md,
-    "Sets chosen without the scored model"). Columns ``sets`` and :data:`SUMMARY_COLUMNS`."""
+    "Sets chosen without the scored model"). Columns ``sets`` and :data:`SUMMARY_COLUMNS`.
+    A repeated (vision, llm, metric, summary) in either table is a ValueError."""
+    require_unique_keys(self_selection, [*PAIR, "metric", "summary"], "self-selection")
     metrics = list(dict.fromkeys(self_selection["metric"]))
     main = contrasts[(contrasts["summary"] == "mean") & contrasts["metric"].isin(metrics)]
     parts = [

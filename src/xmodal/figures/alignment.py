@@ -21,7 +21,7 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from matplotlib.transforms import blended_transform_factory
 
-from xmodal.summary import unstable
+from xmodal.summary import require_unique_keys, unstable
 
 from ._common import (
     COLORS,
@@ -73,15 +73,19 @@ def condition_rows(grid: pd.DataFrame, condition: str, summary: str | None = Non
     return rows
 
 
-def pair_cells(rows: pd.DataFrame) -> pd.DataFrame:
+def pair_cells(rows: pd.DataFrame, table: str = "grid") -> pd.DataFrame:
     """What each (vision, llm) pair shows for one condition, indexed by the pair.
 
     ``value``: the mean over the pair's rows (one row for a deterministic set, the draws for the
     random baseline; NaN when any row is not a number); ``lo``, ``hi``: the central 95% interval
     of the rows; ``stability``: the mean of the rows' stabilities, which bounds how far the mean
     can move (|Δ mean| ≤ mean |Δ_i|; docs/method.md, "Stability"); ``n``: the number of rows;
-    ``unstable``: flagged by :func:`xmodal.summary.unstable`.
+    ``unstable``: flagged by :func:`xmodal.summary.unstable`. With a ``draw`` column, a (vision,
+    llm, draw) that appears twice is a ValueError naming ``table``, never averaged in; without
+    one, every row of a pair is one of its draws.
     """
+    if "draw" in rows.columns:
+        require_unique_keys(rows, [*PAIR, "draw"], table)
     records = []
     for (v, ll), g in rows.groupby(PAIR, sort=False):
         mean, lo, hi = interval(g["value"])
@@ -323,11 +327,22 @@ def draw_drop25(data: FigureData) -> Figure:
         else "\n(no size-matched random sets: analysis.drop_control off)"
     )
     fig.suptitle(
-        f"Dropping the highest- vs lowest-dispersion stimuli ({metric_label(data.metric)})"
-        + _drop_line(data)
-        + note
+        f"Dropping the stimuli of highest vs lowest {_drop_ranking(rows)} "
+        f"({metric_label(data.metric)})" + _drop_line(data) + note
     )
     return fig
+
+
+def _drop_ranking(rows: dict[str, pd.DataFrame]) -> str:
+    """What the drop sets drawn were ranked by: 'mean dispersion' (the rows :func:`condition_rows`
+    prefers), 'PC1 score of dispersion' when only those rows exist."""
+    drawn = {
+        str(x)
+        for c in ("drop_high", "drop_low")
+        if "summary" in rows[c].columns
+        for x in rows[c]["summary"]
+    }
+    return "PC1 score of dispersion" if drawn == {"pc1"} else "mean dispersion"
 
 
 # --------------------------------------------------------------------------- grid heatmaps
@@ -561,8 +576,13 @@ def _summary_line(stats: pd.DataFrame, summary: str) -> str:
         notes.append(f"{int(r.n_unstable)} unstable")
     if notes:
         line += f" ({', '.join(notes)})"
+    # the ratio is taken over the pairs with low > 0 and high > 0 only: their number is shown
     ratio = r.median_ratio_low_high
-    line += f"\nmedian low/high = {ratio:.2f}×" if np.isfinite(ratio) else "\nmedian low/high: n/a"
+    n_ratio = f"n = {int(r.n_ratio)} pairs with low, high > 0" if "n_ratio" in stats.columns else ""
+    if np.isfinite(ratio):
+        line += f"\nmedian low/high = {ratio:.2f}×" + (f" ({n_ratio})" if n_ratio else "")
+    else:
+        line += "\nmedian low/high: n/a" + (f" ({n_ratio})" if n_ratio else "")
     return line
 
 
@@ -711,8 +731,9 @@ def draw_heldout(data: FigureData) -> Figure:
     and the 95% interval over splits (``xmodal.summary.heldout_pairs``); right: the fraction of
     splits with low > high (bars: held out; ticks: full-set layer) and of splits whose
     half-A layer is the full-set layer. A mean whose low or high stability (the mean over
-    splits) exceeds the threshold is an open marker; one that is not a number "n/a". Marks
-    have gids ``<rule>|<vision>|<llm>|<summary>``, ``unstable|<rule>|…``, ``undefined|<rule>|…``.
+    splits) exceeds the threshold is an open marker; a mean or a fraction that is not a number
+    (a split's low or high undefined) "n/a". Marks have gids ``<rule>|<vision>|<llm>|<summary>``,
+    ``unstable|<rule>|…``, ``undefined|<rule>|…``, ``frac|<rule>|…``, ``frac_undefined|<rule>|…``.
     """
     from xmodal.summary import heldout_pairs
 
@@ -778,9 +799,15 @@ def draw_heldout(data: FigureData) -> Figure:
                             gid=f"unstable|{tag}" if flag else tag)  # fmt: skip
                     n_unstable += flag
                 frac = float(r["frac_splits_low_gt_high"])
-                if rule == "heldout" and np.isfinite(frac):
+                if not np.isfinite(frac):  # a split whose low or high is undefined
+                    # on a white box, at the rule's offset: readable over the other rule's bar
+                    axf.text(0.02, yy, UNDEFINED_TEXT, ha="left", va="center", fontsize=6,
+                             color=UNDEFINED_COLOR, zorder=5, gid=f"frac_undefined|{tag}",
+                             bbox={"boxstyle": "square,pad=0.1", "fc": "white", "ec": "none"})  # fmt: skip
+                    n_undefined += 1
+                elif rule == "heldout":
                     axf.barh(ypos[p], frac, height=0.7, color=colors[rule], gid=f"frac|{tag}")
-                elif np.isfinite(frac):
+                else:
                     axf.plot(frac, ypos[p], "|", ms=7, mew=1.6, color=colors[rule],
                              gid=f"frac|{tag}")  # fmt: skip
                 if rule == "heldout" and np.isfinite(float(r["frac_same_layer"])):

@@ -92,8 +92,10 @@ def _lighter(color: str, w: float = LIGHTEN) -> tuple[float, float, float]:
 
 def _cells_panel(ax: Axes, cells: pd.DataFrame, summary: str) -> tuple[int | None, int, int, int]:
     """Bars: mean alignment over (vision, LLM) pairs per 2 × 2 set (language dispersion high:
-    a lighter fill); dots: pairs; band: the size-matched random sets (mean, 95% interval,
-    averaged over pairs). A bar, band or dot whose stability (a bar's and the band's: the mean
+    a lighter fill); dots: pairs; dashed line: the mean over pairs of each pair's random-set
+    mean; band: from the mean over pairs of the lower ends to that of the upper ends of each
+    pair's 95% interval of its size-matched random sets (an average of intervals, not a 95%
+    interval of anything). A bar, band or dot whose stability (a bar's and the band's: the mean
     of the pairs' stabilities) exceeds the threshold is marked as in every figure (hatched bar
     or band, open dot); a bar whose pairs are not all numbers is a cross on the zero line.
     Marks have gids ``bar|``, ``undefined|``, ``point|``, ``unstable|<summary>|<cell>`` and
@@ -182,7 +184,17 @@ def draw_language_dispersion(data: FigureData) -> Figure:
     handles = [
         Patch(facecolor="#777777", label="language dispersion low"),
         Patch(facecolor=_lighter("#777777"), label="language dispersion high (lighter)"),
-        Patch(facecolor=RANDOM_BAND, label="size-matched random sets (mean, 95%)"),
+        Line2D(
+            [],
+            [],
+            color=COLORS["random"],
+            ls="--",
+            label="size-matched random sets: mean of the pairs' means",
+        ),
+        Patch(
+            facecolor=RANDOM_BAND,
+            label="size-matched random sets: mean of the pairs' 95% intervals",
+        ),
         *_flag_handles(n_hatched, n_undefined, "bar"),
     ]
     if n_open:
