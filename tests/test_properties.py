@@ -322,3 +322,33 @@ def test_a_constant_resample_is_left_out_of_the_interval_not_poisoning_it():
         hi, abs=1e-12
     )
     assert out["reason"] == ""
+
+
+def test_a_constant_pearson_resample_is_left_out_whatever_its_float_mean():
+    """x = 0.3 (36 times) and one 0.9: the float mean of a resample of 0.3s is off in the last
+    bit, centring left ±1e-17 and Pearson gave r ≈ -3e-16, counted in the interval (its lower
+    end was -1.5e-16 instead of 0.237). Checked against a loop that leaves constant resamples out."""
+    from xmodal.correlate import correlation_ci
+
+    x = np.array([0.3] * 36 + [0.9])
+    y = np.arange(37.0)
+    out = correlation_ci(x, y, method="pearson", n_boot=2000, seed=0)
+    draws = np.random.default_rng(0).integers(0, 37, (2000, 37))
+    ref = [
+        scipy.stats.pearsonr(x[d], y[d]).statistic
+        for d in draws
+        if not (np.all(x[d] == x[d][0]) or np.all(y[d] == y[d][0]))
+    ]
+    assert 500 < 2000 - len(ref) < 1500 and out["n_boot"] == len(ref)
+    lo, hi = np.percentile(ref, [2.5, 97.5])
+    assert out["ci_low"] == pytest.approx(lo, abs=1e-12) and out["ci_high"] == pytest.approx(
+        hi, abs=1e-12
+    )
+
+
+def test_reason_names_both_constant_variables():
+    props = pd.DataFrame(
+        {"stimulus_id": list("abcd"), "property": "entropy", "model": "", "value": 2.0}
+    )
+    out = property_correlations(props, _dispersion(list("abcd"), [1, 1, 1, 1], [0, 0, 0, 0]), 10, 0)
+    assert set(out["reason"]) == {"constant property and dispersion"}

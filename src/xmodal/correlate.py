@@ -26,14 +26,18 @@ _BLOCK_ELEMS = 1 << 22  # resampled values held at once (n_boot is processed in 
 
 
 def _rowwise_pearson(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Pearson r of each row pair of (B, n) arrays; NaN where a row is constant."""
+    """Pearson r of each row pair of (B, n) arrays; NaN where a row is constant.
+
+    Constant rows are found by exact comparison: centring a row of equal values (0.3, 0.3, …)
+    leaves ±1e-17 where its float mean is off in the last bit, which gave r ≈ 0, not NaN."""
+    constant = (a == a[:, :1]).all(axis=1) | (b == b[:, :1]).all(axis=1)
     ac = a - a.mean(axis=1, keepdims=True)
     bc = b - b.mean(axis=1, keepdims=True)
     num = np.einsum("ij,ij->i", ac, bc)
     den = np.sqrt(np.einsum("ij,ij->i", ac, ac) * np.einsum("ij,ij->i", bc, bc))
     with np.errstate(invalid="ignore", divide="ignore"):
         r = num / den
-    r[~(den > 0)] = np.nan
+    r[~(den > 0) | constant] = np.nan
     return np.clip(r, -1.0, 1.0)
 
 

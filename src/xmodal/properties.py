@@ -299,7 +299,10 @@ def property_correlations(
         for summary, col in (("mean", "mean_dispersion"), ("pc1", "pc1_score")):
             y = disp.loc[group["stimulus_id"], col].to_numpy(dtype=np.float64)
             res = correlation_ci(x, y, method="spearman", n_boot=n_boot, seed=seed)
-            reason = str(res["reason"]).replace("constant x", "constant property")
+            reason = str(res["reason"])
+            if reason.startswith("constant "):  # "constant x", "constant y", "constant x and y"
+                names = {"x": "property", "y": "dispersion"}
+                reason = "constant " + " and ".join(names[v] for v in reason[9:].split(" and "))
             if model and np.isnan(x).all():
                 reason = "no token counts in the feature file (re-extract it)"
             rows.append(
@@ -313,7 +316,7 @@ def property_correlations(
                     "p_value": res["p_value"],
                     "n": res["n"],
                     "n_boot": res["n_boot"],
-                    "reason": reason.replace("constant y", "constant dispersion"),
+                    "reason": reason,
                 }
             )
     return pd.DataFrame(rows, columns=CORRELATION_COLUMNS)
