@@ -116,6 +116,12 @@ def test_leave_one_model_out_equals_separate_fits(m):
         np.testing.assert_allclose(sub.partial_dispersion, fit.residuals.mean(axis=1), atol=1e-12)
         np.testing.assert_allclose(sub.deviation, deviation, atol=1e-12)
         assert res.fits[name].n_iter == fit.n_iter
+        # partial_pc1: the PC1 score of the fit's residuals, sign towards its mean dispersion
+        r = fit.residuals
+        rc = r - r.mean(axis=0)
+        score = rc @ np.linalg.svd(rc, full_matrices=False)[2][0]
+        score *= np.sign(score @ (r.mean(axis=1) - r.mean()))
+        np.testing.assert_allclose(sub.partial_pc1, score, atol=1e-9)
 
 
 def test_leave_one_model_out_shares_cross_products(monkeypatch):

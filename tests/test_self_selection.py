@@ -17,10 +17,14 @@ from xmodal.selection import make_sets, others_sets
 from xmodal.summary import self_selection_summary_table, summary_table
 
 
-def _loo(ids: list[str], scores: dict[str, np.ndarray], rng) -> pd.DataFrame:
+def _loo(
+    ids: list[str], scores: dict[str, np.ndarray], rng, pc1: dict[str, np.ndarray] | None = None
+) -> pd.DataFrame:
+    """loo_stimuli.tsv with planted partial dispersions (and PC1 scores, when given)."""
     rows = [
         {"held_out": v, "stimulus_index": j, "stimulus_id": ids[j],
-         "partial_dispersion": s[j], "deviation": 0.0}
+         "partial_dispersion": s[j], **({"partial_pc1": pc1[v][j]} if pc1 else {}),
+         "deviation": 0.0}
         for v, s in scores.items()
         for j in rng.permutation(len(ids))  # rows in another order: matched by id
     ]  # fmt: skip
@@ -33,14 +37,20 @@ def test_others_sets_are_the_extremes_of_the_others_dispersion_ties_by_position(
     rng = np.random.default_rng(seed)
     ids = [f"{j:03d}" for j in range(m)]  # numeric-looking ids stay text
     scores = {v: rng.integers(0, n_values, m).astype(float) for v in ("a", "b")}
+    pc1 = {v: rng.integers(-n_values, n_values + 1, m).astype(float) for v in ("a", "b")}
     size = int(rng.integers(1, m // 2 + 1))
-    got = others_sets(ids, _loo(ids, scores, rng), size)
-    for v, s in scores.items():
-        ranked = sorted(range(m), key=lambda j, s=s: (s[j], j))  # brute force
-        for name, want in (("low", ranked[:size]), ("high", ranked[m - size :])):
-            sel = got[(got["vision"] == v) & (got["set"] == name)]
-            assert sel["stimulus_id"].tolist() == [ids[j] for j in want]
-            assert set(sel["summary"]) == {"mean"} and set(sel["draw"]) == {0}
+    got = others_sets(ids, _loo(ids, scores, rng, pc1), size)
+    for summary, planted in (("mean", scores), ("pc1", pc1)):
+        for v, s in planted.items():
+            ranked = sorted(range(m), key=lambda j, s=s: (s[j], j))  # brute force
+            for name, want in (("low", ranked[:size]), ("high", ranked[m - size :])):
+                sel = got[(got["vision"] == v) & (got["set"] == name) & (got["summary"] == summary)]
+                assert sel["stimulus_id"].tolist() == [ids[j] for j in want]
+                assert set(sel["draw"]) == {0}
+    # a table written before partial_pc1 existed: the mean sets only
+    old = others_sets(ids, _loo(ids, scores, rng), size)
+    assert set(old["summary"]) == {"mean"}
+    pd.testing.assert_frame_equal(old, got[got["summary"] == "mean"].reset_index(drop=True))
 
 
 def test_others_sets_refuse_a_table_of_other_stimuli():
@@ -72,7 +82,8 @@ def run(tmp_path_factory):
     sets = make_sets(ids, disp, rng.normal(size=m), size, n_random=15, seed=0)
     write_table(sets, tmp / "sets.tsv")
     partial = {v: disp + rng.normal(0, s, m) for v, s in zip(vision, (0.1, 1.0, 3.0), strict=True)}
-    write_table(_loo(ids, partial, rng), tmp / "loo_stimuli.tsv")
+    pc1 = {v: rng.normal(size=m) for v in vision}
+    write_table(_loo(ids, partial, rng, pc1), tmp / "loo_stimuli.tsv")
     run_conditions(
         paths, llm_path, tmp / "layers.tsv", tmp / "sets.tsv", vision, "lm", vision_layer=-2,
         k=k, n_boot=50, seed=0, out_conditions=tmp / "c.tsv", out_contrasts=tmp / "x.tsv",
@@ -80,7 +91,7 @@ def run(tmp_path_factory):
     )  # fmt: skip
     return dict(
         ids=ids, k=k, size=size, layers=layers, llm=llm, chosen=chosen, sets=sets,
-        partial=partial, cond=read_table(tmp / "c.tsv"), con=read_table(tmp / "x.tsv"),
+        partial=partial, pc1=pc1, cond=read_table(tmp / "c.tsv"), con=read_table(tmp / "x.tsv"),
         own=read_table(tmp / "s.tsv"),
     )  # fmt: skip
 
@@ -94,9 +105,9 @@ def _prepared(layers: list[np.ndarray], i: int) -> np.ndarray:
 
 def test_each_model_is_scored_on_the_sets_chosen_without_it(run):
     ids, k, size, own = run["ids"], run["k"], run["size"], run["own"]
-    assert len(own) == 3 and set(own["summary"]) == {"mean"}
+    assert len(own) == 6 and own["summary"].tolist() == ["mean", "pc1"] * 3
     for r in own.itertuples():
-        s = run["partial"][r.vision]
+        s = (run["partial"] if r.summary == "mean" else run["pc1"])[r.vision]
         ranked = sorted(range(len(ids)), key=lambda j, s=s: (s[j], j))
         x = _prepared(run["layers"][r.vision], 1)  # vision_layer -2 of 3 blocks
         y = _prepared(run["llm"], run["chosen"][r.vision])
@@ -112,27 +123,29 @@ def test_each_model_is_scored_on_the_sets_chosen_without_it(run):
         assert r.random_mean == pytest.approx(rand["value"].mean(), abs=1e-12)
         assert r.frac_random_ge_low == np.mean(rand["value"].to_numpy() >= r.low)
         main = run["con"]
-        main = main[(main["vision"] == r.vision) & (main["summary"] == "mean")]
+        main = main[(main["vision"] == r.vision) & (main["summary"] == r.summary)]
         assert (r.low_all, r.high_all) == (main["low"].item(), main["high"].item())
         sets = run["sets"]
         for name, got, pos in (
             ("low", r.n_shared_low, ranked[:size]),
             ("high", r.n_shared_high, ranked[-size:]),
         ):
-            ref = set(sets[(sets["set"] == name) & (sets["summary"] == "mean")]["stimulus_id"])
+            ref = set(sets[(sets["set"] == name) & (sets["summary"] == r.summary)]["stimulus_id"])
             assert got == len(ref & {ids[j] for j in pos})
     # the nearly exact partial dispersion of va chose nearly the main sets; vc's did not
-    by = own.set_index("vision")
+    by = own[own["summary"] == "mean"].set_index("vision")
     assert by.loc["va", "n_shared_low"] > by.loc["vc", "n_shared_low"]
 
 
 def test_the_summary_puts_both_kinds_of_sets_side_by_side(run):
     table = self_selection_summary_table(run["own"], run["con"])
-    assert table["sets"].tolist() == ["all", "others"]
-    main = summary_table(run["con"][run["con"]["summary"] == "mean"]).iloc[0]
-    assert table.iloc[0].drop("sets").equals(main)
-    others = table.iloc[1]
-    own = run["own"]
-    assert others["n_low_gt_high"] == int((own["low"] > own["high"]).sum())
-    assert others["n_diff_ci_above_zero"] == int((own["diff_ci_low"] > 0).sum())
-    assert others["n_pairs"] == 3
+    assert table["sets"].tolist() == ["all", "others"] * 2
+    assert table["summary"].tolist() == ["mean", "mean", "pc1", "pc1"]
+    main = summary_table(run["con"])  # mean, then pc1
+    for i, summary in enumerate(("mean", "pc1")):
+        assert table.iloc[2 * i].drop("sets").equals(main.iloc[i])
+        others = table.iloc[2 * i + 1]
+        own = run["own"][run["own"]["summary"] == summary]
+        assert others["n_low_gt_high"] == int((own["low"] > own["high"]).sum())
+        assert others["n_diff_ci_above_zero"] == int((own["diff_ci_low"] > 0).sum())
+        assert others["n_pairs"] == 3

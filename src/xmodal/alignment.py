@@ -1284,7 +1284,8 @@ def self_selection_table(
     vision model on its own ``others_sets``; ``conditions`` / ``contrasts``: those of the sets of
     every model. The random baseline is the draws of ``conditions`` (random sets do not depend
     on dispersion, so they are the same draws), against the ``low`` value of ``others``.
-    ``n_shared[(vision, set)]``: stimuli that set shares with the one chosen with every model.
+    ``n_shared[(vision, summary, set)]``: stimuli that set shares with the one chosen with every
+    model by the same summary.
     """
     rows = []
     for r in others.itertuples(index=False):
@@ -1293,6 +1294,7 @@ def self_selection_table(
             (others_conditions["vision"] == r.vision)
             & (others_conditions["metric"] == r.metric)
             & (others_conditions["condition"] == "low")
+            & (others_conditions["summary"] == r.summary)
         ]
         c = conditions[
             (conditions["vision"] == r.vision)
@@ -1322,8 +1324,8 @@ def self_selection_table(
                 "low_all": float(main["low"].item()),
                 "high_all": float(main["high"].item()),
                 "diff_ci_low_all": float(main["diff_ci_low"].item()),
-                "n_shared_low": int(n_shared[(r.vision, "low")]),
-                "n_shared_high": int(n_shared[(r.vision, "high")]),
+                "n_shared_low": int(n_shared[(r.vision, r.summary, "low")]),
+                "n_shared_high": int(n_shared[(r.vision, r.summary, "high")]),
             }
         )
     return pd.DataFrame(rows, columns=SELF_SELECTION_COLUMNS)

@@ -128,7 +128,8 @@ def leave_one_model_out(
     """For each k: GPA on the others → C₋ₖ, p = mean residual; dev_kj = ‖(N_k T_k)_j − C₋ₖ,j‖₂; correlate p, dev.
 
     ``models``: held_out, pearson_r, pearson_p, spearman_rho, spearman_p, n, converged, n_iter.
-    ``stimuli`` (long): held_out, stimulus_index, stimulus_id, partial_dispersion, deviation.
+    ``stimuli`` (long): held_out, stimulus_index, stimulus_id, partial_dispersion, partial_pc1
+    (the PC1 score of the fit's residuals, as :func:`pc1_dispersion`), deviation.
     The M fits run on ``n_jobs`` threads (default: one per core, at most M), single-threaded BLAS,
     and share one preprocessing and one set of cross-products.
     """
@@ -202,6 +203,7 @@ def leave_one_model_out(
                     "stimulus_index": np.arange(m, dtype=np.int64),
                     "stimulus_id": ids,
                     "partial_dispersion": partial,
+                    "partial_pc1": pc1_dispersion(fit.residuals)[0],
                     "deviation": deviation,
                 }
             )

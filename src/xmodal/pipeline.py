@@ -819,16 +819,27 @@ def _self_selection(
     contrasts: pd.DataFrame,
     **plan: Any,
 ) -> pd.DataFrame:
-    """Each vision model on the low and high sets of the GPA without it (the main sets' size;
-    xmodal.selection.others_sets), scored as the main sets are, its random baseline the main
-    draws (xmodal.alignment.self_selection_table)."""
+    """Each vision model on the low and high sets of the GPA without it, by mean dispersion and
+    by PC1 (the main sets' size; xmodal.selection.others_sets), scored as the main sets are, its
+    random baseline the main draws (xmodal.alignment.self_selection_table)."""
     from xmodal import alignment
 
     main = {
-        name: set(sets.loc[(sets["set"] == name) & (sets["summary"] == "mean"), "stimulus_id"])
+        (summary, name): set(
+            sets.loc[(sets["set"] == name) & (sets["summary"] == summary), "stimulus_id"]
+        )
+        for summary in selection.SELF_SELECTION_SCORES
         for name in ("low", "high")
     }
-    others = selection.others_sets(ids, read_table(loo_stimuli_path), len(main["low"]))
+    loo = read_table(loo_stimuli_path)
+    if "partial_pc1" not in loo.columns:
+        log.warning(
+            "%s has no partial_pc1 column (written by an older version): the sets chosen "
+            "without each vision model are by mean dispersion only; rerun leave_one_model_out "
+            "for the PC1 ones",
+            loo_stimuli_path,
+        )
+    others = selection.others_sets(ids, loo, len(main[("mean", "low")]))
     missing = sorted(set(prepared) - set(others["vision"]))
     if missing:
         raise ValueError(
@@ -838,8 +849,9 @@ def _self_selection(
     parts, shared = [], {}
     for key in prepared:
         own = others[others["vision"] == key].drop(columns="vision")
-        for name, ref in main.items():
-            shared[(key, name)] = len(ref & set(own.loc[own["set"] == name, "stimulus_id"]))
+        for (summary, name), ref in main.items():
+            chosen_here = own.loc[(own["set"] == name) & (own["summary"] == summary), "stimulus_id"]
+            shared[(key, summary, name)] = len(ref & set(chosen_here))
         cond, con = alignment.condition_tables(
             {key: prepared[key]}, llm, chosen, read, own, ids, **plan
         )

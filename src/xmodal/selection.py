@@ -174,17 +174,23 @@ def make_sets(
     return out
 
 
+#: the dispersion summaries of the sets chosen without a model: loo_stimuli.tsv's column of each
+SELF_SELECTION_SCORES = {"mean": "partial_dispersion", "pc1": "partial_pc1"}
+
+
 def others_sets(
     stimulus_ids: Sequence[str], partial_dispersion: pd.DataFrame, set_size: int
 ) -> pd.DataFrame:
     """Each vision model's low and high sets chosen without it (docs/method.md, "Sets chosen
     without the scored model"): the first / last K of a stable ascending sort of the mean
-    dispersion of the GPA over the other vision models (ties by manifest order).
+    dispersion, and of the PC1 score, of the GPA over the other vision models (ties by manifest
+    order).
 
     ``partial_dispersion``: ``loo_stimuli.tsv`` (``held_out``, ``stimulus_id``,
-    ``partial_dispersion``), every stimulus of ``stimulus_ids`` once per held-out model. Long
-    table ``vision``, ``set`` (``low``, ``high``), ``summary`` (``mean``), ``draw`` (0),
-    ``stimulus_id``.
+    ``partial_dispersion`` and ``partial_pc1``), every stimulus of ``stimulus_ids`` once per
+    held-out model. Long table ``vision``, ``set`` (``low``, ``high``), ``summary`` (``mean``
+    from ``partial_dispersion``; ``pc1`` from ``partial_pc1``, when the table has it),
+    ``draw`` (0), ``stimulus_id``.
     """
     ids = np.asarray([str(s) for s in stimulus_ids], dtype=object)
     parts = []
@@ -195,19 +201,25 @@ def others_sets(
                 f"the partial dispersion without {model!r} covers {g.index.nunique()} of "
                 f"{ids.size} stimuli (the leave-one-model-out table is from other stimuli)"
             )
-        scores = g.loc[ids, "partial_dispersion"].to_numpy(np.float64)
-        for name, pos in (("low", low_set(scores, set_size)), ("high", high_set(scores, set_size))):
-            parts.append(
-                pd.DataFrame(
-                    {
-                        "vision": str(model),
-                        "set": name,
-                        "summary": "mean",
-                        "draw": 0,
-                        "stimulus_id": ids[pos],
-                    }
+        for summary, column in SELF_SELECTION_SCORES.items():
+            if column not in g.columns:
+                continue
+            scores = g.loc[ids, column].to_numpy(np.float64)
+            for name, pos in (
+                ("low", low_set(scores, set_size)),
+                ("high", high_set(scores, set_size)),
+            ):
+                parts.append(
+                    pd.DataFrame(
+                        {
+                            "vision": str(model),
+                            "set": name,
+                            "summary": summary,
+                            "draw": 0,
+                            "stimulus_id": ids[pos],
+                        }
+                    )
                 )
-            )
     if not parts:
         raise ValueError("the leave-one-model-out table holds no model")
     out = pd.concat(parts, ignore_index=True)

@@ -438,17 +438,20 @@ def self_selection_summary_table(
 ) -> pd.DataFrame:
     """:func:`summary_table` of the sets chosen with every vision model (``sets`` = ``all``,
     from the main contrasts) and of the sets chosen without the scored one (``others``, from
-    ``self_selection.tsv``), by mean dispersion, one pair of rows per metric (docs/method.md,
-    "Sets chosen without the scored model"). Columns ``sets`` and :data:`SUMMARY_COLUMNS`.
+    ``self_selection.tsv``), per metric and dispersion summary (mean, then PC1), ``all`` then
+    ``others`` (docs/method.md, "Sets chosen without the scored model"). Columns ``sets`` and
+    :data:`SUMMARY_COLUMNS`.
     A repeated (vision, llm, metric, summary) in either table is a ValueError."""
     require_unique_keys(self_selection, [*PAIR, "metric", "summary"], "self-selection")
     metrics = list(dict.fromkeys(self_selection["metric"]))
-    main = contrasts[(contrasts["summary"] == "mean") & contrasts["metric"].isin(metrics)]
+    summaries = set(self_selection["summary"])
+    main = contrasts[contrasts["summary"].isin(summaries) & contrasts["metric"].isin(metrics)]
     parts = [
         summary_table(main).assign(sets="all"),
         summary_table(self_selection).assign(sets="others"),
     ]
     out = pd.concat(parts, ignore_index=True)
     out["_order"] = out["metric"].map({m: i for i, m in enumerate(metrics)})
-    out = out.sort_values(["_order", "sets"], kind="stable").drop(columns="_order")
+    out["_summary"] = out["summary"].map({"mean": 0, "pc1": 1})
+    out = out.sort_values(["_order", "_summary", "sets"], kind="stable")
     return out[["sets", *SUMMARY_COLUMNS]].reset_index(drop=True)
