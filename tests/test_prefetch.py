@@ -333,3 +333,98 @@ def test_stimuli_rows_without_a_caption_or_embedded_image_are_named(tmp_path: Pa
         PrefetchError, match=r"row 1 has no embedded image bytes \(only a path, 'img/1\.jpg'"
     ):
         prefetch_stimuli("fake/paths", None, "train", tmp_path / "out2", tmp_path / "hub2")
+
+
+# ----------------------------------------------------------------------------- incomplete caches
+def test_missing_shards_of_datasets_and_weights() -> None:
+    from xmodal.prefetch import missing_shards
+
+    assert (
+        missing_shards(["d/train-00000-of-00002.parquet", "d/train-00001-of-00002.parquet"]) == []
+    )
+    assert missing_shards(["d/train-00001-of-00003.parquet"]) == [
+        "d/train-00000-of-00003.parquet", "d/train-00002-of-00003.parquet"
+    ]  # fmt: skip
+    assert missing_shards(["model-00002-of-00002.safetensors"]) == [
+        "model-00001-of-00002.safetensors"
+    ]
+    assert missing_shards(["README.md", "model.safetensors"]) == []
+
+
+def test_an_incomplete_cached_dataset_is_refused_offline(tmp_path: Path, monkeypatch) -> None:
+    """Offline, the files of a split were what the cache held: one shard of two gave a
+    manifest of half the dataset, with exit 0."""
+    train = [(image_bytes("PNG", (i, 0, 0)), [f"caption {i}"]) for i in range(4)]
+    fake_repo(
+        tmp_path / "hub", "dataset", "fake/half", "main",
+        {"data/train-00000-of-00002.parquet": parquet_bytes(train[:2])},
+    )  # fmt: skip
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(PrefetchError, match=r"lacks data/train-00001-of-00002\.parquet"):
+        prefetch_stimuli("fake/half", None, "train", tmp_path / "out", tmp_path / "hub")
+    assert not (tmp_path / "out" / "stimuli.tsv").exists()
+
+
+def test_a_cached_model_missing_a_shard_its_index_names_is_refused(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """A model whose cache lacks a weight shard passed prefetch (the check compared the cache
+    with itself) and failed in its GPU job."""
+    index = {"weight_map": {"a": "model-00001-of-00002.safetensors",
+                            "b": "model-00002-of-00002.safetensors"}}  # fmt: skip
+    files = {k: v for k, v in LM_FILES.items() if k != "model-00002-of-00002.safetensors"}
+    files["model.safetensors.index.json"] = json.dumps(index).encode()
+    fake_repo(tmp_path, "model", "org/half-lm", "main", files)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(PrefetchError, match=r"lacks the weight shard\(s\) model-00002-of-00002"):
+        prefetch_model("org/half-lm", "language", None, tmp_path)
+
+
+def test_a_truncated_image_is_refused_at_prefetch_not_in_the_gpu_jobs(tmp_path: Path) -> None:
+    """A JPEG cut in half opens and verifies; it failed only when each vision model's job
+    decoded it."""
+    buf = io.BytesIO()
+    Image.effect_noise((64, 64), 60).convert("RGB").save(buf, format="JPEG", quality=95)
+    cut = buf.getvalue()[: len(buf.getvalue()) // 2]
+    rows = [(image_bytes("PNG", (1, 2, 3)), ["fine"]), (cut, ["cut in half"])]
+    fake_repo(tmp_path / "hub", "dataset", "fake/cut", "main",
+              {"data/train-0.parquet": parquet_bytes(rows)})  # fmt: skip
+    with pytest.raises(PrefetchError, match="row 1: image does not decode"):
+        prefetch_stimuli("fake/cut", None, "train", tmp_path / "out", tmp_path / "hub")
+
+
+def test_a_failed_rerun_leaves_no_manifest_next_to_new_images(tmp_path: Path) -> None:
+    """Re-running prefetch into the same folder wrote new images one by one, then failed on a
+    later row: the old manifest and settings stayed, pairing old captions with new images."""
+    hub, out = tmp_path / "hub", tmp_path / "out"
+    red = [
+        (image_bytes("PNG", (255, 0, 0)), ["a red square"]),
+        (image_bytes("PNG", (0, 0, 0)), ["b"]),
+    ]
+    fake_repo(hub, "dataset", "fake/two", "main", {"data/train-0.parquet": parquet_bytes(red)})
+    prefetch_stimuli("fake/two", "main", "train", out, hub)
+    assert (out / "stimuli.tsv").exists() and (out / "settings.json").exists()
+    blue = [
+        (image_bytes("PNG", (0, 0, 255)), ["a blue square"]),
+        (image_bytes("PNG", (0, 0, 0)), []),
+    ]
+    fake_repo(hub, "dataset", "fake/two", "v2", {"data/train-0.parquet": parquet_bytes(blue)})
+    with pytest.raises(PrefetchError, match="row 1 has an empty caption"):
+        prefetch_stimuli("fake/two", "v2", "train", out, hub)
+    assert not (out / "stimuli.tsv").exists() and not (out / "settings.json").exists()
+
+
+def test_a_hub_caption_in_csv_quoted_form_is_refused_before_any_image(tmp_path: Path) -> None:
+    """It stopped at write_manifest with advice for a hand-written file (rewrite it with
+    write_manifest), after every image was written; a caption of zero-width characters too."""
+    for caption, match in (('"Nighthawks ""by"" ""Hopper"""', "as a CSV writer quotes"),
+                           ("\u200b\u200b", "row 1 has an empty caption")):  # fmt: skip
+        hub, out = tmp_path / caption.encode().hex()[:8], tmp_path / "out"
+        rows = [
+            (image_bytes("PNG", (1, 1, 1)), ["fine"]),
+            (image_bytes("PNG", (2, 2, 2)), [caption]),
+        ]
+        fake_repo(hub, "dataset", "fake/q", "main", {"data/train-0.parquet": parquet_bytes(rows)})
+        with pytest.raises(PrefetchError, match=match):
+            prefetch_stimuli("fake/q", None, "train", out, hub)
+        assert not (out / "images").exists()

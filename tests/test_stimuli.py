@@ -252,7 +252,7 @@ def _visible(text: str) -> bool:
     return any(not ch.isspace() and unicodedata.category(ch) not in ("Cc", "Cf") for ch in text)
 
 
-def _csv_quoted(text: str) -> bool:
+def is_csv_quoted(text: str) -> bool:
     """As csv.writer quotes a field with a quote in it (read_manifest refuses such captions)."""
     inner = text[1:-1]
     doubled = inner.replace('""', '"').replace('"', '""')
@@ -278,7 +278,7 @@ _CAPTIONS = st.one_of(
     _TEXT,
     st.sampled_from(['"The Scream" by Munch', '"unbalanced', 'ends with "', '"', "it's"]),
     st.tuples(_TEXT, st.integers(100, 3000)).map(lambda t: t[0] * t[1]),  # very long
-).filter(lambda s: _visible(s) and not _csv_quoted(s))
+).filter(lambda s: _visible(s) and not is_csv_quoted(s))
 
 
 @st.composite

@@ -40,7 +40,13 @@ from xmodal.registry import (
     hub_repo_of,
     pickle_patterns,
 )
-from xmodal.stimuli import write_manifest, write_manifest_settings
+from xmodal.stimuli import (
+    MANIFEST_SETTINGS,
+    is_blank,
+    is_csv_quoted,
+    write_manifest,
+    write_manifest_settings,
+)
 
 log = logging.getLogger(__name__)
 
@@ -188,6 +194,39 @@ def _snapshot(
     return path, select(files), True
 
 
+_SHARD = re.compile(r"^(?P<stem>.*)-(?P<i>\d+)-of-(?P<n>\d+)(?P<ext>\.[^/]*)$")
+
+
+def missing_shards(files: Iterable[str], path: Path | None = None) -> list[str]:
+    """Shards of a sharded file set that ``files`` lacks: every ``<stem>-NNNNN-of-MMMMM<ext>``
+    needs all M numbers, and every shard a weights index (``*.index.json`` in ``path``) names."""
+    files = set(files)
+    groups: dict[tuple[str, str, str], set[int]] = {}
+    for f in files:
+        m = _SHARD.match(f)
+        if m:
+            groups.setdefault((m["stem"], m["n"], m["ext"]), set()).add(int(m["i"]))
+    missing = []
+    for (stem, n, ext), have in sorted(groups.items()):
+        width = len(n)
+        # datasets' parquet shards count from 0, weights' from 1
+        first = 0 if 0 in have or ext == ".parquet" else 1
+        for i in range(first, int(n) + first):
+            if i not in have:
+                missing.append(f"{stem}-{i:0{width}d}-of-{n}{ext}")
+    for index in sorted(f for f in files if f.endswith(".index.json")):
+        try:
+            weight_map = json.loads((path / index).read_text())["weight_map"] if path else {}
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # an unreadable index: the loader reports it
+        folder = Path(index).parent.as_posix()
+        for shard in sorted(set(weight_map.values())):
+            name = shard if folder == "." else f"{folder}/{shard}"
+            if name not in files:
+                missing.append(name)
+    return sorted(set(missing))
+
+
 def _match(files: Iterable[str], patterns: Iterable[str]) -> list[str]:
     pats = tuple(patterns)
     return sorted(f for f in files if any(fnmatch(f, p) or fnmatch(Path(f).name, p) for p in pats))
@@ -317,6 +356,21 @@ def prefetch_model(
                 "incomplete cache",
             )
         )
+    gaps = missing_shards(files, path)
+    if gaps:  # a cache filled by an interrupted download, read offline
+        raise PrefetchError(
+            f"the snapshot {path} of {repo_id} lacks the weight shard(s) {', '.join(gaps[:5])}"
+            f"{' ...' if len(gaps) > 5 else ''} that its other files name; "
+            + _download_help(
+                f"the weights of model {model_id!r}",
+                repo_id,
+                "model",
+                rev,
+                cache,
+                patterns,
+                "incomplete cache",
+            )
+        )
     return record | {
         "repo_id": repo_id,
         "revision": path.name,  # snapshot folders are named by commit hash
@@ -338,16 +392,20 @@ def _split_files(files: Iterable[str], split: str) -> list[str]:
     return sorted(f for f in parquet if split in f.split("/")[:-1] or pat.match(Path(f).name))
 
 
+#: file suffix of each image format Pillow names (MPO: a camera JPEG with a second image)
+_SUFFIX = {"JPEG": ".jpg", "MPO": ".jpg", "PNG": ".png", "WEBP": ".webp", "GIF": ".gif",
+           "BMP": ".bmp", "TIFF": ".tif"}  # fmt: skip
+
+
 def _image_suffix(data: bytes) -> str:
-    """File suffix of encoded image bytes (checks that they decode)."""
+    """File suffix of encoded image bytes, after decoding every pixel (a truncated JPEG opens
+    and verifies, and would fail only in each vision model's GPU job)."""
     from PIL import Image
 
     with Image.open(io.BytesIO(data)) as im:
         fmt = (im.format or "").upper()
-        im.verify()
-    return {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "GIF": ".gif", "BMP": ".bmp"}.get(
-        fmt, ".img"
-    )
+        im.load()
+    return _SUFFIX.get(fmt, ".img")
 
 
 def _rows(paths: list[Path]) -> Iterator[tuple[bytes, str]]:
@@ -422,13 +480,23 @@ def prefetch_stimuli(
     path, files, cached = _snapshot(
         repo, "dataset", rev, cache, select, f"the stimuli {repo!r} (split {split})", split_pattern
     )
+    gaps = missing_shards(files)
+    if gaps:  # e.g. offline, with a cache that an interrupted download filled
+        raise PrefetchError(
+            f"dataset {repo} split {split!r} at revision {rev}: the snapshot {path} lacks "
+            f"{', '.join(gaps[:5])}{' ...' if len(gaps) > 5 else ''} (of the shards "
+            f"{', '.join(files[:3])}{' ...' if len(files) > 3 else ''}): the manifest would hold "
+            "part of the dataset. Download it again where the hub is reachable"
+        )
+    # nothing of an earlier manifest may stay next to new images if this run fails half-way
+    for stale in (out / "stimuli.tsv", out / MANIFEST_SETTINGS):
+        stale.unlink(missing_ok=True)
     rows = list(_rows([path / f for f in files]))
     if not rows:
         raise PrefetchError(f"dataset {repo} split {split!r} at revision {rev} has no rows")
     width = max(4, len(str(len(rows) - 1)))
-    images = out / "images"
-    images.mkdir(parents=True, exist_ok=True)
-    records = []
+    # every row checked and decoded before any file is written
+    checked = []
     flattened = []
     for i, (data, raw_caption) in enumerate(rows):
         sid = f"s{i:0{width}d}"
@@ -437,14 +505,26 @@ def prefetch_stimuli(
         caption = _LINE_BREAKS.sub(" ", raw_caption)
         if caption != raw_caption:
             flattened.append(sid)
-        if not caption.strip():
+        if is_blank(caption):
             raise PrefetchError(f"dataset {repo}: row {i} has an empty caption")
+        if is_csv_quoted(caption):
+            raise PrefetchError(
+                f"dataset {repo}: the caption of row {i} ({caption[:60]!r}) is written as a CSV "
+                "writer quotes a field (wrapped in quotes, each inner quote doubled); a manifest "
+                "reader cannot tell it from a quoting mistake. Use the dataset through a local "
+                "manifest (stimuli.source: local) with that caption written as meant"
+            )
         try:
             suffix = _image_suffix(data)
         except Exception as err:
             raise PrefetchError(
                 f"dataset {repo}: row {i}: image does not decode ({_reason(err)})"
             ) from None
+        checked.append((sid, suffix, data, caption))
+    images = out / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    records = []
+    for sid, suffix, data, caption in checked:
         target = images / f"{sid}{suffix}"
         with atomic_path(target) as tmp:
             tmp.write_bytes(data)

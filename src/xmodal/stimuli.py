@@ -82,19 +82,21 @@ __all__ = [
     "IMAGE_DIGESTS",
     "MANIFEST_SETTINGS",
     "MAX_SIDE",
-    "ImageDataset",
-    "StimulusError",
     "analysed_stimuli",
     "convert_to_rgb",
     "drop_duplicates",
     "extraction_columns",
     "find_duplicates",
     "image_file_digests",
+    "ImageDataset",
+    "is_blank",
+    "is_csv_quoted",
     "load_rgb",
     "manifest_settings_changed",
     "manifest_stamp",
     "read_manifest",
     "scan_images",
+    "StimulusError",
     "write_manifest",
     "write_manifest_settings",
     "write_manifest_stamp",
@@ -314,7 +316,7 @@ def _check_header(path: Path, header: list[str]) -> None:
         )
 
 
-def _blank(text: str) -> bool:
+def is_blank(text: str) -> bool:
     """True when ``text`` shows nothing: only whitespace, control and format characters (such
     as a zero-width space or a byte-order mark)."""
     return all(ch.isspace() or unicodedata.category(ch) in ("Cc", "Cf") for ch in text)
@@ -325,7 +327,7 @@ def _wrapped_in_quotes(text: str) -> bool:
     return len(text) >= 2 and text[0] == text[-1] == '"'
 
 
-def _csv_quoted(text: str) -> bool:
+def is_csv_quoted(text: str) -> bool:
     """True when ``text`` is a field as a CSV writer quotes it: wrapped in double quotes, every
     quote inside doubled, at least one of them (pandas' ``to_csv`` writes a caption with a
     quote in it so, whatever the separator)."""
@@ -336,7 +338,7 @@ def _csv_quoted(text: str) -> bool:
 def _check_stimuli(where: str, ids: list[str], captions: list[str], lines: list[int]) -> None:
     """Ids unique, visible and without NUL; captions visible and not CSV-quoted; errors name
     ``where``, lines and ids."""
-    empty_id = [k for k, s in enumerate(ids) if _blank(s)]
+    empty_id = [k for k, s in enumerate(ids) if is_blank(s)]
     if empty_id:
         raise StimulusError(
             f"{where}: empty stimulus_id on line(s) {[lines[k] for k in empty_id][:10]} "
@@ -366,14 +368,14 @@ def _check_stimuli(where: str, ids: list[str], captions: list[str], lines: list[
             [lines[k] for k in alike][:10],
             ", ".join(ascii(ids[k]) for k in alike[:10]),
         )
-    empty_cap = [k for k, c in enumerate(captions) if _blank(c)]
+    empty_cap = [k for k, c in enumerate(captions) if is_blank(c)]
     if empty_cap:
         raise StimulusError(
             f"{where}: empty caption on line(s) {[lines[k] for k in empty_cap][:10]} "
             f"(only spaces or invisible characters; stimulus ids "
             f"{_preview([ids[k] for k in empty_cap])})"
         )
-    quoted = [k for k, c in enumerate(captions) if _csv_quoted(c)]
+    quoted = [k for k, c in enumerate(captions) if is_csv_quoted(c)]
     if quoted:
         k = quoted[0]
         raise StimulusError(
