@@ -126,6 +126,13 @@ def test_a_checkpoint_missing_weights_is_refused(tmp_path, tiny_lms):
     with pytest.raises(ExtractionError, match=r"lacks weights .*missing \['layers\.1\."):
         load_language_model(str(folder))
     load_language_model(str(tiny_lms["llama"]))  # its LM head is unused, not missing
+    # weights of another shape than config.json says: transformers raises, named as a load error
+    shutil.copy(tiny_lms["llama"] / "model.safetensors", folder / "model.safetensors")
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["intermediate_size"] += 8
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ExtractionError, match="could not load tokenizer/model"):
+        load_language_model(str(folder))
 
 
 def test_oom_halving_and_nan(tiny_lms, captions, monkeypatch, caplog):

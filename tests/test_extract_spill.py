@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 import errno
+import os
 
 import numpy as np
 import pytest
@@ -133,6 +134,12 @@ def test_a_write_error_in_the_spill_file_names_the_output(
 
     monkeypatch.setattr(common.os, "pwrite", full)
     out = tmp_path / "f" / "llama.h5"
-    with pytest.raises(DiskFullError, match=r"disk full while writing scratch file .*llama\.h5"):
+    match = r"disk full while writing scratch file .*llama\.h5"
+    with pytest.raises(DiskFullError, match=match) as failure:
         extract_features("llama", cfg, tiny_manifest, out, progress=False, device="cpu")
     assert list(out.parent.iterdir()) == []
+    assert failure.tb is not None  # the traceback (and its frames) still alive here:
+    # no open descriptor keeps the unlinked file's space
+    held = [os.readlink(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd")
+            if os.path.islink(f"/proc/self/fd/{fd}")]  # fmt: skip
+    assert not [h for h in held if SPILL_SUFFIX in h], held

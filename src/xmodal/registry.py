@@ -370,13 +370,16 @@ class Registry(Mapping[str, ModelEntry]):
                     "the GPUs of your largest node, or remove the model"
                 ) from None
             if e.modality == "vision" and e.source != "supplied" and e.gpus() > 1:
-                need = e.bytes_per_param * e.size_b * 1.05
+                weights = e.bytes_per_param * e.size_b
+                need = weights + max(2.0, 0.05 * weights)  # as xmodal.resources.gpus_needed
                 raise ConfigError(
                     f"config key 'models.{e.key}': a vision model runs on one GPU (timm models "
-                    f"are not spread over several), but it needs about {need:.0f} GB of GPU "
-                    f"memory (dtype {e.dtype}, size_b {e.size_b}), more than one GPU of "
-                    f"'extraction.gpu_mem_gb: {e.site.gpu_mem_gb}' holds. Check the model's "
-                    "size_b, set extraction.gpu_mem_gb to your GPUs' memory, or remove the model"
+                    f"are not spread over several), but it needs about {need:.1f} GB of GPU "
+                    f"memory (dtype {e.dtype}, size_b {e.size_b}, with activations), more than "
+                    f"the 90% of 'extraction.gpu_mem_gb: {e.site.gpu_mem_gb}' one GPU offers. "
+                    "Check the model's size_b, set extraction.gpu_mem_gb to your GPUs' memory, "
+                    "set extraction.dtype: bfloat16 (half the memory; it changes every model's "
+                    "features), or remove the model"
                 )
 
     def duplicate_ids(self) -> list[tuple[str, str, str]]:

@@ -137,6 +137,7 @@ def extract_features(
     # features too large for memory wait in a scratch file next to the output (one a killed
     # job left is removed first)
     remove_stale_temporaries(out_path, SPILL_SUFFIX)
+    remove_stale_temporaries(out_path)  # a killed write's: before the free-space check counts it
     with scratch_path(out_path, SPILL_SUFFIX) as spill:
         if modality == "vision":
             from xmodal.extract.vision import extract_vision_features, load_vision_model

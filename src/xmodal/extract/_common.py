@@ -357,7 +357,7 @@ class FeatureAccumulator:
                 "model %s: %.1f GiB of features, kept in %s until written",
                 model_name, nbytes / 2**30, self.spill,
             )  # fmt: skip
-            self._fh = open(self.spill, "r+b")  # noqa: SIM115 (closed in result())
+            self._fh = open(self.spill, "r+b")  # noqa: SIM115 (closed by close())
             self._fh.truncate(nbytes)
         self.abs_q95 = np.full(m, np.nan, dtype=np.float32)
         self.filled = np.zeros(m, dtype=bool)
@@ -431,9 +431,15 @@ class FeatureAccumulator:
         if self._fh is None:
             features = self.features
         else:
-            self._fh.close()
+            self.close()
             features = SpilledFeatures(self.spill, self.shape)
         return ExtractionResult(features, self.abs_q95, self.layer_names, dict(info or {}))
+
+    def close(self) -> None:
+        """Close the spill file (the extractors call it on every exit, so that a failed
+        extraction does not keep an unlinked file's space while its traceback lives)."""
+        if self._fh is not None and not self._fh.closed:
+            self._fh.close()
 
     def _write_rows(self, batch: np.ndarray, idx: np.ndarray) -> None:
         """Write a ``(B, n_layers, dim)`` batch for stimuli ``idx`` into the spill file, one

@@ -11,6 +11,7 @@ precision's rounding, about 1e-3 relative).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -164,7 +165,7 @@ def load_language_model(
             max_memory=max_memory if device_map == "auto" else None,
             output_loading_info=True,
         )
-    except (OSError, ValueError, KeyError) as err:
+    except (OSError, ValueError, KeyError, RuntimeError) as err:  # RuntimeError: shapes differ
         raise ExtractionError(
             f"{model_id}: could not load tokenizer/model from {folder} ({err})"
         ) from err
@@ -215,19 +216,14 @@ def _check_all_weights_loaded(loading: Mapping[str, Any], model_id: str, folder:
     """Refuse a model some of whose weights the checkpoint lacks: transformers initialises them
     at random and only prints a report, so the features would come from random weights.
 
-    Checkpoint tensors the model does not use (an LM head, old rotary buffers) are fine."""
+    Checkpoint tensors the model does not use (an LM head, old rotary buffers) are fine; weights
+    of another shape make transformers raise (ExtractionError "could not load")."""
     missing = sorted(loading.get("missing_keys") or [])
-    mismatched = sorted(str(k[0]) for k in loading.get("mismatched_keys") or [])
-    if missing or mismatched:
-        what = "; ".join(
-            f"{label} {_preview(keys)}"
-            for label, keys in (("missing", missing), ("of another shape", mismatched))
-            if keys
-        )
+    if missing:
         raise ExtractionError(
-            f"{model_id}: the checkpoint in {folder} lacks weights the model needs ({what}); "
-            "they would be random. Prefetch the model again (an interrupted download?) or check "
-            "that its config.json matches its weights"
+            f"{model_id}: the checkpoint in {folder} lacks weights the model needs (missing "
+            f"{_preview(missing)}); they would be random. Prefetch the model again (an "
+            "interrupted download?) or check that its config.json matches its weights"
         )
 
 
@@ -502,7 +498,7 @@ def extract_language_features(
     n_tokens = int(lengths.sum())
     n_padded = 0
 
-    with progress_bar(m, model_name, "caption", progress) as bar:
+    with progress_bar(m, model_name, "caption", progress) as bar, contextlib.closing(acc):
 
         @torch.inference_mode()
         def run(start: int, stop: int) -> None:
@@ -532,7 +528,7 @@ def extract_language_features(
             bar.update(len(rows))
 
         sizer.run(m, run)
-    res = acc.result()
+        res = acc.result()
     res.n_tokens = lengths.astype(np.int64)
     res.info.update(
         pooling="mean",

@@ -241,6 +241,7 @@ def extract_vision_features(
         res = acc.result()
     finally:
         hooks.remove()
+        acc.close()
     res.info.update(
         pooling="cls",
         batch_size=sizer.batch_size if sizer else batch_size,
