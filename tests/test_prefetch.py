@@ -428,3 +428,24 @@ def test_a_hub_caption_in_csv_quoted_form_is_refused_before_any_image(tmp_path: 
         with pytest.raises(PrefetchError, match=match):
             prefetch_stimuli("fake/q", None, "train", out, hub)
         assert not (out / "images").exists()
+
+
+def test_split_files_take_one_configuration_and_no_other_split() -> None:
+    """Any folder named after the split, or a name starting with it and '_', was taken: two
+    configurations of a dataset, train_extra and train/validation files went into one
+    manifest."""
+    from xmodal.prefetch import _split_files
+
+    flat = ["data/train-00000-of-00001.parquet", "data/train_extra-00000.parquet",
+            "data/validation-00000-of-00001.parquet", "README.md"]  # fmt: skip
+    assert _split_files(flat, "train") == ["data/train-00000-of-00001.parquet"]
+    nested = ["train/part-0.parquet", "train/validation-0.parquet", "test/part-0.parquet"]
+    assert _split_files(nested, "train") == ["train/part-0.parquet"]
+    configs = ["coco/train-0.parquet", "wit_1024/train-0.parquet", "wit_1024/train-1.parquet"]
+    with pytest.raises(PrefetchError, match=r"2 folders \(coco, wit_1024\).*e\.g\. 'coco/train'"):
+        _split_files(configs, "train")
+    assert _split_files(configs, "wit_1024/train") == configs[1:]
+    folders = ["coco/train/a.parquet", "wit/train/b.parquet"]
+    with pytest.raises(PrefetchError, match=r"e\.g\. 'coco/train'"):
+        _split_files(folders, "train")
+    assert _split_files(folders, "wit/train") == ["wit/train/b.parquet"]

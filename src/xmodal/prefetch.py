@@ -26,7 +26,7 @@ import sys
 from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime
 from fnmatch import fnmatch
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import pandas as pd
@@ -385,11 +385,35 @@ def prefetch_model(
 _LINE_BREAKS = re.compile(r"[\t\r\n\v\f\x1c-\x1e\x85\u2028\u2029]+")
 
 
+#: split names that a file name inside a split's folder may start with (other splits)
+_SPLIT_WORDS = ("train", "validation", "valid", "val", "test", "dev")
+
+
 def _split_files(files: Iterable[str], split: str) -> list[str]:
-    """Parquet files of ``split``: a folder named after it, or a ``<split>-*`` file name."""
-    parquet = [f for f in files if f.endswith(".parquet")]
-    pat = re.compile(rf"^{re.escape(split)}([-_.]|$)")
-    return sorted(f for f in parquet if split in f.split("/")[:-1] or pat.match(Path(f).name))
+    """Parquet files of ``split``: files named ``<split>.parquet`` or ``<split>-*.parquet``, or
+    in a folder named after it (but not named after another split). ``split`` may name a folder
+    too (``<folder>/<split>``: only files under it). Files of the split in several folders
+    (several configurations of one dataset) are refused, naming the folders."""
+    folder, _, name = split.rpartition("/")
+    own = re.compile(rf"^{re.escape(name)}(-[^/]*)?\.parquet$")
+    other = re.compile(rf"^({'|'.join(w for w in _SPLIT_WORDS if w != name)})[-_.]")
+    chosen = []
+    for f in files:
+        path = PurePosixPath(f)
+        if path.suffix != ".parquet" or (folder and not f.startswith(folder + "/")):
+            continue
+        if own.match(path.name) or (name in path.parent.parts and not other.match(path.name)):
+            chosen.append(f)
+    folders = sorted({PurePosixPath(f).parent.as_posix() for f in chosen})
+    if len(folders) > 1:
+        first = folders[0].removesuffix(f"/{name}").removesuffix(name).rstrip("/")
+        raise PrefetchError(
+            f"split {split!r} has parquet files in {len(folders)} folders ({', '.join(folders)}): "
+            "several configurations of the dataset, which would be mixed into one manifest. "
+            f"Name the one to use in stimuli.split as '<folder>/{name}', e.g. "
+            f"'{first + '/' if first else ''}{name}'"
+        )
+    return sorted(chosen)
 
 
 #: file suffix of each image format Pillow names (MPO: a camera JPEG with a second image)
