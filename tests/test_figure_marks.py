@@ -627,3 +627,32 @@ def test_heldout_fraction_na_where_a_split_is_undefined(figs, tables, metric):
         assert undefined == {"full|vis-2|beta-7b|pc1"}  # planted: split 0's low undefined
     else:
         assert not undefined
+
+
+@pytest.mark.parametrize("metric", ["cknna", "cka"])
+def test_contrasts_mark_the_sets_chosen_without_the_scored_model(planted, tables, metric, tmp_path):
+    """With the self-selection table, every pair gets a second mark (a diamond and its
+    interval) at the low − high of the sets chosen without its vision model; an undefined
+    value is written n/a; without the table, no such mark."""
+    con = tables["contrasts"]
+    own = con[con["summary"].isin(["mean", "pc1"])].copy()
+    own["diff_low_high"] = own["diff_low_high"] - 0.01 * np.arange(len(own))
+    undefined = own.index[own["metric"] == metric][0]
+    own.loc[undefined, "diff_low_high"] = np.nan
+    path = tmp_path / "self_selection.tsv"
+    own.to_csv(path, sep="\t", index=False, na_rep="NaN")
+    fig = render_figure("contrasts", {**planted, "self_selection": path}, metric)
+    want, want_na = {}, set()
+    for r in own[own["metric"] == metric].itertuples():
+        tag = f"{r.vision}|{r.llm}|{r.summary}"
+        if math.isnan(r.diff_low_high):
+            want_na.add(tag)
+        else:
+            want[tag] = r.diff_low_high
+    marks = fig.findobj(lambda a: (a.get_gid() or "").startswith("others|"))
+    got = {a.get_gid()[len("others|") :]: float(a.get_xdata()[0]) for a in marks}
+    assert got.keys() == want.keys() and gids(fig, "others_undefined") == want_na
+    for tag, value in want.items():
+        assert got[tag] == pytest.approx(value, abs=1e-12)
+    assert "sets chosen without the scored vision model" in all_text(fig)
+    assert not gids(render_figure("contrasts", planted, metric), "others")

@@ -13,8 +13,8 @@ Input names (keys of ``inputs``): ``dispersion``, ``residuals``, ``sets``, ``loo
 ``loo``, ``layers``, ``grid``, ``contrasts``, ``models``, ``summary``, ``manifest``,
 ``diagnostics``, ``duplicates``, and for the extensions ``language_dispersion``,
 ``language_correlation``, ``joint_cells``, ``properties``, ``property_correlations``, and for
-the controls ``drop``, ``drop_summary``, ``heldout_layers``, ``heldout``, ``heldout_summary``
-(see docs/contracts.md).
+the controls ``drop``, ``drop_summary``, ``heldout_layers``, ``heldout``, ``heldout_summary``,
+``self_selection`` (see docs/contracts.md).
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ INPUT_NAMES = frozenset(
     {"dispersion", "residuals", "sets", "loo_stimuli", "loo", "layers", "grid", "contrasts", "models", "manifest", "summary",
      "diagnostics", "duplicates",
      "language_dispersion", "language_correlation", "joint_cells", "properties", "property_correlations",
-     "drop", "drop_summary", "heldout_layers", "heldout", "heldout_summary"}
+     "drop", "drop_summary", "heldout_layers", "heldout", "heldout_summary", "self_selection"}
 )  # fmt: skip
 
 
@@ -170,9 +170,9 @@ FIGURES: dict[str, FigureSpec] = {
         _spec(
             "contrasts",
             "Low − high difference per pair with bootstrap 95% CI; fraction of random ≥ low",
-            ("contrasts", "summary", "models"),
+            ("contrasts", "summary", "models", "self_selection"),
             "alignment.draw_contrasts",
-            ("models", "summary"),
+            ("models", "summary", "self_selection"),
             per_metric=True,
         ),
         _spec(

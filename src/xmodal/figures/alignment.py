@@ -620,6 +620,9 @@ def draw_contrasts(data: FigureData) -> Figure:
         else pd.DataFrame()
     )
     has_ci = con.get("diff_ci_low", pd.Series(np.nan, index=con.index)).notna().any()
+    # the self-selection control: each pair on the sets chosen without its vision model
+    others = data.alignment("self_selection") if data.get("self_selection") is not None else None
+    n_others = 0
 
     ratios = [3.2, 1.2] * len(summaries)
     fig = new_figure(2.0 + 4.6 * len(summaries), 0.17 * (y + 2) + 1.9)
@@ -649,6 +652,7 @@ def draw_contrasts(data: FigureData) -> Figure:
                 ax.plot(d, yy, "o", ms=3.5, mec=colr, mfc="white" if flag else colr,
                         mew=1.0, gid=f"{'unstable' if flag else 'diff'}|{tag}")  # fmt: skip
                 n_unstable += flag
+            n_others += _draw_others(ax, others, s, p, yy + OTHERS_OFFSET, tag)
             frac = float(r.get("frac_random_ge_low", np.nan))
             if np.isfinite(frac):
                 (bar,) = axf.barh(yy, frac, height=0.7, color=COLORS["random"], gid=f"frac|{tag}")
@@ -694,9 +698,46 @@ def draw_contrasts(data: FigureData) -> Figure:
         )
         _hatch(h)
         flags.append(h)
+    if n_others:
+        handles.append(
+            Line2D([], [], marker="D", ms=3, color=OTHERS_COLOR, lw=0.8,
+                   label="sets chosen without the scored vision model (its 95% CI)")
+        )  # fmt: skip
     fig.legend(handles=handles + flags, loc="outside lower center", ncols=3)
     fig.suptitle(f"Low − high dispersion contrast per pair ({label})")
     return fig
+
+
+#: where a pair's self-selection mark sits below its main one (rows are 1 apart)
+OTHERS_OFFSET = 0.34
+OTHERS_COLOR = "black"
+
+
+def _draw_others(
+    ax: Axes, others: pd.DataFrame | None, summary: str, pair: tuple[str, str], y: float, tag: str
+) -> int:
+    """The pair's low − high on the sets chosen without its vision model (docs/method.md, "Sets
+    chosen without the scored model"): a small diamond and its interval just below the main
+    mark, gid ``others|<tag>`` (``others_undefined|<tag>`` when not a number). 1 if drawn."""
+    if others is None:
+        return 0
+    row = others[
+        (others["vision"] == pair[0]) & (others["llm"] == pair[1]) & (others["summary"] == summary)
+    ]
+    if row.empty:
+        return 0
+    r = row.iloc[0]
+    d = float(r["diff_low_high"])
+    if not np.isfinite(d):
+        across = blended_transform_factory(ax.transAxes, ax.transData)
+        ax.text(0.5, y, UNDEFINED_TEXT, transform=across, ha="center", va="center",
+                fontsize=5.5, color=UNDEFINED_COLOR, gid=f"others_undefined|{tag}")  # fmt: skip
+        return 1
+    lo, hi = float(r.get("diff_ci_low", np.nan)), float(r.get("diff_ci_high", np.nan))
+    if np.isfinite(lo) and np.isfinite(hi):
+        ax.hlines(y, lo, hi, color=OTHERS_COLOR, lw=0.6)
+    ax.plot(d, y, "D", ms=2.4, color=OTHERS_COLOR, gid=f"others|{tag}")
+    return 1
 
 
 # --------------------------------------------------------------------------- held-out layer
