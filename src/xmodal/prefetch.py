@@ -343,24 +343,16 @@ def prefetch_model(
         patterns,
     )
     missing = [f for f in files if not (path / f).is_file()]
-    if missing:
-        raise PrefetchError(
-            f"the cached snapshot {path} of {repo_id} lacks {', '.join(missing[:5])}; "
-            + _download_help(
-                f"the weights of model {model_id!r}",
-                repo_id,
-                "model",
-                rev,
-                cache,
-                patterns,
-                "incomplete cache",
-            )
+    gaps = missing_shards(files, path)  # a cache an interrupted download filled, read offline
+    if missing or gaps:
+        lacks = (
+            ", ".join(missing[:5])
+            if missing
+            else f"the weight shard(s) {', '.join(gaps[:5])}{' ...' if len(gaps) > 5 else ''} "
+            "that its other files name"
         )
-    gaps = missing_shards(files, path)
-    if gaps:  # a cache filled by an interrupted download, read offline
         raise PrefetchError(
-            f"the snapshot {path} of {repo_id} lacks the weight shard(s) {', '.join(gaps[:5])}"
-            f"{' ...' if len(gaps) > 5 else ''} that its other files name; "
+            f"the cached snapshot {path} of {repo_id} lacks {lacks}; "
             + _download_help(
                 f"the weights of model {model_id!r}",
                 repo_id,

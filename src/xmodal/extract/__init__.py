@@ -138,18 +138,14 @@ def extract_features(
     # job left is removed first)
     remove_stale_temporaries(out_path, SPILL_SUFFIX)
     remove_stale_temporaries(out_path)  # a killed write's: before the free-space check counts it
+    load = dict(
+        revision=revision, cache_dir=cache_dir, device=dev, dtype=dt, allow_pickle=allow_pickle
+    )
     with scratch_path(out_path, SPILL_SUFFIX) as spill:
         if modality == "vision":
             from xmodal.extract.vision import extract_vision_features, load_vision_model
 
-            model, transform, info = load_vision_model(
-                model_id,
-                revision=revision,
-                cache_dir=cache_dir,
-                device=dev,
-                dtype=dt,
-                allow_pickle=allow_pickle,
-            )
+            model, transform, info = load_vision_model(model_id, **load)
             if vision_layer is not None:  # fail before hours of extraction, naming the key
                 from xmodal.config import resolve_layer
 
@@ -196,14 +192,7 @@ def extract_features(
         else:
             from xmodal.extract.language import extract_language_features, load_language_model
 
-            model, tokenizer, info = load_language_model(
-                model_id,
-                revision=revision,
-                cache_dir=cache_dir,
-                device=dev,
-                dtype=dt,
-                allow_pickle=allow_pickle,
-            )
+            model, tokenizer, info = load_language_model(model_id, **load)
             res = extract_language_features(
                 model,
                 tokenizer,
