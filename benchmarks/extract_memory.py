@@ -7,7 +7,8 @@ through the accumulator and ``write_features`` into a real HDF5 file, exactly as
 ``extract_features`` does after each forward pass. Peak RSS is the process's high-water mark
 (torch and h5py included); the features' own size is printed next to it.
 
-Run: .venv/bin/python benchmarks/extract_memory.py --m 20000 --layers 33 --dim 1024 [--spill|--memory]
+Run: .venv/bin/python benchmarks/extract_memory.py --m 20000 --layers 33 --dim 1024 \
+         [--spill|--memory]
      .venv/bin/python benchmarks/extract_memory.py --sweep 5000,20000  (each in a fresh process)
 """
 

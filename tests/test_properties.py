@@ -327,7 +327,8 @@ def test_a_constant_resample_is_left_out_of_the_interval_not_poisoning_it():
 def test_a_constant_pearson_resample_is_left_out_whatever_its_float_mean():
     """x = 0.3 (36 times) and one 0.9: the float mean of a resample of 0.3s is off in the last
     bit, centring left ±1e-17 and Pearson gave r ≈ -3e-16, counted in the interval (its lower
-    end was -1.5e-16 instead of 0.237). Checked against a loop that leaves constant resamples out."""
+    end was -1.5e-16 instead of 0.237). Checked against a loop that leaves constant resamples
+    out."""
     from xmodal.correlate import correlation_ci
 
     x = np.array([0.3] * 36 + [0.9])

@@ -82,7 +82,7 @@ def _choose_device_map(
 
     Weights that the free memory of the visible GPUs cannot hold are an ExtractionError: with
     ``device_map="auto"`` accelerate would put the rest in host memory and the job would run
-    for hours on the CPU, and be retried (docs/cluster.md, "GPU sizes")."""
+    for hours on the CPU, and be retried (docs/cluster.md, "What each job asks for")."""
     if device.type != "cuda":
         return None
     n_gpu = torch.cuda.device_count()
@@ -91,10 +91,11 @@ def _choose_device_map(
     need = _weight_bytes(folder, weights, dtype)
     if need > GPU_HOLDS * free:
         raise ExtractionError(
-            f"{model_id}: its weights need ~{need / 2**30:.1f} GiB of GPU memory ({dtype_name(dtype)}) "
-            f"but the {len(gpus)} GPU(s) this job sees have {free / 2**30:.1f} GiB free; the rest would "
-            "run on the CPU for hours. Set extraction.gpu_mem_gb to the memory of the GPUs the jobs "
-            "get (it sets how many each job asks for), or extraction.gpu_model to GPUs that large"
+            f"{model_id}: its weights need ~{need / 2**30:.1f} GiB of GPU memory "
+            f"({dtype_name(dtype)}) but the {len(gpus)} GPU(s) this job sees have "
+            f"{free / 2**30:.1f} GiB free; the rest would run on the CPU for hours. Set "
+            "extraction.gpu_mem_gb to the memory of the GPUs the jobs get (it sets how many each "
+            "job asks for), or extraction.gpu_model to GPUs that large"
         )
     return "auto" if n_gpu > 1 else {"": gpus[0]}
 
@@ -128,9 +129,10 @@ def load_language_model(
     = bfloat16 on CUDA, float32 on the CPU. On CUDA the model is sharded with
     ``device_map="auto"`` (``max_memory`` per device) when several GPUs are visible; weights the
     visible GPUs cannot hold are an error, never offloaded to the CPU. A checkpoint lacking
-    weights the model needs is an error. ``trust_remote_code`` is always False; pickle checkpoints are refused unless
-    ``allow_pickle``. A tokenizer without a pad token gets one (eos, unk, bos or token 0; pooling
-    masks padding anyway). ``info`` holds the resolved ``revision`` (commit hash or ``"local"``).
+    weights the model needs is an error. ``trust_remote_code`` is always False; pickle
+    checkpoints are refused unless ``allow_pickle``. A tokenizer without a pad token gets one
+    (eos, unk, bos or token 0; pooling masks padding anyway). ``info`` holds the resolved
+    ``revision`` (commit hash or ``"local"``).
     """
     from transformers import AutoModel, AutoTokenizer
 
