@@ -125,10 +125,10 @@ def retry_resources(mem_mb, runtime):
 def named_params(**params):
     """A rule's params plus `settings`, the same values by name. Snakemake records a job's
     params as the set of their values, without names: two settings of equal value, or two
-    swapped, hid a change (k = n_random = 10, then n_random 20 -> 10 and k 10 -> 20 reran
-    nothing). The dict's record holds the names, so any change reruns the job. Plain values
-    only: Snakemake would not evaluate a function inside the dict (pass one as its own param,
-    outside named_params)."""
+    swapped, hid a change (knn_k 10 and n_random 20 swapped reran nothing; nor did n_boot
+    0 -> 10 with knn_k 10). The dict's record holds the names, so any change reruns the job.
+    Plain values only: Snakemake would not evaluate a function inside the dict (pass one as
+    its own param, outside named_params)."""
     functions = sorted(k for k, v in params.items() if callable(v))
     if functions:
         raise WorkflowError(
