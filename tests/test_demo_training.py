@@ -375,7 +375,7 @@ def test_training_is_deterministic_for_a_seed(name, small_world, tmp_path):
 # (residual / distance: docs/method.md, "Dispersion and distance from the centre".) Offset 0,
 # the shipped config, is the best of the six on ρ.
 # Untrained stand-ins (config/demo_untrained.yaml): CLIP and CLIP+FT collapsed (mean cosine
-# 0.9998 and 0.9999, 79% and 85% of stimuli with unresolved neighbours), ρ = 0.56 (relative
+# 0.9998 and 0.9999, 94% and 97% of stimuli with unresolved neighbours by the diagnostics), ρ = 0.56 (relative
 # disagreement −0.18), full-set CKNNA 0.038–0.049.
 # Why ρ stays below 0.5 (docs/method.md, "The embedded demo"): dispersion follows ν through
 # the stimuli's distance from the models' centres, and the caption-trained CLIP and CLIP+FT

@@ -18,7 +18,9 @@ disagreement between vision models (docs/method.md, "The embedded demo").
 
 Two disjoint random streams draw scenes from this world: ``split="eval"`` for the stimuli the
 pipeline analyses and ``split="train"`` for the scenes the demo's models are trained on
-(:mod:`xmodal.demo.train`); the same seed never yields the same scenes in both.
+(:mod:`xmodal.demo.train`); the same seed never yields the same scenes in both, but the world
+is small, so a stimulus's caption can caption a training scene too (docs/method.md, "The
+embedded demo").
 """
 
 from __future__ import annotations
