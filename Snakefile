@@ -1,7 +1,7 @@
 # Single-stimulus intra-modal dispersion and cross-modal convergence.
 # Reproduces and extends Hosseini, Cheung, Fedorenko & Williams (see README.md).
 #
-#   snakemake --cores N                      the paper setup (config.yaml), on one machine
+#   snakemake --cores N --resources gpu=1    the paper setup (config.yaml), on one machine
 #   snakemake --profile slurm                the same on a SLURM cluster (docs/cluster.md)
 #   snakemake --profile profiles/demo        the embedded demo (config/demo.yaml)
 from snakemake.utils import min_version

@@ -590,7 +590,12 @@ def main(argv: list[str] | None = None) -> int:
     s = sub.add_parser("stimuli", help="write a stimulus manifest from a hub dataset")
     s.add_argument("--repo", required=True)
     s.add_argument("--revision", default=None)
-    s.add_argument("--split", default="train")
+    s.add_argument(
+        "--split",
+        default="train",
+        help="the split (<split>.parquet, <split>-*.parquet or a folder named after it); "
+        "'<folder>/<split>' picks one configuration of a dataset that has several",
+    )
     s.add_argument("--out-dir", required=True)
     s.add_argument("--cache-dir", default=None)
     m = sub.add_parser("model", help="download a model into the hub cache; write its record")

@@ -1,1 +1,1 @@
-"""The embedded demo: synthetic stimuli and tiny, untrained stand-in models."""
+"""The embedded demo: synthetic stimuli and tiny models, trained briefly (or untrained stand-ins)."""
