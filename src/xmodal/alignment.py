@@ -597,8 +597,7 @@ def layer_search_tables(
     :data:`~xmodal.metrics.ROUNDING_DECIDES` of its kNN sets there), and its value and
     self-similarity on the half are finite and > 0 (self); the choice is the argmax among valid
     layers. Returns (layers table, held-out table with :data:`HELDOUT_LAYER_COLUMNS`, or None
-    without ``halves``). ``on_layer``: as in
-    :func:`layer_search_table`.
+    without ``halves``). ``on_layer``: as in :func:`layer_search_table`.
     """
     names = _check_metrics(metrics)
     device = device or default_device()

@@ -44,13 +44,13 @@ SCHEMA_VERSION = 1
 Q = 0.95
 _MAX_CHUNK_BYTES = 1 << 30  # HDF5 chunks must stay below 4 GiB; keep them at most 1 GiB
 _QUANTILE_BLOCK = 1 << 24  # elements per block when computing abs_q95 from a file
-#: What to do about a feature file that cannot be used as it is.
 #: Why a stimulus's row of zeros is refused (xmodal.features.FeatureFile.finite_layer).
 _ZERO_ROWS = (
     " (features never written, or a representation in which these stimuli have no features "
     "at all, such as a caption with no known word: the alignment needs a nonzero row for every "
     "stimulus)"
 )
+#: What to do about a feature file that cannot be used as it is.
 REEXTRACT = (
     "delete it and rerun the workflow (Snakemake then re-extracts only this model), or, for a "
     "file you supplied, rewrite it following docs/contracts.md"

@@ -578,11 +578,9 @@ def _summary_line(stats: pd.DataFrame, summary: str) -> str:
         line += f" ({', '.join(notes)})"
     # the ratio is taken over the pairs with low > 0 and high > 0 only: their number is shown
     ratio = r.median_ratio_low_high
-    n_ratio = f"n = {int(r.n_ratio)} pairs with low, high > 0" if "n_ratio" in stats.columns else ""
-    if np.isfinite(ratio):
-        line += f"\nmedian low/high = {ratio:.2f}×" + (f" ({n_ratio})" if n_ratio else "")
-    else:
-        line += "\nmedian low/high: n/a" + (f" ({n_ratio})" if n_ratio else "")
+    line += f"\nmedian low/high = {ratio:.2f}×" if np.isfinite(ratio) else "\nmedian low/high: n/a"
+    if "n_ratio" in stats.columns:
+        line += f" (n = {int(r.n_ratio)} pairs with low, high > 0)"
     return line
 
 
