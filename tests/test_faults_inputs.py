@@ -513,6 +513,15 @@ def test_hub_token_never_in_logs_or_feature_attrs(
     assert not (tmp_path / "g.h5").exists()
 
 
+def test_error_messages_preview_the_first_items_and_count_them_all() -> None:
+    from xmodal.logs import preview
+
+    assert preview(["a"]) == "['a'] (1 in all)"
+    assert preview(f"s{i}" for i in range(7)) == "['s0', 's1', 's2', 's3', 's4', ...] (7 in all)"
+    assert preview([0, 1, 2, 3], n=3) == "[0, 1, 2, ...] (4 in all)"
+    assert preview([]) == "[] (0 in all)"
+
+
 _HOOK_SCRIPT = """
 import sys
 sys.path.insert(0, {src!r})

@@ -360,7 +360,9 @@ def test_an_incomplete_cached_dataset_is_refused_offline(tmp_path: Path, monkeyp
         {"data/train-00000-of-00002.parquet": parquet_bytes(train[:2])},
     )  # fmt: skip
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(PrefetchError, match=r"lacks data/train-00001-of-00002\.parquet"):
+    with pytest.raises(
+        PrefetchError, match=r"lacks the shard\(s\) \['data/train-00001-of-00002\.parquet'\]"
+    ):
         prefetch_stimuli("fake/half", None, "train", tmp_path / "out", tmp_path / "hub")
     assert not (tmp_path / "out" / "stimuli.tsv").exists()
 
@@ -376,7 +378,7 @@ def test_a_cached_model_missing_a_shard_its_index_names_is_refused(
     files["model.safetensors.index.json"] = json.dumps(index).encode()
     fake_repo(tmp_path, "model", "org/half-lm", "main", files)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(PrefetchError, match=r"lacks the weight shard\(s\) model-00002-of-00002"):
+    with pytest.raises(PrefetchError, match=r"lacks the weight shard\(s\) \['model-00002-of-00002"):
         prefetch_model("org/half-lm", "language", None, tmp_path)
 
 

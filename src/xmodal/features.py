@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     import torch  # imported where used: reading a feature file needs no torch
 
 from xmodal.io import atomic_path, directory_digest, remove_stale_temporaries
-from xmodal.logs import redact
+from xmodal.logs import preview, redact
 
 log = logging.getLogger(__name__)
 
@@ -84,14 +84,6 @@ class FeatureFileError(ValueError):
 def _holds_token(text: str) -> bool:
     """True when ``text`` contains a Hugging Face access token (xmodal.logs.redact finds them)."""
     return redact(text) != text
-
-
-def _preview(ids: Sequence[str], n: int = 5) -> str:
-    """First few ids and the count, for error messages."""
-    ids = list(ids)
-    head = ", ".join(repr(s) for s in ids[:n])
-    more = f", ... ({len(ids)} in all)" if len(ids) > n else f" ({len(ids)})"
-    return f"[{head}{more}]"
 
 
 def abs_quantile_rows(x: torch.Tensor | np.ndarray, q: float = Q) -> torch.Tensor:
@@ -171,7 +163,7 @@ def write_features(
     m, n_layers = len(ids), len(names)
     if len(set(ids)) != m:
         dup = sorted({s for s in ids if ids.count(s) > 1})
-        raise FeatureFileError(f"{path}: duplicate stimulus ids {_preview(dup)}")
+        raise FeatureFileError(f"{path}: duplicate stimulus ids {preview(dup)}")
     if n_layers == 0 or m == 0:
         raise FeatureFileError(f"{path}: need at least one layer and one stimulus")
     tokens = None if n_tokens is None else _token_counts(path, n_tokens, m)
@@ -238,7 +230,7 @@ def write_features(
                 if bad is not None and bad.any():
                     raise FeatureFileError(
                         f"{path}: non-finite features in layer {i} ({names[i]!r}) for stimuli "
-                        f"{_preview([ids[j] for j in np.flatnonzero(bad)])}"
+                        f"{preview([ids[j] for j in np.flatnonzero(bad)])}"
                     )
                 dset[i] = stored
                 dim = dset.shape[2]
@@ -538,9 +530,9 @@ class FeatureFile:
             extra = [s for s in self._ids if s not in want]
             parts = []
             if missing:
-                parts.append(f"missing {_preview(missing)}")
+                parts.append(f"missing {preview(missing)}")
             if extra:
-                parts.append(f"extra {_preview(extra)}")
+                parts.append(f"extra {preview(extra)}")
             if len(expected) != len(want):
                 parts.append("expected ids contain duplicates")
             raise FeatureFileError(
@@ -622,7 +614,7 @@ class FeatureFile:
             raise FeatureFileError(
                 f"{self.path}: {what} in layer {i % self.n_layers} "
                 f"({self.layer_names[i]!r}) for stimuli "
-                f"{_preview([ids[j] for j in np.flatnonzero(bad)])}{why}; {REEXTRACT}"
+                f"{preview([ids[j] for j in np.flatnonzero(bad)])}{why}; {REEXTRACT}"
             )
         return x
 
@@ -651,7 +643,7 @@ class FeatureFile:
             ids = self.stimulus_ids
             raise FeatureFileError(
                 f"{self.path}: non-finite abs_q95 for stimuli "
-                f"{_preview([ids[j] for j in np.flatnonzero(bad)])}; {REEXTRACT}"
+                f"{preview([ids[j] for j in np.flatnonzero(bad)])}; {REEXTRACT}"
             )
         return q
 
@@ -686,7 +678,7 @@ class FeatureFile:
         dup = sorted(s for s, n in counts.items() if n > 1)
         if dup:
             raise FeatureFileError(
-                f"{self.path}: stimulus ids stored more than once: {_preview(dup)}; each row "
+                f"{self.path}: stimulus ids stored more than once: {preview(dup)}; each row "
                 f"must be one stimulus. {REEXTRACT}"
             )
 

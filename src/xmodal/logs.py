@@ -12,7 +12,7 @@ import logging
 import os
 import re
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from types import TracebackType
 
@@ -21,7 +21,14 @@ TOKEN_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HUGGINGFACE_HUB_TOKEN")
 _TOKEN_RE = re.compile(r"\bhf_[A-Za-z0-9]{20,}")
 REDACTED = "***"
 
-__all__ = ["REDACTED", "TOKEN_ENV", "RedactTokens", "forward_to", "log_to", "redact"]
+__all__ = ["REDACTED", "TOKEN_ENV", "RedactTokens", "forward_to", "log_to", "preview", "redact"]
+
+
+def preview(items: Iterable[object], n: int = 5) -> str:
+    """The first ``n`` items and their count, for an error message: ``['a', 'b', ...] (7 in all)``."""
+    items = list(items)
+    head = ", ".join(repr(s) for s in items[:n])
+    return f"[{head}{', ...' if len(items) > n else ''}] ({len(items)} in all)"
 
 
 def redact(text: str) -> str:

@@ -32,7 +32,7 @@ from typing import Any
 import pandas as pd
 
 from xmodal.io import atomic_path
-from xmodal.logs import redact
+from xmodal.logs import preview, redact
 from xmodal.registry import (
     LIBRARY,
     SAFE_SUFFIXES,
@@ -258,7 +258,7 @@ def _select_weights(
     if not allow_pickle:
         raise PrefetchError(
             f"{repo_id} at revision {revision} has only pickle checkpoints "
-            f"({', '.join(pickles[:5])}); loading a pickle runs code from the file, so xmodal "
+            f"{preview(pickles)}; loading a pickle runs code from the file, so xmodal "
             f"refuses it by default. Either pin `revision` in config.yaml to a commit that has "
             f"*.safetensors (the hub's safetensors-conversion pull request, e.g. refs/pr/N), or "
             f"opt in with `allow_pickle: true` on the model (or under `extraction:`) in config.yaml."
@@ -346,10 +346,9 @@ def prefetch_model(
     gaps = missing_shards(files, path)  # a cache an interrupted download filled, read offline
     if missing or gaps:
         lacks = (
-            ", ".join(missing[:5])
+            preview(missing)
             if missing
-            else f"the weight shard(s) {', '.join(gaps[:5])}{' ...' if len(gaps) > 5 else ''} "
-            "that its other files name"
+            else f"the weight shard(s) {preview(gaps)} that its other files name"
         )
         raise PrefetchError(
             f"the cached snapshot {path} of {repo_id} lacks {lacks}; "
@@ -500,8 +499,8 @@ def prefetch_stimuli(
     if gaps:  # e.g. offline, with a cache that an interrupted download filled
         raise PrefetchError(
             f"dataset {repo} split {split!r} at revision {rev}: the snapshot {path} lacks "
-            f"{', '.join(gaps[:5])}{' ...' if len(gaps) > 5 else ''} (of the shards "
-            f"{', '.join(files[:3])}{' ...' if len(files) > 3 else ''}): the manifest would hold "
+            f"the shard(s) {preview(gaps)} that its other files name (it holds "
+            f"{preview(files, 3)}): the manifest would hold "
             "part of the dataset. Download it again where the hub is reachable"
         )
     # nothing of an earlier manifest may stay next to new images if this run fails half-way
@@ -564,10 +563,9 @@ def prefetch_stimuli(
     if flattened:
         log.warning(
             "%d caption(s) held tabs or line breaks, each run replaced by one space so that the "
-            "manifest keeps one stimulus per line: %s%s (listed in %s)",
+            "manifest keeps one stimulus per line: %s (listed in %s)",
             len(flattened),
-            flattened[:5],
-            " ..." if len(flattened) > 5 else "",
+            preview(flattened),
             out / "source.json",
         )
     manifest = out / "stimuli.tsv"

@@ -44,6 +44,7 @@ import pandas as pd
 from PIL import Image
 
 from xmodal.io import atomic_path, file_digests
+from xmodal.logs import preview
 
 log = logging.getLogger(__name__)
 
@@ -114,11 +115,6 @@ _NO_QUOTING = (
 )
 
 
-def _preview(items: Sequence[Any], n: int = 5) -> str:
-    head = ", ".join(repr(s) for s in items[:n])
-    return f"[{head}{', ...' if len(items) > n else ''}] ({len(items)} in all)"
-
-
 def _short(text: str, n: int = 40) -> str:
     return text if len(text) <= n else text[: n - 1] + "…"
 
@@ -163,8 +159,8 @@ def read_manifest(
         raise StimulusError(
             f"{path}: image file(s) not found (relative to {root}) on line(s) "
             f"{[lines[k] for k in missing][:10]}: stimulus ids "
-            f"{_preview([columns['stimulus_id'][k] for k in missing])}, "
-            f"images {_preview(images)}"
+            f"{preview([columns['stimulus_id'][k] for k in missing])}, "
+            f"images {preview(images)}"
             + (f" (paths wrapped in quotes: {_NO_QUOTING})" if quoted else "")
             + _missing_image_hints(path, images)
         )
@@ -347,7 +343,7 @@ def _check_stimuli(where: str, ids: list[str], captions: list[str], lines: list[
     nul = [k for k, s in enumerate(ids) if "\x00" in s]
     if nul:
         raise StimulusError(
-            f"{where}: stimulus id(s) {_preview([ids[k] for k in nul])} on line(s) "
+            f"{where}: stimulus id(s) {preview([ids[k] for k in nul])} on line(s) "
             f"{[lines[k] for k in nul][:10]} contain a NUL character, which the HDF5 feature "
             "files cannot store: remove it"
         )
@@ -355,7 +351,7 @@ def _check_stimuli(where: str, ids: list[str], captions: list[str], lines: list[
     dup_rows = [k for k, s in enumerate(ids) if counts[s] > 1]
     if dup_rows:
         raise StimulusError(
-            f"{where}: duplicate stimulus ids {_preview(sorted({ids[k] for k in dup_rows}))} on "
+            f"{where}: duplicate stimulus ids {preview(sorted({ids[k] for k in dup_rows}))} on "
             f"lines {[lines[k] for k in dup_rows][:10]}"
         )
     forms = Counter(unicodedata.normalize("NFC", s) for s in ids)
@@ -373,7 +369,7 @@ def _check_stimuli(where: str, ids: list[str], captions: list[str], lines: list[
         raise StimulusError(
             f"{where}: empty caption on line(s) {[lines[k] for k in empty_cap][:10]} "
             f"(only spaces or invisible characters; stimulus ids "
-            f"{_preview([ids[k] for k in empty_cap])})"
+            f"{preview([ids[k] for k in empty_cap])})"
         )
     quoted = [k for k, c in enumerate(captions) if is_csv_quoted(c)]
     if quoted:
@@ -1002,7 +998,7 @@ def _scan(
         at = f"line {lines[k]}, " if lines is not None else ""
         raise StimulusError(
             f"{where}: {len(bad)} image(s) cannot be decoded or converted, stimulus ids "
-            f"{_preview([ids[j] for j in bad])}; first: {at}{results[k]}"
+            f"{preview([ids[j] for j in bad])}; first: {at}{results[k]}"
         )
     table = pd.DataFrame.from_records(results)
     table.insert(0, "image", [str(p) for p in manifest["image"]])
@@ -1029,7 +1025,7 @@ def _log_scan(table: pd.DataFrame, where: str) -> None:
             "their captions describe them upright; docs/contracts.md, 'Image decoding')",
             where,
             len(rotated),
-            _preview(rotated),
+            preview(rotated),
         )
 
 
@@ -1110,7 +1106,7 @@ def find_duplicates(
                 sum(len(g) for g in groups),
                 len(groups),
                 what[kind],
-                "; ".join(_preview(g) for g in groups[:5]),
+                "; ".join(preview(g) for g in groups[:5]),
                 f"; ... ({len(groups)} groups in all)" if len(groups) > 5 else "",
             )
     return table
@@ -1151,7 +1147,7 @@ def drop_duplicates(
     if unknown:
         raise StimulusError(
             f"drop_duplicates: the duplicates table names stimuli not in the manifest "
-            f"{_preview(unknown)}; it belongs to another manifest"
+            f"{preview(unknown)}; it belongs to another manifest"
         )
     group_of = {
         kind: dict(

@@ -19,6 +19,7 @@ import torch
 from xmodal._compat import ensure_torchvision_importable
 from xmodal.features import abs_quantile_rows
 from xmodal.io import DiskFullError
+from xmodal.logs import preview
 from xmodal.prefetch import is_offline
 from xmodal.registry import PICKLE_SUFFIXES, SAFE_SUFFIXES
 
@@ -45,12 +46,6 @@ class UnsafeCheckpointError(ExtractionError):
 
 class RemoteCodeError(ExtractionError):
     """A model needs custom Python code from its repository (``trust_remote_code``); never run."""
-
-
-def _preview(items: Sequence[Any], n: int = 5) -> str:
-    items = list(items)
-    head = ", ".join(repr(s) for s in items[:n])
-    return f"[{head}{', ...' if len(items) > n else ''}] ({len(items)} in all)"
 
 
 #: Environment variable naming the extraction device where the caller says ``"auto"``: ``cpu``
@@ -410,8 +405,8 @@ class FeatureAccumulator:
             layers = sorted({self.layer_names[j] for j in bad_layers})
             stimuli = sorted({self.stimulus_ids[idx[i]] for i in bad_rows})
             raise NonFiniteFeatureError(
-                f"model {self.model_name}: NaN/Inf features in layer(s) {_preview(layers)} for "
-                f"stimuli {_preview(stimuli)}; no feature file was written"
+                f"model {self.model_name}: NaN/Inf features in layer(s) {preview(layers)} for "
+                f"stimuli {preview(stimuli)}; no feature file was written"
             )
         if self._fh is None:
             self.features[:, idx, :] = feats.numpy().transpose(1, 0, 2)
@@ -425,7 +420,7 @@ class FeatureAccumulator:
         if not self.filled.all():
             missing = [self.stimulus_ids[i] for i in np.flatnonzero(~self.filled)]
             raise ExtractionError(
-                f"model {self.model_name}: no features for stimuli {_preview(missing)}"
+                f"model {self.model_name}: no features for stimuli {preview(missing)}"
             )
         features: np.ndarray | SpilledFeatures
         if self._fh is None:

@@ -28,7 +28,6 @@ from xmodal.extract._common import (
     ExtractionError,
     ExtractionResult,
     FeatureAccumulator,
-    _preview,
     check_no_remote_code,
     check_weight_files,
     dtype_name,
@@ -36,6 +35,7 @@ from xmodal.extract._common import (
     resolve_dtype,
     resolve_model_folder,
 )
+from xmodal.logs import preview
 from xmodal.registry import download_patterns, hub_repo_of
 
 log = logging.getLogger(__name__)
@@ -106,7 +106,7 @@ def _check_on_gpus(model: torch.nn.Module, model_id: str) -> None:
     off = sorted(name for name, where in placed.items() if str(where) in ("cpu", "disk"))
     if off:
         raise ExtractionError(
-            f"{model_id}: accelerate placed {_preview(off)} on the CPU or disk: the GPUs this job "
+            f"{model_id}: accelerate placed {preview(off)} on the CPU or disk: the GPUs this job "
             "sees cannot hold the model next to its activations, and it would run for hours on the "
             "CPU. Ask for more or larger GPUs (extraction.gpu_mem_gb, extraction.gpu_model)"
         )
@@ -224,7 +224,7 @@ def _check_all_weights_loaded(loading: Mapping[str, Any], model_id: str, folder:
     if missing:
         raise ExtractionError(
             f"{model_id}: the checkpoint in {folder} lacks weights the model needs (missing "
-            f"{_preview(missing)}); they would be random. Prefetch the model again (an "
+            f"{preview(missing)}); they would be random. Prefetch the model again (an "
             "interrupted download?) or check that its config.json matches its weights"
         )
 
@@ -366,20 +366,19 @@ def tokenize_captions(
             ),
         }[source]
         log.warning(
-            "%d caption(s) %s were truncated: %s%s (the longest had %d tokens)",
+            "%d caption(s) %s were truncated: %s (the longest had %d tokens)",
             len(truncated),
             why,
-            [stimulus_ids[i] for i in truncated[:5]],
-            f" ... ({len(truncated)} in all)" if len(truncated) > 5 else "",
+            preview(stimulus_ids[i] for i in truncated),
             longest,
         )
     empty = [stimulus_ids[i] for i, t in enumerate(ids) if len(t) == 0]
     if empty:
-        raise ExtractionError(f"captions of stimuli {empty[:5]} tokenize to zero tokens")
+        raise ExtractionError(f"captions of stimuli {preview(empty)} tokenize to zero tokens")
     long = [stimulus_ids[i] for i, t in enumerate(ids) if len(t) > limit]
     if long:  # a tokenizer that keeps its special tokens beyond max_length
         raise ExtractionError(
-            f"captions of stimuli {long[:5]} still have more than {limit} tokens after "
+            f"captions of stimuli {preview(long)} still have more than {limit} tokens after "
             f"truncation (the tokenizer's special tokens do not fit); raise max_tokens "
             "(config key extraction.max_tokens)"
         )
@@ -388,8 +387,7 @@ def tokenize_captions(
     bare = [stimulus_ids[i] for i, t in enumerate(ids) if all(x in special for x in t)]
     if bare:  # every such caption gets the features of its special tokens alone
         raise ExtractionError(
-            f"captions of stimuli {bare[:5]}{' ...' if len(bare) > 5 else ''} ({len(bare)} in "
-            "all) tokenize to special tokens only (BOS, EOS, unknown): the model cannot tell "
+            f"captions of stimuli {preview(bare)} tokenize to special tokens only (BOS, EOS, unknown): the model cannot tell "
             f"them apart. If the {limit}-token limit cut their text, raise max_tokens (config "
             "key extraction.max_tokens); otherwise this tokenizer cannot read their characters"
         )
@@ -440,7 +438,7 @@ def _check_leading_spaces(
         import transformers
 
         raise ExtractionError(
-            f"captions of stimuli {_preview(differ)} start with a space, and the loaded tokenizer "
+            f"captions of stimuli {preview(differ)} start with a space, and the loaded tokenizer "
             f"({type(tokenizer).__name__}, transformers {transformers.__version__}) tokenizes them "
             f"otherwise than the model's own tokenizer file in {tokenizer.name_or_path}: their "
             "features would not be the model's. Remove the leading spaces from those captions in "
