@@ -267,3 +267,58 @@ def test_vision_bootstrap_from_other_features_is_rebuilt_with_a_warning(
     assert "12 of the vision models' bootstrap structures did not match" in caplog.text
     assert "vb.pt" in caplog.text
     pd.testing.assert_frame_equal(out["stale"], out["plain"])
+
+
+def test_provenance_names_the_stimuli_commit_and_each_models_revision_and_weights(
+    tmp_path: Path,
+) -> None:
+    """The provenance table: the manifest's digest and the hub commit from prefetch's
+    source.json, then each feature file's model id, revisions, weights digest and versions,
+    read back as text (a commit or version that looks like a number stays as written)."""
+    import hashlib
+    import json
+
+    stim = tmp_path / "stimuli"
+    stim.mkdir()
+    manifest = stim / "stimuli.tsv"
+    manifest.write_text(
+        "stimulus_id\timage\tcaption\n007\timages/a.png\ta cat\n1.50\timages/b.png\ta dog\n"
+    )
+    (stim / "source.json").write_text(json.dumps({
+        "repo": "org/captions", "split": "train", "revision_requested": "wit_1024",
+        "revision": "0123456789", "n_stimuli": 2, "created": "2026-01-01T00:00:00+00:00",
+    }))  # fmt: skip
+    ids = ["007", "1.50"]
+    x = np.random.default_rng(0).standard_normal((2, 2, 3)).astype(np.float32)
+    files = []
+    for key, modality, rev in (("vit", "vision", "1e3"), ("llm", "language", "abc")):
+        versions = {"torch": "2.13.0", "timm": "1.10", "transformers": "5.0", "xmodal": "0.1.0"}
+        attrs = {
+            "model_id": f"org/{key}", "model_key": key, "modality": modality,
+            "source": "timm" if modality == "vision" else "transformers",
+            "requested_revision": "main", "revision": rev, "weights_sha256": "f" * 64,
+            "compute_dtype": "float32", "library_versions": json.dumps(versions),
+        }  # fmt: skip
+        files.append(write_features(tmp_path / f"{key}.h5", x, ids, ["l0", "l1"], attrs))
+    out = tmp_path / "provenance.tsv"
+    pipeline.write_provenance(manifest, "hub", files, out)
+    table = read_table(out)
+    assert list(table.columns) == list(pipeline.PROVENANCE_COLUMNS)
+    assert list(table["kind"]) == ["stimuli", "model", "model"]
+    s = table.iloc[0]
+    assert s["id"] == "org/captions" and s["key"] == "train" and s["source"] == "hub"
+    assert s["requested_revision"] == "wit_1024" and s["revision"] == "0123456789"
+    assert s["sha256"] == hashlib.sha256(manifest.read_bytes()).hexdigest()
+    assert list(table["n_stimuli"]) == [2, 2, 2]
+    assert list(table["key"][1:]) == ["vit", "llm"] and list(table["revision"][1:]) == [
+        "1e3",
+        "abc",
+    ]
+    assert list(table["id"][1:]) == ["org/vit", "org/llm"]
+    assert set(table["sha256"][1:]) == {"f" * 64} and set(table["timm"][1:]) == {"1.10"}
+    # a local manifest: its path and digest, no hub fields (a stray source.json is not read)
+    pipeline.write_provenance(manifest, "local", files[:1], out)
+    s = read_table(out).iloc[0]
+    assert s["id"] == str(manifest) and s["source"] == "local"
+    assert s["revision"] == "" and s["requested_revision"] == ""
+    assert read_table(out)["revision"].tolist() == ["", "1e3"]  # not 1000.0

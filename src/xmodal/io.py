@@ -49,6 +49,10 @@ TEXT_COLUMNS = frozenset(
         "stimulus_id", "image", "caption", "model", "vision", "llm", "held_out", "layer_name",
         "condition", "summary", "set", "metric", "label", "family", "modality", "reason",
         "kind", "group", "side", "property", "split", "source",
+        # the provenance table (xmodal.pipeline.provenance_table): a commit "1e3" or a version
+        # "5.10" read as a number would change it
+        "key", "id", "requested_revision", "revision", "sha256", "compute_dtype", "device",
+        "pooling", "torch", "timm", "transformers", "xmodal", "created",
     }
 )  # fmt: skip
 #: How a missing number is written (and read back).

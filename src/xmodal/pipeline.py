@@ -883,6 +883,70 @@ def write_models_table(records: Sequence[Mapping[str, Any]], out: PathLike) -> N
     write_table(pd.DataFrame(list(records)), out)
 
 
+#: The columns of the provenance table: one row for the stimuli, then one per feature file.
+PROVENANCE_COLUMNS = (
+    "kind", "key", "label", "modality", "source", "id", "requested_revision", "revision",
+    "sha256", "n_stimuli", "compute_dtype", "device", "pooling", "torch", "timm",
+    "transformers", "xmodal", "created",
+)  # fmt: skip
+
+
+def provenance_table(
+    manifest: PathLike, stimuli_source: str, feature_paths: Sequence[PathLike]
+) -> pd.DataFrame:
+    """What a run's numbers were computed from, to cite: the stimuli (the manifest's SHA-256,
+    and for hub stimuli the dataset and the commit its revision resolved to) and, per model,
+    the feature file's provenance (hub id, requested and resolved revision, the weights'
+    SHA-256, compute dtype, device, pooling, library versions, when it was extracted)."""
+    from xmodal.io import file_digests
+    from xmodal.stimuli import read_manifest
+
+    manifest = Path(manifest)
+    stim: dict[str, Any] = {"kind": "stimuli", "source": stimuli_source, "id": str(manifest)}
+    stim["sha256"] = file_digests([manifest])[0] or ""
+    stim["n_stimuli"] = len(read_manifest(manifest, check_images=False))
+    source_json = manifest.parent / "source.json"  # written by xmodal.prefetch (hub stimuli)
+    if stimuli_source == "hub" and source_json.is_file():
+        src = json.loads(source_json.read_text())
+        stim.update(
+            key=src.get("split", ""), id=src.get("repo", ""), created=src.get("created", ""),
+            requested_revision=src.get("revision_requested") or "",
+            revision=src.get("revision", ""),
+        )  # fmt: skip
+    rows = [stim]
+    for path in feature_paths:
+        with FeatureFile(path) as ff:
+            attrs, n = ff.attrs, ff.m
+        versions = json.loads(attrs.get("library_versions") or "{}")
+        rows.append(
+            {
+                "kind": "model",
+                "key": attrs.get("model_key", Path(path).stem),
+                "id": attrs.get("model_id", ""),
+                "sha256": attrs.get("weights_sha256", ""),
+                "n_stimuli": n,
+                **{k: attrs.get(k, "") for k in ("label", "modality", "source", "revision")},
+                **{k: attrs.get(k, "") for k in ("requested_revision", "compute_dtype")},
+                **{k: attrs.get(k, "") for k in ("device", "pooling", "created")},
+                **{k: versions.get(k, "") for k in ("torch", "timm", "transformers", "xmodal")},
+            }
+        )
+    return pd.DataFrame(rows, columns=list(PROVENANCE_COLUMNS)).fillna("")
+
+
+def write_provenance(
+    manifest: PathLike, stimuli_source: str, feature_paths: Sequence[PathLike], out: PathLike
+) -> None:
+    """``{dataset}_provenance.tsv`` (:func:`provenance_table`)."""
+    table = provenance_table(manifest, stimuli_source, feature_paths)
+    versions = table.loc[table.kind == "model", ["torch", "timm", "transformers"]]
+    versions = versions.drop_duplicates()
+    if len(versions) > 1:  # features of one run from several library builds: say so
+        log.warning("the feature files were extracted with different library versions:\n%s",
+                    versions.to_string(index=False))  # fmt: skip
+    write_table(table, out)
+
+
 def write_summary(contrasts_path: PathLike, grid_path: PathLike, out: PathLike) -> None:
     """The summary of how consistently low > random > high across pairs (xmodal.summary)."""
     from xmodal.summary import summary_table

@@ -211,3 +211,26 @@ rule self_selection_summary:
         "../../envs/analysis.yaml"
     script:
         "../../scripts/self_selection_summary.py"
+
+
+# What the numbers were computed from, to cite: the stimuli's digest (and hub commit) and each
+# feature file's model id, resolved revision, weights digest, dtype and library versions.
+rule provenance:
+    input:
+        manifest=MANIFEST,
+        features=[feature_file(k) for k in REGISTRY],
+    output:
+        report(
+            "results/summary/{dataset}_provenance.tsv",
+            caption="../report/provenance_table.rst",
+            category="Tables",
+        ),
+    log:
+        "logs/summary/{dataset}_provenance.log",
+    localrule: True
+    conda:
+        "../../envs/analysis.yaml"
+    params:
+        stimuli_source=config["stimuli"]["source"],
+    script:
+        "../../scripts/provenance.py"

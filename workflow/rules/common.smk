@@ -296,6 +296,7 @@ def table_paths(dataset):
         "heldout_summary": f"results/summary/{dataset}_heldout.tsv",
         "self_selection": f"results/alignment/{dataset}/self_selection.tsv",
         "self_selection_summary": f"results/summary/{dataset}_self_selection.tsv",
+        "provenance": f"results/summary/{dataset}_provenance.tsv",
     }
 
 
@@ -369,7 +370,7 @@ def get_final_output():
     keys += ("diagnostics", "properties", "property_correlations")
     keys += ("language_correlation", "joint_cells")
     keys += ("drop", "drop_summary", "heldout_layers", "heldout", "heldout_summary")
-    keys += ("self_selection", "self_selection_summary")
+    keys += ("self_selection", "self_selection_summary", "provenance")
     off = disabled_tables()
     out = [paths[k] for k in keys if k not in off]
     # a figure of alignment values once per metric ({name}.png, {name}.{metric}.png), the
