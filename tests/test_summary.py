@@ -53,6 +53,10 @@ def test_counts_and_ratios_per_summary():
     assert mean.median_ratio_low_high == pytest.approx(1.5)  # of 1.5, 3.0, 0.5
     assert mean.max_ratio_low_high == pytest.approx(3.0)
     assert mean.median_frac_random_ge_low == pytest.approx(0.35)
+    # low / random mean (the paper's "twofold over random"): 1.2, 0.857, 0.667; random 0 has none
+    assert mean.n_ratio_random == 3
+    assert mean.median_ratio_low_random == pytest.approx(0.30 / 0.35)
+    assert mean.max_ratio_low_random == pytest.approx(1.2)
     pc1 = out.set_index("summary").loc["pc1"]
     assert (pc1.n_pairs, pc1.n_low_gt_random_gt_high, pc1.max_ratio_low_high) == (1, 1, 2.0)
 

@@ -35,6 +35,9 @@ SUMMARY_COLUMNS = [
     "n_ratio",
     "median_ratio_low_high",
     "max_ratio_low_high",
+    "n_ratio_random",
+    "median_ratio_low_random",
+    "max_ratio_low_random",
     "median_frac_random_ge_low",
 ]
 
@@ -122,8 +125,10 @@ def summary_table(contrasts: pd.DataFrame, grid: pd.DataFrame | None = None) -> 
     pairs whose interval lies entirely above 0; missing for a metric without a bootstrap);
     ``n_ratio`` (valid pairs with low > 0 and high > 0, the only ones whose ratio is defined);
     ``median_ratio_low_high`` and ``max_ratio_low_high`` (low / high over those ``n_ratio``
-    pairs, NaN when there are none; the paper reports up to 2×);
-    ``median_frac_random_ge_low``.
+    pairs, NaN when there are none; the paper reports up to 2×); ``n_ratio_random``,
+    ``median_ratio_low_random`` and ``max_ratio_low_random`` (the same for low / random mean,
+    over the valid pairs with low > 0 and random mean > 0: the paper's "twofold" is over the
+    random and the high sets); ``median_frac_random_ge_low``.
 
     Each (vision, llm, metric, summary) must appear once in ``contrasts`` and each (vision, llm,
     metric, condition, summary, draw) once in ``grid`` (ValueError otherwise).
@@ -180,6 +185,8 @@ def _summary_row(metric: str, summary: str, c: pd.DataFrame) -> dict:
     # many pairs remain)
     both_positive = (low > 0) & (high > 0)
     ratio = low[both_positive] / high[both_positive]
+    over_random = (low > 0) & (rnd > 0)
+    ratio_random = low[over_random] / rnd[over_random]
     frac = frac[np.isfinite(frac)]
     return {
         "metric": metric,
@@ -196,6 +203,9 @@ def _summary_row(metric: str, summary: str, c: pd.DataFrame) -> dict:
         "n_ratio": int(both_positive.sum()),
         "median_ratio_low_high": float(np.median(ratio)) if ratio.size else np.nan,
         "max_ratio_low_high": float(np.max(ratio)) if ratio.size else np.nan,
+        "n_ratio_random": int(over_random.sum()),
+        "median_ratio_low_random": float(np.median(ratio_random)) if ratio_random.size else np.nan,
+        "max_ratio_low_random": float(np.max(ratio_random)) if ratio_random.size else np.nan,
         "median_frac_random_ge_low": float(np.median(frac)) if frac.size else np.nan,
     }
 
