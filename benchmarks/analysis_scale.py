@@ -17,7 +17,7 @@ Not included: the controls the default config also runs (held-out layer choice, 
 drop sets, self-selection; benchmarks/controls_scale.py times them per job) and the
 language-side extensions. Its totals are the paper's analysis, not the default pipeline's.
 
-Run: .venv/bin/python benchmarks/analysis_scale.py [--m 1024] [--n-boot 1000] [--llms bloom-560m,...]
+Run: .venv/bin/python benchmarks/analysis_scale.py [--m 1024] [--n-boot 1000] [--llms bloomz-560m,...]
 """
 
 from __future__ import annotations
@@ -44,11 +44,11 @@ from xmodal.selection import make_sets  # noqa: E402
 M = 1024
 VISION = {"mae-h": 1280, "dinov2-g": 1536, "clip-h": 1280, "clip-h-ft": 1280}
 LLMS = {  # key: (width, number of hidden states = layers + 1)
-    "bloom-560m": (1024, 25),
-    "bloom-1b1": (1536, 25),
-    "bloom-1b7": (2048, 25),
-    "bloom-3b": (2560, 31),
-    "bloom-7b1": (4096, 31),
+    "bloomz-560m": (1024, 25),
+    "bloomz-1b1": (1536, 25),
+    "bloomz-1b7": (2048, 25),
+    "bloomz-3b": (2560, 31),
+    "bloomz-7b1": (4096, 31),
     "open-llama-3b": (3200, 27),
     "open-llama-7b": (4096, 33),
     "open-llama-13b": (5120, 41),
@@ -327,7 +327,7 @@ def main() -> int:
     # straightforward way on a slice: 2 layers each of a small, a mid and the largest LLM
     # (mean width 4779, close to the grid's mean layer width 4775), against every vision model
     slice_layers = []
-    slice_keys = ["bloom-560m", "llama-13b", "llama-65b"]
+    slice_keys = ["bloomz-560m", "llama-13b", "llama-65b"]
     for key in slice_keys:
         li = list(LLMS).index(key)
         width, n_layers = LLMS[key]

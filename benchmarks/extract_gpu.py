@@ -55,7 +55,7 @@ WORDS = (
 GPU_MODELS = {
     "vit-h14-224": ("vision", dict(arch="vit_huge_patch14_224", kw=dict(img_size=224))),
     "dinov2-g14-518": ("vision", dict(arch="vit_giant_patch14_dinov2", kw=dict(img_size=518))),
-    "bloom-7b1": (
+    "bloomz-7b1": (
         "language",
         dict(arch="bloom", cfg=dict(hidden_size=4096, n_layer=30, n_head=32, vocab_size=250880)),
     ),
@@ -86,7 +86,7 @@ SMOKE_MODELS = {
             kw=dict(img_size=70, embed_dim=48, depth=4, num_heads=4),
         ),
     ),
-    "bloom-7b1": ("language", dict(arch="bloom", cfg=dict(hidden_size=64, n_layer=3, n_head=4))),
+    "bloomz-7b1": ("language", dict(arch="bloom", cfg=dict(hidden_size=64, n_layer=3, n_head=4))),
     "llama-13b": (
         "language",
         dict(

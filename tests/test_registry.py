@@ -171,11 +171,11 @@ def test_registry_sources_and_repos(tmp_path: Path) -> None:
     local.mkdir()
     cfg = paper()
     cfg["models"]["clip-h"]["id"] = f"hf-hub:timm/{PAPER['models']['clip-h']['id']}"
-    cfg["models"]["bloom-560m"]["id"] = str(local)
+    cfg["models"]["bloomz-560m"]["id"] = str(local)
     reg = Registry.from_config(cfg)
     assert reg["mae-h"].source == "hub" and reg["mae-h"].hub_repo == "timm/vit_huge_patch14_224.mae"
     assert reg["clip-h"].hub_repo == "timm/vit_huge_patch14_clip_224.laion2b"
-    assert reg["bloom-560m"].source == "local" and reg["bloom-560m"].hub_repo is None
+    assert reg["bloomz-560m"].source == "local" and reg["bloomz-560m"].hub_repo is None
     assert reg["llama-65b"].hub_repo == "huggyllama/llama-65b"
     assert reg.vision == ["mae-h", "dinov2-g", "clip-h", "clip-h-ft"]
     assert len(reg.language) == 12
@@ -186,13 +186,13 @@ def test_supplied_features_are_their_own_source(tmp_path: Path) -> None:
     exist); two keys naming one supplied file are reported as duplicates."""
     cfg = paper()
     cfg["models"]["mae-h"]["features"] = str(tmp_path / "mine.h5")
-    cfg["models"]["bloom-560m"]["id"] = "./no/such/folder"
-    cfg["models"]["bloom-560m"]["features"] = str(tmp_path / "mine.h5")
+    cfg["models"]["bloomz-560m"]["id"] = "./no/such/folder"
+    cfg["models"]["bloomz-560m"]["features"] = str(tmp_path / "mine.h5")
     reg = Registry.from_config(cfg)
     assert reg["mae-h"].source == "supplied" and reg["mae-h"].features == str(tmp_path / "mine.h5")
     assert reg["clip-h"].source == "hub" and reg["clip-h"].features is None
     assert reg.duplicate_ids() == [
-        ("mae-h", "bloom-560m", f"supplied feature file {tmp_path / 'mine.h5'}")
+        ("mae-h", "bloomz-560m", f"supplied feature file {tmp_path / 'mine.h5'}")
     ]
 
 

@@ -265,7 +265,7 @@ def test_moving_the_hub_cache_reextracts_nothing(tmp_path, tiny_vits):
     make_hub_cache(tiny_vits["mae"], wd / "resources/hub", "timm/vit_huge_patch14_224.mae")
     generate_stimuli(wd / "resources/stimuli/hubtest", n=12, seed=0)
     paper = yaml.safe_load((wd / "config.yaml").read_text())
-    keep = ("mae-h", "dinov2-g", "clip-h", "bloom-560m", "bloom-1b1")  # only mae-h is extracted
+    keep = ("mae-h", "dinov2-g", "clip-h", "bloomz-560m", "bloomz-1b1")  # only mae-h is extracted
     cfg = {**paper, "dataset": "hubtest", "stimuli": {"source": "local"},
            "models": {k: paper["models"][k] for k in keep}}  # fmt: skip
     target = "results/features/hubtest/mae-h.h5"

@@ -158,7 +158,7 @@ def test_paper_config_schedules_the_controls_in_the_per_llm_jobs(tmp_path):
         assert counts.get(rule) == 1, (rule, counts)
     # no job per pair (48) or per split: every rule runs once, per model or per LLM
     assert max(counts.values()) <= 16, counts
-    for llm in ("llama-65b", "bloom-560m"):
+    for llm in ("llama-65b", "bloomz-560m"):
         assert f"results/alignment/wit1024/heldout_layers/{llm}.tsv" in out
         assert f"results/alignment/wit1024/drop/{llm}.tsv" in out
         assert f"results/alignment/wit1024/heldout/{llm}.tsv" in out

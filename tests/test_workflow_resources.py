@@ -98,7 +98,7 @@ def test_threaded_rules_ask_for_their_threads_as_cpus(paper_project: Path) -> No
     targets = ["results/stimuli/wit1024/images.tsv", "results/properties/wit1024/images.tsv"]
     targets += ["results/dispersion/wit1024/gpa.json", "results/dispersion/wit1024/loo.tsv"]
     targets += ["results/language/wit1024/dispersion.tsv"]
-    targets += ["results/alignment/wit1024/layers/bloom-560m.tsv"]
+    targets += ["results/alignment/wit1024/layers/bloomz-560m.tsv"]
     threads = ["--set-threads", "layer_search=3"]  # before: 3 threads on the profile's 1 CPU
     proc = snakemake(paper_project, "-n", "--forceall", "--cores", "4", *threads, "--", *targets)
     cpus, rule = {}, None
