@@ -64,7 +64,7 @@ def test_bloom_long_caption_is_cut_to_the_default_bound(bloom, captions, caplog,
     assert (
         "1 caption(s) longer than 512 tokens (the model declares no context length" in caplog.text
     )
-    assert f"['stim-long'] (the longest had {len(full)} tokens)" in caplog.text
+    assert f"['stim-long'] (1 in all) (the longest had {len(full)} tokens)" in caplog.text
 
     # the other captions' features are those they get without the long caption
     monkeypatch.setattr(model, "forward", forward)

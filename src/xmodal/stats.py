@@ -224,8 +224,11 @@ class BootstrapPlan:
     """Resamples (with replacement) of one stimulus set, shared by every kernel evaluated on it.
 
     ``weights`` (n_boot, n) are multiplicities of the set's stimuli in ascending stimulus order
-    (``positions`` is kept sorted, so that ties break by stimulus order as everywhere else;
-    the draws are those of ``rng.integers(0, n, (n_boot, n))`` on the positions as given).
+    (``positions`` is kept sorted, so that ties break by stimulus order as everywhere else).
+    The draws ``rng.integers(0, n, (n_boot, n))`` index the sorted positions, so the resamples
+    depend on which stimuli the set holds, not on the order it lists them in (a set listed by
+    dispersion rank would otherwise get other intervals when rounding swaps two near-equal
+    dispersions).
     ``side(kernel)`` or ``side(features=x)`` prepares one kernel restricted to the set,
     ``cknna(side_x, side_y)`` gives the n_boot resampled CKNNA values.
     """
@@ -244,9 +247,8 @@ class BootstrapPlan:
         # multiplicities per resample: counts of (resample, stimulus) over the flat draws
         flat = (draws + n * np.arange(n_boot)[:, None]).ravel()
         weights = np.bincount(flat, minlength=n_boot * n).reshape(n_boot, n).astype(np.float32)
-        order = np.argsort(given, kind="stable")
-        self.positions = torch.from_numpy(given[order])
-        self.weights = torch.from_numpy(np.ascontiguousarray(weights[:, order]))
+        self.positions = torch.from_numpy(np.sort(given, kind="stable"))
+        self.weights = torch.from_numpy(weights)
         self._digest: bytes | None = None
         self._by_stimulus: torch.Tensor | None = None
 
