@@ -225,6 +225,8 @@ def test_stored_sides_are_taken_only_for_the_same_input(tmp_path):
     expected = plan.cknna(built, plan.side(ll))
     assert len(cache) == 1
     stats.save_sides(cache, tmp_path / "sides.pt")
+    stats.save_sides(cache, tmp_path / "again.pt")  # the same sides give the same bytes
+    assert (tmp_path / "sides.pt").read_bytes() == (tmp_path / "again.pt").read_bytes()
     loaded = stats.load_sides(tmp_path / "sides.pt")
     (stored,) = loaded.values()
     assert stored.counts is None  # counts are not stored: recomputed from the lists

@@ -451,8 +451,10 @@ def save_sides(sides: Mapping[str, BootstrapSide], path: str | os.PathLike) -> N
         "format": _SIDE_FORMAT,
         "sides": {key: {f: getattr(side, f) for f in _SIDE_FIELDS} for key, side in sides.items()},
     }
-    with atomic_path(path, suffix=".pt") as tmp:
-        torch.save(payload, tmp)
+    with atomic_path(path, suffix=".pt") as tmp, open(tmp, "wb") as fh:
+        # to an open file: saved to a path, the zip's record names would hold the temporary
+        # file's random name, and equal sides would give files that differ
+        torch.save(payload, fh)
 
 
 def load_sides(path: str | os.PathLike) -> dict[str, BootstrapSide]:
