@@ -57,6 +57,27 @@ def test_batched_equals_one_at_a_time(arch, n_layers, tiny_lms, captions):
         )
 
 
+@pytest.mark.parametrize("batch_size", [1, 3, 32])
+def test_repeated_captions_get_exactly_equal_features(batch_size, tiny_lms, captions):
+    """A caption repeated among others runs once and its rows are copies, at any batch size.
+    Before, each copy ran in its own batch, padded to another width, and the copies differed
+    in their last bits (1.8e-7, reviewer), so batch size changed which stimuli were exact
+    duplicates (the diagnostics' duplicate groups: 32 against 37 in the demo)."""
+    model, tok, _ = load_language_model(str(tiny_lms["llama"]))
+    texts = [captions[0], *captions[1:6], captions[0], captions[7], captions[0], captions[9]]
+    ids = [f"s{i}" for i in range(len(texts))]
+    res = extract_language_features(
+        model, tok, texts, stimulus_ids=ids, batch_size=batch_size, progress=False
+    )
+    for j in (6, 8):
+        np.testing.assert_array_equal(res.features[:, j], res.features[:, 0])
+        assert res.abs_q95[j] == res.abs_q95[0]
+    assert res.info["n_repeated"] == 2 and list(res.n_tokens[[0, 6, 8]]) == [res.n_tokens[0]] * 3
+    np.testing.assert_allclose(
+        res.features[:, 6], _alone(model, tok, texts[0]), rtol=1e-5, atol=1e-5
+    )
+
+
 def test_mean_pool_ignores_padding_even_if_nonfinite():
     h = torch.randn(2, 4, 3, dtype=torch.bfloat16)
     mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]])

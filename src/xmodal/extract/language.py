@@ -461,7 +461,8 @@ def extract_language_features(
     """Mean-pooled hidden states of every layer for every caption: ``(L+1, m, dim)`` float32.
 
     Captions run longest first (out-of-memory shows up at once, and halves the batch) in
-    batches of similar length, right-padded. Each caption is first cut to ``max_tokens`` tokens
+    batches of similar length, right-padded; captions with the same tokens run once and share
+    their features exactly. Each caption is first cut to ``max_tokens`` tokens
     (None: the model's context, or :data:`DEFAULT_MAX_TOKENS` when it declares none), before any
     batch is built; ``info`` records the limit (``max_length``), its source, and the number and
     first ids of truncated captions. ``n_tokens`` holds, per caption, the number of tokens its
@@ -479,7 +480,15 @@ def extract_language_features(
     )
     token_ids, truncated = tok.ids, tok.truncated
     lengths = np.array([len(t) for t in token_ids])
-    order = np.argsort(-lengths, kind="stable")
+    # captions with the same tokens run once and their rows are copies: features of one
+    # caption run in batches padded to different widths differ in their last bits, so repeated
+    # captions would stop being exact duplicates (their neighbours then decided by rounding)
+    copies: dict[tuple[int, ...], list[int]] = {}
+    for i, t in enumerate(token_ids):
+        copies.setdefault(tuple(t), []).append(i)
+    rows_of = {group[0]: group for group in copies.values()}
+    first = np.array(sorted(rows_of), dtype=np.int64)
+    order = first[np.argsort(-lengths[first], kind="stable")]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     input_device = model.get_input_embeddings().weight.device
     n_hidden = hidden_state_count(model)
@@ -523,11 +532,13 @@ def extract_language_features(
                     f"model {model_name}: {len(hidden)} hidden states, expected {n_hidden}"
                 )
             pooled = torch.stack([mean_pool(h, mask).to(input_device) for h in hidden], dim=1)
-            acc.add(pooled, rows)
+            same = [j for j, r in enumerate(rows) for _ in rows_of[r]]
+            targets = np.array([i for r in rows for i in rows_of[r]], dtype=np.int64)
+            acc.add(pooled[torch.as_tensor(same, device=pooled.device)], targets)
             n_padded += len(rows) * width
-            bar.update(len(rows))
+            bar.update(len(targets))
 
-        sizer.run(m, run)
+        sizer.run(len(order), run)
         res = acc.result()
     res.n_tokens = lengths.astype(np.int64)
     res.info.update(
@@ -538,12 +549,15 @@ def extract_language_features(
         max_length_source=tok.limit_source,
         n_truncated=len(truncated),
         truncated_ids=[str(stimulus_ids[i]) for i in truncated[:20]],
-        padding_fraction=round(1 - n_tokens / max(n_padded, 1), 4),
+        padding_fraction=round(1 - int(lengths[order].sum()) / max(n_padded, 1), 4),
     )
+    res.info["n_repeated"] = m - len(order)
     log.info(
-        "%s: %d captions, %d tokens, %.1f%% padding, %d truncated",
+        "%s: %d captions (%d repeat an earlier one's tokens), %d tokens, %.1f%% padding, "
+        "%d truncated",
         model_name,
         m,
+        m - len(order),
         n_tokens,
         100 * res.info["padding_fraction"],
         len(truncated),
