@@ -112,3 +112,35 @@ def test_rows_are_matched_to_the_expected_order_once(tmp_path: Path, caplog) -> 
         with pipeline.open_features(p, IDS, model="a", modality="vision") as f:
             np.testing.assert_array_equal(f.layer(1), x[1])
     assert caplog.text.count("another order") == 1
+
+
+def test_gpa_tables_do_not_depend_on_the_order_of_the_models(tmp_path: Path) -> None:
+    """The GPA is fitted in the order of the models' names and reported in the given order, so
+    listing the models in another order in config.yaml gives the same dispersion, to the bit."""
+    import json
+
+    from _planted import planted_reps
+
+    from xmodal.io import read_table
+
+    reps, _ = planted_reps(np.random.default_rng(5), 30, 10, (14, 18, 22, 12), max_noise=0.6)
+    ids = [f"s{i}" for i in range(30)]
+    names = ["mae", "dino", "clip", "clipft"]
+
+    def run(order: list[int], tag: str):
+        outs = [tmp_path / f"{tag}_{n}" for n in ("res.tsv", "disp.tsv", "gpa.json")]
+        pipeline._gpa_and_dispersion(
+            ids, [names[i] for i in order], [reps[i] for i in order], 1e-10, 1000, *outs, "vision"
+        )
+        res, disp = read_table(outs[0]), read_table(outs[1])
+        return res.sort_values(["stimulus_id", "model"]).reset_index(drop=True), disp, outs[2]
+
+    res_a, disp_a, json_a = run([0, 1, 2, 3], "a")
+    res_b, disp_b, json_b = run([2, 3, 1, 0], "b")
+    import pandas as pd
+
+    pd.testing.assert_frame_equal(res_a, res_b, check_exact=True)
+    pd.testing.assert_frame_equal(disp_a, disp_b, check_exact=True)
+    summary = json.loads(json_b.read_text())
+    assert summary["models"] == ["clip", "clipft", "dino", "mae"]  # as given
+    assert summary["widths"] == [22, 12, 18, 14]

@@ -146,6 +146,13 @@ def leave_one_model_out(
     if len(ids) != m:
         raise ValueError(f"{len(ids)} stimulus ids for {m} stimuli")
 
+    # fits in the order of the names, rows in the given order: the start (the first model's
+    # frame) may pick one of several stationary points, and the config's order must not
+    given = list(names)
+    if len(set(given)) != n_models:
+        raise ValueError(f"model names must be distinct, got {given}")
+    order = sorted(range(n_models), key=lambda i: names[i])
+    reps, names = [reps[i] for i in order], [names[i] for i in order]
     jobs = n_workers(n_models, n_jobs)
     with threadpool_limits(limits=1, user_api="blas"), mapper(jobs) as pmap:
         # One preprocessing (one QR decomposition per model) and, where a fit uses them, one
@@ -214,6 +221,9 @@ def leave_one_model_out(
             pr.statistic,
             sr.statistic,
         )
+    back = [names.index(n) for n in given]  # the rows in the order the models were given
     return LOOResult(
-        models=pd.DataFrame(rows), stimuli=pd.concat(long, ignore_index=True), fits=fits
+        models=pd.DataFrame([rows[k] for k in back]),
+        stimuli=pd.concat([long[k] for k in back], ignore_index=True),
+        fits={n: fits[n] for n in given},
     )

@@ -266,7 +266,14 @@ def _gpa_and_dispersion(
         [r.shape[1] for r in reps],
         n_workers(len(reps)),  # as gpa.gpa chooses them (the job's threads cap it)
     )
-    res = gpa.gpa(reps, tol=tol, max_iter=max_iter)
+    # fitted in the order of the models' names, reported in the given order: where the fit has
+    # several stationary points the start (model 0's frame) picks one, and the config's order of
+    # the models must not (docs/method.md, GPA step 2)
+    order = sorted(range(len(models)), key=lambda i: str(models[i]))
+    back = np.argsort(order)
+    res = gpa.gpa([reps[i] for i in order], tol=tol, max_iter=max_iter)
+    # per-stimulus summaries over the models in that order too (a mean's last bit follows it)
+    table, explained = dispersion.dispersion_table(ids, res.residuals, res.distances)
     log.info(
         "%s GPA: %d iterations, converged=%s, final objective %.6g",
         what,
@@ -274,16 +281,14 @@ def _gpa_and_dispersion(
         res.converged,
         res.objective[-1],
     )
-    R = np.asarray(res.residuals)
     residuals = pd.DataFrame(
         {
             "stimulus_id": np.repeat(ids, len(models)),
             "model": np.tile(list(models), len(ids)),
-            "residual": R.reshape(-1),
-            "distance": np.asarray(res.distances).reshape(-1),
+            "residual": np.asarray(res.residuals)[:, back].reshape(-1),
+            "distance": np.asarray(res.distances)[:, back].reshape(-1),
         }
     )
-    table, explained = dispersion.dispersion_table(ids, R, res.distances)
     # how much of the dispersion is distance from the centre (docs/method.md, "Dispersion and
     # distance from the centre"): rank correlation over stimuli
     # Spearman: Pearson's r of average ranks, as scipy.stats.spearmanr (which pandas' method=
