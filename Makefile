@@ -27,7 +27,10 @@ setup: $(VENV)/.installed
 demo: setup
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/snakemake --profile profiles/demo --cores $(CORES)
 	mkdir -p results/report
-	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/snakemake --profile profiles/demo --report results/report/demo.html
+	# written next to its place and moved there: a report that fails half-way (a full disk)
+	# leaves the previous one whole
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/snakemake --profile profiles/demo --report results/report/.demo.html.tmp.html
+	mv -f results/report/.demo.html.tmp.html results/report/demo.html
 	@echo "Demo finished: figures in results/figures/demo/, report in results/report/demo.html"
 	@echo "NOTE: the demo's models are tiny and trained for a few minutes on synthetic scenes (README, 'The two commands'); its numbers say nothing about real models."
 

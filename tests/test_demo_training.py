@@ -478,3 +478,28 @@ def test_untrained_demo_names_collapsed_models_and_flags_their_values(demo_untra
     dups = read_table(root / f"results/stimuli/{ds}/duplicates.tsv")
     captions = dups[dups["kind"] == "caption"]
     assert {frozenset(g) for _, g in captions.groupby("group")["stimulus_id"]} == expected
+
+
+@pytest.mark.parametrize("modality", ["vision", "language"])
+def test_built_demo_models_are_readable_by_the_group(modality, small_world, tmp_path):
+    """safetensors writes a model's weights 0600 whatever the umask: a group member's
+    re-extraction then failed with "No such file or directory" (reviewer). A built model's
+    files now get the mode the umask gives new files."""
+    import os
+    import stat
+
+    build = {"family": "mae", "seed": 1} if modality == "vision" else {"arch": "bloom", "seed": 1}
+    if modality == "language":
+        build |= {"hidden_size": 16, "n_layers": 1}
+    old = os.umask(0o002)
+    try:
+        build_demo_model(
+            {"modality": modality, "id": "m", "build": build},
+            tmp_path / "m",
+            tokenizer_dir=small_world["tokenizer"],
+        )
+    finally:
+        os.umask(old)
+    files = [p for p in (tmp_path / "m").rglob("*") if p.is_file()]
+    assert any(p.suffix == ".safetensors" for p in files)
+    assert {stat.S_IMODE(p.stat().st_mode) for p in files} == {0o664}

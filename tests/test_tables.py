@@ -127,6 +127,76 @@ def test_read_only_folder_message_as_root_too(
     assert "t.tsv" in msg and "make that folder writable" in msg and ".tmp" not in msg
 
 
+def test_a_read_only_file_system_is_one_clear_error_naming_the_output(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """EROFS (a results folder on a read-only mount) named the hidden temporary file, as a bare
+    OSError; it is now the output's refusal, as a folder without permission is."""
+    import errno
+    import tempfile
+
+    def refuse(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system", kwargs.get("dir"))
+
+    monkeypatch.setattr(tempfile, "mkstemp", refuse)
+    with pytest.raises(UnwritableOutputError, match=r"t\.tsv: it is on a read-only file system"):
+        write_table(pd.DataFrame({"a": [1]}), tmp_path / "t.tsv")
+
+
+def test_a_killed_writes_temporary_file_is_removed_by_the_next_write(tmp_path: Path) -> None:
+    """A job killed (SIGKILL, out of memory) inside atomic_path leaves its hidden temporary
+    file; the next write of that output removes it, and leaves other outputs' alone."""
+    stale = tmp_path / ".grid.tsv.abc123.tmp.tsv"
+    stale.write_text("half")
+    other = tmp_path / ".contrasts.tsv.def456.tmp.tsv"
+    other.write_text("half")
+    write_table(pd.DataFrame({"a": [1]}), tmp_path / "grid.tsv")
+    assert not stale.exists() and other.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [other.name, "grid.tsv"]
+
+
+def test_sigterm_removes_the_unfinished_outputs_temporary_file(tmp_path: Path) -> None:
+    """SLURM's time limit and scancel send SIGTERM: a step script (log_to first) exits 143 and
+    its unfinished output's temporary file is removed, as on an error; before, it stayed."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = tmp_path / "step.py"
+    script.write_text(
+        "import sys, time\n"
+        f"sys.path.insert(0, {str(Path(pipeline.__file__).parents[1])!r})\n"
+        "from xmodal.logs import log_to\n"
+        f"log_to({str(tmp_path / 'step.log')!r})\n"
+        "from xmodal.io import atomic_path\n"
+        f"with atomic_path({str(tmp_path / 'out.tsv')!r}) as tmp:\n"
+        "    tmp.write_text('partial')\n"
+        "    print('writing', flush=True)\n"
+        "    time.sleep(60)\n"
+    )
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "writing"
+    assert len(list(tmp_path.glob(".out.tsv.*.tmp.tsv"))) == 1
+    proc.send_signal(signal.SIGTERM)
+    t0 = time.monotonic()
+    assert proc.wait(timeout=30) == 143 and time.monotonic() - t0 < 30
+    assert not list(tmp_path.glob(".out.tsv.*")) and not (tmp_path / "out.tsv").exists()
+    assert "terminated (SIGTERM" in (tmp_path / "step.log").read_text()
+
+
+def test_an_outputs_data_reach_the_disk_before_it_is_renamed_into_place(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After a node crash a renamed file can be empty unless its data were flushed first."""
+    events: list[str] = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: events.append("fsync") or real_fsync(fd))
+    monkeypatch.setattr(os, "replace", lambda a, b: events.append("replace") or real_replace(a, b))
+    write_table(pd.DataFrame({"a": [1]}), tmp_path / "t.tsv")
+    assert events == ["fsync", "replace", "fsync"]  # the file, the rename, the folder's entry
+
+
 # ---------------------------------------------------------------- ids through every pipeline table
 
 

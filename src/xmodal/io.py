@@ -33,6 +33,7 @@ __all__ = [
     "TableError",
     "UnwritableOutputError",
     "atomic_path",
+    "chmod_like_new",
     "directory_digest",
     "file_digests",
     "is_disk_full",
@@ -102,10 +103,13 @@ def _temporary_next_to(final: Path, suffix: str | None) -> Path:
             suffix=f".tmp{final.suffix if suffix is None else suffix}",
             dir=final.parent,
         )
-    except PermissionError as err:
+    except OSError as err:
+        if not isinstance(err, PermissionError) and err.errno != errno.EROFS:
+            raise
+        why = "it is on a read-only file system" if err.errno == errno.EROFS else "no permission"
         raise UnwritableOutputError(
             err.errno,
-            f"cannot write {final}: no permission to create files in {final.parent} "
+            f"cannot write {final}: {why} to create files in {final.parent} "
             f"({err.strerror}); make that folder writable (chmod u+w) or run where you can write",
         ) from None
     os.close(fd)
@@ -127,15 +131,20 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
     """Yield a temporary path next to ``path``; rename it onto ``path`` only on success.
 
     A crash, an exception or a kill inside the block never leaves a file at ``path``: the
-    temporary file (hidden, same directory so the rename is atomic) is removed on error. Running
-    out of disk space is re-raised as :class:`DiskFullError` naming ``path`` and what to do.
+    temporary file (hidden, same directory so the rename is atomic) is removed on error, and one
+    that a killed earlier write of ``path`` left is removed first. The file's data reach the
+    disk before the rename. Running out of disk space is re-raised as :class:`DiskFullError`
+    naming ``path`` and what to do.
     """
     final = Path(path)
+    remove_stale_temporaries(final, suffix)  # a killed earlier write's
     tmp = _temporary_next_to(final, suffix)
     try:
         yield tmp
         _chmod_like_new_file(tmp)
+        _fsync(tmp)  # on disk before the rename: a node that crashes leaves no empty result
         os.replace(tmp, final)
+        _fsync(final.parent)
     except BaseException as err:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
@@ -166,6 +175,22 @@ def scratch_path(path: str | os.PathLike, suffix: str) -> Iterator[Path]:
             tmp.unlink()
 
 
+def _fsync(path: Path) -> None:
+    """Flush ``path`` (a file, or a folder's entries) to disk; a file system that cannot is
+    left as it is."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError as err:
+        if is_disk_full(err):
+            raise
+    finally:
+        os.close(fd)
+
+
 def _umask() -> int:
     """The process umask (read without changing it where Linux allows)."""
     try:
@@ -178,6 +203,15 @@ def _umask() -> int:
     mask = os.umask(0o022)  # POSIX has no read-only query; restore at once
     os.umask(mask)
     return mask
+
+
+def chmod_like_new(path: str | os.PathLike) -> None:
+    """Give ``path``, and everything under it if it is a folder, the modes the umask gives new
+    files and folders (for files written by libraries that create them 0600, e.g. safetensors)."""
+    root = Path(path)
+    for p in [root, *(root.rglob("*") if root.is_dir() else ())]:
+        if not p.is_symlink():
+            _chmod_like_new_file(p)
 
 
 def _chmod_like_new_file(path: Path) -> None:

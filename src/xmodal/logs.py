@@ -11,7 +11,9 @@ from __future__ import annotations
 import logging
 import os
 import re
+import signal
 import sys
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from types import TracebackType
@@ -88,7 +90,25 @@ def log_to(path: str | os.PathLike | None, level: int = logging.INFO) -> logging
             root.error("%s: %s", kind.__name__, err, exc_info=(kind, err, tb))
 
     sys.excepthook = _hook
+    _exit_on_sigterm(root)
     return root
+
+
+def _exit_on_sigterm(log: logging.Logger) -> None:
+    """SIGTERM (SLURM's time limit, ``scancel``, Snakemake stopping a job) raises SystemExit,
+    so that cleanup runs as on an error: temporary files of unfinished outputs are removed
+    (``xmodal.io.atomic_path``) instead of staying next to them. A handler set by someone else
+    is kept."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        return
+
+    def stop(signum: int, frame: object) -> None:
+        log.error("terminated (SIGTERM: a time limit, scancel or snakemake stopping the job)")
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
 
 
 class _Forward(logging.Handler):

@@ -86,8 +86,24 @@ def build_demo_model(
     """Build the model ``entry['build']`` describes into ``out_dir``; train it if it says so.
 
     ``scenes_path`` is the file of :func:`xmodal.demo.stimuli.generate_training_scenes`, needed
-    with ``train``; ``init_dir`` the built model that ``init`` names.
+    with ``train``; ``init_dir`` the built model that ``init`` names. Its files get the modes
+    the umask gives new files (safetensors writes its weights 0600, unreadable by the group).
     """
+    from xmodal.io import chmod_like_new
+
+    out = _build(entry, out_dir, tokenizer_dir, scenes_path=scenes_path, init_dir=init_dir)
+    chmod_like_new(out)
+    return out
+
+
+def _build(
+    entry: Mapping[str, Any],
+    out_dir: str | Path,
+    tokenizer_dir: str | Path | None,
+    *,
+    scenes_path: str | Path | None,
+    init_dir: str | Path | None,
+) -> Path:
     from xmodal.demo import models
 
     spec = dict(entry.get("build") or {})
@@ -119,8 +135,10 @@ def build_demo_model(
     kwargs = {k: int(spec[k]) for k in ("hidden_size", "n_layers") if k in spec}
     arch = spec.get("arch", "bloom")
     if train is None:
-        return models.build_tiny_lm(
-            out_dir, arch=arch, tokenizer_dir=tokenizer_dir, seed=seed, **kwargs
+        return Path(
+            models.build_tiny_lm(
+                out_dir, arch=arch, tokenizer_dir=tokenizer_dir, seed=seed, **kwargs
+            )
         )
     from xmodal.demo.stimuli import load_training_scenes
     from xmodal.demo.train import TrainSettings, train_language_model
