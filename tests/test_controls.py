@@ -125,7 +125,7 @@ def test_heldout_low_and_high_sets_are_disjoint_when_set_size_is_half_of_m(m):
     assert k_set % 2 == 1
     rng = np.random.default_rng(0)
     ids = _ids(m)
-    sets = sel.heldout_sets(ids, rng.random(m), rng.standard_normal(m), k_set, 2, 3, 0, 3)
+    sets = sel.heldout_sets(ids, rng.random(m), rng.standard_normal(m), k_set, 2, 3, 0, 2)
     n_b = m - m // 2
     assert sel.heldout_set_size(k_set, m) == n_b // 2
     for (_, summary), part in sets[sets["set"] != "random"].groupby(["split", "summary"]):
@@ -556,3 +556,23 @@ def test_pipeline_refuses_heldout_sets_that_touch_half_a():
                           "llm_layer": [1, 2]})  # fmt: skip
     with pytest.raises(ValueError, match="more than one held-out layer"):
         heldout_choices(table, "heldout_layers.tsv")
+
+
+def test_sets_with_neighbours_over_half_of_them_are_refused_before_any_job():
+    """k above half a scored set's size: CKNNA's neighbour sets cover most of the set and its
+    values left [−1, 1] (reviewer: 100 stimuli, set_size 25, the default knn_k 10 and the
+    held-out layer on gave sets of 13 and 236 of 480 'low' values above 1, exit 0). Every
+    scored set must hold at least max(4, 2k): the main sets, the held-out sets, the drop sets."""
+    from xmodal.config import ConfigError, check_against_stimuli, min_set_size
+
+    assert [min_set_size(k) for k in (1, 2, 3, 10)] == [4, 4, 6, 20]
+    ana = {"set_size": 25, "knn_k": 10, "drop_fraction": 0.25, "heldout_layer": {"enabled": True}}
+    with pytest.raises(ConfigError, match=r"half B of the 100 stimuli would hold 13.*knn_k"):
+        check_against_stimuli({"analysis": ana}, 100)
+    check_against_stimuli({"analysis": {**ana, "heldout_layer": {"enabled": False}}}, 100)
+    check_against_stimuli({"analysis": {**ana, "set_size": 40}}, 100)  # half-B sets of 20
+    with pytest.raises(ConfigError, match=r"'analysis.knn_k' \(10\) is more than half"):
+        check_against_stimuli({"analysis": {**ana, "set_size": 19}}, 100)
+    with pytest.raises(ConfigError, match=r"drop_fraction.*keeps 10.*max\(4, 2 × knn_k\) = 12"):
+        check_against_stimuli({"analysis": {**ana, "set_size": 12, "knn_k": 6,
+                                            "drop_fraction": 0.75}}, 38)  # fmt: skip

@@ -87,6 +87,10 @@ def _k_ge_set_size(cfg: dict) -> None:
     cfg["analysis"]["knn_k"] = cfg["analysis"]["set_size"]
 
 
+def _few_resamples(cfg: dict) -> None:
+    cfg["analysis"]["n_boot"] = 3
+
+
 def _tiny_set_size(cfg: dict) -> None:
     cfg["analysis"].update(set_size=3, knn_k=2)
 
@@ -146,7 +150,9 @@ CONFIG_CASES: dict[str, tuple[Callable[[dict], None], str]] = {
     ),
     # xmodal.config.check_config, through a WorkflowError: one message
     "fewer_than_3_vision": (_two_vision, r"'models': GPA .* at least 3 vision models, found 2"),
-    "k_ge_set_size": (_k_ge_set_size, r"'analysis.knn_k' \(\d+\) must be smaller than"),
+    "k_ge_set_size": (_k_ge_set_size, r"'analysis.knn_k' \(\d+\) is more than half of"),
+    # 3 resamples made "intervals above 0" in 10 of 12 pairs where 200 made none
+    "n_boot_3": (_few_resamples, r"'analysis.n_boot' \(3\) is too few resamples .* at least 100"),
     # at start-up, not after extraction (the unbiased HSIC needs 4 stimuli per set)
     "set_size_3": (_tiny_set_size, r"'analysis.set_size' \(3\) is too small: .* at least 4"),
     # xmodal.registry: the model no node's GPUs can hold, and a local directory that is not there

@@ -6,11 +6,11 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
-from matplotlib.container import BarContainer, ErrorbarContainer
+from matplotlib.container import BarContainer
 
 from xmodal.figures import render_figure
 from xmodal.figures.synthetic import synthetic_inputs
-from xmodal.io import read_table
+from xmodal.io import read_table, write_table
 
 
 @pytest.fixture(scope="module")
@@ -75,9 +75,10 @@ def test_properties_figure(inputs):
     corr["model"] = corr["model"].fillna("")
     edge = corr[(corr["property"] == "edge_density") & (corr["summary"] == "mean")].iloc[0]
     row = labels.index("edge density")
-    bars = [c for c in ax_mean.containers if isinstance(c, ErrorbarContainer)]
-    points = {int(round(b.lines[0].get_ydata()[0])): b.lines[0].get_xdata()[0] for b in bars}
+    points = {int(round(ln.get_ydata()[0])): ln.get_xdata()[0] for ln in _marks(ax_mean, "o")}
     assert points[row] == pytest.approx(edge.spearman_rho)
+    ends = {int(round(ln.get_ydata()[0])): list(ln.get_xdata()) for ln in _marks(ax_mean, "|")}
+    assert ends[row] == pytest.approx([edge.ci_low, edge.ci_high])
     # undefined correlations (constant size and aspect) are stated, not drawn as numbers
     assert "n/a: constant property" in _texts(ax_mean)
     assert row not in {
@@ -87,6 +88,25 @@ def test_properties_figure(inputs):
     assert scatters[5].texts[0].get_text() == f"ρ = {edge.spearman_rho:.2f}"
     assert "Spearman ρ with mean dispersion" in ax_mean.get_xlabel()
     assert "PC1" in ax_pc1.get_xlabel()
+
+
+def _marks(ax, marker: str) -> list:
+    return [ln for ln in ax.get_lines() if ln.get_marker() == marker]
+
+
+def test_properties_interval_that_misses_its_estimate_is_drawn(inputs, tmp_path):
+    """A percentile interval need not hold the estimate (a skewed bootstrap; n_boot 1 made one
+    at [0.040, 0.040] around −0.005): the figure job crashed in matplotlib ('xerr' must not
+    contain negative values). It is drawn as its two ends."""
+    corr = read_table(inputs["property_correlations"])
+    i = corr.index[np.isfinite(corr["spearman_rho"])][0]
+    rho = corr.loc[i, "spearman_rho"]
+    corr.loc[i, ["ci_low", "ci_high"]] = rho + 0.05, rho + 0.1
+    path = tmp_path / "correlations.tsv"
+    write_table(corr, path)
+    fig = render_figure("properties", {**inputs, "property_correlations": path})
+    drawn = [list(ln.get_xdata()) for ax in fig.axes[:2] for ln in _marks(ax, "|")]
+    assert [pytest.approx(rho + 0.05), pytest.approx(rho + 0.1)] in drawn
 
 
 def test_properties_figure_without_models_table(inputs, tmp_path):

@@ -293,7 +293,7 @@ def test_joint_sets_sizes_and_membership(m, corr, set_size, seed, ties):
                 for j in sel
             }
     n = min(set_size, *(len(x) for x in members.values()))
-    if n < 11:  # knn_k = 10
+    if n < 20:  # knn_k = 10: a set needs at least 2k stimuli (xmodal.config.min_set_size)
         with pytest.raises(ConfigError, match="analysis.knn_k"):
             joint_sets(vision, language, set_size, 5, 10, seed)
         return

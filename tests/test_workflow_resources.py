@@ -90,6 +90,44 @@ def test_model_no_node_can_hold_fails_at_start_up(paper_project: Path) -> None:
     assert "Traceback" not in out, out
 
 
+def test_the_same_model_under_two_keys_fails_at_start_up(paper_project: Path) -> None:
+    """It would count twice in GPA and leave-one-model-out (a warning before, exit code 0)."""
+    cfg = copy.deepcopy(PAPER)
+    cfg["models"]["mae-again"] = dict(cfg["models"]["mae-h"], label="MAE again")
+    (paper_project / "config/twice.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    proc = snakemake(
+        paper_project, "-n", "--cores", "1", "--configfile", "config/twice.yaml", check=False
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "Traceback" not in out, out
+    assert "models 'mae-h' and 'mae-again' are the same model" in out, out
+    assert "count twice in their modality's GPA" in out and "config key 'models'" in out, out
+
+
+def test_set_sizes_that_do_not_fit_the_stimuli_fail_at_start_up(paper_project: Path) -> None:
+    """With a manifest on disk, set sizes are checked against its rows before any job: before,
+    stimulus_sets refused them after every extraction (the GPU jobs). 1024 stimuli, the
+    held-out layer on, set_size 30 and knn_k 10: sets of 15 inside half B, fewer than 2k."""
+    manifest = paper_project / "resources/stimuli/wit1024/stimuli.tsv"
+    manifest.parent.mkdir(parents=True, exist_ok=True)
+    rows = "".join(f"s{i}\timages/{i}.png\tcaption {i}\n" for i in range(1024))
+    manifest.write_text("stimulus_id\timage\tcaption\n" + rows)
+    cfg = copy.deepcopy(PAPER)
+    cfg["analysis"]["set_size"] = 30
+    (paper_project / "config/small_sets.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    try:
+        proc = snakemake(
+            paper_project, "-n", "--cores", "1", "--configfile", "config/small_sets.yaml",
+            check=False,
+        )  # fmt: skip
+    finally:
+        manifest.unlink()
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "Traceback" not in out, out
+    assert "for 1024 stimuli: analysis.heldout_layer: the sets inside half B" in out, out
+    assert "would hold 15" in out and "2 × analysis.knn_k) = 20" in out, out
+
+
 def test_threaded_rules_ask_for_their_threads_as_cpus(paper_project: Path) -> None:
     """The rules that decode images on 2 threads ask SLURM for 2 CPUs (before: the profile's
     default of 1 CPU, so their second thread shared the first one's core); so do the GPA and

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from xmodal.config import MIN_SET_SIZE, ConfigError
+from xmodal.config import ConfigError, min_set_size
 from xmodal.io import read_table
 
 log = logging.getLogger(__name__)
@@ -320,13 +320,18 @@ def joint_sets(
         ", ".join(f"{s}/{c}: {k}" for (s, c), k in sizes.items()),
         n,
     )
-    if n < max(MIN_SET_SIZE, int(knn_k) + 1):
+    if n < min_set_size(knn_k):
         small = min(sizes, key=sizes.get)
+        why = (
+            "vision and language dispersion are strongly related"
+            if sizes[small] < m / 8
+            else f"cells of a quarter of {m} stimuli"
+        )
         raise ConfigError(
             f"the 2 x 2 sets hold only n = {n} stimuli each (cell {small[1]} by {small[0]} "
-            f"dispersion has {sizes[small]} of {m}: vision and language dispersion are strongly "
-            f"related), too few for CKNNA with k = {knn_k} (config key 'analysis.knn_k'); lower "
-            "knn_k, use more stimuli, or set analysis.language_dispersion.enabled to false"
+            f"dispersion has {sizes[small]} of {m}: {why}), fewer than max(4, 2 × k) = "
+            f"{min_set_size(knn_k)} for CKNNA with k = {knn_k} (config key 'analysis.knn_k'); "
+            "lower knn_k, use more stimuli, or set analysis.language_dispersion.enabled to false"
         )
     if n < set_size:
         log.info("2 x 2 sets are smaller than analysis.set_size = %d: n = %d", set_size, n)

@@ -315,17 +315,21 @@ def heldout_sets(
     (:func:`split_halves`): low / high = the first / last K_B of a stable ascending sort of the
     summary restricted to B (ties by manifest order), K_B = :func:`heldout_set_size`; random =
     ``n_random`` sets of K_B drawn from B by :func:`random_sets` with seed ``[seed, 13, s]``
-    (indices into B's sorted positions). K_B < max(4, knn_k + 1) is an error naming the keys.
+    (indices into B's sorted positions). K_B < max(4, 2 × knn_k) (:func:`xmodal.config.
+    min_set_size`) is an error naming the keys.
     """
+    from xmodal.config import min_set_size
+
     ids, mean_s, pc1_s = _ids_and_scores(stimulus_ids, mean_scores, pc1_scores)
     m = ids.size
     k_b = heldout_set_size(set_size, m)
-    need = max(4, int(knn_k) + 1)
+    need = min_set_size(knn_k)
     if k_b < need:
         raise ValueError(
             f"held-out layer choice: the sets inside half B would hold {k_b} stimuli "
-            f"(analysis.set_size {set_size} × {m - m // 2}/{m}), fewer than max(4, knn_k + 1) = "
-            f"{need}; raise analysis.set_size or turn off analysis.heldout_layer"
+            f"(analysis.set_size {set_size} × {m - m // 2}/{m}), fewer than max(4, 2 × knn_k) = "
+            f"{need}; raise analysis.set_size, lower analysis.knn_k or turn off "
+            "analysis.heldout_layer"
         )
     if n_random < 0:
         raise ValueError(f"n_random must be ≥ 0, got {n_random}")

@@ -19,6 +19,7 @@ if _SRC not in sys.path:
 from xmodal.config import (
     PREFETCH_RECORDS,
     ConfigError,
+    check_against_stimuli,
     check_config,
     load_config_file,
     normalise_integers,
@@ -93,11 +94,17 @@ except ConfigError as err:
         f"Invalid configuration in {', '.join(_CONFIG_FILES)}: {err}"
     ) from None
 
-for _first, _second, _what in REGISTRY.duplicate_ids():
-    logger.warning(
-        f"models '{_first}' and '{_second}' are the same model ({_what}): their features "
-        "will be identical and count twice in their modality's GPA (and, for vision models, "
-        "in leave-one-model-out); remove one of them"
+# the same model twice would count twice in its modality's GPA and leave-one-model-out: the
+# dispersion of a stimulus would weigh that model double, with exit code 0 (a warning before)
+_DUPLICATES = [
+    f"models '{first}' and '{second}' are the same model ({what})"
+    for first, second, what in REGISTRY.duplicate_ids()
+]
+if _DUPLICATES:
+    raise WorkflowError(
+        f"Invalid configuration in {', '.join(_CONFIG_FILES)}: {'; '.join(_DUPLICATES)}: their"
+        " features would be identical and count twice in their modality's GPA (and, for vision"
+        " models, in leave-one-model-out); remove one of them under config key 'models'"
     )
 
 DATASET = config["dataset"]
@@ -464,6 +471,33 @@ def update_manifest_stamps():
 
 
 update_manifest_stamps()
+
+
+def check_set_sizes():
+    """Refuse set sizes that do not fit the stimuli before any job runs: the demo's stimuli.n,
+    or the rows of an existing manifest (an upper bound when stimuli.drop_duplicates removes
+    some, so a refusal here is never wrong). Before, stimulus_sets refused them after every
+    extraction (xmodal.config.check_against_stimuli)."""
+    if not workflow.is_main_process:
+        return
+    if config["stimuli"]["source"] == "demo":
+        n = int(config["stimuli"]["n"])
+    elif Path(MANIFEST).is_file():
+        try:
+            n = len(read_manifest(MANIFEST, check_images=False))
+        except StimulusError:  # the jobs that read the manifest report it
+            return
+    else:
+        return
+    try:
+        check_against_stimuli(config, n)
+    except ConfigError as err:
+        raise WorkflowError(
+            f"Invalid configuration in {', '.join(_CONFIG_FILES)} for {n} stimuli: {err}"
+        ) from None
+
+
+check_set_sizes()
 
 
 def check_feature_files():

@@ -239,12 +239,12 @@ def _forest(ax: Axes, corr: pd.DataFrame, rows: list[tuple[str, str]], summary: 
             continue
         r = sub.loc[key]
         if np.isfinite(r["spearman_rho"]):
-            ok = np.isfinite(r["ci_low"]) and np.isfinite(r["ci_high"])
-            err = [[r["spearman_rho"] - r["ci_low"]], [r["ci_high"] - r["spearman_rho"]]]
-            ax.errorbar(
-                r["spearman_rho"], i, xerr=err if ok else None, fmt="o", ms=4,
-                color=COLORS["point"], ecolor=COLORS["point"], capsize=2, lw=1,
-            )  # fmt: skip
+            if np.isfinite(r["ci_low"]) and np.isfinite(r["ci_high"]):
+                # the interval as its two ends: a percentile interval need not hold the estimate
+                # (a skewed bootstrap), and errorbar refuses the negative lengths that gives
+                ax.plot([r["ci_low"], r["ci_high"]], [i, i], color=COLORS["point"], lw=1,
+                        marker="|", ms=5)  # fmt: skip
+            ax.plot(r["spearman_rho"], i, "o", ms=4, color=COLORS["point"])
         else:
             ax.text(0, i, f"n/a: {r['reason'] or 'undefined'}", ha="center", va="center",
                     fontsize=6.5, color="#777777")  # fmt: skip
