@@ -91,6 +91,18 @@ def _few_resamples(cfg: dict) -> None:
     cfg["analysis"]["n_boot"] = 3
 
 
+def _tol_as_text(cfg: dict) -> None:
+    cfg["analysis"]["gpa"]["tol"] = "1e-10"  # what YAML 1.1 makes of an unquoted 1e-10
+
+
+def _negative_seed(cfg: dict) -> None:
+    cfg["analysis"]["seed"] = -1  # used to fail mid-run in numpy, naming no key
+
+
+def _tol_one(cfg: dict) -> None:
+    cfg["analysis"]["gpa"]["tol"] = 1.0  # "converged" after one iteration
+
+
 def _tiny_set_size(cfg: dict) -> None:
     cfg["analysis"].update(set_size=3, knn_k=2)
 
@@ -151,6 +163,13 @@ CONFIG_CASES: dict[str, tuple[Callable[[dict], None], str]] = {
     # xmodal.config.check_config, through a WorkflowError: one message
     "fewer_than_3_vision": (_two_vision, r"'models': GPA .* at least 3 vision models, found 2"),
     "k_ge_set_size": (_k_ge_set_size, r"'analysis.knn_k' \(\d+\) is more than half of"),
+    "tol_as_text": (
+        _tol_as_text,
+        r"'analysis.gpa.tol': '1e-10' is not of type 'number' "
+        r"\(YAML 1.1 reads 1e-10 as text: .*1.0e-10",
+    ),
+    "negative_seed": (_negative_seed, r"'analysis.seed': -1 is less than the minimum of 0"),
+    "tol_one": (_tol_one, r"'analysis.gpa.tol': 1.0 is greater than or equal to the maximum"),
     # 3 resamples made "intervals above 0" in 10 of 12 pairs where 200 made none
     "n_boot_3": (_few_resamples, r"'analysis.n_boot' \(3\) is too few resamples .* at least 100"),
     # at start-up, not after extraction (the unbiased HSIC needs 4 stimuli per set)

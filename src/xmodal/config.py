@@ -294,5 +294,11 @@ def schema_errors(
                     f" (YAML read the value as a {kind}: unquoted 012 is the octal number 10, "
                     "1.0 a number, true/false booleans; put it in quotes)"
                 )
+        elif err.validator == "type" and isinstance(err.instance, str):
+            if re.fullmatch(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+", err.instance.strip()):
+                hint = (
+                    f" (YAML 1.1 reads {err.instance} as text: write the number with a decimal "
+                    "point and a signed exponent, e.g. 1.0e-10, or in full)"
+                )
         lines.append(f"Invalid configuration in {source}: key '{key}': {err.message}{hint}")
     return lines
