@@ -47,8 +47,9 @@ def _small_config() -> dict:
         del cfg["models"][key]
     for entry in cfg["models"].values():  # untrained stand-ins: training adds nothing here
         entry["build"] = {k: v for k, v in entry["build"].items() if k not in ("train", "init")}
-    cfg["analysis"].update(set_size=16, n_random=3, n_boot=100)
-    # sets of 16 of 64 leave 8 per half: too few for the held-out layer choice with k = 10
+    # sets of at least 2k stimuli (xmodal.config.min_set_size): k = 5 for sets of 16
+    cfg["analysis"].update(set_size=16, knn_k=5, n_random=3, n_boot=100)
+    # sets of 16 of 64 leave 8 per half: too few for the held-out layer choice with k = 5
     cfg["analysis"]["heldout_layer"] = {"enabled": False}
     return cfg
 
@@ -145,6 +146,22 @@ def test_second_run_in_the_same_directory_gets_snakemakes_lock_message(project: 
     assert "Directory cannot be locked" in out and "--unlock" in out, out
     assert "Traceback" not in out, out
     assert first.returncode == 0, log.read_text()[-4000:]
+
+
+def test_report_refuses_outputs_an_interrupted_run_left_incomplete(project: Path) -> None:
+    """A run killed with SIGKILL leaves outputs Snakemake marks incomplete (it redoes them
+    next time); --report used to show them as results, with exit code 0."""
+    from base64 import urlsafe_b64encode
+
+    out = TARGETS[0]
+    marker = project / ".snakemake/incomplete" / urlsafe_b64encode(out.encode()).decode()
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text("{}")
+    args = ["--configfile", CONFIG, "--report", "report.html"]
+    proc = snakemake(project, *args, check=False)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and not (project / "report.html").exists(), text
+    assert f"1 output(s) are marked incomplete by an interrupted run ({out})" in text, text
 
 
 def test_job_failing_for_good_stops_only_its_dependants(project: Path) -> None:

@@ -407,6 +407,41 @@ def _command_line():
         return None
 
 
+def check_report_inputs():
+    """Refuse --report while outputs are marked incomplete: a run killed with SIGKILL leaves
+    files Snakemake will redo, and --report showed them as results (the interruption review).
+    Snakemake's file persistence marks them in .snakemake/incomplete/, one file each, named by
+    the output's path in URL-safe base64 (split into '@'-prefixed folders when long)."""
+    args = _command_line()
+    if (
+        args is None
+        or not getattr(args, "report", None)
+        or not workflow.is_main_process
+    ):
+        return
+    from base64 import urlsafe_b64decode
+
+    root = Path(".snakemake") / "incomplete"
+    marked = []
+    for path in sorted(root.rglob("*")) if root.is_dir() else ():
+        if path.is_file() and path.name != "migration_underway":
+            name = "".join(part.lstrip("@") for part in path.relative_to(root).parts)
+            try:
+                marked.append(urlsafe_b64decode(name).decode())
+            except ValueError:
+                marked.append(str(path))
+    if marked:
+        shown = ", ".join(marked[:5]) + (" ..." if len(marked) > 5 else "")
+        raise WorkflowError(
+            f"--report: {len(marked)} output(s) are marked incomplete by an interrupted run"
+            f" ({shown}); run the workflow first (the profiles' --rerun-incomplete redoes"
+            " them), then make the report"
+        )
+
+
+check_report_inputs()
+
+
 def check_manifest_settings():
     """Stop a run that would make the manifest again from other settings (config stimuli.*)
     together with the rest: Snakemake 9 does not rerun a job downstream of a rerunning job
