@@ -297,3 +297,18 @@ def test_build_settings_in_another_key_order_are_the_same_job_param() -> None:
                for k, e in flipped["models"].items() if "build" in e)  # fmt: skip
     for key in a:
         assert repr(a[key].feature_spec()) == repr(b[key].feature_spec()), key
+
+
+@pytest.mark.parametrize(
+    "key, extra, named",
+    [
+        ("tiny-mae", {"arch": "bloom", "hidden_size": 48}, "arch, hidden_size describe a language"),
+        ("tiny-bloom-s", {"family": "mae", "depth": 3}, "depth, family describe a vision"),
+    ],
+)
+def test_a_demo_build_with_the_other_modalitys_keys_is_refused(key, extra, named) -> None:
+    """They were ignored: a vision model with arch: bloom became a default MAE ViT (reviewer)."""
+    demo = yaml.safe_load((ROOT / "config" / "demo.yaml").read_text())
+    demo["models"][key]["build"].update(extra)
+    with pytest.raises(ConfigError, match=rf"'models\.{key}\.build': {named}"):
+        Registry.from_config(demo)

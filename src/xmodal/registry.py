@@ -151,6 +151,13 @@ class Site:
         return cls(**values)
 
 
+#: demo build keys that only the other modality's builder reads (xmodal.demo.build)
+_BUILD_KEYS_OF_OTHER = {
+    "vision": frozenset({"arch", "hidden_size", "n_layers"}),
+    "language": frozenset({"family", "embed_dim", "depth", "init"}),
+}
+
+
 @dataclass(frozen=True)
 class ModelEntry:
     """Everything about one model, resolved: identity, source, files, features, resources, display."""
@@ -313,6 +320,16 @@ class Registry(Mapping[str, ModelEntry]):
                 source = "supplied"
             elif build is not None:
                 source = "built"
+                # the other modality's keys would be ignored: a vision model with arch: bloom
+                # became a default MAE ViT
+                wrong = sorted(set(build) & _BUILD_KEYS_OF_OTHER[modality])
+                if wrong:
+                    raise ConfigError(
+                        f"config key 'models.{key}.build': {', '.join(wrong)} describe a "
+                        f"{'language' if modality == 'vision' else 'vision'} model, and this one "
+                        f"is a {modality} model (modality: {modality}); remove them or fix the "
+                        "modality"
+                    )
             elif (base / model_id).expanduser().is_dir():
                 source = "local"
             elif _looks_like_path(model_id):
