@@ -671,3 +671,40 @@ def test_sigkill_mid_write_leaves_no_file_and_the_rerun_cleans_up(tmp_path: Path
     assert sorted(p.name for p in tmp_path.iterdir()) == ["marker", "x.h5"]
     with FeatureFile(out) as ff:
         ff.validate(ids)
+
+
+def test_a_feature_file_on_a_full_disk_is_one_message_and_exit_code_1(tmp_path: Path) -> None:
+    """HDF5 closing a file whose last write failed crashed the interpreter's teardown: the step
+    exited 139 (segfault) after its DiskFullError, with HDF5's noise below it (reviewer). Run on
+    a 400 KiB tmpfs, so root only."""
+    import subprocess
+    import sys
+
+    import xmodal
+
+    small = tmp_path / "small"
+    small.mkdir()
+    if (
+        os.geteuid() != 0
+        or subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=400k", "tmpfs", str(small)], capture_output=True
+        ).returncode
+    ):
+        pytest.skip("needs root and tmpfs to fill a disk")
+    try:
+        script = tmp_path / "job.py"
+        script.write_text(
+            f"import sys; sys.path.insert(0, {str(Path(xmodal.__file__).parents[1])!r})\n"
+            f"from xmodal.logs import log_to; log_to({str(tmp_path / 'job.log')!r})\n"
+            "import numpy as np\nfrom xmodal.features import write_features\n"
+            "x = np.random.default_rng(0).random((4, 480, 200)).astype('float32')\n"
+            f"write_features({str(small / 'f.h5')!r}, x, [f's{{i}}' for i in range(480)], "
+            "[f'l{i}' for i in range(4)], {'model_key': 'x', 'modality': 'vision'})\n"
+        )
+        proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True)
+        assert proc.returncode == 1, proc.stderr[-2000:]
+        log = (tmp_path / "job.log").read_text()
+        assert f"DiskFullError: [Errno 28] disk full while writing {small / 'f.h5'}" in log
+        assert not list(small.iterdir())  # no partial file, no temporary
+    finally:
+        subprocess.run(["umount", str(small)], check=False)

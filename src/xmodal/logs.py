@@ -8,6 +8,7 @@ traceback. ``XMODAL_TRACEBACK=1`` keeps the traceback for xmodal errors too.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import re
@@ -88,6 +89,13 @@ def log_to(path: str | os.PathLike | None, level: int = logging.INFO) -> logging
             root.error("%s: %s", kind.__name__, err)
         else:
             root.error("%s: %s", kind.__name__, err, exc_info=(kind, err, tb))
+        if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+            # a full disk: the message is out and the partial file removed; the interpreter's
+            # teardown would close HDF5 files whose last write failed, and HDF5 then crashes
+            # (exit 139 after the message)
+            for h in root.handlers:
+                h.flush()
+            os._exit(1)
 
     sys.excepthook = _hook
     _exit_on_sigterm(root)
