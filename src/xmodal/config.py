@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -186,6 +187,17 @@ def check_config(config: Mapping[str, Any]) -> None:
         )
 
 
+def heldout_set_size(set_size: int, m: int) -> int:
+    """Size K_B of the low / high / random sets inside half B: ⌊K·|B|/m + ½⌋, |B| = m − ⌊m/2⌋,
+    at most ⌊|B|/2⌋ so that low and high stay disjoint.
+
+    The sets keep the fraction K/m of their pool (128 of 512 for K = 256 of m = 1024); the cap
+    acts only for K = m/2 with K odd (rounding up would share a stimulus between low and high).
+    """
+    n_b = int(m) - int(m) // 2
+    return min(int(math.floor(int(set_size) * n_b / int(m) + 0.5)), n_b // 2)
+
+
 def check_against_stimuli(config: Mapping[str, Any], n_stimuli: int) -> None:
     """Raise :class:`ConfigError` if the set sizes do not fit ``n_stimuli`` stimuli."""
     ana = config["analysis"]
@@ -214,8 +226,6 @@ def check_against_stimuli(config: Mapping[str, Any], n_stimuli: int) -> None:
         )
     held = ana.get("heldout_layer") or {}
     if held.get("enabled", False):
-        from xmodal.selection import heldout_set_size
-
         k_b = heldout_set_size(set_size, n_stimuli)
         if k_b < need:
             raise ConfigError(

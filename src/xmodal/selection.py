@@ -4,7 +4,6 @@ held-out layer choice (docs/method.md, "Controls")."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -12,7 +11,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from xmodal.config import ConfigError
+from xmodal.config import ConfigError, heldout_set_size, min_set_size
 
 __all__ = [
     "RANDOM_SETS",
@@ -287,17 +286,6 @@ def split_halves(m: int, n_splits: int, seed: int) -> tuple[np.ndarray, np.ndarr
     return np.stack(a), np.stack(b)
 
 
-def heldout_set_size(set_size: int, m: int) -> int:
-    """Size K_B of the low / high / random sets inside half B: ⌊K·|B|/m + ½⌋, |B| = m − ⌊m/2⌋,
-    at most ⌊|B|/2⌋ so that low and high stay disjoint.
-
-    The sets keep the fraction K/m of their pool (128 of 512 for K = 256 of m = 1024); the cap
-    acts only for K = m/2 with K odd (rounding up would share a stimulus between low and high).
-    """
-    n_b = int(m) - int(m) // 2
-    return min(int(math.floor(int(set_size) * n_b / int(m) + 0.5)), n_b // 2)
-
-
 def heldout_sets(
     stimulus_ids: Sequence[str],
     mean_scores: np.ndarray,
@@ -318,7 +306,6 @@ def heldout_sets(
     (indices into B's sorted positions). K_B < max(4, 2 × knn_k) (:func:`xmodal.config.
     min_set_size`) is an error naming the keys.
     """
-    from xmodal.config import min_set_size
 
     ids, mean_s, pc1_s = _ids_and_scores(stimulus_ids, mean_scores, pc1_scores)
     m = ids.size
