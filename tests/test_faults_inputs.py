@@ -490,10 +490,14 @@ def test_auto_map_on_a_builtin_architecture_is_ignored_and_logged(
 
 @pytest.fixture
 def fresh_root_logging() -> Iterator[None]:
-    """Undo what xmodal.logs.log_to does to the root logger and sys.excepthook."""
+    """Undo what xmodal.logs.log_to does to the root logger, sys.excepthook and SIGTERM."""
+    import signal
+
     root = logging.getLogger()
     handlers, level, hook = list(root.handlers), root.level, sys.excepthook
+    on_term = signal.getsignal(signal.SIGTERM)
     yield
+    signal.signal(signal.SIGTERM, on_term)
     for h in root.handlers[:]:
         if h not in handlers:
             root.removeHandler(h)

@@ -135,8 +135,12 @@ def test_gpa_tables_do_not_depend_on_the_order_of_the_models(tmp_path: Path) -> 
         res, disp = read_table(outs[0]), read_table(outs[1])
         return res.sort_values(["stimulus_id", "model"]).reset_index(drop=True), disp, outs[2]
 
-    res_a, disp_a, json_a = run([0, 1, 2, 3], "a")
-    res_b, disp_b, json_b = run([2, 3, 1, 0], "b")
+    res_a, disp_a, json_a = run([0, 1, 2, 3], "a")  # mae, dino, clip, clipft: not sorted
+    res_b, disp_b, json_b = run([2, 3, 1, 0], "b")  # sorted
+    # each table lists the models in the order given, not the order fitted
+    assert json.loads(json_a.read_text())["models"] == names
+    unsorted = read_table(tmp_path / "a_res.tsv")
+    assert list(unsorted["model"][:4]) == names
     import pandas as pd
 
     pd.testing.assert_frame_equal(res_a, res_b, check_exact=True)

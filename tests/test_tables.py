@@ -155,6 +155,24 @@ def test_a_killed_writes_temporary_file_is_removed_by_the_next_write(tmp_path: P
     assert sorted(p.name for p in tmp_path.iterdir()) == [other.name, "grid.tsv"]
 
 
+def test_a_digest_cache_write_leaves_another_writers_temporary_file(tmp_path: Path) -> None:
+    """Two manifest-stamp jobs (or a dry run during a run) may write one digest cache at once:
+    the sweep of stale temporaries must not remove the other writer's (its rename failed)."""
+    from xmodal.io import file_digests
+
+    import time
+
+    img = tmp_path / "a.png"
+    img.write_bytes(b"x")
+    time.sleep(2.1)  # a file changed in the last 2 s is not cached (its time may not show it)
+    cache = tmp_path / "image_digests.json"
+    with atomic_path(cache, sweep=False) as other:
+        other.write_text("{}")
+        file_digests([img], cache=cache)  # the second writer, while the first one writes
+        assert cache.is_file() and other.exists()
+    assert cache.read_text() == "{}"  # the first writer's rename still worked (last one wins)
+
+
 def test_sigterm_removes_the_unfinished_outputs_temporary_file(tmp_path: Path) -> None:
     """SLURM's time limit and scancel send SIGTERM: a step script (log_to first) exits 143 and
     its unfinished output's temporary file is removed, as on an error; before, it stayed."""
@@ -368,6 +386,7 @@ def test_provenance_names_the_stimuli_commit_and_each_models_revision_and_weight
             "source": "timm" if modality == "vision" else "transformers",
             "requested_revision": "main", "revision": rev, "weights_sha256": "f" * 64,
             "compute_dtype": "float32", "library_versions": json.dumps(versions),
+            "stimuli_sha256": "0123",
         }  # fmt: skip
         files.append(write_features(tmp_path / f"{key}.h5", x, ids, ["l0", "l1"], attrs))
     out = tmp_path / "provenance.tsv"
@@ -385,6 +404,7 @@ def test_provenance_names_the_stimuli_commit_and_each_models_revision_and_weight
         "abc",
     ]
     assert list(table["id"][1:]) == ["org/vit", "org/llm"]
+    assert list(table["stimuli_sha256"]) == ["", "0123", "0123"]  # text, not 123
     assert set(table["sha256"][1:]) == {"f" * 64} and set(table["timm"][1:]) == {"1.10"}
     # a local manifest: its path and digest, no hub fields (a stray source.json is not read)
     pipeline.write_provenance(manifest, "local", files[:1], out)

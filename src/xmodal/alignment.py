@@ -837,7 +837,7 @@ class ConditionPlan:
                 rng = np.random.default_rng([seed, si])
                 for name in ("low", "high"):
                     key = (name, summary, 0)
-                    if key in given:  # the draws index the set as listed in sets.tsv
+                    if key in given:  # the draws index the set's stimuli in ascending order
                         self.plans[(name, summary)] = BootstrapPlan(given[key], self.n_boot, rng, k)
 
     def side(

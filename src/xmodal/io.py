@@ -52,7 +52,8 @@ TEXT_COLUMNS = frozenset(
         "kind", "group", "side", "property", "split", "source",
         # the provenance table (xmodal.pipeline.provenance_table): a commit "1e3" or a version
         # "5.10" read as a number would change it
-        "key", "id", "requested_revision", "revision", "sha256", "compute_dtype", "device",
+        "key", "id", "requested_revision", "revision", "sha256", "stimuli_sha256",
+        "compute_dtype", "device",
         "pooling", "torch", "timm", "transformers", "xmodal", "created",
     }
 )  # fmt: skip
@@ -127,17 +128,21 @@ def _disk_full(err: BaseException, final: Path, what: str) -> DiskFullError:
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[Path]:
+def atomic_path(
+    path: str | os.PathLike, suffix: str | None = None, *, sweep: bool = True
+) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; rename it onto ``path`` only on success.
 
     A crash, an exception or a kill inside the block never leaves a file at ``path``: the
     temporary file (hidden, same directory so the rename is atomic) is removed on error, and one
-    that a killed earlier write of ``path`` left is removed first. The file's data reach the
-    disk before the rename. Running out of disk space is re-raised as :class:`DiskFullError`
+    that a killed earlier write of ``path`` left is removed first (``sweep``; off for files
+    that several processes may write at once, such as the digest caches, whose writers would
+    remove each other's). The file's data reach the disk before the rename. Running out of disk space is re-raised as :class:`DiskFullError`
     naming ``path`` and what to do.
     """
     final = Path(path)
-    remove_stale_temporaries(final, suffix)  # a killed earlier write's
+    if sweep:
+        remove_stale_temporaries(final, suffix)  # a killed earlier write's
     tmp = _temporary_next_to(final, suffix)
     try:
         yield tmp
@@ -185,8 +190,11 @@ def _fsync(path: Path) -> None:
     try:
         os.fsync(fd)
     except OSError as err:
-        if is_disk_full(err):
-            raise
+        # a file system that cannot fsync (or a folder it will not) is left as it is; a failed
+        # write-back (EIO, a full disk) means the data are not there
+        if path.is_dir() or err.errno in (errno.EINVAL, errno.ENOTSUP, errno.EBADF, errno.EROFS):
+            return
+        raise
     finally:
         os.close(fd)
 
@@ -242,7 +250,13 @@ def remove_stale_temporaries(path: str | os.PathLike, suffix: str | None = None)
         for stale in sorted(final.parent.glob(_temp_glob(final, suffix))):
             with contextlib.suppress(FileNotFoundError):
                 size = stale.stat().st_size
-                stale.unlink()
+                try:
+                    stale.unlink()
+                except OSError as err:  # a read-only folder or mount: the write says so
+                    if err.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+                        raise
+                    log.warning("cannot remove %s (%s)", stale, err.strerror)
+                    continue
                 removed.append(stale)
                 log.info(
                     "removed %s (%.1f MiB), left by an interrupted write of %s",
@@ -392,7 +406,7 @@ def file_digests(
             and (path not in todo or now - max(todo[path][1], todo[path][2]) >= _RACY_NS)
         }
         if entries != known:
-            with atomic_path(cache) as tmp:
+            with atomic_path(cache, sweep=False) as tmp:
                 record = {"version": _DIGEST_CACHE_VERSION, "files": entries}
                 tmp.write_text(json.dumps(record, ensure_ascii=False), encoding="utf-8")
     return [digests[path] for path in files]

@@ -891,7 +891,7 @@ def write_models_table(records: Sequence[Mapping[str, Any]], out: PathLike) -> N
 #: The columns of the provenance table: one row for the stimuli, then one per feature file.
 PROVENANCE_COLUMNS = (
     "kind", "key", "label", "modality", "source", "id", "requested_revision", "revision",
-    "sha256", "n_stimuli", "compute_dtype", "device", "pooling", "torch", "timm",
+    "sha256", "n_stimuli", "stimuli_sha256", "compute_dtype", "device", "pooling", "torch", "timm",
     "transformers", "xmodal", "created",
 )  # fmt: skip
 
@@ -901,8 +901,11 @@ def provenance_table(
 ) -> pd.DataFrame:
     """What a run's numbers were computed from, to cite: the stimuli (the manifest's SHA-256,
     and for hub stimuli the dataset and the commit its revision resolved to) and, per model,
-    the feature file's provenance (hub id, requested and resolved revision, the weights'
-    SHA-256, compute dtype, device, pooling, library versions, when it was extracted)."""
+    the feature file's provenance: the model id, the requested and the resolved revision (a hub
+    model's commit, which identifies its weights), the weights' SHA-256 (local and built
+    models; empty for hub models), the digest of what it read of the stimuli (image files or
+    captions, ``stimuli_sha256``), compute dtype, device, pooling, library versions, and when
+    it was extracted."""
     from xmodal.io import file_digests
     from xmodal.stimuli import read_manifest
 
@@ -930,6 +933,7 @@ def provenance_table(
                 "id": attrs.get("model_id", ""),
                 "sha256": attrs.get("weights_sha256", ""),
                 "n_stimuli": n,
+                "stimuli_sha256": attrs.get("stimuli_sha256", ""),
                 **{k: attrs.get(k, "") for k in ("label", "modality", "source", "revision")},
                 **{k: attrs.get(k, "") for k in ("requested_revision", "compute_dtype")},
                 **{k: attrs.get(k, "") for k in ("device", "pooling", "created")},

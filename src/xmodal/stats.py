@@ -254,7 +254,8 @@ class BootstrapPlan:
 
     @classmethod
     def from_weights(cls, positions: np.ndarray, weights: np.ndarray, k: int = 10) -> BootstrapPlan:
-        """A plan with given integer multiplicities (n_boot, n) instead of random draws."""
+        """A plan with given integer multiplicities (n_boot, n) instead of random draws; column j
+        of ``weights`` is the multiplicity of ``positions[j]``, in the order given."""
         plan = cls.__new__(cls)
         given = np.asarray(positions, dtype=np.int64)
         plan.n = int(given.size)

@@ -515,8 +515,14 @@ def check_set_sizes():
     extraction (xmodal.config.check_against_stimuli)."""
     if not workflow.is_main_process:
         return
+    args = _command_line()
+    targets = [os.path.normpath(t) for t in (getattr(args, "targets", None) or ())]
+    upstream = ("resources" + os.sep, os.path.join("results", "features") + os.sep,
+                os.path.join("results", "stimuli") + os.sep)  # fmt: skip
+    if targets and all(t.startswith(upstream) for t in targets):
+        return  # manifests, models and features only: no set is made
     if config["stimuli"]["source"] == "demo":
-        n = int(config["stimuli"]["n"])
+        n = int(MANIFEST_SOURCE["n"])
     elif Path(MANIFEST).is_file():
         try:
             n = len(read_manifest(MANIFEST, check_images=False))

@@ -180,10 +180,13 @@ def _grouped_bars(
                 _hatch(bar)
                 n_unstable += 1
             if whiskers and c["n"] > 1 and np.isfinite(c["lo"]) and np.isfinite(c["hi"]):
+                # the interval from its ends: the draws' mean (the bar) can lie outside their
+                # percentile interval (a skewed set of draws), and errorbar refuses the
+                # negative length measuring from it would give
                 ax.errorbar(
                     pos,
-                    c["value"],
-                    yerr=[[c["value"] - c["lo"]], [c["hi"] - c["value"]]],
+                    (c["lo"] + c["hi"]) / 2,
+                    yerr=(c["hi"] - c["lo"]) / 2,
                     fmt="none",
                     ecolor="black",
                     elinewidth=0.8,
