@@ -158,9 +158,9 @@ def test_a_killed_writes_temporary_file_is_removed_by_the_next_write(tmp_path: P
 def test_a_digest_cache_write_leaves_another_writers_temporary_file(tmp_path: Path) -> None:
     """Two manifest-stamp jobs (or a dry run during a run) may write one digest cache at once:
     the sweep of stale temporaries must not remove the other writer's (its rename failed)."""
-    from xmodal.io import file_digests
-
     import time
+
+    from xmodal.io import file_digests
 
     img = tmp_path / "a.png"
     img.write_bytes(b"x")
