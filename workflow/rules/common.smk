@@ -517,8 +517,10 @@ def check_set_sizes():
         return
     args = _command_line()
     targets = [os.path.normpath(t) for t in (getattr(args, "targets", None) or ())]
-    upstream = ("resources" + os.sep, os.path.join("results", "features") + os.sep,
-                os.path.join("results", "stimuli") + os.sep)  # fmt: skip
+    upstream = tuple(
+        f"{os.path.join(*part)}{os.sep}"
+        for part in (("resources",), ("results", "features"), ("results", "stimuli"))
+    )
     if targets and all(t.startswith(upstream) for t in targets):
         return  # manifests, models and features only: no set is made
     if config["stimuli"]["source"] == "demo":
