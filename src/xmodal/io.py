@@ -53,8 +53,8 @@ TEXT_COLUMNS = frozenset(
         # the provenance table (xmodal.pipeline.provenance_table): a commit "1e3" or a version
         # "5.10" read as a number would change it
         "key", "id", "requested_revision", "revision", "sha256", "stimuli_sha256",
-        "compute_dtype", "device",
-        "pooling", "torch", "timm", "transformers", "xmodal", "created",
+        "compute_dtype", "device", "pooling", "torch", "timm", "transformers", "xmodal",
+        "created",
     }
 )  # fmt: skip
 #: How a missing number is written (and read back).
@@ -137,8 +137,8 @@ def atomic_path(
     temporary file (hidden, same directory so the rename is atomic) is removed on error, and one
     that a killed earlier write of ``path`` left is removed first (``sweep``; off for files
     that several processes may write at once, such as the digest caches, whose writers would
-    remove each other's). The file's data reach the disk before the rename. Running out of disk space is re-raised as :class:`DiskFullError`
-    naming ``path`` and what to do.
+    remove each other's). The file's data reach the disk before the rename. Running out of disk
+    space is re-raised as :class:`DiskFullError` naming ``path`` and what to do.
     """
     final = Path(path)
     if sweep:

@@ -387,8 +387,8 @@ def tokenize_captions(
     bare = [stimulus_ids[i] for i, t in enumerate(ids) if all(x in special for x in t)]
     if bare:  # every such caption gets the features of its special tokens alone
         raise ExtractionError(
-            f"captions of stimuli {preview(bare)} tokenize to special tokens only (BOS, EOS, unknown): the model cannot tell "
-            f"them apart. If the {limit}-token limit cut their text, raise max_tokens (config "
+            f"captions of stimuli {preview(bare)} tokenize to special tokens only (BOS, EOS, "
+            f"unknown): the model cannot tell them apart. If the {limit}-token limit cut their text, raise max_tokens (config "
             "key extraction.max_tokens); otherwise this tokenizer cannot read their characters"
         )
     return TokenizedCaptions(ids, truncated, limit, source)
@@ -462,9 +462,9 @@ def extract_language_features(
 
     Captions run longest first (out-of-memory shows up at once, and halves the batch) in
     batches of similar length, right-padded; captions with the same tokens run once and share
-    their features exactly. Each caption is first cut to ``max_tokens`` tokens
-    (None: the model's context, or :data:`DEFAULT_MAX_TOKENS` when it declares none), before any
-    batch is built; ``info`` records the limit (``max_length``), its source, and the number and
+    their features exactly. Each caption is first cut to ``max_tokens`` tokens (None: the
+    model's context, or :data:`DEFAULT_MAX_TOKENS` when it declares none), before any batch is
+    built; ``info`` records the limit (``max_length``), its source, and the number and
     first ids of truncated captions. ``n_tokens`` holds, per caption, the number of tokens its
     features are the mean over (special tokens included, after truncation). ``spill``: a scratch
     file for features too large for memory (:class:`FeatureAccumulator`).
