@@ -494,3 +494,26 @@ def test_drop25_title_names_the_mean_dispersion(inputs, tmp_path):
     bars = panels(figs["both"])[0].patches
     bar = next(p for p in bars if p.get_gid() == "bar|drop_high|vis-0|alpha-0.5b")
     assert bar.get_height() == pytest.approx(want["value"].item())  # the mean set's value
+
+
+def test_random_whiskers_span_the_interval_even_when_the_mean_lies_outside_it():
+    """The bar is the draws' mean, the whisker their central 95% interval; with one far draw
+    the mean falls below the interval, and errorbar refused the negative length measured from
+    the mean (diff review). The whisker is drawn from the interval's ends."""
+    import matplotlib.pyplot as plt
+    from matplotlib.container import ErrorbarContainer
+
+    from xmodal.figures.alignment import _grouped_bars, pair_cells
+
+    values = np.r_[-0.9, np.full(99, 0.1) + np.linspace(0, 1e-3, 99)]
+    rows = pd.DataFrame({"vision": "v", "llm": "l", "draw": np.arange(100), "value": values,
+                         "stability": 0.0})  # fmt: skip
+    cells = pair_cells(rows)
+    c = cells.loc[("v", "l")]
+    assert c["value"] < c["lo"] < c["hi"]  # the mean is outside its own interval
+    fig, ax = plt.subplots()
+    _grouped_bars(ax, "v", ["l"], [("random", cells, True)])
+    (bars,) = [b for b in ax.containers if isinstance(b, ErrorbarContainer)]
+    (segment,) = bars.lines[2][0].get_segments()
+    assert sorted(segment[:, 1]) == pytest.approx([c["lo"], c["hi"]])
+    plt.close(fig)

@@ -155,6 +155,28 @@ def test_a_killed_writes_temporary_file_is_removed_by_the_next_write(tmp_path: P
     assert sorted(p.name for p in tmp_path.iterdir()) == [other.name, "grid.tsv"]
 
 
+def test_a_failed_flush_stops_the_write_and_a_file_system_that_cannot_flush_does_not(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """EIO from fsync (an NFS write-back that failed) means the data are not on disk: the output
+    is not renamed into place. EINVAL (a file system without fsync) is let through."""
+    import errno
+
+    def fail(code: int):
+        def fsync(fd: int) -> None:
+            raise OSError(code, os.strerror(code))
+
+        return fsync
+
+    monkeypatch.setattr(os, "fsync", fail(errno.EIO))
+    with pytest.raises(OSError, match="Input/output error"):
+        write_table(pd.DataFrame({"a": [1]}), tmp_path / "t.tsv")
+    assert not list(tmp_path.iterdir())  # neither the output nor its temporary
+    monkeypatch.setattr(os, "fsync", fail(errno.EINVAL))
+    write_table(pd.DataFrame({"a": [1]}), tmp_path / "t.tsv")
+    assert read_table(tmp_path / "t.tsv")["a"].tolist() == [1]
+
+
 def test_a_digest_cache_write_leaves_another_writers_temporary_file(tmp_path: Path) -> None:
     """Two manifest-stamp jobs (or a dry run during a run) may write one digest cache at once:
     the sweep of stale temporaries must not remove the other writer's (its rename failed)."""
