@@ -896,6 +896,11 @@ PROVENANCE_COLUMNS = (
 )  # fmt: skip
 
 
+#: the provenance columns a feature file's attribute of the same name fills
+_PROVENANCE_ATTRS = ("label", "modality", "source", "requested_revision", "revision",
+                     "compute_dtype", "device", "pooling", "created")  # fmt: skip
+
+
 def provenance_table(
     manifest: PathLike, stimuli_source: str, feature_paths: Sequence[PathLike]
 ) -> pd.DataFrame:
@@ -934,9 +939,7 @@ def provenance_table(
                 "sha256": attrs.get("weights_sha256", ""),
                 "n_stimuli": n,
                 "stimuli_sha256": attrs.get("stimuli_sha256", ""),
-                **{k: attrs.get(k, "") for k in ("label", "modality", "source", "revision")},
-                **{k: attrs.get(k, "") for k in ("requested_revision", "compute_dtype")},
-                **{k: attrs.get(k, "") for k in ("device", "pooling", "created")},
+                **{k: attrs.get(k, "") for k in _PROVENANCE_ATTRS},
                 **{k: versions.get(k, "") for k in ("torch", "timm", "transformers", "xmodal")},
             }
         )

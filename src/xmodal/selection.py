@@ -306,7 +306,6 @@ def heldout_sets(
     (indices into B's sorted positions). K_B < max(4, 2 × knn_k) (:func:`xmodal.config.
     min_set_size`) is an error naming the keys.
     """
-
     ids, mean_s, pc1_s = _ids_and_scores(stimulus_ids, mean_scores, pc1_scores)
     m = ids.size
     k_b = heldout_set_size(set_size, m)

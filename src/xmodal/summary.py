@@ -172,6 +172,17 @@ def summary_table(contrasts: pd.DataFrame, grid: pd.DataFrame | None = None) -> 
     return table.astype({"n_diff_ci_above_zero": "Int64"})
 
 
+def _fold(low: np.ndarray, other: np.ndarray) -> tuple[int, float, float]:
+    """How many pairs have a ratio low / other, and its median and maximum over them (NaN when
+    none). A ratio of two alignments is a fold only when both are positive: a negative low over
+    a positive other, or anything over other ≤ 0, is no "fold" and is left out."""
+    both_positive = (low > 0) & (other > 0)
+    ratio = low[both_positive] / other[both_positive]
+    if not ratio.size:
+        return 0, np.nan, np.nan
+    return int(both_positive.sum()), float(np.median(ratio)), float(np.max(ratio))
+
+
 def _summary_row(metric: str, summary: str, c: pd.DataFrame) -> dict:
     low, high, rnd = (c[k].to_numpy(float) for k in ("low", "high", "random_mean"))
     valid = np.isfinite(low) & np.isfinite(high) & np.isfinite(rnd)
@@ -180,13 +191,8 @@ def _summary_row(metric: str, summary: str, c: pd.DataFrame) -> dict:
     ci_low = c["diff_ci_low"].to_numpy(float)[valid]
     has_ci = np.isfinite(ci_low) & np.isfinite(c["diff_ci_high"].to_numpy(float)[valid])
     frac = c["frac_random_ge_low"].to_numpy(float)[valid]
-    # low / high is a ratio of two alignments only when both are positive: a negative low over
-    # a positive high, or anything over high ≤ 0, is no "fold" and is left out (n_ratio says how
-    # many pairs remain)
-    both_positive = (low > 0) & (high > 0)
-    ratio = low[both_positive] / high[both_positive]
-    over_random = (low > 0) & (rnd > 0)
-    ratio_random = low[over_random] / rnd[over_random]
+    n_ratio, median_ratio, max_ratio = _fold(low, high)
+    n_ratio_random, median_ratio_random, max_ratio_random = _fold(low, rnd)
     frac = frac[np.isfinite(frac)]
     return {
         "metric": metric,
@@ -200,12 +206,12 @@ def _summary_row(metric: str, summary: str, c: pd.DataFrame) -> dict:
         # over the pairs with an interval; missing (not 0) for a metric without a bootstrap
         # (the CKA metrics: n_boot = 0)
         "n_diff_ci_above_zero": int(np.sum(ci_low[has_ci] > 0)) if has_ci.any() else pd.NA,
-        "n_ratio": int(both_positive.sum()),
-        "median_ratio_low_high": float(np.median(ratio)) if ratio.size else np.nan,
-        "max_ratio_low_high": float(np.max(ratio)) if ratio.size else np.nan,
-        "n_ratio_random": int(over_random.sum()),
-        "median_ratio_low_random": float(np.median(ratio_random)) if ratio_random.size else np.nan,
-        "max_ratio_low_random": float(np.max(ratio_random)) if ratio_random.size else np.nan,
+        "n_ratio": n_ratio,
+        "median_ratio_low_high": median_ratio,
+        "max_ratio_low_high": max_ratio,
+        "n_ratio_random": n_ratio_random,
+        "median_ratio_low_random": median_ratio_random,
+        "max_ratio_low_random": max_ratio_random,
         "median_frac_random_ge_low": float(np.median(frac)) if frac.size else np.nan,
     }
 
