@@ -6,7 +6,10 @@ truncation, and one 20,000-character caption ran at full length (the demo went o
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -114,12 +117,28 @@ def test_extract_features_passes_max_tokens_into_the_feature_file(
     out = extract_features(
         "bloom-tiny", cfg, tiny_manifest, tmp_path / "b.h5", max_tokens=6, progress=False
     )
-    import json
 
     with FeatureFile(out) as ff:
         tok = json.loads(ff.attrs["preprocessing"])["tokenizer"]
     assert tok["max_length"] == 6 and tok["max_length_source"] == "max_tokens"
     assert tok["n_truncated"] > 0 and len(tok["truncated_ids"]) == min(tok["n_truncated"], 20)
+
+
+def test_the_feature_file_counts_repeated_captions(tmp_path, tiny_lms, tiny_manifest):
+    """Captions with the same tokens run once (docs/method.md); the file records how many rows
+    are copies, so that a reader can tell duplicate rows planted by the data from a collapse."""
+    df = pd.read_csv(tiny_manifest, sep="\t", dtype=str)
+    df.loc[[3, 7], "caption"] = df.loc[0, "caption"]
+    df["image"] = [str(tiny_manifest.parent / p) for p in df["image"]]
+    manifest = tmp_path / "stimuli.tsv"
+    df.to_csv(manifest, sep="\t", index=False)
+    cfg = {"modality": "language", "id": str(tiny_lms["bloom"]), "revision": None}
+    out = extract_features("bloom-tiny", cfg, manifest, tmp_path / "b.h5", progress=False)
+    with FeatureFile(out) as ff:
+        tok = json.loads(ff.attrs["preprocessing"])["tokenizer"]
+        x = ff.layer(len(ff.layer_names) - 1)
+    assert tok["n_repeated"] == 2
+    assert np.array_equal(x[3], x[0]) and np.array_equal(x[7], x[0])
 
 
 def test_a_special_tokens_spelling_in_a_caption_is_text(bloom, captions):

@@ -211,6 +211,8 @@ def extract_features(
                     "max_length_source": res.info["max_length_source"],
                     "n_truncated": res.info["n_truncated"],
                     "truncated_ids": res.info["truncated_ids"],
+                    # captions run once per distinct token sequence (docs/method.md)
+                    "n_repeated": res.info["n_repeated"],
                 }
             }
 
