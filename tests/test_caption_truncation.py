@@ -110,6 +110,26 @@ def test_explicit_max_tokens_counts_against_a_brute_force_count(bloom, captions,
     assert f"{len(over)} caption(s) longer than max_tokens=8 were truncated" in caplog.text
 
 
+def test_a_limit_that_makes_different_captions_identical_stops_the_extraction(bloom, caplog):
+    """Captions that differ after the limit only would get the same features: a duplicate the
+    data does not have. Captions that were equal already, or that the limit keeps apart, pass."""
+    _, tok = bloom
+    shared = "a photograph of a red square on the left and"
+    captions = [f"{shared} a blue circle", f"{shared} a green star", "two cats", "two cats"]
+    ids = ["long-a", "long-b", "cat-1", "cat-2"]
+    n_shared = len(tok(shared)["input_ids"])
+    with pytest.raises(ExtractionError) as err:
+        tokenize_captions(tok, captions, stimulus_ids=ids, max_tokens=n_shared)
+    msg = str(err.value)
+    assert "long-a" in msg and "long-b" in msg and "extraction.max_tokens" in msg
+    assert "cat-1" not in msg and "2 captions with different text" in msg
+    out = tokenize_captions(tok, captions, stimulus_ids=ids, max_tokens=n_shared + 2)
+    assert out.ids[0] != out.ids[1] and out.ids[2] == out.ids[3]
+    # the model's own context cutting them cannot be raised by max_tokens
+    with pytest.raises(ExtractionError, match="model context.*shorten the captions"):
+        tokenize_captions(tok, captions, stimulus_ids=ids, context=n_shared)
+
+
 def test_extract_features_passes_max_tokens_into_the_feature_file(
     tmp_path, tiny_lms, tiny_manifest
 ):
@@ -168,5 +188,6 @@ def test_a_limit_that_leaves_only_special_tokens_is_refused(tiny_lms, captions):
     )
     with pytest.raises(ExtractionError, match=r"more than 1 tokens after truncation"):
         tokenize_captions(tok, captions[:3], stimulus_ids=IDS[:3], max_tokens=1, context=48)
-    cut = tokenize_captions(tok, captions[:3], stimulus_ids=IDS[:3], max_tokens=3, context=48)
+    # captions 0 and 2 share their first word, the one token left between BOS and EOS
+    cut = tokenize_captions(tok, captions[:2], stimulus_ids=IDS[:2], max_tokens=3, context=48)
     assert all(len(t) == 3 and t[0] == bos and t[-1] == eos for t in cut.ids)

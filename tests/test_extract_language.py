@@ -95,7 +95,7 @@ def test_pad_token_fallback_and_truncation(tiny_lms, captions, caplog):
     long = " ".join(captions)  # far beyond the tiny LLaMA's 48-token context
     with caplog.at_level("WARNING"):
         res = extract_language_features(
-            model, tok, [long, "cat", long + " again"], stimulus_ids=["a", "b", "c"], progress=False
+            model, tok, [long, "cat", "again " + long], stimulus_ids=["a", "b", "c"], progress=False
         )
     assert res.info["n_truncated"] == 2 and res.info["max_length"] == 48
     assert (

@@ -325,6 +325,42 @@ def caption_token_limit(max_tokens: int | None, context: int | None) -> tuple[in
     return max_tokens, "max_tokens"
 
 
+def _check_truncation_keeps_captions_apart(
+    ids: Sequence[Sequence[int]],
+    whole: Mapping[int, tuple[int, ...]],
+    stimulus_ids: Sequence[str],
+    limit: int,
+    source: str,
+) -> None:
+    """ExtractionError if the token limit made captions with different tokens identical.
+
+    ``ids`` are the captions' tokens after truncation, ``whole`` the untruncated tokens of the
+    truncated ones. Two such stimuli would get the same features although their captions differ:
+    the analysis would see a planted duplicate (docs/contracts.md, "Captions: token limit").
+    """
+    groups: dict[tuple[int, ...], set[tuple[int, ...]]] = {}
+    members: dict[tuple[int, ...], list[str]] = {}
+    for i, t in enumerate(ids):
+        key = tuple(t)
+        groups.setdefault(key, set()).add(whole.get(i, key))
+        members.setdefault(key, []).append(str(stimulus_ids[i]))
+    merged = [members[k] for k, full in groups.items() if len(full) > 1]
+    if not merged:
+        return
+    n = sum(len(g) for g in merged)
+    first = merged[0]
+    fix = (
+        "raise max_tokens (config key extraction.max_tokens)"
+        if source != "model context"
+        else "the model reads no more tokens; shorten the captions' shared beginning"
+    )
+    raise ExtractionError(
+        f"the {limit}-token caption limit ({source}) makes {n} captions with different text "
+        f"identical in {len(merged)} group(s), e.g. stimuli {preview(first)}: they would get the "
+        f"same features; {fix}"
+    )
+
+
 def tokenize_captions(
     tokenizer: Any,
     captions: Sequence[str],
@@ -342,18 +378,21 @@ def tokenize_captions(
     Captions are text: a special token's spelling in a caption (``</s>``, ``<s>``, ``<unk>``,
     ``<pad>``, as in HTML-like markup) is tokenized as the characters it is made of, never as
     the control token (``split_special_tokens``). A caption left longer than the limit, or with
-    no token but special ones (a limit that keeps only BOS), is an ExtractionError naming it.
+    no token but special ones (a limit that keeps only BOS), is an ExtractionError naming it,
+    and so are captions with different tokens that the limit makes identical.
     """
     limit, source = caption_token_limit(max_tokens, context)
     # the tokenizer's own BOS / EOS are added; the caption's text never becomes one of them
     kw = {"add_special_tokens": True, "split_special_tokens": True}
     ids = tokenizer(list(captions), truncation=False, **kw)["input_ids"]
     truncated = [i for i, t in enumerate(ids) if len(t) > limit]
+    whole: dict[int, tuple[int, ...]] = {}  # the truncated captions' tokens before the cut
     if truncated:
         redo = tokenizer([captions[i] for i in truncated], truncation=True, max_length=limit, **kw)[
             "input_ids"
         ]
         longest = max(len(ids[i]) for i in truncated)
+        whole.update((i, tuple(ids[i])) for i in truncated)
         for i, t in zip(truncated, redo, strict=True):
             ids[i] = t
         why = {
@@ -391,6 +430,7 @@ def tokenize_captions(
             f"unknown): the model cannot tell them apart. If the {limit}-token limit cut their text, raise max_tokens (config "
             "key extraction.max_tokens); otherwise this tokenizer cannot read their characters"
         )
+    _check_truncation_keeps_captions_apart(ids, whole, stimulus_ids, limit, source)
     return TokenizedCaptions(ids, truncated, limit, source)
 
 
