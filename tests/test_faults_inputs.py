@@ -36,6 +36,7 @@ from xmodal.config import (
     check_config,
     load_config_file,
     normalise_integers,
+    schema_errors,
 )
 from xmodal.features import FeatureFile, FeatureFileError, write_features
 from xmodal.io import DiskFullError, write_table
@@ -255,6 +256,28 @@ def test_accepted_model_keys_stay_inside_results(key: str) -> None:
     root = Path("/r/results/features/demo")
     assert (root / f"{key}.h5").resolve().parent == root
     assert "/" not in key and "\\" not in key and not key.startswith(".")
+
+
+@pytest.mark.parametrize(
+    ("layer", "says"),
+    [
+        (
+            "0.5",
+            r"\('chosen' was expected; '0\.5' is not of type 'number'\) \(a number in "
+            r"quotes is text: write 0\.5 unquoted\)",
+        ),
+        (1.5, r"1\.5 is greater than the maximum of 1"),
+        ("nan", r"'nan' is not of type 'number'\)$"),
+    ],
+)
+def test_a_value_of_several_forms_says_which_forms(layer: object, says: str) -> None:
+    """A key that takes one of several forms (``oneOf``) used to answer only "is not valid under
+    any of the given schemas", leaving the user to guess what it takes."""
+    cfg = _demo_cfg()
+    cfg["analysis"].setdefault("language_dispersion", {})["layer"] = layer
+    (line,) = schema_errors(cfg, ROOT / "workflow" / "schemas" / "config.schema.yaml")
+    assert "key 'analysis.language_dispersion.layer'" in line
+    assert re.search(says, line), line
 
 
 def test_whole_number_floats_become_integers_where_the_schema_says_integer() -> None:

@@ -285,6 +285,11 @@ def load_config_file(path: str | os.PathLike) -> dict:
             loader.dispose()
 
 
+def _is_number(text: str) -> bool:
+    """Whether ``text`` spells a decimal number (not 'nan' or 'inf')."""
+    return re.fullmatch(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?", text.strip()) is not None
+
+
 def schema_errors(
     config: Mapping[str, Any], schema_path: str | os.PathLike, source: str = "the config"
 ) -> list[str]:
@@ -310,5 +315,10 @@ def schema_errors(
                     f" (YAML 1.1 reads {err.instance} as text: write the number with a decimal "
                     "point and a signed exponent, e.g. 1.0e-10, or in full)"
                 )
+        if err.validator in ("oneOf", "anyOf") and err.context:
+            # which forms the key takes, not only that the value fits none of them
+            hint = " (" + "; ".join(dict.fromkeys(c.message for c in err.context)) + ")"
+            if isinstance(err.instance, str) and _is_number(err.instance):
+                hint += f" (a number in quotes is text: write {err.instance.strip()} unquoted)"
         lines.append(f"Invalid configuration in {source}: key '{key}': {err.message}{hint}")
     return lines
