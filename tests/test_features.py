@@ -278,6 +278,15 @@ def test_a_stale_feature_file_newer_than_its_stamp_is_refused(tmp_path):
     stale = feature("stale", "a" * 64)
     os.utime(old, (1, 1))  # older than the stamp: Snakemake re-extracts it
     check_against_stamp([same, old, bare, tmp_path / "missing.h5"], stamp)
+    # a model whose config now says language: a changed param, which re-extracts it
+    other = write_features(
+        tmp_path / "other.h5",
+        x,
+        ["a", "b", "c"],
+        ["l0"],
+        {"model_key": "other", "modality": "language", STIMULI_DIGEST: "a" * 64},
+    )
+    check_against_stamp([other], stamp)
     with pytest.raises(FeatureFileError, match=r"stale\.h5 holds features of other stimuli"):
         check_against_stamp([same, stale], stamp)
     os.utime(stamp)  # a stamp rewritten since: the workflow re-extracts every older file

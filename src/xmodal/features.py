@@ -273,12 +273,14 @@ def check_against_stamp(paths: Iterable[str | os.PathLike], stamp: str | os.Path
 
     The workflow re-extracts a model when its stamp is newer than its feature file; a stale file
     that is newer (touched with ``snakemake --touch``, or copied in) would be analysed as it is.
-    Missing files, a missing stamp and files without :data:`STIMULI_DIGEST` (written before it
+    Missing files, a missing stamp, files of the other modality (the config changed the model's
+    modality, a changed param) and files without :data:`STIMULI_DIGEST` (written before it
     existed) are not checked.
     """
     stamp = Path(stamp)
     try:
-        want, since = json.loads(stamp.read_text(encoding="utf-8"))["sha256"], stamp.stat()
+        record = json.loads(stamp.read_text(encoding="utf-8"))
+        want, since = record["sha256"], stamp.stat()
     except (OSError, ValueError, KeyError, TypeError):
         return
     for path in map(Path, paths):
@@ -287,6 +289,10 @@ def check_against_stamp(paths: Iterable[str | os.PathLike], stamp: str | os.Path
                 continue  # the workflow re-extracts it
         except OSError:
             continue  # missing: the workflow extracts it
+        if _stored_text(path, "modality") not in (None, record.get("modality")):
+            # the config changed the model's modality: that is a changed param, and the workflow
+            # re-extracts it (its readers refuse a file of the other modality)
+            continue
         got = _stored_text(path, STIMULI_DIGEST)
         if got is not None and got != want:
             raise FeatureFileError(
