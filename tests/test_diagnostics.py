@@ -166,3 +166,35 @@ def test_duplicate_groups_are_the_bitwise_equal_rows(m, d, n_values, seed, dtype
     got = dg.duplicate_groups(x)
     assert [g.tolist() for g in got] == expected
     assert all(g.dtype == np.int64 for g in got)
+
+
+def test_the_warning_for_a_used_layer_names_only_the_stimuli_it_has(tmp_path, caplog):
+    """A layer collapsed by its cosines with no unresolved stimulus used to end its warning in
+    "0 of 8 stimuli's kNN sets are decided by rounding ()"."""
+    from xmodal.pipeline import gather_diagnostics
+
+    rng = np.random.default_rng(0)
+    ids = [f"s{i}" for i in range(8)]
+    spread = rng.standard_normal((8, 16))
+    tight = 1.0 + 2e-2 * rng.standard_normal((8, 16))  # every pair at cosine ≈ 1, yet ordered
+    ties = np.repeat(spread[:2], 4, axis=0)  # two groups of identical rows: all unresolved
+    rows = []
+    for model, x in (("open", spread), ("tight", tight), ("tied", ties)):
+        x = x / np.linalg.norm(x, axis=1, keepdims=True)
+        rows.append(dg.diagnose(x.astype(np.float32), k=2).row(model, 0, "l0", ids))
+    import pandas as pd
+
+    vision = tmp_path / "vision.tsv"
+    write_table(pd.DataFrame(rows[:1]), vision)
+    llm = tmp_path / "llm.tsv"
+    write_table(pd.DataFrame(rows[1:]), llm)
+    layers = tmp_path / "layers.tsv"
+    chosen = {"llm": ["tight", "tied"], "llm_layer": [0, 0], "chosen": [True, True]}
+    write_table(pd.DataFrame(chosen), layers)
+    with caplog.at_level("WARNING"):
+        gather_diagnostics(vision, [llm], layers, tmp_path / "all.tsv")
+    tight_msg = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("tight"))
+    tied_msg = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("tied"))
+    assert "is collapsed" in tight_msg and "0 of 8 stimuli's kNN sets" in tight_msg
+    assert "()" not in tight_msg and "rounding;" in tight_msg
+    assert "8 of 8" in tied_msg and "(s0, s1, s2" in tied_msg

@@ -557,9 +557,10 @@ def gather_diagnostics(
         )
         cell = getattr(row, "unresolved_ids", None)  # absent in tables of older runs
         named = json.loads(cell) if isinstance(cell, str) and cell else []
+        ids = ", ".join(named) + (", ..." if row.n_unresolved > len(named) else "")
         log.warning(
             "%s layer %d (%s) %s: mean pairwise cosine %.4f, %d of %d stimuli's kNN sets are "
-            "decided by rounding (%s%s); values using it are flagged by their stability",
+            "decided by rounding%s; values using it are flagged by their stability",
             row.model,
             row.layer,
             row.layer_name,
@@ -567,8 +568,7 @@ def gather_diagnostics(
             row.cos_mean,
             row.n_unresolved,
             row.m,
-            ", ".join(named),
-            ", ..." if row.n_unresolved > len(named) else "",
+            f" ({ids})" if row.n_unresolved else "",
         )
     write_table(table, out)
 
