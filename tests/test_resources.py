@@ -11,6 +11,7 @@ from xmodal.resources import (
     ANALYSIS_KINDS,
     analysis_resources,
     extraction_resources,
+    forward_minutes,
     gpus_needed,
 )
 
@@ -89,3 +90,20 @@ def test_bad_arguments_name_the_problem(args: tuple, match: str) -> None:
         extraction_resources(*args, **SITE)
     with pytest.raises(ValueError, match="analysis kind"):
         analysis_resources("nope")
+
+
+def test_runtime_grows_with_the_stimuli() -> None:
+    """Before, 30 min + 1 min per 2 GB of weights whatever the number of stimuli: LLaMA-65B
+    asked for 96 min over 100,000 captions and was killed at its limit, retry after retry."""
+    for modality, size in (("vision", 1.14), ("language", 65.2)):
+        base = extraction_resources(modality, size, **SITE)["runtime"]
+        assert extraction_resources(modality, size, n_stimuli=0, **SITE)["runtime"] == base
+        at = {n: extraction_resources(modality, size, n_stimuli=n, **SITE)["runtime"] for n in
+              (1024, 10_000, 100_000)}  # fmt: skip
+        assert base < at[1024] < at[10_000] < at[100_000]
+    # 100,000 captions x 128 tokens x 2 x 65.2e9 operations at 5e13 per second: 556.4 min
+    assert forward_minutes("language", 65.2, 100_000) == 557
+    # float32 at 1e13: 1024 images x 1370 tokens x 2 x 1.14e9 = 319.9 s
+    assert forward_minutes("vision", 1.14, 1024, bytes_per_param=4) == 6
+    with pytest.raises(ValueError, match="n_stimuli must be an integer >= 0"):
+        forward_minutes("vision", 1.0, -1)

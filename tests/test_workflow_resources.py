@@ -25,14 +25,30 @@ def paper_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return copy_project(tmp_path_factory.mktemp("paper") / "project")
 
 
-def extraction_jobs(wd: Path, extraction: dict) -> dict[str, dict[str, int]]:
-    """{model: {gpu, mem_mb, cpus_per_task, runtime}} of a forced dry run of every extraction."""
+def _write_manifest(wd: Path, n: int) -> Path:
+    manifest = wd / "resources/stimuli/wit1024/stimuli.tsv"
+    manifest.parent.mkdir(parents=True, exist_ok=True)
+    rows = "".join(f"s{i}\timages/{i}.png\tcaption {i}\n" for i in range(n))
+    manifest.write_text("stimulus_id\timage\tcaption\n" + rows)
+    return manifest
+
+
+def extraction_jobs(wd: Path, extraction: dict, n_stimuli: int = 0) -> dict[str, dict[str, int]]:
+    """{model: {gpu, mem_mb, cpus_per_task, runtime}} of a forced dry run of every extraction,
+    with a manifest of ``n_stimuli`` rows on disk (none for 0)."""
     cfg = copy.deepcopy(PAPER)
     cfg["extraction"].update(extraction)
     name = "config/site_" + "_".join(f"{k}{v}" for k, v in extraction.items()) + ".yaml"
     (wd / name).write_text(yaml.safe_dump(cfg, sort_keys=False))
     targets = [f"results/features/wit1024/{k}.h5" for k in PAPER["models"]]
-    proc = snakemake(wd, "-n", "--forceall", "--cores", "4", "--configfile", name, "--", *targets)
+    manifest = _write_manifest(wd, n_stimuli) if n_stimuli else None
+    try:
+        proc = snakemake(
+            wd, "-n", "--forceall", "--cores", "4", "--configfile", name, "--", *targets
+        )
+    finally:
+        if manifest is not None:
+            manifest.unlink()
     jobs: dict[str, dict[str, int]] = {}
     model = None
     for line in (proc.stdout + proc.stderr).splitlines():
@@ -47,9 +63,15 @@ def extraction_jobs(wd: Path, extraction: dict) -> dict[str, dict[str, int]]:
     return jobs
 
 
-def expected(modality: str, size_b: float, gpu_mem_gb: float, workers: int) -> dict[str, int]:
+def expected(
+    modality: str, size_b: float, gpu_mem_gb: float, workers: int, n: int = 0
+) -> dict[str, int]:
     """docs/cluster.md's sizing rule, written out independently of xmodal.resources."""
     w = (4 if modality == "vision" else 2) * size_b  # weights, GB: float32 ViTs, bf16 LLMs
+    # forward passes: 2 operations per parameter and token, 1370 tokens an image (518 px at
+    # patch 14) at 10 TFLOP/s (float32), 128 a caption at 50 TFLOP/s (bf16)
+    tokens, rate = (1370, 10e12) if modality == "vision" else (128, 50e12)
+    forward_s = n * tokens * 2 * size_b * 1e9 / rate
     gpu = max(1, math.ceil((w + max(2, 0.05 * w)) / (0.9 * gpu_mem_gb)))
     if modality == "vision":
         mem_gb, cpus = 8 + 8 * size_b + 0.5 * workers, max(1, workers)
@@ -59,18 +81,23 @@ def expected(modality: str, size_b: float, gpu_mem_gb: float, workers: int) -> d
         "gpu": gpu,
         "mem_mb": 1024 * math.ceil(mem_gb),
         "cpus_per_task": cpus,
-        "runtime": 30 + math.ceil(w / 2),
+        "runtime": 30 + math.ceil(w / 2) + math.ceil(forward_s / 60),
     }
 
 
 @pytest.mark.parametrize("gpu_mem_gb", [24, 40, 48, 80, 141])
 def test_extraction_jobs_follow_the_site_gpu_size(paper_project: Path, gpu_mem_gb: int) -> None:
+    """Without a manifest (a dry run before the stimuli are fetched) the runtime counts no
+    forward pass; with one of 100,000 stimuli (at 141 GB) it does, per model."""
     workers = 2 if gpu_mem_gb == 40 else 8
-    jobs = extraction_jobs(paper_project, {"gpu_mem_gb": gpu_mem_gb, "num_workers": workers})
+    n = 100_000 if gpu_mem_gb == 141 else 0
+    jobs = extraction_jobs(paper_project, {"gpu_mem_gb": gpu_mem_gb, "num_workers": workers}, n)
     assert set(jobs) == set(PAPER["models"])
     for key, m in PAPER["models"].items():
-        want = expected(m["modality"], m["size_b"], gpu_mem_gb, workers)
+        want = expected(m["modality"], m["size_b"], gpu_mem_gb, workers, n)
         assert jobs[key] == want, (key, gpu_mem_gb, jobs[key], want)
+    if n:  # before: 30 + 1 min per 2 GB, 96 min for LLaMA-65B whatever the number of stimuli
+        assert jobs["llama-65b"]["runtime"] > 10 * 60 and jobs["dinov2-g"]["runtime"] > 8 * 60
     if gpu_mem_gb == 40:  # the A100-40GB case of the issue
         assert jobs["llama-65b"]["gpu"] == 4 and jobs["llama-30b"]["gpu"] == 2
         assert all(jobs[k]["cpus_per_task"] == 2 for k in ("mae-h", "dinov2-g"))
@@ -108,10 +135,7 @@ def test_set_sizes_that_do_not_fit_the_stimuli_fail_at_start_up(paper_project: P
     """With a manifest on disk, set sizes are checked against its rows before any job: before,
     stimulus_sets refused them after every extraction (the GPU jobs). 1024 stimuli, the
     held-out layer on, set_size 30 and knn_k 10: sets of 15 inside half B, fewer than 2k."""
-    manifest = paper_project / "resources/stimuli/wit1024/stimuli.tsv"
-    manifest.parent.mkdir(parents=True, exist_ok=True)
-    rows = "".join(f"s{i}\timages/{i}.png\tcaption {i}\n" for i in range(1024))
-    manifest.write_text("stimulus_id\timage\tcaption\n" + rows)
+    manifest = _write_manifest(paper_project, 1024)
     cfg = copy.deepcopy(PAPER)
     cfg["analysis"]["set_size"] = 30
     (paper_project / "config/small_sets.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))

@@ -234,8 +234,9 @@ class ModelEntry:
             self.size_b, self.site.gpu_mem_gb, self.site.gpus_per_node, self.bytes_per_param
         )
 
-    def resources(self, attempt: int = 1) -> dict[str, Any]:
-        """The extraction job's resources: gpu, mem_mb, runtime, cpus_per_task (+ gpu_model)."""
+    def resources(self, attempt: int = 1, n_stimuli: int = 0) -> dict[str, Any]:
+        """The extraction job's resources over ``n_stimuli`` stimuli: gpu, mem_mb, runtime,
+        cpus_per_task (+ gpu_model)."""
         res: dict[str, Any] = extraction_resources(
             self.modality,
             self.size_b,
@@ -244,6 +245,7 @@ class ModelEntry:
             num_workers=self.site.num_workers,
             max_gpus=self.site.gpus_per_node,
             bytes_per_param=self.bytes_per_param,
+            n_stimuli=n_stimuli,
         )
         if self.site.gpu_model:
             res["gpu_model"] = str(self.site.gpu_model)

@@ -14,6 +14,18 @@ The GPU model (bf16 weights, sharded with accelerate ``device_map="auto"``):
 
 On 80 GB GPUs: everything up to 13B -> 1 GPU, LLaMA-30B (32.5B) -> 1, LLaMA-65B -> 2;
 on 40 GB GPUs: 13B -> 1, 30B -> 2, 65B -> 4.
+
+The runtime model (minutes, first attempt): reading the weights, plus the forward passes of
+``n_stimuli`` stimuli at a deliberately low sustained rate, so that a job at scale is not killed
+at its time limit (a retry starts the extraction again from the first stimulus):
+
+    runtime = 30 + ceil(weights_gb / 2) + ceil(n_stimuli * tokens * 2 * size_b * 1e9 / rate / 60)
+
+with ``tokens`` = 1370 per image (a 518-px input at patch 14, DINOv2's, the largest in the
+paper's models) or 128 per caption (captions run sorted by length, so padding stays short),
+and ``rate`` = 5e13 operations per second in bf16/fp16 and 1e13 in float32 (one GPU at a
+fraction of its peak: ``device_map`` runs the shards of a large model one after another).
+LLaMA-65B over 1024 captions: 96 + 6 min; over 100,000: 96 + 557 min.
 """
 
 from __future__ import annotations
@@ -24,12 +36,30 @@ __all__ = [
     "ANALYSIS_KINDS",
     "analysis_resources",
     "extraction_resources",
+    "forward_minutes",
     "gpus_needed",
 ]
 
 BYTES_PER_PARAM_BF16 = 2
 GPU_USABLE_FRACTION = 0.9
 MAX_GPUS = 8
+#: Tokens a stimulus costs in the runtime model: patches of a 518-px image at patch 14 (+ CLS),
+#: and a long caption.
+TOKENS_PER_STIMULUS = {"vision": 37 * 37 + 1, "language": 128}
+#: Sustained operations per second assumed for the forward passes, by bytes per weight (low on
+#: purpose: a job asks for more time than it needs rather than be killed at its limit).
+SUSTAINED_FLOPS = {2: 5e13, 4: 1e13}
+
+
+def forward_minutes(
+    modality: str, size_b: float, n_stimuli: int, bytes_per_param: int = BYTES_PER_PARAM_BF16
+) -> int:
+    """Minutes the forward passes of ``n_stimuli`` stimuli take at most in the runtime model
+    (2 · parameters operations per token, :data:`TOKENS_PER_STIMULUS`, :data:`SUSTAINED_FLOPS`)."""
+    if not (isinstance(n_stimuli, int) and n_stimuli >= 0):
+        raise ValueError(f"n_stimuli must be an integer >= 0, got {n_stimuli!r}")
+    flops = n_stimuli * TOKENS_PER_STIMULUS[modality] * 2 * size_b * 1e9
+    return math.ceil(flops / SUSTAINED_FLOPS[bytes_per_param] / 60)
 
 
 def _check(size_b: float, attempt: int) -> None:
@@ -77,8 +107,9 @@ def extraction_resources(
     num_workers: int,
     max_gpus: int = MAX_GPUS,
     bytes_per_param: int = BYTES_PER_PARAM_BF16,
+    n_stimuli: int = 0,
 ) -> dict[str, int]:
-    """Resources of one model's feature-extraction job (a GPU job).
+    """Resources of one model's feature-extraction job (a GPU job) over ``n_stimuli`` stimuli.
 
     Returns ``{"gpu", "mem_mb", "runtime", "cpus_per_task"}`` (runtime in minutes), the names
     snakemake-executor-plugin-slurm turns into ``--gpus``, ``--mem``, ``-t`` and
@@ -91,7 +122,8 @@ def extraction_resources(
     - the features do not count: beyond ``IN_MEMORY_FEATURE_BYTES`` (2 GiB, inside the 8 GB)
       they wait in a spill file next to the output (xmodal.extract._common.FeatureAccumulator),
       so memory does not grow with the number of stimuli.
-    - runtime: 30 min plus 1 min per 2 GB of weights (reading them dominates), per attempt.
+    - runtime: 30 min plus 1 min per 2 GB of weights plus :func:`forward_minutes` of the
+      stimuli, per attempt (the module docstring).
     """
     _check(size_b, attempt)
     if modality not in ("vision", "language"):
@@ -105,7 +137,8 @@ def extraction_resources(
     else:
         cpus = min(max(1, num_workers), 4)
         mem_gb = 8 + weights_gb
-    runtime = 30 + math.ceil(weights_gb / 2)
+    forward = forward_minutes(modality, size_b, n_stimuli, bytes_per_param)
+    runtime = 30 + math.ceil(weights_gb / 2) + forward
     return {
         "gpu": gpus_needed(size_b, gpu_mem_gb, max_gpus, bytes_per_param),
         "mem_mb": 1024 * math.ceil(mem_gb) * attempt,

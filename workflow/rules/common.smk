@@ -1,5 +1,6 @@
 # Everything that is Python rather than a rule: config validation, the model registry,
 # wildcard constraints and input functions.
+import json
 import os
 import re
 import sys
@@ -255,12 +256,27 @@ def manifest_stamp_input(wildcards):
     return manifest_stamp_path(REGISTRY[wildcards.model].modality)
 
 
-def extraction_resource(name):
-    """One resource of a model's extraction job (xmodal.registry: size and site settings);
-    memory and runtime grow with each retry."""
+def _n_stimuli(input):
+    """Stimuli an extraction reads: its manifest stamp's count, else the manifest's lines (a
+    bound), else the demo's n, else 0. Snakemake evaluates resources again once the inputs
+    exist, before it submits the job; the fallbacks only show in dry runs."""
+    try:
+        return int(json.loads(Path(input.stamp).read_text())["n_stimuli"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        pass
+    try:
+        with open(input.manifest, "rb") as fh:
+            return max(sum(1 for _ in fh) - 1, 0)
+    except (OSError, AttributeError):
+        return int(MANIFEST_SOURCE.get("n") or 0)
 
-    def get(wildcards, attempt):
-        return REGISTRY[wildcards.model].resources(attempt)[name]
+
+def extraction_resource(name):
+    """One resource of a model's extraction job (xmodal.registry: size and site settings; the
+    runtime also from the number of stimuli); memory and runtime grow with each retry."""
+
+    def get(wildcards, input, attempt):
+        return REGISTRY[wildcards.model].resources(attempt, _n_stimuli(input))[name]
 
     return get
 
