@@ -273,7 +273,8 @@ def _n_stimuli(input):
 
 def extraction_resource(name):
     """One resource of a model's extraction job (xmodal.registry: size and site settings; the
-    runtime also from the number of stimuli); memory and runtime grow with each retry."""
+    runtime also from the number of stimuli); memory and runtime grow with each retry.
+    """
 
     def get(wildcards, input, attempt):
         return REGISTRY[wildcards.model].resources(attempt, _n_stimuli(input))[name]
