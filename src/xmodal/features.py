@@ -267,6 +267,14 @@ def _stored_text(path: str | os.PathLike, name: str) -> str | None:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+#: How to replace a stale feature file. Deleted alone it is not made again: Snakemake does not
+#: rebuild an intermediate file while what was made from it is up to date.
+REMAKE = (
+    "delete it and make it again by naming it: `snakemake <your options> {path}`, then run as "
+    "before (what was made from it reruns)"
+)
+
+
 def check_against_stamp(paths: Iterable[str | os.PathLike], stamp: str | os.PathLike) -> None:
     """Refuse a feature file extracted from other stimuli than ``stamp`` (a manifest stamp,
     docs/contracts.md) describes now, when the file is not older than the stamp.
@@ -300,7 +308,7 @@ def check_against_stamp(paths: Iterable[str | os.PathLike], stamp: str | os.Path
                 f"extracted from stimuli with digest {got[:12]}…, and {stamp} says "
                 f"{want[:12]}…. The file is not older than that stamp, so Snakemake would "
                 f"not re-extract it (was it touched with `snakemake --touch`, or copied in?); "
-                f"delete it and run again: its extraction reruns"
+                f"{REMAKE.format(path=path)}"
             )
 
 
@@ -320,8 +328,7 @@ def check_against_weights(
         raise FeatureFileError(
             f"{path} was extracted from other weights than {folder} holds now (digest "
             f"{got[:12]}…, now {now[:12]}…): its files changed since (trained again, or replaced "
-            f"in place?), which Snakemake does not track; delete {path} and run again: its "
-            f"extraction reruns"
+            f"in place?), which Snakemake does not track; {REMAKE.format(path=path)}"
         )
 
 
