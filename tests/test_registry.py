@@ -312,3 +312,22 @@ def test_a_demo_build_with_the_other_modalitys_keys_is_refused(key, extra, named
     demo["models"][key]["build"].update(extra)
     with pytest.raises(ConfigError, match=rf"'models\.{key}\.build': {named}"):
         Registry.from_config(demo)
+
+
+def test_a_built_model_whose_id_is_another_folder_is_refused() -> None:
+    """A demo entry copied under a new key with another seed, its id left as the original's:
+    the build rule trained the new model into resources/demo/models/<new key>, the extraction
+    loaded the id, so the 'new' model's features were the original's, counted twice in GPA
+    (reviewer; exit 0). An id spelled another way for the same folder is accepted."""
+    demo = yaml.safe_load((ROOT / "config" / "demo.yaml").read_text())
+    demo["models"]["tiny-mae2"] = copy.deepcopy(demo["models"]["tiny-mae"])
+    demo["models"]["tiny-mae2"]["build"]["seed"] = 11
+    demo["models"]["tiny-mae2"]["label"] = "tiny MAE 2"
+    with pytest.raises(
+        ConfigError,
+        match=r"'models\.tiny-mae2\.id': .*built into resources/demo/models/tiny-mae2.*"
+        r"not 'resources/demo/models/tiny-mae'",
+    ):
+        Registry.from_config(demo)
+    demo["models"]["tiny-mae2"]["id"] = "./resources/demo/models/tiny-mae2/"
+    assert Registry.from_config(demo)["tiny-mae2"].source == "built"

@@ -419,6 +419,9 @@ def test_manifest_edits_rerun_only_the_extractions_they_change(workflow_dir, dem
         os.utime(image, ns=(times.st_atime_ns, times.st_mtime_ns))
         out = dry_run()
         assert _extracted(out) == vision, out[-3000:]
+        # the image tables follow the images (before: only the manifest's time reran them, so
+        # the properties kept the old image's values next to the new dispersion)
+        assert "rule stimuli_report:" in out, out[-3000:]
         # a stale feature file made newer than the stamp (as `snakemake --touch` leaves it)
         # would be analysed as it is: refused, naming it (before: analysed)
         os.utime(feature)
@@ -440,6 +443,55 @@ def test_manifest_edits_rerun_only_the_extractions_they_change(workflow_dir, dem
             feature.write_bytes(feature_bytes)
         os.utime(feature, ns=(feature_times.st_atime_ns, feature_times.st_mtime_ns))
     assert "Nothing to be done" in dry_run()
+
+
+def test_a_deleted_stamp_is_written_again_and_still_guards_the_stimuli(workflow_dir):
+    """A manifest stamp deleted after the analysis (results/stimuli cleaned up) was never made
+    again: the extractions that need it were up to date, so no job asked for it, and a later
+    change of the images re-extracted nothing and was refused by nothing (reviewer). Every call
+    now writes a missing stamp; the same content reruns nothing."""
+    stamp = workflow_dir / "results/stimuli/demo/extract_vision.json"
+    manifest = workflow_dir / "resources/stimuli/demo/stimuli.tsv"
+    record = stamp.read_bytes()
+    image = manifest.parent / read_manifest(manifest)["image"].iloc[1]
+    image_bytes, times = image.read_bytes(), image.stat()
+
+    def dry_run() -> str:
+        proc = snakemake(workflow_dir, "-n", "--configfile", "config/demo.yaml", "--cores", "2")
+        return proc.stdout + proc.stderr
+
+    try:
+        stamp.unlink()
+        out = dry_run()
+        assert "Nothing to be done" in out and stamp.read_bytes() == record, out[-3000:]
+        stamp.unlink()
+        flipped = bytearray(image_bytes)
+        flipped[len(flipped) // 2] ^= 0xFF
+        image.write_bytes(bytes(flipped))
+        out = dry_run()
+        vision = {"tiny-mae", "tiny-dinov2", "tiny-clip", "tiny-clip-ft"}
+        assert _extracted(out) == vision and stamp.read_bytes() != record, out[-3000:]
+    finally:
+        image.write_bytes(image_bytes)
+        os.utime(image, ns=(times.st_atime_ns, times.st_mtime_ns))
+    assert "Nothing to be done" in dry_run() and stamp.read_bytes() == record
+
+
+def test_demo_stimuli_made_again_are_extracted_again_in_the_same_run(workflow_dir):
+    """When the demo's manifest rule reruns for another reason than its settings (its script
+    changed), the stamps and every extraction rerun with it in the same call. Before, that call
+    analysed the old features next to the new stimulus tables, exit 0, and only the next call
+    re-extracted (reviewer)."""
+    script = workflow_dir / "scripts/demo_stimuli.py"
+    times = script.stat()
+    try:
+        os.utime(script)
+        proc = snakemake(workflow_dir, "-n", "--configfile", "config/demo.yaml", "--cores", "2")
+        out = proc.stdout + proc.stderr
+        assert "rule demo_stimuli:" in out and out.count("rule manifest_stamp:") == 2, out[-3000:]
+        assert len(_extracted(out)) == 7, out[-3000:]
+    finally:
+        os.utime(script, ns=(times.st_atime_ns, times.st_mtime_ns))
 
 
 def test_a_local_model_whose_weights_changed_in_place_is_refused(workflow_dir, demo_config):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -35,6 +36,7 @@ __all__ = [
     "ModelEntry",
     "Registry",
     "Site",
+    "built_model_dir",
     "compute_dtype",
     "download_patterns",
     "hub_repo_of",
@@ -116,6 +118,11 @@ def compute_dtype(modality: str, dtype: str) -> str:
     if modality == "vision" and str(dtype).lower() == "auto":
         return "float32"
     return str(dtype)
+
+
+def built_model_dir(key: str) -> str:
+    """The folder the demo's build rule writes model ``key`` into (relative to the workflow)."""
+    return f"resources/demo/models/{key}"
 
 
 def _looks_like_path(model_id: str) -> bool:
@@ -322,6 +329,13 @@ class Registry(Mapping[str, ModelEntry]):
                 source = "supplied"
             elif build is not None:
                 source = "built"
+                if os.path.normpath(model_id) != built_model_dir(str(key)):
+                    # the extraction loads `id`: a copied entry would read the original's weights
+                    raise ConfigError(
+                        f"config key 'models.{key}.id': a model with 'build' is built into "
+                        f"{built_model_dir(str(key))}, so its id must be that folder, not "
+                        f"{model_id!r} (its features would be another model's)"
+                    )
                 # the other modality's keys would be ignored: a vision model with arch: bloom
                 # became a default MAE ViT
                 wrong = sorted(set(build) & _BUILD_KEYS_OF_OTHER[modality])

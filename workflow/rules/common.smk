@@ -42,7 +42,7 @@ from xmodal.figures import (
 )
 from xmodal.language_dispersion import LanguageDispersionSettings
 from xmodal.logs import forward_to
-from xmodal.registry import Registry
+from xmodal.registry import Registry, built_model_dir
 from xmodal.selection import DropControl, HeldOutLayer, SelfSelection
 from xmodal.stimuli import (
     EXTRACTION_COLUMNS,
@@ -217,11 +217,6 @@ for _key in SUPPLIED:
 def vision_features(wildcards):
     """The feature files of every vision model (GPA, and each LLM's alignment jobs)."""
     return [feature_file(v) for v in VISION]
-
-
-def built_model_dir(model):
-    """Where the demo's build rule writes a tiny locally built model."""
-    return f"resources/demo/models/{model}"
 
 
 def feature_spec(wildcards):
@@ -496,30 +491,39 @@ check_manifest_settings()
 
 
 def update_manifest_stamps():
-    """Rewrite the existing stamps whose manifest content changed (the main process only: the
-    jobs, which parse this file again, leave them alone)."""
+    """Bring every stamp up to the manifest (the main process only: the jobs, which parse this
+    file again, leave them alone): write the missing ones (a stamp deleted after the analysis
+    was never made again, and the stimuli went unchecked), rewrite those whose content changed,
+    and give the others the manifest's time when it is newer, so that an edit they do not see
+    reruns no stamp job (which would re-extract every model: docs/cluster.md, "What reruns").
+    """
     if not workflow.is_main_process or not Path(MANIFEST).is_file():
         return
     stamps = [(m, manifest_stamp_path(m)) for m in EXTRACTION_COLUMNS]
-    stamps = [(m, path) for m, path in stamps if Path(path).is_file()]
-    if not stamps:
-        return
     try:
         manifest = read_manifest(MANIFEST, check_images=False)
     except StimulusError as err:  # the jobs that read the manifest report it
         logger.warning(f"manifest stamps left as they are: {err}")
         return
+    edited = Path(MANIFEST).stat().st_mtime_ns
     for modality, path in stamps:
+        missing = not Path(path).is_file()
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
         # the library's messages (images read for their digests, a stamp carried over)
         with forward_to(logger.info):
             changed = write_manifest_stamp(
                 MANIFEST, path, modality, DROP_DUPLICATES, manifest
             )
-        if changed:
+        if missing:
+            logger.info(f"{path} written (what the {modality} extractions read)")
+        elif changed:
             logger.info(
                 f"{MANIFEST}: what the {modality} extractions read changed (manifest"
                 f" columns or image file contents); {path} updated"
             )
+        elif Path(path).stat().st_mtime_ns < edited:
+            # same content: Snakemake compares its checksum, so the extractions do not rerun
+            os.utime(path)
 
 
 update_manifest_stamps()

@@ -20,12 +20,18 @@ if config["stimuli"]["source"] == "hub":
 # What each modality's extraction reads from the manifest (ids and images, or ids and captions;
 # all three with drop_duplicates), as a digest (xmodal.stimuli.manifest_stamp). The extractions
 # depend on it rather than on the manifest's modification time: when the manifest exists, every
-# snakemake invocation (dry runs included) rewrites a stamp whose content changed and leaves the
-# others untouched, so an annotation column reruns no extraction and a caption only the
-# language models' (docs/cluster.md, "What reruns"). The rule makes a missing stamp.
+# snakemake invocation (dry runs included) writes a missing stamp, rewrites one whose content
+# changed and gives the others the manifest's time (update_manifest_stamps in common.smk), so
+# an annotation column reruns no extraction and a caption only the language models' (docs/
+# cluster.md, "What reruns"). This rule makes the stamps of a manifest a rule makes. The demo's
+# stamps are made again whenever its manifest rule reruns (and so are the extractions, CPU
+# minutes), so that regenerated stimuli never meet old features in one run; a hub manifest's
+# rerun (a changed prefetch script) re-extracts only if its content changed, at the next call.
 rule manifest_stamp:
     input:
-        manifest=ancient(MANIFEST),
+        manifest=(
+            MANIFEST if config["stimuli"]["source"] == "demo" else ancient(MANIFEST)
+        ),
     output:
         stamp=MANIFEST_STAMP,
     log:
@@ -45,6 +51,8 @@ rule manifest_stamp:
 rule stimuli_report:
     input:
         manifest=MANIFEST,
+        # an image replaced under the same path changes the vision stamp, not the manifest
+        stamp=manifest_stamp_path("vision"),
     output:
         images=f"{STIMULI}/images.tsv",
         duplicates=f"{STIMULI}/duplicates.tsv",
