@@ -14,4 +14,5 @@ write_provenance(
     snakemake.params.stimuli_source,
     list(snakemake.input.features),
     snakemake.output[0],
+    labels=dict(snakemake.params.labels),
 )

@@ -434,3 +434,6 @@ def test_provenance_names_the_stimuli_commit_and_each_models_revision_and_weight
     assert s["id"] == str(manifest) and s["source"] == "local"
     assert s["revision"] == "" and s["requested_revision"] == ""
     assert read_table(out)["revision"].tolist() == ["", "1e3"]  # not 1000.0
+    # the config's labels name the models: a file keeps the label it was extracted under
+    pipeline.write_provenance(manifest, "local", files, out, labels={"vit": "ViT-H (MAE)"})
+    assert read_table(out)["label"].tolist() == ["", "ViT-H (MAE)", ""]

@@ -902,7 +902,10 @@ _PROVENANCE_ATTRS = ("label", "modality", "source", "requested_revision", "revis
 
 
 def provenance_table(
-    manifest: PathLike, stimuli_source: str, feature_paths: Sequence[PathLike]
+    manifest: PathLike,
+    stimuli_source: str,
+    feature_paths: Sequence[PathLike],
+    labels: Mapping[str, str] | None = None,
 ) -> pd.DataFrame:
     """What a run's numbers were computed from, to cite: the stimuli (the manifest's SHA-256,
     and for hub stimuli the dataset and the commit its revision resolved to) and, per model,
@@ -910,7 +913,8 @@ def provenance_table(
     model's commit, which identifies its weights), the weights' SHA-256 (local and built
     models; empty for hub models), the digest of what it read of the stimuli (image files or
     captions, ``stimuli_sha256``), compute dtype, device, pooling, library versions, and when
-    it was extracted."""
+    it was extracted. ``labels`` (model key -> label, the config's) name the models; a feature
+    file keeps the label it was extracted under, which a later label change does not rewrite."""
     from xmodal.io import file_digests
     from xmodal.stimuli import read_manifest
 
@@ -931,26 +935,32 @@ def provenance_table(
         with FeatureFile(path) as ff:
             attrs, n = ff.attrs, ff.m
         versions = json.loads(attrs.get("library_versions") or "{}")
-        rows.append(
-            {
-                "kind": "model",
-                "key": attrs.get("model_key", Path(path).stem),
-                "id": attrs.get("model_id", ""),
-                "sha256": attrs.get("weights_sha256", ""),
-                "n_stimuli": n,
-                "stimuli_sha256": attrs.get("stimuli_sha256", ""),
-                **{k: attrs.get(k, "") for k in _PROVENANCE_ATTRS},
-                **{k: versions.get(k, "") for k in ("torch", "timm", "transformers", "xmodal")},
-            }
-        )
+        key = attrs.get("model_key", Path(path).stem)
+        row = {
+            "kind": "model",
+            "key": key,
+            "id": attrs.get("model_id", ""),
+            "sha256": attrs.get("weights_sha256", ""),
+            "n_stimuli": n,
+            "stimuli_sha256": attrs.get("stimuli_sha256", ""),
+            **{k: attrs.get(k, "") for k in _PROVENANCE_ATTRS},
+            **{k: versions.get(k, "") for k in ("torch", "timm", "transformers", "xmodal")},
+        }
+        if labels and key in labels:
+            row["label"] = labels[key]
+        rows.append(row)
     return pd.DataFrame(rows, columns=list(PROVENANCE_COLUMNS)).fillna("")
 
 
 def write_provenance(
-    manifest: PathLike, stimuli_source: str, feature_paths: Sequence[PathLike], out: PathLike
+    manifest: PathLike,
+    stimuli_source: str,
+    feature_paths: Sequence[PathLike],
+    out: PathLike,
+    labels: Mapping[str, str] | None = None,
 ) -> None:
     """``{dataset}_provenance.tsv`` (:func:`provenance_table`)."""
-    table = provenance_table(manifest, stimuli_source, feature_paths)
+    table = provenance_table(manifest, stimuli_source, feature_paths, labels)
     versions = table.loc[table.kind == "model", ["torch", "timm", "transformers"]]
     versions = versions.drop_duplicates()
     if len(versions) > 1:  # features of one run from several library builds: say so

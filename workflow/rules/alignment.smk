@@ -231,6 +231,10 @@ rule provenance:
     conda:
         "../../envs/analysis.yaml"
     params:
-        stimuli_source=config["stimuli"]["source"],
+        **named_params(
+            stimuli_source=config["stimuli"]["source"],
+            # the config's labels: a feature file keeps the label it was extracted under
+            labels={k: REGISTRY[k].label for k in REGISTRY},
+        ),
     script:
         "../../scripts/provenance.py"
