@@ -332,6 +332,16 @@ def test_kernel_resolution_covers_float32_kernel_error():
     assert mt.kernel_resolution(16, np.float64) < 1e-14
 
 
+def test_kernel_resolution_takes_the_values_in_method_md():
+    """τ = 4·√dim·eps: another RESOLUTION_FACTOR (2.0) would move the values docs/method.md
+    quotes for float32 kernels of width 16, 1280 and 4096."""
+    eps = np.finfo(np.float32).eps
+    assert mt.kernel_resolution(16, np.float32) == pytest.approx(4 * 4 * eps)
+    assert mt.kernel_resolution(16, np.float32) == pytest.approx(1.9e-6, rel=0.01)
+    assert mt.kernel_resolution(1280, np.float32) == pytest.approx(1.7e-5, rel=0.02)
+    assert mt.kernel_resolution(4096, np.float32) == pytest.approx(3.1e-5, rel=0.02)
+
+
 @SETTINGS
 @given(seed=st.integers(0, 2**16), k=st.integers(2, 6))
 def test_stability_matches_brute_force(seed, k):
@@ -412,6 +422,83 @@ def test_collapsed_representation_is_unresolved():
     assert side.unresolved.float().mean() > 0.95
 
 
+def test_exactly_half_the_rows_unresolved_is_rounding_decides():
+    """Rounding decides from *at least* half of a side's rows unresolved: ``>`` in place of
+    ``>= ROUNDING_DECIDES`` would miss exactly half (4 of 8) and give a finite stability."""
+    rng = np.random.default_rng(0)
+    g = rng.permutation(64).reshape(8, 8).astype(float)  # distinct values
+    for i in range(4):  # rows 0-3: an exact tie at the top
+        a, b = [j for j in range(8) if j != i][:2]
+        g[i, a] = g[i, b] = 100.0
+    side = mt.KernelKNN.build(torch.from_numpy(g.copy()), 1, tau=0.0)
+    assert side.unresolved[0].tolist() == [True] * 4 + [False] * 4
+    assert bool(mt.rounding_decides(side)[0])
+    other = rng.permutation(64).reshape(8, 8).astype(float)
+    other_side = mt.KernelKNN.build(torch.from_numpy(other), 1, 0.0)
+    _, stability = mt.knn_metric("mutual_knn", side, other_side)
+    assert float(stability[0]) == np.inf
+
+
+def test_alternative_fill_takes_the_band_within_tau_of_the_kth_value():
+    """The near-tie band is |v − v_k| ≤ τ and only v > v_k + τ is certain: ``> v_k`` would
+    take 0.62 (inside the band) as certain and leave 7 out of the alternative set."""
+    rng = np.random.default_rng(1)
+    g = rng.uniform(0, 0.2, (8, 8))
+    g[0, [1, 2, 5, 7]] = [0.9, 0.62, 0.58, 0.5]
+    side = mt.KernelKNN.build(torch.from_numpy(g.copy()), 3, tau=0.1)
+    assert bool(side.unresolved[0, 0])
+    assert set(side.idx[0, 0].tolist()) == {1, 2, 5}
+    # band = {2, 5, 7} (within 0.1 of 0.58), filled highest index first; 1 is above the band
+    assert set(side.alt.idx[0, 0].tolist()) == {1, 7, 5}
+
+
+def test_stability_includes_both_sides_flipped_together():
+    """Stability is the largest change over X's alternative, Y's, and both together: without
+    the pair (X's alternative, Y's alternative) it would be 1/6, not 2/6."""
+    rng = np.random.default_rng(0)
+    kk = rng.permutation(36).reshape(6, 6).astype(float) / 36
+    ll = rng.permutation(36).reshape(6, 6).astype(float) / 36
+    kk[0, [1, 2]] = 10.0  # row 0: K ties 1|2 (picks 1, alternative 2); L picks 2
+    ll[0, 2] = 10.0
+    kk[1, 4] = 10.0  # row 1: K picks 4; L ties 3|4 (picks 3, alternative 4)
+    ll[1, [3, 4]] = 10.0
+    xs = mt.KernelKNN.build(torch.from_numpy(kk), 1, 0.0)
+    ys = mt.KernelKNN.build(torch.from_numpy(ll), 1, 0.0)
+    _, stability = mt.knn_metric("mutual_knn", xs, ys)
+    # X alone or Y alone adds one hit (+1/6); both flipped add two (+2/6): stability = 2/6
+    assert float(stability[0]) == pytest.approx(2 / 6)
+
+
+def test_stability_is_nan_where_the_value_is_for_a_layer_rounding_decides():
+    """A NaN value (a negative self-HSIC) has stability NaN, also where rounding decides
+    (stability ∞ otherwise): without the last ``torch.where(isfinite(value), …)`` it was ∞."""
+    rng = np.random.default_rng(0)
+    v = rng.standard_normal(24)
+    col = mt.prepare_layer((v + 1e-7 * rng.standard_normal((120, 24))).astype(np.float32), 1e30)
+    xs = mt.KernelKNN.from_features(col, 10)
+    ys = mt.KernelKNN.from_features(rng.standard_normal((120, 32)).astype(np.float32), 10)
+    assert bool(mt.rounding_decides(xs)[0])
+    xs.knn.self_hsic = -xs.knn.self_hsic.abs()
+    value, stability = mt.knn_metric("cknna", xs, ys)
+    assert np.isnan(float(value[0])) and np.isnan(float(stability[0]))
+
+
+def test_stability_is_nan_where_the_value_is_without_unresolved_rows():
+    """A NaN value has stability NaN also when neither side has an unresolved row (no
+    alternative sets): the early return gave stability 0 there."""
+    rng = np.random.default_rng(0)
+    xs, ys = (
+        mt.KernelKNN.from_features(
+            mt.prepare_layer(rng.standard_normal((60, p)).astype(np.float32), 1e30), 5
+        )
+        for p in (16, 12)
+    )
+    assert xs.alt is None and ys.alt is None
+    xs.knn.self_hsic = -xs.knn.self_hsic.abs()
+    value, stability = mt.knn_metric("cknna", xs, ys)
+    assert np.isnan(float(value[0])) and np.isnan(float(stability[0]))
+
+
 # ----------------------------------------------------------------------------- blocked == dense
 
 
@@ -463,6 +550,16 @@ def test_prepare_layer_without_overflow_or_underflow():
     np.testing.assert_allclose(got[1], x[1] / np.linalg.norm(x[1].astype(float)), rtol=1e-6)
     np.testing.assert_allclose(got[2], x[2] / np.linalg.norm(x[2].astype(float)), rtol=1e-6)
     assert np.array_equal(mt.prepare_layer(x[[0, 5]], 1e30), ref[[0, 5]])
+
+
+def test_tiny_but_representable_row_is_normalised_to_unit_norm():
+    """A row of norm ~4e-14 (below 1e-12, its squares still representable) is divided by its
+    norm: a lower cut-off (1e-30) would divide it by the 1e-12 floor, to norm ~0.04."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((3, 16)).astype(np.float32)
+    x[1] *= 1e-14
+    got = mt.prepare_layer(x, threshold=1e30)
+    np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, rtol=1e-6)
 
 
 @pytest.mark.parametrize("fn", [mt.cknna, mt.mutual_knn])

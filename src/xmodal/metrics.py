@@ -625,7 +625,8 @@ def knn_metric(metric: str, xs: KernelKNN, ys: KernelKNN) -> tuple[torch.Tensor,
         )
     f = _LIST_METRICS[metric]
     value = f(xs.knn, ys.knn)
-    stability = torch.zeros_like(value)
+    # NaN where the value is (docs/method.md, "Stability"), also without unresolved rows
+    stability = torch.where(torch.isfinite(value), 0.0, torch.nan).to(value.dtype)
     if xs.alt is None and ys.alt is None:
         return value, stability
     pairs = [(xs.alt, ys.knn), (xs.knn, ys.alt), (xs.alt, ys.alt)]  # X side, Y side, both
