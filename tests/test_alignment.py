@@ -151,6 +151,64 @@ def test_condition_table_unknown_ids(data):
         al.condition_table("v", "l", 0, vision, layers[0], bad, IDS, n_boot=0)
 
 
+def test_a_set_listed_out_of_order_scores_as_in_stimulus_order():
+    """A set is evaluated in stimulus order whatever order its table lists it in (e.g. by
+    dispersion rank): without ``np.sort(pos)`` exact ties would break by listing order."""
+    rng = np.random.default_rng(0)
+    m = 40
+    x = rng.integers(-2, 3, (m, 4)).astype(np.float64)
+    x[[5, 11, 23, 30]] = x[2]  # exact duplicates: exact ties
+    x[[7, 19]] = x[3]
+    y = rng.integers(-2, 3, (m, 3)).astype(np.float64)
+    y[[6, 12, 25]] = y[1]
+    ids = IDS[:m]
+    pos = np.arange(0, 32)
+    listed = [ids[j] for j in pos[::-1]]
+    sets = pd.DataFrame({"set": "low", "summary": "mean", "draw": 0, "stimulus_id": listed})
+    plan = al.ConditionPlan(sets, ids, k=3, n_boot=0)
+    xs, ys = plan.side(x, is_kernel=False, boot=False), plan.side(y, boot=False)
+    cond, _ = plan.evaluate_metrics("v", "l", 0, xs, ys, ("cknna", "mutual_knn"))
+    for metric, fn in (("cknna", mt.cknna), ("mutual_knn", mt.mutual_knn)):
+        got = cond[(cond.condition == "low") & (cond.metric == metric)].value.item()
+        assert got == pytest.approx(fn(x[pos], y[pos], 3), abs=1e-12)
+
+
+def test_each_summarys_bootstrap_draws_from_its_own_seed_stream():
+    """The i-th summary's low and high sets draw from ``default_rng([seed, i])`` (docs): one
+    ``default_rng(seed)`` per summary would give mean and pc1 the same resample stream."""
+    ids = IDS[:40]
+    rows = []
+    for summary, lo, hi in (
+        ("mean", range(0, 12), range(28, 40)),
+        ("pc1", range(3, 15), range(20, 32)),
+    ):
+        rows += [("low", summary, 0, ids[j]) for j in lo]
+        rows += [("high", summary, 0, ids[j]) for j in hi]
+    sets = pd.DataFrame(rows, columns=["set", "summary", "draw", "stimulus_id"])
+    plan = al.ConditionPlan(sets, ids, k=3, n_boot=20, seed=7)
+    for si, summary in enumerate(("mean", "pc1")):
+        rng = np.random.default_rng([7, si])
+        for name in ("low", "high"):
+            want = st.BootstrapPlan(plan.positions[(name, summary, 0)], 20, rng, 3).weights
+            assert np.array_equal(plan.plans[(name, summary)].weights.numpy(), want.numpy())
+
+
+def test_subsets_keep_the_full_kernels_resolution():
+    """A subset's kNN takes τ of the full set's kernel: τ = 0 would leave row 33's near tie
+    (rows 3 and 10, 3e-8 apart in its kernel row) resolved."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((60, 16)).astype(np.float32)
+    x[10] = x[3] + 1e-7 * rng.standard_normal(16).astype(np.float32)  # near-duplicate rows
+    x = mt.prepare_layer(x, 1e30)
+    full = mt.KernelKNN.from_features(x, 1)
+    sub = al._subsets_of(full, np.arange(0, 40)[None, :])[0]
+    assert sub.tau == full.tau > 0
+    expected = mt.KernelKNN.build(full.kernel[0][:40, :40], 1, full.tau)
+    assert sub.unresolved[0].tolist() == expected.unresolved[0].tolist()
+    assert np.flatnonzero(sub.unresolved[0].numpy()).tolist() == [30, 33]
+    assert sub.idx[0, [30, 33], 0].tolist() == [3, 10] and 0 < float(sub.gap[0, 33]) <= full.tau
+
+
 # ----------------------------------------------------------------------------- per-LLM API
 
 

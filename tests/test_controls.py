@@ -293,6 +293,36 @@ def test_drop_summary_against_loops():
     assert r.median_random_minus_full == pytest.approx(0.02)
 
 
+def drop_row(drop_high, drop_low, random_mean, frac) -> pd.DataFrame:
+    """One pair's drop-control row: full 0.3, random interval (0.25, 0.35), both fractions frac."""
+    row = dict(drop_high=drop_high, drop_low=drop_low, random_mean=random_mean)
+    return pd.DataFrame([row]).assign(
+        vision="v",
+        llm="l",
+        metric="cknna",
+        summary="mean",
+        full=0.3,
+        random_ci_low=0.25,
+        random_ci_high=0.35,
+        frac_random_ge_drop_high=frac,
+        frac_random_ge_drop_low=frac,
+    )
+
+
+def test_random_below_drop_low_is_not_between_the_drop_sets():
+    """Random 0.3 below drop_low 0.4 is not between the drop sets: ``(drop_high > random) &
+    (drop_high > drop_low)`` would count the pair."""
+    r = drop_summary_table(drop_row(0.5, 0.4, 0.3, 0.0)).iloc[0]
+    assert r.n_drop_high_gt_random_gt_drop_low == 0
+
+
+def test_drop_equal_to_full_is_not_above_it():
+    """A drop set's value equal to the full set's (0.3) is not above it: ``>=`` would count
+    it."""
+    r = drop_summary_table(drop_row(0.3, 0.3, 0.3, 0.5)).iloc[0]
+    assert (r.n_drop_high_gt_full, r.n_drop_low_gt_full) == (0, 0)
+
+
 # ---------------------------------------------------------------- stability of the baselines
 
 

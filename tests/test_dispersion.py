@@ -8,7 +8,7 @@ import pytest
 from _planted import planted_reps
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from scipy.stats import spearmanr
+from scipy.stats import pearsonr, spearmanr
 
 from xmodal.dispersion import (
     dispersion_table,
@@ -42,6 +42,15 @@ def test_pc1_rank_one_orders_like_mean():
     assert spearmanr(scores, a).statistic == pytest.approx(1.0)
 
 
+def test_pc1_explained_variance_is_the_top_eigenvalues_share():
+    """The explained variance is λ₁ / Σλ of the residuals' covariance (squared singular
+    values): s₁ / Σs, of the singular values themselves, would give another number."""
+    rng = np.random.default_rng(0)
+    r = np.abs(rng.standard_normal((60, 4))) * [1, 2, 3, 4]
+    lam = np.linalg.eigvalsh(np.cov(r, rowvar=False))
+    assert pc1_dispersion(r)[1] == pytest.approx(lam[-1] / lam.sum(), rel=1e-10)
+
+
 def test_dispersion_table():
     r = np.array([[1.0, 1.0], [0.5, 0.5], [0.5, 0.5], [2.0, 3.0]])
     table, ev = dispersion_table(["a", "b", "c", "d"], r)
@@ -70,6 +79,15 @@ def test_stable_rank():
     assert stable_rank(np.array([3.0, 1.0, 1.0, 0.0])).tolist() == [3, 1, 2, 0]
 
 
+def test_stable_rank_breaks_many_ties_by_position():
+    """200 values in three tie groups rank by (value, position): an unstable sort
+    (``kind="quicksort"``) reorders the members of large tie groups."""
+    v = np.random.default_rng(0).integers(0, 3, 200).astype(float)
+    want = np.empty(200, int)
+    want[sorted(range(200), key=lambda j: (v[j], j))] = np.arange(200)
+    assert stable_rank(v).tolist() == want.tolist()
+
+
 def test_leave_one_model_out_planted():
     rng = np.random.default_rng(0)
     m = 200
@@ -93,6 +111,23 @@ def test_leave_one_model_out_planted():
     assert {"held_out", "stimulus_id", "partial_dispersion", "deviation"} <= set(stimuli.columns)
     sub = stimuli[stimuli.held_out == "a"]
     np.testing.assert_allclose(sub.partial_dispersion, res.fits["a"].residuals.mean(axis=1))
+
+
+def test_leave_one_model_out_coefficients_are_over_the_held_out_models_stimuli():
+    """Each held-out model's spearman_rho and pearson_r are those of its own stimuli's partial
+    dispersion and deviation: Kendall's τ in place of Spearman's ρ would pass a sign check."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((30, 5))
+    reps = [
+        x @ rng.standard_normal((5, w)) + 0.5 * rng.standard_normal((30, w)) for w in (8, 9, 10)
+    ]
+    res = leave_one_model_out(reps, names=list("abc"))
+    for row in res.models.itertuples():
+        s = res.stimuli[res.stimuli.held_out == row.held_out]
+        rho = spearmanr(s.partial_dispersion, s.deviation).statistic
+        r = pearsonr(s.partial_dispersion, s.deviation).statistic
+        assert row.spearman_rho == pytest.approx(rho, abs=1e-12)
+        assert row.pearson_r == pytest.approx(r, abs=1e-12)
 
 
 def test_leave_one_model_out_does_not_depend_on_the_order_of_the_models():

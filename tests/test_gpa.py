@@ -7,6 +7,7 @@ import logging
 
 import numpy as np
 import pytest
+import scipy.linalg
 import scipy.stats
 from _planted import planted_reps
 from hypothesis import given, settings
@@ -15,6 +16,8 @@ from scipy.stats import ortho_group
 
 import xmodal.gpa as gpa_module
 from xmodal.gpa import (
+    CROSS,
+    GAUSS_SEIDEL,
     PLAIN,
     Preprocessed,
     cross_products,
@@ -154,6 +157,15 @@ def test_slow_regime_flag_and_log(caplog):
         assert gpa(models(1, m=40, widths=(20, 24))).slow_regime
     assert "slow regime" in caplog.text
     assert not gpa(models(1, m=20, widths=(24, 30))).slow_regime
+
+
+def test_width_between_the_smallest_and_largest_is_already_the_slow_regime():
+    """Gauss–Seidel from m above the *smallest* width: ``m > max(widths)`` would run the plain
+    iteration for m = 30 stimuli between widths 20 and 40."""
+    assert gpa_module.plan(30, [20, 29], [20, 40]) == (GAUSS_SEIDEL, CROSS)
+    rng = np.random.default_rng(0)
+    res = gpa([rng.standard_normal((30, 20)), rng.standard_normal((30, 40))])
+    assert res.slow_regime and res.method == GAUSS_SEIDEL
 
 
 def test_result_fields_consistent():
@@ -628,3 +640,26 @@ def test_a_model_at_an_extreme_scale_gives_the_same_residuals(factor):
     ref = gpa(reps).residuals
     scaled = [reps[0] * factor, *reps[1:]]
     np.testing.assert_allclose(gpa(scaled).residuals, ref, atol=1e-9)
+
+
+def test_a_rank_deficient_polar_factor_takes_the_completion_nearest_the_last_iterate() -> None:
+    """When a is wide and rank-deficient every completion of U₁V₁ᵀ on its null space maximises
+    tr(Qᵀa); the one closest to ``near`` keeps the iterations from wandering. Taking another
+    (the farthest, say) was caught by no assertion, only by a test running for minutes."""
+    from xmodal.gpa import _polar
+
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((4, 2)) @ rng.standard_normal((2, 7))  # 4 × 7, rank 2
+    near = np.linalg.qr(rng.standard_normal((7, 4)))[0].T  # orthonormal rows
+    q, _ = _polar(a, near=near, try_eigh=False)
+    np.testing.assert_allclose(q @ q.T, np.eye(4), atol=1e-12)
+    nuclear = np.linalg.svd(a, compute_uv=False).sum()
+    assert np.trace(q.T @ a) == pytest.approx(nuclear, rel=1e-12)
+    u, sv, vt = np.linalg.svd(a)
+    u1, v1, u2 = u[:, :2], vt[:2], u[:, 2:]
+    z = scipy.linalg.null_space(v1)  # 7 × 5
+    for _ in range(50):  # other maximisers: U₁V₁ᵀ + U₂ W Zᵀ, W any 2 × 5 partial isometry
+        w = np.linalg.qr(rng.standard_normal((5, 2)))[0].T
+        other = u1 @ v1 + u2 @ w @ z.T
+        assert np.trace(other.T @ a) == pytest.approx(nuclear, rel=1e-12)
+        assert np.linalg.norm(q - near) <= np.linalg.norm(other - near) + 1e-12

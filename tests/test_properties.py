@@ -13,6 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from PIL import Image
 
+from xmodal import correlate
 from xmodal.features import FeatureFile, FeatureFileError, write_features
 from xmodal.io import read_table, write_table
 from xmodal.pipeline import (
@@ -345,6 +346,33 @@ def test_a_constant_pearson_resample_is_left_out_whatever_its_float_mean():
     assert out["ci_low"] == pytest.approx(lo, abs=1e-12) and out["ci_high"] == pytest.approx(
         hi, abs=1e-12
     )
+
+
+def test_a_stimulus_with_y_nan_is_left_out():
+    """Stimuli are kept where x *and* y are finite: ``isfinite(x)`` alone would keep the two
+    with y NaN (n 40, not 38)."""
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal(40), rng.standard_normal(40)
+    y[[3, 17]] = np.nan
+    out = correlate.correlation_ci(x, y, n_boot=50, seed=0)
+    ok = np.isfinite(y)
+    assert out["n"] == 38
+    assert out["estimate"] == pytest.approx(
+        scipy.stats.spearmanr(x[ok], y[ok]).statistic, abs=1e-12
+    )
+    assert np.isfinite(out["ci_low"])
+
+
+def test_resamples_drawn_in_blocks_are_all_drawn(monkeypatch):
+    """Blocks of 3 resamples give the 10 drawn at once: a step past each block's end
+    (``done += step + 1``) would skip resamples and return fewer."""
+    rng = np.random.default_rng(1)
+    x, y = rng.standard_normal(30), rng.standard_normal(30)
+    whole = correlate.bootstrap_coefficients(x, y, "pearson", 10, 0)
+    monkeypatch.setattr(correlate, "_BLOCK_ELEMS", 100)  # blocks of 3 resamples
+    blocked = correlate.bootstrap_coefficients(x, y, "pearson", 10, 0)
+    assert blocked.shape == (10,)
+    np.testing.assert_allclose(blocked, whole, atol=1e-14)
 
 
 def test_reason_names_both_constant_variables():

@@ -44,6 +44,16 @@ def test_drop_fractions():
     assert s[drop_low].min() >= np.sort(s)[10]
 
 
+@pytest.mark.parametrize("f", [0.25, 0.3])
+def test_drop_sets_have_the_drop_set_size_for_every_m(f):
+    """Both drop sets keep drop_set_size(m, f) = m − round(f·m) stimuli for every m: truncating
+    f·m (``int(f·m)``) on either side would make the two differ by one at some m."""
+    rng = np.random.default_rng(0)
+    for m in range(8, 120):
+        drop_high, drop_low = sel.drop_fraction_sets(rng.standard_normal(m), f)
+        assert len(drop_high) == len(drop_low) == sel.drop_set_size(m, f), m
+
+
 def test_make_sets_long_format():
     s, p = scores()
     sets = sel.make_sets(IDS, s, p, set_size=10, n_random=7, drop_fraction=0.25, seed=1)

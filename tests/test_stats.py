@@ -129,6 +129,19 @@ def test_bootstrap_deterministic_and_sensible():
     assert abs(np.median(vals) - point) < 0.15
 
 
+def test_bootstrap_difference_draws_low_then_high_from_one_generator():
+    """The high set's resamples continue the low set's generator (a fresh ``default_rng(seed)``
+    would repeat its draws), and boot_sd is the sample SD (ddof = 1, not 0)."""
+    x, y = pair(2, m=60)
+    kk, ll = mt.gram(x), mt.gram(y)
+    low, high = np.arange(0, 24), np.arange(30, 54)
+    g = np.random.default_rng(5)
+    d = stats.bootstrap_cknna(kk, ll, low, 50, g, 4) - stats.bootstrap_cknna(kk, ll, high, 50, g, 4)
+    got = stats.bootstrap_difference(kk, ll, low, high, n_boot=50, seed=5, k=4)
+    assert got["diff_ci_low"] == pytest.approx(np.percentile(d, 2.5), abs=1e-12)
+    assert got["boot_sd"] == pytest.approx(np.std(d, ddof=1), rel=1e-12)
+
+
 def test_random_baseline():
     out = stats.random_baseline(np.arange(100, dtype=float), 90.0)
     assert out["random_mean"] == pytest.approx(49.5)

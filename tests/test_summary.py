@@ -7,7 +7,13 @@ import pandas as pd
 import pytest
 
 from xmodal.figures.synthetic import synthetic_inputs
-from xmodal.summary import SUMMARY_COLUMNS, heldout_pairs, heldout_summary_table, summary_table
+from xmodal.summary import (
+    SUMMARY_COLUMNS,
+    heldout_pairs,
+    heldout_summary_table,
+    mean_stability,
+    summary_table,
+)
 
 
 def contrasts_rows(rows: list[tuple]) -> pd.DataFrame:
@@ -178,6 +184,37 @@ def test_ci_count_over_pairs_with_a_finite_interval():
     assert SUMMARY_COLUMNS.index("n_with_ci") == SUMMARY_COLUMNS.index("n_diff_ci_above_zero") - 1
 
 
+def test_random_below_high_is_not_between_low_and_high():
+    """Random 0.2 below high 0.3 is not between low and high: ``(low > random) & (low >
+    high)`` would count the pair in n_low_gt_random_gt_high."""
+    out = summary_table(contrasts_rows([("v", "l", "mean", 0.5, 0.3, 0.2, 0.1, 0.0)])).iloc[0]
+    assert out.n_low_gt_high == 1 and out.n_low_gt_random_gt_high == 0
+
+
+def test_interval_touching_zero_is_not_above_it():
+    """An interval touching 0 is not above it: ``>= 0`` would count it."""
+    out = summary_table(contrasts_rows([("v", "l", "mean", 0.5, 0.3, 0.4, 0.0, 0.0)])).iloc[0]
+    assert out.n_with_ci == 1 and out.n_diff_ci_above_zero == 0
+
+
+def test_unstable_count_is_over_valid_pairs_only():
+    """A pair without a random mean (not valid) is left out of n_unstable even when its low
+    is unstable: without ``& valid`` it would be counted."""
+    rows = [
+        ("v", "l", "mean", 0.5, 0.3, np.nan, 0.1, 0.0),
+        ("w", "l", "mean", 0.5, 0.3, 0.4, 0.1, 0.0),
+    ]
+    con = contrasts_rows(rows).assign(low_stability=[0.5, 0.0], high_stability=[0.0, 0.0])
+    out = summary_table(con).iloc[0]
+    assert (out.n_valid, out.n_unstable) == (1, 0)
+
+
+def test_mean_stability_is_nan_when_a_draw_is():
+    """One draw's undefined stability makes the mean undefined: ``np.nanmean`` would report
+    0.05 over the other draws."""
+    assert np.isnan(mean_stability(np.array([0.1, np.nan, 0.0])))
+
+
 def test_heldout_fraction_undefined_when_a_split_is():
     """The fraction of splits with low > high is NaN when any split's low or high is, as the
     means are (an undefined split is never left out); before, it was taken over the other
@@ -200,3 +237,46 @@ def test_heldout_fraction_undefined_when_a_split_is():
     s = heldout_summary_table(t).iloc[0]
     assert (s.n_pairs, s.n_valid) == (3, 1)
     assert s.median_frac_splits_low_gt_high == pytest.approx(2 / 3)
+
+
+def test_heldout_split_with_low_equal_to_high_is_not_low_gt_high():
+    """A split whose low equals its high (0.4) is not one with low > high: ``>=`` would give
+    3/4 of the splits, not 2/4."""
+    rows = [("a", s, low, 0.4) for s, low in enumerate([0.5, 0.4, 0.3, 0.6])]
+    t = pd.DataFrame(rows, columns=["vision", "split", "low", "high"])
+    t = t.assign(llm="l", metric="mutual_knn", summary="mean", layer_rule="heldout", llm_layer=1,
+                 random_mean=0.45, low_stability=0.0, high_stability=0.0)  # fmt: skip
+    t["diff_low_high"] = t["low"] - t["high"]
+    assert heldout_pairs(t).iloc[0].frac_splits_low_gt_high == pytest.approx(0.5)
+
+
+def heldout_splits(low, high, random_mean, low_stability=(0.0, 0.0)) -> pd.DataFrame:
+    """Held-out table of one pair (v, l) over two splits with the given values per split."""
+    t = pd.DataFrame(
+        {
+            "vision": "v",
+            "split": [0, 1],
+            "low": low,
+            "high": high,
+            "random_mean": random_mean,
+            "low_stability": low_stability,
+            "high_stability": 0.0,
+        }
+    )
+    t = t.assign(llm="l", metric="cknna", summary="mean", layer_rule="heldout", llm_layer=1)
+    t["diff_low_high"] = t["low"] - t["high"]
+    return t
+
+
+def test_heldout_random_below_high_is_not_between_low_and_high():
+    """As in the main summary: random 0.2 below high 0.3 is not between the split means of low
+    and high, which ``(low > random) & (low > high)`` would count."""
+    t = heldout_splits([0.5, 0.5], [0.3, 0.3], [0.2, 0.2])
+    s = heldout_summary_table(t).iloc[0]
+    assert s.n_low_gt_high == 1 and s.n_low_gt_random_gt_high == 0
+
+
+def test_heldout_stability_is_the_mean_over_splits():
+    """A pair's low_stability is the mean of its splits' (0.005), not their largest (0.01)."""
+    t = heldout_splits([0.5, 0.5], [0.3, 0.3], [0.4, 0.4], low_stability=(0.0, 0.01))
+    assert heldout_pairs(t).iloc[0].low_stability == pytest.approx(0.005)
