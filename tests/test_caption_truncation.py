@@ -122,7 +122,7 @@ def test_a_limit_that_makes_different_captions_identical_stops_the_extraction(bl
         tokenize_captions(tok, captions, stimulus_ids=ids, max_tokens=n_shared)
     msg = str(err.value)
     assert "long-a" in msg and "long-b" in msg and "extraction.max_tokens" in msg
-    assert "cat-1" not in msg and "2 captions with different text" in msg
+    assert "cat-1" not in msg and "1 group(s) of 2 stimuli" in msg
     out = tokenize_captions(tok, captions, stimulus_ids=ids, max_tokens=n_shared + 2)
     assert out.ids[0] != out.ids[1] and out.ids[2] == out.ids[3]
     # the model's own context cutting them cannot be raised by max_tokens

@@ -268,6 +268,7 @@ def test_accepted_model_keys_stay_inside_results(key: str) -> None:
         ),
         (1.5, r"1\.5 is greater than the maximum of 1"),
         ("nan", r"'nan' is not of type 'number'\)$"),
+        ("5e-1", r"\(YAML 1\.1 reads 5e-1 as text: write the number with a decimal point"),
     ],
 )
 def test_a_value_of_several_forms_says_which_forms(layer: object, says: str) -> None:

@@ -285,6 +285,17 @@ def load_config_file(path: str | os.PathLike) -> dict:
             loader.dispose()
 
 
+#: A number YAML 1.1 reads as text (1e-10, 5e-1: an exponent without a decimal point or sign).
+_YAML11_EXPONENT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+")
+
+
+def _yaml11_hint(text: str) -> str:
+    return (
+        f"YAML 1.1 reads {text} as text: write the number with a decimal point and a signed "
+        "exponent, e.g. 1.0e-10, or in full"
+    )
+
+
 def _is_number(text: str) -> bool:
     """Whether ``text`` spells a decimal number (not 'nan' or 'inf')."""
     return re.fullmatch(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?", text.strip()) is not None
@@ -310,15 +321,14 @@ def schema_errors(
                     "1.0 a number, true/false booleans; put it in quotes)"
                 )
         elif err.validator == "type" and isinstance(err.instance, str):
-            if re.fullmatch(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+", err.instance.strip()):
-                hint = (
-                    f" (YAML 1.1 reads {err.instance} as text: write the number with a decimal "
-                    "point and a signed exponent, e.g. 1.0e-10, or in full)"
-                )
+            if _YAML11_EXPONENT.fullmatch(err.instance.strip()):
+                hint = f" ({_yaml11_hint(err.instance)})"
         if err.validator in ("oneOf", "anyOf") and err.context:
             # which forms the key takes, not only that the value fits none of them
             hint = " (" + "; ".join(dict.fromkeys(c.message for c in err.context)) + ")"
-            if isinstance(err.instance, str) and _is_number(err.instance):
+            if isinstance(err.instance, str) and _YAML11_EXPONENT.fullmatch(err.instance.strip()):
+                hint += f" ({_yaml11_hint(err.instance)})"
+            elif isinstance(err.instance, str) and _is_number(err.instance):
                 hint += f" (a number in quotes is text: write {err.instance.strip()} unquoted)"
         lines.append(f"Invalid configuration in {source}: key '{key}': {err.message}{hint}")
     return lines

@@ -614,7 +614,8 @@ def knn_metric(metric: str, xs: KernelKNN, ys: KernelKNN) -> tuple[torch.Tensor,
     stability = max |Δvalue| over recomputing with the near-tie bands of X's unresolved rows,
     of Y's, and of both filled in reverse stimulus order; exactly 0 (no recomputation) for a
     batch element where neither side has an unresolved row; ∞ where at least
-    :data:`ROUNDING_DECIDES` of either side's rows are unresolved (docs/method.md, "Stability").
+    :data:`ROUNDING_DECIDES` of either side's rows are unresolved; NaN where the value is NaN
+    (docs/method.md, "Stability").
     """
     if metric not in _LIST_METRICS:
         raise ValueError(f"{metric!r} is not a kNN metric; kNN metrics: {tuple(_LIST_METRICS)}")

@@ -946,8 +946,8 @@ def provenance_table(
             **{k: attrs.get(k, "") for k in _PROVENANCE_ATTRS},
             **{k: versions.get(k, "") for k in ("torch", "timm", "transformers", "xmodal")},
         }
-        if labels and key in labels:
-            row["label"] = labels[key]
+        if labels and Path(path).stem in labels:  # the file's name is the config key
+            row["label"] = labels[Path(path).stem]
         rows.append(row)
     return pd.DataFrame(rows, columns=list(PROVENANCE_COLUMNS)).fillna("")
 

@@ -23,8 +23,10 @@ at its time limit (a retry starts the extraction again from the first stimulus):
 
 with ``tokens`` = 1370 per image (a 518-px input at patch 14, DINOv2's, the largest in the
 paper's models) or 128 per caption (captions run sorted by length, so padding stays short),
-and ``rate`` = 5e13 operations per second in bf16/fp16 and 1e13 in float32 (one GPU at a
-fraction of its peak: ``device_map`` runs the shards of a large model one after another).
+and ``rate`` = 5e13 operations per second in bf16/fp16 and 5e12 in float32 (one GPU at a
+fraction of its peak: torch computes float32 without TF32 by default, 19.5e12 at most on an
+A100, 15.7e12 on a V100, and ``device_map`` runs the shards of a large model one after
+another; attention's own cost, about 15% at 1370 tokens, is inside that margin).
 LLaMA-65B over 1024 captions: 96 + 6 min; over 100,000: 96 + 557 min.
 """
 
@@ -48,7 +50,7 @@ MAX_GPUS = 8
 TOKENS_PER_STIMULUS = {"vision": 37 * 37 + 1, "language": 128}
 #: Sustained operations per second assumed for the forward passes, by bytes per weight (low on
 #: purpose: a job asks for more time than it needs rather than be killed at its limit).
-SUSTAINED_FLOPS = {2: 5e13, 4: 1e13}
+SUSTAINED_FLOPS = {2: 5e13, 4: 5e12}
 
 
 def forward_minutes(

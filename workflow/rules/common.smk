@@ -470,8 +470,13 @@ def check_manifest_settings():
         f"the manifest {MANIFEST} was made from stimuli settings {made_from}, and the config"
         f" now says {MANIFEST_SOURCE} (config keys stimuli.*): it must be made again. Make it"
         f" alone first (`snakemake <your options> --forcerun {MANIFEST_RULE} -- {MANIFEST}`),"
-        " then run as before: in one run Snakemake would make it but not re-extract the"
-        " features from it (docs/cluster.md, 'What reruns')"
+        " then run as before"
+        + (
+            ": in one run Snakemake would make it but not re-extract the features from it"
+            if _STIMULI["source"] == "hub"
+            else ""
+        )
+        + " (docs/cluster.md, 'What reruns')"
     )
     args = _command_line()
     if args is not None and {os.path.normpath(t) for t in args.targets or ()} == {
@@ -490,16 +495,28 @@ def check_manifest_settings():
 check_manifest_settings()
 
 
+# The stamps' modification times before this call (None: no stamp), for check_feature_files.
+STAMP_TIMES = {}
+# Unchanged demo stamps older than an edited manifest: their time is moved on once the feature
+# files have been checked (see update_manifest_stamps).
+_STAMPS_TO_TOUCH = []
+
+
 def update_manifest_stamps():
     """Bring every stamp up to the manifest (the main process only: the jobs, which parse this
     file again, leave them alone): write the missing ones (a stamp deleted after the analysis
-    was never made again, and the stimuli went unchecked), rewrite those whose content changed,
-    and give the others the manifest's time when it is newer, so that an edit they do not see
-    reruns no stamp job (which would re-extract every model: docs/cluster.md, "What reruns").
-    """
+    was never made again, and the stimuli went unchecked) and rewrite those whose content
+    changed. The demo's stamp job reads its manifest by time (see stimuli.smk), so an
+    unchanged demo stamp older than an edited manifest is noted, to be given the current time
+    once the feature files are checked, so that the edit reruns no stamp job (which would
+    re-extract every model: docs/cluster.md, "What reruns")."""
     if not workflow.is_main_process or not Path(MANIFEST).is_file():
         return
     stamps = [(m, manifest_stamp_path(m)) for m in EXTRACTION_COLUMNS]
+    for modality, path in stamps:
+        STAMP_TIMES[modality] = (
+            Path(path).stat().st_mtime_ns if Path(path).is_file() else None
+        )
     try:
         manifest = read_manifest(MANIFEST, check_images=False)
     except StimulusError as err:  # the jobs that read the manifest report it
@@ -507,7 +524,7 @@ def update_manifest_stamps():
         return
     edited = Path(MANIFEST).stat().st_mtime_ns
     for modality, path in stamps:
-        missing = not Path(path).is_file()
+        missing = STAMP_TIMES[modality] is None
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         # the library's messages (images read for their digests, a stamp carried over)
         with forward_to(logger.info):
@@ -521,9 +538,9 @@ def update_manifest_stamps():
                 f"{MANIFEST}: what the {modality} extractions read changed (manifest"
                 f" columns or image file contents); {path} updated"
             )
-        elif Path(path).stat().st_mtime_ns < edited:
+        elif _STIMULI["source"] == "demo" and Path(path).stat().st_mtime_ns < edited:
             # same content: Snakemake compares its checksum, so the extractions do not rerun
-            os.utime(path)
+            _STAMPS_TO_TOUCH.append(path)
 
 
 update_manifest_stamps()
@@ -574,7 +591,10 @@ def check_feature_files():
         for modality, models in (("vision", VISION), ("language", LANGUAGE)):
             # a supplied file (imported, not extracted) is the user's to vouch for
             paths = [feature_file(m) for m in models if m not in SUPPLIED]
-            check_against_stamp(paths, manifest_stamp_path(modality))
+            # against what the manifest lists now, for files not older than the stamp was
+            # before this call (a stamp rewritten now would hide a stale file newer than it)
+            since = STAMP_TIMES.get(modality)
+            check_against_stamp(paths, manifest_stamp_path(modality), since_ns=since)
         for key in [*VISION, *LANGUAGE]:
             if REGISTRY[key].source == "local":  # files the DAG does not track
                 with forward_to(logger.info):  # reading new weights for their digests
@@ -586,3 +606,13 @@ def check_feature_files():
 
 
 check_feature_files()
+
+
+def touch_unchanged_stamps():
+    """Give the noted demo stamps the current time (update_manifest_stamps), only once the
+    feature files passed check_feature_files."""
+    for path in _STAMPS_TO_TOUCH:
+        os.utime(path)
+
+
+touch_unchanged_stamps()

@@ -21,7 +21,8 @@ if config["stimuli"]["source"] == "hub":
 # all three with drop_duplicates), as a digest (xmodal.stimuli.manifest_stamp). The extractions
 # depend on it rather than on the manifest's modification time: when the manifest exists, every
 # snakemake invocation (dry runs included) writes a missing stamp, rewrites one whose content
-# changed and gives the others the manifest's time (update_manifest_stamps in common.smk), so
+# changed and, for the demo, moves an unchanged one older than the manifest to the current time
+# (update_manifest_stamps in common.smk), so
 # an annotation column reruns no extraction and a caption only the language models' (docs/
 # cluster.md, "What reruns"). This rule makes the stamps of a manifest a rule makes. The demo's
 # stamps are made again whenever its manifest rule reruns (and so are the extractions, CPU

@@ -355,9 +355,9 @@ def _check_truncation_keeps_captions_apart(
         else "the model reads no more tokens; shorten the captions' shared beginning"
     )
     raise ExtractionError(
-        f"the {limit}-token caption limit ({source}) makes {n} captions with different text "
-        f"identical in {len(merged)} group(s), e.g. stimuli {preview(first)}: they would get the "
-        f"same features; {fix}"
+        f"the {limit}-token caption limit ({source}) makes captions with different text "
+        f"identical: {len(merged)} group(s) of {n} stimuli in all, e.g. {preview(first)}: they "
+        f"would get the same features; {fix}"
     )
 
 
