@@ -275,12 +275,9 @@ REMAKE = (
 )
 
 
-def check_against_stamp(
-    paths: Iterable[str | os.PathLike], stamp: str | os.PathLike, since_ns: int | None = None
-) -> None:
+def check_against_stamp(paths: Iterable[str | os.PathLike], stamp: str | os.PathLike) -> None:
     """Refuse a feature file extracted from other stimuli than ``stamp`` (a manifest stamp,
-    docs/contracts.md) describes now, when the file is not older than the stamp (than
-    ``since_ns``, the stamp's modification time before the caller rewrote it, when given).
+    docs/contracts.md) describes now, when the file is not older than the stamp.
 
     The workflow re-extracts a model when its stamp is newer than its feature file; a stale file
     that is newer (touched with ``snakemake --touch``, or copied in) would be analysed as it is.
@@ -294,7 +291,6 @@ def check_against_stamp(
         want, since = record["sha256"], stamp.stat().st_mtime_ns
     except (OSError, ValueError, KeyError, TypeError):
         return
-    since = since if since_ns is None else since_ns
     for path in map(Path, paths):
         try:
             if path.stat().st_mtime_ns < since:

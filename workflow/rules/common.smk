@@ -495,10 +495,8 @@ def check_manifest_settings():
 check_manifest_settings()
 
 
-# The stamps' modification times before this call (None: no stamp), for check_feature_files.
-STAMP_TIMES = {}
 # Unchanged demo stamps older than an edited manifest: their time is moved on once the feature
-# files have been checked (see update_manifest_stamps).
+# files have passed check_feature_files (see update_manifest_stamps).
 _STAMPS_TO_TOUCH = []
 
 
@@ -513,10 +511,6 @@ def update_manifest_stamps():
     if not workflow.is_main_process or not Path(MANIFEST).is_file():
         return
     stamps = [(m, manifest_stamp_path(m)) for m in EXTRACTION_COLUMNS]
-    for modality, path in stamps:
-        STAMP_TIMES[modality] = (
-            Path(path).stat().st_mtime_ns if Path(path).is_file() else None
-        )
     try:
         manifest = read_manifest(MANIFEST, check_images=False)
     except StimulusError as err:  # the jobs that read the manifest report it
@@ -524,7 +518,7 @@ def update_manifest_stamps():
         return
     edited = Path(MANIFEST).stat().st_mtime_ns
     for modality, path in stamps:
-        missing = STAMP_TIMES[modality] is None
+        missing = not Path(path).is_file()
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         # the library's messages (images read for their digests, a stamp carried over)
         with forward_to(logger.info):
@@ -591,10 +585,7 @@ def check_feature_files():
         for modality, models in (("vision", VISION), ("language", LANGUAGE)):
             # a supplied file (imported, not extracted) is the user's to vouch for
             paths = [feature_file(m) for m in models if m not in SUPPLIED]
-            # against what the manifest lists now, for files not older than the stamp was
-            # before this call (a stamp rewritten now would hide a stale file newer than it)
-            since = STAMP_TIMES.get(modality)
-            check_against_stamp(paths, manifest_stamp_path(modality), since_ns=since)
+            check_against_stamp(paths, manifest_stamp_path(modality))
         for key in [*VISION, *LANGUAGE]:
             if REGISTRY[key].source == "local":  # files the DAG does not track
                 with forward_to(logger.info):  # reading new weights for their digests
