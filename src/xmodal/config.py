@@ -285,20 +285,19 @@ def load_config_file(path: str | os.PathLike) -> dict:
             loader.dispose()
 
 
-#: A number YAML 1.1 reads as text (1e-10, 5e-1: an exponent without a decimal point or sign).
-_YAML11_EXPONENT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+")
+#: A decimal number as text, its exponent optional (not 'nan' or 'inf').
+_DECIMAL = r"[+-]?(\d+\.?\d*|\.\d+)"
 
 
-def _yaml11_hint(text: str) -> str:
+def _yaml11_hint(value: Any) -> str | None:
+    """The advice for a number YAML 1.1 reads as text (1e-10, 5e-1: an exponent without a
+    decimal point or sign), None for any other value."""
+    if not (isinstance(value, str) and re.fullmatch(rf"{_DECIMAL}[eE][+-]?\d+", value.strip())):
+        return None
     return (
-        f"YAML 1.1 reads {text} as text: write the number with a decimal point and a signed "
+        f"YAML 1.1 reads {value} as text: write the number with a decimal point and a signed "
         "exponent, e.g. 1.0e-10, or in full"
     )
-
-
-def _is_number(text: str) -> bool:
-    """Whether ``text`` spells a decimal number (not 'nan' or 'inf')."""
-    return re.fullmatch(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?", text.strip()) is not None
 
 
 def schema_errors(
@@ -320,15 +319,16 @@ def schema_errors(
                     f" (YAML read the value as a {kind}: unquoted 012 is the octal number 10, "
                     "1.0 a number, true/false booleans; put it in quotes)"
                 )
-        elif err.validator == "type" and isinstance(err.instance, str):
-            if _YAML11_EXPONENT.fullmatch(err.instance.strip()):
-                hint = f" ({_yaml11_hint(err.instance)})"
+        elif err.validator == "type" and (yaml11 := _yaml11_hint(err.instance)):
+            hint = f" ({yaml11})"
         if err.validator in ("oneOf", "anyOf") and err.context:
             # which forms the key takes, not only that the value fits none of them
             hint = " (" + "; ".join(dict.fromkeys(c.message for c in err.context)) + ")"
-            if isinstance(err.instance, str) and _YAML11_EXPONENT.fullmatch(err.instance.strip()):
-                hint += f" ({_yaml11_hint(err.instance)})"
-            elif isinstance(err.instance, str) and _is_number(err.instance):
+            if yaml11 := _yaml11_hint(err.instance):
+                hint += f" ({yaml11})"
+            elif isinstance(err.instance, str) and re.fullmatch(
+                rf"{_DECIMAL}([eE][+-]?\d+)?", err.instance.strip()
+            ):
                 hint += f" (a number in quotes is text: write {err.instance.strip()} unquoted)"
         lines.append(f"Invalid configuration in {source}: key '{key}': {err.message}{hint}")
     return lines

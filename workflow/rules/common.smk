@@ -4,7 +4,7 @@ import json
 import os
 import re
 import sys
-from functools import partial
+from functools import cache, partial
 from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
@@ -186,6 +186,10 @@ if _STIMULI["source"] == "hub":
 elif _STIMULI["source"] == "demo":
     MANIFEST_RULE = "demo_stimuli"
     MANIFEST_SOURCE = {"n": _STIMULI.get("n", 240), "seed": _STIMULI.get("seed", 0)}
+# Whether the stamp job reads the manifest by time (not `ancient`), the demo's: a rerun of the
+# job that makes the manifest then remakes the stamps and re-extracts in the same run
+# (stimuli.smk); for a hub manifest it does not.
+STAMPS_FOLLOW_MANIFEST_RULE = _STIMULI["source"] == "demo"
 DISP = "results/dispersion/{dataset}"
 ALIGN = "results/alignment/{dataset}"
 DIAG = "results/diagnostics/{dataset}"
@@ -473,7 +477,7 @@ def check_manifest_settings():
         " then run as before"
         + (
             ": in one run Snakemake would make it but not re-extract the features from it"
-            if _STIMULI["source"] == "hub"
+            if not STAMPS_FOLLOW_MANIFEST_RULE
             else ""
         )
         + " (docs/cluster.md, 'What reruns')"
@@ -495,6 +499,13 @@ def check_manifest_settings():
 check_manifest_settings()
 
 
+@cache
+def manifest_at_start():
+    """The manifest as it is while this file is read, read once for the start-up steps
+    (stamps, set sizes); StimulusError as read_manifest."""
+    return read_manifest(MANIFEST, check_images=False)
+
+
 # Unchanged demo stamps older than an edited manifest: their time is moved on once the feature
 # files have passed check_feature_files (see update_manifest_stamps).
 _STAMPS_TO_TOUCH = []
@@ -512,7 +523,7 @@ def update_manifest_stamps():
         return
     stamps = [(m, manifest_stamp_path(m)) for m in EXTRACTION_COLUMNS]
     try:
-        manifest = read_manifest(MANIFEST, check_images=False)
+        manifest = manifest_at_start()
     except StimulusError as err:  # the jobs that read the manifest report it
         logger.warning(f"manifest stamps left as they are: {err}")
         return
@@ -532,7 +543,7 @@ def update_manifest_stamps():
                 f"{MANIFEST}: what the {modality} extractions read changed (manifest"
                 f" columns or image file contents); {path} updated"
             )
-        elif _STIMULI["source"] == "demo" and Path(path).stat().st_mtime_ns < edited:
+        elif STAMPS_FOLLOW_MANIFEST_RULE and Path(path).stat().st_mtime_ns < edited:
             # same content: Snakemake compares its checksum, so the extractions do not rerun
             _STAMPS_TO_TOUCH.append(path)
 
@@ -559,7 +570,7 @@ def check_set_sizes():
         n = int(MANIFEST_SOURCE["n"])
     elif Path(MANIFEST).is_file():
         try:
-            n = len(read_manifest(MANIFEST, check_images=False))
+            n = len(manifest_at_start())
         except StimulusError:  # the jobs that read the manifest report it
             return
     else:

@@ -22,17 +22,15 @@ if config["stimuli"]["source"] == "hub":
 # depend on it rather than on the manifest's modification time: when the manifest exists, every
 # snakemake invocation (dry runs included) writes a missing stamp, rewrites one whose content
 # changed and, for the demo, moves an unchanged one older than the manifest to the current time
-# (update_manifest_stamps in common.smk), so
-# an annotation column reruns no extraction and a caption only the language models' (docs/
-# cluster.md, "What reruns"). This rule makes the stamps of a manifest a rule makes. The demo's
-# stamps are made again whenever its manifest rule reruns (and so are the extractions, CPU
-# minutes), so that regenerated stimuli never meet old features in one run; a hub manifest's
-# rerun (a changed prefetch script) re-extracts only if its content changed, at the next call.
+# (update_manifest_stamps in common.smk), so an annotation column reruns no extraction and a
+# caption only the language models' (docs/cluster.md, "What reruns"). This rule makes the
+# stamps of a manifest a rule makes. The demo's stamps are made again whenever its manifest
+# rule reruns (STAMPS_FOLLOW_MANIFEST_RULE; and so are the extractions, CPU minutes), so that
+# regenerated stimuli never meet old features in one run; a hub manifest's rerun (a changed
+# prefetch script) re-extracts only if its content changed, at the next call.
 rule manifest_stamp:
     input:
-        manifest=(
-            MANIFEST if config["stimuli"]["source"] == "demo" else ancient(MANIFEST)
-        ),
+        manifest=(MANIFEST if STAMPS_FOLLOW_MANIFEST_RULE else ancient(MANIFEST)),
     output:
         stamp=MANIFEST_STAMP,
     log:

@@ -338,6 +338,8 @@ def _check_truncation_keeps_captions_apart(
     truncated ones. Two such stimuli would get the same features although their captions differ:
     the analysis would see a planted duplicate (docs/contracts.md, "Captions: token limit").
     """
+    if not whole:  # nothing was cut
+        return
     groups: dict[tuple[int, ...], set[tuple[int, ...]]] = {}
     members: dict[tuple[int, ...], list[str]] = {}
     for i, t in enumerate(ids):
@@ -427,8 +429,9 @@ def tokenize_captions(
     if bare:  # every such caption gets the features of its special tokens alone
         raise ExtractionError(
             f"captions of stimuli {preview(bare)} tokenize to special tokens only (BOS, EOS, "
-            f"unknown): the model cannot tell them apart. If the {limit}-token limit cut their text, raise max_tokens (config "
-            "key extraction.max_tokens); otherwise this tokenizer cannot read their characters"
+            f"unknown): the model cannot tell them apart. If the {limit}-token limit cut their "
+            "text, raise max_tokens (config key extraction.max_tokens); otherwise this "
+            "tokenizer cannot read their characters"
         )
     _check_truncation_keeps_captions_apart(ids, whole, stimulus_ids, limit, source)
     return TokenizedCaptions(ids, truncated, limit, source)
