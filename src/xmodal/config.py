@@ -10,7 +10,8 @@ from typing import Any
 
 import yaml
 
-#: Model keys become path components and wildcard values: lower-case, no separators.
+#: Model keys become path components and wildcard values: lower-case, no separators. Matched
+#: with ``fullmatch``: ``$`` alone also matches before a trailing newline (YAML ``key: |``).
 MODEL_KEY = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 #: The dataset name is a path component too.
 DATASET_KEY = MODEL_KEY
@@ -130,7 +131,7 @@ def check_config(config: Mapping[str, Any]) -> None:
                 + (" (to analyse fewer stimuli, list fewer in the manifest)" if key == "n" else "")
             )
     dataset = str(config.get("dataset", ""))
-    if not DATASET_KEY.match(dataset):
+    if not DATASET_KEY.fullmatch(dataset):
         raise ConfigError(
             f"config key 'dataset': {dataset!r} is not a safe name "
             f"(use lower-case letters, digits, '.', '_' or '-'; pattern {DATASET_KEY.pattern})"
@@ -143,7 +144,7 @@ def check_config(config: Mapping[str, Any]) -> None:
                 f"{'boolean' if isinstance(key, bool) else 'number'}, and model keys are names; "
                 f"put it in quotes ('{key}')"
             )
-        if not MODEL_KEY.match(str(key)):
+        if not MODEL_KEY.fullmatch(str(key)):
             raise ConfigError(
                 f"config key 'models.{key}': model keys become file names and must match "
                 f"{MODEL_KEY.pattern} (e.g. 'llama-65b', 'dinov2-g')"
