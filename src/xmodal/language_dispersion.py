@@ -182,6 +182,12 @@ def chosen_llm_layer(
             f"{path}: no layer of LLM {llm!r} is marked chosen for metric {metric!r}; rerun its "
             "layer search (rule layer_search)"
         )
+    repeated = sorted(rows.loc[rows["vision"].astype(str).duplicated(), "vision"].astype(str))
+    if repeated:  # one vote per vision model: a repeated row would count twice
+        raise ValueError(
+            f"{path}: more than one layer of LLM {llm!r} is marked chosen by {metric!r} for "
+            f"vision model(s) {sorted(set(repeated))}; rerun its layer search (rule layer_search)"
+        )
     votes = Counter(int(v) for v in rows["llm_layer"])
     best = max(votes.values())
     layer = min(v for v, c in votes.items() if c == best)
@@ -239,6 +245,13 @@ def _paired(vision: pd.DataFrame, language: pd.DataFrame) -> pd.DataFrame:
     """Both dispersion tables on the same stimuli, in the vision table's order."""
     v_ids = vision["stimulus_id"].astype(str)
     l_ids = language["stimulus_id"].astype(str)
+    for name, ids in (("vision", v_ids), ("language", l_ids)):
+        repeated = sorted(set(ids[ids.duplicated()]))
+        if repeated:
+            raise ValueError(
+                f"the {name} dispersion table lists stimulus {repeated[0]!r} more than once "
+                f"({len(repeated)} repeated ids: {repeated[:5]}); rerun its GPA step"
+            )
     if set(v_ids) != set(l_ids) or len(v_ids) != len(l_ids):
         missing = sorted(set(v_ids) ^ set(l_ids))
         raise ValueError(
