@@ -228,8 +228,10 @@ def missing_shards(files: Iterable[str], path: Path | None = None) -> list[str]:
 
 
 def _match(files: Iterable[str], patterns: Iterable[str]) -> list[str]:
+    """The repository's top-level files that match a pattern: timm and transformers load a
+    snapshot's top level only, so ``sub/model.safetensors`` is not the model's weights."""
     pats = tuple(patterns)
-    return sorted(f for f in files if any(fnmatch(f, p) or fnmatch(Path(f).name, p) for p in pats))
+    return sorted(f for f in files if "/" not in f and any(fnmatch(f, p) for p in pats))
 
 
 # ----------------------------------------------------------------------------- models
@@ -252,8 +254,10 @@ def _select_weights(
         return wanted
     if not pickles:
         raise PrefetchError(
-            f"{repo_id} at revision {revision} has no weights that xmodal can load "
-            f"(no *.safetensors, no pickle checkpoint); files: {', '.join(files[:20]) or 'none'}"
+            f"{repo_id} at revision {revision} has no weights that xmodal can load: no "
+            f"{' or '.join(p for p in download_patterns(library) if p.endswith(SAFE_SUFFIXES))} and no pickle "
+            f"checkpoint at its top level, where {library} reads them; files: "
+            f"{', '.join(files[:20]) or 'none'}"
         )
     if not allow_pickle:
         raise PrefetchError(
