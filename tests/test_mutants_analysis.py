@@ -326,8 +326,9 @@ def test_language_layers_relative_depth_of_the_index():
 
 
 def test_paired_refuses_a_repeated_stimulus():
-    """Guards the length check: a vision table repeating a stimulus (same id set) would pair
-    one caption's dispersion twice and correlate n + 1 values."""
+    """Guards the repeated-id check: a vision table repeating a stimulus (same id set) would
+    pair one caption's dispersion twice and correlate n + 1 values; with both tables repeating
+    it, the ids and lengths agree and only this check refuses them, naming the stimulus."""
     from xmodal.language_dispersion import correlation_table
 
     vision = _disp(["a", "a", "b", "c"], [1.0, 1.0, 2.0, 3.0], [1.0, 1.0, 2.0, 3.0])
@@ -350,7 +351,9 @@ def test_chosen_llm_layer_counts_one_vote_per_vision_model():
         {"vision": ["v1", "v1", "v2"], "llm": "g", "metric": "cknna", "llm_layer": [5, 5, 3],
          "chosen": True}
     )  # fmt: skip
-    with pytest.raises(ValueError, match=r"LLM 'g' .*vision model\(s\) \['v1'\]"):
+    with pytest.raises(
+        ValueError, match=r"LLM 'g' has more than one chosen row .*vision model\(s\) \['v1'\]"
+    ):
         chosen_llm_layer(t, "g", path="g.tsv")
     assert chosen_llm_layer(t.iloc[1:], "g") == (3, 1, 2)
 

@@ -176,11 +176,17 @@ def test_vision_features_follow_the_batch_indices_in_any_order():
 
     from xmodal.extract.vision import extract_vision_features
 
-    torch.manual_seed(0)
-    model = timm.create_model(
-        "vit_tiny_patch16_224", pretrained=False, img_size=32, depth=2, embed_dim=16, num_heads=2
-    ).eval()
-    x = torch.randn(4, 3, 32, 32)
+    with torch.random.fork_rng():  # the global generator is left as it was
+        torch.manual_seed(0)
+        model = timm.create_model(
+            "vit_tiny_patch16_224",
+            pretrained=False,
+            img_size=32,
+            depth=2,
+            embed_dim=16,
+            num_heads=2,
+        ).eval()
+        x = torch.randn(4, 3, 32, 32)
     ids = ["a", "b", "c", "d"]
     kw = dict(stimulus_ids=ids, progress=False)
     ref = extract_vision_features(model, [(x, [0, 1, 2, 3])], **kw).features

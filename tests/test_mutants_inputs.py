@@ -206,6 +206,18 @@ def test_a_name_ending_in_a_newline_is_refused():
         check_config(cfg)
 
 
+@pytest.mark.parametrize("gpu_model", ["a100\n", "a100-80gb", "a 100"])
+def test_a_gpu_model_sbatch_would_not_take_is_refused(gpu_model):
+    """Bug: ``extraction.gpu_model`` checked only by the schema's pattern, whose ``$`` lets
+    "a100\\n" (YAML ``gpu_model: |``) through to sbatch's --gpus."""
+    cfg = _cfg()
+    cfg.setdefault("extraction", {})["gpu_model"] = gpu_model
+    with pytest.raises(ConfigError, match=r"'extraction\.gpu_model'"):
+        check_config(cfg)
+    cfg["extraction"]["gpu_model"] = "a100_80gb"
+    check_config(cfg)
+
+
 @pytest.mark.parametrize(("n_boot", "ok"), [(0, True), (1, False), (99, False), (100, True)])
 def test_n_boot_is_zero_or_at_least_min_boot(n_boot, ok):
     """Bug guarded: the lower bound of the refused range moved off 0, so ``n_boot: 1`` (an

@@ -79,8 +79,9 @@ def test_missing_weight_shards_count_from_one_to_m() -> None:
 
 
 def test_a_weights_index_in_a_subfolder_and_a_pickle_index_are_read(tmp_path: Path) -> None:
-    """Bugs: a shard an index in a subfolder names looked up at the top level; only
-    ``*.safetensors.index.json`` read (a pickle index's missing shard passed)."""
+    """Bugs in the helper, for any file set (a dataset's shards sit in folders; prefetch_model
+    passes top-level files only): a shard an index in a subfolder names looked up at the top
+    level; only ``*.safetensors.index.json`` read (a pickle index's missing shard passed)."""
     (tmp_path / "sub").mkdir()
     index = {"weight_map": {"a": "part_a.safetensors", "b": "part_b.safetensors"}}
     (tmp_path / "sub" / "model.safetensors.index.json").write_text(json.dumps(index))

@@ -15,6 +15,8 @@ import yaml
 MODEL_KEY = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 #: The dataset name is a path component too.
 DATASET_KEY = MODEL_KEY
+#: What the SLURM executor plugin accepts as a GPU model (the schema's pattern, matched whole).
+GPU_MODEL = re.compile(r"[A-Za-z0-9_.]+")
 #: The unbiased HSIC (docs/method.md, "Alignment") divides by m(m − 3): sets need m ≥ 4.
 MIN_SET_SIZE = 4
 
@@ -115,7 +117,8 @@ def normalise_integers(config: dict, schema: Mapping[str, Any]) -> list[str]:
 def check_config(config: Mapping[str, Any]) -> None:
     """Raise :class:`ConfigError` for values the schema cannot express.
 
-    Checks: dataset and model keys are filesystem-safe; ``stimuli`` keys of another source
+    Checks: dataset and model keys are filesystem-safe, a GPU model is one sbatch accepts (all
+    three matched whole: the schema's ``$`` lets a trailing newline through); ``stimuli`` keys of another source
     (:data:`SOURCE_KEYS`) are absent; at least 3 vision models (GPA and leave-one-model-out
     need 3) and 1 language model; the vision layer index, set size K, neighbour count k and
     drop fraction are consistent with each other. K against the number of stimuli is checked
@@ -130,6 +133,13 @@ def check_config(config: Mapping[str, Any]) -> None:
                 f"this config has source {source!r}, which would ignore it; remove it"
                 + (" (to analyse fewer stimuli, list fewer in the manifest)" if key == "n" else "")
             )
+    gpu_model = (config.get("extraction") or {}).get("gpu_model")
+    if gpu_model is not None and not GPU_MODEL.fullmatch(str(gpu_model)):
+        raise ConfigError(
+            f"config key 'extraction.gpu_model': {gpu_model!r} is not a GPU model name for "
+            "sbatch --gpus=<model>:<n> (letters, digits, '_' and '.' only, as the SLURM "
+            "executor plugin accepts)"
+        )
     dataset = str(config.get("dataset", ""))
     if not DATASET_KEY.fullmatch(dataset):
         raise ConfigError(

@@ -185,8 +185,9 @@ def chosen_llm_layer(
     repeated = sorted(rows.loc[rows["vision"].astype(str).duplicated(), "vision"].astype(str))
     if repeated:  # one vote per vision model: a repeated row would count twice
         raise ValueError(
-            f"{path}: more than one layer of LLM {llm!r} is marked chosen by {metric!r} for "
-            f"vision model(s) {sorted(set(repeated))}; rerun its layer search (rule layer_search)"
+            f"{path}: LLM {llm!r} has more than one chosen row by {metric!r} for vision "
+            f"model(s) {sorted(set(repeated))} (one per vision model expected); rerun its layer "
+            "search (rule layer_search)"
         )
     votes = Counter(int(v) for v in rows["llm_layer"])
     best = max(votes.values())
