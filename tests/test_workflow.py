@@ -320,6 +320,23 @@ def test_report_builds(workflow_dir):
     assert "gallery" in html and "grid_heatmap" in html
 
 
+def test_report_with_other_settings_than_the_run_is_refused(workflow_dir, demo_config):
+    """The captions state the config given to --report: with knn_k 7 against results made with
+    10, the report said 'analysis.knn_k (7)' eight times, exit 0 (the wiring review)."""
+    record = workflow_dir / "results/report/demo_run_settings.json"
+    assert json.loads(record.read_text())["settings"]["analysis.knn_k"] == 10
+    cfg = copy.deepcopy(demo_config)
+    cfg["analysis"]["knn_k"] = 7
+    out = workflow_dir / "results/report/other.html"
+    proc = snakemake(
+        workflow_dir, "--configfile", write_config(workflow_dir, cfg, "k7.yaml"),
+        "--report", str(out), check=False,
+    )  # fmt: skip
+    text = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and not out.exists(), text[-3000:]
+    assert "made with analysis.knn_k = 10, and this config says analysis.knn_k = 7" in text
+
+
 # ---------------------------------------------------------------- what reruns (docs/cluster.md, "What reruns")
 
 SPEED_SETTINGS = {

@@ -343,3 +343,94 @@ def schema_errors(
                 hint += f" (a number in quotes is text: write {err.instance.strip()} unquoted)"
         lines.append(f"Invalid configuration in {source}: key '{key}': {err.message}{hint}")
     return lines
+
+
+# ----------------------------------------------------------------- the settings a report states
+#: The settings the report's captions state (workflow/report/*.rst, read from the config given
+#: to ``--report``), and so must be those the results were made with. Each one changes a rule's
+#: params, so a run with a changed value reruns work and records it (:func:`record_run_settings`).
+REPORT_SETTINGS = (
+    "analysis.knn_k",
+    "analysis.set_size",
+    "analysis.n_random",
+    "analysis.n_boot",
+    "analysis.seed",
+    "analysis.drop_fraction",
+    "analysis.vision_layer",
+    "analysis.metrics",
+    "stimuli.drop_duplicates",
+)
+#: What an absent key of :data:`REPORT_SETTINGS` means (the others have no default to write down).
+_REPORT_DEFAULTS = {"analysis.metrics": ["cknna"], "stimuli.drop_duplicates": False}
+
+
+def report_settings(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The :data:`REPORT_SETTINGS` of ``config``, as JSON values: an absent key is its
+    default, None where it has none."""
+    import json
+
+    out: dict[str, Any] = {}
+    for dotted in REPORT_SETTINGS:
+        value: Any = config
+        for part in dotted.split("."):
+            value = value.get(part) if isinstance(value, Mapping) else None
+        out[dotted] = _REPORT_DEFAULTS.get(dotted) if value is None else value
+    return json.loads(json.dumps(out))
+
+
+def record_run_settings(
+    path: str | os.PathLike, config: Mapping[str, Any], whole: bool, succeeded: bool
+) -> None:
+    """Record, after a run, the settings its results were made with (``--report`` compares).
+
+    A successful run of the whole workflow records the config's settings. A run of some
+    targets only, or a failed one, that changed them leaves results of both settings on disk:
+    it records the new ones as ``mixed``, and a report is refused until a whole run succeeds.
+    """
+    import json
+    from pathlib import Path
+
+    from xmodal.io import atomic_path
+
+    now = report_settings(config)
+    path = Path(path)
+    old = json.loads(path.read_text()) if path.is_file() else None
+    if whole and succeeded:
+        record = {"settings": now, "mixed": False}
+    elif old is None or old.get("settings") != now:
+        record = {"settings": now, "mixed": old is not None}
+    else:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(record, indent=1) + "\n")
+
+
+def check_report_settings(path: str | os.PathLike, config: Mapping[str, Any]) -> None:
+    """Raise :class:`ConfigError` when the report's captions would state settings other than
+    those the results were made with (the record :func:`record_run_settings` wrote). Results
+    made before such records existed have none, and pass."""
+    import json
+    from pathlib import Path
+
+    path = Path(path)
+    if not path.is_file():
+        return
+    record = json.loads(path.read_text())
+    if record.get("mixed"):
+        raise ConfigError(
+            f"--report: a run of only some targets, or one that failed, changed the settings "
+            f"the report states ({path}), so the results on disk were made with two different "
+            "configs; run the whole workflow with this config first, then make the report"
+        )
+    now, then = report_settings(config), record.get("settings", {})
+    changed = [k for k in REPORT_SETTINGS if then.get(k) != now[k]]
+    if changed:
+        shown = ", ".join(f"{k} = {then.get(k)!r}" for k in changed)
+        says = ", ".join(f"{k} = {now[k]!r}" for k in changed)
+        raise ConfigError(
+            f"--report: the results on disk were made with {shown}, and this config says {says} "
+            f"(recorded by the last run in {path}); the report's captions would state this "
+            "config's values. Make the report with the config of the run, or run the workflow "
+            "with this config first"
+        )

@@ -22,8 +22,10 @@ from xmodal.config import (
     ConfigError,
     check_against_stimuli,
     check_config,
+    check_report_settings,
     load_config_file,
     normalise_integers,
+    record_run_settings,
     schema_errors,
 )
 from xmodal.features import (
@@ -453,6 +455,29 @@ def check_report_inputs():
             f" ({shown}); run the workflow first (the profiles' --rerun-incomplete redoes"
             " them), then make the report"
         )
+    try:
+        check_report_settings(RUN_SETTINGS, config)
+    except ConfigError as err:
+        raise WorkflowError(str(err)) from None
+
+
+#: The settings the last runs made their results with, which the report's captions state
+#: (xmodal.config.record_run_settings)
+RUN_SETTINGS = f"results/report/{DATASET}_run_settings.json"
+
+
+def record_settings_of_this_run(succeeded):
+    """After a run that ran jobs (not a dry run, not 'Nothing to be done'): record its
+    settings, noting a run of some targets only (docs/troubleshooting.md, `--report`)."""
+    args = _command_line()
+    if args is None or not workflow.is_main_process:
+        return
+    whole = set(args.targets or ()) <= {"all"} and not args.until and not args.omit_from
+    try:
+        record_run_settings(RUN_SETTINGS, config, whole, succeeded)
+    except OSError as err:
+        # the run's results stand without the record; --report then checks less
+        logger.warning(f"could not record the run's settings in {RUN_SETTINGS}: {err}")
 
 
 check_report_inputs()
@@ -618,3 +643,11 @@ def touch_unchanged_stamps():
 
 
 touch_unchanged_stamps()
+
+
+onsuccess:
+    record_settings_of_this_run(succeeded=True)
+
+
+onerror:
+    record_settings_of_this_run(succeeded=False)

@@ -1,0 +1,119 @@
+"""The settings a report states are those its results were made with (xmodal.config).
+
+The report's captions read the config given to ``--report``; a run records the settings it
+made its results with, and ``--report`` with other settings is refused, naming them.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from xmodal.config import (
+    REPORT_SETTINGS,
+    ConfigError,
+    check_report_settings,
+    record_run_settings,
+    report_settings,
+)
+
+CONFIG = {
+    "dataset": "d",
+    "stimuli": {"source": "local"},
+    "analysis": {"knn_k": 10, "set_size": 120, "n_random": 20, "n_boot": 200, "seed": 0,
+                 "drop_fraction": 0.25, "vision_layer": -2},
+}  # fmt: skip
+
+
+def _with(**changes):
+    cfg = copy.deepcopy(CONFIG)
+    for dotted, value in changes.items():
+        section, key = dotted.split("__")
+        cfg[section][key] = value
+    return cfg
+
+
+def test_absent_keys_are_their_defaults():
+    """A config that leaves metrics and drop_duplicates out states the same as one that writes
+    their defaults: no refusal for spelling a default out."""
+    explicit = _with(analysis__metrics=["cknna"], stimuli__drop_duplicates=False)
+    assert report_settings(CONFIG) == report_settings(explicit)
+    assert report_settings(CONFIG)["analysis.metrics"] == ["cknna"]
+    assert set(report_settings(CONFIG)) == set(REPORT_SETTINGS)
+
+
+def test_a_whole_run_records_and_the_same_config_passes(tmp_path):
+    path = tmp_path / "report" / "d_run_settings.json"
+    check_report_settings(path, CONFIG)  # no record (results made before records): passes
+    record_run_settings(path, CONFIG, whole=True, succeeded=True)
+    assert json.loads(path.read_text()) == {"settings": report_settings(CONFIG), "mixed": False}
+    check_report_settings(path, CONFIG)
+
+
+@given(
+    key=st.sampled_from(["knn_k", "set_size", "n_random", "n_boot", "seed", "vision_layer"]),
+    delta=st.integers(1, 5),
+)
+def test_a_report_with_another_value_is_refused_naming_both(tmp_path_factory, key, delta):
+    path = tmp_path_factory.mktemp("rec") / "r.json"
+    record_run_settings(path, CONFIG, whole=True, succeeded=True)
+    old = CONFIG["analysis"][key]
+    other = _with(**{f"analysis__{key}": old + delta})
+    with pytest.raises(ConfigError) as err:
+        check_report_settings(path, other)
+    msg = str(err.value)
+    assert f"made with analysis.{key} = {old!r}" in msg
+    assert f"this config says analysis.{key} = {old + delta!r}" in msg and str(path) in msg
+
+
+def test_metrics_and_duplicates_and_fractions_are_compared(tmp_path):
+    path = tmp_path / "r.json"
+    record_run_settings(path, CONFIG, whole=True, succeeded=True)
+    for other in (
+        _with(analysis__metrics=["cknna", "mutual_knn"]),
+        _with(stimuli__drop_duplicates=True),
+        _with(analysis__drop_fraction=0.2),
+    ):
+        with pytest.raises(ConfigError, match="made with"):
+            check_report_settings(path, other)
+
+
+@pytest.mark.parametrize(("whole", "succeeded"), [(False, True), (True, False), (False, False)])
+def test_a_partial_or_failed_run_that_changed_settings_refuses_either_config(
+    tmp_path, whole, succeeded
+):
+    """Some results made with the new settings and some with the old: the report states one
+    of them for all, so it is refused under both until a whole run succeeds."""
+    path = tmp_path / "r.json"
+    record_run_settings(path, CONFIG, whole=True, succeeded=True)
+    new = _with(analysis__knn_k=7)
+    record_run_settings(path, new, whole=whole, succeeded=succeeded)
+    for cfg in (CONFIG, new):
+        with pytest.raises(ConfigError, match="made with two different configs"):
+            check_report_settings(path, cfg)
+    record_run_settings(path, new, whole=True, succeeded=True)
+    check_report_settings(path, new)
+
+
+def test_a_partial_or_failed_run_with_the_same_settings_changes_nothing(tmp_path):
+    path = tmp_path / "r.json"
+    record_run_settings(path, CONFIG, whole=True, succeeded=True)
+    before = path.read_bytes()
+    record_run_settings(path, CONFIG, whole=False, succeeded=True)
+    record_run_settings(path, CONFIG, whole=True, succeeded=False)
+    assert path.read_bytes() == before
+    check_report_settings(path, CONFIG)
+
+
+def test_a_first_partial_run_records_its_settings_unmixed(tmp_path):
+    """Without an earlier record there is nothing to mix with: the results on disk were made
+    with this run's settings (or before records existed)."""
+    path = tmp_path / "r.json"
+    record_run_settings(path, CONFIG, whole=False, succeeded=True)
+    check_report_settings(path, CONFIG)
+    with pytest.raises(ConfigError, match="analysis.knn_k = 10"):
+        check_report_settings(path, _with(analysis__knn_k=11))
