@@ -468,7 +468,7 @@ RUN_SETTINGS = f"results/report/{DATASET}_run_settings.json"
 
 def record_settings_of_this_run(succeeded):
     """After a run that ran jobs (not a dry run, not 'Nothing to be done'): record its
-    settings, noting a run of some targets only (docs/troubleshooting.md, `--report`)."""
+    settings, noting a run of some targets only (docs/troubleshooting.md, --report)."""
     args = _command_line()
     if args is None or not workflow.is_main_process:
         return
