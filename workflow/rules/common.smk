@@ -472,7 +472,8 @@ def record_settings_of_this_run(succeeded):
     args = _command_line()
     if args is None or not workflow.is_main_process:
         return
-    whole = set(args.targets or ()) <= {"all"} and not args.until and not args.omit_from
+    limits = (args.until, args.omit_from, args.allowed_rules, args.batch)
+    whole = set(args.targets or ()) <= {"all"} and not any(limits)
     try:
         record_run_settings(RUN_SETTINGS, config, whole, succeeded)
     except OSError as err:
