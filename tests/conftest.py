@@ -109,6 +109,26 @@ def hf_offline(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)
 
 
+@pytest.fixture
+def fresh_root_logging():
+    """Undo what xmodal.logs.log_to does to the root logger, sys.excepthook and SIGTERM."""
+    import logging
+    import signal
+    import sys
+
+    root = logging.getLogger()
+    handlers, level, hook = list(root.handlers), root.level, sys.excepthook
+    on_term = signal.getsignal(signal.SIGTERM)
+    yield
+    signal.signal(signal.SIGTERM, on_term)
+    for h in root.handlers[:]:
+        if h not in handlers:
+            root.removeHandler(h)
+            h.close()
+    root.setLevel(level)
+    sys.excepthook = hook
+
+
 # ---------------------------------------------------------------- the demo, run once per session
 
 

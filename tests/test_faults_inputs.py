@@ -19,7 +19,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import h5py
@@ -510,24 +510,6 @@ def test_auto_map_on_a_builtin_architecture_is_ignored_and_logged(
     assert type(model).__name__ == "LlamaModel" and not sentinel.exists()
     assert "ignoring it and using transformers' own implementation" in info["remote_code_note"]
     assert "model_type 'llama'" in caplog.text
-
-
-@pytest.fixture
-def fresh_root_logging() -> Iterator[None]:
-    """Undo what xmodal.logs.log_to does to the root logger, sys.excepthook and SIGTERM."""
-    import signal
-
-    root = logging.getLogger()
-    handlers, level, hook = list(root.handlers), root.level, sys.excepthook
-    on_term = signal.getsignal(signal.SIGTERM)
-    yield
-    signal.signal(signal.SIGTERM, on_term)
-    for h in root.handlers[:]:
-        if h not in handlers:
-            root.removeHandler(h)
-            h.close()
-    root.setLevel(level)
-    sys.excepthook = hook
 
 
 def test_hub_token_never_in_logs_or_feature_attrs(

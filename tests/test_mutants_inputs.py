@@ -4,14 +4,13 @@ tests let through (a bad manifest accepted, a pixel value or a row changed, a co
 
 from __future__ import annotations
 
-import struct
-import zlib
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
+from test_image_modes import _png16
 
 from xmodal.config import (
     ConfigError,
@@ -29,24 +28,6 @@ from xmodal.stimuli import (
     read_manifest,
     write_manifest,
 )
-
-
-def _png16(arr: np.ndarray, color_type: int) -> bytes:
-    """A 16-bit PNG written byte by byte (Pillow cannot write 16-bit colour): 2 RGB, 6 RGBA."""
-    h, w = arr.shape[:2]
-    raw = b"".join(b"\x00" + arr[y].astype(">u2").tobytes() for y in range(h))
-
-    def chunk(tag: bytes, data: bytes) -> bytes:
-        crc = zlib.crc32(tag + data) & 0xFFFFFFFF
-        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", crc)
-
-    ihdr = struct.pack(">IIBBBBB", w, h, 16, color_type, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", ihdr)
-        + chunk(b"IDAT", zlib.compress(raw))
-        + chunk(b"IEND", b"")
-    )
 
 
 def _manifest(root: Path, rows: list[tuple[str, str, str]]) -> Path:

@@ -471,24 +471,6 @@ def test_hf_shaped_tokens_of_twenty_characters_are_redacted(monkeypatch) -> None
     assert redact("hf_short") == "hf_short"
 
 
-@pytest.fixture
-def fresh_root_logging():
-    """Undo what xmodal.logs.log_to does to the root logger, sys.excepthook and SIGTERM."""
-    import sys
-
-    root = logging.getLogger()
-    handlers, level, hook = list(root.handlers), root.level, sys.excepthook
-    on_term = signal.getsignal(signal.SIGTERM)
-    yield
-    signal.signal(signal.SIGTERM, on_term)
-    for h in root.handlers[:]:
-        if h not in handlers:
-            root.removeHandler(h)
-            h.close()
-    root.setLevel(level)
-    sys.excepthook = hook
-
-
 def test_a_rerun_log_holds_only_the_rerun(tmp_path: Path, fresh_root_logging) -> None:
     """Bug: the step log opened for appending: a rerun's log still shows the failed run's error."""
     from xmodal.logs import log_to
