@@ -117,3 +117,31 @@ def test_a_first_partial_run_records_its_settings_unmixed(tmp_path):
     check_report_settings(path, CONFIG)
     with pytest.raises(ConfigError, match="analysis.knn_k = 10"):
         check_report_settings(path, _with(analysis__knn_k=11))
+
+
+@pytest.mark.parametrize("content", ["", "{trunc", "[]", '"x"', '{"settings": null}', "\udcff"])
+def test_an_unreadable_record_is_named_and_never_breaks_a_run(tmp_path, content):
+    """A corrupt or foreign record: --report is refused naming the file and the way out; a
+    whole run replaces it; a partial run counts it as other settings (mixed)."""
+    path = tmp_path / "r.json"
+    path.write_text(content, errors="surrogateescape")
+    with pytest.raises(ConfigError, match=rf"{path} is not a .*delete {path}"):
+        check_report_settings(path, CONFIG)
+    record_run_settings(path, CONFIG, whole=False, succeeded=True)
+    with pytest.raises(ConfigError, match="two different configs"):
+        check_report_settings(path, CONFIG)
+    path.write_text(content, errors="surrogateescape")
+    record_run_settings(path, CONFIG, whole=True, succeeded=True)
+    check_report_settings(path, CONFIG)
+
+
+def test_a_key_the_record_lacks_is_not_compared(tmp_path):
+    """A record written before a key joined REPORT_SETTINGS must not refuse every report."""
+    path = tmp_path / "r.json"
+    record_run_settings(path, CONFIG, whole=True, succeeded=True)
+    record = json.loads(path.read_text())
+    del record["settings"]["analysis.metrics"]
+    path.write_text(json.dumps(record))
+    check_report_settings(path, _with(analysis__metrics=["cknna", "cka"]))
+    with pytest.raises(ConfigError, match="analysis.seed = 0"):
+        check_report_settings(path, _with(analysis__seed=1))

@@ -6,6 +6,7 @@ import math
 import os
 import re
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -378,6 +379,21 @@ def report_settings(config: Mapping[str, Any]) -> dict[str, Any]:
     return json.loads(json.dumps(out))
 
 
+def _read_record(path: Path) -> dict[str, Any] | None:
+    """The settings record at ``path``, None when there is none; ValueError when unreadable."""
+    import json
+
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ValueError(f"{path} is not a readable settings record ({err})") from None
+    if not isinstance(record, dict) or not isinstance(record.get("settings"), dict):
+        raise ValueError(f"{path} is not a settings record (no 'settings' mapping)")
+    return record
+
+
 def record_run_settings(
     path: str | os.PathLike, config: Mapping[str, Any], whole: bool, succeeded: bool
 ) -> None:
@@ -386,21 +402,24 @@ def record_run_settings(
     A successful run of the whole workflow records the config's settings. A run of some
     targets only, or a failed one, that changed them leaves results of both settings on disk:
     it records the new ones as ``mixed``, and a report is refused until a whole run succeeds.
+    An unreadable record counts as one with other settings.
     """
     import json
-    from pathlib import Path
 
     from xmodal.io import atomic_path
 
     now = report_settings(config)
     path = Path(path)
-    old = json.loads(path.read_text()) if path.is_file() else None
     if whole and succeeded:
         record = {"settings": now, "mixed": False}
-    elif old is None or old.get("settings") != now:
-        record = {"settings": now, "mixed": old is not None}
     else:
-        return
+        try:
+            old = _read_record(path)
+        except ValueError:
+            old = {"settings": None}
+        if old is not None and old["settings"] == now:
+            return
+        record = {"settings": now, "mixed": old is not None}
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(record, indent=1) + "\n")
@@ -409,24 +428,28 @@ def record_run_settings(
 def check_report_settings(path: str | os.PathLike, config: Mapping[str, Any]) -> None:
     """Raise :class:`ConfigError` when the report's captions would state settings other than
     those the results were made with (the record :func:`record_run_settings` wrote). Results
-    made before such records existed have none, and pass."""
-    import json
-    from pathlib import Path
-
+    made before such records existed have none, and pass; so do keys a record lacks."""
     path = Path(path)
-    if not path.is_file():
+    way_out = (
+        f"run the whole workflow with this config first (if it says 'Nothing to be done', "
+        f"every result is up to date with this config: delete {path}), then make the report"
+    )
+    try:
+        record = _read_record(path)
+    except ValueError as err:
+        raise ConfigError(f"--report: {err}; {way_out}") from None
+    if record is None:
         return
-    record = json.loads(path.read_text())
     if record.get("mixed"):
         raise ConfigError(
             f"--report: a run of only some targets, or one that failed, changed the settings "
             f"the report states ({path}), so the results on disk were made with two different "
-            "configs; run the whole workflow with this config first, then make the report"
+            f"configs; {way_out}"
         )
-    now, then = report_settings(config), record.get("settings", {})
-    changed = [k for k in REPORT_SETTINGS if then.get(k) != now[k]]
+    now, then = report_settings(config), record["settings"]
+    changed = [k for k in REPORT_SETTINGS if k in then and then[k] != now[k]]
     if changed:
-        shown = ", ".join(f"{k} = {then.get(k)!r}" for k in changed)
+        shown = ", ".join(f"{k} = {then[k]!r}" for k in changed)
         says = ", ".join(f"{k} = {now[k]!r}" for k in changed)
         raise ConfigError(
             f"--report: the results on disk were made with {shown}, and this config says {says} "

@@ -472,11 +472,16 @@ def record_settings_of_this_run(succeeded):
     args = _command_line()
     if args is None or not workflow.is_main_process:
         return
-    limits = (args.until, args.omit_from, args.allowed_rules, args.batch)
-    whole = set(args.targets or ()) <= {"all"} and not any(limits)
+    limits = (args.until, args.omit_from, args.allowed_rules)
+    # --touch marks results as made, --immediate-submit calls the hook before jobs ran
+    limits += (args.touch, args.immediate_submit)
+    last_batch = args.batch is None or (
+        args.batch.rulename == "all" and args.batch.idx == args.batch.batches
+    )
+    whole = set(args.targets or ()) <= {"all"} and not any(limits) and last_batch
     try:
         record_run_settings(RUN_SETTINGS, config, whole, succeeded)
-    except OSError as err:
+    except Exception as err:
         # the run's results stand without the record; --report then checks less
         logger.warning(f"could not record the run's settings in {RUN_SETTINGS}: {err}")
 
