@@ -119,10 +119,10 @@ def check_config(config: Mapping[str, Any]) -> None:
     """Raise :class:`ConfigError` for values the schema cannot express.
 
     Checks: dataset and model keys are filesystem-safe, a GPU model is one sbatch accepts (all
-    three matched whole: the schema's ``$`` lets a trailing newline through); ``stimuli`` keys of another source
-    (:data:`SOURCE_KEYS`) are absent; at least 3 vision models (GPA and leave-one-model-out
-    need 3) and 1 language model; the vision layer index, set size K, neighbour count k and
-    drop fraction are consistent with each other. K against the number of stimuli is checked
+    three matched whole: the schema's ``$`` lets a trailing newline through); ``stimuli`` keys
+    of another source (:data:`SOURCE_KEYS`) are absent; at least 3 vision models (GPA and
+    leave-one-model-out need 3) and 1 language model; the vision layer index, set size K,
+    neighbour count k and drop fraction are consistent with each other. K against the number of stimuli is checked
     when the manifest is read (it is not known before).
     """
     stimuli = config.get("stimuli") or {}

@@ -253,10 +253,10 @@ def _select_weights(
     if weights:
         return wanted
     if not pickles:
+        safe = " or ".join(p for p in download_patterns(library) if p.endswith(SAFE_SUFFIXES))
         raise PrefetchError(
-            f"{repo_id} at revision {revision} has no weights that xmodal can load: no "
-            f"{' or '.join(p for p in download_patterns(library) if p.endswith(SAFE_SUFFIXES))} and no pickle "
-            f"checkpoint at its top level, where {library} reads them; files: "
+            f"{repo_id} at revision {revision} has no weights that xmodal can load: no {safe} "
+            f"and no pickle checkpoint at its top level, where {library} reads them; files: "
             f"{', '.join(files[:20]) or 'none'}"
         )
     if not allow_pickle:
