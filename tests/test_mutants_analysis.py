@@ -333,11 +333,17 @@ def test_paired_refuses_a_repeated_stimulus():
 
     vision = _disp(["a", "a", "b", "c"], [1.0, 1.0, 2.0, 3.0], [1.0, 1.0, 2.0, 3.0])
     language = _disp(["a", "b", "c"], [3.0, 1.0, 2.0], [3.0, 1.0, 2.0])
-    with pytest.raises(ValueError, match="vision dispersion table lists stimulus 'a' more than"):
+    with pytest.raises(
+        ValueError,
+        match=r"the vision dispersion table holds 1 \(stimulus_id\) key\(s\) more than once: \[\('a',\)\]",
+    ):
         correlation_table(vision, language, 0, 0)
     # both tables repeating it: same ids, same length, still refused, naming the stimulus
     language = _disp(["a", "a", "b", "c"], [3.0, 3.0, 1.0, 2.0], [3.0, 3.0, 1.0, 2.0])
-    with pytest.raises(ValueError, match="lists stimulus 'a' more than once"):
+    with pytest.raises(
+        ValueError,
+        match=r"dispersion table holds 1 \(stimulus_id\) key\(s\) more than once: \[\('a',\)\]",
+    ):
         correlation_table(vision, language, 0, 0)
 
 
@@ -352,7 +358,8 @@ def test_chosen_llm_layer_counts_one_vote_per_vision_model():
          "chosen": True}
     )  # fmt: skip
     with pytest.raises(
-        ValueError, match=r"LLM 'g' has more than one chosen row .*vision model\(s\) \['v1'\]"
+        ValueError,
+        match=r"chosen for LLM 'g' by 'cknna'\) table holds 1 \(vision\) key\(s\) more than once: \[\('v1',\)\]",
     ):
         chosen_llm_layer(t, "g", path="g.tsv")
     assert chosen_llm_layer(t.iloc[1:], "g") == (3, 1, 2)

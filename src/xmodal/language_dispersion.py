@@ -28,6 +28,7 @@ import pandas as pd
 
 from xmodal.config import ConfigError, min_set_size
 from xmodal.io import read_table
+from xmodal.summary import mean_stability, require_unique_keys
 
 log = logging.getLogger(__name__)
 
@@ -182,13 +183,9 @@ def chosen_llm_layer(
             f"{path}: no layer of LLM {llm!r} is marked chosen for metric {metric!r}; rerun its "
             "layer search (rule layer_search)"
         )
-    repeated = sorted(rows.loc[rows["vision"].astype(str).duplicated(), "vision"].astype(str))
-    if repeated:  # one vote per vision model: a repeated row would count twice
-        raise ValueError(
-            f"{path}: LLM {llm!r} has more than one chosen row by {metric!r} for vision "
-            f"model(s) {sorted(set(repeated))} (one per vision model expected); rerun its layer "
-            "search (rule layer_search)"
-        )
+    # one vote per vision model: a repeated row would count twice
+    name = f"layer-search ({path}: rows chosen for LLM {llm!r} by {metric!r})"
+    require_unique_keys(rows, ["vision"], name)
     votes = Counter(int(v) for v in rows["llm_layer"])
     best = max(votes.values())
     layer = min(v for v, c in votes.items() if c == best)
@@ -246,13 +243,8 @@ def _paired(vision: pd.DataFrame, language: pd.DataFrame) -> pd.DataFrame:
     """Both dispersion tables on the same stimuli, in the vision table's order."""
     v_ids = vision["stimulus_id"].astype(str)
     l_ids = language["stimulus_id"].astype(str)
-    for name, ids in (("vision", v_ids), ("language", l_ids)):
-        repeated = sorted(set(ids[ids.duplicated()]))
-        if repeated:
-            raise ValueError(
-                f"the {name} dispersion table lists stimulus {repeated[0]!r} more than once "
-                f"({len(repeated)} repeated ids: {repeated[:5]}); rerun its GPA step"
-            )
+    require_unique_keys(vision.assign(stimulus_id=v_ids), ["stimulus_id"], "vision dispersion")
+    require_unique_keys(language.assign(stimulus_id=l_ids), ["stimulus_id"], "language dispersion")
     if set(v_ids) != set(l_ids) or len(v_ids) != len(l_ids):
         missing = sorted(set(v_ids) ^ set(l_ids))
         raise ValueError(
@@ -381,7 +373,6 @@ def cell_table(conditions: pd.DataFrame) -> pd.DataFrame:
     (``xmodal.summary.mean_stability``); NaN where the conditions table has no stability.
     """
     from xmodal.stats import random_baseline
-    from xmodal.summary import mean_stability
 
     levels = {name: (v, lang) for name, v, lang in CELLS}
     rows = []
