@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -368,8 +369,6 @@ _REPORT_DEFAULTS = {"analysis.metrics": ["cknna"], "stimuli.drop_duplicates": Fa
 def report_settings(config: Mapping[str, Any]) -> dict[str, Any]:
     """The :data:`REPORT_SETTINGS` of ``config``, as JSON values: an absent key is its
     default, None where it has none."""
-    import json
-
     out: dict[str, Any] = {}
     for dotted in REPORT_SETTINGS:
         value: Any = config
@@ -381,8 +380,6 @@ def report_settings(config: Mapping[str, Any]) -> dict[str, Any]:
 
 def _read_record(path: Path) -> dict[str, Any] | None:
     """The settings record at ``path``, None when there is none; ValueError when unreadable."""
-    import json
-
     if not path.is_file():
         return None
     try:
@@ -404,8 +401,6 @@ def record_run_settings(
     it records the new ones as ``mixed``, and a report is refused until a whole run succeeds.
     An unreadable record counts as one with other settings.
     """
-    import json
-
     from xmodal.io import atomic_path
 
     now = report_settings(config)
