@@ -31,6 +31,9 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from xmodal.config import (
+    DATASET_KEY,
+    GPU_MODEL,
+    MODEL_KEY,
     ConfigError,
     check_against_stimuli,
     check_config,
@@ -242,6 +245,18 @@ def test_unsafe_model_key_refused_by_check_config_too() -> None:
     _unsafe_key(cfg)
     with pytest.raises(ConfigError, match=r"'models\.\.\./\.\./etc'.*must match"):
         check_config(cfg)
+
+
+def test_the_schema_states_the_librarys_name_patterns() -> None:
+    """The dataset name, model keys and extraction.gpu_model are written twice: in the schema
+    (its message, for users) and in xmodal.config (matched whole, which the schema's search
+    cannot do). They must say the same."""
+    schema = load_config_file(ROOT / "workflow" / "schemas" / "config.schema.yaml")
+    props = schema["properties"]
+    assert props["dataset"]["pattern"] == DATASET_KEY.pattern
+    assert props["models"]["propertyNames"]["pattern"] == MODEL_KEY.pattern
+    gpu = props["extraction"]["properties"]["gpu_model"]["pattern"]
+    assert gpu == f"^{GPU_MODEL.pattern}$"
 
 
 @settings(max_examples=200, deadline=None)

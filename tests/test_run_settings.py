@@ -14,11 +14,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from xmodal.config import (
+    DEFAULTS,
     REPORT_SETTINGS,
     ConfigError,
     check_report_settings,
     record_run_settings,
     report_settings,
+    setting,
 )
 
 CONFIG = {
@@ -44,6 +46,20 @@ def test_absent_keys_are_their_defaults():
     assert report_settings(CONFIG) == report_settings(explicit)
     assert report_settings(CONFIG)["analysis.metrics"] == ["cknna"]
     assert set(report_settings(CONFIG)) == set(REPORT_SETTINGS)
+
+
+def test_setting_reads_a_dotted_key_or_its_one_default():
+    """The defaults are written down once (DEFAULTS): an absent or null key, or a missing
+    section, is its default; a written value is itself; a list default is a fresh copy."""
+    assert setting(CONFIG, "analysis.metrics") == ["cknna"] == DEFAULTS["analysis.metrics"]
+    assert setting({}, "stimuli.drop_duplicates") is False
+    assert setting({"stimuli": None}, "stimuli.drop_duplicates") is False
+    assert setting(_with(analysis__metrics=None), "analysis.metrics") == ["cknna"]
+    assert setting(_with(analysis__metrics=["cka"]), "analysis.metrics") == ["cka"]
+    assert setting(_with(stimuli__drop_duplicates=True), "stimuli.drop_duplicates") is True
+    assert setting(CONFIG, "analysis.knn_k") == 10 and setting(CONFIG, "analysis.gpu") is None
+    setting(CONFIG, "analysis.metrics").append("cka")  # a caller's list, not the default
+    assert DEFAULTS["analysis.metrics"] == ["cknna"]
 
 
 def test_a_whole_run_records_and_the_same_config_passes(tmp_path):

@@ -362,19 +362,27 @@ REPORT_SETTINGS = (
     "analysis.metrics",
     "stimuli.drop_duplicates",
 )
-#: What an absent key of :data:`REPORT_SETTINGS` means (the others have no default to write down).
-_REPORT_DEFAULTS = {"analysis.metrics": ["cknna"], "stimuli.drop_duplicates": False}
+#: What an absent optional key means: the one place these defaults are written down (the
+#: workflow, the library and the report check all read them through :func:`setting`).
+DEFAULTS: dict[str, Any] = {"analysis.metrics": ["cknna"], "stimuli.drop_duplicates": False}
+
+
+def setting(config: Mapping[str, Any], dotted: str) -> Any:
+    """The value of the dotted config key (``"analysis.metrics"``); an absent (or null) key is
+    its default in :data:`DEFAULTS`, None where it has none. A list default comes as a copy."""
+    value: Any = config
+    for part in dotted.split("."):
+        value = value.get(part) if isinstance(value, Mapping) else None
+    if value is None:
+        value = DEFAULTS.get(dotted)
+        return list(value) if isinstance(value, list) else value
+    return value
 
 
 def report_settings(config: Mapping[str, Any]) -> dict[str, Any]:
     """The :data:`REPORT_SETTINGS` of ``config``, as JSON values: an absent key is its
     default, None where it has none."""
-    out: dict[str, Any] = {}
-    for dotted in REPORT_SETTINGS:
-        value: Any = config
-        for part in dotted.split("."):
-            value = value.get(part) if isinstance(value, Mapping) else None
-        out[dotted] = _REPORT_DEFAULTS.get(dotted) if value is None else value
+    out = {dotted: setting(config, dotted) for dotted in REPORT_SETTINGS}
     return json.loads(json.dumps(out))
 
 

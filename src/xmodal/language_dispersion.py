@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from xmodal.config import ConfigError, min_set_size
+from xmodal.config import ConfigError, min_set_size, setting
 from xmodal.io import read_table
 from xmodal.summary import mean_stability, require_unique_keys
 
@@ -135,7 +135,7 @@ class LanguageDispersionSettings:
                 "[0, 1] (0 = embeddings, 1 = last hidden state)"
             )
         layer = "chosen" if layer == "chosen" else float(layer)
-        metrics = list((config.get("analysis") or {}).get("metrics") or ["cknna"])
+        metrics = list(setting(config, "analysis.metrics"))
         if enabled and CHOSEN_METRIC not in metrics:
             # the 2 × 2 sets are scored by CKNNA at each LLM's chosen layer, whatever `layer`
             raise ConfigError(

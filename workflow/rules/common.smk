@@ -18,6 +18,7 @@ if _SRC not in sys.path:
     sys.path.insert(0, _SRC)
 
 from xmodal.config import (
+    DEFAULTS,
     PREFETCH_RECORDS,
     ConfigError,
     check_against_stimuli,
@@ -27,6 +28,7 @@ from xmodal.config import (
     normalise_integers,
     record_run_settings,
     schema_errors,
+    setting,
 )
 from xmodal.features import (
     FeatureFileError,
@@ -80,6 +82,12 @@ except WorkflowError:
         "\n".join(schema_errors(config, _SCHEMA, ", ".join(_CONFIG_FILES)))
     ) from None
 
+# an absent optional key takes its default (xmodal.config.DEFAULTS), written into the config
+# that the rules and the report's captions read
+for _dotted in DEFAULTS:
+    _section, _key = _dotted.split(".")
+    config.setdefault(_section, {})[_key] = setting(config, _dotted)
+
 try:
     for _path in _CONFIG_FILES:
         # refuses duplicate keys, which YAML would silently merge
@@ -114,7 +122,7 @@ DATASET = config["dataset"]
 VISION = REGISTRY.vision
 LANGUAGE = REGISTRY.language
 ANALYSIS = config["analysis"]
-METRICS = list(ANALYSIS.get("metrics", ["cknna"]))
+METRICS = list(ANALYSIS["metrics"])
 # the alignment jobs ask for a GPU only when the config says so (analysis.gpu)
 ALIGNMENT_GPU = {"gpu": 1} if ANALYSIS.get("gpu", False) else {}
 
@@ -149,7 +157,7 @@ def named_params(**params):
 
 
 # changes which stimuli every model's features hold: a feature-defining setting
-DROP_DUPLICATES = bool(config["stimuli"].get("drop_duplicates", False))
+DROP_DUPLICATES = bool(config["stimuli"]["drop_duplicates"])
 # what the held-out layer choice adds to each layer-search job (nothing when it is off, so
 # that the seed does not rerun the layer searches then)
 HELDOUT_PARAMS = (
