@@ -335,6 +335,19 @@ def test_report_with_other_settings_than_the_run_is_refused(workflow_dir, demo_c
     text = proc.stdout + proc.stderr
     assert proc.returncode != 0 and not out.exists(), text[-3000:]
     assert "made with analysis.knn_k = 10, and this config says analysis.knn_k = 7" in text
+    # the same, asked for by a profile (`report:`), which the check used not to read
+    profile = workflow_dir / "profiles" / "k7report"
+    profile.mkdir()
+    (profile / "config.yaml").write_text(
+        f"snakefile: ../../Snakefile\nconfigfile: ../../config/k7.yaml\ncores: 1\nreport: {out}\n"
+    )
+    try:
+        proc = snakemake(workflow_dir, "--profile", "profiles/k7report", check=False)
+    finally:
+        shutil.rmtree(profile)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and not out.exists(), text[-3000:]
+    assert "made with analysis.knn_k = 10, and this config says analysis.knn_k = 7" in text
 
 
 # ---------------------------------------------------------------- what reruns (docs/cluster.md, "What reruns")

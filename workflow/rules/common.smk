@@ -423,12 +423,19 @@ _NO_JOBS = ("touch", "unlock", "lint", "list_rules", "list_target_rules", "summa
             "list_conda_envs", "conda_cleanup_envs", "conda_create_envs_only")  # fmt: skip
 
 
+@cache
 def _command_line():
-    """snakemake's own reading of this process's command line; None when it is not one."""
-    from snakemake.cli import get_argument_parser
+    """snakemake's own reading of this process's command line, with the profiles' settings
+    (a profile's `until:` or `report:` counts as given); None when it is not one."""
+    from contextlib import redirect_stderr
+    from io import StringIO
+
+    from snakemake.cli import parse_args
 
     try:
-        return get_argument_parser().parse_known_args(sys.argv[1:])[0]
+        # without its "Using profile ..." line, said once already
+        with redirect_stderr(StringIO()):
+            return parse_args(sys.argv[1:])[1]
     except (Exception, SystemExit):
         return None
 
