@@ -4,6 +4,7 @@ what the light steps import."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -176,7 +177,81 @@ def test_rules_with_several_params_record_them_by_name():
                 if nxt and not nxt.startswith("        "):
                     break
                 block.append(nxt)
-            names = [b for b in block if re.match(r"^        \w+=", b)]
+            # the analysis code's digest is 64 hex digits: no setting has its value
+            names = [b for b in block if re.match(r"^        (?!code=)\w+=", b)]
             if len(names) >= 2:
                 unnamed.append(f"{path.name}: rule {rule}")
     assert not unnamed, unnamed
+
+
+#: The rules whose jobs a library update must not rerun: GPU extraction, downloads, the stamps
+#: that decide re-extraction, and the demo's builders (NOT_ANALYSIS_CODE is their code).
+NOT_ANALYSIS_RULES = {
+    "extract", "prefetch_model", "prefetch_stimuli", "manifest_stamp", "demo_stimuli",
+    "demo_training_scenes", "demo_tokenizer", "demo_model", "all",
+}  # fmt: skip
+
+
+def test_every_analysis_rule_carries_the_analysis_code_digest():
+    """A library update reruns the analysis made by the old code: every rule but
+    :data:`NOT_ANALYSIS_RULES` has the param ``code=ANALYSIS_CODE``, and those have none."""
+    import re
+
+    root = Path(__file__).resolve().parents[1] / "workflow"
+    seen: dict[str, bool] = {}
+    for path in [root.parent / "Snakefile", *sorted((root / "rules").glob("*.smk"))]:
+        text = path.read_text()
+        # each rule's text, to the next rule (the figure rules: one unnamed rule in a loop)
+        for m in re.finditer(r"^ *rule(?: (\w+))?:\n(.*?)(?=^ *rule[ :]|\Z)", text, re.M | re.S):
+            name = m.group(1) or "figure_*"
+            seen[name] = re.search(r"^ +code=ANALYSIS_CODE,$", m.group(2), re.M) is not None
+    assert {"gpa", "layer_search", "figure_*", "provenance", "extract"} <= seen.keys()
+    assert sorted(k for k, v in seen.items() if not v) == sorted(NOT_ANALYSIS_RULES)
+
+
+def _package(root: Path, files: dict[str, str]) -> Path:
+    for name, text in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+    return root
+
+
+def test_analysis_code_digest_follows_the_analysis_modules_only(tmp_path):
+    """Any edit of an analysis module changes the digest (a comment too, and a renamed or a
+    new module); extraction, prefetch, the demo and editors' hidden copies do not."""
+    base = {
+        "__init__.py": "X = 1\n",
+        "gpa.py": "def f():\n    return 1\n",
+        "figures/panel.py": "Y = 2\n",
+        "extract/vision.py": "Z = 3\n",
+        "demo/train.py": "W = 4\n",
+        "prefetch.py": "V = 5\n",
+    }
+    ref = xmodal.analysis_code_digest(_package(tmp_path / "ref", base))
+    assert re.fullmatch(r"[0-9a-f]{64}", ref)
+    assert xmodal.analysis_code_digest(_package(tmp_path / "same", base)) == ref  # not the path
+
+    def digest(name: str, **changes: str | None) -> str:
+        files = {k: v for k, v in {**base, **changes}.items() if v is not None}
+        return xmodal.analysis_code_digest(_package(tmp_path / name, files))
+
+    for i, changes in enumerate([
+        {"gpa.py": "def f():\n    return 2\n"},
+        {"gpa.py": base["gpa.py"] + "# a comment\n"},
+        {"figures/panel.py": "Y = 3\n"},
+        {"gpa.py": None, "gpa2.py": base["gpa.py"]},  # renamed
+        {"stats.py": "U = 6\n"},  # a new module
+        {"__init__.py": "X = 2\n"},
+    ]):  # fmt: skip
+        assert digest(f"changed{i}", **changes) != ref, changes
+    for i, changes in enumerate([
+        {"extract/vision.py": "Z = 4\n"},
+        {"demo/train.py": "W = 5\n", "demo/new.py": ""},
+        {"prefetch.py": "V = 6\n"},
+        {".ipynb_checkpoints/gpa-checkpoint.py": "junk\n"},
+        {"figures/.hidden/x.py": "junk\n"},
+    ]):  # fmt: skip
+        assert digest(f"same{i}", **changes) == ref, changes
+    # the installed package: its own folder, as the workflow hashes it
+    src = Path(__file__).resolve().parents[1] / "src" / "xmodal"
+    assert xmodal.analysis_code_digest() == xmodal.analysis_code_digest(src)

@@ -14,6 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import xmodal
 from xmodal import pipeline
 from xmodal.features import write_features
 from xmodal.io import TableError, UnwritableOutputError, atomic_path, read_table, write_table
@@ -415,25 +416,29 @@ def test_provenance_names_the_stimuli_commit_and_each_models_revision_and_weight
     pipeline.write_provenance(manifest, "hub", files, out)
     table = read_table(out)
     assert list(table.columns) == list(pipeline.PROVENANCE_COLUMNS)
-    assert list(table["kind"]) == ["stimuli", "model", "model"]
+    assert list(table["kind"]) == ["stimuli", "model", "model", "analysis"]
     s = table.iloc[0]
     assert s["id"] == "org/captions" and s["key"] == "train" and s["source"] == "hub"
     assert s["requested_revision"] == "wit_1024" and s["revision"] == "0123456789"
     assert s["sha256"] == hashlib.sha256(manifest.read_bytes()).hexdigest()
-    assert list(table["n_stimuli"]) == [2, 2, 2]
-    assert list(table["key"][1:]) == ["vit", "llm"] and list(table["revision"][1:]) == [
+    assert list(table["n_stimuli"]) == [2, 2, 2, 2]
+    assert list(table["key"][1:3]) == ["vit", "llm"] and list(table["revision"][1:3]) == [
         "1e3",
         "abc",
     ]
-    assert list(table["id"][1:]) == ["org/vit", "org/llm"]
-    assert list(table["stimuli_sha256"]) == ["", "0123", "0123"]  # text, not 123
-    assert set(table["sha256"][1:]) == {"f" * 64} and set(table["timm"][1:]) == {"1.10"}
+    assert list(table["id"][1:3]) == ["org/vit", "org/llm"]
+    assert list(table["stimuli_sha256"]) == ["", "0123", "0123", ""]  # text, not 123
+    assert set(table["sha256"][1:3]) == {"f" * 64} and set(table["timm"][1:3]) == {"1.10"}
+    # last, the analysis code that made the tables, by the digest its rules rerun on
+    a = table.iloc[-1]
+    assert a["key"] == "xmodal" and a["xmodal"] == xmodal.__version__
+    assert a["sha256"] == xmodal.analysis_code_digest() and len(a["sha256"]) == 64
     # a local manifest: its path and digest, no hub fields (a stray source.json is not read)
     pipeline.write_provenance(manifest, "local", files[:1], out)
     s = read_table(out).iloc[0]
     assert s["id"] == str(manifest) and s["source"] == "local"
     assert s["revision"] == "" and s["requested_revision"] == ""
-    assert read_table(out)["revision"].tolist() == ["", "1e3"]  # not 1000.0
+    assert read_table(out)["revision"].tolist() == ["", "1e3", ""]  # not 1000.0
     # the config's labels name the models: a file keeps the label it was extracted under
     pipeline.write_provenance(manifest, "local", files, out, labels={"vit": "ViT-H (MAE)"})
-    assert read_table(out)["label"].tolist() == ["", "ViT-H (MAE)", ""]
+    assert read_table(out)["label"].tolist() == ["", "ViT-H (MAE)", "", ""]

@@ -21,6 +21,7 @@ from _project import copy_project, job_counts
 from _project import run_snakemake as snakemake
 from PIL import Image
 
+from xmodal import analysis_code_digest
 from xmodal.features import FeatureFile
 from xmodal.io import read_table
 from xmodal.stimuli import read_manifest
@@ -377,6 +378,40 @@ def test_speed_settings_schedule_no_job(workflow_dir, demo_config):
         "--cores", "2", *[f"results/alignment/demo/{t}.tsv" for t in ("grid", "layers")],
     )  # fmt: skip
     assert "Nothing to be done" in proc.stdout + proc.stderr, proc.stdout + proc.stderr
+
+
+#: What a library update never reruns (tests/test_package.py checks the rules' params)
+NOT_ANALYSIS_JOBS = {"extract", "prefetch_model", "prefetch_stimuli", "manifest_stamp",
+                     "demo_stimuli", "demo_training_scenes", "demo_tokenizer", "demo_model"}  # fmt: skip
+
+
+def test_a_library_update_reruns_the_analysis_and_extracts_nothing(workflow_dir):
+    """Results made by older library code are not left standing: an edit of an analysis
+    module (a comment, even) reruns every analysis job from the features on disk, and nothing
+    else; an edit of the extraction code reruns nothing (GPU hours). Before, both ran nothing,
+    and tables made by the old code stood next to the new code's."""
+    everything = job_counts(
+        snakemake(workflow_dir, "-n", "--forceall", "--profile", "profiles/demo").stdout
+    )
+    assert NOT_ANALYSIS_JOBS & everything.keys() and everything.get("gpa") == 1
+    analysis = {k: v for k, v in everything.items() if k not in NOT_ANALYSIS_JOBS}
+    lib = workflow_dir / "src" / "xmodal"
+    for module, expected in (("gpa.py", analysis), ("extract/vision.py", {})):
+        text = (lib / module).read_text()
+        try:
+            (lib / module).write_text(text + "# an edit\n")
+            proc = snakemake(workflow_dir, "-n", "--profile", "profiles/demo")
+        finally:
+            (lib / module).write_text(text)
+        assert job_counts(proc.stdout + proc.stderr) == expected, (module, proc.stdout)
+        if not expected:
+            assert "Nothing to be done" in proc.stdout + proc.stderr
+    proc = snakemake(workflow_dir, "-n", "--profile", "profiles/demo")
+    assert "Nothing to be done" in proc.stdout + proc.stderr
+    # the provenance table names the code that made the tables
+    provenance = read_table(workflow_dir / "results/summary/demo_provenance.tsv")
+    row = provenance[provenance["kind"] == "analysis"].iloc[0]
+    assert row["sha256"] == analysis_code_digest(lib)
 
 
 def _extracted(out: str) -> set[str]:

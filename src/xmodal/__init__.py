@@ -4,7 +4,9 @@ The library behind the Snakemake workflow. It never imports Snakemake: every fun
 arrays, paths or plain values and can be used from a notebook.
 """
 
+import hashlib
 import os
+from pathlib import Path
 
 __version__ = "0.1.0"
 
@@ -23,3 +25,28 @@ def configure_cpu_threads() -> None:
     """
     for key, value in CPU_THREAD_ENV.items():
         os.environ.setdefault(key, value)
+
+
+#: The parts of the library that no analysis rule runs: feature extraction (GPU jobs), hub
+#: downloads and the demo's builders. Editing them never reruns the analysis.
+NOT_ANALYSIS_CODE = ("extract", "demo", "prefetch.py")
+
+
+def analysis_code_digest(package: str | os.PathLike | None = None) -> str:
+    """A digest of the library code the analysis rules run: every module of ``package`` (this
+    package by default) but :data:`NOT_ANALYSIS_CODE`, by path and bytes.
+
+    The analysis rules carry it as a param, so that an update of the library reruns the CPU
+    analysis on the features already extracted, instead of leaving tables and figures that the
+    old code made next to results of the new one (docs/cluster.md, "What reruns"). Comments
+    count: an edit of a comment reruns the analysis, never an extraction.
+    """
+    root = Path(package) if package is not None else Path(__file__).resolve().parent
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.py"), key=lambda p: p.relative_to(root).as_posix()):
+        name = path.relative_to(root).as_posix()
+        parts = name.split("/")
+        if parts[0] in NOT_ANALYSIS_CODE or any(part.startswith(".") for part in parts):
+            continue  # and editors' hidden copies (.ipynb_checkpoints/)
+        digest.update(name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()

@@ -22,6 +22,7 @@ import pandas as pd
 
 # torch (alignment, diagnostics, metrics, stats) and scipy (gpa, dispersion) are imported by the
 # steps that use them: a job then loads only what its step needs (torch alone takes seconds)
+import xmodal
 from xmodal import language_dispersion, properties, selection
 from xmodal.config import resolve_layer
 from xmodal.features import FeatureFile, FeatureFileError
@@ -949,6 +950,12 @@ def provenance_table(
         if labels and Path(path).stem in labels:  # the file's name is the config key
             row["label"] = labels[Path(path).stem]
         rows.append(row)
+    # last, the analysis code that made the tables from the features (the same in every
+    # analysis job: each reruns when it changes, docs/cluster.md "What reruns")
+    rows.append(
+        {"kind": "analysis", "key": "xmodal", "sha256": xmodal.analysis_code_digest(),
+         "n_stimuli": rows[-1]["n_stimuli"], "xmodal": xmodal.__version__}
+    )  # fmt: skip
     return pd.DataFrame(rows, columns=list(PROVENANCE_COLUMNS)).fillna("")
 
 

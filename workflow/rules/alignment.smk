@@ -39,6 +39,7 @@ rule layer_search:
             metrics=METRICS,
             heldout=HELDOUT_PARAMS,
         ),
+        code=ANALYSIS_CODE,
     script:
         "../../scripts/layer_search.py"
 
@@ -66,6 +67,7 @@ rule vision_bootstrap:
             n_boot=ANALYSIS["n_boot"],
             seed=ANALYSIS["seed"],
         ),
+        code=ANALYSIS_CODE,
     script:
         "../../scripts/vision_bootstrap.py"
 
@@ -100,6 +102,7 @@ rule conditions:
             seed=ANALYSIS["seed"],
             metrics=METRICS,
         ),
+        code=ANALYSIS_CODE,
     script:
         "../../scripts/conditions.py"
 
@@ -121,6 +124,8 @@ rule aggregate:
     localrule: True
     conda:
         "../../envs/analysis.yaml"
+    params:
+        code=ANALYSIS_CODE,
     script:
         "../../scripts/aggregate.py"
 
@@ -134,6 +139,7 @@ rule models_table:
     conda:
         "../../envs/analysis.yaml"
     params:
+        code=ANALYSIS_CODE,
         models=REGISTRY.table().to_dict("records"),
     script:
         "../../scripts/models_table.py"
@@ -154,6 +160,8 @@ rule summary:
     localrule: True
     conda:
         "../../envs/analysis.yaml"
+    params:
+        code=ANALYSIS_CODE,
     script:
         "../../scripts/summary.py"
 
@@ -172,6 +180,8 @@ rule drop_summary:
     localrule: True
     conda:
         "../../envs/analysis.yaml"
+    params:
+        code=ANALYSIS_CODE,
     script:
         "../../scripts/drop_summary.py"
 
@@ -190,6 +200,8 @@ rule heldout_summary:
     localrule: True
     conda:
         "../../envs/analysis.yaml"
+    params:
+        code=ANALYSIS_CODE,
     script:
         "../../scripts/heldout_summary.py"
 
@@ -209,6 +221,8 @@ rule self_selection_summary:
     localrule: True
     conda:
         "../../envs/analysis.yaml"
+    params:
+        code=ANALYSIS_CODE,
     script:
         "../../scripts/self_selection_summary.py"
 
@@ -236,5 +250,6 @@ rule provenance:
             # the config's labels: a feature file keeps the label it was extracted under
             labels={k: REGISTRY[k].label for k in REGISTRY},
         ),
+        code=ANALYSIS_CODE,
     script:
         "../../scripts/provenance.py"

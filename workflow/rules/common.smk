@@ -17,6 +17,7 @@ _SRC = str(Path(workflow.basedir) / "src")
 if _SRC not in sys.path:
     sys.path.insert(0, _SRC)
 
+from xmodal import analysis_code_digest
 from xmodal.config import (
     DEFAULTS,
     PREFETCH_RECORDS,
@@ -125,6 +126,10 @@ ANALYSIS = config["analysis"]
 METRICS = list(ANALYSIS["metrics"])
 # the alignment jobs ask for a GPU only when the config says so (analysis.gpu)
 ALIGNMENT_GPU = {"gpu": 1} if ANALYSIS.get("gpu", False) else {}
+# the library code the analysis runs: a param of every analysis rule, so that an update of
+# src/xmodal reruns the CPU analysis from the features on disk, and never an extraction
+# (xmodal.analysis_code_digest; docs/cluster.md, "What reruns")
+ANALYSIS_CODE = analysis_code_digest(Path(_SRC) / "xmodal")
 
 
 def retry_resources(mem_mb, runtime):

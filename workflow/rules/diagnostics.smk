@@ -19,6 +19,7 @@ rule vision_diagnostics:
             vision_layer=ANALYSIS["vision_layer"],
             k=ANALYSIS["knn_k"],
         ),
+        code=ANALYSIS_CODE,
     script:
         "../../scripts/vision_diagnostics.py"
 
@@ -41,5 +42,7 @@ rule diagnostics:
     localrule: True
     conda:
         "../../envs/analysis.yaml"
+    params:
+        code=ANALYSIS_CODE,
     script:
         "../../scripts/diagnostics.py"

@@ -26,6 +26,7 @@ rule gpa:
             tol=ANALYSIS["gpa"].get("tol", 1e-10),
             max_iter=ANALYSIS["gpa"].get("max_iter", 1000),
         ),
+        code=ANALYSIS_CODE,
     script:
         "../../scripts/gpa.py"
 
@@ -51,6 +52,7 @@ rule stimulus_sets:
             # the size-matched control of the drop sets (0 draws: off; docs/method.md, "Controls")
             drop_control={"n_random": DROP_CONTROL.draws(ANALYSIS)},
         ),
+        code=ANALYSIS_CODE,
     script:
         "../../scripts/stimulus_sets.py"
 
@@ -73,6 +75,7 @@ rule heldout_sets:
             seed=ANALYSIS["seed"],
             heldout={"n_splits": HELDOUT.n_splits},
         ),
+        code=ANALYSIS_CODE,
     script:
         "../../scripts/heldout_sets.py"
 
@@ -100,5 +103,6 @@ rule leave_one_model_out:
             tol=ANALYSIS["gpa"].get("tol", 1e-10),
             max_iter=ANALYSIS["gpa"].get("max_iter", 1000),
         ),
+        code=ANALYSIS_CODE,
     script:
         "../../scripts/leave_one_model_out.py"

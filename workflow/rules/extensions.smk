@@ -35,6 +35,7 @@ rule language_gpa:
             tol=ANALYSIS["gpa"].get("tol", 1e-10),
             max_iter=ANALYSIS["gpa"].get("max_iter", 1000),
         ),
+        code=ANALYSIS_CODE,
     script:
         "../../scripts/language_gpa.py"
 
@@ -55,6 +56,7 @@ rule language_correlation:
             n_boot=ANALYSIS["n_boot"],
             seed=ANALYSIS["seed"],
         ),
+        code=ANALYSIS_CODE,
     script:
         "../../scripts/language_correlation.py"
 
@@ -77,6 +79,7 @@ rule joint_sets:
             knn_k=ANALYSIS["knn_k"],
             seed=ANALYSIS["seed"],
         ),
+        code=ANALYSIS_CODE,
     script:
         "../../scripts/joint_sets.py"
 
@@ -106,6 +109,7 @@ rule joint_conditions:
             k=ANALYSIS["knn_k"],
             seed=ANALYSIS["seed"],
         ),
+        code=ANALYSIS_CODE,
     script:
         "../../scripts/joint_conditions.py"
 
@@ -126,6 +130,8 @@ rule joint_aggregate:
     localrule: True
     conda:
         "../../envs/analysis.yaml"
+    params:
+        code=ANALYSIS_CODE,
     script:
         "../../scripts/joint_aggregate.py"
 
@@ -146,6 +152,8 @@ rule image_properties:
     resources:
         # what SLURM gives the job (the profile's default would be 1 CPU)
         cpus_per_task=lambda wildcards, threads: threads,
+    params:
+        code=ANALYSIS_CODE,
     script:
         "../../scripts/image_properties.py"
 
@@ -163,6 +171,7 @@ rule stimulus_properties:
     conda:
         "../../envs/analysis.yaml"
     params:
+        code=ANALYSIS_CODE,
         llms=LANGUAGE,
     script:
         "../../scripts/stimulus_properties.py"
@@ -184,5 +193,6 @@ rule property_correlations:
             n_boot=ANALYSIS["n_boot"],
             seed=ANALYSIS["seed"],
         ),
+        code=ANALYSIS_CODE,
     script:
         "../../scripts/property_correlations.py"

@@ -51,6 +51,7 @@ rule import_features:
     conda:
         "../../envs/analysis.yaml"
     params:
+        code=ANALYSIS_CODE,
         modality=lambda wildcards: REGISTRY[wildcards.model].modality,
         drop_duplicates=DROP_DUPLICATES,
     script:

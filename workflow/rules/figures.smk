@@ -31,6 +31,7 @@ for _name, _spec in FIGURES.items():
         conda:
             "../../envs/analysis.yaml"
         params:
+            code=ANALYSIS_CODE,
             name=_name,
             metric=lambda wildcards: metric_from_tag(wildcards.metric_tag),
             metric_label=lambda wildcards: metric_label(

@@ -63,5 +63,7 @@ rule stimuli_report:
     resources:
         # what SLURM gives the job (the profile's default would be 1 CPU)
         cpus_per_task=lambda wildcards, threads: threads,
+    params:
+        code=ANALYSIS_CODE,
     script:
         "../../scripts/stimuli_report.py"
