@@ -21,6 +21,7 @@ from xmodal.extract import (
 from xmodal.extract.language import extract_language_features, load_language_model, mean_pool
 from xmodal.features import STIMULI_DIGEST, WEIGHTS_DIGEST, FeatureFile
 from xmodal.io import directory_digest
+from xmodal.registry import FEATURES_VERSION
 from xmodal.stimuli import read_manifest
 
 IDS = [f"stim-{i:02d}" for i in range(12)]
@@ -207,6 +208,7 @@ def test_extract_features_end_to_end(tmp_path, tiny_lms, tiny_manifest):
         assert (ff.n_layers, ff.m, ff.dim) == (4, 12, 32) and ff.layer_names[0] == "embeddings"
         assert a["pooling"] == "mean" and a["source"] == "transformers" and a["revision"] == "local"
         assert a["compute_dtype"] == "float32" and a["model_key"] == "llama-tiny"
+        assert a["features_version"] == FEATURES_VERSION["language"]
         assert (
             '"padding_side": "right"' in a["preprocessing"]
             and '"max_length": 48' in a["preprocessing"]

@@ -23,6 +23,7 @@ from xmodal.extract import (
 )
 from xmodal.extract.vision import extract_vision_features, load_vision_model
 from xmodal.features import STIMULI_DIGEST, FeatureFile
+from xmodal.registry import FEATURES_VERSION
 from xmodal.stimuli import ImageDataset, manifest_stamp, read_manifest
 
 ensure_torchvision_importable()
@@ -228,6 +229,7 @@ def test_extract_features_end_to_end(tmp_path, tiny_vits, tiny_manifest, hf_offl
             and a["modality"] == "vision"
         )
         assert '"input_size": [3, 32, 32]' in a["preprocessing"]
+        assert a["features_version"] == FEATURES_VERSION["vision"]
         assert np.all(ff.abs_q95() > 0)
     # what it read: the digest of the vision stamp (ids, paths, image contents), from the bytes
     rows = [[i, img, hashlib.sha256((tiny_manifest.parent / img).read_bytes()).hexdigest()]

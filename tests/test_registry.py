@@ -9,8 +9,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from xmodal import registry
 from xmodal.config import ConfigError
 from xmodal.registry import (
+    FEATURES_VERSION,
     SITE_DEFAULTS,
     Registry,
     Site,
@@ -127,6 +129,21 @@ def test_speed_settings_leave_every_feature_spec_unchanged() -> None:
     cfg["models"]["llama-7b"]["batch_size"] = 2
     cfg["models"]["llama-7b"]["label"] = "renamed"
     assert Registry.from_config(cfg)["llama-7b"].feature_spec() == before["llama-7b"].feature_spec()
+
+
+def test_a_raised_features_version_enters_the_spec_of_its_modality_only(monkeypatch) -> None:
+    """Version 1 adds nothing (features made before the version existed stand); raising one
+    modality's version changes the feature spec, the extraction's rerun trigger, of exactly
+    that modality's models."""
+    assert dict(FEATURES_VERSION) == {"vision": 1, "language": 1}
+    reg = Registry.from_config(paper())
+    before = {k: reg[k].feature_spec() for k in reg}
+    assert not any("features_version" in spec for spec in before.values())
+    monkeypatch.setattr(registry, "FEATURES_VERSION", {"vision": 2, "language": 1})
+    after = {k: reg[k].feature_spec() for k in reg}
+    changed = {k for k in before if before[k] != after[k]}
+    assert changed == set(reg.vision) and reg.vision
+    assert all(after[k] == {**before[k], "features_version": 2} for k in changed)
 
 
 @pytest.mark.parametrize(

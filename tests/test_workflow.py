@@ -385,11 +385,12 @@ NOT_ANALYSIS_JOBS = {"extract", "prefetch_model", "prefetch_stimuli", "manifest_
                      "demo_stimuli", "demo_training_scenes", "demo_tokenizer", "demo_model"}  # fmt: skip
 
 
-def test_a_library_update_reruns_the_analysis_and_extracts_nothing(workflow_dir):
+def test_a_library_update_reruns_the_analysis_and_extracts_nothing(workflow_dir, demo_config):
     """Results made by older library code are not left standing: an edit of an analysis
     module (a comment, even) reruns every analysis job from the features on disk, and nothing
-    else; an edit of the extraction code reruns nothing (GPU hours). Before, both ran nothing,
-    and tables made by the old code stood next to the new code's."""
+    else; an edit of the extraction code reruns nothing (GPU hours) unless it raises its
+    modality's FEATURES_VERSION. Before, all of them ran nothing, and tables made by the old
+    code stood next to the new code's."""
     everything = job_counts(
         snakemake(workflow_dir, "-n", "--forceall", "--profile", "profiles/demo").stdout
     )
@@ -406,6 +407,18 @@ def test_a_library_update_reruns_the_analysis_and_extracts_nothing(workflow_dir)
         assert job_counts(proc.stdout + proc.stderr) == expected, (module, proc.stdout)
         if not expected:
             assert "Nothing to be done" in proc.stdout + proc.stderr
+    # the change that alters the vision features raises their version: exactly the vision
+    # models are re-extracted
+    text = (lib / "registry.py").read_text()
+    raised = text.replace('{"vision": 1, "language": 1}', '{"vision": 2, "language": 1}')
+    assert raised != text
+    try:
+        (lib / "registry.py").write_text(raised)
+        proc = snakemake(workflow_dir, "-n", "--profile", "profiles/demo")
+    finally:
+        (lib / "registry.py").write_text(text)
+    vision = [k for k, m in demo_config["models"].items() if m["modality"] == "vision"]
+    assert _extracted(proc.stdout) == set(vision), proc.stdout[-3000:]
     proc = snakemake(workflow_dir, "-n", "--profile", "profiles/demo")
     assert "Nothing to be done" in proc.stdout + proc.stderr
     # the provenance table names the code that made the tables

@@ -46,6 +46,15 @@ __all__ = [
 #: The library that loads each modality.
 LIBRARY = {"vision": "timm", "language": "transformers"}
 
+#: The version of what the extraction code (xmodal.extract, and the image decoding and caption
+#: handling it calls) computes, per modality. Raise it by one in the change that alters that
+#: modality's features: from version 2 on it enters each such model's :meth:`feature_spec`,
+#: the extraction's rerun trigger, so the workflow re-extracts exactly those models once, and
+#: the feature files record it (``features_version``). Changes of the analysis code rerun the
+#: analysis by themselves (xmodal.analysis_code_digest); the extraction's are left to this,
+#: so that an edit that changes no feature costs no GPU hour (docs/cluster.md, "What reruns").
+FEATURES_VERSION: Mapping[str, int] = MappingProxyType({"vision": 1, "language": 1})
+
 #: Weight files that are plain tensors (safe to load) and pickle files (loading runs code).
 SAFE_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".tar")
@@ -223,6 +232,8 @@ class ModelEntry:
             spec["build"] = _plain(self.build)
         if self.modality == "language":
             spec["max_tokens"] = self.site.max_tokens
+        if FEATURES_VERSION[self.modality] > 1:  # absent at 1: features made before it stand
+            spec["features_version"] = FEATURES_VERSION[self.modality]
         return spec
 
     def prefetch_spec(self) -> dict[str, Any]:

@@ -28,6 +28,7 @@ from xmodal.extract._common import (
     resolve_device,
     resolve_dtype,
 )
+from xmodal.registry import FEATURES_VERSION
 
 log = logging.getLogger(__name__)
 
@@ -233,6 +234,7 @@ def extract_features(
             "label": model_cfg.get("label") or "",
             "family": model_cfg.get("family") or "",
             "size_b": float(model_cfg.get("size_b") or 0.0),
+            "features_version": FEATURES_VERSION[modality],
             STIMULI_DIGEST: manifest_stamp(
                 manifest,
                 modality,
