@@ -323,32 +323,36 @@ def test_report_builds(workflow_dir):
 
 def test_report_with_other_settings_than_the_run_is_refused(workflow_dir, demo_config):
     """The captions state the config given to --report: with knn_k 7 against results made with
-    10, the report said 'analysis.knn_k (7)' eight times, exit 0 (the wiring review)."""
+    10, the report said 'analysis.knn_k (7)' eight times, exit 0 (the wiring review). Also when
+    a profile asks for the report, and with -d and a profile given relative to another folder
+    (both went unseen: the check read the command line without its profiles)."""
     record = workflow_dir / "results/report/demo_run_settings.json"
     assert json.loads(record.read_text())["settings"]["analysis.knn_k"] == 10
     cfg = copy.deepcopy(demo_config)
     cfg["analysis"]["knn_k"] = 7
+    k7 = workflow_dir / write_config(workflow_dir, cfg, "k7.yaml")
     out = workflow_dir / "results/report/other.html"
-    proc = snakemake(
-        workflow_dir, "--configfile", write_config(workflow_dir, cfg, "k7.yaml"),
-        "--report", str(out), check=False,
-    )  # fmt: skip
-    text = proc.stdout + proc.stderr
-    assert proc.returncode != 0 and not out.exists(), text[-3000:]
-    assert "made with analysis.knn_k = 10, and this config says analysis.knn_k = 7" in text
-    # the same, asked for by a profile (`report:`), which the check used not to read
     profile = workflow_dir / "profiles" / "k7report"
     profile.mkdir()
     (profile / "config.yaml").write_text(
-        f"snakefile: ../../Snakefile\nconfigfile: ../../config/k7.yaml\ncores: 1\nreport: {out}\n"
+        f"snakefile: ../../Snakefile\nconfigfile: {k7}\ncores: 1\nreport: {out}\n"
     )
+    name = workflow_dir.name
+    calls = [
+        (workflow_dir, "--configfile", str(k7), "--report", str(out)),
+        (workflow_dir, "--profile", "profiles/k7report"),
+        (workflow_dir.parent, "-d", name, "--profile", f"{name}/profiles/demo",
+         "--configfile", str(k7), "--report", str(out)),
+    ]  # fmt: skip
     try:
-        proc = snakemake(workflow_dir, "--profile", "profiles/k7report", check=False)
+        for cwd, *args in calls:
+            proc = snakemake(cwd, *args, check=False)
+            text = proc.stdout + proc.stderr
+            assert proc.returncode != 0 and not out.exists(), (args, text[-3000:])
+            assert "made with analysis.knn_k = 10, and this config says analysis.knn_k = 7" in text
+            assert "could not read the profiles" not in text
     finally:
         shutil.rmtree(profile)
-    text = proc.stdout + proc.stderr
-    assert proc.returncode != 0 and not out.exists(), text[-3000:]
-    assert "made with analysis.knn_k = 10, and this config says analysis.knn_k = 7" in text
 
 
 # ---------------------------------------------------------------- what reruns (docs/cluster.md, "What reruns")

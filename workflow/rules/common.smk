@@ -428,21 +428,55 @@ _NO_JOBS = ("touch", "unlock", "lint", "list_rules", "list_target_rules", "summa
             "list_conda_envs", "conda_cleanup_envs", "conda_create_envs_only")  # fmt: skip
 
 
+def _started_in(directory):
+    """Where snakemake was started, to read the profiles from (it moves into --directory
+    before reading this file): the folder that `directory` is relative to, else $PWD."""
+    here = Path.cwd()
+    if directory is None:
+        return [here]
+    found = []
+    if not Path(directory).is_absolute():
+        found = [
+            a for a in here.parents if (a / directory).resolve() == here.resolve()
+        ][:1]
+    pwd = os.environ.get("PWD")
+    return list(dict.fromkeys(found + ([Path(pwd)] if pwd else []) + [here]))
+
+
 @cache
 def _command_line():
     """snakemake's own reading of this process's command line, with the profiles' settings
-    (a profile's `until:` or `report:` counts as given); None when it is not one."""
+    (a profile's `until:` or `report:` counts as given); without them, and a warning, when
+    the profiles cannot be found again; None when it is not a command line of snakemake's.
+    """
     from contextlib import redirect_stderr
     from io import StringIO
 
-    from snakemake.cli import parse_args
+    from snakemake.cli import get_argument_parser, parse_args
 
+    argv = sys.argv[1:]
     try:
-        # without its "Using profile ..." line, said once already
-        with redirect_stderr(StringIO()):
-            return parse_args(sys.argv[1:])[1]
+        plain = get_argument_parser().parse_known_args(argv)[0]
     except (Exception, SystemExit):
         return None
+    here = os.getcwd()
+    for where in _started_in(plain.directory):
+        try:
+            os.chdir(where)
+            # without its "Using profile ..." line, said once already
+            with redirect_stderr(StringIO()):
+                return parse_args(argv)[1]
+        except (Exception, SystemExit):
+            continue
+        finally:
+            os.chdir(here)
+    if workflow.is_main_process and (plain.profile or plain.workflow_profile):
+        logger.warning(
+            "could not read the profiles of this command line again (run snakemake from the"
+            " folder you gave --directory relative to): the checks of --report and of runs of"
+            " some targets only see the options given on the command line"
+        )
+    return plain
 
 
 def check_report_inputs():
