@@ -20,10 +20,13 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from xmodal import io as xio
+from xmodal import stimuli as xstim
 from xmodal.logs import forward_to
 from xmodal.stimuli import (
+    DECODED_IMAGES,
     ImageDataset,
     StimulusError,
+    check_images_decode,
     image_file_digests,
     manifest_stamp,
     read_manifest,
@@ -434,6 +437,62 @@ def test_manifest_stamp_sees_a_replaced_image_but_not_a_copy(tmp_path):
     assert stamps()[("language", False)] == before[("language", False)]
 
 
+def test_images_are_checked_to_decode_once_each_before_any_extraction(manifest_copy, monkeypatch):
+    """Every image is decoded as the extraction will, once per file content (a copy elsewhere
+    or a touch is not decoded again, a replaced file is); a truncated and a missing image are
+    one error naming both stimuli and the first file, and are never recorded as decoded."""
+    root, record = manifest_copy.parent, manifest_copy.parent / "stamps" / DECODED_IMAGES
+    df = read_manifest(manifest_copy)
+    assert check_images_decode(df, root, record, workers=2) == len(df) == 12
+    digests = image_file_digests(df["image"].tolist(), root)
+    assert sorted(json.loads(record.read_text())) == sorted(set(digests))
+    scans = []
+    real_scan = xstim._scan
+    monkeypatch.setattr(
+        xstim, "_scan", lambda m, *a, **k: scans.append(len(m)) or real_scan(m, *a, **k)
+    )
+    assert check_images_decode(df, root, record) == 0 and scans == []  # nothing decoded again
+    copy = manifest_copy.parent.parent / "copy"
+    shutil.copytree(root, copy, copy_function=shutil.copy)  # new paths and times, same bytes
+    assert check_images_decode(read_manifest(copy / "stimuli.tsv"), copy, record) == 0
+    first = root / df["image"][0]
+    Image.effect_noise((9, 7), 40).convert("RGB").save(first, format=Image.open(first).format)
+    assert check_images_decode(df, root, record) == 1 and scans == [1]  # the replaced one only
+    good = record.read_text()
+    second, third = root / df["image"][1], root / df["image"][2]
+    second.write_bytes(second.read_bytes()[:60])  # truncated
+    third.unlink()
+    with pytest.raises(StimulusError) as err:
+        check_images_decode(df, root, record)
+    text = str(err.value)
+    assert "2 image(s) cannot be decoded" in text and "'stim-01', 'stim-02'" in text, text
+    assert f"first: stimulus 'stim-01': cannot decode image {second}" in text, text
+    assert record.read_text() == good  # what failed is not recorded
+    # an unreadable record is no record: everything is decoded again
+    record.write_text("{not json")
+    second.write_bytes(b"")
+    with pytest.raises(StimulusError, match="stim-01"):
+        check_images_decode(df, root, record)
+
+
+def test_a_vision_stamp_refuses_an_image_that_does_not_decode(manifest_copy):
+    """write_manifest_stamp, as the stamp job calls it, checks the images of the stamps that
+    read them (vision; language too with drop_duplicates), unless told not to (the workflow's
+    start-up, which checks them itself)."""
+    df = read_manifest(manifest_copy)
+    bad = manifest_copy.parent / df["image"][3]
+    bad.write_bytes(b"not an image")
+    out = manifest_copy.parent / "stamps"
+    out.mkdir()
+    for modality, drop in (("vision", False), ("language", True)):
+        with pytest.raises(StimulusError, match="'stim-03'"):
+            write_manifest_stamp(manifest_copy, out / f"{modality}.json", modality, drop)
+        assert not (out / f"{modality}.json").exists()
+    assert write_manifest_stamp(manifest_copy, out / "language.json", "language")
+    assert write_manifest_stamp(manifest_copy, out / "vision.json", "vision", check_images=False)
+    assert not (out / DECODED_IMAGES).exists()
+
+
 def _wait_for_a_new_change_time(path: Path, before: int) -> None:
     """File systems stamp changes with a coarse clock (a few ms): wait until it has moved on."""
     for _ in range(300):
@@ -599,12 +658,14 @@ def test_vision_stamp_changes_exactly_when_an_image_file_does(old, data):
         df = pd.DataFrame({"stimulus_id": names, "image": names, "caption": "A cat."})
         write_manifest(df, root / "stimuli.tsv")
         stamp = root / "extract_vision.json"
-        write_manifest_stamp(root / "stimuli.tsv", stamp, "vision")
+        # random bytes, not images: the stamp's digests, without the decoding check
+        write_manifest_stamp(root / "stimuli.tsv", stamp, "vision", check_images=False)
         for name, content in zip(names, new, strict=True):
             st_ = os.stat(root / name)
             (root / name).write_bytes(content)
             os.utime(root / name, ns=(st_.st_atime_ns, st_.st_mtime_ns))
-        assert write_manifest_stamp(root / "stimuli.tsv", stamp, "vision") == (old != new)
+        changed = write_manifest_stamp(root / "stimuli.tsv", stamp, "vision", check_images=False)
+        assert changed == (old != new)
 
 
 def test_missing_image_messages_say_why_when_names_print_alike(tmp_path, caplog):

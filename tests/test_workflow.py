@@ -24,7 +24,7 @@ from PIL import Image
 from xmodal import analysis_code_digest
 from xmodal.features import FeatureFile
 from xmodal.io import read_table
-from xmodal.stimuli import read_manifest
+from xmodal.stimuli import IMAGE_DIGESTS, read_manifest
 
 pytestmark = pytest.mark.slow
 
@@ -533,6 +533,40 @@ def test_manifest_edits_rerun_only_the_extractions_they_change(workflow_dir, dem
             feature.write_bytes(feature_bytes)
         os.utime(feature, ns=(feature_times.st_atime_ns, feature_times.st_mtime_ns))
     assert "Nothing to be done" in dry_run()
+
+
+def _outputs(workflow_dir: Path) -> dict[Path, int]:
+    """Every file under results/ with its modification time, but the image digest cache."""
+    files = (p for p in (workflow_dir / "results").rglob("*") if p.is_file())
+    return {p: p.stat().st_mtime_ns for p in sorted(files) if p.name != IMAGE_DIGESTS}
+
+
+def test_an_image_that_does_not_decode_stops_the_run_before_any_job(workflow_dir):
+    """A damaged image used to be found by the vision extractions, each failing on the GPU
+    once per retry. It now stops the run at start-up, naming the stimulus and the file, with
+    nothing run or written; a dry run warns; with the image mended, nothing is to be done."""
+    manifest = read_manifest(workflow_dir / "resources/stimuli/demo/stimuli.tsv")
+    sid, name = manifest["stimulus_id"][5], manifest["image"][5]
+    image = workflow_dir / "resources/stimuli/demo" / name
+    original = image.read_bytes()
+    try:
+        image.write_bytes(original[: len(original) // 3])
+        proc = snakemake(workflow_dir, "-n", "--profile", "profiles/demo")
+        assert "a run stops here: resources/stimuli/demo: 1 image(s) cannot be decoded" in (
+            proc.stdout + proc.stderr
+        )
+        # (the dry run brought the stamps up to the damaged image, as dry runs do)
+        before = _outputs(workflow_dir)
+        proc = snakemake(workflow_dir, "--profile", "profiles/demo", check=False)
+    finally:
+        image.write_bytes(original)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode != 0, text[-3000:]
+    assert f"stimulus '{sid}': cannot decode image resources/stimuli/demo/{name}" in text, text
+    assert "found before any job ran" in text and "--forcerun demo_stimuli" in text
+    assert _outputs(workflow_dir) == before
+    proc = snakemake(workflow_dir, "-n", "--profile", "profiles/demo")
+    assert "Nothing to be done" in proc.stdout + proc.stderr, proc.stdout[-3000:]
 
 
 def test_a_deleted_stamp_is_written_again_and_still_guards_the_stimuli(workflow_dir):

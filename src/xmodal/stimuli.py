@@ -77,6 +77,7 @@ _ORIENTATION_NAMES = {
 
 __all__ = [
     "COLUMNS",
+    "DECODED_IMAGES",
     "DEFAULT_DROP_KINDS",
     "DUPLICATE_KINDS",
     "EXTRACTION_COLUMNS",
@@ -87,6 +88,7 @@ __all__ = [
     "StimulusError",
     "analysed_stimuli",
     "convert_to_rgb",
+    "check_images_decode",
     "drop_duplicates",
     "extraction_columns",
     "find_duplicates",
@@ -482,6 +484,10 @@ def _image_file_sizes(images: Sequence[str], root: Path) -> list[int | None]:
 
 #: the cache of image file digests that :func:`write_manifest_stamp` keeps next to its stamps
 IMAGE_DIGESTS = "image_digests.json"
+#: the digests of the image files that :func:`check_images_decode` has seen decode
+DECODED_IMAGES = "decoded_images.json"
+#: threads that decode images for :func:`check_images_decode` (at most; one per core)
+DECODE_THREADS = 8
 
 
 def image_file_digests(
@@ -493,6 +499,48 @@ def image_file_digests(
     it), for paths relative to ``root``; ``cache`` as in :func:`xmodal.io.file_digests`, which
     reads only new or changed files."""
     return file_digests([Path(root) / img for img in images], cache)
+
+
+def check_images_decode(
+    manifest: pd.DataFrame,
+    root: str | os.PathLike,
+    record: str | os.PathLike,
+    digest_cache: str | os.PathLike | None = None,
+    *,
+    workers: int | None = None,
+) -> int:
+    """Decode every image of ``manifest`` that ``record`` has not seen decode, by the rules
+    the vision extraction decodes it by (:func:`load_rgb`), and add it there; returns how
+    many were decoded now.
+
+    A missing, damaged or unconvertible image is one :class:`StimulusError` naming every such
+    stimulus and the first file, raised before any extraction job is submitted: found by the
+    extraction instead, it failed each vision model's GPU job, once per retry. ``record`` (a
+    JSON list of file digests, rewritten atomically) holds what has decoded, so each image file
+    is decoded once, wherever it is moved or copied. ``root`` is the manifest's folder;
+    ``digest_cache`` as in :func:`image_file_digests`; ``workers`` threads (default: one per
+    core, at most :data:`DECODE_THREADS`).
+    """
+    from xmodal.parallel import available_cores
+
+    record = Path(record)
+    try:
+        seen = set(json.loads(record.read_text(encoding="utf-8")))
+    except (OSError, ValueError, TypeError):
+        seen = set()  # none yet, or unreadable: decode again
+    images = manifest["image"].astype(str).tolist()
+    digests = image_file_digests(images, root, digest_cache)
+    todo = [k for k, d in enumerate(digests) if d is None or d not in seen]
+    if not todo:
+        return 0
+    threads = workers if workers is not None else min(DECODE_THREADS, available_cores())
+    log.info("%s: checking that %d image(s) decode, once each", root, len(todo))
+    # one StimulusError naming every image that does not decode (xmodal.stimuli._scan)
+    table = _scan(manifest.iloc[todo], Path(root), where=str(root), lines=None,
+                  workers=max(1, threads))  # fmt: skip
+    with atomic_path(record) as tmp:
+        tmp.write_text(json.dumps(sorted(seen | set(table["bytes_sha256"]))) + "\n")
+    return len(todo)
 
 
 def _stamp(
@@ -596,6 +644,7 @@ def write_manifest_stamp(
     modality: str,
     drop_duplicates: bool = False,
     manifest: pd.DataFrame | None = None,
+    check_images: bool = True,
 ) -> bool:
     """Write ``modality``'s :func:`manifest_stamp` of a manifest to ``out`` (JSON) unless ``out``
     already holds exactly that record; returns whether a changed stamp was written.
@@ -605,8 +654,11 @@ def write_manifest_stamp(
     modality reads, so that adding an annotation column re-extracts nothing and fixing a
     caption re-extracts only the language models. Image file contents enter it (paths relative
     to the manifest's folder, as the manifest's paths are), their digests cached in
-    ``image_digests.json`` next to ``out`` (:func:`image_file_digests`). ``manifest`` is the
-    manifest already read (read here, without the image checks, when None).
+    ``image_digests.json`` next to ``out`` (:func:`image_file_digests`). With ``check_images``,
+    a stamp of what reads the images first checks that each decodes
+    (:func:`check_images_decode`, once per file, recorded in ``decoded_images.json`` next to
+    ``out``). ``manifest`` is the manifest already read (read here, without the image checks,
+    when None).
 
     A stamp of the earlier form (image file sizes) that still matches the files is rewritten
     in the new form with its modification time kept, and False is returned: the upgrade
@@ -618,6 +670,11 @@ def write_manifest_stamp(
         manifest = read_manifest(manifest_path, check_images=False)
     args = (modality, drop_duplicates)
     stamp = manifest_stamp(manifest, *args, root, out.with_name(IMAGE_DIGESTS))
+    if check_images and "image" in extraction_columns(modality, drop_duplicates):
+        # a vision extraction will decode every image: find what it cannot before it runs
+        check_images_decode(
+            manifest, root, out.with_name(DECODED_IMAGES), out.with_name(IMAGE_DIGESTS)
+        )
     record = {"manifest": str(manifest_path), **stamp}
     try:
         old, st = json.loads(out.read_text(encoding="utf-8")), out.stat()

@@ -50,8 +50,11 @@ from xmodal.logs import forward_to
 from xmodal.registry import Registry, built_model_dir
 from xmodal.selection import DropControl, HeldOutLayer, SelfSelection
 from xmodal.stimuli import (
+    DECODED_IMAGES,
     EXTRACTION_COLUMNS,
+    IMAGE_DIGESTS,
     StimulusError,
+    check_images_decode,
     manifest_settings_changed,
     read_manifest,
     write_manifest_stamp,
@@ -479,6 +482,15 @@ def _command_line():
     return plain
 
 
+def _runs_no_job():
+    """This process is a dry run, or a command that runs no job (_NO_JOBS)."""
+    # workflow.dryrun is not set yet while this file is read; the output settings are
+    if getattr(workflow.output_settings, "dryrun", False):
+        return True
+    args = _command_line()
+    return args is not None and any(getattr(args, name, None) for name in _NO_JOBS)
+
+
 def check_report_inputs():
     """Refuse --report while outputs are marked incomplete: a run killed with SIGKILL leaves
     files Snakemake will redo, and --report showed them as results (the interruption review).
@@ -543,6 +555,13 @@ def record_settings_of_this_run(succeeded):
 check_report_inputs()
 
 
+def _only_target_is_the_manifest():
+    """The command line's one target is the stimulus manifest (to be made alone)."""
+    args = _command_line()
+    targets = {os.path.normpath(t) for t in (args.targets or ())} if args else set()
+    return targets == {os.path.normpath(MANIFEST)}
+
+
 def check_manifest_settings():
     """Stop a run that would make the manifest again from other settings (config stimuli.*)
     together with the rest: Snakemake 9 does not rerun a job downstream of a rerunning job
@@ -567,15 +586,9 @@ def check_manifest_settings():
         )
         + " (docs/cluster.md, 'What reruns')"
     )
-    args = _command_line()
-    if args is not None and {os.path.normpath(t) for t in args.targets or ()} == {
-        os.path.normpath(MANIFEST)
-    }:
+    if _only_target_is_the_manifest():
         return
-    # workflow.dryrun is not set yet while this file is read; the output settings are
-    if getattr(workflow.output_settings, "dryrun", False) or (
-        args is not None and any(getattr(args, name, None) for name in _NO_JOBS)
-    ):
+    if _runs_no_job():
         logger.warning(f"a run stops here: {what}")
         return
     raise WorkflowError(what)
@@ -594,6 +607,40 @@ def manifest_at_start():
 # Unchanged demo stamps older than an edited manifest: their time is moved on once the feature
 # files have passed check_feature_files (see update_manifest_stamps).
 _STAMPS_TO_TOUCH = []
+
+
+def check_stimulus_images():
+    """Decode, once per image file, the manifest's images as the vision extraction will: a
+    missing or damaged image stops the run before any GPU job is submitted (found by the
+    extraction, it failed every vision model's job, once per retry). Dry runs and the commands
+    that run no job warn; a run whose only target is the manifest passes (it makes a
+    rule-made manifest again, and its stamp job checks the new images)."""
+    if not workflow.is_main_process or not Path(MANIFEST).is_file():
+        return
+    if not (REGISTRY.vision or DROP_DUPLICATES) or _only_target_is_the_manifest():
+        return  # nothing will decode the images, or they are being made again
+    try:
+        manifest = manifest_at_start()
+    except StimulusError:  # the jobs that read the manifest report it
+        return
+    stamps = Path(manifest_stamp_path("vision")).parent
+    try:
+        with forward_to(logger.info):
+            check_images_decode(
+                manifest, Path(MANIFEST).parent, stamps / DECODED_IMAGES,
+                stamps / IMAGE_DIGESTS,
+            )  # fmt: skip
+    except StimulusError as err:
+        if MANIFEST_RULE:  # made by a workflow step, which may make them again whole
+            redo = f"--forcerun {MANIFEST_RULE} -- {MANIFEST}"
+            err = f"{err}; or make them again (`snakemake <your options> {redo}`)"
+        if _runs_no_job():
+            logger.warning(f"a run stops here: {err}")
+            return
+        raise WorkflowError(f"{err} (found before any job ran)") from None
+
+
+check_stimulus_images()
 
 
 def update_manifest_stamps():
@@ -619,7 +666,7 @@ def update_manifest_stamps():
         # the library's messages (images read for their digests, a stamp carried over)
         with forward_to(logger.info):
             changed = write_manifest_stamp(
-                MANIFEST, path, modality, DROP_DUPLICATES, manifest
+                MANIFEST, path, modality, DROP_DUPLICATES, manifest, check_images=False
             )
         if missing:
             logger.info(f"{path} written (what the {modality} extractions read)")
