@@ -198,15 +198,20 @@ def test_every_analysis_rule_carries_the_analysis_code_digest():
     import re
 
     root = Path(__file__).resolve().parents[1] / "workflow"
-    seen: dict[str, bool] = {}
+    seen: dict[str, str | None] = {}
     for path in [root.parent / "Snakefile", *sorted((root / "rules").glob("*.smk"))]:
         text = path.read_text()
         # each rule's text, to the next rule (the figure rules: one unnamed rule in a loop)
         for m in re.finditer(r"^ *rule(?: (\w+))?:\n(.*?)(?=^ *rule[ :]|\Z)", text, re.M | re.S):
-            name = m.group(1) or "figure_*"
-            seen[name] = re.search(r"^ +code=ANALYSIS_CODE,$", m.group(2), re.M) is not None
+            code = re.findall(r"^ +code=(\w+),$", m.group(2), re.M)
+            assert len(code) <= 1, (m.group(1), code)
+            seen[m.group(1) or "figure_*"] = code[0] if code else None
     assert {"gpa", "layer_search", "figure_*", "provenance", "extract"} <= seen.keys()
-    assert sorted(k for k, v in seen.items() if not v) == sorted(NOT_ANALYSIS_RULES)
+    assert sorted(k for k, v in seen.items() if v != "ANALYSIS_CODE") == sorted(NOT_ANALYSIS_RULES)
+    # the demo's builders make the demo again when their own code changes
+    assert sorted(k for k, v in seen.items() if v == "DEMO_CODE") == sorted(
+        k for k in NOT_ANALYSIS_RULES if k.startswith("demo_")
+    )
 
 
 def _package(root: Path, files: dict[str, str]) -> Path:
@@ -255,3 +260,12 @@ def test_analysis_code_digest_follows_the_analysis_modules_only(tmp_path):
     # the installed package: its own folder, as the workflow hashes it
     src = Path(__file__).resolve().parents[1] / "src" / "xmodal"
     assert xmodal.analysis_code_digest() == xmodal.analysis_code_digest(src)
+    # the demo's builders: demo/ and nothing else
+    demo = xmodal.demo_code_digest(tmp_path / "ref")
+    assert xmodal.demo_code_digest(_package(tmp_path / "d1", {**base, "gpa.py": "G = 0\n"})) == demo
+    assert xmodal.demo_code_digest(_package(tmp_path / "d2", {**base, "demo/train.py": ""})) != demo
+    # a folder without modules (a wrong path) is an error, not a digest that never changes
+    (tmp_path / "empty").mkdir()
+    for digest in (xmodal.analysis_code_digest, xmodal.demo_code_digest):
+        with pytest.raises(FileNotFoundError, match="no module"):
+            digest(tmp_path / "empty")

@@ -17,7 +17,7 @@ _SRC = str(Path(workflow.basedir) / "src")
 if _SRC not in sys.path:
     sys.path.insert(0, _SRC)
 
-from xmodal import analysis_code_digest
+from xmodal import analysis_code_digest, demo_code_digest
 from xmodal.config import (
     DEFAULTS,
     PREFETCH_RECORDS,
@@ -133,6 +133,8 @@ ALIGNMENT_GPU = {"gpu": 1} if ANALYSIS.get("gpu", False) else {}
 # src/xmodal reruns the CPU analysis from the features on disk, and never an extraction
 # (xmodal.analysis_code_digest; docs/cluster.md, "What reruns")
 ANALYSIS_CODE = analysis_code_digest(Path(_SRC) / "xmodal")
+# and the demo's builders, a param of the demo's rules (stimuli, scenes, tokenizer, models)
+DEMO_CODE = demo_code_digest(Path(_SRC) / "xmodal")
 
 
 def retry_resources(mem_mb, runtime):

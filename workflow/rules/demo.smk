@@ -20,6 +20,7 @@ if config["stimuli"]["source"] == "demo":
             "../../envs/analysis.yaml"
         params:
             **MANIFEST_SOURCE,
+            code=DEMO_CODE,
         script:
             "../../scripts/demo_stimuli.py"
 
@@ -39,6 +40,7 @@ rule demo_training_scenes:
             n=DEMO_TRAIN.get("n", 3000),
             seed=DEMO_TRAIN.get("seed", 0),
         ),
+        code=DEMO_CODE,
     script:
         "../../scripts/demo_training_scenes.py"
 
@@ -56,6 +58,7 @@ rule demo_tokenizer:
             n=DEMO_TRAIN.get("n", 3000),
             seed=DEMO_TRAIN.get("seed", 0),
         ),
+        code=DEMO_CODE,
     script:
         "../../scripts/demo_tokenizer.py"
 
@@ -89,6 +92,7 @@ rule demo_model:
         "../../envs/extract.yaml"
     threads: 1
     params:
+        code=DEMO_CODE,
         # what the build and training depend on (not dtype or max_tokens, which only the
         # extraction uses)
         entry=lambda wildcards: {
