@@ -87,8 +87,8 @@ __all__ = [
     "ImageDataset",
     "StimulusError",
     "analysed_stimuli",
-    "convert_to_rgb",
     "check_images_decode",
+    "convert_to_rgb",
     "drop_duplicates",
     "extraction_columns",
     "find_duplicates",
@@ -671,7 +671,7 @@ def write_manifest_stamp(
     args = (modality, drop_duplicates)
     stamp = manifest_stamp(manifest, *args, root, out.with_name(IMAGE_DIGESTS))
     if check_images and "image" in extraction_columns(modality, drop_duplicates):
-        # a vision extraction will decode every image: find what it cannot before it runs
+        # the extraction will decode every image: find what it cannot before it runs
         check_images_decode(
             manifest, root, out.with_name(DECODED_IMAGES), out.with_name(IMAGE_DIGESTS)
         )
