@@ -443,7 +443,12 @@ def test_images_are_checked_to_decode_once_each_before_any_extraction(manifest_c
     one error naming both stimuli and the first file, and are never recorded as decoded."""
     root, record = manifest_copy.parent, manifest_copy.parent / "stamps" / DECODED_IMAGES
     df = read_manifest(manifest_copy)
+    # another process's write in progress, which this one must not remove
+    record.parent.mkdir()
+    theirs = record.parent / f".{DECODED_IMAGES}.other.tmp.json"
+    theirs.write_text("[]")
     assert check_images_decode(df, root, record, workers=2) == len(df) == 12
+    assert theirs.exists()
     digests = image_file_digests(df["image"].tolist(), root)
     assert sorted(json.loads(record.read_text())) == sorted(set(digests))
     scans = []
@@ -473,6 +478,22 @@ def test_images_are_checked_to_decode_once_each_before_any_extraction(manifest_c
     second.write_bytes(b"")
     with pytest.raises(StimulusError, match="stim-01"):
         check_images_decode(df, root, record)
+
+
+def test_a_decoded_images_record_that_cannot_be_written_is_a_warning(
+    manifest_copy, monkeypatch, caplog
+):
+    """The record is a cache: a failed write (a full disk, two processes at once) logs a
+    warning and the images count as checked for this run."""
+    root, record = manifest_copy.parent, manifest_copy.parent / DECODED_IMAGES
+
+    def fail(*args, **kwargs):
+        raise FileNotFoundError("another process renamed it")
+
+    monkeypatch.setattr(xstim, "atomic_path", fail)
+    with caplog.at_level(logging.WARNING, logger="xmodal.stimuli"):
+        assert check_images_decode(read_manifest(manifest_copy), root, record) == 12
+    assert "could not record the decoded images" in caplog.text and not record.exists()
 
 
 def test_a_vision_stamp_refuses_an_image_that_does_not_decode(manifest_copy):

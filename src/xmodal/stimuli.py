@@ -516,8 +516,8 @@ def check_images_decode(
     A missing, damaged or unconvertible image is one :class:`StimulusError` naming every such
     stimulus and the first file, raised before any extraction job is submitted: found by the
     extraction instead, it failed each vision model's GPU job, once per retry. ``record`` (a
-    JSON list of file digests, rewritten atomically) holds what has decoded, so each image file
-    is decoded once, wherever it is moved or copied. ``root`` is the manifest's folder;
+    JSON list of file digests, rewritten atomically; a write that fails is a warning) holds
+    what has decoded, so each image file is decoded once, wherever it is moved or copied. ``root`` is the manifest's folder;
     ``digest_cache`` as in :func:`image_file_digests`; ``workers`` threads (default: one per
     core, at most :data:`DECODE_THREADS`).
     """
@@ -538,8 +538,11 @@ def check_images_decode(
     # one StimulusError naming every image that does not decode (xmodal.stimuli._scan)
     table = _scan(manifest.iloc[todo], Path(root), where=str(root), lines=None,
                   workers=max(1, threads))  # fmt: skip
-    with atomic_path(record) as tmp:
-        tmp.write_text(json.dumps(sorted(seen | set(table["bytes_sha256"]))) + "\n")
+    try:  # no sweep: two processes may write it at once (the two stamp jobs, two starts)
+        with atomic_path(record, sweep=False) as tmp:
+            tmp.write_text(json.dumps(sorted(seen | set(table["bytes_sha256"]))) + "\n")
+    except OSError as err:  # a record is a cache: without it, the images decode again
+        log.warning("could not record the decoded images in %s (%s)", record, err)
     return len(todo)
 
 

@@ -434,18 +434,22 @@ _NO_JOBS = ("touch", "unlock", "lint", "list_rules", "list_target_rules", "summa
 
 
 def _started_in(directory):
-    """Where snakemake was started, to read the profiles from (it moves into --directory
-    before reading this file): the folder that `directory` is relative to, else $PWD."""
+    """Where snakemake was started, to read relative profile paths from (it moves into
+    --directory before reading this file): here without --directory; for a relative one, the
+    folder it is relative to ($PWD, or this folder or one above it) that leads here; for an
+    absolute one, $PWD (the shell's, unchecked). Empty when none is known."""
     here = Path.cwd()
     if directory is None:
         return [here]
-    found = []
-    if not Path(directory).is_absolute():
-        found = [
-            a for a in here.parents if (a / directory).resolve() == here.resolve()
-        ][:1]
-    pwd = os.environ.get("PWD")
-    return list(dict.fromkeys(found + ([Path(pwd)] if pwd else []) + [here]))
+    pwd = [Path(os.environ.get("PWD"))] if os.environ.get("PWD") else []
+    if Path(directory).is_absolute():
+        return pwd
+    leads_here = [
+        a
+        for a in [*pwd, here, *here.parents]
+        if (a / directory).resolve() == here.resolve()
+    ]
+    return leads_here[:1]
 
 
 @cache
@@ -465,7 +469,12 @@ def _command_line():
     except (Exception, SystemExit):
         return None
     here = os.getcwd()
-    for where in _started_in(plain.directory):
+    profiles = [*(plain.profile or []), plain.workflow_profile]
+    profiles = [str(p) for p in profiles if p and str(p) != "none"]
+    folders = _started_in(plain.directory)
+    if all(Path(p).is_absolute() for p in profiles):  # found from any folder
+        folders = list(dict.fromkeys([*folders, Path(here)]))
+    for where in folders:
         try:
             os.chdir(where)
             # without its "Using profile ..." line, said once already
@@ -475,7 +484,7 @@ def _command_line():
             continue
         finally:
             os.chdir(here)
-    if workflow.is_main_process and (plain.profile or plain.workflow_profile):
+    if workflow.is_main_process and profiles:
         logger.warning(
             "could not read the profiles of this command line again (run snakemake from the"
             " folder you gave --directory relative to): the checks of --report and of runs of"
@@ -558,10 +567,11 @@ check_report_inputs()
 
 
 def _only_target_is_the_manifest():
-    """The command line's one target is the stimulus manifest (to be made alone)."""
+    """The command line's one target is the stimulus manifest (to be made alone), written in
+    any form (`./`, absolute)."""
     args = _command_line()
-    targets = {os.path.normpath(t) for t in (args.targets or ())} if args else set()
-    return targets == {os.path.normpath(MANIFEST)}
+    targets = {os.path.realpath(t) for t in (args.targets or ())} if args else set()
+    return targets == {os.path.realpath(MANIFEST)}
 
 
 def check_manifest_settings():
