@@ -242,7 +242,8 @@ def test_a_manifest_to_make_again_from_other_settings_is_made_alone_first(
     assert (project / manifest).read_bytes() == old
     # the manifest alone, named in any form, is that run: not stopped (an absolute path was)
     for target in (manifest, f"./{manifest}", str(project / manifest)):
-        out = snakemake(project, "-n", *seed1, "--forcerun", "demo_stimuli", "--", target).stderr
+        proc = snakemake(project, "-n", *seed1, "--forcerun", "demo_stimuli", "--", target)
+        out = proc.stdout + proc.stderr
         assert "a run stops here" not in out and "demo_stimuli" in out, (target, out[-2000:])
     # the advice works whatever Snakemake's triggers say (here: params are not one)
     snakemake(
