@@ -567,8 +567,8 @@ check_report_inputs()
 
 
 def _only_target_is_the_manifest():
-    """The command line's one target is the stimulus manifest (to be made alone), written in
-    any form (`./`, absolute)."""
+    """The command line's one target is the stimulus manifest (to be made alone), also when
+    written with `./` or through a symbolic link."""
     args = _command_line()
     targets = {os.path.realpath(t) for t in (args.targets or ())} if args else set()
     return targets == {os.path.realpath(MANIFEST)}
