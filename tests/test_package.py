@@ -194,9 +194,8 @@ NOT_ANALYSIS_RULES = {
 
 def test_every_analysis_rule_carries_the_analysis_code_digest():
     """A library update reruns the analysis made by the old code: every rule but
-    :data:`NOT_ANALYSIS_RULES` has the param ``code=ANALYSIS_CODE``, and those have none."""
-    import re
-
+    :data:`NOT_ANALYSIS_RULES` has the param ``code=ANALYSIS_CODE``; of those, the demo's
+    builders have ``code=DEMO_CODE`` and the others none."""
     root = Path(__file__).resolve().parents[1] / "workflow"
     seen: dict[str, str | None] = {}
     for path in [root.parent / "Snakefile", *sorted((root / "rules").glob("*.smk"))]:
@@ -266,6 +265,6 @@ def test_analysis_code_digest_follows_the_analysis_modules_only(tmp_path):
     assert xmodal.demo_code_digest(_package(tmp_path / "d2", {**base, "demo/train.py": ""})) != demo
     # a folder without modules (a wrong path) is an error, not a digest that never changes
     (tmp_path / "empty").mkdir()
-    for digest in (xmodal.analysis_code_digest, xmodal.demo_code_digest):
+    for of_code in (xmodal.analysis_code_digest, xmodal.demo_code_digest):
         with pytest.raises(FileNotFoundError, match="no module"):
-            digest(tmp_path / "empty")
+            of_code(tmp_path / "empty")
