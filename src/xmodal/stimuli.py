@@ -507,6 +507,7 @@ def check_images_decode(
     record: str | os.PathLike,
     digest_cache: str | os.PathLike | None = None,
     *,
+    digests: Sequence[str | None] | None = None,
     workers: int | None = None,
 ) -> int:
     """Decode every image of ``manifest`` that ``record`` has not seen decode, by the rules
@@ -517,9 +518,10 @@ def check_images_decode(
     stimulus and the first file, raised before any extraction job is submitted: found by the
     extraction instead, it failed each vision model's GPU job, once per retry. ``record`` (a
     JSON list of file digests, rewritten atomically; a write that fails is a warning) holds
-    what has decoded, so each image file is decoded once, wherever it is moved or copied. ``root`` is the manifest's folder;
-    ``digest_cache`` as in :func:`image_file_digests`; ``workers`` threads (default: one per
-    core, at most :data:`DECODE_THREADS`).
+    what has decoded, so each image file is decoded once, wherever it is moved or copied.
+    ``root`` is the manifest's folder; ``digests`` the image files' digests where already
+    computed (:func:`image_file_digests` with ``digest_cache`` otherwise); ``workers`` threads
+    (default: one per core, at most :data:`DECODE_THREADS`).
     """
     from xmodal.parallel import available_cores
 
@@ -528,8 +530,8 @@ def check_images_decode(
         seen = set(json.loads(record.read_text(encoding="utf-8")))
     except (OSError, ValueError, TypeError):
         seen = set()  # none yet, or unreadable: decode again
-    images = manifest["image"].astype(str).tolist()
-    digests = image_file_digests(images, root, digest_cache)
+    if digests is None:
+        digests = image_file_digests(manifest["image"].astype(str).tolist(), root, digest_cache)
     todo = [k for k, d in enumerate(digests) if d is None or d not in seen]
     if not todo:
         return 0
@@ -672,12 +674,14 @@ def write_manifest_stamp(
     if manifest is None:
         manifest = read_manifest(manifest_path, check_images=False)
     args = (modality, drop_duplicates)
-    stamp = manifest_stamp(manifest, *args, root, out.with_name(IMAGE_DIGESTS))
-    if check_images and "image" in extraction_columns(modality, drop_duplicates):
+    digests = None  # the image files' digests, read once for the stamp and the check
+    if "image" in extraction_columns(modality, drop_duplicates):
+        images = manifest["image"].astype(str).tolist()
+        digests = image_file_digests(images, root, out.with_name(IMAGE_DIGESTS))
+    stamp = manifest_stamp(manifest, *args, root, image_digests=digests)
+    if check_images and digests is not None:
         # the extraction will decode every image: find what it cannot before it runs
-        check_images_decode(
-            manifest, root, out.with_name(DECODED_IMAGES), out.with_name(IMAGE_DIGESTS)
-        )
+        check_images_decode(manifest, root, out.with_name(DECODED_IMAGES), digests=digests)
     record = {"manifest": str(manifest_path), **stamp}
     try:
         old, st = json.loads(out.read_text(encoding="utf-8")), out.stat()
