@@ -450,7 +450,7 @@ def test_images_are_checked_to_decode_once_each_before_any_extraction(manifest_c
     assert check_images_decode(df, root, record, workers=2) == len(df) == 12
     assert theirs.exists()
     digests = image_file_digests(df["image"].tolist(), root)
-    assert sorted(json.loads(record.read_text())) == sorted(set(digests))
+    assert json.loads(record.read_text())["digests"] == sorted(set(digests))
     scans = []
     real_scan = xstim._scan
     monkeypatch.setattr(
@@ -478,6 +478,24 @@ def test_images_are_checked_to_decode_once_each_before_any_extraction(manifest_c
     second.write_bytes(b"")
     with pytest.raises(StimulusError, match="stim-01"):
         check_images_decode(df, root, record)
+
+
+def test_images_are_decoded_again_by_another_decoder(manifest_copy, monkeypatch):
+    """The record holds for the decoder that made it (Pillow's version, the decoding code):
+    after an update of either, and for a record in the list layout of earlier versions, every
+    image is decoded again, once."""
+    root, record = manifest_copy.parent, manifest_copy.parent / DECODED_IMAGES
+    df = read_manifest(manifest_copy)
+    assert check_images_decode(df, root, record) == 12
+    assert check_images_decode(df, root, record) == 0
+    made_by = json.loads(record.read_text())["decoder"]
+    assert made_by.startswith("Pillow ") and "xmodal.stimuli " in made_by
+    monkeypatch.setattr(xstim, "_decoder", lambda: made_by + " (updated)")
+    assert check_images_decode(df, root, record) == 12
+    assert check_images_decode(df, root, record) == 0
+    monkeypatch.undo()
+    record.write_text(json.dumps(image_file_digests(df["image"].tolist(), root)))  # old layout
+    assert check_images_decode(df, root, record) == 12
 
 
 def test_a_decoded_images_record_that_cannot_be_written_is_a_warning(

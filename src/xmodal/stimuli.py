@@ -490,6 +490,15 @@ DECODED_IMAGES = "decoded_images.json"
 DECODE_THREADS = 8
 
 
+def _decoder() -> str:
+    """What decodes the images: Pillow's version and the digest of this module, which holds
+    the decoding rules (:func:`load_rgb`). A record of decoded images holds for this only."""
+    import PIL
+
+    code = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
+    return f"Pillow {PIL.__version__}; xmodal.stimuli {code}"
+
+
 def image_file_digests(
     images: Sequence[str],
     root: str | os.PathLike,
@@ -518,7 +527,8 @@ def check_images_decode(
     stimulus and the first file, raised before any extraction job is submitted: found by the
     extraction instead, it failed each vision model's GPU job, once per retry. ``record`` (a
     JSON list of file digests, rewritten atomically; a write that fails is a warning) holds
-    what has decoded, so each image file is decoded once, wherever it is moved or copied.
+    what has decoded, so each image file is decoded once, wherever it is moved or copied, until
+    the decoder changes (:func:`_decoder`: Pillow's version or this module's code).
     ``root`` is the manifest's folder; ``digests`` the image files' digests where already
     computed (:func:`image_file_digests` with ``digest_cache`` otherwise); ``workers`` threads
     (default: one per core, at most :data:`DECODE_THREADS`).
@@ -526,10 +536,12 @@ def check_images_decode(
     from xmodal.parallel import available_cores
 
     record = Path(record)
+    decoder = _decoder()
     try:
-        seen = set(json.loads(record.read_text(encoding="utf-8")))
-    except (OSError, ValueError, TypeError):
-        seen = set()  # none yet, or unreadable: decode again
+        held = json.loads(record.read_text(encoding="utf-8"))
+        seen = set(held["digests"]) if held["decoder"] == decoder else set()
+    except (OSError, ValueError, TypeError, KeyError):
+        seen = set()  # none yet, unreadable, or from another decoder: decode again
     if digests is None:
         digests = image_file_digests(manifest["image"].astype(str).tolist(), root, digest_cache)
     todo = [k for k, d in enumerate(digests) if d is None or d not in seen]
@@ -542,7 +554,8 @@ def check_images_decode(
                   workers=max(1, threads))  # fmt: skip
     try:  # no sweep: two processes may write it at once (the two stamp jobs, two starts)
         with atomic_path(record, sweep=False) as tmp:
-            tmp.write_text(json.dumps(sorted(seen | set(table["bytes_sha256"]))) + "\n")
+            done = sorted(seen | set(table["bytes_sha256"]))
+            tmp.write_text(json.dumps({"decoder": decoder, "digests": done}) + "\n")
     except OSError as err:  # a record is a cache: without it, the images decode again
         log.warning("could not record the decoded images in %s (%s)", record, err)
     return len(todo)
