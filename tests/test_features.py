@@ -187,7 +187,10 @@ def test_shape_mismatch_detected(tmp_path):
         f.create_dataset(
             "layer_names", data=np.array(["a", "b"], dtype=object), dtype=h5py.string_dtype()
         )
-    with pytest.raises(FeatureFileError, match=f"{path}.*2 layer names for 3 layers"):
+    with pytest.raises(
+        FeatureFileError,
+        match=rf"{path}: 'layer_names' has shape \(2,\), expected \(3,\): one per layer",
+    ):
         FeatureFile(path)
 
 
@@ -507,3 +510,100 @@ def test_run_import_features_keeps_the_stimuli_every_extraction_keeps(tmp_path, 
             np.testing.assert_array_equal(out.layer(0), ref.layer(0)[: len(kept)])
     with pytest.raises(FeatureFileError, match=r"models\.mine\.features'.*missing \['again-03'"):
         run_import_features(manifest, tmp_path / "kept.h5", tmp_path / "no.h5", "mine", "language")
+
+
+def _rewrite(path, name, data) -> None:
+    with h5py.File(path, "r+") as f:
+        del f[name]
+        f.create_dataset(name, data=data)
+
+
+@pytest.mark.parametrize(
+    "dtype", ["int16", "uint16", "int32", "int64", "bool", "complex64", "S8", "V2"]
+)
+def test_features_that_are_not_floats_are_refused(tmp_path, dtype):
+    """bfloat16 saved as its bit pattern (``tensor.view(torch.int16)``), or any other integer,
+    boolean, complex or text array, was cast to float32 and analysed as features with exit 0:
+    GPA's dispersion on such a file differed from the float one's in every stimulus."""
+    x, ids, names = _data()
+    path = write_features(tmp_path / "f.h5", x, ids, names, ATTRS)
+    bits = torch.from_numpy(x).to(torch.bfloat16).view(torch.int16).numpy()
+    data = np.zeros(x.shape, dtype) if dtype != "int16" else bits
+    _rewrite(path, "features", data)
+    with pytest.raises(FeatureFileError, match=rf"{path}: 'features' are stored as .*bfloat16"):
+        FeatureFile(path)
+    with pytest.raises(FeatureFileError, match=r"config key 'models.tiny.features'.*stored as"):
+        import_features(path, tmp_path / "copy.h5", "tiny", "language", ids)
+
+
+@pytest.mark.parametrize(
+    ("name", "data", "message"),
+    [
+        ("stimulus_ids", [["s0"]] * 7, r"'stimulus_ids' has shape \(7, 1\), expected \(7,\)"),
+        ("stimulus_ids", "s0", r"'stimulus_ids' has shape \(\), expected \(7,\)"),
+        ("layer_names", [["a"]] * 3, r"'layer_names' has shape \(3, 1\), expected \(3,\)"),
+        ("stimulus_ids", [b"caf\xe9"] + [b"s%d" % i for i in range(1, 7)],
+         r"'stimulus_ids' entry 0 \(b'caf\\xe9'\) is not UTF-8 text"),
+        ("n_tokens", [b"3"] * 7, r"'n_tokens' are stored as \S+, expected whole numbers"),
+    ],
+)  # fmt: skip
+def test_names_and_counts_of_the_wrong_shape_or_type_are_named(tmp_path, name, data, message):
+    """Ids or layer names as a column (MATLAB, pandas) or a scalar, ids in Latin-1 and token
+    counts as text were "N stimulus ids for N feature rows", an IndexError, or "the file is
+    corrupt or truncated": each now names the dataset and what it must be."""
+    x, ids, names = _data()
+    path = write_features(tmp_path / "f.h5", x, ids, names, ATTRS)
+    if name == "n_tokens":
+        with h5py.File(path, "r+") as f:
+            f.create_dataset(name, data=data)
+    else:
+        _rewrite(path, name, data)
+    with pytest.raises(FeatureFileError, match=rf"{path}: {message}"):
+        FeatureFile(path)
+
+
+@pytest.mark.parametrize("version", ["v1", 1.7, [1], True])
+def test_a_schema_version_that_is_not_the_integer_is_refused(tmp_path, version):
+    """``int()`` read 1.7 as 1 and True as 1; "v1" or [1] gave "corrupt or truncated"."""
+    x, ids, names = _data()
+    path = write_features(tmp_path / "f.h5", x, ids, names, ATTRS)
+    with h5py.File(path, "r+") as f:
+        f.attrs["schema_version"] = version
+    with pytest.raises(FeatureFileError, match=r"schema_version is .*reads the integer 1"):
+        FeatureFile(path)
+
+
+def test_ids_that_differ_only_in_unicode_form_are_named_so(tmp_path):
+    """'café' typed (NFC) against 'café' from a Mac file name (NFD): the lists of missing and
+    extra ids printed alike; the message now says why they differ."""
+    import unicodedata
+
+    x, _, names = _data()
+    ids = [f"café{i}" for i in range(7)]
+    nfd = [unicodedata.normalize("NFD", s) for s in ids]
+    path = write_features(tmp_path / "f.h5", x, nfd, names, ATTRS)
+    with pytest.raises(FeatureFileError, match=r"differ only in Unicode form.*'caf\\xe90'"):
+        FeatureFile(path, expected_ids=ids)
+
+
+def test_import_checks_the_model_key_the_analysis_checks(tmp_path):
+    """A supplied file made for another model passed the import and failed only at the
+    analysis, after every extraction, with advice (delete the copy) that re-imported it.
+    It is refused at import, naming the config key; an absent model_key is set to the key."""
+    x, ids, names = _data()
+    other = write_features(tmp_path / "other.h5", x, ids, names, {**ATTRS, "model_key": "b"})
+    with pytest.raises(FeatureFileError, match=r"'models.tiny.features'.*model_key='b'"):
+        import_features(other, tmp_path / "c1.h5", "tiny", "language", ids)
+    plain = {k: v for k, v in ATTRS.items() if k != "model_key"}
+    bare = write_features(tmp_path / "bare.h5", x, ids, names, plain)
+    copy = import_features(bare, tmp_path / "c2.h5", "tiny", "language", ids)
+    from xmodal.pipeline import open_features
+
+    with open_features(copy, ids, model="tiny", modality="language") as f:
+        np.testing.assert_array_equal(f.layer(0), x[0])
+    for attr, value in (("model_key", ["tiny", "b"]), ("modality", ["language", "x"])):
+        odd = write_features(tmp_path / f"{attr}.h5", x, ids, names, ATTRS)
+        with h5py.File(odd, "r+") as f:
+            f.attrs[attr] = value
+        with pytest.raises(FeatureFileError, match=rf"'{attr}' attribute"):
+            import_features(odd, tmp_path / f"c-{attr}.h5", "tiny", "language", ids)

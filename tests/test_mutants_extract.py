@@ -401,7 +401,10 @@ def test_fewer_stimulus_ids_than_feature_rows_are_refused_when_opened(tmp_path):
     with h5py.File(path, "r+") as f:
         del f["stimulus_ids"]
         f.create_dataset("stimulus_ids", data=ids[:4], dtype=h5py.string_dtype("utf-8"))
-    with pytest.raises(FeatureFileError, match="4 stimulus ids for 5 feature rows"):
+    with pytest.raises(
+        FeatureFileError,
+        match=r"'stimulus_ids' has shape \(4,\), expected \(5,\): one per stimulus",
+    ):
         FeatureFile(path, expected_ids=ids[:4])
 
 

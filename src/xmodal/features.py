@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import sys
+import unicodedata
 from collections import Counter
 from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -346,7 +347,8 @@ def import_features(
     Checked: its structure, its ids (equal to ``stimulus_ids`` up to order, when given; ids in
     ``dropped``, the duplicates ``stimuli.drop_duplicates`` leaves out, may be there too and are
     left out of the copy), every layer finite, and its ``modality`` attribute against the
-    config. The copy holds the rows in the order of ``stimulus_ids``, its own data (not HDF5
+    config, and its ``model_key`` against the config key (absent: set to it in the copy). The
+    copy holds the rows in the order of ``stimulus_ids``, its own data (not HDF5
     links to other files, which could change unseen), ``abs_q95`` recomputed from the features
     (a supplied value is never trusted: it sets the alignment's clamp threshold) and the file's
     attributes. Raises :class:`FeatureFileError` naming the config key and the file.
@@ -355,18 +357,26 @@ def import_features(
     where = f"config key 'models.{model_key}.features'"
     try:
         with FeatureFile(src) as ff:
-            got = ff.attrs.get("modality")
-            if got != modality:
+            attrs = ff.attrs
+            got = attrs.get("modality")
+            if not isinstance(got, str) or got != modality:
                 raise FeatureFileError(
                     f"{src} holds {got!r} features (its 'modality' attribute), but the config "
                     f"says 'models.{model_key}.modality: {modality}'"
+                )
+            made_for = attrs.setdefault("model_key", model_key)  # absent: the config's key
+            if not isinstance(made_for, str) or made_for != model_key:  # refused later else
+                raise FeatureFileError(
+                    f"{src} says it holds the features of model_key={made_for!r} (its "
+                    f"'model_key' attribute), not of {model_key!r}: another model's file? Point "
+                    "the config key at this model's file, or set the attribute to the key"
                 )
             keep = None if stimulus_ids is None else [str(s) for s in stimulus_ids]
             if keep is not None:
                 drop = set(map(str, dropped)) - set(keep)
                 ff._match_ids(keep + [s for s in ff.stimulus_ids if s in drop])
             n = ff.m if keep is None else len(keep)
-            names, attrs, tokens = ff.layer_names, ff.attrs, ff.n_tokens()
+            names, tokens = ff.layer_names, ff.n_tokens()
             stored = ff._f["features"].dtype
             with ff._reading("'abs_q95'"):
                 supplied_q = (
@@ -405,6 +415,24 @@ def import_features(
             )
     log.info("imported %s as %s (model %s, %d stimuli)", src, dst, model_key, n)
     return Path(dst)
+
+
+def _texts(path: Path, name: str, values: np.ndarray) -> list[str]:
+    """A dataset of names (``stimulus_ids``, ``layer_names``) as text; bytes must be UTF-8."""
+    out = []
+    for v in values:
+        try:
+            out.append(v.decode() if isinstance(v, bytes) else str(v))
+        except UnicodeDecodeError as err:
+            raise FeatureFileError(
+                f"{path}: {name!r} entry {len(out)} ({v!r}) is not UTF-8 text ({err}); write "
+                "the names as UTF-8 strings (h5py.string_dtype())"
+            ) from None
+    return out
+
+
+def _nfc(ids: Sequence[str]) -> set[str]:
+    return {unicodedata.normalize("NFC", s) for s in ids}
 
 
 def _token_counts(path: Path, n_tokens: np.ndarray | Sequence[int], m: int) -> np.ndarray:
@@ -470,10 +498,7 @@ class FeatureFile:
         try:
             with self._reading("its structure"):
                 self._check_structure()
-                self._ids = [
-                    s.decode() if isinstance(s, bytes) else str(s)
-                    for s in self._f["stimulus_ids"][()]
-                ]
+                self._ids = _texts(self.path, "stimulus_ids", self._f["stimulus_ids"][()])
         except BaseException:
             self._f.close()
             raise
@@ -503,11 +528,13 @@ class FeatureFile:
     def _check_structure(self) -> None:
         f, p = self._f, self.path
         version = f.attrs.get("schema_version")
-        if version is None or int(version) != SCHEMA_VERSION:
+        whole = isinstance(version, int | np.integer) and not isinstance(version, bool)
+        if not (whole and version == SCHEMA_VERSION):
             raise FeatureFileError(
                 f"{p}: feature file schema_version is {version!r}, this version of xmodal reads "
-                f"{SCHEMA_VERSION} (the file was written by another version of xmodal); "
-                "re-extract the features (delete the file and rerun extraction)"
+                f"the integer {SCHEMA_VERSION}. A file written by another version of xmodal: "
+                "re-extract the features (delete the file and rerun extraction); a file you "
+                "wrote: follow docs/contracts.md, 'Feature file'"
             )
         for name in ("features", "stimulus_ids", "layer_names"):
             if name not in f:
@@ -515,22 +542,30 @@ class FeatureFile:
         feats = f["features"]
         if feats.ndim != 3:
             raise FeatureFileError(f"{p}: 'features' has shape {feats.shape}, expected 3-D")
+        if feats.dtype.kind != "f":  # cast to float, integers would pass as features
+            raise FeatureFileError(
+                f"{p}: 'features' are stored as {feats.dtype}, not as floating-point numbers "
+                "(float32, float16 or float64). bfloat16 values saved as their 16-bit pattern "
+                "(tensor.view(torch.int16)) read as integers: write them as float32 "
+                "(tensor.float().numpy())"
+            )
         n_layers, m, dim = feats.shape
         if not (n_layers and m and dim):
             raise FeatureFileError(
                 f"{p}: 'features' has shape {feats.shape}: no layers, stimuli or dims to analyse"
             )
-        if f["stimulus_ids"].shape != (m,):
+        row, layer = (m, "stimulus"), (n_layers, "layer")
+        lengths = {"stimulus_ids": row, "layer_names": layer, "abs_q95": row, "n_tokens": row}
+        for name, (n, each) in lengths.items():
+            if name in f and f[name].shape != (n,):  # one value each, as a 1-D dataset
+                raise FeatureFileError(
+                    f"{p}: {name!r} has shape {f[name].shape}, expected ({n},): one per {each} "
+                    f"of 'features' {feats.shape}"
+                )
+        if "n_tokens" in f and f["n_tokens"].dtype.kind not in "iuf":
             raise FeatureFileError(
-                f"{p}: {f['stimulus_ids'].shape[0]} stimulus ids for {m} feature rows"
+                f"{p}: 'n_tokens' are stored as {f['n_tokens'].dtype}, expected whole numbers"
             )
-        if f["layer_names"].shape != (n_layers,):
-            raise FeatureFileError(
-                f"{p}: {f['layer_names'].shape[0]} layer names for {n_layers} layers"
-            )
-        for name in ("abs_q95", "n_tokens"):
-            if name in f and f[name].shape != (m,):
-                raise FeatureFileError(f"{p}: {name!r} has shape {f[name].shape}, expected ({m},)")
 
     def _match_ids(self, expected_ids: Sequence[str]) -> None:
         expected = [str(s) for s in expected_ids]
@@ -548,6 +583,11 @@ class FeatureFile:
                 parts.append(f"extra {preview(extra)}")
             if len(expected) != len(want):
                 parts.append("expected ids contain duplicates")
+            if missing and _nfc(missing) == _nfc(extra):  # 'café' typed, 'café' from a Mac
+                parts.append(
+                    "the missing and extra ids differ only in Unicode form (NFC against NFD: "
+                    f"they print alike), e.g. {ascii(missing[0])} and {ascii(extra[0])}"
+                )
             raise FeatureFileError(
                 f"{self.path}: stimulus ids do not match the expected stimuli: "
                 + "; ".join(parts)
@@ -572,7 +612,7 @@ class FeatureFile:
     def layer_names(self) -> list[str]:
         with self._reading("'layer_names'"):
             names = self._f["layer_names"][()]
-        return [s.decode() if isinstance(s, bytes) else str(s) for s in names]
+        return _texts(self.path, "layer_names", names)
 
     @property
     def n_layers(self) -> int:
