@@ -95,6 +95,10 @@ def _few_resamples(cfg: dict) -> None:
     cfg["analysis"]["n_boot"] = 3
 
 
+def _few_random_sets(cfg: dict) -> None:
+    cfg["analysis"]["drop_control"] = {"n_random": 2}
+
+
 def _tol_as_text(cfg: dict) -> None:
     cfg["analysis"]["gpa"]["tol"] = "1e-10"  # what YAML 1.1 makes of an unquoted 1e-10
 
@@ -176,6 +180,11 @@ CONFIG_CASES: dict[str, tuple[Callable[[dict], None], str]] = {
     "tol_one": (_tol_one, r"'analysis.gpa.tol': 1.0 is greater than or equal to the maximum"),
     # 3 resamples made "intervals above 0" in 10 of 12 pairs where 200 made none
     "n_boot_3": (_few_resamples, r"'analysis.n_boot' \(3\) is too few resamples .* at least 100"),
+    # 1 or 2 draws put drop sets "outside the random 95% interval" in 2 of 3 pairs of no effect
+    "n_random_2": (
+        _few_random_sets,
+        r"'analysis.drop_control.n_random' \(2\) is too few random sets .* at least 20",
+    ),
     # at start-up, not after extraction (the unbiased HSIC needs 4 stimuli per set)
     "set_size_3": (_tiny_set_size, r"'analysis.set_size' \(3\) is too small: .* at least 4"),
     # xmodal.registry: the model no node's GPUs can hold, and a local directory that is not there

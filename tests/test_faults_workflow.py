@@ -48,7 +48,7 @@ def _small_config() -> dict:
     for entry in cfg["models"].values():  # untrained stand-ins: training adds nothing here
         entry["build"] = {k: v for k, v in entry["build"].items() if k not in ("train", "init")}
     # sets of at least 2k stimuli (xmodal.config.min_set_size): k = 5 for sets of 16
-    cfg["analysis"].update(set_size=16, knn_k=5, n_random=3, n_boot=100)
+    cfg["analysis"].update(set_size=16, knn_k=5, n_random=20, n_boot=100)
     # sets of 16 of 64 leave 8 per half: too few for the held-out layer choice with k = 5
     cfg["analysis"]["heldout_layer"] = {"enabled": False}
     return cfg

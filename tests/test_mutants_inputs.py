@@ -13,6 +13,7 @@ from PIL import Image
 from test_image_modes import _png16
 
 from xmodal.config import (
+    MIN_RANDOM,
     ConfigError,
     check_against_stimuli,
     check_config,
@@ -241,3 +242,20 @@ def test_resolve_layer_bounds():
     for bad in (4, -5):
         with pytest.raises(ConfigError, match=rf"layer {bad} does not exist in m\.h5.*-4\.\.3"):
             resolve_layer(bad, 4, "m.h5")
+
+
+@pytest.mark.parametrize("key", ["n_random", "drop_control"])
+def test_fewer_than_20_random_sets_are_refused(key):
+    """With 1 or 2 random sets, the drop summary counted drop sets "outside the random 95%
+    interval" in 2 of 3 pairs of sets with no effect (100 sets: 0 and 1); at 19 and below a
+    set drawn like them lies beyond every draw more often than 1 in 20."""
+    cfg = _cfg()
+    put = (lambda n: cfg["analysis"].update(n_random=n)) if key == "n_random" else (
+        lambda n: cfg["analysis"].update(drop_control={"n_random": n})
+    )  # fmt: skip
+    put(MIN_RANDOM)
+    check_config(cfg)
+    put(MIN_RANDOM - 1)
+    dotted = "analysis.n_random" if key == "n_random" else "analysis.drop_control.n_random"
+    with pytest.raises(ConfigError, match=rf"'{dotted}' \(19\) is too few random sets"):
+        check_config(cfg)

@@ -166,14 +166,13 @@ def test_paper_config_schedules_the_controls_in_the_per_llm_jobs(tmp_path):
 
 
 def test_swapped_settings_rerun_the_jobs_that_use_them(demo_project, demo_config):
-    """Snakemake records params as a set of values: with knn_k and n_random swapped (10 and 20)
-    or n_boot and seed (200 and 0), the jobs holding both saw no change and kept stale tables.
-    named_params records them by name."""
+    """Snakemake records params as a set of values: with n_boot and seed swapped (200 and 0),
+    or knn_k and n_random (10 and 20; no longer a valid config: xmodal.config.MIN_RANDOM), the
+    jobs holding both saw no change and kept stale tables. named_params records them by name."""
     cfg = copy.deepcopy(demo_config)
     a = cfg["analysis"]
-    a["knn_k"], a["n_random"] = a["n_random"], a["knn_k"]
     a["n_boot"], a["seed"] = a["seed"], a["n_boot"]
-    assert {a["knn_k"], a["n_random"]} == {10, 20} and {a["n_boot"], a["seed"]} == {0, 200}
+    assert {a["n_boot"], a["seed"]} == {0, 200}
     counts, _ = _dry_run(demo_project, cfg, "swapped.yaml")
     n_llm = sum(m["modality"] == "language" for m in cfg["models"].values())
     for rule in ("heldout_sets", "stimulus_sets", "joint_sets", "property_correlations"):

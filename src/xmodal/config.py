@@ -27,6 +27,12 @@ MIN_SET_SIZE = 4
 #: a 95% percentile interval's ends are the extreme resamples, or one resample (n_boot 1 gave
 #: "intervals above 0" in 10 of 12 pairs where 200 gave none).
 MIN_BOOT = 100
+#: The fewest random sets (``analysis.n_random``, ``analysis.drop_control.n_random``): the
+#: tables and figures place the low, high and drop sets against the 95% interval of the random
+#: sets' scores, and a set drawn like n others lies beyond all of them with probability
+#: 1/(n + 1), more than 1 in 20 below 19 draws (1 or 2 draws counted drop sets "outside the
+#: random interval" in 2 of 3 pairs of sets with no effect, where 100 counted 0 and 1).
+MIN_RANDOM = 20
 
 
 def min_set_size(knn_k: int) -> int:
@@ -194,6 +200,17 @@ def check_config(config: Mapping[str, Any]) -> None:
             f"config key 'analysis.n_boot' ({n_boot}) is too few resamples for a 95% interval: "
             f"use 0 (no bootstrap intervals) or at least {MIN_BOOT} (the paper setup: 1000)"
         )
+    drop_draws = (ana.get("drop_control") or {}).get("n_random")
+    for key, n in (
+        ("analysis.n_random", ana.get("n_random")),
+        ("analysis.drop_control.n_random", drop_draws),
+    ):
+        if isinstance(n, int) and not isinstance(n, bool) and n < MIN_RANDOM:
+            raise ConfigError(
+                f"config key '{key}' ({n}) is too few random sets for the 95% interval of their "
+                f"scores that the low, high and drop sets are compared with: use at least "
+                f"{MIN_RANDOM} (the paper setup: 100)"
+            )
     if not 0 < float(ana["drop_fraction"]) < 1:
         raise ConfigError(
             f"config key 'analysis.drop_fraction' must be in (0, 1), got {ana['drop_fraction']}"
