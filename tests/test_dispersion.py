@@ -15,6 +15,7 @@ from xmodal.dispersion import (
     leave_one_model_out,
     mean_dispersion,
     pc1_dispersion,
+    pc1_orientation,
     stable_rank,
 )
 from xmodal.gpa import gpa, project
@@ -214,3 +215,34 @@ def test_leave_one_model_out_records_a_fit_that_did_not_converge(caplog):
         models, _ = leave_one_model_out(reps, names=list("abcd"), max_iter=2)
     assert not models["converged"].any() and (models["n_iter"] == 2).all()
     assert "GPA without 'c' did not converge in 2 iterations" in caplog.text
+
+
+def test_pc1_orientation_says_when_pc1_is_a_contrast_between_models():
+    """Two camps of models: PC1 is their contrast b, uncorrelated with the mean dispersion a;
+    r's sign was noise (a 1e-9 change to one residual swapped the PC1 low and high sets) and
+    nothing said so. pc1_orientation gives r and refuses to call PC1 oriented below 2/√m."""
+    rng = np.random.default_rng(0)
+    m = 400
+    a = rng.standard_normal(m)
+    b = rng.standard_normal(m)
+    a -= a.mean()
+    b -= b.mean()
+    b -= (b @ a) / (a @ a) * a  # b ⟂ a: PC1 (along b) has r = 0 with the mean (a)
+    b *= 5 * a.std() / b.std()
+    r = 5 + np.column_stack([a + b, a - b, a])
+    table, explained = dispersion_table([f"s{i}" for i in range(m)], r)
+    assert explained > 0.9  # a well-defined PC1 ...
+    corr, oriented = pc1_orientation(table)
+    assert abs(corr) < 1e-6 and not oriented  # ... that says nothing about dispersion
+    one_camp = 5 + np.column_stack([a + 0.1 * b, a, 1.2 * a])
+    corr, oriented = pc1_orientation(dispersion_table([f"s{i}" for i in range(m)], one_camp)[0])
+    score, mean = pc1_dispersion(one_camp)[0], mean_dispersion(one_camp)
+    assert corr == pytest.approx(np.corrcoef(score, mean)[0, 1], abs=1e-12)
+    assert corr > 0.9 and oriented
+    # at the bound: |r| ≥ 2/√m orients it; a constant score has no r
+    table = pd.DataFrame({"pc1_score": a, "mean_dispersion": a + 1e3 * b})
+    expected = np.corrcoef(a, a + 1e3 * b)[0, 1]
+    assert pc1_orientation(table) == (pytest.approx(expected), abs(expected) >= 2 / np.sqrt(m))
+    flat = pd.DataFrame({"pc1_score": np.zeros(m), "mean_dispersion": a})
+    corr, oriented = pc1_orientation(flat)
+    assert np.isnan(corr) and not oriented

@@ -3,6 +3,7 @@ readable by the user's group; and stimulus ids survive every pipeline table unch
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 from pathlib import Path
@@ -442,3 +443,26 @@ def test_provenance_names_the_stimuli_commit_and_each_models_revision_and_weight
     # the config's labels name the models: a file keeps the label it was extracted under
     pipeline.write_provenance(manifest, "local", files, out, labels={"vit": "ViT-H (MAE)"})
     assert read_table(out)["label"].tolist() == ["", "ViT-H (MAE)", "", ""]
+
+
+def test_gpa_records_and_warns_how_well_pc1_is_oriented(tmp_path: Path, caplog, monkeypatch):
+    """gpa.json holds r(PC1 score, mean dispersion) as the dispersion table gives it; an
+    unoriented PC1 (r within ±2/√m of 0: its sign, and so which PC1 set is low, is noise) is
+    recorded and warned about, naming what to read instead."""
+    ids = [f"s{i}" for i in range(40)]
+    files = _feature_files(tmp_path, ids, np.random.default_rng(3))
+    vision, keys = [files[k] for k in ("v0", "v1", "v2")], ["v0", "v1", "v2"]
+    args = (vision, keys, -1, 1e-10, 1000, tmp_path / "r.tsv", tmp_path / "d.tsv")
+    pipeline.run_gpa(*args, tmp_path / "g.json")
+    table = read_table(tmp_path / "d.tsv")
+    record = json.loads((tmp_path / "g.json").read_text())
+    r = np.corrcoef(table["pc1_score"], table["mean_dispersion"])[0, 1]
+    assert record["pc1_r_mean_dispersion"] == pytest.approx(r, abs=1e-12)
+    assert record["pc1_oriented"] is bool(abs(r) >= 2 / np.sqrt(40))
+    from xmodal import dispersion as xdispersion
+
+    monkeypatch.setattr(xdispersion, "pc1_orientation", lambda t: (0.01, False))
+    with caplog.at_level("WARNING", logger="xmodal.pipeline"):
+        pipeline.run_gpa(*args, tmp_path / "g2.json")
+    assert "PC1 is nearly uncorrelated with the mean dispersion (Pearson r 0.01" in caplog.text
+    assert json.loads((tmp_path / "g2.json").read_text())["pc1_oriented"] is False

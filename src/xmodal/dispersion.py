@@ -28,6 +28,7 @@ __all__ = [
     "leave_one_model_out",
     "mean_dispersion",
     "pc1_dispersion",
+    "pc1_orientation",
     "stable_rank",
 ]
 
@@ -63,6 +64,24 @@ def pc1_dispersion(residuals: np.ndarray) -> tuple[np.ndarray, float]:
         scores = -scores
     explained = float(s[0] ** 2 / total) if total > 0 else float("nan")
     return scores, explained
+
+
+def pc1_orientation(table: pd.DataFrame) -> tuple[float, bool]:
+    """Pearson r of the PC1 score with the mean dispersion over the stimuli of a
+    :func:`dispersion_table`, and whether it orients PC1: |r| ≥ 2/√m.
+
+    PC1's sign is chosen so that r ≥ 0 ("high = more dispersed"). Where PC1 is a contrast
+    between models, nearly uncorrelated with the mean, r's sign is noise (its standard error is
+    about 1/√m): a change in the last digits of one residual swapped the PC1 low and high sets,
+    with no message. NaN and False for a constant score or fewer than 3 stimuli.
+    """
+    score = table["pc1_score"].to_numpy(float)
+    mean = table["mean_dispersion"].to_numpy(float)
+    m = score.size
+    if m < 3 or np.ptp(score) == 0 or np.ptp(mean) == 0:
+        return float("nan"), False
+    r = float(np.corrcoef(score, mean)[0, 1])
+    return r, bool(abs(r) >= 2 / np.sqrt(m))
 
 
 def stable_rank(values: np.ndarray) -> np.ndarray:

@@ -302,6 +302,17 @@ def _gpa_and_dispersion(
         what,
         rho_distance,
     )
+    pc1_r, oriented = dispersion.pc1_orientation(table)
+    if not oriented:  # docs/method.md, "Dispersion"
+        log.warning(
+            "%s dispersion: PC1 is nearly uncorrelated with the mean dispersion (Pearson r "
+            "%.3g, within ±2/√m = ±%.3g of 0), so the sign that makes high PC1 scores 'more "
+            "dispersed' is set by noise, and the PC1 low and high sets (rows 'pc1' of every "
+            "table, the PC1 figures) may be each other's; read the mean dispersion's",
+            what,
+            pc1_r,
+            2 / np.sqrt(len(ids)),
+        )
     write_table(residuals, out_residuals)
     write_table(table, out_dispersion)
     _write_json(
@@ -316,6 +327,8 @@ def _gpa_and_dispersion(
             "tol": tol,
             "max_iter": max_iter,
             "pc1_explained_variance": float(explained),
+            "pc1_r_mean_dispersion": pc1_r,
+            "pc1_oriented": oriented,
             "rho_dispersion_distance": rho_distance,
             "slow_regime": bool(getattr(res, "slow_regime", False)),
         },
