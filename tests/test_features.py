@@ -607,3 +607,38 @@ def test_import_checks_the_model_key_the_analysis_checks(tmp_path):
             f.attrs[attr] = value
         with pytest.raises(FeatureFileError, match=rf"'{attr}' attribute"):
             import_features(odd, tmp_path / f"c-{attr}.h5", "tiny", "language", ids)
+
+
+def test_float64_values_beyond_float32_are_named_not_called_non_finite(tmp_path):
+    """A float64 file holding 1e39 was refused as "non-finite features" (the cast to float32
+    made them inf), although every value in the file is finite; in float64 range they pass."""
+    x, ids, names = _data()
+    path = write_features(tmp_path / "f.h5", x, ids, names, ATTRS)
+    big = x.astype(np.float64)
+    big[1, 2, 0] = -1e39
+    _rewrite(path, "features", big)
+    with pytest.raises(FeatureFileError, match=r"layer 1 \('layers.1'\) holds values beyond "
+                       r"float32's range .* up to 1e\+39, for stimuli \['s2'\]"):  # fmt: skip
+        FeatureFile(path).layer(1)
+    with FeatureFile(path, expected_ids=ids[::-1]) as f:  # named in the order it returns rows
+        with pytest.raises(FeatureFileError, match=r"for stimuli \['s2'\]"):
+            f.finite_layer(-2)
+        np.testing.assert_array_equal(f.layer(0), x[0][::-1])
+
+
+def test_import_names_a_missing_modality_and_a_non_finite_supplied_abs_q95(tmp_path, caplog):
+    x, ids, names = _data()
+    plain = {k: v for k, v in ATTRS.items() if k != "modality"}
+    bare = write_features(tmp_path / "bare.h5", x, ids, names, plain)
+    with pytest.raises(FeatureFileError, match=r"bare.h5 has no 'modality' attribute, but the"):
+        import_features(bare, tmp_path / "c.h5", "tiny", "language", ids)
+    path = write_features(tmp_path / "nan.h5", x, ids, names, ATTRS)
+    with h5py.File(path, "r") as f:
+        q = f["abs_q95"][()]
+    q[0], q[1] = np.nan, 2 * q[1]
+    _rewrite(path, "abs_q95", q)
+    with caplog.at_level(logging.WARNING, logger="xmodal.features"):
+        import_features(path, tmp_path / "c2.h5", "tiny", "language", ids)
+    assert "differs from the features' for 2 of 7 stimuli (by a factor up to 2, 1 not finite" in (
+        caplog.text
+    )

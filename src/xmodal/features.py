@@ -45,6 +45,7 @@ SCHEMA_VERSION = 1
 Q = 0.95
 _MAX_CHUNK_BYTES = 1 << 30  # HDF5 chunks must stay below 4 GiB; keep them at most 1 GiB
 _QUANTILE_BLOCK = 1 << 24  # elements per block when computing abs_q95 from a file
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 #: Why a stimulus's row of zeros is refused (xmodal.features.FeatureFile.finite_layer).
 _ZERO_ROWS = (
     " (features never written, or a representation in which these stimuli have no features "
@@ -360,9 +361,11 @@ def import_features(
             attrs = ff.attrs
             got = attrs.get("modality")
             if not isinstance(got, str) or got != modality:
+                holds = "has no 'modality' attribute" if got is None else (
+                    f"holds {got!r} features (its 'modality' attribute)"
+                )  # fmt: skip
                 raise FeatureFileError(
-                    f"{src} holds {got!r} features (its 'modality' attribute), but the config "
-                    f"says 'models.{model_key}.modality: {modality}'"
+                    f"{src} {holds}, but the config says 'models.{model_key}.modality: {modality}'"
                 )
             made_for = attrs.setdefault("model_key", model_key)  # absent: the config's key
             if not isinstance(made_for, str) or made_for != model_key:  # refused later else
@@ -400,18 +403,22 @@ def import_features(
         with FeatureFile(dst) as out:
             q = out.abs_q95()
         a = supplied_q[:n].astype(np.float64)
-        off = ~np.isclose(a, q, rtol=1e-3, atol=0.0)
+        off = ~np.isclose(a, q, rtol=1e-3, atol=0.0)  # a NaN or inf value differs too
         if off.any():
             with np.errstate(divide="ignore", invalid="ignore"):
-                factor = np.nanmax(np.maximum(a[off] / q[off], q[off] / a[off]))
+                ratio = np.maximum(a[off] / q[off], q[off] / a[off])
+            finite = ratio[np.isfinite(ratio)]
+            how = [f"by a factor up to {finite.max():.3g}"] if finite.size else []
+            if finite.size < ratio.size:
+                how.append(f"{ratio.size - finite.size} not finite or 0")
             log.warning(
-                "%s: its abs_q95 differs from the features' for %d of %d stimuli (by a factor "
-                "up to %.3g); the copy holds the values recomputed from the features, which set "
-                "the alignment's clamp threshold (docs/method.md, 'Alignment')",
+                "%s: its abs_q95 differs from the features' for %d of %d stimuli (%s); the copy "
+                "holds the values recomputed from the features, which set the alignment's clamp "
+                "threshold (docs/method.md, 'Alignment')",
                 src,
                 int(off.sum()),
                 n,
-                factor,
+                ", ".join(how),
             )
     log.info("imported %s as %s (model %s, %d stimuli)", src, dst, model_key, n)
     return Path(dst)
@@ -647,8 +654,23 @@ class FeatureFile:
         if not -n <= i < n:
             raise IndexError(f"{self.path}: layer {i} out of range for {n} layers")
         with self._reading(f"layer {i}"):
-            x = np.asarray(self._f["features"][i % n], dtype=np.float32)
-        return x if self._order is None else x[self._order]
+            x = self._f["features"][i % n]
+        x = x if self._order is None else x[self._order]
+        if x.dtype.itemsize > 4:  # float64: float32 would turn values beyond its range into inf
+            big = np.isfinite(x) & (np.abs(x) > _FLOAT32_MAX)
+            if big.any():
+                raise FeatureFileError(
+                    f"{self.path}: layer {i % n} ({self.layer_names[i]!r}) holds values beyond "
+                    f"float32's range (±{_FLOAT32_MAX:.3g}), up to {np.abs(x[big]).max():.3g}, "
+                    f"for stimuli {preview(self._ids_of(big.any(axis=1)))}; the analysis "
+                    "computes in float32: rescale the features"
+                )
+        return x.astype(np.float32, copy=False)
+
+    def _ids_of(self, rows: np.ndarray) -> list[str]:
+        """The ids of the rows flagged in ``rows`` (a boolean mask in the returned order)."""
+        ids = self.stimulus_ids
+        return [ids[j] for j in np.flatnonzero(rows)]
 
     def finite_layer(self, i: int) -> np.ndarray:
         """:meth:`layer`, checked: non-finite values, or all-zero rows in a layer whose other
@@ -663,11 +685,10 @@ class FeatureFile:
                 return x
             what, why = "all-zero features", _ZERO_ROWS
         if bad.any():
-            ids = self.stimulus_ids
             raise FeatureFileError(
                 f"{self.path}: {what} in layer {i % self.n_layers} "
                 f"({self.layer_names[i]!r}) for stimuli "
-                f"{preview([ids[j] for j in np.flatnonzero(bad)])}{why}; {REEXTRACT}"
+                f"{preview(self._ids_of(bad))}{why}; {REEXTRACT}"
             )
         return x
 
