@@ -24,6 +24,7 @@ from xmodal.features import (
     check_against_stamp,
     check_against_weights,
     import_features,
+    vision_block_names,
     write_features,
 )
 from xmodal.io import directory_digest
@@ -642,3 +643,17 @@ def test_import_names_a_missing_modality_and_a_non_finite_supplied_abs_q95(tmp_p
     assert "differs from the features' for 2 of 7 stimuli (by a factor up to 2, 1 not finite" in (
         caplog.text
     )
+
+
+def test_a_supplied_vision_file_with_other_layers_than_blocks_is_warned_about(tmp_path, caplog):
+    """analysis.vision_layer counts from the end of a file's layers: a supplied ViT file with
+    an embeddings layer first is fine, one with a head or pooled layer last would be analysed
+    one block off the extracted models, with no message. Its layer names are said."""
+    x, ids, _ = _data()
+    attrs = {**ATTRS, "modality": "vision"}
+    for names, warned in ((vision_block_names(3), False), (["blocks.0", "blocks.1", "head"], True)):
+        src = write_features(tmp_path / f"{names[-1]}.h5", x, ids, names, attrs)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="xmodal.features"):
+            import_features(src, tmp_path / f"c-{names[-1]}.h5", "tiny", "vision", ids)
+        assert ("its layers are named ['blocks.0', 'blocks.1', 'head']" in caplog.text) is warned

@@ -75,12 +75,18 @@ __all__ = [
     "check_against_stamp",
     "check_against_weights",
     "import_features",
+    "vision_block_names",
     "write_features",
 ]
 
 
 class FeatureFileError(ValueError):
     """A feature file is missing, malformed, non-finite or does not match the stimuli."""
+
+
+def vision_block_names(n_blocks: int) -> list[str]:
+    """A ViT's layer names in a feature file: ``blocks.0`` … ``blocks.{n_blocks-1}``."""
+    return [f"blocks.{i}" for i in range(n_blocks)]
 
 
 def _holds_token(text: str) -> bool:
@@ -420,6 +426,16 @@ def import_features(
                 n,
                 ", ".join(how),
             )
+    blocks = vision_block_names(len(names))
+    if modality == "vision" and names != blocks:  # analysis.vision_layer counts from the end
+        log.warning(
+            "%s: its layers are named %s, not %s as extraction names a ViT's blocks; "
+            "analysis.vision_layer counts from the end of the file's layers, so check that they "
+            "are the model's blocks in order, with no embeddings or head after the last block",
+            src,
+            preview(names),
+            preview(blocks),
+        )
     log.info("imported %s as %s (model %s, %d stimuli)", src, dst, model_key, n)
     return Path(dst)
 

@@ -123,6 +123,7 @@ def read_gpa_layers(
             ids = ids or f.stimulus_ids
             idx = resolve_layer(layer, f.n_layers, p, key)
             x = f.finite_layer(idx).astype(np.float64)
+            log.info("%s: layer %d of %d (%r)", model, idx, f.n_layers, f.layer_names[idx])
         if not np.any(x != x[0]):
             raise FeatureFileError(
                 f"{p}: {modality} model {model!r} has the same features for every stimulus in "

@@ -28,6 +28,7 @@ from xmodal.extract._common import (
     progress_bar,
     resolve_model_folder,
 )
+from xmodal.features import vision_block_names
 from xmodal.registry import PICKLE_SUFFIXES, SAFE_SUFFIXES, download_patterns, hub_repo_of
 
 log = logging.getLogger(__name__)
@@ -144,7 +145,7 @@ def _check_vit(model: torch.nn.Module, model_id: str) -> None:
 
 def vision_layer_names(model: torch.nn.Module) -> list[str]:
     """``blocks.0`` … ``blocks.{L-1}``."""
-    return [f"blocks.{i}" for i in range(len(model.blocks))]
+    return vision_block_names(len(model.blocks))
 
 
 class _ClsHooks:
