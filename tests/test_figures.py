@@ -517,3 +517,24 @@ def test_random_whiskers_span_the_interval_even_when_the_mean_lies_outside_it():
     (segment,) = bars.lines[2][0].get_segments()
     assert sorted(segment[:, 1]) == pytest.approx([c["lo"], c["hi"]])
     plt.close(fig)
+
+
+def test_pc1_figures_say_when_pc1_does_not_follow_the_mean_dispersion(figs, inputs, tmp_path):
+    """A PC1 nearly uncorrelated with the mean dispersion (a contrast between camps of models)
+    has a sign set by noise: the PC1 panels said nothing; now they say so, in red, and only
+    then."""
+    assert "hardly follows" not in all_text(figs["dispersion_sets"])
+    assert "hardly follows" not in figs["sets_pc1"].get_suptitle()
+    disp = table(inputs, "dispersion")
+    mean = disp["mean_dispersion"].to_numpy(float)
+    noise = np.random.default_rng(0).standard_normal(mean.size)
+    c = mean - mean.mean()
+    disp["pc1_score"] = noise - (noise @ c) / (c @ c) * c  # r = 0 with the mean
+    disp.to_csv(tmp_path / "dispersion.tsv", sep="\t", index=False)
+    unoriented = {**inputs, "dispersion": tmp_path / "dispersion.tsv"}
+    fig = render_figure("sets_pc1", unoriented)
+    assert "PC1 hardly follows the mean dispersion (r = " in fig.get_suptitle()
+    assert "low and high may be swapped" in render_figure("dispersion_sets", unoriented).axes[
+        1
+    ].get_title(loc="right").replace("\n", " ")
+    assert "hardly follows" not in render_figure("sets_rank", unoriented).get_suptitle()

@@ -119,8 +119,9 @@ FIGURES: dict[str, FigureSpec] = {
         _spec(
             "sets_pc1",
             "Fig. 2G–J: alignment of low / random / high sets (PC1 of dispersion)",
-            ("grid", "models"),
+            ("grid", "models", "dispersion"),
             "alignment.draw_sets_pc1",
+            ("models", "dispersion"),
             per_metric=True,
         ),
         _spec(

@@ -296,6 +296,19 @@ def read_tsv(path: str | Path, name: str = "") -> pd.DataFrame:
     return read_table(path)
 
 
+def pc1_caveat(dispersion: pd.DataFrame | None) -> str | None:
+    """A warning for figures of PC1 sets when PC1 does not follow the mean dispersion
+    (:func:`xmodal.dispersion.pc1_orientation`): its sign, and so which set is low, is noise."""
+    from xmodal.dispersion import pc1_orientation
+
+    if dispersion is None:
+        return None
+    r, oriented = pc1_orientation(dispersion)
+    if oriented:
+        return None
+    return f"PC1 hardly follows the mean dispersion (r = {r:.3f}): low and high may be swapped"
+
+
 @dataclass(frozen=True)
 class FigureData:
     """What a drawing function gets: the tables it asked for, their paths and model metadata."""

@@ -40,6 +40,7 @@ from ._common import (
     new_figure,
     panel_grid,
     panel_letter,
+    pc1_caveat,
 )
 from ._names import metric_label
 
@@ -257,9 +258,11 @@ def _sets_figure(data: FigureData, summary: str, first_letter: str) -> Figure:
         *_flag_handles(n_unstable, n_undefined, "bar"),
     ]
     fig.legend(handles=handles, loc="outside lower center", ncols=3)
+    caveat = pc1_caveat(data.get("dispersion")) if summary == "pc1" else None
     fig.suptitle(
         "Stimulus-specific dispersion modulates vision–language alignment\n"
         f"({metric_label(data.metric)}; sets selected by {SUMMARY_LABELS[summary]})"
+        + (f"\n{caveat}" if caveat else "")
     )
     return fig
 

@@ -16,7 +16,15 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from scipy import stats
 
-from ._common import COLORS, FigureData, format_p, new_figure, panel_grid, panel_letter
+from ._common import (
+    COLORS,
+    FigureData,
+    format_p,
+    new_figure,
+    panel_grid,
+    panel_letter,
+    pc1_caveat,
+)
 
 RESIDUAL_LABEL = "GPA residual (distance to consensus)"
 
@@ -96,6 +104,9 @@ def draw_dispersion_sets(data: FigureData) -> Figure:
     axes[0].set_ylabel("Mean dispersion (mean GPA residual)")
     _ranked_panel(axes[1], disp, sets, "pc1_score", "rank_pc1", "pc1")
     axes[1].set_title("F   PCA-based selection", loc="left")
+    caveat = pc1_caveat(disp)
+    if caveat:  # docs/method.md, "Dispersion"
+        axes[1].set_title(textwrap.fill(caveat, 48), loc="right", color="#b2182b", fontsize=7)
     axes[1].set_xlabel("Stimulus rank along PC1")
     axes[1].set_ylabel("PC1 score of dispersion")
 
