@@ -432,3 +432,48 @@ def test_signed_16bit_tiff_is_refused(tmp_path):
     (tmp_path / "s16.tif").write_bytes(_tiff_gray(ramp, 1))
     with pytest.raises(StimulusError, match=r"'s16'.*signed 16-bit samples"):
         load_rgb(tmp_path / "s16.tif", "s16")
+
+
+def _tiff12(values: list[int]) -> bytes:
+    """A one-row little-endian grayscale TIFF of 12-bit samples, packed two in three bytes (as
+    microscopes and scientific cameras write them; Pillow cannot write one)."""
+    assert len(values) % 2 == 0
+    data = b"".join(
+        bytes([a >> 4, ((a & 0xF) << 4) | (b >> 8), b & 0xFF])
+        for a, b in zip(values[::2], values[1::2], strict=True)
+    )
+    short, long_ = 3, 4
+    tags = [(256, short, len(values)), (257, short, 1), (258, short, 12), (259, short, 1),
+            (262, short, 1), (273, long_, 0), (277, short, 1), (278, short, 1),
+            (279, long_, len(data))]  # fmt: skip
+    at = 8 + 2 + 12 * len(tags) + 4  # the pixels follow the one IFD
+    ifd = struct.pack("<H", len(tags))
+    for tag, typ, value in tags:
+        value = at if tag == 273 else value
+        ifd += struct.pack("<HHIHH" if typ == short else "<HHII", tag, typ, 1, value,
+                           *[0] * (typ == short))  # fmt: skip
+    return b"II*\x00" + struct.pack("<I", 8) + ifd + struct.pack("<I", 0) + data
+
+
+def test_a_12_bit_tiff_is_scaled_by_its_declared_depth(tmp_path, caplog):
+    """TIFF BitsPerSample 12 comes from Pillow as I;16 holding 0..4095: scaled as 16-bit data
+    (v >> 8) the image came out nearly black (4095 -> 15), with a warning that called it dark
+    16-bit data. It is scaled by its declared depth: v >> 4, 4095 -> 255."""
+    values = [0, 1024, 2048, 4095, 17, 3000]
+    (tmp_path / "t12.tif").write_bytes(_tiff12(values))
+    assert Image.open(tmp_path / "t12.tif").mode == "I;16"
+    with caplog.at_level("INFO", logger="xmodal.stimuli"):
+        got = _rgb(tmp_path / "t12.tif", "cam")
+    want = (np.array([values]) >> 4).astype(np.uint8)
+    np.testing.assert_array_equal(got, _gray3(want))
+    assert "12-bit samples (0..4095) scaled to 16 bits (v << 4)" in caplog.text
+    assert "comes out dark" not in caplog.text
+
+
+def test_a_thin_large_jpeg_decodes(tmp_path):
+    """A JPEG over MAX_SIDE whose short side is below the reduction factor (9000 x 2) asked
+    Pillow's draft for a height of 0: a ZeroDivisionError that named no stimulus or file."""
+    Image.new("RGB", (9000, 2), (200, 10, 10)).save(tmp_path / "thin.jpg")
+    got = _rgb(tmp_path / "thin.jpg", "pano")
+    assert got.shape[0] == 1 and 1000 < got.shape[1] <= stimuli.MAX_SIDE  # reduced, as any
+    assert np.abs(got.astype(int) - [200, 10, 10]).max() < 8

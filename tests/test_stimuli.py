@@ -149,10 +149,15 @@ def test_unbalanced_quote_does_not_swallow_the_following_rows(tmp_path):
         ("s1\ta.png\tone\ns\x002\ta.png\ttwo\n", r"id\(s\) \['s\\x002'\].*line\(s\) \[3\].*NUL"),
         ("s1\ta.png\t\u200b \u2060\n", r"empty caption on line\(s\) \[2\]"),
         ("\u200b\ta.png\tone\n", r"empty stimulus_id on line\(s\) \[2\]"),
+        # marks with nothing to mark and blank letters show nothing either
+        ("s1\ta.png\tone\ns2\ta.png\t\ufe0f\u0301\u3164\u2800\n",
+         r"empty caption on line\(s\) \[3\]"),
+        ("s1\ta.png\tone\nstimulus_id\timage\tcaption\ns2\ta.png\ttwo\n",
+         r"line 3 repeats the header \(two manifests joined\?\)"),
     ],
     ids=["trailing_tab", "trailing_tab_everywhere", "tab_in_caption", "newline_in_caption",
          "empty_line_inside", "bare_cr", "spaces_line_inside", "nul_in_id", "invisible_caption",
-         "invisible_id"],
+         "invisible_id", "marks_only_caption", "header_again"],
 )  # fmt: skip
 def test_malformed_lines_are_errors_naming_the_line(tmp_path, body, match):
     path = _manifest(tmp_path, body)
@@ -209,6 +214,38 @@ def test_utf16_manifest_is_named(tmp_path, encoding):
         read_manifest(path)
 
 
+@pytest.mark.parametrize(
+    ("magic", "kind"),
+    [(b"PK\x03\x04", "a zip file"), (b"\xd0\xcf\x11\xe0", "an .xls"), (b"\x1f\x8b", "gzip")],
+)
+def test_a_spreadsheet_or_compressed_manifest_is_named(tmp_path, magic, kind):
+    """An .xlsx saved as stimuli.tsv was "line 1 is not valid UTF-8 ... iconv -f latin1", advice
+    that gives garbage."""
+    path = tmp_path / "stimuli.tsv"
+    path.write_bytes(magic + b"\x00\x01binary")
+    with pytest.raises(StimulusError, match=rf"stimuli.tsv: the manifest is {kind}.*not text"):
+        read_manifest(path)
+
+
+def test_garbled_and_quote_wrapped_captions_are_warned_about(tmp_path, caplog):
+    """UTF-8 decoded as Windows-1252 and saved again (an Excel round trip) and captions wrapped
+    in quotes (a spreadsheet's export of a field with a comma) reach the language models as
+    written: read as they are, with a warning naming the lines; plain captions warn nothing."""
+    body = ("s1\ta.png\ta café with “quotes”\ns2\ta.png\ta cafÃ© with â€œquotesâ€\x9d\n"
+            's3\ta.png\t"a dog, sitting"\ns4\ta.png\tSão Paulo Â\xa0at night\n')  # fmt: skip
+    with caplog.at_level(logging.WARNING, logger="xmodal.stimuli"):
+        df = read_manifest(_manifest(tmp_path, body))
+    assert df["caption"][2] == '"a dog, sitting"'  # kept as written
+    assert "the captions of 2 stimuli hold UTF-8 text decoded as Windows-1252" in caplog.text
+    assert "lines [3, 5], e.g. stimulus 's2'" in caplog.text
+    assert "the captions of 1 stimuli are wrapped in double quotes" in caplog.text
+    assert "lines [4], e.g. stimulus 's3'" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="xmodal.stimuli"):
+        read_manifest(_manifest(tmp_path, "s1\ta.png\tÂge, São Paulo, “x” — y\n"))
+    assert caplog.text == ""
+
+
 def test_csv_quoted_captions_are_refused(tmp_path):
     """pandas' ``to_csv(sep="\t")`` quotes a caption with a quote in it; read verbatim, the
     language models would see ``\"\"\"The Scream\"\" by Munch\"``. The same table written by
@@ -251,8 +288,15 @@ _NASTY = ['"', "'", '""', ",", ";", "#", "\\", "NA", "null", "nan", " ", "\u00a0
 
 
 def _visible(text: str) -> bool:
-    """Shows something: a character that is neither whitespace nor a control or format one."""
-    return any(not ch.isspace() and unicodedata.category(ch) not in ("Cc", "Cf") for ch in text)
+    """Shows something: a character that is neither whitespace nor a control or format one,
+    nor a mark with nothing to mark (Mn, Me), nor a blank letter (Hangul fillers, blank
+    Braille)."""
+    blank = {"\u115f", "\u1160", "\u3164", "\uffa0", "\u2800"}
+    return any(
+        not ch.isspace() and ch not in blank
+        and unicodedata.category(ch) not in ("Cc", "Cf", "Mn", "Me")
+        for ch in text
+    )  # fmt: skip
 
 
 def is_csv_quoted(text: str) -> bool:

@@ -28,6 +28,7 @@ import io
 import json
 import logging
 import os
+import re
 import stat
 import threading
 import unicodedata
@@ -207,8 +208,22 @@ def _missing_image_hints(manifest: Path, images: Sequence[str], n: int = 10) -> 
     return "".join(f". {h}" for h in hints)
 
 
+#: File signatures of what is sometimes saved under a manifest's name.
+_NOT_TEXT = {
+    b"PK\x03\x04": "a zip file (an .xlsx or .ods spreadsheet?)",
+    b"\xd0\xcf\x11\xe0": "an .xls spreadsheet",
+    b"\x1f\x8b": "gzip-compressed",
+}
+
+
 def _decode_utf8(path: Path, data: bytes) -> str:
     """The manifest's text; a StimulusError names the line (and stimulus) of a non-UTF-8 byte."""
+    for magic, kind in _NOT_TEXT.items():
+        if data.startswith(magic):
+            raise StimulusError(
+                f"{path}: the manifest is {kind}, not text; save it as tab-separated text in "
+                "UTF-8 (from a spreadsheet: tab-delimited text, UTF-8), or decompress it"
+            )
     if data[:2] in (b"\xff\xfe", b"\xfe\xff") or (len(data) >= 2 and b"\x00" in data[:2]):
         raise StimulusError(
             f"{path}: the manifest is UTF-16 (as Excel's 'Unicode Text' saves it), not UTF-8; "
@@ -265,6 +280,11 @@ def _parse_tsv(path: Path, text: str) -> tuple[list[str], list[list[str]], list[
             empty.append(k)
             continue
         fields = line.split("\t")
+        if fields == header:
+            raise StimulusError(
+                f"{path}: line {k} repeats the header (two manifests joined?): the header is line "
+                "1 only; remove it"
+            )
         if len(fields) != n:
             bad.append((k, fields))
         rows.append(fields)
@@ -314,10 +334,18 @@ def _check_header(path: Path, header: list[str]) -> None:
         )
 
 
+#: Letters and symbols that show nothing (Hangul fillers, the blank Braille pattern).
+_INVISIBLE = frozenset("\u115f\u1160\u3164\uffa0\u2800")
+
+
 def is_blank(text: str) -> bool:
     """True when ``text`` shows nothing: only whitespace, control and format characters (such
-    as a zero-width space or a byte-order mark)."""
-    return all(ch.isspace() or unicodedata.category(ch) in ("Cc", "Cf") for ch in text)
+    as a zero-width space or a byte-order mark), marks with no letter to mark (a lone
+    combining accent, a variation selector) and blank letters (a Hangul filler)."""
+    return all(
+        ch.isspace() or ch in _INVISIBLE or unicodedata.category(ch) in ("Cc", "Cf", "Mn", "Me")
+        for ch in text
+    )
 
 
 def _wrapped_in_quotes(text: str) -> bool:
@@ -331,6 +359,11 @@ def is_csv_quoted(text: str) -> bool:
     quote in it so, whatever the separator)."""
     inner = text[1:-1]
     return _wrapped_in_quotes(text) and '""' in inner and '"' not in inner.replace('""', "")
+
+
+#: What UTF-8 text decoded as Windows-1252 (or Latin-1) and encoded again looks like: an
+#: accented letter as 'Ã' + a symbol, a curly quote or dash as 'â€' + one more, 'Â' + NBSP.
+_MOJIBAKE = re.compile("Ã[\u0080-\u00bf]|â€|Â[\u00a0-\u00bf]")
 
 
 def _check_stimuli(where: str, ids: list[str], captions: list[str], lines: list[int]) -> None:
@@ -373,6 +406,20 @@ def _check_stimuli(where: str, ids: list[str], captions: list[str], lines: list[
             f"(only spaces or invisible characters; stimulus ids "
             f"{preview([ids[k] for k in empty_cap])})"
         )
+    for flagged, what in (
+        ([k for k, c in enumerate(captions) if _MOJIBAKE.search(c)],
+         "hold UTF-8 text decoded as Windows-1252 and saved again ('cafÃ©' for 'café', 'â€œ' "
+         "for a curly quote): re-save the manifest from the original as UTF-8"),
+        ([k for k, c in enumerate(captions) if _wrapped_in_quotes(c) and not is_csv_quoted(c)],
+         "are wrapped in double quotes, which reach the language models as written (a "
+         "spreadsheet's export quotes fields that hold a comma): remove them unless meant"),
+    ):  # fmt: skip
+        if flagged:
+            log.warning(
+                "%s: the captions of %d stimuli %s; lines %s, e.g. stimulus %r: %r",
+                where, len(flagged), what, [lines[k] for k in flagged][:10], ids[flagged[0]],
+                _short(captions[flagged[0]], 60),
+            )  # fmt: skip
     quoted = [k for k, c in enumerate(captions) if is_csv_quoted(c)]
     if quoted:
         k = quoted[0]
@@ -932,10 +979,13 @@ def _decode(
             raw = _raw_modes(im)  # before load(), which clears the decoder's tiles
             bits = 16 if any(";16" in r for r in raw) else 8
             factor = -(-max(w, h) // MAX_SIDE)  # ceil
-            if factor > 1:
-                im.draft("RGB", (w // factor, h // factor))  # JPEG: decode at reduced scale
+            if factor > 1:  # JPEG: decode at reduced scale (a side of 0 px divides by 0)
+                im.draft("RGB", (max(1, w // factor), max(1, h // factor)))
             im.load()
             orientation = _exif_orientation(im)  # after load(): PNG keeps EXIF after the pixels
+            twelve = im.mode == "I;16" and any(r.startswith("I;12") for r in raw)
+            if twelve:  # TIFF BitsPerSample 12 comes as 0..4095: 16-bit first, then v >> 8
+                im = Image.fromarray(np.asarray(im).astype(np.uint16) << 4)
             if fmt == "TIFF" and _tiff_is_white_is_zero(im, raw, stimulus_id, path):
                 rgb, what = convert_to_rgb(_white_is_zero(im), stimulus_id, path=path)
                 what = f"white-is-zero (TIFF PhotometricInterpretation 0) inverted; {what}"
@@ -944,13 +994,16 @@ def _decode(
             if bits == 16 and mode in ("RGB", "RGBA", "LA"):
                 _check_pillow_16bit(rgb, stimulus_id, path, mode)
                 what = f"16-bit samples reduced to 8 bits by Pillow (v >> 8); {what or 'RGB'}"
+            if twelve:
+                what = f"12-bit samples (0..4095) scaled to 16 bits (v << 4); {what}"
             if rgb is im:
                 rgb = im.copy()
     except StimulusError:
         raise
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+    except (OSError, SyntaxError, ValueError, ArithmeticError, Image.DecompressionBombError) as err:
         raise StimulusError(
-            f"stimulus {stimulus_id!r}: cannot decode image {path} ({err}); {_FIX_IMAGE}"
+            f"stimulus {stimulus_id!r}: cannot decode image {path} ({type(err).__name__}: "
+            f"{err}); {_FIX_IMAGE}"
         ) from err
     notes = []
     if n_frames > 1:
