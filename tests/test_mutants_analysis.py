@@ -25,9 +25,10 @@ def _reference(modality, size_b, attempt, gpu_mem_gb, num_workers, bytes_per_par
     weights = bytes_per_param * size_b
     need = weights + max(2, 0.05 * weights)
     gpu = max(1, math.ceil(need / (0.9 * gpu_mem_gb)))
-    if modality == "vision":
-        cpus = max(1, num_workers)
-        mem = 8 + 8 * size_b + 0.5 * num_workers
+    if modality == "vision":  # the decoded batches: 4 per worker, 2 in flight, 64 of 518 px
+        cpus = num_workers + 1
+        waiting = (4 * num_workers + 2) * 64 * 3 * 518**2 * 4 / 1e9
+        mem = 8 + 8 * size_b + 0.5 * num_workers + waiting
     else:
         cpus = min(max(1, num_workers), 4)
         mem = 8 + weights
@@ -98,10 +99,11 @@ def test_extraction_runtime_docstring_anchors():
 
 def test_vision_memory_counts_decoding_workers_not_cpus():
     """Guards 0.5 GB per decoding worker: 0 workers decode in the main process (1 CPU) and add
-    no memory: 8 + 8·0.1 = 8.8 GB -> 9 GiB."""
+    no worker memory, only the two batches in flight (2 · 64 images of 518 px in float32,
+    0.41 GB): 8 + 8·0.1 + 0.41 = 9.2 GB -> 10 GiB."""
     r = extraction_resources("vision", 0.1, gpu_mem_gb=80, num_workers=0)
     assert r["cpus_per_task"] == 1
-    assert r["mem_mb"] == 9 * 1024
+    assert r["mem_mb"] == 10 * 1024
 
 
 def test_analysis_cpus_do_not_grow_with_attempt():

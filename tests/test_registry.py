@@ -59,7 +59,7 @@ def test_paper_models_get_gpus_for_the_site_gpu_size(gpu_mem_gb: float) -> None:
 def test_num_workers_sets_the_vision_cpu_request(workers: int) -> None:
     reg = Registry.from_config(paper(num_workers=workers))
     for key in reg.vision:
-        assert reg[key].resources()["cpus_per_task"] == max(1, workers)
+        assert reg[key].resources()["cpus_per_task"] == workers + 1  # + the model's process
     for key in reg.language:
         assert reg[key].resources()["cpus_per_task"] == min(max(1, workers), 4)
 
@@ -348,3 +348,44 @@ def test_a_built_model_whose_id_is_another_folder_is_refused() -> None:
         Registry.from_config(demo)
     demo["models"]["tiny-mae2"]["id"] = "./resources/demo/models/tiny-mae2/"
     assert Registry.from_config(demo)["tiny-mae2"].source == "built"
+
+
+def test_a_revision_pinned_to_the_commit_it_resolved_to_changes_no_spec() -> None:
+    """config.yaml invites pinning each model's revision; pinned to the commit its download
+    resolved to, every model was downloaded and extracted again from identical weights (the
+    16 of the paper, LLaMA-65B included). With the download record the spec keeps the
+    revision asked for then; any other revision, or another model's record, changes it."""
+    cfg = paper()
+    entry = Registry.from_config(cfg)["llama-65b"]
+    sha = "8db7eda" + "0" * 33
+    record = {"model_id": entry.id, "revision_requested": None, "revision": sha}
+    before = entry.feature_spec(record), entry.prefetch_spec(record)
+    assert before[0]["revision"] is None and before == (entry.feature_spec(), entry.prefetch_spec())
+    for revision, same in ((sha, True), ("main", True), (None, True), ("1" * 40, False),
+                           ("v1.0", False)):  # fmt: skip
+        cfg["models"]["llama-65b"]["revision"] = revision
+        pinned = Registry.from_config(cfg)["llama-65b"]
+        now = pinned.feature_spec(record), pinned.prefetch_spec(record)
+        assert (now == before) is same, revision
+        assert pinned.feature_spec(None)["revision"] == revision  # no record: as configured
+        other = {**record, "model_id": "huggyllama/llama-30b"}
+        assert pinned.feature_spec(other)["revision"] == revision
+    # a record of a pinned request: "main" or none are not that pin
+    pinned_record = {**record, "revision_requested": sha}
+    for revision, settled in ((sha, sha), ("main", "main"), (None, None)):
+        cfg["models"]["llama-65b"]["revision"] = revision
+        assert Registry.from_config(cfg)["llama-65b"].settled_revision(pinned_record) == settled
+
+
+def test_supplied_features_of_a_model_too_big_for_the_gpus_are_accepted(tmp_path) -> None:
+    """Bringing your own features is for models you cannot run: such a model was refused for
+    lack of GPUs, and only a false size_b (which orders the figures) got past it."""
+    cfg = paper(gpu_mem_gb=24, gpus_per_node=1)
+    small = lambda m: m["modality"] == "vision" or m["size_b"] < 1  # noqa: E731
+    cfg["models"] = {k: v for k, v in cfg["models"].items() if small(v)}
+    big = {"modality": "language", "id": "huggyllama/llama-13b", "size_b": 13.0}
+    cfg["models"]["llama-13b"] = big
+    with pytest.raises(ConfigError, match=r"'models.llama-13b'.*needs 2 GPUs of 24 GB"):
+        Registry.from_config(cfg)
+    cfg["models"]["llama-13b"] = {**big, "features": str(tmp_path / "llama-13b.h5")}
+    assert Registry.from_config(cfg)["llama-13b"].source == "supplied"

@@ -62,10 +62,30 @@ def test_memory_and_runtime_scale_with_attempt_gpus_do_not() -> None:
 
 
 def test_vision_cpus_follow_decoding_workers() -> None:
-    for workers, cpus in ((8, 8), (2, 2), (0, 1)):
+    """One CPU per decoding worker and one for the process that runs the model (which
+    decodes too when there are no workers)."""
+    for workers, cpus in ((8, 9), (2, 3), (0, 1)):
         r = extraction_resources("vision", 0.63, gpu_mem_gb=80, num_workers=workers)
         assert r["cpus_per_task"] == cpus
     assert extraction_resources("language", 7, **SITE)["cpus_per_task"] <= 4
+
+
+def test_vision_memory_holds_the_decoded_batches_waiting_for_the_gpu() -> None:
+    """Each decoding worker keeps 4 batches of float32 images ready: at 256 images of 518 px
+    and 8 workers that is 28 GB, which the request (then 22 GB at any batch size) did not
+    hold, so raising the batch size, a speed setting, got the first attempt killed."""
+    image_gb = 3 * 518 * 518 * 4 / 1e9
+    base = extraction_resources("vision", 1.14, gpu_mem_gb=80, num_workers=8, batch_size=1)
+    for batch in (64, 256):
+        r = extraction_resources("vision", 1.14, gpu_mem_gb=80, num_workers=8, batch_size=batch)
+        waiting_gb = (4 * 8 + 2) * batch * image_gb
+        assert r["mem_mb"] >= base["mem_mb"] + 1024 * (waiting_gb - 34 * image_gb) - 1024
+        assert r["mem_mb"] / 1024 >= 8 + 8 * 1.14 + 4 + waiting_gb
+    unset = extraction_resources("vision", 1.14, gpu_mem_gb=80, num_workers=8)
+    assert unset == extraction_resources("vision", 1.14, gpu_mem_gb=80, num_workers=8,
+                                         batch_size=64)  # fmt: skip
+    lang = [extraction_resources("language", 7, **SITE, batch_size=b)["mem_mb"] for b in (8, 512)]
+    assert lang[0] == lang[1]  # token batches are small
 
 
 def test_analysis_resources_request_no_gpu() -> None:

@@ -275,14 +275,24 @@ def test_moving_the_hub_cache_reextracts_nothing(tmp_path, tiny_vits):
     snakemake(wd, "--configfile", write_config(wd, cfg, "here.yaml"), "--cores", "1", target,
               env=offline)  # fmt: skip
     moved = write_config(wd, {**cfg, "hub_cache": str(tmp_path / "scratch/hub")}, "moved.yaml")
-    for configfile in ("config/here.yaml", moved):
+    # pinned to the commit the download resolved to (as config.yaml invites), or "main" for
+    # none: the same weights, so nothing (before: downloaded and extracted again); pinned to
+    # another commit: both again
+    record = wd / "resources/hub/.prefetched/mae-h.json"
+    resolved = json.loads(record.read_text())["revision"]
+    pins = {}
+    for revision in (resolved, "main", "0" * 40):
+        models = {**cfg["models"], "mae-h": {**cfg["models"]["mae-h"], "revision": revision}}
+        pins[revision] = write_config(wd, {**cfg, "models": models}, f"pin-{revision[:4]}.yaml")
+    for configfile in ("config/here.yaml", moved, pins[resolved], pins["main"]):
         proc = snakemake(wd, "-n", "--configfile", configfile, "--cores", "1", target)
         assert "Nothing to be done" in proc.stdout + proc.stderr, proc.stdout[-3000:]
+    proc = snakemake(wd, "-n", "--configfile", pins["0" * 40], "--cores", "1", target)
+    assert job_counts(proc.stdout + proc.stderr) == {"prefetch_model": 1, "extract": 1}, proc.stdout
     proc = snakemake(wd, "--configfile", moved, "--cores", "1", "--force", target,
                      env=offline, check=False)  # fmt: skip
     log = (wd / "logs/extract/hubtest/mae-h.log").read_text()
     assert proc.returncode != 0
-    record = wd / "resources/hub/.prefetched/mae-h.json"
     for text in ("were downloaded into", str((wd / "resources/hub").resolve()), str(record),
                  str(tmp_path / "scratch/hub"), "config key 'hub_cache'"):  # fmt: skip
         assert text in log, (text, log[-2000:])

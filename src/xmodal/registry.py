@@ -216,16 +216,34 @@ class ModelEntry:
         """The compute dtype of this model's extraction (:func:`compute_dtype`)."""
         return compute_dtype(self.modality, self.site.dtype)
 
-    def feature_spec(self) -> dict[str, Any]:
+    def settled_revision(self, record: Mapping[str, Any] | None = None) -> str | None:
+        """The revision as the rerun triggers spell it, given the model's download record
+        (:func:`xmodal.prefetch.prefetch_model`'s; None: none yet).
+
+        The revision the record asked for when the configured one names the same weights: the
+        commit that request resolved to (pinning a model to the commit it was downloaded at,
+        as config.yaml invites, re-extracted it from identical weights: for the paper's 16
+        models, LLaMA-65B included) or, for ``"main"`` and none, the other (the download reads
+        both as ``main``). Otherwise the configured revision.
+        """
+        if record is None or record.get("model_id") != self.id:
+            return self.revision
+        asked = record.get("revision_requested")
+        pinned = self.revision is not None and self.revision == record.get("revision")
+        same_branch = {self.revision, asked} <= {None, "main"}
+        return asked if pinned or same_branch else self.revision
+
+    def feature_spec(self, record: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """The fields that define this model's features: the extraction's rerun trigger.
 
         Labels, sizes, batch sizes, workers, GPUs and pickle permission change no feature, so
-        editing them re-extracts nothing (docs/cluster.md, "What reruns").
+        editing them re-extracts nothing (docs/cluster.md, "What reruns"); nor does spelling
+        the revision as the commit it resolved to (``record``: :meth:`settled_revision`).
         """
         spec: dict[str, Any] = {
             "modality": self.modality,
             "id": self.id,
-            "revision": self.revision,
+            "revision": self.settled_revision(record),
             "dtype": self.dtype,
         }
         if self.build is not None:
@@ -236,9 +254,11 @@ class ModelEntry:
             spec["features_version"] = FEATURES_VERSION[self.modality]
         return spec
 
-    def prefetch_spec(self) -> dict[str, Any]:
-        """What the download of this model depends on (repository and revision)."""
-        return {"modality": self.modality, "id": self.id, "revision": self.revision}
+    def prefetch_spec(self, record: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """What the download of this model depends on (repository and revision, as
+        :meth:`settled_revision` spells it)."""
+        revision = self.settled_revision(record)
+        return {"modality": self.modality, "id": self.id, "revision": revision}
 
     @property
     def bytes_per_param(self) -> int:
@@ -264,6 +284,7 @@ class ModelEntry:
             max_gpus=self.site.gpus_per_node,
             bytes_per_param=self.bytes_per_param,
             n_stimuli=n_stimuli,
+            batch_size=self.batch_size,
         )
         if self.site.gpu_model:
             res["gpu_model"] = str(self.site.gpu_model)
@@ -399,8 +420,11 @@ class Registry(Mapping[str, ModelEntry]):
 
     def check_fits(self) -> None:
         """Raise :class:`ConfigError` for a model that no node's GPUs can hold, or a vision
-        model that one GPU cannot hold (vision extraction uses one GPU)."""
+        model that one GPU cannot hold (vision extraction uses one GPU); models whose features
+        are supplied are not extracted, and not checked."""
         for e in self.values():
+            if e.source == "supplied":  # imported, never extracted: no GPU to fit on
+                continue
             try:
                 e.gpus()
             except ValueError as err:
@@ -413,7 +437,7 @@ class Registry(Mapping[str, ModelEntry]):
                     "extraction.gpu_mem_gb to your GPUs' memory and extraction.gpus_per_node to "
                     "the GPUs of your largest node, or remove the model"
                 ) from None
-            if e.modality == "vision" and e.source != "supplied" and e.gpus() > 1:
+            if e.modality == "vision" and e.gpus() > 1:
                 weights = e.bytes_per_param * e.size_b
                 need = weights + max(2.0, 0.05 * weights)  # as xmodal.resources.gpus_needed
                 raise ConfigError(

@@ -45,9 +45,21 @@ __all__ = [
 BYTES_PER_PARAM_BF16 = 2
 GPU_USABLE_FRACTION = 0.9
 MAX_GPUS = 8
+#: The image of the memory and runtime models: the largest input side of the paper's vision
+#: models (DINOv2's), in pixels.
+VISION_SIDE = 518
 #: Tokens a stimulus costs in the runtime model: patches of a 518-px image at patch 14 (+ CLS),
 #: and a long caption.
-TOKENS_PER_STIMULUS = {"vision": 37 * 37 + 1, "language": 128}
+TOKENS_PER_STIMULUS = {"vision": (VISION_SIDE // 14) ** 2 + 1, "language": 128}
+#: Batches of decoded images each decoding worker keeps ready (the DataLoader's prefetch_factor).
+LOADER_PREFETCH = 4
+#: The extraction's batch size where the config sets none, by modality and device.
+DEFAULT_BATCH = {
+    ("vision", "cuda"): 64,
+    ("vision", "cpu"): 16,
+    ("language", "cuda"): 32,
+    ("language", "cpu"): 8,
+}
 #: Sustained operations per second assumed for the forward passes, by bytes per weight (low on
 #: purpose: a job asks for more time than it needs rather than be killed at its limit).
 SUSTAINED_FLOPS = {2: 5e13, 4: 5e12}
@@ -110,6 +122,7 @@ def extraction_resources(
     max_gpus: int = MAX_GPUS,
     bytes_per_param: int = BYTES_PER_PARAM_BF16,
     n_stimuli: int = 0,
+    batch_size: int | None = None,
 ) -> dict[str, int]:
     """Resources of one model's feature-extraction job (a GPU job) over ``n_stimuli`` stimuli.
 
@@ -117,8 +130,12 @@ def extraction_resources(
     snakemake-executor-plugin-slurm turns into ``--gpus``, ``--mem``, ``-t`` and
     ``--cpus-per-task``.
 
-    - vision (timm): ``num_workers`` CPUs decode images (0 = in the main process, 1 CPU); host memory holds the fp32 checkpoint
-      twice while loading (8 bytes/param) plus 0.5 GB per decoding worker, on top of 8 GB.
+    - vision (timm): ``num_workers`` CPUs decode images, and one runs the model (0 workers: it
+      decodes too); host memory holds the fp32 checkpoint twice while loading (8 bytes/param),
+      0.5 GB per decoding worker, and the decoded batches waiting for the GPU: each worker
+      keeps :data:`LOADER_PREFETCH` ready, two more are in flight, each ``batch_size`` (None:
+      :data:`DEFAULT_BATCH` on a GPU) float32 images of :data:`VISION_SIDE` px, on top of 8 GB
+      (64 images and 8 workers: 7 GB; 256 images: 28 GB).
     - language (transformers): tokenising captions is cheap (4 CPUs at most); host memory is
       8 GB plus the bf16 weights (the worst case of a loader materialising one full copy).
     - the features do not count: beyond ``IN_MEMORY_FEATURE_BYTES`` (2 GiB, inside the 8 GB)
@@ -134,8 +151,10 @@ def extraction_resources(
         raise ValueError(f"num_workers must be >= 0, got {num_workers!r}")
     weights_gb = bytes_per_param * size_b
     if modality == "vision":
-        cpus = max(1, num_workers)
-        mem_gb = 8 + 4 * 2 * size_b + 0.5 * num_workers
+        cpus = num_workers + 1
+        batch = DEFAULT_BATCH[("vision", "cuda")] if batch_size is None else batch_size
+        waiting = (LOADER_PREFETCH * num_workers + 2) * batch * 3 * VISION_SIDE**2 * 4 / 1e9
+        mem_gb = 8 + 4 * 2 * size_b + 0.5 * num_workers + waiting
     else:
         cpus = min(max(1, num_workers), 4)
         mem_gb = 8 + weights_gb

@@ -29,7 +29,7 @@ rule layer_search:
     conda:
         "../../envs/analysis.yaml"
     resources:
-        **retry_resources(4000, 30),
+        **retry_resources("pair"),
         **ALIGNMENT_GPU,
     params:
         **named_params(
@@ -57,7 +57,7 @@ rule vision_bootstrap:
     conda:
         "../../envs/analysis.yaml"
     resources:
-        **retry_resources(4000, 30),
+        **retry_resources("pair"),
         **ALIGNMENT_GPU,
     params:
         **named_params(
@@ -91,7 +91,7 @@ rule conditions:
     conda:
         "../../envs/analysis.yaml"
     resources:
-        **retry_resources(4000, 30),
+        **retry_resources("pair"),
         **ALIGNMENT_GPU,
     params:
         **named_params(

@@ -47,7 +47,9 @@ from xmodal.figures import (
 )
 from xmodal.language_dispersion import LanguageDispersionSettings
 from xmodal.logs import forward_to
+from xmodal.prefetch import read_record
 from xmodal.registry import Registry, built_model_dir
+from xmodal.resources import analysis_resources
 from xmodal.selection import DropControl, HeldOutLayer, SelfSelection
 from xmodal.stimuli import (
     DECODED_IMAGES,
@@ -137,15 +139,17 @@ ANALYSIS_CODE = analysis_code_digest(Path(_SRC) / "xmodal")
 DEMO_CODE = demo_code_digest(Path(_SRC) / "xmodal")
 
 
-def retry_resources(mem_mb, runtime):
-    """Memory (MB) and runtime (minutes) of a CPU analysis job, growing with each retry
-    (`attempt`, the profile's `retries`), and its threads as CPUs (so `--set-threads` reaches
-    SLURM). Set in the rules, not in a workflow profile: a workflow profile's `set-resources`
-    replaced the whole `set-resources` of the user's profile (docs/cluster.md), which can
-    override these per rule."""
+def retry_resources(kind):
+    """Memory (MB) and runtime (minutes) of a CPU analysis job of `kind`
+    (xmodal.resources.ANALYSIS_KINDS), growing with each retry (`attempt`, the profile's
+    `retries`), and its threads as CPUs (so `--set-threads` reaches SLURM). Set in the rules,
+    not in a workflow profile: a workflow profile's `set-resources` replaced the whole
+    `set-resources` of the user's profile (docs/cluster.md), which can override these per
+    rule."""
+    sized = lambda attempt: analysis_resources(kind, attempt)
     return {
-        "mem_mb": lambda wildcards, attempt: mem_mb * attempt,
-        "runtime": lambda wildcards, attempt: runtime * attempt,
+        "mem_mb": lambda wildcards, attempt: sized(attempt)["mem_mb"],
+        "runtime": lambda wildcards, attempt: sized(attempt)["runtime"],
         "cpus_per_task": lambda wildcards, threads: threads,
     }
 
@@ -243,16 +247,23 @@ def vision_features(wildcards):
     return [feature_file(v) for v in VISION]
 
 
+@cache
+def _download_record(model):
+    """The model's download record as it stands at start-up (None: none yet)."""
+    return read_record(f"{PREFETCH_RECORDS}/{model}.json")
+
+
 def feature_spec(wildcards):
     """The registry fields that define a model's features (the extraction's rerun trigger):
-    labels, sizes, batch sizes, workers and GPUs are not among them (docs/cluster.md).
+    labels, sizes, batch sizes, workers and GPUs are not among them (docs/cluster.md); a
+    revision pinned to the commit the download resolved to is the revision asked for then.
     """
-    return REGISTRY[wildcards.model].feature_spec()
+    return REGISTRY[wildcards.model].feature_spec(_download_record(wildcards.model))
 
 
 def prefetch_spec(wildcards):
     """What a model's download depends on: its repository and revision."""
-    return REGISTRY[wildcards.model].prefetch_spec()
+    return REGISTRY[wildcards.model].prefetch_spec(_download_record(wildcards.model))
 
 
 def model_input(wildcards):
@@ -685,7 +696,8 @@ def update_manifest_stamps():
         elif changed:
             logger.info(
                 f"{MANIFEST}: what the {modality} extractions read changed (manifest"
-                f" columns or image file contents); {path} updated"
+                f" columns, image file contents, or stimuli.drop_duplicates, now"
+                f" {DROP_DUPLICATES}); {path} updated"
             )
         elif STAMPS_FOLLOW_MANIFEST_RULE and Path(path).stat().st_mtime_ns < edited:
             # same content: Snakemake compares its checksum, so the extractions do not rerun

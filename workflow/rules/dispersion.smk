@@ -18,7 +18,7 @@ rule gpa:
     # the per-model fits run on parallel threads, one per CPU (xmodal.parallel)
     threads: 2
     resources:
-        **retry_resources(8000, 60),
+        **retry_resources("gpa"),
     params:
         **named_params(
             models=VISION,
@@ -41,7 +41,7 @@ rule stimulus_sets:
     conda:
         "../../envs/analysis.yaml"
     resources:
-        **retry_resources(2000, 15),
+        **retry_resources("light"),
     params:
         **named_params(
             set_size=ANALYSIS["set_size"],
@@ -95,7 +95,7 @@ rule leave_one_model_out:
     # the per-model fits run on parallel threads, one per CPU (xmodal.parallel)
     threads: 2
     resources:
-        **retry_resources(8000, 60),
+        **retry_resources("gpa"),
     params:
         **named_params(
             models=VISION,

@@ -100,7 +100,7 @@ rule joint_conditions:
     conda:
         "../../envs/analysis.yaml"
     resources:
-        **retry_resources(4000, 30),
+        **retry_resources("pair"),
         **ALIGNMENT_GPU,
     params:
         **named_params(

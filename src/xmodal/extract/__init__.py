@@ -29,18 +29,13 @@ from xmodal.extract._common import (
     resolve_dtype,
 )
 from xmodal.registry import FEATURES_VERSION
+from xmodal.resources import DEFAULT_BATCH, LOADER_PREFETCH
 
 log = logging.getLogger(__name__)
 
 #: suffix of the scratch file that holds features too large for memory until they are written
 SPILL_SUFFIX = ".spill"
 
-DEFAULT_BATCH = {
-    ("vision", "cuda"): 64,
-    ("vision", "cpu"): 16,
-    ("language", "cuda"): 32,
-    ("language", "cpu"): 8,
-}
 
 __all__ = [
     "ExtractionError",
@@ -170,7 +165,7 @@ def extract_features(
                 shuffle=False,
                 num_workers=num_workers,
                 pin_memory=dev.type == "cuda",
-                prefetch_factor=4 if num_workers > 0 else None,
+                prefetch_factor=LOADER_PREFETCH if num_workers > 0 else None,
                 persistent_workers=False,
             )
 
