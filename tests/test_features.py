@@ -24,6 +24,7 @@ from xmodal.features import (
     check_against_stamp,
     check_against_weights,
     import_features,
+    made_with,
     vision_block_names,
     write_features,
 )
@@ -657,3 +658,17 @@ def test_a_supplied_vision_file_with_other_layers_than_blocks_is_warned_about(tm
         with caplog.at_level(logging.WARNING, logger="xmodal.features"):
             import_features(src, tmp_path / f"c-{names[-1]}.h5", "tiny", "vision", ids)
         assert ("its layers are named ['blocks.0', 'blocks.1', 'head']" in caplog.text) is warned
+
+
+def test_made_with_reads_how_the_model_was_loaded(tmp_path):
+    """The rerun trigger's view of a feature file (xmodal.registry.ModelEntry.settled_revision):
+    the id, the commit and the revision asked for; none for a missing or unreadable file."""
+    x, ids, names = _data()
+    attrs = {**ATTRS, "revision": "abc123", "requested_revision": ""}
+    path = write_features(tmp_path / "f.h5", x, ids, names, attrs)
+    assert made_with(path) == {"model_id": "org/tiny", "revision": "abc123",
+                               "requested_revision": ""}  # fmt: skip
+    assert made_with(write_features(tmp_path / "g.h5", x, ids, names, ATTRS))["revision"] == ""
+    assert made_with(tmp_path / "missing.h5") is None
+    (tmp_path / "junk.h5").write_bytes(b"not hdf5")
+    assert made_with(tmp_path / "junk.h5") is None

@@ -351,30 +351,30 @@ def test_a_built_model_whose_id_is_another_folder_is_refused() -> None:
 
 
 def test_a_revision_pinned_to_the_commit_it_resolved_to_changes_no_spec() -> None:
-    """config.yaml invites pinning each model's revision; pinned to the commit its download
-    resolved to, every model was downloaded and extracted again from identical weights (the
-    16 of the paper, LLaMA-65B included). With the download record the spec keeps the
-    revision asked for then; any other revision, or another model's record, changes it."""
+    """config.yaml invites pinning each model's revision; pinned to the commit its features
+    came from, every model was downloaded and extracted again from identical weights (the 16
+    of the paper, LLaMA-65B included). With the feature file's provenance the spec keeps the
+    revision asked for then; any other revision, or another model's file, changes it."""
     cfg = paper()
     entry = Registry.from_config(cfg)["llama-65b"]
     sha = "8db7eda" + "0" * 33
-    record = {"model_id": entry.id, "revision_requested": None, "revision": sha}
-    before = entry.feature_spec(record), entry.prefetch_spec(record)
+    made = {"model_id": entry.id, "requested_revision": "", "revision": sha}
+    before = entry.feature_spec(made), entry.prefetch_spec(made)
     assert before[0]["revision"] is None and before == (entry.feature_spec(), entry.prefetch_spec())
     for revision, same in ((sha, True), ("main", True), (None, True), ("1" * 40, False),
                            ("v1.0", False)):  # fmt: skip
         cfg["models"]["llama-65b"]["revision"] = revision
         pinned = Registry.from_config(cfg)["llama-65b"]
-        now = pinned.feature_spec(record), pinned.prefetch_spec(record)
+        now = pinned.feature_spec(made), pinned.prefetch_spec(made)
         assert (now == before) is same, revision
-        assert pinned.feature_spec(None)["revision"] == revision  # no record: as configured
-        other = {**record, "model_id": "huggyllama/llama-30b"}
+        assert pinned.feature_spec(None)["revision"] == revision  # no file: as configured
+        other = {**made, "model_id": "huggyllama/llama-30b"}
         assert pinned.feature_spec(other)["revision"] == revision
-    # a record of a pinned request: "main" or none are not that pin
-    pinned_record = {**record, "revision_requested": sha}
+    # features made from a pinned request: "main" or none are not that pin
+    made_pinned = {**made, "requested_revision": sha}
     for revision, settled in ((sha, sha), ("main", "main"), (None, None)):
         cfg["models"]["llama-65b"]["revision"] = revision
-        assert Registry.from_config(cfg)["llama-65b"].settled_revision(pinned_record) == settled
+        assert Registry.from_config(cfg)["llama-65b"].settled_revision(made_pinned) == settled
 
 
 def test_supplied_features_of_a_model_too_big_for_the_gpus_are_accepted(tmp_path) -> None:

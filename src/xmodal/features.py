@@ -75,6 +75,7 @@ __all__ = [
     "check_against_stamp",
     "check_against_weights",
     "import_features",
+    "made_with",
     "vision_block_names",
     "write_features",
 ]
@@ -82,6 +83,18 @@ __all__ = [
 
 class FeatureFileError(ValueError):
     """A feature file is missing, malformed, non-finite or does not match the stimuli."""
+
+
+def made_with(path: str | os.PathLike) -> dict[str, str] | None:
+    """How a feature file's model was loaded: its ``model_id``, ``revision`` (the commit the
+    weights came from) and ``requested_revision`` ("" for none); None without a readable
+    file (the extraction then makes one)."""
+    try:
+        with h5py.File(path, "r") as f:
+            attrs = {k: f.attrs.get(k) for k in ("model_id", "revision", "requested_revision")}
+    except (OSError, ValueError):
+        return None
+    return {k: v.decode() if isinstance(v, bytes) else str(v or "") for k, v in attrs.items()}
 
 
 def vision_block_names(n_blocks: int) -> list[str]:

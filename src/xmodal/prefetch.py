@@ -271,16 +271,6 @@ def _select_weights(
     return sorted(set(wanted) | set(pickles))
 
 
-def read_record(path: str | os.PathLike) -> dict[str, Any] | None:
-    """A model's download record (:func:`prefetch_model`), None when there is none or it is
-    unreadable (the download then runs again)."""
-    try:
-        record = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return record if isinstance(record, dict) else None
-
-
 def check_prefetched(record_path: str | os.PathLike, cache_dir: str | os.PathLike) -> None:
     """Check that the files a prefetch record lists are in the hub cache ``cache_dir``.
 

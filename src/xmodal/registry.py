@@ -216,34 +216,35 @@ class ModelEntry:
         """The compute dtype of this model's extraction (:func:`compute_dtype`)."""
         return compute_dtype(self.modality, self.site.dtype)
 
-    def settled_revision(self, record: Mapping[str, Any] | None = None) -> str | None:
-        """The revision as the rerun triggers spell it, given the model's download record
-        (:func:`xmodal.prefetch.prefetch_model`'s; None: none yet).
+    def settled_revision(self, made: Mapping[str, Any] | None = None) -> str | None:
+        """The revision as the rerun triggers spell it, given how this model's features on
+        disk were made (``made``: the feature file's ``model_id``, ``revision``, the commit
+        the weights came from, and ``requested_revision``, "" for none; None: no file yet).
 
-        The revision the record asked for when the configured one names the same weights: the
-        commit that request resolved to (pinning a model to the commit it was downloaded at,
-        as config.yaml invites, re-extracted it from identical weights: for the paper's 16
-        models, LLaMA-65B included) or, for ``"main"`` and none, the other (the download reads
-        both as ``main``). Otherwise the configured revision.
+        The revision asked for then when the configured one names the same weights: the
+        commit they came from (pinning a model to it, as config.yaml invites, re-extracted it
+        from identical weights: for the paper's 16 models, LLaMA-65B included) or, for
+        ``"main"`` and none, the other (the download reads both as ``main``). Otherwise the
+        configured revision. A file made again keeps the spelling, so this never flips.
         """
-        if record is None or record.get("model_id") != self.id:
+        if made is None or made.get("model_id") != self.id:
             return self.revision
-        asked = record.get("revision_requested")
-        pinned = self.revision is not None and self.revision == record.get("revision")
+        asked = made.get("requested_revision") or None
+        pinned = self.revision is not None and self.revision == made.get("revision")
         same_branch = {self.revision, asked} <= {None, "main"}
         return asked if pinned or same_branch else self.revision
 
-    def feature_spec(self, record: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    def feature_spec(self, made: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """The fields that define this model's features: the extraction's rerun trigger.
 
         Labels, sizes, batch sizes, workers, GPUs and pickle permission change no feature, so
         editing them re-extracts nothing (docs/cluster.md, "What reruns"); nor does spelling
-        the revision as the commit it resolved to (``record``: :meth:`settled_revision`).
+        the revision as the commit the features came from (``made``: :meth:`settled_revision`).
         """
         spec: dict[str, Any] = {
             "modality": self.modality,
             "id": self.id,
-            "revision": self.settled_revision(record),
+            "revision": self.settled_revision(made),
             "dtype": self.dtype,
         }
         if self.build is not None:
@@ -254,10 +255,10 @@ class ModelEntry:
             spec["features_version"] = FEATURES_VERSION[self.modality]
         return spec
 
-    def prefetch_spec(self, record: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    def prefetch_spec(self, made: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """What the download of this model depends on (repository and revision, as
-        :meth:`settled_revision` spells it)."""
-        revision = self.settled_revision(record)
+        :meth:`settled_revision` spells it: a download run again schedules the extraction)."""
+        revision = self.settled_revision(made)
         return {"modality": self.modality, "id": self.id, "revision": revision}
 
     @property

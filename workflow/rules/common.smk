@@ -35,6 +35,7 @@ from xmodal.features import (
     FeatureFileError,
     check_against_stamp,
     check_against_weights,
+    made_with,
 )
 from xmodal.figures import (
     DEFAULT_METRIC,
@@ -47,7 +48,6 @@ from xmodal.figures import (
 )
 from xmodal.language_dispersion import LanguageDispersionSettings
 from xmodal.logs import forward_to
-from xmodal.prefetch import read_record
 from xmodal.registry import Registry, built_model_dir
 from xmodal.resources import analysis_resources
 from xmodal.selection import DropControl, HeldOutLayer, SelfSelection
@@ -248,22 +248,22 @@ def vision_features(wildcards):
 
 
 @cache
-def _download_record(model):
-    """The model's download record as it stands at start-up (None: none yet)."""
-    return read_record(f"{PREFETCH_RECORDS}/{model}.json")
+def _made_with(model):
+    """How the model's features on disk were loaded (None: none yet)."""
+    return made_with(feature_file(model))
 
 
 def feature_spec(wildcards):
     """The registry fields that define a model's features (the extraction's rerun trigger):
     labels, sizes, batch sizes, workers and GPUs are not among them (docs/cluster.md); a
-    revision pinned to the commit the download resolved to is the revision asked for then.
+    revision pinned to the commit the features came from is the revision asked for then.
     """
-    return REGISTRY[wildcards.model].feature_spec(_download_record(wildcards.model))
+    return REGISTRY[wildcards.model].feature_spec(_made_with(wildcards.model))
 
 
 def prefetch_spec(wildcards):
     """What a model's download depends on: its repository and revision."""
-    return REGISTRY[wildcards.model].prefetch_spec(_download_record(wildcards.model))
+    return REGISTRY[wildcards.model].prefetch_spec(_made_with(wildcards.model))
 
 
 def model_input(wildcards):
