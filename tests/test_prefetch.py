@@ -451,3 +451,36 @@ def test_split_files_take_one_configuration_and_no_other_split() -> None:
     with pytest.raises(PrefetchError, match=r"e\.g\. 'coco/train'"):
         _split_files(folders, "train")
     assert _split_files(folders, "wit/train") == ["wit/train/b.parquet"]
+
+
+def test_an_extraction_loads_the_snapshot_its_download_record_names(tmp_path):
+    """The params spell a pinned revision as the features on disk asked for it (none, where
+    the config pins the commit they came from): loaded as none, the extraction followed the
+    cache's refs/main, which a later download into a shared cache can move to other weights.
+    It loads the record's commit; a call outside the workflow asking for another revision,
+    another model's record, a local folder or no record leave the revision as asked."""
+    from xmodal.prefetch import downloaded_revision
+
+    sha, other = "a" * 40, "b" * 40
+    records = tmp_path / "records"
+    records.mkdir()
+
+    def record(**fields):
+        base = {"model_id": "org/m", "source": "transformers", "revision_requested": None,
+                "revision": sha}  # fmt: skip
+        (records / "m.json").write_text(json.dumps({**base, **fields}))
+
+    record()
+    for asked in (None, "main", sha):
+        assert downloaded_revision("m", "org/m", asked, records) == sha, asked
+    assert downloaded_revision("m", "org/m", other, records) == other  # asked for other weights
+    assert downloaded_revision("m", "org/other", None, records) is None  # not this model's
+    assert downloaded_revision("x", "org/m", None, records) is None  # no record
+    record(revision_requested=sha)  # downloaded again under the pin; params still say none
+    assert downloaded_revision("m", "org/m", None, records) == sha
+    record(revision_requested="v1.0")
+    assert downloaded_revision("m", "org/m", "v1.0", records) == sha
+    record(source="local", revision="local")
+    assert downloaded_revision("m", "org/m", None, records) is None
+    (records / "m.json").write_text("{broken")
+    assert downloaded_revision("m", "org/m", "main", records) == "main"

@@ -271,6 +271,41 @@ def _select_weights(
     return sorted(set(wanted) | set(pickles))
 
 
+def downloaded_revision(
+    model_key: str,
+    model_id: str,
+    revision: str | None,
+    records: str | os.PathLike | None = None,
+) -> str | None:
+    """The revision an extraction loads: the commit the model's download record names (the
+    snapshot :func:`check_prefetched` checked), else ``revision``.
+
+    The workflow's params spell a revision as the features on disk asked for it
+    (:meth:`xmodal.registry.ModelEntry.settled_revision`: none, where the config now pins the
+    commit they came from); loaded as ``main`` it would follow the cache's ``refs/main``,
+    which a later download into a shared cache can move. The record is used when it is this
+    model's (same ``model_id``, from the hub) and ``revision`` is none, ``main``, or what it
+    asked for or resolved to; another ``revision`` (a call outside the workflow) is loaded as
+    given. ``records``: the folder of records (default: the workflow's, relative to the
+    working directory).
+    """
+    from xmodal.config import PREFETCH_RECORDS
+
+    path = Path(records if records is not None else PREFETCH_RECORDS) / f"{model_key}.json"
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return revision
+    if not isinstance(record, dict) or record.get("model_id") != model_id:
+        return revision
+    resolved = record.get("revision")
+    if record.get("source") == "local" or not isinstance(resolved, str):
+        return revision
+    if revision in (None, "main", record.get("revision_requested"), resolved):
+        return resolved
+    return revision
+
+
 def check_prefetched(record_path: str | os.PathLike, cache_dir: str | os.PathLike) -> None:
     """Check that the files a prefetch record lists are in the hub cache ``cache_dir``.
 

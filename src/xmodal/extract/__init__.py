@@ -134,8 +134,14 @@ def extract_features(
     # job left is removed first)
     remove_stale_temporaries(out_path, SPILL_SUFFIX)
     remove_stale_temporaries(out_path)  # a killed write's: before the free-space check counts it
+    # the snapshot the download record names, not whatever the cache's refs/main says now
+    from xmodal.prefetch import downloaded_revision
+
+    snapshot = downloaded_revision(model_key, model_id, revision)
+    if snapshot != revision:
+        log.info("%s: loading revision %s, as its download record names", model_key, snapshot)
     load = dict(
-        revision=revision, cache_dir=cache_dir, device=dev, dtype=dt, allow_pickle=allow_pickle
+        revision=snapshot, cache_dir=cache_dir, device=dev, dtype=dt, allow_pickle=allow_pickle
     )
     with scratch_path(out_path, SPILL_SUFFIX) as spill:
         if modality == "vision":
