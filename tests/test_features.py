@@ -564,15 +564,27 @@ def test_names_and_counts_of_the_wrong_shape_or_type_are_named(tmp_path, name, d
         FeatureFile(path)
 
 
-@pytest.mark.parametrize("version", ["v1", 1.7, [1], True])
+@pytest.mark.parametrize("version", ["v1", 1.7, True, [1, 1], 2, np.float64(2.0)])
 def test_a_schema_version_that_is_not_the_integer_is_refused(tmp_path, version):
-    """``int()`` read 1.7 as 1 and True as 1; "v1" or [1] gave "corrupt or truncated"."""
+    """``int()`` read 1.7 as 1 and True as 1; "v1" gave "corrupt or truncated"."""
     x, ids, names = _data()
     path = write_features(tmp_path / "f.h5", x, ids, names, ATTRS)
     with h5py.File(path, "r+") as f:
         f.attrs["schema_version"] = version
     with pytest.raises(FeatureFileError, match=r"schema_version is .*reads the integer 1"):
         FeatureFile(path)
+
+
+@pytest.mark.parametrize("version", [1, np.int32(1), 1.0, np.array([1.0]), "1", np.uint8(1)])
+def test_a_schema_version_written_as_a_double_or_array_is_read(tmp_path, version):
+    """MATLAB's h5writeatt and R's rhdf5 write numbers as doubles, often as one-element
+    arrays: 1.0 and [1.0] are the version 1."""
+    x, ids, names = _data()
+    path = write_features(tmp_path / "f.h5", x, ids, names, ATTRS)
+    with h5py.File(path, "r+") as f:
+        f.attrs["schema_version"] = version
+    with FeatureFile(path) as ff:
+        np.testing.assert_array_equal(ff.layer(0), x[0])
 
 
 def test_ids_that_differ_only_in_unicode_form_are_named_so(tmp_path):

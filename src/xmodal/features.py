@@ -467,6 +467,20 @@ def _texts(path: Path, name: str, values: np.ndarray) -> list[str]:
     return out
 
 
+def _whole_number(value: Any) -> int | None:
+    """An attribute as a whole number: an integer, a float with no fraction (MATLAB and R
+    write doubles), either as a one-element array, or decimal digits; None otherwise."""
+    if isinstance(value, np.ndarray) and value.size == 1:
+        value = value.reshape(()).item()
+    if isinstance(value, bytes):
+        value = value.decode(errors="replace")
+    if isinstance(value, str) and value.strip().isdigit():
+        return int(value)
+    if isinstance(value, bool | np.bool_) or not isinstance(value, int | float | np.number):
+        return None
+    return int(value) if float(value).is_integer() else None
+
+
 def _nfc(ids: Sequence[str]) -> set[str]:
     return {unicodedata.normalize("NFC", s) for s in ids}
 
@@ -564,8 +578,7 @@ class FeatureFile:
     def _check_structure(self) -> None:
         f, p = self._f, self.path
         version = f.attrs.get("schema_version")
-        whole = isinstance(version, int | np.integer) and not isinstance(version, bool)
-        if not (whole and version == SCHEMA_VERSION):
+        if _whole_number(version) != SCHEMA_VERSION:
             raise FeatureFileError(
                 f"{p}: feature file schema_version is {version!r}, this version of xmodal reads "
                 f"the integer {SCHEMA_VERSION}. A file written by another version of xmodal: "
