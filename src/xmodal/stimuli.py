@@ -983,10 +983,11 @@ def _decode(
                 im.draft("RGB", (max(1, w // factor), max(1, h // factor)))
             im.load()
             orientation = _exif_orientation(im)  # after load(): PNG keeps EXIF after the pixels
+            white = fmt == "TIFF" and _tiff_is_white_is_zero(im, raw, stimulus_id, path)
             twelve = im.mode == "I;16" and any(r.startswith("I;12") for r in raw)
             if twelve:  # TIFF BitsPerSample 12 comes as 0..4095: 16-bit first, then v >> 8
                 im = Image.fromarray(np.asarray(im).astype(np.uint16) << 4)
-            if fmt == "TIFF" and _tiff_is_white_is_zero(im, raw, stimulus_id, path):
+            if white:
                 rgb, what = convert_to_rgb(_white_is_zero(im), stimulus_id, path=path)
                 what = f"white-is-zero (TIFF PhotometricInterpretation 0) inverted; {what}"
             else:
