@@ -154,10 +154,12 @@ def test_unbalanced_quote_does_not_swallow_the_following_rows(tmp_path):
          r"empty caption on line\(s\) \[3\]"),
         ("s1\ta.png\tone\nstimulus_id\timage\tcaption\ns2\ta.png\ttwo\n",
          r"line 3 repeats the header \(two manifests joined\?\)"),
+        ("s1\ta.png\tone\n\ufeffstimulus_id\timage\tcaption\n",
+         r"line 3 repeats the header"),
     ],
     ids=["trailing_tab", "trailing_tab_everywhere", "tab_in_caption", "newline_in_caption",
          "empty_line_inside", "bare_cr", "spaces_line_inside", "nul_in_id", "invisible_caption",
-         "invisible_id", "marks_only_caption", "header_again"],
+         "invisible_id", "marks_only_caption", "header_again", "header_again_with_bom"],
 )  # fmt: skip
 def test_malformed_lines_are_errors_naming_the_line(tmp_path, body, match):
     path = _manifest(tmp_path, body)

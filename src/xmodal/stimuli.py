@@ -280,7 +280,7 @@ def _parse_tsv(path: Path, text: str) -> tuple[list[str], list[list[str]], list[
             empty.append(k)
             continue
         fields = line.split("\t")
-        if fields == header:
+        if [fields[0].lstrip("\ufeff"), *fields[1:]] == header:  # a BOM the join kept too
             raise StimulusError(
                 f"{path}: line {k} repeats the header (two manifests joined?): the header is line "
                 "1 only; remove it"
