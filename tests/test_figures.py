@@ -538,3 +538,7 @@ def test_pc1_figures_say_when_pc1_does_not_follow_the_mean_dispersion(figs, inpu
         1
     ].get_title(loc="right").replace("\n", " ")
     assert "hardly follows" not in render_figure("sets_rank", unoriented).get_suptitle()
+    contrasts = render_figure("contrasts", unoriented)
+    titles = [ax.get_title(loc="left") for ax in contrasts.axes]
+    assert sum("low and high may be swapped" in t for t in titles) == 1, titles  # PC1's panel
+    assert "hardly follows" not in all_text(figs["contrasts"])

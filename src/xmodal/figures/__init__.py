@@ -171,9 +171,9 @@ FIGURES: dict[str, FigureSpec] = {
         _spec(
             "contrasts",
             "Low − high difference per pair with bootstrap 95% CI; fraction of random ≥ low",
-            ("contrasts", "summary", "models", "self_selection"),
+            ("contrasts", "summary", "models", "self_selection", "dispersion"),
             "alignment.draw_contrasts",
-            ("models", "summary", "self_selection"),
+            ("models", "summary", "self_selection", "dispersion"),
             per_metric=True,
         ),
         _spec(

@@ -675,7 +675,9 @@ def draw_contrasts(data: FigureData) -> Figure:
             else f"Δ {label}, low − high (no bootstrap interval)"
         )
         title = f"{panel_letter(i)}   Low − high, {SUMMARY_LABELS.get(s, s)}"
-        ax.set_title(title + _summary_line(stats, s), loc="left")
+        caveat = pc1_caveat(data.get("dispersion")) if s == "pc1" else None  # method.md
+        ax.set_title(title + _summary_line(stats, s) + (f"\n{caveat}" if caveat else ""),
+                     loc="left")  # fmt: skip
         axf.axvline(0.05, color="black", lw=0.7, ls="--")
         axf.set_xlim(0, 1)
         axf.set_xlabel("Fraction of random\ndraws ≥ low")
