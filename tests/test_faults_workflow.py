@@ -278,8 +278,13 @@ def test_unconfigured_model_key_matches_no_rule(finished: Path) -> None:
 def test_analysis_memory_grows_with_each_retry() -> None:
     """A job killed for exceeding its memory is resubmitted (profile `retries`) with more."""
     root = Path(__file__).resolve().parents[1]
+    from xmodal.resources import ANALYSIS_KINDS, analysis_resources
+
     rules = "".join(p.read_text() for p in (root / "workflow/rules").glob("*.smk"))
-    assert "mem_mb * attempt" in rules and "runtime * attempt" in rules
+    assert "analysis_resources(kind, attempt)" in rules  # retry_resources, in common.smk
+    for kind in ANALYSIS_KINDS:
+        first, third = analysis_resources(kind, 1), analysis_resources(kind, 3)
+        assert third["mem_mb"] == 3 * first["mem_mb"] and third["runtime"] == 3 * first["runtime"]
     for rule in ("gpa", "leave_one_model_out", "stimulus_sets", "layer_search",
                  "vision_bootstrap", "conditions"):  # fmt: skip
         body = rules.split(f"\nrule {rule}:\n")[1].split("\nrule ")[0]
