@@ -89,12 +89,8 @@ def made_with(path: str | os.PathLike) -> dict[str, str] | None:
     """How a feature file's model was loaded: its ``model_id``, ``revision`` (the commit the
     weights came from) and ``requested_revision`` ("" for none); None without a readable
     file (the extraction then makes one)."""
-    try:
-        with h5py.File(path, "r") as f:
-            attrs = {k: f.attrs.get(k) for k in ("model_id", "revision", "requested_revision")}
-    except (OSError, ValueError):
-        return None
-    return {k: v.decode() if isinstance(v, bytes) else str(v or "") for k, v in attrs.items()}
+    got = _stored_texts(path, ("model_id", "revision", "requested_revision"))
+    return None if got is None else {k: v or "" for k, v in got.items()}
 
 
 def vision_block_names(n_blocks: int) -> list[str]:
@@ -275,17 +271,24 @@ def write_features(
     return path
 
 
-def _stored_text(path: str | os.PathLike, name: str) -> str | None:
-    """A feature file's text attribute ``name``; None if absent, or if the file is missing or
-    unreadable (the steps that read it name it)."""
+def _stored_texts(path: str | os.PathLike, names: Iterable[str]) -> dict[str, str | None] | None:
+    """A feature file's text attributes ``names`` (None where absent); None if the file is
+    missing or unreadable (the steps that read it name it)."""
     try:
         with h5py.File(path, "r") as f:
-            value = f.attrs.get(name)
-    except OSError:
+            values = {name: f.attrs.get(name) for name in names}
+    except (OSError, ValueError):
         return None
-    if value is None:
-        return None
-    return value.decode() if isinstance(value, bytes) else str(value)
+    return {
+        name: None if v is None else v.decode() if isinstance(v, bytes) else str(v)
+        for name, v in values.items()
+    }
+
+
+def _stored_text(path: str | os.PathLike, name: str) -> str | None:
+    """A feature file's text attribute ``name``; None if absent, or if the file is missing or
+    unreadable."""
+    return (_stored_texts(path, (name,)) or {}).get(name)
 
 
 #: How to replace a stale feature file. Deleted alone it is not made again: Snakemake does not
