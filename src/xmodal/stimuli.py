@@ -368,7 +368,7 @@ _MOJIBAKE = re.compile("Ã[\u0080-\u00bf]|â€|Â[\u00a0-\u00bf]")
 
 def _check_stimuli(where: str, ids: list[str], captions: list[str], lines: list[int]) -> None:
     """Ids unique, visible and without NUL; captions visible and not CSV-quoted; errors name
-    ``where``, lines and ids."""
+    ``where``, lines and ids. Garbled or quote-wrapped captions are warned about by line."""
     empty_id = [k for k, s in enumerate(ids) if is_blank(s)]
     if empty_id:
         raise StimulusError(
@@ -406,20 +406,6 @@ def _check_stimuli(where: str, ids: list[str], captions: list[str], lines: list[
             f"(only spaces or invisible characters; stimulus ids "
             f"{preview([ids[k] for k in empty_cap])})"
         )
-    for flagged, what in (
-        ([k for k, c in enumerate(captions) if _MOJIBAKE.search(c)],
-         "hold UTF-8 text decoded as Windows-1252 and saved again ('cafÃ©' for 'café', 'â€œ' "
-         "for a curly quote): re-save the manifest from the original as UTF-8"),
-        ([k for k, c in enumerate(captions) if _wrapped_in_quotes(c) and not is_csv_quoted(c)],
-         "are wrapped in double quotes, which reach the language models as written (a "
-         "spreadsheet's export quotes fields that hold a comma): remove them unless meant"),
-    ):  # fmt: skip
-        if flagged:
-            log.warning(
-                "%s: the captions of %d stimuli %s; lines %s, e.g. stimulus %r: %r",
-                where, len(flagged), what, [lines[k] for k in flagged][:10], ids[flagged[0]],
-                _short(captions[flagged[0]], 60),
-            )  # fmt: skip
     quoted = [k for k, c in enumerate(captions) if is_csv_quoted(c)]
     if quoted:
         k = quoted[0]
@@ -430,6 +416,21 @@ def _check_stimuli(where: str, ids: list[str], captions: list[str], lines: list[
             "Read as written, the quotes would reach the language models: "
             f"{_NO_QUOTING}, or unquote those fields"
         )
+    # read as written, with a warning (CSV-quoted captions are refused above)
+    for flagged, what in (
+        ([k for k, c in enumerate(captions) if _MOJIBAKE.search(c)],
+         "hold UTF-8 text decoded as Windows-1252 and saved again ('cafÃ©' for 'café', 'â€œ' "
+         "for a curly quote): re-save the manifest from the original as UTF-8"),
+        ([k for k, c in enumerate(captions) if _wrapped_in_quotes(c)],
+         "are wrapped in double quotes, which reach the language models as written (a "
+         "spreadsheet's export quotes fields that hold a comma): remove them unless meant"),
+    ):  # fmt: skip
+        if flagged:
+            log.warning(
+                "%s: the captions of %d stimuli %s; lines %s, e.g. stimulus %r: %r",
+                where, len(flagged), what, [lines[k] for k in flagged][:10], ids[flagged[0]],
+                _short(captions[flagged[0]], 60),
+            )  # fmt: skip
 
 
 def _field_text(value: Any, where: str) -> str:
