@@ -321,11 +321,12 @@ def check_against_stamp(paths: Iterable[str | os.PathLike], stamp: str | os.Path
                 continue  # the workflow re-extracts it
         except OSError:
             continue  # missing: the workflow extracts it
-        if _stored_text(path, "modality") not in (None, record.get("modality")):
+        stored = _stored_texts(path, ("modality", STIMULI_DIGEST)) or {}  # one open a file
+        if stored.get("modality") not in (None, record.get("modality")):
             # the config changed the model's modality: that is a changed param, and the workflow
             # re-extracts it (its readers refuse a file of the other modality)
             continue
-        got = _stored_text(path, STIMULI_DIGEST)
+        got = stored.get(STIMULI_DIGEST)
         if got is not None and got != want:
             raise FeatureFileError(
                 f"{path} holds features of other stimuli than the manifest now lists: it was "
