@@ -104,8 +104,10 @@ def test_leave_one_model_out_planted():
         "n",
         "converged",
         "n_iter",
+        "pc1_oriented",
     ]
     assert models["converged"].all() and (models["n_iter"] > 0).all()
+    assert models["pc1_oriented"].all()
     assert (models["pearson_r"] > 0.5).all() and (models["spearman_rho"] > 0.5).all()
     assert (models["pearson_p"] < 1e-6).all() and (models["n"] == m).all()
     assert len(stimuli) == 4 * m
@@ -246,3 +248,34 @@ def test_pc1_orientation_says_when_pc1_is_a_contrast_between_models():
     flat = pd.DataFrame({"pc1_score": np.zeros(m), "mean_dispersion": a})
     corr, oriented = pc1_orientation(flat)
     assert np.isnan(corr) and not oriented
+
+
+def test_leave_one_model_out_checks_each_fits_pc1_orientation(monkeypatch, caplog):
+    """The PC1 sets chosen without a vision model (analysis.self_selection) use that fit's PC1
+    score, whose sign is noise where it does not follow the fit's mean dispersion: loo.tsv's
+    pc1_oriented is pc1_orientation of loo_stimuli's columns, and an unoriented fit is warned
+    about by name."""
+    import xmodal.dispersion as xdispersion
+
+    rng = np.random.default_rng(0)
+    m = 120
+    reps, _ = planted_reps(rng, m, 24, (24, 28, 32, 32), max_noise=0.4)
+    models, stimuli = leave_one_model_out(reps, names=list("abcd"))
+    for name, rows in stimuli.groupby("held_out"):
+        r = np.corrcoef(rows["partial_pc1"], rows["partial_dispersion"])[0, 1]
+        want = abs(r) >= 2 / np.sqrt(m)
+        assert models.set_index("held_out").at[name, "pc1_oriented"] == want
+    real, calls = xdispersion._orientation, []
+
+    def second_unoriented(score, mean):  # the fits are checked in name order: 'b' second
+        calls.append(1)
+        return (0.01, False) if len(calls) == 2 else real(score, mean)
+
+    monkeypatch.setattr(xdispersion, "_orientation", second_unoriented)
+    with caplog.at_level("WARNING", logger="xmodal.dispersion"):
+        models, _ = leave_one_model_out(reps, names=list("abcd"))
+    assert models.set_index("held_out")["pc1_oriented"].to_dict() == {
+        "a": True, "b": False, "c": True, "d": True
+    }  # fmt: skip
+    assert "without 'b', PC1 of the other models' dispersion hardly follows" in caplog.text
+    assert "without 'a'" not in caplog.text

@@ -538,7 +538,31 @@ def test_pc1_figures_say_when_pc1_does_not_follow_the_mean_dispersion(figs, inpu
         1
     ].get_title(loc="right").replace("\n", " ")
     assert "hardly follows" not in render_figure("sets_rank", unoriented).get_suptitle()
-    contrasts = render_figure("contrasts", unoriented)
-    titles = [ax.get_title(loc="left") for ax in contrasts.axes]
-    assert sum("low and high may be swapped" in t for t in titles) == 1, titles  # PC1's panel
-    assert "hardly follows" not in all_text(figs["contrasts"])
+    for name in ("contrasts", "grid_heatmap", "heldout_layer"):  # one PC1 panel each
+        titles = [ax.get_title(loc="left") for ax in render_figure(name, unoriented).axes]
+        flagged = [t for t in titles if "low and high may be swapped" in t]
+        assert len(flagged) == 1 and "PC1" in flagged[0].split("\n")[0], (name, titles)
+        assert "hardly follows" not in all_text(figs[name]), name
+    # the drop figure says it only when its sets were ranked by PC1
+    assert "hardly follows" not in render_figure("drop25", unoriented).get_suptitle()
+    grid = table(inputs, "grid")
+    drop = grid["condition"].isin(["drop_high", "drop_low"])
+    grid.loc[drop, "summary"] = "pc1"  # a grid of PC1 drop sets only
+    grid.to_csv(tmp_path / "grid.tsv", sep="\t", index=False)
+    pc1_drop = render_figure("drop25", {**unoriented, "grid": tmp_path / "grid.tsv"})
+    assert "PC1 score of dispersion" in pc1_drop.get_suptitle()
+    assert "low and high may be swapped" in pc1_drop.get_suptitle()
+    # the language-side figure: both sides' PC1, in the PC1 panels (B, D) only
+    lang = render_figure("language_dispersion", unoriented)
+    titles = [ax.get_title(loc="left") for ax in lang.axes]
+    assert [t[0] for t in titles if "Vision PC1 hardly follows" in t] == ["B", "D"], titles
+    assert "hardly follows" not in all_text(figs["language_dispersion"])
+    lang_disp = table(inputs, "language_dispersion")
+    lang_disp["pc1_score"] = lang_disp["pc1_score"].sample(frac=1, random_state=0).to_numpy()
+    lang_disp.to_csv(tmp_path / "language.tsv", sep="\t", index=False)
+    lang = render_figure(
+        "language_dispersion", {**inputs, "language_dispersion": tmp_path / "language.tsv"}
+    )
+    titles = [ax.get_title(loc="left") for ax in lang.axes]
+    flagged = [t for t in titles if "Language PC1 hardly follows the language mean" in t]
+    assert [t[0] for t in flagged] == ["B", "D"], titles

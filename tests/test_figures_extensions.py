@@ -168,3 +168,20 @@ def test_language_dispersion_random_band_is_labelled_as_an_average_of_intervals(
             ys = np.asarray(band.get_xy())[:, 1]
         lo, hi = sub["random_ci_low"].mean(), sub["random_ci_high"].mean()
         assert (ys.min(), ys.max()) == (pytest.approx(lo), pytest.approx(hi))
+
+
+def test_no_interval_is_announced_without_resamples(inputs, tmp_path):
+    """With analysis.n_boot: 0 the correlations have no interval (NaN ends), and the figures
+    said "(95% bootstrap CI)" all the same."""
+    scatter_ax = render_figure("language_dispersion", inputs).axes[0]
+    forest_ax = render_figure("properties", inputs).axes[0]
+    assert "(95% bootstrap CI)" in _texts(scatter_ax)[0]
+    assert "(95% bootstrap CI)" in forest_ax.get_xlabel()
+    paths = dict(inputs)
+    for name in ("language_correlation", "property_correlations"):
+        t = read_table(inputs[name]).assign(ci_low=np.nan, ci_high=np.nan, n_boot=0)
+        write_table(t, tmp_path / f"{name}.tsv")
+        paths[name] = tmp_path / f"{name}.tsv"
+    text = _texts(render_figure("language_dispersion", paths).axes[0])[0]
+    assert "Spearman ρ = " in text and "CI" not in text and "[" not in text
+    assert "CI" not in render_figure("properties", paths).axes[0].get_xlabel()

@@ -381,3 +381,41 @@ def test_reason_names_both_constant_variables():
     )
     out = property_correlations(props, _dispersion(list("abcd"), [1, 1, 1, 1], [0, 0, 0, 0]), 10, 0)
     assert set(out["reason"]) == {"constant property and dispersion"}
+
+
+@pytest.mark.parametrize("method", ["spearman", "pearson"])
+def test_few_stimuli_get_the_exact_permutation_p_value(method):
+    """scipy's approximation gave p = 0 for ρ = 1 on 3 stimuli (every pairing is one of 3! =
+    6, two of which reach |ρ| = 1: p = 1/3), and 6.7e-5 against 6.0e-4 on 8 tied values. Up
+    to EXACT_P_MAX_N stimuli the p-value is counted over all n! pairings, brute force here."""
+    import itertools
+
+    from xmodal.correlate import EXACT_P_MAX_N, correlation_ci
+
+    def coefficient(a, b):
+        if method == "spearman":
+            a, b = scipy.stats.rankdata(a), scipy.stats.rankdata(b)
+        return np.corrcoef(a, b)[0, 1]
+
+    out = correlation_ci([1.0, 2.0, 3.0], [1.0, 5.0, 9.0], method=method, n_boot=0)
+    assert out["estimate"] == pytest.approx(1.0) and out["p_value"] == pytest.approx(1 / 3)
+    rng = np.random.default_rng(3)
+    for n in (4, 6, EXACT_P_MAX_N):
+        x = rng.integers(0, 4, n).astype(float)  # ties
+        y = x + rng.integers(0, 3, n)
+        r = coefficient(x, y)
+        ys = y[np.array(list(itertools.permutations(range(n))))]  # every pairing, one per row
+        xr = x
+        if method == "spearman":
+            xr, ys = scipy.stats.rankdata(x), scipy.stats.rankdata(ys, axis=1)
+        xc, yc = xr - xr.mean(), ys - ys.mean(axis=1, keepdims=True)
+        perms = yc @ xc / np.sqrt((xc @ xc) * np.einsum("ij,ij->i", yc, yc))
+        # two-sided as scipy's permutation tests: twice the smaller one-sided p
+        tol = 1e-12 * abs(r)
+        want = min(1.0, 2 * min(np.mean(perms <= r + tol), np.mean(perms >= r - tol)))
+        got = correlation_ci(x, y, method=method, n_boot=0)
+        assert got["p_value"] == pytest.approx(want, rel=1e-9), n
+    x = rng.standard_normal(EXACT_P_MAX_N + 1)
+    y = x + rng.standard_normal(x.size)  # above: scipy's own p-value, as before
+    ref = scipy.stats.spearmanr(x, y) if method == "spearman" else scipy.stats.pearsonr(x, y)
+    assert correlation_ci(x, y, method=method, n_boot=0)["p_value"] == ref.pvalue

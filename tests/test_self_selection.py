@@ -60,6 +60,23 @@ def test_others_sets_refuse_a_table_of_other_stimuli():
         others_sets(ids, loo.iloc[1:], 3)
 
 
+def test_others_sets_name_a_score_that_is_not_a_number():
+    """A NaN in loo_stimuli.tsv (a table edited or written by other code) said only "scores
+    contain non-finite values": now the column, the held-out model and the stimuli."""
+    ids = [f"s{j}" for j in range(10)]
+    pc1 = {"a": np.arange(10.0), "b": np.r_[np.arange(8.0), np.nan, np.inf]}
+    loo = _loo(ids, {"a": np.arange(10.0), "b": np.arange(10.0)}, np.random.default_rng(0), pc1)
+    with pytest.raises(ValueError) as err:
+        others_sets(ids, loo, 3)
+    assert str(err.value) == (
+        "partial_pc1 without 'b' (leave-one-model-out table) is not a finite number for 2 "
+        "stimuli: 's8', 's9'"
+    )
+    with pytest.raises(ValueError, match="the mean dispersion is not a finite number for 1 "
+                       "stimuli: 's3'"):  # fmt: skip
+        make_sets(ids, np.r_[np.arange(3.0), np.nan, np.arange(6.0)], np.arange(10.0), 3)
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """Three vision models and one LLM sharing a latent structure, stimulus sets from a

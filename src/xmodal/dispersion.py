@@ -75,8 +75,13 @@ def pc1_orientation(table: pd.DataFrame) -> tuple[float, bool]:
     about 1/√m): a change in the last digits of one residual swapped the PC1 low and high sets,
     with no message. NaN and False for a constant score or fewer than 3 stimuli.
     """
-    score = table["pc1_score"].to_numpy(float)
-    mean = table["mean_dispersion"].to_numpy(float)
+    return _orientation(
+        table["pc1_score"].to_numpy(float), table["mean_dispersion"].to_numpy(float)
+    )
+
+
+def _orientation(score: np.ndarray, mean: np.ndarray) -> tuple[float, bool]:
+    """:func:`pc1_orientation` of a PC1 score and a mean dispersion over the same stimuli."""
     m = score.size
     if m < 3 or np.ptp(score) == 0 or np.ptp(mean) == 0:
         return float("nan"), False
@@ -146,7 +151,8 @@ def leave_one_model_out(
 ) -> LOOResult:
     """For each k: GPA on the others → C₋ₖ, p = mean residual; dev_kj = ‖(N_k T_k)_j − C₋ₖ,j‖₂; correlate p, dev.
 
-    ``models``: held_out, pearson_r, pearson_p, spearman_rho, spearman_p, n, converged, n_iter.
+    ``models``: held_out, pearson_r, pearson_p, spearman_rho, spearman_p, n, converged, n_iter,
+    pc1_oriented (:func:`pc1_orientation` of the fit's PC1 score with its mean dispersion).
     ``stimuli`` (long): held_out, stimulus_index, stimulus_id, partial_dispersion, partial_pc1
     (the PC1 score of the fit's residuals, as :func:`pc1_dispersion`), deviation.
     The M fits run on ``n_jobs`` threads (default: one per core, at most M), single-threaded BLAS,
@@ -201,6 +207,8 @@ def leave_one_model_out(
     for k, (fit, deviation) in enumerate(results):
         fits[names[k]] = fit
         partial = fit.residuals.mean(axis=1)
+        partial_pc1 = pc1_dispersion(fit.residuals)[0]
+        pc1_r, oriented = _orientation(partial_pc1, partial)
         pr = scipy.stats.pearsonr(partial, deviation)
         sr = scipy.stats.spearmanr(partial, deviation)
         rows.append(
@@ -213,6 +221,7 @@ def leave_one_model_out(
                 "n": m,
                 "converged": bool(fit.converged),
                 "n_iter": int(fit.n_iter),
+                "pc1_oriented": oriented,
             }
         )
         if not fit.converged:  # DESIGN 2.1: warn and record; name the fit it concerns
@@ -222,6 +231,18 @@ def leave_one_model_out(
                 names[k],
                 fit.n_iter,
             )
+        if not oriented:  # docs/method.md, "Dispersion"
+            log.warning(
+                "leave-one-model-out: without %r, PC1 of the other models' dispersion hardly "
+                "follows their mean dispersion (Pearson r %.3g, within ±2/√m = ±%.3g of 0): "
+                "its sign is noise, and the PC1 sets chosen without %r (analysis."
+                "self_selection, rows 'pc1') may have low and high swapped; its row in the "
+                "table has pc1_oriented = False",
+                names[k],
+                pc1_r,
+                2 / np.sqrt(m),
+                names[k],
+            )
         long.append(
             pd.DataFrame(
                 {
@@ -229,7 +250,7 @@ def leave_one_model_out(
                     "stimulus_index": np.arange(m, dtype=np.int64),
                     "stimulus_id": ids,
                     "partial_dispersion": partial,
-                    "partial_pc1": pc1_dispersion(fit.residuals)[0],
+                    "partial_pc1": partial_pc1,
                     "deviation": deviation,
                 }
             )

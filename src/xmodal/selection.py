@@ -46,12 +46,20 @@ RANDOM_SETS = ("random", "random_drop")
 SEED_STREAMS = {"random_drop": 11, "splits": 12, "heldout_random": 13}
 
 
-def _scores(scores: np.ndarray) -> np.ndarray:
+def _scores(scores: np.ndarray, what: str = "scores", ids: np.ndarray | None = None) -> np.ndarray:
+    """``scores`` as a finite 1-D float array; else an error naming ``what`` and, given the
+    stimuli's ``ids``, the first stimuli whose score is not a number."""
     s = np.asarray(scores, dtype=np.float64)
     if s.ndim != 1 or s.size == 0:
-        raise ValueError(f"scores must be a non-empty 1-D array, got shape {s.shape}")
-    if not np.all(np.isfinite(s)):
-        raise ValueError("scores contain non-finite values")
+        raise ValueError(f"{what} must be a non-empty 1-D array, got shape {s.shape}")
+    bad = np.flatnonzero(~np.isfinite(s))
+    if bad.size:
+        named = (
+            f": {', '.join(repr(str(i)) for i in ids[bad[:5]])}{', …' if bad.size > 5 else ''}"
+            if ids is not None and ids.size == s.size
+            else ""
+        )
+        raise ValueError(f"{what} is not a finite number for {bad.size} stimuli{named}")
     return s
 
 
@@ -118,7 +126,8 @@ def _ids_and_scores(
     m = ids.size
     if len(set(ids.tolist())) != m:
         raise ValueError("stimulus_ids must be unique")
-    mean_s, pc1_s = _scores(mean_scores), _scores(pc1_scores)
+    mean_s = _scores(mean_scores, "the mean dispersion", ids)
+    pc1_s = _scores(pc1_scores, "the PC1 score of dispersion", ids)
     if mean_s.size != m or pc1_s.size != m:
         raise ValueError(f"{m} stimulus ids but {mean_s.size} mean and {pc1_s.size} pc1 scores")
     return ids, mean_s, pc1_s
@@ -203,7 +212,11 @@ def others_sets(
         for summary, column in SELF_SELECTION_SCORES.items():
             if column not in g.columns:
                 continue
-            scores = g.loc[ids, column].to_numpy(np.float64)
+            scores = _scores(
+                g.loc[ids, column].to_numpy(np.float64),
+                f"{column} without {model!r} (leave-one-model-out table)",
+                ids,
+            )
             for name, pos in (
                 ("low", low_set(scores, set_size)),
                 ("high", high_set(scores, set_size)),

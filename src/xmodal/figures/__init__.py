@@ -128,9 +128,9 @@ FIGURES: dict[str, FigureSpec] = {
             "drop25",
             "Supp. Fig. 1: dropping the most / least dispersed 25%, against random sets of "
             "the same size",
-            ("grid", "drop_summary", "models"),
+            ("grid", "drop_summary", "models", "dispersion"),
             "alignment.draw_drop25",
-            ("models", "drop_summary"),
+            ("models", "drop_summary", "dispersion"),
             per_metric=True,
         ),
         _spec(
@@ -143,9 +143,9 @@ FIGURES: dict[str, FigureSpec] = {
         _spec(
             "grid_heatmap",
             "Full-set alignment grid and low − high difference grids",
-            ("grid", "contrasts", "models"),
+            ("grid", "contrasts", "models", "dispersion"),
             "alignment.draw_grid_heatmap",
-            ("models", "contrasts"),
+            ("models", "contrasts", "dispersion"),
             per_metric=True,
         ),
         _spec(
@@ -179,9 +179,9 @@ FIGURES: dict[str, FigureSpec] = {
         _spec(
             "heldout_layer",
             "Layer choice without selection bias: the low − high contrast inside held-out halves",
-            ("heldout", "heldout_summary", "models"),
+            ("heldout", "heldout_summary", "models", "dispersion"),
             "alignment.draw_heldout",
-            ("models", "heldout_summary"),
+            ("models", "heldout_summary", "dispersion"),
             per_metric=True,
         ),
         _spec(

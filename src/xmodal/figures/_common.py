@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import textwrap
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +53,8 @@ SUMMARY_LABELS: dict[str, str] = {
     "mean": "rank of mean dispersion",
     "pc1": "PC1 of dispersion",
 }
+# what a summary's scores are, for axis labels and titles
+SUMMARY_TITLES: dict[str, str] = {"mean": "mean dispersion", "pc1": "PC1 score of dispersion"}
 
 # Marks of the values the data do not decide (docs/method.md, "Stability"): hatched bars, a
 # dagger in heatmap cells, open markers on lines and forest plots. Values that are not numbers
@@ -296,9 +299,10 @@ def read_tsv(path: str | Path, name: str = "") -> pd.DataFrame:
     return read_table(path)
 
 
-def pc1_caveat(dispersion: pd.DataFrame | None) -> str | None:
+def pc1_caveat(dispersion: pd.DataFrame | None, side: str = "") -> str | None:
     """A warning for figures of PC1 sets when PC1 does not follow the mean dispersion
-    (:func:`xmodal.dispersion.pc1_orientation`): its sign, and so which set is low, is noise."""
+    (:func:`xmodal.dispersion.pc1_orientation`): its sign, and so which set is low, is noise.
+    ``side`` ("language", "vision") names whose dispersion it is."""
     from xmodal.dispersion import pc1_orientation
 
     if dispersion is None:
@@ -306,7 +310,21 @@ def pc1_caveat(dispersion: pd.DataFrame | None) -> str | None:
     r, oriented = pc1_orientation(dispersion)
     if oriented:
         return None
-    return f"PC1 hardly follows the mean dispersion (r = {r:.3f}): low and high may be swapped"
+    whose = f"{side} " if side else ""
+    return (
+        f"{whose.capitalize()}PC1 hardly follows the {whose}mean dispersion (r = {r:.3f}): "
+        "low and high may be swapped"
+    )
+
+
+def pc1_title_note(data: FigureData, summary: str, width: int | None = None) -> str:
+    """The :func:`pc1_caveat` as a title's next lines (wrapped at ``width`` characters), for a
+    panel or figure of sets chosen by ``summary`` (empty unless it is ``pc1`` and PC1 does not
+    follow the mean dispersion)."""
+    caveat = pc1_caveat(data.get("dispersion")) if summary == "pc1" else None
+    if not caveat:
+        return ""
+    return "\n" + (textwrap.fill(caveat, width) if width else caveat)
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ from ._common import (
     DAGGER,
     LLM_AXIS_LABEL,
     SUMMARY_LABELS,
+    SUMMARY_TITLES,
     UNDEFINED_NOTE,
     UNDEFINED_TEXT,
     UNSTABLE_HATCH,
@@ -40,7 +41,7 @@ from ._common import (
     new_figure,
     panel_grid,
     panel_letter,
-    pc1_caveat,
+    pc1_title_note,
 )
 from ._names import metric_label
 
@@ -258,11 +259,10 @@ def _sets_figure(data: FigureData, summary: str, first_letter: str) -> Figure:
         *_flag_handles(n_unstable, n_undefined, "bar"),
     ]
     fig.legend(handles=handles, loc="outside lower center", ncols=3)
-    caveat = pc1_caveat(data.get("dispersion")) if summary == "pc1" else None
     fig.suptitle(
         "Stimulus-specific dispersion modulates vision–language alignment\n"
         f"({metric_label(data.metric)}; sets selected by {SUMMARY_LABELS[summary]})"
-        + (f"\n{caveat}" if caveat else "")
+        + pc1_title_note(data, summary)
     )
     return fig
 
@@ -332,23 +332,27 @@ def draw_drop25(data: FigureData) -> Figure:
         if "random_drop" in conds
         else "\n(no size-matched random sets: analysis.drop_control off)"
     )
+    ranking = _drop_ranking(rows)
     fig.suptitle(
-        f"Dropping the stimuli of highest vs lowest {_drop_ranking(rows)} "
-        f"({metric_label(data.metric)})" + _drop_line(data) + note
+        f"Dropping the stimuli of highest vs lowest {SUMMARY_TITLES[ranking]} "
+        f"({metric_label(data.metric)})"
+        + _drop_line(data)
+        + note
+        + pc1_title_note(data, ranking)  # method.md, "Dispersion"
     )
     return fig
 
 
 def _drop_ranking(rows: dict[str, pd.DataFrame]) -> str:
-    """What the drop sets drawn were ranked by: 'mean dispersion' (the rows :func:`condition_rows`
-    prefers), 'PC1 score of dispersion' when only those rows exist."""
+    """The summary the drop sets drawn were ranked by: ``mean`` (the rows
+    :func:`condition_rows` prefers), ``pc1`` when only those rows exist."""
     drawn = {
         str(x)
         for c in ("drop_high", "drop_low")
         if "summary" in rows[c].columns
         for x in rows[c]["summary"]
     }
-    return "PC1 score of dispersion" if drawn == {"pc1"} else "mean dispersion"
+    return "pc1" if drawn == {"pc1"} else "mean"
 
 
 # --------------------------------------------------------------------------- grid heatmaps
@@ -463,7 +467,9 @@ def draw_grid_heatmap(data: FigureData) -> Figure:
             vmin=-vmax, vmax=vmax, cbar_kws={"label": f"Δ {label} (low − high)"},
         )  # fmt: skip
         axes[i].set_title(
-            f"{panel_letter(i)}   Low − high dispersion, {SUMMARY_LABELS[s]}", loc="left"
+            f"{panel_letter(i)}   Low − high dispersion, {SUMMARY_LABELS[s]}"
+            + pc1_title_note(data, s, 52),  # method.md, "Dispersion"
+            loc="left",
         )
     handles = []
     if any_sig:
@@ -675,9 +681,9 @@ def draw_contrasts(data: FigureData) -> Figure:
             else f"Δ {label}, low − high (no bootstrap interval)"
         )
         title = f"{panel_letter(i)}   Low − high, {SUMMARY_LABELS.get(s, s)}"
-        caveat = pc1_caveat(data.get("dispersion")) if s == "pc1" else None  # method.md
-        ax.set_title(title + _summary_line(stats, s) + (f"\n{caveat}" if caveat else ""),
-                     loc="left")  # fmt: skip
+        ax.set_title(
+            title + _summary_line(stats, s) + pc1_title_note(data, s), loc="left"
+        )  # method.md, "Dispersion"
         axf.axvline(0.05, color="black", lw=0.7, ls="--")
         axf.set_xlim(0, 1)
         axf.set_xlabel("Fraction of random\ndraws ≥ low")
@@ -863,7 +869,9 @@ def draw_heldout(data: FigureData) -> Figure:
         ax.axvline(0, color="black", lw=0.7)
         ax.set_xlabel(f"Δ {label}, low − high inside half B\n(mean and 95% interval over splits)")
         title = f"{panel_letter(i)}   Low − high, {SUMMARY_LABELS.get(s, s)}"
-        ax.set_title(title + _heldout_line(stats, s), loc="left")
+        ax.set_title(
+            title + _heldout_line(stats, s) + pc1_title_note(data, s, 60), loc="left"
+        )  # method.md, "Dispersion"
         for a, xlabel in (
             (axf, "Splits with\nlow > high"),
             (axs, "Splits: half-A layer\n= full-set layer"),

@@ -20,17 +20,23 @@ from xmodal.summary import mean_stability, unstable
 from ._common import (
     ALIGNMENT_LABEL,
     COLORS,
+    SUMMARY_TITLES,
     UNSTABLE_NOTE,
     FigureData,
     Models,
     new_figure,
     panel_grid,
+    pc1_caveat,
 )
 from .alignment import _flag_handles, _hatch
 
 #: Property labels, in display order (one place: xmodal.properties).
 PROPERTY_LABELS = PROPERTIES
-SUMMARY_TITLES = {"mean": "mean dispersion", "pc1": "PC1 score of dispersion"}
+
+
+def _has_ci(row: pd.Series | None) -> bool:
+    """Whether a correlation row has a bootstrap interval (none with ``analysis.n_boot: 0``)."""
+    return row is not None and bool(np.isfinite(row["ci_low"]) and np.isfinite(row["ci_high"]))
 
 
 def _fmt_ci(row: pd.Series | None, estimate: str = "estimate") -> str:
@@ -38,7 +44,7 @@ def _fmt_ci(row: pd.Series | None, estimate: str = "estimate") -> str:
         reason = "" if row is None else str(row.get("reason", "") or "")
         return f"n/a ({reason})" if reason else "n/a"
     text = f"{row[estimate]:.2f}"
-    if np.isfinite(row["ci_low"]) and np.isfinite(row["ci_high"]):
+    if _has_ci(row):
         text += f" [{row['ci_low']:.2f}, {row['ci_high']:.2f}]"
     return text
 
@@ -71,9 +77,10 @@ def _scatter_panel(
     ax.set_ylabel(f"Language {SUMMARY_TITLES[summary]}")
     sp, pe = _corr_row(corr, summary, "spearman"), _corr_row(corr, summary, "pearson")
     n = int(sp["n"]) if sp is not None else len(x)
+    ci = " (95% bootstrap CI)" if any(_has_ci(r) for r in (sp, pe)) else ""  # n_boot: 0
     ax.text(
         0.03, 0.97,
-        f"Spearman ρ = {_fmt_ci(sp)}\nPearson r = {_fmt_ci(pe)}\nn = {n} (95% bootstrap CI)",
+        f"Spearman ρ = {_fmt_ci(sp)}\nPearson r = {_fmt_ci(pe)}\nn = {n}{ci}",
         transform=ax.transAxes, ha="left", va="top", fontsize=7,
         bbox={"boxstyle": "round,pad=0.3", "fc": "white", "ec": "#cccccc", "alpha": 0.9},
     )  # fmt: skip
@@ -172,6 +179,11 @@ def draw_language_dispersion(data: FigureData) -> Figure:
         _scatter_panel(ax, vision, language, col, corr, summary)
         what = "mean" if summary == "mean" else "PC1"
         ax.set_title(f"{letter}   Language vs vision dispersion ({what})", loc="left")
+    # docs/method.md, "Dispersion": a PC1 that does not follow its mean has a sign set by noise,
+    # and so have the PC1 correlation (B) and the PC1 sets (D)
+    caveats = [pc1_caveat(vision, "vision"), pc1_caveat(language, "language")]
+    pc1_note = "".join(f"\n{textwrap.fill(c, 50)}" for c in caveats if c)
+    axes[1].set_title(axes[1].get_title(loc="left") + pc1_note, loc="left")
     n_pairs = n_hatched = n_open = n_undefined = 0
     for ax, (letter, summary) in zip(axes[2:], (("C", "mean"), ("D", "pc1")), strict=True):
         n, a, b, c = _cells_panel(ax, cells, summary)
@@ -180,7 +192,8 @@ def draw_language_dispersion(data: FigureData) -> Figure:
             n_pairs = cells.groupby(["vision", "llm"]).ngroups
         size = f", n = {n} each" if n is not None else ""
         what = "mean dispersion" if summary == "mean" else "PC1 score"
-        ax.set_title(f"{letter}   2 × 2 sets by {what}{size}", loc="left")
+        note = pc1_note if summary == "pc1" else ""
+        ax.set_title(f"{letter}   2 × 2 sets by {what}{size}{note}", loc="left")
     handles = [
         Patch(facecolor="#777777", label="language dispersion low"),
         Patch(facecolor=_lighter("#777777"), label="language dispersion high (lighter)"),
@@ -239,7 +252,7 @@ def _forest(ax: Axes, corr: pd.DataFrame, rows: list[tuple[str, str]], summary: 
             continue
         r = sub.loc[key]
         if np.isfinite(r["spearman_rho"]):
-            if np.isfinite(r["ci_low"]) and np.isfinite(r["ci_high"]):
+            if _has_ci(r):
                 # the interval as its two ends: a percentile interval need not hold the estimate
                 # (a skewed bootstrap), and errorbar refuses the negative lengths that gives
                 ax.plot([r["ci_low"], r["ci_high"]], [i, i], color=COLORS["point"], lw=1,
@@ -253,7 +266,8 @@ def _forest(ax: Axes, corr: pd.DataFrame, rows: list[tuple[str, str]], summary: 
     ax.set_yticklabels([property_label(p, m, models) for p, m in rows])
     ax.set_ylim(len(rows) - 0.5, -0.5)
     ax.set_xlim(-1, 1)
-    ax.set_xlabel(f"Spearman ρ with {SUMMARY_TITLES[summary]} (95% bootstrap CI)")
+    ci = " (95% bootstrap CI)" if any(_has_ci(r) for _, r in sub.iterrows()) else ""  # n_boot: 0
+    ax.set_xlabel(f"Spearman ρ with {SUMMARY_TITLES[summary]}{ci}")
 
 
 def draw_properties(data: FigureData) -> Figure:
