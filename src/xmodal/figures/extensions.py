@@ -173,17 +173,17 @@ def draw_language_dispersion(data: FigureData) -> Figure:
     corr, cells = data.get("language_correlation"), data.get("joint_cells")
     fig = new_figure(8.6, 6.8)
     axes = panel_grid(fig, 4, 2)
+    # docs/method.md, "Dispersion": a PC1 that does not follow its mean has a sign set by noise,
+    # and so have the PC1 correlation (B) and the PC1 sets (D)
+    caveats = [pc1_caveat(vision, "vision"), pc1_caveat(language, "language")]
+    pc1_note = "".join(f"\n{textwrap.fill(c, 50)}" for c in caveats if c)
     for ax, (letter, summary, col) in zip(
         axes[:2], (("A", "mean", "mean_dispersion"), ("B", "pc1", "pc1_score")), strict=True
     ):
         _scatter_panel(ax, vision, language, col, corr, summary)
         what = "mean" if summary == "mean" else "PC1"
-        ax.set_title(f"{letter}   Language vs vision dispersion ({what})", loc="left")
-    # docs/method.md, "Dispersion": a PC1 that does not follow its mean has a sign set by noise,
-    # and so have the PC1 correlation (B) and the PC1 sets (D)
-    caveats = [pc1_caveat(vision, "vision"), pc1_caveat(language, "language")]
-    pc1_note = "".join(f"\n{textwrap.fill(c, 50)}" for c in caveats if c)
-    axes[1].set_title(axes[1].get_title(loc="left") + pc1_note, loc="left")
+        note = pc1_note if summary == "pc1" else ""
+        ax.set_title(f"{letter}   Language vs vision dispersion ({what}){note}", loc="left")
     n_pairs = n_hatched = n_open = n_undefined = 0
     for ax, (letter, summary) in zip(axes[2:], (("C", "mean"), ("D", "pc1")), strict=True):
         n, a, b, c = _cells_panel(ax, cells, summary)
