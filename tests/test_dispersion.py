@@ -16,6 +16,7 @@ from xmodal.dispersion import (
     mean_dispersion,
     pc1_dispersion,
     pc1_orientation,
+    read_dispersion_table,
     stable_rank,
 )
 from xmodal.gpa import gpa, project
@@ -279,3 +280,59 @@ def test_leave_one_model_out_checks_each_fits_pc1_orientation(monkeypatch, caplo
     }  # fmt: skip
     assert "without 'b', PC1 of the other models' dispersion hardly follows" in caplog.text
     assert "without 'a'" not in caplog.text
+
+
+def _edited(path, edit) -> None:
+    lines = path.read_text().splitlines(keepends=True)
+    path.write_text("".join(edit(lines)))
+
+
+def _replace(lines: list[str], row: int, column: int, text: str) -> list[str]:
+    cells = lines[row + 1].rstrip("\n").split("\t")
+    cells[column] = text
+    return [*lines[: row + 1], "\t".join(cells) + "\n", *lines[row + 2 :]]
+
+
+EDITS = {
+    "a row deleted": (
+        lambda ls: ls[:6] + ls[7:],
+        r"row 6 \(stimulus 'id6'\) has position 6 where 5",
+    ),
+    "rows sorted by value": (
+        lambda ls: [ls[0], *sorted(ls[1:], key=lambda line: float(line.split("\t")[2]))],
+        r"has position \d+ where 0 is expected",
+    ),
+    "a value changed": (
+        lambda ls: _replace(ls, 3, 2, "99.0"),
+        r"row 4 \(stimulus 'id3'\) has rank_mean",
+    ),
+    "a PC1 score changed": (
+        lambda ls: _replace(ls, 0, 3, "-99.0"),
+        r"row 1 \(stimulus 'id0'\) has rank_pc1",
+    ),
+    "a row twice": (lambda ls: [*ls, ls[4]], r"stimulus 'id3' is listed twice \(row 31\)"),
+    "a comma decimal": (lambda ls: _replace(ls, 2, 2, "0,25"), r"column 'mean_dispersion', row 3"),
+}
+
+
+@pytest.mark.parametrize("edit", EDITS)
+def test_an_edited_dispersion_table_is_refused_naming_file_and_row(tmp_path, edit):
+    """dispersion.tsv with a row deleted or the rows sorted in a spreadsheet gave other low and
+    high sets with exit code 0; every reader now refuses it, naming the file and the row."""
+    from xmodal.io import TableError, write_table
+    from xmodal.pipeline import run_stimulus_sets
+
+    rng = np.random.default_rng(4)
+    res = np.abs(rng.normal(size=(30, 4)))
+    table, _ = dispersion_table([f"id{j}" for j in range(30)], res, res + 1)
+    path = tmp_path / "dispersion.tsv"
+    write_table(table, path)
+    pd.testing.assert_frame_equal(read_dispersion_table(path), table)  # as written: read back
+    change, message = EDITS[edit]
+    _edited(path, change)
+    with pytest.raises(TableError, match=message):
+        read_dispersion_table(path)
+    analysis = dict(set_size=5, n_random=2, drop_fraction=0.25, seed=0, knn_k=2)
+    with pytest.raises(TableError, match=str(path)):
+        run_stimulus_sets(path, analysis, tmp_path / "sets.tsv")
+    assert not (tmp_path / "sets.tsv").exists()

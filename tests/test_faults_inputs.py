@@ -248,6 +248,32 @@ def test_duplicate_model_key_names_file_and_lines(project: Path) -> None:
     assert "Traceback" not in out, out
 
 
+def test_a_nested_command_line_value_is_named_as_given_with_config(project: Path) -> None:
+    """``--config 'analysis={knn_k: 10}'`` reaches the workflow as the text '10' (snakemake reads a
+    mapping's values with YAML's base loader); the error blamed the config file, which says 10."""
+    from _project import run_snakemake as snakemake
+
+    proc = snakemake(
+        project, "-n", "--configfile", "config/demo.yaml", "--config", "analysis={knn_k: 10}",
+        "--cores", "1", check=False,
+    )  # fmt: skip
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0, out
+    assert re.search(
+        r"Invalid configuration in --config: key 'analysis\.knn_k': '10' is not of type "
+        r"'integer' \(--config gives every value inside analysis=\{\.\.\.\} as text: put the "
+        r"setting in a YAML file and give it with --configfile\)",
+        out,
+    ), out
+    assert "Traceback" not in out and "demo.yaml: key" not in out, out
+    # the same value from the file is named as the file's
+    cfg = _demo_cfg()
+    cfg["analysis"]["knn_k"] = "10"
+    schema = ROOT / "workflow" / "schemas" / "config.schema.yaml"
+    (line,) = schema_errors(cfg, schema, "config/x.yaml", command_line={"analysis": {"seed": 1}})
+    assert line.startswith("Invalid configuration in config/x.yaml: key 'analysis.knn_k'"), line
+
+
 def test_unsafe_model_key_refused_by_check_config_too() -> None:
     """A config that bypasses the schema (e.g. a notebook) is still refused, naming the key."""
     cfg = _demo_cfg()

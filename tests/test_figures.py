@@ -16,6 +16,7 @@ import pytest
 from matplotlib.collections import LineCollection
 from matplotlib.figure import Figure
 
+from xmodal.dispersion import stable_rank
 from xmodal.figures import FIGURES, INPUT_NAMES, make_figure, render_figure
 from xmodal.figures.synthetic import synthetic_inputs
 
@@ -530,6 +531,7 @@ def test_pc1_figures_say_when_pc1_does_not_follow_the_mean_dispersion(figs, inpu
     noise = np.random.default_rng(0).standard_normal(mean.size)
     c = mean - mean.mean()
     disp["pc1_score"] = noise - (noise @ c) / (c @ c) * c  # r = 0 with the mean
+    disp["rank_pc1"] = stable_rank(disp["pc1_score"].to_numpy())  # as the GPA writes it
     disp.to_csv(tmp_path / "dispersion.tsv", sep="\t", index=False)
     unoriented = {**inputs, "dispersion": tmp_path / "dispersion.tsv"}
     fig = render_figure("sets_pc1", unoriented)
@@ -560,6 +562,7 @@ def test_pc1_figures_say_when_pc1_does_not_follow_the_mean_dispersion(figs, inpu
     assert "hardly follows" not in all_text(figs["language_dispersion"])
     lang_disp = table(inputs, "language_dispersion")
     lang_disp["pc1_score"] = lang_disp["pc1_score"].sample(frac=1, random_state=0).to_numpy()
+    lang_disp["rank_pc1"] = stable_rank(lang_disp["pc1_score"].to_numpy())
     lang_disp.to_csv(tmp_path / "language.tsv", sep="\t", index=False)
     lang = render_figure(
         "language_dispersion", {**inputs, "language_dispersion": tmp_path / "language.tsv"}

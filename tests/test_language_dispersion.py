@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from xmodal import gpa
 from xmodal.config import ConfigError
-from xmodal.dispersion import dispersion_table
+from xmodal.dispersion import dispersion_table, stable_rank
 from xmodal.features import write_features
 from xmodal.io import read_table, write_table
 from xmodal.language_dispersion import (
@@ -204,7 +204,7 @@ def test_language_gpa_constant_layer_names_the_key(planted, tmp_path):
 def _disp(ids, mean, pc1) -> pd.DataFrame:
     return pd.DataFrame(
         {"stimulus_id": ids, "position": range(len(ids)), "mean_dispersion": mean,
-         "pc1_score": pc1, "rank_mean": 0, "rank_pc1": 0}
+         "pc1_score": pc1, "rank_mean": stable_rank(mean), "rank_pc1": stable_rank(pc1)}
     )  # fmt: skip
 
 

@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from xmodal.dispersion import stable_rank
 from xmodal.figures import render_figure
 from xmodal.figures._common import Models
 from xmodal.figures.synthetic import synthetic_inputs
@@ -440,7 +441,8 @@ def test_gallery_picks_by_mean_dispersion_not_pc1(inputs, tmp_path):
     """Guards the gallery's choice: the lowest and highest stimuli by rank of mean dispersion,
     whatever the PC1 ranks say (here reversed)."""
     disp = _t(inputs, "dispersion")
-    disp["rank_pc1"] = len(disp) - 1 - disp["rank_mean"]
+    disp["pc1_score"] = -disp["mean_dispersion"]
+    disp["rank_pc1"] = stable_rank(disp["pc1_score"].to_numpy())  # as the GPA writes it
     path = tmp_path / "dispersion.tsv"
     disp.to_csv(path, sep="\t", index=False)
     fig = render_figure("gallery", {"dispersion": path, "manifest": inputs["manifest"]})

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from xmodal import correlate
+from xmodal.dispersion import stable_rank
 from xmodal.features import FeatureFile, FeatureFileError, write_features
 from xmodal.io import read_table, write_table
 from xmodal.pipeline import (
@@ -248,7 +249,7 @@ def test_missing_token_counts_are_nan_with_a_warning(caplog):
 def _dispersion(ids, mean, pc1) -> pd.DataFrame:
     return pd.DataFrame(
         {"stimulus_id": ids, "position": range(len(ids)), "mean_dispersion": mean,
-         "pc1_score": pc1, "rank_mean": 0, "rank_pc1": 0}
+         "pc1_score": pc1, "rank_mean": stable_rank(mean), "rank_pc1": stable_rank(pc1)}
     )  # fmt: skip
 
 

@@ -87,3 +87,35 @@ def test_sets_to_indices_unknown_ids():
     assert len(idx[("low", "mean", 0)]) == 10
     with pytest.raises(ValueError, match="s000|s039"):
         sel.sets_to_indices(sets, IDS[1:-1])
+
+
+def test_a_sets_table_with_a_row_deleted_is_refused_naming_the_set(tmp_path):
+    """sets.tsv with one row deleted scored a low set of 119 against a high set of 120 with exit
+    code 0; its reader refuses any set whose size differs from the others of its kind."""
+    from xmodal.io import write_table
+
+    rng = np.random.default_rng(2)
+    m = 60
+    ids = [f"{j:03d}" for j in range(m)]
+    tables = {
+        "sets": sel.make_sets(ids, rng.normal(size=m), rng.normal(size=m), 10, 3, 0.25, 0, 2),
+        "heldout": sel.heldout_sets(ids, rng.normal(size=m), rng.normal(size=m), 16, 3, 2, 0, 3),
+    }
+    for name, sets in tables.items():
+        path = tmp_path / f"{name}.tsv"
+        write_table(sets, path)
+        back = sel.read_sets(path)
+        if "split" in back:  # a text column of the contract (io.TEXT_COLUMNS)
+            back["split"] = back["split"].astype(np.int64)
+        pd.testing.assert_frame_equal(back, sets)
+        for key, rows in sets.groupby(
+            ["set", "summary", "draw", *sets.columns[:1]]
+        ).indices.items():
+            write_table(sets.drop(index=sets.index[rows[-1]]), path)
+            where = f", split {key[3]}" if name == "heldout" else ""
+            where += f", draw {key[2]}" if key[2] else ""
+            with pytest.raises(
+                ValueError,
+                match=rf"{name}.tsv: set '{key[0]}' \({key[1]}{where}\) holds {len(rows) - 1} stimuli where the table's other sets of its kind hold {len(rows)}",
+            ):
+                sel.read_sets(path)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 from pathlib import Path
 
@@ -466,3 +467,52 @@ def test_gpa_records_and_warns_how_well_pc1_is_oriented(tmp_path: Path, caplog, 
         pipeline.run_gpa(*args, tmp_path / "g2.json")
     assert "PC1 is nearly uncorrelated with the mean dispersion (Pearson r 0.01" in caplog.text
     assert json.loads((tmp_path / "g2.json").read_text())["pc1_oriented"] is False
+
+
+NOT_NUMBERS = ["0,5", '"0.5"', "n/a", "1.2.3", "-", "½", " ", "0.5 0.6", "TRUE"]
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    values=st.lists(
+        st.floats(allow_nan=False, allow_infinity=False, width=64), min_size=1, max_size=12
+    ),
+    row=st.integers(0, 11),
+    bad=st.sampled_from(NOT_NUMBERS),
+)
+def test_a_value_that_is_not_a_number_is_refused_naming_column_row_and_value(
+    tmp_path: Path, values: list[float], row: int, bad: str
+) -> None:
+    """A number column edited in a spreadsheet (a comma decimal, a quoted cell) stayed text and
+    failed later in a step that named nothing; now the reader names the file, column and row:
+    always where the caller needs the column as numbers, and where most of it is numbers."""
+    row %= len(values)
+    path = tmp_path / "t.tsv"
+    write_table(
+        pd.DataFrame({"stimulus_id": [f"s{i}" for i in range(len(values))], "value": values}), path
+    )
+    lines = path.read_text().splitlines()
+    cells = lines[row + 1].split("\t")
+    lines[row + 1] = "\t".join([cells[0], bad])
+    path.write_text("\n".join(lines) + "\n")
+    where = rf"{re.escape(str(path))}: column 'value', row {row + 1} \(line {row + 2}\) holds {re.escape(repr(bad))}"
+    with pytest.raises(TableError, match=where):
+        read_table(path, numbers=("value",))
+    if 2 * 1 < len(values):  # most values are numbers: refused without being asked for
+        with pytest.raises(TableError, match=where):
+            read_table(path)
+    else:  # a column of text the contract does not list stays text
+        assert read_table(path)["value"].tolist()[row] == bad
+
+
+def test_text_columns_and_missing_number_columns(tmp_path: Path) -> None:
+    path = tmp_path / "t.tsv"
+    path.write_text("stimulus_id\tnote\tvalue\n007\ta\tNaN\n1e3\tb\t\n2\t3\t2.5\n")
+    back = read_table(path, numbers=("value",))
+    assert back["stimulus_id"].tolist() == ["007", "1e3", "2"]
+    assert back["note"].tolist() == ["a", "b", "3"]  # mostly text: stays text
+    assert np.isnan(back["value"][:2]).all() and back["value"][2] == 2.5
+    with pytest.raises(TableError, match=r"t.tsv: no column\(s\) \['rank'\]"):
+        read_table(path, numbers=("value", "rank"))

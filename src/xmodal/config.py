@@ -6,7 +6,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -330,10 +330,23 @@ def _yaml11_hint(value: Any) -> str | None:
     )
 
 
+def _given_on_command_line(command_line: Mapping[str, Any], path: Sequence[Any]) -> bool:
+    node: Any = command_line
+    for part in path:
+        if not isinstance(node, Mapping) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
 def schema_errors(
-    config: Mapping[str, Any], schema_path: str | os.PathLike, source: str = "the config"
+    config: Mapping[str, Any],
+    schema_path: str | os.PathLike,
+    source: str = "the config",
+    command_line: Mapping[str, Any] | None = None,
 ) -> list[str]:
-    """One line per JSON-schema violation: the config file, the dotted key and what is wrong."""
+    """One line per JSON-schema violation: the config file, the dotted key and what is wrong.
+    ``command_line``: the values given with ``--config`` (a violation there names it instead)."""
     import jsonschema
 
     schema = load_config_file(schema_path)
@@ -360,7 +373,16 @@ def schema_errors(
                 rf"{_DECIMAL}([eE][+-]?\d+)?", err.instance.strip()
             ):
                 hint += f" (a number in quotes is text: write {err.instance.strip()} unquoted)"
-        lines.append(f"Invalid configuration in {source}: key '{key}': {err.message}{hint}")
+        where = source
+        if command_line and _given_on_command_line(command_line, list(err.path)):
+            where = "--config"
+            if len(err.path) > 1 and isinstance(err.instance, str):
+                # snakemake's --config reads a mapping's values with YAML's base loader: as text
+                hint = (
+                    f" (--config gives every value inside {err.path[0]}={{...}} as text: put "
+                    "the setting in a YAML file and give it with --configfile)"
+                )
+        lines.append(f"Invalid configuration in {where}: key '{key}': {err.message}{hint}")
     return lines
 
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -29,6 +31,7 @@ __all__ = [
     "mean_dispersion",
     "pc1_dispersion",
     "pc1_orientation",
+    "read_dispersion_table",
     "stable_rank",
 ]
 
@@ -127,6 +130,50 @@ def dispersion_table(
             raise ValueError(f"distances of shape {dist.shape} for residuals of shape {r.shape}")
         table["mean_distance"] = dist.mean(axis=1)
     return table, explained
+
+
+def read_dispersion_table(path: str | os.PathLike) -> pd.DataFrame:
+    """The per-stimulus dispersion table as :func:`dispersion_table` wrote it (docs/contracts.md),
+    checked to be unedited: one row per stimulus in feature order (``position`` 0..m−1), unique
+    ids, and ranks that are the ranks of the values. A table changed by hand (a row deleted, the
+    rows sorted, a value changed) would select other stimuli without an error; it is refused,
+    naming the file and the first row that disagrees."""
+    from xmodal.io import TableError, read_table
+
+    path = Path(path)
+    table = read_table(
+        path, numbers=("position", "mean_dispersion", "pc1_score", "rank_mean", "rank_pc1")
+    )
+    again = "; was it edited? Delete it and rerun (the GPA writes it again)"
+    if "stimulus_id" not in table.columns:
+        raise TableError(f"{path}: no column 'stimulus_id'")
+    dup = table["stimulus_id"].duplicated()
+    if dup.any():
+        row = int(dup.to_numpy().nonzero()[0][0])
+        raise TableError(
+            f"{path}: stimulus {table['stimulus_id'].iloc[row]!r} is listed twice (row {row + 1})"
+            + again
+        )
+    checks = {
+        "position": np.arange(len(table)),
+        "rank_mean": stable_rank(table["mean_dispersion"].to_numpy()),
+        "rank_pc1": stable_rank(table["pc1_score"].to_numpy()),
+    }
+    for column, expected in checks.items():
+        off = table[column].to_numpy() != expected
+        if off.any():
+            row = int(off.nonzero()[0][0])
+            what = (
+                "rows are in feature order, numbered from 0"
+                if column == "position"
+                else f"it is the rank of {'mean_dispersion' if column == 'rank_mean' else 'pc1_score'}"
+            )
+            raise TableError(
+                f"{path}: row {row + 1} (stimulus {table['stimulus_id'].iloc[row]!r}) has "
+                f"{column} {table[column].iloc[row]:g} where {expected[row]} is expected ({what})"
+                + again
+            )
+    return table
 
 
 @dataclass

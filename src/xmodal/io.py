@@ -19,7 +19,7 @@ import shutil
 import stat
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -292,25 +292,43 @@ def write_table(df: pd.DataFrame, path: str | os.PathLike) -> None:
         df.to_csv(tmp, sep="\t", index=False, quoting=csv.QUOTE_NONE, na_rep=NA_REP)
 
 
-def _parse_column(name: str, values: pd.Series) -> pd.Series:
-    """A column of a table read as text, turned into numbers or booleans where it holds them."""
+def _parse_column(path: Path, name: str, values: pd.Series, number: bool = False) -> pd.Series:
+    """A column of a table read as text, turned into numbers or booleans where it holds them.
+
+    A column that must hold numbers (``number``), or most of whose values are numbers, with a
+    value that is not one (``0,5``, ``"0.5"``, ``n/a``) is refused, naming the row and value:
+    kept as text it would fail later, in a step that cannot say which file was wrong.
+    """
     if _is_text(name):
         return values
     present = values[~values.isin(_NA_TEXT)]
     if len(present) and present.isin(("True", "False")).all() and len(present) == len(values):
-        return values == "True"
-    try:
-        return pd.to_numeric(values.mask(values.isin(_NA_TEXT)), errors="raise")
-    except (ValueError, TypeError):
-        return values  # a text column the contract does not list: keep it as text
+        if not number:
+            return values == "True"
+    parsed = pd.to_numeric(values.mask(values.isin(_NA_TEXT)), errors="coerce")
+    bad = parsed.isna() & ~values.isin(_NA_TEXT)
+    if not bad.any():
+        return parsed
+    if number or 2 * int(bad.sum()) < len(present):
+        row = int(bad.to_numpy().nonzero()[0][0])
+        raise TableError(
+            f"{path}: column {name!r}, row {row + 1} (line {row + 2}) holds {values.iloc[row]!r}"
+            f"{f' (and {int(bad.sum()) - 1} rows more)' if bad.sum() > 1 else ''} where a "
+            "number is expected (a decimal point, not a comma; no quotes; NaN or empty for a "
+            "missing value)"
+        )
+    return values  # a text column the contract does not list: keep it as text
 
 
-def read_table(path: str | os.PathLike) -> pd.DataFrame:
+def read_table(path: str | os.PathLike, numbers: Iterable[str] = ()) -> pd.DataFrame:
     """Read a table written by :func:`write_table`: identifiers as text, numbers as numbers.
 
     Columns in :data:`TEXT_COLUMNS` (and ``*_id``) stay exactly as written (no ``NA`` parsing, no
     number parsing: ``0180`` stays ``0180``); other columns become numbers (``NaN`` or empty =
-    missing) or booleans (``True``/``False``) when every value is one.
+    missing) or booleans (``True``/``False``) when every value is one. ``numbers``: columns the
+    caller needs as numbers; a missing one, or a value in one that is not a number, is a
+    :class:`TableError` naming the file, column and row (as is a value that is not a number in
+    a column that otherwise holds numbers).
     """
     path = Path(path)
     try:
@@ -329,7 +347,14 @@ def read_table(path: str | os.PathLike) -> pd.DataFrame:
         raise TableError(f"{path}: not a tab-separated table with a header row ({err})") from err
     except pd.errors.EmptyDataError:
         raise TableError(f"{path}: the table is empty (not even a header row)") from None
-    return pd.DataFrame({c: _parse_column(str(c), raw[c]) for c in raw.columns}, index=raw.index)
+    numbers = set(numbers)
+    lacking = sorted(numbers - set(raw.columns))
+    if lacking:
+        raise TableError(f"{path}: no column(s) {lacking} (columns: {list(raw.columns)})")
+    return pd.DataFrame(
+        {c: _parse_column(path, str(c), raw[c], str(c) in numbers) for c in raw.columns},
+        index=raw.index,
+    )
 
 
 # ============================================================================ file digests

@@ -25,6 +25,7 @@ import pandas as pd
 import xmodal
 from xmodal import language_dispersion, properties, selection
 from xmodal.config import resolve_layer
+from xmodal.dispersion import read_dispersion_table
 from xmodal.features import FeatureFile, FeatureFileError
 from xmodal.io import atomic_path, read_table, write_table
 from xmodal.parallel import n_workers
@@ -348,7 +349,7 @@ def run_stimulus_sets(
     (docs/method.md, "Size-matched drop control")."""
     from xmodal.config import check_against_stimuli
 
-    table = read_table(dispersion_path)
+    table = read_dispersion_table(dispersion_path)
     check_against_stimuli({"analysis": analysis}, len(table))
     sets = selection.make_sets(
         table["stimulus_id"].tolist(),
@@ -374,7 +375,7 @@ def run_heldout_sets(
 ) -> None:
     """The sets of the held-out layer choice: low / high / random inside half B of each split
     (docs/method.md, "Held-out layer choice"; xmodal.selection.heldout_sets)."""
-    table = read_table(dispersion_path)
+    table = read_dispersion_table(dispersion_path)
     sets = selection.heldout_sets(
         table["stimulus_id"].tolist(),
         table["mean_dispersion"].to_numpy(),
@@ -618,7 +619,9 @@ def run_vision_bootstrap(
     from xmodal import alignment, stats
 
     ids, prepared = read_prepared_vision(vision_paths, vision, vision_layer)
-    plan = alignment.ConditionPlan(read_table(sets_path), ids, k=k, n_boot=n_boot, seed=seed)
+    plan = alignment.ConditionPlan(
+        selection.read_sets(sets_path), ids, k=k, n_boot=n_boot, seed=seed
+    )
     cache: dict[str, stats.BootstrapSide] = {}
     for key, (_, x) in prepared.items():
         plan.bootstrap_sides(x, cache=cache)
@@ -764,12 +767,12 @@ def _set_alignment(
             "config (rerun it)"
         )
     ids, prepared = read_prepared_vision(vision_paths, vision, vision_layer)
-    sets = read_table(sets_path)
+    sets = selection.read_sets(sets_path)
     held_sets = held_choice = None
     if heldout is not None:
         held_path, held_sets_path, split_seed = heldout
         held_choice = heldout_choices(read_table(held_path), held_path)
-        held_sets = read_table(held_sets_path)
+        held_sets = selection.read_sets(held_sets_path)
         splits = sorted(set(held_sets["split"].astype(int)))
         chosen_splits = sorted({s for _, _, s in held_choice})
         if splits != chosen_splits or splits != list(range(len(splits))):
@@ -1116,7 +1119,10 @@ def run_language_correlation(
 ) -> None:
     """Correlation of per-caption language dispersion with per-image vision dispersion."""
     table = language_dispersion.correlation_table(
-        read_table(vision_dispersion), read_table(language_dispersion_path), n_boot, seed
+        read_dispersion_table(vision_dispersion),
+        read_dispersion_table(language_dispersion_path),
+        n_boot,
+        seed,
     )
     for row in table.itertuples():
         log.info(
@@ -1143,8 +1149,8 @@ def run_joint_sets(
 ) -> None:
     """The 2 × 2 sets (low/high vision × low/high language dispersion) and their random sets."""
     sets = language_dispersion.joint_sets(
-        read_table(vision_dispersion),
-        read_table(language_dispersion_path),
+        read_dispersion_table(vision_dispersion),
+        read_dispersion_table(language_dispersion_path),
         set_size=set_size,
         n_random=n_random,
         knn_k=knn_k,
@@ -1250,7 +1256,7 @@ def run_property_correlations(
 ) -> None:
     """Spearman correlation of every property with vision dispersion (mean and PC1)."""
     table = properties.property_correlations(
-        read_table(properties_path), read_table(dispersion_path), n_boot, seed
+        read_table(properties_path), read_dispersion_table(dispersion_path), n_boot, seed
     )
     for r in table.itertuples():
         log.info(

@@ -4,6 +4,7 @@ held-out layer choice (docs/method.md, "Controls")."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +21,7 @@ __all__ = [
     "DropControl",
     "HeldOutLayer",
     "SelfSelection",
+    "check_set_sizes",
     "drop_fraction_sets",
     "drop_set_size",
     "heldout_set_size",
@@ -29,6 +31,7 @@ __all__ = [
     "make_sets",
     "others_sets",
     "random_sets",
+    "read_sets",
     "sets_to_indices",
     "split_halves",
 ]
@@ -272,6 +275,41 @@ def sets_to_indices(
             raise ValueError(f"set {key} lists a stimulus more than once")
         out[key] = arr
     return out
+
+
+def check_set_sizes(sets: pd.DataFrame, path: str | os.PathLike = "the sets table") -> None:
+    """Refuse a sets table whose sets do not have the sizes the pipeline gives them: inside each
+    split (held-out sets) or vision model (self-selection sets), every low, high and random set
+    (and every 2 × 2 cell) holds the same number of stimuli, and so does every drop set and its
+    size-matched random draw. A table edited by hand (a row deleted) would compare sets of
+    different sizes without an error; the message names the file and the set."""
+    required = {"set", "summary", "draw", "stimulus_id"}
+    if not required <= set(sets.columns):
+        raise ValueError(f"{path}: sets table lacks columns {sorted(required - set(sets.columns))}")
+    by = [c for c in ("split", "vision") if c in sets.columns]
+    sizes = sets.groupby([*by, "set", "summary", "draw"], sort=False).size().reset_index(name="n")
+    sizes["kind"] = np.where(sizes["set"].astype(str).str.contains("drop"), "drop", "set")
+    for _, group in sizes.groupby([*by, "kind"], sort=False):
+        usual = int(group["n"].mode().max())
+        odd = group[group["n"] != usual]
+        if len(odd):
+            r = odd.iloc[0]
+            where = "".join(f", {c} {r[c]}" for c in (*by, "draw") if c != "draw" or r["draw"])
+            raise ValueError(
+                f"{path}: set {r['set']!r} ({r['summary']}{where}) holds {r['n']} stimuli where "
+                f"the table's other sets of its kind hold {usual}; was it edited? Delete it and "
+                "rerun (the pipeline writes it again)"
+            )
+
+
+def read_sets(path: str | os.PathLike) -> pd.DataFrame:
+    """A sets table (``sets.tsv``, ``heldout_sets.tsv``, the 2 × 2 and self-selection sets),
+    read and checked by :func:`check_set_sizes`."""
+    from xmodal.io import read_table
+
+    sets = read_table(path, numbers=("draw",))
+    check_set_sizes(sets, path)
+    return sets
 
 
 # ---------------------------------------------------------------- held-out layer choice

@@ -85,7 +85,14 @@ try:
 except WorkflowError:
     # one line per problem, naming the file and the key (jsonschema's report is long)
     raise WorkflowError(
-        "\n".join(schema_errors(config, _SCHEMA, ", ".join(_CONFIG_FILES)))
+        "\n".join(
+            schema_errors(
+                config,
+                _SCHEMA,
+                ", ".join(_CONFIG_FILES),
+                command_line=workflow.config_settings.config,
+            )
+        )
     ) from None
 
 # an absent optional key takes its default (xmodal.config.DEFAULTS), written into the config

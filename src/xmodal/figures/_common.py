@@ -290,12 +290,21 @@ def format_p(p: float) -> str:
 
 def read_tsv(path: str | Path, name: str = "") -> pd.DataFrame:
     """Read one contract table: the stimulus manifest with its own reader (every column text, no
-    image check: the gallery shows a placeholder for a missing image), every other table with
-    the pipeline's table reader (identifiers stay text: xmodal.io.read_table)."""
+    image check: the gallery shows a placeholder for a missing image), the dispersion and sets
+    tables with their checked readers, every other table with the pipeline's table reader
+    (identifiers stay text: xmodal.io.read_table)."""
     if name == "manifest":
         from xmodal.stimuli import read_manifest
 
         return read_manifest(path, check_images=False)
+    if name in ("dispersion", "language_dispersion"):
+        from xmodal.dispersion import read_dispersion_table
+
+        return read_dispersion_table(path)
+    if name == "sets":
+        from xmodal.selection import read_sets
+
+        return read_sets(path)
     return read_table(path)
 
 
