@@ -663,3 +663,32 @@ def test_a_rank_deficient_polar_factor_takes_the_completion_nearest_the_last_ite
         other = u1 @ v1 + u2 @ w @ z.T
         assert np.trace(other.T @ a) == pytest.approx(nuclear, rel=1e-12)
         assert np.linalg.norm(q - near) <= np.linalg.norm(other - near) + 1e-12
+
+
+def test_a_rank_deficient_wide_model_is_fitted_as_a_narrow_one(caplog):
+    """A model wider than m whose features span few dimensions (duplicate stimuli, a degenerate
+    layer) holds the plain step back as a narrow model does; the width alone chose the plain
+    step, which crawled (43 iterations here, 159 at m = 300, against 9). Its numerical rank now
+    chooses Gauss–Seidel, which reaches the same fit."""
+    rng = np.random.default_rng(0)
+    m, width = 120, 160
+    base = np.hstack([rng.normal(size=(m, 12)), np.zeros((m, width - 12))])
+    reps = [
+        0.3 * rng.normal(size=(m, width)) + base @ rng.normal(size=(width, width)) for _ in range(3)
+    ]
+    reps.append(rng.normal(size=(m, 15)) @ rng.normal(size=(15, width)))  # rank 15, width 160
+    prep = gpa_module.Preprocessed(reps)
+    centred = [r - r.mean(axis=0) for r in reps]
+    assert prep.ranks() == [np.linalg.matrix_rank(c) for c in centred] == [119, 119, 119, 15]
+    with caplog.at_level(logging.INFO, logger="xmodal.gpa"):
+        res = gpa_module.gpa(reps, tol=1e-10, max_iter=2000)
+    assert res.method == gpa_module.GAUSS_SEIDEL and res.slow_regime and res.converged
+    assert "model 3 rank 15 of width 160" in caplog.text
+    plain = gpa_module.fit_preprocessed(
+        prep.mats(), 1e-10, 2000, prep.widths, method=gpa_module.PLAIN
+    )
+    assert plain.converged and res.n_iter < plain.n_iter / 2
+    np.testing.assert_allclose(res.objective[-1], plain.objective[-1], rtol=1e-12)
+    np.testing.assert_allclose(res.residuals, plain.residuals, atol=1e-6)
+    # full-rank models of the same widths keep the plain step (the paper's regime)
+    assert gpa_module.gpa(reps[:3], tol=1e-10, max_iter=2000).method == gpa_module.PLAIN

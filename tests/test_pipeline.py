@@ -4,6 +4,7 @@ registry, prepared layers, and messages that name the model, file and config key
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 import h5py
@@ -93,6 +94,31 @@ def test_identical_vision_features_are_warned_about(tmp_path: Path, caplog) -> N
     with caplog.at_level(logging.WARNING, logger="xmodal.pipeline"):
         pipeline.read_vision_layers(paths, ["a", "b", "c"], -2)
     assert "models 'a' and 'b' have identical features" in caplog.text
+
+
+def test_vision_features_equal_up_to_rotation_and_scale_are_warned_about(
+    tmp_path: Path, caplog
+) -> None:
+    """A model listed twice under two keys, once rotated (another basis) and rescaled, is fitted
+    exactly by GPA and counts twice; the bit-identical check missed it, and leave-one-model-out
+    then reported correlations of rounding noise."""
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((3, 16, 6)).astype(np.float32)
+    q = np.linalg.qr(rng.standard_normal((6, 6)))[0]
+    turned = (3 * x @ q + 5).astype(np.float32)  # rotated, scaled and shifted
+    near = (x + 0.01 * rng.standard_normal(x.shape)).astype(np.float32)  # another model
+    paths = [
+        _write(tmp_path / f"{k}.h5", k, "vision", v)
+        for k, v in (("a", x), ("b", turned), ("c", near), ("d", None))
+    ]
+    with caplog.at_level(logging.WARNING, logger="xmodal.pipeline"):
+        pipeline.read_vision_layers(paths, ["a", "b", "c", "d"], -2)
+    assert re.search(
+        r"models 'a' and 'b' have the same features up to a rotation, reflection and scale "
+        r"\(GPA fits one onto the other exactly: 1 − ‖N_iᵀN_j‖_\* = [0-9.e+-]+\)",
+        caplog.text,
+    ), caplog.text
+    assert caplog.text.count("have the same features up to") == 1  # not the near copy, nor d
 
 
 def test_prepared_layer_is_the_reference_preprocessing(tmp_path: Path) -> None:

@@ -3,6 +3,7 @@ readable by the user's group; and stimulus ids survive every pipeline table unch
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import re
@@ -13,6 +14,7 @@ import h5py
 import numpy as np
 import pandas as pd
 import pytest
+import scipy
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -435,6 +437,8 @@ def test_provenance_names_the_stimuli_commit_and_each_models_revision_and_weight
     a = table.iloc[-1]
     assert a["key"] == "xmodal" and a["xmodal"] == xmodal.__version__
     assert a["sha256"] == xmodal.analysis_code_digest() and len(a["sha256"]) == 64
+    assert (a["numpy"], a["scipy"]) == (np.__version__, scipy.__version__)  # text: "2.10" stays
+    assert a["torch"].split("+")[0] == importlib.metadata.version("torch").split("+")[0]
     # a local manifest: its path and digest, no hub fields (a stray source.json is not read)
     pipeline.write_provenance(manifest, "local", files[:1], out)
     s = read_table(out).iloc[0]

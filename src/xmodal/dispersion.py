@@ -233,7 +233,11 @@ def leave_one_model_out(
         prep = Preprocessed(reps, pmap)
         sizes = [a.shape[1] for a in prep.mats(reduce=True, pmap=pmap)]
         subsets = [[i for i in range(n_models) if i != k] for k in range(n_models)]
-        plans = [plan(prep.m, [sizes[i] for i in o], [prep.widths[i] for i in o]) for o in subsets]
+        ranks = prep.ranks(pmap=pmap)
+        plans = [
+            plan(prep.m, [sizes[i] for i in o], [prep.widths[i] for i in o], [ranks[i] for i in o])
+            for o in subsets
+        ]
         if any(route == CROSS for _, route in plans):
             prep.cross_products(pmap=pmap)
 
@@ -246,6 +250,7 @@ def leave_one_model_out(
                 [prep.widths[i] for i in others],
                 cross=prep.cross_products(others) if route == CROSS else None,
                 method=method,
+                ranks=[ranks[i] for i in others],
             )
             return fit, project_preprocessed(prep.held_out(k), fit.consensus)[1]
 

@@ -210,6 +210,7 @@ class Preprocessed:
         self.widths = [int(c.shape[1]) for c in self.centred]
         self._factor: dict[int, np.ndarray] = {}
         self._gram: np.ndarray | None = None
+        self._rank: dict[int, int] = {}
 
     def _reduced(self, indices: Sequence[int], pmap: Mapper) -> list[np.ndarray]:
         missing = [i for i in dict.fromkeys(indices) if i not in self._factor]
@@ -253,9 +254,25 @@ class Preprocessed:
         rows = np.concatenate([np.arange(off[i], off[i + 1]) for i in indices])
         return self._gram[np.ix_(rows, rows)]
 
+    def ranks(self, indices: Sequence[int] | None = None, pmap: Mapper = map) -> list[int]:
+        """Numerical rank of each model's centred matrix (singular values above
+        σ_max · max(m, k) · ε, as numpy.linalg.matrix_rank), each computed once."""
+        indices = list(range(len(self.centred))) if indices is None else list(indices)
+        missing = [i for i in dict.fromkeys(indices) if i not in self._rank]
+        for i, r in zip(missing, pmap(lambda i: _rank(self._mat(i, True)), missing), strict=True):
+            self._rank[i] = r
+        return [self._rank[i] for i in indices]
+
     def held_out(self, index: int) -> np.ndarray:
         """Model ``index`` as :func:`project` prepares it: reduced to m − 1 columns when wider."""
         return self._mat(index, True)
+
+
+def _rank(a: np.ndarray) -> int:
+    sv = scipy.linalg.svdvals(a, check_finite=False)
+    return (
+        int(np.sum(sv > sv[0] * max(a.shape) * np.finfo(float).eps)) if sv.size and sv[0] > 0 else 0
+    )
 
 
 def preprocess(reps: Sequence[np.ndarray], reduce: bool = True) -> list[np.ndarray]:
@@ -361,7 +378,8 @@ def gpa(
         prep = Preprocessed(reps, pmap)
         mats = prep.mats(reduce=reduce, pmap=pmap)
         t1 = time.perf_counter()
-        method, route = plan(prep.m, [a.shape[1] for a in mats], prep.widths)
+        ranks = prep.ranks(pmap=pmap)
+        method, route = plan(prep.m, [a.shape[1] for a in mats], prep.widths, ranks)
         gram = None
         if route == CROSS:
             gram = prep.cross_products(pmap=pmap) if reduce else cross_products(mats, pmap)
@@ -370,10 +388,12 @@ def gpa(
             # One model at a time: the sweep's polar factors and products use every thread
             # through BLAS (faster than two single-threaded workers: docs/method.md, GPA).
             with threadpool_limits(limits=jobs, user_api="blas"):
-                res = fit_preprocessed(mats, tol, max_iter, prep.widths, cross=gram, method=method)
+                res = fit_preprocessed(
+                    mats, tol, max_iter, prep.widths, cross=gram, method=method, ranks=ranks
+                )
         else:
             res = fit_preprocessed(
-                mats, tol, max_iter, prep.widths, cross=gram, pool=pool, method=method
+                mats, tol, max_iter, prep.widths, cross=gram, pool=pool, method=method, ranks=ranks
             )
     res.seconds = {"preprocess": t1 - t0, "cross-products": t2 - t1, **res.seconds}
     # the exact reduction keeps N N^T, hence the row norms: take them from the centred input
@@ -386,8 +406,22 @@ def _check_stopping(tol: float, max_iter: int) -> None:
         raise ValueError(f"need tol > 0 and max_iter ≥ 1, got tol={tol}, max_iter={max_iter}")
 
 
-def plan(m: int, sizes: Sequence[int], widths: Sequence[int]) -> tuple[str, str]:
-    """Iteration and route for m stimuli, model widths k_i (``sizes``) and original widths.
+def effective_widths(
+    m: int, widths: Sequence[int], ranks: Sequence[int] | None = None
+) -> list[int]:
+    """The widths that decide the iteration: a model whose numerical rank is below
+    min(width, m − 1) (duplicate stimuli, a degenerate layer) spans only that many dimensions
+    and holds the plain step back as a model that narrow would (docs/method.md, GPA step 3)."""
+    if ranks is None:
+        return [int(w) for w in widths]
+    return [int(r) if r < min(w, m - 1) else int(w) for w, r in zip(widths, ranks, strict=True)]
+
+
+def plan(
+    m: int, sizes: Sequence[int], widths: Sequence[int], ranks: Sequence[int] | None = None
+) -> tuple[str, str]:
+    """Iteration and route for m stimuli, model widths k_i (``sizes``), original widths and
+    (when given) the models' numerical ranks (:func:`effective_widths`).
 
     When every model keeps m − 1 columns (m ≤ the narrowest width: the paper's regime) the plain
     GPA step converges fast and its M Procrustes fits run in parallel. With more stimuli than
@@ -397,7 +431,7 @@ def plan(m: int, sizes: Sequence[int], widths: Sequence[int]) -> tuple[str, str]
     Seidel's per-model updates always use the cross-products (2 (Σk − k_i) k_i r against
     2 m r (k_i + Σk)).
     """
-    method = GAUSS_SEIDEL if m > min(widths) else PLAIN
+    method = GAUSS_SEIDEL if m > min(effective_widths(m, widths, ranks)) else PLAIN
     route = CROSS if method == GAUSS_SEIDEL or sum(sizes) < 2 * m else DATA
     return method, route
 
@@ -650,6 +684,7 @@ def fit_preprocessed(
     pool: ThreadPoolExecutor | None = None,
     method: str | None = None,
     depth: int = ANDERSON_DEPTH,
+    ranks: Sequence[int] | None = None,
 ) -> GPAResult:
     """GPA iterations (docs/method.md, GPA steps 2–4) on matrices from :meth:`Preprocessed.mats`.
 
@@ -657,26 +692,36 @@ def fit_preprocessed(
     the matrices' :func:`cross_products`; given, every product uses them, else the data.
     ``method`` (default: :func:`plan`'s) is ``plain`` or ``gauss-seidel``; Gauss–Seidel computes
     the cross-products when not given. ``depth`` 0 turns Anderson acceleration off. ``pool``
-    runs independent steps in parallel.
+    runs independent steps in parallel. ``ranks``: the models' numerical ranks
+    (:meth:`Preprocessed.ranks`); a rank-deficient model counts as that narrow
+    (:func:`effective_widths`).
     """
     _check_stopping(tol, max_iter)
     widths = [int(a.shape[1]) for a in mats] if widths is None else [int(w) for w in widths]
     sizes = [int(a.shape[1]) for a in mats]
     m = mats[0].shape[0]
-    slow = m > min(widths)
-    method = plan(m, sizes, widths)[0] if method is None else method
+    effective = effective_widths(m, widths, ranks)
+    slow = m > min(effective)
+    method = plan(m, sizes, widths, ranks)[0] if method is None else method
     if method not in (PLAIN, GAUSS_SEIDEL):
         raise ValueError(f"method must be {PLAIN!r} or {GAUSS_SEIDEL!r}, got {method!r}")
     if method == GAUSS_SEIDEL and cross is None:
         cross = cross_products(mats, pool.map if pool is not None else map)
     problem = _Problem(mats, cross, pool, exclude_own=method == GAUSS_SEIDEL)
     route = CROSS if cross is not None else DATA
+    deficient = [(i, e, w) for i, (e, w) in enumerate(zip(effective, widths, strict=True)) if e < w]
+    if deficient:
+        log.info(
+            "GPA: model(s) of numerical rank below min(width, m − 1) = their span (duplicate "
+            "stimuli or a degenerate layer?): %s",
+            ", ".join(f"model {i} rank {e} of width {w}" for i, e, w in deficient),
+        )
     if slow:
         log.info(
-            "GPA in the slow regime: m=%d stimuli exceed the narrowest width %d (consensus width "
-            "%d); the fixed point may be non-unique",
+            "GPA in the slow regime: m=%d stimuli exceed the narrowest width or rank %d "
+            "(consensus width %d); the fixed point may be non-unique",
             m,
-            min(widths),
+            min(effective),
             problem.r,
         )
     log.info(

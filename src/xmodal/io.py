@@ -53,8 +53,8 @@ TEXT_COLUMNS = frozenset(
         # the provenance table (xmodal.pipeline.provenance_table): a commit "1e3" or a version
         # "5.10" read as a number would change it
         "key", "id", "requested_revision", "revision", "sha256", "stimuli_sha256",
-        "compute_dtype", "device", "pooling", "torch", "timm", "transformers", "xmodal",
-        "created",
+        "compute_dtype", "device", "pooling", "torch", "timm", "transformers", "numpy", "scipy",
+        "xmodal", "created",
     }
 )  # fmt: skip
 #: How a missing number is written (and read back).

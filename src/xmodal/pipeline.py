@@ -133,7 +133,7 @@ def read_gpa_layers(
             )
         reps.append(x)
     assert ids is not None
-    _warn_identical(models, reps)
+    _warn_identical(models, reps, up_to_rotation=True)
     return ids, reps
 
 
@@ -144,7 +144,18 @@ def read_vision_layers(
     return read_gpa_layers(paths, models, [layer] * len(models), "vision", "analysis.vision_layer")
 
 
-def _warn_identical(models: Sequence[str], reps: Sequence[np.ndarray]) -> None:
+def _warn_identical(
+    models: Sequence[str], reps: Sequence[np.ndarray], up_to_rotation: bool = False
+) -> None:
+    """Warn about models with identical features; with ``up_to_rotation`` also about models
+    that GPA fits onto each other exactly (the same features up to centring, scale, rotation
+    and reflection: Procrustes distance ≈ 0), which count twice just the same."""
+    unit = []
+    if up_to_rotation:
+        for x in reps:
+            c = x - x.mean(axis=0)
+            c /= np.linalg.norm(c) or 1.0
+            unit.append((c, np.linalg.norm(c, axis=1)))
     for i in range(len(reps)):
         for j in range(i):
             if reps[i].shape == reps[j].shape and np.array_equal(reps[i], reps[j]):
@@ -155,6 +166,22 @@ def _warn_identical(models: Sequence[str], reps: Sequence[np.ndarray]) -> None:
                     models[j],
                     models[i],
                 )
+            elif unit and np.allclose(unit[i][1], unit[j][1], rtol=1e-6, atol=1e-12):
+                # equal distances from the centre for every stimulus (rotation-invariant, cheap);
+                # then the Procrustes fit: 1 − ‖N_iᵀ N_j‖_* = half the squared distance
+                import scipy.linalg
+
+                gap = 1.0 - float(scipy.linalg.svdvals(unit[i][0].T @ unit[j][0]).sum())
+                if gap < 1e-9:
+                    log.warning(
+                        "models %r and %r have the same features up to a rotation, reflection "
+                        "and scale (GPA fits one onto the other exactly: 1 − ‖N_iᵀN_j‖_* = "
+                        "%.1e): they count twice in GPA, and leave-one-model-out's correlations "
+                        "are rounding noise; remove one of them from config.yaml",
+                        models[j],
+                        models[i],
+                        gap,
+                    )
 
 
 def read_prepared_vision(
@@ -910,7 +937,7 @@ def write_models_table(records: Sequence[Mapping[str, Any]], out: PathLike) -> N
 PROVENANCE_COLUMNS = (
     "kind", "key", "label", "modality", "source", "id", "requested_revision", "revision",
     "sha256", "n_stimuli", "stimuli_sha256", "compute_dtype", "device", "pooling", "torch", "timm",
-    "transformers", "xmodal", "created",
+    "transformers", "numpy", "scipy", "xmodal", "created",
 )  # fmt: skip
 
 
@@ -962,16 +989,28 @@ def provenance_table(
             "n_stimuli": n,
             "stimuli_sha256": attrs.get("stimuli_sha256", ""),
             **{k: attrs.get(k, "") for k in _PROVENANCE_ATTRS},
-            **{k: versions.get(k, "") for k in ("torch", "timm", "transformers", "xmodal")},
+            **{
+                k: versions.get(k, "") for k in ("torch", "timm", "transformers", "numpy", "xmodal")
+            },
         }
         if labels and Path(path).stem in labels:  # the file's name is the config key
             row["label"] = labels[Path(path).stem]
         rows.append(row)
     # last, the analysis code that made the tables from the features (the same in every
-    # analysis job: each reruns when it changes, docs/cluster.md "What reruns")
+    # analysis job: each reruns when it changes, docs/cluster.md "What reruns"), and the
+    # numerical libraries of the environment it ran in
+    from importlib import metadata
+
+    def version(name: str) -> str:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return ""
+
     rows.append(
         {"kind": "analysis", "key": "xmodal", "sha256": xmodal.analysis_code_digest(),
-         "n_stimuli": rows[-1]["n_stimuli"], "xmodal": xmodal.__version__}
+         "n_stimuli": rows[-1]["n_stimuli"], "xmodal": xmodal.__version__,
+         **{k: version(k) for k in ("torch", "numpy", "scipy")}}
     )  # fmt: skip
     return pd.DataFrame(rows, columns=list(PROVENANCE_COLUMNS)).fillna("")
 
