@@ -3,6 +3,7 @@ registry, prepared layers, and messages that name the model, file and config key
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from pathlib import Path
@@ -119,6 +120,28 @@ def test_vision_features_equal_up_to_rotation_and_scale_are_warned_about(
         caplog.text,
     ), caplog.text
     assert caplog.text.count("have the same features up to") == 1  # not the near copy, nor d
+
+
+def test_a_rank_deficient_vision_model_is_named_and_its_rank_recorded(
+    tmp_path: Path, caplog
+) -> None:
+    """Duplicate stimuli (or a degenerate layer) leave a model wider than m spanning fewer
+    dimensions than m − 1: GPA fits it as a model that narrow, and the run says which model,
+    recording every model's numerical rank in gpa.json (given order, not fitting order)."""
+    rng = np.random.default_rng(5)
+    x = {k: rng.standard_normal((3, 16, 24)).astype(np.float32) for k in ("b", "a", "c")}
+    x["c"][:, 9] = x["c"][:, 3]  # two stimuli with the same features in model c only
+    x["a"] = np.tile(x["a"][:, :, :4], (1, 1, 6))  # model a: 4 units, each repeated 6 times
+    paths = [_write(tmp_path / f"{k}.h5", k, "vision", v) for k, v in x.items()]
+    out = [tmp_path / n for n in ("r.tsv", "d.tsv", "g.json")]
+    with caplog.at_level(logging.WARNING, logger="xmodal.pipeline"):
+        pipeline.run_gpa(paths, list(x), -2, 1e-10, 2000, *out)
+    record = json.loads(out[2].read_text())
+    assert record["ranks"] == [15, 4, 14] and record["slow_regime"] is True
+    assert "vision GPA: model 'a' has numerical rank 4, below min(its width, m − 1) = 15" in (
+        caplog.text
+    )
+    assert "model 'c' has numerical rank 14" in caplog.text and "model 'b'" not in caplog.text
 
 
 def test_prepared_layer_is_the_reference_preprocessing(tmp_path: Path) -> None:

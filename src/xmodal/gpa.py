@@ -94,6 +94,7 @@ class GPAResult:
     each stage. ``distances[j, i]`` is ‖N_i[j]‖₂, stimulus j's distance from the centre of
     model i's preprocessed matrix (m × M; set by :func:`gpa`): a residual is a difference of
     such rows, so it grows with it (docs/method.md, "Dispersion and distance from the centre").
+    ``ranks[i]`` is model i's numerical rank (:meth:`Preprocessed.ranks`; set by :func:`gpa`).
     """
 
     consensus: np.ndarray
@@ -111,6 +112,7 @@ class GPAResult:
     n_rejected: int = 0
     seconds: dict[str, float] = field(default_factory=dict)
     distances: np.ndarray | None = None
+    ranks: list[int] = field(default_factory=list)
 
 
 def _as_2d_float64(x: np.ndarray, name: str) -> np.ndarray:
@@ -398,6 +400,7 @@ def gpa(
     res.seconds = {"preprocess": t1 - t0, "cross-products": t2 - t1, **res.seconds}
     # the exact reduction keeps N N^T, hence the row norms: take them from the centred input
     res.distances = np.stack([np.linalg.norm(c, axis=1) for c in prep.centred], axis=1)
+    res.ranks = ranks
     return res
 
 

@@ -331,6 +331,19 @@ def _gpa_and_dispersion(
         what,
         rho_distance,
     )
+    ranks = [int(res.ranks[b]) for b in back] if res.ranks else []
+    for model, rank, rep in zip(models, ranks, reps, strict=False):
+        span = min(rep.shape[1], len(ids) - 1)
+        if rank < span:  # docs/method.md, GPA step 3
+            log.warning(
+                "%s GPA: model %r has numerical rank %d, below min(its width, m − 1) = %d "
+                "(duplicate stimuli, or a degenerate layer?); it is fitted as a model that "
+                "narrow, and such a fit can have several stationary points",
+                what,
+                model,
+                rank,
+                span,
+            )
     pc1_r, oriented = dispersion.pc1_orientation(table)
     if not oriented:  # docs/method.md, "Dispersion"
         log.warning(
@@ -349,6 +362,7 @@ def _gpa_and_dispersion(
             "models": list(models),
             **dict(extra or {}),
             "widths": [int(r.shape[1]) for r in reps],
+            "ranks": ranks,
             "m": len(ids),
             "n_iter": int(res.n_iter),
             "converged": bool(res.converged),
