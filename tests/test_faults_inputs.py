@@ -266,6 +266,19 @@ def test_a_nested_command_line_value_is_named_as_given_with_config(project: Path
         out,
     ), out
     assert "Traceback" not in out and "demo.yaml: key" not in out, out
+    # a top-level value that looks like a number is that number, even quoted (snakemake strips
+    # the quotes): 007 arrives as 7
+    proc = snakemake(
+        project, "-n", "--configfile", "config/demo.yaml", "--config", 'dataset="007"',
+        "--cores", "1", check=False,
+    )  # fmt: skip
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "Traceback" not in out, out
+    assert (
+        "Invalid configuration in --config: key 'dataset': 7 is not of type 'string' (--config "
+        "reads a value that looks like a number as that number, quoted or not: set it in quotes "
+        "in a YAML file and give that with --configfile)"
+    ) in out, out
     # the same value from the file is named as the file's
     cfg = _demo_cfg()
     cfg["analysis"]["knn_k"] = "10"

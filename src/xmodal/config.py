@@ -382,6 +382,12 @@ def schema_errors(
                     f" (--config gives every value inside {err.path[0]}={{...}} as text: put "
                     "the setting in a YAML file and give it with --configfile)"
                 )
+            elif hint.startswith(" (YAML read the value as a"):
+                # and a top-level value that looks like a number as that number (007 as 7)
+                hint = (
+                    " (--config reads a value that looks like a number as that number, quoted "
+                    "or not: set it in quotes in a YAML file and give that with --configfile)"
+                )
         lines.append(f"Invalid configuration in {where}: key '{key}': {err.message}{hint}")
     return lines
 
