@@ -86,6 +86,31 @@ def test_a_report_with_another_value_is_refused_naming_both(tmp_path_factory, ke
     assert f"this config says analysis.{key} = {old + delta!r}" in msg and str(path) in msg
 
 
+def test_the_controls_switches_are_compared_with_their_one_default(tmp_path):
+    """The report's overview says "off in this run" for a control the config turns off: a
+    config that turns one on or off against the run's is refused, and spelling a default out
+    is not a change (the defaults, xmodal.config.DEFAULTS, are also the settings classes')."""
+    from xmodal.selection import DropControl, HeldOutLayer, SelfSelection
+
+    assert (DropControl().enabled, HeldOutLayer().enabled, SelfSelection().enabled) == (
+        DEFAULTS["analysis.drop_control.enabled"],
+        DEFAULTS["analysis.heldout_layer.enabled"],
+        DEFAULTS["analysis.self_selection.enabled"],
+    )
+    path = tmp_path / "r.json"
+    record_run_settings(path, CONFIG, whole=True, succeeded=True)
+    spelled = copy.deepcopy(CONFIG)
+    spelled["analysis"].update(
+        drop_control={"enabled": True}, heldout_layer=None, self_selection={"enabled": False}
+    )
+    check_report_settings(path, spelled)
+    for name, now in (("drop_control", False), ("heldout_layer", True), ("self_selection", True)):
+        other = copy.deepcopy(CONFIG)
+        other["analysis"][name] = {"enabled": now}
+        with pytest.raises(ConfigError, match=rf"made with analysis\.{name}\.enabled = {not now}"):
+            check_report_settings(path, other)
+
+
 def test_metrics_and_duplicates_and_fractions_are_compared(tmp_path):
     path = tmp_path / "r.json"
     record_run_settings(path, CONFIG, whole=True, succeeded=True)

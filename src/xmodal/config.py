@@ -395,7 +395,8 @@ def schema_errors(
 # ----------------------------------------------------------------- the settings a report states
 #: The settings the report's captions state (workflow/report/*.rst, read from the config given
 #: to ``--report``), and so must be those the results were made with. Each one changes a rule's
-#: params, so a run with a changed value reruns work and records it (:func:`record_run_settings`).
+#: params, or (the controls' switches) which rules run, so a run with a changed value reruns
+#: work and records it (:func:`record_run_settings`).
 REPORT_SETTINGS = (
     "analysis.knn_k",
     "analysis.set_size",
@@ -406,10 +407,22 @@ REPORT_SETTINGS = (
     "analysis.vision_layer",
     "analysis.metrics",
     "stimuli.drop_duplicates",
+    "analysis.drop_control.enabled",
+    "analysis.heldout_layer.enabled",
+    "analysis.self_selection.enabled",
 )
 #: What an absent optional key means: the one place these defaults are written down (the
-#: workflow, the library and the report check all read them through :func:`setting`).
-DEFAULTS: dict[str, Any] = {"analysis.metrics": ["cknna"], "stimuli.drop_duplicates": False}
+#: workflow, the library and the report check all read them through :func:`setting`; the
+#: controls' settings classes in xmodal.selection take their switches from here).
+DEFAULTS: dict[str, Any] = {
+    "analysis.metrics": ["cknna"],
+    "stimuli.drop_duplicates": False,
+    # docs/method.md, "Controls": the size-matched drop control is cheap and on; the held-out
+    # layer choice and the self-selection sets add work to every conditions job and are off
+    "analysis.drop_control.enabled": True,
+    "analysis.heldout_layer.enabled": False,
+    "analysis.self_selection.enabled": False,
+}
 
 
 def setting(config: Mapping[str, Any], dotted: str) -> Any:

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from xmodal.config import ConfigError, heldout_set_size, min_set_size
+from xmodal.config import DEFAULTS, ConfigError, heldout_set_size, min_set_size
 
 __all__ = [
     "RANDOM_SETS",
@@ -411,13 +411,13 @@ def _count(value: Any, key: str, minimum: int) -> int:
 
 @dataclass(frozen=True)
 class DropControl:
-    """``analysis.drop_control`` with its defaults (the one place they are defaulted): the
+    """``analysis.drop_control`` with its defaults (the switch's is xmodal.config.DEFAULTS'): the
     size-matched random sets of the drop ablation (docs/method.md, "Size-matched drop control").
 
     ``n_random`` None means ``analysis.n_random``.
     """
 
-    enabled: bool = True
+    enabled: bool = DEFAULTS["analysis.drop_control.enabled"]
     n_random: int | None = None
 
     @classmethod
@@ -441,7 +441,7 @@ class HeldOutLayer:
     evaluated on sets drawn from the other (docs/method.md, "Held-out layer choice"). Off by
     default: it adds work to every layer search and every conditions job."""
 
-    enabled: bool = False
+    enabled: bool = DEFAULTS["analysis.heldout_layer.enabled"]
     n_splits: int = 20
 
     @classmethod
@@ -458,7 +458,7 @@ class SelfSelection:
     sets chosen by the GPA of the other vision models (docs/method.md, "Sets chosen without the
     scored model"). Off by default: it adds two sets per vision model to every conditions job."""
 
-    enabled: bool = False
+    enabled: bool = DEFAULTS["analysis.self_selection.enabled"]
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> SelfSelection:

@@ -98,8 +98,14 @@ except WorkflowError:
 # an absent optional key takes its default (xmodal.config.DEFAULTS), written into the config
 # that the rules and the report's captions read
 for _dotted in DEFAULTS:
-    _section, _key = _dotted.split(".")
-    config.setdefault(_section, {})[_key] = setting(config, _dotted)
+    _value = setting(config, _dotted)
+    *_sections, _key = _dotted.split(".")
+    _node = config
+    for _section in _sections:  # an absent or empty (null) section becomes a mapping
+        if not isinstance(_node.get(_section), dict):
+            _node[_section] = {}
+        _node = _node[_section]
+    _node[_key] = _value
 
 try:
     for _path in _CONFIG_FILES:
