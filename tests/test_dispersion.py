@@ -336,3 +336,36 @@ def test_an_edited_dispersion_table_is_refused_naming_file_and_row(tmp_path, edi
     with pytest.raises(TableError, match=str(path)):
         run_stimulus_sets(path, analysis, tmp_path / "sets.tsv")
     assert not (tmp_path / "sets.tsv").exists()
+
+
+def test_a_dispersion_table_next_to_its_gpa_summary_is_checked_against_it(tmp_path):
+    """Edits the table alone cannot show: its last rows cut off (when they held the top ranks)
+    and a value moved without changing its rank. gpa.json, written by the same job, records m
+    and the table's SHA-256; every reader compares them."""
+    from xmodal.io import TableError, write_table
+    from xmodal.pipeline import _gpa_and_dispersion
+
+    reps = planted_reps(np.random.default_rng(2), 30, 6, (8, 10, 12), 0.5)[0]
+    ids = [f"id{j}" for j in range(30)]
+    out = [tmp_path / n for n in ("residuals.tsv", "dispersion.tsv", "gpa.json")]
+    _gpa_and_dispersion(ids, ["a", "b", "c"], reps, 1e-10, 1000, *out, "vision")
+    table = read_dispersion_table(out[1])
+    top = int(np.argmax(table["mean_dispersion"]))
+    cut = table.drop(index=top)
+    cut["position"] = np.arange(29)
+    cut["rank_mean"] = stable_rank(cut["mean_dispersion"].to_numpy())
+    cut["rank_pc1"] = stable_rank(cut["pc1_score"].to_numpy())
+    write_table(cut, out[1])  # consistent in itself: one stimulus fewer
+    with pytest.raises(
+        TableError, match=r"dispersion.tsv: 29 stimuli, where the GPA that wrote it had 30"
+    ):
+        read_dispersion_table(out[1])
+    moved = table.copy()
+    order = np.argsort(moved["mean_dispersion"].to_numpy())
+    lo, hi = moved["mean_dispersion"].to_numpy()[order[[10, 11]]]
+    moved.loc[order[10], "mean_dispersion"] = (lo + hi) / 2  # the same rank, another value
+    write_table(moved, out[1])
+    with pytest.raises(TableError, match=r"not the table the GPA wrote \(its SHA-256 differs"):
+        read_dispersion_table(out[1])
+    write_table(table, out[1])  # as written: accepted again
+    pd.testing.assert_frame_equal(read_dispersion_table(out[1]), table)

@@ -435,6 +435,13 @@ def test_heldout_title_names_each_rules_counts():
         "\nheld-out layer: low > high in 7/12 pairs, median Δ +0.010"
         "\nfull-set layer: low > high in 11/12 pairs, median Δ +0.050"
     )
+    # pairs left out of the counts (a split's value not a number) and flagged ones are said,
+    # as in the contrasts titles: "11/11" alone over 12 drawn rows read as every pair
+    stats = stats.assign(n_pairs=[12, 12], n_valid=[11, 12], n_unstable=[2, 0])
+    assert _heldout_line(stats, "mean") == (
+        "\nheld-out layer: low > high in 7/11 pairs, median Δ +0.010\n    (1 undefined, 2 unstable)"
+        "\nfull-set layer: low > high in 11/12 pairs, median Δ +0.050"
+    )
 
 
 def test_gallery_picks_by_mean_dispersion_not_pc1(inputs, tmp_path):

@@ -504,7 +504,8 @@ def test_a_value_that_is_not_a_number_is_refused_naming_column_row_and_value(
     where = rf"{re.escape(str(path))}: column 'value', row {row + 1} \(line {row + 2}\) holds {re.escape(repr(bad))}"
     with pytest.raises(TableError, match=where):
         read_table(path, numbers=("value",))
-    if 2 * 1 < len(values):  # most values are numbers: refused without being asked for
+    if 2 * 1 < len(values) or bad in ("0,5", '"0.5"'):  # most values are numbers, or the one
+        # that is not is a number misspelt: refused without being asked for
         with pytest.raises(TableError, match=where):
             read_table(path)
     else:  # a column of text the contract does not list stays text
@@ -520,3 +521,20 @@ def test_text_columns_and_missing_number_columns(tmp_path: Path) -> None:
     assert np.isnan(back["value"][:2]).all() and back["value"][2] == 2.5
     with pytest.raises(TableError, match=r"t.tsv: no column\(s\) \['rank'\]"):
         read_table(path, numbers=("value", "rank"))
+
+
+def test_a_whole_column_of_comma_decimals_is_refused_and_image_modes_stay_text(
+    tmp_path: Path,
+) -> None:
+    """A spreadsheet in a comma-decimal locale rewrites every number of a column: kept as text,
+    it failed later naming no file. Pillow's bilevel mode "1" is a mode, not a number, even in
+    a table where most images have it."""
+    path = tmp_path / "t.tsv"
+    path.write_text("stimulus_id\tvalue\ns1\t0,25\ns2\t1,5\n")
+    with pytest.raises(TableError, match=r"t.tsv: column 'value', row 1 \(line 2\) holds '0,25'"):
+        read_table(path)
+    path.write_text('stimulus_id\tvalue\ns1\t"0.25"\ns2\t1.5\n')  # one of two edited
+    with pytest.raises(TableError, match=r"column 'value', row 1 \(line 2\) holds '\"0.25\"'"):
+        read_table(path)
+    path.write_text("stimulus_id\tmode\tformat\ns1\t1\tPNG\ns2\t1\tPNG\ns3\tL\tPNG\n")
+    assert read_table(path)["mode"].tolist() == ["1", "1", "L"]

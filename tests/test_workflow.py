@@ -366,6 +366,35 @@ def test_report_with_other_settings_than_the_run_is_refused(workflow_dir, demo_c
         shutil.rmtree(profile)
 
 
+def test_a_run_without_the_params_trigger_does_not_vouch_for_its_settings(
+    workflow_dir, demo_config
+):
+    """With --rerun-triggers mtime (docs/cluster.md suggests such runs after some updates), a
+    changed knn_k reruns nothing; a run that remade one figure recorded knn_k 7 as the whole
+    run's, and the report then stated k = 7 in eight captions over values made at k = 10."""
+    record = workflow_dir / "results/report/demo_run_settings.json"
+    kept = record.read_bytes()
+    cfg = copy.deepcopy(demo_config)
+    cfg["analysis"]["knn_k"] = 7
+    k7 = str(workflow_dir / write_config(workflow_dir, cfg, "k7_mtime.yaml"))
+    figure = workflow_dir / "results/figures/demo/residuals.png"
+    out = workflow_dir / "results/report/mtime.html"
+    try:
+        figure.unlink()
+        snakemake(workflow_dir, "--configfile", k7, "--rerun-triggers", "mtime", "--cores", "1")
+        assert figure.exists()
+        assert json.loads(record.read_text()) == {
+            "settings": {**json.loads(kept)["settings"], "analysis.knn_k": 7},
+            "mixed": True,
+        }
+        proc = snakemake(workflow_dir, "--configfile", k7, "--report", str(out), check=False)
+        text = proc.stdout + proc.stderr
+        assert proc.returncode != 0 and not out.exists(), text[-3000:]
+        assert "one without the params rerun trigger (--rerun-triggers)" in text, text[-3000:]
+    finally:
+        record.write_bytes(kept)
+
+
 # ---------------------------------------------------------------- what reruns (docs/cluster.md, "What reruns")
 
 SPEED_SETTINGS = {

@@ -465,6 +465,8 @@ def record_run_settings(
     A successful run of the whole workflow records the config's settings. A run of some
     targets only, or a failed one, that changed them leaves results of both settings on disk:
     it records the new ones as ``mixed``, and a report is refused until a whole run succeeds.
+    (The workflow counts a run without the ``params`` rerun trigger as one of some targets: a
+    changed setting reruns nothing there.)
     An unreadable record counts as one with other settings.
     """
     from xmodal.io import atomic_path
@@ -492,8 +494,9 @@ def check_report_settings(path: str | os.PathLike, config: Mapping[str, Any]) ->
     made before such records existed have none, and pass; so do keys a record lacks."""
     path = Path(path)
     way_out = (
-        f"run the whole workflow with this config first (if it says 'Nothing to be done', "
-        f"every result is up to date with this config: delete {path}), then make the report"
+        f"run the whole workflow with this config first, with the default rerun triggers (if "
+        f"it says 'Nothing to be done', every result is up to date with this config: delete "
+        f"{path}), then make the report"
     )
     try:
         record = _read_record(path)
@@ -503,9 +506,9 @@ def check_report_settings(path: str | os.PathLike, config: Mapping[str, Any]) ->
         return
     if record.get("mixed"):
         raise ConfigError(
-            f"--report: a run of only some targets, or one that failed, changed the settings "
-            f"the report states ({path}), so the results on disk were made with two different "
-            f"configs; {way_out}"
+            f"--report: a run of only some targets, one that failed, or one without the params "
+            f"rerun trigger (--rerun-triggers), changed the settings the report states ({path}), "
+            f"so the results on disk were made with two different configs; {way_out}"
         )
     now, then = report_settings(config), record["settings"]
     changed = [k for k in REPORT_SETTINGS if k in then and then[k] != now[k]]

@@ -135,10 +135,13 @@ def dispersion_table(
 def read_dispersion_table(path: str | os.PathLike) -> pd.DataFrame:
     """The per-stimulus dispersion table as :func:`dispersion_table` wrote it (docs/contracts.md),
     checked to be unedited: one row per stimulus in feature order (``position`` 0..m−1), unique
-    ids, and ranks that are the ranks of the values. A table changed by hand (a row deleted, the
-    rows sorted, a value changed) would select other stimuli without an error; it is refused,
-    naming the file and the first row that disagrees."""
-    from xmodal.io import TableError, read_table
+    ids, and ranks that are the ranks of the values; and, where the fit's summary ``gpa.json``
+    lies next to it (as the pipeline writes them), its m and the table's SHA-256. A table changed
+    by hand (a row deleted, the rows sorted, the last rows cut off, a value changed) would select
+    other stimuli without an error; it is refused, naming the file and what disagrees."""
+    import json
+
+    from xmodal.io import TableError, file_digests, read_table
 
     path = Path(path)
     table = read_table(
@@ -173,6 +176,22 @@ def read_dispersion_table(path: str | os.PathLike) -> pd.DataFrame:
                 f"{column} {table[column].iloc[row]:g} where {expected[row]} is expected ({what})"
                 + again
             )
+    summary = path.with_name("gpa.json")
+    try:
+        fit = json.loads(summary.read_text())
+    except (OSError, ValueError):
+        return table  # no summary (a table from elsewhere): the checks above are all there is
+    if isinstance(fit, dict) and fit.get("m") not in (None, len(table)):
+        raise TableError(
+            f"{path}: {len(table)} stimuli, where the GPA that wrote it had {fit['m']} "
+            f"({summary})" + again
+        )
+    digest = fit.get("dispersion_sha256") if isinstance(fit, dict) else None
+    if digest and file_digests([path])[0] != digest:
+        raise TableError(
+            f"{path}: not the table the GPA wrote (its SHA-256 differs from the one {summary} "
+            "recorded)" + again
+        )
     return table
 
 

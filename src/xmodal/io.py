@@ -50,6 +50,8 @@ TEXT_COLUMNS = frozenset(
         "stimulus_id", "image", "caption", "model", "vision", "llm", "held_out", "layer_name",
         "condition", "summary", "set", "metric", "label", "family", "modality", "reason",
         "kind", "group", "side", "property", "split", "source",
+        # the stimuli report's images.tsv: Pillow's mode "1" (bilevel) is text, not the number 1
+        "mode", "format", "conversion", "bytes_sha256", "pixels_sha256",
         # the provenance table (xmodal.pipeline.provenance_table): a commit "1e3" or a version
         # "5.10" read as a number would change it
         "key", "id", "requested_revision", "revision", "sha256", "stimuli_sha256",
@@ -292,12 +294,18 @@ def write_table(df: pd.DataFrame, path: str | os.PathLike) -> None:
         df.to_csv(tmp, sep="\t", index=False, quoting=csv.QUOTE_NONE, na_rep=NA_REP)
 
 
+#: a number as a spreadsheet may rewrite it: a decimal comma (``0,5``), quoted (``"0.5"``)
+_MISSPELT_NUMBER = r"""\s*["']?\s*[+-]?(\d+[.,]?\d*|[.,]\d+)([eE][+-]?\d+)?\s*["']?\s*"""
+
+
 def _parse_column(path: Path, name: str, values: pd.Series, number: bool = False) -> pd.Series:
     """A column of a table read as text, turned into numbers or booleans where it holds them.
 
     A column that must hold numbers (``number``), or most of whose values are numbers, with a
     value that is not one (``0,5``, ``"0.5"``, ``n/a``) is refused, naming the row and value:
-    kept as text it would fail later, in a step that cannot say which file was wrong.
+    kept as text it would fail later, in a step that cannot say which file was wrong. So is a
+    column whose values that are not numbers are all numbers misspelt (every decimal point a
+    comma, as a spreadsheet in such a locale writes a whole column).
     """
     if _is_text(name):
         return values
@@ -309,7 +317,8 @@ def _parse_column(path: Path, name: str, values: pd.Series, number: bool = False
     bad = parsed.isna() & ~values.isin(_NA_TEXT)
     if not bad.any():
         return parsed
-    if number or 2 * int(bad.sum()) < len(present):
+    misspelt = values[bad].str.fullmatch(_MISSPELT_NUMBER).all()
+    if number or misspelt or 2 * int(bad.sum()) < len(present):
         row = int(bad.to_numpy().nonzero()[0][0])
         raise TableError(
             f"{path}: column {name!r}, row {row + 1} (line {row + 2}) holds {values.iloc[row]!r}"

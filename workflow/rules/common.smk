@@ -579,7 +579,14 @@ def record_settings_of_this_run(succeeded):
     last_batch = args.batch is None or (
         args.batch.rulename == "all" and args.batch.idx == args.batch.batches
     )
-    whole = set(args.targets or ()) <= {"all"} and not any(limits) and last_batch
+    # without the params trigger a changed setting reruns nothing: the run made whatever it
+    # ran with these settings, but not every result (a partial run, as far as the record goes)
+    params = any(
+        getattr(t, "name", str(t)).lower() == "params" for t in args.rerun_triggers
+    )
+    whole = (
+        set(args.targets or ()) <= {"all"} and not any(limits) and last_batch and params
+    )
     try:
         record_run_settings(RUN_SETTINGS, config, whole, succeeded)
     except Exception as err:

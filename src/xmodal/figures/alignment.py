@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -278,6 +279,18 @@ def draw_sets_pc1(data: FigureData) -> Figure:
 
 
 # --------------------------------------------------------------------------- Supp. Fig. 1
+def _pair_notes(r: Any) -> str:
+    """ " (N undefined, M unstable)" for a summary row's pairs left out of its counts (whose
+    value is not a number) and counted but flagged (unstable); empty when none."""
+    notes = []
+    n_valid = int(r.n_valid)
+    if int(getattr(r, "n_pairs", n_valid)) > n_valid:
+        notes.append(f"{int(r.n_pairs) - n_valid} undefined")
+    if int(getattr(r, "n_unstable", 0)):
+        notes.append(f"{int(r.n_unstable)} unstable")
+    return f" ({', '.join(notes)})" if notes else ""
+
+
 def _drop_line(data: FigureData) -> str:
     """The subtitle's counts from the drop summary table (read, never recomputed)."""
     table = data.get("drop_summary")
@@ -295,12 +308,7 @@ def _drop_line(data: FigureData) -> str:
         f"{int(r.n_drop_high_above_random_ci)}, drop low below in "
         f"{int(r.n_drop_low_below_random_ci)}"
     )
-    notes = []
-    if int(r.n_pairs) > int(r.n_valid):
-        notes.append(f"{int(r.n_pairs) - int(r.n_valid)} undefined")
-    if int(r.n_unstable):
-        notes.append(f"{int(r.n_unstable)} unstable")
-    return line + (f" ({', '.join(notes)})" if notes else "")
+    return line + _pair_notes(r)
 
 
 def draw_drop25(data: FigureData) -> Figure:
@@ -579,15 +587,8 @@ def _summary_line(stats: pd.DataFrame, summary: str) -> str:
     if summary not in stats.index:
         return ""
     r = stats.loc[summary]
-    n_valid, n_pairs = int(r.n_valid), int(r.n_pairs)
-    line = f"\nlow > random > high in {int(r.n_low_gt_random_gt_high)}/{n_valid} pairs"
-    notes = []
-    if n_pairs > n_valid:
-        notes.append(f"{n_pairs - n_valid} undefined")
-    if "n_unstable" in stats.columns and int(r.n_unstable):
-        notes.append(f"{int(r.n_unstable)} unstable")
-    if notes:
-        line += f" ({', '.join(notes)})"
+    line = f"\nlow > random > high in {int(r.n_low_gt_random_gt_high)}/{int(r.n_valid)} pairs"
+    line += _pair_notes(r)
     # the ratio is taken over the pairs with low > 0 and high > 0 only: their number is shown
     ratio = r.median_ratio_low_high
     line += f"\nmedian low/high = {ratio:.2f}×" if np.isfinite(ratio) else "\nmedian low/high: n/a"
@@ -773,6 +774,8 @@ def _heldout_line(stats: pd.DataFrame, summary: str) -> str:
             f"\n{'held-out' if rule == 'heldout' else 'full-set'} layer: low > high in "
             f"{int(r.n_low_gt_high)}/{int(r.n_valid)} pairs, median Δ {diff}"
         )
+        if notes := _pair_notes(r):  # on a line of their own: the panel is narrow
+            lines.append(f"\n    {notes.strip()}")
     return "".join(lines)
 
 
