@@ -369,3 +369,6 @@ def test_a_dispersion_table_next_to_its_gpa_summary_is_checked_against_it(tmp_pa
         read_dispersion_table(out[1])
     write_table(table, out[1])  # as written: accepted again
     pd.testing.assert_frame_equal(read_dispersion_table(out[1]), table)
+    crlf = out[1].read_bytes().replace(b"\n", b"\r\n")  # through git's autocrlf: same numbers
+    out[1].write_bytes(crlf)
+    pd.testing.assert_frame_equal(read_dispersion_table(out[1]), table)

@@ -285,6 +285,18 @@ def test_a_nested_command_line_value_is_named_as_given_with_config(project: Path
     schema = ROOT / "workflow" / "schemas" / "config.schema.yaml"
     (line,) = schema_errors(cfg, schema, "config/x.yaml", command_line={"analysis": {"seed": 1}})
     assert line.startswith("Invalid configuration in config/x.yaml: key 'analysis.knn_k'"), line
+    # a section --config gave part of is the file's where the error is the file's; a list item
+    # given on the command line is --config's; a misspelt word gets no "as text" hint
+    cfg = _demo_cfg()
+    cfg["analysis"]["knn_kk"] = 3
+    (line,) = schema_errors(cfg, schema, "config/x.yaml", command_line={"analysis": {"seed": 1}})
+    assert line.startswith("Invalid configuration in config/x.yaml: key 'analysis'"), line
+    cfg = _demo_cfg()
+    cfg["analysis"]["metrics"] = ["cknna", "cknnaa"]
+    given = {"analysis": {"metrics": ["cknna", "cknnaa"]}}
+    (line,) = schema_errors(cfg, schema, "config/x.yaml", command_line=given)
+    assert line.startswith("Invalid configuration in --config: key 'analysis.metrics.1'"), line
+    assert "as text" not in line
 
 
 def test_unsafe_model_key_refused_by_check_config_too() -> None:

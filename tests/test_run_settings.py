@@ -186,3 +186,17 @@ def test_a_key_the_record_lacks_is_not_compared(tmp_path):
     check_report_settings(path, _with(analysis__metrics=["cknna", "cka"]))
     with pytest.raises(ConfigError, match="analysis.seed = 0"):
         check_report_settings(path, _with(analysis__seed=1))
+
+
+def test_a_record_older_than_a_recorded_setting_is_compared_on_the_settings_it_has(tmp_path):
+    """A record written before the controls' switches were recorded lacks them: a partial run
+    with the same config must not mark it mixed (the report would then be refused until a
+    whole run, with nothing changed)."""
+    path = tmp_path / "r.json"
+    old = {k: v for k, v in report_settings(CONFIG).items() if not k.endswith(".enabled")}
+    path.write_text(json.dumps({"settings": old, "mixed": False}))
+    record_run_settings(path, CONFIG, whole=False, succeeded=True)
+    assert json.loads(path.read_text()) == {"settings": old, "mixed": False}
+    check_report_settings(path, CONFIG)
+    record_run_settings(path, _with(analysis__knn_k=7), whole=False, succeeded=True)
+    assert json.loads(path.read_text())["mixed"] is True  # a changed setting still counts

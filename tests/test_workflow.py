@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -364,6 +365,29 @@ def test_report_with_other_settings_than_the_run_is_refused(workflow_dir, demo_c
             assert "could not read the profiles" not in text
     finally:
         shutil.rmtree(profile)
+
+
+def test_a_report_over_figures_older_than_their_tables_is_refused(workflow_dir):
+    """A run of some targets (a relabelled model, one figure redrawn) left the other figures
+    older than the models table they are drawn from; --report showed them, old labels and all,
+    with exit code 0 (the report hunt)."""
+    table = workflow_dir / "results/alignment/demo/models.tsv"
+    kept = table.stat()
+    out = workflow_dir / "results/report/stale.html"
+    try:
+        os.utime(table, (kept.st_atime, kept.st_mtime + 3600))
+        proc = snakemake(
+            workflow_dir, "--configfile", "config/demo.yaml", "--report", str(out), check=False
+        )
+        text = proc.stdout + proc.stderr
+        assert proc.returncode != 0 and not out.exists(), text[-3000:]
+        assert re.search(
+            r"--report: \d+ figure\(s\) are older than the tables they are drawn from "
+            r"\(results/figures/demo/\w+\.png \(older than results/alignment/demo/models\.tsv\)",
+            text,
+        ), text[-3000:]
+    finally:
+        os.utime(table, (kept.st_atime, kept.st_mtime))
 
 
 def test_a_run_without_the_params_trigger_does_not_vouch_for_its_settings(

@@ -330,13 +330,20 @@ def _yaml11_hint(value: Any) -> str | None:
     )
 
 
-def _given_on_command_line(command_line: Mapping[str, Any], path: Sequence[Any]) -> bool:
+def _given_on_command_line(
+    command_line: Mapping[str, Any], path: Sequence[Any], value: Any
+) -> bool:
+    """Whether ``--config`` gave ``value`` at ``path`` (a section it gave only part of is the
+    config file's, merged)."""
     node: Any = command_line
     for part in path:
-        if not isinstance(node, Mapping) or part not in node:
+        if isinstance(node, Mapping) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
+            node = node[part]
+        else:
             return False
-        node = node[part]
-    return True
+    return node == value
 
 
 def schema_errors(
@@ -374,9 +381,9 @@ def schema_errors(
             ):
                 hint += f" (a number in quotes is text: write {err.instance.strip()} unquoted)"
         where = source
-        if command_line and _given_on_command_line(command_line, list(err.path)):
+        if command_line and _given_on_command_line(command_line, list(err.path), err.instance):
             where = "--config"
-            if len(err.path) > 1 and isinstance(err.instance, str):
+            if len(err.path) > 1 and isinstance(err.instance, str) and err.validator == "type":
                 # snakemake's --config reads a mapping's values with YAML's base loader: as text
                 hint = (
                     f" (--config gives every value inside {err.path[0]}={{...}} as text: put "
@@ -480,8 +487,10 @@ def record_run_settings(
             old = _read_record(path)
         except ValueError:
             old = {"settings": None}
-        if old is not None and old["settings"] == now:
-            return
+        # a record made before a setting was recorded lacks it: compare the ones it has
+        if old is not None and old["settings"] is not None:
+            if all(now.get(k) == v for k, v in old["settings"].items() if k in now):
+                return
         record = {"settings": now, "mixed": old is not None}
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:

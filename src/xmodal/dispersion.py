@@ -33,6 +33,7 @@ __all__ = [
     "pc1_orientation",
     "read_dispersion_table",
     "stable_rank",
+    "table_digest",
 ]
 
 
@@ -132,16 +133,24 @@ def dispersion_table(
     return table, explained
 
 
+def table_digest(path: str | os.PathLike) -> str:
+    """SHA-256 of a table file's text with its line endings made LF: what ``gpa.json`` records
+    of the dispersion table, so that a copy through git's autocrlf or an editor still matches."""
+    import hashlib
+
+    return hashlib.sha256(Path(path).read_bytes().replace(b"\r\n", b"\n")).hexdigest()
+
+
 def read_dispersion_table(path: str | os.PathLike) -> pd.DataFrame:
     """The per-stimulus dispersion table as :func:`dispersion_table` wrote it (docs/contracts.md),
     checked to be unedited: one row per stimulus in feature order (``position`` 0..m−1), unique
-    ids, and ranks that are the ranks of the values; and, where the fit's summary ``gpa.json``
-    lies next to it (as the pipeline writes them), its m and the table's SHA-256. A table changed
+    ids, and ranks that are the ranks of the values; and, for a ``dispersion.tsv`` with the fit's
+    summary ``gpa.json`` next to it (as the pipeline writes them), its m and the table's SHA-256. A table changed
     by hand (a row deleted, the rows sorted, the last rows cut off, a value changed) would select
     other stimuli without an error; it is refused, naming the file and what disagrees."""
     import json
 
-    from xmodal.io import TableError, file_digests, read_table
+    from xmodal.io import TableError, read_table
 
     path = Path(path)
     table = read_table(
@@ -176,18 +185,20 @@ def read_dispersion_table(path: str | os.PathLike) -> pd.DataFrame:
                 f"{column} {table[column].iloc[row]:g} where {expected[row]} is expected ({what})"
                 + again
             )
-    summary = path.with_name("gpa.json")
+    summary = path.with_name("gpa.json")  # written with it, as results/*/{dataset}/ hold them
     try:
-        fit = json.loads(summary.read_text())
+        fit = json.loads(summary.read_text()) if path.name == "dispersion.tsv" else None
     except (OSError, ValueError):
-        return table  # no summary (a table from elsewhere): the checks above are all there is
+        fit = None
+    if fit is None:  # no summary (a table from elsewhere): the checks above are all there is
+        return table
     if isinstance(fit, dict) and fit.get("m") not in (None, len(table)):
         raise TableError(
             f"{path}: {len(table)} stimuli, where the GPA that wrote it had {fit['m']} "
             f"({summary})" + again
         )
     digest = fit.get("dispersion_sha256") if isinstance(fit, dict) else None
-    if digest and file_digests([path])[0] != digest:
+    if digest and table_digest(path) != digest:
         raise TableError(
             f"{path}: not the table the GPA wrote (its SHA-256 differs from the one {summary} "
             "recorded)" + again

@@ -27,7 +27,7 @@ from xmodal import language_dispersion, properties, selection
 from xmodal.config import resolve_layer
 from xmodal.dispersion import read_dispersion_table
 from xmodal.features import FeatureFile, FeatureFileError
-from xmodal.io import atomic_path, file_digests, read_table, write_table
+from xmodal.io import atomic_path, read_table, write_table
 from xmodal.parallel import n_workers
 
 if TYPE_CHECKING:
@@ -361,7 +361,7 @@ def _gpa_and_dispersion(
         {
             "models": list(models),
             # what its readers check the table against (xmodal.dispersion.read_dispersion_table)
-            "dispersion_sha256": file_digests([out_dispersion])[0],
+            "dispersion_sha256": dispersion.table_digest(out_dispersion),
             **dict(extra or {}),
             "widths": [int(r.shape[1]) for r in reps],
             "ranks": ranks,

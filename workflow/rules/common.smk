@@ -6,6 +6,7 @@ import re
 import sys
 from functools import cache, partial
 from pathlib import Path
+from types import SimpleNamespace
 
 from snakemake.exceptions import WorkflowError
 from snakemake.logging import logger
@@ -41,6 +42,8 @@ from xmodal.figures import (
     DEFAULT_METRIC,
     FIGURES,
     figure_files,
+    figure_metrics,
+    figure_stem,
     metric_from_tag,
     metric_label,
     metric_tag_pattern,
@@ -526,6 +529,31 @@ def _runs_no_job():
     return args is not None and any(getattr(args, name, None) for name in _NO_JOBS)
 
 
+def stale_figures():
+    """Each figure the report would show that is older than one of the tables it is drawn
+    from, as 'figure (older than table)': Snakemake would redraw it, and the report would show
+    the old one (a label, a count or a value the tables no longer hold)."""
+    off = disabled_tables()
+    stale = []
+    for name, spec in FIGURES.items():
+        if set(spec.required) & off:
+            continue
+        tables = figure_inputs(SimpleNamespace(dataset=DATASET), name).values()
+        for metric in figure_metrics(name, METRICS):
+            png = Path(f"results/figures/{DATASET}/{figure_stem(name, metric)}.png")
+            if not png.is_file():
+                continue  # a missing figure: Snakemake's report names it itself
+            drawn = png.stat().st_mtime
+            newer = [
+                t
+                for t in tables
+                if Path(t).is_file() and Path(t).stat().st_mtime > drawn
+            ]
+            if newer:
+                stale.append(f"{png} (older than {newer[0]})")
+    return stale
+
+
 def check_report_inputs():
     """Refuse --report while outputs are marked incomplete: a run killed with SIGKILL leaves
     files Snakemake will redo, and --report showed them as results (the interruption review).
@@ -555,6 +583,14 @@ def check_report_inputs():
             f"--report: {len(marked)} output(s) are marked incomplete by an interrupted run"
             f" ({shown}); run the workflow first (the profiles' --rerun-incomplete redoes"
             " them), then make the report"
+        )
+    stale = stale_figures()
+    if stale:
+        shown = "; ".join(stale[:3]) + (" ..." if len(stale) > 3 else "")
+        raise WorkflowError(
+            f"--report: {len(stale)} figure(s) are older than the tables they are drawn from"
+            f" ({shown}): a run of some targets left them out of date; run the workflow"
+            " first (a dry run lists what it redraws), then make the report"
         )
     try:
         check_report_settings(RUN_SETTINGS, config)
