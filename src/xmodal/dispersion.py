@@ -144,10 +144,11 @@ def table_digest(path: str | os.PathLike) -> str:
 def read_dispersion_table(path: str | os.PathLike) -> pd.DataFrame:
     """The per-stimulus dispersion table as :func:`dispersion_table` wrote it (docs/contracts.md),
     checked to be unedited: one row per stimulus in feature order (``position`` 0..m−1), unique
-    ids, and ranks that are the ranks of the values; and, for a ``dispersion.tsv`` with the fit's
-    summary ``gpa.json`` next to it (as the pipeline writes them), its m and the table's SHA-256. A table changed
-    by hand (a row deleted, the rows sorted, the last rows cut off, a value changed) would select
-    other stimuli without an error; it is refused, naming the file and what disagrees."""
+    ids, and ranks that are the ranks of the values; and, for a ``dispersion.tsv`` with the
+    fit's summary ``gpa.json`` next to it (as the pipeline writes them), its m and the table's
+    SHA-256. A table changed by hand (a row deleted, the rows sorted, the last rows cut off, a
+    value changed) would select other stimuli without an error; it is refused, naming the file
+    and what disagrees."""
     import json
 
     from xmodal.io import TableError, read_table
@@ -166,20 +167,18 @@ def read_dispersion_table(path: str | os.PathLike) -> pd.DataFrame:
             f"{path}: stimulus {table['stimulus_id'].iloc[row]!r} is listed twice (row {row + 1})"
             + again
         )
-    checks = {
-        "position": np.arange(len(table)),
-        "rank_mean": stable_rank(table["mean_dispersion"].to_numpy()),
-        "rank_pc1": stable_rank(table["pc1_score"].to_numpy()),
+    checks = {  # column: (what it must hold, why)
+        "position": (np.arange(len(table)), "rows are in feature order, numbered from 0"),
+        "rank_mean": (
+            stable_rank(table["mean_dispersion"].to_numpy()),
+            "it is the rank of mean_dispersion",
+        ),
+        "rank_pc1": (stable_rank(table["pc1_score"].to_numpy()), "it is the rank of pc1_score"),
     }
-    for column, expected in checks.items():
+    for column, (expected, what) in checks.items():
         off = table[column].to_numpy() != expected
         if off.any():
             row = int(off.nonzero()[0][0])
-            what = (
-                "rows are in feature order, numbered from 0"
-                if column == "position"
-                else f"it is the rank of {'mean_dispersion' if column == 'rank_mean' else 'pc1_score'}"
-            )
             raise TableError(
                 f"{path}: row {row + 1} (stimulus {table['stimulus_id'].iloc[row]!r}) has "
                 f"{column} {table[column].iloc[row]:g} where {expected[row]} is expected ({what})"
