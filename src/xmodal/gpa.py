@@ -271,9 +271,14 @@ class Preprocessed:
 
 
 def _rank(a: np.ndarray) -> int:
-    sv = scipy.linalg.svdvals(a, check_finite=False)
+    return _numerical_rank(scipy.linalg.svdvals(a, check_finite=False), a.shape)
+
+
+def _numerical_rank(sv: np.ndarray, shape: tuple[int, ...]) -> int:
+    """How many of a matrix's singular values ``sv`` (descending) exceed σ_max · max(shape) · ε
+    (numpy.linalg.matrix_rank's tolerance)."""
     return (
-        int(np.sum(sv > sv[0] * max(a.shape) * np.finfo(float).eps)) if sv.size and sv[0] > 0 else 0
+        int(np.sum(sv > sv[0] * max(shape) * np.finfo(float).eps)) if sv.size and sv[0] > 0 else 0
     )
 
 
@@ -330,7 +335,7 @@ def _polar(
             return q, True
     u, sv, vt = _svd(a)
     conditioned = bool(sv[0] > 0 and sv[-1] ** 2 >= min_ratio * sv[0] ** 2)
-    rank = int(np.sum(sv > sv[0] * max(a.shape) * np.finfo(float).eps)) if sv[0] > 0 else 0
+    rank = _numerical_rank(sv, a.shape)
     if near is None or not wide or rank == a.shape[0]:
         return u @ vt, conditioned
     # Rank-deficient: U₁V₁ᵀ on a's range, and from its null space U₂ the partial isometry into

@@ -332,9 +332,11 @@ def _gpa_and_dispersion(
         rho_distance,
     )
     ranks = [int(res.ranks[b]) for b in back] if res.ranks else []
-    for model, rank, rep in zip(models, ranks, reps, strict=False):
-        span = min(rep.shape[1], len(ids) - 1)
-        if rank < span:  # docs/method.md, GPA step 3
+    widths = [int(r.shape[1]) for r in reps]
+    effective = gpa.effective_widths(len(ids), widths, ranks or None)
+    for model, rank, width, counted in zip(models, ranks, widths, effective, strict=False):
+        if counted < width:  # docs/method.md, GPA step 3
+            span = min(width, len(ids) - 1)
             log.warning(
                 "%s GPA: model %r has numerical rank %d, below min(its width, m − 1) = %d "
                 "(duplicate stimuli, or a degenerate layer?); it is fitted as a model that "
@@ -363,7 +365,7 @@ def _gpa_and_dispersion(
             # what its readers check the table against (xmodal.dispersion.read_dispersion_table)
             "dispersion_sha256": dispersion.table_digest(out_dispersion),
             **dict(extra or {}),
-            "widths": [int(r.shape[1]) for r in reps],
+            "widths": widths,
             "ranks": ranks,
             "m": len(ids),
             "n_iter": int(res.n_iter),

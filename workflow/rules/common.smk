@@ -434,6 +434,11 @@ def control_tables():
     return {name: llm_tables(name) for name in names}
 
 
+def figures_off(off):
+    """The figures drawn from a table of ``off`` (disabled_tables()): not made, not reported."""
+    return [name for name, spec in FIGURES.items() if set(spec.required) & off]
+
+
 def get_final_output():
     paths = table_paths(DATASET)
     keys = ("loo", "grid", "layers", "contrasts", "summary", "images", "duplicates")
@@ -445,8 +450,9 @@ def get_final_output():
     out = [paths[k] for k in keys if k not in off]
     # a figure of alignment values once per metric ({name}.png, {name}.{metric}.png), the
     # others once (xmodal.figures.figure_files); none of a step the config turns off
-    skip = [name for name, spec in FIGURES.items() if set(spec.required) & off]
-    return out + figure_files(f"results/figures/{DATASET}", METRICS, skip=skip)
+    return out + figure_files(
+        f"results/figures/{DATASET}", METRICS, skip=figures_off(off)
+    )
 
 
 # ---------------------------------------------------------------- manifest stamps
@@ -533,10 +539,10 @@ def stale_figures():
     """Each figure the report would show that is older than one of the tables it is drawn
     from, as 'figure (older than table)': Snakemake would redraw it, and the report would show
     the old one (a label, a count or a value the tables no longer hold)."""
-    off = disabled_tables()
+    skip = figures_off(disabled_tables())
     stale = []
-    for name, spec in FIGURES.items():
-        if set(spec.required) & off:
+    for name in FIGURES:
+        if name in skip:
             continue
         tables = figure_inputs(SimpleNamespace(dataset=DATASET), name).values()
         for metric in figure_metrics(name, METRICS):
