@@ -9,7 +9,8 @@ measures, on the same inputs,
       ``output_hidden_states``, pooling, finiteness checks, abs_q95, copy to host) plus writing
       the HDF5 feature file;
 
-and prints (b)/(a) (target: >= 0.85). Then it runs the whole ``extract_features`` call for
+each twice, alternating, and prints (b)/(a) for the best run of each (target: >= 0.85) and for
+the extractor's first run. Then it runs the whole ``extract_features`` call for
 ``--jpegs`` JPEG files on disk (decoding in DataLoader workers included) with the ViT-H.
 
     python benchmarks/extract_gpu.py                 # on a CUDA machine
@@ -211,28 +212,35 @@ def timed(name, unit, n, bare, extractor, warm_batches, model, device, dtype, wa
 
     warm()
     sync(device)
-    results = {}
-    t_write, n_bytes = 0.0, 0
-    for label, fn in (("bare", bare), ("extractor+hdf5", extractor), ("bare2", bare)):
+    results: dict[str, list[float]] = {"bare": [], "extractor+hdf5": []}
+    writes: list[tuple[float, int]] = []
+    # alternating, each twice; best of two for both (the first extractor run also pays one-time
+    # costs, e.g. pinned host buffers and first touch of the feature array)
+    for label, fn in (("bare", bare), ("extractor+hdf5", extractor)) * 2:
         t0 = time.perf_counter()
         written = fn()
         sync(device)
-        results[label] = n / (time.perf_counter() - t0)
+        results[label].append(n / (time.perf_counter() - t0))
         if written is not None:
-            t_write, n_bytes = written
-    bare_rate = max(results["bare"], results["bare2"])  # best of two, the conservative reference
-    ratio = results["extractor+hdf5"] / bare_rate
-    no_write = n / (n / results["extractor+hdf5"] - t_write) / bare_rate
+            writes.append(written)
+    bare_rate = max(results["bare"])
+    best = int(np.argmax(results["extractor+hdf5"]))
+    ext_rate = results["extractor+hdf5"][best]
+    t_write, n_bytes = writes[best]
+    ratio = ext_rate / bare_rate
+    no_write = n / (n / ext_rate - t_write) / bare_rate
     print(
-        f"  {name:16s} bare {bare_rate:9.1f} {unit}/s   extractor+hdf5 {results['extractor+hdf5']:9.1f} "
-        f"{unit}/s   ratio {ratio:5.2f}   (without the write {no_write:4.2f}; HDF5 write "
+        f"  {name:16s} bare {bare_rate:9.1f} {unit}/s   extractor+hdf5 {ext_rate:9.1f} "
+        f"{unit}/s   ratio {ratio:5.2f}   (first run {results['extractor+hdf5'][0] / bare_rate:4.2f}; "
+        f"without the write {no_write:4.2f}; HDF5 write "
         f"{n_bytes / 2**20:.0f} MiB in {t_write:.2f} s = {n_bytes / 2**20 / max(t_write, 1e-9):.0f} MiB/s)",
         flush=True,
     )
     return dict(
         model=name,
         bare=bare_rate,
-        extractor=results["extractor+hdf5"],
+        extractor=ext_rate,
+        extractor_first=results["extractor+hdf5"][0],
         ratio=ratio,
         ratio_without_write=no_write,
         write_s=t_write,
@@ -279,13 +287,13 @@ def make_jpegs(root: Path, n: int, size: tuple[int, int]) -> Path:
 
 
 def bench_jpegs(spec, n, bs, workers, device, dtype, root: Path) -> dict:
-    from timm.models._hub import save_for_hf
+    from xmodal.demo.models import save_vit
 
     t0 = time.perf_counter()
     manifest = make_jpegs(root / "stimuli", n, (500, 375))
     t_make = time.perf_counter() - t0
     model = build_vit(spec, device, dtype)
-    save_for_hf(model, root / "vit", safe_serialization=True)
+    save_vit(model, root / "vit", spec["kw"])
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -342,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.cpu_smoke:
         device, dtype, models = torch.device("cpu"), torch.float32, SMOKE_MODELS
-        n, n_jpeg = args.n or 64, args.jpegs or 128
+        n, n_jpeg = args.n or 64, 128 if args.jpegs is None else args.jpegs
         bs_v, bs_l = min(args.batch_vision, 16), min(args.batch_language, 16)
         workers = min(args.workers, 2)
     else:
@@ -353,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             return 2
         device, dtype, models = torch.device("cuda"), torch.bfloat16, GPU_MODELS
-        n, n_jpeg = args.n or 1024, args.jpegs or 1024
+        n, n_jpeg = args.n or 1024, 1024 if args.jpegs is None else args.jpegs
         bs_v, bs_l, workers = args.batch_vision, args.batch_language, args.workers
     names = [m for m in args.models.split(",") if m]
     dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"

@@ -40,6 +40,17 @@ def _save_image(path: Path, mode: str, rng: np.random.Generator, size: tuple[int
     return name.name
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _extract_on_the_cpu():
+    """Extraction's "auto" device is the CPU in tests, also on a machine with a GPU: the tests'
+    expected values are the CPU's float32 ones (on CUDA "auto" means bfloat16). Tests of
+    CUDA ask for it by name (test_extract_gpu.py)."""
+    patch = pytest.MonkeyPatch()
+    patch.setenv("XMODAL_DEVICE", "cpu")
+    yield
+    patch.undo()
+
+
 @pytest.fixture(scope="session")
 def captions() -> list[str]:
     """The 12 captions of ``tiny_manifest``, in manifest order."""

@@ -13,6 +13,9 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
 
 from xmodal.features import (
     SCHEMA_VERSION,
@@ -86,6 +89,25 @@ def test_abs_quantile_rows_matches_torch_quantile():
         x = torch.from_numpy(rng.standard_normal(shape).astype(np.float32))
         ref = torch.quantile(x.abs().reshape(shape[0], -1), 0.95, dim=1)
         torch.testing.assert_close(abs_quantile_rows(x), ref)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    hnp.arrays(
+        np.float32,
+        st.tuples(st.integers(1, 4), st.integers(1, 400)),
+        # few distinct values: ties at the order statistics, as in quantised features
+        elements=st.sampled_from([0.0, -0.5, 1.0, 2.0, -3.0]) | st.floats(-8, 8, width=32),
+    )
+)
+def test_abs_quantile_rows_are_the_sorted_order_statistics(x):
+    """Selection gives exactly the values of sorting each row and interpolating linearly."""
+    t = torch.from_numpy(x).abs()
+    s = torch.sort(t, dim=1).values
+    pos = 0.95 * (t.shape[1] - 1)
+    lo = int(np.floor(pos))
+    want = torch.lerp(s[:, lo], s[:, min(lo + 1, t.shape[1] - 1)], float(pos - lo))
+    assert torch.equal(abs_quantile_rows(torch.from_numpy(x)), want)
 
 
 def test_failure_mid_write_leaves_no_file(tmp_path):

@@ -55,6 +55,9 @@ VIT_FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
     ),
 }
 
+# pretrained_cfg sizes of the full-size model that a tiny one does not share
+_SIZE_KEYS = ("input_size", "test_input_size", "min_input_size", "pool_size")
+
 __all__ = [
     "VIT_FAMILIES",
     "build_tiny_lm",
@@ -64,7 +67,15 @@ __all__ = [
     "tiny_lm_config",
     "tiny_vit",
     "train_tokenizer",
+    "vit_args",
 ]
+
+
+def vit_args(family: str, **overrides: Any) -> dict[str, Any]:
+    """The tiny architecture arguments of ``family``, with ``overrides``."""
+    if family not in VIT_FAMILIES:
+        raise ValueError(f"unknown ViT family {family!r}; choose from {sorted(VIT_FAMILIES)}")
+    return {**VIT_FAMILIES[family][1], **overrides}
 
 
 def tiny_vit(family: str, seed: int, **overrides: Any) -> torch.nn.Module:
@@ -72,10 +83,7 @@ def tiny_vit(family: str, seed: int, **overrides: Any) -> torch.nn.Module:
     ensure_torchvision_importable()
     import timm
 
-    if family not in VIT_FAMILIES:
-        raise ValueError(f"unknown ViT family {family!r}; choose from {sorted(VIT_FAMILIES)}")
-    name, args = VIT_FAMILIES[family]
-    args = {**args, **overrides}
+    name, args = VIT_FAMILIES[family][0], vit_args(family, **overrides)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = timm.create_model(name, pretrained=False, **args)
@@ -88,12 +96,27 @@ def tiny_vit(family: str, seed: int, **overrides: Any) -> torch.nn.Module:
     return model
 
 
-def save_vit(model: torch.nn.Module, out_dir: str | os.PathLike) -> Path:
-    """Save a timm ViT as a local directory (``config.json`` + ``model.safetensors``)."""
+def save_vit(
+    model: torch.nn.Module, out_dir: str | os.PathLike, model_args: dict[str, Any]
+) -> Path:
+    """Save a timm ViT as a local directory (``config.json`` + ``model.safetensors``).
+
+    ``model_args`` are the architecture arguments it was built with; ``config.json`` records
+    them and the model's input size, so that ``timm.create_model("local-dir:...")`` rebuilds this
+    architecture, and its eval transform this size, not the full-size defaults of its name
+    (timm before 1.0.31 records neither by itself).
+    """
     from timm.models._hub import save_for_hf
 
+    # the eval transform reads the input size from pretrained_cfg, which names the full-size
+    # model's (timm before 1.0.31 saves it as it is)
+    cfg = {k: v for k, v in model.pretrained_cfg.items() if k not in _SIZE_KEYS}
+    model.pretrained_cfg = model.default_cfg = {
+        **cfg,
+        "input_size": (3, *model.patch_embed.img_size),
+    }
     out = Path(out_dir)
-    save_for_hf(model, out, safe_serialization=True)
+    save_for_hf(model, out, model_args=dict(model_args), safe_serialization=True)
     return out
 
 
@@ -104,7 +127,7 @@ def build_tiny_vit(out_dir: str | os.PathLike, family: str, seed: int, **overrid
     architecture arguments (e.g. ``depth=2``). Returns ``out_dir`` (``config.json`` +
     ``model.safetensors``), loadable with ``load_vision_model(out_dir)``.
     """
-    return save_vit(tiny_vit(family, seed, **overrides), out_dir)
+    return save_vit(tiny_vit(family, seed, **overrides), out_dir, vit_args(family, **overrides))
 
 
 def train_tokenizer(

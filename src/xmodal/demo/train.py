@@ -466,7 +466,8 @@ def train_vision_model(
         else:
             raise ValueError(f"no training objective for ViT family {family!r}")
     model.eval().requires_grad_(False)
-    save_vit(model, model_dir)
+    built = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    save_vit(model, model_dir, built.get("model_args", {}))
     record = dict(
         family=family,
         settings=asdict(settings),

@@ -271,6 +271,15 @@ def language_layer_names(n_hidden_states: int) -> list[str]:
     return ["embeddings"] + [f"layers.{i}" for i in range(n_hidden_states - 1)]
 
 
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t`` on ``device``; to a GPU through pinned memory without waiting: a copy from ordinary
+    host memory first waits for everything queued on the GPU, which leaves it idle between
+    batches."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean over positions where ``mask`` is 1, in float32: ``(B, T, D), (B, T) -> (B, D)``.
 
@@ -562,9 +571,10 @@ def extract_language_features(
             for j, r in enumerate(rows):
                 ids[j, : lengths[r]] = torch.as_tensor(token_ids[r])
                 mask[j, : lengths[r]] = 1
+            masks = {input_device: _to_device(mask, input_device)}
             out = model(
-                input_ids=ids.to(input_device),
-                attention_mask=mask.to(input_device),
+                input_ids=_to_device(ids, input_device),
+                attention_mask=masks[input_device],
                 output_hidden_states=True,
                 use_cache=False,
                 return_dict=True,
@@ -574,10 +584,17 @@ def extract_language_features(
                 raise ExtractionError(
                     f"model {model_name}: {len(hidden)} hidden states, expected {n_hidden}"
                 )
-            pooled = torch.stack([mean_pool(h, mask).to(input_device) for h in hidden], dim=1)
+            for h in hidden:  # a sharded model's layers live on several GPUs
+                if h.device not in masks:
+                    masks[h.device] = _to_device(mask, h.device)
+            pooled = torch.stack(
+                [mean_pool(h, masks[h.device]).to(input_device) for h in hidden], dim=1
+            )
             same = [j for j, r in enumerate(rows) for _ in rows_of[r]]
             targets = np.array([i for r in rows for i in rows_of[r]], dtype=np.int64)
-            acc.add(pooled[torch.as_tensor(same, device=pooled.device)], targets)
+            if len(same) > len(rows):  # repeated captions: copies of their first row
+                pooled = pooled[_to_device(torch.as_tensor(same), pooled.device)]
+            acc.add(pooled, targets)
             n_padded += len(rows) * width
             bar.update(len(targets))
 

@@ -78,7 +78,10 @@ def load_vision_model(
             log.warning("%s: loading pickle weights %s (allow_pickle=True)", model_id, wf)
         name, revision_used, weights = model_id, "local", [wf.name]
         create = dict(
-            model_name=model_id, pretrained=True, pretrained_cfg_overlay=dict(file=str(wf))
+            model_name=model_id,
+            pretrained=True,
+            # custom_load: the name's own checkpoint may be a JAX .npz, which this file is not
+            pretrained_cfg_overlay=dict(file=str(wf), custom_load=False),
         )
     else:
         hub_repo, pinned = hub_repo_of(model_id, "vision")
