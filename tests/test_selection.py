@@ -89,6 +89,38 @@ def test_sets_to_indices_unknown_ids():
         sel.sets_to_indices(sets, IDS[1:-1])
 
 
+@pytest.mark.parametrize("draw", [0, 1, 2])
+def test_a_random_draw_deleted_whole_is_refused_naming_it(tmp_path, draw):
+    """A whole random draw deleted from sets.tsv left every set its usual size, and the mean over
+    random draws used one fewer with exit code 0. Draws must run 0..n-1 in every split; the
+    last draw deleted in every split at once is the case left uncaught (no config is read)."""
+    from xmodal.io import write_table
+
+    rng = np.random.default_rng(3)
+    m = 60
+    ids = [f"{j:03d}" for j in range(m)]
+    tables = {
+        "sets": (sel.make_sets(ids, rng.normal(size=m), rng.normal(size=m), 10, 3, 0.25, 0), ""),
+        "heldout": (
+            sel.heldout_sets(ids, rng.normal(size=m), rng.normal(size=m), 16, 3, 2, 0, 3),
+            ", split 1",
+        ),
+    }
+    for name, (sets, where) in tables.items():
+        cut = (sets["set"] == "random") & (sets["draw"] == draw)
+        if where:
+            cut &= sets["split"] == 1
+        write_table(sets[~cut], tmp_path / f"{name}.tsv")
+        if not where and draw == 2:  # the last draw of the only group: not detectable
+            sel.read_sets(tmp_path / f"{name}.tsv")
+            continue
+        with pytest.raises(
+            ValueError,
+            match=rf"{name}.tsv: set 'random' \(none{where}\) lacks draw\(s\) \[{draw}\] of 0..2",
+        ):
+            sel.read_sets(tmp_path / f"{name}.tsv")
+
+
 def test_a_sets_table_with_a_row_deleted_is_refused_naming_the_set(tmp_path):
     """sets.tsv with one row deleted scored a low set of 119 against a high set of 120 with exit
     code 0; its reader refuses any set whose size differs from the others of its kind."""

@@ -289,6 +289,19 @@ def check_set_sizes(sets: pd.DataFrame, path: str | os.PathLike = "the sets tabl
     by = [c for c in ("split", "vision") if c in sets.columns]
     sizes = sets.groupby([*by, "set", "summary", "draw"], sort=False).size().reset_index(name="n")
     sizes["kind"] = np.where(sizes["set"].astype(str).str.contains("drop"), "drop", "set")
+    # random draws are numbered 0..n-1 in every split or vision model: a draw deleted whole
+    # leaves sets of the usual size, and the mean over draws would quietly use one fewer
+    for (name, summary, *_), group in sizes.groupby(["set", "summary", *by], sort=False):
+        draws = sorted(int(d) for d in group["draw"])
+        n_draws = sizes.loc[sizes["set"] == name].groupby(by or "set")["draw"].nunique().max()
+        if draws != list(range(len(draws))) or len(draws) != n_draws:
+            where = "".join(f", {c} {group[c].iloc[0]}" for c in by)
+            missing = sorted(set(range(max(n_draws, draws[-1] + 1))) - set(draws))
+            raise ValueError(
+                f"{path}: set {name!r} ({summary}{where}) lacks draw(s) {missing[:10]} of "
+                f"0..{max(n_draws, draws[-1] + 1) - 1}; was it edited? Delete it and rerun "
+                "(the pipeline writes it again)"
+            )
     for _, group in sizes.groupby([*by, "kind"], sort=False):
         usual = int(group["n"].mode().max())
         odd = group[group["n"] != usual]
