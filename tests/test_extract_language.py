@@ -29,9 +29,13 @@ IDS = [f"stim-{i:02d}" for i in range(12)]
 
 def _alone(model, tokenizer, caption):
     """Reference: one caption, no padding, plain mean of every hidden state."""
-    enc = tokenizer(caption, return_tensors="pt")
+    enc = tokenizer(caption, return_tensors="pt")  # token_type_ids too, which BLOOM refuses
     with torch.no_grad():
-        hs = model(**enc, output_hidden_states=True).hidden_states
+        hs = model(
+            input_ids=enc["input_ids"],
+            attention_mask=enc["attention_mask"],
+            output_hidden_states=True,
+        ).hidden_states
     return np.stack([h[0].float().mean(0).numpy() for h in hs])
 
 
