@@ -93,6 +93,17 @@ def test_mean_pool_ignores_padding_even_if_nonfinite():
     torch.testing.assert_close(out[1], h[1].float().mean(0))
 
 
+def test_mean_pool_of_bfloat16_sums_in_float32():
+    """A bfloat16 sum of 300 tokens would keep 8 bits: the mean must be the float32 one."""
+    g = torch.Generator().manual_seed(0)
+    h = (torch.randn(3, 300, 64, generator=g) + 4).to(torch.bfloat16)
+    mask = torch.ones(3, 300, dtype=torch.long)
+    mask[1, 200:] = 0
+    out = mean_pool(h, mask)
+    want = torch.stack([h[0].double().mean(0), h[1, :200].double().mean(0), h[2].double().mean(0)])
+    torch.testing.assert_close(out.double(), want, rtol=1e-6, atol=0)
+
+
 def test_pad_token_fallback_and_truncation(tiny_lms, captions, caplog):
     model, tok, info = load_language_model(str(tiny_lms["llama"]))
     assert tok.pad_token == "</s>" and "eos_token" in info["tokenizer"]["pad_token_note"]

@@ -285,9 +285,20 @@ def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
     Padding positions are zeroed (not multiplied), so even non-finite values there never leak in.
     """
-    m = mask.to(device=hidden.device, dtype=torch.bool)
-    summed = hidden.float().masked_fill(~m[..., None], 0.0).sum(dim=1)
-    return summed / m.sum(dim=1, keepdim=True).clamp_min(1).float()
+    return _masked_mean(hidden, *_padding(mask, hidden.device))
+
+
+def _padding(mask: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """From a ``(B, T)`` 0/1 mask: where the padding is, ``(B, T, 1)`` bool, and the number of
+    real tokens per row, ``(B, 1)`` float32 (at least 1), on ``device``."""
+    keep = mask.to(device=device, dtype=torch.bool)
+    return ~keep[..., None], keep.sum(dim=1, keepdim=True).clamp_min(1).float()
+
+
+def _masked_mean(hidden: torch.Tensor, pad: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """Mean of ``hidden`` over the positions that ``pad`` does not mark, summed in float32
+    (without a float32 copy of ``hidden``): three kernels a layer, once ``_padding`` is made."""
+    return hidden.masked_fill(pad, 0.0).sum(dim=1, dtype=torch.float32) / count
 
 
 #: Caption token limit for a model that declares no context length (BLOOM's ALiBi has no
@@ -571,10 +582,10 @@ def extract_language_features(
             for j, r in enumerate(rows):
                 ids[j, : lengths[r]] = torch.as_tensor(token_ids[r])
                 mask[j, : lengths[r]] = 1
-            masks = {input_device: _to_device(mask, input_device)}
+            mask_in = _to_device(mask, input_device)
             out = model(
                 input_ids=_to_device(ids, input_device),
-                attention_mask=masks[input_device],
+                attention_mask=mask_in,
                 output_hidden_states=True,
                 use_cache=False,
                 return_dict=True,
@@ -584,11 +595,12 @@ def extract_language_features(
                 raise ExtractionError(
                     f"model {model_name}: {len(hidden)} hidden states, expected {n_hidden}"
                 )
+            pads = {input_device: _padding(mask_in, input_device)}
             for h in hidden:  # a sharded model's layers live on several GPUs
-                if h.device not in masks:
-                    masks[h.device] = _to_device(mask, h.device)
+                if h.device not in pads:
+                    pads[h.device] = _padding(_to_device(mask, h.device), h.device)
             pooled = torch.stack(
-                [mean_pool(h, masks[h.device]).to(input_device) for h in hidden], dim=1
+                [_masked_mean(h, *pads[h.device]).to(input_device) for h in hidden], dim=1
             )
             same = [j for j, r in enumerate(rows) for _ in rows_of[r]]
             targets = np.array([i for r in rows for i in rows_of[r]], dtype=np.int64)
