@@ -396,3 +396,17 @@ def test_auto_dtype_is_float32_for_vision_and_decided_on_the_device_for_language
         with pytest.raises(RuntimeError, match="stop"):
             extract_features("m", {"modality": modality, "id": "x"}, "m.tsv", "o.h5", device="cpu")
         assert seen["dtype"] == want
+
+
+def test_save_vit_records_the_tiny_size_and_leaves_the_model_as_it_was(tmp_path):
+    """timm before 1.0.31 saved the full-size model's input size (224 px for a 32 px model);
+    save_vit writes the model's own, and the caller's model keeps its pretrained_cfg."""
+    from xmodal.demo.models import save_vit, tiny_vit, vit_args
+
+    model = tiny_vit("mae", 0)
+    before = dict(model.pretrained_cfg)
+    save_vit(model, tmp_path / "v", vit_args("mae"))
+    assert model.pretrained_cfg == before and model.default_cfg is model.pretrained_cfg
+    cfg = json.loads((tmp_path / "v" / "config.json").read_text())
+    assert cfg["pretrained_cfg"]["input_size"] == [3, 32, 32]
+    assert cfg["model_args"]["depth"] == vit_args("mae")["depth"]

@@ -121,6 +121,28 @@ def test_a_random_draw_deleted_whole_is_refused_naming_it(tmp_path, draw):
             sel.read_sets(tmp_path / f"{name}.tsv")
 
 
+def test_a_split_without_a_set_or_with_a_renumbered_draw_is_refused(tmp_path):
+    """Every random draw of one split deleted left no group to compare; a draw renumbered
+    beyond n-1 was reported as n missing ones."""
+    from xmodal.io import write_table
+
+    rng = np.random.default_rng(4)
+    ids = [f"{j:03d}" for j in range(60)]
+    # three splits: the usual number of draws is the one most splits have
+    sets = sel.heldout_sets(ids, rng.normal(size=60), rng.normal(size=60), 16, 3, 3, 0, 3)
+    path = tmp_path / "heldout.tsv"
+    write_table(sets[~((sets["set"] == "random") & (sets["split"] == 1))], path)
+    with pytest.raises(ValueError, match=r"set 'random' \(none\) is missing for split 1; was it"):
+        sel.read_sets(path)
+    moved = (sets["set"] == "random") & (sets["split"] == 0) & (sets["draw"] == 2)
+    write_table(sets.assign(draw=sets["draw"].where(~moved, 7)), path)
+    with pytest.raises(
+        ValueError,
+        match=r"'random' \(none, split 0\) lacks draw\(s\) \[2\] and has draw\(s\) \[7\] outside 0..2",
+    ):
+        sel.read_sets(path)
+
+
 def test_a_sets_table_with_a_row_deleted_is_refused_naming_the_set(tmp_path):
     """sets.tsv with one row deleted scored a low set of 119 against a high set of 120 with exit
     code 0; its reader refuses any set whose size differs from the others of its kind."""

@@ -281,26 +281,48 @@ def check_set_sizes(sets: pd.DataFrame, path: str | os.PathLike = "the sets tabl
     """Refuse a sets table whose sets do not have the sizes the pipeline gives them: inside each
     split (held-out sets) or vision model (self-selection sets), every low, high and random set
     (and every 2 × 2 cell) holds the same number of stimuli, and so does every drop set and its
-    size-matched random draw. A table edited by hand (a row deleted) would compare sets of
-    different sizes without an error; the message names the file and the set."""
+    size-matched random draw; every split or vision model holds every set, with its random
+    draws numbered 0..n-1. A table edited by hand (a row or a draw deleted) would compare sets
+    of different sizes, or average fewer draws, without an error; the message names the file
+    and the set. Not detectable without the config: the last draw deleted from every group."""
     required = {"set", "summary", "draw", "stimulus_id"}
     if not required <= set(sets.columns):
         raise ValueError(f"{path}: sets table lacks columns {sorted(required - set(sets.columns))}")
     by = [c for c in ("split", "vision") if c in sets.columns]
     sizes = sets.groupby([*by, "set", "summary", "draw"], sort=False).size().reset_index(name="n")
     sizes["kind"] = np.where(sizes["set"].astype(str).str.contains("drop"), "drop", "set")
-    # random draws are numbered 0..n-1 in every split or vision model: a draw deleted whole
-    # leaves sets of the usual size, and the mean over draws would quietly use one fewer
+    # every split or vision model holds every set, and random draws are numbered 0..n-1 in
+    # each: a draw (or a split's sets) deleted whole leaves sets of the usual size, and the
+    # mean over draws would quietly use fewer
+    if by:
+        groups = sizes[by].drop_duplicates()
+        for (name, summary), present in sizes.groupby(["set", "summary"], sort=False):
+            absent = groups.merge(present[by].drop_duplicates(), how="left", indicator=True)
+            absent = absent[absent["_merge"] == "left_only"]
+            if len(absent):
+                where = ", ".join(f"{c} {absent[c].iloc[0]}" for c in by)
+                raise ValueError(
+                    f"{path}: set {name!r} ({summary}) is missing for {where}; was it edited? "
+                    "Delete it and rerun (the pipeline writes it again)"
+                )
+    # draws a set has: the most common 1 + largest draw over its splits (robust to one edit)
+    last = sizes.groupby(["set", "summary", *by], sort=False)["draw"].max().astype(int) + 1
+    usual_draws = last.groupby(level="set").agg(lambda n: int(n.mode().max()))
     for (name, summary, *_), group in sizes.groupby(["set", "summary", *by], sort=False):
-        draws = sorted(int(d) for d in group["draw"])
-        n_draws = sizes.loc[sizes["set"] == name].groupby(by or "set")["draw"].nunique().max()
-        if draws != list(range(len(draws))) or len(draws) != n_draws:
+        draws = {int(d) for d in group["draw"]}
+        n_draws = int(usual_draws[name])
+        missing = sorted(set(range(n_draws)) - draws)
+        unexpected = sorted(draws - set(range(n_draws)))
+        if missing or unexpected:
             where = "".join(f", {c} {group[c].iloc[0]}" for c in by)
-            missing = sorted(set(range(max(n_draws, draws[-1] + 1))) - set(draws))
+            wrong = (f"lacks draw(s) {missing[:10]}" if missing else "") + (
+                f"{' and ' if missing else ''}has draw(s) {unexpected[:10]} outside"
+                if unexpected
+                else " of"
+            )
             raise ValueError(
-                f"{path}: set {name!r} ({summary}{where}) lacks draw(s) {missing[:10]} of "
-                f"0..{max(n_draws, draws[-1] + 1) - 1}; was it edited? Delete it and rerun "
-                "(the pipeline writes it again)"
+                f"{path}: set {name!r} ({summary}{where}) {wrong} 0..{n_draws - 1}; was it "
+                "edited? Delete it and rerun (the pipeline writes it again)"
             )
     for _, group in sizes.groupby([*by, "kind"], sort=False):
         usual = int(group["n"].mode().max())

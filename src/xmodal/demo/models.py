@@ -109,14 +109,18 @@ def save_vit(
     from timm.models._hub import save_for_hf
 
     # the eval transform reads the input size from pretrained_cfg, which names the full-size
-    # model's (timm before 1.0.31 saves it as it is)
-    cfg = {k: v for k, v in model.pretrained_cfg.items() if k not in _SIZE_KEYS}
+    # model's (timm before 1.0.31 saves it as it is); the caller's model keeps its own
+    original = model.pretrained_cfg
+    cfg = {k: v for k, v in original.items() if k not in _SIZE_KEYS}
     model.pretrained_cfg = model.default_cfg = {
         **cfg,
         "input_size": (3, *model.patch_embed.img_size),
     }
     out = Path(out_dir)
-    save_for_hf(model, out, model_args=dict(model_args), safe_serialization=True)
+    try:
+        save_for_hf(model, out, model_args=dict(model_args), safe_serialization=True)
+    finally:
+        model.pretrained_cfg = model.default_cfg = original
     return out
 
 
