@@ -126,14 +126,22 @@ def build_lm(spec: dict, vocab: int, device: torch.device, dtype: torch.dtype) -
     return model.eval().requires_grad_(False)
 
 
-def bench_vision(name, spec, n, bs, device, dtype, out_dir) -> dict:
-    model = build_vit(spec, device, dtype)
+def image_batches(spec: dict, n: int, bs: int, device: torch.device) -> list:
+    """``n`` random images at the model's size as ``(images, indices)`` batches of ``bs``,
+    in pinned memory for a GPU (as the extraction's DataLoader gives them)."""
     size = spec["kw"]["img_size"]
     g = torch.Generator().manual_seed(0)
     batches = []
     for s in range(0, n, bs):
         x = torch.randn(min(bs, n - s), 3, size, size, generator=g)
         batches.append((x.pin_memory() if device.type == "cuda" else x, list(range(s, s + len(x)))))
+    return batches
+
+
+def bench_vision(name, spec, n, bs, device, dtype, out_dir) -> dict:
+    model = build_vit(spec, device, dtype)
+    size = spec["kw"]["img_size"]
+    batches = image_batches(spec, n, bs, device)
     ids = [f"s{i:05d}" for i in range(n)]
     nb = device.type == "cuda"
 
@@ -159,15 +167,25 @@ def synthetic_captions(n: int, seed: int = 0) -> list[str]:
     return [" ".join(rng.choice(WORDS, size=int(rng.integers(5, 40)))) for _ in range(n)]
 
 
-def bench_language(name, spec, n, bs, device, dtype, out_dir, tokenizer) -> dict:
-    captions = synthetic_captions(n)
-    ids = [f"s{i:05d}" for i in range(n)]
-    model = build_lm(spec, len(tokenizer), device, dtype)
-    # the same sorted-by-length batches as the extractor builds, pre-tokenized for the bare loop
+def bench_tokenizer(folder: Path):
+    """A byte-level BPE tokenizer trained on synthetic captions, padding with its EOS token."""
+    from transformers import AutoTokenizer
+
+    from xmodal.demo.models import train_tokenizer
+
+    tok_dir = train_tokenizer(synthetic_captions(2000, seed=2), folder, vocab_size=400)
+    tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+    tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def caption_batches(tokenizer, captions: list[str], bs: int) -> tuple[list, int]:
+    """The same sorted-by-length batches as the extractor builds, pre-tokenized for the bare
+    loop: ``(input_ids, attention_mask)`` pairs, and the number of tokens in all."""
     tok = tokenizer(captions)["input_ids"]
     order = np.argsort([-len(t) for t in tok], kind="stable")
     batches = []
-    for s in range(0, n, bs):
+    for s in range(0, len(captions), bs):
         rows = order[s : s + bs]
         width = max(len(tok[r]) for r in rows)
         x = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
@@ -176,7 +194,14 @@ def bench_language(name, spec, n, bs, device, dtype, out_dir, tokenizer) -> dict
             x[j, : len(tok[r])] = torch.tensor(tok[r])
             mask[j, : len(tok[r])] = 1
         batches.append((x, mask))
-    n_tokens = sum(len(t) for t in tok)
+    return batches, sum(len(t) for t in tok)
+
+
+def bench_language(name, spec, n, bs, device, dtype, out_dir, tokenizer) -> dict:
+    captions = synthetic_captions(n)
+    ids = [f"s{i:05d}" for i in range(n)]
+    model = build_lm(spec, len(tokenizer), device, dtype)
+    batches, n_tokens = caption_batches(tokenizer, captions, bs)
 
     @torch.inference_mode()
     def bare() -> None:
@@ -370,8 +395,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.cpu_smoke:
         print("CPU SMOKE RUN: tiny shapes; the GPU throughput target is UNMEASURED", flush=True)
 
-    from xmodal.demo.models import train_tokenizer
-
     rows = []
     with tempfile.TemporaryDirectory(prefix="xmodal-bench-") as tmp:
         tmp = Path(tmp)
@@ -382,13 +405,7 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append(bench_vision(name, spec, n, bs_v, device, dtype, tmp))
             else:
                 if tokenizer is None:
-                    from transformers import AutoTokenizer
-
-                    tok_dir = train_tokenizer(
-                        synthetic_captions(2000, seed=2), tmp / "tok", vocab_size=400
-                    )
-                    tokenizer = AutoTokenizer.from_pretrained(tok_dir)
-                    tokenizer.pad_token = tokenizer.eos_token
+                    tokenizer = bench_tokenizer(tmp / "tok")
                 rows.append(bench_language(name, spec, n, bs_l, device, dtype, tmp, tokenizer))
             gc.collect()
             if device.type == "cuda":

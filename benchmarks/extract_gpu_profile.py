@@ -19,7 +19,6 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -99,12 +98,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if kind == "vision":
         model = bench.build_vit(spec, device, dtype)
-        size = spec["kw"]["img_size"]
-        g = torch.Generator().manual_seed(0)
-        batches = []
-        for s in range(0, n, bs):
-            x = torch.randn(min(bs, n - s), 3, size, size, generator=g)
-            batches.append((x.pin_memory() if nb else x, list(range(s, s + len(x)))))
+        batches = bench.image_batches(spec, n, bs, device)
 
         @torch.inference_mode()
         def bare() -> None:
@@ -117,27 +111,11 @@ def main(argv: list[str] | None = None) -> int:
             )
 
     else:
-        from transformers import AutoTokenizer
-
-        from xmodal.demo.models import train_tokenizer
-
         with tempfile.TemporaryDirectory(prefix="xmodal-profile-") as tmp:
-            tok_dir = train_tokenizer(bench.synthetic_captions(2000, seed=2), tmp, vocab_size=400)
-            tokenizer = AutoTokenizer.from_pretrained(tok_dir)
-        tokenizer.pad_token = tokenizer.eos_token
+            tokenizer = bench.bench_tokenizer(Path(tmp))
         model = bench.build_lm(spec, len(tokenizer), device, dtype)
         captions = bench.synthetic_captions(n)
-        tok = tokenizer(captions)["input_ids"]
-        order = np.argsort([-len(t) for t in tok], kind="stable")
-        batches = []
-        for s in range(0, n, bs):
-            rows = order[s : s + bs]
-            x = torch.full((len(rows), max(len(tok[r]) for r in rows)), tokenizer.pad_token_id)
-            mask = torch.zeros_like(x)
-            for j, r in enumerate(rows):
-                x[j, : len(tok[r])] = torch.tensor(tok[r])
-                mask[j, : len(tok[r])] = 1
-            batches.append((x, mask))
+        batches, _ = bench.caption_batches(tokenizer, captions, bs)
 
         @torch.inference_mode()
         def bare(hidden_states: bool = False) -> None:
