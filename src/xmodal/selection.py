@@ -305,24 +305,24 @@ def check_set_sizes(sets: pd.DataFrame, path: str | os.PathLike = "the sets tabl
                     f"{path}: set {name!r} ({summary}) is missing for {where}; was it edited? "
                     "Delete it and rerun (the pipeline writes it again)"
                 )
+    draws_of = sizes.groupby(["set", "summary", *by], sort=False)["draw"].agg(
+        lambda d: {int(x) for x in d}
+    )
     # draws a set has: the most common 1 + largest draw over its splits (robust to one edit)
-    last = sizes.groupby(["set", "summary", *by], sort=False)["draw"].max().astype(int) + 1
-    usual_draws = last.groupby(level="set").agg(lambda n: int(n.mode().max()))
-    for (name, summary, *_), group in sizes.groupby(["set", "summary", *by], sort=False):
-        draws = {int(d) for d in group["draw"]}
-        n_draws = int(usual_draws[name])
-        missing = sorted(set(range(n_draws)) - draws)
-        unexpected = sorted(draws - set(range(n_draws)))
+    usual_draws = draws_of.map(max).add(1).groupby(level="set").agg(lambda n: n.mode().max())
+    for (name, summary, *at), draws in draws_of.items():
+        expected = set(range(int(usual_draws[name])))
+        missing, unexpected = sorted(expected - draws), sorted(draws - expected)
         if missing or unexpected:
-            where = "".join(f", {c} {group[c].iloc[0]}" for c in by)
-            wrong = (f"lacks draw(s) {missing[:10]}" if missing else "") + (
-                f"{' and ' if missing else ''}has draw(s) {unexpected[:10]} outside"
-                if unexpected
-                else " of"
+            where = "".join(f", {c} {v}" for c, v in zip(by, at, strict=True))
+            wrong = " and ".join(
+                [f"lacks draw(s) {missing[:10]}"] * bool(missing)
+                + [f"has draw(s) {unexpected[:10]}"] * bool(unexpected)
             )
             raise ValueError(
-                f"{path}: set {name!r} ({summary}{where}) {wrong} 0..{n_draws - 1}; was it "
-                "edited? Delete it and rerun (the pipeline writes it again)"
+                f"{path}: set {name!r} ({summary}{where}) {wrong} "
+                f"{'outside' if unexpected else 'of'} 0..{len(expected) - 1}; was it edited? "
+                "Delete it and rerun (the pipeline writes it again)"
             )
     for _, group in sizes.groupby([*by, "kind"], sort=False):
         usual = int(group["n"].mode().max())
