@@ -141,6 +141,10 @@ def test_a_split_without_a_set_or_with_a_renumbered_draw_is_refused(tmp_path):
         match=r"'random' \(none, split 0\) lacks draw\(s\) \[2\] and has draw\(s\) \[7\] outside 0..2",
     ):
         sel.read_sets(path)
+    # a draw edited to 1.5 is not draw 1 (it used to be truncated to it)
+    write_table(sets.assign(draw=sets["draw"].where(~moved, 1.5)), path)
+    with pytest.raises(ValueError, match=r"lacks draw\(s\) \[2\] and has draw\(s\) \[1.5\]"):
+        sel.read_sets(path)
 
 
 def test_a_sets_table_with_a_row_deleted_is_refused_naming_the_set(tmp_path):

@@ -305,11 +305,14 @@ def check_set_sizes(sets: pd.DataFrame, path: str | os.PathLike = "the sets tabl
                     f"{path}: set {name!r} ({summary}) is missing for {where}; was it edited? "
                     "Delete it and rerun (the pipeline writes it again)"
                 )
+    # draws as read, not truncated to integers: a draw edited to 1.5 is not draw 1
     draws_of = sizes.groupby(["set", "summary", *by], sort=False)["draw"].agg(
-        lambda d: {int(x) for x in d}
+        lambda d: set(d.tolist())
     )
     # draws a set has: the most common 1 + largest draw over its splits (robust to one edit)
-    usual_draws = draws_of.map(max).add(1).groupby(level="set").agg(lambda n: n.mode().max())
+    usual_draws = (
+        draws_of.map(lambda d: int(max(d)) + 1).groupby(level="set").agg(lambda n: n.mode().max())
+    )
     for (name, summary, *at), draws in draws_of.items():
         expected = set(range(int(usual_draws[name])))
         missing, unexpected = sorted(expected - draws), sorted(draws - expected)
