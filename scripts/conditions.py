@@ -10,6 +10,7 @@ snakemake = globals()["snakemake"]  # injected by the preamble Snakemake prepend
 log_to(snakemake.log[0])  # first, so that even an import error reaches the job's log
 
 from xmodal.pipeline import run_conditions  # noqa: E402
+from xmodal.selection import config_draws  # noqa: E402
 
 run_conditions(
     snakemake.input.vision,
@@ -32,4 +33,6 @@ run_conditions(
     vision_bootstrap_path=snakemake.input.vision_bootstrap,
     loo_stimuli_path=snakemake.input.get("loo_stimuli"),
     out_self_selection=snakemake.output.get("self_selection"),
+    # the draws the config asks for: a sets table with other numbers of draws is refused
+    draws=config_draws(snakemake.config),
 )

@@ -9,6 +9,7 @@ snakemake = globals()["snakemake"]  # injected by the preamble Snakemake prepend
 log_to(snakemake.log[0])  # first, so that even an import error reaches the job's log
 
 from xmodal.pipeline import run_joint_conditions  # noqa: E402
+from xmodal.selection import config_draws  # noqa: E402
 
 run_joint_conditions(
     snakemake.input.vision,
@@ -22,4 +23,6 @@ run_joint_conditions(
     seed=int(snakemake.params.seed),
     out_conditions=snakemake.output.conditions,
     out_cells=snakemake.output.cells,
+    # the draws the config asks for: a sets table with other numbers of draws is refused
+    draws=config_draws(snakemake.config),
 )

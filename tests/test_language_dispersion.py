@@ -4,6 +4,7 @@ alignment against a direct CKNNA)."""
 
 from __future__ import annotations
 
+import functools
 from collections import Counter
 from pathlib import Path
 
@@ -377,10 +378,19 @@ def test_joint_conditions_equal_cknna_on_each_set(tmp_path):
     ldisp = _disp(ids, rng.normal(size=m), rng.normal(size=m))
     sets = joint_sets(vdisp, ldisp, 20, 4, k, 0)
     write_table(sets, tmp_path / "sets.tsv")
-    run_joint_conditions(
-        vision_paths, llm_path, tmp_path / "layers.tsv", tmp_path / "sets.tsv", vision, "lm",
-        vision_layer=-2, k=k, seed=0, out_conditions=tmp_path / "c.tsv", out_cells=tmp_path / "x.tsv",
-    )  # fmt: skip
+    # the config's draws: the 2 x 2 sets hold the main random draws and no drop control's
+    for n_random in (5, 4):
+        run = functools.partial(
+            run_joint_conditions, vision_paths, llm_path, tmp_path / "layers.tsv",
+            tmp_path / "sets.tsv", vision, "lm", vision_layer=-2, k=k, seed=0,
+            out_conditions=tmp_path / "c.tsv", out_cells=tmp_path / "x.tsv",
+            draws={"random": n_random, "random_drop": 7},
+        )  # fmt: skip
+        if n_random != 4:  # the sets were drawn with 4
+            with pytest.raises(ValueError, match=r"lacks draw\(s\) \[4\] .*n_random is 5"):
+                run()
+            continue
+        run()
     cond, cells = read_table(tmp_path / "c.tsv"), read_table(tmp_path / "x.tsv")
     assert len(cells) == 3 * 8
 

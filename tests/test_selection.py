@@ -93,7 +93,7 @@ def test_sets_to_indices_unknown_ids():
 def test_a_random_draw_deleted_whole_is_refused_naming_it(tmp_path, draw):
     """A whole random draw deleted from sets.tsv left every set its usual size, and the mean over
     random draws used one fewer with exit code 0. Draws must run 0..n-1 in every split; the
-    last draw deleted in every split at once is the case left uncaught (no config is read)."""
+    last draw deleted in every split at once is caught only against the config's number."""
     from xmodal.io import write_table
 
     rng = np.random.default_rng(3)
@@ -111,14 +111,61 @@ def test_a_random_draw_deleted_whole_is_refused_naming_it(tmp_path, draw):
         if where:
             cut &= sets["split"] == 1
         write_table(sets[~cut], tmp_path / f"{name}.tsv")
-        if not where and draw == 2:  # the last draw of the only group: not detectable
+        if not where and draw == 2:  # the last draw of the only group: only the config knows
             sel.read_sets(tmp_path / f"{name}.tsv")
+            with pytest.raises(
+                ValueError,
+                match=rf"{name}.tsv: set 'random' \(none\) lacks draw\(s\) \[2\] of 0..2 "
+                r"\(analysis.n_random is 3\); was it edited, or made with another config\?",
+            ):
+                sel.read_sets(tmp_path / f"{name}.tsv", {"random": 3})
             continue
         with pytest.raises(
             ValueError,
             match=rf"{name}.tsv: set 'random' \(none{where}\) lacks draw\(s\) \[{draw}\] of 0..2",
         ):
             sel.read_sets(tmp_path / f"{name}.tsv")
+
+
+@pytest.mark.parametrize("n_random", [1, 3])
+@pytest.mark.parametrize(
+    "drop_control, n_drop",
+    [(None, "n_random"), ({"enabled": False}, 0), ({"n_random": 2}, 2)],
+)
+def test_sets_tables_hold_the_draws_the_config_asks_for(tmp_path, n_random, drop_control, n_drop):
+    """Against the config's numbers of draws (config_draws), the tables the pipeline writes are
+    accepted, and each is refused, naming the config key, when its config had other numbers."""
+    from xmodal.io import write_table
+
+    analysis = {"n_random": n_random}
+    if drop_control is not None:
+        analysis["drop_control"] = drop_control
+    draws = sel.config_draws({"analysis": analysis})
+    n_drop = n_random if n_drop == "n_random" else n_drop
+    assert draws == {"random": n_random, "random_drop": n_drop}
+    rng = np.random.default_rng(5)
+    ids = [f"{j:03d}" for j in range(60)]
+    x, y = rng.normal(size=60), rng.normal(size=60)
+    sets = sel.make_sets(ids, x, y, 10, n_random, 0.25, 0, draws["random_drop"])
+    held = sel.heldout_sets(ids, x, y, 16, n_random, 2, 0, 3)
+    for name, table, asked in (("sets", sets, draws), ("heldout", held, {"random": n_random})):
+        path = tmp_path / f"{name}.tsv"
+        write_table(table, path)
+        sel.read_sets(path, asked)
+        for family, n in asked.items():
+            if n == 0:
+                continue
+            with pytest.raises(ValueError, match=rf"'{family}'.*\({sel.DRAW_KEYS[family]} is"):
+                sel.read_sets(path, {**asked, family: n + 1})
+            if n > 1:  # made with more draws than the config now asks for
+                with pytest.raises(ValueError, match=rf"has draw\(s\) \[{n - 1}\] outside"):
+                    sel.read_sets(path, {**asked, family: n - 1})
+    # a family the config asks for, missing from the table
+    write_table(sets[sets["set"] != "random"], tmp_path / "sets.tsv")
+    with pytest.raises(ValueError, match=r"holds no 'random' set, where analysis.n_random asks"):
+        sel.read_sets(tmp_path / "sets.tsv", draws)
+    with pytest.raises(sel.ConfigError, match="analysis.n_random"):
+        sel.config_draws({"analysis": {"n_random": "20"}})
 
 
 def test_a_split_without_a_set_or_with_a_renumbered_draw_is_refused(tmp_path):

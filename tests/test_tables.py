@@ -290,9 +290,11 @@ def test_ids_survive_every_pipeline_table(tmp_path_factory, ids: list[str], seed
         vision, ["v0", "v1", "v2"], -1, 1e-10, 1000, out["loo"], out["loo_st"]
     )
     pipeline.run_layer_search(vision, files["l0"], ["v0", "v1", "v2"], "l0", -1, 3, out["layers"])
+    # the drop control is off in these sets (n_drop_random 0): the config's draws say so
+    draws = {"random": 3, "random_drop": 0}
     pipeline.run_conditions(
         vision, files["l0"], out["layers"], out["sets"], ["v0", "v1", "v2"], "l0", -1, 3, 20, seed,
-        out["cond"], out["con"],
+        out["cond"], out["con"], draws=draws,
     )  # fmt: skip
     assert read_table(out["disp"])["stimulus_id"].tolist() == ids
     residuals = read_table(out["res"])
@@ -306,6 +308,13 @@ def test_ids_survive_every_pipeline_table(tmp_path_factory, ids: list[str], seed
     assert np.isfinite(cond["value"]).all()
     n_random = cond[cond["condition"] == "random"]
     assert len(n_random) == 3 * 3  # 3 vision models × 3 draws, every id of every draw found
+    # sets made with 3 draws, where the config now asks for 4: refused before any alignment
+    with pytest.raises(ValueError, match=r"sets.tsv: set 'random' .*analysis.n_random is 4"):
+        pipeline.run_conditions(
+            vision, files["l0"], out["layers"], out["sets"], ["v0", "v1", "v2"], "l0", -1, 3, 20,
+            seed, root / "c2.tsv", root / "k2.tsv", draws={**draws, "random": 4},
+        )  # fmt: skip
+    assert not (root / "c2.tsv").exists()
 
 
 def test_numeric_looking_ids_give_the_same_numbers_as_prefixed_ids(tmp_path: Path) -> None:

@@ -695,6 +695,7 @@ def run_conditions(
     vision_bootstrap_path: PathLike | None = None,
     loo_stimuli_path: PathLike | None = None,
     out_self_selection: PathLike | None = None,
+    draws: Mapping[str, int] | None = None,
 ) -> None:
     """Every stimulus set of every vision model against one LLM, at the layers chosen on the
     full set (each chosen LLM layer read and prepared once).
@@ -708,7 +709,9 @@ def run_conditions(
     split at the held-out and at the full-set layer (docs/method.md, "Held-out layer choice").
     ``out_self_selection`` (with the leave-one-model-out ``loo_stimuli_path``): each vision
     model on low and high sets of the main sets' size chosen without it (docs/method.md, "Sets
-    chosen without the scored model").
+    chosen without the scored model"). ``draws``: the number of draws of each family of random
+    sets that the config asks for (xmodal.selection.config_draws); the sets tables must hold
+    exactly those.
     """
     from xmodal import alignment
 
@@ -721,7 +724,7 @@ def run_conditions(
         heldout = (heldout_layers_path, heldout_sets_path, seed)
     conditions, contrasts, held, self_selection = _set_alignment(
         vision_paths, llm_path, layers_path, sets_path, vision, llm, vision_layer, k, n_boot, seed,
-        metric_names, heldout, vision_bootstrap_path, loo_stimuli_path,
+        metric_names, heldout, vision_bootstrap_path, loo_stimuli_path, draws,
     )  # fmt: skip
     if out_drop is not None:
         drop = alignment.drop_table(conditions)
@@ -781,6 +784,12 @@ def _check_halves(
             )
 
 
+def _random_draws(draws: Mapping[str, int] | None) -> dict[str, int] | None:
+    """The ``random`` entry of ``draws``: the sets tables other than ``sets.tsv`` have the main
+    random draws and no drop control."""
+    return None if draws is None else {"random": draws["random"]}
+
+
 def _set_alignment(
     vision_paths: Sequence[PathLike],
     llm_path: PathLike,
@@ -796,12 +805,13 @@ def _set_alignment(
     heldout: tuple[PathLike, PathLike, int] | None = None,
     vision_bootstrap_path: PathLike | None = None,
     loo_stimuli_path: PathLike | None = None,
+    draws: Mapping[str, int] | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame | None, pd.DataFrame | None]:
     """xmodal.alignment.condition_tables for every set of a sets table, at the LLM layers the
     layer search chose per (vision model, metric); with ``heldout`` (held-out layers table,
     held-out sets table, seed of the splits) also xmodal.alignment.heldout_condition_table;
     with ``loo_stimuli_path`` also xmodal.alignment.self_selection_table (each LLM layer read
-    once for all)."""
+    once for all); ``draws`` as in :func:`run_conditions`."""
     from xmodal import alignment, stats
 
     chosen = chosen_layers(read_table(layers_path), layers_path)
@@ -812,12 +822,13 @@ def _set_alignment(
             "config (rerun it)"
         )
     ids, prepared = read_prepared_vision(vision_paths, vision, vision_layer)
-    sets = selection.read_sets(sets_path)
+    sets = selection.read_sets(sets_path, draws)
     held_sets = held_choice = None
     if heldout is not None:
         held_path, held_sets_path, split_seed = heldout
         held_choice = heldout_choices(read_table(held_path), held_path)
-        held_sets = selection.read_sets(held_sets_path)
+        # the held-out sets have the random draws of the main sets, and no drop sets
+        held_sets = selection.read_sets(held_sets_path, _random_draws(draws))
         splits = sorted(set(held_sets["split"].astype(int)))
         chosen_splits = sorted({s for _, _, s in held_choice})
         if splits != chosen_splits or splits != list(range(len(splits))):
@@ -1228,12 +1239,14 @@ def run_joint_conditions(
     seed: int,
     out_conditions: PathLike,
     out_cells: PathLike,
+    draws: Mapping[str, int] | None = None,
 ) -> None:
     """CKNNA of every vision model with one LLM (at its chosen layers) on the 2 × 2 sets and the
-    size-matched random draws; the conditions table and each cell against the random draws."""
+    size-matched random draws; the conditions table and each cell against the random draws.
+    ``draws`` as in :func:`run_conditions` (the 2 × 2 sets have its ``random`` draws only)."""
     conditions, _, _, _ = _set_alignment(
         vision_paths, llm_path, layers_path, sets_path, vision, llm, vision_layer, k, 0, seed,
-        ("cknna",),
+        ("cknna",), draws=_random_draws(draws),
     )  # fmt: skip
     cells = language_dispersion.cell_table(conditions)
     for r in cells.itertuples():

@@ -15,6 +15,7 @@ import pandas as pd
 from xmodal.config import DEFAULTS, ConfigError, heldout_set_size, min_set_size
 
 __all__ = [
+    "DRAW_KEYS",
     "RANDOM_SETS",
     "SEED_STREAMS",
     "SET_NAMES",
@@ -22,6 +23,7 @@ __all__ = [
     "HeldOutLayer",
     "SelfSelection",
     "check_set_sizes",
+    "config_draws",
     "drop_fraction_sets",
     "drop_set_size",
     "heldout_set_size",
@@ -277,14 +279,36 @@ def sets_to_indices(
     return out
 
 
-def check_set_sizes(sets: pd.DataFrame, path: str | os.PathLike = "the sets table") -> None:
+#: the config key that sets the number of draws of each family of random sets
+DRAW_KEYS = {"random": "analysis.n_random", "random_drop": "analysis.drop_control.n_random"}
+
+
+def config_draws(config: Mapping[str, Any]) -> dict[str, int]:
+    """The number of draws of each family of random sets that the config asks for
+    (``random_drop``: 0 when the drop control is off), as :func:`check_set_sizes` compares
+    them."""
+    analysis = config.get("analysis") or {}
+    n_random = _count(analysis.get("n_random"), DRAW_KEYS["random"], 0)
+    return {
+        "random": n_random,
+        "random_drop": DropControl.from_config(config).draws({"n_random": n_random}),
+    }
+
+
+def check_set_sizes(
+    sets: pd.DataFrame,
+    path: str | os.PathLike = "the sets table",
+    draws: Mapping[str, int] | None = None,
+) -> None:
     """Refuse a sets table whose sets do not have the sizes the pipeline gives them: inside each
     split (held-out sets) or vision model (self-selection sets), every low, high and random set
     (and every 2 × 2 cell) holds the same number of stimuli, and so does every drop set and its
     size-matched random draw; every split or vision model holds every set, with its random
     draws numbered 0..n-1. A table edited by hand (a row or a draw deleted) would compare sets
     of different sizes, or average fewer draws, without an error; the message names the file
-    and the set. Not detectable without the config: the last draw deleted from every group."""
+    and the set. ``draws`` (set name → number of draws, from :func:`config_draws`): those sets
+    must be in the table (where n > 0) with exactly n draws, which also catches the last draw
+    deleted from every group, and a table made with another ``analysis.n_random``."""
     required = {"set", "summary", "draw", "stimulus_id"}
     if not required <= set(sets.columns):
         raise ValueError(f"{path}: sets table lacks columns {sorted(required - set(sets.columns))}")
@@ -309,23 +333,37 @@ def check_set_sizes(sets: pd.DataFrame, path: str | os.PathLike = "the sets tabl
     draws_of = sizes.groupby(["set", "summary", *by], sort=False)["draw"].agg(
         lambda d: set(d.tolist())
     )
-    # draws a set has: the most common 1 + largest draw over its splits (robust to one edit)
+    # draws a set has: the config's where given, else the most common 1 + largest draw over its
+    # splits (robust to one edit)
     usual_draws = (
         draws_of.map(lambda d: int(max(d)) + 1).groupby(level="set").agg(lambda n: n.mode().max())
     )
-    for (name, summary, *at), draws in draws_of.items():
+    for name, n in (draws or {}).items():
+        if n > 0 and name not in usual_draws.index:
+            raise ValueError(
+                f"{path}: holds no {name!r} set, where {DRAW_KEYS.get(name, 'the config')} asks "
+                f"for {n} draws; was it edited, or made with another config? Delete it and rerun "
+                "(the pipeline writes it again)"
+            )
+        if name in usual_draws.index:
+            usual_draws[name] = n
+    for (name, summary, *at), found in draws_of.items():
         expected = set(range(int(usual_draws[name])))
-        missing, unexpected = sorted(expected - draws), sorted(draws - expected)
+        missing, unexpected = sorted(expected - found), sorted(found - expected)
         if missing or unexpected:
             where = "".join(f", {c} {v}" for c, v in zip(by, at, strict=True))
             wrong = " and ".join(
                 [f"lacks draw(s) {missing[:10]}"] * bool(missing)
                 + [f"has draw(s) {unexpected[:10]}"] * bool(unexpected)
             )
+            asked = f" ({DRAW_KEYS.get(name, 'the config')} is {len(expected)})" * (
+                name in (draws or {})
+            )
             raise ValueError(
                 f"{path}: set {name!r} ({summary}{where}) {wrong} "
-                f"{'outside' if unexpected else 'of'} 0..{len(expected) - 1}; was it edited? "
-                "Delete it and rerun (the pipeline writes it again)"
+                f"{'outside' if unexpected else 'of'} 0..{len(expected) - 1}{asked}; was it "
+                "edited, or made with another config? Delete it and rerun (the pipeline writes "
+                "it again)"
             )
     for _, group in sizes.groupby([*by, "kind"], sort=False):
         usual = int(group["n"].mode().max())
@@ -340,13 +378,13 @@ def check_set_sizes(sets: pd.DataFrame, path: str | os.PathLike = "the sets tabl
             )
 
 
-def read_sets(path: str | os.PathLike) -> pd.DataFrame:
+def read_sets(path: str | os.PathLike, draws: Mapping[str, int] | None = None) -> pd.DataFrame:
     """A sets table (``sets.tsv``, ``heldout_sets.tsv``, the 2 × 2 and self-selection sets),
-    read and checked by :func:`check_set_sizes`."""
+    read and checked by :func:`check_set_sizes` (with ``draws``, against the config)."""
     from xmodal.io import read_table
 
     sets = read_table(path, numbers=("draw",))
-    check_set_sizes(sets, path)
+    check_set_sizes(sets, path, draws)
     return sets
 
 
