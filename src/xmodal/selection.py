@@ -306,8 +306,8 @@ def check_set_sizes(
     size-matched random draw; every split or vision model holds every set, with its random
     draws numbered 0..n-1. A table edited by hand (a row or a draw deleted) would compare sets
     of different sizes, or average fewer draws, without an error; the message names the file
-    and the set. ``draws`` (set name → number of draws, from :func:`config_draws`): those sets
-    must be in the table (where n > 0) with exactly n draws, which also catches the last draw
+    and the set. ``draws`` (set name → number of draws, from :func:`config_draws`): each set
+    with n > 0 must be in the table with exactly n draws, which also catches the last draw
     deleted from every group, and a table made with another ``analysis.n_random``."""
     required = {"set", "summary", "draw", "stimulus_id"}
     if not required <= set(sets.columns):
@@ -338,15 +338,16 @@ def check_set_sizes(
     usual_draws = (
         draws_of.map(lambda d: int(max(d)) + 1).groupby(level="set").agg(lambda n: n.mode().max())
     )
-    for name, n in (draws or {}).items():
-        if n > 0 and name not in usual_draws.index:
+    # a family the config switches off (0 draws) is not checked: its draws are not read as such
+    asked_for = {name: n for name, n in (draws or {}).items() if n > 0}
+    for name, n in asked_for.items():
+        if name not in usual_draws.index:
             raise ValueError(
                 f"{path}: holds no {name!r} set, where {DRAW_KEYS.get(name, 'the config')} asks "
                 f"for {n} draws; was it edited, or made with another config? Delete it and rerun "
                 "(the pipeline writes it again)"
             )
-        if name in usual_draws.index:
-            usual_draws[name] = n
+        usual_draws[name] = n
     for (name, summary, *at), found in draws_of.items():
         expected = set(range(int(usual_draws[name])))
         missing, unexpected = sorted(expected - found), sorted(found - expected)
@@ -357,7 +358,7 @@ def check_set_sizes(
                 + [f"has draw(s) {unexpected[:10]}"] * bool(unexpected)
             )
             asked = f" ({DRAW_KEYS.get(name, 'the config')} is {len(expected)})" * (
-                name in (draws or {})
+                name in asked_for
             )
             raise ValueError(
                 f"{path}: set {name!r} ({summary}{where}) {wrong} "
