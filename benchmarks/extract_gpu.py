@@ -14,7 +14,12 @@ the extractor's first run. Then it runs the whole ``extract_features`` call for
 ``--jpegs`` JPEG files on disk (decoding in DataLoader workers included) with the ViT-H.
 
     python benchmarks/extract_gpu.py                 # on a CUDA machine
+    python benchmarks/extract_gpu.py --dtype bfloat16   # every model in bfloat16
     python benchmarks/extract_gpu.py --cpu-smoke     # tiny shapes on the CPU: checks it runs
+
+Each model computes in the dtype a pipeline job would use (``--dtype auto``, the default:
+``xmodal.registry.compute_dtype``, i.e. float32 for the ViTs and bfloat16 for the language
+models on a GPU), or in the ``--dtype`` given for all.
 
 CPU-smoke numbers say nothing about GPU performance.
 """
@@ -40,11 +45,18 @@ ensure_torchvision_importable()
 import timm  # noqa: E402
 
 from xmodal.extract import extract_features  # noqa: E402
+from xmodal.extract._common import dtype_name, resolve_dtype  # noqa: E402
 from xmodal.extract.language import extract_language_features  # noqa: E402
 from xmodal.extract.vision import extract_vision_features, load_vision_model  # noqa: E402
 from xmodal.features import write_features  # noqa: E402
+from xmodal.registry import compute_dtype  # noqa: E402
 
 log = logging.getLogger("benchmark")
+
+DTYPE_HELP = (
+    "auto (as a pipeline job: float32 for vision, bfloat16 for language on a GPU), or float32, "
+    "bfloat16 or float16 for every model"
+)
 
 WORDS = (
     "a the man woman dog cat red blue green small large old young running sitting standing on in "
@@ -107,6 +119,13 @@ SMOKE_MODELS = {
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def bench_dtype(kind: str, choice: str, device: torch.device) -> torch.dtype:
+    """The dtype a pipeline job computes ``kind`` ("vision" or "language") in for the
+    ``extraction.dtype`` setting ``choice`` on ``device`` (``auto``: float32 for the ViTs,
+    bfloat16 for the language models on a GPU)."""
+    return resolve_dtype(compute_dtype(kind, choice), device)
 
 
 def build_vit(spec: dict, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
@@ -370,11 +389,12 @@ def main(argv: list[str] | None = None) -> int:
         help="JPEG files for the end-to-end run (default 1024; smoke 128)",
     )
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
+    p.add_argument("--dtype", default="auto", help=DTYPE_HELP)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
     if args.cpu_smoke:
-        device, dtype, models = torch.device("cpu"), torch.float32, SMOKE_MODELS
+        device, models = torch.device("cpu"), SMOKE_MODELS
         n, n_jpeg = args.n or 64, 128 if args.jpegs is None else args.jpegs
         bs_v, bs_l = min(args.batch_vision, 16), min(args.batch_language, 16)
         workers = min(args.workers, 2)
@@ -385,12 +405,14 @@ def main(argv: list[str] | None = None) -> int:
                 file=sys.stderr,
             )
             return 2
-        device, dtype, models = torch.device("cuda"), torch.bfloat16, GPU_MODELS
+        device, models = torch.device("cuda"), GPU_MODELS
         n, n_jpeg = args.n or 1024, 1024 if args.jpegs is None else args.jpegs
         bs_v, bs_l, workers = args.batch_vision, args.batch_language, args.workers
     names = [m for m in args.models.split(",") if m]
     dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    print(f"device: {dev_name}; dtype {str(dtype).removeprefix('torch.')}; {n} inputs per model; "
+    dtypes = {kind: bench_dtype(kind, args.dtype, device) for kind in ("vision", "language")}
+    print(f"device: {dev_name}; dtype {dtype_name(dtypes['vision'])} (vision), "
+          f"{dtype_name(dtypes['language'])} (language); {n} inputs per model; "
           f"batch {bs_v} (vision) / {bs_l} (language); torch {torch.__version__}", flush=True)  # fmt: skip
     if args.cpu_smoke:
         print("CPU SMOKE RUN: tiny shapes; the GPU throughput target is UNMEASURED", flush=True)
@@ -402,16 +424,20 @@ def main(argv: list[str] | None = None) -> int:
         for name in names:
             kind, spec = models[name]
             if kind == "vision":
-                rows.append(bench_vision(name, spec, n, bs_v, device, dtype, tmp))
+                rows.append(bench_vision(name, spec, n, bs_v, device, dtypes[kind], tmp))
             else:
                 if tokenizer is None:
                     tokenizer = bench_tokenizer(tmp / "tok")
-                rows.append(bench_language(name, spec, n, bs_l, device, dtype, tmp, tokenizer))
+                rows.append(
+                    bench_language(name, spec, n, bs_l, device, dtypes[kind], tmp, tokenizer)
+                )
             gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
         jpeg = (
-            bench_jpegs(models["vit-h14-224"][1], n_jpeg, bs_v, workers, device, dtype, tmp)
+            bench_jpegs(
+                models["vit-h14-224"][1], n_jpeg, bs_v, workers, device, dtypes["vision"], tmp
+            )
             if n_jpeg
             else None
         )

@@ -81,16 +81,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-n", type=int, default=None, help="inputs (default 512; smoke 64)")
     p.add_argument("--batch", type=int, default=None, help="default 64 (vision) / 32 (language)")
     p.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on the CPU")
+    p.add_argument("--dtype", default="auto", help=bench.DTYPE_HELP)
     args = p.parse_args(argv)
     if args.cpu_smoke:
-        device, dtype, models, n = torch.device("cpu"), torch.float32, bench.SMOKE_MODELS, 64
+        device, models, n = torch.device("cpu"), bench.SMOKE_MODELS, 64
     elif torch.cuda.is_available():
-        device, dtype, models, n = torch.device("cuda"), torch.bfloat16, bench.GPU_MODELS, 512
+        device, models, n = torch.device("cuda"), bench.GPU_MODELS, 512
     else:
         print("no CUDA device: run with --cpu-smoke to check the script", file=sys.stderr)
         return 2
     n = args.n or n
     kind, spec = models[args.model]
+    dtype = bench.bench_dtype(kind, args.dtype, device)
+    print(f"{args.model}: {kind}, {common.dtype_name(dtype)}", flush=True)
     bs = args.batch or (64 if kind == "vision" else 32)
     ids = [f"s{i:05d}" for i in range(n)]
     nb = device.type == "cuda"
