@@ -799,7 +799,8 @@ class ConditionPlan:
         self.positions = {key: np.sort(pos) for key, pos in given.items()}
         self.fixed = sorted(key for key in self.positions if key[0] not in RANDOM_SETS)
         #: fixed sets built at evaluation time, from the largest down, so that the ones each
-        #: side keeps fit in EAGER_FAMILY_BYTES (the drop sets, 0.75·m each, above m ≈ 2500)
+        #: side keeps fit in EAGER_FAMILY_BYTES (the drop sets, 0.75·m each: with K = 256, the
+        #: first from m ≈ 3150)
         self.lazy_fixed: set[tuple[str, str, int]] = set()
         size = {key: len(self.positions[key]) ** 2 * SUBSET_BYTES_PER_ENTRY for key in self.fixed}
         kept = sum(size.values())
