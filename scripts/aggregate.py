@@ -1,5 +1,6 @@
 """Rule aggregate: gather the per-LLM tables into layers.tsv, grid.tsv, contrasts.tsv and the
-controls' tables (drop.tsv, heldout_layers.tsv, heldout.tsv) when the config asks for them."""
+controls' tables (drop.tsv, heldout_layers.tsv, heldout.tsv, self_selection.tsv) when the
+config asks for them."""
 
 import _bootstrap  # noqa: F401
 

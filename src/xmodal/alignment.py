@@ -1,7 +1,8 @@
 """Fast alignment grids: vision models against every layer of one LLM, on the full set and subsets.
 
-The per-LLM entry points are :func:`layer_search_table` (full-set values of every LLM layer for
-every vision model and metric, and the chosen layer per (vision, metric)) and
+The per-LLM entry points are :func:`layer_search_tables` (through :func:`layer_search_table`
+the full-set values of every LLM layer for every vision model and metric, and the chosen layer
+per (vision, metric); with halves also the held-out choice) and
 :func:`condition_tables` (every stimulus condition at the chosen layers, with contrasts).
 
 Each kernel (K = XXᵀ) and its kNN lists are built once and reused: on the full set for every

@@ -128,9 +128,11 @@ def check_config(config: Mapping[str, Any]) -> None:
     Checks: dataset and model keys are filesystem-safe, a GPU model is one sbatch accepts (all
     three matched whole: the schema's ``$`` lets a trailing newline through); ``stimuli`` keys
     of another source (:data:`SOURCE_KEYS`) are absent; at least 3 vision models (GPA and
-    leave-one-model-out need 3) and 1 language model; the vision layer index, set size K,
-    neighbour count k and drop fraction are consistent with each other. K against the number of stimuli is checked
-    when the manifest is read (it is not known before).
+    leave-one-model-out need 3) and 1 language model; set size K, neighbour count k, n_boot, the
+    random draws (``n_random``, ``drop_control.n_random``) and the drop fraction are valid and
+    consistent with each other. K against the number of stimuli is checked when the manifest is
+    read (it is not known before); the vision layer index against each model's layers when its
+    features are read (:func:`resolve_layer`) and when its extraction starts.
     """
     stimuli = config.get("stimuli") or {}
     source = stimuli.get("source")

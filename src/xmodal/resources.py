@@ -172,7 +172,7 @@ def extraction_resources(
 ANALYSIS_KINDS: dict[str, tuple[int, int, int]] = {
     "light": (2000, 15, 1),  # aggregation, tables, summaries
     "gpa": (8000, 60, 2),  # GPA, dispersion, leave-one-model-out (float64 SVDs)
-    "pair": (4000, 30, 1),  # one (vision, LLM) pair: layer search or subset conditions
+    "pair": (4000, 30, 1),  # a per-LLM alignment job over all vision models; vision_bootstrap
     "figures": (4000, 20, 1),
 }
 

@@ -533,7 +533,8 @@ class HeldOutLayer:
 class SelfSelection:
     """``analysis.self_selection`` with its default: each vision model scored on low and high
     sets chosen by the GPA of the other vision models (docs/method.md, "Sets chosen without the
-    scored model"). Off by default: it adds two sets per vision model to every conditions job."""
+    scored model"). Off by default: it adds four sets per vision model (low and high, by mean
+    and by PC1) to every conditions job."""
 
     enabled: bool = DEFAULTS["analysis.self_selection.enabled"]
 

@@ -46,7 +46,7 @@ rule manifest_stamp:
 
 # Every image decoded once: format, mode, size, EXIF orientation, the conversion applied, and
 # groups of duplicate stimuli (same file, same pixels, same caption), reported with their ids.
-# A leaf of the DAG: nothing upstream of the extractions depends on it.
+# No extraction depends on it; image_properties and the diagnostics figure read its tables.
 rule stimuli_report:
     input:
         manifest=MANIFEST,
