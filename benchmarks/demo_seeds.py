@@ -20,6 +20,7 @@ against the untrained run's language models and the other way round (best LLM la
 layer search chooses it): which side of a pair the training helps or hurts.
 
     python benchmarks/demo_seeds.py --seeds 0 1 2 [--cores 2] [--keep DIR] [--mixed]
+        [--stimuli-beta A B]
 """
 
 from __future__ import annotations
@@ -166,6 +167,26 @@ def measure(workdir: Path, cfg: dict, configfile: str) -> dict[str, float]:
     return targets, targets.summary()
 
 
+def add_stimuli_beta(parser: argparse.ArgumentParser) -> None:
+    """The option ``--stimuli-beta A B``: the stimuli's ν ~ Beta(A, B) instead of the world's
+    design (config ``stimuli.nuisance_beta``; the training scenes keep the world's); the parser
+    refuses anything but two positive finite numbers."""
+
+    def positive(text: str) -> float:
+        value = float(text)
+        if not 0 < value < float("inf"):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a positive finite number")
+        return value
+
+    parser.add_argument(
+        "--stimuli-beta",
+        type=positive,
+        nargs=2,
+        metavar=("A", "B"),
+        help="the stimuli's ν ~ Beta(A, B) (config stimuli.nuisance_beta; training unchanged)",
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -177,6 +198,7 @@ def main() -> None:
     parser.add_argument(
         "--mixed", action="store_true", help="full-set CKNNA of trained × untrained mixes"
     )
+    add_stimuli_beta(parser)
     args = parser.parse_args()
     print(host_line(), flush=True)
 
@@ -191,10 +213,13 @@ def main() -> None:
         if kind == "trained":
             cfg = shifted_config(trained_cfg, 100 * seed)
             configfile = f"config/demo_seed{seed}.yaml"
-            (wd / configfile).write_text(yaml.safe_dump(cfg, sort_keys=False))
         else:
             configfile = "config/demo_untrained.yaml"
             cfg = yaml.safe_load((wd / configfile).read_text())
+        if args.stimuli_beta:
+            cfg["stimuli"]["nuisance_beta"] = list(args.stimuli_beta)
+            configfile = configfile.replace(".yaml", "_design.yaml")
+        (wd / configfile).write_text(yaml.safe_dump(cfg, sort_keys=False))
         times = run_demo(wd, cfg, configfile, args.cores)
         targets, summary = measure(wd, cfg, configfile)
         fulls[(kind, seed)] = targets.full

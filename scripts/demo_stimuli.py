@@ -15,4 +15,5 @@ generate_stimuli(
     Path(snakemake.output.manifest).parent,
     n=int(snakemake.params.n),
     seed=int(snakemake.params.seed),
+    nuisance_beta=snakemake.params.get("nuisance_beta"),
 )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -72,6 +73,22 @@ def test_nuisance_components_follow_the_level():
         assert ratio.min() >= 0.8 - 1e-12 and ratio.max() <= 1.2 + 1e-12
 
 
+def test_another_design_of_the_nuisance_levels_changes_only_the_levels_distribution():
+    from scipy.stats import kstest
+
+    # the default design is Beta(1.3, 1.7), named or not
+    assert sample_scenes(50, 2, "eval", nuisance_beta=(1.3, 1.7)) == sample_scenes(50, 2, "eval")
+    for design in [(1.3, 4.0), (1.0, 1.0)]:
+        level = np.array([s.nuisance for s in sample_scenes(2000, 2, "eval", nuisance_beta=design)])
+        assert kstest(level, "beta", args=design).pvalue > 1e-3, design
+    # skewed towards clean scenes: against the default, a lower mean at the same seed
+    skewed = [s.nuisance for s in sample_scenes(2000, 2, "eval", nuisance_beta=(1.3, 4.0))]
+    assert np.mean(skewed) < 0.3 < np.mean([s.nuisance for s in sample_scenes(2000, 2, "eval")])
+    for bad in [(0.0, 1.0), (1.0, -2.0), (float("nan"), 1.0), (1.0, float("inf"))]:
+        with pytest.raises(ValueError, match="nuisance_beta"):
+            sample_scenes(3, 0, "eval", nuisance_beta=bad)
+
+
 def test_rendering_is_deterministic_and_clean_scenes_have_no_nuisance():
     scene = sample_scenes(5, 4, "eval")[2]
     a, b = np.asarray(render_scene(scene)), np.asarray(render_scene(scene))
@@ -124,6 +141,55 @@ def test_generated_stimuli_and_training_scenes(tmp_path):
         present = {LABELS[i] for i in np.flatnonzero(row)}
         assert present == {f"{o.colour} {o.shape}" for o in s.objects}
     assert load_training_scenes(path, ("captions",)).keys() == {"captions"}
+
+
+def test_stimuli_of_another_nuisance_design_are_recorded_with_it(tmp_path):
+    import json
+
+    from xmodal.stimuli import manifest_settings_changed
+
+    plain = generate_stimuli(tmp_path / "plain", n=12, seed=7)
+    assert json.loads((plain.parent / "settings.json").read_text()) == {"n": 12, "seed": 7}
+    manifest = generate_stimuli(tmp_path / "skew", n=12, seed=7, nuisance_beta=[1.3, 4])
+    table = pd.read_csv(manifest, sep="\t", dtype={"stimulus_id": str})
+    scenes = sample_scenes(12, 7, "eval", nuisance_beta=(1.3, 4.0))
+    np.testing.assert_allclose(table["nuisance"], [s.nuisance for s in scenes], atol=5e-5)
+    assert table["caption"].tolist() == [s.caption for s in scenes]
+    # the workflow's record of the config (common.smk: floats) matches; the default does not
+    assert (
+        manifest_settings_changed(manifest, {"n": 12, "seed": 7, "nuisance_beta": [1.3, 4.0]})
+        is None
+    )
+    assert manifest_settings_changed(manifest, {"n": 12, "seed": 7}) is not None
+    assert manifest_settings_changed(plain, {"n": 12, "seed": 7, "nuisance_beta": [1.3, 4.0]})
+
+
+@pytest.mark.parametrize(
+    "value, where",
+    [
+        ([1.3, float("nan")], "check"),
+        ([float("inf"), 2.0], "check"),
+        ([0, 2.0], "schema"),
+        ([1.0], "schema"),
+        ([1.0, 2.0, 3.0], "schema"),
+        (["a", 2.0], "schema"),
+    ],
+)
+def test_a_nuisance_design_that_is_not_two_positive_numbers_is_refused(value, where):
+    from xmodal.config import ConfigError, check_config, load_config_file, schema_errors
+
+    root = Path(__file__).resolve().parents[1]
+    cfg = load_config_file(root / "config" / "demo.yaml")
+    check_config(cfg)
+    assert schema_errors(cfg, root / "workflow/schemas/config.schema.yaml") == []
+    cfg["stimuli"]["nuisance_beta"] = value
+    errors = schema_errors(cfg, root / "workflow/schemas/config.schema.yaml")
+    if where == "schema":
+        assert errors and "stimuli.nuisance_beta" in errors[0], errors
+    else:
+        assert errors == []
+        with pytest.raises(ConfigError, match=r"'stimuli\.nuisance_beta'.*positive finite"):
+            check_config(cfg)
 
 
 # ---------------------------------------------------------------- recipes

@@ -10,6 +10,7 @@ the tests do not depend on each other. Where a later stage of the analysis is no
 from __future__ import annotations
 
 import copy
+import json
 import shutil
 import subprocess
 import time
@@ -259,6 +260,34 @@ def test_a_manifest_to_make_again_from_other_settings_is_made_alone_first(
         if rule.startswith("rule extract:") and "wildcards:" in line:
             extracted.add(line.split("model=")[1].split(",")[0].strip())
     assert extracted == set(cfg["models"]), out[-3000:]
+
+
+def test_a_nuisance_design_in_the_config_makes_the_demo_stimuli_again(project: Path) -> None:
+    """stimuli.nuisance_beta set on a finished demo: its stimuli are other stimuli, so the run
+    stops as for any other stimuli setting; the manifest made alone records the design and
+    holds levels drawn from it; the next dry run re-extracts without stopping."""
+    from xmodal.demo.stimuli import sample_scenes
+    from xmodal.stimuli import read_manifest
+
+    cfg = _small_config()
+    cfg["stimuli"]["nuisance_beta"] = [1.3, 4]
+    (project / "config/design.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    manifest = f"resources/stimuli/{DATASET}/stimuli.tsv"
+    design = ("--configfile", "config/design.yaml", "--cores", "2")
+    proc = snakemake(project, "-n", *design, *TARGETS)
+    out = proc.stdout + proc.stderr
+    assert "a run stops here: the manifest" in out and "'nuisance_beta': [1.3, 4.0]" in out, out
+    snakemake(project, *design, "--forcerun", "demo_stimuli", "--", manifest)
+    settings = json.loads((project / manifest).with_name("settings.json").read_text())
+    assert settings == {"n": 64, "nuisance_beta": [1.3, 4.0], "seed": cfg["stimuli"]["seed"]}
+    table = read_manifest(project / manifest)  # annotation columns are read as text
+    scenes = sample_scenes(64, cfg["stimuli"]["seed"], "eval", nuisance_beta=(1.3, 4.0))
+    np.testing.assert_allclose(
+        table["nuisance"].astype(float), [s.nuisance for s in scenes], atol=5e-5
+    )
+    proc = snakemake(project, "-n", *design, *TARGETS)
+    out = proc.stdout + proc.stderr
+    assert "a run stops here" not in out and "rule extract:" in out, out[-3000:]
 
 
 def test_unconfigured_model_key_matches_no_rule(finished: Path) -> None:

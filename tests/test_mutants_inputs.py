@@ -150,13 +150,15 @@ def _cfg() -> dict:
     }
 
 
-@pytest.mark.parametrize("key", ["n", "seed", "train", "repo", "revision", "split"])
+@pytest.mark.parametrize(
+    "key", ["n", "seed", "nuisance_beta", "train", "repo", "revision", "split"]
+)
 def test_a_falsy_value_of_another_sources_key_is_still_refused(key):
     """Bug guarded: the other-source check tests the value (``seed: 0``, ``train: false``,
     ``revision: ''``) instead of the key's presence, so such a key is silently ignored."""
     cfg = _cfg()
     check_config(cfg)
-    cfg["stimuli"][key] = {"n": 0, "seed": 0, "train": False}.get(key, "")
+    cfg["stimuli"][key] = {"n": 0, "seed": 0, "train": False, "nuisance_beta": []}.get(key, "")
     with pytest.raises(ConfigError, match=rf"'stimuli\.{key}' is read only with"):
         check_config(cfg)
 

@@ -73,6 +73,7 @@ def models_of(config: Mapping[str, Any], modality: str) -> list[str]:
 SOURCE_KEYS = {
     "n": "demo",
     "seed": "demo",
+    "nuisance_beta": "demo",
     "train": "demo",
     "repo": "hub",
     "revision": "hub",
@@ -127,12 +128,14 @@ def check_config(config: Mapping[str, Any]) -> None:
 
     Checks: dataset and model keys are filesystem-safe, a GPU model is one sbatch accepts (all
     three matched whole: the schema's ``$`` lets a trailing newline through); ``stimuli`` keys
-    of another source (:data:`SOURCE_KEYS`) are absent; at least 3 vision models (GPA and
-    leave-one-model-out need 3) and 1 language model; set size K, neighbour count k, n_boot, the
-    random draws (``n_random``, ``drop_control.n_random``) and the drop fraction are valid and
-    consistent with each other. K against the number of stimuli is checked when the manifest is
-    read (it is not known before); the vision layer index against each model's layers when its
-    features are read (:func:`resolve_layer`) and when its extraction starts.
+    of another source (:data:`SOURCE_KEYS`) are absent; the demo's ``stimuli.nuisance_beta`` is
+    two positive finite numbers (the schema lets NaN and infinity through); at least 3 vision
+    models (GPA and leave-one-model-out need 3) and 1 language model; set size K, neighbour
+    count k, n_boot, the random draws (``n_random``, ``drop_control.n_random``) and the drop
+    fraction are valid and consistent with each other. K against the number of stimuli is
+    checked when the manifest is read (it is not known before); the vision layer index against
+    each model's layers when its features are read (:func:`resolve_layer`) and when its
+    extraction starts.
     """
     stimuli = config.get("stimuli") or {}
     source = stimuli.get("source")
@@ -143,6 +146,14 @@ def check_config(config: Mapping[str, Any]) -> None:
                 f"this config has source {source!r}, which would ignore it; remove it"
                 + (" (to analyse fewer stimuli, list fewer in the manifest)" if key == "n" else "")
             )
+    beta = stimuli.get("nuisance_beta")
+    if beta is not None and not (
+        len(beta) == 2 and all(isinstance(v, int | float) and 0 < v < math.inf for v in beta)
+    ):
+        raise ConfigError(
+            f"config key 'stimuli.nuisance_beta': {beta!r} is not two positive finite numbers "
+            "[a, b] (the stimuli's nuisance levels are drawn from Beta(a, b))"
+        )
     gpu_model = (config.get("extraction") or {}).get("gpu_model")
     if gpu_model is not None and not GPU_MODEL.fullmatch(str(gpu_model)):
         raise ConfigError(

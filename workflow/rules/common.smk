@@ -226,6 +226,9 @@ if _STIMULI["source"] == "hub":
 elif _STIMULI["source"] == "demo":
     MANIFEST_RULE = "demo_stimuli"
     MANIFEST_SOURCE = {"n": _STIMULI.get("n", 240), "seed": _STIMULI.get("seed", 0)}
+    # recorded only when set, so that the manifests made before the key stay valid
+    if "nuisance_beta" in _STIMULI:
+        MANIFEST_SOURCE["nuisance_beta"] = [float(v) for v in _STIMULI["nuisance_beta"]]
 # Whether the stamp job reads the manifest by time (not `ancient`), the demo's: a rerun of the
 # job that makes the manifest then remakes the stamps and re-extracts in the same run
 # (stimuli.smk); for a hub manifest it does not.

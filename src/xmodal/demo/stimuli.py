@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import io
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -137,12 +138,25 @@ def _split_rng(seed: int, split: str) -> np.random.Generator:
     return np.random.default_rng([int(seed), _SPLITS[split]])
 
 
-def sample_scenes(n: int, seed: int, split: str = "eval") -> list[Scene]:
+def sample_scenes(
+    n: int,
+    seed: int,
+    split: str = "eval",
+    *,
+    nuisance_beta: tuple[float, float] = NUISANCE_BETA,
+) -> list[Scene]:
     """Draw ``n`` scene descriptions from the world (``split`` picks a disjoint random stream).
 
-    Objects: 1–3 at distinct positions, shape, colour and size uniform. ν ~ Beta(1.3, 1.7);
+    Objects: 1–3 at distinct positions, shape, colour and size uniform. ν ~ Beta(1.3, 1.7), the
+    world's design (``nuisance_beta``: another, for the stimuli only, config
+    ``stimuli.nuisance_beta``; docs/method.md, "Dispersion is relative to the stimulus set");
     component c_k = min(1, ν·u_k), u_k ~ U(0.8, 1.2).
     """
+    a, b = (float(v) for v in nuisance_beta)
+    if not all(0 < v < np.inf for v in (a, b)):
+        raise ValueError(
+            f"nuisance_beta must be two positive finite numbers, got {nuisance_beta!r}"
+        )
     rng = _split_rng(seed, split)
     scenes = []
     for _ in range(int(n)):
@@ -157,7 +171,7 @@ def sample_scenes(n: int, seed: int, split: str = "eval") -> list[Scene]:
             )
             for pos in positions
         )
-        level = float(rng.beta(*NUISANCE_BETA))
+        level = float(rng.beta(a, b))
         parts = np.minimum(1.0, level * rng.uniform(*COMPONENT_SPREAD, len(NUISANCES)))
         scenes.append(
             Scene(
@@ -253,9 +267,17 @@ def _jpeg_round_trip(img: Image.Image, quality: int = 92) -> Image.Image:
 
 
 def generate_stimuli(
-    out_dir: str | Path, n: int = 240, seed: int = 0, size: int = IMAGE_SIZE
+    out_dir: str | Path,
+    n: int = 240,
+    seed: int = 0,
+    size: int = IMAGE_SIZE,
+    nuisance_beta: Sequence[float] | None = None,
 ) -> Path:
     """Write ``n`` evaluation stimuli (the ``eval`` stream) and their manifest; return its path.
+
+    ``nuisance_beta`` (config ``stimuli.nuisance_beta``): the stimuli's levels ν ~ Beta(a, b)
+    instead of the world's :data:`NUISANCE_BETA`; recorded with ``n`` and ``seed`` in the
+    manifest's settings when given.
 
     Layout (the stimulus manifest contract): ``out_dir/stimuli.tsv`` with ``stimulus_id``,
     ``image`` (relative path), ``caption``, plus the planted ``nuisance`` level and its
@@ -267,7 +289,12 @@ def generate_stimuli(
     (out / "images").mkdir(parents=True, exist_ok=True)
     rows = []
     width = len(str(n - 1))
-    for i, scene in enumerate(sample_scenes(n, seed, "eval")):
+    settings: dict[str, object] = {"n": n, "seed": seed}
+    design = NUISANCE_BETA
+    if nuisance_beta is not None:
+        design = (float(nuisance_beta[0]), float(nuisance_beta[1]))
+        settings["nuisance_beta"] = list(design)
+    for i, scene in enumerate(sample_scenes(n, seed, "eval", nuisance_beta=design)):
         sid = f"demo{i:0{width}d}"
         rel = f"images/{sid}.jpg"
         render_scene(scene, size=size).save(out / rel, quality=92)
@@ -276,7 +303,7 @@ def generate_stimuli(
         )
     manifest = out / "stimuli.tsv"
     write_manifest(pd.DataFrame(rows), manifest)
-    write_manifest_settings(manifest, {"n": n, "seed": seed})  # after it: what it was made from
+    write_manifest_settings(manifest, settings)  # after it: what it was made from
     log.info("wrote %d synthetic stimuli to %s", n, out)
     return manifest
 
