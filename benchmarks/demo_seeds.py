@@ -167,21 +167,27 @@ def measure(workdir: Path, cfg: dict, configfile: str) -> dict[str, float]:
     return targets, targets.summary()
 
 
+class _NuisanceDesign(argparse.Action):
+    """Stores the two numbers as :func:`xmodal.config.nuisance_design` checks them."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        from xmodal.config import nuisance_design
+
+        try:
+            setattr(namespace, self.dest, nuisance_design(values))
+        except ValueError as err:
+            parser.error(f"{option_string}: {err}")
+
+
 def add_stimuli_beta(parser: argparse.ArgumentParser) -> None:
     """The option ``--stimuli-beta A B``: the stimuli's ν ~ Beta(A, B) instead of the world's
-    design (config ``stimuli.nuisance_beta``; the training scenes keep the world's); the parser
-    refuses anything but two positive finite numbers."""
-
-    def positive(text: str) -> float:
-        value = float(text)
-        if not 0 < value < float("inf"):
-            raise argparse.ArgumentTypeError(f"{text!r} is not a positive finite number")
-        return value
-
+    design (config ``stimuli.nuisance_beta``; the training scenes keep the world's), checked
+    as the config's value is."""
     parser.add_argument(
         "--stimuli-beta",
-        type=positive,
+        type=float,
         nargs=2,
+        action=_NuisanceDesign,
         metavar=("A", "B"),
         help="the stimuli's ν ~ Beta(A, B) (config stimuli.nuisance_beta; training unchanged)",
     )

@@ -82,6 +82,11 @@ def _build_chain(jobs: list[tuple]) -> list[tuple[str, float]]:
     return times
 
 
+def model_dirs(cfg: dict, work: Path) -> dict[str, Path]:
+    """Where the vision models of ``cfg`` are built under ``work``."""
+    return {k: work / "models" / k for k, m in cfg["models"].items() if m["modality"] == "vision"}
+
+
 def build_vision_models(cfg: dict, work: Path, untrained: bool) -> dict[str, Path]:
     """Tokenizer, training scenes and every vision model of ``cfg`` under ``work``."""
     from xmodal.demo.build import build_priority, demo_needs
@@ -98,7 +103,7 @@ def build_vision_models(cfg: dict, work: Path, untrained: bool) -> dict[str, Pat
         captions = [s.caption for s in sample_scenes(int(train["n"]), int(train["seed"]), "train")]
         train_tokenizer(captions, tokenizer)
         generate_training_scenes(scenes, int(train["n"]), int(train["seed"]))
-    dirs = {k: work / "models" / k for k in models}
+    dirs = model_dirs(cfg, work)
     # one task per model that starts from no other, with the models that start from it after it
     # (CLIP, then CLIP+FT), on two processes as the demo profile runs two jobs at a time
     chains: list[list[tuple]] = []
@@ -241,7 +246,7 @@ def built_models(cfg: dict, work: Path, untrained: bool, reuse: bool) -> dict[st
     ``reuse`` the ones an earlier run of this script left there."""
     if not reuse:
         return build_vision_models(cfg, work, untrained)
-    dirs = {k: work / "models" / k for k, m in cfg["models"].items() if m["modality"] == "vision"}
+    dirs = model_dirs(cfg, work)
     missing = [str(p) for p in dirs.values() if not (p / "config.json").is_file()]
     if missing:
         raise SystemExit(f"--reuse-models: no model built at {missing}; run without it first")
@@ -285,7 +290,7 @@ def main() -> None:
     print(host_line(), flush=True)
 
     base = yaml.safe_load(args.config.read_text())
-    design = tuple(args.stimuli_beta) if args.stimuli_beta else None
+    design = args.stimuli_beta  # None: the world's
     rhos = []
     with tempfile.TemporaryDirectory(prefix="demo_vision_probe_") as tmp:
         for offset in args.offsets:

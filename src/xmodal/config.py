@@ -81,6 +81,25 @@ SOURCE_KEYS = {
 }
 
 
+def nuisance_design(value: Any) -> tuple[float, float]:
+    """The demo stimuli's nuisance design (config ``stimuli.nuisance_beta``): the two positive
+    finite numbers (a, b) of Beta(a, b), as floats; ValueError for anything else."""
+    if (
+        isinstance(value, Sequence)
+        and not isinstance(value, str)
+        and len(value) == 2
+        and all(
+            isinstance(v, int | float) and not isinstance(v, bool) and 0 < v < math.inf
+            for v in value
+        )
+    ):
+        return float(value[0]), float(value[1])
+    raise ValueError(
+        f"{value!r} is not two positive finite numbers [a, b] (the stimuli's nuisance levels "
+        "are drawn from Beta(a, b))"
+    )
+
+
 def _is_integer_type(node: Mapping[str, Any]) -> bool:
     kind = node.get("type")
     kinds = kind if isinstance(kind, list) else [kind]
@@ -146,14 +165,11 @@ def check_config(config: Mapping[str, Any]) -> None:
                 f"this config has source {source!r}, which would ignore it; remove it"
                 + (" (to analyse fewer stimuli, list fewer in the manifest)" if key == "n" else "")
             )
-    beta = stimuli.get("nuisance_beta")
-    if beta is not None and not (
-        len(beta) == 2 and all(isinstance(v, int | float) and 0 < v < math.inf for v in beta)
-    ):
-        raise ConfigError(
-            f"config key 'stimuli.nuisance_beta': {beta!r} is not two positive finite numbers "
-            "[a, b] (the stimuli's nuisance levels are drawn from Beta(a, b))"
-        )
+    if stimuli.get("nuisance_beta") is not None:
+        try:
+            nuisance_design(stimuli["nuisance_beta"])
+        except ValueError as err:
+            raise ConfigError(f"config key 'stimuli.nuisance_beta': {err}") from None
     gpu_model = (config.get("extraction") or {}).get("gpu_model")
     if gpu_model is not None and not GPU_MODEL.fullmatch(str(gpu_model)):
         raise ConfigError(

@@ -28,6 +28,7 @@ from xmodal.config import (
     check_report_settings,
     load_config_file,
     normalise_integers,
+    nuisance_design,
     record_run_settings,
     schema_errors,
     setting,
@@ -228,7 +229,9 @@ elif _STIMULI["source"] == "demo":
     MANIFEST_SOURCE = {"n": _STIMULI.get("n", 240), "seed": _STIMULI.get("seed", 0)}
     # recorded only when set, so that the manifests made before the key stay valid
     if "nuisance_beta" in _STIMULI:
-        MANIFEST_SOURCE["nuisance_beta"] = [float(v) for v in _STIMULI["nuisance_beta"]]
+        MANIFEST_SOURCE["nuisance_beta"] = list(
+            nuisance_design(_STIMULI["nuisance_beta"])
+        )
 # Whether the stamp job reads the manifest by time (not `ancient`), the demo's: a rerun of the
 # job that makes the manifest then remakes the stamps and re-extracts in the same run
 # (stimuli.smk); for a hub manifest it does not.

@@ -35,6 +35,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw, ImageFilter
 
+from xmodal.config import nuisance_design
 from xmodal.io import atomic_path
 from xmodal.stimuli import write_manifest, write_manifest_settings
 
@@ -152,11 +153,10 @@ def sample_scenes(
     ``stimuli.nuisance_beta``; docs/method.md, "Dispersion is relative to the stimulus set");
     component c_k = min(1, ν·u_k), u_k ~ U(0.8, 1.2).
     """
-    a, b = (float(v) for v in nuisance_beta)
-    if not all(0 < v < np.inf for v in (a, b)):
-        raise ValueError(
-            f"nuisance_beta must be two positive finite numbers, got {nuisance_beta!r}"
-        )
+    try:
+        a, b = nuisance_design(nuisance_beta)
+    except ValueError as err:
+        raise ValueError(f"nuisance_beta: {err}") from None
     rng = _split_rng(seed, split)
     scenes = []
     for _ in range(int(n)):
@@ -292,7 +292,7 @@ def generate_stimuli(
     settings: dict[str, object] = {"n": n, "seed": seed}
     design = NUISANCE_BETA
     if nuisance_beta is not None:
-        design = (float(nuisance_beta[0]), float(nuisance_beta[1]))
+        design = nuisance_design(nuisance_beta)
         settings["nuisance_beta"] = list(design)
     for i, scene in enumerate(sample_scenes(n, seed, "eval", nuisance_beta=design)):
         sid = f"demo{i:0{width}d}"
