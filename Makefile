@@ -13,8 +13,15 @@ CORES  ?= 2
 
 .PHONY: setup system-deps demo test lint
 
+# Debian's python3 lacks venv without the python3.X-venv package, and a failed `-m venv` leaves a
+# .venv without pip behind: remove it, install the package when we are root, else say which.
+VENV_PKG = $$($(PYTHON) -c 'import sys; print("python%d.%d-venv" % sys.version_info[:2])')
 $(BIN)/python:
-	$(PYTHON) -m venv $(VENV)
+	@$(PYTHON) -m venv $(VENV) || { rm -rf $(VENV); [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  echo "installing $(VENV_PKG) (python -m venv needs it)" && \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(VENV_PKG) >/dev/null && \
+	  $(PYTHON) -m venv $(VENV); } || { rm -rf $(VENV); \
+	  echo "could not create $(VENV) with '$(PYTHON) -m venv': install $(VENV_PKG) (Debian/Ubuntu: sudo apt-get install $(VENV_PKG)), or set PYTHON to a Python 3.11+ with venv" >&2; exit 1; }
 
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q --upgrade pip

@@ -167,7 +167,7 @@ def test_stimuli_of_another_nuisance_design_are_recorded_with_it(tmp_path):
 @pytest.mark.parametrize(
     "value, where",
     [
-        ([1.3, float("nan")], "check"),
+        ([1.3, float("nan")], "check"),  # the schema's bounds let NaN and infinity through
         ([float("inf"), 2.0], "check"),
         ([0, 2.0], "schema"),
         ([1.0], "schema"),
@@ -176,7 +176,13 @@ def test_stimuli_of_another_nuisance_design_are_recorded_with_it(tmp_path):
     ],
 )
 def test_a_nuisance_design_that_is_not_two_positive_numbers_is_refused(value, where):
-    from xmodal.config import ConfigError, check_config, load_config_file, schema_errors
+    from xmodal.config import (
+        ConfigError,
+        check_config,
+        load_config_file,
+        nuisance_design,
+        schema_errors,
+    )
 
     root = Path(__file__).resolve().parents[1]
     cfg = load_config_file(root / "config" / "demo.yaml")
@@ -188,8 +194,13 @@ def test_a_nuisance_design_that_is_not_two_positive_numbers_is_refused(value, wh
         assert errors and "stimuli.nuisance_beta" in errors[0], errors
     else:
         assert errors == []
-        with pytest.raises(ConfigError, match=r"'stimuli\.nuisance_beta'.*positive finite"):
+        with pytest.raises(
+            ConfigError, match=r"'stimuli\.nuisance_beta\[[01]\]': (nan|inf) is not a finite"
+        ):
             check_config(cfg)
+        # the design's own check, for callers that bypass check_config (sample_scenes)
+        with pytest.raises(ValueError, match="not two positive finite numbers"):
+            nuisance_design(value)
 
 
 # ---------------------------------------------------------------- recipes

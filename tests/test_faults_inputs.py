@@ -38,6 +38,7 @@ from xmodal.config import (
     check_against_stimuli,
     check_config,
     load_config_file,
+    non_finite_numbers,
     normalise_integers,
     schema_errors,
 )
@@ -185,6 +186,12 @@ CONFIG_CASES: dict[str, tuple[Callable[[dict], None], str]] = {
         _few_random_sets,
         r"'analysis.drop_control.n_random' \(2\) is too few random sets .* at least 20",
     ),
+    # before: accepted (NaN is neither below nor above a bound), then training stopped at its
+    # first step with "training loss became nan"
+    "lr_nan": (
+        lambda cfg: cfg["models"]["tiny-mae"]["build"]["train"].update(lr=float("nan")),
+        r"config key 'models\.tiny-mae\.build\.train\.lr': nan is not a finite number",
+    ),
     # at start-up, not after extraction (the unbiased HSIC needs 4 stimuli per set)
     "set_size_3": (_tiny_set_size, r"'analysis.set_size' \(3\) is too small: .* at least 4"),
     # xmodal.registry: the model no node's GPUs can hold, and a local directory that is not there
@@ -305,6 +312,108 @@ def test_unsafe_model_key_refused_by_check_config_too() -> None:
     _unsafe_key(cfg)
     with pytest.raises(ConfigError, match=r"'models\.\.\./\.\./etc'.*must match"):
         check_config(cfg)
+
+
+def _numeric_keys(value: object, path: tuple = ()) -> list[tuple]:
+    """Paths of every number (not boolean) in a parsed config."""
+    if isinstance(value, bool):
+        return []
+    if isinstance(value, int | float):
+        return [path]
+    if isinstance(value, dict):
+        return [q for k, v in value.items() for q in _numeric_keys(v, (*path, k))]
+    if isinstance(value, list):
+        return [q for i, v in enumerate(value) for q in _numeric_keys(v, (*path, i))]
+    return []
+
+
+def _dotted(path: tuple) -> str:
+    return "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in path).lstrip(".")
+
+
+def _config_refusal(cfg: dict) -> str | None:
+    """What start-up says of ``cfg`` (the schema's first line, else check_config's), or None."""
+    lines = schema_errors(cfg, ROOT / "workflow" / "schemas" / "config.schema.yaml")
+    if lines:
+        return lines[0]
+    try:
+        check_config(cfg)
+    except ConfigError as err:
+        return str(err)
+    return None
+
+
+@pytest.mark.parametrize("name", ["demo.yaml", "demo_untrained.yaml", "../config.yaml"])
+def test_every_number_of_the_configs_refused_as_nan_or_infinity_naming_its_key(name: str) -> None:
+    """YAML reads ``.nan`` and ``.inf`` as numbers. NaN passed every bound of the schema (a NaN
+    ``train.lr`` stopped training at its first step, a NaN ``analysis.gpa.tol`` the GPA job after
+    every extraction, a NaN ``extraction.gpu_mem_gb`` was blamed on the first model), and
+    ``.inf`` every key without an upper bound. Every number of the shipped configs, set to each,
+    is refused at start-up by a message naming that key."""
+    base = load_config_file(ROOT / "config" / name)
+    paths = _numeric_keys(base)
+    assert len(paths) > 30  # the walk found the configs' numbers
+    for path in paths:
+        for value in (float("nan"), float("inf"), float("-inf")):
+            cfg = copy.deepcopy(base)
+            node = cfg
+            for part in path[:-1]:
+                node = node[part]
+            node[path[-1]] = value
+            said = _config_refusal(cfg)
+            assert said is not None, (path, value)
+            assert f"'{_dotted(path)}'" in said, (path, value, said)
+
+
+_LEAVES = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(),
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.text(max_size=5),
+)
+_TREES = st.recursive(
+    _LEAVES,
+    lambda inner: (
+        st.lists(inner, max_size=4)
+        | st.dictionaries(
+            st.text(st.characters(categories=["L", "N"]), max_size=6), inner, max_size=4
+        )
+    ),
+    max_leaves=25,
+)
+
+
+def _leaf_paths(value: object, path: tuple = ()) -> list[tuple]:
+    if isinstance(value, dict) and value:
+        return [q for k, v in value.items() for q in _leaf_paths(v, (*path, k))]
+    if isinstance(value, list) and value:
+        return [q for i, v in enumerate(value) for q in _leaf_paths(v, (*path, i))]
+    return [path] if path else []
+
+
+@settings(max_examples=200, deadline=None)
+@given(tree=_TREES, data=st.data())
+def test_non_finite_numbers_are_found_exactly_where_planted(tree: object, data) -> None:
+    """Planted NaN and infinities, anywhere in a nested config, are all found, with their keys
+    and in the config's order; finite numbers, booleans, text and None never are."""
+    assert non_finite_numbers(tree) == []
+    leaves = _leaf_paths(tree)
+    if not leaves:
+        return
+    chosen = data.draw(st.sets(st.sampled_from(range(len(leaves))), max_size=len(leaves)))
+    planted = {}
+    for i in sorted(chosen):
+        value = data.draw(st.sampled_from([float("nan"), float("inf"), float("-inf")]))
+        node = tree
+        for part in leaves[i][:-1]:
+            node = node[part]
+        node[leaves[i][-1]] = value
+        planted[_dotted(leaves[i])] = value
+    found = non_finite_numbers(tree)
+    assert [k for k, _ in found] == [_dotted(leaves[i]) for i in sorted(chosen)]
+    for key, value in found:
+        assert (value != value and planted[key] != planted[key]) or value == planted[key]
 
 
 def test_the_schema_states_the_librarys_name_patterns() -> None:

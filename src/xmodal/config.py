@@ -12,6 +12,8 @@ from typing import Any
 
 import yaml
 
+from xmodal.logs import preview
+
 #: Model keys become path components and wildcard values: lower-case, no separators. Matched
 #: with ``fullmatch``: ``$`` alone also matches before a trailing newline (YAML ``key: |``).
 MODEL_KEY = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
@@ -100,6 +102,21 @@ def nuisance_design(value: Any) -> tuple[float, float]:
     )
 
 
+def non_finite_numbers(value: Any, key: str = "") -> list[tuple[str, float]]:
+    """Every NaN or infinite number in a config (YAML's ``.nan``, ``.inf``), with its dotted key
+    (``models.tiny-mae.build.train.lr``; list items as ``key[i]``), in the config's order."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return [(key, value)]
+    found: list[tuple[str, float]] = []
+    if isinstance(value, Mapping):
+        for k, v in value.items():
+            found += non_finite_numbers(v, f"{key}.{k}" if key else str(k))
+    elif isinstance(value, list | tuple):
+        for i, v in enumerate(value):
+            found += non_finite_numbers(v, f"{key}[{i}]")
+    return found
+
+
 def _is_integer_type(node: Mapping[str, Any]) -> bool:
     kind = node.get("type")
     kinds = kind if isinstance(kind, list) else [kind]
@@ -145,17 +162,27 @@ def normalise_integers(config: dict, schema: Mapping[str, Any]) -> list[str]:
 def check_config(config: Mapping[str, Any]) -> None:
     """Raise :class:`ConfigError` for values the schema cannot express.
 
-    Checks: dataset and model keys are filesystem-safe, a GPU model is one sbatch accepts (all
-    three matched whole: the schema's ``$`` lets a trailing newline through); ``stimuli`` keys
-    of another source (:data:`SOURCE_KEYS`) are absent; the demo's ``stimuli.nuisance_beta`` is
-    two positive finite numbers (the schema lets NaN and infinity through); at least 3 vision
-    models (GPA and leave-one-model-out need 3) and 1 language model; set size K, neighbour
-    count k, n_boot, the random draws (``n_random``, ``drop_control.n_random``) and the drop
-    fraction are valid and consistent with each other. K against the number of stimuli is
+    Checks: no number is NaN or infinite (:func:`non_finite_numbers`; JSON Schema's bounds let
+    NaN through, and ``.inf`` where a key has no upper bound); dataset and model keys are
+    filesystem-safe, a GPU model is one sbatch accepts (all three matched whole: the schema's
+    ``$`` lets a trailing newline through); ``stimuli`` keys of another source
+    (:data:`SOURCE_KEYS`) are absent; the demo's ``stimuli.nuisance_beta`` is two positive
+    finite numbers (:func:`nuisance_design`, for a config that bypassed the schema); at least
+    3 vision models (GPA and leave-one-model-out need 3) and 1 language model; set size K,
+    neighbour count k, n_boot, the random draws (``n_random``, ``drop_control.n_random``) and
+    the drop fraction are valid and consistent with each other. K against the number of stimuli is
     checked when the manifest is read (it is not known before); the vision layer index against
     each model's layers when its features are read (:func:`resolve_layer`) and when its
     extraction starts.
     """
+    bad = non_finite_numbers(config)
+    if bad:
+        key, value = bad[0]
+        others = f"; so are {preview(k for k, _ in bad[1:])}" if len(bad) > 1 else ""
+        raise ConfigError(
+            f"config key '{key}': {value} is not a finite number (YAML reads .nan and .inf as "
+            f"numbers, and the schema's bounds let them through){others}. Give a finite number"
+        )
     stimuli = config.get("stimuli") or {}
     source = stimuli.get("source")
     for key, only in SOURCE_KEYS.items():
