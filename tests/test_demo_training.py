@@ -515,6 +515,35 @@ def test_trained_demo_shows_the_effect(demo_project, demo_untrained_project):
 
 
 @pytest.mark.slow
+def test_the_demos_planted_nuisance_is_in_its_own_properties_table(demo_project):
+    """The manifest's numeric columns (the planted level ν and its four components) reach the
+    run's properties and correlations tables: ρ of ``manifest:nuisance`` with the mean
+    dispersion is the demo target's ρ, computed here from the manifest and dispersion table."""
+    import yaml
+
+    from xmodal.demo.targets import demo_targets
+    from xmodal.io import read_table
+
+    cfg = yaml.safe_load((demo_project / "config" / "demo.yaml").read_text())
+    vision = [k for k, m in cfg["models"].items() if m["modality"] == "vision"]
+    t = demo_targets(demo_project, cfg["dataset"], vision)
+    root = demo_project / f"results/properties/{cfg['dataset']}"
+    corr = read_table(root / "correlations.tsv").set_index(["property", "summary"])
+    columns = ["nuisance", "clutter", "occlusion", "background", "blur"]
+    assert [p for p in dict.fromkeys(corr.index.get_level_values(0)) if "manifest:" in p] == [
+        f"manifest:{c}" for c in columns
+    ]
+    row = corr.loc[("manifest:nuisance", "mean")]
+    assert row["spearman_rho"] == pytest.approx(t.nuisance_rho, abs=1e-12)
+    assert corr.loc[("manifest:nuisance", "pc1"), "spearman_rho"] == pytest.approx(
+        t.nuisance_rho_pc1, abs=1e-12
+    )
+    assert row["ci_low"] < row["spearman_rho"] < row["ci_high"] and row["n"] == cfg["stimuli"]["n"]
+    props = read_table(root / "properties.tsv")
+    assert (props["property"] == "manifest:nuisance").sum() == cfg["stimuli"]["n"]
+
+
+@pytest.mark.slow
 def test_untrained_demo_names_collapsed_models_and_flags_their_values(demo_untrained_project):
     """The numerical-trust checks on a run where they matter: the untrained stand-ins' CLIP and
     CLIP+FT are collapsed. The diagnostics name exactly those two, every alignment value that

@@ -109,6 +109,43 @@ def test_properties_interval_that_misses_its_estimate_is_drawn(inputs, tmp_path)
     assert [pytest.approx(rho + 0.05), pytest.approx(rho + 0.1)] in drawn
 
 
+def test_properties_figure_shows_the_manifest_columns_after_the_built_in_ones(inputs, tmp_path):
+    """Annotation columns (``manifest:<column>``) are labelled "<column> (manifest)", listed
+    after the built-in properties in table order, and get their own scatter panels (a second
+    row: at most 7 per row)."""
+    props = read_table(inputs["properties"])
+    corr = read_table(inputs["property_correlations"])
+    ids = props.loc[props["property"] == "entropy", "stimulus_id"].tolist()
+    rng = np.random.default_rng(0)
+    extra_props, extra_corr = [], []
+    for i, col in enumerate(["typicality", "blur"]):
+        extra_props.append(pd.DataFrame({"stimulus_id": ids, "property": f"manifest:{col}",
+                                         "model": "", "value": rng.uniform(size=len(ids))}))  # fmt: skip
+        for summary in ("mean", "pc1"):
+            row = corr.iloc[0].copy()
+            row[["property", "model", "summary"]] = f"manifest:{col}", "", summary
+            row[["spearman_rho", "ci_low", "ci_high"]] = 0.1 * (i + 1), 0.0, 0.2 * (i + 1)
+            extra_corr.append(row)
+    write_table(pd.concat([props, *extra_props], ignore_index=True), tmp_path / "p.tsv")
+    write_table(pd.concat([corr, pd.DataFrame(extra_corr)], ignore_index=True), tmp_path / "c.tsv")
+    fig = render_figure(
+        "properties",
+        {**inputs, "properties": tmp_path / "p.tsv", "property_correlations": tmp_path / "c.tsv"},
+    )
+    ax_mean, _, *scatters = fig.axes
+    labels = [t.get_text() for t in ax_mean.get_yticklabels()]
+    assert labels[-3:] == ["grey-level entropy (bits)", "typicality (manifest)", "blur (manifest)"]
+    points = {int(round(ln.get_ydata()[0])): ln.get_xdata()[0] for ln in _marks(ax_mean, "o")}
+    assert points[len(labels) - 1] == pytest.approx(0.2)
+    assert [ax.get_xlabel() for ax in scatters[-2:]] == [
+        "typicality\n(manifest)",
+        "blur (manifest)",
+    ]
+    assert len(scatters) == 9 and scatters[-1].get_title(loc="left") == "K"
+    # two rows of panels: the eighth starts the second row, with its own y label
+    assert scatters[7].get_ylabel() == "Mean dispersion" and scatters[6].get_ylabel() == ""
+
+
 def test_properties_figure_without_models_table(inputs, tmp_path):
     fig = render_figure("properties", {k: v for k, v in inputs.items() if k != "models"})
     labels = [t.get_text() for t in fig.axes[0].get_yticklabels()]

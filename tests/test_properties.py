@@ -23,9 +23,11 @@ from xmodal.pipeline import (
     run_stimulus_properties,
 )
 from xmodal.properties import (
+    ANNOTATION_PREFIX,
     EDGE_SIDE,
     EDGE_THRESHOLD,
     IMAGE_PROPERTIES,
+    annotations,
     caption_words,
     colourfulness,
     edge_density,
@@ -244,6 +246,129 @@ def test_missing_token_counts_are_nan_with_a_warning(caplog):
     assert tok[tok["model"] == "lm2"]["value"].tolist() == [3, 2]
     # image properties follow the manifest order, whatever the image table's order
     assert table[table["property"] == "entropy"]["stimulus_id"].tolist() == ["1", "01"]
+
+
+# ---------------------------------------------------------------- the manifest's own columns
+def _fmt(x: float, style: int) -> str:
+    """A finite float written as people write numbers (none of them nan, inf or a comma)."""
+    return [
+        repr(x),
+        f"{x:.6e}",
+        f"  {x:.12g} ",
+        f"{x:+.3f}",
+        str(int(x)) if x.is_integer() else repr(x),
+    ][style]
+
+
+@given(
+    st.lists(
+        st.one_of(
+            st.none(),
+            st.tuples(
+                st.floats(-1e6, 1e6, allow_nan=False, allow_infinity=False), st.integers(0, 4)
+            ),
+        ),
+        min_size=1,
+        max_size=30,
+    ),
+    st.data(),
+)
+def test_numeric_manifest_columns_become_properties_with_their_values(cells, data):
+    """A column of numbers (any usual notation, empty where unknown) is read back exactly as
+    the numbers written; empty fields are NaN. One field that is not a number (a decimal
+    comma, n/a, nan, inf, a word) leaves the column out, with a warning naming the column, the
+    stimulus and the field."""
+    ids = [f"{i:03d}" for i in range(len(cells))]
+    fields = ["" if c is None else _fmt(*c) for c in cells]
+    man = pd.DataFrame(
+        {"stimulus_id": ids, "image": "x.png", "caption": "a b", "rating": fields, "kind": "cat"}
+    )
+    found = annotations(man)
+    if all(c is None for c in cells):
+        assert found == {}
+        return
+    assert list(found) == ["rating"]  # the text column is no property
+    expected = [np.nan if c is None else float(_fmt(*c)) for c in cells]
+    np.testing.assert_array_equal(found["rating"], expected)
+    # the written number, read back: within the rounding of the notation used
+    for got, c in zip(found["rating"], cells, strict=True):
+        if c is not None:
+            assert got == pytest.approx(c[0], rel=1e-6, abs=6e-4)
+
+    bad = data.draw(
+        st.sampled_from(["0,5", "n/a", "nan", "NaN", "inf", "-", "1_000", "0x1f", "1e999", "high"])
+    )
+    where = data.draw(st.integers(0, len(cells) - 1))
+    man.loc[where, "rating"] = bad
+    logger = logging.getLogger("xmodal.properties")
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append
+    logger.addHandler(handler)
+    try:
+        assert "rating" not in annotations(man)
+    finally:
+        logger.removeHandler(handler)
+    text = " ".join(r.getMessage() for r in records)
+    if any(f.strip() for i, f in enumerate(man["rating"]) if i != where):  # numbers and text
+        assert "manifest column 'rating'" in text and f"{ids[where]}: {bad!r}" in text, text
+    else:  # text only: no numbers to lose
+        assert text == ""
+
+
+def test_annotation_columns_follow_the_built_in_properties_in_column_order():
+    man = pd.DataFrame(
+        {
+            "stimulus_id": ["b", "a", "c"],
+            "typicality": ["0.9", "", "0.1"],
+            "image": ["i1", "i2", "i3"],
+            "category": ["dog", "cat", "dog"],
+            "caption": ["x", "y z", "w"],
+            "entropy": ["3", "2", "1"],  # the name of a built-in property: kept apart
+        }
+    )
+    img = pd.DataFrame(
+        [(s, p, "", 1.0) for s in ("a", "b", "c") for p in IMAGE_PROPERTIES],
+        columns=["stimulus_id", "property", "model", "value"],
+    )
+    table = stimulus_properties(man, img, {})
+    props = list(dict.fromkeys(table["property"]))
+    assert props == ["caption_words", *IMAGE_PROPERTIES, "manifest:typicality", "manifest:entropy"]
+    typ = table[table["property"] == ANNOTATION_PREFIX + "typicality"]
+    assert typ["stimulus_id"].tolist() == ["b", "a", "c"]
+    np.testing.assert_array_equal(typ["value"], [0.9, np.nan, 0.1])
+    assert (table.loc[table["property"] == "entropy", "value"] == 1.0).all()
+
+
+def test_annotation_correlation_uses_the_stimuli_that_have_a_value(tmp_path):
+    """ρ of an annotation with empty fields equals scipy's over the stimuli that have one; n
+    counts them."""
+    rng = np.random.default_rng(2)
+    m = 40
+    ids = [f"s{j}" for j in range(m)]
+    mean, pc1 = rng.gamma(2, 1, m), rng.normal(size=m)
+    rating = np.round(mean + rng.normal(0, 1, m), 2)
+    known = rng.uniform(size=m) > 0.3
+    man = pd.DataFrame(
+        {
+            "stimulus_id": ids,
+            "image": "x",
+            "caption": "a",
+            "rating": [f"{r}" if k else "" for r, k in zip(rating, known, strict=True)],
+        }
+    )
+    img = pd.DataFrame(
+        [(s, p, "", float(i)) for i, s in enumerate(ids) for p in IMAGE_PROPERTIES],
+        columns=["stimulus_id", "property", "model", "value"],
+    )
+    corr = property_correlations(
+        stimulus_properties(man, img, {}), _dispersion(ids, mean, pc1), 0, 0
+    ).set_index(["property", "summary"])
+    for summary, y in (("mean", mean), ("pc1", pc1)):
+        row = corr.loc[("manifest:rating", summary)]
+        ref = scipy.stats.spearmanr(rating[known], y[known])
+        assert row["spearman_rho"] == pytest.approx(ref.statistic, abs=1e-12)
+        assert row["n"] == known.sum()
 
 
 def _dispersion(ids, mean, pc1) -> pd.DataFrame:

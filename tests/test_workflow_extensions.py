@@ -83,7 +83,10 @@ def test_demo_extension_outputs(demo_project, demo_config):
     assert (cells["n_random"] == demo_config["analysis"]["n_random"]).all()
 
     props = read_table(wd / "results/properties/demo/properties.tsv")
-    assert len(props) == m * (7 + len(llms))
+    # 7 built-in properties, one token count per LLM, the manifest's 5 numeric columns
+    own = ["nuisance", "clutter", "occlusion", "background", "blur"]
+    assert len(props) == m * (7 + len(llms) + len(own))
+    assert list(dict.fromkeys(props["property"]))[-len(own) :] == [f"manifest:{c}" for c in own]
     assert props["value"].notna().all()  # demo images decode; every LLM file records tokens
     # token counts are those of each model's own tokenizer
     from transformers import AutoTokenizer
@@ -96,7 +99,7 @@ def test_demo_extension_outputs(demo_project, demo_config):
     got = props[(props["property"] == "caption_tokens") & (props["model"] == llms[0])]["value"]
     assert got.tolist()[:20] == want
     pc = read_table(wd / "results/properties/demo/correlations.tsv")
-    assert len(pc) == 2 * (7 + len(llms))
+    assert len(pc) == 2 * (7 + len(llms) + len(own))
     # the demo's images all have the same size: undefined correlations are reported as such
     flat = pc[pc["property"].isin(["image_pixels", "aspect_ratio"])]
     assert flat["spearman_rho"].isna().all() and (flat["reason"] == "constant property").all()

@@ -16,7 +16,9 @@ Exact definitions (docs/method.md, "Stimulus properties"), each on the image as
   antialiasing) so that its shorter side is :data:`EDGE_SIDE` px; Sobel gradients (scipy.ndimage,
   mirrored border) g = sqrt(Sx² + Sy²) / 4 (1 at a step from black to white); the fraction of
   pixels with g > :data:`EDGE_THRESHOLD`;
-- ``entropy``: Shannon entropy in bits of the 256-bin histogram of the grey image (full size).
+- ``entropy``: Shannon entropy in bits of the 256-bin histogram of the grey image (full size);
+- ``manifest:<column>``: the researcher's own per-stimulus annotations, every extra column of
+  the manifest whose fields are all numbers (:data:`NUMBER`) or empty (:func:`annotations`).
 
 ``run_*`` functions are pipeline steps (files in, files out, written atomically).
 """
@@ -39,13 +41,16 @@ log = logging.getLogger(__name__)
 PathLike = str | os.PathLike
 
 __all__ = [
+    "ANNOTATION_PREFIX",
     "CORRELATION_COLUMNS",
     "EDGE_SIDE",
     "EDGE_THRESHOLD",
     "IMAGE_PROPERTIES",
+    "NUMBER",
     "PROPERTIES",
     "PROPERTY_COLUMNS",
     "WORD",
+    "annotations",
     "caption_words",
     "colourfulness",
     "edge_density",
@@ -82,6 +87,12 @@ IMAGE_PROPERTIES = (
     "edge_density",
     "entropy",
 )
+#: A manifest column's property is named ``manifest:<column>`` (never one of the above).
+ANNOTATION_PREFIX = "manifest:"
+#: A number as an annotation field writes it: optional sign, digits with an optional decimal
+#: point ('.'), optional exponent (``3``, ``-0.25``, ``.5``, ``2.``, ``1e-3``), spaces around.
+#: Not ``nan``, ``inf``, ``0x1f``, ``1_000`` or a decimal comma: unknown values are left empty.
+NUMBER = re.compile(r"\s*[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?\s*")
 PROPERTY_COLUMNS = ["stimulus_id", "property", "model", "value"]
 CORRELATION_COLUMNS = [
     "property",
@@ -208,13 +219,56 @@ def image_properties(
     return pd.DataFrame(rows, columns=PROPERTY_COLUMNS)
 
 
+def annotations(manifest: pd.DataFrame) -> dict[str, np.ndarray]:
+    """The manifest's numeric annotation columns, in column order: every column other than
+    ``stimulus_id``, ``image`` and ``caption`` whose non-empty fields are all numbers
+    (:data:`NUMBER`, finite), as floats with NaN for empty fields.
+
+    A column of numbers and other text (a decimal comma, ``n/a``, ``nan``) is left out with a
+    warning naming it, its fields that are not numbers and their stimuli; a column of text only
+    (a category) or of empty fields only is left out with an info line.
+    """
+    from xmodal.logs import preview
+
+    ids = [str(s) for s in manifest["stimulus_id"]]
+    out: dict[str, np.ndarray] = {}
+    for col in manifest.columns:
+        if col in ("stimulus_id", "image", "caption"):
+            continue
+        fields = [str(v) for v in manifest[col]]
+        filled = [i for i, v in enumerate(fields) if v.strip()]
+        numeric = {i for i in filled if NUMBER.fullmatch(fields[i])}
+        numeric = {i for i in numeric if np.isfinite(float(fields[i]))}  # 1e999 overflows
+        if not numeric:
+            log.info("manifest column %r holds no numbers: not a property", col)
+            continue
+        if len(numeric) < len(filled):
+            bad = [i for i in filled if i not in numeric]
+            log.warning(
+                "manifest column %r: %d of its %d filled fields are not finite numbers, e.g. %s; the "
+                "column is left out of the stimulus properties. Write numbers with '.' as the "
+                "decimal mark and leave unknown values empty",
+                col,
+                len(bad),
+                len(filled),
+                preview(f"{ids[i]}: {fields[i]!r}" for i in bad),
+            )
+            continue
+        values = np.full(len(fields), np.nan)
+        for i in numeric:
+            values[i] = float(fields[i])
+        out[str(col)] = values
+    return out
+
+
 def stimulus_properties(
     manifest: pd.DataFrame,
     image_table: pd.DataFrame,
     token_counts: Mapping[str, np.ndarray | None],
 ) -> pd.DataFrame:
     """Every property of every stimulus, long (:data:`PROPERTY_COLUMNS`), properties in
-    :data:`PROPERTIES` order, stimuli in manifest order.
+    :data:`PROPERTIES` order and then the manifest's numeric annotation columns
+    (:func:`annotations`) as ``manifest:<column>``, stimuli in manifest order.
 
     ``token_counts[llm]``: tokens per caption in manifest order, or None when the LLM's feature
     file does not record them (its rows are NaN and a warning says to re-extract).
@@ -258,6 +312,17 @@ def stimulus_properties(
     for prop in IMAGE_PROPERTIES:
         sub = img[img["property"] == prop]
         parts.append(sub.iloc[np.argsort(sub["stimulus_id"].map(position).to_numpy())])
+    for col, values in annotations(manifest).items():
+        parts.append(
+            pd.DataFrame(
+                {
+                    "stimulus_id": ids,
+                    "property": ANNOTATION_PREFIX + col,
+                    "model": "",
+                    "value": values,
+                }
+            )
+        )
     out = pd.concat(parts, ignore_index=True)[PROPERTY_COLUMNS]
     out["model"] = out["model"].fillna("").astype(str)
     return out

@@ -4,6 +4,7 @@ properties"). Drawn from the tables only."""
 
 from __future__ import annotations
 
+import math
 import textwrap
 
 import numpy as np
@@ -14,7 +15,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
-from xmodal.properties import PROPERTIES
+from xmodal.properties import ANNOTATION_PREFIX, PROPERTIES
 from xmodal.summary import mean_stability, unstable
 
 from ._common import (
@@ -26,12 +27,15 @@ from ._common import (
     Models,
     new_figure,
     panel_grid,
+    panel_letter,
     pc1_caveat,
 )
 from .alignment import _flag_handles, _hatch
 
 #: Property labels, in display order (one place: xmodal.properties).
 PROPERTY_LABELS = PROPERTIES
+#: Scatter panels per row in the properties figure (the built-in properties fill one row).
+SCATTER_COLUMNS = 7
 
 
 def _has_ci(row: pd.Series | None) -> bool:
@@ -225,7 +229,10 @@ def draw_language_dispersion(data: FigureData) -> Figure:
 
 # --------------------------------------------------------------------------- properties
 def property_label(prop: str, model: str, models: Models) -> str:
-    """Readable label of a property (token counts name their LLM by its label)."""
+    """Readable label of a property (token counts name their LLM by its label; a manifest
+    column's, ``manifest:<column>``, is "<column> (manifest)")."""
+    if prop.startswith(ANNOTATION_PREFIX):
+        return f"{prop[len(ANNOTATION_PREFIX) :]} (manifest)"
     base = PROPERTY_LABELS.get(prop, prop)
     if model:
         return base.replace("(tokens)", f"(tokens, {models.label(model)})")
@@ -233,14 +240,14 @@ def property_label(prop: str, model: str, models: Models) -> str:
 
 
 def _property_rows(corr: pd.DataFrame, models: Models) -> list[tuple[str, str]]:
-    """(property, model) in display order: PROPERTY_LABELS order, token rows by model order."""
+    """(property, model) in display order: PROPERTY_LABELS order, token rows by model order,
+    then the other properties (the manifest's columns) in table order."""
     keys = corr[["property", "model"]].fillna("").astype(str).drop_duplicates()
     rank = {p: i for i, p in enumerate(PROPERTY_LABELS)}
+    for p in keys["property"]:
+        rank.setdefault(p, len(rank))
     order = {m: i for i, m in enumerate(models.order([m for m in keys["model"] if m]))}
-    return sorted(
-        map(tuple, keys.to_numpy()),
-        key=lambda pm: (rank.get(pm[0], len(rank)), order.get(pm[1], -1), pm[0]),
-    )
+    return sorted(map(tuple, keys.to_numpy()), key=lambda pm: (rank[pm[0]], order.get(pm[1], -1)))
 
 
 def _forest(ax: Axes, corr: pd.DataFrame, rows: list[tuple[str, str]], summary: str, models):
@@ -276,16 +283,21 @@ def draw_properties(data: FigureData) -> Figure:
     corr, props, disp = data["property_correlations"], data["properties"], data["dispersion"]
     models = data.models
     rows = _property_rows(corr, models)
-    fig = new_figure(10.5, 3.0 + 0.22 * len(rows) + 2.4)
-    top, bottom = fig.subfigures(2, 1, height_ratios=[0.6 + 0.22 * len(rows), 2.4])
+    # one scatter panel per property with one value per stimulus (not the token counts)
+    singles = [
+        p for p, m in rows if not m and p != "caption_tokens" and p in set(props["property"])
+    ]
+    ncols = min(max(1, len(singles)), SCATTER_COLUMNS)
+    scatter_height = 2.4 * math.ceil(max(1, len(singles)) / ncols)
+    fig = new_figure(10.5, 3.0 + 0.22 * len(rows) + scatter_height)
+    top, bottom = fig.subfigures(2, 1, height_ratios=[0.6 + 0.22 * len(rows), scatter_height])
     ax1, ax2 = top.subplots(1, 2, sharey=True)
     _forest(ax1, corr, rows, "mean", models)
     _forest(ax2, corr, rows, "pc1", models)
     ax1.set_title("A   Properties vs mean dispersion", loc="left")
     ax2.set_title("B   Properties vs PC1 score", loc="left")
 
-    singles = [p for p in PROPERTY_LABELS if p != "caption_tokens" and p in set(props["property"])]
-    axes = panel_grid(bottom, len(singles), max(1, len(singles)), sharey=True)
+    axes = panel_grid(bottom, len(singles), ncols, sharey=True)
     d = disp.assign(stimulus_id=disp["stimulus_id"].astype(str)).set_index("stimulus_id")
     mean_rows = corr[(corr["summary"] == "mean")].copy()
     mean_rows["model"] = mean_rows["model"].fillna("").astype(str)
@@ -305,10 +317,14 @@ def draw_properties(data: FigureData) -> Figure:
             0.03, 0.97, text, transform=ax.transAxes, ha="left", va="top", fontsize=6.5,
             bbox={"boxstyle": "round,pad=0.2", "fc": "white", "ec": "none", "alpha": 0.85},
         )  # fmt: skip
-        ax.set_xlabel(textwrap.fill(PROPERTY_LABELS[prop], 18), fontsize=7)
+        ax.set_xlabel(textwrap.fill(property_label(prop, "", models), 18), fontsize=7)
         ax.tick_params(labelsize=6)
-        if i == 0:
+        if i % ncols == 0:
             ax.set_ylabel("Mean dispersion")
-        ax.set_title(f"{chr(ord('C') + i)}", loc="left")
-    fig.suptitle("What goes with dispersion: stimulus properties (no extra model)")
+        ax.set_title(panel_letter(i, "C"), loc="left")
+    own = any(p.startswith(ANNOTATION_PREFIX) for p, _ in rows)
+    fig.suptitle(
+        "What goes with dispersion: stimulus properties (no extra model)"
+        + (" and the manifest's numeric columns" if own else "")
+    )
     return fig
