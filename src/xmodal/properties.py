@@ -26,6 +26,7 @@ Exact definitions (docs/method.md, "Stimulus properties"), each on the image as
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -35,6 +36,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from PIL import Image
+
+from xmodal.logs import preview
 
 log = logging.getLogger(__name__)
 
@@ -219,45 +222,46 @@ def image_properties(
     return pd.DataFrame(rows, columns=PROPERTY_COLUMNS)
 
 
+def _number(field: str) -> float | None:
+    """The finite number a manifest field writes (:data:`NUMBER`), else None."""
+    if NUMBER.fullmatch(field):
+        x = float(field)
+        if math.isfinite(x):  # 1e999 overflows
+            return x
+    return None
+
+
 def annotations(manifest: pd.DataFrame) -> dict[str, np.ndarray]:
     """The manifest's numeric annotation columns, in column order: every column other than
-    ``stimulus_id``, ``image`` and ``caption`` whose non-empty fields are all numbers
-    (:data:`NUMBER`, finite), as floats with NaN for empty fields.
+    ``stimulus_id``, ``image`` and ``caption`` whose non-empty fields are all finite numbers
+    (:data:`NUMBER`), as floats with NaN for empty fields.
 
     A column of numbers and other text (a decimal comma, ``n/a``, ``nan``) is left out with a
     warning naming it, its fields that are not numbers and their stimuli; a column of text only
     (a category) or of empty fields only is left out with an info line.
     """
-    from xmodal.logs import preview
-
     ids = [str(s) for s in manifest["stimulus_id"]]
     out: dict[str, np.ndarray] = {}
     for col in manifest.columns:
         if col in ("stimulus_id", "image", "caption"):
             continue
         fields = [str(v) for v in manifest[col]]
-        filled = [i for i, v in enumerate(fields) if v.strip()]
-        numeric = {i for i in filled if NUMBER.fullmatch(fields[i])}
-        numeric = {i for i in numeric if np.isfinite(float(fields[i]))}  # 1e999 overflows
-        if not numeric:
+        values = [_number(v) if v.strip() else math.nan for v in fields]
+        bad = [i for i, x in enumerate(values) if x is None]
+        if not any(x is not None and math.isfinite(x) for x in values):  # text or empty only
             log.info("manifest column %r holds no numbers: not a property", col)
-            continue
-        if len(numeric) < len(filled):
-            bad = [i for i in filled if i not in numeric]
+        elif bad:
             log.warning(
-                "manifest column %r: %d of its %d filled fields are not finite numbers, e.g. %s; the "
-                "column is left out of the stimulus properties. Write numbers with '.' as the "
-                "decimal mark and leave unknown values empty",
+                "manifest column %r: %d of its %d filled fields are not finite numbers, e.g. "
+                "%s; the column is left out of the stimulus properties. Write numbers with '.' "
+                "as the decimal mark and leave unknown values empty",
                 col,
                 len(bad),
-                len(filled),
+                sum(1 for v in fields if v.strip()),
                 preview(f"{ids[i]}: {fields[i]!r}" for i in bad),
             )
-            continue
-        values = np.full(len(fields), np.nan)
-        for i in numeric:
-            values[i] = float(fields[i])
-        out[str(col)] = values
+        else:
+            out[str(col)] = np.array(values, dtype=np.float64)
     return out
 
 
