@@ -15,4 +15,5 @@ run_stimulus_properties(
     snakemake.input.llms,
     snakemake.params.llms,
     out_table=snakemake.output[0],
+    annotations=snakemake.params.annotations,
 )

@@ -244,6 +244,44 @@ def test_bad_config_is_one_message_naming_the_key(project: Path, case: str) -> N
     assert not (project / "results").exists()
 
 
+def test_chosen_annotation_columns_are_checked_at_start_up(project: Path) -> None:
+    """A column ``analysis.annotations`` names that the manifest lacks, or that holds other text
+    than numbers, stops the run at start-up naming the key, the manifest and the column (with
+    the stimulus of a bad field); without the setting such a column is only left out."""
+    from xmodal.demo.stimuli import generate_stimuli
+    from xmodal.stimuli import write_manifest
+
+    manifest = project / "resources/stimuli/annot/stimuli.tsv"
+    generate_stimuli(manifest.parent, n=12, seed=0)
+    cfg = _demo_cfg()
+    cfg["dataset"], cfg["stimuli"] = "annot", {"source": "local"}
+    cfg["analysis"].update(set_size=4, knn_k=2, annotations=["nuisance", "ratng"])
+    cfg["analysis"]["heldout_layer"]["enabled"] = False  # its halves of 12 stimuli are too small
+    proc = _dry_run(project, yaml.safe_dump(cfg, sort_keys=False), "annot.yaml")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "Traceback" not in out, out
+    assert re.search(
+        r"config key 'analysis\.annotations' \(\['nuisance', 'ratng'\]\), manifest \S*"
+        r"stimuli\.tsv: no column 'ratng' in the manifest \(its annotation columns: "
+        r"\['nuisance', 'clutter', 'occlusion', 'background', 'blur'\]\)",
+        out,
+    ), out
+    table = read_manifest(manifest)
+    table.loc[3, "clutter"] = "0,5"
+    write_manifest(table, manifest)
+    cfg["analysis"]["annotations"] = ["clutter"]
+    proc = _dry_run(project, yaml.safe_dump(cfg, sort_keys=False), "annot.yaml")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0, out
+    sid = table.loc[3, "stimulus_id"]
+    assert "manifest column 'clutter': 1 of its 12 filled fields are not finite numbers" in out
+    assert f"[\"{sid}: '0,5'\"] (1 in all); write numbers with '.' as the decimal mark" in out, out
+    del cfg["analysis"]["annotations"]  # every numeric column: clutter is left out, no error
+    proc = _dry_run(project, yaml.safe_dump(cfg, sort_keys=False), "annot.yaml")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    shutil.rmtree(manifest.parent)
+
+
 def test_duplicate_model_key_names_file_and_lines(project: Path) -> None:
     text = (ROOT / "config" / "demo.yaml").read_text()
     block = text[text.index("  tiny-mae:") : text.index("  tiny-dinov2:")]

@@ -101,3 +101,25 @@ def test_captions_state_the_summary_rules():
     assert "the pair's means and its fraction are all n/a" in held
     language = render("language_dispersion.rst")
     assert "an average of the pairs' 95% intervals, not a 95% interval" in language
+
+
+@pytest.mark.parametrize(
+    ("annotations", "says"),
+    [
+        (None, "every column besides stimulus_id, image and caption whose fields are all numbers"),
+        (["blur", "nuisance"], "the columns ``analysis.annotations`` lists (blur, nuisance)."),
+        ([], "the columns ``analysis.annotations`` lists (none)."),
+    ],
+)
+def test_the_properties_caption_states_which_manifest_columns(annotations, says):
+    config = yaml.safe_load((ROOT / "config" / "demo.yaml").read_text())
+    config["analysis"]["annotations"] = annotations
+    snakemake = SimpleNamespace(config=config, params=SimpleNamespace(), wildcards=None)
+    env = Environment(trim_blocks=True, lstrip_blocks=True)
+    text = env.from_string((REPORT / "properties.rst").read_text()).render(snakemake=snakemake)
+    text = " ".join(text.split())
+    assert says in text, text
+    assert "In the demo the columns are the planted nuisance level" in text
+    config["stimuli"]["source"] = "local"
+    text = env.from_string((REPORT / "properties.rst").read_text()).render(snakemake=snakemake)
+    assert "In the demo" not in text

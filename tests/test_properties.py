@@ -4,6 +4,7 @@ tokenizer, and their correlation with dispersion against scipy."""
 from __future__ import annotations
 
 import logging
+import re
 
 import numpy as np
 import pandas as pd
@@ -29,6 +30,7 @@ from xmodal.properties import (
     IMAGE_PROPERTIES,
     annotations,
     caption_words,
+    check_annotations,
     colourfulness,
     edge_density,
     grey_entropy,
@@ -338,6 +340,44 @@ def test_annotation_columns_follow_the_built_in_properties_in_column_order():
     assert typ["stimulus_id"].tolist() == ["b", "a", "c"]
     np.testing.assert_array_equal(typ["value"], [0.9, np.nan, 0.1])
     assert (table.loc[table["property"] == "entropy", "value"] == 1.0).all()
+
+
+def test_chosen_annotation_columns_are_exactly_those_and_must_be_numbers(tmp_path):
+    """``analysis.annotations`` lists the columns: only those, in its order; a listed column
+    that is missing, is a stimulus column, holds text only or mixes numbers with text is an
+    error naming the config key, the manifest and the column (not a warning: it was asked
+    for)."""
+    from xmodal.config import ConfigError
+
+    man = pd.DataFrame(
+        {
+            "stimulus_id": ["a", "b", "c"],
+            "image": ["i1", "i2", "i3"],
+            "caption": ["x", "y", "z"],
+            "memorability": ["0.5", "0.7", ""],
+            "typicality": ["1", "2", "3"],
+            "category": ["dog", "cat", "dog"],
+            "rating": ["1", "n/a", "2"],
+        }
+    )
+    got = annotations(man, ["typicality", "memorability"])
+    assert list(got) == ["typicality", "memorability"]
+    np.testing.assert_array_equal(got["memorability"], [0.5, 0.7, np.nan])
+    assert annotations(man, []) == {}
+    assert list(annotations(man)) == ["memorability", "typicality"]  # rating: left out
+    for columns, says in (
+        (["typicality", "memorabilty"], "no column 'memorabilty' in the manifest"),
+        (["caption"], "'caption' is not an annotation column"),
+        (["category"], "manifest column 'category' holds no numbers"),
+        (["rating"], "manifest column 'rating': 1 of its 3 filled fields are not finite numbers, "
+                     "e.g. [\"b: 'n/a'\"] (1 in all)"),
+    ):  # fmt: skip
+        with pytest.raises(ValueError, match=re.escape(says)):
+            annotations(man, columns)
+        with pytest.raises(ConfigError, match=re.escape(f"'analysis.annotations' ({columns}), "
+                                                        f"manifest {tmp_path}: {says}")):  # fmt: skip
+            check_annotations(man, columns, tmp_path)
+    check_annotations(man, None, tmp_path)  # every numeric column: nothing to check
 
 
 def test_annotation_correlation_uses_the_stimuli_that_have_a_value(tmp_path):

@@ -473,12 +473,15 @@ REPORT_SETTINGS = (
     "analysis.drop_control.enabled",
     "analysis.heldout_layer.enabled",
     "analysis.self_selection.enabled",
+    "analysis.annotations",
 )
 #: What an absent optional key means: the one place these defaults are written down (the
 #: workflow, the library and the report check all read them through :func:`setting`; the
 #: controls' settings classes in xmodal.selection take their switches from here).
 DEFAULTS: dict[str, Any] = {
     "analysis.metrics": ["cknna"],
+    # None: every numeric manifest column (xmodal.properties.annotations)
+    "analysis.annotations": None,
     "stimuli.drop_duplicates": False,
     # docs/method.md, "Controls": the size-matched drop control is cheap and on; the held-out
     # layer choice and the self-selection sets add work to every conditions job and are off

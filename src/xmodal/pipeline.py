@@ -1289,9 +1289,11 @@ def run_stimulus_properties(
     llm_paths: Sequence[PathLike],
     llms: Sequence[str],
     out_table: PathLike,
+    annotations: Sequence[str] | None = None,
 ) -> None:
-    """Every property: caption words, each LLM's token counts (from its feature file), and the
-    image properties."""
+    """Every property: caption words, each LLM's token counts (from its feature file), the
+    image properties and the manifest's numeric columns (``annotations``: config
+    ``analysis.annotations``; None: every numeric column)."""
     from xmodal.stimuli import read_manifest
 
     df = read_manifest(manifest)
@@ -1314,7 +1316,9 @@ def run_stimulus_properties(
                 )
             tokens = np.array([lookup.get(s, np.nan) for s in ids])
         counts[llm] = tokens
-    write_table(properties.stimulus_properties(df, read_table(image_table), counts), out_table)
+    properties.check_annotations(df, annotations, manifest)
+    table = properties.stimulus_properties(df, read_table(image_table), counts, annotations)
+    write_table(table, out_table)
 
 
 def run_property_correlations(

@@ -29,7 +29,7 @@ import logging
 import math
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -37,6 +37,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from xmodal.config import ConfigError
 from xmodal.logs import preview
 
 log = logging.getLogger(__name__)
@@ -49,12 +50,14 @@ __all__ = [
     "EDGE_SIDE",
     "EDGE_THRESHOLD",
     "IMAGE_PROPERTIES",
+    "NOT_ANNOTATIONS",
     "NUMBER",
     "PROPERTIES",
     "PROPERTY_COLUMNS",
     "WORD",
     "annotations",
     "caption_words",
+    "check_annotations",
     "colourfulness",
     "edge_density",
     "grey_entropy",
@@ -231,48 +234,89 @@ def _number(field: str) -> float | None:
     return None
 
 
-def annotations(manifest: pd.DataFrame) -> dict[str, np.ndarray]:
-    """The manifest's numeric annotation columns, in column order: every column other than
-    ``stimulus_id``, ``image`` and ``caption`` whose non-empty fields are all finite numbers
-    (:data:`NUMBER`), as floats with NaN for empty fields.
+#: Manifest columns that are never annotations.
+NOT_ANNOTATIONS = ("stimulus_id", "image", "caption")
 
-    A column of numbers and other text (a decimal comma, ``n/a``, ``nan``) is left out with a
-    warning naming it, its fields that are not numbers and their stimuli; a column of text only
-    (a category) or of empty fields only is left out with an info line.
+
+def annotations(
+    manifest: pd.DataFrame, columns: Sequence[str] | None = None
+) -> dict[str, np.ndarray]:
+    """The manifest's numeric annotation columns as floats (NaN for empty fields).
+
+    ``columns`` None: every column other than :data:`NOT_ANNOTATIONS` whose non-empty fields
+    are all finite numbers (:data:`NUMBER`), in column order. A column of numbers and other
+    text (a decimal comma, ``n/a``, ``nan``) is left out with a warning naming it, its fields
+    that are not numbers and their stimuli; a column of text only (a category) or of empty
+    fields only with an info line. ``columns`` a list (config ``analysis.annotations``):
+    exactly those, in that order; a column that is missing, is one of
+    :data:`NOT_ANNOTATIONS`, or holds a field that is not a number is a ValueError naming it.
     """
     ids = [str(s) for s in manifest["stimulus_id"]]
+    chosen = columns is not None
+    if chosen:
+        for c in columns:
+            if c in NOT_ANNOTATIONS:
+                raise ValueError(
+                    f"{c!r} is not an annotation column ({', '.join(NOT_ANNOTATIONS)} are the "
+                    "stimuli themselves)"
+                )
+            if c not in manifest.columns:
+                raise ValueError(
+                    f"no column {c!r} in the manifest (its annotation columns: "
+                    f"{[c for c in manifest.columns if c not in NOT_ANNOTATIONS]})"
+                )
     out: dict[str, np.ndarray] = {}
-    for col in manifest.columns:
-        if col in ("stimulus_id", "image", "caption"):
+    for col in columns if chosen else manifest.columns:
+        if col in NOT_ANNOTATIONS:
             continue
         fields = [str(v) for v in manifest[col]]
         values = [_number(v) if v.strip() else math.nan for v in fields]
         bad = [i for i, x in enumerate(values) if x is None]
-        if not any(x is not None and math.isfinite(x) for x in values):  # text or empty only
-            log.info("manifest column %r holds no numbers: not a property", col)
-        elif bad:
-            log.warning(
-                "manifest column %r: %d of its %d filled fields are not finite numbers, e.g. "
-                "%s; the column is left out of the stimulus properties. Write numbers with '.' "
-                "as the decimal mark and leave unknown values empty",
-                col,
-                len(bad),
-                sum(1 for v in fields if v.strip()),
-                preview(f"{ids[i]}: {fields[i]!r}" for i in bad),
-            )
-        else:
+        numbers = any(x is not None and math.isfinite(x) for x in values)
+        if numbers and not bad:
             out[str(col)] = np.array(values, dtype=np.float64)
+            continue
+        if not numbers and not chosen:  # text or empty only: a category, not a measure
+            log.info("manifest column %r holds no numbers: not a property", col)
+            continue
+        problem = (
+            f"manifest column {col!r}: {len(bad)} of its {sum(1 for v in fields if v.strip())} "
+            f"filled fields are not finite numbers, e.g. "
+            f"{preview(f'{ids[i]}: {fields[i]!r}' for i in bad)}"
+            if numbers
+            else f"manifest column {col!r} holds no numbers"
+        )
+        advice = "write numbers with '.' as the decimal mark and leave unknown values empty"
+        if chosen:
+            raise ValueError(f"{problem}; {advice}")
+        log.warning("%s; the column is left out of the stimulus properties: %s", problem, advice)
     return out
+
+
+def check_annotations(
+    manifest: pd.DataFrame, columns: Sequence[str] | None, path: PathLike
+) -> None:
+    """ConfigError naming ``analysis.annotations`` and the manifest ``path`` when a chosen
+    column is missing or not numbers only (:func:`annotations`); None chooses nothing to check."""
+    if columns is None:
+        return
+    try:
+        annotations(manifest, columns)
+    except ValueError as err:
+        raise ConfigError(
+            f"config key 'analysis.annotations' ({list(columns)}), manifest {path}: {err}"
+        ) from None
 
 
 def stimulus_properties(
     manifest: pd.DataFrame,
     image_table: pd.DataFrame,
     token_counts: Mapping[str, np.ndarray | None],
+    columns: Sequence[str] | None = None,
 ) -> pd.DataFrame:
     """Every property of every stimulus, long (:data:`PROPERTY_COLUMNS`), properties in
     :data:`PROPERTIES` order and then the manifest's numeric annotation columns
-    (:func:`annotations`) as ``manifest:<column>``, stimuli in manifest order.
+    (:func:`annotations` of ``columns``) as ``manifest:<column>``, stimuli in manifest order.
 
     ``token_counts[llm]``: tokens per caption in manifest order, or None when the LLM's feature
     file does not record them (its rows are NaN and a warning says to re-extract).
@@ -316,7 +360,7 @@ def stimulus_properties(
     for prop in IMAGE_PROPERTIES:
         sub = img[img["property"] == prop]
         parts.append(sub.iloc[np.argsort(sub["stimulus_id"].map(position).to_numpy())])
-    for col, values in annotations(manifest).items():
+    for col, values in annotations(manifest, columns).items():
         parts.append(
             pd.DataFrame(
                 {

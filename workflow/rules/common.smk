@@ -52,6 +52,7 @@ from xmodal.figures import (
 )
 from xmodal.language_dispersion import LanguageDispersionSettings
 from xmodal.logs import forward_to
+from xmodal.properties import check_annotations
 from xmodal.registry import Registry, built_model_dir
 from xmodal.resources import analysis_resources
 from xmodal.selection import DropControl, HeldOutLayer, SelfSelection
@@ -808,6 +809,28 @@ def check_set_sizes():
 
 
 check_set_sizes()
+
+
+def check_annotation_columns():
+    """Refuse chosen annotation columns (analysis.annotations) that an existing manifest lacks
+    or that hold other text than numbers before any job runs (before: stimulus_properties
+    refused them after every extraction)."""
+    columns = setting(config, "analysis.annotations")
+    if not (workflow.is_main_process and columns and Path(MANIFEST).is_file()):
+        return
+    try:
+        manifest = manifest_at_start()
+    except StimulusError:  # the jobs that read the manifest report it
+        return
+    try:
+        check_annotations(manifest, columns, MANIFEST)
+    except ConfigError as err:
+        raise WorkflowError(
+            f"Invalid configuration in {', '.join(_CONFIG_FILES)}: {err}"
+        ) from None
+
+
+check_annotation_columns()
 
 
 def check_feature_files():

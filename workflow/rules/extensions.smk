@@ -173,6 +173,7 @@ rule stimulus_properties:
     params:
         code=ANALYSIS_CODE,
         llms=LANGUAGE,
+        annotations=setting(config, "analysis.annotations"),
     script:
         "../../scripts/stimulus_properties.py"
 
