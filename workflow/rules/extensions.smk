@@ -171,9 +171,11 @@ rule stimulus_properties:
     conda:
         "../../envs/analysis.yaml"
     params:
+        **named_params(
+            llms=LANGUAGE,
+            annotations=setting(config, "analysis.annotations"),
+        ),
         code=ANALYSIS_CODE,
-        llms=LANGUAGE,
-        annotations=setting(config, "analysis.annotations"),
     script:
         "../../scripts/stimulus_properties.py"
 
