@@ -284,9 +284,8 @@ def draw_properties(data: FigureData) -> Figure:
     models = data.models
     rows = _property_rows(corr, models)
     # one scatter panel per property with one value per stimulus (not the token counts)
-    singles = [
-        p for p, m in rows if not m and p != "caption_tokens" and p in set(props["property"])
-    ]
+    present = set(props["property"])
+    singles = [p for p, m in rows if not m and p != "caption_tokens" and p in present]
     ncols = min(max(1, len(singles)), SCATTER_COLUMNS)
     scatter_height = 2.4 * math.ceil(max(1, len(singles)) / ncols)
     fig = new_figure(10.5, 3.0 + 0.22 * len(rows) + scatter_height)
