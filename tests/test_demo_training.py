@@ -468,11 +468,13 @@ def test_training_is_deterministic_for_a_seed(name, small_world, tmp_path):
 # pairs (by rank 1–10, by PC1 3–9; at offset 0 several intervals end within 0.01 of 0);
 # trained above untrained in every pair (the CLIP and CLIP+FT pairs double, but the MAE and
 # DINO pairs stay at or below the untrained stand-ins' 0.04–0.05 in 34 of 36 pair-seed cases).
+# Intervals of low − high above 0 by rank at offset 0 on the hosts measured: 10, 9 and 6, so
+# the guard is one pair below the lowest.
 MAX_MEAN_COSINE = 0.97
 MAX_UNRESOLVED = 0.25
 MIN_NUISANCE_RHO = 0.35
 MIN_LOW_GT_HIGH = 10
-MIN_CI_ABOVE_0 = 6
+MIN_CI_ABOVE_0 = 5
 MIN_CLIP_GAIN = 0.02
 
 
