@@ -84,6 +84,12 @@ def test_gallery_caption_states_the_rule_the_figure_follows(tmp_path, n_stimuli,
     assert len(fig.axes) == 2 * n
 
 
+def test_gallery_caption_names_the_manifest_columns_under_each_image():
+    text = render("gallery.rst")
+    assert "then the values of the manifest's own numeric columns that are properties" in text
+    assert "In the demo these are the planted nuisance level and its four components" in text
+
+
 def test_captions_state_the_summary_rules():
     summary = render("summary_table.rst")
     for words in (

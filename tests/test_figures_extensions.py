@@ -184,6 +184,77 @@ def test_gallery_properties_with_missing_values(inputs, tmp_path):
     assert lines[0].endswith("n/a tokens") and lines[2].startswith("entropy n/a bits")
 
 
+def _notes(fig) -> dict[str, str]:
+    """The gallery's grey notes by stimulus id."""
+    return {
+        str(c.get_gid()).split(":", 1)[1]: c.get_text()
+        for ax in fig.axes
+        for c in ax.get_children()
+        if str(c.get_gid()).startswith("properties:")
+    }
+
+
+@pytest.mark.filterwarnings("ignore:gallery")
+def test_gallery_shows_the_manifests_numeric_columns_with_their_values(inputs, tmp_path):
+    """Under the built-in properties, each stimulus's own manifest columns (``manifest:<column>``
+    rows, as ``stimulus_properties`` writes them) as "column value", in the table's order (the
+    manifest's), an empty field as n/a; a stimulus with no such row gets n/a for it."""
+    props = read_table(inputs["properties"])
+    ids = sorted(set(props["stimulus_id"].astype(str)))
+    rng = np.random.default_rng(0)
+    nu = rng.uniform(0, 1, len(ids))
+    rating = rng.integers(1, 8, len(ids)).astype(float)
+    rating[1] = np.nan  # an empty field in the manifest
+    extra = [
+        pd.DataFrame(
+            {"stimulus_id": ids, "property": "manifest:nuisance", "model": "", "value": nu}
+        ),
+        pd.DataFrame(
+            {
+                "stimulus_id": ids[1:],
+                "property": "manifest:rating",
+                "model": "",
+                "value": rating[1:],
+            }
+        ),
+    ]
+    path = tmp_path / "props.tsv"
+    write_table(pd.concat([props, *extra], ignore_index=True), path)
+    before = render_figure(
+        "gallery", {k: inputs[k] for k in ("dispersion", "manifest", "properties")}
+    )
+    fig = render_figure(
+        "gallery", {**{k: inputs[k] for k in ("dispersion", "manifest")}, "properties": path}
+    )
+    notes, old = _notes(fig), _notes(before)
+    assert len(notes) == 24 and notes.keys() == old.keys()
+    for k, sid in enumerate(ids):
+        if sid not in notes:
+            continue
+        lines = notes[sid].replace("\N{NO-BREAK SPACE}", " ").split("\n")
+        assert lines[:4] == old[sid].split("\n")  # the built-in lines unchanged
+        r = "n/a" if sid in ids[:2] else f"{rating[k]:.3g}"
+        assert lines[4:] == [f"nuisance {nu[k]:.3g}, rating {r}"], lines
+    # room for the extra line: the figure grows by it
+    assert fig.get_size_inches()[1] > before.get_size_inches()[1]
+
+
+def test_gallery_manifest_columns_wrap_to_three_lines():
+    """Many or long columns wrap at ANNOTATION_WIDTH characters into at most ANNOTATION_LINES
+    lines, the rest cut with " …" (never dropped silently mid-number)."""
+    from xmodal.figures.dispersion import ANNOTATION_LINES, ANNOTATION_WIDTH, _annotation_text
+
+    values = pd.Series({f"manifest:column_{i}": 0.123456 * i for i in range(12)})
+    text = _annotation_text(values).replace("\N{NO-BREAK SPACE}", " ")
+    lines = text.split("\n")
+    assert len(lines) == ANNOTATION_LINES and all(len(s) <= ANNOTATION_WIDTH for s in lines)
+    # a name stays on the line of its value
+    assert lines[0] == "column_0 0, column_1 0.123,"
+    assert lines[1].startswith("column_2 0.247,") and text.endswith(" …")
+    assert _annotation_text(pd.Series({"manifest:typicality": np.nan})) == "typicality\xa0n/a"
+    assert _annotation_text(pd.Series({"manifest:n": 1234567.0})) == "n\xa01.23e+06"
+
+
 def test_language_dispersion_random_band_is_labelled_as_an_average_of_intervals(inputs):
     """The grey band spans the mean over pairs of the random sets' lower and upper 95% ends, the
     dashed line the mean of their means; the legend says so (before: "size-matched random sets

@@ -210,8 +210,39 @@ def _load_thumb(path: Path, stimulus_id: str, size: int = 160) -> np.ndarray | N
     return np.asarray(im)
 
 
+#: the gallery's manifest columns: characters per line, and lines at most
+ANNOTATION_WIDTH, ANNOTATION_LINES = 38, 3
+#: font size (points) of the gallery's grey notes
+NOTE_SIZE = 5.2
+
+
+def _annotation_text(values: pd.Series) -> str:
+    """The manifest's numeric columns of one stimulus as "name value, …", in the table's column
+    order, wrapped to at most :data:`ANNOTATION_LINES` lines (" …" where more did not fit); a
+    no-break space keeps each name on the line of its value."""
+    from xmodal.properties import ANNOTATION_PREFIX
+
+    pairs = [
+        f"{name[len(ANNOTATION_PREFIX) :]}\N{NO-BREAK SPACE}"
+        f"{format(v, '.3g') if np.isfinite(v) else 'n/a'}"
+        for name, v in values.items()
+    ]
+    return "\n".join(
+        textwrap.wrap(
+            ", ".join(pairs),
+            width=ANNOTATION_WIDTH,
+            max_lines=ANNOTATION_LINES,
+            placeholder=" …",
+            break_on_hyphens=False,
+        )
+    )
+
+
 def _property_lines(props: pd.DataFrame | None) -> dict[str, str]:
-    """Per stimulus, its properties in a few short lines (the gallery's annotation)."""
+    """Per stimulus, its properties in a few short lines (the gallery's annotation): the built-in
+    image and caption properties, then the manifest's own numeric columns with their values."""
+    from xmodal.properties import ANNOTATION_PREFIX
+
     if props is None or props.empty:
         return {}
     p = props.assign(
@@ -223,6 +254,9 @@ def _property_lines(props: pd.DataFrame | None) -> dict[str, str]:
     wide = p[p["model"] == ""].pivot_table(
         index="stimulus_id", columns="property", values="value", aggfunc="first"
     )
+    # the manifest's columns in the table's order (the manifest's); an empty field is NaN
+    annotated = [c for c in pd.unique(p["property"]) if str(c).startswith(ANNOTATION_PREFIX)]
+    notes = wide.reindex(columns=annotated)
 
     def get(sid: str, prop: str) -> float:
         if sid in wide.index and prop in wide.columns:
@@ -245,6 +279,7 @@ def _property_lines(props: pd.DataFrame | None) -> dict[str, str]:
                 f"{num(get(sid, 'bytes_per_pixel'), '.2f')} B/px",
                 _image_size(get(sid, "image_pixels"), get(sid, "aspect_ratio")),
             ]
+            + ([_annotation_text(notes.loc[sid])] if annotated and sid in notes.index else [])
         )
     return out
 
@@ -269,7 +304,13 @@ def draw_gallery(data: FigureData, n: int = 12, ncols: int = 6) -> Figure:
     ncols = min(ncols, n)
     rows_per = math.ceil(n / ncols)
     groups = [("Lowest", disp.head(n)), ("Highest", disp.tail(n).iloc[::-1])]
-    fig = new_figure(1.75 * ncols, (2.85 if props else 2.25) * rows_per * 2 + 0.7)
+    # the grey notes hang below the captions, outside the constrained layout: room for their
+    # lines between the rows, and below the last row
+    lines = max((s.count("\n") + 1 for s in props.values()), default=0)
+    height = (2.25 + 0.15 * lines if props else 2.25) * rows_per * 2 + 0.7
+    fig = new_figure(1.75 * ncols, height)
+    below = lines * NOTE_SIZE * 1.2 / 72  # inches
+    fig.get_layout_engine().set(rect=(0, below / height, 1, 1 - below / height))
     gs = fig.add_gridspec(2 * rows_per, ncols)
     missing: list[str] = []
     m_total = len(disp)
@@ -307,7 +348,7 @@ def draw_gallery(data: FigureData, n: int = 12, ncols: int = 6) -> Figure:
             if sid in props:  # under the caption, in grey
                 note = ax.annotate(
                     props[sid], xy=(0.5, 0), xycoords=ax.xaxis.label, xytext=(0, -1.5),
-                    textcoords="offset points", ha="center", va="top", fontsize=5.2,
+                    textcoords="offset points", ha="center", va="top", fontsize=NOTE_SIZE,
                     color="#555555", annotation_clip=False,
                 )  # fmt: skip
                 note.set_gid(f"properties:{sid}")
