@@ -239,6 +239,64 @@ def test_gallery_shows_the_manifests_numeric_columns_with_their_values(inputs, t
     assert fig.get_size_inches()[1] > before.get_size_inches()[1]
 
 
+@pytest.mark.filterwarnings("ignore:gallery")
+def test_dollar_signs_in_captions_and_column_names_are_drawn_as_written(inputs, tmp_path):
+    """Words from the data are never mathtext: matplotlib reads text between two "$" as math, so
+    a caption "a $5 and a $10 bill" lost its dollars and "$\\frac{$" stopped the figure job with
+    a ParseException. Captions, gallery notes and the properties figure's labels keep the text."""
+    import io
+
+    from xmodal.stimuli import read_manifest, write_manifest
+
+    man = read_manifest(inputs["manifest"], check_images=False)
+    disp = read_table(inputs["dispersion"]).sort_values("rank_mean")
+    lo, hi = str(disp.iloc[0]["stimulus_id"]), str(disp.iloc[-1]["stimulus_id"])
+    captions = {lo: "A $5 and a $10 bill.", hi: "A sign: $\\frac{a}{b$ and $x^2$."}
+    man["caption"] = [
+        captions.get(s, c) for s, c in zip(man["stimulus_id"], man["caption"], strict=True)
+    ]
+    path = tmp_path / "stimuli.tsv"
+    write_manifest(man, path)
+    props = read_table(inputs["properties"])
+    ids = sorted(set(props["stimulus_id"].astype(str)))
+    odd = ["price $usd$", "$\\frac{$"]
+    extra = [
+        pd.DataFrame(
+            {"stimulus_id": ids, "property": f"manifest:{c}", "model": "",
+             "value": np.linspace(0, 1, len(ids)) ** (i + 1)}
+        )
+        for i, c in enumerate(odd)
+    ]  # fmt: skip
+    props_path = tmp_path / "props.tsv"
+    write_table(pd.concat([props, *extra], ignore_index=True), props_path)
+    corr_path = tmp_path / "corr.tsv"
+    from xmodal.properties import property_correlations
+
+    write_table(
+        property_correlations(read_table(props_path), read_table(inputs["dispersion"]), 50, 0),
+        corr_path,
+    )
+    gallery = render_figure(
+        "gallery",
+        {"dispersion": inputs["dispersion"], "manifest": path, "properties": props_path},
+    )
+    shown = {ax.get_gid(): ax.get_xlabel().replace("\n", " ") for ax in gallery.axes}
+    assert shown[f"lowest:{lo}"] == captions[lo] and shown[f"highest:{hi}"] == captions[hi]
+    note = _notes(gallery)[lo].replace("\N{NO-BREAK SPACE}", " ").split("\n")[4:]
+    x = np.linspace(0, 1, len(ids))[ids.index(lo)]
+    assert " ".join(note) == f"price $usd$ {x:.3g}, $\\frac{{$ {x**2:.3g}"
+    figure = render_figure(
+        "properties", {**inputs, "properties": props_path, "property_correlations": corr_path}
+    )
+    labels = [t.get_text() for t in figure.axes[0].get_yticklabels()]
+    assert {f"{c} (manifest)" for c in odd} <= set(labels)
+    for fig in (gallery, figure):
+        fig.savefig(io.BytesIO(), format="png", dpi=40)  # lays out every text: no ParseException
+        texts = [t for ax in fig.axes for t in ax.findobj(lambda a: hasattr(a, "get_parse_math"))]
+        drawn = [t for t in texts if "$" in t.get_text()]
+        assert drawn and not any(t.get_parse_math() for t in drawn)
+
+
 def test_gallery_manifest_columns_wrap_to_three_lines():
     """Many or long columns wrap at ANNOTATION_WIDTH characters into at most ANNOTATION_LINES
     lines, the rest cut with " …" (never dropped silently mid-number)."""

@@ -23,6 +23,11 @@ from xmodal.summary import STABILITY_THRESHOLD
 
 from ._names import DEFAULT_METRIC, metric_label
 
+#: Text properties for words that come from the data (captions, manifest column names): never
+#: mathtext, so "a $5 and a $10 bill" is drawn as written and a stray "$\frac{$" cannot stop
+#: the figure job (matplotlib reads text between two unescaped "$" as mathtext).
+PLAIN_TEXT: dict[str, bool] = {"parse_math": False}
+
 # One palette for the whole report. Low-dispersion stimuli (and "drop high", which keeps them)
 # are blue; high-dispersion stimuli (and "drop low") warm; the random baseline and the full set
 # grey. Colour-blind safe (seaborn "colorblind").

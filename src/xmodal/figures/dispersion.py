@@ -18,6 +18,7 @@ from scipy import stats
 
 from ._common import (
     COLORS,
+    PLAIN_TEXT,
     FigureData,
     format_p,
     new_figure,
@@ -343,13 +344,13 @@ def draw_gallery(data: FigureData, n: int = 12, ncols: int = 6) -> Figure:
                 fontsize=6.5, fontweight="normal", loc="center",
             )  # fmt: skip
             short = textwrap.shorten(caption, width=90, placeholder=" …")
-            ax.set_xlabel(textwrap.fill(short, width=30), fontsize=6)
+            ax.set_xlabel(textwrap.fill(short, width=30), fontsize=6, **PLAIN_TEXT)
             ax.set_gid(f"{word.lower()}:{sid}")
             if sid in props:  # under the caption, in grey
                 note = ax.annotate(
                     props[sid], xy=(0.5, 0), xycoords=ax.xaxis.label, xytext=(0, -1.5),
                     textcoords="offset points", ha="center", va="top", fontsize=NOTE_SIZE,
-                    color="#555555", annotation_clip=False,
+                    color="#555555", annotation_clip=False, **PLAIN_TEXT,
                 )  # fmt: skip
                 note.set_gid(f"properties:{sid}")
     fig.suptitle(

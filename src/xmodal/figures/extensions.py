@@ -21,6 +21,7 @@ from xmodal.summary import mean_stability, unstable
 from ._common import (
     ALIGNMENT_LABEL,
     COLORS,
+    PLAIN_TEXT,
     SUMMARY_TITLES,
     UNSTABLE_NOTE,
     FigureData,
@@ -270,7 +271,7 @@ def _forest(ax: Axes, corr: pd.DataFrame, rows: list[tuple[str, str]], summary: 
                     fontsize=6.5, color="#777777")  # fmt: skip
     ax.axvline(0, color="#bbbbbb", lw=0.8, zorder=0)
     ax.set_yticks(range(len(rows)))
-    ax.set_yticklabels([property_label(p, m, models) for p, m in rows])
+    ax.set_yticklabels([property_label(p, m, models) for p, m in rows], **PLAIN_TEXT)
     ax.set_ylim(len(rows) - 0.5, -0.5)
     ax.set_xlim(-1, 1)
     ci = " (95% bootstrap CI)" if any(_has_ci(r) for _, r in sub.iterrows()) else ""  # n_boot: 0
@@ -316,7 +317,7 @@ def draw_properties(data: FigureData) -> Figure:
             0.03, 0.97, text, transform=ax.transAxes, ha="left", va="top", fontsize=6.5,
             bbox={"boxstyle": "round,pad=0.2", "fc": "white", "ec": "none", "alpha": 0.85},
         )  # fmt: skip
-        ax.set_xlabel(textwrap.fill(property_label(prop, "", models), 18), fontsize=7)
+        ax.set_xlabel(textwrap.fill(property_label(prop, "", models), 18), fontsize=7, **PLAIN_TEXT)
         ax.tick_params(labelsize=6)
         if i % ncols == 0:
             ax.set_ylabel("Mean dispersion")
