@@ -9,6 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 import yaml
+from docutils.core import publish_parts
 from jinja2 import Environment
 
 from xmodal.figures import render_figure
@@ -113,8 +114,13 @@ def test_captions_state_the_summary_rules():
     ("annotations", "says"),
     [
         (None, "every column besides stimulus_id, image and caption whose fields are all numbers"),
-        (["blur", "nuisance"], "the columns ``analysis.annotations`` lists (blur, nuisance)."),
+        (
+            ["blur", "nuisance"],
+            "the columns ``analysis.annotations`` lists (``blur``, ``nuisance``).",
+        ),
         ([], "the columns ``analysis.annotations`` lists (none)."),
+        # reStructuredText would read these as a reference, emphasis and a substitution: literals
+        (["rating_", "*x", "|a|"], "lists (``rating_``, ``*x``, ``|a|``)."),
     ],
 )
 def test_the_properties_caption_states_which_manifest_columns(annotations, says):
@@ -123,6 +129,8 @@ def test_the_properties_caption_states_which_manifest_columns(annotations, says)
     snakemake = SimpleNamespace(config=config, params=SimpleNamespace(), wildcards=None)
     env = Environment(trim_blocks=True, lstrip_blocks=True)
     text = env.from_string((REPORT / "properties.rst").read_text()).render(snakemake=snakemake)
+    html = publish_parts(text, writer="html")["body"]  # as Snakemake's report renders it
+    assert "system-message" not in html, html
     text = " ".join(text.split())
     assert says in text, text
     assert "In the demo the columns are the planted nuisance level" in text
