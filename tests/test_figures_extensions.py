@@ -109,6 +109,28 @@ def test_properties_interval_that_misses_its_estimate_is_drawn(inputs, tmp_path)
     assert [pytest.approx(rho + 0.05), pytest.approx(rho + 0.1)] in drawn
 
 
+def test_properties_estimate_without_interval_says_so(inputs, tmp_path):
+    """A ρ with no interval because too few stimuli differ (correlate.MIN_OUTSIDE_MODE) is drawn
+    with "no interval" beside it, so that it does not read as an interval too narrow to see; a
+    run with analysis.n_boot 0 (no reason) draws no such note."""
+    corr = read_table(inputs["property_correlations"])
+    finite = corr.index[np.isfinite(corr["spearman_rho"]) & (corr["summary"] == "mean")]
+    i = finite[0]
+    corr.loc[i, ["ci_low", "ci_high", "n_boot"]] = np.nan, np.nan, 0
+    corr.loc[i, "reason"] = "no interval: only 2 of 40 stimuli differ from the property's …"
+    path = tmp_path / "correlations.tsv"
+    write_table(corr, path)
+    fig = render_figure("properties", {**inputs, "property_correlations": path})
+    notes = [c for c in fig.axes[0].get_children() if c.get_gid() == "no_interval"]
+    assert len(notes) == 1 and notes[0].get_text() == "no interval"
+    assert notes[0].xy[0] == pytest.approx(corr.loc[i, "spearman_rho"])
+    assert not [c for c in fig.axes[1].get_children() if c.get_gid() == "no_interval"]
+    none = read_table(inputs["property_correlations"]).assign(ci_low=np.nan, ci_high=np.nan)
+    write_table(none.assign(n_boot=0), path)
+    fig = render_figure("properties", {**inputs, "property_correlations": path})
+    assert not [c for ax in fig.axes for c in ax.get_children() if c.get_gid() == "no_interval"]
+
+
 def test_properties_figure_shows_the_manifest_columns_after_the_built_in_ones(inputs, tmp_path):
     """Annotation columns (``manifest:<column>``) are labelled "<column> (manifest)", listed
     after the built-in properties in table order, and get their own scatter panels (a second

@@ -465,53 +465,93 @@ def test_properties_must_cover_every_dispersed_stimulus():
         property_correlations(props, _dispersion(["a", "b"], [1, 2], [1, 2]), 10, 0)
 
 
-def test_a_constant_resample_is_left_out_of_the_interval_not_poisoning_it():
-    """A property that differs for only a few stimuli gives some constant resamples; each
-    gave NaN, and one NaN made the whole interval NaN with no reason (method.md says such
-    resamples are left out). Checked against a scipy loop over the same resamples."""
-    from xmodal.correlate import correlation_ci
+def test_a_constant_resample_gives_nan_not_a_number():
+    """A property that differs for only a few stimuli gives some constant resamples; each gives
+    NaN (left out of an interval), the others scipy's ρ on the same resample."""
+    from xmodal.correlate import bootstrap_coefficients
 
     rng = np.random.default_rng(3)
     x = np.zeros(40)
     x[:3] = [1.0, 2.0, 3.0]  # 37 stimuli alike: some resamples hold none of the three
     y = rng.normal(size=40)
-    out = correlation_ci(x, y, method="spearman", n_boot=400, seed=0)
+    boot = bootstrap_coefficients(x, y, "spearman", 400, 0)
     draws = np.random.default_rng(0).integers(0, 40, (400, 40))
-    ref = []
-    for d in draws:
-        xs, ys = x[d], y[d]
-        if np.all(xs == xs[0]):
-            continue
-        ref.append(scipy.stats.spearmanr(xs, ys).statistic)
-    assert 0 < 400 - len(ref) < 400 and out["n_boot"] == len(ref)
-    lo, hi = np.percentile(ref, [2.5, 97.5])
-    assert out["ci_low"] == pytest.approx(lo, abs=1e-12) and out["ci_high"] == pytest.approx(
-        hi, abs=1e-12
-    )
-    assert out["reason"] == ""
+    constant = np.array([np.all(x[d] == x[d][0]) for d in draws])
+    assert 0 < constant.sum() < 400
+    assert np.isnan(boot[constant]).all()
+    ref = [scipy.stats.spearmanr(x[d], y[d]).statistic for d in draws[~constant]]
+    np.testing.assert_allclose(boot[~constant], ref, atol=1e-12)
 
 
-def test_a_constant_pearson_resample_is_left_out_whatever_its_float_mean():
+def test_a_constant_pearson_resample_is_nan_whatever_its_float_mean():
     """x = 0.3 (36 times) and one 0.9: the float mean of a resample of 0.3s is off in the last
-    bit, centring left ±1e-17 and Pearson gave r ≈ -3e-16, counted in the interval (its lower
-    end was -1.5e-16 instead of 0.237). Checked against a loop that leaves constant resamples
-    out."""
-    from xmodal.correlate import correlation_ci
+    bit, centring left ±1e-17 and Pearson gave r ≈ -3e-16 instead of NaN, which an interval
+    then counted (its lower end was -1.5e-16 instead of 0.237)."""
+    from xmodal.correlate import bootstrap_coefficients
 
     x = np.array([0.3] * 36 + [0.9])
     y = np.arange(37.0)
-    out = correlation_ci(x, y, method="pearson", n_boot=2000, seed=0)
+    boot = bootstrap_coefficients(x, y, "pearson", 2000, 0)
     draws = np.random.default_rng(0).integers(0, 37, (2000, 37))
-    ref = [
-        scipy.stats.pearsonr(x[d], y[d]).statistic
-        for d in draws
-        if not (np.all(x[d] == x[d][0]) or np.all(y[d] == y[d][0]))
-    ]
-    assert 500 < 2000 - len(ref) < 1500 and out["n_boot"] == len(ref)
-    lo, hi = np.percentile(ref, [2.5, 97.5])
-    assert out["ci_low"] == pytest.approx(lo, abs=1e-12) and out["ci_high"] == pytest.approx(
-        hi, abs=1e-12
+    constant = np.array([np.all(x[d] == x[d][0]) for d in draws])
+    assert 500 < constant.sum() < 1500
+    assert np.isnan(boot[constant]).all()
+    ref = [scipy.stats.pearsonr(x[d], y[d]).statistic for d in draws[~constant]]
+    np.testing.assert_allclose(boot[~constant], ref, atol=1e-12)
+
+
+@pytest.mark.parametrize("method", ["spearman", "pearson"])
+def test_no_interval_when_fewer_than_ten_stimuli_differ_from_the_most_common_value(method):
+    """A property that marks 1 of 100 stimuli, unrelated to y, had a 95% interval excluding 0 in
+    77% of simulations (the percentile interval follows how many copies of that stimulus each
+    resample holds). Below MIN_OUTSIDE_MODE stimuli off the most common value there is no
+    interval, with the reason naming the variable; the estimate and p-value stay. At
+    MIN_OUTSIDE_MODE the interval is computed; a y with few distinct values counts too."""
+    from xmodal.correlate import MIN_OUTSIDE_MODE, correlation_ci
+
+    rng = np.random.default_rng(5)
+    y = rng.normal(size=60)
+    for g in (1, MIN_OUTSIDE_MODE - 1, MIN_OUTSIDE_MODE):
+        x = np.full(60, 2.5)
+        x[:g] = rng.normal(size=g)
+        out = correlation_ci(x, y, method=method, n_boot=200, names=("rating", "dispersion"))
+        fn = scipy.stats.spearmanr if method == "spearman" else scipy.stats.pearsonr
+        assert out["estimate"] == pytest.approx(fn(x, y).statistic, abs=1e-12)
+        assert np.isfinite(out["p_value"])
+        if g < MIN_OUTSIDE_MODE:
+            assert np.isnan(out["ci_low"]) and np.isnan(out["ci_high"]) and out["n_boot"] == 0
+            assert out["reason"] == (
+                f"no interval: only {g} of 60 stimuli differ from the rating's most common value "
+                f"(2.5), and a bootstrap interval needs {MIN_OUTSIDE_MODE}"
+            )
+        else:
+            assert np.isfinite(out["ci_low"]) and out["n_boot"] == 200 and out["reason"] == ""
+    x = rng.normal(size=60)
+    y = np.r_[np.zeros(57), 1.0, 2.0, 3.0]
+    out = correlation_ci(x, y, method=method, n_boot=200)
+    assert out["reason"].startswith("no interval: only 3 of 60 stimuli differ from the y's")
+
+
+def test_property_marking_few_stimuli_has_its_rho_but_no_interval():
+    """Through property_correlations: a manifest column that marks 2 of 40 stimuli keeps ρ and
+    p, and says why it has no interval."""
+    ids = [f"s{i}" for i in range(40)]
+    rng = np.random.default_rng(0)
+    flag = np.zeros(40)
+    flag[[4, 9]] = 1.0
+    props = pd.DataFrame(
+        {"stimulus_id": ids, "property": "manifest:flag", "model": "", "value": flag}
     )
+    disp = _dispersion(ids, rng.random(40), rng.random(40))
+    out = property_correlations(props, disp, 100, 0).set_index("summary")
+    for summary, col in (("mean", "mean_dispersion"), ("pc1", "pc1_score")):
+        row = out.loc[summary]
+        ref = scipy.stats.spearmanr(flag, disp[col]).statistic
+        assert row["spearman_rho"] == pytest.approx(ref, abs=1e-12)
+        assert np.isnan(row["ci_low"]) and row["n_boot"] == 0
+        assert row["reason"].startswith(
+            "no interval: only 2 of 40 stimuli differ from the property's most common value (0)"
+        )
 
 
 def test_a_stimulus_with_y_nan_is_left_out():

@@ -275,6 +275,7 @@ def correlation_table(
                 method=method,
                 n_boot=n_boot,
                 seed=seed,  # the same resamples for every coefficient
+                names=("vision dispersion", "language dispersion"),
             )
             rows.append({"summary": summary, "method": method, **res})
     return pd.DataFrame(rows, columns=CORRELATION_COLUMNS)

@@ -411,11 +411,10 @@ def property_correlations(
         x = group["value"].to_numpy(dtype=np.float64)
         for summary, col in (("mean", "mean_dispersion"), ("pc1", "pc1_score")):
             y = disp.loc[group["stimulus_id"], col].to_numpy(dtype=np.float64)
-            res = correlation_ci(x, y, method="spearman", n_boot=n_boot, seed=seed)
+            res = correlation_ci(
+                x, y, method="spearman", n_boot=n_boot, seed=seed, names=("property", "dispersion")
+            )
             reason = str(res["reason"])
-            if reason.startswith("constant "):  # "constant x", "constant y", "constant x and y"
-                names = {"x": "property", "y": "dispersion"}
-                reason = "constant " + " and ".join(names[v] for v in reason[9:].split(" and "))
             if model and np.isnan(x).all():
                 reason = "no token counts in the feature file (re-extract it)"
             rows.append(

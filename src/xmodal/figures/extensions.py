@@ -266,6 +266,10 @@ def _forest(ax: Axes, corr: pd.DataFrame, rows: list[tuple[str, str]], summary: 
                 ax.plot([r["ci_low"], r["ci_high"]], [i, i], color=COLORS["point"], lw=1,
                         marker="|", ms=5)  # fmt: skip
             ax.plot(r["spearman_rho"], i, "o", ms=4, color=COLORS["point"])
+            if not _has_ci(r) and r["reason"]:  # e.g. too few stimuli differ (method.md)
+                ax.annotate("no interval", (r["spearman_rho"], i), xytext=(5, 0),
+                            textcoords="offset points", va="center", fontsize=6,
+                            color="#777777", gid="no_interval")  # fmt: skip
         else:
             ax.text(0, i, f"n/a: {r['reason'] or 'undefined'}", ha="center", va="center",
                     fontsize=6.5, color="#777777")  # fmt: skip
