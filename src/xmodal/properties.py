@@ -4,7 +4,8 @@ Exact definitions (docs/method.md, "Stimulus properties"), each on the image as
 :func:`xmodal.stimuli.load_rgb` decodes it (8-bit RGB) unless said otherwise:
 
 - ``caption_words``: words in the caption, a word being a maximal run of letters, digits or
-  underscores, with apostrophes inside it (``don't``) joined: regex :data:`WORD`;
+  underscores and their combining marks, with apostrophes inside it (``don't``) joined, and
+  each Han ideograph or Hiragana character one word (UAX #29): regex :data:`WORD`;
 - ``caption_tokens`` (one value per LLM, column ``model``): the tokens the LLM's features are
   the mean over (its tokenizer, special tokens included, after truncation), as recorded in its
   feature file (``n_tokens``);
@@ -35,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import regex
 from PIL import Image
 
 from xmodal.config import ConfigError
@@ -66,8 +68,18 @@ __all__ = [
     "stimulus_properties",
 ]
 
-#: A word: letters, digits or underscores, with inner apostrophes (straight or typographic).
-WORD = re.compile(r"\w+(?:['’]\w+)*")
+#: A word (Unicode's default word boundaries, UAX #29, as far as a regex goes): one Han
+#: ideograph or Hiragana character (Chinese and Japanese put no spaces between words), or a
+#: letter, digit or underscore followed by more of them and by combining marks (the vowel signs
+#: of Devanagari or Tamil belong to their word; a variation selector or zero-width joiner
+#: between emoji is no word), inner apostrophes (straight or typographic) joined. ``regex``
+#: module (version 1 set syntax), for Unicode categories and scripts.
+WORD = regex.compile(
+    r"[\p{Han}\p{Hiragana}]"
+    r"|[[\p{L}\p{N}_]--[\p{Han}\p{Hiragana}]][[\p{L}\p{N}\p{M}_]--[\p{Han}\p{Hiragana}]]*"
+    r"(?:['’][[\p{L}\p{N}_]--[\p{Han}\p{Hiragana}]][[\p{L}\p{N}\p{M}_]--[\p{Han}\p{Hiragana}]]*)*",
+    regex.V1,
+)
 #: Shorter side of the grey image on which edges are counted (as the ViTs' 224 px input).
 EDGE_SIDE = 224
 #: Normalised Sobel magnitude above which a pixel is an edge (a step of 10% of the grey range).
