@@ -465,3 +465,22 @@ def test_figure_files_leave_out_skipped_figures():
     files = figure_files("d", ["cknna", "cka"], skip=["loo", "sets_rank"])
     assert not [f for f in files if f.startswith(("d/loo.", "d/sets_rank."))]
     assert "d/sets_pc1.png" in files and "d/sets_pc1.cka.pdf" in files
+
+
+def test_gallery_shortens_long_captions_without_spaces_too():
+    """A caption longer than CAPTION_CHARS is cut to that many characters ending " …": at a
+    space near the end when there is one, mid-word otherwise. textwrap.shorten cut a Chinese
+    caption (no spaces) to "…" alone."""
+    from xmodal.figures.dispersion import CAPTION_CHARS, _shorten
+
+    chinese = "一只狗坐在沙发上" * 15
+    assert _shorten(chinese, CAPTION_CHARS) == chinese[: CAPTION_CHARS - 2] + " …"
+    english = "A large yellow circle at the bottom, a small purple triangle on the left and a large orange one."
+    short = _shorten(english, CAPTION_CHARS)
+    assert (
+        short
+        == "A large yellow circle at the bottom, a small purple triangle on the left and a large …"
+    )
+    assert len(short) <= CAPTION_CHARS
+    assert _shorten("  a   dog ", CAPTION_CHARS) == "a dog"
+    assert _shorten("x" * CAPTION_CHARS, CAPTION_CHARS) == "x" * CAPTION_CHARS

@@ -211,6 +211,25 @@ def _load_thumb(path: Path, stimulus_id: str, size: int = 160) -> np.ndarray | N
     return np.asarray(im)
 
 
+#: the gallery's captions: characters at most (longer ones are cut, ending " …")
+CAPTION_CHARS = 90
+
+
+def _shorten(text: str, width: int) -> str:
+    """``text`` with its whitespace collapsed, cut to at most ``width`` characters ending " …"
+    when longer: at the last space of the cut when there is one in its last quarter, else
+    mid-word, since Chinese or Japanese captions have no spaces (``textwrap.shorten`` left
+    only "…" of them)."""
+    text = " ".join(text.split())
+    if len(text) <= width:
+        return text
+    cut = text[: width - 2]
+    space = cut.rfind(" ")
+    if space >= 0.75 * len(cut):
+        cut = cut[:space]
+    return cut.rstrip() + " …"
+
+
 #: the gallery's manifest columns: characters per line, and lines at most
 ANNOTATION_WIDTH, ANNOTATION_LINES = 38, 3
 #: font size (points) of the gallery's grey notes
@@ -343,7 +362,7 @@ def draw_gallery(data: FigureData, n: int = 12, ncols: int = 6) -> Figure:
                 f"#{rank}/{m_total}  d = {r.mean_dispersion:.3g}\nPC1 = {r.pc1_score:.3g}",
                 fontsize=6.5, fontweight="normal", loc="center",
             )  # fmt: skip
-            short = textwrap.shorten(caption, width=90, placeholder=" …")
+            short = _shorten(caption, CAPTION_CHARS)
             ax.set_xlabel(textwrap.fill(short, width=30), fontsize=6, **PLAIN_TEXT)
             ax.set_gid(f"{word.lower()}:{sid}")
             if sid in props:  # under the caption, in grey
