@@ -248,6 +248,22 @@ def test_garbled_and_quote_wrapped_captions_are_warned_about(tmp_path, caplog):
     assert caplog.text == ""
 
 
+def test_captions_not_in_nfc_are_warned_about(tmp_path, caplog):
+    """A decomposed accent ('e' + U+0301, as macOS file names have it) is another token sequence
+    for byte-level tokenizers than 'é': read as written, with a warning naming the lines; the
+    composed spelling (and text without accents) warns nothing."""
+    body = "s1\ta.png\ta caf\u00e9\ns2\ta.png\ta cafe\u0301\ns3\ta.png\tplain\n"
+    with caplog.at_level(logging.WARNING, logger="xmodal.stimuli"):
+        df = read_manifest(_manifest(tmp_path, body))
+    assert df["caption"][1] == "a cafe\u0301"  # kept as written
+    assert "the captions of 1 stimuli are not in Unicode's composed form (NFC)" in caplog.text
+    assert "lines [3], e.g. stimulus 's2'" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="xmodal.stimuli"):
+        read_manifest(_manifest(tmp_path, "s1\ta.png\ta caf\u00e9, 北京, कुत्ता\n"))
+    assert caplog.text == ""
+
+
 def test_csv_quoted_captions_are_refused(tmp_path):
     """pandas' ``to_csv(sep="\t")`` quotes a caption with a quote in it; read verbatim, the
     language models would see ``\"\"\"The Scream\"\" by Munch\"``. The same table written by

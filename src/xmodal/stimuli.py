@@ -424,6 +424,11 @@ def _check_stimuli(where: str, ids: list[str], captions: list[str], lines: list[
         ([k for k, c in enumerate(captions) if _wrapped_in_quotes(c)],
          "are wrapped in double quotes, which reach the language models as written (a "
          "spreadsheet's export quotes fields that hold a comma): remove them unless meant"),
+        ([k for k, c in enumerate(captions) if not unicodedata.is_normalized("NFC", c)],
+         "are not in Unicode's composed form (NFC): a decomposed accent ('e' + U+0301, as "
+         "macOS writes file names) reaches the language models as other tokens than 'é', and "
+         "two such spellings of one caption are not found as duplicates: normalise the "
+         "manifest to NFC (unicodedata.normalize) unless meant"),
     ):  # fmt: skip
         if flagged:
             log.warning(
