@@ -74,11 +74,11 @@ __all__ = [
 #: of Devanagari or Tamil belong to their word; a variation selector or zero-width joiner
 #: between emoji is no word), inner apostrophes (straight or typographic) joined. ``regex``
 #: module (version 1 set syntax), for Unicode categories and scripts.
+_IDEOGRAPH = r"[\p{Han}\p{Hiragana}]"
+_WORD_START = rf"[[\p{{L}}\p{{N}}_]--{_IDEOGRAPH}]"  # a letter, digit or _, not an ideograph
+_WORD_BODY = rf"[[\p{{L}}\p{{N}}\p{{M}}_]--{_IDEOGRAPH}]"  # and the combining marks after it
 WORD = regex.compile(
-    r"[\p{Han}\p{Hiragana}]"
-    r"|[[\p{L}\p{N}_]--[\p{Han}\p{Hiragana}]][[\p{L}\p{N}\p{M}_]--[\p{Han}\p{Hiragana}]]*"
-    r"(?:['’][[\p{L}\p{N}_]--[\p{Han}\p{Hiragana}]][[\p{L}\p{N}\p{M}_]--[\p{Han}\p{Hiragana}]]*)*",
-    regex.V1,
+    rf"{_IDEOGRAPH}|{_WORD_START}{_WORD_BODY}*(?:['’]{_WORD_START}{_WORD_BODY}*)*", regex.V1
 )
 #: Shorter side of the grey image on which edges are counted (as the ViTs' 224 px input).
 EDGE_SIDE = 224

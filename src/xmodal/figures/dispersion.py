@@ -16,6 +16,8 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from scipy import stats
 
+from xmodal.properties import ANNOTATION_PREFIX
+
 from ._common import (
     COLORS,
     PLAIN_TEXT,
@@ -236,15 +238,17 @@ ANNOTATION_WIDTH, ANNOTATION_LINES = 38, 3
 NOTE_SIZE = 5.2
 
 
+def _num(v: float, fmt: str) -> str:
+    """A property value in the gallery's notes: ``format(v, fmt)``, or n/a when not finite."""
+    return format(v, fmt) if np.isfinite(v) else "n/a"
+
+
 def _annotation_text(values: pd.Series) -> str:
     """The manifest's numeric columns of one stimulus as "name value, …", in the table's column
     order, wrapped to at most :data:`ANNOTATION_LINES` lines (" …" where more did not fit); a
     no-break space keeps each name on the line of its value."""
-    from xmodal.properties import ANNOTATION_PREFIX
-
     pairs = [
-        f"{name[len(ANNOTATION_PREFIX) :]}\N{NO-BREAK SPACE}"
-        f"{format(v, '.3g') if np.isfinite(v) else 'n/a'}"
+        f"{name[len(ANNOTATION_PREFIX) :]}\N{NO-BREAK SPACE}{_num(v, '.3g')}"
         for name, v in values.items()
     ]
     return "\n".join(
@@ -261,8 +265,6 @@ def _annotation_text(values: pd.Series) -> str:
 def _property_lines(props: pd.DataFrame | None) -> dict[str, str]:
     """Per stimulus, its properties in a few short lines (the gallery's annotation): the built-in
     image and caption properties, then the manifest's own numeric columns with their values."""
-    from xmodal.properties import ANNOTATION_PREFIX
-
     if props is None or props.empty:
         return {}
     p = props.assign(
@@ -283,20 +285,17 @@ def _property_lines(props: pd.DataFrame | None) -> dict[str, str]:
             return float(wide.at[sid, prop])
         return float("nan")
 
-    def num(v: float, fmt: str) -> str:
-        return format(v, fmt) if np.isfinite(v) else "n/a"
-
     out = {}
     for sid in set(wide.index) | set(t_lo.index):
         lo, hi = float(t_lo.get(sid, np.nan)), float(t_hi.get(sid, np.nan))
-        tok = num(lo, ".0f") if lo == hi or not np.isfinite(hi) else f"{lo:.0f}–{hi:.0f}"
+        tok = _num(lo, ".0f") if lo == hi or not np.isfinite(hi) else f"{lo:.0f}–{hi:.0f}"
         out[sid] = "\n".join(
             [
-                f"{num(get(sid, 'caption_words'), '.0f')} words, {tok} tokens",
-                f"colour {num(get(sid, 'colourfulness'), '.0f')}, "
-                f"edges {num(get(sid, 'edge_density'), '.2f')}",
-                f"entropy {num(get(sid, 'entropy'), '.1f')} bits, "
-                f"{num(get(sid, 'bytes_per_pixel'), '.2f')} B/px",
+                f"{_num(get(sid, 'caption_words'), '.0f')} words, {tok} tokens",
+                f"colour {_num(get(sid, 'colourfulness'), '.0f')}, "
+                f"edges {_num(get(sid, 'edge_density'), '.2f')}",
+                f"entropy {_num(get(sid, 'entropy'), '.1f')} bits, "
+                f"{_num(get(sid, 'bytes_per_pixel'), '.2f')} B/px",
                 _image_size(get(sid, "image_pixels"), get(sid, "aspect_ratio")),
             ]
             + ([_annotation_text(notes.loc[sid])] if annotated and sid in notes.index else [])
@@ -327,7 +326,7 @@ def draw_gallery(data: FigureData, n: int = 12, ncols: int = 6) -> Figure:
     # the grey notes hang below the captions, outside the constrained layout: room for their
     # lines between the rows, and below the last row
     lines = max((s.count("\n") + 1 for s in props.values()), default=0)
-    height = (2.25 + 0.15 * lines if props else 2.25) * rows_per * 2 + 0.7
+    height = (2.25 + 0.15 * lines) * rows_per * 2 + 0.7
     fig = new_figure(1.75 * ncols, height)
     below = lines * NOTE_SIZE * 1.2 / 72  # inches
     fig.get_layout_engine().set(rect=(0, below / height, 1, 1 - below / height))
