@@ -229,23 +229,27 @@ def test_a_spreadsheet_or_compressed_manifest_is_named(tmp_path, magic, kind):
         read_manifest(path)
 
 
+def _read_warnings(tmp_path, caplog, body: str) -> tuple[pd.DataFrame, str]:
+    """The manifest of ``body`` as read, and the warnings reading it logged (those alone)."""
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="xmodal.stimuli"):
+        df = read_manifest(_manifest(tmp_path, body))
+    return df, caplog.text
+
+
 def test_garbled_and_quote_wrapped_captions_are_warned_about(tmp_path, caplog):
     """UTF-8 decoded as Windows-1252 and saved again (an Excel round trip) and captions wrapped
     in quotes (a spreadsheet's export of a field with a comma) reach the language models as
     written: read as they are, with a warning naming the lines; plain captions warn nothing."""
     body = ("s1\ta.png\ta café with “quotes”\ns2\ta.png\ta cafÃ© with â€œquotesâ€\x9d\n"
             's3\ta.png\t"a dog, sitting"\ns4\ta.png\tSão Paulo Â\xa0at night\n')  # fmt: skip
-    with caplog.at_level(logging.WARNING, logger="xmodal.stimuli"):
-        df = read_manifest(_manifest(tmp_path, body))
+    df, warned = _read_warnings(tmp_path, caplog, body)
     assert df["caption"][2] == '"a dog, sitting"'  # kept as written
-    assert "the captions of 2 stimuli hold UTF-8 text decoded as Windows-1252" in caplog.text
-    assert "lines [3, 5], e.g. stimulus 's2'" in caplog.text
-    assert "the captions of 1 stimuli are wrapped in double quotes" in caplog.text
-    assert "lines [4], e.g. stimulus 's3'" in caplog.text
-    caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="xmodal.stimuli"):
-        read_manifest(_manifest(tmp_path, "s1\ta.png\tÂge, São Paulo, “x” — y\n"))
-    assert caplog.text == ""
+    assert "the captions of 2 stimuli hold UTF-8 text decoded as Windows-1252" in warned
+    assert "lines [3, 5], e.g. stimulus 's2'" in warned
+    assert "the captions of 1 stimuli are wrapped in double quotes" in warned
+    assert "lines [4], e.g. stimulus 's3'" in warned
+    assert _read_warnings(tmp_path, caplog, "s1\ta.png\tÂge, São Paulo, “x” — y\n")[1] == ""
 
 
 def test_captions_not_in_nfc_are_warned_about(tmp_path, caplog):
@@ -253,15 +257,11 @@ def test_captions_not_in_nfc_are_warned_about(tmp_path, caplog):
     for byte-level tokenizers than 'é': read as written, with a warning naming the lines; the
     composed spelling (and text without accents) warns nothing."""
     body = "s1\ta.png\ta caf\u00e9\ns2\ta.png\ta cafe\u0301\ns3\ta.png\tplain\n"
-    with caplog.at_level(logging.WARNING, logger="xmodal.stimuli"):
-        df = read_manifest(_manifest(tmp_path, body))
+    df, warned = _read_warnings(tmp_path, caplog, body)
     assert df["caption"][1] == "a cafe\u0301"  # kept as written
-    assert "the captions of 1 stimuli are not in Unicode's composed form (NFC)" in caplog.text
-    assert "lines [3], e.g. stimulus 's2'" in caplog.text
-    caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="xmodal.stimuli"):
-        read_manifest(_manifest(tmp_path, "s1\ta.png\ta caf\u00e9, 北京, कुत्ता\n"))
-    assert caplog.text == ""
+    assert "the captions of 1 stimuli are not in Unicode's composed form (NFC)" in warned
+    assert "lines [3], e.g. stimulus 's2'" in warned
+    assert _read_warnings(tmp_path, caplog, "s1\ta.png\ta caf\u00e9, 北京, कुत्ता\n")[1] == ""
 
 
 def test_csv_quoted_captions_are_refused(tmp_path):
