@@ -275,10 +275,18 @@ def test_chosen_annotation_columns_are_checked_at_start_up(project: Path) -> Non
     assert proc.returncode != 0, out
     sid = table.loc[3, "stimulus_id"]
     assert "manifest column 'clutter': 1 of its 12 filled fields are not finite numbers" in out
-    assert f"[\"{sid}: '0,5'\"] (1 in all); write numbers with '.' as the decimal mark" in out, out
-    del cfg["analysis"]["annotations"]  # every numeric column: clutter is left out, no error
+    assert f"[\"{sid}: '0,5'\"] (1 in all); write plain numbers, with '.' as the decimal" in out
+    # every numeric column: clutter is left out with a warning at start-up, no error; and so is
+    # a column of percentages, which the properties job used to leave out at info level
+    del cfg["analysis"]["annotations"]
+    table["coverage"] = [f"{5 * i}%" for i in range(len(table))]
+    write_manifest(table, manifest)
     proc = _dry_run(project, yaml.safe_dump(cfg, sort_keys=False), "annot.yaml")
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    assert "manifest column 'clutter': 1 of its 12 filled fields are not finite numbers" in out
+    assert "manifest column 'coverage' holds numbers in a form that is not read" in out, out
+    assert out.count("the column is left out of the stimulus properties") == 2, out
     shutil.rmtree(manifest.parent)
 
 

@@ -29,6 +29,7 @@ from xmodal.properties import (
     EDGE_SIDE,
     EDGE_THRESHOLD,
     IMAGE_PROPERTIES,
+    NUMBER_LIKE,
     annotations,
     caption_words,
     check_annotations,
@@ -342,6 +343,8 @@ def test_numeric_manifest_columns_become_properties_with_their_values(cells, dat
     text = " ".join(r.getMessage() for r in records)
     if any(f.strip() for i, f in enumerate(man["rating"]) if i != where):  # numbers and text
         assert "manifest column 'rating'" in text and f"{ids[where]}: {bad!r}" in text, text
+    elif NUMBER_LIKE.fullmatch(bad):  # the only field, a number in a form not read
+        assert "manifest column 'rating' holds numbers in a form that is not read" in text, text
     else:  # text only: no numbers to lose
         assert text == ""
 
@@ -406,6 +409,130 @@ def test_chosen_annotation_columns_are_exactly_those_and_must_be_numbers(tmp_pat
                                                         f"manifest {tmp_path}: {says}")):  # fmt: skip
             check_annotations(man, columns, tmp_path)
     check_annotations(man, None, tmp_path)  # every numeric column: nothing to check
+
+
+def _annotation_logs(man: pd.DataFrame, columns=None) -> tuple[dict, list[logging.LogRecord]]:
+    """:func:`annotations` of ``man`` and the records it logged (INFO and above)."""
+    logger = logging.getLogger("xmodal.properties")
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = records.append
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        return annotations(man, columns), records
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
+def _column(fields: list[str]) -> pd.DataFrame:
+    ids = [f"s{i:02d}" for i in range(len(fields))]
+    return pd.DataFrame({"stimulus_id": ids, "image": "x.png", "caption": "a b", "col": fields})
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        ["87%", "12%", "", "100 %"],  # percentages (one unit, spaced or not)
+        ["0,87", "0,5", "1,25"],  # decimal commas
+        ["1,000", "12,500", "1 000 000"],  # digit groups
+        ["−0.5", "−1", "−2.25"],  # a typographic minus (U+2212)
+        ["12 px", "8px", "3 px"],
+        ["20 °C", "18.5 °C", "-3°C"],
+        ["$5", "$ 10", "$2.50"],
+        ["3.5s", "12s", "0.25 s"],
+    ],
+)
+def test_a_column_of_numbers_in_another_form_is_left_out_with_a_warning(fields):
+    """A measure written with a unit, a decimal comma or digit groups used to be read as a
+    category and left out at info level: its column vanished from the properties unnoticed.
+    Now a warning names the column, its fields and their stimuli (the same with one field per
+    stimulus of them); chosen, it is an error saying the same."""
+    man = _column(fields)
+    found, records = _annotation_logs(man)
+    assert found == {}
+    warned = [r.getMessage() for r in records if r.levelno == logging.WARNING]
+    assert len(warned) == 1, [r.getMessage() for r in records]
+    first = next(i for i, f in enumerate(fields) if f)
+    assert warned[0].startswith("manifest column 'col' holds numbers in a form that is not read")
+    assert f"s{first:02d}: {fields[first]!r}" in warned[0]
+    assert "left out of the stimulus properties: write plain numbers" in warned[0]
+    with pytest.raises(ValueError, match="manifest column 'col' holds numbers in a form that is"):
+        annotations(man, ["col"])
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        ["dog", "cat", ""],
+        ["12A", "13B", "7C"],  # codes: a different letter each
+        ["001.jpg", "002.jpg"],  # file names
+        ["img_001", "img_002"],  # a prefix of letters: ids
+        ["2024-01-05", "2024-02-11"],  # dates
+        ["3-5", "2-4"],  # ranges
+        ["12:30", "08:15"],  # times
+        ["", "  "],
+    ],
+)
+def test_a_column_of_text_is_no_property_and_no_warning(fields):
+    found, records = _annotation_logs(_column(fields))
+    assert found == {}
+    assert [r.levelname for r in records] == ["INFO"], [r.getMessage() for r in records]
+    assert records[0].getMessage() == "manifest column 'col' holds no numbers: not a property"
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(st.floats(-1e6, 1e6, allow_nan=False), min_size=1, max_size=20),
+    st.sampled_from(["comma", "percent", "unit", "minus"]),
+)
+def test_any_numbers_written_in_another_form_warn(values, form):
+    """Whatever the numbers, a column that writes them all in one other form is warned about
+    (and a category of words with no digit never is)."""
+    write = {
+        "comma": lambda x: f"{abs(x):.3f}".replace(".", ","),
+        "percent": lambda x: f"{abs(x):g}%",
+        "unit": lambda x: f"{abs(x):.2f} ms",
+        "minus": lambda x: f"−{abs(x):g}",
+    }[form]
+    found, records = _annotation_logs(_column([write(x) for x in values]))
+    assert found == {}
+    assert [r.levelname for r in records] == ["WARNING"], [r.getMessage() for r in records]
+
+
+@pytest.mark.parametrize(
+    ("fields", "warns"),
+    [
+        ([str(100 + 3 * i) for i in range(10)], True),  # rising whole numbers: ids
+        ([f"{i}.0" for i in range(12)], True),  # row numbers written with a decimal point
+        ([str(i) for i in range(9)], False),  # too few stimuli to tell
+        ([str((7 * i) % 12) for i in range(12)], False),  # whole numbers, not rising
+        ([str(i) for i in range(11)] + [""], False),  # one unknown: a measure
+        ([f"{i + 0.5}" for i in range(12)], False),  # rising, not whole
+        ([str(i // 2) for i in range(12)], False),  # repeated values
+    ],
+)
+def test_a_column_like_ids_is_kept_with_a_warning(fields, warns):
+    """With every numeric column chosen (``analysis.annotations: null``), a column of ids
+    (whole numbers rising down the manifest) is analysed as a property, as before, with a
+    warning saying so and how to leave it out; a column chosen by name is not warned about."""
+    man = _column(fields)
+    found, records = _annotation_logs(man)
+    assert list(found) == ["col"]
+    warned = [r.getMessage() for r in records if r.levelno >= logging.WARNING]
+    if warns:
+        assert warned == [
+            "manifest column 'col' holds a whole number for every stimulus, rising down the "
+            "manifest, like an id or a row number; it is analysed as a stimulus property. To "
+            "analyse only the columns that measure something, list them in config key "
+            "'analysis.annotations'"
+        ]
+    else:
+        assert warned == []
+    chosen, records = _annotation_logs(man, ["col"])
+    assert list(chosen) == ["col"] and records == []
 
 
 def test_annotation_correlation_uses_the_stimuli_that_have_a_value(tmp_path):

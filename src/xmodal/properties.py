@@ -54,6 +54,7 @@ __all__ = [
     "IMAGE_PROPERTIES",
     "NOT_ANNOTATIONS",
     "NUMBER",
+    "NUMBER_LIKE",
     "PROPERTIES",
     "PROPERTY_COLUMNS",
     "WORD",
@@ -111,6 +112,14 @@ ANNOTATION_PREFIX = "manifest:"
 #: point ('.'), optional exponent (``3``, ``-0.25``, ``.5``, ``2.``, ``1e-3``), spaces around.
 #: Not ``nan``, ``inf``, ``0x1f``, ``1_000`` or a decimal comma: unknown values are left empty.
 NUMBER = re.compile(r"\s*[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?\s*")
+#: A number written in a form :data:`NUMBER` does not read: a decimal comma (``0,87``), digit
+#: groups (``1,000``, ``1 000``), a typographic minus (``−0.5``), a currency sign (``$5``) or a
+#: unit after it (``87%``, ``12 px``, ``3.5s``); group ``unit`` holds what follows the digits.
+#: A file name (``001.jpg``) or a code with a letter before the digits (``img_001``) is none.
+NUMBER_LIKE = re.compile(
+    r"\s*[$€£¥]?\s*[+\-−]?\s*[$€£¥]?\s*\d(?:[\d.,'’ \u00a0\u202f]*\d)?"
+    r"(?:[eE][+\-−]?\d+)?\s*(?P<unit>%|‰|°\s*[CF]?|[^\W\d_]{1,3})?\s*"
+)
 PROPERTY_COLUMNS = ["stimulus_id", "property", "model", "value"]
 CORRELATION_COLUMNS = [
     "property",
@@ -246,6 +255,31 @@ def _number(field: str) -> float | None:
     return None
 
 
+def _numbers_in_another_form(fields: Sequence[str]) -> bool:
+    """Whether every filled field of a column without plain numbers writes a number in one of
+    the forms of :data:`NUMBER_LIKE`, all with the same unit (``87%``, ``12%``; not the codes
+    ``12A``, ``13B``): a measure the reader would lose, not a category."""
+    matches = [NUMBER_LIKE.fullmatch(f) for f in fields if f.strip()]
+    if not matches or not all(matches):
+        return False
+    return len({(m["unit"] or "").replace(" ", "") for m in matches if m}) == 1
+
+
+#: Fewest stimuli for which a column rising by whole numbers is taken for ids (:func:`annotations`).
+MIN_ROW_NUMBERS = 10
+
+
+def _row_numbers(values: np.ndarray) -> bool:
+    """Whether a column is whole numbers rising down the manifest for at least
+    :data:`MIN_ROW_NUMBERS` stimuli, every one filled: an id or row number, not a measure."""
+    return (
+        values.size >= MIN_ROW_NUMBERS
+        and bool(np.all(np.isfinite(values)))
+        and bool(np.all(values == np.round(values)))
+        and bool(np.all(np.diff(values) > 0))
+    )
+
+
 #: Manifest columns that are never annotations.
 NOT_ANNOTATIONS = ("stimulus_id", "image", "caption")
 
@@ -257,9 +291,11 @@ def annotations(
 
     ``columns`` None: every column other than :data:`NOT_ANNOTATIONS` whose non-empty fields
     are all finite numbers (:data:`NUMBER`), in column order. A column of numbers and other
-    text (a decimal comma, ``n/a``, ``nan``) is left out with a warning naming it, its fields
-    that are not numbers and their stimuli; a column of text only (a category) or of empty
-    fields only with an info line. ``columns`` a list (config ``analysis.annotations``):
+    text (``n/a``, ``nan``), or of numbers in a form not read (:data:`NUMBER_LIKE`: ``0,87``,
+    ``87%``), is left out with a warning naming it, such fields and their stimuli; a column of
+    text only (a category) or of empty fields only with an info line. A column kept that looks
+    like ids (whole numbers rising down the manifest) is kept with a warning. ``columns`` a
+    list (config ``analysis.annotations``):
     exactly those, in that order; a column that is missing, is one of
     :data:`NOT_ANNOTATIONS`, or holds a field that is not a number is a ValueError naming it.
     """
@@ -287,18 +323,37 @@ def annotations(
         numbers = any(x is not None and math.isfinite(x) for x in values)
         if numbers and not bad:
             out[str(col)] = np.array(values, dtype=np.float64)
+            if not chosen and _row_numbers(out[str(col)]):
+                log.warning(
+                    "manifest column %r holds a whole number for every stimulus, rising down "
+                    "the manifest, like an id or a row number; it is analysed as a stimulus "
+                    "property. To analyse only the columns that measure something, list them "
+                    "in config key 'analysis.annotations'",
+                    col,
+                )
             continue
-        if not numbers and not chosen:  # text or empty only: a category, not a measure
+        written = _numbers_in_another_form([fields[i] for i in bad])
+        if not numbers and not written and not chosen:  # text or empty only: a category
             log.info("manifest column %r holds no numbers: not a property", col)
             continue
-        problem = (
-            f"manifest column {col!r}: {len(bad)} of its {sum(1 for v in fields if v.strip())} "
-            f"filled fields are not finite numbers, e.g. "
-            f"{preview(f'{ids[i]}: {fields[i]!r}' for i in bad)}"
-            if numbers
-            else f"manifest column {col!r} holds no numbers"
+        n_filled = sum(1 for v in fields if v.strip())
+        if numbers:
+            problem = (
+                f"manifest column {col!r}: {len(bad)} of its {n_filled} filled fields are not "
+                f"finite numbers, e.g. {preview(f'{ids[i]}: {fields[i]!r}' for i in bad)}"
+            )
+        elif written:
+            problem = (
+                f"manifest column {col!r} holds numbers in a form that is not read (a decimal "
+                f"comma, digit groups, a typographic minus, a unit or a currency sign), e.g. "
+                f"{preview(f'{ids[i]}: {fields[i]!r}' for i in bad)}"
+            )
+        else:
+            problem = f"manifest column {col!r} holds no numbers"
+        advice = (
+            "write plain numbers, with '.' as the decimal mark and without units or digit "
+            "groups, and leave unknown values empty"
         )
-        advice = "write numbers with '.' as the decimal mark and leave unknown values empty"
         if chosen:
             raise ValueError(f"{problem}; {advice}")
         log.warning("%s; the column is left out of the stimulus properties: %s", problem, advice)

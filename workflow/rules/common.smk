@@ -52,7 +52,7 @@ from xmodal.figures import (
 )
 from xmodal.language_dispersion import LanguageDispersionSettings
 from xmodal.logs import forward_to
-from xmodal.properties import check_annotations
+from xmodal.properties import annotations, check_annotations
 from xmodal.registry import Registry, built_model_dir
 from xmodal.resources import analysis_resources
 from xmodal.selection import DropControl, HeldOutLayer, SelfSelection
@@ -814,13 +814,18 @@ check_set_sizes()
 def check_annotation_columns():
     """Refuse chosen annotation columns (analysis.annotations) that an existing manifest lacks
     or that hold other text than numbers before any job runs (before: stimulus_properties
-    refused them after every extraction)."""
+    refused them after every extraction). With every numeric column chosen (null), warn now
+    of columns the properties job will leave out or take for ids (under SLURM its log is
+    a file few read)."""
     columns = setting(config, "analysis.annotations")
-    if not (workflow.is_main_process and columns and Path(MANIFEST).is_file()):
+    if not (workflow.is_main_process and columns != [] and Path(MANIFEST).is_file()):
         return
     try:
         manifest = manifest_at_start()
     except StimulusError:  # the jobs that read the manifest report it
+        return
+    if columns is None:
+        annotations(manifest)  # its warnings only
         return
     try:
         check_annotations(manifest, columns, MANIFEST)
