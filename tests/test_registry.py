@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from xmodal import registry
 from xmodal.config import ConfigError
@@ -238,6 +240,59 @@ def test_two_models_of_one_modality_under_one_label_are_refused() -> None:
     cfg = paper()  # across modalities a label may repeat: no figure shows both on one axis
     cfg["models"][language[0]]["label"] = cfg["models"][vision[0]]["label"]
     Registry.from_config(cfg)
+
+
+def test_a_label_whose_math_figures_cannot_typeset_is_refused_at_start_up() -> None:
+    """Text between two ``$`` of a label is mathtext in every figure: math it cannot parse
+    stopped each figure job after every extraction. Now the config is refused, naming the key;
+    math it can parse, escaped dollars and a lone ``$`` are accepted."""
+    for label in (
+        r"$\alpha$-CLIP",
+        r"CLIP$_{\mathrm{FT}}$",
+        r"MAE \$5",
+        "one $ sign",
+        "A $5 and $6",
+    ):
+        cfg = paper()
+        cfg["models"]["mae-h"]["label"] = label
+        assert Registry.from_config(cfg)["mae-h"].label == label
+    for label in (r"CLIP $\frac{$", r"x $^$", r"$\foo$ MAE"):
+        cfg = paper()
+        cfg["models"]["mae-h"]["label"] = label
+        with pytest.raises(ConfigError, match=r"config key 'models\.mae-h\.label': .*two \$ "
+                           r"signs.*not math they can typeset \(Parse.*write \\\$ for a dollar"):  # fmt: skip
+            Registry.from_config(cfg)
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.lists(st.sampled_from(["$", "a", " ", "^", "_", "{", "}", r"\frac", r"\alpha", "\\",
+                                 r"\$", "1", "x"]), max_size=8).map("".join))  # fmt: skip
+def test_the_label_check_agrees_with_the_figures(label: str) -> None:
+    """A label passes the start-up check exactly when matplotlib can draw it in a figure."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from xmodal.registry import _check_label_math
+
+    fig = plt.figure(figsize=(1, 1))
+    fig.text(0.5, 0.5, label)
+    try:
+        fig.savefig(io.BytesIO(), format="png")
+        drawn = True
+    except ValueError:
+        drawn = False
+    finally:
+        plt.close(fig)
+    try:
+        _check_label_math("m", label)
+        accepted = True
+    except ConfigError:
+        accepted = False
+    assert accepted == drawn, label
 
 
 def test_missing_local_directory_is_a_config_error() -> None:

@@ -493,11 +493,42 @@ class Registry(Mapping[str, ModelEntry]):
         )
 
 
+def _check_label_math(key: str, label: str) -> None:
+    """Raise :class:`ConfigError` when ``label`` has math that the figures cannot typeset.
+
+    matplotlib typesets the text between two unescaped ``$`` as mathtext (an even number of
+    them, ``matplotlib.cbook.is_math_text``): ``$\\alpha$-CLIP`` draws an α, and mathtext it
+    cannot parse (``$\\frac{$``) stopped every figure job naming the label, after every
+    extraction. Parsed here, at start-up, only for labels that have such ``$``."""
+    dollars = label.count("$") - label.count("\\$")
+    if dollars == 0 or dollars % 2:
+        return
+    from matplotlib.mathtext import MathTextParser
+
+    fonts = logging.getLogger("matplotlib.font_manager")  # findfont falls back, noisily
+    level = fonts.level
+    fonts.setLevel(logging.ERROR)
+    try:
+        MathTextParser("path").parse(label)
+    except ValueError as err:
+        why = str(err).strip().splitlines()[-1]
+        raise ConfigError(
+            f"config key 'models.{key}.label': {label!r} has text between two $ signs, which "
+            f"figures typeset as math, and it is not math they can typeset "
+            f"({why[:160]}{' …' if len(why) > 160 else ''}); fix it, or write \\$ for a "
+            "dollar sign"
+        ) from None
+    finally:
+        fonts.setLevel(level)
+
+
 def _check_labels(entries: Mapping[str, ModelEntry]) -> None:
     """Raise :class:`ConfigError` when two models of one modality share a label (``label``, or
-    the key where none is given): figures name models by label, so one would stand for both."""
+    the key where none is given): figures name models by label, so one would stand for both;
+    or when a label's math cannot be typeset (:func:`_check_label_math`)."""
     seen: dict[tuple[str, str], str] = {}
     for e in entries.values():
+        _check_label_math(e.key, e.label)
         other = seen.setdefault((e.modality, e.label), e.key)
         if other != e.key:
             raise ConfigError(
