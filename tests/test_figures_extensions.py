@@ -373,3 +373,90 @@ def test_no_interval_is_announced_without_resamples(inputs, tmp_path):
     text = _texts(render_figure("language_dispersion", paths).axes[0])[0]
     assert "Spearman ρ = " in text and "CI" not in text and "[" not in text
     assert "CI" not in render_figure("properties", paths).axes[0].get_xlabel()
+
+
+def _gallery_with_captions(inputs, tmp_path, captions: dict[int, str]):
+    """The gallery with the captions of the lowest-ranked stimuli (by position) replaced."""
+    from xmodal.stimuli import read_manifest, write_manifest
+
+    man = read_manifest(inputs["manifest"], check_images=False)
+    disp = read_table(inputs["dispersion"]).sort_values("rank_mean")
+    by_id = {str(disp.iloc[i]["stimulus_id"]): c for i, c in captions.items()}
+    man["caption"] = [
+        by_id.get(s, c) for s, c in zip(man["stimulus_id"], man["caption"], strict=True)
+    ]
+    path = tmp_path / "stimuli.tsv"
+    write_manifest(man, path)
+    return render_figure("gallery", {"dispersion": inputs["dispersion"], "manifest": path})
+
+
+def _tiny_font(path, family: str, chars: str) -> None:
+    """A TrueType font named ``family`` whose only glyphs (squares) are ``chars``."""
+    from fontTools.fontBuilder import FontBuilder
+    from fontTools.pens.ttGlyphPen import TTGlyphPen
+
+    names = [".notdef", *(f"u{ord(c):04X}" for c in chars)]
+    pen = TTGlyphPen(None)
+    for x, y in ((100, 0), (100, 700), (600, 700), (600, 0)):
+        (pen.lineTo if x != 100 or y != 0 else pen.moveTo)((x, y))
+    pen.closePath()
+    box = pen.glyph()
+    fb = FontBuilder(1000, isTTF=True)
+    fb.setupGlyphOrder(names)
+    fb.setupCharacterMap({ord(c): f"u{ord(c):04X}" for c in chars})
+    fb.setupGlyf({n: box for n in names})
+    fb.setupHorizontalMetrics({n: (700, 100) for n in names})
+    fb.setupHorizontalHeader(ascent=800, descent=-200)
+    fb.setupNameTable({"familyName": family, "styleName": "Regular"})
+    fb.setupOS2()
+    fb.setupPost()
+    fb.save(str(path))
+
+
+@pytest.mark.filterwarnings("ignore:gallery")
+def test_characters_no_font_has_are_one_warning_naming_them_and_a_fallback_is_used(
+    inputs, tmp_path, monkeypatch
+):
+    """Chinese captions in the gallery: DejaVu Sans has no such glyphs, and matplotlib warned
+    once per character and file format (dozens of lines) while drawing empty boxes. Now one
+    warning names the characters, a caption that holds them and the fonts to install; with a
+    font installed that has them (built here, named as one of FALLBACK_FONTS), the figures take
+    the glyphs from it and nothing is warned."""
+    import warnings
+
+    from matplotlib import font_manager
+
+    from xmodal.figures import _common, save_figure
+
+    captions = {0: "一只狗坐在沙发上。", 1: "A dog on a sofa."}
+    fig = _gallery_with_captions(inputs, tmp_path, captions)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        save_figure(fig, tmp_path / "g.png", tmp_path / "g.pdf")
+    said = [str(w.message) for w in caught]
+    assert len(said) == 1, said
+    assert said[0].startswith(
+        "g.png: 9 character(s) that no installed font has are drawn as empty boxes (一只狗坐在沙发上。)"
+        " in 1 text(s), e.g. '一只狗坐在沙发上。'; install a font that has them (Noto Sans CJK"
+    ), said
+    assert said[0].endswith("that is installed (none is)"), said
+
+    family = _common.FALLBACK_FONTS[0]
+    _tiny_font(tmp_path / "fallback.ttf", family, "一只狗坐在沙发")
+    font_manager.fontManager.addfont(str(tmp_path / "fallback.ttf"))
+    try:
+        assert _common.installed_fallbacks() == [family]
+        fig = _gallery_with_captions(inputs, tmp_path, captions)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            save_figure(fig, tmp_path / "h.png", tmp_path / "h.pdf")
+        said = [str(w.message) for w in caught]
+        # 上 and 。 are not in the font built: the only characters still missing
+        assert len(said) == 1 and "2 character(s)" in said[0] and "(上。)" in said[0], said
+        assert said[0].endswith(f"that is installed ({[family]})"), said
+    finally:
+        font_manager.fontManager.ttflist = [
+            f for f in font_manager.fontManager.ttflist if f.name != family
+        ]
+        font_manager.fontManager._findfont_cached.cache_clear()
+    assert _common.installed_fallbacks() == []

@@ -284,9 +284,9 @@ def render_figure(
 
 def save_figure(fig: Figure, out_png: str | os.PathLike, out_pdf: str | os.PathLike) -> None:
     """Write ``fig`` as PNG and PDF, each atomically (no partial file on failure)."""
-    from ._common import _style
+    from ._common import _style, missing_glyphs_reported
 
-    with _style():
+    with _style(), missing_glyphs_reported(fig, Path(out_png).name):
         for out, fmt in ((out_png, "png"), (out_pdf, "pdf")):
             meta = {"Software": None} if fmt == "png" else {"CreationDate": None, "Producer": None}
             with atomic_path(out) as tmp:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import math
+import re
 import textwrap
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +18,7 @@ import seaborn as sns
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.text import Text
 from matplotlib.transforms import blended_transform_factory
 
 from xmodal.io import read_table
@@ -84,6 +87,65 @@ LLM_AXIS_LABEL = "Language model"
 FAMILY_PALETTES = ["Blues", "Oranges", "Greens", "Purples", "Reds", "Greys", "YlOrBr", "BuGn"]
 
 
+#: Fonts the figures fall back on for characters DejaVu Sans lacks (Chinese, Japanese, Korean,
+#: Indic, Thai, ...), where installed: matplotlib takes each missing glyph from the first of
+#: them that has it. None is shipped; a character no installed font has is drawn as an empty
+#: box, and :func:`missing_glyphs_reported` says so once per figure.
+FALLBACK_FONTS: tuple[str, ...] = (
+    "Noto Sans CJK JP", "Noto Sans CJK SC", "Noto Sans CJK TC", "Noto Sans CJK KR",
+    "Source Han Sans", "WenQuanYi Zen Hei", "WenQuanYi Micro Hei", "Droid Sans Fallback",
+    "Noto Sans Devanagari", "Noto Sans Bengali", "Noto Sans Tamil", "Noto Sans Telugu",
+    "Noto Sans Thai", "Noto Sans Arabic", "Noto Sans Hebrew", "Noto Sans Symbols2",
+    "Hiragino Sans", "PingFang SC", "Apple SD Gothic Neo", "Microsoft YaHei", "Malgun Gothic",
+    "Nirmala UI", "Arial Unicode MS",
+)  # fmt: skip
+#: A glyph warning of matplotlib's text drawing ("Glyph 21271 (…) missing from font(s) …").
+_GLYPH_WARNING = re.compile(r"Glyph (\d+) .*missing from (current )?font")
+
+
+def installed_fallbacks() -> list[str]:
+    """The :data:`FALLBACK_FONTS` that matplotlib's font manager finds on this machine."""
+    from matplotlib import font_manager
+
+    have = {f.name for f in font_manager.fontManager.ttflist}
+    return [name for name in FALLBACK_FONTS if name in have]
+
+
+@contextlib.contextmanager
+def missing_glyphs_reported(fig: Figure, what: str) -> Iterator[None]:
+    """While ``fig`` is drawn, gather matplotlib's warnings of characters that no font has
+    (one per character and file format) into one warning naming the characters, texts that
+    hold them and the fonts to install; other warnings pass through unchanged."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield
+    missing: dict[str, None] = {}
+    for w in caught:
+        found = _GLYPH_WARNING.match(str(w.message))
+        if found:
+            missing[chr(int(found.group(1)))] = None
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
+    if not missing:
+        return
+    texts = [
+        t.get_text()
+        for t in fig.findobj(Text)
+        if t.get_visible() and any(c in t.get_text() for c in missing)
+    ]
+    shown = [repr(textwrap.shorten(" ".join(t.split()), 40, placeholder=" …")) for t in texts]
+    fallbacks = installed_fallbacks()
+    warnings.warn(
+        f"{what}: {len(missing)} character(s) that no installed font has are drawn as empty "
+        f"boxes ({''.join(list(missing)[:20])}{' …' if len(missing) > 20 else ''}) in "
+        f"{len(texts)} text(s), e.g. {', '.join(shown[:3])}; install a font that has them "
+        "(Noto Sans CJK for Chinese, Japanese and Korean, Noto Sans <script> for others): "
+        f"the figures use the first of {list(FALLBACK_FONTS[:4])} … that is installed "
+        f"({fallbacks or 'none is'})",
+        stacklevel=3,
+    )
+
+
 def _rc() -> dict:
     """The rcParams of the single figure style (seaborn 'ticks' + 'paper', embedded fonts)."""
     rc: dict = {}
@@ -91,7 +153,7 @@ def _rc() -> dict:
     rc.update(sns.plotting_context("paper", font_scale=1.0))
     rc.update(
         {
-            "font.family": "sans-serif",
+            "font.family": ["sans-serif", *installed_fallbacks()],
             "font.sans-serif": ["DejaVu Sans", "Arial", "Helvetica"],
             "axes.titlesize": 9,
             "axes.titleweight": "bold",
