@@ -293,11 +293,11 @@ def annotations(
     are all finite numbers (:data:`NUMBER`), in column order. A column of numbers and other
     text (``n/a``, ``nan``), or of numbers in a form not read (:data:`NUMBER_LIKE`: ``0,87``,
     ``87%``), is left out with a warning naming it, such fields and their stimuli; a column of
-    text only (a category) or of empty fields only with an info line. A column kept that looks
-    like ids (whole numbers rising down the manifest) is kept with a warning. ``columns`` a
-    list (config ``analysis.annotations``):
-    exactly those, in that order; a column that is missing, is one of
-    :data:`NOT_ANNOTATIONS`, or holds a field that is not a number is a ValueError naming it.
+    text only (a category) or of empty fields only with an info line. A column that looks like
+    ids (whole numbers rising down the manifest) is kept, with a warning. ``columns`` a list
+    (config ``analysis.annotations``): exactly those, in that order; a column that is missing,
+    is one of :data:`NOT_ANNOTATIONS`, or holds a field that is not a number is a ValueError
+    naming it.
     """
     ids = [str(s) for s in manifest["stimulus_id"]]
     chosen = columns is not None

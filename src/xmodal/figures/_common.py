@@ -116,9 +116,17 @@ def missing_glyphs_reported(fig: Figure, what: str) -> Iterator[None]:
     """While ``fig`` is drawn, gather matplotlib's warnings of characters that no font has
     (one per character and file format) into one warning naming the characters, texts that
     hold them and the fonts to install; other warnings pass through unchanged."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        yield
+    caught: list[warnings.WarningMessage] = []
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield
+    finally:  # also when drawing fails: its other warnings are not lost
+        _report_missing_glyphs(fig, what, caught)
+
+
+def _report_missing_glyphs(fig: Figure, what: str, caught: list[warnings.WarningMessage]) -> None:
+    """:func:`missing_glyphs_reported`'s one warning; the other warnings ``caught`` again."""
     missing: dict[str, None] = {}
     for w in caught:
         found = _GLYPH_WARNING.match(str(w.message))
