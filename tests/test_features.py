@@ -706,3 +706,68 @@ def test_made_with_reads_how_the_model_was_loaded(tmp_path):
     assert made_with(tmp_path / "missing.h5") is None
     (tmp_path / "junk.h5").write_bytes(b"not hdf5")
     assert made_with(tmp_path / "junk.h5") is None
+
+
+def _supplied(tmp_path, x, ids, name="user.h5", n_tokens=None):
+    """A user's feature file (a language model's) as h5py writes it, not write_features."""
+    path = tmp_path / name
+    with h5py.File(path, "w") as f:
+        f["features"] = x
+        f["stimulus_ids"] = np.array(ids, dtype=object if isinstance(ids[0], str) else None)
+        f["layer_names"] = np.array([f"l{i}" for i in range(x.shape[0])], dtype=object)
+        if n_tokens is not None:
+            f["n_tokens"] = n_tokens
+        f.attrs.update({"model_key": "mine", "modality": "language", "schema_version": 1})
+    return path
+
+
+def test_import_refuses_features_that_are_mostly_zero_naming_the_key_and_file(tmp_path):
+    """Sparse features (3 of 100 dims nonzero per stimulus) passed import, then every alignment
+    job failed with "threshold must be > 0, got 0.0", naming nothing: the clamp threshold, the
+    mean of each stimulus's 95th percentile of |x|, is 0. Refused at import, no copy left; a
+    file the analysis reads (extracted) is refused naming it, by layer_threshold."""
+    from xmodal.pipeline import layer_threshold
+
+    rng = np.random.default_rng(0)
+    x = np.zeros((2, 12, 100), np.float32)
+    x[:, :, :3] = rng.standard_normal((2, 12, 3))
+    ids = [f"s{i}" for i in range(12)]
+    src = _supplied(tmp_path, x, ids)
+    dst = tmp_path / "results" / "mine.h5"
+    with pytest.raises(FeatureFileError, match=r"config key 'models\.mine\.features': .*user\.h5: "
+                       r"for every stimulus at least 95% of the feature values are 0"):  # fmt: skip
+        import_features(src, dst, "mine", "language", ids)
+    assert not dst.exists()
+    made = write_features(tmp_path / "made.h5", x, ids, ["l0", "l1"], {"modality": "language"})
+    with FeatureFile(made) as f, pytest.raises(FeatureFileError, match=r"made\.h5: the outlier"):
+        layer_threshold(f)
+    x[:, :, 3:8] = 1.0  # 8 of 100 nonzero: the 95th percentile of |x| is no longer 0
+    with FeatureFile(write_features(tmp_path / "ok.h5", x, ids, ["a", "b"], {})) as f:
+        assert layer_threshold(f) > 0
+
+
+@pytest.mark.parametrize("counts", [[1.7, 2, 3, 4], [1, 2, -1, 4], [1, 2, np.nan, 4]])
+def test_token_counts_that_are_not_whole_numbers_are_refused_not_truncated(tmp_path, counts):
+    """A supplied file's n_tokens 2.9 was read as 2 (a cast to int before the check), and fed
+    the caption_tokens property; now refused at import and when read, naming the file."""
+    ids = [f"s{i}" for i in range(4)]
+    x = np.random.default_rng(1).standard_normal((1, 4, 6)).astype(np.float32)
+    src = _supplied(tmp_path, x, ids, n_tokens=np.array(counts, dtype=np.float64))
+    with pytest.raises(FeatureFileError, match=r"user\.h5: n_tokens must be whole numbers ≥ 0"):
+        import_features(src, tmp_path / "out.h5", "mine", "language", ids)
+    with FeatureFile(src) as f, pytest.raises(FeatureFileError, match="whole numbers"):
+        f.n_tokens()
+    fine = _supplied(tmp_path, x, ids, "fine.h5", n_tokens=np.array([1.0, 2, 3, 4]))
+    with FeatureFile(fine) as f:
+        np.testing.assert_array_equal(f.n_tokens(), [1, 2, 3, 4])
+
+
+def test_ids_padded_with_spaces_are_named_as_such(tmp_path):
+    """Ids from a fixed-width string column ('s0   ') did not match, and the message blamed
+    another stimulus manifest only; it now says they differ in spaces."""
+    ids = [f"s{i}" for i in range(4)]
+    x = np.random.default_rng(2).standard_normal((1, 4, 6)).astype(np.float32)
+    src = _supplied(tmp_path, x, np.array([s.ljust(5) for s in ids], dtype="S5"))
+    with pytest.raises(FeatureFileError, match=r"differ only in spaces before or after them, "
+                       r"e\.g\. 's0' and 's0   ' \(a fixed-width string column pads them\)"):  # fmt: skip
+        import_features(src, tmp_path / "out.h5", "mine", "language", ids)

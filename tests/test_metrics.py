@@ -590,3 +590,22 @@ def test_two_negative_self_similarities_give_nan_not_a_value():
     cross, sx, sy = torch.tensor([0.3, 0.3]), torch.tensor([-0.5, 0.5]), torch.tensor([-2.0, 2.0])
     got = mt.normalised_hsic(cross, sx, sy)
     assert np.isnan(float(got[0])) and float(got[1]) == pytest.approx(0.3)
+
+
+def test_the_clamp_threshold_does_not_overflow_where_the_features_are_huge():
+    """The mean of 4000 per-stimulus percentiles of 2.6e35 overflowed float32 to inf, and no
+    value was clamped (features stay within float32's range): now the mean of the percentiles,
+    and the prepared layer is that of the same features scaled down by 1e30 (the clamp and the
+    l2 normalisation do not depend on scale)."""
+    from xmodal.metrics import abs_quantiles, prepare_layer, threshold_from_quantiles
+
+    x = np.random.default_rng(0).standard_normal((4000, 8)).astype(np.float32)
+    big = (x.astype(np.float64) * 1e35).astype(np.float32)
+    t = threshold_from_quantiles(abs_quantiles(big))
+    assert np.isfinite(t)
+    assert t == pytest.approx(np.mean(abs_quantiles(big), dtype=np.float64), rel=1e-6)
+    small_t = threshold_from_quantiles(abs_quantiles(x))
+    assert t == pytest.approx(small_t * 1e35, rel=1e-5)
+    np.testing.assert_allclose(prepare_layer(big, t), prepare_layer(x, small_t), atol=1e-5)
+    q = np.array([0.5, 0.25, 1.0], np.float32)  # no overflow: the float32 mean, as before
+    assert threshold_from_quantiles(q) == float(torch.from_numpy(q).mean())

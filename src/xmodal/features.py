@@ -426,9 +426,17 @@ def import_features(
             )
     except FeatureFileError as err:
         raise FeatureFileError(f"{where}: {err}") from None
+    with FeatureFile(dst) as out:
+        q = out.abs_q95()
+    if not q.any():  # the clamp threshold, their mean, is 0: nothing can be aligned
+        Path(dst).unlink()
+        raise FeatureFileError(
+            f"{where}: {src}: for every stimulus at least 95% of the feature values are 0 "
+            "(sparse features, or values below float32's range, in which the features are "
+            "read), so the alignment's outlier clamp (docs/method.md, 'Alignment') would set "
+            "every value to 0"
+        )
     if supplied_q is not None:
-        with FeatureFile(dst) as out:
-            q = out.abs_q95()
         a = supplied_q[:n].astype(np.float64)
         off = ~np.isclose(a, q, rtol=1e-3, atol=0.0)  # a NaN or inf value differs too
         if off.any():
@@ -645,6 +653,14 @@ class FeatureFile:
                     "the missing and extra ids differ only in Unicode form (NFC against NFD: "
                     f"they print alike), e.g. {ascii(missing[0])} and {ascii(extra[0])}"
                 )
+            elif missing and sorted(s.strip() for s in missing) == sorted(
+                s.strip() for s in extra
+            ):  # a fixed-width string column ('S8') pads ids with spaces
+                parts.append(
+                    "the missing and extra ids differ only in spaces before or after them, "
+                    f"e.g. {missing[0]!r} and {extra[0]!r} (a fixed-width string column pads "
+                    "them): write the ids as variable-length strings, exactly as the manifest's"
+                )
             raise FeatureFileError(
                 f"{self.path}: stimulus ids do not match the expected stimuli: "
                 + "; ".join(parts)
@@ -777,7 +793,9 @@ class FeatureFile:
         with self._reading("'n_tokens'"):
             if "n_tokens" not in self._f:
                 return None
-            t = np.asarray(self._f["n_tokens"][()], dtype=np.int64)
+            raw = np.asarray(self._f["n_tokens"][()])
+        # checked before the cast: 2.9 tokens (a user's file) were read as 2
+        t = _token_counts(self.path, raw, raw.size).astype(np.int64)
         return t if self._order is None else t[self._order]
 
     def validate(

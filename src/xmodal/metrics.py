@@ -25,6 +25,8 @@ when their near-tie bands are filled the other way round (its stability).
 
 from __future__ import annotations
 
+import math
+
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -101,11 +103,18 @@ def abs_quantiles(features: np.ndarray, q: float = 0.95) -> np.ndarray:
 
 
 def threshold_from_quantiles(abs_q95: np.ndarray) -> float:
-    """Clamp threshold t = mean over stimuli of the stored per-stimulus 95th percentiles of |x|."""
+    """Clamp threshold t = mean over stimuli of the stored per-stimulus 95th percentiles of |x|.
+
+    In float32, as the reference code; where that sum overflows (m × |x| beyond 3.4e38, e.g.
+    4000 stimuli at 1e35) it was inf, and no value was clamped: the mean is then taken in
+    float64, which lies within float32's range as each percentile does."""
     q = np.asarray(abs_q95, dtype=np.float32)
     if q.ndim != 1 or q.size == 0 or not np.all(np.isfinite(q)):
         raise ValueError(f"abs_q95 must be a finite non-empty 1-D array, got shape {q.shape}")
-    return float(torch.from_numpy(q).mean())
+    t = float(torch.from_numpy(q).mean())
+    if not math.isfinite(t):
+        t = float(np.float32(np.mean(q, dtype=np.float64)))
+    return t
 
 
 def outlier_threshold(features: np.ndarray) -> float:
