@@ -267,6 +267,31 @@ def test_demo_needs_errors_name_the_key(builds, match):
         demo_needs(_models(**builds), "ft")
 
 
+def test_init_and_n_scenes_are_refused_where_the_build_would_not_use_them():
+    """``init`` on a model other than clip_ft was accepted and ignored (its weights were
+    identical with and without it), and ``n_scenes`` beyond the training scenes trained on
+    fewer while the record said otherwise: both errors name the key."""
+    from xmodal.demo.train import TrainSettings, _n_scenes
+
+    models = _models(
+        clip={"family": "clip", "train": {}},
+        mae={"family": "mae", "init": "clip", "train": {}},
+        ft={"family": "clip_ft", "init": "clip", "train": {"n_scenes": 500}},
+    )
+    with pytest.raises(ValueError, match=r"models\.mae\.build\.init: only a clip_ft model"):
+        demo_needs(models, "mae")
+    assert demo_needs(models, "ft", 500).init == "clip"
+    with pytest.raises(
+        ValueError, match=r"models\.ft\.build\.train\.n_scenes: 500 scenes asked for, and there "
+        r"are 499 \(stimuli\.train\.n\)"
+    ):  # fmt: skip
+        demo_needs(models, "ft", 499)
+    assert _n_scenes(TrainSettings(n_scenes=None), 30) == 30
+    assert _n_scenes(TrainSettings(n_scenes=20), 30) == 20
+    with pytest.raises(ValueError, match="n_scenes is 40, and the training scenes file holds 30"):
+        _n_scenes(TrainSettings(n_scenes=40), 30)
+
+
 def test_train_settings_reject_unknown_keys():
     assert TrainSettings.from_mapping({"epochs": 2}, "x").epochs == 2
     with pytest.raises(

@@ -221,6 +221,29 @@ CONFIG_CASES: dict[str, tuple[Callable[[dict], None], str]] = {
         _metrics_without_cknna_at_a_depth,
         r"'analysis.metrics': .*2 × 2 sets by CKNNA.*\(\['mutual_knn'\]\) has no cknna",
     ),
+    # before: accepted and ignored (the extraction logged that it ignored it), and a change
+    # re-extracted the model for nothing
+    "revision_of_a_built_model": (
+        lambda c: c["models"]["tiny-mae"].update(revision="v1.0"),
+        r"'models\.tiny-mae\.revision': 'v1\.0' pins a hub commit, and this model is built by "
+        r"the demo \(build\): nothing would read it",
+    ),
+    # before: accepted and ignored, the MAE trained from its own random start
+    "init_of_a_mae": (
+        lambda c: c["models"]["tiny-mae"]["build"].update(init="tiny-clip"),
+        r"models\.tiny-mae\.build\.init: only a clip_ft model starts from another",
+    ),
+    # before: trained on the 3000 scenes there are, and recorded n_scenes 999999
+    "more_scenes_than_there_are": (
+        lambda c: c["models"]["tiny-mae"]["build"]["train"].update(n_scenes=999999),
+        r"models\.tiny-mae\.build\.train\.n_scenes: 999999 scenes asked for, and there are "
+        r"3000 \(stimuli\.train\.n\)",
+    ),
+    # before: accepted, then the build job failed in torch ("Overflow when unpacking long long")
+    "build_seed_beyond_64_bits": (
+        lambda c: c["models"]["tiny-mae"]["build"].update(seed=2**64),
+        r"key 'models\.tiny-mae\.build\.seed': 18446744073709551616 is greater than the maximum",
+    ),
 }
 
 
@@ -288,6 +311,28 @@ def test_chosen_annotation_columns_are_checked_at_start_up(project: Path) -> Non
     assert "manifest column 'coverage' holds numbers in a form that is not read" in out, out
     assert out.count("the column is left out of the stimulus properties") == 2, out
     shutil.rmtree(manifest.parent)
+
+
+def test_a_number_yaml_reads_as_octal_or_base_60_names_file_line_and_key(project: Path) -> None:
+    """YAML 1.1 reads ``set_size: 0120`` as 80 and ``knn_k: 1:10`` as 70: the run went on with
+    another set size than the one written. Refused at start-up naming the file, line and key;
+    a leading zero that changes nothing (``007``) and quoted text pass."""
+    text = (ROOT / "config" / "demo.yaml").read_text()
+    for written, read, base in (("0120", 80, "octal"), ("2:00", 120, "base 60")):
+        bad = text.replace("  set_size: 120\n", f"  set_size: {written}\n", 1)
+        assert bad != text
+        proc = _dry_run(project, bad, "octal.yaml")
+        out = proc.stdout + proc.stderr
+        assert proc.returncode != 0 and "Traceback" not in out, out
+        line = bad[: bad.index(f"set_size: {written}")].count("\n") + 1
+        assert (
+            f"config/octal.yaml: key 'set_size' at line {line}: YAML 1.1 reads {written} as "
+            f"{read} ({base}); write the number without a leading zero or colon" in out
+        ), out
+    ok = text.replace("  seed: 0\n", "  seed: 00\n")
+    assert ok != text
+    proc = _dry_run(project, ok, "octal.yaml")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
 def test_duplicate_model_key_names_file_and_lines(project: Path) -> None:

@@ -295,6 +295,25 @@ def test_the_label_check_agrees_with_the_figures(label: str) -> None:
     assert accepted == drawn, label
 
 
+def test_a_revision_nothing_reads_is_refused(tmp_path) -> None:
+    """``revision`` pins a hub commit: on a local folder or a supplied feature file it was
+    accepted, ignored by the extraction, and, as a feature-defining field, a change to it
+    re-extracted the model for nothing."""
+    (tmp_path / "mine").mkdir()
+    cfg = paper()
+    cfg["models"]["mae-h"].update(id="mine", revision="v1.0")
+    with pytest.raises(ConfigError, match=r"'models\.mae-h\.revision': 'v1\.0' pins a hub "
+                       r"commit, and this model is a local folder \(mine\)"):  # fmt: skip
+        Registry.from_config(cfg, base_dir=tmp_path)
+    cfg = paper()
+    cfg["models"]["mae-h"].update(features=str(tmp_path / "f.h5"), revision="abc")
+    with pytest.raises(ConfigError, match=r"this model is a supplied feature file"):
+        Registry.from_config(cfg, base_dir=tmp_path)
+    cfg = paper()
+    cfg["models"]["mae-h"]["revision"] = "v1.0"  # a hub model: read
+    assert Registry.from_config(cfg)["mae-h"].revision == "v1.0"
+
+
 def test_missing_local_directory_is_a_config_error() -> None:
     cfg = paper()
     cfg["models"]["mae-h"]["id"] = "./resources/models/does-not-exist"

@@ -343,10 +343,36 @@ class _StrictLoader(yaml.SafeLoader):
     """A YAML loader that refuses duplicate keys (PyYAML silently keeps the last one)."""
 
 
+#: Numbers YAML 1.1 reads in another base than the one they seem to be written in: a leading
+#: zero (``0120``: octal, 80) and colons (``1:10``: base 60, 70), integers or floats.
+_OTHER_BASE = re.compile(r"[-+]?(0[0-9_]+|[0-9][0-9_]*(:[0-5]?[0-9])+(\.[0-9_]*)?)")
+
+
+def _check_number_text(loader: _StrictLoader, key: Any, node: yaml.Node) -> None:
+    """ConfigError for a number that YAML 1.1 reads as octal or base 60 (:data:`_OTHER_BASE`),
+    naming the file, line and key: ``set_size: 0120`` became 80 with no error."""
+    nodes = node.value if isinstance(node, yaml.SequenceNode) else [node]
+    for item in nodes:
+        if (
+            isinstance(item, yaml.ScalarNode)
+            and item.tag in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")
+            and _OTHER_BASE.fullmatch(item.value)
+        ):
+            read = loader.construct_object(item)
+            if ":" not in item.value and read == float(item.value.replace("_", "")):
+                continue  # 007: octal and decimal agree
+            raise ConfigError(
+                f"{loader.name}: key {key!r} at line {item.start_mark.line + 1}: YAML 1.1 reads "
+                f"{item.value} as {read} ({'octal' if ':' not in item.value else 'base 60'}); "
+                "write the number without a leading zero or colon, or in quotes for text"
+            )
+
+
 def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
     seen: dict[Any, int] = {}
-    for key_node, _ in node.value:
+    for key_node, value_node in node.value:
         key = loader.construct_object(key_node, deep=deep)
+        _check_number_text(loader, key, value_node)
         if key in seen:
             raise ConfigError(
                 f"{loader.name}: duplicate key {key!r} at line {key_node.start_mark.line + 1} "

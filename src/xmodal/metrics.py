@@ -26,7 +26,6 @@ when their near-tie bands are filled the other way round (its stability).
 from __future__ import annotations
 
 import math
-
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 

@@ -396,6 +396,15 @@ class Registry(Mapping[str, ModelEntry]):
                             f"revision {pinned!r} pinned in its id {model_id!r}; keep one"
                         )
                     revision = pinned
+            if source != "hub" and revision is not None:
+                # nothing reads it (the extraction only logged that it ignored it), and as a
+                # feature-defining field a change re-extracted the model for nothing
+                what = {"supplied": "a supplied feature file (features)", "built": "built by "
+                        "the demo (build)", "local": f"a local folder ({model_id})"}[source]  # fmt: skip
+                raise ConfigError(
+                    f"config key 'models.{key}.revision': {revision!r} pins a hub commit, and "
+                    f"this model is {what}: nothing would read it; remove it"
+                )
             batch_size = m.get("batch_size", site.batch_size.get(modality))
             entries[key] = ModelEntry(
                 key=str(key),

@@ -8,6 +8,24 @@ DEMO_TOKENIZER = f"resources/demo/tokenizer/{DATASET}"
 DEMO_TRAIN = config["stimuli"].get("train", {})
 
 
+def check_demo_builds():
+    """Refuse a demo model's build that cannot be made as written (an init only clip_ft reads,
+    more training scenes than there are) at start-up, naming the key, not in the input
+    functions, where the error came with a traceback."""
+    for key, entry in config["models"].items():
+        if entry.get("build") is None:
+            continue
+        try:
+            demo_needs(config["models"], key, DEMO_TRAIN.get("n", 3000))
+        except ValueError as err:
+            raise WorkflowError(
+                f"Invalid configuration in {', '.join(_CONFIG_FILES)}: config key {err}"
+            ) from None
+
+
+check_demo_builds()
+
+
 if config["stimuli"]["source"] == "demo":
 
     rule demo_stimuli:
@@ -63,19 +81,20 @@ rule demo_tokenizer:
         "../../scripts/demo_tokenizer.py"
 
 
+def needs_of(wildcards):
+    """What model ``wildcards.model``'s build reads (xmodal.demo.build.demo_needs)."""
+    return demo_needs(config["models"], wildcards.model, DEMO_TRAIN.get("n", 3000))
+
+
 rule demo_model:
     input:
         tokenizer=lambda wildcards: (
-            DEMO_TOKENIZER
-            if demo_needs(config["models"], wildcards.model).tokenizer
-            else []
+            DEMO_TOKENIZER if needs_of(wildcards).tokenizer else []
         ),
-        scenes=lambda wildcards: (
-            DEMO_SCENES if demo_needs(config["models"], wildcards.model).scenes else []
-        ),
+        scenes=lambda wildcards: DEMO_SCENES if needs_of(wildcards).scenes else [],
         init=lambda wildcards: (
-            built_model_dir(demo_needs(config["models"], wildcards.model).init)
-            if demo_needs(config["models"], wildcards.model).init
+            built_model_dir(needs_of(wildcards).init)
+            if needs_of(wildcards).init
             else []
         ),
     output:

@@ -26,19 +26,35 @@ class DemoNeeds:
     init: str | None
 
 
-def demo_needs(models: Mapping[str, Mapping[str, Any]], key: str) -> DemoNeeds:
+def demo_needs(
+    models: Mapping[str, Mapping[str, Any]], key: str, n_train_scenes: int | None = None
+) -> DemoNeeds:
     """The inputs of model ``key``'s build: the tokenizer, the training scenes, an init model.
 
     Language models need the tokenizer; a trained CLIP needs it for its text tower; a trained
-    model needs the training scenes; ``init`` must name another trained ViT of the same family
-    (``clip`` for ``clip_ft``). Errors name the config key at fault.
+    model needs the training scenes; ``init`` is read only by a ``clip_ft`` model and must name
+    a trained ``clip``; ``train.n_scenes`` may not exceed ``n_train_scenes`` (config
+    ``stimuli.train.n``) when that is given. Errors name the config key at fault.
     """
     entry = models[key]
     spec = dict(entry.get("build") or {})
     where = f"models.{key}.build"
     trained = "train" in spec
     init = spec.get("init")
+    want = (spec.get("train") or {}).get("n_scenes")
+    if trained and want is not None and n_train_scenes is not None and want > n_train_scenes:
+        raise ValueError(
+            f"{where}.train.n_scenes: {want} scenes asked for, and there are "
+            f"{n_train_scenes} (stimuli.train.n); lower n_scenes or raise stimuli.train.n"
+        )
     if init is not None:
+        if spec.get("family") != "clip_ft":
+            # before, it was accepted and ignored: the model trained from its own random start
+            raise ValueError(
+                f"{where}.init: only a clip_ft model starts from another (the trained clip it "
+                f"is fine-tuned from); a {spec.get('family') or spec.get('arch')!r} model "
+                "trains from its own random start, so remove init"
+            )
         if not trained:
             raise ValueError(f"{where}.init: only a trained model starts from another (add train)")
         other = models.get(init)

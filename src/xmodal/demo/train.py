@@ -168,6 +168,19 @@ def _optimise(
     return losses
 
 
+def _n_scenes(settings: TrainSettings, available: int) -> int:
+    """The training scenes used: ``n_scenes`` of the ``available`` ones (all when not set);
+    more than there are is an error (before, it trained on fewer and recorded ``n_scenes``)."""
+    if settings.n_scenes is None:
+        return available
+    if settings.n_scenes > available:
+        raise ValueError(
+            f"build.train.n_scenes is {settings.n_scenes}, and the training scenes file holds "
+            f"{available} (stimuli.train.n)"
+        )
+    return int(settings.n_scenes)
+
+
 def _write_record(out_dir: Path, record: dict[str, Any]) -> None:
     (out_dir / "training.json").write_text(json.dumps(record, indent=1) + "\n")
 
@@ -441,7 +454,7 @@ def train_vision_model(
 
     t0 = time.perf_counter()
     model_dir = Path(model_dir)
-    n = len(scenes["images"]) if settings.n_scenes is None else int(settings.n_scenes)
+    n = _n_scenes(settings, len(scenes["images"]))
     model, transform, _ = load_vision_model(str(model_dir))
     model.requires_grad_(True)
     with torch.random.fork_rng(devices=[]):
@@ -507,7 +520,7 @@ def train_language_model(
     from xmodal.demo.models import tiny_lm_config
 
     t0 = time.perf_counter()
-    captions = list(captions if settings.n_scenes is None else captions[: settings.n_scenes])
+    captions = list(captions[: _n_scenes(settings, len(captions))])
     tok, ids, mask = _tokenize(tokenizer_dir, captions, eos=True)
     cfg = tiny_lm_config(arch, tok, hidden_size, n_layers, max_positions)
     if arch == "llama" and ids.shape[1] > max_positions:
