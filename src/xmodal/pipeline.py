@@ -107,7 +107,7 @@ def layer_threshold(f: FeatureFile) -> float:
     if not t > 0:
         raise FeatureFileError(
             f"{f.path}: the outlier clamp's threshold (the mean over stimuli of each stimulus's "
-            "95th percentile of |x|, docs/method.md, \"Alignment\") is 0: for every stimulus at "
+            '95th percentile of |x|, docs/method.md, "Alignment") is 0: for every stimulus at '
             "least 95% of the feature values are 0 (sparse features, or values below float32's "
             "range, which the alignment reads them in), so the clamp would set every value to "
             "0 and no alignment can be computed from this file"
