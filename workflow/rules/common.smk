@@ -51,6 +51,7 @@ from xmodal.figures import (
     report_subcategory,
 )
 from xmodal.language_dispersion import LanguageDispersionSettings
+from xmodal.demo.build import demo_needs
 from xmodal.logs import forward_to
 from xmodal.properties import annotations, check_annotations
 from xmodal.registry import Registry, built_model_dir
@@ -878,3 +879,32 @@ onsuccess:
 
 onerror:
     record_settings_of_this_run(succeeded=False)
+
+
+# ----------------------------------------------------------------- the demo's builds (demo.smk)
+DEMO_TRAIN = config["stimuli"].get("train", {})
+DEMO_N_TRAIN = DEMO_TRAIN.get("n", 3000)
+DEMO_TRAIN_SEED = DEMO_TRAIN.get("seed", 0)
+
+
+def needs_of(wildcards):
+    """What demo model ``wildcards.model``'s build reads (xmodal.demo.build.demo_needs)."""
+    return demo_needs(config["models"], wildcards.model, DEMO_N_TRAIN)
+
+
+def check_demo_builds():
+    """Refuse a demo model's build that cannot be made as written (an init only clip_ft reads,
+    more training scenes than there are) at start-up, naming the key, not in the input
+    functions, where the error came with a traceback."""
+    for key, entry in config["models"].items():
+        if entry.get("build") is None:
+            continue
+        try:
+            demo_needs(config["models"], key, DEMO_N_TRAIN)
+        except ValueError as err:
+            raise WorkflowError(
+                f"Invalid configuration in {', '.join(_CONFIG_FILES)}: config key {err}"
+            ) from None
+
+
+check_demo_builds()

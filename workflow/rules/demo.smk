@@ -1,29 +1,10 @@
 # The embedded demo (config/demo.yaml): evaluation stimuli and a larger, disjoint set of
 # training scenes drawn from one synthetic world, a tokenizer, and tiny models of the paper's
 # families built locally and, with a `train` block, trained briefly on the training scenes.
-from xmodal.demo.build import build_priority, demo_needs
+from xmodal.demo.build import build_priority
 
 DEMO_SCENES = f"resources/demo/training/{DATASET}/scenes.npz"
 DEMO_TOKENIZER = f"resources/demo/tokenizer/{DATASET}"
-DEMO_TRAIN = config["stimuli"].get("train", {})
-
-
-def check_demo_builds():
-    """Refuse a demo model's build that cannot be made as written (an init only clip_ft reads,
-    more training scenes than there are) at start-up, naming the key, not in the input
-    functions, where the error came with a traceback."""
-    for key, entry in config["models"].items():
-        if entry.get("build") is None:
-            continue
-        try:
-            demo_needs(config["models"], key, DEMO_TRAIN.get("n", 3000))
-        except ValueError as err:
-            raise WorkflowError(
-                f"Invalid configuration in {', '.join(_CONFIG_FILES)}: config key {err}"
-            ) from None
-
-
-check_demo_builds()
 
 
 if config["stimuli"]["source"] == "demo":
@@ -55,8 +36,8 @@ rule demo_training_scenes:
         "../../envs/analysis.yaml"
     params:
         **named_params(
-            n=DEMO_TRAIN.get("n", 3000),
-            seed=DEMO_TRAIN.get("seed", 0),
+            n=DEMO_N_TRAIN,
+            seed=DEMO_TRAIN_SEED,
         ),
         code=DEMO_CODE,
     script:
@@ -73,17 +54,12 @@ rule demo_tokenizer:
         "../../envs/extract.yaml"
     params:
         **named_params(
-            n=DEMO_TRAIN.get("n", 3000),
-            seed=DEMO_TRAIN.get("seed", 0),
+            n=DEMO_N_TRAIN,
+            seed=DEMO_TRAIN_SEED,
         ),
         code=DEMO_CODE,
     script:
         "../../scripts/demo_tokenizer.py"
-
-
-def needs_of(wildcards):
-    """What model ``wildcards.model``'s build reads (xmodal.demo.build.demo_needs)."""
-    return demo_needs(config["models"], wildcards.model, DEMO_TRAIN.get("n", 3000))
 
 
 rule demo_model:
