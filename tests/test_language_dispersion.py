@@ -65,6 +65,18 @@ def test_settings_defaults_and_errors():
     assert not LanguageDispersionSettings.from_config(_config(n_llm=1, enabled=False)).enabled
 
 
+@given(st.integers(0, 1000), st.integers(1, 120))
+def test_relative_depth_layer_rounds_the_written_depth_half_up(thousandths, n_layers):
+    """⌊d·L + ½⌋ of d as written: in floats 0.58 · 25 = 14.499999…, and a depth halfway between
+    two hidden states (0.58 of 26, 0.7 of 46) picked the lower one."""
+    from fractions import Fraction
+
+    d = thousandths / 1000
+    exact = Fraction(thousandths, 1000) * (n_layers - 1) + Fraction(1, 2)
+    assert relative_depth_layer(d, n_layers) == exact.numerator // exact.denominator
+    assert relative_depth_layer(0.58, 26) == 15 and relative_depth_layer(0.7, 46) == 32
+
+
 def test_relative_depth_layer_values():
     # 5 hidden states (embeddings + 4 blocks): index floor(d * 4 + 1/2)
     assert [relative_depth_layer(d, 5) for d in (0, 0.1, 0.125, 0.5, 0.66, 0.875, 1)] == [

@@ -21,6 +21,7 @@ import os
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Any
 
 import numpy as np
@@ -160,12 +161,15 @@ class LanguageDispersionSettings:
 
 
 def relative_depth_layer(depth: float, n_layers: int) -> int:
-    """Hidden state at relative depth d of L + 1 states: index ⌊d·L + 1/2⌋ (0 = embeddings)."""
+    """Hidden state at relative depth d of L + 1 states: index ⌊d·L + 1/2⌋ (0 = embeddings).
+
+    d is taken as the decimal it is written as (``repr``, exact): in floats 0.58 · 25 is just
+    below 14.5, and a d halfway between two states picked the lower one."""
     if not 0 <= depth <= 1:
         raise ValueError(f"relative depth must be in [0, 1], got {depth}")
     if n_layers < 1:
         raise ValueError(f"n_layers must be ≥ 1, got {n_layers}")
-    return int(math.floor(depth * (n_layers - 1) + 0.5))
+    return math.floor(Fraction(repr(float(depth))) * (n_layers - 1) + Fraction(1, 2))
 
 
 def chosen_llm_layer(
