@@ -335,6 +335,23 @@ def test_a_number_yaml_reads_as_octal_or_base_60_names_file_line_and_key(project
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
+def test_memory_per_cpu_in_default_resources_is_refused(project: Path) -> None:
+    """``mem_mb_per_cpu`` in default-resources (a site's usual advice) won over every job's
+    computed ``mem_mb`` in the SLURM plugin: LLaMA-65B asked for 8 GB instead of 139 GiB, and
+    failed after loading its weights on every retry. Refused at start-up, saying what to do."""
+    from _project import run_snakemake as snakemake
+
+    (project / "config" / "mem.yaml").write_text((ROOT / "config" / "demo.yaml").read_text())
+    args = ("-n", "--configfile", "config/mem.yaml", "--cores", "1", "--default-resources")
+    proc = snakemake(project, *args, "mem_mb_per_cpu=2000", check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "Traceback" not in out, out
+    assert "default-resources sets mem_mb_per_cpu (in your profile, or with --default-" in out
+    assert "Remove mem_mb_per_cpu from default-resources" in out, out
+    proc = snakemake(project, *args, "mem_mb=2000", check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
 def test_duplicate_model_key_names_file_and_lines(project: Path) -> None:
     text = (ROOT / "config" / "demo.yaml").read_text()
     block = text[text.index("  tiny-mae:") : text.index("  tiny-dinov2:")]

@@ -318,6 +318,15 @@ def test_analysis_memory_grows_with_each_retry() -> None:
                  "vision_bootstrap", "conditions"):  # fmt: skip
         body = rules.split(f"\nrule {rule}:\n")[1].split("\nrule ")[0]
         assert "**retry_resources(" in body, rule
+    # every rule that SLURM runs sets its own memory and runtime: a --default-resources on
+    # the command line replaces the profile's whole list, and vision_diagnostics, language_gpa,
+    # image_properties and stimuli_report were left with neither (no -t, Snakemake's guess of
+    # memory from the input size)
+    for chunk in rules.split("\nrule ")[1:]:
+        name, body = chunk.split(":", 1)[0], chunk.split("\n\n\n")[0]
+        if "localrule: True" in body:
+            continue
+        assert "**retry_resources(" in body or ("mem_mb=" in body and "runtime=" in body), name
     slurm = yaml.safe_load((root / "profiles/slurm/config.yaml").read_text())
     assert int(slurm["retries"]) >= 1 and slurm.get("rerun-incomplete") is True
 

@@ -174,6 +174,11 @@ ANALYSIS_KINDS: dict[str, tuple[int, int, int]] = {
     "gpa": (8000, 60, 2),  # GPA, dispersion, leave-one-model-out (float64 SVDs)
     "pair": (4000, 30, 1),  # a per-LLM alignment job over all vision models; vision_bootstrap
     "figures": (4000, 20, 1),
+    # decoding every image (stimuli_report, image_properties), kNN diagnostics of every vision
+    # layer, GPA across the LLMs: what the profile's default-resources gave them, set in their
+    # rules so that a --default-resources on the command line (which replaces the profile's
+    # list) cannot leave them without memory or runtime
+    "scan": (4000, 60, 2),
 }
 
 

@@ -173,6 +173,28 @@ def retry_resources(kind):
     }
 
 
+def check_memory_resources():
+    """Refuse `mem_mb_per_cpu` in default-resources (the profile's, or --default-resources):
+    the SLURM plugin prefers it to `mem_mb`, so every job would get mem_mb_per_cpu times its
+    CPUs instead of the memory the workflow computes for it (an extraction's from its model's
+    size: 8 GB instead of 139 GiB for LLaMA-65B with 2000 per CPU), failing on every retry.
+    """
+    defaults = workflow.resource_settings.default_resources
+    if defaults is None or "mem_mb_per_cpu" not in defaults.keys():
+        return
+    raise WorkflowError(
+        "default-resources sets mem_mb_per_cpu (in your profile, or with --default-resources): "
+        "the SLURM plugin then asks every job for mem_mb_per_cpu × its CPUs and ignores the "
+        "memory the workflow computes for it (mem_mb: an extraction's from its model's size, "
+        "the analysis jobs' growing with each retry; docs/cluster.md), so a large model's job "
+        "runs out of memory on every retry. Remove mem_mb_per_cpu from default-resources; to "
+        "change one rule's memory, give it mem_mb with set-resources"
+    )
+
+
+check_memory_resources()
+
+
 def named_params(**params):
     """A rule's params plus `settings`, the same values by name. Snakemake records a job's
     params as the set of their values, without names: two settings of equal value, or two

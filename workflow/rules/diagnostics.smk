@@ -13,6 +13,8 @@ rule vision_diagnostics:
         "logs/diagnostics/{dataset}/vision.log",
     conda:
         "../../envs/analysis.yaml"
+    resources:
+        **retry_resources("scan"),
     params:
         **named_params(
             vision=VISION,

@@ -28,6 +28,8 @@ rule language_gpa:
         "results/benchmarks/{dataset}/language_gpa.tsv"
     conda:
         "../../envs/analysis.yaml"
+    resources:
+        **retry_resources("gpa"),
     params:
         **named_params(
             llms=LANGUAGE,
@@ -150,8 +152,7 @@ rule image_properties:
         "../../envs/analysis.yaml"
     threads: 2
     resources:
-        # what SLURM gives the job (the profile's default would be 1 CPU)
-        cpus_per_task=lambda wildcards, threads: threads,
+        **retry_resources("scan"),
     params:
         code=ANALYSIS_CODE,
     script:

@@ -61,8 +61,7 @@ rule stimuli_report:
         "../../envs/analysis.yaml"
     threads: 2
     resources:
-        # what SLURM gives the job (the profile's default would be 1 CPU)
-        cpus_per_task=lambda wildcards, threads: threads,
+        **retry_resources("scan"),
     params:
         code=ANALYSIS_CODE,
     script:
