@@ -161,7 +161,7 @@ def test_threaded_rules_ask_for_their_threads_as_cpus(paper_project: Path) -> No
     """The rules that decode images on 2 threads ask SLURM for 2 CPUs (before: the profile's
     default of 1 CPU, so their second thread shared the first one's core); so do the GPA and
     leave-one-model-out fits, from their rules' ``threads`` (before: a profile setting that
-    their scripts never saw); the language GPA keeps the SLURM profile's default of 1."""
+    their scripts never saw); the language GPA asks for its one thread's CPU."""
     targets = ["results/stimuli/wit1024/images.tsv", "results/properties/wit1024/images.tsv"]
     targets += ["results/dispersion/wit1024/gpa.json", "results/dispersion/wit1024/loo.tsv"]
     targets += ["results/language/wit1024/dispersion.tsv"]
@@ -178,7 +178,7 @@ def test_threaded_rules_ask_for_their_threads_as_cpus(paper_project: Path) -> No
     assert cpus["stimuli_report"] == cpus["image_properties"] == "2", cpus
     assert cpus["gpa"] == cpus["leave_one_model_out"] == "2", cpus
     assert cpus["layer_search"] == "3", cpus
-    assert "language_gpa" in cpus and cpus["language_gpa"] is None, cpus  # the profile's 1 CPU
+    assert cpus["language_gpa"] == "1", cpus  # its one thread, from its rule now
 
 
 def test_the_users_set_resources_reach_the_jobs(paper_project: Path) -> None:
