@@ -332,7 +332,36 @@ def test_a_caption_starting_with_a_space_gets_the_models_own_tokens(sentencepiec
             tokenize_captions(tok, caps, stimulus_ids=ids)
     else:
         assert tokenize_captions(tok, caps, stimulus_ids=ids).ids[1] == [1, *sp.encode(caps[1])]
+    # a caption with a special token's spelling was not checked: its leading space was dropped
+    # unnoticed; the text before the spelling is compared now
+    marked = " a </s>"
+    if tok(" a", add_special_tokens=False)["input_ids"] != sp.encode(" a"):
+        with pytest.raises(ExtractionError, match=r"stimuli \['mark'\] .* start with a space"):
+            tokenize_captions(tok, [marked], stimulus_ids=["mark"])
+    else:
+        assert tokenize_captions(tok, [marked], stimulus_ids=["mark"]).ids[0][:2] == [
+            1, *sp.encode(" a")[:1]
+        ]  # fmt: skip
     # a byte-level BPE tokenizer keeps the space as its file does: nothing to refuse
     bpe = AutoTokenizer.from_pretrained(tiny_lms["bloom"])
     got = tokenize_captions(bpe, caps, stimulus_ids=ids).ids
     assert got[0] != got[1]
+
+
+def test_truncation_keeps_a_captions_beginning_whatever_the_tokenizer_config_says(tiny_lms):
+    """A tokenizer_config.json with ``truncation_side: left`` made the cut keep a long
+    caption's end (BOS plus its last tokens), with no word but the usual truncation warning;
+    the reference keeps the beginning. The loaded tokenizer records the side."""
+    from transformers import AutoTokenizer
+
+    from xmodal.extract.language import load_language_model, tokenize_captions
+
+    caption = "a red cube on a wooden table next to two green spheres"
+    tok = AutoTokenizer.from_pretrained(tiny_lms["llama"])
+    whole = tok(caption)["input_ids"]
+    assert len(whole) > 6
+    tok.truncation_side = "left"
+    got = tokenize_captions(tok, [caption], stimulus_ids=["s"], max_tokens=6).ids
+    assert got == [whole[:6]] and tok.truncation_side == "left"  # the caller's setting kept
+    _, loaded, info = load_language_model(str(tiny_lms["llama"]))
+    assert loaded.truncation_side == "right" and info["tokenizer"]["truncation_side"] == "right"

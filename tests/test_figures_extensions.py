@@ -333,6 +333,11 @@ def test_gallery_manifest_columns_wrap_to_three_lines():
     assert lines[1].startswith("column_2 0.247,") and text.endswith(" …")
     assert _annotation_text(pd.Series({"manifest:typicality": np.nan})) == "typicality\xa0n/a"
     assert _annotation_text(pd.Series({"manifest:n": 1234567.0})) == "n\xa01.23e+06"
+    # years and other whole numbers in the thousands in full (.3g wrote 2016 as 2.02e+03, so
+    # 2016 and 2024 looked alike); below 1000, 3 significant digits as before
+    for v, shown in ((2016.0, "2016"), (2024.0, "2024"), (-1500.4, "-1500"), (999.0, "999"),
+                     (999999.0, "999999"), (0.5, "0.5"), (123.456, "123")):  # fmt: skip
+        assert _annotation_text(pd.Series({"manifest:year": v})) == f"year\xa0{shown}", v
 
 
 def test_language_dispersion_random_band_is_labelled_as_an_average_of_intervals(inputs):

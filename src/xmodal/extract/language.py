@@ -179,6 +179,7 @@ def load_language_model(
 
     pad_note = _ensure_pad_token(tokenizer, model_id)
     tokenizer.padding_side = "right"
+    tokenizer.truncation_side = "right"  # as tokenize_captions cuts, recorded below
     info = dict(
         model_id=str(model_id),
         source="transformers",
@@ -197,6 +198,7 @@ def load_language_model(
             pad_token=tokenizer.pad_token,
             pad_token_note=pad_note,
             padding_side="right",
+            truncation_side="right",
             add_special_tokens=True,
             max_length=context_length(model, tokenizer),
         ),
@@ -394,7 +396,8 @@ def tokenize_captions(
     """Token ids per caption (special tokens included), each cut to the caption token limit.
 
     The limit is :func:`caption_token_limit` of ``max_tokens`` and the model's ``context``.
-    Truncation is the tokenizer's own (``truncation=True``: special tokens are kept). Truncated
+    Truncation is the tokenizer's own (``truncation=True``: special tokens are kept), at the
+    end (``truncation_side`` right, whatever the tokenizer's config says). Truncated
     captions are logged as a warning: their count, the limit and the first stimulus ids.
 
     Captions are text: a special token's spelling in a caption (``</s>``, ``<s>``, ``<unk>``,
@@ -410,9 +413,16 @@ def tokenize_captions(
     truncated = [i for i, t in enumerate(ids) if len(t) > limit]
     whole: dict[int, tuple[int, ...]] = {}  # the truncated captions' tokens before the cut
     if truncated:
-        redo = tokenizer([captions[i] for i in truncated], truncation=True, max_length=limit, **kw)[
-            "input_ids"
-        ]
+        # the beginning is kept, as the reference extraction keeps it, whatever the tokenizer's
+        # config says (truncation_side "left" kept the end, unnoticed)
+        side = getattr(tokenizer, "truncation_side", "right")
+        tokenizer.truncation_side = "right"
+        try:
+            redo = tokenizer(
+                [captions[i] for i in truncated], truncation=True, max_length=limit, **kw
+            )["input_ids"]
+        finally:
+            tokenizer.truncation_side = side
         longest = max(len(ids[i]) for i in truncated)
         whole.update((i, tuple(ids[i])) for i in truncated)
         for i, t in zip(truncated, redo, strict=True):
@@ -485,12 +495,18 @@ def _check_leading_spaces(
     would get other features than the reference extraction (docs/contracts.md, "Captions: token
     limit")."""
     special = [t for t in getattr(tokenizer, "all_special_tokens", None) or [] if t]
-    lead = [
-        i for i, c in enumerate(captions) if c.startswith(" ") and not any(t in c for t in special)
-    ]
+
+    def head(caption: str) -> str:
+        # up to a special token's spelling: the extraction reads it as text, the tokenizer
+        # file would match it as the token, so only the text before it can be compared (a
+        # caption with one was skipped, its leading space dropped unnoticed)
+        cut = min((caption.find(t) for t in special if t in caption), default=len(caption))
+        return caption[:cut]
+
+    lead = [i for i, c in enumerate(captions) if c.startswith(" ") and head(c).strip()]
     if not lead:
         return
-    texts = [captions[i] for i in lead]
+    texts = [head(captions[i]) for i in lead]
     own = _own_tokens(tokenizer, texts)
     if own is None:
         return

@@ -243,12 +243,18 @@ def _num(v: float, fmt: str) -> str:
     return format(v, fmt) if np.isfinite(v) else "n/a"
 
 
+def _annotation_value(v: float) -> str:
+    """A manifest column's value in the notes: 3 significant digits, but whole digits from 1000
+    up to a million, where ``.3g`` wrote years as 2.02e+03 (2016 and 2024 alike)."""
+    return f"{v:.0f}" if np.isfinite(v) and 1000 <= abs(v) < 1e6 else _num(v, ".3g")
+
+
 def _annotation_text(values: pd.Series) -> str:
     """The manifest's numeric columns of one stimulus as "name value, …", in the table's column
     order, wrapped to at most :data:`ANNOTATION_LINES` lines (" …" where more did not fit); a
     no-break space keeps each name on the line of its value."""
     pairs = [
-        f"{name[len(ANNOTATION_PREFIX) :]}\N{NO-BREAK SPACE}{_num(v, '.3g')}"
+        f"{name[len(ANNOTATION_PREFIX) :]}\N{NO-BREAK SPACE}{_annotation_value(v)}"
         for name, v in values.items()
     ]
     return "\n".join(
