@@ -465,3 +465,27 @@ def test_characters_no_font_has_are_one_warning_naming_them_and_a_fallback_is_us
         ]
         font_manager.fontManager._findfont_cached.cache_clear()
     assert _common.installed_fallbacks() == []
+
+
+def test_every_llm_gets_its_own_colour_beyond_eight_families():
+    """Each family has a sequential palette; FAMILY_PALETTES has 8, and the ninth family's
+    models took the first family's colours (F0 0.5b and F8 0.5b drawn alike). The first
+    family's colours are as before."""
+    import seaborn as sns
+
+    from xmodal.figures._common import FAMILY_PALETTES, Models
+
+    rows = [
+        {"model": f"f{f}-{s}", "modality": "language", "label": f"F{f} {s}b", "family": f"F{f}",
+         "size_b": float(s), "order": 5 * f + s}
+        for f in range(10) for s in range(1, 6)
+    ]  # fmt: skip
+    models = Models.from_table(pd.DataFrame(rows))
+    keys = [r["model"] for r in rows]
+    colours = models.colors(keys)
+    rgb = np.array(list(colours.values()), dtype=float)
+    gaps = np.linalg.norm(rgb[:, None] - rgb[None], axis=-1)[np.triu_indices(len(keys), 1)]
+    # no two alike (BuGn, the eighth palette, also ended in Greens' dark greens: now RdPu)
+    assert gaps.min() > 0.03, gaps.min()
+    first = sns.color_palette(FAMILY_PALETTES[0], 7)
+    assert [colours[f"f0-{s}"] for s in range(1, 6)] == list(first[2:])

@@ -84,7 +84,7 @@ ALIGNMENT_LABEL = alignment_label(DEFAULT_METRIC)
 
 
 LLM_AXIS_LABEL = "Language model"
-FAMILY_PALETTES = ["Blues", "Oranges", "Greens", "Purples", "Reds", "Greys", "YlOrBr", "BuGn"]
+FAMILY_PALETTES = ["Blues", "Oranges", "Greens", "Purples", "Reds", "Greys", "YlOrBr", "RdPu"]
 
 
 #: Fonts the figures fall back on for characters DejaVu Sans lacks (Chinese, Japanese, Korean,
@@ -278,13 +278,20 @@ class Models:
         return sorted(keys, key=sort_key)
 
     def colors(self, keys: Sequence[str]) -> dict[str, tuple]:
-        """One colour per model: a sequential palette per family, darker = larger."""
+        """One colour per model: a sequential palette per family, darker = larger; beyond the
+        :data:`FAMILY_PALETTES`, families get light-to-dark palettes of further hues (before,
+        the ninth family's colours were the first's, so two models shared a colour)."""
         out: dict[str, tuple] = {}
         by_family: dict[str, list[str]] = {}
         for k in keys:
             by_family.setdefault(self.family(k), []).append(k)
+        extra = max(0, len(by_family) - len(FAMILY_PALETTES))
+        hues = sns.color_palette("husl", extra) if extra else []
         for i, (_, members) in enumerate(by_family.items()):
-            pal = sns.color_palette(FAMILY_PALETTES[i % len(FAMILY_PALETTES)], len(members) + 2)
+            if i < len(FAMILY_PALETTES):
+                pal = sns.color_palette(FAMILY_PALETTES[i], len(members) + 2)
+            else:
+                pal = sns.light_palette(hues[i - len(FAMILY_PALETTES)], len(members) + 2)
             for j, k in enumerate(members):
                 out[k] = pal[j + 2]
         return out
