@@ -258,6 +258,34 @@ def test_grid_heatmap(figs, inputs):
     assert all(t.get_text().startswith(("+", "-")) for t in axes[1].texts)
 
 
+def test_grid_heatmap_leaves_a_gap_where_a_table_has_no_row(inputs, tmp_path):
+    """A pair without a row (a contrasts row or the grid's full-set rows left out, as in a
+    table edited by hand) was drawn as "n/a" and counted as undefined, which the marks
+    contract keeps for values that are not numbers: it is a white gap now, as in the other
+    figures; the other cells and the legend's count are unchanged."""
+    con, grid = table(inputs, "contrasts"), table(inputs, "grid")
+    con = con[~((con.vision == "vis-0") & (con.llm == "alpha-3b") & (con.summary == "mean"))]
+    grid = grid[
+        ~((grid.vision == "vis-1") & (grid.llm == "alpha-0.5b") & (grid.condition == "full"))
+    ]
+    paths = dict(inputs)
+    for name, df in (("contrasts", con), ("grid", grid)):
+        paths[name] = tmp_path / f"{name}.tsv"
+        df.to_csv(paths[name], sep="\t", index=False, na_rep="NaN")
+    before, after = render_figure("grid_heatmap", inputs), render_figure("grid_heatmap", paths)
+    gids = [[str(a.get_gid()) for a in ax.get_children()] for ax in panels(after)]
+    assert "missing|vis-1|alpha-0.5b" in gids[0] and "missing|vis-0|alpha-3b" in gids[1]
+    assert sum(g.startswith("missing|") for g in gids[0] + gids[1]) == 2
+    assert not any(g.startswith("missing|") for g in gids[2])
+    undefined = [[g for g in gg if g.startswith("undefined|")] for gg in gids]
+    was = [[str(t.get_gid()) for t in ax.texts if str(t.get_gid()).startswith("undefined|")]
+           for ax in panels(before)]  # fmt: skip
+    assert undefined == was
+    legend = [t.get_text() for t in after.legends[0].get_texts()] if after.legends else []
+    assert legend == ([t.get_text() for t in before.legends[0].get_texts()] if before.legends
+                      else [])  # fmt: skip
+
+
 def test_layerwise(figs, inputs):
     fig = figs["layerwise"]
     axes = panels(fig)

@@ -19,7 +19,7 @@ import seaborn as sns
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
-from matplotlib.patches import Patch
+from matplotlib.patches import Patch, Rectangle
 from matplotlib.transforms import blended_transform_factory
 
 from xmodal.summary import require_unique_keys, unstable
@@ -366,12 +366,14 @@ def _drop_ranking(rows: dict[str, pd.DataFrame]) -> str:
 # --------------------------------------------------------------------------- grid heatmaps
 def _diff_matrix(
     data: FigureData, grid: pd.DataFrame, summary: str, visions: list[str], llms: list[str]
-) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """Low − high per pair (from contrasts, else from the grid), a significance mask (bootstrap
-    95% interval excludes 0) and an unstable mask (the low or the high value is flagged)."""
+    95% interval excludes 0), an unstable mask (the low or the high value is flagged) and a
+    mask of the pairs the table has a row for (a value, or NaN: undefined)."""
     diff = pd.DataFrame(np.nan, index=visions, columns=llms)
     sig = pd.DataFrame(False, index=visions, columns=llms)
     flag = pd.DataFrame(False, index=visions, columns=llms)
+    present = pd.DataFrame(False, index=visions, columns=llms)
     con = data.alignment("contrasts") if data.get("contrasts") is not None else None
     if con is not None and summary in set(con["summary"].astype(str)):
         c = con[con["summary"] == summary]
@@ -379,10 +381,11 @@ def _diff_matrix(
         for r in c.itertuples(index=False):
             if r.vision in diff.index and r.llm in diff.columns:
                 diff.loc[r.vision, r.llm] = r.diff_low_high
+                present.loc[r.vision, r.llm] = True
                 lo, hi = getattr(r, "diff_ci_low", np.nan), getattr(r, "diff_ci_high", np.nan)
                 sig.loc[r.vision, r.llm] = bool(lo > 0 or hi < 0)
                 flag.loc[r.vision, r.llm] = bool(r.flagged)
-        return diff, sig, flag
+        return diff, sig, flag, present
     low = pair_cells(condition_rows(grid, "low", summary))
     high = pair_cells(condition_rows(grid, "high", summary))
     for key in low.index.intersection(high.index):
@@ -390,12 +393,22 @@ def _diff_matrix(
         if v in diff.index and ll in diff.columns:
             diff.loc[v, ll] = low.at[key, "value"] - high.at[key, "value"]
             flag.loc[v, ll] = bool(low.at[key, "unstable"] or high.at[key, "unstable"])
-    return diff, sig, flag
+            present.loc[v, ll] = True
+    return diff, sig, flag, present
 
 
-def _heatmap(ax: Axes, mat: pd.DataFrame, text: pd.DataFrame, data: FigureData, **kw) -> int:
+def _heatmap(
+    ax: Axes,
+    mat: pd.DataFrame,
+    text: pd.DataFrame,
+    data: FigureData,
+    present: pd.DataFrame | None = None,
+    **kw,
+) -> int:
     """A vision × LLM heatmap annotated with ``text``; a cell that is not a number is left
-    grey with "n/a" (gid ``undefined|<vision>|<llm>``). Returns the number of such cells."""
+    grey with "n/a" (gid ``undefined|<vision>|<llm>``), one whose pair has no row in the table
+    (``present`` False) is a white gap (gid ``missing|<vision>|<llm>``), as a missing row is in
+    every figure. Returns the number of undefined cells."""
     values = mat.astype(float)
     sns.heatmap(
         values,
@@ -412,7 +425,10 @@ def _heatmap(ax: Axes, mat: pd.DataFrame, text: pd.DataFrame, data: FigureData, 
     n_undefined = 0
     for a, v in enumerate(mat.index):
         for b, ll in enumerate(mat.columns):
-            if not np.isfinite(values.iat[a, b]):
+            if present is not None and not present.iat[a, b]:
+                ax.add_patch(Rectangle((b, a), 1, 1, facecolor="white", edgecolor="white",
+                                       lw=0.5, gid=f"missing|{v}|{ll}"))  # fmt: skip
+            elif not np.isfinite(values.iat[a, b]):
                 ax.text(b + 0.5, a + 0.5, UNDEFINED_TEXT, ha="center", va="center",
                         fontsize=6.5, color=UNDEFINED_COLOR, gid=f"undefined|{v}|{ll}")  # fmt: skip
                 n_undefined += 1
@@ -443,8 +459,10 @@ def draw_grid_heatmap(data: FigureData) -> Figure:
     cells = pair_cells(condition_rows(grid, "full"))
     full = pd.DataFrame(np.nan, index=visions, columns=llms)
     full_flag = pd.DataFrame(False, index=visions, columns=llms)
+    full_present = pd.DataFrame(False, index=visions, columns=llms)
     for (v, ll), c in cells.iterrows():
         full.loc[v, ll], full_flag.loc[v, ll] = c["value"], bool(c["unstable"])
+        full_present.loc[v, ll] = True
     con = data.get("contrasts")
     summaries = [
         s
@@ -457,21 +475,21 @@ def draw_grid_heatmap(data: FigureData) -> Figure:
     fig = new_figure(width, n * (0.42 * len(visions) + 1.6) + 0.6)
     axes = panel_grid(fig, n, 1)
     n_undefined = _heatmap(
-        axes[0], full, _cell_text(full, full_flag, ".3f"), data, cmap="viridis",
+        axes[0], full, _cell_text(full, full_flag, ".3f"), data, full_present, cmap="viridis",
         cbar_kws={"label": label},
     )  # fmt: skip
     axes[0].set_title(f"{panel_letter(0)}   Full stimulus set: {label}", loc="left")
     n_unstable = int(full_flag.to_numpy().sum())
     diffs = [_diff_matrix(data, grid, s, visions, llms) for s in summaries]
-    finite = [np.abs(d.to_numpy(float)) for d, _, _ in diffs]
+    finite = [np.abs(d.to_numpy(float)) for d, _, _, _ in diffs]
     vmax = max([float(np.nanmax(f)) for f in finite if np.isfinite(f).any()] or [1.0])
     any_sig = False
-    for i, (s, (diff, sig, flag)) in enumerate(zip(summaries, diffs, strict=True), start=1):
+    for i, (s, (diff, sig, flag, present)) in enumerate(zip(summaries, diffs, strict=True), 1):
         shown = diff.notna()
         n_unstable += int((flag & shown).to_numpy().sum())
         any_sig |= bool((sig & shown).to_numpy().any())
         n_undefined += _heatmap(
-            axes[i], diff, _cell_text(diff, flag, "+.3f", sig), data, cmap="vlag",
+            axes[i], diff, _cell_text(diff, flag, "+.3f", sig), data, present, cmap="vlag",
             vmin=-vmax, vmax=vmax, cbar_kws={"label": f"Δ {label} (low − high)"},
         )  # fmt: skip
         axes[i].set_title(
