@@ -568,11 +568,12 @@ def test_diff_matrix_from_contrasts_significance_either_side():
          "diff_low_high": [0.2, -0.2, 0.01], "diff_ci_low": [0.1, -0.3, -0.05],
          "diff_ci_high": [0.3, -0.1, 0.07], "low_stability": 0.0, "high_stability": 0.0}
     )  # fmt: skip
-    diff, sig, flag = _diff_matrix(_heatmap_data({"contrasts": con}), pd.DataFrame(), "mean",
-                                   ["v1", "v2", "v3"], ["l"])  # fmt: skip
-    assert diff["l"].tolist() == [0.2, -0.2, 0.01]
-    assert sig["l"].tolist() == [True, True, False]
+    diff, sig, flag, present = _diff_matrix(_heatmap_data({"contrasts": con}), pd.DataFrame(),
+                                            "mean", ["v1", "v2", "v3", "v4"], ["l"])  # fmt: skip
+    assert diff["l"].tolist()[:3] == [0.2, -0.2, 0.01]
+    assert sig["l"].tolist() == [True, True, False, False]
     assert not flag.to_numpy().any()
+    assert present["l"].tolist() == [True, True, True, False]  # v4: no row, a gap
 
 
 def test_diff_matrix_from_the_grid_is_low_minus_high():
@@ -583,9 +584,10 @@ def test_diff_matrix_from_the_grid_is_low_minus_high():
         {"vision": "v", "llm": "l", "condition": ["low", "high"], "summary": "mean",
          "value": [0.5, 0.2], "stability": [0.0, 0.0]}
     )  # fmt: skip
-    diff, sig, _ = _diff_matrix(_heatmap_data({}), grid, "mean", ["v"], ["l"])
+    diff, sig, _, present = _diff_matrix(_heatmap_data({}), grid, "mean", ["v", "w"], ["l"])
     assert diff.loc["v", "l"] == pytest.approx(0.3)
     assert not sig.to_numpy().any()
+    assert present["l"].tolist() == [True, False]
 
 
 def test_language_scatter_panel_points_and_coefficients_of_its_summary():
