@@ -24,17 +24,17 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import torch
-import yaml
 from PIL import Image, ImageDraw
 from scipy.stats import spearmanr
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from demo_nuisance_probe import demo_vision_models, image_layers  # noqa: E402
 
 from xmodal.demo import stimuli as world  # noqa: E402
 from xmodal.dispersion import mean_dispersion  # noqa: E402
-from xmodal.extract.vision import extract_vision_features, load_vision_model  # noqa: E402
 from xmodal.gpa import gpa  # noqa: E402
 
 ATTRIBUTES = ("colour", "size", "position")
@@ -74,23 +74,14 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=7, help="the evaluation stream's seed")
     args = parser.parse_args()
 
-    cfg = yaml.safe_load((args.run / args.config).read_text())
-    layer = int(cfg["analysis"]["vision_layer"])
-    keys = [k for k, m in cfg["models"].items() if m["modality"] == "vision"]
-    models = {k: load_vision_model(str(args.run / cfg["models"][k]["id"])) for k in keys}
+    models, layer = demo_vision_models(args.run, args.config)
+    keys = list(models)
     scenes = [s.without_nuisances() for s in world.sample_scenes(args.n, args.seed, "eval")]
     a = np.random.default_rng(args.seed).uniform(0, 0.5, len(scenes))
-    ids = [str(i) for i in range(len(scenes))]
     for attribute in ATTRIBUTES:
         pairs = enumerate(zip(scenes, a, strict=True))
         images = [render_blended(s, attribute, x, i) for i, (s, x) in pairs]
-        feats = []
-        for model, transform, _ in models.values():
-            batch = torch.stack([transform(im) for im in images])
-            res = extract_vision_features(
-                model, [(batch, np.arange(len(ids)))], stimulus_ids=ids, progress=False
-            )
-            feats.append(np.asarray(res.features[layer], dtype=np.float64))
+        feats = [x[layer].astype(np.float64) for x in image_layers(models, images)]
         fit = gpa(feats)
         rho = spearmanr(mean_dispersion(fit.residuals), a)[0]
         dist = {

@@ -35,10 +35,23 @@ from xmodal.extract.vision import extract_vision_features, load_vision_model  # 
 from xmodal.gpa import gpa  # noqa: E402
 
 
+def demo_vision_models(run: Path, config: str) -> tuple[dict, int]:
+    """The trained vision models of a finished demo run (key → what ``load_vision_model``
+    returns), in the config's order, and the analysis's vision layer."""
+    cfg = yaml.safe_load((run / config).read_text())
+    vision = {k: m for k, m in cfg["models"].items() if m["modality"] == "vision"}
+    models = {k: load_vision_model(str(run / m["id"])) for k, m in vision.items()}
+    return models, int(cfg["analysis"]["vision_layer"])
+
+
 def all_layers(models: dict, scenes: list) -> list[np.ndarray]:
     """Each model's CLS features, every layer (layers × scenes × dim), for ``scenes`` rendered
     as the stimuli are."""
-    images = [_jpeg_round_trip(render_scene(s)) for s in scenes]
+    return image_layers(models, [_jpeg_round_trip(render_scene(s)) for s in scenes])
+
+
+def image_layers(models: dict, images: list) -> list[np.ndarray]:
+    """Each model's CLS features, every layer (layers × images × dim), for PIL ``images``."""
     ids = [str(i) for i in range(len(images))]
     out = []
     for model, transform, _ in models.values():
@@ -64,10 +77,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="the evaluation stream's seed")
     args = parser.parse_args()
 
-    cfg = yaml.safe_load((args.run / args.config).read_text())
-    vision = {k: m for k, m in cfg["models"].items() if m["modality"] == "vision"}
-    models = {k: load_vision_model(str(args.run / m["id"])) for k, m in vision.items()}
-    layer = int(cfg["analysis"]["vision_layer"])
+    models, layer = demo_vision_models(args.run, args.config)
     clean = [s.without_nuisances() for s in sample_scenes(args.n, args.seed, "eval")]
     conditions = {k: {k: args.level} for k in NUISANCES}
     conditions["all"] = {"nuisance": args.level, **{k: args.level for k in NUISANCES}}
