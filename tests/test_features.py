@@ -739,7 +739,13 @@ def test_import_refuses_features_that_are_mostly_zero_naming_the_key_and_file(tm
         import_features(src, dst, "mine", "language", ids)
     assert not dst.exists()
     made = write_features(tmp_path / "made.h5", x, ids, ["l0", "l1"], {"modality": "language"})
-    with FeatureFile(made) as f, pytest.raises(FeatureFileError, match=r"made\.h5: the outlier"):
+    with (
+        FeatureFile(made) as f,
+        pytest.raises(
+            FeatureFileError,
+            match=r"made\.h5: for every stimulus at least 95% of the feature values",
+        ),
+    ):
         layer_threshold(f)
     x[:, :, 3:8] = 1.0  # 8 of 100 nonzero: the 95th percentile of |x| is no longer 0
     with FeatureFile(write_features(tmp_path / "ok.h5", x, ids, ["a", "b"], {})) as f:

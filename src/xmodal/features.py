@@ -74,6 +74,7 @@ __all__ = [
     "abs_quantile_rows",
     "check_against_stamp",
     "check_against_weights",
+    "clamp_threshold",
     "import_features",
     "made_with",
     "vision_block_names",
@@ -428,14 +429,11 @@ def import_features(
         raise FeatureFileError(f"{where}: {err}") from None
     with FeatureFile(dst) as out:
         q = out.abs_q95()
-    if not q.any():  # the clamp threshold, their mean, is 0: nothing can be aligned
+    try:
+        clamp_threshold(src, q)
+    except FeatureFileError as err:
         Path(dst).unlink()
-        raise FeatureFileError(
-            f"{where}: {src}: for every stimulus at least 95% of the feature values are 0 "
-            "(sparse features, or values below float32's range, in which the features are "
-            "read), so the alignment's outlier clamp (docs/method.md, 'Alignment') would set "
-            "every value to 0"
-        )
+        raise FeatureFileError(f"{where}: {err}") from None
     if supplied_q is not None:
         a = supplied_q[:n].astype(np.float64)
         off = ~np.isclose(a, q, rtol=1e-3, atol=0.0)  # a NaN or inf value differs too
@@ -467,6 +465,23 @@ def import_features(
         )
     log.info("imported %s as %s (model %s, %d stimuli)", src, dst, model_key, n)
     return Path(dst)
+
+
+def clamp_threshold(path: str | os.PathLike, abs_q95: np.ndarray) -> float:
+    """The alignment's outlier clamp threshold t of the features at ``path``, from their
+    ``abs_q95`` (docs/method.md, "Alignment"); a :class:`FeatureFileError` naming ``path`` when
+    t is 0, which would clamp every value to 0."""
+    from xmodal.metrics import threshold_from_quantiles
+
+    t = threshold_from_quantiles(abs_q95)
+    if not t > 0:
+        raise FeatureFileError(
+            f"{path}: for every stimulus at least 95% of the feature values are 0 (sparse "
+            "features, or values below float32's range, in which the features are read), so "
+            "the outlier clamp's threshold (the mean over stimuli of each stimulus's 95th "
+            "percentile of |x|, docs/method.md, 'Alignment') is 0 and would set every value to 0"
+        )
+    return t
 
 
 def _texts(path: Path, name: str, values: np.ndarray) -> list[str]:

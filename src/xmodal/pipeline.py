@@ -26,7 +26,7 @@ import xmodal
 from xmodal import language_dispersion, properties, selection
 from xmodal.config import resolve_layer
 from xmodal.dispersion import read_dispersion_table
-from xmodal.features import FeatureFile, FeatureFileError
+from xmodal.features import FeatureFile, FeatureFileError, clamp_threshold
 from xmodal.io import atomic_path, read_table, write_table
 from xmodal.parallel import n_workers
 
@@ -100,19 +100,8 @@ def prepared_layer(f: FeatureFile, layer: int, threshold: float | None = None) -
 
 def layer_threshold(f: FeatureFile) -> float:
     """The clamp threshold t of a feature file (docs/method.md, "Alignment"); a
-    :class:`FeatureFileError` naming the file when it is 0 (every value would be clamped to 0)."""
-    from xmodal import metrics
-
-    t = metrics.threshold_from_quantiles(f.abs_q95())
-    if not t > 0:
-        raise FeatureFileError(
-            f"{f.path}: the outlier clamp's threshold (the mean over stimuli of each stimulus's "
-            '95th percentile of |x|, docs/method.md, "Alignment") is 0: for every stimulus at '
-            "least 95% of the feature values are 0 (sparse features, or values below float32's "
-            "range, which the alignment reads them in), so the clamp would set every value to "
-            "0 and no alignment can be computed from this file"
-        )
-    return t
+    :class:`FeatureFileError` naming the file when it is 0 (:func:`clamp_threshold`)."""
+    return clamp_threshold(f.path, f.abs_q95())
 
 
 def read_gpa_layers(
