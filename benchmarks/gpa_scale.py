@@ -29,6 +29,7 @@ from threadpoolctl import threadpool_limits  # noqa: E402
 
 from xmodal.dispersion import leave_one_model_out  # noqa: E402
 from xmodal.gpa import PLAIN, Preprocessed, fit_preprocessed, gpa  # noqa: E402
+from xmodal.resources import gpa_memory_mb  # noqa: E402
 
 D_SHARED = 48
 
@@ -111,6 +112,8 @@ def main() -> int:
     )
     print(f"  Spearman(mean residual, planted sigma) {rho:.4f}")
     print(f"  peak RSS {peak_rss_gb():.2f} GB (after generating the data: {rss_data:.2f} GB)")
+    # what the workflow asks SLURM for (its estimate also counts the job's float64 read)
+    print(f"  the GPA rules' memory estimate {gpa_memory_mb(args.m, widths) * 2**20 / 1e9:.2f} GB")
 
     if args.loo:
         del fit

@@ -250,8 +250,9 @@ def test_drop_duplicates_digests_the_images_it_scanned(tmp_path, tiny_lms, tiny_
         "llama", cfg, manifest, tmp_path / "llama.h5", drop_duplicates=True, progress=False
     )
     full = read_manifest(manifest)
-    rows = [[*map(str, r), hashlib.sha256((root / r[1]).read_bytes()).hexdigest()]
-            for r in full[["stimulus_id", "image", "caption"]].to_numpy()]  # fmt: skip
+    # ids and captions, and each image file's digest in place of its path
+    rows = [[str(sid), str(cap), hashlib.sha256((root / img).read_bytes()).hexdigest()]
+            for sid, img, cap in full[["stimulus_id", "image", "caption"]].to_numpy()]  # fmt: skip
     want = hashlib.sha256(json.dumps(rows, ensure_ascii=False).encode()).hexdigest()
     with FeatureFile(out) as ff:
         assert ff.m == 12 and ff.attrs[STIMULI_DIGEST] == want
@@ -365,3 +366,65 @@ def test_truncation_keeps_a_captions_beginning_whatever_the_tokenizer_config_say
     assert got == [whole[:6]] and tok.truncation_side == "left"  # the caller's setting kept
     _, loaded, info = load_language_model(str(tiny_lms["llama"]))
     assert loaded.truncation_side == "right" and info["tokenizer"]["truncation_side"] == "right"
+
+
+def test_models_that_do_not_read_token_ids_alone_are_refused_at_load(tmp_path, tiny_lms):
+    """An encoder-decoder model (T5) loaded, then its first batch failed inside transformers
+    ("You must specify exactly one of input_ids or inputs_embeds"), naming neither the model nor
+    the cause, once per retry of the GPU job; a vision transformer given as a language model
+    failed the same way. Both are refused when loaded, naming the model."""
+    from transformers import T5Config, T5Model, ViTConfig, ViTModel
+
+    t5 = tmp_path / "t5"
+    T5Model(
+        T5Config(vocab_size=300, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=2)
+    ).save_pretrained(t5)
+    vit = tmp_path / "vit"
+    ViTModel(
+        ViTConfig(
+            hidden_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=32,
+            image_size=8,
+            patch_size=4,
+        )  # fmt: skip
+    ).save_pretrained(vit)
+    for folder in (t5, vit):
+        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+            if (tiny_lms["llama"] / name).is_file():
+                shutil.copy(tiny_lms["llama"] / name, folder / name)
+    with pytest.raises(ExtractionError, match=r"t5: an encoder-decoder model \(model_type 't5'"):
+        load_language_model(str(t5))
+    with pytest.raises(ExtractionError, match=r"vit: ViTModel .*does not read token ids"):
+        load_language_model(str(vit))
+
+
+def test_a_local_model_id_under_the_home_folder_is_loaded_from_there(
+    tmp_path, tiny_lms, monkeypatch
+):
+    """The registry reads ``~/folder`` as a local folder (no prefetch); the loaders and the
+    prefetch record tested ``Path('~/folder').is_dir()``, false, and then asked the hub cache
+    for a repo named '~/folder' and said to prefetch it."""
+    from xmodal.prefetch import prefetch_model
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    shutil.copytree(tiny_lms["bloom"], tmp_path / "mylm")
+    _, _, info = load_language_model("~/mylm")
+    assert info["revision"] == "local"
+    record = prefetch_model("~/mylm", "language", None, tmp_path / "hub")
+    assert record["source"] == "local" and record["snapshot"] == str(tmp_path / "mylm")
+
+
+def test_an_extraction_marks_its_file_until_made(tmp_path, tiny_lms, tiny_manifest, monkeypatch):
+    """A failed extraction leaves the mark that the workflow reads (xmodal.io.unfinished_outputs:
+    Snakemake records a failed job's output as made); a finished one removes it."""
+    from xmodal.io import attempt_marker, unfinished_outputs
+
+    out = tmp_path / "llama.h5"
+    cfg = {"modality": "language", "id": str(tiny_lms["llama"]), "size_b": 0.0}
+    with pytest.raises(ExtractionError, match="max_tokens"):
+        extract_features("llama", cfg, tiny_manifest, out, max_tokens=0, progress=False)
+    assert attempt_marker(out).is_file() and unfinished_outputs([out]) == [out]
+    extract_features("llama", cfg, tiny_manifest, out, progress=False)
+    assert out.is_file() and not attempt_marker(out).exists() and unfinished_outputs([out]) == []

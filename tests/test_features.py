@@ -32,6 +32,7 @@ from xmodal.features import (
     write_features,
 )
 from xmodal.io import directory_digest
+from xmodal.stimuli import BEFORE
 
 ATTRS = {"model_id": "org/tiny", "model_key": "tiny", "modality": "language", "source": "test"}
 
@@ -322,6 +323,14 @@ def test_a_stale_feature_file_newer_than_its_stamp_is_refused(tmp_path):
     check_against_stamp([stale], tmp_path / "no_stamp.json")
     stamp.write_text("{damaged")
     check_against_stamp([stale], stamp)
+    # a stamp carried over from an earlier form keeps that form's digest, which files extracted
+    # under it hold (xmodal.stimuli.write_manifest_stamp): accepted, and only that one
+    stamp.write_text(json.dumps({"modality": "vision", "sha256": "c" * 64, BEFORE: "a" * 64}))
+    for path in (stale, same):
+        os.utime(path, ns=(0, stamp.stat().st_mtime_ns + 1))
+    check_against_stamp([stale], stamp)
+    with pytest.raises(FeatureFileError, match=r"same\.h5 holds features of other stimuli"):
+        check_against_stamp([same], stamp)
 
 
 def test_a_folder_digest_follows_its_files_names_and_contents(tmp_path):

@@ -477,3 +477,71 @@ def test_a_thin_large_jpeg_decodes(tmp_path):
     got = _rgb(tmp_path / "thin.jpg", "pano")
     assert got.shape[0] == 1 and 1000 < got.shape[1] <= stimuli.MAX_SIDE  # reduced, as any
     assert np.abs(got.astype(int) - [200, 10, 10]).max() < 8
+
+
+def _tiff_planar16(rgb: np.ndarray) -> bytes:
+    """An uncompressed little-endian 16-bit RGB TIFF stored as three colour planes
+    (PlanarConfiguration 2, tifffile's default for a (3, H, W) array; Pillow cannot write one)."""
+    h, w, _ = rgb.shape
+    planes = [np.ascontiguousarray(rgb[..., c]).astype("<u2").tobytes() for c in range(3)]
+    short, long_ = 3, 4
+    n_tags = 10
+    extra = 8 + 2 + 12 * n_tags + 4  # arrays follow the one IFD, then the planes
+    bits_at, offsets_at, counts_at = extra, extra + 6, extra + 18
+    first = extra + 30
+    offsets = [first + k * len(planes[0]) for k in range(3)]
+    tags = [(256, short, 1, w), (257, short, 1, h), (258, short, 3, bits_at), (259, short, 1, 1),
+            (262, short, 1, 2), (273, long_, 3, offsets_at), (277, short, 1, 3),
+            (278, short, 1, h), (279, long_, 3, counts_at), (284, short, 1, 2)]  # fmt: skip
+    ifd = struct.pack("<H", len(tags))
+    for tag, typ, count, value in tags:
+        if typ == short and count == 1:
+            ifd += struct.pack("<HHIHH", tag, typ, count, value, 0)
+        else:
+            ifd += struct.pack("<HHII", tag, typ, count, value)
+    arrays = struct.pack("<3H", 16, 16, 16) + struct.pack("<3I", *offsets)
+    arrays += struct.pack("<3I", *[len(p) for p in planes])
+    return (
+        b"II*\x00" + struct.pack("<I", 8) + ifd + struct.pack("<I", 0) + arrays + b"".join(planes)
+    )
+
+
+def test_a_16bit_tiff_of_colour_planes_is_refused(tmp_path):
+    """Pillow decodes an uncompressed 16-bit RGB TIFF stored as separate planes as 8-bit
+    samples, high and low bytes interleaved: it reached the models as noise, unsaid. Refused,
+    naming the stimulus and the layout; the same pixels interleaved decode as v >> 8."""
+    rgb = RNG.integers(0, 65536, (4, 6, 3), dtype=np.uint16)
+    (tmp_path / "planar.tif").write_bytes(_tiff_planar16(rgb))
+    im = Image.open(tmp_path / "planar.tif")
+    assert im.mode == "RGB" and im.tag_v2[284] == 2  # what Pillow makes of it
+    with pytest.raises(StimulusError, match=r"'cam'.*16-bit samples.*PlanarConfiguration 2"):
+        load_rgb(tmp_path / "planar.tif", "cam")
+    (tmp_path / "contig.png").write_bytes(_png16(rgb, 2))
+    np.testing.assert_array_equal(_rgb(tmp_path / "contig.png"), (rgb >> 8).astype(np.uint8))
+
+
+@pytest.mark.parametrize("orientation", [1, 3, 6])
+def test_a_tiff_with_an_orientation_is_refused(tmp_path, orientation):
+    """Pillow's TIFF loader applies the Orientation tag while decoding (every other format is
+    used as stored), for some layouts scrambling the pixels (an 8-bit gray 6 x 4 image with
+    Orientation 6 came out as neither): refused, naming the stimulus; Orientation 1 decodes."""
+    pixels = RNG.integers(0, 256, (4, 6), dtype=np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.fromarray(pixels).save(tmp_path / "o.tif", exif=exif.tobytes())
+    if orientation == 1:
+        np.testing.assert_array_equal(_rgb(tmp_path / "o.tif"), _gray3(pixels))
+        return
+    with pytest.raises(StimulusError, match=rf"'scan'.*TIFF with Orientation {orientation}"):
+        load_rgb(tmp_path / "o.tif", "scan")
+
+
+def test_a_truncated_multipage_file_is_refused_naming_the_stimulus(tmp_path):
+    """Pillow raises TypeError or IndexError (not OSError) on some truncated multi-frame files:
+    they escaped as a traceback naming no stimulus or file. Any decoding error now names both."""
+    frames = [Image.fromarray(RNG.integers(0, 256, (32, 32, 3), dtype=np.uint8)) for _ in range(3)]
+    buf = io.BytesIO()
+    frames[0].save(buf, format="TIFF", save_all=True, append_images=frames[1:])
+    (tmp_path / "cut.tif").write_bytes(buf.getvalue()[: len(buf.getvalue()) * 3 // 10])
+    with pytest.raises(StimulusError, match=r"'pages'.*cannot decode image .*cut\.tif \(\w+Error"):
+        load_rgb(tmp_path / "cut.tif", "pages")

@@ -127,3 +127,28 @@ def test_runtime_grows_with_the_stimuli() -> None:
     assert forward_minutes("vision", 1.14, 1024, bytes_per_param=4) == 11
     with pytest.raises(ValueError, match="n_stimuli must be an integer >= 0"):
         forward_minutes("vision", 1.0, -1)
+
+
+PAPER_LLM_WIDTHS = [1024, 1536, 2048, 2560, 4096, 3200, 4096, 5120, 4096, 5120, 6656, 8192]
+
+
+def test_gpa_memory_grows_with_the_stimuli_and_holds_what_the_fit_must_hold() -> None:
+    """The language GPA's peak grows with m: the fixed 8/16/24 GB left every retry out of memory
+    from about 2,000 stimuli on (audit, measured). The estimate is at least the arrays the fit
+    cannot do without (the float64 layers and, with more stimuli than the narrowest model has
+    features, the cross-products (Σk)²), and within the fixed request at the paper's size."""
+    from xmodal.resources import gpa_memory_mb
+
+    sizes = [gpa_memory_mb(m, PAPER_LLM_WIDTHS) for m in (1024, 2000, 5000, 20000, 50000)]
+    assert sizes == sorted(sizes) and len(set(sizes)) == len(sizes)
+    assert sizes[0] * 2**20 < ANALYSIS_KINDS["gpa"][0] * 1e6  # the paper's setup: as before
+    for m, mib in zip((2000, 5000, 20000), sizes[1:], strict=False):
+        total_k = sum(min(m - 1, w) for w in PAPER_LLM_WIDTHS)
+        floor = 8 * m * sum(PAPER_LLM_WIDTHS) + 8 * total_k**2
+        assert mib * 2**20 >= floor
+    assert sizes[2] * 2**20 > 3 * ANALYSIS_KINDS["gpa"][0] * 1e6  # beyond the old third try
+    # the vision GPA (4 models about 1,300 wide) stays small
+    assert gpa_memory_mb(50000, [1280, 1536, 1280, 1280]) < 10 * 1024
+    assert gpa_memory_mb(100, [8, 8]) > 0
+    with pytest.raises(ValueError, match="need m >= 2"):
+        gpa_memory_mb(1, [8, 8])

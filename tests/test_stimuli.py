@@ -231,10 +231,7 @@ def test_a_spreadsheet_or_compressed_manifest_is_named(tmp_path, magic, kind):
 
 def _read_warnings(tmp_path, caplog, body: str) -> tuple[pd.DataFrame, str]:
     """The manifest of ``body`` as read, and the warnings reading it logged (those alone)."""
-    caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="xmodal.stimuli"):
-        df = read_manifest(_manifest(tmp_path, body))
-    return df, caplog.text
+    return _read_warnings_of(_manifest(tmp_path, body), caplog)
 
 
 def test_garbled_and_quote_wrapped_captions_are_warned_about(tmp_path, caplog):
@@ -250,6 +247,33 @@ def test_garbled_and_quote_wrapped_captions_are_warned_about(tmp_path, caplog):
     assert "the captions of 1 stimuli are wrapped in double quotes" in warned
     assert "lines [4], e.g. stimulus 's3'" in warned
     assert _read_warnings(tmp_path, caplog, "s1\ta.png\tÂge, São Paulo, “x” — y\n")[1] == ""
+
+
+def test_a_windows_1252_manifest_gets_advice_that_keeps_its_quotes(tmp_path, caplog):
+    """Excel on Windows saves tab-delimited text as Windows-1252: the UTF-8 error's advice was
+    ``iconv -f latin1``, which turns its curly quotes and dashes into invisible C1 control
+    characters (U+0093 …) that then reached the tokenizer unsaid. The advice is cp1252, which
+    gives the real characters; a caption holding C1 controls is warned about by line."""
+    text = HEADER + "\ns1\ta.png\t“A dog” – café\n"
+    path = _manifest(tmp_path, "")  # and its image
+    path.write_bytes(text.encode("cp1252"))
+    with pytest.raises(StimulusError, match=r"line 2 \(stimulus 's1'\).*iconv -f cp1252 -t utf-8"):
+        read_manifest(path)
+    path.write_text(path.read_bytes().decode("cp1252"), encoding="utf-8")  # the advice
+    df, warned = _read_warnings_of(path, caplog)
+    assert df["caption"][0] == "“A dog” – café" and warned == ""
+    path.write_text(text.encode("cp1252").decode("latin1"), encoding="utf-8")  # -f latin1
+    df, warned = _read_warnings_of(path, caplog)
+    assert df["caption"][0] == "\x93A dog\x94 \x96 café"  # kept as written, with a warning
+    assert "the captions of 1 stimuli hold invisible C1 control characters" in warned
+    assert "iconv -f cp1252 -t utf-8" in warned and "lines [2], e.g. stimulus 's1'" in warned
+
+
+def _read_warnings_of(path: Path, caplog) -> tuple[pd.DataFrame, str]:
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="xmodal.stimuli"):
+        df = read_manifest(path)
+    return df, caplog.text
 
 
 def test_captions_not_in_nfc_are_warned_about(tmp_path, caplog):
@@ -722,6 +746,70 @@ def test_a_stamp_of_image_sizes_is_carried_over_without_a_rerun(manifest_copy):
     assert stamp.stat().st_mtime > 1
 
 
+def test_image_paths_written_another_way_leave_the_vision_stamp_as_it_is(manifest_copy):
+    """What a vision extraction reads is each stimulus's id and image bytes: the same files
+    named ``./images/…``, by an absolute path or under a renamed folder re-extract nothing,
+    while two stimuli that swap their images do."""
+    df = read_manifest(manifest_copy, check_images=False)
+    root = manifest_copy.parent
+    stamp = root / "extract_vision.json"
+    assert write_manifest_stamp(manifest_copy, stamp, "vision")
+    before = json.loads(stamp.read_text())
+    assert before["columns"] == ["stimulus_id"] and before["image_file_sha256"]
+    folder = Path(df.loc[0, "image"]).parent
+    (root / "renamed").symlink_to(root / folder, target_is_directory=True)
+    for spelling in (
+        lambda p: f"./{p}",
+        lambda p: str(root / p),
+        lambda p: str(Path("renamed") / Path(p).relative_to(folder)),
+    ):
+        write_manifest(df.assign(image=df["image"].map(spelling)), manifest_copy)
+        assert not write_manifest_stamp(manifest_copy, stamp, "vision")
+        assert json.loads(stamp.read_text()) == before
+    swapped = df["image"].tolist()
+    swapped[0], swapped[1] = swapped[1], swapped[0]
+    write_manifest(df.assign(image=swapped), manifest_copy)
+    assert write_manifest_stamp(manifest_copy, stamp, "vision")
+
+
+def test_a_stamp_with_image_paths_is_carried_over_without_a_rerun(manifest_copy):
+    """Upgrading re-extracts nothing: a vision stamp of the earlier form (ids, paths and
+    digests) that matches the manifest and files is rewritten without the paths, its time kept
+    and its digest kept as ``sha256_before`` (which the stale-file check accepts); one that no
+    longer matches is rewritten as a change."""
+    from xmodal.stimuli import BEFORE, image_file_digests
+
+    df = read_manifest(manifest_copy, check_images=False)
+    root = manifest_copy.parent
+    stamp = root / "extract_vision.json"
+
+    def earlier_form(frame):
+        digests = image_file_digests(frame["image"].tolist(), root)
+        ids, images = frame["stimulus_id"], frame["image"]
+        rows = [list(row) for row in zip(ids, images, digests, strict=True)]
+        payload = json.dumps(rows, ensure_ascii=False).encode("utf-8")
+        return {"manifest": str(manifest_copy), "modality": "vision",
+                "columns": ["stimulus_id", "image"], "image_file_sha256": True,
+                "n_stimuli": len(frame), "sha256": hashlib.sha256(payload).hexdigest()}  # fmt: skip
+
+    old = earlier_form(df)
+    stamp.write_text(json.dumps(old, indent=1) + "\n")
+    os.utime(stamp, (1, 1))
+    assert not write_manifest_stamp(manifest_copy, stamp, "vision")
+    now = json.loads(stamp.read_text())
+    assert stamp.stat().st_mtime == 1 and now[BEFORE] == old["sha256"]
+    assert now["columns"] == ["stimulus_id"] and now["sha256"] != old["sha256"]
+    assert not write_manifest_stamp(manifest_copy, stamp, "vision")  # and stays so
+    assert stamp.stat().st_mtime == 1
+
+    stamp.write_text(json.dumps(old, indent=1) + "\n")
+    os.utime(stamp, (1, 1))
+    image = root / df.loc[0, "image"]
+    image.write_bytes(image.read_bytes() + b"\0")  # changed since the stamp was written
+    assert write_manifest_stamp(manifest_copy, stamp, "vision")
+    assert stamp.stat().st_mtime > 1 and BEFORE not in json.loads(stamp.read_text())
+
+
 def test_the_stamps_messages_reach_the_workflows_log(manifest_copy, tmp_path):
     """What the stamps do while the workflow parses (no step log there) reaches the callable
     given to ``forward_to`` (Snakemake's logger), redacted, and nothing after the block."""
@@ -737,7 +825,7 @@ def test_the_stamps_messages_reach_the_workflows_log(manifest_copy, tmp_path):
         image_file_digests(many, tmp_path)
         logging.getLogger("xmodal.test").info("token hf_%s", "a" * 30)
     logging.getLogger("xmodal.test").warning("after the block")
-    assert any("now holds the image files' digests (was: sizes)" in m for m in seen), seen
+    assert any("carried over to the stamp's current form; time kept" in m for m in seen), seen
     assert any("reading 1000 files for their SHA-256" in m for m in seen), seen
     assert seen[-1] == "token ***"
 

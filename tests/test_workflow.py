@@ -510,6 +510,28 @@ def _extracted(out: str) -> set[str]:
     return models
 
 
+def test_a_feature_file_whose_last_job_failed_is_made_again(workflow_dir):
+    """Snakemake records a failed job's output as made: after a run whose re-extractions all
+    failed (a setting every LLM refused, or OOM kills), the next run said "Nothing to be done"
+    and kept the tables made from the earlier files (audit). The extraction's mark
+    (xmodal.io.begin_attempt) next to the missing file makes the default target extract it
+    again, with a warning naming it; a file deleted by hand (no mark) stays as documented."""
+    path = workflow_dir / "results/features/demo/tiny-llama-s.h5"
+    aside, mark = path.with_name("aside.h5"), path.with_name(".tiny-llama-s.h5.attempt")
+    os.replace(path, aside)
+    try:
+        proc = snakemake(workflow_dir, "-n", "--profile", "profiles/demo")
+        assert "Nothing to be done" in proc.stdout + proc.stderr, proc.stdout[-3000:]
+        mark.write_text("started\n")
+        proc = snakemake(workflow_dir, "-n", "--profile", "profiles/demo")
+        out = proc.stdout + proc.stderr
+        assert _extracted(out) == {"tiny-llama-s"}, out[-3000:]
+        assert f"{path.relative_to(workflow_dir)}: the last job that made it failed" in out
+    finally:
+        mark.unlink(missing_ok=True)
+        os.replace(aside, path)
+
+
 def test_jobs_use_the_threads_their_rules_declare(workflow_dir):
     """A job's thread pools follow its rule's ``threads`` (the vision GPA: 2; the language GPA:
     1, the default), not the machine's cores (before: min(models, cores) for every job, so the

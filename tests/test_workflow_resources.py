@@ -10,6 +10,7 @@ import re
 import shutil
 from pathlib import Path
 
+import h5py
 import pytest
 import yaml
 from _project import copy_project
@@ -209,3 +210,33 @@ def test_the_users_set_resources_reach_the_jobs(paper_project: Path) -> None:
     assert res["extract"]["gpu"] == "2", res  # the registry's sizing, where the profile is silent
     assert res["gpa"]["mem_mb"] == "64000" and res["gpa"]["runtime"] == "60", res
     assert res["stimulus_sets"]["mem_mb"] == "2000", res
+
+
+def test_gpa_jobs_ask_for_the_memory_their_feature_files_need(paper_project):
+    """A GPA's peak grows with the stimuli and the models' widths (xmodal.resources.gpa_memory_mb):
+    the language GPA over 12 LLMs at 5,000 stimuli needs about 46 GiB, and asked for 8, 16 and
+    24 GB, every try killed. Its request now comes from the feature files' shapes; before they
+    exist, a dry run shows <TBD> (Snakemake sizes the job once they are made)."""
+    from xmodal.resources import gpa_memory_mb
+
+    feats = paper_project / "results/features/wit1024"
+    llms = [k for k, m in PAPER["models"].items() if m["modality"] == "language"]
+    feats.mkdir(parents=True, exist_ok=True)
+    for key in llms:  # the shape alone: no data written, a small file
+        with h5py.File(feats / f"{key}.h5", "w") as f:
+            f.create_dataset("features", shape=(3, 5000, 4096), dtype="f4", chunks=(1, 64, 64))
+    targets = ["results/language/wit1024/gpa.json", "results/dispersion/wit1024/gpa.json"]
+    try:
+        proc = snakemake(paper_project, "-n", "--forceall", "--cores", "4", "--", *targets)
+    finally:
+        shutil.rmtree(feats)
+    res, rule = {}, None
+    for line in (proc.stdout + proc.stderr).splitlines():
+        if line.startswith("rule "):
+            rule = line.split()[1].rstrip(":")
+        elif rule and "resources:" in line:
+            res[rule] = dict(re.findall(r"(\w+)=([^,\s]+)", line))
+            rule = None
+    want = gpa_memory_mb(5000, [4096] * len(llms))
+    assert want > 3 * 8000 and res["language_gpa"]["mem_mb"] == str(want), res
+    assert res["gpa"]["mem_mb"] == "<TBD>", res  # the vision features are not made yet

@@ -21,6 +21,7 @@ subset. Kernels are float32 for prepared (float32) features; HSIC sums are float
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
 
@@ -631,7 +632,8 @@ def layer_search_tables(
             )
     on_half: dict[tuple[str, str], list[tuple[np.ndarray, ...]]] = {}
     rows = []
-    for index, name, y in llm_layers:
+    t0 = time.perf_counter()
+    for done, (index, name, y) in enumerate(llm_layers, start=1):
         if np.shape(y)[0] != m:
             raise ValueError(
                 f"LLM {llm!r} layer {name} has {np.shape(y)[0]} stimuli, vision has {m}"
@@ -687,6 +689,9 @@ def layer_search_tables(
                 ", ".join(pairs),
             )
         del lside
+        # progress: at scale a layer takes minutes, and the job's log is all a user sees
+        log.info("LLM %s: layer %s (%s) searched, %d so far in %.0f s", llm, index, name, done,
+                 time.perf_counter() - t0)  # fmt: skip
     if not rows:
         raise ValueError(f"LLM {llm!r}: llm_layers is empty")
     table = pd.DataFrame(rows, columns=LAYER_COLUMNS[:-1])
@@ -1163,9 +1168,12 @@ def condition_tables(
         ys = plan.side(y, boot=any(mt in BOOTSTRAP_METRICS for _, mt in pairs), device=device)
         del y
         for key, metric in pairs:
+            t0 = time.perf_counter()
             parts[(key, metric)] = plan.evaluate_metrics(
                 key, llm, index, xsides[key], ys, (metric,)
             )
+            log.info("LLM %s layer %d with %s (%s): every condition in %.0f s", llm, index, key,
+                     metric, time.perf_counter() - t0)  # fmt: skip
         del ys
     order = [(v, mt) for v in vision for mt in names]
     return (

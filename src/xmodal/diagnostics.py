@@ -31,6 +31,7 @@ from xmodal.metrics import (
     BLOCK_ELEMS,
     ROUNDING_DECIDES,
     KernelKNN,
+    cross_moment,
     feature_tensor,
     kernel_resolution,
     kernel_row_blocks,
@@ -316,7 +317,7 @@ def diagnose(
     if side is not None and side.k == k and side.tau == tau and side.size == m and 2 * d <= m:
         # the blocked side's gaps are at hand: Σ_{i≠j} (K_ij − mean)² = ‖XᵀX‖²_F − Σ‖x_i‖⁴
         # − n_off·mean² (m·d² work, not a second m²·d pass over the kernel), unless it cancels
-        gram = t.T.to(torch.float64) @ t.to(torch.float64)
+        gram = cross_moment(t, t)  # by row blocks: no float64 copy of the layer (m × d)
         sq_dev = float((gram * gram).sum()) - float((norms2**2).sum()) - n_off * mean * mean
         unresolved = _positions(side.unresolved[0])
     if not sq_dev > 1e-8 * n_off * mean * mean:

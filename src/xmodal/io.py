@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import stat
 import tempfile
 import time
@@ -33,13 +34,17 @@ __all__ = [
     "TableError",
     "UnwritableOutputError",
     "atomic_path",
+    "attempt_marker",
+    "begin_attempt",
     "chmod_like_new",
     "directory_digest",
+    "end_attempt",
     "file_digests",
     "is_disk_full",
     "read_table",
     "remove_stale_temporaries",
     "scratch_path",
+    "unfinished_outputs",
     "write_table",
 ]
 
@@ -158,6 +163,37 @@ def atomic_path(
         if is_disk_full(err) and not isinstance(err, DiskFullError):
             raise _disk_full(err, final, str(final)) from err
         raise
+
+
+def attempt_marker(path: str | os.PathLike) -> Path:
+    """The hidden file that says a job is making ``path`` (:func:`recorded_attempt`)."""
+    final = Path(path)
+    return final.with_name(f".{final.name}.attempt")
+
+
+def begin_attempt(path: str | os.PathLike) -> None:
+    """Mark that a job is making ``path``; :func:`end_attempt` removes the mark once it is made,
+    so a job that fails or is killed leaves it.
+
+    Snakemake 9 records a failed job's outputs as made (with the new parameters), so a run
+    after one whose every re-extraction failed said "Nothing to be done" and kept what the
+    earlier file made; the mark next to a missing ``path`` tells the workflow
+    (:func:`unfinished_outputs`).
+    """
+    marker = attempt_marker(path)
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(f"started {time.strftime('%Y-%m-%dT%H:%M:%S%z')} on {socket.gethostname()}\n")
+
+
+def end_attempt(path: str | os.PathLike) -> None:
+    """Remove :func:`begin_attempt`'s mark: ``path`` is made."""
+    attempt_marker(path).unlink(missing_ok=True)
+
+
+def unfinished_outputs(paths: Iterable[str | os.PathLike]) -> list[Path]:
+    """The ``paths`` that are missing while the mark of a job that made them is there: their
+    last job failed or was killed (:func:`begin_attempt`)."""
+    return [Path(p) for p in paths if not Path(p).exists() and attempt_marker(p).is_file()]
 
 
 @contextlib.contextmanager

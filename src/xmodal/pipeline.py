@@ -220,14 +220,17 @@ def run_import_features(
     ``stimuli.drop_duplicates`` leaves out) and copied with its rows in manifest order
     (:func:`xmodal.features.import_features`)."""
     from xmodal.features import import_features
+    from xmodal.io import begin_attempt, end_attempt
     from xmodal.stimuli import analysed_stimuli, read_manifest
 
+    begin_attempt(dst)  # until made (as an extraction: xmodal.io.begin_attempt)
     df = kept = read_manifest(manifest, check_images=False)
     if drop_duplicates:
         kept, _ = analysed_stimuli(df, Path(manifest).parent)
     ids = kept["stimulus_id"].tolist()
     dropped = set(df["stimulus_id"]) - set(ids)
     import_features(src, dst, model, modality, ids, dropped=dropped)
+    end_attempt(dst)
 
 
 def run_stimuli_report(

@@ -356,8 +356,8 @@ def prefetch_model(
         "revision_requested": revision,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
     }
-    if Path(model_id).is_dir():
-        local = Path(model_id).resolve()
+    if Path(model_id).expanduser().is_dir():  # as the registry reads a local model's id
+        local = Path(model_id).expanduser().resolve()
         files = sorted(p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file())
         return record | {
             "repo_id": None,

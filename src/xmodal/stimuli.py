@@ -75,6 +75,8 @@ _ORIENTATION_NAMES = {
     7: "mirror horizontally, rotate 90° CW",
     8: "rotate 270° CW",
 }
+#: Modes whose samples Pillow holds in 8 bits (a TIFF declaring more bits must not decode to them).
+_EIGHT_BIT_MODES = ("1", "L", "P", "LA", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "LAB")
 
 __all__ = [
     "COLUMNS",
@@ -241,7 +243,9 @@ def _decode_utf8(path: Path, data: bytes) -> str:
             f"{path}: line {line_no}"
             + (f" (stimulus {sid!r})" if sid else "")
             + f" is not valid UTF-8 (byte {data[err.start]:#04x} at offset {err.start}); "
-            "save the manifest as UTF-8 (e.g. iconv -f latin1 -t utf-8)"
+            "save the manifest as UTF-8 (e.g. iconv -f cp1252 -t utf-8 for a file a Windows "
+            "program such as Excel saved: -f latin1 would read its curly quotes and dashes as "
+            "invisible control characters)"
         ) from err
     return text.lstrip("\ufeff")  # a byte-order mark, or several from a doubled conversion
 
@@ -364,6 +368,9 @@ def is_csv_quoted(text: str) -> bool:
 #: What UTF-8 text decoded as Windows-1252 (or Latin-1) and encoded again looks like: an
 #: accented letter as 'Ã' + a symbol, a curly quote or dash as 'â€' + one more, 'Â' + NBSP.
 _MOJIBAKE = re.compile("Ã[\u0080-\u00bf]|â€|Â[\u00a0-\u00bf]")
+#: C1 control characters: invisible, and what Windows-1252 quotes and dashes become when the
+#: text is decoded as Latin-1 (iconv -f latin1)
+_C1_CONTROL = re.compile("[\u0080-\u009f]")
 
 
 def _check_stimuli(where: str, ids: list[str], captions: list[str], lines: list[int]) -> None:
@@ -421,6 +428,10 @@ def _check_stimuli(where: str, ids: list[str], captions: list[str], lines: list[
         ([k for k, c in enumerate(captions) if _MOJIBAKE.search(c)],
          "hold UTF-8 text decoded as Windows-1252 and saved again ('cafÃ©' for 'café', 'â€œ' "
          "for a curly quote): re-save the manifest from the original as UTF-8"),
+        ([k for k, c in enumerate(captions) if _C1_CONTROL.search(c)],
+         "hold invisible C1 control characters (U+0080..U+009F), which is what the curly "
+         "quotes and dashes of a Windows-1252 text become when it is decoded as Latin-1: "
+         "convert the original with iconv -f cp1252 -t utf-8 unless meant"),
         ([k for k, c in enumerate(captions) if _wrapped_in_quotes(c)],
          "are wrapped in double quotes, which reach the language models as written (a "
          "spreadsheet's export quotes fields that hold a comma): remove them unless meant"),
@@ -535,6 +546,8 @@ def _image_file_sizes(images: Sequence[str], root: Path) -> list[int | None]:
     return sizes
 
 
+#: a stamp's field for the digest it had in the earlier form it was carried over from
+BEFORE = "sha256_before"
 #: the cache of image file digests that :func:`write_manifest_stamp` keeps next to its stamps
 IMAGE_DIGESTS = "image_digests.json"
 #: the digests of the image files that :func:`check_images_decode` has seen decode
@@ -620,10 +633,15 @@ def _stamp(
     drop_duplicates: bool,
     per_image: Sequence[Any] | None = None,
     flag: str | None = None,
+    *,
+    paths: bool = True,
 ) -> dict[str, Any]:
     """The stamp record; ``per_image`` (one value per stimulus) enters each row, and ``flag``
-    (set to true) names it in the record."""
+    (set to true) names it in the record; ``paths=False`` leaves the image paths' text out
+    (their files' digests stand for them)."""
     columns = extraction_columns(modality, drop_duplicates)
+    if not paths:
+        columns = tuple(c for c in columns if c != "image")
     rows = manifest.loc[:, list(columns)].astype(str).to_numpy().tolist()
     record: dict[str, Any] = {"modality": modality, "columns": list(columns)}
     if per_image is not None:
@@ -646,10 +664,10 @@ def manifest_stamp(
     order. Other columns (annotations) and the other modality's column do not enter it.
 
     With ``root`` (the folder the image paths are relative to) and an ``image`` column among
-    them, each image file's SHA-256 enters too (:func:`image_file_digests`, with
-    ``digest_cache``): an image replaced under the same path changes the stamp, whatever its
-    size; a copy or a ``touch``, which keep the contents, do not (docs/cluster.md, "What
-    reruns"). ``image_digests`` (one per row; None: not known) gives digests already computed
+    them, each image file's SHA-256 enters instead of its path's text (:func:`image_file_digests`,
+    with ``digest_cache``): an image replaced under the same path changes the stamp, whatever its
+    size; a copy, a ``touch`` or a path written another way (``./images/…``, a renamed folder),
+    which keep the contents, do not (docs/cluster.md, "What reruns"). ``image_digests`` (one per row; None: not known) gives digests already computed
     from the bytes an extraction decoded; only the files without one are read.
     """
     if root is None or "image" not in extraction_columns(modality, drop_duplicates):
@@ -664,7 +682,7 @@ def manifest_stamp(
         read = image_file_digests([images[k] for k in missing], root, digest_cache)
         for k, d in zip(missing, read, strict=True):
             digests[k] = d
-    return _stamp(manifest, modality, drop_duplicates, digests, "image_file_sha256")
+    return _stamp(manifest, modality, drop_duplicates, digests, "image_file_sha256", paths=False)
 
 
 def _size_stamp(
@@ -731,8 +749,10 @@ def write_manifest_stamp(
     ``out``). ``manifest`` is the manifest already read (read here, without the image checks,
     when None).
 
-    A stamp of the earlier form (image file sizes) that still matches the files is rewritten
-    in the new form with its modification time kept, and False is returned: the upgrade
+    A stamp of an earlier form (image file sizes; image paths with the digests) that still
+    matches the manifest and the files is rewritten in the current form with its modification
+    time kept, its digest kept as ``sha256_before`` for the feature files extracted under it
+    (:func:`xmodal.features.check_against_stamp`), and False is returned: the upgrade
     re-extracts nothing.
     """
     out = Path(out)
@@ -753,16 +773,24 @@ def write_manifest_stamp(
         old, st = json.loads(out.read_text(encoding="utf-8")), out.stat()
     except (OSError, ValueError):
         old, st = None, None  # missing or unreadable: written below
-    if old == record:
+    if isinstance(old, dict) and {k: v for k, v in old.items() if k != BEFORE} == record:
         return False
-    carried = isinstance(old, dict) and old.get("image_file_sizes") is True
-    if carried:  # the earlier form of the stamp: its time is kept if the files still match it
-        carried = old == {"manifest": str(manifest_path), **_size_stamp(manifest, *args, root)}
+    # an earlier form of the stamp: its time is kept if the manifest and files still match it
+    earlier = None
+    if isinstance(old, dict) and old.get("image_file_sizes") is True:
+        earlier = _size_stamp(manifest, *args, root)
+    elif (
+        isinstance(old, dict) and old.get("image_file_sha256") and "image" in old.get("columns", ())
+    ):
+        earlier = _stamp(manifest, *args, digests, "image_file_sha256", paths=True)
+    carried = earlier is not None and old == {"manifest": str(manifest_path), **earlier}
+    if carried:
+        record[BEFORE] = old["sha256"]
     with atomic_path(out) as tmp:
         tmp.write_text(json.dumps(record, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     if carried:
         os.utime(out, ns=(st.st_atime_ns, st.st_mtime_ns))
-        log.info("%s: now holds the image files' digests (was: sizes); time kept", out)
+        log.info("%s: carried over to the stamp's current form; time kept", out)
         return False
     return True
 
@@ -946,6 +974,42 @@ def _raw_modes(im: Image.Image) -> list[str]:
     return out
 
 
+def _check_tiff_depth(im: Image.Image, bits: int, stimulus_id: str, path: Any) -> None:
+    """Refuse a TIFF whose declared sample depth (BitsPerSample) Pillow decodes as 8-bit samples:
+    uncompressed 16-bit colour stored as separate planes (PlanarConfiguration 2, tifffile's
+    default for a (3, H, W) array) comes out as interleaved high and low bytes."""
+    depth = getattr(im, "tag_v2", {}).get(258)
+    depths = depth if isinstance(depth, tuple) else (depth,)
+    if (
+        bits == 8
+        and im.mode in _EIGHT_BIT_MODES
+        and any(isinstance(d, int) and d > 8 for d in depths)
+    ):
+        planar = getattr(im, "tag_v2", {}).get(284)
+        raise StimulusError(
+            f"{_image_label(stimulus_id, path)}: TIFF with {max(depths)}-bit samples "
+            f"(BitsPerSample {depth}, PlanarConfiguration {planar}) that Pillow would decode as "
+            f"8-bit {im.mode} samples, mixing high and low bytes; save it with interleaved "
+            "samples (PlanarConfiguration 1, e.g. tifffile's planarconfig='contig') or "
+            f"compressed, or as an 8-bit image; {_FIX_IMAGE}"
+        )
+
+
+def _check_tiff_orientation(im: Image.Image, stimulus_id: str, path: Any) -> None:
+    """Refuse a TIFF with an Orientation tag other than 1: Pillow's TIFF loader applies it while
+    decoding (Pillow 13; older versions did not), and for some sample layouts it scrambles the
+    pixels, so neither "as stored" (the rule for every other format) nor "as displayed" holds."""
+    orientation = _exif_orientation(im)  # before load(), which applies the tag and drops it
+    if orientation > 1:
+        raise StimulusError(
+            f"{_image_label(stimulus_id, path)}: TIFF with Orientation {orientation} (viewers "
+            f"{_ORIENTATION_NAMES[orientation]} to display it), which Pillow applies while "
+            "decoding, for some sample layouts wrongly; save the pixels the way its caption "
+            "describes them, with Orientation 1 or none (e.g. ImageOps.exif_transpose, then save)"
+            f"; {_FIX_IMAGE}"
+        )
+
+
 def _tiff_is_white_is_zero(im: Image.Image, raw: list[str], stimulus_id: str, path: Any) -> bool:
     """Whether a TIFF is white-is-zero with 16-bit or float samples, which Pillow does not
     invert (it does invert 8-bit ones); signed 16-bit samples are refused."""
@@ -984,6 +1048,9 @@ def _decode(
             n_frames = int(getattr(im, "n_frames", 1) or 1)
             raw = _raw_modes(im)  # before load(), which clears the decoder's tiles
             bits = 16 if any(";16" in r for r in raw) else 8
+            if fmt == "TIFF":
+                _check_tiff_depth(im, bits, stimulus_id, path)
+                _check_tiff_orientation(im, stimulus_id, path)
             factor = -(-max(w, h) // MAX_SIDE)  # ceil
             if factor > 1:  # JPEG: decode at reduced scale (a side of 0 px divides by 0)
                 im.draft("RGB", (max(1, w // factor), max(1, h // factor)))
@@ -1005,9 +1072,9 @@ def _decode(
                 what = f"12-bit samples (0..4095) scaled to 16 bits (v << 4); {what}"
             if rgb is im:
                 rgb = im.copy()
-    except StimulusError:
+    except (StimulusError, MemoryError):
         raise
-    except (OSError, SyntaxError, ValueError, ArithmeticError, Image.DecompressionBombError) as err:
+    except Exception as err:  # Pillow raises IndexError, TypeError, … on some truncated files
         raise StimulusError(
             f"stimulus {stimulus_id!r}: cannot decode image {path} ({type(err).__name__}: "
             f"{err}); {_FIX_IMAGE}"

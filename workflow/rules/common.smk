@@ -1,5 +1,6 @@
 # Everything that is Python rather than a rule: config validation, the model registry,
 # wildcard constraints and input functions.
+import errno
 import json
 import os
 import re
@@ -37,6 +38,7 @@ from xmodal.features import (
     FeatureFileError,
     check_against_stamp,
     check_against_weights,
+    feature_shape,
     made_with,
 )
 from xmodal.figures import (
@@ -52,10 +54,11 @@ from xmodal.figures import (
 )
 from xmodal.language_dispersion import LanguageDispersionSettings
 from xmodal.demo.build import demo_needs
+from xmodal.io import unfinished_outputs
 from xmodal.logs import forward_to
 from xmodal.properties import annotations, check_annotations
 from xmodal.registry import Registry, built_model_dir
-from xmodal.resources import analysis_resources
+from xmodal.resources import analysis_resources, gpa_memory_mb
 from xmodal.selection import DropControl, HeldOutLayer, SelfSelection
 from xmodal.stimuli import (
     DECODED_IMAGES,
@@ -173,6 +176,25 @@ def retry_resources(kind):
     }
 
 
+def gpa_resources():
+    """retry_resources("gpa"), with the memory of xmodal.resources.gpa_memory_mb from the
+    shapes of the job's feature files (input `features`) when that is more: a GPA's peak grows
+    with the stimuli and the models' widths (the language GPA: 46 GiB at 5,000 stimuli). Until
+    the files exist (a dry run before the extractions) Snakemake shows it as <TBD> and sizes the
+    job when it is ready."""
+
+    def mem_mb(wildcards, input, attempt):
+        shapes = []
+        for path in input.features:
+            if not Path(path).is_file():  # Snakemake's signal to size the job once made
+                raise FileNotFoundError(errno.ENOENT, "not made yet", path)
+            shapes.append(feature_shape(path))
+        need = gpa_memory_mb(shapes[0][1], [dim for _, _, dim in shapes])
+        return max(analysis_resources("gpa", attempt)["mem_mb"], need * attempt)
+
+    return {**retry_resources("gpa"), "mem_mb": mem_mb}
+
+
 def check_memory_resources():
     """Refuse `mem_mb_per_cpu` in default-resources (the profile's, or --default-resources):
     the SLURM plugin prefers it to `mem_mb`, so every job would get mem_mb_per_cpu times its
@@ -286,6 +308,26 @@ for _key in SUPPLIED:
             " pipeline writes this model's features; keep your file elsewhere (for example"
             f" resources/features/{_key}.h5) and name that path"
         )
+
+
+def unfinished_feature_files():
+    """Feature files whose last job failed or was killed (xmodal.io.begin_attempt): Snakemake
+    records a failed job's output as made, so the next run said "Nothing to be done" and kept
+    the results made from the earlier file, with the setting that triggered the job not
+    applied. The default target makes them again; a start-up warning names them."""
+    paths = [str(p) for p in unfinished_outputs(feature_file(m) for m in REGISTRY)]
+    if workflow.is_main_process:
+        for path in paths:
+            logger.warning(
+                f"{path}: the last job that made it failed or was killed (see "
+                f"logs/extract/{DATASET}/{Path(path).stem}.log), and what was made from the"
+                " earlier file is still in place: the default target makes it again; with"
+                f" other targets, name it too (`snakemake <your options> {path}`)"
+            )
+    return paths
+
+
+UNFINISHED_FEATURES = unfinished_feature_files()
 
 
 def vision_features(wildcards):
@@ -477,7 +519,7 @@ def get_final_output():
     keys += ("drop", "drop_summary", "heldout_layers", "heldout", "heldout_summary")
     keys += ("self_selection", "self_selection_summary", "provenance")
     off = disabled_tables()
-    out = [paths[k] for k in keys if k not in off]
+    out = UNFINISHED_FEATURES + [paths[k] for k in keys if k not in off]
     # a figure of alignment values once per metric ({name}.png, {name}.{metric}.png), the
     # others once (xmodal.figures.figure_files); none of a step the config turns off
     return out + figure_files(

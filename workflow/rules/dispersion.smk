@@ -18,7 +18,7 @@ rule gpa:
     # the per-model fits run on parallel threads, one per CPU (xmodal.parallel)
     threads: 2
     resources:
-        **retry_resources("gpa"),
+        **gpa_resources(),
     params:
         **named_params(
             models=VISION,
@@ -95,7 +95,7 @@ rule leave_one_model_out:
     # the per-model fits run on parallel threads, one per CPU (xmodal.parallel)
     threads: 2
     resources:
-        **retry_resources("gpa"),
+        **gpa_resources(),
     params:
         **named_params(
             models=VISION,

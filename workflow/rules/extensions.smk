@@ -29,7 +29,7 @@ rule language_gpa:
     conda:
         "../../envs/analysis.yaml"
     resources:
-        **retry_resources("gpa"),
+        **gpa_resources(),
     params:
         **named_params(
             llms=LANGUAGE,

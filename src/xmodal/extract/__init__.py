@@ -91,9 +91,12 @@ def extract_features(
     from torch.utils.data import DataLoader
 
     from xmodal.features import STIMULI_DIGEST, WEIGHTS_DIGEST, write_features
-    from xmodal.io import remove_stale_temporaries, scratch_path
+    from xmodal.io import begin_attempt, end_attempt, remove_stale_temporaries, scratch_path
     from xmodal.stimuli import ImageDataset, manifest_stamp, read_manifest
 
+    # until the file is made: a failed or killed extraction leaves the mark, and the next run
+    # makes the file again (xmodal.io.begin_attempt: Snakemake records a failed job as done)
+    begin_attempt(out_path)
     t0 = time.perf_counter()
     modality = model_cfg.get("modality")
     if modality not in ("vision", "language"):
@@ -269,4 +272,5 @@ def extract_features(
         "%s: %d layers x %d stimuli x %d dims in %.1f s (%.1f stimuli/s) -> %s",
         model_key, shape[0], len(ids), shape[2], dt_s, len(ids) / dt_s, out,
     )  # fmt: skip
+    end_attempt(out_path)
     return out

@@ -129,10 +129,11 @@ def resolve_model_folder(
 ) -> tuple[Path, str]:
     """The folder to load a model from, and its revision: a local directory as it is
     (``"local"``), else the hub-cache snapshot of ``hub_repo`` (its commit hash)."""
-    if Path(model_id).is_dir():
+    local = Path(model_id).expanduser()  # as the registry reads a local model's id
+    if local.is_dir():
         if revision:
             log.warning("%s is a local directory; ignoring revision %r", model_id, revision)
-        return Path(model_id), "local"
+        return local, "local"
     folder = resolve_hub_snapshot(
         hub_repo, revision=revision, cache_dir=cache_dir, allow_patterns=allow_patterns, what=what
     )

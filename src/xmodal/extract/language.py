@@ -112,6 +112,21 @@ def _check_on_gpus(model: torch.nn.Module, model_id: str) -> None:
         )
 
 
+def _check_text_model_config(folder: Path, model_id: str) -> None:
+    """Refuse, before any weight is loaded, an encoder–decoder model (T5, BART): its decoder
+    needs inputs of its own, and the first batch failed deep inside transformers."""
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise ExtractionError(f"{model_id}: unreadable config.json in {folder} ({err})") from err
+    if isinstance(config, dict) and config.get("is_encoder_decoder"):
+        raise ExtractionError(
+            f"{model_id}: an encoder-decoder model (model_type {config.get('model_type')!r}, "
+            f"from {folder}); language models here are decoder-only (as BLOOM and LLaMA) or "
+            "encoder-only: their hidden states over the caption's tokens are the features"
+        )
+
+
 def load_language_model(
     model_id: str,
     *,
@@ -152,6 +167,7 @@ def load_language_model(
             f"{model_id}: no config.json in {folder}; the model's 'id' in the config must be a "
             "hub repo id or a directory written by save_pretrained"
         )
+    _check_text_model_config(folder, model_id)
     remote_code_note = check_no_remote_code(folder, model_id)
     weights = check_weight_files(folder, model_id, allow_pickle=allow_pickle)
     device_map = _choose_device_map(device, folder, weights, torch_dtype, model_id)
@@ -172,6 +188,12 @@ def load_language_model(
             f"{model_id}: could not load tokenizer/model from {folder} ({err})"
         ) from err
     _check_all_weights_loaded(loading, model_id, folder)
+    if not isinstance(model.get_input_embeddings(), torch.nn.Embedding):
+        raise ExtractionError(
+            f"{model_id}: {type(model).__name__} (from {folder}) does not read token ids (its "
+            f"input embedding is a {type(model.get_input_embeddings()).__name__}): a language "
+            "model here must be a text model (decoder-only, as BLOOM and LLaMA, or encoder-only)"
+        )
     if device_map is None:
         model.to(device)
     _check_on_gpus(model, model_id)
