@@ -7,6 +7,7 @@ for the model (``resolve_data_config`` + ``create_transform``).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Iterable, Sequence
@@ -95,6 +96,7 @@ def load_vision_model(
         )
         if not (folder / "config.json").is_file():
             raise ExtractionError(f"{model_id}: no timm config.json in {folder}")
+        _check_timm_config(folder, model_id)
         weights = check_weight_files(folder, model_id, allow_pickle=allow_pickle)
         name = model_id
         # timm's local-dir loader prefers model.safetensors over pickle files when both exist
@@ -135,6 +137,22 @@ def load_vision_model(
         device,
     )
     return model, transform, info
+
+
+def _check_timm_config(folder: Path, model_id: str) -> None:
+    """A transformers checkpoint given as a vision model failed as "timm could not build/load
+    the model ('architecture')": its config.json names ``model_type``, timm's ``architecture``."""
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise ExtractionError(f"{model_id}: unreadable config.json in {folder} ({err})") from err
+    if isinstance(config, dict) and "architecture" not in config and "model_type" in config:
+        raise ExtractionError(
+            f"{model_id}: {folder} holds a transformers model (model_type "
+            f"{config['model_type']!r}), not a timm one; vision models here are timm ViTs "
+            "(a hub id such as vit_huge_patch14_224.mae or timm/…, or a folder timm's "
+            "save_for_hf wrote)"
+        )
 
 
 def _check_vit(model: torch.nn.Module, model_id: str) -> None:
