@@ -166,7 +166,7 @@ def atomic_path(
 
 
 def attempt_marker(path: str | os.PathLike) -> Path:
-    """The hidden file that says a job is making ``path`` (:func:`recorded_attempt`)."""
+    """The hidden file that says a job is making ``path`` (:func:`begin_attempt`)."""
     final = Path(path)
     return final.with_name(f".{final.name}.attempt")
 

@@ -184,7 +184,8 @@ ANALYSIS_KINDS: dict[str, tuple[int, int, int]] = {
 
 
 #: Arrays of (Σk × r) float64 a GPA fit holds at once at its peak (transforms, products, the
-#: consensus' pieces and Anderson acceleration's history); measured 10–17 (audit, 2026-12-05).
+#: consensus' pieces and Anderson acceleration's history): 10–17 fit the peaks measured on the
+#: job's path (audit of 2026-12-05); the largest is taken.
 GPA_WORK_ARRAYS = 17
 #: What the interpreter and libraries hold before the data (bytes).
 GPA_BASE_BYTES = 0.3e9
@@ -193,7 +194,7 @@ GPA_BASE_BYTES = 0.3e9
 def gpa_memory_mb(m: int, widths: list[int] | tuple[int, ...]) -> int:
     """Peak memory (MiB) of a GPA job over models of these widths (features per stimulus) on
     ``m`` stimuli: the vision GPA, leave-one-model-out and the language GPA, whose peak grows
-    with m and the widths (12 LLMs at the paper's widths: about 3 GB at 1,024 stimuli, 49 GB at
+    with m and the widths (12 LLMs at the paper's widths: 2.7 GiB at 1,024 stimuli, 46 GiB at
     5,000), where a fixed request left every retry out of memory from about 2,000 stimuli on.
 
     Each model works at k = min(m − 1, width) columns, r = max k (docs/method.md, GPA step 1):

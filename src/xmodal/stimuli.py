@@ -664,11 +664,12 @@ def manifest_stamp(
     order. Other columns (annotations) and the other modality's column do not enter it.
 
     With ``root`` (the folder the image paths are relative to) and an ``image`` column among
-    them, each image file's SHA-256 enters instead of its path's text (:func:`image_file_digests`,
-    with ``digest_cache``): an image replaced under the same path changes the stamp, whatever its
-    size; a copy, a ``touch`` or a path written another way (``./images/…``, a renamed folder),
-    which keep the contents, do not (docs/cluster.md, "What reruns"). ``image_digests`` (one per row; None: not known) gives digests already computed
-    from the bytes an extraction decoded; only the files without one are read.
+    them, each image file's SHA-256 enters instead of its path's text
+    (:func:`image_file_digests`, with ``digest_cache``): an image replaced under the same path
+    changes the stamp, whatever its size; a copy, a ``touch`` or a path written another way
+    (``./images/…``, a renamed folder), which keep the contents, do not (docs/cluster.md,
+    "What reruns"). ``image_digests`` (one per row; None: not known) gives digests already
+    computed from the bytes an extraction decoded; only the files without one are read.
     """
     if root is None or "image" not in extraction_columns(modality, drop_duplicates):
         # a stamp that reads no image keeps the record it had before images entered
