@@ -243,9 +243,10 @@ def render_scene(scene: Scene, size: int = IMAGE_SIZE) -> Image.Image:
     for (cx, cy, r), (ox, oy), shape, col in zip(
         boxes, offsets, shapes, _palette(rng, len(boxes)), strict=True
     ):
-        _draw_shape(
-            draw, SHAPES[shape], cx + ox * r, cy + oy * r, r * np.sqrt(scene.occlusion), col
-        )
+        if scene.occlusion > 0:  # Pillow paints a pixel for a shape of radius 0
+            _draw_shape(
+                draw, SHAPES[shape], cx + ox * r, cy + oy * r, r * np.sqrt(scene.occlusion), col
+            )
     # clutter: small distractor shapes anywhere, up to 8 of them
     n_clutter = int(round(8 * scene.clutter))
     centres = rng.uniform(0, size, (n_clutter, 2))
