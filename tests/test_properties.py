@@ -45,9 +45,11 @@ from xmodal.stimuli import load_rgb, read_manifest, scan_images
 
 # ---------------------------------------------------------------- one image
 def _brute_sobel_density(grey: np.ndarray) -> float:
-    """Sobel magnitude with mirrored borders ('reflect': the edge pixel repeated), by loops."""
+    """Sobel magnitude with mirrored borders ('reflect': the edge pixel repeated), by loops, in
+    exact integers: g = √(gx² + gy²)/(4·255) > 0.1  ⇔  gx² + gy² > 102²."""
+    assert EDGE_THRESHOLD == 0.1
     h, w = grey.shape
-    x = grey.astype(float) / 255.0
+    x = grey.astype(np.int64)
 
     def at(i, j):
         i = -i - 1 if i < 0 else (2 * h - i - 1 if i >= h else i)
@@ -63,7 +65,7 @@ def _brute_sobel_density(grey: np.ndarray) -> float:
             gy = sum(
                 wt * (at(i + 1, j + dj) - at(i - 1, j + dj)) for dj, wt in ((-1, 1), (0, 2), (1, 1))
             )
-            edges += np.hypot(gx, gy) / 4 > EDGE_THRESHOLD
+            edges += gx * gx + gy * gy > 102 * 102
     return edges / (h * w)
 
 
@@ -99,6 +101,22 @@ def test_checkerboard_edges_against_brute_force():
     step = np.zeros((side, side), dtype=np.uint8)
     step[:, side // 2 :] = 255
     assert edge_density(Image.fromarray(step).convert("RGB")) == pytest.approx(2 / side)
+
+
+def test_a_pixel_at_the_edge_threshold_exactly_is_not_an_edge():
+    """g > 0.1, in exact arithmetic: Sobel components (90, 48) give g = 102/1020 = 0.1, which
+    floating point put above 0.1 at about half the grey levels (49 of the demo's 480 images
+    were off by 1-4 pixels). Planted at every grey offset: never counted."""
+    patch = np.array([[0, 0, 30], [0, 0, 15], [0, 24, 30]])  # centre: Sx = 90, Sy = 48
+    for k in range(0, 226, 5):
+        grey = np.full((EDGE_SIDE, EDGE_SIDE), k, np.uint8)
+        grey[99:102, 99:102] = patch + k
+        got = edge_density(np.dstack([grey] * 3))
+        # every edge lies next to the patch: count them on a crop whose border is flat
+        crop = grey[95:106, 95:106]
+        want = _brute_sobel_density(crop) * crop.size / grey.size
+        assert got == pytest.approx(want, abs=1e-15), k
+    assert want == 0  # the tie is the only candidate, and it is not above 0.1
 
 
 def test_edge_density_resizes_to_the_stated_side():
@@ -780,3 +798,37 @@ def test_few_stimuli_get_the_exact_permutation_p_value(method):
     y = x + rng.standard_normal(x.size)  # above: scipy's own p-value, as before
     ref = scipy.stats.spearmanr(x, y) if method == "spearman" else scipy.stats.pearsonr(x, y)
     assert correlation_ci(x, y, method=method, n_boot=0)["p_value"] == ref.pvalue
+
+
+def test_a_perfect_rank_order_on_many_stimuli_gets_a_permutation_bound_not_zero():
+    """From 9 stimuli on scipy's t approximation gave p = 0 for |ρ| = 1 (the docs promised 0
+    only below 1e-308). No permutation p is below 2/n!, the exact p of a perfect order without
+    ties (both orders of n! pairings): brute force at 9, the bound at 30, unchanged elsewhere."""
+    import itertools
+    import math
+
+    from xmodal.correlate import correlation_ci
+
+    x = np.arange(9.0)
+    ys = x[np.array(list(itertools.permutations(range(9))))]
+    xc, yc = x - x.mean(), ys - ys.mean(axis=1, keepdims=True)
+    perms = yc @ xc / np.sqrt((xc @ xc) * np.einsum("ij,ij->i", yc, yc))
+    exact = np.mean(np.abs(perms) >= 1 - 1e-12)
+    for y in (x**3, -np.exp(x)):  # monotone: ρ = ±1
+        got = correlation_ci(x, y, method="spearman", n_boot=0)
+        assert abs(got["estimate"]) == 1 and got["p_value"] == pytest.approx(exact, rel=1e-9)
+        assert scipy.stats.spearmanr(x, y).pvalue == 0  # what was reported
+    x30 = np.arange(30.0)
+    assert correlation_ci(x30, x30, method="spearman", n_boot=0)["p_value"] == pytest.approx(
+        2 / math.factorial(30), rel=1e-9
+    )
+    y = x30.copy()
+    y[[3, 4]] = y[[4, 3]]  # one swap: the approximation's 2.9e-44 is below any permutation p
+    assert correlation_ci(x30, y, method="spearman", n_boot=0)["p_value"] >= 2 / math.factorial(
+        30
+    ) * (1 - 1e-9)
+    # the Pearson p is the t distribution's (exact for normal data): unchanged
+    assert (
+        correlation_ci(x30, x30, method="pearson", n_boot=0)["p_value"]
+        == scipy.stats.pearsonr(x30, x30).pvalue
+    )

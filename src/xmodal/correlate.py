@@ -35,7 +35,8 @@ METHODS = ("spearman", "pearson")
 _BLOCK_ELEMS = 1 << 22  # resampled values held at once (n_boot is processed in blocks)
 #: Up to this many stimuli the p-value enumerates all n! pairings (8! = 40320: a fraction of a
 #: second; 9! took seconds per coefficient). Above, scipy's t (Pearson) or t-approximation
-#: (Spearman) p-value, within a few per cent of the exact one at n = 8 already.
+#: (Spearman) p-value, within a few per cent of the exact one at n = 8 already except in the far
+#: tail (|ρ| near 1), where the Spearman p is floored at 2/n!, the smallest a permutation p can be.
 EXACT_P_MAX_N = 8
 #: Fewest stimuli that must differ from a variable's most common value for a bootstrap interval
 #: (docs/method.md, "Correlations and their intervals"). With fewer, the percentile interval
@@ -159,6 +160,10 @@ def correlation_ci(
         xs, ys = (scipy.stats.rankdata(v) for v in (x, y)) if method == "spearman" else (x, y)
         exact = scipy.stats.pearsonr(xs, ys, method=scipy.stats.PermutationMethod(np.inf))
         out["p_value"] = float(exact.pvalue)
+    elif method == "spearman":
+        # the t approximation gives 0 at |ρ| = 1 from 9 stimuli on: no permutation p is below
+        # 2/n! (both perfect orders), the exact p of |ρ| = 1 without ties
+        out["p_value"] = max(float(res.pvalue), math.exp(math.log(2) - math.lgamma(n + 1)))
     few = [(name, *outside_mode(v)) for name, v in zip(names, (x, y), strict=True)]
     few = [f for f in few if f[1] < MIN_OUTSIDE_MODE]
     if n_boot and few:

@@ -32,6 +32,7 @@ import os
 import re
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -177,10 +178,14 @@ def edge_density(image: Image.Image | np.ndarray) -> float:
     size = (max(1, round(w * scale)), max(1, round(h * scale)))
     if size != (w, h):
         grey = grey.resize(size, Image.Resampling.BILINEAR)
-    x = np.asarray(grey, dtype=np.float64) / 255.0
+    # in integers: g = √(Sx² + Sy²)/(4·255) > t  ⇔  Sx² + Sy² > (1020 t)², with t read as the
+    # decimal it is written as (in floats a pixel at g = 0.1 exactly came out above it or not,
+    # by the grey levels around it)
+    x = np.asarray(grey, dtype=np.int64)
     sx = ndimage.sobel(x, axis=1, mode="reflect")
     sy = ndimage.sobel(x, axis=0, mode="reflect")
-    return float(np.mean(np.hypot(sx, sy) / 4.0 > EDGE_THRESHOLD))
+    limit = (1020 * Fraction(str(EDGE_THRESHOLD))) ** 2
+    return float(np.mean((sx * sx + sy * sy) * limit.denominator > limit.numerator))
 
 
 def grey_entropy(image: Image.Image | np.ndarray) -> float:
