@@ -28,8 +28,7 @@ import numpy as np  # noqa: E402
 from threadpoolctl import threadpool_limits  # noqa: E402
 
 from xmodal.dispersion import leave_one_model_out  # noqa: E402
-from xmodal.gpa import PLAIN, Preprocessed, fit_preprocessed, gpa  # noqa: E402
-from xmodal.resources import gpa_memory_mb  # noqa: E402
+from xmodal.gpa import PLAIN, Preprocessed, fit_preprocessed, gpa, gpa_memory_mb  # noqa: E402
 
 D_SHARED = 48
 

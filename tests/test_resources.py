@@ -137,7 +137,7 @@ def test_gpa_memory_grows_with_the_stimuli_and_holds_what_the_fit_must_hold() ->
     from about 2,000 stimuli on (audit, measured). The estimate is at least the arrays the fit
     cannot do without (the float64 layers and, with more stimuli than the narrowest model has
     features, the cross-products (Σk)²), and within the fixed request at the paper's size."""
-    from xmodal.resources import gpa_memory_mb
+    from xmodal.gpa import gpa_memory_mb
 
     sizes = [gpa_memory_mb(m, PAPER_LLM_WIDTHS) for m in (1024, 2000, 5000, 20000, 50000)]
     assert sizes == sorted(sizes) and len(set(sizes)) == len(sizes)

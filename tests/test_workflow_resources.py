@@ -213,11 +213,11 @@ def test_the_users_set_resources_reach_the_jobs(paper_project: Path) -> None:
 
 
 def test_gpa_jobs_ask_for_the_memory_their_feature_files_need(paper_project):
-    """A GPA's peak grows with the stimuli and the models' widths (xmodal.resources.gpa_memory_mb):
+    """A GPA's peak grows with the stimuli and the models' widths (xmodal.gpa.gpa_memory_mb):
     the language GPA over 12 LLMs at 5,000 stimuli needs about 46 GiB, and asked for 8, 16 and
     24 GB, every try killed. Its request now comes from the feature files' shapes; before they
     exist, a dry run shows <TBD> (Snakemake sizes the job once they are made)."""
-    from xmodal.resources import gpa_memory_mb
+    from xmodal.gpa import gpa_memory_mb
 
     feats = paper_project / "results/features/wit1024"
     llms = [k for k, m in PAPER["models"].items() if m["modality"] == "language"]

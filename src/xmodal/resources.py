@@ -39,7 +39,6 @@ __all__ = [
     "analysis_resources",
     "extraction_resources",
     "forward_minutes",
-    "gpa_memory_mb",
     "gpus_needed",
 ]
 
@@ -181,43 +180,6 @@ ANALYSIS_KINDS: dict[str, tuple[int, int, int]] = {
     # list) cannot leave them without memory or runtime
     "scan": (4000, 60, 2),
 }
-
-
-#: Arrays of (Σk × r) float64 a GPA fit holds at once at its peak (transforms, products, the
-#: consensus' pieces and Anderson acceleration's history): 10–17 fit the peaks measured on the
-#: job's path (audit of 2026-12-05); the largest is taken.
-GPA_WORK_ARRAYS = 17
-#: What the interpreter and libraries hold before the data (bytes).
-GPA_BASE_BYTES = 0.3e9
-
-
-def gpa_memory_mb(m: int, widths: list[int] | tuple[int, ...]) -> int:
-    """Peak memory (MiB) of a GPA job over models of these widths (features per stimulus) on
-    ``m`` stimuli: the vision GPA, leave-one-model-out and the language GPA, whose peak grows
-    with m and the widths (12 LLMs at the paper's widths: 2.7 GiB at 1,024 stimuli, 46 GiB at
-    5,000), where a fixed request left every retry out of memory from about 2,000 stimuli on.
-
-    Each model works at k = min(m − 1, width) columns, r = max k (docs/method.md, GPA step 1):
-
-        bytes = 0.3e9 + 16 m Σwidth (the layers read as float64, and centred)
-                + 8 m Σk (the reduced models) + 8 (Σk)² (the cross-products, when
-                xmodal.gpa.plan uses them: Gauss–Seidel, with more stimuli than the narrowest
-                model has features) + 17 · 8 Σk r (the fit's working arrays)
-
-    which measured peaks of 0.73 and 1.38 GB (the job's path: 12 layers of 1/12 and 1/8 the
-    paper's LLM widths, 1,200 stimuli) overestimate by 15–25%; ``benchmarks/gpa_scale.py``
-    prints it next to the peak of a GPA alone.
-    """
-    from xmodal.gpa import CROSS, plan
-
-    if m < 2 or not widths or min(widths) < 1:
-        raise ValueError(f"need m >= 2 stimuli and widths >= 1, got m={m}, widths={widths}")
-    ks = [min(m - 1, int(w)) for w in widths]
-    total_k, r = sum(ks), max(ks)
-    cross = plan(m, ks, list(widths))[1] == CROSS
-    need = GPA_BASE_BYTES + 16 * m * sum(widths) + 8 * m * total_k
-    need += 8 * total_k**2 * cross + GPA_WORK_ARRAYS * 8 * total_k * r
-    return math.ceil(need / 2**20)
 
 
 def analysis_resources(kind: str = "light", attempt: int = 1) -> dict[str, int]:

@@ -58,7 +58,7 @@ from xmodal.io import unfinished_outputs
 from xmodal.logs import forward_to
 from xmodal.properties import annotations, check_annotations
 from xmodal.registry import Registry, built_model_dir
-from xmodal.resources import analysis_resources, gpa_memory_mb
+from xmodal.resources import analysis_resources
 from xmodal.selection import DropControl, HeldOutLayer, SelfSelection
 from xmodal.stimuli import (
     DECODED_IMAGES,
@@ -177,13 +177,17 @@ def retry_resources(kind):
 
 
 def gpa_resources():
-    """retry_resources("gpa"), with the memory of xmodal.resources.gpa_memory_mb from the
+    """retry_resources("gpa"), with the memory of xmodal.gpa.gpa_memory_mb from the
     shapes of the job's feature files (input `features`) when that is more: a GPA's peak grows
     with the stimuli and the models' widths (the language GPA: 46 GiB at 5,000 stimuli). Until
     the files exist (a dry run before the extractions) Snakemake shows it as <TBD> and sizes the
     job when it is ready."""
 
     def mem_mb(wildcards, input, attempt):
+        # here, not at the top: the extraction's environment, which parses this file too,
+        # need not hold what xmodal.gpa imports (scipy, threadpoolctl)
+        from xmodal.gpa import gpa_memory_mb
+
         shapes = []
         for path in input.features:
             if not Path(path).is_file():  # Snakemake's signal to size the job once made
