@@ -547,3 +547,29 @@ def test_a_whole_column_of_comma_decimals_is_refused_and_image_modes_stay_text(
         read_table(path)
     path.write_text("stimulus_id\tmode\tformat\ns1\t1\tPNG\ns2\t1\tPNG\ns3\tL\tPNG\n")
     assert read_table(path)["mode"].tolist() == ["1", "1", "L"]
+
+
+def test_an_unwritable_output_folder_stops_an_extraction_before_any_work(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The mark of an extraction's attempt (xmodal.io.begin_attempt) is its first write: an
+    output folder it cannot write to is the output's clear refusal there, before the model is
+    loaded, not a bare PermissionError (or one after the GPU work)."""
+    import errno
+
+    from xmodal.io import attempt_marker, begin_attempt, end_attempt, unfinished_outputs
+
+    out = tmp_path / "f" / "m.h5"
+    begin_attempt(out)
+    assert attempt_marker(out).is_file() and unfinished_outputs([out]) == [out]
+    end_attempt(out)
+    assert unfinished_outputs([out]) == [] and not attempt_marker(out).exists()
+    for code, match in ((errno.EACCES, "no permission"), (errno.EROFS, "read-only file system")):
+
+        def refuse(self, *args, code=code, **kwargs):
+            raise PermissionError(code, "refused") if code == errno.EACCES else OSError(code, "ro")
+
+        monkeypatch.setattr(Path, "write_text", refuse)
+        with pytest.raises(UnwritableOutputError, match=rf"cannot write .*m\.h5: .*{match}"):
+            begin_attempt(out)
+        monkeypatch.undo()

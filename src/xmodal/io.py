@@ -114,14 +114,18 @@ def _temporary_next_to(final: Path, suffix: str | None) -> Path:
     except OSError as err:
         if not isinstance(err, PermissionError) and err.errno != errno.EROFS:
             raise
-        why = "it is on a read-only file system" if err.errno == errno.EROFS else "no permission"
-        raise UnwritableOutputError(
-            err.errno,
-            f"cannot write {final}: {why} to create files in {final.parent} "
-            f"({err.strerror}); make that folder writable (chmod u+w) or run where you can write",
-        ) from None
+        raise _unwritable(err, final) from None
     os.close(fd)
     return Path(tmp_name)
+
+
+def _unwritable(err: OSError, final: Path) -> UnwritableOutputError:
+    why = "it is on a read-only file system" if err.errno == errno.EROFS else "no permission"
+    return UnwritableOutputError(
+        err.errno,
+        f"cannot write {final}: {why} to create files in {final.parent} "
+        f"({err.strerror}); make that folder writable (chmod u+w) or run where you can write",
+    )
 
 
 def _disk_full(err: BaseException, final: Path, what: str) -> DiskFullError:
@@ -181,8 +185,17 @@ def begin_attempt(path: str | os.PathLike) -> None:
     (:func:`unfinished_outputs`).
     """
     marker = attempt_marker(path)
-    marker.parent.mkdir(parents=True, exist_ok=True)
-    marker.write_text(f"started {time.strftime('%Y-%m-%dT%H:%M:%S%z')} on {socket.gethostname()}\n")
+    try:  # before any work: an output folder nobody can write to fails here, not after hours
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(
+            f"started {time.strftime('%Y-%m-%dT%H:%M:%S%z')} on {socket.gethostname()}\n"
+        )
+    except OSError as err:
+        if isinstance(err, PermissionError) or err.errno == errno.EROFS:
+            raise _unwritable(err, Path(path)) from None
+        if is_disk_full(err):
+            raise _disk_full(err, Path(path), str(marker)) from err
+        raise
 
 
 def end_attempt(path: str | os.PathLike) -> None:
