@@ -306,6 +306,10 @@ def test_unconfigured_model_key_matches_no_rule(finished: Path) -> None:
         assert "Traceback" not in out, out
 
 
+#: common.smk's resource functions that size a rule and grow with each retry
+SIZED_BY = ("retry_resources", "gpa_resources", "pair_resources")
+
+
 def test_analysis_memory_grows_with_each_retry() -> None:
     """A job killed for exceeding its memory is resubmitted (profile `retries`) with more."""
     root = Path(__file__).resolve().parents[1]
@@ -319,7 +323,7 @@ def test_analysis_memory_grows_with_each_retry() -> None:
     for rule in ("gpa", "leave_one_model_out", "stimulus_sets", "layer_search",
                  "vision_bootstrap", "conditions"):  # fmt: skip
         body = rules.split(f"\nrule {rule}:\n")[1].split("\nrule ")[0]
-        assert "**retry_resources(" in body or "**gpa_resources()" in body, rule
+        assert any(f"**{f}(" in body for f in SIZED_BY), rule
     # every rule that SLURM runs sets its own memory and runtime: a --default-resources on
     # the command line replaces the profile's whole list, and vision_diagnostics, language_gpa,
     # image_properties and stimuli_report were left with neither (no -t, Snakemake's guess of
@@ -328,7 +332,7 @@ def test_analysis_memory_grows_with_each_retry() -> None:
         name, body = chunk.split(":", 1)[0], chunk.split("\n\n\n")[0]
         if "localrule: True" in body:
             continue
-        sized = "**retry_resources(" in body or "**gpa_resources()" in body
+        sized = any(f"**{f}(" in body for f in SIZED_BY)
         assert sized or ("mem_mb=" in body and "runtime=" in body), name
     slurm = yaml.safe_load((root / "profiles/slurm/config.yaml").read_text())
     assert int(slurm["retries"]) >= 1 and slurm.get("rerun-incomplete") is True

@@ -152,3 +152,27 @@ def test_gpa_memory_grows_with_the_stimuli_and_holds_what_the_fit_must_hold() ->
     assert gpa_memory_mb(100, [8, 8]) > 0
     with pytest.raises(ValueError, match="need m >= 2"):
         gpa_memory_mb(1, [8, 8])
+
+
+def test_alignment_jobs_get_the_time_their_stimuli_need() -> None:
+    """The per-LLM alignment jobs asked for 30 minutes whatever the stimuli; the layer search of
+    81 layers 8192 wide took about 85 minutes at 9,000 stimuli (audit). The estimate keeps 30
+    minutes at the paper's size, grows as m², jumps past the dense path and scales the layer
+    search with its layers and width."""
+    from xmodal.resources import PAIR_MARGIN, PAIR_SECONDS, pair_minutes
+
+    for kind in ("layer_search", "conditions"):
+        assert pair_minutes(kind, 1024, 8192, 81) == ANALYSIS_KINDS["pair"][1]
+    big = [pair_minutes("layer_search", m, 8192, 81) for m in (6000, 8000)]
+    assert big[0] > 30 and big[1] / big[0] == pytest.approx((8000 / 6000) ** 2, rel=0.02)
+    # at 9,000 (blocked) it is above what the audit measured on two threads, 85 minutes
+    assert pair_minutes("layer_search", 9000, 8192, 81, blocked=True) > 2 * 85
+    assert pair_minutes("layer_search", 9000, 8192, 81, blocked=True) > pair_minutes(
+        "layer_search", 9000, 8192, 81
+    )
+    assert pair_minutes("layer_search", 6000, 8192, 40) < big[0]  # fewer layers, less time
+    # the rate measured: 4.5 s a layer at 4,096 × 8192 on two threads, times the margin
+    seconds = PAIR_MARGIN * PAIR_SECONDS["layer_search"] * 4096**2 * 8192
+    assert seconds == pytest.approx(PAIR_MARGIN * 4.8, rel=0.1)
+    with pytest.raises(ValueError, match="kind must be one of"):
+        pair_minutes("figures", 1024, 8)

@@ -240,3 +240,30 @@ def test_gpa_jobs_ask_for_the_memory_their_feature_files_need(paper_project):
     want = gpa_memory_mb(5000, [4096] * len(llms))
     assert want > 3 * 8000 and res["language_gpa"]["mem_mb"] == str(want), res
     assert res["gpa"]["mem_mb"] == "<TBD>", res  # the vision features are not made yet
+
+
+def test_alignment_jobs_ask_for_the_time_their_stimuli_need(paper_project):
+    """A layer search of LLaMA-65B's 81 layers took about 85 minutes at 9,000 stimuli and asked
+    for 30 (audit): its runtime now comes from the LLM feature file's shape
+    (xmodal.resources.pair_minutes)."""
+    from xmodal.metrics import DENSE_MAX_M
+    from xmodal.resources import pair_minutes
+
+    feats = paper_project / "results/features/wit1024"
+    feats.mkdir(parents=True, exist_ok=True)
+    with h5py.File(feats / "llama-65b.h5", "w") as f:  # the shape alone: a small file
+        f.create_dataset("features", shape=(81, 9000, 8192), dtype="f4", chunks=(1, 64, 64))
+    target = "results/alignment/wit1024/layers/llama-65b.tsv"
+    try:
+        proc = snakemake(paper_project, "-n", "--forceall", "--cores", "4", "--", target)
+    finally:
+        shutil.rmtree(feats)
+    res, rule = {}, None
+    for line in (proc.stdout + proc.stderr).splitlines():
+        if line.startswith("rule "):
+            rule = line.split()[1].rstrip(":")
+        elif rule and "resources:" in line:
+            res[rule] = dict(re.findall(r"(\w+)=([^,\s]+)", line))
+            rule = None
+    want = pair_minutes("layer_search", 9000, 8192, 81, blocked=9000 > DENSE_MAX_M)
+    assert want > 6 * 60 and res["layer_search"]["runtime"] == str(want), res

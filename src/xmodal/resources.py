@@ -40,6 +40,7 @@ __all__ = [
     "extraction_resources",
     "forward_minutes",
     "gpus_needed",
+    "pair_minutes",
 ]
 
 BYTES_PER_PARAM_BF16 = 2
@@ -180,6 +181,44 @@ ANALYSIS_KINDS: dict[str, tuple[int, int, int]] = {
     # list) cannot leave them without memory or runtime
     "scan": (4000, 60, 2),
 }
+
+
+#: Seconds a per-LLM alignment job costs per stimulus² on 2 threads of an AMD EPYC (avx512f),
+#: 2026-12-05, as measured by benchmarks/controls_scale.py: the layer search of one LLM layer
+#: against the 4 vision models (with the held-out choice on 20 splits and the diagnostics) per
+#: feature of the layer (0.6 s a layer at 2,048 stimuli × 4096, 4.5 s at 4,096 × 8192), and one
+#: conditions job (the sets, 100 random sets, the drop sets and their size-matched control,
+#: n_boot 1000) at an LLM layer 4096 wide (41 s at 4,096 stimuli, 11 s at 2,048).
+PAIR_SECONDS = {"layer_search": 3.5e-11, "conditions": 2.5e-6}
+#: How much slower the same work is past ``xmodal.metrics.DENSE_MAX_M`` stimuli, where no
+#: kernel is kept (rough, from few measurements: the layer search 2.7× at 9,000 stimuli;
+#: conditions, whose subset kernels are then rebuilt from the features for every draw, 16–28×
+#: at 15,000–20,000, from the audit's timings of single draws).
+PAIR_BLOCKED_FACTOR = {"layer_search": 3.0, "conditions": 20.0}
+#: Margin over those rates: a SLURM job gets one CPU (measured on two), and nodes are slower.
+PAIR_MARGIN = 4
+
+
+def pair_minutes(kind: str, m: int, width: int, n_layers: int = 1, blocked: bool = False) -> int:
+    """Runtime (minutes, first attempt) of a per-LLM alignment job over ``m`` stimuli: ``kind``
+    ``"layer_search"`` (``n_layers`` LLM layers of ``width`` features) or ``"conditions"`` (one
+    chosen layer of ``width``; also the 2 × 2 sets' job). 30 minutes, or more where the work,
+    which grows as m² (:data:`PAIR_SECONDS`, × :data:`PAIR_BLOCKED_FACTOR` with ``blocked``,
+    × :data:`PAIR_MARGIN`), needs it: a fixed 30 killed the layer search of LLaMA-65B's 81
+    layers at 9,000 stimuli (about 85 minutes measured on 2 threads) on every retry.
+
+    The paper's size (1,024 stimuli) keeps the 30 minutes; the layer search of 81 layers 8192
+    wide asks for more from about 4,400 stimuli on (6.3 hours at 9,000), a conditions job
+    past ``DENSE_MAX_M`` (9 hours at 9,000 for an LLM 8192 wide).
+    """
+    if kind not in PAIR_SECONDS:
+        raise ValueError(f"kind must be one of {sorted(PAIR_SECONDS)}, got {kind!r}")
+    if m < 1 or width < 1 or n_layers < 1:
+        raise ValueError(f"need m, width and n_layers >= 1, got {m}, {width}, {n_layers}")
+    rate = PAIR_SECONDS[kind] * (PAIR_BLOCKED_FACTOR[kind] if blocked else 1.0)
+    scale = width if kind == "layer_search" else width / 4096
+    seconds = PAIR_MARGIN * rate * n_layers * float(m) ** 2 * scale
+    return max(ANALYSIS_KINDS["pair"][1], math.ceil(seconds / 60))
 
 
 def analysis_resources(kind: str = "light", attempt: int = 1) -> dict[str, int]:

@@ -29,7 +29,7 @@ rule layer_search:
     conda:
         "../../envs/analysis.yaml"
     resources:
-        **retry_resources("pair"),
+        **pair_resources("layer_search"),
         **ALIGNMENT_GPU,
     params:
         **named_params(
@@ -91,7 +91,7 @@ rule conditions:
     conda:
         "../../envs/analysis.yaml"
     resources:
-        **retry_resources("pair"),
+        **pair_resources("conditions"),
         **ALIGNMENT_GPU,
     params:
         **named_params(

@@ -58,7 +58,7 @@ from xmodal.io import unfinished_outputs
 from xmodal.logs import forward_to
 from xmodal.properties import annotations, check_annotations
 from xmodal.registry import Registry, built_model_dir
-from xmodal.resources import analysis_resources
+from xmodal.resources import analysis_resources, pair_minutes
 from xmodal.selection import DropControl, HeldOutLayer, SelfSelection
 from xmodal.stimuli import (
     DECODED_IMAGES,
@@ -197,6 +197,25 @@ def gpa_resources():
         return max(analysis_resources("gpa", attempt)["mem_mb"], need * attempt)
 
     return {**retry_resources("gpa"), "mem_mb": mem_mb}
+
+
+def pair_resources(kind):
+    """retry_resources("pair"), with the runtime of xmodal.resources.pair_minutes from the
+    shape of the job's LLM feature file (input `llm`) when that is more: the work grows as the
+    square of the stimuli (a layer search of 81 LLM layers took about 85 minutes at 9,000).
+    <TBD> in a dry run before the file exists; Snakemake sizes the job when it is ready."""
+
+    def runtime(wildcards, input, attempt):
+        from xmodal.metrics import DENSE_MAX_M
+
+        if not Path(input.llm).is_file():  # Snakemake's signal to size the job once made
+            raise FileNotFoundError(errno.ENOENT, "not made yet", input.llm)
+        n_layers, m, width = feature_shape(input.llm)
+        layers = n_layers if kind == "layer_search" else 1
+        need = pair_minutes(kind, m, width, layers, blocked=m > DENSE_MAX_M)
+        return max(analysis_resources("pair", attempt)["runtime"], need * attempt)
+
+    return {**retry_resources("pair"), "runtime": runtime}
 
 
 def check_memory_resources():

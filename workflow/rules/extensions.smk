@@ -102,7 +102,7 @@ rule joint_conditions:
     conda:
         "../../envs/analysis.yaml"
     resources:
-        **retry_resources("pair"),
+        **pair_resources("conditions"),
         **ALIGNMENT_GPU,
     params:
         **named_params(
