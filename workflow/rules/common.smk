@@ -202,13 +202,14 @@ def gpa_resources():
 def pair_resources(kind):
     """retry_resources("pair"), with the runtime of xmodal.resources.pair_minutes from the
     shape of the job's LLM feature file (input `llm`) when that is more: the work grows as the
-    square of the stimuli (a layer search of 81 LLM layers took about 85 minutes at 9,000).
-    <TBD> in a dry run before the file exists; Snakemake sizes the job when it is ready."""
+    square of the stimuli (a layer search of 81 LLM layers took about 85 minutes at 9,000);
+    <TBD> in a dry run before the file exists (sized when the job is ready)."""
 
     def runtime(wildcards, input, attempt):
         from xmodal.metrics import DENSE_MAX_M
 
-        if not Path(input.llm).is_file():  # Snakemake's signal to size the job once made
+        # Snakemake's signal to size the job once the file is made
+        if not Path(input.llm).is_file():
             raise FileNotFoundError(errno.ENOENT, "not made yet", input.llm)
         n_layers, m, width = feature_shape(input.llm)
         layers = n_layers if kind == "layer_search" else 1
