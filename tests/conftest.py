@@ -175,3 +175,18 @@ def demo_untrained_project(tmp_path_factory):
         "2",
     )
     return wd
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_vit(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A transformers ``ViTModel`` saved with ``save_pretrained``: neither a timm model nor a
+    text model (what a wrong id in the config can point at)."""
+    from transformers import ViTConfig, ViTModel
+
+    folder = tmp_path_factory.mktemp("hf") / "vit"
+    config = ViTConfig(
+        hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+        image_size=8, patch_size=4,
+    )  # fmt: skip
+    ViTModel(config).save_pretrained(folder)
+    return folder

@@ -368,28 +368,20 @@ def test_truncation_keeps_a_captions_beginning_whatever_the_tokenizer_config_say
     assert loaded.truncation_side == "right" and info["tokenizer"]["truncation_side"] == "right"
 
 
-def test_models_that_do_not_read_token_ids_alone_are_refused_at_load(tmp_path, tiny_lms):
+def test_models_that_do_not_read_token_ids_alone_are_refused_at_load(
+    tmp_path, tiny_lms, tiny_hf_vit
+):
     """An encoder-decoder model (T5) loaded, then its first batch failed inside transformers
     ("You must specify exactly one of input_ids or inputs_embeds"), naming neither the model nor
     the cause, once per retry of the GPU job; a vision transformer given as a language model
     failed the same way. Both are refused when loaded, naming the model."""
-    from transformers import T5Config, T5Model, ViTConfig, ViTModel
+    from transformers import T5Config, T5Model
 
     t5 = tmp_path / "t5"
     T5Model(
         T5Config(vocab_size=300, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=2)
     ).save_pretrained(t5)
-    vit = tmp_path / "vit"
-    ViTModel(
-        ViTConfig(
-            hidden_size=16,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            intermediate_size=32,
-            image_size=8,
-            patch_size=4,
-        )  # fmt: skip
-    ).save_pretrained(vit)
+    vit = shutil.copytree(tiny_hf_vit, tmp_path / "vit")
     for folder in (t5, vit):
         for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
             if (tiny_lms["llama"] / name).is_file():

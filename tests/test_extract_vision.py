@@ -413,20 +413,8 @@ def test_save_vit_records_the_tiny_size_and_leaves_the_model_as_it_was(tmp_path)
     assert cfg["model_args"]["depth"] == vit_args("mae")["depth"]
 
 
-def test_a_transformers_model_given_as_a_vision_model_is_named_as_such(tmp_path):
+def test_a_transformers_model_given_as_a_vision_model_is_named_as_such(tiny_hf_vit):
     """A transformers checkpoint in a vision model's place failed as "timm could not build/load
     the model ('architecture')", which named the model but not the cause."""
-    from transformers import ViTConfig, ViTModel
-
-    ViTModel(
-        ViTConfig(
-            hidden_size=16,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            intermediate_size=32,
-            image_size=8,
-            patch_size=4,
-        )  # fmt: skip
-    ).save_pretrained(tmp_path / "hf-vit")
     with pytest.raises(ExtractionError, match=r"holds a transformers model \(model_type 'vit'\)"):
-        load_vision_model(str(tmp_path / "hf-vit"))
+        load_vision_model(str(tiny_hf_vit))

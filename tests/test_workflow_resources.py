@@ -35,6 +35,22 @@ def _write_manifest(wd: Path, n: int) -> Path:
     return manifest
 
 
+def _job_resources(output: str) -> dict[str, dict[str, str]]:
+    """{rule (rule:model for a job with a model wildcard): {resource: value}} of a dry run's
+    job listing; a value Snakemake cannot size yet reads <TBD>."""
+    res: dict[str, dict[str, str]] = {}
+    rule = None
+    for line in output.splitlines():
+        if line.startswith("rule "):
+            rule = line.split()[1].rstrip(":")
+        elif rule and "wildcards:" in line and "model=" in line:
+            rule += ":" + line.split("model=")[1].split(",")[0].strip()
+        elif rule and "resources:" in line:
+            res[rule] = dict(re.findall(r"(\w+)=([^,\s]+)", line))
+            rule = None
+    return res
+
+
 def extraction_jobs(wd: Path, extraction: dict, n_stimuli: int = 0) -> dict[str, dict[str, int]]:
     """{model: {gpu, mem_mb, cpus_per_task, runtime}} of a forced dry run of every extraction,
     with a manifest of ``n_stimuli`` rows on disk (none for 0)."""
@@ -196,15 +212,7 @@ def test_the_users_set_resources_reach_the_jobs(paper_project: Path) -> None:
     proc = snakemake(
         paper_project, "--profile", "myprofile", "-n", "--forceall", "--cores", "4", "--", *targets
     )
-    res, rule = {}, None
-    for line in (proc.stdout + proc.stderr).splitlines():
-        if line.startswith("rule "):
-            rule = line.split()[1].rstrip(":")
-        elif rule and "wildcards:" in line and "model=" in line:
-            rule += ":" + line.split("model=")[1].split(",")[0].strip()
-        elif rule and "resources:" in line:
-            res[rule] = dict(re.findall(r"(\w+)=([\w.]+)(?:,|$)", line))
-            rule = None
+    res = _job_resources(proc.stdout + proc.stderr)
     res["extract"] = res["extract:llama-65b"]
     assert res["extract"]["gpu_model"] == "a100" and res["extract"]["runtime"] == "999", res
     assert res["extract"]["gpu"] == "2", res  # the registry's sizing, where the profile is silent
@@ -230,13 +238,7 @@ def test_gpa_jobs_ask_for_the_memory_their_feature_files_need(paper_project):
         proc = snakemake(paper_project, "-n", "--forceall", "--cores", "4", "--", *targets)
     finally:
         shutil.rmtree(feats)
-    res, rule = {}, None
-    for line in (proc.stdout + proc.stderr).splitlines():
-        if line.startswith("rule "):
-            rule = line.split()[1].rstrip(":")
-        elif rule and "resources:" in line:
-            res[rule] = dict(re.findall(r"(\w+)=([^,\s]+)", line))
-            rule = None
+    res = _job_resources(proc.stdout + proc.stderr)
     want = gpa_memory_mb(5000, [4096] * len(llms))
     assert want > 3 * 8000 and res["language_gpa"]["mem_mb"] == str(want), res
     assert res["gpa"]["mem_mb"] == "<TBD>", res  # the vision features are not made yet
@@ -258,12 +260,6 @@ def test_alignment_jobs_ask_for_the_time_their_stimuli_need(paper_project):
         proc = snakemake(paper_project, "-n", "--forceall", "--cores", "4", "--", target)
     finally:
         shutil.rmtree(feats)
-    res, rule = {}, None
-    for line in (proc.stdout + proc.stderr).splitlines():
-        if line.startswith("rule "):
-            rule = line.split()[1].rstrip(":")
-        elif rule and "resources:" in line:
-            res[rule] = dict(re.findall(r"(\w+)=([^,\s]+)", line))
-            rule = None
+    res = _job_resources(proc.stdout + proc.stderr)
     want = pair_minutes("layer_search", 9000, 8192, 81, blocked=9000 > DENSE_MAX_M)
     assert want > 6 * 60 and res["layer_search"]["runtime"] == str(want), res
