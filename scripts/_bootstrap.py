@@ -2,7 +2,9 @@
 
 Snakemake adds this directory to the path of every script it runs; importing this module
 makes the library importable whether or not it is installed in the job's environment
-(conda environments from envs/ hold its dependencies only).
+(conda environments from envs/ hold its dependencies only). It also caps the job's threads,
+hides the GPUs from a job that asked for none, and marks the output of an extraction or import
+until it is made (xmodal.io.begin_attempt).
 """
 
 import os
@@ -30,3 +32,11 @@ if _job is not None:
     # one machine"); analysis.gpu gives the alignment jobs one
     if not int(getattr(getattr(_job, "resources", None), "gpu", 0) or 0):
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    # a job that makes a feature file marks it from its first line until it is made
+    # (xmodal.io.begin_attempt): one that fails anywhere (the weights not in the cache, a bad
+    # config) or is killed leaves the mark, and the next run makes the file again, where
+    # Snakemake, which records a failed job's output as made, would say "Nothing to be done"
+    if getattr(_job, "rule", None) in ("extract", "import_features"):
+        from xmodal.io import begin_attempt
+
+        begin_attempt(_job.output.features)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import collections
 import errno
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -144,3 +145,28 @@ def test_a_write_error_in_the_spill_file_names_the_output(
     held = [os.readlink(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd")
             if os.path.islink(f"/proc/self/fd/{fd}")]  # fmt: skip
     assert not [h for h in held if SPILL_SUFFIX in h], held
+
+
+@pytest.mark.parametrize(("rule", "marked"), [("extract", True), ("import_features", True),
+                                              ("gpa", False)])  # fmt: skip
+def test_an_extraction_job_is_marked_from_its_first_line(tmp_path, rule, marked):
+    """A job that fails before extract_features (its weights not in the hub cache, a bad
+    config) or is killed early left no mark, and the next run said "Nothing to be done" (review).
+    The scripts' _bootstrap, their first import, marks an extraction's or import's output."""
+    import subprocess
+    import sys
+
+    from xmodal.io import attempt_marker
+
+    out = tmp_path / "f" / "m.h5"
+    scripts = Path(__file__).resolve().parents[1] / "scripts"
+    job = (
+        f"types.SimpleNamespace(rule={rule!r}, threads=1, resources=types.SimpleNamespace(gpu=0),"
+        f" output=types.SimpleNamespace(features={str(out)!r}))"
+    )
+    code = (
+        f"import sys, types, __main__; sys.path.insert(0, {str(scripts)!r}); "
+        f"__main__.snakemake = {job}; import _bootstrap"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+    assert attempt_marker(out).is_file() is marked

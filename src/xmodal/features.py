@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import errno
 import json
 import logging
 import os
@@ -88,9 +89,15 @@ class FeatureFileError(ValueError):
 
 
 def feature_shape(path: str | os.PathLike) -> tuple[int, int, int]:
-    """(layers, stimuli, features per stimulus) of a feature file, from its header alone."""
-    with h5py.File(path, "r") as f:
-        n_layers, m, dim = (int(n) for n in f["features"].shape)
+    """(layers, stimuli, features per stimulus) of a feature file, from its header alone;
+    FileNotFoundError when there is none, FeatureFileError naming it when it is unreadable."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(errno.ENOENT, "no feature file", str(path))
+    try:
+        with h5py.File(path, "r") as f:
+            n_layers, m, dim = (int(n) for n in f["features"].shape)
+    except (OSError, KeyError, ValueError, TypeError) as err:
+        raise FeatureFileError(f"{path}: cannot read its shape ({err})") from err
     return n_layers, m, dim
 
 

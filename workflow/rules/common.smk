@@ -1,6 +1,5 @@
 # Everything that is Python rather than a rule: config validation, the model registry,
 # wildcard constraints and input functions.
-import errno
 import json
 import os
 import re
@@ -188,13 +187,13 @@ def gpa_resources():
         # need not hold what xmodal.gpa imports (scipy, threadpoolctl)
         from xmodal.gpa import gpa_memory_mb
 
-        shapes = []
-        for path in input.features:
-            if not Path(path).is_file():  # Snakemake's signal to size the job once made
-                raise FileNotFoundError(errno.ENOENT, "not made yet", path)
-            shapes.append(feature_shape(path))
+        base = analysis_resources("gpa", attempt)["mem_mb"]
+        try:  # FileNotFoundError: Snakemake's signal to size the job once the files are made
+            shapes = [feature_shape(path) for path in input.features]
+        except FeatureFileError:  # unreadable: the job's own reader names the file
+            return base
         need = gpa_memory_mb(shapes[0][1], [dim for _, _, dim in shapes])
-        return max(analysis_resources("gpa", attempt)["mem_mb"], need * attempt)
+        return max(base, need * attempt)
 
     return {**retry_resources("gpa"), "mem_mb": mem_mb}
 
@@ -208,13 +207,14 @@ def pair_resources(kind):
     def runtime(wildcards, input, attempt):
         from xmodal.metrics import DENSE_MAX_M
 
-        # Snakemake's signal to size the job once the file is made
-        if not Path(input.llm).is_file():
-            raise FileNotFoundError(errno.ENOENT, "not made yet", input.llm)
-        n_layers, m, width = feature_shape(input.llm)
+        base = analysis_resources("pair", attempt)["runtime"]
+        try:  # FileNotFoundError: Snakemake's signal to size the job once the file is made
+            n_layers, m, width = feature_shape(input.llm)
+        except FeatureFileError:  # unreadable: the job's own reader names the file
+            return base
         layers = n_layers if kind == "layer_search" else 1
         need = pair_minutes(kind, m, width, layers, blocked=m > DENSE_MAX_M)
-        return max(analysis_resources("pair", attempt)["runtime"], need * attempt)
+        return max(base, need * attempt)
 
     return {**retry_resources("pair"), "runtime": runtime}
 
