@@ -86,6 +86,9 @@ WORD = regex.compile(
 EDGE_SIDE = 224
 #: Normalised Sobel magnitude above which a pixel is an edge (a step of 10% of the grey range).
 EDGE_THRESHOLD = 0.1
+#: g > t in integers: Sx² + Sy² > (1020 t)² on the grey levels, with t read as the decimal it
+#: is written as (:func:`edge_density`)
+_EDGE_LIMIT = (1020 * Fraction(str(EDGE_THRESHOLD))) ** 2
 
 #: Every property, in display order, with its label.
 PROPERTIES: dict[str, str] = {
@@ -184,8 +187,7 @@ def edge_density(image: Image.Image | np.ndarray) -> float:
     x = np.asarray(grey, dtype=np.int64)
     sx = ndimage.sobel(x, axis=1, mode="reflect")
     sy = ndimage.sobel(x, axis=0, mode="reflect")
-    limit = (1020 * Fraction(str(EDGE_THRESHOLD))) ** 2
-    return float(np.mean((sx * sx + sy * sy) * limit.denominator > limit.numerator))
+    return float(np.mean((sx * sx + sy * sy) * _EDGE_LIMIT.denominator > _EDGE_LIMIT.numerator))
 
 
 def grey_entropy(image: Image.Image | np.ndarray) -> float:

@@ -175,48 +175,51 @@ def retry_resources(kind):
     }
 
 
-def gpa_resources():
-    """retry_resources("gpa"), with the memory of xmodal.gpa.gpa_memory_mb from the
-    shapes of the job's feature files (input `features`) when that is more: a GPA's peak grows
-    with the stimuli and the models' widths (the language GPA: 46 GiB at 5,000 stimuli). Until
-    the files exist (a dry run before the extractions) Snakemake shows it as <TBD> and sizes the
-    job when it is ready."""
+def sized_resources(kind, name, files, need):
+    """retry_resources(kind), with resource `name` (growing with the attempt) raised to
+    need(shapes) where that is more: `shapes` are xmodal.features.feature_shape of the job's
+    input files that files(input) names. Until they exist (a dry run before the extractions)
+    Snakemake shows <TBD> and sizes the job when it is ready; an unreadable file keeps the
+    base, and the job's own reader names it."""
 
-    def mem_mb(wildcards, input, attempt):
+    def value(wildcards, input, attempt):
+        base = analysis_resources(kind, attempt)[name]
+        try:  # FileNotFoundError: Snakemake's signal to size the job once the files are made
+            shapes = [feature_shape(path) for path in files(input)]
+        except FeatureFileError:
+            return base
+        return max(base, need(shapes) * attempt)
+
+    return {**retry_resources(kind), name: value}
+
+
+def gpa_resources():
+    """The GPA rules' memory (input `features`): xmodal.gpa.gpa_memory_mb, whose peak grows
+    with the stimuli and the widths (the language GPA: 46 GiB at 5,000 stimuli)."""
+
+    def need(shapes):
         # here, not at the top: the extraction's environment, which parses this file too,
         # need not hold what xmodal.gpa imports (scipy, threadpoolctl)
         from xmodal.gpa import gpa_memory_mb
 
-        base = analysis_resources("gpa", attempt)["mem_mb"]
-        try:  # FileNotFoundError: Snakemake's signal to size the job once the files are made
-            shapes = [feature_shape(path) for path in input.features]
-        except FeatureFileError:  # unreadable: the job's own reader names the file
-            return base
-        need = gpa_memory_mb(shapes[0][1], [dim for _, _, dim in shapes])
-        return max(base, need * attempt)
+        return gpa_memory_mb(shapes[0][1], [dim for _, _, dim in shapes])
 
-    return {**retry_resources("gpa"), "mem_mb": mem_mb}
+    return sized_resources("gpa", "mem_mb", lambda input: input.features, need)
 
 
 def pair_resources(kind):
-    """retry_resources("pair"), with the runtime of xmodal.resources.pair_minutes from the
-    shape of the job's LLM feature file (input `llm`) when that is more: the work grows as the
-    square of the stimuli (a layer search of 81 LLM layers took about 85 minutes at 9,000);
-    <TBD> in a dry run before the file exists (sized when the job is ready)."""
+    """A per-LLM alignment job's runtime (input `llm`): xmodal.resources.pair_minutes, the work
+    growing as the square of the stimuli (a layer search of 81 LLM layers took about 85
+    minutes at 9,000)."""
 
-    def runtime(wildcards, input, attempt):
+    def need(shapes):
         from xmodal.metrics import DENSE_MAX_M
 
-        base = analysis_resources("pair", attempt)["runtime"]
-        try:  # FileNotFoundError: Snakemake's signal to size the job once the file is made
-            n_layers, m, width = feature_shape(input.llm)
-        except FeatureFileError:  # unreadable: the job's own reader names the file
-            return base
+        n_layers, m, width = shapes[0]
         layers = n_layers if kind == "layer_search" else 1
-        need = pair_minutes(kind, m, width, layers, blocked=m > DENSE_MAX_M)
-        return max(base, need * attempt)
+        return pair_minutes(kind, m, width, layers, blocked=m > DENSE_MAX_M)
 
-    return {**retry_resources("pair"), "runtime": runtime}
+    return sized_resources("pair", "runtime", lambda input: [input.llm], need)
 
 
 def check_memory_resources():

@@ -199,6 +199,17 @@ def check_weight_files(directory: Path, model_id: str, *, allow_pickle: bool) ->
     )
 
 
+def model_config(folder: Path, model_id: str) -> Any:
+    """A model folder's ``config.json``, parsed; an :class:`ExtractionError` naming the model
+    and the folder when it cannot be read."""
+    import json
+
+    try:
+        return json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise ExtractionError(f"{model_id}: unreadable config.json in {folder} ({err})") from err
+
+
 def check_no_remote_code(directory: Path, model_id: str) -> str | None:
     """Refuse a transformers model whose config needs code from its repository.
 

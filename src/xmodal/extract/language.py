@@ -31,6 +31,7 @@ from xmodal.extract._common import (
     check_no_remote_code,
     check_weight_files,
     dtype_name,
+    model_config,
     progress_bar,
     resolve_dtype,
     resolve_model_folder,
@@ -115,10 +116,7 @@ def _check_on_gpus(model: torch.nn.Module, model_id: str) -> None:
 def _check_text_model_config(folder: Path, model_id: str) -> None:
     """Refuse, before any weight is loaded, an encoder–decoder model (T5, BART): its decoder
     needs inputs of its own, and the first batch failed deep inside transformers."""
-    try:
-        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise ExtractionError(f"{model_id}: unreadable config.json in {folder} ({err})") from err
+    config = model_config(folder, model_id)
     if isinstance(config, dict) and config.get("is_encoder_decoder"):
         raise ExtractionError(
             f"{model_id}: an encoder-decoder model (model_type {config.get('model_type')!r}, "

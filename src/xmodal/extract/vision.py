@@ -7,7 +7,6 @@ for the model (``resolve_data_config`` + ``create_transform``).
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Iterable, Sequence
@@ -26,6 +25,7 @@ from xmodal.extract._common import (
     UnsafeCheckpointError,
     check_weight_files,
     dtype_name,
+    model_config,
     progress_bar,
     resolve_model_folder,
 )
@@ -142,10 +142,7 @@ def load_vision_model(
 def _check_timm_config(folder: Path, model_id: str) -> None:
     """A transformers checkpoint given as a vision model failed as "timm could not build/load
     the model ('architecture')": its config.json names ``model_type``, timm's ``architecture``."""
-    try:
-        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise ExtractionError(f"{model_id}: unreadable config.json in {folder} ({err})") from err
+    config = model_config(folder, model_id)
     if isinstance(config, dict) and "architecture" not in config and "model_type" in config:
         raise ExtractionError(
             f"{model_id}: {folder} holds a transformers model (model_type "
