@@ -35,3 +35,4 @@ rule all:
     default_target: True
     input:
         get_final_output(),
+        missing_analysis_outputs,

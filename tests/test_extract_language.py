@@ -392,6 +392,38 @@ def test_models_that_do_not_read_token_ids_alone_are_refused_at_load(
         load_language_model(str(vit))
 
 
+def test_vision_language_models_given_as_language_models_are_refused(
+    tmp_path, tiny_lms, monkeypatch
+):
+    """CLIP failed inside the token-id check with transformers' NotImplementedError
+    ("get_input_embeddings not auto-handled"), and SigLIP, whose text tower passes it, on a
+    missing hidden_size (review): both are refused before loading, naming the model; a model
+    whose input embedding cannot be found is refused too."""
+    from transformers import CLIPConfig, CLIPModel, SiglipConfig, SiglipModel
+
+    text = dict(vocab_size=300, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                num_attention_heads=2)  # fmt: skip
+    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                  num_attention_heads=2, image_size=16, patch_size=8)  # fmt: skip
+    for name, config, model in (
+        ("clip", CLIPConfig, CLIPModel),
+        ("siglip", SiglipConfig, SiglipModel),
+    ):
+        folder = tmp_path / name
+        model(config(text_config=text, vision_config=vision)).save_pretrained(folder)
+        pattern = rf"{name}: a vision-language model \(model_type '{name}'"
+        with pytest.raises(ExtractionError, match=pattern):
+            load_language_model(str(folder))
+
+    def not_handled(self):
+        raise NotImplementedError("get_input_embeddings not auto-handled")
+
+    model = load_language_model(str(tiny_lms["llama"]))[0]
+    monkeypatch.setattr(type(model), "get_input_embeddings", not_handled)
+    with pytest.raises(ExtractionError, match=r"input embedding is not found: get_input_emb"):
+        load_language_model(str(tiny_lms["llama"]))
+
+
 def test_a_local_model_id_under_the_home_folder_is_loaded_from_there(
     tmp_path, tiny_lms, monkeypatch
 ):

@@ -383,7 +383,9 @@ def test_block_outputs_are_not_kept_alive_by_their_cls_tokens(tiny_vits):
     hooks.remove()
 
 
-def test_auto_dtype_is_float32_for_vision_and_decided_on_the_device_for_language(monkeypatch):
+def test_auto_dtype_is_float32_for_vision_and_decided_on_the_device_for_language(
+    monkeypatch, tmp_path
+):
     import xmodal.extract as extract
 
     seen = {}
@@ -395,7 +397,9 @@ def test_auto_dtype_is_float32_for_vision_and_decided_on_the_device_for_language
     monkeypatch.setattr(extract, "resolve_dtype", stop)
     for modality, want in (("vision", "float32"), ("language", "auto")):
         with pytest.raises(RuntimeError, match="stop"):
-            extract_features("m", {"modality": modality, "id": "x"}, "m.tsv", "o.h5", device="cpu")
+            extract_features(
+                "m", {"modality": modality, "id": "x"}, "m.tsv", tmp_path / "o.h5", device="cpu"
+            )
         assert seen["dtype"] == want
 
 

@@ -412,6 +412,14 @@ def test_a_nested_command_line_value_is_named_as_given_with_config(project: Path
     (line,) = schema_errors(cfg, schema, "config/x.yaml", command_line=given)
     assert line.startswith("Invalid configuration in --config: key 'analysis.metrics.1'"), line
     assert "as text" not in line
+    # an unknown key --config gave (`--config n_boot=10`) was blamed on the file (audit): it is
+    # named as --config's, with where the name is a setting; one in the file stays the file's
+    cfg = {**_demo_cfg(), "n_boot": 10}
+    (line,) = schema_errors(cfg, schema, "config/x.yaml", command_line={"n_boot": 10})
+    assert line.startswith("Invalid configuration in --config: key '(top level)'"), line
+    assert "('n_boot' was unexpected)" in line and "a key at analysis.n_boot" in line, line
+    (line,) = schema_errors(cfg, schema, "config/x.yaml", command_line={"seed": 1})
+    assert line.startswith("Invalid configuration in config/x.yaml: key '(top level)'"), line
 
 
 def test_unsafe_model_key_refused_by_check_config_too() -> None:

@@ -827,6 +827,21 @@ def test_a_perfect_rank_order_on_many_stimuli_gets_a_permutation_bound_not_zero(
     assert correlation_ci(x30, y, method="spearman", n_boot=0)["p_value"] >= 2 / math.factorial(
         30
     ) * (1 - 1e-9)
+    # with ties more pairings share each ρ: one tied pair at 9 (brute force over the midranks),
+    # two groups of 5 at 10 (exact 2/C(10, 5) = 0.0079; the bound of no ties gave 5.5e-7)
+    xt = np.array([0.0, 0, 1, 2, 3, 4, 5, 6, 7])
+    rt = scipy.stats.rankdata(xt)
+    yc = rt[np.array(list(itertools.permutations(range(9))))]
+    yc = yc - yc.mean(axis=1, keepdims=True)
+    xc = rt - rt.mean()
+    rhos = yc @ xc / np.sqrt((xc @ xc) * np.einsum("ij,ij->i", yc, yc))
+    exact = np.mean(np.abs(rhos) >= 1 - 1e-12)
+    got = correlation_ci(xt, xt, method="spearman", n_boot=0)["p_value"]
+    assert got == pytest.approx(exact, rel=1e-9)  # 2!/9!: the two orders of the tied pair
+    binary = np.repeat([0.0, 1.0], 5)
+    got = correlation_ci(binary, binary, method="spearman", n_boot=0)["p_value"]
+    assert got == pytest.approx(math.factorial(5) ** 2 / math.factorial(10), rel=1e-9)
+    assert got <= 2 / math.comb(10, 5)
     # the Pearson p is the t distribution's (exact for normal data): unchanged
     assert (
         correlation_ci(x30, x30, method="pearson", n_boot=0)["p_value"]

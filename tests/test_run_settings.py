@@ -200,3 +200,24 @@ def test_a_record_older_than_a_recorded_setting_is_compared_on_the_settings_it_h
     check_report_settings(path, CONFIG)
     record_run_settings(path, _with(analysis__knn_k=7), whole=False, succeeded=True)
     assert json.loads(path.read_text())["mixed"] is True  # a changed setting still counts
+
+
+def test_a_touch_run_that_changed_settings_is_named_and_not_advised_away(tmp_path):
+    """--touch records the new params in Snakemake's metadata without making anything: every
+    later run says "Nothing to be done", and the refusal's advice (delete the record when a
+    whole run has nothing to do) led to a report stating settings no table was made with
+    (audit). The record notes the touch; the refusal says to force the analysis, and only a
+    whole successful run clears it."""
+    path = tmp_path / "r.json"
+    record_run_settings(path, CONFIG, whole=True, succeeded=True)
+    record_run_settings(path, CONFIG, whole=False, succeeded=True, touched=True)
+    check_report_settings(path, CONFIG)  # a touch with the same settings changes nothing
+    new = _with(analysis__seed=1)
+    record_run_settings(path, new, whole=False, succeeded=True, touched=True)
+    record_run_settings(path, new, whole=False, succeeded=True)  # a later partial run
+    for cfg in (CONFIG, new):
+        with pytest.raises(ConfigError, match="--touch run marked") as err:
+            check_report_settings(path, cfg)
+        assert "--forcerun" in str(err.value) and "delete" not in str(err.value)
+    record_run_settings(path, new, whole=True, succeeded=True)
+    check_report_settings(path, new)

@@ -532,6 +532,53 @@ def test_a_feature_file_whose_last_job_failed_is_made_again(workflow_dir):
         os.replace(aside, path)
 
 
+def test_an_analysis_table_whose_job_failed_is_made_again(workflow_dir, demo_config):
+    """Snakemake deletes a failed job's output and then does not make a file again that only
+    other jobs read while what was made from it is in place: after a settings change whose
+    per-LLM job failed (or was killed, or its table deleted by hand), the next run said
+    "Nothing to be done" and kept the tables and figures of the earlier settings. The default
+    target asks for every missing analysis output (common.smk missing_analysis_outputs), with
+    a warning naming it; outputs of a step the config switches off stay missing."""
+    per_llm = workflow_dir / "results/alignment/demo/conditions/tiny-llama-s.tsv"
+    sets = workflow_dir / "results/dispersion/demo/heldout_sets.tsv"
+    language = workflow_dir / "results/language/demo/dispersion.tsv"
+    moved = []
+    try:
+        for path in (per_llm, sets, language):
+            moved.append((path, path.with_name(path.name + ".aside")))
+            os.replace(*moved[-1])
+            if path != per_llm:
+                continue
+            proc = snakemake(workflow_dir, "-n", "--profile", "profiles/demo")
+            out = proc.stdout + proc.stderr
+            counts = job_counts(out)
+            for rule in ("conditions", "aggregate", "summary", "drop_summary"):
+                assert counts.get(rule) == 1, (rule, counts, out[-3000:])
+            for rule in ("extract", "gpa", "layer_search", "stimulus_sets", "language_gpa"):
+                assert rule not in counts, (rule, counts)
+            assert "conditions/tiny-llama-s.tsv: made by an earlier run and missing now" in out
+        proc = snakemake(workflow_dir, "-n", "--profile", "profiles/demo")
+        counts = job_counts(proc.stdout + proc.stderr)
+        for rule in ("heldout_sets", "language_gpa", "joint_sets", "language_correlation"):
+            assert counts.get(rule) == 1, (rule, counts)
+        # with the held-out control and the language dispersion switched off, their missing
+        # outputs are not asked for
+        cfg = copy.deepcopy(demo_config)
+        cfg["analysis"]["heldout_layer"]["enabled"] = False
+        cfg["analysis"]["language_dispersion"] = {"enabled": False}
+        off = write_config(workflow_dir, cfg, "switched_off.yaml")
+        proc = snakemake(workflow_dir, "-n", "--profile", "profiles/demo", "--configfile", off)
+        counts = job_counts(proc.stdout + proc.stderr)
+        assert counts.get("conditions", 0) >= 1, counts  # the held-out switch is its param
+        for rule in ("heldout_sets", "language_gpa", "joint_sets", "language_correlation"):
+            assert rule not in counts, (rule, counts)
+    finally:
+        for path, aside in moved:
+            os.replace(aside, path)
+    proc = snakemake(workflow_dir, "-n", "--profile", "profiles/demo")
+    assert "Nothing to be done" in proc.stdout + proc.stderr, proc.stdout[-3000:]
+
+
 def test_jobs_use_the_threads_their_rules_declare(workflow_dir):
     """A job's thread pools follow its rule's ``threads`` (the vision GPA: 2; the language GPA:
     1, the default), not the machine's cores (before: min(models, cores) for every job, so the

@@ -412,20 +412,54 @@ def _yaml11_hint(value: Any) -> str | None:
     )
 
 
-def _given_on_command_line(
-    command_line: Mapping[str, Any], path: Sequence[Any], value: Any
-) -> bool:
-    """Whether ``--config`` gave ``value`` at ``path`` (a section it gave only part of is the
-    config file's, merged)."""
-    node: Any = command_line
+_ABSENT = object()
+
+
+def _node_at(tree: Any, path: Sequence[Any]) -> Any:
+    """The value at ``path`` in nested mappings and lists, ``_ABSENT`` where there is none."""
+    node: Any = tree
     for part in path:
         if isinstance(node, Mapping) and part in node:
             node = node[part]
         elif isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
             node = node[part]
         else:
-            return False
-    return node == value
+            return _ABSENT
+    return node
+
+
+def _given_on_command_line(
+    command_line: Mapping[str, Any], path: Sequence[Any], value: Any
+) -> bool:
+    """Whether ``--config`` gave ``value`` at ``path`` (a section it gave only part of is the
+    config file's, merged)."""
+    node = _node_at(command_line, path)
+    return node is not _ABSENT and node == value
+
+
+def _unexpected_keys(err: Any) -> list[str]:
+    """The keys an ``additionalProperties`` violation is about (none for other violations)."""
+    if err.validator != "additionalProperties" or not isinstance(err.instance, Mapping):
+        return []
+    known = err.schema.get("properties", {})
+    patterns = err.schema.get("patternProperties", {})
+    return [
+        k
+        for k in err.instance
+        if k not in known and not any(re.search(p, str(k)) for p in patterns)
+    ]
+
+
+def _schema_homes(schema: Mapping[str, Any], name: str, prefix: str = "") -> list[str]:
+    """Dotted keys of the schema's nested sections that hold a property ``name``."""
+    homes = []
+    for key, sub in (schema.get("properties") or {}).items():
+        here = f"{prefix}{key}"
+        if key == name and prefix:
+            homes.append(here)
+        if isinstance(sub, Mapping):
+            homes += _schema_homes(sub, name, here + ".")
+    return homes
 
 
 def schema_errors(
@@ -463,7 +497,19 @@ def schema_errors(
             ):
                 hint += f" (a number in quotes is text: write {err.instance.strip()} unquoted)"
         where = source
-        if command_line and _given_on_command_line(command_line, list(err.path), err.instance):
+        unexpected = _unexpected_keys(err)
+        given = _node_at(command_line or {}, list(err.path))
+        if unexpected and isinstance(given, Mapping) and set(unexpected) <= set(given):
+            # an unknown key --config gave (the file's own keys were merged around it)
+            where = "--config"
+            homes = sorted({h for k in unexpected for h in _schema_homes(schema, k)})
+            hint = (
+                " (--config sets whole top-level sections: a nested setting goes in a YAML "
+                "file given with --configfile"
+                + (f"; this name is a key at {', '.join(homes)}" if homes else "")
+                + ")"
+            )
+        elif command_line and _given_on_command_line(command_line, list(err.path), err.instance):
             where = "--config"
             if len(err.path) > 1 and isinstance(err.instance, str) and err.validator == "type":
                 # snakemake's --config reads a mapping's values with YAML's base loader: as text
@@ -550,7 +596,11 @@ def _read_record(path: Path) -> dict[str, Any] | None:
 
 
 def record_run_settings(
-    path: str | os.PathLike, config: Mapping[str, Any], whole: bool, succeeded: bool
+    path: str | os.PathLike,
+    config: Mapping[str, Any],
+    whole: bool,
+    succeeded: bool,
+    touched: bool = False,
 ) -> None:
     """Record, after a run, the settings its results were made with (``--report`` compares).
 
@@ -558,7 +608,9 @@ def record_run_settings(
     targets only, or a failed one, that changed them leaves results of both settings on disk:
     it records the new ones as ``mixed``, and a report is refused until a whole run succeeds.
     (The workflow counts a run without the ``params`` rerun trigger as one of some targets: a
-    changed setting reruns nothing there.)
+    changed setting reruns nothing there.) A ``--touch`` run (``touched``) that changed them is
+    noted as such: it marked results as made with the new settings without making them, so no
+    later run makes them by itself.
     An unreadable record counts as one with other settings.
     """
     from xmodal.io import atomic_path
@@ -577,6 +629,8 @@ def record_run_settings(
             if all(now.get(k) == v for k, v in old["settings"].items() if k in now):
                 return
         record = {"settings": now, "mixed": old is not None}
+        if touched and old is not None:
+            record["touched"] = True
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(record, indent=1) + "\n")
@@ -598,6 +652,14 @@ def check_report_settings(path: str | os.PathLike, config: Mapping[str, Any]) ->
         raise ConfigError(f"--report: {err}; {way_out}") from None
     if record is None:
         return
+    if record.get("touched"):
+        raise ConfigError(
+            f"--report: a --touch run marked the results as made with other settings than "
+            f"before ({path}) without making them, so no run makes them again by itself (it "
+            f"says 'Nothing to be done'); make the analysis again with this config, forcing its "
+            f"first steps (`--forcerun` with the rules docs/troubleshooting.md lists for "
+            f"--report), then make the report"
+        )
     if record.get("mixed"):
         raise ConfigError(
             f"--report: a run of only some targets, one that failed, or one without the params "

@@ -970,7 +970,9 @@ def _raw_modes(im: Image.Image) -> list[str]:
     """The decoder's raw modes (e.g. ``RGB;16B``, ``I;16S``), read before ``load()`` clears them."""
     out = []
     for tile in getattr(im, "tile", None) or []:
-        args = tile.args if isinstance(tile.args, tuple) else (tile.args,)
+        # (decoder, extents, offset, args): a named tuple from Pillow 11 on, a tuple before
+        args = tile[3] if len(tile) > 3 else ()
+        args = args if isinstance(args, tuple) else (args,)
         out += [a for a in args if isinstance(a, str)]
     return out
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from snakemake.exceptions import WorkflowError
+from snakemake.io import IOFile, apply_wildcards, get_wildcard_names
 from snakemake.logging import logger
 from snakemake.utils import validate
 
@@ -538,6 +539,71 @@ def figures_off(off):
     return [name for name, spec in FIGURES.items() if set(spec.required) & off]
 
 
+def switched_off_rules():
+    """The analysis rules that the config's switches turn off (those of disabled_tables())."""
+    off = set()
+    if not DROP_CONTROL.enabled:
+        off.add("drop_summary")
+    if not HELDOUT.enabled:
+        off |= {"heldout_sets", "heldout_summary"}
+    if not SELF_SELECTION.enabled:
+        off.add("self_selection_summary")
+    if not LANGUAGE_DISPERSION.enabled:
+        off |= {"language_gpa", "language_correlation", "joint_sets"}
+        off |= {"joint_conditions", "joint_aggregate"}
+    return off
+
+
+#: rules whose missing outputs the default target leaves missing: the feature files (GPU work,
+#: removed on purpose to save space; a failed job's are marked, unfinished_feature_files), the
+#: downloads, the manifest stamps (made again, they would re-extract every model), the demo's
+#: models (their settings are the extraction's params) and the figures (targets themselves)
+NOT_REMADE = ("all", "extract", "import_features", "prefetch_model", "prefetch_stimuli")
+NOT_REMADE += ("manifest_stamp", "demo_", "figure_")
+
+
+def missing_analysis_outputs(wildcards):
+    """The analysis outputs that are missing, for the default target. Snakemake does not make
+    a file that only other jobs read again while what was made from it is in place, so after
+    a job failed or was killed (Snakemake deletes its output) or a file was deleted by hand,
+    the next run said "Nothing to be done" and kept the tables made with the earlier settings;
+    asked for, they and everything made from them are made again."""
+    off = switched_off_rules()
+    paths = set()
+    for rule in workflow.rules:
+        if rule.name.startswith(NOT_REMADE) or rule.name in off:
+            continue
+        for pattern in map(str, rule.output):
+            unknown = get_wildcard_names(pattern) - {"dataset", "llm"}
+            if unknown:
+                raise WorkflowError(
+                    f"rule {rule.name}: output {pattern} has wildcards {sorted(unknown)}"
+                    " that missing_analysis_outputs (common.smk) cannot fill"
+                )
+            for llm in LANGUAGE if "llm" in get_wildcard_names(pattern) else [None]:
+                paths.add(apply_wildcards(pattern, {"dataset": DATASET, "llm": llm}))
+    missing = sorted(p for p in paths if not Path(p).exists())
+    # named when they were made before (a new model's or switch's tables are only new)
+    lost = [p for p in missing if made_before(p)]
+    if lost and workflow.is_main_process:
+        more = f" and {len(lost) - 3} more" if len(lost) > 3 else ""
+        logger.warning(
+            f"{', '.join(lost[:3])}{more}: made by an earlier run and missing now (a job that"
+            " failed or was killed, or a file deleted by hand): made again, with every table"
+            " and figure made from them"
+        )
+    return missing
+
+
+def made_before(path):
+    """Whether Snakemake holds a record of an earlier job that made ``path`` (False when its
+    records cannot be read)."""
+    try:
+        return bool(workflow.persistence.rule(IOFile(path)))
+    except Exception:
+        return False
+
+
 def get_final_output():
     paths = table_paths(DATASET)
     keys = ("loo", "grid", "layers", "contrasts", "summary", "images", "duplicates")
@@ -714,7 +780,7 @@ def record_settings_of_this_run(succeeded):
     args = _command_line()
     if args is None or not workflow.is_main_process:
         return
-    limits = (args.until, args.omit_from, args.allowed_rules)
+    limits = (args.until, args.omit_from, args.allowed_rules, args.target_jobs)
     # --touch marks results as made, --immediate-submit calls the hook before jobs ran
     limits += (args.touch, args.immediate_submit)
     last_batch = args.batch is None or (
@@ -729,7 +795,7 @@ def record_settings_of_this_run(succeeded):
         set(args.targets or ()) <= {"all"} and not any(limits) and last_batch and params
     )
     try:
-        record_run_settings(RUN_SETTINGS, config, whole, succeeded)
+        record_run_settings(RUN_SETTINGS, config, whole, succeeded, bool(args.touch))
     except Exception as err:
         # the run's results stand without the record; --report then checks less
         logger.warning(f"could not record the run's settings in {RUN_SETTINGS}: {err}")

@@ -117,6 +117,12 @@ def _check_text_model_config(folder: Path, model_id: str) -> None:
     """Refuse, before any weight is loaded, an encoder–decoder model (T5, BART): its decoder
     needs inputs of its own, and the first batch failed deep inside transformers."""
     config = model_config(folder, model_id)
+    if isinstance(config, dict) and "vision_config" in config:
+        raise ExtractionError(
+            f"{model_id}: a vision-language model (model_type {config.get('model_type')!r}, "
+            f"from {folder}); language models here are text models (decoder-only, as BLOOM "
+            "and LLaMA, or encoder-only): give a text-only checkpoint"
+        )
     if isinstance(config, dict) and config.get("is_encoder_decoder"):
         raise ExtractionError(
             f"{model_id}: an encoder-decoder model (model_type {config.get('model_type')!r}, "
@@ -186,11 +192,16 @@ def load_language_model(
             f"{model_id}: could not load tokenizer/model from {folder} ({err})"
         ) from err
     _check_all_weights_loaded(loading, model_id, folder)
-    if not isinstance(model.get_input_embeddings(), torch.nn.Embedding):
+    try:
+        embedding = model.get_input_embeddings()
+        found = f"a {type(embedding).__name__}"
+    except (NotImplementedError, AttributeError) as err:  # CLIP: "not auto-handled"
+        embedding, found = None, f"not found: {err}"
+    if not isinstance(embedding, torch.nn.Embedding):
         raise ExtractionError(
             f"{model_id}: {type(model).__name__} (from {folder}) does not read token ids (its "
-            f"input embedding is a {type(model.get_input_embeddings()).__name__}): a language "
-            "model here must be a text model (decoder-only, as BLOOM and LLaMA, or encoder-only)"
+            f"input embedding is {found}): a language model here must be a text model "
+            "(decoder-only, as BLOOM and LLaMA, or encoder-only)"
         )
     if device_map is None:
         model.to(device)
