@@ -348,9 +348,9 @@ def unfinished_feature_files():
         for path in paths:
             logger.warning(
                 f"{path}: the last job that made it failed or was killed (see "
-                f"logs/extract/{DATASET}/{Path(path).stem}.log), and what was made from the"
-                " earlier file is still in place: the default target makes it again; with"
-                f" other targets, name it too (`snakemake <your options> {path}`)"
+                f"logs/extract/{DATASET}/{Path(path).stem}.log), and what was made from an"
+                " earlier file, if there was one, is still in place: the default target makes"
+                f" it again; with other targets, name it too (`snakemake <your options> {path}`)"
             )
     return paths
 
@@ -570,14 +570,14 @@ def missing_analysis_outputs(wildcards):
     asked for, they and everything made from them are made again."""
     off = switched_off_rules()
     paths = set()
-    for rule in workflow.rules:
-        if rule.name.startswith(NOT_REMADE) or rule.name in off:
+    for step in workflow.rules:
+        if step.name.startswith(NOT_REMADE) or step.name in off:
             continue
-        for pattern in map(str, rule.output):
+        for pattern in map(str, step.output):
             unknown = get_wildcard_names(pattern) - {"dataset", "llm"}
             if unknown:
                 raise WorkflowError(
-                    f"rule {rule.name}: output {pattern} has wildcards {sorted(unknown)}"
+                    f"output {pattern} of {step.name} has wildcards {sorted(unknown)}"
                     " that missing_analysis_outputs (common.smk) cannot fill"
                 )
             for llm in LANGUAGE if "llm" in get_wildcard_names(pattern) else [None]:
