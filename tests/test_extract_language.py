@@ -415,6 +415,12 @@ def test_vision_language_models_given_as_language_models_are_refused(
         with pytest.raises(ExtractionError, match=pattern):
             load_language_model(str(folder))
 
+    # a text model whose vision tower is optional has "vision_config": null (transformers 5)
+    text_only = shutil.copytree(tiny_lms["llama"], tmp_path / "text-only")
+    config = json.loads((text_only / "config.json").read_text())
+    (text_only / "config.json").write_text(json.dumps({**config, "vision_config": None}))
+    assert load_language_model(str(text_only))[2]["architecture"] == "LlamaModel"
+
     def not_handled(self):
         raise NotImplementedError("get_input_embeddings not auto-handled")
 

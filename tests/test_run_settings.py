@@ -207,7 +207,8 @@ def test_a_touch_run_that_changed_settings_is_named_and_not_advised_away(tmp_pat
     later run says "Nothing to be done", and the refusal's advice (delete the record when a
     whole run has nothing to do) led to a report stating settings no table was made with
     (audit). The record notes the touch; the refusal says to force the analysis, and only a
-    whole successful run clears it."""
+    whole successful run that forced it clears the note (a later whole run that redid one
+    figure cleared it, and the report stated knn_k 5 over tables made at 10: review)."""
     path = tmp_path / "r.json"
     record_run_settings(path, CONFIG, whole=True, succeeded=True)
     record_run_settings(path, CONFIG, whole=False, succeeded=True, touched=True)
@@ -215,9 +216,16 @@ def test_a_touch_run_that_changed_settings_is_named_and_not_advised_away(tmp_pat
     new = _with(analysis__seed=1)
     record_run_settings(path, new, whole=False, succeeded=True, touched=True)
     record_run_settings(path, new, whole=False, succeeded=True)  # a later partial run
+    # a whole run that redoes something else (a deleted figure) does not redo what was touched
+    record_run_settings(path, new, whole=True, succeeded=True)
     for cfg in (CONFIG, new):
         with pytest.raises(ConfigError, match="--touch run marked") as err:
-            check_report_settings(path, cfg)
-        assert "--forcerun" in str(err.value) and "delete" not in str(err.value)
-    record_run_settings(path, new, whole=True, succeeded=True)
+            check_report_settings(path, cfg, ("gpa", "layer_search"))
+        assert "--forcerun gpa layer_search" in str(err.value), err.value
+        assert "delete" not in str(err.value)
+    record_run_settings(path, new, whole=False, succeeded=True, forced=True)  # some targets
+    record_run_settings(path, new, whole=True, succeeded=False, forced=True)  # failed
+    with pytest.raises(ConfigError, match="--touch run marked"):
+        check_report_settings(path, new)
+    record_run_settings(path, new, whole=True, succeeded=True, forced=True)
     check_report_settings(path, new)

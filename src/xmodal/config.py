@@ -601,6 +601,7 @@ def record_run_settings(
     whole: bool,
     succeeded: bool,
     touched: bool = False,
+    forced: bool = False,
 ) -> None:
     """Record, after a run, the settings its results were made with (``--report`` compares).
 
@@ -610,33 +611,38 @@ def record_run_settings(
     (The workflow counts a run without the ``params`` rerun trigger as one of some targets: a
     changed setting reruns nothing there.) A ``--touch`` run (``touched``) that changed them is
     noted as such: it marked results as made with the new settings without making them, so no
-    later run makes them by itself.
+    later run makes them by itself, and only a whole run that forced the analysis (``forced``:
+    ``--forceall``, or ``--forcerun`` with its first steps) clears the note.
     An unreadable record counts as one with other settings.
     """
     from xmodal.io import atomic_path
 
     now = report_settings(config)
     path = Path(path)
+    try:
+        old = _read_record(path)
+    except ValueError:
+        old = {"settings": None}
+    was_touched = bool(old and old.get("touched")) and not (whole and succeeded and forced)
     if whole and succeeded:
-        record = {"settings": now, "mixed": False}
+        record = {"settings": now, "mixed": was_touched}
     else:
-        try:
-            old = _read_record(path)
-        except ValueError:
-            old = {"settings": None}
         # a record made before a setting was recorded lacks it: compare the ones it has
         if old is not None and old["settings"] is not None:
             if all(now.get(k) == v for k, v in old["settings"].items() if k in now):
                 return
         record = {"settings": now, "mixed": old is not None}
-        if touched and old is not None:
-            record["touched"] = True
+        was_touched = was_touched or (touched and old is not None)
+    if was_touched:
+        record["touched"] = True
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(record, indent=1) + "\n")
 
 
-def check_report_settings(path: str | os.PathLike, config: Mapping[str, Any]) -> None:
+def check_report_settings(
+    path: str | os.PathLike, config: Mapping[str, Any], first_steps: Sequence[str] = ()
+) -> None:
     """Raise :class:`ConfigError` when the report's captions would state settings other than
     those the results were made with (the record :func:`record_run_settings` wrote). Results
     made before such records existed have none, and pass; so do keys a record lacks."""
@@ -657,8 +663,8 @@ def check_report_settings(path: str | os.PathLike, config: Mapping[str, Any]) ->
             f"--report: a --touch run marked the results as made with other settings than "
             f"before ({path}) without making them, so no run makes them again by itself (it "
             f"says 'Nothing to be done'); make the analysis again with this config, forcing its "
-            f"first steps (`--forcerun` with the rules docs/troubleshooting.md lists for "
-            f"--report), then make the report"
+            f"first steps (`snakemake <your options> --forcerun {' '.join(first_steps)}`; the "
+            f"extractions are not redone), then make the report"
         )
     if record.get("mixed"):
         raise ConfigError(

@@ -585,7 +585,12 @@ def missing_analysis_outputs(wildcards):
     missing = sorted(p for p in paths if not Path(p).exists())
     # named when they were made before (a new model's or switch's tables are only new)
     lost = [p for p in missing if made_before(p)]
-    if lost and workflow.is_main_process:
+    args = _command_line()
+    # not where this run makes nothing, or leaves some of it out
+    narrowed = args is not None and (
+        any(getattr(args, name, None) for name in _NO_JOBS) or args.omit_from or args.until
+    )
+    if lost and workflow.is_main_process and not narrowed:
         more = f" and {len(lost) - 3} more" if len(lost) > 3 else ""
         logger.warning(
             f"{', '.join(lost[:3])}{more}: made by an earlier run and missing now (a job that"
@@ -764,7 +769,7 @@ def check_report_inputs():
             " first (a dry run lists what it redraws), then make the report"
         )
     try:
-        check_report_settings(RUN_SETTINGS, config)
+        check_report_settings(RUN_SETTINGS, config, FIRST_ANALYSIS_STEPS)
     except ConfigError as err:
         raise WorkflowError(str(err)) from None
 
@@ -772,6 +777,12 @@ def check_report_inputs():
 #: The settings the last runs made their results with, which the report's captions state
 #: (xmodal.config.record_run_settings)
 RUN_SETTINGS = f"results/report/{DATASET}_run_settings.json"
+
+
+#: the analysis steps that read only the feature files and the stimuli: forced
+#: (`--forcerun` with these), every table and figure is made again, and no extraction
+FIRST_ANALYSIS_STEPS = ("gpa", "leave_one_model_out", "layer_search", "vision_diagnostics")
+FIRST_ANALYSIS_STEPS += ("image_properties", "stimuli_report", "models_table")
 
 
 def record_settings_of_this_run(succeeded):
@@ -794,8 +805,10 @@ def record_settings_of_this_run(succeeded):
     whole = (
         set(args.targets or ()) <= {"all"} and not any(limits) and last_batch and params
     )
+    # the analysis made again from its first steps (what clears a --touch run's note)
+    forced = bool(args.forceall) or set(FIRST_ANALYSIS_STEPS) <= set(args.forcerun or ())
     try:
-        record_run_settings(RUN_SETTINGS, config, whole, succeeded, bool(args.touch))
+        record_run_settings(RUN_SETTINGS, config, whole, succeeded, bool(args.touch), forced)
     except Exception as err:
         # the run's results stand without the record; --report then checks less
         logger.warning(f"could not record the run's settings in {RUN_SETTINGS}: {err}")

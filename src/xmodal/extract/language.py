@@ -117,7 +117,8 @@ def _check_text_model_config(folder: Path, model_id: str) -> None:
     """Refuse, before any weight is loaded, an encoder–decoder model (T5, BART): its decoder
     needs inputs of its own, and the first batch failed deep inside transformers."""
     config = model_config(folder, model_id)
-    if isinstance(config, dict) and "vision_config" in config:
+    # transformers writes "vision_config": null for text models whose vision tower is optional
+    if isinstance(config, dict) and config.get("vision_config"):
         raise ExtractionError(
             f"{model_id}: a vision-language model (model_type {config.get('model_type')!r}, "
             f"from {folder}); language models here are text models (decoder-only, as BLOOM "
