@@ -312,7 +312,9 @@ def test_stimuli_rows_without_a_caption_or_embedded_image_are_named(tmp_path: Pa
         {"data/train-0.parquet": parquet_bytes([good, (image_bytes("PNG", (0, 0, 0)), [])])},
     )  # fmt: skip
     assert sha
-    with pytest.raises(PrefetchError, match="row 1 has an empty caption"):
+    with pytest.raises(
+        PrefetchError, match=r"train-0\.parquet row 1 \(stimulus s0001\) has an empty caption"
+    ):
         prefetch_stimuli("fake/empty", None, "train", tmp_path / "out", tmp_path / "hub")
     image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
     table = pa.table(
@@ -349,6 +351,41 @@ def test_missing_shards_of_datasets_and_weights() -> None:
         "model-00001-of-00002.safetensors"
     ]
     assert missing_shards(["README.md", "model.safetensors"]) == []
+    # datasets' push_to_hub names shards with a fingerprint: one of two was taken for a whole
+    # dataset offline (audit); the missing one is named with the others' fingerprint
+    assert missing_shards(["data/train-00000-of-00002-5f2c1d9a0b3e4f67.parquet"]) == [
+        "data/train-00001-of-00002-5f2c1d9a0b3e4f67.parquet"
+    ]
+    assert missing_shards(["t-00000-of-00003-aa.parquet", "t-00001-of-00003-bb.parquet"]) == [
+        "t-00002-of-00003-*.parquet"
+    ]
+    tagged = [f"data/train-0000{i}-of-00002-{i}f.parquet" for i in range(2)]
+    assert missing_shards(tagged) == []
+
+
+def test_the_prefetch_decodes_images_by_the_extraction_rules(tmp_path: Path) -> None:
+    """Its own check (Image.open and load) refused a 13500-pixel-wide JPEG the extraction
+    reduces and uses, and passed a TIFF with an Orientation tag that the stimuli check then
+    refused, advising a download that gives the same bytes (audit). Both now as load_rgb,
+    the refusal naming the file's row and the stimulus."""
+    wide = io.BytesIO()
+    Image.new("RGB", (13500, 40), (9, 8, 7)).save(wide, format="JPEG")
+    Image.MAX_IMAGE_PIXELS, limit = 200_000, Image.MAX_IMAGE_PIXELS  # a bomb to plain Image.open
+    try:
+        rotated = io.BytesIO()
+        Image.new("RGB", (8, 6), (1, 2, 3)).save(rotated, format="TIFF", exif={0x0112: 6})
+        ok = [(image_bytes("PNG", (1, 2, 3)), ["fine"]), (wide.getvalue(), ["wide"])]
+        fake_repo(tmp_path / "hub", "dataset", "fake/wide", "main",
+                  {"data/train-0.parquet": parquet_bytes(ok)})  # fmt: skip
+        prefetch_stimuli("fake/wide", None, "train", tmp_path / "out", tmp_path / "hub")
+        assert (tmp_path / "out" / "images" / "s0001.jpg").read_bytes() == wide.getvalue()
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
+    bad = [(image_bytes("PNG", (1, 2, 3)), ["fine"]), (rotated.getvalue(), ["rotated"])]
+    fake_repo(tmp_path / "hub2", "dataset", "fake/rot", "main",
+              {"data/train-0.parquet": parquet_bytes(bad)})  # fmt: skip
+    with pytest.raises(PrefetchError, match=r"stimulus 's0001'.*train-0\.parquet row 1.*Orient"):
+        prefetch_stimuli("fake/rot", None, "train", tmp_path / "out2", tmp_path / "hub2")
 
 
 def test_an_incomplete_cached_dataset_is_refused_offline(tmp_path: Path, monkeypatch) -> None:
@@ -391,7 +428,9 @@ def test_a_truncated_image_is_refused_at_prefetch_not_in_the_gpu_jobs(tmp_path: 
     rows = [(image_bytes("PNG", (1, 2, 3)), ["fine"]), (cut, ["cut in half"])]
     fake_repo(tmp_path / "hub", "dataset", "fake/cut", "main",
               {"data/train-0.parquet": parquet_bytes(rows)})  # fmt: skip
-    with pytest.raises(PrefetchError, match="row 1: image does not decode"):
+    with pytest.raises(
+        PrefetchError, match=r"stimulus 's0001': cannot decode image train-0\.parquet row 1 "
+    ):
         prefetch_stimuli("fake/cut", None, "train", tmp_path / "out", tmp_path / "hub")
 
 
@@ -411,7 +450,7 @@ def test_a_failed_rerun_leaves_no_manifest_next_to_new_images(tmp_path: Path) ->
         (image_bytes("PNG", (0, 0, 0)), []),
     ]
     fake_repo(hub, "dataset", "fake/two", "v2", {"data/train-0.parquet": parquet_bytes(blue)})
-    with pytest.raises(PrefetchError, match="row 1 has an empty caption"):
+    with pytest.raises(PrefetchError, match=r"row 1 \(stimulus s0001\) has an empty caption"):
         prefetch_stimuli("fake/two", "v2", "train", out, hub)
     assert not (out / "stimuli.tsv").exists() and not (out / "settings.json").exists()
 
@@ -420,7 +459,7 @@ def test_a_hub_caption_in_csv_quoted_form_is_refused_before_any_image(tmp_path: 
     """It stopped at write_manifest with advice for a hand-written file (rewrite it with
     write_manifest), after every image was written; a caption of zero-width characters too."""
     for caption, match in (('"Nighthawks ""by"" ""Hopper"""', "as a CSV writer quotes"),
-                           ("\u200b\u200b", "row 1 has an empty caption")):  # fmt: skip
+                           ("\u200b\u200b", r"row 1 \(stimulus s0001\) has an empty caption")):  # fmt: skip
         hub, out = tmp_path / caption.encode().hex()[:8], tmp_path / "out"
         rows = [
             (image_bytes("PNG", (1, 1, 1)), ["fine"]),

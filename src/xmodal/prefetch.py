@@ -17,7 +17,6 @@ only from the ``HF_TOKEN`` environment variable and are never logged or recorded
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
@@ -42,6 +41,8 @@ from xmodal.registry import (
 )
 from xmodal.stimuli import (
     MANIFEST_SETTINGS,
+    StimulusError,
+    decoded_format,
     is_blank,
     is_csv_quoted,
     write_manifest,
@@ -194,26 +195,32 @@ def _snapshot(
     return path, select(files), True
 
 
-_SHARD = re.compile(r"^(?P<stem>.*)-(?P<i>\d+)-of-(?P<n>\d+)(?P<ext>\.[^/]*)$")
+#: ``<stem>-NNNNN-of-MMMMM[-<tag>]<ext>``: datasets' push_to_hub adds a fingerprint tag
+_SHARD = re.compile(r"^(?P<stem>.*)-(?P<i>\d+)-of-(?P<n>\d+)(?P<tag>-[^/.]+)?(?P<ext>\.[^/]*)$")
 
 
 def missing_shards(files: Iterable[str], path: Path | None = None) -> list[str]:
     """Shards of a sharded file set that ``files`` lacks: every ``<stem>-NNNNN-of-MMMMM<ext>``
-    needs all M numbers, and every shard a weights index (``*.index.json`` in ``path``) names."""
+    (also with a ``-<tag>`` before ``<ext>``, as datasets' fingerprints) needs all M numbers,
+    and every shard a weights index (``*.index.json`` in ``path``) names."""
     files = set(files)
     groups: dict[tuple[str, str, str], set[int]] = {}
+    tags: dict[tuple[str, str, str], set[str]] = {}
     for f in files:
         m = _SHARD.match(f)
         if m:
             groups.setdefault((m["stem"], m["n"], m["ext"]), set()).add(int(m["i"]))
+            tags.setdefault((m["stem"], m["n"], m["ext"]), set()).add(m["tag"] or "")
     missing = []
     for (stem, n, ext), have in sorted(groups.items()):
         width = len(n)
+        # a missing shard's tag is not known: the others' where they share one
+        (tag,) = tags[stem, n, ext] if len(tags[stem, n, ext]) == 1 else {"-*"}
         # datasets' parquet shards count from 0, weights' from 1
         first = 0 if 0 in have or ext == ".parquet" else 1
         for i in range(first, int(n) + first):
             if i not in have:
-                missing.append(f"{stem}-{i:0{width}d}-of-{n}{ext}")
+                missing.append(f"{stem}-{i:0{width}d}-of-{n}{tag}{ext}")
     for index in sorted(f for f in files if f.endswith(".index.json")):
         try:
             weight_map = json.loads((path / index).read_text())["weight_map"] if path else {}
@@ -451,19 +458,20 @@ _SUFFIX = {"JPEG": ".jpg", "MPO": ".jpg", "PNG": ".png", "WEBP": ".webp", "GIF":
            "BMP": ".bmp", "TIFF": ".tif"}  # fmt: skip
 
 
-def _image_suffix(data: bytes) -> str:
-    """File suffix of encoded image bytes, after decoding every pixel (a truncated JPEG opens
-    and verifies, and would fail only in each vision model's GPU job)."""
-    from PIL import Image
+def _image_suffix(data: bytes, stimulus_id: str, label: str) -> str:
+    """File suffix of encoded image bytes, after decoding them by the rules the vision
+    extraction decodes by (xmodal.stimuli.load_rgb: a truncated JPEG opens and verifies, and
+    would fail only in each vision model's GPU job; a huge image is accepted as there)."""
+    fix = (
+        "this dataset's row cannot be used as it is: use the dataset through a local manifest "
+        "(stimuli.source: local), without the row or with its image saved again"
+    )
+    return _SUFFIX.get(decoded_format(data, stimulus_id, label, fix).upper(), ".img")
 
-    with Image.open(io.BytesIO(data)) as im:
-        fmt = (im.format or "").upper()
-        im.load()
-    return _SUFFIX.get(fmt, ".img")
 
-
-def _rows(paths: list[Path]) -> Iterator[tuple[bytes, str]]:
-    """(image bytes, caption) for every row of the parquet files, in order."""
+def _rows(paths: list[Path]) -> Iterator[tuple[bytes, str, str]]:
+    """(image bytes, caption, where: '<file> row <n>') for every row of the parquet files, in
+    order."""
     import pyarrow.parquet as pq
 
     for path in paths:
@@ -493,7 +501,7 @@ def _rows(paths: list[Path]) -> Iterator[tuple[bytes, str]]:
                     )
                 if isinstance(text, list | tuple):  # text[0] is the caption; [] has none
                     text = text[0] if text else None
-                yield data, "" if text is None else str(text)
+                yield data, "" if text is None else str(text), f"{path.name} row {row}"
                 row += 1
 
 
@@ -552,28 +560,27 @@ def prefetch_stimuli(
     # every row checked and decoded before any file is written
     checked = []
     flattened = []
-    for i, (data, raw_caption) in enumerate(rows):
+    for i, (data, raw_caption, where) in enumerate(rows):
         sid = f"s{i:0{width}d}"
+        at = f"dataset {repo}: {where} (stimulus {sid})"
         # a manifest line holds one stimulus: tabs and line breaks inside a caption become one
         # space each run (counted, logged and recorded in source.json)
         caption = _LINE_BREAKS.sub(" ", raw_caption)
         if caption != raw_caption:
             flattened.append(sid)
         if is_blank(caption):
-            raise PrefetchError(f"dataset {repo}: row {i} has an empty caption")
+            raise PrefetchError(f"{at} has an empty caption")
         if is_csv_quoted(caption):
             raise PrefetchError(
-                f"dataset {repo}: the caption of row {i} ({caption[:60]!r}) is written as a CSV "
+                f"{at}: the caption ({caption[:60]!r}) is written as a CSV "
                 "writer quotes a field (wrapped in quotes, each inner quote doubled); a manifest "
                 "reader cannot tell it from a quoting mistake. Use the dataset through a local "
                 "manifest (stimuli.source: local) with that caption written as meant"
             )
         try:
-            suffix = _image_suffix(data)
-        except Exception as err:
-            raise PrefetchError(
-                f"dataset {repo}: row {i}: image does not decode ({_reason(err)})"
-            ) from None
+            suffix = _image_suffix(data, sid, where)
+        except StimulusError as err:  # names the stimulus and the row
+            raise PrefetchError(f"dataset {repo}: {err}") from None
         checked.append((sid, suffix, data, caption))
     images = out / "images"
     images.mkdir(parents=True, exist_ok=True)

@@ -1141,6 +1141,16 @@ def load_rgb(
     return _decode(path, stimulus_id, path, log_conversions=log_conversions).image
 
 
+def decoded_format(data: bytes, stimulus_id: str, label: str, fix: str = _FIX_IMAGE) -> str:
+    """The format (Pillow's name) of encoded image bytes, decoded by the rules of
+    :func:`load_rgb`: a :class:`StimulusError`, naming ``stimulus_id`` and ``label`` and
+    advising ``fix``, where the vision extraction would refuse them."""
+    try:
+        return _decode(io.BytesIO(data), stimulus_id, label, log_conversions=False).format
+    except StimulusError as err:
+        raise StimulusError(str(err).replace(_FIX_IMAGE, fix)) from None
+
+
 def _pixels_digest(image: Image.Image) -> str:
     h = hashlib.sha256(f"{image.mode} {image.size[0]} {image.size[1]};".encode())
     h.update(image.tobytes())
