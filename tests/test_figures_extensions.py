@@ -489,3 +489,32 @@ def test_every_llm_gets_its_own_colour_beyond_eight_families():
     assert gaps.min() > 0.03, gaps.min()
     first = sns.color_palette(FAMILY_PALETTES[0], 7)
     assert [colours[f"f0-{s}"] for s in range(1, 6)] == list(first[2:])
+
+
+def test_model_labels_with_one_dollar_sign_stay_text_when_joined_into_pair_labels(inputs, tmp_path):
+    """The config allows a label with one "$" (plain text to matplotlib) but the pair ticks
+    join two labels: "CLIP $5 × BLOOM $10" was read as math (both "$" lost, the text between
+    in italics) and "CLIP $\\frac{" × "BLOOM $m" stopped the figure job with a mathtext
+    ParseException (audit). Such labels are escaped when drawn; a math label stays math."""
+    import io
+
+    from xmodal.figures._common import Models
+
+    models = read_table(inputs["models"])
+    vision = models.loc[models["modality"] == "vision", "model"].astype(str).tolist()
+    language = models.loc[models["modality"] == "language", "model"].astype(str).tolist()
+    labels = {vision[0]: "CLIP $5", language[0]: "BLOOM $10", vision[1]: "$\\alpha$-ViT"}
+    labels[language[1]] = "LM $\\frac{"
+    models["label"] = [labels.get(str(m), lab) for m, lab in models[["model", "label"]].values]
+    path = tmp_path / "models.tsv"
+    write_table(models, path)
+    table = Models.from_table(read_table(path))
+    assert table.label(vision[0]) == "CLIP \\$5" and table.label(vision[1]) == "$\\alpha$-ViT"
+    for name in ("contrasts", "heldout_layer"):
+        fig = render_figure(name, {**inputs, "models": path})
+        fig.savefig(io.BytesIO(), format="png", dpi=40)  # lays out every text: no ParseException
+        ticks = [t for t in fig.axes[0].get_yticklabels() if "CLIP" in t.get_text()]
+        pair = [t for t in ticks if "BLOOM" in t.get_text()]
+        assert pair, [t.get_text() for t in ticks]
+        text, math = pair[0]._preprocess_math(pair[0].get_text())
+        assert not math and text == "CLIP $5 × BLOOM $10", (text, math)

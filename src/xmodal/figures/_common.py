@@ -215,6 +215,10 @@ def panel_letter(i: int, start: str = "A") -> str:
     return chr(ord("A") + k) if k < 26 else f"{chr(ord('A') + k // 26 - 1)}{chr(ord('A') + k % 26)}"
 
 
+#: a ``$`` that no backslash escapes (matplotlib.cbook.is_math_text counts these)
+_UNESCAPED_DOLLAR = re.compile(r"(?<!\\)\$")
+
+
 @dataclass(frozen=True)
 class Models:
     """Model metadata from ``models.tsv``: labels, families, sizes and the display order.
@@ -241,9 +245,19 @@ class Models:
         return None
 
     def label(self, key: str) -> str:
-        """Readable label (the raw key only when models.tsv has none)."""
+        """Readable label (the raw key only when models.tsv has none), as matplotlib draws it.
+
+        A label with an odd number of unescaped ``$`` is plain text to matplotlib, and its
+        ``$`` are escaped here, so that a text joining it to another such label (the pair
+        ticks ``CLIP $5 × BLOOM $10``) is not read as math: that one lost both ``$`` and set
+        the text between them in math italics, and ``$\\frac{`` with another ``$`` stopped
+        the figure job (audit). Math labels (an even number, ``$\\alpha$-CLIP``) are kept.
+        """
         v = self._get(str(key), "label")
-        return str(v) if v is not None and str(v) != "" else str(key)
+        text = str(v) if v is not None and str(v) != "" else str(key)
+        if len(_UNESCAPED_DOLLAR.findall(text)) % 2:
+            text = _UNESCAPED_DOLLAR.sub(r"\\$", text)
+        return text
 
     def labels(self, keys: Iterable[str]) -> list[str]:
         """Labels of several keys."""
