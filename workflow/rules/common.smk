@@ -470,18 +470,43 @@ def table_paths(dataset):
     }
 
 
+def _switches():
+    """Each switch of the config, with the tables (table_paths keys) and the analysis rules it
+    turns off: (settings with `enabled`, tables, rules)."""
+    return (
+        (DROP_CONTROL, {"drop", "drop_summary"}, {"drop_summary"}),
+        (
+            HELDOUT,
+            {"heldout_layers", "heldout", "heldout_summary"},
+            {"heldout_sets", "heldout_summary"},
+        ),
+        (
+            SELF_SELECTION,
+            {"self_selection", "self_selection_summary"},
+            {"self_selection_summary"},
+        ),
+        (
+            LANGUAGE_DISPERSION,
+            {"language_dispersion", "language_correlation", "joint_cells"},
+            {
+                "language_gpa",
+                "language_correlation",
+                "joint_sets",
+                "joint_conditions",
+                "joint_aggregate",
+            },
+        ),
+    )
+
+
 def disabled_tables():
     """Tables that the config's switches turn off (never asked for, never a figure input)."""
-    off = set()
-    if not DROP_CONTROL.enabled:
-        off |= {"drop", "drop_summary"}
-    if not HELDOUT.enabled:
-        off |= {"heldout_layers", "heldout", "heldout_summary"}
-    if not SELF_SELECTION.enabled:
-        off |= {"self_selection", "self_selection_summary"}
-    if not LANGUAGE_DISPERSION.enabled:
-        off |= {"language_dispersion", "language_correlation", "joint_cells"}
-    return off
+    return set().union(*(tables for s, tables, _ in _switches() if not s.enabled))
+
+
+def switched_off_rules():
+    """The analysis rules that the config's switches turn off."""
+    return set().union(*(rules for s, _, rules in _switches() if not s.enabled))
 
 
 def figure_inputs(wildcards, name):
@@ -539,21 +564,6 @@ def figures_off(off):
     return [name for name, spec in FIGURES.items() if set(spec.required) & off]
 
 
-def switched_off_rules():
-    """The analysis rules that the config's switches turn off (those of disabled_tables())."""
-    off = set()
-    if not DROP_CONTROL.enabled:
-        off.add("drop_summary")
-    if not HELDOUT.enabled:
-        off |= {"heldout_sets", "heldout_summary"}
-    if not SELF_SELECTION.enabled:
-        off.add("self_selection_summary")
-    if not LANGUAGE_DISPERSION.enabled:
-        off |= {"language_gpa", "language_correlation", "joint_sets"}
-        off |= {"joint_conditions", "joint_aggregate"}
-    return off
-
-
 #: rules whose missing outputs the default target leaves missing: the feature files (GPU work,
 #: removed on purpose to save space; a failed job's are marked, unfinished_feature_files), the
 #: downloads, the manifest stamps (made again, they would re-extract every model), the demo's
@@ -574,22 +584,21 @@ def missing_analysis_outputs(wildcards):
         if step.name.startswith(NOT_REMADE) or step.name in off:
             continue
         for pattern in map(str, step.output):
-            unknown = get_wildcard_names(pattern) - {"dataset", "llm"}
-            if unknown:
+            names = get_wildcard_names(pattern)
+            if names - {"dataset", "llm"}:
                 raise WorkflowError(
-                    f"output {pattern} of {step.name} has wildcards {sorted(unknown)}"
-                    " that missing_analysis_outputs (common.smk) cannot fill"
+                    f"output {pattern} of {step.name} has wildcards"
+                    f" {sorted(names - {'dataset', 'llm'})} that missing_analysis_outputs"
+                    " (common.smk) cannot fill"
                 )
-            for llm in LANGUAGE if "llm" in get_wildcard_names(pattern) else [None]:
+            for llm in LANGUAGE if "llm" in names else [None]:
                 paths.add(apply_wildcards(pattern, {"dataset": DATASET, "llm": llm}))
     missing = sorted(p for p in paths if not Path(p).exists())
     # named when they were made before (a new model's or switch's tables are only new)
     lost = [p for p in missing if made_before(p)]
     args = _command_line()
     # not where this run makes nothing, or leaves some of it out
-    narrowed = args is not None and (
-        any(getattr(args, name, None) for name in _NO_JOBS) or args.omit_from or args.until
-    )
+    narrowed = _no_job_option(args) or (args is not None and (args.omit_from or args.until))
     if lost and workflow.is_main_process and not narrowed:
         more = f" and {len(lost) - 3} more" if len(lost) > 3 else ""
         logger.warning(
@@ -702,6 +711,11 @@ def _runs_no_job():
     if getattr(workflow.output_settings, "dryrun", False):
         return True
     args = _command_line()
+    return _no_job_option(args)
+
+
+def _no_job_option(args):
+    """The command line (_command_line()) names an option under which no job runs."""
     return args is not None and any(getattr(args, name, None) for name in _NO_JOBS)
 
 
