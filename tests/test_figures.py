@@ -327,7 +327,7 @@ def test_gallery(figs, inputs):
     span = f"{tokens.min():.0f}" + (f"–{tokens.max():.0f}" if tokens.max() > tokens.min() else "")
     assert lines[0] == f"{value[('caption_words', '')]:.0f} words, {span} tokens"
     assert lines[1] == (
-        f"colour {value[('colourfulness', '')]:.0f}, edges {value[('edge_density', '')]:.2f}"
+        f"colour {value[('colourfulness', '')]:.0f}, edges {value[('edge_density', '')]:.2g}"
     )
     assert lines[2] == (
         f"entropy {value[('entropy', '')]:.1f} bits, {value[('bytes_per_pixel', '')]:.2f} B/px"
@@ -582,6 +582,11 @@ def test_pc1_figures_say_when_pc1_does_not_follow_the_mean_dispersion(figs, inpu
     pc1_drop = render_figure("drop25", {**unoriented, "grid": tmp_path / "grid.tsv"})
     assert "PC1 score of dispersion" in pc1_drop.get_suptitle()
     assert "low and high may be swapped" in pc1_drop.get_suptitle().replace("\n", " ")
+    # the properties' correlations with PC1 (B) have a noise sign too (the figures audit)
+    titles = [ax.get_title(loc="left") for ax in render_figure("properties", unoriented).axes]
+    flagged = [t for t in titles if "the sign of every ρ here is noise" in t.replace("\n", " ")]
+    assert [t[0] for t in flagged] == ["B"], titles
+    assert "hardly follows" not in all_text(figs["properties"])
     # the language-side figure: both sides' PC1, in the PC1 panels (B, D) only
     lang = render_figure("language_dispersion", unoriented)
     titles = [ax.get_title(loc="left") for ax in lang.axes]

@@ -299,7 +299,7 @@ def _property_lines(props: pd.DataFrame | None) -> dict[str, str]:
             [
                 f"{_num(get(sid, 'caption_words'), '.0f')} words, {tok} tokens",
                 f"colour {_num(get(sid, 'colourfulness'), '.0f')}, "
-                f"edges {_num(get(sid, 'edge_density'), '.2f')}",
+                f"edges {_num(get(sid, 'edge_density'), '.2g')}",  # a fraction, often below 0.01
                 f"entropy {_num(get(sid, 'entropy'), '.1f')} bits, "
                 f"{_num(get(sid, 'bytes_per_pixel'), '.2f')} B/px",
                 _image_size(get(sid, "image_pixels"), get(sid, "aspect_ratio")),

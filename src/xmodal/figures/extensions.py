@@ -299,7 +299,13 @@ def draw_properties(data: FigureData) -> Figure:
     _forest(ax1, corr, rows, "mean", models)
     _forest(ax2, corr, rows, "pc1", models)
     ax1.set_title("A   Properties vs mean dispersion", loc="left")
-    ax2.set_title("B   Properties vs PC1 score", loc="left")
+    # docs/method.md, "Dispersion": a PC1 that does not follow its mean has a sign set by noise,
+    # and so has every correlation with it
+    caveat = pc1_caveat(disp)
+    note = (
+        f"\n{textwrap.fill(caveat + ': the sign of every ρ here is noise', 60)}" if caveat else ""
+    )
+    ax2.set_title(f"B   Properties vs PC1 score{note}", loc="left")
 
     axes = panel_grid(bottom, len(singles), ncols, sharey=True)
     d = disp.assign(stimulus_id=disp["stimulus_id"].astype(str)).set_index("stimulus_id")
