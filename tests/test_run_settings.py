@@ -160,6 +160,27 @@ def test_a_first_partial_run_records_its_settings_unmixed(tmp_path):
         check_report_settings(path, _with(analysis__knn_k=11))
 
 
+@pytest.mark.parametrize(("whole", "succeeded"), [(False, True), (True, False)])
+def test_without_a_record_a_partial_run_over_earlier_results_is_mixed(tmp_path, whole, succeeded):
+    """The record deleted (as the refusal advises after 'Nothing to be done'), then a run of one
+    step with knn_k 5: it was recorded as the results' settings, unmixed, and the report stated
+    k = 5 in every caption over tables made with 10 (the report audit). Where results of an
+    earlier run are on disk, nothing tells their settings; a whole successful run settles it."""
+    path = tmp_path / "r.json"
+    new = _with(analysis__knn_k=5)
+    record_run_settings(path, new, whole=whole, succeeded=succeeded, earlier=True)
+    for cfg in (CONFIG, new):
+        with pytest.raises(ConfigError, match="made with two different configs"):
+            check_report_settings(path, cfg)
+    path.unlink()
+    record_run_settings(path, new, whole=False, succeeded=True, touched=True, earlier=True)
+    with pytest.raises(ConfigError, match="a --touch run marked the results"):
+        check_report_settings(path, new)
+    path.unlink()
+    record_run_settings(path, new, whole=True, succeeded=True, earlier=True)
+    check_report_settings(path, new)
+
+
 @pytest.mark.parametrize("content", ["", "{trunc", "[]", '"x"', '{"settings": null}', "\udcff"])
 def test_an_unreadable_record_is_named_and_never_breaks_a_run(tmp_path, content):
     """A corrupt or foreign record: --report is refused naming the file and the way out; a

@@ -367,6 +367,20 @@ def test_report_with_other_settings_than_the_run_is_refused(workflow_dir, demo_c
         shutil.rmtree(profile)
 
 
+def test_a_report_after_the_run_is_refused_before_any_job(workflow_dir):
+    """--report-after-run counted as a command that runs no job: the start-up refusals (a
+    broken image, a changed manifest) became warnings, the extractions ran and failed, and
+    Snakemake deleted a good feature file; the report's checks read the results before the run
+    (the report audit). It is refused, before any job, with the way that works."""
+    out = workflow_dir / "results/report/after.html"
+    args = ("--configfile", "config/demo.yaml", "--cores", "1", "--report", str(out))
+    proc = snakemake(workflow_dir, *args, "--report-after-run", "--forcerun", "gpa", check=False)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and not out.exists(), text[-3000:]
+    assert "--report-after-run: the report's checks" in text and "--report alone" in text
+    assert "Finished job" not in text and "rule gpa" not in text, text[-3000:]
+
+
 def test_a_report_over_figures_older_than_their_tables_is_refused(workflow_dir):
     """A run of some targets (a relabelled model, one figure redrawn) left the other figures
     older than the models table they are drawn from; --report showed them, old labels and all,

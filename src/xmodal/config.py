@@ -602,6 +602,7 @@ def record_run_settings(
     succeeded: bool,
     touched: bool = False,
     forced: bool = False,
+    earlier: bool = False,
 ) -> None:
     """Record, after a run, the settings its results were made with (``--report`` compares).
 
@@ -613,7 +614,9 @@ def record_run_settings(
     noted as such: it marked results as made with the new settings without making them, so no
     later run makes them by itself, and only a whole run that forced the analysis (``forced``:
     ``--forceall``, or ``--forcerun`` with its first steps) clears the note.
-    An unreadable record counts as one with other settings.
+    An unreadable record counts as one with other settings, and so does a missing one where
+    results of an earlier run were on disk (``earlier``: a record deleted, or results made
+    before records existed), whose settings nothing then tells.
     """
     from xmodal.io import atomic_path
 
@@ -631,8 +634,9 @@ def record_run_settings(
         if old is not None and old["settings"] is not None:
             if all(now.get(k) == v for k, v in old["settings"].items() if k in now):
                 return
-        record = {"settings": now, "mixed": old is not None}
-        was_touched = was_touched or (touched and old is not None)
+        unknown = old is not None or earlier  # results on disk whose settings may differ
+        record = {"settings": now, "mixed": unknown}
+        was_touched = was_touched or (touched and unknown)
     if was_touched:
         record["touched"] = True
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -715,8 +715,12 @@ def _runs_no_job():
 
 
 def _no_job_option(args):
-    """The command line (_command_line()) names an option under which no job runs."""
-    return args is not None and any(getattr(args, name, None) for name in _NO_JOBS)
+    """The command line (_command_line()) names an option under which no job runs (--report
+    with --report-after-run runs the workflow first)."""
+    if args is None:
+        return False
+    names = [n for n in _NO_JOBS if n != "report" or not getattr(args, "report_after_run", 0)]
+    return any(getattr(args, name, None) for name in names)
 
 
 def stale_figures():
@@ -756,6 +760,13 @@ def check_report_inputs():
         or not workflow.is_main_process
     ):
         return
+    if getattr(args, "report_after_run", False):
+        # the checks below read the results the run would make (docs/troubleshooting.md)
+        raise WorkflowError(
+            "--report-after-run: the report's checks (of the settings the results were made"
+            " with, of figures older than their tables, of unfinished outputs) need the results"
+            " the run makes; run the workflow, then make the report with --report alone"
+        )
     from base64 import urlsafe_b64decode
 
     root = Path(".snakemake") / "incomplete"
@@ -793,6 +804,13 @@ def check_report_inputs():
 RUN_SETTINGS = f"results/report/{DATASET}_run_settings.json"
 
 
+#: results of an earlier run were on disk when this run started: without a record of their
+#: settings, a run of some targets cannot vouch for them (record_run_settings)
+EARLIER_RESULTS = any(
+    Path(p).exists() for k, p in table_paths(DATASET).items() if k != "manifest"
+)
+
+
 #: the analysis steps that read only the feature files and the stimuli: forced
 #: (`--forcerun` with these), every table and figure is made again, and no extraction
 FIRST_ANALYSIS_STEPS = ("gpa", "leave_one_model_out", "layer_search", "vision_diagnostics")
@@ -822,7 +840,9 @@ def record_settings_of_this_run(succeeded):
     # the analysis made again from its first steps (what clears a --touch run's note)
     forced = bool(args.forceall) or set(FIRST_ANALYSIS_STEPS) <= set(args.forcerun or ())
     try:
-        record_run_settings(RUN_SETTINGS, config, whole, succeeded, bool(args.touch), forced)
+        record_run_settings(
+            RUN_SETTINGS, config, whole, succeeded, bool(args.touch), forced, EARLIER_RESULTS
+        )
     except Exception as err:
         # the run's results stand without the record; --report then checks less
         logger.warning(f"could not record the run's settings in {RUN_SETTINGS}: {err}")
