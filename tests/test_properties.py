@@ -840,10 +840,35 @@ def test_a_perfect_rank_order_on_many_stimuli_gets_a_permutation_bound_not_zero(
     assert got == pytest.approx(exact, rel=1e-9)  # 2!/9!: the two orders of the tied pair
     binary = np.repeat([0.0, 1.0], 5)
     got = correlation_ci(binary, binary, method="spearman", n_boot=0)["p_value"]
-    assert got == pytest.approx(math.factorial(5) ** 2 / math.factorial(10), rel=1e-9)
-    assert got <= 2 / math.comb(10, 5)
+    assert got == pytest.approx(2 / math.comb(10, 5), rel=1e-9)  # both orders reach |ρ| = 1
     # the Pearson p is the t distribution's (exact for normal data): unchanged
     assert (
         correlation_ci(x30, x30, method="pearson", n_boot=0)["p_value"]
         == scipy.stats.pearsonr(x30, x30).pvalue
     )
+
+
+@pytest.mark.parametrize(
+    ("x_groups", "y_groups"),
+    [((1,) * 9, (4, 5)), ((3, 3, 3), (3, 3, 3)), ((2, 7), (3, 6)), ((2, 2, 2, 3), (3, 3, 3)),
+     ((1, 1, 7), (2, 7)), ((1,) * 9, (1,) * 9)],
+)  # fmt: skip
+def test_the_p_floor_is_the_smallest_permutation_p_with_ties(x_groups, y_groups):
+    """The floor was ∏t!/n! of the variable with more ties: a lower bound, 2–4× below the
+    smallest p any pairing gives where both variables have ties or the reverse order reaches
+    the same |ρ| (review). It is now that smallest p: over all 9! pairings, the share whose
+    |ρ| reaches the largest |ρ| any pairing has, or the other end's where it is smaller."""
+    import itertools
+
+    from xmodal.correlate import smallest_permutation_p
+
+    x = np.repeat(np.arange(len(x_groups), dtype=float), x_groups)
+    y = np.repeat(np.arange(len(y_groups), dtype=float), y_groups)
+    rx, ry = scipy.stats.rankdata(x), scipy.stats.rankdata(y)
+    yc = ry[np.array(list(itertools.permutations(range(9))))]
+    yc, xc = yc - yc.mean(axis=1, keepdims=True), rx - rx.mean()
+    rho = np.abs(yc @ xc / np.sqrt((xc @ xc) * np.einsum("ij,ij->i", yc, yc)))
+    # the p of each pairing: the share of pairings at its |ρ| or beyond
+    smallest = min(np.mean(rho >= r - 1e-9) for r in np.unique(rho.round(9))[-3:])
+    assert smallest_permutation_p(x, y) == pytest.approx(smallest, rel=1e-9)
+    assert smallest_permutation_p(y, x) == pytest.approx(smallest, rel=1e-9)

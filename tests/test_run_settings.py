@@ -250,3 +250,19 @@ def test_a_touch_run_that_changed_settings_is_named_and_not_advised_away(tmp_pat
         check_report_settings(path, new)
     record_run_settings(path, new, whole=True, succeeded=True, forced=True)
     check_report_settings(path, new)
+
+
+def test_a_touch_over_results_of_two_configs_is_noted(tmp_path):
+    """One table made with knn_k 5 (recorded as mixed), then --touch with 5: the touch marked
+    the tables made with 10 as made with 5, but the record had 5 already and the touch went
+    unnoted; the mixed refusal's advice (delete the record when a whole run has nothing to do)
+    then led to a report stating k = 5 over tables made with 10 (review)."""
+    path = tmp_path / "r.json"
+    record_run_settings(path, CONFIG, whole=True, succeeded=True)
+    new = _with(analysis__knn_k=5)
+    record_run_settings(path, new, whole=False, succeeded=True)
+    assert json.loads(path.read_text()) == {"settings": report_settings(new), "mixed": True}
+    record_run_settings(path, new, whole=False, succeeded=True, touched=True)
+    with pytest.raises(ConfigError, match="--touch run marked") as err:
+        check_report_settings(path, new, ("gpa",))
+    assert "delete" not in str(err.value)

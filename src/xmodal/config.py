@@ -504,7 +504,7 @@ def schema_errors(
             where = "--config"
             homes = sorted({h for k in unexpected for h in _schema_homes(schema, k)})
             hint = (
-                " (--config sets whole top-level sections: a nested setting goes in a YAML "
+                " (--config names top-level keys: a nested setting goes in a YAML "
                 "file given with --configfile"
                 + (f"; this name is a key at {', '.join(homes)}" if homes else "")
                 + ")"
@@ -632,7 +632,9 @@ def record_run_settings(
     else:
         # a record made before a setting was recorded lacks it: compare the ones it has
         if old is not None and old["settings"] is not None:
-            if all(now.get(k) == v for k, v in old["settings"].items() if k in now):
+            same = all(now.get(k) == v for k, v in old["settings"].items() if k in now)
+            # a touch over results of two configs marks the other config's as this one's
+            if same and not (touched and old.get("mixed")):
                 return
         unknown = old is not None or earlier  # results on disk whose settings may differ
         record = {"settings": now, "mixed": unknown}

@@ -1078,9 +1078,11 @@ def _decode(
     except (StimulusError, MemoryError):
         raise
     except Exception as err:  # Pillow raises IndexError, TypeError, … on some truncated files
+        # Pillow names the bytes read as '<_io.BytesIO object at 0x…>': not the user's file
+        said = re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "", str(err))
         raise StimulusError(
             f"stimulus {stimulus_id!r}: cannot decode image {path} ({type(err).__name__}: "
-            f"{err}); {_FIX_IMAGE}"
+            f"{said}); {_FIX_IMAGE}"
         ) from err
     notes = []
     if n_frames > 1:
