@@ -599,7 +599,9 @@ def missing_analysis_outputs(wildcards):
     lost = [p for p in missing if made_before(p)]
     args = _command_line()
     # not where this run makes nothing, or leaves some of it out
-    narrowed = _no_job_option(args) or (args is not None and (args.omit_from or args.until))
+    narrowed = _no_job_option(args) or (
+        args is not None and (args.omit_from or args.until)
+    )
     if lost and workflow.is_main_process and not narrowed:
         more = f" and {len(lost) - 3} more" if len(lost) > 3 else ""
         logger.warning(
@@ -720,7 +722,9 @@ def _no_job_option(args):
     with --report-after-run runs the workflow first)."""
     if args is None:
         return False
-    names = [n for n in _NO_JOBS if n != "report" or not getattr(args, "report_after_run", 0)]
+    names = [
+        n for n in _NO_JOBS if n != "report" or not getattr(args, "report_after_run", 0)
+    ]
     return any(getattr(args, name, None) for name in names)
 
 
@@ -754,9 +758,12 @@ def stale_figures():
 def drawn_from_this(output, table):
     """Whether Snakemake's record of the job that made ``output`` holds the checksum ``table``
     has now: a table written again with the same content (a forced or touched step) then
-    leaves the output as it is, and so does a run (Snakemake compares these checksums)."""
+    leaves the output as it is, and so does a run (Snakemake compares these checksums).
+    """
     try:
-        recorded = (_metadata_record(output).get("input_checksums") or {}).get(str(table))
+        recorded = (_metadata_record(output).get("input_checksums") or {}).get(
+            str(table)
+        )
         if not recorded:
             return False
         algorithm, _, digest = recorded.rpartition(":")
@@ -777,7 +784,9 @@ def _metadata_record(output):
     name = urlsafe_b64encode(str(output).encode()).decode()
     step = max(1, (os.pathconf(root, "PC_NAME_MAX") or 255) - 1)
     parts = [name[i : i + step] for i in range(0, len(name), step)]
-    record = json.loads(root.joinpath(*[f"@{p}" for p in parts[:-1]], parts[-1]).read_text())
+    record = json.loads(
+        root.joinpath(*[f"@{p}" for p in parts[:-1]], parts[-1]).read_text()
+    )
     return record if isinstance(record, dict) else {}
 
 
@@ -846,7 +855,12 @@ EARLIER_RESULTS = any(
 
 #: the analysis steps that read only the feature files and the stimuli: forced
 #: (`--forcerun` with these), every table and figure is made again, and no extraction
-FIRST_ANALYSIS_STEPS = ("gpa", "leave_one_model_out", "layer_search", "vision_diagnostics")
+FIRST_ANALYSIS_STEPS = (
+    "gpa",
+    "leave_one_model_out",
+    "layer_search",
+    "vision_diagnostics",
+)
 FIRST_ANALYSIS_STEPS += ("image_properties", "stimuli_report", "models_table")
 
 
@@ -871,10 +885,18 @@ def record_settings_of_this_run(succeeded):
         set(args.targets or ()) <= {"all"} and not any(limits) and last_batch and params
     )
     # the analysis made again from its first steps (what clears a --touch run's note)
-    forced = bool(args.forceall) or set(FIRST_ANALYSIS_STEPS) <= set(args.forcerun or ())
+    forced = bool(args.forceall) or set(FIRST_ANALYSIS_STEPS) <= set(
+        args.forcerun or ()
+    )
     try:
         record_run_settings(
-            RUN_SETTINGS, config, whole, succeeded, bool(args.touch), forced, EARLIER_RESULTS
+            RUN_SETTINGS,
+            config,
+            whole,
+            succeeded,
+            bool(args.touch),
+            forced,
+            EARLIER_RESULTS,
         )
     except Exception as err:
         # the run's results stand without the record; --report then checks less
