@@ -404,10 +404,15 @@ def read_tsv(path: str | Path, name: str = "") -> pd.DataFrame:
     return read_table(path)
 
 
-def pc1_caveat(dispersion: pd.DataFrame | None, side: str = "") -> str | None:
+def pc1_caveat(
+    dispersion: pd.DataFrame | None,
+    side: str = "",
+    consequence: str = "low and high may be swapped",
+) -> str | None:
     """A warning for figures of PC1 sets when PC1 does not follow the mean dispersion
     (:func:`xmodal.dispersion.pc1_orientation`): its sign, and so which set is low, is noise.
-    ``side`` ("language", "vision") names whose dispersion it is."""
+    ``side`` ("language", "vision") names whose dispersion it is; ``consequence`` says what the
+    noise sign does to the panel."""
     from xmodal.dispersion import pc1_orientation
 
     if dispersion is None:
@@ -418,7 +423,7 @@ def pc1_caveat(dispersion: pd.DataFrame | None, side: str = "") -> str | None:
     whose = f"{side} " if side else ""
     return (
         f"{whose.capitalize()}PC1 hardly follows the {whose}mean dispersion (r = {r:.3f}): "
-        "low and high may be swapped"
+        f"{consequence}"
     )
 
 

@@ -301,10 +301,8 @@ def draw_properties(data: FigureData) -> Figure:
     ax1.set_title("A   Properties vs mean dispersion", loc="left")
     # docs/method.md, "Dispersion": a PC1 that does not follow its mean has a sign set by noise,
     # and so has every correlation with it
-    caveat = pc1_caveat(disp)
-    note = (
-        f"\n{textwrap.fill(caveat + ': the sign of every ρ here is noise', 60)}" if caveat else ""
-    )
+    caveat = pc1_caveat(disp, consequence="the sign of every ρ here is noise")
+    note = f"\n{textwrap.fill(caveat, 60)}" if caveat else ""
     ax2.set_title(f"B   Properties vs PC1 score{note}", loc="left")
 
     axes = panel_grid(bottom, len(singles), ncols, sharey=True)
