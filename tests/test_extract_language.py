@@ -172,6 +172,64 @@ def test_a_checkpoint_missing_weights_is_refused(tmp_path, tiny_lms):
         load_language_model(str(folder))
 
 
+def test_a_checkpoint_with_blocks_beyond_its_config_is_refused(tmp_path, tiny_lms):
+    """config.json giving 2 layers over a 3-layer checkpoint built a model 2 blocks deep, exit 0:
+    its last hidden states those of a truncated network (the extra blocks only 'UNEXPECTED' in
+    transformers' printed report; model audit)."""
+    folder = tmp_path / "llama"
+    shutil.copytree(tiny_lms["llama"], folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    assert cfg["num_hidden_layers"] == 3
+    (folder / "config.json").write_text(json.dumps({**cfg, "num_hidden_layers": 2}))
+    with pytest.raises(ExtractionError, match=r"holds blocks .*\['layers\.2\..*gives 2 blocks"):
+        load_language_model(str(folder))
+
+
+def test_a_folder_without_a_tokenizer_file_is_named(tmp_path, tiny_lms):
+    """transformers said 'You need to have sentencepiece or tiktoken installed' (both were)."""
+    folder = tmp_path / "llama"
+    shutil.copytree(tiny_lms["llama"], folder)
+    (folder / "tokenizer.json").unlink()
+    with pytest.raises(ExtractionError, match=r"the folder has no tokenizer file \(tokenizer"):
+        load_language_model(str(folder))
+
+
+def test_a_pad_token_outside_the_embeddings_is_replaced(tmp_path, tiny_lms, captions):
+    """A pad token added to the tokenizer without resizing the model's embeddings (common in
+    LLaMA fine-tunes): the lookup failed inside torch with 'index out of range', naming nothing
+    (extraction audit). Padding is masked out, so an in-table token pads with the same
+    features; a caption token beyond the table (a tokenizer of another model) is refused."""
+    from transformers import AutoTokenizer
+
+    folder = tmp_path / "llama"
+    shutil.copytree(tiny_lms["llama"], folder)
+    tok = AutoTokenizer.from_pretrained(folder)
+    tok.add_special_tokens({"pad_token": "<pad>"})
+    tok.save_pretrained(folder)
+    model, tok, info = load_language_model(str(folder))
+    n = model.get_input_embeddings().num_embeddings
+    assert tok.pad_token == "</s>" and tok.pad_token_id < n
+    assert (
+        f"pad token '<pad>' has id {n}, outside the model's {n}"
+        in (info["tokenizer"]["pad_token_note"])
+    )
+    ref_model, ref_tok, _ = load_language_model(str(tiny_lms["llama"]))
+    got = extract_language_features(model, tok, captions[:5], stimulus_ids=IDS[:5], progress=False)
+    want = extract_language_features(
+        ref_model, ref_tok, captions[:5], stimulus_ids=IDS[:5], progress=False
+    )
+    np.testing.assert_array_equal(got.features, want.features)
+    tok.add_tokens(["zebra-striped"])  # a caption token the model has no embedding for
+    with pytest.raises(
+        ExtractionError,
+        match=rf"token id {n + 1}, beyond the model's {n} .*\['stim-01'\] \(1 in all\)",
+    ):
+        extract_language_features(
+            model, tok, [captions[0], "a zebra-striped cube", captions[0]],
+            stimulus_ids=IDS[:3], progress=False,
+        )  # fmt: skip
+
+
 def test_oom_halving_and_nan(tiny_lms, captions, monkeypatch, caplog):
     model, tok, _ = load_language_model(str(tiny_lms["bloom"]))
     ref = extract_language_features(

@@ -118,6 +118,34 @@ def test_pickle_only_checkpoint_refused(tmp_path, tiny_vits):
     )
 
 
+def test_the_checkpoint_timm_reads_is_the_one_checked_and_recorded(tmp_path, tiny_vits):
+    """A folder with pytorch_model.bin and an open_clip_model.safetensors: timm's local-dir
+    loader prefers the pickle, which loaded with allow_pickle false while the feature file
+    named the safetensors file (model audit)."""
+    from safetensors.torch import load_file, save_file
+
+    d = tmp_path / "both"
+    d.mkdir()
+    (d / "config.json").write_text((tiny_vits["clip"] / "config.json").read_text())
+    sd = load_file(tiny_vits["clip"] / "model.safetensors")
+    torch.save(sd, d / "pytorch_model.bin")
+    other = {k: v + 1.0 for k, v in sd.items()}
+    save_file(other, d / "open_clip_model.safetensors")
+    with pytest.raises(UnsafeCheckpointError, match=r"timm loads the pickle checkpoint pytorch"):
+        load_vision_model(str(d))
+    model, _, info = load_vision_model(str(d), allow_pickle=True)
+    assert info["weights"] == ["pytorch_model.bin"]
+    torch.testing.assert_close(
+        model.state_dict()["blocks.0.mlp.fc1.weight"], sd["blocks.0.mlp.fc1.weight"]
+    )
+    (d / "pytorch_model.bin").unlink()  # then the safetensors file is read, and named
+    model, _, info = load_vision_model(str(d))
+    assert info["weights"] == ["open_clip_model.safetensors"]
+    torch.testing.assert_close(
+        model.state_dict()["blocks.0.mlp.fc1.weight"], other["blocks.0.mlp.fc1.weight"]
+    )
+
+
 def test_weights_file(tmp_path):
     from safetensors.torch import save_file
 

@@ -102,6 +102,7 @@ def test_allow_pickle_keeps_the_index_of_pickle_shards(
                             "b": "pytorch_model-00002-of-00002.bin"}}  # fmt: skip
     files = {
         "config.json": b"{}",
+        "tokenizer.json": b"{}",
         "pytorch_model-00001-of-00002.bin": b"p1",
         "pytorch_model-00002-of-00002.bin": b"p2",
         "pytorch_model.bin.index.json": json.dumps(index).encode(),
@@ -118,7 +119,7 @@ def test_a_cached_model_missing_a_shard_only_its_index_names_is_refused(
     """Bug: prefetch_model checks the shard names but not the index it holds (``path`` not
     passed): a shard named only in ``model.safetensors.index.json`` may be missing."""
     index = {"weight_map": {"a": "part_a.safetensors", "b": "part_b.safetensors"}}
-    files = {"config.json": b"{}", "part_a.safetensors": b"w1",
+    files = {"config.json": b"{}", "tokenizer.json": b"{}", "part_a.safetensors": b"w1",
              "model.safetensors.index.json": json.dumps(index).encode()}  # fmt: skip
     fake_repo(tmp_path, "model", "org/odd-shards", "main", files)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

@@ -184,6 +184,29 @@ def test_timm_model_gets_config_and_safetensors_only(
     assert rec["files"] == ["config.json", "model.safetensors"]
 
 
+@pytest.mark.parametrize(
+    ("modality", "repo", "files", "lacks"),
+    [
+        ("language", "org/no-tok", {"config.json": b"{}", "tokenizer_config.json": b"{}",
+                                    "model.safetensors": b"w"}, "tokenizer file"),
+        ("language", "org/no-cfg", {"tokenizer.json": b"{}", "model.safetensors": b"w"},
+         "config.json"),
+        ("vision", "timm/vit_x.fake", {"model.safetensors": b"w"}, "config.json"),
+    ],
+)  # fmt: skip
+def test_a_repo_without_what_the_loader_reads_besides_weights_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, modality, repo, files, lacks
+) -> None:
+    """A snapshot without a tokenizer file passed the prefetch; the model's GPU job then failed
+    with 'You need to have sentencepiece or tiktoken installed' (installed), naming no file
+    (model audit). Refused at the prefetch, on the login node, naming what is missing."""
+    fake_repo(tmp_path, "model", repo, "main", files)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model_id = repo.removeprefix("timm/")
+    with pytest.raises(PrefetchError, match=rf"{repo} at revision main has no {lacks}"):
+        prefetch_model(model_id, modality, None, tmp_path)
+
+
 def test_pickle_only_repo_is_refused_unless_opted_in(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -35,6 +35,7 @@ from xmodal.logs import preview, redact
 from xmodal.registry import (
     LIBRARY,
     SAFE_SUFFIXES,
+    TOKENIZER_FILES,
     download_patterns,
     hub_repo_of,
     pickle_patterns,
@@ -251,6 +252,17 @@ def _select_weights(
     files: list[str], repo_id: str, revision: str, modality: str, allow_pickle: bool
 ) -> list[str]:
     library = LIBRARY[modality]
+    # what the loader needs besides weights, refused here (the login node) rather than in the
+    # model's GPU job, where a missing tokenizer read as "sentencepiece is not installed"
+    needs = [("config.json", "config.json")]
+    if library == "transformers":
+        needs.append((TOKENIZER_FILES, f"tokenizer file ({' or '.join(TOKENIZER_FILES)})"))
+    for pats, what in needs:
+        if not _match(files, (pats,) if isinstance(pats, str) else pats):
+            raise PrefetchError(
+                f"{repo_id} at revision {revision} has no {what} at its top level, where "
+                f"{library} reads it; files: {', '.join(files[:20]) or 'none'}"
+            )
     wanted = _match(files, download_patterns(library, allow_pickle=False))
     weights = [f for f in wanted if f.endswith(SAFE_SUFFIXES)]
     pickles = _match(files, pickle_patterns(library))

@@ -67,6 +67,9 @@ _SUPPORT = {
     "transformers": ("*.json", "tokenizer*", "*.model", "*.tiktoken", "vocab*", "merges.txt"),
 }
 _WEIGHTS = {"timm": ("model.safetensors",), "transformers": ("*.safetensors",)}
+#: The files a tokenizer is read from, one of which a transformers repository must hold at its
+#: top level (tokenizer_config.json alone only configures one)
+TOKENIZER_FILES = ("tokenizer.json", "*.model", "*.tiktoken", "vocab*", "merges.txt")
 _PICKLE_WEIGHTS = {"timm": ("pytorch_model.bin",), "transformers": ("*.bin",)}
 
 #: Site settings under ``extraction:`` and their defaults (the only place they are defaulted).

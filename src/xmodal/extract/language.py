@@ -15,8 +15,10 @@ import contextlib
 import json
 import logging
 import os
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +39,7 @@ from xmodal.extract._common import (
     resolve_model_folder,
 )
 from xmodal.logs import preview
-from xmodal.registry import download_patterns, hub_repo_of
+from xmodal.registry import TOKENIZER_FILES, download_patterns, hub_repo_of
 
 log = logging.getLogger(__name__)
 
@@ -189,10 +191,17 @@ def load_language_model(
             output_loading_info=True,
         )
     except (OSError, ValueError, KeyError, RuntimeError) as err:  # RuntimeError: shapes differ
+        names = [p.name for p in folder.iterdir()]
+        no_tokenizer = not any(fnmatch(n, p) for n in names for p in TOKENIZER_FILES)
         raise ExtractionError(
             f"{model_id}: could not load tokenizer/model from {folder} ({err})"
+            + (
+                f"; the folder has no tokenizer file ({' or '.join(TOKENIZER_FILES)})"
+                if no_tokenizer
+                else ""
+            )
         ) from err
-    _check_all_weights_loaded(loading, model_id, folder)
+    _check_all_weights_loaded(loading, model_id, folder, hidden_state_count(model) - 1)
     try:
         embedding = model.get_input_embeddings()
         found = f"a {type(embedding).__name__}"
@@ -209,7 +218,7 @@ def load_language_model(
     _check_on_gpus(model, model_id)
     model.eval().requires_grad_(False)
 
-    pad_note = _ensure_pad_token(tokenizer, model_id)
+    pad_note = _ensure_pad_token(tokenizer, model_id, embedding.num_embeddings)
     tokenizer.padding_side = "right"
     tokenizer.truncation_side = "right"  # as tokenize_captions cuts, recorded below
     info = dict(
@@ -248,12 +257,20 @@ def load_language_model(
     return model, tokenizer, info
 
 
-def _check_all_weights_loaded(loading: Mapping[str, Any], model_id: str, folder: Path) -> None:
-    """Refuse a model some of whose weights the checkpoint lacks: transformers initialises them
-    at random and only prints a report, so the features would come from random weights.
+#: a checkpoint tensor of block N of a model's layer stack (LLaMA's layers.N, BLOOM's h.N)
+_BLOCK_KEY = re.compile(r"(?:^|\.)(?:layers|h|layer|blocks)\.(\d+)\.")
 
-    Checkpoint tensors the model does not use (an LM head, old rotary buffers) are fine; weights
-    of another shape make transformers raise (ExtractionError "could not load")."""
+
+def _check_all_weights_loaded(
+    loading: Mapping[str, Any], model_id: str, folder: Path, n_blocks: int
+) -> None:
+    """Refuse a model some of whose weights the checkpoint lacks: transformers initialises them
+    at random and only prints a report, so the features would come from random weights. Refuse
+    one whose checkpoint has blocks beyond the config's ``n_blocks`` too: the model was built
+    short, its last hidden states those of a truncated network, with exit 0.
+
+    Other checkpoint tensors the model does not use (an LM head, old rotary buffers) are fine;
+    weights of another shape make transformers raise (ExtractionError "could not load")."""
     missing = sorted(loading.get("missing_keys") or [])
     if missing:
         raise ExtractionError(
@@ -261,21 +278,43 @@ def _check_all_weights_loaded(loading: Mapping[str, Any], model_id: str, folder:
             f"{preview(missing)}); they would be random. Prefetch the model again (an "
             "interrupted download?) or check that its config.json matches its weights"
         )
+    extra = sorted(
+        k
+        for k in loading.get("unexpected_keys") or []
+        if (found := _BLOCK_KEY.search(k)) and int(found.group(1)) >= n_blocks
+    )
+    if extra:
+        raise ExtractionError(
+            f"{model_id}: the checkpoint in {folder} holds blocks the model built from its "
+            f"config.json does not have ({preview(extra)}; the config gives {n_blocks} blocks): "
+            "the features would be those of a truncated network. Check that its config.json "
+            "matches its weights"
+        )
 
 
-def _ensure_pad_token(tokenizer: Any, model_id: str) -> str | None:
-    """Give the tokenizer a pad token from its own vocabulary when it has none."""
-    if tokenizer.pad_token is not None:
+def _ensure_pad_token(tokenizer: Any, model_id: str, n_embeddings: int) -> str | None:
+    """Give the tokenizer a pad token from its own vocabulary when it has none, or when its own
+    lies outside the model's ``n_embeddings`` input embeddings (a pad token added to a LLaMA
+    tokenizer without resizing the embeddings: the lookup failed inside torch, naming nothing).
+    Padding is masked out, so any token inside the table gives the same features."""
+    pad_id = tokenizer.pad_token_id
+    if tokenizer.pad_token is not None and pad_id is not None and 0 <= pad_id < n_embeddings:
         return None
+    why = (
+        "no pad token"
+        if tokenizer.pad_token is None
+        else f"pad token {tokenizer.pad_token!r} has id {pad_id}, outside the model's "
+        f"{n_embeddings} input embeddings"
+    )
     for name in ("eos_token", "unk_token", "bos_token"):
-        tok = getattr(tokenizer, name)
-        if tok is not None:
+        tok, tok_id = getattr(tokenizer, name), getattr(tokenizer, f"{name}_id")
+        if tok is not None and tok_id is not None and 0 <= tok_id < n_embeddings:
             tokenizer.pad_token = tok
-            note = f"no pad token; using {name} {tok!r} (padding is masked out of the pooling)"
+            note = f"{why}; using {name} {tok!r} (padding is masked out of the pooling)"
             break
     else:
         tokenizer.pad_token = tokenizer.convert_ids_to_tokens(0)
-        note = f"no pad token; using token id 0 {tokenizer.pad_token!r} (padding is masked out)"
+        note = f"{why}; using token id 0 {tokenizer.pad_token!r} (padding is masked out)"
     log.info("%s: %s", model_id, note)
     return note
 
@@ -601,6 +640,16 @@ def extract_language_features(
     first = np.array(sorted(rows_of), dtype=np.int64)
     order = first[np.argsort(-lengths[first], kind="stable")]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    n_embeddings = model.get_input_embeddings().num_embeddings
+    beyond = [i for i in first if max(token_ids[i], default=0) >= n_embeddings]
+    if beyond:
+        largest = max(max(token_ids[i]) for i in beyond)
+        raise ExtractionError(
+            f"{model_name}: its tokenizer gives token id {largest}, beyond the model's "
+            f"{n_embeddings} input embeddings, to the caption(s) of "
+            f"{preview([stimulus_ids[r] for i in beyond for r in rows_of[i]])}: a tokenizer that "
+            "does not match the model's weights (tokens added without resizing the embeddings?)"
+        )
     input_device = model.get_input_embeddings().weight.device
     n_hidden = hidden_state_count(model)
     names = language_layer_names(n_hidden)

@@ -41,6 +41,33 @@ __all__ = [
 ]
 
 
+def _timm_checkpoint(folder: Path, model_id: str, allow_pickle: bool) -> list[str] | None:
+    """The one checkpoint file timm's local-dir loader reads from ``folder``, by timm's own
+    order of preference (``timm.models._hub``; None where this timm has no such order): it
+    prefers a ``pytorch_model.bin`` to an ``open_clip_model.safetensors`` beside it, so a pickle
+    is refused here unless ``allow_pickle``, and the feature file names the file read."""
+    try:
+        from timm.models._hub import _EXT_PRIORITY, _PREFERRED_FILES
+    except ImportError:
+        return None
+    chosen = next((n for n in _PREFERRED_FILES if (folder / n).exists()), None)
+    for ext in _EXT_PRIORITY if chosen is None else ():
+        found = sorted(p.name for p in folder.glob(f"*{ext}"))
+        if found:
+            chosen = found[0]
+            break
+    if chosen is None:
+        return None
+    if chosen.endswith(PICKLE_SUFFIXES) and not allow_pickle:
+        raise UnsafeCheckpointError(
+            f"{model_id}: timm loads the pickle checkpoint {chosen} from {folder} (it prefers it "
+            "to the safetensors file(s) there); loading a pickle can run arbitrary code. Leave "
+            "only the safetensors weights in the folder (named model.safetensors), or opt in "
+            "with allow_pickle=True (config.yaml: extraction.allow_pickle: true)."
+        )
+    return [chosen]
+
+
 def load_vision_model(
     model_id: str,
     *,
@@ -98,8 +125,8 @@ def load_vision_model(
             raise ExtractionError(f"{model_id}: no timm config.json in {folder}")
         _check_timm_config(folder, model_id)
         weights = check_weight_files(folder, model_id, allow_pickle=allow_pickle)
+        weights = _timm_checkpoint(folder, model_id, allow_pickle) or weights
         name = model_id
-        # timm's local-dir loader prefers model.safetensors over pickle files when both exist
         create = dict(model_name=f"local-dir:{folder}", pretrained=True)
 
     try:
