@@ -1113,9 +1113,10 @@ def write_self_selection_summary(
     )
     for r in table.itertuples():
         log.info(
-            "%s, sets chosen %s: low > high in %d of %d valid pairs, interval of low - high "
-            "above 0 in %s of %d; median low / high %.2f over %d pairs",
-            r.metric, "with every vision model" if r.sets == "all" else "without the scored one",
+            "%s (%s), sets chosen %s: low > high in %d of %d valid pairs, interval of low - "
+            "high above 0 in %s of %d; median low / high %.2f over %d pairs",
+            r.metric, r.summary,
+            "with every vision model" if r.sets == "all" else "without the scored one",
             r.n_low_gt_high, r.n_valid, r.n_diff_ci_above_zero, r.n_with_ci,
             r.median_ratio_low_high, r.n_ratio,
         )  # fmt: skip
