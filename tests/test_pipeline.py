@@ -120,6 +120,19 @@ def test_vision_features_equal_up_to_rotation_and_scale_are_warned_about(
         caplog.text,
     ), caplog.text
     assert caplog.text.count("have the same features up to") == 1  # not the near copy, nor d
+    # the same model extracted twice, stored in float32, with a large common mean: the
+    # distances from the centre differ by rounding (1e-6 to 1e-5 relative), which a test of
+    # each distance to 1e-6 took for another model before the fit was tried (GPA audit)
+    y = (rng.standard_normal((3, 256, 384)) + 10.0).astype(np.float32)
+    again = (y.astype(np.float64) * (1 + 1e-6 * rng.standard_normal(y.shape))).astype(np.float32)
+    many = [f"s{i:03d}" for i in range(256)]
+    paths = [
+        _write(tmp_path / f"{k}.h5", k, "vision", v, ids=many) for k, v in (("e", y), ("f", again))
+    ]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="xmodal.pipeline"):
+        pipeline.read_vision_layers(paths, ["e", "f"], -2)
+    assert "models 'e' and 'f' have the same features up to a rotation" in caplog.text
 
 
 def test_a_rank_deficient_vision_model_is_named_and_its_rank_recorded(

@@ -907,3 +907,19 @@ def test_manifest_settings_are_compared_with_the_config(tmp_path):
         manifest_settings_changed(manifest, {"repo": "r", "revision": None, "split": "train"})
         is None
     )
+
+
+def test_a_digest_is_of_the_file_the_extraction_reads_through_a_linked_folder(tmp_path):
+    """'link/../d.jpg' with link a symbolic link to another folder: the OS opens d.jpg next to
+    the link's target, but the digest collapsed the path as text and read the manifest
+    folder's d.jpg (or nothing): a replaced image reran nothing, and every run refused the
+    freshly extracted feature file as another stimuli's (manifest audit)."""
+    root, far = tmp_path / "stimuli", tmp_path / "elsewhere"
+    (far / "sub").mkdir(parents=True)
+    root.mkdir()
+    (root / "link").symlink_to(far / "sub")
+    (far / "d.jpg").write_bytes(b"the image the extraction reads")
+    (root / "d.jpg").write_bytes(b"another file")
+    (digest,) = image_file_digests(["link/../d.jpg"], root)
+    assert digest == hashlib.sha256(b"the image the extraction reads").hexdigest()
+    assert (root / "link/../d.jpg").read_bytes() == b"the image the extraction reads"

@@ -475,7 +475,9 @@ def file_digests(
     """
     cache = None if cache is None else Path(cache)
     known = _read_digest_cache(cache)
-    files = [os.path.abspath(p) for p in paths]
+    # absolute, but '..' kept: abspath collapsed link/../x as text, where the OS follows the
+    # symbolic link first, so the digest was of another file than the extraction reads
+    files = [os.fspath(Path(p).absolute()) for p in paths]
     digests: dict[str, str | None] = {}
     todo: dict[str, list[int]] = {}  # file -> its stat key, taken before it is read
     for path in dict.fromkeys(files):  # each file once, in order

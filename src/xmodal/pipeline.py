@@ -143,6 +143,11 @@ def read_vision_layers(
     return read_gpa_layers(paths, models, [layer] * len(models), "vision", "analysis.vision_layer")
 
 
+#: 1 − ‖N_iᵀN_j‖_* below which two models' prepared features are one model's (half the squared
+#: Procrustes distance of the unit-norm centred features)
+_SAME_UP_TO_ROTATION = 1e-9
+
+
 def _warn_identical(
     models: Sequence[str], reps: Sequence[np.ndarray], up_to_rotation: bool = False
 ) -> None:
@@ -165,18 +170,20 @@ def _warn_identical(
                     models[j],
                     models[i],
                 )
-            elif unit and np.allclose(unit[i][1], unit[j][1], rtol=1e-6, atol=1e-12):
-                # equal distances from the centre for every stimulus (rotation-invariant, cheap);
-                # then the Procrustes fit: 1 − ‖N_iᵀ N_j‖_* = half the squared distance
+            elif unit and np.sum((unit[i][1] - unit[j][1]) ** 2) <= 4 * _SAME_UP_TO_ROTATION:
+                # distances from the centre (rotation-invariant, cheap): Σ_j (‖a_j‖ − ‖b_j‖)²
+                # ≤ ‖A − B Q‖²_F = 2 (1 − ‖AᵀB‖_*), so no pair within the bound is passed over
+                # (a test of each distance to 1e-6 passed over float32 copies); then the
+                # Procrustes fit: 1 − ‖N_iᵀ N_j‖_* = half the squared distance
                 import scipy.linalg
 
                 gap = 1.0 - float(scipy.linalg.svdvals(unit[i][0].T @ unit[j][0]).sum())
-                if gap < 1e-9:
+                if gap < _SAME_UP_TO_ROTATION:
                     log.warning(
                         "models %r and %r have the same features up to a rotation, reflection "
                         "and scale (GPA fits one onto the other exactly: 1 − ‖N_iᵀN_j‖_* = "
-                        "%.1e): they count twice in GPA, and leave-one-model-out's correlations "
-                        "are rounding noise; remove one of them from config.yaml",
+                        "%.1e): they count twice in GPA and leave-one-model-out (inflating its "
+                        "correlations); remove one of them from config.yaml",
                         models[j],
                         models[i],
                         gap,
