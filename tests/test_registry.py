@@ -333,6 +333,18 @@ def test_same_weights_under_two_keys_are_reported() -> None:
         ("mae-h", "mae-h-copy", "hub repository timm/vit_huge_patch14_224.mae at revision main")
     ]
     assert Registry.from_config(paper()).duplicate_ids() == []
+    # one key left at main, the other pinned to the commit main resolved to when downloaded
+    # (their prefetch records): the same weights, extracted twice (model audit)
+    sha = "0123456789abcdef0123456789abcdef01234567"
+    cfg = paper()
+    cfg["models"]["mae-h-pinned"] = {**cfg["models"]["mae-h"], "label": "MAE (pinned)",
+                                     "revision": sha}  # fmt: skip
+    reg = Registry.from_config(cfg)
+    assert reg.duplicate_ids() == []  # main may be another commit: not known without records
+    assert reg.duplicate_ids({"mae-h": sha, "mae-h-pinned": sha}) == [
+        ("mae-h", "mae-h-pinned", f"hub repository timm/vit_huge_patch14_224.mae at revision {sha}")
+    ]
+    assert reg.duplicate_ids({"mae-h": "f" * 40, "mae-h-pinned": sha}) == []
 
 
 def test_download_patterns_cover_what_each_library_loads() -> None:

@@ -463,15 +463,20 @@ class Registry(Mapping[str, ModelEntry]):
                     "features), or remove the model"
                 )
 
-    def duplicate_ids(self) -> list[tuple[str, str, str]]:
+    def duplicate_ids(
+        self, resolved: Mapping[str, str | None] | None = None
+    ) -> list[tuple[str, str, str]]:
         """Pairs of keys that name the same weights (same hub repository and revision, or the
-        same local directory): ``(first key, second key, what they share)``."""
+        same local directory): ``(first key, second key, what they share)``. ``resolved``: the
+        commit each hub model's download resolved its revision to, where known (its prefetch
+        record), so that a revision left as main and the commit main resolved to are one."""
         seen: dict[tuple, str] = {}
         out = []
         for e in self.values():
             if e.source == "hub":
-                ident: tuple = ("hub", e.hub_repo, e.revision or "main")
-                what = f"hub repository {e.hub_repo} at revision {e.revision or 'main'}"
+                rev = (resolved or {}).get(e.key) or e.revision or "main"
+                ident: tuple = ("hub", e.hub_repo, rev)
+                what = f"hub repository {e.hub_repo} at revision {rev}"
             elif e.source == "local":
                 ident = ("local", str(Path(e.id).expanduser().resolve()))
                 what = f"local directory {e.id}"

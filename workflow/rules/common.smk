@@ -57,6 +57,7 @@ from xmodal.language_dispersion import LanguageDispersionSettings
 from xmodal.demo.build import demo_needs
 from xmodal.io import unfinished_outputs
 from xmodal.logs import forward_to
+from xmodal.prefetch import downloaded_revision
 from xmodal.properties import annotations, check_annotations
 from xmodal.registry import Registry, built_model_dir
 from xmodal.resources import analysis_resources, pair_minutes
@@ -136,9 +137,15 @@ except ConfigError as err:
 
 # the same model twice would count twice in its modality's GPA and leave-one-model-out: the
 # dispersion of a stimulus would weigh that model double, with exit code 0 (a warning before)
+# (a revision left as main and the commit it resolved to, once downloaded, are one revision)
+_RESOLVED = {
+    e.key: downloaded_revision(e.key, e.id, e.revision)
+    for e in REGISTRY.values()
+    if e.source == "hub"
+}
 _DUPLICATES = [
     f"models '{first}' and '{second}' are the same model ({what})"
-    for first, second, what in REGISTRY.duplicate_ids()
+    for first, second, what in REGISTRY.duplicate_ids(_RESOLVED)
 ]
 if _DUPLICATES:
     raise WorkflowError(
