@@ -639,6 +639,8 @@ def record_run_settings(
         unknown = old is not None or earlier  # results on disk whose settings may differ
         record = {"settings": now, "mixed": unknown}
         was_touched = was_touched or (touched and unknown)
+        if (old is None and earlier) or (old is not None and old.get("untold")):
+            record["untold"] = True  # no record says what settings those results had
     if was_touched:
         record["touched"] = True
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -664,13 +666,29 @@ def check_report_settings(
         raise ConfigError(f"--report: {err}; {way_out}") from None
     if record is None:
         return
+    # no record said what settings the results had when a run of some targets (or a touch)
+    # ran over them: a record deleted, or results older than records
+    untold = (
+        f"results whose settings no record told ({path} deleted, or results older than "
+        "such records), which may have been made with another config"
+    )
     if record.get("touched"):
+        what = (
+            f"this config's settings, over {untold},"
+            if record.get("untold")
+            else f"other settings than before ({path})"
+        )
         raise ConfigError(
-            f"--report: a --touch run marked the results as made with other settings than "
-            f"before ({path}) without making them, so no run makes them again by itself (it "
+            f"--report: a --touch run marked the results as made with {what} without making "
+            f"them, so no run makes them again by itself (it "
             f"says 'Nothing to be done'); make the analysis again with this config, forcing its "
             f"first steps (`snakemake <your options> --forcerun {' '.join(first_steps)}`; the "
             f"extractions are not redone), then make the report"
+        )
+    if record.get("mixed") and record.get("untold"):
+        raise ConfigError(
+            f"--report: a run of only some targets, one that failed, or one without the params "
+            f"rerun trigger (--rerun-triggers), ran over {untold}; {way_out}"
         )
     if record.get("mixed"):
         raise ConfigError(
