@@ -254,11 +254,11 @@ def _select_weights(
     library = LIBRARY[modality]
     # what the loader needs besides weights, refused here (the login node) rather than in the
     # model's GPU job, where a missing tokenizer read as "sentencepiece is not installed"
-    needs = [("config.json", "config.json")]
+    needs = [(("config.json",), "config.json")]
     if library == "transformers":
         needs.append((TOKENIZER_FILES, f"tokenizer file ({' or '.join(TOKENIZER_FILES)})"))
-    for pats, what in needs:
-        if not _match(files, (pats,) if isinstance(pats, str) else pats):
+    for patterns, what in needs:
+        if not _match(files, patterns):
             raise PrefetchError(
                 f"{repo_id} at revision {revision} has no {what} at its top level, where "
                 f"{library} reads it; files: {', '.join(files[:20]) or 'none'}"

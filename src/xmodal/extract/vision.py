@@ -51,11 +51,9 @@ def _timm_checkpoint(folder: Path, model_id: str, allow_pickle: bool) -> list[st
     except ImportError:
         return None
     chosen = next((n for n in _PREFERRED_FILES if (folder / n).exists()), None)
-    for ext in _EXT_PRIORITY if chosen is None else ():
-        found = sorted(p.name for p in folder.glob(f"*{ext}"))
-        if found:
-            chosen = found[0]
-            break
+    if chosen is None:  # then the first by name of the first suffix that any file has
+        found = (sorted(p.name for p in folder.glob(f"*{ext}")) for ext in _EXT_PRIORITY)
+        chosen = next((names[0] for names in found if names), None)
     if chosen is None:
         return None
     if chosen.endswith(PICKLE_SUFFIXES) and not allow_pickle:
