@@ -102,42 +102,27 @@ def test_hub_cache_offline_matches_local_dir(tmp_path, tiny_vits, hf_offline):
 
 
 def test_pickle_only_checkpoint_refused(tmp_path, tiny_vits):
-    from safetensors.torch import load_file
+    """Also beside a safetensors file that timm's local-dir loader ranks below the pickle
+    (open_clip_model.safetensors): the pickle loaded with allow_pickle false, and the feature
+    file named the safetensors file (model audit)."""
+    from safetensors.torch import load_file, save_file
 
     d = tmp_path / "pickled"
     d.mkdir()
     (d / "config.json").write_text((tiny_vits["clip"] / "config.json").read_text())
     sd = load_file(tiny_vits["clip"] / "model.safetensors")
     torch.save(sd, d / "pytorch_model.bin")
-    with pytest.raises(UnsafeCheckpointError, match=r"pytorch_model.bin.*allow_pickle"):
-        load_vision_model(str(d))
-    model, _, info = load_vision_model(str(d), allow_pickle=True)
-    assert info["weights"] == ["pytorch_model.bin"]
-    torch.testing.assert_close(
-        model.state_dict()["blocks.0.mlp.fc1.weight"], sd["blocks.0.mlp.fc1.weight"]
-    )
-
-
-def test_the_checkpoint_timm_reads_is_the_one_checked_and_recorded(tmp_path, tiny_vits):
-    """A folder with pytorch_model.bin and an open_clip_model.safetensors: timm's local-dir
-    loader prefers the pickle, which loaded with allow_pickle false while the feature file
-    named the safetensors file (model audit)."""
-    from safetensors.torch import load_file, save_file
-
-    d = tmp_path / "both"
-    d.mkdir()
-    (d / "config.json").write_text((tiny_vits["clip"] / "config.json").read_text())
-    sd = load_file(tiny_vits["clip"] / "model.safetensors")
-    torch.save(sd, d / "pytorch_model.bin")
     other = {k: v + 1.0 for k, v in sd.items()}
-    save_file(other, d / "open_clip_model.safetensors")
-    with pytest.raises(UnsafeCheckpointError, match=r"timm loads the pickle checkpoint pytorch"):
-        load_vision_model(str(d))
-    model, _, info = load_vision_model(str(d), allow_pickle=True)
-    assert info["weights"] == ["pytorch_model.bin"]
-    torch.testing.assert_close(
-        model.state_dict()["blocks.0.mlp.fc1.weight"], sd["blocks.0.mlp.fc1.weight"]
-    )
+    for beside in (None, "open_clip_model.safetensors"):
+        if beside:
+            save_file(other, d / beside)
+        with pytest.raises(UnsafeCheckpointError, match=r"pytorch_model.bin.*allow_pickle"):
+            load_vision_model(str(d))
+        model, _, info = load_vision_model(str(d), allow_pickle=True)
+        assert info["weights"] == ["pytorch_model.bin"]
+        torch.testing.assert_close(
+            model.state_dict()["blocks.0.mlp.fc1.weight"], sd["blocks.0.mlp.fc1.weight"]
+        )
     (d / "pytorch_model.bin").unlink()  # then the safetensors file is read, and named
     model, _, info = load_vision_model(str(d))
     assert info["weights"] == ["open_clip_model.safetensors"]
