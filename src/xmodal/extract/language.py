@@ -484,8 +484,9 @@ def tokenize_captions(
     truncated = [i for i, t in enumerate(ids) if len(t) > limit]
     whole: dict[int, tuple[int, ...]] = {}  # the truncated captions' tokens before the cut
     if truncated:
-        # the beginning is kept, as the reference extraction keeps it, whatever the tokenizer's
-        # config says (truncation_side "left" kept the end, unnoticed)
+        # the beginning is kept, whatever the tokenizer's config says (truncation_side "left"
+        # kept the end, unnoticed); the reference extraction cuts no caption (docs/method.md,
+        # "Readings of the paper")
         side = getattr(tokenizer, "truncation_side", "right")
         tokenizer.truncation_side = "right"
         try:
