@@ -872,3 +872,27 @@ def test_the_p_floor_is_the_smallest_permutation_p_with_ties(x_groups, y_groups)
     smallest = min(np.mean(rho >= r - 1e-9) for r in np.unique(rho.round(9))[-3:])
     assert smallest_permutation_p(x, y) == pytest.approx(smallest, rel=1e-9)
     assert smallest_permutation_p(y, x) == pytest.approx(smallest, rel=1e-9)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(st.integers(0, 3), min_size=3, max_size=7),
+    st.lists(st.integers(0, 3), min_size=7, max_size=7),
+)
+def test_the_p_floor_is_the_smallest_permutation_p_for_any_ties(xs, ys):
+    """Against every pairing of n ≤ 7 values with ties drawn at random (the 9! cases above fix
+    the structures)."""
+    import itertools
+
+    from xmodal.correlate import smallest_permutation_p
+
+    x, y = np.array(xs, float), np.array(ys[: len(xs)], float)
+    if len(set(xs)) < 2 or len(set(y)) < 2:
+        return  # a constant variable has no correlation (correlation_ci says so)
+    rx, ry = scipy.stats.rankdata(x), scipy.stats.rankdata(y)
+    yc = ry[np.array(list(itertools.permutations(range(len(x)))))]
+    yc, xc = yc - yc.mean(axis=1, keepdims=True), rx - rx.mean()
+    rho = np.abs(yc @ xc / np.sqrt((xc @ xc) * np.einsum("ij,ij->i", yc, yc)))
+    smallest = np.mean(rho >= rho.max() - 1e-9)
+    # the smallest p of any pairing is the share at the largest |ρ|
+    assert smallest_permutation_p(x, y) == pytest.approx(smallest, rel=1e-9)
