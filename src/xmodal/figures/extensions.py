@@ -302,7 +302,7 @@ def draw_properties(data: FigureData) -> Figure:
     # docs/method.md, "Dispersion": a PC1 that does not follow its mean has a sign set by noise,
     # and so has every correlation with it
     caveat = pc1_caveat(disp, consequence="the sign of every ρ here is noise")
-    note = f"\n{textwrap.fill(caveat, 60)}" if caveat else ""
+    note = f"\n{textwrap.fill(caveat, 44)}" if caveat else ""
     ax2.set_title(f"B   Properties vs PC1 score{note}", loc="left")
 
     axes = panel_grid(bottom, len(singles), ncols, sharey=True)
