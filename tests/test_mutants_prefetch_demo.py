@@ -174,7 +174,8 @@ def test_a_row_without_an_image_is_named_by_its_row_in_its_own_file(
               {"data/train-00000-of-00002.parquet": parquet_bytes(first),
                "data/train-00001-of-00002.parquet": parquet_bytes(second)})  # fmt: skip
     with pytest.raises(
-        PrefetchError, match=r"train-00001-of-00002\.parquet: row 1 has no embedded"
+        PrefetchError,
+        match=r"train-00001-of-00002\.parquet row 1 \(stimulus s0003\) has no embedded",
     ):
         prefetch_stimuli("fake/gap", None, "train", tmp_path / "out", tmp_path / "hub")
 

@@ -355,7 +355,8 @@ def test_stimuli_rows_without_a_caption_or_embedded_image_are_named(tmp_path: Pa
         tmp_path / "hub2", "dataset", "fake/paths", "main", {"data/train-0.parquet": buf.getvalue()}
     )
     with pytest.raises(
-        PrefetchError, match=r"row 1 has no embedded image bytes \(only a path, 'img/1\.jpg'"
+        PrefetchError,
+        match=r"row 1 \(stimulus s0001\) has no embedded image bytes \(only a path, 'img/1\.jpg'",
     ):
         prefetch_stimuli("fake/paths", None, "train", tmp_path / "out2", tmp_path / "hub2")
 

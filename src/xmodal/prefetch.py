@@ -481,9 +481,10 @@ def _image_suffix(data: bytes, stimulus_id: str, label: str) -> str:
     return _SUFFIX.get(decoded_format(data, stimulus_id, label, fix).upper(), ".img")
 
 
-def _rows(paths: list[Path]) -> Iterator[tuple[bytes, str, str]]:
+def _rows(paths: list[Path]) -> Iterator[tuple[bytes | str, str, str]]:
     """(image bytes, caption, where: '<file> row <n>') for every row of the parquet files, in
-    order."""
+    order; where a row embeds no image bytes, what it has instead (text), which the caller
+    refuses once the row's stimulus id is known."""
     import pyarrow.parquet as pq
 
     for path in paths:
@@ -502,14 +503,10 @@ def _rows(paths: list[Path]) -> Iterator[tuple[bytes, str, str]]:
                 data = image.get("bytes") if isinstance(image, dict) else image
                 if not data:
                     stored = image.get("path") if isinstance(image, dict) else None
-                    raise PrefetchError(
-                        f"{path.name}: row {row} has no embedded image bytes"
-                        + (
-                            f" (only a path, {stored!r}, which this dataset does not ship)"
-                            if stored
-                            else ""
-                        )
-                        + "; expected a dataset whose `image` column embeds the images"
+                    data = (
+                        f" (only a path, {stored!r}, which this dataset does not ship)"
+                        if stored
+                        else ""
                     )
                 if isinstance(text, list | tuple):  # text[0] is the caption; [] has none
                     text = text[0] if text else None
@@ -575,6 +572,11 @@ def prefetch_stimuli(
     for i, (data, raw_caption, where) in enumerate(rows):
         sid = f"s{i:0{width}d}"
         at = f"dataset {repo}: {where} (stimulus {sid})"
+        if isinstance(data, str):  # what the row has instead of image bytes
+            raise PrefetchError(
+                f"{at} has no embedded image bytes{data}; expected a dataset whose `image` "
+                "column embeds the images"
+            )
         # a manifest line holds one stimulus: tabs and line breaks inside a caption become one
         # space each run (counted, logged and recorded in source.json)
         caption = _LINE_BREAKS.sub(" ", raw_caption)
