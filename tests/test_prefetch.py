@@ -359,6 +359,20 @@ def test_stimuli_rows_without_a_caption_or_embedded_image_are_named(tmp_path: Pa
         match=r"row 1 \(stimulus s0001\) has no embedded image bytes \(only a path, 'img/1\.jpg'",
     ):
         prefetch_stimuli("fake/paths", None, "train", tmp_path / "out2", tmp_path / "hub2")
+    # an image column of plain paths (text): it crashed with a TypeError (review)
+    table = pa.table(
+        {"image": ["img/0.jpg"], "text": pa.array([["a"]], type=pa.list_(pa.string()))}
+    )
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    fake_repo(
+        tmp_path / "hub3", "dataset", "fake/text", "main", {"data/train-0.parquet": buf.getvalue()}
+    )
+    with pytest.raises(
+        PrefetchError,
+        match=r"row 0 \(stimulus s0000\) has no embedded image bytes \(only a path, 'img/0\.jpg'",
+    ):
+        prefetch_stimuli("fake/text", None, "train", tmp_path / "out3", tmp_path / "hub3")
 
 
 # ----------------------------------------------------------------------------- incomplete caches

@@ -345,6 +345,12 @@ def test_same_weights_under_two_keys_are_reported() -> None:
         ("mae-h", "mae-h-pinned", f"hub repository timm/vit_huge_patch14_224.mae at revision {sha}")
     ]
     assert reg.duplicate_ids({"mae-h": "f" * 40, "mae-h-pinned": sha}) == []
+    # a key copied after the first was downloaded: main as written still names both (review)
+    cfg = paper()
+    cfg["models"]["mae-h-copy"] = {**cfg["models"]["mae-h"], "label": "MAE (copy)"}
+    assert [d[:2] for d in Registry.from_config(cfg).duplicate_ids({"mae-h": sha})] == [
+        ("mae-h", "mae-h-copy")
+    ]
 
 
 def test_download_patterns_cover_what_each_library_loads() -> None:

@@ -179,8 +179,12 @@ def test_without_a_record_a_partial_run_over_earlier_results_is_mixed(tmp_path, 
     path.unlink()
     record_run_settings(path, new, whole=False, succeeded=True, touched=True, earlier=True)
     with pytest.raises(
-        ConfigError, match="marked the results as made with this config's settings, over results"
+        ConfigError, match="marked the results as made with that run's settings, over results"
     ):
+        check_report_settings(path, new)
+    # a later whole run, not forced, keeps the note and what it says (review)
+    record_run_settings(path, new, whole=True, succeeded=True)
+    with pytest.raises(ConfigError, match="that run's settings, over results whose settings"):
         check_report_settings(path, new)
     path.unlink()
     record_run_settings(path, new, whole=True, succeeded=True, earlier=True)

@@ -629,6 +629,8 @@ def record_run_settings(
     was_touched = bool(old and old.get("touched")) and not (whole and succeeded and forced)
     if whole and succeeded:
         record = {"settings": now, "mixed": was_touched}
+        if was_touched and old and old.get("untold"):
+            record["untold"] = True  # the touch's note, and what it said, stay
     else:
         # a record made before a setting was recorded lacks it: compare the ones it has
         if old is not None and old["settings"] is not None:
@@ -674,7 +676,7 @@ def check_report_settings(
     )
     if record.get("touched"):
         what = (
-            f"this config's settings, over {untold},"
+            f"that run's settings, over {untold},"
             if record.get("untold")
             else f"other settings than before ({path})"
         )

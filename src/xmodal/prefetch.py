@@ -501,8 +501,8 @@ def _rows(paths: list[Path]) -> Iterator[tuple[bytes | str, str, str]]:
                 batch.column("image").to_pylist(), batch.column("text").to_pylist(), strict=True
             ):
                 data = image.get("bytes") if isinstance(image, dict) else image
-                if not data:
-                    stored = image.get("path") if isinstance(image, dict) else None
+                if not data or isinstance(data, str):  # a column of paths holds text
+                    stored = image.get("path") if isinstance(image, dict) else data
                     data = (
                         f" (only a path, {stored!r}, which this dataset does not ship)"
                         if stored

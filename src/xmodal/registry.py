@@ -470,26 +470,37 @@ class Registry(Mapping[str, ModelEntry]):
         same local directory): ``(first key, second key, what they share)``. ``resolved``: the
         commit each hub model's download resolved its revision to, where known (its prefetch
         record), so that a revision left as main and the commit main resolved to are one."""
-        seen: dict[tuple, str] = {}
+        seen: dict[tuple, tuple[str, str]] = {}
         out = []
         for e in self.values():
+            # what names the weights: a hub model by the revision as written and, once
+            # downloaded, by the commit it resolved to (a key copied before its download)
             if e.source == "hub":
-                rev = (resolved or {}).get(e.key) or e.revision or "main"
-                ident: tuple = ("hub", e.hub_repo, rev)
-                what = f"hub repository {e.hub_repo} at revision {rev}"
+                revs = [e.revision or "main", (resolved or {}).get(e.key)]
+                idents = {
+                    ("hub", e.hub_repo, r): f"hub repository {e.hub_repo} at revision {r}"
+                    for r in dict.fromkeys(revs)
+                    if r
+                }
             elif e.source == "local":
-                ident = ("local", str(Path(e.id).expanduser().resolve()))
-                what = f"local directory {e.id}"
+                idents = {
+                    ("local", str(Path(e.id).expanduser().resolve())): f"local directory {e.id}"
+                }
             elif e.source == "supplied":
-                ident = ("supplied", str(Path(str(e.features)).expanduser().resolve()))
-                what = f"supplied feature file {e.features}"
+                idents = {
+                    ("supplied", str(Path(str(e.features)).expanduser().resolve())): (
+                        f"supplied feature file {e.features}"
+                    )
+                }
             else:
-                ident = ("built", repr(_plain(e.build)), e.modality)
-                what = "the same demo build settings"
-            if ident in seen:
-                out.append((seen[ident], e.key, what))
-            else:
-                seen[ident] = e.key
+                idents = {
+                    ("built", repr(_plain(e.build)), e.modality): "the same demo build settings"
+                }
+            shared = next((seen[i] for i in idents if i in seen), None)
+            if shared:
+                out.append((shared[0], e.key, shared[1]))
+            for ident, what in idents.items():
+                seen.setdefault(ident, (e.key, what))
         return out
 
     def table(self) -> pd.DataFrame:

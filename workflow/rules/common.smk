@@ -770,8 +770,9 @@ def drawn_from_this(output, table):
     try:
         record = _metadata_record(output)
         # the record of the output on disk: Snakemake notes its time when the job ends (a
-        # run with --drop-metadata or the database backend leaves an older file record)
-        if record.get("endtime") != Path(output).stat().st_mtime:
+        # run with --drop-metadata or the database backend leaves an older file record, and
+        # the output is then later); a copy onto whole or even seconds cuts up to 2 s off
+        if not 0 <= record["endtime"] - Path(output).stat().st_mtime < 2:
             return False
         recorded = (record.get("input_checksums") or {}).get(str(table))
         if not recorded:
