@@ -340,39 +340,23 @@ def test_stimuli_rows_without_a_caption_or_embedded_image_are_named(tmp_path: Pa
     ):
         prefetch_stimuli("fake/empty", None, "train", tmp_path / "out", tmp_path / "hub")
     image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
-    table = pa.table(
-        {
-            "image": pa.array(
-                [{"bytes": good[0], "path": None}, {"bytes": None, "path": "img/1.jpg"}],
-                type=image_type,
-            ),
-            "text": pa.array([["a"], ["b"]], type=pa.list_(pa.string())),
-        }
+    texts = pa.array([["a"], ["b"]], type=pa.list_(pa.string()))
+    paths_only = pa.array(
+        [{"bytes": good[0], "path": None}, {"bytes": None, "path": "img/1.jpg"}], type=image_type
     )
-    buf = io.BytesIO()
-    pq.write_table(table, buf)
-    fake_repo(
-        tmp_path / "hub2", "dataset", "fake/paths", "main", {"data/train-0.parquet": buf.getvalue()}
-    )
-    with pytest.raises(
-        PrefetchError,
-        match=r"row 1 \(stimulus s0001\) has no embedded image bytes \(only a path, 'img/1\.jpg'",
-    ):
-        prefetch_stimuli("fake/paths", None, "train", tmp_path / "out2", tmp_path / "hub2")
-    # an image column of plain paths (text): it crashed with a TypeError (review)
-    table = pa.table(
-        {"image": ["img/0.jpg"], "text": pa.array([["a"]], type=pa.list_(pa.string()))}
-    )
-    buf = io.BytesIO()
-    pq.write_table(table, buf)
-    fake_repo(
-        tmp_path / "hub3", "dataset", "fake/text", "main", {"data/train-0.parquet": buf.getvalue()}
-    )
-    with pytest.raises(
-        PrefetchError,
-        match=r"row 0 \(stimulus s0000\) has no embedded image bytes \(only a path, 'img/0\.jpg'",
-    ):
-        prefetch_stimuli("fake/text", None, "train", tmp_path / "out3", tmp_path / "hub3")
+    # an image column of plain paths (text) crashed with a TypeError (review)
+    for name, image in (("paths", paths_only), ("text", pa.array(["img/0.jpg", "img/1.jpg"]))):
+        buf = io.BytesIO()
+        pq.write_table(pa.table({"image": image, "text": texts}), buf)
+        hub = tmp_path / f"hub-{name}"
+        fake_repo(hub, "dataset", f"fake/{name}", "main", {"data/train-0.parquet": buf.getvalue()})
+        row = 1 if name == "paths" else 0
+        with pytest.raises(
+            PrefetchError,
+            match=rf"row {row} \(stimulus s000{row}\) has no embedded image bytes \(only a path, "
+            rf"'img/{row}\.jpg'",
+        ):
+            prefetch_stimuli(f"fake/{name}", None, "train", tmp_path / f"out-{name}", hub)
 
 
 # ----------------------------------------------------------------------------- incomplete caches
