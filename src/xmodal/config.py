@@ -627,10 +627,11 @@ def record_run_settings(
     except ValueError:
         old = {"settings": None}
     was_touched = bool(old and old.get("touched")) and not (whole and succeeded and forced)
+    # no record says what settings the results on disk had
+    untold = bool(old.get("untold")) if old is not None else earlier
     if whole and succeeded:
         record = {"settings": now, "mixed": was_touched}
-        if was_touched and old and old.get("untold"):
-            record["untold"] = True  # the touch's note, and what it said, stay
+        untold = untold and was_touched  # the touch's note, and what it said, stay
     else:
         # a record made before a setting was recorded lacks it: compare the ones it has
         if old is not None and old["settings"] is not None:
@@ -641,8 +642,8 @@ def record_run_settings(
         unknown = old is not None or earlier  # results on disk whose settings may differ
         record = {"settings": now, "mixed": unknown}
         was_touched = was_touched or (touched and unknown)
-        if (old is None and earlier) or (old is not None and old.get("untold")):
-            record["untold"] = True  # no record says what settings those results had
+    if untold:
+        record["untold"] = True
     if was_touched:
         record["touched"] = True
     path.parent.mkdir(parents=True, exist_ok=True)

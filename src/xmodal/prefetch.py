@@ -470,21 +470,24 @@ _SUFFIX = {"JPEG": ".jpg", "MPO": ".jpg", "PNG": ".png", "WEBP": ".webp", "GIF":
            "BMP": ".bmp", "TIFF": ".tif"}  # fmt: skip
 
 
+#: what to do about a row whose image the extraction would refuse
+_FIX_ROW = (
+    "this dataset's row cannot be used as it is: use the dataset through a local manifest "
+    "(stimuli.source: local), without the row or with its image saved again"
+)
+
+
 def _image_suffix(data: bytes, stimulus_id: str, label: str) -> str:
     """File suffix of encoded image bytes, after decoding them by the rules the vision
     extraction decodes by (xmodal.stimuli.load_rgb: a truncated JPEG opens and verifies, and
     would fail only in each vision model's GPU job; a huge image is accepted as there)."""
-    fix = (
-        "this dataset's row cannot be used as it is: use the dataset through a local manifest "
-        "(stimuli.source: local), without the row or with its image saved again"
-    )
-    return _SUFFIX.get(decoded_format(data, stimulus_id, label, fix).upper(), ".img")
+    return _SUFFIX.get(decoded_format(data, stimulus_id, label, _FIX_ROW).upper(), ".img")
 
 
-def _rows(paths: list[Path]) -> Iterator[tuple[bytes | str, str, str]]:
-    """(image bytes, caption, where: '<file> row <n>') for every row of the parquet files, in
-    order; where a row embeds no image bytes, what it has instead (text), which the caller
-    refuses once the row's stimulus id is known."""
+def _rows(paths: list[Path]) -> Iterator[tuple[bytes | None, str | None, str, str]]:
+    """(image bytes, stored path, caption, where: '<file> row <n>') for every row of the parquet
+    files, in order. A row that embeds no image bytes has None and, where it has one, the path
+    it names instead; the caller refuses it once the row's stimulus id is known."""
     import pyarrow.parquet as pq
 
     for path in paths:
@@ -501,16 +504,13 @@ def _rows(paths: list[Path]) -> Iterator[tuple[bytes | str, str, str]]:
                 batch.column("image").to_pylist(), batch.column("text").to_pylist(), strict=True
             ):
                 data = image.get("bytes") if isinstance(image, dict) else image
-                if not data or isinstance(data, str):  # a column of paths holds text
-                    stored = image.get("path") if isinstance(image, dict) else data
-                    data = (
-                        f" (only a path, {stored!r}, which this dataset does not ship)"
-                        if stored
-                        else ""
-                    )
+                stored = image.get("path") if isinstance(image, dict) else None
+                if isinstance(data, str):  # a column of paths holds text
+                    data, stored = None, data
                 if isinstance(text, list | tuple):  # text[0] is the caption; [] has none
                     text = text[0] if text else None
-                yield data, "" if text is None else str(text), f"{path.name} row {row}"
+                caption = "" if text is None else str(text)
+                yield data or None, stored, caption, f"{path.name} row {row}"
                 row += 1
 
 
@@ -569,12 +569,13 @@ def prefetch_stimuli(
     # every row checked and decoded before any file is written
     checked = []
     flattened = []
-    for i, (data, raw_caption, where) in enumerate(rows):
+    for i, (data, stored, raw_caption, where) in enumerate(rows):
         sid = f"s{i:0{width}d}"
         at = f"dataset {repo}: {where} (stimulus {sid})"
-        if isinstance(data, str):  # what the row has instead of image bytes
+        if data is None:
+            only = f" (only a path, {stored!r}, which this dataset does not ship)" if stored else ""
             raise PrefetchError(
-                f"{at} has no embedded image bytes{data}; expected a dataset whose `image` "
+                f"{at} has no embedded image bytes{only}; expected a dataset whose `image` "
                 "column embeds the images"
             )
         # a manifest line holds one stimulus: tabs and line breaks inside a caption become one

@@ -593,11 +593,11 @@ def missing_analysis_outputs(wildcards):
             continue
         for pattern in map(str, step.output):
             names = get_wildcard_names(pattern)
-            if names - {"dataset", "llm"}:
+            unknown = names - {"dataset", "llm"}
+            if unknown:
                 raise WorkflowError(
-                    f"output {pattern} of {step.name} has wildcards"
-                    f" {sorted(names - {'dataset', 'llm'})} that missing_analysis_outputs"
-                    " (common.smk) cannot fill"
+                    f"output {pattern} of {step.name} has wildcards {sorted(unknown)}"
+                    " that missing_analysis_outputs (common.smk) cannot fill"
                 )
             for llm in LANGUAGE if "llm" in names else [None]:
                 paths.add(apply_wildcards(pattern, {"dataset": DATASET, "llm": llm}))
@@ -778,10 +778,16 @@ def drawn_from_this(output, table):
         if not recorded:
             return False
         algorithm, _, digest = recorded.rpartition(":")
-        with open(table, "rb") as f:
-            return hashlib.file_digest(f, algorithm or "sha256").hexdigest() == digest
+        return _file_digest(str(table), algorithm or "sha256") == digest
     except Exception:
         return False  # unreadable records: count the table as newer
+
+
+@cache
+def _file_digest(path, algorithm):
+    """A table's digest, read once however many figures are drawn from it."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, algorithm).hexdigest()
 
 
 def _metadata_record(output):
