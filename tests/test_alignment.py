@@ -510,3 +510,52 @@ def test_cuda_equals_cpu(data):
     c_gpu, d_gpu = al.condition_tables(*args, **kw, device=torch.device("cuda"))
     np.testing.assert_allclose(c_gpu["value"], c_cpu["value"], atol=1e-6, rtol=0)
     np.testing.assert_allclose(d_gpu["diff_ci_low"], d_cpu["diff_ci_low"], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("dense", [True, False])
+def test_cka_on_a_collapsed_layer_is_flagged_not_reported_as_exact(dense):
+    """A vision layer at mean cosine 0.9999999 (every kNN set rounding's): its float32 kernel
+    is rounding too, and CKA from it was 0.106 (dense) or 0.837 (blocked) with stability 0,
+    where CKNNA was flagged ∞. Every metric's finite value that uses a collapsed side now
+    carries stability ∞; a healthy pair keeps CKA stability 0."""
+    rng = np.random.default_rng(0)
+    m, half, k, d = 200, 50, 10, 64
+    s = rng.normal(size=(m, d))
+
+    def unit(a):
+        return (a / np.linalg.norm(a, axis=1, keepdims=True)).astype(np.float32)
+
+    y = unit(s + 0.5 * rng.normal(size=(m, d)))
+    ids = [f"s{i:03d}" for i in range(m)]
+    rows = [("low", "mean", 0, ids[i]) for i in range(half)]
+    rows += [("high", "mean", 0, ids[i]) for i in range(m - half, m)]
+    sets = pd.DataFrame(rows, columns=["set", "summary", "draw", "stimulus_id"])
+    metrics = ("cknna", "cka", "unbiased_cka")
+    for x, flagged in ((unit(rng.normal(size=(1, d)) + 3e-4 * s), True), (unit(s), False)):
+        plan = al.ConditionPlan(sets, ids, k=k, n_boot=0, seed=0, dense=dense)
+        cond, _ = plan.evaluate_metrics("V", "L", 0, plan.side(x), plan.side(y), metrics)
+        shown = cond[np.isfinite(cond["value"])]  # NaN (unbiased CKA, blocked): not shown
+        got = shown.groupby("metric")["stability"].apply(lambda v: set(np.isinf(v)))
+        assert set(got.index) >= {"cknna", "cka"}, cond[["metric", "value"]]
+        assert all(v == {flagged} for v in got), cond[["metric", "value", "stability"]]
+        if not flagged:
+            assert (cond.loc[cond.metric != "cknna", "stability"] == 0).all()
+
+
+def test_an_analysis_job_given_gpus_it_cannot_see_says_so(monkeypatch, caplog):
+    """analysis.gpu with a CPU-only torch: the job held a GPU and ran on the CPU, its log
+    naming no device. Same numbers, so not refused, but warned about, naming the setting."""
+    import logging
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for var in ("SLURM_JOB_GPUS", "SLURM_STEP_GPUS", "SLURM_GPUS_ON_NODE"):
+        monkeypatch.delenv(var, raising=False)
+    with caplog.at_level(logging.INFO, logger="xmodal.alignment"):
+        assert al.default_device() == torch.device("cpu")
+    assert "alignment on the CPU" in caplog.text and "SLURM" not in caplog.text
+    monkeypatch.setenv("SLURM_JOB_GPUS", "0")
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="xmodal.alignment"):
+        assert al.default_device() == torch.device("cpu")
+    assert "given GPUs by SLURM (SLURM_JOB_GPUS=0)" in caplog.text
+    assert "analysis.gpu: false" in caplog.text

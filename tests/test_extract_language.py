@@ -329,6 +329,17 @@ def test_gpus_too_small_for_the_weights_fail_instead_of_offloading(tmp_path, tin
     cuda = torch.device("cuda", 0)
     with pytest.raises(ExtractionError, match=r"llama: its weights need .*extraction\.gpu_mem_gb"):
         language._choose_device_map(cuda, tiny_lms["llama"], weights, torch.float32, "llama")
+    # the job sized from the config's size_b: the right one names the GPU settings, one 10x
+    # too small (6.52 for 65.2) names itself, not the GPU settings that are right
+    told = need / 4 / 1e9  # float32: 4 bytes per parameter
+    for size_b, names in ((told, "extraction.gpu_mem_gb"), (told / 10, "models.tiny.size_b")):
+        with pytest.raises(ExtractionError) as err:
+            language._choose_device_map(
+                cuda, tiny_lms["llama"], weights, torch.float32, "llama", ("tiny", size_b)
+            )
+        assert names in str(err.value) and str(err.value).count("size_b") == (
+            names != "extraction.gpu_mem_gb"
+        ), str(err.value)
     free["each"] = need  # 50% of two GPUs: sharded
     assert language._choose_device_map(cuda, tiny_lms["llama"], weights, torch.float32) == "auto"
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)

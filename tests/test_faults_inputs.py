@@ -157,7 +157,8 @@ CONFIG_CASES: dict[str, tuple[Callable[[dict], None], str]] = {
     ),
     "numeric_model_key": (
         lambda cfg: cfg["models"].update({123: cfg["models"].pop("tiny-mae")}),
-        r"'models\.123': YAML read this model key as a number.*quotes \('123'\)",
+        r"numeric_model_key\.yaml: key 123 at line \d+: YAML 1\.1 reads it as the number 123, "
+        r"and keys are names: put it in quotes \('123'\)",
     ),
     "octal_id": (  # `id: 012` in YAML is the number 10
         lambda cfg: cfg["models"]["tiny-mae"].update(id=10),
@@ -333,6 +334,126 @@ def test_a_number_yaml_reads_as_octal_or_base_60_names_file_line_and_key(project
     assert ok != text
     proc = _dry_run(project, ok, "octal.yaml")
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_keys_and_values_yaml_reads_otherwise_are_named_as_written(tmp_path: Path) -> None:
+    """A model key `010:` was named 'models.8' and `on:` 'models.True', with the advice to quote
+    '8' and 'True' (the second then failing the key pattern); `knn_k: 08` (text: 8 is no octal
+    digit) got no hint; a nested number given with --config to a key of several forms was told
+    to "write it unquoted", which it was. Each is named as written now."""
+    from xmodal.config import ConfigError, load_config_file, schema_errors
+
+    for written, read in (
+        ("010", "the number 8"),
+        ("on", "the boolean True"),
+        ("1.5", "the number 1.5"),
+    ):
+        path = tmp_path / "keys.yaml"
+        path.write_text(
+            f"models:\n  tiny-mae: {{modality: vision}}\n  {written}: {{modality: vision}}\n"
+        )
+        with pytest.raises(ConfigError) as err:
+            load_config_file(path)
+        assert str(err.value) == (
+            f"{path}: key {written} at line 3: YAML 1.1 reads it as {read}, and keys are names: "
+            f"put it in quotes ('{written}')"
+        )
+    path.write_text("models:\n  '010': {modality: vision}\n  'on': {}\n")
+    assert set(load_config_file(path)["models"]) == {"010", "on"}
+    schema = ROOT / "workflow" / "schemas" / "config.schema.yaml"
+    cfg = _demo_cfg()
+    cfg["analysis"]["knn_k"] = "08"
+    (line,) = schema_errors(cfg, schema, "config/x.yaml")
+    assert line.endswith(
+        "'08' is not of type 'integer' (YAML 1.1 reads 08 as text: a leading zero makes a number "
+        "octal, and 8 and 9 are no octal digits; write the number without the leading zero)"
+    ), line
+    cfg = _demo_cfg()
+    cfg["analysis"].setdefault("language_dispersion", {})["layer"] = "0.5"
+    given = {"analysis": {"language_dispersion": {"layer": "0.5"}}}
+    (line,) = schema_errors(cfg, schema, "config/x.yaml", command_line=given)
+    assert line.startswith(
+        "Invalid configuration in --config: key 'analysis.language_dispersion.layer'"
+    )
+    assert "--config gives every value inside analysis={...} as text" in line, line
+    assert "unquoted" not in line, line
+
+
+def test_a_job_refuses_a_config_edited_after_its_run_started(project: Path) -> None:
+    """A SLURM job reads the config files again: edited while it was queued, it extracted in
+    bfloat16 and made a table with knn_k 5 where the run had scheduled (and recorded) float32
+    and 10, exit 0. The run passes its config to its jobs (XMODAL_RUN_CONFIG); a job (any
+    process that is not the run's own, here --mode subprocess) with another one fails naming
+    the changed keys; the same config, or none passed, goes on."""
+    from _project import run_snakemake as snakemake
+    from snakemake.utils import validate
+
+    from xmodal.config import RUN_CONFIG_ENV, apply_defaults, config_json, normalise_integers
+
+    schema = ROOT / "workflow" / "schemas" / "config.schema.yaml"
+    cfg = _demo_cfg()
+    normalise_integers(cfg, yaml.safe_load(schema.read_text()))
+    validate(cfg, str(schema))  # its defaults, as the workflow's start-up sets them
+    apply_defaults(cfg)
+    (project / "config" / "job.yaml").write_text((ROOT / "config" / "demo.yaml").read_text())
+    args = ("--mode", "subprocess", "-n", "--configfile", "config/job.yaml", "--cores", "1")
+    target = "results/summary/demo_models.tsv"
+    for env in ({RUN_CONFIG_ENV: config_json(cfg)}, {}):
+        proc = snakemake(project, *args, target, env=env, check=False)
+        assert "the config changed" not in proc.stdout + proc.stderr, proc.stderr[-3000:]
+    scheduled = copy.deepcopy(cfg)
+    scheduled["analysis"]["knn_k"] = 5
+    scheduled["extraction"]["dtype"] = "float32"
+    proc = snakemake(project, *args, target, env={RUN_CONFIG_ENV: config_json(scheduled)},
+                     check=False)  # fmt: skip
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "Traceback" not in out, out[-3000:]
+    assert (
+        "the config changed after this run started (analysis.knn_k: 5 -> 10; "
+        f'extraction.dtype: "float32" -> "auto", in {project}/config/job.yaml)'
+    ) in out, out[-3000:]
+    assert "Edit the config only between runs (docs/cluster.md)" in out
+
+
+_LEAF = st.none() | st.booleans() | st.integers() | st.text(max_size=4)
+_CONFIGS = st.recursive(
+    st.dictionaries(st.text("abc", min_size=1, max_size=2), _LEAF, max_size=3),
+    lambda inner: st.dictionaries(st.text("abc", min_size=1, max_size=2), inner, max_size=3),
+    max_leaves=12,
+)
+
+
+@settings(deadline=None)  # the first example imports xmodal.config
+@given(_CONFIGS, st.data())
+def test_changed_settings_names_exactly_the_keys_that_changed(cfg, data) -> None:
+    """What a job that read an edited config names: nothing for the same config, and for one
+    leaf changed or removed, exactly that dotted key with both values."""
+    from xmodal.config import changed_settings, config_json
+
+    same = json.loads(config_json(cfg))
+    assert changed_settings(same, json.loads(config_json(copy.deepcopy(cfg)))) == []
+    paths = [p for p in _leaf_paths(same) if p]
+    if not paths:
+        return
+    path = data.draw(st.sampled_from(paths))
+    edited = copy.deepcopy(same)
+    node = edited
+    for part in path[:-1]:
+        node = node[part]
+    old = node[path[-1]]
+    if data.draw(st.booleans()):
+        del node[path[-1]]
+        want = f"{'.'.join(path)}: {json.dumps(old)} -> absent"
+    else:
+        node[path[-1]] = new = ["changed"]
+        want = f"{'.'.join(path)}: {json.dumps(old)} -> {json.dumps(new)}"
+    assert changed_settings(same, edited) == [want]
+
+
+def _leaf_paths(tree, prefix=()):
+    if isinstance(tree, dict):
+        return [q for k, v in tree.items() for q in _leaf_paths(v, (*prefix, k))]
+    return [prefix]
 
 
 def test_memory_per_cpu_in_default_resources_is_refused(project: Path) -> None:

@@ -730,6 +730,108 @@ def _supplied(tmp_path, x, ids, name="user.h5", n_tokens=None):
     return path
 
 
+def test_import_refuses_a_layer_never_written(tmp_path):
+    """A writer killed after 2 of 3 layers leaves a file that opens, its last layer reading as
+    zeros (the dataset's fill value), as does a virtual dataset whose source file is missing.
+    Imported, the zeros lowered the clamp threshold of every layer (CKNNA 0.364 where the whole
+    file gives 0.417) with exit 0; refused now, naming the key, the file and the layer."""
+    rng = np.random.default_rng(0)
+    ids = [f"s{i}" for i in range(12)]
+    x = rng.standard_normal((3, 12, 16)).astype(np.float32)
+    src = _supplied(tmp_path, x, ids)
+    with h5py.File(src, "a") as f:
+        f["features"][2] = 0.0  # the layer the killed writer never reached
+    dst = tmp_path / "results" / "mine.h5"
+    with pytest.raises(
+        FeatureFileError,
+        match=r"models\.mine\.features'.*user\.h5: layer 2 \('l2'\) is 0 for every stimulus: "
+        r"never written",
+    ):
+        import_features(src, dst, "mine", "language", ids)
+    assert not dst.exists()
+
+    parts = []
+    for i in range(3):  # one source file per layer, the last one missing
+        part = tmp_path / f"part{i}.h5"
+        with h5py.File(part, "w") as f:
+            f["x"] = x[i]
+        parts.append(part)
+    virtual = tmp_path / "virtual.h5"
+    layout = h5py.VirtualLayout(shape=x.shape, dtype=np.float32)
+    for i, part in enumerate(parts):
+        layout[i] = h5py.VirtualSource(str(part), "x", shape=x.shape[1:])
+    with h5py.File(virtual, "w") as f:
+        f.create_virtual_dataset("features", layout, fillvalue=0.0)
+        f["stimulus_ids"] = np.array(ids, dtype=object)
+        f["layer_names"] = np.array(["l0", "l1", "l2"], dtype=object)
+        f.attrs.update({"model_key": "mine", "modality": "language", "schema_version": 1})
+    import_features(virtual, dst, "mine", "language", ids)  # every source there: read through
+    with FeatureFile(dst) as out:
+        np.testing.assert_array_equal(out.layer(2), x[2])
+    dst.unlink()
+    parts[1].unlink()
+    with pytest.raises(FeatureFileError, match=r"virtual\.h5: layer 1 \('l1'\) is 0 for every"):
+        import_features(virtual, dst, "mine", "language", ids)
+    assert not dst.exists()
+
+
+def test_a_supplied_files_provenance_is_its_own(tmp_path, caplog):
+    """The provenance table showed the importer's library versions and time as a supplied
+    file's (torch, timm, … of the machine that imported it; `created` the import's moment),
+    and its `library_versions` in another form than a JSON object crashed the table with a
+    JSONDecodeError naming nothing. Now: what the file records, or nothing; `source`
+    `supplied`; another form warned about naming the file."""
+    from xmodal.pipeline import provenance_table
+
+    rng = np.random.default_rng(1)
+    ids = ["a", "b", "c", "d"]
+    x = rng.standard_normal((1, 4, 8)).astype(np.float32)
+    manifest = tmp_path / "stimuli.tsv"
+    manifest.write_text(
+        "stimulus_id\timage\tcaption\n" + "".join(f"{s}\t{s}.png\tcap {s}\n" for s in ids)
+    )
+    bare = _supplied(tmp_path, x, ids)  # schema_version, model_key and modality only
+    told = tmp_path / "told.h5"
+    shutil.copyfile(bare, told)
+    with h5py.File(told, "a") as f:
+        f.attrs.update({"created": "2025-01-02T03:04:05+00:00", "source": "hub",
+                        "library_versions": json.dumps({"torch": "2.1.0", "numpy": "1.26"})})  # fmt: skip
+    odd = tmp_path / "odd.h5"
+    shutil.copyfile(bare, odd)
+    with h5py.File(odd, "a") as f:
+        f.attrs["library_versions"] = "torch 2.1.0, numpy 1.26"
+    copies = [import_features(p, tmp_path / "results" / f"{p.stem}.h5", "mine", "language", ids)
+              for p in (bare, told, odd)]  # fmt: skip
+    with caplog.at_level(logging.WARNING, logger="xmodal.pipeline"):
+        table = provenance_table(manifest, "local", copies).set_index("kind").loc["model"]
+    assert list(table["source"]) == ["supplied"] * 3
+    assert list(table["created"]) == ["", "2025-01-02T03:04:05+00:00", ""]
+    assert list(table["torch"]) == ["", "2.1.0", ""] and list(table["timm"]) == ["", "", ""]
+    assert "odd.h5: its 'library_versions' attribute is not a JSON object" in caplog.text
+    assert "'torch 2.1.0, numpy 1.26'" in caplog.text
+    made = write_features(tmp_path / "made.h5", x, ids, ["l0"], {"modality": "language"})
+    row = provenance_table(manifest, "local", [made]).iloc[1]  # an extraction's: filled in
+    assert row["created"] and row["torch"] == torch.__version__ and row["source"] == ""
+
+
+def test_ids_stored_as_numbers_are_named_as_such(tmp_path):
+    """Manifest ids '001'…'006' stored as the numbers 1…6 (or 1.0…6.0) were blamed on "another
+    stimulus manifest", with the advice to re-extract; the message now says that the ids are
+    the same numbers written otherwise, and to store them as strings."""
+    ids = [f"{i:03d}" for i in range(1, 7)]
+    x = np.random.default_rng(2).standard_normal((1, 6, 4)).astype(np.float32)
+    for stored in (np.arange(1, 7), np.arange(1, 7, dtype=np.float64)):
+        path = _supplied(tmp_path, x, list(stored))
+        with pytest.raises(FeatureFileError) as err:
+            import_features(path, tmp_path / "c.h5", "mine", "language", ids)
+        text = str(err.value)
+        assert "the same numbers written otherwise, e.g. '001' and '1" in text, text
+        assert "write the ids as strings" in text and "another stimulus manifest" not in text
+    other = _supplied(tmp_path, x, [f"{i:03d}" for i in range(2, 8)])  # truly other stimuli
+    with pytest.raises(FeatureFileError, match="extracted for another stimulus manifest"):
+        import_features(other, tmp_path / "c.h5", "mine", "language", ids)
+
+
 def test_import_refuses_features_that_are_mostly_zero_naming_the_key_and_file(tmp_path):
     """Sparse features (3 of 100 dims nonzero per stimulus) passed import, then every alignment
     job failed with "threshold must be > 0, got 0.0", naming nothing: the clamp threshold, the

@@ -637,22 +637,40 @@ def test_contrasts_mark_the_sets_chosen_without_the_scored_model(planted, tables
     con = tables["contrasts"]
     own = con[con["summary"].isin(["mean", "pc1"])].copy()
     own["diff_low_high"] = own["diff_low_high"] - 0.01 * np.arange(len(own))
-    undefined = own.index[own["metric"] == metric][0]
+    mine = own.index[own["metric"] == metric]
+    undefined = mine[0]
     own.loc[undefined, "diff_low_high"] = np.nan
+    # a diamond drawn filled black although its high value was unstable (audit), and one whose
+    # PC1 sets came from a fit whose PC1 is noise: open, and grey with a title note
+    own["low_stability"] = own["high_stability"] = 0.0
+    shaky = mine[1]
+    own.loc[shaky, "high_stability"] = 0.05
+    own["pc1_oriented"] = True
+    noise = own.index[(own["metric"] == metric) & (own["summary"] == "pc1")][-1]
+    own.loc[noise, "pc1_oriented"] = False
+    assert len({undefined, shaky, noise}) == 3
     path = tmp_path / "self_selection.tsv"
     own.to_csv(path, sep="\t", index=False, na_rep="NaN")
     fig = render_figure("contrasts", {**planted, "self_selection": path}, metric)
-    want, want_na = {}, set()
+    want, want_na, kinds = {}, set(), {}
     for r in own[own["metric"] == metric].itertuples():
         tag = f"{r.vision}|{r.llm}|{r.summary}"
         if math.isnan(r.diff_low_high):
             want_na.add(tag)
         else:
             want[tag] = r.diff_low_high
-    marks = fig.findobj(lambda a: (a.get_gid() or "").startswith("others|"))
-    got = {a.get_gid()[len("others|") :]: float(a.get_xdata()[0]) for a in marks}
+            kinds[tag] = {shaky: "others_unstable", noise: "others_unoriented"}.get(
+                r.Index, "others"
+            )
+    prefixes = ("others|", "others_unstable|", "others_unoriented|")
+    marks = fig.findobj(lambda a: (a.get_gid() or "").startswith(prefixes))
+    got = {a.get_gid().split("|", 1)[1]: float(a.get_xdata()[0]) for a in marks}
+    assert {a.get_gid().split("|", 1)[1]: a.get_gid().split("|")[0] for a in marks} == kinds
     assert got.keys() == want.keys() and gids(fig, "others_undefined") == want_na
     for tag, value in want.items():
         assert got[tag] == pytest.approx(value, abs=1e-12)
-    assert "sets chosen without the scored vision model" in all_text(fig)
+    text = all_text(fig)
+    assert "sets chosen without the scored vision model" in text
+    assert "without it, low or high: stability > 0.001" in text and "(1)" in text
+    assert "Grey diamonds (" in text and "low and high may be swapped" in text
     assert not gids(render_figure("contrasts", planted, metric), "others")

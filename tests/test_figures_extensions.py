@@ -22,13 +22,20 @@ def _texts(ax) -> list[str]:
     return [t.get_text() for t in ax.texts]
 
 
+def _stats(ax) -> str:
+    """A scatter panel's statistics: in its title, none over its points (a box there hid the
+    most dispersed stimuli, audit)."""
+    assert not ax.texts, _texts(ax)
+    return ax.get_title(loc="left")
+
+
 def test_language_dispersion_figure(inputs):
     fig = render_figure("language_dispersion", inputs)
     axes = [ax for ax in fig.axes if ax.get_label() != "<colorbar>"]
     assert [ax.get_title(loc="left")[:1] for ax in axes] == ["A", "B", "C", "D"]
     corr = read_table(inputs["language_correlation"]).set_index(["summary", "method"])
     sp = corr.loc[("mean", "spearman")]
-    text = _texts(axes[0])[0]
+    text = _stats(axes[0])
     assert f"Spearman ρ = {sp.estimate:.2f} [{sp.ci_low:.2f}, {sp.ci_high:.2f}]" in text
     assert f"n = {int(sp.n)}" in text
     assert len(axes[0].collections[0].get_offsets()) == int(sp.n)  # one point per stimulus
@@ -54,7 +61,7 @@ def test_language_dispersion_without_cells_or_correlation(inputs):
         {k: inputs[k] for k in ("dispersion", "language_dispersion", "models")},
     )
     axes = fig.axes
-    assert "Spearman ρ = n/a" in _texts(axes[0])[0]
+    assert "Spearman ρ = n/a" in _stats(axes[0])
     assert _texts(axes[2]) == ["no 2 × 2 sets"]
 
 
@@ -85,7 +92,7 @@ def test_properties_figure(inputs):
         int(round(t.get_position()[1])) for t in ax_mean.texts if t.get_text().startswith("n/a")
     }
     assert len(scatters) == 7 and "edge density" in scatters[5].get_xlabel()
-    assert scatters[5].texts[0].get_text() == f"ρ = {edge.spearman_rho:.2f}"
+    assert _stats(scatters[5]) == f"H   ρ = {edge.spearman_rho:.2f}"
     assert "Spearman ρ with mean dispersion" in ax_mean.get_xlabel()
     assert "PC1" in ax_pc1.get_xlabel()
 
@@ -163,7 +170,7 @@ def test_properties_figure_shows_the_manifest_columns_after_the_built_in_ones(in
         "typicality\n(manifest)",
         "blur (manifest)",
     ]
-    assert len(scatters) == 9 and scatters[-1].get_title(loc="left") == "K"
+    assert len(scatters) == 9 and scatters[-1].get_title(loc="left") == "K   ρ = 0.20"
     # two rows of panels: the eighth starts the second row, with its own y label
     assert scatters[7].get_ylabel() == "Mean dispersion" and scatters[6].get_ylabel() == ""
 
@@ -368,14 +375,14 @@ def test_no_interval_is_announced_without_resamples(inputs, tmp_path):
     said "(95% bootstrap CI)" all the same."""
     scatter_ax = render_figure("language_dispersion", inputs).axes[0]
     forest_ax = render_figure("properties", inputs).axes[0]
-    assert "(95% bootstrap CI)" in _texts(scatter_ax)[0]
+    assert "(95% bootstrap CI)" in _stats(scatter_ax)
     assert "(95% bootstrap CI)" in forest_ax.get_xlabel()
     paths = dict(inputs)
     for name in ("language_correlation", "property_correlations"):
         t = read_table(inputs[name]).assign(ci_low=np.nan, ci_high=np.nan, n_boot=0)
         write_table(t, tmp_path / f"{name}.tsv")
         paths[name] = tmp_path / f"{name}.tsv"
-    text = _texts(render_figure("language_dispersion", paths).axes[0])[0]
+    text = _stats(render_figure("language_dispersion", paths).axes[0])
     assert "Spearman ρ = " in text and "CI" not in text and "[" not in text
     assert "CI" not in render_figure("properties", paths).axes[0].get_xlabel()
 

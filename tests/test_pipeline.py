@@ -130,9 +130,23 @@ def test_vision_features_equal_up_to_rotation_and_scale_are_warned_about(
         _write(tmp_path / f"{k}.h5", k, "vision", v, ids=many) for k, v in (("e", y), ("f", again))
     ]
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="xmodal.pipeline"):
+    # and with no third model, no two that differ remain: every residual 0, the dispersion
+    # rounding noise (1e-17, written with intervals for two identical language models, audit)
+    with (
+        caplog.at_level(logging.WARNING, logger="xmodal.pipeline"),
+        pytest.raises(
+            FeatureFileError,
+            match=r"the vision models \['e', 'f'\] have the same "
+            r"features up to .*'analysis\.vision_layer'.*every residual is 0",
+        ),  # fmt: skip
+    ):
         pipeline.read_vision_layers(paths, ["e", "f"], -2)
     assert "models 'e' and 'f' have the same features up to a rotation" in caplog.text
+    x2 = rng.standard_normal((3, 16, 6)).astype(np.float32)
+    paths = [_write(tmp_path / f"{k}.h5", k, "language", x2) for k in ("l1", "l2", "l3")]
+    with pytest.raises(FeatureFileError, match=r"the language models \['l1', 'l2', 'l3'\]"):
+        pipeline.read_gpa_layers(paths, ["l1", "l2", "l3"], [0, 0, 0], "language", "k")
+    pipeline.read_gpa_layers(paths[:2] + [paths[0]], ["l1", "l2", "l1"], [0, 1, 0], "language", "k")
 
 
 def test_a_rank_deficient_vision_model_is_named_and_its_rank_recorded(

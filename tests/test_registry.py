@@ -86,6 +86,25 @@ def test_model_too_big_for_the_node_fails_at_start_up_naming_model_and_settings(
     assert "extraction.gpu_mem_gb" in msg and "extraction.gpus_per_node" in msg
 
 
+@pytest.mark.parametrize(("size_b", "mem", "n", "need", "offered"),
+                         [(35.0, 80, 1, 73.5, 72.0), (65.2, 48, 3, 136.92, 129.6)])  # fmt: skip
+def test_the_start_up_fit_message_states_the_rule_it_enforces(size_b, mem, n, need, offered):
+    """The message "needs about 74 GB … more than 1 GPU of 80 GB" contradicted itself: the rule counts
+    activations (5%, at least 2 GB) and 90% of each GPU. The message now gives both numbers
+    as the rule computes them."""
+    cfg = paper(gpu_mem_gb=mem, gpus_per_node=n)
+    cfg["models"] = {k: v for k, v in cfg["models"].items() if v["modality"] == "vision"}
+    cfg["models"]["big"] = {"modality": "language", "id": "org/big", "size_b": size_b}
+    for key in [k for k, v in cfg["models"].items() if v["modality"] == "vision"]:
+        cfg["models"][key]["size_b"] = 0.3
+    with pytest.raises(ConfigError) as err:
+        Registry.from_config(cfg)
+    msg = str(err.value)
+    assert f"needs about {need:.1f} GB of GPU memory (dtype auto, size_b {size_b}" in msg, msg
+    assert f"more than the {offered:.1f} GB that 'extraction.gpus_per_node: {n}' GPUs of" in msg
+    assert need > offered
+
+
 def test_vision_model_needing_several_gpus_fails_at_start_up() -> None:
     """Vision extraction runs on one GPU (no sharding): a ViT sized at two GPUs was given two
     and ran out of memory on the first, retried twice."""
@@ -95,6 +114,15 @@ def test_vision_model_needing_several_gpus_fails_at_start_up() -> None:
         Registry.from_config(cfg)
     cfg["models"]["mae-h"]["size_b"] = 16  # 67 GB: one GPU
     assert Registry.from_config(cfg)["mae-h"].resources()["gpu"] == 1
+    # one GPU per node: told to raise gpus_per_node, which a vision model cannot use (audit)
+    cfg = paper(gpu_mem_gb=6, gpus_per_node=1)
+    cfg["models"] = {k: v for k, v in cfg["models"].items() if v["modality"] == "vision"}
+    for key in cfg["models"]:
+        cfg["models"][key]["size_b"] = 0.3 if key != "dinov2-g" else 1.14
+    with pytest.raises(ConfigError) as err:
+        Registry.from_config(cfg)
+    assert "'models.dinov2-g': a vision model runs on one GPU" in str(err.value)
+    assert "gpus_per_node" not in str(err.value) and "about 6.6 GB" in str(err.value)
 
 
 def test_site_defaults_are_the_only_defaults() -> None:

@@ -100,6 +100,7 @@ def run(tmp_path_factory):
     write_table(sets, tmp / "sets.tsv")
     partial = {v: disp + rng.normal(0, s, m) for v, s in zip(vision, (0.1, 1.0, 3.0), strict=True)}
     pc1 = {v: rng.normal(size=m) for v in vision}
+    pc1["va"] = partial["va"] + 0.5 * pc1["va"]  # a PC1 that follows its mean dispersion
     write_table(_loo(ids, partial, rng, pc1), tmp / "loo_stimuli.tsv")
     run_conditions(
         paths, llm_path, tmp / "layers.tsv", tmp / "sets.tsv", vision, "lm", vision_layer=-2,
@@ -149,6 +150,12 @@ def test_each_model_is_scored_on_the_sets_chosen_without_it(run):
         ):
             ref = set(sets[(sets["set"] == name) & (sets["summary"] == r.summary)]["stimulus_id"])
             assert got == len(ref & {ids[j] for j in pos})
+    # pc1_oriented: on pc1 rows, whether the fit's PC1 follows its mean dispersion (|r| ≥ 2/√m)
+    for r in own.itertuples():
+        pc1, partial = run["pc1"][r.vision], run["partial"][r.vision]
+        follows = abs(np.corrcoef(pc1, partial)[0, 1]) >= 2 / np.sqrt(len(ids))
+        assert r.pc1_oriented == (r.summary == "mean" or follows), r
+    assert set(own.loc[own["summary"] == "pc1", "pc1_oriented"]) == {True, False}
     # the nearly exact partial dispersion of va chose nearly the main sets; vc's did not
     by = own[own["summary"] == "mean"].set_index("vision")
     assert by.loc["va", "n_shared_low"] > by.loc["vc", "n_shared_low"]

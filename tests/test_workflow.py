@@ -826,8 +826,9 @@ def test_supplied_features_are_imported_and_never_extracted(workflow_dir, demo_c
     """A model with ``features:`` (a file the user supplies, README "Bringing your own
     features") is imported by its own rule: a stamp made or changed later never schedules an
     extraction of it (before: the extraction deleted the user's file, then failed on a folder
-    without weights). The import copies the file with its rows in manifest order; a path equal to the pipeline's own
-    output is refused naming the config key."""
+    without weights). The import copies the file with its rows in manifest order, and imports
+    it again when its content changes under an older modification time (a newer time alone ran
+    it before); a path equal to the pipeline's own output is refused naming the config key."""
     from xmodal.features import write_features
 
     ids = read_manifest(workflow_dir / "resources/stimuli/demo/stimuli.tsv")["stimulus_id"]
@@ -858,7 +859,12 @@ def test_supplied_features_are_imported_and_never_extracted(workflow_dir, demo_c
             assert got.stimulus_ids == list(ids) and got._order is None  # manifest order
             np.testing.assert_array_equal(got.layer(1), ref.layer(1))
         os.utime(stamp)  # a stamp newer than the imported file: nothing extracts it
-        assert "my-feats" not in _extracted(dry_run())
+        text = dry_run()
+        assert "my-feats" not in _extracted(text) and "import_features" not in job_counts(text)
+        # other content with an older time (cp -p, rsync -a): imported again, by its digest
+        write_features(supplied, 2 * x, list(ids)[::-1], ["b0", "b1"], attrs)
+        os.utime(supplied, (1.6e9, 1.6e9))
+        assert job_counts(dry_run()).get("import_features") == 1
         cfg["models"]["my-feats"]["features"] = "results/features/demo/my-feats.h5"
         bad = write_config(workflow_dir, cfg, "supplied_bad.yaml")
         proc = snakemake(workflow_dir, "-n", "--configfile", bad, check=False)

@@ -92,7 +92,8 @@ _MAX_BATCH_ELEMS = 1 << 23  # subset kernels gathered per batch (B·s² elements
 
 #: Metrics of the fast path (docs/method.md, Alignment): each gets its own rows and its own layer.
 METRICS = ("cknna", "mutual_knn", "unbiased_cka", "cka")
-#: Metrics defined by kNN sets: they carry a stability; the CKA metrics have stability 0.
+#: Metrics defined by kNN sets: they carry a stability; the CKA metrics have stability 0, or ∞
+#: where a side is collapsed.
 KNN_METRICS = ("cknna", "mutual_knn")
 #: Metrics whose low − high difference is bootstrapped (the multiset machinery of xmodal.stats);
 #: the CKA metrics get n_boot = 0 and NaN intervals in the contrasts table.
@@ -178,6 +179,7 @@ SELF_SELECTION_COLUMNS = [
     "diff_ci_low_all",
     "n_shared_low",
     "n_shared_high",
+    "pc1_oriented",
 ]
 #: The layer chosen on half A of each split (docs/method.md, "Held-out layer choice"): one row
 #: per (vision, metric, split), written by the layer search.
@@ -249,8 +251,24 @@ def _check_metrics(metrics: Sequence[str]) -> tuple[str, ...]:
 
 
 def default_device() -> torch.device:
-    """CUDA when available, else CPU."""
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    """CUDA when available, else CPU; logged, and warned about in a job SLURM gave GPUs that
+    torch does not see (``analysis.gpu``: the job would hold them idle)."""
+    from xmodal.resources import slurm_gpus
+
+    if torch.cuda.is_available():
+        log.info("alignment on %s", torch.cuda.get_device_name(0))
+        return torch.device("cuda")
+    if gpus := slurm_gpus():
+        log.warning(
+            "this job was given GPUs by SLURM (%s), but torch %s sees no CUDA device: it runs on "
+            "the CPU (the same numbers, more slowly) and holds them idle. Install a CUDA build "
+            "of torch in the analysis environment (docs/cluster.md), or set analysis.gpu: false",
+            ", ".join(f"{k}={v}" for k, v in gpus.items()),
+            torch.__version__,
+        )
+    else:
+        log.info("alignment on the CPU")
+    return torch.device("cpu")
 
 
 def kernel(x: np.ndarray, device: torch.device | None = None) -> torch.Tensor:
@@ -309,7 +327,9 @@ def side_values(metric: str, xs: KernelKNN, ys: KernelKNN) -> tuple[torch.Tensor
     """(value, stability) of one metric for matched batches (same stimuli, same k): (B,) on the CPU.
 
     kNN metrics: :func:`xmodal.metrics.knn_metric`. CKA metrics: from the kernels (dense path)
-    or from feature moments (blocked path); their stability is 0 (no kNN sets).
+    or from feature moments (blocked path); their stability is 0 (no kNN sets), and ∞ where
+    rounding decides a side's kNN sets (:func:`xmodal.metrics.rounding_decides`): a collapsed
+    layer's kernel is rounding too, and its CKA noise (docs/method.md, "Stability").
     """
     if metric in KNN_METRICS:
         value, stability = knn_metric(metric, xs, ys)
@@ -329,7 +349,9 @@ def side_values(metric: str, xs: KernelKNN, ys: KernelKNN) -> tuple[torch.Tensor
             [unbiased if metric == "unbiased_cka" else biased], dtype=torch.float64
         )
     value = normalised_hsic(cross, self_term(metric, xs), self_term(metric, ys))
-    return value, torch.where(torch.isfinite(value), 0.0, torch.nan).to(torch.float64)
+    collapsed = (rounding_decides(xs) | rounding_decides(ys)).cpu()
+    stability = torch.where(collapsed, torch.inf, 0.0).to(torch.float64)
+    return value, torch.where(torch.isfinite(value), stability, torch.nan)
 
 
 def _prepared_side(
@@ -1285,6 +1307,7 @@ def self_selection_table(
     conditions: pd.DataFrame,
     contrasts: pd.DataFrame,
     n_shared: Mapping[tuple[str, str], int],
+    pc1_oriented: Mapping[str, bool] | None = None,
 ) -> pd.DataFrame:
     """Each vision model on its sets chosen without it, next to the sets of every model
     (:data:`SELF_SELECTION_COLUMNS`; docs/method.md, "Sets chosen without the scored model").
@@ -1294,7 +1317,9 @@ def self_selection_table(
     every model. The random baseline is the draws of ``conditions`` (random sets do not depend
     on dispersion, so they are the same draws), against the ``low`` value of ``others``.
     ``n_shared[(vision, summary, set)]``: stimuli that set shares with the one chosen with every
-    model by the same summary.
+    model by the same summary. ``pc1_oriented[vision]``: whether the PC1 of the fit without
+    that model follows its mean dispersion (:func:`xmodal.dispersion.partial_pc1_orientation`;
+    absent: True); column ``pc1_oriented`` is False on that model's ``pc1`` rows otherwise.
     """
     rows = []
     for r in others.itertuples(index=False):
@@ -1335,6 +1360,8 @@ def self_selection_table(
                 "diff_ci_low_all": float(main["diff_ci_low"].item()),
                 "n_shared_low": int(n_shared[(r.vision, r.summary, "low")]),
                 "n_shared_high": int(n_shared[(r.vision, r.summary, "high")]),
+                "pc1_oriented": r.summary != "pc1"
+                or bool((pc1_oriented or {}).get(r.vision, True)),
             }
         )
     return pd.DataFrame(rows, columns=SELF_SELECTION_COLUMNS)

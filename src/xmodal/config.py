@@ -372,6 +372,12 @@ def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool
     seen: dict[Any, int] = {}
     for key_node, value_node in node.value:
         key = loader.construct_object(key_node, deep=deep)
+        if isinstance(key, bool | int | float):  # no key of the config is a number
+            raise ConfigError(
+                f"{loader.name}: key {key_node.value} at line {key_node.start_mark.line + 1}: "
+                f"YAML 1.1 reads it as the {'boolean' if isinstance(key, bool) else 'number'} "
+                f"{key!r}, and keys are names: put it in quotes ('{key_node.value}')"
+            )
         _check_number_text(loader, key, value_node)
         if key in seen:
             raise ConfigError(
@@ -403,7 +409,13 @@ _DECIMAL = r"[+-]?(\d+\.?\d*|\.\d+)"
 
 def _yaml11_hint(value: Any) -> str | None:
     """The advice for a number YAML 1.1 reads as text (1e-10, 5e-1: an exponent without a
-    decimal point or sign), None for any other value."""
+    decimal point or sign; 08: a leading zero and a digit that is not octal), None for any
+    other value."""
+    if isinstance(value, str) and re.fullmatch(r"0[0-9_]*[89][0-9_]*", value.strip()):
+        return (
+            f"YAML 1.1 reads {value.strip()} as text: a leading zero makes a number octal, and "
+            "8 and 9 are no octal digits; write the number without the leading zero"
+        )
     if not (isinstance(value, str) and re.fullmatch(rf"{_DECIMAL}[eE][+-]?\d+", value.strip())):
         return None
     return (
@@ -511,7 +523,11 @@ def schema_errors(
             )
         elif command_line and _given_on_command_line(command_line, list(err.path), err.instance):
             where = "--config"
-            if len(err.path) > 1 and isinstance(err.instance, str) and err.validator == "type":
+            if (
+                len(err.path) > 1
+                and isinstance(err.instance, str)
+                and err.validator in ("type", "oneOf", "anyOf")
+            ):
                 # snakemake's --config reads a mapping's values with YAML's base loader: as text
                 hint = (
                     f" (--config gives every value inside {err.path[0]}={{...}} as text: put "
@@ -573,6 +589,60 @@ def setting(config: Mapping[str, Any], dotted: str) -> Any:
         value = DEFAULTS.get(dotted)
         return list(value) if isinstance(value, list) else value
     return value
+
+
+#: The environment variable through which a run passes the config it scheduled its jobs with
+#: to them (:func:`config_json`): a job started as a Snakemake process of its own (a SLURM job)
+#: reads the config files again, and so an edit made while it was queued.
+RUN_CONFIG_ENV = "XMODAL_RUN_CONFIG"
+
+
+def config_json(config: Mapping[str, Any]) -> str:
+    """The config as compact JSON with sorted keys: what a run passes to its jobs (keys as
+    text: YAML may read a key as a number, which the checks then refuse by name)."""
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, Mapping):
+            return {str(k): plain(v) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return [plain(v) for v in value]
+        return value
+
+    return json.dumps(plain(config), sort_keys=True, separators=(",", ":"), default=str)
+
+
+def changed_settings(before: Any, after: Any, prefix: str = "") -> list[str]:
+    """The dotted keys whose values differ between two configs (parsed :func:`config_json`),
+    each as ``key: before -> after`` (``absent`` for a key one of them lacks)."""
+    if isinstance(before, dict) and isinstance(after, dict):
+        out = []
+        for key in sorted(set(before) | set(after), key=str):
+            dotted = f"{prefix}.{key}" if prefix else str(key)
+            if key not in before or key not in after:
+                was = json.dumps(before[key]) if key in before else "absent"
+                now = json.dumps(after[key]) if key in after else "absent"
+                out.append(f"{dotted}: {was} -> {now}")
+            else:
+                out += changed_settings(before[key], after[key], dotted)
+        return out
+    if before == after:
+        return []
+    return [f"{prefix or '(top level)'}: {json.dumps(before)} -> {json.dumps(after)}"]
+
+
+def apply_defaults(config: dict) -> None:
+    """Write each absent (or null) optional key's default (:data:`DEFAULTS`) into ``config``,
+    which the rules and the report's captions read; an absent or null section becomes a
+    mapping."""
+    for dotted in DEFAULTS:
+        value = setting(config, dotted)
+        *sections, key = dotted.split(".")
+        node = config
+        for section in sections:
+            if not isinstance(node.get(section), dict):
+                node[section] = {}
+            node = node[section]
+        node[key] = value
 
 
 def report_settings(config: Mapping[str, Any]) -> dict[str, Any]:

@@ -84,6 +84,16 @@ def pc1_orientation(table: pd.DataFrame) -> tuple[float, bool]:
     )
 
 
+def partial_pc1_orientation(loo_stimuli: pd.DataFrame, held_out: str) -> tuple[float, bool]:
+    """:func:`pc1_orientation` of the GPA without vision model ``held_out``, from the
+    leave-one-model-out stimulus table (its ``partial_pc1`` against ``partial_dispersion``):
+    the loo table's ``pc1_oriented``, for the PC1 sets chosen without that model."""
+    rows = loo_stimuli[loo_stimuli["held_out"] == held_out]
+    return _orientation(
+        rows["partial_pc1"].to_numpy(float), rows["partial_dispersion"].to_numpy(float)
+    )
+
+
 def _orientation(score: np.ndarray, mean: np.ndarray) -> tuple[float, bool]:
     """:func:`pc1_orientation` of a PC1 score and a mean dispersion over the same stimuli."""
     m = score.size

@@ -24,6 +24,7 @@ import errno
 import json
 import logging
 import os
+import re
 import sys
 import unicodedata
 from collections import Counter
@@ -434,12 +435,15 @@ def import_features(
                 )
             if supplied_q is not None and ff._order is not None:
                 supplied_q = supplied_q[ff._order]
+            # what the file itself records, or nothing: the provenance table must not show the
+            # importer's time and libraries as the extraction's
+            told = {k: attrs.get(k, "") for k in ("created", "library_versions")}
             write_features(
                 dst,
-                (ff.finite_layer(i)[:n] for i in range(ff.n_layers)),
+                (_written_layer(ff, i)[:n] for i in range(ff.n_layers)),
                 keep if keep is not None else ff.stimulus_ids,
                 names,
-                {**attrs, "imported_from": str(src.resolve())},
+                {**attrs, **told, "imported_from": str(src.resolve())},
                 n_tokens=None if tokens is None else tokens[:n],
                 dtype="float16" if stored == np.float16 else "float32",
                 check_finite=False,  # finite_layer checked each layer, naming the stimuli
@@ -484,6 +488,23 @@ def import_features(
         )
     log.info("imported %s as %s (model %s, %d stimuli)", src, dst, model_key, n)
     return Path(dst)
+
+
+def _written_layer(ff: FeatureFile, i: int) -> np.ndarray:
+    """Layer ``i`` of a supplied file, checked as :meth:`FeatureFile.finite_layer`, and refused
+    when it is zero for every stimulus: no extraction gives such a layer, while a writer killed
+    before it, or a virtual dataset whose source file is missing, leaves one that reads as
+    zeros; its zeros would also lower the clamp threshold of every other layer (docs/method.md,
+    "Alignment")."""
+    x = ff.finite_layer(i)
+    if not x.any():
+        raise FeatureFileError(
+            f"{ff.path}: layer {i} ({ff.layer_names[i]!r}) is 0 for every stimulus: never "
+            "written (the program writing the file stopped before it?), or read through a "
+            "virtual dataset whose source file is missing. Write the file again; a layer that "
+            "truly is zero has nothing to align, so leave it out of the file"
+        )
+    return x
 
 
 def clamp_threshold(path: str | os.PathLike, abs_q95: np.ndarray) -> float:
@@ -533,6 +554,16 @@ def _whole_number(value: Any) -> int | None:
 
 def _nfc(ids: Sequence[str]) -> set[str]:
     return {unicodedata.normalize("NFC", s) for s in ids}
+
+
+_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?", re.ASCII)
+
+
+def _as_numbers(ids: Sequence[str]) -> list[float] | None:
+    """The ids as numbers, sorted; None when one of them is not written as a number."""
+    if not all(_NUMBER.fullmatch(s) for s in ids):
+        return None
+    return sorted(float(s) for s in ids)
 
 
 def _token_counts(path: Path, n_tokens: np.ndarray | Sequence[int], m: int) -> np.ndarray:
@@ -682,6 +713,7 @@ class FeatureFile:
                 parts.append(f"extra {preview(extra)}")
             if len(expected) != len(want):
                 parts.append("expected ids contain duplicates")
+            hinted = True
             if missing and _nfc(missing) == _nfc(extra):  # 'café' typed, 'café' from a Mac
                 parts.append(
                     "the missing and extra ids differ only in Unicode form (NFC against NFD: "
@@ -695,10 +727,23 @@ class FeatureFile:
                     f"e.g. {missing[0]!r} and {extra[0]!r} (a fixed-width string column pads "
                     "them): write the ids as variable-length strings, exactly as the manifest's"
                 )
+            elif (nums := _as_numbers(missing)) and nums == _as_numbers(extra):
+                parts.append(
+                    "the missing and extra ids are the same numbers written otherwise, e.g. "
+                    f"{missing[0]!r} and {extra[0]!r} (ids stored as numbers lose leading "
+                    "zeros and gain '.0'): write the ids as strings, exactly as the manifest's"
+                )
+            else:
+                hinted = False
+            cause = (
+                "The file's ids are written otherwise than the manifest's"
+                if hinted
+                else "The file was extracted for another stimulus manifest"
+            )
             raise FeatureFileError(
                 f"{self.path}: stimulus ids do not match the expected stimuli: "
                 + "; ".join(parts)
-                + ". The file was extracted for another stimulus manifest: "
+                + f". {cause}: "
                 + REEXTRACT
             )
         pos = {s: i for i, s in enumerate(self._ids)}

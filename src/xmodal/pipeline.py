@@ -115,7 +115,8 @@ def read_gpa_layers(
 
     A layer that is the same for every stimulus is an error naming the model, file, layer and
     the config ``key`` that chose it; two models with identical features are warned about (they
-    would count twice)."""
+    would count twice), and refused when no two models remain that differ: every residual is
+    then 0, and the dispersion rounding noise."""
     ids: list[str] | None = None
     reps = []
     for p, model, layer in zip(paths, models, layers, strict=True):
@@ -132,7 +133,18 @@ def read_gpa_layers(
             )
         reps.append(x)
     assert ids is not None
-    _warn_identical(models, reps, up_to_rotation=True)
+    same = _warn_identical(models, reps, up_to_rotation=True)
+    group = list(range(len(models)))  # each model's first model with the same features
+    for i, j in same:
+        group[i] = group[j]
+    if len(models) >= 2 and len(set(group)) < 2:
+        raise FeatureFileError(
+            f"the {modality} models {list(models)} have the same features up to a rotation, "
+            "reflection and scale in the layers GPA reads (config key "
+            f"'{key}'): GPA fits them onto each other exactly, every residual is 0 and their "
+            "dispersion would be rounding noise. Give models whose features differ, or "
+            "another layer (identical embedding tables at layer 0?)"
+        )
     return ids, reps
 
 
@@ -150,10 +162,12 @@ _SAME_UP_TO_ROTATION = 1e-9
 
 def _warn_identical(
     models: Sequence[str], reps: Sequence[np.ndarray], up_to_rotation: bool = False
-) -> None:
+) -> list[tuple[int, int]]:
     """Warn about models with identical features; with ``up_to_rotation`` also about models
     that GPA fits onto each other exactly (the same features up to centring, scale, rotation
-    and reflection: Procrustes distance ≈ 0), which count twice just the same."""
+    and reflection: Procrustes distance ≈ 0), which count twice just the same. Returns the
+    pairs ``(i, j)``, j < i, warned about."""
+    same: list[tuple[int, int]] = []
     unit = []
     if up_to_rotation:
         for x in reps:
@@ -163,6 +177,7 @@ def _warn_identical(
     for i in range(len(reps)):
         for j in range(i):
             if reps[i].shape == reps[j].shape and np.array_equal(reps[i], reps[j]):
+                same.append((i, j))
                 log.warning(
                     "models %r and %r have identical features: they count twice in GPA and "
                     "leave-one-model-out (inflating its correlations); remove one of them from "
@@ -179,6 +194,7 @@ def _warn_identical(
 
                 gap = 1.0 - float(scipy.linalg.svdvals(unit[i][0].T @ unit[j][0]).sum())
                 if gap < _SAME_UP_TO_ROTATION:
+                    same.append((i, j))
                     log.warning(
                         "models %r and %r have the same features up to a rotation, reflection "
                         "and scale (GPA fits one onto the other exactly: 1 − ‖N_iᵀN_j‖_* = "
@@ -188,6 +204,7 @@ def _warn_identical(
                         models[i],
                         gap,
                     )
+    return same
 
 
 def read_prepared_vision(
@@ -934,7 +951,13 @@ def _self_selection(
             f"{loo_stimuli_path} holds no fit without {missing}: it was made for other vision "
             "models (rerun leave_one_model_out)"
         )
+    from xmodal.dispersion import partial_pc1_orientation
+
     parts, shared = [], {}
+    oriented = {  # a PC1 whose sign is noise: its low and high sets may be swapped
+        key: "partial_pc1" in loo.columns and partial_pc1_orientation(loo, key)[1]
+        for key in prepared
+    }
     for key in prepared:
         own = others[others["vision"] == key].drop(columns="vision")
         for (summary, name), ref in main.items():
@@ -950,6 +973,7 @@ def _self_selection(
         conditions,
         contrasts,
         shared,
+        oriented,
     )
 
 
@@ -982,6 +1006,24 @@ PROVENANCE_COLUMNS = (
 #: the provenance columns a feature file's attribute of the same name fills
 _PROVENANCE_ATTRS = ("label", "modality", "source", "requested_revision", "revision",
                      "compute_dtype", "device", "pooling", "created")  # fmt: skip
+
+
+def _library_versions(path: PathLike, told: Any) -> dict[str, Any]:
+    """A feature file's ``library_versions`` attribute (a JSON object, library -> version); a
+    supplied file's other form is warned about, naming the file, and left out."""
+    try:
+        versions = json.loads(told or "{}")
+    except (TypeError, ValueError):
+        versions = None
+    if not isinstance(versions, dict):
+        log.warning(
+            "%s: its 'library_versions' attribute is not a JSON object (library -> version) but "
+            "%r; the provenance table leaves its library versions empty",
+            path,
+            str(told)[:80],
+        )
+        return {}
+    return versions
 
 
 def provenance_table(
@@ -1017,7 +1059,7 @@ def provenance_table(
     for path in feature_paths:
         with FeatureFile(path) as ff:
             attrs, n = ff.attrs, ff.m
-        versions = json.loads(attrs.get("library_versions") or "{}")
+        versions = _library_versions(path, attrs.get("library_versions"))
         key = attrs.get("model_key", Path(path).stem)
         row = {
             "kind": "model",
@@ -1031,6 +1073,8 @@ def provenance_table(
                 k: versions.get(k, "") for k in ("torch", "timm", "transformers", "numpy", "xmodal")
             },
         }
+        if attrs.get("imported_from"):  # a file the user supplied, whatever made it
+            row["source"] = "supplied"
         if labels and Path(path).stem in labels:  # the file's name is the config key
             row["label"] = labels[Path(path).stem]
         rows.append(row)

@@ -24,7 +24,12 @@ from typing import Any
 import pandas as pd
 
 from xmodal.config import ConfigError
-from xmodal.resources import extraction_resources, gpus_needed
+from xmodal.resources import (
+    GPU_USABLE_FRACTION,
+    extraction_resources,
+    gpu_memory_needed_gb,
+    gpus_needed,
+)
 
 log = logging.getLogger(__name__)
 
@@ -438,21 +443,8 @@ class Registry(Mapping[str, ModelEntry]):
         for e in self.values():
             if e.source == "supplied":  # imported, never extracted: no GPU to fit on
                 continue
-            try:
-                e.gpus()
-            except ValueError as err:
-                site = e.site
-                need = e.bytes_per_param * e.size_b * 1.05
-                raise ConfigError(
-                    f"config key 'models.{e.key}': {err}. The model needs about {need:.0f} GB of "
-                    f"GPU memory (dtype {e.dtype}); with 'extraction.gpu_mem_gb: {site.gpu_mem_gb}' that is "
-                    f"more than 'extraction.gpus_per_node: {site.gpus_per_node}' GPUs. Set "
-                    "extraction.gpu_mem_gb to your GPUs' memory and extraction.gpus_per_node to "
-                    "the GPUs of your largest node, or remove the model"
-                ) from None
-            if e.modality == "vision" and e.gpus() > 1:
-                weights = e.bytes_per_param * e.size_b
-                need = weights + max(2.0, 0.05 * weights)  # as xmodal.resources.gpus_needed
+            need = gpu_memory_needed_gb(e.size_b, e.bytes_per_param)
+            if e.modality == "vision" and need > GPU_USABLE_FRACTION * e.site.gpu_mem_gb:
                 raise ConfigError(
                     f"config key 'models.{e.key}': a vision model runs on one GPU (timm models "
                     f"are not spread over several), but it needs about {need:.1f} GB of GPU "
@@ -462,6 +454,20 @@ class Registry(Mapping[str, ModelEntry]):
                     "set extraction.dtype: bfloat16 (half the memory; it changes every model's "
                     "features), or remove the model"
                 )
+            try:
+                e.gpus()
+            except ValueError as err:
+                site = e.site
+                offered = GPU_USABLE_FRACTION * site.gpu_mem_gb * site.gpus_per_node
+                raise ConfigError(
+                    f"config key 'models.{e.key}': {err}. The model needs about {need:.1f} GB of "
+                    f"GPU memory (dtype {e.dtype}, size_b {e.size_b}, with activations), more "
+                    f"than the {offered:.1f} GB that 'extraction.gpus_per_node: "
+                    f"{site.gpus_per_node}' GPUs of 'extraction.gpu_mem_gb: {site.gpu_mem_gb}' "
+                    "offer (90% of each). Check the model's size_b, set extraction.gpu_mem_gb "
+                    "to your GPUs' memory and extraction.gpus_per_node to the GPUs of your "
+                    "largest node, or remove the model"
+                ) from None
 
     def duplicate_ids(
         self, resolved: Mapping[str, str | None] | None = None

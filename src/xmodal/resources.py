@@ -33,6 +33,7 @@ LLaMA-65B over 1024 captions: 96 + 6 min; over 100,000: 96 + 557 min.
 from __future__ import annotations
 
 import math
+import os
 
 __all__ = [
     "ANALYSIS_KINDS",
@@ -86,6 +87,22 @@ def _check(size_b: float, attempt: int) -> None:
         raise ValueError(f"attempt must be an integer >= 1 (Snakemake's attempt), got {attempt!r}")
 
 
+def slurm_gpus() -> dict[str, str]:
+    """The GPUs SLURM allocated to this job, as its environment says ({} outside such a job)."""
+    out = {k: os.environ[k] for k in ("SLURM_JOB_GPUS", "SLURM_STEP_GPUS") if os.environ.get(k)}
+    if os.environ.get("SLURM_GPUS_ON_NODE", "0") not in ("", "0"):
+        out["SLURM_GPUS_ON_NODE"] = os.environ["SLURM_GPUS_ON_NODE"]
+    return out
+
+
+def gpu_memory_needed_gb(size_b: float, bytes_per_param: int = BYTES_PER_PARAM_BF16) -> float:
+    """GB of GPU memory a ``size_b``-billion-parameter model's extraction needs: its weights and
+    5% more (at least 2 GB) for activations; a GPU offers :data:`GPU_USABLE_FRACTION` of its
+    memory to it."""
+    weights_gb = bytes_per_param * size_b
+    return weights_gb + max(2.0, 0.05 * weights_gb)
+
+
 def gpus_needed(
     size_b: float,
     gpu_mem_gb: float,
@@ -102,8 +119,7 @@ def gpus_needed(
         raise ValueError(f"gpu_mem_gb must be a positive number of GB, got {gpu_mem_gb!r}")
     if not (isinstance(max_gpus, int) and max_gpus >= 1):
         raise ValueError(f"max_gpus must be an integer >= 1, got {max_gpus!r}")
-    weights_gb = bytes_per_param * size_b
-    need_gb = weights_gb + max(2.0, 0.05 * weights_gb)
+    need_gb = gpu_memory_needed_gb(size_b, bytes_per_param)
     n = max(1, math.ceil(need_gb / (GPU_USABLE_FRACTION * gpu_mem_gb)))
     if n > max_gpus:
         raise ValueError(

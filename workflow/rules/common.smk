@@ -22,12 +22,15 @@ if _SRC not in sys.path:
 
 from xmodal import analysis_code_digest, demo_code_digest
 from xmodal.config import (
-    DEFAULTS,
     PREFETCH_RECORDS,
+    RUN_CONFIG_ENV,
     ConfigError,
+    apply_defaults,
+    changed_settings,
     check_against_stimuli,
     check_config,
     check_report_settings,
+    config_json,
     load_config_file,
     normalise_integers,
     nuisance_design,
@@ -55,7 +58,7 @@ from xmodal.figures import (
 )
 from xmodal.language_dispersion import LanguageDispersionSettings
 from xmodal.demo.build import demo_needs
-from xmodal.io import unfinished_outputs
+from xmodal.io import file_digests, unfinished_outputs
 from xmodal.logs import forward_to
 from xmodal.prefetch import downloaded_revision
 from xmodal.properties import annotations, check_annotations
@@ -108,15 +111,40 @@ except WorkflowError:
 
 # an absent optional key takes its default (xmodal.config.DEFAULTS), written into the config
 # that the rules and the report's captions read
-for _dotted in DEFAULTS:
-    _value = setting(config, _dotted)
-    *_sections, _key = _dotted.split(".")
-    _node = config
-    for _section in _sections:  # an absent or empty (null) section becomes a mapping
-        if not isinstance(_node.get(_section), dict):
-            _node[_section] = {}
-        _node = _node[_section]
-    _node[_key] = _value
+apply_defaults(config)
+
+
+def check_config_unchanged_since_the_run_started():
+    """A job started as a Snakemake process of its own (a SLURM job) reads the config files
+    again: edited while the job was queued, it ran with other settings than the run scheduled
+    and records (features extracted in bfloat16 recorded as the run's float32, a table made
+    with another knn_k, exit 0). The run passes its config to its jobs in the environment
+    (SLURM's --export=ALL, which the executor plugin sets); a job whose config differs fails.
+    """
+    now = config_json(config)
+    if workflow.is_main_process:
+        os.environ[RUN_CONFIG_ENV] = now
+        return
+    told = os.environ.get(RUN_CONFIG_ENV)
+    if told is None or told == now:
+        return
+    try:
+        changes = changed_settings(json.loads(told), json.loads(now))
+    except ValueError:  # not the run's JSON
+        changes = []
+    changes = changes or ["in its JSON form"]
+    if len(changes) > 6:
+        changes = changes[:6] + [f"… {len(changes) - 6} more"]
+    raise WorkflowError(
+        f"the config changed after this run started ({'; '.join(changes)}, in "
+        f"{', '.join(_CONFIG_FILES)}): this job read the edited files and would run with "
+        "settings the run did not schedule and does not record. Stop the run (its queued "
+        "jobs stop here too) and start it again: Snakemake then reruns what the change "
+        "affects. Edit the config only between runs (docs/cluster.md)"
+    )
+
+
+check_config_unchanged_since_the_run_started()
 
 try:
     for _path in _CONFIG_FILES:
@@ -332,6 +360,13 @@ WEIGHT_DIGESTS = f"results/features/{DATASET}/.weights_digests.json"
 
 def feature_file(model):
     return f"results/features/{DATASET}/{model}.h5"
+
+
+def supplied_digest(wildcards):
+    """The SHA-256 of a supplied feature file (models.<key>.features): a param of its import,
+    so that a file replaced by other content is imported again whatever its modification time
+    (cp -p, rsync -a and tar keep an older one, and Snakemake compares times)."""
+    return file_digests([REGISTRY[wildcards.model].features], WEIGHT_DIGESTS)[0] or ""
 
 
 # models whose features the user supplies (imported, rule import_features) and the others

@@ -35,8 +35,9 @@ rule extract:
 
 # A feature file the user supplies (models.<key>.features): checked and copied into results/
 # (rows in manifest order, without the duplicates stimuli.drop_duplicates leaves out), never
-# extracted, so that no stamp schedules an extraction of it; a newer supplied file is
-# imported again (README, "Bringing your own features").
+# extracted, so that no stamp schedules an extraction of it; a supplied file newer than its
+# copy, or with other content (its digest, a param), is imported again (README, "Bringing your
+# own features").
 rule import_features:
     input:
         manifest=ancient(MANIFEST),
@@ -54,5 +55,6 @@ rule import_features:
         code=ANALYSIS_CODE,
         modality=lambda wildcards: REGISTRY[wildcards.model].modality,
         drop_duplicates=DROP_DUPLICATES,
+        sha256=supplied_digest,
     script:
         "../../scripts/import_features.py"

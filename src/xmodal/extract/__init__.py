@@ -197,7 +197,9 @@ def extract_features(
         else:
             from xmodal.extract.language import extract_language_features, load_language_model
 
-            model, tokenizer, info = load_language_model(model_id, **load)
+            model, tokenizer, info = load_language_model(
+                model_id, **load, size_b=(model_key, float(model_cfg.get("size_b") or 0.0))
+            )
             res = extract_language_features(
                 model,
                 tokenizer,

@@ -22,6 +22,7 @@ from xmodal.io import DiskFullError
 from xmodal.logs import preview
 from xmodal.prefetch import is_offline
 from xmodal.registry import PICKLE_SUFFIXES, SAFE_SUFFIXES
+from xmodal.resources import slurm_gpus
 
 # transformers and timm import torchvision; make that work first (see xmodal._compat)
 ensure_torchvision_importable()
@@ -53,14 +54,6 @@ class RemoteCodeError(ExtractionError):
 DEVICE_ENV = "XMODAL_DEVICE"
 
 
-def _slurm_gpus() -> dict[str, str]:
-    """The GPUs SLURM allocated to this job, as its environment says ({} outside such a job)."""
-    out = {k: os.environ[k] for k in ("SLURM_JOB_GPUS", "SLURM_STEP_GPUS") if os.environ.get(k)}
-    if os.environ.get("SLURM_GPUS_ON_NODE", "0") not in ("", "0"):
-        out["SLURM_GPUS_ON_NODE"] = os.environ["SLURM_GPUS_ON_NODE"]
-    return out
-
-
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
     """``"auto"`` (or :data:`DEVICE_ENV` when set) = the first CUDA device if one is visible,
     else the CPU; but in a job SLURM gave GPUs, no visible CUDA device is an error: the job
@@ -70,7 +63,7 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     if str(device) == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
-        gpus = _slurm_gpus()
+        gpus = slurm_gpus()
         if gpus:
             build = (
                 "a CPU-only build"

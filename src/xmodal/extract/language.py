@@ -80,12 +80,15 @@ def _choose_device_map(
     weights: Sequence[str],
     dtype: torch.dtype,
     model_id: str = "language model",
+    size_b: tuple[str, float] | None = None,
 ) -> str | dict[str, Any] | None:
     """None on CPU; ``"auto"`` (sharded by accelerate) over several GPUs; else the one GPU.
 
     Weights that the free memory of the visible GPUs cannot hold are an ExtractionError: with
     ``device_map="auto"`` accelerate would put the rest in host memory and the job would run
-    for hours on the CPU, and be retried (docs/cluster.md, "What each job asks for")."""
+    for hours on the CPU, and be retried (docs/cluster.md, "What each job asks for").
+    ``size_b``: the model's config key and its ``size_b``, which sized the job; the error names
+    it when the weights are over 20% larger than it says."""
     if device.type != "cuda":
         return None
     n_gpu = torch.cuda.device_count()
@@ -93,12 +96,19 @@ def _choose_device_map(
     free = sum(torch.cuda.mem_get_info(i)[0] for i in gpus)
     need = _weight_bytes(folder, weights, dtype)
     if need > GPU_HOLDS * free:
+        key, told = size_b or ("", 0.0)
+        planned = told * 1e9 * torch.finfo(dtype).bits / 8  # the weights size_b says
+        fix = (
+            f"The job was sized from 'models.{key}.size_b: {told}', whose weights take "
+            f"~{planned / 2**30:.1f} GiB: set it to the model's billions of parameters"
+            if key and need > 1.2 * planned
+            else "Set extraction.gpu_mem_gb to the memory of the GPUs the jobs get (it sets how "
+            "many each job asks for), or extraction.gpu_model to GPUs that large"
+        )
         raise ExtractionError(
             f"{model_id}: its weights need ~{need / 2**30:.1f} GiB of GPU memory "
             f"({dtype_name(dtype)}) but the {len(gpus)} GPU(s) this job sees have "
-            f"{free / 2**30:.1f} GiB free; the rest would run on the CPU for hours. Set "
-            "extraction.gpu_mem_gb to the memory of the GPUs the jobs get (it sets how many each "
-            "job asks for), or extraction.gpu_model to GPUs that large"
+            f"{free / 2**30:.1f} GiB free; the rest would run on the CPU for hours. {fix}"
         )
     return "auto" if n_gpu > 1 else {"": gpus[0]}
 
@@ -143,6 +153,7 @@ def load_language_model(
     dtype: str | torch.dtype | None = None,
     allow_pickle: bool = False,
     max_memory: dict[Any, str | int] | None = None,
+    size_b: tuple[str, float] | None = None,
 ) -> tuple[torch.nn.Module, Any, dict[str, Any]]:
     """Load ``AutoTokenizer`` + ``AutoModel`` (no LM head); returns ``(model, tokenizer, info)``.
 
@@ -154,7 +165,8 @@ def load_language_model(
     weights the model needs is an error. ``trust_remote_code`` is always False; pickle
     checkpoints are refused unless ``allow_pickle``. A tokenizer without a pad token gets one
     (eos, unk, bos or token 0; pooling masks padding anyway). ``info`` holds the resolved
-    ``revision`` (commit hash or ``"local"``).
+    ``revision`` (commit hash or ``"local"``). ``size_b``: the config key and ``size_b`` that
+    sized the job, named when the weights do not fit the GPUs and are larger than it says.
     """
     from transformers import AutoModel, AutoTokenizer
 
@@ -177,7 +189,7 @@ def load_language_model(
     _check_text_model_config(folder, model_id)
     remote_code_note = check_no_remote_code(folder, model_id)
     weights = check_weight_files(folder, model_id, allow_pickle=allow_pickle)
-    device_map = _choose_device_map(device, folder, weights, torch_dtype, model_id)
+    device_map = _choose_device_map(device, folder, weights, torch_dtype, model_id, size_b)
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import textwrap
 from typing import Any
 
 import numpy as np
@@ -622,7 +623,7 @@ def draw_contrasts(data: FigureData) -> Figure:
     value or random draws (``random_stability``, the mean of the draws' stabilities) are
     flagged unstable is a hatched bar; a difference or a fraction that is not a number is
     written "n/a". Marks have gids ``<what>|<vision>|<llm>|<summary>`` (what: diff, unstable,
-    undefined, frac, frac_undefined).
+    undefined, frac, frac_undefined, and the self-selection diamonds' of :func:`_draw_others`).
     """
     con = data.alignment("contrasts").copy()
     label = metric_label(data.metric)
@@ -651,7 +652,8 @@ def draw_contrasts(data: FigureData) -> Figure:
     has_ci = con.get("diff_ci_low", pd.Series(np.nan, index=con.index)).notna().any()
     # the self-selection control: each pair on the sets chosen without its vision model
     others = data.alignment("self_selection") if data.get("self_selection") is not None else None
-    n_others = 0
+    n_others = n_others_unstable = 0
+    unoriented: dict[str, dict[str, None]] = {}  # summary -> labels of the models left out
 
     ratios = [3.2, 1.2] * len(summaries)
     fig = new_figure(2.0 + 4.6 * len(summaries), 0.17 * (y + 2) + 1.9)
@@ -681,7 +683,11 @@ def draw_contrasts(data: FigureData) -> Figure:
                 ax.plot(d, yy, "o", ms=3.5, mec=colr, mfc="white" if flag else colr,
                         mew=1.0, gid=f"{'unstable' if flag else 'diff'}|{tag}")  # fmt: skip
                 n_unstable += flag
-            n_others += _draw_others(ax, others, s, p, yy + OTHERS_OFFSET, tag)
+            marks = _draw_others(ax, others, s, p, yy + OTHERS_OFFSET, tag)
+            n_others += "drawn" in marks
+            n_others_unstable += "unstable" in marks
+            if "unoriented" in marks:
+                unoriented.setdefault(s, {})[models.label(p[0])] = None
             frac = float(r.get("frac_random_ge_low", np.nan))
             if np.isfinite(frac):
                 (bar,) = axf.barh(yy, frac, height=0.7, color=COLORS["random"], gid=f"frac|{tag}")
@@ -700,6 +706,12 @@ def draw_contrasts(data: FigureData) -> Figure:
             else f"Δ {label}, low − high (no bootstrap interval)"
         )
         title = f"{panel_letter(i)}   Low − high, {SUMMARY_LABELS.get(s, s)}"
+        if s in unoriented:  # method.md, "Sets chosen without the scored model"
+            title += "\n" + textwrap.fill(
+                f"Grey diamonds ({', '.join(unoriented[s])}): without that model, PC1 hardly "
+                "follows the mean dispersion: low and high may be swapped",
+                60,
+            )
         ax.set_title(
             title + _summary_line(stats, s) + pc1_title_note(data, s), loc="left"
         )  # method.md, "Dispersion"
@@ -734,6 +746,11 @@ def draw_contrasts(data: FigureData) -> Figure:
             Line2D([], [], marker="D", ms=3, color=OTHERS_COLOR, lw=0.8,
                    label="sets chosen without the scored vision model (its 95% CI)")
         )  # fmt: skip
+    if n_others_unstable:
+        flags.append(
+            Line2D([], [], marker="D", ls="", ms=3, mfc="white", mec=OTHERS_COLOR, mew=0.8,
+                   label=f"without it, low or high: {UNSTABLE_NOTE} ({n_others_unstable})")
+        )  # fmt: skip
     fig.legend(handles=handles + flags, loc="outside lower center", ncols=3)
     fig.suptitle(f"Low − high dispersion contrast per pair ({label})")
     return fig
@@ -744,31 +761,47 @@ OTHERS_OFFSET = 0.34
 OTHERS_COLOR = "black"
 
 
+#: a self-selection mark whose PC1 sets may have low and high swapped
+UNORIENTED_COLOR = "#9e9e9e"
+
+
 def _draw_others(
     ax: Axes, others: pd.DataFrame | None, summary: str, pair: tuple[str, str], y: float, tag: str
-) -> int:
+) -> frozenset[str]:
     """The pair's low − high on the sets chosen without its vision model (docs/method.md, "Sets
     chosen without the scored model"): a small diamond and its interval just below the main
-    mark, gid ``others|<tag>`` (``others_undefined|<tag>`` when not a number). 1 if drawn."""
+    mark, gid ``others|<tag>``; ``others_undefined|<tag>`` when not a number. Its face is open
+    when its low or high value is unstable (``others_unstable|<tag>``, as the main marks), and
+    it is grey when the PC1 of the fit without the model hardly follows that fit's mean
+    dispersion (``others_unoriented|<tag>``: its low and high may be swapped). Returns what it
+    drew: empty, or ``drawn`` with ``unstable`` and ``unoriented`` where they apply."""
     if others is None:
-        return 0
+        return frozenset()
     row = others[
         (others["vision"] == pair[0]) & (others["llm"] == pair[1]) & (others["summary"] == summary)
     ]
     if row.empty:
-        return 0
+        return frozenset()
     r = row.iloc[0]
     d = float(r["diff_low_high"])
     if not np.isfinite(d):
         across = blended_transform_factory(ax.transAxes, ax.transData)
         ax.text(0.5, y, UNDEFINED_TEXT, transform=across, ha="center", va="center",
                 fontsize=5.5, color=UNDEFINED_COLOR, gid=f"others_undefined|{tag}")  # fmt: skip
-        return 1
+        return frozenset({"drawn"})
+    marks = {"drawn"}
+    if bool(unstable(row.iloc[:1], ("low_stability", "high_stability"))[0]):
+        marks.add("unstable")
+    if not bool(r.get("pc1_oriented", True)):
+        marks.add("unoriented")
+    colour = UNORIENTED_COLOR if "unoriented" in marks else OTHERS_COLOR
     lo, hi = float(r.get("diff_ci_low", np.nan)), float(r.get("diff_ci_high", np.nan))
     if np.isfinite(lo) and np.isfinite(hi):
-        ax.hlines(y, lo, hi, color=OTHERS_COLOR, lw=0.6)
-    ax.plot(d, y, "D", ms=2.4, color=OTHERS_COLOR, gid=f"others|{tag}")
-    return 1
+        ax.hlines(y, lo, hi, color=colour, lw=0.6)
+    what = next((f"others_{m}" for m in ("unoriented", "unstable") if m in marks), "others")
+    ax.plot(d, y, "D", ms=2.4, mec=colour, mfc="white" if "unstable" in marks else colour,
+            mew=0.8, gid=f"{what}|{tag}")  # fmt: skip
+    return frozenset(marks)
 
 
 # --------------------------------------------------------------------------- held-out layer

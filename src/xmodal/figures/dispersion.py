@@ -177,13 +177,12 @@ def draw_loo(data: FigureData) -> Figure:
         else:
             pr = pp = sr = sp = float("nan")
             n = len(x)
-        ax.text(
-            0.03, 0.97,
-            f"r = {pr:.2f}, {format_p(pp)}\nρ = {sr:.2f}, {format_p(sp)}\nn = {n}",
-            transform=ax.transAxes, ha="left", va="top", fontsize=7,
-            bbox={"boxstyle": "round,pad=0.3", "fc": "white", "ec": "#cccccc", "alpha": 0.9},
-        )  # fmt: skip
-        ax.set_title(f"{panel_letter(i)}   Held out: {models.label(h)}", loc="left")
+        # in the title, not in a box over the axes, which hid the highest points (audit)
+        ax.set_title(
+            f"{panel_letter(i)}   Held out: {models.label(h)}\n"
+            f"r = {pr:.2f}, {format_p(pp)}; ρ = {sr:.2f}, {format_p(sp)}; n = {n}",
+            loc="left",
+        )
         ax.set_xlabel("Partial dispersion (GPA on the other models)")
         ax.set_ylabel("Held-out model deviation from consensus")
     fig.suptitle(
@@ -402,7 +401,7 @@ def _distance_panel(ax: Axes, res: pd.DataFrame) -> None:
     per = res.groupby("stimulus_id")[["residual", "distance"]].mean()
     ax.scatter(per["distance"], per["residual"], s=6, color="#4d4d4d", linewidth=0)
     rho = per["residual"].corr(per["distance"], method="spearman")
-    ax.text(0.03, 0.97, f"Spearman ρ = {rho:.2f}", ha="left", va="top", transform=ax.transAxes)
+    ax.set_title(f"{ax.get_title(loc='left')}\nSpearman ρ = {rho:.2f}", loc="left")
     ax.set_xlabel("Mean distance from the models' centres")
     ax.set_ylabel("Mean dispersion (mean GPA residual)")
 

@@ -69,7 +69,9 @@ def _scatter_panel(
     col: str,
     corr: pd.DataFrame | None,
     summary: str,
-) -> None:
+) -> str:
+    """Language against vision dispersion per stimulus; returns the correlations' lines for
+    the panel's title (a box inside the axes hid the most dispersed captions, audit)."""
     both = vision.assign(stimulus_id=vision["stimulus_id"].astype(str)).merge(
         language.assign(stimulus_id=language["stimulus_id"].astype(str)),
         on="stimulus_id",
@@ -83,12 +85,7 @@ def _scatter_panel(
     sp, pe = _corr_row(corr, summary, "spearman"), _corr_row(corr, summary, "pearson")
     n = int(sp["n"]) if sp is not None else len(x)
     ci = " (95% bootstrap CI)" if any(_has_ci(r) for r in (sp, pe)) else ""  # n_boot: 0
-    ax.text(
-        0.03, 0.97,
-        f"Spearman ρ = {_fmt_ci(sp)}\nPearson r = {_fmt_ci(pe)}\nn = {n}{ci}",
-        transform=ax.transAxes, ha="left", va="top", fontsize=7,
-        bbox={"boxstyle": "round,pad=0.3", "fc": "white", "ec": "#cccccc", "alpha": 0.9},
-    )  # fmt: skip
+    return f"\nSpearman ρ = {_fmt_ci(sp)}\nPearson r = {_fmt_ci(pe)}, n = {n}{ci}"
 
 
 #: How much a "language dispersion high" bar is lightened towards white (its fill is
@@ -185,10 +182,10 @@ def draw_language_dispersion(data: FigureData) -> Figure:
     for ax, (letter, summary, col) in zip(
         axes[:2], (("A", "mean", "mean_dispersion"), ("B", "pc1", "pc1_score")), strict=True
     ):
-        _scatter_panel(ax, vision, language, col, corr, summary)
+        stats = _scatter_panel(ax, vision, language, col, corr, summary)
         what = "mean" if summary == "mean" else "PC1"
         note = pc1_note if summary == "pc1" else ""
-        ax.set_title(f"{letter}   Language vs vision dispersion ({what}){note}", loc="left")
+        ax.set_title(f"{letter}   Language vs vision dispersion ({what}){note}{stats}", loc="left")
     n_pairs = n_hatched = n_open = n_undefined = 0
     for ax, (letter, summary) in zip(axes[2:], (("C", "mean"), ("D", "pc1")), strict=True):
         n, a, b, c = _cells_panel(ax, cells, summary)
@@ -321,15 +318,12 @@ def draw_properties(data: FigureData) -> Figure:
         text = f"ρ = {r['spearman_rho']:.2f}" if r is not None and np.isfinite(r["spearman_rho"]) else (
             f"n/a: {r['reason']}" if r is not None and r["reason"] else "ρ n/a"
         )  # fmt: skip
-        ax.text(
-            0.03, 0.97, text, transform=ax.transAxes, ha="left", va="top", fontsize=6.5,
-            bbox={"boxstyle": "round,pad=0.2", "fc": "white", "ec": "none", "alpha": 0.85},
-        )  # fmt: skip
         ax.set_xlabel(textwrap.fill(property_label(prop, "", models), 18), fontsize=7, **PLAIN_TEXT)
         ax.tick_params(labelsize=6)
         if i % ncols == 0:
             ax.set_ylabel("Mean dispersion")
-        ax.set_title(panel_letter(i, "C"), loc="left")
+        # ρ beside the letter, above the axes: a box over them hid points (audit)
+        ax.set_title(f"{panel_letter(i, 'C')}   {text}", loc="left")
     own = any(p.startswith(ANNOTATION_PREFIX) for p, _ in rows)
     fig.suptitle(
         "What goes with dispersion: stimulus properties (no extra model)"
