@@ -237,7 +237,7 @@ def test_loo(figs, inputs):
     for ax, key in zip(axes, ["vis-0", "vis-1", "vis-2"], strict=True):
         # the statistics in the title: a box over the axes hid the highest points (audit)
         assert not ax.texts
-        txt = ax.get_title(loc="left").split("\n")[1]
+        txt = "\n".join(ax.get_title(loc="left").split("\n")[1:])
         assert f"r = {loo.at[key, 'pearson_r']:.2f}" in txt and "ρ = " in txt and "p " in txt
         assert len(ax.collections[0].get_offsets()) == 40  # one point per stimulus
         assert len(ax.lines) == 1  # the linear fit

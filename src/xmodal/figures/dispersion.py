@@ -180,7 +180,7 @@ def draw_loo(data: FigureData) -> Figure:
         # in the title, not in a box over the axes, which hid the highest points (audit)
         ax.set_title(
             f"{panel_letter(i)}   Held out: {models.label(h)}\n"
-            f"r = {pr:.2f}, {format_p(pp)}; ρ = {sr:.2f}, {format_p(sp)}; n = {n}",
+            f"r = {pr:.2f}, {format_p(pp)}\nρ = {sr:.2f}, {format_p(sp)}; n = {n}",
             loc="left",
         )
         ax.set_xlabel("Partial dispersion (GPA on the other models)")

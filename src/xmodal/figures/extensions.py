@@ -323,7 +323,7 @@ def draw_properties(data: FigureData) -> Figure:
         if i % ncols == 0:
             ax.set_ylabel("Mean dispersion")
         # ρ beside the letter, above the axes: a box over them hid points (audit)
-        ax.set_title(f"{panel_letter(i, 'C')}   {text}", loc="left")
+        ax.set_title(textwrap.fill(f"{panel_letter(i, 'C')}   {text}", 18), loc="left")
     own = any(p.startswith(ANNOTATION_PREFIX) for p, _ in rows)
     fig.suptitle(
         "What goes with dispersion: stimulus properties (no extra model)"
