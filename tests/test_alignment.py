@@ -531,15 +531,22 @@ def test_cka_on_a_collapsed_layer_is_flagged_not_reported_as_exact(dense):
     rows += [("high", "mean", 0, ids[i]) for i in range(m - half, m)]
     sets = pd.DataFrame(rows, columns=["set", "summary", "draw", "stimulus_id"])
     metrics = ("cknna", "cka", "unbiased_cka")
-    for x, flagged in ((unit(rng.normal(size=(1, d)) + 3e-4 * s), True), (unit(s), False)):
+    # the last: 20 stimuli, each 10 times (as captions repeat): tied kNN sets, an exact kernel
+    dups = unit(np.repeat(s[:20], 10, axis=0))  # its CKA values stay unflagged (review)
+    for x, flagged in ((unit(rng.normal(size=(1, d)) + 3e-4 * s), True), (unit(s), False),
+                       (dups, False)):  # fmt: skip
         plan = al.ConditionPlan(sets, ids, k=k, n_boot=0, seed=0, dense=dense)
         cond, _ = plan.evaluate_metrics("V", "L", 0, plan.side(x), plan.side(y), metrics)
         shown = cond[np.isfinite(cond["value"])]  # NaN (unbiased CKA, blocked): not shown
         got = shown.groupby("metric")["stability"].apply(lambda v: set(np.isinf(v)))
         assert set(got.index) >= {"cknna", "cka"}, cond[["metric", "value"]]
-        assert all(v == {flagged} for v in got), cond[["metric", "value", "stability"]]
+        cka = got.drop("cknna") if x is dups else got  # CKNNA's ties are its own (∞ there)
+        assert all(v == {flagged} for v in cka), cond[["metric", "value", "stability"]]
         if not flagged:
             assert (cond.loc[cond.metric != "cknna", "stability"] == 0).all()
+        if x is dups:
+            side = mt.KernelKNN.from_features(x, k, dense=dense)
+            assert mt.rounding_decides(side).all()  # ties that the first fix flagged CKA by
 
 
 def test_an_analysis_job_given_gpus_it_cannot_see_says_so(monkeypatch, caplog):
@@ -548,7 +555,7 @@ def test_an_analysis_job_given_gpus_it_cannot_see_says_so(monkeypatch, caplog):
     import logging
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    for var in ("SLURM_JOB_GPUS", "SLURM_STEP_GPUS", "SLURM_GPUS_ON_NODE"):
+    for var in ("SLURM_JOB_GPUS", "SLURM_STEP_GPUS", "SLURM_GPUS_ON_NODE", "CUDA_VISIBLE_DEVICES"):
         monkeypatch.delenv(var, raising=False)
     with caplog.at_level(logging.INFO, logger="xmodal.alignment"):
         assert al.default_device() == torch.device("cpu")
@@ -559,3 +566,10 @@ def test_an_analysis_job_given_gpus_it_cannot_see_says_so(monkeypatch, caplog):
         assert al.default_device() == torch.device("cpu")
     assert "given GPUs by SLURM (SLURM_JOB_GPUS=0)" in caplog.text
     assert "analysis.gpu: false" in caplog.text
+    # a job that asked for no GPU (its CUDA_VISIBLE_DEVICES emptied by scripts/_bootstrap.py)
+    # inside a GPU allocation: not warned (review)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="xmodal.alignment"):
+        assert al.default_device() == torch.device("cpu")
+    assert "SLURM" not in caplog.text and "alignment on the CPU" in caplog.text

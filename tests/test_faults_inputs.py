@@ -160,6 +160,11 @@ CONFIG_CASES: dict[str, tuple[Callable[[dict], None], str]] = {
         r"numeric_model_key\.yaml: key 123 at line \d+: YAML 1\.1 reads it as the number 123, "
         r"and keys are names: put it in quotes \('123'\)",
     ),
+    "boolean_nested_key": (  # `on:` in a section: the schema named it True (review)
+        lambda cfg: cfg["analysis"].update({True: 1}),
+        r"boolean_nested_key\.yaml: key true at line \d+: YAML 1\.1 reads it as the boolean "
+        r"True, and keys are names: put it in quotes \('true'\)",
+    ),
     "octal_id": (  # `id: 012` in YAML is the number 10
         lambda cfg: cfg["models"]["tiny-mae"].update(id=10),
         r"key 'models\.tiny-mae\.id': 10 is not of type 'string' \(YAML read the value as a "

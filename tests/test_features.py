@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -818,16 +819,19 @@ def test_ids_stored_as_numbers_are_named_as_such(tmp_path):
     """Manifest ids '001'…'006' stored as the numbers 1…6 (or 1.0…6.0) were blamed on "another
     stimulus manifest", with the advice to re-extract; the message now says that the ids are
     the same numbers written otherwise, and to store them as strings."""
-    ids = [f"{i:03d}" for i in range(1, 7)]
-    x = np.random.default_rng(2).standard_normal((1, 6, 4)).astype(np.float32)
-    for stored in (np.arange(1, 7), np.arange(1, 7, dtype=np.float64)):
+    ids = [f"{i:03d}" for i in range(1, 13)]
+    x = np.random.default_rng(2).standard_normal((1, 12, 4)).astype(np.float32)
+    for stored in (np.arange(12, 0, -1), np.arange(12, 0, -1, dtype=np.float64)):
+        # in another order: the example pairs '001' with its own number, not the first extra
         path = _supplied(tmp_path, x, list(stored))
         with pytest.raises(FeatureFileError) as err:
             import_features(path, tmp_path / "c.h5", "mine", "language", ids)
         text = str(err.value)
-        assert "the same numbers written otherwise, e.g. '001' and '1" in text, text
+        assert re.search(
+            r"the same numbers written otherwise, e\.g\. '001' and '1(\.0)?' ", text
+        ), text
         assert "write the ids as strings" in text and "another stimulus manifest" not in text
-    other = _supplied(tmp_path, x, [f"{i:03d}" for i in range(2, 8)])  # truly other stimuli
+    other = _supplied(tmp_path, x, [f"{i:03d}" for i in range(2, 14)])  # truly other stimuli
     with pytest.raises(FeatureFileError, match="extracted for another stimulus manifest"):
         import_features(other, tmp_path / "c.h5", "mine", "language", ids)
 

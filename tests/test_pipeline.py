@@ -147,6 +147,16 @@ def test_vision_features_equal_up_to_rotation_and_scale_are_warned_about(
     with pytest.raises(FeatureFileError, match=r"the language models \['l1', 'l2', 'l3'\]"):
         pipeline.read_gpa_layers(paths, ["l1", "l2", "l3"], [0, 0, 0], "language", "k")
     pipeline.read_gpa_layers(paths[:2] + [paths[0]], ["l1", "l2", "l1"], [0, 1, 0], "language", "k")
+    # leave-one-model-out over A, a rotated copy of A and C: the fit without C was a GPA of one
+    # model (partial dispersion 4e-17, yet r = 0.18, p = 0.0498 in loo.tsv; review)
+    near = (x + 0.3 * rng.standard_normal(x.shape)).astype(np.float32)
+    paths = [
+        _write(tmp_path / f"{k}.h5", k, "vision", v)
+        for k, v in (("a", x), ("b", turned), ("c", near))
+    ]
+    pipeline.read_vision_layers(paths, ["a", "b", "c"], -2)  # GPA: warned, not refused
+    with pytest.raises(FeatureFileError, match=r"without 'c', the vision models \['a', 'b'\]"):
+        pipeline.read_vision_layers(paths, ["a", "b", "c"], -2, each_left_out=True)
 
 
 def test_a_rank_deficient_vision_model_is_named_and_its_rank_recorded(

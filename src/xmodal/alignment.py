@@ -21,6 +21,7 @@ subset. Kernels are float32 for prepared (float32) features; HSIC sums are float
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable, Iterable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
@@ -93,7 +94,7 @@ _MAX_BATCH_ELEMS = 1 << 23  # subset kernels gathered per batch (B·s² elements
 #: Metrics of the fast path (docs/method.md, Alignment): each gets its own rows and its own layer.
 METRICS = ("cknna", "mutual_knn", "unbiased_cka", "cka")
 #: Metrics defined by kNN sets: they carry a stability; the CKA metrics have stability 0, or ∞
-#: where a side is collapsed.
+#: where a side's kernel is rounding (:data:`CKA_ROUNDING`).
 KNN_METRICS = ("cknna", "mutual_knn")
 #: Metrics whose low − high difference is bootstrapped (the multiset machinery of xmodal.stats);
 #: the CKA metrics get n_boot = 0 and NaN intervals in the contrasts table.
@@ -251,14 +252,17 @@ def _check_metrics(metrics: Sequence[str]) -> tuple[str, ...]:
 
 
 def default_device() -> torch.device:
-    """CUDA when available, else CPU; logged, and warned about in a job SLURM gave GPUs that
-    torch does not see (``analysis.gpu``: the job would hold them idle)."""
+    """CUDA when available, else CPU; logged, and warned about in a job that asked for a GPU
+    (``analysis.gpu``) and was given GPUs by SLURM that torch does not see (it would hold them
+    idle)."""
     from xmodal.resources import slurm_gpus
 
     if torch.cuda.is_available():
         log.info("alignment on %s", torch.cuda.get_device_name(0))
         return torch.device("cuda")
-    if gpus := slurm_gpus():
+    # a job that asked for no GPU is given none to see (scripts/_bootstrap.py): no warning
+    asked = os.environ.get("CUDA_VISIBLE_DEVICES") != ""
+    if asked and (gpus := slurm_gpus()):
         log.warning(
             "this job was given GPUs by SLURM (%s), but torch %s sees no CUDA device: it runs on "
             "the CPU (the same numbers, more slowly) and holds them idle. Install a CUDA build "
@@ -323,13 +327,28 @@ def self_term(metric: str, side: KernelKNN) -> torch.Tensor:
     return side.cache[key]
 
 
+#: A kernel whose centred entries' root mean square is below this many τ (the resolution of its
+#: entries, xmodal.metrics.kernel_resolution) is rounding: its CKA is noise (a layer at mean
+#: cosine 0.999999 gave 0.106 dense and 0.837 blocked; such layers measure 0.003–4 τ, healthy
+#: ones and repeated stimuli 10⁴ τ and more).
+CKA_ROUNDING = 10.0
+
+
+def kernel_is_rounding(side: KernelKNN) -> torch.Tensor:
+    """(B,) True where the side's centred kernel is within :data:`CKA_ROUNDING` τ of 0 (root
+    mean square of its entries, sqrt(tr(KHKH))/s): CKA from it is rounding. Unlike the kNN
+    sets' ties (:func:`xmodal.metrics.rounding_decides`), repeated stimuli do not make it."""
+    rms = torch.sqrt(self_term("cka", side).clamp(min=0.0)) / side.size
+    return rms < CKA_ROUNDING * side.tau
+
+
 def side_values(metric: str, xs: KernelKNN, ys: KernelKNN) -> tuple[torch.Tensor, torch.Tensor]:
     """(value, stability) of one metric for matched batches (same stimuli, same k): (B,) on the CPU.
 
     kNN metrics: :func:`xmodal.metrics.knn_metric`. CKA metrics: from the kernels (dense path)
-    or from feature moments (blocked path); their stability is 0 (no kNN sets), and ∞ where
-    rounding decides a side's kNN sets (:func:`xmodal.metrics.rounding_decides`): a collapsed
-    layer's kernel is rounding too, and its CKA noise (docs/method.md, "Stability").
+    or from feature moments (blocked path); their stability is 0 (no kNN sets), and ∞ where a
+    side's kernel is rounding (:func:`kernel_is_rounding`: a collapsed layer), which makes its
+    CKA noise (docs/method.md, "Stability").
     """
     if metric in KNN_METRICS:
         value, stability = knn_metric(metric, xs, ys)
@@ -349,8 +368,8 @@ def side_values(metric: str, xs: KernelKNN, ys: KernelKNN) -> tuple[torch.Tensor
             [unbiased if metric == "unbiased_cka" else biased], dtype=torch.float64
         )
     value = normalised_hsic(cross, self_term(metric, xs), self_term(metric, ys))
-    collapsed = (rounding_decides(xs) | rounding_decides(ys)).cpu()
-    stability = torch.where(collapsed, torch.inf, 0.0).to(torch.float64)
+    rounding = kernel_is_rounding(xs) | kernel_is_rounding(ys)
+    stability = torch.where(rounding, torch.inf, 0.0).to(torch.float64)
     return value, torch.where(torch.isfinite(value), stability, torch.nan)
 
 

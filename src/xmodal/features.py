@@ -28,7 +28,7 @@ import re
 import sys
 import unicodedata
 from collections import Counter
-from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -559,6 +559,12 @@ def _nfc(ids: Sequence[str]) -> set[str]:
 _NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?", re.ASCII)
 
 
+def _twin(id_: str, others: Sequence[str], key: Callable[[str], Any]) -> str:
+    """The first of ``others`` that ``key`` maps where it maps ``id_`` (the id as the other
+    side writes it, for an example in a message)."""
+    return next((s for s in others if key(s) == key(id_)), others[0])
+
+
 def _as_numbers(ids: Sequence[str]) -> list[float] | None:
     """The ids as numbers, sorted; None when one of them is not written as a number."""
     if not all(_NUMBER.fullmatch(s) for s in ids):
@@ -717,20 +723,23 @@ class FeatureFile:
             if missing and _nfc(missing) == _nfc(extra):  # 'café' typed, 'café' from a Mac
                 parts.append(
                     "the missing and extra ids differ only in Unicode form (NFC against NFD: "
-                    f"they print alike), e.g. {ascii(missing[0])} and {ascii(extra[0])}"
+                    f"they print alike), e.g. {ascii(missing[0])} and "
+                    f"{ascii(_twin(missing[0], extra, lambda s: unicodedata.normalize('NFC', s)))}"
                 )
             elif missing and sorted(s.strip() for s in missing) == sorted(
                 s.strip() for s in extra
             ):  # a fixed-width string column ('S8') pads ids with spaces
                 parts.append(
                     "the missing and extra ids differ only in spaces before or after them, "
-                    f"e.g. {missing[0]!r} and {extra[0]!r} (a fixed-width string column pads "
+                    f"e.g. {missing[0]!r} and {_twin(missing[0], extra, str.strip)!r} (a "
+                    "fixed-width string column pads "
                     "them): write the ids as variable-length strings, exactly as the manifest's"
                 )
             elif (nums := _as_numbers(missing)) and nums == _as_numbers(extra):
                 parts.append(
                     "the missing and extra ids are the same numbers written otherwise, e.g. "
-                    f"{missing[0]!r} and {extra[0]!r} (ids stored as numbers lose leading "
+                    f"{missing[0]!r} and {_twin(missing[0], extra, float)!r} (ids stored as "
+                    "numbers lose leading "
                     "zeros and gain '.0'): write the ids as strings, exactly as the manifest's"
                 )
             else:

@@ -110,13 +110,15 @@ def read_gpa_layers(
     layers: Sequence[int],
     modality: str,
     key: str,
+    each_left_out: bool = False,
 ) -> tuple[list[str], list[np.ndarray]]:
     """One layer per model as float64 (GPA's input), rows in the first file's stimulus order.
 
     A layer that is the same for every stimulus is an error naming the model, file, layer and
     the config ``key`` that chose it; two models with identical features are warned about (they
     would count twice), and refused when no two models remain that differ: every residual is
-    then 0, and the dispersion rounding noise."""
+    then 0, and the dispersion rounding noise; with ``each_left_out`` (leave-one-model-out)
+    also when that holds once any one model is left out."""
     ids: list[str] | None = None
     reps = []
     for p, model, layer in zip(paths, models, layers, strict=True):
@@ -134,25 +136,47 @@ def read_gpa_layers(
         reps.append(x)
     assert ids is not None
     same = _warn_identical(models, reps, up_to_rotation=True)
-    group = list(range(len(models)))  # each model's first model with the same features
-    for i, j in same:
-        group[i] = group[j]
-    if len(models) >= 2 and len(set(group)) < 2:
-        raise FeatureFileError(
-            f"the {modality} models {list(models)} have the same features up to a rotation, "
-            "reflection and scale in the layers GPA reads (config key "
-            f"'{key}'): GPA fits them onto each other exactly, every residual is 0 and their "
-            "dispersion would be rounding noise. Give models whose features differ, or "
-            "another layer (identical embedding tables at layer 0?)"
-        )
+    everyone = list(range(len(models)))
+    fits = [(everyone, "")]
+    if each_left_out:
+        fits += [([i for i in everyone if i != k], f"without {models[k]!r}, ") for k in everyone]
+    for members, without in fits:
+        if len(members) >= 2 and _one_model(same, members):
+            raise FeatureFileError(
+                f"{without}the {modality} models {[models[i] for i in members]} have the same "
+                "features up to a rotation, reflection and scale in the layers GPA reads "
+                f"(config key '{key}'): GPA fits them onto each other exactly, every residual "
+                "is 0 and their dispersion would be rounding noise. Give models whose "
+                "features differ (remove all but one of them from config.yaml), or another "
+                "layer (identical embedding tables at layer 0?)"
+            )
     return ids, reps
 
 
+def _one_model(same: Sequence[tuple[int, int]], members: Sequence[int]) -> bool:
+    """Whether the models ``members`` are all one model by the pairs ``same``
+    (:func:`_warn_identical`), joined through members only."""
+    parent = {i: i for i in members}
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            i = parent[i]
+        return i
+
+    for i, j in same:
+        if i in parent and j in parent:
+            parent[root(i)] = root(j)
+    return len({root(i) for i in members}) == 1
+
+
 def read_vision_layers(
-    paths: Sequence[PathLike], models: Sequence[str], layer: int
+    paths: Sequence[PathLike], models: Sequence[str], layer: int, each_left_out: bool = False
 ) -> tuple[list[str], list[np.ndarray]]:
-    """The same layer (config key ``analysis.vision_layer``) of every vision model: GPA's input."""
-    return read_gpa_layers(paths, models, [layer] * len(models), "vision", "analysis.vision_layer")
+    """The same layer (config key ``analysis.vision_layer``) of every vision model: GPA's input
+    (``each_left_out``: :func:`read_gpa_layers`'s, for leave-one-model-out)."""
+    return read_gpa_layers(
+        paths, models, [layer] * len(models), "vision", "analysis.vision_layer", each_left_out
+    )
 
 
 #: 1 − ‖N_iᵀN_j‖_* below which two models' prepared features are one model's (half the squared
@@ -481,7 +505,7 @@ def run_leave_one_model_out(
     """GPA without each vision model in turn; correlate partial dispersion with its deviation."""
     from xmodal import dispersion
 
-    ids, reps = read_vision_layers(feature_paths, models, vision_layer)
+    ids, reps = read_vision_layers(feature_paths, models, vision_layer, each_left_out=True)
     table, per_stimulus = dispersion.leave_one_model_out(
         reps, names=list(models), stimulus_ids=ids, tol=tol, max_iter=max_iter
     )

@@ -449,7 +449,8 @@ class Registry(Mapping[str, ModelEntry]):
                     f"config key 'models.{e.key}': a vision model runs on one GPU (timm models "
                     f"are not spread over several), but it needs about {need:.1f} GB of GPU "
                     f"memory (dtype {e.dtype}, size_b {e.size_b}, with activations), more than "
-                    f"the 90% of 'extraction.gpu_mem_gb: {e.site.gpu_mem_gb}' one GPU offers. "
+                    f"the {GPU_USABLE_FRACTION:.0%} of 'extraction.gpu_mem_gb: "
+                    f"{e.site.gpu_mem_gb}' one GPU offers. "
                     "Check the model's size_b, set extraction.gpu_mem_gb to your GPUs' memory, "
                     "set extraction.dtype: bfloat16 (half the memory; it changes every model's "
                     "features), or remove the model"
@@ -464,9 +465,9 @@ class Registry(Mapping[str, ModelEntry]):
                     f"GPU memory (dtype {e.dtype}, size_b {e.size_b}, with activations), more "
                     f"than the {offered:.1f} GB that 'extraction.gpus_per_node: "
                     f"{site.gpus_per_node}' GPUs of 'extraction.gpu_mem_gb: {site.gpu_mem_gb}' "
-                    "offer (90% of each). Check the model's size_b, set extraction.gpu_mem_gb "
-                    "to your GPUs' memory and extraction.gpus_per_node to the GPUs of your "
-                    "largest node, or remove the model"
+                    f"offer ({GPU_USABLE_FRACTION:.0%} of each). Check the model's size_b, set "
+                    "extraction.gpu_mem_gb to your GPUs' memory and extraction.gpus_per_node to "
+                    "the GPUs of your largest node, or remove the model"
                 ) from None
 
     def duplicate_ids(

@@ -95,6 +95,16 @@ for _key in normalise_integers(config, load_config_file(_SCHEMA)):
     )
 
 try:
+    # first: refuses duplicate keys, which YAML would silently merge, and names a key or
+    # number YAML 1.1 reads otherwise as written (the schema would name what YAML made of it)
+    for _path in _CONFIG_FILES:
+        load_config_file(_path)
+except ConfigError as err:
+    raise WorkflowError(
+        f"Invalid configuration in {', '.join(_CONFIG_FILES)}: {err}"
+    ) from None
+
+try:
     validate(config, schema=str(_SCHEMA))
 except WorkflowError:
     # one line per problem, naming the file and the key (jsonschema's report is long)
@@ -147,9 +157,6 @@ def check_config_unchanged_since_the_run_started():
 check_config_unchanged_since_the_run_started()
 
 try:
-    for _path in _CONFIG_FILES:
-        # refuses duplicate keys, which YAML would silently merge
-        load_config_file(_path)
     check_config(config)
     # the one source of truth about every model (xmodal.registry)
     REGISTRY = Registry.from_config(config)
