@@ -122,16 +122,23 @@ def test_leave_one_model_out_coefficients_are_over_the_held_out_models_stimuli()
     dispersion and deviation: Kendall's τ in place of Spearman's ρ would pass a sign check."""
     rng = np.random.default_rng(0)
     x = rng.standard_normal((30, 5))
+    # four models, so that each fit holds three and its PC1 is not its mean dispersion (with
+    # two, both residuals are half the distance: PC1 ranks as the mean, and ρ of partial_pc1
+    # in place of the partial dispersion passed, mutation audit)
     reps = [
-        x @ rng.standard_normal((5, w)) + 0.5 * rng.standard_normal((30, w)) for w in (8, 9, 10)
+        x @ rng.standard_normal((5, w)) + noise * rng.standard_normal((30, w))
+        for w, noise in ((8, 0.2), (9, 0.5), (10, 1.5), (7, 0.8))
     ]
-    res = leave_one_model_out(reps, names=list("abc"))
+    res = leave_one_model_out(reps, names=list("abcd"))
+    differs = False
     for row in res.models.itertuples():
         s = res.stimuli[res.stimuli.held_out == row.held_out]
         rho = spearmanr(s.partial_dispersion, s.deviation).statistic
         r = pearsonr(s.partial_dispersion, s.deviation).statistic
         assert row.spearman_rho == pytest.approx(rho, abs=1e-12)
         assert row.pearson_r == pytest.approx(r, abs=1e-12)
+        differs |= abs(spearmanr(s.partial_pc1, s.deviation).statistic - rho) > 1e-3
+    assert differs  # the test tells the partial dispersion from its PC1
 
 
 def test_leave_one_model_out_does_not_depend_on_the_order_of_the_models():

@@ -309,3 +309,17 @@ def test_bootstrap_resample_with_two_negative_self_hsics_is_nan():
     got = plan.cknna(sk, sl)
     assert np.isnan(got[[0, 2]]).all()
     np.testing.assert_array_equal(got[[1, 3]], good[[1, 3]])
+
+
+def test_bootstrap_resamples_are_draws_with_replacement_from_the_whole_set():
+    """Each resample's multiplicities are the counts of n draws from all n stimuli
+    (rng.integers(0, n), written out independently): draws from the first n − 1 only (never the
+    set's last stimulus) passed every other test (mutation audit)."""
+    n, n_boot = 12, 400
+    pos = np.array([40, 3, 17, 8, 25, 1, 33, 12, 5, 29, 20, 9])  # a set listed in any order
+    plan = stats.BootstrapPlan(pos, n_boot, np.random.default_rng(7), k=3)
+    draws = np.random.default_rng(7).integers(0, n, size=(n_boot, n))
+    want = np.stack([np.bincount(d, minlength=n) for d in draws]).astype(np.float32)
+    np.testing.assert_array_equal(plan.weights.numpy(), want)
+    assert plan.positions.tolist() == sorted(pos.tolist())  # column j: the j-th smallest
+    assert (plan.weights.sum(dim=1) == n).all() and (plan.weights[:, -1] > 0).any()
