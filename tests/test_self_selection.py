@@ -143,6 +143,8 @@ def test_each_model_is_scored_on_the_sets_chosen_without_it(run):
         main = run["con"]
         main = main[(main["vision"] == r.vision) & (main["summary"] == r.summary)]
         assert (r.low_all, r.high_all) == (main["low"].item(), main["high"].item())
+        # the lower end of the main interval, not its upper (a mutant passed, mutation audit)
+        assert r.diff_ci_low_all == main["diff_ci_low"].item() < main["diff_ci_high"].item()
         sets = run["sets"]
         for name, got, pos in (
             ("low", r.n_shared_low, ranked[:size]),
