@@ -166,7 +166,9 @@ def test_a_rank_deficient_vision_model_is_named_and_its_rank_recorded(
     dimensions than m − 1: GPA fits it as a model that narrow, and the run says which model,
     recording every model's numerical rank in gpa.json (given order, not fitting order)."""
     rng = np.random.default_rng(5)
-    x = {k: rng.standard_normal((3, 16, 24)).astype(np.float32) for k in ("b", "a", "c")}
+    # c, a, b: its sorting permutation is not its own inverse, so fitting order and given order
+    # tell apart (b, a, c did not: ranks in fitting order passed, mutation audit)
+    x = {k: rng.standard_normal((3, 16, 24)).astype(np.float32) for k in ("c", "a", "b")}
     x["c"][:, 9] = x["c"][:, 3]  # two stimuli with the same features in model c only
     x["a"] = np.tile(x["a"][:, :, :4], (1, 1, 6))  # model a: 4 units, each repeated 6 times
     paths = [_write(tmp_path / f"{k}.h5", k, "vision", v) for k, v in x.items()]
@@ -174,7 +176,7 @@ def test_a_rank_deficient_vision_model_is_named_and_its_rank_recorded(
     with caplog.at_level(logging.WARNING, logger="xmodal.pipeline"):
         pipeline.run_gpa(paths, list(x), -2, 1e-10, 2000, *out)
     record = json.loads(out[2].read_text())
-    assert record["ranks"] == [15, 4, 14] and record["slow_regime"] is True
+    assert record["ranks"] == [14, 4, 15] and record["slow_regime"] is True
     assert "vision GPA: model 'a' has numerical rank 4, below min(its width, m − 1) = 15" in (
         caplog.text
     )
