@@ -236,3 +236,36 @@ def test_gpa_tables_do_not_depend_on_the_order_of_the_models(tmp_path: Path) -> 
     summary = json.loads(json_b.read_text())
     assert summary["models"] == ["clip", "clipft", "dino", "mae"]  # as given
     assert summary["widths"] == [22, 12, 18, 14]
+
+
+def test_the_layer_search_prepares_each_llm_layer_with_the_files_one_threshold(
+    tmp_path: Path,
+) -> None:
+    """Every LLM layer is clamped at the file's threshold over all its layers, as the conditions
+    job does (docs/method.md, "Alignment"): a threshold per layer moved the demo's chosen layer
+    in 3 of 12 pairs and passed every test (mutation audit). Layers of very different scales
+    tell the two apart."""
+    from xmodal.io import read_table
+
+    rng = np.random.default_rng(11)
+    ids = [f"s{i:02d}" for i in range(40)]
+    z = rng.standard_normal((40, 4))
+    vision = [
+        _write(tmp_path / f"v{i}.h5", f"v{i}", "vision", np.stack(
+            [z @ rng.standard_normal((4, 12)) + rng.standard_normal((40, 12)) for _ in range(2)]
+        ).astype(np.float32), ids=ids)
+        for i in range(3)
+    ]  # fmt: skip
+    heavy = rng.standard_t(2, size=(3, 40, 10)) * np.array([1.0, 30.0, 0.05])[:, None, None]
+    llm = _write(tmp_path / "l.h5", "l", "language", heavy.astype(np.float32), ids=ids)
+    out = tmp_path / "layers.tsv"
+    pipeline.run_layer_search(vision, llm, ["v0", "v1", "v2"], "l", -1, 3, out)
+    table = read_table(out)
+    with pipeline.open_features(llm, ids, model="l", modality="language") as f:
+        ys = [pipeline.prepared_layer(f, i) for i in range(3)]  # the file's one threshold
+    for v, path in zip(["v0", "v1", "v2"], vision, strict=True):
+        with pipeline.open_features(path, ids, model=v, modality="vision") as f:
+            x = pipeline.prepared_layer(f, 1)
+        got = table[table["vision"] == v].sort_values("llm_layer")["value"].to_numpy()
+        want = [metrics.cknna(x, y, 3) for y in ys]
+        np.testing.assert_allclose(got, want, atol=1e-6)
