@@ -147,6 +147,44 @@ def test_float32_kernels_close_to_float64():
     assert abs(v64 - v32) < 1e-5
 
 
+def test_cknna_of_float32_features_sums_in_float64():
+    """docs/method.md, "Alignment": the kernels may be float32, the HSIC sums are float64. Features
+    on a grid of eighths make every float32 kernel entry exact, so a float64 brute force over
+    the same entries is the answer to rounding; a sum kept in float32 drifts by ~1e-9 at m = 1024."""
+    rng = np.random.default_rng(11)
+    m, k = 1024, 10
+    z = rng.integers(-16, 17, (m, 4))
+    x = (z @ rng.integers(-2, 3, (4, 16)) + rng.integers(-8, 9, (m, 16))) / 8
+    y = (z @ rng.integers(-2, 3, (4, 24)) + rng.integers(-12, 13, (m, 24))) / 8
+    x, y = x.astype(np.float32), y.astype(np.float32)
+    kk, ll = (
+        x.astype(np.float64) @ x.T.astype(np.float64),
+        y.astype(np.float64) @ y.T.astype(np.float64),
+    )
+    assert np.array_equal((x @ x.T).astype(np.float64), kk)  # exact in float32
+
+    def mask(g):  # k largest off-diagonal per row, ties to the lower stimulus index
+        h = g.copy()
+        np.fill_diagonal(h, -np.inf)
+        out = np.zeros_like(g)
+        np.put_along_axis(out, np.argsort(-h, axis=1, kind="stable")[:, :k], 1.0, axis=1)
+        return out
+
+    def hsic(a, b):
+        a, b = a.copy(), b.copy()
+        np.fill_diagonal(a, 0)
+        np.fill_diagonal(b, 0)
+        t3 = a.sum(0) @ b.sum(1)
+        return (np.sum(a * b.T) + a.sum() * b.sum() / ((m - 1) * (m - 2)) - 2 * t3 / (m - 2)) / (
+            m * (m - 3)
+        )
+
+    mk, ml = mask(kk), mask(ll)
+    both = mk * ml
+    expected = hsic(both * kk, both * ll) / np.sqrt(hsic(mk * kk, mk * kk) * hsic(ml * ll, ml * ll))
+    assert mt.cknna(x, y, k) == pytest.approx(expected, abs=1e-12)
+
+
 def test_validation():
     x, y = pair(0)
     with pytest.raises(ValueError, match="k must be"):
