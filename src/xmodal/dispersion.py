@@ -46,21 +46,29 @@ def _residual_matrix(residuals: np.ndarray) -> np.ndarray:
     return r
 
 
+def _first_equal_rows(r: np.ndarray) -> np.ndarray:
+    """For each row, the first row equal to it (itself when none is)."""
+    _, first, inverse = np.unique(r, axis=0, return_index=True, return_inverse=True)
+    return first[inverse.reshape(-1)]
+
+
 def mean_dispersion(residuals: np.ndarray) -> np.ndarray:
-    """d_j = mean_i r_ij (row means of the m×M residual matrix)."""
-    return _residual_matrix(residuals).mean(axis=1)
+    """d_j = mean_i r_ij (row means of the m×M residual matrix); equal rows, equal means."""
+    r = _residual_matrix(residuals)
+    return r.mean(axis=1)[_first_equal_rows(r)]
 
 
 def pc1_dispersion(residuals: np.ndarray) -> tuple[np.ndarray, float]:
     """PC1 score Rc v₁ (Rc = R − column means, v₁ top right singular vector), sign: corr(score, d) ≥ 0.
 
     Returns (scores, explained variance ratio σ₁² / Σσ²). With one model the score is Rc itself.
+    Equal rows of R get equal scores (the product's rounding could differ with a row's place).
     """
     r = _residual_matrix(residuals)
     rc = r - r.mean(axis=0, keepdims=True)
     _, s, vt = np.linalg.svd(rc, full_matrices=False)
     total = float(np.sum(s**2))
-    scores = rc @ vt[0]
+    scores = (rc @ vt[0])[_first_equal_rows(r)]
     d = r.mean(axis=1)
     dc = d - d.mean()
     # corr(score, d) has the sign of the centred inner product (both are centred).
@@ -291,7 +299,12 @@ def leave_one_model_out(
                 method=method,
                 ranks=[ranks[i] for i in others],
             )
-            return fit, project_preprocessed(prep.held_out(k), fit.consensus)[1]
+            deviation = project_preprocessed(prep.held_out(k), fit.consensus)[1]
+            # equal inputs, equal outputs (docs/method.md, "Dispersion")
+            fit.residuals = fit.residuals[twins[k]]
+            return fit, deviation[twins[-1]]
+
+        twins = [prep.twins(o) for o in subsets] + [prep.twins()]
 
         results = list(pmap(fit_one, range(n_models)))
     rows, long, fits = [], [], {}

@@ -19,6 +19,7 @@ a safeguard that keeps the objective non-increasing.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import time
@@ -74,6 +75,7 @@ __all__ = [
     "preprocess",
     "procrustes",
     "project",
+    "twin_rows",
 ]
 
 PLAIN = "plain"
@@ -214,6 +216,18 @@ class Preprocessed:
         self._factor: dict[int, np.ndarray] = {}
         self._gram: np.ndarray | None = None
         self._rank: dict[int, int] = {}
+        self._row_keys: dict[int, list[bytes]] = {}
+
+    def twins(self, indices: Sequence[int] | None = None) -> np.ndarray:
+        """:func:`twin_rows` of the centred matrices of models ``indices`` (default: all), each
+        model's rows digested once."""
+        indices = list(range(len(self.centred))) if indices is None else list(indices)
+        for i in indices:
+            if i not in self._row_keys:
+                self._row_keys[i] = _row_digests(self.centred[i])
+        return _first_twins(
+            [self._row_keys[i] for i in indices], [self.centred[i] for i in indices]
+        )
 
     def _reduced(self, indices: Sequence[int], pmap: Mapper) -> list[np.ndarray]:
         missing = [i for i in dict.fromkeys(indices) if i not in self._factor]
@@ -269,6 +283,36 @@ class Preprocessed:
     def held_out(self, index: int) -> np.ndarray:
         """Model ``index`` as :func:`project` prepares it: reduced to m − 1 columns when wider."""
         return self._mat(index, True)
+
+
+def twin_rows(mats: Sequence[np.ndarray]) -> np.ndarray:
+    """For each stimulus j, the first stimulus whose row equals row j bit for bit in every one
+    of ``mats`` (m × n_i each): j itself when there is none.
+
+    Such twins (a stimulus listed twice, or an image or caption shared by two ids) have equal
+    residuals in exact arithmetic, since GPA moves every row of a model by one map; in floating
+    point the reduction to m − 1 columns and the products gave them residuals that differed in
+    the last bits, so rounding, not the manifest order, decided which of them a set took
+    (docs/method.md, "Dispersion").
+    """
+    return _first_twins([_row_digests(a) for a in mats], mats)
+
+
+def _row_digests(a: np.ndarray) -> list[bytes]:
+    rows = np.ascontiguousarray(a)
+    return [hashlib.blake2b(row.tobytes(), digest_size=16).digest() for row in rows]
+
+
+def _first_twins(keys: Sequence[list[bytes]], mats: Sequence[np.ndarray]) -> np.ndarray:
+    """:func:`twin_rows` from each matrix's row digests."""
+    first: dict[tuple[bytes, ...], int] = {}
+    out = np.array(
+        [first.setdefault(k, j) for j, k in enumerate(zip(*keys, strict=True))], dtype=np.int64
+    )
+    for j in np.flatnonzero(out != np.arange(out.size)):  # a digest collision is not a twin
+        if not all(np.array_equal(a[j], a[out[j]]) for a in mats):
+            out[j] = j
+    return out
 
 
 def _rank(a: np.ndarray) -> int:
@@ -406,6 +450,8 @@ def gpa(
     res.seconds = {"preprocess": t1 - t0, "cross-products": t2 - t1, **res.seconds}
     # the exact reduction keeps N N^T, hence the row norms: take them from the centred input
     res.distances = np.stack([np.linalg.norm(c, axis=1) for c in prep.centred], axis=1)
+    twins = prep.twins()  # equal inputs, equal outputs (docs/method.md, "Dispersion")
+    res.residuals, res.distances = res.residuals[twins], res.distances[twins]
     res.ranks = ranks
     return res
 
