@@ -113,6 +113,34 @@ def test_16bit_grayscale_random(tmp_path, mode, fmt):
     np.testing.assert_array_equal(_rgb(tmp_path / "g.img"), _gray3((a // 256).astype(np.uint8)))
 
 
+def _bmp565(rgb: np.ndarray) -> bytes:
+    """A 16-bit-per-pixel BMP (BI_BITFIELDS, 5-6-5 bits: Windows tools, embedded cameras)."""
+    h, w, _ = rgb.shape
+    r, g, b = (rgb[..., 0] >> 3).astype(np.uint16), rgb[..., 1] >> 2, rgb[..., 2] >> 3
+    px = ((r << 11) | (g.astype(np.uint16) << 5) | b).astype("<u2")
+    stride = (w * 2 + 3) // 4 * 4
+    rows = b"".join(px[y].tobytes().ljust(stride, b"\0") for y in range(h - 1, -1, -1))
+    dib = struct.pack("<IiiHHIIiiII", 40, w, h, 1, 16, 3, len(rows), 2835, 2835, 0, 0)
+    masks = struct.pack("<III", 0xF800, 0x07E0, 0x001F)
+    off = 14 + len(dib) + len(masks)
+    return b"BM" + struct.pack("<IHHI", off + len(rows), 0, 0, off) + dib + masks + rows
+
+
+def test_a_565_bmp_has_packed_pixels_not_16bit_samples(tmp_path, caplog):
+    """Pillow's raw mode BGR;16 holds 5-6-5 bits per pixel, which it expands to 8-bit samples:
+    the 16-bit rules called a dark one 12-bit data and refused a black one."""
+    dark = RNG.integers(0, 16, (8, 8, 3)).astype(np.uint8)
+    (tmp_path / "dark.bmp").write_bytes(_bmp565(dark))
+    (tmp_path / "black.bmp").write_bytes(_bmp565(np.zeros((8, 8, 3), np.uint8)))
+    with caplog.at_level("INFO", logger="xmodal.stimuli"):
+        got = _rgb(tmp_path / "dark.bmp", "dark")
+        assert not _rgb(tmp_path / "black.bmp", "black").any()
+    r5, g6, b5 = dark[..., 0] >> 3, dark[..., 1] >> 2, dark[..., 2] >> 3
+    want = np.stack([(r5 << 3) | (r5 >> 2), (g6 << 2) | (g6 >> 4), (b5 << 3) | (b5 >> 2)], -1)
+    np.testing.assert_array_equal(got, want)
+    assert "16-bit" not in caplog.text
+
+
 def test_16bit_colour_png_keeps_the_high_byte(tmp_path, caplog):
     rgb = RNG.integers(0, 65536, (9, 11, 3), dtype=np.uint16)
     (tmp_path / "rgb16.png").write_bytes(_png16(rgb, 2))
@@ -432,6 +460,20 @@ def test_signed_16bit_tiff_is_refused(tmp_path):
     (tmp_path / "s16.tif").write_bytes(_tiff_gray(ramp, 1))
     with pytest.raises(StimulusError, match=r"'s16'.*signed 16-bit samples"):
         load_rgb(tmp_path / "s16.tif", "s16")
+
+
+def test_signed_8bit_tiff_is_refused(tmp_path):
+    """int8 samples (SampleFormat 2): Pillow reads them as L, so -128..-1 reached the models as
+    128..255 (a dark-to-bright ramp turned bright at its dark end), with exit 0."""
+    ramp = np.tile(np.array([-128, -64, -1, 0, 1, 64, 127], dtype=np.int8), (4, 1))
+    (tmp_path / "s8.tif").write_bytes(_tiff_gray(ramp, 1))
+    with Image.open(tmp_path / "s8.tif") as im:
+        assert im.mode == "L"
+    with pytest.raises(StimulusError, match=r"'s8'.*signed 8-bit samples"):
+        load_rgb(tmp_path / "s8.tif", "s8")
+    unsigned = ramp.astype(np.int16) + 128  # the same ramp stored unsigned is read as it is
+    (tmp_path / "u8.tif").write_bytes(_tiff_gray(unsigned.astype(np.uint8), 1))
+    np.testing.assert_array_equal(_rgb(tmp_path / "u8.tif"), _gray3(unsigned.astype(np.uint8)))
 
 
 def _tiff12(values: list[int]) -> bytes:

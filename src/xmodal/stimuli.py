@@ -966,6 +966,11 @@ def _exif_orientation(im: Image.Image) -> int:
     return value if isinstance(value, int) and 1 <= value <= 8 else 0
 
 
+#: Pillow raw modes with 16-bit samples (``I;16B``, ``RGB;16B``, ``RGBA;16L``, ``I;16S``), not
+#: packed 16-bit pixels (``BGR;16``, ``RGB;16``: 5-6-5 bits, which Pillow expands to 8).
+_SIXTEEN_BIT_RAW = re.compile(r"I;16.*|[A-Z]+;16[BLN]S?")
+
+
 def _raw_modes(im: Image.Image) -> list[str]:
     """The decoder's raw modes (e.g. ``RGB;16B``, ``I;16S``), read before ``load()`` clears them."""
     out = []
@@ -1015,14 +1020,18 @@ def _check_tiff_orientation(im: Image.Image, stimulus_id: str, path: Any) -> Non
 
 def _tiff_is_white_is_zero(im: Image.Image, raw: list[str], stimulus_id: str, path: Any) -> bool:
     """Whether a TIFF is white-is-zero with 16-bit or float samples, which Pillow does not
-    invert (it does invert 8-bit ones); signed 16-bit samples are refused."""
-    if any(";16" in r and r.endswith("S") for r in raw):
-        raise StimulusError(
-            f"{_image_label(stimulus_id, path)}: signed 16-bit samples (TIFF SampleFormat 2): no "
-            "rule maps signed values to 8 bits (v >> 8 would show a 0..32767 image at half "
-            f"brightness); save it as an unsigned 16-bit or 8-bit image; {_FIX_IMAGE}"
-        )
+    invert (it does invert 8-bit ones); signed 8- and 16-bit samples are refused."""
     tags = getattr(im, "tag_v2", None)
+    formats = tags.get(339, ()) if tags is not None else ()
+    signed_8 = im.mode != "I" and 2 in (formats if isinstance(formats, tuple) else (formats,))
+    if signed_8 or any(";16" in r and r.endswith("S") for r in raw):
+        bits = 8 if signed_8 else 16
+        raise StimulusError(
+            f"{_image_label(stimulus_id, path)}: signed {bits}-bit samples (TIFF SampleFormat 2): "
+            "no rule maps signed values to unsigned 8 bits (Pillow reads signed 8-bit samples "
+            "as unsigned, -1 as 255; v >> 8 would show a 0..32767 image at half brightness); "
+            f"save it as an unsigned 16-bit or 8-bit image; {_FIX_IMAGE}"
+        )
     if tags is None or tags.get(262) != 0 or im.mode not in (*_SIXTEEN_BIT, "F"):
         return False
     if im.mode == "I":
@@ -1050,7 +1059,7 @@ def _decode(
             fmt, mode, (w, h) = str(im.format or ""), im.mode, im.size
             n_frames = int(getattr(im, "n_frames", 1) or 1)
             raw = _raw_modes(im)  # before load(), which clears the decoder's tiles
-            bits = 16 if any(";16" in r for r in raw) else 8
+            bits = 16 if any(_SIXTEEN_BIT_RAW.fullmatch(r) for r in raw) else 8
             if fmt == "TIFF":
                 _check_tiff_depth(im, bits, stimulus_id, path)
                 _check_tiff_orientation(im, stimulus_id, path)
