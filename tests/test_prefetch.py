@@ -493,6 +493,34 @@ def test_a_hub_caption_in_csv_quoted_form_is_refused_before_any_image(tmp_path: 
         assert not (out / "images").exists()
 
 
+def test_hub_captions_stored_as_bytes_are_decoded_and_other_types_refused(tmp_path: Path) -> None:
+    """A `text` column of binary values gave the captions "b'a dog on a sofa'" (str of bytes),
+    which every language model then embedded, with exit 0."""
+    image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    images = [{"bytes": image_bytes("PNG", (i, i, i)), "path": None} for i in range(2)]
+
+    def hub(name: str, text: pa.Array) -> Path:
+        buf = io.BytesIO()
+        pq.write_table(pa.table({"image": pa.array(images, type=image_type), "text": text}), buf)
+        root = tmp_path / f"hub-{name}"
+        fake_repo(root, "dataset", f"fake/{name}", "main", {"data/train-0.parquet": buf.getvalue()})
+        return root
+
+    texts = [[b"a dog on a sofa"], ["café au lait".encode()]]
+    root = hub("bytes", pa.array(texts, type=pa.list_(pa.binary())))
+    manifest = prefetch_stimuli("fake/bytes", None, "train", tmp_path / "out", root)
+    got = pd.read_csv(manifest, sep="\t", dtype=str, keep_default_na=False)
+    assert got.caption.tolist() == ["a dog on a sofa", "café au lait"]
+    bad = (
+        ("latin1", pa.array([b"ok", "caf\xe9".encode("latin-1")]), r"row 1 \(stimulus s0001\): the "
+         r"caption is stored as bytes that are not UTF-8"),
+        ("number", pa.array([1.5, 2.5]), r"row 0 \(stimulus s0000\): the caption is a float"),
+    )  # fmt: skip
+    for name, text, match in bad:
+        with pytest.raises(PrefetchError, match=match):
+            prefetch_stimuli(f"fake/{name}", None, "train", tmp_path / name, hub(name, text))
+
+
 def test_split_files_take_one_configuration_and_no_other_split() -> None:
     """Any folder named after the split, or a name starting with it and '_', was taken: two
     configurations of a dataset, train_extra and train/validation files went into one

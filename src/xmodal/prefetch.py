@@ -484,10 +484,11 @@ def _image_suffix(data: bytes, stimulus_id: str, label: str) -> str:
     return _SUFFIX.get(decoded_format(data, stimulus_id, label, _FIX_ROW).upper(), ".img")
 
 
-def _rows(paths: list[Path]) -> Iterator[tuple[bytes | None, str | None, str, str]]:
+def _rows(paths: list[Path]) -> Iterator[tuple[bytes | None, str | None, object, str]]:
     """(image bytes, stored path, caption, where: '<file> row <n>') for every row of the parquet
     files, in order. A row that embeds no image bytes has None and, where it has one, the path
-    it names instead; the caller refuses it once the row's stimulus id is known."""
+    it names instead; the caption is the stored value (:func:`_caption_text` makes it text).
+    The caller refuses a row once its stimulus id is known."""
     import pyarrow.parquet as pq
 
     for path in paths:
@@ -509,9 +510,30 @@ def _rows(paths: list[Path]) -> Iterator[tuple[bytes | None, str | None, str, st
                     data, stored = None, data
                 if isinstance(text, list | tuple):  # text[0] is the caption; [] has none
                     text = text[0] if text else None
-                caption = "" if text is None else str(text)
-                yield data or None, stored, caption, f"{path.name} row {row}"
+                yield data or None, stored, text, f"{path.name} row {row}"
                 row += 1
+
+
+def _caption_text(text: object, at: str) -> str:
+    """A row's caption as text: a string as stored, bytes decoded as UTF-8 (a binary column);
+    anything else refused, naming the row (``str()`` of bytes gave the caption "b'a dog'")."""
+    if text is None:
+        return ""
+    if isinstance(text, str):
+        return text
+    if isinstance(text, bytes | bytearray):
+        try:
+            return bytes(text).decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise PrefetchError(
+                f"{at}: the caption is stored as bytes that are not UTF-8 ({err.reason} at byte "
+                f"{err.start} of {bytes(text)[:60]!r}); expected a dataset whose `text` column "
+                "holds text"
+            ) from None
+    raise PrefetchError(
+        f"{at}: the caption is a {type(text).__name__} ({str(text)[:60]!r}), not text; expected "
+        "a dataset whose `text` column holds strings or lists of strings"
+    )
 
 
 def prefetch_stimuli(
@@ -569,9 +591,10 @@ def prefetch_stimuli(
     # every row checked and decoded before any file is written
     checked = []
     flattened = []
-    for i, (data, stored, raw_caption, where) in enumerate(rows):
+    for i, (data, stored, text, where) in enumerate(rows):
         sid = f"s{i:0{width}d}"
         at = f"dataset {repo}: {where} (stimulus {sid})"
+        raw_caption = _caption_text(text, at)
         if data is None:
             only = f" (only a path, {stored!r}, which this dataset does not ship)" if stored else ""
             raise PrefetchError(
