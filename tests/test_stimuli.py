@@ -140,7 +140,13 @@ def test_unbalanced_quote_does_not_swallow_the_following_rows(tmp_path):
         ("s1\ta.png\tone\ns2\ta.png\ttwo\t\n", r"line 3, stimulus_id 's2' has 4 .* header has 3"),
         ("s1\ta.png\tone\t\ns2\ta.png\ttwo\t\n", r"line 2, stimulus_id 's1' has 4.*lines: \[2, 3\]"),
         ("s1\ta.png\tone\ttab\n", r"line 2, stimulus_id 's1' has 4 .*a tab inside a field"),
-        ("s1\ta.png\tbroken\ncaption\ns2\ta.png\tok\n", r"line 3, stimulus_id 'caption' has 1 "),
+        # before: "line 3, stimulus_id 'caption'", a piece of s1's caption taken for an id
+        ("s1\ta.png\tbroken\ncaption\ns2\ta.png\tok\n",
+         r"line 3 has 1 .*caption of the line before it \(line 2, stimulus_id 's1'\)"),
+        ('s0\ta.png\tok\ns1\ta.png\t"a cat\nsitting on a mat"\n',
+         r"line 4 has 1 .*\(line 3, stimulus_id 's1'\).*opens a quote this line closes: the file "
+         r"was written with CSV quoting"),
+        ("s1\ta.png\tone\ns2\ta.png\n", r"line 3, stimulus_id 's2' has 2 .*a missing field\?"),
         ("s1\ta.png\tone\n\ns2\ta.png\ttwo\n", r"empty line\(s\) \[3\] between stimuli"),
         ("s1\ta.png\tone\rtwo\n", r"line\(s\) \[2\] contain a carriage return"),
         ("s1\ta.png\tone\n   \ns2\ta.png\ttwo\n", r"empty line\(s\) \[3\] between stimuli"),
@@ -158,7 +164,7 @@ def test_unbalanced_quote_does_not_swallow_the_following_rows(tmp_path):
          r"line 3 repeats the header"),
     ],
     ids=["trailing_tab", "trailing_tab_everywhere", "tab_in_caption", "newline_in_caption",
-         "empty_line_inside", "bare_cr", "spaces_line_inside", "nul_in_id", "invisible_caption",
+         "csv_quoted_newline", "missing_field", "empty_line_inside", "bare_cr", "spaces_line_inside", "nul_in_id", "invisible_caption",
          "invisible_id", "marks_only_caption", "header_again", "header_again_with_bom"],
 )  # fmt: skip
 def test_malformed_lines_are_errors_naming_the_line(tmp_path, body, match):

@@ -300,12 +300,26 @@ def _parse_tsv(path: Path, text: str) -> tuple[list[str], list[list[str]], list[
         )
     if bad:
         k, fields = bad[0]
-        sid = f", stimulus_id {_short(fields[id_col])!r}" if id_col < len(fields) else ""
-        hint = (
-            "a tab inside a field, or a trailing tab? Fields are split on every tab (no quoting)"
-            if len(fields) > n
-            else "a line break inside a caption, or a missing field? Each stimulus is one line"
-        )
+        before = lines[k - 2].split("\t") if k > 2 else []  # the line before it, if a stimulus
+        if len(fields) == 1 and len(before) == n:
+            # no tab: most likely the rest of the line before, whose caption a line break split
+            # (then its one field is a piece of that caption, not an id)
+            sid = ""
+            hint = (
+                "a line break inside the caption of the line before it (line "
+                f"{k - 1}, stimulus_id {_short(before[id_col])!r}), or missing fields? Each "
+                "stimulus is one line"
+            )
+            if before[-1].startswith('"') and before[-1].count('"') % 2:
+                hint += f" (its caption opens a quote this line closes: {_NO_QUOTING})"
+        else:
+            sid = f", stimulus_id {_short(fields[id_col])!r}" if id_col < len(fields) else ""
+            hint = (
+                "a tab inside a field, or a trailing tab? Fields are split on every tab (no "
+                "quoting)"
+                if len(fields) > n
+                else "a line break inside a caption, or a missing field? Each stimulus is one line"
+            )
         more = f"; {len(bad)} such lines: {[b[0] for b in bad][:10]}" if len(bad) > 1 else ""
         raise StimulusError(
             f"{path}: line {k}{sid} has {len(fields)} tab-separated fields, the header has {n} "
