@@ -29,6 +29,7 @@ from threadpoolctl import threadpool_limits  # noqa: E402
 
 from xmodal.dispersion import leave_one_model_out  # noqa: E402
 from xmodal.gpa import PLAIN, Preprocessed, fit_preprocessed, gpa, gpa_memory_mb  # noqa: E402
+from xmodal.parallel import n_workers  # noqa: E402
 
 D_SHARED = 48
 
@@ -126,6 +127,11 @@ def main() -> int:
             f"pearson r {' '.join(f'{r:.3f}' for r in loo.models['pearson_r'])}"
         )
         print(f"  peak RSS {peak_rss_gb():.2f} GB")
+        workers = n_workers(len(widths), None)
+        estimate = gpa_memory_mb(args.m, widths, workers) * 2**20 / 1e9
+        print(
+            f"  the leave-one-model-out rule's memory estimate ({workers} threads) {estimate:.2f} GB"
+        )
 
     if args.plain:
         t0, c0 = time.perf_counter(), cpu_s()

@@ -150,6 +150,11 @@ def test_gpa_memory_grows_with_the_stimuli_and_holds_what_the_fit_must_hold() ->
     # the vision GPA (4 models about 1,300 wide) stays small
     assert gpa_memory_mb(50000, [1280, 1536, 1280, 1280]) < 10 * 1024
     assert gpa_memory_mb(100, [8, 8]) > 0
+    # leave-one-model-out: a fit's working arrays per thread beyond the first, and M fits kept
+    m, widths = 3000, [640, 768, 640, 640]
+    extra = (gpa_memory_mb(m, widths, 2) - gpa_memory_mb(m, widths)) * 2**20
+    total_k, r = sum(widths), max(widths)
+    assert extra == pytest.approx(17 * 8 * total_k * r + 4 * 8 * (m * r + total_k * r), abs=2**20)
     with pytest.raises(ValueError, match="need m >= 2"):
         gpa_memory_mb(1, [8, 8])
 

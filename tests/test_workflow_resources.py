@@ -244,6 +244,30 @@ def test_gpa_jobs_ask_for_the_memory_their_feature_files_need(paper_project):
     assert res["gpa"]["mem_mb"] == "<TBD>", res  # the vision features are not made yet
 
 
+def test_leave_one_model_out_asks_for_its_concurrent_fits(paper_project):
+    """Leave-one-model-out runs one fit per thread at once and keeps all M fits: its peak was
+    1.43× the GPA's estimate at the paper's widths (audit), and from about 30,000 stimuli over
+    the 8 GB the vision GPA asks for."""
+    from xmodal.gpa import gpa_memory_mb
+
+    feats = paper_project / "results/features/wit1024"
+    vision = [k for k, m in PAPER["models"].items() if m["modality"] == "vision"]
+    widths = [1280, 1536, 1280, 1280][: len(vision)]
+    feats.mkdir(parents=True, exist_ok=True)
+    for key, width in zip(vision, widths, strict=True):  # the shape alone: a small file
+        with h5py.File(feats / f"{key}.h5", "w") as f:
+            f.create_dataset("features", shape=(1, 40000, width), dtype="f4", chunks=(1, 64, 64))
+    targets = ["results/dispersion/wit1024/loo.tsv", "results/dispersion/wit1024/gpa.json"]
+    try:
+        proc = snakemake(paper_project, "-n", "--forceall", "--cores", "4", "--", *targets)
+    finally:
+        shutil.rmtree(feats)
+    res = _job_resources(proc.stdout + proc.stderr)
+    assert gpa_memory_mb(40000, widths) < 8000 < gpa_memory_mb(40000, widths, 2)
+    assert res["gpa"]["mem_mb"] == "8000", res
+    assert res["leave_one_model_out"]["mem_mb"] == str(gpa_memory_mb(40000, widths, 2)), res
+
+
 def test_alignment_jobs_ask_for_the_time_their_stimuli_need(paper_project):
     """A layer search of LLaMA-65B's 81 layers took about 85 minutes at 9,000 stimuli and asked
     for 30 (audit): its runtime now comes from the LLM feature file's shape

@@ -942,11 +942,14 @@ GPA_WORK_ARRAYS = 17
 GPA_BASE_BYTES = 0.3e9
 
 
-def gpa_memory_mb(m: int, widths: list[int] | tuple[int, ...]) -> int:
+def gpa_memory_mb(
+    m: int, widths: list[int] | tuple[int, ...], leave_one_out_workers: int = 0
+) -> int:
     """Peak memory (MiB) of a GPA job over models of these widths (features per stimulus) on
-    ``m`` stimuli: the vision GPA, leave-one-model-out and the language GPA, whose peak grows
-    with m and the widths (12 LLMs at the paper's widths: 2.7 GiB at 1,024 stimuli, 46 GiB at
-    5,000), where a fixed request left every retry out of memory from about 2,000 stimuli on.
+    ``m`` stimuli: the vision GPA and the language GPA, whose peak grows with m and the widths
+    (12 LLMs at the paper's widths: 2.7 GiB at 1,024 stimuli, 46 GiB at 5,000), where a fixed
+    request left every retry out of memory from about 2,000 stimuli on; with
+    ``leave_one_out_workers`` (its threads), leave-one-model-out.
 
     Each model works at k = min(m − 1, width) columns, r = max k (docs/method.md, GPA step 1):
 
@@ -956,9 +959,15 @@ def gpa_memory_mb(m: int, widths: list[int] | tuple[int, ...]) -> int:
                 model has features) + 17 · 8 Σk r (the fit's working arrays)
 
     which measured peaks of 0.73 and 1.38 GB (the job's path: 12 layers of 1/12 and 1/8 the
-    paper's LLM widths, 1,200 stimuli) overestimate by 15–25%; ``benchmarks/gpa_scale.py``
-    prints it next to the peak of a GPA alone. The workflow's GPA rules ask for it
-    (``gpa_resources`` in workflow/rules/common.smk).
+    paper's LLM widths, 1,200 stimuli) overestimate by 15–25%. Leave-one-model-out runs one
+    fit per worker at once and keeps the M fits' results (consensus and transforms):
+
+        + (workers − 1) · 17 · 8 Σk r + M · 8 (m r + Σk r)
+
+    (without these, its peaks of 1.31 GiB at the paper's vision widths and m = 1,000, and 0.95
+    GiB at m = 3,000, were 1.43× and 1.2× the estimate; audit of 2026-12-05).
+    ``benchmarks/gpa_scale.py`` prints both next to the peaks measured. The workflow's GPA
+    rules ask for it (``gpa_resources`` in workflow/rules/common.smk).
     """
     if m < 2 or not widths or min(widths) < 1:
         raise ValueError(f"need m >= 2 stimuli and widths >= 1, got m={m}, widths={widths}")
@@ -967,4 +976,7 @@ def gpa_memory_mb(m: int, widths: list[int] | tuple[int, ...]) -> int:
     cross = plan(m, ks, list(widths))[1] == CROSS
     need = GPA_BASE_BYTES + 16 * m * sum(widths) + 8 * m * total_k
     need += 8 * total_k**2 * cross + GPA_WORK_ARRAYS * 8 * total_k * r
+    if leave_one_out_workers:
+        need += (leave_one_out_workers - 1) * GPA_WORK_ARRAYS * 8 * total_k * r
+        need += len(widths) * 8 * (m * r + total_k * r)
     return math.ceil(need / 2**20)

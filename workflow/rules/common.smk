@@ -221,32 +221,34 @@ def retry_resources(kind):
 
 def sized_resources(kind, name, files, need):
     """retry_resources(kind), with resource `name` (growing with the attempt) raised to
-    need(shapes) where that is more: `shapes` are xmodal.features.feature_shape of the job's
-    input files that files(input) names. Until they exist (a dry run before the extractions)
-    Snakemake shows <TBD> and sizes the job when it is ready; an unreadable file keeps the
-    base, and the job's own reader names it."""
+    need(shapes, threads) where that is more: `shapes` are xmodal.features.feature_shape of
+    the job's input files that files(input) names, `threads` the job's. Until they exist (a
+    dry run before the extractions) Snakemake shows <TBD> and sizes the job when it is ready;
+    an unreadable file keeps the base, and the job's own reader names it."""
 
-    def value(wildcards, input, attempt):
+    def value(wildcards, input, threads, attempt):
         base = analysis_resources(kind, attempt)[name]
         try:  # FileNotFoundError: Snakemake's signal to size the job once the files are made
             shapes = [feature_shape(path) for path in files(input)]
         except FeatureFileError:
             return base
-        return max(base, need(shapes) * attempt)
+        return max(base, need(shapes, threads) * attempt)
 
     return {**retry_resources(kind), name: value}
 
 
-def gpa_resources():
+def gpa_resources(leave_one_out=False):
     """The GPA rules' memory (input `features`): xmodal.gpa.gpa_memory_mb, whose peak grows
-    with the stimuli and the widths (the language GPA: 46 GiB at 5,000 stimuli)."""
+    with the stimuli and the widths (the language GPA: 46 GiB at 5,000 stimuli), and for
+    leave-one-model-out with its threads (one fit each at once)."""
 
-    def need(shapes):
+    def need(shapes, threads):
         # here, not at the top: the extraction's environment, which parses this file too,
         # need not hold what xmodal.gpa imports (scipy, threadpoolctl)
         from xmodal.gpa import gpa_memory_mb
 
-        return gpa_memory_mb(shapes[0][1], [dim for _, _, dim in shapes])
+        workers = threads if leave_one_out else 0
+        return gpa_memory_mb(shapes[0][1], [dim for _, _, dim in shapes], workers)
 
     return sized_resources("gpa", "mem_mb", lambda input: input.features, need)
 
@@ -256,7 +258,7 @@ def pair_resources(kind):
     growing as the square of the stimuli (a layer search of 81 LLM layers took about 85
     minutes at 9,000)."""
 
-    def need(shapes):
+    def need(shapes, threads):
         from xmodal.metrics import DENSE_MAX_M
 
         n_layers, m, width = shapes[0]
