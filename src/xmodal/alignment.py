@@ -1446,7 +1446,8 @@ def heldout_condition_table(
 
     split_col = sets["split"].astype(int)
     rows = []
-    for split in splits:
+    t0 = time.perf_counter()
+    for n_done, split in enumerate(splits, start=1):
         given = sets_to_indices(sets[split_col == split].drop(columns="split"), stimulus_ids)
         pos = {key: np.sort(p) for key, p in given.items()}
         fixed = sorted(key for key in pos if key[0] != "random")
@@ -1475,6 +1476,9 @@ def heldout_condition_table(
                             _heldout_row(key, llm, metric, summary, split, rule, index, pos, res)
                         )
         del vsub, lsub
+        # a line per split, with the time so far (docs/cluster.md, "What each job asks for")
+        log.info("LLM %s: held-out layer choice, split %d of %d evaluated, %.0f s so far", llm,
+                 n_done, len(splits), time.perf_counter() - t0)  # fmt: skip
     return pd.DataFrame(rows, columns=HELDOUT_COLUMNS)
 
 

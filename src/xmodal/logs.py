@@ -15,6 +15,7 @@ import re
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from types import TracebackType
@@ -24,7 +25,43 @@ TOKEN_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HUGGINGFACE_HUB_TOKEN")
 _TOKEN_RE = re.compile(r"\bhf_[A-Za-z0-9]{20,}")
 REDACTED = "***"
 
-__all__ = ["REDACTED", "TOKEN_ENV", "RedactTokens", "forward_to", "log_to", "preview", "redact"]
+__all__ = [
+    "REDACTED",
+    "TOKEN_ENV",
+    "Progress",
+    "RedactTokens",
+    "forward_to",
+    "log_to",
+    "preview",
+    "redact",
+]
+
+
+#: A long step logs its progress at most this often (seconds).
+PROGRESS_EVERY_S = 30.0
+
+
+class Progress:
+    """Counts the items of a long step done (from any thread) and logs "<what>: i of n, t s so
+    far" at most every :data:`PROGRESS_EVERY_S` seconds (not after the last item: the step's own
+    line follows), so that a job's log shows it is moving (a SLURM job's log is often all its
+    user sees)."""
+
+    def __init__(self, log: logging.Logger, what: str, total: int) -> None:
+        self.log, self.what, self.total, self.every = log, what, total, PROGRESS_EVERY_S
+        self.done = 0
+        self._lock = threading.Lock()
+        self._start = self._last = time.perf_counter()
+
+    def step(self, n: int = 1) -> None:
+        with self._lock:
+            self.done += n
+            now = time.perf_counter()
+            if now - self._last < self.every or self.done >= self.total:
+                return
+            self._last = now
+            done, elapsed = self.done, now - self._start
+        self.log.info("%s: %d of %d, %.0f s so far", self.what, done, self.total, elapsed)
 
 
 def preview(items: Iterable[object], n: int = 5) -> str:

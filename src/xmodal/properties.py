@@ -41,7 +41,7 @@ import regex
 from PIL import Image
 
 from xmodal.config import ConfigError
-from xmodal.logs import preview
+from xmodal.logs import Progress, preview
 
 log = logging.getLogger(__name__)
 
@@ -243,8 +243,16 @@ def image_properties(
         (root / str(img), sid, int(sizes.at[sid, "width"]), int(sizes.at[sid, "height"]))
         for sid, img in zip(ids, manifest["image"], strict=True)
     ]
+    progress = Progress(log, "image properties", len(jobs))
+
+    def one(job: tuple[Path, str, int, int]) -> dict[str, float]:
+        try:
+            return _one_image(*job)
+        finally:
+            progress.step()
+
     with ThreadPoolExecutor(max(1, int(workers))) as pool:
-        values = list(pool.map(lambda job: _one_image(*job), jobs))
+        values = list(pool.map(one, jobs))
     rows = [
         (sid, prop, "", v[prop])
         for sid, v in zip(ids, values, strict=True)
@@ -481,7 +489,9 @@ def property_correlations(
         )
         props = props[props["stimulus_id"].isin(disp.index)]
     rows = []
-    for (prop, model), group in props.groupby(["property", "model"], sort=False):
+    groups = props.groupby(["property", "model"], sort=False)
+    progress = Progress(log, "correlations with dispersion (mean and PC1)", 2 * groups.ngroups)
+    for (prop, model), group in groups:
         x = group["value"].to_numpy(dtype=np.float64)
         for summary, col in (("mean", "mean_dispersion"), ("pc1", "pc1_score")):
             y = disp.loc[group["stimulus_id"], col].to_numpy(dtype=np.float64)
@@ -505,4 +515,5 @@ def property_correlations(
                     "reason": reason,
                 }
             )
+            progress.step()
     return pd.DataFrame(rows, columns=CORRELATION_COLUMNS)

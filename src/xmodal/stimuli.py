@@ -45,7 +45,7 @@ import pandas as pd
 from PIL import Image
 
 from xmodal.io import atomic_path, file_digests
-from xmodal.logs import preview
+from xmodal.logs import Progress, preview
 
 log = logging.getLogger(__name__)
 
@@ -1223,11 +1223,15 @@ def _scan(
     ids = [str(s) for s in manifest["stimulus_id"]]
     paths = [root / str(p) for p in manifest["image"]]
 
+    progress = Progress(log, f"{where}: images decoded", len(ids))
+
     def one(k: int) -> dict[str, Any] | StimulusError:
         try:
             return _scan_one(paths[k], ids[k])
         except StimulusError as err:
             return err
+        finally:
+            progress.step()
 
     if workers > 1:
         with ThreadPoolExecutor(max_workers=workers) as pool:  # PIL and hashlib release the GIL
