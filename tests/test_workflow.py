@@ -229,6 +229,20 @@ def test_adding_a_vision_model_reruns_gpa_and_downstream(workflow_dir, demo_conf
     assert counts.get("vision_bootstrap") == 1
 
 
+def test_reordering_the_llms_regathers_their_tables(workflow_dir, demo_config):
+    """The gathered tables' rows follow the LLMs' order; their steps took only the code as a
+    param and Snakemake compares inputs as sets, so grid.tsv, contrasts.tsv, diagnostics.tsv
+    kept the old order after a reorder (audit). Nothing is extracted."""
+    cfg = copy.deepcopy(demo_config)
+    llms = [k for k, m in cfg["models"].items() if m["modality"] == "language"]
+    others = {k: m for k, m in cfg["models"].items() if k not in llms}
+    cfg["models"] = {**others, **{k: cfg["models"][k] for k in llms[::-1]}}
+    counts = dry_run(workflow_dir, write_config(workflow_dir, cfg, "llms_reversed.yaml"))
+    for rule in ("aggregate", "diagnostics", "joint_aggregate"):
+        assert counts.get(rule) == 1, (rule, counts)
+    assert "extract" not in counts, counts
+
+
 def test_changing_set_size_does_not_reextract(workflow_dir, demo_config):
     cfg = copy.deepcopy(demo_config)
     cfg["analysis"]["set_size"] = cfg["analysis"]["set_size"] - 10
@@ -451,6 +465,42 @@ def test_a_run_without_the_params_trigger_does_not_vouch_for_its_settings(
         assert "one without the params rerun trigger (--rerun-triggers)" in text, text[-3000:]
     finally:
         record.write_bytes(kept)
+
+
+def test_results_without_snakemakes_records_are_not_kept_for_a_changed_setting(
+    workflow_dir, demo_config
+):
+    """With .snakemake/ deleted (to clear a lock, say) a changed knn_k reran nothing: exit 0,
+    "Nothing to be done", every table made at k = 10, and troubleshooting.md then told the
+    user to delete the settings record, after which the report stated k = 7 (audit). Now the
+    run stops naming the setting, warns where no recorded setting differs, and passes when it
+    forces the analysis's first steps."""
+    meta = workflow_dir / ".snakemake" / "metadata"
+    aside = workflow_dir / ".snakemake" / "metadata.aside"
+    cfg = copy.deepcopy(demo_config)
+    k = cfg["analysis"]["knn_k"]
+    cfg["analysis"]["knn_k"] = k - 3
+    changed = write_config(workflow_dir, cfg, "k_changed_no_records.yaml")
+    meta.rename(aside)
+    try:
+        same = snakemake(workflow_dir, "-n", "--configfile", "config/demo.yaml", "--cores", "1")
+        text = same.stdout + same.stderr
+        assert "Snakemake holds no record of the jobs that made them" in text, text[-3000:]
+        assert "--touch --forceall" in text
+        proc = snakemake(workflow_dir, "-n", "--configfile", changed, "--cores", "1", check=False)
+        text = proc.stdout + proc.stderr
+        assert proc.returncode != 0, text[-3000:]
+        assert f"analysis.knn_k = {k} -> {k - 3}" in text and "--forcerun gpa" in text, text[-3000:]
+        first = ["gpa", "leave_one_model_out", "layer_search", "vision_diagnostics"]
+        first += ["image_properties", "stimuli_report", "models_table"]
+        forced = snakemake(workflow_dir, "-n", "--configfile", changed, "--cores", "1",
+                           "--forcerun", *first)  # fmt: skip
+        assert "holds no record" not in forced.stdout + forced.stderr
+    finally:
+        shutil.rmtree(meta, ignore_errors=True)
+        aside.rename(meta)
+    after = snakemake(workflow_dir, "-n", "--configfile", "config/demo.yaml", "--cores", "1")
+    assert "Nothing to be done" in after.stdout + after.stderr
 
 
 # ---------------------------------------------------------------- what reruns (docs/cluster.md, "What reruns")

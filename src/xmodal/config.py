@@ -721,6 +721,24 @@ def record_run_settings(
         tmp.write_text(json.dumps(record, indent=1) + "\n")
 
 
+def recorded_settings_changes(path: str | os.PathLike, config: Mapping[str, Any]) -> list[str]:
+    """The :data:`REPORT_SETTINGS` whose value in the settings record at ``path`` (the last
+    runs', :func:`record_run_settings`) differs from ``config``'s, each as ``key = then -> now``;
+    none without a readable record or where it lacks the key."""
+    try:
+        record = _read_record(Path(path))
+    except ValueError:
+        return []
+    if record is None:
+        return []
+    now, then = report_settings(config), record["settings"]
+    return [
+        f"{k} = {json.dumps(then[k])} -> {json.dumps(now[k])}"
+        for k in REPORT_SETTINGS
+        if k in then and then[k] != now[k]
+    ]
+
+
 def check_report_settings(
     path: str | os.PathLike, config: Mapping[str, Any], first_steps: Sequence[str] = ()
 ) -> None:

@@ -125,6 +125,8 @@ rule aggregate:
     conda:
         "../../envs/analysis.yaml"
     params:
+        # the tables' rows follow the LLMs' order: reordering them reruns this (cluster.md)
+        **named_params(llms=LANGUAGE),
         code=ANALYSIS_CODE,
     script:
         "../../scripts/aggregate.py"

@@ -31,6 +31,7 @@ from xmodal.config import (
     check_config,
     check_report_settings,
     config_json,
+    recorded_settings_changes,
     load_config_file,
     normalise_integers,
     nuisance_design,
@@ -660,16 +661,69 @@ def missing_analysis_outputs(wildcards):
             " failed or was killed, or a file deleted by hand): made again, with every table"
             " and figure made from them"
         )
+    if workflow.is_main_process and not narrowed:
+        check_results_have_records(args)
     return missing
 
 
 def made_before(path):
     """Whether Snakemake holds a record of an earlier job that made ``path`` (False when its
     records cannot be read)."""
+    return bool(_record_of(path))
+
+
+def _record_of(path):
+    """The rule of Snakemake's record of the job that made ``path``: None without a record,
+    False when the records cannot be read."""
     try:
-        return bool(workflow.persistence.rule(IOFile(path)))
+        return workflow.persistence.rule(IOFile(path))
     except Exception:
         return False
+
+
+def check_results_have_records(args):
+    """Stop, or warn, when results on disk have no Snakemake record of the job that made them
+    (.snakemake/metadata deleted, or results copied in): Snakemake reruns a job for a changed
+    setting by comparing its params with that record, so without one the run says "Nothing to
+    be done" and every table keeps the numbers of the earlier settings. Where the run-settings
+    record (RUN_SETTINGS) names settings that differ from this config, stop; otherwise warn.
+    A run that forces the analysis's first steps makes them again, and passes."""
+    if args is not None and (
+        args.forceall or set(FIRST_ANALYSIS_STEPS) <= set(args.forcerun or ())
+    ):
+        return
+    tables = [p for k, p in table_paths(DATASET).items() if k != "manifest"]
+    features = [feature_file(m) for m in [*VISION, *LANGUAGE]]
+    bare = [
+        p for p in [*tables, *features] if Path(p).exists() and _record_of(p) is None
+    ]
+    if not bare:
+        return
+    shown = ", ".join(bare[:3]) + (
+        f" and {len(bare) - 3} more" if len(bare) > 3 else ""
+    )
+    why = (
+        f"{shown}: Snakemake holds no record of the jobs that made them (.snakemake/metadata"
+        " deleted, or results copied in), so a setting changed since they were made reruns"
+        " nothing"
+    )
+    again = (
+        "`snakemake <your options> --forcerun"
+        f" {' '.join(FIRST_ANALYSIS_STEPS)}` (no extraction is redone)"
+    )
+    changed = recorded_settings_changes(RUN_SETTINGS, config)
+    if changed and set(bare) & set(tables):
+        raise WorkflowError(
+            f"{why}: the last run made the results with other settings than this config"
+            f" ({'; '.join(changed)}; recorded in {RUN_SETTINGS}), and this run would keep"
+            f" them. Make the analysis again with this config: {again}"
+        )
+    logger.warning(
+        f"{why} (extraction settings included). If they were made with this config, record"
+        " them as such with `snakemake <your options> --touch --forceall` (it marks every"
+        f" result as made now, with this config); to make the analysis again, {again}; an"
+        " extraction, `--forcerun extract`"
+    )
 
 
 def get_final_output():

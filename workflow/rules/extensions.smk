@@ -133,6 +133,8 @@ rule joint_aggregate:
     conda:
         "../../envs/analysis.yaml"
     params:
+        # the tables' rows follow the LLMs' order: reordering them reruns this (cluster.md)
+        **named_params(llms=LANGUAGE),
         code=ANALYSIS_CODE,
     script:
         "../../scripts/joint_aggregate.py"
