@@ -220,6 +220,21 @@ def test_the_users_set_resources_reach_the_jobs(paper_project: Path) -> None:
     assert res["stimulus_sets"]["mem_mb"] == "2000", res
 
 
+def _resources_for_shapes(project, shapes, targets):
+    """The resources a forced dry run of ``targets`` gives each rule, with feature files of
+    these shapes (model key: (layers, stimuli, width); the shape alone, a small file)."""
+    feats = project / "results/features/wit1024"
+    feats.mkdir(parents=True, exist_ok=True)
+    for key, shape in shapes.items():
+        with h5py.File(feats / f"{key}.h5", "w") as f:
+            f.create_dataset("features", shape=shape, dtype="f4", chunks=(1, 64, 64))
+    try:
+        proc = snakemake(project, "-n", "--forceall", "--cores", "4", "--", *targets)
+    finally:
+        shutil.rmtree(feats)
+    return _job_resources(proc.stdout + proc.stderr)
+
+
 def test_gpa_jobs_ask_for_the_memory_their_feature_files_need(paper_project):
     """A GPA's peak grows with the stimuli and the models' widths (xmodal.gpa.gpa_memory_mb):
     the language GPA over 12 LLMs at 5,000 stimuli needs about 46 GiB, and asked for 8, 16 and
@@ -227,18 +242,9 @@ def test_gpa_jobs_ask_for_the_memory_their_feature_files_need(paper_project):
     exist, a dry run shows <TBD> (Snakemake sizes the job once they are made)."""
     from xmodal.gpa import gpa_memory_mb
 
-    feats = paper_project / "results/features/wit1024"
     llms = [k for k, m in PAPER["models"].items() if m["modality"] == "language"]
-    feats.mkdir(parents=True, exist_ok=True)
-    for key in llms:  # the shape alone: no data written, a small file
-        with h5py.File(feats / f"{key}.h5", "w") as f:
-            f.create_dataset("features", shape=(3, 5000, 4096), dtype="f4", chunks=(1, 64, 64))
     targets = ["results/language/wit1024/gpa.json", "results/dispersion/wit1024/gpa.json"]
-    try:
-        proc = snakemake(paper_project, "-n", "--forceall", "--cores", "4", "--", *targets)
-    finally:
-        shutil.rmtree(feats)
-    res = _job_resources(proc.stdout + proc.stderr)
+    res = _resources_for_shapes(paper_project, {k: (3, 5000, 4096) for k in llms}, targets)
     want = gpa_memory_mb(5000, [4096] * len(llms))
     assert want > 3 * 8000 and res["language_gpa"]["mem_mb"] == str(want), res
     assert res["gpa"]["mem_mb"] == "<TBD>", res  # the vision features are not made yet
@@ -250,19 +256,11 @@ def test_leave_one_model_out_asks_for_its_concurrent_fits(paper_project):
     the 8 GB the vision GPA asks for."""
     from xmodal.gpa import gpa_memory_mb
 
-    feats = paper_project / "results/features/wit1024"
     vision = [k for k, m in PAPER["models"].items() if m["modality"] == "vision"]
     widths = [1280, 1536, 1280, 1280][: len(vision)]
-    feats.mkdir(parents=True, exist_ok=True)
-    for key, width in zip(vision, widths, strict=True):  # the shape alone: a small file
-        with h5py.File(feats / f"{key}.h5", "w") as f:
-            f.create_dataset("features", shape=(1, 40000, width), dtype="f4", chunks=(1, 64, 64))
+    shapes = {key: (1, 40000, w) for key, w in zip(vision, widths, strict=True)}
     targets = ["results/dispersion/wit1024/loo.tsv", "results/dispersion/wit1024/gpa.json"]
-    try:
-        proc = snakemake(paper_project, "-n", "--forceall", "--cores", "4", "--", *targets)
-    finally:
-        shutil.rmtree(feats)
-    res = _job_resources(proc.stdout + proc.stderr)
+    res = _resources_for_shapes(paper_project, shapes, targets)
     assert gpa_memory_mb(40000, widths) < 8000 < gpa_memory_mb(40000, widths, 2)
     assert res["gpa"]["mem_mb"] == "8000", res
     assert res["leave_one_model_out"]["mem_mb"] == str(gpa_memory_mb(40000, widths, 2)), res
