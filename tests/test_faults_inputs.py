@@ -9,6 +9,7 @@ tokens never logged or stored, a full disk, and a writer killed with SIGKILL mid
 from __future__ import annotations
 
 import copy
+import datetime
 import errno
 import json
 import logging
@@ -476,6 +477,34 @@ def test_memory_per_cpu_in_default_resources_is_refused(project: Path) -> None:
     assert "Remove mem_mb_per_cpu from default-resources" in out, out
     proc = snakemake(project, *args, "mem_mb=2000", check=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_yaml_merge_keys_work_and_unreadable_files_are_named(tmp_path: Path) -> None:
+    """A config sharing settings through an anchor and a merge key (`<<: *vit`), which
+    Snakemake reads, stopped every run with a PyYAML traceback; so did a --configfile of JSON
+    indented with tabs (Snakemake reads it as JSON, YAML refuses tabs). Model keys YAML reads
+    as null or a date were "read as a number", with advice to quote 'None'."""
+    from xmodal.config import ConfigError, check_config, load_config_file
+
+    path = tmp_path / "merge.yaml"
+    path.write_text(
+        "models:\n  a: &vit\n    modality: vision\n    size_b: 0.3\n"
+        "  b:\n    <<: *vit\n    size_b: 0.6\n"
+    )
+    models = load_config_file(path)["models"]
+    assert models["b"] == {"modality": "vision", "size_b": 0.6}  # its own key wins
+    path.write_text("models:\n  a: &vit {modality: vision}\n  b: {<<: *vit, id: x, id: y}\n")
+    with pytest.raises(ConfigError, match=r"duplicate key 'id'"):
+        load_config_file(path)
+    tabs = tmp_path / "tabs.json"
+    tabs.write_text(json.dumps(_demo_cfg(), indent="\t"))
+    with pytest.raises(ConfigError, match=rf"{re.escape(str(tabs))}: not a YAML file .*tab"):
+        load_config_file(tabs)
+    for key, kind in ((None, "null"), (datetime.date(2024, 1, 1), "date")):
+        cfg = _demo_cfg()
+        cfg["models"][key] = cfg["models"].pop("tiny-mae")
+        with pytest.raises(ConfigError, match=rf"YAML read this model key as a {kind} "):
+            check_config(cfg)
 
 
 def test_duplicate_model_key_names_file_and_lines(project: Path) -> None:

@@ -731,6 +731,47 @@ def _supplied(tmp_path, x, ids, name="user.h5", n_tokens=None):
     return path
 
 
+def test_a_supplied_file_of_the_wrong_form_is_named_not_a_python_error(tmp_path):
+    """A group of per-layer datasets for 'features' (AttributeError), a Latin-1 or NUL-holding
+    attribute (UnicodeDecodeError, ValueError) named neither file nor fault; an external link
+    to a moved file was "corrupt or truncated"; a model_id with its text file's final line
+    break passed the import and failed the provenance job after the whole analysis (audit)."""
+    x, ids = np.arange(1, 13, dtype=np.float32).reshape(2, 3, 2), ["a", "b", "c"]
+    grouped = _supplied(tmp_path, x, ids, "grouped.h5")
+    with h5py.File(grouped, "r+") as f:
+        del f["features"]
+        for i in range(2):
+            f[f"features/layer{i}"] = x[i]
+    with pytest.raises(FeatureFileError, match=rf"{grouped}: 'features' is a group, not a dataset"):
+        FeatureFile(grouped)
+    linked = _supplied(tmp_path, x, ids, "linked.h5")
+    with h5py.File(linked, "r+") as f:
+        del f["features"]
+        f["features"] = h5py.ExternalLink(str(tmp_path / "moved.h5"), "/features")
+    with pytest.raises(FeatureFileError, match=r"'features' is a link to '/features' in .*moved"):
+        FeatureFile(linked)
+    bad = (("model_id", np.bytes_("café".encode("latin-1")), r"'model_id' is not UTF-8 text"),
+           ("model_id", np.bytes_(b"org\x00model"), r"'model_id' .* holds a NUL character"),
+           ("revision", "abc123\n", r"'revision' \('abc123\\n'\) holds a tab or line break"))  # fmt: skip
+    for name, value, message in bad:
+        path = _supplied(tmp_path, x, ids, "attr.h5")
+        with h5py.File(path, "r+") as f:
+            f.attrs[name] = value
+        with pytest.raises(FeatureFileError, match=rf"models\.mine\.features'.*{message}"):
+            import_features(path, tmp_path / "copy.h5", "mine", "language", ids)
+
+
+def test_a_big_endian_float16_file_is_copied_as_float16(tmp_path):
+    """contracts.md: float16 kept as float16; a '>f2' file became float32 (np.dtype('>f2') ==
+    np.float16 is False), twice the size."""
+    x, ids = np.arange(1, 13, dtype=np.float32).reshape(2, 3, 2), ["a", "b", "c"]
+    path = _supplied(tmp_path, x.astype(">f2"), ids)
+    import_features(path, tmp_path / "copy.h5", "mine", "language", ids)
+    with h5py.File(tmp_path / "copy.h5") as f:
+        assert f["features"].dtype == np.float16
+        np.testing.assert_array_equal(f["features"][()], x)
+
+
 def test_import_refuses_a_layer_never_written(tmp_path):
     """A writer killed after 2 of 3 layers leaves a file that opens, its last layer reading as
     zeros (the dataset's fill value), as does a virtual dataset whose source file is missing.

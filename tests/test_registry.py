@@ -270,6 +270,18 @@ def test_two_models_of_one_modality_under_one_label_are_refused() -> None:
     Registry.from_config(cfg)
 
 
+@pytest.mark.parametrize("field", ["label", "family"])
+@pytest.mark.parametrize("text", ["tiny MAE\n", "tiny\tMAE", "tiny\r\nMAE"])
+def test_a_label_or_family_with_a_tab_or_line_break_is_refused_at_start_up(field, text) -> None:
+    """YAML's folded style (`label: >`) ends the text with a line break: the config passed, and
+    the models-table job then failed naming neither the model nor the key (audit)."""
+    cfg = paper()
+    cfg["models"]["mae-h"][field] = text
+    with pytest.raises(ConfigError, match=rf"config key 'models\.mae-h\.{field}': .*tab or line "
+                       r"break.*write '>-'"):  # fmt: skip
+        Registry.from_config(cfg)
+
+
 def test_a_label_whose_math_figures_cannot_typeset_is_refused_at_start_up() -> None:
     """Text between two ``$`` of a label is mathtext in every figure: math it cannot parse
     stopped each figure job after every extraction. Now the config is refused, naming the key;

@@ -213,10 +213,12 @@ def check_config(config: Mapping[str, Any]) -> None:
     models = config.get("models") or {}
     for key in models:
         if not isinstance(key, str):
+            kind = "null" if key is None else "boolean" if isinstance(key, bool) else None
+            kind = kind or ("number" if isinstance(key, int | float) else type(key).__name__)
             raise ConfigError(
-                f"config key 'models.{key}': YAML read this model key as a "
-                f"{'boolean' if isinstance(key, bool) else 'number'}, and model keys are names; "
-                f"put it in quotes ('{key}')"
+                f"config key 'models.{key}': YAML read this model key as a {kind} ({key!r}), "
+                f"and model keys are names (pattern {MODEL_KEY.pattern}): write the model's "
+                "name, in quotes if YAML reads it as something else"
             )
         if not MODEL_KEY.fullmatch(str(key)):
             raise ConfigError(
@@ -371,6 +373,8 @@ def _check_number_text(loader: _StrictLoader, key: Any, node: yaml.Node) -> None
 def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
     seen: dict[Any, int] = {}
     for key_node, value_node in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            continue  # `<<: *anchor`: construct_mapping merges it (its keys checked where defined)
         key = loader.construct_object(key_node, deep=deep)
         if isinstance(key, bool | int | float):  # no key of the config is a number
             raise ConfigError(
@@ -393,12 +397,17 @@ _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _c
 
 
 def load_config_file(path: str | os.PathLike) -> dict:
-    """Read a YAML config file, refusing duplicate keys with an error naming file and line."""
+    """Read a YAML config file, refusing duplicate keys with an error naming file and line (and
+    any file YAML cannot read: Snakemake reads a ``--configfile`` as JSON first, which allows
+    tabs that YAML refuses)."""
     with open(path, encoding="utf-8") as fh:
         loader = _StrictLoader(fh)
         loader.name = str(path)
         try:
             return loader.get_single_data() or {}
+        except yaml.YAMLError as err:
+            said = "; ".join(line.strip() for line in str(err).splitlines())
+            raise ConfigError(f"{path}: not a YAML file this workflow can read ({said})") from None
         finally:
             loader.dispose()
 

@@ -382,6 +382,32 @@ def check_against_weights(
         )
 
 
+#: Attributes of a feature file that are one line of text (the provenance table copies them
+#: into its cells, which hold no tab or line break).
+ONE_LINE_ATTRS = ("model_id", "model_key", "modality", "source", "revision",
+                  "requested_revision", "compute_dtype", "device", "pooling", "created", "label",
+                  "family", "weights_sha256", "stimuli_sha256")  # fmt: skip
+
+
+def _check_text_attrs(path: Path, attrs: Mapping[str, Any]) -> None:
+    """Refuse a supplied file's text attribute that its copy or the provenance table cannot
+    hold: a NUL in any (HDF5 text cannot), a tab or line break in :data:`ONE_LINE_ATTRS` (a
+    trailing newline from a text file passed the import, and the provenance job failed after
+    the whole analysis naming neither file nor attribute)."""
+    for name, value in attrs.items():
+        if not isinstance(value, str):
+            continue
+        bad = "\x00" if "\x00" in value else ""
+        if not bad and name in ONE_LINE_ATTRS and any(c in value for c in "\t\r\n"):
+            bad = "a tab or line break"
+        if bad:
+            what = "a NUL character" if bad == "\x00" else bad
+            raise FeatureFileError(
+                f"{path}: attribute {name!r} ({value[:60]!r}) holds {what}; write it as one "
+                "line of text (a value read from a text file keeps its final line break)"
+            )
+
+
 def import_features(
     src: str | os.PathLike,
     dst: str | os.PathLike,
@@ -415,6 +441,7 @@ def import_features(
                 raise FeatureFileError(
                     f"{src} {holds}, but the config says 'models.{model_key}.modality: {modality}'"
                 )
+            _check_text_attrs(src, attrs)
             made_for = attrs.setdefault("model_key", model_key)  # absent: the config's key
             if not isinstance(made_for, str) or made_for != model_key:  # refused later else
                 raise FeatureFileError(
@@ -445,7 +472,8 @@ def import_features(
                 names,
                 {**attrs, **told, "imported_from": str(src.resolve())},
                 n_tokens=None if tokens is None else tokens[:n],
-                dtype="float16" if stored == np.float16 else "float32",
+                # any byte order: np.dtype(">f2") == np.float16 is False
+                dtype="float16" if stored.kind == "f" and stored.itemsize == 2 else "float32",
                 check_finite=False,  # finite_layer checked each layer, naming the stimuli
             )
     except FeatureFileError as err:
@@ -672,9 +700,24 @@ class FeatureFile:
                 "re-extract the features (delete the file and rerun extraction); a file you "
                 "wrote: follow docs/contracts.md, 'Feature file'"
             )
-        for name in ("features", "stimulus_ids", "layer_names"):
-            if name not in f:
+        for name in ("features", "stimulus_ids", "layer_names", "abs_q95", "n_tokens"):
+            link = f.get(name, getlink=True)
+            if isinstance(link, h5py.ExternalLink):
+                try:
+                    f[name]
+                except (KeyError, OSError):
+                    raise FeatureFileError(
+                        f"{p}: {name!r} is a link to {link.path!r} in {link.filename}, which "
+                        "cannot be opened (moved or deleted?)"
+                    ) from None
+            if name in ("features", "stimulus_ids", "layer_names") and name not in f:
                 raise FeatureFileError(f"{p}: dataset {name!r} is missing")
+            if name in f and not isinstance(f[name], h5py.Dataset):
+                raise FeatureFileError(
+                    f"{p}: {name!r} is a {type(f[name]).__name__.lower()}, not a dataset "
+                    "(docs/contracts.md, 'Feature file': 'features' is one (layers, stimuli, "
+                    "dims) dataset)"
+                )
         feats = f["features"]
         if feats.ndim != 3:
             raise FeatureFileError(f"{p}: 'features' has shape {feats.shape}, expected 3-D")
@@ -795,7 +838,13 @@ class FeatureFile:
             items = list(self._f.attrs.items())
         for k, v in items:
             if isinstance(v, bytes):
-                v = v.decode()
+                try:
+                    v = v.decode()
+                except UnicodeDecodeError as err:
+                    raise FeatureFileError(
+                        f"{self.path}: attribute {k!r} is not UTF-8 text ({err.reason} at byte "
+                        f"{err.start} of {v[:40]!r}); write it as UTF-8"
+                    ) from None
             elif isinstance(v, np.generic):
                 v = v.item()
             out[k] = v
