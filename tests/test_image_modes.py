@@ -53,21 +53,23 @@ def _png16(arr: np.ndarray, color_type: int) -> bytes:
     )
 
 
-def _tiff16_rgb(arr: np.ndarray) -> bytes:
-    """An uncompressed little-endian 16-bit RGB TIFF, tag by tag (Pillow cannot write one)."""
-    h, w, _ = arr.shape
+def _tiff16_rgb(arr: np.ndarray, extra_samples: int = 2) -> bytes:
+    """An uncompressed little-endian 16-bit RGB (or RGBA: ``extra_samples`` 2 unassociated, 1
+    associated alpha) TIFF, tag by tag (Pillow cannot write one)."""
+    h, w, n = arr.shape
     data = arr.astype("<u2").tobytes()
-    bps_at = 8 + len(data)  # BitsPerSample (3 values) follows the pixel data
+    bps_at = 8 + len(data)  # BitsPerSample (n values) follows the pixel data
     short, long_ = 3, 4
-    tags = [(256, short, 1, w), (257, short, 1, h), (258, short, 3, bps_at), (259, short, 1, 1),
-            (262, short, 1, 2), (273, long_, 1, 8), (277, short, 1, 3), (278, short, 1, h),
+    tags = [(256, short, 1, w), (257, short, 1, h), (258, short, n, bps_at), (259, short, 1, 1),
+            (262, short, 1, 2), (273, long_, 1, 8), (277, short, 1, n), (278, short, 1, h),
             (279, long_, 1, len(data)), (284, short, 1, 1)]  # fmt: skip
+    tags += [(338, short, 1, extra_samples)] if n == 4 else []
     ifd = struct.pack("<H", len(tags))
     for tag, typ, count, value in tags:
         inline = typ == short and count == 1
         ifd += struct.pack("<HHIHH" if inline else "<HHII", tag, typ, count, value, *[0] * inline)
-    head = b"II*\x00" + struct.pack("<I", bps_at + 6)
-    return head + data + struct.pack("<HHH", 16, 16, 16) + ifd + struct.pack("<I", 0)
+    head = b"II*\x00" + struct.pack("<I", bps_at + 2 * n)
+    return head + data + struct.pack(f"<{n}H", *[16] * n) + ifd + struct.pack("<I", 0)
 
 
 def _tiff_gray(arr: np.ndarray, photometric: int, deflate: bool = False) -> bytes:
@@ -147,10 +149,14 @@ def test_16bit_colour_png_keeps_the_high_byte(tmp_path, caplog):
     rgba = RNG.integers(0, 65536, (9, 11, 4), dtype=np.uint16)
     (tmp_path / "rgba16.png").write_bytes(_png16(rgba, 6))
     (tmp_path / "rgb16.tif").write_bytes(_tiff16_rgb(rgb))
+    # associated alpha: Pillow's raw mode RGBa;16L (the 5-6-5 rule first refused it)
+    opaque = np.concatenate([rgba[..., :3], np.full_like(rgba[..., :1], 65535)], axis=-1)
+    (tmp_path / "rgba16.tif").write_bytes(_tiff16_rgb(opaque, extra_samples=1))
     with caplog.at_level("INFO", logger="xmodal.stimuli"):
         np.testing.assert_array_equal(_rgb(tmp_path / "rgb16.png"), rgb >> 8)
         np.testing.assert_array_equal(_rgb(tmp_path / "rgba16.png"), rgba[..., :3] >> 8)
         np.testing.assert_array_equal(_rgb(tmp_path / "rgb16.tif"), rgb >> 8)
+        np.testing.assert_array_equal(_rgb(tmp_path / "rgba16.tif"), opaque[..., :3] >> 8)
     assert "16-bit samples reduced to 8 bits by Pillow (v >> 8)" in caplog.text
 
 

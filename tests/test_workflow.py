@@ -477,6 +477,8 @@ def test_results_without_snakemakes_records_are_not_kept_for_a_changed_setting(
     forces the analysis's first steps."""
     meta = workflow_dir / ".snakemake" / "metadata"
     aside = workflow_dir / ".snakemake" / "metadata.aside"
+    record = workflow_dir / "results/report/demo_run_settings.json"
+    kept = record.read_bytes()
     cfg = copy.deepcopy(demo_config)
     k = cfg["analysis"]["knn_k"]
     cfg["analysis"]["knn_k"] = k - 3
@@ -496,7 +498,14 @@ def test_results_without_snakemakes_records_are_not_kept_for_a_changed_setting(
         forced = snakemake(workflow_dir, "-n", "--configfile", changed, "--cores", "1",
                            "--forcerun", *first)  # fmt: skip
         assert "holds no record" not in forced.stdout + forced.stderr
+        # a record of results of two configs vouches for none: a stop, not the advice to touch
+        record.write_text(json.dumps({**json.loads(kept), "mixed": True}))
+        proc = snakemake(workflow_dir, "-n", "--configfile", "config/demo.yaml", "--cores", "1",
+                         check=False)  # fmt: skip
+        text = proc.stdout + proc.stderr
+        assert proc.returncode != 0 and "made with more than one config" in text, text[-3000:]
     finally:
+        record.write_bytes(kept)
         shutil.rmtree(meta, ignore_errors=True)
         aside.rename(meta)
     after = snakemake(workflow_dir, "-n", "--configfile", "config/demo.yaml", "--cores", "1")

@@ -220,7 +220,7 @@ def test_the_users_set_resources_reach_the_jobs(paper_project: Path) -> None:
     assert res["stimulus_sets"]["mem_mb"] == "2000", res
 
 
-def _resources_for_shapes(project, shapes, targets):
+def _resources_for_shapes(project, shapes, targets, *args):
     """The resources a forced dry run of ``targets`` gives each rule, with feature files of
     these shapes (model key: (layers, stimuli, width); the shape alone, a small file)."""
     feats = project / "results/features/wit1024"
@@ -229,7 +229,7 @@ def _resources_for_shapes(project, shapes, targets):
         with h5py.File(feats / f"{key}.h5", "w") as f:
             f.create_dataset("features", shape=shape, dtype="f4", chunks=(1, 64, 64))
     try:
-        proc = snakemake(project, "-n", "--forceall", "--cores", "4", "--", *targets)
+        proc = snakemake(project, "-n", "--forceall", "--cores", "4", *args, "--", *targets)
     finally:
         shutil.rmtree(feats)
     return _job_resources(proc.stdout + proc.stderr)
@@ -264,6 +264,11 @@ def test_leave_one_model_out_asks_for_its_concurrent_fits(paper_project):
     assert gpa_memory_mb(40000, widths) < 8000 < gpa_memory_mb(40000, widths, 2)
     assert res["gpa"]["mem_mb"] == "8000", res
     assert res["leave_one_model_out"]["mem_mb"] == str(gpa_memory_mb(40000, widths, 2)), res
+    # more threads than models: one fit per model at once, no more (xmodal.parallel.n_workers)
+    more = ("--set-threads", "leave_one_model_out=16")
+    res = _resources_for_shapes(paper_project, shapes, targets[:1], *more)
+    want = gpa_memory_mb(40000, widths, len(widths))
+    assert res["leave_one_model_out"]["mem_mb"] == str(want), res
 
 
 def test_alignment_jobs_ask_for_the_time_their_stimuli_need(paper_project):

@@ -732,14 +732,17 @@ def record_run_settings(
 
 def recorded_settings_changes(path: str | os.PathLike, config: Mapping[str, Any]) -> list[str]:
     """The :data:`REPORT_SETTINGS` whose value in the settings record at ``path`` (the last
-    runs', :func:`record_run_settings`) differs from ``config``'s, each as ``key = then -> now``;
-    none without a readable record or where it lacks the key."""
+    runs', :func:`record_run_settings`) differs from ``config``'s, each as ``key = then -> now``
+    (one line saying so where the record is ``mixed`` or ``touched``: it vouches for no one
+    config); none without a readable record or where it lacks the key."""
     try:
         record = _read_record(Path(path))
     except ValueError:
         return []
     if record is None:
         return []
+    if record.get("mixed") or record.get("touched"):  # it cannot vouch for any one config
+        return ["the record says they were made with more than one config, or marked by --touch"]
     now, then = report_settings(config), record["settings"]
     return [
         f"{k} = {json.dumps(then[k])} -> {json.dumps(now[k])}"

@@ -982,7 +982,7 @@ def _exif_orientation(im: Image.Image) -> int:
 
 #: Pillow raw modes with 16-bit samples (``I;16B``, ``RGB;16B``, ``RGBA;16L``, ``I;16S``), not
 #: packed 16-bit pixels (``BGR;16``, ``RGB;16``: 5-6-5 bits, which Pillow expands to 8).
-_SIXTEEN_BIT_RAW = re.compile(r"I;16.*|[A-Z]+;16[BLN]S?")
+_SIXTEEN_BIT_RAW = re.compile(r"I;16.*|[A-Za-z]+;16[BLN]S?")  # RGBa: associated alpha
 
 
 def _raw_modes(im: Image.Image) -> list[str]:

@@ -248,7 +248,7 @@ def gpa_resources(leave_one_out=False):
         # need not hold what xmodal.gpa imports (scipy, threadpoolctl)
         from xmodal.gpa import gpa_memory_mb
 
-        workers = threads if leave_one_out else 0
+        workers = min(threads, len(shapes)) if leave_one_out else 0  # xmodal.parallel
         return gpa_memory_mb(shapes[0][1], [dim for _, _, dim in shapes], workers)
 
     return sized_resources("gpa", "mem_mb", lambda input: input.features, need)
@@ -692,7 +692,12 @@ def check_results_have_records(args):
         args.forceall or set(FIRST_ANALYSIS_STEPS) <= set(args.forcerun or ())
     ):
         return
-    tables = [p for k, p in table_paths(DATASET).items() if k != "manifest"]
+    # (the provenance table reads the features and the manifest only: no forced step remakes it)
+    tables = [
+        p
+        for k, p in table_paths(DATASET).items()
+        if k not in ("manifest", "provenance")
+    ]
     features = [feature_file(m) for m in [*VISION, *LANGUAGE]]
     bare = [
         p for p in [*tables, *features] if Path(p).exists() and _record_of(p) is None
@@ -714,9 +719,9 @@ def check_results_have_records(args):
     changed = recorded_settings_changes(RUN_SETTINGS, config)
     if changed and set(bare) & set(tables):
         raise WorkflowError(
-            f"{why}: the last run made the results with other settings than this config"
-            f" ({'; '.join(changed)}; recorded in {RUN_SETTINGS}), and this run would keep"
-            f" them. Make the analysis again with this config: {again}"
+            f"{why}, and the settings record says they were not made with this config"
+            f" ({'; '.join(changed)}; {RUN_SETTINGS}): this run would keep them. Make the"
+            f" analysis again with this config: {again}"
         )
     logger.warning(
         f"{why} (extraction settings included). If they were made with this config, record"
