@@ -673,8 +673,8 @@ def made_before(path):
 
 
 def _record_of(path):
-    """The rule of Snakemake's record of the job that made ``path``: None without a record,
-    False when the records cannot be read."""
+    """What Snakemake's record of the job that made ``path`` names as its step (None without
+    a record, False when the records cannot be read)."""
     try:
         return workflow.persistence.rule(IOFile(path))
     except Exception:
