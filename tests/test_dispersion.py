@@ -141,6 +141,47 @@ def test_equal_residual_rows_get_equal_summaries():
     assert scores[150] == scores[299] == scores[7] and d[150] == d[299] == d[7]
 
 
+def test_pc1_orientation_bound_is_two_over_root_m_inclusive():
+    """|r| ≥ 2/√m orients PC1 (docs/method.md, "Dispersion"): r = 0.15 at m = 100 lies between
+    1/√m and 2/√m, and r = 1 at m = 4 is on the bound; 1/√m and '>' passed every test."""
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal(100), rng.standard_normal(100)
+    a, b = a - a.mean(), b - b.mean()
+    b -= (b @ a) / (a @ a) * a
+    a, b = a / np.linalg.norm(a), b / np.linalg.norm(b)
+    score = 0.15 * a + np.sqrt(1 - 0.15**2) * b
+    r, oriented = pc1_orientation(pd.DataFrame({"pc1_score": score, "mean_dispersion": a}))
+    assert r == pytest.approx(0.15) and not oriented
+    four = pd.DataFrame({"pc1_score": [0.0, 1, 2, 3], "mean_dispersion": [0.0, 2, 4, 6]})
+    assert pc1_orientation(four) == (pytest.approx(1.0), True)
+
+
+def test_leave_one_model_out_orients_each_fits_pc1_by_its_partial_dispersion():
+    """loo.tsv's pc1_oriented and partial_pc1_orientation test corr(partial_pc1, partial
+    dispersion), not the deviation; stimulus_index is the position (0-based). Orienting by the
+    deviation passed every test (mutation audit)."""
+    from xmodal.dispersion import partial_pc1_orientation
+
+    m, seen = 40, 0
+    for seed in range(6):
+        rng = np.random.default_rng(seed)
+        base = rng.standard_normal((m, 6))
+        reps = [
+            base @ rng.standard_normal((6, 8)) + rng.uniform(0.5, 2.0) * rng.standard_normal((m, 8))
+            for _ in range(4)
+        ]
+        models, stimuli = leave_one_model_out(reps, names=list("abcd"), n_jobs=1)
+        for name, rows in stimuli.groupby("held_out"):
+            assert rows["stimulus_index"].tolist() == list(range(m))
+            r = np.corrcoef(rows["partial_pc1"], rows["partial_dispersion"])[0, 1]
+            by_deviation = np.corrcoef(rows["partial_pc1"], rows["deviation"])[0, 1]
+            want = bool(abs(r) >= 2 / np.sqrt(m))
+            seen += want != bool(abs(by_deviation) >= 2 / np.sqrt(m))
+            assert bool(models.set_index("held_out").at[name, "pc1_oriented"]) == want
+            assert partial_pc1_orientation(stimuli, name) == (pytest.approx(r), want)
+    assert seen  # the two definitions disagree somewhere here
+
+
 def test_leave_one_model_out_planted():
     rng = np.random.default_rng(0)
     m = 200
