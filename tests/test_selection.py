@@ -227,3 +227,24 @@ def test_a_sets_table_with_a_row_deleted_is_refused_naming_the_set(tmp_path):
                 match=rf"{name}.tsv: set '{key[0]}' \({key[1]}{where}\) holds {len(rows) - 1} stimuli where the table's other sets of its kind hold {len(rows)}",
             ):
                 sel.read_sets(path)
+
+
+def test_each_summarys_drop_sets_and_the_random_draws_follow_their_definitions():
+    """The pc1 drop sets follow the PC1 score, the random sets are default_rng(seed)'s draws in
+    order (docs/method.md, "Seeds"): pc1 drop sets taken from the mean score, and random sets
+    drawn with seed + 1, passed every test (mutation audit). Here PC1 falls as the mean rises."""
+    m, ids = 12, [f"s{i}" for i in range(12)]
+    mean, pc1 = np.arange(m, dtype=float), np.arange(m, dtype=float)[::-1].copy()
+    t = sel.make_sets(ids, mean, pc1, 3, n_random=2, drop_fraction=0.25, seed=5)
+
+    def members(name, summary, draw=0):
+        rows = t[(t.set == name) & (t.summary == summary) & (t.draw == draw)]
+        return sorted(int(s[1:]) for s in rows.stimulus_id)
+
+    assert members("drop_high", "mean") == list(range(0, 9))  # the 3 highest means dropped
+    assert members("drop_low", "mean") == list(range(3, 12))
+    assert members("drop_high", "pc1") == list(range(3, 12))  # the 3 highest PC1 scores
+    assert members("drop_low", "pc1") == list(range(0, 9))
+    rng = np.random.default_rng(5)
+    for draw in range(2):
+        assert members("random", "none", draw) == sorted(rng.choice(m, 3, replace=False).tolist())
