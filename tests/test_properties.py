@@ -929,3 +929,30 @@ def test_the_p_floor_is_the_smallest_permutation_p_for_any_ties(xs, ys):
     smallest = np.mean(rho >= rho.max() - 1e-9)
     # the smallest p of any pairing is the share at the largest |ρ|
     assert smallest_permutation_p(x, y) == pytest.approx(smallest, rel=1e-9)
+
+
+def _sobel_density(grey: np.ndarray) -> float:
+    """Edge density written from docs/method.md: Sobel of the grey levels with the border
+    mirrored (d c b a | a b c d), an edge where Sx² + Sy² > 102² (g > 0.1 of 4·255)."""
+    x = np.pad(grey.astype(np.int64), 1, mode="symmetric")
+
+    def at(di: int, dj: int) -> np.ndarray:
+        return x[1 + di : x.shape[0] - 1 + di, 1 + dj : x.shape[1] - 1 + dj]
+
+    sx = (at(-1, 1) - at(-1, -1)) + 2 * (at(0, 1) - at(0, -1)) + (at(1, 1) - at(1, -1))
+    sy = (at(1, -1) - at(-1, -1)) + 2 * (at(1, 0) - at(-1, 0)) + (at(1, 1) - at(-1, 1))
+    return float(np.mean(sx * sx + sy * sy > 102 * 102))
+
+
+def test_edge_density_against_the_documented_recipe():
+    """A 224-px grey image as it is; larger ones resized (Pillow bilinear) so that the shorter
+    side is 224 px, the other side rounded (305 × 200 → 342 × 224). A threshold of 4·256
+    instead of 4·255, a 256-px side, and a truncated 341 passed every test (mutation audit)."""
+    grey = np.random.default_rng(0).integers(0, 40, (224, 224)).astype(np.uint8)
+    assert edge_density(np.dstack([grey] * 3)) == _sobel_density(grey)
+    for (h, w), cell, size in (((448, 672), 20, (336, 224)), ((200, 305), 7, (342, 224))):
+        ii, jj = np.indices((h, w))
+        board = np.where((ii // cell + jj // cell) % 2 == 0, 255, 0).astype(np.uint8)
+        small = Image.fromarray(board).resize(size, Image.Resampling.BILINEAR)
+        got = edge_density(Image.fromarray(board).convert("RGB"))
+        assert got == _sobel_density(np.asarray(small)), (h, w)
