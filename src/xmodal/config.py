@@ -213,8 +213,12 @@ def check_config(config: Mapping[str, Any]) -> None:
     models = config.get("models") or {}
     for key in models:
         if not isinstance(key, str):
-            kind = "null" if key is None else "boolean" if isinstance(key, bool) else None
-            kind = kind or ("number" if isinstance(key, int | float) else type(key).__name__)
+            kind = (
+                "null" if key is None
+                else "boolean" if isinstance(key, bool)
+                else "number" if isinstance(key, int | float)
+                else type(key).__name__
+            )  # fmt: skip
             raise ConfigError(
                 f"config key 'models.{key}': YAML read this model key as a {kind} ({key!r}), "
                 f"and model keys are names (pattern {MODEL_KEY.pattern}): write the model's "
@@ -744,11 +748,12 @@ def recorded_settings_changes(path: str | os.PathLike, config: Mapping[str, Any]
     if record.get("mixed") or record.get("touched"):  # it cannot vouch for any one config
         return ["the record says they were made with more than one config, or marked by --touch"]
     now, then = report_settings(config), record["settings"]
-    return [
-        f"{k} = {json.dumps(then[k])} -> {json.dumps(now[k])}"
-        for k in REPORT_SETTINGS
-        if k in then and then[k] != now[k]
-    ]
+    return [f"{k} = {json.dumps(then[k])} -> {json.dumps(now[k])}" for k in _changed(then, now)]
+
+
+def _changed(then: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:
+    """The :data:`REPORT_SETTINGS` a record holds (``then``) with another value ``now``."""
+    return [k for k in REPORT_SETTINGS if k in then and then[k] != now[k]]
 
 
 def check_report_settings(
@@ -800,7 +805,7 @@ def check_report_settings(
             f"so the results on disk were made with two different configs; {way_out}"
         )
     now, then = report_settings(config), record["settings"]
-    changed = [k for k in REPORT_SETTINGS if k in then and then[k] != now[k]]
+    changed = _changed(then, now)
     if changed:
         shown = ", ".join(f"{k} = {then[k]!r}" for k in changed)
         says = ", ".join(f"{k} = {now[k]!r}" for k in changed)

@@ -397,15 +397,16 @@ def _check_text_attrs(path: Path, attrs: Mapping[str, Any]) -> None:
     for name, value in attrs.items():
         if not isinstance(value, str):
             continue
-        bad = "\x00" if "\x00" in value else ""
-        if not bad and name in ONE_LINE_ATTRS and any(c in value for c in "\t\r\n"):
-            bad = "a tab or line break"
-        if bad:
-            what = "a NUL character" if bad == "\x00" else bad
-            raise FeatureFileError(
-                f"{path}: attribute {name!r} ({value[:60]!r}) holds {what}; write it as one "
-                "line of text (a value read from a text file keeps its final line break)"
-            )
+        if "\x00" in value:
+            what = "a NUL character"
+        elif name in ONE_LINE_ATTRS and any(c in value for c in "\t\r\n"):
+            what = "a tab or line break"
+        else:
+            continue
+        raise FeatureFileError(
+            f"{path}: attribute {name!r} ({value[:60]!r}) holds {what}; write it as one line "
+            "of text (a value read from a text file keeps its final line break)"
+        )
 
 
 def import_features(

@@ -688,9 +688,7 @@ def check_results_have_records(args):
     be done" and every table keeps the numbers of the earlier settings. Where the run-settings
     record (RUN_SETTINGS) names settings that differ from this config, stop; otherwise warn.
     A run that forces the analysis's first steps makes them again, and passes."""
-    if args is not None and (
-        args.forceall or set(FIRST_ANALYSIS_STEPS) <= set(args.forcerun or ())
-    ):
+    if args is not None and forces_the_analysis(args):
         return
     # (the provenance table reads the features and the manifest only: no forced step remakes it)
     tables = [
@@ -984,6 +982,12 @@ FIRST_ANALYSIS_STEPS = (
 FIRST_ANALYSIS_STEPS += ("image_properties", "stimuli_report", "models_table")
 
 
+def forces_the_analysis(args):
+    """The command line (_command_line()) makes the analysis again from its first steps:
+    `--forceall`, or `--forcerun` with every one of FIRST_ANALYSIS_STEPS."""
+    return bool(args.forceall) or set(FIRST_ANALYSIS_STEPS) <= set(args.forcerun or ())
+
+
 def record_settings_of_this_run(succeeded):
     """After a run that ran jobs (not a dry run, not 'Nothing to be done'): record its
     settings, noting a run of some targets only (docs/troubleshooting.md, --report)."""
@@ -1005,9 +1009,7 @@ def record_settings_of_this_run(succeeded):
         set(args.targets or ()) <= {"all"} and not any(limits) and last_batch and params
     )
     # the analysis made again from its first steps (what clears a --touch run's note)
-    forced = bool(args.forceall) or set(FIRST_ANALYSIS_STEPS) <= set(
-        args.forcerun or ()
-    )
+    forced = forces_the_analysis(args)
     try:
         record_run_settings(
             RUN_SETTINGS,
