@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from test_extract_vision import _tf32_flags
 
 from xmodal.demo.models import make_hub_cache
 from xmodal.extract import (
@@ -527,3 +528,16 @@ def test_an_extraction_marks_its_file_until_made(tmp_path, tiny_lms, tiny_manife
     assert attempt_marker(out).is_file() and unfinished_outputs([out]) == [out]
     extract_features("llama", cfg, tiny_manifest, out, progress=False)
     assert out.is_file() and not attempt_marker(out).exists() and unfinished_outputs([out]) == []
+
+
+def test_float32_features_are_computed_without_tf32(tiny_lms, captions):
+    """As for vision models (test_extract_vision): TF32 is off for the matrix products of a
+    float32 language model while it runs, and the flags are restored after."""
+    before = _tf32_flags()
+    ieee = ("ieee", "ieee") if isinstance(before[0], str) else (False, False)
+    model, tok, _ = load_language_model(str(tiny_lms["llama"]))
+    seen = []
+    model.get_input_embeddings().register_forward_pre_hook(lambda *_: seen.append(_tf32_flags()))
+    extract_language_features(model, tok, captions, stimulus_ids=IDS, progress=False)
+    assert seen and set(seen) == {ieee}
+    assert _tf32_flags() == before

@@ -435,3 +435,32 @@ def test_a_transformers_model_given_as_a_vision_model_is_named_as_such(tiny_hf_v
     the model ('architecture')", which named the model but not the cause."""
     with pytest.raises(ExtractionError, match=r"holds a transformers model \(model_type 'vit'\)"):
         load_vision_model(str(tiny_hf_vit))
+
+
+def _tf32_flags() -> tuple[object, object]:
+    """What cuDNN convolutions and CUDA matrix products compute float32 in, right now."""
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    if hasattr(conv, "fp32_precision"):
+        return conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision
+    return torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+
+
+def test_float32_features_are_computed_without_tf32(tiny_vits, tiny_manifest):
+    """torch runs cuDNN convolutions (the patch embedding) in TF32 by default on Ampere and
+    later GPUs: features recorded as float32 were computed with a 10-bit mantissa there. While
+    a float32 model runs, TF32 is off; the flags are restored after, and a bfloat16 model runs
+    under the flags as they were (docs/method.md, "Compute precision")."""
+    before = _tf32_flags()
+    ieee = ("ieee", "ieee") if isinstance(before[0], str) else (False, False)
+    for dtype, expected in ((torch.float32, ieee), (torch.bfloat16, before)):
+        model, transform, _ = load_vision_model(str(tiny_vits["mae"]), dtype=dtype)
+        seen = []
+        model.patch_embed.register_forward_pre_hook(
+            lambda *_, seen=seen: seen.append(_tf32_flags())
+        )
+        df, ds = _images(tiny_manifest, transform)
+        extract_vision_features(
+            model, _batches(ds, 6), stimulus_ids=df["stimulus_id"].tolist(), progress=False
+        )
+        assert seen == [expected, expected], dtype
+        assert _tf32_flags() == before

@@ -3,6 +3,7 @@ the per-batch feature accumulator and out-of-memory back-off."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -109,6 +110,36 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
 
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
+
+
+@contextlib.contextmanager
+def ieee_float32(dtype: torch.dtype) -> Iterator[None]:
+    """While features are computed in ``dtype`` float32, compute in IEEE float32: no TF32 in
+    cuDNN convolutions or CUDA matrix products (docs/method.md, "Compute precision").
+
+    torch's defaults run cuDNN convolutions (a ViT's patch embedding) in TF32, a 10-bit
+    mantissa, on Ampere and later GPUs, so features recorded as float32 were not; a process
+    that called ``torch.set_float32_matmul_precision("high")`` does the same to every matrix
+    product. Other dtypes are left as they are; the flags are restored afterwards.
+    """
+    if dtype != torch.float32:
+        yield
+        return
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    if hasattr(conv, "fp32_precision"):  # torch >= 2.9; mixing it with the old flags raises
+        flags = [(conv, "fp32_precision"), (torch.backends.cuda.matmul, "fp32_precision")]
+        off: object = "ieee"
+    else:
+        flags = [(torch.backends.cudnn, "allow_tf32"), (torch.backends.cuda.matmul, "allow_tf32")]
+        off = False
+    saved = [(owner, name, getattr(owner, name)) for owner, name in flags]
+    try:
+        for owner, name, _ in saved:
+            setattr(owner, name, off)
+        yield
+    finally:
+        for owner, name, value in saved:
+            setattr(owner, name, value)
 
 
 def resolve_model_folder(

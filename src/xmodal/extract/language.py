@@ -33,6 +33,7 @@ from xmodal.extract._common import (
     check_no_remote_code,
     check_weight_files,
     dtype_name,
+    ieee_float32,
     model_config,
     progress_bar,
     resolve_dtype,
@@ -680,7 +681,11 @@ def extract_language_features(
     n_tokens = int(lengths.sum())
     n_padded = 0
 
-    with progress_bar(m, model_name, "caption", progress) as bar, contextlib.closing(acc):
+    with (
+        ieee_float32(model.get_input_embeddings().weight.dtype),
+        progress_bar(m, model_name, "caption", progress) as bar,
+        contextlib.closing(acc),
+    ):
 
         @torch.inference_mode()
         def run(start: int, stop: int) -> None:

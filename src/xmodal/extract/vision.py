@@ -25,6 +25,7 @@ from xmodal.extract._common import (
     UnsafeCheckpointError,
     check_weight_files,
     dtype_name,
+    ieee_float32,
     model_config,
     progress_bar,
     resolve_model_folder,
@@ -270,7 +271,7 @@ def extract_vision_features(
     sizer: BatchSizer | None = BatchSizer(batch_size, model_name) if batch_size else None
     nonblocking = device.type == "cuda"
     try:
-        with progress_bar(m, model_name, "img", progress) as bar:
+        with ieee_float32(dtype), progress_bar(m, model_name, "img", progress) as bar:
             for images, idx in batches:
                 idx = np.asarray(idx, dtype=np.int64)
                 if sizer is None:
