@@ -35,8 +35,15 @@ if _job is not None:
     # a job that makes a feature file marks it from its first line until it is made
     # (xmodal.io.begin_attempt): one that fails anywhere (the weights not in the cache, a bad
     # config) or is killed leaves the mark, and the next run makes the file again, where
-    # Snakemake, which records a failed job's output as made, would say "Nothing to be done"
+    # Snakemake, which records a failed job's output as made, would say "Nothing to be done".
+    # A retry (the profile's `retries`) of an attempt that failed with an error a retry repeats
+    # stops here, before a model is loaded (xmodal.io.fail_attempt)
     if getattr(_job, "rule", None) in ("extract", "import_features"):
-        from xmodal.io import begin_attempt
+        from xmodal.io import RepeatedFailureError, begin_attempt
 
-        begin_attempt(_job.output.features)
+        try:
+            begin_attempt(_job.output.features, int(getattr(_job.resources, "attempt", 1)))
+        except RepeatedFailureError as err:
+            with open(_job.log[0], "a", encoding="utf-8") as _fh:  # after the first error
+                _fh.write(f"ERROR RepeatedFailureError: {err}\n")
+            sys.exit(f"RepeatedFailureError: {err}")

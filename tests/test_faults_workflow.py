@@ -181,13 +181,15 @@ def test_job_failing_for_good_stops_only_its_dependants(project: Path) -> None:
     (project / redo).unlink()
     before = _mtimes(project)
     args = ["--configfile", "config/broken.yaml", "--cores", "2", "--keep-going", *TARGETS]
-    proc = snakemake(project, *args, check=False)
+    proc = snakemake(project, *args, "--retries", "2", check=False)
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0
     assert "Error in rule extract" in out and "model=broken-llm" in out, out
     assert "logs/extract/demo/broken-llm.log" in out
     log = (project / "logs/extract/demo/broken-llm.log").read_text()
     assert "resources/broken-llm: no config.json" in log and "Traceback" not in log, log
+    # the profile's retries: attempts 2 and 3 stop before loading anything (xmodal.io.fail_attempt)
+    assert "attempt 3 not run: the attempt before it failed with an error" in log, log
     assert (project / redo).is_file(), out[-4000:]  # independent work went on
     features = project / f"results/features/{DATASET}"
     # no file; only the mark of the failed attempt, which the next run reads

@@ -21,7 +21,14 @@ from hypothesis import strategies as st
 import xmodal
 from xmodal import pipeline
 from xmodal.features import write_features
-from xmodal.io import TableError, UnwritableOutputError, atomic_path, read_table, write_table
+from xmodal.io import (
+    DiskFullError,
+    TableError,
+    UnwritableOutputError,
+    atomic_path,
+    read_table,
+    write_table,
+)
 
 #: ids researchers really have: leading zeros, floats, missing-value words, unicode, spaces
 TRICKY_IDS = ["0180", "180", "1.50", "1.5", "NA", "nan", "NaN", "null", "None", "", "True",
@@ -573,3 +580,53 @@ def test_an_unwritable_output_folder_stops_an_extraction_before_any_work(
         with pytest.raises(UnwritableOutputError, match=rf"cannot write .*m\.h5: .*{match}"):
             begin_attempt(out)
         monkeypatch.undo()
+
+
+def test_a_retry_after_an_error_a_retry_repeats_stops_before_any_work(tmp_path: Path) -> None:
+    """The profile resubmits a failed job (`retries`) with more memory and time. After an
+    attempt that failed with the project's own error about the model, the stimuli or the config
+    (xmodal.io.fail_attempt), the next attempt stops at its mark, naming that error, instead of
+    loading the model for hours to fail the same way; a new run (attempt 1) tries again, and
+    errors of the node or the file system are retried."""
+    from xmodal.extract._common import DeviceError, NonFiniteFeatureError
+    from xmodal.io import (
+        RepeatedFailureError,
+        attempt_marker,
+        begin_attempt,
+        end_attempt,
+        fail_attempt,
+    )
+    from xmodal.stimuli import StimulusError
+
+    out = tmp_path / "f" / "m.h5"
+    for err in (
+        NonFiniteFeatureError("model m: NaN in layer blocks.3\nfor stimuli 'a', 'b'."),
+        StimulusError("cannot decode img/7.jpg (stimulus '7')"),
+    ):
+        begin_attempt(out)
+        fail_attempt(out, err)
+        name = type(err).__name__
+        for attempt in (2, 3):
+            with pytest.raises(RepeatedFailureError) as info:
+                begin_attempt(out, attempt)
+            message = str(info.value)
+            assert message.startswith(f"{out}: attempt {attempt} not run: the attempt before")
+            one_line = " ".join(str(err).split()).rstrip(".")
+            assert f"{name}: {one_line}. Fix that and run Snakemake again" in message
+        begin_attempt(out, 1)  # a new run of Snakemake
+        assert RepeatedFailureError.__name__ not in attempt_marker(out).read_text()
+        end_attempt(out)
+    # retried: a node without its GPU, a full disk, an error from outside the project
+    for err in (
+        DeviceError("device 'cuda' requested but no CUDA device is visible"),
+        DiskFullError(28, "No space left on device"),
+        ValueError("a third-party error"),
+        RepeatedFailureError("an earlier attempt's"),
+    ):
+        begin_attempt(out)
+        fail_attempt(out, err)
+        begin_attempt(out, 2)
+        assert attempt_marker(out).read_text().startswith("started ")
+    end_attempt(out)
+    fail_attempt(out, StimulusError("after the mark is gone: nothing to record"))
+    assert not attempt_marker(out).exists()

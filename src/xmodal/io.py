@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 __all__ = [
     "TEXT_COLUMNS",
     "DiskFullError",
+    "RepeatedFailureError",
     "TableError",
     "UnwritableOutputError",
     "atomic_path",
@@ -40,6 +41,7 @@ __all__ = [
     "chmod_like_new",
     "directory_digest",
     "end_attempt",
+    "fail_attempt",
     "file_digests",
     "is_disk_full",
     "read_table",
@@ -72,6 +74,10 @@ _NA_TEXT = frozenset({"", "NaN", "nan"})
 
 class TableError(ValueError):
     """A pipeline table that cannot be written or read as its contract says."""
+
+
+class RepeatedFailureError(RuntimeError):
+    """A retried job not run again: its last attempt failed with an error a retry repeats."""
 
 
 class DiskFullError(OSError):
@@ -176,7 +182,11 @@ def attempt_marker(path: str | os.PathLike) -> Path:
     return final.with_name(f".{final.name}.attempt")
 
 
-def begin_attempt(path: str | os.PathLike) -> None:
+#: The line of an attempt mark that records an error a retry repeats (:func:`fail_attempt`).
+_REPEATS = "fails again on retry: "
+
+
+def begin_attempt(path: str | os.PathLike, attempt: int = 1) -> None:
     """Mark that a job is making ``path``; :func:`end_attempt` removes the mark once it is made,
     so a job that fails or is killed leaves it.
 
@@ -184,8 +194,24 @@ def begin_attempt(path: str | os.PathLike) -> None:
     after one whose every re-extraction failed said "Nothing to be done" and kept what the
     earlier file made; the mark next to a missing ``path`` tells the workflow
     (:func:`unfinished_outputs`).
+
+    ``attempt`` is Snakemake's (2 and up: the profile's ``retries`` resubmitted the job). When
+    the attempt before it failed with an error a retry repeats (:func:`fail_attempt`), this one
+    raises :class:`RepeatedFailureError` at once, naming that error, instead of loading a model
+    for hours to fail the same way. A new run of Snakemake starts again from attempt 1.
     """
     marker = attempt_marker(path)
+    if attempt > 1 and marker.is_file():
+        with contextlib.suppress(OSError, UnicodeDecodeError):
+            lines = marker.read_text(encoding="utf-8").splitlines()
+            failed = [line.removeprefix(_REPEATS) for line in lines if line.startswith(_REPEATS)]
+            if failed:
+                raise RepeatedFailureError(
+                    f"{path}: attempt {attempt} not run: the attempt before it failed with an "
+                    "error that a retry repeats (more memory, more time and another node change "
+                    f"nothing): {failed[-1].rstrip('.')}. Fix that and run Snakemake again (a "
+                    "new run tries again)"
+                )
     try:  # before any work: an output folder nobody can write to fails here, not after hours
         marker.parent.mkdir(parents=True, exist_ok=True)
         marker.write_text(
@@ -197,6 +223,24 @@ def begin_attempt(path: str | os.PathLike) -> None:
         if is_disk_full(err):
             raise _disk_full(err, Path(path), str(marker)) from err
         raise
+
+
+def fail_attempt(path: str | os.PathLike, err: BaseException) -> None:
+    """Record in the mark of :func:`begin_attempt` that the job making ``path`` failed with
+    ``err``, when a retry of the job would fail with it again: the project's own errors about
+    the model, its weights, the stimuli or the config, not those of the file system (an
+    ``OSError``) or of the node (an error whose class sets ``repeats_on_retry = False``)."""
+    repeats = (
+        type(err).__module__.startswith("xmodal")
+        and isinstance(err, ValueError | RuntimeError)
+        and not isinstance(err, OSError | RepeatedFailureError)
+        and getattr(err, "repeats_on_retry", True)
+    )
+    marker = attempt_marker(path)
+    if repeats and marker.is_file():
+        message = " ".join(f"{type(err).__name__}: {err}".split())
+        with contextlib.suppress(OSError), open(marker, "a", encoding="utf-8") as fh:
+            fh.write(f"{_REPEATS}{message}\n")
 
 
 def end_attempt(path: str | os.PathLike) -> None:

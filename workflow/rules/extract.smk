@@ -26,6 +26,9 @@ rule extract:
         mem_mb=extraction_resource("mem_mb"),
         runtime=extraction_resource("runtime"),
         cpus_per_task=extraction_resource("cpus_per_task"),
+        # read by the job: a retry of an attempt that failed with an error a retry repeats
+        # stops before loading the model (scripts/_bootstrap.py, xmodal.io.fail_attempt)
+        attempt=lambda wildcards, attempt: attempt,
     params:
         features=feature_spec,
         drop_duplicates=DROP_DUPLICATES,

@@ -38,6 +38,12 @@ class ExtractionError(RuntimeError):
     """Feature extraction failed for a model (bad model, bad input, non-finite output)."""
 
 
+class DeviceError(ExtractionError):
+    """The node has no usable device for the job; a retry, maybe on another node, may not."""
+
+    repeats_on_retry = False
+
+
 class NonFiniteFeatureError(ExtractionError):
     """A model produced NaN or Inf features; names the model, layers and stimuli."""
 
@@ -71,7 +77,7 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
                 if torch.version.cuda is None
                 else f"built for CUDA {torch.version.cuda}: check the driver and CUDA_VISIBLE_DEVICES"
             )
-            raise ExtractionError(
+            raise DeviceError(
                 f"this job was given GPUs by SLURM ({', '.join(f'{k}={v}' for k, v in gpus.items())})"
                 f", but torch {torch.__version__} ({build}) sees no CUDA device. Install a CUDA "
                 f"build of torch in the job's environment (docs/cluster.md), or set "
@@ -80,7 +86,7 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
         return torch.device("cpu")
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ExtractionError(f"device {device!r} requested but no CUDA device is visible")
+        raise DeviceError(f"device {device!r} requested but no CUDA device is visible")
     return dev
 
 
