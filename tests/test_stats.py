@@ -323,3 +323,60 @@ def test_bootstrap_resamples_are_draws_with_replacement_from_the_whole_set():
     np.testing.assert_array_equal(plan.weights.numpy(), want)
     assert plan.positions.tolist() == sorted(pos.tolist())  # column j: the j-th smallest
     assert (plan.weights.sum(dim=1) == n).all() and (plan.weights[:, -1] > 0).any()
+
+
+def test_neighbour_lists_deepen_when_a_resample_drops_all_listed_neighbours():
+    """A resample that keeps stimulus 0 but drops every stimulus in its first 4k + 8 list
+    entries (by either kernel) needs deeper lists to find its k nearest kept copies; lists
+    never deepened gave 0.3369867 where the copy-level brute force gives 0.3369814 (mutation
+    audit: no other test reached the deepening)."""
+    x, y = pair(0)
+    kk, ll = x @ x.T, y @ y.T
+    off = np.where(np.eye(30, dtype=bool), -np.inf, 0.0)
+    near = set(np.argsort(-(kk + off)[0], kind="stable")[:12])
+    near |= set(np.argsort(-(ll + off)[0], kind="stable")[:12])
+    w = np.ones(30)
+    w[list(near)] = 0
+    w[[i for i in range(1, 30) if i not in near][:4]] = 2
+    got = stats.weighted_cknna(kk, ll, w[None], k=1)
+    assert got[0] == pytest.approx(brute_multiset_cknna(kk, ll, w, 1), abs=1e-10)
+
+
+def test_random_baseline_counts_infinite_draws_as_undefined():
+    """An infinite draw is not finite, like NaN: mean, interval and fraction are NaN and
+    ``n_nonfinite`` counts it (counting NaN only gave mean inf and fraction 2/3)."""
+    out = stats.random_baseline(np.array([0.1, np.inf, 0.3]), 0.2)
+    assert out["n_nonfinite"] == 1
+    assert np.isnan(out["random_mean"]) and np.isnan(out["frac_random_ge_low"])
+    assert np.isnan(out["random_ci_low"]) and np.isnan(out["random_ci_high"])
+
+
+def test_random_baseline_refuses_a_table_of_draws():
+    """The draws must be a 1-D array; a 2-D one is refused, not flattened."""
+    with pytest.raises(ValueError, match="non-empty 1-D array"):
+        stats.random_baseline(np.array([[0.1, 0.2], [0.3, 0.4]]), 0.2)
+    with pytest.raises(ValueError, match="non-empty 1-D array"):
+        stats.random_baseline(np.array([]), 0.2)
+
+
+def test_bootstrap_refuses_sets_of_three_and_zero_resamples():
+    """CKNNA's U-statistic needs n ≥ 4 stimuli (a set of 3 gave NaN draws), and n_boot ≥ 1 is
+    said as such (n_boot 0 failed inside torch.cat)."""
+    x, _ = pair(0, m=40)
+    kk = x @ x.T
+    with pytest.raises(ValueError, match="n ≥ 4 .*got n=3, k=1"):
+        stats.bootstrap_cknna(kk, kk, np.arange(3), 5, np.random.default_rng(0), k=1)
+    assert np.isfinite(
+        stats.bootstrap_cknna(kk, kk, np.arange(4), 5, np.random.default_rng(0), 1)
+    ).all()
+    with pytest.raises(ValueError, match="n_boot must be ≥ 1, got 0"):
+        stats.bootstrap_difference(kk, kk, np.arange(20), np.arange(20, 40), n_boot=0, k=3)
+
+
+def test_percentile_interval_of_no_values_is_nan():
+    """No draws, no interval: (NaN, NaN), as the docstring says (not numpy's error)."""
+    from xmodal.intervals import percentile_interval
+
+    lo, hi = percentile_interval([])
+    assert np.isnan(lo) and np.isnan(hi)
+    assert percentile_interval([1.0, 2.0, 3.0]) == pytest.approx((1.05, 2.95))
