@@ -143,6 +143,7 @@ def test_entropy_of_known_histograms():
         ("", 0),
         ("  Two dogs,   running!  ", 3),
         ("don't stop", 2),
+        ("rock'n'roll", 1),  # any number of inner apostrophes join (two gave 2 words)
         ("l’enfant d’à côté", 3),  # typographic apostrophes join, accented letters count
         ("state-of-the-art 3D model", 6),
         ('"The Scream" by Munch (1893)', 5),
@@ -956,3 +957,110 @@ def test_edge_density_against_the_documented_recipe():
         small = Image.fromarray(board).resize(size, Image.Resampling.BILINEAR)
         got = edge_density(Image.fromarray(board).convert("RGB"))
         assert got == _sobel_density(np.asarray(small)), (h, w)
+
+
+def test_numbers_of_the_documented_forms_are_read():
+    """docs/method.md, ``manifest:<column>``: ``.5`` is a number, and a field of spaces is an
+    empty field (NaN), not text; each of them once made the column be left out with a
+    warning (mutation audit)."""
+    for fields, want in ((["-0.25", ".5", "1e-3"], [-0.25, 0.5, 1e-3]),
+                         (["1", "   ", "2"], [1.0, np.nan, 2.0])):  # fmt: skip
+        found, records = _annotation_logs(_column(fields))
+        assert list(found) == ["col"] and records == []
+        np.testing.assert_array_equal(found["col"], want)
+
+
+def test_a_three_letter_unit_is_a_number_in_another_form():
+    """``12 sec`` (a unit of 3 letters, like ``12 px``) is a measure: the column is left out
+    with the warning, not taken for a category of text at info level."""
+    found, records = _annotation_logs(_column(["12 sec", "3 sec", "40 sec"]))
+    assert found == {}
+    assert [r.levelname for r in records] == ["WARNING"], [r.getMessage() for r in records]
+    assert "holds numbers in a form that is not read" in records[0].getMessage()
+
+
+def test_the_warning_counts_the_filled_fields():
+    """``1 of its 2 filled fields``: an empty field is not counted as filled."""
+    found, records = _annotation_logs(_column(["1", "", "n/a"]))
+    assert found == {}
+    assert (
+        records[0]
+        .getMessage()
+        .startswith(
+            "manifest column 'col': 1 of its 2 filled fields are not finite numbers, "
+            "e.g. [\"s02: 'n/a'\"] (1 in all)"
+        )
+    )
+
+
+def test_image_pixels_are_the_size_as_stored(tmp_path):
+    """image_pixels, aspect ratio and bytes per pixel use the stored size (4200 × 300), not the
+    size after load_rgb's reduction of a side over 4096 px."""
+    path = tmp_path / "wide.png"
+    Image.fromarray(np.zeros((300, 4200, 3), np.uint8)).save(path)
+    man = pd.DataFrame({"stimulus_id": ["w"], "image": ["wide.png"], "caption": ["c"]})
+    t = image_properties(man, tmp_path).set_index("property")["value"]
+    assert t["image_pixels"] == 1_260_000.0
+    assert t["aspect_ratio"] == 14.0
+    assert t["bytes_per_pixel"] == pytest.approx(path.stat().st_size / 1_260_000)
+
+
+def test_dispersion_is_matched_to_properties_by_stimulus_id():
+    """A dispersion table listing the stimuli in another order: ρ is scipy's on the values
+    matched by id (taken by row order, it was −0.04 instead of 0.92)."""
+    rng = np.random.default_rng(3)
+    n = 30
+    ids = [f"s{i}" for i in range(n)]
+    xs = rng.standard_normal(n)
+    ys = xs + 0.5 * rng.standard_normal(n)
+    props = pd.DataFrame({"stimulus_id": ids, "property": "entropy", "model": "", "value": xs})
+    disp = _dispersion(ids, ys, ys).iloc[::-1]
+    corr = property_correlations(props, disp, 0, 0).set_index("summary")
+    want = scipy.stats.spearmanr(xs, ys).statistic
+    assert corr.loc["mean", "spearman_rho"] == pytest.approx(want, abs=1e-12)
+    assert corr.loc["pc1", "spearman_rho"] == pytest.approx(want, abs=1e-12)
+
+
+def test_tables_of_other_stimuli_or_shapes_are_refused():
+    """An image table from another manifest and token counts that are not one per stimulus
+    (shape (n, 1)) are refused with messages that say so."""
+    man = pd.DataFrame({"stimulus_id": ["a", "b"], "image": "x", "caption": ["one", "two"]})
+
+    def images(ids):
+        rows = [(s, p, "", 1.0) for s in ids for p in IMAGE_PROPERTIES]
+        return pd.DataFrame(rows, columns=["stimulus_id", "property", "model", "value"])
+
+    with pytest.raises(ValueError, match=r"list different stimuli; rerun .*rule image_properties"):
+        stimulus_properties(man, images(["a", "z"]), {})
+    with pytest.raises(ValueError, match="^lm: 2 token counts for 2 stimuli$"):
+        stimulus_properties(man, images(["a", "b"]), {"lm": np.array([[3], [4]])})
+
+
+def test_only_token_counts_are_said_to_need_re_extraction():
+    """An image property that is NaN for every stimulus (model "") is not a feature file without
+    token counts: only a model's rows get that reason."""
+    ids = [f"s{i}" for i in range(12)]
+    nan = np.full(12, np.nan)
+    props = pd.concat(
+        [
+            pd.DataFrame({"stimulus_id": ids, "property": "entropy", "model": "", "value": nan}),
+            pd.DataFrame(
+                {"stimulus_id": ids, "property": "caption_tokens", "model": "lm", "value": nan}
+            ),
+        ]
+    )
+    disp = _dispersion(ids, np.arange(12.0), np.arange(12.0))
+    corr = property_correlations(props, disp, 0, 0).set_index(["property", "summary"])
+    assert "re-extract" not in corr.loc[("entropy", "mean"), "reason"]
+    assert "re-extract" in corr.loc[("caption_tokens", "mean"), "reason"]
+
+
+def test_grey_of_a_ycbcr_image_is_the_grey_of_its_rgb():
+    """The grey image is Pillow's L of the RGB image (docs/method.md, ``edge_density``); a
+    YCbCr image's own L (its Y channel) differs by a grey level."""
+    rng = np.random.default_rng(0)
+    ycc = Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).convert("YCbCr")
+    grey = np.asarray(ycc.convert("RGB").convert("L"))
+    p = np.bincount(grey.reshape(-1), minlength=256) / grey.size
+    p = p[p > 0]
+    assert grey_entropy(ycc) == pytest.approx(-(p * np.log2(p)).sum(), abs=1e-12)
