@@ -164,3 +164,17 @@ def test_no_duplicates_is_an_empty_table(tmp_path, caplog):
     assert dups.empty and list(dups.columns) == ["kind", "group", "stimulus_id"]
     assert caplog.text == ""
     pd.testing.assert_frame_equal(drop_duplicates(df, dups), df)
+
+
+def test_the_kept_stimuli_are_numbered_from_0():
+    """The manifest left after dropping duplicates has the index 0..n−1 of a manifest as read,
+    not the dropped rows' gaps."""
+    df = pd.DataFrame(
+        {"stimulus_id": ["a", "b", "c"], "image": "x.png", "caption": ["p", "p", "q"]}
+    )
+    dups = pd.DataFrame(
+        {"kind": ["caption", "caption"], "group": [0, 0], "stimulus_id": ["a", "b"]}
+    )
+    kept = drop_duplicates(df, dups, kinds=["caption"])
+    assert kept["stimulus_id"].tolist() == ["a", "c"]
+    assert kept.index.tolist() == [0, 1]

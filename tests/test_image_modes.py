@@ -593,3 +593,16 @@ def test_a_truncated_multipage_file_is_refused_naming_the_stimulus(tmp_path):
     (tmp_path / "cut.tif").write_bytes(buf.getvalue()[: len(buf.getvalue()) * 3 // 10])
     with pytest.raises(StimulusError, match=r"'pages'.*cannot decode image .*cut\.tif \(\w+Error"):
         load_rgb(tmp_path / "cut.tif", "pages")
+
+
+@pytest.mark.parametrize(("top", "dark"), [(15 << 8 | 255, True), (16 << 8, False), (65535, False)])
+def test_16bit_rgb_is_dark_only_within_12_bits(tmp_path, caplog, top, dark):
+    """A 16-bit RGB PNG that Pillow reduces (v >> 8) is warned dark when it uses at most 12 of
+    its 16 bits (max below 4096: at most 15 after the shift), and not from 4096 up."""
+    a = RNG.integers(0, 256, (4, 4, 3)).astype(np.uint16)
+    a[0, 0, 0] = top
+    (tmp_path / "c.png").write_bytes(_png16(a, 2))
+    with caplog.at_level("WARNING", logger="xmodal.stimuli"):
+        got = _rgb(tmp_path / "c.png", "c")
+    np.testing.assert_array_equal(got, (a >> 8).astype(np.uint8))
+    assert ("uses at most 12 of its 16 bits" in caplog.text) is dark

@@ -13,6 +13,7 @@ import time
 import unicodedata
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -929,3 +930,101 @@ def test_a_digest_is_of_the_file_the_extraction_reads_through_a_linked_folder(tm
     (digest,) = image_file_digests(["link/../d.jpg"], root)
     assert digest == hashlib.sha256(b"the image the extraction reads").hexdigest()
     assert (root / "link/../d.jpg").read_bytes() == b"the image the extraction reads"
+
+
+def test_short_keeps_a_text_of_exactly_n_characters():
+    """Texts in messages are cut to n characters, the last one "…"; n characters fit."""
+    assert xstim._short("a" * 40) == "a" * 40
+    assert xstim._short("a" * 41) == "a" * 39 + "…"
+
+
+def test_a_caption_of_one_double_quote_is_not_wrapped_in_quotes(tmp_path, caplog):
+    """A lone ``"`` opens and closes nothing: no quote-wrapped warning."""
+    df, warned = _read_warnings(tmp_path, caplog, 's1\ta.png\t"\n')
+    assert df["caption"].tolist() == ['"'] and warned == ""
+
+
+def test_a_quote_wrapped_caption_with_a_lone_inner_quote_is_not_csv_quoted(tmp_path, caplog):
+    """``"a ""b"" c" d"`` holds doubled quotes and a lone one: no CSV writer writes that, so it
+    is read as written (with the quote-wrapped warning), not refused as CSV-quoted."""
+    df, warned = _read_warnings(tmp_path, caplog, 's1\ta.png\t"a ""b"" c" d"\n')
+    assert df["caption"].tolist() == ['"a ""b"" c" d"']
+    assert "wrapped in double quotes" in warned
+
+
+def test_numpy_numbers_in_an_object_column_are_written_with_str(tmp_path):
+    """Numbers are written with ``str`` (docstring): 1.5, not repr's ``np.float64(1.5)``."""
+    df = pd.DataFrame({"stimulus_id": ["s1"], "image": ["x.png"], "caption": ["cap"],
+                       "score": pd.Series([np.float64(1.5)], dtype=object)})  # fmt: skip
+    path = write_manifest(df, tmp_path / "m.tsv")
+    assert path.read_text().splitlines()[1] == "s1\tx.png\tcap\t1.5"
+
+
+def test_a_jpeg_over_max_side_is_drafted_to_the_ceiling_factor(tmp_path):
+    """A 5000 × 64 JPEG: factor ⌈5000/4096⌉ = 2, decoded by Pillow's draft at (2500, 32) (a
+    floor factor drafted nothing and resized; a halved request decoded at 1250 × 16);
+    scan_images' width and height are the stored 5000 × 64."""
+    rng = np.random.default_rng(0)
+    path = tmp_path / "wide.jpg"
+    Image.fromarray(rng.integers(0, 256, (64, 5000, 3), dtype=np.uint8)).save(path, quality=90)
+    with Image.open(path) as im:
+        im.draft("RGB", (2500, 32))
+        want = np.asarray(im.convert("RGB"))
+    assert want.shape == (32, 2500, 3)
+    got = np.asarray(xstim.load_rgb(path, "w", log_conversions=False))
+    np.testing.assert_array_equal(got, want)
+    man = pd.DataFrame({"stimulus_id": ["w"], "image": ["wide.jpg"], "caption": ["c"]})
+    t = xstim.scan_images(man, tmp_path)
+    assert t[["width", "height"]].values.tolist() == [[5000, 64]]
+
+
+def _exif_jpeg(path: Path, orientation: int) -> None:
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.new("RGB", (8, 8), (90, 120, 30)).save(path, exif=exif.tobytes())
+
+
+def test_exif_orientation_outside_1_to_8_or_the_default_is_no_rotation(tmp_path, caplog):
+    """Orientation 9 is no valid tag (read as 0, not a KeyError in the name lookup) and 1 is
+    the default: neither is warned about as a non-default orientation; 6 is."""
+    for name, value in (("o9", 9), ("o1", 1), ("o6", 6)):
+        _exif_jpeg(tmp_path / f"{name}.jpg", value)
+    man = pd.DataFrame({"stimulus_id": ["o9", "o1", "o6"], "image": ["o9.jpg", "o1.jpg", "o6.jpg"],
+                        "caption": ["c", "c", "c"]})  # fmt: skip
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="xmodal.stimuli"):
+        t = xstim.scan_images(man, tmp_path)
+    assert t["exif_orientation"].tolist() == [0, 1, 6]
+    assert "1 stimuli carry a non-default EXIF orientation ['o6'] (1 in all)" in caplog.text
+
+
+def test_ids_that_differ_only_in_unicode_form_are_both_named(tmp_path, caplog):
+    """'café' composed and decomposed: the warning names both lines and both ids."""
+    _, warned = _read_warnings(tmp_path, caplog, "caf\u00e9\ta.png\tone\ncafe\u0301\ta.png\ttwo\n")
+    assert "stimulus ids on lines [2, 3] differ only in Unicode form" in warned
+    assert "'caf\\xe9', 'cafe\\u0301'" in warned
+
+
+def test_a_line_of_tabs_is_not_an_empty_line(tmp_path):
+    """Only lines of spaces are empty (docs/contracts.md); a last line of tabs is a row whose
+    id is empty, refused naming its line."""
+    with pytest.raises(StimulusError, match=r"empty stimulus_id on line\(s\) \[3\]"):
+        read_manifest(_manifest(tmp_path, "s1\ta.png\tone\n\t\t\n"))
+    assert len(read_manifest(_manifest(tmp_path, "s1\ta.png\tone\n   \n"))) == 1
+
+
+def test_a_bad_byte_in_the_header_names_no_stimulus(tmp_path):
+    """Line 1 is the header: its UTF-8 error names no '(stimulus ...)'."""
+    path = tmp_path / "stimuli.tsv"
+    path.write_bytes("stimulus_id\timage\tcapti\u00f3n\n".encode("latin1") + b"a\ta.png\tone\n")
+    with pytest.raises(StimulusError, match=r"line 1 is not valid UTF-8 \(byte 0xf3") as err:
+        read_manifest(path)
+    assert "(stimulus" not in str(err.value)
+
+
+def test_alpha_254_is_not_fully_opaque():
+    """The note counts pixels with alpha below 255: half of them here."""
+    a = np.zeros((2, 2, 4), np.uint8)
+    a[..., 3] = [[255, 254], [255, 254]]
+    _, what = xstim.convert_to_rgb(Image.fromarray(a, "RGBA"))
+    assert "50.0% of pixels not fully opaque" in what
