@@ -198,3 +198,78 @@ def test_the_warning_for_a_used_layer_names_only_the_stimuli_it_has(tmp_path, ca
     assert "is collapsed" in tight_msg and "0 of 8 stimuli's kNN sets" in tight_msg
     assert "()" not in tight_msg and "rounding;" in tight_msg
     assert "8 of 8" in tied_msg and "(s0, s1, s2" in tied_msg
+
+
+@pytest.mark.parametrize(("spread", "collapsed"), [(0.07, False), (0.02, True)])
+def test_collapsed_from_a_mean_cosine_of_0_999(spread, collapsed):
+    """docs/method.md: collapsed = mean cosine ≥ 0.999 (or half the rows unresolved). Layers at
+    0.9952 and 0.9996 with no unresolved row fall on either side of 0.999 (a threshold of 0.99
+    called the first collapsed)."""
+    rng = np.random.default_rng(1)
+    x = 1.0 + spread * rng.standard_normal((30, 40))
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    got = dg.diagnose(x, k=3, tau=1e-12)
+    cos_mean = brute(x, 3, 1e-12)["cos_mean"]
+    assert got.cos_mean == pytest.approx(cos_mean, abs=1e-12)
+    assert bool(cos_mean >= 0.999) == collapsed and 0.995 < cos_mean < 0.9997
+    assert got.n_unresolved == 0
+    assert bool(got.collapsed) == collapsed and bool(got.warn) == collapsed
+
+
+@pytest.mark.parametrize(("seed", "n_unresolved"), [(2, 3), (0, 4)])
+def test_warn_above_5_percent_unresolved(seed, n_unresolved):
+    """docs/method.md: warn = more than 5 % of the rows unresolved. Three copies of one row
+    (k = 1) leave 3 of 60 rows unresolved (5 %: no warning) or 4 of 60 (6.7 %: a warning; a
+    threshold of 10 % gave none)."""
+    rng = np.random.default_rng(seed)
+    x = unit_rows(rng.standard_normal((60, 30)))
+    x[[1, 2]] = x[0]
+    got = dg.diagnose(x, k=1, tau=1e-6)
+    assert got.unresolved.tolist() == brute(x, 1, 1e-6)["unresolved"]
+    assert got.n_unresolved == n_unresolved and not got.collapsed
+    assert bool(got.warn) == (n_unresolved / 60 > 0.05)
+
+
+def test_the_table_names_the_first_10_unresolved_stimuli():
+    """docs/method.md: unresolved_ids are the first 10 unresolved stimuli (all 30 rows of a
+    collapsed layer are)."""
+    rng = np.random.default_rng(2)
+    x = unit_rows(rng.standard_normal(64) + 1e-7 * rng.standard_normal((30, 64)))
+    diag = dg.diagnose(x, k=3)
+    assert diag.n_unresolved > 10
+    ids = [f"s{i:02d}" for i in range(30)]
+    table = dg.diagnostics_table([("clip", 3, "blocks.3", diag)], ids)
+    assert json.loads(table.loc[0, "unresolved_ids"]) == diag.unresolved_ids(ids)[:10]
+    assert len(json.loads(table.loc[0, "unresolved_ids"])) == 10
+
+
+def test_participation_ratio_centres_features_wider_than_the_set():
+    """d = 50 > m = 20 with a shared mean direction: (Σλ)²/Σλ² of the covariance, 12.96 (without
+    centring, 1.28); the property test reaches d > m only when it draws d = 70."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((20, 50)) + 3 * rng.standard_normal(50)
+    x = unit_rows(x)
+    lam = np.linalg.eigvalsh(np.cov(x.astype(np.float64), rowvar=False, bias=True))
+    want = lam.sum() ** 2 / (lam**2).sum()
+    assert dg.participation_ratio(x) == pytest.approx(want, rel=1e-6)
+    assert dg.diagnose(x, k=3).eff_dim == pytest.approx(want, rel=1e-6)
+
+
+@pytest.mark.parametrize("dense", [True, False])
+def test_a_layer_search_structure_of_another_k_is_refused_or_ignored(dense):
+    """A kNN structure built with k = 5 handed to diagnose(k = 2): the dense one (its kernel
+    kept) is refused naming both; the blocked one is not used, and the unresolved rows are
+    those of k = 2 (brute force), not of k = 5."""
+    rng = np.random.default_rng(7)
+    x = mt.prepare_layer(rng.standard_normal((120, 24)).astype(np.float32), 1e9)
+    x[5] = x[6]
+    x[9] = x[6]
+    side = mt.KernelKNN.from_features(x, 5, dense=dense)
+    tau = mt.kernel_resolution(24, x.dtype)
+    want = brute(x, 2, tau)["unresolved"]
+    assert want != brute(x, 5, tau)["unresolved"]
+    if dense:
+        with pytest.raises(ValueError, match=r"has k=5, .*asked for k=2"):
+            dg.diagnose(x, k=2, side=side)
+    else:
+        assert dg.diagnose(x, k=2, side=side).unresolved.tolist() == want
