@@ -248,3 +248,78 @@ def test_each_summarys_drop_sets_and_the_random_draws_follow_their_definitions()
     rng = np.random.default_rng(5)
     for draw in range(2):
         assert members("random", "none", draw) == sorted(rng.choice(m, 3, replace=False).tolist())
+
+
+def test_set_guards_at_their_bounds():
+    """set_size may be m (not m + 1, not 2.5); n_random may be 0 (not −1); drop_fraction must be
+    inside (0, 1), and must remove at least one stimulus."""
+    assert sel.low_set(np.arange(4.0), 4).tolist() == [0, 1, 2, 3]
+    assert sel.high_set(np.arange(4.0), 4).tolist() == [0, 1, 2, 3]
+    with pytest.raises(ValueError, match=r"set_size must be an integer in \[1, m=6\], got 2.5"):
+        sel.low_set(np.arange(6.0), 2.5)
+    assert sel.random_sets(10, 3, 0, 0).shape == (0, 3)
+    with pytest.raises(ValueError, match="n_random must be ≥ 0, got -1"):
+        sel.random_sets(10, 3, -1, 0)
+    with pytest.raises(ValueError, match="0 < drop_fraction < 1, got 0"):
+        sel.drop_set_size(40, 0)
+    with pytest.raises(ValueError, match="removes 0 of 20 stimuli; need 0 < n < m"):
+        sel.drop_fraction_sets(np.arange(20.0), 0.01)
+
+
+def test_no_random_baseline_is_a_valid_config():
+    """analysis.n_random: 0 turns the random baseline off (0 draws), not a config error."""
+    assert sel.config_draws({"analysis": {"n_random": 0}})["random"] == 0
+
+
+def test_scores_of_another_length_than_the_ids_are_refused():
+    with pytest.raises(ValueError, match="^4 stimulus ids but 4 mean and 5 pc1 scores$"):
+        sel.make_sets(["a", "b", "c", "d"], np.arange(4.0), np.array([0, 1, 2, 3, -1.0]), 1, 0)
+
+
+def test_a_set_listing_a_stimulus_twice_is_refused():
+    t = pd.DataFrame(
+        {"set": ["low"] * 3, "summary": "mean", "draw": 0, "stimulus_id": ["a", "b", "a"]}
+    )
+    with pytest.raises(
+        ValueError, match=r"set \('low', 'mean', 0\) lists a stimulus more than once"
+    ):
+        sel.sets_to_indices(t, ["a", "b", "c"])
+
+
+def test_a_leave_one_model_out_table_with_a_stimulus_twice_is_refused():
+    """Six ids and seven rows for one held-out model (s0 twice): refused naming the model, not
+    an IndexError."""
+    ids = [f"s{i}" for i in range(6)]
+    loo = pd.DataFrame({"held_out": "vitA", "stimulus_id": ids + ["s0"],
+                        "partial_dispersion": np.arange(7.0), "partial_pc1": np.arange(7.0)})  # fmt: skip
+    with pytest.raises(ValueError, match="the partial dispersion without 'vitA' covers"):
+        sel.others_sets(ids, loo, 2)
+
+
+def test_an_edited_set_is_the_one_off_the_most_common_size():
+    """Three sets of 4 and one of 5 (an added row): the set named is the one of 5, measured
+    against the most common size (4), not the largest."""
+    rows = [("low", "mean", 0, f"a{i}") for i in range(4)]
+    rows += [("high", "mean", 0, f"b{i}") for i in range(5)]
+    rows += [("low", "pc1", 0, f"c{i}") for i in range(4)] + [
+        ("high", "pc1", 0, f"d{i}") for i in range(4)
+    ]
+    t = pd.DataFrame(rows, columns=["set", "summary", "draw", "stimulus_id"])
+    with pytest.raises(
+        ValueError,
+        match=r"set 'high' \(mean\) holds 5 stimuli where the table's other sets of its kind hold 4",
+    ):
+        sel.check_set_sizes(t, "sets.tsv")
+
+
+def test_heldout_sets_need_max_4_2k_stimuli_in_half_b():
+    """Sets inside half B of 10 × 20/40 = 5 stimuli are fewer than max(4, 2 × 3) = 6: refused
+    (5 = 6 − 1 was accepted); 6 are enough."""
+    m = 40
+    ids = [f"s{i}" for i in range(m)]
+    with pytest.raises(
+        ValueError, match=r"would hold 5 stimuli .* fewer than max\(4, 2 × knn_k\) = 6"
+    ):
+        sel.heldout_sets(ids, np.arange(m * 1.0), np.arange(m * 1.0), 10, 0, 1, knn_k=3)
+    t = sel.heldout_sets(ids, np.arange(m * 1.0), np.arange(m * 1.0), 12, 0, 1, knn_k=3)
+    assert len(t) > 0
