@@ -28,6 +28,7 @@ from xmodal.language_dispersion import (
     chosen_llm_layer,
     correlation_table,
     joint_sets,
+    language_layers,
     relative_depth_layer,
 )
 from xmodal.metrics import cknna, prepare_layer, threshold_from_quantiles
@@ -421,3 +422,59 @@ def test_joint_conditions_equal_cknna_on_each_set(tmp_path):
         assert r.value == pytest.approx(cknna(x, y, k), abs=2e-6)
         rand = cond[(cond["vision"] == r.vision) & (cond["condition"] == "random")]["value"]
         assert r.random_mean == pytest.approx(rand.mean()) and r.n_random == 4
+
+
+def test_joint_random_sets_are_random_sets_of_the_seed():
+    """The size-matched random sets are ``random_sets(m, n, n_random, seed)``: row r is the r-th
+    ``default_rng(seed).choice(m, n, replace=False)`` (written out here), in the order of the
+    vision table."""
+    rng = np.random.default_rng(0)
+    m = 40
+    ids = [f"s{i}" for i in range(m)]
+    v = _disp(ids, rng.standard_normal(m), rng.standard_normal(m))
+    lang = _disp(ids, rng.standard_normal(m), rng.standard_normal(m))
+    t = joint_sets(v, lang, 8, 2, 2, 3)
+    n = int(((t.set == "vlow_llow") & (t.summary == "mean")).sum())
+    gen = np.random.default_rng(3)
+    for draw in range(2):
+        want = [ids[j] for j in gen.choice(m, n, replace=False)]
+        assert t[(t.set == "random") & (t.draw == draw)].stimulus_id.tolist() == want
+
+
+def test_a_chosen_layer_past_the_last_is_refused_naming_the_file(tmp_path):
+    """A layer search that chose layer 3 of an LLM whose feature file has 3 layers (0–2) is
+    older than the file: refused with that message, not an IndexError."""
+    path = tmp_path / "l.tsv"
+    write_table(_layers_table("lm", {"v1": 3}), path)
+    with pytest.raises(
+        ValueError, match=r"chosen layer 3 of 'lm' is not among its 3 layers.*rerun"
+    ):
+        language_layers(["lm"], {"lm": ["a", "b", "c"]}, "chosen", {"lm": path})
+    got = language_layers(["lm"], {"lm": ["a", "b", "c", "d"]}, "chosen", {"lm": path})
+    assert got["llm_layer"].tolist() == [3] and got["layer_name"].tolist() == ["d"]
+
+
+def test_relative_depth_of_no_layers_is_refused():
+    with pytest.raises(ValueError, match="n_layers must be ≥ 1, got 0"):
+        relative_depth_layer(0.9, 0)
+    assert relative_depth_layer(0.9, 1) == 0
+
+
+def test_n_vision_counts_the_vision_models_that_voted_for_this_llm():
+    """A layers table holding another LLM's search with a third vision model: n_vision is the
+    2 vision models that chose a layer of this LLM."""
+    table = pd.concat([_layers_table("lm", {"v0": 1, "v1": 2}), _layers_table("other", {"v9": 0})])
+    assert chosen_llm_layer(table, "lm") == (1, 1, 2)
+
+
+def test_small_cells_of_a_quarter_are_not_called_strongly_related():
+    """Cells of 14, 6, 6, 14 of 40: the smallest (6) is not below m/8 = 5, so the reason given is
+    the cells' size (a quarter of m), not a strong relation of the dispersions."""
+    m = 40
+    ids = [f"s{i}" for i in range(m)]
+    x = np.arange(m, dtype=float)
+    order = list(range(14)) + list(range(20, 26)) + list(range(14, 20)) + list(range(26, 40))
+    y = np.empty(m)
+    y[order] = np.arange(m)
+    with pytest.raises(ConfigError, match=r"has 6 of 40: cells of a quarter of 40 stimuli\)"):
+        joint_sets(_disp(ids, x, x), _disp(ids, y, y), 20, 0, 4, 0)
