@@ -471,3 +471,36 @@ def test_a_dispersion_table_next_to_its_gpa_summary_is_checked_against_it(tmp_pa
     crlf = out[1].read_bytes().replace(b"\n", b"\r\n")  # through git's autocrlf: same numbers
     out[1].write_bytes(crlf)
     pd.testing.assert_frame_equal(read_dispersion_table(out[1]), table)
+
+
+def test_pc1_orientation_bound_is_on_the_absolute_correlation_and_needs_3_stimuli():
+    """Oriented when |r| ≥ 2/√m: a PC1 score falling with the mean (r = −1) is oriented; with
+    fewer than 3 stimuli r is NaN and not oriented (docstring)."""
+    frame = pd.DataFrame(
+        {"pc1_score": [3.0, 2.0, 1.0, 0.0], "mean_dispersion": [0.0, 2.0, 4.0, 6.0]}
+    )
+    r, oriented = pc1_orientation(frame)
+    assert r == pytest.approx(-1.0) and oriented
+    r, oriented = pc1_orientation(
+        pd.DataFrame({"pc1_score": [0.0, 1.0], "mean_dispersion": [0.0, 2.0]})
+    )
+    assert np.isnan(r) and not oriented
+
+
+def test_dispersion_of_one_stimulus_or_two_models_is_refused():
+    """dispersion_table needs m ≥ 2 stimuli; leave-one-model-out needs at least 3 models (GPA of
+    the 2 left needs 2), said as such."""
+    with pytest.raises(ValueError, match=r"m×M matrix \(m ≥ 2\), got shape \(1, 2\)"):
+        dispersion_table(["a"], np.array([[0.1, 0.2]]))
+    rng = np.random.default_rng(0)
+    with pytest.raises(ValueError, match="leave-one-model-out needs at least 3 models, got 2"):
+        leave_one_model_out([rng.standard_normal((10, 4)) for _ in range(2)], n_jobs=1)
+
+
+def test_leave_one_model_out_fits_are_in_the_order_given():
+    """Models given as c, a, b: the fits, like the tables' rows, follow that order."""
+    rng = np.random.default_rng(0)
+    reps = [rng.standard_normal((10, 4)) for _ in range(3)]
+    res = leave_one_model_out(reps, names=["c", "a", "b"], n_jobs=1)
+    assert list(res.fits) == ["c", "a", "b"]
+    assert res.models["held_out"].tolist() == ["c", "a", "b"]
