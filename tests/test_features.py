@@ -718,6 +718,28 @@ def test_made_with_reads_how_the_model_was_loaded(tmp_path):
     assert made_with(tmp_path / "junk.h5") is None
 
 
+def test_extraction_record_reads_the_settings_that_made_the_features(tmp_path):
+    """What the check of feature files without Snakemake records compares with the config
+    (xmodal.registry.ModelEntry.differs_from): the token limit from the preprocessing record,
+    the dtype and device, the feature version (1 where a file records none)."""
+    from xmodal.features import extraction_record
+
+    x, ids, names = _data()
+    tokenizer = {"max_length": 64, "max_length_source": "max_tokens"}
+    attrs = {**ATTRS, "revision": "abc123", "compute_dtype": "bfloat16", "device": "cuda:0",
+             "features_version": 2, "preprocessing": {"tokenizer": tokenizer}}  # fmt: skip
+    path = write_features(tmp_path / "f.h5", x, ids, names, attrs)
+    assert extraction_record(path) == {
+        "model_id": "org/tiny", "revision": "abc123", "requested_revision": "",
+        "compute_dtype": "bfloat16", "device": "cuda:0", "features_version": 2,
+        "max_length": 64, "max_length_source": "max_tokens",
+    }  # fmt: skip
+    bare = extraction_record(write_features(tmp_path / "g.h5", x, ids, names, ATTRS))
+    assert bare is not None and bare["features_version"] == 1
+    assert (bare["max_length"], bare["max_length_source"], bare["compute_dtype"]) == (None, "", "")
+    assert extraction_record(tmp_path / "missing.h5") is None
+
+
 def _supplied(tmp_path, x, ids, name="user.h5", n_tokens=None):
     """A user's feature file (a language model's) as h5py writes it, not write_features."""
     path = tmp_path / name

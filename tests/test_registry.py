@@ -521,3 +521,59 @@ def test_supplied_features_of_a_model_too_big_for_the_gpus_are_accepted(tmp_path
         Registry.from_config(cfg)
     cfg["models"]["llama-13b"] = {**big, "features": str(tmp_path / "llama-13b.h5")}
     assert Registry.from_config(cfg)["llama-13b"].source == "supplied"
+
+
+def test_a_feature_file_extracted_otherwise_than_the_config_is_named_with_its_key() -> None:
+    """A feature file without a Snakemake record (copied in, or .snakemake/ deleted) is never
+    extracted again, whatever the config says; its own attributes (extraction_record) tell
+    whether this config would have made it. Each difference names the config key, its value
+    and the file's; the spellings that mean the same thing are no difference."""
+    cfg = paper()
+    lm = Registry.from_config(cfg)["llama-65b"]
+    vit = Registry.from_config(cfg)[next(k for k, m in cfg["models"].items()
+                                         if m["modality"] == "vision")]  # fmt: skip
+    sha = "8db7eda" + "0" * 33
+    made = {"model_id": lm.id, "revision": sha, "requested_revision": "",
+            "compute_dtype": "bfloat16", "device": "cuda:0", "features_version": 1,
+            "max_length": 2048, "max_length_source": "model context"}  # fmt: skip
+    assert lm.differs_from(made) == []
+    assert lm.differs_from({**made, "compute_dtype": "float32", "device": "cpu"}) == []
+    assert lm.differs_from({**made, "compute_dtype": ""}) == []  # a file that records none
+    assert lm.differs_from({**made, "compute_dtype": "float32"}) == [
+        "extraction.dtype 'auto': bfloat16 (the file: float32)"
+    ]
+    assert lm.differs_from({**made, "model_id": "huggyllama/llama-30b"}) == [
+        "models.llama-65b.id 'huggyllama/llama-65b' (the file: 'huggyllama/llama-30b')"
+    ]
+    assert lm.differs_from({**made, "requested_revision": "v1.0"}) == [
+        "models.llama-65b.revision None (the file: 'v1.0')"
+    ]
+    assert lm.differs_from({**made, "max_length": 64, "max_length_source": "max_tokens"}) == [
+        "extraction.max_tokens None (the file: 64 tokens, max_tokens)"
+    ]
+    assert lm.differs_from({**made, "features_version": 0}) == [
+        "features_version 1 of this pipeline (the file: 0)"
+    ]
+    for spelling in ("bf16", "bfloat16"):
+        assert Registry.from_config(paper(dtype=spelling))["llama-65b"].differs_from(made) == []
+    assert Registry.from_config(paper(dtype="fp32"))["llama-65b"].differs_from(made) == [
+        "extraction.dtype 'fp32': float32 (the file: bfloat16)"
+    ]
+    # a token limit: as asked, or the model's shorter context; not a longer one or the default
+    for length, source, same in ((64, "max_tokens", True), (32, "model context", True),
+                                 (64, "model context", False), (128, "max_tokens", False),
+                                 (512, "default bound", False)):  # fmt: skip
+        limited = Registry.from_config(paper(max_tokens=64))["llama-65b"]
+        got = {**made, "max_length": length, "max_length_source": source}
+        assert (limited.differs_from(got) == []) is same, (length, source)
+    pinned = copy.deepcopy(cfg)
+    pinned["models"]["llama-65b"]["revision"] = sha  # the commit the file came from
+    assert Registry.from_config(pinned)["llama-65b"].differs_from(made) == []
+    # vision: float32 whatever the device, no token limit
+    seen = {"model_id": vit.id, "revision": sha, "requested_revision": "",
+            "compute_dtype": "float32", "device": "cuda", "features_version": 1,
+            "max_length": None, "max_length_source": ""}  # fmt: skip
+    assert vit.differs_from(seen) == []
+    assert vit.differs_from({**seen, "compute_dtype": "bfloat16"}) == [
+        "extraction.dtype 'auto': float32 (the file: bfloat16)"
+    ]

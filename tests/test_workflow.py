@@ -498,6 +498,27 @@ def test_results_without_snakemakes_records_are_not_kept_for_a_changed_setting(
         forced = snakemake(workflow_dir, "-n", "--configfile", changed, "--cores", "1",
                            "--forcerun", *first)  # fmt: skip
         assert "holds no record" not in forced.stdout + forced.stderr
+        # features extracted otherwise than the config says (their own attributes tell): a stop
+        # naming each file and setting, unless this run extracts them again
+        cfg = copy.deepcopy(demo_config)
+        cfg.setdefault("extraction", {})["max_tokens"] = 8
+        tokens = write_config(workflow_dir, cfg, "max_tokens_no_records.yaml")
+        lms = [k for k, m in demo_config["models"].items() if m["modality"] == "language"]
+        proc = snakemake(workflow_dir, "-n", "--configfile", tokens, "--cores", "1", check=False)
+        text = proc.stdout + proc.stderr
+        assert proc.returncode != 0 and "extracted otherwise than this config" in text, text[-3000:]
+        for key in lms:  # 512 tokens (the default bound) or 128 (the model's context)
+            stale = f"results/features/demo/{key}.h5: extraction.max_tokens 8 (the file: "
+            assert stale in text, text[-3000:]
+        assert "tiny-mae.h5" not in text  # vision models read no captions
+        one = f"results/features/demo/{lms[0]}.h5"
+        proc = snakemake(workflow_dir, "-n", "--configfile", tokens, "--cores", "1",
+                         "--forcerun", one, check=False)  # fmt: skip
+        text = proc.stdout + proc.stderr
+        assert proc.returncode != 0 and f"{one}:" not in text and f"{lms[1]}.h5:" in text, text
+        forced = snakemake(workflow_dir, "-n", "--configfile", tokens, "--cores", "1",
+                           "--forcerun", "extract")  # fmt: skip
+        assert "extracted otherwise" not in forced.stdout + forced.stderr
         # a record of results of two configs vouches for none: a stop, not the advice to touch
         record.write_text(json.dumps({**json.loads(kept), "mixed": True}))
         proc = snakemake(workflow_dir, "-n", "--configfile", "config/demo.yaml", "--cores", "1",

@@ -110,6 +110,28 @@ def made_with(path: str | os.PathLike) -> dict[str, str] | None:
     return None if got is None else {k: v or "" for k, v in got.items()}
 
 
+def extraction_record(path: str | os.PathLike) -> dict[str, Any] | None:
+    """What a feature file records of the settings that defined its features: :func:`made_with`'s
+    fields, ``compute_dtype``, ``device``, ``features_version`` (1 where absent) and the
+    captions' token limit (``max_length``, None for a vision model, and its
+    ``max_length_source``); None without a readable file."""
+    names = ("model_id", "revision", "requested_revision", "compute_dtype", "device")
+    got = _stored_texts(path, (*names, "features_version", "preprocessing"))
+    if got is None:
+        return None
+    try:
+        tokenizer = json.loads(got["preprocessing"] or "{}").get("tokenizer") or {}
+        version = int(got["features_version"] or 1)
+    except (ValueError, TypeError, AttributeError):
+        tokenizer, version = {}, 1
+    return {
+        **{k: got[k] or "" for k in names},
+        "features_version": version,
+        "max_length": tokenizer.get("max_length"),
+        "max_length_source": tokenizer.get("max_length_source") or "",
+    }
+
+
 def vision_block_names(n_blocks: int) -> list[str]:
     """A ViT's layer names in a feature file: ``blocks.0`` … ``blocks.{n_blocks-1}``."""
     return [f"blocks.{i}" for i in range(n_blocks)]

@@ -128,6 +128,10 @@ def hub_repo_of(model_id: str, modality: str) -> tuple[str, str | None]:
     return rid, revision
 
 
+#: Other spellings of the compute dtypes (xmodal.extract: ``fp32`` is float32, ...).
+_DTYPE_NAMES = MappingProxyType({"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"})
+
+
 def compute_dtype(modality: str, dtype: str) -> str:
     """The dtype a model computes in for the ``extraction.dtype`` setting: ``auto`` is float32
     for vision models and ``auto`` (bfloat16 on a GPU, float32 on the CPU) for language models,
@@ -262,6 +266,44 @@ class ModelEntry:
         if FEATURES_VERSION[self.modality] > 1:  # absent at 1: features made before it stand
             spec["features_version"] = FEATURES_VERSION[self.modality]
         return spec
+
+    def differs_from(self, made: Mapping[str, Any]) -> list[str]:
+        """Where the extraction a feature file records (``made``:
+        :func:`xmodal.features.extraction_record`) differs from this entry's settings that
+        define features (:meth:`feature_spec`), each as the config key, its value here and the
+        file's; [] when the file is what this config would extract."""
+        key = f"models.{self.key}"
+        out = []
+        if made["model_id"] != self.id:
+            out.append(f"{key}.id {self.id!r} (the file: {made['model_id']!r})")
+        elif self.settled_revision(made) != (made["requested_revision"] or None):
+            asked = made["requested_revision"] or None
+            out.append(f"{key}.revision {self.revision!r} (the file: {asked!r})")
+        want = _DTYPE_NAMES.get(self.dtype.lower(), self.dtype.lower())
+        if want == "auto":  # a language model: decided on the device (compute_dtype)
+            want = "bfloat16" if made["device"].startswith("cuda") else "float32"
+        got = _DTYPE_NAMES.get(made["compute_dtype"].lower(), made["compute_dtype"])
+        if got and got != want:  # (a file that records none is not judged)
+            out.append(f"extraction.dtype {self.site.dtype!r}: {want} (the file: {got})")
+        limit = self.site.max_tokens
+        if self.modality == "language":
+            length, source = made["max_length"], made["max_length_source"]
+            fits = (
+                source != "max_tokens"
+                if limit is None
+                else (source, length) == ("max_tokens", limit)
+                or (source == "model context" and isinstance(length, int) and length < limit)
+            )
+            if not fits:
+                out.append(
+                    f"extraction.max_tokens {limit!r} (the file: {length!r} tokens, {source})"
+                )
+        if made["features_version"] < FEATURES_VERSION[self.modality]:
+            out.append(
+                f"features_version {FEATURES_VERSION[self.modality]} of this pipeline (the "
+                f"file: {made['features_version']})"
+            )
+        return out
 
     def prefetch_spec(self, made: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """What the download of this model depends on (repository and revision, as

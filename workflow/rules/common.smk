@@ -44,6 +44,7 @@ from xmodal.features import (
     check_against_stamp,
     check_against_weights,
     feature_shape,
+    extraction_record,
     made_with,
 )
 from xmodal.figures import (
@@ -687,7 +688,11 @@ def check_results_have_records(args):
     setting by comparing its params with that record, so without one the run says "Nothing to
     be done" and every table keeps the numbers of the earlier settings. Where the run-settings
     record (RUN_SETTINGS) names settings that differ from this config, stop; otherwise warn.
-    A run that forces the analysis's first steps makes them again, and passes."""
+    A run that forces the analysis's first steps makes them again, and passes. A feature file
+    without a record whose own attributes say it was extracted otherwise than this config
+    would extract it (another id, revision, dtype or token limit) stops the run, unless the
+    run makes it again."""
+    check_bare_features_match_the_config(args)
     if args is not None and forces_the_analysis(args):
         return
     # (the provenance table reads the features and the manifest only: no forced step remakes it)
@@ -727,6 +732,31 @@ def check_results_have_records(args):
         f" result as made now, with this config); to make the analysis again, {again}; an"
         " extraction, `--forcerun extract`"
     )
+
+
+def check_bare_features_match_the_config(args):
+    """Stop when a feature file without a Snakemake record (check_results_have_records) says it
+    was extracted with other settings than this config's: no run would extract it again, and
+    the analysis would report the config's settings over its features."""
+    forced = set(args.forcerun or ()) if args is not None else set()
+    if args is not None and (args.forceall or "extract" in forced):
+        return
+    stale = []
+    for key in [*VISION, *LANGUAGE]:
+        path = feature_file(key)
+        if key in SUPPLIED or path in forced or _record_of(path) is not None:
+            continue
+        made = extraction_record(path)  # None: no file (yet)
+        differ = REGISTRY[key].differs_from(made) if made is not None else []
+        stale += [f"{path}: {'; '.join(differ)}"] if differ else []
+    if stale:
+        raise WorkflowError(
+            "feature files without a Snakemake record of the job that made them (.snakemake/"
+            "metadata deleted, or copied in) were extracted otherwise than this config says,"
+            f" and no run would extract them again: {'; '.join(stale)}. Extract them again:"
+            " `snakemake <your options> --forcerun <those files>`, or set the config to what"
+            " they were made with"
+        )
 
 
 def get_final_output():
