@@ -627,6 +627,84 @@ def test_a_retry_after_an_error_a_retry_repeats_stops_before_any_work(tmp_path: 
         fail_attempt(out, err)
         begin_attempt(out, 2)
         assert attempt_marker(out).read_text().startswith("started ")
+    # the project's errors that wrap one that may pass (review): an I/O error of the file
+    # system, memory of the host or the GPU; and an image read error, whose class says so
+    # (a DataLoader worker's error reaches the job without its cause)
+    from xmodal.extract._common import ExtractionError
+    from xmodal.stimuli import ImageReadError
+
+    def wrapped(inner: BaseException, outer: BaseException) -> BaseException:
+        try:
+            try:
+                raise inner
+            except BaseException as err:
+                raise outer from err
+        except BaseException as err:
+            return err
+
+    def load() -> ExtractionError:
+        return ExtractionError("org/m: could not load tokenizer/model from /cache/m")
+
+    for err, repeats in (
+        (wrapped(OSError(5, "Input/output error"), load()), False),
+        (wrapped(OSError(116, "Stale file handle"), load()), False),
+        (wrapped(RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"), load()), False),
+        (wrapped(RuntimeError("DefaultCPUAllocator: not enough memory: you tried"), load()), False),
+        (wrapped(MemoryError(), load()), False),
+        (ImageReadError("stimulus 's3': cannot read image s3.png ([Errno 5] I/O error)"), False),
+        (wrapped(FileNotFoundError(2, "No such file or directory"), load()), True),
+        (wrapped(OSError("org/m does not appear to have a file named config.json"), load()), True),
+        (wrapped(RuntimeError("size mismatch for blocks.0.attn.qkv.weight"), load()), True),
+    ):
+        begin_attempt(out)
+        fail_attempt(out, err)
+        assert ("fails again on retry" in attempt_marker(out).read_text()) is repeats, err
     end_attempt(out)
     fail_attempt(out, StimulusError("after the mark is gone: nothing to record"))
     assert not attempt_marker(out).exists()
+
+
+def test_a_new_run_forgets_what_an_earlier_runs_attempts_failed_with(tmp_path: Path) -> None:
+    """The workflow calls forget_failures at the start of a run (review: a fix made between
+    two runs, then attempt 1 of the new run killed before it wrote its mark, and attempt 2
+    was refused for the error already fixed). The mark itself stays: the output is missing."""
+    from xmodal.extract._common import ExtractionError
+    from xmodal.io import (
+        attempt_marker,
+        begin_attempt,
+        fail_attempt,
+        forget_failures,
+        unfinished_outputs,
+    )
+
+    out, other = tmp_path / "m.h5", tmp_path / "never-made.h5"
+    begin_attempt(out)
+    fail_attempt(out, ExtractionError("llama-65b: weights not in the hub cache"))
+    forget_failures([out, other])
+    assert "fails again" not in attempt_marker(out).read_text()
+    begin_attempt(out, 2)  # runs
+    assert unfinished_outputs([out]) == [out] and not attempt_marker(other).exists()
+
+
+def test_an_image_that_cannot_be_read_for_now_is_an_image_read_error(tmp_path, monkeypatch):
+    """An I/O error while reading an image may pass on retry (ImageReadError); a missing file
+    or one without permission does not (StimulusError)."""
+    import errno
+
+    from xmodal.stimuli import ImageReadError, StimulusError, _read_image_file
+
+    path = tmp_path / "s3.png"
+    path.write_bytes(b"x")
+    for code, kind in ((errno.EIO, ImageReadError), (errno.EACCES, StimulusError)):
+
+        def fail(self, code=code):
+            raise OSError(code, os.strerror(code))
+
+        monkeypatch.setattr(Path, "read_bytes", fail)
+        with pytest.raises(StimulusError, match="stimulus 's3': cannot read image") as info:
+            _read_image_file(path, "s3")
+        assert type(info.value) is kind
+    monkeypatch.undo()
+    with pytest.raises(StimulusError) as info:
+        _read_image_file(tmp_path / "missing.png", "s4")
+    assert type(info.value) is StimulusError

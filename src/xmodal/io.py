@@ -42,8 +42,10 @@ __all__ = [
     "directory_digest",
     "end_attempt",
     "fail_attempt",
+    "forget_failures",
     "file_digests",
     "is_disk_full",
+    "passing_error",
     "read_table",
     "remove_stale_temporaries",
     "scratch_path",
@@ -225,22 +227,64 @@ def begin_attempt(path: str | os.PathLike, attempt: int = 1) -> None:
         raise
 
 
+#: Error numbers of a file, not of the moment: a missing file or folder, no permission, a
+#: read-only file system, a bad name. Other error numbers (an I/O error, a stale NFS handle, a
+#: time-out, no memory, a full disk) may pass on retry.
+_LASTING_ERRNOS = frozenset(
+    {errno.ENOENT, errno.EISDIR, errno.ENOTDIR, errno.EACCES, errno.EPERM, errno.EROFS,
+     errno.ENAMETOOLONG, errno.ELOOP}
+)  # fmt: skip
+
+
+def passing_error(err: BaseException) -> bool:
+    """Whether ``err`` may pass when the job is retried (more memory and time, maybe another
+    node): an ``OSError`` with an error number other than those of the file itself (an I/O
+    error, a stale NFS handle, a full disk), running out of memory (host or GPU), or an error
+    whose class sets ``repeats_on_retry = False`` (no usable GPU on the node)."""
+    if isinstance(err, MemoryError) or not getattr(err, "repeats_on_retry", True):
+        return True
+    if isinstance(err, OSError):
+        return err.errno is not None and err.errno not in _LASTING_ERRNOS
+    text = str(err).lower()
+    return isinstance(err, RuntimeError) and (
+        "out of memory" in text or "not enough memory" in text
+    )
+
+
 def fail_attempt(path: str | os.PathLike, err: BaseException) -> None:
     """Record in the mark of :func:`begin_attempt` that the job making ``path`` failed with
     ``err``, when a retry of the job would fail with it again: the project's own errors about
-    the model, its weights, the stimuli or the config, not those of the file system (an
-    ``OSError``) or of the node (an error whose class sets ``repeats_on_retry = False``)."""
+    the model, its weights, the stimuli or the config, unless it or an error that led to it
+    may pass on retry (:func:`passing_error`: the file system, memory, the node)."""
+    chain, link = [], err
+    while link is not None and link not in chain:  # the errors that led to it, in order
+        chain.append(link)
+        link = link.__cause__ or link.__context__
     repeats = (
         type(err).__module__.startswith("xmodal")
         and isinstance(err, ValueError | RuntimeError)
         and not isinstance(err, OSError | RepeatedFailureError)
-        and getattr(err, "repeats_on_retry", True)
+        and not any(passing_error(e) for e in chain)
     )
     marker = attempt_marker(path)
     if repeats and marker.is_file():
         message = " ".join(f"{type(err).__name__}: {err}".split())
         with contextlib.suppress(OSError), open(marker, "a", encoding="utf-8") as fh:
             fh.write(f"{_REPEATS}{message}\n")
+
+
+def forget_failures(paths: Iterable[str | os.PathLike]) -> None:
+    """Drop :func:`fail_attempt`'s records from the marks of ``paths``: a new run of Snakemake
+    (the workflow calls this at its start) retries its jobs, whatever an earlier run's
+    attempts failed with (the user may have fixed it), even where its own attempt 1 dies
+    before it writes its mark (a node failure)."""
+    for path in paths:
+        marker = attempt_marker(path)
+        with contextlib.suppress(OSError, UnicodeDecodeError):
+            text = marker.read_text(encoding="utf-8")
+            if _REPEATS in text:
+                lines = text.splitlines(keepends=True)
+                marker.write_text("".join(x for x in lines if not x.startswith(_REPEATS)))
 
 
 def end_attempt(path: str | os.PathLike) -> None:

@@ -44,7 +44,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from xmodal.io import atomic_path, file_digests
+from xmodal.io import atomic_path, file_digests, passing_error
 from xmodal.logs import Progress, preview
 
 log = logging.getLogger(__name__)
@@ -1182,18 +1182,27 @@ def _pixels_digest(image: Image.Image) -> str:
     return h.hexdigest()
 
 
+class ImageReadError(StimulusError):
+    """An image file that could not be read for a reason that may pass (an I/O error, a stale
+    NFS handle: xmodal.io.passing_error): a retried job reads it again. The class, not a cause,
+    says so, since a DataLoader worker's error reaches the job as a new error of its class."""
+
+    repeats_on_retry = False
+
+
 def _read_image_file(path: Path, stimulus_id: str) -> bytes:
     """An image file's bytes, read once (to digest and to decode); anything but a regular file,
-    such as a folder or a named pipe that would block the read, is a StimulusError."""
+    such as a folder or a named pipe that would block the read, is a StimulusError, and an
+    error of reading that may pass on retry an :class:`ImageReadError`."""
+    error: type[StimulusError] = StimulusError
     try:
         if stat.S_ISREG(os.stat(path).st_mode):
             return path.read_bytes()
         problem = "not a regular file"
     except OSError as err:
         problem = str(err)
-    raise StimulusError(
-        f"stimulus {stimulus_id!r}: cannot read image {path} ({problem}); {_FIX_IMAGE}"
-    )
+        error = ImageReadError if passing_error(err) else StimulusError
+    raise error(f"stimulus {stimulus_id!r}: cannot read image {path} ({problem}); {_FIX_IMAGE}")
 
 
 def _scan_one(path: Path, stimulus_id: str) -> dict[str, Any]:

@@ -60,7 +60,7 @@ from xmodal.figures import (
 )
 from xmodal.language_dispersion import LanguageDispersionSettings
 from xmodal.demo.build import demo_needs
-from xmodal.io import file_digests, unfinished_outputs
+from xmodal.io import file_digests, forget_failures, unfinished_outputs
 from xmodal.logs import forward_to
 from xmodal.prefetch import downloaded_revision
 from xmodal.properties import annotations, check_annotations
@@ -1272,6 +1272,18 @@ def check_feature_files():
 
 
 check_feature_files()
+
+
+def forget_earlier_failures():
+    """A new run retries every extraction, whatever an earlier run's attempts failed with
+    (the user may have fixed it): their records in the attempt marks go (xmodal.io.
+    fail_attempt, forget_failures), also where this run's first attempt dies before it writes
+    its own mark."""
+    if workflow.is_main_process and not _runs_no_job():
+        forget_failures(feature_file(m) for m in REGISTRY)
+
+
+forget_earlier_failures()
 
 
 def touch_unchanged_stamps():
