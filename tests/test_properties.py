@@ -252,6 +252,31 @@ def test_token_counts_equal_the_tokenizer_and_reach_the_table(
     assert table["stimulus_id"].tolist()[:12] == df["stimulus_id"].tolist()
 
 
+def test_a_supplied_file_without_token_counts_is_told_to_hold_them(tiny_manifest, tmp_path, caplog):
+    """A supplied LLM file (models.<key>.features) without n_tokens: the warning named a
+    re-extraction, but the model is never extracted, and deleting its copy imported the same
+    file again (metamorphic audit). It names the supplied file and its config key."""
+    from xmodal.features import import_features
+
+    df = read_manifest(tiny_manifest)
+    ids = df["stimulus_id"].tolist()
+    feats = np.random.default_rng(0).normal(size=(2, len(ids), 4)).astype(np.float32)
+    attrs = {"model_id": "lab/lm", "model_key": "lm", "modality": "language"}
+    src = write_features(tmp_path / "mine.h5", feats, ids, ["e", "l0"], attrs)
+    copy = tmp_path / "results" / "lm.h5"
+    import_features(src, copy, "lm", "language", ids)
+    scan = scan_images(df, tiny_manifest.parent)
+    write_table(image_properties(df, tiny_manifest.parent, scan), tmp_path / "images.tsv")
+    with caplog.at_level(logging.WARNING):
+        run_stimulus_properties(tiny_manifest, tmp_path / "images.tsv", [copy], ["lm"],
+                                tmp_path / "p.tsv")  # fmt: skip
+    said = f"lm: the feature file supplied for it, {src.resolve()} (config key models.lm.features)"
+    assert said in caplog.text, caplog.text
+    assert "Add a dataset n_tokens" in caplog.text and "re-extract" not in caplog.text
+    table = read_table(tmp_path / "p.tsv")
+    assert np.isnan(table.loc[table["property"] == "caption_tokens", "value"]).all()
+
+
 def test_token_counts_after_truncation(tiny_lms):
     from xmodal.extract.language import extract_language_features, load_language_model
 
@@ -663,7 +688,7 @@ def test_property_correlations_against_scipy(tmp_path):
     flat = corr.loc[("aspect_ratio", "", "mean")]
     assert np.isnan(flat["spearman_rho"]) and flat["reason"] == "constant property"
     old = corr.loc[("caption_tokens", "old", "pc1")]
-    assert np.isnan(old["spearman_rho"]) and "re-extract" in old["reason"]
+    assert np.isnan(old["spearman_rho"]) and "no token counts" in old["reason"]
 
 
 def test_properties_must_cover_every_dispersed_stimulus():
@@ -1051,8 +1076,8 @@ def test_only_token_counts_are_said_to_need_re_extraction():
     )
     disp = _dispersion(ids, np.arange(12.0), np.arange(12.0))
     corr = property_correlations(props, disp, 0, 0).set_index(["property", "summary"])
-    assert "re-extract" not in corr.loc[("entropy", "mean"), "reason"]
-    assert "re-extract" in corr.loc[("caption_tokens", "mean"), "reason"]
+    assert "token counts" not in corr.loc[("entropy", "mean"), "reason"]
+    assert "token counts" in corr.loc[("caption_tokens", "mean"), "reason"]
 
 
 def test_grey_of_a_ycbcr_image_is_the_grey_of_its_rgb():

@@ -1377,10 +1377,13 @@ def run_stimulus_properties(
     df = read_manifest(manifest)
     ids = [str(s) for s in df["stimulus_id"]]
     counts: dict[str, np.ndarray | None] = {}
+    supplied: dict[str, str] = {}
     for path, llm in zip(llm_paths, llms, strict=True):
         with open_features(path, model=llm, modality="language") as f:
             have = f.stimulus_ids
             tokens = f.n_tokens()
+            if f.attrs.get("imported_from"):  # models.<llm>.features: never extracted
+                supplied[llm] = str(f.attrs["imported_from"])
         if tokens is not None:
             lookup = dict(zip(have, tokens.astype(np.float64), strict=True))
             lost = [s for s in ids if s not in lookup]
@@ -1395,7 +1398,9 @@ def run_stimulus_properties(
             tokens = np.array([lookup.get(s, np.nan) for s in ids])
         counts[llm] = tokens
     properties.check_annotations(df, annotations, manifest)
-    table = properties.stimulus_properties(df, read_table(image_table), counts, annotations)
+    table = properties.stimulus_properties(
+        df, read_table(image_table), counts, annotations, supplied=supplied
+    )
     write_table(table, out_table)
 
 

@@ -395,13 +395,16 @@ def stimulus_properties(
     image_table: pd.DataFrame,
     token_counts: Mapping[str, np.ndarray | None],
     columns: Sequence[str] | None = None,
+    supplied: Mapping[str, str] | None = None,
 ) -> pd.DataFrame:
     """Every property of every stimulus, long (:data:`PROPERTY_COLUMNS`), properties in
     :data:`PROPERTIES` order and then the manifest's numeric annotation columns
     (:func:`annotations` of ``columns``) as ``manifest:<column>``, stimuli in manifest order.
 
     ``token_counts[llm]``: tokens per caption in manifest order, or None when the LLM's feature
-    file does not record them (its rows are NaN and a warning says to re-extract).
+    file does not record them (its rows are NaN and a warning says to re-extract it, or, for an
+    LLM in ``supplied`` (its supplied file's path: ``models.<llm>.features``, never extracted),
+    to add the counts to that file).
     """
     ids = [str(s) for s in manifest["stimulus_id"]]
     parts = [
@@ -414,8 +417,20 @@ def stimulus_properties(
             }
         )
     ]
+    supplied = dict(supplied or {})
     for llm, counts in token_counts.items():
-        if counts is None:
+        if counts is None and llm in supplied:
+            log.warning(
+                "%s: the feature file supplied for it, %s (config key models.%s.features), "
+                "records no token counts: caption_tokens is NaN for it. Add a dataset n_tokens "
+                "to that file, the tokens each caption's features are the mean over "
+                "(docs/contracts.md, 'Feature file')",
+                llm,
+                supplied[llm],
+                llm,
+            )
+            values = np.full(len(ids), np.nan)
+        elif counts is None:
             log.warning(
                 "%s: the feature file records no token counts (n_tokens; written by extraction "
                 "since this version): caption_tokens is NaN for it. Delete the file and rerun to "
@@ -500,7 +515,7 @@ def property_correlations(
             )
             reason = str(res["reason"])
             if model and np.isnan(x).all():
-                reason = "no token counts in the feature file (re-extract it)"
+                reason = "no token counts in the feature file (see the properties log)"
             rows.append(
                 {
                     "property": prop,
