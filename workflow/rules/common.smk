@@ -664,6 +664,9 @@ def missing_analysis_outputs(wildcards):
         )
     if workflow.is_main_process and not narrowed:
         check_results_have_records(args)
+    elif workflow.is_main_process and args is not None and args.touch:
+        # a touch would record them as made with this config
+        check_bare_features_match_the_config(args)
     return missing
 
 
@@ -738,8 +741,10 @@ def check_bare_features_match_the_config(args):
     """Stop when a feature file without a Snakemake record (check_results_have_records) says it
     was extracted with other settings than this config's: no run would extract it again, and
     the analysis would report the config's settings over its features."""
-    forced = set(args.forcerun or ()) if args is not None else set()
-    if args is not None and (args.forceall or "extract" in forced):
+    # (--touch records files as made with this config: forced, it extracts nothing)
+    touch = args is not None and bool(args.touch)
+    forced = set(args.forcerun or ()) if args is not None and not touch else set()
+    if args is not None and not touch and (args.forceall or "extract" in forced):
         return
     stale = []
     for key in [*VISION, *LANGUAGE]:
