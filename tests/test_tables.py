@@ -708,3 +708,28 @@ def test_an_image_that_cannot_be_read_for_now_is_an_image_read_error(tmp_path, m
     with pytest.raises(StimulusError) as info:
         _read_image_file(tmp_path / "missing.png", "s4")
     assert type(info.value) is StimulusError
+    # the scan of every image (stimuli.drop_duplicates, the stimuli report) says so as a whole
+    # only where every failure may pass (review: it raised a StimulusError without the cause)
+    import pandas as pd
+    from PIL import Image
+
+    from xmodal.stimuli import scan_images
+
+    for name in ("a.png", "b.png"):
+        Image.new("RGB", (8, 8), (10, 20, 30)).save(tmp_path / name)
+    manifest = pd.DataFrame({"stimulus_id": ["a", "b"], "image": ["a.png", "b.png"],
+                             "caption": ["x", "y"]})  # fmt: skip
+    read = Path.read_bytes
+
+    def eio(self):
+        if self.name == "a.png":
+            raise OSError(errno.EIO, "Input/output error")
+        return read(self)
+
+    monkeypatch.setattr(Path, "read_bytes", eio)
+    with pytest.raises(ImageReadError, match="1 image.*Input/output error"):
+        scan_images(manifest, tmp_path)
+    (tmp_path / "b.png").write_bytes(b"not an image")
+    with pytest.raises(StimulusError, match="2 image") as info:
+        scan_images(manifest, tmp_path)
+    assert type(info.value) is StimulusError

@@ -519,12 +519,18 @@ def test_results_without_snakemakes_records_are_not_kept_for_a_changed_setting(
         forced = snakemake(workflow_dir, "-n", "--configfile", tokens, "--cores", "1",
                            "--forcerun", "extract")  # fmt: skip
         assert "extracted otherwise" not in forced.stdout + forced.stderr
-        # a touch would record them as made with this config: refused, forced or not
-        proc = snakemake(workflow_dir, "--touch", "--forceall", "--configfile", tokens,
-                         "--cores", "1", check=False)  # fmt: skip
-        text = proc.stdout + proc.stderr
-        assert proc.returncode != 0 and "extracted otherwise than this config" in text, text
-        assert not any(meta.rglob("*"))  # nothing recorded
+        files = [f"results/features/demo/{key}.h5" for key in lms]
+        forced = snakemake(workflow_dir, "-n", "--configfile", tokens, "--cores", "1",
+                           "--forcerun", *[f"./{f}" for f in files])  # fmt: skip
+        assert "extracted otherwise" not in forced.stdout + forced.stderr  # as Snakemake reads it
+        # a touch would record them as made with this config: refused, forced or not, and
+        # whatever the targets
+        for targets in (["--forceall"], ["--forcerun", "extract", "--", *files]):
+            proc = snakemake(workflow_dir, "--touch", "--configfile", tokens, "--cores", "1",
+                             *targets, check=False)  # fmt: skip
+            text = proc.stdout + proc.stderr
+            assert proc.returncode != 0 and "extracted otherwise than this" in text, text
+            assert not any(meta.rglob("*"))  # nothing recorded
         # a record of results of two configs vouches for none: a stop, not the advice to touch
         record.write_text(json.dumps({**json.loads(kept), "mixed": True}))
         proc = snakemake(workflow_dir, "-n", "--configfile", "config/demo.yaml", "--cores", "1",

@@ -1251,7 +1251,11 @@ def _scan(
     if bad:
         k = bad[0]
         at = f"line {lines[k]}, " if lines is not None else ""
-        raise StimulusError(
+        # reads that may pass on retry only (an I/O error): so is the whole (xmodal.io.fail_attempt)
+        error = StimulusError
+        if all(isinstance(results[j], ImageReadError) for j in bad):
+            error = ImageReadError
+        raise error(
             f"{where}: {len(bad)} image(s) cannot be decoded or converted, stimulus ids "
             f"{preview([ids[j] for j in bad])}; first: {at}{results[k]}"
         )

@@ -427,7 +427,12 @@ def feature_spec(wildcards):
     """The registry fields that define a model's features (the extraction's rerun trigger):
     labels, sizes, batch sizes, workers and GPUs are not among them (docs/cluster.md); a
     revision pinned to the commit the features came from is the revision asked for then.
+    A --touch of a feature file extracted otherwise is refused here, whatever the targets
+    (check_bare_features_match_the_config).
     """
+    args = _command_line()
+    if workflow.is_main_process and args is not None and args.touch:
+        check_bare_features_match_the_config(args, [wildcards.model])
     return REGISTRY[wildcards.model].feature_spec(_made_with(wildcards.model))
 
 
@@ -737,17 +742,20 @@ def check_results_have_records(args):
     )
 
 
-def check_bare_features_match_the_config(args):
-    """Stop when a feature file without a Snakemake record (check_results_have_records) says it
-    was extracted with other settings than this config's: no run would extract it again, and
-    the analysis would report the config's settings over its features."""
+def check_bare_features_match_the_config(args, keys=None):
+    """Stop when a feature file (of the models ``keys``; None: every model) without a
+    Snakemake record (check_results_have_records) says it was extracted with other settings
+    than this config's: no run would extract it again, and the analysis would report the
+    config's settings over its features."""
     # (--touch records files as made with this config: forced, it extracts nothing)
     touch = args is not None and bool(args.touch)
     forced = set(args.forcerun or ()) if args is not None and not touch else set()
+    # a relative path as Snakemake reads it (./results/... is results/...); not an absolute one
+    forced = {f if os.path.isabs(f) else os.path.normpath(f) for f in forced}
     if args is not None and not touch and (args.forceall or "extract" in forced):
         return
     stale = []
-    for key in [*VISION, *LANGUAGE]:
+    for key in [*VISION, *LANGUAGE] if keys is None else keys:
         path = feature_file(key)
         if key in SUPPLIED or path in forced or _record_of(path) is not None:
             continue
@@ -1283,12 +1291,11 @@ def forget_earlier_failures():
     """A new run retries every extraction, whatever an earlier run's attempts failed with
     (the user may have fixed it): their records in the attempt marks go (xmodal.io.
     fail_attempt, forget_failures), also where this run's first attempt dies before it writes
-    its own mark."""
-    if workflow.is_main_process and not _runs_no_job():
+    its own mark. Called on start (onstart: once this run holds the lock, with jobs to run;
+    never in a dry run), so that a run refused by another's lock leaves that run's records.
+    """
+    if workflow.is_main_process:
         forget_failures(feature_file(m) for m in REGISTRY)
-
-
-forget_earlier_failures()
 
 
 def touch_unchanged_stamps():
@@ -1299,6 +1306,10 @@ def touch_unchanged_stamps():
 
 
 touch_unchanged_stamps()
+
+
+onstart:
+    forget_earlier_failures()
 
 
 onsuccess:
