@@ -1251,7 +1251,7 @@ def _scan(
     if bad:
         k = bad[0]
         at = f"line {lines[k]}, " if lines is not None else ""
-        # reads that may pass on retry only (an I/O error): so is the whole (xmodal.io.fail_attempt)
+        # every image failed for a reason that may pass (an I/O error): so may this (io.fail_attempt)
         error = StimulusError
         if all(isinstance(results[j], ImageReadError) for j in bad):
             error = ImageReadError
