@@ -253,6 +253,31 @@ def test_failed_job_is_retried_with_more_memory(slurm_cluster: Cluster, tmp_path
     assert first["Partition"] == second["Partition"] == PARTITION
 
 
+def test_an_extraction_that_failed_for_good_is_not_run_again(
+    slurm_cluster: Cluster, tmp_path: Path
+) -> None:
+    """The profile resubmits a failed job twice; after an extraction's error that a retry
+    repeats, attempts 2 and 3 stop in the bootstrap, which reads the attempt from the job's
+    resources as Snakemake evaluates them in the SLURM job (xmodal.io.begin_attempt)."""
+    c = slurm_cluster
+    shutil.copy(ROOT / "tests" / "slurm" / "attempt.smk", tmp_path / "Snakefile")
+    (tmp_path / "scripts").mkdir()
+    for script in (ROOT / "scripts" / "_bootstrap.py", ROOT / "tests/slurm/attempt_probe.py"):
+        shutil.copy(script, tmp_path / "scripts" / script.name)
+    (tmp_path / "src").symlink_to(ROOT / "src")
+    place_slurm_profile(tmp_path, c.partition)
+    since = _since()
+    proc = snakemake(c, "--profile", "slurm", cwd=tmp_path, timeout=600)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode != 0, log[-4000:]
+    jobs = sorted(c.jobs_in(tmp_path, since), key=lambda r: int(r["JobID"]))
+    assert [rule_of(r) for r in jobs] == ["extract"] * 3, jobs  # resubmitted twice
+    assert (tmp_path / "out" / "attempts.txt").read_text() == "1\n"  # 2, 3 stopped first
+    stopped = (tmp_path / "out" / "m.log").read_text()
+    assert "out/m.h5: attempt 3 not run: the attempt before it failed" in stopped, stopped
+    assert "StimulusError: stimulus 's1': cannot decode image img/s1.png" in stopped
+
+
 @pytest.mark.slow
 def test_demo_under_profile_slurm_matches_local_run(
     slurm_cluster: Cluster, tmp_path_factory: pytest.TempPathFactory, demo_untrained_project: Path
