@@ -106,8 +106,9 @@ def made_with(path: str | os.PathLike) -> dict[str, str] | None:
     """How a feature file's model was loaded: its ``model_id``, ``revision`` (the commit the
     weights came from) and ``requested_revision`` ("" for none); None without a readable
     file (the extraction then makes one)."""
-    got = _stored_texts(path, ("model_id", "revision", "requested_revision"))
-    return None if got is None else {k: v or "" for k, v in got.items()}
+    made = extraction_record(path)
+    names = ("model_id", "revision", "requested_revision")
+    return None if made is None else {k: made[k] for k in names}
 
 
 def extraction_record(path: str | os.PathLike) -> dict[str, Any] | None:

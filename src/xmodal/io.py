@@ -27,6 +27,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from xmodal.logs import is_xmodal_error
+
 log = logging.getLogger(__name__)
 
 __all__ = [
@@ -261,8 +263,7 @@ def fail_attempt(path: str | os.PathLike, err: BaseException) -> None:
         chain.append(link)
         link = link.__cause__ or link.__context__
     repeats = (
-        type(err).__module__.startswith("xmodal")
-        and isinstance(err, ValueError | RuntimeError)
+        is_xmodal_error(err)
         and not isinstance(err, OSError | RepeatedFailureError)
         and not any(passing_error(e) for e in chain)
     )

@@ -97,7 +97,9 @@ class RedactTokens(logging.Filter):
         return True
 
 
-def _is_xmodal_error(err: BaseException) -> bool:
+def is_xmodal_error(err: BaseException) -> bool:
+    """Whether ``err`` is one of the project's own errors (a class of an xmodal module: a
+    ValueError, RuntimeError or OSError that names what is wrong)."""
     return type(err).__module__.startswith("xmodal") and isinstance(
         err, ValueError | RuntimeError | OSError
     )
@@ -122,7 +124,7 @@ def log_to(path: str | os.PathLike | None, level: int = logging.INFO) -> logging
         root.addHandler(h)
 
     def _hook(kind: type[BaseException], err: BaseException, tb: TracebackType | None) -> None:
-        if _is_xmodal_error(err) and not os.environ.get("XMODAL_TRACEBACK"):
+        if is_xmodal_error(err) and not os.environ.get("XMODAL_TRACEBACK"):
             root.error("%s: %s", kind.__name__, err)
         else:
             root.error("%s: %s", kind.__name__, err, exc_info=(kind, err, tb))

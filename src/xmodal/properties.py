@@ -419,24 +419,24 @@ def stimulus_properties(
     ]
     supplied = dict(supplied or {})
     for llm, counts in token_counts.items():
-        if counts is None and llm in supplied:
-            log.warning(
-                "%s: the feature file supplied for it, %s (config key models.%s.features), "
-                "records no token counts: caption_tokens is NaN for it. Add a dataset n_tokens "
-                "to that file, the tokens each caption's features are the mean over "
-                "(docs/contracts.md, 'Feature file')",
-                llm,
-                supplied[llm],
-                llm,
-            )
-            values = np.full(len(ids), np.nan)
-        elif counts is None:
-            log.warning(
-                "%s: the feature file records no token counts (n_tokens; written by extraction "
-                "since this version): caption_tokens is NaN for it. Delete the file and rerun to "
-                "re-extract",
-                llm,
-            )
+        if counts is None:
+            if llm in supplied:
+                log.warning(
+                    "%s: the feature file supplied for it, %s (config key models.%s.features), "
+                    "records no token counts: caption_tokens is NaN for it. Add a dataset "
+                    "n_tokens to that file, the tokens each caption's features are the mean "
+                    "over (docs/contracts.md, 'Feature file')",
+                    llm,
+                    supplied[llm],
+                    llm,
+                )
+            else:
+                log.warning(
+                    "%s: the feature file records no token counts (n_tokens; written by "
+                    "extraction since this version): caption_tokens is NaN for it. Delete the "
+                    "file and rerun to re-extract",
+                    llm,
+                )
             values = np.full(len(ids), np.nan)
         else:
             values = np.asarray(counts, dtype=np.float64)

@@ -669,9 +669,6 @@ def missing_analysis_outputs(wildcards):
         )
     if workflow.is_main_process and not narrowed:
         check_results_have_records(args)
-    elif workflow.is_main_process and args is not None and args.touch:
-        # a touch would record them as made with this config
-        check_bare_features_match_the_config(args)
     return missing
 
 
