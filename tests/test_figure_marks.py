@@ -350,6 +350,25 @@ def test_diagnostics_without_duplicates_or_models(planted):
     assert "Duplicate stimuli" not in text and "vis-2 · blocks.30  [collapsed]" in text
 
 
+@pytest.mark.parametrize("families", [{"A": [1.0]}, {"A": [1.0, 7.0], "B": [0.5, 3.0]},
+                                      {f: [0.5, 1.0, 3.0, 7.0] for f in "ABC"}])  # fmt: skip
+def test_diagnostics_legend_and_duplicates_note_do_not_overlap(tmp_path, families):
+    """The footer's legend grows by a row per three language models: the duplicates note under
+    it must stay clear of every entry (with the paper's 12 LLMs it was written across them)."""
+    inputs = synthetic_inputs(tmp_path, llm_families=families, plant=True, images=False)
+    fig = render_figure("diagnostics", inputs)
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    (note,) = fig.findobj(lambda a: a.get_gid() == "duplicates")
+    box = note.get_window_extent(renderer)
+    (legend,) = fig.subfigs[-1].legends
+    n_llm = sum(len(sizes) for sizes in families.values())
+    assert len(legend.get_texts()) == 3 + n_llm + 2
+    for entry in (*legend.get_texts(), *legend.legend_handles):
+        assert not entry.get_window_extent(renderer).overlaps(box), entry
+    assert box.y0 >= fig.bbox.y0  # the note stays inside the figure
+
+
 # --------------------------------------------------------------------------- per metric
 def test_metric_names_labels_and_file_tags():
     from xmodal.alignment import METRICS as LIBRARY_METRICS

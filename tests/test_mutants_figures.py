@@ -159,6 +159,56 @@ def test_layerwise_no_chosen_mark_on_a_degenerate_layer(tmp_path):
     assert "undefined|v|l" in gids and "chosen|v|l" not in gids
 
 
+def test_layerwise_a_value_between_degenerate_layers_is_drawn(tmp_path):
+    """A valid layer whose neighbours are degenerate (or the line's end) is a line of one point,
+    which matplotlib draws as nothing: the figure must show it as a dot at its value, in the
+    line's colour. Layers 0 and 2 here (1 and 3 degenerate, 4 valid next to 5) — and not the
+    points a line already joins, nor a chosen or unstable layer, which have their own marks."""
+    from matplotlib.colors import to_rgba
+
+    valid = [True, False, True, False, True, True, False, True]
+    unstable_at, chosen_at = 7, 4
+    rows = [
+        {"vision": "v", "llm": "l", "vision_layer": 1, "llm_layer": li, "metric": "cknna",
+         "value": 0.1 + 0.01 * li, "stability": 0.5 if li == unstable_at else 0.0,
+         "valid": ok, "chosen": li == chosen_at}
+        for li, ok in enumerate(valid)
+    ]  # fmt: skip
+    fig = render_figure("layerwise", _layers(tmp_path, rows))
+    ax = _panels(fig)[0]
+    (dots,) = [c for c in ax.collections if c.get_gid() == "isolated|v|l"]
+    np.testing.assert_allclose(dots.get_offsets(), [[0.0, 0.10], [2 / 7, 0.12]])
+    assert tuple(dots.get_facecolors()[0]) == pytest.approx(to_rgba(ax.lines[0].get_color()))
+    rows[1]["valid"] = True  # layers 0, 1, 2 now one line: no dot
+    fig = render_figure("layerwise", _layers(tmp_path, rows))
+    assert not [c for c in _panels(fig)[0].collections if c.get_gid() == "isolated|v|l"]
+
+
+def test_properties_name_models_as_every_figure_draws_them(inputs, tmp_path):
+    """A label with one ``$`` is drawn with its ``$`` and a math label as math, in the
+    properties figure's token rows as in the layer-wise legend (the properties figure drew the
+    first with a stray backslash and the second as raw TeX); a manifest column's ``$`` stays."""
+    models = _t(inputs, "models")
+    labels = {"alpha-0.5b": "BLOOM $10", "alpha-3b": r"$\alpha$-BLOOM"}
+    models["label"] = models["model"].map(labels).fillna(models["label"])
+    corr = _t(inputs, "property_correlations")
+    column = corr[corr["property"] == "colourfulness"].assign(property="manifest:cost $")
+    paths = {**inputs, "models": tmp_path / "models.tsv",
+             "property_correlations": tmp_path / "corr.tsv"}  # fmt: skip
+    models.to_csv(paths["models"], sep="\t", index=False)
+    pd.concat([corr, column]).to_csv(paths["property_correlations"], sep="\t", index=False)
+
+    def drawn(texts) -> set[tuple[str, bool]]:  # (the text as drawn, set as math)
+        return {t._preprocess_math(t.get_text()) for t in texts if t.get_text()}
+
+    ticks = drawn(render_figure("properties", paths).axes[0].get_yticklabels())
+    assert ("caption length (tokens, BLOOM $10)", False) in ticks
+    assert (r"caption length (tokens, $\alpha$-BLOOM)", True) in ticks
+    assert ("cost $ (manifest)", False) in ticks
+    legend = drawn(render_figure("layerwise", paths).legends[0].get_texts())
+    assert {("BLOOM $10", False), (r"$\alpha$-BLOOM", True)} <= legend
+
+
 def test_contrast_interval_touching_zero_is_not_significant(inputs, tmp_path):
     """Guards the forest plot's colour: an interval whose lower end is exactly 0 includes 0
     (grey, as xmodal.summary counts 'CI above 0' with a strict >), only lo > 0 is blue."""

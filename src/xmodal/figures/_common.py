@@ -219,6 +219,12 @@ def panel_letter(i: int, start: str = "A") -> str:
 _UNESCAPED_DOLLAR = re.compile(r"(?<!\\)\$")
 
 
+def literal(text: str) -> str:
+    """``text`` as matplotlib draws it with math parsing on: every ``$`` escaped, so that
+    user text (a manifest column's name) can be joined to model labels, which may be math."""
+    return str(text).replace("$", r"\$")
+
+
 @dataclass(frozen=True)
 class Models:
     """Model metadata from ``models.tsv``: labels, families, sizes and the display order.

@@ -537,8 +537,10 @@ def draw_layerwise(data: FigureData) -> Figure:
     """he2025 Fig. 2 analogue: alignment of each vision model with every layer of each LLM.
 
     A degenerate layer (``valid`` false or no value) is a gap in the line and a cross on the
-    bottom edge; an unstable value an open marker; the chosen layer a black-edged marker (open
-    when unstable). Marks have gids ``chosen|``, ``unstable|``, ``undefined|<vision>|<llm>``.
+    bottom edge; a value with no defined neighbour (a line of one point, which draws nothing) a
+    small dot; an unstable value an open marker; the chosen layer a black-edged marker (open
+    when unstable). Marks have gids ``chosen|``, ``unstable|``, ``isolated|``,
+    ``undefined|<vision>|<llm>``.
     """
     layers = data.alignment("layers")
     models = data.models
@@ -567,6 +569,14 @@ def draw_layerwise(data: FigureData) -> Figure:
             y = np.where(ok, g["value"].to_numpy(float), np.nan)
             ch, flag = _chosen(g) & ok, unstable(g) & ok
             ax.plot(depth, y, color=colors[ll], lw=1.3, label=models.label(ll))
+            # a value between gaps (or the line's ends) is a segment of one point: a dot shows it
+            neighbour = np.zeros_like(ok)
+            neighbour[1:] |= ok[:-1]
+            neighbour[:-1] |= ok[1:]
+            alone = ok & ~neighbour & ~ch & ~flag
+            if alone.any():
+                ax.scatter(depth[alone], y[alone], s=9, color=colors[ll], zorder=3,
+                           gid=f"isolated|{v}|{ll}")  # fmt: skip
             if (flag & ~ch).any():
                 ax.scatter(depth[flag & ~ch], y[flag & ~ch], s=14, facecolors="white",
                            edgecolors=[colors[ll]], linewidths=1.0, zorder=3,

@@ -10,6 +10,8 @@ recomputed here.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pandas as pd
 from matplotlib import ticker
@@ -24,6 +26,10 @@ DIAGNOSTICS_COLUMNS = (
     "model", "modality", "layer", "layer_name", "m", "cos_mean", "cos_sd", "eff_dim",
     "n_unresolved", "frac_unresolved", "collapsed", "warn", "used",
 )  # fmt: skip
+
+
+#: inches per row of the footer's legend (a marker row at the legend's font size and spacing)
+FOOTER_ROW_IN = 0.17
 
 
 def _flag(col: pd.Series) -> np.ndarray:
@@ -201,8 +207,14 @@ def draw_diagnostics(data: FigureData) -> Figure:
     diag = data["diagnostics"]
     _check(diag, str(data.paths.get("diagnostics", "diagnostics")))
     used = _used_rows(diag, data)
-    has_llm = (diag["modality"].astype(str) != "vision").any()
-    heights = [0.26 * len(used) + 1.7] + ([2.8] if has_llm else []) + [0.8]
+    llm_models = diag.loc[diag["modality"].astype(str) != "vision", "model"].astype(str)
+    has_llm = not llm_models.empty
+    note = duplicates_note(data.get("duplicates"))
+    # the footer holds the legend (3 statuses, and each LLM and 2 marks, in 3 columns) and,
+    # under it, the note: its height grows with the legend's rows so that they never overlap
+    n_handles = 3 + (llm_models.nunique() + 2 if has_llm else 0)
+    footer_height = 0.3 + FOOTER_ROW_IN * math.ceil(n_handles / 3) + 0.25 * bool(note)
+    heights = [0.26 * len(used) + 1.7] + ([2.8] if has_llm else []) + [footer_height]
     fig = new_figure(12.0, sum(heights) + 0.4)
     subs = list(fig.subfigures(len(heights), 1, height_ratios=heights))
     titles = ("Pairwise cosine", "Effective dimensionality", "Unresolved neighbours")
@@ -225,7 +237,6 @@ def draw_diagnostics(data: FigureData) -> Figure:
         subs[1].suptitle("Every layer of each language model", fontsize=9, fontweight="normal")
     footer = subs[-1]
     footer.legend(handles=handles, loc="upper center", ncols=3)
-    note = duplicates_note(data.get("duplicates"))
     if note:
         footer.text(0.5, 0.02, note, fontsize=7.5, ha="center", va="bottom", gid="duplicates")
     m = diag["m"].dropna().unique()

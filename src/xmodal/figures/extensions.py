@@ -21,11 +21,11 @@ from xmodal.summary import mean_stability, unstable
 from ._common import (
     ALIGNMENT_LABEL,
     COLORS,
-    PLAIN_TEXT,
     SUMMARY_TITLES,
     UNSTABLE_NOTE,
     FigureData,
     Models,
+    literal,
     new_figure,
     panel_grid,
     panel_letter,
@@ -227,11 +227,12 @@ def draw_language_dispersion(data: FigureData) -> Figure:
 
 # --------------------------------------------------------------------------- properties
 def property_label(prop: str, model: str, models: Models) -> str:
-    """Readable label of a property (token counts name their LLM by its label; a manifest
-    column's, ``manifest:<column>``, is "<column> (manifest)")."""
+    """Readable label of a property as matplotlib draws it with math parsing on (token counts
+    name their LLM by its label, as every figure draws it; a manifest column's,
+    ``manifest:<column>``, is "<column> (manifest)", its ``$`` literal)."""
     if prop.startswith(ANNOTATION_PREFIX):
-        return f"{prop[len(ANNOTATION_PREFIX) :]} (manifest)"
-    base = PROPERTY_LABELS.get(prop, prop)
+        return literal(f"{prop[len(ANNOTATION_PREFIX) :]} (manifest)")
+    base = literal(PROPERTY_LABELS.get(prop, prop))
     if model:
         return base.replace("(tokens)", f"(tokens, {models.label(model)})")
     return base
@@ -272,7 +273,7 @@ def _forest(ax: Axes, corr: pd.DataFrame, rows: list[tuple[str, str]], summary: 
                     fontsize=6.5, color="#777777")  # fmt: skip
     ax.axvline(0, color="#bbbbbb", lw=0.8, zorder=0)
     ax.set_yticks(range(len(rows)))
-    ax.set_yticklabels([property_label(p, m, models) for p, m in rows], **PLAIN_TEXT)
+    ax.set_yticklabels([property_label(p, m, models) for p, m in rows])
     ax.set_ylim(len(rows) - 0.5, -0.5)
     ax.set_xlim(-1, 1)
     ci = " (95% bootstrap CI)" if any(_has_ci(r) for _, r in sub.iterrows()) else ""  # n_boot: 0
@@ -318,7 +319,7 @@ def draw_properties(data: FigureData) -> Figure:
         text = f"ρ = {r['spearman_rho']:.2f}" if r is not None and np.isfinite(r["spearman_rho"]) else (
             f"n/a: {r['reason']}" if r is not None and r["reason"] else "ρ n/a"
         )  # fmt: skip
-        ax.set_xlabel(textwrap.fill(property_label(prop, "", models), 18), fontsize=7, **PLAIN_TEXT)
+        ax.set_xlabel(textwrap.fill(property_label(prop, "", models), 18), fontsize=7)
         ax.tick_params(labelsize=6)
         if i % ncols == 0:
             ax.set_ylabel("Mean dispersion")
