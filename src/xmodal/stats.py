@@ -507,7 +507,11 @@ def bootstrap_difference(
     k: int = 10,
     level: float = 0.95,
 ) -> dict[str, float]:
-    """Percentile interval of CKNNA(low*) − CKNNA(high*), resampling stimuli within each set."""
+    """Percentile interval of CKNNA(low*) − CKNNA(high*), resampling stimuli within each set.
+
+    Conservative: about 1.2–1.5 times as wide as the spread of low − high over fresh sets
+    (``benchmarks/difference_calibration.py``; docs/method.md, "Layer choice and statistics").
+    """
     rng = np.random.default_rng(seed)
     diffs = bootstrap_cknna(kernel_x, kernel_y, low, n_boot, rng, k) - bootstrap_cknna(
         kernel_x, kernel_y, high, n_boot, rng, k
