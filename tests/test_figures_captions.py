@@ -19,13 +19,16 @@ ROOT = Path(__file__).resolve().parents[1]
 REPORT = ROOT / "workflow" / "report"
 
 
-def render(name: str, vision_layer: int = -2) -> str:
-    """Caption ``name`` rendered with the demo config (``analysis.vision_layer`` replaced)."""
+def render(name: str, vision_layer: int = -2, metric: str = "cknna", **analysis: object) -> str:
+    """Caption ``name`` rendered with the demo config (``analysis.vision_layer`` and the keys
+    ``analysis`` names replaced), for the figure of ``metric``."""
     config = yaml.safe_load((ROOT / "config" / "demo.yaml").read_text())
     config["analysis"]["vision_layer"] = vision_layer
+    config["analysis"].setdefault("metrics", ["cknna"])
+    config["analysis"].update(analysis)
     snakemake = SimpleNamespace(
         config=config,
-        params=SimpleNamespace(metric="cknna", metric_label="CKNNA"),
+        params=SimpleNamespace(metric=metric, metric_label=metric),
         wildcards=SimpleNamespace(dataset="demo"),
     )
     env = Environment(trim_blocks=True, lstrip_blocks=True)
@@ -53,6 +56,20 @@ def test_workflow_names_the_configured_vision_layer(layer, said):
     text = render("workflow.rst", vision_layer=layer)
     assert f"features at the block ``analysis.vision_layer`` {said} gives" in text
     assert "penultimate-block" not in text
+
+
+def test_captions_follow_the_configured_metrics_and_drop_fraction():
+    """A run without CKNNA has no CKNNA figure to point to, and its overview does not say that
+    alignment is CKNNA; the drop captions state no fixed 25% / 75% (audit of the report)."""
+    other = render("sets_rank.rst", metric="mutual_knn", metrics=["mutual_knn", "cknna"])
+    assert "the CKNNA figure is ``sets_rank.png``" in other
+    alone = render("sets_rank.rst", metric="mutual_knn", metrics=["mutual_knn"])
+    assert "CKNNA figure" not in alone
+    overview = render("workflow.rst", metrics=["mutual_knn"])
+    assert "this report: mutual_knn;" in overview and "alignment is CKNNA" not in overview
+    for name in ("workflow.rst", "drop25.rst"):
+        text = render(name, drop_fraction=0.1)
+        assert "(0.1" in text and "75%" not in text and "drop-25%" not in text, name
 
 
 def test_residuals_caption_describes_panel_c(inputs):

@@ -282,6 +282,21 @@ def test_a_label_or_family_with_a_tab_or_line_break_is_refused_at_start_up(field
         Registry.from_config(cfg)
 
 
+@pytest.mark.parametrize("field", ["label", "family"])
+@pytest.mark.parametrize("text", ["BLOOM </script><h1>x</h1>", "a</b", "MAE <!-- x"])
+def test_a_label_or_family_that_would_end_the_reports_script_is_refused(field, text) -> None:
+    """The HTML report embeds job params (the labels among them) in a <script> unescaped:
+    "</script>" in a label broke the whole report while --report exited 0 (audit). Other
+    markup stays a label (the figures draw it as written)."""
+    cfg = paper()
+    cfg["models"]["mae-h"][field] = text
+    with pytest.raises(ConfigError, match=rf"config key 'models\.mae-h\.{field}': .*'</' or "
+                       "'<!--'.*HTML report"):  # fmt: skip
+        Registry.from_config(cfg)
+    cfg["models"]["mae-h"][field] = '<b>tiny MAE & "q" > 5'
+    assert getattr(Registry.from_config(cfg)["mae-h"], field) == '<b>tiny MAE & "q" > 5'
+
+
 def test_a_label_whose_math_figures_cannot_typeset_is_refused_at_start_up() -> None:
     """Text between two ``$`` of a label is mathtext in every figure: math it cannot parse
     stopped each figure job after every extraction. Now the config is refused, naming the key;

@@ -602,8 +602,8 @@ def _check_label_math(key: str, label: str) -> None:
 def _check_labels(entries: Mapping[str, ModelEntry]) -> None:
     """Raise :class:`ConfigError` when two models of one modality share a label (``label``, or
     the key where none is given): figures name models by label, so one would stand for both;
-    when a label or family holds a tab or line break; or when a label's math cannot be typeset
-    (:func:`_check_label_math`)."""
+    when a label or family holds a tab or line break, or ``</`` or ``<!--``; or when a label's
+    math cannot be typeset (:func:`_check_label_math`)."""
     seen: dict[tuple[str, str], str] = {}
     for e in entries.values():
         for name, text in (("label", e.label), ("family", e.family)):
@@ -612,6 +612,15 @@ def _check_labels(entries: Mapping[str, ModelEntry]) -> None:
                     f"config key 'models.{e.key}.{name}': {text!r} holds a tab or line break, "
                     "which a table cell cannot hold (YAML's '>' and '|' styles end the text "
                     "with a line break: write '>-', or the text on the key's line)"
+                )
+            if "</" in text or "<!--" in text:
+                # the report (snakemake --report) embeds the jobs' params, labels among them, in
+                # a <script> block without escaping: "</script>" there ends it and breaks the
+                # whole report, with exit 0 (audit)
+                raise ConfigError(
+                    f"config key 'models.{e.key}.{name}': {text!r} holds '</' or '<!--', which "
+                    "would end the data the HTML report embeds in a script and break the whole "
+                    "report; write it without them"
                 )
         _check_label_math(e.key, e.label)
         other = seen.setdefault((e.modality, e.label), e.key)
