@@ -130,15 +130,27 @@ def _in_use_panels(axes: list[Axes], used: pd.DataFrame, data: FigureData, thres
         ax.tick_params(axis="y", labelleft=ax is ax_cos)
 
 
-def _depth_panels(axes: list[Axes], diag: pd.DataFrame, data: FigureData, thresholds) -> list:
-    """The same three measures across each LLM's depth; the layers in use circled, collapsed
-    layers crossed (gid ``depth_collapsed|<model>``). Returns legend handles."""
+def _depth_handles(keys: list[str], data: FigureData) -> list:
+    """Legend handles of the depth panels: each LLM's line, the layers in use, collapsed ones."""
+    colors = data.models.colors(keys)
+    return [
+        *(Line2D([], [], color=colors[k], lw=1.5, label=data.models.label(k)) for k in keys),
+        Line2D([], [], marker="o", ls="", mfc="none", mec="black", label="layer in use (chosen)"),
+        Line2D(
+            [], [], marker="x", ls="", color=STATUS_COLORS["collapsed"], label="collapsed layer"
+        ),
+    ]
+
+
+def _depth_panels(
+    axes: list[Axes], diag: pd.DataFrame, keys: list[str], data: FigureData, thresholds
+) -> None:
+    """The same three measures across the depth of each LLM of ``keys``; the layers in use
+    circled, collapsed layers crossed (gid ``depth_collapsed|<model>``)."""
     collapsed_cos, warn_unresolved, collapsed_unresolved = thresholds
     llm = diag[diag["modality"].astype(str) != "vision"].copy()
     llm["model"] = llm["model"].astype(str)
-    keys = data.models.order(llm["model"].unique())
     colors = data.models.colors(keys)
-    handles = []
     for key in keys:
         g = llm[llm["model"] == key].sort_values("layer")
         depth = g["layer"].to_numpy(float)
@@ -154,7 +166,6 @@ def _depth_panels(axes: list[Axes], diag: pd.DataFrame, data: FigureData, thresh
                 ax.scatter(depth[collapsed], v[collapsed], marker="x", s=18, linewidths=1.1,
                            color=STATUS_COLORS["collapsed"], zorder=4,
                            gid=f"depth_collapsed|{key}")  # fmt: skip
-        handles.append(Line2D([], [], color=colors[key], lw=1.5, label=data.models.label(key)))
     axes[0].axhline(collapsed_cos, color=STATUS_COLORS["collapsed"], lw=0.7, ls="--")
     axes[0].set_ylabel("Pairwise cosine (mean)")
     _dimension_scale(axes[1], "y", llm["eff_dim"].to_numpy(float))
@@ -166,13 +177,6 @@ def _depth_panels(axes: list[Axes], diag: pd.DataFrame, data: FigureData, thresh
     for ax in axes:
         ax.set_xlabel("LLM layer (relative depth)")
         ax.set_xlim(-0.03, 1.03)
-    handles.append(
-        Line2D([], [], marker="o", ls="", mfc="none", mec="black", label="layer in use (chosen)")
-    )
-    handles.append(
-        Line2D([], [], marker="x", ls="", color=STATUS_COLORS["collapsed"], label="collapsed layer")
-    )
-    return handles
 
 
 def duplicates_note(dup: pd.DataFrame | None) -> str:
@@ -207,13 +211,19 @@ def draw_diagnostics(data: FigureData) -> Figure:
     diag = data["diagnostics"]
     _check(diag, str(data.paths.get("diagnostics", "diagnostics")))
     used = _used_rows(diag, data)
-    llm_models = diag.loc[diag["modality"].astype(str) != "vision", "model"].astype(str)
-    has_llm = not llm_models.empty
+    llm_keys = data.models.order(
+        diag.loc[diag["modality"].astype(str) != "vision", "model"].astype(str).unique()
+    )
+    has_llm = bool(llm_keys)
+    labels = status_labels(thresholds)
+    handles = [
+        Line2D([], [], marker="o", ls="", color=STATUS_COLORS[s], label=labels[s])
+        for s in ("ok", "warn", "collapsed")
+    ] + (_depth_handles(llm_keys, data) if has_llm else [])
     note = duplicates_note(data.get("duplicates"))
-    # the footer holds the legend (3 statuses, and each LLM and 2 marks, in 3 columns) and,
-    # under it, the note: its height grows with the legend's rows so that they never overlap
-    n_handles = 3 + (llm_models.nunique() + 2 if has_llm else 0)
-    footer_height = 0.3 + FOOTER_ROW_IN * math.ceil(n_handles / 3) + 0.25 * bool(note)
+    # the footer holds the legend (in 3 columns) and, under it, the note: its height grows
+    # with the legend's rows so that they never overlap
+    footer_height = 0.3 + FOOTER_ROW_IN * math.ceil(len(handles) / 3) + 0.25 * bool(note)
     heights = [0.26 * len(used) + 1.7] + ([2.8] if has_llm else []) + [footer_height]
     fig = new_figure(12.0, sum(heights) + 0.4)
     subs = list(fig.subfigures(len(heights), 1, height_ratios=heights))
@@ -224,14 +234,9 @@ def draw_diagnostics(data: FigureData) -> Figure:
         ax.set_title(f"{panel_letter(i)}   {t}", loc="left")
     subs[0].suptitle("Layers in use (each vision model's analysed layer, every chosen LLM layer)",
                      fontsize=9, fontweight="normal")  # fmt: skip
-    labels = status_labels(thresholds)
-    handles = [
-        Line2D([], [], marker="o", ls="", color=STATUS_COLORS[s], label=labels[s])
-        for s in ("ok", "warn", "collapsed")
-    ]
     if has_llm:
         bottom = list(subs[1].subplots(1, 3))
-        handles += _depth_panels(bottom, diag, data, thresholds)
+        _depth_panels(bottom, diag, llm_keys, data, thresholds)
         for i, (ax, t) in enumerate(zip(bottom, titles, strict=True), start=3):
             ax.set_title(f"{panel_letter(i)}   {t}", loc="left")
         subs[1].suptitle("Every layer of each language model", fontsize=9, fontweight="normal")
