@@ -3,10 +3,12 @@
 Snakemake adds this directory to the path of every script it runs; importing this module
 makes the library importable whether or not it is installed in the job's environment
 (conda environments from envs/ hold its dependencies only). It also caps the job's threads,
-hides the GPUs from a job that asked for none, and marks the output of an extraction or import
-until it is made (xmodal.io.begin_attempt).
+hides the GPUs from a job that asked for none, marks the output of an extraction or import
+until it is made (xmodal.attempts.begin_attempt), and stops a retry of a job whose attempt before it
+failed with an error that a retry repeats (xmodal.attempts.fail_attempt).
 """
 
+import atexit
 import os
 import sys
 from pathlib import Path
@@ -33,17 +35,45 @@ if _job is not None:
     if not int(getattr(getattr(_job, "resources", None), "gpu", 0) or 0):
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
     # a job that makes a feature file marks it from its first line until it is made
-    # (xmodal.io.begin_attempt): one that fails anywhere (the weights not in the cache, a bad
+    # (xmodal.attempts.begin_attempt): one that fails anywhere (the weights not in the cache, a bad
     # config) or is killed leaves the mark, and the next run makes the file again, where
     # Snakemake, which records a failed job's output as made, would say "Nothing to be done".
-    # A retry (the profile's `retries`) of an attempt that failed with an error a retry repeats
-    # stops here, before a model is loaded (xmodal.io.fail_attempt)
-    if getattr(_job, "rule", None) in ("extract", "import_features"):
-        from xmodal.io import RepeatedFailureError, begin_attempt
+    # Every job: an uncaught error that a retry repeats (the project's own errors about the
+    # model, the stimuli, the config or a feature file) is recorded in that mark, or in one
+    # next to the job's log (xmodal.attempts.fail_attempt), and a retry (the profile's `retries`) of
+    # that attempt stops here, before a model or a feature file is loaded
+    from xmodal.attempts import (
+        RepeatedFailureError,
+        begin_attempt,
+        check_not_repeated,
+        end_attempt,
+        fail_attempt,
+    )
 
-        try:
-            begin_attempt(_job.output.features, int(getattr(_job.resources, "attempt", 1)))
-        except RepeatedFailureError as err:
-            with open(_job.log[0], "a", encoding="utf-8") as _fh:  # after the first error
-                _fh.write(f"ERROR RepeatedFailureError: {err}\n")
-            sys.exit(f"RepeatedFailureError: {err}")
+    # the attempt, where the job's resources say it (0: not said, xmodal.attempts.check_not_repeated)
+    _attempt = int(getattr(getattr(_job, "resources", None), "attempt", 0) or 0)
+    _makes_features = getattr(_job, "rule", None) in ("extract", "import_features")
+    _log = getattr(_job, "log", None)
+    _mark = _job.output.features if _makes_features else (_log[0] if _log else None)
+    try:
+        if _mark is None:  # a job without a log (not one of this workflow's) has no mark
+            pass
+        elif _makes_features:
+            begin_attempt(_mark, _attempt)
+        elif _attempt == 1:  # a first attempt starts clean
+            end_attempt(_mark)
+        else:
+            check_not_repeated(_mark, _attempt)
+    except RepeatedFailureError as err:
+        with open(_job.log[0], "a", encoding="utf-8") as _fh:  # after the first error
+            _fh.write(f"ERROR RepeatedFailureError: {err}\n")
+        sys.exit(f"RepeatedFailureError: {err}")
+
+    def _note_failure() -> None:
+        """At exit: record the uncaught error the script ended with, which the interpreter
+        keeps in sys.last_exc (sys.last_value before Python 3.12), when a retry repeats it."""
+        err = getattr(sys, "last_exc", None) or getattr(sys, "last_value", None)
+        if err is not None and _mark is not None:
+            fail_attempt(_mark, err, create=not _makes_features)
+
+    atexit.register(_note_failure)

@@ -156,7 +156,7 @@ def test_an_extraction_job_is_marked_from_its_first_line(tmp_path, rule, marked)
     import subprocess
     import sys
 
-    from xmodal.io import attempt_marker
+    from xmodal.attempts import attempt_marker
 
     out = tmp_path / "f" / "m.h5"
     scripts = Path(__file__).resolve().parents[1] / "scripts"

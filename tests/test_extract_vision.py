@@ -211,7 +211,7 @@ def test_nan_is_an_error_naming_model_layer_stimuli(
         extract_features(
             "mae-h", {"modality": "vision", "id": "x"}, tiny_manifest, out, progress=False
         )
-    # no file; only the mark of the failed attempt (xmodal.io.begin_attempt)
+    # no file; only the mark of the failed attempt (xmodal.attempts.begin_attempt)
     assert not out.exists() and [p.name for p in tmp_path.iterdir()] == [".mae-h.h5.attempt"]
 
 

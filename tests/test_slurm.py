@@ -253,12 +253,13 @@ def test_failed_job_is_retried_with_more_memory(slurm_cluster: Cluster, tmp_path
     assert first["Partition"] == second["Partition"] == PARTITION
 
 
-def test_an_extraction_that_failed_for_good_is_not_run_again(
+def test_a_job_that_failed_for_good_is_not_run_again(
     slurm_cluster: Cluster, tmp_path: Path
 ) -> None:
-    """The profile resubmits a failed job twice; after an extraction's error that a retry
-    repeats, attempts 2 and 3 stop in the bootstrap, which reads the attempt from the job's
-    resources as Snakemake evaluates them in the SLURM job (xmodal.io.begin_attempt)."""
+    """The profile resubmits a failed job twice; after an error that a retry repeats, attempts
+    2 and 3 stop in the bootstrap, which reads the attempt from the job's resources as
+    Snakemake evaluates them in the SLURM job: an extraction's own (xmodal.attempts.
+    begin_attempt), and an analysis job's from the profile's default-resources."""
     c = slurm_cluster
     shutil.copy(ROOT / "tests" / "slurm" / "attempt.smk", tmp_path / "Snakefile")
     (tmp_path / "scripts").mkdir()
@@ -271,11 +272,17 @@ def test_an_extraction_that_failed_for_good_is_not_run_again(
     log = proc.stdout + proc.stderr
     assert proc.returncode != 0, log[-4000:]
     jobs = sorted(c.jobs_in(tmp_path, since), key=lambda r: int(r["JobID"]))
-    assert [rule_of(r) for r in jobs] == ["extract"] * 3, jobs  # resubmitted twice
-    assert (tmp_path / "out" / "attempts.txt").read_text() == "1\n"  # 2, 3 stopped first
-    stopped = (tmp_path / "out" / "m.log").read_text()
-    assert "out/m.h5: attempt 3 not run: the attempt before it failed" in stopped, stopped
-    assert "StimulusError: stimulus 's1': cannot decode image img/s1.png" in stopped
+    # resubmitted twice each
+    assert sorted(rule_of(r) for r in jobs) == ["extract"] * 3 + ["summary"] * 3, jobs
+    for rule, mark, error in (
+        ("extract", "out/m.h5", "StimulusError: stimulus 's1': cannot decode image img/s1.png"),
+        ("summary", "out/s.log", "TableError: results/sets.tsv: column 'set' missing"),
+    ):
+        attempts = (tmp_path / "out" / f"attempts-{rule}.txt").read_text()
+        assert attempts == "1\n", (rule, attempts)  # 2, 3 stopped first
+        stopped = (tmp_path / "out" / f"{Path(mark).stem}.log").read_text()
+        assert f"{mark}: attempt 3 not run: the attempt before it failed" in stopped, stopped
+        assert error in stopped, stopped
 
 
 @pytest.mark.slow

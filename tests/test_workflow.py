@@ -640,7 +640,7 @@ def test_a_feature_file_whose_last_job_failed_is_made_again(workflow_dir):
     """Snakemake records a failed job's output as made: after a run whose re-extractions all
     failed (a setting every LLM refused, or OOM kills), the next run said "Nothing to be done"
     and kept the tables made from the earlier files (audit). The extraction's mark
-    (xmodal.io.begin_attempt) next to the missing file makes the default target extract it
+    (xmodal.attempts.begin_attempt) next to the missing file makes the default target extract it
     again, with a warning naming it; a file deleted by hand (no mark) stays as documented."""
     path = workflow_dir / "results/features/demo/tiny-llama-s.h5"
     aside, mark = path.with_name("aside.h5"), path.with_name(".tiny-llama-s.h5.attempt")

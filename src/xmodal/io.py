@@ -16,7 +16,6 @@ import json
 import logging
 import os
 import shutil
-import socket
 import stat
 import tempfile
 import time
@@ -27,31 +26,21 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from xmodal.logs import is_xmodal_error
-
 log = logging.getLogger(__name__)
 
 __all__ = [
     "TEXT_COLUMNS",
     "DiskFullError",
-    "RepeatedFailureError",
     "TableError",
     "UnwritableOutputError",
     "atomic_path",
-    "attempt_marker",
-    "begin_attempt",
     "chmod_like_new",
     "directory_digest",
-    "end_attempt",
-    "fail_attempt",
     "file_digests",
-    "forget_failures",
     "is_disk_full",
-    "passing_error",
     "read_table",
     "remove_stale_temporaries",
     "scratch_path",
-    "unfinished_outputs",
     "write_table",
 ]
 
@@ -78,10 +67,6 @@ _NA_TEXT = frozenset({"", "NaN", "nan"})
 
 class TableError(ValueError):
     """A pipeline table that cannot be written or read as its contract says."""
-
-
-class RepeatedFailureError(RuntimeError):
-    """A retried job not run again: its last attempt failed with an error a retry repeats."""
 
 
 class DiskFullError(OSError):
@@ -178,125 +163,6 @@ def atomic_path(
         if is_disk_full(err) and not isinstance(err, DiskFullError):
             raise _disk_full(err, final, str(final)) from err
         raise
-
-
-def attempt_marker(path: str | os.PathLike) -> Path:
-    """The hidden file that says a job is making ``path`` (:func:`begin_attempt`)."""
-    final = Path(path)
-    return final.with_name(f".{final.name}.attempt")
-
-
-#: The line of an attempt mark that records an error a retry repeats (:func:`fail_attempt`).
-_REPEATS = "fails again on retry: "
-
-
-def begin_attempt(path: str | os.PathLike, attempt: int = 1) -> None:
-    """Mark that a job is making ``path``; :func:`end_attempt` removes the mark once it is made,
-    so a job that fails or is killed leaves it.
-
-    Snakemake 9 records a failed job's outputs as made (with the new parameters), so a run
-    after one whose every re-extraction failed said "Nothing to be done" and kept what the
-    earlier file made; the mark next to a missing ``path`` tells the workflow
-    (:func:`unfinished_outputs`).
-
-    ``attempt`` is Snakemake's (2 and up: the profile's ``retries`` resubmitted the job). When
-    the attempt before it failed with an error a retry repeats (:func:`fail_attempt`), this one
-    raises :class:`RepeatedFailureError` at once, naming that error, instead of loading a model
-    for hours to fail the same way. A new run of Snakemake starts again from attempt 1.
-    """
-    marker = attempt_marker(path)
-    if attempt > 1 and marker.is_file():
-        with contextlib.suppress(OSError, UnicodeDecodeError):
-            lines = marker.read_text(encoding="utf-8").splitlines()
-            failed = [line.removeprefix(_REPEATS) for line in lines if line.startswith(_REPEATS)]
-            if failed:
-                raise RepeatedFailureError(
-                    f"{path}: attempt {attempt} not run: the attempt before it failed with an "
-                    "error that a retry repeats (more memory, more time and another node change "
-                    f"nothing): {failed[-1].rstrip('.')}. Fix that and run Snakemake again (a "
-                    "new run tries again)"
-                )
-    try:  # before any work: an output folder nobody can write to fails here, not after hours
-        marker.parent.mkdir(parents=True, exist_ok=True)
-        marker.write_text(
-            f"started {time.strftime('%Y-%m-%dT%H:%M:%S%z')} on {socket.gethostname()}\n"
-        )
-    except OSError as err:
-        if isinstance(err, PermissionError) or err.errno == errno.EROFS:
-            raise _unwritable(err, Path(path)) from None
-        if is_disk_full(err):
-            raise _disk_full(err, Path(path), str(marker)) from err
-        raise
-
-
-#: Error numbers of a file, not of the moment: a missing file or folder, no permission, a
-#: read-only file system, a bad name. Other error numbers (an I/O error, a stale NFS handle, a
-#: time-out, no memory, a full disk) may pass on retry.
-_LASTING_ERRNOS = frozenset(
-    {errno.ENOENT, errno.EISDIR, errno.ENOTDIR, errno.EACCES, errno.EPERM, errno.EROFS,
-     errno.ENAMETOOLONG, errno.ELOOP}
-)  # fmt: skip
-
-
-def passing_error(err: BaseException) -> bool:
-    """Whether ``err`` may pass when the job is retried (more memory and time, maybe another
-    node): an ``OSError`` with an error number other than those of the file itself (an I/O
-    error, a stale NFS handle, a full disk), running out of memory (host or GPU), or an error
-    whose class sets ``repeats_on_retry = False`` (no usable GPU on the node)."""
-    if isinstance(err, MemoryError) or not getattr(err, "repeats_on_retry", True):
-        return True
-    if isinstance(err, OSError):
-        return err.errno is not None and err.errno not in _LASTING_ERRNOS
-    text = str(err).lower()
-    return isinstance(err, RuntimeError) and (
-        "out of memory" in text or "not enough memory" in text
-    )
-
-
-def fail_attempt(path: str | os.PathLike, err: BaseException) -> None:
-    """Record in the mark of :func:`begin_attempt` that the job making ``path`` failed with
-    ``err``, when a retry of the job would fail with it again: the project's own errors about
-    the model, its weights, the stimuli or the config, unless it or an error that led to it
-    may pass on retry (:func:`passing_error`: the file system, memory, the node)."""
-    chain, link = [], err
-    while link is not None and link not in chain:  # the errors that led to it, in order
-        chain.append(link)
-        link = link.__cause__ or link.__context__
-    repeats = (
-        is_xmodal_error(err)
-        and not isinstance(err, OSError | RepeatedFailureError)
-        and not any(passing_error(e) for e in chain)
-    )
-    marker = attempt_marker(path)
-    if repeats and marker.is_file():
-        message = " ".join(f"{type(err).__name__}: {err}".split())
-        with contextlib.suppress(OSError), open(marker, "a", encoding="utf-8") as fh:
-            fh.write(f"{_REPEATS}{message}\n")
-
-
-def forget_failures(paths: Iterable[str | os.PathLike]) -> None:
-    """Drop :func:`fail_attempt`'s records from the marks of ``paths``: a new run of Snakemake
-    (the workflow calls this at its start) retries its jobs, whatever an earlier run's
-    attempts failed with (the user may have fixed it), even where its own attempt 1 dies
-    before it writes its mark (a node failure)."""
-    for path in paths:
-        marker = attempt_marker(path)
-        with contextlib.suppress(OSError, UnicodeDecodeError):
-            text = marker.read_text(encoding="utf-8")
-            if _REPEATS in text:
-                lines = text.splitlines(keepends=True)
-                marker.write_text("".join(x for x in lines if not x.startswith(_REPEATS)))
-
-
-def end_attempt(path: str | os.PathLike) -> None:
-    """Remove :func:`begin_attempt`'s mark: ``path`` is made."""
-    attempt_marker(path).unlink(missing_ok=True)
-
-
-def unfinished_outputs(paths: Iterable[str | os.PathLike]) -> list[Path]:
-    """The ``paths`` that are missing while the mark of a job that made them is there: their
-    last job failed or was killed (:func:`begin_attempt`)."""
-    return [Path(p) for p in paths if not Path(p).exists() and attempt_marker(p).is_file()]
 
 
 @contextlib.contextmanager

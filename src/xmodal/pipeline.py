@@ -267,11 +267,11 @@ def run_import_features(
     against the stimuli every extraction keeps (the manifest, without the duplicates
     ``stimuli.drop_duplicates`` leaves out) and copied with its rows in manifest order
     (:func:`xmodal.features.import_features`)."""
+    from xmodal.attempts import begin_attempt, end_attempt
     from xmodal.features import import_features
-    from xmodal.io import begin_attempt, end_attempt
     from xmodal.stimuli import analysed_stimuli, read_manifest
 
-    begin_attempt(dst)  # until made (as an extraction: xmodal.io.begin_attempt)
+    begin_attempt(dst)  # until made (as an extraction: xmodal.attempts.begin_attempt)
     df = kept = read_manifest(manifest, check_images=False)
     if drop_duplicates:
         kept, _ = analysed_stimuli(df, Path(manifest).parent)

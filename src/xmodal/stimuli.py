@@ -44,7 +44,8 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from xmodal.io import atomic_path, file_digests, passing_error
+from xmodal.attempts import passing_error
+from xmodal.io import atomic_path, file_digests
 from xmodal.logs import Progress, preview
 
 log = logging.getLogger(__name__)
@@ -1184,7 +1185,7 @@ def _pixels_digest(image: Image.Image) -> str:
 
 class ImageReadError(StimulusError):
     """An image file that could not be read for a reason that may pass (an I/O error, a stale
-    NFS handle: xmodal.io.passing_error): a retried job reads it again. The class, not a cause,
+    NFS handle: xmodal.attempts.passing_error): a retried job reads it again. The class, not a cause,
     says so, since a DataLoader worker's error reaches the job as a new error of its class."""
 
     repeats_on_retry = False
@@ -1251,7 +1252,7 @@ def _scan(
     if bad:
         k = bad[0]
         at = f"line {lines[k]}, " if lines is not None else ""
-        # every image failed for a reason that may pass (an I/O error): so may this (io.fail_attempt)
+        # every image failed for a reason that may pass (an I/O error): so may this (attempts.fail_attempt)
         error = StimulusError
         if all(isinstance(results[j], ImageReadError) for j in bad):
             error = ImageReadError

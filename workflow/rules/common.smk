@@ -60,7 +60,8 @@ from xmodal.figures import (
 )
 from xmodal.language_dispersion import LanguageDispersionSettings
 from xmodal.demo.build import demo_needs
-from xmodal.io import file_digests, forget_failures, unfinished_outputs
+from xmodal.attempts import forget_failures, marked_paths, unfinished_outputs
+from xmodal.io import file_digests
 from xmodal.logs import forward_to
 from xmodal.prefetch import downloaded_revision
 from xmodal.properties import annotations, check_annotations
@@ -393,7 +394,7 @@ for _key in SUPPLIED:
 
 
 def unfinished_feature_files():
-    """Feature files whose last job failed or was killed (xmodal.io.begin_attempt): Snakemake
+    """Feature files whose last job failed or was killed (xmodal.attempts.begin_attempt): Snakemake
     records a failed job's output as made, so the next run said "Nothing to be done" and kept
     the results made from the earlier file, with the setting that triggered the job not
     applied. The default target makes them again; a start-up warning names them."""
@@ -1285,14 +1286,16 @@ check_feature_files()
 
 
 def forget_earlier_failures():
-    """A new run retries every extraction, whatever an earlier run's attempts failed with
-    (the user may have fixed it): their records in the attempt marks go (xmodal.io.
-    fail_attempt, forget_failures), also where this run's first attempt dies before it writes
-    its own mark. Called on start (onstart: once this run holds the lock, with jobs to run;
-    never in a dry run), so that a run refused by another's lock leaves that run's records.
+    """A new run retries every job, whatever an earlier run's attempts failed with (the user
+    may have fixed it): their records in the attempt marks of the feature files and the logs
+    go (xmodal.attempts.fail_attempt, forget_failures), also where this run's first attempt dies
+    before it writes its own mark. Called on start (onstart: once this run holds the lock,
+    with jobs to run; never in a dry run), so that a run refused by another's lock leaves that
+    run's records.
     """
     if workflow.is_main_process:
         forget_failures(feature_file(m) for m in REGISTRY)
+        forget_failures(marked_paths("logs"))
 
 
 def touch_unchanged_stamps():

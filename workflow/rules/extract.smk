@@ -27,7 +27,7 @@ rule extract:
         runtime=extraction_resource("runtime"),
         cpus_per_task=extraction_resource("cpus_per_task"),
         # read by the job: a retry of an attempt that failed with an error a retry repeats
-        # stops before loading the model (scripts/_bootstrap.py, xmodal.io.fail_attempt)
+        # stops before loading the model (scripts/_bootstrap.py, xmodal.attempts.fail_attempt)
         attempt=lambda wildcards, attempt: attempt,
     params:
         features=feature_spec,

@@ -90,12 +90,13 @@ def extract_features(
     """
     from torch.utils.data import DataLoader
 
+    from xmodal.attempts import begin_attempt, end_attempt
     from xmodal.features import STIMULI_DIGEST, WEIGHTS_DIGEST, write_features
-    from xmodal.io import begin_attempt, end_attempt, remove_stale_temporaries, scratch_path
+    from xmodal.io import remove_stale_temporaries, scratch_path
     from xmodal.stimuli import ImageDataset, manifest_stamp, read_manifest
 
     # until the file is made: a failed or killed extraction leaves the mark, and the next run
-    # makes the file again (xmodal.io.begin_attempt: Snakemake records a failed job as done)
+    # makes the file again (xmodal.attempts.begin_attempt: Snakemake records a failed job as done)
     begin_attempt(out_path)
     t0 = time.perf_counter()
     modality = model_cfg.get("modality")
