@@ -403,16 +403,21 @@ def test_a_caption_starting_with_a_space_gets_the_models_own_tokens(sentencepiec
             tokenize_captions(tok, caps, stimulus_ids=ids)
     else:
         assert tokenize_captions(tok, caps, stimulus_ids=ids).ids[1] == [1, *sp.encode(caps[1])]
-    # a caption with a special token's spelling was not checked: its leading space was dropped
-    # unnoticed; the text before the spelling is compared now
-    marked = " a </s>"
-    if tok(" a", add_special_tokens=False)["input_ids"] != sp.encode(" a"):
-        with pytest.raises(ExtractionError, match=r"stimuli \['mark'\] .* start with a space"):
-            tokenize_captions(tok, [marked], stimulus_ids=["mark"])
-    else:
-        assert tokenize_captions(tok, [marked], stimulus_ids=["mark"]).ids[0][:2] == [
-            1, *sp.encode(" a")[:1]
-        ]  # fmt: skip
+    # a caption with a special token's spelling was not checked, and then (audit) one with
+    # only spaces before the spelling, nor one starting with SentencePiece's word mark: each
+    # got the features of the caption without its space or mark, with exit 0. SentencePiece
+    # reads the spelling as characters, as the extraction does
+    for marked in (" a </s>", " <s> two green spheres", " </s> a red cube", "\u2581a red cube"):
+        own = [1, *sp.encode(marked)]
+        if tok(marked, add_special_tokens=False, split_special_tokens=True)["input_ids"] != own[1:]:
+            with pytest.raises(ExtractionError, match=r"stimuli \['mark'\] .* start with a space"):
+                tokenize_captions(tok, [marked], stimulus_ids=["mark"])
+        else:
+            assert tokenize_captions(tok, [marked], stimulus_ids=["mark"]).ids[0] == own
+    # the same captions without the space or mark are accepted, with SentencePiece's tokens
+    bare = ["<s> two green spheres", "</s> a red cube", "a red cube"]
+    got = tokenize_captions(tok, bare, stimulus_ids=["x", "y", "z"]).ids
+    assert got == [[1, *sp.encode(c)] for c in bare]
     # a byte-level BPE tokenizer keeps the space as its file does: nothing to refuse
     bpe = AutoTokenizer.from_pretrained(tiny_lms["bloom"])
     got = tokenize_captions(bpe, caps, stimulus_ids=ids).ids

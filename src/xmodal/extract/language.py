@@ -553,13 +553,16 @@ def tokenize_captions(
 
 
 def _own_tokens(tokenizer: Any, texts: Sequence[str]) -> list[list[int]] | None:
-    """Token ids (no special tokens) that the model's own tokenizer file gives ``texts``: its
-    ``tokenizer.json`` (tokenizers) or ``tokenizer.model`` (SentencePiece); None without one."""
+    """Token ids (no special tokens added) that the model's own tokenizer file gives ``texts``:
+    its ``tokenizer.json`` (tokenizers) or ``tokenizer.model`` (SentencePiece); None without
+    one. A special token's spelling in a text is read as its characters, as the extraction
+    reads it (SentencePiece never matches its control tokens in text)."""
     folder = Path(str(getattr(tokenizer, "name_or_path", "") or ""))
     if (folder / "tokenizer.json").is_file():
         from tokenizers import Tokenizer
 
         own = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        own.encode_special_tokens = True
         return [own.encode(t, add_special_tokens=False).ids for t in texts]
     if (folder / "tokenizer.model").is_file():
         import sentencepiece
@@ -572,26 +575,21 @@ def _own_tokens(tokenizer: Any, texts: Sequence[str]) -> list[list[int]] | None:
 def _check_leading_spaces(
     tokenizer: Any, captions: Sequence[str], stimulus_ids: Sequence[str]
 ) -> None:
-    """Refuse captions that start with a space when the loaded tokenizer gives them other
-    tokens than the model's own tokenizer file does.
+    """Refuse captions that start with a space (any whitespace, or SentencePiece's word mark
+    ``▁``) when the loaded tokenizer gives them other tokens than the model's own tokenizer
+    file does.
 
     transformers 5 rebuilds LLaMA tokenizers with a pre-tokenizer that drops a caption's
-    leading space, which SentencePiece and the tokenizer.json of the model keep: such captions
-    would get other features than the reference extraction (docs/contracts.md, "Captions: token
-    limit")."""
-    special = [t for t in getattr(tokenizer, "all_special_tokens", None) or [] if t]
-
-    def head(caption: str) -> str:
-        # up to a special token's spelling: the extraction reads it as text, the tokenizer
-        # file would match it as the token, so only the text before it can be compared (a
-        # caption with one was skipped, its leading space dropped unnoticed)
-        cut = min((caption.find(t) for t in special if t in caption), default=len(caption))
-        return caption[:cut]
-
-    lead = [i for i, c in enumerate(captions) if c.startswith(" ") and head(c).strip()]
+    leading space (and adds no word mark before a leading ``▁``), which SentencePiece and the
+    tokenizer.json of the model keep: such captions would get other features than the
+    reference extraction (docs/contracts.md, "Captions: token limit"). Whole captions are
+    compared, a special token's spelling in them read as characters on both sides (the text
+    before such a spelling was compared, and a caption with only spaces before it was not:
+    ``' </s> a cube'`` got the features of ``'</s> a cube'``, audit)."""
+    lead = [i for i, c in enumerate(captions) if c[:1].isspace() or c[:1] == "\u2581"]
     if not lead:
         return
-    texts = [head(captions[i]) for i in lead]
+    texts = [captions[i] for i in lead]
     own = _own_tokens(tokenizer, texts)
     if own is None:
         return
@@ -602,7 +600,8 @@ def _check_leading_spaces(
         import transformers
 
         raise ExtractionError(
-            f"captions of stimuli {preview(differ)} start with a space, and the loaded tokenizer "
+            f"captions of stimuli {preview(differ)} start with a space (or SentencePiece's "
+            "word mark '\u2581'), and the loaded tokenizer "
             f"({type(tokenizer).__name__}, transformers {transformers.__version__}) tokenizes them "
             f"otherwise than the model's own tokenizer file in {tokenizer.name_or_path}: their "
             "features would not be the model's. Remove the leading spaces from those captions in "
