@@ -277,6 +277,49 @@ def test_layer_search_table_values_and_choice(data):
     np.testing.assert_array_equal(new["chosen"], old["chosen"])
 
 
+def test_a_layer_choice_within_the_stabilities_is_flagged_tied(data, caplog):
+    """Two layers whose values differ by less than their stabilities are ordered by the kNN
+    tie-breaks, so another order of the stimuli could choose the other one and move every
+    value of the pair (audit: 2 of the demo's 12 pairs changed layer when only the manifest's
+    rows were permuted, and nothing said so). The chosen row says ``layer_tied``, computed here
+    from the table's own values and stabilities, and the job's log names both layers."""
+    import logging
+
+    _, layers, _ = data
+    vis = vision_map(data)
+    # layer 3 repeats layer 1: equal values, so whichever is chosen, the choice is tied
+    stack = [layers[0], layers[1], layers[2], layers[1].copy()]
+    with caplog.at_level(logging.WARNING, logger="xmodal.alignment"):
+        table = al.layer_search_table(
+            vis, "l", ((i, f"layers.{i}", y) for i, y in enumerate(stack)), k=10,
+            metrics=("cknna", "cka"),
+        )  # fmt: skip
+    assert list(table.columns) == al.LAYER_COLUMNS
+    assert not table.loc[~table["chosen"], "layer_tied"].any()
+    for _, g in table.groupby(["vision", "metric"]):
+        best = g[g["chosen"]].iloc[0]
+        rest = g[~g["chosen"]]
+        expected = bool(
+            ((best["value"] - rest["value"]) <= best["stability"] + rest["stability"]).any()
+        )
+        assert bool(best["layer_tied"]) is expected
+        if best["llm_layer"] in (1, 3):  # the repeated layer won: tied, at its first copy
+            assert best["llm_layer"] == 1 and best["layer_tied"]
+    assert table["layer_tied"].any()
+    assert "the chosen layer 1" in caplog.text and "layer(s) 3" in caplog.text
+    # the rule on values and stabilities as given (0.100 vs 0.0995: within 3e-4 + 3e-4, not
+    # within 2e-4 + 2e-4)
+    for stab, tied in ((3e-4, True), (2e-4, False)):
+        t = pd.DataFrame(
+            {"vision": "v", "metric": "cknna", "llm_layer": [0, 1, 2],
+             "value": [0.0995, 0.100, 0.09], "stability": [stab, stab, 0.0],
+             "valid": True, "reason": ""}
+        )  # fmt: skip
+        chosen, flag = al._choose(t, "l")
+        assert chosen.tolist() == [False, True, False]
+        assert flag.tolist() == [False, tied, False]
+
+
 def test_condition_tables_equal_condition_table(data):
     vision, layers, sets = data
     vis = vision_map(data)

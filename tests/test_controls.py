@@ -261,6 +261,19 @@ def test_only_the_largest_fixed_sets_are_left_to_evaluation(drop_tables, monkeyp
     assert al.ConditionPlan(sets, _ids(120), k=K, n_boot=0).lazy_fixed == drop
 
 
+def test_drop_table_says_which_pairs_layer_choice_was_tied(drop_tables):
+    """The drop sets are scored at the pair's chosen layer: its ``layer_tied`` (the layer
+    search's) is on their rows, and nothing else changes."""
+    cond = drop_tables[True][3]
+    plain = al.drop_table(cond)
+    first = str(plain["vision"].iloc[0])
+    tied = al.drop_table(cond, {(first, "cknna"): True})
+    assert not plain["layer_tied"].any()
+    assert (tied["layer_tied"] == ((tied["vision"] == first) & (tied["metric"] == "cknna"))).all()
+    assert tied["layer_tied"].any()
+    pd.testing.assert_frame_equal(tied.drop(columns="layer_tied"), plain.drop(columns="layer_tied"))
+
+
 def test_drop_table_refuses_inconsistent_tables(drop_tables):
     cond = drop_tables[True][3]
     with pytest.raises(ValueError, match="no random_drop draws.*analysis.drop_control"):

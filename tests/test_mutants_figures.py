@@ -159,6 +159,30 @@ def test_layerwise_no_chosen_mark_on_a_degenerate_layer(tmp_path):
     assert "undefined|v|l" in gids and "chosen|v|l" not in gids
 
 
+def test_layerwise_a_tied_choice_is_a_diamond(tmp_path):
+    """A chosen layer within the stabilities of another (``layer_tied``) is drawn as a diamond
+    (gid ``tied|``), not the round chosen mark, and the legend counts it; an untied choice
+    keeps the round mark and no legend entry for ties."""
+    rows = [
+        {"vision": "v", "llm": llm, "vision_layer": 1, "llm_layer": li, "metric": "cknna",
+         "value": 0.1 + 0.01 * li, "stability": 0.0, "valid": True, "chosen": li == 3,
+         "layer_tied": llm == "l" and li == 3}
+        for llm in ("l", "m") for li in range(4)
+    ]  # fmt: skip
+    fig = render_figure("layerwise", _layers(tmp_path, rows))
+    gids = {a.get_gid() for a in fig.findobj(lambda a: bool(a.get_gid()))}
+    assert {"tied|v|l", "chosen|v|m"} <= gids and not {"chosen|v|l", "tied|v|m"} & gids
+    (tie,) = [c for c in _panels(fig)[0].collections if c.get_gid() == "tied|v|l"]
+    np.testing.assert_allclose(tie.get_offsets(), [[1.0, 0.13]])
+    labels = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert "chosen, tied with another layer (1)" in labels
+    for r in rows:
+        r["layer_tied"] = False
+    fig = render_figure("layerwise", _layers(tmp_path, rows))
+    labels = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert not [x for x in labels if "tied" in x]
+
+
 def test_layerwise_a_value_between_degenerate_layers_is_drawn(tmp_path):
     """A valid layer whose neighbours are degenerate (or the line's end) is a line of one point,
     which matplotlib draws as nothing: the figure must show it as a dot at its value, in the
@@ -492,6 +516,21 @@ def test_heldout_title_names_each_rules_counts():
         "\nheld-out layer: low > high in 7/11 pairs, median Δ +0.010\n    (1 undefined, 2 unstable)"
         "\nfull-set layer: low > high in 11/12 pairs, median Δ +0.050"
     )
+
+
+def test_contrasts_title_says_how_many_pairs_layer_choice_was_tied():
+    """The summary's n_layer_tied is said next to the other flags of the counts; a summary
+    table without the column (an older run's) says nothing of ties."""
+    from xmodal.figures.alignment import _summary_line
+
+    row = {"n_low_gt_random_gt_high": 9, "n_valid": 12, "n_pairs": 12, "n_unstable": 1,
+           "median_ratio_low_high": 1.5, "n_ratio": 12}  # fmt: skip
+    stats = pd.DataFrame([{"summary": "mean", **row, "n_layer_tied": 2}]).set_index("summary")
+    assert _summary_line(stats, "mean").startswith(
+        "\nlow > random > high in 9/12 pairs (1 unstable, 2 layer tied)\n"
+    )
+    stats = pd.DataFrame([{"summary": "mean", **row}]).set_index("summary")
+    assert "tied" not in _summary_line(stats, "mean")
 
 
 def test_gallery_picks_by_mean_dispersion_not_pc1(inputs, tmp_path):

@@ -108,6 +108,7 @@ def run(tmp_path_factory):
         loo_stimuli_path=tmp / "loo_stimuli.tsv", out_self_selection=tmp / "s.tsv",
     )  # fmt: skip
     return dict(
+        tmp=tmp, paths=paths, llm_path=llm_path,
         ids=ids, k=k, size=size, layers=layers, llm=llm, chosen=chosen, sets=sets,
         partial=partial, pc1=pc1, cond=read_table(tmp / "c.tsv"), con=read_table(tmp / "x.tsv"),
         own=read_table(tmp / "s.tsv"),
@@ -175,3 +176,28 @@ def test_the_summary_puts_both_kinds_of_sets_side_by_side(run):
         assert others["n_low_gt_high"] == int((own["low"] > own["high"]).sum())
         assert others["n_diff_ci_above_zero"] == int((own["diff_ci_low"] > 0).sum())
         assert others["n_pairs"] == 3
+
+
+def test_a_tied_layer_choice_is_said_on_every_row_at_that_layer(run):
+    """The layer search's ``layer_tied`` of a pair's choice reaches the rows computed at that
+    layer: the contrasts, the sets chosen without the model, and their summary's count; the
+    numbers themselves do not change."""
+    tmp = run["tmp"]
+    layers = _layers_table("lm", run["chosen"], n_layers=3)
+    layers["layer_tied"] = layers["chosen"] & (layers["vision"] == "vb")
+    write_table(layers, tmp / "layers_tied.tsv")
+    run_conditions(
+        run["paths"], run["llm_path"], tmp / "layers_tied.tsv", tmp / "sets.tsv",
+        ["va", "vb", "vc"], "lm", vision_layer=-2, k=run["k"], n_boot=50, seed=0,
+        out_conditions=tmp / "c2.tsv", out_contrasts=tmp / "x2.tsv",
+        loo_stimuli_path=tmp / "loo_stimuli.tsv", out_self_selection=tmp / "s2.tsv",
+    )  # fmt: skip
+    con, own = read_table(tmp / "x2.tsv"), read_table(tmp / "s2.tsv")
+    for table, before in ((con, run["con"]), (own, run["own"])):
+        assert (table["layer_tied"] == (table["vision"] == "vb")).all()
+        assert not before["layer_tied"].any()  # a table without the column: none tied
+        pd.testing.assert_frame_equal(
+            table.drop(columns="layer_tied"), before.drop(columns="layer_tied")
+        )
+    summary = summary_table(con)
+    assert summary[["summary", "n_layer_tied"]].values.tolist() == [["mean", 1], ["pc1", 1]]

@@ -79,6 +79,7 @@ __all__ = [
     "kernel",
     "layer_problem",
     "layer_profile_table",
+    "layer_tie_column",
     "layer_search",
     "layer_search_many",
     "layer_search_table",
@@ -112,6 +113,7 @@ LAYER_COLUMNS = [
     "valid",
     "reason",
     "chosen",
+    "layer_tied",
 ]
 CONDITION_COLUMNS = [
     "vision",
@@ -143,6 +145,7 @@ CONTRAST_COLUMNS = [
     "diff_ci_low",
     "diff_ci_high",
     "n_boot",
+    "layer_tied",
 ]
 #: The drop sets against the size-matched random draws (docs/method.md, "Size-matched drop
 #: control"): one row per (vision, LLM, metric, summary) of the drop sets.
@@ -166,6 +169,7 @@ DROP_COLUMNS = [
     "n_random",
     "frac_random_ge_drop_high",
     "frac_random_ge_drop_low",
+    "layer_tied",
 ]
 #: Each vision model on the low and high sets chosen without it (docs/method.md, "Sets chosen
 #: without the scored model"): the contrast columns, then the same pair's values on the sets of
@@ -452,9 +456,13 @@ def layer_profile_table(
     )
 
 
-def _choose(table: pd.DataFrame, llm: str) -> pd.Series:
-    """Per (vision, metric): True at the argmax of value among valid rows (first on equal values)."""
+def _choose(table: pd.DataFrame, llm: str) -> tuple[pd.Series, pd.Series]:
+    """Per (vision, metric): ``chosen``, True at the argmax of value among valid rows (first on
+    equal values); ``layer_tied``, True there when another valid layer's value is within the
+    two values' stabilities of it (docs/method.md, "Layer choice and statistics"): another
+    tie-break of the kNN sets (another order of the stimuli) may choose that layer."""
     chosen = pd.Series(False, index=table.index)
+    tied = pd.Series(False, index=table.index)
     for (vision, metric), group in table.groupby(["vision", "metric"], sort=False):
         ok = group[group["valid"]]
         if ok.empty:
@@ -464,8 +472,32 @@ def _choose(table: pd.DataFrame, llm: str) -> pd.Series:
                 f"every one of its {len(group)} layers is invalid ({'; '.join(reasons)}); "
                 "check that LLM's feature file (docs/method.md, 'Degenerate layers')"
             )
-        chosen[ok["value"].idxmax()] = True
-    return chosen
+        best = ok["value"].idxmax()
+        chosen[best] = True
+        rivals = ok.drop(index=best)
+        reach = rivals["stability"].to_numpy(float) + float(ok.at[best, "stability"])
+        close = ok.at[best, "value"] - rivals["value"].to_numpy(float) <= reach
+        if close.any():
+            tied[best] = True
+            log.warning(
+                "%s x %s (%s): the chosen layer %s (%.6g, stability %.2g) is within the "
+                "stabilities of layer(s) %s (%s): the kNN tie-breaks (the stimuli's order) "
+                "decide between them (layer_tied; docs/method.md, 'Layer choice and statistics')",
+                vision,
+                llm,
+                metric,
+                ok.at[best, "llm_layer"],
+                ok.at[best, "value"],
+                ok.at[best, "stability"],
+                ", ".join(str(x) for x in rivals["llm_layer"][close]),
+                ", ".join(
+                    f"{v:.6g} ± {st:.2g}"
+                    for v, st in zip(
+                        rivals["value"][close], rivals["stability"][close], strict=True
+                    )
+                ),
+            )
+    return chosen, tied
 
 
 def _vision_sides(
@@ -735,12 +767,12 @@ def layer_search_tables(
                  time.perf_counter() - t0)  # fmt: skip
     if not rows:
         raise ValueError(f"LLM {llm!r}: llm_layers is empty")
-    table = pd.DataFrame(rows, columns=LAYER_COLUMNS[:-1])
+    table = pd.DataFrame(rows, columns=LAYER_COLUMNS[:-2])
     rank = table["vision"].map({key: i for i, key in enumerate(vision)}) * len(names) + table[
         "metric"
     ].map({metric: i for i, metric in enumerate(names)})
     table = table.iloc[np.argsort(rank.to_numpy(), kind="stable")].reset_index(drop=True)
-    table["chosen"] = _choose(table, llm)
+    table["chosen"], table["layer_tied"] = _choose(table, llm)
     if halves is None:
         return table, None
     return table, _heldout_layer_table(table, llm, on_half, halves.shape[1])
@@ -1104,6 +1136,7 @@ class ConditionPlan:
                         diff_ci_high=summ["diff_ci_high"],
                         n_boot=self.n_boot,
                     )
+                row["layer_tied"] = False  # the layer search's flag (condition_tables)
                 contrast_rows.append(row)
         conditions = pd.concat(cond_frames, ignore_index=True)[CONDITION_COLUMNS]
         contrasts = pd.DataFrame(contrast_rows, columns=CONTRAST_COLUMNS)
@@ -1116,7 +1149,7 @@ class ConditionPlan:
         conditions, contrasts = self.evaluate_metrics(vision, llm, llm_layer, xs, ys, ("cknna",))
         conditions = conditions.drop(columns=["stability"])
         contrasts = contrasts.drop(
-            columns=["metric", "low_stability", "high_stability", "random_stability"]
+            columns=["metric", "low_stability", "high_stability", "random_stability", "layer_tied"]
         )
         return conditions, contrasts
 
@@ -1157,10 +1190,13 @@ def condition_tables(
     device: torch.device | None = None,
     dense: bool | None = None,
     boot_cache: MutableMapping[str, BootstrapSide] | None = None,
+    tied: Mapping[tuple[str, str], bool] | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Every stimulus condition of sets.tsv for one LLM, each vision model and metric at its layer.
 
-    ``chosen[(vision, metric)]`` is the LLM layer chosen on the full set for that metric;
+    ``chosen[(vision, metric)]`` is the LLM layer chosen on the full set for that metric, and
+    ``tied[(vision, metric)]`` the layer search's ``layer_tied`` of that choice (absent: False),
+    the contrasts' column;
     ``llm_layer(index)`` returns a prepared layer and is called once per distinct index. Kernels
     and kNN structures are built once per vision model and once per distinct LLM layer (held
     one at a time); the bootstrap draws are those of :class:`ConditionPlan` (for a seed, the
@@ -1217,10 +1253,23 @@ def condition_tables(
                      metric, time.perf_counter() - t0)  # fmt: skip
         del ys
     order = [(v, mt) for v in vision for mt in names]
+    contrasts = pd.concat([parts[p][1] for p in order], ignore_index=True)[CONTRAST_COLUMNS]
+    contrasts["layer_tied"] = layer_tie_column(contrasts, tied)
     return (
         pd.concat([parts[p][0] for p in order], ignore_index=True)[CONDITION_COLUMNS],
-        pd.concat([parts[p][1] for p in order], ignore_index=True)[CONTRAST_COLUMNS],
+        contrasts,
     )
+
+
+def layer_tie_column(
+    table: pd.DataFrame, tied: Mapping[tuple[str, str], bool] | None
+) -> np.ndarray:
+    """Per row of ``table`` (columns vision and metric), ``tied[(vision, metric)]``: whether
+    the layer search's choice of that pair's LLM layer was within the stabilities of another
+    layer (``layer_tied`` of the layers table); False where ``tied`` says nothing."""
+    tied = tied or {}
+    pairs = zip(table["vision"].astype(str), table["metric"].astype(str), strict=True)
+    return np.array([bool(tied.get(key, False)) for key in pairs], dtype=bool)
 
 
 # ----------------------------------------------------------------------------- controls
@@ -1244,9 +1293,12 @@ def _baseline(values: np.ndarray, low: float) -> dict[str, float]:
     }  # fmt: skip
 
 
-def drop_table(conditions: pd.DataFrame) -> pd.DataFrame:
+def drop_table(
+    conditions: pd.DataFrame, tied: Mapping[tuple[str, str], bool] | None = None
+) -> pd.DataFrame:
     """The drop sets against the size-matched random draws (docs/method.md, "Size-matched drop
-    control"): one row per (vision, LLM, metric, summary of the drop sets), :data:`DROP_COLUMNS`.
+    control"): one row per (vision, LLM, metric, summary of the drop sets), :data:`DROP_COLUMNS`
+    (``layer_tied`` from ``tied``, as in :func:`condition_tables`).
 
     ``conditions``: :func:`condition_tables` of a sets table with ``random_drop`` draws. The
     random columns are ``xmodal.stats.random_baseline`` of the ``random_drop`` values (mean,
@@ -1317,7 +1369,9 @@ def drop_table(conditions: pd.DataFrame) -> pd.DataFrame:
                     "frac_random_ge_drop_low": base_lo["frac_random_ge_low"],
                 }
             )
-    return pd.DataFrame(rows, columns=DROP_COLUMNS)
+    table = pd.DataFrame(rows, columns=DROP_COLUMNS)
+    table["layer_tied"] = layer_tie_column(table, tied)
+    return table
 
 
 def self_selection_table(

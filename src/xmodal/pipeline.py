@@ -698,6 +698,19 @@ def chosen_layers(
     return out
 
 
+def tied_layers(
+    layers: pd.DataFrame, path: PathLike = "layers table"
+) -> dict[tuple[str, str], bool]:
+    """``(vision, metric) -> layer_tied`` of the chosen layer, from a layer-search table (one
+    without the column, as an older version wrote it: False, with a warning)."""
+    if "layer_tied" not in layers.columns:
+        log.warning("%s has no layer_tied column (an older version's): no choice counts as tied",
+                    path)  # fmt: skip
+        return {}
+    chosen = layers.loc[layers["chosen"].astype(bool)]
+    return {(str(r.vision), str(r.metric)): bool(r.layer_tied) for r in chosen.itertuples()}
+
+
 def run_vision_bootstrap(
     vision_paths: Sequence[PathLike],
     sets_path: PathLike,
@@ -772,12 +785,12 @@ def run_conditions(
         if heldout_layers_path is None or heldout_sets_path is None:
             raise ValueError("out_heldout needs heldout_layers_path and heldout_sets_path")
         heldout = (heldout_layers_path, heldout_sets_path, seed)
-    conditions, contrasts, held, self_selection = _set_alignment(
+    conditions, contrasts, held, tied, self_selection = _set_alignment(
         vision_paths, llm_path, layers_path, sets_path, vision, llm, vision_layer, k, n_boot, seed,
         metric_names, heldout, vision_bootstrap_path, loo_stimuli_path, draws,
     )  # fmt: skip
     if out_drop is not None:
-        drop = alignment.drop_table(conditions)
+        drop = alignment.drop_table(conditions, tied)
         for r in drop.itertuples():
             log.info(
                 "%s x %s %s (%s): drop high %.4f, drop low %.4f; random sets of %d: %.4f "
@@ -856,15 +869,23 @@ def _set_alignment(
     vision_bootstrap_path: PathLike | None = None,
     loo_stimuli_path: PathLike | None = None,
     draws: Mapping[str, int] | None = None,
-) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame | None, pd.DataFrame | None]:
+) -> tuple[
+    pd.DataFrame,
+    pd.DataFrame,
+    pd.DataFrame | None,
+    dict[tuple[str, str], bool],
+    pd.DataFrame | None,
+]:
     """xmodal.alignment.condition_tables for every set of a sets table, at the LLM layers the
-    layer search chose per (vision model, metric); with ``heldout`` (held-out layers table,
+    layer search chose per (vision model, metric), and whether each choice was tied
+    (:func:`tied_layers`); with ``heldout`` (held-out layers table,
     held-out sets table, seed of the splits) also xmodal.alignment.heldout_condition_table;
     with ``loo_stimuli_path`` also xmodal.alignment.self_selection_table (each LLM layer read
     once for all); ``draws`` as in :func:`run_conditions`."""
     from xmodal import alignment, stats
 
-    chosen = chosen_layers(read_table(layers_path), layers_path)
+    layers = read_table(layers_path)
+    chosen, tied = chosen_layers(layers, layers_path), tied_layers(layers, layers_path)
     missing = [(v, m) for v in vision for m in metric_names if (v, m) not in chosen]
     if missing:
         raise ValueError(
@@ -910,6 +931,7 @@ def _set_alignment(
             seed=seed,
             metrics=tuple(metric_names),
             boot_cache=cache,
+            tied=tied,
         )
         if cache is not None and len(cache) > stored:
             log.warning(
@@ -931,9 +953,9 @@ def _set_alignment(
         if loo_stimuli_path is not None:
             own = _self_selection(
                 prepared, llm, chosen, read, sets, ids, loo_stimuli_path, conditions, contrasts,
-                k=k, n_boot=n_boot, seed=seed, metrics=tuple(metric_names),
+                k=k, n_boot=n_boot, seed=seed, metrics=tuple(metric_names), tied=tied,
             )  # fmt: skip
-    return conditions, contrasts, held, own
+    return conditions, contrasts, held, tied, own
 
 
 def _self_selection(
@@ -1322,7 +1344,7 @@ def run_joint_conditions(
     """CKNNA of every vision model with one LLM (at its chosen layers) on the 2 × 2 sets and the
     size-matched random draws; the conditions table and each cell against the random draws.
     ``draws`` as in :func:`run_conditions` (the 2 × 2 sets have its ``random`` draws only)."""
-    conditions, _, _, _ = _set_alignment(
+    conditions, *_ = _set_alignment(
         vision_paths, llm_path, layers_path, sets_path, vision, llm, vision_layer, k, 0, seed,
         ("cknna",), draws=_random_draws(draws),
     )  # fmt: skip

@@ -28,6 +28,7 @@ SUMMARY_COLUMNS = [
     "n_pairs",
     "n_valid",
     "n_unstable",
+    "n_layer_tied",
     "n_low_gt_random_gt_high",
     "n_low_gt_high",
     "n_with_ci",
@@ -44,6 +45,7 @@ SUMMARY_COLUMNS = [
 __all__ = [
     "STABILITY_THRESHOLD",
     "SUMMARY_COLUMNS",
+    "flag_column",
     "mean_stability",
     "require_unique_keys",
     "self_selection_summary_table",
@@ -87,6 +89,14 @@ def unstable(table: pd.DataFrame, columns: tuple[str, ...] = ("stability",)) -> 
     return flags
 
 
+def flag_column(table: pd.DataFrame, column: str) -> np.ndarray:
+    """A True/False column as booleans, as written or as read back from a table (``True``,
+    ``true``, ``1``); all False when the table has no such column."""
+    if column not in table.columns:
+        return np.zeros(len(table), dtype=bool)
+    return table[column].astype(str).str.lower().isin(["true", "1"]).to_numpy()
+
+
 def _from_grid(grid: pd.DataFrame) -> pd.DataFrame:
     """low, high and random_mean per (vision, llm, metric, summary) from the grid table."""
     g = grid.copy()
@@ -119,7 +129,9 @@ def summary_table(contrasts: pd.DataFrame, grid: pd.DataFrame | None = None) -> 
 
     Columns: ``metric``; ``summary`` (``mean``, then ``pc1``); ``n_pairs``; ``n_valid`` (pairs
     whose low, high and random mean are finite; the counts below are over these);
-    ``n_unstable`` (valid pairs whose low or high value is flagged unstable);
+    ``n_unstable`` (valid pairs whose low or high value is flagged unstable); ``n_layer_tied``
+    (valid pairs whose LLM layer the layer search chose within the stabilities of another
+    layer: ``layer_tied``, docs/method.md, "Layer choice and statistics");
     ``n_low_gt_random_gt_high``; ``n_low_gt_high``; ``n_with_ci`` (valid pairs whose bootstrap
     95% interval of low − high has two finite ends); ``n_diff_ci_above_zero`` (of those, the
     pairs whose interval lies entirely above 0; missing for a metric without a bootstrap);
@@ -187,6 +199,7 @@ def _summary_row(metric: str, summary: str, c: pd.DataFrame) -> dict:
     low, high, rnd = (c[k].to_numpy(float) for k in ("low", "high", "random_mean"))
     valid = np.isfinite(low) & np.isfinite(high) & np.isfinite(rnd)
     flagged = unstable(c, ("low_stability", "high_stability")) & valid
+    tied = flag_column(c, "layer_tied") & valid
     low, high, rnd = low[valid], high[valid], rnd[valid]
     ci_low = c["diff_ci_low"].to_numpy(float)[valid]
     has_ci = np.isfinite(ci_low) & np.isfinite(c["diff_ci_high"].to_numpy(float)[valid])
@@ -200,6 +213,7 @@ def _summary_row(metric: str, summary: str, c: pd.DataFrame) -> dict:
         "n_pairs": int(len(c)),
         "n_valid": int(valid.sum()),
         "n_unstable": int(flagged.sum()),
+        "n_layer_tied": int(tied.sum()),
         "n_low_gt_random_gt_high": int(np.sum((low > rnd) & (rnd > high))),
         "n_low_gt_high": int(np.sum(low > high)),
         "n_with_ci": int(has_ci.sum()),

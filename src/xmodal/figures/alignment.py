@@ -23,7 +23,7 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch, Rectangle
 from matplotlib.transforms import blended_transform_factory
 
-from xmodal.summary import require_unique_keys, unstable
+from xmodal.summary import flag_column, require_unique_keys, unstable
 
 from ._common import (
     COLORS,
@@ -281,14 +281,17 @@ def draw_sets_pc1(data: FigureData) -> Figure:
 
 # --------------------------------------------------------------------------- Supp. Fig. 1
 def _pair_notes(r: Any) -> str:
-    """ " (N undefined, M unstable)" for a summary row's pairs left out of its counts (whose
-    value is not a number) and counted but flagged (unstable); empty when none."""
+    """ " (N undefined, M unstable, L layer tied)" for a summary row's pairs left out of its
+    counts (whose value is not a number) and counted but flagged (unstable values, or a layer
+    chosen within the stabilities of another); empty when none."""
     notes = []
     n_valid = int(r.n_valid)
     if int(getattr(r, "n_pairs", n_valid)) > n_valid:
         notes.append(f"{int(r.n_pairs) - n_valid} undefined")
     if int(getattr(r, "n_unstable", 0)):
         notes.append(f"{int(r.n_unstable)} unstable")
+    if int(getattr(r, "n_layer_tied", 0) or 0):
+        notes.append(f"{int(r.n_layer_tied)} layer tied")
     return f" ({', '.join(notes)})" if notes else ""
 
 
@@ -519,9 +522,7 @@ def draw_grid_heatmap(data: FigureData) -> Figure:
 # --------------------------------------------------------------------------- layer-wise
 def _chosen(g: pd.DataFrame) -> np.ndarray:
     """The ``chosen`` column as booleans (False when absent)."""
-    if "chosen" not in g.columns:
-        return np.zeros(len(g), dtype=bool)
-    return g["chosen"].astype(str).str.lower().isin(["true", "1"]).to_numpy()
+    return flag_column(g, "chosen")
 
 
 def _defined(g: pd.DataFrame) -> np.ndarray:
@@ -539,8 +540,8 @@ def draw_layerwise(data: FigureData) -> Figure:
     A degenerate layer (``valid`` false or no value) is a gap in the line and a cross on the
     bottom edge; a value with no defined neighbour (a line of one point, which draws nothing) a
     small dot; an unstable value an open marker; the chosen layer a black-edged marker (open
-    when unstable). Marks have gids ``chosen|``, ``unstable|``, ``isolated|``,
-    ``undefined|<vision>|<llm>``.
+    when unstable; a diamond when it is tied with another layer, ``layer_tied``). Marks have
+    gids ``chosen|``, ``tied|``, ``unstable|``, ``isolated|``, ``undefined|<vision>|<llm>``.
     """
     layers = data.alignment("layers")
     models = data.models
@@ -551,7 +552,7 @@ def draw_layerwise(data: FigureData) -> Figure:
     nrows = math.ceil(len(visions) / ncols)
     fig = new_figure(3.0 * ncols + 1.6, 2.6 * nrows + 0.5)
     axes = panel_grid(fig, len(visions), ncols, sharey=True)
-    n_unstable = n_undefined = 0
+    n_unstable = n_undefined = n_tied = 0
     for i, (ax, v) in enumerate(zip(axes, visions, strict=True)):
         bottom = blended_transform_factory(ax.transData, ax.transAxes)
         for ll in llms:
@@ -568,23 +569,29 @@ def draw_layerwise(data: FigureData) -> Figure:
             ok = _defined(g)
             y = np.where(ok, g["value"].to_numpy(float), np.nan)
             ch, flag = _chosen(g) & ok, unstable(g) & ok
+            tied = flag_column(g, "layer_tied")
+            tie, ch = ch & tied, ch & ~tied
             ax.plot(depth, y, color=colors[ll], lw=1.3, label=models.label(ll))
             # a value between gaps (or the line's ends) is a segment of one point: a dot shows it
             neighbour = np.zeros_like(ok)
             neighbour[1:] |= ok[:-1]
             neighbour[:-1] |= ok[1:]
-            alone = ok & ~neighbour & ~ch & ~flag
+            alone = ok & ~neighbour & ~ch & ~tie & ~flag
             if alone.any():
                 ax.scatter(depth[alone], y[alone], s=9, color=colors[ll], zorder=3,
                            gid=f"isolated|{v}|{ll}")  # fmt: skip
-            if (flag & ~ch).any():
-                ax.scatter(depth[flag & ~ch], y[flag & ~ch], s=14, facecolors="white",
+            loose = flag & ~ch & ~tie
+            if loose.any():
+                ax.scatter(depth[loose], y[loose], s=14, facecolors="white",
                            edgecolors=[colors[ll]], linewidths=1.0, zorder=3,
                            gid=f"unstable|{v}|{ll}")  # fmt: skip
-            if ch.any():
-                face = [("white" if f else colors[ll]) for f in flag[ch]]
-                ax.scatter(depth[ch], y[ch], s=20, c=face, edgecolors="black", linewidths=0.7,
-                           zorder=4, gid=f"chosen|{v}|{ll}")  # fmt: skip
+            for mark, kind, size in ((ch, "chosen", 20), (tie, "tied", 24)):
+                if mark.any():
+                    face = [("white" if f else colors[ll]) for f in flag[mark]]
+                    ax.scatter(depth[mark], y[mark], s=size, c=face, edgecolors="black",
+                               linewidths=0.7, zorder=4, marker="D" if kind == "tied" else "o",
+                               gid=f"{kind}|{v}|{ll}")  # fmt: skip
+            n_tied += int(tie.sum())
             if (~ok).any():
                 ax.scatter(depth[~ok], np.full((~ok).sum(), 0.04), transform=bottom, marker="x",
                            s=16, color=colors[ll], linewidths=1.2, zorder=4, clip_on=False,
@@ -600,6 +607,11 @@ def draw_layerwise(data: FigureData) -> Figure:
     handles.append(
         Line2D([], [], marker="o", ls="", mfc="#9e9e9e", mec="black", label="chosen layer")
     )
+    if n_tied:
+        handles.append(
+            Line2D([], [], marker="D", ls="", mfc="#9e9e9e", mec="black", ms=5,
+                   label=f"chosen, tied with another layer ({n_tied})")
+        )  # fmt: skip
     handles += _flag_handles(n_unstable, n_undefined, "marker")
     if n_undefined:
         handles[-1].set_label(f"degenerate layer: no value ({n_undefined})")
