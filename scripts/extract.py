@@ -25,6 +25,7 @@ from xmodal.logs import log_to  # noqa: E402
 log_to(snakemake.log[0])
 
 from xmodal.extract import extract_features  # noqa: E402
+from xmodal.io import fail_attempt  # noqa: E402
 from xmodal.prefetch import check_prefetched  # noqa: E402
 from xmodal.registry import Registry  # noqa: E402
 
@@ -54,5 +55,8 @@ def extract() -> None:
     )
 
 
-# an error a retry repeats is recorded at exit for the retry to read (scripts/_bootstrap.py)
-extract()
+try:
+    extract()
+except BaseException as err:  # what a retry of this job reads first (scripts/_bootstrap.py)
+    fail_attempt(snakemake.output.features, err)
+    raise

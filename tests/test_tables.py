@@ -605,6 +605,8 @@ def test_a_retry_after_an_error_a_retry_repeats_stops_before_any_work(tmp_path: 
     ):
         begin_attempt(out)
         fail_attempt(out, err)
+        fail_attempt(out, err)  # the extraction's script, then the bootstrap at exit: one record
+        assert attempt_marker(out).read_text().count("fails again on retry") == 1
         name = type(err).__name__
         for attempt in (2, 3):
             with pytest.raises(RepeatedFailureError) as info:

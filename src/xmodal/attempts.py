@@ -150,9 +150,12 @@ def fail_attempt(path: str | os.PathLike, err: BaseException, *, create: bool = 
     )
     marker = attempt_marker(path)
     if repeats and (create or marker.is_file()):
-        message = " ".join(f"{type(err).__name__}: {err}".split())
-        with contextlib.suppress(OSError), open(marker, "a", encoding="utf-8") as fh:
-            fh.write(f"{_REPEATS}{message}\n")
+        line = f"{_REPEATS}{' '.join(f'{type(err).__name__}: {err}'.split())}\n"
+        with contextlib.suppress(OSError, UnicodeDecodeError):
+            if marker.is_file() and line in marker.read_text(encoding="utf-8"):
+                return  # recorded once (the extraction's script, then the bootstrap at exit)
+            with open(marker, "a", encoding="utf-8") as fh:
+                fh.write(line)
 
 
 def forget_failures(paths: Iterable[str | os.PathLike]) -> None:

@@ -26,6 +26,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+# re-exported: scripts/extract.py imports it from here, and an edit of that script re-extracts
+# every model (docs/cluster.md, "What reruns"); the attempt marks are xmodal.attempts'
+from xmodal.attempts import fail_attempt
+
 log = logging.getLogger(__name__)
 
 __all__ = [
@@ -35,6 +39,7 @@ __all__ = [
     "UnwritableOutputError",
     "atomic_path",
     "chmod_like_new",
+    "fail_attempt",
     "directory_digest",
     "file_digests",
     "is_disk_full",
