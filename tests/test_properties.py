@@ -510,6 +510,34 @@ def test_a_column_of_numbers_in_another_form_is_left_out_with_a_warning(fields):
 @pytest.mark.parametrize(
     "fields",
     [
+        ["0,87", "NA", "0,12", "0,5"],  # R's write.table(dec = ",") and its NA
+        ["87%", "n/a", "12%"],
+        ["12 px", "?", "3 px", "-"],
+        ["0,87", "nan", "#N/A", "1,5", "missing"],
+    ],
+)
+def test_numbers_in_another_form_with_missing_markers_are_warned_about(fields):
+    """A column of numbers with a decimal comma (or a unit) and a written missing value
+    ("NA", "n/a", "?", "-") was taken for a category: left out of the properties with an info
+    line that said it "holds no numbers", and chosen, an error saying the same (audit). The
+    missing markers do not make a measure a category: the warning names the column."""
+    man = _column(fields)
+    found, records = _annotation_logs(man)
+    assert found == {}
+    warned = [r.getMessage() for r in records if r.levelno == logging.WARNING]
+    assert len(warned) == 1, [r.getMessage() for r in records]
+    assert warned[0].startswith("manifest column 'col' holds numbers in a form that is not read")
+    with pytest.raises(ValueError, match="manifest column 'col' holds numbers in a form that is"):
+        annotations(man, ["col"])
+    # markers alone, or with words: still no property and no warning
+    for other in (["NA", "n/a", "?"], ["dog", "NA", "cat"]):
+        found, records = _annotation_logs(_column(other))
+        assert found == {} and [r.levelname for r in records] == ["INFO"]
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
         ["dog", "cat", ""],
         ["12A", "13B", "7C"],  # codes: a different letter each
         ["001.jpg", "002.jpg"],  # file names
@@ -819,6 +847,56 @@ def test_reason_names_both_constant_variables():
     )
     out = property_correlations(props, _dispersion(list("abcd"), [1, 1, 1, 1], [0, 0, 0, 0]), 10, 0)
     assert set(out["reason"]) == {"constant property and dispersion"}
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(st.integers(0, 3), min_size=3, max_size=6),
+    st.lists(st.integers(0, 3), min_size=3, max_size=6),
+)
+def test_the_exact_spearman_p_counts_pairings_in_exact_arithmetic(a, b):
+    """The exact p (n ≤ 8) from scipy compared permuted ρ with a tolerance relative to the
+    observed ρ, none at ρ = 0: pairings at ±1e-17 fell on the wrong side and gave p 0.95 or
+    0.97 where the exact p is 1 (audit). Against every pairing in fractions: the permuted
+    covariance of the average ranks (the variances do not change with the pairing)."""
+    import itertools
+    from fractions import Fraction
+
+    from xmodal.correlate import correlation_ci
+
+    n = min(len(a), len(b))
+    x, y = np.array(a[:n], float), np.array(b[:n], float)
+    if len(set(a[:n])) < 2 or len(set(b[:n])) < 2:
+        return  # constant: no p
+    rx = [Fraction(r).limit_denominator(4) for r in scipy.stats.rankdata(x)]
+    ry = [Fraction(r).limit_denominator(4) for r in scipy.stats.rankdata(y)]
+    mx, my = sum(rx) / n, sum(ry) / n
+
+    def cov(order):
+        return sum((rx[i] - mx) * (ry[j] - my) for i, j in enumerate(order))
+
+    observed = cov(range(n))
+    covs = [cov(p) for p in itertools.permutations(range(n))]
+    greater = Fraction(sum(c >= observed for c in covs), len(covs))
+    less = Fraction(sum(c <= observed for c in covs), len(covs))
+    want = float(min(Fraction(1), 2 * min(greater, less)))
+    assert correlation_ci(x, y, method="spearman", n_boot=0)["p_value"] == pytest.approx(want)
+
+
+def test_an_exact_rho_of_zero_has_p_one():
+    """The audit's cases: ρ exactly 0 (with and without ties) on 5 stimuli: p is 1."""
+    from xmodal.correlate import correlation_ci
+
+    for x, y in (
+        ([1, 2, 2, 0, 1], [1, 4, 2, 3, 5]),
+        ([1, 2, 2, 0, 1], [2, 1, 5, 3, 4]),
+        ([0, 1, 2, 3, 4], [2, 3, 4, 5, 1]),
+    ):
+        for method in ("spearman", "pearson"):
+            out = correlation_ci(np.array(x, float), np.array(y, float), method=method, n_boot=0)
+            if method == "spearman":
+                assert out["estimate"] == pytest.approx(0, abs=1e-15)
+            assert out["p_value"] == 1.0, (x, y, method, out)
 
 
 @pytest.mark.parametrize("method", ["spearman", "pearson"])

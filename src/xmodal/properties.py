@@ -270,11 +270,21 @@ def _number(field: str) -> float | None:
     return None
 
 
+#: Fields that spreadsheets, R and pandas write for a missing value (compared stripped and in
+#: lower case): a column of numbers in another form with some of these is still a measure.
+MISSING_MARKERS = frozenset(
+    {"na", "n/a", "#n/a", "nan", "none", "null", "-", "–", "—", "?", ".", "missing"}
+)
+
+
 def _numbers_in_another_form(fields: Sequence[str]) -> bool:
     """Whether every filled field of a column without plain numbers writes a number in one of
     the forms of :data:`NUMBER_LIKE`, all with the same unit (``87%``, ``12%``; not the codes
-    ``12A``, ``13B``): a measure the reader would lose, not a category."""
-    matches = [NUMBER_LIKE.fullmatch(f) for f in fields if f.strip()]
+    ``12A``, ``13B``), or says that the value is missing (:data:`MISSING_MARKERS`; at least one
+    number): a measure the reader would lose, not a category (``0,87`` and ``NA`` were taken
+    for a category and left out with an info line only, audit)."""
+    filled = [f for f in fields if f.strip() and f.strip().lower() not in MISSING_MARKERS]
+    matches = [NUMBER_LIKE.fullmatch(f) for f in filled]
     if not matches or not all(matches):
         return False
     return len({(m["unit"] or "").replace(" ", "") for m in matches if m}) == 1
