@@ -318,6 +318,12 @@ def test_a_layer_choice_within_the_stabilities_is_flagged_tied(data, caplog):
         chosen, flag = al._choose(t, "l")
         assert chosen.tolist() == [False, True, False]
         assert flag.tolist() == [False, tied, False]
+    # an invalid layer (a degenerate one) is never a rival, whatever its value
+    t = pd.DataFrame(
+        {"vision": "v", "metric": "cknna", "llm_layer": [0, 1], "value": [0.1, 0.0999],
+         "stability": [3e-4, 3e-4], "valid": [True, False], "reason": ["", "constant rows"]}
+    )  # fmt: skip
+    assert al._choose(t, "l")[1].tolist() == [False, False]
 
 
 def test_condition_tables_equal_condition_table(data):

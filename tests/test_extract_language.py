@@ -422,6 +422,16 @@ def test_a_caption_starting_with_a_space_gets_the_models_own_tokens(sentencepiec
     bpe = AutoTokenizer.from_pretrained(tiny_lms["bloom"])
     got = tokenize_captions(bpe, caps, stimulus_ids=ids).ids
     assert got[0] != got[1]
+    # ... also before a special token's spelling, which the tokenizer.json comparison reads as
+    # characters, as the extraction does (read as the token, every such caption was refused)
+    from tokenizers import Tokenizer
+
+    llama = AutoTokenizer.from_pretrained(tiny_lms["llama"])
+    own = Tokenizer.from_file(str(tiny_lms["llama"] / "tokenizer.json"))
+    own.encode_special_tokens = True
+    marked = [" </s> a red cube", " <s> two green spheres"]
+    got = tokenize_captions(llama, marked, stimulus_ids=["m1", "m2"]).ids
+    assert got == [[1, *own.encode(c, add_special_tokens=False).ids] for c in marked]
 
 
 def test_truncation_keeps_a_captions_beginning_whatever_the_tokenizer_config_says(tiny_lms):

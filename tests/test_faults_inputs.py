@@ -1095,6 +1095,39 @@ def test_disk_full_during_table_write(tmp_path: Path, monkeypatch: pytest.Monkey
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_full_disk_behind_another_libraries_error_is_said_naming_the_output(
+    tmp_path: Path,
+) -> None:
+    """torch's writer reported a full disk as ``RuntimeError: [enforce fail …] unexpected
+    pos``, with the ENOSPC only in its context, and h5py as ``RuntimeError(… errno = 28 …)``
+    naming the hidden temporary file (audit): both are the output's DiskFullError now; an
+    error with no full disk behind it is not."""
+    from xmodal.io import atomic_path, is_disk_full
+
+    def torch_like() -> RuntimeError:
+        try:
+            try:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            except OSError:
+                # as torch raises it: the ENOSPC its context, not its cause
+                raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos")  # noqa: B904
+        except RuntimeError as err:
+            return err
+
+    h5py_like = RuntimeError(
+        "Can't decrement id ref count (file write failed: time = x, filename = "
+        "'.m.h5.abc.tmp.h5', file descriptor = 5, errno = 28, error message = 'No space "
+        "left on device', buf = 0x1, total write size = 8, bytes this sub-write = 8)"
+    )
+    for err in (torch_like(), h5py_like):
+        assert is_disk_full(err)
+        with pytest.raises(DiskFullError, match=r"disk full while writing .*vision_bootstrap\.pt"):
+            with atomic_path(tmp_path / "vision_bootstrap.pt"):
+                raise err
+        assert list(tmp_path.iterdir()) == []
+    assert not is_disk_full(RuntimeError("unexpected pos, errno = 5, error message = 'EIO'"))
+
+
 _WRITER = """
 import sys, time
 from pathlib import Path

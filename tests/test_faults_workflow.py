@@ -200,11 +200,15 @@ def test_job_failing_for_good_stops_only_its_dependants(project: Path) -> None:
     # run, and one with nothing to do, keep the record)
     broken = ["--configfile", "config/broken.yaml", "--cores", "1"]
     table = f"results/alignment/{DATASET}/models.tsv"  # made again: a model was added
+    # and an analysis job's record, next to its log (scripts/_bootstrap.py)
+    logged = project / f"logs/dispersion/{DATASET}/.gpa.log.attempt"
+    logged.write_text("fails again on retry: TableError: an earlier run's\n")
     for args in (["-n", table], [_feature("tiny-mae")]):
         snakemake(project, *broken, *args)
-        assert "fails again on retry" in mark.read_text()
+        assert "fails again on retry" in mark.read_text() and logged.exists()
     snakemake(project, *broken, table)
     assert "fails again on retry" not in mark.read_text() and mark.read_text()
+    assert not logged.exists()  # nothing else in it: the mark goes
     assert not list(features.glob(".*.tmp.h5"))
     reasons = [line for line in out.splitlines() if "reason:" in line or "wildcards:" in line]
     assert _mtimes(project) == before, reasons  # finished outputs were not redone or removed

@@ -201,3 +201,9 @@ def test_a_tied_layer_choice_is_said_on_every_row_at_that_layer(run):
         )
     summary = summary_table(con)
     assert summary[["summary", "n_layer_tied"]].values.tolist() == [["mean", 1], ["pc1", 1]]
+    # a tied pair whose low is not a number is not counted (n_valid leaves it out too)
+    con.loc[(con["vision"] == "vb") & (con["summary"] == "mean"), "low"] = np.nan
+    summary = summary_table(con)
+    assert summary[["summary", "n_valid", "n_layer_tied"]].values.tolist() == [
+        ["mean", 2, 0], ["pc1", 3, 1]
+    ]  # fmt: skip

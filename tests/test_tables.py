@@ -126,13 +126,13 @@ def test_read_only_results_folder_is_one_clear_error(tmp_path: Path) -> None:
 def test_read_only_folder_message_as_root_too(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Root ignores folder permissions; simulate the refusal mkstemp gets as a normal user."""
-    import tempfile
+    """Root ignores folder permissions; simulate the refusal a normal user gets."""
+    import xmodal.io
 
-    def refuse(*args, **kwargs):
-        raise PermissionError(13, "Permission denied", kwargs.get("dir"))
+    def refuse(path):
+        raise PermissionError(13, "Permission denied", str(path))
 
-    monkeypatch.setattr(tempfile, "mkstemp", refuse)
+    monkeypatch.setattr(xmodal.io, "_create_new", refuse)
     with pytest.raises(UnwritableOutputError) as err:
         write_table(pd.DataFrame({"a": [1]}), tmp_path / "sub" / "t.tsv")
     msg = str(err.value)
@@ -145,14 +145,91 @@ def test_a_read_only_file_system_is_one_clear_error_naming_the_output(
     """EROFS (a results folder on a read-only mount) named the hidden temporary file, as a bare
     OSError; it is now the output's refusal, as a folder without permission is."""
     import errno
-    import tempfile
 
-    def refuse(*args, **kwargs):
-        raise OSError(errno.EROFS, "Read-only file system", kwargs.get("dir"))
+    import xmodal.io
 
-    monkeypatch.setattr(tempfile, "mkstemp", refuse)
+    def refuse(path):
+        raise OSError(errno.EROFS, "Read-only file system", str(path))
+
+    monkeypatch.setattr(xmodal.io, "_create_new", refuse)
     with pytest.raises(UnwritableOutputError, match=r"t\.tsv: it is on a read-only file system"):
         write_table(pd.DataFrame({"a": [1]}), tmp_path / "t.tsv")
+
+
+def _default_acl(folder: Path, gid: int) -> bool:
+    """Give ``folder`` the default ACL of a lab's shared folder (owner and group rwx, the lab's
+    group ``gid`` rwx, others nothing), as raw xattrs (no setfacl here); False where the file
+    system has no ACLs."""
+    import struct
+
+    entries = [(1, 7, None), (4, 7, None), (8, 7, gid), (16, 7, None), (32, 0, None)]
+    raw = struct.pack("<I", 2) + b"".join(
+        struct.pack("<HHI", tag, perm, 0xFFFFFFFF if ident is None else ident)
+        for tag, perm, ident in entries
+    )
+    try:
+        os.setxattr(folder, "system.posix_acl_default", raw)
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("umask", [0o002, 0o022, 0o077])
+def test_outputs_get_the_mode_any_new_file_gets_in_their_folder(tmp_path: Path, umask: int):
+    """The results were made 0600 (mkstemp) and then chmod-ed to 0666 & ~umask: in a shared
+    folder with a default ACL that set the ACL's mask to nothing (the lab's group could not
+    read a result that `touch` would have let it read), and chmod_like_new cleared the setgid
+    bit of the demo's model folders (audit). Every output now gets what a file opened there
+    gets: in a plain folder, a setgid folder and one with a default ACL."""
+    import stat
+
+    from xmodal.io import atomic_path, chmod_like_new
+
+    old = os.umask(umask)
+    try:
+        folders = {"plain": tmp_path / "plain", "setgid": tmp_path / "setgid"}
+        for f in folders.values():
+            f.mkdir()
+        folders["setgid"].chmod(0o2770)
+        acl = tmp_path / "acl"
+        acl.mkdir()
+        if _default_acl(acl, os.getgid() + 1):
+            folders["acl"] = acl
+        for name, folder in folders.items():
+            with open(folder / "opened.tsv", "w") as fh:  # what any program gets
+                fh.write("a\n")
+            (folder / "made").mkdir()
+            write_table(pd.DataFrame({"a": [1]}), folder / "table.tsv")
+            with atomic_path(folder / "stamp.json") as tmp:
+                tmp.write_text("{}\n")
+            with atomic_path(folder / "remade.pt") as tmp:  # a writer that makes it again
+                tmp.unlink()
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT, 0o600)
+                os.close(fd)
+            # a model folder as safetensors leaves it: 0700, a weights file 0600
+            model = folder / "model"
+            model.mkdir(mode=0o700)
+            model.chmod(0o700)
+            (model / "sub").mkdir(mode=0o700)
+            (model / "sub").chmod(0o700)
+            weights = model / "sub" / "weights.safetensors"
+            weights.write_bytes(b"w")
+            weights.chmod(0o600)
+            chmod_like_new(model)
+            new_file = stat.S_IMODE((folder / "opened.tsv").stat().st_mode)
+            new_dir = stat.S_IMODE((folder / "made").stat().st_mode)
+            for out in ("table.tsv", "stamp.json", "remade.pt"):
+                got = stat.S_IMODE((folder / out).stat().st_mode)
+                assert got == new_file, (name, out, oct(got), oct(new_file))
+            for d in (model, model / "sub"):
+                got = stat.S_IMODE(d.stat().st_mode)
+                assert got == new_dir, (name, d.name, oct(got), oct(new_dir))
+            assert stat.S_IMODE(weights.stat().st_mode) == new_file, name
+        assert stat.S_IMODE(folders["setgid"].joinpath("made").stat().st_mode) & stat.S_ISGID
+        if "acl" in folders:  # the lab's group can read, whatever the umask
+            assert stat.S_IMODE((acl / "table.tsv").stat().st_mode) & 0o040
+    finally:
+        os.umask(old)
 
 
 def test_a_killed_writes_temporary_file_is_removed_by_the_next_write(tmp_path: Path) -> None:
@@ -618,17 +695,33 @@ def test_a_retry_after_an_error_a_retry_repeats_stops_before_any_work(tmp_path: 
         begin_attempt(out, 1)  # a new run of Snakemake
         assert RepeatedFailureError.__name__ not in attempt_marker(out).read_text()
         end_attempt(out)
-    # retried: a node without its GPU, a full disk, an error from outside the project
+    # retried: a node without its GPU, a full disk, an error from outside the project; and
+    # (review) a feature file that h5py could not read for a moment (its KeyError names the
+    # errno), a download that failed (the hub did not answer)
+    from xmodal.features import FeatureFileError
+    from xmodal.prefetch import PrefetchError
+
     for err in (
         DeviceError("device 'cuda' requested but no CUDA device is visible"),
         DiskFullError(28, "No space left on device"),
         ValueError("a third-party error"),
         RepeatedFailureError("an earlier attempt's"),
+        FeatureFileError(
+            "llm.h5: cannot read: KeyError('Unable to synchronously open object (file read "
+            "failed: time = x, filename = llm.h5, file descriptor = 3, errno = 5, error message "
+            "= Input/output error)')"
+        ),
+        PrefetchError("Cannot download org/m (ConnectError: [Errno 111] Connection refused)"),
     ):
         begin_attempt(out)
         fail_attempt(out, err)
         begin_attempt(out, 2)
-        assert attempt_marker(out).read_text().startswith("started ")
+        assert attempt_marker(out).read_text().startswith("started "), err
+    # a file that is not there, named in the text: repeats
+    begin_attempt(out)
+    fail_attempt(out, FeatureFileError("llm.h5: [Errno 2] No such file or directory: 'llm.h5'"))
+    with pytest.raises(RepeatedFailureError):
+        begin_attempt(out, 2)
     # the project's errors that wrap one that may pass (review): an I/O error of the file
     # system, memory of the host or the GPU; and an image read error, whose class says so
     # (a DataLoader worker's error reaches the job without its cause)

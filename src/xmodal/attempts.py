@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import socket
 import time
 from collections.abc import Iterable
@@ -115,16 +116,26 @@ _LASTING_ERRNOS = frozenset(
 )  # fmt: skip
 
 
+#: An error number in an error's text: ``[Errno 5]`` (Python), ``errno = 5`` (HDF5, as h5py
+#: raises it, also inside a KeyError).
+_ERRNO_TEXT = re.compile(r"\[errno (\d+)\]|errno = (\d+)")
+
+
 def passing_error(err: BaseException) -> bool:
     """Whether ``err`` may pass when the job is retried (more memory and time, maybe another
     node): an ``OSError`` with an error number other than those of the file itself (an I/O
-    error, a stale NFS handle, a full disk), running out of memory (host or GPU), or an error
-    whose class sets ``repeats_on_retry = False`` (no usable GPU on the node)."""
+    error, a stale NFS handle, a full disk), or any error whose text names such a number (h5py
+    reports a failed read of a feature file as ``KeyError(... errno = 5 ...)``, audit), running
+    out of memory (host or GPU), or an error whose class sets ``repeats_on_retry = False`` (no
+    usable GPU on the node; a failed download)."""
     if isinstance(err, MemoryError) or not getattr(err, "repeats_on_retry", True):
         return True
-    if isinstance(err, OSError):
-        return err.errno is not None and err.errno not in _LASTING_ERRNOS
+    if isinstance(err, OSError) and err.errno is not None:
+        return err.errno not in _LASTING_ERRNOS
     text = str(err).lower()
+    named = _ERRNO_TEXT.search(text)
+    if named:
+        return int(named[1] or named[2]) not in _LASTING_ERRNOS
     return isinstance(err, RuntimeError) and (
         "out of memory" in text or "not enough memory" in text
     )

@@ -15,9 +15,9 @@ import hashlib
 import json
 import logging
 import os
+import secrets
 import shutil
 import stat
-import tempfile
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -83,13 +83,22 @@ class UnwritableOutputError(PermissionError):
 
 
 def is_disk_full(err: BaseException) -> bool:
-    """True for "no space left on device" / "disk quota exceeded", also as HDF5 reports them."""
-    if not isinstance(err, OSError):
-        return False
-    if err.errno in (errno.ENOSPC, errno.EDQUOT):
-        return True
-    text = str(err).lower()
-    return "no space left on device" in text or "quota exceeded" in text
+    """True for "no space left on device" / "disk quota exceeded", also as HDF5 reports them,
+    and for an error of another kind that one of these led to or names (torch's writer said
+    ``RuntimeError: [enforce fail …] unexpected pos``, h5py ``RuntimeError(… errno = 28 …)``
+    when the disk filled, audit)."""
+    seen, link = [], err
+    while link is not None and link not in seen:
+        seen.append(link)
+        if isinstance(link, OSError) and link.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        text = str(link).lower()
+        if "no space left on device" in text or "quota exceeded" in text:
+            return True
+        if f"errno = {errno.ENOSPC}," in text or f"errno = {errno.EDQUOT}," in text:
+            return True
+        link = link.__cause__ or link.__context__
+    return False
 
 
 def _free_space(directory: Path) -> str:
@@ -104,20 +113,30 @@ def _temp_glob(final: Path, suffix: str) -> str:
 
 
 def _temporary_next_to(final: Path, suffix: str | None) -> Path:
-    """Create an empty hidden ``.<name>.*.tmp<suffix>`` file next to ``final``."""
+    """Create an empty hidden ``.<name>.*.tmp<suffix>`` file next to ``final``, with the mode
+    any new file gets there: created 0666 and left to the umask, or to the folder's default
+    ACL (``mkstemp`` creates 0600, and a chmod to 0666 & ~umask after it set a default ACL's
+    mask to nothing: the lab group of a shared folder could not read the results, audit)."""
+    tail = f".tmp{final.suffix if suffix is None else suffix}"
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(
-            prefix=f".{final.name}.",
-            suffix=f".tmp{final.suffix if suffix is None else suffix}",
-            dir=final.parent,
-        )
+        while True:
+            name = final.parent / f".{final.name}.{secrets.token_hex(4)}{tail}"
+            try:
+                _create_new(name)
+            except FileExistsError:
+                continue
+            return name
     except OSError as err:
         if not isinstance(err, PermissionError) and err.errno != errno.EROFS:
             raise
         raise _unwritable(err, final) from None
-    os.close(fd)
-    return Path(tmp_name)
+
+
+def _create_new(path: Path) -> None:
+    """Create the empty file ``path`` (none may be there), as any program creates a new file:
+    mode 0666 for the umask or the folder's default ACL to reduce."""
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
 
 
 def _unwritable(err: OSError, final: Path) -> UnwritableOutputError:
@@ -156,9 +175,11 @@ def atomic_path(
     if sweep:
         remove_stale_temporaries(final, suffix)  # a killed earlier write's
     tmp = _temporary_next_to(final, suffix)
+    mode = stat.S_IMODE(tmp.stat().st_mode)  # what a new file gets here
     try:
         yield tmp
-        _chmod_like_new_file(tmp)
+        if tmp.is_file() and stat.S_IMODE(tmp.stat().st_mode) != mode:
+            os.chmod(tmp, mode)  # a writer that made the file again (0600)
         _fsync(tmp)  # on disk before the rename: a node that crashes leaves no empty result
         os.replace(tmp, final)
         _fsync(final.parent)
@@ -226,25 +247,40 @@ def _umask() -> int:
 
 
 def chmod_like_new(path: str | os.PathLike) -> None:
-    """Give ``path``, and everything under it if it is a folder, the modes the umask gives new
-    files and folders (for files written by libraries that create them 0600, e.g. safetensors)."""
+    """Give ``path``, and everything under it if it is a folder, the modes that a new file or
+    folder gets in its folder (for files written by libraries that create them 0600, e.g.
+    safetensors): those of a probe created there, so that the umask, a default ACL and a
+    folder's setgid bit act as on any new file (0666 & ~umask alone set a default ACL's mask
+    to nothing and cleared the setgid bit of the model folders, audit)."""
     root = Path(path)
+    modes: dict[tuple[Path, bool], int] = {}
     for p in [root, *(root.rglob("*") if root.is_dir() else ())]:
-        if not p.is_symlink():
-            _chmod_like_new_file(p)
+        if p.is_symlink() or not p.exists():
+            continue
+        key = (p.parent, p.is_dir())
+        if key not in modes:
+            modes[key] = _new_mode(*key)
+        os.chmod(p, modes[key])
 
 
-def _chmod_like_new_file(path: Path) -> None:
-    """Give ``path`` the mode a normally created file gets (0666 & ~umask).
-
-    ``mkstemp`` creates files 0600 whatever the umask, so without this every result would be
-    unreadable by the user's group on a shared cluster. A directory (``atomic_path`` used for a
-    folder) gets 0777 & ~umask.
-    """
-    if not path.exists():
-        return
-    base = 0o777 if path.is_dir() else 0o666
-    os.chmod(path, base & ~_umask())
+def _new_mode(folder: Path, is_dir: bool) -> int:
+    """The permission bits (with setgid for a folder) of a file, or folder, newly made in
+    ``folder``: a probe is made and removed; 0666 or 0777 & ~umask where none can be made."""
+    probe = folder / f".mode-probe.{secrets.token_hex(4)}"
+    try:
+        if is_dir:
+            probe.mkdir(0o777)
+        else:
+            _create_new(probe)
+    except OSError:
+        return (0o777 if is_dir else 0o666) & ~_umask()
+    try:
+        return stat.S_IMODE(probe.stat().st_mode)
+    finally:
+        if is_dir:
+            probe.rmdir()
+        else:
+            probe.unlink()
 
 
 def remove_stale_temporaries(path: str | os.PathLike, suffix: str | None = None) -> list[Path]:

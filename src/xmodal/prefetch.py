@@ -65,6 +65,11 @@ __all__ = [
 class PrefetchError(RuntimeError):
     """A download failed; the message says what to fetch, from where, into which directory."""
 
+    #: a hub that did not answer, a rate limit or a time-out pass on retry, and the message
+    #: cannot tell them from a missing repository: the profile's retries try again (seconds,
+    #: on the submit host), never stopped by xmodal.attempts.fail_attempt (audit)
+    repeats_on_retry = False
+
 
 # ----------------------------------------------------------------------------- helpers
 def _token() -> str | bool:

@@ -503,11 +503,20 @@ def _check_room(directory: Path, needed: int, model_name: str) -> None:
     if free < needed:
         raise DiskFullError(
             errno.ENOSPC,
-            f"model {model_name}: writing its features needs {needed / 2**30:.1f} GiB in "
+            f"model {model_name}: writing its features needs {_amount(needed)} in "
             f"{directory} (the feature file, and a spill file of the same size above "
             f"{IN_MEMORY_FEATURE_BYTES / 2**30:.0f} GiB of features), but only "
-            f"{free / 2**30:.1f} GiB are free; free space there or move results/ to a bigger disk",
+            f"{_amount(free)} are free; free space there or move results/ to a bigger disk",
         )
+
+
+def _amount(n_bytes: int) -> str:
+    """Bytes in GiB, or MiB or KiB where GiB would round to 0.0 (a message said "needs 0.0 GiB
+    … but only 0.0 GiB are free" for a small model, audit)."""
+    for unit, power in (("GiB", 30), ("MiB", 20)):
+        if n_bytes >= 2**power / 10:
+            return f"{n_bytes / 2**power:.1f} {unit}"
+    return f"{n_bytes / 2**10:.1f} KiB"
 
 
 def is_oom(err: BaseException) -> bool:
