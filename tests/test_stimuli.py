@@ -495,6 +495,36 @@ def test_manifest_stamp_is_rewritten_only_when_it_changes(tmp_path):
         manifest_stamp(df, "audio")
 
 
+def test_a_manifest_whose_content_changed_gets_the_current_time(tmp_path):
+    """A corrected manifest copied in with an older time (cp -p, rsync -a) left the steps
+    that read it by time (the stimulus properties, the report, the provenance, the gallery)
+    as they were, with exit 0 (audit: the correlation of an inverted annotation kept its old
+    sign). follow_manifest_content gives such a manifest the current time; the same content,
+    touched or copied, is left alone; the first call, and one without touch, only record."""
+    import os
+
+    from xmodal.stimuli import follow_manifest_content
+
+    manifest, record = tmp_path / "stimuli.tsv", tmp_path / "r" / "manifest_content.json"
+    record.parent.mkdir()
+    manifest.write_text("stimulus_id\timage\tcaption\trating\ns1\ta.png\ta cat\t0.25\n")
+    old = 1_000_000_000
+    os.utime(manifest, (old, old))
+    assert not follow_manifest_content(manifest, record)  # first call: recorded
+    assert manifest.stat().st_mtime == old
+    assert not follow_manifest_content(manifest, record)  # unchanged
+    manifest.write_text(manifest.read_text().replace("0.25", "0.75"))
+    os.utime(manifest, (old - 10, old - 10))  # an older time than before
+    assert follow_manifest_content(manifest, record)
+    assert manifest.stat().st_mtime > old  # now: newer than any result
+    assert not follow_manifest_content(manifest, record)
+    manifest.write_text(manifest.read_text().replace("0.75", "0.5"))
+    os.utime(manifest, (old, old))
+    assert not follow_manifest_content(manifest, record, touch=False)  # recorded only
+    assert manifest.stat().st_mtime == old
+    assert not follow_manifest_content(manifest, record)
+
+
 def test_manifest_stamp_sees_a_replaced_image_but_not_a_copy(tmp_path):
     """An image file replaced under the same path changes the stamps that read images, and
     only those; a touch, a copy of the folder, or the file put back, none."""

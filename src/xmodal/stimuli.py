@@ -86,6 +86,7 @@ __all__ = [
     "DUPLICATE_KINDS",
     "EXTRACTION_COLUMNS",
     "IMAGE_DIGESTS",
+    "MANIFEST_CONTENT",
     "MANIFEST_SETTINGS",
     "MAX_SIDE",
     "ImageDataset",
@@ -96,6 +97,7 @@ __all__ = [
     "drop_duplicates",
     "extraction_columns",
     "find_duplicates",
+    "follow_manifest_content",
     "image_file_digests",
     "is_blank",
     "is_csv_quoted",
@@ -809,6 +811,45 @@ def write_manifest_stamp(
         log.info("%s: carried over to the stamp's current form; time kept", out)
         return False
     return True
+
+
+#: The record of the manifest's content that :func:`follow_manifest_content` keeps next to the
+#: stamps (not a result: safe to delete).
+MANIFEST_CONTENT = "manifest_content.json"
+
+
+def follow_manifest_content(
+    manifest_path: str | os.PathLike, record: str | os.PathLike, touch: bool = True
+) -> bool:
+    """Give the manifest the current time when its bytes differ from ``record``'s (the SHA-256
+    of the manifest when the last call saw it), and record them; True when it was given it.
+
+    The steps that read the whole manifest (the stimuli report, the stimulus properties, the
+    provenance, the gallery) follow its modification time; a corrected manifest copied in with
+    an older one (``cp -p``, ``rsync -a``) left them as they were, the properties' correlations
+    from the old annotations, with exit 0 (audit). With a new time, Snakemake reruns them (the
+    extractions follow their stamps, :func:`write_manifest_stamp`, not the time). A manifest
+    whose time cannot be set (a read-only folder) is an :class:`OSError` naming it. The first
+    call only records, and so does one without ``touch`` (at the end of a run, whose own rules
+    may have made the manifest again: those give it a new time themselves).
+    """
+    manifest, record = Path(manifest_path), Path(record)
+    digest = hashlib.sha256(manifest.read_bytes()).hexdigest()
+    try:
+        seen = json.loads(record.read_text(encoding="utf-8")).get("sha256")
+    except (OSError, ValueError, AttributeError):
+        seen = None
+    if seen == digest:
+        return False
+    touched = touch and seen is not None
+    if touched:
+        os.utime(manifest)
+    with atomic_path(record) as tmp:
+        tmp.write_text(
+            json.dumps({"manifest": str(manifest_path), "sha256": digest}, indent=1) + "\n",
+            encoding="utf-8",
+        )
+    return touched
 
 
 # ============================================================================== images

@@ -72,8 +72,10 @@ from xmodal.stimuli import (
     DECODED_IMAGES,
     EXTRACTION_COLUMNS,
     IMAGE_DIGESTS,
+    MANIFEST_CONTENT,
     StimulusError,
     check_images_decode,
+    follow_manifest_content,
     manifest_settings_changed,
     read_manifest,
     write_manifest_stamp,
@@ -1168,6 +1170,7 @@ def update_manifest_stamps():
     re-extract every model: docs/cluster.md, "What reruns")."""
     if not workflow.is_main_process or not Path(MANIFEST).is_file():
         return
+    follow_manifest()
     stamps = [(m, manifest_stamp_path(m)) for m in EXTRACTION_COLUMNS]
     try:
         manifest = manifest_at_start()
@@ -1194,6 +1197,32 @@ def update_manifest_stamps():
         elif STAMPS_FOLLOW_MANIFEST_RULE and Path(path).stat().st_mtime_ns < edited:
             # same content: Snakemake compares its checksum, so the extractions do not rerun
             _STAMPS_TO_TOUCH.append(path)
+
+
+def follow_manifest(touch=True):
+    """A manifest whose content changed since the last call gets the current time (xmodal.
+    stimuli.follow_manifest_content), so that the steps reading it by time rerun even when the
+    edit came with an older time (cp -p, rsync -a); before the stamps, whose demo rule reads it
+    by time and whose unchanged stamps are then noted to be touched. At the end of a run
+    (touch False) only its content is recorded: a manifest the run made has a new time.
+    """
+    record = Path(STIMULI.format(dataset=DATASET)) / MANIFEST_CONTENT
+    if not workflow.is_main_process or not Path(MANIFEST).is_file():
+        return
+    try:
+        record.parent.mkdir(parents=True, exist_ok=True)
+        if follow_manifest_content(MANIFEST, record, touch):
+            logger.info(
+                f"{MANIFEST}: its content changed since the last run: given the current time, "
+                "so that the steps that read it run again"
+            )
+    except OSError as err:
+        raise WorkflowError(
+            f"{MANIFEST}: its content changed since the last run, and its modification time "
+            f"cannot be set ({err}); the steps that read it (stimuli_report, image_properties, "
+            "stimulus_properties, provenance, the gallery) would keep results from the old "
+            "content. Make the manifest writable, or copy it in with a new time (cp without -p)"
+        ) from None
 
 
 update_manifest_stamps()
@@ -1314,10 +1343,12 @@ onstart:
 
 onsuccess:
     record_settings_of_this_run(succeeded=True)
+    follow_manifest(touch=False)
 
 
 onerror:
     record_settings_of_this_run(succeeded=False)
+    follow_manifest(touch=False)
 
 
 # ----------------------------------------------------------------- the demo's builds (demo.smk)
