@@ -355,6 +355,35 @@ def test_analysis_memory_grows_with_each_retry() -> None:
     assert int(slurm["retries"]) >= 1 and slurm.get("rerun-incomplete") is True
 
 
+def test_a_manifest_edit_copied_in_with_an_older_time_reruns_what_reads_it(
+    project: Path,
+) -> None:
+    """A corrected manifest copied in with its older time (cp -p, rsync -a) left the stimulus
+    properties, which read the manifest by time, as they were: "Nothing to be done" and the
+    old annotations' values (audit). The call that sees the new content gives the manifest the
+    current time: the properties are made again, and no model is extracted."""
+    import os
+
+    from xmodal.io import read_table
+    from xmodal.stimuli import read_manifest, write_manifest
+
+    props = f"results/properties/{DATASET}/properties.tsv"
+    snakemake(project, "--configfile", CONFIG, "--cores", "2", props)
+    manifest = project / f"resources/stimuli/{DATASET}/stimuli.tsv"
+    df = read_manifest(manifest)
+    old = manifest.stat().st_mtime - 3600
+    write_manifest(df.assign(nuisance=[f"{1 - float(v):.6g}" for v in df["nuisance"]]), manifest)
+    os.utime(manifest, (old, old))
+    counts, out = _dry(project, props)
+    assert counts.get("stimulus_properties") == 1 and "extract" not in counts, out[-3000:]
+    snakemake(project, "--configfile", CONFIG, "--cores", "2", props)
+    table = read_table(project / props)
+    got = table[table["property"] == "manifest:nuisance"].set_index("stimulus_id")["value"]
+    want = 1 - df.set_index("stimulus_id")["nuisance"].astype(float)
+    np.testing.assert_allclose(got.loc[want.index], want, atol=1e-6)
+    assert _dry(project, props)[0] == {}
+
+
 def test_numeric_looking_ids_give_the_same_numbers_as_prefixed_ids(project: Path) -> None:
     """The whole workflow on the same stimuli under ids pandas would have turned into numbers
     or missing values: every table keeps the ids as written, every number is unchanged."""
