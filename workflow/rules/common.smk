@@ -50,6 +50,7 @@ from xmodal.features import (
 from xmodal.figures import (
     DEFAULT_METRIC,
     FIGURES,
+    METRIC_LABELS,
     figure_files,
     figure_metrics,
     figure_stem,
@@ -772,20 +773,52 @@ def check_bare_features_match_the_config(args, keys=None):
         )
 
 
+#: The tables of the default target (table_paths' keys), those of a control when it is on.
+FINAL_TABLES = (
+    "loo", "grid", "layers", "contrasts", "summary", "images", "duplicates", "diagnostics",
+    "properties", "property_correlations", "language_correlation", "joint_cells", "drop",
+    "drop_summary", "heldout_layers", "heldout", "heldout_summary", "self_selection",
+    "self_selection_summary", "provenance",
+)  # fmt: skip
+
+
 def get_final_output():
     paths = table_paths(DATASET)
-    keys = ("loo", "grid", "layers", "contrasts", "summary", "images", "duplicates")
-    keys += ("diagnostics", "properties", "property_correlations")
-    keys += ("language_correlation", "joint_cells")
-    keys += ("drop", "drop_summary", "heldout_layers", "heldout", "heldout_summary")
-    keys += ("self_selection", "self_selection_summary", "provenance")
     off = disabled_tables()
-    out = UNFINISHED_FEATURES + [paths[k] for k in keys if k not in off]
+    out = UNFINISHED_FEATURES + [paths[k] for k in FINAL_TABLES if k not in off]
     # a figure of alignment values once per metric ({name}.png, {name}.{metric}.png), the
     # others once (xmodal.figures.figure_files); none of a step the config turns off
     return out + figure_files(
         f"results/figures/{DATASET}", METRICS, skip=figures_off(off)
     )
+
+
+def warn_of_leftover_results():
+    """Name the results of an earlier run that this config no longer makes: the tables and
+    figures of a control switched off, the figures of a metric taken out of analysis.metrics.
+    They stay on disk, next to the current ones, and are not updated (audit: a self-selection
+    summary of an earlier set size read as this run's). A dry run warns too; a run of chosen
+    targets does not."""
+    if not workflow.is_main_process:
+        return
+    args = _command_line()
+    if args is None or getattr(args, "targets", None):
+        return
+    paths = table_paths(DATASET)
+    every = [paths[k] for k in FINAL_TABLES]
+    every += figure_files(f"results/figures/{DATASET}", list(METRIC_LABELS))
+    current = set(get_final_output())
+    left = [p for p in every if p not in current and Path(p).is_file()]
+    if left:
+        shown = ", ".join(left[:8]) + (
+            f" and {len(left) - 8} more" if len(left) > 8 else ""
+        )
+        logger.warning(
+            f"{len(left)} results of an earlier run that this config does not make (a control "
+            f"switched off, a metric not in analysis.metrics) are left as they were and not "
+            f"updated: {shown}. Delete them, or move them aside, so that they are not read as "
+            "this config's"
+        )
 
 
 # ---------------------------------------------------------------- manifest stamps
@@ -1226,6 +1259,7 @@ def follow_manifest(touch=True):
 
 
 update_manifest_stamps()
+warn_of_leftover_results()
 
 
 def check_set_sizes():
