@@ -524,6 +524,33 @@ def test_a_revision_pinned_to_the_commit_it_resolved_to_changes_no_spec() -> Non
         assert Registry.from_config(cfg)["llama-65b"].settled_revision(made_pinned) == settled
 
 
+def test_a_local_folder_spelled_another_way_changes_no_spec(tmp_path, monkeypatch) -> None:
+    """A local model's id written ./models/m, models/m/ or as its absolute path re-extracted
+    the model from the same weights (audit; image paths written another way re-extract
+    nothing). With the feature file's provenance the spec keeps the spelling it was made
+    with, when that names the same folder; another folder, or a hub id, changes it."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models" / "m").mkdir(parents=True)
+    (tmp_path / "models" / "other").mkdir()
+    (tmp_path / "models" / "m" / "config.json").write_text("{}")
+    (tmp_path / "models" / "other" / "config.json").write_text("{}")
+    cfg = paper()
+    cfg["models"]["mine"] = {"modality": "vision", "id": "models/m", "size_b": 0.1}
+    made = {"model_id": "models/m", "requested_revision": "", "revision": ""}
+    before = Registry.from_config(cfg)["mine"].feature_spec(made)
+    assert before["id"] == "models/m"
+    for spelling, same in (("./models/m", True), ("models/m/", True),
+                           (str(tmp_path / "models" / "m"), True), ("models/other", False)):  # fmt: skip
+        cfg["models"]["mine"]["id"] = spelling
+        entry = Registry.from_config(cfg)["mine"]
+        assert entry.source == "local"
+        assert (entry.feature_spec(made) == before) is same, spelling
+        assert entry.feature_spec(None)["id"] == spelling  # no file yet: as configured
+        assert (entry.differs_from({**made, "compute_dtype": "float32", "device": "cuda:0",
+                                    "features_version": 2, "max_length": None,
+                                    "max_length_source": ""}) == []) is same, spelling  # fmt: skip
+
+
 def test_supplied_features_of_a_model_too_big_for_the_gpus_are_accepted(tmp_path) -> None:
     """Bringing your own features is for models you cannot run: such a model was refused for
     lack of GPUs, and only a false size_b (which orders the figures) got past it."""

@@ -228,6 +228,22 @@ class ModelEntry:
         """The compute dtype of this model's extraction (:func:`compute_dtype`)."""
         return compute_dtype(self.modality, self.site.dtype)
 
+    def settled_id(self, made: Mapping[str, Any] | None = None) -> str:
+        """The model's ``id`` as the rerun triggers spell it, given how its features on disk
+        were made (``made``, as for :meth:`settled_revision`): for a local folder, the
+        spelling the file records when it names the same folder (``./models/m``,
+        ``models/m/`` or its absolute path; each re-extracted the model, audit); else the
+        configured id. The extraction loads and records that spelling, so this never flips."""
+        if made is None or self.source != "local" or made.get("model_id") in (None, self.id):
+            return self.id
+        try:
+            same = Path(made["model_id"]).expanduser().resolve() == (
+                Path(self.id).expanduser().resolve()
+            )
+        except (OSError, RuntimeError):
+            same = False
+        return str(made["model_id"]) if same else self.id
+
     def settled_revision(self, made: Mapping[str, Any] | None = None) -> str | None:
         """The revision as the rerun triggers spell it, given how this model's features on
         disk were made (``made``: the feature file's ``model_id``, ``revision``, the commit
@@ -239,7 +255,7 @@ class ModelEntry:
         ``"main"`` and none, the other (the download reads both as ``main``). Otherwise the
         configured revision. A file made again keeps the spelling, so this never flips.
         """
-        if made is None or made.get("model_id") != self.id:
+        if made is None or made.get("model_id") != self.settled_id(made):
             return self.revision
         asked = made.get("requested_revision") or None
         pinned = self.revision is not None and self.revision == made.get("revision")
@@ -251,11 +267,12 @@ class ModelEntry:
 
         Labels, sizes, batch sizes, workers, GPUs and pickle permission change no feature, so
         editing them re-extracts nothing (docs/cluster.md, "What reruns"); nor does spelling
-        the revision as the commit the features came from (``made``: :meth:`settled_revision`).
+        the revision as the commit the features came from (``made``: :meth:`settled_revision`),
+        or a local folder's path another way (:meth:`settled_id`).
         """
         spec: dict[str, Any] = {
             "modality": self.modality,
-            "id": self.id,
+            "id": self.settled_id(made),
             "revision": self.settled_revision(made),
             "dtype": self.dtype,
         }
@@ -274,7 +291,7 @@ class ModelEntry:
         file's; [] when the file is what this config would extract."""
         key = f"models.{self.key}"
         out = []
-        if made["model_id"] != self.id:
+        if made["model_id"] != self.settled_id(made):
             out.append(f"{key}.id {self.id!r} (the file: {made['model_id']!r})")
         elif self.settled_revision(made) != (made["requested_revision"] or None):
             asked = made["requested_revision"] or None
