@@ -4,8 +4,8 @@ Snakemake adds this directory to the path of every script it runs; importing thi
 makes the library importable whether or not it is installed in the job's environment
 (conda environments from envs/ hold its dependencies only). It also caps the job's threads,
 hides the GPUs from a job that asked for none, marks the output of an extraction or import
-until it is made (xmodal.attempts.begin_attempt), and stops a retry of a job whose attempt before it
-failed with an error that a retry repeats (xmodal.attempts.fail_attempt).
+until it is made (xmodal.attempts.begin_attempt), and stops a retry of a job whose attempt
+before it failed with an error that a retry repeats (xmodal.attempts.fail_attempt).
 """
 
 import atexit
@@ -35,13 +35,13 @@ if _job is not None:
     if not int(getattr(getattr(_job, "resources", None), "gpu", 0) or 0):
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
     # a job that makes a feature file marks it from its first line until it is made
-    # (xmodal.attempts.begin_attempt): one that fails anywhere (the weights not in the cache, a bad
-    # config) or is killed leaves the mark, and the next run makes the file again, where
+    # (xmodal.attempts.begin_attempt): one that fails anywhere (the weights not in the cache, a
+    # bad config) or is killed leaves the mark, and the next run makes the file again, where
     # Snakemake, which records a failed job's output as made, would say "Nothing to be done".
     # Every job: an uncaught error that a retry repeats (the project's own errors about the
     # model, the stimuli, the config or a feature file) is recorded in that mark, or in one
-    # next to the job's log (xmodal.attempts.fail_attempt), and a retry (the profile's `retries`) of
-    # that attempt stops here, before a model or a feature file is loaded
+    # next to the job's log (xmodal.attempts.fail_attempt), and a retry (the profile's
+    # `retries`) of that attempt stops here, before a model or a feature file is loaded
     from xmodal.attempts import (
         RepeatedFailureError,
         begin_attempt,
@@ -50,7 +50,7 @@ if _job is not None:
         fail_attempt,
     )
 
-    # the attempt, where the job's resources say it (0: not said, xmodal.attempts.check_not_repeated)
+    # the attempt, where the job's resources say it (0: not said; attempts.check_not_repeated)
     _attempt = int(getattr(getattr(_job, "resources", None), "attempt", 0) or 0)
     _makes_features = getattr(_job, "rule", None) in ("extract", "import_features")
     _log = getattr(_job, "log", None)

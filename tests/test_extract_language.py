@@ -532,8 +532,9 @@ def test_a_local_model_id_under_the_home_folder_is_loaded_from_there(
 
 
 def test_an_extraction_marks_its_file_until_made(tmp_path, tiny_lms, tiny_manifest, monkeypatch):
-    """A failed extraction leaves the mark that the workflow reads (xmodal.attempts.unfinished_outputs:
-    Snakemake records a failed job's output as made); a finished one removes it."""
+    """A failed extraction leaves the mark that the workflow reads (xmodal.attempts.
+    unfinished_outputs: Snakemake records a failed job's output as made); a finished one
+    removes it."""
     from xmodal.attempts import attempt_marker, unfinished_outputs
 
     out = tmp_path / "llama.h5"

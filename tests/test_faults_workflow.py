@@ -188,7 +188,8 @@ def test_job_failing_for_good_stops_only_its_dependants(project: Path) -> None:
     assert "logs/extract/demo/broken-llm.log" in out
     log = (project / "logs/extract/demo/broken-llm.log").read_text()
     assert "resources/broken-llm: no config.json" in log and "Traceback" not in log, log
-    # the profile's retries: attempts 2 and 3 stop before loading anything (xmodal.attempts.fail_attempt)
+    # the profile's retries: attempts 2 and 3 stop before loading anything
+    # (xmodal.attempts.fail_attempt)
     assert "attempt 3 not run: the attempt before it failed with an error" in log, log
     assert (project / redo).is_file(), out[-4000:]  # independent work went on
     features = project / f"results/features/{DATASET}"

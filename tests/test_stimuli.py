@@ -523,6 +523,19 @@ def test_a_manifest_whose_content_changed_gets_the_current_time(tmp_path):
     assert not follow_manifest_content(manifest, record, touch=False)  # recorded only
     assert manifest.stat().st_mtime == old
     assert not follow_manifest_content(manifest, record)
+    # a manifest whose time cannot be set (root can set any; a user cannot in a read-only
+    # folder of someone else's): the call stops, naming it
+    from xmodal.stimuli import StimulusError
+
+    manifest.write_text(manifest.read_text().replace("0.5", "0.125"))
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(1, "Operation not permitted")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(os, "utime", refuse)
+        with pytest.raises(StimulusError, match=r"stimuli\.tsv: its content changed .* cannot"):
+            follow_manifest_content(manifest, record)
 
 
 def test_manifest_stamp_sees_a_replaced_image_but_not_a_copy(tmp_path):

@@ -662,9 +662,9 @@ def test_an_unwritable_output_folder_stops_an_extraction_before_any_work(
 def test_a_retry_after_an_error_a_retry_repeats_stops_before_any_work(tmp_path: Path) -> None:
     """The profile resubmits a failed job (`retries`) with more memory and time. After an
     attempt that failed with the project's own error about the model, the stimuli or the config
-    (xmodal.attempts.fail_attempt), the next attempt stops at its mark, naming that error, instead of
-    loading the model for hours to fail the same way; a new run (attempt 1) tries again, and
-    errors of the node or the file system are retried."""
+    (xmodal.attempts.fail_attempt), the next attempt stops at its mark, naming that error,
+    instead of loading the model for hours to fail the same way; a new run (attempt 1) tries
+    again, and errors of the node or the file system are retried."""
     from xmodal.attempts import (
         RepeatedFailureError,
         attempt_marker,

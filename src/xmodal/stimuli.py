@@ -829,7 +829,7 @@ def follow_manifest_content(
     an older one (``cp -p``, ``rsync -a``) left them as they were, the properties' correlations
     from the old annotations, with exit 0 (audit). With a new time, Snakemake reruns them (the
     extractions follow their stamps, :func:`write_manifest_stamp`, not the time). A manifest
-    whose time cannot be set (a read-only folder) is an :class:`OSError` naming it. The first
+    whose time cannot be set (a read-only folder) is a :class:`StimulusError` naming it. The first
     call only records, and so does one without ``touch`` (at the end of a run, whose own rules
     may have made the manifest again: those give it a new time themselves).
     """
@@ -843,7 +843,16 @@ def follow_manifest_content(
         return False
     touched = touch and seen is not None
     if touched:
-        os.utime(manifest)
+        try:
+            os.utime(manifest)
+        except OSError as err:
+            raise StimulusError(
+                f"{manifest}: its content changed since the last run, and its modification "
+                f"time cannot be set ({err.strerror}); the steps that read it by time "
+                "(stimuli_report, image_properties, stimulus_properties, provenance, the "
+                "gallery) would keep results from the old content. Make the manifest "
+                "writable, or copy it in with a new time (cp without -p)"
+            ) from None
     with atomic_path(record) as tmp:
         tmp.write_text(
             json.dumps({"manifest": str(manifest_path), "sha256": digest}, indent=1) + "\n",
@@ -1226,8 +1235,9 @@ def _pixels_digest(image: Image.Image) -> str:
 
 class ImageReadError(StimulusError):
     """An image file that could not be read for a reason that may pass (an I/O error, a stale
-    NFS handle: xmodal.attempts.passing_error): a retried job reads it again. The class, not a cause,
-    says so, since a DataLoader worker's error reaches the job as a new error of its class."""
+    NFS handle: xmodal.attempts.passing_error): a retried job reads it again. The class, not a
+    cause, says so, since a DataLoader worker's error reaches the job as a new error of its
+    class."""
 
     repeats_on_retry = False
 
@@ -1293,7 +1303,8 @@ def _scan(
     if bad:
         k = bad[0]
         at = f"line {lines[k]}, " if lines is not None else ""
-        # every image failed for a reason that may pass (an I/O error): so may this (attempts.fail_attempt)
+        # every image failed for a reason that may pass (an I/O error): so may this
+        # (attempts.fail_attempt)
         error = StimulusError
         if all(isinstance(results[j], ImageReadError) for j in bad):
             error = ImageReadError
