@@ -54,9 +54,22 @@ def _module_file(name: str) -> Path | None:
     return None
 
 
+#: modules whose imports are being collected: an import cycle (xmodal.io re-exports from
+#: xmodal.attempts, which imports xmodal.io inside a function) ends there
+_ACTIVE: set[Path] = set()
+
+
 @cache
 def _imports(path: Path, package: str) -> frozenset[str]:
     """Third-party top-level packages imported (anywhere) by ``path`` and the xmodal modules it reaches."""
+    _ACTIVE.add(path)
+    try:
+        return _collect_imports(path, package)
+    finally:
+        _ACTIVE.discard(path)
+
+
+def _collect_imports(path: Path, package: str) -> frozenset[str]:
     tree = ast.parse(path.read_text())
     found: set[str] = set()
     for node in ast.walk(tree):
@@ -75,7 +88,7 @@ def _imports(path: Path, package: str) -> frozenset[str]:
             if top == "xmodal" or top == "_bootstrap":
                 target = "xmodal" if top == "_bootstrap" else name
                 f = _module_file(target)
-                if f is not None and f != path:
+                if f is not None and f not in _ACTIVE:
                     pkg = target if f.name == "__init__.py" else target.rsplit(".", 1)[0]
                     found |= _imports(f, pkg)
             elif top not in sys.stdlib_module_names and top not in NOT_PACKAGES:
