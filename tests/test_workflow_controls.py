@@ -128,8 +128,16 @@ def test_switching_the_controls_off(demo_project, demo_config):
     for rule in ("extract", "gpa", "leave_one_model_out"):
         assert rule not in counts
     assert counts.get("stimulus_sets") == 1  # the size-matched draws leave sets.tsv
-    assert "heldout_layers/" not in out and "/drop/" not in out
-    assert "self_selection" not in out
+    # no job reads or writes a control's table; the finished run's are named as left over
+    # (warn_of_leftover_results), not made again
+    jobs = out.split("Job stats:", 1)[-1]
+    assert "heldout_layers/" not in jobs and "/drop/" not in jobs
+    assert "self_selection" not in jobs
+    warning = next(line for line in out.splitlines() if "results of an earlier run" in line)
+    # the tables of the three controls (7) and their figures, the first 8 by name
+    assert int(warning.split()[0]) > 7 and "and 1 more" in warning, warning
+    for table in ("alignment/demo/drop.tsv", "summary/demo_drop.tsv", "demo_self_selection.tsv"):
+        assert f"results/{table}" in warning or table in warning, warning
 
 
 def test_changing_the_number_of_splits_reruns_the_heldout_work(demo_project, demo_config):
