@@ -530,7 +530,7 @@ def _defined(g: pd.DataFrame) -> np.ndarray:
     "Degenerate layers"): the others are never drawn as a value."""
     ok = np.isfinite(g["value"].to_numpy(float))
     if "valid" in g.columns:
-        ok &= g["valid"].astype(str).str.lower().isin(["true", "1"]).to_numpy()
+        ok &= flag_column(g, "valid")
     return ok
 
 

@@ -19,6 +19,8 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
+from xmodal.summary import flag_column
+
 from ._common import FigureData, new_figure, panel_letter
 
 STATUS_COLORS = {"ok": "#4a4a4a", "warn": "#de8f05", "collapsed": "#c0392b"}
@@ -32,13 +34,9 @@ DIAGNOSTICS_COLUMNS = (
 FOOTER_ROW_IN = 0.17
 
 
-def _flag(col: pd.Series) -> np.ndarray:
-    return col.astype(str).str.lower().isin(["true", "1"]).to_numpy()
-
-
 def layer_status(diag: pd.DataFrame) -> np.ndarray:
     """'collapsed', 'warn' or 'ok' per row, from the table's ``collapsed`` and ``warn``."""
-    collapsed, warn = _flag(diag["collapsed"]), _flag(diag["warn"])
+    collapsed, warn = flag_column(diag, "collapsed"), flag_column(diag, "warn")
     return np.where(collapsed, "collapsed", np.where(warn, "warn", "ok"))
 
 
@@ -52,7 +50,7 @@ def _check(diag: pd.DataFrame, path: str) -> None:
 
 def _used_rows(diag: pd.DataFrame, data: FigureData) -> pd.DataFrame:
     """The layers in use, vision models first, each group in display order, LLM layers by depth."""
-    used = diag[_flag(diag["used"])].copy()
+    used = diag[flag_column(diag, "used")].copy()
     used["model"] = used["model"].astype(str)
     order = {k: i for i, k in enumerate(data.models.order(used["model"].unique()))}
     used["_vision"] = used["modality"].astype(str) != "vision"
@@ -155,7 +153,7 @@ def _depth_panels(
         g = llm[llm["model"] == key].sort_values("layer")
         depth = g["layer"].to_numpy(float)
         depth = depth / depth.max() if depth.max() > 0 else depth
-        used, collapsed = _flag(g["used"]), _flag(g["collapsed"])
+        used, collapsed = flag_column(g, "used"), flag_column(g, "collapsed")
         for ax, col in zip(axes, ("cos_mean", "eff_dim", "frac_unresolved"), strict=True):
             v = g[col].to_numpy(float)
             ax.plot(depth, v, color=colors[key], lw=1.2)
