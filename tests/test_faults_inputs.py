@@ -1212,3 +1212,38 @@ def test_a_feature_file_on_a_full_disk_is_one_message_and_exit_code_1(tmp_path: 
         assert not list(small.iterdir())  # no partial file, no temporary
     finally:
         subprocess.run(["umount", str(small)], check=False)
+
+
+def test_a_file_past_the_size_limit_is_one_message_naming_the_output(tmp_path: Path) -> None:
+    """A job under ``ulimit -f`` (or on a file system with a largest file) failed with a bare
+    ``OSError: [Errno 27] File too large`` naming neither the output nor the limit, or HDF5's
+    RuntimeError naming the hidden temporary file (audit); both are the output's
+    FileTooLargeError now, one line in the log, and nothing is left in the folder."""
+    import xmodal
+
+    out = tmp_path / "out"
+    out.mkdir()
+    script = tmp_path / "job.py"
+    script.write_text(
+        f"import sys; sys.path.insert(0, {str(Path(xmodal.__file__).parents[1])!r})\n"
+        "import resource, numpy as np, pandas as pd\n"
+        f"from xmodal.logs import log_to; log_to({str(tmp_path / 'job.log')!r})\n"
+        "from xmodal.features import write_features\nfrom xmodal.io import write_table\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (20000, resource.RLIM_INFINITY))\n"
+        "try:\n"
+        f"    write_table(pd.DataFrame({{'a': np.arange(20000)}}), {str(out / 't.tsv')!r})\n"
+        "except OSError as err:\n"
+        "    print(type(err).__name__, err)\n"
+        "x = np.random.default_rng(0).random((2, 50, 64)).astype('float32')\n"
+        f"write_features({str(out / 'f.h5')!r}, x, [f's{{i}}' for i in range(50)], "
+        "['l0', 'l1'], {'model_key': 'x', 'modality': 'vision'})\n"
+    )
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    table = f"FileTooLargeError [Errno 27] file too large while writing {out / 't.tsv'}: "
+    assert proc.stdout.startswith(table) and "at most 20000 bytes (ulimit -f)" in proc.stdout
+    log = (tmp_path / "job.log").read_text()
+    said = f"FileTooLargeError: [Errno 27] file too large while writing {out / 'f.h5'}: "
+    assert said in log and "at most 20000 bytes (ulimit -f)" in log
+    assert "Traceback" not in log + proc.stderr  # no HDF5 noise at the interpreter's teardown
+    assert not list(out.iterdir())  # no partial file, no temporary

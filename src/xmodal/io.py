@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import os
+import resource
 import secrets
 import shutil
 import stat
@@ -35,6 +36,7 @@ log = logging.getLogger(__name__)
 __all__ = [
     "TEXT_COLUMNS",
     "DiskFullError",
+    "FileTooLargeError",
     "TableError",
     "UnwritableOutputError",
     "atomic_path",
@@ -43,6 +45,7 @@ __all__ = [
     "fail_attempt",
     "file_digests",
     "is_disk_full",
+    "is_file_too_large",
     "read_table",
     "remove_stale_temporaries",
     "scratch_path",
@@ -82,23 +85,39 @@ class UnwritableOutputError(PermissionError):
     """An output cannot be written: its folder is not writable by this user."""
 
 
+class FileTooLargeError(OSError):
+    """An output grew past the largest file this process or file system may write."""
+
+
+def _errno_behind(err: BaseException, codes: tuple[int, ...], texts: tuple[str, ...]) -> bool:
+    """True when ``err``, or an error that led to it, is an OSError with one of ``codes`` or
+    says one of ``texts`` (lower case) or HDF5's ``errno = <code>,``."""
+    seen, link = [], err
+    while link is not None and link not in seen:
+        seen.append(link)
+        if isinstance(link, OSError) and link.errno in codes:
+            return True
+        text = str(link).lower()
+        if any(t in text for t in texts) or any(f"errno = {c}," in text for c in codes):
+            return True
+        link = link.__cause__ or link.__context__
+    return False
+
+
 def is_disk_full(err: BaseException) -> bool:
     """True for "no space left on device" / "disk quota exceeded", also as HDF5 reports them,
     and for an error of another kind that one of these led to or names (torch's writer said
     ``RuntimeError: [enforce fail …] unexpected pos``, h5py ``RuntimeError(… errno = 28 …)``
     when the disk filled, audit)."""
-    seen, link = [], err
-    while link is not None and link not in seen:
-        seen.append(link)
-        if isinstance(link, OSError) and link.errno in (errno.ENOSPC, errno.EDQUOT):
-            return True
-        text = str(link).lower()
-        if "no space left on device" in text or "quota exceeded" in text:
-            return True
-        if f"errno = {errno.ENOSPC}," in text or f"errno = {errno.EDQUOT}," in text:
-            return True
-        link = link.__cause__ or link.__context__
-    return False
+    return _errno_behind(
+        err, (errno.ENOSPC, errno.EDQUOT), ("no space left on device", "quota exceeded")
+    )
+
+
+def is_file_too_large(err: BaseException) -> bool:
+    """True for "file too large" (EFBIG: the shell's ``ulimit -f``, or a file system's largest
+    file), also as HDF5 and torch report it (see :func:`is_disk_full`)."""
+    return _errno_behind(err, (errno.EFBIG,), ("file too large",))
 
 
 def _free_space(directory: Path) -> str:
@@ -158,6 +177,36 @@ def _disk_full(err: BaseException, final: Path, what: str) -> DiskFullError:
     )
 
 
+def _too_large(err: BaseException, final: Path, what: str) -> FileTooLargeError:
+    try:
+        limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    except (OSError, ValueError):
+        limit = resource.RLIM_INFINITY
+    why = (
+        f"this job may write files of at most {limit} bytes (ulimit -f); raise the limit "
+        "where the job starts"
+        if limit != resource.RLIM_INFINITY
+        else f"the file system of {final.parent} takes no larger file; move results/ to "
+        "one that does"
+    )
+    return FileTooLargeError(
+        errno.EFBIG,
+        f"file too large while writing {what}: {why}. The partial file was removed and "
+        f"nothing was written at {final}. Original error: {err}",
+    )
+
+
+def _output_error(err: BaseException, final: Path, what: str) -> OSError | None:
+    """The output's own error for a full disk or a file grown too large behind ``err``."""
+    if isinstance(err, (DiskFullError, FileTooLargeError)):
+        return None
+    if is_disk_full(err):
+        return _disk_full(err, final, what)
+    if is_file_too_large(err):
+        return _too_large(err, final, what)
+    return None
+
+
 @contextlib.contextmanager
 def atomic_path(
     path: str | os.PathLike, suffix: str | None = None, *, sweep: bool = True
@@ -169,7 +218,8 @@ def atomic_path(
     that a killed earlier write of ``path`` left is removed first (``sweep``; off for files
     that several processes may write at once, such as the digest caches, whose writers would
     remove each other's). The file's data reach the disk before the rename. Running out of disk
-    space is re-raised as :class:`DiskFullError` naming ``path`` and what to do.
+    space is re-raised as :class:`DiskFullError` naming ``path`` and what to do, a file grown
+    past the size limit (EFBIG) as :class:`FileTooLargeError`.
     """
     final = Path(path)
     if sweep:
@@ -186,8 +236,9 @@ def atomic_path(
     except BaseException as err:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
-        if is_disk_full(err) and not isinstance(err, DiskFullError):
-            raise _disk_full(err, final, str(final)) from err
+        said = _output_error(err, final, str(final))
+        if said is not None:
+            raise said from err
         raise
 
 
@@ -198,15 +249,17 @@ def scratch_path(path: str | os.PathLike, suffix: str) -> Iterator[Path]:
     For data too large for memory on its way into ``path``. The file is named like
     :func:`atomic_path`'s temporaries (``suffix`` after ``.tmp``), so that
     :func:`remove_stale_temporaries` with the same ``suffix`` removes one a killed job left.
-    Running out of disk space is re-raised as :class:`DiskFullError` naming ``path``.
+    Running out of disk space is re-raised as :class:`DiskFullError` naming ``path``, a file
+    grown past the size limit as :class:`FileTooLargeError`.
     """
     final = Path(path)
     tmp = _temporary_next_to(final, suffix)
     try:
         yield tmp
     except BaseException as err:
-        if is_disk_full(err) and not isinstance(err, DiskFullError):
-            raise _disk_full(err, final, f"scratch file {tmp} for {final}") from err
+        said = _output_error(err, final, f"scratch file {tmp} for {final}")
+        if said is not None:
+            raise said from err
         raise
     finally:
         with contextlib.suppress(FileNotFoundError):

@@ -128,8 +128,9 @@ def log_to(path: str | os.PathLike | None, level: int = logging.INFO) -> logging
             root.error("%s: %s", kind.__name__, err)
         else:
             root.error("%s: %s", kind.__name__, err, exc_info=(kind, err, tb))
-        if isinstance(err, OSError) and err.errno == errno.ENOSPC:
-            # a full disk: the message is out and the partial file removed; the interpreter's
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EFBIG):
+            # a full disk (or a file grown past its size limit): the message is out and the
+            # partial file removed; the interpreter's
             # teardown would close HDF5 files whose last write failed, and HDF5 then crashes
             # (exit 139 after the message)
             for h in root.handlers:
