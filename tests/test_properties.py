@@ -487,6 +487,8 @@ def _column(fields: list[str]) -> pd.DataFrame:
         ["20 °C", "18.5 °C", "-3°C"],
         ["$5", "$ 10", "$2.50"],
         ["3.5s", "12s", "0.25 s"],
+        ["12 pixels", "1 pixel", "30 Pixels"],  # a unit of more than three letters (audit)
+        ["3 items", "", "12 items"],
     ],
 )
 def test_a_column_of_numbers_in_another_form_is_left_out_with_a_warning(fields):
@@ -540,6 +542,7 @@ def test_numbers_in_another_form_with_missing_markers_are_warned_about(fields):
     [
         ["dog", "cat", ""],
         ["12A", "13B", "7C"],  # codes: a different letter each
+        ["3 apples", "2 pears", "1 fig"],  # a different word each
         ["001.jpg", "002.jpg"],  # file names
         ["img_001", "img_002"],  # a prefix of letters: ids
         ["2024-01-05", "2024-02-11"],  # dates

@@ -118,11 +118,12 @@ ANNOTATION_PREFIX = "manifest:"
 NUMBER = re.compile(r"\s*[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?\s*")
 #: A number written in a form :data:`NUMBER` does not read: a decimal comma (``0,87``), digit
 #: groups (``1,000``, ``1 000``), a typographic minus (``−0.5``), a currency sign (``$5``) or a
-#: unit after it (``87%``, ``12 px``, ``3.5s``); group ``unit`` holds what follows the digits.
+#: unit after it (``87%``, ``12 px``, ``3.5s``, ``12 pixels``); group ``unit`` holds what follows
+#: the digits.
 #: A file name (``001.jpg``) or a code with a letter before the digits (``img_001``) is none.
 NUMBER_LIKE = re.compile(
     r"\s*[$€£¥]?\s*[+\-−]?\s*[$€£¥]?\s*\d(?:[\d.,'’ \u00a0\u202f]*\d)?"
-    r"(?:[eE][+\-−]?\d+)?\s*(?P<unit>%|‰|°\s*[CF]?|[^\W\d_]{1,3})?\s*"
+    r"(?:[eE][+\-−]?\d+)?\s*(?P<unit>%|‰|°\s*[CF]?|[^\W\d_]{1,16})?\s*"
 )
 PROPERTY_COLUMNS = ["stimulus_id", "property", "model", "value"]
 CORRELATION_COLUMNS = [
@@ -279,15 +280,22 @@ MISSING_MARKERS = frozenset(
 
 def _numbers_in_another_form(fields: Sequence[str]) -> bool:
     """Whether every filled field of a column without plain numbers writes a number in one of
-    the forms of :data:`NUMBER_LIKE`, all with the same unit (``87%``, ``12%``; not the codes
-    ``12A``, ``13B``), or says that the value is missing (:data:`MISSING_MARKERS`; at least one
+    the forms of :data:`NUMBER_LIKE`, all with the same unit (``87%``, ``12%``; ``1 pixel``,
+    ``12 pixels``; not the codes ``12A``, ``13B``), or says that the value is missing (:data:`MISSING_MARKERS`; at least one
     number): a measure the reader would lose, not a category (``0,87`` and ``NA`` were taken
     for a category and left out with an info line only, audit)."""
     filled = [f for f in fields if f.strip() and f.strip().lower() not in MISSING_MARKERS]
     matches = [NUMBER_LIKE.fullmatch(f) for f in filled]
     if not matches or not all(matches):
         return False
-    return len({(m["unit"] or "").replace(" ", "") for m in matches if m}) == 1
+    return len({_unit(m["unit"]) for m in matches if m}) == 1
+
+
+def _unit(text: str | None) -> str:
+    """A unit as written after a number, without spaces, case or a plural's ``s`` (``pixels``
+    and ``Pixel`` are one unit; ``ms`` and ``s`` are two)."""
+    unit = (text or "").replace(" ", "").lower()
+    return unit[:-1] if len(unit) > 2 and unit.endswith("s") else unit
 
 
 #: Fewest stimuli for which a column rising by whole numbers is taken for ids (:func:`annotations`).
