@@ -15,6 +15,7 @@ import zlib
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from PIL import Image
 
@@ -53,17 +54,18 @@ def _png16(arr: np.ndarray, color_type: int) -> bytes:
     )
 
 
-def _tiff16_rgb(arr: np.ndarray, extra_samples: int = 2) -> bytes:
+def _tiff16_rgb(arr: np.ndarray, extra_samples: int = 2, photometric: int = 2) -> bytes:
     """An uncompressed little-endian 16-bit RGB (or RGBA: ``extra_samples`` 2 unassociated, 1
-    associated alpha) TIFF, tag by tag (Pillow cannot write one)."""
+    associated alpha; or with ``photometric`` 5, CMYK) TIFF, tag by tag (Pillow cannot write
+    one)."""
     h, w, n = arr.shape
     data = arr.astype("<u2").tobytes()
     bps_at = 8 + len(data)  # BitsPerSample (n values) follows the pixel data
     short, long_ = 3, 4
     tags = [(256, short, 1, w), (257, short, 1, h), (258, short, n, bps_at), (259, short, 1, 1),
-            (262, short, 1, 2), (273, long_, 1, 8), (277, short, 1, n), (278, short, 1, h),
-            (279, long_, 1, len(data)), (284, short, 1, 1)]  # fmt: skip
-    tags += [(338, short, 1, extra_samples)] if n == 4 else []
+            (262, short, 1, photometric), (273, long_, 1, 8), (277, short, 1, n),
+            (278, short, 1, h), (279, long_, 1, len(data)), (284, short, 1, 1)]  # fmt: skip
+    tags += [(338, short, 1, extra_samples)] if n == 4 and photometric == 2 else []
     ifd = struct.pack("<H", len(tags))
     for tag, typ, count, value in tags:
         inline = typ == short and count == 1
@@ -606,3 +608,92 @@ def test_16bit_rgb_is_dark_only_within_12_bits(tmp_path, caplog, top, dark):
         got = _rgb(tmp_path / "c.png", "c")
     np.testing.assert_array_equal(got, (a >> 8).astype(np.uint8))
     assert ("uses at most 12 of its 16 bits" in caplog.text) is dark
+
+
+def _ppm16(rgb: np.ndarray, maxval: int) -> bytes:
+    """A binary PPM (P6) of 16-bit samples with maximum value ``maxval``, as dcraw -4 and netpbm
+    write them."""
+    h, w, _ = rgb.shape
+    return f"P6\n{w} {h}\n{maxval}\n".encode() + rgb.astype(">u2").tobytes()
+
+
+def test_a_16bit_ppm_is_checked_as_16bit_colour(tmp_path, caplog):
+    """A PPM names its depth only by its maximum value, so a 16-bit one skipped the 16-bit
+    checks: 8-bit values in it reached the models black (max 1 of 255), 12-bit values dark,
+    with no word, and the stimuli report called it unconverted (audit). Pillow reduces it by
+    its white level, round(v · 255 / maxval); that is said, and it is checked as 16-bit PNGs
+    are."""
+    full = RNG.integers(0, 65536, (6, 5, 3))
+    (tmp_path / "full.ppm").write_bytes(_ppm16(full, 65535))
+    with caplog.at_level("INFO", logger="xmodal.stimuli"):
+        got = _rgb(tmp_path / "full.ppm", "raw")
+    np.testing.assert_array_equal(got, np.round(full * 255 / 65535).astype(np.uint8))
+    assert "16-bit samples reduced to 8 bits by Pillow (round(v · 255 / 65535)" in caplog.text
+    assert "comes out dark" not in caplog.text
+    twelve = RNG.integers(0, 4096, (6, 5, 3))
+    twelve[0, 0, 0] = 4095
+    (tmp_path / "t12.ppm").write_bytes(_ppm16(twelve, 4095))  # its own white level: not dark
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="xmodal.stimuli"):
+        got = _rgb(tmp_path / "t12.ppm", "t12")
+    np.testing.assert_array_equal(got, np.round(twelve * 255 / 4095).astype(np.uint8))
+    assert caplog.text == ""
+    (tmp_path / "dark.ppm").write_bytes(_ppm16(twelve, 65535))
+    with caplog.at_level("WARNING", logger="xmodal.stimuli"):
+        _rgb(tmp_path / "dark.ppm", "dark")
+    assert "'dark'" in caplog.text and "comes out dark (max 16 of 255)" in caplog.text
+    eight = RNG.integers(0, 256, (6, 5, 3))
+    eight[0, 0, 0] = 255
+    (tmp_path / "eight.ppm").write_bytes(_ppm16(eight, 65535))
+    with pytest.raises(StimulusError, match=r"'eight'.*16-bit RGB image .* it is black"):
+        _rgb(tmp_path / "eight.ppm", "eight")
+    table = stimuli.scan_images(  # the stimuli report says what was done
+        pd.DataFrame({"stimulus_id": ["raw"], "image": ["full.ppm"], "caption": ["a"]}),
+        tmp_path,
+    )
+    assert "round(v · 255 / 65535)" in table["conversion"].iloc[0]
+
+
+def test_a_16bit_cmyk_tiff_of_8bit_values_is_refused(tmp_path, caplog):
+    """Pillow keeps the high byte of 16-bit CMYK ink, so 8-bit values in 16-bit samples gave no
+    ink: a white image, without a word, where the same values as 16-bit RGB were refused
+    (audit). A full-range one converts as an 8-bit CMYK image of its high bytes does."""
+    low = RNG.integers(0, 256, (5, 4, 4))
+    (tmp_path / "low.tif").write_bytes(_tiff16_rgb(low, photometric=5))
+    assert Image.open(tmp_path / "low.tif").mode == "CMYK"
+    with pytest.raises(StimulusError, match=r"'ink'.*16-bit CMYK image .* it is white"):
+        _rgb(tmp_path / "low.tif", "ink")
+    full = RNG.integers(0, 65536, (5, 4, 4))
+    (tmp_path / "full.tif").write_bytes(_tiff16_rgb(full, photometric=5))
+    want = Image.fromarray((full >> 8).astype(np.uint8), "CMYK").convert("RGB")
+    with caplog.at_level("WARNING", logger="xmodal.stimuli"):
+        np.testing.assert_array_equal(_rgb(tmp_path / "full.tif", "cmyk"), np.asarray(want))
+    assert caplog.text == ""
+
+
+def test_a_compressed_tiff_beyond_the_bomb_limit_decodes(tmp_path, monkeypatch):
+    """Pillow's TIFF loader checks the decompression-bomb limit again while loading, after the
+    raised limit of the open was put back: a compressed TIFF above PIL's limit was refused as a
+    bomb where a PNG of the same size decoded (contracts.md: decoded up to 2^30 pixels;
+    audit). Here PIL's limit is lowered to make a small image huge."""
+    a = RNG.integers(0, 256, (60, 70, 3)).astype(np.uint8)
+    for name, kw in (("lzw.tif", {"compression": "tiff_lzw"}), ("p.png", {})):
+        Image.fromarray(a).save(tmp_path / name, **kw)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 4200 pixels: beyond twice that
+    for name in ("lzw.tif", "p.png"):
+        np.testing.assert_array_equal(_rgb(tmp_path / name, "big"), a)
+    assert Image.MAX_IMAGE_PIXELS == 1000  # put back
+
+
+def test_a_folder_named_like_an_image_is_said_to_be_a_folder(tmp_path):
+    """A folder named like an image (an unzipped ``photo.jpg/``) was reported as an image not
+    found, though the path exists (audit)."""
+    (tmp_path / "photo.jpg").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "ok.png")
+    path = tmp_path / "stimuli.tsv"
+    path.write_text("stimulus_id\timage\tcaption\ns1\tphoto.jpg\ta dog\ns2\tok.png\ta cat\n")
+    with pytest.raises(StimulusError) as err:
+        read_manifest(path)
+    said = str(err.value)
+    assert "not a regular file (a folder?)" in said and "'s1'" in said and "photo.jpg" in said
+    assert "not found" not in said

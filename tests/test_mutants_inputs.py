@@ -45,7 +45,9 @@ def test_a_folder_named_as_image_is_refused_when_the_manifest_is_read(tmp_path):
     Image.new("RGB", (4, 4)).save(tmp_path / "a.png")
     (tmp_path / "sub").mkdir()
     path = _manifest(tmp_path, [("s1", "a.png", "a cat"), ("s2", "sub", "a dog")])
-    with pytest.raises(StimulusError, match=r"image file\(s\) not found.*line\(s\) \[3\].*s2"):
+    with pytest.raises(
+        StimulusError, match=r"not a regular file \(a folder\?\).*line\(s\) \[3\].*s2"
+    ):
         read_manifest(path)
 
 

@@ -23,6 +23,7 @@ so that the workflow re-extracts only what a manifest edit changes.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -34,7 +35,7 @@ import threading
 import unicodedata
 import warnings
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -161,6 +162,14 @@ def read_manifest(
         for k, img in enumerate(columns["image"])
         if check_images and not (img.strip() and (root / img).is_file())
     ]
+    folders = [k for k in missing if (img := columns["image"][k]).strip() and (root / img).is_dir()]
+    if folders:
+        raise StimulusError(
+            f"{path}: image path(s) not a regular file (a folder?), relative to {root}, on "
+            f"line(s) {[lines[k] for k in folders][:10]}: stimulus ids "
+            f"{preview([columns['stimulus_id'][k] for k in folders])}, images "
+            f"{preview([columns['image'][k] for k in folders])}; name the image file itself"
+        )
     if missing:
         images = [columns["image"][k] for k in missing]
         quoted = any(map(_wrapped_in_quotes, images))
@@ -998,8 +1007,29 @@ class _Decoded:
     conversion: str  # what was done to reach RGB at MAX_SIDE ("" when nothing)
 
 
+@contextlib.contextmanager
+def _huge_images_allowed() -> Iterator[None]:
+    """PIL's decompression-bomb limit raised to :data:`MAX_PIXELS` inside the block (held under
+    a lock: the limit is a global of PIL's)."""
+    with _OPEN_LOCK, warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        old, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, MAX_PIXELS
+        try:
+            yield
+        finally:
+            Image.MAX_IMAGE_PIXELS = old
+
+
+def _beyond_bomb_limit(im: Image.Image) -> bool:
+    """Whether ``im`` has more pixels than PIL's limit lets it load (its decompression-bomb
+    error: twice :data:`PIL.Image.MAX_IMAGE_PIXELS`)."""
+    limit = Image.MAX_IMAGE_PIXELS
+    return limit is not None and im.size[0] * im.size[1] > 2 * limit
+
+
 def _open_image(source: Any, stimulus_id: str, path: str | os.PathLike) -> Image.Image:
-    """``Image.open`` that accepts huge images (up to MAX_PIXELS) instead of calling them bombs."""
+    """``Image.open`` that accepts huge images (up to MAX_PIXELS) instead of calling them bombs
+    (:func:`_load` loads them as such)."""
     with _OPEN_LOCK, warnings.catch_warnings():  # open reads the header only: the lock is cheap
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
@@ -1007,11 +1037,8 @@ def _open_image(source: Any, stimulus_id: str, path: str | os.PathLike) -> Image
         except Image.DecompressionBombError:
             if hasattr(source, "seek"):
                 source.seek(0)
-        old, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, MAX_PIXELS
-        try:
-            im = Image.open(source)
-        finally:
-            Image.MAX_IMAGE_PIXELS = old
+    with _huge_images_allowed():
+        im = Image.open(source)
     log.info(
         "stimulus %r: image %s has %d x %d pixels, more than PIL's decompression-bomb limit; "
         "decoding it anyway",
@@ -1020,6 +1047,18 @@ def _open_image(source: Any, stimulus_id: str, path: str | os.PathLike) -> Image
         *im.size,
     )
     return im
+
+
+def _load(im: Image.Image) -> None:
+    """``im.load()``; for an image beyond PIL's decompression-bomb limit with the limit raised
+    as when it was opened (Pillow's TIFF loader checks it again while loading: a compressed
+    TIFF of 182 million pixels was refused as a bomb, which a PNG of that size was not,
+    audit)."""
+    if not _beyond_bomb_limit(im):
+        im.load()
+        return
+    with _huge_images_allowed():
+        im.load()
 
 
 def _exif_orientation(im: Image.Image) -> int:
@@ -1045,6 +1084,18 @@ def _raw_modes(im: Image.Image) -> list[str]:
         args = args if isinstance(args, tuple) else (args,)
         out += [a for a in args if isinstance(a, str)]
     return out
+
+
+def _pnm_maxval(im: Image.Image) -> int:
+    """A PPM/PGM's declared maximum sample value (its white level), read from the decoder's
+    arguments before ``load()``; 255 for any other image."""
+    for tile in getattr(im, "tile", None) or []:
+        args = tile[3] if len(tile) > 3 else ()
+        if str(tile[0]).startswith("ppm") and isinstance(args, tuple):
+            values = [a for a in args if isinstance(a, int)]
+            if values:
+                return int(values[0])
+    return 255
 
 
 def _check_tiff_depth(im: Image.Image, bits: int, stimulus_id: str, path: Any) -> None:
@@ -1124,14 +1175,16 @@ def _decode(
             fmt, mode, (w, h) = str(im.format or ""), im.mode, im.size
             n_frames = int(getattr(im, "n_frames", 1) or 1)
             raw = _raw_modes(im)  # before load(), which clears the decoder's tiles
-            bits = 16 if any(_SIXTEEN_BIT_RAW.fullmatch(r) for r in raw) else 8
+            # a 16-bit colour PPM (dcraw -4, netpbm) names its depth by its maximum value only
+            maxval = _pnm_maxval(im) if mode == "RGB" else 255
+            bits = 16 if maxval > 255 or any(_SIXTEEN_BIT_RAW.fullmatch(r) for r in raw) else 8
             if fmt == "TIFF":
                 _check_tiff_depth(im, bits, stimulus_id, path)
                 _check_tiff_orientation(im, stimulus_id, path)
             factor = -(-max(w, h) // MAX_SIDE)  # ceil
             if factor > 1:  # JPEG: decode at reduced scale (a side of 0 px divides by 0)
                 im.draft("RGB", (max(1, w // factor), max(1, h // factor)))
-            im.load()
+            _load(im)
             orientation = _exif_orientation(im)  # after load(): PNG keeps EXIF after the pixels
             white = fmt == "TIFF" and _tiff_is_white_is_zero(im, raw, stimulus_id, path)
             twelve = im.mode == "I;16" and any(r.startswith("I;12") for r in raw)
@@ -1142,9 +1195,13 @@ def _decode(
                 what = f"white-is-zero (TIFF PhotometricInterpretation 0) inverted; {what}"
             else:
                 rgb, what = convert_to_rgb(im, stimulus_id, path=path)
-            if bits == 16 and mode in ("RGB", "RGBA", "LA"):
-                _check_pillow_16bit(rgb, stimulus_id, path, mode)
-                what = f"16-bit samples reduced to 8 bits by Pillow (v >> 8); {what or 'RGB'}"
+            if bits == 16 and mode in ("RGB", "RGBA", "LA", "CMYK"):
+                pnm = maxval if maxval > 255 else None
+                # CMYK: the ink, before the conversion (no ink is white)
+                rule = _check_pillow_16bit(
+                    im if mode == "CMYK" else rgb, stimulus_id, path, mode, pnm
+                )
+                what = f"16-bit samples reduced to 8 bits by Pillow ({rule}); {what or 'RGB'}"
             if twelve:
                 what = f"12-bit samples (0..4095) scaled to 16 bits (v << 4); {what}"
             if rgb is im:
@@ -1184,23 +1241,43 @@ def _decode(
 
 
 def _check_pillow_16bit(
-    rgb: Image.Image, stimulus_id: str, path: str | os.PathLike, mode: str
-) -> None:
-    """A 16-bit colour image Pillow reduced to 8 bits: refuse black, warn dark (as 16-bit gray)."""
-    hi = max(band_hi for _, band_hi in rgb.getextrema())
+    image: Image.Image,
+    stimulus_id: str,
+    path: str | os.PathLike,
+    mode: str,
+    pnm_maxval: int | None = None,
+) -> str:
+    """A 16-bit colour image Pillow reduced to 8 bits (``image``: the RGB result, or for CMYK
+    the ink before the conversion): refuse one whose values are all what 8-bit values (≤ 255)
+    become, black (no ink: white), and warn dark (pale), as 16-bit gray; returns the rule
+    Pillow applied: v >> 8, or for a PPM with maximum value ``pnm_maxval`` (its white level)
+    round(v · 255 / maxval). A 16-bit PPM and a 16-bit CMYK TIFF of 8-bit values came out
+    black and white without a word (audit)."""
+    maxval = pnm_maxval or 65535
+    rule = f"round(v · 255 / {maxval}), the PPM's maxval" if pnm_maxval else "v >> 8"
+
+    def reduced(v: int) -> int:
+        return round(v * 255 / maxval) if pnm_maxval else v >> 8
+
+    # what 8-bit values become, and a sixteenth of the range (12 of 16 bits) at most
+    eight_bit, dark = reduced(255), reduced((maxval + 1) * _DARK_16BIT // 65536 - 1)
+    hi = max(band_hi for _, band_hi in image.getextrema())
     label = _image_label(stimulus_id, path)
-    if hi == 0:
+    looks, faint = ("white", "pale") if mode == "CMYK" else ("black", "dark")
+    if hi <= eight_bit:
         raise StimulusError(
-            f"{label}: 16-bit {mode} image whose values are all below 256: scaled from 16 to 8 "
-            "bits (v >> 8) it is black. If it holds 8-bit values, save it as an 8-bit image; if "
-            f"it is dark 16-bit data, rescale it; {_FIX_IMAGE}"
+            f"{label}: 16-bit {mode} image whose values all reduce to at most {eight_bit} of "
+            f"255 ({rule}), as 8-bit values (0..255) stored in 16 bits do: it is {looks}. If it "
+            f"holds 8-bit values, save it as an 8-bit image; if it is faint 16-bit data, "
+            f"rescale it; {_FIX_IMAGE}"
         )
-    if hi < _DARK_16BIT >> 8:
+    if hi <= dark:
         log.warning(
-            "%s: 16-bit %s image uses at most 12 of its 16 bits: scaled by the 16-bit rule "
-            "(v >> 8) it comes out dark (max %d of 255); rescale it if that is not intended",
-            label, mode, hi,
+            "%s: 16-bit %s image uses at most 12 of its 16 bits: reduced to 8 bits (%s) it "
+            "comes out %s (max %d of 255); rescale it if that is not intended",
+            label, mode, rule, faint, hi,
         )  # fmt: skip
+    return rule
 
 
 def load_rgb(
