@@ -31,6 +31,10 @@ include: "workflow/rules/figures.smk"
 include: "workflow/rules/extensions.smk"
 
 
+# once every rule is defined: it reads the outputs of the rules a switch turns off
+warn_of_leftover_results()
+
+
 rule all:
     default_target: True
     input:

@@ -578,16 +578,17 @@ def figure_inputs(wildcards, name):
     return {key: paths[key] for key in FIGURES[name].inputs if key not in off}
 
 
-def control_outputs(kind, per_llm=True):
+def control_outputs(kind, per_llm=True, switched_off=False):
     """The outputs (name: path) that the controls add to a per-LLM alignment job (``per_llm``)
-    or to the aggregation: ``kind`` "search" (the layer search) or "conditions"."""
+    or to the aggregation: ``kind`` "search" (the layer search) or "conditions";
+    ``switched_off``: instead those that the controls the config turns off would add."""
     names = []
-    if kind == "search" and HELDOUT.enabled:
+    if kind == "search" and HELDOUT.enabled != switched_off:
         names.append("heldout_layers")
     if kind == "conditions":
-        names += ["drop"] if DROP_CONTROL.enabled else []
-        names += ["heldout"] if HELDOUT.enabled else []
-        names += ["self_selection"] if SELF_SELECTION.enabled else []
+        names += ["drop"] if DROP_CONTROL.enabled != switched_off else []
+        names += ["heldout"] if HELDOUT.enabled != switched_off else []
+        names += ["self_selection"] if SELF_SELECTION.enabled != switched_off else []
     if per_llm:
         return {name: f"{ALIGN}/{name}/{{llm}}.tsv" for name in names}
     return {name: f"{ALIGN}/{name}.tsv" for name in names}
@@ -793,31 +794,49 @@ def get_final_output():
     )
 
 
+def leftover_results():
+    """The results on disk that this config does not make: the tables and figures of a
+    control switched off (its jobs' tables too, per-LLM ones of any LLM), the figures of a
+    metric taken out of analysis.metrics. As (what to show, number of files): a path, or a
+    folder's pattern for per-LLM tables."""
+    paths = table_paths(DATASET)
+    every = [paths[k] for k in FINAL_TABLES]
+    every += figure_files(f"results/figures/{DATASET}", list(METRIC_LABELS))
+    current = set(get_final_output())
+    left = {p: 1 for p in every if p not in current and Path(p).is_file()}
+    off = switched_off_rules()
+    patterns = [
+        str(o) for step in workflow.rules if step.name in off for o in step.output
+    ]
+    for kind in ("search", "conditions"):
+        patterns += control_outputs(kind, switched_off=True).values()
+    for pattern in patterns:
+        shown = apply_wildcards(pattern, {"dataset": DATASET, "llm": "*"})
+        found = [f for f in Path().glob(shown) if f.is_file() and str(f) not in left]
+        if found:
+            left[str(found[0]) if shown == str(found[0]) else shown] = len(found)
+    return list(left.items())
+
+
 def warn_of_leftover_results():
-    """Name the results of an earlier run that this config no longer makes: the tables and
-    figures of a control switched off, the figures of a metric taken out of analysis.metrics.
-    They stay on disk, next to the current ones, and are not updated (audit: a self-selection
-    summary of an earlier set size read as this run's). A dry run warns too; a run of chosen
-    targets does not."""
+    """Name the results of an earlier run that this config no longer makes
+    (leftover_results). They stay on disk, next to the current ones, and are not updated
+    (audit: a self-selection summary of an earlier set size read as this run's; a warning that
+    named the final tables only left two thirds of a control's tables unnamed). A dry run
+    warns too; a run of chosen targets does not."""
     if not workflow.is_main_process:
         return
     args = _command_line()
     if args is None or getattr(args, "targets", None):
         return
-    paths = table_paths(DATASET)
-    every = [paths[k] for k in FINAL_TABLES]
-    every += figure_files(f"results/figures/{DATASET}", list(METRIC_LABELS))
-    current = set(get_final_output())
-    left = [p for p in every if p not in current and Path(p).is_file()]
+    left = leftover_results()
     if left:
-        shown = ", ".join(left[:8]) + (
-            f" and {len(left) - 8} more" if len(left) > 8 else ""
-        )
+        shown = [p if n == 1 else f"{p} ({n} files)" for p, n in left]
         logger.warning(
-            f"{len(left)} results of an earlier run that this config does not make (a control "
-            f"switched off, a metric not in analysis.metrics) are left as they were and not "
-            f"updated: {shown}. Delete them, or move them aside, so that they are not read as "
-            "this config's"
+            f"{sum(n for _, n in left)} results of an earlier run that this config does not "
+            "make (a control switched off, a metric not in analysis.metrics) are left as they "
+            f"were and not updated: {', '.join(shown)}. Delete them, or move them aside, so "
+            "that they are not read as this config's"
         )
 
 
@@ -1256,7 +1275,6 @@ def follow_manifest(touch=True):
 
 
 update_manifest_stamps()
-warn_of_leftover_results()
 
 
 def check_set_sizes():
