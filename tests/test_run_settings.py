@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 
 import pytest
 from hypothesis import given
@@ -276,3 +277,27 @@ def test_a_touch_over_results_of_two_configs_is_noted(tmp_path):
     with pytest.raises(ConfigError, match="--touch run marked") as err:
         check_report_settings(path, new, ("gpa",))
     assert "delete" not in str(err.value)
+
+
+def test_the_docs_list_every_setting_the_report_checks():
+    """README.md and docs/troubleshooting.md list the settings `--report` compares; the lists
+    left out `analysis.annotations` (audit). Every key of REPORT_SETTINGS is named in both
+    (its last part, the controls' switches as a group or each)."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    readme = root.joinpath("README.md").read_text()
+    said = {
+        "README.md": readme[readme.index("refuses a config whose settings") :][:600],
+        "docs/troubleshooting.md": next(
+            line
+            for line in root.joinpath("docs/troubleshooting.md").read_text().splitlines()
+            if line.startswith("| `--report` with other settings")
+        ),
+    }
+    for doc, text in said.items():
+        for dotted in REPORT_SETTINGS:
+            control = dotted.endswith(".enabled")
+            part = dotted.split(".")[-2 if control else -1]
+            named = re.search(rf"[`.]{re.escape(part)}[`.]", text) is not None
+            assert named or (control and "switches" in text), (doc, dotted)
