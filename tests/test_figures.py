@@ -225,7 +225,14 @@ def test_dispersion_sets(figs):
     assert "Mean dispersion" in axes[0].get_ylabel()
     assert "PC1" in axes[1].get_ylabel() and "PC1" in axes[2].get_xlabel()
     legend = [t.get_text() for t in figs["dispersion_sets"].legends[0].get_texts()]
-    assert legend == ["Low dispersion (K = 10)", "High dispersion", "Random (draw 1 of 10)"]
+    assert legend == [
+        "Low dispersion (K = 10)", "High dispersion", "Random (draw 1 of 10; rings in F′)"
+    ]  # fmt: skip
+    # F′: the random draw is drawn last, every one of its K stimuli as a ring over the sets
+    # (drawn under them, most of it was hidden, audit)
+    *_, low, high, random = axes[2].collections
+    assert len(random.get_offsets()) == 10 and len(random.get_facecolors()) == 0
+    assert len(low.get_offsets()) == len(high.get_offsets()) == 10
 
 
 def test_loo(figs, inputs):

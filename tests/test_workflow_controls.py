@@ -137,8 +137,13 @@ def test_switching_the_controls_off(demo_project, demo_config):
     # the tables of the three controls, their jobs' tables (per-LLM ones by folder; a warning
     # that named the final tables only left two thirds unnamed, audit) and their figures
     n_llm = sum(m["modality"] == "language" for m in cfg["models"].values())
-    for table in ("alignment/demo/drop.tsv", "summary/demo_drop.tsv", "demo_self_selection.tsv",
-                  "dispersion/demo/heldout_sets.tsv", "figures/demo/heldout_layer.png"):
+    for table in (
+        "alignment/demo/drop.tsv",
+        "summary/demo_drop.tsv",
+        "summary/demo_self_selection.tsv",
+        "dispersion/demo/heldout_sets.tsv",
+        "figures/demo/heldout_layer.png",
+    ):
         assert f"results/{table}" in warning, (table, warning)
     for folder in ("drop", "heldout", "heldout_layers", "self_selection"):
         assert f"results/alignment/demo/{folder}/*.tsv ({n_llm} files)" in warning, warning

@@ -121,9 +121,14 @@ def draw_dispersion_sets(data: FigureData) -> Figure:
     else:
         sc, ev = pcs
         ax.scatter(sc["pc1"], sc["pc2"], s=5, color="#d9d9d9", linewidth=0)
-        for name in ("random", "low", "high"):
+        # the random draw last, as rings: most of its stimuli are in the low or high set too,
+        # and drawn under them the draw looked like middle stimuli only (audit)
+        for name in ("low", "high", "random"):
             m = sc.index.isin(list(_set_members(sets, name, None if name == "random" else "pc1")))
-            ax.scatter(sc.loc[m, "pc1"], sc.loc[m, "pc2"], s=8, color=COLORS[name], linewidth=0)
+            ring = {"facecolors": "none", "edgecolors": COLORS[name], "linewidths": 0.6}
+            fill = {"color": COLORS[name], "linewidth": 0}
+            ax.scatter(sc.loc[m, "pc1"], sc.loc[m, "pc2"], s=12 if name == "random" else 8,
+                       **(ring if name == "random" else fill))  # fmt: skip
         ax.axhline(0, color="#bbbbbb", lw=0.5, zorder=0)
         ax.axvline(0, color="#bbbbbb", lw=0.5, zorder=0)
         ax.set_xlabel(f"PC1 of residual space ({100 * ev[0]:.0f}% var.)")
@@ -135,8 +140,8 @@ def draw_dispersion_sets(data: FigureData) -> Figure:
         Line2D([], [], marker="o", ls="", color=COLORS["low"], label=f"Low dispersion (K = {k_low})"),
         Line2D([], [], marker="o", ls="", color=COLORS["high"], label="High dispersion"),
         Line2D(
-            [], [], marker="o", ls="", color=COLORS["random"],
-            label=f"Random (draw 1 of {n_draws})" if n_draws else "Random",
+            [], [], marker="o", ls="", color=COLORS["random"], markerfacecolor="none",
+            label=f"Random (draw 1 of {n_draws}; rings in F′)" if n_draws else "Random",
         ),
     ]  # fmt: skip
     fig.legend(handles=handles, loc="outside lower center", ncols=3)
