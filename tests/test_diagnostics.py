@@ -174,7 +174,7 @@ def test_the_warning_for_a_used_layer_names_only_the_stimuli_it_has(tmp_path, ca
     from xmodal.pipeline import gather_diagnostics
 
     rng = np.random.default_rng(0)
-    ids = [f"s{i}" for i in range(8)]
+    ids = ["s0", "s1, s2", " s3", *(f"s{i}" for i in range(4, 9))]  # ids may hold ", " (audit)
     spread = rng.standard_normal((8, 16))
     tight = 1.0 + 2e-2 * rng.standard_normal((8, 16))  # every pair at cosine ≈ 1, yet ordered
     ties = np.repeat(spread[:2], 4, axis=0)  # two groups of identical rows: all unresolved
@@ -197,7 +197,7 @@ def test_the_warning_for_a_used_layer_names_only_the_stimuli_it_has(tmp_path, ca
     tied_msg = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("tied"))
     assert "is collapsed" in tight_msg and "0 of 8 stimuli's kNN sets" in tight_msg
     assert "()" not in tight_msg and "rounding;" in tight_msg
-    assert "8 of 8" in tied_msg and "(s0, s1, s2" in tied_msg
+    assert "8 of 8" in tied_msg and "('s0', 's1, s2', ' s3', 's4'" in tied_msg
 
 
 @pytest.mark.parametrize(("spread", "collapsed"), [(0.07, False), (0.02, True)])

@@ -3,6 +3,7 @@ readable by the user's group; and stimulus ids survive every pipeline table unch
 
 from __future__ import annotations
 
+import csv
 import importlib.metadata
 import json
 import os
@@ -83,6 +84,45 @@ def test_pandas_default_reading_would_have_changed_these_ids(tmp_path: Path) -> 
     naive = pd.read_csv(tmp_path / "t.tsv", sep="\t")["stimulus_id"].tolist()
     assert naive != ids
     assert read_table(tmp_path / "t.tsv")["stimulus_id"].tolist() == ids
+
+
+def _documented_pandas_recipes() -> list[str]:
+    """The ``pandas.read_csv(path, …)`` calls README.md and docs/contracts.md tell a reader."""
+    root = Path(__file__).resolve().parents[1]
+    found = []
+    for doc in ("README.md", "docs/contracts.md"):
+        text = (root / doc).read_text()
+        found += [
+            " ".join(m.split()) for m in re.findall(r"`(pandas\.read_csv\(path,.*?\))`", text, re.S)
+        ]
+    assert len(found) == 2, found
+    return found
+
+
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(ids=st.lists(ids_strategy, min_size=1, max_size=12, unique=True))
+def test_the_documented_pandas_recipe_reads_every_id_as_written(tmp_path: Path, ids) -> None:
+    """The docs' pandas recipe read an id written with quotes, ``"dq"``, as ``dq``, and joined
+    the rows between two ids holding one quote each (``"open``, ``close"``) into one (audit);
+    it now names ``quoting=csv.QUOTE_NONE`` and reads each id as the file has it."""
+    path = tmp_path / "t.tsv"
+    write_table(pd.DataFrame({"stimulus_id": ids, "value": np.arange(len(ids), dtype=float)}), path)
+    for recipe in _documented_pandas_recipes():
+        got = eval(recipe, {"pandas": pd, "csv": csv, "path": path})  # noqa: S307
+        assert got["stimulus_id"].tolist() == ids, recipe
+        assert got["value"].astype(float).tolist() == list(range(len(ids)))
+    assert read_table(path)["stimulus_id"].tolist() == ids
+
+
+def test_the_documented_pandas_recipe_keeps_stray_quotes(tmp_path: Path) -> None:
+    path = tmp_path / "t.tsv"
+    ids = ['"open', "b", 'close"', "d", '"dq"']
+    write_table(pd.DataFrame({"stimulus_id": ids, "value": np.arange(5.0)}), path)
+    for recipe in _documented_pandas_recipes():
+        got = eval(recipe, {"pandas": pd, "csv": csv, "path": path})  # noqa: S307
+        assert got["stimulus_id"].tolist() == ids, recipe
 
 
 @pytest.mark.parametrize("bad", ["a\tb", "two\nlines", "cr\r"])

@@ -668,7 +668,8 @@ def gather_diagnostics(
         )
         cell = getattr(row, "unresolved_ids", None)  # absent in tables of older runs
         named = json.loads(cell) if isinstance(cell, str) and cell else []
-        ids = ", ".join(named) + (", ..." if row.n_unresolved > len(named) else "")
+        # quoted: ids may hold commas and spaces (audit)
+        ids = ", ".join(map(repr, named)) + (", ..." if row.n_unresolved > len(named) else "")
         log.warning(
             "%s layer %d (%s) %s: mean pairwise cosine %.4f, %d of %d stimuli's kNN sets are "
             "decided by rounding%s; values using it are flagged by their stability",
