@@ -1177,14 +1177,25 @@ def test_sigkill_mid_write_leaves_no_file_and_the_rerun_cleans_up(tmp_path: Path
         ff.validate(ids)
 
 
+def _logged_job(tmp_path: Path, body: str) -> subprocess.CompletedProcess:
+    """Run ``body`` as a step script does: the library first on the path, its log at
+    ``tmp_path / 'job.log'`` (xmodal.logs.log_to)."""
+    import xmodal
+
+    script = tmp_path / "job.py"
+    script.write_text(
+        f"import sys; sys.path.insert(0, {str(Path(xmodal.__file__).parents[1])!r})\n"
+        f"from xmodal.logs import log_to; log_to({str(tmp_path / 'job.log')!r})\n"
+        "import numpy as np, pandas as pd\nfrom xmodal.features import write_features\n" + body
+    )
+    return subprocess.run([sys.executable, str(script)], capture_output=True, text=True)
+
+
 def test_a_feature_file_on_a_full_disk_is_one_message_and_exit_code_1(tmp_path: Path) -> None:
     """HDF5 closing a file whose last write failed crashed the interpreter's teardown: the step
     exited 139 (segfault) after its DiskFullError, with HDF5's noise below it (reviewer). Run on
     a 400 KiB tmpfs, so root only."""
     import subprocess
-    import sys
-
-    import xmodal
 
     small = tmp_path / "small"
     small.mkdir()
@@ -1196,16 +1207,12 @@ def test_a_feature_file_on_a_full_disk_is_one_message_and_exit_code_1(tmp_path: 
     ):
         pytest.skip("needs root and tmpfs to fill a disk")
     try:
-        script = tmp_path / "job.py"
-        script.write_text(
-            f"import sys; sys.path.insert(0, {str(Path(xmodal.__file__).parents[1])!r})\n"
-            f"from xmodal.logs import log_to; log_to({str(tmp_path / 'job.log')!r})\n"
-            "import numpy as np\nfrom xmodal.features import write_features\n"
+        proc = _logged_job(
+            tmp_path,
             "x = np.random.default_rng(0).random((4, 480, 200)).astype('float32')\n"
             f"write_features({str(small / 'f.h5')!r}, x, [f's{{i}}' for i in range(480)], "
-            "[f'l{i}' for i in range(4)], {'model_key': 'x', 'modality': 'vision'})\n"
+            "[f'l{i}' for i in range(4)], {'model_key': 'x', 'modality': 'vision'})\n",
         )
-        proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True)
         assert proc.returncode == 1, proc.stderr[-2000:]
         log = (tmp_path / "job.log").read_text()
         assert f"DiskFullError: [Errno 28] disk full while writing {small / 'f.h5'}" in log
@@ -1219,16 +1226,11 @@ def test_a_file_past_the_size_limit_is_one_message_naming_the_output(tmp_path: P
     ``OSError: [Errno 27] File too large`` naming neither the output nor the limit, or HDF5's
     RuntimeError naming the hidden temporary file (audit); both are the output's
     FileTooLargeError now, one line in the log, and nothing is left in the folder."""
-    import xmodal
-
     out = tmp_path / "out"
     out.mkdir()
-    script = tmp_path / "job.py"
-    script.write_text(
-        f"import sys; sys.path.insert(0, {str(Path(xmodal.__file__).parents[1])!r})\n"
-        "import resource, numpy as np, pandas as pd\n"
-        f"from xmodal.logs import log_to; log_to({str(tmp_path / 'job.log')!r})\n"
-        "from xmodal.features import write_features\nfrom xmodal.io import write_table\n"
+    proc = _logged_job(
+        tmp_path,
+        "import resource\nfrom xmodal.io import write_table\n"
         "resource.setrlimit(resource.RLIMIT_FSIZE, (20000, resource.RLIM_INFINITY))\n"
         "try:\n"
         f"    write_table(pd.DataFrame({{'a': np.arange(20000)}}), {str(out / 't.tsv')!r})\n"
@@ -1236,9 +1238,8 @@ def test_a_file_past_the_size_limit_is_one_message_naming_the_output(tmp_path: P
         "    print(type(err).__name__, err)\n"
         "x = np.random.default_rng(0).random((2, 50, 64)).astype('float32')\n"
         f"write_features({str(out / 'f.h5')!r}, x, [f's{{i}}' for i in range(50)], "
-        "['l0', 'l1'], {'model_key': 'x', 'modality': 'vision'})\n"
+        "['l0', 'l1'], {'model_key': 'x', 'modality': 'vision'})\n",
     )
-    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True)
     assert proc.returncode == 1, proc.stderr[-2000:]
     table = f"FileTooLargeError [Errno 27] file too large while writing {out / 't.tsv'}: "
     assert proc.stdout.startswith(table) and "at most 20000 bytes (ulimit -f)" in proc.stdout
