@@ -504,3 +504,19 @@ def test_leave_one_model_out_fits_are_in_the_order_given():
     res = leave_one_model_out(reps, names=["c", "a", "b"], n_jobs=1)
     assert list(res.fits) == ["c", "a", "b"]
     assert res.models["held_out"].tolist() == ["c", "a", "b"]
+
+
+def test_leave_one_model_out_names_the_callers_model_in_its_errors():
+    """The fits run in the order of the names, and the preprocessing named the models by their
+    place in that order: a NaN in the first model given, 'zeta', was said to be in reps[2]
+    (audit). The error names 'zeta'."""
+    rng = np.random.default_rng(0)
+    reps = [rng.standard_normal((30, 4)) for _ in range(3)]
+    reps[0][3, 1] = np.nan
+    with pytest.raises(ValueError, match=r"^zeta") as err:
+        leave_one_model_out(reps, names=["zeta", "beta", "alpha"])
+    assert "reps[" not in str(err.value)
+    reps[0] = reps[0][:29]
+    reps[0][:] = rng.standard_normal((29, 4))
+    with pytest.raises(ValueError, match=r"zeta has 29 stimuli, alpha has 30"):
+        leave_one_model_out(reps, names=["zeta", "beta", "alpha"])

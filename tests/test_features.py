@@ -955,3 +955,35 @@ def test_ids_padded_with_spaces_are_named_as_such(tmp_path):
     with pytest.raises(FeatureFileError, match=r"differ only in spaces before or after them, "
                        r"e\.g\. 's0' and 's0   ' \(a fixed-width string column pads them\)"):  # fmt: skip
         import_features(src, tmp_path / "out.h5", "mine", "language", ids)
+
+
+def test_values_that_do_not_fit_the_storage_dtype_are_named_when_written(tmp_path):
+    """Written with ``dtype``, a finite 70000 (float16) or 1e39 (float64 into float32) was
+    refused as "non-finite features", and a row of values near 1e-9 (float16) turned to zeros
+    without a word, then read back as all-zero features "never written" (audit). Each is now
+    refused when written, saying which and naming the layer and stimulus; NaN and Inf given
+    are still "non-finite"."""
+    x, ids, names = _data()
+    cases = [
+        (np.float16, (1, 2), 70000.0, r"too large for float16 storage \(at most 65504"),
+        (np.float32, (1, 2), 1e39, r"too large for float32 storage"),
+        (np.float16, (1, 2), np.nan, r"non-finite features for stimuli \['s2'\]"),
+    ]
+    for dtype, (layer, row), value, said in cases:
+        y = x.astype(np.float64)
+        y[layer, row, 0] = value
+        with pytest.raises(FeatureFileError, match=rf"layer 1 \('layers.1'\): .*{said}"):
+            write_features(tmp_path / "f.h5", y, ids, names, ATTRS, dtype=dtype)
+        assert list(tmp_path.iterdir()) == []
+    tiny = x.astype(np.float64)
+    tiny[1, 2] = 1e-9 * np.sign(tiny[1, 2] + 0.5)
+    with pytest.raises(
+        FeatureFileError,
+        match=r"layer 1 \('layers.1'\): features too small for float16 storage turned to zeros"
+        r" .* for stimuli \['s2'\]",
+    ):
+        write_features(tmp_path / "f.h5", tiny, ids, names, ATTRS, dtype=np.float16)
+    # values that fit are written as they were
+    path = write_features(tmp_path / "ok.h5", x, ids, names, ATTRS, dtype=np.float16)
+    with h5py.File(path, "r") as f:
+        np.testing.assert_array_equal(f["features"][()], x.astype(np.float16))

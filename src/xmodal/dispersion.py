@@ -277,7 +277,7 @@ def leave_one_model_out(
         # One preprocessing (one QR decomposition per model) and, where a fit uses them, one
         # set of cross-products, shared by the M fits and projections: a subset's
         # cross-products are sub-blocks of the full set's (docs/method.md, leave-one-model-out).
-        prep = Preprocessed(reps, pmap)
+        prep = Preprocessed(reps, pmap, names=names)  # errors name the caller's models
         sizes = [a.shape[1] for a in prep.mats(reduce=True, pmap=pmap)]
         subsets = [[i for i in range(n_models) if i != k] for k in range(n_models)]
         ranks = prep.ranks(pmap=pmap)

@@ -192,6 +192,44 @@ def _attr_value(value: Any) -> Any:
     return value
 
 
+def _check_stored(
+    path: str | os.PathLike,
+    given: np.ndarray,
+    stored: np.ndarray,
+    layer: int,
+    name: str,
+    ids: Sequence[str],
+    check_finite: bool,
+) -> None:
+    """FeatureFileError naming the layer and stimuli when ``stored`` (``given`` cast to the
+    file's dtype) holds non-finite values (``check_finite``): NaN or Inf given, or finite
+    values too large for the dtype; or a row of ``given`` that the cast turned to zeros (too
+    small for it). Both were written as "non-finite features" or without a word, and read back
+    as all-zero features "never written" (audit)."""
+    where = f"{path}: layer {layer} ({name!r})"
+    bad = ~np.isfinite(stored).all(axis=1) if check_finite else np.zeros(len(stored), bool)
+    if bad.any():
+        rows = np.flatnonzero(bad)
+        too_large = rows[np.isfinite(given[rows]).all(axis=1)]
+        if too_large.size:
+            raise FeatureFileError(
+                f"{where}: features too large for {stored.dtype} storage (at most "
+                f"{np.finfo(stored.dtype).max:g} in magnitude) for stimuli "
+                f"{preview([ids[j] for j in too_large])}; write them as float32"
+            )
+        raise FeatureFileError(
+            f"{where}: non-finite features for stimuli {preview([ids[j] for j in rows])}"
+        )
+    if stored.dtype != given.dtype:
+        gone = np.flatnonzero(~stored.any(axis=1) & given.any(axis=1))
+        if gone.size:
+            raise FeatureFileError(
+                f"{where}: features too small for {stored.dtype} storage turned to zeros (its "
+                f"smallest magnitude is {np.finfo(stored.dtype).smallest_subnormal:g}) for "
+                f"stimuli {preview([ids[j] for j in gone])}; write them as float32"
+            )
+
+
 def write_features(
     path: str | os.PathLike,
     features: np.ndarray | torch.Tensor | Iterable[np.ndarray | torch.Tensor],
@@ -287,12 +325,7 @@ def write_features(
                         f"layer 0 has {dset.shape[2]}"
                     )
                 stored = arr.astype(dtype, copy=False)
-                bad = ~np.isfinite(stored).all(axis=1) if check_finite else None
-                if bad is not None and bad.any():
-                    raise FeatureFileError(
-                        f"{path}: non-finite features in layer {i} ({names[i]!r}) for stimuli "
-                        f"{preview([ids[j] for j in np.flatnonzero(bad)])}"
-                    )
+                _check_stored(path, arr, stored, i, names[i], ids, check_finite)
                 dset[i] = stored
                 dim = dset.shape[2]
                 count += 1
