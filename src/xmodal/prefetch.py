@@ -17,6 +17,7 @@ only from the ``HF_TOKEN`` environment variable and are never logged or recorded
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -519,6 +520,13 @@ def _rows(paths: list[Path]) -> Iterator[tuple[bytes | None, str | None, object,
                 row += 1
 
 
+def _count_rows(paths: list[Path]) -> int:
+    """The rows of the parquet files, from their footers (no data read)."""
+    import pyarrow.parquet as pq
+
+    return sum(pq.ParquetFile(p).metadata.num_rows for p in paths)
+
+
 def _caption_text(text: object, at: str) -> str:
     """A row's caption as text: a string as stored, bytes decoded as UTF-8 (a binary column);
     anything else refused, naming the row (``str()`` of bytes gave the caption "b'a dog'")."""
@@ -589,14 +597,17 @@ def prefetch_stimuli(
     # nothing of an earlier manifest may stay next to new images if this run fails half-way
     for stale in (out / "stimuli.tsv", out / MANIFEST_SETTINGS):
         stale.unlink(missing_ok=True)
-    rows = list(_rows([path / f for f in files]))
-    if not rows:
+    parquet = [path / f for f in files]
+    n_rows = _count_rows(parquet)
+    if not n_rows:
         raise PrefetchError(f"dataset {repo} split {split!r} at revision {rev} has no rows")
-    width = max(4, len(str(len(rows) - 1)))
-    # every row checked and decoded before any file is written
+    width = max(4, len(str(n_rows - 1)))
+    # every row checked and decoded before any file is written; a row's bytes are kept only
+    # while it is checked and read again to be written, so that memory does not grow with the
+    # dataset (it held every image at once: gigabytes on a login node for 100,000 stimuli)
     checked = []
     flattened = []
-    for i, (data, stored, text, where) in enumerate(rows):
+    for i, (data, stored, text, where) in enumerate(_rows(parquet)):
         sid = f"s{i:0{width}d}"
         at = f"dataset {repo}: {where} (stimulus {sid})"
         raw_caption = _caption_text(text, at)
@@ -624,11 +635,16 @@ def prefetch_stimuli(
             suffix = _image_suffix(data, sid, where)
         except StimulusError as err:  # names the stimulus and the row
             raise PrefetchError(f"dataset {repo}: {err}") from None
-        checked.append((sid, suffix, data, caption))
+        checked.append((sid, suffix, caption, hashlib.sha256(data).digest()))
     images = out / "images"
     images.mkdir(parents=True, exist_ok=True)
     records = []
-    for sid, suffix, data, caption in checked:
+    for (sid, suffix, caption, digest), (data, *_) in zip(checked, _rows(parquet), strict=True):
+        if data is None or hashlib.sha256(data).digest() != digest:
+            raise PrefetchError(
+                f"dataset {repo}: the parquet files of {path} changed while the stimuli were "
+                f"written (stimulus {sid}); run the prefetch again"
+            )
         target = images / f"{sid}{suffix}"
         with atomic_path(target) as tmp:
             tmp.write_bytes(data)
