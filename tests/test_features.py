@@ -983,6 +983,16 @@ def test_values_that_do_not_fit_the_storage_dtype_are_named_when_written(tmp_pat
         r" .* for stimuli \['s2'\]",
     ):
         write_features(tmp_path / "f.h5", tiny, ids, names, ATTRS, dtype=np.float16)
+    # the same from torch tensors in float64 (cast to float32 before the check at first, review)
+    import torch
+
+    big = torch.from_numpy(x.astype(np.float64))
+    big[1, 2, 0] = 1e39
+    with pytest.raises(FeatureFileError, match=r"too large for float32 storage"):
+        write_features(tmp_path / "f.h5", big, ids, names, ATTRS)
+    with pytest.raises(FeatureFileError, match=r"too small for float32 storage"):
+        write_features(tmp_path / "f.h5", torch.full((3, 7, 5), 1e-50, dtype=torch.float64),
+                       ids, names, ATTRS)  # fmt: skip
     # values that fit are written as they were
     path = write_features(tmp_path / "ok.h5", x, ids, names, ATTRS, dtype=np.float16)
     with h5py.File(path, "r") as f:

@@ -642,6 +642,17 @@ def test_a_16bit_ppm_is_checked_as_16bit_colour(tmp_path, caplog):
     with caplog.at_level("WARNING", logger="xmodal.stimuli"):
         _rgb(tmp_path / "dark.ppm", "dark")
     assert "'dark'" in caplog.text and "comes out dark (max 16 of 255)" in caplog.text
+    # a PPM of a smaller maxval holds no 8-bit values in 16 bits: values up to 255 of 300 are
+    # 85% white, and of 4095 dark (refused as black at first, review)
+    low = RNG.integers(0, 256, (6, 5, 3))
+    low[0, 0, 0] = 255
+    for maxval, dark in ((300, False), (4095, True)):
+        (tmp_path / "low.ppm").write_bytes(_ppm16(low, maxval))
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="xmodal.stimuli"):
+            got = _rgb(tmp_path / "low.ppm", "low")
+        np.testing.assert_array_equal(got, np.round(low * 255 / maxval).astype(np.uint8))
+        assert ("comes out dark" in caplog.text) is dark, (maxval, caplog.text)
     eight = RNG.integers(0, 256, (6, 5, 3))
     eight[0, 0, 0] = 255
     (tmp_path / "eight.ppm").write_bytes(_ppm16(eight, 65535))
@@ -697,3 +708,10 @@ def test_a_folder_named_like_an_image_is_said_to_be_a_folder(tmp_path):
     said = str(err.value)
     assert "not a regular file (a folder?)" in said and "'s1'" in said and "photo.jpg" in said
     assert "not found" not in said
+    # with a file missing too, both are named (the folder's message hid the missing file)
+    path.write_text("stimulus_id\timage\tcaption\ns1\tphoto.jpg\ta dog\ns2\tgone.png\ta cat\n")
+    with pytest.raises(StimulusError) as err:
+        read_manifest(path)
+    said = str(err.value)
+    assert "image file(s) not found" in said and "'s2'" in said and "gone.png" in said
+    assert "1 of them are folders, not files: stimulus ids ['s1']" in said

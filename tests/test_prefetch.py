@@ -623,3 +623,17 @@ def test_stimuli_from_a_hub_dataset_are_streamed_not_held_at_once(
         PrefetchError, match=r"changed while the stimuli were written \(stimulus s0000\)"
     ):
         prefetch_stimuli("fake/big", None, "train", tmp_path / "out2", hub)
+    # a row fewer, or more, on the second read (a bare ValueError of zip at first, review)
+    for cut, where in ((-1, r"stimulus s0239"), (1, r"rows after stimulus s0239")):
+        calls.clear()
+
+        def resized(paths, cut=cut):
+            calls.append(1)
+            got = list(real(paths))
+            if len(calls) == 2:
+                got = got[:cut] if cut < 0 else got + got[:cut]
+            yield from got
+
+        monkeypatch.setattr(prefetch, "_rows", resized)
+        with pytest.raises(PrefetchError, match=rf"while the stimuli were written \({where}\)"):
+            prefetch_stimuli("fake/big", None, "train", tmp_path / f"out{cut}", hub)

@@ -4,6 +4,7 @@ readable by the user's group; and stimulus ids survive every pipeline table unch
 from __future__ import annotations
 
 import csv
+import errno
 import importlib.metadata
 import json
 import os
@@ -713,12 +714,15 @@ def test_a_retry_after_an_error_a_retry_repeats_stops_before_any_work(tmp_path: 
         fail_attempt,
     )
     from xmodal.extract._common import DeviceError, NonFiniteFeatureError
+    from xmodal.io import FileTooLargeError
     from xmodal.stimuli import StimulusError
 
     out = tmp_path / "f" / "m.h5"
     for err in (
         NonFiniteFeatureError("model m: NaN in layer blocks.3\nfor stimuli 'a', 'b'."),
         StimulusError("cannot decode img/7.jpg (stimulus '7')"),
+        # the same limit on the next node (review)
+        FileTooLargeError(errno.EFBIG, "file too large while writing m.h5: ulimit -f"),
     ):
         begin_attempt(out)
         fail_attempt(out, err)

@@ -112,7 +112,7 @@ def check_not_repeated(path: str | os.PathLike, attempt: int = 1) -> None:
 #: time-out, no memory, a full disk) may pass on retry.
 _LASTING_ERRNOS = frozenset(
     {errno.ENOENT, errno.EISDIR, errno.ENOTDIR, errno.EACCES, errno.EPERM, errno.EROFS,
-     errno.ENAMETOOLONG, errno.ELOOP}
+     errno.ENAMETOOLONG, errno.ELOOP, errno.EFBIG}
 )  # fmt: skip
 
 
@@ -145,7 +145,9 @@ def fail_attempt(path: str | os.PathLike, err: BaseException, *, create: bool = 
     """Record in the mark of :func:`begin_attempt` that the job making ``path`` failed with
     ``err``, when a retry of the job would fail with it again: the project's own errors about
     the model, its weights, the stimuli or the config, unless it or an error that led to it
-    may pass on retry (:func:`passing_error`: the file system, memory, the node).
+    may pass on retry (:func:`passing_error`: the file system, memory, the node). An error
+    of the file system whose class sets ``repeats_on_retry = True`` (a file past the size
+    limit, which the next node has too) is recorded as well.
 
     Without ``create`` only an existing mark is written to; with it, a missing one is made
     (the mark of a job's log, for the jobs that :func:`begin_attempt` does not mark).
@@ -154,10 +156,12 @@ def fail_attempt(path: str | os.PathLike, err: BaseException, *, create: bool = 
     while link is not None and link not in chain:  # the errors that led to it, in order
         chain.append(link)
         link = link.__cause__ or link.__context__
-    repeats = (
-        is_xmodal_error(err)
-        and not isinstance(err, OSError | RepeatedFailureError)
-        and not any(passing_error(e) for e in chain)
+    repeats = is_xmodal_error(err) and (
+        getattr(err, "repeats_on_retry", None) is True
+        or (
+            not isinstance(err, OSError | RepeatedFailureError)
+            and not any(passing_error(e) for e in chain)
+        )
     )
     marker = attempt_marker(path)
     if repeats and (create or marker.is_file()):

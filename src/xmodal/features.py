@@ -675,7 +675,10 @@ def _is_tensor(x: Any) -> bool:
 
 def _as_numpy(x: np.ndarray | torch.Tensor) -> np.ndarray:
     if _is_tensor(x):
-        return x.detach().cpu().float().numpy()  # float32, as .to('cpu', torch.float32)
+        x = x.detach().cpu()
+        # numpy has no bfloat16: float32, as .to('cpu', torch.float32); float64 kept, so that
+        # values beyond float32 are named as such when written (review)
+        return (x if str(x.dtype) == "torch.float64" else x.float()).numpy()
     return np.asarray(x)
 
 

@@ -88,6 +88,9 @@ class UnwritableOutputError(PermissionError):
 class FileTooLargeError(OSError):
     """An output grew past the largest file this process or file system may write."""
 
+    #: a retry on another node meets the same limit (xmodal.attempts.fail_attempt)
+    repeats_on_retry = True
+
 
 def _errno_behind(err: BaseException, codes: tuple[int, ...], texts: tuple[str, ...]) -> bool:
     """True when ``err``, or an error that led to it, is an OSError with one of ``codes`` or

@@ -639,18 +639,26 @@ def prefetch_stimuli(
     images = out / "images"
     images.mkdir(parents=True, exist_ok=True)
     records = []
-    for (sid, suffix, caption, digest), (data, *_) in zip(checked, _rows(parquet), strict=True):
+
+    def changed(where: str) -> PrefetchError:
+        return PrefetchError(
+            f"dataset {repo}: the parquet files of {path} changed while the stimuli were "
+            f"written ({where}); run the prefetch again"
+        )
+
+    again = _rows(parquet)
+    for sid, suffix, caption, digest in checked:
+        data = next(again, (None,))[0]
         if data is None or hashlib.sha256(data).digest() != digest:
-            raise PrefetchError(
-                f"dataset {repo}: the parquet files of {path} changed while the stimuli were "
-                f"written (stimulus {sid}); run the prefetch again"
-            )
+            raise changed(f"stimulus {sid}")
         target = images / f"{sid}{suffix}"
         with atomic_path(target) as tmp:
             tmp.write_bytes(data)
         records.append(
             {"stimulus_id": sid, "image": target.relative_to(out).as_posix(), "caption": caption}
         )
+    if next(again, None) is not None:
+        raise changed(f"rows after stimulus {checked[-1][0]}")
     provenance = {
         "repo": repo,
         "repo_type": "dataset",

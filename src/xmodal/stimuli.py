@@ -163,7 +163,7 @@ def read_manifest(
         if check_images and not (img.strip() and (root / img).is_file())
     ]
     folders = [k for k in missing if (img := columns["image"][k]).strip() and (root / img).is_dir()]
-    if folders:
+    if folders and len(folders) == len(missing):
         raise StimulusError(
             f"{path}: image path(s) not a regular file (a folder?), relative to {root}, on "
             f"line(s) {[lines[k] for k in folders][:10]}: stimulus ids "
@@ -179,6 +179,12 @@ def read_manifest(
             f"{preview([columns['stimulus_id'][k] for k in missing])}, "
             f"images {preview(images)}"
             + (f" (paths wrapped in quotes: {_NO_QUOTING})" if quoted else "")
+            + (
+                f"; {len(folders)} of them are folders, not files: stimulus ids "
+                f"{preview([columns['stimulus_id'][k] for k in folders])}"
+                if folders
+                else ""
+            )
             + _missing_image_hints(path, images)
         )
     df = pd.DataFrame(columns, dtype=str)
@@ -1054,7 +1060,9 @@ def _load(im: Image.Image) -> None:
     as when it was opened (Pillow's TIFF loader checks it again while loading: a compressed
     TIFF of 182 million pixels was refused as a bomb, which a PNG of that size was not,
     audit)."""
-    if not _beyond_bomb_limit(im):
+    with _OPEN_LOCK:  # not while another thread has the limit raised (review)
+        beyond = _beyond_bomb_limit(im)
+    if not beyond:
         im.load()
         return
     with _huge_images_allowed():
@@ -1259,8 +1267,11 @@ def _check_pillow_16bit(
     def reduced(v: int) -> int:
         return round(v * 255 / maxval) if pnm_maxval else v >> 8
 
-    # what 8-bit values become, and a sixteenth of the range (12 of 16 bits) at most
-    eight_bit, dark = reduced(255), reduced((maxval + 1) * _DARK_16BIT // 65536 - 1)
+    # what 8-bit values in a 16-bit file (maxval 65535) become, and a sixteenth of the range
+    # (12 of 16 bits) at most; a PPM of a smaller maxval is no 16-bit file of 8-bit values
+    # (maxval 300 with values up to 255 is 85% white: refused as black, review)
+    eight_bit = reduced(255) if maxval == 65535 else -1
+    dark = reduced((maxval + 1) * _DARK_16BIT // 65536 - 1)
     hi = max(band_hi for _, band_hi in image.getextrema())
     label = _image_label(stimulus_id, path)
     looks, faint = ("white", "pale") if mode == "CMYK" else ("black", "dark")

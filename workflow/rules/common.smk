@@ -812,7 +812,11 @@ def leftover_results():
         patterns += control_outputs(kind, switched_off=True).values()
     for pattern in patterns:
         shown = apply_wildcards(pattern, {"dataset": DATASET, "llm": "*"})
-        found = [f for f in Path().glob(shown) if f.is_file() and str(f) not in left]
+        found = [
+            f
+            for f in Path().glob(shown)
+            if f.is_file() and not f.name.startswith(".") and str(f) not in left
+        ]  # not a killed job's hidden temporary (review)
         if found:
             left[str(found[0]) if shown == str(found[0]) else shown] = len(found)
     return list(left.items())
@@ -831,7 +835,8 @@ def warn_of_leftover_results():
         return
     left = leftover_results()
     if left:
-        shown = [p if n == 1 else f"{p} ({n} files)" for p, n in left]
+        # a folder's pattern always with its count: one file alone read like a file's name
+        shown = [f"{p} ({n} file{'s' * (n != 1)})" if "*" in p else p for p, n in left]
         logger.warning(
             f"{sum(n for _, n in left)} results of an earlier run that this config does not "
             "make (a control switched off, a metric not in analysis.metrics) are left as they "
