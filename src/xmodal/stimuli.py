@@ -1256,8 +1256,9 @@ def _check_pillow_16bit(
     pnm_maxval: int | None = None,
 ) -> str:
     """A 16-bit colour image Pillow reduced to 8 bits (``image``: the RGB result, or for CMYK
-    the ink before the conversion): refuse one whose values are all what 8-bit values (≤ 255)
-    become, black (no ink: white), and warn dark (pale), as 16-bit gray; returns the rule
+    the ink before the conversion): refuse one of maxval 65535 whose values are all what
+    8-bit values (≤ 255) become, black (no ink: white), and warn one that uses at most a
+    sixteenth of its range, dark (pale), as 16-bit gray; returns the rule
     Pillow applied: v >> 8, or for a PPM with maximum value ``pnm_maxval`` (its white level)
     round(v · 255 / maxval). A 16-bit PPM and a 16-bit CMYK TIFF of 8-bit values came out
     black and white without a word (audit)."""
@@ -1283,10 +1284,11 @@ def _check_pillow_16bit(
             f"rescale it; {_FIX_IMAGE}"
         )
     if hi <= dark:
+        used = "12 of its 16 bits" if maxval == 65535 else f"a sixteenth of its maxval {maxval}"
         log.warning(
-            "%s: 16-bit %s image uses at most 12 of its 16 bits: reduced to 8 bits (%s) it "
-            "comes out %s (max %d of 255); rescale it if that is not intended",
-            label, mode, rule, faint, hi,
+            "%s: 16-bit %s image uses at most %s: reduced to 8 bits (%s) it comes out %s (max "
+            "%d of 255); rescale it if that is not intended",
+            label, mode, used, rule, faint, hi,
         )  # fmt: skip
     return rule
 
