@@ -1083,26 +1083,29 @@ def _exif_orientation(im: Image.Image) -> int:
 _SIXTEEN_BIT_RAW = re.compile(r"I;16.*|[A-Za-z]+;16[BLN]S?")  # RGBa: associated alpha
 
 
-def _raw_modes(im: Image.Image) -> list[str]:
-    """The decoder's raw modes (e.g. ``RGB;16B``, ``I;16S``), read before ``load()`` clears them."""
+def _tile_args(im: Image.Image) -> list[tuple[str, tuple]]:
+    """(decoder name, its arguments) of each of the image's tiles, read before ``load()``
+    clears them."""
     out = []
     for tile in getattr(im, "tile", None) or []:
         # (decoder, extents, offset, args): a named tuple from Pillow 11 on, a tuple before
         args = tile[3] if len(tile) > 3 else ()
-        args = args if isinstance(args, tuple) else (args,)
-        out += [a for a in args if isinstance(a, str)]
+        out.append((str(tile[0]), args if isinstance(args, tuple) else (args,)))
     return out
+
+
+def _raw_modes(im: Image.Image) -> list[str]:
+    """The decoder's raw modes (e.g. ``RGB;16B``, ``I;16S``), read before ``load()`` clears them."""
+    return [a for _, args in _tile_args(im) for a in args if isinstance(a, str)]
 
 
 def _pnm_maxval(im: Image.Image) -> int:
     """A PPM/PGM's declared maximum sample value (its white level), read from the decoder's
     arguments before ``load()``; 255 for any other image."""
-    for tile in getattr(im, "tile", None) or []:
-        args = tile[3] if len(tile) > 3 else ()
-        if str(tile[0]).startswith("ppm") and isinstance(args, tuple):
-            values = [a for a in args if isinstance(a, int)]
-            if values:
-                return int(values[0])
+    for decoder, args in _tile_args(im):
+        values = [a for a in args if isinstance(a, int)]
+        if decoder.startswith("ppm") and values:
+            return int(values[0])
     return 255
 
 
