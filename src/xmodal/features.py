@@ -207,9 +207,8 @@ def _check_stored(
     small for it). Both were written as "non-finite features" or without a word, and read back
     as all-zero features "never written" (audit)."""
     where = f"{path}: layer {layer} ({name!r})"
-    bad = ~np.isfinite(stored).all(axis=1) if check_finite else np.zeros(len(stored), bool)
-    if bad.any():
-        rows = np.flatnonzero(bad)
+    rows = np.flatnonzero(~np.isfinite(stored).all(axis=1)) if check_finite else []
+    if len(rows):
         too_large = rows[np.isfinite(given[rows]).all(axis=1)]
         if too_large.size:
             raise FeatureFileError(
