@@ -1095,6 +1095,31 @@ def test_disk_full_during_table_write(tmp_path: Path, monkeypatch: pytest.Monkey
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_scratch_file_past_the_size_limit_names_the_output_and_the_file_system(
+    tmp_path: Path,
+) -> None:
+    """A spill file grown past the largest file its file system takes (EFBIG, no ``ulimit -f``)
+    is the output's FileTooLargeError: it names the scratch file, the output it was for and the
+    folder to move, and the scratch file is gone. (The ``ulimit -f`` wording is tested in a
+    job below; this process has no such limit.)"""
+    import resource
+
+    from xmodal.io import FileTooLargeError, scratch_path
+
+    assert resource.getrlimit(resource.RLIMIT_FSIZE)[0] == resource.RLIM_INFINITY
+    out = tmp_path / "f" / "m.h5"
+    out.parent.mkdir()
+    with pytest.raises(FileTooLargeError) as err:
+        with scratch_path(out, ".spill") as tmp:
+            tmp.write_bytes(b"x" * 10)
+            raise OSError(errno.EFBIG, "File too large")
+    msg = str(err.value)
+    assert err.value.errno == errno.EFBIG
+    assert msg.startswith(f"[Errno 27] file too large while writing scratch file {tmp} for {out}: ")
+    assert f"the file system of {out.parent} takes no larger file; move results/" in msg
+    assert list(out.parent.iterdir()) == []
+
+
 def test_a_full_disk_behind_another_libraries_error_is_said_naming_the_output(
     tmp_path: Path,
 ) -> None:

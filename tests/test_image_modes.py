@@ -680,6 +680,16 @@ def test_a_16bit_cmyk_tiff_of_8bit_values_is_refused(tmp_path, caplog):
     with caplog.at_level("WARNING", logger="xmodal.stimuli"):
         np.testing.assert_array_equal(_rgb(tmp_path / "full.tif", "cmyk"), np.asarray(want))
     assert caplog.text == ""
+    # ink of at most 12 of 16 bits reduces to at most 15 of 255: a pale image, with a warning
+    faint = RNG.integers(256, 4096, (5, 4, 4))
+    (tmp_path / "faint.tif").write_bytes(_tiff16_rgb(faint, photometric=5))
+    want = Image.fromarray((faint >> 8).astype(np.uint8), "CMYK").convert("RGB")
+    with caplog.at_level("WARNING", logger="xmodal.stimuli"):
+        np.testing.assert_array_equal(_rgb(tmp_path / "faint.tif", "faint"), np.asarray(want))
+    assert "'faint'" in caplog.text and "16-bit CMYK image uses at most 12 of its 16 bits" in (
+        caplog.text
+    )
+    assert f"it comes out pale (max {int(faint.max()) >> 8} of 255)" in caplog.text
 
 
 def test_a_compressed_tiff_beyond_the_bomb_limit_decodes(tmp_path, monkeypatch):
