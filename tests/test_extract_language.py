@@ -63,6 +63,38 @@ def test_batched_equals_one_at_a_time(arch, n_layers, tiny_lms, captions):
         )
 
 
+@pytest.mark.parametrize("arch", ["bloom", "llama"])
+def test_the_last_layer_is_the_last_block_after_the_final_norm(arch, tiny_lms, captions):
+    """As docs/method.md ("Readings of the paper") and contracts.md say: every ``layers.i`` is
+    block i's output, except the last, which is the last block's output after the model's
+    final norm (BLOOM ``ln_f``, LLaMA ``norm``), as ``output_hidden_states`` returns it. The
+    docs called it "the last block" (audit)."""
+    model, tok, _ = load_language_model(str(tiny_lms[arch]))
+    blocks, norm = (model.h, model.ln_f) if arch == "bloom" else (model.layers, model.norm)
+    res = extract_language_features(
+        model, tok, captions[:4], stimulus_ids=IDS[:4], batch_size=1, progress=False
+    )
+    seen: dict[object, list[torch.Tensor]] = {m: [] for m in (*blocks, norm)}
+
+    def keep(module, _args, out):
+        seen[module].append((out[0] if isinstance(out, tuple) else out)[0].float().mean(0))
+
+    hooks = [m.register_forward_hook(keep) for m in seen]
+    try:
+        for c in captions[:4]:
+            enc = tok(c, return_tensors="pt")
+            with torch.no_grad():
+                model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
+    finally:
+        for h in hooks:
+            h.remove()
+    pooled = {m: torch.stack(v).numpy() for m, v in seen.items()}
+    for i, block in enumerate(blocks[:-1]):  # layers.i: block i's own output
+        np.testing.assert_allclose(res.features[i + 1], pooled[block], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(res.features[-1], pooled[norm], rtol=1e-5, atol=1e-6)
+    assert np.abs(res.features[-1] - pooled[blocks[-1]]).max() > 0.1  # not the block's own
+
+
 @pytest.mark.parametrize("batch_size", [1, 3, 32])
 def test_repeated_captions_get_exactly_equal_features(batch_size, tiny_lms, captions):
     """A caption repeated among others runs once and its rows are copies, at any batch size.
