@@ -191,3 +191,44 @@ def test_a_limit_that_leaves_only_special_tokens_is_refused(tiny_lms, captions):
     # captions 0 and 2 share their first word, the one token left between BOS and EOS
     cut = tokenize_captions(tok, captions[:2], stimulus_ids=IDS[:2], max_tokens=3, context=48)
     assert all(len(t) == 3 and t[0] == bos and t[-1] == eos for t in cut.ids)
+
+
+def test_a_roberta_style_model_gets_the_positions_it_has(tmp_path, tiny_tokenizer, captions):
+    """RoBERTa numbers positions from ``padding_idx + 1`` (roberta-base: 514 rows, 512 tokens).
+    The limit was taken as ``max_position_embeddings``, so a caption of that many tokens (its
+    tokenizer declaring no limit) died with torch's IndexError naming no stimulus (audit). It is
+    cut at the positions the model has, and its features are those of the cut caption."""
+    from transformers import AutoTokenizer, BertConfig, BertModel, RobertaConfig, RobertaModel
+
+    tok = AutoTokenizer.from_pretrained(tiny_tokenizer)
+    tok.pad_token = tok.bos_token  # as RoBERTa's own tokenizer has one; padding_idx = its id
+    folder = tmp_path / "roberta"
+    tok.save_pretrained(folder)
+    size = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2}
+    torch.manual_seed(0)
+    RobertaModel(
+        RobertaConfig(
+            vocab_size=len(tok),
+            max_position_embeddings=42,
+            intermediate_size=40,
+            pad_token_id=tok.pad_token_id,
+            **size,
+        )  # fmt: skip
+    ).save_pretrained(folder)
+    model, tok, _ = load_language_model(str(folder))
+    assert tok.model_max_length > 10**6  # no limit from the tokenizer: the model's alone
+    assert context_length(model, tok) == 40  # 42 rows, positions from padding_idx + 1 = 2
+    bert = BertModel(BertConfig(vocab_size=len(tok), max_position_embeddings=42, **size))
+    assert context_length(bert, tok) == 42  # BERT's positions start at row 0
+
+    long = " ".join(captions)
+    assert len(tok(long)["input_ids"]) > 42
+    res = extract_language_features(
+        model, tok, [captions[0], long], stimulus_ids=["short", "long"], progress=False
+    )
+    cut = tok(long, truncation=True, max_length=40, return_tensors="pt")
+    assert cut["input_ids"].shape[1] == 40 and res.info["n_truncated"] == 1
+    with torch.no_grad():
+        hs = model(**cut, output_hidden_states=True).hidden_states
+    want = np.stack([h[0].mean(0).numpy() for h in hs])
+    np.testing.assert_allclose(res.features[:, 1], want, rtol=1e-5, atol=1e-6)

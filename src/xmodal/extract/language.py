@@ -332,13 +332,25 @@ def _ensure_pad_token(tokenizer: Any, model_id: str, n_embeddings: int) -> str |
     return note
 
 
+def _position_offset(model: torch.nn.Module) -> int:
+    """Rows of the position table before the first token's: RoBERTa-style encoders (fairseq's
+    convention) number positions from ``padding_idx + 1``, so roberta-base's 514 rows hold 512
+    tokens; 0 for models whose positions start at row 0."""
+    table = getattr(getattr(model, "embeddings", None), "position_embeddings", None)
+    pad = getattr(table, "padding_idx", None) if isinstance(table, torch.nn.Embedding) else None
+    return pad + 1 if isinstance(pad, int) and pad >= 0 else 0
+
+
 def context_length(model: torch.nn.Module, tokenizer: Any) -> int | None:
-    """The longest input the model takes: min of the config's position limit and the tokenizer's."""
+    """The longest input the model takes: min of the config's position limit (less the rows
+    a RoBERTa-style model reserves before its first position) and the tokenizer's."""
     limits = []
     for key in ("max_position_embeddings", "n_positions", "seq_length"):
         v = getattr(model.config, key, None)
         if isinstance(v, int) and 0 < v < _HUGE:
-            limits.append(v)
+            # a caption of max_position_embeddings tokens indexed past RoBERTa's table: an
+            # IndexError naming no stimulus (audit)
+            limits.append(v - _position_offset(model))
             break
     tl = getattr(tokenizer, "model_max_length", None)
     if isinstance(tl, int) and 0 < tl < _HUGE:
