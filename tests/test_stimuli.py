@@ -1065,6 +1065,21 @@ def test_a_bad_byte_in_the_header_names_no_stimulus(tmp_path):
     assert "(stimulus" not in str(err.value)
 
 
+def test_a_bad_byte_names_the_stimulus_by_the_headers_id_column(tmp_path):
+    """The columns come in any order (docs/contracts.md); the UTF-8 error named the line's
+    first field as the stimulus: a caption, where the caption came first (audit). A line
+    shorter than the header names none."""
+    path = tmp_path / "stimuli.tsv"
+    text = "caption\tstimulus_id\timage\r\ncaf\u00e9 au lait\t000123\ta.png\r\n"
+    path.write_bytes(b"\xef\xbb\xbf" + text.encode("cp1252"))  # a BOM, then Excel's bytes
+    with pytest.raises(StimulusError, match=r"line 2 \(stimulus '000123'\) is not valid UTF-8"):
+        read_manifest(path)
+    path.write_bytes(b"caption\timage\tstimulus_id\ncaf\xe9\ta.png\n")
+    with pytest.raises(StimulusError, match=r"line 2 is not valid UTF-8") as err:
+        read_manifest(path)
+    assert "(stimulus" not in str(err.value)
+
+
 def test_alpha_254_is_not_fully_opaque():
     """The note counts pixels with alpha below 255: half of them here."""
     a = np.zeros((2, 2, 4), np.uint8)

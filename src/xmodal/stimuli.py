@@ -236,6 +236,17 @@ _NOT_TEXT = {
 }
 
 
+def _field_of(data: bytes, line: str, column: str) -> str | None:
+    """``column``'s field of a manifest ``line``, by the header of ``data`` (the columns come in
+    any order: the first field was named as the stimulus, a caption where it came first,
+    audit); None where the header has no such column or the line no such field."""
+    header = data.split(b"\n", 1)[0].decode("utf-8", errors="replace")
+    names = [n.strip() for n in header.lstrip("\ufeff").rstrip("\r").split("\t")]
+    fields = line.rstrip("\r").split("\t")
+    k = names.index(column) if column in names else len(fields)
+    return fields[k] if k < len(fields) else None
+
+
 def _decode_utf8(path: Path, data: bytes) -> str:
     """The manifest's text; a StimulusError names the line (and stimulus) of a non-UTF-8 byte."""
     for magic, kind in _NOT_TEXT.items():
@@ -256,7 +267,7 @@ def _decode_utf8(path: Path, data: bytes) -> str:
         start = data.rfind(b"\n", 0, err.start) + 1
         end = data.find(b"\n", err.start)
         line = data[start : end if end >= 0 else len(data)].decode("utf-8", errors="replace")
-        sid = line.split("\t", 1)[0] if line_no > 1 else None
+        sid = _field_of(data, line, "stimulus_id") if line_no > 1 else None
         raise StimulusError(
             f"{path}: line {line_no}"
             + (f" (stimulus {sid!r})" if sid else "")
