@@ -310,6 +310,15 @@ def test_csv_quoted_captions_are_refused(tmp_path):
         read_manifest(tmp_path / "stimuli.tsv")
     # '"' and '""' are quoted too ('""""' and '""""""'), and named
     assert "4 caption(s) in all, on line(s) [3, 4, 5, 6]" in str(err.value)
+    # the quoted file read without unquoting (the docs' recipe for result tables): write_manifest
+    # names how to read it, not "write it with write_manifest", which it is (audit)
+    quoted = pd.read_csv(tmp_path / "stimuli.tsv", sep="\t", dtype=str, quoting=csv.QUOTE_NONE)
+    with pytest.raises(
+        StimulusError, match=r"\(not written\): the caption of stimulus 's1'"
+    ) as err:
+        write_manifest(quoted, tmp_path / "new.tsv")
+    assert "read that file with CSV quoting, pandas' default" in str(err.value)
+    assert "write_manifest" not in str(err.value) and not (tmp_path / "new.tsv").exists()
     back = read_manifest(write_manifest(df, tmp_path / "stimuli.tsv"))
     assert back["caption"].tolist() == captions
     # quoting everything (csv.QUOTE_ALL or QUOTE_NONNUMERIC) quotes the header and the paths

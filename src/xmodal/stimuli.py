@@ -122,6 +122,11 @@ _NO_QUOTING = (
     "the file was written with CSV quoting, and a manifest has none; write it with "
     "xmodal.stimuli.write_manifest"
 )
+#: the remedy write_manifest names for CSV-quoted text in its table (which it was told to use)
+_READ_UNQUOTED = (
+    "the table was read from a CSV-quoted file without unquoting it (as pandas does with "
+    "quoting=csv.QUOTE_NONE); read that file with CSV quoting, pandas' default"
+)
 
 
 def _short(text: str, n: int = 40) -> str:
@@ -416,9 +421,12 @@ _MOJIBAKE = re.compile("Ã[\u0080-\u00bf]|â€|Â[\u00a0-\u00bf]")
 _C1_CONTROL = re.compile("[\u0080-\u009f]")
 
 
-def _check_stimuli(where: str, ids: list[str], captions: list[str], lines: list[int]) -> None:
-    """Ids unique, visible and without NUL; captions visible and not CSV-quoted; errors name
-    ``where``, lines and ids. Garbled or quote-wrapped captions are warned about by line."""
+def _check_stimuli(
+    where: str, ids: list[str], captions: list[str], lines: list[int], quoted_fix: str = _NO_QUOTING
+) -> None:
+    """Ids unique, visible and without NUL; captions visible and not CSV-quoted (refused with
+    ``quoted_fix``); errors name ``where``, lines and ids. Garbled or quote-wrapped captions are
+    warned about by line."""
     empty_id = [k for k, s in enumerate(ids) if is_blank(s)]
     if empty_id:
         raise StimulusError(
@@ -464,7 +472,7 @@ def _check_stimuli(where: str, ids: list[str], captions: list[str], lines: list[
             f"({_short(captions[k], 60)!r}: wrapped in quotes, the quotes inside doubled); "
             f"{len(quoted)} caption(s) in all, on line(s) {[lines[j] for j in quoted][:10]}. "
             "Read as written, the quotes would reach the language models: "
-            f"{_NO_QUOTING}, or unquote those fields"
+            f"{quoted_fix}, or unquote those fields"
         )
     # read as written, with a warning (CSV-quoted captions are refused above)
     for flagged, what in (
@@ -558,6 +566,7 @@ def write_manifest(df: pd.DataFrame, path: str | os.PathLike) -> Path:
         [r[id_pos] for r in rows],
         [r[cap_pos] for r in rows],
         list(range(2, len(rows) + 2)),
+        _READ_UNQUOTED,  # not "write it with write_manifest", which it is doing (audit)
     )
     with atomic_path(path) as tmp:
         tmp.write_bytes(("\n".join(out) + "\n").encode("utf-8"))
