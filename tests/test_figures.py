@@ -156,6 +156,12 @@ def test_sets_figures(figs, inputs, name, letters):
     legend = [t.get_text() for t in fig.legends[0].get_texts()]
     assert legend[0].startswith("Low dispersion") and legend[2] == "High dispersion"
     assert "95% interval of 10 draws" in legend[1]
+    # a question with the summary table's counts, not the paper's claim over any data (audit)
+    title = fig.get_suptitle()
+    assert title.startswith("Does stimulus-specific dispersion modulate vision–language alignment?")
+    summ = table(inputs, "summary").query("metric == 'cknna' and summary == @summary").iloc[0]
+    assert f"\nlow > high in {summ.n_low_gt_high}/{summ.n_valid} pairs; " in title
+    assert f"above 0 in {summ.n_diff_ci_above_zero}/{summ.n_with_ci}" in title
 
 
 def test_drop25(figs, inputs):
@@ -249,6 +255,19 @@ def test_loo(figs, inputs):
         assert len(ax.collections[0].get_offsets()) == 40  # one point per stimulus
         assert len(ax.lines) == 1  # the linear fit
         assert "Partial dispersion" in ax.get_xlabel() and "deviation" in ax.get_ylabel()
+    # a question and the count of held-out models with r > 0, not the paper's claim (audit)
+    title = figs["loo"].get_suptitle()
+    assert title.startswith("Does dispersion from the other vision models predict")
+    assert title.endswith(f"\nr > 0 for {(loo['pearson_r'] > 0).sum()} of 3 held-out models")
+
+
+def test_loo_title_counts_the_held_out_models_with_positive_r(inputs, tmp_path):
+    loo = table(inputs, "loo")
+    loo.loc[loo["held_out"] == "vis-1", "pearson_r"] = -0.096
+    loo.to_csv(tmp_path / "loo.tsv", sep="\t", index=False)
+    fig = render_figure("loo", {**inputs, "loo": tmp_path / "loo.tsv"})
+    want = int((loo["pearson_r"] > 0).sum())
+    assert want == 2 and fig.get_suptitle().endswith(f"r > 0 for {want} of 3 held-out models")
 
 
 def test_grid_heatmap(figs, inputs):

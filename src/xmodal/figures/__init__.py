@@ -112,16 +112,17 @@ FIGURES: dict[str, FigureSpec] = {
         _spec(
             "sets_rank",
             "Fig. 2B–E: alignment of low / random / high sets (rank by mean dispersion)",
-            ("grid", "models"),
+            ("grid", "summary", "models"),
             "alignment.draw_sets_rank",
+            ("models", "summary"),
             per_metric=True,
         ),
         _spec(
             "sets_pc1",
             "Fig. 2G–J: alignment of low / random / high sets (PC1 of dispersion)",
-            ("grid", "models", "dispersion"),
+            ("grid", "summary", "models", "dispersion"),
             "alignment.draw_sets_pc1",
-            ("models", "dispersion"),
+            ("models", "summary", "dispersion"),
             per_metric=True,
         ),
         _spec(

@@ -261,12 +261,33 @@ def _sets_figure(data: FigureData, summary: str, first_letter: str) -> Figure:
         *_flag_handles(n_unstable, n_undefined, "bar"),
     ]
     fig.legend(handles=handles, loc="outside lower center", ncols=3)
+    # a question and the summary's counts: the paper's claim as the title stood over any data,
+    # low < high in every pair included (audit)
     fig.suptitle(
-        "Stimulus-specific dispersion modulates vision–language alignment\n"
+        "Does stimulus-specific dispersion modulate vision–language alignment?\n"
         f"({metric_label(data.metric)}; sets selected by {SUMMARY_LABELS[summary]})"
+        + _sets_line(data, summary)
         + pc1_title_note(data, summary)
     )
     return fig
+
+
+def _sets_line(data: FigureData, summary: str) -> str:
+    """The title's counts from the summary table (read, never recomputed): pairs with low >
+    high and with the interval of low − high above 0; empty without the table."""
+    if data.get("summary") is None:
+        return ""
+    rows = data.alignment("summary")
+    rows = rows[rows["summary"] == summary]
+    if rows.empty:
+        return ""
+    r = rows.iloc[0]
+    line = f"\nlow > high in {int(r.n_low_gt_high)}/{int(r.n_valid)} pairs"
+    if int(r.n_with_ci):
+        line += (
+            f"; interval of low − high above 0 in {int(r.n_diff_ci_above_zero)}/{int(r.n_with_ci)}"
+        )
+    return line + _pair_notes(r)
 
 
 def draw_sets_rank(data: FigureData) -> Figure:
