@@ -160,8 +160,8 @@ def test_sets_figures(figs, inputs, name, letters):
     title = fig.get_suptitle()
     assert title.startswith("Does stimulus-specific dispersion modulate vision–language alignment?")
     summ = table(inputs, "summary").query("metric == 'cknna' and summary == @summary").iloc[0]
-    assert f"\nlow > high in {summ.n_low_gt_high}/{summ.n_valid} pairs; " in title
-    assert f"above 0 in {summ.n_diff_ci_above_zero}/{summ.n_with_ci}" in title
+    assert f"\nlow > high in {summ.n_low_gt_high}/{summ.n_valid} pairs, " in title
+    assert f"interval above 0 in {summ.n_diff_ci_above_zero}/{summ.n_with_ci}" in title
 
 
 def test_drop25(figs, inputs):

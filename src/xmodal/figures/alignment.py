@@ -263,10 +263,13 @@ def _sets_figure(data: FigureData, summary: str, first_letter: str) -> Figure:
     fig.legend(handles=handles, loc="outside lower center", ncols=3)
     # a question and the summary's counts: the paper's claim as the title stood over any data,
     # low < high in every pair included (audit)
+    counts = _sets_line(data, summary)
+    if counts:  # taller panels: their axis labels must stay below the longer title
+        fig.set_figheight(fig.get_figheight() + 0.5 * math.ceil(len(visions) / 2))
     fig.suptitle(
         "Does stimulus-specific dispersion modulate vision–language alignment?\n"
         f"({metric_label(data.metric)}; sets selected by {SUMMARY_LABELS[summary]})"
-        + _sets_line(data, summary)
+        + counts
         + pc1_title_note(data, summary)
     )
     return fig
@@ -284,9 +287,7 @@ def _sets_line(data: FigureData, summary: str) -> str:
     r = rows.iloc[0]
     line = f"\nlow > high in {int(r.n_low_gt_high)}/{int(r.n_valid)} pairs"
     if int(r.n_with_ci):
-        line += (
-            f"; interval of low − high above 0 in {int(r.n_diff_ci_above_zero)}/{int(r.n_with_ci)}"
-        )
+        line += f", interval above 0 in {int(r.n_diff_ci_above_zero)}/{int(r.n_with_ci)}"
     return line + _pair_notes(r)
 
 
