@@ -783,7 +783,7 @@ def test_manifest_edits_rerun_only_the_extractions_they_change(workflow_dir, dem
             proc = snakemake(workflow_dir, "-n", "--configfile", "config/demo.yaml", check=False)
             again = proc.stdout + proc.stderr
             assert proc.returncode != 0 and f"{target} holds features" in again, again[-3000:]
-        assert f"make it again by naming it: `snakemake <your options> {target}`" in out
+        assert f"make it again by naming it: `snakemake <your options> -- {target}`" in out
         # the remedy the message gives: deleted and named as the target, it is extracted
         feature_bytes = feature.read_bytes()
         feature.unlink()

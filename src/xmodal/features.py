@@ -370,7 +370,7 @@ def _stored_text(path: str | os.PathLike, name: str) -> str | None:
 #: How to replace a stale feature file. Deleted alone it is not made again: Snakemake does not
 #: rebuild an intermediate file while what was made from it is up to date.
 REMAKE = (
-    "delete it and make it again by naming it: `snakemake <your options> {path}`, then run as "
+    "delete it and make it again by naming it: `snakemake <your options> -- {path}`, then run as "
     "before (what was made from it reruns)"
 )
 

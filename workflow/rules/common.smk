@@ -408,7 +408,7 @@ def unfinished_feature_files():
                 f"{path}: the last job that made it failed or was killed (see "
                 f"logs/extract/{DATASET}/{Path(path).stem}.log), and what was made from an"
                 " earlier file, if there was one, is still in place: the default target makes"
-                f" it again; with other targets, name it too (`snakemake <your options> {path}`)"
+                f" it again; with other targets, name it too (`snakemake <your options> -- {path}`)"
             )
     return paths
 
