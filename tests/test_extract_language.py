@@ -375,6 +375,11 @@ def test_gpus_too_small_for_the_weights_fail_instead_of_offloading(tmp_path, tin
         ), str(err.value)
     free["each"] = need  # 50% of two GPUs: sharded
     assert language._choose_device_map(cuda, tiny_lms["llama"], weights, torch.float32) == "auto"
+    free["each"] = 2 * need  # fits on the first: not spread over both (docs/cluster.md; audit)
+    assert language._choose_device_map(cuda, tiny_lms["llama"], weights, torch.float32) == {"": 0}
+    cuda1 = torch.device("cuda", 1)
+    assert language._choose_device_map(cuda1, tiny_lms["llama"], weights, torch.float32) == {"": 1}
+    free["each"] = need
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     with pytest.raises(ExtractionError, match="the 1 GPU"):  # one GPU with the same memory
         language._choose_device_map(cuda, tiny_lms["llama"], weights, torch.float32)

@@ -83,7 +83,9 @@ def _choose_device_map(
     model_id: str = "language model",
     size_b: tuple[str, float] | None = None,
 ) -> str | dict[str, Any] | None:
-    """None on CPU; ``"auto"`` (sharded by accelerate) over several GPUs; else the one GPU.
+    """None on CPU; the job's first GPU where the weights fit on it; else ``"auto"`` (sharded by
+    accelerate) over every GPU the job sees (docs/cluster.md: a language model that needs more
+    than one GPU is spread; a small one was spread over all GPUs a workstation shows, audit).
 
     Weights that the free memory of the visible GPUs cannot hold are an ExtractionError: with
     ``device_map="auto"`` accelerate would put the rest in host memory and the job would run
@@ -93,9 +95,13 @@ def _choose_device_map(
     if device.type != "cuda":
         return None
     n_gpu = torch.cuda.device_count()
-    gpus = list(range(n_gpu)) if n_gpu > 1 else [device.index if device.index is not None else 0]
-    free = sum(torch.cuda.mem_get_info(i)[0] for i in gpus)
+    first = device.index if device.index is not None else 0
     need = _weight_bytes(folder, weights, dtype)
+    if n_gpu <= 1 or need <= GPU_HOLDS * torch.cuda.mem_get_info(first)[0]:
+        gpus = [first]
+    else:
+        gpus = list(range(n_gpu))
+    free = sum(torch.cuda.mem_get_info(i)[0] for i in gpus)
     if need > GPU_HOLDS * free:
         key, told = size_b or ("", 0.0)
         planned = told * 1e9 * torch.finfo(dtype).bits / 8  # the weights size_b says
@@ -111,7 +117,7 @@ def _choose_device_map(
             f"({dtype_name(dtype)}) but the {len(gpus)} GPU(s) this job sees have "
             f"{free / 2**30:.1f} GiB free; the rest would run on the CPU for hours. {fix}"
         )
-    return "auto" if n_gpu > 1 else {"": gpus[0]}
+    return "auto" if len(gpus) > 1 else {"": first}
 
 
 def _check_on_gpus(model: torch.nn.Module, model_id: str) -> None:
