@@ -649,3 +649,43 @@ def test_an_analysis_job_given_gpus_it_cannot_see_says_so(monkeypatch, caplog):
     with caplog.at_level(logging.INFO, logger="xmodal.alignment"):
         assert al.default_device() == torch.device("cpu")
     assert "SLURM" not in caplog.text and "alignment on the CPU" in caplog.text
+
+
+@pytest.mark.parametrize("budget", [1, 2])
+def test_a_conditions_pool_runs_one_blas_and_torch_thread_per_worker(data, monkeypatch, budget):
+    """docs/cluster.md: an analysis job uses at most its rule's threads. The conditions job's
+    pool of one worker per vision model called torch and BLAS, which each used the job's
+    threads too: 2 threads ran 4 (audit). Inside a pool of several workers each runs one;
+    one worker keeps the job's threads; torch's setting is restored afterwards."""
+    from threadpoolctl import threadpool_info
+
+    from xmodal.parallel import set_thread_budget
+
+    vision, layers, sets = data
+    vis = vision_map(data)
+    chosen = {(v, "cknna"): 1 for v in vis}
+    seen = []
+    side = al.ConditionPlan.side
+
+    def blas():
+        return {p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"}
+
+    def counted(self, *args, **kwargs):
+        seen.append((torch.get_num_threads(), blas()))
+        return side(self, *args, **kwargs)
+
+    monkeypatch.setattr(al.ConditionPlan, "side", counted)
+    before = torch.get_num_threads()
+    monkeypatch.setattr("xmodal.parallel.available_cores", lambda: budget)
+    try:
+        torch.set_num_threads(2)
+        job = (2, blas())  # the job's own threads (BLAS: as the machine and torch set them)
+        set_thread_budget(budget)
+        al.condition_tables(vis, "l", chosen, lambda i: layers[i], sets, IDS, k=10, n_boot=5)
+        assert torch.get_num_threads() == 2  # restored
+    finally:
+        set_thread_budget(None)
+        torch.set_num_threads(before)
+    # the two vision models' sides in the pool, then the LLM's alone, with the job's threads
+    want = (1, {1}) if budget > 1 else job  # two workers: one thread each; one: the job's
+    assert seen == [want, want, job], seen

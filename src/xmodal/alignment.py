@@ -50,7 +50,7 @@ from xmodal.metrics import (
     normalised_hsic,
     rounding_decides,
 )
-from xmodal.parallel import mapper, n_workers
+from xmodal.parallel import mapper, n_workers, one_thread_per_worker
 from xmodal.selection import RANDOM_SETS, sets_to_indices
 from xmodal.stats import BootstrapPlan, BootstrapSide, difference_summary, random_baseline
 from xmodal.summary import mean_stability
@@ -1220,7 +1220,8 @@ def condition_tables(
     plan = ConditionPlan(sets, stimulus_ids, k=k, n_boot=n_boot, seed=seed, dense=dense)
     boot = any(metric in BOOTSTRAP_METRICS for metric in names)
     # the vision models' structures are independent: built on threads (torch releases the GIL)
-    with mapper(n_workers(len(vision))) as pmap:
+    jobs = n_workers(len(vision))
+    with one_thread_per_worker(jobs), mapper(jobs) as pmap:
         built = list(
             pmap(
                 lambda item: plan.side(item[1], boot=boot, device=device, boot_cache=boot_cache),
