@@ -375,12 +375,17 @@ REMAKE = (
 )
 
 
-def check_against_stamp(paths: Iterable[str | os.PathLike], stamp: str | os.PathLike) -> None:
+def check_against_stamp(
+    paths: Iterable[str | os.PathLike], stamp: str | os.PathLike, *, after_run: bool = False
+) -> None:
     """Refuse a feature file extracted from other stimuli than ``stamp`` (a manifest stamp,
     docs/contracts.md) describes now, when the file is not older than the stamp.
 
     The workflow re-extracts a model when its stamp is newer than its feature file; a stale file
     that is newer (touched with ``snakemake --touch``, or copied in) would be analysed as it is.
+    ``after_run``: the check at the end of a run, against the stamp the run started with: a file
+    that differs was extracted after the manifest (or an image) was edited during the run, and
+    the run's tables mix the stimuli before and after the edit (audit).
     Missing files, a missing stamp, files of the other modality (the config changed the model's
     modality, a changed param) and files without :data:`STIMULI_DIGEST` (written before it
     existed) are not checked.
@@ -407,6 +412,15 @@ def check_against_stamp(paths: Iterable[str | os.PathLike], stamp: str | os.Path
             # re-extracts it (its readers refuse a file of the other modality)
             continue
         got = stored.get(STIMULI_DIGEST)
+        if got is not None and got not in accepted and after_run:
+            raise FeatureFileError(
+                f"{path} was extracted from other stimuli than this run started with (digest "
+                f"{got[:12]}…, where {stamp} says {want[:12]}…): the manifest or an image "
+                "changed while the run was going, and the tables it made may mix the stimuli "
+                "before and after the edit. Run again: Snakemake re-extracts the models the "
+                "edit concerns and makes the tables again. Edit the stimuli only between runs "
+                "(docs/cluster.md)"
+            )
         if got is not None and got not in accepted:
             raise FeatureFileError(
                 f"{path} holds features of other stimuli than the manifest now lists: it was "

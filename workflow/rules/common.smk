@@ -1351,16 +1351,35 @@ def check_feature_files():
     if not workflow.is_main_process:
         return
     try:
-        for modality, models in (("vision", VISION), ("language", LANGUAGE)):
-            # a supplied file (imported, not extracted) is the user's to vouch for
-            paths = [feature_file(m) for m in models if m not in SUPPLIED]
-            check_against_stamp(paths, manifest_stamp_path(modality))
+        _check_against_stamps(after_run=False)
         for key in [*VISION, *LANGUAGE]:
             if REGISTRY[key].source == "local":  # files the DAG does not track
                 with forward_to(logger.info):  # reading new weights for their digests
                     check_against_weights(
                         feature_file(key), REGISTRY[key].id, WEIGHT_DIGESTS
                     )
+    except FeatureFileError as err:
+        raise WorkflowError(str(err)) from None
+
+
+def _check_against_stamps(after_run):
+    """Each extracted feature file against its modality's manifest stamp
+    (xmodal.features.check_against_stamp)."""
+    for modality, models in (("vision", VISION), ("language", LANGUAGE)):
+        # a supplied file (imported, not extracted) is the user's to vouch for
+        paths = [feature_file(m) for m in models if m not in SUPPLIED]
+        check_against_stamp(paths, manifest_stamp_path(modality), after_run=after_run)
+
+
+def check_stimuli_of_this_run():
+    """At the end of a run that ran jobs: every feature file was extracted from the stimuli
+    the run's stamps describe. A manifest (or an image) edited while the run was going gave
+    files extracted before and after the edit, and tables that mix them, with exit code 0
+    (audit); the run fails instead, naming the file, and the next one re-extracts."""
+    if not workflow.is_main_process:
+        return
+    try:
+        _check_against_stamps(after_run=True)
     except FeatureFileError as err:
         raise WorkflowError(str(err)) from None
 
@@ -1396,6 +1415,7 @@ onstart:
 
 
 onsuccess:
+    check_stimuli_of_this_run()
     record_settings_of_this_run(succeeded=True)
     follow_manifest(touch=False)
 
