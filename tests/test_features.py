@@ -343,6 +343,44 @@ def test_a_stale_feature_file_newer_than_its_stamp_is_refused(tmp_path):
         check_against_stamp([same], stamp)
 
 
+def test_bytes_damaged_on_disk_are_a_read_error_naming_the_layer(tmp_path):
+    """A feature file's data are checksummed (HDF5's Fletcher-32 per chunk): 8 bytes flipped in
+    one stimulus's row of a layer were read as features (-58.95 where 0.07 was; the stimulus
+    became the most dispersed, exit 0; audit). Now reading that layer is a FeatureFileError
+    naming the file and the layer; the other layers still read. abs_q95 and n_tokens too."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((3, 6, 4)).astype(np.float32)
+    ids = [f"s{i}" for i in range(6)]
+    path = write_features(
+        tmp_path / "f.h5", x, ids, ["l0", "l1", "l2"], ATTRS, n_tokens=np.arange(6)
+    )
+
+    def flip(dataset: str, chunk: int, at: int) -> None:
+        with h5py.File(path, "r") as f:
+            d = f[dataset]
+            assert d.fletcher32
+            offset = d.id.get_chunk_info(chunk).byte_offset
+        with open(path, "r+b") as fh:
+            fh.seek(offset + at)
+            byte = fh.read(1)
+            fh.seek(offset + at)
+            fh.write(bytes([byte[0] ^ 0xFF]))
+
+    flip("features", 1, 17)  # layer 1, the second row's second value
+    with FeatureFile(path) as ff:
+        np.testing.assert_array_equal(ff.layer(0), x[0])
+        np.testing.assert_array_equal(ff.layer(2), x[2])
+        with pytest.raises(FeatureFileError, match=r"f\.h5: cannot read layer 1.*corrupt"):
+            ff.layer(1)
+    for name in ("abs_q95", "n_tokens"):
+        path = write_features(
+            tmp_path / "f.h5", x, ids, ["l0", "l1", "l2"], ATTRS, n_tokens=np.arange(6)
+        )
+        flip(name, 0, 2)
+        with FeatureFile(path) as ff, pytest.raises(FeatureFileError, match="corrupt"):
+            ff.abs_q95() if name == "abs_q95" else ff.n_tokens()
+
+
 def test_a_folder_digest_follows_its_files_names_and_contents(tmp_path):
     """Equal for a copy of the folder; changed by a file rewritten (same size), renamed, added
     or removed; subfolders (other checkpoints) do not enter it."""

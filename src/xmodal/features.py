@@ -315,8 +315,15 @@ def write_features(
                 if dset is None:
                     dim = arr.shape[1]
                     rows = max(1, min(m, _MAX_CHUNK_BYTES // max(1, dim * dtype.itemsize)))
+                    # checksummed chunks: bytes damaged on disk are a read error naming the
+                    # layer, not features analysed as they are (8 flipped bytes made one
+                    # stimulus the most dispersed, exit 0; audit)
                     dset = f.create_dataset(
-                        "features", shape=(n_layers, m, dim), dtype=dtype, chunks=(1, rows, dim)
+                        "features",
+                        shape=(n_layers, m, dim),
+                        dtype=dtype,
+                        chunks=(1, rows, dim),
+                        fletcher32=True,
                     )
                 elif arr.shape[1] != dset.shape[2]:
                     raise FeatureFileError(
@@ -338,9 +345,9 @@ def write_features(
             q = _as_numpy(abs_q95).astype(np.float32).reshape(-1)
             if q.shape != (m,) or not np.isfinite(q).all():
                 raise FeatureFileError(f"{path}: abs_q95 must be {m} finite values")
-            f.create_dataset("abs_q95", data=q)
+            f.create_dataset("abs_q95", data=q, chunks=True, fletcher32=True)
             if tokens is not None:
-                f.create_dataset("n_tokens", data=tokens)
+                f.create_dataset("n_tokens", data=tokens, chunks=True, fletcher32=True)
             for key, value in full_attrs.items():
                 f.attrs[key] = _attr_value(value)
     log.info("wrote %s: %d layers x %d stimuli x %d dims", path, n_layers, m, dim)
