@@ -165,6 +165,15 @@ def test_check_prefetched_follows_the_cache_it_is_given(
     (snapshot / "config.json").unlink()
     with pytest.raises(PrefetchError, match=r"lacks config\.json"):
         check_prefetched(record, tmp_path / "moved")
+    # a file purged from the cache it was downloaded into: no move to speak of (audit)
+    snapshot = next((tmp_path / "old").glob("models--org--tiny-lm/snapshots/*"))
+    (snapshot / "config.json").unlink()
+    with pytest.raises(PrefetchError) as err:
+        check_prefetched(record, tmp_path / "old")
+    msg = str(err.value)
+    assert f"files its prefetch downloaded are gone from the hub cache {tmp_path / 'old'}" in msg
+    assert msg.endswith(f"config.json; delete {record} so that the next run downloads them again")
+    assert "'hub_cache'" not in msg and "move" not in msg
     record.write_text(json.dumps(prefetch_model(str(tmp_path / "old"), "language", None, "x")))
     check_prefetched(record, tmp_path / "empty")  # a local directory is used where it is
 

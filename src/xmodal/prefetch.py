@@ -347,6 +347,13 @@ def check_prefetched(record_path: str | os.PathLike, cache_dir: str | os.PathLik
     missing = [f for f in record.get("files", []) if not (snapshot / f).is_file()]
     if snapshot.is_dir() and not missing:
         return
+    if cache == old.resolve():  # not moved: files deleted from it (a purge, delete-cache; audit)
+        raise PrefetchError(
+            f"model {record['model_id']!r}: files its prefetch downloaded are gone from the hub "
+            f"cache {cache} (purged?): "
+            f"{snapshot if not snapshot.is_dir() else ', '.join(missing[:3])}; delete "
+            f"{record_path} so that the next run downloads them again"
+        )
     raise PrefetchError(
         f"model {record['model_id']!r}: its weights were downloaded into {old} (record "
         f"{record_path}), but the hub cache is now {cache} (config key 'hub_cache'), which lacks "
