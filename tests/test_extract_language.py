@@ -205,6 +205,29 @@ def test_a_checkpoint_missing_weights_is_refused(tmp_path, tiny_lms):
         load_language_model(str(folder))
 
 
+def test_a_truncated_weights_file_is_named_with_the_model_and_folder(tmp_path, tiny_lms, tiny_vits):
+    """An interrupted copy of a model folder left a truncated model.safetensors: the job died
+    with safetensors' bare "SafetensorError: ... incomplete metadata", naming neither the model
+    nor the folder, and was retried (audit). Likewise a vision model's."""
+    from xmodal.extract.vision import load_vision_model
+
+    folder = tmp_path / "llama"
+    shutil.copytree(tiny_lms["llama"], folder)
+    data = (folder / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ExtractionError) as err:
+        load_language_model(str(folder))
+    said = str(err.value)
+    assert said.startswith(f"{folder}: a weights file in {folder} is incomplete or damaged")
+    assert "copy the model's folder again" in said and ".prefetched/<model key>.json" in said
+    vit = tmp_path / "mae"
+    shutil.copytree(tiny_vits["mae"], vit)
+    (weights,) = vit.glob("*.safetensors")
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(ExtractionError, match=rf"a weights file in {vit} is incomplete or damaged"):
+        load_vision_model(str(vit))
+
+
 def test_a_checkpoint_with_blocks_beyond_its_config_is_refused(tmp_path, tiny_lms):
     """config.json giving 2 layers over a 3-layer checkpoint built a model 2 blocks deep, exit 0:
     its last hidden states those of a truncated network (the extra blocks only 'UNEXPECTED' in

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from xmodal._compat import ensure_torchvision_importable
+from xmodal.config import PREFETCH_RECORDS
 from xmodal.features import abs_quantile_rows
 from xmodal.io import DiskFullError
 from xmodal.logs import preview
@@ -226,6 +227,22 @@ def check_weight_files(directory: Path, model_id: str, *, allow_pickle: bool) ->
         f"{model_id}: no weight files (*.safetensors"
         f"{', pickle files' if allow_pickle else ''}) in {directory}"
         + ("" if allow_pickle else "; if the model ships only pickle files, set allow_pickle")
+    )
+
+
+def damaged_weights(err: BaseException, folder: Path, model_id: str) -> ExtractionError | None:
+    """The model's own error for a weights file safetensors cannot read (truncated by an
+    interrupted copy or download, or damaged), which was a bare ``SafetensorError`` naming
+    neither the model nor the folder, and was retried (audit); None for other errors."""
+    from safetensors import SafetensorError
+
+    if not isinstance(err, SafetensorError):
+        return None
+    return ExtractionError(
+        f"{model_id}: a weights file in {folder} is incomplete or damaged (safetensors: {err}), "
+        "as an interrupted copy or download leaves it: copy the model's folder again; for a "
+        "hub model, delete its snapshot from the hub cache and its download record "
+        f"({PREFETCH_RECORDS}/<model key>.json), so that the next run downloads it again"
     )
 
 

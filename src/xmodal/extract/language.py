@@ -32,6 +32,7 @@ from xmodal.extract._common import (
     FeatureAccumulator,
     check_no_remote_code,
     check_weight_files,
+    damaged_weights,
     dtype_name,
     ieee_float32,
     model_config,
@@ -209,7 +210,12 @@ def load_language_model(
             max_memory=max_memory if device_map == "auto" else None,
             output_loading_info=True,
         )
-    except (OSError, ValueError, KeyError, RuntimeError) as err:  # RuntimeError: shapes differ
+    except Exception as err:  # noqa: BLE001 (a damaged weights file: safetensors' own error)
+        damaged = damaged_weights(err, folder, model_id)
+        if damaged is not None:
+            raise damaged from err
+        if not isinstance(err, (OSError, ValueError, KeyError, RuntimeError)):
+            raise  # RuntimeError: shapes differ
         names = [p.name for p in folder.iterdir()]
         no_tokenizer = not any(fnmatch(n, p) for n in names for p in TOKENIZER_FILES)
         raise ExtractionError(

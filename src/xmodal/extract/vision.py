@@ -24,6 +24,7 @@ from xmodal.extract._common import (
     FeatureAccumulator,
     UnsafeCheckpointError,
     check_weight_files,
+    damaged_weights,
     dtype_name,
     ieee_float32,
     model_config,
@@ -104,6 +105,7 @@ def load_vision_model(
                 )
             log.warning("%s: loading pickle weights %s (allow_pickle=True)", model_id, wf)
         name, revision_used, weights = model_id, "local", [wf.name]
+        where = wf.parent
         create = dict(
             model_name=model_id,
             pretrained=True,
@@ -125,12 +127,17 @@ def load_vision_model(
         _check_timm_config(folder, model_id)
         weights = check_weight_files(folder, model_id, allow_pickle=allow_pickle)
         weights = _timm_checkpoint(folder, model_id, allow_pickle) or weights
-        name = model_id
+        name, where = model_id, folder
         create = dict(model_name=f"local-dir:{folder}", pretrained=True)
 
     try:
         model = timm.create_model(**create)
-    except (RuntimeError, ValueError, KeyError, OSError) as err:
+    except Exception as err:  # noqa: BLE001 (a damaged weights file: safetensors' own error)
+        damaged = damaged_weights(err, where, model_id)
+        if damaged is not None:
+            raise damaged from err
+        if not isinstance(err, (RuntimeError, ValueError, KeyError, OSError)):
+            raise
         msg = str(err) if len(str(err)) < 600 else str(err)[:600] + " ..."
         raise ExtractionError(f"{model_id}: timm could not build/load the model ({msg})") from err
     model.eval().requires_grad_(False).to(device=device, dtype=dtype)
