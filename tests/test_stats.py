@@ -280,6 +280,29 @@ def test_a_file_of_other_sides_is_refused_naming_it(tmp_path):
         stats.load_sides(path)
 
 
+def test_damaged_stored_sides_are_refused(tmp_path):
+    """torch's zip reader checks no checksum: bits flipped in a stored side's values were read,
+    and moved the intervals, exit 0 (audit). The file holds the SHA-256 of its tensors."""
+    x, _ = pair(8, m=40)
+    plan = stats.BootstrapPlan(np.arange(20), 50, np.random.default_rng(0), k=4)
+    cache: dict = {}
+    plan.side(x @ x.T, cache=cache)
+    path = tmp_path / "vision_bootstrap.pt"
+    stats.save_sides(cache, path)
+    assert len(stats.load_sides(path)) == 1
+    payload = torch.load(path, weights_only=True)
+    (side,) = payload["sides"].values()
+    side["values"][3, 1] = torch.nextafter(side["values"][3, 1], torch.tensor(np.inf))  # one ulp
+    torch.save(payload, path)
+    with pytest.raises(
+        ValueError, match=r"vision_bootstrap\.pt: the prepared bootstrap sides are damaged"
+    ):
+        stats.load_sides(path)
+    del payload["sha256"]  # a file written before the digest: read as it is
+    torch.save(payload, path)
+    assert len(stats.load_sides(path)) == 1
+
+
 @pytest.mark.parametrize("k", [1, 2, 4])
 def test_multiset_cknna_of_unrelated_kernels_matches_brute_force(k):
     """Lists that share few or no entries (the cross term visits only shared ones): independent

@@ -30,6 +30,7 @@ import hashlib
 import os
 from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -446,12 +447,25 @@ _SIDE_FORMAT = "bootstrap-side-2"
 _SIDE_FIELDS = ("order", "values", "rec", "self_hsic")
 
 
+def _sides_digest(sides: Mapping[str, Mapping[str, Any]]) -> str:
+    """SHA-256 of stored sides' tensors (keys, fields, dtypes, shapes and bytes, in key order)."""
+    h = hashlib.sha256()
+    for key in sorted(sides):
+        for name in _SIDE_FIELDS:
+            t = sides[key][name]
+            if not isinstance(t, torch.Tensor):
+                raise ValueError(f"side {key!r}: field {name!r} is not a tensor")
+            a = t.detach().cpu().contiguous()
+            h.update(f"{key}\0{name}\0{a.dtype}\0{tuple(a.shape)}\0".encode())
+            h.update(a.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def save_sides(sides: Mapping[str, BootstrapSide], path: str | os.PathLike) -> None:
-    """Write prepared sides (by :meth:`BootstrapPlan.key`), without their counts, atomically."""
-    payload = {
-        "format": _SIDE_FORMAT,
-        "sides": {key: {f: getattr(side, f) for f in _SIDE_FIELDS} for key, side in sides.items()},
-    }
+    """Write prepared sides (by :meth:`BootstrapPlan.key`), without their counts, atomically,
+    with the SHA-256 of their tensors, which :func:`load_sides` checks."""
+    stored = {key: {f: getattr(side, f) for f in _SIDE_FIELDS} for key, side in sides.items()}
+    payload = {"format": _SIDE_FORMAT, "sides": stored, "sha256": _sides_digest(stored)}
     with atomic_path(path, suffix=".pt") as tmp, open(tmp, "wb") as fh:
         # to an open file: saved to a path, the zip's record names would hold the temporary
         # file's random name, and equal sides would give files that differ
@@ -472,6 +486,19 @@ def load_sides(path: str | os.PathLike) -> dict[str, BootstrapSide]:
             f"{path}: not a file of prepared bootstrap sides of format {_SIDE_FORMAT!r} "
             "(written by another version: rerun the rule that made it)"
         )
+    # bytes damaged on disk (4 flipped bits moved intervals, exit 0; audit); a file written
+    # before the digest was stored has none
+    told = payload.get("sha256")
+    if told is not None:
+        try:
+            got = _sides_digest(payload["sides"])
+        except (ValueError, TypeError, KeyError, AttributeError) as err:
+            got = f"unreadable ({err})"
+        if got != told:
+            raise ValueError(
+                f"{path}: the prepared bootstrap sides are damaged (their SHA-256 differs from "
+                "the one stored with them); delete it and rerun (rule vision_bootstrap remakes it)"
+            )
     return {key: BootstrapSide(**parts) for key, parts in payload["sides"].items()}
 
 
