@@ -318,15 +318,21 @@ def test_a_stale_feature_file_newer_than_its_stamp_is_refused(tmp_path):
     check_against_stamp([other], stamp)
     with pytest.raises(FeatureFileError, match=r"stale\.h5 holds features of other stimuli"):
         check_against_stamp([same, stale], stamp)
-    # at the end of a run, against the stamp it started with: a file extracted after the
+    # at the end of a run, against the stamp it started with: a file this run wrote after the
     # manifest was edited mid-run is named as such (the run's tables mix them; audit)
-    check_against_stamp([same, old, bare, other], stamp, after_run=True)
+    import time
+
+    started = time.time() - 5
+    check_against_stamp([same, old, bare, other], stamp, run_started=started)
     with pytest.raises(FeatureFileError) as err:
-        check_against_stamp([same, stale], stamp, after_run=True)
+        check_against_stamp([same, stale], stamp, run_started=started)
     said = str(err.value)
     assert said.startswith(f"{stale} was extracted from other stimuli than this run started with")
     assert f"digest {'a' * 12}…, where {stamp} says {'b' * 12}…" in said
     assert "changed while the run was going" in said and "Run again" in said
+    # one the run did not write (created before it started; touched by --touch) is stale
+    with pytest.raises(FeatureFileError, match=r"stale\.h5 holds features of other stimuli"):
+        check_against_stamp([stale], stamp, run_started=started + 3600)
     os.utime(stamp)  # a stamp rewritten since: the workflow re-extracts every older file
     os.utime(stale, ns=(0, stamp.stat().st_mtime_ns - 1))
     check_against_stamp([stale], stamp)

@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import h5py
@@ -796,6 +797,38 @@ def test_manifest_edits_rerun_only_the_extractions_they_change(workflow_dir, dem
             feature.write_bytes(feature_bytes)
         os.utime(feature, ns=(feature_times.st_atime_ns, feature_times.st_mtime_ns))
     assert "Nothing to be done" in dry_run()
+
+
+def test_an_image_replaced_while_a_run_goes_fails_the_run_at_its_end(workflow_dir, tmp_path):
+    """An image replaced after a run started (its stamps written) gave tables of the new image
+    (image properties) beside dispersions of the old (the feature files), with exit code 0
+    (audit): the run's end (onsuccess, check_stimuli_of_this_run) compares the stimuli with
+    those it started with, and fails saying what changed. In a copy: the run's outputs mix."""
+    import time
+
+    copy = tmp_path / "project"
+    shutil.copytree(workflow_dir, copy, symlinks=True)  # times kept: nothing else reruns
+    images = copy / "resources/stimuli/demo/images"
+    first, second = sorted(images.glob("*.jpg"))[:2]
+    cmd = [str(Path(sys.executable).parent / "snakemake"), "--profile", "profiles/demo",
+           "--cores", "1", "--forcerun", "image_properties", "--",
+           "results/properties/demo/images.tsv"]  # fmt: skip
+    env = {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "HOME": str(copy)}
+    with subprocess.Popen(cmd, cwd=copy, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True) as proc:  # fmt: skip
+        locks = copy / ".snakemake/locks"
+        deadline = time.monotonic() + 600
+        while not any(locks.glob("*")) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)  # the run holds its lock: its stamps are written
+        first.write_bytes(second.read_bytes())
+        out, _ = proc.communicate(timeout=900)
+    assert proc.returncode == 1, out[-3000:]
+    assert "Finished jobid" in out and "(Rule: image_properties)" in out, out[-3000:]
+    said = " ".join(out.split())
+    assert (
+        "the stimuli changed while this run was going (what the vision extractions read "
+        "differs from results/stimuli/demo/extract_vision.json)"
+    ) in said, out[-3000:]
 
 
 def _outputs(workflow_dir: Path) -> dict[Path, int]:

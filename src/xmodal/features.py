@@ -383,16 +383,22 @@ REMAKE = (
 
 
 def check_against_stamp(
-    paths: Iterable[str | os.PathLike], stamp: str | os.PathLike, *, after_run: bool = False
+    paths: Iterable[str | os.PathLike],
+    stamp: str | os.PathLike,
+    *,
+    run_started: float | None = None,
 ) -> None:
     """Refuse a feature file extracted from other stimuli than ``stamp`` (a manifest stamp,
     docs/contracts.md) describes now, when the file is not older than the stamp.
 
     The workflow re-extracts a model when its stamp is newer than its feature file; a stale file
     that is newer (touched with ``snakemake --touch``, or copied in) would be analysed as it is.
-    ``after_run``: the check at the end of a run, against the stamp the run started with: a file
-    that differs was extracted after the manifest (or an image) was edited during the run, and
-    the run's tables mix the stimuli before and after the edit (audit).
+    ``run_started`` (a time, seconds since the epoch): the check at the end of a run, against
+    the stamp the run started with. A file that differs and that this run wrote (its
+    ``created`` time not before the run's start, less a minute for a compute node's clock)
+    was extracted after the manifest (or an image) was edited during the run, and the run's
+    tables mix the stimuli before and after the edit (audit); one the run did not write (it
+    was touched, by ``--touch``) is named as stale.
     Missing files, a missing stamp, files of the other modality (the config changed the model's
     modality, a changed param) and files without :data:`STIMULI_DIGEST` (written before it
     existed) are not checked.
@@ -413,13 +419,14 @@ def check_against_stamp(
                 continue  # the workflow re-extracts it
         except OSError:
             continue  # missing: the workflow extracts it
-        stored = _stored_texts(path, ("modality", STIMULI_DIGEST)) or {}  # one open a file
+        # one open a file
+        stored = _stored_texts(path, ("modality", STIMULI_DIGEST, "created")) or {}
         if stored.get("modality") not in (None, record.get("modality")):
             # the config changed the model's modality: that is a changed param, and the workflow
             # re-extracts it (its readers refuse a file of the other modality)
             continue
         got = stored.get(STIMULI_DIGEST)
-        if got is not None and got not in accepted and after_run:
+        if got is not None and got not in accepted and _written_since(stored, run_started):
             raise FeatureFileError(
                 f"{path} was extracted from other stimuli than this run started with (digest "
                 f"{got[:12]}…, where {stamp} says {want[:12]}…): the manifest or an image "
@@ -436,6 +443,18 @@ def check_against_stamp(
                 f"not re-extract it (was it touched with `snakemake --touch`, or copied in?); "
                 f"{REMAKE.format(path=path)}"
             )
+
+
+def _written_since(stored: Mapping[str, str | None], started: float | None) -> bool:
+    """Whether a feature file's ``created`` time is not before ``started`` (less a minute for a
+    compute node's clock); False without a time or an unreadable ``created``."""
+    if started is None or not stored.get("created"):
+        return False
+    try:
+        created = _dt.datetime.fromisoformat(str(stored["created"])).timestamp()
+    except ValueError:
+        return False
+    return created >= started - 60
 
 
 def check_against_weights(

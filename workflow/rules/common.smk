@@ -5,6 +5,7 @@ import json
 import os
 import re
 import sys
+import time
 from functools import cache, partial
 from pathlib import Path
 from types import SimpleNamespace
@@ -78,6 +79,7 @@ from xmodal.stimuli import (
     check_images_decode,
     follow_manifest_content,
     manifest_settings_changed,
+    manifest_stamp,
     read_manifest,
     write_manifest_stamp,
 )
@@ -1351,7 +1353,7 @@ def check_feature_files():
     if not workflow.is_main_process:
         return
     try:
-        _check_against_stamps(after_run=False)
+        _check_against_stamps()
         for key in [*VISION, *LANGUAGE]:
             if REGISTRY[key].source == "local":  # files the DAG does not track
                 with forward_to(logger.info):  # reading new weights for their digests
@@ -1362,24 +1364,63 @@ def check_feature_files():
         raise WorkflowError(str(err)) from None
 
 
-def _check_against_stamps(after_run):
+def _check_against_stamps(run_started=None):
     """Each extracted feature file against its modality's manifest stamp
     (xmodal.features.check_against_stamp)."""
     for modality, models in (("vision", VISION), ("language", LANGUAGE)):
         # a supplied file (imported, not extracted) is the user's to vouch for
         paths = [feature_file(m) for m in models if m not in SUPPLIED]
-        check_against_stamp(paths, manifest_stamp_path(modality), after_run=after_run)
+        check_against_stamp(paths, manifest_stamp_path(modality), run_started=run_started)
+
+
+# when this run started, and its manifest's bytes then (a manifest the user provides: one a
+# rule makes is made again during runs), for check_stimuli_of_this_run
+RUN_STARTED = time.time()
+_MANIFEST_AT_START = (
+    file_digests([MANIFEST])[0]
+    if workflow.is_main_process and MANIFEST_RULE is None and Path(MANIFEST).is_file()
+    else None
+)
 
 
 def check_stimuli_of_this_run():
-    """At the end of a run that ran jobs: every feature file was extracted from the stimuli
-    the run's stamps describe. A manifest (or an image) edited while the run was going gave
-    files extracted before and after the edit, and tables that mix them, with exit code 0
-    (audit); the run fails instead, naming the file, and the next one re-extracts."""
+    """At the end of a run that ran jobs: the stimuli are those the run started with. A
+    manifest (or an image) edited while the run was going gave feature files extracted before
+    and after the edit, and tables mixing them (or image properties of the new images beside
+    dispersions of the old), with exit code 0 (audit): the run fails instead, saying what
+    changed; the next run makes again what the edit concerns. A feature file that no job of
+    this run wrote (a --touch run) is named as in check_feature_files."""
     if not workflow.is_main_process:
         return
+    changed = []
+    if _MANIFEST_AT_START is not None and file_digests([MANIFEST])[0] != _MANIFEST_AT_START:
+        changed.append(f"{MANIFEST} was edited")
     try:
-        _check_against_stamps(after_run=True)
+        manifest = read_manifest(MANIFEST, check_images=False)
+    except (StimulusError, OSError) as err:
+        manifest, changed = None, [*changed, f"{MANIFEST} cannot be read now ({err})"]
+    for modality in EXTRACTION_COLUMNS if manifest is not None else ():
+        stamp = Path(manifest_stamp_path(modality))
+        try:
+            told = json.loads(stamp.read_text(encoding="utf-8"))["sha256"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # no stamp: nothing was extracted from one
+        with forward_to(logger.info):  # images read again for their digests
+            now = manifest_stamp(
+                manifest, modality, DROP_DUPLICATES, Path(MANIFEST).parent,
+                digest_cache=stamp.with_name(IMAGE_DIGESTS),
+            )["sha256"]  # fmt: skip
+        if now != told:
+            changed.append(f"what the {modality} extractions read differs from {stamp}")
+    if changed:
+        raise WorkflowError(
+            f"the stimuli changed while this run was going ({'; '.join(changed)}): the tables"
+            " it made may mix the stimuli before and after the edit. Run again: Snakemake"
+            " makes again what the edit concerns. Edit the manifest and the images only"
+            " between runs (docs/cluster.md)"
+        )
+    try:
+        _check_against_stamps(run_started=RUN_STARTED)
     except FeatureFileError as err:
         raise WorkflowError(str(err)) from None
 

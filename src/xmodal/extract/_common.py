@@ -241,8 +241,10 @@ def damaged_weights(err: BaseException, folder: Path, model_id: str) -> Extracti
     return ExtractionError(
         f"{model_id}: a weights file in {folder} is incomplete or damaged (safetensors: {err}), "
         "as an interrupted copy or download leaves it: copy the model's folder again; for a "
-        "hub model, delete its snapshot from the hub cache and its download record "
-        f"({PREFETCH_RECORDS}/<model key>.json), so that the next run downloads it again"
+        "hub model, delete its whole folder in the hub cache (models--<org>--<name>, whose "
+        "blobs/ holds the damaged file: a snapshot deleted alone is linked to it again) and "
+        f"its download record ({PREFETCH_RECORDS}/<model key>.json), so that the next run "
+        "downloads it again"
     )
 
 
