@@ -474,6 +474,15 @@ def test_a_caption_starting_with_a_space_gets_the_models_own_tokens(sentencepiec
                 tokenize_captions(tok, [marked], stimulus_ids=["mark"])
         else:
             assert tokenize_captions(tok, [marked], stimulus_ids=["mark"]).ids[0] == own
+    # other leading whitespace (a no-break space, a tab, a line break) is checked alike: each
+    # is refused where the loaded tokenizer reads it otherwise than SentencePiece (mutation)
+    for lead in ("\u00a0a red cube", "\ta red cube", "\na red cube"):
+        own = [1, *sp.encode(lead)]
+        if tok(lead, add_special_tokens=False)["input_ids"] != own[1:]:
+            with pytest.raises(ExtractionError, match=r"stimuli \['ws'\] .* start with a space"):
+                tokenize_captions(tok, [lead], stimulus_ids=["ws"])
+        else:
+            assert tokenize_captions(tok, [lead], stimulus_ids=["ws"]).ids[0] == own
     # the same captions without the space or mark are accepted, with SentencePiece's tokens
     bare = ["<s> two green spheres", "</s> a red cube", "a red cube"]
     got = tokenize_captions(tok, bare, stimulus_ids=["x", "y", "z"]).ids

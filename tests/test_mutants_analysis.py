@@ -154,6 +154,48 @@ def test_spearman_on_three_stimuli_is_scipys():
     assert pe["estimate"] == pytest.approx(scipy.stats.pearsonr(x, y).statistic)
 
 
+def _exact_permutation_p(x, y, statistic):
+    """Two-sided exact permutation p of ``statistic(x, y[perm])`` over every permutation,
+    in exact rational arithmetic (ties of the statistic are exact here)."""
+    import itertools
+    from fractions import Fraction
+
+    observed = statistic(x, y)
+    values = [statistic(x, [y[i] for i in perm]) for perm in itertools.permutations(range(len(y)))]
+    ge = sum(v >= observed for v in values)
+    le = sum(v <= observed for v in values)
+    return min(Fraction(1), 2 * Fraction(min(ge, le), len(values)))
+
+
+def _rational_covariance(x, y):
+    from fractions import Fraction
+
+    xs = [Fraction(v) for v in x]
+    mean = sum(xs) / len(xs)
+    return sum((a - mean) * Fraction(b) for a, b in zip(xs, y, strict=True))
+
+
+def test_exact_spearman_p_with_tied_half_ranks_on_x():
+    """Guards the doubled ranks of x (tied ranks are halves: truncated, the p was 1.0 where the
+    exact permutation p over all 5! orderings is 0.8667)."""
+    x, y = [1.0, 2.0, 0.0, 0.0, 2.0], [4.0, 0.0, 0.0, 3.0, 1.0]
+    rx = scipy.stats.rankdata(x).tolist()
+    ry = scipy.stats.rankdata(y).tolist()
+    want = _exact_permutation_p(rx, ry, _rational_covariance)
+    got = correlation_ci(np.array(x), np.array(y), method="spearman", n_boot=0)["p_value"]
+    assert got == pytest.approx(float(want), abs=1e-12) and float(want) < 0.9
+
+
+def test_exact_pearson_p_counts_ties_that_differ_by_rounding():
+    """Guards the tolerance of the exact Pearson p: decimal data whose permuted statistics tie
+    exactly (in rational arithmetic) but differ in float rounding; without it 0.8333 was given
+    where the exact p is 0.85."""
+    xs, ys = ["3.8", "1.5", "1.8", "2.7", "3.7"], ["0.8", "0.7", "1.4", "3.8", "2.2"]
+    want = _exact_permutation_p(xs, ys, _rational_covariance)
+    got = correlation_ci(np.array(xs, float), np.array(ys, float), method="pearson", n_boot=0)
+    assert got["p_value"] == pytest.approx(float(want), abs=1e-12) and float(want) == 0.85
+
+
 # --------------------------------------------------------------------------- diagnostics
 
 
@@ -429,6 +471,54 @@ def test_gather_diagnostics_marks_only_chosen_llm_layers_used(tmp_path):
     used = {(r.model, int(r.layer)) for r in out.itertuples() if str(r.used) == "True"}
     assert used == {("vit", 7), ("gpt", 1), ("gpt", 2)}
     assert out["modality"].tolist() == ["vision"] + ["language"] * 4
+
+
+def test_tied_layers_read_the_chosen_row_whatever_row_comes_last():
+    """Guards the chosen-row filter of tied_layers: the tie flag of the chosen layer, not of the
+    last row of the pair (the fixtures chose the last layer)."""
+    from xmodal.pipeline import tied_layers
+
+    rows = [
+        {"vision": "v", "llm": "l", "metric": "cknna", "llm_layer": i, "chosen": i == 0,
+         "layer_tied": i == 0, "value": 0.3, "valid": True}
+        for i in range(3)
+    ]  # fmt: skip
+    assert tied_layers(pd.DataFrame(rows)) == {("v", "cknna"): True}
+
+
+def test_the_drop_table_carries_the_layer_tie_of_the_pairs_choice(tmp_path):
+    """Guards run_conditions' wiring of the layer search's ties into the drop table (it was
+    tested on drop_table alone): a tied choice is flagged in the drop table as in contrasts."""
+    from test_language_dispersion import _layers_table, _write_lm
+
+    from xmodal.io import read_table, write_table
+    from xmodal.pipeline import run_conditions
+    from xmodal.selection import make_sets
+
+    rng = np.random.default_rng(5)
+    m = 90
+    ids = [f"id{j}" for j in range(m)]
+    z = rng.normal(size=(m, 6))
+
+    def layers(width):
+        return [z @ rng.normal(size=(6, width)) + rng.normal(size=(m, width)) for _ in range(3)]
+
+    vision = [_write_lm(tmp_path / f"{v}.h5", v, layers(16), ids, "vision") for v in ("va", "vb")]
+    llm = _write_lm(tmp_path / "lm.h5", "lm", layers(10), ids)
+    table = _layers_table("lm", {"va": 1, "vb": 2}, n_layers=3)
+    table["layer_tied"] = table["chosen"] & (table["vision"] == "vb")
+    write_table(table, tmp_path / "layers.tsv")
+    sets = make_sets(ids, rng.normal(size=m), rng.normal(size=m), 20, n_random=5,
+                     drop_fraction=0.25, seed=0, n_drop_random=10)  # fmt: skip
+    write_table(sets, tmp_path / "sets.tsv")
+    run_conditions(
+        vision, llm, tmp_path / "layers.tsv", tmp_path / "sets.tsv", ["va", "vb"], "lm",
+        vision_layer=-2, k=5, n_boot=0, seed=0, out_conditions=tmp_path / "c.tsv",
+        out_contrasts=tmp_path / "x.tsv", out_drop=tmp_path / "d.tsv",
+    )  # fmt: skip
+    for name in ("x.tsv", "d.tsv"):
+        tied = read_table(tmp_path / name).groupby("vision")["layer_tied"].agg(["all", "any"])
+        assert tied.loc["vb", "all"] and not tied.loc["va", "any"], (name, tied)
 
 
 def test_chosen_layers_refuse_two_choices_for_one_pair():
