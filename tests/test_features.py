@@ -1036,6 +1036,11 @@ def test_values_that_do_not_fit_the_storage_dtype_are_named_when_written(tmp_pat
         r" .* for stimuli \['s2'\]",
     ):
         write_features(tmp_path / "f.h5", tiny, ids, names, ATTRS, dtype=np.float16)
+    # a row whose nonzero values all underflow, beside exact zeros (mutation)
+    tiny[1, 2] = 0.0
+    tiny[1, 2, :2] = [1e-9, -2e-9]
+    with pytest.raises(FeatureFileError, match=r"too small for float16 storage .*\['s2'\]"):
+        write_features(tmp_path / "f.h5", tiny, ids, names, ATTRS, dtype=np.float16)
     # the same from torch tensors in float64 (cast to float32 before the check at first, review)
     import torch
 

@@ -658,6 +658,11 @@ def test_a_16bit_ppm_is_checked_as_16bit_colour(tmp_path, caplog):
     (tmp_path / "eight.ppm").write_bytes(_ppm16(eight, 65535))
     with pytest.raises(StimulusError, match=r"'eight'.*16-bit RGB image .* it is black"):
         _rgb(tmp_path / "eight.ppm", "eight")
+    # the same as a plain (ASCII, P3) PPM, which Pillow decodes with another decoder (mutation)
+    text = f"P3\n5 6\n65535\n{' '.join(map(str, eight.ravel()))}\n"
+    (tmp_path / "plain.ppm").write_text(text)
+    with pytest.raises(StimulusError, match=r"'plain'.*16-bit RGB image .* it is black"):
+        _rgb(tmp_path / "plain.ppm", "plain")
     table = stimuli.scan_images(  # the stimuli report says what was done
         pd.DataFrame({"stimulus_id": ["raw"], "image": ["full.ppm"], "caption": ["a"]}),
         tmp_path,
@@ -703,6 +708,9 @@ def test_a_compressed_tiff_beyond_the_bomb_limit_decodes(tmp_path, monkeypatch):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 4200 pixels: beyond twice that
     for name in ("lzw.tif", "p.png"):
         np.testing.assert_array_equal(_rgb(tmp_path / name, "big"), a)
+    b = a[:50, :50]  # 2500 pixels: beyond twice the limit, within four times (mutation)
+    Image.fromarray(b).save(tmp_path / "small.tif", compression="tiff_lzw")
+    np.testing.assert_array_equal(_rgb(tmp_path / "small.tif", "big"), b)
     assert Image.MAX_IMAGE_PIXELS == 1000  # put back
 
 

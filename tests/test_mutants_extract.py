@@ -93,6 +93,14 @@ def test_a_spilling_extraction_needs_room_for_the_spill_and_the_feature_file(tmp
     FeatureAccumulator(2, 10, 8, spill=spill, **kw).close()
 
 
+def test_the_room_message_gives_small_amounts_in_mib(tmp_path, monkeypatch):
+    """Bug: amounts under a GiB said "0.0 GiB" (needs 0.0 GiB, 0.0 GiB free)."""
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(common.shutil, "disk_usage", lambda _: usage(0, 0, 20 * 2**20))
+    with pytest.raises(DiskFullError, match=r"needs 50\.0 MiB .* only 20\.0 MiB are free"):
+        common._check_room(tmp_path, 50 * 2**20, "tiny")
+
+
 def test_training_state_pickles_are_not_weights(tmp_path):
     """Bug: ``training_args.bin`` / ``optimizer.pt`` counted as weight files (loaded, and
     recorded as the model's weights)."""

@@ -1085,6 +1085,14 @@ def test_a_three_letter_unit_is_a_number_in_another_form():
     assert "holds numbers in a form that is not read" in records[0].getMessage()
 
 
+def test_a_plural_s_is_not_taken_from_a_two_letter_unit():
+    """``ms`` and ``m`` are two units (a plural ``s`` is dropped from units of more than two
+    letters only): the column is a category, at info level, not one measure (mutation)."""
+    found, records = _annotation_logs(_column(["3 ms", "5 m", "7 ms"]))
+    assert found == {}
+    assert [r.levelname for r in records] == ["INFO"], [r.getMessage() for r in records]
+
+
 def test_the_warning_counts_the_filled_fields():
     """``1 of its 2 filled fields``: an empty field is not counted as filled."""
     found, records = _annotation_logs(_column(["1", "", "n/a"]))

@@ -920,3 +920,34 @@ def test_an_image_that_cannot_be_read_for_now_is_an_image_read_error(tmp_path, m
     with pytest.raises(StimulusError, match="2 image") as info:
         scan_images(manifest, tmp_path)
     assert type(info.value) is StimulusError
+
+
+def test_a_file_past_the_size_limit_does_not_pass_on_retry():
+    """EFBIG is the file's own limit (``ulimit -f``, the file system's largest file), the same
+    on the next node: neither the OSError nor h5py's text of it passes (mutation); an I/O
+    error of the node does."""
+    from xmodal.attempts import passing_error
+
+    assert not passing_error(OSError(errno.EFBIG, "File too large"))
+    h5py_text = "Can't write data (file write failed: errno = 27, error message = 'File too large')"
+    assert not passing_error(RuntimeError(h5py_text))
+    assert passing_error(OSError(errno.EIO, "Input/output error"))
+
+
+def test_a_model_folders_link_to_a_file_outside_keeps_that_files_mode(tmp_path: Path) -> None:
+    """chmod_like_new gives a model folder's files the mode of new files; a symbolic link in it
+    (a hub snapshot links to its blobs) is left alone, and a private file it points to outside
+    the folder keeps its mode (mutation)."""
+    import stat
+
+    from xmodal.io import chmod_like_new
+
+    secret = tmp_path / "private.key"
+    secret.write_text("x")
+    secret.chmod(0o600)
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    (model / "link").symlink_to(secret)
+    chmod_like_new(model)
+    assert stat.S_IMODE(secret.stat().st_mode) == 0o600
