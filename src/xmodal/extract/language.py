@@ -170,8 +170,7 @@ def load_language_model(
     = bfloat16 on CUDA, float32 on the CPU. On CUDA the model runs on the first GPU where its
     weights fit there, else it is sharded with ``device_map="auto"`` (``max_memory`` per
     device) over the visible GPUs; weights they cannot hold are an error, never offloaded to
-    the CPU. A checkpoint lacking
-    weights the model needs is an error. ``trust_remote_code`` is always False; pickle
+    the CPU. A checkpoint lacking weights the model needs is an error. ``trust_remote_code`` is always False; pickle
     checkpoints are refused unless ``allow_pickle``. A tokenizer without a pad token gets one
     (eos, unk, bos or token 0; pooling masks padding anyway). ``info`` holds the resolved
     ``revision`` (commit hash or ``"local"``). ``size_b``: the config key and ``size_b`` that
