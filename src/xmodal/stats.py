@@ -457,7 +457,7 @@ def _sides_digest(sides: Mapping[str, Mapping[str, Any]]) -> str:
                 raise ValueError(f"side {key!r}: field {name!r} is not a tensor")
             a = t.detach().cpu().contiguous()
             h.update(f"{key}\0{name}\0{a.dtype}\0{tuple(a.shape)}\0".encode())
-            h.update(a.reshape(-1).view(torch.uint8).numpy().tobytes())
+            h.update(a.reshape(-1).view(torch.uint8).numpy())  # the buffer itself: no copy
     return h.hexdigest()
 
 
