@@ -23,12 +23,14 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable, Mapping, MutableMapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
 import torch
+from threadpoolctl import threadpool_limits
 
 from xmodal.metrics import (
     DENSE_MAX_M,
@@ -50,7 +52,7 @@ from xmodal.metrics import (
     normalised_hsic,
     rounding_decides,
 )
-from xmodal.parallel import mapper, n_workers, one_thread_per_worker
+from xmodal.parallel import mapper, n_workers
 from xmodal.selection import RANDOM_SETS, sets_to_indices
 from xmodal.stats import BootstrapPlan, BootstrapSide, difference_summary, random_baseline
 from xmodal.summary import mean_stability
@@ -1176,6 +1178,23 @@ def condition_table(
     return plan.evaluate(vision, llm, llm_layer, plan.side(vision_x), plan.side(llm_x))
 
 
+@contextmanager
+def _one_thread_per_worker(jobs: int) -> Iterator[None]:
+    """BLAS and torch on one thread each while ``jobs`` > 1 workers of a pool run their matrix
+    routines, so that the pool uses ``jobs`` threads, not ``jobs`` times the job's budget (a
+    conditions job of 2 threads ran 4; audit); nothing changes for one job."""
+    if jobs <= 1:
+        yield
+        return
+    before = torch.get_num_threads()
+    with threadpool_limits(limits=1, user_api="blas"):
+        torch.set_num_threads(1)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(before)
+
+
 def condition_tables(
     vision: Mapping[str, tuple[int, np.ndarray]],
     llm: str,
@@ -1221,7 +1240,7 @@ def condition_tables(
     boot = any(metric in BOOTSTRAP_METRICS for metric in names)
     # the vision models' structures are independent: built on threads (torch releases the GIL)
     jobs = n_workers(len(vision))
-    with one_thread_per_worker(jobs), mapper(jobs) as pmap:
+    with _one_thread_per_worker(jobs), mapper(jobs) as pmap:
         built = list(
             pmap(
                 lambda item: plan.side(item[1], boot=boot, device=device, boot_cache=boot_cache),

@@ -3,21 +3,12 @@
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any
 
-__all__ = [
-    "Mapper",
-    "available_cores",
-    "executor",
-    "mapper",
-    "n_workers",
-    "one_thread_per_worker",
-    "set_thread_budget",
-]
+__all__ = ["Mapper", "available_cores", "executor", "mapper", "n_workers", "set_thread_budget"]
 
 #: ``map`` or a thread pool's ``map``: how independent per-model steps are run.
 Mapper = Callable[..., Iterable[Any]]
@@ -41,28 +32,6 @@ def mapper(jobs: int) -> Iterator[Mapper]:
     """``map`` for one job, else the ``map`` of a pool of ``jobs`` threads (closed on exit)."""
     with executor(jobs) as pool:
         yield map if pool is None else pool.map
-
-
-@contextmanager
-def one_thread_per_worker(jobs: int) -> Iterator[None]:
-    """BLAS and torch (where imported) on one thread each while ``jobs`` > 1 workers of a pool
-    run their matrix routines, so that the pool uses ``jobs`` threads, not ``jobs`` times the
-    job's budget (a conditions job of 2 threads ran 4; audit); nothing changes for one job."""
-    if jobs <= 1:
-        yield
-        return
-    from threadpoolctl import threadpool_limits
-
-    torch = sys.modules.get("torch")
-    before = torch.get_num_threads() if torch is not None else None
-    with threadpool_limits(limits=1, user_api="blas"):
-        if torch is not None:
-            torch.set_num_threads(1)
-        try:
-            yield
-        finally:
-            if torch is not None:
-                torch.set_num_threads(before)
 
 
 def set_thread_budget(threads: int | None) -> None:

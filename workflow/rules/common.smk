@@ -1370,17 +1370,31 @@ def _check_against_stamps(run_started=None):
     for modality, models in (("vision", VISION), ("language", LANGUAGE)):
         # a supplied file (imported, not extracted) is the user's to vouch for
         paths = [feature_file(m) for m in models if m not in SUPPLIED]
-        check_against_stamp(paths, manifest_stamp_path(modality), run_started=run_started)
+        check_against_stamp(
+            paths, manifest_stamp_path(modality), run_started=run_started
+        )
 
 
 # when this run started, and its manifest's bytes then (a manifest the user provides: one a
 # rule makes is made again during runs), for check_stimuli_of_this_run
+def _stimuli_at_start():
+    """The manifest's bytes and time, and each stamp's digest (written by
+    update_manifest_stamps, above), as this run found them (main process)."""
+    if not workflow.is_main_process or not Path(MANIFEST).is_file():
+        return None, None, {}
+    stamps = {}
+    for modality in EXTRACTION_COLUMNS:
+        try:
+            stamps[modality] = json.loads(
+                Path(manifest_stamp_path(modality)).read_text(encoding="utf-8")
+            )["sha256"]
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # none: nothing to compare with at the end
+    return file_digests([MANIFEST])[0], Path(MANIFEST).stat().st_mtime_ns, stamps
+
+
 RUN_STARTED = time.time()
-_MANIFEST_AT_START = (
-    file_digests([MANIFEST])[0]
-    if workflow.is_main_process and MANIFEST_RULE is None and Path(MANIFEST).is_file()
-    else None
-)
+_MANIFEST_AT_START, _MANIFEST_TIME_AT_START, _STAMPS_AT_START = _stimuli_at_start()
 
 
 def check_stimuli_of_this_run():
@@ -1393,18 +1407,20 @@ def check_stimuli_of_this_run():
     if not workflow.is_main_process:
         return
     changed = []
-    if _MANIFEST_AT_START is not None and file_digests([MANIFEST])[0] != _MANIFEST_AT_START:
-        changed.append(f"{MANIFEST} was edited")
     try:
+        remade = Path(MANIFEST).stat().st_mtime_ns != _MANIFEST_TIME_AT_START
         manifest = read_manifest(MANIFEST, check_images=False)
     except (StimulusError, OSError) as err:
-        manifest, changed = None, [*changed, f"{MANIFEST} cannot be read now ({err})"]
-    for modality in EXTRACTION_COLUMNS if manifest is not None else ():
+        remade, manifest = False, None
+        changed.append(f"{MANIFEST} cannot be read now ({err})")
+    # a manifest (and images) made again by the workflow during this run is not an edit; the
+    # next run brings the stamps up to it and re-extracts (the maker named as the target)
+    if MANIFEST_RULE is not None and remade:
+        manifest = None
+    elif MANIFEST_RULE is None and file_digests([MANIFEST])[0] != _MANIFEST_AT_START:
+        changed.append(f"{MANIFEST} was edited")
+    for modality, told in _STAMPS_AT_START.items() if manifest is not None else ():
         stamp = Path(manifest_stamp_path(modality))
-        try:
-            told = json.loads(stamp.read_text(encoding="utf-8"))["sha256"]
-        except (OSError, ValueError, KeyError, TypeError):
-            continue  # no stamp: nothing was extracted from one
         with forward_to(logger.info):  # images read again for their digests
             now = manifest_stamp(
                 manifest, modality, DROP_DUPLICATES, Path(MANIFEST).parent,
