@@ -75,6 +75,7 @@ from xmodal.stimuli import (
     EXTRACTION_COLUMNS,
     IMAGE_DIGESTS,
     MANIFEST_CONTENT,
+    MANIFEST_SETTINGS,
     StimulusError,
     check_images_decode,
     follow_manifest_content,
@@ -1377,9 +1378,18 @@ def _check_against_stamps(run_started=None):
 
 # when this run started, and its manifest's bytes then (a manifest the user provides: one a
 # rule makes is made again during runs), for check_stimuli_of_this_run
+def _made_at():
+    """When the workflow last made the manifest: the time of the settings record its maker
+    writes after it (xmodal.stimuli.write_manifest_settings); None without one."""
+    try:
+        return (Path(MANIFEST).parent / MANIFEST_SETTINGS).stat().st_mtime_ns
+    except OSError:
+        return None
+
+
 def _stimuli_at_start():
-    """The manifest's bytes and time, and each stamp's digest (written by
-    update_manifest_stamps, above), as this run found them (main process)."""
+    """The manifest's bytes, when the workflow last made it, and each stamp's digest (written
+    by update_manifest_stamps, above), as this run found them (main process)."""
     if not workflow.is_main_process or not Path(MANIFEST).is_file():
         return None, None, {}
     stamps = {}
@@ -1390,11 +1400,11 @@ def _stimuli_at_start():
             )["sha256"]
         except (OSError, ValueError, KeyError, TypeError):
             pass  # none: nothing to compare with at the end
-    return file_digests([MANIFEST])[0], Path(MANIFEST).stat().st_mtime_ns, stamps
+    return file_digests([MANIFEST])[0], _made_at(), stamps
 
 
 RUN_STARTED = time.time()
-_MANIFEST_AT_START, _MANIFEST_TIME_AT_START, _STAMPS_AT_START = _stimuli_at_start()
+_MANIFEST_AT_START, _MADE_AT_START, _STAMPS_AT_START = _stimuli_at_start()
 
 
 def check_stimuli_of_this_run():
@@ -1408,16 +1418,18 @@ def check_stimuli_of_this_run():
         return
     changed = []
     try:
-        remade = Path(MANIFEST).stat().st_mtime_ns != _MANIFEST_TIME_AT_START
         manifest = read_manifest(MANIFEST, check_images=False)
     except (StimulusError, OSError) as err:
-        remade, manifest = False, None
+        manifest = None
         changed.append(f"{MANIFEST} cannot be read now ({err})")
     # a manifest (and images) made again by the workflow during this run is not an edit; the
     # next run brings the stamps up to it and re-extracts (the maker named as the target)
-    if MANIFEST_RULE is not None and remade:
+    if MANIFEST_RULE is not None and _made_at() != _MADE_AT_START:
         manifest = None
-    elif MANIFEST_RULE is None and file_digests([MANIFEST])[0] != _MANIFEST_AT_START:
+    elif (
+        _MANIFEST_AT_START is not None
+        and file_digests([MANIFEST])[0] != _MANIFEST_AT_START
+    ):
         changed.append(f"{MANIFEST} was edited")
     for modality, told in _STAMPS_AT_START.items() if manifest is not None else ():
         stamp = Path(manifest_stamp_path(modality))
