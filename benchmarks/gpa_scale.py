@@ -53,7 +53,8 @@ class Planted:
         return x
 
 
-def peak_rss_gb() -> float:
+def peak_rss_gib() -> float:
+    """Peak resident memory in GiB (ru_maxrss is in KiB on Linux)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
 
 
@@ -93,7 +94,7 @@ def main() -> int:
     data = Planted(args.m, args.seed)
     reps = [data.model(i, w) for i, w in enumerate(widths)]
     print(f"generate (synthetic, float32): {time.perf_counter() - t0:.1f} s")
-    rss_data = peak_rss_gb()
+    rss_data = peak_rss_gib()
 
     t0, c0 = time.perf_counter(), cpu_s()
     fit = gpa(reps, tol=args.tol, max_iter=args.max_iter)
@@ -111,9 +112,9 @@ def main() -> int:
         f"converged={fit.converged}, objective {fit.objective[-1]:.12f}"
     )
     print(f"  Spearman(mean residual, planted sigma) {rho:.4f}")
-    print(f"  peak RSS {peak_rss_gb():.2f} GB (after generating the data: {rss_data:.2f} GB)")
+    print(f"  peak RSS {peak_rss_gib():.2f} GiB (after generating the data: {rss_data:.2f} GiB)")
     # what the workflow asks SLURM for (its estimate also counts the job's float64 read)
-    print(f"  the GPA rules' memory estimate {gpa_memory_mb(args.m, widths) * 2**20 / 1e9:.2f} GB")
+    print(f"  the GPA rules' memory estimate {gpa_memory_mb(args.m, widths) / 1024:.2f} GiB")
 
     if args.loo:
         del fit
@@ -126,11 +127,11 @@ def main() -> int:
             f"converged {[f.converged for f in loo.fits.values()]}; "
             f"pearson r {' '.join(f'{r:.3f}' for r in loo.models['pearson_r'])}"
         )
-        print(f"  peak RSS {peak_rss_gb():.2f} GB")
+        print(f"  peak RSS {peak_rss_gib():.2f} GiB")
         workers = n_workers(len(widths), None)
-        estimate = gpa_memory_mb(args.m, widths, workers) * 2**20 / 1e9
+        estimate = gpa_memory_mb(args.m, widths, workers) / 1024
         print(
-            f"  the leave-one-model-out rule's memory estimate ({workers} threads) {estimate:.2f} GB"
+            f"  the leave-one-model-out rule's memory estimate ({workers} threads) {estimate:.2f} GiB"
         )
 
     if args.plain:
