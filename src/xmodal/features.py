@@ -419,14 +419,16 @@ def check_against_stamp(
                 continue  # the workflow re-extracts it
         except OSError:
             continue  # missing: the workflow extracts it
-        # one open a file
+        # the attributes read in one open of the file
         stored = _stored_texts(path, ("modality", STIMULI_DIGEST, "created")) or {}
         if stored.get("modality") not in (None, record.get("modality")):
             # the config changed the model's modality: that is a changed param, and the workflow
             # re-extracts it (its readers refuse a file of the other modality)
             continue
         got = stored.get(STIMULI_DIGEST)
-        if got is not None and got not in accepted and _written_since(stored, run_started):
+        if got is None or got in accepted:
+            continue
+        if _written_since(stored, run_started):
             raise FeatureFileError(
                 f"{path} was extracted from other stimuli than this run started with (digest "
                 f"{got[:12]}…, where {stamp} says {want[:12]}…): the manifest or an image "
@@ -435,14 +437,13 @@ def check_against_stamp(
                 "edit concerns and makes the tables again. Edit the stimuli only between runs "
                 "(docs/cluster.md)"
             )
-        if got is not None and got not in accepted:
-            raise FeatureFileError(
-                f"{path} holds features of other stimuli than the manifest now lists: it was "
-                f"extracted from stimuli with digest {got[:12]}…, and {stamp} says "
-                f"{want[:12]}…. The file is not older than that stamp, so Snakemake would "
-                f"not re-extract it (was it touched with `snakemake --touch`, or copied in?); "
-                f"{REMAKE.format(path=path)}"
-            )
+        raise FeatureFileError(
+            f"{path} holds features of other stimuli than the manifest now lists: it was "
+            f"extracted from stimuli with digest {got[:12]}…, and {stamp} says "
+            f"{want[:12]}…. The file is not older than that stamp, so Snakemake would "
+            f"not re-extract it (was it touched with `snakemake --touch`, or copied in?); "
+            f"{REMAKE.format(path=path)}"
+        )
 
 
 def _written_since(stored: Mapping[str, str | None], started: float | None) -> bool:

@@ -1376,8 +1376,6 @@ def _check_against_stamps(run_started=None):
         )
 
 
-# when this run started, and its manifest's bytes then (a manifest the user provides: one a
-# rule makes is made again during runs), for check_stimuli_of_this_run
 def _made_at():
     """When the workflow last made the manifest: the time of the settings record its maker
     writes after it (xmodal.stimuli.write_manifest_settings); None without one."""
@@ -1416,21 +1414,22 @@ def check_stimuli_of_this_run():
     this run wrote (a --touch run) is named as in check_feature_files."""
     if not workflow.is_main_process:
         return
-    changed = []
-    try:
-        manifest = read_manifest(MANIFEST, check_images=False)
-    except (StimulusError, OSError) as err:
-        manifest = None
-        changed.append(f"{MANIFEST} cannot be read now ({err})")
     # a manifest (and images) made again by the workflow during this run is not an edit; the
     # next run brings the stamps up to it and re-extracts (the maker named as the target)
     if MANIFEST_RULE is not None and _made_at() != _MADE_AT_START:
-        manifest = None
-    elif (
-        _MANIFEST_AT_START is not None
-        and file_digests([MANIFEST])[0] != _MANIFEST_AT_START
-    ):
-        changed.append(f"{MANIFEST} was edited")
+        manifest, changed = None, []
+    else:
+        changed = (
+            [f"{MANIFEST} was edited"]
+            if _MANIFEST_AT_START is not None
+            and file_digests([MANIFEST])[0] != _MANIFEST_AT_START
+            else []
+        )
+        try:
+            manifest = read_manifest(MANIFEST, check_images=False)
+        except (StimulusError, OSError) as err:
+            manifest = None
+            changed.append(f"{MANIFEST} cannot be read now ({err})")
     for modality, told in _STAMPS_AT_START.items() if manifest is not None else ():
         stamp = Path(manifest_stamp_path(modality))
         with forward_to(logger.info):  # images read again for their digests

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 
 from xmodal._compat import ensure_torchvision_importable
 from xmodal.config import PREFETCH_RECORDS
@@ -234,8 +235,6 @@ def damaged_weights(err: BaseException, folder: Path, model_id: str) -> Extracti
     """The model's own error for a weights file safetensors cannot read (truncated by an
     interrupted copy or download, or damaged), which was a bare ``SafetensorError`` naming
     neither the model nor the folder, and was retried (audit); None for other errors."""
-    from safetensors import SafetensorError
-
     if not isinstance(err, SafetensorError):
         return None
     return ExtractionError(

@@ -30,6 +30,7 @@ from xmodal.extract._common import (
     ExtractionError,
     ExtractionResult,
     FeatureAccumulator,
+    SafetensorError,
     check_no_remote_code,
     check_weight_files,
     damaged_weights,
@@ -170,8 +171,8 @@ def load_language_model(
     = bfloat16 on CUDA, float32 on the CPU. On CUDA the model runs on the first GPU where its
     weights fit there, else it is sharded with ``device_map="auto"`` (``max_memory`` per
     device) over the visible GPUs; weights they cannot hold are an error, never offloaded to
-    the CPU. A checkpoint lacking weights the model needs is an error. ``trust_remote_code`` is always False; pickle
-    checkpoints are refused unless ``allow_pickle``. A tokenizer without a pad token gets one
+    the CPU. A checkpoint lacking weights the model needs is an error. ``trust_remote_code``
+    is always False; pickle checkpoints are refused unless ``allow_pickle``. A tokenizer without a pad token gets one
     (eos, unk, bos or token 0; pooling masks padding anyway). ``info`` holds the resolved
     ``revision`` (commit hash or ``"local"``). ``size_b``: the config key and ``size_b`` that
     sized the job, named when the weights do not fit the GPUs and are larger than it says.
@@ -210,12 +211,11 @@ def load_language_model(
             max_memory=max_memory if device_map == "auto" else None,
             output_loading_info=True,
         )
-    except Exception as err:  # noqa: BLE001 (a damaged weights file: safetensors' own error)
+    # RuntimeError: shapes differ; SafetensorError: a damaged weights file
+    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as err:
         damaged = damaged_weights(err, folder, model_id)
         if damaged is not None:
             raise damaged from err
-        if not isinstance(err, (OSError, ValueError, KeyError, RuntimeError)):
-            raise  # RuntimeError: shapes differ
         names = [p.name for p in folder.iterdir()]
         no_tokenizer = not any(fnmatch(n, p) for n in names for p in TOKENIZER_FILES)
         raise ExtractionError(

@@ -22,6 +22,7 @@ from xmodal.extract._common import (
     ExtractionError,
     ExtractionResult,
     FeatureAccumulator,
+    SafetensorError,
     UnsafeCheckpointError,
     check_weight_files,
     damaged_weights,
@@ -132,12 +133,10 @@ def load_vision_model(
 
     try:
         model = timm.create_model(**create)
-    except Exception as err:  # noqa: BLE001 (a damaged weights file: safetensors' own error)
-        damaged = damaged_weights(err, where, model_id)
+    except (RuntimeError, ValueError, KeyError, OSError, SafetensorError) as err:
+        damaged = damaged_weights(err, where, model_id)  # safetensors' error: its own message
         if damaged is not None:
             raise damaged from err
-        if not isinstance(err, (RuntimeError, ValueError, KeyError, OSError)):
-            raise
         msg = str(err) if len(str(err)) < 600 else str(err)[:600] + " ..."
         raise ExtractionError(f"{model_id}: timm could not build/load the model ({msg})") from err
     model.eval().requires_grad_(False).to(device=device, dtype=dtype)
