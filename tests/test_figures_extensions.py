@@ -55,6 +55,25 @@ def test_language_dispersion_figure(inputs):
         assert band and band[0].get_ydata()[0] == pytest.approx(sub["random_mean"].mean())
 
 
+def test_language_dispersion_title_counts_pairs_at_a_tied_layer(inputs, tmp_path):
+    """The pairs whose LLM layer the layer search could not tell from another (``layer_tied``,
+    one flag per pair on all its cells) are counted once each in the title."""
+    cells = read_table(inputs["joint_cells"])
+    pairs = cells[["vision", "llm"]].drop_duplicates().to_numpy()
+    assert len(pairs) >= 3
+    title = render_figure("language_dispersion", inputs).get_suptitle()
+    assert title.endswith(f"dots: {len(pairs)} vision × language pairs"), title
+    tied = (cells["vision"] == pairs[0][0]) & (cells["llm"] == pairs[0][1])
+    tied |= (cells["vision"] == pairs[2][0]) & (cells["llm"] == pairs[2][1])
+    write_table(cells.assign(layer_tied=tied), tmp_path / "joint_cells.tsv")
+    fig = render_figure(
+        "language_dispersion", {**inputs, "joint_cells": tmp_path / "joint_cells.tsv"}
+    )
+    assert fig.get_suptitle().endswith(
+        f"dots: {len(pairs)} vision × language pairs (2 at an LLM layer tied with another)"
+    ), fig.get_suptitle()
+
+
 def test_language_dispersion_without_cells_or_correlation(inputs):
     fig = render_figure(
         "language_dispersion",

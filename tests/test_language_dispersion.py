@@ -386,7 +386,14 @@ def test_joint_conditions_equal_cknna_on_each_set(tmp_path):
     llm_layers = [z @ rng.normal(size=(6, 10)) + s * rng.normal(size=(m, 10)) for s in (2, 0.3, 1)]
     llm_path = _write_lm(tmp_path / "lm.h5", "lm", llm_layers, ids)
     chosen = {"va": 1, "vb": 2, "vc": 1}
-    write_table(_layers_table("lm", chosen, n_layers=3), tmp_path / "layers.tsv")
+    layers_table = _layers_table("lm", chosen, n_layers=3)
+    # the layer search could not tell vb's CKNNA layer from another; va's mutual-kNN choice is
+    # tied too, but the 2 x 2 sets use the CKNNA layer
+    layers_table["layer_tied"] = layers_table["chosen"] & (
+        ((layers_table["vision"] == "vb") & (layers_table["metric"] == "cknna"))
+        | ((layers_table["vision"] == "va") & (layers_table["metric"] == "mutual_knn"))
+    )
+    write_table(layers_table, tmp_path / "layers.tsv")
     vdisp = _disp(ids, rng.normal(size=m), rng.normal(size=m))
     ldisp = _disp(ids, rng.normal(size=m), rng.normal(size=m))
     sets = joint_sets(vdisp, ldisp, 20, 4, k, 0)
@@ -419,6 +426,7 @@ def test_joint_conditions_equal_cknna_on_each_set(tmp_path):
         x = prepared(vision_layers[r.vision], 1)[pos]  # vision_layer -2 of 3 blocks
         y = prepared(llm_layers, chosen[r.vision])[pos]
         assert r.llm_layer == chosen[r.vision]
+        assert r.layer_tied == (r.vision == "vb")
         assert r.value == pytest.approx(cknna(x, y, k), abs=2e-6)
         rand = cond[(cond["vision"] == r.vision) & (cond["condition"] == "random")]["value"]
         assert r.random_mean == pytest.approx(rand.mean()) and r.n_random == 4

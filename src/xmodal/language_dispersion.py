@@ -86,6 +86,7 @@ CELL_COLUMNS = [
     "vision",
     "llm",
     "llm_layer",
+    "layer_tied",
     "metric",
     "summary",
     "cell",
@@ -368,15 +369,20 @@ def joint_sets(
 # ---------------------------------------------------------------- alignment on the 2 × 2 sets
 
 
-def cell_table(conditions: pd.DataFrame) -> pd.DataFrame:
+def cell_table(
+    conditions: pd.DataFrame, tied: Mapping[tuple[str, str], bool] | None = None
+) -> pd.DataFrame:
     """Each 2 × 2 set's alignment against the size-matched random draws (:data:`CELL_COLUMNS`).
 
-    ``conditions``: :func:`xmodal.alignment.condition_tables` of the joint sets. Per (vision,
+    ``conditions``: :func:`xmodal.alignment.condition_tables` of the joint sets; ``tied``: per
+    (vision, metric), whether the layer search's choice of the LLM layer was tied with another
+    layer (``layer_tied``; docs/method.md, "Layer choice and statistics"). Per (vision,
     LLM, metric): the random draws' mean, 95% percentile interval and the fraction of draws at or
     above the cell's value (``xmodal.stats.random_baseline``). ``stability`` is the cell's own
     (docs/method.md, "Stability"), ``random_stability`` the mean of the draws' stabilities
     (``xmodal.summary.mean_stability``); NaN where the conditions table has no stability.
     """
+    from xmodal.alignment import layer_tie_column
     from xmodal.stats import random_baseline
 
     levels = {name: (v, lang) for name, v, lang in CELLS}
@@ -406,6 +412,7 @@ def cell_table(conditions: pd.DataFrame) -> pd.DataFrame:
                     "vision": vision,
                     "llm": llm,
                     "llm_layer": int(r.llm_layer),
+                    "layer_tied": False,
                     "metric": metric,
                     "summary": r.summary,
                     "cell": r.condition,
@@ -422,4 +429,6 @@ def cell_table(conditions: pd.DataFrame) -> pd.DataFrame:
                     "n_random": int(rand.size),
                 }
             )
-    return pd.DataFrame(rows, columns=CELL_COLUMNS)
+    table = pd.DataFrame(rows, columns=CELL_COLUMNS)
+    table["layer_tied"] = layer_tie_column(table, tied)
+    return table

@@ -1345,11 +1345,11 @@ def run_joint_conditions(
     """CKNNA of every vision model with one LLM (at its chosen layers) on the 2 × 2 sets and the
     size-matched random draws; the conditions table and each cell against the random draws.
     ``draws`` as in :func:`run_conditions` (the 2 × 2 sets have its ``random`` draws only)."""
-    conditions, *_ = _set_alignment(
+    conditions, _, _, tied, _ = _set_alignment(
         vision_paths, llm_path, layers_path, sets_path, vision, llm, vision_layer, k, 0, seed,
         ("cknna",), draws=_random_draws(draws),
     )  # fmt: skip
-    cells = language_dispersion.cell_table(conditions)
+    cells = language_dispersion.cell_table(conditions, tied)
     for r in cells.itertuples():
         log.info(
             "%s x %s, %s %s: %.4f (random %.4f [%.4f, %.4f])",

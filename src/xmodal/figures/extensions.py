@@ -16,7 +16,7 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
 from xmodal.properties import ANNOTATION_PREFIX, PROPERTIES
-from xmodal.summary import mean_stability, unstable
+from xmodal.summary import flag_column, mean_stability, unstable
 
 from ._common import (
     ALIGNMENT_LABEL,
@@ -186,12 +186,15 @@ def draw_language_dispersion(data: FigureData) -> Figure:
         what = "mean" if summary == "mean" else "PC1"
         note = pc1_note if summary == "pc1" else ""
         ax.set_title(f"{letter}   Language vs vision dispersion ({what}){note}{stats}", loc="left")
-    n_pairs = n_hatched = n_open = n_undefined = 0
+    n_pairs = n_tied = n_hatched = n_open = n_undefined = 0
+    if cells is not None and len(cells):
+        n_pairs = cells.groupby(["vision", "llm"]).ngroups
+        # pairs whose LLM layer the layer search could not tell from another (layer_tied)
+        tied = cells.loc[flag_column(cells, "layer_tied"), ["vision", "llm"]]
+        n_tied = len(tied.drop_duplicates())
     for ax, (letter, summary) in zip(axes[2:], (("C", "mean"), ("D", "pc1")), strict=True):
         n, a, b, c = _cells_panel(ax, cells, summary)
         n_hatched, n_open, n_undefined = n_hatched + a, n_open + b, n_undefined + c
-        if cells is not None and len(cells):
-            n_pairs = cells.groupby(["vision", "llm"]).ngroups
         size = f", n = {n} each" if n is not None else ""
         what = "mean dispersion" if summary == "mean" else "PC1 score"
         note = pc1_note if summary == "pc1" else ""
@@ -221,6 +224,7 @@ def draw_language_dispersion(data: FigureData) -> Figure:
     fig.suptitle(
         "Language-side dispersion (GPA across language models)"
         + (f"; dots: {n_pairs} vision × language pairs" if n_pairs else "")
+        + (f" ({n_tied} at an LLM layer tied with another)" if n_tied else "")
     )
     return fig
 
