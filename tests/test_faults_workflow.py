@@ -388,17 +388,20 @@ def test_a_manifest_edit_copied_in_with_an_older_time_reruns_what_reads_it(
 def test_results_of_a_control_switched_off_are_named_as_left_over(project: Path) -> None:
     """A control switched off (or a metric taken out) left its earlier tables and figures next
     to the current ones, not updated and unmentioned (audit: a self-selection summary of an
-    earlier set size). A call of the default target names them; one of chosen targets not."""
+    earlier set size). A call of the default target names them; one of chosen targets not.
+    So are the per-LLM tables of a language model taken out of the config (audit), not those
+    of the models in it."""
     left = [
         project / f"results/summary/{DATASET}_heldout.tsv",  # heldout_layer is off here
         project / f"results/figures/{DATASET}/sets_rank.cka.png",  # cka is not a metric here
+        project / f"results/alignment/{DATASET}/conditions/gone-llm.tsv",  # no such LLM
     ]
     for path in left:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("from an earlier run\n")
     proc = snakemake(project, "-n", "--configfile", CONFIG, "--cores", "1")
     out = proc.stdout + proc.stderr
-    assert "2 results of an earlier run that this config does not make" in out, out[-3000:]
+    assert "3 results of an earlier run that this config does not make" in out, out[-3000:]
     for path in left:
         assert str(path.relative_to(project)) in out
     counts, out = _dry(project)  # chosen targets

@@ -546,6 +546,70 @@ def test_results_without_snakemakes_records_are_not_kept_for_a_changed_setting(
     assert "Nothing to be done" in after.stdout + after.stderr
 
 
+def test_intermediate_results_without_records_are_not_kept_for_a_changed_setting(
+    workflow_dir, demo_config
+):
+    """Snakemake suggests `--cleanup-metadata <files>` after a changed param. With the records
+    of one LLM's layer search and conditions cleaned, knn_k 10 -> 7 reran the others' layer
+    searches but kept that LLM's at k = 10 under tables and a report saying k = 7, exit 0
+    (audit): every analysis output's record is checked, not only the final tables'."""
+    meta = workflow_dir / ".snakemake" / "metadata"
+    aside = workflow_dir / ".snakemake" / "metadata.kept"
+    llm = next(k for k, m in demo_config["models"].items() if m["modality"] == "language")
+    cleaned = [
+        f"results/alignment/demo/layers/{llm}.tsv",
+        f"results/alignment/demo/conditions/{llm}.tsv",
+    ]
+    cfg = copy.deepcopy(demo_config)
+    k = cfg["analysis"]["knn_k"]
+    cfg["analysis"]["knn_k"] = k - 3
+    changed = write_config(workflow_dir, cfg, "k_changed_cleaned.yaml")
+    shutil.copytree(meta, aside)
+    try:
+        snakemake(workflow_dir, "--cleanup-metadata", *cleaned)
+        proc = snakemake(workflow_dir, "-n", "--configfile", changed, "--cores", "1", check=False)
+        text = proc.stdout + proc.stderr
+        assert proc.returncode != 0, text[-3000:]
+        assert f"{', '.join(sorted(cleaned))}: Snakemake holds no record" in text, text[-3000:]
+        assert f"analysis.knn_k = {k} -> {k - 3}" in text and "--forcerun gpa" in text, text[-3000:]
+        same = snakemake(workflow_dir, "-n", "--configfile", "config/demo.yaml", "--cores", "1")
+        assert "Snakemake holds no record" in same.stdout + same.stderr  # a warning
+    finally:
+        shutil.rmtree(meta)
+        aside.rename(meta)
+    after = snakemake(workflow_dir, "-n", "--configfile", "config/demo.yaml", "--cores", "1")
+    assert "Nothing to be done" in after.stdout + after.stderr
+
+
+def test_a_touch_does_not_record_features_as_extracted_with_other_settings(
+    workflow_dir, demo_config
+):
+    """docs/cluster.md recommends `--touch results/features/<dataset>/*.h5` after cosmetic
+    updates. After a change of max_tokens to 8 such a touch recorded the LLMs' features of 512
+    tokens as made with 8, exit 0, and no later run extracted them again (audit): refused now,
+    naming each file and setting, with Snakemake's records as well as without them."""
+    cfg = copy.deepcopy(demo_config)
+    cfg.setdefault("extraction", {})["max_tokens"] = 8
+    tokens = write_config(workflow_dir, cfg, "max_tokens_touch.yaml")
+    lms = [k for k, m in demo_config["models"].items() if m["modality"] == "language"]
+    files = [f"results/features/demo/{key}.h5" for key in lms]
+    meta = workflow_dir / ".snakemake" / "metadata"
+    before = {p: p.read_bytes() for p in meta.rglob("*") if p.is_file()}
+    stamps = {f: (workflow_dir / f).stat().st_mtime_ns for f in files}
+    proc = snakemake(workflow_dir, "--touch", "--configfile", tokens, "--cores", "1", "--",
+                     *files, check=False)  # fmt: skip
+    text = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "a --touch would record feature files" in text, text[-3000:]
+    for f in files:
+        assert f"{f}: extraction.max_tokens 8 (the file: " in text, text[-3000:]
+    assert {p: p.read_bytes() for p in meta.rglob("*") if p.is_file()} == before
+    assert {f: (workflow_dir / f).stat().st_mtime_ns for f in files} == stamps
+    # with the config they were made with, the touch is allowed (it records nothing new)
+    same = snakemake(workflow_dir, "--touch", "--configfile", "config/demo.yaml", "--cores", "1",
+                     "--", *files)  # fmt: skip
+    assert "a --touch would record" not in same.stdout + same.stderr
+
+
 # ---------------------------------------------------------------- what reruns (docs/cluster.md, "What reruns")
 
 SPEED_SETTINGS = {

@@ -439,7 +439,11 @@ def feature_spec(wildcards):
     """
     args = _command_line()
     if workflow.is_main_process and args is not None and args.touch:
-        check_bare_features_match_the_config(args, [wildcards.model])
+        try:
+            check_bare_features_match_the_config(args, [wildcards.model])
+        except WorkflowError:
+            check_bare_features_match_the_config(args)  # naming every such file at once
+            raise
     return REGISTRY[wildcards.model].feature_spec(_made_with(wildcards.model))
 
 
@@ -676,7 +680,7 @@ def missing_analysis_outputs(wildcards):
             " and figure made from them"
         )
     if workflow.is_main_process and not narrowed:
-        check_results_have_records(args)
+        check_results_have_records(args, paths)
     return missing
 
 
@@ -695,11 +699,14 @@ def _record_of(path):
         return False
 
 
-def check_results_have_records(args):
-    """Stop, or warn, when results on disk have no Snakemake record of the job that made them
-    (.snakemake/metadata deleted, or results copied in): Snakemake reruns a job for a changed
-    setting by comparing its params with that record, so without one the run says "Nothing to
-    be done" and every table keeps the numbers of the earlier settings. Where the run-settings
+def check_results_have_records(args, outputs):
+    """Stop, or warn, when results on disk (``outputs``: every analysis output; the feature
+    files) have no Snakemake record of the job that made them (.snakemake/metadata deleted,
+    results copied in, or `--cleanup-metadata` of some, which Snakemake suggests after a
+    changed param: an LLM's layer search kept k = 10 under k = 7, exit 0, when its records
+    alone were cleaned, audit). Snakemake reruns a job for a changed setting by comparing its
+    params with that record, so without one the run says "Nothing to be done" and every table
+    keeps the numbers of the earlier settings. Where the run-settings
     record (RUN_SETTINGS) names settings that differ from this config, stop; otherwise warn.
     A run that forces the analysis's first steps makes them again, and passes. A feature file
     without a record whose own attributes say it was extracted otherwise than this config
@@ -709,11 +716,9 @@ def check_results_have_records(args):
     if args is not None and forces_the_analysis(args):
         return
     # (the provenance table reads the features and the manifest only: no forced step remakes it)
-    tables = [
-        p
-        for k, p in table_paths(DATASET).items()
-        if k not in ("manifest", "provenance")
-    ]
+    tables = sorted(
+        set(outputs) - {table_paths(DATASET)[k] for k in ("manifest", "provenance")}
+    )
     features = [feature_file(m) for m in [*VISION, *LANGUAGE]]
     bare = [
         p for p in [*tables, *features] if Path(p).exists() and _record_of(p) is None
@@ -725,8 +730,8 @@ def check_results_have_records(args):
     )
     why = (
         f"{shown}: Snakemake holds no record of the jobs that made them (.snakemake/metadata"
-        " deleted, or results copied in), so a setting changed since they were made reruns"
-        " nothing"
+        " deleted, results copied in, or records cleaned with --cleanup-metadata), so a"
+        " setting changed since they were made reruns nothing"
     )
     again = (
         "`snakemake <your options> --forcerun"
@@ -751,7 +756,8 @@ def check_bare_features_match_the_config(args, keys=None):
     """Stop when a feature file (of the models ``keys``; None: every model) without a
     Snakemake record (check_results_have_records) says it was extracted with other settings
     than this config's: no run would extract it again, and the analysis would report the
-    config's settings over its features."""
+    config's settings over its features. Under --touch, files with a record too: the touch
+    would record them as made with this config (audit: max_tokens 8 over features of 512)."""
     # (--touch records files as made with this config: forced, it extracts nothing)
     touch = args is not None and bool(args.touch)
     forced = set(args.forcerun or ()) if args is not None and not touch else set()
@@ -762,18 +768,23 @@ def check_bare_features_match_the_config(args, keys=None):
     stale = []
     for key in [*VISION, *LANGUAGE] if keys is None else keys:
         path = feature_file(key)
-        if key in SUPPLIED or path in forced or _record_of(path) is not None:
+        if key in SUPPLIED or path in forced or (not touch and _record_of(path) is not None):
             continue
         made = extraction_record(path)  # None: no file (yet)
         differ = REGISTRY[key].differs_from(made) if made is not None else []
         stale += [f"{path}: {'; '.join(differ)}"] if differ else []
     if stale:
+        what = (
+            "a --touch would record feature files as made with this config, so that no run"
+            " would extract them again, but they were extracted otherwise than this config says"
+            if touch
+            else "feature files without a Snakemake record of the job that made them"
+            " (.snakemake/metadata deleted, or copied in) were extracted otherwise than this"
+            " config says, and no run would extract them again"
+        )
         raise WorkflowError(
-            "feature files without a Snakemake record of the job that made them (.snakemake/"
-            "metadata deleted, or copied in) were extracted otherwise than this config says,"
-            f" and no run would extract them again: {'; '.join(stale)}. Extract them again:"
-            " `snakemake <your options> --forcerun <those files>`, or set the config to what"
-            " they were made with"
+            f"{what}: {'; '.join(stale)}. Extract them again: `snakemake <your options>"
+            " --forcerun <those files>`, or set the config to what they were made with"
         )
 
 
@@ -800,8 +811,9 @@ def get_final_output():
 def leftover_results():
     """The results on disk that this config does not make: the tables and figures of a
     control switched off (its jobs' tables too, per-LLM ones of any LLM), the figures of a
-    metric taken out of analysis.metrics. As (what to show, number of files): a path, or a
-    folder's pattern for per-LLM tables."""
+    metric taken out of analysis.metrics, the per-LLM tables of a language model taken out of
+    the config (its feature file stays unnamed: adding the model back extracts nothing). As
+    (what to show, number of files): a path, or a folder's pattern for per-LLM tables."""
     paths = table_paths(DATASET)
     every = [paths[k] for k in FINAL_TABLES]
     every += figure_files(f"results/figures/{DATASET}", list(METRIC_LABELS))
@@ -822,6 +834,17 @@ def leftover_results():
         ]  # not a killed job's hidden temporary (review)
         if found:
             left[str(found[0]) if shown == str(found[0]) else shown] = len(found)
+    for step in workflow.rules:
+        if step.name.startswith(NOT_REMADE) or step.name in off:
+            continue
+        for pattern in map(str, step.output):
+            if "llm" not in get_wildcard_names(pattern):
+                continue
+            head, tail = apply_wildcards(pattern, {"dataset": DATASET, "llm": "\0"}).split("\0")
+            for f in Path().glob(f"{head}*{tail}"):
+                llm = str(f)[len(head) : len(str(f)) - len(tail)]
+                if f.is_file() and not f.name.startswith(".") and llm not in LANGUAGE:
+                    left.setdefault(str(f), 1)
     return list(left.items())
 
 
@@ -842,9 +865,10 @@ def warn_of_leftover_results():
         shown = [f"{p} ({n} file{'s' * (n != 1)})" if "*" in p else p for p, n in left]
         logger.warning(
             f"{sum(n for _, n in left)} results of an earlier run that this config does not "
-            "make (a control switched off, a metric not in analysis.metrics) are left as they "
-            f"were and not updated: {', '.join(shown)}. Delete them, or move them aside, so "
-            "that they are not read as this config's"
+            "make (a control switched off, a metric not in analysis.metrics, a language model"
+            f" taken out of the config) are left as they were and not updated: "
+            f"{', '.join(shown)}. Delete them, or move them aside, so that they are not read"
+            " as this config's"
         )
 
 
