@@ -383,6 +383,15 @@ def test_keys_and_values_yaml_reads_otherwise_are_named_as_written(tmp_path: Pat
     )
     assert "--config gives every value inside analysis={...} as text" in line, line
     assert "unquoted" not in line, line
+    # a value that no form accepts, read as text or not: the forms, not a move to a YAML file
+    # (where it is refused as well; audit)
+    cfg["analysis"]["language_dispersion"]["layer"] = "last"
+    given["analysis"]["language_dispersion"]["layer"] = "last"
+    (line,) = schema_errors(cfg, schema, "config/x.yaml", command_line=given)
+    assert line.startswith(
+        "Invalid configuration in --config: key 'analysis.language_dispersion.layer'"
+    )
+    assert "as text" not in line and "'chosen' was expected" in line, line
 
 
 def test_a_job_refuses_a_config_edited_after_its_run_started(project: Path) -> None:

@@ -540,6 +540,7 @@ def schema_errors(
                 len(err.path) > 1
                 and isinstance(err.instance, str)
                 and err.validator in ("type", "oneOf", "anyOf")
+                and _valid_once_parsed(validator, err)
             ):
                 # snakemake's --config reads a mapping's values with YAML's base loader: as text
                 hint = (
@@ -554,6 +555,17 @@ def schema_errors(
                 )
         lines.append(f"Invalid configuration in {where}: key '{key}': {err.message}{hint}")
     return lines
+
+
+def _valid_once_parsed(validator: Any, err: Any) -> bool:
+    """Whether a text value that --config gave would be valid where it stands had YAML read it
+    (``5`` as a number): only then is the way --config reads values the reason it is refused
+    (audit: ``layer: last`` was told to move to a YAML file, where it is refused as well)."""
+    try:
+        parsed = yaml.safe_load(err.instance)
+    except yaml.YAMLError:
+        return False
+    return not isinstance(parsed, str) and validator.evolve(schema=err.schema).is_valid(parsed)
 
 
 # ----------------------------------------------------------------- the settings a report states
