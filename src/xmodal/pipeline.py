@@ -39,7 +39,7 @@ PathLike = str | os.PathLike
 
 #: What to do when a feature file's provenance contradicts the config.
 _FIX_REGISTRY = (
-    "the file belongs to another model or modality: fix config.yaml, or delete the file and "
+    "the file belongs to another model or modality: fix the config file, or delete the file and "
     "rerun so that it is extracted for this entry"
 )
 
@@ -147,7 +147,7 @@ def read_gpa_layers(
                 "features up to a rotation, reflection and scale in the layers GPA reads "
                 f"(config key '{key}'): GPA fits them onto each other exactly, every residual "
                 "is 0 and their dispersion would be rounding noise. Give models whose "
-                "features differ (remove all but one of them from config.yaml), or another "
+                "features differ (remove all but one of them from the config file), or another "
                 "layer (identical embedding tables at layer 0?)"
             )
     return ids, reps
@@ -205,7 +205,7 @@ def _warn_identical(
                 log.warning(
                     "models %r and %r have identical features: they count twice in GPA and "
                     "leave-one-model-out (inflating its correlations); remove one of them from "
-                    "config.yaml",
+                    "the config file",
                     models[j],
                     models[i],
                 )
@@ -223,7 +223,7 @@ def _warn_identical(
                         "models %r and %r have the same features up to a rotation, reflection "
                         "and scale (GPA fits one onto the other exactly: 1 − ‖N_iᵀN_j‖_* = "
                         "%.1e): they count twice in GPA and leave-one-model-out (inflating its "
-                        "correlations); remove one of them from config.yaml",
+                        "correlations); remove one of them from the config file",
                         models[j],
                         models[i],
                         gap,

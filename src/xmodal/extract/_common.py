@@ -220,7 +220,7 @@ def check_weight_files(directory: Path, model_id: str, *, allow_pickle: bool) ->
             raise UnsafeCheckpointError(
                 f"{model_id}: only pickle checkpoint(s) {pickles} in {directory}; loading a pickle "
                 "can run arbitrary code. Convert the weights to safetensors, or opt in with "
-                "allow_pickle=True (config.yaml: extraction.allow_pickle: true)."
+                "allow_pickle=True (in the config file: extraction.allow_pickle: true)."
             )
         log.warning("%s: loading pickle checkpoint(s) %s (allow_pickle=True)", model_id, pickles)
         return pickles

@@ -64,7 +64,7 @@ def _timm_checkpoint(folder: Path, model_id: str, allow_pickle: bool) -> list[st
             f"{model_id}: timm loads the pickle checkpoint {chosen} from {folder} (it prefers it "
             "to the safetensors file(s) there); loading a pickle can run arbitrary code. Leave "
             "only the safetensors weights in the folder (named model.safetensors), or opt in "
-            "with allow_pickle=True (config.yaml: extraction.allow_pickle: true)."
+            "with allow_pickle=True (in the config file: extraction.allow_pickle: true)."
         )
     return [chosen]
 
