@@ -703,3 +703,133 @@ def test_language_scatter_panel_points_and_coefficients_of_its_summary():
     assert "Spearman ρ = 0.33 [0.03, 0.93]" in text
     assert "Pearson r = 0.44 [0.04, 0.94]" in text
     assert "n = 3" in text
+
+
+# ------------------------------------------------------------ session 39's checks (mutation audit)
+
+
+def _stale_feature_file(tmp_path, created: str | None):
+    """A feature file whose stimuli digest differs from its stamp's, ``created`` as given."""
+    import json
+
+    from xmodal.features import STIMULI_DIGEST, write_features
+
+    stamp = tmp_path / "extract_vision.json"
+    stamp.write_text(json.dumps({"modality": "vision", "sha256": "b" * 64}))
+    attrs = {"model_key": "m", "modality": "vision", STIMULI_DIGEST: "a" * 64}
+    if created is not None:
+        attrs["created"] = created
+    x = np.ones((1, 3, 2), np.float32)
+    path = write_features(tmp_path / "m.h5", x, ["a", "b", "c"], ["l0"], attrs)
+    if created is None:  # write_features fills it in: a file of an older writer has none
+        import h5py
+
+        with h5py.File(path, "r+") as f:
+            del f.attrs["created"]
+    return path, stamp
+
+
+@pytest.mark.parametrize(("before", "this_run"), [(30, True), (120, False), (300, False)])
+def test_a_file_written_within_a_minute_of_the_start_counts_as_this_runs(
+    tmp_path, before, this_run
+):
+    """The end-of-run check blames an edit during the run only for files created at most 60 s
+    before the run started (clocks of compute nodes); older ones are stale (--touch)."""
+    import datetime as dt
+    import time
+
+    from xmodal.features import FeatureFileError, check_against_stamp
+
+    started = float(int(time.time()))
+    created = dt.datetime.fromtimestamp(started - before, dt.UTC).isoformat(timespec="seconds")
+    path, stamp = _stale_feature_file(tmp_path, created)
+    with pytest.raises(FeatureFileError) as err:
+        check_against_stamp([path], stamp, run_started=started)
+    assert ("this run started with" in str(err.value)) == this_run, str(err.value)
+    assert ("holds features of other stimuli" in str(err.value)) != this_run
+
+
+@pytest.mark.parametrize("created", ["not a time", "", None])
+def test_a_file_without_a_readable_creation_time_is_stale(tmp_path, created):
+    import time
+
+    from xmodal.features import FeatureFileError, check_against_stamp
+
+    path, stamp = _stale_feature_file(tmp_path, created)
+    with pytest.raises(FeatureFileError, match="holds features of other stimuli"):
+        check_against_stamp([path], stamp, run_started=time.time())
+
+
+def _two_stored_sides(tmp_path):
+    import torch
+
+    from xmodal import stats
+
+    rng = np.random.default_rng(0)
+    plan = stats.BootstrapPlan(np.arange(20), 50, np.random.default_rng(0), k=4)
+    cache: dict = {}
+    for _ in range(2):
+        x = rng.standard_normal((40, 7))
+        plan.side(x @ x.T, cache=cache)
+    assert len(cache) == 2
+    path = tmp_path / "vision_bootstrap.pt"
+    stats.save_sides(cache, path)
+    return path, torch.load(path, weights_only=True)
+
+
+@pytest.mark.parametrize("field", ["order", "values", "rec", "self_hsic"])
+@pytest.mark.parametrize("which", [0, 1])
+def test_any_field_of_any_stored_side_damaged_is_refused(tmp_path, field, which):
+    """The SHA-256 covers every tensor of every side (one ulp or one index off)."""
+    import torch
+
+    from xmodal import stats
+
+    path, payload = _two_stored_sides(tmp_path)
+    t = payload["sides"][sorted(payload["sides"])[which]][field]
+    flat = t.reshape(-1)
+    if t.is_floating_point():
+        flat[1] = torch.nextafter(flat[1], torch.tensor(np.inf, dtype=t.dtype))
+    else:
+        flat[1] += 1
+    torch.save(payload, path)
+    with pytest.raises(ValueError, match="sides are damaged"):
+        stats.load_sides(path)
+
+
+def test_a_stored_side_of_another_shape_or_not_a_tensor_is_refused(tmp_path):
+    import torch
+
+    from xmodal import stats
+
+    path, payload = _two_stored_sides(tmp_path)
+    side = payload["sides"][sorted(payload["sides"])[0]]
+    values = side["values"]
+    side["values"] = values.reshape(values.shape[1], values.shape[0])  # the same bytes
+    torch.save(payload, path)
+    with pytest.raises(ValueError, match="sides are damaged"):
+        stats.load_sides(path)
+    side["values"] = values.tolist()
+    torch.save(payload, path)
+    with pytest.raises(ValueError, match="sides are damaged"):
+        stats.load_sides(path)
+
+
+def test_the_conditions_pool_gives_torch_its_threads_back(monkeypatch):
+    """_one_thread_per_worker restores torch's own thread count (not through threadpoolctl,
+    which restores it in some builds only)."""
+    import contextlib
+
+    import torch
+
+    from xmodal import alignment
+
+    monkeypatch.setattr(alignment, "threadpool_limits", lambda **_: contextlib.nullcontext())
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        with alignment._one_thread_per_worker(2):
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

@@ -467,3 +467,48 @@ def test_a_layer_iterable_shorter_than_the_layer_names_is_refused(tmp_path):
     with pytest.raises(FeatureFileError, match="got 2 layers for 3 layer names"):
         write_features(tmp_path / "f.h5", iter(x[:2]), list("abcd"), ["l0", "l1", "l2"], {})
     assert not (tmp_path / "f.h5").exists()
+
+
+# ------------------------------------------------------------ session 39's changes (mutation audit)
+
+
+def test_the_job_gpu_is_the_one_whose_memory_decides(tiny_lms, monkeypatch):
+    """The weights fit on the job's GPU (cuda:1), not on GPU 0: that GPU alone, by its own
+    free memory."""
+    from xmodal.extract import language
+
+    weights = ["model.safetensors"]
+    need = language._weight_bytes(tiny_lms["llama"], weights, torch.float32)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    free = {0: 0, 1: 2 * need}
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda i=None: (free[i], 10 * need))
+    cuda1 = torch.device("cuda", 1)
+    assert language._choose_device_map(cuda1, tiny_lms["llama"], weights, torch.float32) == {"": 1}
+
+
+def test_a_roberta_with_padding_idx_0_has_one_position_less(tiny_tokenizer):
+    """Positions numbered from padding_idx + 1 = 1: 41 usable rows of a table of 42."""
+    from transformers import AutoTokenizer, RobertaConfig, RobertaModel
+
+    tok = AutoTokenizer.from_pretrained(tiny_tokenizer)
+    cfg = RobertaConfig(vocab_size=len(tok), max_position_embeddings=42, intermediate_size=40,
+                        pad_token_id=0, hidden_size=32, num_hidden_layers=1,
+                        num_attention_heads=2)  # fmt: skip
+    model = RobertaModel(cfg)
+    assert model.embeddings.position_embeddings.padding_idx == 0
+    assert context_length(model, tok) == 41
+
+
+def test_a_truncated_weights_file_names_its_folder(tmp_path):
+    import timm
+    from safetensors.torch import save_file
+
+    from xmodal.extract.vision import load_vision_model
+
+    src = timm.create_model("vit_tiny_patch16_224", pretrained=False)
+    weights = tmp_path / "w.safetensors"
+    save_file(src.state_dict(), weights)
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(ExtractionError) as err:
+        load_vision_model("vit_tiny_patch16_224", weights_file=weights)
+    assert f"a weights file in {tmp_path} is incomplete or damaged" in str(err.value)

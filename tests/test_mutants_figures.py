@@ -573,3 +573,33 @@ def test_gallery_shortens_long_captions_without_spaces_too():
     assert len(short) <= CAPTION_CHARS
     assert _shorten("  a   dog ", CAPTION_CHARS) == "a dog"
     assert _shorten("x" * CAPTION_CHARS, CAPTION_CHARS) == "x" * CAPTION_CHARS
+
+
+# ------------------------------------------------------------ titles from the summary (mutation audit)
+
+
+def test_sets_title_without_intervals_names_the_pairs_left_out(inputs, tmp_path):
+    """No pair with an interval: no interval count; a pair not valid: named beside the counts."""
+    summary = _t(inputs, "summary")
+    summary["n_with_ci"] = 0
+    summary["n_diff_ci_above_zero"] = 0
+    summary["n_pairs"] = summary["n_valid"] + 1
+    summary.to_csv(tmp_path / "summary.tsv", sep="\t", index=False)
+    fig = render_figure("sets_rank", {**inputs, "summary": tmp_path / "summary.tsv"})
+    title = fig.get_suptitle()
+    assert "interval above 0" not in title and "(1 undefined" in title, title
+
+
+def test_sets_pc1_without_the_summary_table_has_no_counts(inputs):
+    fig = render_figure("sets_pc1", {k: v for k, v in inputs.items() if k != "summary"})
+    assert "low > high in" not in fig.get_suptitle()
+
+
+def test_loo_title_does_not_count_an_undefined_r(inputs, tmp_path):
+    loo = _t(inputs, "loo")
+    loo.loc[loo["held_out"] == "vis-1", "pearson_r"] = np.nan
+    loo.to_csv(tmp_path / "loo.tsv", sep="\t", index=False)
+    fig = render_figure("loo", {**inputs, "loo": tmp_path / "loo.tsv"})
+    want = int((loo.groupby("held_out")["pearson_r"].first() > 0).sum())
+    title = fig.get_suptitle()
+    assert want < 3 and title.endswith(f"r > 0 for {want} of 3 held-out models"), title

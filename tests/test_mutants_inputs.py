@@ -263,3 +263,19 @@ def test_fewer_than_20_random_sets_are_refused(key):
     dotted = "analysis.n_random" if key == "n_random" else "analysis.drop_control.n_random"
     with pytest.raises(ConfigError, match=rf"'{dotted}' \(19\) is too few random sets"):
         check_config(cfg)
+
+
+def test_a_bad_byte_names_the_stimulus_by_the_id_column_whatever_the_line_ends(tmp_path):
+    """The UTF-8 error reads the stimulus from the header's stimulus_id column: first after a
+    BOM, last before CRLF line ends; no such column, no stimulus named (mutation audit)."""
+    path = tmp_path / "stimuli.tsv"
+    path.write_bytes(b"\xef\xbb\xbfstimulus_id\timage\tcaption\ns1\ta.png\tcaf\xe9\n")
+    with pytest.raises(StimulusError, match=r"line 2 \(stimulus 's1'\)"):
+        read_manifest(path)
+    path.write_bytes(b"image\tcaption\tstimulus_id\r\na.png\tcaf\xe9\ts1\r\n")
+    with pytest.raises(StimulusError, match=r"line 2 \(stimulus 's1'\) is not"):
+        read_manifest(path)
+    path.write_bytes(b"image\tcaption\na.png\tcaf\xe9\n")
+    with pytest.raises(StimulusError) as err:
+        read_manifest(path)
+    assert "(stimulus" not in str(err.value)
