@@ -392,6 +392,14 @@ def test_keys_and_values_yaml_reads_otherwise_are_named_as_written(tmp_path: Pat
         "Invalid configuration in --config: key 'analysis.language_dispersion.layer'"
     )
     assert "as text" not in line and "'chosen' was expected" in line, line
+    # nor for a number that a config file refuses too (010 is octal 8 in YAML 1.1)
+    cfg, given = _demo_cfg(), {"analysis": {"knn_k": "010"}}
+    cfg["analysis"]["knn_k"] = "010"
+    (line,) = schema_errors(cfg, schema, "config/x.yaml", command_line=given)
+    assert "as text" not in line, line
+    cfg["analysis"]["knn_k"] = given["analysis"]["knn_k"] = "12"  # the hint where it helps
+    (line,) = schema_errors(cfg, schema, "config/x.yaml", command_line=given)
+    assert "--config gives every value inside analysis={...} as text" in line, line
 
 
 def test_a_job_refuses_a_config_edited_after_its_run_started(project: Path) -> None:

@@ -561,10 +561,13 @@ def _valid_once_parsed(validator: Any, err: Any) -> bool:
     """Whether a text value that --config gave would be valid where it stands had YAML read it
     (``5`` as a number): only then is the way --config reads values the reason it is refused
     (audit: ``layer: last`` was told to move to a YAML file, where it is refused as well)."""
+    text = err.instance.strip()
     try:
-        parsed = yaml.safe_load(err.instance)
+        parsed = yaml.safe_load(text)
     except yaml.YAMLError:
         return False
+    if _OTHER_BASE.fullmatch(text) and (":" in text or parsed != float(text.replace("_", ""))):
+        return False  # 010 is 8 in YAML 1.1: a config file refuses it too (_check_number_text)
     return not isinstance(parsed, str) and validator.evolve(schema=err.schema).is_valid(parsed)
 
 
