@@ -601,13 +601,17 @@ def test_a_feature_file_extracted_otherwise_than_the_config_is_named_with_its_ke
     assert Registry.from_config(paper(dtype="fp32"))["llama-65b"].differs_from(made) == [
         "extraction.dtype 'fp32': float32 (the file: bfloat16)"
     ]
-    # a token limit: as asked, or the model's shorter context; not a longer one or the default
-    for length, source, same in ((64, "max_tokens", True), (32, "model context", True),
-                                 (64, "model context", False), (128, "max_tokens", False),
-                                 (512, "default bound", False)):  # fmt: skip
-        limited = Registry.from_config(paper(max_tokens=64))["llama-65b"]
+    # a token limit: as asked, or the model's context where it is not longer (max_tokens is
+    # lowered to it), or the default bound where it is the limit asked; not another length
+    for limit, length, source, same in (
+        (64, 64, "max_tokens", True), (64, 32, "model context", True),
+        (64, 64, "model context", True), (64, 128, "model context", False),
+        (64, 128, "max_tokens", False), (64, 512, "default bound", False),
+        (512, 512, "default bound", True), (64, "64", "max_tokens", False),
+    ):  # fmt: skip
+        limited = Registry.from_config(paper(max_tokens=limit))["llama-65b"]
         got = {**made, "max_length": length, "max_length_source": source}
-        assert (limited.differs_from(got) == []) is same, (length, source)
+        assert (limited.differs_from(got) == []) is same, (limit, length, source)
     pinned = copy.deepcopy(cfg)
     pinned["models"]["llama-65b"]["revision"] = sha  # the commit the file came from
     assert Registry.from_config(pinned)["llama-65b"].differs_from(made) == []

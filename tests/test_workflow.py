@@ -495,7 +495,7 @@ def test_results_without_snakemakes_records_are_not_kept_for_a_changed_setting(
         assert proc.returncode != 0, text[-3000:]
         assert f"analysis.knn_k = {k} -> {k - 3}" in text and "--forcerun gpa" in text, text[-3000:]
         first = ["gpa", "leave_one_model_out", "layer_search", "vision_diagnostics"]
-        first += ["image_properties", "stimuli_report", "models_table"]
+        first += ["image_properties", "stimuli_report", "models_table", "language_gpa"]
         forced = snakemake(workflow_dir, "-n", "--configfile", changed, "--cores", "1",
                            "--forcerun", *first)  # fmt: skip
         assert "holds no record" not in forced.stdout + forced.stderr
@@ -574,6 +574,21 @@ def test_intermediate_results_without_records_are_not_kept_for_a_changed_setting
         assert f"analysis.knn_k = {k} -> {k - 3}" in text and "--forcerun gpa" in text, text[-3000:]
         same = snakemake(workflow_dir, "-n", "--configfile", "config/demo.yaml", "--cores", "1")
         assert "Snakemake holds no record" in same.stdout + same.stderr  # a warning
+        assert "(extraction settings included)" not in same.stdout + same.stderr
+        # the language GPA at a fixed depth reads the features alone: the command the message
+        # gives makes it again too (review: its tables stayed those of the chosen layers)
+        lang = [f"results/language/demo/{name}" for name in ("dispersion.tsv", "layers.tsv")]
+        snakemake(workflow_dir, "--cleanup-metadata", *lang)
+        cfg = copy.deepcopy(demo_config)
+        cfg["analysis"]["language_dispersion"]["layer"] = 0.5
+        depth = write_config(workflow_dir, cfg, "depth_cleaned.yaml")
+        proc = snakemake(workflow_dir, "-n", "--configfile", depth, "--cores", "1")
+        said = " ".join((proc.stdout + proc.stderr).split())
+        assert "results/language/demo/dispersion.tsv" in said, said[-3000:]
+        steps = re.search(r"--forcerun ([a-z_ ]+)` \(no extraction", said).group(1).split()
+        forced = snakemake(workflow_dir, "-n", "--configfile", depth, "--cores", "1",
+                           "--forcerun", *steps)  # fmt: skip
+        assert job_counts(forced.stdout + forced.stderr).get("language_gpa") == 1
     finally:
         shutil.rmtree(meta)
         aside.rename(meta)
@@ -599,9 +614,13 @@ def test_a_touch_does_not_record_features_as_extracted_with_other_settings(
     proc = snakemake(workflow_dir, "--touch", "--configfile", tokens, "--cores", "1", "--",
                      *files, check=False)  # fmt: skip
     text = proc.stdout + proc.stderr
-    assert proc.returncode != 0 and "a --touch would record feature files" in text, text[-3000:]
-    for f in files:
-        assert f"{f}: extraction.max_tokens 8 (the file: " in text, text[-3000:]
+    said = " ".join(text.split())
+    assert proc.returncode != 0 and re.search(
+        r"a --touch would record results/features/demo/\S+\.h5 as made with this config", said
+    ), said[-3000:]
+    for f in files:  # the file refused, and the others this config would extract otherwise
+        assert f"{f}: extraction.max_tokens 8 (the file: " in said, said[-3000:]
+    assert "other feature files this config would extract otherwise: " in said
     assert {p: p.read_bytes() for p in meta.rglob("*") if p.is_file()} == before
     assert {f: (workflow_dir / f).stat().st_mtime_ns for f in files} == stamps
     # with the config they were made with, the touch is allowed (it records nothing new)
@@ -863,36 +882,118 @@ def test_manifest_edits_rerun_only_the_extractions_they_change(workflow_dir, dem
     assert "Nothing to be done" in dry_run()
 
 
-def test_an_image_replaced_while_a_run_goes_fails_the_run_at_its_end(workflow_dir, tmp_path):
-    """An image replaced after a run started (its stamps written) gave tables of the new image
-    (image properties) beside dispersions of the old (the feature files), with exit code 0
-    (audit): the run's end (onsuccess, check_stimuli_of_this_run) compares the stimuli with
-    those it started with, and fails saying what changed. In a copy: the run's outputs mix."""
+def _run_editing(workflow_dir: Path, tmp_path: Path, edit, force: str, target: str, *options: str):
+    """In a copy of the finished demo: start a run (with ``options``) forcing ``force`` to make
+    ``target``, call ``edit(copy)`` once the run holds its lock (its stamps are written), and
+    return the exit code and the output (whitespace joined)."""
     import time
 
     copy = tmp_path / "project"
-    shutil.copytree(workflow_dir, copy, symlinks=True)  # times kept: nothing else reruns
-    images = copy / "resources/stimuli/demo/images"
-    first, second = sorted(images.glob("*.jpg"))[:2]
+    if not copy.exists():
+        shutil.copytree(workflow_dir, copy, symlinks=True)  # times kept: nothing else reruns
     cmd = [str(Path(sys.executable).parent / "snakemake"), "--profile", "profiles/demo",
-           "--cores", "1", "--forcerun", "image_properties", "--",
-           "results/properties/demo/images.tsv"]  # fmt: skip
+           "--cores", "1", *options, "--forcerun", force, "--", target]  # fmt: skip
     env = {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "HOME": str(copy)}
     with subprocess.Popen(cmd, cwd=copy, env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True) as proc:  # fmt: skip
         locks = copy / ".snakemake/locks"
         deadline = time.monotonic() + 600
         while not any(locks.glob("*")) and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.05)  # the run holds its lock: its stamps are written
-        first.write_bytes(second.read_bytes())
+            time.sleep(0.05)
+        edit(copy)
         out, _ = proc.communicate(timeout=900)
-    assert proc.returncode == 1, out[-3000:]
-    assert "Finished jobid" in out and "(Rule: image_properties)" in out, out[-3000:]
-    said = " ".join(out.split())
+    assert "Finished jobid" in out and f"(Rule: {force})" in out, out[-3000:]
+    return proc.returncode, " ".join(out.split())
+
+
+def _replace_an_image(copy: Path) -> None:
+    first, second = sorted((copy / "resources/stimuli/demo/images").glob("*.jpg"))[:2]
+    first.write_bytes(second.read_bytes())
+
+
+def _edit_a_caption(copy: Path) -> None:
+    manifest = copy / "resources/stimuli/demo/stimuli.tsv"
+    text = manifest.read_text()
+    assert "A small" in text
+    manifest.write_text(text.replace("A small", "A tiny", 1))
+
+
+def _repeat_an_id(copy: Path) -> None:
+    manifest = copy / "resources/stimuli/demo/stimuli.tsv"
+    data = manifest.read_bytes()
+    assert b"demo001\t" in data
+    manifest.write_bytes(data.replace(b"demo001\t", b"demo000\t", 1))
+
+
+@pytest.mark.parametrize(
+    ("edit", "force", "target", "said"),
+    [
+        (
+            _replace_an_image, "image_properties", "results/properties/demo/images.tsv",
+            ["the stimuli changed while this run was going (what the vision extractions read "
+             "differs from results/stimuli/demo/extract_vision.json)"],
+        ),
+        (
+            _edit_a_caption, "image_properties", "results/properties/demo/images.tsv",
+            ["the stimuli changed while this run was going (resources/stimuli/demo/stimuli.tsv"
+             " was edited; what the language extractions read differs from "
+             "results/stimuli/demo/extract_language.json)"],
+        ),
+        (
+            _repeat_an_id, "summary", "results/summary/demo.tsv",
+            ["resources/stimuli/demo/stimuli.tsv was edited; "
+             "resources/stimuli/demo/stimuli.tsv cannot be read now ("],
+        ),
+    ],
+    ids=["image", "caption", "unreadable"],
+)  # fmt: skip
+def test_stimuli_edited_while_a_run_goes_fail_the_run_at_its_end(
+    workflow_dir, tmp_path, edit, force, target, said
+):
+    """An image replaced after a run started (its stamps written) gave tables of the new image
+    (image properties) beside dispersions of the old (the feature files), with exit code 0
+    (audit): the run's end (onsuccess, check_stimuli_of_this_run) compares the stimuli with
+    those it started with, and fails saying what changed. A caption edited likewise changes the
+    manifest and what the language extractions read; a manifest that cannot be read at the end
+    is named as such (mutation audit)."""
+    rc, out = _run_editing(workflow_dir, tmp_path, edit, force, target)
+    assert rc == 1, out[-3000:]
+    for text in said:
+        assert text in out, out[-3000:]
+
+
+def test_a_run_failed_by_an_edit_records_its_settings_as_mixed(workflow_dir, tmp_path, demo_config):
+    """A run with another knn_k whose stimuli changed under it ends in an error; its settings
+    record then says the results on disk mix settings (as after any failed run), so that
+    --report refuses until a whole run succeeds (before: the old record stood unchanged)."""
+    project = tmp_path / "project"
+    shutil.copytree(workflow_dir, project, symlinks=True)
+    cfg = copy.deepcopy(demo_config)
+    cfg["analysis"]["knn_k"] -= 3
+    k = write_config(project, cfg, "k_edited_mid_run.yaml")
+    record = project / "results/report/demo_run_settings.json"
+    assert json.loads(record.read_text())["mixed"] is False
+    rc, out = _run_editing(
+        workflow_dir, tmp_path, _replace_an_image, "image_properties",
+        "results/properties/demo/images.tsv", "--configfile", k,
+    )  # fmt: skip
+    assert rc == 1 and "the stimuli changed while this run was going" in out, out[-3000:]
+    saved = json.loads(record.read_text())
     assert (
-        "the stimuli changed while this run was going (what the vision extractions read "
-        "differs from results/stimuli/demo/extract_vision.json)"
-    ) in said, out[-3000:]
+        saved["mixed"] is True and saved["settings"]["analysis.knn_k"] == cfg["analysis"]["knn_k"]
+    )
+
+
+def test_a_touch_over_replaced_images_fails_naming_the_stale_file(workflow_dir, tmp_path):
+    """A --touch run after an image was replaced records the vision feature files as made from
+    the images now on disk; its end names them as holding other stimuli (mutation audit)."""
+    copy = tmp_path / "project"
+    shutil.copytree(workflow_dir, copy, symlinks=True)
+    _replace_an_image(copy)
+    proc = snakemake(copy, "--profile", "profiles/demo", "--cores", "1", "--touch", check=False)
+    out = " ".join((proc.stdout + proc.stderr).split())
+    assert proc.returncode != 0, out[-3000:]
+    assert "holds features of other stimuli than the manifest now lists" in out, out[-3000:]
 
 
 def _outputs(workflow_dir: Path) -> dict[Path, int]:

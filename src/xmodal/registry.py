@@ -305,11 +305,14 @@ class ModelEntry:
         limit = self.site.max_tokens
         if self.modality == "language":
             length, source = made["max_length"], made["max_length_source"]
+            # the limit the file was cut at, as this config would cut it: max_tokens itself, or
+            # the model's shorter context (caption_token_limit; the default bound is 512, and
+            # a max_tokens of 512 cuts a model without a context there too: review)
             fits = (
                 source != "max_tokens"
                 if limit is None
-                else (source, length) == ("max_tokens", limit)
-                or (source == "model context" and isinstance(length, int) and length < limit)
+                else isinstance(length, int)
+                and (length == limit or (source == "model context" and length < limit))
             )
             if not fits:
                 out.append(

@@ -435,15 +435,25 @@ def feature_spec(wildcards):
     labels, sizes, batch sizes, workers and GPUs are not among them (docs/cluster.md); a
     revision pinned to the commit the features came from is the revision asked for then.
     A --touch of a feature file extracted otherwise is refused here, whatever the targets
-    (check_bare_features_match_the_config).
+    (features_made_otherwise).
     """
     args = _command_line()
     if workflow.is_main_process and args is not None and args.touch:
-        try:
-            check_bare_features_match_the_config(args, [wildcards.model])
-        except WorkflowError:
-            check_bare_features_match_the_config(args)  # naming every such file at once
-            raise
+        # the touch would record the file as made with this config: no run would extract it
+        # again (audit: max_tokens 8 over features of 512)
+        own = features_made_otherwise(args, [wildcards.model])
+        if own:
+            others = [s for s in features_made_otherwise(args) if s not in own]
+            also = (
+                f" (other feature files this config would extract otherwise: {'; '.join(others)})"
+                if others
+                else ""
+            )
+            raise WorkflowError(
+                f"a --touch would record {feature_file(wildcards.model)} as made with this"
+                " config, so that no run would extract it again, but it was extracted"
+                f" otherwise than this config says: {own[0]}{also}. {_EXTRACT_AGAIN}"
+            )
     return REGISTRY[wildcards.model].feature_spec(_made_with(wildcards.model))
 
 
@@ -744,48 +754,64 @@ def check_results_have_records(args, outputs):
             f" ({'; '.join(changed)}; {RUN_SETTINGS}): this run would keep them. Make the"
             f" analysis again with this config: {again}"
         )
+    extraction = " (extraction settings included)" if set(bare) & set(features) else ""
     logger.warning(
-        f"{why} (extraction settings included). If they were made with this config, record"
-        " them as such with `snakemake <your options> --touch --forceall` (it marks every"
-        f" result as made now, with this config); to make the analysis again, {again}; an"
-        " extraction, `--forcerun extract`"
+        f"{why}{extraction}. If they were made with this config, record them as such with"
+        " `snakemake <your options> --touch --forceall` (it marks every result as made now,"
+        f" with this config); to make the analysis again, {again}; an extraction,"
+        " `--forcerun extract`"
     )
 
 
-def check_bare_features_match_the_config(args, keys=None):
-    """Stop when a feature file (of the models ``keys``; None: every model) without a
-    Snakemake record (check_results_have_records) says it was extracted with other settings
-    than this config's: no run would extract it again, and the analysis would report the
-    config's settings over its features. Under --touch, files with a record too: the touch
-    would record them as made with this config (audit: max_tokens 8 over features of 512)."""
+_EXTRACT_AGAIN = (
+    "Extract them again: `snakemake <your options> --forcerun <those files>`, or set the config"
+    " to what they were made with"
+)
+
+
+def check_bare_features_match_the_config(args):
+    """Stop when a feature file without a Snakemake record (check_results_have_records) says
+    it was extracted with other settings than this config's: no run would extract it again,
+    and the analysis would report the config's settings over its features."""
+    stale = features_made_otherwise(args)
+    if stale:
+        what = (
+            "feature files were extracted otherwise than this config says, and a --touch would"
+            " record them as made with it"
+            if args is not None and args.touch
+            else "feature files without a Snakemake record of the job that made them"
+            " (.snakemake/metadata deleted, or copied in) were extracted otherwise than this"
+            " config says, and no run would extract them again"
+        )
+        raise WorkflowError(f"{what}: {'; '.join(stale)}. {_EXTRACT_AGAIN}")
+
+
+def features_made_otherwise(args, keys=None):
+    """``<file>: <differences>`` for each feature file (of the models ``keys``; None: every
+    model) that says it was extracted otherwise than this config would extract it
+    (ModelEntry.differs_from), and that no job of this run makes again: files without a
+    Snakemake record, and under --touch every file (a touch records them as made with this
+    config). Supplied features are the user's."""
     # (--touch records files as made with this config: forced, it extracts nothing)
     touch = args is not None and bool(args.touch)
     forced = set(args.forcerun or ()) if args is not None and not touch else set()
     # a relative path as Snakemake reads it (./results/... is results/...); not an absolute one
     forced = {f if os.path.isabs(f) else os.path.normpath(f) for f in forced}
     if args is not None and not touch and (args.forceall or "extract" in forced):
-        return
+        return []
     stale = []
     for key in [*VISION, *LANGUAGE] if keys is None else keys:
         path = feature_file(key)
-        if key in SUPPLIED or path in forced or (not touch and _record_of(path) is not None):
+        if (
+            key in SUPPLIED
+            or path in forced
+            or (not touch and _record_of(path) is not None)
+        ):
             continue
         made = extraction_record(path)  # None: no file (yet)
         differ = REGISTRY[key].differs_from(made) if made is not None else []
         stale += [f"{path}: {'; '.join(differ)}"] if differ else []
-    if stale:
-        what = (
-            "a --touch would record feature files as made with this config, so that no run"
-            " would extract them again, but they were extracted otherwise than this config says"
-            if touch
-            else "feature files without a Snakemake record of the job that made them"
-            " (.snakemake/metadata deleted, or copied in) were extracted otherwise than this"
-            " config says, and no run would extract them again"
-        )
-        raise WorkflowError(
-            f"{what}: {'; '.join(stale)}. Extract them again: `snakemake <your options>"
-            " --forcerun <those files>`, or set the config to what they were made with"
-        )
+    return stale
 
 
 #: The tables of the default target (table_paths' keys), those of a control when it is on.
@@ -813,7 +839,8 @@ def leftover_results():
     control switched off (its jobs' tables too, per-LLM ones of any LLM), the figures of a
     metric taken out of analysis.metrics, the per-LLM tables of a language model taken out of
     the config (its feature file stays unnamed: adding the model back extracts nothing). As
-    (what to show, number of files): a path, or a folder's pattern for per-LLM tables."""
+    (what to show, number of files): a path, or a folder's pattern for per-LLM tables.
+    """
     paths = table_paths(DATASET)
     every = [paths[k] for k in FINAL_TABLES]
     every += figure_files(f"results/figures/{DATASET}", list(METRIC_LABELS))
@@ -840,7 +867,9 @@ def leftover_results():
         for pattern in map(str, step.output):
             if "llm" not in get_wildcard_names(pattern):
                 continue
-            head, tail = apply_wildcards(pattern, {"dataset": DATASET, "llm": "\0"}).split("\0")
+            head, tail = apply_wildcards(
+                pattern, {"dataset": DATASET, "llm": "\0"}
+            ).split("\0")
             for f in Path().glob(f"{head}*{tail}"):
                 llm = str(f)[len(head) : len(str(f)) - len(tail)]
                 if f.is_file() and not f.name.startswith(".") and llm not in LANGUAGE:
@@ -1100,13 +1129,20 @@ EARLIER_RESULTS = any(
 
 #: the analysis steps that read only the feature files and the stimuli: forced
 #: (`--forcerun` with these), every table and figure is made again, and no extraction
+#: (language_gpa reads the features alone where analysis.language_dispersion.layer is a
+#: number: without it, its tables stayed those of the earlier layer, review)
 FIRST_ANALYSIS_STEPS = (
     "gpa",
     "leave_one_model_out",
     "layer_search",
     "vision_diagnostics",
 )
-FIRST_ANALYSIS_STEPS += ("image_properties", "stimuli_report", "models_table")
+FIRST_ANALYSIS_STEPS += (
+    "image_properties",
+    "stimuli_report",
+    "models_table",
+    "language_gpa",
+)
 
 
 def forces_the_analysis(args):
@@ -1507,7 +1543,14 @@ onstart:
 
 
 onsuccess:
-    check_stimuli_of_this_run()
+    try:
+        check_stimuli_of_this_run()
+    except WorkflowError:
+        # a run whose stimuli changed under it did not make its results (recorded as mixed
+        # where its settings changed); the edited manifest's content is left unrecorded, so
+        # that the next run remakes what reads it by time
+        record_settings_of_this_run(succeeded=False)
+        raise
     record_settings_of_this_run(succeeded=True)
     follow_manifest(touch=False)
 
