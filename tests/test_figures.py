@@ -5,6 +5,7 @@ Checks look at the matplotlib objects (axes, titles, tick labels, artists), neve
 
 from __future__ import annotations
 
+import itertools
 import re
 import shutil
 import warnings
@@ -259,6 +260,21 @@ def test_loo(figs, inputs):
     title = figs["loo"].get_suptitle()
     assert title.startswith("Does dispersion from the other vision models predict")
     assert title.endswith(f"\nr > 0 for {(loo['pearson_r'] > 0).sum()} of 3 held-out models")
+
+
+def test_loo_labels_of_neighbouring_panels_do_not_overlap(tmp_path):
+    """With the paper's four vision models each panel's x label ran into the next panel's y
+    label (captions audit)."""
+    four = synthetic_inputs(tmp_path, n_vision=4, images=False)
+    fig = render_figure("loo", four)
+    fig.canvas.draw()  # the layout is made at drawing
+    renderer = fig.canvas.get_renderer()
+    axes = panels(fig)
+    assert len(axes) == 4
+    for left, right in itertools.pairwise(axes):
+        a = left.xaxis.label.get_window_extent(renderer)
+        b = right.yaxis.label.get_window_extent(renderer)
+        assert not a.overlaps(b), (a, b)
 
 
 def test_loo_title_counts_the_held_out_models_with_positive_r(inputs, tmp_path):

@@ -190,8 +190,9 @@ def draw_loo(data: FigureData) -> Figure:
             f"r = {pr:.2f}, {format_p(pp)}\nρ = {sr:.2f}, {format_p(sp)}; n = {n}",
             loc="left",
         )
-        ax.set_xlabel("Partial dispersion (GPA on the other models)")
-        ax.set_ylabel("Held-out model deviation from consensus")
+        # on two lines: one line ran into the next panel's label (captions audit)
+        ax.set_xlabel("Partial dispersion\n(GPA on the other models)")
+        ax.set_ylabel("Held-out model's deviation\nfrom the consensus")
     # a question and the count: the paper's claim as the title stood over any data (audit)
     fig.suptitle(
         "Does dispersion from the other vision models predict the held-out model's deviation?"
