@@ -108,10 +108,8 @@ try:
     # number YAML 1.1 reads otherwise as written (the schema would name what YAML made of it)
     for _path in _CONFIG_FILES:
         load_config_file(_path)
-except ConfigError as err:
-    raise WorkflowError(
-        f"Invalid configuration in {', '.join(_CONFIG_FILES)}: {err}"
-    ) from None
+except ConfigError as err:  # it names the file (it was named twice, docs audit)
+    raise WorkflowError(f"Invalid configuration: {err}") from None
 
 try:
     validate(config, schema=str(_SCHEMA))
