@@ -288,9 +288,10 @@ def _select_weights(
         raise PrefetchError(
             f"{repo_id} at revision {revision} has only pickle checkpoints "
             f"{preview(pickles)}; loading a pickle runs code from the file, so xmodal "
-            f"refuses it by default. Either pin the model's `revision` in the config file to a commit that has "
-            f"*.safetensors (the hub's safetensors-conversion pull request, e.g. refs/pr/N), or "
-            f"opt in with `allow_pickle: true` on the model (or under `extraction:`) in the config file."
+            "refuses it by default. Either pin the model's `revision` in the config file to a "
+            "commit that has *.safetensors (the hub's safetensors-conversion pull request, e.g. "
+            "refs/pr/N), or opt in with `allow_pickle: true` on the model (or under "
+            "`extraction:`) in the config file."
         )
     log.warning("%s: no safetensors, downloading pickle checkpoints (allow_pickle)", repo_id)
     return sorted(set(wanted) | set(pickles))
