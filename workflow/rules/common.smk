@@ -651,27 +651,35 @@ NOT_REMADE = ("all", "extract", "import_features", "prefetch_model", "prefetch_s
 NOT_REMADE += ("manifest_stamp", "demo_", "figure_")
 
 
+def analysis_output_patterns():
+    """(name, output pattern) of each analysis step that this config runs (the steps not in
+    NOT_REMADE and not switched off, switched_off_rules)."""
+    off = switched_off_rules()
+    return [
+        (step.name, str(pattern))
+        for step in workflow.rules
+        if not (step.name.startswith(NOT_REMADE) or step.name in off)
+        for pattern in step.output
+    ]
+
+
 def missing_analysis_outputs(wildcards):
     """The analysis outputs that are missing, for the default target. Snakemake does not make
     a file that only other jobs read again while what was made from it is in place, so after
     a job failed or was killed (Snakemake deletes its output) or a file was deleted by hand,
     the next run said "Nothing to be done" and kept the tables made with the earlier settings;
     asked for, they and everything made from them are made again."""
-    off = switched_off_rules()
     paths = set()
-    for step in workflow.rules:
-        if step.name.startswith(NOT_REMADE) or step.name in off:
-            continue
-        for pattern in map(str, step.output):
-            names = get_wildcard_names(pattern)
-            unknown = names - {"dataset", "llm"}
-            if unknown:
-                raise WorkflowError(
-                    f"output {pattern} of {step.name} has wildcards {sorted(unknown)}"
-                    " that missing_analysis_outputs (common.smk) cannot fill"
-                )
-            for llm in LANGUAGE if "llm" in names else [None]:
-                paths.add(apply_wildcards(pattern, {"dataset": DATASET, "llm": llm}))
+    for name, pattern in analysis_output_patterns():
+        names = get_wildcard_names(pattern)
+        unknown = names - {"dataset", "llm"}
+        if unknown:
+            raise WorkflowError(
+                f"output {pattern} of {name} has wildcards {sorted(unknown)}"
+                " that missing_analysis_outputs (common.smk) cannot fill"
+            )
+        for llm in LANGUAGE if "llm" in names else [None]:
+            paths.add(apply_wildcards(pattern, {"dataset": DATASET, "llm": llm}))
     missing = sorted(p for p in paths if not Path(p).exists())
     # named when they were made before (a new model's or switch's tables are only new)
     lost = [p for p in missing if made_before(p)]
@@ -770,18 +778,15 @@ _EXTRACT_AGAIN = (
 def check_bare_features_match_the_config(args):
     """Stop when a feature file without a Snakemake record (check_results_have_records) says
     it was extracted with other settings than this config's: no run would extract it again,
-    and the analysis would report the config's settings over its features."""
+    and the analysis would report the config's settings over its features. (Not called in a
+    --touch run, which runs no job: feature_spec checks what a touch would record.)"""
     stale = features_made_otherwise(args)
     if stale:
-        what = (
-            "feature files were extracted otherwise than this config says, and a --touch would"
-            " record them as made with it"
-            if args is not None and args.touch
-            else "feature files without a Snakemake record of the job that made them"
-            " (.snakemake/metadata deleted, or copied in) were extracted otherwise than this"
-            " config says, and no run would extract them again"
+        raise WorkflowError(
+            "feature files without a Snakemake record of the job that made them (.snakemake/"
+            "metadata deleted, or copied in) were extracted otherwise than this config says,"
+            f" and no run would extract them again: {'; '.join(stale)}. {_EXTRACT_AGAIN}"
         )
-        raise WorkflowError(f"{what}: {'; '.join(stale)}. {_EXTRACT_AGAIN}")
 
 
 def features_made_otherwise(args, keys=None):
@@ -859,19 +864,17 @@ def leftover_results():
         ]  # not a killed job's hidden temporary (review)
         if found:
             left[str(found[0]) if shown == str(found[0]) else shown] = len(found)
-    for step in workflow.rules:
-        if step.name.startswith(NOT_REMADE) or step.name in off:
+    # the per-LLM tables of an LLM no longer in the config
+    for _, pattern in analysis_output_patterns():
+        if "llm" not in get_wildcard_names(pattern):
             continue
-        for pattern in map(str, step.output):
-            if "llm" not in get_wildcard_names(pattern):
-                continue
-            head, tail = apply_wildcards(
-                pattern, {"dataset": DATASET, "llm": "\0"}
-            ).split("\0")
-            for f in Path().glob(f"{head}*{tail}"):
-                llm = str(f)[len(head) : len(str(f)) - len(tail)]
-                if f.is_file() and not f.name.startswith(".") and llm not in LANGUAGE:
-                    left.setdefault(str(f), 1)
+        head, tail = apply_wildcards(pattern, {"dataset": DATASET, "llm": "\0"}).split(
+            "\0"
+        )
+        for f in Path().glob(f"{head}*{tail}"):
+            llm = str(f)[len(head) : len(str(f)) - len(tail)]
+            if f.is_file() and not f.name.startswith(".") and llm not in LANGUAGE:
+                left.setdefault(str(f), 1)
     return list(left.items())
 
 

@@ -172,10 +172,11 @@ def load_language_model(
     weights fit there, else it is sharded with ``device_map="auto"`` (``max_memory`` per
     device) over the visible GPUs; weights they cannot hold are an error, never offloaded to
     the CPU. A checkpoint lacking weights the model needs is an error. ``trust_remote_code``
-    is always False; pickle checkpoints are refused unless ``allow_pickle``. A tokenizer without a pad token gets one
-    (eos, unk, bos or token 0; pooling masks padding anyway). ``info`` holds the resolved
-    ``revision`` (commit hash or ``"local"``). ``size_b``: the config key and ``size_b`` that
-    sized the job, named when the weights do not fit the GPUs and are larger than it says.
+    is always False; pickle checkpoints are refused unless ``allow_pickle``. A tokenizer
+    without a pad token gets one (eos, unk, bos or token 0; pooling masks padding anyway).
+    ``info`` holds the resolved ``revision`` (commit hash or ``"local"``). ``size_b``: the
+    config key and ``size_b`` that sized the job, named when the weights do not fit the GPUs
+    and are larger than it says.
     """
     from transformers import AutoModel, AutoTokenizer
 
