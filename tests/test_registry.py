@@ -645,3 +645,47 @@ def test_the_documented_defaults_written_out_are_a_valid_config() -> None:
         assert schema_errors(written, schema) == [], (key, value)
         got, default = getattr(Site.from_config(written["extraction"]), key), SITE_DEFAULTS[key]
         assert (dict(got) == dict(default)) if key == "batch_size" else got == default, key
+
+
+def test_the_documented_table_of_the_paper_models_resources_is_what_the_jobs_ask_for() -> None:
+    """docs/cluster.md tabulates the 16 paper models' first-attempt resources; each row is
+    what config.yaml's registry asks for at 40 and 80 GB (its OpenLLaMA-3B row said 3.0
+    billion parameters, which sized the job for 3.0 of its 3.43: audit)."""
+    import re
+
+    text = (ROOT / "docs/cluster.md").read_text()
+    rows = re.findall(
+        r"^\| ([\w\-, ]+) \| ([\d.]+) \| (\d+) \| (\d+) \| (\d+) \| (\d+) \|$", text, re.M
+    )
+    seen = set()
+    for keys, size_b, gpus40, gpus80, mem_gib, cpus in rows:
+        for gpu_mem_gb, gpus in ((40, gpus40), (80, gpus80)):
+            cfg = copy.deepcopy(PAPER)
+            cfg["extraction"] = {**cfg["extraction"], "gpu_mem_gb": gpu_mem_gb, "num_workers": 8}
+            reg = Registry.from_config(cfg)
+            for key in keys.split(", "):
+                entry, res = reg[key], reg[key].resources()
+                assert entry.size_b == float(size_b), key
+                assert (res["gpu"], res["mem_mb"], res["cpus_per_task"]) == (
+                    int(gpus),
+                    1024 * int(mem_gib),
+                    int(cpus),
+                ), (key, gpu_mem_gb)
+                seen.add(key)
+    assert seen == set(PAPER["models"]), "the table names every paper model once"
+
+
+def test_no_paper_model_is_sized_below_its_parameter_count() -> None:
+    """``size_b`` sizes each extraction job (GPUs, memory); a model larger than it says gets
+    too small a job. Parameter counts from the models' configurations (layers, widths, vocab;
+    untied embeddings for OpenLLaMA and LLaMA): none may be understated by more than 2%."""
+    counted_b = {
+        "mae-h": 0.632, "dinov2-g": 1.136, "clip-h": 0.632, "clip-h-ft": 0.632,
+        "bloomz-560m": 0.559, "bloomz-1b1": 1.065, "bloomz-1b7": 1.722, "bloomz-3b": 3.003,
+        "bloomz-7b1": 7.069, "openllama-3b": 3.426, "openllama-7b": 6.738,
+        "openllama-13b": 13.016, "llama-7b": 6.738, "llama-13b": 13.016, "llama-30b": 32.529,
+        "llama-65b": 65.286,
+    }  # fmt: skip
+    assert set(counted_b) == set(PAPER["models"])
+    for key, count in counted_b.items():
+        assert PAPER["models"][key]["size_b"] >= 0.98 * count, key
