@@ -79,6 +79,8 @@ def extraction_jobs(wd: Path, extraction: dict, n_stimuli: int = 0) -> dict[str,
         elif model and "resources:" in line:
             res = dict(re.findall(r"(\w+)=(\d+)(?:,|$)", line))
             jobs[model] = {k: int(res[k]) for k in ("gpu", "mem_mb", "cpus_per_task", "runtime")}
+            # a job's GPUs on one node: sbatch --gpus=4 alone may spread them over nodes
+            assert res.get("nodes") == "1", (model, line)
             model = None
     return jobs
 

@@ -23,6 +23,9 @@ rule extract:
     resources:
         **gpu_model_resource(),
         gpu=extraction_resource("gpu"),
+        # one process: its GPUs on one node (sbatch --gpus=N alone may spread them over
+        # nodes, and the job sees only its own node's; docs/cluster.md)
+        nodes=1,
         mem_mb=extraction_resource("mem_mb"),
         runtime=extraction_resource("runtime"),
         cpus_per_task=extraction_resource("cpus_per_task"),
