@@ -213,7 +213,10 @@ def main() -> int:
     print(f"gpa: n_iter={fit.n_iter} converged={fit.converged} slow_regime={fit.slow_regime}")
 
     t0 = time.perf_counter()
-    loo = leave_one_model_out(raw_vision, names=list(VISION), stimulus_ids=ids)
+    # with its baseline of shuffled rows, as the workflow runs it (analysis.n_random shuffles)
+    loo = leave_one_model_out(
+        raw_vision, names=list(VISION), stimulus_ids=ids, n_permutations=args.n_random
+    )
     times["leave-one-model-out (4 fits)"] = time.perf_counter() - t0
     print("loo pearson r:", " ".join(f"{r:.3f}" for r in loo.models["pearson_r"]))
     del raw_vision

@@ -8,7 +8,7 @@ Prints the stages' wall time, iterations, convergence, final objective and peak 
 cross-product route) on the same input for comparison.
 
 Run: .venv/bin/python benchmarks/gpa_scale.py [--m 4096] [--widths 1280,1536,1280,1280]
-     [--loo] [--plain] [--plain-max-iter 1000]
+     [--loo [--loo-permutations 100]] [--plain] [--plain-max-iter 1000]
 """
 
 from __future__ import annotations
@@ -78,6 +78,12 @@ def main() -> int:
     parser.add_argument("--max-iter", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--loo", action="store_true", help="also time leave-one-model-out")
+    parser.add_argument(
+        "--loo-permutations",
+        type=int,
+        default=100,
+        help="its baseline of shuffled rows per held-out model (the workflow: analysis.n_random)",
+    )
     parser.add_argument("--plain", action="store_true", help="also run the plain algorithm")
     parser.add_argument("--plain-max-iter", type=int, default=1000)
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress (INFO)")
@@ -119,13 +125,21 @@ def main() -> int:
     if args.loo:
         del fit
         t0, c0 = time.perf_counter(), cpu_s()
-        loo = leave_one_model_out(reps, tol=args.tol, max_iter=args.max_iter)
+        loo = leave_one_model_out(
+            reps, tol=args.tol, max_iter=args.max_iter, n_permutations=args.loo_permutations
+        )
         sec, cpu = time.perf_counter() - t0, cpu_s() - c0
         iters = [f.n_iter for f in loo.fits.values()]
         print(
             f"leave-one-model-out: {sec:.1f} s (CPU time {cpu:.1f} s); iterations {iters}; "
             f"converged {[f.converged for f in loo.fits.values()]}; "
             f"pearson r {' '.join(f'{r:.3f}' for r in loo.models['pearson_r'])}"
+            + (
+                f"; {args.loo_permutations} shuffles each, permutation p "
+                f"{' '.join(f'{p:.3f}' for p in loo.models['perm_pearson_p'])}"
+                if args.loo_permutations
+                else ""
+            )
         )
         print(f"  peak RSS {peak_rss_gib():.2f} GiB")
         workers = n_workers(len(widths), None)

@@ -17,4 +17,6 @@ run_leave_one_model_out(
     max_iter=int(snakemake.params.max_iter),
     out_table=snakemake.output.table,
     out_stimuli=snakemake.output.stimuli,
+    n_permutations=int(snakemake.params.n_permutations),
+    seed=int(snakemake.params.seed),
 )

@@ -689,3 +689,33 @@ def test_a_conditions_pool_runs_one_blas_and_torch_thread_per_worker(data, monke
     # the two vision models' sides in the pool, then the LLM's alone, with the job's threads
     want = (1, {1}) if budget > 1 else job  # two workers: one thread each; one: the job's
     assert seen == [want, want, job], seen
+
+
+def test_a_value_outside_minus_one_to_one_is_written_as_nan_and_warned(caplog):
+    """CKNNA's masked kernels are not positive semi-definite: on sets of 4 stimuli with k = 2
+    (which max(4, 2k) allows) it left [−1, 1] in most random sets, and a pilot run wrote
+    values up to 100 to its tables, exit 0 (sizes audit). Such a value is NaN, with its
+    stability, and one warning names the keys; values inside are untouched."""
+    rng = np.random.default_rng(0)
+    found = {}
+    for _ in range(200):
+        x = mt.prepare_layer(rng.standard_normal((4, 6)).astype(np.float32), 1e30)
+        y = mt.prepare_layer(rng.standard_normal((4, 6)).astype(np.float32), 1e30)
+        xs, ys = mt.KernelKNN.from_features(x, 2), mt.KernelKNN.from_features(y, 2)
+        raw = float(mt.knn_metric("cknna", xs, ys)[0][0])
+        key = "out" if abs(raw) > 1.01 else "in" if abs(raw) < 0.99 else None
+        if key:
+            found.setdefault(key, (xs, ys, raw))
+    assert set(found) == {"out", "in"}
+    al._warned_out_of_range.clear()
+    xs, ys, raw = found["out"]
+    with caplog.at_level("WARNING", logger="xmodal.alignment"):
+        value, stability = al.side_values("cknna", xs, ys)
+        al.side_values("cknna", xs, ys)  # warned once
+    assert torch.isnan(value).all() and torch.isnan(stability).all()
+    warned = [r.getMessage() for r in caplog.records if "outside [-1, 1]" in r.getMessage()]
+    assert len(warned) == 1 and "analysis.knn_k" in warned[0] and "analysis.set_size" in warned[0]
+    assert "sets of 4 stimuli (k = 2)" in warned[0] and f"{abs(raw):.3g}" in warned[0]
+    xs, ys, raw = found["in"]
+    value, _ = al.side_values("cknna", xs, ys)
+    assert float(value[0]) == pytest.approx(raw, abs=1e-12)

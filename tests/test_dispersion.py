@@ -520,3 +520,46 @@ def test_leave_one_model_out_names_the_callers_model_in_its_errors():
     reps[0][:] = rng.standard_normal((29, 4))
     with pytest.raises(ValueError, match=r"zeta has 29 stimuli, alpha has 30"):
         leave_one_model_out(reps, names=["zeta", "beta", "alpha"])
+
+
+def test_leave_one_model_out_shuffled_rows_baseline_tells_a_shared_property_from_none():
+    """Three models share a low-rank latent; a fourth is noise, unrelated to the stimuli. The
+    noise model's deviation still correlates with the others' partial dispersion (r ≈ 0.4, p
+    against 0 below 1e-10: both grow with the stimulus's distance from the consensus's
+    centre; coverage audit, where the demo's shuffled models reached the same r), so r > 0 does
+    not show a shared property. Against its rows shuffled across stimuli it is not
+    distinguished (permutation p well above 0.05), while each model that shares the latent
+    lies above all 50 of its shuffles (p = 1/51)."""
+    rng = np.random.default_rng(0)
+    m, n_perm = 240, 50
+    z = rng.standard_normal((m, 4))
+    reps = [z @ rng.standard_normal((4, 32)) + 0.7 * rng.standard_normal((m, 32)) for _ in range(3)]
+    reps.append(rng.standard_normal((m, 32)))
+    names = ["a", "b", "c", "noise"]
+    res = leave_one_model_out(reps, names=names, n_permutations=n_perm, seed=0)
+    rows = res.models.set_index("held_out")
+    assert list(res.models.columns[-5:]) == [
+        "perm_pearson_r", "perm_pearson_p", "perm_spearman_rho", "perm_spearman_p",
+        "n_permutations",
+    ]  # fmt: skip
+    noise = rows.loc["noise"]
+    assert noise.pearson_r > 0.3 and noise.pearson_p < 1e-10  # the paper's test is passed
+    assert noise.perm_pearson_p > 0.1 and noise.perm_spearman_p > 0.1
+    assert abs(noise.pearson_r - noise.perm_pearson_r) < 0.1
+    for key in "abc":
+        row = rows.loc[key]
+        assert row.perm_pearson_p == pytest.approx(1 / (n_perm + 1))
+        assert row.pearson_r - row.perm_pearson_r > 0.15
+    assert (rows.n_permutations == n_perm).all()
+    # the p-values count shuffles: (1 + how many reach the model's value) / (P + 1)
+    counts = rows[["perm_pearson_p", "perm_spearman_p"]].to_numpy() * (n_perm + 1)
+    np.testing.assert_allclose(counts, np.round(counts), atol=1e-9)
+    # seeded by the analysis seed and the model's name: the same numbers in any model order,
+    # others with another seed; without permutations, no baseline columns
+    again = leave_one_model_out(reps[::-1], names=names[::-1], n_permutations=n_perm, seed=0)
+    pd.testing.assert_frame_equal(again.models.set_index("held_out").loc[names], rows)
+    other = leave_one_model_out(reps, names=names, n_permutations=n_perm, seed=1)
+    assert not np.array_equal(other.models.perm_pearson_r, res.models.perm_pearson_r)
+    np.testing.assert_array_equal(other.models.pearson_r, res.models.pearson_r)
+    bare = leave_one_model_out(reps, names=names)
+    assert not any(c.startswith("perm_") or c == "n_permutations" for c in bare.models.columns)

@@ -690,6 +690,8 @@ def test_contrasts_mark_the_sets_chosen_without_the_scored_model(planted, tables
         assert got[tag] == pytest.approx(value, abs=1e-12)
     text = all_text(fig)
     assert "sets chosen without the scored vision model" in text
+    # its interval only where the metric has one: the CKA metrics and n_boot 0 have none (audit)
+    assert ("sets chosen without the scored vision model (its 95% CI)" in text) == (metric != "cka")
     assert "without it, low or high: stability > 0.001" in text and "(1)" in text
     assert "Grey diamonds (" in text and "low and high may be swapped" in text
     assert not gids(render_figure("contrasts", planted, metric), "others")

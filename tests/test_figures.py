@@ -253,18 +253,28 @@ def test_loo(figs, inputs):
         assert not ax.texts
         txt = "\n".join(ax.get_title(loc="left").split("\n")[1:])
         assert f"r = {loo.at[key, 'pearson_r']:.2f}" in txt and "ρ = " in txt and "p " in txt
+        # the baseline of the model's rows shuffled across stimuli, from the table
+        b = loo.loc[key]
+        assert txt.endswith(f"shuffled: r = {b.perm_pearson_r:.2f}, p = {b.perm_pearson_p:.3f}"), (
+            txt
+        )
         assert len(ax.collections[0].get_offsets()) == 40  # one point per stimulus
         assert len(ax.lines) == 1  # the linear fit
         assert "Partial dispersion" in ax.get_xlabel() and "deviation" in ax.get_ylabel()
     # a question and the count of held-out models with r > 0, not the paper's claim (audit)
     title = figs["loo"].get_suptitle()
     assert title.startswith("Does dispersion from the other vision models predict")
-    assert title.endswith(f"\nr > 0 for {(loo['pearson_r'] > 0).sum()} of 3 held-out models")
+    beyond, shuffles = (loo["perm_pearson_p"] < 0.05).sum(), loo["n_permutations"].iloc[0]
+    assert title.endswith(
+        f"\nr > 0 for {(loo['pearson_r'] > 0).sum()} of 3 held-out models; above its shuffled"
+        f" rows' r (p < 0.05, {shuffles} shuffles) for {beyond} of 3"
+    )
 
 
 def test_loo_labels_of_neighbouring_panels_do_not_overlap(tmp_path):
     """With the paper's four vision models each panel's x label ran into the next panel's y
-    label (captions audit)."""
+    label (captions audit), and a title's last line into the next panel's title (the
+    shuffled rows' r with its count: seen in the demo's figure)."""
     four = synthetic_inputs(tmp_path, n_vision=4, images=False)
     fig = render_figure("loo", four)
     fig.canvas.draw()  # the layout is made at drawing
@@ -275,6 +285,10 @@ def test_loo_labels_of_neighbouring_panels_do_not_overlap(tmp_path):
         a = left.xaxis.label.get_window_extent(renderer)
         b = right.yaxis.label.get_window_extent(renderer)
         assert not a.overlaps(b), (a, b)
+        # the titles' last line (the shuffled rows' r) ran into the next panel's title
+        t_left = left._left_title.get_window_extent(renderer)
+        t_right = right._left_title.get_window_extent(renderer)
+        assert t_left.x1 < t_right.x0, (t_left, t_right)
 
 
 def test_loo_title_counts_the_held_out_models_with_positive_r(inputs, tmp_path):
@@ -283,7 +297,26 @@ def test_loo_title_counts_the_held_out_models_with_positive_r(inputs, tmp_path):
     loo.to_csv(tmp_path / "loo.tsv", sep="\t", index=False)
     fig = render_figure("loo", {**inputs, "loo": tmp_path / "loo.tsv"})
     want = int((loo["pearson_r"] > 0).sum())
-    assert want == 2 and fig.get_suptitle().endswith(f"r > 0 for {want} of 3 held-out models")
+    assert want == 2 and f"r > 0 for {want} of 3 held-out models;" in fig.get_suptitle()
+
+
+def test_loo_title_counts_the_held_out_models_above_their_shuffled_rows(inputs, tmp_path):
+    """A model whose r does not exceed that of its rows shuffled across stimuli (permutation
+    p ≥ 0.05) is not counted, whatever its r and its p against 0 (coverage audit: on the
+    demo, shuffled rows gave the same r as the model for 3 of 4); a table without the
+    baseline (n_random 0 is refused, but a table from elsewhere) draws no such count."""
+    loo = table(inputs, "loo")
+    loo["perm_pearson_p"] = [0.01, 0.04, 0.05]
+    loo.to_csv(tmp_path / "loo.tsv", sep="\t", index=False)
+    fig = render_figure("loo", {**inputs, "loo": tmp_path / "loo.tsv"})
+    assert fig.get_suptitle().endswith(
+        "above its shuffled rows' r (p < 0.05, 10 shuffles) for 2 of 3"
+    )
+    bare = loo.drop(columns=[c for c in loo.columns if c.startswith("perm_")])
+    bare.to_csv(tmp_path / "bare.tsv", sep="\t", index=False)
+    fig = render_figure("loo", {**inputs, "loo": tmp_path / "bare.tsv"})
+    assert fig.get_suptitle().endswith("held-out models")
+    assert all("shuffled" not in ax.get_title(loc="left") for ax in panels(fig))
 
 
 def test_grid_heatmap(figs, inputs):

@@ -422,7 +422,9 @@ def test_ids_survive_every_pipeline_table(tmp_path_factory, ids: list[str], seed
     loo = read_table(out["loo_st"])
     assert loo["stimulus_id"].tolist() == ids * 3
     cond = read_table(out["cond"])
-    assert np.isfinite(cond["value"]).all()
+    # sets of 8 with k = 3: a CKNNA beyond ±1 (a few sets) is NaN (docs/method.md, "Alignment")
+    value = cond["value"]
+    assert value.notna().mean() >= 0.5 and value.dropna().abs().le(1 + 1e-6).all(), value
     n_random = cond[cond["condition"] == "random"]
     assert len(n_random) == 3 * 3  # 3 vision models × 3 draws, every id of every draw found
     # sets made with 3 draws, where the config now asks for 4: refused before any alignment

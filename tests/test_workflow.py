@@ -117,6 +117,9 @@ def test_demo_outputs_exist_and_are_valid(workflow_dir, demo_config):
 
     loo = read_table(workflow_dir / "results/dispersion/demo/loo.tsv")
     assert sorted(loo["held_out"]) == sorted(vision)
+    # each held-out model against its rows shuffled analysis.n_random times (the rule's params)
+    assert (loo["n_permutations"] == cfg["analysis"]["n_random"]).all(), loo
+    assert loo["perm_pearson_p"].between(1 / (cfg["analysis"]["n_random"] + 1), 1).all(), loo
 
     n_pairs = len(vision) * len(language)
     grid = read_table(workflow_dir / "results/alignment/demo/grid.tsv")

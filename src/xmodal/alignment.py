@@ -348,17 +348,55 @@ def kernel_is_rounding(side: KernelKNN) -> torch.Tensor:
     return rms < CKA_ROUNDING * side.tau
 
 
+#: How far beyond ±1 a normalised alignment may lie by rounding alone (docs/method.md,
+#: "Alignment": values outside [−1, 1] are written as NaN).
+OUT_OF_RANGE_TOL = 1e-6
+_warned_out_of_range: set[tuple[str, int, int]] = set()
+
+
+def _in_range(
+    metric: str, value: torch.Tensor, stability: torch.Tensor, side: KernelKNN
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``value`` and ``stability`` with NaN where the value lies outside [−1, 1] beyond
+    rounding. CKNNA's masked kernels are not positive semi-definite, so nothing bounds it, and
+    with neighbour sets a large part of a small set it left [−1, 1] in 22–72% of random sets of
+    4–8 stimuli at k = n/2 (sizes audit: values up to 100, exit 0); no such value is a
+    correlation of local structure. Warned once per metric, set size and k."""
+    bad = value.abs() > 1 + OUT_OF_RANGE_TOL  # (NaN compares False)
+    if not bool(bad.any()):
+        return value, stability
+    key = (metric, side.size, side.k)
+    if key not in _warned_out_of_range:
+        _warned_out_of_range.add(key)
+        log.warning(
+            "%s over sets of %d stimuli (k = %d): %d of %d values lie outside [-1, 1] (largest "
+            "|value| %.3g) and are written as NaN. With neighbour sets this large a part of the "
+            "set the measure is no longer a correlation of local structure: use fewer "
+            "neighbours (analysis.knn_k, at most a quarter of analysis.set_size) or larger sets "
+            '(docs/method.md, "Alignment")',
+            metric,
+            side.size,
+            side.k,
+            int(bad.sum()),
+            bad.numel(),
+            float(value[bad].abs().max()),
+        )
+    nan = torch.tensor(float("nan"), dtype=value.dtype)
+    return torch.where(bad, nan, value), torch.where(bad, nan.to(stability.dtype), stability)
+
+
 def side_values(metric: str, xs: KernelKNN, ys: KernelKNN) -> tuple[torch.Tensor, torch.Tensor]:
     """(value, stability) of one metric for matched batches (same stimuli, same k): (B,) on the CPU.
 
     kNN metrics: :func:`xmodal.metrics.knn_metric`. CKA metrics: from the kernels (dense path)
     or from feature moments (blocked path); their stability is 0 (no kNN sets), and ∞ where a
     side's kernel is rounding (:func:`kernel_is_rounding`: a collapsed layer), which makes its
-    CKA noise (docs/method.md, "Stability").
+    CKA noise (docs/method.md, "Stability"). A value outside [−1, 1] beyond rounding is NaN
+    (:func:`_in_range`).
     """
     if metric in KNN_METRICS:
         value, stability = knn_metric(metric, xs, ys)
-        return value.cpu(), stability.cpu()
+        return _in_range(metric, value.cpu(), stability.cpu(), xs)
     if metric not in METRICS:
         raise ValueError(f"unknown metric {metric!r}; known: {METRICS}")
     if xs.kernel is not None and ys.kernel is not None:
@@ -376,7 +414,7 @@ def side_values(metric: str, xs: KernelKNN, ys: KernelKNN) -> tuple[torch.Tensor
     value = normalised_hsic(cross, self_term(metric, xs), self_term(metric, ys))
     rounding = kernel_is_rounding(xs) | kernel_is_rounding(ys)
     stability = torch.where(rounding, torch.inf, 0.0).to(torch.float64)
-    return value, torch.where(torch.isfinite(value), stability, torch.nan)
+    return _in_range(metric, value, torch.where(torch.isfinite(value), stability, torch.nan), xs)
 
 
 def _prepared_side(

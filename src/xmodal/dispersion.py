@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,7 @@ from xmodal.gpa import (
     project_preprocessed,
 )
 from xmodal.parallel import mapper, n_workers
+from xmodal.selection import SEED_STREAMS
 
 log = logging.getLogger(__name__)
 
@@ -223,6 +225,30 @@ def read_dispersion_table(path: str | os.PathLike) -> pd.DataFrame:
     return table
 
 
+def _permutation_baseline(
+    partial: np.ndarray, shuffled: np.ndarray, row: dict[str, object]
+) -> dict[str, float | int]:
+    """The row-permutation baseline's columns of one held-out model's row (``shuffled``: its
+    deviations with rows shuffled, one permutation per row)."""
+    import scipy.stats
+
+    out: dict[str, float | int] = {}
+    for name, test in (
+        ("pearson_r", scipy.stats.pearsonr),
+        ("spearman_rho", scipy.stats.spearmanr),
+    ):
+        null = np.array([test(partial, d).statistic for d in shuffled], dtype=np.float64)
+        value = float(row[name])  # type: ignore[arg-type]
+        out[f"perm_{name}"] = float(null.mean())
+        out[f"perm_{name.split('_')[0]}_p"] = float(
+            (1 + np.count_nonzero(null >= value)) / (len(null) + 1)
+            if np.isfinite(value)
+            else np.nan
+        )
+    out["n_permutations"] = len(shuffled)
+    return out
+
+
 @dataclass
 class LOOResult:
     """Leave-one-model-out results: per-model correlations, per-stimulus values, and the GPA fits."""
@@ -242,11 +268,21 @@ def leave_one_model_out(
     tol: float = 1e-10,
     max_iter: int = 1000,
     n_jobs: int | None = None,
+    n_permutations: int = 0,
+    seed: int = 0,
 ) -> LOOResult:
     """For each k: GPA on the others → C₋ₖ, p = mean residual; dev_kj = ‖(N_k T_k)_j − C₋ₖ,j‖₂; correlate p, dev.
 
     ``models``: held_out, pearson_r, pearson_p, spearman_rho, spearman_p, n, converged, n_iter,
-    pc1_oriented (:func:`pc1_orientation` of the fit's PC1 score with its mean dispersion).
+    pc1_oriented (:func:`pc1_orientation` of the fit's PC1 score with its mean dispersion);
+    with ``n_permutations`` P > 0 also the **row-permutation baseline** (docs/method.md,
+    "Leave-one-model-out against shuffled stimuli"): the held-out model's rows shuffled
+    across stimuli P times (seeded by ``seed`` and its name), each aligned and correlated as
+    the model itself, give perm_pearson_r and perm_spearman_rho (their means over the P
+    shuffles), perm_pearson_p and perm_spearman_p ((1 + #{shuffles at or above the model's
+    value}) / (P + 1)) and n_permutations. A shuffled model shares no stimulus with the
+    others, yet its deviation grows with the consensus's distance from the centre as the
+    partial dispersion does, so r > 0 alone does not show a shared property.
     ``stimuli`` (long): held_out, stimulus_index, stimulus_id, partial_dispersion, partial_pc1
     (the PC1 score of the fit's residuals, as :func:`pc1_dispersion`), deviation.
     The M fits run on ``n_jobs`` threads (default: one per core, at most M), single-threaded BLAS,
@@ -288,7 +324,7 @@ def leave_one_model_out(
         if any(route == CROSS for _, route in plans):
             prep.cross_products(pmap=pmap)
 
-        def fit_one(k: int) -> tuple[GPAResult, np.ndarray]:
+        def fit_one(k: int) -> tuple[GPAResult, np.ndarray, np.ndarray]:
             others, (method, route) = subsets[k], plans[k]
             fit = fit_preprocessed(
                 prep.mats(others),
@@ -299,35 +335,47 @@ def leave_one_model_out(
                 method=method,
                 ranks=[ranks[i] for i in others],
             )
-            deviation = project_preprocessed(prep.held_out(k), fit.consensus)[1]
+            held = prep.held_out(k)
+            deviation = project_preprocessed(held, fit.consensus)[1]
+            # the held-out model with its rows shuffled across stimuli, aligned as itself
+            rng = np.random.default_rng(
+                [int(seed), SEED_STREAMS["loo_permutations"], zlib.crc32(names[k].encode())]
+            )
+            shuffled = np.array(
+                [
+                    project_preprocessed(held[rng.permutation(m)], fit.consensus)[1]
+                    for _ in range(n_permutations)
+                ]
+            ).reshape(n_permutations, m)
             # equal inputs, equal outputs (docs/method.md, "Dispersion")
             fit.residuals = fit.residuals[twins[k]]
-            return fit, deviation[twins[-1]]
+            return fit, deviation[twins[-1]], shuffled
 
         twins = [prep.twins(o) for o in subsets] + [prep.twins()]
 
         results = list(pmap(fit_one, range(n_models)))
     rows, long, fits = [], [], {}
-    for k, (fit, deviation) in enumerate(results):
+    for k, (fit, deviation, shuffled) in enumerate(results):
         fits[names[k]] = fit
         partial = fit.residuals.mean(axis=1)
         partial_pc1 = pc1_dispersion(fit.residuals)[0]
         pc1_r, oriented = _orientation(partial_pc1, partial)
         pr = scipy.stats.pearsonr(partial, deviation)
         sr = scipy.stats.spearmanr(partial, deviation)
-        rows.append(
-            {
-                "held_out": names[k],
-                "pearson_r": float(pr.statistic),
-                "pearson_p": float(pr.pvalue),
-                "spearman_rho": float(sr.statistic),
-                "spearman_p": float(sr.pvalue),
-                "n": m,
-                "converged": bool(fit.converged),
-                "n_iter": int(fit.n_iter),
-                "pc1_oriented": oriented,
-            }
-        )
+        row = {
+            "held_out": names[k],
+            "pearson_r": float(pr.statistic),
+            "pearson_p": float(pr.pvalue),
+            "spearman_rho": float(sr.statistic),
+            "spearman_p": float(sr.pvalue),
+            "n": m,
+            "converged": bool(fit.converged),
+            "n_iter": int(fit.n_iter),
+            "pc1_oriented": oriented,
+        }
+        if n_permutations:
+            row |= _permutation_baseline(partial, shuffled, row)
+        rows.append(row)
         if not fit.converged:  # DESIGN 2.1: warn and record; name the fit it concerns
             log.warning(
                 "leave-one-model-out: GPA without %r did not converge in %d iterations; its "
@@ -360,10 +408,14 @@ def leave_one_model_out(
             )
         )
         log.info(
-            "leave-one-model-out %s: pearson r=%.3f, spearman rho=%.3f",
+            "leave-one-model-out %s: pearson r=%.3f, spearman rho=%.3f%s",
             names[k],
             pr.statistic,
             sr.statistic,
+            f"; its rows shuffled {n_permutations} times: mean r={row['perm_pearson_r']:.3f}, "
+            f"permutation p={row['perm_pearson_p']:.3g}"
+            if n_permutations
+            else "",
         )
     back = [names.index(n) for n in given]  # the rows in the order the models were given
     return LOOResult(

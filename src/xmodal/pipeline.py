@@ -501,13 +501,22 @@ def run_leave_one_model_out(
     max_iter: int,
     out_table: PathLike,
     out_stimuli: PathLike,
+    n_permutations: int = 0,
+    seed: int = 0,
 ) -> None:
-    """GPA without each vision model in turn; correlate partial dispersion with its deviation."""
+    """GPA without each vision model in turn; correlate partial dispersion with its deviation,
+    and with that of the model's rows shuffled ``n_permutations`` times (the baseline)."""
     from xmodal import dispersion
 
     ids, reps = read_vision_layers(feature_paths, models, vision_layer, each_left_out=True)
     table, per_stimulus = dispersion.leave_one_model_out(
-        reps, names=list(models), stimulus_ids=ids, tol=tol, max_iter=max_iter
+        reps,
+        names=list(models),
+        stimulus_ids=ids,
+        tol=tol,
+        max_iter=max_iter,
+        n_permutations=n_permutations,
+        seed=seed,
     )
     write_table(table, out_table)
     write_table(per_stimulus, out_stimuli)

@@ -44,11 +44,13 @@ SET_NAMES = ("low", "high", "random", "drop_high", "drop_low", "random_drop")
 RANDOM_SETS = ("random", "random_drop")
 #: numpy seeds of the random draws: ``default_rng(seed)`` for the random baseline (as before the
 #: controls existed), ``default_rng([seed, stream])`` for the others, and
-#: ``default_rng([seed, 13, split])`` for the random sets inside half B of one split. The
+#: ``default_rng([seed, 13, split])`` for the random sets inside half B of one split,
+#: ``default_rng([seed, 14, crc32(model)])`` for the row permutations of a held-out model
+#: (:func:`xmodal.dispersion.leave_one_model_out`). The
 #: bootstrap's ``[seed, i]`` (i: the summary's index) is distinct from these except for i = 0:
 #: numpy pads a seed list with zeros, so ``[seed, 0]`` is ``seed``, the random baseline's stream
 #: (docs/method.md, "Seeds": no reported number uses both, so none is affected).
-SEED_STREAMS = {"random_drop": 11, "splits": 12, "heldout_random": 13}
+SEED_STREAMS = {"random_drop": 11, "splits": 12, "heldout_random": 13, "loo_permutations": 14}
 
 
 def _scores(scores: np.ndarray, what: str = "scores", ids: np.ndarray | None = None) -> np.ndarray:

@@ -536,7 +536,7 @@ def bootstrap_difference(
 ) -> dict[str, float]:
     """Percentile interval of CKNNA(low*) − CKNNA(high*), resampling stimuli within each set.
 
-    Conservative: about 1.2–1.5 times as wide as the spread of low − high over fresh sets
+    Conservative: about 1.1–1.5 times as wide as the spread of low − high over fresh sets
     (``benchmarks/difference_calibration.py``; docs/method.md, "Layer choice and statistics").
     """
     rng = np.random.default_rng(seed)

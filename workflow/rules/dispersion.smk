@@ -102,6 +102,9 @@ rule leave_one_model_out:
             vision_layer=ANALYSIS["vision_layer"],
             tol=ANALYSIS["gpa"].get("tol", 1e-10),
             max_iter=ANALYSIS["gpa"].get("max_iter", 1000),
+            # the baseline of the held-out model's rows shuffled (docs/method.md)
+            n_permutations=ANALYSIS["n_random"],
+            seed=ANALYSIS["seed"],
         ),
         code=ANALYSIS_CODE,
     script:

@@ -788,7 +788,8 @@ def draw_contrasts(data: FigureData) -> Figure:
     if n_others:
         handles.append(
             Line2D([], [], marker="D", ms=3, color=OTHERS_COLOR, lw=0.8,
-                   label="sets chosen without the scored vision model (its 95% CI)")
+                   label="sets chosen without the scored vision model"
+                   + (" (its 95% CI)" if has_ci else ""))
         )  # fmt: skip
     if n_others_unstable:
         flags.append(

@@ -161,6 +161,9 @@ def draw_loo(data: FigureData) -> Figure:
     fig = new_figure(3.0 * ncols, 2.9 * nrows + 0.3)
     axes = panel_grid(fig, len(held), ncols)
     n_positive = 0  # held-out models whose panel shows r > 0
+    n_beyond = 0  # … and whose r lies above its shuffled rows' (permutation p < 0.05)
+    shuffled = summ is not None and "perm_pearson_p" in summ.columns
+    n_shuffles = set()
     for i, (ax, h) in enumerate(zip(axes, held, strict=True)):
         g = pts[pts["held_out"].astype(str) == h]
         x, y = g["partial_dispersion"].to_numpy(float), g["deviation"].to_numpy(float)
@@ -184,19 +187,34 @@ def draw_loo(data: FigureData) -> Figure:
             pr = pp = sr = sp = float("nan")
             n = len(x)
         n_positive += bool(pr > 0)
+        # the held-out model's rows shuffled across stimuli (docs/method.md, "Leave-one-model-
+        # out against shuffled stimuli"): r > 0 alone does not show a shared property
+        base = ""
+        if shuffled and summ is not None and h in summ.index:
+            b = summ.loc[h]
+            n_beyond += bool(b.perm_pearson_p < 0.05)
+            n_shuffles.add(int(b.n_permutations))
+            # as short as the lines above: a longer one ran into the next panel's title
+            base = f"\nshuffled: r = {b.perm_pearson_r:.2f}, {format_p(b.perm_pearson_p)}"
         # in the title, not in a box over the axes, which hid the highest points (audit)
         ax.set_title(
             f"{panel_letter(i)}   Held out: {models.label(h)}\n"
-            f"r = {pr:.2f}, {format_p(pp)}\nρ = {sr:.2f}, {format_p(sp)}; n = {n}",
+            f"r = {pr:.2f}, {format_p(pp)}\nρ = {sr:.2f}, {format_p(sp)}; n = {n}{base}",
             loc="left",
         )
         # on two lines: one line ran into the next panel's label (captions audit)
         ax.set_xlabel("Partial dispersion\n(GPA on the other models)")
         ax.set_ylabel("Held-out model's deviation\nfrom the consensus")
     # a question and the count: the paper's claim as the title stood over any data (audit)
+    shuffles = f", {'/'.join(map(str, sorted(n_shuffles)))} shuffles" if n_shuffles else ""
+    beyond = (
+        f"; above its shuffled rows' r (p < 0.05{shuffles}) for {n_beyond} of {len(held)}"
+        if shuffled
+        else ""
+    )
     fig.suptitle(
         "Does dispersion from the other vision models predict the held-out model's deviation?"
-        f"\nr > 0 for {n_positive} of {len(held)} held-out models"
+        f"\nr > 0 for {n_positive} of {len(held)} held-out models{beyond}"
     )
     return fig
 

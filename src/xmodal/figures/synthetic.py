@@ -268,6 +268,13 @@ def synthetic_inputs(
         ]
         pr, pp = stats.pearsonr(partial, dev)
         sr, sp = stats.spearmanr(partial, dev)
+        # the baseline of the held-out model's rows shuffled (xmodal.dispersion)
+        shuffle = np.random.default_rng(
+            [seed, 14, i]
+        )  # not rng: the tables after stay as they were
+        perm = [shuffle.permutation(n_stimuli) for _ in range(max(n_random, 1))]
+        null_r = np.array([stats.pearsonr(partial, dev[q]).statistic for q in perm])
+        null_rho = np.array([stats.spearmanr(partial, dev[q]).statistic for q in perm])
         loo_rows.append(
             {
                 "held_out": v,
@@ -276,6 +283,11 @@ def synthetic_inputs(
                 "spearman_rho": sr,
                 "spearman_p": sp,
                 "n": n_stimuli,
+                "perm_pearson_r": null_r.mean(),
+                "perm_pearson_p": (1 + np.sum(null_r >= pr)) / (len(perm) + 1),
+                "perm_spearman_rho": null_rho.mean(),
+                "perm_spearman_p": (1 + np.sum(null_rho >= sr)) / (len(perm) + 1),
+                "n_permutations": len(perm),
             }
         )
     loo_stimuli, loo = pd.DataFrame(loo_pts), pd.DataFrame(loo_rows)
