@@ -268,10 +268,9 @@ def synthetic_inputs(
         ]
         pr, pp = stats.pearsonr(partial, dev)
         sr, sp = stats.spearmanr(partial, dev)
-        # the baseline of the held-out model's rows shuffled (xmodal.dispersion)
-        shuffle = np.random.default_rng(
-            [seed, 14, i]
-        )  # not rng: the tables after stay as they were
+        # the baseline of the held-out model's rows shuffled (xmodal.dispersion), from its own
+        # generator: drawn from rng, it would change every table made after it
+        shuffle = np.random.default_rng([seed, 14, i])
         perm = [shuffle.permutation(n_stimuli) for _ in range(max(n_random, 1))]
         null_r = np.array([stats.pearsonr(partial, dev[q]).statistic for q in perm])
         null_rho = np.array([stats.spearmanr(partial, dev[q]).statistic for q in perm])
