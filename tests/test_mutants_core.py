@@ -19,23 +19,22 @@ def test_a_held_out_model_wider_than_the_consensus_is_projected_onto_the_padded_
     40, takes this branch: its leave-one-model-out r moved from 0.247 to 0.257). Checked
     against an independent Procrustes step on the padded consensus."""
     rng = np.random.default_rng(0)
-    m = 30
-    rep = rng.standard_normal((m, 12)) @ rng.standard_normal((12, 12))
-    consensus = rng.standard_normal((m, 8))
-    n = rep - rep.mean(axis=0)
-    n /= np.linalg.norm(n)
-    padded = np.pad(consensus, ((0, 0), (0, 4)))
-    rotation = scipy.linalg.orthogonal_procrustes(n, padded)[0]
-    want = np.linalg.norm(n @ rotation - padded, axis=1)
-    np.testing.assert_allclose(gpa.project(rep, consensus)[1], want, rtol=1e-10, atol=1e-12)
-    # the narrower case pads the model instead: the same step
-    narrow = rep[:, :6]
-    n6 = narrow - narrow.mean(axis=0)
-    n6 /= np.linalg.norm(n6)
-    n6 = np.pad(n6, ((0, 0), (0, 2)))
-    rotation = scipy.linalg.orthogonal_procrustes(n6, consensus)[0]
-    want = np.linalg.norm(n6 @ rotation - consensus, axis=1)
-    np.testing.assert_allclose(gpa.project(narrow, consensus)[1], want, rtol=1e-10, atol=1e-12)
+    rep = rng.standard_normal((30, 12)) @ rng.standard_normal((12, 12))
+    consensus = rng.standard_normal((30, 8))
+
+    def expected(rep: np.ndarray) -> np.ndarray:
+        """Centred, unit Frobenius norm, both padded to the wider width, one Procrustes step."""
+        n = rep - rep.mean(axis=0)
+        n /= np.linalg.norm(n)
+        width = max(n.shape[1], consensus.shape[1])
+        n = np.pad(n, ((0, 0), (0, width - n.shape[1])))
+        c = np.pad(consensus, ((0, 0), (0, width - consensus.shape[1])))
+        return np.linalg.norm(n @ scipy.linalg.orthogonal_procrustes(n, c)[0] - c, axis=1)
+
+    # wider than the consensus (the branch the mutant broke), then narrower (the model padded)
+    for model in (rep, rep[:, :6]):
+        got = gpa.project(model, consensus)[1]
+        np.testing.assert_allclose(got, expected(model), rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("m, widths", [(60, (8, 10, 12, 9)), (24, (40, 36, 44, 30))])

@@ -181,3 +181,22 @@ def test_alignment_jobs_get_the_time_their_stimuli_need() -> None:
     assert seconds == pytest.approx(PAIR_MARGIN * 4.8, rel=0.1)
     with pytest.raises(ValueError, match="kind must be one of"):
         pair_minutes("figures", 1024, 8)
+
+
+def test_loo_minutes_grow_with_the_shuffles_and_refuse_what_cannot_be_sized():
+    """xmodal.resources.loo_minutes: 60 without shuffles and at the paper's size, then growing
+    as m·k² with the stimuli and linearly with the shuffles (k capped at m − 1), halved by a
+    second thread; inputs that size nothing are errors."""
+    from xmodal.resources import loo_minutes
+
+    widths = [1280, 1536, 1280, 1280]
+    assert loo_minutes(20000, widths, 0, 2) == loo_minutes(1024, widths, 100, 2) == 60
+    a, b = loo_minutes(20000, widths, 100, 2), loo_minutes(40000, widths, 100, 2)
+    # k = 1536 both times: m·k² + k³ grows by (40000 + k) / (20000 + k)
+    assert 60 < a < b and abs(b / a - 41536 / 21536) < 0.01
+    assert abs(loo_minutes(20000, widths, 200, 2) / a - 2) < 0.01
+    assert abs(loo_minutes(20000, widths, 100, 1) / a - 2) < 0.01
+    assert loo_minutes(20000, widths, 100, 16) == loo_minutes(20000, widths, 100, 4)
+    for bad in ((1, widths, 100, 2), (100, [], 100, 2), (100, [0], 100, 2), (100, widths, -1, 2)):
+        with pytest.raises(ValueError, match="need m >= 2"):
+            loo_minutes(*bad)

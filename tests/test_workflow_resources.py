@@ -273,6 +273,27 @@ def test_leave_one_model_out_asks_for_its_concurrent_fits(paper_project):
     assert res["leave_one_model_out"]["mem_mb"] == str(want), res
 
 
+def test_leave_one_model_out_asks_for_the_time_its_shuffles_need(paper_project):
+    """Each held-out model is also scored against its rows shuffled analysis.n_random times
+    (100 in config.yaml), a Procrustes step each that grows as m·k²: at the paper's size
+    about 2 minutes, at 20,000 stimuli more than the GPA kind's 60 (xmodal.resources.
+    loo_minutes); the paper's size keeps 60."""
+    from xmodal.resources import LOO_SHUFFLE_SECONDS, PAIR_MARGIN
+
+    vision = [k for k, m in PAPER["models"].items() if m["modality"] == "vision"]
+    widths = [1280, 1536, 1280, 1280][: len(vision)]
+    targets = ["results/dispersion/wit1024/loo.tsv"]
+    for m, want_more in ((1024, False), (20000, True)):
+        shapes = {key: (1, m, w) for key, w in zip(vision, widths, strict=True)}
+        res = _resources_for_shapes(paper_project, shapes, targets)
+        k = min(max(widths), m - 1)
+        # written out from docs/method.md's cost: 100 shuffles × 4 models on 2 threads
+        seconds = 100 * 4 * LOO_SHUFFLE_SECONDS * (m * k * k + k**3) * PAIR_MARGIN / 2
+        want = max(60, math.ceil(seconds / 60))
+        assert res["leave_one_model_out"]["runtime"] == str(want), (m, res)
+        assert (want > 60) == want_more, want
+
+
 def test_alignment_jobs_ask_for_the_time_their_stimuli_need(paper_project):
     """A layer search of LLaMA-65B's 81 layers took about 85 minutes at 9,000 stimuli and asked
     for 30 (audit): its runtime now comes from the LLM feature file's shape

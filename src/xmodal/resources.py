@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Sequence
 
 __all__ = [
     "ANALYSIS_KINDS",
@@ -41,6 +42,7 @@ __all__ = [
     "extraction_resources",
     "forward_minutes",
     "gpus_needed",
+    "loo_minutes",
     "pair_minutes",
 ]
 
@@ -235,6 +237,31 @@ def pair_minutes(kind: str, m: int, width: int, n_layers: int = 1, blocked: bool
     scale = width if kind == "layer_search" else width / 4096
     seconds = PAIR_MARGIN * rate * n_layers * float(m) ** 2 * scale
     return max(ANALYSIS_KINDS["pair"][1], math.ceil(seconds / 60))
+
+
+#: Seconds of one shuffled held-out model's Procrustes step in leave-one-model-out, per
+#: m·k² + k³ (its cross-product with the consensus and the SVD; k = min(width, m − 1)): 0.51 s
+#: of CPU a shuffle at 1,024 stimuli and k = 1023 (`benchmarks/gpa_scale.py --m 1024 --loo`,
+#: the paper's widths, 2 busy cores, 2026-12-06).
+LOO_SHUFFLE_SECONDS = 2.4e-10
+
+
+def loo_minutes(m: int, widths: Sequence[int], n_permutations: int, threads: int) -> int:
+    """Runtime (minutes, first attempt) of the leave-one-model-out job over ``m`` stimuli and
+    vision models of ``widths``: the GPA kind's 60, or more where the baseline of each model's
+    rows shuffled ``n_permutations`` times (docs/method.md, "Leave-one-model-out against
+    shuffled stimuli") needs it, its shuffles on min(threads, models) threads, ×
+    :data:`PAIR_MARGIN`. The paper's size keeps 60 (about 2 minutes of shuffles); 100
+    shuffles of its four models ask for 2.7 hours at 20,000 stimuli (163 minutes)."""
+    if m < 2 or not widths or min(widths) < 1 or n_permutations < 0 or threads < 1:
+        raise ValueError(
+            f"need m >= 2, widths >= 1, n_permutations >= 0 and threads >= 1, got {m}, "
+            f"{list(widths)}, {n_permutations}, {threads}"
+        )
+    k = min(max(widths), m - 1)
+    seconds = n_permutations * len(widths) * LOO_SHUFFLE_SECONDS * (m * k * k + k**3)
+    seconds *= PAIR_MARGIN / min(threads, len(widths))
+    return max(ANALYSIS_KINDS["gpa"][1], math.ceil(seconds / 60))
 
 
 def analysis_resources(kind: str = "light", attempt: int = 1) -> dict[str, int]:

@@ -68,7 +68,7 @@ from xmodal.logs import forward_to
 from xmodal.prefetch import downloaded_revision
 from xmodal.properties import annotations, check_annotations
 from xmodal.registry import Registry, built_model_dir
-from xmodal.resources import analysis_resources, pair_minutes
+from xmodal.resources import analysis_resources, loo_minutes, pair_minutes
 from xmodal.selection import DropControl, HeldOutLayer, SelfSelection
 from xmodal.stimuli import (
     DECODED_IMAGES,
@@ -258,6 +258,19 @@ def gpa_resources(leave_one_out=False):
         return gpa_memory_mb(shapes[0][1], [dim for _, _, dim in shapes], workers)
 
     return sized_resources("gpa", "mem_mb", lambda input: input.features, need)
+
+
+def loo_resources():
+    """The leave-one-model-out job's memory (gpa_resources) and runtime: xmodal.resources.
+    loo_minutes, the baseline of shuffled rows (analysis.n_random shuffles of each model)
+    growing as m·k² (2.7 hours at 20,000 stimuli of the paper's widths)."""
+
+    def need(shapes, threads):
+        m, widths = shapes[0][1], [dim for _, _, dim in shapes]
+        return loo_minutes(m, widths, int(ANALYSIS["n_random"]), threads)
+
+    runtime = sized_resources("gpa", "runtime", lambda input: input.features, need)
+    return {**gpa_resources(leave_one_out=True), "runtime": runtime["runtime"]}
 
 
 def pair_resources(kind):

@@ -95,7 +95,7 @@ rule leave_one_model_out:
     # the per-model fits run on parallel threads, one per CPU (xmodal.parallel)
     threads: 2
     resources:
-        **gpa_resources(leave_one_out=True),
+        **loo_resources(),
     params:
         **named_params(
             models=VISION,
