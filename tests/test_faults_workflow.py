@@ -325,7 +325,7 @@ def test_unconfigured_model_key_matches_no_rule(finished: Path) -> None:
 
 
 #: common.smk's resource functions that size a rule and grow with each retry
-SIZED_BY = ("retry_resources", "gpa_resources", "pair_resources")
+SIZED_BY = ("retry_resources", "gpa_resources", "loo_resources", "pair_resources")
 
 
 def test_analysis_memory_grows_with_each_retry() -> None:
