@@ -31,6 +31,7 @@ __all__ = [
     "dispersion_table",
     "leave_one_model_out",
     "mean_dispersion",
+    "permutation_baseline",
     "pc1_dispersion",
     "pc1_orientation",
     "read_dispersion_table",
@@ -225,20 +226,20 @@ def read_dispersion_table(path: str | os.PathLike) -> pd.DataFrame:
     return table
 
 
-def _permutation_baseline(
-    partial: np.ndarray, shuffled: np.ndarray, row: dict[str, object]
+def permutation_baseline(
+    partial: np.ndarray, shuffled: np.ndarray, pearson_r: float, spearman_rho: float
 ) -> dict[str, float | int]:
-    """The row-permutation baseline's columns of one held-out model's row (``shuffled``: its
-    deviations with rows shuffled, one permutation per row)."""
+    """The row-permutation baseline's columns of one held-out model's row in ``loo.tsv``
+    (:func:`leave_one_model_out`): ``shuffled`` holds its deviations with its rows shuffled,
+    one shuffle per row; ``pearson_r`` and ``spearman_rho`` are the model's own."""
     import scipy.stats
 
     out: dict[str, float | int] = {}
-    for name, test in (
-        ("pearson_r", scipy.stats.pearsonr),
-        ("spearman_rho", scipy.stats.spearmanr),
+    for name, test, value in (
+        ("pearson_r", scipy.stats.pearsonr, float(pearson_r)),
+        ("spearman_rho", scipy.stats.spearmanr, float(spearman_rho)),
     ):
         null = np.array([test(partial, d).statistic for d in shuffled], dtype=np.float64)
-        value = float(row[name])  # type: ignore[arg-type]
         out[f"perm_{name}"] = float(null.mean())
         out[f"perm_{name.split('_')[0]}_p"] = float(
             (1 + np.count_nonzero(null >= value)) / (len(null) + 1)
@@ -374,7 +375,7 @@ def leave_one_model_out(
             "pc1_oriented": oriented,
         }
         if n_permutations:
-            row |= _permutation_baseline(partial, shuffled, row)
+            row |= permutation_baseline(partial, shuffled, pr.statistic, sr.statistic)
         rows.append(row)
         if not fit.converged:  # DESIGN 2.1: warn and record; name the fit it concerns
             log.warning(

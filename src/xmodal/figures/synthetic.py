@@ -14,6 +14,7 @@ import pandas as pd
 from scipy import stats
 
 from xmodal.alignment import drop_table
+from xmodal.dispersion import permutation_baseline
 from xmodal.io import write_table
 from xmodal.summary import (
     drop_summary_table,
@@ -271,9 +272,7 @@ def synthetic_inputs(
         # the baseline of the held-out model's rows shuffled (xmodal.dispersion), from its own
         # generator: drawn from rng, it would change every table made after it
         shuffle = np.random.default_rng([seed, 14, i])
-        perm = [shuffle.permutation(n_stimuli) for _ in range(max(n_random, 1))]
-        null_r = np.array([stats.pearsonr(partial, dev[q]).statistic for q in perm])
-        null_rho = np.array([stats.spearmanr(partial, dev[q]).statistic for q in perm])
+        shuffled = np.array([dev[shuffle.permutation(n_stimuli)] for _ in range(max(n_random, 1))])
         loo_rows.append(
             {
                 "held_out": v,
@@ -282,11 +281,7 @@ def synthetic_inputs(
                 "spearman_rho": sr,
                 "spearman_p": sp,
                 "n": n_stimuli,
-                "perm_pearson_r": null_r.mean(),
-                "perm_pearson_p": (1 + np.sum(null_r >= pr)) / (len(perm) + 1),
-                "perm_spearman_rho": null_rho.mean(),
-                "perm_spearman_p": (1 + np.sum(null_rho >= sr)) / (len(perm) + 1),
-                "n_permutations": len(perm),
+                **permutation_baseline(partial, shuffled, pr, sr),
             }
         )
     loo_stimuli, loo = pd.DataFrame(loo_pts), pd.DataFrame(loo_rows)
