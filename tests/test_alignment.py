@@ -719,3 +719,55 @@ def test_a_value_outside_minus_one_to_one_is_written_as_nan_and_warned(caplog):
     xs, ys, raw = found["in"]
     value, _ = al.side_values("cknna", xs, ys)
     assert float(value[0]) == pytest.approx(raw, abs=1e-12)
+
+
+def test_a_bootstrap_resample_outside_minus_one_to_one_makes_the_interval_nan(caplog):
+    """A resample's CKNNA outside [−1, 1] is NaN as a set's value is, so the low − high
+    interval is NaN, with one warning naming the keys, rather than stretched by it: on sets of
+    8 with k = 4 (which max(4, 2k) allows) 8 of 400 resamples reached up to 4.2 and the
+    interval was finite. Where no resample leaves the range, the interval is the raw
+    resamples'."""
+    m, ids = 48, [f"s{i:02d}" for i in range(48)]
+
+    def pair(seed, set_size):
+        rng = np.random.default_rng(seed)
+        sigma = rng.uniform(0, 1.5, m)
+        shared = rng.standard_normal((m, 4))
+        v, y = (
+            mt.prepare(shared @ rng.standard_normal((4, 6)) + rng.standard_normal((m, 6)))
+            for _ in range(2)
+        )
+        sets = sel.make_sets(ids, sigma, sigma, set_size=set_size, n_random=4, seed=0)
+        return v, y, sets
+
+    def raw_resamples(v, y, sets, k):
+        plan = al.ConditionPlan(sets, ids, k=k, n_boot=200, seed=0)
+        xs, ys = plan.side(v), plan.side(y)
+        return {
+            name: plan.plans[(name, "mean")].values(
+                xs.boot[(name, "mean")], ys.boot[(name, "mean")], "cknna"
+            )
+            for name in ("low", "high")
+        }
+
+    v, y, sets = pair(5, 8)
+    raw = raw_resamples(v, y, sets, 4)
+    both = np.concatenate([raw["low"], raw["high"]])
+    assert np.isfinite(both).all() and np.abs(both).max() > 4  # the planted case leaves the range
+    al._warned_out_of_range.clear()
+    with caplog.at_level("WARNING", logger="xmodal.alignment"):
+        _, contrasts = al.condition_table("v", "l", 0, v, y, sets, ids, k=4, n_boot=200)
+    row = contrasts.set_index("summary").loc["mean"]
+    assert np.isfinite(row["diff_low_high"])
+    assert np.isnan(row["diff_ci_low"]) and np.isnan(row["diff_ci_high"])
+    warned = [r.getMessage() for r in caplog.records if "bootstrap resamples lie" in r.getMessage()]
+    assert len(warned) == 1 and "sets of 8 stimuli (k = 4)" in warned[0]
+    assert "analysis.knn_k" in warned[0] and "analysis.set_size" in warned[0]
+
+    v, y, sets = pair(5, 12)
+    raw = raw_resamples(v, y, sets, 6)
+    assert np.abs(np.concatenate([raw["low"], raw["high"]])).max() <= 1
+    _, contrasts = al.condition_table("v", "l", 0, v, y, sets, ids, k=6, n_boot=200)
+    row = contrasts.set_index("summary").loc["mean"]
+    want = np.percentile(raw["low"] - raw["high"], [2.5, 97.5])
+    assert [row["diff_ci_low"], row["diff_ci_high"]] == pytest.approx(want, abs=1e-12)

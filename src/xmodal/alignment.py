@@ -351,36 +351,48 @@ def kernel_is_rounding(side: KernelKNN) -> torch.Tensor:
 #: How far beyond ±1 a normalised alignment may lie by rounding alone (docs/method.md,
 #: "Alignment": values outside [−1, 1] are written as NaN).
 OUT_OF_RANGE_TOL = 1e-6
-_warned_out_of_range: set[tuple[str, int, int]] = set()
+_warned_out_of_range: set[tuple[str, int, int, str]] = set()
+
+
+def _outside_range(
+    metric: str, value: torch.Tensor, size: int, k: int, what: str = "values"
+) -> torch.Tensor:
+    """Where ``value`` lies outside [−1, 1] beyond rounding (bool, NaN never). CKNNA's masked
+    kernels are not positive semi-definite, so nothing bounds it, and with neighbour sets a
+    large part of a small set it left [−1, 1] in 22–72% of random sets of 4–8 stimuli at
+    k = n/2 (sizes audit: values up to 100, exit 0); no such value is a correlation of local
+    structure. Warned once per metric, set size, k and ``what``."""
+    bad = value.abs() > 1 + OUT_OF_RANGE_TOL  # (NaN compares False)
+    if not bool(bad.any()):
+        return bad
+    key = (metric, size, k, what)
+    if key not in _warned_out_of_range:
+        _warned_out_of_range.add(key)
+        log.warning(
+            "%s over sets of %d stimuli (k = %d): %d of %d %s lie outside [-1, 1] (largest "
+            "|value| %.3g) and are written as NaN. With neighbour sets this large a part of the "
+            "set the measure is no longer a correlation of local structure: use fewer "
+            "neighbours (analysis.knn_k, at most a quarter of analysis.set_size) or larger sets "
+            '(docs/method.md, "Alignment")',
+            metric,
+            size,
+            k,
+            int(bad.sum()),
+            bad.numel(),
+            what,
+            float(value[bad].abs().max()),
+        )
+    return bad
 
 
 def _in_range(
     metric: str, value: torch.Tensor, stability: torch.Tensor, side: KernelKNN
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``value`` and ``stability`` with NaN where the value lies outside [−1, 1] beyond
-    rounding. CKNNA's masked kernels are not positive semi-definite, so nothing bounds it, and
-    with neighbour sets a large part of a small set it left [−1, 1] in 22–72% of random sets of
-    4–8 stimuli at k = n/2 (sizes audit: values up to 100, exit 0); no such value is a
-    correlation of local structure. Warned once per metric, set size and k."""
-    bad = value.abs() > 1 + OUT_OF_RANGE_TOL  # (NaN compares False)
+    rounding (:func:`_outside_range`)."""
+    bad = _outside_range(metric, value, side.size, side.k)
     if not bool(bad.any()):
         return value, stability
-    key = (metric, side.size, side.k)
-    if key not in _warned_out_of_range:
-        _warned_out_of_range.add(key)
-        log.warning(
-            "%s over sets of %d stimuli (k = %d): %d of %d values lie outside [-1, 1] (largest "
-            "|value| %.3g) and are written as NaN. With neighbour sets this large a part of the "
-            "set the measure is no longer a correlation of local structure: use fewer "
-            "neighbours (analysis.knn_k, at most a quarter of analysis.set_size) or larger sets "
-            '(docs/method.md, "Alignment")',
-            metric,
-            side.size,
-            side.k,
-            int(bad.sum()),
-            bad.numel(),
-            float(value[bad].abs().max()),
-        )
     nan = torch.tensor(float("nan"), dtype=value.dtype)
     return torch.where(bad, nan, value), torch.where(bad, nan.to(stability.dtype), stability)
 
@@ -1087,13 +1099,18 @@ class ConditionPlan:
             return None
         if ("low", summary) not in xs.boot or ("low", summary) not in ys.boot:
             raise ValueError("a side was prepared with boot=False; the bootstrap needs it")
-        lo = self.plans[("low", summary)].values(
-            xs.boot[("low", summary)], ys.boot[("low", summary)], metric
-        )
-        hi = self.plans[("high", summary)].values(
-            xs.boot[("high", summary)], ys.boot[("high", summary)], metric
-        )
-        return difference_summary(lo - hi)
+
+        def resampled(name: str) -> np.ndarray:
+            # a resample outside [−1, 1] is NaN as a set's value is (side_values), so that the
+            # interval is NaN rather than stretched by it (docs/method.md, "Alignment")
+            plan = self.plans[(name, summary)]
+            value = plan.values(xs.boot[(name, summary)], ys.boot[(name, summary)], metric)
+            bad = _outside_range(
+                metric, torch.from_numpy(value), plan.n, plan.k, "bootstrap resamples"
+            )
+            return np.where(bad.numpy(), np.nan, value)
+
+        return difference_summary(resampled("low") - resampled("high"))
 
     def evaluate_metrics(
         self,
