@@ -524,6 +524,37 @@ def test_a_revision_pinned_to_the_commit_it_resolved_to_changes_no_spec() -> Non
         assert Registry.from_config(cfg)["llama-65b"].settled_revision(made_pinned) == settled
 
 
+def test_the_shared_download_record_keeps_its_spec_for_the_same_weights() -> None:
+    """A model's download record serves every dataset of the project. Its spec as last made
+    (``recorded``) is kept where the config names the same weights: the same revision,
+    ``main`` for none, or the commit the record resolved to. Another revision, another
+    model's record or a spec of other fields give the config's own spec."""
+    cfg = paper()
+    sha = "8db7eda" + "0" * 33
+    entry = Registry.from_config(cfg)["llama-65b"]
+    record = {"model_id": entry.id, "source": "transformers", "revision": sha}
+
+    def spec(revision, recorded_revision, rec=record, made=None):
+        cfg["models"]["llama-65b"]["revision"] = revision
+        pinned = Registry.from_config(cfg)["llama-65b"]
+        recorded = {**pinned.prefetch_spec(), "revision": recorded_revision}
+        return pinned.prefetch_spec(made, recorded=recorded, record=rec)["revision"]
+
+    # the first dataset downloaded unpinned; the second's config pins the commit it got
+    assert spec(sha, None) is None and spec(sha, "main") == "main"
+    assert spec(None, "main") == "main" and spec("main", None) is None
+    assert spec(sha, sha) == sha and spec(None, sha) is None  # main need not be that commit
+    assert spec("1" * 40, None) == "1" * 40 and spec("v1.0", sha) == "v1.0"
+    assert spec(sha, None, rec={**record, "model_id": "huggyllama/llama-30b"}) == sha
+    assert spec(sha, None, rec=None) == sha
+    made = {"model_id": entry.id, "requested_revision": sha, "revision": sha}
+    assert spec(sha, None, made=made) is None  # the record's spec, not this dataset's file's
+    cfg["models"]["llama-65b"]["revision"] = sha
+    pinned = Registry.from_config(cfg)["llama-65b"]
+    other = {**pinned.prefetch_spec(), "revision": None, "extra": 1}
+    assert pinned.prefetch_spec(recorded=other, record=record)["revision"] == sha
+
+
 def test_a_local_folder_spelled_another_way_changes_no_spec(tmp_path, monkeypatch) -> None:
     """A local model's id written ./models/m, models/m/ or as its absolute path re-extracted
     the model from the same weights (audit; image paths written another way re-extract

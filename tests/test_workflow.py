@@ -308,6 +308,21 @@ def test_moving_the_hub_cache_reextracts_nothing(tmp_path, tiny_vits):
         assert "Nothing to be done" in proc.stdout + proc.stderr, proc.stdout[-3000:]
     proc = snakemake(wd, "-n", "--configfile", pins["0" * 40], "--cores", "1", target)
     assert job_counts(proc.stdout + proc.stderr) == {"prefetch_model": 1, "extract": 1}, proc.stdout
+    # a second dataset in the project, its config pinned to that commit, shares the model's
+    # download record: neither dataset downloads or re-extracts the model for the other
+    # (before: its spec spelled the pin, the first dataset's none, and every switch between
+    # them downloaded the model again and re-extracted it for the dataset run)
+    generate_stimuli(wd / "resources/stimuli/hubtest2", n=12, seed=1)
+    pinned = {**cfg["models"], "mae-h": {**cfg["models"]["mae-h"], "revision": resolved}}
+    second = write_config(wd, {**cfg, "dataset": "hubtest2", "models": pinned}, "second.yaml")
+    target2 = "results/features/hubtest2/mae-h.h5"
+    proc = snakemake(wd, "-n", "--configfile", second, "--cores", "1", target2)
+    assert job_counts(proc.stdout + proc.stderr) == {"extract": 1}, proc.stdout[-3000:]
+    snakemake(wd, "--configfile", second, "--cores", "1", target2, env=offline)
+    for configfile, path in ((pins[resolved], target), ("config/here.yaml", target),
+                             (second, target2)):  # fmt: skip
+        proc = snakemake(wd, "-n", "--configfile", configfile, "--cores", "1", path)
+        assert "Nothing to be done" in proc.stdout + proc.stderr, proc.stdout[-3000:]
     proc = snakemake(wd, "--configfile", moved, "--cores", "1", "--force", target,
                      env=offline, check=False)  # fmt: skip
     log = (wd / "logs/extract/hubtest/mae-h.log").read_text()

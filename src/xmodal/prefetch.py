@@ -56,10 +56,12 @@ log = logging.getLogger(__name__)
 __all__ = [
     "PrefetchError",
     "check_prefetched",
+    "downloaded_revision",
     "is_offline",
     "hub_repo_id",
     "prefetch_model",
     "prefetch_stimuli",
+    "read_model_record",
 ]
 
 
@@ -297,6 +299,22 @@ def _select_weights(
     return sorted(set(wanted) | set(pickles))
 
 
+def read_model_record(
+    model_key: str, records: str | os.PathLike | None = None
+) -> dict[str, Any] | None:
+    """The download record of model ``model_key`` (:func:`prefetch_model`'s JSON, in
+    ``records``, default the workflow's folder relative to the working directory); None
+    without a readable one."""
+    from xmodal.config import PREFETCH_RECORDS
+
+    path = Path(records if records is not None else PREFETCH_RECORDS) / f"{model_key}.json"
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
 def downloaded_revision(
     model_key: str,
     model_id: str,
@@ -315,14 +333,8 @@ def downloaded_revision(
     given. ``records``: the folder of records (default: the workflow's, relative to the
     working directory).
     """
-    from xmodal.config import PREFETCH_RECORDS
-
-    path = Path(records if records is not None else PREFETCH_RECORDS) / f"{model_key}.json"
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return revision
-    if not isinstance(record, dict) or record.get("model_id") != model_id:
+    record = read_model_record(model_key, records)
+    if record is None or record.get("model_id") != model_id:
         return revision
     resolved = record.get("revision")
     if record.get("source") == "local" or not isinstance(resolved, str):

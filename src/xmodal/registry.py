@@ -325,11 +325,37 @@ class ModelEntry:
             )
         return out
 
-    def prefetch_spec(self, made: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    def prefetch_spec(
+        self,
+        made: Mapping[str, Any] | None = None,
+        recorded: Mapping[str, Any] | None = None,
+        record: Mapping[str, Any] | None = None,
+    ) -> dict[str, Any]:
         """What the download of this model depends on (repository and revision, as
-        :meth:`settled_revision` spells it: a download run again schedules the extraction)."""
-        revision = self.settled_revision(made)
-        return {"modality": self.modality, "id": self.id, "revision": revision}
+        :meth:`settled_revision` spells it: a download run again schedules the extraction).
+
+        The download record (``record``: its JSON) is one per model key, shared by every
+        dataset of the project. ``recorded`` is the spec the record was last made with
+        (Snakemake's record of that job); where this config names the same weights (the
+        same revision, ``main`` for none, or the commit the record resolved to), that spec
+        is kept. Each dataset's own spelling, from its feature file, would otherwise differ
+        between two datasets whose features were made before and after the revision was
+        pinned, and every switch between them downloaded the model again and re-extracted it
+        (audit of two datasets in one project: pinned to the same commit).
+        """
+        spec = {"modality": self.modality, "id": self.id, "revision": self.settled_revision(made)}
+        if not recorded or not record or set(recorded) != set(spec):
+            return spec
+        before, resolved = recorded.get("revision"), record.get("revision")
+        same_weights = (
+            self.revision == before
+            or {self.revision, before} <= {None, "main"}
+            or (self.revision is not None and self.revision == resolved)
+        )
+        ours = (recorded.get("modality"), recorded.get("id")) == (self.modality, self.id) and (
+            record.get("model_id") == self.id and record.get("source") != "local"
+        )
+        return dict(recorded) if ours and same_weights else spec
 
     @property
     def bytes_per_param(self) -> int:

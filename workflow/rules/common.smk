@@ -1,5 +1,6 @@
 # Everything that is Python rather than a rule: config validation, the model registry,
 # wildcard constraints and input functions.
+import ast
 import hashlib
 import json
 import os
@@ -65,7 +66,7 @@ from xmodal.demo.build import demo_needs
 from xmodal.attempts import forget_failures, marked_paths, unfinished_outputs
 from xmodal.io import file_digests
 from xmodal.logs import forward_to
-from xmodal.prefetch import downloaded_revision
+from xmodal.prefetch import downloaded_revision, read_model_record
 from xmodal.properties import annotations, check_annotations
 from xmodal.registry import Registry, built_model_dir
 from xmodal.resources import analysis_resources, loo_minutes, pair_minutes
@@ -469,8 +470,26 @@ def feature_spec(wildcards):
 
 
 def prefetch_spec(wildcards):
-    """What a model's download depends on: its repository and revision."""
-    return REGISTRY[wildcards.model].prefetch_spec(_made_with(wildcards.model))
+    """What a model's download depends on: its repository and revision. Its record is one
+    per model key for every dataset of the project: the spec the record was made with is
+    kept where this config names the same weights (ModelEntry.prefetch_spec)."""
+    record = f"{PREFETCH_RECORDS}/{wildcards.model}.json"
+    return REGISTRY[wildcards.model].prefetch_spec(
+        _made_with(wildcards.model),
+        recorded=_recorded_param(record),
+        record=read_model_record(wildcards.model),
+    )
+
+
+def _recorded_param(path):
+    """The one param Snakemake recorded for the job that made ``path`` (a dict), None
+    without a record or where it cannot be read."""
+    try:
+        params = workflow.persistence.params(IOFile(path))
+        value = ast.literal_eval(params[0]) if params and len(params) == 1 else None
+    except Exception:
+        return None
+    return value if isinstance(value, dict) else None
 
 
 def model_input(wildcards):
