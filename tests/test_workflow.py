@@ -980,6 +980,20 @@ def test_stimuli_edited_while_a_run_goes_fail_the_run_at_its_end(
         assert text in out, out[-3000:]
 
 
+def test_a_run_that_needs_no_stimuli_before_any_exist_ends_without_error(tmp_path):
+    """A new project's first step that reads no stimuli (the demo's training scenes) ended
+    with exit code 1 after its job succeeded: "the stimuli changed while this run was going
+    (… cannot be read now …)", for a manifest that did not exist when the run started either
+    (audit of two datasets in one project)."""
+    wd = copy_project(tmp_path / "new")
+    target = "resources/demo/training/demo/scenes.npz"
+    proc = snakemake(wd, "--profile", "profiles/demo", "--cores", "1", "--", target, check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    assert (wd / target).is_file() and not (wd / "resources/stimuli/demo/stimuli.tsv").exists()
+    assert "changed while this run" not in out
+
+
 def test_a_run_failed_by_an_edit_records_its_settings_as_mixed(workflow_dir, tmp_path, demo_config):
     """A run with another knn_k whose stimuli changed under it ends in an error; its settings
     record then says the results on disk mix settings (as after any failed run), so that

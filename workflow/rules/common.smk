@@ -1507,6 +1507,8 @@ def check_stimuli_of_this_run():
     this run wrote (a --touch run) is named as in check_feature_files."""
     if not workflow.is_main_process:
         return
+    if _MANIFEST_AT_START is None and not Path(MANIFEST).is_file():
+        return  # none when the run started and none now: a run that needed no stimuli
     # a manifest (and images) made again by the workflow during this run is not an edit; the
     # next run brings the stamps up to it and re-extracts (the maker named as the target)
     if MANIFEST_RULE is not None and _made_at() != _MADE_AT_START:
