@@ -469,14 +469,19 @@ def feature_spec(wildcards):
     return REGISTRY[wildcards.model].feature_spec(_made_with(wildcards.model))
 
 
+def prefetch_record(model):
+    """A hub model's download record: one per model key, for every dataset of the project
+    (the folder stays wherever `hub_cache` points, docs/cluster.md)."""
+    return f"{PREFETCH_RECORDS}/{model}.json"
+
+
 def prefetch_spec(wildcards):
     """What a model's download depends on: its repository and revision. Its record is one
     per model key for every dataset of the project: the spec the record was made with is
     kept where this config names the same weights (ModelEntry.prefetch_spec)."""
-    record = f"{PREFETCH_RECORDS}/{wildcards.model}.json"
     return REGISTRY[wildcards.model].prefetch_spec(
         _made_with(wildcards.model),
-        recorded=_recorded_param(record),
+        recorded=_recorded_param(prefetch_record(wildcards.model)),
         record=read_model_record(wildcards.model),
     )
 
@@ -499,7 +504,7 @@ def model_input(wildcards):
         return built_model_dir(wildcards.model)
     if entry.source == "local":
         return []
-    return f"{PREFETCH_RECORDS}/{wildcards.model}.json"
+    return prefetch_record(wildcards.model)
 
 
 def manifest_stamp_path(modality):
