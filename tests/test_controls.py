@@ -337,6 +337,17 @@ def test_drop_equal_to_full_is_not_above_it():
     assert (r.n_drop_high_gt_full, r.n_drop_low_gt_full) == (0, 0)
 
 
+def test_drop_low_on_the_interval_end_is_not_below_it():
+    """Drop low equal to the draws' lower interval end (0.25) is inside the interval, not below
+    it, which ``<=`` counted (mutation audit of the tables)."""
+    rows = pd.concat(
+        [drop_row(0.5, 0.25, 0.3, 0.0).assign(vision="a"), drop_row(0.5, 0.2, 0.3, 0.0)],
+        ignore_index=True,
+    )
+    r = drop_summary_table(rows).iloc[0]
+    assert r.n_drop_low_below_random_ci == 1  # v (drop low 0.2) only
+
+
 # ---------------------------------------------------------------- stability of the baselines
 
 

@@ -8,11 +8,14 @@ import pytest
 
 from xmodal.figures.synthetic import synthetic_inputs
 from xmodal.summary import (
+    STABILITY_THRESHOLD,
     SUMMARY_COLUMNS,
     heldout_pairs,
     heldout_summary_table,
     mean_stability,
+    self_selection_summary_table,
     summary_table,
+    unstable,
 )
 
 
@@ -209,6 +212,95 @@ def test_unstable_count_is_over_valid_pairs_only():
     assert (out.n_valid, out.n_unstable) == (1, 0)
 
 
+def test_a_stability_equal_to_the_threshold_is_not_unstable():
+    """Docs: flagged when the stability *exceeds* 1e-3; ``>=`` flagged a stability of exactly
+    1e-3 (mutation audit of the tables)."""
+    con = contrasts_rows([(v, "l", "mean", 0.5, 0.3, 0.4, 0.01, 0.0) for v in "abc"])
+    con["low_stability"] = [STABILITY_THRESHOLD, np.nextafter(STABILITY_THRESHOLD, 1), 0.0]
+    con["high_stability"] = 0.0
+    assert unstable(con, ("low_stability",)).tolist() == [False, True, False]
+    assert summary_table(con).iloc[0].n_unstable == 1
+
+
+@pytest.mark.parametrize("flags", [[1, 0, 1], ["1", "0", "1"], ["True", "False", "true"]])
+def test_layer_tied_counts_a_true_written_as_1(flags):
+    """``layer_tied`` as written or read back (True, true, 1) counts: a column of 1/0 read as
+    ``true`` alone gave n_layer_tied 0 (mutation audit of the tables)."""
+    rows = [
+        ("a", "l", "mean", 0.5, 0.3, 0.4, 0.01, 0.0),
+        ("b", "l", "mean", 0.5, 0.3, 0.4, 0.01, 0.0),
+        ("c", "l", "mean", 0.5, 0.3, np.nan, 0.01, 0.0),
+    ]
+    con = contrasts_rows(rows)
+    con["layer_tied"] = flags
+    # pair c is not valid (no random mean): only a is counted
+    assert summary_table(con).iloc[0].n_layer_tied == 1
+
+
+def test_a_grid_pair_with_an_undefined_random_draw_is_not_valid():
+    """A pair filled from the grid whose random draws include a NaN has no random mean (never
+    averaged over the other draws): it is not valid and not counted. The grid's random mean
+    over the finite draws (0.3) counted it as low > random > high (mutation audit)."""
+    grid = pd.DataFrame(
+        [
+            ("v", "l", "low", "mean", 0, 0.4),
+            ("v", "l", "high", "mean", 0, 0.2),
+            ("v", "l", "random", "none", 0, 0.3),
+            ("v", "l", "random", "none", 1, np.nan),
+        ],
+        columns=["vision", "llm", "condition", "summary", "draw", "value"],
+    ).assign(metric="cknna")
+    r = summary_table(contrasts_rows([]), grid).iloc[0]
+    assert (r.n_pairs, r.n_valid, r.n_low_gt_random_gt_high, r.n_low_gt_high) == (1, 0, 0, 0)
+
+
+def test_low_equal_to_random_or_to_high_is_not_above_it():
+    """Strict orders: low = random (0.4) is not low > random > high, and low = high (0.3) is
+    not low > high; ``>=`` counted them (mutation audit of the tables)."""
+    rows = [
+        ("a", "l", "mean", 0.4, 0.2, 0.4, 0.01, 0.0),
+        ("b", "l", "mean", 0.3, 0.3, 0.3, 0.01, 0.0),
+        ("c", "l", "mean", 0.5, 0.2, 0.3, 0.01, 0.0),
+    ]
+    r = summary_table(contrasts_rows(rows)).iloc[0]
+    assert r.n_low_gt_random_gt_high == 1  # c only
+    assert r.n_low_gt_high == 2  # a and c
+
+
+def test_median_fraction_is_over_the_valid_pairs_only():
+    """``median_frac_random_ge_low`` is over the n_valid pairs: a pair without a high value has
+    a finite fraction (0.9) that must be left out; over every pair the median of 0.1, 0.3 and
+    0.9 is 0.3, not 0.2 (mutation audit of the tables)."""
+    rows = [
+        ("a", "l", "mean", 0.5, 0.3, 0.4, 0.01, 0.1),
+        ("b", "l", "mean", 0.5, 0.3, 0.4, 0.01, 0.3),
+        ("c", "l", "mean", 0.5, np.nan, 0.4, 0.01, 0.9),
+    ]
+    r = summary_table(contrasts_rows(rows)).iloc[0]
+    assert r.n_valid == 2
+    assert r.median_frac_random_ge_low == pytest.approx(0.2)
+
+
+def test_self_selection_summary_keeps_the_metrics_of_the_self_selection_table():
+    """The ``all`` rows are the main contrasts restricted to the self-selection table's metrics
+    and summaries: without the metric filter the contrasts' CKA rows appeared as ``all`` rows
+    with no ``others`` row beside them (mutation audit of the tables)."""
+    con = pd.concat(
+        [
+            contrasts_rows([("a", "l", "mean", 0.5, 0.3, 0.4, 0.01, 0.0)]).assign(metric="cknna"),
+            contrasts_rows([("a", "l", "mean", 0.2, 0.3, 0.25, 0.01, 0.0)]).assign(metric="cka"),
+        ],
+        ignore_index=True,
+    )
+    own = contrasts_rows([("a", "l", "mean", 0.45, 0.35, 0.4, 0.01, 0.0)]).assign(metric="cknna")
+    out = self_selection_summary_table(own, con)
+    assert out[["sets", "metric", "summary"]].values.tolist() == [
+        ["all", "cknna", "mean"],
+        ["others", "cknna", "mean"],
+    ]
+    assert out["n_low_gt_high"].tolist() == [1, 1]
+
+
 def test_mean_stability_is_nan_when_a_draw_is():
     """One draw's undefined stability makes the mean undefined: ``np.nanmean`` would report
     0.05 over the other draws."""
@@ -280,3 +372,33 @@ def test_heldout_stability_is_the_mean_over_splits():
     """A pair's low_stability is the mean of its splits' (0.005), not their largest (0.01)."""
     t = heldout_splits([0.5, 0.5], [0.3, 0.3], [0.4, 0.4], low_stability=(0.0, 0.01))
     assert heldout_pairs(t).iloc[0].low_stability == pytest.approx(0.005)
+
+
+def test_heldout_unstable_counts_the_high_side():
+    """``n_unstable`` of the held-out summary: valid pairs whose mean low *or high* stability
+    exceeds 1e-3; the low side alone gave 0, not 1 (mutation audit of the tables)."""
+    t = heldout_splits([0.5, 0.5], [0.3, 0.3], [0.4, 0.4]).assign(high_stability=[0.0, 0.004])
+    assert heldout_pairs(t).iloc[0].high_stability == pytest.approx(0.002)
+    assert heldout_summary_table(t).iloc[0].n_unstable == 1
+
+
+def test_heldout_mean_stability_is_nan_when_a_split_has_none():
+    """A pair's low_stability is the mean of its splits' (docs: ``mean_stability``, NaN when a
+    draw's is), never the mean over the splits that have one (``np.nanmean``: 0.002; mutation
+    audit of the tables)."""
+    t = heldout_splits([0.5, 0.5], [0.3, 0.3], [0.4, 0.4], low_stability=(0.002, np.nan))
+    assert np.isnan(heldout_pairs(t).iloc[0].low_stability)
+
+
+def test_heldout_random_equal_to_high_is_not_between():
+    """Mean random 0.3 equal to mean high 0.3 is not low > random > high, which ``rnd >= high``
+    counted (mutation audit of the tables)."""
+    t = pd.concat(
+        [
+            heldout_splits([0.5, 0.5], [0.3, 0.3], [0.3, 0.3]).assign(vision="a"),
+            heldout_splits([0.5, 0.5], [0.3, 0.3], [0.4, 0.4]).assign(vision="b"),
+        ],
+        ignore_index=True,
+    )
+    s = heldout_summary_table(t).iloc[0]
+    assert (s.n_low_gt_high, s.n_low_gt_random_gt_high) == (2, 1)
