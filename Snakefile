@@ -6,7 +6,8 @@
 #   snakemake --profile profiles/demo        the embedded demo (config/demo.yaml)
 from snakemake.utils import min_version
 
-min_version("9.0")
+# 9.17: default_resources as a mapping (workflow/rules/common.smk), priorities by a function
+min_version("9.17")
 
 
 # config.yaml is the default; a --configfile given on the command line replaces it

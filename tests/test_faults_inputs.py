@@ -845,6 +845,11 @@ def test_text_file_named_jpg_through_a_dataloader_worker(manifest_copy: Path) ->
     # name for the bytes it read ('<_io.BytesIO object at 0x…>')
     message = str(err.value).strip().splitlines()[-1]
     assert "stim-06" in message and "BytesIO" not in message, message
+    # and the Pillow that refused it: Pillow 11 and 12 refuse valid uncompressed YCbCr TIFFs
+    # ("image file is truncated"), where "replace the image file" alone would mislead
+    import PIL
+
+    assert f"; Pillow {PIL.__version__}); if other software opens it, update Pillow" in message
 
 
 @pytest.mark.parametrize("kind", ["folder", "named pipe"])

@@ -43,6 +43,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import PIL
 from PIL import Image
 
 from xmodal.attempts import passing_error
@@ -611,8 +612,6 @@ DECODE_THREADS = 8
 def _decoder() -> str:
     """What decodes the images: Pillow's version and the digest of this module, which holds
     the decoding rules (:func:`load_rgb`). A record of decoded images holds for this only."""
-    import PIL
-
     code = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
     return f"Pillow {PIL.__version__}; xmodal.stimuli {code}"
 
@@ -1242,9 +1241,12 @@ def _decode(
     except Exception as err:  # Pillow raises IndexError, TypeError, … on some truncated files
         # Pillow names the bytes read as '<_io.BytesIO object at 0x…>': not the user's file
         said = re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "", str(err))
+        # an older Pillow refuses some valid files (11 and 12: uncompressed YCbCr TIFFs, as
+        # "truncated"): the version is named, and updating it is one way out
         raise StimulusError(
             f"stimulus {stimulus_id!r}: cannot decode image {path} ({type(err).__name__}: "
-            f"{said}); {_FIX_IMAGE}"
+            f"{said}; Pillow {PIL.__version__}); if other software opens it, update Pillow; "
+            f"else {_FIX_IMAGE}"
         ) from err
     notes = []
     if n_frames > 1:
