@@ -61,6 +61,9 @@ def test_round_trip_keeps_ids_as_text_and_numbers_exact(tmp_path: Path, ids, val
             "stimulus_id": ids,
             "model": [f"{i:03d}" for i in range(n)],  # numeric-looking model keys stay text too
             "value": values[:n],
+            # a float32 column reads back as its float64 value (pandas 3 wrote 0.1 for
+            # float32(0.1), which is 0.10000000149011612)
+            "value32": np.clip(values[:n], -1e38, 1e38).astype(np.float32),
             "draw": np.arange(n, dtype=np.int64),
             "chosen": [i % 2 == 0 for i in range(n)],
         }
@@ -71,6 +74,9 @@ def test_round_trip_keeps_ids_as_text_and_numbers_exact(tmp_path: Path, ids, val
     assert back["stimulus_id"].tolist() == ids
     assert back["model"].tolist() == df["model"].tolist()
     np.testing.assert_array_equal(back["value"].to_numpy(float), df["value"].to_numpy(float))
+    np.testing.assert_array_equal(
+        back["value32"].to_numpy(float), df["value32"].to_numpy(np.float64)
+    )
     assert (
         back["draw"].tolist() == list(range(n)) and back["chosen"].tolist() == df["chosen"].tolist()
     )
