@@ -549,6 +549,13 @@ def test_the_shared_download_record_keeps_its_spec_for_the_same_weights() -> Non
     assert spec(sha, None, rec=None) == sha
     made = {"model_id": entry.id, "requested_revision": sha, "revision": sha}
     assert spec(sha, None, made=made) is None  # the record's spec, not this dataset's file's
+    # features made from main before the pin (spelled none), while another dataset's download
+    # of main, since moved, left the record at another commit: the pin downloads again; its
+    # settled spelling (none) was the record's own, and the extraction loaded the other commit
+    moved = {**record, "revision": "b" * 40}
+    made_from_main = {"model_id": entry.id, "requested_revision": "", "revision": sha}
+    assert spec(sha, None, rec=moved, made=made_from_main) == sha
+    assert spec(sha, None, made=made_from_main) is None  # the record holds the pin: kept
     cfg["models"]["llama-65b"]["revision"] = sha
     pinned = Registry.from_config(cfg)["llama-65b"]
     other = {**pinned.prefetch_spec(), "revision": None, "extra": 1}

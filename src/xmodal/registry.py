@@ -342,6 +342,12 @@ class ModelEntry:
         between two datasets whose features were made before and after the revision was
         pinned, and every switch between them downloaded the model again and re-extracted it
         (audit of two datasets in one project: pinned to the same commit).
+
+        Where the record holds other weights than this config names, the spec is the
+        configured revision, so that the download runs again: the settled spelling (none,
+        for features made from ``main`` before the pin) could equal the record's own, and
+        the extraction would load the record's other commit (audit of 2026-12-06: another
+        dataset had downloaded ``main`` after it moved).
         """
         spec = {"modality": self.modality, "id": self.id, "revision": self.settled_revision(made)}
         if not recorded or not record or set(recorded) != set(spec):
@@ -355,7 +361,9 @@ class ModelEntry:
         ours = (recorded.get("modality"), recorded.get("id")) == (self.modality, self.id) and (
             record.get("model_id") == self.id and record.get("source") != "local"
         )
-        return dict(recorded) if ours and same_weights else spec
+        if not ours:
+            return spec
+        return dict(recorded) if same_weights else {**spec, "revision": self.revision}
 
     @property
     def bytes_per_param(self) -> int:
