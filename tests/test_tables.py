@@ -64,6 +64,7 @@ def test_round_trip_keeps_ids_as_text_and_numbers_exact(tmp_path: Path, ids, val
             # a float32 column reads back as its float64 value (pandas 3 wrote 0.1 for
             # float32(0.1), which is 0.10000000149011612)
             "value32": np.clip(values[:n], -1e38, 1e38).astype(np.float32),
+            "nullable32": pd.array(np.clip(values[:n], -1e38, 1e38), dtype="Float32"),
             "draw": np.arange(n, dtype=np.int64),
             "chosen": [i % 2 == 0 for i in range(n)],
         }
@@ -76,6 +77,10 @@ def test_round_trip_keeps_ids_as_text_and_numbers_exact(tmp_path: Path, ids, val
     np.testing.assert_array_equal(back["value"].to_numpy(float), df["value"].to_numpy(float))
     np.testing.assert_array_equal(
         back["value32"].to_numpy(float), df["value32"].to_numpy(np.float64)
+    )
+    np.testing.assert_array_equal(
+        back["nullable32"].to_numpy(float, na_value=np.nan),
+        df["nullable32"].to_numpy(np.float64, na_value=np.nan),
     )
     assert (
         back["draw"].tolist() == list(range(n)) and back["chosen"].tolist() == df["chosen"].tolist()

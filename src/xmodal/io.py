@@ -383,14 +383,15 @@ def write_table(df: pd.DataFrame, path: str | os.PathLike) -> None:
     written as ``NaN``; floats keep every digit (``repr``), so reading back is exact.
     """
     # float32 as float64: pandas 3 writes a float32 by its shortest float32 spelling (0.1),
-    # which reads back as another float64 than the value (pandas 2 wrote 0.10000000149011612)
-    narrow = [
-        c
+    # which reads back as another float64 than the value (pandas 2 wrote 0.10000000149011612);
+    # pandas' nullable Float32 as Float64
+    narrow = {
+        c: np.float64 if isinstance(t, np.dtype) else "Float64"
         for c, t in df.dtypes.items()
-        if isinstance(t, np.dtype) and t.kind == "f" and t.itemsize < 8
-    ]
+        if t.kind == "f" and getattr(t, "itemsize", 8) < 8
+    }
     if narrow:
-        df = df.astype(dict.fromkeys(narrow, np.float64))
+        df = df.astype(narrow)
     for col in df.columns:
         if df[col].dtype == object or pd.api.types.is_string_dtype(df[col]):
             text = df[col].astype(str)
