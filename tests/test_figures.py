@@ -165,6 +165,25 @@ def test_sets_figures(figs, inputs, name, letters):
     assert f"interval above 0 in {summ.n_diff_ci_above_zero}/{summ.n_with_ci}" in title
 
 
+def test_sets_title_says_when_pairs_have_no_interval(inputs, tmp_path):
+    """Where bootstrap resamples out of [−1, 1] leave a pair's interval of low − high
+    undefined, the title counts over the pairs with one and says so; with none defined it
+    says that, instead of dropping the clause (audit of 2026-12-06)."""
+    summary = table(inputs, "summary")
+    row = (summary["metric"] == "cknna") & (summary["summary"] == "mean")
+    n_valid = int(summary.loc[row, "n_valid"].item())
+    summary.loc[row, ["n_with_ci", "n_diff_ci_above_zero"]] = [n_valid - 1, 1]
+    summary.to_csv(tmp_path / "some.tsv", sep="\t", index=False)
+    fig = render_figure("sets_rank", {**inputs, "summary": tmp_path / "some.tsv"})
+    want = f"interval above 0 in 1/{n_valid - 1} with an interval"
+    assert want in fig.get_suptitle(), fig.get_suptitle()
+    summary.loc[row, "n_with_ci"] = 0
+    summary.loc[row, "n_diff_ci_above_zero"] = np.nan
+    summary.to_csv(tmp_path / "none.tsv", sep="\t", index=False)
+    fig = render_figure("sets_rank", {**inputs, "summary": tmp_path / "none.tsv"})
+    assert "pairs, no interval of low − high" in fig.get_suptitle(), fig.get_suptitle()
+
+
 def test_drop25(figs, inputs):
     axes = panels(figs["drop25"])
     assert len(axes) == 3

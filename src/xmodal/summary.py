@@ -134,7 +134,8 @@ def summary_table(contrasts: pd.DataFrame, grid: pd.DataFrame | None = None) -> 
     layer: ``layer_tied``, docs/method.md, "Layer choice and statistics");
     ``n_low_gt_random_gt_high``; ``n_low_gt_high``; ``n_with_ci`` (valid pairs whose bootstrap
     95% interval of low − high has two finite ends); ``n_diff_ci_above_zero`` (of those, the
-    pairs whose interval lies entirely above 0; missing for a metric without a bootstrap);
+    pairs whose interval lies entirely above 0; missing for a metric without a bootstrap, or
+    where no pair has an interval);
     ``n_ratio`` (valid pairs with low > 0 and high > 0, the only ones whose ratio is defined);
     ``median_ratio_low_high`` and ``max_ratio_low_high`` (low / high over those ``n_ratio``
     pairs, NaN when there are none; the paper reports up to 2×); ``n_ratio_random``,
@@ -218,7 +219,7 @@ def _summary_row(metric: str, summary: str, c: pd.DataFrame) -> dict:
         "n_low_gt_high": int(np.sum(low > high)),
         "n_with_ci": int(has_ci.sum()),
         # over the pairs with an interval; missing (not 0) for a metric without a bootstrap
-        # (the CKA metrics: n_boot = 0)
+        # (the CKA metrics: n_boot = 0) and where no pair has one (resamples out of range)
         "n_diff_ci_above_zero": int(np.sum(ci_low[has_ci] > 0)) if has_ci.any() else pd.NA,
         "n_ratio": n_ratio,
         "median_ratio_low_high": median_ratio,

@@ -285,9 +285,13 @@ def _sets_line(data: FigureData, summary: str) -> str:
     if rows.empty:
         return ""
     r = rows.iloc[0]
-    line = f"\nlow > high in {int(r.n_low_gt_high)}/{int(r.n_valid)} pairs"
-    if int(r.n_with_ci):
-        line += f", interval above 0 in {int(r.n_diff_ci_above_zero)}/{int(r.n_with_ci)}"
+    n_ci, n_valid = int(r.n_with_ci), int(r.n_valid)
+    line = f"\nlow > high in {int(r.n_low_gt_high)}/{n_valid} pairs"
+    if n_ci:
+        line += f", interval above 0 in {int(r.n_diff_ci_above_zero)}/{n_ci}"
+        line += " with an interval" if n_ci < n_valid else ""
+    elif n_valid:  # none defined (bootstrap resamples out of range, or no bootstrap): said
+        line += ", no interval of low − high"
     return line + _pair_notes(r)
 
 
