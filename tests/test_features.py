@@ -1055,3 +1055,69 @@ def test_values_that_do_not_fit_the_storage_dtype_are_named_when_written(tmp_pat
     path = write_features(tmp_path / "ok.h5", x, ids, names, ATTRS, dtype=np.float16)
     with h5py.File(path, "r") as f:
         np.testing.assert_array_equal(f["features"][()], x.astype(np.float16))
+
+
+# mutation audit of the guards (2026-12-06): gaps the suite let through
+def test_an_import_that_drops_duplicates_keeps_each_kept_stimulus_own_token_count(tmp_path):
+    """With stimuli.drop_duplicates the supplied file holds a dropped stimulus (a2): the
+    copy's n_tokens are those of a, b, c (1, 2, 4), not shifted by one row (2, 4, 3 under the
+    mutant), which the properties table and language dispersion read."""
+    x = np.arange(1, 25, dtype=np.float32).reshape(1, 4, 6)
+    attrs = {"model_key": "mine", "modality": "language"}
+    src = write_features(
+        tmp_path / "full.h5", x, ["a", "b", "a2", "c"], ["l0"], attrs, n_tokens=[1, 2, 3, 4]
+    )
+    dst = tmp_path / "results" / "mine.h5"
+    import_features(src, dst, "mine", "language", ["a", "b", "c"], dropped={"a2"})
+    with FeatureFile(dst) as out:
+        assert out.stimulus_ids == ["a", "b", "c"]
+        assert out.n_tokens().tolist() == [1, 2, 4]
+        np.testing.assert_array_equal(out.layer(0), x[0][[0, 1, 3]])
+
+
+def test_a_correct_supplied_abs_q95_in_another_row_order_is_not_warned_about(tmp_path, caplog):
+    """A supplied file whose rows are in another order than the manifest, and whose abs_q95
+    is right, imports without the 'its abs_q95 differs' warning (the mutant compared the
+    file-order values with the manifest-order ones and warned for 2 of 3)."""
+    x = np.stack([np.full((3, 4), v, np.float32) for v in (1.0, 2.0, 3.0)], axis=1)  # (3, 3, 4)
+    attrs = {"model_key": "mine", "modality": "vision"}
+    src = write_features(tmp_path / "mine.h5", x, ["c", "a", "b"], ["b0", "b1", "b2"], attrs)
+    with h5py.File(src, "r") as f:
+        assert f["abs_q95"][()].tolist() == [1.0, 2.0, 3.0]
+    with caplog.at_level(logging.WARNING, logger="xmodal.features"):
+        import_features(src, tmp_path / "out.h5", "mine", "vision", ["a", "b", "c"])
+    assert "differs from the features'" not in caplog.text
+    with FeatureFile(tmp_path / "out.h5") as out:
+        assert out.abs_q95().tolist() == [2.0, 3.0, 1.0]
+
+
+def test_a_stored_abs_q95_of_the_wrong_length_is_refused_when_opened(tmp_path):
+    """An abs_q95 with one value too many (8 for 7 stimuli) was read as
+    is, and the clamp threshold (its mean) took the extra value in, exit 0."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 7, 5)).astype(np.float32)
+    ids = [f"s{i}" for i in range(7)]
+    path = write_features(tmp_path / "f.h5", x, ids, ["l0", "l1"], {"modality": "vision"})
+    with h5py.File(path, "r+") as f:
+        q = f["abs_q95"][()]
+        del f["abs_q95"]
+        f["abs_q95"] = np.append(q, 100.0).astype(np.float32)
+    with pytest.raises(FeatureFileError, match=r"'abs_q95' has shape \(8,\), expected \(7,\)"):
+        FeatureFile(path)
+
+
+def test_validate_refuses_a_stored_abs_q95_that_is_not_finite(tmp_path):
+    """Finite features with a NaN in the stored abs_q95 (which sets the
+    alignment's clamp threshold) passed validate(), with layers scanned or not."""
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((2, 5, 3)).astype(np.float32)
+    ids = [f"s{i}" for i in range(5)]
+    path = write_features(tmp_path / "f.h5", x, ids, ["l0", "l1"], {"modality": "vision"})
+    with h5py.File(path, "r+") as f:
+        f["abs_q95"][3] = np.nan
+    for layers in (True, False):
+        with (
+            FeatureFile(path) as ff,
+            pytest.raises(FeatureFileError, match=r"non-finite abs_q95 for stimuli \['s3'\]"),
+        ):
+            ff.validate(ids, layers=layers)

@@ -661,3 +661,60 @@ def test_stimuli_from_a_hub_dataset_are_streamed_not_held_at_once(
         monkeypatch.setattr(prefetch, "_rows", resized)
         with pytest.raises(PrefetchError, match=rf"while the stimuli were written \({where}\)"):
             prefetch_stimuli("fake/big", None, "train", tmp_path / f"out{cut}", hub)
+
+
+@pytest.mark.parametrize("gone", ["config.json", "tokenizer_config.json", "tokenizer.model"])
+def test_check_prefetched_refuses_a_cache_missing_any_one_recorded_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, gone: str
+) -> None:
+    """Every file the record lists is checked, not only the first (mutation audit of the
+    guards: a cache missing the record's last file passed, and the offline GPU job failed)."""
+    fake_repo(tmp_path / "hub", "model", "org/tiny-lm", "main", LM_FILES)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    rec = prefetch_model("org/tiny-lm", "language", None, tmp_path / "hub")
+    assert gone in rec["files"]
+    record = tmp_path / "tiny.json"
+    record.write_text(json.dumps(rec))
+    check_prefetched(record, tmp_path / "hub")
+    (Path(rec["snapshot"]) / gone).unlink()
+    with pytest.raises(PrefetchError, match=rf"gone from the hub cache .*{re.escape(gone)}"):
+        check_prefetched(record, tmp_path / "hub")
+
+
+def test_weights_in_a_subfolder_are_not_the_models_weights(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """transformers loads a snapshot's top level only: a repository whose only safetensors
+    are in a subfolder is refused at the prefetch (login node), and subfolder files are never
+    selected (troubleshooting.md; mutation audit of the guards)."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    files = {"config.json": b"{}", "tokenizer.json": b"{}", "sub/model.safetensors": b"w"}
+    fake_repo(tmp_path, "model", "org/sub-lm", "main", files)
+    with pytest.raises(PrefetchError, match=r"org/sub-lm at revision main has no weights"):
+        prefetch_model("org/sub-lm", "language", None, tmp_path)
+    files = {**files, "model.safetensors": b"w", "sub/config.json": b"{}"}
+    fake_repo(tmp_path / "b", "model", "org/sub-lm", "main", files)
+    rec = prefetch_model("org/sub-lm", "language", None, tmp_path / "b")
+    assert rec["files"] == ["config.json", "model.safetensors", "tokenizer.json"]
+
+
+def test_allow_pickle_on_a_repo_with_both_sharded_formats_takes_the_safetensors(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A repository with sharded safetensors and sharded pickles and both indexes: with
+    allow_pickle (per model or under extraction:) the prefetch takes the safetensors, as
+    without it. It kept the pickle index, whose shards it did not take, and refused, saying
+    the snapshot lacked the .bin shards the cache held (mutation audit of the guards)."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    shards = {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}
+    pickles = {"a": "pytorch_model-00001-of-00002.bin", "b": "pytorch_model-00002-of-00002.bin"}
+    files = {"config.json": b"{}", "tokenizer.json": b"{}"}
+    files |= {name: b"w" for name in [*shards.values(), *pickles.values()]}
+    files["model.safetensors.index.json"] = json.dumps({"weight_map": shards}).encode()
+    files["pytorch_model.bin.index.json"] = json.dumps({"weight_map": pickles}).encode()
+    fake_repo(tmp_path, "model", "org/both", "main", files)
+    without = prefetch_model("org/both", "language", None, tmp_path, allow_pickle=False)
+    with_pickle = prefetch_model("org/both", "language", None, tmp_path, allow_pickle=True)
+    assert with_pickle["files"] == without["files"]
+    assert without["files"] == sorted(["config.json", "tokenizer.json", *shards.values(),
+                                       "model.safetensors.index.json"])  # fmt: skip

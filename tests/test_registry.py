@@ -727,3 +727,20 @@ def test_no_paper_model_is_sized_below_its_parameter_count() -> None:
     assert set(counted_b) == set(PAPER["models"])
     for key, count in counted_b.items():
         assert PAPER["models"][key]["size_b"] >= 0.98 * count, key
+
+
+def test_a_download_recorded_for_the_other_modality_is_not_kept() -> None:
+    """A model key whose modality changed (vision to language, the same hub id): the record
+    holds timm's files (no tokenizer), so the download runs again with the language spec;
+    keeping the recorded vision spec (a mutant of the guards' audit) ran no download, and the
+    offline language extraction found no tokenizer."""
+    entry = Registry.from_config(paper())["llama-65b"]
+    record = {"model_id": entry.id, "source": "timm", "revision": "a" * 40}
+    recorded = {"modality": "vision", "id": entry.id, "revision": None}
+    assert entry.prefetch_spec(None, recorded=recorded, record=record) == {
+        "modality": "language",
+        "id": entry.id,
+        "revision": None,
+    }
+    same = {**recorded, "modality": "language", "revision": "main"}
+    assert entry.prefetch_spec(None, recorded=same, record=record) == same

@@ -274,8 +274,9 @@ def _select_weights(
     wanted = _match(files, download_patterns(library, allow_pickle=False))
     weights = [f for f in wanted if f.endswith(SAFE_SUFFIXES)]
     pickles = _match(files, pickle_patterns(library))
-    # the index of pickle shards is useless without them
-    if not allow_pickle:
+    # the index of pickle shards is useless without them, and beside safetensors weights the
+    # shards are not taken (allow_pickle too): its shards read as missing (audit 2026-12-06)
+    if not allow_pickle or weights:
         wanted = [f for f in wanted if not f.endswith(".bin.index.json")]
     if weights:
         return wanted
