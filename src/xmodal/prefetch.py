@@ -274,8 +274,9 @@ def _select_weights(
     wanted = _match(files, download_patterns(library, allow_pickle=False))
     weights = [f for f in wanted if f.endswith(SAFE_SUFFIXES)]
     pickles = _match(files, pickle_patterns(library))
-    # the index of pickle shards is useless without them, and beside safetensors weights the
-    # shards are not taken (allow_pickle too): its shards read as missing (audit 2026-12-06)
+    # the index of pickle shards is useless without them: kept only where the pickles are the
+    # weights taken (allow_pickle, no safetensors); beside safetensors its shards, not taken,
+    # read as missing and the prefetch refused the model (audit of 2026-12-06)
     if not allow_pickle or weights:
         wanted = [f for f in wanted if not f.endswith(".bin.index.json")]
     if weights:
