@@ -143,9 +143,9 @@ def test_snakefile_min_version_is_the_workflow_extras_snakemake_floor() -> None:
     """The Snakefile's min_version is the floor pip installs to (the `workflow` extra): one
     number, the version the workflow was checked to run on (9.17: 9.16 refuses a priority
     given by a function, 9.0 has no mapping of default resources; audit of 2026-12-06)."""
-    extra = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     floors = {}
-    for dep in extra["optional-dependencies"]["workflow"]:
+    for dep in project["optional-dependencies"]["workflow"]:
         m = re.match(r"([A-Za-z0-9_.\-]+)\s*>=\s*([0-9][^,;\s]*)", dep)
         if m:
             floors[m.group(1)] = m.group(2)
