@@ -62,6 +62,9 @@ def figs(inputs) -> dict[str, Figure]:
     """Every figure, rendered once."""
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)  # complete inputs: no warning of ours
+        # but a library's deprecation: matplotlib 3.8 with pyparsing 3.3 warns one that is a
+        # UserWarning too (PyparsingDeprecationWarning), the first time mathtext parses
+        warnings.simplefilter("ignore", DeprecationWarning)
         return {name: render_figure(name, inputs) for name in FIGURES}
 
 
