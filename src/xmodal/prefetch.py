@@ -59,6 +59,7 @@ __all__ = [
     "downloaded_revision",
     "is_offline",
     "hub_repo_id",
+    "model_record_path",
     "prefetch_model",
     "prefetch_stimuli",
     "read_model_record",
@@ -301,15 +302,21 @@ def _select_weights(
     return sorted(set(wanted) | set(pickles))
 
 
+def model_record_path(model_key: str, records: str | os.PathLike | None = None) -> str:
+    """Where the download record of model ``model_key`` lives: one per model key, for every
+    dataset of the project, in ``records`` (default the workflow's folder, relative to the
+    working directory, which stays there wherever ``hub_cache`` points: docs/cluster.md)."""
+    from xmodal.config import PREFETCH_RECORDS
+
+    return f"{records if records is not None else PREFETCH_RECORDS}/{model_key}.json"
+
+
 def read_model_record(
     model_key: str, records: str | os.PathLike | None = None
 ) -> dict[str, Any] | None:
-    """The download record of model ``model_key`` (:func:`prefetch_model`'s JSON, in
-    ``records``, default the workflow's folder relative to the working directory); None
-    without a readable one."""
-    from xmodal.config import PREFETCH_RECORDS
-
-    path = Path(records if records is not None else PREFETCH_RECORDS) / f"{model_key}.json"
+    """The download record of model ``model_key`` (:func:`prefetch_model`'s JSON, at
+    :func:`model_record_path`); None without a readable one."""
+    path = Path(model_record_path(model_key, records))
     try:
         record = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):

@@ -24,7 +24,6 @@ if _SRC not in sys.path:
 
 from xmodal import analysis_code_digest, demo_code_digest
 from xmodal.config import (
-    PREFETCH_RECORDS,
     RUN_CONFIG_ENV,
     ConfigError,
     apply_defaults,
@@ -66,7 +65,7 @@ from xmodal.demo.build import demo_needs
 from xmodal.attempts import forget_failures, marked_paths, unfinished_outputs
 from xmodal.io import file_digests
 from xmodal.logs import forward_to
-from xmodal.prefetch import downloaded_revision, read_model_record
+from xmodal.prefetch import downloaded_revision, model_record_path, read_model_record
 from xmodal.properties import annotations, check_annotations
 from xmodal.registry import Registry, built_model_dir
 from xmodal.resources import analysis_resources, loo_minutes, pair_minutes
@@ -469,19 +468,13 @@ def feature_spec(wildcards):
     return REGISTRY[wildcards.model].feature_spec(_made_with(wildcards.model))
 
 
-def prefetch_record(model):
-    """A hub model's download record: one per model key, for every dataset of the project
-    (the folder stays wherever `hub_cache` points, docs/cluster.md)."""
-    return f"{PREFETCH_RECORDS}/{model}.json"
-
-
 def prefetch_spec(wildcards):
     """What a model's download depends on: its repository and revision. Its record is one
     per model key for every dataset of the project: the spec the record was made with is
     kept where this config names the same weights (ModelEntry.prefetch_spec)."""
     return REGISTRY[wildcards.model].prefetch_spec(
         _made_with(wildcards.model),
-        recorded=_recorded_param(prefetch_record(wildcards.model)),
+        recorded=_recorded_param(model_record_path(wildcards.model)),
         record=read_model_record(wildcards.model),
     )
 
@@ -504,7 +497,7 @@ def model_input(wildcards):
         return built_model_dir(wildcards.model)
     if entry.source == "local":
         return []
-    return prefetch_record(wildcards.model)
+    return model_record_path(wildcards.model)
 
 
 def manifest_stamp_path(modality):

@@ -6,7 +6,7 @@
 # record's path does not follow it: moving the cache reruns nothing (docs/cluster.md).
 rule prefetch_model:
     output:
-        record=prefetch_record("{model}"),
+        record=model_record_path("{model}"),
     log:
         "logs/prefetch/{model}.log",
     localrule: True
