@@ -139,6 +139,26 @@ def test_text_with_tab_or_line_break_is_refused_naming_column_and_row(
     assert not (tmp_path / "t.tsv").exists()
 
 
+@pytest.mark.parametrize(
+    ("columns", "match"),
+    [
+        (["stimulus_id", "value", "value"], r"column name\(s\) \['value'\] appear more than once"),
+        (["stimulus_id", "a\tb", "c"], r"column name 'a\\tb' is empty or holds a tab"),
+        (["stimulus_id", "", "c"], r"column name '' is empty"),
+    ],
+)
+def test_column_names_that_cannot_be_read_back_are_refused(
+    tmp_path: Path, columns: list[str], match: str
+) -> None:
+    # read back, a repeated name comes back as "value.1" and a tab splits the header: the
+    # numbers would land under another column (AttributeError before, naming no file)
+    df = pd.DataFrame([["s1", 1.0, 2.0]], columns=columns)
+    with pytest.raises(TableError, match=match) as err:
+        write_table(df, tmp_path / "t.tsv")
+    assert str(tmp_path / "t.tsv") in str(err.value)
+    assert not (tmp_path / "t.tsv").exists()
+
+
 @pytest.mark.parametrize(("umask", "mode"), [(0o022, 0o644), (0o002, 0o664), (0o077, 0o600)])
 def test_outputs_get_the_mode_the_umask_gives_new_files(
     tmp_path: Path, umask: int, mode: int

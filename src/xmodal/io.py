@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import resource
 import secrets
 import shutil
@@ -382,6 +383,13 @@ def write_table(df: pd.DataFrame, path: str | os.PathLike) -> None:
     TSV line and is refused (:class:`TableError` naming the column and row). Missing numbers are
     written as ``NaN``; floats keep every digit (``repr``), so reading back is exact.
     """
+    names = [str(c) for c in df.columns]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:  # read back, the second would be renamed (``x.1``) and its numbers lost
+        raise TableError(f"{path}: column name(s) {repeated} appear more than once")
+    odd = next((n for n in names if re.search("[\t\r\n]", n) or not n.strip()), None)
+    if odd is not None:
+        raise TableError(f"{path}: column name {odd!r} is empty or holds a tab or line break")
     # float32 as float64: pandas 3 writes a float32 by its shortest float32 spelling (0.1),
     # which reads back as another float64 than the value (pandas 2 wrote 0.10000000149011612);
     # pandas' nullable Float32 as Float64
