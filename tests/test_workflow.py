@@ -994,6 +994,39 @@ def test_a_run_that_needs_no_stimuli_before_any_exist_ends_without_error(tmp_pat
     assert "changed while this run" not in out
 
 
+def test_a_python_at_a_path_with_a_space_is_refused_and_a_project_folder_with_one_works(
+    tmp_path,
+):
+    """Snakemake starts each step script as `<python> <script>` with the path unquoted
+    (snakemake/snakemake#2645): a venv under "sp ace/" failed every job with "/…/sp: No such
+    file or directory" (audit of paths with spaces). Now the run stops on start naming the
+    path; a dry run still shows the plan, and a project folder with a space runs."""
+    wd = copy_project(tmp_path / "my project ü")
+    env_root = tmp_path / "py env"  # the environment of this test run, reached by a spaced path
+    env_root.symlink_to(Path(sys.executable).parent.parent, target_is_directory=True)
+    python = env_root / "bin" / Path(sys.executable).name
+    seen = subprocess.run([python, "-c", "import sys; print(sys.executable)"],
+                          capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+    assert "py env" in seen, seen
+    target = "results/alignment/demo/models.tsv"
+    env = {"PATH": f"{python.parent}:/usr/bin:/bin", "HOME": str(wd), "PYTHONUNBUFFERED": "1"}
+    args = [python, "-m", "snakemake", "--profile", "profiles/demo", "--cores", "1"]
+    proc = subprocess.run([*args, "--", target], cwd=wd, env=env, capture_output=True,
+                          text=True, timeout=600)  # fmt: skip
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0, out[-3000:]
+    assert "at a path with a space or shell character" in out and "py env" in out, out[-3000:]
+    assert "snakemake/snakemake#2645" in out and "--software-deployment-method conda" in out
+    assert f"{tmp_path}/py: No such file" not in out  # no job started
+    assert not (wd / target).exists() and not list((wd / ".snakemake/locks").glob("*"))
+    proc = subprocess.run([*args, "-n", "--", target], cwd=wd, env=env, capture_output=True,
+                          text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    # the same project folder, with a Python at a plain path: the step script runs
+    snakemake(wd, "--profile", "profiles/demo", "--cores", "1", "--", target)
+    assert "tiny-mae" in (wd / target).read_text()
+
+
 def test_a_run_failed_by_an_edit_records_its_settings_as_mixed(workflow_dir, tmp_path, demo_config):
     """A run with another knn_k whose stimuli changed under it ends in an error; its settings
     record then says the results on disk mix settings (as after any failed run), so that

@@ -1571,7 +1571,52 @@ def touch_unchanged_stamps():
 touch_unchanged_stamps()
 
 
+#: characters a shell splits a word at, or reads otherwise, where the word is not quoted
+_SHELL_SPECIAL = re.compile(r"[\s'\"\\$`;&|<>()*?\[\]{}!]")
+
+
+def check_python_path():
+    """Refuse a run whose jobs Snakemake would start with this Python's path unquoted: a step
+    script (script:) runs as `<python> <script>`, and a cluster job as `<python> -m snakemake`,
+    so a path with a space (a venv under "My Project/") fails every job with "No such file or
+    directory" naming half the path (snakemake/snakemake#2645, open). A script run in a conda
+    environment or container (--software-deployment-method) uses that one's `python`, and a
+    project folder with spaces works (tested). On start (onstart), when the executor is known.
+    """
+    from snakemake.settings.types import DeploymentMethod
+
+    exe = sys.executable
+    if not workflow.is_main_process or not _SHELL_SPECIAL.search(exe):
+        return
+    methods = workflow.deployment_settings.deployment_method
+
+    def own_python(rule):
+        return (DeploymentMethod.CONDA in methods and rule.conda_env) or (
+            DeploymentMethod.APPTAINER in methods and rule.container_img
+        )
+
+    local_ok = workflow.local_exec and all(
+        own_python(r) for r in workflow.rules if r.script
+    )
+    if not local_ok:
+        instead = (
+            ", or run with --software-deployment-method conda (each step script then runs "
+            "in its environment's python)"
+            if workflow.local_exec
+            else ""
+        )
+        raise WorkflowError(
+            f"The Python running Snakemake is at a path with a space or shell character "
+            f"({exe!r}). Snakemake starts every step script and cluster job with that path "
+            "unquoted, so each would fail with 'No such file or directory' "
+            "(snakemake/snakemake#2645). Create the environment at a path without them "
+            f"(for the demo: make demo VENV=$HOME/.venvs/xmodal){instead}. The project folder "
+            "itself may have spaces."
+        )
+
+
 onstart:
+    check_python_path()
     forget_earlier_failures()
 
 
