@@ -1571,8 +1571,9 @@ def touch_unchanged_stamps():
 touch_unchanged_stamps()
 
 
-#: characters a shell splits a word at, or reads otherwise, where the word is not quoted
-_SHELL_SPECIAL = re.compile(r"[\s'\"\\$`;&|<>()*?\[\]{}!]")
+#: characters that split or end an unquoted word in a shell, or expand in it (a glob
+#: character without a match is kept as it is)
+_SHELL_SPECIAL = re.compile(r"[\s'\"\\$`;&|<>()]")
 
 
 def check_python_path():
