@@ -43,7 +43,7 @@ demo: setup
 	mv -f results/report/.demo.html.tmp.html results/report/demo.html
 	@echo "Demo finished: figures in results/figures/demo/, report in results/report/demo.html"
 	@echo "NOTE: the demo's models are tiny and trained for a few minutes on synthetic scenes (README, 'The two commands'); its numbers say nothing about real models."
-	@echo "The README's snakemake and python commands use the environment in .venv: run 'source .venv/bin/activate' first."
+	@echo "The README's snakemake and python commands use the environment in $(VENV): run 'source $(VENV)/bin/activate' first."
 
 # graphviz renders --dag/--rulegraph in the tests; installed when we are root and it is missing.
 system-deps:
