@@ -1027,6 +1027,25 @@ def test_a_python_at_a_path_with_a_space_is_refused_and_a_project_folder_with_on
     assert "tiny-mae" in (wd / target).read_text()
 
 
+def test_a_snakemake_without_the_librarys_dependencies_names_its_python(tmp_path):
+    """A Snakemake of another environment than the project's (a cluster module, pipx) stopped
+    with a bare "No module named 'h5py'" (audit); now the message names its Python and how to
+    install the project there. h5py is hidden here by a package that cannot be imported."""
+    hidden = tmp_path / "hide" / "h5py"
+    hidden.mkdir(parents=True)
+    (hidden / "__init__.py").write_text(
+        "raise ModuleNotFoundError(\"No module named 'h5py'\", name='h5py')\n"
+    )
+    wd = copy_project(tmp_path / "project")
+    proc = snakemake(wd, "-n", "--cores", "1", check=False,
+                     env={"PYTHONPATH": str(hidden.parent)})  # fmt: skip
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    python = re.search(r"this Snakemake runs (\S+), which cannot import 'h5py'", out)
+    assert python and Path(python[1]).parent == Path(sys.executable).parent, out[-2000:]
+    assert "pip install -e '.[workflow]'" in out
+
+
 def test_a_run_failed_by_an_edit_records_its_settings_as_mixed(workflow_dir, tmp_path, demo_config):
     """A run with another knn_k whose stimuli changed under it ends in an error; its settings
     record then says the results on disk mix settings (as after any failed run), so that

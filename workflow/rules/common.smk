@@ -22,68 +22,85 @@ _SRC = str(Path(workflow.basedir) / "src")
 if _SRC not in sys.path:
     sys.path.insert(0, _SRC)
 
-from xmodal import analysis_code_digest, demo_code_digest
-from xmodal.config import (
-    RUN_CONFIG_ENV,
-    ConfigError,
-    apply_defaults,
-    changed_settings,
-    check_against_stimuli,
-    check_config,
-    check_report_settings,
-    config_json,
-    recorded_settings_changes,
-    load_config_file,
-    normalise_integers,
-    nuisance_design,
-    record_run_settings,
-    schema_errors,
-    setting,
-)
-from xmodal.features import (
-    FeatureFileError,
-    check_against_stamp,
-    check_against_weights,
-    feature_shape,
-    extraction_record,
-    made_with,
-)
-from xmodal.figures import (
-    DEFAULT_METRIC,
-    FIGURES,
-    METRIC_LABELS,
-    figure_files,
-    figure_metrics,
-    figure_stem,
-    metric_from_tag,
-    metric_label,
-    metric_tag_pattern,
-    report_subcategory,
-)
-from xmodal.language_dispersion import LanguageDispersionSettings
-from xmodal.demo.build import demo_needs
-from xmodal.attempts import forget_failures, marked_paths, unfinished_outputs
-from xmodal.io import file_digests
-from xmodal.logs import forward_to
-from xmodal.prefetch import downloaded_revision, model_record_path, read_model_record
-from xmodal.properties import annotations, check_annotations
-from xmodal.registry import Registry, built_model_dir
-from xmodal.resources import analysis_resources, loo_minutes, pair_minutes
-from xmodal.selection import DropControl, HeldOutLayer, SelfSelection
-from xmodal.stimuli import (
-    DECODED_IMAGES,
-    EXTRACTION_COLUMNS,
-    IMAGE_DIGESTS,
-    MANIFEST_CONTENT,
-    MANIFEST_SETTINGS,
-    StimulusError,
-    check_images_decode,
-    follow_manifest_content,
-    manifest_settings_changed,
-    manifest_stamp,
-    read_manifest,
-    write_manifest_stamp,
-)
+try:
+    from xmodal import analysis_code_digest, demo_code_digest
+    from xmodal.config import (
+        RUN_CONFIG_ENV,
+        ConfigError,
+        apply_defaults,
+        changed_settings,
+        check_against_stimuli,
+        check_config,
+        check_report_settings,
+        config_json,
+        recorded_settings_changes,
+        load_config_file,
+        normalise_integers,
+        nuisance_design,
+        record_run_settings,
+        schema_errors,
+        setting,
+    )
+    from xmodal.features import (
+        FeatureFileError,
+        check_against_stamp,
+        check_against_weights,
+        feature_shape,
+        extraction_record,
+        made_with,
+    )
+    from xmodal.figures import (
+        DEFAULT_METRIC,
+        FIGURES,
+        METRIC_LABELS,
+        figure_files,
+        figure_metrics,
+        figure_stem,
+        metric_from_tag,
+        metric_label,
+        metric_tag_pattern,
+        report_subcategory,
+    )
+    from xmodal.language_dispersion import LanguageDispersionSettings
+    from xmodal.demo.build import demo_needs
+    from xmodal.attempts import forget_failures, marked_paths, unfinished_outputs
+    from xmodal.io import file_digests
+    from xmodal.logs import forward_to
+    from xmodal.prefetch import (
+        downloaded_revision,
+        model_record_path,
+        read_model_record,
+    )
+    from xmodal.properties import annotations, check_annotations
+    from xmodal.registry import Registry, built_model_dir
+    from xmodal.resources import analysis_resources, loo_minutes, pair_minutes
+    from xmodal.selection import DropControl, HeldOutLayer, SelfSelection
+    from xmodal.stimuli import (
+        DECODED_IMAGES,
+        EXTRACTION_COLUMNS,
+        IMAGE_DIGESTS,
+        MANIFEST_CONTENT,
+        MANIFEST_SETTINGS,
+        StimulusError,
+        check_images_decode,
+        follow_manifest_content,
+        manifest_settings_changed,
+        manifest_stamp,
+        read_manifest,
+        write_manifest_stamp,
+    )
+except ModuleNotFoundError as _err:
+    # a Snakemake of another environment (a cluster module, pipx) than the one the project
+    # was installed into: it reads the workflow, but not the library's dependencies
+    if (_err.name or "xmodal").split(".")[0] == "xmodal":
+        raise
+    raise WorkflowError(
+        f"this Snakemake runs {sys.executable}, which cannot import {_err.name!r}, a "
+        "dependency of this workflow's library (xmodal): install the project into that "
+        "Python (pip install -e '.[workflow]' in this folder), or run the snakemake of the "
+        "environment it is installed in (after make demo: source .venv/bin/activate first, "
+        "or the VENV you gave make)"
+    ) from None
 
 _CONFIG_FILES = [str(p) for p in workflow.config_settings.configfiles] or [
     "config.yaml"
