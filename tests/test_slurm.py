@@ -299,7 +299,9 @@ def test_demo_under_profile_slurm_matches_local_run(
 
     local = demo_untrained_project  # the same config run locally (--profile profiles/demo)
 
-    cluster = tmp_path_factory.mktemp("cluster")
+    # a project folder with a space: sbatch gets it quoted (a Python at such a path is refused,
+    # check_python_path)
+    cluster = tmp_path_factory.mktemp("cluster run")
     copy_project(cluster)
     place_slurm_profile(cluster, c.partition)
     since = _since()
