@@ -583,6 +583,15 @@ def test_an_extraction_loads_the_snapshot_its_download_record_names(tmp_path):
     assert downloaded_revision("m", "org/m", None, records) is None
     (records / "m.json").write_text("{broken")
     assert downloaded_revision("m", "org/m", "main", records) == "main"
+    # the repository spelt otherwise by another dataset's config (timm/… for a timm id,
+    # hf-hub:…): the record is this model's (before: ignored, and main followed refs/main)
+    record(model_id="timm/vit_x.mae", modality="vision")
+    for spelling in ("vit_x.mae", "hf-hub:timm/vit_x.mae", " timm/vit_x.mae"):
+        assert downloaded_revision("m", spelling, None, records) == sha, spelling
+    assert downloaded_revision("m", "vit_y.mae", None, records) is None
+    assert downloaded_revision("m", "hf-hub:timm/vit_x.mae@v2", None, records) is None
+    record(model_id="vit_x.mae")  # a record without its modality: the spelling must match
+    assert downloaded_revision("m", "timm/vit_x.mae", None, records) is None
 
 
 def test_stimuli_from_a_hub_dataset_are_streamed_not_held_at_once(

@@ -20,6 +20,7 @@ from xmodal.registry import (
     Site,
     download_patterns,
     hub_repo_of,
+    same_hub_repo,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -587,6 +588,59 @@ def test_a_local_folder_spelled_another_way_changes_no_spec(tmp_path, monkeypatc
         assert (entry.differs_from({**made, "compute_dtype": "float32", "device": "cuda:0",
                                     "features_version": 2, "max_length": None,
                                     "max_length_source": ""}) == []) is same, spelling  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "modality", "same"),
+    [
+        ("vit_huge_patch14_224.mae", "timm/vit_huge_patch14_224.mae", "vision", True),
+        ("hf-hub:timm/vit_huge_patch14_224.mae", "vit_huge_patch14_224.mae", "vision", True),
+        ("hf_hub:bigscience/bloomz-560m", "bigscience/bloomz-560m", "language", True),
+        ("vit_huge_patch14_224.mae", "timm/vit_huge_patch14_224.mae", "language", False),
+        ("vit_huge_patch14_224.mae", "vit_large_patch14_224.mae", "vision", False),
+        ("hf-hub:timm/vit_h.mae@v2", "timm/vit_h.mae", "vision", False),
+        ("hf-hub:timm/vit_h.mae@v2", "hf-hub:timm/vit_h.mae@v2", "vision", True),
+        (None, "timm/vit_h.mae", "vision", False),
+    ],
+)
+def test_same_hub_repo_reads_the_spellings_of_one_repository(a, b, modality, same) -> None:
+    assert same_hub_repo(a, b, modality) is same
+    assert same_hub_repo(b, a, modality) is same
+
+
+def test_a_hub_id_spelled_another_way_changes_no_spec() -> None:
+    """The paper's MAE written timm/vit_huge_patch14_224.mae (the hub page's name) in one
+    dataset's config and vit_huge_patch14_224.mae in another's: the datasets took turns
+    downloading the model and re-extracting it for each other, and respelling it in one
+    config re-extracted it (audit of 2026-12-07, reproduced on a local hub). With the feature
+    file's provenance the specs keep the spelling they were made with; another repository
+    changes them."""
+    cfg = paper()
+    entry = Registry.from_config(cfg)["mae-h"]
+    assert entry.id == "vit_huge_patch14_224.mae"
+    sha = "a" * 40
+    made = {"model_id": entry.id, "requested_revision": "", "revision": sha}
+    record = {"model_id": entry.id, "source": "timm", "revision": sha}
+    before = entry.feature_spec(made), entry.prefetch_spec(made)
+    recorded = before[1]
+    for spelling, same in (("timm/vit_huge_patch14_224.mae", True),
+                           ("hf-hub:timm/vit_huge_patch14_224.mae", True),
+                           ("timm/vit_large_patch14_224.mae", False)):  # fmt: skip
+        cfg["models"]["mae-h"]["id"] = spelling
+        respelt = Registry.from_config(cfg)["mae-h"]
+        assert (respelt.feature_spec(made) == before[0]) is same, spelling
+        assert respelt.feature_spec(None)["id"] == spelling  # no file yet: as configured
+        # the download record's spec, made from the other spelling, is kept
+        kept = respelt.prefetch_spec(made, recorded=recorded, record=record)
+        assert (kept == recorded) is same, spelling
+        # and the other way round: this spelling's record serves the first config
+        theirs = respelt.prefetch_spec()
+        back = entry.prefetch_spec(made, recorded=theirs, record={**record, "model_id": spelling})
+        assert (back == theirs) is same, spelling
+        diffs = respelt.differs_from({**made, "compute_dtype": "float32", "device": "cuda:0",
+                                      "features_version": 1, "max_length": None,
+                                      "max_length_source": ""})  # fmt: skip
+        assert (diffs == []) is same, (spelling, diffs)
 
 
 def test_supplied_features_of_a_model_too_big_for_the_gpus_are_accepted(tmp_path) -> None:

@@ -323,6 +323,16 @@ def test_moving_the_hub_cache_reextracts_nothing(tmp_path, tiny_vits):
                              (second, target2)):  # fmt: skip
         proc = snakemake(wd, "-n", "--configfile", configfile, "--cores", "1", path)
         assert "Nothing to be done" in proc.stdout + proc.stderr, proc.stdout[-3000:]
+    # the model spelt as its hub page names it, timm/vit_huge_patch14_224.mae, in either
+    # dataset's config: the same weights, so nothing (before: the download and the extraction
+    # again, and two datasets spelling it differently took turns at both)
+    hub_name = "timm/vit_huge_patch14_224.mae"
+    for models, dataset, path in ((cfg["models"], "hubtest", target),
+                                  (pinned, "hubtest2", target2)):  # fmt: skip
+        spelt = {**models, "mae-h": {**models["mae-h"], "id": hub_name}}
+        configfile = write_config(wd, {**cfg, "dataset": dataset, "models": spelt}, "spelt.yaml")
+        proc = snakemake(wd, "-n", "--configfile", configfile, "--cores", "1", path)
+        assert "Nothing to be done" in proc.stdout + proc.stderr, proc.stdout[-3000:]
     proc = snakemake(wd, "--configfile", moved, "--cores", "1", "--force", target,
                      env=offline, check=False)  # fmt: skip
     log = (wd / "logs/extract/hubtest/mae-h.log").read_text()

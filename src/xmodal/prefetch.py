@@ -40,6 +40,7 @@ from xmodal.registry import (
     download_patterns,
     hub_repo_of,
     pickle_patterns,
+    same_hub_repo,
 )
 from xmodal.stimuli import (
     MANIFEST_SETTINGS,
@@ -337,13 +338,16 @@ def downloaded_revision(
     (:meth:`xmodal.registry.ModelEntry.settled_revision`: none, where the config now pins the
     commit they came from); loaded as ``main`` it would follow the cache's ``refs/main``,
     which a later download into a shared cache can move. The record is used when it is this
-    model's (same ``model_id``, from the hub) and ``revision`` is none, ``main``, or what it
-    asked for or resolved to; another ``revision`` (a call outside the workflow) is loaded as
-    given. ``records``: the folder of records (default: the workflow's, relative to the
+    model's (from the hub, its repository however the id spells it:
+    :func:`xmodal.registry.same_hub_repo`) and ``revision`` is none, ``main``, or what it asked
+    for or resolved to; another ``revision`` (a call outside the workflow) is loaded as given. ``records``: the folder of records (default: the workflow's, relative to the
     working directory).
     """
     record = read_model_record(model_key, records)
-    if record is None or record.get("model_id") != model_id:
+    # the repository spelt otherwise (timm/…) by another dataset's config is this model
+    if record is None or not same_hub_repo(
+        record.get("model_id"), model_id, str(record.get("modality"))
+    ):
         return revision
     resolved = record.get("revision")
     if record.get("source") == "local" or not isinstance(resolved, str):

@@ -45,6 +45,7 @@ __all__ = [
     "compute_dtype",
     "download_patterns",
     "hub_repo_of",
+    "same_hub_repo",
     "pickle_patterns",
 ]
 
@@ -126,6 +127,15 @@ def hub_repo_of(model_id: str, modality: str) -> tuple[str, str | None]:
     if modality == "vision" and "/" not in rid:
         rid = f"timm/{rid}"
     return rid, revision
+
+
+def same_hub_repo(a: object, b: object, modality: str) -> bool:
+    """Whether two registry ids name the same hub repository (and pin the same revision, if
+    any): ``vit_huge_patch14_224.mae``, ``timm/vit_huge_patch14_224.mae`` and
+    ``hf-hub:timm/vit_huge_patch14_224.mae`` are one model (:func:`hub_repo_of`)."""
+    if not isinstance(a, str) or not isinstance(b, str):
+        return False
+    return a == b or hub_repo_of(a, modality) == hub_repo_of(b, modality)
 
 
 #: Other spellings of the compute dtypes (xmodal.extract: ``fp32`` is float32, ...).
@@ -232,9 +242,14 @@ class ModelEntry:
         """The model's ``id`` as the rerun triggers spell it, given how its features on disk
         were made (``made``, as for :meth:`settled_revision`): for a local folder, the
         spelling the file records when it names the same folder (``./models/m``,
-        ``models/m/`` or its absolute path; each re-extracted the model, audit); else the
-        configured id. The extraction loads and records that spelling, so this never flips."""
-        if made is None or self.source != "local" or made.get("model_id") in (None, self.id):
+        ``models/m/`` or its absolute path; each re-extracted the model, audit), and for a hub
+        model when it names the same repository (:func:`same_hub_repo`); else the configured
+        id. The extraction loads and records that spelling, so this never flips."""
+        if made is None or made.get("model_id") in (None, self.id):
+            return self.id
+        if self.source == "hub":  # timm/… or hf-hub:… spelt otherwise (audit: a re-extraction)
+            return made["model_id"] if self.names_same_repo(made["model_id"]) else self.id
+        if self.source != "local":
             return self.id
         try:
             same = Path(made["model_id"]).expanduser().resolve() == (
@@ -243,6 +258,10 @@ class ModelEntry:
         except (OSError, RuntimeError):
             same = False
         return str(made["model_id"]) if same else self.id
+
+    def names_same_repo(self, model_id: object) -> bool:
+        """Whether ``model_id`` names this hub model's repository (:func:`same_hub_repo`)."""
+        return self.source == "hub" and same_hub_repo(model_id, self.id, self.modality)
 
     def settled_revision(self, made: Mapping[str, Any] | None = None) -> str | None:
         """The revision as the rerun triggers spell it, given how this model's features on
@@ -337,8 +356,8 @@ class ModelEntry:
         The download record (``record``: its JSON) is one per model key, shared by every
         dataset of the project. ``recorded`` is the spec the record was last made with
         (Snakemake's record of that job); where this config names the same weights (the
-        same revision, ``main`` for none, or the commit the record resolved to), that spec
-        is kept. Each dataset's own spelling, from its feature file, would otherwise differ
+        same repository, however its id is spelt, and the same revision, ``main`` for none,
+        or the commit the record resolved to), that spec is kept. Each dataset's own spelling, from its feature file, would otherwise differ
         between two datasets whose features were made before and after the revision was
         pinned, and every switch between them downloaded the model again and re-extracted it
         (audit of two datasets in one project: pinned to the same commit).
@@ -358,8 +377,13 @@ class ModelEntry:
             or {self.revision, before} <= {None, "main"}
             or (self.revision is not None and self.revision == resolved)
         )
-        ours = (recorded.get("modality"), recorded.get("id")) == (self.modality, self.id) and (
-            record.get("model_id") == self.id and record.get("source") != "local"
+        # the same repository spelt otherwise (timm/…) by another dataset's config is ours too:
+        # else the datasets took turns downloading and re-extracting it (audit of 2026-12-07)
+        ours = (
+            recorded.get("modality") == self.modality
+            and self.names_same_repo(recorded.get("id"))
+            and self.names_same_repo(record.get("model_id"))
+            and record.get("source") != "local"
         )
         if not ours:
             return spec
