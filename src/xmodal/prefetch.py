@@ -340,8 +340,9 @@ def downloaded_revision(
     which a later download into a shared cache can move. The record is used when it is this
     model's (from the hub, its repository however the id spells it:
     :func:`xmodal.registry.same_hub_repo`) and ``revision`` is none, ``main``, or what it asked
-    for or resolved to; another ``revision`` (a call outside the workflow) is loaded as given. ``records``: the folder of records (default: the workflow's, relative to the
-    working directory).
+    for or resolved to; another ``revision`` (a call outside the workflow) is loaded as given.
+    ``records``: the folder of records (default: the workflow's, relative to the working
+    directory).
     """
     record = read_model_record(model_key, records)
     # the repository spelt otherwise (timm/…) by another dataset's config is this model

@@ -357,10 +357,11 @@ class ModelEntry:
         dataset of the project. ``recorded`` is the spec the record was last made with
         (Snakemake's record of that job); where this config names the same weights (the
         same repository, however its id is spelt, and the same revision, ``main`` for none,
-        or the commit the record resolved to), that spec is kept. Each dataset's own spelling, from its feature file, would otherwise differ
-        between two datasets whose features were made before and after the revision was
-        pinned, and every switch between them downloaded the model again and re-extracted it
-        (audit of two datasets in one project: pinned to the same commit).
+        or the commit the record resolved to), that spec is kept. Each dataset's own
+        spelling, from its feature file, would otherwise differ between two datasets whose
+        features were made before and after the revision was pinned, and every switch between
+        them downloaded the model again and re-extracted it (audit of two datasets in one
+        project: pinned to the same commit).
 
         Where the record holds other weights than this config names, the spec is the
         configured revision, so that the download runs again: the settled spelling (none,
