@@ -608,7 +608,7 @@ def test_same_hub_repo_reads_the_spellings_of_one_repository(a, b, modality, sam
     assert same_hub_repo(b, a, modality) is same
 
 
-def test_a_hub_id_spelled_another_way_changes_no_spec() -> None:
+def test_a_hub_id_spelled_another_way_changes_no_spec(tmp_path, monkeypatch) -> None:
     """The paper's MAE written timm/vit_huge_patch14_224.mae (the hub page's name) in one
     dataset's config and vit_huge_patch14_224.mae in another's: the datasets took turns
     downloading the model and re-extracting it for each other, and respelling it in one
@@ -641,6 +641,17 @@ def test_a_hub_id_spelled_another_way_changes_no_spec() -> None:
                                       "features_version": 1, "max_length": None,
                                       "max_length_source": ""})  # fmt: skip
         assert (diffs == []) is same, (spelling, diffs)
+    # features made from a folder named like the repository (the registry reads an id that is
+    # a folder as a local model; the extraction, given that spelling, would load the folder
+    # again and call its features the hub model's: review of 2026-12-07)
+    monkeypatch.chdir(tmp_path)
+    cfg["models"]["mae-h"]["id"] = "vit_huge_patch14_224.mae"
+    hub = Registry.from_config(cfg)["mae-h"]
+    folder = {**made, "model_id": "timm/vit_huge_patch14_224.mae"}
+    assert hub.feature_spec(folder)["id"] == "timm/vit_huge_patch14_224.mae"  # from the hub
+    assert hub.feature_spec({**folder, "revision": "local"})["id"] == hub.id
+    (tmp_path / "timm" / "vit_huge_patch14_224.mae").mkdir(parents=True)
+    assert hub.feature_spec(folder)["id"] == hub.id
 
 
 def test_supplied_features_of_a_model_too_big_for_the_gpus_are_accepted(tmp_path) -> None:

@@ -243,12 +243,16 @@ class ModelEntry:
         were made (``made``, as for :meth:`settled_revision`): for a local folder, the
         spelling the file records when it names the same folder (``./models/m``,
         ``models/m/`` or its absolute path; each re-extracted the model, audit), and for a hub
-        model when it names the same repository (:func:`same_hub_repo`); else the configured
-        id. The extraction loads and records that spelling, so this never flips."""
+        model when it names the same repository (:func:`same_hub_repo`) and the features came
+        from the hub (not from a folder of that name); else the configured id. The extraction loads and records that spelling, so this never flips."""
         if made is None or made.get("model_id") in (None, self.id):
             return self.id
         if self.source == "hub":  # timm/… or hf-hub:… spelt otherwise (audit: a re-extraction)
-            return made["model_id"] if self.names_same_repo(made["model_id"]) else self.id
+            # only features made from the hub: a folder ./timm/<name> is read as a local model
+            # (revision "local"), and the extraction would load it again under that spelling
+            spelt = str(made["model_id"])
+            from_hub = made.get("revision") != "local" and not Path(spelt).expanduser().exists()
+            return spelt if from_hub and self.names_same_repo(spelt) else self.id
         if self.source != "local":
             return self.id
         try:
