@@ -17,9 +17,14 @@ CORES  ?= 2
 # .venv without pip behind: remove it, install the package when we are root, else say which.
 VENV_PKG = $$($(PYTHON) -c 'import sys; print("python%d.%d-venv" % sys.version_info[:2])')
 # Snakemake starts step scripts with the venv's python path unquoted (snakemake/snakemake#2645):
-# a venv at a path with a space would fail every step, after minutes of installing: stop first.
+# a venv at a path with a space or a character that ends or expands a shell word would fail
+# every step, after minutes of installing (workflow/rules/common.smk, check_python_path): stop
+# first. Read with make's functions, so that no shell meets the path.
+lp := (
+rp := )
+VENV_UNSAFE = $(or $(word 2,$(abspath $(VENV))),$(strip $(foreach c,' " \ $$ ` ; & | < > $(lp) $(rp),$(findstring $(c),$(abspath $(VENV))))))
 $(BIN)/python:
-	@case "$(abspath $(VENV))" in *[[:space:]]*) echo "the environment's path ($(VENV), from $(CURDIR)) has a space, and Snakemake cannot start a Python there (snakemake/snakemake#2645): give it another place, e.g. make $(MAKECMDGOALS) VENV=$$HOME/.venvs/xmodal (the project folder itself may have spaces)" >&2; exit 1;; esac
+	$(if $(VENV_UNSAFE),$(error the environment's path $(abspath $(VENV)) has a space or shell character, and Snakemake cannot start a Python there (snakemake/snakemake#2645): give it another place, e.g. make $(or $(MAKECMDGOALS),demo) VENV=$$HOME/.venvs/xmodal (the project folder itself may have spaces)))
 	@$(PYTHON) -m venv $(VENV) || { rm -rf $(VENV); [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
 	  echo "installing $(VENV_PKG) (python -m venv needs it)" && \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(VENV_PKG) >/dev/null && \

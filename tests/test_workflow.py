@@ -1026,7 +1026,7 @@ def test_a_python_at_a_path_with_a_space_is_refused_and_a_project_folder_with_on
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0, out[-3000:]
     assert "at a path with a space or shell character" in out and "py env" in out, out[-3000:]
-    assert "snakemake/snakemake#2645" in out and "--software-deployment-method conda" in out
+    assert "snakemake/snakemake#2645" in out and "make demo VENV=" in out
     assert f"{tmp_path}/py: No such file" not in out  # no job started
     assert not (wd / target).exists() and not list((wd / ".snakemake/locks").glob("*"))
     proc = subprocess.run([*args, "-n", "--", target], cwd=wd, env=env, capture_output=True,
@@ -1035,6 +1035,10 @@ def test_a_python_at_a_path_with_a_space_is_refused_and_a_project_folder_with_on
     # the same project folder, with a Python at a plain path: the step script runs
     snakemake(wd, "--profile", "profiles/demo", "--cores", "1", "--", target)
     assert "tiny-mae" in (wd / target).read_text()
+    # a --touch starts no script: not refused
+    touch = [*args, "--touch", "--forcerun", "models_table", "--", target]
+    proc = subprocess.run(touch, cwd=wd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
 
 
 def test_a_snakemake_without_the_librarys_dependencies_names_its_python(tmp_path):

@@ -95,11 +95,12 @@ except ModuleNotFoundError as _err:
     if (_err.name or "xmodal").split(".")[0] == "xmodal":
         raise
     raise WorkflowError(
-        f"this Snakemake runs {sys.executable}, which cannot import {_err.name!r}, a "
-        "dependency of this workflow's library (xmodal): install the project into that "
-        "Python (pip install -e '.[workflow]' in this folder), or run the snakemake of the "
-        "environment it is installed in (after make demo: source .venv/bin/activate first, "
-        "or the VENV you gave make)"
+        f"this Snakemake runs {sys.executable}, which cannot import {_err.name!r} ({_err}), "
+        "needed by this workflow's library (xmodal): install the project into that Python "
+        "(pip install -e '.[workflow]' in this folder; if the package is installed, it is "
+        "broken: reinstall it), or run the snakemake of the environment the project is "
+        "installed in (after make demo: source .venv/bin/activate first, or the VENV you "
+        "gave make)"
     ) from None
 
 _CONFIG_FILES = [str(p) for p in workflow.config_settings.configfiles] or [
@@ -1590,7 +1591,7 @@ touch_unchanged_stamps()
 
 #: characters that split or end an unquoted word in a shell, or expand in it (a glob
 #: character without a match is kept as it is)
-_SHELL_SPECIAL = re.compile(r"[\s'\"\\$`;&|<>()]")
+_SHELL_SPECIAL = re.compile(r"[ \t\n'\"\\$`;&|<>()]")
 
 
 def check_python_path():
@@ -1598,13 +1599,14 @@ def check_python_path():
     script (script:) runs as `<python> <script>`, and a cluster job as `<python> -m snakemake`,
     so a path with a space (a venv under "My Project/") fails every job with "No such file or
     directory" naming half the path (snakemake/snakemake#2645, open). A script run in a conda
-    environment or container (--software-deployment-method) uses that one's `python`, and a
-    project folder with spaces works (tested). On start (onstart), when the executor is known.
-    """
+    environment or container (--software-deployment-method) uses that one's `python` (read in
+    Snakemake's code; untested here, without conda), and a project folder with spaces works
+    (tested, also under SLURM). On start (onstart), when the executor is known; a --touch run
+    starts no script."""
     from snakemake.settings.types import DeploymentMethod
 
     exe = sys.executable
-    if not workflow.is_main_process or not _SHELL_SPECIAL.search(exe):
+    if not workflow.is_main_process or workflow.touch or not _SHELL_SPECIAL.search(exe):
         return
     methods = workflow.deployment_settings.deployment_method
 
@@ -1617,19 +1619,13 @@ def check_python_path():
         own_python(r) for r in workflow.rules if r.script
     )
     if not local_ok:
-        instead = (
-            ", or run with --software-deployment-method conda (each step script then runs "
-            "in its environment's python)"
-            if workflow.local_exec
-            else ""
-        )
         raise WorkflowError(
             f"The Python running Snakemake is at a path with a space or shell character "
             f"({exe!r}). Snakemake starts every step script and cluster job with that path "
             "unquoted, so each would fail with 'No such file or directory' "
             "(snakemake/snakemake#2645). Create the environment at a path without them "
-            f"(for the demo: make demo VENV=$HOME/.venvs/xmodal){instead}. The project folder "
-            "itself may have spaces."
+            "(for the demo: make demo VENV=$HOME/.venvs/xmodal). The project folder itself "
+            "may have spaces."
         )
 
 
