@@ -1,10 +1,11 @@
-"""Package-level settings: idle-thread configuration, thread budgets for the step scripts, and
-what the light steps import."""
+"""Package-level settings: idle-thread configuration, thread budgets for the step scripts, what
+the light steps import, and the Makefile's set-up guard."""
 
 from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -268,3 +269,30 @@ def test_analysis_code_digest_follows_the_analysis_modules_only(tmp_path):
     for of_code in (xmodal.analysis_code_digest, xmodal.demo_code_digest):
         with pytest.raises(FileNotFoundError, match="no module"):
             of_code(tmp_path / "empty")
+
+
+@pytest.mark.parametrize(
+    ("folder", "refused"),
+    [("Bob's", True), ("p(2)", True), ("my project", True), ("price$", True), ("ok-ü_1.0", False)],
+)
+def test_the_makefile_stops_before_a_venv_at_a_path_a_shell_would_split(
+    tmp_path: Path, folder: str, refused: bool
+) -> None:
+    """Snakemake starts every step script with the venv's python path unquoted
+    (snakemake/snakemake#2645): `make demo` in such a folder installed for minutes, then
+    failed every job. The Makefile now stops first, naming VENV=; another path goes on
+    (`make -n`: the recipe is expanded, where the guard stops, and printed, not run)."""
+    root = Path(__file__).resolve().parents[1]
+    where = tmp_path / folder
+    where.mkdir()
+    for name in ("Makefile", "pyproject.toml"):
+        shutil.copy(root / name, where / name)
+    proc = subprocess.run(["make", "-n", ".venv/bin/python"], cwd=where, capture_output=True,
+                          text=True, timeout=60)  # fmt: skip
+    assert not (where / ".venv").exists()
+    stopped = "has a space or shell character" in proc.stderr
+    assert stopped is refused and (proc.returncode != 0) is refused, proc.stderr
+    if refused:
+        assert "snakemake/snakemake#2645" in proc.stderr and "VENV=" in proc.stderr
+    else:
+        assert "-m venv .venv" in proc.stdout, proc.stdout

@@ -1058,6 +1058,13 @@ def test_a_snakemake_without_the_librarys_dependencies_names_its_python(tmp_path
     python = re.search(r"this Snakemake runs (\S+), which cannot import 'h5py'", out)
     assert python and Path(python[1]).parent == Path(sys.executable).parent, out[-2000:]
     assert "pip install -e '.[workflow]'" in out
+    # a module of the library itself missing (a broken checkout) is not called a dependency
+    (wd / "src/xmodal/language_dispersion.py").unlink()
+    proc = snakemake(wd, "-n", "--cores", "1", check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0, out[-2000:]
+    assert "No module named 'xmodal.language_dispersion'" in out, out[-2000:]
+    assert "this Snakemake runs" not in out
 
 
 def test_a_run_failed_by_an_edit_records_its_settings_as_mixed(workflow_dir, tmp_path, demo_config):
