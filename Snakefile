@@ -34,6 +34,8 @@ include: "workflow/rules/extensions.smk"
 
 # once every rule is defined: it reads the outputs of the rules a switch turns off
 warn_of_leftover_results()
+# once every rule is defined: it reads their script and conda directives
+check_python_path_without_hooks()
 
 
 rule all:

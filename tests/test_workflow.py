@@ -1029,6 +1029,12 @@ def test_a_python_at_a_path_with_a_space_is_refused_and_a_project_folder_with_on
     assert "snakemake/snakemake#2645" in out and "make demo VENV=" in out
     assert f"{tmp_path}/py: No such file" not in out  # no job started
     assert not (wd / target).exists() and not list((wd / ".snakemake/locks").glob("*"))
+    # --no-hooks, where onstart does not run: the check reads the command line
+    proc = subprocess.run([*args, "--no-hooks", "--", target], cwd=wd, env=env,
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "at a path with a space" in out, out[-3000:]
+    assert not (wd / target).exists()
     proc = subprocess.run([*args, "-n", "--", target], cwd=wd, env=env, capture_output=True,
                           text=True, timeout=600)  # fmt: skip
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]

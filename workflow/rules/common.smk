@@ -1594,7 +1594,7 @@ touch_unchanged_stamps()
 _SHELL_SPECIAL = re.compile(r"[ \t\n'\"\\$`;&|<>()]")
 
 
-def check_python_path():
+def check_python_path(local_exec=None, touch=None):
     """Refuse a run whose jobs Snakemake would start with this Python's path unquoted: a step
     script (script:) runs as `<python> <script>`, and a cluster job as `<python> -m snakemake`,
     so a path with a space (a venv under "My Project/") fails every job with "No such file or
@@ -1602,11 +1602,14 @@ def check_python_path():
     environment or container (--software-deployment-method) uses that one's `python` (read in
     Snakemake's code; untested here, without conda), and a project folder with spaces works
     (tested, also under SLURM). On start (onstart), when the executor is known; a --touch run
-    starts no script."""
+    starts no script. ``local_exec``, ``touch``: read from the command line where onstart does
+    not run (check_python_path_without_hooks)."""
     from snakemake.settings.types import DeploymentMethod
 
     exe = sys.executable
-    if not workflow.is_main_process or workflow.touch or not _SHELL_SPECIAL.search(exe):
+    local_exec = workflow.local_exec if local_exec is None else local_exec
+    touch = workflow.touch if touch is None else touch
+    if not workflow.is_main_process or touch or not _SHELL_SPECIAL.search(exe):
         return
     methods = workflow.deployment_settings.deployment_method
 
@@ -1615,7 +1618,7 @@ def check_python_path():
             DeploymentMethod.APPTAINER in methods and rule.container_img
         )
 
-    local_ok = workflow.local_exec and all(
+    local_ok = local_exec and all(
         own_python(r) for r in workflow.rules if r.script
     )
     if not local_ok:
@@ -1627,6 +1630,15 @@ def check_python_path():
             "(for the demo: make demo VENV=$HOME/.venvs/xmodal). The project folder itself "
             "may have spaces."
         )
+
+
+def check_python_path_without_hooks():
+    """check_python_path for a run with --no-hooks, where onstart does not run: once every
+    rule is defined (the Snakefile calls it), the executor read from the command line."""
+    args = _command_line()
+    if not workflow.is_main_process or args is None or not args.no_hooks or args.dryrun:
+        return
+    check_python_path(args.executor in (None, "local"), bool(args.touch))
 
 
 onstart:
