@@ -244,7 +244,8 @@ class ModelEntry:
         spelling the file records when it names the same folder (``./models/m``,
         ``models/m/`` or its absolute path; each re-extracted the model, audit), and for a hub
         model when it names the same repository (:func:`same_hub_repo`) and the features came
-        from the hub (not from a folder of that name); else the configured id. The extraction loads and records that spelling, so this never flips."""
+        from the hub (not from a folder of that name); else the configured id. The extraction
+        loads and records that spelling, so this never flips."""
         if made is None or made.get("model_id") in (None, self.id):
             return self.id
         if self.source == "hub":  # timm/… or hf-hub:… spelt otherwise (audit: a re-extraction)
