@@ -252,6 +252,38 @@ def test_no_network_no_cache_says_what_where_and_into(tmp_path: Path, no_network
     assert SECRET not in msg
 
 
+def test_a_cache_this_user_cannot_write_is_named_instead_of_advising_a_copy_into_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A lab's shared hub cache, read-only to the user (config key ``hub_cache``), lacking a
+    model: the message advised copying the files into that cache, which fails as the download
+    did. It names the folder the user cannot write and the two ways out (audit of 2026-12-07,
+    as a user other than the cache's owner; here ``os.access`` stands in, since root may write
+    anywhere). A cache the user can write keeps the copy advice."""
+    shared = tmp_path / "shared" / "hub"
+    partial = {k: v for k, v in LM_FILES.items() if k != "model-00002-of-00002.safetensors"}
+    fake_repo(shared, "model", "bigscience/bloomz-560m", "main", partial)
+    real_access = os.access
+
+    def access(path, mode, *args, **kwargs):
+        if Path(path).is_relative_to(tmp_path / "shared"):
+            return not mode & os.W_OK
+        return real_access(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(os, "access", access)
+    for model in ("huggyllama/llama-65b", "bigscience/bloomz-560m"):  # absent; a shard short
+        with pytest.raises(PrefetchError) as err:
+            prefetch_model(model, "language", None, shared)
+        msg = str(err.value)
+        assert f"this user cannot write in {shared}" in msg, msg
+        assert "config key 'hub_cache'" in msg and f"--cache-dir {shared}" in msg, msg
+        assert "and copy" not in msg, msg
+    with pytest.raises(PrefetchError) as err:
+        prefetch_model("huggyllama/llama-65b", "language", None, tmp_path / "own" / "hub")
+    assert "and copy <dir>/models--huggyllama--llama-65b" in str(err.value)
+    assert "cannot write" not in str(err.value)
+
+
 def test_cli_prints_the_message_without_a_traceback(tmp_path: Path) -> None:
     env = os.environ.copy()
     cmd = [sys.executable, "-m", "xmodal.prefetch", "model", "--id", "vit_huge_patch14_224.mae"]

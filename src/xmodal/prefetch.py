@@ -117,6 +117,17 @@ def _web_url(repo_id: str, repo_type: str, revision: str) -> str:
     return f"{_endpoint()}/{prefix}{repo_id}/tree/{revision}"
 
 
+def _unwritable(folders: Iterable[Path]) -> Path | None:
+    """The first of ``folders`` (each read as its nearest existing folder, itself or a parent)
+    in which this user cannot create files: a cache the lab shares read-only, say."""
+    for folder in folders:
+        while not folder.exists() and folder != folder.parent:
+            folder = folder.parent
+        if not os.access(folder, os.W_OK | os.X_OK):
+            return folder
+    return None
+
+
 def _download_help(
     what: str,
     repo_id: str,
@@ -129,6 +140,19 @@ def _download_help(
     include = " ".join(f"'{p}'" for p in patterns)
     type_arg = " --repo-type dataset" if repo_type == "dataset" else ""
     folder = _cache_folder(cache_dir, repo_id, repo_type)
+    # the hub client writes .locks/ in the cache and blobs/, snapshots/ in the repo's folder
+    shut = _unwritable([cache_dir, folder / "blobs", folder / "snapshots"])
+    if shut is not None:
+        # copying there fails as the download did: say so instead of advising it
+        return (
+            f"Cannot download {what} ({reason}).\n"
+            f"  what : {repo_id} at revision {revision}, files matching {include}\n"
+            f"  into : {cache_dir} (Hugging Face hub-cache layout: {folder.name}/)\n"
+            f"but this user cannot write in {shut} (a cache shared read-only?). Fix: ask whoever "
+            f"keeps that cache to download these files there (hf download {repo_id}{type_arg} "
+            f"--revision {revision} --include {include} --cache-dir {cache_dir}), or set the "
+            f"config key 'hub_cache' to a folder you can write."
+        )
     return (
         f"Cannot download {what} ({reason}).\n"
         f"Compute nodes run offline, so these files must be on disk first.\n"
