@@ -931,6 +931,35 @@ def test_a_supplied_files_provenance_is_its_own(tmp_path, caplog):
     assert row["created"] and row["torch"] == torch.__version__ and row["source"] == ""
 
 
+def test_the_torch_version_recorded_is_its_builds(tmp_path, monkeypatch):
+    """PyPI's CUDA wheels of torch give the package the version ``2.14.1`` while the module says
+    ``2.14.1+cu130``: feature files and the provenance table recorded the first, so they did not
+    say which build of torch (CUDA or CPU, which CUDA) made the features (found running the
+    suite with Python 3.12 and PyPI's torch). Here the package's version is made to differ."""
+    import importlib.metadata as md
+
+    from xmodal.features import library_version
+    from xmodal.pipeline import provenance_table
+
+    real = md.version
+    monkeypatch.setattr(md, "version", lambda name: "2.14.1" if name == "torch" else real(name))
+    assert md.version("torch") == "2.14.1" != torch.__version__
+    assert library_version("torch") == torch.__version__
+    assert library_version("numpy") == np.__version__
+    assert library_version("no-such-library-xyz") == ""
+    ids = ["a", "b", "c"]
+    x = np.random.default_rng(0).standard_normal((1, 3, 4)).astype(np.float32)
+    made = write_features(tmp_path / "made.h5", x, ids, ["l0"], {"modality": "language"})
+    with h5py.File(made) as f:
+        assert json.loads(f.attrs["library_versions"])["torch"] == torch.__version__
+    manifest = tmp_path / "stimuli.tsv"
+    manifest.write_text(
+        "stimulus_id\timage\tcaption\n" + "".join(f"{s}\t{s}.png\tc {s}\n" for s in ids)
+    )
+    table = provenance_table(manifest, "local", [made]).set_index("kind")
+    assert table.loc["model", "torch"] == table.loc["analysis", "torch"] == torch.__version__
+
+
 def test_ids_stored_as_numbers_are_named_as_such(tmp_path):
     """Manifest ids '001'…'006' stored as the numbers 1…6 (or 1.0…6.0) were blamed on "another
     stimulus manifest", with the advice to re-extract; the message now says that the ids are

@@ -169,16 +169,30 @@ def abs_quantile_rows(x: torch.Tensor | np.ndarray, q: float = Q) -> torch.Tenso
     return torch.lerp(s_lo, s_hi, float(pos - lo))
 
 
-def _library_versions() -> dict[str, str]:
+def library_version(name: str) -> str:
+    """The installed version of library ``name`` ("" if it is not installed). torch's is its
+    build's, as the module says (``2.14.1+cu130``: PyPI's CUDA wheels leave the ``+cu130`` out
+    of the package's version, ``2.14.1``, so that it did not say which build made a file)."""
     import importlib.metadata as md
 
-    out = {}
-    for name in ("xmodal", "torch", "timm", "transformers", "h5py", "numpy"):
+    if name == "torch":
         try:
-            out[name] = md.version(name)
-        except md.PackageNotFoundError:
-            pass
-    return out
+            import torch
+        except ImportError:
+            return ""
+        return str(torch.__version__)
+    try:
+        return md.version(name)
+    except md.PackageNotFoundError:
+        return ""
+
+
+def _library_versions() -> dict[str, str]:
+    versions = {
+        name: library_version(name)
+        for name in ("xmodal", "torch", "timm", "transformers", "h5py", "numpy")
+    }
+    return {name: version for name, version in versions.items() if version}
 
 
 def _attr_value(value: Any) -> Any:

@@ -26,7 +26,7 @@ import xmodal
 from xmodal import language_dispersion, properties, selection
 from xmodal.config import resolve_layer
 from xmodal.dispersion import read_dispersion_table
-from xmodal.features import FeatureFile, FeatureFileError, clamp_threshold
+from xmodal.features import FeatureFile, FeatureFileError, clamp_threshold, library_version
 from xmodal.io import atomic_path, read_table, write_table
 from xmodal.parallel import n_workers
 
@@ -1137,18 +1137,10 @@ def provenance_table(
     # last, the analysis code that made the tables from the features (the same in every
     # analysis job: each reruns when it changes, docs/cluster.md "What reruns"), and the
     # numerical libraries of the environment it ran in
-    from importlib import metadata
-
-    def version(name: str) -> str:
-        try:
-            return metadata.version(name)
-        except metadata.PackageNotFoundError:
-            return ""
-
     rows.append(
         {"kind": "analysis", "key": "xmodal", "sha256": xmodal.analysis_code_digest(),
          "n_stimuli": rows[-1]["n_stimuli"], "xmodal": xmodal.__version__,
-         **{k: version(k) for k in ("torch", "numpy", "scipy")}}
+         **{k: library_version(k) for k in ("torch", "numpy", "scipy")}}
     )  # fmt: skip
     return pd.DataFrame(rows, columns=list(PROVENANCE_COLUMNS)).fillna("")
 
