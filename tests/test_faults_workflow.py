@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import shutil
 import subprocess
 import time
@@ -383,6 +384,70 @@ def test_a_manifest_edit_copied_in_with_an_older_time_reruns_what_reads_it(
     want = 1 - df.set_index("stimulus_id")["nuisance"].astype(float)
     np.testing.assert_allclose(got.loc[want.index], want, atol=1e-6)
     assert _dry(project, props)[0] == {}
+
+
+def test_a_manifest_whose_time_cannot_be_set_is_let_through_when_newer_than_its_readers(
+    project: Path,
+) -> None:
+    """A lab's stimuli, shared read-only, whose keeper fixed the manifest in place: every call
+    stopped ("its modification time cannot be set"), though the manifest was newer than every
+    result read from it, so Snakemake reran those steps anyway (audit of 2026-12-07 as a user
+    who cannot write there; here the file is made immutable, which stops root too). Now such a
+    call goes on; with a result of those steps newer than the manifest, it stops, naming every
+    such result: the list of readers is checked against Snakemake's plan (every job's inputs)."""
+    import os
+
+    from xmodal.io import read_table
+    from xmodal.stimuli import read_manifest, write_manifest
+
+    manifest = project / f"resources/stimuli/{DATASET}/stimuli.tsv"
+    rel = str(manifest.relative_to(project))
+    # every job of the default target, with its inputs and outputs, as Snakemake lists them
+    plan = snakemake(project, "-n", "--forceall", "--configfile", CONFIG, "--cores", "1").stdout
+    readers = []
+    for block in re.split(r"\n(?=(?:local)?rule \w+:)", plan):
+        rule = re.match(r"(?:local)?rule (\w+):", block)
+        files = dict(re.findall(r"^\s+(input|output): (.*)$", block, flags=re.M))
+        if rule and rel in files.get("input", "").split(", "):
+            if rule[1] not in ("extract", "manifest_stamp"):  # these follow its content
+                readers += files["output"].split(", ")
+    assert len(readers) >= 7, plan[-3000:]  # stimuli report, properties, provenance, gallery
+    props = f"results/properties/{DATASET}/properties.tsv"
+    df = read_manifest(manifest)
+
+    def edit(values):
+        subprocess.run(["chattr", "-i", str(manifest)], check=False, capture_output=True)
+        write_manifest(df.assign(nuisance=values), manifest)  # in place: a new time
+        if subprocess.run(["chattr", "+i", str(manifest)], capture_output=True).returncode:
+            pytest.skip("chattr +i is not possible here (not root, or the file system)")
+        with pytest.raises(PermissionError):
+            os.utime(manifest)
+
+    try:
+        edit([f"{1 - float(v):.6g}" for v in df["nuisance"]])
+        counts, out = _dry(project, props)
+        assert counts.get("stimulus_properties") == 1 and "extract" not in counts, out[-3000:]
+        assert "its time cannot be set" in out and "so they run again" in out, out[-3000:]
+        snakemake(project, "--configfile", CONFIG, "--cores", "2", props)
+        table = read_table(project / props)
+        got = table[table["property"] == "manifest:nuisance"].set_index("stimulus_id")["value"]
+        want = 1 - df.set_index("stimulus_id")["nuisance"].astype(float)
+        np.testing.assert_allclose(got.loc[want.index], want, atol=1e-6)
+        assert _dry(project, props)[0] == {}
+        # edited again, but results of those steps are newer than it: refused, each named
+        edit([f"{float(v) / 2:.6g}" for v in df["nuisance"]])
+        later = manifest.stat().st_mtime + 5
+        for path in readers:
+            (project / path).parent.mkdir(parents=True, exist_ok=True)
+            (project / path).touch()
+            os.utime(project / path, (later, later))
+        proc = snakemake(project, "-n", "--configfile", CONFIG, "--cores", "2", props, check=False)
+        out = proc.stdout + proc.stderr
+        assert proc.returncode != 0 and "its modification time cannot be set" in out, out[-3000:]
+        for path in readers:
+            assert f"'{path}'" in out, (path, out[-3000:])
+    finally:
+        subprocess.run(["chattr", "-i", str(manifest)], check=False, capture_output=True)
 
 
 def test_results_of_a_control_switched_off_are_named_as_left_over(project: Path) -> None:

@@ -545,6 +545,20 @@ def test_a_manifest_whose_content_changed_gets_the_current_time(tmp_path):
         mp.setattr(os, "utime", refuse)
         with pytest.raises(StimulusError, match=r"stimuli\.tsv: its content changed .* cannot"):
             follow_manifest_content(manifest, record)
+    # ... unless it is newer than every result of the steps that read it (they rerun anyway):
+    # one as new as the manifest, or newer, stops it, named; older ones and missing ones not
+    edited = manifest.stat().st_mtime_ns
+    older, same, missing = tmp_path / "older.tsv", tmp_path / "same.tsv", tmp_path / "none.tsv"
+    for path, ns in ((older, edited - 10**9), (same, edited)):
+        path.write_text("x\n")
+        os.utime(path, ns=(ns, ns))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(os, "utime", refuse)
+        with pytest.raises(StimulusError, match=r"newer than it: \[.*same\.tsv'\] \(1 in all\)"):
+            follow_manifest_content(manifest, record, readers=[older, same, missing])
+        assert follow_manifest_content(manifest, record, readers=[older, missing])
+    assert manifest.stat().st_mtime_ns == edited  # not touched, but recorded:
+    assert not follow_manifest_content(manifest, record)
 
 
 def test_manifest_stamp_sees_a_replaced_image_but_not_a_copy(tmp_path):

@@ -853,7 +853,10 @@ MANIFEST_CONTENT = "manifest_content.json"
 
 
 def follow_manifest_content(
-    manifest_path: str | os.PathLike, record: str | os.PathLike, touch: bool = True
+    manifest_path: str | os.PathLike,
+    record: str | os.PathLike,
+    touch: bool = True,
+    readers: Sequence[str | os.PathLike] | None = None,
 ) -> bool:
     """Give the manifest the current time when its bytes differ from ``record``'s (the SHA-256
     of the manifest when the last call saw it), and record them; True when it was given it.
@@ -863,9 +866,12 @@ def follow_manifest_content(
     an older one (``cp -p``, ``rsync -a``) left them as they were, the properties' correlations
     from the old annotations, with exit 0 (audit). With a new time, Snakemake reruns them (the
     extractions follow their stamps, :func:`write_manifest_stamp`, not the time). A manifest
-    whose time cannot be set (a read-only folder) is a :class:`StimulusError` naming it. The first
-    call only records, and so does one without ``touch`` (at the end of a run, whose own rules
-    may have made the manifest again: those give it a new time themselves).
+    whose time cannot be set (someone else's, in a folder the lab shares read-only) needs none
+    when it is already newer than every result of those steps (``readers``, their outputs:
+    edited in place, or the results deleted); otherwise it is a :class:`StimulusError` naming
+    it and the newer results. The first call only records, and so does one without ``touch``
+    (at the end of a run, whose own rules may have made the manifest again: those give it a
+    new time themselves).
     """
     manifest, record = Path(manifest_path), Path(record)
     digest = hashlib.sha256(manifest.read_bytes()).hexdigest()
@@ -880,13 +886,29 @@ def follow_manifest_content(
         try:
             os.utime(manifest)
         except OSError as err:
-            raise StimulusError(
-                f"{manifest}: its content changed since the last run, and its modification "
-                f"time cannot be set ({err.strerror}); the steps that read it by time "
-                "(stimuli_report, image_properties, stimulus_properties, provenance, the "
-                "gallery) would keep results from the old content. Make the manifest "
-                "writable, or copy it in with a new time (cp without -p)"
-            ) from None
+            # Snakemake reruns a step whose output is older than the manifest, strictly
+            edited = manifest.stat().st_mtime_ns
+            newer = [
+                str(p)
+                for p in readers or ()
+                if os.path.exists(p) and os.stat(p).st_mtime_ns >= edited
+            ]
+            if readers is None or newer:
+                held = f" (newer than it: {preview(newer, 12)})" if newer else ""
+                raise StimulusError(
+                    f"{manifest}: its content changed since the last run, and its modification "
+                    f"time cannot be set ({err.strerror}); the steps that read it by time "
+                    "(stimuli_report, image_properties, stimulus_properties, provenance, the "
+                    f"gallery) would keep results from the old content{held}. Make the "
+                    "manifest writable, copy it in with a new time (cp without -p), or delete "
+                    "those results"
+                ) from None
+            log.info(
+                "%s: its time cannot be set (%s), but it is newer than every result of the "
+                "steps that read it by time, so they run again",
+                manifest,
+                err.strerror,
+            )
     with atomic_path(record) as tmp:
         tmp.write_text(
             json.dumps({"manifest": str(manifest_path), "sha256": digest}, indent=1) + "\n",

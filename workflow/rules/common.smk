@@ -1368,6 +1368,17 @@ def update_manifest_stamps():
             _STAMPS_TO_TOUCH.append(path)
 
 
+def manifest_readers():
+    """The outputs of the steps that read the manifest by its modification time: the stimuli
+    report, the image and stimulus properties, the provenance and the figures drawn from it
+    (tested against the inputs of every job Snakemake plans)."""
+    paths = table_paths(DATASET)
+    tables = [paths[k] for k in ("images", "duplicates", "properties", "provenance")]
+    without = [name for name, spec in FIGURES.items() if "manifest" not in spec.inputs]
+    figures = figure_files(f"results/figures/{DATASET}", METRICS, skip=without)
+    return [*tables, f"results/properties/{DATASET}/images.tsv", *figures]
+
+
 def follow_manifest(touch=True):
     """A manifest whose content changed since the last call gets the current time (xmodal.
     stimuli.follow_manifest_content), so that the steps reading it by time rerun even when the
@@ -1380,10 +1391,15 @@ def follow_manifest(touch=True):
         return
     try:
         record.parent.mkdir(parents=True, exist_ok=True)
-        if follow_manifest_content(MANIFEST, record, touch):
+        # a manifest whose time cannot be set is let through when it is newer than these
+        with forward_to(logger.info):
+            followed = follow_manifest_content(
+                MANIFEST, record, touch, manifest_readers()
+            )
+        if followed:
             logger.info(
-                f"{MANIFEST}: its content changed since the last run: given the current time, "
-                "so that the steps that read it run again"
+                f"{MANIFEST}: its content changed since the last run, so the steps that read"
+                " it run again"
             )
     except StimulusError as err:  # its time cannot be set
         raise WorkflowError(str(err)) from None
@@ -1618,9 +1634,7 @@ def check_python_path(local_exec=None, touch=None):
             DeploymentMethod.APPTAINER in methods and rule.container_img
         )
 
-    local_ok = local_exec and all(
-        own_python(r) for r in workflow.rules if r.script
-    )
+    local_ok = local_exec and all(own_python(r) for r in workflow.rules if r.script)
     if not local_ok:
         raise WorkflowError(
             f"The Python running Snakemake is at a path with a space or shell character "
@@ -1634,7 +1648,8 @@ def check_python_path(local_exec=None, touch=None):
 
 def check_python_path_without_hooks():
     """check_python_path for a run with --no-hooks, where onstart does not run: once every
-    rule is defined (the Snakefile calls it), the executor read from the command line."""
+    rule is defined (the Snakefile calls it), the executor read from the command line.
+    """
     args = _command_line()
     if not workflow.is_main_process or args is None or not args.no_hooks or args.dryrun:
         return
