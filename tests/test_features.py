@@ -935,7 +935,8 @@ def test_the_torch_version_recorded_is_its_builds(tmp_path, monkeypatch):
     """PyPI's CUDA wheels of torch give the package the version ``2.14.1`` while the module says
     ``2.14.1+cu130``: feature files and the provenance table recorded the first, so they did not
     say which build of torch (CUDA or CPU, which CUDA) made the features (found running the
-    suite with Python 3.12 and PyPI's torch). Here the package's version is made to differ."""
+    suite with Python 3.12 and PyPI's torch). Here the package's version is made to differ.
+    Where torch is not loaded, its version is read without loading it (seconds)."""
     import importlib.metadata as md
 
     from xmodal.features import library_version
@@ -958,6 +959,16 @@ def test_the_torch_version_recorded_is_its_builds(tmp_path, monkeypatch):
     )
     table = provenance_table(manifest, "local", [made]).set_index("kind")
     assert table.loc["model", "torch"] == table.loc["analysis", "torch"] == torch.__version__
+    # where torch is not loaded (the provenance step), it is read without loading it
+    probe = (
+        "import importlib.metadata as md, sys\n"
+        "real = md.version\n"
+        "md.version = lambda name: '2.14.1' if name == 'torch' else real(name)\n"
+        "from xmodal.features import library_version\n"
+        "print(library_version('torch'), 'torch' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert out.stdout.split() == [torch.__version__, "False"], out.stderr
 
 
 def test_ids_stored_as_numbers_are_named_as_such(tmp_path):

@@ -172,15 +172,21 @@ def abs_quantile_rows(x: torch.Tensor | np.ndarray, q: float = Q) -> torch.Tenso
 def library_version(name: str) -> str:
     """The installed version of library ``name`` ("" if it is not installed). torch's is its
     build's, as the module says (``2.14.1+cu130``: PyPI's CUDA wheels leave the ``+cu130`` out
-    of the package's version, ``2.14.1``, so that it did not say which build made a file)."""
+    of the package's version, ``2.14.1``, so that it did not say which build made a file),
+    read from ``torch/version.py`` where torch is not loaded (loading it takes seconds)."""
     import importlib.metadata as md
+    import importlib.util
 
+    module = sys.modules.get(name) if name == "torch" else None
+    if module is not None:
+        return str(module.__version__)
     if name == "torch":
-        try:
-            import torch
-        except ImportError:
-            return ""
-        return str(torch.__version__)
+        with contextlib.suppress(AttributeError, ImportError, ValueError, OSError, TypeError):
+            origin = importlib.util.find_spec("torch").origin  # finds, does not import it
+            text = (Path(origin).parent / "version.py").read_text(encoding="utf-8")
+            found = re.search(r"^__version__\s*=\s*['\"]([^'\"]+)['\"]", text, flags=re.M)
+            if found:
+                return found[1]
     try:
         return md.version(name)
     except md.PackageNotFoundError:
