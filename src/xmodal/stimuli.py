@@ -859,7 +859,8 @@ def follow_manifest_content(
     readers: Sequence[str | os.PathLike] | None = None,
 ) -> bool:
     """Give the manifest the current time when its bytes differ from ``record``'s (the SHA-256
-    of the manifest when the last call saw it), and record them; True when it was given it.
+    of the manifest when the last call saw it), and record them; True when the steps that read
+    it by time will run again (it was given the time, or is newer than their results).
 
     The steps that read the whole manifest (the stimuli report, the stimulus properties, the
     provenance, the gallery) follow its modification time; a corrected manifest copied in with
