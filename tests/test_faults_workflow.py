@@ -366,7 +366,6 @@ def test_a_manifest_edit_copied_in_with_an_older_time_reruns_what_reads_it(
     current time: the properties are made again, and no model is extracted."""
     import os
 
-    from xmodal.io import read_table
     from xmodal.stimuli import read_manifest, write_manifest
 
     props = f"results/properties/{DATASET}/properties.tsv"
@@ -376,6 +375,16 @@ def test_a_manifest_edit_copied_in_with_an_older_time_reruns_what_reads_it(
     old = manifest.stat().st_mtime - 3600
     write_manifest(df.assign(nuisance=[f"{1 - float(v):.6g}" for v in df["nuisance"]]), manifest)
     os.utime(manifest, (old, old))
+    _properties_follow_the_inverted_nuisance(project, df)
+
+
+def _properties_follow_the_inverted_nuisance(project: Path, df: pd.DataFrame) -> str:
+    """After the manifest's ``nuisance`` became 1 - nuisance (``df``: before): the stimulus
+    properties, and no extraction, are planned, made, hold the new values and are then up to
+    date. Returns the dry run's output."""
+    from xmodal.io import read_table
+
+    props = f"results/properties/{DATASET}/properties.tsv"
     counts, out = _dry(project, props)
     assert counts.get("stimulus_properties") == 1 and "extract" not in counts, out[-3000:]
     snakemake(project, "--configfile", CONFIG, "--cores", "2", props)
@@ -384,6 +393,7 @@ def test_a_manifest_edit_copied_in_with_an_older_time_reruns_what_reads_it(
     want = 1 - df.set_index("stimulus_id")["nuisance"].astype(float)
     np.testing.assert_allclose(got.loc[want.index], want, atol=1e-6)
     assert _dry(project, props)[0] == {}
+    return out
 
 
 def test_a_manifest_whose_time_cannot_be_set_is_let_through_when_newer_than_its_readers(
@@ -397,7 +407,6 @@ def test_a_manifest_whose_time_cannot_be_set_is_let_through_when_newer_than_its_
     such result: the list of readers is checked against Snakemake's plan (every job's inputs)."""
     import os
 
-    from xmodal.io import read_table
     from xmodal.stimuli import read_manifest, write_manifest
 
     manifest = project / f"resources/stimuli/{DATASET}/stimuli.tsv"
@@ -425,15 +434,8 @@ def test_a_manifest_whose_time_cannot_be_set_is_let_through_when_newer_than_its_
 
     try:
         edit([f"{1 - float(v):.6g}" for v in df["nuisance"]])
-        counts, out = _dry(project, props)
-        assert counts.get("stimulus_properties") == 1 and "extract" not in counts, out[-3000:]
+        out = _properties_follow_the_inverted_nuisance(project, df)
         assert "its time cannot be set" in out and "so they run again" in out, out[-3000:]
-        snakemake(project, "--configfile", CONFIG, "--cores", "2", props)
-        table = read_table(project / props)
-        got = table[table["property"] == "manifest:nuisance"].set_index("stimulus_id")["value"]
-        want = 1 - df.set_index("stimulus_id")["nuisance"].astype(float)
-        np.testing.assert_allclose(got.loc[want.index], want, atol=1e-6)
-        assert _dry(project, props)[0] == {}
         # edited again, but results of those steps are newer than it: refused, each named
         edit([f"{float(v) / 2:.6g}" for v in df["nuisance"]])
         later = manifest.stat().st_mtime + 5
