@@ -154,6 +154,9 @@ def test_unbalanced_quote_does_not_swallow_the_following_rows(tmp_path):
         # before: accepted here, then h5py's "VLEN strings do not support embedded NULLs" once
         # the model had run, naming nothing
         ("s1\ta.png\tone\ns\x002\ta.png\ttwo\n", r"id\(s\) \['s\\x002'\].*line\(s\) \[3\].*NUL"),
+        # before: Python's bare "ValueError: embedded null byte", naming no file or line
+        ("s1\ta.png\tone\ns2\ta\x00.png\ttwo\n",
+         r"image path\(s\) on line\(s\) \[3\] hold a NUL .*\['s2'\].*\['a\\x00\.png'\]"),
         ("s1\ta.png\t\u200b \u2060\n", r"empty caption on line\(s\) \[2\]"),
         ("\u200b\ta.png\tone\n", r"empty stimulus_id on line\(s\) \[2\]"),
         # marks with nothing to mark and blank letters show nothing either
@@ -165,7 +168,8 @@ def test_unbalanced_quote_does_not_swallow_the_following_rows(tmp_path):
          r"line 3 repeats the header"),
     ],
     ids=["trailing_tab", "trailing_tab_everywhere", "tab_in_caption", "newline_in_caption",
-         "csv_quoted_newline", "missing_field", "empty_line_inside", "bare_cr", "spaces_line_inside", "nul_in_id", "invisible_caption",
+         "csv_quoted_newline", "missing_field", "empty_line_inside", "bare_cr", "spaces_line_inside", "nul_in_id", "nul_in_image",
+         "invisible_caption",
          "invisible_id", "marks_only_caption", "header_again", "header_again_with_bom"],
 )  # fmt: skip
 def test_malformed_lines_are_errors_naming_the_line(tmp_path, body, match):
@@ -173,6 +177,13 @@ def test_malformed_lines_are_errors_naming_the_line(tmp_path, body, match):
     with pytest.raises(StimulusError, match=match) as err:
         read_manifest(path)
     assert str(err.value).startswith(f"{path}: ")
+
+
+def test_an_image_path_with_a_nul_is_named_without_the_image_checks_too(tmp_path):
+    """Readers that skip the image checks (the gallery) would meet Python's bare ValueError."""
+    path = _manifest(tmp_path, "s1\ta.png\tone\ns2\ta\x00.png\ttwo\n")
+    with pytest.raises(StimulusError, match=r"stimuli\.tsv: image path\(s\) on line\(s\) \[3\]"):
+        read_manifest(path, check_images=False)
 
 
 @pytest.mark.parametrize(

@@ -149,7 +149,8 @@ def read_manifest(
     without NUL (which HDF5 cannot store); captions neither empty (only whitespace or invisible
     characters such as a zero-width space) nor CSV-quoted (a caption as a CSV writer quotes it,
     ``"a ""quoted"" word"``, would reach the language models with its quotes); every image file
-    exists. With ``verify_images`` every image is also decoded and converted
+    exists (an image path with a NUL, which no file name holds, is an error whatever
+    ``check_images``). With ``verify_images`` every image is also decoded and converted
     (:func:`scan_images`), so that an image no rule converts fails here rather than
     mid-extraction. ``check_images=False`` skips the image checks (for readers that
     only need the table, such as the gallery figure, which shows a placeholder for a missing
@@ -163,6 +164,14 @@ def read_manifest(
     columns = {name: [r[j] for r in rows] for j, name in enumerate(header)}
     _check_stimuli(str(path), columns["stimulus_id"], columns["caption"], lines)
     root = path.parent
+    nul = [k for k, img in enumerate(columns["image"]) if "\x00" in img]
+    if nul:  # before: Python's bare "ValueError: embedded null byte", naming nothing
+        raise StimulusError(
+            f"{path}: image path(s) on line(s) {[lines[k] for k in nul][:10]} hold a NUL "
+            f"character, which no file name can (stimulus ids "
+            f"{preview([columns['stimulus_id'][k] for k in nul])}, images "
+            f"{preview([columns['image'][k] for k in nul])}): remove it"
+        )
     missing = [
         k
         for k, img in enumerate(columns["image"])
