@@ -177,10 +177,9 @@ def library_version(name: str) -> str:
     import importlib.metadata as md
     import importlib.util
 
-    module = sys.modules.get(name) if name == "torch" else None
-    if module is not None:
-        return str(module.__version__)
     if name == "torch":
+        if (module := sys.modules.get("torch")) is not None:  # None: its import is blocked
+            return str(module.__version__)
         with contextlib.suppress(AttributeError, ImportError, ValueError, OSError, TypeError):
             origin = importlib.util.find_spec("torch").origin  # finds, does not import it
             text = (Path(origin).parent / "version.py").read_text(encoding="utf-8")
