@@ -243,7 +243,8 @@ def bf_gaps(g, k):
 
 
 def bf_alt_sets(g, k, tau):
-    """Reverse-order fill of the near-tie band of unresolved rows (docs/method.md, "Stability")."""
+    """The near-tie band of unresolved rows filled in the reverse of the rule's order: lowest
+    value first, equal values higher index first (docs/method.md, "Stability")."""
     m = len(g)
     sets = bf_knn_sets(g, k)
     gaps = bf_gaps(g, k)
@@ -254,7 +255,8 @@ def bf_alt_sets(g, k, tau):
             continue
         vk = sorted((g[i][j] for j in range(m) if j != i), reverse=True)[k - 1]
         above = {j for j in range(m) if j != i and g[i][j] > vk + tau}
-        band = sorted((j for j in range(m) if j != i and abs(g[i][j] - vk) <= tau), reverse=True)
+        band = [j for j in range(m) if j != i and abs(g[i][j] - vk) <= tau]
+        band.sort(key=lambda j: (g[i][j], -j))
         out.append(above | set(band[: k - len(above)]))
     return out
 
@@ -322,6 +324,60 @@ def test_ties_in_batches_follow_subset_order():
     sides = subset_sides(torch.from_numpy(g), subsets, 4)
     got = [sets_of(part, b) for part in sides for b in range(part.idx.shape[0])]
     assert got == [bf_knn_sets(g[np.ix_(s, s)], 4) for s in subsets]
+
+
+def repeated_rows(seed=0, m=300, p=37, groups=40):
+    """float32 unit rows, ``groups`` of them repeated 2–4 times at scattered positions (as a
+    repeated caption repeats an LLM's row), and the float64 kernel with one dot product per
+    entry (equal rows give bit-equal entries there)."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((m, p)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    order = rng.permutation(m)
+    at = 0
+    for _ in range(groups):
+        n = int(rng.integers(2, 5))
+        x[order[at + 1 : at + n]] = x[order[at]]
+        at += n
+    x64 = x.astype(np.float64)
+    g = np.array([[float(np.dot(a, b)) for b in x64] for a in x64])
+    return x, g
+
+
+@pytest.mark.parametrize("path", ["dense", "blocked", "subsets", "kernel"])
+def test_equal_float32_rows_tie_exactly_and_follow_stimulus_order(monkeypatch, path):
+    """Equal rows have equal kernel entries in the data, but BLAS rounds XXᵀ by position: in the
+    demo's BLOOM-m layer 1038 entries of its 37 groups of equal rows (repeated captions)
+    differed in the last bit, so rounding, not the tie rule, chose which copy was a neighbour,
+    and the value moved with the machine's BLAS (CLIP × BLOOM-m on the drop-low PC1 set: 7.5e-4
+    from the float64 kernel's, the stability 1.3e-5). Every path now gives the copies' columns
+    one value, so the rule decides: the kNN sets equal the float64 kernel's (lower index first)."""
+    x, g = repeated_rows()
+    k, m = 4, len(x)
+    gaps = bf_gaps(g, k)
+    tau = mt.kernel_resolution(x.shape[1], np.float32)
+    assert ((gaps == 0) | (gaps > tau)).all()  # only exact ties are near ties: the rule decides
+    assert (gaps == 0).sum() >= 20  # many rows whose k-th neighbour is one of several copies
+    expected = bf_knn_sets(g, k)
+    if path == "dense":
+        assert sets_of(mt.KernelKNN.from_features(x, k, dense=True)) == expected
+    elif path == "blocked":
+        monkeypatch.setattr(mt, "BLOCK_ELEMS", 7 * m)  # 7-row blocks
+        assert sets_of(mt.KernelKNN.from_features(x, k, dense=False)) == expected
+    elif path == "subsets":
+        from xmodal.alignment import kernel, subset_sides
+
+        rng = np.random.default_rng(1)
+        subsets = np.sort(np.stack([rng.choice(m, 150, replace=False) for _ in range(6)]), axis=1)
+        sides = subset_sides(kernel(x), subsets, k)
+        got = [sets_of(part, b) for part in sides for b in range(part.idx.shape[0])]
+        assert got == [bf_knn_sets(g[np.ix_(s, s)], k) for s in subsets]
+    else:
+        kk = mt.gram(x)
+        rep = mt.equal_row_representatives(torch.from_numpy(x)).numpy()
+        assert (rep != np.arange(m)).sum() > 40
+        np.testing.assert_array_equal(kk, kk[np.ix_(rep, rep)])
+        assert mt.equal_row_representatives(torch.from_numpy(np.unique(x, axis=0))) is None
 
 
 def plant_gaps(gaps, k=5, m=60, p=16, seed=0):
@@ -486,8 +542,31 @@ def test_alternative_fill_takes_the_band_within_tau_of_the_kth_value():
     side = mt.KernelKNN.build(torch.from_numpy(g.copy()), 3, tau=0.1)
     assert bool(side.unresolved[0, 0])
     assert set(side.idx[0, 0].tolist()) == {1, 2, 5}
-    # band = {2, 5, 7} (within 0.1 of 0.58), filled highest index first; 1 is above the band
+    # band = {2, 5, 7} (within 0.1 of 0.58), filled lowest value first; 1 is above the band
     assert set(side.alt.idx[0, 0].tolist()) == {1, 7, 5}
+
+
+def test_the_alternative_differs_where_rounding_ordered_the_band_by_descending_index():
+    """Row 0's k-th and (k+1)-th values differ by 2e-7 < τ, the higher column (3) the larger,
+    as float32 rounding can leave two entries that are equal in the data. Filling the band
+    highest index first (the rule before 2026-12-07) took column 3 again: the alternative equalled
+    the default and the stability was exactly 0 for a value that rounding decided (the demo's
+    DINO × LLaMA-s random draw 17: stability 0, the float64 kernel's value 1.8e-5 away). Filled
+    in the reverse of the default's order, it takes column 2 and the stability is the move."""
+    rng = np.random.default_rng(3)
+    g = rng.uniform(0, 0.2, (6, 6))
+    g[0, 1:] = [0.9, 0.5, 0.5 + 2e-7, 0.1, 0.05]
+    xs = mt.KernelKNN.build(torch.from_numpy(g.copy()), 2, tau=1e-6)
+    assert xs.unresolved[0].tolist() == [True] + [False] * 5
+    assert set(xs.idx[0, 0].tolist()) == {1, 3}
+    assert set(xs.alt.idx[0, 0].tolist()) == {1, 2}
+    ll = rng.uniform(0, 0.2, (6, 6))
+    ll[0, [1, 2]] = 1.0  # Y's neighbours of stimulus 0 are 1 and 2, well separated
+    ys = mt.KernelKNN.build(torch.from_numpy(ll), 2, tau=1e-6)
+    assert not ys.unresolved.any()
+    value, stability = mt.knn_metric("mutual_knn", xs, ys)
+    # row 0 shares 1 of 2 neighbours by default and 2 of 2 in the alternative: 1/2 over 6 rows
+    assert float(stability[0]) == pytest.approx(1 / 12)
 
 
 def test_stability_includes_both_sides_flipped_together():

@@ -155,6 +155,82 @@ def test_demo_outputs_exist_and_are_valid(workflow_dir, demo_config):
             assert out.stat().st_size > 1000, out
 
 
+def reference_cknna(x: np.ndarray, y: np.ndarray, k: int) -> float:
+    """CKNNA as DESIGN 2.5 defines it, in float64 and apart from xmodal.metrics: the kernel of the
+    distinct rows spread back over the stimuli (equal rows, equal entries), kNN sets by a stable
+    sort (equal values, lower index first), the unbiased HSIC with its transpose term."""
+
+    def kernel(z):
+        u, inv = np.unique(z.astype(np.float64), axis=0, return_inverse=True)
+        inv = inv.ravel()
+        return (u @ u.T)[np.ix_(inv, inv)]
+
+    def mask(g):
+        h = g.copy()
+        np.fill_diagonal(h, -np.inf)
+        out = np.zeros_like(g)
+        np.put_along_axis(out, np.argsort(-h, axis=1, kind="stable")[:, :k], 1.0, axis=1)
+        return out
+
+    def hsic(a, b):
+        a, b, m = a.copy(), b.copy(), len(a)
+        np.fill_diagonal(a, 0)
+        np.fill_diagonal(b, 0)
+        terms = (a * b.T).sum() + a.sum() * b.sum() / ((m - 1) * (m - 2))
+        return (terms - 2 * (a @ b).sum() / (m - 2)) / (m * (m - 3))
+
+    kk, ll = kernel(x), kernel(y)
+    mk, ml = mask(kk), mask(ll)
+    both = mk * ml
+    return hsic(both * kk, both * ll) / np.sqrt(hsic(mk * kk, mk * kk) * hsic(ml * ll, ml * ll))
+
+
+def test_demo_alignment_equals_an_independent_float64_computation(workflow_dir, demo_config):
+    """Every layer-search value and every fixed set's CKNNA (with three draws of each random
+    family) recomputed from the feature files: the Platonic preparation (one clamp threshold per
+    model, the mean of the stimuli's 95th percentiles of |x|; rows l2-normalised) and
+    :func:`reference_cknna`. Each value lies within its own stability of the float64 one. Before
+    2026-12-07 the float32 kernel gave repeated captions' rows unequal entries by position, and
+    CLIP × BLOOM-m's drop-low PC1 value lay 7.5e-4 from this one with stability 1.3e-5 (5 of
+    the 588 grid values beyond their stability), and the layer values of CLIP+FT × BLOOM-s and
+    × BLOOM-m 5.6e-4 off (CLIP+FT × BLOOM-s's layer 3: stability 5.3e-5)."""
+    cfg = demo_config
+    k, layer = cfg["analysis"]["knn_k"], cfg["analysis"]["vision_layer"]
+    ids = read_manifest(workflow_dir / "resources/stimuli/demo/stimuli.tsv")["stimulus_id"]
+    position = {s: i for i, s in enumerate(ids)}
+    prepared = {}
+    for key in cfg["models"]:
+        with h5py.File(workflow_dir / f"results/features/demo/{key}.h5", "r") as f:
+            x = f["features"][:].astype(np.float32)  # (layers, m, d)
+        by_stimulus = np.abs(x).transpose(1, 0, 2).reshape(len(ids), -1)
+        t = np.quantile(by_stimulus, 0.95, axis=1).astype(np.float32).mean(dtype=np.float32)
+        x = np.clip(x, -t, t)
+        prepared[key] = x / np.maximum(np.linalg.norm(x, axis=2, keepdims=True), 1e-12)
+
+    def check(row, want):
+        assert abs(float(row["value"]) - want) <= float(row["stability"]) + 1e-6, (dict(row), want)
+
+    layers = read_table(workflow_dir / "results/alignment/demo/layers.tsv")
+    for _, row in layers[layers["metric"] == "cknna"].iterrows():
+        x = prepared[row["vision"]][layer]
+        check(row, reference_cknna(x, prepared[row["llm"]][int(row["llm_layer"])], k))
+
+    grid = read_table(workflow_dir / "results/alignment/demo/grid.tsv")
+    sets = read_table(workflow_dir / "results/dispersion/demo/sets.tsv")
+    members = {
+        (name, summary, int(draw)): np.sort([position[s] for s in g["stimulus_id"]])
+        for (name, summary, draw), g in sets.groupby(["set", "summary", "draw"])
+    }
+    grid = grid[(grid["metric"] == "cknna") & (grid["draw"].astype(int) < 3)]
+    assert len(grid) == 12 * (1 + 8 + 3 + 3)
+    for _, row in grid.iterrows():
+        key = (row["condition"], row["summary"], int(row["draw"]))
+        idx = np.arange(len(ids)) if row["condition"] == "full" else members[key]
+        assert len(idx) == int(row["n_stimuli"])
+        x = prepared[row["vision"]][layer][idx]
+        check(row, reference_cknna(x, prepared[row["llm"]][int(row["llm_layer"])][idx], k))
+
+
 def test_rerun_is_a_no_op(workflow_dir):
     proc = snakemake(workflow_dir, "-n", "--configfile", "config/demo.yaml", "--cores", "2")
     assert "Nothing to be done" in proc.stdout + proc.stderr

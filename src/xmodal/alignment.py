@@ -42,11 +42,11 @@ from xmodal.metrics import (
     cross_moment,
     feature_moments,
     feature_tensor,
-    gram,
     hsic_from_moments,
     kernel_centred_product,
     kernel_hsic,
     kernel_resolution,
+    kernel_tensor,
     knn_metric,
     layer_problem,
     normalised_hsic,
@@ -283,11 +283,7 @@ def default_device() -> torch.device:
 
 def kernel(x: np.ndarray, device: torch.device | None = None) -> torch.Tensor:
     """K = XXᵀ as a tensor (syrk on CPU; a matmul on the device when it is a GPU)."""
-    device = device or torch.device("cpu")
-    if device.type == "cpu":
-        return torch.from_numpy(gram(x))
-    xt = torch.as_tensor(np.asarray(x), device=device)
-    return xt @ xt.T
+    return kernel_tensor(torch.as_tensor(np.asarray(x), device=device or torch.device("cpu")))
 
 
 def _checked_side(

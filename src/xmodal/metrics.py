@@ -42,6 +42,7 @@ __all__ = [
     "cknna_from_kernels",
     "cknna_sides",
     "cross_moment",
+    "equal_row_representatives",
     "feature_cka",
     "feature_moments",
     "feature_tensor",
@@ -53,6 +54,7 @@ __all__ = [
     "kernel_hsic",
     "kernel_resolution",
     "kernel_row_blocks",
+    "kernel_tensor",
     "kernel_unbiased_cka",
     "knn_metric",
     "layer_problem",
@@ -174,10 +176,49 @@ def _as_features(x: np.ndarray | torch.Tensor, name: str) -> np.ndarray:
     return np.ascontiguousarray(a)
 
 
+def equal_row_representatives(x: torch.Tensor) -> torch.Tensor | None:
+    """For each row of X (m, p), the lowest index of a row equal to it; None when no two are equal.
+
+    Equal rows (a repeated caption or image) have equal kernel entries in the data, but BLAS
+    rounds XXᵀ by position, so the float32 kernel can rank one copy above the other by a last
+    bit and rounding, not the tie rule, picks between them (docs/method.md, "Ties"). Three
+    columns screen the rows first; only rows that agree on them are compared whole.
+    """
+    m, p = x.shape
+    if m < 2:
+        return None
+    screen = x[:, [0, p // 2, p - 1]]
+    _, inverse, counts = torch.unique(screen, dim=0, return_inverse=True, return_counts=True)
+    maybe = torch.nonzero(counts[inverse] > 1).squeeze(1)
+    if maybe.numel() == 0:
+        return None
+    _, group = torch.unique(x.index_select(0, maybe), dim=0, return_inverse=True)
+    first = torch.full((int(group.max()) + 1,), m, dtype=torch.long, device=x.device)
+    first.scatter_reduce_(0, group, maybe, reduce="amin")
+    rep = torch.arange(m, device=x.device)
+    rep[maybe] = first[group]
+    return None if bool((rep[maybe] == maybe).all()) else rep
+
+
 def gram(x: np.ndarray) -> np.ndarray:
-    """Linear kernel K = XXᵀ in the features' dtype (numpy dispatches XXᵀ to BLAS syrk)."""
+    """Linear kernel K = XXᵀ in the features' dtype (numpy dispatches XXᵀ to BLAS syrk), with
+    exactly equal entries for equal rows (:func:`equal_row_representatives`)."""
     a = _as_features(x, "x")
-    return a @ a.T
+    k = a @ a.T
+    rep = equal_row_representatives(torch.from_numpy(a))
+    if rep is None:
+        return k
+    r = rep.numpy()
+    return k[np.ix_(r, r)]
+
+
+def kernel_tensor(x: torch.Tensor) -> torch.Tensor:
+    """K = XXᵀ of features (syrk on the CPU, a matmul on a GPU); equal rows, equal entries."""
+    if x.device.type == "cpu":
+        return torch.from_numpy(gram(x.numpy()))
+    k = x @ x.T
+    rep = equal_row_representatives(x)
+    return k if rep is None else k.index_select(0, rep).index_select(1, rep)
 
 
 def _check_k(m: int, k: int) -> None:
@@ -311,8 +352,8 @@ def _knn_block(
 
     Returns val, idx (N, k), gap (N,) float64 = k-th − (k+1)-th value (inf when k = n − 1),
     unresolved = gap ≤ τ, and alt_val, alt_idx: the lists with the band of entries within τ of
-    the k-th value filled in reverse column order (higher column first); equal to val, idx on
-    resolved rows. Lists are sets here (not sorted).
+    the k-th value filled in the reverse of the default's order (lowest value first, equal values
+    higher column first); equal to val, idx on resolved rows. Lists are sets here (not sorted).
     """
     n = rows.shape[-1]
     val, idx, nxt = top_lists(rows, k, ordered=False)
@@ -322,14 +363,18 @@ def _knn_block(
     alt_val, alt_idx = val.clone(), idx.clone()
     bad = torch.nonzero(unresolved).squeeze(1)
     if bad.numel():
-        cols = torch.arange(n, device=rows.device)
         for r in _chunks(bad, n):
             sub = rows.index_select(0, r)
             sub64 = sub.to(torch.float64)
             thr = val.index_select(0, r)[:, k - 1 : k].to(torch.float64)
             band = (sub64 - thr).abs() <= tau
-            score = torch.where(sub64 > thr + tau, 2 * n, torch.where(band, cols + 1, 0))
-            pick = torch.topk(score, k, dim=-1).indices
+            # the band in the reverse of the default's order: lowest value first, equal values
+            # higher column first (columns flipped for the stable sort), so that the alternative
+            # takes what the default left out even where rounding already ordered the band by
+            # descending column (docs/method.md, "Stability")
+            key = torch.where(sub64 > thr + tau, torch.inf, torch.where(band, -sub64, -torch.inf))
+            flipped = torch.sort(key.flip(-1), dim=-1, descending=True, stable=True).indices
+            pick = (n - 1) - flipped[:, :k]
             alt_val.index_copy_(0, r, sub.gather(1, pick))
             alt_idx.index_copy_(0, r, pick)
     return val, idx, gap, unresolved, alt_val, alt_idx
@@ -484,8 +529,8 @@ class KernelKNN:
     """One kernel (or a batch) with deterministic kNN lists, boundary gaps and near-tie alternative.
 
     ``knn``: the kNN lists (ties by lower stimulus index); ``alt``: the same lists with each
-    unresolved row's near-tie band filled in reverse stimulus order (None when no row of the
-    batch is unresolved); ``gap`` (B, s): k-th − (k+1)-th largest off-diagonal entry;
+    unresolved row's near-tie band filled in the reverse of the default's order (None when no
+    row of the batch is unresolved); ``gap`` (B, s): k-th − (k+1)-th largest off-diagonal entry;
     ``unresolved`` = gap ≤ ``tau``. ``kernel`` (B, s, s) is kept on the dense path;
     ``features`` (s, p) when built from features (the CKA metrics use them on the blocked path).
     """
@@ -582,11 +627,7 @@ class KernelKNN:
         _check_k(m, k)
         tau = kernel_resolution(p, xt.dtype) if tau is None else float(tau)
         if (m <= DENSE_MAX_M) if dense is None else dense:
-            if xt.device.type == "cpu":
-                g = torch.from_numpy(gram(xt.numpy()))
-            else:
-                g = xt @ xt.T
-            out = cls.build(g, k, tau)
+            out = cls.build(kernel_tensor(xt), k, tau)
             out.features = xt
             return out
         parts = [_knn_block(rows, k, tau) for _, rows in kernel_row_blocks(xt)]
@@ -594,11 +635,17 @@ class KernelKNN:
 
 
 def kernel_row_blocks(x: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
-    """(start, X[start:stop]·Xᵀ with each row's own entry set to −inf), block·m ≤ BLOCK_ELEMS."""
+    """(start, X[start:stop]·Xᵀ with each row's own entry set to −inf), block·m ≤ BLOCK_ELEMS.
+
+    The columns of equal rows hold equal entries (the first copy's), as in :func:`gram`.
+    """
     m = x.shape[0]
     step = max(1, BLOCK_ELEMS // m)
+    rep = equal_row_representatives(x)
     for start in range(0, m, step):
         rows = x[start : start + step] @ x.T
+        if rep is not None:
+            rows = rows.index_select(1, rep)
         rows[:, start : start + rows.shape[0]].diagonal().fill_(float("-inf"))
         yield start, rows
         del rows
@@ -620,8 +667,8 @@ def knn_metric(metric: str, xs: KernelKNN, ys: KernelKNN) -> tuple[torch.Tensor,
     """(value, stability) of ``cknna`` or ``mutual_knn`` for matched batches of kNN structures.
 
     stability = max |Δvalue| over recomputing with the near-tie bands of X's unresolved rows,
-    of Y's, and of both filled in reverse stimulus order; exactly 0 (no recomputation) for a
-    batch element where neither side has an unresolved row; ∞ where at least
+    of Y's, and of both filled in the reverse of the default's order; exactly 0 (no
+    recomputation) for a batch element where neither side has an unresolved row; ∞ where at least
     :data:`ROUNDING_DECIDES` of either side's rows are unresolved; NaN where the value is NaN
     (docs/method.md, "Stability").
     """
