@@ -344,7 +344,16 @@ def repeated_rows(seed=0, m=300, p=37, groups=40):
     return x, g
 
 
-@pytest.mark.parametrize("path", ["dense", "blocked", "subsets", "kernel"])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "dense",
+        "blocked",
+        "subsets",
+        "kernel",
+        pytest.param("cuda", marks=pytest.mark.skipif(not CUDA, reason="needs a CUDA device")),
+    ],
+)
 def test_equal_float32_rows_tie_exactly_and_follow_stimulus_order(monkeypatch, path):
     """Equal rows have equal kernel entries in the data, but BLAS rounds XXᵀ by position: in the
     demo's BLOOM-m layer 1038 entries of its 37 groups of equal rows (repeated captions)
@@ -364,6 +373,10 @@ def test_equal_float32_rows_tie_exactly_and_follow_stimulus_order(monkeypatch, p
     elif path == "blocked":
         monkeypatch.setattr(mt, "BLOCK_ELEMS", 7 * m)  # 7-row blocks
         assert sets_of(mt.KernelKNN.from_features(x, k, dense=False)) == expected
+    elif path == "cuda":  # cuBLAS rounds by position too
+        dev = torch.device("cuda")
+        assert sets_of(mt.KernelKNN.from_features(x, k, dense=True, device=dev)) == expected
+        assert sets_of(mt.KernelKNN.from_features(x, k, dense=False, device=dev)) == expected
     elif path == "subsets":
         from xmodal.alignment import kernel, subset_sides
 
