@@ -155,21 +155,24 @@ def test_demo_outputs_exist_and_are_valid(workflow_dir, demo_config):
             assert out.stat().st_size > 1000, out
 
 
-def reference_cknna(x: np.ndarray, y: np.ndarray, k: int) -> float:
-    """CKNNA as DESIGN 2.5 defines it, in float64 and apart from xmodal.metrics: the kernel of the
-    distinct rows spread back over the stimuli (equal rows, equal entries), kNN sets by a stable
-    sort (equal values, lower index first), the unbiased HSIC with its transpose term."""
+def reference_kernel(z: np.ndarray) -> np.ndarray:
+    """ZZᵀ in float64 from the distinct rows, spread back over the stimuli (equal rows, equal
+    entries: DESIGN 2.5's kernel of the data, apart from xmodal.metrics)."""
+    u, inv = np.unique(z.astype(np.float64), axis=0, return_inverse=True)
+    inv = inv.ravel()
+    return (u @ u.T)[np.ix_(inv, inv)]
 
-    def kernel(z):
-        u, inv = np.unique(z.astype(np.float64), axis=0, return_inverse=True)
-        inv = inv.ravel()
-        return (u @ u.T)[np.ix_(inv, inv)]
+
+def reference_cknna_of_kernels(kk: np.ndarray, ll: np.ndarray, k: int, same=None) -> float:
+    """CKNNA as DESIGN 2.5 defines it: kNN sets by a stable sort (equal values, lower index
+    first) over the entries that ``same`` (default: the diagonal) does not exclude, the unbiased
+    HSIC with its transpose term."""
+    same = np.eye(len(kk), dtype=bool) if same is None else same
 
     def mask(g):
-        h = g.copy()
-        np.fill_diagonal(h, -np.inf)
         out = np.zeros_like(g)
-        np.put_along_axis(out, np.argsort(-h, axis=1, kind="stable")[:, :k], 1.0, axis=1)
+        order = np.argsort(-np.where(same, -np.inf, g), axis=1, kind="stable")
+        np.put_along_axis(out, order[:, :k], 1.0, axis=1)
         return out
 
     def hsic(a, b):
@@ -179,10 +182,28 @@ def reference_cknna(x: np.ndarray, y: np.ndarray, k: int) -> float:
         terms = (a * b.T).sum() + a.sum() * b.sum() / ((m - 1) * (m - 2))
         return (terms - 2 * (a @ b).sum() / (m - 2)) / (m * (m - 3))
 
-    kk, ll = kernel(x), kernel(y)
     mk, ml = mask(kk), mask(ll)
     both = mk * ml
     return hsic(both * kk, both * ll) / np.sqrt(hsic(mk * kk, mk * kk) * hsic(ml * ll, ml * ll))
+
+
+def reference_cknna(x: np.ndarray, y: np.ndarray, k: int) -> float:
+    """CKNNA of two prepared feature matrices, in float64 and apart from xmodal.metrics."""
+    return reference_cknna_of_kernels(reference_kernel(x), reference_kernel(y), k)
+
+
+def prepared_demo_features(workflow_dir: Path, cfg: dict) -> dict[str, np.ndarray]:
+    """Every model's features as the Platonic code prepares them (one clamp threshold per model,
+    the mean of the stimuli's 95th percentiles of |x| over all layers; rows l2-normalised)."""
+    prepared = {}
+    for key in cfg["models"]:
+        with h5py.File(workflow_dir / f"results/features/demo/{key}.h5", "r") as f:
+            x = f["features"][:].astype(np.float32)  # (layers, m, d)
+        by_stimulus = np.abs(x).transpose(1, 0, 2).reshape(x.shape[1], -1)
+        t = np.quantile(by_stimulus, 0.95, axis=1).astype(np.float32).mean(dtype=np.float32)
+        x = np.clip(x, -t, t)
+        prepared[key] = x / np.maximum(np.linalg.norm(x, axis=2, keepdims=True), 1e-12)
+    return prepared
 
 
 def test_demo_alignment_equals_an_independent_float64_computation(workflow_dir, demo_config):
@@ -198,14 +219,7 @@ def test_demo_alignment_equals_an_independent_float64_computation(workflow_dir, 
     k, layer = cfg["analysis"]["knn_k"], cfg["analysis"]["vision_layer"]
     ids = read_manifest(workflow_dir / "resources/stimuli/demo/stimuli.tsv")["stimulus_id"]
     position = {s: i for i, s in enumerate(ids)}
-    prepared = {}
-    for key in cfg["models"]:
-        with h5py.File(workflow_dir / f"results/features/demo/{key}.h5", "r") as f:
-            x = f["features"][:].astype(np.float32)  # (layers, m, d)
-        by_stimulus = np.abs(x).transpose(1, 0, 2).reshape(len(ids), -1)
-        t = np.quantile(by_stimulus, 0.95, axis=1).astype(np.float32).mean(dtype=np.float32)
-        x = np.clip(x, -t, t)
-        prepared[key] = x / np.maximum(np.linalg.norm(x, axis=2, keepdims=True), 1e-12)
+    prepared = prepared_demo_features(workflow_dir, cfg)
 
     def check(row, want):
         assert abs(float(row["value"]) - want) <= float(row["stability"]) + 1e-6, (dict(row), want)
@@ -229,6 +243,54 @@ def test_demo_alignment_equals_an_independent_float64_computation(workflow_dir, 
         assert len(idx) == int(row["n_stimuli"])
         x = prepared[row["vision"]][layer][idx]
         check(row, reference_cknna(x, prepared[row["llm"]][int(row["llm_layer"])][idx], k))
+
+
+def test_demo_bootstrap_intervals_equal_an_independent_multiset_computation(
+    workflow_dir, demo_config
+):
+    """The bootstrap interval of low − high (contrasts.tsv) from the resamples docs/method.md
+    specifies (``integers(0, n, (n_boot, n))`` over the set's positions in stimulus order, from
+    ``default_rng([seed, 0 | 1])``, low's before high's) and CKNNA of each resample as a
+    multiset, written out copy by copy: copies of a stimulus never each other's neighbours,
+    pairs of copies out of the U-statistic like the diagonal. Most rows' ends agree to float
+    rounding (all but 2 of 24 within 1e-6 on 2026-12-07; any mistake in the resamples or the
+    multiset would move every row by about the ends' sampling spread, 1e-2). Resamples carry no
+    stability, and a near tie in one of a row's 400 may move an end by what rounding decides
+    (2.4e-5 here; the sets' stabilities reach 2e-3), so single rows may differ up to 5e-3.
+    (Before equal rows got equal kernel entries two rows were 2.5e-3 and 3.4e-3 off: the
+    float64 test above is the one that catches that.)"""
+    cfg = demo_config["analysis"]
+    k, layer, n_boot = cfg["knn_k"], cfg["vision_layer"], cfg["n_boot"]
+    ids = read_manifest(workflow_dir / "resources/stimuli/demo/stimuli.tsv")["stimulus_id"]
+    position = {s: i for i, s in enumerate(ids)}
+    prepared = prepared_demo_features(workflow_dir, demo_config)
+    grid = read_table(workflow_dir / "results/alignment/demo/grid.tsv")
+    full = grid[(grid["metric"] == "cknna") & (grid["condition"] == "full")]
+    llm_layer = {
+        (v, lm): int(j)
+        for v, lm, j in zip(full["vision"], full["llm"], full["llm_layer"], strict=True)
+    }
+    sets = read_table(workflow_dir / "results/dispersion/demo/sets.tsv")
+    contrasts = read_table(workflow_dir / "results/alignment/demo/contrasts.tsv")
+    off = []
+    for _, row in contrasts[contrasts["metric"] == "cknna"].iterrows():
+        rng = np.random.default_rng([cfg["seed"], 0 if row["summary"] == "mean" else 1])
+        values = {}
+        for name in ("low", "high"):
+            members = sets[(sets["set"] == name) & (sets["summary"] == row["summary"])]
+            idx = np.sort([position[s] for s in members["stimulus_id"]])
+            kk = reference_kernel(prepared[row["vision"]][layer][idx])
+            ll = reference_kernel(prepared[row["llm"]][llm_layer[row["vision"], row["llm"]]][idx])
+            draws = []
+            for r in np.sort(rng.integers(0, len(idx), (n_boot, len(idx))), axis=1):
+                same = r[:, None] == r[None, :]
+                sub = np.ix_(r, r)
+                draws.append(reference_cknna_of_kernels(kk[sub], ll[sub], k, same))
+            values[name] = np.array(draws)
+        lo, hi = np.percentile(values["low"] - values["high"], [2.5, 97.5])
+        off.append(max(abs(lo - row["diff_ci_low"]), abs(hi - row["diff_ci_high"])))
+    off = np.array(off)
+    assert len(off) == 24 and np.median(off) <= 1e-6 and off.max() <= 5e-3, off
 
 
 def test_rerun_is_a_no_op(workflow_dir):
