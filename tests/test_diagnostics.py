@@ -196,8 +196,13 @@ def test_the_warning_for_a_used_layer_names_only_the_stimuli_it_has(tmp_path, ca
     tight_msg = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("tight"))
     tied_msg = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("tied"))
     assert "is collapsed" in tight_msg and "0 of 8 stimuli's kNN sets" in tight_msg
-    assert "()" not in tight_msg and "rounding;" in tight_msg
+    assert "()" not in tight_msg and "stimulus order;" in tight_msg
+    assert "identical rows" not in tight_msg
     assert "8 of 8" in tied_msg and "('s0', 's1, s2', ' s3', 's4'" in tied_msg
+    # two images shown 4 times each (one image, several captions): collapsed by its ties, not
+    # by its cosines, which the message said ("nearly all stimuli alike") before 2026-12-07
+    assert "alike" not in tied_msg
+    assert "8 stimuli are in 2 groups of identical rows" in tied_msg
 
 
 @pytest.mark.parametrize(("spread", "collapsed"), [(0.07, False), (0.02, True)])

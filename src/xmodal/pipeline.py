@@ -670,8 +670,10 @@ def gather_diagnostics(
         frames.append(t)
     table = pd.concat(frames, ignore_index=True)
     for row in table.loc[table["used"] & table["warn"]].itertuples():
+        # "collapsed" is cosines near 1 or ties at the k-th neighbour for half the stimuli: the
+        # cosine and the identical rows say which (a repeated image ties its copies' columns)
         what = (
-            "is collapsed (nearly all stimuli alike)"
+            "is collapsed"
             if row.collapsed
             else f"has {row.n_unresolved} of {row.m} stimuli with unresolved neighbours"
         )
@@ -679,9 +681,11 @@ def gather_diagnostics(
         named = json.loads(cell) if isinstance(cell, str) and cell else []
         # quoted: ids may hold commas and spaces (audit)
         ids = ", ".join(map(repr, named)) + (", ..." if row.n_unresolved > len(named) else "")
+        copies = int(getattr(row, "n_in_duplicate_groups", 0) or 0)
         log.warning(
             "%s layer %d (%s) %s: mean pairwise cosine %.4f, %d of %d stimuli's kNN sets are "
-            "decided by rounding%s; values using it are flagged by their stability",
+            "decided by rounding or by stimulus order%s%s; values using it are flagged by their "
+            "stability",
             row.model,
             row.layer,
             row.layer_name,
@@ -690,6 +694,11 @@ def gather_diagnostics(
             row.n_unresolved,
             row.m,
             f" ({ids})" if row.n_unresolved else "",
+            f"; {copies} stimuli are in {int(row.n_duplicate_groups)} groups of identical rows "
+            "(repeated images or captions), whose copies tie exactly and are taken in stimulus "
+            "order (docs/method.md, 'Ties')"
+            if copies
+            else "",
         )
     write_table(table, out)
 
