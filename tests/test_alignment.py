@@ -771,3 +771,14 @@ def test_a_bootstrap_resample_outside_minus_one_to_one_makes_the_interval_nan(ca
     row = contrasts.set_index("summary").loc["mean"]
     want = np.percentile(raw["low"] - raw["high"], [2.5, 97.5])
     assert [row["diff_ci_low"], row["diff_ci_high"]] == pytest.approx(want, abs=1e-12)
+
+
+def test_kernel_takes_any_array_gram_takes():
+    """alignment.kernel went through torch.as_tensor, which refuses a view with negative
+    strides (``x[::-1]``) that metrics.gram took (regression of 2026-12-07, in this change)."""
+    from xmodal.alignment import kernel
+    from xmodal.metrics import gram
+
+    x = np.random.default_rng(0).standard_normal((6, 3)).astype(np.float32)
+    for a in (x, x[::-1], x[:, ::2], x.astype(np.float16), np.arange(12).reshape(4, 3)):
+        np.testing.assert_array_equal(kernel(a).numpy(), gram(a))

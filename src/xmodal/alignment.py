@@ -283,7 +283,8 @@ def default_device() -> torch.device:
 
 def kernel(x: np.ndarray, device: torch.device | None = None) -> torch.Tensor:
     """K = XXᵀ as a tensor (syrk on CPU; a matmul on the device when it is a GPU)."""
-    return kernel_tensor(torch.as_tensor(np.asarray(x), device=device or torch.device("cpu")))
+    x = np.ascontiguousarray(x)  # torch refuses arrays with negative strides (x[::-1])
+    return kernel_tensor(torch.as_tensor(x, device=device or torch.device("cpu")))
 
 
 def _checked_side(
