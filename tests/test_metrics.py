@@ -348,14 +348,15 @@ def repeated_rows(seed=0, m=300, p=37, groups=40):
 @given(
     seed=st.integers(0, 2**16),
     m=st.integers(1, 30),
-    p=st.integers(1, 6),
+    p=st.integers(1, 24),
     levels=st.integers(1, 3),
     dtype=st.sampled_from([np.float32, np.float64]),
 )
 def test_equal_row_representatives_is_the_first_equal_row(seed, m, p, levels, dtype):
-    """Few distinct values make rows that agree on the three screened columns but differ
-    elsewhere, as well as equal rows: the representative is the first row equal to each row, or
-    None when every row is its own."""
+    """Few distinct values make rows that share their leading 64 bytes (the screen of
+    :func:`metrics.duplicate_groups`, passed by rows wider than 16 float32 or 8 float64 values)
+    but differ further on, as well as equal rows: the representative is the first row equal to
+    each row, or None when every row is its own."""
     x = np.random.default_rng(seed).integers(0, levels, (m, p)).astype(dtype)
     first = [next(j for j in range(m) if (x[j] == x[i]).all()) for i in range(m)]
     rep = mt.equal_row_representatives(torch.from_numpy(x))

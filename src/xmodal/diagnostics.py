@@ -32,6 +32,7 @@ from xmodal.metrics import (
     ROUNDING_DECIDES,
     KernelKNN,
     cross_moment,
+    duplicate_groups,
     feature_tensor,
     kernel_resolution,
     kernel_row_blocks,
@@ -219,43 +220,6 @@ def _eff_dim_from_kernel(kern: torch.Tensor) -> float | None:
     if frob2 < (KERNEL_CENTRING_MIN**2) * total2:
         return None
     return trace * trace / frob2
-
-
-#: leading bytes of each row compared first: only rows that share them are compared whole
-_PREFIX_BYTES = 64
-
-
-def _row_groups(rows: np.ndarray) -> list[np.ndarray]:
-    """Groups (local positions, ascending) of ≥ 2 equal entries of a 1-D void array."""
-    _, inverse, counts = np.unique(rows, return_inverse=True, return_counts=True)
-    order = np.argsort(inverse.ravel(), kind="stable")  # positions grouped, ascending inside
-    ends = np.cumsum(counts)
-    return [order[e - c : e] for e, c in zip(ends[counts > 1], counts[counts > 1], strict=True)]
-
-
-def duplicate_groups(x: np.ndarray | torch.Tensor) -> tuple[np.ndarray, ...]:
-    """Groups (positions, ascending, ≥ 2 each) of rows that are exactly equal, in order of first row.
-
-    Rows are compared as byte strings, so equal means bit-identical, as in the feature file:
-    first by their leading bytes, then whole among the rows that share those (``np.unique``
-    sorts, O(m log m) comparisons that stop at the first differing byte).
-    """
-    a = np.ascontiguousarray(feature_tensor(x).cpu().numpy())
-    m = a.shape[0]
-    if m < 2:
-        return ()
-    if a.shape[1] == 0:  # zero-width rows are all equal
-        return (np.arange(m, dtype=np.int64),)
-    width = a.dtype.itemsize * a.shape[1]
-    raw = a.view(np.uint8).reshape(m, width)
-    lead = min(width, _PREFIX_BYTES)
-    prefix = np.ascontiguousarray(raw[:, :lead]).view(np.dtype((np.void, lead))).ravel()
-    candidates = np.sort(np.concatenate([np.zeros(0, np.int64), *_row_groups(prefix)]))
-    if candidates.size == 0:
-        return ()
-    whole = np.ascontiguousarray(raw[candidates]).view(np.dtype((np.void, width))).ravel()
-    groups = [candidates[g].astype(np.int64) for g in _row_groups(whole)]
-    return tuple(sorted(groups, key=lambda g: int(g[0])))
 
 
 def diagnose(

@@ -42,6 +42,7 @@ __all__ = [
     "cknna_from_kernels",
     "cknna_sides",
     "cross_moment",
+    "duplicate_groups",
     "equal_row_representatives",
     "feature_cka",
     "feature_moments",
@@ -176,28 +177,69 @@ def _as_features(x: np.ndarray | torch.Tensor, name: str) -> np.ndarray:
     return np.ascontiguousarray(a)
 
 
+#: leading bytes of each row compared first: only rows that share them are compared whole
+_PREFIX_BYTES = 64
+
+
+def _row_groups(rows: np.ndarray) -> list[np.ndarray]:
+    """Groups (local positions, ascending) of ≥ 2 equal entries of a 1-D void array."""
+    _, inverse, counts = np.unique(rows, return_inverse=True, return_counts=True)
+    order = np.argsort(inverse.ravel(), kind="stable")  # positions grouped, ascending inside
+    ends = np.cumsum(counts)
+    return [order[e - c : e] for e, c in zip(ends[counts > 1], counts[counts > 1], strict=True)]
+
+
+def duplicate_groups(x: np.ndarray | torch.Tensor) -> tuple[np.ndarray, ...]:
+    """Groups (positions, ascending, ≥ 2 each) of rows that are exactly equal, in order of first row.
+
+    Rows are compared as byte strings, so equal means bit-identical, as in the feature file:
+    first by their leading bytes, then whole among the rows that share those (``np.unique``
+    sorts, O(m log m) comparisons that stop at the first differing byte).
+    """
+    a = np.ascontiguousarray(feature_tensor(x).cpu().numpy())
+    m = a.shape[0]
+    if m < 2:
+        return ()
+    if a.shape[1] == 0:  # zero-width rows are all equal
+        return (np.arange(m, dtype=np.int64),)
+    width = a.dtype.itemsize * a.shape[1]
+    raw = a.view(np.uint8).reshape(m, width)
+    lead = min(width, _PREFIX_BYTES)
+    prefix = np.ascontiguousarray(raw[:, :lead]).view(np.dtype((np.void, lead))).ravel()
+    candidates = np.sort(np.concatenate([np.zeros(0, np.int64), *_row_groups(prefix)]))
+    if candidates.size == 0:
+        return ()
+    whole = np.ascontiguousarray(raw[candidates]).view(np.dtype((np.void, width))).ravel()
+    groups = [candidates[g].astype(np.int64) for g in _row_groups(whole)]
+    return tuple(sorted(groups, key=lambda g: int(g[0])))
+
+
 def equal_row_representatives(x: torch.Tensor) -> torch.Tensor | None:
-    """For each row of X (m, p), the lowest index of a row equal to it; None when no two are equal.
+    """For each row of X (m, p), the lowest index of a row bit-identical to it
+    (:func:`duplicate_groups`); None when no two rows are.
 
     Equal rows (a repeated caption or image) have equal kernel entries in the data, but BLAS
     rounds XXᵀ by position, so the float32 kernel can rank one copy above the other by a last
-    bit and rounding, not the tie rule, picks between them (docs/method.md, "Ties"). Three
-    columns screen the rows first; only rows that agree on them are compared whole.
+    bit and rounding, not the tie rule, picks between them (docs/method.md, "Ties").
     """
-    m, p = x.shape
-    if m < 2:
+    groups = duplicate_groups(x)
+    if not groups:
         return None
-    screen = x[:, [0, p // 2, p - 1]]
-    _, inverse, counts = torch.unique(screen, dim=0, return_inverse=True, return_counts=True)
-    maybe = torch.nonzero(counts[inverse] > 1).squeeze(1)
-    if maybe.numel() == 0:
-        return None
-    _, group = torch.unique(x.index_select(0, maybe), dim=0, return_inverse=True)
-    first = torch.full((int(group.max()) + 1,), m, dtype=torch.long, device=x.device)
-    first.scatter_reduce_(0, group, maybe, reduce="amin")
-    rep = torch.arange(m, device=x.device)
-    rep[maybe] = first[group]
-    return None if bool((rep[maybe] == maybe).all()) else rep
+    rep = np.arange(x.shape[0])
+    for g in groups:
+        rep[g] = g[0]
+    return torch.from_numpy(rep).to(x.device)
+
+
+def _copy_first_entries(k: torch.Tensor, rep: torch.Tensor | None, rows: bool = True) -> None:
+    """Give each later copy's column (and row) of kernel (block) ``k`` the first copy's entries,
+    in place: O(m · copies) work, not a gather of the whole kernel."""
+    if rep is None:
+        return
+    copies = torch.nonzero(rep != torch.arange(rep.numel(), device=rep.device)).squeeze(1)
+    k[:, copies] = k[:, rep[copies]]
+    if rows:
+        k[copies] = k[rep[copies]]
 
 
 def gram(x: np.ndarray) -> np.ndarray:
@@ -205,11 +247,8 @@ def gram(x: np.ndarray) -> np.ndarray:
     exactly equal entries for equal rows (:func:`equal_row_representatives`)."""
     a = _as_features(x, "x")
     k = a @ a.T
-    rep = equal_row_representatives(torch.from_numpy(a))
-    if rep is None:
-        return k
-    r = rep.numpy()
-    return k[np.ix_(r, r)]
+    _copy_first_entries(torch.from_numpy(k), equal_row_representatives(torch.from_numpy(a)))
+    return k
 
 
 def kernel_tensor(x: torch.Tensor) -> torch.Tensor:
@@ -217,8 +256,8 @@ def kernel_tensor(x: torch.Tensor) -> torch.Tensor:
     if x.device.type == "cpu":
         return torch.from_numpy(gram(x.numpy()))
     k = x @ x.T
-    rep = equal_row_representatives(x)
-    return k if rep is None else k.index_select(0, rep).index_select(1, rep)
+    _copy_first_entries(k, equal_row_representatives(x))
+    return k
 
 
 def _check_k(m: int, k: int) -> None:
@@ -644,8 +683,7 @@ def kernel_row_blocks(x: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
     rep = equal_row_representatives(x)
     for start in range(0, m, step):
         rows = x[start : start + step] @ x.T
-        if rep is not None:
-            rows = rows.index_select(1, rep)
+        _copy_first_entries(rows, rep, rows=False)
         rows[:, start : start + rows.shape[0]].diagonal().fill_(float("-inf"))
         yield start, rows
         del rows
