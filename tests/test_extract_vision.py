@@ -276,12 +276,15 @@ def test_each_image_file_is_read_once_and_digested_as_decoded(
     root = tmp_path / "m"
     shutil.copytree(tiny_manifest.parent, root)
     manifest = root / "stimuli.tsv"
+    lines = manifest.read_text().splitlines()
+    # stim-05's image under another caption (COCO-style): kept, its file read once all the same
+    lines.append("coco-05\t" + lines[6].split("\t")[1] + "\ta taxi in the rain")
     if drop_duplicates:  # stim-03 again under another id, in the middle: dropped by the scan
-        lines = manifest.read_text().splitlines()
         lines.insert(5, "again-03\t" + lines[4].split("\t", 1)[1])
-        manifest.write_text("\n".join(lines) + "\n")
+    manifest.write_text("\n".join(lines) + "\n")
     cfg = {"modality": "vision", "id": str(tiny_vits["mae"]), "size_b": 0.1}
-    images = {str(root / p) for p in read_manifest(manifest)["image"]}
+    named = [str(root / p) for p in read_manifest(manifest)["image"]]
+    images = set(named)
     _OPENED = []
     try:
         out = extract_features(
@@ -293,16 +296,66 @@ def test_each_image_file_is_read_once_and_digested_as_decoded(
         _OPENED = None
     reads = Counter(opened)
     assert set(reads) == images
-    # once each; with drop_duplicates the scan reads each file once more (its digests serve the
-    # stamp), and stim-03's file, named by two rows, once for each row
-    want = Counter(images) if not drop_duplicates else Counter([*images, *images])
-    if drop_duplicates:
-        want[str(root / read_manifest(manifest)["image"][3])] += 1
+    # once each, stim-05's too (two stimuli name it; before, once for each); with
+    # drop_duplicates the scan reads each row's file once more (its digests serve the stamp)
+    want = Counter(images) + (Counter(named) if drop_duplicates else Counter())
     assert reads == want
     ref = manifest_stamp(read_manifest(manifest), "vision", drop_duplicates, root)  # from files
     with FeatureFile(out) as ff:
         assert ff.attrs[STIMULI_DIGEST] == ref["sha256"]
-        assert ff.m == 12
+        assert ff.m == 13 and json.loads(ff.attrs["preprocessing"])["n_repeated"] == 1
+        features = ff.layer(0)
+    np.testing.assert_array_equal(features[12], features[5])
+
+
+def test_an_image_several_stimuli_name_runs_once_and_their_rows_are_copies(
+    tmp_path, tiny_vits, tiny_manifest, monkeypatch
+):
+    """One image under several captions (COCO-style) runs once and fills their rows with one
+    copy of its features, however its path is spelled. Before, each row ran in its own batch
+    position, which on a GPU may round differently, so the copies were near-equal and rounding
+    chose which entered a kNN set; here a hook makes every batch position round differently."""
+    root = tmp_path / "m"
+    shutil.copytree(tiny_manifest.parent, root)
+    manifest = root / "stimuli.tsv"
+    lines = manifest.read_text().splitlines()
+    image = {i: lines[i + 1].split("\t")[1] for i in (0, 5)}
+    lines += [
+        f"coco-a\t./{image[5]}\ta taxi in the rain",
+        f"coco-b\t{image[0]}\tanother red cube",
+        f"coco-c\t{image[5].replace('/', '//')}\ta cab",
+    ]
+    manifest.write_text("\n".join(lines) + "\n")
+    model, transform, info = load_vision_model(str(tiny_vits["dinov2"]))
+    seen = []
+
+    def by_position(module, args):  # row j of a batch moved by 1e-4 j: a GPU's rounding by position
+        seen.append(len(args[0]))
+        x = args[0]
+        return (x + 1e-4 * torch.arange(len(x), dtype=x.dtype)[:, None, None],)
+
+    model.blocks[0].register_forward_pre_hook(by_position)
+    monkeypatch.setattr(
+        "xmodal.extract.vision.load_vision_model", lambda *a, **k: (model, transform, info)
+    )
+
+    def extract(path, name):
+        out = extract_features(
+            "dino", {"modality": "vision", "id": "x"}, path, tmp_path / name,
+            batch_size=4, num_workers=0, progress=False,
+        )  # fmt: skip
+        with FeatureFile(out) as ff:
+            ff.validate(read_manifest(path)["stimulus_id"].tolist())
+            features = np.stack(list(ff.layers()))
+            return features, ff.abs_q95(), json.loads(ff.attrs["preprocessing"])
+
+    ref, ref_q95, _ = extract(tiny_manifest, "plain.h5")  # the 12 images, in the same batches
+    seen.clear()
+    features, q95, preprocessing = extract(manifest, "coco.h5")
+    assert sum(seen) == 12 and preprocessing["n_repeated"] == 3  # 15 stimuli, 12 image files
+    rows = [*range(12), 5, 0, 5]
+    np.testing.assert_array_equal(features, ref[:, rows])
+    np.testing.assert_array_equal(q95, ref_q95[rows])
 
 
 @pytest.mark.parametrize(

@@ -27,6 +27,7 @@ from xmodal.extract._common import (
     UnsafeCheckpointError,
     resolve_device,
     resolve_dtype,
+    rows_by_first,
 )
 from xmodal.registry import FEATURES_VERSION
 from xmodal.resources import DEFAULT_BATCH, LOADER_PREFETCH
@@ -162,12 +163,19 @@ def extract_features(
                 from xmodal.registry import SITE_DEFAULTS
 
                 num_workers = int(SITE_DEFAULTS["num_workers"])
-            dataset = ImageDataset(df, manifest_path.parent, transform, with_digests=True)
+            # an image file that several stimuli name (one image, several captions, as in COCO)
+            # is decoded and run once and fills their rows with one copy of its features, so
+            # they tie exactly, as repeated captions do (docs/method.md, "Ties")
+            copies = rows_by_first(Path(p) for p in df["image"])
+            first = np.fromiter(copies, dtype=np.int64, count=len(copies))
+            dataset = ImageDataset(
+                df.iloc[first], manifest_path.parent, transform, with_digests=True
+            )
             # rows of df are rows of the manifest (duplicates dropped): their manifest positions
             rows = (
                 np.flatnonzero(manifest["stimulus_id"].isin(ids).to_numpy())
                 if drop_duplicates
-                else None
+                else np.arange(len(df))
             )
             loader = DataLoader(
                 dataset,
@@ -179,11 +187,13 @@ def extract_features(
                 persistent_workers=False,
             )
 
-            def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+            def batches() -> Iterator[tuple[torch.Tensor, np.ndarray]]:
                 for images, idx, digests in loader:
-                    for i, digest in zip(idx.tolist(), digests, strict=True):
-                        image_digests[i if rows is None else int(rows[i])] = digest
-                    yield images, idx
+                    at = first[idx.numpy()]  # the first rows of df naming these files
+                    for i, digest in zip(at.tolist(), digests, strict=True):
+                        for r in copies[i]:
+                            image_digests[int(rows[r])] = digest
+                    yield images, at
 
             res = extract_vision_features(
                 model,
@@ -193,8 +203,19 @@ def extract_features(
                 model_name=model_key,
                 progress=progress,
                 spill=spill,
+                copies=copies,
             )
-            preprocessing = {"image": info["preprocessing"], "num_workers": num_workers}
+            n_repeated = len(df) - len(first)
+            if n_repeated:
+                log.info(
+                    "%s: %d images run for %d stimuli (%d name an earlier stimulus's file)",
+                    model_key, len(first), len(df), n_repeated,
+                )  # fmt: skip
+            preprocessing = {
+                "image": info["preprocessing"],
+                "num_workers": num_workers,
+                "n_repeated": n_repeated,  # rows copied from an earlier stimulus's image file
+            }
         else:
             from xmodal.extract.language import extract_language_features, load_language_model
 

@@ -9,7 +9,7 @@ import logging
 import os
 import shutil
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -366,6 +366,33 @@ class ExtractionResult:
     #: language models: tokens each caption was pooled over (special tokens included, after
     #: truncation), ``(m,)`` int; None for vision models
     n_tokens: np.ndarray | None = None
+
+
+def rows_by_first(keys: Iterable[Hashable]) -> dict[int, list[int]]:
+    """Rows with equal keys, by their first row: ``{first: [first, copy, ...]}`` for every
+    distinct key, in order of first rows. Repeated inputs (captions with the same tokens, one
+    image file under several stimuli) run once and fill every row of their group."""
+    groups: dict[Hashable, list[int]] = {}
+    for i, key in enumerate(keys):
+        groups.setdefault(key, []).append(i)
+    return {group[0]: group for group in groups.values()}
+
+
+def spread_copies(
+    feats: torch.Tensor, rows: Sequence[int], copies: dict[int, list[int]]
+) -> tuple[torch.Tensor, np.ndarray]:
+    """``(B, ...)`` features of the first rows ``rows`` and the rows they fill: each row of
+    ``copies`` (:func:`rows_by_first`) fills its whole group with bit-identical values, so
+    repeated stimuli tie exactly (docs/method.md, "Ties"), whatever rounding their batches had."""
+    rows = [int(r) for r in rows]
+    same = [j for j, r in enumerate(rows) for _ in copies.get(r, (r,))]
+    targets = np.array([i for r in rows for i in copies.get(r, (r,))], dtype=np.int64)
+    if len(same) > len(rows):
+        index = torch.as_tensor(same)
+        if feats.is_cuda:  # through pinned memory, so the copy does not wait for the GPU
+            index = index.pin_memory().to(feats.device, non_blocking=True)
+        feats = feats[index]
+    return feats, targets
 
 
 def _contiguous_runs(rows: np.ndarray) -> list[tuple[int, int]]:

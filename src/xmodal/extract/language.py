@@ -40,6 +40,8 @@ from xmodal.extract._common import (
     progress_bar,
     resolve_dtype,
     resolve_model_folder,
+    rows_by_first,
+    spread_copies,
 )
 from xmodal.logs import preview
 from xmodal.registry import TOKENIZER_FILES, download_patterns, hub_repo_of
@@ -671,10 +673,7 @@ def extract_language_features(
     # captions with the same tokens run once and their rows are copies: features of one
     # caption run in batches padded to different widths differ in their last bits, so repeated
     # captions would stop being exact duplicates (their neighbours then decided by rounding)
-    copies: dict[tuple[int, ...], list[int]] = {}
-    for i, t in enumerate(token_ids):
-        copies.setdefault(tuple(t), []).append(i)
-    rows_of = {group[0]: group for group in copies.values()}
+    rows_of = rows_by_first(tuple(t) for t in token_ids)
     first = np.array(sorted(rows_of), dtype=np.int64)
     order = first[np.argsort(-lengths[first], kind="stable")]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -741,10 +740,7 @@ def extract_language_features(
             pooled = torch.stack(
                 [_masked_mean(h, *pads[h.device]).to(input_device) for h in hidden], dim=1
             )
-            same = [j for j, r in enumerate(rows) for _ in rows_of[r]]
-            targets = np.array([i for r in rows for i in rows_of[r]], dtype=np.int64)
-            if len(same) > len(rows):  # repeated captions: copies of their first row
-                pooled = pooled[_to_device(torch.as_tensor(same), pooled.device)]
+            pooled, targets = spread_copies(pooled, rows, rows_of)  # repeated captions
             acc.add(pooled, targets)
             n_padded += len(rows) * width
             bar.update(len(targets))

@@ -31,6 +31,7 @@ from xmodal.extract._common import (
     model_config,
     progress_bar,
     resolve_model_folder,
+    spread_copies,
 )
 from xmodal.features import vision_block_names
 from xmodal.registry import PICKLE_SUFFIXES, SAFE_SUFFIXES, download_patterns, hub_repo_of
@@ -250,12 +251,15 @@ def extract_vision_features(
     model_name: str = "vision model",
     progress: bool = True,
     spill: str | os.PathLike | None = None,
+    copies: dict[int, list[int]] | None = None,
 ) -> ExtractionResult:
     """CLS token of every block for every stimulus, from ``(images, indices)`` batches.
 
     ``batches`` (e.g. a DataLoader over :class:`xmodal.stimuli.ImageDataset`) yields preprocessed
     images and their row indices into ``stimulus_ids``. Each batch runs in chunks of at most
     ``batch_size`` (default: the batch as given); a chunk that runs out of memory is halved.
+    ``copies`` (:func:`~xmodal.extract._common.rows_by_first`): an image that several stimuli
+    name runs once, at its first row, and its features fill every row of its group.
     Returns float32 features ``(n_layers, m, dim)`` and per-stimulus ``abs_q95``; ``spill``: a
     scratch file for features too large for memory (:class:`FeatureAccumulator`).
     """
@@ -276,6 +280,7 @@ def extract_vision_features(
     hooks = _ClsHooks(model, model_name)
     sizer: BatchSizer | None = BatchSizer(batch_size, model_name) if batch_size else None
     nonblocking = device.type == "cuda"
+    copies = copies or {}
     try:
         with ieee_float32(dtype), progress_bar(m, model_name, "img", progress) as bar:
             for images, idx in batches:
@@ -285,10 +290,10 @@ def extract_vision_features(
                 x_all = images.to(device=device, dtype=dtype, non_blocking=nonblocking)
 
                 def run(start: int, stop: int, x_all=x_all, idx=idx) -> None:
-                    acc.add(hooks(x_all[start:stop]), idx[start:stop])
+                    acc.add(*spread_copies(hooks(x_all[start:stop]), idx[start:stop], copies))
 
                 sizer.run(len(idx), run)
-                bar.update(len(idx))
+                bar.update(sum(len(copies.get(int(i), (i,))) for i in idx))
         res = acc.result()
     finally:
         hooks.remove()
