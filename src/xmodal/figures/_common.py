@@ -70,7 +70,9 @@ SUMMARY_TITLES: dict[str, str] = {"mean": "mean dispersion", "pc1": "PC1 score o
 UNSTABLE_HATCH = "////"
 DAGGER = "†"
 UNDEFINED_TEXT = "n/a"
-UNSTABLE_NOTE = f"stability > {STABILITY_THRESHOLD:g}: nearest-neighbour sets decided by rounding"
+UNSTABLE_NOTE = (
+    f"stability > {STABILITY_THRESHOLD:g}: nearest-neighbour sets decided by rounding or ties"
+)
 UNDEFINED_NOTE = "undefined value (not a number): not drawn"
 
 

@@ -201,7 +201,7 @@ def draw_diagnostics(data: FigureData) -> Figure:
 
     Reading it: a mean cosine near 1 with a small SD, a low effective dimensionality and a large
     fraction of stimuli with unresolved neighbours mean that the layer's kNN sets, hence its
-    CKNNA and mutual-kNN values, are decided by rounding (their stability is large).
+    CKNNA and mutual-kNN values, are decided by rounding or ties (their stability is large).
     """
     from xmodal.diagnostics import COLLAPSED_COS, COLLAPSED_UNRESOLVED, WARN_UNRESOLVED
 
