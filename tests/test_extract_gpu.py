@@ -56,9 +56,13 @@ def test_vision_on_cuda_equals_cpu_without_waiting(family, tiny_vits, tiny_manif
     for dev in ("cpu", "cuda"):
         model, transform, _ = load_vision_model(str(tiny_vits[family]), device=dev)
         ids, batches = _image_batches(tiny_manifest, transform, 3)
+        ids = [*ids, "again-00", "again-04"]  # images two stimuli name take the copy path
+        copies = {0: [0, 12], 4: [4, 13]}
 
-        def run(model=model, ids=ids, batches=batches, dev=dev) -> None:
-            out[dev] = extract_vision_features(model, batches, stimulus_ids=ids, progress=False)
+        def run(model=model, ids=ids, batches=batches, dev=dev, copies=copies) -> None:
+            out[dev] = extract_vision_features(
+                model, batches, stimulus_ids=ids, progress=False, copies=copies
+            )
 
         if dev == "cuda":
             run()  # warm-up: first calls may initialise CUDA state
@@ -67,6 +71,9 @@ def test_vision_on_cuda_equals_cpu_without_waiting(family, tiny_vits, tiny_manif
             run()
     np.testing.assert_allclose(out["cuda"].features, out["cpu"].features, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(out["cuda"].abs_q95, out["cpu"].abs_q95, rtol=1e-4, atol=1e-5)
+    np.testing.assert_array_equal(
+        out["cuda"].features[:, [12, 13]], out["cuda"].features[:, [0, 4]]
+    )
 
 
 @pytest.mark.parametrize("arch", ["bloom", "llama"])
