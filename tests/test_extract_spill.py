@@ -72,6 +72,48 @@ def test_spilled_equals_in_memory(tmp_path_factory, shape, seed, contiguous):
     np.testing.assert_array_equal(got.abs_q95, want.abs_q95)
 
 
+@settings(max_examples=40, deadline=None)
+@given(
+    keys=st.lists(st.integers(0, 6), min_size=1, max_size=25),
+    seed=st.integers(0, 2**32 - 1),
+    spilled=st.booleans(),
+)
+def test_repeated_inputs_fill_every_row_of_their_group(tmp_path_factory, keys, seed, spilled):
+    """Inputs that repeat (a caption's tokens, an image file) run once, at their first row, in
+    batches of any order and size: every row gets its first row's features, bit for bit, in
+    memory and in the spill file (copies land scattered, unlike the batch's own rows)."""
+    from xmodal.extract._common import rows_by_first, spread_copies
+
+    m, n_layers, dim = len(keys), 2, 3
+    copies = rows_by_first(keys)
+    assert sorted(i for group in copies.values() for i in group) == list(range(m))
+    for first, group in copies.items():  # groups are the rows of one key, first row first
+        assert group[0] == first and {keys[i] for i in group} == {keys[first]}
+        assert first == keys.index(keys[first])
+    rng = np.random.default_rng(seed)
+    firsts = rng.permutation(np.fromiter(copies, dtype=np.int64))  # e.g. by caption length
+    cuts = np.sort(
+        rng.choice(np.arange(1, len(firsts)), size=min(len(firsts) - 1, 3), replace=False)
+    )
+    feats = rng.standard_normal((m, n_layers, dim)).astype(np.float32)  # only firsts' rows used
+    kw = {"model_name": "m", "layer_names": ["a", "b"], "stimulus_ids": [f"s{i}" for i in range(m)]}
+    spill = None
+    if spilled:
+        spill = tmp_path_factory.mktemp("spill") / "f.spill"
+        spill.touch()
+    old = common.IN_MEMORY_FEATURE_BYTES
+    common.IN_MEMORY_FEATURE_BYTES = -1 if spilled else old
+    try:
+        acc = FeatureAccumulator(n_layers, m, dim, spill=spill, **kw)
+    finally:
+        common.IN_MEMORY_FEATURE_BYTES = old
+    for rows in np.split(firsts, cuts):
+        acc.add(*spread_copies(torch.from_numpy(feats[rows]), rows, copies))
+    got = np.asarray(acc.result().features)
+    first_of = {i: first for first, group in copies.items() for i in group}
+    np.testing.assert_array_equal(got, feats[[first_of[i] for i in range(m)]].transpose(1, 0, 2))
+
+
 def _datasets(path):
     with FeatureFile(path) as ff:
         return np.stack([ff.layer(i) for i in range(ff.n_layers)]), ff.attrs
