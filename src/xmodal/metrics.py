@@ -194,22 +194,28 @@ def duplicate_groups(x: np.ndarray | torch.Tensor) -> tuple[np.ndarray, ...]:
 
     Rows are compared as byte strings, so equal means bit-identical, as in the feature file:
     first by their leading bytes, then whole among the rows that share those (``np.unique``
-    sorts, O(m log m) comparisons that stop at the first differing byte).
+    sorts, O(m log m) comparisons that stop at the first differing byte). Features on a GPU
+    stay there: only those leading bytes and the rows that share them come to the host.
     """
-    a = np.ascontiguousarray(feature_tensor(x).cpu().numpy())
-    m = a.shape[0]
+    t = feature_tensor(x)
+    m, p = t.shape
     if m < 2:
         return ()
-    if a.shape[1] == 0:  # zero-width rows are all equal
+    if p == 0:  # zero-width rows are all equal
         return (np.arange(m, dtype=np.int64),)
-    width = a.dtype.itemsize * a.shape[1]
-    raw = a.view(np.uint8).reshape(m, width)
-    lead = min(width, _PREFIX_BYTES)
-    prefix = np.ascontiguousarray(raw[:, :lead]).view(np.dtype((np.void, lead))).ravel()
-    candidates = np.sort(np.concatenate([np.zeros(0, np.int64), *_row_groups(prefix)]))
+    itemsize = t.element_size()
+
+    def as_bytes(rows: torch.Tensor) -> np.ndarray:
+        a = np.ascontiguousarray(rows.cpu().numpy())
+        return a.view(np.dtype((np.void, itemsize * a.shape[1]))).ravel()
+
+    lead = min(p, max(1, _PREFIX_BYTES // itemsize))  # columns in the leading bytes
+    candidates = np.sort(
+        np.concatenate([np.zeros(0, np.int64), *_row_groups(as_bytes(t[:, :lead]))])
+    )
     if candidates.size == 0:
         return ()
-    whole = np.ascontiguousarray(raw[candidates]).view(np.dtype((np.void, width))).ravel()
+    whole = as_bytes(t[torch.from_numpy(candidates).to(t.device)])
     groups = [candidates[g].astype(np.int64) for g in _row_groups(whole)]
     return tuple(sorted(groups, key=lambda g: int(g[0])))
 
