@@ -290,10 +290,13 @@ def extract_vision_features(
                 x_all = images.to(device=device, dtype=dtype, non_blocking=nonblocking)
 
                 def run(start: int, stop: int, x_all=x_all, idx=idx) -> None:
-                    acc.add(*spread_copies(hooks(x_all[start:stop]), idx[start:stop], copies))
+                    feats, targets = spread_copies(
+                        hooks(x_all[start:stop]), idx[start:stop], copies
+                    )
+                    acc.add(feats, targets)
+                    bar.update(len(targets))
 
                 sizer.run(len(idx), run)
-                bar.update(sum(len(copies.get(int(i), (i,))) for i in idx))
         res = acc.result()
     finally:
         hooks.remove()
