@@ -308,22 +308,33 @@ def test_each_image_file_is_read_once_and_digested_as_decoded(
     np.testing.assert_array_equal(features[12], features[5])
 
 
+@pytest.mark.parametrize("drop_duplicates", [False, True])
 def test_an_image_several_stimuli_name_runs_once_and_their_rows_are_copies(
-    tmp_path, tiny_vits, tiny_manifest, monkeypatch
+    tmp_path, tiny_vits, tiny_manifest, monkeypatch, drop_duplicates
 ):
     """One image under several captions (COCO-style) runs once and fills their rows with one
-    copy of its features, however its path is spelled. Before, each row ran in its own batch
-    position, which on a GPU may round differently, so the copies were near-equal and rounding
-    chose which entered a kNN set; here a hook makes every batch position round differently."""
+    copy of its features, however its path is spelled, and through a symbolic or a hard link.
+    Before, each row ran in its own batch position, which on a GPU may round differently, so
+    the copies were near-equal and rounding chose which entered a kNN set; here a hook makes
+    every batch position round differently. A byte-identical copy of the file is one input
+    where the duplicate scan (``drop_duplicates``) read its digest, and runs on its own where
+    nothing read it."""
     root = tmp_path / "m"
     shutil.copytree(tiny_manifest.parent, root)
     manifest = root / "stimuli.tsv"
     lines = manifest.read_text().splitlines()
     image = {i: lines[i + 1].split("\t")[1] for i in (0, 5)}
+    (root / "img" / "link").symlink_to(root / image[0])
+    os.link(root / image[5], root / "img" / "hard")
+    shutil.copyfile(root / image[0], root / "img" / "copy")
     lines += [
         f"coco-a\t./{image[5]}\ta taxi in the rain",
         f"coco-b\t{image[0]}\tanother red cube",
         f"coco-c\t{image[5].replace('/', '//')}\ta cab",
+        f"coco-d\timg/../{image[0]}\ta cube once more",
+        "coco-e\timg/link\ta linked cube",
+        "coco-f\timg/hard\ta hard-linked taxi",
+        "coco-g\timg/copy\ta copied cube",
     ]
     manifest.write_text("\n".join(lines) + "\n")
     model, transform, info = load_vision_model(str(tiny_vits["dinov2"]))
@@ -342,7 +353,7 @@ def test_an_image_several_stimuli_name_runs_once_and_their_rows_are_copies(
     def extract(path, name):
         out = extract_features(
             "dino", {"modality": "vision", "id": "x"}, path, tmp_path / name,
-            batch_size=4, num_workers=0, progress=False,
+            batch_size=4, num_workers=0, progress=False, drop_duplicates=drop_duplicates,
         )  # fmt: skip
         with FeatureFile(out) as ff:
             ff.validate(read_manifest(path)["stimulus_id"].tolist())
@@ -352,10 +363,16 @@ def test_an_image_several_stimuli_name_runs_once_and_their_rows_are_copies(
     ref, ref_q95, _ = extract(tiny_manifest, "plain.h5")  # the 12 images, in the same batches
     seen.clear()
     features, q95, preprocessing = extract(manifest, "coco.h5")
-    assert sum(seen) == 12 and preprocessing["n_repeated"] == 3  # 15 stimuli, 12 image files
-    rows = [*range(12), 5, 0, 5]
-    np.testing.assert_array_equal(features, ref[:, rows])
-    np.testing.assert_array_equal(q95, ref_q95[rows])
+    # 19 stimuli: 12 image files, 6 rows that name one of them, and a copy of one
+    run = 12 if drop_duplicates else 13
+    assert sum(seen) == run and preprocessing["n_repeated"] == 19 - run
+    rows = [*range(12), 5, 0, 5, 0, 0, 5, 0]
+    if drop_duplicates:
+        np.testing.assert_array_equal(features, ref[:, rows])
+        np.testing.assert_array_equal(q95, ref_q95[rows])
+    else:  # the copy ran alone, at batch position 0 (no shift): equal on the CPU, not by copying
+        np.testing.assert_array_equal(features[:, :18], ref[:, rows[:18]])
+        np.testing.assert_array_equal(q95[:18], ref_q95[rows[:18]])
 
 
 @pytest.mark.parametrize(

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Hashable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +55,26 @@ def _batch_size(batch_size: Any, modality: str, device: torch.device) -> int:
     if batch_size is None:
         return DEFAULT_BATCH[(modality, "cuda" if device.type == "cuda" else "cpu")]
     return int(batch_size)
+
+
+def _image_keys(images: Sequence[str], root: Path, digests: Sequence[str | None]) -> list[Hashable]:
+    """What makes two stimuli's images one model input: the file's SHA-256 where it is known
+    (the duplicate scan of ``stimuli.drop_duplicates`` read every file: a byte-identical copy
+    is the same input), else the file itself (its device and inode: a path written another
+    way, ``a/../a/x.png``, a symbolic or a hard link), else the path as written (a file that
+    cannot be read, which the loader then names)."""
+    keys: list[Hashable] = []
+    for image, digest in zip(images, digests, strict=True):
+        if digest is not None:
+            keys.append(("sha256", digest))
+            continue
+        try:
+            st = os.stat(root / image)
+        except (OSError, ValueError):
+            keys.append(("path", Path(image)))
+        else:
+            keys.append(("file", st.st_dev, st.st_ino))
+    return keys
 
 
 def extract_features(
@@ -163,19 +183,25 @@ def extract_features(
                 from xmodal.registry import SITE_DEFAULTS
 
                 num_workers = int(SITE_DEFAULTS["num_workers"])
-            # an image file that several stimuli name (one image, several captions, as in COCO)
-            # is decoded and run once and fills their rows with one copy of its features, so
-            # they tie exactly, as repeated captions do (docs/method.md, "Ties")
-            copies = rows_by_first(Path(p) for p in df["image"])
-            first = np.fromiter(copies, dtype=np.int64, count=len(copies))
-            dataset = ImageDataset(
-                df.iloc[first], manifest_path.parent, transform, with_digests=True
-            )
             # rows of df are rows of the manifest (duplicates dropped): their manifest positions
             rows = (
                 np.flatnonzero(manifest["stimulus_id"].isin(ids).to_numpy())
                 if drop_duplicates
                 else np.arange(len(df))
+            )
+            # an image file that several stimuli show (one image, several captions, as in COCO)
+            # is decoded and run once and fills their rows with one copy of its features, so
+            # they tie exactly, as repeated captions do (docs/method.md, "Ties")
+            copies = rows_by_first(
+                _image_keys(
+                    df["image"].astype(str).tolist(),
+                    manifest_path.parent,
+                    [image_digests[int(r)] for r in rows],
+                )
+            )
+            first = np.fromiter(copies, dtype=np.int64, count=len(copies))
+            dataset = ImageDataset(
+                df.iloc[first], manifest_path.parent, transform, with_digests=True
             )
             loader = DataLoader(
                 dataset,
@@ -208,7 +234,8 @@ def extract_features(
             n_repeated = len(df) - len(first)
             if n_repeated:
                 log.info(
-                    "%s: %d images run for %d stimuli (%d name an earlier stimulus's file)",
+                    "%s: %d images run for %d stimuli (%d show an earlier stimulus's image "
+                    "file: the same file, or a byte-identical copy)",
                     model_key, len(first), len(df), n_repeated,
                 )  # fmt: skip
             preprocessing = {
