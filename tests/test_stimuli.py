@@ -830,6 +830,68 @@ def test_a_stamp_of_image_sizes_is_carried_over_without_a_rerun(manifest_copy):
     assert stamp.stat().st_mtime > 1
 
 
+def _feature_file_of(path: Path, stamp: Path) -> Path:
+    """A stand-in feature file: only the digest of the stamp it was extracted under."""
+    import h5py
+
+    from xmodal.features import STIMULI_DIGEST
+
+    with h5py.File(path, "w") as f:
+        f.attrs[STIMULI_DIGEST] = json.loads(stamp.read_text())["sha256"]
+    return path
+
+
+@pytest.mark.parametrize("modality", ["vision", "language"])
+def test_rows_only_reordered_are_named_before_they_re_extract(manifest_copy, modality, caplog):
+    """A manifest whose rows were only reordered changes the stamp (the feature files hold the
+    stimuli in manifest order), so every model is extracted again: a warning says so, with
+    the number of files, and how to keep them (before: silent). An edit of one row, the first
+    call after an upgrade (no record of the rows yet) and the rows put back in the order the
+    features have warn about nothing."""
+    from xmodal.stimuli import stamp_rows_path
+
+    df = read_manifest(manifest_copy, check_images=False)
+    stamp = manifest_copy.parent / f"extract_{modality}.json"
+    features = [manifest_copy.parent / "a.h5", manifest_copy.parent / "missing.h5"]
+
+    def write(table: pd.DataFrame) -> tuple[bool, list[str]]:
+        write_manifest(table, manifest_copy)
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="xmodal"):
+            changed = write_manifest_stamp(manifest_copy, stamp, modality, features=features)
+        return changed, [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+
+    assert write(df) == (True, [])
+    _feature_file_of(features[0], stamp)
+    stamp_rows_path(stamp).unlink()  # as the release before the record left it
+    os.utime(stamp, (1, 1))
+    assert write(df) == (False, []) and stamp.stat().st_mtime == 1  # recorded, nothing changed
+    assert stamp_rows_path(stamp).is_file()
+
+    changed, warned = write(df.iloc[::-1])
+    assert changed and len(warned) == 1, warned
+    assert "lists the same stimuli as before, in another order" in warned[0]
+    assert f"so 1 of 2 {modality} model(s) will be extracted again" in warned[0]
+    assert "put the rows back in their earlier order" in warned[0]
+    assert write(df) == (True, [])  # back in the features' order: nothing to re-extract
+
+    column = "image" if modality == "vision" else "caption"
+    other = df[column].tolist()
+    other[0], other[1] = other[1], other[0]  # two stimuli swap: another set of rows
+    reordered = df.assign(**{column: other}).iloc[::-1]
+    assert write(reordered) == (True, [])
+    assert write(df.assign(rater="ab").iloc[::-1])[1] == []  # reordered from the swap's
+
+    # without the feature files (features=None): warned whatever they hold
+    write_manifest(df, manifest_copy)
+    write_manifest_stamp(manifest_copy, stamp, modality)
+    write_manifest(df.iloc[::-1], manifest_copy)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="xmodal"):
+        assert write_manifest_stamp(manifest_copy, stamp, modality)
+    assert "so every " + modality in caplog.text
+
+
 def test_image_paths_written_another_way_leave_the_vision_stamp_as_it_is(manifest_copy):
     """What a vision extraction reads is each stimulus's id and image bytes: the same files
     named ``./images/…``, by an absolute path or under a renamed folder re-extract nothing,

@@ -965,7 +965,8 @@ def test_jobs_use_the_threads_their_rules_declare(workflow_dir):
 
 
 def test_manifest_edits_rerun_only_the_extractions_they_change(workflow_dir, demo_config):
-    """An annotation column re-extracts nothing, a fixed caption only the language models
+    """Rows only reordered re-extract every model, with a warning saying how to avoid it; an
+    annotation column re-extracts nothing, a fixed caption only the language models
     (before: any edit of the manifest re-extracted every model), an image file replaced under
     the same path only the vision models (before: nothing), even with its size and
     modification time kept; a stale feature file newer than its stamp is refused; undone,
@@ -990,6 +991,14 @@ def test_manifest_edits_rerun_only_the_extractions_they_change(workflow_dir, dem
         return proc.stdout + proc.stderr
 
     try:
+        # rows only reordered: every model is extracted again, and a warning says so before
+        # the run and how to keep the features (before: silent); put back, nothing reruns
+        write_manifest(df.iloc[::-1], manifest)
+        out = dry_run()
+        assert _extracted(out) == set(models), out[-3000:]
+        for modality, keys in (("vision", vision), ("language", language)):
+            said = f"so {len(keys)} of {len(keys)} {modality} model(s) will be extracted again"
+            assert said in " ".join(out.split()), out[-3000:]
         write_manifest(df.assign(rater="ab"), manifest)
         out = dry_run()
         assert _extracted(out) == set(), out[-3000:]

@@ -77,6 +77,7 @@ __all__ = [
     "check_against_stamp",
     "check_against_weights",
     "clamp_threshold",
+    "extracted_under",
     "feature_shape",
     "import_features",
     "made_with",
@@ -391,6 +392,13 @@ def _stored_text(path: str | os.PathLike, name: str) -> str | None:
     """A feature file's text attribute ``name``; None if absent, or if the file is missing or
     unreadable."""
     return (_stored_texts(path, (name,)) or {}).get(name)
+
+
+def extracted_under(paths: Iterable[str | os.PathLike], digests: Iterable[str]) -> list[Path]:
+    """The feature files of ``paths`` extracted from the stimuli of one of the manifest stamp
+    digests ``digests`` (their :data:`STIMULI_DIGEST`); missing or unreadable files are not."""
+    want = set(digests)
+    return [Path(p) for p in paths if _stored_text(p, STIMULI_DIGEST) in want]
 
 
 #: How to replace a stale feature file. Deleted alone it is not made again: Snakemake does not

@@ -108,6 +108,7 @@ __all__ = [
     "manifest_stamp",
     "read_manifest",
     "scan_images",
+    "stamp_rows_path",
     "write_manifest",
     "write_manifest_settings",
     "write_manifest_stamp",
@@ -695,10 +696,12 @@ def _stamp(
     flag: str | None = None,
     *,
     paths: bool = True,
+    ordered: bool = True,
 ) -> dict[str, Any]:
     """The stamp record; ``per_image`` (one value per stimulus) enters each row, and ``flag``
     (set to true) names it in the record; ``paths=False`` leaves the image paths' text out
-    (their files' digests stand for them)."""
+    (their files' digests stand for them); ``ordered=False`` digests the rows in any order
+    (sorted), which a manifest whose rows were only reordered keeps."""
     columns = extraction_columns(modality, drop_duplicates)
     if not paths:
         columns = tuple(c for c in columns if c != "image")
@@ -707,6 +710,8 @@ def _stamp(
     if per_image is not None:
         rows = [[*row, value] for row, value in zip(rows, per_image, strict=True)]
         record[flag] = True
+    if not ordered:
+        rows = sorted(rows, key=lambda row: json.dumps(row, ensure_ascii=False))
     payload = json.dumps(rows, ensure_ascii=False).encode("utf-8")  # one list per stimulus
     return {**record, "n_stimuli": len(manifest), "sha256": hashlib.sha256(payload).hexdigest()}
 
@@ -718,10 +723,13 @@ def manifest_stamp(
     root: str | os.PathLike | None = None,
     digest_cache: str | os.PathLike | None = None,
     image_digests: Sequence[str | None] | None = None,
+    *,
+    ordered: bool = True,
 ) -> dict[str, Any]:
     """What ``modality``'s extraction reads from a manifest, as a small record: the columns,
     the number of stimuli and the SHA-256 of those columns' fields, row by row in manifest
-    order. Other columns (annotations) and the other modality's column do not enter it.
+    order (``ordered=False``: in any order, the same for the manifest's rows reordered).
+    Other columns (annotations) and the other modality's column do not enter it.
 
     With ``root`` (the folder the image paths are relative to) and an ``image`` column among
     them, each image file's SHA-256 enters instead of its path's text
@@ -733,7 +741,7 @@ def manifest_stamp(
     """
     if root is None or "image" not in extraction_columns(modality, drop_duplicates):
         # a stamp that reads no image keeps the record it had before images entered
-        return _stamp(manifest, modality, drop_duplicates)
+        return _stamp(manifest, modality, drop_duplicates, ordered=ordered)
     images = manifest["image"].astype(str).tolist()
     digests = list(image_digests) if image_digests is not None else [None] * len(images)
     if len(digests) != len(images):
@@ -743,7 +751,10 @@ def manifest_stamp(
         read = image_file_digests([images[k] for k in missing], root, digest_cache)
         for k, d in zip(missing, read, strict=True):
             digests[k] = d
-    return _stamp(manifest, modality, drop_duplicates, digests, "image_file_sha256", paths=False)
+    return _stamp(
+        manifest, modality, drop_duplicates, digests, "image_file_sha256", paths=False,
+        ordered=ordered,
+    )  # fmt: skip
 
 
 def _size_stamp(
@@ -795,9 +806,15 @@ def write_manifest_stamp(
     drop_duplicates: bool = False,
     manifest: pd.DataFrame | None = None,
     check_images: bool = True,
+    features: Sequence[str | os.PathLike] | None = None,
 ) -> bool:
     """Write ``modality``'s :func:`manifest_stamp` of a manifest to ``out`` (JSON) unless ``out``
     already holds exactly that record; returns whether a changed stamp was written.
+
+    A manifest whose rows were only reordered since the last call changes the stamp: a warning
+    says so, and how to keep the features (the digest of the rows in any order is kept next to
+    the stamp, :func:`stamp_rows_path`), when one of ``features`` (the modality's feature
+    files; None: without looking at them) was extracted under the old stamp.
 
     The stamp is what an extraction depends on instead of the manifest's modification time
     (docs/cluster.md, "What reruns"): left untouched when an edit does not change what the
@@ -826,6 +843,7 @@ def write_manifest_stamp(
         images = manifest["image"].astype(str).tolist()
         digests = image_file_digests(images, root, out.with_name(IMAGE_DIGESTS))
     stamp = manifest_stamp(manifest, *args, root, image_digests=digests)
+    any_order = manifest_stamp(manifest, *args, root, image_digests=digests, ordered=False)
     if check_images and digests is not None:
         # the extraction will decode every image: find what it cannot before it runs
         check_images_decode(manifest, root, out.with_name(DECODED_IMAGES), digests=digests)
@@ -834,6 +852,7 @@ def write_manifest_stamp(
         old, st = json.loads(out.read_text(encoding="utf-8")), out.stat()
     except (OSError, ValueError):
         old, st = None, None  # missing or unreadable: written below
+    _note_rows(out, manifest_path, modality, old, stamp["sha256"], any_order["sha256"], features)
     if isinstance(old, dict) and {k: v for k, v in old.items() if k != BEFORE} == record:
         return False
     # an earlier form of the stamp: its time is kept if the manifest and files still match it
@@ -854,6 +873,61 @@ def write_manifest_stamp(
         log.info("%s: carried over to the stamp's current form; time kept", out)
         return False
     return True
+
+
+def stamp_rows_path(stamp: str | os.PathLike) -> Path:
+    """Where :func:`write_manifest_stamp` keeps, next to a stamp, the digest of the stamp's
+    rows in any order (not a result, and no rule reads it: safe to delete)."""
+    stamp = Path(stamp)
+    return stamp.with_name(f"{stamp.stem}.rows.json")
+
+
+def _note_rows(
+    out: Path,
+    manifest_path: str | os.PathLike,
+    modality: str,
+    old: Any,
+    sha256: str,
+    rows_sha256: str,
+    features: Sequence[str | os.PathLike] | None,
+) -> None:
+    """Record the stamp's digest and its rows' digest in any order next to the stamp, and warn
+    when the manifest lists the stimuli the stamp was written from in another order: the
+    stamp then changes, and with it every feature file of the modality extracted under the old
+    one (of ``features``; None: any) is extracted again, though each stimulus's features would
+    come out the same up to rounding (docs/cluster.md, "What reruns")."""
+    path = stamp_rows_path(out)
+    record = {"sha256": sha256, "rows_sha256": rows_sha256}
+    try:
+        seen = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        seen = None
+    if seen == record:
+        return
+    if (
+        isinstance(seen, dict)
+        and isinstance(old, dict)
+        and seen.get("sha256") == old.get("sha256") != sha256
+        and seen.get("rows_sha256") == rows_sha256
+    ):
+        from xmodal.features import extracted_under
+
+        again = "every" if features is None else None
+        if features is not None:
+            stale = extracted_under(features, {old["sha256"], old.get(BEFORE, old["sha256"])})
+            again = f"{len(stale)} of {len(features)}" if stale else None
+        if again:
+            log.warning(
+                "%s: the manifest lists the same stimuli as before, in another order. The %s "
+                "stamp %s, and the feature files, hold them in manifest order, so %s %s "
+                "model(s) will be extracted again, though each stimulus's features come out "
+                "the same (up to rounding). To keep them, put the rows back in their earlier "
+                "order before the next run (nothing then reruns: docs/cluster.md, \"What "
+                "reruns\")",
+                manifest_path, modality, out, again, modality,
+            )  # fmt: skip
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
 
 
 #: The record of the manifest's content that :func:`follow_manifest_content` keeps next to the

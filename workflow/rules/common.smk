@@ -1347,14 +1347,19 @@ def update_manifest_stamps():
         logger.warning(f"manifest stamps left as they are: {err}")
         return
     edited = Path(MANIFEST).stat().st_mtime_ns
+    models = {"vision": VISION, "language": LANGUAGE}
     for modality, path in stamps:
         missing = not Path(path).is_file()
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        # the library's messages (images read for their digests, a stamp carried over)
+        # the feature files a reordered manifest would re-extract (a supplied file is imported)
+        extracted = [feature_file(m) for m in models[modality] if m not in SUPPLIED]
+        # the library's messages (images read for their digests, a stamp carried over, rows
+        # only reordered)
         with forward_to(logger.info):
             changed = write_manifest_stamp(
-                MANIFEST, path, modality, DROP_DUPLICATES, manifest, check_images=False
-            )
+                MANIFEST, path, modality, DROP_DUPLICATES, manifest, check_images=False,
+                features=extracted,
+            )  # fmt: skip
         if missing:
             logger.info(f"{path} written (what the {modality} extractions read)")
         elif changed:
