@@ -843,7 +843,6 @@ def write_manifest_stamp(
         images = manifest["image"].astype(str).tolist()
         digests = image_file_digests(images, root, out.with_name(IMAGE_DIGESTS))
     stamp = manifest_stamp(manifest, *args, root, image_digests=digests)
-    any_order = manifest_stamp(manifest, *args, root, image_digests=digests, ordered=False)
     if check_images and digests is not None:
         # the extraction will decode every image: find what it cannot before it runs
         check_images_decode(manifest, root, out.with_name(DECODED_IMAGES), digests=digests)
@@ -852,7 +851,10 @@ def write_manifest_stamp(
         old, st = json.loads(out.read_text(encoding="utf-8")), out.stat()
     except (OSError, ValueError):
         old, st = None, None  # missing or unreadable: written below
-    _note_rows(out, manifest_path, modality, old, stamp["sha256"], any_order["sha256"], features)
+    def any_order() -> str:
+        return manifest_stamp(manifest, *args, root, image_digests=digests, ordered=False)["sha256"]
+
+    _note_rows(out, manifest_path, modality, old, stamp["sha256"], any_order, features)
     if isinstance(old, dict) and {k: v for k, v in old.items() if k != BEFORE} == record:
         return False
     # an earlier form of the stamp: its time is kept if the manifest and files still match it
@@ -888,22 +890,24 @@ def _note_rows(
     modality: str,
     old: Any,
     sha256: str,
-    rows_sha256: str,
+    any_order: Callable[[], str],
     features: Sequence[str | os.PathLike] | None,
 ) -> None:
-    """Record the stamp's digest and its rows' digest in any order next to the stamp, and warn
+    """Record the stamp's digest and its rows' digest in any order (``any_order()``, computed
+    only when the stamp's digest is not the one recorded) next to the stamp, and warn
     when the manifest lists the stimuli the stamp was written from in another order: the
     stamp then changes, and with it every feature file of the modality extracted under the old
     one (of ``features``; None: any) is extracted again, though each stimulus's features would
     come out the same up to rounding (docs/cluster.md, "What reruns")."""
     path = stamp_rows_path(out)
-    record = {"sha256": sha256, "rows_sha256": rows_sha256}
     try:
         seen = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         seen = None
-    if seen == record:
-        return
+    if isinstance(seen, dict) and seen.keys() == {"sha256", "rows_sha256"}:
+        if seen["sha256"] == sha256:
+            return  # the same rows in the same order: the same digest in any order
+    rows_sha256 = any_order()
     if (
         isinstance(seen, dict)
         and isinstance(old, dict)
@@ -926,6 +930,7 @@ def _note_rows(
                 "reruns\")",
                 manifest_path, modality, out, again, modality,
             )  # fmt: skip
+    record = {"sha256": sha256, "rows_sha256": rows_sha256}
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
 
