@@ -851,6 +851,7 @@ def write_manifest_stamp(
         old, st = json.loads(out.read_text(encoding="utf-8")), out.stat()
     except (OSError, ValueError):
         old, st = None, None  # missing or unreadable: written below
+
     def any_order() -> str:
         return manifest_stamp(manifest, *args, root, image_digests=digests, ordered=False)["sha256"]
 

@@ -428,6 +428,13 @@ for _key in SUPPLIED:
         )
 
 
+def extracted_feature_files(modality):
+    """The feature files of a modality's models that the pipeline extracts (a supplied file is
+    imported, and the user's to vouch for)."""
+    models = {"vision": VISION, "language": LANGUAGE}[modality]
+    return [feature_file(m) for m in models if m in EXTRACTED]
+
+
 def unfinished_feature_files():
     """Feature files whose last job failed or was killed (xmodal.attempts.begin_attempt): Snakemake
     records a failed job's output as made, so the next run said "Nothing to be done" and kept
@@ -1347,18 +1354,15 @@ def update_manifest_stamps():
         logger.warning(f"manifest stamps left as they are: {err}")
         return
     edited = Path(MANIFEST).stat().st_mtime_ns
-    models = {"vision": VISION, "language": LANGUAGE}
     for modality, path in stamps:
         missing = not Path(path).is_file()
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        # the feature files a reordered manifest would re-extract (a supplied file is imported)
-        extracted = [feature_file(m) for m in models[modality] if m not in SUPPLIED]
         # the library's messages (images read for their digests, a stamp carried over, rows
         # only reordered)
         with forward_to(logger.info):
             changed = write_manifest_stamp(
                 MANIFEST, path, modality, DROP_DUPLICATES, manifest, check_images=False,
-                features=extracted,
+                features=extracted_feature_files(modality),  # re-extracted if reordered
             )  # fmt: skip
         if missing:
             logger.info(f"{path} written (what the {modality} extractions read)")
@@ -1498,11 +1502,11 @@ def check_feature_files():
 def _check_against_stamps(run_started=None):
     """Each extracted feature file against its modality's manifest stamp
     (xmodal.features.check_against_stamp)."""
-    for modality, models in (("vision", VISION), ("language", LANGUAGE)):
-        # a supplied file (imported, not extracted) is the user's to vouch for
-        paths = [feature_file(m) for m in models if m not in SUPPLIED]
+    for modality in ("vision", "language"):
         check_against_stamp(
-            paths, manifest_stamp_path(modality), run_started=run_started
+            extracted_feature_files(modality),
+            manifest_stamp_path(modality),
+            run_started=run_started,
         )
 
 
