@@ -873,6 +873,7 @@ def test_rows_only_reordered_are_named_before_they_re_extract(manifest_copy, mod
     assert "lists the same stimuli as before, in another order" in warned[0]
     assert f"so 1 of 2 {modality} model(s) will be extracted again" in warned[0]
     assert "put the rows back in their earlier order" in warned[0]
+    assert f"python -m xmodal.stimuli order-like {features[0]} {manifest_copy}" in warned[0]
     assert write(df) == (True, [])  # back in the features' order: nothing to re-extract
 
     column = "image" if modality == "vision" else "caption"
@@ -890,6 +891,69 @@ def test_rows_only_reordered_are_named_before_they_re_extract(manifest_copy, mod
     with caplog.at_level(logging.WARNING, logger="xmodal"):
         assert write_manifest_stamp(manifest_copy, stamp, modality)
     assert "so every " + modality in caplog.text
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(df=_manifests(), data=st.data())
+def test_a_reordered_manifest_is_put_back_line_for_line(tmp_path_factory, df, data):
+    """order_manifest_like puts each stimulus's line back where the features' order has it,
+    byte for byte (a BOM, CRLF ends, a last line without its line end, empty lines at the
+    end): the manifest reads as before, and its stamps are the stamps the features were
+    extracted under."""
+    from xmodal.stimuli import order_manifest_like
+
+    folder = tmp_path_factory.mktemp("order")
+    Image.new("RGB", (2, 2)).save(folder / "a.png")
+    lines = write_manifest(df, folder / "written.tsv").read_bytes().decode().split("\n")[:-1]
+    eol = data.draw(st.sampled_from(["\n", "\r\n"]))
+    bom = data.draw(st.sampled_from(["", "\ufeff"]))
+    ends = data.draw(st.sampled_from(["", eol, eol + eol, eol + "  " + eol]))
+    order = [0, *(1 + k for k in data.draw(st.permutations(range(len(df)))))]
+    original = folder / "stimuli.tsv"
+    original.write_bytes((bom + eol.join(lines) + ends).encode())
+    moved = folder / "moved.tsv"
+    moved.write_bytes((bom + eol.join(lines[k] for k in order) + ends).encode())
+
+    out = order_manifest_like(moved, df["stimulus_id"].tolist(), folder / "back.tsv")
+    assert out.read_bytes() == (bom + eol.join(lines) + eol).encode()
+    assert read_manifest(out).equals(read_manifest(original))
+    for modality in ("vision", "language"):
+        before = manifest_stamp(read_manifest(original), modality)
+        assert manifest_stamp(read_manifest(out), modality) == before
+
+
+def test_putting_rows_back_refuses_other_stimuli_and_keeps_the_file(manifest_copy, tmp_path):
+    """Only the manifest's own stimuli can be put back, each once (a stimulus added, removed,
+    or left out as a duplicate is named); in place, a symbolic link's target is rewritten
+    with its permissions, and the command line takes the order from a feature file."""
+    from xmodal.features import write_features
+    from xmodal.stimuli import main, order_manifest_like
+
+    df = read_manifest(manifest_copy, check_images=False)
+    ids = df["stimulus_id"].tolist()
+    write_manifest(df.iloc[::-1], manifest_copy)
+    reordered = manifest_copy.read_bytes()
+    for order, match in (
+        (ids[1:], r"1 in the manifest but not in the order given \(\['stim-00'\]"),
+        ([*ids, "new"], r"1 in the order given but not in the manifest \(\['new'\]"),
+        ([*ids, ids[0]], r"1 listed twice in the order given \(\['stim-00'\]"),
+    ):
+        with pytest.raises(StimulusError, match=match):
+            order_manifest_like(manifest_copy, order)
+        assert manifest_copy.read_bytes() == reordered
+
+    manifest_copy.chmod(0o640)
+    link = tmp_path / "link.tsv"
+    link.symlink_to(manifest_copy)
+    features = write_features(
+        tmp_path / "f.h5", np.zeros((1, len(ids), 2), np.float32), ids, ["layers.0"],
+        {"model_id": "org/tiny", "model_key": "tiny", "modality": "vision", "source": "test"},
+        abs_q95=np.ones(len(ids), np.float32),
+    )  # fmt: skip
+    assert main(["order-like", str(features), str(link)]) == 0
+    assert link.is_symlink() and manifest_copy.stat().st_mode & 0o777 == 0o640
+    assert read_manifest(manifest_copy)["stimulus_id"].tolist() == ids
+    assert main(["order-like", str(features), str(tmp_path / "none.tsv")]) == 2
 
 
 def test_image_paths_written_another_way_leave_the_vision_stamp_as_it_is(manifest_copy):

@@ -999,6 +999,12 @@ def test_manifest_edits_rerun_only_the_extractions_they_change(workflow_dir, dem
         for modality, keys in (("vision", vision), ("language", language)):
             said = f"so {len(keys)} of {len(keys)} {modality} model(s) will be extracted again"
             assert said in " ".join(out.split()), out[-3000:]
+        # the command the warning gives puts the rows back: nothing is extracted again
+        command = re.search(r"python -m (xmodal\.stimuli order-like \S+ \S+)", out)
+        assert command, out[-3000:]
+        subprocess.run([sys.executable, "-m", *command[1].split()], cwd=workflow_dir, check=True)
+        assert manifest.read_bytes() == original
+        assert _extracted(dry_run()) == set()
         write_manifest(df.assign(rater="ab"), manifest)
         out = dry_run()
         assert _extracted(out) == set(), out[-3000:]

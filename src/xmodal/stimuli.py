@@ -30,7 +30,9 @@ import json
 import logging
 import os
 import re
+import shlex
 import stat
+import sys
 import threading
 import unicodedata
 import warnings
@@ -584,6 +586,60 @@ def write_manifest(df: pd.DataFrame, path: str | os.PathLike) -> Path:
     return path
 
 
+def order_manifest_like(
+    path: str | os.PathLike, ids: Sequence[str], out: str | os.PathLike | None = None
+) -> Path:
+    """Write the manifest at ``path`` with its stimulus lines in the order of ``ids`` (a feature
+    file's ``stimulus_ids``), each line kept byte for byte, to ``out`` (None: the manifest
+    itself, through a symbolic link to its target, its permissions kept); returns where.
+
+    For a manifest whose rows were only reordered since its features were extracted: put back
+    in the features' order, its stamps are what they were and nothing is extracted again
+    (docs/cluster.md, "What reruns"). Refused, naming the stimuli, when ``ids`` and the
+    manifest do not list the same stimuli (a stimulus added or removed since, or one that
+    ``stimuli.drop_duplicates`` left out of the features: where its line stood is not known).
+    """
+    path = Path(path)
+    read_manifest(path, check_images=False)  # refused here as a run would refuse it
+    data = path.read_bytes()
+    header, rows, lines = _parse_tsv(path, _decode_utf8(path, data))
+    id_col = header.index("stimulus_id")
+    line_of = {r[id_col]: k for r, k in zip(rows, lines, strict=True)}
+    ids = [str(i) for i in ids]
+    twice = [i for i, n in Counter(ids).items() if n > 1]
+    unknown = [i for i in ids if i not in line_of]
+    left = sorted(set(line_of) - set(ids), key=line_of.__getitem__)
+    if twice or unknown or left:
+        said = [
+            f"{len(what)} {how} ({preview(what)})"
+            for what, how in (
+                (twice, "listed twice in the order given"),
+                (unknown, "in the order given but not in the manifest"),
+                (left, "in the manifest but not in the order given"),
+            )
+            if what
+        ]
+        raise StimulusError(
+            f"{path}: cannot put the rows in the order given: its stimuli are not the "
+            f"manifest's: {'; '.join(said)}. Only a manifest whose rows were reordered, and "
+            "nothing else, can be put back (with stimuli.drop_duplicates, the stimuli it left "
+            "out are not in the feature files)"
+        )
+    chunks = data.split(b"\n")  # line k is chunks[k - 1], its CR kept (as _parse_tsv splits)
+    crlf = chunks[0].endswith(b"\r")
+    body = [chunks[0]]
+    for i in ids:
+        line = chunks[line_of[i] - 1]
+        body.append(line + b"\r" if crlf and not line.endswith(b"\r") else line)
+    target = path.resolve() if out is None else Path(out)
+    mode = stat.S_IMODE(target.stat().st_mode) if out is None else None
+    with atomic_path(target) as tmp:
+        tmp.write_bytes(b"\n".join(body) + b"\n")
+    if mode is not None:
+        os.chmod(target, mode)  # the user's file: its group may read it, or may not
+    return target
+
+
 # ============================================================== what an extraction reads
 #: The manifest columns each modality's extraction reads. With ``stimuli.drop_duplicates`` both
 #: read all three: a duplicate is the same decoded image *and* the same caption.
@@ -917,19 +973,21 @@ def _note_rows(
     ):
         from xmodal.features import extracted_under
 
-        again = "every" if features is None else None
+        again, like = "every", "FEATURES"
         if features is not None:
             stale = extracted_under(features, {old["sha256"], old.get(BEFORE, old["sha256"])})
-            again = f"{len(stale)} of {len(features)}" if stale else None
+            again = f"{len(stale)} of {len(features)}" if stale else ""
+            like = str(stale[0]) if stale else like
         if again:
             log.warning(
                 "%s: the manifest lists the same stimuli as before, in another order. The %s "
                 "stamp %s, and the feature files, hold them in manifest order, so %s %s "
                 "model(s) will be extracted again, though each stimulus's features come out "
                 "the same (up to rounding). To keep them, put the rows back in their earlier "
-                "order before the next run (nothing then reruns: docs/cluster.md, \"What "
-                "reruns\")",
-                manifest_path, modality, out, again, modality,
+                "order before the next run: python -m xmodal.stimuli order-like %s %s (nothing "
+                "then reruns: docs/cluster.md, \"What reruns\")",
+                manifest_path, modality, out, again, modality, shlex.quote(like),
+                shlex.quote(str(manifest_path)),
             )  # fmt: skip
     record = {"sha256": sha256, "rows_sha256": rows_sha256}
     with atomic_path(path) as tmp:
@@ -1755,3 +1813,40 @@ class ImageDataset:
         img = _decode(io.BytesIO(data), self.ids[i], path).image
         out = self.transform(img) if self.transform is not None else img
         return (out, i, hashlib.sha256(data).hexdigest()) if self.with_digests else (out, i)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m xmodal.stimuli order-like FEATURES MANIFEST``: :func:`order_manifest_like`
+    with the ids of a feature file."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m xmodal.stimuli")
+    sub = parser.add_subparsers(dest="command", required=True)
+    order = sub.add_parser(
+        "order-like",
+        help="put a manifest whose rows were only reordered back in a feature file's order",
+        description=(
+            "Rewrite MANIFEST with its lines in the stimulus order of FEATURES (a feature file "
+            "extracted from it), each line kept byte for byte, so that nothing is extracted "
+            "again (docs/cluster.md, 'What reruns')."
+        ),
+    )
+    order.add_argument("features", help="a feature file, results/features/<dataset>/<model>.h5")
+    order.add_argument("manifest", help="the manifest to put back in that order")
+    order.add_argument("-o", "--out", help="write here instead of over MANIFEST")
+    args = parser.parse_args(argv)
+    from xmodal.features import FeatureFile, FeatureFileError
+
+    try:
+        with FeatureFile(args.features) as f:
+            ids = f.stimulus_ids
+        where = order_manifest_like(args.manifest, ids, args.out)
+    except (StimulusError, FeatureFileError) as err:
+        print(f"ERROR: {err}", file=sys.stderr)
+        return 2
+    print(f"{where}: {len(ids)} stimuli, in the order of {args.features}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
