@@ -620,8 +620,8 @@ def order_manifest_like(
             if what
         ]
         raise StimulusError(
-            f"{path}: cannot put the rows in the order given: its stimuli are not the "
-            f"manifest's: {'; '.join(said)}. Only a manifest whose rows were reordered, and "
+            f"{path}: cannot put its rows in the order given, which lists other stimuli: "
+            f"{'; '.join(said)}. Only a manifest whose rows were reordered, and "
             "nothing else, can be put back (with stimuli.drop_duplicates, the stimuli it left "
             "out are not in the feature files)"
         )
