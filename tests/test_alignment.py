@@ -721,6 +721,38 @@ def test_a_value_outside_minus_one_to_one_is_written_as_nan_and_warned(caplog):
     assert float(value[0]) == pytest.approx(raw, abs=1e-12)
 
 
+def test_values_outside_the_range_are_warned_once_across_threads(caplog, monkeypatch):
+    """The pair jobs evaluate LLM layers on worker threads (xmodal.parallel) that share the
+    once-per-key record: its check and its entry are one step, so threads that meet the same
+    key at once warn once (with a record that yields between check and entry, as a thread
+    switch can, every thread warned before)."""
+    import threading
+    import time
+
+    class Yielding(set):
+        def __contains__(self, key):
+            seen = super().__contains__(key)
+            time.sleep(0.02)  # a thread switch between the check and the entry
+            return seen
+
+    monkeypatch.setattr(al, "_warned_out_of_range", Yielding())
+    value = torch.tensor([0.5, 3.0], dtype=torch.float64)
+    start = threading.Barrier(6)
+
+    def run():
+        start.wait()
+        al._outside_range("cknna", value, 4, 2)
+
+    with caplog.at_level("WARNING", logger="xmodal.alignment"):
+        threads = [threading.Thread(target=run) for _ in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    warned = [r.getMessage() for r in caplog.records if "outside [-1, 1]" in r.getMessage()]
+    assert len(warned) == 1 and "sets of 4 stimuli (k = 2)" in warned[0]
+
+
 def test_a_bootstrap_resample_outside_minus_one_to_one_makes_the_interval_nan(caplog):
     """A resample's CKNNA outside [−1, 1] is NaN as a set's value is, so the low − high
     interval is NaN, with one warning naming the keys, rather than stretched by it: on sets of

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping, Sequence
 from contextlib import contextmanager
@@ -349,6 +350,7 @@ def kernel_is_rounding(side: KernelKNN) -> torch.Tensor:
 #: "Alignment": values outside [−1, 1] are written as NaN).
 OUT_OF_RANGE_TOL = 1e-6
 _warned_out_of_range: set[tuple[str, int, int, str]] = set()
+_warned_lock = threading.Lock()  # the pair jobs' worker threads (xmodal.parallel) share the set
 
 
 def _outside_range(
@@ -363,8 +365,10 @@ def _outside_range(
     if not bool(bad.any()):
         return bad
     key = (metric, size, k, what)
-    if key not in _warned_out_of_range:
+    with _warned_lock:
+        first = key not in _warned_out_of_range
         _warned_out_of_range.add(key)
+    if first:
         log.warning(
             "%s over sets of %d stimuli (k = %d): %d of %d %s lie outside [-1, 1] (largest "
             "|value| %.3g) and are written as NaN. With neighbour sets this large a part of the "
