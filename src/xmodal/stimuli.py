@@ -961,9 +961,12 @@ def _note_rows(
         seen = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         seen = None
-    if isinstance(seen, dict) and seen.keys() == {"sha256", "rows_sha256"}:
-        if seen["sha256"] == sha256:
-            return  # the same rows in the same order: the same digest in any order
+    if (
+        isinstance(seen, dict)
+        and seen.keys() == {"sha256", "rows_sha256"}
+        and seen["sha256"] == sha256
+    ):
+        return  # the same rows in the same order: the same digest in any order
     rows_sha256 = any_order()
     if (
         isinstance(seen, dict)
