@@ -400,6 +400,25 @@ def test_keys_and_values_yaml_reads_otherwise_are_named_as_written(tmp_path: Pat
     cfg["analysis"]["knn_k"] = given["analysis"]["knn_k"] = "12"  # the hint where it helps
     (line,) = schema_errors(cfg, schema, "config/x.yaml", command_line=given)
     assert "--config gives every value inside analysis={...} as text" in line, line
+    # a number a config file refuses as well: why, not only "'0' is not of type 'number'"
+    # (which read as if 0 were no number), nor a move to a YAML file that refuses it too
+    for key, text, why in (
+        ("drop_fraction", "0", "0 is less than or equal to the minimum of 0"),
+        ("knn_k", "True", "True is not of type 'integer'"),
+        ("set_size", "120.5", "120.5 is not of type 'integer'"),
+    ):
+        cfg, given = _demo_cfg(), {"analysis": {key: text}}
+        cfg["analysis"][key] = text
+        (line,) = schema_errors(cfg, schema, "config/x.yaml", command_line=given)
+        assert line.endswith(
+            "(--config gives every value inside analysis={...} as text; in a YAML file it "
+            f"would be refused too: {why})"
+        ), line
+    cfg, given = _demo_cfg(), {"analysis": {"language_dispersion": {"layer": "1.5"}}}
+    cfg["analysis"]["language_dispersion"] = {"layer": "1.5"}
+    (line,) = schema_errors(cfg, schema, "config/x.yaml", command_line=given)
+    assert "in a YAML file it would be refused too: 1.5 is not valid under" in line, line
+    assert "'chosen' was expected; 1.5 is greater than the maximum of 1" in line, line
 
 
 def test_a_job_refuses_a_config_edited_after_its_run_started(project: Path) -> None:

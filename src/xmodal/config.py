@@ -514,7 +514,7 @@ def schema_errors(
             hint = f" ({yaml11})"
         if err.validator in ("oneOf", "anyOf") and err.context:
             # which forms the key takes, not only that the value fits none of them
-            hint = " (" + "; ".join(dict.fromkeys(c.message for c in err.context)) + ")"
+            hint = f" ({_forms(err)})"
             if yaml11 := _yaml11_hint(err.instance):
                 hint += f" ({yaml11})"
             elif isinstance(err.instance, str) and re.fullmatch(
@@ -536,16 +536,24 @@ def schema_errors(
             )
         elif command_line and _given_on_command_line(command_line, list(err.path), err.instance):
             where = "--config"
-            if (
-                len(err.path) > 1
+            parsed = (
+                _refusals_once_parsed(validator, err)
+                if len(err.path) > 1
                 and isinstance(err.instance, str)
                 and err.validator in ("type", "oneOf", "anyOf")
-                and _valid_once_parsed(validator, err)
-            ):
+                else None
+            )
+            if parsed == []:
                 # snakemake's --config reads a mapping's values with YAML's base loader: as text
                 hint = (
                     f" (--config gives every value inside {err.path[0]}={{...}} as text: put "
                     "the setting in a YAML file and give it with --configfile)"
+                )
+            elif parsed:
+                # refused as text, and as the number a config file gives: say why it is wrong
+                hint = (
+                    f" (--config gives every value inside {err.path[0]}={{...}} as text; in a "
+                    f"YAML file it would be refused too: {parsed[0]})"
                 )
             elif hint.startswith(" (YAML read the value as a"):
                 # and a top-level value that looks like a number as that number (007 as 7)
@@ -557,18 +565,34 @@ def schema_errors(
     return lines
 
 
-def _valid_once_parsed(validator: Any, err: Any) -> bool:
-    """Whether a text value that --config gave would be valid where it stands had YAML read it
-    (``5`` as a number): only then is the way --config reads values the reason it is refused
-    (audit: ``layer: last`` was told to move to a YAML file, where it is refused as well)."""
+def _refusals_once_parsed(validator: Any, err: Any) -> list[str] | None:
+    """What the schema says of a text value that --config gave, had YAML read it as a config
+    file does (``5`` as a number, ``True`` as a boolean): [] where it would be valid, so the way
+    --config reads values is the reason it is refused; else the messages refusing it (``0``
+    where a setting must be above 0: "'0' is not of type 'number'" alone misleads). None
+    where YAML reads it as text too (audit: ``layer: last`` was told to move to a YAML file,
+    where it is refused as well), or as a number a config file refuses (``010``)."""
     text = err.instance.strip()
     try:
         parsed = yaml.safe_load(text)
     except yaml.YAMLError:
-        return False
+        return None
     if _OTHER_BASE.fullmatch(text) and (":" in text or parsed != float(text.replace("_", ""))):
-        return False  # 010 is 8 in YAML 1.1: a config file refuses it too (_check_number_text)
-    return not isinstance(parsed, str) and validator.evolve(schema=err.schema).is_valid(parsed)
+        return None  # 010 is 8 in YAML 1.1: a config file refuses it too (_check_number_text)
+    if isinstance(parsed, str) or parsed is None:
+        return None
+    return [
+        f"{e.message} ({_forms(e)})" if _forms(e) else e.message
+        for e in validator.evolve(schema=err.schema).iter_errors(parsed)
+    ]
+
+
+def _forms(err: Any) -> str:
+    """The forms a key takes, from a ``oneOf``/``anyOf`` violation ('' for any other): what
+    each alternative said of the value, once each."""
+    if err.validator not in ("oneOf", "anyOf") or not err.context:
+        return ""
+    return "; ".join(dict.fromkeys(c.message for c in err.context))
 
 
 # ----------------------------------------------------------------- the settings a report states
