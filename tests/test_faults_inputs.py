@@ -419,6 +419,19 @@ def test_keys_and_values_yaml_reads_otherwise_are_named_as_written(tmp_path: Pat
     (line,) = schema_errors(cfg, schema, "config/x.yaml", command_line=given)
     assert "in a YAML file it would be refused too: 1.5 is not valid under" in line, line
     assert "'chosen' was expected; 1.5 is greater than the maximum of 1" in line, line
+    # a key with nothing after it (its settings commented out) is null, not an empty mapping
+    cfg = _demo_cfg()
+    cfg["analysis"]["knn_k"] = cfg["analysis"]["drop_control"] = None
+    lines = schema_errors(cfg, schema, "config/x.yaml")
+    assert [line.split(": key ")[1].split(":")[0] for line in lines] == [
+        "'analysis.drop_control'",
+        "'analysis.knn_k'",
+    ], lines
+    for line in lines:
+        assert line.endswith(
+            "(YAML reads a key with nothing after it as null: give it a value, or remove the "
+            "key where it has a default)"
+        ), line
 
 
 def test_a_job_refuses_a_config_edited_after_its_run_started(project: Path) -> None:

@@ -521,6 +521,12 @@ def schema_errors(
                 rf"{_DECIMAL}([eE][+-]?\d+)?", err.instance.strip()
             ):
                 hint += f" (a number in quotes is text: write {err.instance.strip()} unquoted)"
+        if err.instance is None and err.validator in ("type", "oneOf", "anyOf"):
+            # `analysis:` with nothing after it (its settings commented out) is null, not {}
+            hint += (
+                " (YAML reads a key with nothing after it as null: give it a value, or remove "
+                "the key where it has a default)"
+            )
         where = source
         unexpected = _unexpected_keys(err)
         given = _node_at(command_line or {}, list(err.path))
