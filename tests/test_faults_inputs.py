@@ -772,6 +772,8 @@ def test_accepted_model_keys_stay_inside_results(key: str) -> None:
         ),
         (1.5, r"1\.5 is greater than the maximum of 1"),
         ("nan", r"'nan' is not of type 'number'\)$"),
+        # digits YAML does not read as a number: no advice to write them unquoted
+        ("０.５", r"'０\.５' is not of type 'number'\)$"),
         ("5e-1", r"\(YAML 1\.1 reads 5e-1 as text: write the number with a decimal point"),
     ],
 )

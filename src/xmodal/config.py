@@ -416,8 +416,10 @@ def load_config_file(path: str | os.PathLike) -> dict:
             loader.dispose()
 
 
-#: A decimal number as text, its exponent optional (not 'nan' or 'inf').
-_DECIMAL = r"[+-]?(\d+\.?\d*|\.\d+)"
+#: A decimal number as text, its exponent optional (group 2; not 'nan' or 'inf'), in ASCII
+#: digits as YAML and the number readers take them (not '１２'): one pattern for the config's
+#: hints and the feature files' numeric-looking ids (xmodal.features).
+NUMBER_TEXT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?", re.ASCII)
 
 
 def _yaml11_hint(value: Any) -> str | None:
@@ -429,7 +431,8 @@ def _yaml11_hint(value: Any) -> str | None:
             f"YAML 1.1 reads {value.strip()} as text: a leading zero makes a number octal, and "
             "8 and 9 are no octal digits; write the number without the leading zero"
         )
-    if not (isinstance(value, str) and re.fullmatch(rf"{_DECIMAL}[eE][+-]?\d+", value.strip())):
+    number = NUMBER_TEXT.fullmatch(value.strip()) if isinstance(value, str) else None
+    if not (number and number[2]):  # an exponent
         return None
     return (
         f"YAML 1.1 reads {value} as text: write the number with a decimal point and a signed "
@@ -517,9 +520,7 @@ def schema_errors(
             hint = f" ({_forms(err)})"
             if yaml11 := _yaml11_hint(err.instance):
                 hint += f" ({yaml11})"
-            elif isinstance(err.instance, str) and re.fullmatch(
-                rf"{_DECIMAL}([eE][+-]?\d+)?", err.instance.strip()
-            ):
+            elif isinstance(err.instance, str) and NUMBER_TEXT.fullmatch(err.instance.strip()):
                 hint += f" (a number in quotes is text: write {err.instance.strip()} unquoted)"
         if err.instance is None and err.validator in ("type", "oneOf", "anyOf"):
             # `analysis:` with nothing after it (its settings commented out) is null, not {}

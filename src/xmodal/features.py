@@ -708,9 +708,6 @@ def _nfc(ids: Sequence[str]) -> set[str]:
     return {unicodedata.normalize("NFC", s) for s in ids}
 
 
-_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?", re.ASCII)
-
-
 def _twin(id_: str, others: Sequence[str], key: Callable[[str], Any]) -> str:
     """The first of ``others`` that ``key`` maps where it maps ``id_`` (the id as the other
     side writes it, for an example in a message)."""
@@ -719,7 +716,9 @@ def _twin(id_: str, others: Sequence[str], key: Callable[[str], Any]) -> str:
 
 def _as_numbers(ids: Sequence[str]) -> list[float] | None:
     """The ids as numbers, sorted; None when one of them is not written as a number."""
-    if not all(_NUMBER.fullmatch(s) for s in ids):
+    from xmodal.config import NUMBER_TEXT
+
+    if not all(NUMBER_TEXT.fullmatch(s) for s in ids):
         return None
     return sorted(float(s) for s in ids)
 
