@@ -1838,8 +1838,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     order.add_argument("manifest", help="the manifest to put back in that order")
     order.add_argument("-o", "--out", help="write here instead of over MANIFEST")
     args = parser.parse_args(argv)
+    import h5py
+
     from xmodal.features import FeatureFile, FeatureFileError
 
+    def hdf5(path: str) -> bool:
+        try:
+            return os.path.isfile(path) and h5py.is_hdf5(path)
+        except (OSError, ValueError):
+            return False
+
+    suffix = Path(args.features).suffix.lower()
+    if os.path.isfile(args.features) and not hdf5(args.features):
+        if hdf5(args.manifest) or suffix not in (".h5", ".hdf5"):
+            # the manifest given first: the feature file's reader would advise deleting it
+            print(
+                f"ERROR: {args.features}: not a feature file (HDF5, results/features/<dataset>/"
+                "<model>.h5); the feature file comes first, then the manifest: python -m "
+                "xmodal.stimuli order-like FEATURES MANIFEST",
+                file=sys.stderr,
+            )
+            return 2
     try:
         with FeatureFile(args.features) as f:
             ids = f.stimulus_ids
