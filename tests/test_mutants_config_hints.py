@@ -260,3 +260,41 @@ def test_a_file_yaml_cannot_read_is_named_on_one_line(tmp_path: Path) -> None:
         f"{path}: not a YAML file this workflow can read (while scanning for the next token; "
         f"found character '\\t' that cannot start any token; in \"{path}\", line 2, column 1)"
     )
+
+
+# ----------------------------------------------------- found by the audit: hints that misled
+def test_an_unknown_name_inside_a_section_on_the_command_line_is_not_sent_to_a_yaml_file() -> None:
+    """``--config 'analysis={knn_kk: 3}'`` was told that --config names top-level keys and a
+    nested setting goes in a YAML file, which refuses the typo too; a top-level key written
+    inside a section is named as one, a key of another section by where it is."""
+    assert _line(_analysis(knn_kk="3"), {"analysis": {"knn_kk": "3"}}) == (
+        f"{IN_CLI}'analysis': Additional properties are not allowed ('knn_kk' was unexpected)"
+    )
+    assert _line(_analysis(dataset="demo2"), {"analysis": {"dataset": "demo2"}}).endswith(
+        "('dataset' was unexpected) (dataset is a top-level key: --config dataset=...)"
+    )
+    given = {"analysis": {"gpa": {"seed": "3"}}}
+    assert _line(lambda c: c["analysis"]["gpa"].update(seed="3"), given).endswith(
+        "('seed' was unexpected) (this name is a key at analysis.seed, stimuli.seed, "
+        "stimuli.train.seed)"
+    )
+    assert _line(lambda c: c.update(n_boot="10"), {"n_boot": "10"}).endswith(
+        "(--config names top-level keys: a nested setting goes in a YAML file given with "
+        "--configfile; this name is a key at analysis.n_boot)"
+    )
+
+
+def test_a_command_line_value_a_yaml_file_refuses_too_or_reads_as_text_says_so() -> None:
+    """``.nan`` was sent to a YAML file, where check_config refuses it (not finite); ``1e-10``
+    was told to be written 1.0e-10, which --config again gives as text."""
+    given = {"analysis": {"gpa": {"tol": ".nan"}}}
+    assert _line(_tol(".nan"), given).endswith(
+        "(--config gives every value inside analysis={...} as text; in a YAML file it would be "
+        "refused too: nan is not a finite number)"
+    )
+    given = {"analysis": {"gpa": {"tol": "1e-10"}}}
+    assert _line(_tol("1e-10"), given).endswith(
+        "(--config gives every value inside analysis={...} as text: put the setting in a YAML "
+        "file and give it with --configfile; there, YAML 1.1 reads 1e-10 as text: write the "
+        "number with a decimal point and a signed exponent, e.g. 1.0e-10, or in full)"
+    )

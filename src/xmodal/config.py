@@ -535,12 +535,18 @@ def schema_errors(
             # an unknown key --config gave (the file's own keys were merged around it)
             where = "--config"
             homes = sorted({h for k in unexpected for h in _schema_homes(schema, k)})
-            hint = (
-                " (--config names top-level keys: a nested setting goes in a YAML "
-                "file given with --configfile"
-                + (f"; this name is a key at {', '.join(homes)}" if homes else "")
-                + ")"
-            )
+            at = [f"this name is a key at {', '.join(homes)}"] if homes else []
+            if not err.path:
+                hint = (
+                    " (--config names top-level keys: a nested setting goes in a YAML "
+                    "file given with --configfile" + "".join(f"; {a}" for a in at) + ")"
+                )
+            else:
+                # a name inside analysis={...}: a typo, or a key of another section (a YAML
+                # file would refuse it too), not a nested setting given as a top-level key
+                top = [k for k in unexpected if k in schema.get("properties", {})]
+                at += [f"{k} is a top-level key: --config {k}=..." for k in top]
+                hint = f" ({'; '.join(at)})" if at else ""
         elif command_line and _given_on_command_line(command_line, list(err.path), err.instance):
             where = "--config"
             parsed = (
@@ -561,6 +567,12 @@ def schema_errors(
                 hint = (
                     f" (--config gives every value inside {err.path[0]}={{...}} as text; in a "
                     f"YAML file it would be refused too: {parsed[0]})"
+                )
+            elif len(err.path) > 1 and (yaml11 := _yaml11_hint(err.instance)):
+                # 1.0e-10 on the command line would arrive as text again: the file is the way
+                hint = (
+                    f" (--config gives every value inside {err.path[0]}={{...}} as text: put "
+                    f"the setting in a YAML file and give it with --configfile; there, {yaml11})"
                 )
             elif hint.startswith(" (YAML read the value as a"):
                 # and a top-level value that looks like a number as that number (007 as 7)
@@ -588,6 +600,8 @@ def _refusals_once_parsed(validator: Any, err: Any) -> list[str] | None:
         return None  # 010 is 8 in YAML 1.1: a config file refuses it too (_check_number_text)
     if isinstance(parsed, str) or parsed is None:
         return None
+    if isinstance(parsed, float) and not math.isfinite(parsed):
+        return [f"{parsed} is not a finite number"]  # as check_config refuses it in a file
     return [
         f"{e.message} ({_forms(e)})" if _forms(e) else e.message
         for e in validator.evolve(schema=err.schema).iter_errors(parsed)
